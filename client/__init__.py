@@ -1,0 +1,1 @@
+"""client: the Flower ClientApp, per-user private state and on-device adaptation."""

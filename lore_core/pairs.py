@@ -1,0 +1,185 @@
+"""The pair-embedding file (`pairs.npz`): the interchange format between data and training.
+
+Arrays (n pairs, D embedding dims):
+  diff            float32 (n, D)  e(chosen) - e(rejected)
+  user            str     (n,)    user id
+  split           str     (n,)    "train" | "test" (for unseen users "train" rows are their few-shot pairs)
+  seen            bool    (n,)    user takes part in joint / federated training
+  logit_true      float   (n,)    optional: the true Bradley-Terry logit (benchmarks; enables oracle metrics)
+  reference_head  float   (D,)    optional: a fixed reward head (e.g. a reward model's score head)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from lore_core.atomic_io import atomic_save_npz
+
+PAIRS_FILENAME = "pairs.npz"
+SPLITS = ("train", "test")
+REQUIRED_ARRAYS = ("diff", "user", "split", "seen")
+OPTIONAL_ARRAYS = ("logit_true", "reference_head")
+
+
+class PairFileError(ValueError):
+    """A pair file that does not follow the contract above."""
+
+
+@dataclass(frozen=True)
+class PairSet:
+    diff: np.ndarray
+    user: np.ndarray
+    split: np.ndarray
+    seen: np.ndarray
+    logit_true: np.ndarray | None = None
+    reference_head: np.ndarray | None = None
+    source: str = "<memory>"
+
+    def __post_init__(self) -> None:
+        _validate(self)
+
+    @property
+    def n(self) -> int:
+        return int(self.diff.shape[0])
+
+    @property
+    def dim(self) -> int:
+        return int(self.diff.shape[1])
+
+    def user_index(self) -> tuple[np.ndarray, np.ndarray]:
+        """(user_ids (U,), index (n,) into user_ids); user ids sorted, so indices are stable across subsets."""
+        user_ids, index = np.unique(self.user, return_inverse=True)
+        return user_ids, index.astype(np.int64)
+
+    def subset(self, mask: np.ndarray) -> "PairSet":
+        mask = np.asarray(mask)
+        return PairSet(
+            diff=self.diff[mask],
+            user=self.user[mask],
+            split=self.split[mask],
+            seen=self.seen[mask],
+            logit_true=None if self.logit_true is None else self.logit_true[mask],
+            reference_head=self.reference_head,
+            source=self.source,
+        )
+
+    def select(self, *, seen: bool, split: str) -> "PairSet":
+        return self.subset((self.seen == seen) & (self.split == split))
+
+    def summary(self) -> dict:
+        seen_users = np.unique(self.user[self.seen])
+        unseen_users = np.unique(self.user[~self.seen])
+        return {
+            "pairs": self.n,
+            "dim": self.dim,
+            "seen_users": int(seen_users.size),
+            "unseen_users": int(unseen_users.size),
+            "train_pairs": int((self.split == "train").sum()),
+            "test_pairs": int((self.split == "test").sum()),
+            "has_logit_true": self.logit_true is not None,
+            "has_reference_head": self.reference_head is not None,
+        }
+
+
+def resolve_pair_path(path: str | Path) -> Path:
+    """Accept a pair file or a dataset directory holding `pairs.npz`."""
+    path = Path(path)
+    if path.is_dir():
+        candidate = path / PAIRS_FILENAME
+        if not candidate.exists():
+            raise PairFileError(
+                f"{path} is a directory without {PAIRS_FILENAME}; run `lore-fed embed {path}` first "
+                "or pass a pair file"
+            )
+        return candidate
+    if not path.exists():
+        raise PairFileError(f"pair file {path} does not exist")
+    return path
+
+
+def load_pairs(path: str | Path) -> PairSet:
+    """Load and validate a pair file (or `DIR/pairs.npz`)."""
+    file = resolve_pair_path(path)
+    try:
+        with np.load(file, allow_pickle=False) as data:
+            arrays = {key: data[key] for key in data.files}
+    except (OSError, ValueError, EOFError) as exc:
+        raise PairFileError(f"{file}: not a readable .npz pair file ({exc})") from exc
+    missing = [key for key in REQUIRED_ARRAYS if key not in arrays]
+    if missing:
+        raise PairFileError(f"{file}: missing required arrays {missing}; found {sorted(arrays)}")
+    unknown = sorted(set(arrays) - set(REQUIRED_ARRAYS) - set(OPTIONAL_ARRAYS))
+    if unknown:
+        raise PairFileError(f"{file}: unknown arrays {unknown}; allowed: {REQUIRED_ARRAYS + OPTIONAL_ARRAYS}")
+    return PairSet(
+        diff=arrays["diff"],
+        user=arrays["user"],
+        split=arrays["split"],
+        seen=arrays["seen"],
+        logit_true=arrays.get("logit_true"),
+        reference_head=arrays.get("reference_head"),
+        source=str(file),
+    )
+
+
+def save_pairs(pairs: PairSet, path: str | Path) -> Path:
+    """Write a pair file atomically; `path` may be a dataset directory."""
+    path = Path(path)
+    if path.suffix != ".npz":
+        path = path / PAIRS_FILENAME
+    arrays = {
+        "diff": pairs.diff.astype(np.float32, copy=False),
+        "user": pairs.user.astype(str),
+        "split": pairs.split.astype(str),
+        "seen": pairs.seen.astype(bool),
+    }
+    if pairs.logit_true is not None:
+        arrays["logit_true"] = pairs.logit_true.astype(np.float32)
+    if pairs.reference_head is not None:
+        arrays["reference_head"] = pairs.reference_head.astype(np.float32)
+    atomic_save_npz(path, **arrays)
+    return path
+
+
+def _validate(p: PairSet) -> None:
+    where = p.source
+    diff = np.asarray(p.diff)
+    if diff.ndim != 2 or diff.shape[1] == 0:
+        raise PairFileError(f"{where}: diff must be a 2-D float array (n, D), got shape {diff.shape}")
+    if not np.issubdtype(diff.dtype, np.floating):
+        raise PairFileError(f"{where}: diff must be float, got {diff.dtype}")
+    if not np.isfinite(diff).all():
+        bad = int((~np.isfinite(diff)).any(axis=1).sum())
+        raise PairFileError(f"{where}: diff has NaN or Inf in {bad} rows")
+    n = diff.shape[0]
+    for name in ("user", "split", "seen"):
+        arr = np.asarray(getattr(p, name))
+        if arr.shape != (n,):
+            raise PairFileError(f"{where}: {name} must have shape ({n},) like diff, got {arr.shape}")
+    if p.user.dtype.kind not in "US":
+        raise PairFileError(f"{where}: user must be an array of strings, got {p.user.dtype}")
+    if p.seen.dtype != np.bool_:
+        raise PairFileError(f"{where}: seen must be bool, got {p.seen.dtype}")
+    bad_splits = sorted(set(np.unique(p.split).tolist()) - set(SPLITS))
+    if bad_splits:
+        raise PairFileError(f"{where}: split values must be 'train' or 'test', found {bad_splits}")
+    if n:
+        user_ids, index = np.unique(p.user, return_inverse=True)
+        seen_count = np.bincount(index, weights=p.seen, minlength=user_ids.size)
+        total = np.bincount(index, minlength=user_ids.size)
+        mixed = user_ids[(seen_count > 0) & (seen_count < total)]
+        if mixed.size:
+            raise PairFileError(f"{where}: users marked both seen and unseen: {mixed[:5].tolist()}")
+    if p.logit_true is not None:
+        lt = np.asarray(p.logit_true)
+        if lt.shape != (n,) or not np.isfinite(lt).all():
+            raise PairFileError(f"{where}: logit_true must be finite with shape ({n},), got {lt.shape}")
+    if p.reference_head is not None:
+        head = np.asarray(p.reference_head)
+        if head.shape != (diff.shape[1],) or not np.isfinite(head).all():
+            raise PairFileError(
+                f"{where}: reference_head must be finite with shape ({diff.shape[1]},) to match diff, got {head.shape}"
+            )

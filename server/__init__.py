@@ -1,0 +1,1 @@
+"""server: the Flower ServerApp. It holds only the shared basis A."""

@@ -1,0 +1,1 @@
+"""simulations: population runs, benchmarks, reports and the `lore-fed` command line."""

@@ -1,0 +1,59 @@
+"""The `lore-fed` command line: a thin dispatcher; each sub-command lives in its own module, imported lazily
+so that `lore-fed --help` and light commands never pay for torch, transformers or Flower."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# name -> (module, one-line help). Modules define `configure(parser)` and `run(args) -> int`.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "synth": ("simulations.commands.synth", "generate the PRISM-shaped benchmark population"),
+    "prepare": ("simulations.commands.prepare", "PRISM files -> pairs.jsonl, users.jsonl, summary.json"),
+    "embed": ("simulations.commands.embed", "pairs.jsonl -> pairs.npz (pair-embedding file)"),
+    "train": ("simulations.commands.train", "centralized LoRe training (the reference for federated runs)"),
+    "evaluate": ("simulations.commands.evaluate", "evaluate a saved basis on a pair file"),
+    "simulate": ("simulations.commands.simulate", "federated training through Flower's simulation engine"),
+    "demo": ("simulations.commands.demo", "the main job: benchmark -> embeddings -> federated -> report"),
+    "privacy": ("simulations.commands.privacy", "privacy accounting what-if questions"),
+    "audit": ("simulations.commands.audit", "privacy audits of a run"),
+    "device": ("client.device.cli", "on-device personalization (same as python -m client.device)"),
+    "deploy": ("simulations.commands.deploy", "Flower Deployment Engine on this machine"),
+}
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lore-fed", description="Federated, private LoRe reward personalization")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module_name, help_text) in COMMANDS.items():
+        command_parser = sub.add_parser(name, help=help_text, description=help_text)
+        if name == only:
+            module = importlib.import_module(module_name)
+            module.configure(command_parser)
+            command_parser.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    command = argv[0] if argv and argv[0] in COMMANDS else None
+    try:
+        parser = build_parser(only=command)
+    except ModuleNotFoundError as exc:
+        print(f"lore-fed {command}: not available in this installation ({exc})", file=sys.stderr)
+        return 2
+    args = parser.parse_args(argv)
+    if not getattr(args, "_run", None):
+        parser.print_help()
+        return 0 if command is None else 2
+    try:
+        return int(args._run(args) or 0)
+    except (ValueError, FileNotFoundError) as exc:
+        # Bad input: a clear message, no traceback.
+        print(f"lore-fed {command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
