@@ -31,9 +31,14 @@ def pair_logits(basis_scores: np.ndarray, weights: np.ndarray, user_idx: np.ndar
 
 
 def segment_sum(values: np.ndarray, user_idx: np.ndarray, n_users: int) -> np.ndarray:
-    """Sum rows of `values` (n, ...) per user -> (n_users, ...), without a Python loop."""
+    """Sum rows of `values` (n, ...) per user -> (n_users, ...), without a Python loop (sort + reduceat)."""
     out = np.zeros((n_users,) + values.shape[1:], dtype=np.result_type(values, np.float32))
-    np.add.at(out, user_idx, values)
+    if user_idx.size == 0:
+        return out
+    order = np.argsort(user_idx, kind="stable")
+    sorted_idx = user_idx[order]
+    starts = np.flatnonzero(np.r_[True, sorted_idx[1:] != sorted_idx[:-1]])
+    out[sorted_idx[starts]] = np.add.reduceat(values[order], starts, axis=0)
     return out
 
 

@@ -3,8 +3,8 @@
 For each user u, minimise over w in the simplex
     F_u(w) = (1/n_u) sum_{j in u} softplus(-w . s_j) + lam * KL(w || uniform)
 where s_j = A d_j are the pair's basis scores. F_u is strictly convex (lam > 0), so this solver and the torch
-trainer reach the same w. Exponentiated gradient (mirror descent) keeps w exactly on the simplex and > 0; the
-KL term enters in closed form: w <- normalise(w^(1 - eta*lam) * exp(-eta * grad_loss)).
+trainer reach the same w. The prior keeps every weight > 0, which makes a damped Newton method on the simplex
+fast and exact.
 All users are solved at once (batched), which is what the federated client and evaluation need.
 """
 
@@ -33,17 +33,21 @@ def fit_user_weights(
     *,
     prior_strength: float = DEFAULT_PRIOR_STRENGTH,
     init: np.ndarray | None = None,
-    max_iter: int = 3000,
-    tol: float = 1e-9,
+    max_iter: int = 100,
+    tol: float = 1e-10,
 ) -> SimplexFitResult:
     """Batched few-shot fit. basis_scores (n, B) = diff @ A.T; returns weights (n_users, B).
 
+    Damped Newton on the simplex: F_u is strictly convex with Hessian (1/n) sum sigma(1-sigma) s s^T +
+    lam diag(1/w); each step solves the equality-constrained Newton system (sum of the step = 0) for all users at
+    once (batched B x B solves), then backtracks to stay inside the simplex and decrease F_u. Converges in tens of
+    iterations where first-order mirror descent needs thousands near the simplex boundary.
     Users without pairs get the prior (uniform weights).
     """
     scores = np.asarray(basis_scores, dtype=np.float64)
     if scores.ndim != 2:
         raise ValueError(f"basis_scores must be (n, B), got shape {scores.shape}")
-    if prior_strength <= 0 or not np.isfinite(prior_strength):
+    if not (prior_strength > 0 and np.isfinite(prior_strength)):
         raise ValueError(f"prior_strength must be finite and > 0, got {prior_strength}")
     n_basis = scores.shape[1]
     counts = np.bincount(user_idx, minlength=n_users).astype(np.float64)
@@ -53,24 +57,44 @@ def fit_user_weights(
     else:
         weights = np.clip(np.asarray(init, dtype=np.float64), 1e-12, None)
         weights /= weights.sum(axis=1, keepdims=True)
-    # Step 1/L per user: the loss Hessian in w is bounded by max_j |s_j|_inf^2 / 4 (l1 geometry).
-    row_max = np.abs(scores).max(axis=1) if scores.size else np.zeros(0)
-    smooth = np.zeros(n_users)
-    np.maximum.at(smooth, user_idx, row_max**2 / 4.0)
-    eta = 1.0 / (smooth + prior_strength + 1e-12)
-    shrink = (1.0 - eta * prior_strength)[:, None]
+    outer = scores[:, :, None] * scores[:, None, :]  # (n, B, B)
+    kkt = np.zeros((n_users, n_basis + 1, n_basis + 1))
+    kkt[:, :n_basis, n_basis] = 1.0
+    kkt[:, n_basis, :n_basis] = 1.0
+    objective = few_shot_objective(weights, scores, user_idx, prior_strength)
     converged = False
     iteration = 0
     for iteration in range(1, max_iter + 1):
         logits = np.einsum("nb,nb->n", scores, weights[user_idx])
-        grad = segment_sum(bt_loss_grad(logits)[:, None] * scores, user_idx, n_users) * inv_counts[:, None]
-        log_w = shrink * np.log(weights) - eta[:, None] * grad
-        log_w -= log_w.max(axis=1, keepdims=True)
-        new = np.exp(log_w)
-        new /= new.sum(axis=1, keepdims=True)
-        change = np.abs(new - weights).max() if weights.size else 0.0
-        weights = new
-        if change < tol:
+        g_pair = bt_loss_grad(logits)
+        grad = segment_sum(g_pair[:, None] * scores, user_idx, n_users) * inv_counts[:, None]
+        grad += prior_strength * (np.log(weights * n_basis) + 1.0)
+        curvature = -g_pair * (1.0 + g_pair)  # sigma(z) * (1 - sigma(z))
+        hess = segment_sum(curvature[:, None, None] * outer, user_idx, n_users) * inv_counts[:, None, None]
+        hess += prior_strength * np.einsum("ub,bc->ubc", 1.0 / weights, np.eye(n_basis))
+        kkt[:, :n_basis, :n_basis] = hess
+        rhs = np.concatenate([-grad, np.zeros((n_users, 1))], axis=1)
+        step = np.linalg.solve(kkt, rhs[:, :, None])[:, :n_basis, 0]
+        # Largest step keeping w > 0, then backtrack until F_u decreases (per user, vectorized).
+        with np.errstate(divide="ignore", invalid="ignore"):
+            limit = np.where(step < 0, -weights / step, np.inf).min(axis=1)
+        t = np.minimum(1.0, 0.99 * limit)
+        todo = np.ones(n_users, bool)
+        for _ in range(40):
+            trial = np.where(todo[:, None], weights + t[:, None] * step, weights)
+            trial_obj = few_shot_objective(trial, scores, user_idx, prior_strength)
+            better = trial_obj <= objective + 1e-4 * t * (grad * step).sum(axis=1)
+            accept = todo & better
+            weights = np.where(accept[:, None], trial, weights)
+            objective = np.where(accept, trial_obj, objective)
+            todo &= ~better
+            if not todo.any():
+                break
+            t = np.where(todo, t * 0.5, t)
+        weights = np.clip(weights, 1e-300, None)
+        weights /= weights.sum(axis=1, keepdims=True)
+        decrement = -(grad * step).sum(axis=1)
+        if np.all(decrement < tol) or np.abs(step).max(initial=0.0) < tol:
             converged = True
             break
     return SimplexFitResult(weights=weights, iterations=iteration, converged=converged)

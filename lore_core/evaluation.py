@@ -1,0 +1,89 @@
+"""Evaluation as the LoRe paper reports it: per-user pair accuracy (strict > 0), unweighted mean over users.
+
+Seen users are scored with their own weights; unseen users first fit weights on their few-shot ("train") pairs
+with the basis frozen (numpy solver, the same one devices and federated clients run), then are scored on "test".
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from lore_core.pairs import PairSet
+from lore_core.reward_math import mean_user_accuracy, pair_logits
+from lore_core.simplex_fit import DEFAULT_PRIOR_STRENGTH, fit_user_weights
+
+
+def _accuracy(logits: np.ndarray, user: np.ndarray) -> float:
+    ids, idx = np.unique(user, return_inverse=True)
+    return mean_user_accuracy(logits, idx, ids.size)
+
+
+def weights_for(user: np.ndarray, user_ids: np.ndarray, user_weights: np.ndarray) -> np.ndarray:
+    """Rows of user_weights (U, B) for each pair's user (n,); every user must be known."""
+    order = np.argsort(user_ids)
+    pos = np.searchsorted(user_ids, user, sorter=order)
+    pos = np.clip(pos, 0, user_ids.size - 1)
+    found = order[pos]
+    if not np.array_equal(user_ids[found], user):
+        missing = np.setdiff1d(user, user_ids)[:5]
+        raise ValueError(f"no weights for users {missing.tolist()}")
+    return user_weights[found]
+
+
+def few_shot_weights(pairs: PairSet, basis: np.ndarray, prior_strength: float) -> tuple[np.ndarray, np.ndarray]:
+    """Fit weights for every user of `pairs` on its rows (basis frozen); returns (user_ids, weights)."""
+    ids, idx = np.unique(pairs.user, return_inverse=True)
+    fit = fit_user_weights(pairs.diff @ basis.T, idx, ids.size, prior_strength=prior_strength)
+    return ids, fit.weights
+
+
+def evaluate_model(
+    pairs: PairSet,
+    basis: np.ndarray,
+    seen_user_ids: np.ndarray,
+    seen_user_weights: np.ndarray,
+    *,
+    prior_strength: float = DEFAULT_PRIOR_STRENGTH,
+) -> dict:
+    """The metrics of `lore-fed train` / `evaluate` / `simulate` for a basis (B, D) and seen users' weights."""
+    if basis.shape[1] != pairs.dim:
+        raise ValueError(f"basis has dimension {basis.shape[1]} but the pair file has {pairs.dim}")
+    metrics: dict = {"rank": int(basis.shape[0])}
+    for name in ("train", "test"):
+        part = pairs.select(seen=True, split=name)
+        if part.n:
+            w = weights_for(part.user, seen_user_ids, seen_user_weights)
+            metrics[f"seen_{name}_acc"] = _accuracy(pair_logits(part.diff @ basis.T, w, np.arange(part.n)), part.user)
+    few_shot = pairs.select(seen=False, split="train")
+    unseen_test = pairs.select(seen=False, split="test")
+    if unseen_test.n:
+        ids, weights = few_shot_weights(few_shot, basis, prior_strength)
+        test_known = np.isin(unseen_test.user, ids)
+        # Unseen users without few-shot pairs keep the prior (uniform weights): the population reward.
+        all_ids = np.union1d(ids, unseen_test.user)
+        all_w = np.full((all_ids.size, basis.shape[0]), 1.0 / basis.shape[0])
+        all_w[np.searchsorted(all_ids, ids)] = weights
+        w = weights_for(unseen_test.user, all_ids, all_w)
+        metrics["unseen_test_acc"] = _accuracy(np.einsum("nb,nb->n", unseen_test.diff @ basis.T, w), unseen_test.user)
+        metrics["unseen_users_without_few_shot"] = int(np.unique(unseen_test.user[~test_known]).size)
+        if few_shot.n:
+            w_fs = weights_for(few_shot.user, ids, weights)
+            metrics["unseen_few_shot_train_acc"] = _accuracy(
+                np.einsum("nb,nb->n", few_shot.diff @ basis.T, w_fs), few_shot.user
+            )
+    metrics.update(reference_metrics(pairs))
+    return metrics
+
+
+def reference_metrics(pairs: PairSet) -> dict:
+    """Oracle (true logits) and reference-head accuracies on test pairs, when the pair file carries them."""
+    out = {}
+    for seen, label in ((True, "seen"), (False, "unseen")):
+        test = pairs.select(seen=seen, split="test")
+        if not test.n:
+            continue
+        if test.logit_true is not None:
+            out[f"oracle_{label}_test_acc"] = _accuracy(test.logit_true, test.user)
+        if test.reference_head is not None:
+            out[f"reference_{label}_test_acc"] = _accuracy(test.diff @ test.reference_head, test.user)
+    return out

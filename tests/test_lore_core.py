@@ -1,0 +1,120 @@
+"""The LoRe math, the trainers and the few-shot solvers."""
+
+import numpy as np
+import pytest
+import torch
+
+from lore_core.evaluation import evaluate_model
+from lore_core.joint_trainer import TrainConfig, fit_few_shot_torch, split_validation, train_joint
+from lore_core.reward_math import bt_loss, bt_loss_grad, per_user_accuracy, softmax, user_basis_directions
+from lore_core.simplex_fit import few_shot_objective, fit_user_weights
+from simulations.synthetic_pairs import SyntheticPairsConfig, make_synthetic_pairs
+
+SMALL = SyntheticPairsConfig(dim=32, true_rank=3, seen_users=40, unseen_users=10, train_pairs=(30, 40), seed=1)
+
+
+@pytest.fixture(scope="module")
+def small_pairs():
+    return make_synthetic_pairs(SMALL)
+
+
+def test_bt_loss_is_stable_softplus():
+    z = np.array([-800.0, -3.0, 0.0, 2.5, 800.0])
+    np.testing.assert_allclose(bt_loss(z), [800.0, 3.0 + np.log1p(np.exp(-3.0)), np.log(2.0), np.log1p(np.exp(-2.5)), 0.0], rtol=1e-12)
+    assert np.isfinite(bt_loss(z)).all()
+    np.testing.assert_allclose(bt_loss_grad(z), -1.0 / (1.0 + np.exp(np.clip(z, -700, 700))), atol=1e-15)
+
+
+def test_basis_gradient_matches_autograd():
+    rng = np.random.default_rng(0)
+    n_users, b, d, n = 4, 3, 6, 30
+    basis = rng.standard_normal((b, d))
+    weights = softmax(rng.standard_normal((n_users, b)))
+    diff = rng.standard_normal((n, d))
+    user_idx = rng.integers(0, n_users, n)
+    v = user_basis_directions(basis, weights, diff, user_idx, n_users)
+    for u in range(n_users):
+        A = torch.tensor(basis, requires_grad=True)
+        mine = torch.tensor(diff[user_idx == u])
+        loss = torch.nn.functional.softplus(-(mine @ A.T) @ torch.tensor(weights[u])).mean()
+        loss.backward()
+        np.testing.assert_allclose(np.outer(weights[u], v[u]), A.grad.numpy(), atol=1e-10)
+
+
+def test_accuracy_is_strict_and_per_user():
+    logits = np.array([1.0, 0.0, -1.0, 2.0])
+    acc = per_user_accuracy(logits, np.array([0, 0, 1, 1]), 2)
+    np.testing.assert_allclose(acc, [0.5, 0.5])  # a tie (0.0) counts as an error
+
+
+def test_simplex_solver_stays_on_simplex_and_matches_torch():
+    rng = np.random.default_rng(3)
+    n_users, b = 25, 5
+    scores = rng.standard_normal((250, b)) * 3
+    user_idx = rng.integers(0, n_users, 250)
+    fit = fit_user_weights(scores, user_idx, n_users, prior_strength=0.02)
+    assert fit.converged
+    assert (fit.weights > 0).all()
+    np.testing.assert_allclose(fit.weights.sum(1), 1.0, atol=1e-12)
+    # Same strictly convex objective solved by L-BFGS on softmax parameters in torch.
+    torch_w = fit_few_shot_torch(np.eye(b), scores, user_idx, n_users, prior_strength=0.02, max_iter=500)
+    f_np = few_shot_objective(fit.weights, scores, user_idx, 0.02)
+    f_torch = few_shot_objective(torch_w, scores, user_idx, 0.02)
+    assert np.all(f_np <= f_torch + 1e-7)
+    np.testing.assert_allclose(fit.weights, torch_w, atol=2e-3)
+
+
+def test_simplex_solver_rejects_bad_prior():
+    with pytest.raises(ValueError, match="prior_strength"):
+        fit_user_weights(np.zeros((3, 2)), np.zeros(3, int), 1, prior_strength=0.0)
+
+
+def test_validation_split_takes_a_fraction_of_each_user():
+    user_idx = np.repeat(np.arange(5), [10, 20, 5, 1, 40])
+    mask = split_validation(user_idx, 0.2, seed=0)
+    np.testing.assert_array_equal(np.bincount(user_idx, weights=mask), [2, 4, 1, 0, 8])
+
+
+def test_joint_training_learns_personal_rewards(small_pairs):
+    pairs, _ = small_pairs
+    train = pairs.select(seen=True, split="train")
+    bt = train_joint(train.diff, train.user, TrainConfig(rank=1, l2=1e-3))
+    lore = train_joint(train.diff, train.user, TrainConfig(rank=3, l2=1e-3))
+    m_bt = evaluate_model(pairs, bt.basis, bt.user_ids, bt.user_weights)
+    m_lore = evaluate_model(pairs, lore.basis, lore.user_ids, lore.user_weights)
+    assert lore.basis.shape == (3, 32)
+    np.testing.assert_allclose(lore.user_weights.sum(1), 1.0, atol=1e-5)
+    assert m_lore["seen_test_acc"] > m_bt["seen_test_acc"] + 0.02
+    assert m_lore["seen_test_acc"] <= m_lore["oracle_seen_test_acc"] + 0.05
+
+
+def test_rank_auto_picks_the_best_validation_likelihood_and_includes_bt(small_pairs):
+    pairs, _ = small_pairs
+    train = pairs.select(seen=True, split="train")
+    fit = train_joint(train.diff, train.user, TrainConfig(rank="auto", rank_grid=(1, 3), l2=1e-3))
+    ranks = {row["rank"] for row in fit.selection}
+    assert ranks == {1, 3}
+    best = min(fit.selection, key=lambda row: row["val_nll"])
+    assert fit.rank == best["rank"]
+    assert fit.val_nll <= min(r["val_nll"] for r in fit.selection if r["rank"] == 1)
+
+
+def test_training_is_seeded(small_pairs):
+    pairs, _ = small_pairs
+    train = pairs.select(seen=True, split="train")
+    a = train_joint(train.diff, train.user, TrainConfig(rank=2, l2=1e-3, seed=5))
+    b = train_joint(train.diff, train.user, TrainConfig(rank=2, l2=1e-3, seed=5))
+    np.testing.assert_array_equal(a.basis, b.basis)
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="rank"):
+        TrainConfig(rank=0)
+    with pytest.raises(ValueError, match="include 1"):
+        TrainConfig(rank_grid=(2, 3))
+
+
+def test_evaluation_refuses_a_basis_of_another_dimension(small_pairs):
+    pairs, _ = small_pairs
+    with pytest.raises(ValueError, match="dimension"):
+        evaluate_model(pairs, np.zeros((2, 7)), np.array(["x"]), np.ones((1, 2)) / 2)

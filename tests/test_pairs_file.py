@@ -1,0 +1,71 @@
+"""The pair-embedding file contract: every command reads it, bad files get clear errors."""
+
+import numpy as np
+import pytest
+
+from lore_core.pairs import PairFileError, PairSet, load_pairs, save_pairs
+
+
+def _arrays(n=6, d=4):
+    rng = np.random.default_rng(0)
+    return {
+        "diff": rng.standard_normal((n, d)).astype(np.float32),
+        "user": np.array(["a", "a", "a", "b", "b", "b"][:n]),
+        "split": np.array(["train", "test"] * (n // 2)),
+        "seen": np.array([True] * 3 + [False] * 3)[:n],
+    }
+
+
+def test_round_trip_through_a_dataset_directory(tmp_path):
+    arrays = _arrays()
+    pairs = PairSet(**arrays, logit_true=np.ones(6, np.float32), reference_head=np.ones(4, np.float32))
+    path = save_pairs(pairs, tmp_path)
+    assert path == tmp_path / "pairs.npz"
+    loaded = load_pairs(tmp_path)
+    np.testing.assert_array_equal(loaded.diff, arrays["diff"])
+    assert loaded.user.tolist() == arrays["user"].tolist()
+    assert loaded.logit_true is not None and loaded.reference_head.shape == (4,)
+    assert loaded.summary()["seen_users"] == 1
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda a: a["diff"].__setitem__((0, 0), np.nan), "NaN"),
+        (lambda a: a.__setitem__("user", a["user"][:5]), "shape"),
+        (lambda a: a.__setitem__("split", np.array(["train", "val"] * 3)), "train' or 'test"),
+        (lambda a: a.__setitem__("seen", np.array([True, False, True, False, False, False])), "both seen and unseen"),
+        (lambda a: a.__setitem__("diff", a["diff"][:, 0]), "2-D"),
+    ],
+)
+def test_bad_files_are_refused_with_a_clear_error(tmp_path, change, message):
+    arrays = _arrays()
+    change(arrays)
+    np.savez(tmp_path / "bad.npz", **arrays)
+    with pytest.raises(PairFileError, match=message):
+        load_pairs(tmp_path / "bad.npz")
+
+
+def test_missing_and_unknown_arrays(tmp_path):
+    arrays = _arrays()
+    del arrays["seen"]
+    np.savez(tmp_path / "a.npz", **arrays)
+    with pytest.raises(PairFileError, match="missing required arrays"):
+        load_pairs(tmp_path / "a.npz")
+    np.savez(tmp_path / "b.npz", **_arrays(), extra=np.zeros(3))
+    with pytest.raises(PairFileError, match="unknown arrays"):
+        load_pairs(tmp_path / "b.npz")
+
+
+def test_reference_head_must_match_the_embedding_size(tmp_path):
+    np.savez(tmp_path / "c.npz", **_arrays(), reference_head=np.ones(5))
+    with pytest.raises(PairFileError, match="reference_head"):
+        load_pairs(tmp_path / "c.npz")
+
+
+def test_directory_without_pairs_and_garbage_file(tmp_path):
+    with pytest.raises(PairFileError, match="lore-fed embed"):
+        load_pairs(tmp_path)
+    (tmp_path / "x.npz").write_bytes(b"not a zip")
+    with pytest.raises(PairFileError, match="not a readable"):
+        load_pairs(tmp_path / "x.npz")
