@@ -13,7 +13,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
         metavar="PRISM_DIR|HUB_NAME",
         help="directory with survey.jsonl and conversations.jsonl, or a hub name like HannahRoseKirk/prism-alignment",
     )
-    parser.add_argument("--out", required=True, metavar="DATASET_DIR", help="gets pairs.jsonl, users.jsonl, summary.json")
+    parser.add_argument(
+        "--out", required=True, metavar="DATASET_DIR", help="gets pairs.jsonl, users.jsonl and summary.json"
+    )
     parser.add_argument(
         "--min-conversations",
         type=int,
