@@ -31,23 +31,36 @@ def configure(parser: argparse.ArgumentParser) -> None:
     from lore_core.embeddings import MODES
 
     parser.add_argument("dataset_dir", type=Path, help="directory holding pairs.jsonl (from `lore-fed prepare`)")
-    parser.add_argument("--model", default=None, help="Hugging Face repo id or local model directory "
-                        "(default: the offline all-MiniLM-L6-v2)")  # fmt: skip
-    parser.add_argument("--mode", choices=MODES, default="auto",
-                        help="auto: reward-model for a one-label *ForSequenceClassification model, else sentence")  # fmt: skip
+    parser.add_argument(
+        "--model", default=None, help="Hugging Face repo id or local model directory (default: offline all-MiniLM-L6-v2)"
+    )
+    parser.add_argument(
+        "--mode",
+        choices=MODES,
+        default="auto",
+        help="auto: reward-model for a one-label *ForSequenceClassification model, else sentence",
+    )
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--max-length", type=int, default=None,
-                        help="token limit (default 256 in sentence mode, 4096 in reward-model mode)")  # fmt: skip
-    parser.add_argument("--cache-dir", default=None,
-                        help="embedding cache (default $LORE_CACHE_DIR or ~/.cache/lore-fed/embeddings)")  # fmt: skip
-    parser.add_argument("--ignore-ground-truth", action="store_true",
-                        help=f"do not read {GROUND_TRUTH} (e.g. to embed a benchmark with another model)")  # fmt: skip
+    parser.add_argument(
+        "--max-length", type=int, default=None, help="token limit (default 256 sentence, 4096 reward-model)"
+    )
+    parser.add_argument(
+        "--cache-dir", default=None, help="embedding cache (default $LORE_CACHE_DIR or ~/.cache/lore-fed/embeddings)"
+    )
+    parser.add_argument(
+        "--ignore-ground-truth",
+        action="store_true",
+        help=f"do not read {GROUND_TRUTH} (e.g. to embed a benchmark with another model)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
+    from transformers.utils import logging as transformers_logging
+
     from lore_core.embeddings import load_embedder
 
+    transformers_logging.disable_progress_bar()  # per-tensor "Loading weights" bars; our own bar counts texts
     dataset_dir = Path(args.dataset_dir)
     records = read_pair_records(dataset_dir / PAIRS_JSONL)
     embedder = load_embedder(
@@ -81,10 +94,12 @@ def run(args: argparse.Namespace) -> int:
     )
     out = save_pairs(pairs, dataset_dir)
     extras = [name for name in ("logit_true", "reference_head") if getattr(pairs, name) is not None]
-    print(f"wrote {out}: {n} pairs, dim {embedder.dim}, embedder {embedder.name}"
-          + (f", with {' and '.join(extras)}" if extras else ""))  # fmt: skip
-    print(f"texts: {stats.requested} requested, {stats.unique} distinct, {stats.computed} embedded, "
-          f"{stats.cached} served from cache")  # fmt: skip
+    with_extras = f", with {' and '.join(extras)}" if extras else ""
+    print(f"wrote {out}: {n} pairs, dim {embedder.dim}, embedder {embedder.name}{with_extras}")
+    print(
+        f"texts: {stats.requested} requested, {stats.unique} distinct, {stats.computed} embedded, "
+        f"{stats.cached} served from cache"
+    )
     return 0
 
 
