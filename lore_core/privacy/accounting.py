@@ -1,0 +1,216 @@
+"""User-level (and per-client record-level) accounting of the Poisson-subsampled Gaussian with Opacus accountants.
+
+A history is a list of segments (noise_multiplier z, sample_rate q, steps): `steps` compositions of the
+Poisson-subsampled Gaussian with rate q and noise std z * sensitivity, under add/remove adjacency. Segments may
+differ (heterogeneous composition), exactly as Opacus' `accountant.history`.
+PRV (Gopi, Lee & Wutschitz 2021) is the headline: we report its guaranteed upper value and how far it may lie
+above the estimate; RDP (Mironov 2017) is the conservative second number. Facts (the history) are stored by the
+caller; epsilon is derived here, on demand.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import asdict, dataclass
+from typing import Iterable, Sequence
+
+import numpy as np
+
+ACCOUNTANTS = ("prv", "rdp")
+PRV_EPS_ERROR = 0.01  # Opacus' default precision of the PRV epsilon
+MAX_NOISE_MULTIPLIER = 1e6  # as Opacus get_noise_multiplier: beyond this the budget is unreachable
+MAX_ROUNDS = 1_000_000  # rounds_within_budget stops searching here
+Segment = tuple[float, float, int]
+
+
+class AccountingError(ValueError):
+    """The accountant failed or returned NaN/inf: the round must be aborted, never released without noise."""
+
+
+class PrivacyBudgetExhausted(RuntimeError):
+    """Releasing the next round would exceed max_epsilon."""
+
+
+@dataclass(frozen=True)
+class EpsilonReport:
+    """Both accountants on one history. `prv` is the guaranteed upper value (Opacus get_epsilon)."""
+
+    delta: float
+    prv: float
+    prv_estimate: float
+    prv_error_bound: float  # prv - prv_estimate
+    rdp: float
+    rdp_optimal_order: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def check_history(history: Iterable[Sequence]) -> list[Segment]:
+    """Validate segments -> list of (z, q, steps) with float z > 0, q in (0, 1], int steps > 0 (empty ones dropped)."""
+    segments = []
+    for segment in history:
+        if len(segment) != 3:
+            raise AccountingError(f"a history segment is (noise_multiplier, sample_rate, steps); got {segment!r}")
+        z, q, steps = float(segment[0]), float(segment[1]), segment[2]
+        if not (math.isfinite(z) and z > 0):
+            raise AccountingError(f"noise multiplier must be finite and > 0; got {z} (a DP round never skips noise)")
+        if not (0 < q <= 1):
+            raise AccountingError(f"sample rate must be in (0, 1]; got {q}")
+        if int(steps) != steps or steps < 0:
+            raise AccountingError(f"steps must be a non-negative integer; got {steps!r}")
+        if steps:
+            segments.append((z, q, int(steps)))
+    return segments
+
+
+def _prv_bounds(segments: list[Segment], delta: float) -> tuple[float, float, float]:
+    from opacus.accountants import PRVAccountant
+
+    accountant = PRVAccountant()
+    accountant.history = list(segments)
+    delta_error = delta / 1000  # Opacus' default
+    # Same computation as PRVAccountant.get_epsilon (which returns only the upper value); we also want the estimate.
+    with np.errstate(divide="ignore"):  # q = 1 takes log(0) inside Opacus, harmlessly
+        dprv = accountant._get_dprv(eps_error=PRV_EPS_ERROR, delta_error=delta_error)
+        lower, estimate, upper = dprv.compute_epsilon(delta, delta_error, PRV_EPS_ERROR)
+    return float(lower), float(estimate), float(upper)
+
+
+def _rdp(segments: list[Segment], delta: float) -> tuple[float, float]:
+    from opacus.accountants import RDPAccountant
+
+    accountant = RDPAccountant()
+    accountant.history = list(segments)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # Opacus warns when the optimal order is at the grid's edge
+        eps, order = accountant.get_privacy_spent(delta=delta)
+    return float(eps), float(order)
+
+
+def _finite(value: float, what: str, segments: list[Segment]) -> float:
+    if not math.isfinite(value):
+        raise AccountingError(f"{what} epsilon is {value} for history {segments}; refusing to release this round")
+    return value
+
+
+def _check_delta(delta: float) -> None:
+    if not (0 < delta < 1):
+        raise AccountingError(f"delta must be in (0, 1); got {delta}")
+
+
+def history_epsilon(history: Iterable[Sequence], delta: float, accountant: str = "prv") -> float:
+    """Epsilon spent by a whole history at `delta` (0.0 for an empty history)."""
+    if accountant not in ACCOUNTANTS:
+        raise AccountingError(f"accountant must be one of {ACCOUNTANTS}; got {accountant!r}")
+    _check_delta(delta)
+    segments = check_history(history)
+    if not segments:
+        return 0.0
+    try:
+        value = _prv_bounds(segments, delta)[2] if accountant == "prv" else _rdp(segments, delta)[0]
+    except (ValueError, RuntimeError, OverflowError, FloatingPointError) as exc:
+        raise AccountingError(f"{accountant} accountant failed on {segments}: {exc}") from exc
+    return _finite(value, accountant, segments)
+
+
+def epsilon(noise_multiplier: float, sample_rate: float, steps: int, delta: float, accountant: str = "prv") -> float:
+    """Epsilon of `steps` Poisson-subsampled Gaussian steps (z, q) at `delta`."""
+    return history_epsilon([(noise_multiplier, sample_rate, steps)], delta, accountant)
+
+
+def epsilon_report(history: Iterable[Sequence], delta: float) -> EpsilonReport:
+    """PRV (headline, with error bound) and RDP (upper bound, with its optimal order) for one history."""
+    _check_delta(delta)
+    segments = check_history(history)
+    if not segments:
+        return EpsilonReport(delta, 0.0, 0.0, 0.0, 0.0, float("nan"))
+    try:
+        _, estimate, upper = _prv_bounds(segments, delta)
+        rdp, order = _rdp(segments, delta)
+    except (ValueError, RuntimeError, OverflowError, FloatingPointError) as exc:
+        raise AccountingError(f"accountant failed on {segments}: {exc}") from exc
+    upper, estimate, rdp = (_finite(v, name, segments) for v, name in ((upper, "PRV"), (estimate, "PRV"), (rdp, "RDP")))
+    return EpsilonReport(delta, upper, estimate, upper - estimate, rdp, order)
+
+
+def noise_for_target_epsilon(
+    target_epsilon: float,
+    sample_rate: float,
+    steps: int,
+    delta: float,
+    accountant: str = "prv",
+    tolerance: float = 0.01,
+) -> float:
+    """Smallest z (within `tolerance` in epsilon) with epsilon(z, q, steps) <= target; bisection as Opacus
+    get_noise_multiplier, but bracketed from z = 1 so the accountant never sees a vanishing z."""
+    if not (math.isfinite(target_epsilon) and target_epsilon > 0):
+        raise AccountingError(f"target epsilon must be finite and > 0; got {target_epsilon}")
+
+    def eps(z: float) -> float:
+        try:
+            return epsilon(z, sample_rate, steps, delta, accountant)
+        except AccountingError:
+            return math.inf  # too little noise for the accountant to resolve: certainly above target
+
+    high = 1.0
+    eps_high = eps(high)
+    while eps_high > target_epsilon:
+        high *= 2
+        if high > MAX_NOISE_MULTIPLIER:
+            raise AccountingError(f"target epsilon {target_epsilon} is unreachable at q={sample_rate}, {steps} steps")
+        eps_high = eps(high)
+    low = high / 2
+    while eps(low) <= target_epsilon:  # move the bracket down until low is above target
+        high, low = low, low / 2
+        if low < 1e-3:
+            break
+    eps_high = eps(high)
+    while target_epsilon - eps_high > tolerance and high - low > 1e-9 * high:
+        mid = (low + high) / 2
+        eps_mid = eps(mid)
+        if eps_mid <= target_epsilon:
+            high, eps_high = mid, eps_mid
+        else:
+            low = mid
+    return high
+
+
+def rounds_within_budget(
+    noise_multiplier: float,
+    sample_rate: float,
+    delta: float,
+    max_epsilon: float,
+    history: Iterable[Sequence] = (),
+    accountant: str = "prv",
+    steps_per_round: int = 1,
+    limit: int | None = None,
+) -> int:
+    """Largest k such that `history` + k more rounds (each `steps_per_round` steps of (z, q)) stays <= max_epsilon;
+    at most `limit` (a planned run length makes the search cheaper), else at most MAX_ROUNDS."""
+    if not (math.isfinite(max_epsilon) and max_epsilon > 0):
+        raise AccountingError(f"max epsilon must be finite and > 0; got {max_epsilon}")
+    base = check_history(history)
+
+    def fits(k: int) -> bool:
+        extra = [(noise_multiplier, sample_rate, k * steps_per_round)] if k else []
+        return history_epsilon(base + extra, delta, accountant) <= max_epsilon
+
+    if not fits(0):
+        return 0
+    low = 0  # fits(low) holds, fits(high) fails
+    if limit is not None:
+        if fits(limit):
+            return limit
+        high = limit
+    else:
+        high = 1
+        while fits(high):
+            low, high = high, 2 * high
+            if high > MAX_ROUNDS:
+                return MAX_ROUNDS
+    while high - low > 1:
+        mid = (low + high) // 2
+        low, high = (mid, high) if fits(mid) else (low, mid)
+    return low

@@ -1,0 +1,349 @@
+"""The privacy ledger `RUN_DIR/ledger.json` (schema: notes/privacy.md §8).
+
+It stores EVENTS (the validated settings, per round: noise multiplier, sample rate, sampled count; in record mode
+each client's accountant history) and DERIVES epsilon from them with the accountant every time it is written, like
+Opacus' accountant. The server calls `check_next_round()` and then `record_round(...)` BEFORE it releases that
+round's basis: the write is atomic, so a crash can lose a release but never spent budget.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+from lore_core.atomic_io import atomic_write_json
+from lore_core.privacy.accounting import (
+    EpsilonReport,
+    PrivacyBudgetExhausted,
+    check_history,
+    epsilon_report,
+)
+from lore_core.privacy.settings import USER_MODES, PrivacySettings, validate
+
+LEDGER_FILENAME = "ledger.json"
+SCHEMA = "lore-privacy-ledger/1"
+
+NONE_GUARANTEE = (
+    "NONE: no differential privacy. The server receives every participant's raw basis update dA_i; with w_i held "
+    "fixed during the local step dA_i = w_i (x) v_i is rank one, so the server can recover every participant's w_i "
+    "from its update (by SVD), and which candidate pairs it trained on. The released basis is not protected either."
+)
+NOT_COVERED = [
+    "w_i (never released by design, but not DP)",
+    "client-side evaluation on client data",
+    "hyper-parameter search runs",
+    "personalised scores if served",
+]
+RECORD_NOT_COVERED = ["a user as a whole: w_i and all of a user's pairs together (record level only)"]
+DESCRIPTIONS: dict[str, dict[str, str]] = {
+    "user": {
+        "privacy_unit": "user (all preference pairs of one client)",
+        "adjacency": "add/remove one user",
+        "threat_model": "trusted server: it sees each sampled user's raw update (from which it can recover w_i: the "
+        "update is rank one), clips it, adds the noise and releases A_t; the guarantee protects the released bases "
+        "from everyone else, not from the server",
+        "clipping_where": "client and re-checked at server",
+    },
+    "user+secagg": {
+        "privacy_unit": "user (all preference pairs of one client)",
+        "adjacency": "add/remove one user",
+        "threat_model": "clients clip; SecAgg+ shows the server only the sum of the sampled users' clipped updates; "
+        "an honest-but-curious server adds the noise to that sum. The guarantee protects the released bases from "
+        "everyone else; the server itself learns the exact un-noised sum (not DP against the server)",
+        "clipping_where": "client (the server cannot re-check under SecAgg)",
+    },
+    "record": {
+        "privacy_unit": "one preference pair of one client",
+        "adjacency": "add/remove one pair in one client's data",
+        "threat_model": "each client clips per pair and adds noise locally (Opacus DP-SGD on the basis, w frozen); "
+        "protects each pair from everyone including the server",
+        "clipping_where": "client, per pair (Opacus)",
+    },
+    "none": {"privacy_unit": "none", "adjacency": "none", "threat_model": "none: no protection", "clipping_where": ""},
+}
+
+
+class LedgerError(ValueError):
+    """A ledger that cannot be used for this run (missing, foreign schema, other settings, out-of-order round)."""
+
+
+@functools.lru_cache(maxsize=4096)
+def _report(history: tuple[tuple[float, float, int], ...], delta: float) -> EpsilonReport:
+    return epsilon_report(history, delta)
+
+
+def _comparable(settings: PrivacySettings) -> dict[str, Any]:
+    return json.loads(json.dumps(settings.to_dict()))
+
+
+def compress_history(events: Iterable[Sequence]) -> list[tuple[float, float, int]]:
+    """Per-round (z, q) events -> (z, q, steps) segments, merging consecutive equal (z, q) as Opacus does."""
+    segments: list[tuple[float, float, int]] = []
+    for z, q in events:
+        if segments and segments[-1][:2] == (z, q):
+            segments[-1] = (z, q, segments[-1][2] + 1)
+        else:
+            segments.append((z, q, 1))
+    return segments
+
+
+class PrivacyLedger:
+    """Events of one run's privacy spending and the guarantee derived from them."""
+
+    def __init__(self, path: Path, settings: PrivacySettings, facts: dict[str, Any]):
+        self.path = path
+        self.settings = settings
+        self._facts = facts  # per_round, clients, audits, stopped_early: everything else is derived
+
+    # -- opening ---------------------------------------------------------------------------------------------------
+    @classmethod
+    def create(cls, run_dir: str | os.PathLike, settings: PrivacySettings) -> "PrivacyLedger":
+        """A new ledger for a new run (refuses to overwrite an existing one: resume with `load`)."""
+        path = Path(run_dir) / LEDGER_FILENAME
+        if path.exists():
+            raise LedgerError(f"{path} already exists: resume with PrivacyLedger.load, or use a new run directory")
+        ledger = cls(path, validate(settings), {"per_round": [], "clients": {}, "audits": [], "stopped_early": False})
+        ledger._write()
+        return ledger
+
+    @classmethod
+    def load(cls, run_dir: str | os.PathLike, settings: PrivacySettings | None = None) -> "PrivacyLedger":
+        """Resume from RUN_DIR/ledger.json; with `settings`, they must equal the stored ones."""
+        path = Path(run_dir) / LEDGER_FILENAME
+        if not path.exists():
+            raise FileNotFoundError(f"no privacy ledger at {path}")
+        data = json.loads(path.read_text())
+        if data.get("schema") != SCHEMA:
+            raise LedgerError(f"{path} has schema {data.get('schema')!r}; expected {SCHEMA!r}")
+        stored = PrivacySettings(**data["config"])
+        if settings is not None:
+            new = _comparable(validate(settings))
+            diffs = {k: (v, new[k]) for k, v in data["config"].items() if new.get(k) != v}
+            if diffs:
+                changes = ", ".join(f"{k}: stored {a!r}, new {b!r}" for k, (a, b) in diffs.items())
+                raise LedgerError(
+                    f"{path} was written with other privacy settings ({changes}); resume with the stored settings "
+                    "or start a new run directory"
+                )
+        facts = {k: data[k] for k in ("per_round", "clients", "audits")}
+        facts["stopped_early"] = data["budget"]["stopped_early"]
+        return cls(path, stored, facts)
+
+    @classmethod
+    def open(cls, run_dir: str | os.PathLike, settings: PrivacySettings) -> "PrivacyLedger":
+        """Resume if RUN_DIR has a ledger (same settings required), else create one."""
+        if (Path(run_dir) / LEDGER_FILENAME).exists():
+            return cls.load(run_dir, settings)
+        return cls.create(run_dir, settings)
+
+    # -- facts -----------------------------------------------------------------------------------------------------
+    @property
+    def rounds_released(self) -> int:
+        return len(self._facts["per_round"])
+
+    def history(self, next_rounds: Sequence[tuple[float, float]] = ()) -> list[tuple[float, float, int]]:
+        """User modes: the accountant history (z, q, steps) of the recorded rounds, plus hypothetical next ones."""
+        events = [(e["noise_multiplier"], e["sample_rate"]) for e in self._facts["per_round"]]
+        return compress_history(events + list(next_rounds))
+
+    def epsilon(self) -> EpsilonReport | None:
+        """User modes: epsilon so far; record mode: the client with the largest PRV epsilon; none: None."""
+        mode, delta = self.settings.mode, self.settings.delta
+        if mode in USER_MODES:
+            return _report(tuple(self.history()), delta)
+        if mode == "record" and self._facts["clients"]:
+            reports = [_report(_key(c["history"]), delta) for c in self._facts["clients"].values()]
+            return max(reports, key=lambda r: r.prv)
+        return None
+
+    # -- budget ----------------------------------------------------------------------------------------------------
+    def _predicted(self, rounds: int) -> float:
+        s = self.settings
+        if s.mode in USER_MODES:
+            nxt = self.history([(s.noise_multiplier, s.sample_rate)] * rounds)
+            return _report(tuple(nxt), s.delta).prv
+        # record: each client seen so far, `rounds` more rounds of record_epochs epochs at its own rate
+        worst = 0.0
+        for client in self._facts["clients"].values():
+            z, q, _ = client["history"][-1]
+            extra = (z, q, rounds * s.record_epochs * round(1 / q))
+            worst = max(worst, _report(_key(client["history"]) + (extra,), s.delta).prv)
+        return worst
+
+    def would_exceed(self, max_epsilon: float | None = None, rounds: int = 1) -> bool:
+        """Would `rounds` more rounds take PRV epsilon above max_epsilon (default: the settings')?
+        Record mode predicts only clients already seen; clients check their own budget (record_dp)."""
+        max_epsilon = self.settings.max_epsilon if max_epsilon is None else max_epsilon
+        if max_epsilon is None or self.settings.mode == "none":
+            return False
+        return self._predicted(rounds) > max_epsilon
+
+    def check_next_round(self) -> None:
+        """Raise PrivacyBudgetExhausted (after marking `stopped_early` on disk) if the next round would exceed
+        max_epsilon. Call before sampling round t's clients."""
+        if not self.would_exceed():
+            return
+        self._facts["stopped_early"] = True
+        self._write()
+        raise PrivacyBudgetExhausted(
+            f"round {self.rounds_released + 1} would bring epsilon to {self._predicted(1):.3f} (PRV) > max_epsilon "
+            f"{self.settings.max_epsilon}; stopping after {self.rounds_released} released rounds"
+        )
+
+    # -- events ----------------------------------------------------------------------------------------------------
+    def record_round(
+        self,
+        round: int,
+        sampled: int,
+        *,
+        noise_multiplier: float | None = None,
+        sample_rate: float | None = None,
+        client_histories: Mapping[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """Record round `round` (1-based, consecutive) atomically; call BEFORE releasing that round's basis.
+
+        sampled: number of users sampled (data-independent under Poisson). User modes: z and q default to the
+        settings'. Record mode: client_histories maps client id -> its full accountant history ((z, q, steps) list,
+        or a RecordDpState). Raises PrivacyBudgetExhausted (user modes) or AccountingError, writing nothing.
+        """
+        s = self.settings
+        if round != self.rounds_released + 1:
+            raise LedgerError(f"round {round} recorded out of order: {self.rounds_released} rounds are in the ledger, "
+                              f"the next is {self.rounds_released + 1}")
+        if int(sampled) != sampled or sampled < 0:
+            raise LedgerError(f"sampled must be a non-negative integer; got {sampled!r}")
+        entry: dict[str, Any] = {"round": int(round), "sampled": int(sampled)}
+        if s.mode in USER_MODES:
+            z = float(s.noise_multiplier if noise_multiplier is None else noise_multiplier)
+            q = float(s.sample_rate if sample_rate is None else sample_rate)
+            history = tuple(check_history(self.history([(z, q)])))  # rejects z <= 0: never skip noise
+            report = _report(history, s.delta)
+            if s.max_epsilon is not None and report.prv > s.max_epsilon:
+                raise PrivacyBudgetExhausted(f"round {round} would bring epsilon to {report.prv:.3f} (PRV) > "
+                                             f"max_epsilon {s.max_epsilon}; do not release it")
+            entry.update(noise_multiplier=z, sample_rate=q, epsilon_prv=report.prv)
+        elif s.mode == "record":
+            updates = {}
+            for cid, history in (client_histories or {}).items():
+                history = check_history(getattr(history, "history", history))
+                if not history:
+                    continue
+                updates[str(cid)] = {"history": [list(seg) for seg in history],
+                                     "epsilon_prv": _report(_key(history), s.delta).prv}
+            self._facts["clients"].update(updates)
+            entry["clients"] = sorted(updates)
+        self._facts["per_round"].append(entry)
+        self._write()
+        return entry
+
+    def record_audit(self, result: Mapping[str, Any]) -> None:
+        """Append an audit result (kind, seed, trials, alpha, bound, passed ...) to the ledger."""
+        self._facts["audits"].append(dict(result))
+        self._write()
+
+    # -- derived view ----------------------------------------------------------------------------------------------
+    def not_private_reason(self) -> str | None:
+        if self.settings.mode == "none":
+            return "mode none: no noise, no guarantee"
+        if self.settings.reproducible_noise:
+            return "reproducible_noise: the noise seed is known, anyone with it can subtract the noise (debug run)"
+        return None
+
+    def guarantee(self) -> str:
+        s, eps = self.settings, self.epsilon()
+        if s.mode == "none":
+            return NONE_GUARANTEE
+        prefix = "NOT PRIVATE (reproducible debug noise). Nominally: " if s.reproducible_noise else ""
+        if s.mode == "record":
+            value = f"max over clients epsilon = {eps.prv:.3f} (PRV; RDP {eps.rdp:.3f})" if eps else "no rounds yet"
+            return (f"{prefix}record-level ({s.delta}-)DP per client and per preference pair, {value}. This is NOT a "
+                    "user-level guarantee: a user's w_i and all of its pairs together are not protected "
+                    "(group privacy for k pairs costs about k times epsilon)")
+        return (f"{prefix}user-level ({eps.prv:.3f}, {s.delta})-DP (PRV; RDP bound {eps.rdp:.3f}) of the "
+                f"{self.rounds_released} released bases, add/remove one user with all its pairs")
+
+    def _render(self) -> dict[str, Any]:
+        s, eps = self.settings, self.epsilon()
+        text = DESCRIPTIONS[s.mode]
+        reason = self.not_private_reason()
+        return {
+            "schema": SCHEMA,
+            "mode": s.mode,
+            "guarantee": self.guarantee(),
+            "privacy_unit": text["privacy_unit"],
+            "adjacency": text["adjacency"],
+            "threat_model": text["threat_model"],
+            "population_size": s.population_size,
+            **_mechanism(s),
+            "rounds": {"planned": s.rounds, "released": self.rounds_released},
+            "delta": s.delta,
+            "epsilon": None if eps is None else {
+                "prv": eps.prv, "prv_error_bound": eps.prv_error_bound, "rdp": eps.rdp,
+                "rdp_optimal_order": eps.rdp_optimal_order,
+                **({"over": f"max over {len(self._facts['clients'])} clients"} if s.mode == "record" else {}),
+            },
+            "budget": {"target_epsilon": s.target_epsilon, "max_epsilon": s.max_epsilon,
+                       "stopped_early": self._facts["stopped_early"]},
+            "accountants": {"opacus": _opacus_version(), "headline": "prv", "second": "rdp"} if s.is_dp else None,
+            "not_private": {"flag": reason is not None, "reason": reason},
+            "config": _comparable(s),
+            "per_round": self._facts["per_round"],
+            "clients": self._facts["clients"],
+            "audits": self._facts["audits"],
+        }
+
+    def _write(self) -> None:
+        atomic_write_json(self.path, self._render())
+
+    def summary(self) -> dict[str, Any]:
+        """The few facts a report shows."""
+        eps = self.epsilon()
+        return {
+            "mode": self.settings.mode,
+            "guarantee": self.guarantee(),
+            "epsilon_prv": None if eps is None else eps.prv,
+            "epsilon_rdp": None if eps is None else eps.rdp,
+            "delta": self.settings.delta if self.settings.is_dp else None,
+            "rounds_released": self.rounds_released,
+            "rounds_planned": self.settings.rounds,
+            "not_private": self.not_private_reason(),
+            "stopped_early": self._facts["stopped_early"],
+        }
+
+
+def _mechanism(s: PrivacySettings) -> dict[str, Any]:
+    """The ledger's sampling / clipping / noise / not_covered sections for the settings' mode."""
+    if s.mode == "none":
+        return {"sampling": None, "clipping": None, "noise": None, "not_covered": ["everything"]}
+    where = DESCRIPTIONS[s.mode]["clipping_where"]
+    rng = ("fixed debug seed (NOT PRIVATE)" if s.reproducible_noise else "seeded from os.urandom")
+    if s.mode == "record":
+        return {
+            "sampling": {"method": "per client: Poisson batches of its pairs (Opacus); client sampling not accounted"},
+            "clipping": {"norm": s.max_grad_norm, "scope": "per pair gradient", "where": where},
+            "noise": {"multiplier": s.noise_multiplier, "std_on_sum": s.noise_multiplier * s.max_grad_norm,
+                      "aggregation": "Opacus: (sum of clipped grads + noise) / expected batch",
+                      "rng": f"torch generator, {rng}", "solved_from_target_epsilon": False},
+            "not_covered": NOT_COVERED + RECORD_NOT_COVERED,
+        }
+    return {
+        "sampling": {"method": s.sampling, "rate": s.sample_rate, "expected_clients_per_round": s.clients_per_round},
+        "clipping": {"norm": s.clip_norm, "scope": "flat L2 over all of dA", "where": where},
+        "noise": {"multiplier": s.noise_multiplier, "std_on_sum": s.noise_multiplier * s.clip_norm,
+                  "aggregation": "sum / (q*N)", "rng": f"numpy PCG64, {rng}",
+                  "solved_from_target_epsilon": s.noise_from_target},
+        "not_covered": NOT_COVERED,
+    }
+
+
+def _key(history: Iterable[Sequence]) -> tuple[tuple[float, float, int], ...]:
+    return tuple((float(z), float(q), int(k)) for z, q, k in history)
+
+
+def _opacus_version() -> str:
+    from importlib.metadata import version
+
+    return version("opacus")

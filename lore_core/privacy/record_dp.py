@@ -1,0 +1,165 @@
+"""Record-level DP-SGD on one client's basis with Opacus (`record` mode, a literature baseline; notes/privacy.md §5).
+
+The basis A (B, D) is an `nn.Linear(D, B, bias=False)` wrapped by Opacus (per-pair clip to max_grad_norm, Gaussian
+noise, Poisson batches); the user weights w (B,) are a frozen buffer, because a w trained outside the DP optimizer
+would silently void the guarantee. The accountant history lives in `RecordDpState`, which the caller stores (Flower
+`Context.state` and disk) and passes back next round: it is loaded into every new PrivacyEngine and never reset
+(Flower's Opacus example re-creates it each round and under-reports epsilon ~9x).
+Guarantee: per client, per pair; NOT user-level.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from lore_core.privacy.accounting import PrivacyBudgetExhausted, check_history, history_epsilon
+
+Segment = tuple[float, float, int]
+
+
+@dataclass
+class RecordDpState:
+    """One client's accountant history: (noise_multiplier, sample_rate, steps) segments, as Opacus stores it."""
+
+    history: list[Segment] = field(default_factory=list)
+
+    @property
+    def steps(self) -> int:
+        return sum(steps for _, _, steps in self.history)
+
+    def to_dict(self) -> dict[str, list]:
+        """Plain lists of numbers: fits a Flower ConfigRecord and JSON."""
+        return {
+            "noise_multiplier": [float(z) for z, _, _ in self.history],
+            "sample_rate": [float(q) for _, q, _ in self.history],
+            "steps": [int(k) for _, _, k in self.history],
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "RecordDpState":
+        lengths = {len(data.get(k, ())) for k in ("noise_multiplier", "sample_rate", "steps")}
+        if len(lengths) != 1:
+            raise ValueError(f"record-DP state needs equally long noise_multiplier/sample_rate/steps lists; got {data}")
+        segments = zip(data["noise_multiplier"], data["sample_rate"], data["steps"])
+        return cls(history=[tuple(s) for s in check_history(segments)])
+
+
+def record_epsilon(state: RecordDpState, delta: float, accountant: str = "prv") -> float:
+    """This client's per-pair epsilon after all its rounds so far."""
+    return history_epsilon(state.history, delta, accountant)
+
+
+def _basis_scorer(basis: np.ndarray, w: np.ndarray, device):
+    """torch module: logit z = w . (A d), A = nn.Linear(D, B) trainable, w a buffer (never a parameter)."""
+    import torch
+    from torch import nn
+
+    class BasisScorer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.basis = nn.Linear(basis.shape[1], basis.shape[0], bias=False)
+            with torch.no_grad():
+                self.basis.weight.copy_(torch.as_tensor(basis, dtype=torch.float32))
+            self.register_buffer("w", torch.as_tensor(w, dtype=torch.float32))
+
+        def forward(self, diff):  # (b, D) -> (b,)
+            return self.basis(diff) @ self.w
+
+    return BasisScorer().to(device)
+
+
+def _resolve_device(device: str):
+    import torch
+
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        warnings.warn(f"device {device!r} requested but CUDA is not available; using cpu", RuntimeWarning, stacklevel=3)
+        return torch.device("cpu")
+    return torch.device(device)
+
+
+def dp_sgd_basis_update(
+    basis: np.ndarray,
+    w: np.ndarray,
+    diff: np.ndarray,
+    *,
+    noise_multiplier: float,
+    max_grad_norm: float,
+    batch_size: int,
+    epochs: int,
+    lr: float,
+    state: RecordDpState,
+    device: str = "cpu",
+    delta: float | None = None,
+    max_epsilon: float | None = None,
+    reproducible_seed: int | None = None,
+) -> tuple[np.ndarray, RecordDpState]:
+    """`epochs` epochs of Opacus DP-SGD on the basis -> (delta_basis (B, D), new_state).
+
+    basis (B, D), w (B,) frozen user weights, diff (n, D) this client's pair differences (chosen - rejected).
+    Loss per pair softplus(-w.A d), mean reduction: each step moves A by -lr (sum of clipped grads + noise) / (q n).
+    Poisson rate q = 1 / ceil(n / batch_size). With delta, checks delta < 1/n; with max_epsilon (needs delta), raises
+    PrivacyBudgetExhausted before any step if this update would exceed it. RNGs are seeded from `secrets` unless a
+    reproducible_seed is given (debug, not private).
+    """
+    import torch
+    from opacus import PrivacyEngine
+    from torch.utils.data import DataLoader, TensorDataset
+
+    basis, w, diff = np.asarray(basis), np.asarray(w), np.asarray(diff)
+    if basis.ndim != 2 or w.shape != (basis.shape[0],) or diff.ndim != 2 or diff.shape[1] != basis.shape[1]:
+        raise ValueError(f"need basis (B, D), w (B,), diff (n, D); got {basis.shape}, {w.shape}, {diff.shape}")
+    n = diff.shape[0]
+    if n == 0:
+        raise ValueError("record-level DP-SGD needs at least one pair")
+    if not (math.isfinite(noise_multiplier) and noise_multiplier > 0):
+        raise ValueError(f"noise_multiplier must be finite and > 0; got {noise_multiplier}")
+    if not (math.isfinite(max_grad_norm) and max_grad_norm > 0):
+        raise ValueError(f"max_grad_norm must be finite and > 0; got {max_grad_norm}")
+    if delta is not None and not 0 < delta < 1 / n:
+        raise ValueError(f"delta must be < 1/n = {1 / n:.3g} for this client's {n} pairs; got {delta}")
+    if max_epsilon is not None and delta is None:
+        raise ValueError("max_epsilon needs delta")
+    if batch_size >= n:
+        warnings.warn(f"batch_size {batch_size} >= n = {n} pairs: sample rate 1, no amplification by sampling",
+                      RuntimeWarning, stacklevel=2)
+
+    device = _resolve_device(device)
+    seeds = (reproducible_seed, reproducible_seed + 1) if reproducible_seed is not None else (
+        secrets.randbits(63), secrets.randbits(63))
+    sampling_rng = torch.Generator().manual_seed(seeds[0])  # Poisson batches (the sampler runs on cpu)
+    noise_rng = torch.Generator(device=device).manual_seed(seeds[1])
+
+    model = _basis_scorer(basis, w, device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr)  # only A: w is a buffer
+    dataset = TensorDataset(torch.as_tensor(diff, dtype=torch.float32))
+    loader = DataLoader(dataset, batch_size=int(batch_size), generator=sampling_rng)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Secure RNG turned off")  # our RNGs are seeded from secrets
+        engine = PrivacyEngine(accountant="prv")
+        engine.accountant.history = list(state.history)  # continue, never reset, this client's accounting
+        model, optimizer, loader = engine.make_private(
+            module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=float(noise_multiplier),
+            max_grad_norm=float(max_grad_norm), poisson_sampling=True, noise_generator=noise_rng,
+        )
+    planned = check_history(state.history + [(float(noise_multiplier), 1 / len(loader), epochs * len(loader))])
+    if max_epsilon is not None and (eps := history_epsilon(planned, delta)) > max_epsilon:
+        raise PrivacyBudgetExhausted(f"this update would bring the client's record-level epsilon to {eps:.3f} > "
+                                     f"max_epsilon {max_epsilon}; skip training on this client")
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Full backward hook is firing")
+        for _ in range(int(epochs)):
+            for (batch,) in loader:
+                optimizer.zero_grad()
+                # An empty Poisson batch still takes a (pure-noise) step and is accounted, as it must be.
+                loss = torch.nn.functional.softplus(-model(batch.to(device))).mean()
+                loss.backward()
+                optimizer.step()
+    new_basis = model._module.basis.weight.detach().cpu().numpy()
+    new_state = RecordDpState(history=[tuple(s) for s in check_history(engine.accountant.history)])
+    return (new_basis - basis.astype(np.float32)).astype(basis.dtype), new_state

@@ -1,0 +1,268 @@
+"""Accounting, settings validation and the privacy ledger (notes/privacy.md §3, §8, §9)."""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from dataclasses import replace
+
+import pytest
+
+from lore_core.privacy import (
+    AccountingError,
+    LedgerError,
+    PrivacyBudgetExhausted,
+    PrivacyConfigError,
+    PrivacyLedger,
+    PrivacySettings,
+    epsilon,
+    epsilon_report,
+    noise_for_target_epsilon,
+    rounds_within_budget,
+    validate,
+)
+from lore_core.privacy.ledger import LEDGER_FILENAME
+from lore_core.privacy.settings import PrivacyConfigWarning
+
+DELTA = 1e-5
+
+
+def pld_epsilon(events, delta=DELTA):
+    """Google dp_accounting PLD: the independent oracle. events: list of (z, q, steps)."""
+    from dp_accounting import dp_event
+    from dp_accounting.pld.pld_privacy_accountant import PLDAccountant
+
+    accountant = PLDAccountant(value_discretization_interval=1e-3)
+    for z, q, steps in events:
+        accountant.compose(dp_event.PoissonSampledDpEvent(q, dp_event.GaussianDpEvent(z)), steps)
+    return accountant.get_epsilon(delta)
+
+
+def user_settings(**overrides):
+    values = dict(mode="user", population_size=1400, clients_per_round=50, rounds=200, noise_multiplier=1.0,
+                  clip_norm=0.25)
+    values.update(overrides)
+    return PrivacySettings(**values)
+
+
+# -- accountant ------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("z, m, rounds", [
+    (1.0, 50, 200), (0.5, 10, 100), (2.0, 100, 500), (1.0, 25, 50), (0.8, 70, 300), (1.5, 100, 100),
+])
+def test_prv_agrees_with_dp_accounting_pld(z, m, rounds):
+    q = m / 1400
+    report = epsilon_report([(z, q, rounds)], DELTA)
+    oracle = pld_epsilon([(z, q, rounds)])
+    assert report.prv == pytest.approx(oracle, rel=0.02)
+    assert report.rdp >= report.prv - 0.02  # RDP is the conservative bound
+
+
+@pytest.mark.parametrize("z, m, rounds, prv, rdp", [(1.0, 50, 200, 3.37, 3.84), (2.0, 100, 500, 3.79, 4.12)])
+def test_epsilon_matches_the_notes_table(z, m, rounds, prv, rdp):
+    assert epsilon(z, m / 1400, rounds, DELTA, "prv") == pytest.approx(prv, abs=0.01)
+    assert epsilon(z, m / 1400, rounds, DELTA, "rdp") == pytest.approx(rdp, abs=0.01)
+
+
+def test_prv_reports_an_error_bound():
+    report = epsilon_report([(1.0, 50 / 1400, 200)], DELTA)
+    assert 0 < report.prv_error_bound <= 0.011
+    assert report.prv_estimate == pytest.approx(report.prv - report.prv_error_bound)
+
+
+def test_accountant_refuses_missing_noise():
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(AccountingError):
+            epsilon(bad, 0.01, 10, DELTA)
+
+
+def test_target_epsilon_round_trip():
+    q, rounds = 30 / 1400, 300
+    target = epsilon(1.3, q, rounds, DELTA)
+    z = noise_for_target_epsilon(target, q, rounds, DELTA)
+    assert z == pytest.approx(1.3, rel=0.02)
+    assert target - 0.01 <= epsilon(z, q, rounds, DELTA) <= target
+
+
+def test_validate_solves_and_records_noise_for_target_epsilon():
+    settings = validate(user_settings(noise_multiplier=None, target_epsilon=2.0))
+    assert settings.noise_from_target
+    assert epsilon(settings.noise_multiplier, settings.sample_rate, 200, DELTA) <= 2.0
+    assert validate(settings) == settings  # resolved settings validate again unchanged (resume)
+
+
+def test_rounds_within_budget_is_the_last_round_inside():
+    q = 50 / 1400
+    k = rounds_within_budget(1.0, q, DELTA, 2.0)
+    assert epsilon(1.0, q, k, DELTA) <= 2.0 < epsilon(1.0, q, k + 1, DELTA)
+
+
+# -- validation ------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("overrides, fix", [
+    (dict(mode="users"), "one of"),
+    (dict(noise_multiplier=0.0), "noise_multiplier = 1.0"),
+    (dict(noise_multiplier=float("nan")), "noise_multiplier = 1.0"),
+    (dict(noise_multiplier=-1.0), "noise_multiplier = 1.0"),
+    (dict(clip_norm=0.0), "median update norm"),
+    (dict(clip_norm=float("inf")), "median update norm"),
+    (dict(delta=1 / 1400), "use 1e-5"),
+    (dict(delta=0.0), "use the default 1e-5"),
+    (dict(clients_per_round=0), "positive integer"),
+    (dict(clients_per_round=1401), "lower it to <= 1400"),
+    (dict(target_epsilon=3.0), "either noise_multiplier or target_epsilon"),
+    (dict(weighting="num-examples"), "weighting = 'uniform'"),
+    (dict(client_metrics="all"), "client_metrics = 'none'"),
+    (dict(sampling="fixed"), "sampling = 'poisson'"),
+    (dict(max_grad_norm=1.0), "remove them"),
+    (dict(population_size=None), "population_size"),
+    (dict(rounds=None), "set rounds"),
+    (dict(noise_seed=3), "reproducible_noise"),
+])
+def test_validation_fails_closed_with_the_fix(overrides, fix):
+    with pytest.raises(PrivacyConfigError) as info:
+        validate(user_settings(**overrides))
+    assert fix in str(info.value)
+
+
+def test_planned_rounds_over_max_epsilon_are_refused_before_round_one():
+    settings = user_settings(population_size=1000, clients_per_round=100, rounds=20, max_epsilon=2.0)
+    with pytest.raises(PrivacyConfigError, match=r"set rounds <= \d+") as info:
+        validate(settings)
+    fit = int(str(info.value).split("set rounds <= ")[1].split(",")[0])
+    assert epsilon(1.0, 0.1, fit, DELTA) <= 2.0 < epsilon(1.0, 0.1, fit + 1, DELTA)
+    assert validate(replace(settings, rounds=fit)).rounds == fit
+
+
+def test_dp_setting_with_mode_none_is_refused():
+    with pytest.raises(PrivacyConfigError, match="mode to 'user'"):
+        validate(PrivacySettings(mode="none", noise_multiplier=1.0))
+    assert validate(PrivacySettings(mode="none", rounds=3)).mode == "none"
+
+
+def test_secagg_needs_odd_shares():
+    with pytest.raises(PrivacyConfigError, match="odd"):
+        validate(user_settings(mode="user+secagg", num_shares=4, reconstruction_threshold=2))
+    settings = validate(user_settings(mode="user+secagg"))
+    assert settings.num_shares % 2 == 1 and settings.reconstruction_threshold < settings.num_shares
+
+
+def test_unknown_config_key_is_an_error():
+    settings = PrivacySettings.from_config({"mode": "user", "noise-multiplier": 2.0})
+    assert settings.noise_multiplier == 2.0
+    with pytest.raises(PrivacyConfigError, match="unknown privacy setting 'noise-multiplyer'"):
+        PrivacySettings.from_config({"noise-multiplyer": 2.0})
+
+
+def test_weak_delta_and_no_amplification_warn():
+    with pytest.warns(PrivacyConfigWarning, match="weak"):
+        validate(user_settings(delta=5e-4))
+    with pytest.warns(PrivacyConfigWarning, match="no amplification"):
+        validate(user_settings(clients_per_round=1400, rounds=2))
+
+
+# -- ledger ----------------------------------------------------------------------------------------------------------
+def test_ledger_epsilon_is_derived_from_recorded_rounds_and_matches_pld(tmp_path):
+    settings = user_settings(population_size=1000, clients_per_round=200, rounds=4, noise_multiplier=0.8)
+    ledger = PrivacyLedger.create(tmp_path, settings)
+    for t in range(1, 5):
+        z = 0.8 if t <= 2 else 1.2  # heterogeneous composition
+        ledger.record_round(t, sampled=190, noise_multiplier=z)
+    on_disk = json.loads((tmp_path / LEDGER_FILENAME).read_text())
+    assert on_disk["rounds"]["released"] == 4
+    assert on_disk["epsilon"]["prv"] == pytest.approx(pld_epsilon([(0.8, 0.2, 2), (1.2, 0.2, 2)]), rel=0.02)
+    assert on_disk["per_round"][-1]["epsilon_prv"] == on_disk["epsilon"]["prv"]
+    assert on_disk["epsilon"]["rdp"] >= on_disk["epsilon"]["prv"] - 0.02
+    assert on_disk["not_private"]["flag"] is False
+    assert "user-level" in on_disk["guarantee"]
+
+
+def test_max_epsilon_stops_before_the_exceeding_round(tmp_path):
+    q = 0.1
+    limit = (epsilon(1.0, q, 3, DELTA) + epsilon(1.0, q, 4, DELTA)) / 2  # exactly 3 rounds fit
+    settings = user_settings(population_size=1000, clients_per_round=100, rounds=3, max_epsilon=limit)
+    ledger = PrivacyLedger.create(tmp_path, settings)
+    for t in (1, 2, 3):
+        ledger.check_next_round()
+        ledger.record_round(t, sampled=97)
+    assert ledger.would_exceed()
+    with pytest.raises(PrivacyBudgetExhausted, match="stopping after 3"):
+        ledger.check_next_round()
+    with pytest.raises(PrivacyBudgetExhausted):
+        ledger.record_round(4, sampled=100)
+    on_disk = json.loads((tmp_path / LEDGER_FILENAME).read_text())
+    assert on_disk["budget"]["stopped_early"] is True
+    assert on_disk["rounds"]["released"] == 3 and on_disk["epsilon"]["prv"] <= limit
+
+
+def test_ledger_resume_and_refusals(tmp_path):
+    settings = user_settings(rounds=10)
+    ledger = PrivacyLedger.create(tmp_path, settings)
+    ledger.record_round(1, sampled=48)
+    ledger.record_round(2, sampled=55)
+    with pytest.raises(LedgerError, match="already exists"):
+        PrivacyLedger.create(tmp_path, settings)
+    with pytest.raises(LedgerError, match="next is 3"):
+        ledger.record_round(4, sampled=50)
+
+    resumed = PrivacyLedger.open(tmp_path, settings)
+    assert resumed.rounds_released == 2 and resumed.epsilon() == ledger.epsilon()
+    resumed.record_round(3, sampled=51)
+    with pytest.raises(LedgerError, match="clip_norm: stored 0.25, new 0.5"):
+        PrivacyLedger.load(tmp_path, user_settings(rounds=10, clip_norm=0.5))
+
+
+def test_ledger_write_is_atomic(tmp_path, monkeypatch):
+    ledger = PrivacyLedger.create(tmp_path, user_settings(rounds=10))
+    ledger.record_round(1, sampled=50)
+    before = (tmp_path / LEDGER_FILENAME).read_text()
+
+    def crash(*args, **kwargs):
+        raise OSError("disk gone")
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(OSError):
+        ledger.record_round(2, sampled=50)
+    monkeypatch.undo()
+    assert (tmp_path / LEDGER_FILENAME).read_text() == before  # the previous ledger is intact
+    assert sorted(p.name for p in tmp_path.iterdir()) == [LEDGER_FILENAME]  # no temp file left behind
+
+
+def test_none_mode_ledger_says_there_is_no_guarantee(tmp_path):
+    ledger = PrivacyLedger.create(tmp_path, PrivacySettings(mode="none", rounds=3))
+    ledger.record_round(1, sampled=10)
+    on_disk = json.loads((tmp_path / LEDGER_FILENAME).read_text())
+    assert on_disk["guarantee"].startswith("NONE: no differential privacy")
+    assert "recover every participant's w_i" in on_disk["guarantee"]
+    assert on_disk["not_private"]["flag"] is True and on_disk["epsilon"] is None
+    assert ledger.summary()["epsilon_prv"] is None
+
+
+def test_reproducible_noise_marks_the_ledger_not_private(tmp_path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PrivacyConfigWarning)
+        ledger = PrivacyLedger.create(tmp_path, user_settings(rounds=5, reproducible_noise=True, noise_seed=1))
+    summary = ledger.summary()
+    assert summary["not_private"] and "noise seed is known" in summary["not_private"]
+    assert summary["guarantee"].startswith("NOT PRIVATE")
+
+
+def test_record_mode_ledger_reports_max_over_clients(tmp_path):
+    settings = PrivacySettings(mode="record", rounds=5, noise_multiplier=1.0, record_batch_size=2, record_epochs=1)
+    ledger = PrivacyLedger.create(tmp_path, settings)
+    ledger.record_round(1, sampled=2, client_histories={"a": [(1.0, 0.2, 5)], "b": [(1.0, 0.1, 10)]})
+    worst = max(epsilon(1.0, 0.2, 5, DELTA), epsilon(1.0, 0.1, 10, DELTA))
+    summary = ledger.summary()
+    assert summary["epsilon_prv"] == pytest.approx(worst)
+    assert "NOT a user-level guarantee" in summary["guarantee"]
+
+
+def test_cli_prints_prv_and_rdp(capsys):
+    from simulations.cli import main
+
+    assert main(["privacy", "epsilon", "--noise-multiplier", "1", "--clients-per-round", "50",
+                 "--population", "1400", "--rounds", "200", "--max-epsilon", "3.37"]) == 0
+    out = capsys.readouterr().out
+    assert "epsilon PRV (headline) = 3.368" in out and "epsilon RDP (upper bound) = 3.836" in out
+    assert "max rounds with epsilon (PRV) <= 3.37 at z = 1: 200" in out
+    assert main(["privacy", "epsilon", "--noise-multiplier", "0", "--clients-per-round", "50",
+                 "--population", "1400", "--rounds", "200"]) == 2

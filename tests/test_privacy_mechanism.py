@@ -1,0 +1,149 @@
+"""The DP-FedAvg mechanism (clip, noise on the sum, fixed denominator, secret RNG, Poisson sampling) and
+record-level DP-SGD with persisted Opacus accounting (notes/privacy.md §2, §5, §11.1)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from lore_core.privacy import (
+    add_noise_to_sum,
+    aggregate_user_dp,
+    clip_updates,
+    make_private_rng,
+    noisy_sum,
+    poisson_sample,
+)
+from lore_core.privacy.accounting import PrivacyBudgetExhausted, history_epsilon
+from lore_core.privacy.record_dp import RecordDpState, dp_sgd_basis_update, record_epsilon
+
+B, D = 4, 6
+DELTA = 1e-5
+
+
+def updates_with_norms(norms, seed=0):
+    rng = np.random.default_rng(seed)
+    u = rng.normal(size=(len(norms), B, D))
+    return u / np.linalg.norm(u.reshape(len(norms), -1), axis=1)[:, None, None] * np.asarray(norms)[:, None, None]
+
+
+# -- user-level mechanism --------------------------------------------------------------------------------------------
+def test_clip_bounds_every_norm_and_leaves_small_updates_unchanged():
+    norms = np.array([0.0, 0.1, 0.99, 1.0, 2.5, 40.0])
+    updates = updates_with_norms(norms)
+    clipped, measured = clip_updates(updates, clip_norm=1.0)
+    assert measured == pytest.approx(norms)
+    after = np.linalg.norm(clipped.reshape(len(norms), -1), axis=1)
+    assert np.all(after <= 1.0 + 1e-12)
+    np.testing.assert_array_equal(clipped[:4], updates[:4])
+    np.testing.assert_allclose(clipped[4:], updates[4:] / norms[4:, None, None])  # same direction, norm C
+
+
+def test_aggregate_divides_noisy_sum_by_fixed_q_times_n():
+    updates = updates_with_norms([0.5, 3.0, 1.5])
+    q, population, z, c = 0.01, 500, 1.0, 1.0
+    mean = aggregate_user_dp(updates, z, c, q, population, make_private_rng(11))
+    expected_noise = make_private_rng(11).normal(0.0, z * c, size=(B, D))
+    clipped, _ = clip_updates(updates, c)
+    np.testing.assert_allclose(mean, (clipped.sum(axis=0) + expected_noise) / (q * population))
+    # No sampled user: pure noise over the same denominator (not over the actual count 0).
+    empty = aggregate_user_dp(np.zeros((0, B, D)), z, c, q, population, make_private_rng(11))
+    np.testing.assert_allclose(empty, expected_noise / (q * population))
+
+
+def test_noise_on_the_sum_has_std_z_times_c():
+    z, c, draws = 1.3, 0.25, 400
+    rng = make_private_rng(reproducible_seed=2024)  # debug RNG: a fixed, reproducible test
+    noise = np.stack([add_noise_to_sum(np.zeros((B, D)), z, c, rng) for _ in range(draws)]).ravel()
+    assert stats.kstest(noise, "norm", args=(0.0, z * c)).pvalue > 1e-3
+    chi2 = np.sum(noise**2) / (z * c) ** 2  # ~ chi2(n) if the std is z*C
+    assert stats.chi2.ppf(1e-4, noise.size) < chi2 < stats.chi2.ppf(1 - 1e-4, noise.size)
+    # The same test rejects noise that is a third too small (a real bug would fail it).
+    small = np.stack([add_noise_to_sum(np.zeros((B, D)), z / 1.5, c, rng) for _ in range(draws)]).ravel()
+    assert np.sum(small**2) / (z * c) ** 2 < stats.chi2.ppf(1e-4, small.size)
+
+
+def test_noisy_sum_refuses_to_skip_noise():
+    with pytest.raises(ValueError, match="noise_multiplier"):
+        noisy_sum(np.zeros((2, B, D)), 0.0, 1.0, make_private_rng())
+
+
+def test_private_rng_is_secret_and_debug_rng_is_flagged():
+    np.random.seed(0)
+    a = make_private_rng().random(4)
+    np.random.seed(0)  # the experiment seed does not reach the private RNG
+    b = make_private_rng().random(4)
+    assert not np.array_equal(a, b)
+    assert not make_private_rng().reproducible
+    debug = make_private_rng(reproducible_seed=5)
+    assert debug.reproducible and "NOT PRIVATE" in debug.source
+    assert np.array_equal(debug.random(3), make_private_rng(reproducible_seed=5).random(3))
+
+
+def test_poisson_sampling_rate():
+    n, q = 20_000, 0.05
+    picked = poisson_sample(n, q, make_private_rng(reproducible_seed=3))
+    assert np.all(np.diff(picked) > 0) and picked.min() >= 0 and picked.max() < n
+    assert stats.binomtest(len(picked), n, q).pvalue > 1e-3
+    sizes = [len(poisson_sample(100, 0.3, make_private_rng())) for _ in range(5)]
+    assert len(set(sizes)) > 1  # the count varies: no fixed-size sampling
+
+
+# -- record-level DP-SGD ---------------------------------------------------------------------------------------------
+def small_client(n=10, seed=0):
+    rng = np.random.default_rng(seed)
+    basis = rng.normal(size=(B, D)).astype(np.float32)
+    w = rng.dirichlet(np.ones(B)).astype(np.float32)
+    diff = (rng.normal(size=(n, D)) * 2).astype(np.float32)
+    return basis, w, diff
+
+
+def test_record_epsilon_over_persisted_rounds_equals_one_uninterrupted_run():
+    basis, w, diff = small_client()
+    kwargs = dict(noise_multiplier=1.0, max_grad_norm=1.0, batch_size=2, epochs=1, lr=0.05, delta=DELTA)
+    state = RecordDpState()
+    for _ in range(10):
+        stored = RecordDpState.from_dict(state.to_dict())  # round trip through the Flower/disk form
+        delta_basis, state = dp_sgd_basis_update(basis, w, diff, state=stored, **kwargs)
+        basis = basis + delta_basis
+    steps_per_round = 5  # q = 1/ceil(10/2)
+    assert state.history == [(1.0, 0.2, 10 * steps_per_round)]
+    from opacus.accountants import PRVAccountant
+
+    fresh = PRVAccountant()
+    fresh.history = [(1.0, 0.2, 10 * steps_per_round)]
+    assert record_epsilon(state, DELTA) == pytest.approx(fresh.get_epsilon(DELTA), rel=1e-9)
+    # One uninterrupted Opacus run of the same steps reaches the same history.
+    _, once = dp_sgd_basis_update(basis, w, diff, state=RecordDpState(), **{**kwargs, "epochs": 10})
+    assert once.history == state.history
+    assert record_epsilon(state, DELTA) > 2 * history_epsilon([(1.0, 0.2, steps_per_round)], DELTA)
+
+
+def test_record_update_equals_closed_form_clipped_gradient_without_noise():
+    basis, w, diff = small_client(n=6, seed=1)
+    c, lr, epochs = 0.5, 0.1, 3
+    with pytest.warns(RuntimeWarning, match="no amplification"):  # batch = all pairs: every step sees every pair
+        delta_basis, state = dp_sgd_basis_update(
+            basis, w, diff, noise_multiplier=1e-9, max_grad_norm=c, batch_size=6, epochs=epochs, lr=lr,
+            state=RecordDpState(), reproducible_seed=0,
+        )
+    a, w64, d = basis.astype(np.float64), w.astype(np.float64), diff.astype(np.float64)
+    for _ in range(epochs):
+        z = d @ a.T @ w64
+        g = -1.0 / (1.0 + np.exp(z))  # d softplus(-z) / dz
+        norms = np.abs(g) * np.linalg.norm(w64) * np.linalg.norm(d, axis=1)
+        scale = np.minimum(1.0, c / norms)
+        assert np.any(scale < 1)  # the clip is exercised
+        a = a - lr * np.outer(w64, (scale * g) @ d) / len(d)  # mean reduction: divide by expected batch n
+    np.testing.assert_allclose(delta_basis, a - basis, atol=2e-6)
+    assert state.history == [(1e-9, 1.0, epochs)]
+
+
+def test_record_mode_checks_delta_and_budget_before_training():
+    basis, w, diff = small_client()
+    kwargs = dict(noise_multiplier=1.0, max_grad_norm=1.0, batch_size=2, epochs=1, lr=0.05, state=RecordDpState())
+    with pytest.raises(ValueError, match="delta must be < 1/n"):
+        dp_sgd_basis_update(basis, w, diff, delta=0.2, **kwargs)
+    with pytest.raises(PrivacyBudgetExhausted):
+        dp_sgd_basis_update(basis, w, diff, delta=DELTA, max_epsilon=0.5, **kwargs)
