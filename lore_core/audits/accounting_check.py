@@ -1,0 +1,116 @@
+"""Accounting audit: recompute a ledger's epsilon independently of the code that wrote it.
+
+The ledger stores events (per round: noise multiplier z, sample rate q) and the epsilon derived from them. This audit
+reads the raw JSON (not through lore_core.privacy), rebuilds the history, and computes epsilon with
+- dp_accounting's PLD accountant (Google; a different method from Opacus PRV) when installed: the independent check;
+- Opacus RDP directly (a valid upper bound: it must not fall below PRV beyond PRV's error).
+It fails when the ledger's stored PRV epsilon differs from the PLD value by more than max(0.05, 2%) (notes §10), when
+RDP < PRV - tolerance, or when the stored per-round events do not reproduce the stored epsilon.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from lore_core.audits.statistics import AuditInputError
+
+ABS_TOL = 0.05
+REL_TOL = 0.02
+
+
+def ledger_history(ledger: dict) -> list[tuple[float, float, int]]:
+    """(z, q, steps) segments from the ledger's per-round events, consecutive equal (z, q) merged."""
+    segments: list[tuple[float, float, int]] = []
+    for entry in ledger.get("per_round", []):
+        try:
+            z, q = float(entry["noise_multiplier"]), float(entry["sample_rate"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise AuditInputError(f"ledger round entry {entry!r} lacks noise_multiplier/sample_rate") from exc
+        if segments and segments[-1][:2] == (z, q):
+            segments[-1] = (z, q, segments[-1][2] + 1)
+        else:
+            segments.append((z, q, 1))
+    return segments
+
+
+def pld_epsilon(history: list[tuple[float, float, int]], delta: float) -> float | None:
+    """dp_accounting PLD epsilon (None if dp_accounting is not installed)."""
+    try:
+        import dp_accounting
+    except ImportError:
+        return None
+    accountant = dp_accounting.pld.PLDAccountant(value_discretization_interval=1e-3)
+    for z, q, steps in history:
+        event = dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(z)) if q < 1 else \
+            dp_accounting.GaussianDpEvent(z)
+        accountant.compose(event, steps)
+    return float(accountant.get_epsilon(delta))
+
+
+def opacus_epsilons(history: list[tuple[float, float, int]], delta: float) -> tuple[float, float]:
+    """(PRV, RDP) straight from Opacus, bypassing lore_core.privacy.accounting."""
+    import warnings
+
+    from opacus.accountants import PRVAccountant, RDPAccountant
+
+    prv = PRVAccountant()
+    prv.history = list(history)
+    rdp = RDPAccountant()
+    rdp.history = list(history)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return float(prv.get_epsilon(delta)), float(rdp.get_epsilon(delta))
+
+
+def accounting_audit(ledger: dict | str | Path, *, abs_tol: float = ABS_TOL, rel_tol: float = REL_TOL) -> dict:
+    """Recompute a user-mode ledger's epsilon; `ledger` is the parsed JSON or a path to ledger.json."""
+    if not isinstance(ledger, dict):
+        path = Path(ledger)
+        if path.is_dir():
+            path = path / "ledger.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"no ledger at {path}")
+        ledger = json.loads(path.read_text())
+    mode = ledger.get("mode")
+    if mode not in ("user", "user+secagg"):
+        raise AuditInputError(f"the accounting audit recomputes user-level ledgers; this ledger's mode is {mode!r}")
+    delta = float(ledger["delta"])
+    history = ledger_history(ledger)
+    stored = (ledger.get("epsilon") or {}).get("prv")
+    stored_rdp = (ledger.get("epsilon") or {}).get("rdp")
+    if not history:
+        raise AuditInputError("the ledger has no released rounds: nothing to recompute")
+    prv, rdp = opacus_epsilons(history, delta)
+    pld = pld_epsilon(history, delta)
+    tol = max(abs_tol, rel_tol * (stored if stored else prv))
+    problems = []
+    if stored is None or not math.isfinite(stored):
+        problems.append("the ledger stores no finite PRV epsilon")
+    else:
+        if abs(stored - prv) > tol:
+            problems.append(f"stored PRV {stored:.4f} is not what its own events give ({prv:.4f})")
+        if pld is not None and abs(stored - pld) > tol:
+            problems.append(f"stored PRV {stored:.4f} disagrees with the independent PLD {pld:.4f}")
+        if stored_rdp is not None and abs(stored_rdp - rdp) > max(abs_tol, rel_tol * rdp):
+            problems.append(f"stored RDP {stored_rdp:.4f} is not what its events give ({rdp:.4f})")
+    if rdp < prv - tol:
+        problems.append(f"RDP {rdp:.4f} below PRV {prv:.4f}: one accountant is wrong")
+    passed = not problems
+    if passed:
+        sentence = (f"PASS: the ledger's epsilon {stored:.3f} (PRV) is reproduced by its {sum(s[2] for s in history)} "
+                    f"round events: Opacus PRV {prv:.3f}, RDP {rdp:.3f}"
+                    + (f", independent PLD {pld:.3f}" if pld is not None else " (dp_accounting not installed: no "
+                       "independent PLD check)") + f" at delta={delta:g}.")
+    else:
+        sentence = "FAIL: " + "; ".join(problems) + ". Do not publish this epsilon; recompute it from the events."
+    return {
+        "audit": "accounting", "verdict": "pass" if passed else "fail", "passed": passed, "summary": sentence,
+        "epsilon_stored_prv": stored, "epsilon_stored_rdp": stored_rdp, "epsilon_prv": prv, "epsilon_rdp": rdp,
+        "epsilon_pld": pld, "tolerance": tol, "problems": problems, "history": [list(s) for s in history],
+        "delta": delta, "rounds": int(sum(s[2] for s in history)),
+        "method": "history rebuilt from the raw ledger events; Opacus PRV and RDP called directly; dp_accounting "
+                  f"PLD (value_discretization_interval=1e-3); tolerance max({abs_tol}, {rel_tol:.0%})",
+        "seed": None, "trials": 1,
+    }

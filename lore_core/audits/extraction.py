@@ -1,0 +1,68 @@
+"""Extraction audit: what served personalised scores reveal about w when the basis A (B, D) is public.
+
+A personalised score of a pair is s(d) = w . A d. With A public, B queries d_k = A^+ e_k (pseudo-inverse columns)
+give s_k = w_k exactly; any B queries with A d_k linearly independent give w by least squares. The audit runs that
+attack on every user's w against the scorer as served (optionally noised per query), reporting queries needed and
+the recovery error, and the advice that follows.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from lore_core.audits.statistics import AuditInputError
+from lore_core.audits.update_leakage import row_cosine
+
+
+def served_scores(basis: np.ndarray, weights: np.ndarray, queries: np.ndarray, noise_std: float,
+                  rng: np.random.Generator) -> np.ndarray:
+    """What a scoring endpoint returns: s = (queries A^T) w^T + noise, (U, Q) for weights (U, B), queries (Q, D)."""
+    scores = weights @ (queries @ basis.T).T
+    return scores + noise_std * rng.standard_normal(scores.shape) if noise_std > 0 else scores
+
+
+def extract_weights(basis: np.ndarray, queries: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """Least-squares w (U, B) from scores (U, Q) of queries (Q, D): solve (queries A^T) w = s."""
+    design = queries @ basis.T  # (Q, B)
+    solution, *_ = np.linalg.lstsq(design, scores.T, rcond=None)
+    return solution.T
+
+
+def extraction_audit(basis: np.ndarray, weights: np.ndarray, *, noise_std: float = 0.0,
+                     noisy_queries: tuple[int, ...] = (1, 10, 100, 1000), seed: int = 0) -> dict:
+    """basis (B, D) public; weights (U, B): the users' private w behind the scorer."""
+    basis, weights = np.asarray(basis, dtype=np.float64), np.asarray(weights, dtype=np.float64)
+    if basis.ndim != 2 or weights.ndim != 2 or weights.shape[1] != basis.shape[0]:
+        raise AuditInputError(f"need basis (B, D) and weights (U, B); got {basis.shape} and {weights.shape}")
+    rng = np.random.default_rng(seed)
+    n_basis = basis.shape[0]
+    exact_queries = np.linalg.pinv(basis).T  # (B, D): A d_k = e_k
+    rank = int(np.linalg.matrix_rank(basis))
+    w_exact = extract_weights(basis, exact_queries, served_scores(basis, weights, exact_queries, 0.0, rng))
+    max_error = float(np.abs(w_exact - weights).max())
+    # Noised, repeated queries: averaging k repeats of B queries shrinks the noise by sqrt(k).
+    noisy = []
+    scale = float(np.abs(weights @ (exact_queries @ basis.T).T).mean()) or 1.0
+    for repeats in noisy_queries:
+        if noise_std <= 0:
+            break
+        queries = np.repeat(exact_queries, repeats, axis=0)
+        estimate = extract_weights(basis, queries, served_scores(basis, weights, queries, noise_std, rng))
+        noisy.append({"queries": int(n_basis * repeats), "max_abs_error": float(np.abs(estimate - weights).max()),
+                      "mean_cosine": float(row_cosine(estimate, weights).mean())})
+    exact = max_error < 1e-8
+    sentence = (
+        f"{'LEAK' if exact else 'partial leak'}: {n_basis} personalised-score queries (B = basis rank {rank}) recover "
+        f"every user's w with max error {max_error:.1e} when A is public. Keep personalised scores on the device; "
+        "if they must be served, add noise per answer and rate-limit queries (averaging k repeats cuts the noise by "
+        "sqrt(k)), and account for them as a DP release."
+    )
+    return {
+        "audit": "extraction", "verdict": "leak" if exact else "partial-leak", "passed": False, "summary": sentence,
+        "queries_needed": n_basis, "basis_rank": rank, "users": int(len(weights)), "max_abs_error": max_error,
+        "mean_cosine": float(row_cosine(w_exact, weights).mean()), "noise_std": noise_std, "noisy": noisy,
+        "score_scale": scale,
+        "method": "queries d_k = A^+ e_k (k = 1..B) against s(d) = w . A d; least squares; noisy variant repeats the "
+                  "B queries and averages",
+        "seed": seed, "trials": int(len(weights)),
+    }

@@ -1,0 +1,163 @@
+"""Privacy audits: every audit's positive and negative control (issue 5, "Done when")."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import numpy as np
+import pytest
+
+from lore_core.audits import statistics as st
+from lore_core.audits.accounting_check import accounting_audit
+from lore_core.audits.attribute import attribute_audit, planted_weights
+from lore_core.audits.canary import canary_audit
+from lore_core.audits.extraction import extraction_audit
+from lore_core.audits.fairness import fairness_audit, per_user_accuracies
+from lore_core.audits.mechanism import mechanism_audit
+from lore_core.audits.membership import record_membership_audit, user_membership_audit
+from lore_core.audits.report import write_audit
+from lore_core.audits.update_leakage import update_leakage_audit
+from simulations.commands.audit import client_updates
+from simulations.synthetic_pairs import SyntheticPairsConfig, make_synthetic_pairs
+
+
+@pytest.fixture(scope="module")
+def population():
+    pairs, truth = make_synthetic_pairs(SyntheticPairsConfig(dim=48, seen_users=400, unseen_users=100, seed=3))
+    return pairs, truth
+
+
+# --- statistics -------------------------------------------------------------------------------------------------------
+def test_one_run_bound_matches_jax_privacy_vectors():
+    # notes/privacy.md §11.2: jax-privacy 2.0.0 auditing.py on (m, r, v), delta = 1e-5, alpha = 0.05
+    assert st.one_run_epsilon(1000, 100, 90, delta=1e-5) == pytest.approx(1.6261, abs=1e-4)
+    assert st.one_run_epsilon(4000, 100, 99, delta=1e-5) == pytest.approx(2.9521, abs=1e-4)
+    assert st.one_run_epsilon(2000, 100, 66, delta=1e-5) == pytest.approx(0.2941, abs=1e-4)
+
+
+def test_gaussian_epsilon_and_auc_basics():
+    assert st.gdp_epsilon(1.0, 1e-5) == pytest.approx(4.38, abs=0.01)  # one Gaussian step at z = 1
+    assert st.auc([1, 2, 3, 4], [0, 0, 1, 1]) == 1.0
+    assert st.auc([1, 1, 1, 1], [0, 0, 1, 1]) == 0.5
+    assert st.holm([0.01, 0.04, 0.03, 0.5]).tolist() == pytest.approx([0.04, 0.09, 0.09, 0.5])
+    rng = np.random.default_rng(0)
+    same = st.epsilon_lower_bound(rng.normal(size=2000), rng.normal(size=2000), delta=1e-5)
+    assert same["epsilon_lb"] < 0.3  # indistinguishable runs certify (almost) nothing
+
+
+# --- mechanism --------------------------------------------------------------------------------------------------------
+def test_mechanism_audit_passes_real_and_flags_under_noised():
+    kwargs = dict(noise_multiplier=1.0, clip_norm=0.5, shape=(4, 32), runs=5000, seed=0)
+    real = mechanism_audit(**kwargs)
+    broken = mechanism_audit(noise_scale=1 / 3, **kwargs)
+    assert real["matches_aggregate_user_dp"] and real["canary_norm_sent"] == pytest.approx(5.0)
+    assert real["verdict"] == "pass" and real["epsilon_lb"] < real["epsilon_claimed"]
+    assert broken["verdict"] == "fail" and broken["epsilon_lb"] > broken["epsilon_claimed"]
+
+
+# --- canary -----------------------------------------------------------------------------------------------------------
+def test_canary_audit_flags_ten_times_too_little_noise():
+    kwargs = dict(noise_multiplier=1.0, clip_norm=0.5, sample_rate=0.05, rounds=50, shape=(4, 32), canaries=500,
+                  seed=0)
+    honest = canary_audit(**kwargs)
+    secret = canary_audit(noise_scale=0.1, **kwargs)
+    assert honest["verdict"] == "pass", honest["summary"]
+    assert secret["verdict"] == "fail", secret["summary"]
+    assert secret["gaussian_estimate"]["epsilon"] > secret["epsilon_claimed"] > honest["gaussian_estimate"]["epsilon"]
+
+
+# --- attribute --------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("strength, leak", [(1.0, True), (0.0, False)])
+def test_attribute_audit_finds_planted_signal_only(strength, leak):
+    weights, group = planted_weights(600, 10, strength=strength, seed=1)
+    noise = np.random.default_rng(2).choice(["a", "b", "c"], size=600)
+    views = {"w_device": weights, "A_only": np.tile(weights.mean(axis=0), (600, 1))}
+    result = attribute_audit(views, {"planted": np.where(group, "yes", "no"), "unrelated": noise},
+                             permutations=100, n_boot=200)
+    rows = {(r["attribute"], r["view"]): r for r in result["results"]}
+    assert rows[("planted", "w_device")]["significant"] is leak
+    assert not rows[("planted", "A_only")]["significant"] and rows[("planted", "A_only")]["auc"] == 0.5
+    assert not rows[("unrelated", "w_device")]["significant"]
+    assert result["verdict"] == ("leak" if leak else "no-leak")
+
+
+# --- update leakage ---------------------------------------------------------------------------------------------------
+def test_update_leakage_recovers_w_without_privacy_and_not_under_secagg(population):
+    pairs, _ = population
+    ids = np.unique(pairs.user[pairs.seen])
+    weights, updates = client_updates(pairs, population[1].basis, ids)
+    member = pairs.subset(pairs.seen & (pairs.split == "train"))
+    held = pairs.subset(pairs.seen & (pairs.split == "test"))
+    args = (updates, weights, member.diff, np.searchsorted(ids, member.user), held.diff,
+            np.searchsorted(ids, held.user))
+    none = update_leakage_audit(*args, mode="none", n_boot=300)
+    secagg = update_leakage_audit(*args, mode="user+secagg", clients_per_round=50, clip_norm=1.0, n_boot=300)
+    assert none["verdict"] == "leak" and none["views"]["single"]["cosine_mean"] > 0.999
+    assert secagg["verdict"] == "no-leak"
+    s = secagg["views"]["secagg"]
+    assert s["gain_ci"][0] <= 0.02 and s["pair_membership_auc_ci"][0] <= 0.55
+
+
+# --- membership -------------------------------------------------------------------------------------------------------
+def test_record_membership_detects_memorisation_of_few_pairs():
+    pairs, truth = make_synthetic_pairs(SyntheticPairsConfig(dim=32, seen_users=120, unseen_users=0,
+                                                             train_pairs=(4, 8), test_pairs=4, seed=5))
+    ids, idx = np.unique(pairs.user, return_inverse=True)
+    result = record_membership_audit(truth.basis, pairs.diff, idx, ids.size, shadows=8)
+    assert result["verdict"] == "leak" and result["attacks"]["lira"]["auc"] > 0.55
+
+
+def test_user_membership_is_at_chance_for_a_basis_trained_on_nobody(population):
+    pairs, truth = population
+    part = pairs.subset(pairs.split == "train")
+    ids, idx = np.unique(part.user, return_inverse=True)
+    result = user_membership_audit(truth.basis, part.diff, idx, np.isin(ids, np.unique(part.user[part.seen])))
+    assert result["verdict"] == "no-leak" and result["attacks"]["fit_loss"]["auc_ci"][0] <= 0.5
+
+
+# --- accounting -------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def ledger_dir(tmp_path_factory):
+    from lore_core.privacy import PrivacyLedger, PrivacySettings
+
+    run = tmp_path_factory.mktemp("run")
+    settings = PrivacySettings(mode="user", noise_multiplier=1.0, clip_norm=0.5, clients_per_round=50,
+                               population_size=1400, rounds=3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ledger = PrivacyLedger.create(run, settings)
+        for r in (1, 2, 3):
+            ledger.record_round(r, 50)
+    return run
+
+
+def test_accounting_audit_reproduces_ledger_and_detects_tampering(ledger_dir):
+    assert accounting_audit(ledger_dir)["verdict"] == "pass"
+    data = json.loads((ledger_dir / "ledger.json").read_text())
+    data["epsilon"]["prv"] *= 0.5
+    tampered = accounting_audit(data)
+    assert tampered["verdict"] == "fail" and "disagrees" in tampered["summary"]
+
+
+# --- extraction, fairness, report -------------------------------------------------------------------------------------
+def test_extraction_recovers_w_exactly_from_rank_many_queries(population):
+    _, truth = population
+    result = extraction_audit(truth.basis, truth.user_weights[:50], noise_std=0.1, noisy_queries=(1, 100))
+    assert result["queries_needed"] == truth.basis.shape[0] and result["max_abs_error"] < 1e-10
+    assert result["noisy"][1]["max_abs_error"] < result["noisy"][0]["max_abs_error"]
+
+
+def test_fairness_and_report_write_json_markdown_plot_and_ledger(population, ledger_dir):
+    pairs, truth = population
+    per_user = per_user_accuracies(pairs, truth.basis)
+    groups = np.where(np.arange(per_user["user_ids"].size) % 2 == 0, "even", "odd")
+    result = fairness_audit(per_user, {"parity": groups}, n_boot=200)
+    assert result["verdict"] == "pass", result["summary"]
+    assert result["minority_preferences"]["gain_minority"]["difference"] > 0  # LoRe helps far-from-mean users
+    path = write_audit(ledger_dir, result, ledger_dir=ledger_dir)
+    assert json.loads(path.read_text())["verdict"] == "pass"
+    assert (ledger_dir / "audits" / "fairness.png").exists()
+    assert "## fairness" in (ledger_dir / "audits" / "audits.md").read_text()
+    audits = json.loads((ledger_dir / "ledger.json").read_text())["audits"]
+    assert audits[-1]["kind"] == "fairness" and audits[-1]["verdict"] == "pass"
