@@ -1,0 +1,5 @@
+import sys
+
+from client.device.cli import main
+
+sys.exit(main())

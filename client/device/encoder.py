@@ -1,0 +1,129 @@
+"""The device's pair encoder: an exported ONNX MiniLM run with onnxruntime and the `tokenizers` package.
+
+No torch, no transformers. The input follows lore_core.embeddings.SentenceEmbedder exactly: a context longer than
+`max_context_tokens` is cut from the left with the same `trim_context_left`, then the pair is tokenized like
+transformers' `tokenizer(contexts, responses, truncation="only_second", max_length=256, padding=True)`; the ONNX
+graph does mean pooling and L2 normalisation, so `embed` returns the server's (N, D) float32 vectors (to ~1e-7).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from lore_core.embeddings import trim_context_left
+
+MODEL_FILE = "model.onnx"
+TOKENIZER_FILE = "tokenizer.json"
+ENCODER_META = "encoder.json"
+OUTPUT_NAME = "pair_emb"
+ENCODER_FORMAT = "lore-fed-onnx-encoder/1"
+DEFAULT_MAX_LENGTH = 256
+DEFAULT_BATCH_SIZE = 32
+
+
+class EncoderError(ValueError):
+    """A missing, incomplete or corrupted encoder directory, or text it cannot encode."""
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def read_encoder_meta(directory: str | Path, *, verify: bool = False) -> dict:
+    """encoder.json of an exported encoder; `verify` also checks the model and tokenizer checksums (~0.2 s)."""
+    directory = Path(directory)
+    meta_path = directory / ENCODER_META
+    if not meta_path.is_file():
+        raise EncoderError(
+            f"{directory} is not an exported encoder (no {ENCODER_META}); "
+            "create one with `python -m client.device export-encoder --out DIR`"
+        )
+    try:
+        meta = json.loads(meta_path.read_text())
+        dim, output, checksums = int(meta["dim"]), meta["output"], meta["sha256"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise EncoderError(f"{meta_path}: unreadable encoder metadata ({exc})") from exc
+    if meta.get("format") != ENCODER_FORMAT or dim <= 0 or output != OUTPUT_NAME:
+        raise EncoderError(
+            f"{meta_path}: expected format {ENCODER_FORMAT!r}, dim > 0, output {OUTPUT_NAME!r}; "
+            f"got {meta.get('format')!r}, {dim}, {output!r}"
+        )
+    for name in (MODEL_FILE, TOKENIZER_FILE):
+        if not (directory / name).is_file():
+            raise EncoderError(f"{directory}: {name} is missing")
+        if verify and file_sha256(directory / name) != checksums.get(name):
+            raise EncoderError(f"{directory / name}: checksum mismatch (file corrupted or replaced); export again")
+    return meta
+
+
+class OnnxPairEncoder:
+    """Segment-pair encoder: embed(contexts (N,), responses (N,)) -> (N, D) float32, L2-normalised."""
+
+    def __init__(self, directory: str | Path, *, threads: int | None = None, verify: bool = False):
+        import onnxruntime
+        from tokenizers import Tokenizer
+
+        self.directory = Path(directory)
+        self.meta = read_encoder_meta(self.directory, verify=verify)
+        self.dim = int(self.meta["dim"])
+        self.name = str(self.meta["embedder"])
+        self.max_length = int(self.meta.get("max_length", DEFAULT_MAX_LENGTH))
+        self.max_context_tokens = int(self.meta.get("max_context_tokens", self.max_length // 2))
+        tokenizer = Tokenizer.from_file(str(self.directory / TOKENIZER_FILE))
+        pad = tokenizer.padding or {"pad_id": tokenizer.token_to_id("[PAD]") or 0, "pad_token": "[PAD]"}
+        tokenizer.no_truncation()
+        tokenizer.no_padding()
+        self._context_tokenizer = Tokenizer.from_str(tokenizer.to_str())  # plain: offsets for context trimming
+        # tokenizer.json ships its own defaults (MiniLM: fixed padding to 128, longest-first truncation at 128):
+        # replace them with transformers' per-call pair settings (pad to the longest in the batch, on the right).
+        tokenizer.enable_truncation(self.max_length, strategy="only_second", direction="right")
+        tokenizer.enable_padding(pad_id=pad["pad_id"], pad_type_id=0, pad_token=pad["pad_token"])
+        self.tokenizer = tokenizer
+        options = onnxruntime.SessionOptions()
+        threads = threads if threads is not None else int(os.environ.get("OMP_NUM_THREADS", "0") or 0)
+        options.intra_op_num_threads = max(threads, 0)
+        options.inter_op_num_threads = 1
+        try:
+            self.session = onnxruntime.InferenceSession(
+                str(self.directory / MODEL_FILE), options, providers=["CPUExecutionProvider"]
+            )
+        except Exception as exc:  # onnxruntime raises its own exception types for a torn model
+            raise EncoderError(f"{self.directory / MODEL_FILE}: onnxruntime cannot load it ({exc})") from exc
+        self.input_names = [item.name for item in self.session.get_inputs()]
+
+    def tokenize(self, contexts: list[str], responses: list[str]) -> dict[str, np.ndarray]:
+        """(N, L) int64 arrays input_ids, attention_mask, token_type_ids, L = longest pair in the batch."""
+        if len(contexts) != len(responses):
+            raise EncoderError(f"got {len(contexts)} contexts but {len(responses)} responses")
+        spans = self._context_tokenizer.encode_batch(list(contexts), add_special_tokens=False)
+        contexts = [trim_context_left(c, e.offsets, self.max_context_tokens) for c, e in zip(contexts, spans)]
+        try:
+            encodings = self.tokenizer.encode_batch(list(zip(contexts, responses)))
+        except Exception as exc:  # tokenizers raises a bare Exception for an over-long first segment
+            raise EncoderError(
+                f"cannot encode a pair within {self.max_length} tokens ({exc})"
+            ) from exc
+        return {
+            "input_ids": np.array([e.ids for e in encodings], dtype=np.int64),
+            "attention_mask": np.array([e.attention_mask for e in encodings], dtype=np.int64),
+            "token_type_ids": np.array([e.type_ids for e in encodings], dtype=np.int64),
+        }
+
+    def embed(self, contexts: list[str], responses: list[str], batch_size: int = DEFAULT_BATCH_SIZE) -> np.ndarray:
+        if len(contexts) != len(responses):
+            raise EncoderError(f"got {len(contexts)} contexts but {len(responses)} responses")
+        out = np.empty((len(contexts), self.dim), dtype=np.float32)
+        for start in range(0, len(contexts), batch_size):
+            stop = start + batch_size
+            feed = self.tokenize(contexts[start:stop], responses[start:stop])
+            out[start:stop] = self.session.run([OUTPUT_NAME], {k: feed[k] for k in self.input_names})[0]
+        return out

@@ -1,0 +1,101 @@
+"""Export the pair encoder (MiniLM + mean pooling + L2 normalisation) to ONNX for the device.
+
+Exporting needs torch and transformers, so they are imported inside the functions: the device runtime imports
+this module's neighbours only. The ONNX file holds the encoder alone (output `pair_emb`, (N, D) float32); the
+basis stays a separate small file, so a new federated basis needs no new ONNX file. No int8 (it distorts
+embeddings: cos to fp32 down to 0.87).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from client.device.encoder import (
+    ENCODER_FORMAT,
+    ENCODER_META,
+    MODEL_FILE,
+    OUTPUT_NAME,
+    TOKENIZER_FILE,
+    EncoderError,
+    OnnxPairEncoder,
+    file_sha256,
+)
+from lore_core.atomic_io import atomic_write_bytes, atomic_write_json
+
+INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
+EXPORT_TOLERANCE = 1e-5
+_CHECK_CONTEXTS = ["user: hello", "user: how do I bake bread?\nassistant: " + "With flour. " * 80 + "\nuser: yeast?"]
+_CHECK_RESPONSES = ["Hi! How can I help you today?", "Yes, " + "knead the dough and let it rise. " * 60]
+
+
+def export_encoder(out_dir: str | Path, model: str | None = None) -> Path:
+    """Export `model` (a local path or cached hub name; None = the offline all-MiniLM-L6-v2) to `out_dir`.
+
+    The encoder is lore_core.embeddings.SentenceEmbedder (one source of truth for the model, the tokenizer settings
+    and the embedder name). Writes model.onnx, tokenizer.json and encoder.json (name, dim, lengths, checksums),
+    then checks that the device encoder reproduces SentenceEmbedder to EXPORT_TOLERANCE. Returns out_dir.
+    """
+    import torch
+
+    from lore_core.embeddings import SentenceEmbedder
+
+    embedder = SentenceEmbedder(model, use_cache=False)
+    if not getattr(embedder.tokenizer, "is_fast", False):
+        raise EncoderError(f"{model}: the device needs a fast tokenizer (tokenizer.json); this model has none")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    module = _pooled(embedder.model).eval()
+    sample = embedder.tokenizer(["user: hi", "user: and then?"], ["Hello!", "Then it rises."], padding=True,
+                                return_tensors="pt")
+    batch, seq = torch.export.Dim("batch"), torch.export.Dim("seq", max=embedder.max_length)
+    with torch.inference_mode():
+        program = torch.onnx.export(
+            module, tuple(sample[name] for name in INPUT_NAMES), input_names=list(INPUT_NAMES),
+            output_names=[OUTPUT_NAME], dynamic_shapes={name: {0: batch, 1: seq} for name in INPUT_NAMES},
+            dynamo=True, external_data=False,
+        )
+    import onnx
+
+    model_proto = program.model_proto
+    onnx.checker.check_model(model_proto, full_check=True)
+    atomic_write_bytes(out / MODEL_FILE, model_proto.SerializeToString())
+    atomic_write_bytes(out / TOKENIZER_FILE, embedder.tokenizer.backend_tokenizer.to_str().encode())
+    meta = {
+        "format": ENCODER_FORMAT,
+        "embedder": embedder.name,
+        "dim": embedder.dim,
+        "max_length": embedder.max_length,
+        "max_context_tokens": embedder.max_context_tokens,
+        "pair_mode": "segment",
+        "output": OUTPUT_NAME,
+        "inputs": list(INPUT_NAMES),
+        "sha256": {MODEL_FILE: file_sha256(out / MODEL_FILE), TOKENIZER_FILE: file_sha256(out / TOKENIZER_FILE)},
+    }
+    atomic_write_json(out / ENCODER_META, meta)
+    device = OnnxPairEncoder(out, verify=True).embed(_CHECK_CONTEXTS, _CHECK_RESPONSES)
+    gap = float(np.abs(device - embedder.embed(_CHECK_CONTEXTS, _CHECK_RESPONSES, progress=False)).max())
+    if gap > EXPORT_TOLERANCE:
+        raise EncoderError(f"{out}: the exported encoder differs from {embedder.name} by {gap:.2e}")
+    return out
+
+
+def _pooled(encoder):
+    """Wrap a transformers encoder: ids/mask/types (N, L) -> L2-normalised masked mean of hidden states (N, D)."""
+    import torch
+
+    class PooledEncoder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.encoder = encoder
+
+        def forward(self, input_ids, attention_mask, token_type_ids):
+            hidden = self.encoder(
+                input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids
+            ).last_hidden_state
+            mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+            return torch.nn.functional.normalize(pooled, dim=-1)
+
+    return PooledEncoder()

@@ -1,0 +1,123 @@
+"""Personalization on the device: few-shot w from the user's own choices, the strength dial, forgetting.
+
+The solver is lore_core.simplex_fit (numpy, the same objective as the torch trainer), run for one user.
+Incremental updates refit on all of the user's pairs, warm-started from the previous w: the objective is
+convex, so the result does not depend on the order in which choices arrived.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from lore_core.simplex_fit import DEFAULT_PRIOR_STRENGTH, fit_user_weights
+
+CHOICE_CONTEXT_KEYS = ("history", "prompt")
+
+
+class ChoicesError(ValueError):
+    """A choices file that does not follow the documented shape."""
+
+
+@dataclass(frozen=True)
+class Adaptation:
+    user_weights: np.ndarray  # (B,)
+    iterations: int
+    converged: bool
+    train_accuracy: float  # share of the user's pairs the personal reward orders as the user did
+
+
+def adapt(
+    basis: np.ndarray,
+    pair_diff: np.ndarray,
+    *,
+    init: np.ndarray | None = None,
+    prior_strength: float = DEFAULT_PRIOR_STRENGTH,
+) -> Adaptation:
+    """Fit the user's w (B,) on the simplex from pair diffs (n, D) = e(chosen) - e(rejected), basis (B, D)."""
+    diff = np.asarray(pair_diff, dtype=np.float64)
+    if diff.ndim != 2 or diff.shape[1] != basis.shape[1]:
+        raise ValueError(f"pair diffs must be (n, {basis.shape[1]}) to match the basis, got {diff.shape}")
+    scores = diff @ np.asarray(basis, dtype=np.float64).T  # (n, B)
+    fit = fit_user_weights(
+        scores, np.zeros(len(scores), dtype=np.int64), 1, prior_strength=prior_strength,
+        init=None if init is None else np.asarray(init, np.float64)[None, :],
+    )
+    weights = fit.weights[0]
+    accuracy = float((scores @ weights > 0).mean()) if len(scores) else float("nan")
+    return Adaptation(weights, fit.iterations, fit.converged, accuracy)
+
+
+def effective_weights(user_weights: np.ndarray | None, strength: float | None, rank: int) -> np.ndarray:
+    """(1 - s) * uniform + s * w_user (B,): s = 0 is the population reward, s = 1 fully personal.
+
+    strength None ("off") or no personal weights yet give the population reward (uniform over the basis).
+    """
+    uniform = np.full(rank, 1.0 / rank)
+    if strength is None or user_weights is None:
+        return uniform
+    s = parse_strength(strength)
+    return (1.0 - s) * uniform + s * np.asarray(user_weights, np.float64)
+
+
+def parse_strength(value) -> float | None:
+    """'off' -> None; a number in [0, 1] -> float; anything else is an error."""
+    if isinstance(value, str):
+        if value.strip().lower() == "off":
+            return None
+        try:
+            value = float(value)
+        except ValueError:
+            raise ValueError(f"strength must be a number in [0, 1] or 'off', got {value!r}") from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+        raise ValueError(f"strength must be a number in [0, 1] or 'off', got {value!r}")
+    return float(value)
+
+
+def read_choices(path: str | Path) -> list[dict]:
+    """The user's choices from JSON Lines or a JSON list: {"history": [messages] | "prompt": str, "chosen",
+    "rejected"}; messages are {"role": "user" | "assistant", "content": str}."""
+    path = Path(path)
+    if not path.is_file():
+        raise ChoicesError(f"choices file {path} does not exist")
+    text = path.read_text(encoding="utf-8")
+    try:
+        if text.lstrip().startswith("["):
+            records = json.loads(text)
+        else:
+            records = [json.loads(line) for line in text.splitlines() if line.strip()]
+    except json.JSONDecodeError as exc:
+        raise ChoicesError(f"{path}: not JSON Lines or a JSON list ({exc})") from exc
+    if not records:
+        raise ChoicesError(f"{path}: no choices in the file")
+    for number, record in enumerate(records, 1):
+        _check_choice(record, f"{path}: choice {number}")
+    return records
+
+
+def choice_context(record: dict) -> list[dict]:
+    """The conversation a choice was made in, as messages (a bare prompt is one user message)."""
+    if "history" in record:
+        return record["history"]
+    return [{"role": "user", "content": record["prompt"]}]
+
+
+def _check_choice(record, where: str) -> None:
+    if not isinstance(record, dict):
+        raise ChoicesError(f"{where}: expected an object, got {type(record).__name__}")
+    if sum(key in record for key in CHOICE_CONTEXT_KEYS) != 1:
+        raise ChoicesError(f"{where}: needs exactly one of 'history' or 'prompt', got keys {sorted(record)}")
+    for key in ("chosen", "rejected"):
+        if not isinstance(record.get(key), str):
+            raise ChoicesError(f"{where}: '{key}' must be a string")
+    if "prompt" in record and not isinstance(record["prompt"], str):
+        raise ChoicesError(f"{where}: 'prompt' must be a string")
+    history = record.get("history", [])
+    if not isinstance(history, list) or not all(
+        isinstance(m, dict) and m.get("role") in ("user", "assistant") and isinstance(m.get("content"), str)
+        for m in history
+    ) or ("history" in record and not history):
+        raise ChoicesError(f"{where}: 'history' must be a non-empty list of {{'role': 'user'|'assistant', 'content'}}")

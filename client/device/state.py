@@ -1,0 +1,265 @@
+"""Durable on-device state in ONE directory: the basis, the user's weights w, the user's pairs and settings.
+
+Layout (content-addressed data files; the manifest is the single commit point):
+  manifest.json              format, generation, settings (strength, encoder) and, per data file, name/size/sha256
+  basis-v<version>-<sha>.npz the basis file (lore_core.basis_file format)
+  personal-<sha>.npz         user_weights (B,) float64 | (0,) before any adaptation; pair_diff (n, D) float32;
+                             choices (n,) str: the raw choices as JSON, aligned with pair_diff rows
+A save writes new data files (atomically, under new names), then atomically replaces the manifest, then deletes
+files the manifest no longer names. A process killed at any moment leaves the old or the new manifest, and every
+file it names intact. Load checks sizes and checksums: a corrupted or truncated file is reported, never used.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import os
+import shutil
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+
+from lore_core.atomic_io import atomic_write_bytes, atomic_write_json
+from lore_core.basis_file import BasisFile, BasisFileError, load_basis
+
+STATE_FORMAT = "lore-fed-device-state/1"
+MANIFEST = "manifest.json"
+LOCK = ".lock"
+STATE_HOME_ENV = "LORE_DEVICE_HOME"
+_DATA_PREFIXES = ("basis-", "personal-")
+
+
+class StateError(ValueError):
+    """The device state is missing or cannot be used as asked."""
+
+
+class StateCorruptError(StateError):
+    """A state file is truncated, altered or unreadable."""
+
+
+class BasisMismatchError(StateError):
+    """A basis of another dimension, version or embedder than the state's."""
+
+
+@dataclass(frozen=True)
+class DeviceState:
+    directory: Path
+    basis: BasisFile
+    user_weights: np.ndarray | None = None  # (B,) on the simplex; None = not adapted yet (population reward)
+    pair_diff: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.float32))  # (n, D)
+    choices: tuple[str, ...] = ()  # (n,) raw choices as JSON strings
+    strength: float | None = 1.0  # personalization strength in [0, 1]; None = off
+    encoder: str | None = None  # directory of the exported ONNX encoder
+    generation: int = 0
+
+    @property
+    def n_pairs(self) -> int:
+        return int(self.pair_diff.shape[0])
+
+    @property
+    def has_personal_data(self) -> bool:
+        return self.user_weights is not None or self.n_pairs > 0
+
+
+def default_state_dir() -> Path:
+    return Path(os.environ.get(STATE_HOME_ENV) or Path.home() / ".lore-fed" / "device")
+
+
+def new_state(directory: str | Path, basis: BasisFile, *, encoder: str | None = None) -> DeviceState:
+    return DeviceState(
+        directory=Path(directory), basis=basis, pair_diff=np.zeros((0, basis.dim), np.float32), encoder=encoder
+    )
+
+
+def check_compatible(state: DeviceState, basis: BasisFile) -> None:
+    """Refuse a basis that does not match the state's dimension, version or content."""
+    old = state.basis
+    where = f"{basis.source} vs the device state in {state.directory}"
+    if basis.dim != old.dim:
+        raise BasisMismatchError(
+            f"{where}: basis dimension {basis.dim} differs from the state's {old.dim} "
+            f"(embedder {basis.embedder!r} vs {old.embedder!r}); use `init --reinit` to replace it"
+        )
+    if basis.version != old.version or basis.sha256 != old.sha256 or basis.embedder != old.embedder:
+        raise BasisMismatchError(
+            f"{where}: basis version {basis.version} ({basis.sha256[:12]}) differs from the state's version "
+            f"{old.version} ({old.sha256[:12]}); use `init --reinit` to adopt it (w is refitted)"
+        )
+
+
+def save_state(state: DeviceState) -> DeviceState:
+    """Commit `state` to its directory (crash-safe, see module docstring); returns it with generation + 1."""
+    directory = state.directory
+    directory.mkdir(parents=True, exist_ok=True)
+    basis = state.basis
+    basis_bytes = _npz_bytes(
+        basis=basis.basis, version=np.int64(basis.version), embedder=np.str_(basis.embedder),
+        dim=np.int64(basis.dim), rank=np.int64(basis.rank), sha256=np.str_(basis.sha256),
+    )
+    entries = {"basis": _write_data(directory, f"basis-v{basis.version}-", basis_bytes)}
+    if state.has_personal_data:
+        weights = np.zeros(0) if state.user_weights is None else np.asarray(state.user_weights, np.float64)
+        personal = _npz_bytes(
+            user_weights=weights,
+            pair_diff=np.asarray(state.pair_diff, np.float32).reshape(-1, basis.dim),
+            choices=np.array(state.choices, dtype=np.str_).reshape(-1),
+        )
+        entries["personal"] = _write_data(directory, "personal-", personal)
+    committed = replace(state, generation=state.generation + 1)
+    manifest = {
+        "format": STATE_FORMAT,
+        "generation": committed.generation,
+        "strength": "off" if state.strength is None else float(state.strength),
+        "encoder": state.encoder,
+        "basis_version": basis.version,
+        "embedder": basis.embedder,
+        "dim": basis.dim,
+        "rank": basis.rank,
+        "pairs": state.n_pairs,
+        "files": entries,
+    }
+    atomic_write_json(directory / MANIFEST, manifest)
+    _remove_unreferenced(directory, {entry["name"] for entry in entries.values()})
+    return committed
+
+
+def load_state(directory: str | Path) -> DeviceState:
+    """Load and fully check the state in `directory`."""
+    directory = Path(directory)
+    path = directory / MANIFEST
+    if not path.is_file():
+        raise StateError(f"no device state in {directory}: run `python -m client.device init --basis FILE` first")
+    try:
+        manifest = json.loads(path.read_bytes())
+        files, generation = manifest["files"], int(manifest["generation"])
+        strength = manifest["strength"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise StateCorruptError(f"{path}: unreadable manifest ({exc}); the state is corrupted") from exc
+    if manifest.get("format") != STATE_FORMAT:
+        raise StateCorruptError(f"{path}: format {manifest.get('format')!r}, expected {STATE_FORMAT!r}")
+    if "basis" not in files:
+        raise StateCorruptError(f"{path}: the manifest names no basis file")
+    try:
+        basis = load_basis(_checked_file(directory, files["basis"]))
+    except BasisFileError as exc:
+        raise StateCorruptError(f"corrupted device state: {exc}") from exc
+    declared = (manifest.get("basis_version"), manifest.get("dim"), manifest.get("rank"), manifest.get("embedder"))
+    if declared != (basis.version, basis.dim, basis.rank, basis.embedder):
+        raise StateCorruptError(
+            f"{path}: declares basis (version, dim, rank, embedder) = {declared}, but the basis file holds "
+            f"{(basis.version, basis.dim, basis.rank, basis.embedder)}"
+        )
+    state = DeviceState(
+        directory=directory, basis=basis, pair_diff=np.zeros((0, basis.dim), np.float32),
+        strength=None if strength == "off" else _checked_strength(strength, path),
+        encoder=manifest.get("encoder"), generation=generation,
+    )
+    if "personal" in files:
+        state = _load_personal(state, _checked_file(directory, files["personal"]), int(manifest.get("pairs", -1)))
+    return state
+
+
+def forget(directory: str | Path, *, everything: bool = False) -> None:
+    """Delete all personal data (weights, pairs, raw choices) and keep the basis and settings; with `everything`
+    delete the whole state directory."""
+    directory = Path(directory)
+    if everything:
+        if directory.exists():
+            shutil.rmtree(directory)
+        return
+    state = load_state(directory)
+    save_state(replace(state, user_weights=None, pair_diff=state.pair_diff[:0], choices=()))
+
+
+@contextlib.contextmanager
+def state_lock(directory: str | Path):
+    """Serialise read-modify-write of the state between processes (POSIX advisory lock; no-op elsewhere)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - non-POSIX
+        yield
+        return
+    with open(directory / LOCK, "a+b") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _npz_bytes(**arrays: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    return buffer.getvalue()
+
+
+def _write_data(directory: Path, prefix: str, data: bytes) -> dict:
+    digest = hashlib.sha256(data).hexdigest()
+    name = f"{prefix}{digest[:16]}.npz"
+    target = directory / name
+    if not (target.is_file() and target.stat().st_size == len(data)):
+        atomic_write_bytes(target, data)
+    return {"name": name, "bytes": len(data), "sha256": digest}
+
+
+def _checked_file(directory: Path, entry: dict) -> Path:
+    try:
+        path = directory / entry["name"]
+        size, digest = int(entry["bytes"]), entry["sha256"]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise StateCorruptError(f"{directory / MANIFEST}: malformed file entry {entry!r}") from exc
+    if Path(entry["name"]).name != entry["name"]:
+        raise StateCorruptError(f"{directory / MANIFEST}: file entry {entry['name']!r} leaves the state directory")
+    if not path.is_file():
+        raise StateCorruptError(f"{path}: missing (the manifest names it); the device state is incomplete")
+    data = path.read_bytes()
+    if len(data) != size:
+        raise StateCorruptError(f"{path}: {len(data)} bytes, the manifest says {size}: truncated or altered")
+    if hashlib.sha256(data).hexdigest() != digest:
+        raise StateCorruptError(f"{path}: checksum mismatch: the file is corrupted")
+    return path
+
+
+def _load_personal(state: DeviceState, path: Path, declared_pairs: int) -> DeviceState:
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            weights, diff, choices = data["user_weights"], data["pair_diff"], data["choices"]
+    except Exception as exc:  # a checksum-valid file can still be malformed (written by another tool)
+        raise StateCorruptError(f"{path}: unreadable personal state ({type(exc).__name__}: {exc})") from exc
+    rank, dim = state.basis.rank, state.basis.dim
+    if weights.size and (
+        weights.shape != (rank,) or not np.isfinite(weights).all() or weights.min() < 0
+        or abs(weights.sum() - 1.0) > 1e-6
+    ):
+        raise StateCorruptError(f"{path}: user_weights must be ({rank},) on the simplex, got {weights.shape}")
+    if diff.ndim != 2 or diff.shape[1] != dim or not np.isfinite(diff).all():
+        raise StateCorruptError(f"{path}: pair_diff must be finite (n, {dim}), got shape {diff.shape}")
+    if choices.shape != (diff.shape[0],) or declared_pairs != diff.shape[0]:
+        raise StateCorruptError(
+            f"{path}: {diff.shape[0]} pairs, {choices.shape} choices, the manifest says {declared_pairs} pairs"
+        )
+    return replace(
+        state, user_weights=weights if weights.size else None, pair_diff=diff, choices=tuple(choices.tolist())
+    )
+
+
+def _checked_strength(value, where: Path) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+        raise StateCorruptError(f"{where}: strength must be in [0, 1] or 'off', got {value!r}")
+    return float(value)
+
+
+def _remove_unreferenced(directory: Path, keep: set[str]) -> None:
+    """Delete data files the manifest no longer names and temp files of interrupted writes."""
+    for path in directory.iterdir():
+        name = path.name
+        stale_data = name.startswith(_DATA_PREFIXES) and name not in keep
+        stale_tmp = name.startswith(".") and name.endswith(".tmp")
+        if (stale_data or stale_tmp) and path.is_file():
+            path.unlink(missing_ok=True)

@@ -1,0 +1,106 @@
+"""The basis file (`.npz`): the shared LoRe basis A as the server, `lore-fed train` and devices exchange it.
+
+Arrays:
+  basis     float32 (B, D)  the rank-B basis over D-dim pair embeddings
+  version   int64   ()      e.g. the federated round that produced it; devices refuse to mix versions silently
+  embedder  str     ()      name of the embedder whose space the basis lives in
+  dim, rank int64   ()      D and B, stored so a reader can check the shape without trusting it
+  sha256    str     ()      sha256 of basis.tobytes() (float32, C order): detects a torn or altered file
+Numpy only (importable on a device).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from lore_core.atomic_io import atomic_save_npz
+
+BASIS_ARRAYS = ("basis", "version", "embedder", "dim", "rank", "sha256")
+
+
+class BasisFileError(ValueError):
+    """A basis file that does not follow the contract above (or was corrupted)."""
+
+
+@dataclass(frozen=True)
+class BasisFile:
+    basis: np.ndarray  # (B, D) float32
+    version: int
+    embedder: str
+    sha256: str
+    source: str = "<memory>"
+
+    @property
+    def rank(self) -> int:
+        return int(self.basis.shape[0])
+
+    @property
+    def dim(self) -> int:
+        return int(self.basis.shape[1])
+
+
+def basis_checksum(basis: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(basis, dtype=np.float32).tobytes()).hexdigest()
+
+
+def save_basis(path: str | Path, basis: np.ndarray, *, version: int, embedder: str) -> Path:
+    """Write a basis file atomically; `basis` (B, D) is stored as float32."""
+    path = Path(path)
+    arr = np.ascontiguousarray(basis, dtype=np.float32)
+    _check_basis(arr, str(path))
+    if isinstance(version, bool) or not isinstance(version, (int, np.integer)) or version < 0:
+        raise BasisFileError(f"{path}: version must be an int >= 0, got {version!r}")
+    if not isinstance(embedder, str) or not embedder:
+        raise BasisFileError(f"{path}: embedder must be a non-empty string, got {embedder!r}")
+    atomic_save_npz(
+        path,
+        basis=arr,
+        version=np.int64(version),
+        embedder=np.str_(embedder),
+        dim=np.int64(arr.shape[1]),
+        rank=np.int64(arr.shape[0]),
+        sha256=np.str_(basis_checksum(arr)),
+    )
+    return path
+
+
+def load_basis(path: str | Path) -> BasisFile:
+    """Load and validate a basis file: arrays present, shapes, finiteness and checksum."""
+    path = Path(path)
+    if not path.is_file():
+        raise BasisFileError(f"basis file {path} does not exist")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {key: data[key] for key in data.files}
+    except Exception as exc:  # zipfile/pickle/format errors of a torn file come in many types
+        raise BasisFileError(f"{path}: not a readable basis .npz file ({type(exc).__name__}: {exc})") from exc
+    missing = [key for key in BASIS_ARRAYS if key not in arrays]
+    if missing:
+        raise BasisFileError(f"{path}: missing arrays {missing}; a basis file holds {list(BASIS_ARRAYS)}")
+    basis = arrays["basis"]
+    if basis.dtype != np.float32:
+        raise BasisFileError(f"{path}: basis must be float32, got {basis.dtype}")
+    _check_basis(basis, str(path))
+    try:
+        dim, rank, version = int(arrays["dim"]), int(arrays["rank"]), int(arrays["version"])
+        embedder, checksum = str(arrays["embedder"]), str(arrays["sha256"])
+    except (TypeError, ValueError) as exc:
+        raise BasisFileError(f"{path}: dim, rank, version must be scalar ints, embedder and sha256 strings") from exc
+    if basis.shape != (rank, dim):
+        raise BasisFileError(f"{path}: basis has shape {basis.shape}, but the file declares rank {rank}, dim {dim}")
+    if checksum != basis_checksum(basis):
+        raise BasisFileError(f"{path}: basis checksum mismatch (file corrupted or altered)")
+    if version < 0 or not embedder:
+        raise BasisFileError(f"{path}: version must be >= 0 and embedder non-empty, got {version}, {embedder!r}")
+    return BasisFile(basis=basis, version=version, embedder=embedder, sha256=checksum, source=str(path))
+
+
+def _check_basis(basis: np.ndarray, where: str) -> None:
+    if basis.ndim != 2 or 0 in basis.shape:
+        raise BasisFileError(f"{where}: basis must be a non-empty 2-D array (B, D), got shape {basis.shape}")
+    if not np.isfinite(basis).all():
+        raise BasisFileError(f"{where}: basis has NaN or Inf values")

@@ -1,0 +1,333 @@
+"""The on-device client (client.device): torch-free commands, solver parity with the torch trainer, ranking parity
+with the full transformers pipeline, crash-safe and checked state, forgetting."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from client.device import personalize, ranking
+from client.device.encoder import OnnxPairEncoder
+from client.device.state import (
+    BasisMismatchError,
+    StateCorruptError,
+    check_compatible,
+    load_state,
+    new_state,
+    save_state,
+)
+from lore_core.basis_file import BasisFileError, load_basis, save_basis
+from lore_core.reward_math import mean_user_accuracy
+from lore_core.simplex_fit import DEFAULT_PRIOR_STRENGTH, few_shot_objective
+
+REPO = Path(__file__).resolve().parents[1]
+HEAVY = ("torch", "transformers", "flwr")
+# Runs a module as `python -m` would and reports, at exit, which heavy packages the process imported.
+WRAPPER = (
+    "import atexit, json, runpy, sys\n"
+    f"atexit.register(lambda: print('HEAVY=' + json.dumps([m for m in {HEAVY!r} if m in sys.modules]), "
+    "file=sys.stderr))\n"
+    "module = sys.argv[1]; sys.argv = [module] + sys.argv[2:]\n"
+    "runpy.run_module(module, run_name='__main__', alter_sys=True)\n"
+)
+
+
+def device(state: Path, *args: str, module: str = "client.device", check: bool = True):
+    """Run a device command in a fresh process; returns (completed process, heavy modules it imported)."""
+    cmd = [sys.executable, "-c", WRAPPER, module]
+    cmd += (["device"] if module == "simulations.cli" else []) + ["--state", str(state), *map(str, args)]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
+    heavy = [json.loads(line[6:]) for line in proc.stderr.splitlines() if line.startswith("HEAVY=")]
+    assert heavy, proc.stderr
+    if check:
+        assert proc.returncode == 0, proc.stderr
+    return proc, heavy[-1]
+
+
+# --- fixtures -------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def reference():
+    """The full pipeline's embedder (transformers)."""
+    from lore_core.embeddings import SentenceEmbedder
+
+    return SentenceEmbedder(use_cache=False)
+
+
+@pytest.fixture(scope="module")
+def encoder_dir(tmp_path_factory, reference):
+    from client.device.export import export_encoder
+
+    return export_encoder(tmp_path_factory.mktemp("encoder"))
+
+
+@pytest.fixture(scope="module")
+def exchanges():
+    from lore_core.text_pool import build_text_pool
+
+    return build_text_pool(seed=3, openers_per_category=2, follow_ups_per_category=1).openers
+
+
+@pytest.fixture()
+def basis_file(tmp_path, reference):
+    rng = np.random.default_rng(5)
+    return save_basis(tmp_path / "basis.npz", rng.standard_normal((5, reference.dim)), version=7,
+                      embedder=reference.name)
+
+
+def _choices(exchanges, reference, basis, w_true) -> list[dict]:
+    """The user's choices: the best vs the worst candidate under a hidden reward (basis, w_true)."""
+    records = []
+    for ex in exchanges:
+        emb = reference.embed([[{"role": "user", "content": ex.prompt}]] * len(ex.candidates), list(ex.candidates),
+                              progress=False)
+        r = emb @ basis.T @ w_true
+        records.append({"prompt": ex.prompt, "chosen": ex.candidates[r.argmax()],
+                        "rejected": ex.candidates[r.argmin()]})
+    return records
+
+
+# --- 1. torch-free device path --------------------------------------------------------------------------------
+
+
+def test_device_commands_never_import_torch_transformers_or_flwr(tmp_path, basis_file, encoder_dir, exchanges):
+    state = tmp_path / "state"
+    choices = tmp_path / "choices.jsonl"
+    choices.write_text("\n".join(json.dumps({"prompt": ex.prompt, "chosen": ex.candidates[0],
+                                             "rejected": ex.candidates[3]}) for ex in exchanges[:4]))
+    candidates = tmp_path / "candidates.json"
+    candidates.write_text(json.dumps(list(exchanges[5].candidates)))
+    runs = [
+        ("init", "--basis", basis_file, "--encoder", encoder_dir),
+        ("adapt", "--choices", choices),
+        ("rank", "--prompt", exchanges[5].prompt, "--candidates", candidates, "--strength", "0.5"),
+        ("strength", "off"),
+        ("status",),
+        ("forget",),
+    ]
+    for args in runs:
+        _, heavy = device(state, *args)
+        assert heavy == [], f"`{args[0]}` imported {heavy}"
+    proc, heavy = device(state, "rank", "--prompt", "hi", "--candidates", candidates, module="simulations.cli")
+    assert heavy == [] and len(proc.stdout.splitlines()) == len(exchanges[5].candidates)
+
+
+# --- 2. solver parity with the torch trainer ------------------------------------------------------------------
+
+
+def test_few_shot_accuracy_matches_torch_trainer():
+    from lore_core.joint_trainer import fit_few_shot_torch
+    from simulations.synthetic_pairs import SyntheticPairsConfig, make_synthetic_pairs
+
+    pairs, truth = make_synthetic_pairs(SyntheticPairsConfig(dim=64, seen_users=0, unseen_users=60, test_pairs=60))
+    user_ids, user_idx = pairs.user_index()
+    train = pairs.split == "train"
+    device_w = np.stack([personalize.adapt(truth.basis, pairs.diff[train & (user_idx == u)]).user_weights
+                         for u in range(user_ids.size)])
+    torch_w = fit_few_shot_torch(truth.basis, pairs.diff[train], user_idx[train], user_ids.size)
+    test_scores = pairs.diff[~train] @ truth.basis.T
+    acc = {name: mean_user_accuracy(np.einsum("nb,nb->n", test_scores, w[user_idx[~train]]), user_idx[~train],
+                                    user_ids.size) for name, w in (("device", device_w), ("torch", torch_w))}
+    assert abs(acc["device"] - acc["torch"]) <= 0.005, acc
+    # One strictly convex objective: the device solver must reach the torch fit's objective or better (here torch's
+    # L-BFGS on softmax parameters stops short for some users whose optimum lies near a face of the simplex).
+    train_scores = pairs.diff[train].astype(np.float64) @ truth.basis.T
+    objective = {name: few_shot_objective(w, train_scores, user_idx[train], DEFAULT_PRIOR_STRENGTH)
+                 for name, w in (("device", device_w), ("torch", torch_w))}
+    assert (objective["device"] <= objective["torch"] + 1e-6).all()
+
+
+def test_incremental_adaptation_equals_fitting_all_choices_at_once():
+    rng = np.random.default_rng(1)
+    basis, diff = rng.standard_normal((6, 32)), rng.standard_normal((30, 32)) * 0.2
+    first = personalize.adapt(basis, diff[:10]).user_weights
+    warm = personalize.adapt(basis, diff, init=first)
+    assert np.allclose(warm.user_weights, personalize.adapt(basis, diff).user_weights, atol=1e-6)
+
+
+def test_strength_interpolates_from_population_to_personal_and_off():
+    w = np.array([0.7, 0.2, 0.1, 0.0])
+    uniform = np.full(4, 0.25)
+    assert np.allclose(personalize.effective_weights(w, 0.0, 4), uniform)
+    assert np.allclose(personalize.effective_weights(w, 1.0, 4), w)
+    assert np.allclose(personalize.effective_weights(w, 0.5, 4), (uniform + w) / 2)
+    assert np.allclose(personalize.effective_weights(w, personalize.parse_strength("off"), 4), uniform)
+    with pytest.raises(ValueError, match="strength"):
+        personalize.parse_strength("1.5")
+
+
+# --- 3. ranking parity with the full pipeline -----------------------------------------------------------------
+
+
+def test_onnx_encoder_matches_transformers_embeddings(encoder_dir, reference, exchanges):
+    long_history = [{"role": "user", "content": "Tell me about bread. " * 40},
+                    {"role": "assistant", "content": "Bread is made of flour, water and yeast. " * 30},
+                    {"role": "user", "content": "And sourdough?"}]
+    contexts = [[{"role": "user", "content": ex.prompt}] for ex in exchanges[:6]] + [long_history] * 2
+    responses = [ex.candidates[i % 4] for i, ex in enumerate(exchanges[:6])] + ["Wild yeast. " * 200, "Café ☕ ok"]
+    from lore_core.embeddings import render_context
+
+    got = OnnxPairEncoder(encoder_dir).embed([render_context(c) for c in contexts], responses)
+    assert np.abs(got - reference.embed(contexts, responses, progress=False)).max() < 1e-5
+
+
+def test_device_ranking_agrees_with_full_pipeline(tmp_path, basis_file, encoder_dir, reference, exchanges):
+    basis = load_basis(basis_file).basis
+    train, held_out = exchanges[:12], exchanges[12:20]
+    choices = tmp_path / "choices.json"
+    choices.write_text(json.dumps(_choices(train, reference, basis, np.array([0.6, 0.3, 0.1, 0.0, 0.0]))))
+    state = tmp_path / "state"
+    device(state, "init", "--basis", basis_file, "--encoder", encoder_dir)
+    device(state, "adapt", "--choices", choices)
+
+    # The full pipeline: transformers embeddings, the same basis, w fitted from the same choices.
+    records = json.loads(choices.read_text())
+    ctx = [[{"role": "user", "content": r["prompt"]}] for r in records]
+    diff = (reference.embed(ctx, [r["chosen"] for r in records], progress=False)
+            - reference.embed(ctx, [r["rejected"] for r in records], progress=False))
+    w_pipeline = personalize.adapt(basis, diff).user_weights
+    assert np.allclose(load_state(state).user_weights, w_pipeline, atol=1e-4)
+    w_eff = personalize.effective_weights(w_pipeline, 0.8, basis.shape[0])
+    for ex in held_out:
+        candidates = tmp_path / "candidates.txt"
+        candidates.write_text("\n".join(ex.candidates))
+        proc, _ = device(state, "rank", "--prompt", ex.prompt, "--candidates", candidates, "--strength", "0.8",
+                         "--json")
+        got = json.loads(proc.stdout)["ranking"]
+        emb = reference.embed([[{"role": "user", "content": ex.prompt}]] * 4, list(ex.candidates), progress=False)
+        expected = ranking.candidate_rewards(basis, w_eff, emb)
+        assert [row["index"] for row in got] == ranking.rank_order(expected).tolist()
+        assert np.allclose([row["score"] for row in got], np.sort(expected)[::-1], atol=1e-5)
+
+
+# --- 4. crash safety ------------------------------------------------------------------------------------------
+
+WRITER = """
+import json, sys
+from dataclasses import replace
+import numpy as np
+from client.device.state import load_state, save_state
+state = load_state(sys.argv[1])
+print("ready", flush=True)
+for i in range(state.generation, 10**9):
+    n = i % 7 + 1
+    state = save_state(replace(state, user_weights=np.full(state.basis.rank, 1 / state.basis.rank),
+                               pair_diff=np.full((n, state.basis.dim), i, np.float32),
+                               choices=tuple(json.dumps({"i": i}) for _ in range(n))))
+"""
+
+
+def test_killing_a_writer_leaves_a_readable_consistent_state(tmp_path, basis_file):
+    state_dir = tmp_path / "state"
+    save_state(new_state(state_dir, load_basis(basis_file)))
+    rng = np.random.default_rng(0)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    last = -1
+    for _ in range(6):
+        writer = subprocess.Popen([sys.executable, "-c", WRITER, str(state_dir)], stdout=subprocess.PIPE, env=env,
+                                  text=True)
+        assert writer.stdout.readline().strip() == "ready"
+        time.sleep(rng.uniform(0.02, 0.3))
+        writer.send_signal(signal.SIGKILL)
+        writer.wait()
+        state = load_state(state_dir)  # never raises: the old or the new state, intact
+        i = int(state.pair_diff[0, 0])
+        assert i >= last and state.n_pairs == i % 7 + 1
+        assert (state.pair_diff == i).all() and state.choices == (json.dumps({"i": i}),) * state.n_pairs
+        last = i
+    assert last > 0, "the writer never committed: the test did not exercise anything"
+
+
+# --- 5. checked state, refused bases, forgetting --------------------------------------------------------------
+
+
+def _adapted_state(tmp_path, basis_file) -> Path:
+    state_dir = tmp_path / "state"
+    rng = np.random.default_rng(2)
+    np.savez(tmp_path / "diff.npz", diff=rng.standard_normal((8, 384)).astype(np.float32) * 0.1)
+    device(state_dir, "init", "--basis", basis_file)
+    device(state_dir, "adapt", "--choices", tmp_path / "diff.npz")
+    return state_dir
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "manifest"])
+def test_corrupted_or_truncated_state_is_reported_not_used(tmp_path, basis_file, damage):
+    state_dir = _adapted_state(tmp_path, basis_file)
+    personal = next(state_dir.glob("personal-*.npz"))
+    if damage == "truncate":
+        personal.write_bytes(personal.read_bytes()[:-100])
+    elif damage == "flip":
+        data = bytearray(personal.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        personal.write_bytes(bytes(data))
+    else:
+        (state_dir / "manifest.json").write_text('{"format": "lore-fed-device-state/1", "gener')
+    with pytest.raises(StateCorruptError, match="manifest" if damage == "manifest" else personal.name):
+        load_state(state_dir)
+    proc, _ = device(state_dir, "status", check=False)
+    assert proc.returncode == 2 and "corrupt" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_basis_of_another_dimension_or_version_is_refused_unless_reinit(tmp_path, basis_file):
+    state_dir = _adapted_state(tmp_path, basis_file)
+    rng = np.random.default_rng(3)
+    other_dim = save_basis(tmp_path / "d8.npz", rng.standard_normal((5, 8)), version=7, embedder="tiny")
+    newer = save_basis(tmp_path / "v8.npz", rng.standard_normal((5, 384)), version=8,
+                       embedder=load_basis(basis_file).embedder)
+    for path, word in ((other_dim, "dimension 8"), (newer, "version 8")):
+        proc, _ = device(state_dir, "init", "--basis", path, check=False)
+        assert proc.returncode == 2 and word in proc.stderr and "--reinit" in proc.stderr
+        with pytest.raises(BasisMismatchError):
+            check_compatible(load_state(state_dir), load_basis(path))
+    assert load_state(state_dir).basis.version == 7
+    device(state_dir, "init", "--basis", newer, "--reinit")
+    state = load_state(state_dir)
+    assert state.basis.version == 8 and state.n_pairs == 8 and state.user_weights is not None
+
+
+def test_forget_deletes_all_personal_data(tmp_path, basis_file, encoder_dir):
+    state_dir = tmp_path / "state"
+    secret = "my secret preference for pineapple pizza"
+    choices = tmp_path / "c.jsonl"
+    choices.write_text(json.dumps({"prompt": "Which pizza?", "chosen": secret, "rejected": "Margherita."}))
+    device(state_dir, "init", "--basis", basis_file, "--encoder", encoder_dir)
+    device(state_dir, "adapt", "--choices", choices)
+
+    def on_disk() -> bool:  # numpy stores str arrays as UTF-32
+        blobs = [p.read_bytes() for p in state_dir.iterdir() if p.is_file()]
+        return any(secret.encode(codec) in blob for blob in blobs for codec in ("utf-8", "utf-32-le"))
+
+    assert on_disk()
+    device(state_dir, "forget")
+    assert not on_disk()
+    assert not list(state_dir.glob("personal-*")) and not list(state_dir.glob(".*.tmp"))
+    state = load_state(state_dir)
+    assert state.user_weights is None and state.n_pairs == 0 and state.choices == ()
+    device(state_dir, "forget", "--all")
+    assert not state_dir.exists()
+
+
+def test_basis_file_checks(tmp_path):
+    path = save_basis(tmp_path / "b.npz", np.ones((2, 3)), version=1, embedder="e")
+    loaded = load_basis(path)
+    assert loaded.basis.dtype == np.float32 and (loaded.rank, loaded.dim, loaded.version) == (2, 3, 1)
+    with pytest.raises(BasisFileError, match="NaN"):
+        save_basis(tmp_path / "bad.npz", np.full((2, 3), np.nan), version=1, embedder="e")
+    arrays = dict(np.load(path))
+    arrays["basis"] = arrays["basis"] * 2
+    np.savez(tmp_path / "tampered.npz", **arrays)
+    with pytest.raises(BasisFileError, match="tampered.npz.*checksum"):
+        load_basis(tmp_path / "tampered.npz")
+    (tmp_path / "torn.npz").write_bytes(path.read_bytes()[:200])
+    with pytest.raises(BasisFileError, match="torn.npz"):
+        load_basis(tmp_path / "torn.npz")
