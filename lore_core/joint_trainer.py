@@ -93,8 +93,9 @@ class _Objective:
         return self.data_loss(basis, theta) + self.prior * kl + self.l2 * (basis**2).sum()
 
 
-def _lbfgs(params: list[torch.Tensor], objective, max_iter: int) -> torch.optim.LBFGS:
-    optimizer = torch.optim.LBFGS(params, lr=1.0, max_iter=max_iter, history_size=20, line_search_fn="strong_wolfe")
+def _lbfgs(params: list[torch.Tensor], objective, max_iter: int, tolerance: float = 1e-7) -> torch.optim.LBFGS:
+    optimizer = torch.optim.LBFGS(params, lr=1.0, max_iter=max_iter, history_size=20, line_search_fn="strong_wolfe",
+                                  tolerance_grad=tolerance, tolerance_change=tolerance * 1e-2)
 
     def closure():
         optimizer.zero_grad()
@@ -168,7 +169,7 @@ def fit_few_shot_torch(
     n_users: int,
     *,
     prior_strength: float = DEFAULT_PRIOR_STRENGTH,
-    max_iter: int = 200,
+    max_iter: int = 500,
     device: str = "cpu",
 ) -> np.ndarray:
     """Few-shot fit of new users' weights with the basis frozen, batched over users (same objective as
@@ -183,7 +184,8 @@ def fit_few_shot_torch(
         0.0,
     )
     theta = torch.zeros(n_users, basis.shape[0], dtype=torch.float64, device=dev, requires_grad=True)
-    _lbfgs([theta], lambda: objective(frozen, theta), max_iter)
+    # Tight tolerances: optima near the simplex boundary need large |theta|, where gradients are tiny.
+    _lbfgs([theta], lambda: objective(frozen, theta), max_iter, tolerance=1e-12)
     return torch.softmax(theta, 1).detach().cpu().numpy()
 
 

@@ -1,0 +1,46 @@
+"""The message contract between the lore-fed ServerApp and ClientApp (one source of truth for both sides).
+
+query    server -> node: {}                       node -> server: metrics {partition-id, num-train-users, dim}
+train    server -> node: arrays {basis (B, D)}, config {user-indices: [local index, ...], round}
+         node -> server: arrays {updates (k, B, D)}, metrics {num-users: k}     -- nothing else, ever
+evaluate server -> node: arrays {basis}, config {round}
+         node -> server: metrics {seen-acc-sum, seen-users, unseen-acc-sum, unseen-users[, oracle-*-acc-sum]}
+Client settings come from the run config (flat `[tool.flwr.app.config]` keys, shared with the server).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+ARRAYS = "arrays"
+CONFIG = "config"
+METRICS = "metrics"
+BASIS = "basis"
+UPDATES = "updates"
+USER_INDICES = "user-indices"
+ROUND = "round"
+NUM_USERS = "num-users"
+PARTITION_ID = "partition-id"
+NUM_TRAIN_USERS = "num-train-users"
+DIM = "dim"
+EVAL_SUM_KEYS = ("seen-acc-sum", "seen-users", "unseen-acc-sum", "unseen-users")
+ORACLE_SUM_KEYS = ("oracle-seen-acc-sum", "oracle-unseen-acc-sum")
+
+
+@dataclass(frozen=True)
+class ClientSettings:
+    """What a node needs from the run config."""
+
+    pairs_path: str  # simulation: the shared pair file; empty in deployment (node_config data-path instead)
+    prior_strength: float
+    local_steps: int
+    client_lr: float
+
+    @classmethod
+    def from_run_config(cls, run_config: dict) -> "ClientSettings":
+        return cls(
+            pairs_path=str(run_config.get("pairs-path", "")),
+            prior_strength=float(run_config["prior-strength"]),
+            local_steps=int(run_config["local-steps"]),
+            client_lr=float(run_config["client-lr"]),
+        )

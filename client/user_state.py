@@ -1,0 +1,46 @@
+"""Where a node keeps its users' private weights w (S, B) between rounds. They never enter a reply.
+
+Simulation: `Context.state` (one Context per virtual node for the whole run).
+Deployment: each message runs in a fresh process with a fresh Context per run, so w also goes to
+`<data-path>/user_weights.npz` on the device, written atomically, and is read back from there first.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, Context
+
+from lore_core.atomic_io import atomic_save_npz
+
+STATE_KEY = "lore-private"
+WEIGHTS_KEY = "user_weights"
+WEIGHTS_FILENAME = "user_weights.npz"
+
+
+def _weights_file(context: Context) -> Path | None:
+    data_path = context.node_config.get("data-path")
+    return Path(str(data_path)) / WEIGHTS_FILENAME if data_path else None
+
+
+def load_weights(context: Context, n_users: int, rank: int) -> np.ndarray:
+    """The stored w (n_users, rank); uniform (the prior) when none is stored or the rank changed."""
+    stored = None
+    if STATE_KEY in context.state:
+        stored = context.state[STATE_KEY][WEIGHTS_KEY].numpy()
+    else:
+        file = _weights_file(context)
+        if file is not None and file.exists():
+            with np.load(file) as data:
+                stored = data[WEIGHTS_KEY]
+    if stored is None or stored.shape != (n_users, rank):
+        return np.full((n_users, rank), 1.0 / rank)
+    return stored.astype(np.float64)
+
+
+def save_weights(context: Context, weights: np.ndarray) -> None:
+    context.state[STATE_KEY] = ArrayRecord({WEIGHTS_KEY: Array(np.ascontiguousarray(weights))})
+    file = _weights_file(context)
+    if file is not None:
+        atomic_save_npz(file, **{WEIGHTS_KEY: weights})

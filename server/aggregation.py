@@ -1,0 +1,87 @@
+"""Who takes part in a round and how their updates become one: the seam the privacy modes replace.
+
+An aggregator samples users (global indices into the population) and turns the accepted per-user updates
+(k, B, D) into the mean update (B, D) that the server optimizer consumes.
+- `none`: a seeded uniform sample of `clients-per-round` users without replacement (reproducible; its RNG state is
+  checkpointed) and the plain mean of the received updates. The server sees every user's update.
+- `user` (privacy.md §2): Poisson sampling with a secret RNG, per-user flat clip, Gaussian noise on the sum,
+  fixed denominator q*N (`UserDpAggregator`, numpy pieces from `lore_core.privacy.mechanism`). The run-config
+  keys, validation (`lore_core.privacy.settings`) and the ledger that turn it into a privacy mode are wired by
+  the privacy work; until then `make_aggregator` refuses mode `user`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from server.settings import RunConfigError, ServerSettings
+
+
+class NoPrivacyAggregator:
+    mode = "none"
+
+    def __init__(self, clients_per_round: int, seed: int) -> None:
+        self.clients_per_round = clients_per_round
+        self.rng = np.random.Generator(np.random.PCG64(seed))
+
+    def sample(self, population_size: int) -> np.ndarray:
+        """Sorted global user indices of this round's participants."""
+        size = min(self.clients_per_round, population_size)
+        return np.sort(self.rng.choice(population_size, size=size, replace=False))
+
+    def aggregate(self, updates: np.ndarray, population_size: int) -> np.ndarray | None:
+        """Mean of the accepted updates (k, B, D) -> (B, D); None when nothing was accepted (no step)."""
+        return updates.mean(axis=0) if updates.shape[0] else None
+
+    def state_dict(self) -> dict:
+        return {"sampler": self.rng.bit_generator.state}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.rng.bit_generator.state = state["sampler"]
+
+
+class UserDpAggregator:
+    """DP-FedAvg (privacy.md §2): Poisson(q = m/N) users from a secret RNG; per-user flat clip to C, N(0, (zC)^2) on
+    the sum, divided by the fixed q*N. The RNG is secret, so its state is never checkpointed (a resumed run draws
+    a fresh secret seed)."""
+
+    mode = "user"
+
+    def __init__(self, clients_per_round: int, noise_multiplier: float, clip_norm: float,
+                 rng: np.random.Generator | None = None) -> None:
+        from lore_core.privacy.mechanism import make_private_rng
+
+        self.clients_per_round, self.noise_multiplier, self.clip_norm = clients_per_round, noise_multiplier, clip_norm
+        self.rng = rng if rng is not None else make_private_rng()
+
+    def sample_rate(self, population_size: int) -> float:
+        return min(1.0, self.clients_per_round / population_size)
+
+    def sample(self, population_size: int) -> np.ndarray:
+        from lore_core.privacy.mechanism import poisson_sample
+
+        return poisson_sample(population_size, self.sample_rate(population_size), self.rng)
+
+    def aggregate(self, updates: np.ndarray, population_size: int) -> np.ndarray:
+        """Always a noisy step, also with no accepted update (pure noise): skipping would leak who answered."""
+        from lore_core.privacy.mechanism import aggregate_user_dp
+
+        return aggregate_user_dp(updates, self.noise_multiplier, self.clip_norm, self.sample_rate(population_size),
+                                 population_size, self.rng)
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+Aggregator = NoPrivacyAggregator | UserDpAggregator
+
+
+def make_aggregator(settings: ServerSettings) -> Aggregator:
+    if settings.privacy_mode == "none":
+        return NoPrivacyAggregator(settings.clients_per_round, settings.seed)
+    # Mode `user` needs its validated settings (clip norm, noise multiplier, delta) and the privacy ledger, which
+    # the privacy work adds; build UserDpAggregator here from them.
+    raise RunConfigError(f"privacy mode {settings.privacy_mode!r} is not wired into the ServerApp yet; use 'none'")

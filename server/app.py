@@ -1,0 +1,66 @@
+"""lore-fed ServerApp: holds only the basis A; discovers the population, resumes from the run directory's
+checkpoint when there is one, and runs the remaining rounds through `LoReStrategy.start`."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import numpy as np
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from server.aggregation import Aggregator, make_aggregator
+from server.checkpoint import RunState, check_resumable, load_checkpoint
+from server.optimizer import make_optimizer
+from server.population import discover_population
+from server.settings import ServerSettings
+from server.strategy import LoReStrategy, basis_record
+
+log = logging.getLogger("lore_fed.server")
+
+app = ServerApp()
+
+
+def initial_basis(rank: int, dim: int, seed: int, scale: float) -> np.ndarray:
+    """A0 (B, D): seeded Gaussian entries of std scale/sqrt(D) (scale 1 = the centralized trainer's init); w starts
+    uniform, so the randomness breaks the symmetry between basis rows."""
+    return np.random.default_rng([seed, 1]).normal(scale=scale / np.sqrt(dim), size=(rank, dim))
+
+
+def run_federated(grid: Grid, settings: ServerSettings, on_round: Callable[[dict], None] | None = None,
+                  aggregator: Aggregator | None = None) -> RunState:
+    """Train A over the grid's nodes to `settings.rounds`, resuming from `settings.run_dir` if a checkpoint is
+    there. Returns the final run state (basis, history). `aggregator` replaces the one of `settings.privacy_mode`."""
+    population = discover_population(grid, settings.min_nodes, settings.round_timeout)
+    aggregator = aggregator or make_aggregator(settings)
+    optimizer = make_optimizer(settings.server_optimizer, settings.server_lr)
+    state = load_checkpoint(settings.run_dir)
+    if state is None:
+        basis = initial_basis(settings.rank, population.dim, settings.seed, settings.init_scale)
+        state = RunState(round=0, basis=basis, settings=settings.fingerprint(), population=population.fingerprint())
+    else:
+        check_resumable(state, settings.fingerprint(), population.fingerprint(), settings.run_dir)
+        optimizer.load_state_dict(state.optimizer)
+        aggregator.load_state_dict(state.aggregator)
+        log.info("resuming %s after round %d", settings.run_dir, state.round)
+    strategy = LoReStrategy(settings, population, aggregator, optimizer, state, on_round=on_round)
+    strategy.start(grid=grid, initial_arrays=basis_record(state.basis),
+                   num_rounds=max(settings.rounds - state.round, 0), timeout=settings.round_timeout)
+    return state
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    settings = ServerSettings.from_run_config(context.run_config)
+    run_federated(grid, settings, on_round=print_progress)
+
+
+def print_progress(record: dict) -> None:
+    line = (f"round {record['round']:>4}  users {record['accepted_users']}/{record['sampled_users']}"
+            f"  {record['seconds']:.2f}s")
+    if "seen_test_acc" in record:
+        line += f"  seen {record['seen_test_acc']:.4f}  unseen {record['unseen_test_acc']:.4f}"
+    if record["rejected_replies"]:
+        line += f"  rejected {len(record['rejected_replies'])}"
+    print(line, flush=True)

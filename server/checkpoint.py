@@ -1,0 +1,71 @@
+"""The run's durable state, one atomic file per write (`RUN_DIR/checkpoint.npz`) after every round.
+
+It holds the basis A (B, D) after round `round`, the server optimizer state, the sampler state, the settings and
+population fingerprints and every round's metrics. A restarted server resumes at round+1: a round is either in the
+checkpoint (never repeated) or not (re-run from the same state, never lost). `rounds.jsonl` is derived from it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from lore_core.atomic_io import atomic_save_npz, atomic_write_text
+
+CHECKPOINT_FILENAME = "checkpoint.npz"
+ROUNDS_FILENAME = "rounds.jsonl"
+SCHEMA = "lore-fed-checkpoint/1"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be resumed with this run's settings."""
+
+
+@dataclass
+class RunState:
+    round: int
+    basis: np.ndarray  # (B, D) float64
+    optimizer: dict[str, np.ndarray] = field(default_factory=dict)
+    aggregator: dict = field(default_factory=dict)
+    settings: dict = field(default_factory=dict)
+    population: list[int] = field(default_factory=list)
+    history: list[dict] = field(default_factory=list)
+
+
+def save_checkpoint(run_dir: str | Path, state: RunState) -> None:
+    meta = {"schema": SCHEMA, "round": state.round, "aggregator": state.aggregator, "settings": state.settings,
+            "population": state.population, "history": state.history}
+    arrays = {f"optimizer.{key}": value for key, value in state.optimizer.items()}
+    atomic_save_npz(Path(run_dir) / CHECKPOINT_FILENAME, basis=state.basis, meta=np.array(json.dumps(meta)), **arrays)
+    write_rounds(run_dir, state.history)
+
+
+def load_checkpoint(run_dir: str | Path) -> RunState | None:
+    file = Path(run_dir) / CHECKPOINT_FILENAME
+    if not file.exists():
+        return None
+    with np.load(file, allow_pickle=False) as data:
+        meta = json.loads(str(data["meta"]))
+        if meta.get("schema") != SCHEMA:
+            raise CheckpointError(f"{file}: schema {meta.get('schema')!r}, expected {SCHEMA!r}")
+        optimizer = {key.split(".", 1)[1]: data[key] for key in data.files if key.startswith("optimizer.")}
+        basis = data["basis"]
+    return RunState(round=int(meta["round"]), basis=basis, optimizer=optimizer, aggregator=meta["aggregator"],
+                    settings=meta["settings"], population=meta["population"], history=meta["history"])
+
+
+def check_resumable(state: RunState, settings: dict, population: list[int], run_dir: str | Path) -> None:
+    if state.settings != settings:
+        changed = sorted(k for k in set(state.settings) | set(settings) if state.settings.get(k) != settings.get(k))
+        raise CheckpointError(f"{run_dir} holds a run with other settings ({changed}: "
+                              f"{[state.settings.get(k) for k in changed]} vs {[settings.get(k) for k in changed]}); "
+                              "use a new --out directory or the same settings")
+    if state.population != population:
+        raise CheckpointError(f"{run_dir} holds a run over another population (users per node differ)")
+
+
+def write_rounds(run_dir: str | Path, history: list[dict]) -> None:
+    atomic_write_text(Path(run_dir) / ROUNDS_FILENAME, "".join(json.dumps(r) + "\n" for r in history))

@@ -1,0 +1,117 @@
+"""Run the lore-fed ServerApp and ClientApp through Flower's simulation engine (Ray), programmatically.
+
+This is the route `flwr-simulation` itself takes (`_run_simulation` with the app directory and a Run whose
+override config reaches both apps; private API, flwr pinned to 1.42). Users are sharded onto virtual nodes:
+one user per node for small populations, blocks of ~`SHARD_SIZE` users above `SHARD_THRESHOLD` users (Flower's
+message store makes many nodes slow; flower-1.42.md §2). Ray is sized for this 2-core machine.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from lore_core.pairs import load_pairs
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARD_THRESHOLD = 64
+SHARD_SIZE = 50
+
+
+class AppShadowedError(RuntimeError):
+    """`server` or `client` resolves to a module outside this repository (another package of that name)."""
+
+
+def nodes_for(n_users: int, users_per_node: int | str = "auto") -> int:
+    """Number of virtual nodes: one per user up to SHARD_THRESHOLD users, else blocks of ~SHARD_SIZE."""
+    if users_per_node == "auto":
+        users_per_node = 1 if n_users <= SHARD_THRESHOLD else SHARD_SIZE
+    if not str(users_per_node).isdigit() or int(users_per_node) < 1:
+        raise ValueError(f"users-per-node must be an integer >= 1 or 'auto', got {users_per_node!r}")
+    users_per_node = int(users_per_node)
+    return max(1, math.ceil(n_users / users_per_node))
+
+
+def check_app_modules() -> None:
+    """Flower's app loader reuses `sys.modules[name]`: make sure `server`/`client` are this repo's packages."""
+    import client
+    import server
+
+    for module in (server, client):
+        file = Path(module.__file__ or "").resolve()
+        if ROOT not in file.parents:
+            raise AppShadowedError(f"module {module.__name__!r} is loaded from {file}, not from {ROOT}; "
+                                   "remove the other package or run from the repository")
+
+
+def backend_config(num_cpus: int | None = None) -> dict:
+    cpus = num_cpus or os.cpu_count() or 1
+    return {
+        "client_resources": {"num_cpus": 1, "num_gpus": 0.0},  # one actor per core
+        "init_args": {"num_cpus": cpus, "logging_level": "ERROR", "log_to_driver": False,
+                      "include_dashboard": False},
+    }
+
+
+def run_simulation(overrides: dict, num_nodes: int, *, num_cpus: int | None = None, verbose: bool = False) -> None:
+    """Run the apps of this repository with run-config `overrides` on `num_nodes` virtual nodes (blocks)."""
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    check_app_modules()
+
+    from flwr.app import Context, RecordDict
+    from flwr.common.config import get_fused_config_from_dir
+    from flwr.common.constant import SUPERLINK_NODE_ID
+    from flwr.simulation.run_simulation import _run_simulation
+    from flwr.supercore.constant import NOOP_FEDERATION_ID
+    from flwr.supercore.run import Run
+    from flwr.supercore.task_identity import TaskIdentity
+    from flwr.supercore.telemetry import EventType
+
+    fused = get_fused_config_from_dir(ROOT, overrides)
+    rng = np.random.default_rng()
+    run = Run.create_empty(run_id=int(rng.integers(1, 2**62)))
+    run.override_config = dict(overrides)
+    run.primary_task_id = int(rng.integers(1, 2**62))
+    run.federation_id = NOOP_FEDERATION_ID
+    TaskIdentity.task_id = run.primary_task_id
+    TaskIdentity.run_id = run.run_id
+    TaskIdentity.node_id = SUPERLINK_NODE_ID
+    if not verbose:
+        logging.getLogger("flwr").setLevel(logging.WARNING)
+    result = _run_simulation(
+        num_supernodes=num_nodes,
+        exit_event=EventType.FLWR_SIMULATION_RUN_LEAVE,
+        server_app_attr="server.app:app",
+        client_app_attr="client.app:app",
+        backend_config=backend_config(num_cpus),
+        app_dir=str(ROOT),
+        run=run,
+        is_app=True,
+        server_app_context=Context(run_id=run.run_id, node_id=SUPERLINK_NODE_ID, node_config={}, state=RecordDict(),
+                                   run_config=fused),
+        verbose_logging=verbose,
+    )
+    if not getattr(result, "success", True):
+        raise RuntimeError("the Flower simulation failed (see the log above)")
+
+
+def simulate_pairs(pairs_path: str | Path, run_dir: str | Path, *, users_per_node: int | str = "auto",
+                   overrides: dict | None = None, num_cpus: int | None = None, verbose: bool = False) -> int:
+    """Federated training on a pair file; returns the number of virtual nodes used."""
+    pairs = load_pairs(pairs_path)
+    n_users = int(np.unique(pairs.user).size)
+    num_nodes = nodes_for(n_users, users_per_node)
+    config = {"pairs-path": str(Path(pairs.source).resolve()), "run-dir": str(Path(run_dir).resolve()),
+              "min-nodes": num_nodes, **(overrides or {})}
+    run_simulation(config, num_nodes, num_cpus=num_cpus, verbose=verbose)
+    return num_nodes

@@ -1,0 +1,216 @@
+"""Federated LoRe: the real ServerApp strategy and ClientApp handlers on an in-process grid, plus one run through
+Flower's Ray simulation engine."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flwr.common.config import get_fused_config_from_dir
+
+from client import protocol as p
+from client.app import app as client_app
+from client.user_state import STATE_KEY, WEIGHTS_KEY
+from lore_core.pairs import save_pairs
+from server.app import run_federated
+from server.checkpoint import CheckpointError, load_checkpoint
+from server.settings import ServerSettings
+from simulations.synthetic_pairs import SyntheticPairsConfig, make_synthetic_pairs
+from local_grid import LocalGrid
+
+ROOT = Path(__file__).resolve().parents[1]
+RANK, DIM = 3, 24
+
+
+@pytest.fixture(scope="module")
+def pair_file(tmp_path_factory) -> Path:
+    pairs, _ = make_synthetic_pairs(SyntheticPairsConfig(dim=DIM, true_rank=RANK, seen_users=24, unseen_users=6,
+                                                         train_pairs=(20, 30), seed=3))
+    return save_pairs(pairs, tmp_path_factory.mktemp("data") / "pairs.npz")
+
+
+def make_run(pair_file: Path, run_dir: Path, nodes: int = 4, reply_hook=None, **overrides):
+    config = {"pairs-path": str(pair_file), "run-dir": str(run_dir), "rank": RANK, "num-server-rounds": 6,
+              "clients-per-round": 8, "eval-every": 3, "server-lr": 0.1, **overrides}
+    cfg = get_fused_config_from_dir(ROOT, config)
+    grid = LocalGrid(client_app, [{"partition-id": i, "num-partitions": nodes} for i in range(nodes)], cfg,
+                     reply_hook=reply_hook)
+    return grid, ServerSettings.from_run_config(cfg)
+
+
+def final_eval(state) -> dict:
+    return {k: v for k, v in state.history[-1].items() if k.endswith("_test_acc")}
+
+
+def test_in_process_run_improves_accuracy(pair_file, tmp_path):
+    grid, settings = make_run(pair_file, tmp_path, **{"num-server-rounds": 12, "eval-every": 1})
+    state = run_federated(grid, settings)
+    evals = [r for r in state.history if "seen_test_acc" in r]
+    assert [r["round"] for r in state.history] == list(range(1, 13))
+    assert evals[-1]["seen_test_acc"] > evals[0]["seen_test_acc"] + 0.05
+    assert evals[-1]["unseen_test_acc"] > evals[0]["unseen_test_acc"] + 0.05
+    rounds_file = (tmp_path / "rounds.jsonl").read_text().splitlines()
+    assert [json.loads(line)["round"] for line in rounds_file] == list(range(1, 13))
+
+
+def test_replies_carry_only_per_user_basis_updates_and_counts(pair_file, tmp_path):
+    grid, settings = make_run(pair_file, tmp_path)
+    run_federated(grid, settings)
+    asked = {m.metadata.message_id: m for m in grid.sent}
+    kinds = {"query": 0, "train": 0, "evaluate": 0}
+    for reply in grid.replies:
+        assert not reply.has_error()
+        request = asked[reply.metadata.reply_to_message_id]
+        kind = request.metadata.message_type
+        kinds[kind] += 1
+        content = reply.content
+        assert not content.config_records  # no configs (nothing free-form) leave a node
+        metrics = content[p.METRICS]
+        for value in metrics.values():  # metrics are scalars: no per-pair or per-user vectors
+            assert isinstance(value, (int, float))
+        if kind == "train":
+            n_asked = len(request.content[p.CONFIG][p.USER_INDICES])
+            assert set(content.keys()) == {p.ARRAYS, p.METRICS}
+            assert set(content[p.ARRAYS].keys()) == {p.UPDATES}
+            assert content[p.ARRAYS][p.UPDATES].numpy().shape == (n_asked, RANK, DIM)
+            assert dict(metrics) == {p.NUM_USERS: n_asked}
+        else:
+            assert set(content.keys()) == {p.METRICS}
+            allowed = {"query": {p.PARTITION_ID, p.NUM_TRAIN_USERS, p.DIM},
+                       "evaluate": set(p.EVAL_SUM_KEYS) | set(p.ORACLE_SUM_KEYS)}[kind]
+            assert set(metrics.keys()) <= allowed
+    assert kinds["query"] == 4 and kinds["train"] >= 6 and kinds["evaluate"] == 8
+    # Each user's update is rank one (w (x) v): a basis update, not data. (Under mode `none` the server could
+    # still read w off it by SVD; privacy.md §0.3 - the DP modes address that.)
+    updates = [r.content[p.ARRAYS][p.UPDATES].numpy() for r in grid.replies if p.ARRAYS in r.content]
+    singular = np.linalg.svd(np.concatenate(updates), compute_uv=False)
+    assert np.all(singular[:, 1] <= 1e-8 * singular[:, 0])
+
+
+def test_user_weights_persist_in_context_state(pair_file, tmp_path):
+    grid, settings = make_run(pair_file, tmp_path, nodes=1, **{"num-server-rounds": 3, "eval-every": 100})
+    (context,) = grid.contexts.values()
+    stored = []  # the node's w after rounds 1 and 2 (train only; round 3 also evaluates)
+    run_federated(grid, settings, on_round=lambda r: stored.append(context.state[STATE_KEY][WEIGHTS_KEY].numpy()))
+    asked = [set(m.content[p.CONFIG][p.USER_INDICES]) for m in grid.sent if m.metadata.message_type == "train"]
+    fitted = [set(np.flatnonzero(~np.isclose(w, 1.0 / RANK).all(axis=1))) for w in stored[:2]]
+    assert stored[0].shape == (24, RANK)
+    np.testing.assert_allclose(stored[1].sum(axis=1), 1.0)
+    assert fitted[0] == asked[0] and fitted[1] == asked[0] | asked[1]
+    kept = sorted(asked[0] - asked[1])  # fitted in round 1, not sampled in round 2: w carried over unchanged
+    assert kept
+    np.testing.assert_array_equal(stored[1][kept], stored[0][kept])
+
+
+def test_device_keeps_user_weights_in_a_file(pair_file, tmp_path):
+    from flwr.app import Context, RecordDict
+
+    from client.user_state import WEIGHTS_FILENAME, load_weights
+    from lore_core.pairs import load_pairs
+
+    pairs = load_pairs(pair_file)
+    devices = []
+    for user in np.unique(pairs.user[pairs.seen])[:4]:  # deployment: one user per device, its own pair file
+        save_pairs(pairs.subset(pairs.user == user), tmp_path / user / "pairs.npz")
+        devices.append({"partition-id": len(devices), "data-path": str(tmp_path / user)})
+    cfg = get_fused_config_from_dir(ROOT, {"run-dir": str(tmp_path / "run"), "rank": RANK, "num-server-rounds": 2,
+                                           "clients-per-round": 4})
+    grid = LocalGrid(client_app, devices, cfg)
+    run_federated(grid, ServerSettings.from_run_config(cfg))
+    for node_id, context in grid.contexts.items():
+        in_state = context.state[STATE_KEY][WEIGHTS_KEY].numpy()
+        fresh = Context(run_id=2, node_id=node_id, node_config=context.node_config, state=RecordDict(), run_config=cfg)
+        assert (Path(context.node_config["data-path"]) / WEIGHTS_FILENAME).exists()
+        np.testing.assert_array_equal(load_weights(fresh, 1, RANK), in_state)  # a new run starts from the file
+
+
+@pytest.mark.parametrize("damage", ["nan", "inf", "shape", "count"])
+def test_bad_reply_is_rejected_logged_and_round_goes_on(pair_file, tmp_path, caplog, damage):
+    from flwr.app import Array, ArrayRecord, MetricRecord
+
+    victims = []
+
+    def tamper(reply):
+        content = reply.content
+        if p.UPDATES not in content.array_records.get(p.ARRAYS, {}) or victims:
+            return reply
+        victims.append(reply.metadata.src_node_id)
+        updates = content[p.ARRAYS][p.UPDATES].numpy().copy()
+        if damage == "nan":
+            updates[0, 0, 0] = np.nan
+        elif damage == "inf":
+            updates[-1, -1, -1] = np.inf
+        elif damage == "shape":
+            updates = updates[:, :, :-1]
+        content[p.ARRAYS] = ArrayRecord({p.UPDATES: Array(updates)})
+        if damage == "count":
+            content[p.METRICS] = MetricRecord({p.NUM_USERS: updates.shape[0] + 1})
+        return reply
+
+    grid, settings = make_run(pair_file, tmp_path, reply_hook=tamper, **{"num-server-rounds": 2})
+    with caplog.at_level(logging.WARNING, logger="lore_fed.server"):
+        state = run_federated(grid, settings)
+    first = state.history[0]
+    assert [r["node"] for r in first["rejected_replies"]] == victims
+    assert first["accepted_users"] < first["sampled_users"]
+    assert state.history[1]["rejected_replies"] == [] and len(state.history) == 2
+    assert any("rejected the reply of node" in rec.message for rec in caplog.records)
+    assert np.isfinite(state.basis).all()
+
+
+def test_killed_run_resumes_to_the_same_final_metrics(pair_file, tmp_path):
+    grid, settings = make_run(pair_file, tmp_path / "straight")
+    straight = run_federated(grid, settings)
+
+    class Killed(Exception):
+        pass
+
+    def kill_in_round_4(reply):
+        request = next(m for m in grid2.sent if m.metadata.message_id == reply.metadata.reply_to_message_id)
+        if request.metadata.message_type == "train" and request.content[p.CONFIG][p.ROUND] == 4:
+            raise Killed  # the server process dies in the middle of round 4
+        return reply
+
+    grid2, settings2 = make_run(pair_file, tmp_path / "killed", reply_hook=kill_in_round_4)
+    with pytest.raises(Killed):
+        run_federated(grid2, settings2)
+    assert load_checkpoint(tmp_path / "killed").round == 3
+    grid3, settings3 = make_run(pair_file, tmp_path / "killed")  # a new process: fresh node contexts, no w
+    resumed = run_federated(grid3, settings3)
+    assert [r["round"] for r in resumed.history] == list(range(1, 7))
+    assert final_eval(resumed) == final_eval(straight)
+    np.testing.assert_allclose(resumed.basis, straight.basis, rtol=0, atol=1e-7)
+    with pytest.raises(CheckpointError, match="other settings"):
+        run_federated(*make_run(pair_file, tmp_path / "killed", **{"server-lr": 0.2}))
+
+
+def test_user_dp_aggregator_fits_the_strategy_seam(pair_file, tmp_path):
+    from lore_core.privacy.mechanism import make_private_rng
+    from server.aggregation import UserDpAggregator
+
+    grid, settings = make_run(pair_file, tmp_path, **{"num-server-rounds": 4})
+    dp = UserDpAggregator(clients_per_round=8, noise_multiplier=1.0, clip_norm=0.1, rng=make_private_rng(7))
+    state = run_federated(grid, settings, aggregator=dp)
+    sampled = [r["sampled_users"] for r in state.history]
+    assert len(sampled) == 4 and len(set(sampled)) > 1  # Poisson: the count varies from round to round
+    assert np.isfinite(state.basis).all() and "seen_test_acc" in state.history[-1]
+
+
+@pytest.mark.slow
+def test_simulate_command_runs_through_the_ray_engine(pair_file, tmp_path):
+    from simulations.cli import main
+
+    out = tmp_path / "sim"
+    code = main(["simulate", str(pair_file), "--rounds", "2", "--clients-per-round", "4", "--rank", str(RANK),
+                 "--out", str(out), "--users-per-node", "10", "--eval-every", "1"])
+    assert code == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    for key in ("seen_test_acc", "unseen_test_acc", "rank", "train_seconds", "oracle_seen_test_acc",
+                "oracle_unseen_test_acc", "rounds", "wall_seconds", "privacy_mode"):
+        assert key in metrics
+    assert metrics["rounds"] == 2 and metrics["privacy_mode"] == "none" and metrics["nodes"] == 3
+    assert len((out / "rounds.jsonl").read_text().splitlines()) == 2
+    assert (out / "report.md").exists() and (out / "accuracy_per_round.png").stat().st_size > 0
