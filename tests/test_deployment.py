@@ -1,0 +1,192 @@
+"""Flower's Deployment Engine on 127.0.0.1: TLS, SuperNode authentication, durable node state, faults.
+
+One SuperLink and 3 SuperNodes (real processes, `simulations.deploy.LocalDeployment`) are shared by the slow tests
+of this module, in file order: a clean 2-round run, an unregistered node, a node killed mid-run, a SuperLink
+restarted mid-run, and finally that every process started is stopped. Each run uses its own server run directory;
+the nodes' data and w files persist across runs, as on real devices.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lore_core.pairs import load_pairs, save_pairs
+from server.checkpoint import load_checkpoint
+from simulations.deploy import ROOT, LocalDeployment, generate_certificates, split_pairs
+
+APP = ROOT  # the Flower app `flwr run` packs
+from simulations.synthetic_pairs import SyntheticPairsConfig, make_synthetic_pairs
+
+NODES = 3
+RANK = 2
+SEEN_USERS = 9
+# Every user every round (q = 1 under Poisson sampling), so every node is asked in every round; federated
+# evaluation only after the last round (what DP modes allow without opting in to uncovered metrics).
+BASE_CONFIG = {"num-server-rounds": 2, "rank": RANK, "clients-per-round": SEEN_USERS, "eval-every": 0,
+               "local-steps": 3, "round-timeout": 60.0}
+# The privacy mode the runs train in (issue 7 asks for `user`; see PRIVACY_CONFIG).
+PRIVACY_CONFIG = {"privacy-mode": "user", "noise-multiplier": 0.5, "clip-norm": 1.0}
+# A SIGKILLed node is declared unavailable by the SuperLink only after 2 missed 30 s heartbeats; the server's
+# `round-timeout` caps each wait for replies, so the round goes on with the other nodes.
+KILL_ROUND_TIMEOUT = 25.0
+
+
+def run_overrides(run_dir: Path, **extra) -> dict:
+    return {**BASE_CONFIG, **PRIVACY_CONFIG, "run-dir": str(run_dir), **extra}
+
+
+def wait_for_rounds(run_dir: Path, rounds: int, timeout: float = 180.0) -> None:
+    """Block until the server's rounds.jsonl lists `rounds` finished rounds."""
+    file = run_dir / "rounds.jsonl"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if file.exists() and len(file.read_text().splitlines()) >= rounds:
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"{file} did not reach {rounds} rounds within {timeout} s")
+
+
+def read_ledger(run_dir: Path) -> dict:
+    file = run_dir / "ledger.json"
+    assert file.exists(), f"no privacy ledger in {run_dir}: is privacy mode `user` wired into the ServerApp?"
+    return json.loads(file.read_text())
+
+
+def ledger_rounds(ledger: dict) -> int:
+    """Noisy releases the ledger has accounted for (user mode: one per training round)."""
+    assert ledger["mode"] == PRIVACY_CONFIG["privacy-mode"] and ledger["epsilon"] is not None
+    return int(ledger["rounds"]["released"])
+
+
+@pytest.fixture(scope="module")
+def deployment(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("deploy")
+    pairs, _ = make_synthetic_pairs(SyntheticPairsConfig(dim=16, true_rank=RANK, seen_users=SEEN_USERS,
+                                                         unseen_users=NODES, train_pairs=(10, 12), test_pairs=5))
+    # Rename users so that the contiguous node blocks each hold 3 seen users and 1 unseen user.
+    ids = np.unique(pairs.user)
+    order = np.r_[[i for k in range(NODES) for i in (*range(3 * k, 3 * k + 3), SEEN_USERS + k)]]
+    pairs = replace(pairs, user=np.array([f"user{r:03d}" for r in np.argsort(order)])[np.searchsorted(ids, pairs.user)])
+    save_pairs(pairs, run_dir / "all-pairs.npz")
+    certs = generate_certificates(run_dir / "certs", nodes=NODES + 1)  # node3: a key that is never registered
+    split_pairs(run_dir / "all-pairs.npz", run_dir, NODES)
+    deployment = LocalDeployment(run_dir, NODES, certs, app=APP)
+    try:
+        deployment.start()
+        yield deployment
+    finally:
+        deployment.close()
+
+
+def test_fab_packs_only_the_apps():
+    """`flwr run .` builds its FAB from the repository: it must build, with client/, server/, lore_core/ only."""
+    import io
+    import zipfile
+
+    from flwr.cli.build import build_fab_from_disk
+
+    names = zipfile.ZipFile(io.BytesIO(build_fab_from_disk(ROOT))).namelist()
+    packages = {name.split("/")[0] for name in names if "/" in name}
+    assert packages == {"client", "lore_core", "server", ".info"}, packages
+
+
+@pytest.mark.slow
+def test_secure_run_trains_and_keeps_w_on_nodes(deployment):
+    run_dir = deployment.run_dir / "clean"
+    outcome = deployment.run(run_overrides(run_dir))
+    assert outcome.completed, f"{outcome.status} {outcome.details}; see {outcome.log}"
+
+    state = load_checkpoint(run_dir)
+    assert state.round == 2 and [r["round"] for r in state.history] == [1, 2]
+    assert all(r["missing_replies"] == 0 and not r["rejected_replies"] for r in state.history)
+    assert 0.0 <= state.history[-1]["seen_test_acc"] <= 1.0
+    assert len((run_dir / "rounds.jsonl").read_text().splitlines()) == 2
+    assert ledger_rounds(read_ledger(run_dir)) == 2
+    for k in range(NODES):  # w stays on the node, in its data directory
+        data = deployment.run_dir / f"node{k}" / "data"
+        n_seen = np.unique(load_pairs(data / "pairs.npz").select(seen=True, split="train").user).size
+        with np.load(data / "user_weights.npz") as stored:
+            weights = stored["user_weights"]
+        assert weights.shape == (n_seen, RANK)
+        np.testing.assert_allclose(weights.sum(axis=1), 1.0, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_unregistered_supernode_is_refused(deployment):
+    stranger = deployment.start_supernode(NODES, private_key=deployment.certs.node_keys[NODES])
+    try:
+        code = stranger.wait(timeout=60)
+    finally:
+        deployment.stop_supernode(NODES)
+    log = (deployment.run_dir / f"node{NODES}" / "supernode.log").read_text(errors="replace")
+    # Flower logs its exit code 305 (SUPERNODE_CONNECTION_ERROR); the process itself exits non-zero.
+    assert code != 0 and "Exit Code: 305" in log, log[-2000:]
+    assert "[code: 2004] Failed to activate SuperNode" in log
+
+
+@pytest.mark.slow
+def test_round_completes_when_a_supernode_dies(deployment):
+    run_dir = deployment.run_dir / "node-killed"
+    process, log = deployment.start_run(run_overrides(run_dir, **{"round-timeout": KILL_ROUND_TIMEOUT}))
+    try:
+        wait_for_rounds(run_dir, 1)
+        deployment.stop_supernode(2, signal.SIGKILL)  # round 2 is under way: the device dies without a word
+        outcome = deployment.wait_run(process, log, timeout=300)
+    finally:
+        deployment.start_supernode(2)  # back for the next test (its w file survived: atomic writes)
+    assert outcome.completed, f"{outcome.status} {outcome.details}; see {outcome.log}"
+
+    state = load_checkpoint(run_dir)
+    killed_users = np.unique(load_pairs(deployment.run_dir / "node2" / "data" / "pairs.npz")
+                             .select(seen=True, split="train").user).size
+    first, second = state.history
+    assert first["accepted_users"] == SEEN_USERS and first["missing_replies"] == 0
+    assert second["accepted_users"] == SEEN_USERS - killed_users
+    assert second["missing_replies"] + len(second["rejected_replies"]) >= 1
+    assert 0.0 <= second["seen_test_acc"] <= 1.0 and 0.0 <= second["unseen_test_acc"] <= 1.0
+    # The final evaluation covers the two live nodes only; the record must say that one node did not answer.
+    # Needs server support: LoReStrategy.aggregate_evaluate records failed replies but not absent ones.
+    unanswered = second["eval_failed_nodes"] + second.get("eval_missing_nodes", 0)
+    assert unanswered == 1, f"round record does not account for the dead node's evaluation: {second}"
+    # Under DP the noisy step is taken and accounted whoever answered: both rounds are in the ledger.
+    assert ledger_rounds(read_ledger(run_dir)) == 2
+
+
+@pytest.mark.slow
+def test_superlink_restart_resumes_from_checkpoint_and_ledger(deployment):
+    run_dir = deployment.run_dir / "link-restarted"
+    process, log = deployment.start_run(run_overrides(run_dir))
+    wait_for_rounds(run_dir, 1)
+    deployment.stop_superlink(signal.SIGKILL)  # the server machine goes down with its ServerApp
+    interrupted = deployment.wait_run(process, log, timeout=60)
+    assert interrupted.status == "unreachable"
+    after_crash = load_checkpoint(run_dir)
+    assert after_crash.round in (1, 2)
+    rounds_before = ledger_rounds(read_ledger(run_dir))
+
+    deployment.start_superlink()  # same database: registered nodes are still known, nodes reconnect
+    outcome = deployment.run(run_overrides(run_dir))
+    assert outcome.completed, f"{outcome.status} {outcome.details}; see {outcome.log}"
+    state = load_checkpoint(run_dir)
+    assert [r["round"] for r in state.history] == [1, 2]  # no round lost, none repeated
+    assert state.history[0] == after_crash.history[0]
+    # A round recorded in the ledger but lost with the crash before its checkpoint is run again and counted again:
+    # spent budget is never lost.
+    assert ledger_rounds(read_ledger(run_dir)) == 2 + (rounds_before - after_crash.round)
+    # The restored SuperLink lists the crashed run as `running` at first, then finishes it itself.
+    status, details = deployment.run_status(interrupted.run_id, wait=30)
+    assert status.startswith("finished:") and status != "finished:completed", (status, details)
+
+
+@pytest.mark.slow
+def test_every_started_process_is_stopped(deployment):
+    assert deployment.started_pgids
+    deployment.close()
+    assert deployment.alive_groups() == []
