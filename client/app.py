@@ -1,7 +1,10 @@
 """lore-fed ClientApp: translates Flower messages to `client.local_training` calls and back (numpy only).
 
 A node hosts a block of users (one on a device). Replies carry the sampled users' basis updates and counts only:
-w stays in `client.user_state`, pairs and per-pair values never leave this module.
+w stays in `client.user_state`, pairs and per-pair values never leave this module. Under DP (privacy mode in the
+train config, set by the server) train replies carry no data-dependent metric: in user modes each user's update is
+clipped here to the clip norm (and re-clipped by the server); in record mode each update is an Opacus DP-SGD
+output, sent with the users' accountant histories.
 """
 
 from __future__ import annotations
@@ -13,9 +16,9 @@ from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordD
 from flwr.clientapp import ClientApp
 
 from client import protocol as p
-from client.local_training import evaluate_block, train_sampled_users
+from client.local_training import evaluate_block, record_dp_updates, train_sampled_users
 from client.user_block import UserBlock, load_device_block, load_partition_block
-from client.user_state import load_weights, save_weights
+from client.user_state import load_record_histories, load_weights, save_record_histories, save_weights
 from lore_core.pairs import PAIRS_FILENAME
 
 app = ClientApp()
@@ -56,16 +59,53 @@ def train(msg: Message, context: Context) -> Message:
     settings = p.ClientSettings.from_run_config(context.run_config)
     block = _block(context, settings)
     basis = _basis(msg, block)
-    sampled = np.asarray(msg.content[p.CONFIG][p.USER_INDICES], dtype=np.int64)
+    config = msg.content[p.CONFIG]
+    sampled = np.asarray(config[p.USER_INDICES], dtype=np.int64)
     if sampled.size == 0 or sampled.min() < 0 or sampled.max() >= block.n_train_users or \
             np.unique(sampled).size != sampled.size:
         raise ClientRequestError(f"user-indices must be distinct in [0, {block.n_train_users}), got {sampled}")
+    mode = str(config.get(p.PRIVACY_MODE, "none"))
     weights = load_weights(context, block.n_train_users, basis.shape[0])
-    weights, updates = train_sampled_users(basis, block, weights, sampled, prior_strength=settings.prior_strength,
-                                           steps=settings.local_steps, lr=settings.client_lr)
+    arrays = {}
+    if mode == "record":
+        weights, updates, history = _record_train(context, config, settings, basis, block, weights, sampled)
+        arrays[p.DP_HISTORY] = Array(np.ascontiguousarray(history))
+    else:
+        weights, updates = train_sampled_users(basis, block, weights, sampled, prior_strength=settings.prior_strength,
+                                               steps=settings.local_steps, lr=settings.client_lr)
+        if mode in ("user", "user+secagg"):
+            from lore_core.privacy.mechanism import clip_updates
+
+            updates, _ = clip_updates(updates, float(config[p.CLIP_NORM]))  # one flat clip per user
     save_weights(context, weights)
-    return Message(RecordDict({p.ARRAYS: ArrayRecord({p.UPDATES: Array(np.ascontiguousarray(updates))}),
+    arrays[p.UPDATES] = Array(np.ascontiguousarray(updates))
+    return Message(RecordDict({p.ARRAYS: ArrayRecord(arrays),
                                p.METRICS: MetricRecord({p.NUM_USERS: int(sampled.size)})}), reply_to=msg)
+
+
+def _record_train(context: Context, config, settings: p.ClientSettings, basis: np.ndarray, block: UserBlock,
+                  weights: np.ndarray, sampled: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Record mode: DP-SGD per sampled user, continuing each user's stored accountant history.
+    Returns (weights (S, B), updates (k, B, D), the sampled users' histories as rows (position, z, q, steps))."""
+    from lore_core.privacy.record_dp import RecordDpState
+
+    stored = load_record_histories(context)
+    owner = stored[:, 0].astype(np.int64)
+    states = [RecordDpState(history=[(z, q, int(k)) for _, z, q, k in stored[owner == u]]) for u in sampled]
+    max_epsilon = config.get(p.MAX_EPSILON)
+    seed = config.get(p.NOISE_SEED)
+    weights, updates, states = record_dp_updates(
+        basis, block, weights, sampled, states, prior_strength=settings.prior_strength, lr=settings.client_lr,
+        noise_multiplier=float(config[p.NOISE_MULTIPLIER]), max_grad_norm=float(config[p.MAX_GRAD_NORM]),
+        batch_size=int(config[p.RECORD_BATCH_SIZE]), epochs=int(config[p.RECORD_EPOCHS]),
+        delta=float(config[p.DELTA]), max_epsilon=None if max_epsilon is None else float(max_epsilon),
+        noise_seed=None if seed is None else int(seed) + 104729 * int(config[p.ROUND]), device=settings.device)
+    rows = [(u, z, q, k) for u, state in zip(sampled, states) for z, q, k in state.history]
+    kept = stored[~np.isin(owner, sampled)]
+    save_record_histories(context, np.concatenate([kept, np.array(rows, dtype=np.float64).reshape(-1, 4)]))
+    position = {int(u): i for i, u in enumerate(sampled)}
+    history = np.array([(position[int(u)], z, q, k) for u, z, q, k in rows], dtype=np.float64).reshape(-1, 4)
+    return weights, updates, history
 
 
 @app.evaluate()

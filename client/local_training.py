@@ -52,6 +52,18 @@ def local_basis_updates(basis: np.ndarray, weights: np.ndarray, rows: RowGroup, 
     return -lr * weights[:, :, None] * r[:, None, :]
 
 
+def fit_sampled_users(basis: np.ndarray, block: UserBlock, weights: np.ndarray, sampled: np.ndarray, *,
+                      prior_strength: float) -> tuple[np.ndarray, RowGroup]:
+    """Refit w of the sampled local users (k,) with A frozen (warm start from `weights` (S, B)).
+    Returns (their w (k, B), their train rows with user_idx relabelled to 0..k-1)."""
+    rows = block.seen_train
+    keep = np.isin(rows.user_idx, sampled)
+    relabel = np.full(block.n_train_users, -1, dtype=np.int64)
+    relabel[sampled] = np.arange(sampled.size)
+    sub = RowGroup(diff=rows.diff[keep], user_idx=relabel[rows.user_idx[keep]], logit_true=None)
+    return fit_weights(basis, sub, sampled.size, prior_strength, init=weights[sampled]), sub
+
+
 def train_sampled_users(basis: np.ndarray, block: UserBlock, weights: np.ndarray, sampled: np.ndarray, *,
                         prior_strength: float, steps: int, lr: float) -> tuple[np.ndarray, np.ndarray]:
     """Fit w and compute dA for the sampled local users.
@@ -59,15 +71,42 @@ def train_sampled_users(basis: np.ndarray, block: UserBlock, weights: np.ndarray
     weights (S, B): the node's stored w (warm start); sampled (k,) local indices.
     Returns (new weights (S, B) with the sampled rows refit, updates (k, B, D)).
     """
-    rows = block.seen_train
-    keep = np.isin(rows.user_idx, sampled)
-    relabel = np.full(block.n_train_users, -1, dtype=np.int64)
-    relabel[sampled] = np.arange(sampled.size)
-    sub = RowGroup(diff=rows.diff[keep], user_idx=relabel[rows.user_idx[keep]], logit_true=None)
-    fitted = fit_weights(basis, sub, sampled.size, prior_strength, init=weights[sampled])
+    fitted, sub = fit_sampled_users(basis, block, weights, sampled, prior_strength=prior_strength)
     updated = weights.copy()
     updated[sampled] = fitted
     return updated, local_basis_updates(basis, fitted, sub, steps=steps, lr=lr)
+
+
+def record_dp_updates(basis: np.ndarray, block: UserBlock, weights: np.ndarray, sampled: np.ndarray,
+                      states: list, *, prior_strength: float, lr: float, noise_multiplier: float,
+                      max_grad_norm: float, batch_size: int, epochs: int, delta: float,
+                      max_epsilon: float | None = None, noise_seed: int | None = None,
+                      device: str = "cpu") -> tuple[np.ndarray, np.ndarray, list]:
+    """Record mode: fit w (A frozen), then per user Opacus DP-SGD on A with that w frozen (a buffer).
+
+    states: one RecordDpState per sampled user (its accountant history so far, never reset).
+    Returns (new weights (S, B), updates (k, B, D), new states). A user whose next step would exceed max_epsilon
+    trains nothing: zero update, unchanged history. One Opacus engine per user: a Python loop over the sampled users
+    is the price of per-user accountants (a baseline mode).
+    """
+    from lore_core.privacy.accounting import PrivacyBudgetExhausted
+    from lore_core.privacy.record_dp import dp_sgd_basis_update
+
+    fitted, sub = fit_sampled_users(basis, block, weights, sampled, prior_strength=prior_strength)
+    updated = weights.copy()
+    updated[sampled] = fitted
+    updates = np.zeros((sampled.size,) + basis.shape)
+    new_states = list(states)
+    for i in range(sampled.size):
+        seed = None if noise_seed is None else noise_seed + 7919 * int(sampled[i])  # debug runs only
+        try:
+            updates[i], new_states[i] = dp_sgd_basis_update(
+                basis, fitted[i], sub.diff[sub.user_idx == i], noise_multiplier=noise_multiplier,
+                max_grad_norm=max_grad_norm, batch_size=batch_size, epochs=epochs, lr=lr, state=states[i],
+                device=device, delta=delta, max_epsilon=max_epsilon, reproducible_seed=seed)
+        except PrivacyBudgetExhausted:
+            pass  # this user's record-level budget is spent: it sends a zero update
+    return updated, updates, new_states
 
 
 def accuracy_sums(logits: np.ndarray, rows: RowGroup, n_users: int) -> tuple[float, int, float]:

@@ -1,8 +1,12 @@
 """The message contract between the lore-fed ServerApp and ClientApp (one source of truth for both sides).
 
 query    server -> node: {}                       node -> server: metrics {partition-id, num-train-users, dim}
-train    server -> node: arrays {basis (B, D)}, config {user-indices: [local index, ...], round}
+train    server -> node: arrays {basis (B, D)}, config {user-indices: [local index, ...], round, privacy-mode,
+                          + user modes: clip-norm; + record: noise-multiplier, max-grad-norm, record-batch-size,
+                          record-epochs, delta[, max-epsilon][, noise-seed (debug, NOT PRIVATE)]}
          node -> server: arrays {updates (k, B, D)}, metrics {num-users: k}     -- nothing else, ever
+                         record mode adds arrays {dp-history (s, 4): rows (position in updates, z, q, steps)}:
+                         each sampled user's accountant history, for the ledger (reveals its batch count)
 evaluate server -> node: arrays {basis}, config {round}
          node -> server: metrics {seen-acc-sum, seen-users, unseen-acc-sum, unseen-users[, oracle-*-acc-sum]}
 Client settings come from the run config (flat `[tool.flwr.app.config]` keys, shared with the server).
@@ -20,6 +24,16 @@ UPDATES = "updates"
 USER_INDICES = "user-indices"
 ROUND = "round"
 NUM_USERS = "num-users"
+DP_HISTORY = "dp-history"
+PRIVACY_MODE = "privacy-mode"
+CLIP_NORM = "clip-norm"
+NOISE_MULTIPLIER = "noise-multiplier"
+MAX_GRAD_NORM = "max-grad-norm"
+RECORD_BATCH_SIZE = "record-batch-size"
+RECORD_EPOCHS = "record-epochs"
+DELTA = "delta"
+MAX_EPSILON = "max-epsilon"
+NOISE_SEED = "noise-seed"
 PARTITION_ID = "partition-id"
 NUM_TRAIN_USERS = "num-train-users"
 DIM = "dim"
@@ -35,6 +49,7 @@ class ClientSettings:
     prior_strength: float
     local_steps: int
     client_lr: float
+    device: str = "cpu"  # record mode: torch device of the DP-SGD step
 
     @classmethod
     def from_run_config(cls, run_config: dict) -> "ClientSettings":
@@ -43,4 +58,5 @@ class ClientSettings:
             prior_strength=float(run_config["prior-strength"]),
             local_steps=int(run_config["local-steps"]),
             client_lr=float(run_config["client-lr"]),
+            device=str(run_config.get("device", "cpu")),
         )

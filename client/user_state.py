@@ -44,3 +44,33 @@ def save_weights(context: Context, weights: np.ndarray) -> None:
     file = _weights_file(context)
     if file is not None:
         atomic_save_npz(file, **{WEIGHTS_KEY: weights})
+
+
+# Record mode: each local user's Opacus accountant history, rows (local user index, z, q, steps). Persisted like w
+# (Context.state, and the device file in deployment) and never reset: a re-created accountant would under-report.
+RECORD_DP_KEY = "lore-record-dp"
+RECORD_DP_FILENAME = "record_dp_state.npz"
+
+
+def _record_file(context: Context) -> Path | None:
+    data_path = context.node_config.get("data-path")
+    return Path(str(data_path)) / RECORD_DP_FILENAME if data_path else None
+
+
+def load_record_histories(context: Context) -> np.ndarray:
+    """All local users' accountant histories as rows (user, z, q, steps), (s, 4); empty before the first round."""
+    if RECORD_DP_KEY in context.state:
+        return context.state[RECORD_DP_KEY][RECORD_DP_KEY].numpy()
+    file = _record_file(context)
+    if file is not None and file.exists():
+        with np.load(file) as data:
+            return data[RECORD_DP_KEY]
+    return np.zeros((0, 4))
+
+
+def save_record_histories(context: Context, rows: np.ndarray) -> None:
+    rows = np.ascontiguousarray(rows, dtype=np.float64).reshape(-1, 4)
+    context.state[RECORD_DP_KEY] = ArrayRecord({RECORD_DP_KEY: Array(rows)})
+    file = _record_file(context)
+    if file is not None:
+        atomic_save_npz(file, **{RECORD_DP_KEY: rows})

@@ -4,16 +4,18 @@ An aggregator samples users (global indices into the population) and turns the a
 (k, B, D) into the mean update (B, D) that the server optimizer consumes.
 - `none`: a seeded uniform sample of `clients-per-round` users without replacement (reproducible; its RNG state is
   checkpointed) and the plain mean of the received updates. The server sees every user's update.
-- `user` (privacy.md §2): Poisson sampling with a secret RNG, per-user flat clip, Gaussian noise on the sum,
-  fixed denominator q*N (`UserDpAggregator`, numpy pieces from `lore_core.privacy.mechanism`). The run-config
-  keys, validation (`lore_core.privacy.settings`) and the ledger that turn it into a privacy mode are wired by
-  the privacy work; until then `make_aggregator` refuses mode `user`.
+- `user` (privacy.md §2): Poisson sampling with a secret RNG, per-user flat clip (re-checked here after the
+  client's), Gaussian noise on the sum, fixed denominator q*N (`UserDpAggregator`, numpy pieces from
+  `lore_core.privacy.mechanism`).
+- `record`: the clients' updates are already DP-SGD outputs (per pair); the server samples as in `none` (no
+  user-level accountant relies on it) and takes the plain mean, no user-level noise.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from lore_core.privacy.settings import PrivacySettings
 from server.settings import RunConfigError, ServerSettings
 
 
@@ -76,12 +78,26 @@ class UserDpAggregator:
         pass
 
 
-Aggregator = NoPrivacyAggregator | UserDpAggregator
+class RecordMeanAggregator(NoPrivacyAggregator):
+    """Record mode: seeded uniform sample, plain mean of the clients' DP-SGD updates."""
+
+    mode = "record"
 
 
-def make_aggregator(settings: ServerSettings) -> Aggregator:
-    if settings.privacy_mode == "none":
+Aggregator = NoPrivacyAggregator | UserDpAggregator | RecordMeanAggregator
+
+
+def make_aggregator(settings: ServerSettings, privacy: PrivacySettings) -> Aggregator:
+    """The aggregator of the run's validated privacy settings (`ServerSettings.privacy_settings`)."""
+    if privacy.mode == "none":
         return NoPrivacyAggregator(settings.clients_per_round, settings.seed)
-    # Mode `user` needs its validated settings (clip norm, noise multiplier, delta) and the privacy ledger, which
-    # the privacy work adds; build UserDpAggregator here from them.
-    raise RunConfigError(f"privacy mode {settings.privacy_mode!r} is not wired into the ServerApp yet; use 'none'")
+    if privacy.mode == "record":
+        return RecordMeanAggregator(settings.clients_per_round, settings.seed)
+    if privacy.mode == "user":
+        from lore_core.privacy.mechanism import make_private_rng
+
+        # Never the experiment seed: a secret seed, or the debug seed of a run the ledger marks NOT PRIVATE.
+        rng = make_private_rng(privacy.noise_seed if privacy.reproducible_noise else None)
+        return UserDpAggregator(privacy.clients_per_round, privacy.noise_multiplier, privacy.clip_norm, rng=rng)
+    raise RunConfigError(f"privacy mode {privacy.mode!r} has no aggregator here (user+secagg runs through "
+                         "server/secagg.py)")

@@ -45,6 +45,11 @@ class Population:
         local = global_idx - self.offsets[node_pos]
         return {int(self.node_ids[pos]): local[node_pos == pos] for pos in np.unique(node_pos)}
 
+    def global_indices(self, node_id: int, local_idx: np.ndarray) -> np.ndarray:
+        """The inverse of `assign` for one node: local user indices -> global ones."""
+        pos = int(np.flatnonzero(self.node_ids == np.uint64(node_id))[0])
+        return self.offsets[pos] + np.asarray(local_idx, dtype=np.int64)
+
     def fingerprint(self) -> list[int]:
         return self.counts.astype(int).tolist() + [self.dim]
 

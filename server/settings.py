@@ -4,12 +4,44 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-PRIVACY_MODES = ("none", "user")
+from lore_core.privacy.settings import MODES as PRIVACY_MODES
+from lore_core.privacy.settings import PrivacySettings, validate
+
 SERVER_OPTIMIZERS = ("adam", "sgd")
+
+
+# Run-config key -> PrivacySettings field. An empty string means "not given": `validate` fills the mode's default
+# (lore_core.privacy.settings.DEFAULTS, the one source of truth), so `flwr run -c "noise-multiplier=0.0"` is an error,
+# not the default. Shared by every privacy mode (also user+secagg).
+PRIVACY_KEYS = {
+    "privacy-mode": "mode",
+    "noise-multiplier": "noise_multiplier",
+    "target-epsilon": "target_epsilon",
+    "max-epsilon": "max_epsilon",
+    "clip-norm": "clip_norm",
+    "delta": "delta",
+    "reproducible-noise": "reproducible_noise",
+    "max-grad-norm": "max_grad_norm",
+    "record-batch-size": "record_batch_size",
+    "record-epochs": "record_epochs",
+}
+
+
+# Default clip norm C of the user modes for this client training (client-lr 1, local-steps 5): about the median
+# per-user update norm, 0.24, of a non-private pilot on a separate synthetic population (D = 384, 300 users, 60
+# rounds; `python -m simulations.bench_privacy --pilot`), never tuned on a private run. The clip norm dominates the
+# utility (privacy.md §4: C near the median norm lost <1 point at z = 1, 2x the median 3 points). It replaces
+# lore_core's generic DEFAULTS["clip_norm"] only for federated runs, whose update scale it matches.
+FEDERATED_CLIP_NORM = 0.25
 
 
 class RunConfigError(ValueError):
     """A run-config value that cannot work; says which key, what was expected and what came."""
+
+
+def privacy_config(cfg: dict) -> dict:
+    """The privacy keys of a run config as PrivacySettings fields; absent or "" = not given."""
+    return {field: cfg[key] for key, field in PRIVACY_KEYS.items() if key in cfg and cfg[key] != ""}
 
 
 @dataclass(frozen=True)
@@ -30,6 +62,8 @@ class ServerSettings:
     run_dir: str
     min_nodes: int
     round_timeout: float
+    privacy: dict  # PrivacySettings fields as given (privacy_config); resolved per population by privacy_settings
+    allow_uncovered_eval: bool = False  # DP modes: evaluate every eval-every rounds although uncovered
 
     @classmethod
     def from_run_config(cls, cfg: dict) -> "ServerSettings":
@@ -51,6 +85,8 @@ class ServerSettings:
                 run_dir=str(cfg["run-dir"]),
                 min_nodes=int(cfg["min-nodes"]),
                 round_timeout=float(cfg["round-timeout"]),
+                privacy=privacy_config(cfg),
+                allow_uncovered_eval=bool(cfg.get("allow-uncovered-eval", False)),
             )
         except KeyError as exc:
             raise RunConfigError(f"run config lacks key {exc}; keys present: {sorted(cfg)}") from exc
@@ -59,12 +95,15 @@ class ServerSettings:
 
     def validate(self) -> None:
         positive = {"num-server-rounds": self.rounds, "rank": self.rank, "clients-per-round": self.clients_per_round,
-                    "eval-every": self.eval_every, "local-steps": self.local_steps, "client-lr": self.client_lr,
+                    "local-steps": self.local_steps, "client-lr": self.client_lr,
                     "server-lr": self.server_lr, "prior-strength": self.prior_strength,
                     "init-scale": self.init_scale, "min-nodes": self.min_nodes, "round-timeout": self.round_timeout}
         for key, value in positive.items():
             if not value > 0:
                 raise RunConfigError(f"run config `{key}` must be > 0, got {value}")
+        if self.eval_every < 0:
+            raise RunConfigError(f"run config `eval-every` must be >= 0 (0 = only after the last round), "
+                                 f"got {self.eval_every}")
         if self.l2 < 0:
             raise RunConfigError(f"run config `l2` must be >= 0, got {self.l2}")
         if self.server_optimizer not in SERVER_OPTIMIZERS:
@@ -72,8 +111,30 @@ class ServerSettings:
                                  f"got {self.server_optimizer!r}")
         if self.privacy_mode not in PRIVACY_MODES:
             raise RunConfigError(f"run config `privacy-mode` must be one of {PRIVACY_MODES}, got {self.privacy_mode!r}")
+        if self.privacy_mode != "none" and self.eval_every and not self.allow_uncovered_eval:
+            raise RunConfigError(
+                f"eval-every = {self.eval_every} under privacy mode {self.privacy_mode!r}: federated evaluation "
+                "releases per-node accuracy sums that the accountant does not cover; set eval-every = 0 (evaluate "
+                "only after the last round) or opt in with allow-uncovered-eval = true")
         if not self.run_dir:
             raise RunConfigError("run config `run-dir` is empty: the server needs a directory for its checkpoints")
+
+    @property
+    def is_dp(self) -> bool:
+        return self.privacy_mode != "none"
+
+    def privacy_settings(self, population_size: int) -> PrivacySettings:
+        """The run's validated privacy settings for a population of N training users (raises PrivacyConfigError).
+
+        In DP user modes m = clients-per-round is the expected Poisson count; mode `none` and `record` sample a
+        fixed count with the experiment's seeded sampler, which no user-level accountant relies on.
+        """
+        fields = {"mode": self.privacy_mode, **self.privacy, "population_size": int(population_size),
+                  "rounds": self.rounds}
+        if self.privacy_mode in ("user", "user+secagg"):
+            fields["clients_per_round"] = self.clients_per_round
+            fields.setdefault("clip_norm", FEDERATED_CLIP_NORM)
+        return validate(PrivacySettings(**fields))
 
     def fingerprint(self) -> dict:
         """What a resumed run must share with the run that wrote the checkpoint (timeouts may change)."""

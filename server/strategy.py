@@ -2,9 +2,11 @@
 
 Per round t: the aggregator samples users; each node with sampled users gets the basis and their local indices;
 valid replies (finite (k, B, D) updates for exactly the users asked) are aggregated, invalid ones are logged and
-dropped (the round goes on, the basis is never touched by them); the server optimizer steps A. Every
-`eval-every` rounds and after the last one, all nodes evaluate. `aggregate_evaluate` is the last hook of a round
-in `Strategy.start`, so the round's checkpoint is written there.
+dropped (the round goes on, the basis is never touched by them); the privacy ledger records the round (before the
+new basis leaves `aggregate_train`: evaluation messages and the checkpoint come after); the server optimizer
+steps A. All nodes evaluate after the last round, and every `eval-every` rounds when that is on (under DP only
+with allow-uncovered-eval: evaluation sums are not covered by the accountant). `aggregate_evaluate` is the last
+hook of a round in `Strategy.start`, so the round's checkpoint is written there.
 Flower numbers the rounds of one `start` call from 1; `first_round` shifts them to the run's rounds on resume.
 """
 
@@ -21,9 +23,11 @@ from flwr.serverapp.strategy import Strategy
 
 from client import protocol as p
 from server.aggregation import Aggregator
+from lore_core.privacy.accounting import PrivacyBudgetExhausted
 from server.checkpoint import RunState, save_checkpoint
 from server.optimizer import ServerAdam, ServerSGD, pseudo_gradient
 from server.population import Population
+from server.privacy import FederatedLedger
 from server.settings import ServerSettings
 
 log = logging.getLogger("lore_fed.server")
@@ -46,9 +50,11 @@ def eval_metrics(sums: dict[str, float]) -> dict[str, float]:
 
 class LoReStrategy(Strategy):
     def __init__(self, settings: ServerSettings, population: Population, aggregator: Aggregator,
-                 optimizer: ServerSGD | ServerAdam, state: RunState,
-                 on_round: Callable[[dict], None] | None = None) -> None:
+                 optimizer: ServerSGD | ServerAdam, state: RunState, ledger: FederatedLedger,
+                 train_config: dict | None = None, on_round: Callable[[dict], None] | None = None) -> None:
         self.settings = settings
+        self.ledger = ledger
+        self.train_config = dict(train_config or {})  # privacy settings the clients need (server/privacy.py)
         self.population = population
         self.aggregator = aggregator
         self.optimizer = optimizer
@@ -56,6 +62,7 @@ class LoReStrategy(Strategy):
         self.first_round = state.round + 1
         self.on_round = on_round
         self._asked: dict[int, int] = {}  # node id -> number of users asked this round
+        self._users: dict[int, np.ndarray] = {}  # node id -> global indices of the users asked this round
         self._record: dict = {}
         self._started = 0.0
 
@@ -72,13 +79,16 @@ class LoReStrategy(Strategy):
                         grid: Grid) -> Iterable[Message]:
         self._started = time.monotonic()
         t = self.run_round(server_round)
+        self.ledger.check_next_round()  # raises PrivacyBudgetExhausted before sampling: nothing of round t happens
         sampled = self.aggregator.sample(self.population.size)
         plan = self.population.assign(sampled)
         self._asked = {node: idx.size for node, idx in plan.items()}
+        self._users = {node: self.population.global_indices(node, idx) for node, idx in plan.items()}
         self._record = {"round": t, "sampled_users": int(sampled.size)}
         return [
-            Message(RecordDict({p.ARRAYS: arrays, p.CONFIG: ConfigRecord({p.USER_INDICES: idx.tolist(), p.ROUND: t})}),
-                    dst_node_id=node, message_type=MessageType.TRAIN)
+            Message(RecordDict({p.ARRAYS: arrays, p.CONFIG: ConfigRecord(
+                {p.USER_INDICES: idx.tolist(), p.ROUND: t, **self.train_config})}),
+                dst_node_id=node, message_type=MessageType.TRAIN)
             for node, idx in plan.items()
         ]
 
@@ -91,7 +101,8 @@ class LoReStrategy(Strategy):
             return "reply from a node that was not asked"
         expected = (self._asked[node], self.state.basis.shape[0], self.state.basis.shape[1])
         content = reply.content
-        if set(content.keys()) != {p.ARRAYS, p.METRICS} or set(content[p.ARRAYS].keys()) != {p.UPDATES}:
+        arrays = {p.UPDATES, p.DP_HISTORY} if self.aggregator.mode == "record" else {p.UPDATES}
+        if set(content.keys()) != {p.ARRAYS, p.METRICS} or set(content[p.ARRAYS].keys()) != arrays:
             return f"unexpected content {sorted(content.keys())}"
         if content[p.METRICS].get(p.NUM_USERS) != expected[0]:
             return f"num-users {content[p.METRICS].get(p.NUM_USERS)} != {expected[0]} users asked"
@@ -100,11 +111,24 @@ class LoReStrategy(Strategy):
             return f"updates have shape {updates.shape}, expected {expected}"
         if not np.isfinite(updates).all():
             return "updates contain NaN or Inf"
+        if self.aggregator.mode == "record":
+            history = content[p.ARRAYS][p.DP_HISTORY].numpy()
+            if history.ndim != 2 or history.shape[1] != 4 or not np.isfinite(history).all() or \
+                    not set(history[:, 0].astype(int)) <= set(range(expected[0])):
+                return f"dp-history must be (s, 4) rows (position < {expected[0]}, z, q, steps); got {history.shape}"
         return None
+
+    def _client_histories(self, reply: Message, global_users: np.ndarray) -> dict[str, list]:
+        """Record mode: global user index -> its accountant history [(z, q, steps), ...] from one reply."""
+        rows = reply.content[p.ARRAYS][p.DP_HISTORY].numpy()
+        histories: dict[str, list] = {}
+        for position, z, q, steps in rows:
+            histories.setdefault(str(int(global_users[int(position)])), []).append((z, q, int(steps)))
+        return histories
 
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        accepted, rejected, seen_nodes = [], [], set()
+        accepted, rejected, seen_nodes, histories = [], [], set(), {}
         for reply in replies:
             node = reply.metadata.src_node_id
             problem = "duplicate reply" if node in seen_nodes else self.reply_problem(reply)
@@ -114,9 +138,19 @@ class LoReStrategy(Strategy):
                 rejected.append({"node": int(node), "reason": problem})
                 continue
             accepted.append(reply.content[p.ARRAYS][p.UPDATES].numpy().astype(np.float64))
+            if self.aggregator.mode == "record":
+                histories.update(self._client_histories(reply, self._users[node]))
         missing = len(set(self._asked) - seen_nodes)
         updates = np.concatenate(accepted) if accepted else np.zeros((0,) + self.state.basis.shape)
         mean_update = self.aggregator.aggregate(updates, self.population.size)
+        # Spent budget is on disk before the new basis exists outside this method (raises: nothing is released).
+        entry = self.ledger.record_round(self.ledger.rounds_released + 1, self._record["sampled_users"],
+                                         client_histories=histories or None)
+        eps = self.ledger.epsilon()
+        if eps is not None:
+            # record mode: per pair, max over clients; never under the user-level key
+            key = "record_epsilon_max" if self.aggregator.mode == "record" else "epsilon"
+            self._record.update({key: eps.prv, "ledger_round": entry["round"]})
         if mean_update is not None:
             grad = pseudo_gradient(self.state.basis, mean_update, client_lr=self.settings.client_lr,
                                    local_steps=self.settings.local_steps, l2=self.settings.l2)
@@ -133,19 +167,21 @@ class LoReStrategy(Strategy):
 
     # --- evaluation ---------------------------------------------------------------------------------------------
     def is_eval_round(self, t: int) -> bool:
-        return t % self.settings.eval_every == 0 or t == self.settings.rounds
+        every = self.settings.eval_every  # 0 = last round only; validated: > 0 under DP only when opted in
+        return t == self.settings.rounds or bool(every) and t % every == 0
 
-    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                           grid: Grid) -> Iterable[Message]:
-        t = self.run_round(server_round)
-        if not self.is_eval_round(t):
-            return []
+    def _evaluate_messages(self, arrays: ArrayRecord, t: int) -> list[Message]:
         return [Message(RecordDict({p.ARRAYS: arrays, p.CONFIG: ConfigRecord({p.ROUND: t})}),
                         dst_node_id=int(node), message_type=MessageType.EVALUATE)
                 for node in self.population.node_ids]
 
-    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
         t = self.run_round(server_round)
+        return self._evaluate_messages(arrays, t) if self.is_eval_round(t) else []
+
+    def _evaluation(self, t: int, replies: Iterable[Message]) -> dict:
+        """Per-node sums -> metrics (+ eval_failed_nodes); invalid replies are logged and left out."""
         sums: dict[str, float] = {}
         failed = 0
         for reply in replies:
@@ -155,13 +191,36 @@ class LoReStrategy(Strategy):
                 continue
             for key, value in reply.content[p.METRICS].items():
                 sums[key] = sums.get(key, 0.0) + float(value)
+        return {**(eval_metrics(sums) if sums else {}), "eval_failed_nodes": failed}
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        t = self.run_round(server_round)
+        replies = list(replies)
         result = None
         if self.is_eval_round(t):
-            metrics = eval_metrics(sums) if sums else {}
-            self._record.update(metrics, eval_failed_nodes=failed)
-            result = MetricRecord(metrics) if metrics else None
+            metrics = self._evaluation(t, replies)
+            self._record.update(metrics)
+            scores = {k: v for k, v in metrics.items() if k != "eval_failed_nodes"}
+            result = MetricRecord(scores) if scores else None
         self._finish_round(t)
         return result
+
+    def stop_for_budget(self, grid: Grid, timeout: float) -> None:
+        """max_epsilon allows no further round: mark `stopped_early` in the ledger (check_next_round raises after
+        writing it) and evaluate the last released basis, whose metrics become that round's."""
+        try:
+            self.ledger.check_next_round()
+        except PrivacyBudgetExhausted as exc:
+            log.warning("privacy budget: %s", exc)
+        if not self.state.history:
+            return
+        last = self.state.history[-1]
+        last["stopped_early"] = True
+        if "seen_test_acc" not in last:
+            replies = grid.send_and_receive(self._evaluate_messages(basis_record(self.state.basis), last["round"]),
+                                            timeout=timeout)
+            last.update(self._evaluation(last["round"], replies))
+        save_checkpoint(self.settings.run_dir, self.state)
 
     @staticmethod
     def _valid_eval(metrics: MetricRecord) -> bool:

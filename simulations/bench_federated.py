@@ -85,7 +85,8 @@ def direct_compute(pairs_path: Path, overrides: dict, num_nodes: int, rounds: in
     weights = [np.full((b.n_train_users, settings.rank), 1.0 / settings.rank) for b in blocks]
     population = Population(node_ids=np.arange(num_nodes, dtype=np.uint64), partition_ids=np.arange(num_nodes),
                             counts=np.array([b.n_train_users for b in blocks]), dim=blocks[0].dim)
-    aggregator, optimizer = make_aggregator(settings), make_optimizer(settings.server_optimizer, settings.server_lr)
+    aggregator = make_aggregator(settings, settings.privacy_settings(population.size))
+    optimizer = make_optimizer(settings.server_optimizer, settings.server_lr)
     basis = initial_basis(settings.rank, population.dim, settings.seed, settings.init_scale)
     started = time.perf_counter()
     for _ in range(rounds):
@@ -132,7 +133,9 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"{run_dir} holds a previous run; remove it to benchmark from round 1")
     ns = argparse.Namespace(rounds=args.rounds, clients_per_round=args.clients_per_round, rank=args.rank, seed=0,
                             eval_every=args.eval_every, privacy="none", l2=None, server_optimizer=None,
-                            server_lr=None, local_steps=None, client_lr=None)
+                            server_lr=None, local_steps=None, client_lr=None, noise_multiplier=None,
+                            target_epsilon=None, max_epsilon=None, clip_norm=None, delta=None, max_grad_norm=None,
+                            reproducible_noise=False, allow_uncovered_eval=False, device=None)
     overrides = run_overrides(ns)
     memory = TreeMemory()
     memory.start()

@@ -21,6 +21,11 @@ from lore_core.pairs import load_pairs
 ROOT = Path(__file__).resolve().parents[1]
 SHARD_THRESHOLD = 64
 SHARD_SIZE = 50
+# Dispatch point per privacy mode: (ServerApp, ClientApp). SecAgg+ needs Flower's legacy client with
+# `secaggplus_mod` (flower-1.42.md §4), which the secagg work provides in client/secagg_client.py; its ServerApp
+# entry stays server.app:app (run_federated routes mode user+secagg to server/secagg.py).
+APPS = {"user+secagg": ("server.app:app", "client.secagg_client:app")}
+DEFAULT_APPS = ("server.app:app", "client.app:app")
 
 
 class AppShadowedError(RuntimeError):
@@ -78,6 +83,7 @@ def run_simulation(overrides: dict, num_nodes: int, *, num_cpus: int | None = No
     from flwr.supercore.telemetry import EventType
 
     fused = get_fused_config_from_dir(ROOT, overrides)
+    server_app_attr, client_app_attr = APPS.get(str(fused.get("privacy-mode")), DEFAULT_APPS)
     rng = np.random.default_rng()
     run = Run.create_empty(run_id=int(rng.integers(1, 2**62)))
     run.override_config = dict(overrides)
@@ -91,8 +97,8 @@ def run_simulation(overrides: dict, num_nodes: int, *, num_cpus: int | None = No
     result = _run_simulation(
         num_supernodes=num_nodes,
         exit_event=EventType.FLWR_SIMULATION_RUN_LEAVE,
-        server_app_attr="server.app:app",
-        client_app_attr="client.app:app",
+        server_app_attr=server_app_attr,
+        client_app_attr=client_app_attr,
         backend_config=backend_config(num_cpus),
         app_dir=str(ROOT),
         run=run,

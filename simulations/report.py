@@ -50,6 +50,32 @@ def plot_accuracy(history: list[dict], metrics: dict, reference: dict | None, ou
     tmp.replace(out)
 
 
+def privacy_section(run_dir: Path) -> list[str]:
+    """Mode, what is protected against whom, epsilon, what is not covered: read from the run's ledger."""
+    file = run_dir / "ledger.json"
+    if not file.exists():
+        return ["", "## Privacy", "", "No privacy ledger in this run directory: no guarantee is claimed."]
+    ledger = json.loads(file.read_text())
+    lines = ["", "## Privacy", ""]
+    if ledger["not_private"]["flag"] and ledger["mode"] != "none":
+        lines += [f"**NOT PRIVATE**: {ledger['not_private']['reason']}", ""]
+    lines += [f"- mode: `{ledger['mode']}`; privacy unit: {ledger['privacy_unit']}; adjacency: {ledger['adjacency']}",
+              f"- guarantee: {ledger['guarantee']}",
+              f"- threat model (who is trusted): {ledger['threat_model']}"]
+    if ledger["mode"] != "none":
+        noise, rounds, budget = ledger["noise"], ledger["rounds"], ledger["budget"]
+        lines += [f"- noise multiplier {noise['multiplier']:.4g}, noise std on the sum {noise['std_on_sum']:.4g}, "
+                  f"rounds released {rounds['released']} of {rounds['planned']} planned, delta {ledger['delta']:g}"
+                  + (" - **stopped early: max epsilon reached**" if budget["stopped_early"] else "")]
+        if ledger["epsilon"]:
+            eps = ledger["epsilon"]
+            lines.append(f"- epsilon: {eps['prv']:.3f} (PRV, headline), {eps['rdp']:.3f} (RDP upper bound)"
+                         + (f", {eps['over']}" if "over" in eps else ""))
+        lines.append(f"- evaluation: {ledger['evaluation']['policy']} (not covered by the accountant)")
+    lines += ["- not covered: " + "; ".join(ledger["not_covered"]), "", "Full ledger: `ledger.json`."]
+    return lines
+
+
 def write_report(run_dir: str | Path, history: list[dict], metrics: dict, reference: dict | None,
                  command: str) -> Path:
     run_dir = Path(run_dir)
@@ -79,9 +105,7 @@ def write_report(run_dir: str | Path, history: list[dict], metrics: dict, refere
               "Per-user accuracy (strict `> 0`), unweighted mean over users. Seen users use their private weights "
               "refit on their own training pairs; unseen users fit weights on their few-shot pairs with the basis "
               "frozen. Per-round figures: `rounds.jsonl`."]
-    if metrics["privacy_mode"] == "none":
-        lines += ["", "Privacy mode `none`: no formal guarantee; the server sees each participant's rank-one "
-                  "update, from which it can read that user's weights."]
+    lines += privacy_section(run_dir)
     report = run_dir / "report.md"
     atomic_write_text(report, "\n".join(lines) + "\n")
     return report

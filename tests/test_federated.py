@@ -34,7 +34,7 @@ def pair_file(tmp_path_factory) -> Path:
 
 def make_run(pair_file: Path, run_dir: Path, nodes: int = 4, reply_hook=None, **overrides):
     config = {"pairs-path": str(pair_file), "run-dir": str(run_dir), "rank": RANK, "num-server-rounds": 6,
-              "clients-per-round": 8, "eval-every": 3, "server-lr": 0.1, **overrides}
+              "clients-per-round": 8, "eval-every": 3, "server-lr": 0.1, "privacy-mode": "none", **overrides}
     cfg = get_fused_config_from_dir(ROOT, config)
     grid = LocalGrid(client_app, [{"partition-id": i, "num-partitions": nodes} for i in range(nodes)], cfg,
                      reply_hook=reply_hook)
@@ -117,7 +117,7 @@ def test_device_keeps_user_weights_in_a_file(pair_file, tmp_path):
         save_pairs(pairs.subset(pairs.user == user), tmp_path / user / "pairs.npz")
         devices.append({"partition-id": len(devices), "data-path": str(tmp_path / user)})
     cfg = get_fused_config_from_dir(ROOT, {"run-dir": str(tmp_path / "run"), "rank": RANK, "num-server-rounds": 2,
-                                           "clients-per-round": 4})
+                                           "clients-per-round": 4, "privacy-mode": "none"})
     grid = LocalGrid(client_app, devices, cfg)
     run_federated(grid, ServerSettings.from_run_config(cfg))
     for node_id, context in grid.contexts.items():
@@ -205,12 +205,16 @@ def test_simulate_command_runs_through_the_ray_engine(pair_file, tmp_path):
 
     out = tmp_path / "sim"
     code = main(["simulate", str(pair_file), "--rounds", "2", "--clients-per-round", "4", "--rank", str(RANK),
-                 "--out", str(out), "--users-per-node", "10", "--eval-every", "1"])
+                 "--out", str(out), "--users-per-node", "10", "--eval-every", "1", "--allow-uncovered-eval"])
     assert code == 0
     metrics = json.loads((out / "metrics.json").read_text())
     for key in ("seen_test_acc", "unseen_test_acc", "rank", "train_seconds", "oracle_seen_test_acc",
-                "oracle_unseen_test_acc", "rounds", "wall_seconds", "privacy_mode"):
+                "oracle_unseen_test_acc", "rounds", "wall_seconds", "privacy_mode", "epsilon", "epsilon_rdp",
+                "delta", "noise_multiplier", "clip_norm"):
         assert key in metrics
-    assert metrics["rounds"] == 2 and metrics["privacy_mode"] == "none" and metrics["nodes"] == 3
+    assert metrics["rounds"] == 2 and metrics["privacy_mode"] == "user" and metrics["nodes"] == 3  # DP by default
+    ledger = json.loads((out / "ledger.json").read_text())
+    assert ledger["rounds"]["released"] == 2 and ledger["epsilon"]["prv"] == metrics["epsilon"]
     assert len((out / "rounds.jsonl").read_text().splitlines()) == 2
-    assert (out / "report.md").exists() and (out / "accuracy_per_round.png").stat().st_size > 0
+    assert "## Privacy" in (out / "report.md").read_text()
+    assert (out / "accuracy_per_round.png").stat().st_size > 0

@@ -1,7 +1,9 @@
-"""`lore-fed simulate PAIRS.npz|DATASET --rounds R --clients-per-round M --rank B --out DIR`: federated LoRe
-through Flower's simulation engine. Writes DIR/metrics.json (the keys of `lore-fed train` + rounds, wall_seconds,
-privacy_mode), DIR/rounds.jsonl, DIR/report.md (+ plot) and DIR/checkpoint.npz. Re-running with the same DIR and
-settings resumes after the last finished round."""
+"""`lore-fed simulate PAIRS.npz|DATASET --rounds R --clients-per-round M --rank B --out DIR [--privacy MODE ...]`:
+federated LoRe through Flower's simulation engine, user-level DP by default. Writes DIR/metrics.json (the keys of
+`lore-fed train` + rounds, wall_seconds, privacy_mode, and under DP epsilon, epsilon_rdp, delta, noise_multiplier,
+clip_norm), DIR/ledger.json (the privacy ledger), DIR/rounds.jsonl, DIR/report.md (+ plot) and DIR/checkpoint.npz.
+Privacy settings are validated against the pair file's population before Ray starts or DIR is written.
+Re-running with the same DIR and settings resumes after the last finished round (and continues the ledger)."""
 
 from __future__ import annotations
 
@@ -26,8 +28,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--users-per-node", default="auto",
                         help="users hosted per virtual node, or 'auto' (1 up to 64 users, else ~50)")
-    parser.add_argument("--eval-every", type=int, default=10, help="federated evaluation every E rounds (and last)")
-    parser.add_argument("--privacy", default="none", choices=["none"], help="privacy mode (DP modes come later)")
+    parser.add_argument("--eval-every", type=int, default=None,
+                        help="federated evaluation every E rounds and after the last (default: 10 without DP; under "
+                             "DP only after the last round, E needs --allow-uncovered-eval)")
+    add_privacy_arguments(parser)
     parser.add_argument("--reference", default=None, help="`lore-fed train` run dir or metrics.json for the plot")
     parser.add_argument("--l2", type=float, default=None, help="L2 on the basis (default: the trainer's)")
     parser.add_argument("--server-optimizer", choices=["adam", "sgd"], default=None)
@@ -36,13 +40,51 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--client-lr", type=float, default=None)
 
 
+def add_privacy_arguments(parser: argparse.ArgumentParser) -> None:
+    """The privacy flags of `simulate` (also for `lore-fed demo`). Unset = the mode's default
+    (lore_core.privacy.settings.DEFAULTS); every value is checked by lore_core.privacy.settings.validate."""
+    from lore_core.privacy.settings import MODES
+
+    parser.add_argument("--privacy", default="user", choices=MODES,
+                        help="privacy mode (default user: user-level DP-FedAvg, privacy.md §7)")
+    parser.add_argument("--noise-multiplier", type=float, default=None, help="z: noise std on the sum = z * C")
+    parser.add_argument("--target-epsilon", type=float, default=None,
+                        help="solve z so that the planned rounds reach this epsilon (not with --noise-multiplier)")
+    parser.add_argument("--max-epsilon", type=float, default=None,
+                        help="refuse a plan above it; stop before a round that would exceed it")
+    parser.add_argument("--clip-norm", type=float, default=None, help="C: flat L2 clip of each user's update")
+    parser.add_argument("--delta", type=float, default=None, help="delta (default 1e-5; must be < 1/N)")
+    parser.add_argument("--max-grad-norm", type=float, default=None, help="record mode: per-pair clip norm")
+    parser.add_argument("--reproducible-noise", action="store_true",
+                        help="debug: fixed noise/sampling seed; the run is marked NOT PRIVATE")
+    parser.add_argument("--allow-uncovered-eval", action="store_true",
+                        help="under DP, evaluate every --eval-every rounds although evaluation sums are not covered")
+    parser.add_argument("--device", default=None, help="record mode: torch device of the DP-SGD step (cpu, cuda)")
+
+
+def privacy_overrides(args: argparse.Namespace) -> dict:
+    """Run-config keys of the privacy flags (server.settings.PRIVACY_KEYS); unset flags are left out."""
+    values = {"privacy-mode": args.privacy, "noise-multiplier": args.noise_multiplier,
+              "target-epsilon": args.target_epsilon, "max-epsilon": args.max_epsilon, "clip-norm": args.clip_norm,
+              "delta": args.delta, "max-grad-norm": args.max_grad_norm, "device": args.device}
+    overrides = {key: value for key, value in values.items() if value is not None}
+    if args.reproducible_noise:
+        overrides["reproducible-noise"] = True
+    if args.allow_uncovered_eval:
+        overrides["allow-uncovered-eval"] = True
+    return overrides
+
+
 def run_overrides(args: argparse.Namespace) -> dict:
     from lore_core.simplex_fit import DEFAULT_PRIOR_STRENGTH
 
+    eval_every = args.eval_every
+    if eval_every is None:
+        eval_every = 10 if args.privacy == "none" else 0  # DP: only after the last round unless opted in
     overrides = {
         "num-server-rounds": args.rounds, "clients-per-round": args.clients_per_round, "rank": args.rank,
-        "seed": args.seed, "eval-every": args.eval_every, "privacy-mode": args.privacy,
-        "prior-strength": DEFAULT_PRIOR_STRENGTH,
+        "seed": args.seed, "eval-every": eval_every, "prior-strength": DEFAULT_PRIOR_STRENGTH,
+        **privacy_overrides(args),
     }
     if args.l2 is None:
         from lore_core.joint_trainer import DEFAULT_L2
@@ -55,39 +97,94 @@ def run_overrides(args: argparse.Namespace) -> dict:
     return overrides
 
 
+def check_run(pairs_path: Path, overrides: dict):
+    """Validate the whole run config as the ServerApp will, for the pair file's population, before Ray starts or
+    anything is written. Returns (ServerSettings, resolved PrivacySettings); raises a ValueError that says what to
+    change (the CLI exits 2 with it)."""
+    import importlib.util
+
+    import numpy as np
+    from flwr.common.config import get_fused_config_from_dir
+
+    from lore_core.pairs import load_pairs
+    from server.settings import ServerSettings
+    from simulations.flower_run import ROOT
+
+    settings = ServerSettings.from_run_config(get_fused_config_from_dir(ROOT, overrides))
+    pairs = load_pairs(pairs_path)
+    seen_train = pairs.user[pairs.seen & (pairs.split == "train")]
+    users, counts = np.unique(seen_train, return_counts=True)
+    privacy = settings.privacy_settings(int(np.unique(pairs.user[pairs.seen]).size))
+    if privacy.mode == "record" and users.size and not privacy.delta < 1 / counts.max():
+        raise ValueError(f"record mode needs delta < 1/n_i for every client; the largest client has {counts.max()} "
+                         f"pairs, so delta must be < {1 / counts.max():.3g}; got {privacy.delta}")
+    if privacy.mode == "user+secagg" and importlib.util.find_spec("server.secagg") is None:
+        raise ValueError("privacy mode 'user+secagg' is not available in this build (server/secagg.py is missing); "
+                         "use --privacy user")
+    return settings, privacy
+
+
+def privacy_metrics(run_dir: Path) -> dict:
+    """metrics.json's privacy keys, read back from the run's ledger (the ledger derives epsilon from its events)."""
+    from lore_core.privacy.ledger import PrivacyLedger
+
+    ledger = PrivacyLedger.load(run_dir)
+    s, eps = ledger.settings, ledger.epsilon()
+    out = {"privacy_guarantee": ledger.guarantee(), "not_private": ledger.not_private_reason() is not None,
+           "stopped_early": ledger.summary()["stopped_early"], "ledger": "ledger.json"}
+    if s.mode in ("user", "user+secagg"):
+        out.update(epsilon=eps.prv, epsilon_rdp=eps.rdp, delta=s.delta, noise_multiplier=s.noise_multiplier,
+                   clip_norm=s.clip_norm, sample_rate=s.sample_rate)
+    elif s.mode == "record":  # per pair, max over clients: deliberately not under the user-level key `epsilon`
+        out.update(record_epsilon_max_over_clients=None if eps is None else eps.prv,
+                   record_epsilon_rdp=None if eps is None else eps.rdp, delta=s.delta,
+                   noise_multiplier=s.noise_multiplier, max_grad_norm=s.max_grad_norm)
+    return out
+
+
 def run(args: argparse.Namespace) -> int:
     from server.checkpoint import load_checkpoint
     from simulations.flower_run import simulate_pairs
     from simulations.report import load_reference, write_report
 
-    for name in ("rounds", "clients_per_round", "rank", "eval_every"):
+    for name in ("rounds", "clients_per_round", "rank"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.eval_every is not None and args.eval_every < 1:
+        raise ValueError(f"--eval-every must be >= 1, got {args.eval_every}")
     pairs_path = resolve_pair_path(args.pairs)
     reference = load_reference(args.reference)
+    overrides = run_overrides(args)
+    _, privacy = check_run(pairs_path, overrides)  # fail closed: before Ray, before DIR exists
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
+    noise = f", z {privacy.noise_multiplier:.4g}" if privacy.is_dp else ""
     print(f"federated LoRe on {pairs_path}: {args.rounds} rounds, {args.clients_per_round} users/round, "
-          f"rank {args.rank}, privacy {args.privacy}; run dir {out}", flush=True)
+          f"rank {args.rank}, privacy {args.privacy}{noise}; run dir {out}", flush=True)
     previous = load_checkpoint(out)
     if previous is not None:
         print(f"resuming after round {previous.round} from {out / 'checkpoint.npz'}", flush=True)
-    nodes = simulate_pairs(pairs_path, out, users_per_node=args.users_per_node, overrides=run_overrides(args))
+    nodes = simulate_pairs(pairs_path, out, users_per_node=args.users_per_node, overrides=overrides)
     wall = time.monotonic() - started
     state = load_checkpoint(out)
-    if state is None or state.round < args.rounds:
+    privacy_keys = privacy_metrics(out)
+    if state is None or (state.round < args.rounds and not privacy_keys["stopped_early"]):
         raise RuntimeError(f"the simulation ended before round {args.rounds}; rerun the same command to resume")
     final = [r for r in state.history if "seen_test_acc" in r][-1]
     metrics = {key: final[key] for key in TRAIN_KEYS if key in final}
     metrics.update(rank=args.rank, train_seconds=round(sum(r["seconds"] for r in state.history), 3),
                    rounds=state.round, wall_seconds=round(wall, 3), privacy_mode=args.privacy,
-                   users_per_round=args.clients_per_round, nodes=nodes, seed=args.seed)
+                   users_per_round=args.clients_per_round, nodes=nodes, seed=args.seed, **privacy_keys)
     atomic_write_json(out / "metrics.json", metrics)
     command = "lore-fed simulate " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if sys.argv[1:2] == [
         "simulate"] else "lore-fed simulate"
     report = write_report(out, state.history, metrics, reference, command)
-    print(f"seen {metrics['seen_test_acc']:.4f}  unseen {metrics['unseen_test_acc']:.4f}  "
-          f"({state.round} rounds, {wall:.1f} s)")
-    print(f"wrote {out / 'metrics.json'}, {out / 'rounds.jsonl'} and {report}")
+    line = f"seen {metrics['seen_test_acc']:.4f}  unseen {metrics['unseen_test_acc']:.4f}"
+    if "epsilon" in metrics:
+        line += f"  epsilon {metrics['epsilon']:.3f} (delta {metrics['delta']:g})"
+    if metrics["stopped_early"]:
+        line += "  STOPPED EARLY (max epsilon)"
+    print(f"{line}  ({state.round} rounds, {wall:.1f} s)")
+    print(f"wrote {out / 'metrics.json'}, {out / 'ledger.json'}, {out / 'rounds.jsonl'} and {report}")
     return 0

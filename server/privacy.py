@@ -1,0 +1,88 @@
+"""The privacy side of a federated run, shared by every mode (none, user, user+secagg, record):
+the run's ledger, what the clients are told, and how many rounds the budget allows (notes/privacy.md §7-§9).
+
+Order in a round (lore_core/privacy/__init__.py): ledger.check_next_round() -> sample -> train -> aggregate (noise)
+-> ledger.record_round(...) -> only then the new basis is released (evaluation messages, checkpoint).
+The ledger counts noisy releases: a round whose checkpoint was lost in a crash after its ledger entry is run again
+and counted again (spent budget is never lost), so ledger rounds may exceed training rounds.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from client import protocol as p
+from lore_core.privacy.ledger import PrivacyLedger
+from lore_core.privacy.settings import PrivacySettings
+
+EVAL_NOT_COVERED = "federated evaluation metrics (per-node accuracy sums)"
+RECORD_HISTORY_NOT_COVERED = ("record mode: each sampled client's accountant history (z, q, steps), sent to the "
+                              "server for this ledger; it reveals the client's number of Poisson batches per epoch, "
+                              "about n_i / record-batch-size")
+RECORD_W_NOT_COVERED = ("record mode: w_i is fitted non-privately on the same pairs before the private step; the "
+                        "per-pair guarantee covers the DP-SGD step on the basis given w_i, not w_i's dependence on a "
+                        "pair")
+
+
+class FederatedLedger(PrivacyLedger):
+    """lore_core's ledger plus what a federated run releases beyond the bases: its evaluation policy."""
+
+    evaluation: str = "after the last round only"
+
+    def set_evaluation(self, policy: str) -> None:
+        self.evaluation = policy
+        self._write()
+
+    def _render(self) -> dict[str, Any]:
+        data = super()._render()
+        if self.settings.is_dp:
+            extra = [EVAL_NOT_COVERED]
+            if self.settings.mode == "record":
+                extra += [RECORD_HISTORY_NOT_COVERED, RECORD_W_NOT_COVERED]
+            data["not_covered"] = list(data["not_covered"]) + extra
+        data["evaluation"] = {"policy": self.evaluation, "covered_by_accountant": False}
+        return data
+
+
+def open_ledger(run_dir: str | os.PathLike, settings: PrivacySettings, evaluation: str) -> FederatedLedger:
+    """Create RUN_DIR/ledger.json, or continue it on resume (other privacy settings are refused: LedgerError)."""
+    ledger = FederatedLedger.open(run_dir, settings)
+    ledger.set_evaluation(evaluation)
+    return ledger
+
+
+def evaluation_policy(eval_every: int, is_dp: bool) -> str:
+    if not eval_every:
+        return "after the last round only"
+    opted_in = " (opted in: allow-uncovered-eval)" if is_dp else ""
+    return f"every {eval_every} rounds and after the last round{opted_in}"
+
+
+def rounds_that_fit(ledger: PrivacyLedger, remaining: int) -> int:
+    """How many of the `remaining` planned rounds the ledger's max_epsilon still allows (bisection on the ledger's
+    own prediction; one accountant call when all fit, the usual case: validate refused plans that do not)."""
+    if remaining <= 0 or not ledger.would_exceed(rounds=remaining):
+        return max(remaining, 0)
+    low, high = 0, remaining  # low fits, high does not
+    while high - low > 1:
+        mid = (low + high) // 2
+        low, high = (low, mid) if ledger.would_exceed(rounds=mid) else (mid, high)
+    return low
+
+
+def train_config(settings: PrivacySettings) -> dict[str, Any]:
+    """What the clients must know of the privacy settings (train message config; protocol.py)."""
+    config: dict[str, Any] = {p.PRIVACY_MODE: settings.mode}
+    if settings.mode in ("user", "user+secagg"):
+        config[p.CLIP_NORM] = float(settings.clip_norm)
+    elif settings.mode == "record":
+        config.update({p.NOISE_MULTIPLIER: float(settings.noise_multiplier),
+                       p.MAX_GRAD_NORM: float(settings.max_grad_norm),
+                       p.RECORD_BATCH_SIZE: int(settings.record_batch_size),
+                       p.RECORD_EPOCHS: int(settings.record_epochs), p.DELTA: float(settings.delta)})
+        if settings.max_epsilon is not None:
+            config[p.MAX_EPSILON] = float(settings.max_epsilon)
+        if settings.reproducible_noise:
+            config[p.NOISE_SEED] = int(settings.noise_seed)
+    return config

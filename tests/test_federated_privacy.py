@@ -1,0 +1,293 @@
+"""Privacy modes of the federated run (notes/privacy.md §2, §7-§9): the real ServerApp strategy and ClientApp on the
+in-process grid, and the `simulate` command's fail-closed validation."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flwr.common.config import get_fused_config_from_dir
+
+from client import protocol as p
+from client.app import app as client_app
+from lore_core.pairs import save_pairs
+from lore_core.privacy.accounting import epsilon
+from lore_core.privacy.ledger import LedgerError
+from server.app import run_federated
+from server.privacy import EVAL_NOT_COVERED
+from server.settings import ServerSettings
+from simulations.synthetic_pairs import SyntheticPairsConfig, make_synthetic_pairs
+from local_grid import LocalGrid
+
+ROOT = Path(__file__).resolve().parents[1]
+RANK, DIM, USERS, M = 3, 24, 24, 8
+Q = M / USERS
+
+
+@pytest.fixture(scope="module")
+def pair_file(tmp_path_factory) -> Path:
+    pairs, _ = make_synthetic_pairs(SyntheticPairsConfig(dim=DIM, true_rank=RANK, seen_users=USERS, unseen_users=6,
+                                                         train_pairs=(20, 30), seed=5))
+    return save_pairs(pairs, tmp_path_factory.mktemp("data") / "pairs.npz")
+
+
+def make_run(pair_file: Path, run_dir: Path, nodes: int = 4, reply_hook=None, **overrides):
+    config = {"pairs-path": str(pair_file), "run-dir": str(run_dir), "rank": RANK, "num-server-rounds": 5,
+              "clients-per-round": M, "server-lr": 0.1, "privacy-mode": "user", "noise-multiplier": 1.0,
+              "clip-norm": 0.5, **overrides}
+    cfg = get_fused_config_from_dir(ROOT, config)
+    grid = LocalGrid(client_app, [{"partition-id": i, "num-partitions": nodes} for i in range(nodes)], cfg,
+                     reply_hook=reply_hook)
+    return grid, ServerSettings.from_run_config(cfg)
+
+
+def ledger_json(run_dir: Path) -> dict:
+    return json.loads((run_dir / "ledger.json").read_text())
+
+
+def requests_of(grid: LocalGrid, kind: str) -> list:
+    return [m for m in grid.sent if m.metadata.message_type == kind]
+
+
+def test_user_mode_ledger_grows_each_round_and_replies_carry_only_clipped_updates(pair_file, tmp_path):
+    epsilons_on_disk = []
+    grid, settings = make_run(pair_file, tmp_path)
+    state = run_federated(grid, settings,
+                          on_round=lambda r: epsilons_on_disk.append(ledger_json(tmp_path)["epsilon"]["prv"]))
+    ledger = ledger_json(tmp_path)
+    per_round = [e["epsilon_prv"] for e in ledger["per_round"]]
+    assert [e["round"] for e in ledger["per_round"]] == [1, 2, 3, 4, 5]
+    assert np.all(np.diff(per_round) > 0) and epsilons_on_disk == per_round  # on disk when the round ended
+    assert per_round[-1] == pytest.approx(epsilon(1.0, Q, 5, 1e-5))
+    assert [r["epsilon"] for r in state.history] == per_round
+    assert ledger["mode"] == "user" and ledger["sampling"]["method"] == "poisson" and not ledger["not_private"]["flag"]
+    assert EVAL_NOT_COVERED in ledger["not_covered"] and ledger["evaluation"]["policy"] == "after the last round only"
+    assert [m.content[p.CONFIG][p.ROUND] for m in requests_of(grid, "evaluate")] == [5] * 4  # only after the last
+    train_ids = {m.metadata.message_id for m in requests_of(grid, "train")}
+    assert all(m.content[p.CONFIG][p.CLIP_NORM] == 0.5 for m in requests_of(grid, "train"))
+    for reply in grid.replies:
+        if reply.metadata.reply_to_message_id not in train_ids:
+            continue
+        assert set(reply.content.keys()) == {p.ARRAYS, p.METRICS} and not reply.content.config_records
+        assert set(reply.content[p.ARRAYS].keys()) == {p.UPDATES}
+        updates = reply.content[p.ARRAYS][p.UPDATES].numpy()
+        assert dict(reply.content[p.METRICS]) == {p.NUM_USERS: updates.shape[0]}  # no data-dependent metric
+        assert np.all(np.linalg.norm(updates.reshape(len(updates), -1), axis=1) <= 0.5 + 1e-9)  # client clip
+
+
+def test_noise_is_on_the_sum_with_the_stated_std(pair_file, tmp_path):
+    def zero_updates(reply):  # every client sends a zero update: what the server releases is pure noise / (q N)
+        from flwr.app import Array, ArrayRecord
+
+        if p.UPDATES in reply.content.array_records.get(p.ARRAYS, {}):
+            zeros = np.zeros_like(reply.content[p.ARRAYS][p.UPDATES].numpy())
+            reply.content[p.ARRAYS] = ArrayRecord({p.UPDATES: Array(zeros)})
+        return reply
+
+    rounds, z, clip = 12, 1.0, 0.5
+    grid, settings = make_run(pair_file, tmp_path, reply_hook=zero_updates, **{
+        "num-server-rounds": rounds, "server-optimizer": "sgd", "server-lr": 1.0, "client-lr": 1.0,
+        "local-steps": 1, "l2": 0.0, "reproducible-noise": True})
+    state = run_federated(grid, settings)
+    # basis_{t+1} - basis_t = mean update of round t (SGD, lr 1, no l2); basis_t is what round t's train messages carry
+    sent = {}
+    for m in requests_of(grid, "train"):
+        sent.setdefault(m.content[p.CONFIG][p.ROUND], m.content[p.ARRAYS][p.BASIS].numpy())
+    bases = [sent[t] for t in range(1, rounds + 1)] + [state.basis]
+    released = np.diff(np.stack(bases), axis=0)  # (rounds, B, D)
+    expected = z * clip / (Q * USERS)  # std on the sum z C, over the fixed denominator q N
+    sampled = np.array([r["sampled_users"] for r in state.history])
+    assert len(set(sampled)) > 1  # Poisson counts vary; the denominator does not
+    assert np.std(released) == pytest.approx(expected, rel=0.1)  # 864 draws: relative SE ~2.4%
+    assert abs(np.mean(released)) < 4 * expected / math.sqrt(released.size)
+    ledger = ledger_json(tmp_path)
+    assert ledger["not_private"]["flag"] and "NOT PRIVATE" in ledger["guarantee"]
+
+
+def test_server_reclips_an_over_norm_update(pair_file, tmp_path):
+    tampered = []
+
+    def blow_up(reply):  # a client that skipped its clip: one user's update at 1e6 times the clip norm
+        from flwr.app import Array, ArrayRecord
+
+        if p.UPDATES in reply.content.array_records.get(p.ARRAYS, {}) and not tampered:
+            updates = reply.content[p.ARRAYS][p.UPDATES].numpy().copy()
+            updates[0] = 1e6 * 0.5 * np.ones_like(updates[0]) / np.sqrt(updates[0].size)
+            reply.content[p.ARRAYS] = ArrayRecord({p.UPDATES: Array(updates)})
+            tampered.append(reply.metadata.src_node_id)
+        return reply
+
+    grid, settings = make_run(pair_file, tmp_path, reply_hook=blow_up, **{
+        "num-server-rounds": 1, "server-optimizer": "sgd", "server-lr": 1.0, "client-lr": 1.0, "local-steps": 1,
+        "l2": 0.0})
+    state = run_federated(grid, settings)
+    basis0 = requests_of(grid, "train")[0].content[p.ARRAYS][p.BASIS].numpy()
+    record = state.history[0]
+    assert tampered and record["rejected_replies"] == [] and record["accepted_users"] == record["sampled_users"]
+    step = np.linalg.norm(state.basis - basis0)
+    # clipped: |sum| <= k C, plus noise of norm ~ z C sqrt(B D); unclipped it would be ~1e6 C / (q N)
+    bound = (record["sampled_users"] * 0.5 + 3 * 0.5 * math.sqrt(RANK * DIM)) / (Q * USERS)
+    assert step <= bound
+
+
+def test_max_epsilon_stops_before_the_exceeding_round_and_resume_continues_the_ledger(pair_file, tmp_path,
+                                                                                      monkeypatch):
+    import server.strategy
+
+    rounds = 4
+    cap = epsilon(1.0, Q, rounds, 1e-5) + 0.01  # the plan fits; one release more does not
+    overrides = {"num-server-rounds": rounds, "max-epsilon": cap}
+    real_save = server.strategy.save_checkpoint
+
+    class Killed(Exception):
+        pass
+
+    def crash_in_round_3(run_dir, state):
+        if state.round == 3:
+            raise Killed  # round 3 is in the ledger (spent), its checkpoint is lost
+        real_save(run_dir, state)
+
+    monkeypatch.setattr(server.strategy, "save_checkpoint", crash_in_round_3)
+    with pytest.raises(Killed):
+        run_federated(*make_run(pair_file, tmp_path, **overrides))
+    monkeypatch.setattr(server.strategy, "save_checkpoint", real_save)
+    assert len(ledger_json(tmp_path)["per_round"]) == 3
+
+    with pytest.raises(LedgerError, match="other privacy settings"):
+        run_federated(*make_run(pair_file, tmp_path, **{**overrides, "noise-multiplier": 2.0}))
+    grid, settings = make_run(pair_file, tmp_path, **overrides)  # a new process resumes after round 2
+    state = run_federated(grid, settings)
+    ledger = ledger_json(tmp_path)
+    # round 3 again = the 4th release, within the cap; a 5th would exceed it, so round 4 never starts
+    assert [e["round"] for e in ledger["per_round"]] == [1, 2, 3, 4]
+    assert ledger["budget"]["stopped_early"] and ledger["epsilon"]["prv"] <= cap
+    assert state.round == 3 and [r["round"] for r in state.history] == [1, 2, 3]
+    assert all(m.content[p.CONFIG][p.ROUND] == 3 for m in requests_of(grid, "train"))
+    last = state.history[-1]
+    assert last["stopped_early"] and "seen_test_acc" in last  # metrics of the last released basis
+    assert [m.content[p.CONFIG][p.ROUND] for m in requests_of(grid, "evaluate")] == [3] * 4
+
+
+@pytest.fixture(scope="module")
+def tiny_pair_file(tmp_path_factory) -> Path:
+    pairs, _ = make_synthetic_pairs(SyntheticPairsConfig(dim=8, true_rank=2, seen_users=3, unseen_users=1,
+                                                         train_pairs=(9, 14), few_shot_pairs=4, test_pairs=4,
+                                                         seed=2))
+    return save_pairs(pairs, tmp_path_factory.mktemp("tiny") / "pairs.npz")
+
+
+def test_record_mode_accounts_per_pair_like_one_uninterrupted_opacus_run(tiny_pair_file, tmp_path, monkeypatch):
+    import torch
+    from opacus import PrivacyEngine
+    from torch.utils.data import DataLoader, TensorDataset
+
+    import lore_core.privacy.record_dp as record_dp
+    from client.user_state import STATE_KEY, WEIGHTS_KEY
+    from lore_core.pairs import load_pairs
+
+    passed_w = {}
+    real_update = record_dp.dp_sgd_basis_update
+
+    def spy(basis, w, diff, **kwargs):
+        passed_w[diff.shape[0]] = w.copy()
+        return real_update(basis, w, diff, **kwargs)
+
+    monkeypatch.setattr(record_dp, "dp_sgd_basis_update", spy)
+    rounds, batch = 10, 4
+    cfg = get_fused_config_from_dir(ROOT, {
+        "pairs-path": str(tiny_pair_file), "run-dir": str(tmp_path), "rank": 2, "num-server-rounds": rounds,
+        "clients-per-round": 3, "privacy-mode": "record", "noise-multiplier": 1.0, "max-grad-norm": 1.0,
+        "record-batch-size": batch, "record-epochs": 1, "server-lr": 0.05})
+    grid = LocalGrid(client_app, [{"partition-id": 0, "num-partitions": 1}], cfg)
+    (context,) = grid.contexts.values()
+    after = {}  # round -> (w passed to each user's private step, w stored by the node after the round)
+    run_federated(grid, ServerSettings.from_run_config(cfg), on_round=lambda r: after.update(
+        {r["round"]: (dict(passed_w), context.state[STATE_KEY][WEIGHTS_KEY].numpy().copy())}))
+
+    pairs = load_pairs(tiny_pair_file)
+    train = pairs.subset(pairs.seen & (pairs.split == "train"))
+    users, counts = np.unique(train.user, return_counts=True)
+    passed, stored_w = after[rounds - 1]  # a round without evaluation (which refits w)
+    for i, n in enumerate(counts):  # w was fitted before the private step and not changed by it
+        np.testing.assert_array_equal(passed[n], stored_w[i])
+
+    ledger = ledger_json(tmp_path)
+    assert ledger["privacy_unit"] == "one preference pair of one client"
+    assert "NOT a user-level guarantee" in ledger["guarantee"] and ledger["epsilon"]["over"] == "max over 3 clients"
+    for i, n in enumerate(counts):
+        # one uninterrupted Opacus run of the same steps: rounds epochs over this client's n pairs
+        diff = torch.as_tensor(train.diff[train.user == users[i]])
+        model = torch.nn.Linear(8, 1, bias=False)
+        engine = PrivacyEngine(accountant="prv")
+        model, optimizer, loader = engine.make_private(
+            module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+            data_loader=DataLoader(TensorDataset(diff), batch_size=batch), noise_multiplier=1.0, max_grad_norm=1.0,
+            poisson_sampling=True)
+        for _ in range(rounds):
+            for (x,) in loader:
+                optimizer.zero_grad()
+                model(x).sum().backward()
+                optimizer.step()
+        client = ledger["clients"][str(i)]
+        assert client["epsilon_prv"] == pytest.approx(engine.get_epsilon(1e-5), rel=1e-6)
+        assert sum(seg[2] for seg in client["history"]) == rounds * math.ceil(n / batch)
+    train_ids = {m.metadata.message_id for m in requests_of(grid, "train")}
+    for reply in grid.replies:
+        if reply.metadata.reply_to_message_id in train_ids:
+            assert set(reply.content[p.ARRAYS].keys()) == {p.UPDATES, p.DP_HISTORY}
+            assert set(reply.content[p.METRICS].keys()) == {p.NUM_USERS}
+
+
+# --- the CLI refuses invalid settings before training: exit 2, a message that says what to change, nothing written
+BAD_SETTINGS = [
+    (["--privacy", "user", "--noise-multiplier", "0"], "noise_multiplier must be a finite number > 0"),
+    (["--noise-multiplier", "-1"], "noise_multiplier must be a finite number > 0"),
+    (["--noise-multiplier", "nan"], "noise_multiplier must be a finite number > 0"),
+    (["--noise-multiplier", "inf"], "noise_multiplier must be a finite number > 0"),
+    (["--clip-norm", "0"], "clip_norm must be a finite number > 0"),
+    (["--delta", "0.1"], "delta must be < 1/N"),
+    (["--delta", "0"], "delta must be in (0, 1/N)"),
+    (["--clients-per-round", "100"], "clients_per_round must be in 1..population_size=24"),
+    (["--noise-multiplier", "1", "--target-epsilon", "3"], "give either noise_multiplier or target_epsilon"),
+    (["--max-epsilon", "0.5"], "only"),
+    (["--eval-every", "2"], "allow-uncovered-eval"),
+    (["--privacy", "none", "--noise-multiplier", "1"], "privacy mode is 'none' but DP settings were given"),
+    (["--privacy", "user", "--max-grad-norm", "1"], "does not use ['max_grad_norm']"),
+    (["--privacy", "record", "--delta", "0.04"], "record mode needs delta < 1/n_i"),
+]
+
+
+@pytest.mark.parametrize("flags,message", BAD_SETTINGS, ids=[" ".join(f) for f, _ in BAD_SETTINGS])
+def test_invalid_privacy_settings_exit_2_before_anything_runs(pair_file, tmp_path, capsys, flags, message):
+    from simulations.cli import main
+
+    out = tmp_path / "run"
+    argv = ["simulate", str(pair_file), "--rounds", "50", "--clients-per-round", str(M), "--rank", str(RANK),
+            "--out", str(out)]
+    if "--clients-per-round" in flags:
+        argv[argv.index("--clients-per-round"):argv.index("--clients-per-round") + 2] = []
+    assert main(argv + flags) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_unknown_privacy_mode_is_refused(pair_file, tmp_path, capsys):
+    from simulations.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["simulate", str(pair_file), "--rounds", "5", "--clients-per-round", "4", "--rank", "3", "--out",
+              str(tmp_path / "run"), "--privacy", "users"])
+    assert exc.value.code == 2 and "invalid choice: 'users'" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_run_config_privacy_errors_reach_flwr_run_users_too(pair_file, tmp_path):
+    from lore_core.privacy.settings import PrivacyConfigError
+
+    grid, settings = make_run(pair_file, tmp_path, **{"noise-multiplier": 0.0})
+    with pytest.raises(PrivacyConfigError, match="noise_multiplier"):
+        run_federated(grid, settings)
+    assert not requests_of(grid, "train") and not (tmp_path / "ledger.json").exists()  # only the population query
