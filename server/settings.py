@@ -24,6 +24,9 @@ PRIVACY_KEYS = {
     "max-grad-norm": "max_grad_norm",
     "record-batch-size": "record_batch_size",
     "record-epochs": "record_epochs",
+    "num-shares": "num_shares",
+    "reconstruction-threshold": "reconstruction_threshold",
+    "secagg-clipping-range": "secagg_clipping_range",
 }
 
 

@@ -181,9 +181,13 @@ class LoReStrategy(Strategy):
         return self._evaluate_messages(arrays, t) if self.is_eval_round(t) else []
 
     def _evaluation(self, t: int, replies: Iterable[Message]) -> dict:
-        """Per-node sums -> metrics (+ eval_failed_nodes); invalid replies are logged and left out."""
+        """Per-node sums -> metrics (+ eval_failed_nodes, eval_missing_nodes: asked but never answered, e.g. a
+        SuperNode that died); invalid replies are logged and left out."""
         sums: dict[str, float] = {}
         failed = 0
+        replies = list(replies)
+        answered = {reply.metadata.src_node_id for reply in replies if not reply.has_error()}
+        missing = len(set(int(n) for n in self.population.node_ids) - answered) - sum(r.has_error() for r in replies)
         for reply in replies:
             if reply.has_error() or not self._valid_eval(reply.content[p.METRICS]):
                 failed += 1
@@ -191,7 +195,8 @@ class LoReStrategy(Strategy):
                 continue
             for key, value in reply.content[p.METRICS].items():
                 sums[key] = sums.get(key, 0.0) + float(value)
-        return {**(eval_metrics(sums) if sums else {}), "eval_failed_nodes": failed}
+        return {**(eval_metrics(sums) if sums else {}), "eval_failed_nodes": failed,
+                "eval_missing_nodes": max(missing, 0)}
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         t = self.run_round(server_round)
@@ -200,7 +205,7 @@ class LoReStrategy(Strategy):
         if self.is_eval_round(t):
             metrics = self._evaluation(t, replies)
             self._record.update(metrics)
-            scores = {k: v for k, v in metrics.items() if k != "eval_failed_nodes"}
+            scores = {k: v for k, v in metrics.items() if k not in ("eval_failed_nodes", "eval_missing_nodes")}
             result = MetricRecord(scores) if scores else None
         self._finish_round(t)
         return result

@@ -16,25 +16,26 @@ from pathlib import Path
 
 from lore_core.atomic_io import atomic_write_text
 
-PRIVACY_FLAGS = ("privacy", "noise_multiplier", "target_epsilon", "max_epsilon", "clip_norm", "delta")
-
 
 def configure(parser: argparse.ArgumentParser) -> None:
     from lore_core.benchmark import DEMO_CONFIG
+    from simulations.commands.simulate import add_privacy_arguments
 
     parser.add_argument("--out", default="runs/demo", help="demo directory (default %(default)s)")
     parser.add_argument("--users", type=int, default=DEMO_CONFIG.users, help="benchmark participants")
-    parser.add_argument("--rounds", type=int, default=150, help="federated rounds")
-    parser.add_argument("--clients-per-round", type=int, default=40, help="expected users per round")
+    parser.add_argument("--rounds", type=int, default=60, help="rounds of the private federated run")
+    parser.add_argument("--clients-per-round", type=int, default=60, help="expected users per round (private run)")
+    parser.add_argument("--nonprivate-rounds", type=int, default=150,
+                        help="rounds of the non-private federated run (all seen users every round); 0 skips it")
     parser.add_argument("--rank", default="auto", help="basis size, or 'auto' (chosen by the centralized run)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cache-dir", default=None, help="embedding cache (default: $LORE_CACHE_DIR or ~/.cache)")
-    parser.add_argument("--privacy", default=None, help="none|user|user+secagg|record (default: simulate's, user)")
-    parser.add_argument("--noise-multiplier", default=None)
-    parser.add_argument("--target-epsilon", default=None)
-    parser.add_argument("--max-epsilon", default=None)
-    parser.add_argument("--clip-norm", default=None)
-    parser.add_argument("--delta", default=None)
+    add_privacy_arguments(parser)
+
+
+# A demo population has ~180 seen users: z = 2 with 60 users per round for 60 rounds gives epsilon ~ 7 at delta
+# 1e-5 (DP on small populations is expensive; the report says so). Used when neither z nor a target is given.
+DEMO_NOISE_MULTIPLIER = 2.0
 
 
 def _stage(name: str, done: bool, argv: list[str]) -> None:
@@ -53,8 +54,11 @@ def _stage(name: str, done: bool, argv: list[str]) -> None:
 
 def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
+    if args.privacy in ("user", "user+secagg") and args.noise_multiplier is None and args.target_epsilon is None:
+        args.noise_multiplier = DEMO_NOISE_MULTIPLIER
     out = Path(args.out)
-    prism, dataset, central, federated = out / "prism", out / "dataset", out / "centralized", out / "federated"
+    prism, dataset, central = out / "prism", out / "dataset", out / "centralized"
+    nonprivate, federated = out / "federated-nonprivate", out / "federated"
     cache = ["--cache-dir", args.cache_dir] if args.cache_dir else []
 
     _stage("benchmark population", (prism / "ground_truth.npz").exists(),
@@ -66,24 +70,41 @@ def run(args: argparse.Namespace) -> int:
            ["train", str(dataset), "--rank", str(args.rank), "--seed", str(args.seed), "--out", str(central)])
     reference = json.loads((central / "metrics.json").read_text())
     rank = reference["rank"] if args.rank == "auto" else int(args.rank)
-    privacy = []
-    for flag in PRIVACY_FLAGS:
-        value = getattr(args, flag)
-        if value is not None:
-            privacy += [f"--{flag.replace('_', '-')}", str(value)]
-    _stage("federated training (Flower simulation engine)", (federated / "metrics.json").exists(),
+    common = ["--rank", str(rank), "--seed", str(args.seed), "--reference", str(central)]
+    if args.nonprivate_rounds:
+        seen_users = json.loads((dataset / "summary.json").read_text())["seen_users"]
+        _stage("federated training without privacy (Flower simulation engine)", (nonprivate / "metrics.json").exists(),
+               ["simulate", str(dataset), "--rounds", str(args.nonprivate_rounds), "--clients-per-round",
+                str(seen_users), "--privacy", "none", "--out", str(nonprivate)] + common)
+    _stage(f"federated training, privacy {args.privacy} (Flower simulation engine)", (federated / "metrics.json").exists(),
            ["simulate", str(dataset), "--rounds", str(args.rounds), "--clients-per-round", str(args.clients_per_round),
-            "--rank", str(rank), "--seed", str(args.seed), "--reference", str(central), "--out", str(federated)]
-           + privacy)
-    report = write_demo_report(out, dataset, reference, json.loads((federated / "metrics.json").read_text()),
-                               time.perf_counter() - started)
+            "--out", str(federated)] + common + simulate_privacy_argv(args))
+    runs = {"federated": json.loads((federated / "metrics.json").read_text())}
+    if (nonprivate / "metrics.json").exists():
+        runs["federated-nonprivate"] = json.loads((nonprivate / "metrics.json").read_text())
+    report = write_demo_report(out, dataset, reference, runs, time.perf_counter() - started)
     print(f"\ndemo finished in {time.perf_counter() - started:.0f} s; report: {report}")
     return 0
 
 
-def write_demo_report(out: Path, dataset: Path, central: dict, federated: dict, seconds: float) -> Path:
+def simulate_privacy_argv(args: argparse.Namespace) -> list[str]:
+    """The demo's privacy flags, passed on unchanged to `lore-fed simulate`."""
+    from simulations.commands.simulate import privacy_overrides
+
+    argv = []
+    for key, value in privacy_overrides(args).items():
+        flag = "--privacy" if key == "privacy-mode" else f"--{key}"
+        argv += [flag] if value is True else [flag, str(value)]
+    return argv
+
+
+def write_demo_report(out: Path, dataset: Path, central: dict, runs: dict[str, dict], seconds: float) -> Path:
     summary = json.loads((dataset / "summary.json").read_text())
-    rows = [("centralized (`lore-fed train`)", central), ("federated (Flower)", federated)]
+    federated = runs["federated"]
+    rows = [("centralized (`lore-fed train`)", central)]
+    if "federated-nonprivate" in runs:
+        rows.append(("federated, no privacy (all seen users each round)", runs["federated-nonprivate"]))
+    rows.append((f"federated, privacy `{federated.get('privacy_mode')}`", federated))
     lines = [
         "# lore-fed demo",
         "",
@@ -111,10 +132,15 @@ def write_demo_report(out: Path, dataset: Path, central: dict, federated: dict, 
     mode = federated.get("privacy_mode", "none")
     if "epsilon" in federated:
         lines.append(f"Mode `{mode}`: user-level (epsilon, delta) = ({federated['epsilon']:.3f}, "
-                     f"{federated.get('delta')}) from the Opacus PRV accountant; see `federated/ledger.json`.")
+                     f"{federated.get('delta')}) from the Opacus PRV accountant (RDP: "
+                     f"{federated.get('epsilon_rdp', float('nan')):.3f}), {federated.get('rounds')} rounds, noise "
+                     f"multiplier {federated.get('noise_multiplier')}, clip norm {federated.get('clip_norm')}; see "
+                     "`federated/ledger.json` for what is and is not covered. Differential privacy over a population "
+                     "of a few hundred users is expensive: larger populations reach a smaller epsilon at the "
+                     "same accuracy.")
     else:
         lines.append(f"Mode `{mode}`: no differential-privacy guarantee for this run.")
-    lines += ["", "Details: [federated run report](federated/report.md)", ""]
+    lines += ["", "Details: " + ", ".join(f"[{name}]({name}/report.md)" for name in runs), ""]
     path = out / "report.md"
     atomic_write_text(path, "\n".join(lines))
     return path

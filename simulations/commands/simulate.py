@@ -55,6 +55,9 @@ def add_privacy_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--clip-norm", type=float, default=None, help="C: flat L2 clip of each user's update")
     parser.add_argument("--delta", type=float, default=None, help="delta (default 1e-5; must be < 1/N)")
     parser.add_argument("--max-grad-norm", type=float, default=None, help="record mode: per-pair clip norm")
+    parser.add_argument("--num-shares", type=int, default=None, help="user+secagg: SecAgg+ shares (odd, default 3)")
+    parser.add_argument("--reconstruction-threshold", type=int, default=None,
+                        help="user+secagg: shares needed to unmask (default 2)")
     parser.add_argument("--reproducible-noise", action="store_true",
                         help="debug: fixed noise/sampling seed; the run is marked NOT PRIVATE")
     parser.add_argument("--allow-uncovered-eval", action="store_true",
@@ -66,7 +69,8 @@ def privacy_overrides(args: argparse.Namespace) -> dict:
     """Run-config keys of the privacy flags (server.settings.PRIVACY_KEYS); unset flags are left out."""
     values = {"privacy-mode": args.privacy, "noise-multiplier": args.noise_multiplier,
               "target-epsilon": args.target_epsilon, "max-epsilon": args.max_epsilon, "clip-norm": args.clip_norm,
-              "delta": args.delta, "max-grad-norm": args.max_grad_norm, "device": args.device}
+              "delta": args.delta, "max-grad-norm": args.max_grad_norm, "device": args.device,
+              "num-shares": args.num_shares, "reconstruction-threshold": args.reconstruction_threshold}
     overrides = {key: value for key, value in values.items() if value is not None}
     if args.reproducible_noise:
         overrides["reproducible-noise"] = True
