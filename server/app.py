@@ -7,12 +7,11 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
-import numpy as np
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from server.aggregation import Aggregator, make_aggregator
-from server.checkpoint import RunState, check_resumable, load_checkpoint
+from server.checkpoint import RunState, start_or_resume
 from server.optimizer import make_optimizer
 from server.population import discover_population
 from server.privacy import evaluation_policy, open_ledger, rounds_that_fit, train_config
@@ -22,12 +21,6 @@ from server.strategy import LoReStrategy, basis_record
 log = logging.getLogger("lore_fed.server")
 
 app = ServerApp()
-
-
-def initial_basis(rank: int, dim: int, seed: int, scale: float) -> np.ndarray:
-    """A0 (B, D): seeded Gaussian entries of std scale/sqrt(D) (scale 1 = the centralized trainer's init); w starts
-    uniform, so the randomness breaks the symmetry between basis rows."""
-    return np.random.default_rng([seed, 1]).normal(scale=scale / np.sqrt(dim), size=(rank, dim))
 
 
 def run_federated(grid: Grid, settings: ServerSettings, on_round: Callable[[dict], None] | None = None,
@@ -47,12 +40,8 @@ def run_federated(grid: Grid, settings: ServerSettings, on_round: Callable[[dict
         return run_secagg(grid, settings, privacy, population, ledger, on_round=on_round)
     aggregator = aggregator or make_aggregator(settings, privacy)
     optimizer = make_optimizer(settings.server_optimizer, settings.server_lr)
-    state = load_checkpoint(settings.run_dir)
-    if state is None:
-        basis = initial_basis(settings.rank, population.dim, settings.seed, settings.init_scale)
-        state = RunState(round=0, basis=basis, settings=settings.fingerprint(), population=population.fingerprint())
-    else:
-        check_resumable(state, settings.fingerprint(), population.fingerprint(), settings.run_dir)
+    state, resumed = start_or_resume(settings, population)
+    if resumed:
         optimizer.load_state_dict(state.optimizer)
         aggregator.load_state_dict(state.aggregator)
         log.info("resuming %s after round %d", settings.run_dir, state.round)

@@ -67,5 +67,23 @@ def check_resumable(state: RunState, settings: dict, population: list[int], run_
         raise CheckpointError(f"{run_dir} holds a run over another population (users per node differ)")
 
 
+def initial_basis(rank: int, dim: int, seed: int, scale: float) -> np.ndarray:
+    """A0 (B, D): seeded Gaussian entries of std scale/sqrt(D) (scale 1 = the centralized trainer's init); w starts
+    uniform, so the randomness breaks the symmetry between basis rows."""
+    return np.random.default_rng([seed, 1]).normal(scale=scale / np.sqrt(dim), size=(rank, dim))
+
+
+def start_or_resume(settings, population) -> tuple[RunState, bool]:
+    """The run state of `settings.run_dir`: resumed from its checkpoint (refused if settings or population changed)
+    or a new run from the initial basis. Returns (state, resumed); the caller restores its optimizer/sampler."""
+    state = load_checkpoint(settings.run_dir)
+    if state is None:
+        basis = initial_basis(settings.rank, population.dim, settings.seed, settings.init_scale)
+        return RunState(round=0, basis=basis, settings=settings.fingerprint(),
+                        population=population.fingerprint()), False
+    check_resumable(state, settings.fingerprint(), population.fingerprint(), settings.run_dir)
+    return state, True
+
+
 def write_rounds(run_dir: str | Path, history: list[dict]) -> None:
     atomic_write_text(Path(run_dir) / ROUNDS_FILENAME, "".join(json.dumps(r) + "\n" for r in history))

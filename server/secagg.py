@@ -49,7 +49,7 @@ from client.secagg_client import encode_user_indices
 from lore_core.privacy.accounting import PrivacyBudgetExhausted
 from lore_core.privacy.mechanism import add_noise_to_sum, make_private_rng, poisson_sample
 from lore_core.privacy.settings import PrivacyConfigError, PrivacySettings
-from server.checkpoint import RunState, check_resumable, load_checkpoint, save_checkpoint
+from server.checkpoint import RunState, save_checkpoint, start_or_resume
 from server.optimizer import ServerAdam, ServerSGD, make_optimizer, pseudo_gradient
 from server.population import Population
 from server.privacy import FederatedLedger, rounds_that_fit
@@ -279,7 +279,6 @@ def run_secagg(grid: Grid, settings: ServerSettings, privacy: PrivacySettings, p
                rng: np.random.Generator | None = None) -> RunState:
     """Train A in mode `user+secagg` to `settings.rounds` (fewer when max_epsilon stops the run), resuming from
     `settings.run_dir`. `privacy` is validated for `population`; `ledger` is open (server.app.run_federated)."""
-    from server.app import initial_basis  # server.app dispatches here: import lazily
 
     if privacy.mode != "user+secagg":
         raise PrivacyConfigError(f"run_secagg serves privacy mode 'user+secagg', got {privacy.mode!r}")
@@ -288,12 +287,8 @@ def run_secagg(grid: Grid, settings: ServerSettings, privacy: PrivacySettings, p
     if rng is None:
         rng = make_private_rng(privacy.noise_seed if privacy.reproducible_noise else None)
     optimizer = make_optimizer(settings.server_optimizer, settings.server_lr)
-    state = load_checkpoint(settings.run_dir)
-    if state is None:
-        basis = initial_basis(settings.rank, population.dim, settings.seed, settings.init_scale)
-        state = RunState(round=0, basis=basis, settings=settings.fingerprint(), population=population.fingerprint())
-    else:
-        check_resumable(state, settings.fingerprint(), population.fingerprint(), settings.run_dir)
+    state, resumed = start_or_resume(settings, population)
+    if resumed:
         optimizer.load_state_dict(state.optimizer)
         log.info("resuming %s after round %d (%d rounds in the ledger)", settings.run_dir, state.round,
                  ledger.rounds_released)

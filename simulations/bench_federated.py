@@ -73,7 +73,7 @@ def direct_compute(pairs_path: Path, overrides: dict, num_nodes: int, rounds: in
     from client.protocol import ClientSettings
     from client.user_block import load_partition_block
     from server.aggregation import make_aggregator
-    from server.app import initial_basis
+    from server.checkpoint import initial_basis
     from server.optimizer import make_optimizer, pseudo_gradient
     from server.population import Population
     from server.settings import ServerSettings

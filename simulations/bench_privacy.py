@@ -40,7 +40,7 @@ def run_in_process(pairs_path: Path, overrides: dict, num_nodes: int, *, record_
     from lore_core.privacy.accounting import epsilon_report
     from lore_core.privacy.mechanism import clip_updates
     from server.aggregation import make_aggregator
-    from server.app import initial_basis
+    from server.checkpoint import initial_basis
     from server.optimizer import make_optimizer, pseudo_gradient
     from server.population import Population
     from server.settings import ServerSettings
