@@ -396,6 +396,25 @@ class LocalDeployment:
         if k in self.supernodes:
             stop_process(self.supernodes[k], sig)
 
+    def online_nodes(self) -> int:
+        """How many SuperNodes the SuperLink lists as online (`flwr supernode list`)."""
+        result = self._cli("supernode", "list", "--format", "json", check=False)
+        try:
+            nodes = json.loads(result.stdout)["nodes"]
+        except (ValueError, KeyError, TypeError):
+            return 0
+        return sum(node.get("status") == "online" for node in nodes)
+
+    def wait_online(self, count: int, timeout: float = 150.0) -> None:
+        """Block until `count` SuperNodes are online (a restarted node re-activates after the SuperLink has marked
+        its dead predecessor offline, which takes up to two missed heartbeats)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.online_nodes() >= count:
+                return
+            time.sleep(2.0)
+        raise DeploymentError(f"fewer than {count} SuperNodes online after {timeout:.0f} s")
+
     def start(self, register: bool = True) -> None:
         """SuperLink, node registrations, then all SuperNodes."""
         self.start_superlink()

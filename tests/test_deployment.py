@@ -141,6 +141,7 @@ def test_round_completes_when_a_supernode_dies(deployment):
         outcome = deployment.wait_run(process, log, timeout=300)
     finally:
         deployment.start_supernode(2)  # back for the next test (its w file survived: atomic writes)
+        deployment.wait_online(NODES)
     assert outcome.completed, f"{outcome.status} {outcome.details}; see {outcome.log}"
 
     state = load_checkpoint(run_dir)
