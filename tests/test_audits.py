@@ -161,3 +161,14 @@ def test_fairness_and_report_write_json_markdown_plot_and_ledger(population, led
     assert "## fairness" in (ledger_dir / "audits" / "audits.md").read_text()
     audits = json.loads((ledger_dir / "ledger.json").read_text())["audits"]
     assert audits[-1]["kind"] == "fairness" and audits[-1]["verdict"] == "pass"
+
+
+def test_audits_get_a_section_and_a_plot_in_the_run_report(population, tmp_path):
+    pairs, truth = population
+    (tmp_path / "report.md").write_text("# Federated LoRe run\n\nbody\n")
+    write_audit(tmp_path, extraction_audit(truth.basis, truth.user_weights[:5], seed=0))
+    write_audit(tmp_path, extraction_audit(truth.basis, truth.user_weights[:5], seed=1))  # re-run: still one section
+    report = (tmp_path / "report.md").read_text()
+    assert report.startswith("# Federated LoRe run\n\nbody")
+    assert report.count("## Privacy audits") == 1 and "### extraction:" in report
+    assert "![extraction](audits/extraction.png)" in report and (tmp_path / "audits" / "extraction.png").exists()
