@@ -28,7 +28,7 @@ class ClientRequestError(ValueError):
     """A server request this node cannot serve (bad indices, wrong basis width)."""
 
 
-def _block(context: Context, settings: p.ClientSettings) -> UserBlock:
+def node_block(context: Context, settings: p.ClientSettings) -> UserBlock:
     data_path = context.node_config.get("data-path")
     if data_path:  # deployment: the device's own file
         return load_device_block(str(Path(str(data_path)) / PAIRS_FILENAME))
@@ -47,7 +47,7 @@ def _basis(msg: Message, block: UserBlock) -> np.ndarray:
 
 @app.query()
 def query(msg: Message, context: Context) -> Message:
-    block = _block(context, p.ClientSettings.from_run_config(context.run_config))
+    block = node_block(context, p.ClientSettings.from_run_config(context.run_config))
     # -1: a device without a partition id (the server then orders it by node id).
     metrics = MetricRecord({p.PARTITION_ID: int(context.node_config.get("partition-id", -1)),
                             p.NUM_TRAIN_USERS: block.n_train_users, p.DIM: block.dim})
@@ -57,7 +57,7 @@ def query(msg: Message, context: Context) -> Message:
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     settings = p.ClientSettings.from_run_config(context.run_config)
-    block = _block(context, settings)
+    block = node_block(context, settings)
     basis = _basis(msg, block)
     config = msg.content[p.CONFIG]
     sampled = np.asarray(config[p.USER_INDICES], dtype=np.int64)
@@ -111,7 +111,7 @@ def _record_train(context: Context, config, settings: p.ClientSettings, basis: n
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     settings = p.ClientSettings.from_run_config(context.run_config)
-    block = _block(context, settings)
+    block = node_block(context, settings)
     basis = _basis(msg, block)
     weights = load_weights(context, block.n_train_users, basis.shape[0])
     weights, sums = evaluate_block(basis, block, weights, prior_strength=settings.prior_strength)

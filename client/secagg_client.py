@@ -34,7 +34,7 @@ class SecAggTrainer(NumPyClient):
     def fit(self, parameters: list[np.ndarray], config: dict) -> tuple[list[np.ndarray], int, dict]:
         context = self.node_context
         settings = p.ClientSettings.from_run_config(context.run_config)
-        block = message_app._block(context, settings)
+        block = message_app.node_block(context, settings)
         basis = np.asarray(parameters[0], dtype=np.float64)
         if basis.ndim != 2 or basis.shape[1] != block.dim:
             raise message_app.ClientRequestError(f"basis must be (B, {block.dim}), got {basis.shape}")

@@ -29,6 +29,7 @@ import numpy as np
 
 from lore_core.atomic_io import atomic_save_npz, atomic_write_text
 from lore_core.prism_schema import (
+    GROUND_TRUTH_FILE,
     CONVERSATION_SCHEMA,
     CONVERSATIONS_FILE,
     EMPTY_RESPONSE,
@@ -44,7 +45,6 @@ from lore_core.prism_schema import (
 )
 from lore_core.text_pool import CANDIDATES_PER_EXCHANGE, TextPool, build_text_pool
 
-GROUND_TRUTH_FILE = "ground_truth.npz"
 # P(a user has n conversations), n = 0..7: PRISM's 104/1,500 survey-only users, mean ~5.3 (note §6.2).
 PRISM_CONVERSATIONS = (0.07, 0.02, 0.03, 0.04, 0.05, 0.09, 0.60, 0.10)
 TURN0_COUNT_PROBS = {4: 0.78, 3: 0.19, 2: 0.03}  # responses to the opening prompt (PRISM mean 3.75)

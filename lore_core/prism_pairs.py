@@ -42,12 +42,11 @@ import numpy as np
 
 from lore_core.atomic_io import atomic_write_bytes
 from lore_core.prism_hub import resolve_source
-from lore_core.prism_schema import EMPTY_RESPONSE, Conversation, PrismRelease, load_release
+from lore_core.prism_schema import GROUND_TRUTH_FILE, EMPTY_RESPONSE, Conversation, PrismRelease, load_release
 
 PAIRS_JSONL = "pairs.jsonl"
 USERS_JSONL = "users.jsonl"
 SUMMARY_JSON = "summary.json"
-GROUND_TRUTH_NPZ = "ground_truth.npz"
 
 TURN_DROPS = ("turns_without_chosen", "turns_both_chosen")
 PAIR_DROPS = ("pairs_empty_string", "pairs_identical_text", "pairs_tied_score", "pairs_rejected_scored_higher")
@@ -216,11 +215,11 @@ def prepare_dataset(
         if pair["user"] in split.seen
     ]
     files = {PAIRS_JSONL: _jsonl(kept), USERS_JSONL: _jsonl(_user_rows(release, split, kept))}
-    ground_truth = directory / GROUND_TRUTH_NPZ
+    ground_truth = directory / GROUND_TRUTH_FILE
     if ground_truth.is_file():
-        files[GROUND_TRUTH_NPZ] = ground_truth.read_bytes()
+        files[GROUND_TRUTH_FILE] = ground_truth.read_bytes()
     summary = _summary(release, directory, config, split, pairs, kept, drops)
-    summary["ground_truth_copied"] = GROUND_TRUTH_NPZ in files
+    summary["ground_truth_copied"] = GROUND_TRUTH_FILE in files
     files[SUMMARY_JSON] = (json.dumps(summary, indent=2) + "\n").encode()
     _write_outputs(out_dir, files)
     return summary
@@ -288,8 +287,8 @@ def _write_outputs(out_dir: Path, files: dict[str, bytes]) -> None:
     if out_dir.is_dir():
         for name, data in sorted(files.items(), key=lambda item: item[0] == SUMMARY_JSON):
             atomic_write_bytes(out_dir / name, data)
-        if GROUND_TRUTH_NPZ not in files and (out_dir / GROUND_TRUTH_NPZ).exists():
-            (out_dir / GROUND_TRUTH_NPZ).unlink()
+        if GROUND_TRUTH_FILE not in files and (out_dir / GROUND_TRUTH_FILE).exists():
+            (out_dir / GROUND_TRUTH_FILE).unlink()
         return
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))

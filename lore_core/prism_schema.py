@@ -24,6 +24,9 @@ from typing import Any, Callable, Iterator
 
 SURVEY_FILE = "survey.jsonl"
 CONVERSATIONS_FILE = "conversations.jsonl"
+# A benchmark's hidden truth beside the release files (written by `lore-fed synth`, copied by `prepare`, read by
+# `embed`): never part of the PRISM schema itself.
+GROUND_TRUTH_FILE = "ground_truth.npz"
 UTTERANCES_FILE = "utterances.jsonl"
 EMPTY_RESPONSE = "EMPTY STRING"  # how the release stores an empty or missing model text
 SCORE_MIN, SCORE_MAX = 1, 100

@@ -54,7 +54,7 @@ from server.optimizer import ServerAdam, ServerSGD, make_optimizer, pseudo_gradi
 from server.population import Population
 from server.privacy import FederatedLedger, rounds_that_fit
 from server.settings import ServerSettings
-from server.strategy import LoReStrategy, basis_record, eval_metrics
+from server.strategy import basis_record, eval_metrics, valid_eval_metrics
 
 log = logging.getLogger("lore_fed.server")
 
@@ -265,7 +265,7 @@ def federated_evaluation(grid: Grid, population: Population, basis: np.ndarray, 
     sums: dict[str, float] = {}
     failed = 0
     for reply in grid.send_and_receive(messages, timeout=timeout):
-        if reply.has_error() or not LoReStrategy._valid_eval(reply.content[p.METRICS]):
+        if reply.has_error() or not valid_eval_metrics(reply.content[p.METRICS]):
             failed += 1
             log.warning("rejected the evaluation reply of node %d", reply.metadata.src_node_id)
             continue

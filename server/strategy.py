@@ -48,6 +48,13 @@ def eval_metrics(sums: dict[str, float]) -> dict[str, float]:
     return out
 
 
+def valid_eval_metrics(metrics: MetricRecord) -> bool:
+    """An evaluation reply's sums are finite, non-negative counts with accuracy sums <= user counts."""
+    values = [metrics.get(key) for key in p.EVAL_SUM_KEYS]
+    return all(isinstance(v, (int, float)) and np.isfinite(v) and v >= 0 for v in values) and \
+        metrics["seen-acc-sum"] <= metrics["seen-users"] and metrics["unseen-acc-sum"] <= metrics["unseen-users"]
+
+
 class LoReStrategy(Strategy):
     def __init__(self, settings: ServerSettings, population: Population, aggregator: Aggregator,
                  optimizer: ServerSGD | ServerAdam, state: RunState, ledger: FederatedLedger,
@@ -189,7 +196,7 @@ class LoReStrategy(Strategy):
         answered = {reply.metadata.src_node_id for reply in replies if not reply.has_error()}
         missing = len(set(int(n) for n in self.population.node_ids) - answered) - sum(r.has_error() for r in replies)
         for reply in replies:
-            if reply.has_error() or not self._valid_eval(reply.content[p.METRICS]):
+            if reply.has_error() or not valid_eval_metrics(reply.content[p.METRICS]):
                 failed += 1
                 log.warning("round %d: rejected the evaluation reply of node %d", t, reply.metadata.src_node_id)
                 continue
@@ -226,12 +233,6 @@ class LoReStrategy(Strategy):
                                             timeout=timeout)
             last.update(self._evaluation(last["round"], replies))
         save_checkpoint(self.settings.run_dir, self.state)
-
-    @staticmethod
-    def _valid_eval(metrics: MetricRecord) -> bool:
-        values = [metrics.get(key) for key in p.EVAL_SUM_KEYS]
-        return all(isinstance(v, (int, float)) and np.isfinite(v) and v >= 0 for v in values) and \
-            metrics["seen-acc-sum"] <= metrics["seen-users"] and metrics["unseen-acc-sum"] <= metrics["unseen-users"]
 
     def _finish_round(self, t: int) -> None:
         self._record["seconds"] = round(time.monotonic() - self._started, 4)

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from lore_core.atomic_io import atomic_write_text
+from lore_core.prism_schema import GROUND_TRUTH_FILE
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -61,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
     nonprivate, federated = out / "federated-nonprivate", out / "federated"
     cache = ["--cache-dir", args.cache_dir] if args.cache_dir else []
 
-    _stage("benchmark population", (prism / "ground_truth.npz").exists(),
+    _stage("benchmark population", (prism / GROUND_TRUTH_FILE).exists(),
            ["synth", "--users", str(args.users), "--max-turns", "3", "--seed", str(args.seed), "--out", str(prism)]
            + cache)
     _stage("PRISM pipeline", (dataset / "summary.json").exists(), ["prepare", str(prism), "--out", str(dataset)])

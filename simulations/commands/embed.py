@@ -19,7 +19,7 @@ import numpy as np
 from lore_core.pairs import SPLITS, PairSet, save_pairs
 
 PAIRS_JSONL = "pairs.jsonl"
-GROUND_TRUTH = "ground_truth.npz"
+from lore_core.prism_schema import GROUND_TRUTH_FILE as GROUND_TRUTH
 TRUTH_ARRAYS = ("basis", "user_id", "user_weights", "logit_scale", "embedder")
 
 
