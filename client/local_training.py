@@ -119,12 +119,28 @@ def accuracy_sums(logits: np.ndarray, rows: RowGroup, n_users: int) -> tuple[flo
     return float(acc[has].sum()), int(has.sum()), oracle
 
 
-def evaluate_block(basis: np.ndarray, block: UserBlock, weights: np.ndarray, *,
-                   prior_strength: float) -> tuple[np.ndarray, dict[str, float]]:
+def device_fit_weights(basis: np.ndarray, rows: RowGroup, n_users: int, prior_strength: float,
+                       init: np.ndarray | None = None) -> np.ndarray:
+    """`fit_weights` through the on-device code (`client.device.personalize.adapt`), user by user: in deployment a
+    node is one device with its one user (a few in local trials), and it adapts exactly as the device app does."""
+    from client.device.personalize import adapt
+
+    weights = np.full((n_users, basis.shape[0]), 1.0 / basis.shape[0])
+    for u in range(n_users):
+        mine = rows.user_idx == u
+        if mine.any():
+            weights[u] = adapt(basis, rows.diff[mine], init=None if init is None else init[u],
+                               prior_strength=prior_strength).user_weights
+    return weights
+
+
+def evaluate_block(basis: np.ndarray, block: UserBlock, weights: np.ndarray, *, prior_strength: float,
+                   fit=fit_weights) -> tuple[np.ndarray, dict[str, float]]:
     """Seen users: refit w on their train pairs (warm start `weights` (S, B)) and test; unseen users: fit w on
-    their few-shot pairs from the prior and test. Returns (refit seen weights, per-node sums)."""
-    seen_w = fit_weights(basis, block.seen_train, block.n_train_users, prior_strength, init=weights)
-    unseen_w = fit_weights(basis, block.unseen_train, block.unseen_users.size, prior_strength)
+    their few-shot pairs from the prior and test. Returns (refit seen weights, per-node sums).
+    `fit` is `fit_weights` (batched over a simulated node's users) or `device_fit_weights` (deployment)."""
+    seen_w = fit(basis, block.seen_train, block.n_train_users, prior_strength, init=weights)
+    unseen_w = fit(basis, block.unseen_train, block.unseen_users.size, prior_strength)
     sums: dict[str, float] = {}
     for prefix, w, rows, n_users in (
         ("seen", seen_w, block.seen_test, block.n_train_users),
