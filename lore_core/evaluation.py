@@ -6,6 +6,8 @@ with the basis frozen (numpy solver, the same one devices and federated clients 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
 from lore_core.pairs import PairSet
@@ -57,22 +59,52 @@ def evaluate_model(
     few_shot = pairs.select(seen=False, split="train")
     unseen_test = pairs.select(seen=False, split="test")
     if unseen_test.n:
-        ids, weights = few_shot_weights(few_shot, basis, prior_strength)
-        test_known = np.isin(unseen_test.user, ids)
-        # Unseen users without few-shot pairs keep the prior (uniform weights): the population reward.
-        all_ids = np.union1d(ids, unseen_test.user)
-        all_w = np.full((all_ids.size, basis.shape[0]), 1.0 / basis.shape[0])
-        all_w[np.searchsorted(all_ids, ids)] = weights
-        w = weights_for(unseen_test.user, all_ids, all_w)
-        metrics["unseen_test_acc"] = _accuracy(np.einsum("nb,nb->n", unseen_test.diff @ basis.T, w), unseen_test.user)
-        metrics["unseen_users_without_few_shot"] = int(np.unique(unseen_test.user[~test_known]).size)
+        metrics["unseen_test_acc"], without = fit_and_score(few_shot, unseen_test, basis, prior_strength)
+        metrics["unseen_users_without_few_shot"] = without
         if few_shot.n:
+            ids, weights = few_shot_weights(few_shot, basis, prior_strength)
             w_fs = weights_for(few_shot.user, ids, weights)
             metrics["unseen_few_shot_train_acc"] = _accuracy(
                 np.einsum("nb,nb->n", few_shot.diff @ basis.T, w_fs), few_shot.user
             )
     metrics.update(reference_metrics(pairs))
     return metrics
+
+
+def fit_and_score(train: PairSet, test: PairSet, basis: np.ndarray, prior_strength: float) -> tuple[float, int]:
+    """Users fit w on their `train` rows with the basis frozen, then are scored on `test`; users without train rows
+    keep the prior (uniform weights: the population reward). Returns (accuracy, users without train rows)."""
+    ids, weights = few_shot_weights(train, basis, prior_strength)
+    all_ids = np.union1d(ids, test.user)
+    all_w = np.full((all_ids.size, basis.shape[0]), 1.0 / basis.shape[0])
+    all_w[np.searchsorted(all_ids, ids)] = weights
+    w = weights_for(test.user, all_ids, all_w)
+    without = int(np.unique(test.user[~np.isin(test.user, ids)]).size)
+    return _accuracy(np.einsum("nb,nb->n", test.diff @ basis.T, w), test.user), without
+
+
+def true_basis_metrics(pairs: PairSet, true_basis: np.ndarray, prior_strength: float) -> dict:
+    """The true-basis ceiling of a benchmark: every user fits only w on its own training (for unseen users:
+    few-shot) pairs with the hidden basis (B*, D), in logit units, frozen. Beside the oracle (true basis and true
+    w) it separates what the basis costs from what a few pairs per user cost."""
+    out = {}
+    for seen, label in ((True, "seen"), (False, "unseen")):
+        test = pairs.select(seen=seen, split="test")
+        if test.n:
+            out[f"true_basis_{label}_test_acc"], _ = fit_and_score(
+                pairs.select(seen=seen, split="train"), test, true_basis, prior_strength)
+    return out
+
+
+def load_true_basis(pair_path: str | Path) -> np.ndarray | None:
+    """The hidden basis in logit units from `ground_truth.npz` beside a benchmark's pair file, or None."""
+    from lore_core.prism_schema import GROUND_TRUTH_FILE
+
+    truth = Path(pair_path).parent / GROUND_TRUTH_FILE
+    if not truth.exists():
+        return None
+    with np.load(truth, allow_pickle=False) as data:
+        return np.asarray(data["basis"], np.float64) * float(data["logit_scale"])
 
 
 def reference_metrics(pairs: PairSet) -> dict:

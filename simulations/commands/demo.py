@@ -126,6 +126,9 @@ def write_demo_report(out: Path, dataset: Path, central: dict, runs: dict[str, d
     for name, metrics in rows:
         lines.append(f"| {name} | {metrics.get('rank')} | {metrics.get('seen_test_acc', float('nan')):.4f} | "
                      f"{metrics.get('unseen_test_acc', float('nan')):.4f} |")
+    if "true_basis_seen_test_acc" in central:
+        lines.append(f"| true basis, each user fits only w (ceiling) | - | {central['true_basis_seen_test_acc']:.4f} | "
+                     f"{central['true_basis_unseen_test_acc']:.4f} |")
     if "oracle_seen_test_acc" in central:
         lines.append(f"| oracle (true basis and weights) | - | {central['oracle_seen_test_acc']:.4f} | "
                      f"{central['oracle_unseen_test_acc']:.4f} |")

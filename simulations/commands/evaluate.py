@@ -24,7 +24,7 @@ def run(args: argparse.Namespace) -> int:
     from lore_core.evaluation import evaluate_model, few_shot_weights
     from lore_core.pairs import load_pairs
     from lore_core.simplex_fit import DEFAULT_PRIOR_STRENGTH
-    from simulations.commands.train import format_metrics
+    from simulations.commands.train import benchmark_ceiling, format_metrics
 
     basis_path = Path(args.basis)
     if basis_path.is_dir():
@@ -36,6 +36,7 @@ def run(args: argparse.Namespace) -> int:
     prior = DEFAULT_PRIOR_STRENGTH if args.prior_strength is None else args.prior_strength
     seen_ids, seen_w = few_shot_weights(pairs.select(seen=True, split="train"), basis, prior)
     metrics = evaluate_model(pairs, basis, seen_ids, seen_w, prior_strength=prior)
+    metrics.update(benchmark_ceiling(pairs, prior))
     print(format_metrics(metrics))
     if args.out:
         atomic_write_json(args.out, metrics)

@@ -58,6 +58,7 @@ def run(args: argparse.Namespace) -> int:
     fit = train_joint(train.diff, train.user, config)
     started = time.perf_counter()
     metrics = evaluate_model(pairs, fit.basis, fit.user_ids, fit.user_weights, prior_strength=config.prior_strength)
+    metrics.update(benchmark_ceiling(pairs, config.prior_strength))
     metrics.update(
         train_seconds=fit.train_seconds,
         evaluate_seconds=time.perf_counter() - started,
@@ -79,6 +80,17 @@ def run(args: argparse.Namespace) -> int:
     print(format_metrics(metrics))
     print(f"wrote {out / 'metrics.json'} and {out / 'basis.npz'}")
     return 0
+
+
+def benchmark_ceiling(pairs, prior_strength: float) -> dict:
+    """On a benchmark (ground_truth.npz beside the pair file, same embedding size): the true-basis few-shot
+    ceiling, reported beside the oracle."""
+    from lore_core.evaluation import load_true_basis, true_basis_metrics
+
+    true_basis = load_true_basis(pairs.source)
+    if true_basis is None or true_basis.shape[1] != pairs.dim:
+        return {}
+    return true_basis_metrics(pairs, true_basis, prior_strength)
 
 
 def _seconds_per_rank(selection: list[dict]) -> dict[str, float]:
