@@ -164,9 +164,10 @@ def write_outputs(out: Path, rows: list[dict], args: argparse.Namespace) -> None
     for r in rows:
         r["seen_drop_points"] = round(100 * (base["seen_test_acc"] - r["seen_test_acc"]), 2)
         r["unseen_drop_points"] = round(100 * (base["unseen_test_acc"] - r["unseen_test_acc"]), 2)
-    atomic_write_json(out / "privacy_bench.json", {"config": vars(args) | {"out": str(out)}, "runs": rows})
-    lines = [f"# User-level DP-FedAvg vs non-private: {args.users} seen users (+{args.unseen_users} unseen), "
-             f"D=384, {args.clients_per_round} users/round (Poisson), {args.rounds} rounds, delta 1e-5", "",
+    atomic_write_json(out / f"{args.name}_bench.json", {"config": vars(args) | {"out": str(out)}, "runs": rows})
+    source = f"pair file {args.pairs}" if args.pairs else "synthetic pair file"
+    lines = [f"# User-level DP-FedAvg vs non-private ({source}): {args.users} seen users (+{args.unseen_users} unseen), "
+             f"D={getattr(args, 'dim', 384)}, {args.clients_per_round} users/round (Poisson), {args.rounds} rounds, delta 1e-5", "",
              "| mode | z | C | epsilon (PRV) | epsilon (RDP) | seen acc | unseen acc | seen drop (pts) | "
              "unseen drop (pts) | seconds |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -179,7 +180,7 @@ def write_outputs(out: Path, rows: list[dict], args: argparse.Namespace) -> None
               "same client, aggregator and server-optimizer code as the ServerApp/ClientApp, seconds = training "
               "rounds; `user (Ray engine)`: `lore-fed simulate` through Flower's simulation engine, seconds = wall "
               "time incl. engine start, ledger and evaluation. Each DP run draws its own secret noise.", ""]
-    atomic_write_text(out / "privacy_bench.md", "\n".join(lines))
+    atomic_write_text(out / f"{args.name}_bench.md", "\n".join(lines))
 
     dp = sorted((r for r in rows if r["mode"] == "user"), key=lambda r: r["epsilon_prv"])
     fig, ax = plt.subplots(figsize=(6.5, 4))
@@ -199,7 +200,7 @@ def write_outputs(out: Path, rows: list[dict], args: argparse.Namespace) -> None
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out / "privacy_accuracy_vs_epsilon.png", dpi=110)
+    fig.savefig(out / f"{args.name}_accuracy_vs_epsilon.png", dpi=110)
     plt.close(fig)
 
 
@@ -216,6 +217,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", default="runs/bench_privacy", help="pair files and run directories")
     parser.add_argument("--pilot", action="store_true", help="only the clip-norm pilot")
     parser.add_argument("--pilot-rounds", type=int, default=60)
+    parser.add_argument("--pairs", default=None,
+                        help="benchmark pair file or dataset (e.g. from lore-fed synth/prepare/embed) instead of a "
+                             "synthetic population; --users/--unseen-users are then read from it")
+    parser.add_argument("--name", default="privacy", help="output file prefix in --out")
     parser.add_argument("--ray", action="store_true",
                         help="also run user mode at z = 1 through Flower's Ray simulation engine (`lore-fed simulate`)")
     args = parser.parse_args(argv)
@@ -226,7 +231,16 @@ def main(argv: list[str] | None = None) -> int:
     from simulations.flower_run import nodes_for
 
     work = Path(args.work)
-    pairs_path = make_population(work / "data" / PAIRS_FILENAME, args.users, args.unseen_users, 0)
+    if args.pairs:
+        from lore_core.pairs import load_pairs, resolve_pair_path
+
+        pairs_path = resolve_pair_path(args.pairs)
+        pairs = load_pairs(pairs_path)
+        args.users = int(np.unique(pairs.user[pairs.seen]).size)
+        args.unseen_users = int(np.unique(pairs.user[~pairs.seen]).size)
+        args.dim = pairs.dim
+    else:
+        pairs_path = make_population(work / "data" / PAIRS_FILENAME, args.users, args.unseen_users, 0)
     nodes = nodes_for(args.users + args.unseen_users)
     jobs = [(str(pairs_path), {**base_overrides(args), "privacy-mode": "none"}, nodes)]
     for z in NOISE_MULTIPLIERS:
@@ -239,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.ray:
         rows.append(ray_point(pairs_path, work / "ray_user_z1", args))
     write_outputs(out, rows, args)
-    print((out / "privacy_bench.md").read_text())
+    print((out / f"{args.name}_bench.md").read_text())
     return 0
 
 
