@@ -9,10 +9,13 @@ and counted again (spent budget is never lost), so ledger rounds may exceed trai
 
 from __future__ import annotations
 
+import logging
 import os
+from collections.abc import Callable
 from typing import Any
 
 from client import protocol as p
+from lore_core.privacy.accounting import PrivacyBudgetExhausted
 from lore_core.privacy.ledger import PrivacyLedger
 from lore_core.privacy.settings import PrivacySettings
 
@@ -43,6 +46,25 @@ class FederatedLedger(PrivacyLedger):
             data["not_covered"] = list(data["not_covered"]) + extra
         data["evaluation"] = {"policy": self.evaluation, "covered_by_accountant": False}
         return data
+
+
+def stop_for_budget(ledger: PrivacyLedger, state, run_dir, evaluate: Callable[[int], dict]) -> None:
+    """max_epsilon allows no further round: mark `stopped_early` in the ledger (check_next_round raises after
+    writing it) and on the last round, whose metrics come from `evaluate(round)` (the last released basis) if that
+    round did not evaluate; then checkpoint. Shared by the Message-API and the SecAgg+ paths."""
+    from server.checkpoint import save_checkpoint
+
+    try:
+        ledger.check_next_round()
+    except PrivacyBudgetExhausted as exc:
+        logging.getLogger("lore_fed.server").warning("privacy budget: %s", exc)
+    if not state.history:
+        return
+    last = state.history[-1]
+    last["stopped_early"] = True
+    if "seen_test_acc" not in last:
+        last.update(evaluate(last["round"]))
+    save_checkpoint(run_dir, state)
 
 
 def open_ledger(run_dir: str | os.PathLike, settings: PrivacySettings, evaluation: str) -> FederatedLedger:

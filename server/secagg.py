@@ -46,13 +46,12 @@ from flwr.serverapp import Grid
 
 from client import protocol as p
 from client.secagg_client import encode_user_indices
-from lore_core.privacy.accounting import PrivacyBudgetExhausted
 from lore_core.privacy.mechanism import add_noise_to_sum, make_private_rng, poisson_sample
 from lore_core.privacy.settings import PrivacyConfigError, PrivacySettings
 from server.checkpoint import RunState, save_checkpoint, start_or_resume
 from server.optimizer import ServerAdam, ServerSGD, make_optimizer, pseudo_gradient
 from server.population import Population
-from server.privacy import FederatedLedger, rounds_that_fit
+from server.privacy import FederatedLedger, rounds_that_fit, stop_for_budget
 from server.settings import ServerSettings
 from server.strategy import basis_record, eval_metrics, valid_eval_metrics
 
@@ -203,19 +202,9 @@ class SecAggLoReStrategy(Strategy):
         return t == self.settings.rounds or bool(every) and t % every == 0
 
     def stop_for_budget(self, grid: Grid, timeout: float) -> None:
-        """max_epsilon allows no further round: mark `stopped_early` (the ledger and the last round) and evaluate
-        the last released basis if that round did not."""
-        try:
-            self.ledger.check_next_round()
-        except PrivacyBudgetExhausted as exc:
-            log.warning("privacy budget: %s", exc)
-        if not self.state.history:
-            return
-        last = self.state.history[-1]
-        last["stopped_early"] = True
-        if "seen_test_acc" not in last:
-            last.update(federated_evaluation(grid, self.population, self.state.basis, last["round"], timeout))
-        save_checkpoint(self.settings.run_dir, self.state)
+        """max_epsilon allows no further round (server.privacy.stop_for_budget): evaluate the last released basis."""
+        stop_for_budget(self.ledger, self.state, self.settings.run_dir,
+                        lambda t: federated_evaluation(grid, self.population, self.state.basis, t, timeout))
 
     # Evaluation runs in FederatedEvaluation (Message API), not through the legacy hooks.
     def configure_evaluate(self, server_round, parameters, client_manager):

@@ -23,11 +23,10 @@ from flwr.serverapp.strategy import Strategy
 
 from client import protocol as p
 from server.aggregation import Aggregator
-from lore_core.privacy.accounting import PrivacyBudgetExhausted
 from server.checkpoint import RunState, save_checkpoint
 from server.optimizer import ServerAdam, ServerSGD, pseudo_gradient
 from server.population import Population
-from server.privacy import FederatedLedger
+from server.privacy import FederatedLedger, stop_for_budget
 from server.settings import ServerSettings
 
 log = logging.getLogger("lore_fed.server")
@@ -218,21 +217,12 @@ class LoReStrategy(Strategy):
         return result
 
     def stop_for_budget(self, grid: Grid, timeout: float) -> None:
-        """max_epsilon allows no further round: mark `stopped_early` in the ledger (check_next_round raises after
-        writing it) and evaluate the last released basis, whose metrics become that round's."""
-        try:
-            self.ledger.check_next_round()
-        except PrivacyBudgetExhausted as exc:
-            log.warning("privacy budget: %s", exc)
-        if not self.state.history:
-            return
-        last = self.state.history[-1]
-        last["stopped_early"] = True
-        if "seen_test_acc" not in last:
-            replies = grid.send_and_receive(self._evaluate_messages(basis_record(self.state.basis), last["round"]),
-                                            timeout=timeout)
-            last.update(self._evaluation(last["round"], replies))
-        save_checkpoint(self.settings.run_dir, self.state)
+        """max_epsilon allows no further round (server.privacy.stop_for_budget): evaluate the last released basis."""
+        def evaluate(t: int) -> dict:
+            messages = self._evaluate_messages(basis_record(self.state.basis), t)
+            return self._evaluation(t, grid.send_and_receive(messages, timeout=timeout))
+
+        stop_for_budget(self.ledger, self.state, self.settings.run_dir, evaluate)
 
     def _finish_round(self, t: int) -> None:
         self._record["seconds"] = round(time.monotonic() - self._started, 4)

@@ -12,7 +12,6 @@ itself is hyper-parameter search, which no ledger covers.
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 import numpy as np
 

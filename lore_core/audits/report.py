@@ -121,7 +121,7 @@ def _details(r: dict) -> list[str]:
         for view, v in r["views"].items():
             rows.append(f"| {view} | {v['cosine_mean']:.3f} | {_fmt_ci(v['cosine_ci'])} | {v['gain_over_chance']:+.3f} "
                         f"{_fmt_ci(v['gain_ci'])} | {v['pair_membership_auc']:.3f} {_fmt_ci(v['pair_membership_auc_ci'])} |")
-        rows += [f"\nChance (no per-user information): " + ", ".join(
+        rows += ["\nChance (no per-user information): " + ", ".join(
             f"{k} {c['mean']:.3f} {_fmt_ci(c['ci'])}" for k, c in r["chance"].items())]
     elif kind == "attribute":
         rows += ["| attribute | view | AUC | 95% CI | bal. acc (majority) | p | p (Holm) |", "|---|---|---|---|---|---|---|"]
