@@ -140,7 +140,7 @@ def test_round_completes_when_a_supernode_dies(deployment):
         deployment.stop_supernode(2, signal.SIGKILL)  # round 2 is under way: the device dies without a word
         outcome = deployment.wait_run(process, log, timeout=300)
     finally:
-        deployment.start_supernode(2)  # back for the next test (its w file survived: atomic writes)
+        deployment.restart_supernode(2)  # back for the next test (its w file survived: atomic writes)
         deployment.wait_online(NODES)
     assert outcome.completed, f"{outcome.status} {outcome.details}; see {outcome.log}"
 
