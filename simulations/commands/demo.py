@@ -84,6 +84,8 @@ def run(args: argparse.Namespace) -> int:
     if (nonprivate / "metrics.json").exists():
         runs["federated-nonprivate"] = json.loads((nonprivate / "metrics.json").read_text())
     report = write_demo_report(out, dataset, reference, runs, time.perf_counter() - started)
+    text = report.read_text()
+    print("\n" + text[text.index("## Accuracy"):text.index("Details:")].strip())
     print(f"\ndemo finished in {time.perf_counter() - started:.0f} s; report: {report}")
     return 0
 
