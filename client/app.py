@@ -16,7 +16,7 @@ from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordD
 from flwr.clientapp import ClientApp
 
 from client import protocol as p
-from client.local_training import (device_fit_weights, evaluate_block, fit_weights, record_dp_updates,
+from client.local_training import (device_fit_weights, evaluate_block, personal_fit_weights, record_dp_updates,
                                    train_sampled_users)
 from client.user_block import UserBlock, load_device_block, load_partition_block
 from client.user_state import load_record_histories, load_weights, save_record_histories, save_weights
@@ -116,7 +116,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     basis = _basis(msg, block)
     weights = load_weights(context, block.n_train_users, basis.shape[0])
     on_device = bool(context.node_config.get("data-path"))  # deployment: evaluate with the device's own code
-    weights, sums = evaluate_block(basis, block, weights, prior_strength=settings.prior_strength,
-                                   fit=device_fit_weights if on_device else fit_weights)
+    weights, sums = evaluate_block(basis, block, weights, prior_pairs=settings.prior_pairs,
+                                   fit=device_fit_weights if on_device else personal_fit_weights)
     save_weights(context, weights)
     return Message(RecordDict({p.METRICS: MetricRecord(sums)}), reply_to=msg)

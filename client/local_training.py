@@ -13,7 +13,7 @@ import numpy as np
 
 from client.user_block import RowGroup, UserBlock
 from lore_core.reward_math import bt_loss_grad, per_user_accuracy
-from lore_core.simplex_fit import fit_user_weights
+from lore_core.simplex_fit import fit_user_weights, prior_from_pairs
 
 # Tight enough that a warm start (w from the last round) and a cold start (a restarted run) give the same w.
 FIT_TOL = 1e-11
@@ -119,9 +119,16 @@ def accuracy_sums(logits: np.ndarray, rows: RowGroup, n_users: int) -> tuple[flo
     return float(acc[has].sum()), int(has.sum()), oracle
 
 
-def device_fit_weights(basis: np.ndarray, rows: RowGroup, n_users: int, prior_strength: float,
+def personal_fit_weights(basis: np.ndarray, rows: RowGroup, n_users: int, prior_pairs: float,
+                         init: np.ndarray | None = None) -> np.ndarray:
+    """`fit_weights` with the personal prior worth `prior_pairs` of each user's pairs: how a user's final w is fit
+    (evaluation, new users), batched over a simulated node's users."""
+    return fit_weights(basis, rows, n_users, prior_from_pairs(rows.user_idx, n_users, prior_pairs), init=init)
+
+
+def device_fit_weights(basis: np.ndarray, rows: RowGroup, n_users: int, prior_pairs: float,
                        init: np.ndarray | None = None) -> np.ndarray:
-    """`fit_weights` through the on-device code (`client.device.personalize.adapt`), user by user: in deployment a
+    """`personal_fit_weights` through the on-device code (`client.device.personalize.adapt`), user by user: in deployment a
     node is one device with its one user (a few in local trials), and it adapts exactly as the device app does."""
     from client.device.personalize import adapt
 
@@ -130,17 +137,18 @@ def device_fit_weights(basis: np.ndarray, rows: RowGroup, n_users: int, prior_st
         mine = rows.user_idx == u
         if mine.any():
             weights[u] = adapt(basis, rows.diff[mine], init=None if init is None else init[u],
-                               prior_strength=prior_strength).user_weights
+                               prior_pairs=prior_pairs).user_weights
     return weights
 
 
-def evaluate_block(basis: np.ndarray, block: UserBlock, weights: np.ndarray, *, prior_strength: float,
-                   fit=fit_weights) -> tuple[np.ndarray, dict[str, float]]:
+def evaluate_block(basis: np.ndarray, block: UserBlock, weights: np.ndarray, *, prior_pairs: float,
+                   fit=personal_fit_weights) -> tuple[np.ndarray, dict[str, float]]:
     """Seen users: refit w on their train pairs (warm start `weights` (S, B)) and test; unseen users: fit w on
-    their few-shot pairs from the prior and test. Returns (refit seen weights, per-node sums).
-    `fit` is `fit_weights` (batched over a simulated node's users) or `device_fit_weights` (deployment)."""
-    seen_w = fit(basis, block.seen_train, block.n_train_users, prior_strength, init=weights)
-    unseen_w = fit(basis, block.unseen_train, block.unseen_users.size, prior_strength)
+    their few-shot pairs from the prior and test; both with the personal prior (`prior_pairs`), as
+    `lore_core.evaluation` does. Returns (refit seen weights, per-node sums).
+    `fit` is `personal_fit_weights` (batched over a simulated node's users) or `device_fit_weights` (deployment)."""
+    seen_w = fit(basis, block.seen_train, block.n_train_users, prior_pairs, init=weights)
+    unseen_w = fit(basis, block.unseen_train, block.unseen_users.size, prior_pairs)
     sums: dict[str, float] = {}
     for prefix, w, rows, n_users in (
         ("seen", seen_w, block.seen_test, block.n_train_users),

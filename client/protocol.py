@@ -46,7 +46,8 @@ class ClientSettings:
     """What a node needs from the run config."""
 
     pairs_path: str  # simulation: the shared pair file; empty in deployment (node_config data-path instead)
-    prior_strength: float
+    prior_strength: float  # training: KL(w || uniform) weight of the w fit before each local step
+    prior_pairs: float  # evaluation: the personal prior of the final w fit, in pairs (simplex_fit.prior_from_pairs)
     local_steps: int
     client_lr: float
     device: str = "cpu"  # record mode: torch device of the DP-SGD step
@@ -56,6 +57,7 @@ class ClientSettings:
         return cls(
             pairs_path=str(run_config.get("pairs-path", "")),
             prior_strength=float(run_config["prior-strength"]),
+            prior_pairs=float(run_config["prior-pairs"]),
             local_steps=int(run_config["local-steps"]),
             client_lr=float(run_config["client-lr"]),
             device=str(run_config.get("device", "cpu")),

@@ -1,7 +1,9 @@
 """Evaluation as the LoRe paper reports it: per-user pair accuracy (strict > 0), unweighted mean over users.
 
-Seen users are scored with their own weights; unseen users first fit weights on their few-shot ("train") pairs
-with the basis frozen (numpy solver, the same one devices and federated clients run), then are scored on "test".
+Every user is scored as a device would serve them: w fit on the user's own "train" pairs (seen users: their
+training pairs; unseen users: their few-shot pairs) with the basis frozen, by the numpy solver that devices and
+federated clients run, with the personal prior worth `prior_pairs` pairs (`simplex_fit.prior_from_pairs`); then
+scored on "test". The same protocol for centralized, federated and private runs keeps them comparable.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import numpy as np
 
 from lore_core.pairs import PairSet
 from lore_core.reward_math import mean_user_accuracy, pair_logits
-from lore_core.simplex_fit import DEFAULT_PRIOR_STRENGTH, fit_user_weights
+from lore_core.simplex_fit import DEFAULT_PRIOR_PAIRS, fit_user_weights, prior_from_pairs
 
 
 def _accuracy(logits: np.ndarray, user: np.ndarray) -> float:
@@ -32,49 +34,56 @@ def weights_for(user: np.ndarray, user_ids: np.ndarray, user_weights: np.ndarray
     return user_weights[found]
 
 
-def few_shot_weights(pairs: PairSet, basis: np.ndarray, prior_strength: float) -> tuple[np.ndarray, np.ndarray]:
-    """Fit weights for every user of `pairs` on its rows (basis frozen); returns (user_ids, weights)."""
+def few_shot_weights(pairs: PairSet, basis: np.ndarray, prior_pairs: float) -> tuple[np.ndarray, np.ndarray]:
+    """Fit weights for every user of `pairs` on its rows (basis frozen, personal prior worth `prior_pairs` pairs);
+    returns (user_ids, weights)."""
     ids, idx = np.unique(pairs.user, return_inverse=True)
-    fit = fit_user_weights(pairs.diff @ basis.T, idx, ids.size, prior_strength=prior_strength)
+    fit = fit_user_weights(pairs.diff @ basis.T, idx, ids.size,
+                           prior_strength=prior_from_pairs(idx, ids.size, prior_pairs))
     return ids, fit.weights
 
 
 def evaluate_model(
     pairs: PairSet,
     basis: np.ndarray,
-    seen_user_ids: np.ndarray,
-    seen_user_weights: np.ndarray,
     *,
-    prior_strength: float = DEFAULT_PRIOR_STRENGTH,
+    prior_pairs: float = DEFAULT_PRIOR_PAIRS,
+    joint_weights: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> dict:
-    """The metrics of `lore-fed train` / `evaluate` / `simulate` for a basis (B, D) and seen users' weights."""
+    """The metrics of `lore-fed train` / `evaluate` for a basis (B, D): every user's w refit as the module says.
+
+    joint_weights (user_ids, weights (U, B)) from joint training add `seen_test_acc_joint_weights`, the score of the
+    weights learned together with the basis (the paper's seen-user protocol), for comparison."""
     if basis.shape[1] != pairs.dim:
         raise ValueError(f"basis has dimension {basis.shape[1]} but the pair file has {pairs.dim}")
-    metrics: dict = {"rank": int(basis.shape[0])}
-    for name in ("train", "test"):
-        part = pairs.select(seen=True, split=name)
-        if part.n:
-            w = weights_for(part.user, seen_user_ids, seen_user_weights)
-            metrics[f"seen_{name}_acc"] = _accuracy(pair_logits(part.diff @ basis.T, w, np.arange(part.n)), part.user)
+    metrics: dict = {"rank": int(basis.shape[0]), "prior_pairs": float(prior_pairs)}
+    seen_train = pairs.select(seen=True, split="train")
+    if seen_train.n:
+        ids, weights = few_shot_weights(seen_train, basis, prior_pairs)
+        for name in ("train", "test"):
+            part = pairs.select(seen=True, split=name)
+            if part.n:
+                metrics[f"seen_{name}_acc"], _ = _score(part, basis, ids, weights)
+        seen_test = pairs.select(seen=True, split="test")
+        if joint_weights is not None and seen_test.n:
+            w = weights_for(seen_test.user, *joint_weights)
+            metrics["seen_test_acc_joint_weights"] = _accuracy(
+                pair_logits(seen_test.diff @ basis.T, w, np.arange(seen_test.n)), seen_test.user)
     few_shot = pairs.select(seen=False, split="train")
     unseen_test = pairs.select(seen=False, split="test")
     if unseen_test.n:
-        metrics["unseen_test_acc"], without = fit_and_score(few_shot, unseen_test, basis, prior_strength)
+        metrics["unseen_test_acc"], without = fit_and_score(few_shot, unseen_test, basis, prior_pairs)
         metrics["unseen_users_without_few_shot"] = without
         if few_shot.n:
-            ids, weights = few_shot_weights(few_shot, basis, prior_strength)
-            w_fs = weights_for(few_shot.user, ids, weights)
-            metrics["unseen_few_shot_train_acc"] = _accuracy(
-                np.einsum("nb,nb->n", few_shot.diff @ basis.T, w_fs), few_shot.user
-            )
+            ids, weights = few_shot_weights(few_shot, basis, prior_pairs)
+            metrics["unseen_few_shot_train_acc"], _ = _score(few_shot, basis, ids, weights)
     metrics.update(reference_metrics(pairs))
     return metrics
 
 
-def fit_and_score(train: PairSet, test: PairSet, basis: np.ndarray, prior_strength: float) -> tuple[float, int]:
-    """Users fit w on their `train` rows with the basis frozen, then are scored on `test`; users without train rows
-    keep the prior (uniform weights: the population reward). Returns (accuracy, users without train rows)."""
-    ids, weights = few_shot_weights(train, basis, prior_strength)
+def _score(test: PairSet, basis: np.ndarray, ids: np.ndarray, weights: np.ndarray) -> tuple[float, int]:
+    """Accuracy of `test` with the fitted (ids, weights); users not among ids keep uniform weights (the population
+    reward). Returns (accuracy, number of such users)."""
     all_ids = np.union1d(ids, test.user)
     all_w = np.full((all_ids.size, basis.shape[0]), 1.0 / basis.shape[0])
     all_w[np.searchsorted(all_ids, ids)] = weights
@@ -83,7 +92,14 @@ def fit_and_score(train: PairSet, test: PairSet, basis: np.ndarray, prior_streng
     return _accuracy(np.einsum("nb,nb->n", test.diff @ basis.T, w), test.user), without
 
 
-def true_basis_metrics(pairs: PairSet, true_basis: np.ndarray, prior_strength: float) -> dict:
+def fit_and_score(train: PairSet, test: PairSet, basis: np.ndarray, prior_pairs: float) -> tuple[float, int]:
+    """Users fit w on their `train` rows with the basis frozen, then are scored on `test`; users without train rows
+    keep the prior (uniform weights: the population reward). Returns (accuracy, users without train rows)."""
+    ids, weights = few_shot_weights(train, basis, prior_pairs)
+    return _score(test, basis, ids, weights)
+
+
+def true_basis_metrics(pairs: PairSet, true_basis: np.ndarray, prior_pairs: float = DEFAULT_PRIOR_PAIRS) -> dict:
     """The true-basis ceiling of a benchmark: every user fits only w on its own training (for unseen users:
     few-shot) pairs with the hidden basis (B*, D), in logit units, frozen. Beside the oracle (true basis and true
     w) it separates what the basis costs from what a few pairs per user cost."""
@@ -92,7 +108,7 @@ def true_basis_metrics(pairs: PairSet, true_basis: np.ndarray, prior_strength: f
         test = pairs.select(seen=seen, split="test")
         if test.n:
             out[f"true_basis_{label}_test_acc"], _ = fit_and_score(
-                pairs.select(seen=seen, split="train"), test, true_basis, prior_strength)
+                pairs.select(seen=seen, split="train"), test, true_basis, prior_pairs)
     return out
 
 

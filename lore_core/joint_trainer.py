@@ -71,9 +71,11 @@ def resolve_device(device: str) -> torch.device:
 class _Objective:
     """The LoRe objective on tensors; `user_idx` maps pairs to rows of theta."""
 
-    def __init__(self, diff: torch.Tensor, user_idx: torch.Tensor, n_users: int, prior: float, l2: float):
+    def __init__(self, diff: torch.Tensor, user_idx: torch.Tensor, n_users: int, prior, l2: float):
+        """prior: one KL weight, or one per user (n_users,) as `simplex_fit.prior_from_pairs` gives."""
         self.diff, self.user_idx, self.n_users = diff, user_idx, n_users
-        self.prior, self.l2 = prior, l2
+        self.prior = torch.as_tensor(prior, dtype=diff.dtype, device=diff.device)
+        self.l2 = l2
         counts = torch.bincount(user_idx, minlength=n_users).to(diff.dtype)
         self.inv_counts = 1.0 / counts.clamp(min=1.0)
         self.active = (counts > 0).to(diff.dtype)
@@ -89,8 +91,9 @@ class _Objective:
 
     def __call__(self, basis: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
         log_w = torch.log_softmax(theta, dim=1)
-        kl = ((log_w.exp() * (log_w + math.log(theta.shape[1]))).sum(dim=1) * self.active).sum() / self.n_active
-        return self.data_loss(basis, theta) + self.prior * kl + self.l2 * (basis**2).sum()
+        kl = (log_w.exp() * (log_w + math.log(theta.shape[1]))).sum(dim=1)
+        prior = (self.prior * kl * self.active).sum() / self.n_active
+        return self.data_loss(basis, theta) + prior + self.l2 * (basis**2).sum()
 
 
 def _lbfgs(params: list[torch.Tensor], objective, max_iter: int, tolerance: float = 1e-7) -> torch.optim.LBFGS:
@@ -168,7 +171,7 @@ def fit_few_shot_torch(
     user_idx: np.ndarray,
     n_users: int,
     *,
-    prior_strength: float = DEFAULT_PRIOR_STRENGTH,
+    prior_strength: float | np.ndarray = DEFAULT_PRIOR_STRENGTH,
     max_iter: int = 500,
     device: str = "cpu",
 ) -> np.ndarray:

@@ -3,7 +3,9 @@
 For each user u, minimise over w in the simplex
     F_u(w) = (1/n_u) sum_{j in u} softplus(-w . s_j) + lam * KL(w || uniform)
 where s_j = A d_j are the pair's basis scores. F_u is strictly convex (lam > 0), so this solver and the torch
-trainer reach the same w. The prior keeps every weight > 0, which makes a damped Newton method on the simplex
+trainer reach the same w. lam is one strength for all users, or one per user: `prior_from_pairs` sets
+lam_u = c / n_u, the Bayesian weight of a prior worth c pairs against a user's n_u pairs (a user with few pairs
+stays near the population, one with many is free to be personal). The prior keeps every weight > 0, which makes a damped Newton method on the simplex
 fast and exact.
 All users are solved at once (batched), which is what the federated client and evaluation need.
 """
@@ -16,7 +18,11 @@ import numpy as np
 
 from lore_core.reward_math import bt_loss, bt_loss_grad, segment_sum
 
-DEFAULT_PRIOR_STRENGTH = 0.02
+DEFAULT_PRIOR_STRENGTH = 0.02  # joint training: one weak pull for every user, so that the basis rows specialize
+# Personalization (w fit with A frozen: evaluation, new users, devices): the prior is worth this many of the user's
+# own pairs (lam_u = c / n_u). Chosen on a public pilot population (`python -m simulations.choose_prior_pairs`),
+# never on a run it is reported for.
+DEFAULT_PRIOR_PAIRS = 3.0
 
 
 @dataclass(frozen=True)
@@ -31,7 +37,7 @@ def fit_user_weights(
     user_idx: np.ndarray,
     n_users: int,
     *,
-    prior_strength: float = DEFAULT_PRIOR_STRENGTH,
+    prior_strength: float | np.ndarray = DEFAULT_PRIOR_STRENGTH,
     init: np.ndarray | None = None,
     max_iter: int = 100,
     tol: float = 1e-10,
@@ -47,9 +53,8 @@ def fit_user_weights(
     scores = np.asarray(basis_scores, dtype=np.float64)
     if scores.ndim != 2:
         raise ValueError(f"basis_scores must be (n, B), got shape {scores.shape}")
-    if not (prior_strength > 0 and np.isfinite(prior_strength)):
-        raise ValueError(f"prior_strength must be finite and > 0, got {prior_strength}")
     n_basis = scores.shape[1]
+    lam = _user_strengths(prior_strength, n_users)
     counts = np.bincount(user_idx, minlength=n_users).astype(np.float64)
     inv_counts = 1.0 / np.maximum(counts, 1.0)
     if init is None:
@@ -61,17 +66,17 @@ def fit_user_weights(
     kkt = np.zeros((n_users, n_basis + 1, n_basis + 1))
     kkt[:, :n_basis, n_basis] = 1.0
     kkt[:, n_basis, :n_basis] = 1.0
-    objective = few_shot_objective(weights, scores, user_idx, prior_strength)
+    objective = few_shot_objective(weights, scores, user_idx, lam)
     converged = False
     iteration = 0
     for iteration in range(1, max_iter + 1):
         logits = np.einsum("nb,nb->n", scores, weights[user_idx])
         g_pair = bt_loss_grad(logits)
         grad = segment_sum(g_pair[:, None] * scores, user_idx, n_users) * inv_counts[:, None]
-        grad += prior_strength * (np.log(weights * n_basis) + 1.0)
+        grad += lam[:, None] * (np.log(weights * n_basis) + 1.0)
         curvature = -g_pair * (1.0 + g_pair)  # sigma(z) * (1 - sigma(z))
         hess = segment_sum(curvature[:, None, None] * outer, user_idx, n_users) * inv_counts[:, None, None]
-        hess += prior_strength * np.einsum("ub,bc->ubc", 1.0 / weights, np.eye(n_basis))
+        hess += lam[:, None, None] * np.einsum("ub,bc->ubc", 1.0 / weights, np.eye(n_basis))
         kkt[:, :n_basis, :n_basis] = hess
         rhs = np.concatenate([-grad, np.zeros((n_users, 1))], axis=1)
         step = np.linalg.solve(kkt, rhs[:, :, None])[:, :n_basis, 0]
@@ -82,7 +87,7 @@ def fit_user_weights(
         todo = np.ones(n_users, bool)
         for _ in range(40):
             trial = np.where(todo[:, None], weights + t[:, None] * step, weights)
-            trial_obj = few_shot_objective(trial, scores, user_idx, prior_strength)
+            trial_obj = few_shot_objective(trial, scores, user_idx, lam)
             better = trial_obj <= objective + 1e-4 * t * (grad * step).sum(axis=1)
             accept = todo & better
             weights = np.where(accept[:, None], trial, weights)
@@ -100,8 +105,26 @@ def fit_user_weights(
     return SimplexFitResult(weights=weights, iterations=iteration, converged=converged)
 
 
+def prior_from_pairs(user_idx: np.ndarray, n_users: int, prior_pairs: float) -> np.ndarray:
+    """Per-user strengths lam_u = prior_pairs / n_u (U,): the prior weighs as much as `prior_pairs` of the user's
+    own pairs (users without pairs get lam = prior_pairs; they keep the uniform prior anyway)."""
+    if not (np.isfinite(prior_pairs) and prior_pairs > 0):
+        raise ValueError(f"prior_pairs must be finite and > 0, got {prior_pairs}")
+    counts = np.bincount(np.asarray(user_idx, dtype=np.int64), minlength=n_users)
+    return prior_pairs / np.maximum(counts, 1).astype(np.float64)
+
+
+def _user_strengths(prior_strength: float | np.ndarray, n_users: int) -> np.ndarray:
+    lam = np.asarray(prior_strength, dtype=np.float64)
+    if lam.ndim not in (0, 1) or (lam.ndim == 1 and lam.shape != (n_users,)):
+        raise ValueError(f"prior_strength must be a number or one per user ({n_users},), got shape {lam.shape}")
+    if not (np.all(np.isfinite(lam)) and np.all(lam > 0)):
+        raise ValueError(f"prior_strength must be finite and > 0, got {prior_strength}")
+    return np.broadcast_to(lam, (n_users,))
+
+
 def few_shot_objective(
-    weights: np.ndarray, basis_scores: np.ndarray, user_idx: np.ndarray, prior_strength: float
+    weights: np.ndarray, basis_scores: np.ndarray, user_idx: np.ndarray, prior_strength: float | np.ndarray
 ) -> np.ndarray:
     """F_u(w) per user (U,): for checks that two solvers reach the same optimum."""
     n_users, n_basis = weights.shape
@@ -109,4 +132,4 @@ def few_shot_objective(
     counts = np.maximum(np.bincount(user_idx, minlength=n_users), 1)
     loss = np.bincount(user_idx, weights=bt_loss(logits), minlength=n_users) / counts
     kl = (weights * np.log(np.clip(weights * n_basis, 1e-300, None))).sum(axis=1)
-    return loss + prior_strength * kl
+    return loss + _user_strengths(prior_strength, n_users) * kl

@@ -60,6 +60,7 @@ class ServerSettings:
     server_lr: float
     l2: float
     prior_strength: float
+    prior_pairs: float
     init_scale: float
     privacy_mode: str
     run_dir: str
@@ -83,6 +84,7 @@ class ServerSettings:
                 server_lr=float(cfg["server-lr"]),
                 l2=float(cfg["l2"]),
                 prior_strength=float(cfg["prior-strength"]),
+                prior_pairs=float(cfg["prior-pairs"]),
                 init_scale=float(cfg["init-scale"]),
                 privacy_mode=str(cfg["privacy-mode"]),
                 run_dir=str(cfg["run-dir"]),
@@ -100,10 +102,11 @@ class ServerSettings:
         positive = {"num-server-rounds": self.rounds, "rank": self.rank, "clients-per-round": self.clients_per_round,
                     "local-steps": self.local_steps, "client-lr": self.client_lr,
                     "server-lr": self.server_lr, "prior-strength": self.prior_strength,
+                    "prior-pairs": self.prior_pairs,
                     "init-scale": self.init_scale, "min-nodes": self.min_nodes, "round-timeout": self.round_timeout}
         for key, value in positive.items():
-            if not value > 0:
-                raise RunConfigError(f"run config `{key}` must be > 0, got {value}")
+            if not (value > 0 and value != float("inf")):
+                raise RunConfigError(f"run config `{key}` must be a finite number > 0, got {value}")
         if self.eval_every < 0:
             raise RunConfigError(f"run config `eval-every` must be >= 0 (0 = only after the last round), "
                                  f"got {self.eval_every}")

@@ -102,7 +102,7 @@ def direct_compute(pairs_path: Path, overrides: dict, num_nodes: int, rounds: in
     train_seconds = time.perf_counter() - started
     started = time.perf_counter()
     for block, w in zip(blocks, weights):
-        evaluate_block(basis, block, w, prior_strength=client.prior_strength)
+        evaluate_block(basis, block, w, prior_pairs=client.prior_pairs)
     eval_seconds = time.perf_counter() - started
     return {"train_seconds_per_round": train_seconds / rounds, "eval_seconds_per_eval": eval_seconds,
             "total_seconds": train_seconds + eval_seconds * eval_rounds}

@@ -79,7 +79,7 @@ def run_in_process(pairs_path: Path, overrides: dict, num_nodes: int, *, record_
     train_seconds = time.perf_counter() - started
     sums: dict[str, float] = {}
     for block, w in zip(blocks, weights):
-        for key, value in evaluate_block(basis, block, w, prior_strength=client.prior_strength)[1].items():
+        for key, value in evaluate_block(basis, block, w, prior_pairs=client.prior_pairs)[1].items():
             sums[key] = sums.get(key, 0.0) + value
     result = {"mode": privacy.mode, "rounds": settings.rounds, "train_seconds": round(train_seconds, 1),
               "mean_sampled": float(np.mean(sampled_counts)),

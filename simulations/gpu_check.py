@@ -29,7 +29,7 @@ def trainer_figures(config: SyntheticPairsConfig, rank, device: str) -> dict:
     if device == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - started
-    metrics = evaluate_model(pairs, fit.basis, fit.user_ids, fit.user_weights)
+    metrics = evaluate_model(pairs, fit.basis, joint_weights=(fit.user_ids, fit.user_weights))
     return {"device": device, "dim": config.dim, "users": config.seen_users, "rank": fit.rank, "seconds": seconds,
             "seen_test_acc": metrics["seen_test_acc"], "unseen_test_acc": metrics["unseen_test_acc"]}
 

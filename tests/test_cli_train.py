@@ -32,8 +32,9 @@ def test_train_writes_metrics_and_basis_then_evaluate_reads_them(pair_file, tmp_
     out = tmp_path / "eval.json"
     assert main(["evaluate", str(pair_file.parent), "--basis", str(run), "--out", str(out)]) == 0
     evaluated = json.loads(out.read_text())
-    # Seen users' weights are refit with the basis frozen: the same optimum the joint fit reached.
-    assert abs(evaluated["seen_test_acc"] - metrics["seen_test_acc"]) < 0.02
+    # Both refit every user's w with the basis frozen and the same personal prior: the same figures.
+    assert evaluated["seen_test_acc"] == pytest.approx(metrics["seen_test_acc"], abs=1e-9)
+    assert abs(metrics["seen_test_acc_joint_weights"] - metrics["seen_test_acc"]) < 0.05
     assert evaluated["unseen_test_acc"] == pytest.approx(metrics["unseen_test_acc"], abs=1e-9)
 
 
@@ -48,6 +49,8 @@ def test_bad_inputs_give_clear_errors(pair_file, tmp_path, capsys):
     wrong_file = save_pairs(wrong, tmp_path / "wrong.npz")
     assert main(["evaluate", str(wrong_file), "--basis", str(other)]) == 2
     assert "dimension" in capsys.readouterr().err
+    assert main(["evaluate", str(pair_file), "--basis", str(other), "--prior-pairs", "0"]) == 2
+    assert "--prior-pairs must be" in capsys.readouterr().err
 
 
 def test_train_reports_the_true_basis_ceiling_on_a_benchmark(tmp_path):

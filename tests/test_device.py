@@ -26,7 +26,7 @@ from client.device.state import (
 )
 from lore_core.basis_file import BasisFileError, load_basis, save_basis
 from lore_core.reward_math import mean_user_accuracy
-from lore_core.simplex_fit import DEFAULT_PRIOR_STRENGTH, few_shot_objective
+from lore_core.simplex_fit import DEFAULT_PRIOR_PAIRS, few_shot_objective, prior_from_pairs
 
 REPO = Path(__file__).resolve().parents[1]
 HEAVY = ("torch", "transformers", "flwr")
@@ -134,7 +134,8 @@ def test_few_shot_accuracy_matches_torch_trainer():
     train = pairs.split == "train"
     device_w = np.stack([personalize.adapt(truth.basis, pairs.diff[train & (user_idx == u)]).user_weights
                          for u in range(user_ids.size)])
-    torch_w = fit_few_shot_torch(truth.basis, pairs.diff[train], user_idx[train], user_ids.size)
+    lam = prior_from_pairs(user_idx[train], user_ids.size, DEFAULT_PRIOR_PAIRS)  # the device's default prior
+    torch_w = fit_few_shot_torch(truth.basis, pairs.diff[train], user_idx[train], user_ids.size, prior_strength=lam)
     test_scores = pairs.diff[~train] @ truth.basis.T
     acc = {name: mean_user_accuracy(np.einsum("nb,nb->n", test_scores, w[user_idx[~train]]), user_idx[~train],
                                     user_ids.size) for name, w in (("device", device_w), ("torch", torch_w))}
@@ -142,7 +143,7 @@ def test_few_shot_accuracy_matches_torch_trainer():
     # One strictly convex objective: the device solver must reach the torch fit's objective or better (here torch's
     # L-BFGS on softmax parameters stops short for some users whose optimum lies near a face of the simplex).
     train_scores = pairs.diff[train].astype(np.float64) @ truth.basis.T
-    objective = {name: few_shot_objective(w, train_scores, user_idx[train], DEFAULT_PRIOR_STRENGTH)
+    objective = {name: few_shot_objective(w, train_scores, user_idx[train], lam)
                  for name, w in (("device", device_w), ("torch", torch_w))}
     assert (objective["device"] <= objective["torch"] + 1e-6).all()
 

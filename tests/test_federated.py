@@ -222,7 +222,7 @@ def test_simulate_command_runs_through_the_ray_engine(pair_file, tmp_path):
 
 def test_device_evaluation_uses_the_device_adaptation_and_matches_the_batched_node(tmp_path):
     """In deployment the ClientApp adapts w with client.device's code; it reaches the batched solver's result."""
-    from client.local_training import device_fit_weights, evaluate_block, fit_weights
+    from client.local_training import device_fit_weights, evaluate_block, personal_fit_weights
     from client.user_block import load_device_block
     from lore_core.pairs import save_pairs
     from simulations.synthetic_pairs import SyntheticPairsConfig, make_synthetic_pairs
@@ -231,7 +231,15 @@ def test_device_evaluation_uses_the_device_adaptation_and_matches_the_batched_no
     block = load_device_block(str(save_pairs(pairs, tmp_path / "pairs.npz")))
     basis = truth.basis
     start = np.full((block.n_train_users, 3), 1 / 3)
-    w_batched, sums_batched = evaluate_block(basis, block, start, prior_strength=0.02, fit=fit_weights)
-    w_device, sums_device = evaluate_block(basis, block, start, prior_strength=0.02, fit=device_fit_weights)
+    w_batched, sums_batched = evaluate_block(basis, block, start, prior_pairs=3.0, fit=personal_fit_weights)
+    w_device, sums_device = evaluate_block(basis, block, start, prior_pairs=3.0, fit=device_fit_weights)
     np.testing.assert_allclose(w_device, w_batched, atol=1e-6)
     assert sums_device == pytest.approx(sums_batched, abs=1e-9)
+
+
+@pytest.mark.parametrize("bad", [0.0, -2.0, float("inf")])
+def test_invalid_personal_prior_stops_the_run_before_training(pair_file, tmp_path, bad):
+    from server.settings import RunConfigError
+
+    with pytest.raises(RunConfigError, match="prior-pairs"):
+        make_run(pair_file, tmp_path / "run", **{"prior-pairs": bad})

@@ -7,7 +7,7 @@ import torch
 from lore_core.evaluation import evaluate_model
 from lore_core.joint_trainer import TrainConfig, fit_few_shot_torch, split_validation, train_joint
 from lore_core.reward_math import bt_loss, bt_loss_grad, per_user_accuracy, softmax, user_basis_directions
-from lore_core.simplex_fit import few_shot_objective, fit_user_weights
+from lore_core.simplex_fit import few_shot_objective, fit_user_weights, prior_from_pairs
 from simulations.synthetic_pairs import SyntheticPairsConfig, make_synthetic_pairs
 
 SMALL = SyntheticPairsConfig(dim=32, true_rank=3, seen_users=40, unseen_users=10, train_pairs=(30, 40), seed=1)
@@ -80,11 +80,12 @@ def test_joint_training_learns_personal_rewards(small_pairs):
     train = pairs.select(seen=True, split="train")
     bt = train_joint(train.diff, train.user, TrainConfig(rank=1, l2=1e-3))
     lore = train_joint(train.diff, train.user, TrainConfig(rank=3, l2=1e-3))
-    m_bt = evaluate_model(pairs, bt.basis, bt.user_ids, bt.user_weights)
-    m_lore = evaluate_model(pairs, lore.basis, lore.user_ids, lore.user_weights)
+    m_bt = evaluate_model(pairs, bt.basis, joint_weights=(bt.user_ids, bt.user_weights))
+    m_lore = evaluate_model(pairs, lore.basis, joint_weights=(lore.user_ids, lore.user_weights))
     assert lore.basis.shape == (3, 32)
     np.testing.assert_allclose(lore.user_weights.sum(1), 1.0, atol=1e-5)
     assert m_lore["seen_test_acc"] > m_bt["seen_test_acc"] + 0.02
+    assert m_lore["seen_test_acc_joint_weights"] > m_bt["seen_test_acc_joint_weights"] + 0.02
     assert m_lore["seen_test_acc"] <= m_lore["oracle_seen_test_acc"] + 0.05
 
 
@@ -117,4 +118,42 @@ def test_config_validation():
 def test_evaluation_refuses_a_basis_of_another_dimension(small_pairs):
     pairs, _ = small_pairs
     with pytest.raises(ValueError, match="dimension"):
-        evaluate_model(pairs, np.zeros((2, 7)), np.array(["x"]), np.ones((1, 2)) / 2)
+        evaluate_model(pairs, np.zeros((2, 7)))
+
+
+def test_per_user_prior_equals_fitting_each_user_alone():
+    rng = np.random.default_rng(4)
+    scores, user_idx = rng.standard_normal((40, 4)) * 2, np.repeat(np.arange(3), [4, 12, 24])
+    lam = prior_from_pairs(user_idx, 3, prior_pairs=3.0)
+    np.testing.assert_allclose(lam, [3 / 4, 3 / 12, 3 / 24])
+    batched = fit_user_weights(scores, user_idx, 3, prior_strength=lam, tol=1e-12).weights
+    for u in range(3):
+        mine = user_idx == u
+        alone = fit_user_weights(scores[mine], np.zeros(mine.sum(), int), 1, prior_strength=lam[u], tol=1e-12)
+        np.testing.assert_allclose(batched[u], alone.weights[0], atol=1e-7)
+
+
+def test_personal_prior_lets_users_with_more_pairs_move_further_from_the_population():
+    """The same choices, repeated: with prior_pairs the evidence outweighs the prior as it grows; with one fixed
+    strength (a mean loss) it never does."""
+    rng = np.random.default_rng(5)
+    scores = rng.standard_normal((6, 4)) + np.array([2.0, 0, 0, 0])
+    for repeat in (1, 8):
+        many = np.tile(scores, (repeat, 1))
+        idx = np.zeros(len(many), int)
+        personal = fit_user_weights(many, idx, 1, prior_strength=prior_from_pairs(idx, 1, 3.0)).weights[0]
+        fixed = fit_user_weights(many, idx, 1, prior_strength=0.5).weights[0]
+        if repeat == 1:
+            first_personal, first_fixed = personal, fixed
+    assert personal[0] > first_personal[0] + 0.05  # more pairs, further toward the preferred basis reward
+    np.testing.assert_allclose(fixed, first_fixed, atol=1e-6)
+
+
+@pytest.mark.parametrize("bad", [0.0, -1.0, float("nan"), float("inf")])
+def test_invalid_prior_is_refused(bad):
+    with pytest.raises(ValueError, match="prior_pairs"):
+        prior_from_pairs(np.zeros(3, int), 1, bad)
+    with pytest.raises(ValueError, match="prior_strength"):
+        fit_user_weights(np.ones((3, 2)), np.zeros(3, int), 1, prior_strength=bad)
+    with pytest.raises(ValueError, match="one per user"):
+        fit_user_weights(np.ones((3, 2)), np.zeros(3, int), 1, prior_strength=np.ones(2))

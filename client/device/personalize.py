@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lore_core.simplex_fit import DEFAULT_PRIOR_STRENGTH, fit_user_weights
+from lore_core.simplex_fit import DEFAULT_PRIOR_PAIRS, fit_user_weights
 
 CHOICE_CONTEXT_KEYS = ("history", "prompt")
 
@@ -35,15 +35,18 @@ def adapt(
     pair_diff: np.ndarray,
     *,
     init: np.ndarray | None = None,
-    prior_strength: float = DEFAULT_PRIOR_STRENGTH,
+    prior_pairs: float = DEFAULT_PRIOR_PAIRS,
 ) -> Adaptation:
-    """Fit the user's w (B,) on the simplex from pair diffs (n, D) = e(chosen) - e(rejected), basis (B, D)."""
+    """Fit the user's w (B,) on the simplex from pair diffs (n, D) = e(chosen) - e(rejected), basis (B, D).
+
+    The prior toward the population (uniform w) weighs as much as `prior_pairs` of the user's own pairs: a user
+    with a few choices stays close to the population, one with many is free to be personal."""
     diff = np.asarray(pair_diff, dtype=np.float64)
     if diff.ndim != 2 or diff.shape[1] != basis.shape[1]:
         raise ValueError(f"pair diffs must be (n, {basis.shape[1]}) to match the basis, got {diff.shape}")
     scores = diff @ np.asarray(basis, dtype=np.float64).T  # (n, B)
     fit = fit_user_weights(
-        scores, np.zeros(len(scores), dtype=np.int64), 1, prior_strength=prior_strength,
+        scores, np.zeros(len(scores), dtype=np.int64), 1, prior_strength=prior_pairs / max(len(scores), 1),
         init=None if init is None else np.asarray(init, np.float64)[None, :],
     )
     weights = fit.weights[0]

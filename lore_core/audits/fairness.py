@@ -18,19 +18,21 @@ import numpy as np
 from lore_core.audits.statistics import AuditInputError, bootstrap_mean_ci
 from lore_core.pairs import PairSet
 from lore_core.reward_math import per_user_accuracy
-from lore_core.simplex_fit import DEFAULT_PRIOR_STRENGTH, fit_user_weights
+from lore_core.simplex_fit import DEFAULT_PRIOR_PAIRS, fit_user_weights, prior_from_pairs
 
 TOLERANCE = 0.05  # accuracy points: a gap whose CI lies above this is a finding
 
 
-def per_user_accuracies(pairs: PairSet, basis: np.ndarray, prior_strength: float = DEFAULT_PRIOR_STRENGTH) -> dict:
-    """Per user (sorted ids): seen, training pairs, fitted w, LoRe and population-reward test accuracy."""
+def per_user_accuracies(pairs: PairSet, basis: np.ndarray, prior_pairs: float = DEFAULT_PRIOR_PAIRS) -> dict:
+    """Per user (sorted ids): seen, training pairs, fitted w (the evaluation's personal prior), LoRe and
+    population-reward test accuracy."""
     ids, idx = np.unique(pairs.user, return_inverse=True)
     n = ids.size
     basis = np.asarray(basis, dtype=np.float64)
     scores = pairs.diff.astype(np.float64) @ basis.T
     train = pairs.split == "train"
-    w = fit_user_weights(scores[train], idx[train], n, prior_strength=prior_strength).weights
+    lam = prior_from_pairs(idx[train], n, prior_pairs)
+    w = fit_user_weights(scores[train], idx[train], n, prior_strength=lam).weights
     seen = np.zeros(n, bool)
     seen[idx[pairs.seen]] = True
     population_w = w[seen].mean(axis=0) if seen.any() else w.mean(axis=0)

@@ -15,16 +15,16 @@ from lore_core.atomic_io import atomic_write_json
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("pairs", help="pair file (.npz) or dataset directory holding pairs.npz")
     parser.add_argument("--basis", required=True, help="basis file, or a run directory holding basis.npz")
-    parser.add_argument("--prior-strength", type=float, default=None)
+    parser.add_argument("--prior-pairs", type=float, default=None,
+                        help="personal prior of every user's w fit, in pairs (default 3)")
     parser.add_argument("--out", default=None, help="write the metrics to this JSON file")
 
 
 def run(args: argparse.Namespace) -> int:
     from lore_core.basis_file import load_basis
-    from lore_core.evaluation import evaluate_model, few_shot_weights
+    from lore_core.evaluation import evaluate_model
     from lore_core.pairs import load_pairs
-    from lore_core.simplex_fit import DEFAULT_PRIOR_STRENGTH
-    from simulations.commands.train import benchmark_ceiling, format_metrics
+    from simulations.commands.train import benchmark_ceiling, format_metrics, personal_prior
 
     basis_path = Path(args.basis)
     if basis_path.is_dir():
@@ -33,9 +33,8 @@ def run(args: argparse.Namespace) -> int:
     pairs = load_pairs(args.pairs)
     if basis.shape[1] != pairs.dim:
         raise ValueError(f"basis {basis_path} has dimension {basis.shape[1]}, the pair file {pairs.dim}")
-    prior = DEFAULT_PRIOR_STRENGTH if args.prior_strength is None else args.prior_strength
-    seen_ids, seen_w = few_shot_weights(pairs.select(seen=True, split="train"), basis, prior)
-    metrics = evaluate_model(pairs, basis, seen_ids, seen_w, prior_strength=prior)
+    prior = personal_prior(args.prior_pairs)
+    metrics = evaluate_model(pairs, basis, prior_pairs=prior)
     metrics.update(benchmark_ceiling(pairs, prior))
     print(format_metrics(metrics))
     if args.out:

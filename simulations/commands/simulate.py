@@ -38,6 +38,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--server-lr", type=float, default=None)
     parser.add_argument("--local-steps", type=int, default=None)
     parser.add_argument("--client-lr", type=float, default=None)
+    parser.add_argument("--prior-pairs", type=float, default=None,
+                        help="personal prior of every user's final w fit, in pairs (default 3)")
 
 
 def add_privacy_arguments(parser: argparse.ArgumentParser) -> None:
@@ -80,7 +82,7 @@ def privacy_overrides(args: argparse.Namespace) -> dict:
 
 
 def run_overrides(args: argparse.Namespace) -> dict:
-    from lore_core.simplex_fit import DEFAULT_PRIOR_STRENGTH
+    from lore_core.simplex_fit import DEFAULT_PRIOR_PAIRS, DEFAULT_PRIOR_STRENGTH
 
     eval_every = args.eval_every
     if eval_every is None:
@@ -88,6 +90,7 @@ def run_overrides(args: argparse.Namespace) -> dict:
     overrides = {
         "num-server-rounds": args.rounds, "clients-per-round": args.clients_per_round, "rank": args.rank,
         "seed": args.seed, "eval-every": eval_every, "prior-strength": DEFAULT_PRIOR_STRENGTH,
+        "prior-pairs": DEFAULT_PRIOR_PAIRS if getattr(args, "prior_pairs", None) is None else args.prior_pairs,
         **privacy_overrides(args),
     }
     if args.l2 is None:

@@ -17,7 +17,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rank", default="auto", help="basis size B, or 'auto' (validation likelihood; grid incl. 1)")
     parser.add_argument("--rank-grid", default=None, help="comma-separated ranks for --rank auto (must include 1)")
     parser.add_argument("--l2", default="auto", help="L2 penalty on the basis, or 'auto'")
-    parser.add_argument("--prior-strength", type=float, default=None, help="KL(w || uniform) weight")
+    parser.add_argument("--prior-strength", type=float, default=None,
+                        help="KL(w || uniform) weight in joint training (default 0.02)")
+    parser.add_argument("--prior-pairs", type=float, default=None,
+                        help="personal prior of the evaluation's w fits, in pairs (default 3)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--out", required=True, help="run directory for metrics.json and basis.npz")
@@ -57,8 +60,9 @@ def run(args: argparse.Namespace) -> int:
     print(f"training on {train.n} pairs of {np.unique(train.user).size} seen users (D={pairs.dim}, rank {config.rank})")
     fit = train_joint(train.diff, train.user, config)
     started = time.perf_counter()
-    metrics = evaluate_model(pairs, fit.basis, fit.user_ids, fit.user_weights, prior_strength=config.prior_strength)
-    metrics.update(benchmark_ceiling(pairs, config.prior_strength))
+    prior_pairs = personal_prior(args.prior_pairs)
+    metrics = evaluate_model(pairs, fit.basis, prior_pairs=prior_pairs, joint_weights=(fit.user_ids, fit.user_weights))
+    metrics.update(benchmark_ceiling(pairs, prior_pairs))
     metrics.update(
         train_seconds=fit.train_seconds,
         evaluate_seconds=time.perf_counter() - started,
@@ -82,7 +86,18 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def benchmark_ceiling(pairs, prior_strength: float) -> dict:
+def personal_prior(value: float | None) -> float:
+    """--prior-pairs, checked, or the default."""
+    from lore_core.simplex_fit import DEFAULT_PRIOR_PAIRS
+
+    if value is None:
+        return DEFAULT_PRIOR_PAIRS
+    if not (np.isfinite(value) and value > 0):
+        raise ValueError(f"--prior-pairs must be a finite number > 0, got {value}")
+    return float(value)
+
+
+def benchmark_ceiling(pairs, prior_pairs: float) -> dict:
     """On a benchmark (ground_truth.npz beside the pair file, same embedding size): the true-basis few-shot
     ceiling, reported beside the oracle."""
     from lore_core.evaluation import load_true_basis, true_basis_metrics
@@ -90,7 +105,7 @@ def benchmark_ceiling(pairs, prior_strength: float) -> dict:
     true_basis = load_true_basis(pairs.source)
     if true_basis is None or true_basis.shape[1] != pairs.dim:
         return {}
-    return true_basis_metrics(pairs, true_basis, prior_strength)
+    return true_basis_metrics(pairs, true_basis, prior_pairs)
 
 
 def _seconds_per_rank(selection: list[dict]) -> dict[str, float]:
