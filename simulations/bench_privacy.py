@@ -9,7 +9,8 @@ round in one process, without Flower's messaging: the ClientApp's training funct
 the client-side clip), the ServerApp's aggregator (`server.aggregation.make_aggregator`: secret Poisson sampler,
 server re-clip, noise on the sum, fixed denominator) and server optimizer; epsilon from the accountant that writes
 the ledger (`lore_core.privacy.accounting`). Final evaluation as the ServerApp's (all nodes, seen and unseen users).
-Writes bench_results/privacy_bench.{json,md} and privacy_accuracy_vs_epsilon.png; the pair files and the Ray run
+`--repeats R` runs every setting R times with seeds 0..R-1 (the table gives means and ranges). Writes
+bench_results/privacy_bench.{json,md} and privacy_accuracy_vs_epsilon.png; the pair files and the Ray run
 directory go to --work (runs/bench_privacy, git-ignored).
 """
 
@@ -30,11 +31,13 @@ NOISE_MULTIPLIERS = (0.5, 1.0, 2.0)
 PILOT_SEED = 101  # the pilot population is not the benchmark's (seed 0): C is never tuned on the run it protects
 
 
-def run_in_process(pairs_path: Path, overrides: dict, num_nodes: int, *, record_norms: bool = False) -> dict:
-    """One federated run (see module docstring) -> final metrics, epsilon and, optionally, update norms per round."""
+def run_in_process(pairs_path: Path, overrides: dict, num_nodes: int, *, record_norms: bool = False,
+                   prior_pairs_grid: tuple[float, ...] = ()) -> dict:
+    """One federated run (see module docstring) -> final metrics, epsilon and, optionally, update norms per round
+    and the final basis evaluated with each personal prior of `prior_pairs_grid` (`by_prior_pairs`)."""
     from flwr.common.config import get_fused_config_from_dir
 
-    from client.local_training import evaluate_block, train_sampled_users
+    from client.local_training import train_sampled_users
     from client.protocol import ClientSettings
     from client.user_block import load_partition_block
     from lore_core.privacy.accounting import epsilon_report
@@ -77,16 +80,19 @@ def run_in_process(pairs_path: Path, overrides: dict, num_nodes: int, *, record_
             basis = optimizer.step(basis, pseudo_gradient(basis, mean, client_lr=client.client_lr,
                                                           local_steps=client.local_steps, l2=settings.l2))
     train_seconds = time.perf_counter() - started
-    sums: dict[str, float] = {}
-    for block, w in zip(blocks, weights):
-        for key, value in evaluate_block(basis, block, w, prior_pairs=client.prior_pairs)[1].items():
-            sums[key] = sums.get(key, 0.0) + value
+    sums = _evaluate(basis, blocks, weights, client.prior_pairs)
     result = {"mode": privacy.mode, "rounds": settings.rounds, "train_seconds": round(train_seconds, 1),
-              "mean_sampled": float(np.mean(sampled_counts)),
+              "mean_sampled": float(np.mean(sampled_counts)), "prior_pairs": client.prior_pairs,
               "seen_test_acc": sums["seen-acc-sum"] / sums["seen-users"],
               "unseen_test_acc": sums["unseen-acc-sum"] / sums["unseen-users"],
               "oracle_seen_test_acc": sums["oracle-seen-acc-sum"] / sums["seen-users"],
               "oracle_unseen_test_acc": sums["oracle-unseen-acc-sum"] / sums["unseen-users"]}
+    if prior_pairs_grid:
+        result["by_prior_pairs"] = {}
+        for prior_pairs in prior_pairs_grid:
+            s = _evaluate(basis, blocks, weights, prior_pairs)
+            result["by_prior_pairs"][str(prior_pairs)] = [s["seen-acc-sum"] / s["seen-users"],
+                                                          s["unseen-acc-sum"] / s["unseen-users"]]
     if privacy.is_dp:
         eps = epsilon_report([(privacy.noise_multiplier, privacy.sample_rate, settings.rounds)], privacy.delta)
         result.update(noise_multiplier=privacy.noise_multiplier, clip_norm=privacy.clip_norm, delta=privacy.delta,
@@ -94,6 +100,17 @@ def run_in_process(pairs_path: Path, overrides: dict, num_nodes: int, *, record_
     if record_norms:
         result["update_norms"] = norms
     return result
+
+
+def _evaluate(basis: np.ndarray, blocks: list, weights: list, prior_pairs: float) -> dict[str, float]:
+    """The ServerApp's final evaluation summed over all nodes (seen and unseen users)."""
+    from client.local_training import evaluate_block
+
+    sums: dict[str, float] = {}
+    for block, w in zip(blocks, weights):
+        for key, value in evaluate_block(basis, block, w, prior_pairs=prior_pairs)[1].items():
+            sums[key] = sums.get(key, 0.0) + value
+    return sums
 
 
 def make_population(path: Path, users: int, unseen: int, seed: int) -> Path:
@@ -152,6 +169,27 @@ def ray_point(pairs_path: Path, run_dir: Path, args: argparse.Namespace) -> dict
             "sample_rate": m["sample_rate"], "epsilon_prv": m["epsilon"], "epsilon_rdp": m["epsilon_rdp"]}
 
 
+def summarize(rows: list[dict]) -> list[dict]:
+    """One row per (mode, z): mean accuracy over its repeats, with the range, and the drop from the mean of the
+    non-private runs (each DP run draws fresh secret noise; the non-private runs differ by seed)."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["mode"], r.get("noise_multiplier")), []).append(r)
+    out = []
+    for (mode, z), runs in groups.items():
+        row = {k: v for k, v in runs[0].items() if k not in ("seen_test_acc", "unseen_test_acc", "train_seconds")}
+        for key in ("seen_test_acc", "unseen_test_acc"):
+            values = [r[key] for r in runs]
+            row[key], row[f"{key}_range"] = float(np.mean(values)), [min(values), max(values)]
+        row["runs"], row["train_seconds"] = len(runs), round(float(np.median([r["train_seconds"] for r in runs])), 1)
+        out.append(row)
+    base = next(r for r in out if r["mode"] == "none")
+    for r in out:
+        r["seen_drop_points"] = round(100 * (base["seen_test_acc"] - r["seen_test_acc"]), 2)
+        r["unseen_drop_points"] = round(100 * (base["unseen_test_acc"] - r["unseen_test_acc"]), 2)
+    return out
+
+
 def write_outputs(out: Path, rows: list[dict], args: argparse.Namespace) -> None:
     import matplotlib
 
@@ -160,35 +198,40 @@ def write_outputs(out: Path, rows: list[dict], args: argparse.Namespace) -> None
 
     from lore_core.atomic_io import atomic_write_json, atomic_write_text
 
-    base = next(r for r in rows if r["mode"] == "none")
-    for r in rows:
-        r["seen_drop_points"] = round(100 * (base["seen_test_acc"] - r["seen_test_acc"]), 2)
-        r["unseen_drop_points"] = round(100 * (base["unseen_test_acc"] - r["unseen_test_acc"]), 2)
-    atomic_write_json(out / f"{args.name}_bench.json", {"config": vars(args) | {"out": str(out)}, "runs": rows})
+    summary = summarize(rows)
+    base = next(r for r in summary if r["mode"] == "none")
+    atomic_write_json(out / f"{args.name}_bench.json",
+                      {"config": vars(args) | {"out": str(out)}, "summary": summary, "runs": rows})
     source = f"pair file {args.pairs}" if args.pairs else "synthetic pair file"
     lines = [f"# User-level DP-FedAvg vs non-private ({source}): {args.users} seen users (+{args.unseen_users} unseen), "
-             f"D={getattr(args, 'dim', 384)}, {args.clients_per_round} users/round (Poisson), {args.rounds} rounds, delta 1e-5", "",
-             "| mode | z | C | epsilon (PRV) | epsilon (RDP) | seen acc | unseen acc | seen drop (pts) | "
-             "unseen drop (pts) | seconds |", "|---|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
+             f"D={getattr(args, 'dim', 384)}, {args.clients_per_round} users/round (Poisson), {args.rounds} rounds, "
+             f"delta 1e-5, personal prior {base['prior_pairs']:g} pairs", "",
+             "| mode | z | C | epsilon (PRV) | epsilon (RDP) | runs | seen acc (range) | unseen acc (range) | "
+             "seen drop (pts) | unseen drop (pts) | seconds (median) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in summary:
         eps = (f"{r['epsilon_prv']:.2f} | {r['epsilon_rdp']:.2f}" if "epsilon_prv" in r else "∞ | ∞")
+        acc = {k: f"{r[k]:.4f} ({r[k + '_range'][0]:.4f}–{r[k + '_range'][1]:.4f})" if r["runs"] > 1 else f"{r[k]:.4f}"
+               for k in ("seen_test_acc", "unseen_test_acc")}
         lines.append(f"| {r['mode']} | {r.get('noise_multiplier', '-')} | {r.get('clip_norm', '-')} | {eps} | "
-                     f"{r['seen_test_acc']:.4f} | {r['unseen_test_acc']:.4f} | {r['seen_drop_points']} | "
+                     f"{r['runs']} | {acc['seen_test_acc']} | {acc['unseen_test_acc']} | {r['seen_drop_points']} | "
                      f"{r['unseen_drop_points']} | {r['train_seconds']} |")
     lines += ["", f"Oracle (true basis and weights): seen {base['oracle_seen_test_acc']:.4f}, unseen "
               f"{base['oracle_unseen_test_acc']:.4f}. Rows `none`/`user`: in-process rounds (no Flower messaging), "
               "same client, aggregator and server-optimizer code as the ServerApp/ClientApp, seconds = training "
               "rounds; `user (Ray engine)`: `lore-fed simulate` through Flower's simulation engine, seconds = wall "
-              "time incl. engine start, ledger and evaluation. Each DP run draws its own secret noise.", ""]
+              "time incl. engine start, ledger and evaluation. Each DP run draws its own secret noise; `none` runs "
+              "differ by experiment seed; drops are between means.", ""]
     atomic_write_text(out / f"{args.name}_bench.md", "\n".join(lines))
 
-    dp = sorted((r for r in rows if r["mode"] == "user"), key=lambda r: r["epsilon_prv"])
+    dp = sorted((r for r in summary if r["mode"] == "user"), key=lambda r: r["epsilon_prv"])
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for key, color, label in (("seen_test_acc", "tab:blue", "seen users"),
                               ("unseen_test_acc", "tab:orange", "unseen users (few-shot)")):
-        ax.plot([r["epsilon_prv"] for r in dp], [r[key] for r in dp], "o-", color=color, label=f"user DP, {label}")
+        errors = np.array([[r[key] - r[key + "_range"][0], r[key + "_range"][1] - r[key]] for r in dp]).T
+        ax.errorbar([r["epsilon_prv"] for r in dp], [r[key] for r in dp], yerr=errors, fmt="o-", color=color,
+                    capsize=3, label=f"user DP, {label} (mean, range)")
         ax.axhline(base[key], color=color, ls="--", lw=1, label=f"non-private, {label}")
-        for r in rows:
+        for r in summary:
             if r["mode"] == "user (Ray engine)":
                 ax.plot(r["epsilon_prv"], r[key], "x", color=color, ms=8, label=f"user DP via Ray, {label}")
         for r in dp:
@@ -212,6 +255,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clients-per-round", type=int, default=50)
     parser.add_argument("--rank", type=int, default=5)
     parser.add_argument("--clip-norm", type=float, default=None, help="default: the run config's (privacy.md §4)")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="runs per setting: DP runs draw fresh noise, with seeds 0..R-1 (DP runs also draw fresh noise)")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--out", default="bench_results", help="table, JSON and plot")
     parser.add_argument("--work", default="runs/bench_privacy", help="pair files and run directories")
@@ -242,12 +287,13 @@ def main(argv: list[str] | None = None) -> int:
     else:
         pairs_path = make_population(work / "data" / PAIRS_FILENAME, args.users, args.unseen_users, 0)
     nodes = nodes_for(args.users + args.unseen_users)
-    jobs = [(str(pairs_path), {**base_overrides(args), "privacy-mode": "none"}, nodes)]
+    jobs = [(str(pairs_path), {**base_overrides(args), "privacy-mode": "none", "seed": seed}, nodes)
+            for seed in range(args.repeats)]
     for z in NOISE_MULTIPLIERS:
         dp = {**base_overrides(args), "privacy-mode": "user", "noise-multiplier": z, "delta": 1e-5}
         if args.clip_norm is not None:
             dp["clip-norm"] = args.clip_norm
-        jobs.append((str(pairs_path), dp, nodes))
+        jobs += [(str(pairs_path), {**dp, "seed": seed}, nodes) for seed in range(args.repeats)]
     with ProcessPoolExecutor(max_workers=args.workers) as pool:
         rows = list(pool.map(_one, jobs))
     if args.ray:

@@ -266,3 +266,16 @@ def test_cli_prints_prv_and_rdp(capsys):
     assert "max rounds with epsilon (PRV) <= 3.37 at z = 1: 200" in out
     assert main(["privacy", "epsilon", "--noise-multiplier", "0", "--clients-per-round", "50",
                  "--population", "1400", "--rounds", "200"]) == 2
+
+
+@pytest.mark.parametrize("z", [1e-6, 0.05])
+def test_vanishing_noise_is_refused_with_a_message_not_a_crash(z):
+    """Opacus' PRV grid asks for exabytes at z = 1e-6; the plan is refused by validation, and the accountant
+    itself refuses such a history before PRV runs."""
+    from lore_core.privacy.accounting import AccountingError, epsilon_report
+
+    with pytest.raises(AccountingError, match="raise the noise multiplier"):
+        epsilon_report([(z, 0.037, 200)], 1e-5)
+    with pytest.raises(PrivacyConfigError, match="no meaningful"):
+        validate(PrivacySettings(mode="user", noise_multiplier=z, population_size=1350, rounds=200,
+                                 clients_per_round=50))

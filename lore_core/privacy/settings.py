@@ -250,6 +250,8 @@ def _check_user_modes(s: PrivacySettings) -> PrivacySettings:
         if s.noise_multiplier is None:
             z = _accounted(noise_for_target_epsilon, s.target_epsilon, q, rounds, s.delta)
             s = replace(s, noise_multiplier=z, noise_from_target=True)
+    # A plan beyond any meaningful epsilon (e.g. z = 1e-6) is refused now, not by the ledger after round one.
+    _accounted(epsilon, s.noise_multiplier, q, rounds, s.delta, "rdp")
     if s.max_epsilon is not None:
         planned = _accounted(epsilon, s.noise_multiplier, q, rounds, s.delta)
         if planned > s.max_epsilon:
