@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reference", default=None, help="`lore-fed train` run dir on the same pair file")
     args = parser.parse_args(argv)
 
-    from simulations.commands.simulate import run_overrides
+    from simulations.commands.simulate import configure, run_overrides
     from simulations.flower_run import nodes_for, simulate_pairs
 
     out = Path(args.out)
@@ -131,12 +131,11 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = out / "run"
     if (run_dir / "checkpoint.npz").exists():
         raise SystemExit(f"{run_dir} holds a previous run; remove it to benchmark from round 1")
-    ns = argparse.Namespace(rounds=args.rounds, clients_per_round=args.clients_per_round, rank=args.rank, seed=0,
-                            eval_every=args.eval_every, privacy="none", l2=None, server_optimizer=None,
-                            server_lr=None, local_steps=None, client_lr=None, noise_multiplier=None,
-                            target_epsilon=None, max_epsilon=None, clip_norm=None, delta=None, max_grad_norm=None,
-                            reproducible_noise=False, allow_uncovered_eval=False, device=None)
-    overrides = run_overrides(ns)
+    simulate_flags = argparse.ArgumentParser()
+    configure(simulate_flags)  # the flags of `lore-fed simulate`, so every default is the command's own
+    overrides = run_overrides(simulate_flags.parse_args([
+        str(pairs_path), "--rounds", str(args.rounds), "--clients-per-round", str(args.clients_per_round),
+        "--rank", str(args.rank), "--out", str(run_dir), "--eval-every", str(args.eval_every), "--privacy", "none"]))
     memory = TreeMemory()
     memory.start()
     started = time.perf_counter()

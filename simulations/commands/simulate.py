@@ -90,7 +90,7 @@ def run_overrides(args: argparse.Namespace) -> dict:
     overrides = {
         "num-server-rounds": args.rounds, "clients-per-round": args.clients_per_round, "rank": args.rank,
         "seed": args.seed, "eval-every": eval_every, "prior-strength": DEFAULT_PRIOR_STRENGTH,
-        "prior-pairs": DEFAULT_PRIOR_PAIRS if getattr(args, "prior_pairs", None) is None else args.prior_pairs,
+        "prior-pairs": DEFAULT_PRIOR_PAIRS if args.prior_pairs is None else args.prior_pairs,
         **privacy_overrides(args),
     }
     if args.l2 is None:
