@@ -128,8 +128,8 @@ def personal_fit_weights(basis: np.ndarray, rows: RowGroup, n_users: int, prior_
 
 def device_fit_weights(basis: np.ndarray, rows: RowGroup, n_users: int, prior_pairs: float,
                        init: np.ndarray | None = None) -> np.ndarray:
-    """`personal_fit_weights` through the on-device code (`client.device.personalize.adapt`), user by user: in deployment a
-    node is one device with its one user (a few in local trials), and it adapts exactly as the device app does."""
+    """`personal_fit_weights` through the on-device code (`client.device.personalize.adapt`), user by user: in
+    deployment a node is one device with its one user (a few in local trials), and it adapts as the device app does."""
     from client.device.personalize import adapt
 
     weights = np.full((n_users, basis.shape[0]), 1.0 / basis.shape[0])

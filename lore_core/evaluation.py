@@ -57,18 +57,16 @@ def evaluate_model(
     if basis.shape[1] != pairs.dim:
         raise ValueError(f"basis has dimension {basis.shape[1]} but the pair file has {pairs.dim}")
     metrics: dict = {"rank": int(basis.shape[0]), "prior_pairs": float(prior_pairs)}
-    seen_train = pairs.select(seen=True, split="train")
+    seen_train, seen_test = pairs.select(seen=True, split="train"), pairs.select(seen=True, split="test")
     if seen_train.n:
         ids, weights = few_shot_weights(seen_train, basis, prior_pairs)
-        for name in ("train", "test"):
-            part = pairs.select(seen=True, split=name)
-            if part.n:
-                metrics[f"seen_{name}_acc"], _ = _score(part, basis, ids, weights)
-        seen_test = pairs.select(seen=True, split="test")
-        if joint_weights is not None and seen_test.n:
-            w = weights_for(seen_test.user, *joint_weights)
-            metrics["seen_test_acc_joint_weights"] = _accuracy(
-                pair_logits(seen_test.diff @ basis.T, w, np.arange(seen_test.n)), seen_test.user)
+        metrics["seen_train_acc"], _ = _score(seen_train, basis, ids, weights)
+        if seen_test.n:
+            metrics["seen_test_acc"], _ = _score(seen_test, basis, ids, weights)
+    if joint_weights is not None and seen_test.n:
+        w = weights_for(seen_test.user, *joint_weights)
+        metrics["seen_test_acc_joint_weights"] = _accuracy(
+            pair_logits(seen_test.diff @ basis.T, w, np.arange(seen_test.n)), seen_test.user)
     few_shot = pairs.select(seen=False, split="train")
     unseen_test = pairs.select(seen=False, split="test")
     if unseen_test.n:

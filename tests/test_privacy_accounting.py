@@ -269,13 +269,18 @@ def test_cli_prints_prv_and_rdp(capsys):
 
 
 @pytest.mark.parametrize("z", [1e-6, 0.05])
-def test_vanishing_noise_is_refused_with_a_message_not_a_crash(z):
-    """Opacus' PRV grid asks for exabytes at z = 1e-6; the plan is refused by validation, and the accountant
-    itself refuses such a history before PRV runs."""
-    from lore_core.privacy.accounting import AccountingError, epsilon_report
+def test_vanishing_noise_is_refused_by_validation_and_never_crashes_the_accountant(z):
+    """Opacus' PRV grid asked for exabytes at z = 1e-6 (a MemoryError). A user-mode plan beyond any meaningful
+    epsilon is refused before training; the accountant itself reports the RDP bound (>= PRV) instead of running PRV."""
+    from lore_core.privacy.accounting import MAX_PRV_EPSILON, epsilon_report
 
-    with pytest.raises(AccountingError, match="raise the noise multiplier"):
-        epsilon_report([(z, 0.037, 200)], 1e-5)
-    with pytest.raises(PrivacyConfigError, match="no meaningful"):
+    report = epsilon_report([(z, 0.037, 200)], 1e-5)
+    assert report.prv == report.rdp > MAX_PRV_EPSILON and report.prv_is_rdp_bound
+    with pytest.raises(PrivacyConfigError, match="no meaningful privacy"):
         validate(PrivacySettings(mode="user", noise_multiplier=z, population_size=1350, rounds=200,
                                  clients_per_round=50))
+
+
+def test_prv_runs_below_the_stand_in_threshold():
+    report = epsilon_report([(0.5, 0.037, 200)], 1e-5)
+    assert report.prv < report.rdp and not report.prv_is_rdp_bound  # PRV is computed where it is cheap

@@ -21,9 +21,10 @@ ACCOUNTANTS = ("prv", "rdp")
 PRV_EPS_ERROR = 0.01  # Opacus' default precision of the PRV epsilon
 MAX_NOISE_MULTIPLIER = 1e6  # as Opacus get_noise_multiplier: beyond this the budget is unreachable
 MAX_ROUNDS = 1_000_000  # rounds_within_budget stops searching here
-# Above this (RDP upper bound) a plan promises nothing, and Opacus' PRV grid grows with epsilon until it fails or
-# asks for exabytes (z = 1e-6); such histories are refused with a message instead of being accounted.
-MAX_ACCOUNTED_EPSILON = 100.0
+# Opacus' PRV grid grows with epsilon until it fails or asks for exabytes (z = 1e-6). Above this RDP bound PRV is not
+# run: the RDP bound (always >= PRV) stands in, so no epsilon is under-reported; user-mode plans above it are refused
+# by validation (they promise nothing), record mode's per-pair epsilon may legitimately go there.
+MAX_PRV_EPSILON = 100.0
 Segment = tuple[float, float, int]
 
 
@@ -45,6 +46,7 @@ class EpsilonReport:
     prv_error_bound: float  # prv - prv_estimate
     rdp: float
     rdp_optimal_order: float
+    prv_is_rdp_bound: bool = False  # above MAX_PRV_EPSILON PRV is not run; the RDP bound stands in
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -92,16 +94,13 @@ def _rdp(segments: list[Segment], delta: float) -> tuple[float, float]:
     return float(eps), float(order)
 
 
-def _check_accountable(segments: list[Segment], delta: float) -> float:
-    """RDP epsilon of the history, refused above MAX_ACCOUNTED_EPSILON (before PRV runs)."""
-    rdp = _rdp(segments, delta)[0]
-    if not rdp <= MAX_ACCOUNTED_EPSILON:
-        z_min = min(z for z, _, _ in segments)
-        raise AccountingError(
-            f"epsilon above {MAX_ACCOUNTED_EPSILON:g} (RDP bound {rdp:.4g}) for history {segments}: no meaningful "
-            f"privacy, and too large for the PRV accountant; raise the noise multiplier (smallest here {z_min:g}), "
-            "sample fewer users or run fewer rounds, or run with privacy mode none")
-    return rdp
+def _bounds(segments: list[Segment], delta: float) -> tuple[float, float, float, float]:
+    """(PRV estimate, PRV upper, RDP, RDP order); above MAX_PRV_EPSILON the RDP bound stands in for both PRV values."""
+    rdp, order = _rdp(segments, delta)
+    if not rdp <= MAX_PRV_EPSILON:
+        return rdp, rdp, rdp, order
+    _, estimate, upper = _prv_bounds(segments, delta)
+    return estimate, upper, rdp, order
 
 
 def _finite(value: float, what: str, segments: list[Segment]) -> float:
@@ -124,8 +123,8 @@ def history_epsilon(history: Iterable[Sequence], delta: float, accountant: str =
     if not segments:
         return 0.0
     try:
-        rdp = _check_accountable(segments, delta)
-        value = _prv_bounds(segments, delta)[2] if accountant == "prv" else rdp
+        _, upper, rdp, _ = _bounds(segments, delta)
+        value = upper if accountant == "prv" else rdp
     except (ValueError, RuntimeError, OverflowError, FloatingPointError, MemoryError) as exc:
         raise AccountingError(f"{accountant} accountant failed on {segments}: {exc}") from exc
     return _finite(value, accountant, segments)
@@ -143,13 +142,11 @@ def epsilon_report(history: Iterable[Sequence], delta: float) -> EpsilonReport:
     if not segments:
         return EpsilonReport(delta, 0.0, 0.0, 0.0, 0.0, float("nan"))
     try:
-        _check_accountable(segments, delta)
-        rdp, order = _rdp(segments, delta)
-        _, estimate, upper = _prv_bounds(segments, delta)
+        estimate, upper, rdp, order = _bounds(segments, delta)
     except (ValueError, RuntimeError, OverflowError, FloatingPointError, MemoryError) as exc:
         raise AccountingError(f"accountant failed on {segments}: {exc}") from exc
     upper, estimate, rdp = (_finite(v, name, segments) for v, name in ((upper, "PRV"), (estimate, "PRV"), (rdp, "RDP")))
-    return EpsilonReport(delta, upper, estimate, upper - estimate, rdp, order)
+    return EpsilonReport(delta, upper, estimate, upper - estimate, rdp, order, prv_is_rdp_bound=rdp > MAX_PRV_EPSILON)
 
 
 def noise_for_target_epsilon(

@@ -14,7 +14,8 @@ import warnings
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Mapping
 
-from lore_core.privacy.accounting import AccountingError, epsilon, noise_for_target_epsilon, rounds_within_budget
+from lore_core.privacy.accounting import (MAX_PRV_EPSILON, AccountingError, epsilon, noise_for_target_epsilon,
+                                         rounds_within_budget)
 
 MODES = ("none", "user", "user+secagg", "record")
 USER_MODES = ("user", "user+secagg")
@@ -250,8 +251,12 @@ def _check_user_modes(s: PrivacySettings) -> PrivacySettings:
         if s.noise_multiplier is None:
             z = _accounted(noise_for_target_epsilon, s.target_epsilon, q, rounds, s.delta)
             s = replace(s, noise_multiplier=z, noise_from_target=True)
-    # A plan beyond any meaningful epsilon (e.g. z = 1e-6) is refused now, not by the ledger after round one.
-    _accounted(epsilon, s.noise_multiplier, q, rounds, s.delta, "rdp")
+    planned_rdp = _accounted(epsilon, s.noise_multiplier, q, rounds, s.delta, "rdp")
+    if planned_rdp > MAX_PRV_EPSILON:
+        raise PrivacyConfigError(
+            f"the planned {rounds} rounds reach epsilon {planned_rdp:.4g} (RDP, delta={s.delta}): no meaningful "
+            f"privacy; raise noise_multiplier (now {s.noise_multiplier:g}), lower clients_per_round or rounds, or "
+            "set the privacy mode to none")
     if s.max_epsilon is not None:
         planned = _accounted(epsilon, s.noise_multiplier, q, rounds, s.delta)
         if planned > s.max_epsilon:
