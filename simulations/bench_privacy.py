@@ -255,6 +255,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clients-per-round", type=int, default=50)
     parser.add_argument("--rank", type=int, default=5)
     parser.add_argument("--clip-norm", type=float, default=None, help="default: the run config's (privacy.md §4)")
+    parser.add_argument("--noise-multipliers", default=",".join(str(z) for z in NOISE_MULTIPLIERS),
+                        help="comma-separated z values of the user-mode rows")
     parser.add_argument("--repeats", type=int, default=1,
                         help="runs per setting: DP runs draw fresh noise, with seeds 0..R-1 (DP runs also draw fresh noise)")
     parser.add_argument("--workers", type=int, default=2)
@@ -289,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
     nodes = nodes_for(args.users + args.unseen_users)
     jobs = [(str(pairs_path), {**base_overrides(args), "privacy-mode": "none", "seed": seed}, nodes)
             for seed in range(args.repeats)]
-    for z in NOISE_MULTIPLIERS:
+    for z in (float(v) for v in args.noise_multipliers.split(",")):
         dp = {**base_overrides(args), "privacy-mode": "user", "noise-multiplier": z, "delta": 1e-5}
         if args.clip_norm is not None:
             dp["clip-norm"] = args.clip_norm
