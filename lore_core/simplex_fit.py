@@ -5,8 +5,8 @@ For each user u, minimise over w in the simplex
 where s_j = A d_j are the pair's basis scores. F_u is strictly convex (lam > 0), so this solver and the torch
 trainer reach the same w. lam is one strength for all users, or one per user: `prior_from_pairs` sets
 lam_u = c / n_u, the Bayesian weight of a prior worth c pairs against a user's n_u pairs (a user with few pairs
-stays near the population, one with many is free to be personal). The prior keeps every weight > 0, which makes a damped Newton method on the simplex
-fast and exact.
+stays near the population, one with many is free to be personal). The prior keeps every weight > 0, which makes a
+damped Newton method on the simplex fast and exact.
 All users are solved at once (batched), which is what the federated client and evaluation need.
 """
 

@@ -83,16 +83,12 @@ def run_in_process(pairs_path: Path, overrides: dict, num_nodes: int, *, record_
     sums = _evaluate(basis, blocks, weights, client.prior_pairs)
     result = {"mode": privacy.mode, "rounds": settings.rounds, "train_seconds": round(train_seconds, 1),
               "mean_sampled": float(np.mean(sampled_counts)), "prior_pairs": client.prior_pairs,
-              "seen_test_acc": sums["seen-acc-sum"] / sums["seen-users"],
-              "unseen_test_acc": sums["unseen-acc-sum"] / sums["unseen-users"],
+              **_accuracies(sums),
               "oracle_seen_test_acc": sums["oracle-seen-acc-sum"] / sums["seen-users"],
               "oracle_unseen_test_acc": sums["oracle-unseen-acc-sum"] / sums["unseen-users"]}
     if prior_pairs_grid:
-        result["by_prior_pairs"] = {}
-        for prior_pairs in prior_pairs_grid:
-            s = _evaluate(basis, blocks, weights, prior_pairs)
-            result["by_prior_pairs"][str(prior_pairs)] = [s["seen-acc-sum"] / s["seen-users"],
-                                                          s["unseen-acc-sum"] / s["unseen-users"]]
+        result["by_prior_pairs"] = {str(c): list(_accuracies(_evaluate(basis, blocks, weights, c)).values())
+                                    for c in prior_pairs_grid}
     if privacy.is_dp:
         eps = epsilon_report([(privacy.noise_multiplier, privacy.sample_rate, settings.rounds)], privacy.delta)
         result.update(noise_multiplier=privacy.noise_multiplier, clip_norm=privacy.clip_norm, delta=privacy.delta,
@@ -111,6 +107,11 @@ def _evaluate(basis: np.ndarray, blocks: list, weights: list, prior_pairs: float
         for key, value in evaluate_block(basis, block, w, prior_pairs=prior_pairs)[1].items():
             sums[key] = sums.get(key, 0.0) + value
     return sums
+
+
+def _accuracies(sums: dict[str, float]) -> dict[str, float]:
+    return {"seen_test_acc": sums["seen-acc-sum"] / sums["seen-users"],
+            "unseen_test_acc": sums["unseen-acc-sum"] / sums["unseen-users"]}
 
 
 def make_population(path: Path, users: int, unseen: int, seed: int) -> Path:
@@ -258,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--noise-multipliers", default=",".join(str(z) for z in NOISE_MULTIPLIERS),
                         help="comma-separated z values of the user-mode rows")
     parser.add_argument("--repeats", type=int, default=1,
-                        help="runs per setting: DP runs draw fresh noise, with seeds 0..R-1 (DP runs also draw fresh noise)")
+                        help="runs per setting, with seeds 0..R-1 (DP runs also draw fresh noise)")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--out", default="bench_results", help="table, JSON and plot")
     parser.add_argument("--work", default="runs/bench_privacy", help="pair files and run directories")

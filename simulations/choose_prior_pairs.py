@@ -8,8 +8,9 @@ public, with the run's own recipe: a non-private federated run and user-DP runs 
 (`simulations.bench_privacy.run_in_process`), each final basis evaluated with every prior of the grid. The choice
 maximises the mean of seen and unseen accuracy, averaged over the non-private and the DP runs and over the pilots.
 The project's pilots: `lore-fed synth --users 2400 --seed 101` (PRISM-shaped; the benchmark's seed is 1: other
-users, other hidden basis) and the synthetic pair file of `bench_privacy --pilot` (seed 101; the benchmark's is 0):
-one default must serve users with a dozen pairs and users with fifty.
+users, other hidden basis) and a synthetic pair file of 1,400 + 100 users with seed 101 (`bench_privacy`'s
+`make_population(path, 1400, 100, 101)`; the benchmark's seed is 0): one default must serve users with a dozen
+pairs and users with fifty.
 Writes bench_results/<name>.{json,md}.
 """
 

@@ -123,8 +123,7 @@ def history_epsilon(history: Iterable[Sequence], delta: float, accountant: str =
     if not segments:
         return 0.0
     try:
-        _, upper, rdp, _ = _bounds(segments, delta)
-        value = upper if accountant == "prv" else rdp
+        value = _bounds(segments, delta)[1] if accountant == "prv" else _rdp(segments, delta)[0]
     except (ValueError, RuntimeError, OverflowError, FloatingPointError, MemoryError) as exc:
         raise AccountingError(f"{accountant} accountant failed on {segments}: {exc}") from exc
     return _finite(value, accountant, segments)
