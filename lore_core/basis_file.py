@@ -6,6 +6,9 @@ Arrays:
   embedder  str     ()      name of the embedder whose space the basis lives in
   dim, rank int64   ()      D and B, stored so a reader can check the shape without trusting it
   sha256    str     ()      sha256 of basis.tobytes() (float32, C order): detects a torn or altered file
+  prior_pairs float64 ()    optional: the personal prior (in pairs) chosen with this basis on held-out groups
+                            (`lore-fed train`) or set for the run (`lore-fed simulate`); devices and `evaluate` use
+                            it. A file without it means the default, simplex_fit.DEFAULT_PRIOR_PAIRS.
 Numpy only (importable on a device).
 """
 
@@ -18,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from lore_core.atomic_io import atomic_save_npz
+from lore_core.simplex_fit import DEFAULT_PRIOR_PAIRS
 
 BASIS_ARRAYS = ("basis", "version", "embedder", "dim", "rank", "sha256")
 
@@ -33,6 +37,7 @@ class BasisFile:
     embedder: str
     sha256: str
     source: str = "<memory>"
+    prior_pairs: float = DEFAULT_PRIOR_PAIRS
 
     @property
     def rank(self) -> int:
@@ -47,7 +52,8 @@ def basis_checksum(basis: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(basis, dtype=np.float32).tobytes()).hexdigest()
 
 
-def save_basis(path: str | Path, basis: np.ndarray, *, version: int, embedder: str) -> Path:
+def save_basis(path: str | Path, basis: np.ndarray, *, version: int, embedder: str,
+               prior_pairs: float = DEFAULT_PRIOR_PAIRS) -> Path:
     """Write a basis file atomically; `basis` (B, D) is stored as float32."""
     path = Path(path)
     arr = np.ascontiguousarray(basis, dtype=np.float32)
@@ -56,6 +62,7 @@ def save_basis(path: str | Path, basis: np.ndarray, *, version: int, embedder: s
         raise BasisFileError(f"{path}: version must be an int >= 0, got {version!r}")
     if not isinstance(embedder, str) or not embedder:
         raise BasisFileError(f"{path}: embedder must be a non-empty string, got {embedder!r}")
+    _check_prior(prior_pairs, str(path))
     atomic_save_npz(
         path,
         basis=arr,
@@ -64,6 +71,7 @@ def save_basis(path: str | Path, basis: np.ndarray, *, version: int, embedder: s
         dim=np.int64(arr.shape[1]),
         rank=np.int64(arr.shape[0]),
         sha256=np.str_(basis_checksum(arr)),
+        prior_pairs=np.float64(prior_pairs),
     )
     return path
 
@@ -96,7 +104,15 @@ def load_basis(path: str | Path) -> BasisFile:
         raise BasisFileError(f"{path}: basis checksum mismatch (file corrupted or altered)")
     if version < 0 or not embedder:
         raise BasisFileError(f"{path}: version must be >= 0 and embedder non-empty, got {version}, {embedder!r}")
-    return BasisFile(basis=basis, version=version, embedder=embedder, sha256=checksum, source=str(path))
+    prior_pairs = float(arrays["prior_pairs"]) if "prior_pairs" in arrays else DEFAULT_PRIOR_PAIRS
+    _check_prior(prior_pairs, str(path))
+    return BasisFile(basis=basis, version=version, embedder=embedder, sha256=checksum, source=str(path),
+                     prior_pairs=prior_pairs)
+
+
+def _check_prior(prior_pairs: float, where: str) -> None:
+    if not (np.isfinite(prior_pairs) and prior_pairs > 0):
+        raise BasisFileError(f"{where}: prior_pairs must be a finite number > 0, got {prior_pairs}")
 
 
 def _check_basis(basis: np.ndarray, where: str) -> None:

@@ -141,7 +141,8 @@ def _adapt(args) -> int:
         diff, records = _choice_diffs(args.choices, state, args.encoder)
         pair_diff = np.concatenate([state.pair_diff, diff.astype(np.float32)])
         start = time.perf_counter()
-        result = personalize.adapt(state.basis.basis, pair_diff, init=state.user_weights)
+        result = personalize.adapt(state.basis.basis, pair_diff, init=state.user_weights,
+                                   prior_pairs=state.basis.prior_pairs)
         fit_ms = 1e3 * (time.perf_counter() - start)
         choices = state.choices + tuple(json.dumps(r, ensure_ascii=False) for r in records)
         state = save_state(replace(state, user_weights=result.user_weights, pair_diff=pair_diff, choices=choices))
@@ -294,7 +295,8 @@ def _rebase(old: DeviceState, basis: BasisFile, encoder: str | None) -> DeviceSt
                   "re-embedded here (precomputed pairs or no encoder)")
             state = replace(state, pair_diff=np.zeros((0, basis.dim), np.float32), choices=())
     if state.n_pairs:
-        state = replace(state, user_weights=personalize.adapt(basis.basis, state.pair_diff).user_weights)
+        state = replace(state, user_weights=personalize.adapt(basis.basis, state.pair_diff,
+                                                              prior_pairs=basis.prior_pairs).user_weights)
     print(f"adopted basis v{basis.version} (was v{old.basis.version}); refitted w on {state.n_pairs} pairs")
     return state
 

@@ -16,7 +16,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("pairs", help="pair file (.npz) or dataset directory holding pairs.npz")
     parser.add_argument("--basis", required=True, help="basis file, or a run directory holding basis.npz")
     parser.add_argument("--prior-pairs", type=float, default=None,
-                        help="personal prior of every user's w fit, in pairs (default 3)")
+                        help="personal prior of every user's w fit, in pairs (default: the basis file's)")
     parser.add_argument("--out", default=None, help="write the metrics to this JSON file")
 
 
@@ -29,11 +29,12 @@ def run(args: argparse.Namespace) -> int:
     basis_path = Path(args.basis)
     if basis_path.is_dir():
         basis_path = basis_path / "basis.npz"
-    basis = load_basis(basis_path).basis
+    basis_file = load_basis(basis_path)
+    basis = basis_file.basis
     pairs = load_pairs(args.pairs)
     if basis.shape[1] != pairs.dim:
         raise ValueError(f"basis {basis_path} has dimension {basis.shape[1]}, the pair file {pairs.dim}")
-    prior = personal_prior(args.prior_pairs)
+    prior = personal_prior(args.prior_pairs, default=basis_file.prior_pairs)
     metrics = evaluate_model(pairs, basis, prior_pairs=prior)
     metrics.update(benchmark_ceiling(pairs, prior))
     print(format_metrics(metrics))

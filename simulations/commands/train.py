@@ -14,13 +14,14 @@ from lore_core.atomic_io import atomic_save_npz, atomic_write_json
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("pairs", help="pair file (.npz) or dataset directory holding pairs.npz")
-    parser.add_argument("--rank", default="auto", help="basis size B, or 'auto' (validation likelihood; grid incl. 1)")
+    parser.add_argument("--rank", default="auto",
+                        help="basis size B, or 'auto' (held-out groups, one-SE rule against rank 1)")
     parser.add_argument("--rank-grid", default=None, help="comma-separated ranks for --rank auto (must include 1)")
     parser.add_argument("--l2", default="auto", help="L2 penalty on the basis, or 'auto'")
-    parser.add_argument("--prior-strength", type=float, default=None,
-                        help="KL(w || uniform) weight in joint training (default 0.02)")
-    parser.add_argument("--prior-pairs", type=float, default=None,
-                        help="personal prior of the evaluation's w fits, in pairs (default 3)")
+    parser.add_argument("--prior-pairs", default="auto",
+                        help="personal prior of every user's final w fit, in pairs, or 'auto' (held-out groups)")
+    parser.add_argument("--train-prior-pairs", type=float, default=None,
+                        help="prior of the w fits inside joint training, in pairs (default 3)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--out", required=True, help="run directory for metrics.json and basis.npz")
@@ -48,36 +49,45 @@ def run(args: argparse.Namespace) -> int:
     train = pairs.select(seen=True, split="train")
     if train.n == 0:
         raise ValueError(f"{pairs.source}: no training pairs of seen users")
-    options = {"rank": parse_rank(args.rank), "seed": args.seed, "device": args.device}
+    options = {"rank": parse_rank(args.rank), "seed": args.seed, "device": args.device,
+               "few_shot": few_shot_size(pairs)}
     if args.rank_grid:
         options["rank_grid"] = tuple(int(r) for r in args.rank_grid.split(","))
     if args.l2 != "auto":
         options["l2"] = float(args.l2)
-    if args.prior_strength is not None:
-        options["prior_strength"] = args.prior_strength
+    if args.prior_pairs != "auto":
+        try:
+            options["prior_pairs"] = personal_prior(float(args.prior_pairs))
+        except ValueError:
+            raise ValueError(f"--prior-pairs must be a finite number > 0 or 'auto', got {args.prior_pairs!r}") from None
+    if args.train_prior_pairs is not None:
+        options["train_prior_pairs"] = personal_prior(args.train_prior_pairs)
     config = TrainConfig(**options)
 
     print(f"training on {train.n} pairs of {np.unique(train.user).size} seen users (D={pairs.dim}, rank {config.rank})")
-    fit = train_joint(train.diff, train.user, config)
+    if train.group is None:
+        print(f"note: {pairs.source} has no `group` array: held-out sets split by pair, so pairs that share a "
+              "response may fall on both sides; `lore-fed prepare` + `embed` write the conversation as the group")
+    fit = train_joint(train.diff, train.user, config, group=train.group)
     started = time.perf_counter()
-    prior_pairs = personal_prior(args.prior_pairs)
-    metrics = evaluate_model(pairs, fit.basis, prior_pairs=prior_pairs, joint_weights=(fit.user_ids, fit.user_weights))
-    metrics.update(benchmark_ceiling(pairs, prior_pairs))
+    metrics = evaluate_model(pairs, fit.basis, prior_pairs=fit.prior_pairs,
+                             joint_weights=(fit.user_ids, fit.user_weights))
+    metrics.update(benchmark_ceiling(pairs, fit.prior_pairs))
     metrics.update(
         train_seconds=fit.train_seconds,
         evaluate_seconds=time.perf_counter() - started,
         l2=fit.l2,
-        prior_strength=config.prior_strength,
-        iterations=fit.iterations,
+        train_prior_pairs=config.train_prior_pairs,
         seconds_per_rank=_seconds_per_rank(fit.selection),
-        rank_selection=fit.selection,
+        selection=fit.selection,
+        held_out=fit.held_out,
         pairs=pairs.summary(),
         device=config.device,
         seed=config.seed,
     )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    save_basis(out / "basis.npz", fit.basis, version=0, embedder="unknown")
+    save_basis(out / "basis.npz", fit.basis, version=0, embedder="unknown", prior_pairs=fit.prior_pairs)
     # Centralized training holds every user's data anyway; the weights are saved for analysis.
     atomic_save_npz(out / "user_weights.npz", user_id=fit.user_ids.astype(str), user_weights=fit.user_weights)
     atomic_write_json(out / "metrics.json", metrics)
@@ -86,15 +96,26 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def personal_prior(value: float | None) -> float:
-    """--prior-pairs, checked, or the default."""
+def personal_prior(value: float | None, default: float | None = None) -> float:
+    """A prior in pairs (--prior-pairs), checked; None gives `default` (the project default when that is None)."""
     from lore_core.simplex_fit import DEFAULT_PRIOR_PAIRS
 
     if value is None:
-        return DEFAULT_PRIOR_PAIRS
+        return DEFAULT_PRIOR_PAIRS if default is None else default
     if not (np.isfinite(value) and value > 0):
         raise ValueError(f"--prior-pairs must be a finite number > 0, got {value}")
     return float(value)
+
+
+def few_shot_size(pairs) -> int:
+    """Pairs a new user of the selection's new-user fold adapts on: the median few-shot count of the file's unseen
+    users (what new users really get), else the default of TrainConfig."""
+    from lore_core.joint_trainer import TrainConfig
+
+    few = pairs.select(seen=False, split="train")
+    if few.n == 0:
+        return TrainConfig.few_shot
+    return int(np.median(np.unique(few.user, return_counts=True)[1]))
 
 
 def benchmark_ceiling(pairs, prior_pairs: float) -> dict:
