@@ -72,7 +72,7 @@ def train(msg: Message, context: Context) -> Message:
         weights, updates, history = _record_train(context, config, settings, basis, block, weights, sampled)
         arrays[p.DP_HISTORY] = Array(np.ascontiguousarray(history))
     else:
-        weights, updates = train_sampled_users(basis, block, weights, sampled, prior_strength=settings.prior_strength,
+        weights, updates = train_sampled_users(basis, block, weights, sampled, prior_pairs=settings.train_prior_pairs,
                                                steps=settings.local_steps, lr=settings.client_lr)
         if mode in ("user", "user+secagg"):
             from lore_core.privacy.mechanism import clip_updates
@@ -96,7 +96,7 @@ def _record_train(context: Context, config, settings: p.ClientSettings, basis: n
     max_epsilon = config.get(p.MAX_EPSILON)
     seed = config.get(p.NOISE_SEED)
     weights, updates, states = record_dp_updates(
-        basis, block, weights, sampled, states, prior_strength=settings.prior_strength, lr=settings.client_lr,
+        basis, block, weights, sampled, states, prior_pairs=settings.train_prior_pairs, lr=settings.client_lr,
         noise_multiplier=float(config[p.NOISE_MULTIPLIER]), max_grad_norm=float(config[p.MAX_GRAD_NORM]),
         batch_size=int(config[p.RECORD_BATCH_SIZE]), epochs=int(config[p.RECORD_EPOCHS]),
         delta=float(config[p.DELTA]), max_epsilon=None if max_epsilon is None else float(max_epsilon),

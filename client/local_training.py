@@ -20,7 +20,7 @@ FIT_TOL = 1e-11
 FIT_MAX_ITER = 20000
 
 
-def fit_weights(basis: np.ndarray, rows: RowGroup, n_users: int, prior_strength: float,
+def fit_weights(basis: np.ndarray, rows: RowGroup, n_users: int, prior_strength: float | np.ndarray,
                 init: np.ndarray | None = None) -> np.ndarray:
     """w (n_users, B) minimising each user's mean BT loss + prior KL(w || uniform) with A frozen."""
     result = fit_user_weights(rows.diff @ basis.T, rows.user_idx, n_users, prior_strength=prior_strength,
@@ -53,32 +53,34 @@ def local_basis_updates(basis: np.ndarray, weights: np.ndarray, rows: RowGroup, 
 
 
 def fit_sampled_users(basis: np.ndarray, block: UserBlock, weights: np.ndarray, sampled: np.ndarray, *,
-                      prior_strength: float) -> tuple[np.ndarray, RowGroup]:
-    """Refit w of the sampled local users (k,) with A frozen (warm start from `weights` (S, B)).
+                      prior_pairs: float) -> tuple[np.ndarray, RowGroup]:
+    """Refit w of the sampled local users (k,) with A frozen (warm start from `weights` (S, B)), each with the
+    training prior worth `prior_pairs` of its pairs (as `lore_core.joint_trainer` trains).
     Returns (their w (k, B), their train rows with user_idx relabelled to 0..k-1)."""
     rows = block.seen_train
     keep = np.isin(rows.user_idx, sampled)
     relabel = np.full(block.n_train_users, -1, dtype=np.int64)
     relabel[sampled] = np.arange(sampled.size)
     sub = RowGroup(diff=rows.diff[keep], user_idx=relabel[rows.user_idx[keep]], logit_true=None)
-    return fit_weights(basis, sub, sampled.size, prior_strength, init=weights[sampled]), sub
+    prior = prior_from_pairs(sub.user_idx, sampled.size, prior_pairs)
+    return fit_weights(basis, sub, sampled.size, prior, init=weights[sampled]), sub
 
 
 def train_sampled_users(basis: np.ndarray, block: UserBlock, weights: np.ndarray, sampled: np.ndarray, *,
-                        prior_strength: float, steps: int, lr: float) -> tuple[np.ndarray, np.ndarray]:
+                        prior_pairs: float, steps: int, lr: float) -> tuple[np.ndarray, np.ndarray]:
     """Fit w and compute dA for the sampled local users.
 
     weights (S, B): the node's stored w (warm start); sampled (k,) local indices.
     Returns (new weights (S, B) with the sampled rows refit, updates (k, B, D)).
     """
-    fitted, sub = fit_sampled_users(basis, block, weights, sampled, prior_strength=prior_strength)
+    fitted, sub = fit_sampled_users(basis, block, weights, sampled, prior_pairs=prior_pairs)
     updated = weights.copy()
     updated[sampled] = fitted
     return updated, local_basis_updates(basis, fitted, sub, steps=steps, lr=lr)
 
 
 def record_dp_updates(basis: np.ndarray, block: UserBlock, weights: np.ndarray, sampled: np.ndarray,
-                      states: list, *, prior_strength: float, lr: float, noise_multiplier: float,
+                      states: list, *, prior_pairs: float, lr: float, noise_multiplier: float,
                       max_grad_norm: float, batch_size: int, epochs: int, delta: float,
                       max_epsilon: float | None = None, noise_seed: int | None = None,
                       device: str = "cpu") -> tuple[np.ndarray, np.ndarray, list]:
@@ -92,7 +94,7 @@ def record_dp_updates(basis: np.ndarray, block: UserBlock, weights: np.ndarray, 
     from lore_core.privacy.accounting import PrivacyBudgetExhausted
     from lore_core.privacy.record_dp import dp_sgd_basis_update
 
-    fitted, sub = fit_sampled_users(basis, block, weights, sampled, prior_strength=prior_strength)
+    fitted, sub = fit_sampled_users(basis, block, weights, sampled, prior_pairs=prior_pairs)
     updated = weights.copy()
     updated[sampled] = fitted
     updates = np.zeros((sampled.size,) + basis.shape)

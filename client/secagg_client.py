@@ -45,7 +45,7 @@ class SecAggTrainer(NumPyClient):
                 f"user-indices must be distinct in [0, {block.n_train_users}), got {sampled}")
         clip_norm = float(config[p.CLIP_NORM])  # per user; the server leaves room for rounding
         weights = load_weights(context, block.n_train_users, basis.shape[0])
-        weights, updates = train_sampled_users(basis, block, weights, sampled, prior_strength=settings.prior_strength,
+        weights, updates = train_sampled_users(basis, block, weights, sampled, prior_pairs=settings.train_prior_pairs,
                                                steps=settings.local_steps, lr=settings.client_lr)
         save_weights(context, weights)
         return [clipped_node_sum(updates, clip_norm)], 1, {}

@@ -39,7 +39,7 @@ def run_federated(grid: Grid, settings: ServerSettings, on_round: Callable[[dict
 
         return run_secagg(grid, settings, privacy, population, ledger, on_round=on_round)
     aggregator = aggregator or make_aggregator(settings, privacy)
-    optimizer = make_optimizer(settings.server_optimizer, settings.server_lr)
+    optimizer = make_optimizer(settings.server_optimizer, settings.server_lr, settings.rounds)
     state, resumed = start_or_resume(settings, population)
     if resumed:
         optimizer.load_state_dict(state.optimizer)

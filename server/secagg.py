@@ -204,7 +204,8 @@ class SecAggLoReStrategy(Strategy):
     def stop_for_budget(self, grid: Grid, timeout: float) -> None:
         """max_epsilon allows no further round (server.privacy.stop_for_budget): evaluate the last released basis."""
         stop_for_budget(self.ledger, self.state, self.settings.run_dir,
-                        lambda t: federated_evaluation(grid, self.population, self.state.basis, t, timeout))
+                        lambda t: federated_evaluation(grid, self.population, self.optimizer.reported(self.state.basis), t,
+                                                        timeout))
 
     # Evaluation runs in FederatedEvaluation (Message API), not through the legacy hooks.
     def configure_evaluate(self, server_round, parameters, client_manager):
@@ -242,7 +243,8 @@ class FederatedEvaluation:
         t = strategy.round
         metrics: dict = {}
         if strategy.is_eval_round(t):
-            metrics = federated_evaluation(grid, strategy.population, strategy.state.basis, t, self.timeout)
+            metrics = federated_evaluation(grid, strategy.population, strategy.optimizer.reported(strategy.state.basis),
+                                           t, self.timeout)
         strategy.finish_round(metrics)
 
 
@@ -275,7 +277,7 @@ def run_secagg(grid: Grid, settings: ServerSettings, privacy: PrivacySettings, p
                                      len(population.node_ids))
     if rng is None:
         rng = make_private_rng(privacy.noise_seed if privacy.reproducible_noise else None)
-    optimizer = make_optimizer(settings.server_optimizer, settings.server_lr)
+    optimizer = make_optimizer(settings.server_optimizer, settings.server_lr, settings.rounds)
     state, resumed = start_or_resume(settings, population)
     if resumed:
         optimizer.load_state_dict(state.optimizer)

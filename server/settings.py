@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass
 
 from lore_core.privacy.settings import MODES as PRIVACY_MODES
 from lore_core.privacy.settings import PrivacySettings, validate
+from server.optimizer import default_server_lr
 
 SERVER_OPTIMIZERS = ("adam", "sgd")
 
@@ -59,7 +60,7 @@ class ServerSettings:
     server_optimizer: str
     server_lr: float
     l2: float
-    prior_strength: float
+    train_prior_pairs: float
     prior_pairs: float
     init_scale: float
     privacy_mode: str
@@ -81,9 +82,10 @@ class ServerSettings:
                 local_steps=int(cfg["local-steps"]),
                 client_lr=float(cfg["client-lr"]),
                 server_optimizer=str(cfg["server-optimizer"]),
-                server_lr=float(cfg["server-lr"]),
+                server_lr=default_server_lr(str(cfg["privacy-mode"])) if cfg["server-lr"] == "" else
+                float(cfg["server-lr"]),
                 l2=float(cfg["l2"]),
-                prior_strength=float(cfg["prior-strength"]),
+                train_prior_pairs=float(cfg["train-prior-pairs"]),
                 prior_pairs=float(cfg["prior-pairs"]),
                 init_scale=float(cfg["init-scale"]),
                 privacy_mode=str(cfg["privacy-mode"]),
@@ -101,7 +103,7 @@ class ServerSettings:
     def validate(self) -> None:
         positive = {"num-server-rounds": self.rounds, "rank": self.rank, "clients-per-round": self.clients_per_round,
                     "local-steps": self.local_steps, "client-lr": self.client_lr,
-                    "server-lr": self.server_lr, "prior-strength": self.prior_strength,
+                    "server-lr": self.server_lr, "train-prior-pairs": self.train_prior_pairs,
                     "prior-pairs": self.prior_pairs,
                     "init-scale": self.init_scale, "min-nodes": self.min_nodes, "round-timeout": self.round_timeout}
         for key, value in positive.items():

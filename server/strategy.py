@@ -184,7 +184,8 @@ class LoReStrategy(Strategy):
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
         t = self.run_round(server_round)
-        return self._evaluate_messages(arrays, t) if self.is_eval_round(t) else []
+        reported = basis_record(self.optimizer.reported(self.state.basis))  # the tail average (server/optimizer.py)
+        return self._evaluate_messages(reported, t) if self.is_eval_round(t) else []
 
     def _evaluation(self, t: int, replies: Iterable[Message]) -> dict:
         """Per-node sums -> metrics (+ eval_failed_nodes, eval_missing_nodes: asked but never answered, e.g. a
@@ -219,7 +220,7 @@ class LoReStrategy(Strategy):
     def stop_for_budget(self, grid: Grid, timeout: float) -> None:
         """max_epsilon allows no further round (server.privacy.stop_for_budget): evaluate the last released basis."""
         def evaluate(t: int) -> dict:
-            messages = self._evaluate_messages(basis_record(self.state.basis), t)
+            messages = self._evaluate_messages(basis_record(self.optimizer.reported(self.state.basis)), t)
             return self._evaluation(t, grid.send_and_receive(messages, timeout=timeout))
 
         stop_for_budget(self.ledger, self.state, self.settings.run_dir, evaluate)

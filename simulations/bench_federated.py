@@ -86,14 +86,14 @@ def direct_compute(pairs_path: Path, overrides: dict, num_nodes: int, rounds: in
     population = Population(node_ids=np.arange(num_nodes, dtype=np.uint64), partition_ids=np.arange(num_nodes),
                             counts=np.array([b.n_train_users for b in blocks]), dim=blocks[0].dim)
     aggregator = make_aggregator(settings, settings.privacy_settings(population.size))
-    optimizer = make_optimizer(settings.server_optimizer, settings.server_lr)
+    optimizer = make_optimizer(settings.server_optimizer, settings.server_lr, settings.rounds)
     basis = initial_basis(settings.rank, population.dim, settings.seed, settings.init_scale)
     started = time.perf_counter()
     for _ in range(rounds):
         updates = []
         for node, local in population.assign(aggregator.sample(population.size)).items():
             weights[node], upd = train_sampled_users(basis, blocks[node], weights[node], local,
-                                                     prior_strength=client.prior_strength,
+                                                     prior_pairs=client.train_prior_pairs,
                                                      steps=client.local_steps, lr=client.client_lr)
             updates.append(upd)
         mean = aggregator.aggregate(np.concatenate(updates), population.size)

@@ -57,7 +57,7 @@ def run_in_process(pairs_path: Path, overrides: dict, num_nodes: int, *, record_
                             counts=np.array([b.n_train_users for b in blocks]), dim=blocks[0].dim)
     privacy = settings.privacy_settings(population.size)
     aggregator = make_aggregator(settings, privacy)
-    optimizer = make_optimizer(settings.server_optimizer, settings.server_lr)
+    optimizer = make_optimizer(settings.server_optimizer, settings.server_lr, settings.rounds)
     basis = initial_basis(settings.rank, population.dim, settings.seed, settings.init_scale)
     norms, sampled_counts = [], []
     started = time.perf_counter()
@@ -67,7 +67,7 @@ def run_in_process(pairs_path: Path, overrides: dict, num_nodes: int, *, record_
         sampled_counts.append(int(sampled.size))
         for node, local in population.assign(sampled).items():
             weights[node], upd = train_sampled_users(basis, blocks[node], weights[node], local,
-                                                     prior_strength=client.prior_strength,
+                                                     prior_pairs=client.train_prior_pairs,
                                                      steps=client.local_steps, lr=client.client_lr)
             if privacy.mode == "user":
                 upd, _ = clip_updates(upd, privacy.clip_norm)  # the client's clip (client/app.py)
@@ -80,6 +80,7 @@ def run_in_process(pairs_path: Path, overrides: dict, num_nodes: int, *, record_
             basis = optimizer.step(basis, pseudo_gradient(basis, mean, client_lr=client.client_lr,
                                                           local_steps=client.local_steps, l2=settings.l2))
     train_seconds = time.perf_counter() - started
+    basis = optimizer.reported(basis)  # the tail average the ServerApp reports
     sums = _evaluate(basis, blocks, weights, client.prior_pairs)
     result = {"mode": privacy.mode, "rounds": settings.rounds, "train_seconds": round(train_seconds, 1),
               "mean_sampled": float(np.mean(sampled_counts)), "prior_pairs": client.prior_pairs,
@@ -122,10 +123,10 @@ def make_population(path: Path, users: int, unseen: int, seed: int) -> Path:
 
 
 def base_overrides(args: argparse.Namespace) -> dict:
-    from lore_core.simplex_fit import DEFAULT_PRIOR_STRENGTH
+    from lore_core.simplex_fit import DEFAULT_PRIOR_PAIRS
 
     return {"num-server-rounds": args.rounds, "clients-per-round": args.clients_per_round, "rank": args.rank,
-            "seed": 0, "eval-every": 0, "prior-strength": DEFAULT_PRIOR_STRENGTH, "run-dir": str(args.work)}
+            "seed": 0, "eval-every": 0, "train-prior-pairs": DEFAULT_PRIOR_PAIRS, "run-dir": str(args.work)}
 
 
 def pilot(args: argparse.Namespace) -> int:

@@ -82,14 +82,14 @@ def privacy_overrides(args: argparse.Namespace) -> dict:
 
 
 def run_overrides(args: argparse.Namespace) -> dict:
-    from lore_core.simplex_fit import DEFAULT_PRIOR_PAIRS, DEFAULT_PRIOR_STRENGTH
+    from lore_core.simplex_fit import DEFAULT_PRIOR_PAIRS
 
     eval_every = args.eval_every
     if eval_every is None:
         eval_every = 10 if args.privacy == "none" else 0  # DP: only after the last round unless opted in
     overrides = {
         "num-server-rounds": args.rounds, "clients-per-round": args.clients_per_round, "rank": args.rank,
-        "seed": args.seed, "eval-every": eval_every, "prior-strength": DEFAULT_PRIOR_STRENGTH,
+        "seed": args.seed, "eval-every": eval_every, "train-prior-pairs": DEFAULT_PRIOR_PAIRS,
         "prior-pairs": DEFAULT_PRIOR_PAIRS if args.prior_pairs is None else args.prior_pairs,
         **privacy_overrides(args),
     }
@@ -150,6 +150,7 @@ def privacy_metrics(run_dir: Path) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
+    from lore_core.basis_file import save_basis
     from server.checkpoint import load_checkpoint
     from simulations.flower_run import simulate_pairs
     from simulations.report import load_reference, write_report
@@ -179,6 +180,9 @@ def run(args: argparse.Namespace) -> int:
     if state is None or (state.round < args.rounds and not privacy_keys["stopped_early"]):
         raise RuntimeError(f"the simulation ended before round {args.rounds}; rerun the same command to resume")
     final = [r for r in state.history if "seen_test_acc" in r][-1]
+    # The reported basis: the server's tail average of the released bases (server/optimizer.py), else the last.
+    save_basis(out / "basis.npz", state.optimizer.get("average", state.basis), version=state.round,
+               embedder="unknown", prior_pairs=overrides["prior-pairs"])
     metrics = {key: final[key] for key in TRAIN_KEYS if key in final}
     metrics.update(rank=args.rank, train_seconds=round(sum(r["seconds"] for r in state.history), 3),
                    rounds=state.round, wall_seconds=round(wall, 3), privacy_mode=args.privacy,
@@ -193,5 +197,6 @@ def run(args: argparse.Namespace) -> int:
     if metrics["stopped_early"]:
         line += "  STOPPED EARLY (max epsilon)"
     print(f"{line}  ({state.round} rounds, {wall:.1f} s)")
-    print(f"wrote {out / 'metrics.json'}, {out / 'ledger.json'}, {out / 'rounds.jsonl'} and {report}")
+    print(f"wrote {out / 'metrics.json'}, {out / 'basis.npz'}, {out / 'ledger.json'}, {out / 'rounds.jsonl'} and "
+          f"{report}")
     return 0
