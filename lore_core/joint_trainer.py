@@ -238,6 +238,10 @@ def train_joint(diff: np.ndarray, user: np.ndarray, config: TrainConfig = TrainC
             out.append(Candidate(rank, l2, prior_pairs, seen, new, time.perf_counter() - t0))
         return out
 
+    if len(ranks) * len(l2s) * len(priors) == 1:  # nothing to select
+        basis, weights = fit(np.ones(user_idx.size, bool), ranks[0], l2s[0], config.max_iter)
+        return JointFit(basis=basis, user_weights=weights, user_ids=user_ids, rank=ranks[0], l2=l2s[0],
+                        prior_pairs=priors[0], train_seconds=time.perf_counter() - start)
     candidates: list[Candidate] = []
     best_score, stale = -math.inf, 0
     for rank in ranks:

@@ -25,7 +25,7 @@ def test_train_writes_metrics_and_basis_then_evaluate_reads_them(pair_file, tmp_
                 "oracle_seen_test_acc", "oracle_unseen_test_acc"):
         assert key in metrics
     assert metrics["rank"] in (1, 2)
-    assert {row["rank"] for row in metrics["rank_selection"]} == {1, 2}
+    assert {row["rank"] for row in metrics["selection"]} == {1, 2}
     basis = load_basis(run / "basis.npz").basis
     assert basis.shape == (metrics["rank"], 24)
 
