@@ -5,7 +5,7 @@ The clients' mean update is turned into a pseudo-gradient of the centralized obj
 so the l2 term on A is applied once, by the server, as in `lore-fed train`; then SGD or Adam steps on A (B, D).
 
 Given the run's planned rounds T, the learning rate follows a cosine from the base rate to 0 over T steps, and the
-reported basis is the running mean of the bases released after step T / 2 (Polyak-Ruppert tail averaging): with a
+reported basis is the running mean of the bases released in the last quarter of the steps (tail averaging): with a
 fifth of the users per round the last iterate still moves with the sample, the average does not. Both only
 post-process what was already released, so under DP they cost no privacy. Without T (tests, old callers) the rate
 is constant and the reported basis is the last iterate.
@@ -22,7 +22,7 @@ import numpy as np
 # DP the rate screened on the public DP pilot (`simulations.sweep_privacy_configs --screen`), where each step carries
 # noise that a larger rate would amplify.
 DEFAULT_SERVER_LR = {"none": 0.5, "dp": 0.05}
-AVERAGE_FROM = 0.5  # share of the planned rounds after which released bases enter the reported average
+AVERAGE_FROM = 0.75  # share of the planned rounds after which released bases enter the reported average
 
 
 def default_server_lr(privacy_mode: str) -> float:
