@@ -296,10 +296,22 @@ def best_published_rank(cells: dict[int, dict]) -> str | None:
                                                  for x in ranks]))
 
 
-def summarize(pop: Population, cells: dict[int, dict]) -> dict:
+def pilot_choices(pop: Population, work: Path) -> list[dict]:
+    """What `lore-fed train` chose on the population's pilot seeds (>= 100) found in the cache: the settings an
+    honest federated run of this kind of population would take from its public pilot."""
+    out = []
+    for file in sorted((work / "results" / pop.name).glob("seed*.json")):
+        seed = int(file.stem.removeprefix("seed"))
+        train = json.loads(file.read_text()).get("train")
+        if seed >= 100 and train:
+            out.append({"seed": seed, **{k: train[k] for k in ("rank", "l2", "prior_pairs")}})
+    return out
+
+
+def summarize(pop: Population, cells: dict[int, dict], work: Path) -> dict:
     best = best_published_rank(cells)
     summary = {"population": pop.name, "description": pop.description, "seeds": sorted(cells), "rows": {},
-               "published_best_rank": best}
+               "published_best_rank": best, "pilot_choices": pilot_choices(pop, work)}
     for row in ROWS:
         values = row_values(cells, row, best)
         if not values:
@@ -380,6 +392,9 @@ def markdown(summaries: list[dict], seeds: list[int], args: argparse.Namespace) 
             if "epsilon" in e:
                 notes.append(f"epsilon {e['epsilon']:.2f}")
             lines.append(f"| {row} | {cell('seen')} | {cell('unseen')} | {'; '.join(notes)} |")
+        if s["pilot_choices"] and not all(c["seed"] in s["seeds"] for c in s["pilot_choices"]):
+            lines += ["", "Pilot choice of `lore-fed train` (rank, l2, prior pairs): " + "; ".join(
+                f"seed {c['seed']}: {c['rank']}, {c['l2']:.1e}, {c['prior_pairs']:g}" for c in s["pilot_choices"])]
         lines += ["", "Criteria (seen / new): " + "; ".join(
             f"{name} {_fmt(s['checks']['seen'][key])} / {_fmt(s['checks']['unseen'][key])}" for name, key in (
                 ("train - BT", "train_minus_bt"), ("within 2 SE of BT or above", "within_2se_of_bt_or_above"),
@@ -420,7 +435,7 @@ def main(argv: list[str] | None = None) -> int:
     for pop in (p for p in POPULATIONS if p.name in names):
         print(f"== {pop.name}: {pop.description}", flush=True)
         cells = {seed: run_cell(pop, seed, rows, work, args.quick) for seed in seeds}
-        summaries.append(summarize(pop, cells))
+        summaries.append(summarize(pop, cells, work))
         atomic_write_json(out / f"{args.name}.json", {"seeds": seeds, "quick": args.quick, "populations": summaries})
         atomic_write_text(out / f"{args.name}.md", markdown(summaries, seeds, args))
     print(markdown(summaries, seeds, args))
