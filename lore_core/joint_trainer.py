@@ -44,7 +44,7 @@ class TrainConfig:
     new_fraction: float = 0.2  # of the seen users, treated as new
     few_shot: int = 10  # pairs (whole groups) a user of the new fold adapts on
     max_iter: int = 400  # L-BFGS iterations at most of the final fit; fits stop earlier at convergence
-    candidate_max_iter: int = 200  # the same for the held-out fits of the selection
+    candidate_max_iter: int = 100  # the same for the held-out fits of the selection (warm-started along l2)
     seed: int = 0
     device: str = "cpu"
 
