@@ -18,10 +18,11 @@ import math
 
 import numpy as np
 
-# Base rates: without DP chosen on the pilot populations (`python -m simulations.choose_server_lr`); under user-level
+# Base rates: without DP chosen on the pilot populations (`python -m simulations.choose_federated_defaults`,
+# bench_results/federated_pilot.md); under user-level
 # DP the rate screened on the public DP pilot (`simulations.sweep_privacy_configs --screen`), where each step carries
 # noise that a larger rate would amplify.
-DEFAULT_SERVER_LR = {"none": 0.5, "dp": 0.05}
+DEFAULT_SERVER_LR = {"none": 1.0, "dp": 0.05}
 AVERAGE_FROM = 0.75  # share of the planned rounds after which released bases enter the reported average
 
 

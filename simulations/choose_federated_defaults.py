@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
 from pathlib import Path
 
 import numpy as np
@@ -70,6 +71,10 @@ def main(argv: list[str] | None = None) -> int:
             table[pop.name][f"{lr:g}/{init:g}"] = gap
             print(f"{pop.name} lr {lr:g} init {init:g}: federated - centralized {gap['seen']:+.4f} / "
                   f"{gap['unseen']:+.4f}", flush=True)
+    out = Path(args.out)
+    previous = out / "federated_pilot.json"
+    if previous.exists():  # a run over some populations replaces their rows and keeps the others
+        table = {**{k: v for k, v in json.loads(previous.read_text())["table"].items() if k not in table}, **table}
     keys = [f"{lr:g}/{init:g}" for lr, init in grid]
     mean = {k: float(np.mean([(t[k]["seen"] + t[k]["unseen"]) / 2 for t in table.values()])) for k in keys}
     worst = {k: float(min(min(t[k]["seen"], t[k]["unseen"]) for t in table.values())) for k in keys}
@@ -79,12 +84,11 @@ def main(argv: list[str] | None = None) -> int:
              "in-process, the matrix's rounds and users per round, the centralized run's rank, l2 and personal "
              f"prior) minus centralized accuracy on the pilot populations (seed {args.seed}) of "
              "`simulations.bench_matrix`. Score: mean over populations of the mean of seen and new.", "",
-             "| server lr / init scale | score | worst population and group | " +
+             "| server lr / init scale | score | worst | " +
              " | ".join(table) + " |", "|---|---|---|" + "---|" * len(table)]
     for k in keys:
         cells = " | ".join(f"{t[k]['seen']:+.3f} / {t[k]['unseen']:+.3f}" for t in table.values())
         lines.append(f"| {k}{' **chosen**' if k == best else ''} | {mean[k]:+.4f} | {worst[k]:+.3f} | {cells} |")
-    out = Path(args.out)
     atomic_write_json(out / "federated_pilot.json", {"seed": args.seed, "table": table, "score": mean,
                                                      "worst": worst, "chosen": best})
     atomic_write_text(out / "federated_pilot.md", "\n".join(lines) + "\n")
