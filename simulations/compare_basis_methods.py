@@ -105,13 +105,13 @@ def previous_recipe(path: Path, checkout: Path, work: Path) -> dict:
     np.savez(legacy, diff=pairs.diff, user=pairs.user, split=pairs.split, seen=pairs.seen,
              **({} if pairs.logit_true is None else {"logit_true": pairs.logit_true}))
     env = {**os.environ, "PYTHONPATH": str(checkout)}
-    subprocess.run([sys.executable, "-m", "simulations.cli", "train", str(legacy.resolve()), "--out",
-                    str((work / "previous").resolve())], cwd=checkout, env=env, check=True, capture_output=True)
+    done = subprocess.run([sys.executable, "-m", "simulations.cli", "train", str(legacy.resolve()), "--out",
+                           str((work / "previous").resolve())], cwd=checkout, env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"the earlier trainer in {checkout} failed: {done.stderr[-2000:]}")
     metrics = json.loads((work / "previous" / "metrics.json").read_text())
-    commit = subprocess.run(["git", "-C", str(checkout), "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True).stdout.strip()
     return {"seen_test_acc": metrics["seen_test_acc"], "unseen_test_acc": metrics["unseen_test_acc"],
-            "rank": metrics["rank"], "commit": commit}
+            "rank": metrics["rank"], "checkout": str(checkout)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -121,7 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--populations", default=",".join(PILOTS))
     parser.add_argument("--seed", type=int, default=101)
     parser.add_argument("--work", default="runs/bench_matrix")
-    parser.add_argument("--previous", default=None, help="checkout of the earlier trainer (e.g. /work/main)")
+    parser.add_argument("--previous", default=None,
+                        help="a checkout of the earlier trainer, e.g. `git archive a5dd29b | tar -x -C DIR`")
     parser.add_argument("--out", default="bench_results")
     args = parser.parse_args(argv)
     if args.seed < 100:
