@@ -147,8 +147,8 @@ def fit_basis_and_weights(
         basis = torch.randn(rank, dim, generator=gen) / math.sqrt(dim)
         theta = 0.1 * torch.randn(n_users, rank, generator=gen)
     else:
-        basis = torch.as_tensor(init[0], dtype=torch.float32)
-        theta = torch.log(torch.as_tensor(init[1], dtype=torch.float32).clamp(min=1e-12))
+        basis = torch.as_tensor(np.ascontiguousarray(init[0]), dtype=torch.float32)
+        theta = torch.log(torch.as_tensor(np.ascontiguousarray(init[1]), dtype=torch.float32).clamp(min=1e-12))
     basis = basis.to(dev).requires_grad_(True)
     theta = theta.to(dev).requires_grad_(True)
     objective = _Objective(x, idx, n_users, prior_strength, l2)
