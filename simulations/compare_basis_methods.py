@@ -101,6 +101,7 @@ def fit_method(method: str, diff, user_idx, n_users, rank, l2, seed) -> np.ndarr
 def previous_recipe(path: Path, checkout: Path, work: Path) -> dict:
     """The earlier `lore-fed train --rank auto` from another checkout, on a copy of the file without `group`."""
     pairs = load_pairs(path)
+    work.mkdir(parents=True, exist_ok=True)
     legacy = work / "legacy_pairs.npz"
     np.savez(legacy, diff=pairs.diff, user=pairs.user, split=pairs.split, seen=pairs.seen,
              **({} if pairs.logit_true is None else {"logit_true": pairs.logit_true}))
