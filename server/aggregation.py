@@ -4,9 +4,9 @@ An aggregator samples users (global indices into the population) and turns the a
 (k, B, D) into the mean update (B, D) that the server optimizer consumes.
 - `none`: a seeded uniform sample of `clients-per-round` users without replacement (reproducible; its RNG state is
   checkpointed) and the plain mean of the received updates. The server sees every user's update.
-- `user` (privacy.md §2): Poisson sampling with a secret RNG, per-user flat clip (re-checked here after the
+- `user` and `user+secagg` (privacy.md §2): Poisson sampling with a secret RNG, per-user flat clip (re-checked here after the
   client's), Gaussian noise on the sum, fixed denominator q*N (`UserDpAggregator`, numpy pieces from
-  `lore_core.privacy.mechanism`).
+  `lore_core.privacy.dp_fedavg`).
 - `record`: the clients' updates are already DP-SGD outputs (per pair); the server samples as in `none` (no
   user-level accountant relies on it) and takes the plain mean, no user-level noise.
 """
@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from lore_core.privacy.settings import PrivacySettings
-from server.settings import RunConfigError, ServerSettings
+from lore_core.privacy.privacy_settings import PrivacySettings
+from server.run_settings import RunConfigError, ServerSettings
 
 
 class NoPrivacyAggregator:
@@ -51,7 +51,7 @@ class UserDpAggregator:
 
     def __init__(self, clients_per_round: int, noise_multiplier: float, clip_norm: float,
                  rng: np.random.Generator | None = None) -> None:
-        from lore_core.privacy.mechanism import make_private_rng
+        from lore_core.privacy.dp_fedavg import make_private_rng
 
         self.clients_per_round, self.noise_multiplier, self.clip_norm = clients_per_round, noise_multiplier, clip_norm
         self.rng = rng if rng is not None else make_private_rng()
@@ -60,16 +60,24 @@ class UserDpAggregator:
         return min(1.0, self.clients_per_round / population_size)
 
     def sample(self, population_size: int) -> np.ndarray:
-        from lore_core.privacy.mechanism import poisson_sample
+        from lore_core.privacy.dp_fedavg import poisson_sample
 
         return poisson_sample(population_size, self.sample_rate(population_size), self.rng)
 
     def aggregate(self, updates: np.ndarray, population_size: int) -> np.ndarray:
         """Always a noisy step, also with no accepted update (pure noise): skipping would leak who answered."""
-        from lore_core.privacy.mechanism import aggregate_user_dp
+        from lore_core.privacy.dp_fedavg import clip_updates
 
-        return aggregate_user_dp(updates, self.noise_multiplier, self.clip_norm, self.sample_rate(population_size),
-                                 population_size, self.rng)
+        clipped, _ = clip_updates(updates, self.clip_norm)
+        return self.noisy_mean(clipped.sum(axis=0), population_size)
+
+    def noisy_mean(self, clipped_sum: np.ndarray, population_size: int) -> np.ndarray:
+        """(sum of clipped updates (B, D) + N(0, (zC)^2)) / (q N): the release of both the Message-API path and the
+        SecAgg+ path, whose server only ever holds the sum."""
+        from lore_core.privacy.dp_fedavg import add_noise_to_sum
+
+        noisy = add_noise_to_sum(clipped_sum, self.noise_multiplier, self.clip_norm, self.rng)
+        return noisy / (self.sample_rate(population_size) * population_size)
 
     def state_dict(self) -> dict:
         return {}
@@ -93,11 +101,10 @@ def make_aggregator(settings: ServerSettings, privacy: PrivacySettings) -> Aggre
         return NoPrivacyAggregator(settings.clients_per_round, settings.seed)
     if privacy.mode == "record":
         return RecordMeanAggregator(settings.clients_per_round, settings.seed)
-    if privacy.mode == "user":
-        from lore_core.privacy.mechanism import make_private_rng
+    if privacy.mode in ("user", "user+secagg"):
+        from lore_core.privacy.dp_fedavg import make_private_rng
 
         # Never the experiment seed: a secret seed, or the debug seed of a run the ledger marks NOT PRIVATE.
         rng = make_private_rng(privacy.noise_seed if privacy.reproducible_noise else None)
         return UserDpAggregator(privacy.clients_per_round, privacy.noise_multiplier, privacy.clip_norm, rng=rng)
-    raise RunConfigError(f"privacy mode {privacy.mode!r} has no aggregator here (user+secagg runs through "
-                         "server/secagg.py)")
+    raise RunConfigError(f"privacy mode {privacy.mode!r} has no aggregator")

@@ -83,7 +83,7 @@ def bench_encoder(encoder_dir: Path, repeats: int) -> dict:
     from client.device.personalize import adapt
     from client.device.ranking import candidate_rewards, rank_order
     from lore_core.embeddings import render_context
-    from lore_core.text_pool import build_text_pool
+    from simulations.text_pool import build_text_pool
 
     pool = build_text_pool(seed=0)
     start = time.perf_counter()
@@ -142,7 +142,7 @@ def run_measured(kind: str, target: str, *args: str) -> dict:
 
 def bench_processes(encoder_dir: Path, work: Path) -> dict:
     from lore_core.basis_file import save_basis
-    from lore_core.text_pool import build_text_pool
+    from simulations.text_pool import build_text_pool
 
     pool = build_text_pool(seed=1)
     rng = np.random.default_rng(1)

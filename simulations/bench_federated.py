@@ -69,14 +69,14 @@ def direct_compute(pairs_path: Path, overrides: dict, num_nodes: int, rounds: in
     full evaluation (all nodes), timed and scaled to `eval_rounds`."""
     from flwr.common.config import get_fused_config_from_dir
 
-    from client.local_training import evaluate_block, train_sampled_users
-    from client.protocol import ClientSettings
-    from client.user_block import load_partition_block
+    from federation.local_training import evaluate_block, train_sampled_users
+    from federation.protocol import ClientSettings
+    from federation.user_block import load_partition_block
     from server.aggregation import make_aggregator
     from server.checkpoint import initial_basis
     from server.optimizer import make_optimizer, pseudo_gradient
     from server.population import Population
-    from server.settings import ServerSettings
+    from server.run_settings import ServerSettings
     from simulations.flower_run import ROOT
 
     cfg = get_fused_config_from_dir(ROOT, {**overrides, "pairs-path": str(pairs_path)})
@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reference", default=None, help="`lore-fed train` run dir on the same pair file")
     args = parser.parse_args(argv)
 
-    from simulations.commands.simulate import configure, run_overrides
+    from lore_cli.simulate_command import configure, run_overrides
     from simulations.flower_run import nodes_for, simulate_pairs
 
     out = Path(args.out)
@@ -167,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         "nodes_formula": f"nodes_for({args.users + args.unseen_users}) = {nodes_for(args.users + args.unseen_users)}",
     }
     if args.reference:
-        from simulations.report import load_reference
+        from lore_cli.run_report import load_reference
 
         ref = load_reference(args.reference)
         report["centralized"] = {k: ref.get(k) for k in ("seen_test_acc", "unseen_test_acc", "train_seconds")}

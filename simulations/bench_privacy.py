@@ -5,7 +5,7 @@
 
 Population: `simulations.synthetic_pairs` (D = 384, `--users` seen users + `--unseen-users` few-shot users).
 Runs: mode `none`, and mode `user` at z in (0.5, 1, 2), delta 1e-5, Poisson q = m/N. Each run is the federated
-round in one process, without Flower's messaging: the ClientApp's training functions (`client.local_training`, with
+round in one process, without Flower's messaging: the ClientApp's training functions (`federation.local_training`, with
 the client-side clip), the ServerApp's aggregator (`server.aggregation.make_aggregator`: secret Poisson sampler,
 server re-clip, noise on the sum, fixed denominator) and server optimizer; epsilon from the accountant that writes
 the ledger (`lore_core.privacy.accounting`). Final evaluation as the ServerApp's (all nodes, seen and unseen users).
@@ -37,16 +37,16 @@ def run_in_process(pairs_path: Path, overrides: dict, num_nodes: int, *, record_
     and the final basis evaluated with each personal prior of `prior_pairs_grid` (`by_prior_pairs`)."""
     from flwr.common.config import get_fused_config_from_dir
 
-    from client.local_training import train_sampled_users
-    from client.protocol import ClientSettings
-    from client.user_block import load_partition_block
+    from federation.local_training import train_sampled_users
+    from federation.protocol import ClientSettings
+    from federation.user_block import load_partition_block
     from lore_core.privacy.accounting import epsilon_report
-    from lore_core.privacy.mechanism import clip_updates
+    from lore_core.privacy.dp_fedavg import clip_updates
     from server.aggregation import make_aggregator
     from server.checkpoint import initial_basis
     from server.optimizer import make_optimizer, pseudo_gradient
     from server.population import Population
-    from server.settings import ServerSettings
+    from server.run_settings import ServerSettings
     from simulations.flower_run import ROOT
 
     cfg = get_fused_config_from_dir(ROOT, {**overrides, "pairs-path": str(pairs_path)})
@@ -100,7 +100,7 @@ def run_in_process(pairs_path: Path, overrides: dict, num_nodes: int, *, record_
 
 def _evaluate(basis: np.ndarray, blocks: list, weights: list, prior_pairs: float) -> dict[str, float]:
     """The ServerApp's final evaluation summed over all nodes (seen and unseen users)."""
-    from client.local_training import evaluate_block
+    from federation.local_training import evaluate_block
 
     sums: dict[str, float] = {}
     for block, w in zip(blocks, weights):
@@ -154,7 +154,7 @@ def ray_point(pairs_path: Path, run_dir: Path, args: argparse.Namespace) -> dict
     """User mode, z = 1, through the real ServerApp/ClientApp on Flower's Ray engine (a fresh run directory)."""
     import shutil
 
-    from simulations.cli import main as cli
+    from lore_cli.main import main as cli
 
     shutil.rmtree(run_dir, ignore_errors=True)
     code = cli(["simulate", str(pairs_path), "--rounds", str(args.rounds), "--clients-per-round",

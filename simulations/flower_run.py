@@ -23,9 +23,9 @@ SHARD_THRESHOLD = 64
 SHARD_SIZE = 50
 # Dispatch point per privacy mode: (ServerApp, ClientApp). SecAgg+ needs Flower's legacy client with
 # `secaggplus_mod` (flower-1.42.md §4), which the secagg work provides in client/secagg_client.py; its ServerApp
-# entry stays server.app:app (run_federated routes mode user+secagg to server/secagg.py).
-APPS = {"user+secagg": ("server.app:app", "client.secagg_client:app")}
-DEFAULT_APPS = ("server.app:app", "client.app:app")
+# entry stays server.server_app:app (run_federated routes mode user+secagg to server/secagg.py).
+APPS = {"user+secagg": ("server.server_app:app", "client.secagg_client_app:app")}
+DEFAULT_APPS = ("server.server_app:app", "client.client_app:app")
 
 
 class AppShadowedError(RuntimeError):

@@ -14,11 +14,11 @@ from lore_core.audits.attribute import attribute_audit, planted_weights
 from lore_core.audits.canary import canary_audit
 from lore_core.audits.extraction import extraction_audit
 from lore_core.audits.fairness import fairness_audit, per_user_accuracies
-from lore_core.audits.mechanism import mechanism_audit
+from lore_core.audits.mechanism_audit import mechanism_audit
 from lore_core.audits.membership import record_membership_audit, user_membership_audit
-from lore_core.audits.report import write_audit
+from lore_core.audits.audit_report import write_audit
 from lore_core.audits.update_leakage import update_leakage_audit
-from simulations.commands.audit import client_updates
+from lore_cli.audit_command import client_updates
 from simulations.synthetic_pairs import SyntheticPairsConfig, make_synthetic_pairs
 
 

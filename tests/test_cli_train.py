@@ -7,7 +7,7 @@ import pytest
 
 from lore_core.basis_file import load_basis
 from lore_core.pairs import save_pairs
-from simulations.cli import main
+from lore_cli.main import main
 from simulations.synthetic_pairs import SyntheticPairsConfig, make_synthetic_pairs
 
 

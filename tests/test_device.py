@@ -43,7 +43,7 @@ WRAPPER = (
 def device(state: Path, *args: str, module: str = "client.device", check: bool = True):
     """Run a device command in a fresh process; returns (completed process, heavy modules it imported)."""
     cmd = [sys.executable, "-c", WRAPPER, module]
-    cmd += (["device"] if module == "simulations.cli" else []) + ["--state", str(state), *map(str, args)]
+    cmd += (["device"] if module == "lore_cli.main" else []) + ["--state", str(state), *map(str, args)]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
     heavy = [json.loads(line[6:]) for line in proc.stderr.splitlines() if line.startswith("HEAVY=")]
@@ -73,7 +73,7 @@ def encoder_dir(tmp_path_factory, reference):
 
 @pytest.fixture(scope="module")
 def exchanges():
-    from lore_core.text_pool import build_text_pool
+    from simulations.text_pool import build_text_pool
 
     return build_text_pool(seed=3, openers_per_category=2, follow_ups_per_category=1).openers
 
@@ -118,7 +118,7 @@ def test_device_commands_never_import_torch_transformers_or_flwr(tmp_path, basis
     for args in runs:
         _, heavy = device(state, *args)
         assert heavy == [], f"`{args[0]}` imported {heavy}"
-    proc, heavy = device(state, "rank", "--prompt", "hi", "--candidates", candidates, module="simulations.cli")
+    proc, heavy = device(state, "rank", "--prompt", "hi", "--candidates", candidates, module="lore_cli.main")
     assert heavy == [] and len(proc.stdout.splitlines()) == len(exchanges[5].candidates)
 
 

@@ -24,7 +24,7 @@ from lore_core.embeddings import (  # noqa: E402
     trim_context_left,
 )
 from lore_core.pairs import load_pairs  # noqa: E402
-from simulations.cli import main as cli_main  # noqa: E402
+from lore_cli.main import main as cli_main  # noqa: E402
 
 HISTORY = [
     {"role": "user", "content": "How can I save money on groceries?"},

@@ -11,15 +11,15 @@ import numpy as np
 import pytest
 from flwr.common.config import get_fused_config_from_dir
 
-from client import protocol as p
-from client.app import app as client_app
+from federation import protocol as p
+from client.client_app import app as client_app
 from client.user_state import STATE_KEY, WEIGHTS_KEY
 from lore_core.pairs import save_pairs
-from server.app import run_federated
+from server.server_app import run_federated
 from server.checkpoint import CheckpointError, load_checkpoint
-from server.settings import ServerSettings
+from server.run_settings import ServerSettings
 from simulations.synthetic_pairs import SyntheticPairsConfig, make_synthetic_pairs
-from local_grid import LocalGrid
+from simulations.in_process_grid import LocalGrid
 
 ROOT = Path(__file__).resolve().parents[1]
 RANK, DIM = 3, 24
@@ -188,7 +188,7 @@ def test_killed_run_resumes_to_the_same_final_metrics(pair_file, tmp_path):
 
 
 def test_user_dp_aggregator_fits_the_strategy_seam(pair_file, tmp_path):
-    from lore_core.privacy.mechanism import make_private_rng
+    from lore_core.privacy.dp_fedavg import make_private_rng
     from server.aggregation import UserDpAggregator
 
     grid, settings = make_run(pair_file, tmp_path, **{"num-server-rounds": 4})
@@ -201,7 +201,7 @@ def test_user_dp_aggregator_fits_the_strategy_seam(pair_file, tmp_path):
 
 @pytest.mark.slow
 def test_simulate_command_runs_through_the_ray_engine(pair_file, tmp_path):
-    from simulations.cli import main
+    from lore_cli.main import main
 
     out = tmp_path / "sim"
     code = main(["simulate", str(pair_file), "--rounds", "2", "--clients-per-round", "4", "--rank", str(RANK),
@@ -222,8 +222,8 @@ def test_simulate_command_runs_through_the_ray_engine(pair_file, tmp_path):
 
 def test_device_evaluation_uses_the_device_adaptation_and_matches_the_batched_node(tmp_path):
     """In deployment the ClientApp adapts w with client.device's code; it reaches the batched solver's result."""
-    from client.local_training import device_fit_weights, evaluate_block, personal_fit_weights
-    from client.user_block import load_device_block
+    from federation.local_training import device_fit_weights, evaluate_block, personal_fit_weights
+    from federation.user_block import load_device_block
     from lore_core.pairs import save_pairs
     from simulations.synthetic_pairs import SyntheticPairsConfig, make_synthetic_pairs
 
@@ -239,7 +239,7 @@ def test_device_evaluation_uses_the_device_adaptation_and_matches_the_batched_no
 
 @pytest.mark.parametrize("bad", [0.0, -2.0, float("inf")])
 def test_invalid_personal_prior_stops_the_run_before_training(pair_file, tmp_path, bad):
-    from server.settings import RunConfigError
+    from server.run_settings import RunConfigError
 
     with pytest.raises(RunConfigError, match="prior-pairs"):
         make_run(pair_file, tmp_path / "run", **{"prior-pairs": bad})

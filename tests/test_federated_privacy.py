@@ -11,16 +11,16 @@ import numpy as np
 import pytest
 from flwr.common.config import get_fused_config_from_dir
 
-from client import protocol as p
-from client.app import app as client_app
+from federation import protocol as p
+from client.client_app import app as client_app
 from lore_core.pairs import save_pairs
 from lore_core.privacy.accounting import epsilon
 from lore_core.privacy.ledger import LedgerError
-from server.app import run_federated
-from server.privacy import EVAL_NOT_COVERED
-from server.settings import ServerSettings
+from server.server_app import run_federated
+from server.run_ledger import EVAL_NOT_COVERED
+from server.run_settings import ServerSettings
 from simulations.synthetic_pairs import SyntheticPairsConfig, make_synthetic_pairs
-from local_grid import LocalGrid
+from simulations.in_process_grid import LocalGrid
 
 ROOT = Path(__file__).resolve().parents[1]
 RANK, DIM, USERS, M = 3, 24, 24, 8
@@ -135,12 +135,12 @@ def test_server_reclips_an_over_norm_update(pair_file, tmp_path):
 
 def test_max_epsilon_stops_before_the_exceeding_round_and_resume_continues_the_ledger(pair_file, tmp_path,
                                                                                       monkeypatch):
-    import server.strategy
+    import server.training_round
 
     rounds = 4
     cap = epsilon(1.0, Q, rounds, 1e-5) + 0.01  # the plan fits; one release more does not
     overrides = {"num-server-rounds": rounds, "max-epsilon": cap}
-    real_save = server.strategy.save_checkpoint
+    real_save = server.training_round.save_checkpoint
 
     class Killed(Exception):
         pass
@@ -150,10 +150,10 @@ def test_max_epsilon_stops_before_the_exceeding_round_and_resume_continues_the_l
             raise Killed  # round 3 is in the ledger (spent), its checkpoint is lost
         real_save(run_dir, state)
 
-    monkeypatch.setattr(server.strategy, "save_checkpoint", crash_in_round_3)
+    monkeypatch.setattr(server.training_round, "save_checkpoint", crash_in_round_3)
     with pytest.raises(Killed):
         run_federated(*make_run(pair_file, tmp_path, **overrides))
-    monkeypatch.setattr(server.strategy, "save_checkpoint", real_save)
+    monkeypatch.setattr(server.training_round, "save_checkpoint", real_save)
     assert len(ledger_json(tmp_path)["per_round"]) == 3
 
     with pytest.raises(LedgerError, match="other privacy settings"):
@@ -262,7 +262,7 @@ BAD_SETTINGS = [
 
 @pytest.mark.parametrize("flags,message", BAD_SETTINGS, ids=[" ".join(f) for f, _ in BAD_SETTINGS])
 def test_invalid_privacy_settings_exit_2_before_anything_runs(pair_file, tmp_path, capsys, flags, message):
-    from simulations.cli import main
+    from lore_cli.main import main
 
     out = tmp_path / "run"
     argv = ["simulate", str(pair_file), "--rounds", "50", "--clients-per-round", str(M), "--rank", str(RANK),
@@ -275,7 +275,7 @@ def test_invalid_privacy_settings_exit_2_before_anything_runs(pair_file, tmp_pat
 
 
 def test_unknown_privacy_mode_is_refused(pair_file, tmp_path, capsys):
-    from simulations.cli import main
+    from lore_cli.main import main
 
     with pytest.raises(SystemExit) as exc:
         main(["simulate", str(pair_file), "--rounds", "5", "--clients-per-round", "4", "--rank", "3", "--out",
@@ -285,7 +285,7 @@ def test_unknown_privacy_mode_is_refused(pair_file, tmp_path, capsys):
 
 
 def test_run_config_privacy_errors_reach_flwr_run_users_too(pair_file, tmp_path):
-    from lore_core.privacy.settings import PrivacyConfigError
+    from lore_core.privacy.privacy_settings import PrivacyConfigError
 
     grid, settings = make_run(pair_file, tmp_path, **{"noise-multiplier": 0.0})
     with pytest.raises(PrivacyConfigError, match="noise_multiplier"):

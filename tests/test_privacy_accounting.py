@@ -23,7 +23,7 @@ from lore_core.privacy import (
     validate,
 )
 from lore_core.privacy.ledger import LEDGER_FILENAME
-from lore_core.privacy.settings import PrivacyConfigWarning
+from lore_core.privacy.privacy_settings import PrivacyConfigWarning
 
 DELTA = 1e-5
 
@@ -257,7 +257,7 @@ def test_record_mode_ledger_reports_max_over_clients(tmp_path):
 
 
 def test_cli_prints_prv_and_rdp(capsys):
-    from simulations.cli import main
+    from lore_cli.main import main
 
     assert main(["privacy", "epsilon", "--noise-multiplier", "1", "--clients-per-round", "50",
                  "--population", "1400", "--rounds", "200", "--max-epsilon", "3.37"]) == 0

@@ -1,5 +1,5 @@
 """Privacy mode `user+secagg` (notes/privacy.md §6-§7): the real ServerApp path (`run_federated` -> `run_secagg`,
-Flower's DefaultWorkflow + SecAggPlusWorkflow) and the real ClientApp (`client.secagg_client:app`, secaggplus_mod
+Flower's DefaultWorkflow + SecAggPlusWorkflow) and the real ClientApp (`client.secagg_client_app:app`, secaggplus_mod
 included) on the in-process grid."""
 
 from __future__ import annotations
@@ -16,18 +16,18 @@ from flwr.common.config import get_fused_config_from_dir
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
 from scipy import stats
 
-from client import protocol as p
-from client.secagg_client import SecAggTrainer
-from client.secagg_client import app as secagg_client_app
+from federation import protocol as p
+from client.secagg_client_app import SecAggTrainer
+from client.secagg_client_app import app as secagg_client_app
 from lore_core.pairs import save_pairs
 from lore_core.privacy.ledger import PrivacyLedger
-from lore_core.privacy.settings import PrivacyConfigError
-from server.app import run_federated
+from lore_core.privacy.privacy_settings import PrivacyConfigError
+from server.server_app import run_federated
 from server.optimizer import ServerAdam
-from server.secagg import MODULUS_RANGE, SecAggLoReStrategy, plan_quantisation
-from server.settings import ServerSettings
+from server.secagg_workflow import MODULUS_RANGE, SecAggLoReStrategy, plan_quantisation
+from server.run_settings import ServerSettings
 from simulations.synthetic_pairs import SyntheticPairsConfig, make_synthetic_pairs
-from local_grid import LocalGrid
+from simulations.in_process_grid import LocalGrid
 
 pytestmark = pytest.mark.filterwarnings("ignore:reproducible_noise is on")  # the debug runs below
 ROOT = Path(__file__).resolve().parents[1]
@@ -107,8 +107,8 @@ def test_server_receives_only_masked_vectors_and_unmasks_only_the_sum(pair_file,
         return params, n, metrics
 
     def spy_sum(self, results):
-        server_sums[self.round] = secure_sum(self, results)
-        return server_sums[self.round]
+        server_sums[self.run.round] = secure_sum(self, results)
+        return server_sums[self.run.round]
 
     monkeypatch.setattr(SecAggTrainer, "fit", spy_fit)
     monkeypatch.setattr(SecAggLoReStrategy, "secure_sum", spy_sum)

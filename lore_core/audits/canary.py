@@ -21,7 +21,7 @@ import numpy as np
 
 from lore_core.audits.statistics import AuditInputError, auc, gaussian_epsilon_estimate, one_run_audit
 from lore_core.privacy.accounting import epsilon as accountant_epsilon
-from lore_core.privacy.mechanism import add_noise_to_sum, clip_updates, poisson_sample
+from lore_core.privacy.dp_fedavg import add_noise_to_sum, clip_updates, poisson_sample
 
 GUESSES = (10, 20, 50, 100, 200)
 

@@ -21,7 +21,7 @@ from lore_core.privacy.accounting import (
     check_history,
     epsilon_report,
 )
-from lore_core.privacy.settings import USER_MODES, PrivacySettings, validate
+from lore_core.privacy.privacy_settings import USER_MODES, PrivacySettings, validate
 
 LEDGER_FILENAME = "ledger.json"
 SCHEMA = "lore-privacy-ledger/1"

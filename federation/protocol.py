@@ -16,6 +16,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 ARRAYS = "arrays"
 CONFIG = "config"
 METRICS = "metrics"
@@ -62,3 +64,14 @@ class ClientSettings:
             client_lr=float(run_config["client-lr"]),
             device=str(run_config.get("device", "cpu")),
         )
+
+
+def encode_user_indices(indices: np.ndarray) -> bytes:
+    """Local user indices (k,) -> bytes: a legacy FitIns config (SecAgg+ path) holds scalars only, no lists."""
+    return np.ascontiguousarray(indices, dtype="<i8").tobytes()
+
+
+def decode_user_indices(data: bytes) -> np.ndarray:
+    if not isinstance(data, bytes) or len(data) % 8:
+        raise ValueError(f"user-indices must be int64 bytes, got {type(data).__name__}")
+    return np.frombuffer(data, dtype="<i8").astype(np.int64)

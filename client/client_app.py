@@ -1,4 +1,4 @@
-"""lore-fed ClientApp: translates Flower messages to `client.local_training` calls and back (numpy only).
+"""lore-fed ClientApp: translates Flower messages to `federation.local_training` calls and back (numpy only).
 
 A node hosts a block of users (one on a device). Replies carry the sampled users' basis updates and counts only:
 w stays in `client.user_state`, pairs and per-pair values never leave this module. Under DP (privacy mode in the
@@ -15,10 +15,10 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client import protocol as p
-from client.local_training import (device_fit_weights, evaluate_block, personal_fit_weights, record_dp_updates,
+from federation import protocol as p
+from federation.local_training import (device_fit_weights, evaluate_block, personal_fit_weights, record_dp_updates,
                                    train_sampled_users)
-from client.user_block import UserBlock, load_device_block, load_partition_block
+from federation.user_block import UserBlock, load_device_block, load_partition_block
 from client.user_state import load_record_histories, load_weights, save_record_histories, save_weights
 from lore_core.pairs import PAIRS_FILENAME
 
@@ -39,11 +39,36 @@ def node_block(context: Context, settings: p.ClientSettings) -> UserBlock:
                                 int(context.node_config["num-partitions"]))
 
 
-def _basis(msg: Message, block: UserBlock) -> np.ndarray:
-    basis = msg.content[p.ARRAYS][p.BASIS].numpy().astype(np.float64)
-    if basis.ndim != 2 or basis.shape[1] != block.dim:
-        raise ClientRequestError(f"basis must be (B, {block.dim}), got {basis.shape}")
+def checked_basis(basis: np.ndarray, block: UserBlock) -> np.ndarray:
+    """The server's basis as float64 (B, D), refused unless its width is this node's embedding width."""
+    basis = np.asarray(basis, dtype=np.float64)
+    if basis.ndim != 2 or basis.shape[1] != block.dim or not np.isfinite(basis).all():
+        raise ClientRequestError(f"basis must be a finite (B, {block.dim}) array, got {basis.shape}")
     return basis
+
+
+def checked_user_indices(sampled: np.ndarray, block: UserBlock) -> np.ndarray:
+    """The sampled local user indices, refused unless distinct and within this node's training users."""
+    sampled = np.asarray(sampled, dtype=np.int64)
+    if sampled.size == 0 or sampled.min() < 0 or sampled.max() >= block.n_train_users or \
+            np.unique(sampled).size != sampled.size:
+        raise ClientRequestError(f"user-indices must be distinct in [0, {block.n_train_users}), got {sampled}")
+    return sampled
+
+
+def train_clipped(context: Context, settings: p.ClientSettings, block: UserBlock, basis: np.ndarray,
+                  sampled: np.ndarray, clip_norm: float | None) -> np.ndarray:
+    """Fit the sampled users' w (kept on the node) and return their basis updates (k, B, D), each clipped to
+    `clip_norm` (flat L2, one user = one privacy unit) unless it is None (mode none). Both train paths use it."""
+    weights = load_weights(context, block.n_train_users, basis.shape[0])
+    weights, updates = train_sampled_users(basis, block, weights, sampled, prior_strength=settings.prior_strength,
+                                           steps=settings.local_steps, lr=settings.client_lr)
+    save_weights(context, weights)
+    if clip_norm is not None:
+        from lore_core.privacy.dp_fedavg import clip_updates
+
+        updates, _ = clip_updates(updates, clip_norm)
+    return updates
 
 
 @app.query()
@@ -59,26 +84,19 @@ def query(msg: Message, context: Context) -> Message:
 def train(msg: Message, context: Context) -> Message:
     settings = p.ClientSettings.from_run_config(context.run_config)
     block = node_block(context, settings)
-    basis = _basis(msg, block)
+    basis = checked_basis(msg.content[p.ARRAYS][p.BASIS].numpy(), block)
     config = msg.content[p.CONFIG]
-    sampled = np.asarray(config[p.USER_INDICES], dtype=np.int64)
-    if sampled.size == 0 or sampled.min() < 0 or sampled.max() >= block.n_train_users or \
-            np.unique(sampled).size != sampled.size:
-        raise ClientRequestError(f"user-indices must be distinct in [0, {block.n_train_users}), got {sampled}")
-    mode = str(config.get(p.PRIVACY_MODE, "none"))
-    weights = load_weights(context, block.n_train_users, basis.shape[0])
+    sampled = checked_user_indices(config[p.USER_INDICES], block)
     arrays = {}
+    mode = str(config.get(p.PRIVACY_MODE, "none"))
     if mode == "record":
+        weights = load_weights(context, block.n_train_users, basis.shape[0])
         weights, updates, history = _record_train(context, config, settings, basis, block, weights, sampled)
+        save_weights(context, weights)
         arrays[p.DP_HISTORY] = Array(np.ascontiguousarray(history))
-    else:
-        weights, updates = train_sampled_users(basis, block, weights, sampled, prior_strength=settings.prior_strength,
-                                               steps=settings.local_steps, lr=settings.client_lr)
-        if mode in ("user", "user+secagg"):
-            from lore_core.privacy.mechanism import clip_updates
-
-            updates, _ = clip_updates(updates, float(config[p.CLIP_NORM]))  # one flat clip per user
-    save_weights(context, weights)
+    else:  # user modes: one flat clip per user here (and re-checked by the server)
+        clip_norm = float(config[p.CLIP_NORM]) if mode in ("user", "user+secagg") else None
+        updates = train_clipped(context, settings, block, basis, sampled, clip_norm)
     arrays[p.UPDATES] = Array(np.ascontiguousarray(updates))
     return Message(RecordDict({p.ARRAYS: ArrayRecord(arrays),
                                p.METRICS: MetricRecord({p.NUM_USERS: int(sampled.size)})}), reply_to=msg)
@@ -113,7 +131,7 @@ def _record_train(context: Context, config, settings: p.ClientSettings, basis: n
 def evaluate(msg: Message, context: Context) -> Message:
     settings = p.ClientSettings.from_run_config(context.run_config)
     block = node_block(context, settings)
-    basis = _basis(msg, block)
+    basis = checked_basis(msg.content[p.ARRAYS][p.BASIS].numpy(), block)
     weights = load_weights(context, block.n_train_users, basis.shape[0])
     on_device = bool(context.node_config.get("data-path"))  # deployment: evaluate with the device's own code
     weights, sums = evaluate_block(basis, block, weights, prior_pairs=settings.prior_pairs,

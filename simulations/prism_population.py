@@ -1,6 +1,6 @@
 """Semi-synthetic PRISM-shaped benchmark with a known low-rank reward (`lore-fed synth`).
 
-Real text (lore_core.text_pool), real embeddings, synthetic people. Written in the exact PRISM release schema
+Real text (simulations.text_pool), real embeddings, synthetic people. Written in the exact PRISM release schema
 (lore_core.prism_schema; notes/prism-and-embeddings.md §1, §6), so the whole pipeline (prepare -> embed -> train)
 runs on it unchanged, and the hidden truth goes to a separate `ground_truth.npz`, never into the JSONL.
 
@@ -43,7 +43,7 @@ from lore_core.prism_schema import (
     Turn,
     derive_utterances,
 )
-from lore_core.text_pool import CANDIDATES_PER_EXCHANGE, TextPool, build_text_pool
+from simulations.text_pool import CANDIDATES_PER_EXCHANGE, TextPool, build_text_pool
 
 # P(a user has n conversations), n = 0..7: PRISM's 104/1,500 survey-only users, mean ~5.3 (note §6.2).
 PRISM_CONVERSATIONS = (0.07, 0.02, 0.03, 0.04, 0.05, 0.09, 0.60, 0.10)

@@ -14,10 +14,10 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-from client import protocol as p
+from federation import protocol as p
 from lore_core.privacy.accounting import PrivacyBudgetExhausted
 from lore_core.privacy.ledger import PrivacyLedger
-from lore_core.privacy.settings import PrivacySettings
+from lore_core.privacy.privacy_settings import PrivacySettings
 
 EVAL_NOT_COVERED = "federated evaluation metrics (per-node accuracy sums)"
 RECORD_HISTORY_NOT_COVERED = ("record mode: each sampled client's accountant history (z, q, steps), sent to the "

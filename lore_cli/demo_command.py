@@ -19,8 +19,8 @@ from lore_core.prism_schema import GROUND_TRUTH_FILE
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    from lore_core.benchmark import DEMO_CONFIG
-    from simulations.commands.simulate import add_privacy_arguments
+    from simulations.prism_population import DEMO_CONFIG
+    from lore_cli.simulate_command import add_privacy_arguments
 
     parser.add_argument("--out", default="runs/demo", help="demo directory (default %(default)s)")
     parser.add_argument("--users", type=int, default=DEMO_CONFIG.users, help="benchmark participants")
@@ -40,7 +40,7 @@ DEMO_NOISE_MULTIPLIER = 2.0
 
 
 def _stage(name: str, done: bool, argv: list[str]) -> None:
-    from simulations.cli import main
+    from lore_cli.main import main
 
     if done:
         print(f"== {name}: already done, skipped", flush=True)
@@ -92,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
 
 def simulate_privacy_argv(args: argparse.Namespace) -> list[str]:
     """The demo's privacy flags, passed on unchanged to `lore-fed simulate`."""
-    from simulations.commands.simulate import privacy_overrides
+    from lore_cli.simulate_command import privacy_overrides
 
     argv = []
     for key, value in privacy_overrides(args).items():

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from client.user_block import RowGroup, UserBlock
+from federation.user_block import RowGroup, UserBlock
 from lore_core.reward_math import bt_loss_grad, per_user_accuracy
 from lore_core.simplex_fit import fit_user_weights, prior_from_pairs
 

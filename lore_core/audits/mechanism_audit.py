@@ -17,7 +17,7 @@ import numpy as np
 
 from lore_core.audits.statistics import AuditInputError, epsilon_lower_bound, gaussian_epsilon_estimate, gdp_epsilon
 from lore_core.privacy.accounting import epsilon as accountant_epsilon
-from lore_core.privacy.mechanism import add_noise_to_sum, aggregate_user_dp, clip_updates
+from lore_core.privacy.dp_fedavg import add_noise_to_sum, aggregate_user_dp, clip_updates
 
 CANARY_NORM_FACTOR = 10.0  # the canary sends 10 C u: only a working clip keeps its influence at C
 BATCH_RUNS = 1000  # runs per vectorized batch (memory: BATCH_RUNS * B * D floats)

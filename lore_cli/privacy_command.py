@@ -22,7 +22,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from lore_core.privacy.accounting import epsilon_report, rounds_within_budget
-    from lore_core.privacy.settings import PrivacySettings, validate
+    from lore_core.privacy.privacy_settings import PrivacySettings, validate
 
     if args.rounds is None and (args.max_epsilon is None or args.target_epsilon is not None):
         raise ValueError("give --rounds T (only --noise-multiplier with --max-epsilon can do without it)")

@@ -9,17 +9,17 @@ import sys
 
 # name -> (module, one-line help). Modules define `configure(parser)` and `run(args) -> int`.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "synth": ("simulations.commands.synth", "generate the PRISM-shaped benchmark population"),
-    "prepare": ("simulations.commands.prepare", "PRISM files -> pairs.jsonl, users.jsonl, summary.json"),
-    "embed": ("simulations.commands.embed", "pairs.jsonl -> pairs.npz (pair-embedding file)"),
-    "train": ("simulations.commands.train", "centralized LoRe training (the reference for federated runs)"),
-    "evaluate": ("simulations.commands.evaluate", "evaluate a saved basis on a pair file"),
-    "simulate": ("simulations.commands.simulate", "federated training through Flower's simulation engine"),
-    "demo": ("simulations.commands.demo", "the main job: benchmark -> embeddings -> federated -> report"),
-    "privacy": ("simulations.commands.privacy", "privacy accounting what-if questions"),
-    "audit": ("simulations.commands.audit", "privacy audits of a run"),
-    "device": ("client.device.cli", "on-device personalization (same as python -m client.device)"),
-    "deploy": ("simulations.commands.deploy", "Flower Deployment Engine on this machine"),
+    "synth": ("lore_cli.synth_command", "generate the PRISM-shaped benchmark population"),
+    "prepare": ("lore_cli.prepare_command", "PRISM files -> pairs.jsonl, users.jsonl, summary.json"),
+    "embed": ("lore_cli.embed_command", "pairs.jsonl -> pairs.npz (pair-embedding file)"),
+    "train": ("lore_cli.train_command", "centralized LoRe training (the reference for federated runs)"),
+    "evaluate": ("lore_cli.evaluate_command", "evaluate a saved basis on a pair file"),
+    "simulate": ("lore_cli.simulate_command", "federated training through Flower's simulation engine"),
+    "demo": ("lore_cli.demo_command", "the main job: benchmark -> embeddings -> federated -> report"),
+    "privacy": ("lore_cli.privacy_command", "privacy accounting what-if questions"),
+    "audit": ("lore_cli.audit_command", "privacy audits of a run"),
+    "device": ("client.device.device_cli", "on-device personalization (same as python -m client.device)"),
+    "deploy": ("lore_cli.deploy_command", "Flower Deployment Engine on this machine"),
 }
 
 

@@ -1,4 +1,4 @@
-"""`lore-fed synth`: generate the semi-synthetic PRISM-shaped benchmark (lore_core.benchmark)."""
+"""`lore-fed synth`: generate the semi-synthetic PRISM-shaped benchmark (simulations.prism_population)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import argparse
 import time
 from dataclasses import replace
 
-from lore_core.benchmark import DEMOGRAPHICS, BenchmarkConfig, conversation_distribution, generate_benchmark
+from simulations.prism_population import DEMOGRAPHICS, BenchmarkConfig, conversation_distribution, generate_benchmark
 
 DEFAULTS = BenchmarkConfig()
 

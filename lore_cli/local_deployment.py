@@ -152,7 +152,7 @@ def node_data_dir(run_dir: str | Path, k: int) -> Path:
 def split_pairs(pairs_path: str | Path, run_dir: str | Path, nodes: int) -> list[Path]:
     """Cut the pair file by user into `nodes` files `RUN_DIR/nodeK/data/pairs.npz` (the simulation's blocks:
     sorted user ids in contiguous blocks). An existing node file is kept: it may sit next to that node's w file."""
-    from client.user_block import block_of_partition
+    from federation.user_block import block_of_partition
 
     pairs = load_pairs(pairs_path)
     user_ids = np.unique(pairs.user)

@@ -24,7 +24,7 @@ def run(args: argparse.Namespace) -> int:
     from lore_core.basis_file import load_basis
     from lore_core.evaluation import evaluate_model
     from lore_core.pairs import load_pairs
-    from simulations.commands.train import benchmark_ceiling, format_metrics, personal_prior
+    from lore_cli.train_command import benchmark_ceiling, format_metrics, personal_prior
 
     basis_path = Path(args.basis)
     if basis_path.is_dir():

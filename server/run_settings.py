@@ -4,14 +4,15 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from lore_core.privacy.settings import MODES as PRIVACY_MODES
-from lore_core.privacy.settings import PrivacySettings, validate
+from lore_core.privacy.privacy_settings import MODES as PRIVACY_MODES
+from lore_core.privacy.privacy_settings import PrivacySettings, validate
 
 SERVER_OPTIMIZERS = ("adam", "sgd")
+PROGRESS_STYLES = ("bar", "log")
 
 
 # Run-config key -> PrivacySettings field. An empty string means "not given": `validate` fills the mode's default
-# (lore_core.privacy.settings.DEFAULTS, the one source of truth), so `flwr run -c "noise-multiplier=0.0"` is an error,
+# (lore_core.privacy.privacy_settings.DEFAULTS, the one source of truth), so `flwr run -c "noise-multiplier=0.0"` is an error,
 # not the default. Shared by every privacy mode (also user+secagg).
 PRIVACY_KEYS = {
     "privacy-mode": "mode",
@@ -68,6 +69,7 @@ class ServerSettings:
     round_timeout: float
     privacy: dict  # PrivacySettings fields as given (privacy_config); resolved per population by privacy_settings
     allow_uncovered_eval: bool = False  # DP modes: evaluate every eval-every rounds although uncovered
+    progress: str = "log"  # server.round_progress.STYLES
 
     @classmethod
     def from_run_config(cls, cfg: dict) -> "ServerSettings":
@@ -92,6 +94,7 @@ class ServerSettings:
                 round_timeout=float(cfg["round-timeout"]),
                 privacy=privacy_config(cfg),
                 allow_uncovered_eval=bool(cfg.get("allow-uncovered-eval", False)),
+                progress=str(cfg.get("progress", "log")),
             )
         except KeyError as exc:
             raise RunConfigError(f"run config lacks key {exc}; keys present: {sorted(cfg)}") from exc
@@ -122,6 +125,8 @@ class ServerSettings:
                 f"eval-every = {self.eval_every} under privacy mode {self.privacy_mode!r}: federated evaluation "
                 "releases per-node accuracy sums that the accountant does not cover; set eval-every = 0 (evaluate "
                 "only after the last round) or opt in with allow-uncovered-eval = true")
+        if self.progress not in PROGRESS_STYLES:
+            raise RunConfigError(f"run config `progress` must be one of {PROGRESS_STYLES}, got {self.progress!r}")
         if not self.run_dir:
             raise RunConfigError("run config `run-dir` is empty: the server needs a directory for its checkpoints")
 
@@ -145,6 +150,6 @@ class ServerSettings:
     def fingerprint(self) -> dict:
         """What a resumed run must share with the run that wrote the checkpoint (timeouts may change)."""
         fields = asdict(self)
-        for volatile in ("run_dir", "min_nodes", "round_timeout", "rounds"):
+        for volatile in ("run_dir", "min_nodes", "round_timeout", "rounds", "progress"):
             fields.pop(volatile)
         return fields

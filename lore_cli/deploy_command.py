@@ -42,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def run_certs(args: argparse.Namespace) -> int:
-    from simulations.deploy import generate_certificates
+    from lore_cli.local_deployment import generate_certificates
 
     certs = generate_certificates(args.out, host=args.host, nodes=args.nodes)
     print(f"wrote {certs.ca_cert}, {certs.server_cert}, {certs.server_key} and {len(certs.node_keys)} node key "
@@ -53,7 +53,7 @@ def run_certs(args: argparse.Namespace) -> int:
 
 def run_local(args: argparse.Namespace) -> int:
     from server.checkpoint import load_checkpoint
-    from simulations.deploy import Certificates, LocalDeployment, generate_certificates, split_pairs
+    from lore_cli.local_deployment import Certificates, LocalDeployment, generate_certificates, split_pairs
 
     if args.nodes < 1:
         raise ValueError(f"--nodes must be >= 1, got {args.nodes}")

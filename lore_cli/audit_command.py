@@ -5,7 +5,7 @@ Inputs come from RUN_DIR (basis.npz or checkpoint.npz, ledger.json, metrics.json
 --pairs (pair file or dataset dir; users.jsonl and ground_truth.npz are looked up next to it), --basis, --config
 (privacy settings, JSON or TOML, flat or under [privacy]), or --synthetic (a LoRe-shaped population with known
 truth: no run needed). Results go to OUT/audits/ (OUT = --out, default RUN_DIR) and the run's ledger; the verdict is
-printed. Per-user updates are computed with the client's own code (client.local_training).
+printed. Per-user updates are computed with the client's own code (federation.local_training).
 """
 
 from __future__ import annotations
@@ -140,10 +140,10 @@ def load_run_basis(path: str | None, run_dir: Path | None) -> np.ndarray:
 def client_updates(pairs, basis: np.ndarray, user_ids: np.ndarray, *, steps: int = LOCAL_STEPS,
                    lr: float = CLIENT_LR, prior_strength: float | None = None, block: int = 64):
     """Each user's device w (U, B) and basis update dA (U, B, D) exactly as the client computes them
-    (client.local_training: fit w on the user's training pairs, `steps` local steps with w fixed), in node-sized
+    (federation.local_training: fit w on the user's training pairs, `steps` local steps with w fixed), in node-sized
     blocks of users."""
-    from client.local_training import fit_weights, local_basis_updates
-    from client.user_block import make_block
+    from federation.local_training import fit_weights, local_basis_updates
+    from federation.user_block import make_block
     from lore_core.simplex_fit import DEFAULT_PRIOR_STRENGTH
 
     prior = DEFAULT_PRIOR_STRENGTH if prior_strength is None else prior_strength
@@ -242,7 +242,7 @@ def _membership(args, run_dir, settings) -> dict:
 
 
 def _mechanism(args, run_dir, settings) -> dict:
-    from lore_core.audits.mechanism import mechanism_audit
+    from lore_core.audits.mechanism_audit import mechanism_audit
 
     shape = (10, 384)
     if run_dir is not None or args.basis:
@@ -309,7 +309,7 @@ AUDITS = {"update-leakage": _update_leakage, "attribute": _attribute, "membershi
 
 
 def run(args: argparse.Namespace) -> int:
-    from lore_core.audits.report import write_audit
+    from lore_core.audits.audit_report import write_audit
 
     run_dir = Path(args.run_dir) if args.run_dir else None
     if run_dir is not None and not run_dir.is_dir():

@@ -44,8 +44,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def add_privacy_arguments(parser: argparse.ArgumentParser) -> None:
     """The privacy flags of `simulate` (also for `lore-fed demo`). Unset = the mode's default
-    (lore_core.privacy.settings.DEFAULTS); every value is checked by lore_core.privacy.settings.validate."""
-    from lore_core.privacy.settings import MODES
+    (lore_core.privacy.privacy_settings.DEFAULTS); every value is checked by lore_core.privacy.privacy_settings.validate."""
+    from lore_core.privacy.privacy_settings import MODES
 
     parser.add_argument("--privacy", default="user", choices=MODES,
                         help="privacy mode (default user: user-level DP-FedAvg, privacy.md §7)")
@@ -68,7 +68,7 @@ def add_privacy_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def privacy_overrides(args: argparse.Namespace) -> dict:
-    """Run-config keys of the privacy flags (server.settings.PRIVACY_KEYS); unset flags are left out."""
+    """Run-config keys of the privacy flags (server.run_settings.PRIVACY_KEYS); unset flags are left out."""
     values = {"privacy-mode": args.privacy, "noise-multiplier": args.noise_multiplier,
               "target-epsilon": args.target_epsilon, "max-epsilon": args.max_epsilon, "clip-norm": args.clip_norm,
               "delta": args.delta, "max-grad-norm": args.max_grad_norm, "device": args.device,
@@ -114,7 +114,7 @@ def check_run(pairs_path: Path, overrides: dict):
     from flwr.common.config import get_fused_config_from_dir
 
     from lore_core.pairs import load_pairs
-    from server.settings import ServerSettings
+    from server.run_settings import ServerSettings
     from simulations.flower_run import ROOT
 
     settings = ServerSettings.from_run_config(get_fused_config_from_dir(ROOT, overrides))
@@ -125,7 +125,7 @@ def check_run(pairs_path: Path, overrides: dict):
     if privacy.mode == "record" and users.size and not privacy.delta < 1 / counts.max():
         raise ValueError(f"record mode needs delta < 1/n_i for every client; the largest client has {counts.max()} "
                          f"pairs, so delta must be < {1 / counts.max():.3g}; got {privacy.delta}")
-    if privacy.mode == "user+secagg" and importlib.util.find_spec("server.secagg") is None:
+    if privacy.mode == "user+secagg" and importlib.util.find_spec("server.secagg_workflow") is None:
         raise ValueError("privacy mode 'user+secagg' is not available in this build (server/secagg.py is missing); "
                          "use --privacy user")
     return settings, privacy
@@ -152,7 +152,7 @@ def privacy_metrics(run_dir: Path) -> dict:
 def run(args: argparse.Namespace) -> int:
     from server.checkpoint import load_checkpoint
     from simulations.flower_run import simulate_pairs
-    from simulations.report import load_reference, write_report
+    from lore_cli.run_report import load_reference, write_report
 
     for name in ("rounds", "clients_per_round", "rank"):
         if getattr(args, name) < 1:
