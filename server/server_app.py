@@ -11,6 +11,7 @@ from collections.abc import Callable
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
+from lore_core.run_lock import RunDirLock
 from server.aggregation import Aggregator, make_aggregator
 from server.checkpoint import RunState, start_or_resume
 from server.optimizer import make_optimizer
@@ -30,7 +31,14 @@ def run_federated(grid: Grid, settings: ServerSettings, on_round: Callable[[dict
                   aggregator: Aggregator | None = None) -> RunState:
     """Train A over the grid's nodes to `settings.rounds` (fewer when max_epsilon stops the run: the ledger says
     `stopped_early`), resuming from `settings.run_dir` if a checkpoint is there. Returns the final run state (basis,
-    history). `aggregator` replaces the one of the privacy mode (tests)."""
+    history). `aggregator` replaces the one of the privacy mode (tests). Holds the run directory's lock throughout:
+    a second run on the same directory is refused (RunDirBusy) before it writes anything."""
+    with RunDirLock(settings.run_dir):
+        return _run_locked(grid, settings, on_round, aggregator)
+
+
+def _run_locked(grid: Grid, settings: ServerSettings, on_round: Callable[[dict], None] | None,
+                aggregator: Aggregator | None) -> RunState:
     population = discover_population(grid, settings.min_nodes, settings.round_timeout)
     privacy = settings.privacy_settings(population.size)  # fail closed before any training (PrivacyConfigError)
     ledger = open_ledger(settings.run_dir, privacy, evaluation_policy(settings.eval_every, privacy.is_dp))

@@ -159,7 +159,7 @@ def test_fairness_and_report_write_json_markdown_plot_and_ledger(population, led
     assert json.loads(path.read_text())["verdict"] == "pass"
     assert (ledger_dir / "audits" / "fairness.png").exists()
     assert "## fairness" in (ledger_dir / "audits" / "audits.md").read_text()
-    audits = json.loads((ledger_dir / "ledger.json").read_text())["audits"]
+    audits = json.loads((ledger_dir / "ledger.json").read_text())["events"]["audits"]
     assert audits[-1]["kind"] == "fairness" and audits[-1]["verdict"] == "pass"
 
 

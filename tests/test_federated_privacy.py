@@ -15,7 +15,8 @@ from federation import protocol as p
 from client.client_app import app as client_app
 from lore_core.pairs import save_pairs
 from lore_core.privacy.accounting import epsilon
-from lore_core.privacy.ledger import LedgerError
+from lore_core.privacy.accounting import history_epsilon
+from lore_core.privacy.ledger import LedgerError, PrivacyLedger
 from server.server_app import run_federated
 from server.run_ledger import EVAL_NOT_COVERED
 from server.run_settings import ServerSettings
@@ -58,8 +59,9 @@ def test_user_mode_ledger_grows_each_round_and_replies_carry_only_clipped_update
     state = run_federated(grid, settings,
                           on_round=lambda r: epsilons_on_disk.append(ledger_json(tmp_path)["epsilon"]["prv"]))
     ledger = ledger_json(tmp_path)
-    per_round = [e["epsilon_prv"] for e in ledger["per_round"]]
-    assert [e["round"] for e in ledger["per_round"]] == [1, 2, 3, 4, 5]
+    per_round = PrivacyLedger.load(tmp_path).epsilon_by_round()
+    assert [e["round"] for e in ledger["events"]["rounds"]] == [1, 2, 3, 4, 5]
+    assert all("epsilon" not in key for e in ledger["events"]["rounds"] for key in e)  # events hold facts only
     assert np.all(np.diff(per_round) > 0) and epsilons_on_disk == per_round  # on disk when the round ended
     assert per_round[-1] == pytest.approx(epsilon(1.0, Q, 5, 1e-5))
     assert [r["epsilon"] for r in state.history] == per_round
@@ -154,7 +156,7 @@ def test_max_epsilon_stops_before_the_exceeding_round_and_resume_continues_the_l
     with pytest.raises(Killed):
         run_federated(*make_run(pair_file, tmp_path, **overrides))
     monkeypatch.setattr(server.training_round, "save_checkpoint", real_save)
-    assert len(ledger_json(tmp_path)["per_round"]) == 3
+    assert len(ledger_json(tmp_path)["events"]["rounds"]) == 3
 
     with pytest.raises(LedgerError, match="other privacy settings"):
         run_federated(*make_run(pair_file, tmp_path, **{**overrides, "noise-multiplier": 2.0}))
@@ -162,7 +164,7 @@ def test_max_epsilon_stops_before_the_exceeding_round_and_resume_continues_the_l
     state = run_federated(grid, settings)
     ledger = ledger_json(tmp_path)
     # round 3 again = the 4th release, within the cap; a 5th would exceed it, so round 4 never starts
-    assert [e["round"] for e in ledger["per_round"]] == [1, 2, 3, 4]
+    assert [e["round"] for e in ledger["events"]["rounds"]] == [1, 2, 3, 4]
     assert ledger["budget"]["stopped_early"] and ledger["epsilon"]["prv"] <= cap
     assert state.round == 3 and [r["round"] for r in state.history] == [1, 2, 3]
     assert all(m.content[p.CONFIG][p.ROUND] == 3 for m in requests_of(grid, "train"))
@@ -231,8 +233,9 @@ def test_record_mode_accounts_per_pair_like_one_uninterrupted_opacus_run(tiny_pa
                 optimizer.zero_grad()
                 model(x).sum().backward()
                 optimizer.step()
-        client = ledger["clients"][str(i)]
-        assert client["epsilon_prv"] == pytest.approx(engine.get_epsilon(1e-5), rel=1e-6)
+        client = ledger["events"]["clients"][str(i)]
+        derived = history_epsilon([tuple(seg) for seg in client["history"]], 1e-5)
+        assert derived == pytest.approx(engine.get_epsilon(1e-5), rel=1e-6)
         assert sum(seg[2] for seg in client["history"]) == rounds * math.ceil(n / batch)
     train_ids = {m.metadata.message_id for m in requests_of(grid, "train")}
     for reply in grid.replies:

@@ -170,7 +170,8 @@ def test_ledger_epsilon_is_derived_from_recorded_rounds_and_matches_pld(tmp_path
     on_disk = json.loads((tmp_path / LEDGER_FILENAME).read_text())
     assert on_disk["rounds"]["released"] == 4
     assert on_disk["epsilon"]["prv"] == pytest.approx(pld_epsilon([(0.8, 0.2, 2), (1.2, 0.2, 2)]), rel=0.02)
-    assert on_disk["per_round"][-1]["epsilon_prv"] == on_disk["epsilon"]["prv"]
+    assert PrivacyLedger.load(tmp_path).epsilon_by_round()[-1] == on_disk["epsilon"]["prv"]
+    assert set(on_disk["events"]["rounds"][-1]) == {"round", "sampled", "noise_multiplier", "sample_rate"}
     assert on_disk["epsilon"]["rdp"] >= on_disk["epsilon"]["prv"] - 0.02
     assert on_disk["not_private"]["flag"] is False
     assert "user-level" in on_disk["guarantee"]
@@ -284,3 +285,51 @@ def test_vanishing_noise_is_refused_by_validation_and_never_crashes_the_accounta
 def test_prv_runs_below_the_stand_in_threshold():
     report = epsilon_report([(0.5, 0.037, 200)], 1e-5)
     assert report.prv < report.rdp and not report.prv_is_rdp_bound  # PRV is computed where it is cheap
+
+
+def test_ledger_load_reads_only_config_and_events_and_writes_them_back_unchanged(tmp_path):
+    ledger = PrivacyLedger.create(tmp_path, user_settings(population_size=1000, clients_per_round=100, rounds=3))
+    ledger.record_round(1, sampled=97)
+    first = json.loads((tmp_path / LEDGER_FILENAME).read_text())
+    tampered = dict(first, epsilon={"prv": 0.0001}, guarantee="tampered conclusion")
+    (tmp_path / LEDGER_FILENAME).write_text(json.dumps(tampered))
+    reloaded = PrivacyLedger.load(tmp_path)
+    assert reloaded.epsilon().prv == pytest.approx(first["epsilon"]["prv"])  # conclusions are never read back
+    reloaded.record_audit({"audit": "x"})
+    again = json.loads((tmp_path / LEDGER_FILENAME).read_text())
+    assert again["config"] == first["config"] and again["events"]["rounds"] == first["events"]["rounds"]
+    assert again["epsilon"] == first["epsilon"]
+
+
+def test_ledger_refuses_to_append_over_events_it_did_not_write(tmp_path):
+    settings = user_settings(population_size=1000, clients_per_round=100, rounds=5)
+    ours = PrivacyLedger.create(tmp_path, settings)
+    ours.record_round(1, sampled=100)
+    other = PrivacyLedger.load(tmp_path, settings)  # a second writer on the same directory
+    other.record_round(2, sampled=101)
+    other.record_round(3, sampled=99)
+    with pytest.raises(LedgerError, match="another process"):
+        ours.record_round(2, sampled=98)
+    on_disk = PrivacyLedger.load(tmp_path)
+    assert on_disk.rounds_released == 3  # the budget on disk never went down
+
+
+def test_second_run_on_one_directory_is_refused_with_the_holder(tmp_path):
+    import subprocess
+    import sys
+
+    from lore_core.run_lock import RunDirBusy, RunDirLock
+
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from lore_core.run_lock import RunDirLock\n"
+                               f"with RunDirLock({str(tmp_path)!r}):\n print('held', flush=True); time.sleep(60)"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(RunDirBusy, match=f"pid {holder.pid}"):
+            with RunDirLock(tmp_path):
+                pass
+    finally:
+        holder.kill()
+        holder.wait()
+    with RunDirLock(tmp_path), RunDirLock(tmp_path):  # free again once the holder died; re-entrant in one process
+        pass

@@ -91,8 +91,8 @@ def test_secagg_run_trains_and_ledger_is_written_before_each_release(pair_file, 
     assert order == ["ledger", "step"] * 8
     ledger = json.loads((tmp_path / "ledger.json").read_text())
     assert ledger["mode"] == "user+secagg" and ledger["rounds"]["released"] == 8
-    assert [e["sampled"] for e in ledger["per_round"]] == [r["sampled_users"] for r in state.history]
-    assert np.all(np.diff([e["epsilon_prv"] for e in ledger["per_round"]]) > 0)
+    assert [e["sampled"] for e in ledger["events"]["rounds"]] == [r["sampled_users"] for r in state.history]
+    assert np.all(np.diff([r["epsilon"] for r in state.history]) > 0)
     assert ledger["not_private"]["flag"]  # reproducible debug noise is marked, never silently private
     assert all(r["secagg_nodes"] >= 2 and r["accepted_users"] == r["sampled_users"] for r in state.history)
 

@@ -1,6 +1,6 @@
 """Accounting audit: recompute a ledger's epsilon independently of the code that wrote it.
 
-The ledger stores events (per round: noise multiplier z, sample rate q) and the epsilon derived from them. This audit
+The ledger stores events (per round: noise multiplier z, sample rate q) and, apart from them, the epsilon derived. This audit
 reads the raw JSON (not through lore_core.privacy), rebuilds the history, and computes epsilon with
 - dp_accounting's PLD accountant (Google; a different method from Opacus PRV) when installed: the independent check;
 - Opacus RDP directly (a valid upper bound: it must not fall below PRV beyond PRV's error).
@@ -23,7 +23,7 @@ REL_TOL = 0.02
 def ledger_history(ledger: dict) -> list[tuple[float, float, int]]:
     """(z, q, steps) segments from the ledger's per-round events, consecutive equal (z, q) merged."""
     segments: list[tuple[float, float, int]] = []
-    for entry in ledger.get("per_round", []):
+    for entry in (ledger.get("events") or {}).get("rounds", []):
         try:
             z, q = float(entry["noise_multiplier"]), float(entry["sample_rate"])
         except (KeyError, TypeError, ValueError) as exc:

@@ -1,9 +1,15 @@
-"""The privacy ledger `RUN_DIR/ledger.json` (schema: notes/privacy.md §8).
+"""The privacy ledger `RUN_DIR/ledger.json` (docs/privacy.md).
 
-It stores EVENTS (the validated settings, per round: noise multiplier, sample rate, sampled count; in record mode
-each client's accountant history) and DERIVES epsilon from them with the accountant every time it is written, like
-Opacus' accountant. The server calls `check_next_round()` and then `record_round(...)` BEFORE it releases that
-round's basis: the write is atomic, so a crash can lose a release but never spent budget.
+Facts and conclusions apart, like Opacus' accountant (its `history` is the state, `get_epsilon` derives):
+- `config` (the validated settings) and `events` (per round: round, sampled count, noise multiplier, sample rate;
+  record mode: each client's accountant history; audits; whether the budget stopped the run; evaluation policy)
+  are the only state. `load` reads exactly these two, `_write` writes them back unchanged: save and load are
+  symmetric.
+- Every other key (guarantee, epsilon, threat model, not covered, ...) is a conclusion, recomputed from config and
+  events on each write for people and reports, and never read back.
+The server calls `check_next_round()` and then `record_round(...)` BEFORE it releases that round's basis: the write
+is atomic, so a crash can lose a release but never spent budget. Before each append the file is read again: if it
+holds events this object does not (another writer), the append is refused, so the budget on disk never goes down.
 """
 
 from __future__ import annotations
@@ -24,7 +30,8 @@ from lore_core.privacy.accounting import (
 from lore_core.privacy.privacy_settings import USER_MODES, PrivacySettings, validate
 
 LEDGER_FILENAME = "ledger.json"
-SCHEMA = "lore-privacy-ledger/1"
+SCHEMA = "lore-privacy-ledger/2"
+EVENT_KEYS = ("rounds", "clients", "audits", "stopped_early")
 
 NONE_GUARANTEE = (
     "NONE: no differential privacy. The server receives every participant's raw basis update dA_i; with w_i held "
@@ -96,7 +103,7 @@ class PrivacyLedger:
     def __init__(self, path: Path, settings: PrivacySettings, facts: dict[str, Any]):
         self.path = path
         self.settings = settings
-        self._facts = facts  # per_round, clients, audits, stopped_early: everything else is derived
+        self._facts = facts  # the events: rounds, clients, audits, stopped_early; everything else is derived
 
     # -- opening ---------------------------------------------------------------------------------------------------
     @classmethod
@@ -105,7 +112,7 @@ class PrivacyLedger:
         path = Path(run_dir) / LEDGER_FILENAME
         if path.exists():
             raise LedgerError(f"{path} already exists: resume with PrivacyLedger.load, or use a new run directory")
-        ledger = cls(path, validate(settings), {"per_round": [], "clients": {}, "audits": [], "stopped_early": False})
+        ledger = cls(path, validate(settings), {"rounds": [], "clients": {}, "audits": [], "stopped_early": False})
         ledger._write()
         return ledger
 
@@ -115,9 +122,7 @@ class PrivacyLedger:
         path = Path(run_dir) / LEDGER_FILENAME
         if not path.exists():
             raise FileNotFoundError(f"no privacy ledger at {path}")
-        data = json.loads(path.read_text())
-        if data.get("schema") != SCHEMA:
-            raise LedgerError(f"{path} has schema {data.get('schema')!r}; expected {SCHEMA!r}")
+        data = _read(path)
         stored = PrivacySettings(**data["config"])
         if settings is not None:
             new = _comparable(validate(settings))
@@ -128,9 +133,7 @@ class PrivacyLedger:
                     f"{path} was written with other privacy settings ({changes}); resume with the stored settings "
                     "or start a new run directory"
                 )
-        facts = {k: data[k] for k in ("per_round", "clients", "audits")}
-        facts["stopped_early"] = data["budget"]["stopped_early"]
-        return cls(path, stored, facts)
+        return cls(path, stored, data["events"])
 
     @classmethod
     def open(cls, run_dir: str | os.PathLike, settings: PrivacySettings) -> "PrivacyLedger":
@@ -142,12 +145,20 @@ class PrivacyLedger:
     # -- facts -----------------------------------------------------------------------------------------------------
     @property
     def rounds_released(self) -> int:
-        return len(self._facts["per_round"])
+        return len(self._facts["rounds"])
 
     def history(self, next_rounds: Sequence[tuple[float, float]] = ()) -> list[tuple[float, float, int]]:
         """User modes: the accountant history (z, q, steps) of the recorded rounds, plus hypothetical next ones."""
-        events = [(e["noise_multiplier"], e["sample_rate"]) for e in self._facts["per_round"]]
+        events = [(e["noise_multiplier"], e["sample_rate"]) for e in self._facts["rounds"]]
         return compress_history(events + list(next_rounds))
+
+    def epsilon_by_round(self) -> list[float]:
+        """User modes: PRV epsilon after each recorded round (derived on demand, for plots)."""
+        if self.settings.mode not in USER_MODES:
+            return []
+        events = [(e["noise_multiplier"], e["sample_rate"]) for e in self._facts["rounds"]]
+        return [_report(tuple(compress_history(events[:t])), self.settings.delta).prv
+                for t in range(1, len(events) + 1)]
 
     def epsilon(self) -> EpsilonReport | None:
         """User modes: epsilon so far; record mode: the client with the largest PRV epsilon; none: None."""
@@ -216,6 +227,7 @@ class PrivacyLedger:
         if int(sampled) != sampled or sampled < 0:
             raise LedgerError(f"sampled must be a non-negative integer; got {sampled!r}")
         entry: dict[str, Any] = {"round": int(round), "sampled": int(sampled)}
+        updates: dict[str, Any] = {}
         if s.mode in USER_MODES:
             z = float(s.noise_multiplier if noise_multiplier is None else noise_multiplier)
             q = float(s.sample_rate if sample_rate is None else sample_rate)
@@ -224,25 +236,40 @@ class PrivacyLedger:
             if s.max_epsilon is not None and report.prv > s.max_epsilon:
                 raise PrivacyBudgetExhausted(f"round {round} would bring epsilon to {report.prv:.3f} (PRV) > "
                                              f"max_epsilon {s.max_epsilon}; do not release it")
-            entry.update(noise_multiplier=z, sample_rate=q, epsilon_prv=report.prv)
+            entry.update(noise_multiplier=z, sample_rate=q)
         elif s.mode == "record":
-            updates = {}
             for cid, history in (client_histories or {}).items():
                 history = check_history(getattr(history, "history", history))
                 if not history:
                     continue
-                updates[str(cid)] = {"history": [list(seg) for seg in history],
-                                     "epsilon_prv": _report(_key(history), s.delta).prv}
-            self._facts["clients"].update(updates)
+                updates[str(cid)] = {"history": [list(seg) for seg in history]}
             entry["clients"] = sorted(updates)
-        self._facts["per_round"].append(entry)
+        self._reread()
+        self._facts["clients"].update(updates)
+        self._facts["rounds"].append(entry)
         self._write()
         return entry
 
     def record_audit(self, result: Mapping[str, Any]) -> None:
         """Append an audit result (kind, seed, trials, alpha, bound, passed ...) to the ledger."""
+        self._reread()
         self._facts["audits"].append(dict(result))
         self._write()
+
+    def _reread(self) -> None:
+        """Before an append: the file must hold no event this object lacks (another writer, a second run on the same
+        directory). Its events are adopted when they extend ours only by audits; otherwise the append is refused, so
+        the spent budget on disk never goes down."""
+        if not self.path.exists():
+            return
+        events = _read(self.path)["events"]
+        ours = self._facts
+        if events["rounds"] != ours["rounds"][:len(events["rounds"])] or len(events["rounds"]) > len(ours["rounds"]):
+            raise LedgerError(f"{self.path} holds {len(events['rounds'])} released rounds that this run did not "
+                              f"write (it knows {len(ours['rounds'])}): another process is writing this ledger; "
+                              "nothing was appended")
+        if len(events["audits"]) > len(ours["audits"]):
+            ours["audits"] = events["audits"]
 
     # -- derived view ----------------------------------------------------------------------------------------------
     def not_private_reason(self) -> str | None:
@@ -290,9 +317,9 @@ class PrivacyLedger:
             "accountants": {"opacus": _opacus_version(), "headline": "prv", "second": "rdp"} if s.is_dp else None,
             "not_private": {"flag": reason is not None, "reason": reason},
             "config": _comparable(s),
-            "per_round": self._facts["per_round"],
-            "clients": self._facts["clients"],
-            "audits": self._facts["audits"],
+            "events": self._facts,
+            "derived": "every key but schema, config and events is recomputed from config and events at each write; "
+                       "load reads only config and events",
         }
 
     def _write(self) -> None:
@@ -337,6 +364,20 @@ def _mechanism(s: PrivacySettings) -> dict[str, Any]:
                   "solved_from_target_epsilon": s.noise_from_target},
         "not_covered": NOT_COVERED,
     }
+
+
+def _read(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise LedgerError(f"{path} is not a readable ledger ({exc}); restore it or start a new run directory") from exc
+    if not isinstance(data, dict) or data.get("schema") != SCHEMA:
+        found = data.get("schema") if isinstance(data, dict) else type(data).__name__
+        raise LedgerError(f"{path} has schema {found!r}; expected {SCHEMA!r}")
+    events = data.get("events")
+    if not isinstance(events, dict) or set(events) != set(EVENT_KEYS) or not isinstance(data.get("config"), dict):
+        raise LedgerError(f"{path} lacks `config` or `events` with keys {EVENT_KEYS}")
+    return data
 
 
 def _key(history: Iterable[Sequence]) -> tuple[tuple[float, float, int], ...]:
