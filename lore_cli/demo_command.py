@@ -136,6 +136,8 @@ def write_demo_report(out: Path, dataset: Path, central: dict, runs: dict[str, d
                      f"{central['oracle_unseen_test_acc']:.4f} |")
     lines += ["", "## Privacy", ""]
     mode = federated.get("privacy_mode", "none")
+    ledger_file = out / "federated" / "ledger.json"
+    ledger = json.loads(ledger_file.read_text()) if ledger_file.exists() else {}
     if "epsilon" in federated:
         lines.append(f"Mode `{mode}`: user-level (epsilon, delta) = ({federated['epsilon']:.3f}, "
                      f"{federated.get('delta')}) from the Opacus PRV accountant (RDP: "
@@ -146,6 +148,9 @@ def write_demo_report(out: Path, dataset: Path, central: dict, runs: dict[str, d
                      "same accuracy.")
     else:
         lines.append(f"Mode `{mode}`: no differential-privacy guarantee for this run.")
+    if ledger:
+        lines += ["", f"Who is trusted (threat model): {ledger['threat_model']}", "",
+                  "Not covered by the accountant: " + "; ".join(ledger["not_covered"]) + "."]
     lines += ["", "Details: " + ", ".join(f"[{name}]({name}/report.md)" for name in runs), ""]
     path = out / "report.md"
     atomic_write_text(path, "\n".join(lines))

@@ -47,9 +47,11 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "_run", None):
         parser.print_help()
         return 0 if command is None else 2
+    from lore_core.run_lock import RunDirBusy
+
     try:
         return int(args._run(args) or 0)
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, FileNotFoundError, RunDirBusy) as exc:
         # Bad input: a clear message, no traceback.
         print(f"lore-fed {command}: error: {exc}", file=sys.stderr)
         return 2

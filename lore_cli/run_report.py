@@ -1,4 +1,9 @@
-"""The federated run's report: `report.md` with an accuracy-per-round plot (PNG beside it)."""
+"""The federated run's report: `report.md` with a per-round table and plots (PNG beside it).
+
+What a run may show depends on its privacy mode. Accuracy per round needs federated evaluation, which under DP runs
+only after the last round (its sums are not covered by the accountant), so a DP run's accuracy plot would be a
+single point; instead it shows what is free to show: the epsilon spent after each round (from the ledger's events)
+and the size of each released basis step (a function of released bases only: post-processing, no privacy cost)."""
 
 from __future__ import annotations
 
@@ -8,6 +13,8 @@ from pathlib import Path
 from lore_core.atomic_io import atomic_write_text
 
 PLOT_FILENAME = "accuracy_per_round.png"
+DP_PLOT_FILENAME = "privacy_per_round.png"
+TABLE_ROWS = 12  # rows of the per-round table in report.md; rounds.jsonl has them all
 
 
 def load_reference(path: str | Path | None) -> dict | None:
@@ -43,11 +50,53 @@ def plot_accuracy(history: list[dict], metrics: dict, reference: dict | None, ou
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
+    _save(fig, out)
+
+
+def plot_privacy(history: list[dict], epsilons: list[float], out: Path) -> None:
+    """Epsilon spent after each released round, and the norm of each released basis step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
+    left.plot(range(1, len(epsilons) + 1), epsilons, color="tab:red")
+    left.set_xlabel("released round (ledger)")
+    left.set_ylabel("epsilon spent (PRV)")
+    left.grid(alpha=0.3)
+    steps = [(r["round"], r["update_norm"]) for r in history if "update_norm" in r]
+    right.plot([t for t, _ in steps], [n for _, n in steps], color="tab:purple", lw=1)
+    right.set_xlabel("round")
+    right.set_ylabel("||A_t - A_{t-1}||_F of the released basis")
+    right.grid(alpha=0.3)
+    fig.tight_layout()
+    _save(fig, out)
+
+
+def _save(fig, out: Path) -> None:
+    import matplotlib.pyplot as plt
+
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp.png")
     fig.savefig(tmp, dpi=110)
     plt.close(fig)
     tmp.replace(out)
+
+
+def round_table(history: list[dict]) -> list[str]:
+    """A few evenly spaced rounds (always the last) as a markdown table."""
+    every = max(1, -(-len(history) // TABLE_ROWS))
+    rows = [r for i, r in enumerate(history) if i % every == 0 or i == len(history) - 1]
+    columns = [("round", "round", "{}"), ("users", "accepted_users", "{}"), ("sampled", "sampled_users", "{}"),
+               ("step norm", "update_norm", "{:.4f}"), ("epsilon", "epsilon", "{:.3f}"),
+               ("seen acc", "seen_test_acc", "{:.4f}"), ("unseen acc", "unseen_test_acc", "{:.4f}"),
+               ("seconds", "seconds", "{:.2f}")]
+    columns = [c for c in columns if any(c[1] in r for r in rows)]
+    lines = ["| " + " | ".join(c[0] for c in columns) + " |", "|" + "---|" * len(columns)]
+    for r in rows:
+        lines.append("| " + " | ".join(c[2].format(r[c[1]]) if c[1] in r else "–" for c in columns) + " |")
+    return lines
 
 
 def privacy_section(run_dir: Path) -> list[str]:
@@ -79,7 +128,16 @@ def privacy_section(run_dir: Path) -> list[str]:
 def write_report(run_dir: str | Path, history: list[dict], metrics: dict, reference: dict | None,
                  command: str) -> Path:
     run_dir = Path(run_dir)
+    evaluated = sum("seen_test_acc" in r for r in history)
     plot_accuracy(history, metrics, reference, run_dir / PLOT_FILENAME)
+    dp_plot = None
+    if (run_dir / "ledger.json").exists():
+        from lore_core.privacy.ledger import PrivacyLedger
+
+        epsilons = PrivacyLedger.load(run_dir).epsilon_by_round()
+        if epsilons:
+            dp_plot = run_dir / DP_PLOT_FILENAME
+            plot_privacy(history, epsilons, dp_plot)
     rows = [("seen users", "seen_test_acc", "oracle_seen_test_acc"),
             ("unseen users (few-shot)", "unseen_test_acc", "oracle_unseen_test_acc")]
 
@@ -101,10 +159,17 @@ def write_report(run_dir: str | Path, history: list[dict], metrics: dict, refere
     ]
     for label, key, oracle_key in rows:
         lines.append(f"| {label} | {cell(metrics, key)} | {cell(reference, key)} | {cell(metrics, oracle_key)} |")
-    lines += ["", f"![accuracy per round]({PLOT_FILENAME})", "",
-              "Per-user accuracy (strict `> 0`), unweighted mean over users. Seen users use their private weights "
+    lines += ["", "Per-user accuracy (strict `> 0`), unweighted mean over users. Seen users use their private weights "
               "refit on their own training pairs; unseen users fit weights on their few-shot pairs with the basis "
-              "frozen. Per-round figures: `rounds.jsonl`."]
+              "frozen.", ""]
+    if dp_plot is not None:
+        lines += [f"![epsilon and released step per round]({DP_PLOT_FILENAME})", "",
+                  f"Under DP, accuracy is evaluated {'only after the last round' if evaluated <= 1 else 'as opted in'}"
+                  " (evaluation sums are not covered by the accountant); the plot shows what is free to show: the "
+                  "epsilon spent after each round and the size of each released basis step.", ""]
+    if evaluated > 1 or dp_plot is None:
+        lines += [f"![accuracy per round]({PLOT_FILENAME})", ""]
+    lines += ["## Rounds", ""] + round_table(history) + ["", "Every round: `rounds.jsonl`."]
     lines += privacy_section(run_dir)
     report = run_dir / "report.md"
     atomic_write_text(report, "\n".join(lines) + "\n")

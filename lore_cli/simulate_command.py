@@ -1,8 +1,10 @@
-"""`lore-fed simulate PAIRS.npz|DATASET --rounds R --clients-per-round M --rank B --out DIR [--privacy MODE ...]`:
-federated LoRe through Flower's simulation engine, user-level DP by default. Writes DIR/metrics.json (the keys of
+"""`lore-fed simulate PAIRS.npz|DATASET --out DIR [--rounds R] [--clients-per-round M] [--rank B] [--privacy MODE ...]`:
+federated LoRe through Flower's simulation engine, user-level DP by default (defaults: DEFAULT_ROUNDS rounds,
+DEFAULT_CLIENTS_PER_ROUND users per round or all of a smaller population, rank from the run config). Writes DIR/metrics.json (the keys of
 `lore-fed train` + rounds, wall_seconds, privacy_mode, and under DP epsilon, epsilon_rdp, delta, noise_multiplier,
 clip_norm), DIR/ledger.json (the privacy ledger), DIR/rounds.jsonl, DIR/report.md (+ plot) and DIR/checkpoint.npz.
-Privacy settings are validated against the pair file's population before Ray starts or DIR is written.
+The pair file is read and validated once, here, before Ray starts or DIR is written; the privacy settings are
+validated against its population at the same time. DIR is locked for the whole run (a second run on it is refused).
 Re-running with the same DIR and settings resumes after the last finished round (and continues the ledger)."""
 
 from __future__ import annotations
@@ -17,14 +19,18 @@ from lore_core.atomic_io import atomic_write_json
 from lore_core.pairs import resolve_pair_path
 
 TRAIN_KEYS = ("seen_test_acc", "unseen_test_acc", "oracle_seen_test_acc", "oracle_unseen_test_acc")
+DEFAULT_ROUNDS = 200
+DEFAULT_CLIENTS_PER_ROUND = 50  # the DP-FedAvg operating point of docs/privacy.md (m = 50 at N = 1,400)
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("pairs", help="pair file (.npz) or dataset directory holding pairs.npz")
-    parser.add_argument("--rounds", type=int, required=True, help="federated rounds R")
-    parser.add_argument("--clients-per-round", type=int, required=True, help="users sampled per round M")
-    parser.add_argument("--rank", type=int, required=True, help="basis size B")
     parser.add_argument("--out", required=True, help="run directory (resumed if it holds a checkpoint)")
+    parser.add_argument("--rounds", type=int, default=DEFAULT_ROUNDS, help="federated rounds R (default %(default)s)")
+    parser.add_argument("--clients-per-round", type=int, default=None,
+                        help=f"users sampled per round M (default {DEFAULT_CLIENTS_PER_ROUND}, or every seen user of "
+                             "a smaller population)")
+    parser.add_argument("--rank", type=int, default=None, help="basis size B (default: the run config's `rank`)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--users-per-node", default="auto",
                         help="users hosted per virtual node, or 'auto' (1 up to 64 users, else ~50)")
@@ -81,53 +87,63 @@ def privacy_overrides(args: argparse.Namespace) -> dict:
     return overrides
 
 
-def run_overrides(args: argparse.Namespace) -> dict:
+def run_overrides(args: argparse.Namespace, seen_users: int) -> dict:
+    """Run-config overrides of the flags; unset flags keep the run config's defaults (pyproject.toml)."""
+    from lore_core.reward_math import DEFAULT_L2
     from lore_core.simplex_fit import DEFAULT_PRIOR_PAIRS, DEFAULT_PRIOR_STRENGTH
 
     eval_every = args.eval_every
     if eval_every is None:
         eval_every = 10 if args.privacy == "none" else 0  # DP: only after the last round unless opted in
+    clients = args.clients_per_round or min(DEFAULT_CLIENTS_PER_ROUND, seen_users)
     overrides = {
-        "num-server-rounds": args.rounds, "clients-per-round": args.clients_per_round, "rank": args.rank,
-        "seed": args.seed, "eval-every": eval_every, "prior-strength": DEFAULT_PRIOR_STRENGTH,
-        "prior-pairs": DEFAULT_PRIOR_PAIRS if args.prior_pairs is None else args.prior_pairs,
+        "num-server-rounds": args.rounds, "clients-per-round": clients, "seed": args.seed, "eval-every": eval_every,
+        "prior-strength": DEFAULT_PRIOR_STRENGTH, "l2": DEFAULT_L2 if args.l2 is None else args.l2,
+        "prior-pairs": DEFAULT_PRIOR_PAIRS if args.prior_pairs is None else args.prior_pairs, "progress": "bar",
         **privacy_overrides(args),
     }
-    if args.l2 is None:
-        from lore_core.joint_trainer import DEFAULT_L2
-
-        args.l2 = DEFAULT_L2
-    for key, value in (("l2", args.l2), ("server-optimizer", args.server_optimizer), ("server-lr", args.server_lr),
-                       ("local-steps", args.local_steps), ("client-lr", args.client_lr)):
+    for key, value in (("rank", args.rank), ("server-optimizer", args.server_optimizer),
+                       ("server-lr", args.server_lr), ("local-steps", args.local_steps), ("client-lr", args.client_lr)):
         if value is not None:
             overrides[key] = value
     return overrides
 
 
-def check_run(pairs_path: Path, overrides: dict):
+def read_population(pairs_path: Path) -> dict:
+    """Read and validate the pair file once, here where it arrives -> the counts the run needs."""
+    import numpy as np
+
+    from lore_core.pairs import load_pairs
+
+    pairs = load_pairs(pairs_path)
+    seen_train = pairs.user[pairs.seen & (pairs.split == "train")]
+    trainers, counts = np.unique(seen_train, return_counts=True)
+    seen = int(np.unique(pairs.user[pairs.seen]).size)
+    if trainers.size == 0:
+        raise ValueError(f"{pairs_path}: no seen user has a training pair (split 'train'), so there is nothing to "
+                         "train on; mark some users seen with training pairs")
+    return {"users": int(np.unique(pairs.user).size), "seen_users": seen,
+            "largest_client_pairs": int(counts.max())}
+
+
+def check_run(population: dict, overrides: dict):
     """Validate the whole run config as the ServerApp will, for the pair file's population, before Ray starts or
     anything is written. Returns (ServerSettings, resolved PrivacySettings); raises a ValueError that says what to
     change (the CLI exits 2 with it)."""
-    import importlib.util
-
-    import numpy as np
     from flwr.common.config import get_fused_config_from_dir
 
-    from lore_core.pairs import load_pairs
     from server.run_settings import ServerSettings
     from simulations.flower_run import ROOT
 
     settings = ServerSettings.from_run_config(get_fused_config_from_dir(ROOT, overrides))
-    pairs = load_pairs(pairs_path)
-    seen_train = pairs.user[pairs.seen & (pairs.split == "train")]
-    users, counts = np.unique(seen_train, return_counts=True)
-    privacy = settings.privacy_settings(int(np.unique(pairs.user[pairs.seen]).size))
-    if privacy.mode == "record" and users.size and not privacy.delta < 1 / counts.max():
-        raise ValueError(f"record mode needs delta < 1/n_i for every client; the largest client has {counts.max()} "
-                         f"pairs, so delta must be < {1 / counts.max():.3g}; got {privacy.delta}")
-    if privacy.mode == "user+secagg" and importlib.util.find_spec("server.secagg_workflow") is None:
-        raise ValueError("privacy mode 'user+secagg' is not available in this build (server/secagg.py is missing); "
-                         "use --privacy user")
+    if settings.clients_per_round > population["seen_users"]:
+        raise ValueError(f"--clients-per-round {settings.clients_per_round} is more than the "
+                         f"{population['seen_users']} seen users of the pair file; lower it")
+    privacy = settings.privacy_settings(population["seen_users"])
+    largest = population["largest_client_pairs"]
+    if privacy.mode == "record" and not privacy.delta < 1 / largest:
+        raise ValueError(f"record mode needs delta < 1/n_i for every client; the largest client has {largest} "
+                         f"pairs, so delta must be < {1 / largest:.3g}; got {privacy.delta}")
     return settings, privacy
 
 
@@ -150,39 +166,51 @@ def privacy_metrics(run_dir: Path) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    from server.checkpoint import load_checkpoint
-    from simulations.flower_run import simulate_pairs
-    from lore_cli.run_report import load_reference, write_report
+    from lore_cli.run_report import load_reference
+    from lore_core.run_lock import RunDirLock
+    from simulations.flower_run import nodes_for
 
     for name in ("rounds", "clients_per_round", "rank"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
     if args.eval_every is not None and args.eval_every < 1:
         raise ValueError(f"--eval-every must be >= 1, got {args.eval_every}")
     pairs_path = resolve_pair_path(args.pairs)
     reference = load_reference(args.reference)
-    overrides = run_overrides(args)
-    _, privacy = check_run(pairs_path, overrides)  # fail closed: before Ray, before DIR exists
+    population = read_population(pairs_path)
+    overrides = run_overrides(args, population["seen_users"])
+    settings, privacy = check_run(population, overrides)  # fail closed: before Ray, before DIR exists
+    nodes_for(population["users"], args.users_per_node)  # a bad --users-per-node fails here too
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    with RunDirLock(out):
+        return _simulate(args, pairs_path, population, overrides, settings, privacy, reference, out)
+
+
+def _simulate(args, pairs_path, population, overrides, settings, privacy, reference, out) -> int:
+    from lore_cli.run_report import write_report
+    from server.checkpoint import load_checkpoint
+    from simulations.flower_run import simulate_pairs
+
     started = time.monotonic()
     noise = f", z {privacy.noise_multiplier:.4g}" if privacy.is_dp else ""
-    print(f"federated LoRe on {pairs_path}: {args.rounds} rounds, {args.clients_per_round} users/round, "
-          f"rank {args.rank}, privacy {args.privacy}{noise}; run dir {out}", flush=True)
+    print(f"federated LoRe on {pairs_path}: {settings.rounds} rounds, {settings.clients_per_round} users/round, "
+          f"rank {settings.rank}, privacy {args.privacy}{noise}; run dir {out}", flush=True)
     previous = load_checkpoint(out)
     if previous is not None:
         print(f"resuming after round {previous.round} from {out / 'checkpoint.npz'}", flush=True)
-    nodes = simulate_pairs(pairs_path, out, users_per_node=args.users_per_node, overrides=overrides)
+    nodes = simulate_pairs(pairs_path, out, n_users=population["users"], users_per_node=args.users_per_node,
+                           overrides=overrides)
     wall = time.monotonic() - started
     state = load_checkpoint(out)
     privacy_keys = privacy_metrics(out)
-    if state is None or (state.round < args.rounds and not privacy_keys["stopped_early"]):
-        raise RuntimeError(f"the simulation ended before round {args.rounds}; rerun the same command to resume")
+    if state is None or (state.round < settings.rounds and not privacy_keys["stopped_early"]):
+        raise RuntimeError(f"the simulation ended before round {settings.rounds}; rerun the same command to resume")
     final = [r for r in state.history if "seen_test_acc" in r][-1]
     metrics = {key: final[key] for key in TRAIN_KEYS if key in final}
-    metrics.update(rank=args.rank, train_seconds=round(sum(r["seconds"] for r in state.history), 3),
+    metrics.update(rank=settings.rank, train_seconds=round(sum(r["seconds"] for r in state.history), 3),
                    rounds=state.round, wall_seconds=round(wall, 3), privacy_mode=args.privacy,
-                   users_per_round=args.clients_per_round, nodes=nodes, seed=args.seed, **privacy_keys)
+                   users_per_round=settings.clients_per_round, nodes=nodes, seed=args.seed, **privacy_keys)
     atomic_write_json(out / "metrics.json", metrics)
     command = "lore-fed simulate " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if sys.argv[1:2] == [
         "simulate"] else "lore-fed simulate"

@@ -21,7 +21,6 @@ from lore_core.simplex_fit import DEFAULT_PRIOR_STRENGTH
 
 DEFAULT_RANK_GRID = (1, 2, 3, 5, 8)
 DEFAULT_L2_GRID = (1e-4, 1e-3, 1e-2)
-DEFAULT_L2 = 1e-4  # the usual selection on LoRe-shaped data; federated runs start from it
 
 
 @dataclass(frozen=True)

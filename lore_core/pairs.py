@@ -125,6 +125,21 @@ def load_pairs(path: str | Path) -> PairSet:
     )
 
 
+def read_pair_column(path: str | Path, name: str) -> np.ndarray:
+    """One array of a pair file without reading the others (an .npz member is read on access): counting users or
+    splitting them into nodes never needs the embeddings."""
+    file = resolve_pair_path(path)
+    try:
+        with np.load(file, allow_pickle=False) as data:
+            found = sorted(data.files)
+            column = data[name] if name in found else None
+    except (OSError, ValueError, EOFError) as exc:
+        raise PairFileError(f"{file}: not a readable .npz pair file ({exc})") from exc
+    if column is None:
+        raise PairFileError(f"{file}: no array {name!r}; found {found}")
+    return column
+
+
 def save_pairs(pairs: PairSet, path: str | Path) -> Path:
     """Write a pair file atomically; `path` may be a dataset directory."""
     path = Path(path)

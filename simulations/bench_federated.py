@@ -135,7 +135,9 @@ def main(argv: list[str] | None = None) -> int:
     configure(simulate_flags)  # the flags of `lore-fed simulate`, so every default is the command's own
     overrides = run_overrides(simulate_flags.parse_args([
         str(pairs_path), "--rounds", str(args.rounds), "--clients-per-round", str(args.clients_per_round),
-        "--rank", str(args.rank), "--out", str(run_dir), "--eval-every", str(args.eval_every), "--privacy", "none"]))
+        "--rank", str(args.rank), "--out", str(run_dir), "--eval-every", str(args.eval_every), "--privacy", "none"]),
+        seen_users=args.users)
+    overrides["progress"] = "log"
     memory = TreeMemory()
     memory.start()
     started = time.perf_counter()

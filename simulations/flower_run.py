@@ -16,14 +16,13 @@ from pathlib import Path
 
 import numpy as np
 
-from lore_core.pairs import load_pairs
+from lore_core.pairs import read_pair_column, resolve_pair_path
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARD_THRESHOLD = 64
 SHARD_SIZE = 50
-# Dispatch point per privacy mode: (ServerApp, ClientApp). SecAgg+ needs Flower's legacy client with
-# `secaggplus_mod` (flower-1.42.md §4), which the secagg work provides in client/secagg_client.py; its ServerApp
-# entry stays server.server_app:app (run_federated routes mode user+secagg to server/secagg.py).
+# (ServerApp, ClientApp) per privacy mode. SecAgg+ needs Flower's legacy client with `secaggplus_mod`
+# (flower-1.42.md §4): client/secagg_client_app.py; the ServerApp routes mode user+secagg to server/secagg_workflow.py.
 APPS = {"user+secagg": ("server.server_app:app", "client.secagg_client_app:app")}
 DEFAULT_APPS = ("server.server_app:app", "client.client_app:app")
 
@@ -111,13 +110,16 @@ def run_simulation(overrides: dict, num_nodes: int, *, num_cpus: int | None = No
         raise RuntimeError("the Flower simulation failed (see the log above)")
 
 
-def simulate_pairs(pairs_path: str | Path, run_dir: str | Path, *, users_per_node: int | str = "auto",
-                   overrides: dict | None = None, num_cpus: int | None = None, verbose: bool = False) -> int:
-    """Federated training on a pair file; returns the number of virtual nodes used."""
-    pairs = load_pairs(pairs_path)
-    n_users = int(np.unique(pairs.user).size)
+def simulate_pairs(pairs_path: str | Path, run_dir: str | Path, *, n_users: int | None = None,
+                   users_per_node: int | str = "auto", overrides: dict | None = None, num_cpus: int | None = None,
+                   verbose: bool = False) -> int:
+    """Federated training on a pair file whose users (seen and unseen) number `n_users` (read from the file's user
+    column alone when not given: the driver never holds the embeddings). Returns the number of virtual nodes."""
+    pairs_path = resolve_pair_path(pairs_path)
+    if n_users is None:
+        n_users = int(np.unique(read_pair_column(pairs_path, "user")).size)
     num_nodes = nodes_for(n_users, users_per_node)
-    config = {"pairs-path": str(Path(pairs.source).resolve()), "run-dir": str(Path(run_dir).resolve()),
+    config = {"pairs-path": str(pairs_path.resolve()), "run-dir": str(Path(run_dir).resolve()),
               "min-nodes": num_nodes, **(overrides or {})}
     run_simulation(config, num_nodes, num_cpus=num_cpus, verbose=verbose)
     return num_nodes

@@ -253,7 +253,7 @@ BAD_SETTINGS = [
     (["--clip-norm", "0"], "clip_norm must be a finite number > 0"),
     (["--delta", "0.1"], "delta must be < 1/N"),
     (["--delta", "0"], "delta must be in (0, 1/N)"),
-    (["--clients-per-round", "100"], "clients_per_round must be in 1..population_size=24"),
+    (["--clients-per-round", "100"], "more than the 24 seen users"),
     (["--noise-multiplier", "1", "--target-epsilon", "3"], "give either noise_multiplier or target_epsilon"),
     (["--max-epsilon", "0.5"], "only"),
     (["--eval-every", "2"], "allow-uncovered-eval"),
