@@ -1,6 +1,6 @@
 """Flower's Deployment Engine on one machine (127.0.0.1): certificates, a SuperLink, N SuperNodes, `flwr run`.
 
-The same ServerApp and ClientApp as the simulation, run as real processes (flower-1.42.md §5):
+The same ServerApp and ClientApp as the simulation, run as real processes (docs/flower-1.42.md §5):
 - `generate_certificates`: a CA, a server certificate for the SuperLink's host, EC P-384 OpenSSH node key pairs
   (trials only; production users bring their own).
 - `split_pairs`: one data directory per node (`RUN_DIR/nodeK/data/pairs.npz`), users cut into blocks exactly like
@@ -37,7 +37,7 @@ from lore_core.pairs import load_pairs, save_pairs
 
 ROOT = Path(__file__).resolve().parents[1]
 CONNECTION = "lore-fed-local"
-# Offline/CI hygiene (flower-1.42.md §6): no telemetry, no update check, no `uv sync` of the app's dependencies.
+# Offline/CI hygiene (docs/flower-1.42.md §6): no telemetry, no update check, no `uv sync` of the app's dependencies.
 HYGIENE_ENV = {
     "FLWR_TELEMETRY_ENABLED": "0",
     "FLWR_DISABLE_UPDATE_CHECK": "1",

@@ -54,7 +54,7 @@ def add_privacy_arguments(parser: argparse.ArgumentParser) -> None:
     from lore_core.privacy.privacy_settings import MODES
 
     parser.add_argument("--privacy", default="user", choices=MODES,
-                        help="privacy mode (default user: user-level DP-FedAvg, privacy.md §7)")
+                        help="privacy mode (default user: user-level DP-FedAvg, docs/privacy.md §7)")
     parser.add_argument("--noise-multiplier", type=float, default=None, help="z: noise std on the sum = z * C")
     parser.add_argument("--target-epsilon", type=float, default=None,
                         help="solve z so that the planned rounds reach this epsilon (not with --noise-multiplier)")

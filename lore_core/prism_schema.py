@@ -1,7 +1,7 @@
 """Strict reader for the PRISM release (Kirk et al. 2024): `survey.jsonl`, `conversations.jsonl`, `utterances.jsonl`.
 
 Every line is parsed by key (key order varies between release outputs) and checked against the published schema
-(see shared/notes/prism-and-embeddings.md §1). Anything malformed raises `PrismSchemaError` naming the file, the
+(see docs/prism-and-embeddings.md §1). Anything malformed raises `PrismSchemaError` naming the file, the
 1-based line and what was expected. What the real release contains is tolerated: nulls inside attribute and survey
 objects, `{}` attributes, survey-only users, `within_turn_id` as int or digit string, identical A/B responses that
 are both chosen, turns nobody chose in. Such turns are kept here and dropped (and counted) by `prism_pairs`.

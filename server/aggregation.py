@@ -4,7 +4,7 @@ An aggregator samples users (global indices into the population) and turns the a
 (k, B, D) into the mean update (B, D) that the server optimizer consumes.
 - `none`: a seeded uniform sample of `clients-per-round` users without replacement (reproducible; its RNG state is
   checkpointed) and the plain mean of the received updates. The server sees every user's update.
-- `user` and `user+secagg` (privacy.md §2): Poisson sampling with a secret RNG, per-user flat clip (re-checked here after the
+- `user` and `user+secagg` (docs/privacy.md §2): Poisson sampling with a secret RNG, per-user flat clip (re-checked here after the
   client's), Gaussian noise on the sum, fixed denominator q*N (`UserDpAggregator`, numpy pieces from
   `lore_core.privacy.dp_fedavg`).
 - `record`: the clients' updates are already DP-SGD outputs (per pair); the server samples as in `none` (no
@@ -43,7 +43,7 @@ class NoPrivacyAggregator:
 
 
 class UserDpAggregator:
-    """DP-FedAvg (privacy.md §2): Poisson(q = m/N) users from a secret RNG; per-user flat clip to C, N(0, (zC)^2) on
+    """DP-FedAvg (docs/privacy.md §2): Poisson(q = m/N) users from a secret RNG; per-user flat clip to C, N(0, (zC)^2) on
     the sum, divided by the fixed q*N. The RNG is secret, so its state is never checkpointed (a resumed run draws
     a fresh secret seed)."""
 

@@ -1,5 +1,5 @@
 """The privacy side of a federated run, shared by every mode (none, user, user+secagg, record):
-the run's ledger, what the clients are told, and how many rounds the budget allows (notes/privacy.md §7-§9).
+the run's ledger, what the clients are told, and how many rounds the budget allows (docs/privacy.md §7-§9).
 
 Order in a round (lore_core/privacy/__init__.py): ledger.check_next_round() -> sample -> train -> aggregate (noise)
 -> ledger.record_round(...) -> only then the new basis is released (evaluation messages, checkpoint).

@@ -34,7 +34,7 @@ PRIVACY_KEYS = {
 # Default clip norm C of the user modes for this client training (client-lr 1, local-steps 5): about the median
 # per-user update norm, 0.24, of a non-private pilot on a separate synthetic population (D = 384, 300 users, 60
 # rounds; `python -m simulations.bench_privacy --pilot`), never tuned on a private run. The clip norm dominates the
-# utility (privacy.md §4: C near the median norm lost <1 point at z = 1, 2x the median 3 points). It replaces
+# utility (docs/privacy.md §4: C near the median norm lost <1 point at z = 1, 2x the median 3 points). It replaces
 # lore_core's generic DEFAULTS["clip_norm"] only for federated runs, whose update scale it matches.
 FEDERATED_CLIP_NORM = 0.25
 

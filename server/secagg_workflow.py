@@ -1,5 +1,5 @@
 """Privacy mode `user+secagg`: user-level DP-FedAvg where the server learns only SUMS of clipped user updates
-(notes/privacy.md §2, §6, §7), on Flower 1.42's SecAgg+, which exists only for the legacy API (flower-1.42.md §4).
+(docs/privacy.md §2, §6, §7), on Flower 1.42's SecAgg+, which exists only for the legacy API (docs/flower-1.42.md §4).
 
 The round is `server.training_round.TrainingRun`'s, as in the Message-API path; this module supplies only what
 differs: the legacy strategy hooks SecAgg+ needs and the secure sum.

@@ -2,7 +2,7 @@
 (`server.strategy`) and the SecAgg+ workflow (`server.secagg_workflow`) drive. They differ only in how the users'
 updates reach the server (one reply per node, or one secure sum); everything else is here.
 
-Order in a round t (privacy.md §2, §8):
+Order in a round t (docs/privacy.md §2, §8):
   ledger.check_next_round()  -> sample users (the aggregator's sampler) -> nodes train -> the aggregator turns the
   accepted updates (or the secure sum) into one mean update, with the mode's noise -> ledger.record_round(t)
   -> the server optimizer steps the basis (the release) -> federated evaluation when due -> checkpoint.

@@ -255,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=200)
     parser.add_argument("--clients-per-round", type=int, default=50)
     parser.add_argument("--rank", type=int, default=5)
-    parser.add_argument("--clip-norm", type=float, default=None, help="default: the run config's (privacy.md §4)")
+    parser.add_argument("--clip-norm", type=float, default=None, help="default: the run config's (docs/privacy.md §4)")
     parser.add_argument("--noise-multipliers", default=",".join(str(z) for z in NOISE_MULTIPLIERS),
                         help="comma-separated z values of the user-mode rows")
     parser.add_argument("--repeats", type=int, default=1,

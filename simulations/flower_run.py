@@ -3,7 +3,7 @@
 This is the route `flwr-simulation` itself takes (`_run_simulation` with the app directory and a Run whose
 override config reaches both apps; private API, flwr pinned to 1.42). Users are sharded onto virtual nodes:
 one user per node for small populations, blocks of ~`SHARD_SIZE` users above `SHARD_THRESHOLD` users (Flower's
-message store makes many nodes slow; flower-1.42.md §2). Ray is sized for this 2-core machine.
+message store makes many nodes slow; docs/flower-1.42.md §2). Ray is sized for this 2-core machine.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARD_THRESHOLD = 64
 SHARD_SIZE = 50
 # (ServerApp, ClientApp) per privacy mode. SecAgg+ needs Flower's legacy client with `secaggplus_mod`
-# (flower-1.42.md §4): client/secagg_client_app.py; the ServerApp routes mode user+secagg to server/secagg_workflow.py.
+# (docs/flower-1.42.md §4): client/secagg_client_app.py; the ServerApp routes mode user+secagg to server/secagg_workflow.py.
 APPS = {"user+secagg": ("server.server_app:app", "client.secagg_client_app:app")}
 DEFAULT_APPS = ("server.server_app:app", "client.client_app:app")
 

@@ -1,7 +1,7 @@
 """Semi-synthetic PRISM-shaped benchmark with a known low-rank reward (`lore-fed synth`).
 
 Real text (simulations.text_pool), real embeddings, synthetic people. Written in the exact PRISM release schema
-(lore_core.prism_schema; notes/prism-and-embeddings.md §1, §6), so the whole pipeline (prepare -> embed -> train)
+(lore_core.prism_schema; docs/prism-and-embeddings.md §1, §6), so the whole pipeline (prepare -> embed -> train)
 runs on it unchanged, and the hidden truth goes to a separate `ground_truth.npz`, never into the JSONL.
 
 Truth. phi = e(history, response) is the pair embedding the pipeline itself computes (context = the user turns and

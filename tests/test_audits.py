@@ -30,7 +30,7 @@ def population():
 
 # --- statistics -------------------------------------------------------------------------------------------------------
 def test_one_run_bound_matches_jax_privacy_vectors():
-    # notes/privacy.md §11.2: jax-privacy 2.0.0 auditing.py on (m, r, v), delta = 1e-5, alpha = 0.05
+    # docs/privacy.md §11.2: jax-privacy 2.0.0 auditing.py on (m, r, v), delta = 1e-5, alpha = 0.05
     assert st.one_run_epsilon(1000, 100, 90, delta=1e-5) == pytest.approx(1.6261, abs=1e-4)
     assert st.one_run_epsilon(4000, 100, 99, delta=1e-5) == pytest.approx(2.9521, abs=1e-4)
     assert st.one_run_epsilon(2000, 100, 66, delta=1e-5) == pytest.approx(0.2941, abs=1e-4)

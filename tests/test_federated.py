@@ -84,7 +84,7 @@ def test_replies_carry_only_per_user_basis_updates_and_counts(pair_file, tmp_pat
             assert set(metrics.keys()) <= allowed
     assert kinds["query"] == 4 and kinds["train"] >= 6 and kinds["evaluate"] == 8
     # Each user's update is rank one (w (x) v): a basis update, not data. (Under mode `none` the server could
-    # still read w off it by SVD; privacy.md §0.3 - the DP modes address that.)
+    # still read w off it by SVD; docs/privacy.md §0.3 - the DP modes address that.)
     updates = [r.content[p.ARRAYS][p.UPDATES].numpy() for r in grid.replies if p.ARRAYS in r.content]
     singular = np.linalg.svd(np.concatenate(updates), compute_uv=False)
     assert np.all(singular[:, 1] <= 1e-8 * singular[:, 0])

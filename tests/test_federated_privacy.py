@@ -1,4 +1,4 @@
-"""Privacy modes of the federated run (notes/privacy.md §2, §7-§9): the real ServerApp strategy and ClientApp on the
+"""Privacy modes of the federated run (docs/privacy.md §2, §7-§9): the real ServerApp strategy and ClientApp on the
 in-process grid, and the `simulate` command's fail-closed validation."""
 
 from __future__ import annotations

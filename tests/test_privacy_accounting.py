@@ -1,4 +1,4 @@
-"""Accounting, settings validation and the privacy ledger (notes/privacy.md §3, §8, §9)."""
+"""Accounting, settings validation and the privacy ledger (docs/privacy.md §3, §8, §9)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """The DP-FedAvg mechanism (clip, noise on the sum, fixed denominator, secret RNG, Poisson sampling) and
-record-level DP-SGD with persisted Opacus accounting (notes/privacy.md §2, §5, §11.1)."""
+record-level DP-SGD with persisted Opacus accounting (docs/privacy.md §2, §5, §11.1)."""
 
 from __future__ import annotations
 

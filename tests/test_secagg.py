@@ -1,4 +1,4 @@
-"""Privacy mode `user+secagg` (notes/privacy.md §6-§7): the real ServerApp path (`run_federated` -> `run_secagg`,
+"""Privacy mode `user+secagg` (docs/privacy.md §6-§7): the real ServerApp path (`run_federated` -> `run_secagg`,
 Flower's DefaultWorkflow + SecAggPlusWorkflow) and the real ClientApp (`client.secagg_client_app:app`, secaggplus_mod
 included) on the in-process grid."""
 

@@ -1,4 +1,4 @@
-"""Privacy core (no Flower): user-level DP-FedAvg, record-level DP-SGD, accounting, ledger (notes/privacy.md).
+"""Privacy core (no Flower): user-level DP-FedAvg, record-level DP-SGD, accounting, ledger (docs/privacy.md).
 
 Server loop, user modes:  settings = validate(settings); ledger = PrivacyLedger.open(run_dir, settings);
 rng = make_private_rng(settings.noise_seed if settings.reproducible_noise else None); each round:

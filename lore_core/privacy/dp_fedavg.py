@@ -1,5 +1,5 @@
 """User-level DP-FedAvg mechanism (McMahan et al. 2018) in numpy: Poisson user sampling, flat clip, noise on the sum,
-fixed denominator q*N (design: notes/privacy.md §2, §11.1).
+fixed denominator q*N (design: docs/privacy.md §2, §11.1).
 
 Shapes: one user's update dA is (B, D); a round's updates are stacked as (k, B, D) for the k sampled users
 (any trailing shape works: the clip is flat over everything after the first axis).

@@ -1,5 +1,5 @@
 """Privacy settings of a run and their validation, which fails closed before round 1
-(design: notes/privacy.md §7, §9).
+(design: docs/privacy.md §7, §9).
 
 Fields left `None` were not given; `validate` fills the defaults of the chosen mode (one place: DEFAULTS), rejects a
 setting that the mode would silently ignore, solves the noise multiplier for a target epsilon, and predicts the

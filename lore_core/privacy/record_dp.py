@@ -1,4 +1,4 @@
-"""Record-level DP-SGD on one client's basis with Opacus (`record` mode, a literature baseline; notes/privacy.md §5).
+"""Record-level DP-SGD on one client's basis with Opacus (`record` mode, a literature baseline; docs/privacy.md §5).
 
 The basis A (B, D) is an `nn.Linear(D, B, bias=False)` wrapped by Opacus (per-pair clip to max_grad_norm, Gaussian
 noise, Poisson batches); the user weights w (B,) are a frozen buffer, because a w trained outside the DP optimizer
