@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from federation.user_block import RowGroup, UserBlock
-from lore_core.reward_math import bt_loss_grad, per_user_accuracy
+from federation.user_block import EVAL_BLOCK_USERS, NodeUsers, RowGroup, UserBlock
+from lore_core.reward_math import bt_loss_grad, per_user_accuracy, segment_sum
 from lore_core.simplex_fit import fit_user_weights, prior_from_pairs
 
 # Tight enough that a warm start (w from the last round) and a cold start (a restarted run) give the same w.
@@ -28,12 +28,6 @@ def fit_weights(basis: np.ndarray, rows: RowGroup, n_users: int, prior_strength:
     return result.weights
 
 
-def user_mean_matrix(user_idx: np.ndarray, n_users: int) -> np.ndarray:
-    """M (n_users, n) with M @ x = per-user mean of rows of x; dense, fine for the tens of users on one node."""
-    onehot = (user_idx[None, :] == np.arange(n_users)[:, None]).astype(np.float64)
-    return onehot / np.maximum(onehot.sum(axis=1, keepdims=True), 1.0)
-
-
 def local_basis_updates(basis: np.ndarray, weights: np.ndarray, rows: RowGroup, *, steps: int,
                         lr: float) -> np.ndarray:
     """Per-user basis updates dA_u (U, B, D) after `steps` local GD steps on A with w fixed.
@@ -41,21 +35,21 @@ def local_basis_updates(basis: np.ndarray, weights: np.ndarray, rows: RowGroup, 
     weights (U, B); rows.user_idx indexes those U users.
     """
     n_users = weights.shape[0]
-    mean = user_mean_matrix(rows.user_idx, n_users)
+    counts = np.maximum(np.bincount(rows.user_idx, minlength=n_users), 1)[:, None]
     w_rows = weights[rows.user_idx]  # (n, B)
     z0 = np.einsum("nb,nb->n", rows.diff @ basis.T, w_rows)
     shrink = lr * np.einsum("nb,nb->n", w_rows, w_rows)  # lr |w_u|^2 per row
     r = np.zeros((n_users, basis.shape[1]))
     for _ in range(steps):
         z = z0 - shrink * np.einsum("nd,nd->n", rows.diff, r[rows.user_idx])
-        r += mean @ (bt_loss_grad(z)[:, None] * rows.diff)
+        r += segment_sum(bt_loss_grad(z)[:, None] * rows.diff, rows.user_idx, n_users) / counts
     return -lr * weights[:, :, None] * r[:, None, :]
 
 
 def fit_sampled_users(basis: np.ndarray, block: UserBlock, weights: np.ndarray, sampled: np.ndarray, *,
                       prior_strength: float) -> tuple[np.ndarray, RowGroup]:
-    """Refit w of the sampled local users (k,) with A frozen (warm start from `weights` (S, B)).
-    Returns (their w (k, B), their train rows with user_idx relabelled to 0..k-1)."""
+    """Refit w of the sampled local users (k,) with A frozen (warm start from `weights` (S, B)); `block` holds at
+    least their training rows (`NodeUsers.training_block`). Returns (their w (k, B), their train rows with user_idx relabelled to 0..k-1)."""
     rows = block.seen_train
     keep = np.isin(rows.user_idx, sampled)
     relabel = np.full(block.n_train_users, -1, dtype=np.int64)
@@ -161,3 +155,16 @@ def evaluate_block(basis: np.ndarray, block: UserBlock, weights: np.ndarray, *, 
         if rows.logit_true is not None:
             sums[f"oracle-{prefix}-acc-sum"] = oracle_sum
     return seen_w, sums
+
+
+def evaluate_node(basis: np.ndarray, node: NodeUsers, weights: np.ndarray, *, prior_pairs: float,
+                  fit=personal_fit_weights, max_users: int = EVAL_BLOCK_USERS) -> tuple[np.ndarray, dict[str, float]]:
+    """`evaluate_block` over all of a node's users, `max_users` at a time (the sums add up over blocks): memory
+    bounded by a block, time linear in the node's users. Returns (refit seen weights (S, B), per-node sums)."""
+    refit = np.array(weights, dtype=np.float64)
+    sums: dict[str, float] = {}
+    for seen, block in node.evaluation_blocks(max_users):
+        refit[seen], part = evaluate_block(basis, block, weights[seen], prior_pairs=prior_pairs, fit=fit)
+        for key, value in part.items():
+            sums[key] = sums.get(key, 0.0) + value
+    return refit, sums

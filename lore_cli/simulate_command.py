@@ -61,7 +61,7 @@ def add_privacy_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-epsilon", type=float, default=None,
                         help="refuse a plan above it; stop before a round that would exceed it")
     parser.add_argument("--clip-norm", type=float, default=None, help="C: flat L2 clip of each user's update")
-    parser.add_argument("--delta", type=float, default=None, help="delta (default 1e-5; must be < 1/N)")
+    parser.add_argument("--delta", type=float, default=None, help="delta (default: 1e-5, or below 1/(10 N) for N > 10,000 users; must be < 1/N)")
     parser.add_argument("--max-grad-norm", type=float, default=None, help="record mode: per-pair clip norm")
     parser.add_argument("--num-shares", type=int, default=None, help="user+secagg: SecAgg+ shares (odd, default 3)")
     parser.add_argument("--reconstruction-threshold", type=int, default=None,
@@ -110,20 +110,16 @@ def run_overrides(args: argparse.Namespace, seen_users: int) -> dict:
 
 
 def read_population(pairs_path: Path) -> dict:
-    """Read and validate the pair file once, here where it arrives -> the counts the run needs."""
-    import numpy as np
+    """Read and validate the pair file once, here where it arrives, in chunks of whole users (never all of it at
+    once) -> the counts the run needs."""
+    from lore_core.pair_columns import check_pair_file
 
-    from lore_core.pairs import load_pairs
-
-    pairs = load_pairs(pairs_path)
-    seen_train = pairs.user[pairs.seen & (pairs.split == "train")]
-    trainers, counts = np.unique(seen_train, return_counts=True)
-    seen = int(np.unique(pairs.user[pairs.seen]).size)
-    if trainers.size == 0:
+    _, _, counts = check_pair_file(pairs_path)
+    if counts.train_users == 0:
         raise ValueError(f"{pairs_path}: no seen user has a training pair (split 'train'), so there is nothing to "
                          "train on; mark some users seen with training pairs")
-    return {"users": int(np.unique(pairs.user).size), "seen_users": seen,
-            "largest_client_pairs": int(counts.max())}
+    return {"users": counts.users, "seen_users": counts.seen_users,
+            "largest_client_pairs": counts.largest_client_pairs}
 
 
 def check_run(population: dict, overrides: dict):

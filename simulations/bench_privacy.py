@@ -39,7 +39,7 @@ def run_in_process(pairs_path: Path, overrides: dict, num_nodes: int, *, record_
 
     from federation.local_training import train_sampled_users
     from federation.protocol import ClientSettings
-    from federation.user_block import load_partition_block
+    from federation.user_block import load_partition_users
     from lore_core.privacy.accounting import epsilon_report
     from lore_core.privacy.dp_fedavg import clip_updates
     from server.aggregation import make_aggregator
@@ -51,7 +51,7 @@ def run_in_process(pairs_path: Path, overrides: dict, num_nodes: int, *, record_
 
     cfg = get_fused_config_from_dir(ROOT, {**overrides, "pairs-path": str(pairs_path)})
     settings, client = ServerSettings.from_run_config(cfg), ClientSettings.from_run_config(cfg)
-    blocks = [load_partition_block(str(pairs_path), i, num_nodes) for i in range(num_nodes)]
+    blocks = [load_partition_users(str(pairs_path), i, num_nodes) for i in range(num_nodes)]
     weights = [np.full((b.n_train_users, settings.rank), 1.0 / settings.rank) for b in blocks]
     population = Population(node_ids=np.arange(num_nodes, dtype=np.uint64), partition_ids=np.arange(num_nodes),
                             counts=np.array([b.n_train_users for b in blocks]), dim=blocks[0].dim)
@@ -66,8 +66,8 @@ def run_in_process(pairs_path: Path, overrides: dict, num_nodes: int, *, record_
         sampled = aggregator.sample(population.size)
         sampled_counts.append(int(sampled.size))
         for node, local in population.assign(sampled).items():
-            weights[node], upd = train_sampled_users(basis, blocks[node], weights[node], local,
-                                                     prior_strength=client.prior_strength,
+            weights[node], upd = train_sampled_users(basis, blocks[node].training_block(local), weights[node],
+                                                     local, prior_strength=client.prior_strength,
                                                      steps=client.local_steps, lr=client.client_lr)
             if privacy.mode == "user":
                 upd, _ = clip_updates(upd, privacy.clip_norm)  # the client's clip (client/app.py)
@@ -100,11 +100,11 @@ def run_in_process(pairs_path: Path, overrides: dict, num_nodes: int, *, record_
 
 def _evaluate(basis: np.ndarray, blocks: list, weights: list, prior_pairs: float) -> dict[str, float]:
     """The ServerApp's final evaluation summed over all nodes (seen and unseen users)."""
-    from federation.local_training import evaluate_block
+    from federation.local_training import evaluate_node
 
     sums: dict[str, float] = {}
     for block, w in zip(blocks, weights):
-        for key, value in evaluate_block(basis, block, w, prior_pairs=prior_pairs)[1].items():
+        for key, value in evaluate_node(basis, block, w, prior_pairs=prior_pairs)[1].items():
             sums[key] = sums.get(key, 0.0) + value
     return sums
 

@@ -3,15 +3,28 @@
 Users' rewards are r_u = w_u . A* e with a hidden rank-K basis A* (K x D) and Dirichlet weights; pair diffs are
 anisotropic Gaussians (like differences of normalised sentence embeddings: a few strong directions, a long tail);
 labels are sampled from the Bradley-Terry model, so the oracle (true A*, true w) is below 1.
+
+Large populations are written without being held (`write_synthetic_pairs`, peak memory a few hundred MB plus
+~40 bytes per pair): the diffs are drawn in chunks twice from the same random stream, once for the label scale (a
+statistic of all pairs) and once to write them, so the file is the one `make_synthetic_pairs` builds in memory.
+
+    python -m simulations.synthetic_pairs --seen-users N --out FILE [--unseen-users M] [--dim D]
+        [--train-pairs LO-HI] [--few-shot-pairs K] [--test-pairs T] [--true-rank K] [--seed S]
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import argparse
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
 
 import numpy as np
 
 from lore_core.pairs import PairSet
+
+CHUNK_VALUES = 1 << 23  # diff values drawn at a time (64 MB of float64)
 
 
 @dataclass(frozen=True)
@@ -35,7 +48,26 @@ class SyntheticTruth:
     user_weights: np.ndarray  # (U, K)
 
 
-def make_synthetic_pairs(config: SyntheticPairsConfig = SyntheticPairsConfig()) -> tuple[PairSet, SyntheticTruth]:
+@dataclass(frozen=True)
+class _Population:
+    """Everything of a synthetic population but its diffs, which `_diff_chunks` draws (twice, identically)."""
+
+    config: SyntheticPairsConfig
+    mixing: np.ndarray  # (D, D): a diff is mixing @ g, g standard normal
+    diff_rng_state: dict  # the generator's state just before the diffs are drawn
+    user_ids: np.ndarray  # (U,) zero-padded so that string order is index order (the file is sorted by user)
+    user_idx: np.ndarray  # (n,) rows grouped by user
+    is_test: np.ndarray  # (n,)
+    seen_users: np.ndarray  # (U,)
+    sign: np.ndarray | None = None  # (n,) +1 where the first response is chosen
+    logit: np.ndarray | None = None  # (n,) true logit of the drawn order
+    truth: SyntheticTruth | None = None
+
+
+def _draw_population(config: SyntheticPairsConfig) -> tuple[_Population, np.random.Generator, np.ndarray,
+                                                             np.ndarray]:
+    """Users and their pair counts, without labels; returns (population, rng, true basis (K, D) before scaling,
+    user weights (U, K))."""
     rng = np.random.default_rng(config.seed)
     dim, k = config.dim, config.true_rank
     # Anisotropic feature covariance: spectrum decaying like sentence-embedding differences.
@@ -44,31 +76,121 @@ def make_synthetic_pairs(config: SyntheticPairsConfig = SyntheticPairsConfig()) 
     mixing = rotation * spectrum  # (D, D); d = mixing @ g
     true_basis = rng.standard_normal((k, dim)) @ mixing.T  # rewards live in the strong directions
     user_count = config.seen_users + config.unseen_users
-    user_ids = np.array([f"user{i:05d}" for i in range(user_count)])
+    width = max(5, len(str(user_count - 1)))
+    user_ids = np.array([f"user{i:0{width}d}" for i in range(user_count)])
     weights = rng.dirichlet(np.full(k, config.heterogeneity), size=user_count)
-
     seen = np.arange(user_count) < config.seen_users
     train_counts = np.where(
         seen, rng.integers(config.train_pairs[0], config.train_pairs[1] + 1, size=user_count), config.few_shot_pairs
     )
     counts = train_counts + config.test_pairs
     user_idx = np.repeat(np.arange(user_count), counts)
-    split = np.concatenate([np.r_[np.zeros(t, bool), np.ones(config.test_pairs, bool)] for t in train_counts])
+    first_test = np.repeat(np.cumsum(counts) - config.test_pairs, counts)  # each user: train rows, then test rows
+    is_test = np.arange(user_idx.size) >= first_test
+    population = _Population(config, mixing, rng.bit_generator.state, user_ids, user_idx, is_test, seen)
+    return population, rng, true_basis, weights
 
-    raw = rng.standard_normal((user_idx.size, dim)) @ mixing.T
-    raw /= np.linalg.norm(raw, axis=1, keepdims=True) / np.sqrt(2.0)  # |d| ~ distance of two unit embeddings
-    basis_scores = raw @ true_basis.T  # (n, K)
+
+def _raw_chunks(population: _Population, rng: np.random.Generator) -> Iterator[np.ndarray]:
+    """The pair diffs before labelling, (rows, D) float64 chunks in row order, drawn from `rng`."""
+    n, dim = population.user_idx.size, population.config.dim
+    rows = max(1, CHUNK_VALUES // dim)
+    for start in range(0, n, rows):
+        raw = rng.standard_normal((min(rows, n - start), dim)) @ population.mixing.T
+        raw /= np.linalg.norm(raw, axis=1, keepdims=True) / np.sqrt(2.0)  # |d| ~ distance of two unit embeddings
+        yield raw
+
+
+def _labelled(config: SyntheticPairsConfig) -> _Population:
+    """Draw the population and its Bradley-Terry labels (one pass over the diffs, none of them kept)."""
+    population, rng, true_basis, weights = _draw_population(config)
+    basis_scores = np.concatenate([raw @ true_basis.T for raw in _raw_chunks(population, rng)])  # (n, K)
     scale = config.logit_scale / basis_scores.std()
-    logit = scale * np.einsum("nk,nk->n", basis_scores, weights[user_idx])
-    chosen_first = rng.random(user_idx.size) < 1.0 / (1.0 + np.exp(-logit))
+    logit = scale * np.einsum("nk,nk->n", basis_scores, weights[population.user_idx])
+    chosen_first = rng.random(population.user_idx.size) < 1.0 / (1.0 + np.exp(-logit))
     sign = np.where(chosen_first, 1.0, -1.0)
+    truth = SyntheticTruth(basis=true_basis * scale, user_ids=population.user_ids, user_weights=weights)
+    return replace(population, sign=sign, logit=logit * sign, truth=truth)
 
+
+def _diff_chunks(population: _Population) -> Iterator[np.ndarray]:
+    """The labelled diffs (rows, D) float32, drawn again from the state the labels were computed on."""
+    rng = np.random.default_rng()
+    rng.bit_generator.state = population.diff_rng_state
+    start = 0
+    for raw in _raw_chunks(population, rng):
+        yield (raw * population.sign[start:start + len(raw), None]).astype(np.float32)
+        start += len(raw)
+
+
+def make_synthetic_pairs(config: SyntheticPairsConfig = SyntheticPairsConfig()) -> tuple[PairSet, SyntheticTruth]:
+    population = _labelled(config)
     pairs = PairSet(
-        diff=(raw * sign[:, None]).astype(np.float32),
-        user=user_ids[user_idx],
-        split=np.where(split, "test", "train"),
-        seen=seen[user_idx],
-        logit_true=(logit * sign).astype(np.float32),
+        diff=np.concatenate(list(_diff_chunks(population))),
+        user=population.user_ids[population.user_idx],
+        split=np.where(population.is_test, "test", "train"),
+        seen=population.seen_users[population.user_idx],
+        logit_true=population.logit.astype(np.float32),
         source="synthetic",
     )
-    return pairs, SyntheticTruth(basis=true_basis * scale, user_ids=user_ids, user_weights=weights)
+    return pairs, population.truth
+
+
+def write_synthetic_pairs(config: SyntheticPairsConfig, path: str | Path) -> tuple[Path, SyntheticTruth]:
+    """The pair file of `make_synthetic_pairs(config)`, streamed to `path` (sorted by user)."""
+    from lore_core.pair_columns import pair_file_writer
+
+    population = _labelled(config)
+    n, idx = population.user_idx.size, population.user_idx
+    path = Path(path)
+    with pair_file_writer(path) as out:
+        with out.column("diff", np.float32, (n, config.dim)) as diff:
+            for chunk in _diff_chunks(population):
+                diff.write(chunk)
+        with out.column("user", population.user_ids.dtype, (n,)) as user:
+            for start in range(0, n, 1 << 20):
+                user.write(population.user_ids[idx[start:start + (1 << 20)]])
+        out.array("split", np.where(population.is_test, "test", "train"))
+        out.array("seen", population.seen_users[idx])
+        out.array("logit_true", population.logit.astype(np.float32))
+    return path, population.truth
+
+
+def main(argv: list[str] | None = None) -> int:
+    defaults = SyntheticPairsConfig()
+    parser = argparse.ArgumentParser(description="Write a synthetic LoRe pair file with a known truth (streamed).")
+    parser.add_argument("--seen-users", type=int, required=True)
+    parser.add_argument("--unseen-users", type=int, default=None, help="new users (default: seen users / 10)")
+    parser.add_argument("--out", required=True, help="pair file to write (.npz)")
+    parser.add_argument("--dim", type=int, default=defaults.dim)
+    parser.add_argument("--true-rank", type=int, default=defaults.true_rank)
+    parser.add_argument("--train-pairs", default="-".join(map(str, defaults.train_pairs)),
+                        help="training pairs per seen user, LO-HI (default %(default)s)")
+    parser.add_argument("--few-shot-pairs", type=int, default=defaults.few_shot_pairs)
+    parser.add_argument("--test-pairs", type=int, default=defaults.test_pairs)
+    parser.add_argument("--heterogeneity", type=float, default=defaults.heterogeneity)
+    parser.add_argument("--logit-scale", type=float, default=defaults.logit_scale)
+    parser.add_argument("--seed", type=int, default=defaults.seed)
+    args = parser.parse_args(argv)
+    low, _, high = args.train_pairs.partition("-")
+    if not (low.isdigit() and (high or low).isdigit() and 0 < int(low) <= int(high or low)):
+        parser.error(f"--train-pairs must be LO-HI with 0 < LO <= HI, got {args.train_pairs!r}")
+    for name in ("seen_users", "dim", "true_rank", "few_shot_pairs", "test_pairs"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    unseen = args.seen_users // 10 if args.unseen_users is None else args.unseen_users
+    if unseen < 0:
+        parser.error("--unseen-users must be >= 0")
+    config = SyntheticPairsConfig(dim=args.dim, true_rank=args.true_rank, seen_users=args.seen_users,
+                                  unseen_users=unseen, train_pairs=(int(low), int(high or low)),
+                                  few_shot_pairs=args.few_shot_pairs, test_pairs=args.test_pairs,
+                                  heterogeneity=args.heterogeneity, logit_scale=args.logit_scale, seed=args.seed)
+    started = time.perf_counter()
+    path, _ = write_synthetic_pairs(config, args.out)
+    print(f"wrote {path} ({path.stat().st_size / 2**20:.0f} MiB, {args.seen_users} seen + {unseen} new users) "
+          f"in {time.perf_counter() - started:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
