@@ -19,7 +19,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from lore_core.pair_columns import PairColumns, PairIndex
+from lore_core.pair_columns import PairColumns, PairIndex, rows_of_users
 from lore_core.pairs import PairSet, load_pairs
 
 EVAL_BLOCK_USERS = 2000  # users evaluated at a time: bounds a node's evaluation memory (~40 MB at D = 384)
@@ -59,10 +59,8 @@ class _RowList:
 
     def cut(self, users: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(file rows, position in `users` per row) of the given users (int array), without scanning the rest."""
-        lengths = self.offsets[users + 1] - self.offsets[users]
-        ends = np.cumsum(lengths)
-        within = np.arange(int(ends[-1]) if ends.size else 0) - np.repeat(ends - lengths, lengths)
-        return self.rows[np.repeat(self.offsets[users], lengths) + within], np.repeat(np.arange(users.size), lengths)
+        positions, owner = rows_of_users(self.offsets, users)
+        return self.rows[positions], owner
 
 
 class NodeUsers:

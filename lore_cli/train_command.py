@@ -40,14 +40,10 @@ def parse_rank(value: str) -> int | str:
 
 def run(args: argparse.Namespace) -> int:
     from lore_core.basis_file import save_basis
-    from lore_core.evaluation import evaluate_model
-    from lore_core.joint_trainer import TrainConfig, train_joint
-    from lore_core.pairs import load_pairs
+    from lore_core.joint_trainer import TrainConfig
+    from lore_core.pair_columns import PairColumns, PairIndex
+    from lore_core.streamed_training import LARGE_POPULATION
 
-    pairs = load_pairs(args.pairs)
-    train = pairs.select(seen=True, split="train")
-    if train.n == 0:
-        raise ValueError(f"{pairs.source}: no training pairs of seen users")
     options = {"rank": parse_rank(args.rank), "seed": args.seed, "device": args.device}
     if args.rank_grid:
         options["rank_grid"] = tuple(int(r) for r in args.rank_grid.split(","))
@@ -56,22 +52,19 @@ def run(args: argparse.Namespace) -> int:
     if args.prior_strength is not None:
         options["prior_strength"] = args.prior_strength
     config = TrainConfig(**options)
-
-    print(f"training on {train.n} pairs of {np.unique(train.user).size} seen users (D={pairs.dim}, rank {config.rank})")
-    fit = train_joint(train.diff, train.user, config)
-    started = time.perf_counter()
     prior_pairs = personal_prior(args.prior_pairs)
-    metrics = evaluate_model(pairs, fit.basis, prior_pairs=prior_pairs, joint_weights=(fit.user_ids, fit.user_weights))
-    metrics.update(benchmark_ceiling(pairs, prior_pairs))
+    large = PairIndex.build(PairColumns.open(args.pairs)).n_users > LARGE_POPULATION
+    fit, metrics, summary, evaluate_seconds = (_train_streamed if large else _train_in_memory)(
+        args.pairs, config, prior_pairs)
     metrics.update(
         train_seconds=fit.train_seconds,
-        evaluate_seconds=time.perf_counter() - started,
+        evaluate_seconds=evaluate_seconds,
         l2=fit.l2,
         prior_strength=config.prior_strength,
         iterations=fit.iterations,
         seconds_per_rank=_seconds_per_rank(fit.selection),
         rank_selection=fit.selection,
-        pairs=pairs.summary(),
+        pairs=summary,
         device=config.device,
         seed=config.seed,
     )
@@ -84,6 +77,44 @@ def run(args: argparse.Namespace) -> int:
     print(format_metrics(metrics))
     print(f"wrote {out / 'metrics.json'} and {out / 'basis.npz'}")
     return 0
+
+
+def _train_in_memory(path, config, prior_pairs: float):
+    """The full-batch trainer on the whole file in memory -> (fit, metrics, summary, evaluation seconds)."""
+    from lore_core.evaluation import evaluate_model
+    from lore_core.joint_trainer import train_joint
+    from lore_core.pairs import load_pairs
+
+    pairs = load_pairs(path)
+    train = pairs.select(seen=True, split="train")
+    if train.n == 0:
+        raise ValueError(f"{pairs.source}: no training pairs of seen users")
+    print(f"training on {train.n} pairs of {np.unique(train.user).size} seen users (D={pairs.dim}, rank {config.rank})")
+    fit = train_joint(train.diff, train.user, config)
+    started = time.perf_counter()
+    metrics = evaluate_model(pairs, fit.basis, prior_pairs=prior_pairs, joint_weights=(fit.user_ids, fit.user_weights))
+    metrics.update(benchmark_ceiling(pairs, prior_pairs))
+    return fit, metrics, pairs.summary(), time.perf_counter() - started
+
+
+def _train_streamed(path, config, prior_pairs: float):
+    """A population above LARGE_POPULATION users (lore_core.streamed_training): the file is validated block by
+    block, model selection runs on a sample of users, the minibatch trainer fits all of them, evaluation reads the
+    file in blocks -> (fit, metrics, summary, evaluation seconds)."""
+    from lore_core.pair_columns import check_pair_file
+    from lore_core.streamed_training import SELECTION_USERS, evaluate_streamed, train_streamed
+
+    columns, _, counts = check_pair_file(path)
+    if counts.train_users == 0:
+        raise ValueError(f"{columns.source}: no training pairs of seen users")
+    print(f"training on {counts.train_users} seen users (D={counts.dim}, rank {config.rank}; model selection on "
+          f"{min(SELECTION_USERS, counts.train_users)} of them, then minibatches of users)", flush=True)
+    fit = train_streamed(columns.source, config)
+    started = time.perf_counter()
+    metrics, summary = evaluate_streamed(columns.source, fit.basis, prior_pairs=prior_pairs,
+                                         joint_weights=(fit.user_ids, fit.user_weights))
+    metrics["trainer"] = "minibatch"
+    return fit, metrics, summary, time.perf_counter() - started
 
 
 def personal_prior(value: float | None) -> float:

@@ -206,6 +206,16 @@ class PairIndex:
             first = stop
 
 
+def rows_of_users(starts: np.ndarray, users: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """When user u owns positions starts[u]:starts[u + 1]: the positions of `users` (int array), in that order, and
+    for each position the index of its user in `users`. Vectorized; time follows the rows returned."""
+    users = np.asarray(users, dtype=np.int64)
+    lengths = starts[users + 1] - starts[users]
+    ends = np.cumsum(lengths)
+    within = np.arange(int(ends[-1]) if ends.size else 0) - np.repeat(ends - lengths, lengths)
+    return np.repeat(starts[users], lengths) + within, np.repeat(np.arange(users.size), lengths)
+
+
 @dataclass(frozen=True)
 class PopulationCounts:
     """What a run needs to know about a pair file's users (and nothing of their embeddings)."""
@@ -218,27 +228,31 @@ class PopulationCounts:
     dim: int
 
 
-def check_pair_file(path: str | Path, rows_per_chunk: int = READ_ROWS) -> tuple[PairColumns, PairIndex,
+def user_blocks(columns: PairColumns, index: PairIndex, rows_per_block: int = READ_ROWS) -> Iterator[PairSet]:
+    """The file as PairSets of whole users, about `rows_per_block` rows each; each is validated by `PairSet`, so a
+    bad file gets the contract's error, naming the file."""
+    head = columns.read("reference_head") if columns.has("reference_head") else None
+    names = [name for name in ("diff", "user", "split", "seen", "logit_true") if columns.has(name)]
+    for first, stop in index.user_chunks(rows_per_block):
+        rows = index.rows(first, stop)
+        if index.order is None:  # one contiguous range
+            arrays = {name: columns.read(name, int(rows[0]), int(rows[-1]) + 1) for name in names}
+        else:
+            arrays = {name: columns.take(name, rows) for name in names}
+        yield PairSet(**arrays, reference_head=head, source=columns.source)
+
+
+def check_pair_file(path: str | Path, rows_per_block: int = READ_ROWS) -> tuple[PairColumns, PairIndex,
                                                                                   PopulationCounts]:
-    """Validate a whole pair file as `load_pairs` does, but in chunks of whole users (each chunk is checked by
-    `PairSet`, so a bad file gets the contract's error, naming the file), and count its population.
-    Memory: one chunk of rows and the user column."""
+    """Validate a whole pair file as `load_pairs` does, block by block of whole users (`user_blocks`), and count
+    its population. Memory: one block and the user column."""
     columns = PairColumns.open(path)
     index = PairIndex.build(columns)
-    has_logits, head = columns.has("logit_true"), None
-    if columns.has("reference_head"):
-        head = columns.read("reference_head")
     seen_users = train_users = largest = 0
-    for first, stop in index.user_chunks(rows_per_chunk):
-        rows = index.rows(first, stop)
-        take = (lambda name: columns.read(name, int(rows[0]), int(rows[-1]) + 1)) if index.order is None else \
-            (lambda name: columns.take(name, rows))
-        chunk = PairSet(diff=take("diff"), user=take("user"), split=take("split"), seen=take("seen"),
-                        logit_true=take("logit_true") if has_logits else None, reference_head=head,
-                        source=columns.source)
-        user_pos = index.row_users(first, stop)
-        seen = np.bincount(user_pos, weights=chunk.seen, minlength=stop - first) > 0
-        trains = np.bincount(user_pos, weights=chunk.seen & (chunk.split == "train"), minlength=stop - first)
+    for block in user_blocks(columns, index, rows_per_block):
+        _, user_pos = np.unique(block.user, return_inverse=True)
+        seen = np.bincount(user_pos, weights=block.seen) > 0
+        trains = np.bincount(user_pos, weights=block.seen & (block.split == "train"))
         seen_users += int(seen.sum())
         train_users += int((trains > 0).sum())
         largest = max(largest, int(trains.max(initial=0)))
