@@ -25,11 +25,12 @@ from simulations.synthetic_pairs import SyntheticPairsConfig, make_synthetic_pai
 
 
 class TreeMemory(threading.Thread):
-    """Peak summed RSS (bytes) of this process and all its descendants, polled from /proc."""
+    """Peak summed RSS (bytes) of a process (default: this one) and all its descendants, polled from /proc."""
 
-    def __init__(self, interval: float = 0.5) -> None:
+    def __init__(self, interval: float = 0.5, root: int | None = None) -> None:
         super().__init__(daemon=True)
         self.interval, self.peak, self._stop_event = interval, 0, threading.Event()
+        self.root = os.getpid() if root is None else root
 
     @staticmethod
     def _tree_rss(root: int) -> int:
@@ -55,7 +56,7 @@ class TreeMemory(threading.Thread):
 
     def run(self) -> None:
         while not self._stop_event.is_set():
-            self.peak = max(self.peak, self._tree_rss(os.getpid()))
+            self.peak = max(self.peak, self._tree_rss(self.root))
             self._stop_event.wait(self.interval)
 
     def stop(self) -> int:
