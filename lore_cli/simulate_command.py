@@ -61,7 +61,7 @@ def add_privacy_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-epsilon", type=float, default=None,
                         help="refuse a plan above it; stop before a round that would exceed it")
     parser.add_argument("--clip-norm", type=float, default=None, help="C: flat L2 clip of each user's update")
-    parser.add_argument("--delta", type=float, default=None, help="delta (default: 1e-5, or below 1/(10 N) for N > 10,000 users; must be < 1/N)")
+    parser.add_argument("--delta", type=float, default=None, help="delta (default 1e-5, or below 1/(10 N) above 10,000 users; must be < 1/N)")
     parser.add_argument("--max-grad-norm", type=float, default=None, help="record mode: per-pair clip norm")
     parser.add_argument("--num-shares", type=int, default=None, help="user+secagg: SecAgg+ shares (odd, default 3)")
     parser.add_argument("--reconstruction-threshold", type=int, default=None,

@@ -85,6 +85,16 @@ class PairColumns:
         out = np.fromfile(self._file, dtype=member.dtype, count=count, offset=member.offset + start * row_bytes)
         return out.reshape((stop - start,) + member.shape[1:])
 
+    def mapped(self, name: str, start: int, stop: int) -> np.ndarray:
+        """Rows start..stop of one array as a read-only memory map of just that range (no copy): the pages read
+        belong to this process only while the returned array lives."""
+        member = self._members[name]
+        if member.array is not None:
+            return member.array[start:stop]
+        row_bytes = member.dtype.itemsize * int(np.prod(member.shape[1:], dtype=np.int64))
+        return np.memmap(self._file, dtype=member.dtype, mode="r", offset=member.offset + start * row_bytes,
+                         shape=(stop - start,) + member.shape[1:])
+
     def take(self, name: str, rows: np.ndarray) -> np.ndarray:
         """The given rows (int array, ascending for speed) of one array, gathered through a memory map that is
         closed again before returning: the pages read do not stay in this process."""
@@ -228,18 +238,21 @@ class PopulationCounts:
     dim: int
 
 
-def user_blocks(columns: PairColumns, index: PairIndex, rows_per_block: int = READ_ROWS) -> Iterator[PairSet]:
-    """The file as PairSets of whole users, about `rows_per_block` rows each; each is validated by `PairSet`, so a
-    bad file gets the contract's error, naming the file."""
+def user_blocks(columns: PairColumns, index: PairIndex,
+                rows_per_block: int = READ_ROWS) -> Iterator[tuple[int, int, PairSet]]:
+    """The file as PairSets of whole users, about `rows_per_block` rows each, with the index positions of their
+    users (first, stop); each block is validated by `PairSet`, so a bad file gets the contract's error, naming the
+    file. A block's diff maps the file (no copy): use a block within its iteration."""
     head = columns.read("reference_head") if columns.has("reference_head") else None
     names = [name for name in ("diff", "user", "split", "seen", "logit_true") if columns.has(name)]
     for first, stop in index.user_chunks(rows_per_block):
         rows = index.rows(first, stop)
         if index.order is None:  # one contiguous range
-            arrays = {name: columns.read(name, int(rows[0]), int(rows[-1]) + 1) for name in names}
+            arrays = {name: (columns.mapped if name == "diff" else columns.read)(name, int(rows[0]), int(rows[-1]) + 1)
+                      for name in names}
         else:
             arrays = {name: columns.take(name, rows) for name in names}
-        yield PairSet(**arrays, reference_head=head, source=columns.source)
+        yield first, stop, PairSet(**arrays, reference_head=head, source=columns.source)
 
 
 def check_pair_file(path: str | Path, rows_per_block: int = READ_ROWS) -> tuple[PairColumns, PairIndex,
@@ -249,10 +262,10 @@ def check_pair_file(path: str | Path, rows_per_block: int = READ_ROWS) -> tuple[
     columns = PairColumns.open(path)
     index = PairIndex.build(columns)
     seen_users = train_users = largest = 0
-    for block in user_blocks(columns, index, rows_per_block):
-        _, user_pos = np.unique(block.user, return_inverse=True)
-        seen = np.bincount(user_pos, weights=block.seen) > 0
-        trains = np.bincount(user_pos, weights=block.seen & (block.split == "train"))
+    for first, stop, block in user_blocks(columns, index, rows_per_block):
+        user_pos = index.row_users(first, stop)  # rows are in index order within a block
+        seen = np.bincount(user_pos, weights=block.seen, minlength=stop - first) > 0
+        trains = np.bincount(user_pos, weights=block.seen & (block.split == "train"), minlength=stop - first)
         seen_users += int(seen.sum())
         train_users += int((trains > 0).sum())
         largest = max(largest, int(trains.max(initial=0)))

@@ -78,7 +78,7 @@ def evaluate_streamed(path: str | Path, basis: np.ndarray, *, prior_pairs: float
     totals: dict[str, float] = {}
     weights: dict[str, float] = {}
     summary: dict = {}
-    for block in user_blocks(columns, PairIndex.build(columns), EVAL_BLOCK_ROWS):
+    for _, _, block in user_blocks(columns, PairIndex.build(columns), EVAL_BLOCK_ROWS):
         block_weights = None
         if joint_weights is not None:
             known = np.isin(joint_weights[0], block.user)

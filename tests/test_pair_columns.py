@@ -92,7 +92,7 @@ def test_user_blocks_never_cut_a_user(tmp_path, pairs):
     columns = PairColumns.open(save_pairs(pairs, tmp_path / "p.npz"))
     blocks = list(user_blocks(columns, PairIndex.build(columns), rows_per_block=10))
     assert len(blocks) > 3
-    users = [set(b.user.tolist()) for b in blocks]
+    users = [set(b.user.tolist()) for _, _, b in blocks]
     assert sum(len(u) for u in users) == len(set().union(*users)) == 13
 
 
