@@ -16,6 +16,7 @@ import mmap
 import os
 import struct
 import zipfile
+import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from lore_core.atomic_io import atomic_path
-from lore_core.pairs import OPTIONAL_ARRAYS, REQUIRED_ARRAYS, PairFileError, PairSet, resolve_pair_path
+from lore_core.pairs import EXPECTED, OPTIONAL_ARRAYS, REQUIRED_ARRAYS, PairFileError, PairSet, resolve_pair_path
 
 READ_ROWS = 1 << 18  # rows per chunk when a whole column is scanned (~100 MB of diff at D = 384)
 _LOCAL_HEADER = struct.Struct("<4s2B4HL2L2H")  # zip local file header (zipfile.sizeFileHeader = 30 bytes)
@@ -36,6 +37,7 @@ class _Member:
     shape: tuple[int, ...]
     offset: int | None  # first data byte in the file; None: compressed, `array` holds it
     array: np.ndarray | None = None
+    stored: tuple[int, int, int] | None = None  # (first byte of the member, its size, its CRC-32)
 
 
 class PairColumns:
@@ -107,6 +109,25 @@ class PairColumns:
             del view
         return out
 
+    def verify_checksums(self) -> None:
+        """Every member's bytes against the CRC-32 stored in the archive, as np.load checks them: a damaged byte
+        is an error here, never a silently wrong value. One sequential pass over the file."""
+        with open(self._file, "rb") as handle:
+            for name, member in self._members.items():
+                if member.stored is None:
+                    continue  # compressed: zipfile checked it when it was read
+                start, size, expected = member.stored
+                handle.seek(start)
+                crc, left = 0, size
+                while left:
+                    chunk = handle.read(min(left, 1 << 24))
+                    if not chunk:
+                        break
+                    crc, left = zlib.crc32(chunk, crc), left - len(chunk)
+                if left or crc != expected:
+                    raise PairFileError(f"{self.source}: unreadable .npz, damaged or truncated (bad CRC-32 of array "
+                                        f"{name!r}); expected {EXPECTED}")
+
     def _check_shapes(self) -> None:
         """The contract's array names and shapes, from the headers alone."""
         where, found = self.source, sorted(self._members)
@@ -144,7 +165,7 @@ def _locate_members(file: Path) -> dict[str, _Member]:
                 continue
             handle.seek(info.header_offset)
             header = _LOCAL_HEADER.unpack(handle.read(_LOCAL_HEADER.size))
-            handle.seek(info.header_offset + _LOCAL_HEADER.size + header[10] + header[11])  # name, extra lengths
+            handle.seek(info.header_offset + _LOCAL_HEADER.size + header[10] + header[11])  # after name and extra
             version = np.lib.format.read_magic(handle)
             read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
                 np.lib.format.read_array_header_2_0
@@ -156,7 +177,8 @@ def _locate_members(file: Path) -> dict[str, _Member]:
             offset = handle.tell()
             if offset + dtype.itemsize * int(np.prod(shape, dtype=np.int64)) > size:
                 raise ValueError(f"array {name!r} is truncated")
-            members[name] = _Member(dtype, tuple(shape), offset)
+            start = info.header_offset + _LOCAL_HEADER.size + header[10] + header[11]
+            members[name] = _Member(dtype, tuple(shape), offset, stored=(start, info.compress_size, info.CRC))
     return members
 
 
@@ -257,9 +279,10 @@ def user_blocks(columns: PairColumns, index: PairIndex,
 
 def check_pair_file(path: str | Path, rows_per_block: int = READ_ROWS) -> tuple[PairColumns, PairIndex,
                                                                                   PopulationCounts]:
-    """Validate a whole pair file as `load_pairs` does, block by block of whole users (`user_blocks`), and count
-    its population. Memory: one block and the user column."""
+    """Validate a whole pair file as `load_pairs` does (checksums, then the contract block by block of whole users,
+    `user_blocks`), and count its population. Memory: one block and the user column."""
     columns = PairColumns.open(path)
+    columns.verify_checksums()
     index = PairIndex.build(columns)
     seen_users = train_users = largest = 0
     for first, stop, block in user_blocks(columns, index, rows_per_block):

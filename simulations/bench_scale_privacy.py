@@ -40,7 +40,7 @@ def choose_cohort(population: int, rounds: int, rank: int, dim: int) -> tuple[in
     for m in COHORTS:
         z = noise_for_target_epsilon(EPSILON, m / population, rounds, DELTA)
         ladder.append({"users_per_round": m, "noise_multiplier": round(z, 4),
-                       "noise_to_clip": round(z * np.sqrt(rank * dim) / m, 4)})
+                       "noise_to_clip": round(float(z * np.sqrt(rank * dim) / m), 4)})
     fine = [row for row in ladder if row["noise_to_clip"] <= NOISE_TO_CLIP]
     chosen = fine[0] if fine else min(ladder, key=lambda row: row["noise_to_clip"])
     return chosen["users_per_round"], ladder
@@ -78,7 +78,8 @@ def markdown(report: dict) -> str:
                   "unseen drop (pts) | seconds |", "|---|---|---|---|---|---|---|---|---|"]
         for r in sorted(pop["runs"], key=lambda r: -(r["target_epsilon"] or 1e9)):
             eps = f"{r['epsilon_prv']:.3f} | {r['epsilon_rdp']:.3f}" if "epsilon_prv" in r else "∞ | ∞"
-            lines.append(f"| {r['target_epsilon'] or 'non-private'} | {r.get('noise_multiplier', '-')} | {eps} | "
+            z = f"{r['noise_multiplier']:.4g}" if "noise_multiplier" in r else "-"
+            lines.append(f"| {r['target_epsilon'] or 'non-private'} | {z} | {eps} | "
                          f"{r['seen_test_acc']:.4f} | {r['unseen_test_acc']:.4f} | "
                          f"{100 * (base['seen_test_acc'] - r['seen_test_acc']):.2f} | "
                          f"{100 * (base['unseen_test_acc'] - r['unseen_test_acc']):.2f} | {r['seconds']} |")
