@@ -208,6 +208,14 @@ def prepare_dataset(
             f"no user has at least {config.min_conversations} conversations with pairs (the most any user has is "
             f"{most}); lower --min-conversations"
         )
+    if config.seen_fraction > 0 and not any(split.seen.values()):
+        if len(users) == 1:
+            reason = f"all conversations belong to one user ({users[0]!r})"
+        else:
+            reason = (f"{split.seen_pool} of the {len(users)} users with conversations were drawn as seen (seen fraction "
+                      f"{config.seen_fraction}) and none of them has {config.min_conversations} conversations with pairs")
+        raise PrismPrepareError(f"{directory}: no seen user, so nothing to train on: {reason}; federated LoRe needs many "
+                                "users (is user_id filled in per user?)")
 
     kept = [
         {**pair, "split": split.conversation_split[pair["conversation"]], "seen": split.seen[pair["user"]]}
@@ -256,7 +264,8 @@ def _summary(
         "source": str(directory),
         "utterances_checked": release.utterances_checked,
         "users_read": len(release.survey),
-        "survey_only_users": len(release.survey) - len(with_conversations),
+        "survey_only_users": sum(bool(row["survey_only"]) for row in release.survey.values()),  # flagged so
+        "users_without_conversations": len(release.survey) - len(with_conversations),  # flagged or not
         "users_with_conversations": len(with_conversations),
         "users_dropped_min_conversations": len(split.dropped_users),
         "users_kept": len(split.seen),
