@@ -16,6 +16,7 @@ import argparse
 import json
 import sys
 import time
+import warnings
 from dataclasses import replace
 from pathlib import Path
 
@@ -92,10 +93,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m client.device", description=__doc__.splitlines()[0])
     configure(parser)
     args = parser.parse_args(argv)
+    warnings.formatwarning = lambda message, category, *_, **__: f"note: {message}\n"  # no source lines
     try:
         return run(args)
     except (ValueError, FileNotFoundError) as exc:
         print(f"client.device {args.device_command}: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        if exc.filename is None:
+            raise
+        print(f"client.device {args.device_command}: error: {exc}", file=sys.stderr)  # e.g. permission denied
         return 2
 
 
