@@ -62,6 +62,10 @@ def run(args: argparse.Namespace) -> int:
     transformers_logging.disable_progress_bar()  # per-tensor "Loading weights" bars; our own bar counts texts
     dataset_dir = Path(args.dataset_dir)
     records = read_pair_records(dataset_dir / PAIRS_JSONL)
+    truth_path = dataset_dir / GROUND_TRUTH
+    truth = None
+    if truth_path.exists() and not args.ignore_ground_truth:
+        truth = read_ground_truth(truth_path)  # checked before the model loads; against the embedder below
     embedder = load_embedder(
         args.model,
         mode=args.mode,
@@ -70,10 +74,8 @@ def run(args: argparse.Namespace) -> int:
         max_length=args.max_length,
         cache_dir=args.cache_dir,
     )
-    truth_path = dataset_dir / GROUND_TRUTH
-    truth = None
-    if truth_path.exists() and not args.ignore_ground_truth:
-        truth = read_ground_truth(truth_path, embedder.name, embedder.dim)
+    if truth is not None:
+        truth = check_ground_truth(truth, truth_path, embedder.name, embedder.dim)
 
     n = len(records["chosen"])
     histories = records["history"]
@@ -133,8 +135,8 @@ def read_pair_records(path: Path) -> dict[str, list]:
     return columns
 
 
-def read_ground_truth(path: Path, embedder_name: str, dim: int) -> dict[str, np.ndarray] | None:
-    """Load the benchmark truth; None (with a warning) when it was made with another embedder of the same dim."""
+def read_ground_truth(path: Path) -> dict[str, np.ndarray]:
+    """Load the benchmark truth's arrays (all present, none pickled)."""
     from lore_core.npz_file import open_npz
 
     with open_npz(path, f"the benchmark truth (.npz with arrays {', '.join(TRUTH_ARRAYS)})", DatasetError) as data:
@@ -142,6 +144,12 @@ def read_ground_truth(path: Path, embedder_name: str, dim: int) -> dict[str, np.
     missing = [k for k in TRUTH_ARRAYS if k not in truth]
     if missing:
         raise DatasetError(f"{path}: missing arrays {missing}; found {sorted(truth)}")
+    return truth
+
+
+def check_ground_truth(truth: dict[str, np.ndarray], path: Path, embedder_name: str,
+                       dim: int) -> dict[str, np.ndarray] | None:
+    """The truth for this embedder; None (with a warning) when it was made with another embedder of the same dim."""
     basis, weights, user_id = truth["basis"], truth["user_weights"], truth["user_id"]
     if basis.ndim != 2 or basis.shape[1] != dim:
         raise DatasetError(

@@ -107,6 +107,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--out {out} is a file; give a directory for metrics.json and basis.npz")
     pairs = load_pairs(args.pairs)
     check_trainable(pairs)
+    true_basis = benchmark_truth(pairs)
     train = pairs.select(seen=True, split="train")
     options["rank"] = parse_rank(args.rank, pairs.dim, source=pairs.source)
     if args.rank_grid:
@@ -120,7 +121,7 @@ def run(args: argparse.Namespace) -> int:
     fit = train_joint(train.diff, train.user, config)
     started = time.perf_counter()
     metrics = evaluate_model(pairs, fit.basis, prior_pairs=prior_pairs, joint_weights=(fit.user_ids, fit.user_weights))
-    metrics.update(benchmark_ceiling(pairs, prior_pairs))
+    metrics.update(benchmark_ceiling(pairs, true_basis, prior_pairs))
     metrics.update(
         train_seconds=fit.train_seconds,
         evaluate_seconds=time.perf_counter() - started,
@@ -154,15 +155,20 @@ def personal_prior(value: float | None) -> float:
     return float(value)
 
 
-def benchmark_ceiling(pairs, prior_pairs: float) -> dict:
-    """On a benchmark (ground_truth.npz beside the pair file, same embedding size): the true-basis few-shot
-    ceiling, reported beside the oracle."""
-    from lore_core.evaluation import load_true_basis, true_basis_metrics
+def benchmark_truth(pairs):
+    """The hidden basis of a benchmark (ground_truth.npz beside the pair file, same embedding size) or None; read
+    before any training, so that a damaged file is refused up front."""
+    from lore_core.evaluation import load_true_basis
 
     true_basis = load_true_basis(pairs.source)
-    if true_basis is None or true_basis.shape[1] != pairs.dim:
-        return {}
-    return true_basis_metrics(pairs, true_basis, prior_pairs)
+    return None if true_basis is None or true_basis.ndim != 2 or true_basis.shape[1] != pairs.dim else true_basis
+
+
+def benchmark_ceiling(pairs, true_basis, prior_pairs: float) -> dict:
+    """On a benchmark: the true-basis few-shot ceiling, reported beside the oracle."""
+    from lore_core.evaluation import true_basis_metrics
+
+    return {} if true_basis is None else true_basis_metrics(pairs, true_basis, prior_pairs)
 
 
 def _seconds_per_rank(selection: list[dict]) -> dict[str, float]:
