@@ -52,9 +52,8 @@ def run(args: argparse.Namespace) -> int:
         f"{summary['survey_only_users']} marked survey-only, "
         f"{summary['users_without_conversations'] - summary['survey_only_users']} more without conversations)"
     )
-    if summary["users_with_conversations"] == 1:
-        print("warning: all conversations belong to one user; federated LoRe needs many users (is user_id filled "
-              "in per user?)", file=sys.stderr)
+    for warning in summary["population_warnings"]:
+        print(f"warning: {warning}", file=sys.stderr)
     print(
         f"pairs: {summary['pairs_kept']} kept of {summary['pairs_built']} "
         f"(seen train {per_split['seen_train']}, seen test {per_split['seen_test']}, "
