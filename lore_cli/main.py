@@ -43,7 +43,15 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    shown = warnings.formatwarning
     warnings.formatwarning = _format_warning
+    try:
+        return _main(argv)
+    finally:
+        warnings.formatwarning = shown
+
+
+def _main(argv: list[str]) -> int:
     command = argv[0] if argv and argv[0] in COMMANDS else None
     try:
         parser = build_parser(only=command)

@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m client.device", description=__doc__.splitlines()[0])
     configure(parser)
     args = parser.parse_args(argv)
-    warnings.formatwarning = lambda message, category, *_, **__: f"note: {message}\n"  # no source lines
+    shown, warnings.formatwarning = warnings.formatwarning, lambda message, *_, **__: f"note: {message}\n"
     try:
         return run(args)
     except (ValueError, FileNotFoundError) as exc:
@@ -104,6 +104,8 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"client.device {args.device_command}: error: {exc}", file=sys.stderr)  # e.g. permission denied
         return 2
+    finally:
+        warnings.formatwarning = shown
 
 
 # --- commands -------------------------------------------------------------------------------------------------
