@@ -140,7 +140,7 @@ def check_run(population: dict, overrides: dict):
     check_rank(settings.rank, population["dim"], "--rank", population["source"])
     if settings.clients_per_round > population["seen_users"]:
         raise ValueError(f"--clients-per-round {settings.clients_per_round} is more than the "
-                         f"{population['seen_users']} seen users of the pair file; lower it")
+                         f"{population['seen_users']} seen users of {population['source']}; lower it")
     privacy = settings.privacy_settings(population["seen_users"])
     largest = population["largest_client_pairs"]
     if privacy.mode == "record" and not privacy.delta < 1 / largest:
