@@ -208,7 +208,7 @@ def forget(directory: str | Path, *, everything: bool = False) -> list[str]:
         return _delete_state(directory)
     try:
         state = load_state(directory)
-    except StateCorruptError as exc:
+    except StateError as exc:  # corrupted, or the manifest is gone: personal files may still be on disk
         return _forget_corrupted(directory, exc)
     save_state(replace(state, user_weights=None, pair_diff=state.pair_diff[:0], choices=()))
     return []
@@ -219,9 +219,9 @@ def _is_personal(name: str) -> bool:
     return bool(match) and match["name"].startswith("personal-")
 
 
-def _forget_corrupted(directory: Path, problem: StateCorruptError) -> list[str]:
+def _forget_corrupted(directory: Path, problem: StateError) -> list[str]:
     """The state cannot be loaded: delete every personal data file regardless, and drop it from the manifest when
-    the manifest is readable (the rest of the state stays as it was, still reported as corrupted)."""
+    the manifest is readable; the rest is left as it is (and checked again for the note)."""
     removed = [path for path in directory.iterdir() if path.is_file() and _is_personal(path.name)]
     for path in removed:
         path.unlink()
