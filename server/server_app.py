@@ -63,6 +63,8 @@ def _run_locked(grid: Grid, settings: ServerSettings, on_round: Callable[[dict],
                                 timeout=settings.round_timeout)
     if allowed < remaining:
         run.stop_for_budget(grid)
+    else:
+        run.complete_final_evaluation(grid)  # a failed final evaluation is retried (on a rerun too)
     return state
 
 
