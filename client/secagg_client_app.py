@@ -12,6 +12,9 @@ nothing private). The server unmasks only the sum over nodes. w stays in `client
 
 from __future__ import annotations
 
+import logging
+
+import numpy as np
 from flwr.app import Context
 from flwr.client import NumPyClient
 from flwr.client.mod import secaggplus_mod
@@ -19,6 +22,8 @@ from flwr.clientapp import ClientApp
 
 from client import client_app as message_app
 from federation import protocol as p
+
+log = logging.getLogger("lore_fed.client")
 
 
 class SecAggTrainer(NumPyClient):
@@ -38,7 +43,11 @@ class SecAggTrainer(NumPyClient):
             raise message_app.ClientRequestError(str(exc)) from exc
         # per user; the server leaves room for quantisation in this clip norm
         updates = message_app.train_clipped(context, settings, node, basis, sampled, float(config[p.CLIP_NORM]))
-        return [updates.sum(axis=0)], 1, {}
+        finite = np.isfinite(updates).all(axis=(1, 2))
+        if not finite.all():  # the server sees only the sum: one user's NaN must not void the node's other users
+            log.warning("%d of %d sampled users' updates are not finite; they send nothing this round",
+                        int((~finite).sum()), finite.size)
+        return [updates[finite].sum(axis=0)], 1, {}
 
 
 def _client_fn(context: Context):

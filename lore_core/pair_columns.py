@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from lore_core.atomic_io import atomic_path
+from lore_core.npz_file import READ_ERRORS, check_npz_head, unreadable
 from lore_core.pairs import EXPECTED, OPTIONAL_ARRAYS, REQUIRED_ARRAYS, PairFileError, PairSet, resolve_pair_path
 
 READ_ROWS = 1 << 18  # rows per chunk when a whole column is scanned (~100 MB of diff at D = 384)
@@ -51,10 +52,11 @@ class PairColumns:
     def open(cls, path: str | Path) -> "PairColumns":
         """Locate every array of a pair file (or `DIR/pairs.npz`) without reading one."""
         file = resolve_pair_path(path)
+        check_npz_head(file, EXPECTED, PairFileError)
         try:
             members = _locate_members(file)
-        except (OSError, ValueError, EOFError, zipfile.BadZipFile, struct.error) as exc:
-            raise PairFileError(f"{file}: not a readable .npz pair file ({exc})") from exc
+        except (*READ_ERRORS, struct.error) as exc:
+            raise unreadable(file, exc, EXPECTED, PairFileError) from exc
         return cls(str(file), members, file)
 
     @classmethod
@@ -138,8 +140,10 @@ class PairColumns:
         if unknown:
             raise PairFileError(f"{where}: unknown arrays {unknown}; allowed: {REQUIRED_ARRAYS + OPTIONAL_ARRAYS}")
         diff = self._members["diff"]
-        if len(diff.shape) != 2 or diff.shape[1] == 0 or diff.dtype.kind != "f":
-            raise PairFileError(f"{where}: diff must be a 2-D float array (n, D), got {diff.dtype} {diff.shape}")
+        if len(diff.shape) != 2 or diff.shape[1] == 0:
+            raise PairFileError(f"{where}: diff must be a 2-D float array (n, D), got shape {diff.shape}")
+        if diff.dtype.kind != "f":
+            raise PairFileError(f"{where}: diff must be float, got {diff.dtype}")
         for name in ("user", "split", "seen", "logit_true"):
             if name in self._members and self._members[name].shape != (self.n,):
                 raise PairFileError(f"{where}: {name} must have shape ({self.n},) like diff, "
@@ -171,7 +175,7 @@ def _locate_members(file: Path) -> dict[str, _Member]:
                 np.lib.format.read_array_header_2_0
             shape, fortran, dtype = read_header(handle)
             if dtype.hasobject:
-                raise ValueError(f"array {name!r} holds Python objects")
+                raise ValueError(f"array {name!r} holds Python objects (allow_pickle=False)")
             if fortran and len(shape) > 1:
                 raise ValueError(f"array {name!r} is stored in Fortran order; rewrite it with np.savez")
             offset = handle.tell()
@@ -255,6 +259,7 @@ class PopulationCounts:
     users: int
     seen_users: int
     train_users: int  # seen users with at least one training pair
+    idle_users: np.ndarray  # ids of seen users without a training pair (only test pairs)
     largest_client_pairs: int  # most training pairs of one seen user
     pairs: int
     dim: int
@@ -285,14 +290,17 @@ def check_pair_file(path: str | Path, rows_per_block: int = READ_ROWS) -> tuple[
     columns.verify_checksums()
     index = PairIndex.build(columns)
     seen_users = train_users = largest = 0
+    idle = []
     for first, stop, block in user_blocks(columns, index, rows_per_block):
         user_pos = index.row_users(first, stop)  # rows are in index order within a block
         seen = np.bincount(user_pos, weights=block.seen, minlength=stop - first) > 0
         trains = np.bincount(user_pos, weights=block.seen & (block.split == "train"), minlength=stop - first)
         seen_users += int(seen.sum())
         train_users += int((trains > 0).sum())
+        idle.append(index.user_ids[first:stop][seen & (trains == 0)])
         largest = max(largest, int(trains.max(initial=0)))
     return columns, index, PopulationCounts(users=index.n_users, seen_users=seen_users, train_users=train_users,
+                                            idle_users=np.concatenate(idle) if idle else index.user_ids[:0],
                                             largest_client_pairs=largest, pairs=columns.n, dim=columns.dim)
 
 

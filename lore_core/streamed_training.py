@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lore_core.evaluation import evaluate_model, load_true_basis, true_basis_metrics
+from lore_core.evaluation import evaluate_model, true_basis_metrics
 from lore_core.joint_trainer import JointFit, TrainConfig, train_joint
 from lore_core.minibatch_trainer import MinibatchConfig, fit_minibatch
 from lore_core.pair_columns import PairColumns, PairIndex, rows_of_users, user_blocks
@@ -68,13 +68,11 @@ def train_streamed(path: str | Path, config: TrainConfig, *, epochs: int = Minib
 
 
 def evaluate_streamed(path: str | Path, basis: np.ndarray, *, prior_pairs: float,
-                      joint_weights: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[dict, dict]:
-    """`evaluate_model` (+ the true-basis ceiling when the file has one) over blocks of whole users, combined.
-    Returns (metrics, the file's `PairSet.summary()`)."""
+                      joint_weights: tuple[np.ndarray, np.ndarray] | None = None,
+                      true_basis: np.ndarray | None = None) -> tuple[dict, dict]:
+    """`evaluate_model` (+ the true-basis ceiling, with a benchmark's `true_basis`) over blocks of whole users,
+    combined. Returns (metrics, the file's `PairSet.summary()`)."""
     columns = PairColumns.open(path)
-    true_basis = load_true_basis(columns.source)
-    if true_basis is not None and true_basis.shape[1] != columns.dim:
-        true_basis = None
     totals: dict[str, float] = {}
     weights: dict[str, float] = {}
     summary: dict = {}

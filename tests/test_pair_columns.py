@@ -41,7 +41,7 @@ def test_header_problems_name_the_file(tmp_path, pairs):
     np.savez(tmp_path / "objects.npz", **{**arrays, "user": arrays["user"].astype(object)}, allow_pickle=True)
     (tmp_path / "garbage.npz").write_bytes(b"PK not really a zip")
     for name, message in (("missing", "missing required arrays"), ("short", "user must have shape"),
-                          ("objects", "Python objects"), ("garbage", "not a readable")):
+                          ("objects", "pickled"), ("garbage", "unreadable .npz")):
         with pytest.raises(PairFileError, match=f"{name}.npz.*{message}"):
             PairColumns.open(tmp_path / f"{name}.npz")
 
