@@ -137,3 +137,15 @@ def test_generator_command_writes_a_file(tmp_path):
                                  "--test-pairs", "2", "--out", str(tmp_path / "g.npz")]) == 0
     summary = load_pairs(tmp_path / "g.npz").summary()
     assert (summary["seen_users"], summary["unseen_users"], summary["dim"]) == (5, 0, 4)
+
+
+def test_a_damaged_byte_that_still_reads_as_a_number_is_caught_by_the_checksum(tmp_path, pairs):
+    path = save_pairs(pairs, tmp_path / "p.npz")
+    columns = PairColumns.open(path)
+    offset = columns._members["diff"].offset + 4 * 7 + 1  # inside one float32 of diff: still a finite number
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0x01
+    path.write_bytes(bytes(data))
+    assert np.isfinite(PairColumns.open(path).read("diff")).all()
+    with pytest.raises(PairFileError, match="p.npz: unreadable .npz, damaged .*CRC-32 of array 'diff'.*expected"):
+        check_pair_file(path)
