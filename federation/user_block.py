@@ -22,7 +22,7 @@ import numpy as np
 from lore_core.pair_columns import PairColumns, PairIndex, rows_of_users
 from lore_core.pairs import PairSet, load_pairs
 
-EVAL_BLOCK_USERS = 2000  # users evaluated at a time: bounds a node's evaluation memory (~40 MB at D = 384)
+EVAL_BLOCK_USERS = 2000  # users evaluated at a time: bounds a node's evaluation memory (~150 MB at D = 384, 25 pairs each)
 
 
 @dataclass(frozen=True)

@@ -190,8 +190,9 @@ def markdown(report: dict) -> str:
                      f"{s['final_evaluation_seconds']:.1f} | {s['peak_tree_rss_gib']:.2f} | {s['nodes']} | "
                      f"{s['seen_test_acc']:.4f} / {s['unseen_test_acc']:.4f} | {s['epsilon']:.3f} ({s['delta']:g})"
                      if s else "– | – | – | – | – | – | –")
+        reused = "*" if g.get("reused") else ""
         lines.append(f"| {r['seen_users']:,} (+{r['users'] - r['seen_users']:,}) | {r['dim']} | {g['file_mib']:,.0f} "
-                     f"MiB | {g['seconds']:.0f} / {g['peak_tree_rss_gib']:.2f} | {train_cells} | {sim_cells} "
+                     f"MiB | {g['seconds']:.0f} / {g['peak_tree_rss_gib']:.2f}{reused} | {train_cells} | {sim_cells} "
                      f"| {r['run']} |")
     lines += ["", "## Side by side (one invocation)", ""]
     for run, ratio in report["side_by_side"].items():
@@ -205,8 +206,11 @@ def markdown(report: dict) -> str:
         if isinstance(fit, dict):
             lines.append(f"| {name} | {fit['a']:.4g} | {fit['b_per_user']:.3g} | {fit['b_per_user'] * 1e6:.4g} | "
                          f"{fit['max_relative_residual']:.2f} |")
-    lines += ["", f"The DP sampler draws one uniform per user per round: {report['law']['sampling_seconds_per_user']:.2e}"
-              " s per user (the only O(N) step of a training round: 0.1 s at 10^7 users).", "",
+    per_user = report["law"]["sampling_seconds_per_user"]
+    lines += ["", "b x 10^6: seconds, MiB or GiB per million users. Generation figures marked * are those of the run "
+              "that wrote the file (a later run reuses it).", "",
+              f"The DP sampler draws one uniform per user per round: {per_user:.2e} s per user, the only O(N) step of "
+              f"a training round ({per_user * 1e7:.2f} s at 10^7 users).", "",
               "## Projection: 10^6 and 10^7 users on Flower's Deployment Engine", "",
               "K machines, one SuperNode each hosting N/K users as a virtual node does here (its users' pair shard, "
               "their w, the row offsets); the SuperLink's state store holds one round's messages at a time (Flower "
@@ -233,13 +237,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", default="runs/bench_scale", help="run directories")
     parser.add_argument("--skip-train", action="store_true", help="simulate only (e.g. 10^6 users)")
     parser.add_argument("--out", default="bench_results")
+    parser.add_argument("--report-only", action="store_true", help="rewrite scale.md from scale.json, run nothing")
     args = parser.parse_args(argv)
     data, work, out = Path(args.data), Path(args.work), Path(args.out)
     data.mkdir(parents=True, exist_ok=True)
     report_file = out / "scale.json"
     report = json.loads(report_file.read_text()) if report_file.exists() else {"populations": {}}
     run = time.strftime("%Y-%m-%dT%H:%M")
-    populations = sorted(int(n) for n in args.populations.split(","))
+    populations = [] if args.report_only else sorted(int(n) for n in args.populations.split(","))
     for seen in populations:
         path, generation = generate(seen, args.dim, data)
         row = {"seen_users": seen, "users": seen + seen // 10, "dim": args.dim, "run": run,
@@ -269,7 +274,8 @@ def main(argv: list[str] | None = None) -> int:
                 "smallest": rows[0]["seen_users"], "largest": rows[-1]["seen_users"], "smallest_seconds": small,
                 "largest_seconds": large, "ratio": round(large / float(np.mean(small)), 3)}
     full_d = [r for r in report["populations"].values() if r["dim"] == 384]
-    report["law"] = {**cost_law(full_d), "sampling_seconds_per_user": sampling_cost()}
+    report["law"] = {**cost_law(full_d), "sampling_seconds_per_user": report.get("law", {}).get(
+        "sampling_seconds_per_user") if args.report_only else sampling_cost()}
     largest = max(full_d, key=lambda r: r["users"])
     report["projection"] = projection(largest, report["law"])
     report["machine"] = f"{platform.machine()}, {os.cpu_count()} CPUs"
