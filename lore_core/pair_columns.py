@@ -28,7 +28,7 @@ from lore_core.atomic_io import atomic_path
 from lore_core.npz_file import READ_ERRORS, check_npz_head, unreadable
 from lore_core.pairs import EXPECTED, OPTIONAL_ARRAYS, REQUIRED_ARRAYS, PairFileError, PairSet, resolve_pair_path
 
-READ_ROWS = 1 << 18  # rows per chunk when a whole column is scanned (~100 MB of diff at D = 384)
+READ_ROWS = 1 << 17  # rows per block when a whole file is scanned (~200 MB of diff at D = 384)
 _LOCAL_HEADER = struct.Struct("<4s2B4HL2L2H")  # zip local file header (zipfile.sizeFileHeader = 30 bytes)
 
 
@@ -114,6 +114,8 @@ class PairColumns:
     def verify_checksums(self) -> None:
         """Every member's bytes against the CRC-32 stored in the archive, as np.load checks them: a damaged byte
         is an error here, never a silently wrong value. One sequential pass over the file."""
+        if self._file is None:
+            return  # arrays in memory
         with open(self._file, "rb") as handle:
             for name, member in self._members.items():
                 if member.stored is None:
@@ -169,7 +171,8 @@ def _locate_members(file: Path) -> dict[str, _Member]:
                 continue
             handle.seek(info.header_offset)
             header = _LOCAL_HEADER.unpack(handle.read(_LOCAL_HEADER.size))
-            handle.seek(info.header_offset + _LOCAL_HEADER.size + header[10] + header[11])  # after name and extra
+            start = info.header_offset + _LOCAL_HEADER.size + header[10] + header[11]  # after name and extra field
+            handle.seek(start)
             version = np.lib.format.read_magic(handle)
             read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
                 np.lib.format.read_array_header_2_0
@@ -181,7 +184,6 @@ def _locate_members(file: Path) -> dict[str, _Member]:
             offset = handle.tell()
             if offset + dtype.itemsize * int(np.prod(shape, dtype=np.int64)) > size:
                 raise ValueError(f"array {name!r} is truncated")
-            start = info.header_offset + _LOCAL_HEADER.size + header[10] + header[11]
             members[name] = _Member(dtype, tuple(shape), offset, stored=(start, info.compress_size, info.CRC))
     return members
 
