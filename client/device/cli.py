@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from client.device import attribute_prior, personalize, posterior, questions, ranking, user_posterior
-from client.device.pool import answered, read_pool
+from client.device.pool import answered, as_choice, read_pool
 from client.device.state import (
     BasisMismatchError,
     DeviceState,
@@ -215,21 +215,15 @@ def _next_question(args) -> int:
     state = load_state(_directory(args))
     pool = read_pool(args.candidates, state.basis.dim)
     if pool.records is not None:
-        from client.device.pool import as_choice
-
         diff = embed_choices(_open_encoder(args.encoder or state.encoder, state.basis),
                              [as_choice(r, 0) for r in pool.records])
     else:
         diff = pool.diff
     start = time.perf_counter()
-    scores = (np.asarray(diff, np.float64) @ state.basis.basis.astype(np.float64).T)[None]
     available = ~answered(pool, state.choices, state.pair_diff)
-    drawn = user_posterior.samples(state)
-    picked, joint = questions.choose_batch(drawn, scores, available, args.k)
-    best = float(joint[0]) if joint.size else 0.0  # the first greedy pick is the best single pair
+    picked, gains, best = user_posterior.next_questions(state, diff, available, args.k)
     selection_ms = 1e3 * (time.perf_counter() - start)
     stop = bool(questions.should_stop(best, int(available.sum())))
-    gains = np.diff(np.r_[0.0, joint])
     rows = []
     for i, gain in zip(picked, gains):
         row = {"index": int(i), "information_bits": round(float(gain), 4)}

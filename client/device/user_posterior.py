@@ -12,7 +12,7 @@ from dataclasses import replace
 
 import numpy as np
 
-from client.device import personalize, posterior
+from client.device import personalize, posterior, questions
 from client.device.state import DeviceState
 
 # The device's personal prior, worth this many answers: chosen on the onboarding pilots (seeds 101, 102) with
@@ -53,6 +53,15 @@ def samples(state: DeviceState, n_samples: int = posterior.DEFAULT_SAMPLES) -> p
         fit = posterior.LaplaceFit(mode=state.posterior_mode[None], cov=state.posterior_cov[None])
     return posterior.sample(answer_scores(state), fit, DEVICE_PRIOR_PAIRS, _prior(state), n_samples=n_samples,
                             rng=np.random.default_rng(posterior.SAMPLE_SEED))
+
+
+def next_questions(state: DeviceState, pool_diff: np.ndarray, available: np.ndarray, k: int):
+    """The k most informative available pool pairs (pool_diff (P, D), available (P,) bool): (indices, each one's
+    added information in bits, the best single pair's information: what the stop rule reads)."""
+    scores = (np.asarray(pool_diff, np.float64) @ state.basis.basis.astype(np.float64).T)[None]
+    picked, joint = questions.choose_batch(samples(state), scores, available, k)
+    best = float(joint[0]) if joint.size else 0.0  # the first greedy pick is the best single pair
+    return picked, np.diff(np.r_[0.0, joint]), best
 
 
 def confidence(state: DeviceState, drawn: posterior.PosteriorSamples) -> dict:
