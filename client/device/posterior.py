@@ -220,8 +220,8 @@ def in_credible_region(
 
 
 def spread(samples: PosteriorSamples, w: np.ndarray) -> np.ndarray:
-    """Expected total-variation distance between the posterior and the point estimate w (U, B) -> (U,):
-    0 when sure, about 0.5 for a flat prior over 4-5 bases. The one number `status` shows."""
+    """Expected total-variation distance between the posterior and the point estimate w (U, B) -> (U,): 0 when
+    sure, about 0.3 before the first answer (4-5 bases, the device prior). The one number `status` shows."""
     return 0.5 * np.einsum("us,us->u", samples.probability, np.abs(samples.w - w[:, None, :]).sum(axis=-1))
 
 
