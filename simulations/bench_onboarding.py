@@ -70,8 +70,8 @@ POPULATIONS = {
     "synthetic": {"dir": "runs/onboarding/synthetic", "synthetic": dict(
         seen_users=300, unseen_users=250, few_shot_pairs=60, test_pairs=40, seed=0)},
     "prism": {"dir": "runs/onboarding/prism", "attributes": True, "make": [
-        _PRISM_MAKE.format(users=520, seed=1, dir="runs/onboarding/prism"),
-        "lore-fed prepare runs/onboarding/prism_raw --out runs/onboarding/prism --seen-fraction 0.5",
+        _PRISM_MAKE.format(users=400, seed=1, dir="runs/onboarding/prism"),
+        "lore-fed prepare runs/onboarding/prism_raw --out runs/onboarding/prism --seen-fraction 0.4",
         "lore-fed embed runs/onboarding/prism", "lore-fed train runs/onboarding/prism --out runs/onboarding/prism/train"]},
 }
 # Built to break the method: every user has nearly the same w (Dirichlet concentration 100), so there is nothing
@@ -324,12 +324,10 @@ def run_pilot(out_dir: Path, log=print) -> dict:
     chosen = float(min(coverage, key=lambda c: (abs(coverage[c] - 0.9), -float(c))))
     report["prior_chosen"] = chosen
     for name, (directory, basis, _) in runs.items():
-        calibrated, temperature = calibrated_basis(directory, basis, chosen, log)
-        result, users, by_method = bench_population(directory, calibrated, prior_pairs=chosen, log=log)
-        result["temperature"] = temperature
-        report.setdefault("calibrated", {})[name] = result
-        for bits in STOP_GRID:
-            report["stop_grid"].setdefault(str(bits), {})[name] = stop_rule_figures(by_method["lore"], bits)
+        trial = _calibrated_trial(directory, basis, chosen, log)
+        report.setdefault("calibrated", {})[name] = trial["result"]
+        for bits, figures in trial["stop_grid"].items():
+            report["stop_grid"].setdefault(bits, {})[name] = figures
     ok = [float(b) for b, by in report["stop_grid"].items()
           if all(v["accuracy_at_stop"] >= v["accuracy_at_30"] - 0.01 for v in by.values())]
     report["stop_chosen"] = max(ok) if ok else min(STOP_GRID)
@@ -430,6 +428,21 @@ def _prior_trial(directory: Path, users: NewUsers, strength: float, log=print) -
     log(f"  prior {strength}: coverage after answers {(trial['coverage_90'] or {}).get('after_answers')}, "
         f"accuracy at 30 {trial['accuracy']['30']}")
     return trial
+
+
+def _calibrated_trial(directory: Path, basis: Path, strength: float, log=print) -> dict:
+    """The pilot with the chosen prior and its calibrated basis: all methods, and the stop rule at every threshold
+    of STOP_GRID along lore-fed's questions. Kept beside the pilot's data (calibrated_trials.json)."""
+    cache = directory / "calibrated_trials.json"
+    done = json.loads(cache.read_text()) if cache.is_file() else {}
+    if str(strength) not in done:
+        calibrated, temperature = calibrated_basis(directory, basis, strength, log)
+        result, _, by_method = bench_population(directory, calibrated, prior_pairs=strength, log=log)
+        result["temperature"] = temperature
+        done[str(strength)] = {"result": result, "stop_grid": {
+            str(bits): stop_rule_figures(by_method["lore"], bits) for bits in STOP_GRID}}
+        atomic_write_json(cache, done)
+    return done[str(strength)]
 
 
 def main(argv: list[str] | None = None) -> int:

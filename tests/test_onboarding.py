@@ -216,3 +216,14 @@ def test_several_attributes_combine_as_a_geometric_mean():
     table = {"groups": {"age": {"a": {"mean": [0.8, 0.2]}}, "lang": {"x": {"mean": [0.2, 0.8]}}}}
     mean, missing = attribute_prior.prior_mean(table, {"age": "a", "lang": "x", "gender": "g"})
     assert mean == pytest.approx([0.5, 0.5]) and missing == ["gender=g"]
+
+
+def test_basis_temperature_undoes_a_compressed_basis():
+    from simulations.basis_temperature import fit_temperature, seen_user_arrays
+    from simulations.synthetic_pairs import SyntheticPairsConfig, make_synthetic_pairs
+
+    pairs, truth = make_synthetic_pairs(SyntheticPairsConfig(dim=16, true_rank=3, seen_users=80, unseen_users=0,
+                                                             train_pairs=(30, 30), test_pairs=30, seed=3))
+    arrays = seen_user_arrays(pairs, 0.5 * truth.basis)  # the true basis with its logits halved
+    temperature = fit_temperature(*arrays, DEVICE_PRIOR_PAIRS, iterations=10)
+    assert 1.6 < temperature < 2.6, temperature
