@@ -1,9 +1,10 @@
 """Few-shot fit of user weights on the simplex with the basis frozen: numpy only (runs on a device).
 
 For each user u, minimise over w in the simplex
-    F_u(w) = (1/n_u) sum_{j in u} softplus(-w . s_j) + lam * KL(w || uniform)
-where s_j = A d_j are the pair's basis scores. F_u is strictly convex (lam > 0), so this solver and the torch
-trainer reach the same w. lam is one strength for all users, or one per user: `prior_from_pairs` sets
+    F_u(w) = (1/n_u) sum_{j in u} softplus(-w . s_j) + lam * KL(w || m)
+where s_j = A d_j are the pair's basis scores and m is uniform (the population reward) unless a device gives a
+prior mean (declared attributes, client.device.attribute_prior). F_u is strictly convex (lam > 0), so this solver
+and the torch trainer reach the same w. lam is one strength for all users, or one per user: `prior_from_pairs` sets
 lam_u = c / n_u, the Bayesian weight of a prior worth c pairs against a user's n_u pairs (a user with few pairs
 stays near the population, one with many is free to be personal). The prior keeps every weight > 0, which makes a
 damped Newton method on the simplex fast and exact.

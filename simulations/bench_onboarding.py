@@ -72,7 +72,8 @@ POPULATIONS = {
     "prism": {"dir": "runs/onboarding/prism", "attributes": True, "make": [
         _PRISM_MAKE.format(users=400, seed=1, dir="runs/onboarding/prism"),
         "lore-fed prepare runs/onboarding/prism_raw --out runs/onboarding/prism --seen-fraction 0.4",
-        "lore-fed embed runs/onboarding/prism", "lore-fed train runs/onboarding/prism --out runs/onboarding/prism/train"]},
+        "lore-fed embed runs/onboarding/prism",
+        "lore-fed train runs/onboarding/prism --out runs/onboarding/prism/train"]},
 }
 # Built to break the method: every user has nearly the same w (Dirichlet concentration 100), so there is nothing
 # to learn; questions should not hurt, and calibration and coverage must still hold. No Done-when target applies.
@@ -84,7 +85,8 @@ PILOTS = {
     "prism": {"dir": "runs/onboarding/pilot", "make": [
         _PRISM_MAKE.format(users=300, seed=102, dir="runs/onboarding/pilot"),
         "lore-fed prepare runs/onboarding/pilot_raw --out runs/onboarding/pilot --seen-fraction 0.5",
-        "lore-fed embed runs/onboarding/pilot", "lore-fed train runs/onboarding/pilot --out runs/onboarding/pilot/train"]},
+        "lore-fed embed runs/onboarding/pilot",
+        "lore-fed train runs/onboarding/pilot --out runs/onboarding/pilot/train"]},
 }
 REPO = Path(__file__).resolve().parents[1]
 
@@ -127,6 +129,8 @@ def summarize(users: NewUsers, runs: dict[str, Run], stop_bits: float = question
             lore.logit_coverage, "learned basis: the 90 % posterior interval of each test pair's logit against the "
             "true logit (logit_true); basis error is not part of the posterior")
     out["stop_rule"] = stop_rule_figures(lore, stop_bits)
+    out["effective_samples_median"] = {str(t): round(float(np.median(v)), 1)
+                                       for t, v in lore.effective_samples.items()}
     return out
 
 
@@ -373,7 +377,9 @@ def render_markdown(report: dict) -> str:
         stop = r["stop_rule"]
         lines += [f"Stop rule ({stop['threshold_bits']} bits): stops after a median {stop['median_questions']:g} "
                   f"questions ({100 * stop['stopped_within_30']:.0f} % of users within 30), accuracy there "
-                  f"{stop['accuracy_at_stop']:.4f} vs {stop['accuracy_at_30']:.4f} after 30.", ""]
+                  f"{stop['accuracy_at_stop']:.4f} vs {stop['accuracy_at_30']:.4f} after 30.", "",
+                  f"Posterior samples' effective size (median over users, of {report['samples']}) by answers: "
+                  + ", ".join(f"{t}: {v:g}" for t, v in r["effective_samples_median"].items()), ""]
         if "declared_attributes" in r:
             a = r["declared_attributes"]
             lines += [f"Declared attributes (pilot panel: {a['panel_users']} seen users; {a['new_users']} new users, "

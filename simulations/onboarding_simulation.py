@@ -57,6 +57,7 @@ class Run:
     map_probabilities: dict
     coverage: dict
     logit_coverage: dict
+    effective_samples: dict  # {n: (U,)} importance-sampling effective sample size of each user's posterior
 
 
 # --- data -----------------------------------------------------------------------------------------------------------
@@ -146,7 +147,7 @@ def simulate(users: NewUsers, method: str, *, prior_pairs: float = DEVICE_PRIOR_
     asked = np.zeros((n_users, answers), np.int64)
     accuracy = np.zeros((answers + 1, n_users))
     best_bits = np.zeros((answers, n_users)) if method == "lore" else None
-    run = Run(accuracy, asked, best_bits, {}, {}, {}, {})
+    run = Run(accuracy, asked, best_bits, {}, {}, {}, {}, {})
     w = np.exp(_prior_log(prior_mean, n_users, n_basis))
     for t in range(answers + 1):
         answered = users.pool[rows[:, None], asked[:, :t]]  # (U, t, B)
@@ -174,6 +175,7 @@ def simulate(users: NewUsers, method: str, *, prior_pairs: float = DEVICE_PRIOR_
 
 def _record_checkpoint(run: Run, users: NewUsers, t: int, answered, w, samples, prior_pairs, rows) -> None:
     run.probabilities[t] = _chunked_probability(samples, users.test)
+    run.effective_samples[t] = samples.effective_size
     run.map_probabilities[t] = _sigmoid(np.einsum("utb,ub->ut", users.test, w))
     if users.test_logit_true is not None:
         run.logit_coverage[t] = _logit_coverage(samples, users)
@@ -218,7 +220,8 @@ def _chunked_choice(samples, pool, available) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _chunked_probability(samples, test) -> np.ndarray:
-    return np.concatenate([posterior.preference_probability(_take(samples, c), test[c]) for c in _chunks(test.shape[0])])
+    return np.concatenate([posterior.preference_probability(_take(samples, c), test[c])
+                           for c in _chunks(test.shape[0])])
 
 
 def _logit_coverage(samples, users: NewUsers) -> np.ndarray:

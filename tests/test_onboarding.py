@@ -65,7 +65,8 @@ def test_sampled_posterior_matches_an_exact_grid_and_the_laplace_is_close():
     assert abs(posterior.preference_probability(drawn, pair)[0, 0] - exact_prob) < 0.01
     # The Laplace alone (its Gaussian, unweighted) is an approximation: close, and the weights make it exact.
     fit = posterior.laplace(answers, DEVICE_PRIOR_PAIRS)
-    gauss = posterior.to_simplex(fit.mode[:, None] + rng.standard_normal((1, 4000, 2)) @ np.linalg.cholesky(fit.cov[0]).T)
+    chol = np.linalg.cholesky(fit.cov[0])
+    gauss = posterior.to_simplex(fit.mode[:, None] + rng.standard_normal((1, 4000, 2)) @ chol.T)
     assert np.abs(gauss[0].mean(axis=0) - exact_mean).max() < 0.08
 
 
