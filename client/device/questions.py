@@ -24,7 +24,7 @@ import numpy as np
 
 from client.device.posterior import PosteriorSamples
 
-STOP_BITS = 0.05
+STOP_BITS = 0.08
 MAX_CONFIGURATIONS = 256
 _LN2 = np.log(2.0)
 
