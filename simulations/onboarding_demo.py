@@ -37,8 +37,25 @@ def device(state: Path, transcript: list[str], *args) -> str:
     proc = subprocess.run(argv, capture_output=True, text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
     if proc.returncode:
         raise RuntimeError(f"{shown} failed: {proc.stderr[-800:]}")
-    transcript += [f"$ {shown}", proc.stdout.rstrip()]
+    transcript += [f"$ {shown}", "\n".join(_shortened(line) for line in proc.stdout.rstrip().splitlines())]
     return proc.stdout
+
+
+def _shortened(line: str, width: int = 60) -> str:
+    """A JSON output line with texts longer than `width` cut (marked with ...); other lines unchanged."""
+    def cut(value):
+        if isinstance(value, str) and len(value) > width:
+            return value[: width - 3] + "..."
+        if isinstance(value, list):
+            return [cut(v) for v in value]
+        if isinstance(value, dict):
+            return {k: cut(v) for k, v in value.items()}
+        return value
+
+    try:
+        return json.dumps(cut(json.loads(line)), ensure_ascii=False)
+    except json.JSONDecodeError:
+        return line
 
 
 def new_user(dataset: Path, pool_size: int) -> tuple[str, list[dict]]:
@@ -79,7 +96,8 @@ def main(argv: list[str] | None = None) -> int:
         answer_of = _simulated_person(args.dataset, user, encoder)
         (work / "pool.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pool))
         state = work / "state"
-        transcript = [f"# new user {user} of {args.dataset.name}; pool: {len(pool)} of their pairs, unlabeled", ""]
+        transcript = [f"# new user {user} of {args.dataset.name}; pool: {len(pool)} of their pairs, unlabeled "
+                      "(texts over 60 characters are cut with ... in this transcript)", ""]
         device(state, transcript, "init", "--basis", basis, "--encoder", encoder)
         device(state, transcript, "status")
         rng = np.random.default_rng(0)
@@ -91,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
             answer = {"history": pair["history"], "chosen": pair["responses"][chosen],
                       "rejected": pair["responses"][1 - chosen]}
             (work / "answer.jsonl").write_text(json.dumps(answer) + "\n")
-            transcript.append(f"# the person picks response {'AB'[chosen]}: {pair['responses'][chosen][:70]!r}")
+            picked = _shortened(json.dumps(pair["responses"][chosen]))
+            transcript.append(f"# the person picks response {'AB'[chosen]}: {picked}")
             device(state, transcript, "adapt", "--choices", work / "answer.jsonl")
         transcript.append("")
         device(state, transcript, "status")

@@ -64,18 +64,24 @@ class Run:
 
 
 def load_new_users(pairs_path, basis: np.ndarray, min_pool: int = MIN_POOL) -> tuple[NewUsers, dict]:
-    """Unseen users with >= min_pool train pairs and >= 1 test pair, as padded score arrays."""
+    """Unseen users with >= min_pool train pairs and >= 1 test pair, as padded score arrays. A test pair that
+    repeats one of the user's pool pairs (the same two responses in the same context) is dropped: the test set
+    must be disjoint from what the user may be asked."""
     pairs = load_pairs(pairs_path)
     if basis.shape[1] != pairs.dim:
         raise PairFileError(f"{pairs.source}: pair dimension {pairs.dim} does not match the basis ({basis.shape[1]})")
     unseen = pairs.subset(~pairs.seen)
     ids, idx = np.unique(unseen.user, return_inverse=True)
+    repeats = _test_repeats_pool(unseen.diff, idx, unseen.split == "train")
+    unseen = unseen.subset(~repeats)
+    idx = idx[~repeats]
     train = unseen.split == "train"
     pool_n = np.bincount(idx[train], minlength=ids.size)
     test_n = np.bincount(idx[~train], minlength=ids.size)
     keep = (pool_n >= min_pool) & (test_n >= 1)
     info = {"unseen_users": int(ids.size), "new_users": int(keep.sum()),
             "dropped_small_pool": int((pool_n < min_pool).sum()),
+            "test_pairs_repeating_the_pool_dropped": int(repeats.sum()),
             "pool_pairs_median": float(np.median(pool_n[keep])) if keep.any() else 0.0,
             "test_pairs_median": float(np.median(test_n[keep])) if keep.any() else 0.0}
     if not keep.any():
@@ -109,6 +115,21 @@ def load_new_users(pairs_path, basis: np.ndarray, min_pool: int = MIN_POOL) -> t
             raise PairFileError(f"{pairs.source}: users without ground-truth weights: {missing[:5]}")
         out["true_weights"] = truth["user_weights"][[order[u] for u in ids[keep]]]
     return NewUsers(ids=ids[keep], **out), info
+
+
+def _test_repeats_pool(diff: np.ndarray, user: np.ndarray, train: np.ndarray) -> np.ndarray:
+    """(n,) bool: test rows equal, up to sign, to a train row of the same user. Rows are compared by an exact
+    key (two fixed random projections of the sign-canonical row), without a loop over pairs."""
+    rng = np.random.default_rng(0)
+    d = diff.astype(np.float64)
+    canonical = d * np.where(d @ rng.standard_normal(d.shape[1]) < 0, -1.0, 1.0)[:, None]
+    key = canonical @ rng.standard_normal(d.shape[1])
+    order = np.lexsort((key, user))
+    same = (user[order][1:] == user[order][:-1]) & (key[order][1:] == key[order][:-1])
+    group = np.empty(user.size, np.int64)
+    group[order] = np.cumsum(np.r_[True, ~same]) - 1
+    has_train = np.bincount(group, weights=train, minlength=group.max() + 1) > 0
+    return ~train & has_train[group]
 
 
 def _slots(user: np.ndarray) -> np.ndarray:

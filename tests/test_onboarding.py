@@ -92,6 +92,14 @@ def test_calibrated_probabilities_are_less_sure_than_the_point_estimate_with_few
     assert abs(integrated - 0.5) < abs(point - 0.5)
 
 
+def test_spread_shrinks_as_answers_come_in():
+    rng = np.random.default_rng(6)
+    before = posterior.spread(posterior.posterior(np.zeros((1, 0, 4)), DEVICE_PRIOR_PAIRS))
+    answers = bt_answers(rng, np.array([[0.6, 0.2, 0.1, 0.1]]), 200, 4)
+    after = posterior.spread(posterior.posterior(answers, DEVICE_PRIOR_PAIRS))
+    assert 0.2 < before[0] and after[0] < 0.5 * before[0]
+
+
 # --- next question and stop rule --------------------------------------------------------------------------------
 
 
@@ -228,3 +236,12 @@ def test_basis_temperature_undoes_a_compressed_basis():
     arrays = seen_user_arrays(pairs, 0.5 * truth.basis)  # the true basis with its logits halved
     temperature = fit_temperature(*arrays, DEVICE_PRIOR_PAIRS, iterations=10)
     assert 1.6 < temperature < 2.6, temperature
+
+
+def test_benchmark_test_pairs_never_repeat_a_pool_pair_of_the_same_user():
+    from simulations.onboarding_simulation import _test_repeats_pool
+
+    diff = np.random.default_rng(7).standard_normal((6, 5)).astype(np.float32)
+    diff[3], diff[4], diff[5] = -diff[0], diff[1], diff[2]  # a flipped repeat, another user's pair, a repeat
+    user, train = np.array([0, 0, 1, 0, 1, 1]), np.array([1, 1, 1, 0, 0, 0], bool)
+    assert _test_repeats_pool(diff, user, train).tolist() == [False, False, False, True, False, True]

@@ -219,10 +219,12 @@ def in_credible_region(
     return log_density(np.asarray(w, np.float64)[:, None, :], answers, prior_log, prior_pairs)[:, 0] >= threshold
 
 
-def spread(samples: PosteriorSamples, w: np.ndarray) -> np.ndarray:
-    """Expected total-variation distance between the posterior and the point estimate w (U, B) -> (U,): 0 when
-    sure, about 0.3 before the first answer (4-5 bases, the device prior). The one number `status` shows."""
-    return 0.5 * np.einsum("us,us->u", samples.probability, np.abs(samples.w - w[:, None, :]).sum(axis=-1))
+def spread(samples: PosteriorSamples) -> np.ndarray:
+    """How far w may be from where the device thinks it is: the expected total-variation distance between w and
+    the posterior mean (U,); 0 when sure, about 0.3 before the first answer (4-5 bases, the device prior). It
+    shrinks as answers come in. The one number `status` shows."""
+    centre = samples.mean()
+    return 0.5 * np.einsum("us,us->u", samples.probability, np.abs(samples.w - centre[:, None, :]).sum(axis=-1))
 
 
 # --- derivatives in the softmax chart ----------------------------------------------------------------------------

@@ -82,7 +82,7 @@ def confidence(state: DeviceState, drawn: posterior.PosteriorSamples) -> dict:
         "attributes_declared": dict(state.attributes),
         "user_weights": _rounded(w),
         "weights_interval_90": [[round(float(a), 4), round(float(b), 4)] for a, b in zip(low[0], high[0])],
-        "spread": round(float(posterior.spread(drawn, w[None])[0]), 4),
+        "spread": round(float(posterior.spread(drawn)[0]), 4),
         "effective_samples": round(float(drawn.effective_size[0]), 1),
     }
 
