@@ -151,8 +151,8 @@ def questions_figures(runs: dict[str, Run], resamples: int = BOOTSTRAP, seed: in
         "questions_to_95": {name: float(np.median(c)) for name, c in crossing.items()},
         "questions_to_95_interval_90": {name: [float(np.percentile(c, 5)), float(np.percentile(c, 95))]
                                         for name, c in crossing.items()},
-        "lore_fewer_questions_than": {
-            name: round(float(np.median(1.0 - crossing["lore"] / np.maximum(c, 1))), 4)
+        "lore_fewer_questions_than": {  # None: the bar is met before any question (nothing to learn)
+            name: None if np.median(c) == 0 else round(float(np.median(1.0 - crossing["lore"] / np.maximum(c, 1))), 4)
             for name, c in crossing.items() if name != "lore"},
         "questions_to_95_per_user_median": {  # the noisy per-user reading, for comparison
             name: float(np.median(questions_to_bar(run.accuracy, per_user_bar))) for name, run in runs.items()},
@@ -170,7 +170,8 @@ def _ece_figures(users: NewUsers, run: Run) -> dict:
     def pooled(probabilities):
         return expected_calibration_error(np.concatenate([p[users.test_mask] for p in probabilities.values()]))
 
-    return {"calibrated": round(pooled(run.probabilities), 4), "point_estimate": round(pooled(run.map_probabilities), 4),
+    return {"calibrated": round(pooled(run.probabilities), 4),
+            "point_estimate": round(pooled(run.map_probabilities), 4),
             "calibrated_by_answers": {str(t): round(expected_calibration_error(p[users.test_mask]), 4)
                                       for t, p in run.probabilities.items()}}
 
@@ -227,18 +228,34 @@ def bench_attributes(dataset, basis_path, fields=ATTRIBUTE_FIELDS, *, min_pool: 
         priors[f"declared {field}"] = np.stack([np.full(rank, 1.0 / rank) if m is None else m for m in means])
     planted = _planted_mask(dataset, users)
     out = {"fields": list(fields), "panel_users": table["population"]["users"], "new_users": users.n,
-           "planted_group_users": None if planted is None else int(planted.sum()), "accuracy": {}}
+           "planted_group_users": None if planted is None else int(planted.sum()), "accuracy": {},
+           "gain_over_uniform_interval_90": {}}
+    groups = {"all": np.ones(users.n, bool)}
+    if planted is not None:
+        groups.update({"planted group": planted, "others": ~planted})
+    draw = np.random.default_rng(0).integers(users.n, size=(BOOTSTRAP, users.n))
+    baseline = None
     for name, mean in priors.items():
         run = simulate(users, "lore", prior_pairs=prior_pairs, prior_mean=mean, answers=10,
                        checkpoints=(0, 1, 2, 5, 10))
-        groups = {"all": np.ones(users.n, bool)}
-        if planted is not None:
-            groups.update({"planted group": planted, "others": ~planted})
         out["accuracy"][name] = {g: {str(t): round(float(run.accuracy[t][m].mean()), 4) for t in (0, 1, 2, 5, 10)}
                                  for g, m in groups.items()}
+        if baseline is None:
+            baseline = run.accuracy
+            continue
+        gain = run.accuracy - baseline  # (11, U), paired by user
+        out["gain_over_uniform_interval_90"][name] = {
+            g: {str(t): _paired_interval(gain[t], m, draw) for t in (0, 1, 2)} for g, m in groups.items()}
         log(f"  prior {name}: accuracy after 0/2/10 answers {run.accuracy[0].mean():.4f} / "
             f"{run.accuracy[2].mean():.4f} / {run.accuracy[10].mean():.4f}")
     return out
+
+
+def _paired_interval(gain: np.ndarray, members: np.ndarray, draw: np.ndarray) -> list[float]:
+    """90 % bootstrap interval (resampling users) of the mean per-user accuracy gain over `members`."""
+    weights = members[draw]
+    means = (gain[draw] * weights).sum(axis=1) / np.maximum(weights.sum(axis=1), 1)
+    return [round(float(np.percentile(means, 5)), 4), round(float(np.percentile(means, 95)), 4)]
 
 
 def _planted_mask(dataset: Path, users: NewUsers) -> np.ndarray | None:
@@ -357,9 +374,11 @@ def render_markdown(report: dict) -> str:
             lines.append(f"| {method} | " + " | ".join(f"{acc[str(t)]:.4f}" for t in CHECKPOINTS)
                          + f" | {r['questions_to_95'][method]:g} ({low:g}-{high:g}) |")
         fewer = r["lore_fewer_questions_than"]
-        lines += ["", f"lore-fed asks {100 * fewer['random']:.0f} % fewer questions than random and "
-                      f"{100 * fewer['uncertainty']:.0f} % fewer than the PReF-style choice (median over bootstrap "
-                      f"resamples). The per-user reading (median over users of each user's first n reaching 95 % "
+        lines += ["", (f"lore-fed asks {100 * fewer['random']:.0f} % fewer questions than random and "
+                       f"{100 * fewer['uncertainty']:.0f} % fewer than the PReF-style choice (median over bootstrap "
+                       f"resamples)." if fewer["random"] is not None else
+                       "Every method meets the bar before the first question: there is nothing to learn.")
+                  + f" The per-user reading (median over users of each user's first n reaching 95 % "
                       f"of their own 30-random-answer accuracy): "
                       + ", ".join(f"{m} {v:g}" for m, v in r["questions_to_95_per_user_median"].items())
                       + " (single users' test sets are too small for it to separate the methods).", ""]
@@ -388,6 +407,12 @@ def render_markdown(report: dict) -> str:
             for prior, groups in a["accuracy"].items():
                 for group, acc in groups.items():
                     lines.append(f"| {prior} | {group} | " + " | ".join(f"{acc[t]:.4f}" for t in acc) + " |")
+            lines += ["", "Gain over the uniform prior, 90 % bootstrap interval (users resampled, paired):", "",
+                      "| prior | group | 0 answers | 1 | 2 |", "|---|---|---|---|---|"]
+            for prior, groups in a["gain_over_uniform_interval_90"].items():
+                for group, by in groups.items():
+                    lines.append(f"| {prior} | {group} | " + " | ".join(
+                        f"{100 * lo:+.1f} to {100 * hi:+.1f} pts" for lo, hi in by.values()) + " |")
             lines.append("")
     return "\n".join(lines) + "\n"
 
