@@ -8,10 +8,13 @@ labels are sampled from the Bradley-Terry model, so the oracle (true A*, true w)
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
-from lore_core.pairs import PairSet
+from lore_core.atomic_io import atomic_save_npz
+from lore_core.pairs import PairSet, save_pairs
+from lore_core.prism_schema import GROUND_TRUTH_FILE
 
 
 @dataclass(frozen=True)
@@ -72,3 +75,14 @@ def make_synthetic_pairs(config: SyntheticPairsConfig = SyntheticPairsConfig()) 
         source="synthetic",
     )
     return pairs, SyntheticTruth(basis=true_basis * scale, user_ids=user_ids, user_weights=weights)
+
+
+def write_synthetic_dataset(directory: str | Path, config: SyntheticPairsConfig) -> Path:
+    """Write `pairs.npz` and its truth `ground_truth.npz` (basis in logit units, logit_scale 1, user_id,
+    user_weights: the arrays `lore-fed synth` writes that readers of a truth use) into `directory`."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    pairs, truth = make_synthetic_pairs(config)
+    atomic_save_npz(directory / GROUND_TRUTH_FILE, basis=truth.basis.astype(np.float32), user_id=truth.user_ids,
+                    user_weights=truth.user_weights, logit_scale=np.float64(1.0), embedder=np.str_("synthetic"))
+    return save_pairs(pairs, directory)
