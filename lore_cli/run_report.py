@@ -118,10 +118,15 @@ def privacy_section(run_dir: Path) -> list[str]:
                   + (" - **stopped early: max epsilon reached**" if budget["stopped_early"] else "")]
         if ledger["epsilon"]:
             eps = ledger["epsilon"]
-            lines.append(f"- epsilon: {eps['prv']:.3f} (PRV, headline), {eps['rdp']:.3f} (RDP upper bound)"
-                         + (f", {eps['over']}" if "over" in eps else ""))
+            if eps["accountant"] == "ddg-rdp":
+                lines.append(f"- epsilon: {eps['headline']:.3f} (distributed discrete Gaussian, RDP bound; "
+                             f"{ledger['accountants']['method']})")
+            else:
+                lines.append(f"- epsilon: {eps['prv']:.3f} (PRV, headline), {eps['rdp']:.3f} (RDP upper bound)"
+                             + (f", {eps['over']}" if "over" in eps else ""))
         lines.append(f"- evaluation: {ledger['evaluation']['policy']} (not covered by the accountant)")
-    lines += ["- not covered: " + "; ".join(ledger["not_covered"]), "", "Full ledger: `ledger.json`."]
+    lines += ["- covered (post-processing of the noisy releases): " + "; ".join(ledger.get("covered", [])),
+              "- not covered: " + "; ".join(ledger["not_covered"]), "", "Full ledger: `ledger.json`."]
     return lines
 
 
