@@ -8,9 +8,9 @@ canary, it uploads C u_j (C = the clip norm the server sends: the largest influe
 says "in", and a zero update if "out": under DP-FedAvg's fixed denominator a user who sends zero is exactly a user
 who is not there. Every sampling of an "in" canary adds C u_j to that round's sum, so it leaves a trace in about
 q T of the T released rounds; the audit (lore_core.audits.canary) scores each direction on the released record.
-Random directions in B * D dimensions are nearly orthogonal to each other and to the users' updates; the audit
-also projects out the directions in which the released sums carry more energy than the claimed noise could (the
-real users' drift).
+The directions are orthonormal (K <= B * D; else random unit vectors), so canaries never blur each other's scores,
+and random, so nearly orthogonal to the users' updates; the audit also projects out the directions in which the
+released sums carry more energy than the claimed noise could (the real users' drift).
 
 The secrets file (`--canary-secrets FILE`, never inside the run directory) holds directions and coins for the
 auditor; in simulation the canary nodes read their own rows of it (the ServerApp never opens it).
@@ -49,11 +49,16 @@ class CanarySecrets:
 
 
 def draw_canaries(count: int, shape: tuple[int, int], seed: int | None = None) -> CanarySecrets:
-    """K random unit directions and fair coins from a secret seed (`seed` only for tests)."""
+    """K unit directions and fair coins from a secret seed (`seed` only for tests). The directions are random and,
+    when K <= B * D, exactly orthonormal, so one canary's uploads add nothing to another's score."""
     rng = np.random.default_rng(secrets.randbits(128) if seed is None else seed)
-    directions = rng.standard_normal((count,) + tuple(shape))
-    directions /= np.linalg.norm(directions.reshape(count, -1), axis=1).reshape(-1, 1, 1)
-    return CanarySecrets(directions=directions, included=rng.random(count) < 0.5)
+    dim = int(np.prod(shape))
+    gaussian = rng.standard_normal((dim, count) if count <= dim else (count, dim))
+    if count <= dim:
+        directions = np.linalg.qr(gaussian)[0].T  # (K, dim), orthonormal rows
+    else:
+        directions = gaussian / np.linalg.norm(gaussian, axis=1, keepdims=True)
+    return CanarySecrets(directions=directions.reshape((count,) + tuple(shape)), included=rng.random(count) < 0.5)
 
 
 def save_canaries(path: str | Path, canaries: CanarySecrets) -> None:

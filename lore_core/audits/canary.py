@@ -6,13 +6,18 @@ recorded mean updates times the fixed denominator q N, which the record proves d
 auditor's canary directions u_j (K, B, D) and coins, and what the ledger claims (z, C, q, epsilon).
 Each canary whose coin said "in" added C u_j to every round in which the server sampled it (about q R rounds).
 Scoring, for each canary:
-1. The real users' updates drift in a few directions round after round; in those directions the released sums
-   carry more energy than the claimed noise could give (singular values above the Marchenko-Pastur edge
-   z C (sqrt(R) + sqrt(B D)) of pure noise). They are projected out of every u_j (a random u_j loses almost
-   nothing: its share of a k-dimensional subspace is about k / (B D)).
-2. x_tj = <S_t, u_j'> / C with u_j' the projected unit direction: under the claim, N(1, z^2) in a round where the
-   canary took part, N(0, z^2) otherwise, so the score is the log-likelihood ratio of "sampled with probability q
-   each round" against "absent": llr_j = sum_t log(1 - q + q exp((x_tj - 1/2) / z^2)).
+1. The noise actually released: outside the span of the canaries (orthonormal, K < B D) the released sums hold
+   only noise and the real users' drift; with the drift's few strong directions left out (singular values above
+   the Marchenko-Pastur edge sigma (sqrt(R) + sqrt(dof)) of pure noise), their per-entry std is the noise std
+   sigma actually added, whatever the ledger says (z_obs = sigma / C; the claimed z when K >= B D).
+2. The real users' updates drift along a few time courses (the left singular vectors of those strong directions);
+   their shadow inside the canaries' span follows the same time courses, so each canary's series is projected
+   off them (a canary's participation rounds are independent of the drift: it loses k of R degrees of freedom).
+3. x_tj = <S_t, u_j> / C (drift shadow removed): N(1, z_obs^2) in a round where the canary took
+   part, N(0, z_obs^2) otherwise, so the score is the log-likelihood ratio of "sampled with probability q each
+   round" against "absent": llr_j = sum_t log(1 - q + q exp((x_tj - 1/2) / z_obs^2)).
+Any score computed from the release and the directions (never the coins) gives a valid bound; this one is sharp
+exactly when the run added less noise than it claims.
 Guessing "in" for the k highest scores, for each k of a grid (Bonferroni over the grid), gives the one-run lower
 bound on epsilon. Verdict: fail if the bound exceeds the ledger's epsilon (the run leaks more than it claims);
 inconclusive if even all guesses right could not certify more than the claim (too few canaries for this epsilon);
@@ -28,25 +33,37 @@ from lore_core.audits.statistics import AuditInputError, auc, gaussian_epsilon_e
 GUESSES = (10, 20, 50, 100, 200, 300, 400, 500, 1000, 2000)
 
 
-def signal_subspace(sums: np.ndarray, noise_std: float) -> np.ndarray:
-    """Orthonormal rows (k, d) of the directions in which the released sums (R, d) carry more energy than noise of
-    std `noise_std` per entry could (singular values above noise_std * (sqrt(R) + sqrt(d)))."""
-    _, singular, vt = np.linalg.svd(sums, full_matrices=False)
-    edge = noise_std * (np.sqrt(sums.shape[0]) + np.sqrt(sums.shape[1]))
-    return vt[singular > edge]
+def observed_noise(sums: np.ndarray, directions: np.ndarray) -> tuple[float | None, np.ndarray]:
+    """What the release shows outside the span of the canary directions (K, d), where it holds only noise and the
+    real users' drift: the noise's per-entry std (None when the canaries span everything, K >= d) and the drift's
+    time courses, orthonormal columns (R, k) of the directions whose singular values stand above the pure-noise
+    edge sigma (sqrt(R) + sqrt(d - K))."""
+    rounds, dim = sums.shape
+    if directions.shape[0] >= dim:
+        return None, np.zeros((rounds, 0))
+    span = np.linalg.qr(directions.T)[0]  # (d, K) orthonormal
+    u, singular, _ = np.linalg.svd(sums - (sums @ span) @ span.T, full_matrices=False)
+    dof = dim - directions.shape[0]
+    keep = np.ones(singular.size, dtype=bool)
+    for _ in range(5):  # drop the spikes above the pure-noise edge, re-estimate
+        sigma = np.sqrt((singular[keep] ** 2).sum() / (rounds * dof))
+        keep = singular <= sigma * (np.sqrt(rounds) + np.sqrt(dof))
+    return float(sigma), u[:, ~keep]
 
 
 def canary_scores(sums: np.ndarray, directions: np.ndarray, *, noise_multiplier: float, clip_norm: float,
-                  sample_rate: float) -> tuple[np.ndarray, int]:
-    """Log-likelihood-ratio score (K,) of each canary direction (K, d) on the released sums (R, d); also the number
-    of signal directions projected out."""
-    signal = signal_subspace(sums, noise_multiplier * clip_norm)
-    projected = directions - (directions @ signal.T) @ signal
-    projected /= np.maximum(np.linalg.norm(projected, axis=1, keepdims=True), 1e-300)
-    x = projected @ sums.T / clip_norm  # (K, R)
-    z, q = noise_multiplier, sample_rate
+                  sample_rate: float) -> tuple[np.ndarray, dict]:
+    """Log-likelihood-ratio score (K,) of each canary direction (K, d) on the released sums (R, d), and what the
+    scoring saw: the observed noise multiplier and the number of drift time courses removed."""
+    sigma, drift = observed_noise(sums, directions)
+    z = max(noise_multiplier if sigma is None else sigma / clip_norm, 1e-6)
+    x = directions @ sums.T / clip_norm  # (K, R)
+    x = x - (x @ drift) @ drift.T  # the drift's shadow in each canary's series; participation is independent of it
+    q = sample_rate
     absent = np.log1p(-q) if q < 1 else -np.inf
-    return np.logaddexp(absent, np.log(q) + (x - 0.5) / (z * z)).sum(axis=1), int(signal.shape[0])
+    scores = np.logaddexp(absent, np.log(q) + (x - 0.5) / (z * z)).sum(axis=1)
+    return scores, {"noise_multiplier_observed": None if sigma is None else sigma / clip_norm,
+                    "drift_directions_removed": int(drift.shape[1])}
 
 
 def canary_audit(sums: np.ndarray, directions: np.ndarray, included: np.ndarray, *, noise_multiplier: float,
@@ -66,8 +83,8 @@ def canary_audit(sums: np.ndarray, directions: np.ndarray, included: np.ndarray,
     guesses = tuple(k for k in GUESSES if k <= included.size)
     if not guesses:
         raise AuditInputError(f"need at least {GUESSES[0]} canaries; got {included.size}")
-    scores, removed = canary_scores(sums, directions, noise_multiplier=noise_multiplier, clip_norm=clip_norm,
-                                    sample_rate=sample_rate)
+    scores, seen = canary_scores(sums, directions, noise_multiplier=noise_multiplier, clip_norm=clip_norm,
+                                 sample_rate=sample_rate)
     bound = one_run_audit(scores, included, delta=delta, alpha=alpha, guesses=guesses)
     best_case = max(one_run_epsilon(included.size, k, k, delta=delta, alpha=alpha / len(guesses))
                     for k in guesses if k <= included.sum())
@@ -93,12 +110,12 @@ def canary_audit(sums: np.ndarray, directions: np.ndarray, included: np.ndarray,
         "epsilon_lb_if_all_guesses_right": best_case, "bound": bound, "gaussian_estimate": estimate,
         "auc": float(auc(scores, included)), "rounds_released": int(len(sums)), "canaries": int(included.size),
         "canaries_in": int(included.sum()), "expected_rounds_per_canary": float(sample_rate * len(sums)),
-        "signal_directions_removed": removed, "noise_multiplier_claimed": noise_multiplier, "clip_norm": clip_norm,
+        **seen, "noise_multiplier_claimed": noise_multiplier, "clip_norm": clip_norm,
         "sample_rate": sample_rate, "delta": delta, "alpha": alpha,
         "score_in": np.sort(scores[included]).round(4).tolist(), "score_out": np.sort(scores[~included]).round(4).tolist(),
         "method": "released noisy sums (verified release record) scored per canary by the log-likelihood ratio of "
-                  "Poisson participation under the claimed z, after projecting out the directions whose energy "
-                  "exceeds the claimed noise; Steinke-Nasr-Jagielski one-run bound over top-k guesses (Bonferroni "
-                  "over k); Gaussian estimate (Andrew et al.) for information",
+                  "Poisson participation under the noise observed outside the canaries' span, each canary's series "
+                  "projected off the real users' drift time courses; Steinke-Nasr-Jagielski one-run bound over top-k "
+                  "guesses (Bonferroni over k); Gaussian estimate (Andrew et al.) for information",
         "trials": int(included.size),
     }

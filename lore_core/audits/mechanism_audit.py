@@ -4,8 +4,9 @@ worst-case canary user; a Clopper-Pearson lower bound on epsilon against the acc
 `aggregate(updates (k, B, D), population) -> mean update (B, D)` is the function the server's strategy calls
 (`server.aggregation.UserDpAggregator.aggregate`, or for `user+secagg` the clients' noise shares and the server's
 decoding of their sum), passed in by the caller, so what is audited is the code that ran, not a copy. Each run
-aggregates k fixed "other" updates, plus, in the "in" runs, a canary that sends 10 C u for a random unit direction
-u (the clip must cap it at C u). The attacker knows everything but the noise (worst case) and scores a run by
+aggregates k fixed "other" updates plus a canary user that sends 10 C u for a random unit direction u in the "in"
+runs (the clip must cap it at C u) and a zero update in the "out" runs (zero-out neighbours: the same users take
+part, so in `user+secagg` the same number of noise shares is added; in `user` a zero update is no user at all). The attacker knows everything but the noise (worst case) and scores a run by
 <u, released mean> q N. The step is audited without sampling (the canary is always present in "in" runs), so the
 claim is the accountant's epsilon of one step at q = 1. A mechanism passes if the bound stays at or below the claim.
 """
@@ -47,7 +48,8 @@ def mechanism_audit(
     u /= np.linalg.norm(u)
     canary = CANARY_NORM_FACTOR * clip_norm * u
     scores = {}
-    for name, stack in (("in", np.concatenate([others, canary[None]])), ("out", others)):
+    for name, stack in (("in", np.concatenate([others, canary[None]])),
+                        ("out", np.concatenate([others, np.zeros((1,) + shape)]))):
         scores[name] = np.array([np.sum(aggregate(stack, population) * u) * denominator for _ in range(runs)])
     bound = epsilon_lower_bound(scores["in"], scores["out"], delta=delta, alpha=alpha)
     estimate = gaussian_epsilon_estimate(scores["in"], scores["out"], delta=delta)
