@@ -20,7 +20,8 @@ from federation.local_training import (device_fit_weights, evaluate_block, perso
                                    train_sampled_users)
 from federation.canary_users import CanaryBlock, load_canary_block
 from federation.user_block import UserBlock, load_device_block, load_partition_block
-from client.user_state import load_record_histories, load_weights, save_record_histories, save_weights
+from client.user_state import (load_record_histories, load_record_logits, load_weights, save_record_state,
+                               save_weights)
 from lore_core.pairs import PAIRS_FILENAME
 
 app = ClientApp()
@@ -103,9 +104,7 @@ def train(msg: Message, context: Context) -> Message:
     if mode == "record" and isinstance(block, CanaryBlock):
         raise ClientRequestError("canary users take part in user-level DP modes only")
     if mode == "record":
-        weights = load_weights(context, block.n_train_users, basis.shape[0])
-        weights, updates, history = _record_train(context, config, settings, basis, block, weights, sampled)
-        save_weights(context, weights)
+        updates, history = _record_train(context, config, settings, basis, block, sampled)
         arrays[p.DP_HISTORY] = Array(np.ascontiguousarray(history))
     else:  # user modes: one flat clip per user here (and re-checked by the server)
         clip_norm = float(config[p.CLIP_NORM]) if mode in ("user", "user+secagg") else None
@@ -116,28 +115,29 @@ def train(msg: Message, context: Context) -> Message:
 
 
 def _record_train(context: Context, config, settings: p.ClientSettings, basis: np.ndarray, block: UserBlock,
-                  weights: np.ndarray, sampled: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Record mode: DP-SGD per sampled user, continuing each user's stored accountant history.
-    Returns (weights (S, B), updates (k, B, D), the sampled users' histories as rows (position, z, q, steps))."""
+                  sampled: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Record mode: DP-SGD per sampled user over its private logits and the basis, continuing each user's stored
+    accountant history. Returns (updates (k, B, D), the sampled users' histories as rows (position, z, q, steps))."""
     from lore_core.privacy.record_dp import RecordDpState
 
     stored = load_record_histories(context)
     owner = stored[:, 0].astype(np.int64)
     states = [RecordDpState(history=[(z, q, int(k)) for _, z, q, k in stored[owner == u]]) for u in sampled]
+    logits = load_record_logits(context, block.n_train_users, basis.shape[0])
     max_epsilon = config.get(p.MAX_EPSILON)
     seed = config.get(p.NOISE_SEED)
-    weights, updates, states = record_dp_updates(
-        basis, block, weights, sampled, states, prior_strength=settings.prior_strength, lr=settings.client_lr,
+    logits, updates, states = record_dp_updates(
+        basis, block, logits, sampled, states, lr=settings.client_lr,
         noise_multiplier=float(config[p.NOISE_MULTIPLIER]), max_grad_norm=float(config[p.MAX_GRAD_NORM]),
         batch_size=int(config[p.RECORD_BATCH_SIZE]), epochs=int(config[p.RECORD_EPOCHS]),
         delta=float(config[p.DELTA]), max_epsilon=None if max_epsilon is None else float(max_epsilon),
         noise_seed=None if seed is None else int(seed) + 104729 * int(config[p.ROUND]), device=settings.device)
     rows = [(u, z, q, k) for u, state in zip(sampled, states) for z, q, k in state.history]
     kept = stored[~np.isin(owner, sampled)]
-    save_record_histories(context, np.concatenate([kept, np.array(rows, dtype=np.float64).reshape(-1, 4)]))
+    save_record_state(context, np.concatenate([kept, np.array(rows, dtype=np.float64).reshape(-1, 4)]), logits)
     position = {int(u): i for i, u in enumerate(sampled)}
     history = np.array([(position[int(u)], z, q, k) for u, z, q, k in rows], dtype=np.float64).reshape(-1, 4)
-    return weights, updates, history
+    return updates, history
 
 
 @app.evaluate()

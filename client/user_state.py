@@ -68,9 +68,31 @@ def load_record_histories(context: Context) -> np.ndarray:
     return np.zeros((0, 4))
 
 
-def save_record_histories(context: Context, rows: np.ndarray) -> None:
+# Record mode: each local user's private weights as logits (S, B), w = softmax(logits): DP-SGD outputs, kept apart
+# from the evaluation's w (which is refit without privacy and must never feed the private step).
+RECORD_LOGITS_KEY = "lore-record-logits"
+
+
+def load_record_logits(context: Context, n_users: int, rank: int) -> np.ndarray:
+    """The stored logits (n_users, rank); zeros (uniform w) when none are stored or the rank changed."""
+    stored = None
+    if RECORD_LOGITS_KEY in context.state:
+        stored = context.state[RECORD_LOGITS_KEY][RECORD_LOGITS_KEY].numpy()
+    else:
+        file = _record_file(context)
+        if file is not None and file.exists():
+            with np.load(file) as data:
+                stored = data[RECORD_LOGITS_KEY] if RECORD_LOGITS_KEY in data.files else None
+    if stored is None or stored.shape != (n_users, rank):
+        return np.zeros((n_users, rank))
+    return stored.astype(np.float64)
+
+
+def save_record_state(context: Context, rows: np.ndarray, logits: np.ndarray) -> None:
+    """Record mode's private state in one write: the accountant histories (rows) and the logits."""
     rows = np.ascontiguousarray(rows, dtype=np.float64).reshape(-1, 4)
     context.state[RECORD_DP_KEY] = ArrayRecord({RECORD_DP_KEY: Array(rows)})
+    context.state[RECORD_LOGITS_KEY] = ArrayRecord({RECORD_LOGITS_KEY: Array(np.ascontiguousarray(logits))})
     file = _record_file(context)
     if file is not None:
-        atomic_save_npz(file, **{RECORD_DP_KEY: rows})
+        atomic_save_npz(file, **{RECORD_DP_KEY: rows, RECORD_LOGITS_KEY: logits})
