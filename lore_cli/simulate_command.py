@@ -72,6 +72,9 @@ def add_privacy_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-shares", type=int, default=None, help="user+secagg: SecAgg+ shares (odd, default 3)")
     parser.add_argument("--reconstruction-threshold", type=int, default=None,
                         help="user+secagg: shares needed to unmask (default 2)")
+    parser.add_argument("--dropout-tolerance", type=float, default=None,
+                        help="user+secagg: fraction of a round's sampled users that may drop out with the guarantee "
+                             "intact (default 0.1; rounds with more are aborted before unmasking)")
     parser.add_argument("--reproducible-noise", action="store_true",
                         help="debug: fixed noise/sampling seed; the run is marked NOT PRIVATE")
     parser.add_argument("--allow-uncovered-eval", action="store_true",
@@ -84,7 +87,8 @@ def privacy_overrides(args: argparse.Namespace) -> dict:
     values = {"privacy-mode": args.privacy, "noise-multiplier": args.noise_multiplier,
               "target-epsilon": args.target_epsilon, "max-epsilon": args.max_epsilon, "clip-norm": args.clip_norm,
               "delta": args.delta, "max-grad-norm": args.max_grad_norm, "device": args.device,
-              "num-shares": args.num_shares, "reconstruction-threshold": args.reconstruction_threshold}
+              "num-shares": args.num_shares, "reconstruction-threshold": args.reconstruction_threshold,
+              "dropout-tolerance": args.dropout_tolerance}
     overrides = {key: value for key, value in values.items() if value is not None}
     if args.reproducible_noise:
         overrides["reproducible-noise"] = True

@@ -7,8 +7,9 @@ Population: `simulations.synthetic_pairs` (D = 384, `--users` seen users + `--un
 Runs: mode `none`, and mode `user` at z in (0.5, 1, 2), delta 1e-5, Poisson q = m/N. Each run is the federated
 round in one process, without Flower's messaging: the ClientApp's training functions (`federation.local_training`, with
 the client-side clip), the ServerApp's aggregator (`server.aggregation.make_aggregator`: secret Poisson sampler,
-server re-clip, noise on the sum, fixed denominator) and server optimizer; epsilon from the accountant that writes
-the ledger (`lore_core.privacy.accounting`). Final evaluation as the ServerApp's (all nodes, seen and unseen users).
+server re-clip, noise on the sum, fixed denominator; for `user+secagg` the users' discrete Gaussian shares on the
+SecAgg+ grid and the server's decoding, without the masks, which cancel) and server optimizer; epsilon from the
+accountant that writes the ledger (`lore_core.privacy.accounting`). Final evaluation as the ServerApp's (all nodes, seen and unseen users).
 `--repeats R` runs every setting R times with seeds 0..R-1 (the table gives means and ranges). Writes
 bench_results/privacy_bench.{json,md} and privacy_accuracy_vs_epsilon.png; the pair files and the Ray run
 directory go to --work (runs/bench_privacy, git-ignored).
@@ -57,6 +58,11 @@ def run_in_process(pairs_path: Path, overrides: dict, num_nodes: int, *, record_
                             counts=np.array([b.n_train_users for b in blocks]), dim=blocks[0].dim)
     privacy = settings.privacy_settings(population.size, population.dim)
     aggregator = make_aggregator(settings, privacy)
+    if privacy.mode == "user+secagg":  # the users' noise shares on the grid the SecAgg+ workflow would plan
+        from lore_core.privacy.distributed_dp import plan_encoding
+
+        aggregator.encoding = plan_encoding(privacy.clip_norm, privacy.noise_multiplier, int(population.counts.max()),
+                                            num_nodes, population.size)
     optimizer = make_optimizer(settings.server_optimizer, settings.server_lr)
     basis = initial_basis(settings.rank, population.dim, settings.seed, settings.init_scale)
     norms, sampled_counts = [], []
@@ -90,9 +96,11 @@ def run_in_process(pairs_path: Path, overrides: dict, num_nodes: int, *, record_
         result["by_prior_pairs"] = {str(c): list(_accuracies(_evaluate(basis, blocks, weights, c)).values())
                                     for c in prior_pairs_grid}
     if privacy.is_dp:
-        eps = epsilon_report([(privacy.noise_multiplier, privacy.sample_rate, settings.rounds)], privacy.delta)
+        eps = epsilon_report([(privacy.noise_multiplier, privacy.sample_rate, settings.rounds)], privacy.delta,
+                             privacy.dimension if privacy.mode == "user+secagg" else None)
         result.update(noise_multiplier=privacy.noise_multiplier, clip_norm=privacy.clip_norm, delta=privacy.delta,
-                      sample_rate=privacy.sample_rate, epsilon_prv=eps.prv, epsilon_rdp=eps.rdp)
+                      sample_rate=privacy.sample_rate, epsilon=eps.headline, epsilon_accountant=eps.accountant,
+                      epsilon_prv=eps.prv, epsilon_rdp=eps.rdp)
     if record_norms:
         result["update_norms"] = norms
     return result

@@ -294,3 +294,41 @@ def test_run_config_privacy_errors_reach_flwr_run_users_too(pair_file, tmp_path)
     with pytest.raises(PrivacyConfigError, match="noise_multiplier"):
         run_federated(grid, settings)
     assert not requests_of(grid, "train") and not (tmp_path / "ledger.json").exists()  # only the population query
+
+
+@pytest.mark.slow
+def test_a_second_simulate_on_one_run_directory_is_refused_and_the_ledger_never_goes_down(pair_file, tmp_path, capsys):
+    """Two `lore-fed simulate` runs on one --out (issue 13): the second is refused with a message naming the
+    holder, writes nothing, and the spent budget on disk only grows."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from lore_cli.main import main
+
+    out = tmp_path / "run"
+    argv = ["simulate", str(pair_file), "--out", str(out), "--rounds", "20", "--clients-per-round", str(M),
+            "--rank", str(RANK)]
+    first = subprocess.Popen([sys.executable, "-m", "lore_cli.main", *argv], env={**os.environ, "PYTHONPATH": str(ROOT)},
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        released = []
+        deadline = time.monotonic() + 240
+        while not released or released[-1] < 1:  # wait until the first run has released a round
+            assert first.poll() is None and time.monotonic() < deadline, "the first run ended or never started"
+            time.sleep(0.5)
+            if (out / "ledger.json").exists():
+                released.append(len(ledger_json(out)["events"]["rounds"]))
+        assert main(argv) == 2
+        message = capsys.readouterr().err
+        assert f"pid {first.pid}" in message and "simulate" in message and "in use by another run" in message
+        while first.poll() is None:
+            time.sleep(0.5)
+            released.append(len(ledger_json(out)["events"]["rounds"]))
+    finally:
+        first.kill()
+        first.wait()
+    assert first.returncode == 0
+    released.append(len(ledger_json(out)["events"]["rounds"]))
+    assert released[-1] == 20 and all(b >= a for a, b in zip(released, released[1:]))  # the budget never went down
