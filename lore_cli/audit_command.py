@@ -6,6 +6,8 @@ Inputs come from RUN_DIR (basis.npz or checkpoint.npz, ledger.json, metrics.json
 (privacy settings, JSON or TOML, flat or under [privacy]), or --synthetic (a LoRe-shaped population with known
 truth: no run needed). Results go to OUT/audits/ (OUT = --out, default RUN_DIR) and the run's ledger; the verdict is
 printed. Per-user updates are computed with the client's own code (federation.local_training).
+`mechanism` runs the server's own aggregation (server.aggregation); `canary` reads the run's release record
+(server.release_record) and the auditor's --secrets, never a re-simulation.
 """
 
 from __future__ import annotations
