@@ -268,7 +268,7 @@ def _mechanism(args, run_dir, settings) -> dict:
         privacy = validate(PrivacySettings(mode="user+secagg", noise_multiplier=z, clip_norm=clip,
                                            clients_per_round=m, population_size=population, rounds=1, delta=delta,
                                            dimension=int(np.prod(shape))))
-        aggregator = DistributedDpAggregator.for_audit(privacy, shape)
+        aggregator = DistributedDpAggregator.for_audit(privacy)
         aggregate, claim = aggregator.aggregate, aggregator.one_step_epsilon()
     return mechanism_audit(aggregate, noise_multiplier=z, clip_norm=clip, claimed_epsilon=claim,
                            denominator=m, population=population, shape=shape, runs=args.runs, delta=delta,

@@ -105,14 +105,14 @@ class DistributedDpAggregator(UserDpAggregator):
         self.privacy: PrivacySettings | None = None  # `for_audit`: the settings whose one step is audited
 
     @classmethod
-    def for_audit(cls, privacy: PrivacySettings, shape: tuple[int, int], max_users_per_node: int = 1
-                  ) -> "DistributedDpAggregator":
+    def for_audit(cls, privacy: PrivacySettings) -> "DistributedDpAggregator":
+        """The aggregator of validated `user+secagg` settings with the grid of one user per node, all N nodes."""
         from lore_core.privacy.distributed_dp import plan_encoding
 
         aggregator = cls(privacy.clients_per_round, privacy.noise_multiplier, privacy.clip_norm,
                          privacy.dropout_tolerance)
-        aggregator.encoding = plan_encoding(privacy.clip_norm, privacy.noise_multiplier, max_users_per_node,
-                                            privacy.population_size, privacy.population_size)
+        aggregator.encoding = plan_encoding(privacy.clip_norm, privacy.noise_multiplier, 1, privacy.population_size,
+                                            privacy.population_size)
         aggregator.privacy = privacy
         return aggregator
 
