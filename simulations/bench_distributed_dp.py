@@ -57,8 +57,10 @@ def real_path(pairs_path: Path, overrides: dict, nodes: int, run_dir: Path) -> d
     final = state.history[-1]
     from lore_core.privacy.ledger import PrivacyLedger
 
-    eps = PrivacyLedger.load(run_dir).epsilon()
+    ledger = PrivacyLedger.load(run_dir)
+    eps = ledger.epsilon()
     return {"mode": "user+secagg (SecAgg+ on the in-process grid)", "rounds": state.round, "seed": 0,
+            "noise_multiplier": ledger.settings.noise_multiplier,
             "train_seconds": round(time.perf_counter() - started, 1), "seen_test_acc": final["seen_test_acc"],
             "unseen_test_acc": final["unseen_test_acc"], "epsilon": eps.headline,
             "epsilon_accountant": eps.accountant, "aborted_rounds": sum(r["secagg_nodes"] == 0 for r in state.history)}
