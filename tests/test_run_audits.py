@@ -17,6 +17,7 @@ from federation.canary_users import draw_canaries, save_canaries
 from lore_cli.main import main
 from lore_core.pairs import save_pairs
 from server.release_record import ReleaseRecordError, read_releases
+from server.run_ledger import COUNTS_NOT_COVERED
 from server.run_settings import ServerSettings
 from server.server_app import run_federated
 from simulations.in_process_grid import LocalGrid
@@ -65,9 +66,9 @@ def test_canary_audit_passes_an_honest_run_and_fails_when_the_servers_noise_is_c
     real_noise = dp_fedavg.add_noise_to_sum  # the server's own noise step, as UserDpAggregator.noisy_mean calls it
     monkeypatch.setattr(dp_fedavg, "add_noise_to_sum", lambda total, z, clip, rng: real_noise(total, z / 10, clip, rng))
     canary_run(pair_file, secrets_file, tmp_path / "cut")
+    ledger = json.loads((tmp_path / "cut" / "ledger.json").read_text())  # as the run wrote it
     cut = canary_verdict(tmp_path / "cut", secrets_file)
 
-    ledger = json.loads((tmp_path / "cut" / "ledger.json").read_text())
     assert cut["epsilon_claimed"] == pytest.approx(ledger["epsilon"]["headline"])  # the ledger still claims z = 2
     for result in (honest, cut):
         assert result["source"] == "released-bases" and result["rounds_released"] == ROUNDS
@@ -76,7 +77,11 @@ def test_canary_audit_passes_an_honest_run_and_fails_when_the_servers_noise_is_c
     assert cut["verdict"] == "fail" and cut["epsilon_lb"] > cut["epsilon_claimed"]
     assert honest["noise_multiplier_observed"] == pytest.approx(Z, rel=0.1)
     assert cut["noise_multiplier_observed"] == pytest.approx(Z / 10, rel=0.3)
-    assert json.loads((tmp_path / "cut" / "ledger.json").read_text())["events"]["audits"][-1]["verdict"] == "fail"
+    after = json.loads((tmp_path / "cut" / "ledger.json").read_text())
+    assert after["events"]["audits"][-1]["verdict"] == "fail"
+    # appending the audit kept what the run's ledger derived (the federated not-covered list, evaluation policy)
+    assert after["not_covered"] == ledger["not_covered"] and COUNTS_NOT_COVERED in after["not_covered"]
+    assert after["evaluation"] == ledger["evaluation"] and after["epsilon"] == ledger["epsilon"]
 
 
 def test_release_record_proves_what_was_released_and_refuses_tampering(pair_file, secrets_file, tmp_path):

@@ -412,6 +412,19 @@ def _mechanism(s: PrivacySettings) -> dict[str, Any]:
     }
 
 
+def append_audit(run_dir: str | os.PathLike, result: Mapping[str, Any]) -> None:
+    """Append an audit result to RUN_DIR/ledger.json's events, under the run directory's lock (refused while a run
+    writes there). Only `events.audits` changes: no derived key depends on audits, so the conclusions the run's
+    own ledger class derived (a federated run's evaluation policy and not-covered list) stay as they are."""
+    from lore_core.run_lock import RunDirLock
+
+    with RunDirLock(run_dir):
+        path = Path(run_dir) / LEDGER_FILENAME
+        data = _read(path)
+        data["events"]["audits"].append(dict(result))
+        atomic_write_json(path, data)
+
+
 def _read(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text())
