@@ -131,7 +131,7 @@ def test_mechanism_audit_runs_the_servers_aggregation_and_fails_when_its_noise_i
                                                                                       capsys):
     honest = mechanism("user", tmp_path / "honest", capsys)
     real_noise = dp_fedavg.add_noise_to_sum
-    monkeypatch.setattr(dp_fedavg, "add_noise_to_sum", lambda total, z, clip, rng: real_noise(total, z / 3, clip, rng))
+    monkeypatch.setattr(dp_fedavg, "add_noise_to_sum", lambda total, z, clip, rng: real_noise(total, z / 5, clip, rng))
     cut = mechanism("user", tmp_path / "cut", capsys)
     assert honest["verdict"] == "pass" and honest["epsilon_lb"] <= honest["epsilon_claimed"]
     assert honest["canary_shift"] == pytest.approx(0.5, abs=0.1)  # the server's clip capped the 10 C canary at C
