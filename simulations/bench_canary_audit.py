@@ -11,6 +11,8 @@ adds a tenth of the noise its ledger claims.
 2. The control: the same run with the server's noise step (`lore_core.privacy.dp_fedavg.add_noise_to_sum`, as
    `server.aggregation.UserDpAggregator` calls it) patched to a tenth, through the same ServerApp and ClientApp on
    the in-process grid (a patch cannot reach into the engine's processes), audited the same way.
+3. `--cost-repeats R`: what the canaries cost in accuracy: R in-process runs (`bench_privacy.run_in_process`, seeds
+   0..R-1) with the same real users per round and epsilon, without canaries and with the K canaries.
 Writes bench_results/<name>.{json,md}; runs and secrets go to --work.
 """
 
@@ -70,6 +72,30 @@ def control_run(pairs_path: Path, run_dir: Path, secrets: Path, overrides: dict,
         dp_fedavg.add_noise_to_sum = real_noise
 
 
+def canary_cost(pairs_path: Path, args: argparse.Namespace, per_round: int, secrets: Path) -> dict:
+    """Mean accuracy of in-process runs without canaries (users-per-round of N) and with them (per_round of N + K)."""
+    from federation.canary_users import load_canaries
+    from lore_core.simplex_fit import DEFAULT_PRIOR_STRENGTH
+    from simulations.bench_privacy import run_in_process
+    from simulations.flower_run import nodes_for
+    from lore_core.pairs import read_pair_column
+
+    import numpy as np
+
+    nodes = nodes_for(int(np.unique(read_pair_column(pairs_path, "user")).size))
+    canaries = load_canaries(secrets)
+    cost = {}
+    for name, m, k in (("no canaries", args.users_per_round, None), (f"{args.canaries} canaries", per_round, canaries)):
+        runs = [run_in_process(pairs_path, {"num-server-rounds": args.rounds, "clients-per-round": m, "rank": args.rank,
+                                            "seed": seed, "eval-every": 0, "prior-strength": DEFAULT_PRIOR_STRENGTH,
+                                            "run-dir": str(Path(args.work) / "cost"), "privacy-mode": "user",
+                                            "target-epsilon": args.target_epsilon, "delta": 1e-5}, nodes, canaries=k)
+                for seed in range(args.cost_repeats)]
+        cost[name] = {key: float(np.mean([r[key] for r in runs])) for key in ("seen_test_acc", "unseen_test_acc")}
+        cost[name].update(noise_multiplier=runs[0]["noise_multiplier"], epsilon=runs[0]["epsilon"], runs=len(runs))
+    return cost
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("dataset", help="pair file or dataset directory")
@@ -82,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="bench_results")
     parser.add_argument("--work", default="runs/bench_canary_audit")
     parser.add_argument("--skip-control", action="store_true")
+    parser.add_argument("--cost-repeats", type=int, default=0, help="in-process runs with and without canaries")
     args = parser.parse_args(argv)
 
     import numpy as np
@@ -119,9 +146,11 @@ def main(argv: list[str] | None = None) -> int:
         control_run(pairs_path, work / "cut", secrets, overrides, args.canaries)
         rows["server noise cut to 1/10 (in-process grid)"] = {**audit(work / "cut", secrets),
                                                              "seconds": round(time.perf_counter() - started, 1)}
+    cost = canary_cost(pairs_path, args, per_round, secrets) if args.cost_repeats else {}
     out = Path(args.out)
     atomic_write_json(out / f"{args.name}.json", {"config": vars(args) | {"clients_per_round": per_round,
-                                                                          "seen_users": seen}, "runs": rows})
+                                                                          "seen_users": seen}, "runs": rows,
+                                                  "accuracy_cost": cost})
     lines = [f"# Canary audit of real runs: {pairs_path.parent.name} ({seen} seen users), {args.canaries} canaries",
              "", f"{args.rounds} rounds, {per_round} of {seen} + {args.canaries} users per round (about "
              f"{args.users_per_round} real), rank {args.rank}, z solved for epsilon {args.target_epsilon}. "
@@ -136,6 +165,11 @@ def main(argv: list[str] | None = None) -> int:
     honest = rows["honest (lore-fed simulate, Ray)"]
     lines += ["", f"Honest run accuracy with the canaries in: seen {honest['seen_test_acc']:.4f}, unseen "
               f"{honest['unseen_test_acc']:.4f}.", ""]
+    if cost:
+        lines += [f"What the canaries cost (in-process runs, seeds 0..{args.cost_repeats - 1}, same real users per round "
+                  "and epsilon; mean seen / unseen accuracy):", ""]
+        lines += [f"- {name}: {c['seen_test_acc']:.4f} / {c['unseen_test_acc']:.4f} (z {c['noise_multiplier']:.3f})"
+                  for name, c in cost.items()] + [""]
     atomic_write_text(out / f"{args.name}.md", "\n".join(lines))
     print("\n".join(lines))
     return 0

@@ -33,11 +33,14 @@ PILOT_SEED = 101  # the pilot population is not the benchmark's (seed 0): C is n
 
 
 def run_in_process(pairs_path: Path, overrides: dict, num_nodes: int, *, record_norms: bool = False,
-                   prior_pairs_grid: tuple[float, ...] = ()) -> dict:
+                   prior_pairs_grid: tuple[float, ...] = (), canaries=None) -> dict:
     """One federated run (see module docstring) -> final metrics, epsilon and, optionally, update norms per round
-    and the final basis evaluated with each personal prior of `prior_pairs_grid` (`by_prior_pairs`)."""
+    and the final basis evaluated with each personal prior of `prior_pairs_grid` (`by_prior_pairs`).
+    `canaries` (federation.canary_users.CanarySecrets): K canary users join the population on a node of their own,
+    as `lore-fed simulate --canaries` adds them."""
     from flwr.common.config import get_fused_config_from_dir
 
+    from federation.canary_users import CanaryBlock
     from federation.local_training import train_sampled_users
     from federation.protocol import ClientSettings
     from federation.user_block import load_partition_block
@@ -54,8 +57,12 @@ def run_in_process(pairs_path: Path, overrides: dict, num_nodes: int, *, record_
     settings, client = ServerSettings.from_run_config(cfg), ClientSettings.from_run_config(cfg)
     blocks = [load_partition_block(str(pairs_path), i, num_nodes) for i in range(num_nodes)]
     weights = [np.full((b.n_train_users, settings.rank), 1.0 / settings.rank) for b in blocks]
-    population = Population(node_ids=np.arange(num_nodes, dtype=np.uint64), partition_ids=np.arange(num_nodes),
-                            counts=np.array([b.n_train_users for b in blocks]), dim=blocks[0].dim)
+    counts = [b.n_train_users for b in blocks]
+    canary_block = None if canaries is None else CanaryBlock(canaries.directions, canaries.included)
+    if canary_block is not None:
+        counts.append(canary_block.n_train_users)  # node `num_nodes`
+    population = Population(node_ids=np.arange(len(counts), dtype=np.uint64), partition_ids=np.arange(len(counts)),
+                            counts=np.array(counts), dim=blocks[0].dim)
     privacy = settings.privacy_settings(population.size, population.dim)
     aggregator = make_aggregator(settings, privacy)
     if privacy.mode == "user+secagg":  # the users' noise shares on the grid the SecAgg+ workflow would plan
@@ -72,6 +79,9 @@ def run_in_process(pairs_path: Path, overrides: dict, num_nodes: int, *, record_
         sampled = aggregator.sample(population.size)
         sampled_counts.append(int(sampled.size))
         for node, local in population.assign(sampled).items():
+            if node == num_nodes:  # the canaries' uploads
+                updates.append(canary_block.updates(local, privacy.clip_norm))
+                continue
             weights[node], upd = train_sampled_users(basis, blocks[node], weights[node], local,
                                                      prior_strength=client.prior_strength,
                                                      steps=client.local_steps, lr=client.client_lr)
