@@ -15,6 +15,8 @@ unmasks only the sum over nodes, which is never without noise. w stays in `clien
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 from flwr.app import Context
 from flwr.client import NumPyClient
@@ -24,6 +26,8 @@ from flwr.clientapp import ClientApp
 from client import client_app as message_app
 from federation import protocol as p
 from lore_core.privacy.distributed_dp import DdgEncoding, encode_shares, node_upload, share_std
+
+log = logging.getLogger("lore_fed.client")
 
 
 class SecAggTrainer(NumPyClient):
@@ -43,6 +47,11 @@ class SecAggTrainer(NumPyClient):
             raise message_app.ClientRequestError(str(exc)) from exc
         clip_norm = float(config[p.CLIP_NORM])
         updates = message_app.train_clipped(context, settings, block, basis, sampled, clip_norm)
+        finite = np.isfinite(updates).all(axis=(1, 2))
+        if not finite.all():  # the server sees only the sum: one user's NaN must not void the node's other users
+            log.warning("%d of %d sampled users' updates are not finite; they send a zero update (and their noise "
+                        "share) this round", int((~finite).sum()), finite.size)
+            updates = np.where(finite[:, None, None], updates, 0.0)
         encoding = DdgEncoding(clip_norm, float(config[p.CLIPPING_RANGE]),
                                int(round(2 * float(config[p.CLIPPING_RANGE]) / float(config[p.GRANULARITY]))))
         std = share_std(float(config[p.NOISE_MULTIPLIER]), clip_norm, int(config[p.SAMPLED_USERS]),

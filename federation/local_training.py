@@ -9,6 +9,8 @@ The update sent is dA_u = -lr * w_u (x) r_u  (B, D): the user's pseudo-gradient,
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 
 from federation.user_block import RowGroup, UserBlock
@@ -97,6 +99,7 @@ def record_dp_updates(basis: np.ndarray, block: UserBlock, logits: np.ndarray, s
     updated = logits.copy()
     updates = np.zeros((sampled.size,) + basis.shape)
     new_states = list(states)
+    exhausted = 0
     for i, user in enumerate(sampled):
         seed = None if noise_seed is None else noise_seed + 7919 * int(user)  # debug runs only
         try:
@@ -105,7 +108,11 @@ def record_dp_updates(basis: np.ndarray, block: UserBlock, logits: np.ndarray, s
                 max_grad_norm=max_grad_norm, batch_size=batch_size, epochs=epochs, lr=lr, state=states[i],
                 device=device, delta=delta, max_epsilon=max_epsilon, reproducible_seed=seed)
         except PrivacyBudgetExhausted:
-            pass  # this user's record-level budget is spent: it sends a zero update
+            exhausted += 1  # this user's record-level budget is spent: it sends a zero update (the server counts it)
+    if exhausted:
+        logging.getLogger("lore_fed.client").warning(
+            "record mode: %d of %d sampled users have spent their record-level budget (max-epsilon) and send a zero "
+            "update", exhausted, sampled.size)
     return updated, updates, new_states
 
 

@@ -69,19 +69,48 @@ def _load_settings(args: argparse.Namespace, run_dir: Path | None) -> dict:
                        ("rounds", args.rounds), ("delta", args.delta), ("mode", args.mode)):
         if value is not None:
             settings[key] = value
+    source = f" (from --config {args.config})" if args.config else ""
+    for key in ("clients_per_round", "population_size", "rounds"):
+        value = settings[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise AuditCommandError(f"{key} must be a positive integer, got {value!r}{source}")
+    for key in ("noise_multiplier", "clip_norm", "delta"):
+        if isinstance(settings[key], bool) or not isinstance(settings[key], (int, float)):
+            raise AuditCommandError(f"{key} must be a number, got {settings[key]!r}{source}")
     return settings
 
 
+def _check_counts(args: argparse.Namespace) -> None:
+    """The audits' sizes and noise levels, checked before any work."""
+    for flag in ("runs", "shadows", "permutations", "max_users"):
+        if getattr(args, flag) < 1:
+            raise AuditCommandError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    for flag in ("query_noise",):
+        value = getattr(args, flag)
+        if not 0 <= value < float("inf"):
+            raise AuditCommandError(f"--{flag.replace('_', '-')} must be a finite number >= 0, got {value}")
+
+
 def _read_config(path: Path) -> dict:
+    from lore_core.text_file import parse_json, read_text
+
     if not path.is_file():
         raise AuditCommandError(f"--config {path} does not exist")
+    text = read_text(path, AuditCommandError)
     if path.suffix == ".toml":
         import tomllib
 
-        data = tomllib.loads(path.read_text())
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise AuditCommandError(f"--config {path}: not valid TOML ({exc})") from None
     else:
-        data = json.loads(path.read_text())
-    data = data.get("privacy", data)
+        data = parse_json(text, path, AuditCommandError)
+    if isinstance(data, dict) and isinstance(data.get("privacy"), dict):
+        data = data["privacy"]
+    if not isinstance(data, dict):
+        raise AuditCommandError(f"--config {path}: expected privacy settings as an object (flat or under [privacy]), "
+                                f"got {type(data).__name__}")
     known = {k.replace("-", "_"): v for k, v in data.items()}
     unknown = sorted(set(known) - set(PRIVACY_DEFAULTS) - {"population", "sample_rate"})
     if unknown:
@@ -127,14 +156,21 @@ def load_run_basis(path: str | None, run_dir: Path | None) -> np.ndarray:
     from lore_core.basis_file import load_basis
 
     candidates = [Path(path)] if path else ([run_dir / "basis.npz", run_dir / "checkpoint.npz"] if run_dir else [])
+    from lore_core.npz_file import open_npz
+
     for file in candidates:
         if not file.is_file():
             continue
-        with np.load(file, allow_pickle=False) as data:
-            if "sha256" in data.files:
-                return load_basis(file).basis.astype(np.float64)
-            if "basis" in data.files:
-                return data["basis"].astype(np.float64)
+        with open_npz(file, "a basis file or a run's checkpoint.npz", AuditCommandError) as data:
+            names = data.files
+            basis = data["basis"] if "basis" in names and "sha256" not in names else None
+        if "sha256" in names:
+            return load_basis(file).basis.astype(np.float64)
+        if basis is not None:
+            if basis.ndim != 2 or not np.issubdtype(basis.dtype, np.floating) or not np.isfinite(basis).all():
+                raise AuditCommandError(f"{file}: basis must be a finite 2-D float array, got {basis.dtype} "
+                                        f"{basis.shape}")
+            return basis.astype(np.float64)
     raise AuditCommandError(f"no basis found (looked at {[str(c) for c in candidates]}); pass --basis FILE")
 
 
@@ -165,13 +201,15 @@ def sample_users(ids: np.ndarray, max_users: int, seed: int) -> np.ndarray:
 
 def load_demographics(path: Path | None, user_ids: np.ndarray) -> dict[str, np.ndarray]:
     """users.jsonl -> attribute -> labels aligned with user_ids ('missing' where absent); location -> reside_region."""
+    from lore_core.text_file import read_jsonl
+
     if path is None or not path.is_file():
         return {}
     rows = {}
-    for line in path.read_text().splitlines():
-        if line.strip():
-            row = json.loads(line)
-            rows[str(row["user"])] = row.get("demographics") or {}
+    for line, row in read_jsonl(path, AuditCommandError):
+        if "user" not in row or not isinstance(row.get("demographics") or {}, dict):
+            raise AuditCommandError(f"{path} line {line}: expected {{\"user\": ..., \"demographics\": {{...}}}}")
+        rows[str(row["user"])] = row.get("demographics") or {}
     attrs = sorted({k for d in rows.values() for k in d})
     out = {}
     for attr in attrs:
@@ -335,7 +373,9 @@ def run(args: argparse.Namespace) -> int:
 
     run_dir = Path(args.run_dir) if args.run_dir else None
     if run_dir is not None and not run_dir.is_dir():
-        raise AuditCommandError(f"run directory {run_dir} does not exist")
+        raise AuditCommandError(f"run directory {run_dir} does not exist" if not run_dir.exists() else
+                                f"{run_dir} is not a run directory (lore-fed simulate --out)")
+    _check_counts(args)
     settings = _load_settings(args, run_dir)
     result = AUDITS[args.name](args, run_dir, settings)
     out = Path(args.out) if args.out else (run_dir if run_dir is not None else Path("audit-out"))

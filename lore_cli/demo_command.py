@@ -40,7 +40,7 @@ DEMO_NOISE_MULTIPLIER = 2.0
 
 
 def _stage(name: str, done: bool, argv: list[str]) -> None:
-    from lore_cli.main import main
+    from lore_cli.main import CommandFailed, main
 
     if done:
         print(f"== {name}: already done, skipped", flush=True)
@@ -49,7 +49,8 @@ def _stage(name: str, done: bool, argv: list[str]) -> None:
     started = time.perf_counter()
     code = main(argv)
     if code != 0:
-        raise RuntimeError(f"stage {name!r} failed (exit {code}); rerun `lore-fed demo` to resume after fixing it")
+        raise CommandFailed(f"stage {name!r} failed (exit {code}, see above); rerun `lore-fed demo` to resume after "
+                            "fixing it")
     print(f"== {name}: {time.perf_counter() - started:.1f} s", flush=True)
 
 

@@ -10,7 +10,6 @@ the same embedder, the true logits are added (`logit_true`); in reward-model mod
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -63,6 +62,10 @@ def run(args: argparse.Namespace) -> int:
     transformers_logging.disable_progress_bar()  # per-tensor "Loading weights" bars; our own bar counts texts
     dataset_dir = Path(args.dataset_dir)
     records = read_pair_records(dataset_dir / PAIRS_JSONL)
+    truth_path = dataset_dir / GROUND_TRUTH
+    truth = None
+    if truth_path.exists() and not args.ignore_ground_truth:
+        truth = read_ground_truth(truth_path)  # checked before the model loads; against the embedder below
     embedder = load_embedder(
         args.model,
         mode=args.mode,
@@ -71,10 +74,8 @@ def run(args: argparse.Namespace) -> int:
         max_length=args.max_length,
         cache_dir=args.cache_dir,
     )
-    truth_path = dataset_dir / GROUND_TRUTH
-    truth = None
-    if truth_path.exists() and not args.ignore_ground_truth:
-        truth = read_ground_truth(truth_path, embedder.name, embedder.dim)
+    if truth is not None:
+        truth = check_ground_truth(truth, truth_path, embedder.name, embedder.dim)
 
     n = len(records["chosen"])
     histories = records["history"]
@@ -106,52 +107,49 @@ def run(args: argparse.Namespace) -> int:
 def read_pair_records(path: Path) -> dict[str, list]:
     """Parse and check pairs.jsonl -> column lists (user, history, chosen, rejected, split, seen)."""
     from lore_core.embeddings import EmbeddingError, validate_history
+    from lore_core.text_file import read_jsonl
 
     if not path.is_file():
         raise DatasetError(f"{path} not found; run `lore-fed prepare` (or `lore-fed synth`) first")
     columns: dict[str, list] = {k: [] for k in ("user", "history", "chosen", "rejected", "split", "seen")}
-    with open(path, encoding="utf-8") as handle:
-        for lineno, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DatasetError(f"{where}: not valid JSON ({exc.msg})") from None
-            if not isinstance(record, dict):
-                raise DatasetError(f"{where}: expected a JSON object, got {type(record).__name__}")
-            missing = [k for k in columns if k not in record]
-            if missing:
-                raise DatasetError(f"{where}: missing keys {missing}")
-            for key in ("user", "chosen", "rejected"):
-                if not isinstance(record[key], str):
-                    raise DatasetError(f"{where}: {key!r} must be a string, got {type(record[key]).__name__}")
-            if record["split"] not in SPLITS:
-                raise DatasetError(f"{where}: 'split' must be one of {SPLITS}, got {record['split']!r}")
-            if not isinstance(record["seen"], bool):
-                raise DatasetError(f"{where}: 'seen' must be true or false, got {record['seen']!r}")
-            try:
-                validate_history(record["history"])
-            except EmbeddingError as exc:
-                raise DatasetError(f"{where}: 'history': {exc}") from None
-            for key in columns:
-                columns[key].append(record[key])
+    for lineno, record in read_jsonl(path, DatasetError):
+        where = f"{path} line {lineno}"
+        missing = [k for k in columns if k not in record]
+        if missing:
+            raise DatasetError(f"{where}: missing keys {missing}")
+        for key in ("user", "chosen", "rejected"):
+            if not isinstance(record[key], str):
+                raise DatasetError(f"{where}: {key!r} must be a string, got {type(record[key]).__name__}")
+        if record["split"] not in SPLITS:
+            raise DatasetError(f"{where}: 'split' must be one of {SPLITS}, got {record['split']!r}")
+        if not isinstance(record["seen"], bool):
+            raise DatasetError(f"{where}: 'seen' must be true or false, got {record['seen']!r}")
+        try:
+            validate_history(record["history"])
+        except EmbeddingError as exc:
+            raise DatasetError(f"{where}: 'history': {exc}") from None
+        for key in columns:
+            columns[key].append(record[key])
     if not columns["user"]:
         raise DatasetError(f"{path} holds no pairs")
     return columns
 
 
-def read_ground_truth(path: Path, embedder_name: str, dim: int) -> dict[str, np.ndarray] | None:
-    """Load the benchmark truth; None (with a warning) when it was made with another embedder of the same dim."""
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            truth = {key: data[key] for key in data.files}
-    except (OSError, ValueError, EOFError) as exc:
-        raise DatasetError(f"{path}: not a readable .npz file ({exc})") from exc
+def read_ground_truth(path: Path) -> dict[str, np.ndarray]:
+    """Load the benchmark truth's arrays (all present, none pickled)."""
+    from lore_core.npz_file import open_npz
+
+    with open_npz(path, f"the benchmark truth (.npz with arrays {', '.join(TRUTH_ARRAYS)})", DatasetError) as data:
+        truth = {key: data[key] for key in data.files}
     missing = [k for k in TRUTH_ARRAYS if k not in truth]
     if missing:
         raise DatasetError(f"{path}: missing arrays {missing}; found {sorted(truth)}")
+    return truth
+
+
+def check_ground_truth(truth: dict[str, np.ndarray], path: Path, embedder_name: str,
+                       dim: int) -> dict[str, np.ndarray] | None:
+    """The truth for this embedder; None (with a warning) when it was made with another embedder of the same dim."""
     basis, weights, user_id = truth["basis"], truth["user_weights"], truth["user_id"]
     if basis.ndim != 2 or basis.shape[1] != dim:
         raise DatasetError(

@@ -24,18 +24,21 @@ def run(args: argparse.Namespace) -> int:
     from lore_core.basis_file import load_basis
     from lore_core.evaluation import evaluate_model
     from lore_core.pairs import load_pairs
-    from lore_cli.train_command import benchmark_ceiling, format_metrics, personal_prior
+    from lore_cli.train_command import benchmark_ceiling, benchmark_truth, format_metrics, personal_prior
 
+    prior = personal_prior(args.prior_pairs)
+    if args.out and Path(args.out).is_dir():
+        raise ValueError(f"--out {args.out} is a directory; give a file name for the metrics JSON")
     basis_path = Path(args.basis)
     if basis_path.is_dir():
         basis_path = basis_path / "basis.npz"
     basis = load_basis(basis_path).basis
     pairs = load_pairs(args.pairs)
     if basis.shape[1] != pairs.dim:
-        raise ValueError(f"basis {basis_path} has dimension {basis.shape[1]}, the pair file {pairs.dim}")
-    prior = personal_prior(args.prior_pairs)
+        raise ValueError(f"basis {basis_path} has dimension {basis.shape[1]}, the pair file {pairs.source} {pairs.dim}")
+    true_basis = benchmark_truth(pairs)
     metrics = evaluate_model(pairs, basis, prior_pairs=prior)
-    metrics.update(benchmark_ceiling(pairs, prior))
+    metrics.update(benchmark_ceiling(pairs, true_basis, prior))
     print(format_metrics(metrics))
     if args.out:
         atomic_write_json(args.out, metrics)

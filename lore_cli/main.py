@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import warnings
 
 # name -> (module, one-line help). Modules define `configure(parser)` and `run(args) -> int`.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -23,6 +24,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+class CommandFailed(RuntimeError):
+    """A command that could not finish although its input was fine (e.g. a simulation whose workers died); the
+    message says what happened and how to go on (usually: rerun the same command, it resumes). Exit code 1."""
+
+
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lore-fed", description="Federated, private LoRe reward personalization")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -37,6 +43,15 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    shown = warnings.formatwarning
+    warnings.formatwarning = _format_warning
+    try:
+        return _main(argv)
+    finally:
+        warnings.formatwarning = shown
+
+
+def _main(argv: list[str]) -> int:
     command = argv[0] if argv and argv[0] in COMMANDS else None
     try:
         parser = build_parser(only=command)
@@ -55,6 +70,23 @@ def main(argv: list[str] | None = None) -> int:
         # Bad input: a clear message, no traceback.
         print(f"lore-fed {command}: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:
+        if exc.filename is None:
+            raise  # not about a path the user gave: an internal failure keeps its traceback
+        print(f"lore-fed {command}: error: {exc}", file=sys.stderr)  # permission denied, not a directory, disk full
+        return 2
+    except CommandFailed as exc:
+        print(f"lore-fed {command}: failed: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"lore-fed {command}: interrupted; a run directory resumes when the same command is run again",
+              file=sys.stderr)
+        return 130
+
+
+def _format_warning(message, category, *_args, **_kwargs) -> str:
+    """Warnings (solver non-convergence, weak privacy settings) as one line for users, without source lines."""
+    return f"lore-fed: warning ({category.__name__}): {message}\n"
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from lore_core.prism_pairs import DEFAULTS, prepare_dataset
 
@@ -48,8 +49,11 @@ def run(args: argparse.Namespace) -> int:
     print(
         f"users: {summary['seen_users']} seen, {summary['unseen_users']} unseen "
         f"({summary['users_dropped_min_conversations']} below {args.min_conversations} conversations with pairs, "
-        f"{summary['survey_only_users']} survey-only)"
+        f"{summary['survey_only_users']} marked survey-only, "
+        f"{summary['users_without_conversations'] - summary['survey_only_users']} more without conversations)"
     )
+    for warning in summary["population_warnings"]:
+        print(f"warning: {warning}", file=sys.stderr)
     print(
         f"pairs: {summary['pairs_kept']} kept of {summary['pairs_built']} "
         f"(seen train {per_split['seen_train']}, seen test {per_split['seen_test']}, "

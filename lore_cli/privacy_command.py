@@ -21,18 +21,23 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from lore_core.privacy.accounting import epsilon_report, rounds_within_budget
+    from lore_core.privacy.accounting import MAX_PRV_EPSILON, MAX_ROUNDS, epsilon_report, rounds_within_budget
     from lore_core.privacy.privacy_settings import PrivacySettings, validate
 
     if args.rounds is None and (args.max_epsilon is None or args.target_epsilon is not None):
         raise ValueError("give --rounds T (only --noise-multiplier with --max-epsilon can do without it)")
+    if args.rounds is not None and args.rounds < 1:
+        raise ValueError(f"--rounds must be >= 1, got {args.rounds}")
+    if args.max_epsilon is not None and not 0 < args.max_epsilon <= MAX_PRV_EPSILON:
+        raise ValueError(f"--max-epsilon must be in (0, {MAX_PRV_EPSILON:g}], got {args.max_epsilon:g}: an epsilon "
+                         f"above {MAX_PRV_EPSILON:g} promises no meaningful privacy (user-level DP runs use 1 to 10)")
     settings = validate(PrivacySettings(
         mode="user",
         noise_multiplier=args.noise_multiplier,
         target_epsilon=args.target_epsilon,
         clients_per_round=args.clients_per_round,
         population_size=args.population,
-        rounds=args.rounds or 1,  # only max rounds is asked: the run length is what we solve for
+        rounds=1 if args.rounds is None else args.rounds,  # only max rounds asked: the run length is solved for
         delta=args.delta,
     ))
     z, q = settings.noise_multiplier, settings.sample_rate
@@ -49,5 +54,6 @@ def run(args: argparse.Namespace) -> int:
         print(f"  epsilon RDP (upper bound) = {report.rdp:.3f}  (optimal order {report.rdp_optimal_order:g})")
     if args.max_epsilon is not None:
         rounds = rounds_within_budget(z, q, settings.delta, args.max_epsilon)
-        print(f"max rounds with epsilon (PRV) <= {args.max_epsilon:g} at z = {z:.4g}: {rounds}")
+        answer = f"more than {MAX_ROUNDS:,} (the search stops there)" if rounds == MAX_ROUNDS else f"{rounds:,}"
+        print(f"max rounds with epsilon (PRV) <= {args.max_epsilon:g} at z = {z:.4g}: {answer}")
     return 0

@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+from lore_cli.main import CommandFailed
 from lore_core.atomic_io import atomic_write_json
 from lore_core.pairs import resolve_pair_path
 
@@ -125,15 +126,13 @@ def read_population(pairs_path: Path) -> dict:
 
     from lore_core.pairs import load_pairs
 
+    from lore_cli.train_command import check_trainable
+
     pairs = load_pairs(pairs_path)
-    seen_train = pairs.user[pairs.seen & (pairs.split == "train")]
-    trainers, counts = np.unique(seen_train, return_counts=True)
-    seen = int(np.unique(pairs.user[pairs.seen]).size)
-    if trainers.size == 0:
-        raise ValueError(f"{pairs_path}: no seen user has a training pair (split 'train'), so there is nothing to "
-                         "train on; mark some users seen with training pairs")
-    return {"users": int(np.unique(pairs.user).size), "seen_users": seen,
-            "largest_client_pairs": int(counts.max()), "dim": pairs.dim}
+    check_trainable(pairs)  # every seen user has a training pair
+    _, counts = np.unique(pairs.user[pairs.seen & (pairs.split == "train")], return_counts=True)
+    return {"users": int(np.unique(pairs.user).size), "seen_users": int(counts.size),
+            "largest_client_pairs": int(counts.max()), "dim": pairs.dim, "source": pairs.source}
 
 
 def check_run(population: dict, overrides: dict):
@@ -145,10 +144,13 @@ def check_run(population: dict, overrides: dict):
     from server.run_settings import ServerSettings
     from simulations.flower_run import ROOT
 
+    from lore_cli.train_command import check_rank
+
     settings = ServerSettings.from_run_config(get_fused_config_from_dir(ROOT, overrides))
+    check_rank(settings.rank, population["dim"], "--rank", population["source"])
     if settings.clients_per_round > population["seen_users"]:
         raise ValueError(f"--clients-per-round {settings.clients_per_round} is more than the "
-                         f"{population['seen_users']} seen users of the pair file; lower it")
+                         f"{population['seen_users']} seen users of {population['source']}; lower it")
     privacy = settings.privacy_settings(population["seen_users"], population["dim"])
     largest = population["largest_client_pairs"]
     if privacy.mode == "record" and not privacy.delta < 1 / largest:
@@ -175,8 +177,32 @@ def privacy_metrics(run_dir: Path) -> dict:
     return out
 
 
+# What went wrong in a run that still finished, from the round records (rounds.jsonl): metrics.json carries each
+# non-zero total, and the command prints it; a finished run with problems is never reported as a clean success.
+PROBLEMS = {
+    "rejected_replies": "{} train replies were rejected",
+    "missing_replies": "{} nodes did not answer a train request",
+    "non_finite_users": "{} users' updates were not finite and were left out",
+    "record_budget_exhausted_users": "{} sampled users had spent their record-level budget and sent a zero update",
+    "eval_failed_nodes": "{} nodes failed the final evaluation: its accuracy covers the other nodes' users only",
+    "eval_missing_nodes": "{} nodes did not answer the final evaluation: its accuracy covers the others' users only",
+}
+
+
+def run_problems(history: list[dict]) -> dict[str, int]:
+    """Totals over the rounds of PROBLEMS' keys (the evaluation keys: of the final round), zeros left out."""
+    totals = {}
+    for key in PROBLEMS:
+        rows = history[-1:] if key.startswith("eval_") else history
+        value = sum(len(r[key]) if isinstance(r.get(key), list) else int(r.get(key) or 0) for r in rows)
+        if value:
+            totals[key] = value
+    return totals
+
+
 def run(args: argparse.Namespace) -> int:
     from lore_cli.run_report import load_reference
+    from lore_cli.train_command import check_device, check_seed
     from lore_core.run_lock import RunDirLock
     from simulations.flower_run import nodes_for
 
@@ -186,10 +212,15 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
     if args.eval_every is not None and args.eval_every < 1:
         raise ValueError(f"--eval-every must be >= 1, got {args.eval_every}")
+    check_seed(args.seed)
+    if args.device is not None:
+        check_device(args.device)
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; give a run directory")
     pairs_path = resolve_pair_path(args.pairs)
     reference = load_reference(args.reference)
     population = read_population(pairs_path)
-    out = Path(args.out)
     check_canary_flags(args, out)
     # canary users are users of the population the server samples (federation/canary_users.py)
     overrides = run_overrides(args, population["seen_users"])
@@ -242,7 +273,7 @@ def canary_secrets(args: argparse.Namespace, shape: tuple[int, int]):
 def _simulate(args, pairs_path, population, overrides, settings, privacy, reference, out) -> int:
     from lore_cli.run_report import write_report
     from server.checkpoint import load_checkpoint
-    from simulations.flower_run import simulate_pairs
+    from simulations.flower_run import AppShadowedError, simulate_pairs
 
     started = time.monotonic()
     noise = f", z {privacy.noise_multiplier:.4g}" if privacy.is_dp else ""
@@ -251,19 +282,33 @@ def _simulate(args, pairs_path, population, overrides, settings, privacy, refere
     previous = load_checkpoint(out)
     if previous is not None:
         print(f"resuming after round {previous.round} from {out / 'checkpoint.npz'}", flush=True)
-    nodes = simulate_pairs(pairs_path, out, n_users=population["users"], users_per_node=args.users_per_node,
-                           overrides=overrides, canaries=args.canaries, canary_secrets=args.canary_secrets)
+    try:
+        nodes = simulate_pairs(pairs_path, out, n_users=population["users"], users_per_node=args.users_per_node,
+                               overrides=overrides, canaries=args.canaries, canary_secrets=args.canary_secrets)
+    except AppShadowedError as exc:
+        raise CommandFailed(str(exc)) from exc
+    except RuntimeError as exc:  # the engine failed (a worker died, every node failed a round): nothing is lost
+        state = load_checkpoint(out)
+        done = f"after round {state.round}" if state is not None else "from the start"
+        raise CommandFailed(f"{exc}; the run directory {out} is intact: run the same command again to resume {done}"
+                            ) from exc
     wall = time.monotonic() - started
     state = load_checkpoint(out)
     privacy_keys = privacy_metrics(out)
-    if state is None or (state.round < settings.rounds and not privacy_keys["stopped_early"]):
-        raise RuntimeError(f"the simulation ended before round {settings.rounds}; rerun the same command to resume")
-    final = [r for r in state.history if "seen_test_acc" in r][-1]
+    if state is None or not state.history or (state.round < settings.rounds and not privacy_keys["stopped_early"]):
+        raise CommandFailed(f"the simulation ended before round {settings.rounds}; run the same command again to "
+                            "resume")
+    final = state.history[-1]  # the last round's own evaluation, never an earlier round's
+    if "seen_test_acc" not in final:
+        raise CommandFailed(f"training finished, but the final evaluation failed on every node "
+                            f"({final.get('eval_failed_nodes', 0)} failed, {final.get('eval_missing_nodes', 0)} did "
+                            "not answer); the trained basis is kept: run the same command again to evaluate it")
     metrics = {key: final[key] for key in TRAIN_KEYS if key in final}
     metrics.update(rank=settings.rank, train_seconds=round(sum(r["seconds"] for r in state.history), 3),
                    rounds=state.round, wall_seconds=round(wall, 3), privacy_mode=args.privacy,
                    users_per_round=settings.clients_per_round, nodes=nodes, seed=args.seed, canaries=args.canaries,
                    **privacy_keys)
+    metrics.update(run_problems(state.history))
     atomic_write_json(out / "metrics.json", metrics)
     command = "lore-fed simulate " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if sys.argv[1:2] == [
         "simulate"] else "lore-fed simulate"
@@ -274,5 +319,7 @@ def _simulate(args, pairs_path, population, overrides, settings, privacy, refere
     if metrics["stopped_early"]:
         line += "  STOPPED EARLY (max epsilon)"
     print(f"{line}  ({state.round} rounds, {wall:.1f} s)")
+    for key, value in run_problems(state.history).items():
+        print(f"warning: {PROBLEMS[key].format(value)} (rounds.jsonl has the details)", file=sys.stderr)
     print(f"wrote {out / 'metrics.json'}, {out / 'ledger.json'}, {out / 'rounds.jsonl'} and {report}")
     return 0

@@ -26,16 +26,68 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="run directory for metrics.json and basis.npz")
 
 
-def parse_rank(value: str) -> int | str:
-    if value == "auto":
+def parse_rank(value: str, dim: int | None = None, flag: str = "--rank", source: str = "the pair file") -> int | str:
+    """--rank: 'auto' or an integer B in 1..D (a basis of more rows than the embedding has dimensions adds nothing
+    but memory: the server's per-user updates are (users, B, D))."""
+    if value == "auto" and flag == "--rank":
         return "auto"
     try:
         rank = int(value)
     except ValueError:
-        raise ValueError(f"--rank must be a positive integer or 'auto', got {value!r}") from None
+        expected = "a positive integer or 'auto'" if flag == "--rank" else "a positive integer"
+        raise ValueError(f"{flag} must be {expected}, got {value!r}") from None
+    return check_rank(rank, dim, flag, source)
+
+
+def check_rank(rank: int, dim: int | None, flag: str = "--rank", source: str = "the pair file") -> int:
     if rank < 1:
-        raise ValueError(f"--rank must be >= 1, got {rank}")
+        raise ValueError(f"{flag} must be >= 1, got {rank}")
+    if dim is not None and rank > dim:
+        raise ValueError(f"{flag} {rank} is more than the embedding width D = {dim} of {source}: the basis size B "
+                         f"must be <= D; choose B <= {dim} (LoRe uses a handful)")
     return rank
+
+
+def parse_number(value, flag: str, *, minimum: float = 0.0, inclusive: bool = True) -> float:
+    """A finite number >= minimum (> minimum unless inclusive), or a ValueError that names the flag."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = float("nan")
+    ok = np.isfinite(number) and (number >= minimum if inclusive else number > minimum)
+    if not ok:
+        bound = f">= {minimum:g}" if inclusive else f"> {minimum:g}"
+        raise ValueError(f"{flag} must be a finite number {bound}, got {value!r}")
+    return number
+
+
+def check_device(device: str) -> str:
+    """--device: cpu, cuda or cuda:N (anything else would reach torch as an unreadable error)."""
+    head, _, index = device.partition(":")
+    if head not in ("cpu", "cuda") or (index and (head != "cuda" or not index.isdigit())):
+        raise ValueError(f"--device must be cpu, cuda or cuda:N, got {device!r}")
+    return device
+
+
+def check_seed(seed: int) -> int:
+    if not 0 <= seed < 2**32:
+        raise ValueError(f"--seed must be an integer in [0, 2**32), got {seed}")
+    return seed
+
+
+def check_trainable(pairs) -> None:
+    """Refuse a pair file whose seen users (those that take part in training) include users without a training
+    pair: they could be neither trained nor given joint weights. Checked before any training starts."""
+    seen_users = np.unique(pairs.user[pairs.seen])
+    trainers = np.unique(pairs.user[pairs.seen & (pairs.split == "train")])
+    if trainers.size == 0:
+        raise ValueError(f"{pairs.source}: no seen user has a training pair (split 'train'), so there is nothing to "
+                         "train on; mark some users seen with training pairs")
+    idle = np.setdiff1d(seen_users, trainers)
+    if idle.size:
+        raise ValueError(f"{pairs.source}: {idle.size} seen user(s) have only test pairs, no training pair "
+                         f"({idle[:5].tolist()}{' ...' if idle.size > 5 else ''}); a seen user takes part in "
+                         "training: give them training pairs or mark them unseen (seen = False)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -44,25 +96,32 @@ def run(args: argparse.Namespace) -> int:
     from lore_core.joint_trainer import TrainConfig, train_joint
     from lore_core.pairs import load_pairs
 
-    pairs = load_pairs(args.pairs)
-    train = pairs.select(seen=True, split="train")
-    if train.n == 0:
-        raise ValueError(f"{pairs.source}: no training pairs of seen users")
-    options = {"rank": parse_rank(args.rank), "seed": args.seed, "device": args.device}
-    if args.rank_grid:
-        options["rank_grid"] = tuple(int(r) for r in args.rank_grid.split(","))
+    options = {"seed": check_seed(args.seed), "device": check_device(args.device)}
     if args.l2 != "auto":
-        options["l2"] = float(args.l2)
+        options["l2"] = parse_number(args.l2, "--l2")
     if args.prior_strength is not None:
-        options["prior_strength"] = args.prior_strength
+        options["prior_strength"] = parse_number(args.prior_strength, "--prior-strength")
+    prior_pairs = personal_prior(args.prior_pairs)
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; give a directory for metrics.json and basis.npz")
+    pairs = load_pairs(args.pairs)
+    check_trainable(pairs)
+    true_basis = benchmark_truth(pairs)
+    train = pairs.select(seen=True, split="train")
+    options["rank"] = parse_rank(args.rank, pairs.dim, source=pairs.source)
+    if args.rank_grid:
+        options["rank_grid"] = tuple(parse_rank(r.strip(), pairs.dim, "--rank-grid", pairs.source)
+                                     for r in args.rank_grid.split(","))
+        if 1 not in options["rank_grid"]:
+            raise ValueError(f"--rank-grid must include 1 (the single-reward baseline), got {args.rank_grid!r}")
     config = TrainConfig(**options)
 
     print(f"training on {train.n} pairs of {np.unique(train.user).size} seen users (D={pairs.dim}, rank {config.rank})")
     fit = train_joint(train.diff, train.user, config)
     started = time.perf_counter()
-    prior_pairs = personal_prior(args.prior_pairs)
     metrics = evaluate_model(pairs, fit.basis, prior_pairs=prior_pairs, joint_weights=(fit.user_ids, fit.user_weights))
-    metrics.update(benchmark_ceiling(pairs, prior_pairs))
+    metrics.update(benchmark_ceiling(pairs, true_basis, prior_pairs))
     metrics.update(
         train_seconds=fit.train_seconds,
         evaluate_seconds=time.perf_counter() - started,
@@ -75,7 +134,6 @@ def run(args: argparse.Namespace) -> int:
         device=config.device,
         seed=config.seed,
     )
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     save_basis(out / "basis.npz", fit.basis, version=0, embedder="unknown")
     # Centralized training holds every user's data anyway; the weights are saved for analysis.
@@ -97,15 +155,20 @@ def personal_prior(value: float | None) -> float:
     return float(value)
 
 
-def benchmark_ceiling(pairs, prior_pairs: float) -> dict:
-    """On a benchmark (ground_truth.npz beside the pair file, same embedding size): the true-basis few-shot
-    ceiling, reported beside the oracle."""
-    from lore_core.evaluation import load_true_basis, true_basis_metrics
+def benchmark_truth(pairs):
+    """The hidden basis of a benchmark (ground_truth.npz beside the pair file, same embedding size) or None; read
+    before any training, so that a damaged file is refused up front."""
+    from lore_core.evaluation import load_true_basis
 
     true_basis = load_true_basis(pairs.source)
-    if true_basis is None or true_basis.shape[1] != pairs.dim:
-        return {}
-    return true_basis_metrics(pairs, true_basis, prior_pairs)
+    return None if true_basis is None or true_basis.ndim != 2 or true_basis.shape[1] != pairs.dim else true_basis
+
+
+def benchmark_ceiling(pairs, true_basis, prior_pairs: float) -> dict:
+    """On a benchmark: the true-basis few-shot ceiling, reported beside the oracle."""
+    from lore_core.evaluation import true_basis_metrics
+
+    return {} if true_basis is None else true_basis_metrics(pairs, true_basis, prior_pairs)
 
 
 def _seconds_per_rank(selection: list[dict]) -> dict[str, float]:

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from lore_core.atomic_io import atomic_save_npz
+from lore_core.npz_file import open_npz
 
 BASIS_ARRAYS = ("basis", "version", "embedder", "dim", "rank", "sha256")
 
@@ -73,11 +74,8 @@ def load_basis(path: str | Path) -> BasisFile:
     path = Path(path)
     if not path.is_file():
         raise BasisFileError(f"basis file {path} does not exist")
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            arrays = {key: data[key] for key in data.files}
-    except Exception as exc:  # zipfile/pickle/format errors of a torn file come in many types
-        raise BasisFileError(f"{path}: not a readable basis .npz file ({type(exc).__name__}: {exc})") from exc
+    with open_npz(path, f"a basis file (.npz with arrays {', '.join(BASIS_ARRAYS)})", BasisFileError) as data:
+        arrays = {key: data[key] for key in data.files}
     missing = [key for key in BASIS_ARRAYS if key not in arrays]
     if missing:
         raise BasisFileError(f"{path}: missing arrays {missing}; a basis file holds {list(BASIS_ARRAYS)}")

@@ -27,9 +27,13 @@ class RunDirBusy(RuntimeError):
 
 
 class RunDirLock:
-    def __init__(self, run_dir: str | os.PathLike) -> None:
+    """`wait` seconds to keep trying while another process holds the directory: a ServerApp restarted with its
+    SuperLink may start before its predecessor has exited. The command line does not wait."""
+
+    def __init__(self, run_dir: str | os.PathLike, wait: float = 0.0) -> None:
         self.run_dir = Path(run_dir)
         self.key = str(self.run_dir.resolve())
+        self.wait = wait
 
     def __enter__(self) -> "RunDirLock":
         with _guard:
@@ -40,13 +44,19 @@ class RunDirLock:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             path = self.run_dir / LOCK_FILENAME
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                holder = _describe(fd)
-                os.close(fd)
-                raise RunDirBusy(f"{self.run_dir} is in use by another run ({holder}); wait for it to finish or use "
-                                 "another --out directory") from None
+            deadline = time.monotonic() + self.wait
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() < deadline:
+                        time.sleep(0.5)
+                        continue
+                    holder = _describe(fd)
+                    os.close(fd)
+                    raise RunDirBusy(f"{self.run_dir} is in use by another run ({holder}); wait for it to finish or "
+                                     "use another --out directory") from None
             os.ftruncate(fd, 0)
             os.write(fd, json.dumps({"pid": os.getpid(), "command": " ".join(sys.argv),
                                      "since": time.strftime("%Y-%m-%d %H:%M:%S")}).encode())

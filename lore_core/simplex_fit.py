@@ -12,6 +12,7 @@ All users are solved at once (batched), which is what the federated client and e
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,6 +24,11 @@ DEFAULT_PRIOR_STRENGTH = 0.02  # joint training: one weak pull for every user, s
 # own pairs (lam_u = c / n_u). Chosen on a public pilot population (`python -m simulations.choose_prior_pairs`),
 # never on a run it is reported for.
 DEFAULT_PRIOR_PAIRS = 3.0
+
+
+class ConvergenceWarning(UserWarning):
+    """The few-shot fit stopped at max_iter before converging (as scikit-learn's ConvergenceWarning): the weights are
+    the last iterate, not the optimum. Raised as a warning so every caller reports it without handling it."""
 
 
 @dataclass(frozen=True)
@@ -102,6 +108,12 @@ def fit_user_weights(
         if np.all(decrement < tol) or np.abs(step).max(initial=0.0) < tol:
             converged = True
             break
+    if not converged and n_users and iteration:
+        unconverged = int((decrement >= tol).sum())
+        warnings.warn(f"the few-shot w fit did not converge in {max_iter} iterations for {unconverged} of {n_users} "
+                      f"users (largest Newton decrement {decrement.max():.3g} > tol {tol:g}); their weights are the "
+                      "last iterate (a stronger prior, prior_pairs or prior_strength, makes the fit better posed)",
+                      ConvergenceWarning, stacklevel=2)
     return SimplexFitResult(weights=weights, iterations=iteration, converged=converged)
 
 

@@ -23,7 +23,8 @@ from lore_core.privacy.privacy_settings import PrivacySettings
 EVAL_NOT_COVERED = ("federated evaluation metrics (per-node accuracy sums; metrics.json, rounds.jsonl, report): "
                     "computed from users' held-out pairs and w fits without noise")
 COUNTS_NOT_COVERED = ("per-round counts (ledger `sampled`; rounds.jsonl sampled_users, accepted_users, "
-                      "rejected_replies, missing_replies, secagg_nodes, eval_failed_nodes, eval_missing_nodes; "
+                      "rejected_replies, missing_replies, non_finite_users, record_budget_exhausted_users, "
+                      "secagg_nodes, eval_failed_nodes, eval_missing_nodes; metrics.json's totals of them; "
                       "user+secagg also tells the sampled users k): exact; under add/remove adjacency a user's "
                       "presence shifts the sampled count's distribution (Bin(N, q) against Bin(N - 1, q)), and "
                       "accepted/rejected counts tell which replies failed; covered only under zero-out adjacency (the "

@@ -113,8 +113,10 @@ class ServerSettings:
         if self.eval_every < 0:
             raise RunConfigError(f"run config `eval-every` must be >= 0 (0 = only after the last round), "
                                  f"got {self.eval_every}")
-        if self.l2 < 0:
-            raise RunConfigError(f"run config `l2` must be >= 0, got {self.l2}")
+        if not 0 <= self.l2 < float("inf"):
+            raise RunConfigError(f"run config `l2` must be a finite number >= 0, got {self.l2}")
+        if not 0 <= self.seed < 2**32:
+            raise RunConfigError(f"run config `seed` must be in [0, 2**32), got {self.seed}")
         if self.server_optimizer not in SERVER_OPTIMIZERS:
             raise RunConfigError(f"run config `server-optimizer` must be one of {SERVER_OPTIMIZERS}, "
                                  f"got {self.server_optimizer!r}")

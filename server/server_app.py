@@ -26,6 +26,8 @@ from server.training_round import TrainingRun, basis_record
 log = logging.getLogger("lore_fed.server")
 
 app = ServerApp()
+# After a SuperLink restart the new ServerApp may start while its predecessor still exits and holds the run dir.
+LOCK_WAIT_SECONDS = 120.0
 
 
 def run_federated(grid: Grid, settings: ServerSettings, on_round: Callable[[dict], None] | None = None,
@@ -34,7 +36,7 @@ def run_federated(grid: Grid, settings: ServerSettings, on_round: Callable[[dict
     `stopped_early`), resuming from `settings.run_dir` if a checkpoint is there. Returns the final run state (basis,
     history). `aggregator` replaces the one of the privacy mode (tests). Holds the run directory's lock throughout:
     a second run on the same directory is refused (RunDirBusy) before it writes anything."""
-    with RunDirLock(settings.run_dir):
+    with RunDirLock(settings.run_dir, wait=min(settings.round_timeout, LOCK_WAIT_SECONDS)):
         return _run_locked(grid, settings, on_round, aggregator)
 
 
@@ -70,6 +72,8 @@ def _run_locked(grid: Grid, settings: ServerSettings, on_round: Callable[[dict],
                                 timeout=settings.round_timeout)
     if allowed < remaining:
         run.stop_for_budget(grid)
+    else:
+        run.complete_final_evaluation(grid)  # a failed final evaluation is retried (on a rerun too)
     return state
 
 

@@ -1,10 +1,11 @@
 """LoReStrategy: our own Flower `Strategy` (not a FedAvg subclass), driven by Flower's `Strategy.start` loop; a thin
 adapter from Flower's four hooks to the round of `server.training_round.TrainingRun`.
 
-What this path adds: one reply per node carrying its users' updates (k, B, D), each checked before use (finite
-updates of the right shape for exactly the users asked; record mode also their accountant histories); an invalid
-reply is logged and dropped, the round goes on and the basis is never touched by it. `aggregate_evaluate` is the
-last hook of a round in `Strategy.start`, so the round finishes (checkpoint) there.
+What this path adds: one reply per node carrying its users' updates (k, B, D), each checked before use (updates of
+the right shape for exactly the users asked; record mode also their accountant histories); an invalid reply is
+logged and dropped, a user's non-finite update is logged and left out (the node's other users are kept), the round
+goes on and the basis is never touched by either. `aggregate_evaluate` is the last hook of a round in
+`Strategy.start`, so the round finishes (checkpoint) there.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from federation import protocol as p
-from server.training_round import TrainingRun, basis_record
+from server.training_round import RoundFailed, TrainingRun, basis_record
 
 log = logging.getLogger("lore_fed.server")
 
@@ -43,7 +44,8 @@ class LoReStrategy(Strategy):
                 for node, idx in plan.items()]
 
     def reply_problem(self, reply: Message) -> str | None:
-        """Why a train reply cannot be used, or None when it is valid."""
+        """Why a train reply cannot be used, or None when it is valid. Non-finite updates are checked per user, in
+        `aggregate_train`: one user's NaN leaves out that user, not every user of the node."""
         node = reply.metadata.src_node_id
         if reply.has_error():
             return f"client error: {reply.error.reason}"
@@ -61,8 +63,6 @@ class LoReStrategy(Strategy):
         updates = content[p.ARRAYS][p.UPDATES].numpy()
         if updates.shape != expected:
             return f"updates have shape {updates.shape}, expected {expected}"
-        if not np.isfinite(updates).all():
-            return "updates contain NaN or Inf"
         if record:
             history = content[p.ARRAYS][p.DP_HISTORY].numpy()
             if history.ndim != 2 or history.shape[1] != 4 or not np.isfinite(history).all() or \
@@ -81,7 +81,13 @@ class LoReStrategy(Strategy):
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         run = self.run
-        accepted, seen_nodes, histories, rejected = [], set(), {}, 0
+        record = run.aggregator.mode == "record"
+        accepted, seen_nodes, histories, rejected, dropped_users = [], set(), {}, 0, 0
+        replies = list(replies)
+        errors = [reply.error.reason for reply in replies if reply.has_error()]
+        if run.plan and len(errors) + len(set(run.plan) - {r.metadata.src_node_id for r in replies}) == len(run.plan):
+            raise RoundFailed(f"round {run.round}: every node asked failed or did not answer "
+                              f"({errors[0] if errors else 'no reply'}); nothing of the round was released")
         for reply in replies:
             node = reply.metadata.src_node_id
             problem = "duplicate reply" if node in seen_nodes else self.reply_problem(reply)
@@ -90,13 +96,23 @@ class LoReStrategy(Strategy):
                 run.reject(node, problem)
                 rejected += 1
                 continue
-            accepted.append(reply.content[p.ARRAYS][p.UPDATES].numpy().astype(np.float64))
-            if run.aggregator.mode == "record":
+            updates = reply.content[p.ARRAYS][p.UPDATES].numpy().astype(np.float64)
+            finite = np.isfinite(updates).all(axis=(1, 2))
+            if not finite.all():  # one user's failure must not drop the other users of a many-user node
+                dropped_users += int((~finite).sum())
+                log.warning("round %d: node %s sent %d non-finite user updates (of %d); those users are left out",
+                            run.round, node, int((~finite).sum()), finite.size)
+            accepted.append(updates[finite])
+            if record:
                 histories.update(self._client_histories(reply))
         updates = np.concatenate(accepted) if accepted else np.zeros((0,) + run.state.basis.shape)
+        facts = {"missing_replies": len(set(run.plan) - seen_nodes)}
+        if dropped_users:
+            facts["non_finite_users"] = dropped_users
+        if record:  # a DP-SGD output is never exactly zero: zero = the user's record-level budget is spent
+            facts["record_budget_exhausted_users"] = int((~updates.any(axis=(1, 2))).sum())
         mean_update = run.aggregator.aggregate(updates, run.population.size)
-        run.release(mean_update, updates.shape[0], missing_replies=len(set(run.plan) - seen_nodes),
-                    client_histories=histories or None)
+        run.release(mean_update, updates.shape[0], client_histories=histories or None, **facts)
         metrics = MetricRecord({"accepted-users": int(updates.shape[0]), "rejected-replies": rejected})
         return basis_record(run.state.basis), metrics
 

@@ -56,6 +56,16 @@ def valid_eval_metrics(metrics: MetricRecord) -> bool:
         metrics["seen-acc-sum"] <= metrics["seen-users"] and metrics["unseen-acc-sum"] <= metrics["unseen-users"]
 
 
+class RoundFailed(RuntimeError):
+    """Every node asked in a round failed: nothing is released, the run stops; the checkpoint of the previous round
+    is intact, so running the same command again resumes there."""
+
+
+def final_evaluation_done(record: dict) -> bool:
+    """Whether a round record holds a complete evaluation (every node answered)."""
+    return "seen_test_acc" in record and not record.get("eval_failed_nodes") and not record.get("eval_missing_nodes")
+
+
 class TrainingRun:
     """The server's side of one run: the basis, its optimizer, the sampler/aggregator, the ledger, the history."""
 
@@ -171,6 +181,21 @@ class TrainingRun:
         """All nodes evaluate the current basis (Message API, also under SecAgg+)."""
         replies = grid.send_and_receive(self.evaluation_messages(t), timeout=self.settings.round_timeout)
         return self.evaluation_metrics(replies)
+
+    def complete_final_evaluation(self, grid: Grid) -> None:
+        """After the last round: if its evaluation failed or missed nodes (a node died, a worker ran out of memory),
+        evaluate the final basis again and checkpoint. A rerun of a finished run thus repairs its final metrics; a
+        better answer replaces the stored one, a worse one never does."""
+        last = self.state.history[-1] if self.state.history else None
+        if last is None or self.state.round < self.settings.rounds or final_evaluation_done(last):
+            return
+        log.warning("round %d: the final evaluation is incomplete; evaluating the final basis again", last["round"])
+        fresh = self.evaluate(grid, last["round"])
+        if "seen_test_acc" in fresh or "seen_test_acc" not in last:
+            for key in [k for k in last if k.endswith("_test_acc")]:
+                del last[key]
+            last.update(fresh)
+            save_checkpoint(self.settings.run_dir, self.state)
 
     def stop_for_budget(self, grid: Grid) -> None:
         """max_epsilon allows no further round (server.run_ledger.stop_for_budget): evaluate the last released basis."""

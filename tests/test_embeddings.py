@@ -358,7 +358,7 @@ def test_embed_command_names_the_bad_line(tmp_path, capsys, bad_line, message):
     write_dataset(tmp_path, [PAIRS[0], PAIRS[1], bad_line])
     assert cli_main(["embed", str(tmp_path), "--cache-dir", str(tmp_path / "cache")]) == 2
     err = capsys.readouterr().err
-    assert "pairs.jsonl:3:" in err and message in err
+    assert "pairs.jsonl line 3:" in err and message in err
 
 
 def test_embed_command_reward_model_adds_reference_head(tiny_llama_rm, tmp_path, capsys):

@@ -16,6 +16,7 @@ import argparse
 import json
 import sys
 import time
+import warnings
 from dataclasses import replace
 from pathlib import Path
 
@@ -30,12 +31,14 @@ from client.device.state import (
     check_compatible,
     default_state_dir,
     forget,
+    is_device_state,
     load_state,
     new_state,
     save_state,
     state_lock,
 )
 from lore_core.basis_file import BasisFile, load_basis
+from lore_core.text_file import parse_json, read_text
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -90,11 +93,19 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m client.device", description=__doc__.splitlines()[0])
     configure(parser)
     args = parser.parse_args(argv)
+    shown, warnings.formatwarning = warnings.formatwarning, lambda message, *_, **__: f"note: {message}\n"
     try:
         return run(args)
     except (ValueError, FileNotFoundError) as exc:
         print(f"client.device {args.device_command}: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:
+        if exc.filename is None:
+            raise
+        print(f"client.device {args.device_command}: error: {exc}", file=sys.stderr)  # e.g. permission denied
+        return 2
+    finally:
+        warnings.formatwarning = shown
 
 
 # --- commands -------------------------------------------------------------------------------------------------
@@ -104,7 +115,10 @@ def _init(args) -> int:
     directory = _directory(args)
     basis = load_basis(args.basis)
     encoder = _checked_encoder_dir(args.encoder, basis) if args.encoder else None
-    with state_lock(directory):
+    if directory.is_dir() and any(directory.iterdir()) and not is_device_state(directory):
+        raise StateError(f"{directory} holds other files and is not a device state; give `--state` a new or empty "
+                         "directory")
+    with state_lock(directory, create=True):
         try:
             old = load_state(directory)
         except StateCorruptError:
@@ -206,13 +220,14 @@ def _status(args) -> int:
 
 def _forget(args) -> int:
     directory = _directory(args)
+    with state_lock(directory):  # refuses a directory that is not a device state before anything is deleted
+        notes = forget(directory, everything=args.all)
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
     if args.all:
-        forget(directory, everything=True)
-        print(f"deleted {directory}")
-        return 0
-    with state_lock(directory):
-        forget(directory)
-    print(f"deleted all personal data in {directory}; the basis is kept (rankings use the population reward)")
+        print(f"deleted the device state in {directory}")
+    else:
+        print(f"deleted all personal data in {directory}; the basis is kept (rankings use the population reward)")
     return 0
 
 
@@ -268,13 +283,7 @@ def _choice_diffs(path: Path, state: DeviceState, encoder_dir) -> tuple[np.ndarr
     if path.suffix == ".npz":
         if not path.is_file():
             raise FileNotFoundError(f"choices file {path} does not exist")
-        with np.load(path, allow_pickle=False) as data:
-            if "diff" not in data.files:
-                raise personalize.ChoicesError(f"{path}: a precomputed choices .npz needs a 'diff' array (n, D)")
-            diff = data["diff"]
-        if diff.ndim != 2 or diff.shape[1] != state.basis.dim or not np.isfinite(diff).all():
-            raise personalize.ChoicesError(
-                f"{path}: diff must be finite (n, {state.basis.dim}) to match the basis, got {diff.shape}")
+        diff = personalize.read_choice_diffs(path, state.basis.dim)
         return diff, [{"precomputed": f"{path.name}#{i}"} for i in range(len(diff))]
     records = personalize.read_choices(path)
     return embed_choices(_open_encoder(encoder_dir or state.encoder, state.basis), records), records
@@ -302,13 +311,10 @@ def _rebase(old: DeviceState, basis: BasisFile, encoder: str | None) -> DeviceSt
 def _read_candidates(path: Path) -> list[str]:
     if not path.is_file():
         raise FileNotFoundError(f"candidates file {path} does not exist")
-    text = path.read_text(encoding="utf-8")
+    text = read_text(path)
     if text.lstrip().startswith("["):
-        try:
-            candidates = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}: looks like JSON but does not parse ({exc})") from exc
-        if not all(isinstance(c, str) for c in candidates):
+        candidates = parse_json(text, path)
+        if not isinstance(candidates, list) or not all(isinstance(c, str) for c in candidates):
             raise ValueError(f"{path}: a JSON candidates file must be a list of strings")
     else:
         candidates = [line for line in text.splitlines() if line.strip()]

@@ -1,6 +1,7 @@
 """Durable on-device state in ONE directory: the basis, the user's weights w, the user's pairs and settings.
 
 Layout (content-addressed data files; the manifest is the single commit point):
+  .lore-fed-device-state     the marker: this directory is a device state (checked before anything is deleted)
   manifest.json              format, generation, settings (strength, encoder) and, per data file, name/size/sha256
   basis-v<version>-<sha>.npz the basis file (lore_core.basis_file format)
   personal-<sha>.npz         user_weights (B,) float64 | (0,) before any adaptation; pair_diff (n, D) float32;
@@ -17,7 +18,7 @@ import hashlib
 import io
 import json
 import os
-import shutil
+import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -29,8 +30,17 @@ from lore_core.basis_file import BasisFile, BasisFileError, load_basis
 STATE_FORMAT = "lore-fed-device-state/1"
 MANIFEST = "manifest.json"
 LOCK = ".lock"
+# Written once by the first save; deleting anything requires it (or, for states older than the marker, a readable
+# manifest of this format): `forget --all` on a folder that is not a device state must never delete a thing.
+MARKER = ".lore-fed-device-state"
 STATE_HOME_ENV = "LORE_DEVICE_HOME"
 _DATA_PREFIXES = ("basis-", "personal-")
+# The names a state writes (save_state, _write_data), and the temp files of lore_core.atomic_io that a killed write
+# may leave (".NAME.<random>.tmp"): nothing else is ever deleted.
+_STATE_FILE = re.compile(
+    r"(?P<tmp>\.)?(?P<name>manifest\.json|\.lore-fed-device-state|(?:basis-v\d+-|personal-)[0-9a-f]{16}\.npz)"
+    r"(?(tmp)\.[^/]+\.tmp)"
+)
 
 
 class StateError(ValueError):
@@ -95,6 +105,8 @@ def save_state(state: DeviceState) -> DeviceState:
     """Commit `state` to its directory (crash-safe, see module docstring); returns it with generation + 1."""
     directory = state.directory
     directory.mkdir(parents=True, exist_ok=True)
+    if not (directory / MARKER).is_file():
+        atomic_write_bytes(directory / MARKER, (STATE_FORMAT + "\n").encode())
     basis = state.basis
     basis_bytes = _npz_bytes(
         basis=basis.basis, version=np.int64(basis.version), embedder=np.str_(basis.embedder),
@@ -163,23 +175,100 @@ def load_state(directory: str | Path) -> DeviceState:
     return state
 
 
-def forget(directory: str | Path, *, everything: bool = False) -> None:
-    """Delete all personal data (weights, pairs, raw choices) and keep the basis and settings; with `everything`
-    delete the whole state directory."""
+def is_device_state(directory: str | Path) -> bool:
+    """True when `directory` carries the state marker, or (a state written before the marker) a readable manifest
+    of this format."""
     directory = Path(directory)
+    if (directory / MARKER).is_file():
+        return True
+    try:
+        return json.loads((directory / MANIFEST).read_bytes()).get("format") == STATE_FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def require_state(directory: str | Path) -> Path:
+    """`directory`, refused (StateError) unless it is a device state: nothing is created or deleted elsewhere."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise StateError(f"no device state in {directory}: the directory does not exist (nothing was changed)")
+    if not is_device_state(directory):
+        raise StateError(f"{directory} is not a device state (no {MARKER} marker, no device manifest); nothing was "
+                         "changed. Pass the directory given to `init` (--state), or run `init --basis FILE` first")
+    return directory
+
+
+def forget(directory: str | Path, *, everything: bool = False) -> list[str]:
+    """Delete all personal data (weights, pairs, raw choices) and keep the basis and settings; with `everything`
+    delete every file of the state (and the directory when nothing else is in it). Refuses a directory that is not a
+    device state. Personal data is deleted even when the state is corrupted. Returns notes for the user (what could
+    not be kept or removed), empty when all went as asked."""
+    directory = require_state(directory)
     if everything:
-        if directory.exists():
-            shutil.rmtree(directory)
-        return
-    state = load_state(directory)
+        return _delete_state(directory)
+    try:
+        state = load_state(directory)
+    except StateError as exc:  # corrupted, or the manifest is gone: personal files may still be on disk
+        return _forget_corrupted(directory, exc)
     save_state(replace(state, user_weights=None, pair_diff=state.pair_diff[:0], choices=()))
+    return []
+
+
+def _is_personal(name: str) -> bool:
+    match = _STATE_FILE.fullmatch(name)
+    return bool(match) and match["name"].startswith("personal-")
+
+
+def _forget_corrupted(directory: Path, problem: StateError) -> list[str]:
+    """The state cannot be loaded: delete every personal data file regardless, and drop it from the manifest when
+    the manifest is readable; the rest is left as it is (and checked again for the note)."""
+    removed = [path for path in directory.iterdir() if path.is_file() and _is_personal(path.name)]
+    for path in removed:
+        path.unlink()
+    try:
+        manifest = json.loads((directory / MANIFEST).read_bytes())
+        if isinstance(manifest.get("files"), dict) and manifest["files"].pop("personal", None) is not None:
+            manifest["pairs"] = 0
+            atomic_write_json(directory / MANIFEST, manifest)
+    except (OSError, ValueError, AttributeError):
+        pass  # an unreadable manifest names nothing we could still use
+    note = (f"the device state was corrupted ({problem}); its personal data was deleted all the same "
+            f"({len(removed)} file(s))")
+    try:
+        load_state(directory)
+    except StateError:
+        return [note + "; the rest is still unusable: repair it with `init --reinit --basis FILE`, or remove it "
+                "with `forget --all`"]
+    return [note + "; the rest of the state checks out"]
+
+
+def _delete_state(directory: Path) -> list[str]:
+    """Delete the state's own files (marker last), then the directory if nothing else is left in it."""
+    own = [path for path in directory.iterdir() if path.is_file() and _is_state_file(path.name)]
+    for path in sorted(own, key=lambda path: path.name == MARKER):
+        path.unlink()
+    left = sorted(path.name for path in directory.iterdir())
+    if left:
+        return [f"kept the directory {directory}: it also holds files that are not part of the device state "
+                f"({', '.join(left[:5])}{', ...' if len(left) > 5 else ''}; {len(left)} in all)"]
+    directory.rmdir()
+    return []
+
+
+def _is_state_file(name: str) -> bool:
+    return name == LOCK or bool(_STATE_FILE.fullmatch(name))
 
 
 @contextlib.contextmanager
-def state_lock(directory: str | Path):
-    """Serialise read-modify-write of the state between processes (POSIX advisory lock; no-op elsewhere)."""
+def state_lock(directory: str | Path, *, create: bool = False):
+    """Serialise read-modify-write of the state between processes (POSIX advisory lock; no-op elsewhere). Only
+    `init` (create=True) may make the directory; elsewhere a directory that is not a device state is refused before
+    anything (the lock file included) is written in it."""
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    if create:
+        directory.mkdir(parents=True, exist_ok=True)
+    else:
+        require_state(directory)
     try:
         import fcntl
     except ImportError:  # pragma: no cover - non-POSIX

@@ -85,7 +85,8 @@ def _prv_bounds(segments: list[Segment], delta: float) -> tuple[float, float, fl
     accountant.history = list(segments)
     delta_error = delta / 1000  # Opacus' default
     # Same computation as PRVAccountant.get_epsilon (which returns only the upper value); we also want the estimate.
-    with np.errstate(divide="ignore"):  # q = 1 takes log(0) inside Opacus, harmlessly
+    with np.errstate(divide="ignore"), warnings.catch_warnings():  # q = 1 takes log(0) inside Opacus, harmlessly
+        warnings.simplefilter("ignore", UserWarning)  # its domain-size RDP bound warns at the edge of its orders
         dprv = accountant._get_dprv(eps_error=PRV_EPS_ERROR, delta_error=delta_error)
         lower, estimate, upper = dprv.compute_epsilon(delta, delta_error, PRV_EPS_ERROR)
     return float(lower), float(estimate), float(upper)
@@ -234,29 +235,62 @@ def rounds_within_budget(
     dim: int | None = None,
 ) -> int:
     """Largest k such that `history` + k more rounds (each `steps_per_round` steps of (z, q)) stays <= max_epsilon;
-    at most `limit` (a planned run length makes the search cheaper), else at most MAX_ROUNDS."""
+    at most `limit` (a planned run length makes the search cheaper), else at most MAX_ROUNDS (the caller says so
+    when the answer is that cap). One accountant call costs seconds at a large epsilon, so the search makes few: the
+    cheap RDP bound brackets the answer, then interpolation on epsilon(k), probing the guess's neighbour, pins it
+    (bisection steps keep the worst case logarithmic)."""
     if not (math.isfinite(max_epsilon) and max_epsilon > 0):
         raise AccountingError(f"max epsilon must be finite and > 0; got {max_epsilon}")
     base = check_history(history)
+    cap = MAX_ROUNDS if limit is None else limit
+    known: dict[int, float] = {}
 
-    def fits(k: int) -> bool:
-        extra = [(noise_multiplier, sample_rate, k * steps_per_round)] if k else []
-        return history_epsilon(base + extra, delta, accountant, dim) <= max_epsilon
+    def spent(k: int, how: str = accountant) -> float:
+        if how != accountant:
+            return history_epsilon(base + [(noise_multiplier, sample_rate, k * steps_per_round)], delta, how)
+        if k not in known:
+            extra = [(noise_multiplier, sample_rate, k * steps_per_round)] if k else []
+            known[k] = history_epsilon(base + extra, delta, accountant, dim)
+        return known[k]
 
-    if not fits(0):
+    if spent(0) > max_epsilon:
         return 0
-    low = 0  # fits(low) holds, fits(high) fails
-    if limit is not None:
-        if fits(limit):
-            return limit
-        high = limit
-    else:
-        high = 1
-        while fits(high):
-            low, high = high, 2 * high
-            if high > MAX_ROUNDS:
-                return MAX_ROUNDS
+    low, high = 0, None  # spent(low) fits; spent(high) does not (None: not found yet)
+    if accountant == "prv":  # RDP >= PRV in practice: its last fitting k is a cheap first guess
+        rdp_low, rdp_high = 0, 1
+        while rdp_high <= cap and spent(rdp_high, "rdp") <= max_epsilon:
+            rdp_low, rdp_high = rdp_high, 2 * rdp_high
+        while rdp_high - rdp_low > 1 and rdp_low < cap:
+            mid = (rdp_low + rdp_high) // 2
+            rdp_low, rdp_high = (mid, rdp_high) if spent(mid, "rdp") <= max_epsilon else (rdp_low, mid)
+        guess = min(rdp_low, cap)
+        if guess:
+            low, high = (guess, None) if spent(guess) <= max_epsilon else (0, guess)
+    step = max(1, low // 8)
+    while high is None:  # grow from low until a k that does not fit, or the cap
+        k = min(low + step, cap)
+        if spent(k) > max_epsilon:
+            high = k
+        elif k == cap:
+            return cap
+        else:
+            low, step = k, 2 * step
+    bisect = False
     while high - low > 1:
-        mid = (low + high) // 2
-        low, high = (mid, high) if fits(mid) else (low, mid)
+        width = high - low
+        if bisect:
+            guess = (low + high) // 2
+        else:
+            e_low, e_high = spent(low), spent(high)
+            guess = low + round((max_epsilon - e_low) / (e_high - e_low) * width)
+            guess = min(max(guess, low + 1), high - 1)
+        if spent(guess) <= max_epsilon:
+            low = guess
+            if guess + 1 < high and spent(guess + 1) > max_epsilon:
+                high = guess + 1
+        else:
+            high = guess
+            if guess - 1 > low and spent(guess - 1) <= max_epsilon:
+                low = guess - 1
+        bisect = not bisect and high - low > width // 2  # interpolation that did not halve: bisect next
     return low

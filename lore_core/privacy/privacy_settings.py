@@ -122,8 +122,21 @@ class PrivacySettings:
         return cls(**values)
 
 
+_VALIDATED: dict[PrivacySettings, PrivacySettings] = {}  # settings -> resolved; resolved settings map to themselves
+
+
 def validate(settings: PrivacySettings) -> PrivacySettings:
-    """Check `settings` before any training and return them resolved (defaults filled, z solved if targeted)."""
+    """Check `settings` before any training and return them resolved (defaults filled, z solved if targeted).
+
+    Pure on a frozen dataclass, so a process validates each setting once however many layers ask (the command,
+    the ServerApp, the ledger): solving z or predicting epsilon costs accountant calls."""
+    if settings not in _VALIDATED:
+        resolved = _validate(settings)
+        _VALIDATED[settings] = _VALIDATED[resolved] = resolved
+    return _VALIDATED[settings]
+
+
+def _validate(settings: PrivacySettings) -> PrivacySettings:
     mode = settings.mode
     if mode not in MODES:
         raise PrivacyConfigError(f"privacy mode must be one of {MODES}; got {mode!r} (a typo is not 'none')")
