@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -287,8 +288,13 @@ def _mechanism(args, run_dir, settings) -> dict:
     from lore_core.privacy.privacy_settings import PrivacySettings, validate
     from server.aggregation import UserDpAggregator
 
-    if settings["mode"] not in ("user", "user+secagg"):
-        raise AuditCommandError(f"the mechanism audit covers the user-level modes; the run's mode is {settings['mode']}")
+    mode = settings["mode"] if settings["mode"] in ("user", "user+secagg") else "user"
+    if run_dir is not None and (run_dir / "ledger.json").exists() and settings["mode"] != mode:
+        raise AuditCommandError(f"the mechanism audit covers the user-level modes; {run_dir} ran mode "
+                                f"{settings['mode']}")
+    for key in ("noise_multiplier", "clip_norm"):
+        if not (math.isfinite(settings[key]) and settings[key] > 0):
+            raise AuditCommandError(f"{key} must be a finite number > 0, got {settings[key]}")
     shape = (10, 384)
     if run_dir is not None or args.basis:
         try:
@@ -297,7 +303,7 @@ def _mechanism(args, run_dir, settings) -> dict:
             pass
     z, clip, delta = float(settings["noise_multiplier"]), float(settings["clip_norm"]), float(settings["delta"])
     population, m = int(settings["population_size"]), int(settings["clients_per_round"])
-    if settings["mode"] == "user":
+    if mode == "user":
         aggregator = UserDpAggregator(m, z, clip)
         aggregate, claim = aggregator.aggregate, epsilon(z, 1.0, 1, delta)
     else:
