@@ -18,8 +18,10 @@ from flwr.clientapp import ClientApp
 from federation import protocol as p
 from federation.local_training import (device_fit_weights, evaluate_node, personal_fit_weights, record_dp_updates,
                                        train_sampled_users)
+from federation.canary_users import CanaryBlock, load_canary_block
 from federation.user_block import NodeUsers, load_device_users, load_partition_users
-from client.user_state import load_record_histories, load_weights, save_record_histories, save_weights
+from client.user_state import (load_record_histories, load_record_logits, load_weights, save_record_state,
+                               save_weights)
 from lore_core.pairs import PAIRS_FILENAME
 
 app = ClientApp()
@@ -29,14 +31,19 @@ class ClientRequestError(ValueError):
     """A server request this node cannot serve (bad indices, wrong basis width)."""
 
 
-def node_users(context: Context, settings: p.ClientSettings) -> NodeUsers:
+def node_users(context: Context, settings: p.ClientSettings) -> NodeUsers | CanaryBlock:
+    """This node's users: the device's own file, a block of the shared pair file (simulation) or, on the last
+    `canary-nodes` partitions of a simulation with canaries, a block of canary users."""
     data_path = context.node_config.get("data-path")
     if data_path:  # deployment: the device's own file
         return load_device_users(str(Path(str(data_path)) / PAIRS_FILENAME))
     if not settings.pairs_path:
         raise ClientRequestError("run config `pairs-path` is empty and node config has no `data-path`")
-    return load_partition_users(settings.pairs_path, int(context.node_config["partition-id"]),
-                                int(context.node_config["num-partitions"]))
+    partition, partitions = int(context.node_config["partition-id"]), int(context.node_config["num-partitions"])
+    real = partitions - settings.canary_nodes
+    if partition >= real:
+        return load_canary_block(settings.canary_secrets, partition - real, settings.canary_nodes)
+    return load_partition_users(settings.pairs_path, partition, real)
 
 
 def checked_basis(basis: np.ndarray, node: NodeUsers) -> np.ndarray:
@@ -59,7 +66,12 @@ def checked_user_indices(sampled: np.ndarray, node: NodeUsers) -> np.ndarray:
 def train_clipped(context: Context, settings: p.ClientSettings, node: NodeUsers, basis: np.ndarray,
                   sampled: np.ndarray, clip_norm: float | None) -> np.ndarray:
     """Fit the sampled users' w (kept on the node) and return their basis updates (k, B, D), each clipped to
-    `clip_norm` (flat L2, one user = one privacy unit) unless it is None (mode none). Both train paths use it."""
+    `clip_norm` (flat L2, one user = one privacy unit) unless it is None (mode none). Both train paths use it.
+    A canary node's users upload their canary (federation/canary_users.py)."""
+    if isinstance(node, CanaryBlock):
+        if clip_norm is None:
+            raise ClientRequestError("canary users take part in user-level DP modes only")
+        return node.updates(sampled, clip_norm)
     weights = load_weights(context, node.n_train_users, basis.shape[0])
     weights, updates = train_sampled_users(basis, node.training_block(sampled), weights, sampled,
                                            prior_strength=settings.prior_strength, steps=settings.local_steps,
@@ -90,10 +102,10 @@ def train(msg: Message, context: Context) -> Message:
     sampled = checked_user_indices(config[p.USER_INDICES], node)
     arrays = {}
     mode = str(config.get(p.PRIVACY_MODE, "none"))
+    if mode == "record" and isinstance(node, CanaryBlock):
+        raise ClientRequestError("canary users take part in user-level DP modes only")
     if mode == "record":
-        weights = load_weights(context, node.n_train_users, basis.shape[0])
-        weights, updates, history = _record_train(context, config, settings, basis, node, weights, sampled)
-        save_weights(context, weights)
+        updates, history = _record_train(context, config, settings, basis, node, sampled)
         arrays[p.DP_HISTORY] = Array(np.ascontiguousarray(history))
     else:  # user modes: one flat clip per user here (and re-checked by the server)
         clip_norm = float(config[p.CLIP_NORM]) if mode in ("user", "user+secagg") else None
@@ -104,29 +116,29 @@ def train(msg: Message, context: Context) -> Message:
 
 
 def _record_train(context: Context, config, settings: p.ClientSettings, basis: np.ndarray, node: NodeUsers,
-                  weights: np.ndarray, sampled: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Record mode: DP-SGD per sampled user, continuing each user's stored accountant history.
-    Returns (weights (S, B), updates (k, B, D), the sampled users' histories as rows (position, z, q, steps))."""
+                  sampled: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Record mode: DP-SGD per sampled user over its private logits and the basis, continuing each user's stored
+    accountant history. Returns (updates (k, B, D), the sampled users' histories as rows (position, z, q, steps))."""
     from lore_core.privacy.record_dp import RecordDpState
 
     stored = load_record_histories(context)
     owner = stored[:, 0].astype(np.int64)
     states = [RecordDpState(history=[(z, q, int(k)) for _, z, q, k in stored[owner == u]]) for u in sampled]
+    logits = load_record_logits(context, node.n_train_users, basis.shape[0])
     max_epsilon = config.get(p.MAX_EPSILON)
     seed = config.get(p.NOISE_SEED)
-    weights, updates, states = record_dp_updates(
-        basis, node.training_block(sampled), weights, sampled, states, prior_strength=settings.prior_strength,
-        lr=settings.client_lr,
+    logits, updates, states = record_dp_updates(
+        basis, node.training_block(sampled), logits, sampled, states, lr=settings.client_lr,
         noise_multiplier=float(config[p.NOISE_MULTIPLIER]), max_grad_norm=float(config[p.MAX_GRAD_NORM]),
         batch_size=int(config[p.RECORD_BATCH_SIZE]), epochs=int(config[p.RECORD_EPOCHS]),
         delta=float(config[p.DELTA]), max_epsilon=None if max_epsilon is None else float(max_epsilon),
         noise_seed=None if seed is None else int(seed) + 104729 * int(config[p.ROUND]), device=settings.device)
     rows = [(u, z, q, k) for u, state in zip(sampled, states) for z, q, k in state.history]
     kept = stored[~np.isin(owner, sampled)]
-    save_record_histories(context, np.concatenate([kept, np.array(rows, dtype=np.float64).reshape(-1, 4)]))
+    save_record_state(context, np.concatenate([kept, np.array(rows, dtype=np.float64).reshape(-1, 4)]), logits)
     position = {int(u): i for i, u in enumerate(sampled)}
     history = np.array([(position[int(u)], z, q, k) for u, z, q, k in rows], dtype=np.float64).reshape(-1, 4)
-    return weights, updates, history
+    return updates, history
 
 
 @app.evaluate()
@@ -134,6 +146,9 @@ def evaluate(msg: Message, context: Context) -> Message:
     settings = p.ClientSettings.from_run_config(context.run_config)
     node = node_users(context, settings)
     basis = checked_basis(msg.content[p.ARRAYS][p.BASIS].numpy(), node)
+    if isinstance(node, CanaryBlock):  # canaries hold no pairs: they add nothing to the evaluation sums
+        sums = {key: 0.0 for key in p.EVAL_SUM_KEYS}
+        return Message(RecordDict({p.METRICS: MetricRecord(sums)}), reply_to=msg)
     weights = load_weights(context, node.n_train_users, basis.shape[0])
     on_device = bool(context.node_config.get("data-path"))  # deployment: evaluate with the device's own code
     weights, sums = evaluate_node(basis, node, weights, prior_pairs=settings.prior_pairs,

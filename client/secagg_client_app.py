@@ -4,10 +4,13 @@ Flower 1.42's SecAgg+ exists only for the legacy API: `secaggplus_mod` turns a l
 vectors. So `train` is a legacy `NumPyClient` behind that mod, while `query` and `evaluate` are the Message-API
 handlers of `client.client_app` (same contract, same metric names).
 
-Train, per node: for the node's sampled users fit w and compute each user's update dA_u (k, B, D), clip each one
-to the per-user norm the server sends (flat L2; one user = one privacy unit, also when a virtual node hosts many
-users), and hand the node's SUM (B, D) to the mod, which quantises and masks it. num_examples = 1 (uniform weight,
-nothing private). The server unmasks only the sum over nodes. w stays in `client.user_state` as in `client.client_app`.
+Train, per node: for the node's sampled users fit w and compute each user's update dA_u (k, B, D); each user then
+clips it to C, rounds it to the server's grid and adds its own share of discrete Gaussian noise
+(`lore_core.privacy.distributed_dp.encode_shares`: the distributed discrete Gaussian, one share per user, also
+when a virtual node hosts many users), and the node hands the SUM of its users' noised integer vectors (B, D, as
+exact grid multiples) to the mod, which masks it. num_examples = 1 (uniform weight, nothing private). The server
+unmasks only the sum over nodes, which is never without noise. w stays in `client.user_state` as in
+`client.client_app`.
 """
 
 from __future__ import annotations
@@ -22,12 +25,13 @@ from flwr.clientapp import ClientApp
 
 from client import client_app as message_app
 from federation import protocol as p
+from lore_core.privacy.distributed_dp import DdgEncoding, encode_shares, node_upload, share_std
 
 log = logging.getLogger("lore_fed.client")
 
 
 class SecAggTrainer(NumPyClient):
-    """The legacy face of one node for SecAgg+: fit -> ([sum of its users' clipped updates (B, D)], 1, {})."""
+    """The legacy face of one node for SecAgg+: fit -> ([its users' noised integer sum as grid multiples (B, D)], 1, {})."""
 
     def __init__(self, context: Context) -> None:
         self.node_context = context
@@ -41,13 +45,21 @@ class SecAggTrainer(NumPyClient):
             sampled = message_app.checked_user_indices(p.decode_user_indices(config[p.USER_INDICES]), node)
         except ValueError as exc:
             raise message_app.ClientRequestError(str(exc)) from exc
-        # per user; the server leaves room for quantisation in this clip norm
-        updates = message_app.train_clipped(context, settings, node, basis, sampled, float(config[p.CLIP_NORM]))
+        clip_norm = float(config[p.CLIP_NORM])
+        updates = message_app.train_clipped(context, settings, node, basis, sampled, clip_norm)
         finite = np.isfinite(updates).all(axis=(1, 2))
         if not finite.all():  # the server sees only the sum: one user's NaN must not void the node's other users
-            log.warning("%d of %d sampled users' updates are not finite; they send nothing this round",
-                        int((~finite).sum()), finite.size)
-        return [updates[finite].sum(axis=0)], 1, {}
+            log.warning("%d of %d sampled users' updates are not finite; they send a zero update (and their noise "
+                        "share) this round", int((~finite).sum()), finite.size)
+            updates = np.where(finite[:, None, None], updates, 0.0)
+        encoding = DdgEncoding(clip_norm, float(config[p.CLIPPING_RANGE]),
+                               int(round(2 * float(config[p.CLIPPING_RANGE]) / float(config[p.GRANULARITY]))))
+        std = share_std(float(config[p.NOISE_MULTIPLIER]), clip_norm, int(config[p.SAMPLED_USERS]),
+                        float(config[p.DROPOUT_TOLERANCE]))
+        seed = config.get(p.NOISE_SEED)  # debug runs only (the ledger says NOT PRIVATE); else a secret seed
+        rng = None if seed is None else np.random.default_rng(
+            [int(seed), int(config[p.ROUND]), int(context.node_config.get("partition-id", 0))])
+        return [node_upload(encode_shares(updates, encoding, std, rng), encoding)], 1, {}
 
 
 def _client_fn(context: Context):

@@ -73,32 +73,32 @@ def train_sampled_users(basis: np.ndarray, block: UserBlock, weights: np.ndarray
     return updated, local_basis_updates(basis, fitted, sub, steps=steps, lr=lr)
 
 
-def record_dp_updates(basis: np.ndarray, block: UserBlock, weights: np.ndarray, sampled: np.ndarray,
-                      states: list, *, prior_strength: float, lr: float, noise_multiplier: float,
-                      max_grad_norm: float, batch_size: int, epochs: int, delta: float,
-                      max_epsilon: float | None = None, noise_seed: int | None = None,
+def record_dp_updates(basis: np.ndarray, block: UserBlock, logits: np.ndarray, sampled: np.ndarray,
+                      states: list, *, lr: float, noise_multiplier: float, max_grad_norm: float, batch_size: int,
+                      epochs: int, delta: float, max_epsilon: float | None = None, noise_seed: int | None = None,
                       device: str = "cpu") -> tuple[np.ndarray, np.ndarray, list]:
-    """Record mode: fit w (A frozen), then per user Opacus DP-SGD on A with that w frozen (a buffer).
+    """Record mode: per sampled user, Opacus DP-SGD per pair over the user's weights and the basis together
+    (lore_core.privacy.record_dp): w is never fitted outside the private step.
 
-    states: one RecordDpState per sampled user (its accountant history so far, never reset).
-    Returns (new weights (S, B), updates (k, B, D), new states). A user whose next step would exceed max_epsilon
-    trains nothing: zero update, unchanged history. One Opacus engine per user: a Python loop over the sampled users
-    is the price of per-user accountants (a baseline mode).
+    logits (S, B): every local user's private weights as w = softmax(logits), DP-SGD outputs kept on the node
+    (zeros = uniform before a user's first round). states: one RecordDpState per sampled user (its accountant
+    history so far, never reset). Returns (new logits (S, B), updates (k, B, D), new states). A user whose next step
+    would exceed max_epsilon trains nothing: zero update, unchanged logits and history. One Opacus engine per user:
+    a Python loop over the sampled users is the price of per-user accountants (a baseline mode).
     """
     from lore_core.privacy.accounting import PrivacyBudgetExhausted
-    from lore_core.privacy.record_dp import dp_sgd_basis_update
+    from lore_core.privacy.record_dp import dp_sgd_update
 
-    fitted, sub = fit_sampled_users(basis, block, weights, sampled, prior_strength=prior_strength)
-    updated = weights.copy()
-    updated[sampled] = fitted
+    rows = block.seen_train
+    updated = logits.copy()
     updates = np.zeros((sampled.size,) + basis.shape)
     new_states = list(states)
     exhausted = 0
-    for i in range(sampled.size):
-        seed = None if noise_seed is None else noise_seed + 7919 * int(sampled[i])  # debug runs only
+    for i, user in enumerate(sampled):
+        seed = None if noise_seed is None else noise_seed + 7919 * int(user)  # debug runs only
         try:
-            updates[i], new_states[i] = dp_sgd_basis_update(
-                basis, fitted[i], sub.diff[sub.user_idx == i], noise_multiplier=noise_multiplier,
+            updates[i], updated[user], new_states[i] = dp_sgd_update(
+                basis, logits[user], rows.diff[rows.user_idx == user], noise_multiplier=noise_multiplier,
                 max_grad_norm=max_grad_norm, batch_size=batch_size, epochs=epochs, lr=lr, state=states[i],
                 device=device, delta=delta, max_epsilon=max_epsilon, reproducible_seed=seed)
         except PrivacyBudgetExhausted:

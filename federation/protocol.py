@@ -5,6 +5,9 @@ train    server -> node: arrays {basis (B, D)}, config {user-indices: [local ind
                           + user modes: clip-norm; + record: noise-multiplier, max-grad-norm, record-batch-size,
                           record-epochs, delta[, max-epsilon][, noise-seed (debug, NOT PRIVATE)]}
          node -> server: arrays {updates (k, B, D)}, metrics {num-users: k}     -- nothing else, ever
+         user+secagg (legacy FitIns through secaggplus_mod): config {user-indices (bytes), round, privacy-mode,
+                          clip-norm, noise-multiplier, dropout-tolerance, sampled-users, granularity,
+                          clipping-range}; the node uploads its users' noised integer sum, masked
                          record mode adds arrays {dp-history (s, 4): rows (position in updates, z, q, steps)}:
                          each sampled user's accountant history, for the ledger (reveals its batch count)
 evaluate server -> node: arrays {basis}, config {round}
@@ -36,6 +39,10 @@ RECORD_EPOCHS = "record-epochs"
 DELTA = "delta"
 MAX_EPSILON = "max-epsilon"
 NOISE_SEED = "noise-seed"
+DROPOUT_TOLERANCE = "dropout-tolerance"
+SAMPLED_USERS = "sampled-users"
+GRANULARITY = "granularity"
+CLIPPING_RANGE = "clipping-range"
 PARTITION_ID = "partition-id"
 NUM_TRAIN_USERS = "num-train-users"
 DIM = "dim"
@@ -53,6 +60,8 @@ class ClientSettings:
     local_steps: int
     client_lr: float
     device: str = "cpu"  # record mode: torch device of the DP-SGD step
+    canary_nodes: int = 0  # simulation with canaries: the last `canary_nodes` partitions host canary users
+    canary_secrets: str = ""  # ... whose directions and coins they read from this file (federation/canary_users.py)
 
     @classmethod
     def from_run_config(cls, run_config: dict) -> "ClientSettings":
@@ -63,6 +72,8 @@ class ClientSettings:
             local_steps=int(run_config["local-steps"]),
             client_lr=float(run_config["client-lr"]),
             device=str(run_config.get("device", "cpu")),
+            canary_nodes=int(run_config.get("canary-nodes", 0) or 0),
+            canary_secrets=str(run_config.get("canary-secrets", "")),
         )
 
 

@@ -6,12 +6,15 @@ Inputs come from RUN_DIR (basis.npz or checkpoint.npz, ledger.json, metrics.json
 (privacy settings, JSON or TOML, flat or under [privacy]), or --synthetic (a LoRe-shaped population with known
 truth: no run needed). Results go to OUT/audits/ (OUT = --out, default RUN_DIR) and the run's ledger; the verdict is
 printed. Per-user updates are computed with the client's own code (federation.local_training).
+`mechanism` runs the server's own aggregation (server.aggregation); `canary` reads the run's release record
+(server.release_record) and the auditor's --secrets, never a re-simulation.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -42,10 +45,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--population", type=int, default=None, help="number of users N")
     parser.add_argument("--rounds", type=int, default=None)
     parser.add_argument("--delta", type=float, default=None)
-    parser.add_argument("--noise-scale", type=float, default=1.0,
-                        help="control: noise actually added = scale x claimed (mechanism/canary)")
     parser.add_argument("--runs", type=int, default=10000, help="mechanism: runs with and without the canary")
-    parser.add_argument("--canaries", type=int, default=1000, help="canary: canary users")
+    parser.add_argument("--secrets", default=None,
+                        help="canary: the canaries' secrets file (`lore-fed simulate --canary-secrets`)")
     parser.add_argument("--shadows", type=int, default=64, help="membership: LiRA shadow fits")
     parser.add_argument("--level", choices=("record", "user"), default="record", help="membership level")
     parser.add_argument("--permutations", type=int, default=200, help="attribute: label permutations")
@@ -81,10 +83,10 @@ def _load_settings(args: argparse.Namespace, run_dir: Path | None) -> dict:
 
 def _check_counts(args: argparse.Namespace) -> None:
     """The audits' sizes and noise levels, checked before any work."""
-    for flag in ("runs", "canaries", "shadows", "permutations", "max_users"):
+    for flag in ("runs", "shadows", "permutations", "max_users"):
         if getattr(args, flag) < 1:
             raise AuditCommandError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
-    for flag in ("noise_scale", "query_noise"):
+    for flag in ("query_noise",):
         value = getattr(args, flag)
         if not 0 <= value < float("inf"):
             raise AuditCommandError(f"--{flag.replace('_', '-')} must be a finite number >= 0, got {value}")
@@ -280,39 +282,65 @@ def _membership(args, run_dir, settings) -> dict:
 
 
 def _mechanism(args, run_dir, settings) -> dict:
+    """One step of the server's own aggregation (server.aggregation.make_aggregator for the run's privacy settings)."""
     from lore_core.audits.mechanism_audit import mechanism_audit
+    from lore_core.privacy.accounting import epsilon
+    from lore_core.privacy.privacy_settings import PrivacySettings, validate
+    from server.aggregation import UserDpAggregator
 
+    mode = settings["mode"] if settings["mode"] in ("user", "user+secagg") else "user"
+    if run_dir is not None and (run_dir / "ledger.json").exists() and settings["mode"] != mode:
+        raise AuditCommandError(f"the mechanism audit covers the user-level modes; {run_dir} ran mode "
+                                f"{settings['mode']}")
+    for key in ("noise_multiplier", "clip_norm"):
+        if not (math.isfinite(settings[key]) and settings[key] > 0):
+            raise AuditCommandError(f"{key} must be a finite number > 0, got {settings[key]}")
     shape = (10, 384)
     if run_dir is not None or args.basis:
         try:
             shape = load_run_basis(args.basis, run_dir).shape
         except AuditCommandError:
             pass
-    return mechanism_audit(noise_multiplier=float(settings["noise_multiplier"]), clip_norm=float(settings["clip_norm"]),
-                           shape=shape, runs=args.runs, delta=float(settings["delta"]), noise_scale=args.noise_scale,
+    z, clip, delta = float(settings["noise_multiplier"]), float(settings["clip_norm"]), float(settings["delta"])
+    population, m = int(settings["population_size"]), int(settings["clients_per_round"])
+    if mode == "user":
+        aggregator = UserDpAggregator(m, z, clip)
+        aggregate, claim = aggregator.aggregate, epsilon(z, 1.0, 1, delta)
+    else:
+        from server.aggregation import DistributedDpAggregator
+
+        privacy = validate(PrivacySettings(mode="user+secagg", noise_multiplier=z, clip_norm=clip,
+                                           clients_per_round=m, population_size=population, rounds=1, delta=delta,
+                                           dimension=int(np.prod(shape))))
+        aggregator = DistributedDpAggregator.for_audit(privacy)
+        aggregate, claim = aggregator.aggregate, aggregator.one_step_epsilon()
+    return mechanism_audit(aggregate, noise_multiplier=z, clip_norm=clip, claimed_epsilon=claim,
+                           denominator=m, population=population, shape=shape, runs=args.runs, delta=delta,
                            seed=args.seed)
 
 
 def _canary(args, run_dir, settings) -> dict:
+    """Canary audit of the run's released record with the auditor's secrets (lore_core.audits.canary)."""
+    from federation.canary_users import load_canaries
     from lore_core.audits.canary import canary_audit
+    from lore_core.privacy.ledger import PrivacyLedger
+    from server.release_record import read_releases
 
-    real, claimed = None, None
-    ledger = run_dir / "ledger.json" if run_dir else None
-    if ledger and ledger.exists():
-        claimed = (json.loads(ledger.read_text()).get("epsilon") or {}).get("prv")
-    if args.pairs or args.synthetic or (run_dir and (run_dir / "metrics.json").exists()):
-        try:
-            pairs, basis, _ = load_pairs_and_basis(args, run_dir)
-            ids = sample_users(np.unique(pairs.user[pairs.seen]), int(settings["population_size"]), args.seed)
-            real = client_updates(pairs, basis, ids)[1]
-        except AuditCommandError:
-            real = None
-    population = int(settings["population_size"])
-    rate = int(settings["clients_per_round"]) / population
-    return canary_audit(noise_multiplier=float(settings["noise_multiplier"]), clip_norm=float(settings["clip_norm"]),
-                        sample_rate=rate, rounds=int(settings["rounds"]), delta=float(settings["delta"]),
-                        real_updates=real, canaries=args.canaries, claimed_epsilon=claimed,
-                        noise_scale=args.noise_scale, seed=args.seed)
+    if run_dir is None or not args.secrets:
+        raise AuditCommandError("the canary audit needs RUN_DIR and --secrets FILE (from `lore-fed simulate "
+                                "--canaries K --canary-secrets FILE`)")
+    ledger = PrivacyLedger.load(run_dir)
+    s = ledger.settings
+    if s.mode not in ("user", "user+secagg"):
+        raise AuditCommandError(f"the canary audit covers the user-level modes; {run_dir} ran mode {s.mode}")
+    releases = read_releases(run_dir)  # hashes and the optimizer replay checked: these bases were released
+    canaries = load_canaries(args.secrets)
+    sums = releases.mean_updates * (s.sample_rate * s.population_size)  # the fixed denominator q N
+    result = canary_audit(sums, canaries.directions, canaries.included, noise_multiplier=s.noise_multiplier,
+                          clip_norm=s.clip_norm, sample_rate=s.sample_rate, claimed_epsilon=ledger.epsilon().headline,
+                          delta=s.delta)
+    result.update(release_record_head=releases.head, ledger_rounds=ledger.rounds_released)
+    return result
 
 
 def _accounting(args, run_dir, settings) -> dict:

@@ -140,9 +140,10 @@ def write_demo_report(out: Path, dataset: Path, central: dict, runs: dict[str, d
     ledger_file = out / "federated" / "ledger.json"
     ledger = json.loads(ledger_file.read_text()) if ledger_file.exists() else {}
     if "epsilon" in federated:
+        accountant = ("the distributed discrete Gaussian's RDP bound" if federated.get("epsilon_accountant") ==
+                      "ddg-rdp" else f"the Opacus PRV accountant (RDP: {federated.get('epsilon_rdp', float('nan')):.3f})")
         lines.append(f"Mode `{mode}`: user-level (epsilon, delta) = ({federated['epsilon']:.3f}, "
-                     f"{federated.get('delta')}) from the Opacus PRV accountant (RDP: "
-                     f"{federated.get('epsilon_rdp', float('nan')):.3f}), {federated.get('rounds')} rounds, noise "
+                     f"{federated.get('delta')}) from {accountant}, {federated.get('rounds')} rounds, noise "
                      f"multiplier {federated.get('noise_multiplier')}, clip norm {federated.get('clip_norm')}; see "
                      "`federated/ledger.json` for what is and is not covered. Differential privacy over a population "
                      "of a few hundred users is expensive: larger populations reach a smaller epsilon at the "

@@ -113,15 +113,20 @@ def privacy_section(run_dir: Path) -> list[str]:
               f"- threat model (who is trusted): {ledger['threat_model']}"]
     if ledger["mode"] != "none":
         noise, rounds, budget = ledger["noise"], ledger["rounds"], ledger["budget"]
-        lines += [f"- noise multiplier {noise['multiplier']:.4g}, noise std on the sum {noise['std_on_sum']:.4g}, "
-                  f"rounds released {rounds['released']} of {rounds['planned']} planned, delta {ledger['delta']:g}"
+        at_least = "at least " if "std_on_sum_is" in noise else ""
+        lines += [f"- noise multiplier {noise['multiplier']:.4g}, noise std on the sum {at_least}"
+                  f"{noise['std_on_sum']:.4g}, rounds released {rounds['released']} of {rounds['planned']} planned, delta {ledger['delta']:g}"
                   + (" - **stopped early: max epsilon reached**" if budget["stopped_early"] else "")]
         if ledger["epsilon"]:
             eps = ledger["epsilon"]
-            lines.append(f"- epsilon: {eps['prv']:.3f} (PRV, headline), {eps['rdp']:.3f} (RDP upper bound)"
-                         + (f", {eps['over']}" if "over" in eps else ""))
+            if eps["accountant"] == "ddg-rdp":
+                lines.append(f"- epsilon: {eps['headline']:.3f} (accountant ddg-rdp: {ledger['accountants']['method']})")
+            else:
+                lines.append(f"- epsilon: {eps['prv']:.3f} (PRV, headline), {eps['rdp']:.3f} (RDP upper bound)"
+                             + (f", {eps['over']}" if "over" in eps else ""))
         lines.append(f"- evaluation: {ledger['evaluation']['policy']} (not covered by the accountant)")
-    lines += ["- not covered: " + "; ".join(ledger["not_covered"]), "", "Full ledger: `ledger.json`."]
+    lines += ["- covered (post-processing of the noisy releases): " + "; ".join(ledger.get("covered", [])),
+              "- not covered: " + "; ".join(ledger["not_covered"]), "", "Full ledger: `ledger.json`."]
     return lines
 
 

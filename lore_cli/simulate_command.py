@@ -47,6 +47,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--client-lr", type=float, default=None)
     parser.add_argument("--prior-pairs", type=float, default=None,
                         help="personal prior of every user's final w fit, in pairs (default 3)")
+    parser.add_argument("--canaries", type=int, default=0,
+                        help="K canary users for `lore-fed audit canary` (user modes; default 0): each sends the "
+                             "clip norm times a secret direction when sampled, if its secret coin says in")
+    parser.add_argument("--canary-secrets", default=None,
+                        help="file for the canaries' directions and coins, for the auditor alone (outside --out; "
+                             "reused when it exists, e.g. on resume)")
 
 
 def add_privacy_arguments(parser: argparse.ArgumentParser) -> None:
@@ -67,6 +73,9 @@ def add_privacy_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-shares", type=int, default=None, help="user+secagg: SecAgg+ shares (odd, default 3)")
     parser.add_argument("--reconstruction-threshold", type=int, default=None,
                         help="user+secagg: shares needed to unmask (default 2)")
+    parser.add_argument("--dropout-tolerance", type=float, default=None,
+                        help="user+secagg: fraction of a round's sampled users that may drop out with the guarantee "
+                             "intact (default 0.1; rounds with more are aborted before unmasking)")
     parser.add_argument("--reproducible-noise", action="store_true",
                         help="debug: fixed noise/sampling seed; the run is marked NOT PRIVATE")
     parser.add_argument("--allow-uncovered-eval", action="store_true",
@@ -79,7 +88,8 @@ def privacy_overrides(args: argparse.Namespace) -> dict:
     values = {"privacy-mode": args.privacy, "noise-multiplier": args.noise_multiplier,
               "target-epsilon": args.target_epsilon, "max-epsilon": args.max_epsilon, "clip-norm": args.clip_norm,
               "delta": args.delta, "max-grad-norm": args.max_grad_norm, "device": args.device,
-              "num-shares": args.num_shares, "reconstruction-threshold": args.reconstruction_threshold}
+              "num-shares": args.num_shares, "reconstruction-threshold": args.reconstruction_threshold,
+              "dropout-tolerance": args.dropout_tolerance}
     overrides = {key: value for key, value in values.items() if value is not None}
     if args.reproducible_noise:
         overrides["reproducible-noise"] = True
@@ -139,7 +149,7 @@ def check_run(population: dict, overrides: dict):
     if settings.clients_per_round > population["seen_users"]:
         raise ValueError(f"--clients-per-round {settings.clients_per_round} is more than the "
                          f"{population['seen_users']} seen users of {population['source']}; lower it")
-    privacy = settings.privacy_settings(population["seen_users"])
+    privacy = settings.privacy_settings(population["seen_users"], population["dim"])
     largest = population["largest_client_pairs"]
     if privacy.mode == "record" and not privacy.delta < 1 / largest:
         raise ValueError(f"record mode needs delta < 1/n_i for every client; the largest client has {largest} "
@@ -156,8 +166,8 @@ def privacy_metrics(run_dir: Path) -> dict:
     out = {"privacy_guarantee": ledger.guarantee(), "not_private": ledger.not_private_reason() is not None,
            "stopped_early": ledger.summary()["stopped_early"], "ledger": "ledger.json"}
     if s.mode in ("user", "user+secagg"):
-        out.update(epsilon=eps.prv, epsilon_rdp=eps.rdp, delta=s.delta, noise_multiplier=s.noise_multiplier,
-                   clip_norm=s.clip_norm, sample_rate=s.sample_rate)
+        out.update(epsilon=eps.headline, epsilon_accountant=eps.accountant, epsilon_rdp=eps.rdp, delta=s.delta,
+                   noise_multiplier=s.noise_multiplier, clip_norm=s.clip_norm, sample_rate=s.sample_rate)
     elif s.mode == "record":  # per pair, max over clients: deliberately not under the user-level key `epsilon`
         out.update(record_epsilon_max_over_clients=None if eps is None else eps.prv,
                    record_epsilon_rdp=None if eps is None else eps.rdp, delta=s.delta,
@@ -209,11 +219,53 @@ def run(args: argparse.Namespace) -> int:
     pairs_path = resolve_pair_path(args.pairs)
     reference = load_reference(args.reference)
     population = read_population(pairs_path)
+    check_canary_flags(args, out)
+    # canary users are users of the population the server samples (federation/canary_users.py)
     overrides = run_overrides(args, population["seen_users"])
-    settings, privacy = check_run(population, overrides)  # fail closed: before Ray, before DIR exists
+    settings, privacy = check_run({**population, "seen_users": population["seen_users"] + args.canaries}, overrides)
     nodes_for(population["users"], args.users_per_node)  # a bad --users-per-node fails here too
+    canaries = canary_secrets(args, (settings.rank, population["dim"]))  # fail closed: before Ray, before DIR exists
     with RunDirLock(out):
+        if canaries is not None and not Path(args.canary_secrets).exists():
+            from federation.canary_users import save_canaries
+
+            save_canaries(args.canary_secrets, canaries)
         return _simulate(args, pairs_path, population, overrides, settings, privacy, reference, out)
+
+
+def check_canary_flags(args: argparse.Namespace, out: Path) -> None:
+    """--canaries K needs --canary-secrets FILE outside the run directory, and a user-level DP mode."""
+    if args.canaries < 0:
+        raise ValueError(f"--canaries must be >= 0, got {args.canaries}")
+    if not args.canaries:
+        if args.canary_secrets:
+            raise ValueError("--canary-secrets without --canaries K: give the number of canaries")
+        return
+    if not args.canary_secrets:
+        raise ValueError("--canaries needs --canary-secrets FILE: where the auditor's secrets (directions, coins) go")
+    if args.privacy not in ("user", "user+secagg"):
+        raise ValueError(f"--canaries audits user-level DP: use --privacy user or user+secagg, not {args.privacy}")
+    secrets_file, run_dir = Path(args.canary_secrets).resolve(), out.resolve()
+    if secrets_file == run_dir or run_dir in secrets_file.parents:
+        raise ValueError(f"--canary-secrets {args.canary_secrets} is inside the run directory {out}: the secrets "
+                         "must stay with the auditor, away from what the run releases; put the file elsewhere")
+
+
+def canary_secrets(args: argparse.Namespace, shape: tuple[int, int]):
+    """The canaries of this run: read from --canary-secrets if it exists (same K and shape required), else drawn
+    here (written once the run directory is locked). None without canaries."""
+    if not args.canaries:
+        return None
+    from federation.canary_users import draw_canaries, load_canaries
+
+    path = Path(args.canary_secrets)
+    if not path.exists():
+        return draw_canaries(args.canaries, shape)
+    canaries = load_canaries(path)
+    if canaries.count != args.canaries or canaries.shape != shape:
+        raise ValueError(f"--canary-secrets {path} holds {canaries.count} canaries of shape {canaries.shape}, this "
+                         f"run needs {args.canaries} of shape {shape}; give another file (or remove it)")
+    return canaries
 
 
 def _simulate(args, pairs_path, population, overrides, settings, privacy, reference, out) -> int:
@@ -230,7 +282,7 @@ def _simulate(args, pairs_path, population, overrides, settings, privacy, refere
         print(f"resuming after round {previous.round} from {out / 'checkpoint.npz'}", flush=True)
     try:
         nodes = simulate_pairs(pairs_path, out, n_users=population["users"], users_per_node=args.users_per_node,
-                               overrides=overrides)
+                               overrides=overrides, canaries=args.canaries, canary_secrets=args.canary_secrets)
     except AppShadowedError as exc:
         raise CommandFailed(str(exc)) from exc
     except RuntimeError as exc:  # the engine failed (a worker died, every node failed a round): nothing is lost
@@ -252,7 +304,8 @@ def _simulate(args, pairs_path, population, overrides, settings, privacy, refere
     metrics = {key: final[key] for key in TRAIN_KEYS if key in final}
     metrics.update(rank=settings.rank, train_seconds=round(sum(r["seconds"] for r in state.history), 3),
                    rounds=state.round, wall_seconds=round(wall, 3), privacy_mode=args.privacy,
-                   users_per_round=settings.clients_per_round, nodes=nodes, seed=args.seed, **privacy_keys)
+                   users_per_round=settings.clients_per_round, nodes=nodes, seed=args.seed, canaries=args.canaries,
+                   **privacy_keys)
     metrics.update(run_problems(state.history))
     atomic_write_json(out / "metrics.json", metrics)
     command = "lore-fed simulate " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if sys.argv[1:2] == [

@@ -19,17 +19,28 @@ from lore_core.privacy.accounting import PrivacyBudgetExhausted
 from lore_core.privacy.ledger import PrivacyLedger
 from lore_core.privacy.privacy_settings import PrivacySettings
 
-EVAL_NOT_COVERED = "federated evaluation metrics (per-node accuracy sums)"
+# Everything else a federated run writes for the analyst, and why the accountant does not cover it (issue 13).
+EVAL_NOT_COVERED = ("federated evaluation metrics (per-node accuracy sums; metrics.json, rounds.jsonl, report): "
+                    "computed from users' held-out pairs and w fits without noise")
+COUNTS_NOT_COVERED = ("per-round counts (ledger `sampled`; rounds.jsonl sampled_users, accepted_users, "
+                      "rejected_replies, missing_replies, non_finite_users, record_budget_exhausted_users, "
+                      "secagg_nodes, eval_failed_nodes, eval_missing_nodes; metrics.json's totals of them; "
+                      "user+secagg also tells the sampled users k): exact; under add/remove adjacency a user's "
+                      "presence shifts the sampled count's distribution (Bin(N, q) against Bin(N - 1, q)), and "
+                      "accepted/rejected counts tell which replies failed; covered only under zero-out adjacency (the "
+                      "user present but sending nothing)")
+TIMINGS_NOT_COVERED = ("timings (rounds.jsonl seconds, metrics.json train_seconds and wall_seconds): a round's wall "
+                       "time depends on how many users were sampled and how many pairs they hold")
+AUDITS_NOT_COVERED = ("audit results that read raw data (update-leakage, attribute, membership, fairness, "
+                      "extraction; RUN/audits/ and the ledger's audits list) are released without noise")
 RECORD_HISTORY_NOT_COVERED = ("record mode: each sampled client's accountant history (z, q, steps), sent to the "
                               "server for this ledger; it reveals the client's number of Poisson batches per epoch, "
                               "about n_i / record-batch-size")
-RECORD_W_NOT_COVERED = ("record mode: w_i is fitted non-privately on the same pairs before the private step; the "
-                        "per-pair guarantee covers the DP-SGD step on the basis given w_i, not w_i's dependence on a "
-                        "pair")
 
 
 class FederatedLedger(PrivacyLedger):
-    """lore_core's ledger plus what a federated run releases beyond the bases: its evaluation policy."""
+    """lore_core's ledger plus what a federated run releases beyond the bases: its evaluation policy and the
+    per-round records, listed as not covered with the reason."""
 
     evaluation: str = "after the last round only"
 
@@ -40,9 +51,9 @@ class FederatedLedger(PrivacyLedger):
     def _render(self) -> dict[str, Any]:
         data = super()._render()
         if self.settings.is_dp:
-            extra = [EVAL_NOT_COVERED]
+            extra = [EVAL_NOT_COVERED, COUNTS_NOT_COVERED, TIMINGS_NOT_COVERED, AUDITS_NOT_COVERED]
             if self.settings.mode == "record":
-                extra += [RECORD_HISTORY_NOT_COVERED, RECORD_W_NOT_COVERED]
+                extra.append(RECORD_HISTORY_NOT_COVERED)
             data["not_covered"] = list(data["not_covered"]) + extra
         data["evaluation"] = {"policy": self.evaluation, "covered_by_accountant": False}
         return data
@@ -98,6 +109,9 @@ def train_config(settings: PrivacySettings) -> dict[str, Any]:
     config: dict[str, Any] = {p.PRIVACY_MODE: settings.mode}
     if settings.mode in ("user", "user+secagg"):
         config[p.CLIP_NORM] = float(settings.clip_norm)
+    if settings.mode == "user+secagg":  # each user's noise share depends on these and the round's sampled count
+        config.update({p.NOISE_MULTIPLIER: float(settings.noise_multiplier),
+                       p.DROPOUT_TOLERANCE: float(settings.dropout_tolerance)})
     elif settings.mode == "record":
         config.update({p.NOISE_MULTIPLIER: float(settings.noise_multiplier),
                        p.MAX_GRAD_NORM: float(settings.max_grad_norm),
@@ -105,6 +119,6 @@ def train_config(settings: PrivacySettings) -> dict[str, Any]:
                        p.RECORD_EPOCHS: int(settings.record_epochs), p.DELTA: float(settings.delta)})
         if settings.max_epsilon is not None:
             config[p.MAX_EPSILON] = float(settings.max_epsilon)
-        if settings.reproducible_noise:
-            config[p.NOISE_SEED] = int(settings.noise_seed)
+    if settings.mode in ("record", "user+secagg") and settings.reproducible_noise:  # clients draw the noise
+        config[p.NOISE_SEED] = int(settings.noise_seed)
     return config

@@ -27,7 +27,7 @@ PRIVACY_KEYS = {
     "record-epochs": "record_epochs",
     "num-shares": "num_shares",
     "reconstruction-threshold": "reconstruction_threshold",
-    "secagg-clipping-range": "secagg_clipping_range",
+    "dropout-tolerance": "dropout_tolerance",
 }
 
 
@@ -136,17 +136,21 @@ class ServerSettings:
     def is_dp(self) -> bool:
         return self.privacy_mode != "none"
 
-    def privacy_settings(self, population_size: int) -> PrivacySettings:
-        """The run's validated privacy settings for a population of N training users (raises PrivacyConfigError).
+    def privacy_settings(self, population_size: int, dim: int) -> PrivacySettings:
+        """The run's validated privacy settings for a population of N training users with D-dimensional embeddings
+        (raises PrivacyConfigError).
 
         In DP user modes m = clients-per-round is the expected Poisson count; mode `none` and `record` sample a
-        fixed count with the experiment's seeded sampler, which no user-level accountant relies on.
+        fixed count with the experiment's seeded sampler, which no user-level accountant relies on. In
+        `user+secagg` the accountant also needs the dimension B*D of the released sum.
         """
         fields = {"mode": self.privacy_mode, **self.privacy, "population_size": int(population_size),
                   "rounds": self.rounds}
         if self.privacy_mode in ("user", "user+secagg"):
             fields["clients_per_round"] = self.clients_per_round
             fields.setdefault("clip_norm", FEDERATED_CLIP_NORM)
+        if self.privacy_mode == "user+secagg":
+            fields["dimension"] = int(self.rank * dim)
         return validate(PrivacySettings(**fields))
 
     def fingerprint(self) -> dict:

@@ -1,38 +1,35 @@
-"""Privacy mode `user+secagg`: user-level DP-FedAvg where the server learns only SUMS of clipped user updates
-(docs/privacy.md §2, §6, §7), on Flower 1.42's SecAgg+, which exists only for the legacy API (docs/flower-1.42.md §4).
+"""Privacy mode `user+secagg`: user-level DP with the distributed discrete Gaussian under secure aggregation
+(docs/privacy.md §2b, §6, §7), on Flower 1.42's SecAgg+, which exists only for the legacy API
+(docs/flower-1.42.md §4). The server never holds an un-noised sum.
 
 The round is `server.training_round.TrainingRun`'s, as in the Message-API path; this module supplies only what
-differs: the legacy strategy hooks SecAgg+ needs and the secure sum.
+differs: the legacy strategy hooks SecAgg+ needs, the abort rule and the secure sum.
 Per round t (`LegacyContext` + `DefaultWorkflow(fit_workflow=SecAggRound, evaluate_workflow=FederatedEvaluation)`):
 1. Poisson-sample users with the secret RNG (rate q = m/N); each node hosting sampled users gets the basis, their
-   local indices and the per-user clip norm. In simulation a virtual node stands for several devices: it clips
-   each of its users' updates and sums them before masking, so SecAgg+ hides node sums from each other (with one
-   user per node, as on real devices, it hides each user).
-2. `SecAggPlusWorkflow` collects masked, quantised node sums and unmasks only their total. Clients upload
+   local indices, the clip norm, z, the dropout tolerance x, the round's sampled count k and the grid
+   (`lore_core.privacy.distributed_dp.plan_encoding`). In simulation a virtual node stands for several devices: each
+   of its users clips, rounds and adds its own noise share, and the node sums them before masking.
+2. `DdgSecAggPlusWorkflow` (Flower's `SecAggPlusWorkflow` plus the abort rule) collects masked integer node sums.
+   If the users of the nodes that uploaded are fewer than n_min = ceil((1 - x) k), it stops before unmasking: the
+   server never sees a sum with less noise than accounted. Otherwise it unmasks the total. Clients upload
    [w, w * x] with w = num_examples = 1, so Flower hands the strategy the MEAN over the n contributing nodes;
-   `secure_sum` multiplies it back by n: the exact sum up to quantisation.
-3. N(0, (zC)^2) noise on the sum, division by the fixed q*N, the ledger entry is written, and only then the server
-   optimizer steps the basis (the release). Every round releases exactly one noisy step: a round whose users lie
-   on fewer than max(2, reconstruction threshold) nodes, or whose secure aggregation fails, releases pure noise
-   (its sampled users count as drop-outs: utility, not privacy). No node is ever asked alone.
-4. Every `eval-every` rounds all nodes evaluate through the Message-API `evaluate` handler of `client.client_app` (same
-   metric names as the Message-API path); then the checkpoint is written.
-
-Quantisation (see `plan_quantisation`): entries are clamped to +-clipping_range and stochastically rounded to
-steps of 2 * clipping_range / quantization_range. The range is raised to C * (most users on one node), so no entry
-of a node sum is ever clamped, and users are clipped to C - sqrt(B*D) * step, so one user changes the dequantised
-sum by at most C in L2 even through rounding: the accounted sensitivity stays C.
+   `secure_sum` multiplies it back by n and puts it back on the grid: the exact integer sum, noise included.
+3. The sum / (q N) is the round's release: the ledger entry is written, and only then the server optimizer steps
+   the basis. Every round releases exactly one noisy step: a round whose users lie on fewer than max(2,
+   reconstruction threshold) nodes, or whose secure aggregation fails or is aborted, releases a data-free noise
+   step drawn by the server (its sampled users count as drop-outs: utility, not privacy). No node is ever asked
+   alone.
+4. Every `eval-every` rounds all nodes evaluate through the Message-API `evaluate` handler of `client.client_app`
+   (same metric names as the Message-API path); then the checkpoint is written.
 
 What SecAgg+ protects: the server runs the protocol as written (honest but curious) and sees masked integers only.
 Flower 1.42 seeds every mask with 32 bits (`pseudo_rand_gen` folds the 256-bit key into `RandomState(seed32)`), so
-it is not a cryptographic guarantee against a server willing to brute-force seeds.
+the masking is not a cryptographic guarantee against a server willing to brute-force seeds.
 """
 
 from __future__ import annotations
 
 import logging
-import math
-from dataclasses import dataclass
 
 import numpy as np
 from flwr.app import Context, RecordDict
@@ -45,62 +42,30 @@ from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 from flwr.serverapp import Grid
 
 from federation import protocol as p
+from lore_core.privacy.distributed_dp import DdgEncoding, decode_sum, min_contributors, plan_encoding
 from lore_core.privacy.privacy_settings import PrivacyConfigError, PrivacySettings
 from server.training_round import TrainingRun
 
 log = logging.getLogger("lore_fed.server")
 
-MODULUS_RANGE = 2**32  # Flower's default; masks and sums live in Z_M
-MAX_QUANTIZATION_RANGE = 2**30  # Flower rounds into int32
-MAX_CLIP_SLACK = 0.01  # refuse a quantisation that would take more than 1% off the per-user clip norm
-
-
 class SecAggConfigError(PrivacyConfigError):
     """Settings under which SecAgg+ cannot deliver the accounted sum."""
 
 
-@dataclass(frozen=True)
-class Quantisation:
-    """SecAgg+ fixed-point encoding: entries in [-clipping_range, clipping_range] -> integers in [0, Q]."""
-
-    clipping_range: float
-    quantization_range: int
-    modulus_range: int = MODULUS_RANGE
-
-    @property
-    def step(self) -> float:
-        return 2.0 * self.clipping_range / self.quantization_range
-
-    def rounding_slack(self, size: int) -> float:
-        """Largest L2 change that rounding can add to a change of one node's sum of `size` entries."""
-        return math.sqrt(size) * self.step
-
-    def error_std_bound(self, nodes: int) -> float:
-        """Bound on the per-entry std of the aggregate's rounding error (unbiased, variance <= step^2 / 4)."""
-        return math.sqrt(nodes) * self.step / 2.0
-
-
-def plan_quantisation(clip_norm: float, clipping_range_floor: float, max_users_per_node: int,
-                      num_nodes: int) -> Quantisation:
-    """Clamping range that no node sum can reach (|entry| <= ||dA||_F <= C per user) and the finest grid whose sum
-    over all `num_nodes` nodes still fits the modulus (n * Q < M, also for the weight entry)."""
-    clipping_range = max(float(clipping_range_floor), clip_norm * max_users_per_node)
-    bits = math.ceil(math.log2(num_nodes + 1))
-    return Quantisation(clipping_range, min(MAX_QUANTIZATION_RANGE, MODULUS_RANGE >> bits))
-
-
 class SecAggLoReStrategy(Strategy):
-    """Legacy strategy driven by `DefaultWorkflow` + `SecAggPlusWorkflow`: the SecAgg+ face of a `TrainingRun`. It
-    holds only the basis and secure sums; sampling, noise, ledger, step and checkpoint are the run's."""
+    """Legacy strategy driven by `DefaultWorkflow` + `DdgSecAggPlusWorkflow`: the SecAgg+ face of a `TrainingRun`.
+    It holds only the basis and secure sums; sampling, ledger, step and checkpoint are the run's."""
 
-    def __init__(self, run: TrainingRun, privacy: PrivacySettings, quantisation: Quantisation) -> None:
-        self.run = run
-        self.user_clip_norm = privacy.clip_norm - quantisation.rounding_slack(run.state.basis.size)
-        if self.user_clip_norm < (1 - MAX_CLIP_SLACK) * privacy.clip_norm:
-            raise SecAggConfigError(f"SecAgg+ rounding ({quantisation}) would need the per-user clip lowered from "
-                                    f"{privacy.clip_norm} to {self.user_clip_norm:.4g}; use fewer nodes per run "
-                                    "or a smaller secagg_clipping_range")
+    def __init__(self, run: TrainingRun, privacy: PrivacySettings, encoding: DdgEncoding) -> None:
+        self.run, self.privacy, self.encoding = run, privacy, encoding
         self.min_round_nodes = max(2, int(privacy.reconstruction_threshold))
+
+    def sampled_users(self) -> int:
+        return sum(int(idx.size) for idx in self.run.plan.values())
+
+    def min_contributors(self) -> int:
+        """n_min of this round: the fewest users whose noise shares add up to the accounted std z C."""
+        return min_contributors(self.sampled_users(), self.privacy.dropout_tolerance)
 
     def initialize_parameters(self, client_manager: ClientManager) -> Parameters:
         return ndarrays_to_parameters([self.run.state.basis])
@@ -117,15 +82,18 @@ class SecAggLoReStrategy(Strategy):
         if missing:
             log.warning("round %d: nodes %s are not connected; their users drop out", run.round, missing)
         basis = ndarrays_to_parameters([run.state.basis])  # the run's basis is the one source of truth
+        shared = {p.SAMPLED_USERS: self.sampled_users(), p.GRANULARITY: self.encoding.granularity,
+                  p.CLIPPING_RANGE: self.encoding.clipping_range}
         return [(proxies[node], FitIns(basis, {p.USER_INDICES: p.encode_user_indices(idx), **run.node_config(node),
-                                               p.CLIP_NORM: self.user_clip_norm}))
+                                               **shared}))
                 for node, idx in run.plan.items() if node in proxies]
 
     def secure_sum(self, results: list[tuple[ClientProxy, FitRes]]) -> np.ndarray:
         """SecAgg+ gives every result the same unmasked aggregate sum_i w_i x_i / sum_i w_i; with w_i = 1 that is
-        the mean over the contributing nodes, so the sum is the mean times their number. (B, D) float64."""
+        the mean over the contributing nodes, so the sum is the mean times their number, back on the grid: the
+        users' rounded updates plus their noise shares. (B, D) float64."""
         (mean,) = parameters_to_ndarrays(results[0][1].parameters)
-        return np.asarray(mean, dtype=np.float64) * len(results)
+        return decode_sum(np.asarray(mean, dtype=np.float64) * len(results), self.encoding)
 
     def aggregate_fit(self, server_round: int, results: list[tuple[ClientProxy, FitRes]],
                       failures: list) -> tuple[Parameters | None, dict]:
@@ -147,11 +115,14 @@ class SecAggLoReStrategy(Strategy):
         return ndarrays_to_parameters([run.state.basis]), {}
 
     def release(self, total: np.ndarray | None, nodes: list[int]) -> None:
-        """The round's one noisy step from the secure sum (None = pure noise: nobody's sum arrived)."""
+        """The round's one noisy step: the noised secure sum / (q N), or (None: no sum was unmasked) a data-free
+        noise step from the server."""
         run = self.run
-        total = np.zeros_like(run.state.basis) if total is None else total
-        run.release(run.aggregator.noisy_mean(total, run.population.size),
-                    sum(run.plan[node].size for node in nodes), secagg_nodes=len(nodes),
+        if total is None:
+            mean = run.aggregator.pure_noise_mean(run.state.basis.shape, run.population.size)
+        else:
+            mean = run.aggregator.noisy_mean(total, run.population.size)
+        run.release(mean, sum(run.plan[node].size for node in nodes), secagg_nodes=len(nodes),
                     missing_replies=len(run.plan) - len(nodes))
 
     # Evaluation runs in FederatedEvaluation (Message API), not through the legacy hooks.
@@ -163,6 +134,28 @@ class SecAggLoReStrategy(Strategy):
 
     def evaluate(self, server_round, parameters):
         return None
+
+
+class DdgSecAggPlusWorkflow(SecAggPlusWorkflow):
+    """Flower's SecAgg+ with the distributed-DP abort rule: after the masked vectors are collected, unmask only if
+    the contributing nodes' users are at least n_min; otherwise halt (the round then releases server noise)."""
+
+    def __init__(self, strategy: SecAggLoReStrategy, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.strategy = strategy
+
+    def collect_masked_vectors_stage(self, grid: Grid, context, state) -> bool:
+        if not super().collect_masked_vectors_stage(grid, context, state):
+            return False
+        plan = self.strategy.run.plan
+        contributors = sum(int(plan[node].size) for node in state.active_node_ids if node in plan)
+        needed = self.strategy.min_contributors()
+        if contributors < needed:
+            log.warning("round %d: %d of %d sampled users uploaded, fewer than the %d whose noise shares are "
+                        "accounted: aborted before unmasking", self.strategy.run.round, contributors,
+                        self.strategy.sampled_users(), needed)
+            return False
+        return True
 
 
 class SecAggRound:
@@ -193,20 +186,25 @@ def run_secagg(grid: Grid, run: TrainingRun, privacy: PrivacySettings, rounds: i
     if privacy.mode != "user+secagg":
         raise PrivacyConfigError(f"run_secagg serves privacy mode 'user+secagg', got {privacy.mode!r}")
     population = run.population
-    quantisation = plan_quantisation(privacy.clip_norm, privacy.secagg_clipping_range, int(population.counts.max()),
-                                     len(population.node_ids))
-    strategy = SecAggLoReStrategy(run, privacy, quantisation)
-    log.info("user+secagg: %d users on %d nodes, q=%.4g, z=%g, C=%g (per user %.6g), %s, shares %d threshold %d, "
-             "%d rounds", population.size, len(population.node_ids), privacy.sample_rate, privacy.noise_multiplier,
-             privacy.clip_norm, strategy.user_clip_norm, quantisation, privacy.num_shares,
-             privacy.reconstruction_threshold, rounds)
+    try:
+        encoding = plan_encoding(privacy.clip_norm, privacy.noise_multiplier, int(population.counts.max()),
+                                 len(population.node_ids), population.size)
+    except ValueError as exc:
+        raise SecAggConfigError(str(exc)) from exc
+    run.aggregator.encoding = encoding
+    strategy = SecAggLoReStrategy(run, privacy, encoding)
+    log.info("user+secagg: %d users on %d nodes, q=%.4g, z=%g, C=%g, dropout tolerance %g, grid %.3g in +-%g, "
+             "shares %d threshold %d, %d rounds", population.size, len(population.node_ids), privacy.sample_rate,
+             privacy.noise_multiplier, privacy.clip_norm, privacy.dropout_tolerance, encoding.granularity,
+             encoding.clipping_range, privacy.num_shares, privacy.reconstruction_threshold, rounds)
     if not rounds:
         return
-    secagg = SecAggPlusWorkflow(num_shares=privacy.num_shares, reconstruction_threshold=privacy.reconstruction_threshold,
-                                max_weight=1.0,  # w = num_examples = 1: no down-scaling before quantisation
-                                clipping_range=quantisation.clipping_range,
-                                quantization_range=quantisation.quantization_range,
-                                modulus_range=quantisation.modulus_range, timeout=run.settings.round_timeout)
+    secagg = DdgSecAggPlusWorkflow(strategy, num_shares=privacy.num_shares,
+                                   reconstruction_threshold=privacy.reconstruction_threshold,
+                                   max_weight=1.0,  # w = num_examples = 1: no down-scaling before quantisation
+                                   clipping_range=encoding.clipping_range,
+                                   quantization_range=encoding.quantization_range,
+                                   timeout=run.settings.round_timeout)
     # The legacy workflow keeps its records in a Context of its own (the ServerApp's is not needed).
     legacy = LegacyContext(Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config={}),
                            config=ServerConfig(num_rounds=rounds), strategy=strategy,

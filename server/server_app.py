@@ -13,9 +13,10 @@ from flwr.serverapp import Grid, ServerApp
 
 from lore_core.run_lock import RunDirLock
 from server.aggregation import Aggregator, make_aggregator
-from server.checkpoint import RunState, start_or_resume
+from server.checkpoint import RunState, initial_basis, start_or_resume
 from server.optimizer import make_optimizer
 from server.population import discover_population
+from server.release_record import ReleaseRecord
 from server.round_progress import RoundProgress
 from server.run_ledger import evaluation_policy, open_ledger, rounds_that_fit, train_config
 from server.run_settings import ServerSettings
@@ -42,7 +43,8 @@ def run_federated(grid: Grid, settings: ServerSettings, on_round: Callable[[dict
 def _run_locked(grid: Grid, settings: ServerSettings, on_round: Callable[[dict], None] | None,
                 aggregator: Aggregator | None) -> RunState:
     population = discover_population(grid, settings.min_nodes, settings.round_timeout)
-    privacy = settings.privacy_settings(population.size)  # fail closed before any training (PrivacyConfigError)
+    # fail closed before any training (PrivacyConfigError)
+    privacy = settings.privacy_settings(population.size, population.dim)
     ledger = open_ledger(settings.run_dir, privacy, evaluation_policy(settings.eval_every, privacy.is_dp))
     aggregator = aggregator or make_aggregator(settings, privacy)
     optimizer = make_optimizer(settings.server_optimizer, settings.server_lr)
@@ -52,7 +54,12 @@ def _run_locked(grid: Grid, settings: ServerSettings, on_round: Callable[[dict],
         aggregator.load_state_dict(state.aggregator)
         log.info("resuming %s after round %d (%d rounds in the ledger)", settings.run_dir, state.round,
                  ledger.rounds_released)
-    run = TrainingRun(settings, population, aggregator, optimizer, state, ledger,
+    releases = ReleaseRecord.open(settings.run_dir, initial_basis=initial_basis(settings.rank, population.dim,
+                                                                                settings.seed, settings.init_scale),
+                                  optimizer={"name": settings.server_optimizer, "server_lr": settings.server_lr,
+                                             "client_lr": settings.client_lr, "local_steps": settings.local_steps,
+                                             "l2": settings.l2})
+    run = TrainingRun(settings, population, aggregator, optimizer, state, ledger, releases,
                       train_config=train_config(privacy), on_round=on_round)
     remaining = max(settings.rounds - state.round, 0)
     allowed = rounds_that_fit(ledger, remaining)

@@ -5,9 +5,11 @@ updates reach the server (one reply per node, or one secure sum); everything els
 Order in a round t (docs/privacy.md §2, §8):
   ledger.check_next_round()  -> sample users (the aggregator's sampler) -> nodes train -> the aggregator turns the
   accepted updates (or the secure sum) into one mean update, with the mode's noise -> ledger.record_round(t)
-  -> the server optimizer steps the basis (the release) -> federated evaluation when due -> checkpoint.
-The ledger entry is on disk before the new basis exists outside `release`; the checkpoint comes last, so a round
-is either wholly in the checkpoint or re-run from the previous one (and then counted again by the ledger).
+  -> the server optimizer steps the basis -> the release record (`server.release_record`: A_t, the released mean
+  update, A_{t+1}) -> federated evaluation when due -> checkpoint.
+The ledger entry and the release record are on disk before the new basis exists outside `release`; the checkpoint
+comes last, so a round is either wholly in the checkpoint or re-run from the previous one (and then counted again
+by the ledger and recorded again).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from server.aggregation import Aggregator
 from server.checkpoint import RunState, save_checkpoint
 from server.optimizer import ServerAdam, ServerSGD, pseudo_gradient
 from server.population import Population
+from server.release_record import ReleaseRecord
 from server.run_ledger import FederatedLedger, stop_for_budget
 from server.run_settings import ServerSettings
 
@@ -68,9 +71,10 @@ class TrainingRun:
 
     def __init__(self, settings: ServerSettings, population: Population, aggregator: Aggregator,
                  optimizer: ServerSGD | ServerAdam, state: RunState, ledger: FederatedLedger,
-                 train_config: dict | None = None, on_round: Callable[[dict], None] | None = None) -> None:
+                 releases: ReleaseRecord, train_config: dict | None = None,
+                 on_round: Callable[[dict], None] | None = None) -> None:
         self.settings, self.population, self.aggregator = settings, population, aggregator
-        self.optimizer, self.state, self.ledger = optimizer, state, ledger
+        self.optimizer, self.state, self.ledger, self.releases = optimizer, state, ledger, releases
         self.train_config = dict(train_config or {})  # what the clients must know of the privacy settings
         self.on_round = on_round
         self.round = state.round  # the round in progress (or the last finished one between rounds)
@@ -100,24 +104,29 @@ class TrainingRun:
         return self.population.global_indices(node, self.plan[node])
 
     def release(self, mean_update: np.ndarray | None, accepted_users: int, **facts) -> None:
-        """Record the round in the ledger, then step the basis with `mean_update` (B, D) (None: nothing accepted in
-        a mode without noise, no step). `facts` go to the round's record (rounds.jsonl)."""
+        """Record the round in the ledger, step the basis with `mean_update` (B, D) (None: nothing accepted in a mode
+        without noise, no step) and append the step to the release record. `facts` go to the round's record
+        (rounds.jsonl)."""
         entry = self.ledger.record_round(self.ledger.rounds_released + 1, self._record["sampled_users"],
                                          client_histories=facts.pop("client_histories", None))
         eps = self.ledger.epsilon()
         if eps is not None:
             # record mode: per pair, max over clients; never under the user-level key
             key = "record_epsilon_max" if self.aggregator.mode == "record" else "epsilon"
-            self._record.update({key: eps.prv, "ledger_round": entry["round"]})
+            self._record.update({key: eps.headline, "ledger_round": entry["round"]})
+        before = self.state.basis
         if mean_update is not None:
-            grad = pseudo_gradient(self.state.basis, mean_update, client_lr=self.settings.client_lr,
+            grad = pseudo_gradient(before, mean_update, client_lr=self.settings.client_lr,
                                    local_steps=self.settings.local_steps, l2=self.settings.l2)
-            new_basis = self.optimizer.step(self.state.basis, grad)
+            new_basis = self.optimizer.step(before, grad)
             if np.isfinite(new_basis).all():
-                self._record["update_norm"] = float(np.linalg.norm(new_basis - self.state.basis))
+                self._record["update_norm"] = float(np.linalg.norm(new_basis - before))
                 self.state.basis = new_basis
             else:  # cannot happen with validated finite updates; the guard keeps the basis intact regardless
                 log.error("round %d: server step produced a non-finite basis; step skipped", self.round)
+                mean_update = None
+        self.releases.append(round=self.round, ledger_round=entry["round"], basis_before=before,
+                             mean_update=mean_update, basis_after=self.state.basis)
         self.released = True
         self._record.update(accepted_users=int(accepted_users), **facts)
 

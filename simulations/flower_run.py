@@ -117,14 +117,18 @@ def run_simulation(overrides: dict, num_nodes: int, *, num_cpus: int | None = No
 
 def simulate_pairs(pairs_path: str | Path, run_dir: str | Path, *, n_users: int | None = None,
                    users_per_node: int | str = "auto", overrides: dict | None = None, num_cpus: int | None = None,
-                   verbose: bool = False) -> int:
+                   verbose: bool = False, canaries: int = 0, canary_secrets: str | Path | None = None) -> int:
     """Federated training on a pair file whose users (seen and unseen) number `n_users` (counted from the file's
-    user column alone when not given: the driver never holds the embeddings). Returns the number of virtual nodes."""
+    user column alone when not given: the driver never holds the embeddings), plus `canaries` canary users on nodes
+    of their own that read `canary_secrets` (federation/canary_users.py). Returns the number of virtual nodes."""
     pairs_path = resolve_pair_path(pairs_path)
     if n_users is None:
         n_users = PairIndex.build(PairColumns.open(pairs_path)).n_users
-    num_nodes = nodes_for(n_users, users_per_node)
+    canary_nodes = nodes_for(canaries, users_per_node) if canaries else 0
+    num_nodes = nodes_for(n_users, users_per_node) + canary_nodes
     config = {"pairs-path": str(pairs_path.resolve()), "run-dir": str(Path(run_dir).resolve()),
               "min-nodes": num_nodes, **(overrides or {})}
+    if canaries:
+        config.update({"canary-nodes": canary_nodes, "canary-secrets": str(Path(canary_secrets).resolve())})
     run_simulation(config, num_nodes, num_cpus=num_cpus, verbose=verbose)
     return num_nodes

@@ -22,7 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
-from lore_core.pairs import PairSet
+from lore_core.atomic_io import atomic_save_npz
+from lore_core.pairs import PairSet, save_pairs
+from lore_core.prism_schema import GROUND_TRUTH_FILE
 
 CHUNK_VALUES = 1 << 23  # diff values drawn at a time (64 MB of float64)
 
@@ -154,6 +156,17 @@ def write_synthetic_pairs(config: SyntheticPairsConfig, path: str | Path) -> tup
         out.array("seen", population.seen_users[idx])
         out.array("logit_true", population.logit.astype(np.float32))
     return path, population.truth
+
+
+def write_synthetic_dataset(directory: str | Path, config: SyntheticPairsConfig) -> Path:
+    """Write `pairs.npz` and its truth `ground_truth.npz` (basis in logit units, logit_scale 1, user_id,
+    user_weights: the arrays `lore-fed synth` writes that readers of a truth use) into `directory`."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    pairs, truth = make_synthetic_pairs(config)
+    atomic_save_npz(directory / GROUND_TRUTH_FILE, basis=truth.basis.astype(np.float32), user_id=truth.user_ids,
+                    user_weights=truth.user_weights, logit_scale=np.float64(1.0), embedder=np.str_("synthetic"))
+    return save_pairs(pairs, directory)
 
 
 def main(argv: list[str] | None = None) -> int:

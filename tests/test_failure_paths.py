@@ -273,8 +273,8 @@ def test_max_rounds_search_needs_few_accountant_calls(monkeypatch):
     calls = []
     real = accounting.history_epsilon
     monkeypatch.setattr(accounting, "history_epsilon",
-                        lambda history, delta, accountant="prv": calls.append(accountant) or real(history, delta,
-                                                                                                   accountant))
+                        lambda history, delta, accountant="prv", dim=None: calls.append(accountant) or real(
+                            history, delta, accountant, dim))
     q = 50 / 1400
     k = accounting.rounds_within_budget(1.0, q, 1e-5, 4.0)
     assert real([(1.0, q, k)], 1e-5) <= 4.0 < real([(1.0, q, k + 1)], 1e-5)  # exact
@@ -355,9 +355,15 @@ def test_secagg_node_sum_survives_one_users_non_finite_update(monkeypatch):
                                                                                                  np.nan)]))
     config = {"prior-strength": 0.02, "prior-pairs": 3.0, "local-steps": 1, "client-lr": 1.0}
     trainer = SecAggTrainer(Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config=config))
+    # user+secagg: each user clips, rounds to the grid and adds a noise share (here a negligible one)
     (total,), _, _ = trainer.fit([np.zeros((RANK, DIM))], {p.USER_INDICES: p.encode_user_indices(np.arange(3)),
-                                                          p.CLIP_NORM: 1.0})
-    np.testing.assert_array_equal(total, good.sum(axis=0))
+                                                          p.CLIP_NORM: 1.0, p.NOISE_MULTIPLIER: 1e-6,
+                                                          p.DROPOUT_TOLERANCE: 0.1, p.SAMPLED_USERS: 3,
+                                                          p.CLIPPING_RANGE: 4.0, p.GRANULARITY: 8.0 / 2**26,
+                                                          p.ROUND: 1})
+    clipped = good / np.linalg.norm(good[0])
+    assert np.isfinite(total).all()
+    np.testing.assert_allclose(total, clipped.sum(axis=0), atol=1e-5)
 
 
 # --- help texts and docs point to files that exist --------------------------------------------------------------------

@@ -187,34 +187,34 @@ def test_record_mode_accounts_per_pair_like_one_uninterrupted_opacus_run(tiny_pa
     from torch.utils.data import DataLoader, TensorDataset
 
     import lore_core.privacy.record_dp as record_dp
-    from client.user_state import STATE_KEY, WEIGHTS_KEY
     from lore_core.pairs import load_pairs
 
-    passed_w = {}
-    real_update = record_dp.dp_sgd_basis_update
+    calls = []  # (pairs of the user, logits passed in, logits returned): w only ever comes out of the private step
+    real_update = record_dp.dp_sgd_update
 
-    def spy(basis, w, diff, **kwargs):
-        passed_w[diff.shape[0]] = w.copy()
-        return real_update(basis, w, diff, **kwargs)
+    def spy(basis, logits, diff, **kwargs):
+        update, new_logits, state = real_update(basis, logits, diff, **kwargs)
+        calls.append((diff.shape[0], logits.copy(), new_logits.copy()))
+        return update, new_logits, state
 
-    monkeypatch.setattr(record_dp, "dp_sgd_basis_update", spy)
+    monkeypatch.setattr(record_dp, "dp_sgd_update", spy)
     rounds, batch = 10, 4
     cfg = get_fused_config_from_dir(ROOT, {
         "pairs-path": str(tiny_pair_file), "run-dir": str(tmp_path), "rank": 2, "num-server-rounds": rounds,
         "clients-per-round": 3, "privacy-mode": "record", "noise-multiplier": 1.0, "max-grad-norm": 1.0,
-        "record-batch-size": batch, "record-epochs": 1, "server-lr": 0.05})
+        "record-batch-size": batch, "record-epochs": 1, "server-lr": 0.05, "eval-every": 3,
+        "allow-uncovered-eval": True})
     grid = LocalGrid(client_app, [{"partition-id": 0, "num-partitions": 1}], cfg)
-    (context,) = grid.contexts.values()
-    after = {}  # round -> (w passed to each user's private step, w stored by the node after the round)
-    run_federated(grid, ServerSettings.from_run_config(cfg), on_round=lambda r: after.update(
-        {r["round"]: (dict(passed_w), context.state[STATE_KEY][WEIGHTS_KEY].numpy().copy())}))
+    run_federated(grid, ServerSettings.from_run_config(cfg))
 
     pairs = load_pairs(tiny_pair_file)
     train = pairs.subset(pairs.seen & (pairs.split == "train"))
     users, counts = np.unique(train.user, return_counts=True)
-    passed, stored_w = after[rounds - 1]  # a round without evaluation (which refits w)
-    for i, n in enumerate(counts):  # w was fitted before the private step and not changed by it
-        np.testing.assert_array_equal(passed[n], stored_w[i])
+    for n in counts:  # each user's w starts uniform and then is exactly what its last private step returned,
+        mine = [(before, after) for pairs_n, before, after in calls if pairs_n == n]  # also after evaluations
+        assert len(mine) == rounds and np.array_equal(mine[0][0], np.zeros(2))  # (which refit w without privacy)
+        for (_, previous), (current, _) in zip(mine, mine[1:]):
+            np.testing.assert_array_equal(current, previous)
 
     ledger = ledger_json(tmp_path)
     assert ledger["privacy_unit"] == "one preference pair of one client"
@@ -294,3 +294,41 @@ def test_run_config_privacy_errors_reach_flwr_run_users_too(pair_file, tmp_path)
     with pytest.raises(PrivacyConfigError, match="noise_multiplier"):
         run_federated(grid, settings)
     assert not requests_of(grid, "train") and not (tmp_path / "ledger.json").exists()  # only the population query
+
+
+@pytest.mark.slow
+def test_a_second_simulate_on_one_run_directory_is_refused_and_the_ledger_never_goes_down(pair_file, tmp_path, capsys):
+    """Two `lore-fed simulate` runs on one --out (issue 13): the second is refused with a message naming the
+    holder, writes nothing, and the spent budget on disk only grows."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from lore_cli.main import main
+
+    out = tmp_path / "run"
+    argv = ["simulate", str(pair_file), "--out", str(out), "--rounds", "20", "--clients-per-round", str(M),
+            "--rank", str(RANK)]
+    first = subprocess.Popen([sys.executable, "-m", "lore_cli.main", *argv], env={**os.environ, "PYTHONPATH": str(ROOT)},
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        released = []
+        deadline = time.monotonic() + 240
+        while not released or released[-1] < 1:  # wait until the first run has released a round
+            assert first.poll() is None and time.monotonic() < deadline, "the first run ended or never started"
+            time.sleep(0.5)
+            if (out / "ledger.json").exists():
+                released.append(len(ledger_json(out)["events"]["rounds"]))
+        assert main(argv) == 2
+        message = capsys.readouterr().err
+        assert f"pid {first.pid}" in message and "simulate" in message and "in use by another run" in message
+        while first.poll() is None:
+            time.sleep(0.5)
+            released.append(len(ledger_json(out)["events"]["rounds"]))
+    finally:
+        first.kill()
+        first.wait()
+    assert first.returncode == 0
+    released.append(len(ledger_json(out)["events"]["rounds"]))
+    assert released[-1] == 20 and all(b >= a for a, b in zip(released, released[1:]))  # the budget never went down

@@ -139,11 +139,49 @@ def test_dp_setting_with_mode_none_is_refused():
     assert validate(PrivacySettings(mode="none", rounds=3)).mode == "none"
 
 
-def test_secagg_needs_odd_shares():
+def test_secagg_needs_odd_shares_a_dropout_tolerance_and_the_dimension():
     with pytest.raises(PrivacyConfigError, match="odd"):
-        validate(user_settings(mode="user+secagg", num_shares=4, reconstruction_threshold=2))
-    settings = validate(user_settings(mode="user+secagg"))
+        validate(user_settings(mode="user+secagg", num_shares=4, reconstruction_threshold=2, dimension=1920))
+    with pytest.raises(PrivacyConfigError, match="dropout_tolerance"):
+        validate(user_settings(mode="user+secagg", dropout_tolerance=1.0, dimension=1920))
+    with pytest.raises(PrivacyConfigError, match="dimension"):
+        validate(user_settings(mode="user+secagg"))
+    with pytest.raises(PrivacyConfigError, match="does not use"):
+        validate(user_settings(mode="user", dimension=1920))
+    settings = validate(user_settings(mode="user+secagg", dimension=1920))
     assert settings.num_shares % 2 == 1 and settings.reconstruction_threshold < settings.num_shares
+    assert settings.dropout_tolerance == 0.1 and settings.accountant == "ddg-rdp"
+
+
+def test_distributed_discrete_gaussian_accounting_bounds_the_continuous_mechanism():
+    from lore_core.privacy.ddg_accounting import ddg_epsilon, rounded_l2_norm_bound, sum_tau
+
+    for z, q, steps in ((1.0, 50 / 1400, 200), (2.0, 0.05, 100), (1.0, 1.0, 1)):
+        ddg, _ = ddg_epsilon([(z, q, steps)], DELTA, 1920)
+        continuous = pld_epsilon([(z, q, steps)]) if q < 1 else epsilon(z, 1.0, 1, DELTA, "rdp")
+        assert continuous - 0.05 <= ddg <= 2 * continuous  # never below the tight continuous value, not vacuous
+    # the discrete pieces: rounding inflates the sensitivity by ~1e-5 at 2^16 grid units; tau vanishes at 64 units
+    assert 1 < rounded_l2_norm_bound(2**16, 1920) / 2**16 < 1 + 1e-4
+    assert sum_tau(64.0, 10**6) == 0.0 and sum_tau(0.3, 50) > 1
+
+
+def test_secagg_ledger_reports_the_distributed_accountant_and_solves_targets_with_it(tmp_path):
+    from lore_core.privacy.ddg_accounting import ddg_epsilon
+
+    settings = validate(user_settings(mode="user+secagg", dimension=1920, target_epsilon=3.0, noise_multiplier=None,
+                                      rounds=50))
+    assert ddg_epsilon([(settings.noise_multiplier, settings.sample_rate, 50)], DELTA, 1920)[0] <= 3.0
+    assert settings.noise_multiplier > validate(user_settings(target_epsilon=3.0, noise_multiplier=None,
+                                                              rounds=50)).noise_multiplier  # looser bound, more noise
+    ledger = PrivacyLedger.create(tmp_path, settings)
+    for t in (1, 2, 3):
+        ledger.record_round(t, 50)
+    data = json.loads((tmp_path / LEDGER_FILENAME).read_text())
+    assert data["epsilon"]["accountant"] == "ddg-rdp" and data["epsilon"]["prv"] is None
+    assert data["epsilon"]["headline"] == pytest.approx(
+        ddg_epsilon([(settings.noise_multiplier, settings.sample_rate, 3)], DELTA, 1920)[0])
+    assert "server" in data["threat_model"] and "noised sums" in data["threat_model"]
+    assert data["noise"]["dropout_tolerance"] == 0.1 and "discrete Gaussian" in data["noise"]["distribution"]
 
 
 def test_unknown_config_key_is_an_error():

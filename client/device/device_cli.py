@@ -3,8 +3,10 @@
   init --basis FILE [--encoder DIR] [--reinit]   create the state (or adopt a new basis with --reinit)
   adapt --choices FILE                           learn w from the user's choices (JSONL/JSON, or .npz of `diff`)
   rank --prompt TEXT --candidates FILE           personalized best-of-N with scores [--strength S|off]
+  next-question --candidates POOL [--k K]        the K pool pairs whose answers would teach the most (JSON)
+  declare FIELD=VALUE ... --priors TABLE          a prior from declared attributes (kept on the device) [--clear]
   strength [S|off]                               show or set the personalization strength
-  status                                         what the state holds
+  status                                         what the state holds and how sure it is about w
   forget [--all]                                 delete all personal data (--all: the whole state directory)
   export-encoder --out DIR [--model NAME]        export the ONNX encoder (needs torch; run it off the device)
 Only export-encoder imports torch/transformers; the other commands use numpy, onnxruntime and tokenizers.
@@ -22,7 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-from client.device import personalize, ranking
+from client.device import attribute_prior, personalize, posterior, questions, ranking, user_posterior
+from client.device.pool import answered, as_choice, read_pool
 from client.device.state import (
     BasisMismatchError,
     DeviceState,
@@ -65,8 +68,22 @@ def configure(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--candidates", type=Path, required=True, help="text file (one per line) or a JSON list")
     p.add_argument("--strength", help="override the stored strength: a number in [0, 1] or 'off'")
     p.add_argument("--encoder", type=Path, help="override the state's encoder directory")
-    p.add_argument("--json", action="store_true", help="print the ranking as JSON")
+    p.add_argument("--json", action="store_true",
+                   help="print JSON: rewards with 90%% intervals and calibrated pairwise preference probabilities")
     p.set_defaults(_handler=_rank)
+
+    p = sub.add_parser("next-question", help="pick the pool pairs whose answers would teach the most (JSON)")
+    p.add_argument("--candidates", type=Path, required=True,
+                   help='pool: JSONL or JSON list of {"history"|"prompt", "responses": [A, B]}; or .npz with diff')
+    p.add_argument("--k", type=int, default=1, help="how many pairs to ask at once (default 1)")
+    p.add_argument("--encoder", type=Path, help="override the state's encoder directory")
+    p.set_defaults(_handler=_next_question)
+
+    p = sub.add_parser("declare", help="set a prior from declared attributes; they never leave the device")
+    p.add_argument("attributes", nargs="*", metavar="FIELD=VALUE", help="e.g. age='25-34 years old'")
+    p.add_argument("--priors", type=Path, help="the attribute prior table shipped with the basis")
+    p.add_argument("--clear", action="store_true", help="drop the declared attributes (back to the population)")
+    p.set_defaults(_handler=_declare)
 
     p = sub.add_parser("strength", help="show or set the personalization strength (0 = population, 1 = personal)")
     p.add_argument("value", nargs="?", help="a number in [0, 1] or 'off'")
@@ -154,21 +171,23 @@ def _adapt(args) -> int:
                              "turn it on with `strength 1` (or any value in [0, 1])")
         diff, records = _choice_diffs(args.choices, state, args.encoder)
         pair_diff = np.concatenate([state.pair_diff, diff.astype(np.float32)])
-        start = time.perf_counter()
-        result = personalize.adapt(state.basis.basis, pair_diff, init=state.user_weights)
-        fit_ms = 1e3 * (time.perf_counter() - start)
         choices = state.choices + tuple(json.dumps(r, ensure_ascii=False) for r in records)
-        state = save_state(replace(state, user_weights=result.user_weights, pair_diff=pair_diff, choices=choices))
+        start = time.perf_counter()
+        state, result = user_posterior.refit(replace(state, pair_diff=pair_diff, choices=choices))
+        fit_ms = 1e3 * (time.perf_counter() - start)
+        state = save_state(state)
+    spread = user_posterior.confidence(state, user_posterior.samples(state))["spread"]
     summary = {
         "added": len(records), "pairs": state.n_pairs, "iterations": result.iterations,
         "converged": result.converged, "fit_ms": round(fit_ms, 3), "train_accuracy": result.train_accuracy,
-        "user_weights": [round(float(x), 6) for x in result.user_weights],
+        "user_weights": [round(float(x), 6) for x in result.user_weights], "spread": spread,
     }
     if args.json:
         print(json.dumps(summary))
     else:
         print(f"learned from {len(records)} new choices ({state.n_pairs} in all) in {fit_ms:.1f} ms; "
-              f"agrees with {100 * result.train_accuracy:.0f}% of them; w = {np.round(result.user_weights, 3)}")
+              f"agrees with {100 * result.train_accuracy:.0f}% of them; w = {np.round(result.user_weights, 3)}; "
+              f"spread {spread:.3f}")
     return 0
 
 
@@ -181,18 +200,77 @@ def _rank(args) -> int:
 
     context = render_context([{"role": "user", "content": args.prompt}])
     embeddings = encoder.embed([context] * len(candidates), candidates)
-    weights = personalize.effective_weights(state.user_weights, strength, state.basis.rank)
+    weights = personalize.effective_weights(user_posterior.point_weights(state), strength, state.basis.rank)
     rewards = ranking.candidate_rewards(state.basis.basis, weights, embeddings)
     order = ranking.rank_order(rewards)
-    rows = [{"rank": r + 1, "index": int(i), "score": float(rewards[i]), "text": candidates[i]}
-            for r, i in enumerate(order)]
+    drawn = user_posterior.samples(state)
+    sampled = personalize.effective_weights(drawn.w, strength, state.basis.rank)  # (1, S, B)
+    uncertain = posterior.PosteriorSamples(w=np.broadcast_to(sampled, drawn.w.shape), probability=drawn.probability)
+    low, high = ranking.reward_intervals(state.basis.basis, uncertain, embeddings)
+    prefer = ranking.preference_matrix(state.basis.basis, uncertain, embeddings)
+    rows = [{"rank": r + 1, "index": int(i), "score": float(rewards[i]),
+             "interval_90": [float(low[i]), float(high[i])], "text": candidates[i]} for r, i in enumerate(order)]
     if args.json:
         mode = "off" if strength is None else strength
-        print(json.dumps({"strength": mode, "personalized": state.user_weights is not None, "ranking": rows},
+        print(json.dumps({"strength": mode, "personalized": state.user_weights is not None,
+                          "personalization": user_posterior.confidence(state, drawn)["personalization"],
+                          "ranking": rows, "preference_probability": np.round(prefer, 4).tolist()},
                          ensure_ascii=False))
     else:
         for row in rows:
-            print(f"{row['rank']:>3}  {row['score']:+.5f}  {row['text']}")
+            low_r, high_r = row["interval_90"]
+            print(f"{row['rank']:>3}  {row['score']:+.5f}  [{low_r:+.4f}, {high_r:+.4f}]  {row['text']}")
+    return 0
+
+
+def _next_question(args) -> int:
+    if args.k < 1:
+        raise ValueError(f"--k must be >= 1, got {args.k}")
+    state = load_state(_directory(args))
+    pool = read_pool(args.candidates, state.basis.dim)
+    if pool.records is not None:
+        diff = embed_choices(_open_encoder(args.encoder or state.encoder, state.basis),
+                             [as_choice(r, 0) for r in pool.records])
+    else:
+        diff = pool.diff
+    start = time.perf_counter()
+    available = ~answered(pool, state.choices, state.pair_diff)
+    picked, gains, best = user_posterior.next_questions(state, diff, available, args.k)
+    selection_ms = 1e3 * (time.perf_counter() - start)
+    stop = bool(questions.should_stop(best, int(available.sum())))
+    rows = []
+    for i, gain in zip(picked, gains):
+        row = {"index": int(i), "information_bits": round(float(gain), 4)}
+        if pool.records is not None:
+            row.update(pool.records[i])
+        rows.append(row)
+    reason = ("the pool has no unanswered pair left" if not available.any() else
+              f"the best pair is expected to teach {best:.3f} bits, below {questions.STOP_BITS}" if stop else
+              f"the best pair is expected to teach {best:.3f} bits")
+    print(json.dumps({"answers": state.n_pairs, "pool": pool.size, "unanswered": int(available.sum()),
+                      "stop": stop, "reason": reason, "selection_ms": round(selection_ms, 2), "questions": rows},
+                     ensure_ascii=False))
+    return 0
+
+
+def _declare(args) -> int:
+    directory = _directory(args)
+    with state_lock(directory):
+        state = load_state(directory)
+        if args.clear:
+            state = replace(state, attributes=(), prior_mean=None)
+        else:
+            if not args.attributes or args.priors is None:
+                raise ValueError("declare needs FIELD=VALUE ... and --priors TABLE (or --clear)")
+            declared = attribute_prior.parse_declarations(args.attributes)
+            mean, missing = attribute_prior.prior_mean(attribute_prior.read_table(args.priors, state.basis),
+                                                       declared)
+            if missing:
+                print(f"note: {args.priors} has no prior for {', '.join(missing)}; ignored", file=sys.stderr)
+            state = replace(state, attributes=tuple(declared.items()) if mean is not None else (), prior_mean=mean)
+        state, _ = user_posterior.refit(state)
+        state = save_state(state)
+    print(user_posterior.confidence(state, user_posterior.samples(state))["personalization"])
     return 0
 
 
@@ -214,7 +292,8 @@ def _status(args) -> int:
         "rank": state.basis.rank, "dim": state.basis.dim, "encoder": state.encoder,
         "strength": "off" if state.strength is None else state.strength,
         "pairs": state.n_pairs, "adapted": state.user_weights is not None,
-    }))
+        **user_posterior.confidence(state, user_posterior.samples(state)),
+    }, ensure_ascii=False))
     return 0
 
 
@@ -292,7 +371,11 @@ def _choice_diffs(path: Path, state: DeviceState, encoder_dir) -> tuple[np.ndarr
 def _rebase(old: DeviceState, basis: BasisFile, encoder: str | None) -> DeviceState:
     """Adopt a new basis: keep the pairs if they live in the same embedding space, else re-embed the raw
     choices (or drop them when that is impossible); w is refitted from scratch (old w is in old coordinates)."""
-    state = replace(old, basis=basis, encoder=encoder, user_weights=None)
+    state = replace(old, basis=basis, encoder=encoder, user_weights=None, posterior_mode=None, posterior_cov=None,
+                    prior_mean=None, attributes=())
+    if old.attributes:
+        print("dropped the declared attributes: their prior belongs to the old basis; declare them again with "
+              "the new basis' table")
     same_space = old.basis.embedder == basis.embedder and old.basis.dim == basis.dim
     if not same_space and old.n_pairs:
         records = [json.loads(c) for c in old.choices]
@@ -302,8 +385,7 @@ def _rebase(old: DeviceState, basis: BasisFile, encoder: str | None) -> DeviceSt
             print(f"dropped {old.n_pairs} stored choices: they were embedded for another embedder and cannot be "
                   "re-embedded here (precomputed pairs or no encoder)")
             state = replace(state, pair_diff=np.zeros((0, basis.dim), np.float32), choices=())
-    if state.n_pairs:
-        state = replace(state, user_weights=personalize.adapt(basis.basis, state.pair_diff).user_weights)
+    state, _ = user_posterior.refit(state)
     print(f"adopted basis v{basis.version} (was v{old.basis.version}); refitted w on {state.n_pairs} pairs")
     return state
 

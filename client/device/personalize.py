@@ -38,11 +38,13 @@ def adapt(
     *,
     init: np.ndarray | None = None,
     prior_pairs: float = DEFAULT_PRIOR_PAIRS,
+    prior_mean: np.ndarray | None = None,
 ) -> Adaptation:
     """Fit the user's w (B,) on the simplex from pair diffs (n, D) = e(chosen) - e(rejected), basis (B, D).
 
-    The prior toward the population (uniform w) weighs as much as `prior_pairs` of the user's own pairs: a user
-    with a few choices stays close to the population, one with many is free to be personal."""
+    The prior toward the population (uniform w, or `prior_mean` (B,) from declared attributes) weighs as much as
+    `prior_pairs` of the user's own pairs: a user with a few choices stays close to it, one with many is free to
+    be personal."""
     diff = np.asarray(pair_diff, dtype=np.float64)
     if diff.ndim != 2 or diff.shape[1] != basis.shape[1]:
         raise ValueError(f"pair diffs must be (n, {basis.shape[1]}) to match the basis, got {diff.shape}")
@@ -50,6 +52,7 @@ def adapt(
     fit = fit_user_weights(
         scores, np.zeros(len(scores), dtype=np.int64), 1, prior_strength=prior_pairs / max(len(scores), 1),
         init=None if init is None else np.asarray(init, np.float64)[None, :],
+        prior_mean=None if prior_mean is None else np.asarray(prior_mean, np.float64)[None, :],
     )
     weights = fit.weights[0]
     accuracy = float((scores @ weights > 0).mean()) if len(scores) else float("nan")
@@ -60,6 +63,7 @@ def effective_weights(user_weights: np.ndarray | None, strength: float | None, r
     """(1 - s) * uniform + s * w_user (B,): s = 0 is the population reward, s = 1 fully personal.
 
     strength None ("off") or no personal weights yet give the population reward (uniform over the basis).
+    Works on samples of w too: user_weights (..., B).
     """
     uniform = np.full(rank, 1.0 / rank)
     if strength is None or user_weights is None:
@@ -99,7 +103,7 @@ def read_choices(path: str | Path) -> list[dict]:
     if not records:
         raise ChoicesError(f"{path}: no choices in the file")
     for number, record in enumerate(records, 1):
-        _check_choice(record, f"{path}: choice {number}")
+        check_choice(record, f"{path}: choice {number}")
     return records
 
 
@@ -132,7 +136,7 @@ def choice_context(record: dict) -> list[dict]:
     return [{"role": "user", "content": record["prompt"]}]
 
 
-def _check_choice(record, where: str) -> None:
+def check_choice(record, where: str) -> None:
     if not isinstance(record, dict):
         raise ChoicesError(f"{where}: expected an object, got {type(record).__name__}")
     if sum(key in record for key in CHOICE_CONTEXT_KEYS) != 1:

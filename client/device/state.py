@@ -5,7 +5,10 @@ Layout (content-addressed data files; the manifest is the single commit point):
   manifest.json              format, generation, settings (strength, encoder) and, per data file, name/size/sha256
   basis-v<version>-<sha>.npz the basis file (lore_core.basis_file format)
   personal-<sha>.npz         user_weights (B,) float64 | (0,) before any adaptation; pair_diff (n, D) float32;
-                             choices (n,) str: the raw choices as JSON, aligned with pair_diff rows
+                             choices (n,) str: the raw choices as JSON, aligned with pair_diff rows;
+                             posterior_mode (B-1,) and posterior_cov (B-1, B-1): w's Laplace posterior in the
+                             softmax chart (client.device.posterior) | (0,), (0, 0) without one; prior_mean (B,)
+                             from declared attributes | (0,); attributes: the declared attributes as JSON
 A save writes new data files (atomically, under new names), then atomically replaces the manifest, then deletes
 files the manifest no longer names. A process killed at any moment leaves the old or the new manifest, and every
 file it names intact. Load checks sizes and checksums: a corrupted or truncated file is reported, never used.
@@ -65,6 +68,10 @@ class DeviceState:
     strength: float | None = 1.0  # personalization strength in [0, 1]; None = off
     encoder: str | None = None  # directory of the exported ONNX encoder
     generation: int = 0
+    posterior_mode: np.ndarray | None = None  # (B-1,) Laplace centre in the softmax chart; None = the prior's
+    posterior_cov: np.ndarray | None = None  # (B-1, B-1)
+    prior_mean: np.ndarray | None = None  # (B,) from declared attributes; None = uniform (the population)
+    attributes: tuple[tuple[str, str], ...] = ()  # declared (field, value), kept on the device only
 
     @property
     def n_pairs(self) -> int:
@@ -72,7 +79,8 @@ class DeviceState:
 
     @property
     def has_personal_data(self) -> bool:
-        return self.user_weights is not None or self.n_pairs > 0
+        return (self.user_weights is not None or self.n_pairs > 0 or self.prior_mean is not None
+                or bool(self.attributes))
 
 
 def default_state_dir() -> Path:
@@ -119,6 +127,10 @@ def save_state(state: DeviceState) -> DeviceState:
             user_weights=weights,
             pair_diff=np.asarray(state.pair_diff, np.float32).reshape(-1, basis.dim),
             choices=np.array(state.choices, dtype=np.str_).reshape(-1),
+            posterior_mode=_or_empty(state.posterior_mode, (0,)),
+            posterior_cov=_or_empty(state.posterior_cov, (0, 0)),
+            prior_mean=_or_empty(state.prior_mean, (0,)),
+            attributes=np.str_(json.dumps(dict(state.attributes), ensure_ascii=False)),
         )
         entries["personal"] = _write_data(directory, "personal-", personal)
     committed = replace(state, generation=state.generation + 1)
@@ -210,7 +222,8 @@ def forget(directory: str | Path, *, everything: bool = False) -> list[str]:
         state = load_state(directory)
     except StateError as exc:  # corrupted, or the manifest is gone: personal files may still be on disk
         return _forget_corrupted(directory, exc)
-    save_state(replace(state, user_weights=None, pair_diff=state.pair_diff[:0], choices=()))
+    save_state(replace(state, user_weights=None, pair_diff=state.pair_diff[:0], choices=(), posterior_mode=None,
+                       posterior_cov=None, prior_mean=None, attributes=()))
     return []
 
 
@@ -319,9 +332,23 @@ def _load_personal(state: DeviceState, path: Path, declared_pairs: int) -> Devic
     try:
         with np.load(path, allow_pickle=False) as data:
             weights, diff, choices = data["user_weights"], data["pair_diff"], data["choices"]
+            # States written before the posterior existed lack these arrays: no posterior, no declared prior.
+            optional = {key: data[key] for key in ("posterior_mode", "posterior_cov", "prior_mean", "attributes")
+                        if key in data.files}
+        attributes = tuple(json.loads(str(optional.get("attributes", "{}"))).items())
     except Exception as exc:  # a checksum-valid file can still be malformed (written by another tool)
         raise StateCorruptError(f"{path}: unreadable personal state ({type(exc).__name__}: {exc})") from exc
     rank, dim = state.basis.rank, state.basis.dim
+    mode = optional.get("posterior_mode", np.zeros(0))
+    cov = optional.get("posterior_cov", np.zeros((0, 0)))
+    prior_mean = optional.get("prior_mean", np.zeros(0))
+    if mode.size and (mode.shape != (rank - 1,) or cov.shape != (rank - 1, rank - 1)
+                      or not (np.isfinite(mode).all() and np.isfinite(cov).all())):
+        raise StateCorruptError(f"{path}: the posterior must be ({rank - 1},) and ({rank - 1}, {rank - 1}), got "
+                                f"{mode.shape} and {cov.shape}")
+    if prior_mean.size and (prior_mean.shape != (rank,) or not prior_mean.min() > 0
+                            or abs(prior_mean.sum() - 1.0) > 1e-6):
+        raise StateCorruptError(f"{path}: prior_mean must be ({rank},) inside the simplex, got {prior_mean.shape}")
     if weights.size and (
         weights.shape != (rank,) or not np.isfinite(weights).all() or weights.min() < 0
         or abs(weights.sum() - 1.0) > 1e-6
@@ -334,8 +361,14 @@ def _load_personal(state: DeviceState, path: Path, declared_pairs: int) -> Devic
             f"{path}: {diff.shape[0]} pairs, {choices.shape} choices, the manifest says {declared_pairs} pairs"
         )
     return replace(
-        state, user_weights=weights if weights.size else None, pair_diff=diff, choices=tuple(choices.tolist())
+        state, user_weights=weights if weights.size else None, pair_diff=diff, choices=tuple(choices.tolist()),
+        posterior_mode=mode if mode.size else None, posterior_cov=cov if mode.size else None,
+        prior_mean=prior_mean if prior_mean.size else None, attributes=attributes,
     )
+
+
+def _or_empty(array: np.ndarray | None, empty_shape: tuple[int, ...]) -> np.ndarray:
+    return np.zeros(empty_shape) if array is None else np.asarray(array, np.float64)
 
 
 def _checked_strength(value, where: Path) -> float:

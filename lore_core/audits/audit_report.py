@@ -1,5 +1,5 @@
 """Where audit results go: `RUN_DIR/audits/<name>.json` (atomic), a summary entry in the run ledger's `audits`
-list (via PrivacyLedger.record_audit, when the run has a ledger), one plot per audit (`<name>.png`) and
+list (via lore_core.privacy.ledger.append_audit, when the run has a ledger), one plot per audit (`<name>.png`) and
 `audits.md`, a markdown section per audit that the run report can include."""
 
 from __future__ import annotations
@@ -48,12 +48,12 @@ def write_audit(out_dir: str | Path, result: dict, *, ledger_dir: str | Path | N
     atomic_write_json(path, clean)
     plot_audit(clean, folder / f"{name}.png")
     if ledger_dir is not None and (Path(ledger_dir) / "ledger.json").exists():
-        from lore_core.privacy.ledger import PrivacyLedger
+        from lore_core.privacy.ledger import append_audit
 
         entry = {"kind": name, "file": str(path)} | {k: clean[k] for k in SUMMARY_KEYS if k in clean}
         if isinstance(clean.get("epsilon_lb"), dict):
             entry["epsilon_lb"] = clean["epsilon_lb"].get("epsilon_lb")
-        PrivacyLedger.load(ledger_dir).record_audit(entry)
+        append_audit(ledger_dir, entry)
     write_markdown(folder)
     link_into_run_report(out_dir)
     return path

@@ -33,7 +33,7 @@ DEFAULTS: dict[str, Any] = {
     "record_epochs": 1,
     "num_shares": 3,
     "reconstruction_threshold": 2,
-    "secagg_clipping_range": 8.0,  # Flower SecAggPlusWorkflow default; entries beyond it are clipped before masking
+    "dropout_tolerance": 0.1,  # user+secagg: the guarantee holds while at most 10 % of a round's sampled users drop
 }
 # Settings that mean something only under DP, and the modes that use them.
 DP_FIELDS: dict[str, tuple[str, ...]] = {
@@ -47,7 +47,8 @@ DP_FIELDS: dict[str, tuple[str, ...]] = {
     "record_epochs": ("record",),
     "num_shares": ("user+secagg",),
     "reconstruction_threshold": ("user+secagg",),
-    "secagg_clipping_range": ("user+secagg",),
+    "dropout_tolerance": ("user+secagg",),
+    "dimension": ("user+secagg",),
 }
 
 
@@ -85,10 +86,11 @@ class PrivacySettings:
     max_grad_norm: float | None = None
     record_batch_size: int | None = None  # expected Poisson batch; q = 1 / ceil(n_i / batch_size)
     record_epochs: int | None = None
-    # user+secagg (Flower SecAgg+)
+    # user+secagg (Flower SecAgg+ with the distributed discrete Gaussian)
     num_shares: int | None = None
     reconstruction_threshold: int | None = None
-    secagg_clipping_range: float | None = None
+    dropout_tolerance: float | None = None  # x: the fraction of a round's sampled users that may drop out
+    dimension: int | None = None  # B*D, set by the server: the ddg-rdp accountant needs it
     weighting: str = "uniform"
     client_metrics: str = "none"
     sampling: str = "poisson"
@@ -97,6 +99,11 @@ class PrivacySettings:
     @property
     def is_dp(self) -> bool:
         return self.mode != "none"
+
+    @property
+    def accountant(self) -> str:
+        """Whose epsilon is the headline: the distributed discrete Gaussian's bound or Opacus' PRV."""
+        return "ddg-rdp" if self.mode == "user+secagg" else "prv"
 
     @property
     def sample_rate(self) -> float | None:
@@ -160,7 +167,7 @@ def _validate(settings: PrivacySettings) -> PrivacySettings:
         raise PrivacyConfigError(
             f"mode {mode!r} does not use {ignored}; remove them "
             "(clip_norm/target_epsilon are user-mode settings, max_grad_norm/record_* record-mode, "
-            "num_shares/reconstruction_threshold/secagg_clipping_range user+secagg)"
+            "num_shares/reconstruction_threshold/dropout_tolerance/dimension user+secagg)"
         )
     resolved = {name: value for name, value in DEFAULTS.items()  # clients_per_round: a user-mode default only
                 if mode in DP_FIELDS.get(name, USER_MODES) and getattr(settings, name) is None}
@@ -171,12 +178,12 @@ def _validate(settings: PrivacySettings) -> PrivacySettings:
         resolved["delta"] = user_delta(settings.population_size)
     settings = replace(settings, **resolved)
     _check_dp_common(settings)
+    if mode == "user+secagg":
+        _check_secagg(settings)
     if mode in USER_MODES:
         settings = _check_user_modes(settings)
     else:
         _check_record(settings)
-    if mode == "user+secagg":
-        _check_secagg(settings)
     if settings.reproducible_noise:
         if settings.noise_seed is None:
             settings = replace(settings, noise_seed=0)
@@ -263,6 +270,7 @@ def _check_user_modes(s: PrivacySettings) -> PrivacySettings:
         warnings.warn("clients_per_round = population_size: every user every round, no amplification by sampling",
                       PrivacyConfigWarning, stacklevel=3)
     q, rounds = s.sample_rate, s.rounds
+    accountant, dim = s.accountant, s.dimension
     if s.target_epsilon is not None:
         if s.noise_multiplier is not None and not s.noise_from_target:
             raise PrivacyConfigError(
@@ -274,20 +282,22 @@ def _check_user_modes(s: PrivacySettings) -> PrivacySettings:
                 f"target_epsilon {s.target_epsilon} exceeds max_epsilon {s.max_epsilon}: lower target_epsilon"
             )
         if s.noise_multiplier is None:
-            z = _accounted(noise_for_target_epsilon, s.target_epsilon, q, rounds, s.delta)
+            z = _accounted(noise_for_target_epsilon, s.target_epsilon, q, rounds, s.delta, accountant, dim=dim)
             s = replace(s, noise_multiplier=z, noise_from_target=True)
-    planned_rdp = _accounted(epsilon, s.noise_multiplier, q, rounds, s.delta, "rdp")
+    planned_rdp = _accounted(epsilon, s.noise_multiplier, q, rounds, s.delta, "rdp" if accountant == "prv" else
+                             accountant, dim)
     if planned_rdp > MAX_PRV_EPSILON:
         raise PrivacyConfigError(
             f"the planned {rounds} rounds reach epsilon {planned_rdp:.4g} (RDP, delta={s.delta}): no meaningful "
             f"privacy; raise noise_multiplier (now {s.noise_multiplier:g}), lower clients_per_round or rounds, or "
             "set the privacy mode to none")
     if s.max_epsilon is not None:
-        planned = _accounted(epsilon, s.noise_multiplier, q, rounds, s.delta)
+        planned = _accounted(epsilon, s.noise_multiplier, q, rounds, s.delta, accountant, dim)
         if planned > s.max_epsilon:
-            fit = _accounted(rounds_within_budget, s.noise_multiplier, q, s.delta, s.max_epsilon, limit=rounds)
+            fit = _accounted(rounds_within_budget, s.noise_multiplier, q, s.delta, s.max_epsilon, limit=rounds,
+                             accountant=accountant, dim=dim)
             raise PrivacyConfigError(
-                f"the planned {rounds} rounds reach epsilon {planned:.3f} (PRV, delta={s.delta}) > max_epsilon "
+                f"the planned {rounds} rounds reach epsilon {planned:.3f} ({accountant}, delta={s.delta}) > max_epsilon "
                 f"{s.max_epsilon}; only {fit} rounds fit: set rounds <= {fit}, raise noise_multiplier, lower "
                 "clients_per_round, or raise max_epsilon"
             )
@@ -316,9 +326,10 @@ def _check_secagg(s: PrivacySettings) -> None:
         raise PrivacyConfigError(f"num_shares must be an odd integer >= 3 (Flower SecAgg+ crashes on even); got {k!r}")
     if not (_is_int(t) and 1 <= t < k):
         raise PrivacyConfigError(f"reconstruction_threshold must be an integer in 1..num_shares-1 = {k - 1}; got {t!r}")
-    _positive_finite(s.secagg_clipping_range, "secagg_clipping_range", "use Flower's default 8.0")
-    if s.secagg_clipping_range < s.clip_norm:
-        raise PrivacyConfigError(
-            f"secagg_clipping_range {s.secagg_clipping_range} < clip_norm {s.clip_norm}: SecAgg+ quantisation would "
-            "clip entries of clipped updates; raise secagg_clipping_range to at least clip_norm"
-        )
+    x = s.dropout_tolerance
+    if not (isinstance(x, numbers.Real) and not isinstance(x, bool) and 0 <= x < 1):
+        raise PrivacyConfigError(f"dropout_tolerance must be in [0, 1); got {x!r}: e.g. 0.1 (the guarantee holds while "
+                                 "at most 10 % of a round's sampled users drop out)")
+    if not (_is_int(s.dimension) and s.dimension > 0):
+        raise PrivacyConfigError(f"mode user+secagg needs the dimension B*D of the basis (set by the server); got "
+                                 f"{s.dimension!r}")
