@@ -170,7 +170,7 @@ def sampling_cost() -> float:
 # --- report -----------------------------------------------------------------------------------------------------
 
 def markdown(report: dict) -> str:
-    rows = sorted(report["populations"].values(), key=lambda r: (r["dim"], r["users"]))
+    rows = sorted(report["populations"].values(), key=lambda r: (-r["dim"], r["users"]))
     lines = ["# lore-fed at scale", "",
              f"Written by `python -m simulations.bench_scale` ({report['machine']}). Synthetic populations (seed 0): N "
              "seen users with 10-20 training pairs, N/10 new users with 10 few-shot pairs, 10 test pairs per user. "
