@@ -24,19 +24,22 @@ def _weights_file(context: Context) -> Path | None:
     return Path(str(data_path)) / WEIGHTS_FILENAME if data_path else None
 
 
+def _stored(context: Context, state_key: str, array_key: str, file: Path | None,
+            shape: tuple[int, int]) -> np.ndarray | None:
+    """An array kept in Context.state (simulation) or else in a device file; None when absent or of another shape."""
+    stored = None
+    if state_key in context.state:
+        stored = context.state[state_key][array_key].numpy()
+    elif file is not None and file.exists():
+        with np.load(file) as data:
+            stored = data[array_key] if array_key in data.files else None
+    return None if stored is None or stored.shape != shape else stored.astype(np.float64)
+
+
 def load_weights(context: Context, n_users: int, rank: int) -> np.ndarray:
     """The stored w (n_users, rank); uniform (the prior) when none is stored or the rank changed."""
-    stored = None
-    if STATE_KEY in context.state:
-        stored = context.state[STATE_KEY][WEIGHTS_KEY].numpy()
-    else:
-        file = _weights_file(context)
-        if file is not None and file.exists():
-            with np.load(file) as data:
-                stored = data[WEIGHTS_KEY]
-    if stored is None or stored.shape != (n_users, rank):
-        return np.full((n_users, rank), 1.0 / rank)
-    return stored.astype(np.float64)
+    stored = _stored(context, STATE_KEY, WEIGHTS_KEY, _weights_file(context), (n_users, rank))
+    return np.full((n_users, rank), 1.0 / rank) if stored is None else stored
 
 
 def save_weights(context: Context, weights: np.ndarray) -> None:
@@ -68,9 +71,22 @@ def load_record_histories(context: Context) -> np.ndarray:
     return np.zeros((0, 4))
 
 
-def save_record_histories(context: Context, rows: np.ndarray) -> None:
+# Record mode: each local user's private weights as logits (S, B), w = softmax(logits): DP-SGD outputs, kept apart
+# from the evaluation's w (which is refit without privacy and must never feed the private step).
+RECORD_LOGITS_KEY = "lore-record-logits"
+
+
+def load_record_logits(context: Context, n_users: int, rank: int) -> np.ndarray:
+    """The stored logits (n_users, rank); zeros (uniform w) when none are stored or the rank changed."""
+    stored = _stored(context, RECORD_LOGITS_KEY, RECORD_LOGITS_KEY, _record_file(context), (n_users, rank))
+    return np.zeros((n_users, rank)) if stored is None else stored
+
+
+def save_record_state(context: Context, rows: np.ndarray, logits: np.ndarray) -> None:
+    """Record mode's private state in one write: the accountant histories (rows) and the logits."""
     rows = np.ascontiguousarray(rows, dtype=np.float64).reshape(-1, 4)
     context.state[RECORD_DP_KEY] = ArrayRecord({RECORD_DP_KEY: Array(rows)})
+    context.state[RECORD_LOGITS_KEY] = ArrayRecord({RECORD_LOGITS_KEY: Array(np.ascontiguousarray(logits))})
     file = _record_file(context)
     if file is not None:
-        atomic_save_npz(file, **{RECORD_DP_KEY: rows})
+        atomic_save_npz(file, **{RECORD_DP_KEY: rows, RECORD_LOGITS_KEY: logits})

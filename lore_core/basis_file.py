@@ -8,7 +8,7 @@ Arrays:
   sha256    str     ()      sha256 of basis.tobytes() (float32, C order): detects a torn or altered file
   prior_pairs float64 ()    optional: the personal prior (in pairs) chosen with this basis on held-out groups
                             (`lore-fed train`) or set for the run (`lore-fed simulate`); devices and `evaluate` use
-                            it. A file without it means the default, simplex_fit.DEFAULT_PRIOR_PAIRS.
+                            it. A file without it leaves the choice to the reader (evaluation: 3 pairs; a device: 0.5).
 Numpy only (importable on a device).
 """
 
@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from lore_core.atomic_io import atomic_save_npz
-from lore_core.simplex_fit import DEFAULT_PRIOR_PAIRS
+from lore_core.npz_file import open_npz
 
 BASIS_ARRAYS = ("basis", "version", "embedder", "dim", "rank", "sha256")
 
@@ -37,7 +37,7 @@ class BasisFile:
     embedder: str
     sha256: str
     source: str = "<memory>"
-    prior_pairs: float = DEFAULT_PRIOR_PAIRS
+    prior_pairs: float | None = None  # the personal prior chosen with this basis; None: the file carries none
 
     @property
     def rank(self) -> int:
@@ -53,7 +53,7 @@ def basis_checksum(basis: np.ndarray) -> str:
 
 
 def save_basis(path: str | Path, basis: np.ndarray, *, version: int, embedder: str,
-               prior_pairs: float = DEFAULT_PRIOR_PAIRS) -> Path:
+               prior_pairs: float | None = None) -> Path:
     """Write a basis file atomically; `basis` (B, D) is stored as float32."""
     path = Path(path)
     arr = np.ascontiguousarray(basis, dtype=np.float32)
@@ -62,7 +62,10 @@ def save_basis(path: str | Path, basis: np.ndarray, *, version: int, embedder: s
         raise BasisFileError(f"{path}: version must be an int >= 0, got {version!r}")
     if not isinstance(embedder, str) or not embedder:
         raise BasisFileError(f"{path}: embedder must be a non-empty string, got {embedder!r}")
-    _check_prior(prior_pairs, str(path))
+    extra = {}
+    if prior_pairs is not None:
+        _check_prior(prior_pairs, str(path))
+        extra["prior_pairs"] = np.float64(prior_pairs)
     atomic_save_npz(
         path,
         basis=arr,
@@ -71,7 +74,7 @@ def save_basis(path: str | Path, basis: np.ndarray, *, version: int, embedder: s
         dim=np.int64(arr.shape[1]),
         rank=np.int64(arr.shape[0]),
         sha256=np.str_(basis_checksum(arr)),
-        prior_pairs=np.float64(prior_pairs),
+        **extra,
     )
     return path
 
@@ -81,11 +84,8 @@ def load_basis(path: str | Path) -> BasisFile:
     path = Path(path)
     if not path.is_file():
         raise BasisFileError(f"basis file {path} does not exist")
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            arrays = {key: data[key] for key in data.files}
-    except Exception as exc:  # zipfile/pickle/format errors of a torn file come in many types
-        raise BasisFileError(f"{path}: not a readable basis .npz file ({type(exc).__name__}: {exc})") from exc
+    with open_npz(path, f"a basis file (.npz with arrays {', '.join(BASIS_ARRAYS)})", BasisFileError) as data:
+        arrays = {key: data[key] for key in data.files}
     missing = [key for key in BASIS_ARRAYS if key not in arrays]
     if missing:
         raise BasisFileError(f"{path}: missing arrays {missing}; a basis file holds {list(BASIS_ARRAYS)}")
@@ -104,8 +104,13 @@ def load_basis(path: str | Path) -> BasisFile:
         raise BasisFileError(f"{path}: basis checksum mismatch (file corrupted or altered)")
     if version < 0 or not embedder:
         raise BasisFileError(f"{path}: version must be >= 0 and embedder non-empty, got {version}, {embedder!r}")
-    prior_pairs = float(arrays["prior_pairs"]) if "prior_pairs" in arrays else DEFAULT_PRIOR_PAIRS
-    _check_prior(prior_pairs, str(path))
+    prior_pairs = None
+    if "prior_pairs" in arrays:
+        try:
+            prior_pairs = float(arrays["prior_pairs"])
+        except (TypeError, ValueError):
+            raise BasisFileError(f"{path}: prior_pairs must be a scalar number") from None
+        _check_prior(prior_pairs, str(path))
     return BasisFile(basis=basis, version=version, embedder=embedder, sha256=checksum, source=str(path),
                      prior_pairs=prior_pairs)
 

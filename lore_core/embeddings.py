@@ -6,7 +6,7 @@ Two embedders share one contract (`.name`, `.dim`, `.device`, `.embed(contexts, 
 - `RewardModelEmbedder` (a `*ForSequenceClassification` reward model with one label, e.g. Skywork-Reward): the
   post-norm hidden state of the last token of the chat-templated conversation; `reference_head()` is the model's real
   score head, so `reference_head() @ e` is the reward model's own score (LoRe's published code took an MLP column
-  instead; see notes/prism-and-embeddings.md §2.1).
+  instead; see docs/prism-and-embeddings.md §2.1).
 
 A context is either a message list `[{"role": "user"|"assistant", "content": str}, ...]` or a string already
 rendered by `render_context`. Every embedding is cached on disk under (embedder name, sha1(context + "\\x00" +

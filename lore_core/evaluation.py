@@ -117,7 +117,11 @@ def load_true_basis(pair_path: str | Path) -> np.ndarray | None:
     truth = Path(pair_path).parent / GROUND_TRUTH_FILE
     if not truth.exists():
         return None
-    with np.load(truth, allow_pickle=False) as data:
+    from lore_core.npz_file import open_npz
+
+    with open_npz(truth, "the benchmark truth (.npz with arrays basis, logit_scale)") as data:
+        if not {"basis", "logit_scale"} <= set(data.files):
+            raise ValueError(f"{truth}: needs arrays basis and logit_scale, found {sorted(data.files)}")
         return np.asarray(data["basis"], np.float64) * float(data["logit_scale"])
 
 

@@ -26,7 +26,6 @@ DEFAULT_RANK_GRID = (1, 2, 3, 4, 6, 8)
 # In units of mean |d|^2 / 2 over the training pairs (1 for the synthetic benchmarks): the best l2 scales with the
 # square of the embedding's scale, and it ranged over 1e-6 .. 1e-4 on the pilot populations (thin users want more).
 DEFAULT_L2_GRID = (1e-6, 3e-6, 1e-5, 3e-5, 1e-4, 3e-4, 1e-3)
-DEFAULT_L2 = 1e-4  # the usual selection on LoRe-shaped data; federated runs start from it
 DEFAULT_PRIOR_PAIRS_GRID = (1.0, 3.0, 10.0, 30.0)
 WALK_TOLERANCE = 0.003  # a held-out score this far below the rank's best ends its l2 walk
 

@@ -20,11 +20,16 @@ from pathlib import Path
 import numpy as np
 
 from lore_core.atomic_io import atomic_save_npz
+from lore_core.npz_file import open_npz
 
 PAIRS_FILENAME = "pairs.npz"
 SPLITS = ("train", "test")
 REQUIRED_ARRAYS = ("diff", "user", "split", "seen")
 OPTIONAL_ARRAYS = ("logit_true", "reference_head", "group")
+# Real embedders give differences of order 1 (sentence) to a few hundred (reward-model hidden states); a value far
+# beyond is a broken file, and in float32 scores it would overflow or let one pair outweigh every other.
+MAX_ABS_DIFF = 1e6
+EXPECTED = f"a pair file (.npz with arrays {', '.join(REQUIRED_ARRAYS)}; see `lore-fed embed`)"
 
 
 class PairFileError(ValueError):
@@ -109,11 +114,8 @@ def resolve_pair_path(path: str | Path) -> Path:
 def load_pairs(path: str | Path) -> PairSet:
     """Load and validate a pair file (or `DIR/pairs.npz`)."""
     file = resolve_pair_path(path)
-    try:
-        with np.load(file, allow_pickle=False) as data:
-            arrays = {key: data[key] for key in data.files}
-    except (OSError, ValueError, EOFError) as exc:
-        raise PairFileError(f"{file}: not a readable .npz pair file ({exc})") from exc
+    with open_npz(file, EXPECTED, PairFileError) as data:
+        arrays = {key: data[key] for key in data.files}
     missing = [key for key in REQUIRED_ARRAYS if key not in arrays]
     if missing:
         raise PairFileError(f"{file}: missing required arrays {missing}; found {sorted(arrays)}")
@@ -130,6 +132,18 @@ def load_pairs(path: str | Path) -> PairSet:
         group=arrays.get("group"),
         source=str(file),
     )
+
+
+def read_pair_column(path: str | Path, name: str) -> np.ndarray:
+    """One array of a pair file without reading the others (an .npz member is read on access): counting users or
+    splitting them into nodes never needs the embeddings."""
+    file = resolve_pair_path(path)
+    with open_npz(file, EXPECTED, PairFileError) as data:
+        found = sorted(data.files)
+        column = data[name] if name in found else None
+    if column is None:
+        raise PairFileError(f"{file}: no array {name!r}; found {found}")
+    return column
 
 
 def save_pairs(pairs: PairSet, path: str | Path) -> Path:
@@ -163,6 +177,10 @@ def _validate(p: PairSet) -> None:
     if not np.isfinite(diff).all():
         bad = int((~np.isfinite(diff)).any(axis=1).sum())
         raise PairFileError(f"{where}: diff has NaN or Inf in {bad} rows")
+    if diff.size and max(diff.max(), -diff.min()) > MAX_ABS_DIFF:  # no (n, D) temporary
+        bad = int((np.abs(diff) > MAX_ABS_DIFF).any(axis=1).sum())
+        raise PairFileError(f"{where}: diff has values beyond +-{MAX_ABS_DIFF:g} in {bad} rows; embedding differences "
+                            "are of order 1 to 100: re-embed the pairs")
     n = diff.shape[0]
     for name in ("user", "split", "seen"):
         arr = np.asarray(getattr(p, name))

@@ -219,10 +219,24 @@ def prepare_dataset(
     if ground_truth.is_file():
         files[GROUND_TRUTH_FILE] = ground_truth.read_bytes()
     summary = _summary(release, directory, config, split, pairs, kept, drops)
+    summary["population_warnings"] = population_warnings(users, split, config)
     summary["ground_truth_copied"] = GROUND_TRUTH_FILE in files
     files[SUMMARY_JSON] = (json.dumps(summary, indent=2) + "\n").encode()
     _write_outputs(out_dir, files)
     return summary
+
+
+def population_warnings(users: list[str], split: UserSplit, config: SplitConfig) -> list[str]:
+    """What makes a dataset useless for (federated) training although it is well formed; `prepare` prints these."""
+    out = []
+    if len(users) == 1:
+        out.append(f"all conversations belong to one user ({users[0]!r}): federated LoRe needs many users (is "
+                   "user_id filled in per user?)")
+    if config.seen_fraction > 0 and not any(split.seen.values()):
+        out.append(f"no seen user was kept ({split.seen_pool} of {len(users)} users with conversations drawn as seen, "
+                   f"seen fraction {config.seen_fraction}): nothing to train on; `lore-fed train` and `simulate` "
+                   "will refuse this dataset")
+    return out
 
 
 def _user_rows(release: PrismRelease, split: UserSplit, kept: list[dict]) -> list[dict]:
@@ -256,7 +270,8 @@ def _summary(
         "source": str(directory),
         "utterances_checked": release.utterances_checked,
         "users_read": len(release.survey),
-        "survey_only_users": len(release.survey) - len(with_conversations),
+        "survey_only_users": sum(bool(row["survey_only"]) for row in release.survey.values()),  # flagged so
+        "users_without_conversations": len(release.survey) - len(with_conversations),  # flagged or not
         "users_with_conversations": len(with_conversations),
         "users_dropped_min_conversations": len(split.dropped_users),
         "users_kept": len(split.seen),

@@ -1,7 +1,7 @@
 """Strict reader for the PRISM release (Kirk et al. 2024): `survey.jsonl`, `conversations.jsonl`, `utterances.jsonl`.
 
 Every line is parsed by key (key order varies between release outputs) and checked against the published schema
-(see shared/notes/prism-and-embeddings.md §1). Anything malformed raises `PrismSchemaError` naming the file, the
+(see docs/prism-and-embeddings.md §1). Anything malformed raises `PrismSchemaError` naming the file, the
 1-based line and what was expected. What the real release contains is tolerated: nulls inside attribute and survey
 objects, `{}` attributes, survey-only users, `within_turn_id` as int or digit string, identical A/B responses that
 are both chosen, turns nobody chose in. Such turns are kept here and dropped (and counted) by `prism_pairs`.
@@ -21,6 +21,8 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
+
+from lore_core import text_file
 
 SURVEY_FILE = "survey.jsonl"
 CONVERSATIONS_FILE = "conversations.jsonl"
@@ -146,23 +148,9 @@ def _error(path: Path, line: int, message: str) -> PrismSchemaError:
 
 
 def read_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
-    """Yield (1-based line number, object) for every non-blank line; bad UTF-8/JSON or a non-object raises."""
-    with open(path, "rb") as handle:
-        for number, raw in enumerate(handle, start=1):
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                raise _error(path, number, f"not valid UTF-8 ({exc})") from exc
-            text = text.rstrip("\r\n")
-            if not text.strip():
-                continue
-            try:
-                record = json.loads(text)
-            except json.JSONDecodeError as exc:
-                raise _error(path, number, f"not valid JSON ({exc.msg}, column {exc.colno})") from exc
-            if not isinstance(record, dict):
-                raise _error(path, number, f"expected a JSON object, got {type(record).__name__}")
-            yield number, record
+    """Yield (1-based line number, object) for every non-blank line; a leading UTF-8 BOM is dropped; bad UTF-8/JSON
+    or a non-object raises PrismSchemaError naming the file and line."""
+    return text_file.read_jsonl(path, PrismSchemaError)
 
 
 def _check_record(record: dict, schema: dict[str, str], path: Path, line: int, what: str) -> None:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
+DEFAULT_L2 = 1e-4  # L2 penalty on A: the usual selection on LoRe-shaped data; federated runs start from it
+
 
 def softmax(theta: np.ndarray, axis: int = -1) -> np.ndarray:
     shifted = theta - theta.max(axis=axis, keepdims=True)

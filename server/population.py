@@ -15,7 +15,7 @@ import numpy as np
 from flwr.app import Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
-from client import protocol as p
+from federation import protocol as p
 
 log = logging.getLogger("lore_fed.server")
 

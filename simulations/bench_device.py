@@ -3,6 +3,8 @@
     python -m simulations.bench_device [--encoder DIR] [--repeats 30] [--json OUT]
 
 Prints: few-shot fit latency (median, p95) by number of pairs (B = 10, D = 384), the same with the pairs' encoding;
+`next-question` on a 200-pair pool (posterior samples and the choice, in-process, after 0, 10 and 30 answers; and
+`adapt` with its posterior update);
 ranking latency for 4 and 16 candidates including encoding (warm, in-process); cold `rank` command wall time and
 peak RSS of the device process (onnxruntime) against the torch path (transformers embedder); installed size of the
 device dependencies against torch + transformers. Without --encoder the ONNX encoder is exported first (~30 s).
@@ -18,12 +20,15 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 PAIR_COUNTS = (5, 10, 20, 50)
+POOL_PAIRS = 200
+ANSWER_COUNTS = (0, 10, 30)
 CANDIDATE_COUNTS = (4, 16)
 RANK = 10
 DEVICE_PACKAGES = ("onnxruntime", "tokenizers", "numpy")
@@ -78,12 +83,46 @@ def bench_fit(repeats: int) -> dict:
     return out
 
 
+def bench_next_question(repeats: int) -> dict:
+    """next-question's work after the pool is read: answered pairs, posterior samples, the most informative pair
+    (B = 10, D = 384, 200-pair pool); and adapt's refit with the posterior. Same code as the command."""
+    from client.device import user_posterior
+    from client.device.pool import Pool, answered
+    from client.device.state import new_state
+    from lore_core.basis_file import BasisFile
+    from simulations.synthetic_pairs import SyntheticPairsConfig, make_synthetic_pairs
+
+    pairs, truth = make_synthetic_pairs(SyntheticPairsConfig(
+        dim=384, true_rank=RANK, seen_users=0, unseen_users=1, few_shot_pairs=POOL_PAIRS + max(ANSWER_COUNTS),
+        test_pairs=1, seed=7))
+    diff = pairs.diff[pairs.split == "train"]
+    basis = BasisFile(basis=truth.basis.astype(np.float32), version=0, embedder="bench", sha256="")
+    pool = Pool(records=None, diff=diff[:POOL_PAIRS].astype(np.float64))
+    out = {}
+    for n in ANSWER_COUNTS:
+        state, _ = user_posterior.refit(replace(new_state("unused", basis), pair_diff=diff[POOL_PAIRS:POOL_PAIRS + n]))
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            available = ~answered(pool, state.choices, state.pair_diff)
+            user_posterior.next_questions(state, pool.diff, available, 1)
+            times.append(time.perf_counter() - start)
+        refits = []
+        for _ in range(repeats if n else 0):
+            start = time.perf_counter()
+            user_posterior.refit(state)
+            refits.append(time.perf_counter() - start)
+        out[f"{n}_answers"] = {"next_question": percentiles(times),
+                               "adapt_with_posterior": percentiles(refits) if refits else None}
+    return out
+
+
 def bench_encoder(encoder_dir: Path, repeats: int) -> dict:
     from client.device.encoder import OnnxPairEncoder
     from client.device.personalize import adapt
     from client.device.ranking import candidate_rewards, rank_order
     from lore_core.embeddings import render_context
-    from lore_core.text_pool import build_text_pool
+    from simulations.text_pool import build_text_pool
 
     pool = build_text_pool(seed=0)
     start = time.perf_counter()
@@ -142,7 +181,7 @@ def run_measured(kind: str, target: str, *args: str) -> dict:
 
 def bench_processes(encoder_dir: Path, work: Path) -> dict:
     from lore_core.basis_file import save_basis
-    from lore_core.text_pool import build_text_pool
+    from simulations.text_pool import build_text_pool
 
     pool = build_text_pool(seed=1)
     rng = np.random.default_rng(1)
@@ -190,6 +229,7 @@ def main(argv: list[str] | None = None) -> int:
             "machine": {"cpus": os.cpu_count(), "load_1min": round(os.getloadavg()[0], 2),
                         "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")},
             "fit_only": bench_fit(args.repeats),
+            "next_question_200_pool": bench_next_question(args.repeats),
             "encoder": bench_encoder(encoder_dir, args.repeats),
             "processes": bench_processes(encoder_dir, work),
             "installed_mib": {"device": installed_mib(DEVICE_PACKAGES), "torch_path": installed_mib(TORCH_PACKAGES),

@@ -14,7 +14,7 @@ Rows per population and seed:
               its best rank on the test set (mean over seeds), the bar to clear
   train       `lore-fed train` with default flags
   simulate    `lore-fed simulate --privacy none` with the rank, l2 and personal prior `train` chose, through the real
-              ServerApp strategy and ClientApp on the in-process grid (tests/local_grid.py); defaults otherwise
+              ServerApp strategy and ClientApp on the in-process grid (simulations/in_process_grid.py); defaults otherwise
   simulate_dp the same with user-level DP at epsilon 3 (delta 1e-5), only where N >= 1,000 seen users
   true_basis  the true basis, only w fit (the ceiling of any learned basis); oracle: true basis and true w
 Seen and new (unseen) test accuracy, mean and standard error over seeds. Each cell is cached as JSON under --work,
@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -95,7 +94,7 @@ def population_file(pop: Population, seed: int, work: Path, quick: bool) -> tupl
 def prism_file(seed: int, work: Path, quick: bool) -> tuple[Path, np.ndarray | None]:
     """`lore-fed synth` (once per synth seed) -> `prepare --split-seed seed` -> `embed` (MiniLM, cached)."""
     from lore_core.evaluation import load_true_basis
-    from simulations.cli import main as cli
+    from lore_cli.main import main as cli
 
     synth_seed = PRISM_PILOT_SEED if seed >= 100 else PRISM_SEED
     users = 300 if quick else PRISM_USERS
@@ -117,7 +116,7 @@ def _check(code: int, stage: str) -> None:
 # --- rows ---------------------------------------------------------------------------------------------------------
 def train_row(path: Path, run_dir: Path, flags: list[str]) -> dict:
     """`lore-fed train PAIRS --out RUN_DIR [flags]`; its metrics.json."""
-    from simulations.cli import main as cli
+    from lore_cli.main import main as cli
 
     started = time.perf_counter()
     _check(cli(["train", str(path), "--out", str(run_dir), *flags]), "train")
@@ -167,22 +166,21 @@ def simulate_row(path: Path, run_dir: Path, chosen: dict, fed: dict, privacy: li
 
     from flwr.common.config import get_fused_config_from_dir
 
-    from client.app import app as client_app
-    from server.app import run_federated
-    from server.settings import ServerSettings
-    from simulations.commands.simulate import configure, run_overrides
+    from client.client_app import app as client_app
+    from lore_cli.simulate_command import configure, run_overrides
+    from server.run_settings import ServerSettings
+    from server.server_app import run_federated
     from simulations.flower_run import nodes_for
-
-    sys.path.insert(0, str(ROOT / "tests"))
-    from local_grid import LocalGrid  # the test suite's in-process grid: the real apps, sequential, no Ray
+    from simulations.in_process_grid import LocalGrid  # the real apps, sequential, no Ray
 
     parser = argparse.ArgumentParser()
     configure(parser)  # the flags of `lore-fed simulate`, so every default is the command's own
     args = parser.parse_args([str(path), "--rounds", str(fed["rounds"]), "--clients-per-round",
                               str(fed["clients_per_round"]), "--rank", str(chosen["rank"]), "--l2", str(chosen["l2"]),
                               "--prior-pairs", str(chosen["prior_pairs"]), "--out", str(run_dir), *privacy])
-    overrides = run_overrides(args)
-    n_users = int(np.unique(load_pairs(path).user).size)
+    pairs = load_pairs(path)
+    overrides = {**run_overrides(args, int(np.unique(pairs.user[pairs.seen]).size)), "progress": "log"}
+    n_users = int(np.unique(pairs.user).size)
     nodes = nodes_for(n_users)
     cfg = get_fused_config_from_dir(ROOT, {**overrides, "pairs-path": str(path.resolve()),
                                            "run-dir": str(run_dir.resolve()), "min-nodes": nodes})

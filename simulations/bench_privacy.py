@@ -5,10 +5,11 @@
 
 Population: `simulations.synthetic_pairs` (D = 384, `--users` seen users + `--unseen-users` few-shot users).
 Runs: mode `none`, and mode `user` at z in (0.5, 1, 2), delta 1e-5, Poisson q = m/N. Each run is the federated
-round in one process, without Flower's messaging: the ClientApp's training functions (`client.local_training`, with
+round in one process, without Flower's messaging: the ClientApp's training functions (`federation.local_training`, with
 the client-side clip), the ServerApp's aggregator (`server.aggregation.make_aggregator`: secret Poisson sampler,
-server re-clip, noise on the sum, fixed denominator) and server optimizer; epsilon from the accountant that writes
-the ledger (`lore_core.privacy.accounting`). Final evaluation as the ServerApp's (all nodes, seen and unseen users).
+server re-clip, noise on the sum, fixed denominator; for `user+secagg` the users' discrete Gaussian shares on the
+SecAgg+ grid and the server's decoding, without the masks, which cancel) and server optimizer; epsilon from the
+accountant that writes the ledger (`lore_core.privacy.accounting`). Final evaluation as the ServerApp's (all nodes, seen and unseen users).
 `--repeats R` runs every setting R times with seeds 0..R-1 (the table gives means and ranges). Writes
 bench_results/privacy_bench.{json,md} and privacy_accuracy_vs_epsilon.png; the pair files and the Ray run
 directory go to --work (runs/bench_privacy, git-ignored).
@@ -32,31 +33,43 @@ PILOT_SEED = 101  # the pilot population is not the benchmark's (seed 0): C is n
 
 
 def run_in_process(pairs_path: Path, overrides: dict, num_nodes: int, *, record_norms: bool = False,
-                   prior_pairs_grid: tuple[float, ...] = ()) -> dict:
+                   prior_pairs_grid: tuple[float, ...] = (), canaries=None) -> dict:
     """One federated run (see module docstring) -> final metrics, epsilon and, optionally, update norms per round
-    and the final basis evaluated with each personal prior of `prior_pairs_grid` (`by_prior_pairs`)."""
+    and the final basis evaluated with each personal prior of `prior_pairs_grid` (`by_prior_pairs`).
+    `canaries` (federation.canary_users.CanarySecrets): K canary users join the population on a node of their own,
+    as `lore-fed simulate --canaries` adds them."""
     from flwr.common.config import get_fused_config_from_dir
 
-    from client.local_training import train_sampled_users
-    from client.protocol import ClientSettings
-    from client.user_block import load_partition_block
+    from federation.canary_users import CanaryBlock
+    from federation.local_training import train_sampled_users
+    from federation.protocol import ClientSettings
+    from federation.user_block import load_partition_users
     from lore_core.privacy.accounting import epsilon_report
-    from lore_core.privacy.mechanism import clip_updates
+    from lore_core.privacy.dp_fedavg import clip_updates
     from server.aggregation import make_aggregator
     from server.checkpoint import initial_basis
     from server.optimizer import make_optimizer, pseudo_gradient
     from server.population import Population
-    from server.settings import ServerSettings
+    from server.run_settings import ServerSettings
     from simulations.flower_run import ROOT
 
     cfg = get_fused_config_from_dir(ROOT, {**overrides, "pairs-path": str(pairs_path)})
     settings, client = ServerSettings.from_run_config(cfg), ClientSettings.from_run_config(cfg)
-    blocks = [load_partition_block(str(pairs_path), i, num_nodes) for i in range(num_nodes)]
+    blocks = [load_partition_users(str(pairs_path), i, num_nodes) for i in range(num_nodes)]
     weights = [np.full((b.n_train_users, settings.rank), 1.0 / settings.rank) for b in blocks]
-    population = Population(node_ids=np.arange(num_nodes, dtype=np.uint64), partition_ids=np.arange(num_nodes),
-                            counts=np.array([b.n_train_users for b in blocks]), dim=blocks[0].dim)
-    privacy = settings.privacy_settings(population.size)
+    counts = [b.n_train_users for b in blocks]
+    canary_block = None if canaries is None else CanaryBlock(canaries.directions, canaries.included)
+    if canary_block is not None:
+        counts.append(canary_block.n_train_users)  # node `num_nodes`
+    population = Population(node_ids=np.arange(len(counts), dtype=np.uint64), partition_ids=np.arange(len(counts)),
+                            counts=np.array(counts), dim=blocks[0].dim)
+    privacy = settings.privacy_settings(population.size, population.dim)
     aggregator = make_aggregator(settings, privacy)
+    if privacy.mode == "user+secagg":  # the users' noise shares on the grid the SecAgg+ workflow would plan
+        from lore_core.privacy.distributed_dp import plan_encoding
+
+        aggregator.encoding = plan_encoding(privacy.clip_norm, privacy.noise_multiplier, int(population.counts.max()),
+                                            num_nodes, population.size)
     optimizer = make_optimizer(settings.server_optimizer, settings.server_lr, settings.rounds)
     basis = initial_basis(settings.rank, population.dim, settings.seed, settings.init_scale)
     norms, sampled_counts = [], []
@@ -66,8 +79,11 @@ def run_in_process(pairs_path: Path, overrides: dict, num_nodes: int, *, record_
         sampled = aggregator.sample(population.size)
         sampled_counts.append(int(sampled.size))
         for node, local in population.assign(sampled).items():
-            weights[node], upd = train_sampled_users(basis, blocks[node], weights[node], local,
-                                                     prior_pairs=client.train_prior_pairs,
+            if node == num_nodes:  # the canaries' uploads
+                updates.append(canary_block.updates(local, privacy.clip_norm))
+                continue
+            weights[node], upd = train_sampled_users(basis, blocks[node].training_block(local), weights[node],
+                                                     local, prior_pairs=client.train_prior_pairs,
                                                      steps=client.local_steps, lr=client.client_lr)
             if privacy.mode == "user":
                 upd, _ = clip_updates(upd, privacy.clip_norm)  # the client's clip (client/app.py)
@@ -91,9 +107,11 @@ def run_in_process(pairs_path: Path, overrides: dict, num_nodes: int, *, record_
         result["by_prior_pairs"] = {str(c): list(_accuracies(_evaluate(basis, blocks, weights, c)).values())
                                     for c in prior_pairs_grid}
     if privacy.is_dp:
-        eps = epsilon_report([(privacy.noise_multiplier, privacy.sample_rate, settings.rounds)], privacy.delta)
+        eps = epsilon_report([(privacy.noise_multiplier, privacy.sample_rate, settings.rounds)], privacy.delta,
+                             privacy.dimension if privacy.mode == "user+secagg" else None)
         result.update(noise_multiplier=privacy.noise_multiplier, clip_norm=privacy.clip_norm, delta=privacy.delta,
-                      sample_rate=privacy.sample_rate, epsilon_prv=eps.prv, epsilon_rdp=eps.rdp)
+                      sample_rate=privacy.sample_rate, epsilon=eps.headline, epsilon_accountant=eps.accountant,
+                      epsilon_prv=eps.prv, epsilon_rdp=eps.rdp)
     if record_norms:
         result["update_norms"] = norms
     return result
@@ -101,11 +119,11 @@ def run_in_process(pairs_path: Path, overrides: dict, num_nodes: int, *, record_
 
 def _evaluate(basis: np.ndarray, blocks: list, weights: list, prior_pairs: float) -> dict[str, float]:
     """The ServerApp's final evaluation summed over all nodes (seen and unseen users)."""
-    from client.local_training import evaluate_block
+    from federation.local_training import evaluate_node
 
     sums: dict[str, float] = {}
     for block, w in zip(blocks, weights):
-        for key, value in evaluate_block(basis, block, w, prior_pairs=prior_pairs)[1].items():
+        for key, value in evaluate_node(basis, block, w, prior_pairs=prior_pairs)[1].items():
             sums[key] = sums.get(key, 0.0) + value
     return sums
 
@@ -155,7 +173,7 @@ def ray_point(pairs_path: Path, run_dir: Path, args: argparse.Namespace) -> dict
     """User mode, z = 1, through the real ServerApp/ClientApp on Flower's Ray engine (a fresh run directory)."""
     import shutil
 
-    from simulations.cli import main as cli
+    from lore_cli.main import main as cli
 
     shutil.rmtree(run_dir, ignore_errors=True)
     code = cli(["simulate", str(pairs_path), "--rounds", str(args.rounds), "--clients-per-round",
@@ -256,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=200)
     parser.add_argument("--clients-per-round", type=int, default=50)
     parser.add_argument("--rank", type=int, default=5)
-    parser.add_argument("--clip-norm", type=float, default=None, help="default: the run config's (privacy.md §4)")
+    parser.add_argument("--clip-norm", type=float, default=None, help="default: the run config's (docs/privacy.md §4)")
     parser.add_argument("--noise-multipliers", default=",".join(str(z) for z in NOISE_MULTIPLIERS),
                         help="comma-separated z values of the user-mode rows")
     parser.add_argument("--repeats", type=int, default=1,

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from simulations.flower_run import ROOT
 
-MODES = {"user": "client.app:app", "user+secagg": "client.secagg_client:app"}
+MODES = {"user": "client.client_app:app", "user+secagg": "client.secagg_client_app:app"}
 
 
 def run_config(pairs_path: Path, run_dir: Path, mode: str, args: argparse.Namespace) -> dict:
@@ -32,10 +32,9 @@ def run_config(pairs_path: Path, run_dir: Path, mode: str, args: argparse.Namesp
 def in_process(pairs_path: Path, run_dir: Path, mode: str, args: argparse.Namespace) -> list[float]:
     from flwr.common.config import get_fused_config_from_dir
 
-    sys.path.insert(0, str(ROOT / "tests"))
-    from local_grid import LocalGrid  # the test suite's in-process grid
-    from server.app import run_federated
-    from server.settings import ServerSettings
+    from simulations.in_process_grid import LocalGrid
+    from server.server_app import run_federated
+    from server.run_settings import ServerSettings
 
     module, attr = MODES[mode].split(":")
     client_app = getattr(__import__(module, fromlist=[attr]), attr)
@@ -47,7 +46,7 @@ def in_process(pairs_path: Path, run_dir: Path, mode: str, args: argparse.Namesp
 
 
 def with_ray(pairs_path: Path, run_dir: Path, mode: str, args: argparse.Namespace) -> list[float]:
-    """`simulations.flower_run.run_simulation` with the mode's ClientApp (it names client.app:app only)."""
+    """`simulations.flower_run.run_simulation` with the mode's ClientApp (it names client.client_app:app only)."""
     from flwr.app import Context, RecordDict
     from flwr.common.config import get_fused_config_from_dir
     from flwr.common.constant import SUPERLINK_NODE_ID
@@ -70,7 +69,7 @@ def with_ray(pairs_path: Path, run_dir: Path, mode: str, args: argparse.Namespac
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = run.primary_task_id, run.run_id, SUPERLINK_NODE_ID
     logging.getLogger("flwr").setLevel(logging.WARNING)
     _run_simulation(num_supernodes=args.nodes, exit_event=EventType.FLWR_SIMULATION_RUN_LEAVE,
-                    server_app_attr="server.app:app", client_app_attr=MODES[mode], backend_config=backend_config(),
+                    server_app_attr="server.server_app:app", client_app_attr=MODES[mode], backend_config=backend_config(),
                     app_dir=str(ROOT), run=run, is_app=True,
                     server_app_context=Context(run_id=run.run_id, node_id=SUPERLINK_NODE_ID, node_config={},
                                                state=RecordDict(), run_config=get_fused_config_from_dir(ROOT, overrides)))

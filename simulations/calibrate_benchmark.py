@@ -23,7 +23,7 @@ from dataclasses import replace
 
 import numpy as np
 
-from lore_core.benchmark import DEMO_CONFIG, generate_benchmark
+from simulations.prism_population import DEMO_CONFIG, generate_benchmark
 from lore_core.prism_pairs import SplitConfig, build_pairs, split_users
 from lore_core.prism_schema import load_release
 from lore_core.reward_math import bt_loss, bt_loss_grad, mean_user_accuracy

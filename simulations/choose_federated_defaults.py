@@ -29,7 +29,7 @@ PILOTS = ("iso-20-40", "aniso-20-40", "iso-150-250", "iso-shared", "iso-5-15-140
 def federated_gap(path: Path, train: dict, fed: dict, lr: float, init: float) -> dict:
     from lore_core.pairs import load_pairs
     from simulations.bench_privacy import run_in_process
-    from simulations.commands.simulate import configure, run_overrides
+    from lore_cli.simulate_command import configure, run_overrides
     from simulations.flower_run import nodes_for
 
     parser = argparse.ArgumentParser()
@@ -38,8 +38,9 @@ def federated_gap(path: Path, train: dict, fed: dict, lr: float, init: float) ->
                               str(fed["clients_per_round"]), "--rank", str(train["rank"]), "--l2", str(train["l2"]),
                               "--prior-pairs", str(train["prior_pairs"]), "--out", "unused", "--privacy", "none",
                               "--server-lr", str(lr)])
-    overrides = {**run_overrides(args), "init-scale": init, "eval-every": 0, "run-dir": "unused"}
-    result = run_in_process(path, overrides, nodes_for(int(np.unique(load_pairs(path).user).size)))
+    pairs = load_pairs(path)
+    overrides = {**run_overrides(args, int(np.unique(pairs.user[pairs.seen]).size)), "init-scale": init, "eval-every": 0, "run-dir": "unused"}
+    result = run_in_process(path, overrides, nodes_for(int(np.unique(pairs.user).size)))
     return {"seen": result["seen_test_acc"] - train["seen_test_acc"],
             "unseen": result["unseen_test_acc"] - train["unseen_test_acc"]}
 

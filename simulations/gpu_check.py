@@ -35,17 +35,17 @@ def trainer_figures(config: SyntheticPairsConfig, rank, device: str) -> dict:
 
 
 def record_figures(device: str) -> dict:
-    from lore_core.privacy.record_dp import RecordDpState, dp_sgd_basis_update, record_epsilon
+    from lore_core.privacy.record_dp import RecordDpState, dp_sgd_update, record_epsilon
 
     rng = np.random.default_rng(0)
     basis = rng.standard_normal((10, 384)).astype(np.float32) / 20
-    w = rng.dirichlet(np.ones(10))
+    logits = np.log(rng.dirichlet(np.ones(10)))
     diff = rng.standard_normal((40, 384)).astype(np.float32) / 20
     state = RecordDpState()
     started = time.perf_counter()
     for _ in range(10):
-        delta, state = dp_sgd_basis_update(basis, w, diff, noise_multiplier=1.0, max_grad_norm=1.0, batch_size=8,
-                                           epochs=5, lr=0.1, state=state, device=device)
+        delta, logits, state = dp_sgd_update(basis, logits, diff, noise_multiplier=1.0, max_grad_norm=1.0,
+                                             batch_size=8, epochs=5, lr=0.1, state=state, device=device)
     return {"device": device, "seconds_10_rounds": time.perf_counter() - started,
             "epsilon_after_10_rounds": record_epsilon(state, 1e-5), "update_finite": bool(np.isfinite(delta).all())}
 

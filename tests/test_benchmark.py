@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lore_core.benchmark import (
+from simulations.prism_population import (
     DEMOGRAPHICS,
     GROUND_TRUTH_FILE,
     PLANTED_BASES,
@@ -29,7 +29,7 @@ from lore_core.prism_schema import (
     UTTERANCES_FILE,
     load_release,
 )
-from lore_core.text_pool import CANDIDATES_PER_EXCHANGE, build_text_pool
+from simulations.text_pool import CANDIDATES_PER_EXCHANGE, build_text_pool
 
 TINY = BenchmarkConfig(users=12, conversations=conversation_distribution("2-4"), max_turns=3, seed=3)
 
@@ -190,7 +190,7 @@ def test_bad_knobs_are_refused(knobs):
 
 
 def test_cli_writes_a_population(tmp_path, cache_dir, capsys):
-    from simulations.cli import main
+    from lore_cli.main import main
 
     out = tmp_path / "prism"
     argv = ["synth", "--users", "6", "--out", str(out), "--conversations", "2", "--max-turns", "2", "--seed", "1",

@@ -2,8 +2,8 @@
 
 import json
 
-from simulations.commands.demo import simulate_privacy_argv, write_demo_report
-from simulations.cli import build_parser
+from lore_cli.demo_command import simulate_privacy_argv, write_demo_report
+from lore_cli.main import build_parser
 
 
 def test_demo_report_lists_the_runs_references_and_epsilon(tmp_path):

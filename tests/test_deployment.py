@@ -1,6 +1,6 @@
 """Flower's Deployment Engine on 127.0.0.1: TLS, SuperNode authentication, durable node state, faults.
 
-One SuperLink and 3 SuperNodes (real processes, `simulations.deploy.LocalDeployment`) are shared by the slow tests
+One SuperLink and 3 SuperNodes (real processes, `lore_cli.local_deployment.LocalDeployment`) are shared by the slow tests
 of this module, in file order: a clean 2-round run, an unregistered node, a node killed mid-run, a SuperLink
 restarted mid-run, and finally that every process started is stopped. Each run uses its own server run directory;
 the nodes' data and w files persist across runs, as on real devices.
@@ -19,7 +19,7 @@ import pytest
 
 from lore_core.pairs import load_pairs, save_pairs
 from server.checkpoint import load_checkpoint
-from simulations.deploy import ROOT, LocalDeployment, generate_certificates, split_pairs
+from lore_cli.local_deployment import ROOT, LocalDeployment, generate_certificates, split_pairs
 
 APP = ROOT  # the Flower app `flwr run` packs
 from simulations.synthetic_pairs import SyntheticPairsConfig, make_synthetic_pairs
@@ -86,7 +86,8 @@ def deployment(tmp_path_factory):
 
 
 def test_fab_packs_only_the_apps():
-    """`flwr run .` builds its FAB from the repository: it must build, with client/, server/, lore_core/ only."""
+    """`flwr run .` builds its FAB from the repository: it must build, with the apps and what they import only (no
+    synthetic-data generator, CLI, benchmarks or tests on a SuperNode)."""
     import io
     import zipfile
 
@@ -94,7 +95,8 @@ def test_fab_packs_only_the_apps():
 
     names = zipfile.ZipFile(io.BytesIO(build_fab_from_disk(ROOT))).namelist()
     packages = {name.split("/")[0] for name in names if "/" in name}
-    assert packages == {"client", "lore_core", "server", ".info"}, packages
+    assert packages == {"client", "federation", "lore_core", "server", ".info"}, packages
+    assert not any("prism_population" in name or "text_pool" in name for name in names)
 
 
 @pytest.mark.slow

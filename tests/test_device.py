@@ -24,6 +24,7 @@ from client.device.state import (
     new_state,
     save_state,
 )
+from client.device.user_posterior import DEVICE_PRIOR_PAIRS
 from lore_core.basis_file import BasisFileError, load_basis, save_basis
 from lore_core.reward_math import mean_user_accuracy
 from lore_core.simplex_fit import DEFAULT_PRIOR_PAIRS, few_shot_objective, prior_from_pairs
@@ -43,7 +44,7 @@ WRAPPER = (
 def device(state: Path, *args: str, module: str = "client.device", check: bool = True):
     """Run a device command in a fresh process; returns (completed process, heavy modules it imported)."""
     cmd = [sys.executable, "-c", WRAPPER, module]
-    cmd += (["device"] if module == "simulations.cli" else []) + ["--state", str(state), *map(str, args)]
+    cmd += (["device"] if module == "lore_cli.main" else []) + ["--state", str(state), *map(str, args)]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
     heavy = [json.loads(line[6:]) for line in proc.stderr.splitlines() if line.startswith("HEAVY=")]
@@ -73,7 +74,7 @@ def encoder_dir(tmp_path_factory, reference):
 
 @pytest.fixture(scope="module")
 def exchanges():
-    from lore_core.text_pool import build_text_pool
+    from simulations.text_pool import build_text_pool
 
     return build_text_pool(seed=3, openers_per_category=2, follow_ups_per_category=1).openers
 
@@ -107,10 +108,20 @@ def test_device_commands_never_import_torch_transformers_or_flwr(tmp_path, basis
                                              "rejected": ex.candidates[3]}) for ex in exchanges[:4]))
     candidates = tmp_path / "candidates.json"
     candidates.write_text(json.dumps(list(exchanges[5].candidates)))
+    pool = tmp_path / "pool.jsonl"
+    pool.write_text("\n".join(json.dumps({"prompt": ex.prompt, "responses": list(ex.candidates[1:3])})
+                              for ex in exchanges[6:9]))
+    basis = load_basis(basis_file)
+    priors = tmp_path / "priors.json"
+    priors.write_text(json.dumps({"format": "lore-fed-attribute-priors/1", "basis_sha256": basis.sha256,
+                                  "rank": basis.rank, "groups": {"age": {"18-24": {"users": 25,
+                                                                                    "mean": [0.2] * 5}}}}))
     runs = [
         ("init", "--basis", basis_file, "--encoder", encoder_dir),
+        ("declare", "age=18-24", "--priors", priors),
+        ("next-question", "--candidates", pool, "--k", "2"),
         ("adapt", "--choices", choices),
-        ("rank", "--prompt", exchanges[5].prompt, "--candidates", candidates, "--strength", "0.5"),
+        ("rank", "--prompt", exchanges[5].prompt, "--candidates", candidates, "--strength", "0.5", "--json"),
         ("strength", "off"),
         ("status",),
         ("forget",),
@@ -118,7 +129,7 @@ def test_device_commands_never_import_torch_transformers_or_flwr(tmp_path, basis
     for args in runs:
         _, heavy = device(state, *args)
         assert heavy == [], f"`{args[0]}` imported {heavy}"
-    proc, heavy = device(state, "rank", "--prompt", "hi", "--candidates", candidates, module="simulations.cli")
+    proc, heavy = device(state, "rank", "--prompt", "hi", "--candidates", candidates, module="lore_cli.main")
     assert heavy == [] and len(proc.stdout.splitlines()) == len(exchanges[5].candidates)
 
 
@@ -196,7 +207,7 @@ def test_device_ranking_agrees_with_full_pipeline(tmp_path, basis_file, encoder_
     ctx = [[{"role": "user", "content": r["prompt"]}] for r in records]
     diff = (reference.embed(ctx, [r["chosen"] for r in records], progress=False)
             - reference.embed(ctx, [r["rejected"] for r in records], progress=False))
-    w_pipeline = personalize.adapt(basis, diff).user_weights
+    w_pipeline = personalize.adapt(basis, diff, prior_pairs=DEVICE_PRIOR_PAIRS).user_weights
     assert np.allclose(load_state(state).user_weights, w_pipeline, atol=1e-4)
     w_eff = personalize.effective_weights(w_pipeline, 0.8, basis.shape[0])
     for ex in held_out:
@@ -204,11 +215,16 @@ def test_device_ranking_agrees_with_full_pipeline(tmp_path, basis_file, encoder_
         candidates.write_text("\n".join(ex.candidates))
         proc, _ = device(state, "rank", "--prompt", ex.prompt, "--candidates", candidates, "--strength", "0.8",
                          "--json")
-        got = json.loads(proc.stdout)["ranking"]
+        reply = json.loads(proc.stdout)
+        got = reply["ranking"]
         emb = reference.embed([[{"role": "user", "content": ex.prompt}]] * 4, list(ex.candidates), progress=False)
         expected = ranking.candidate_rewards(basis, w_eff, emb)
         assert [row["index"] for row in got] == ranking.rank_order(expected).tolist()
         assert np.allclose([row["score"] for row in got], np.sort(expected)[::-1], atol=1e-5)
+        # Each reward comes with its 90 % posterior interval; P(i beats j) + P(j beats i) = 1.
+        assert all(row["interval_90"][0] < row["interval_90"][1] for row in got)
+        prefer = np.asarray(reply["preference_probability"])
+        assert prefer.shape == (4, 4) and np.allclose(prefer + prefer.T, 1.0, atol=1e-3)
 
 
 # --- 4. crash safety ------------------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ from lore_core.embeddings import (  # noqa: E402
     trim_context_left,
 )
 from lore_core.pairs import load_pairs  # noqa: E402
-from simulations.cli import main as cli_main  # noqa: E402
+from lore_cli.main import main as cli_main  # noqa: E402
 
 HISTORY = [
     {"role": "user", "content": "How can I save money on groceries?"},
@@ -369,7 +369,7 @@ def test_embed_command_names_the_bad_line(tmp_path, capsys, bad_line, message):
     write_dataset(tmp_path, [PAIRS[0], PAIRS[1], bad_line])
     assert cli_main(["embed", str(tmp_path), "--cache-dir", str(tmp_path / "cache")]) == 2
     err = capsys.readouterr().err
-    assert "pairs.jsonl:3:" in err and message in err
+    assert "pairs.jsonl line 3:" in err and message in err
 
 
 def test_embed_command_reward_model_adds_reference_head(tiny_llama_rm, tmp_path, capsys):

@@ -1,4 +1,4 @@
-"""Privacy modes of the federated run (notes/privacy.md §2, §7-§9): the real ServerApp strategy and ClientApp on the
+"""Privacy modes of the federated run (docs/privacy.md §2, §7-§9): the real ServerApp strategy and ClientApp on the
 in-process grid, and the `simulate` command's fail-closed validation."""
 
 from __future__ import annotations
@@ -11,17 +11,18 @@ import numpy as np
 import pytest
 from flwr.common.config import get_fused_config_from_dir
 
-from client import protocol as p
-from client.app import app as client_app
+from federation import protocol as p
+from client.client_app import app as client_app
 from lore_core.pairs import save_pairs
 from lore_core.privacy.accounting import epsilon
-from lore_core.privacy.ledger import LedgerError
-from server.app import run_federated
+from lore_core.privacy.accounting import history_epsilon
+from lore_core.privacy.ledger import LedgerError, PrivacyLedger
+from server.server_app import run_federated
+from server.run_ledger import EVAL_NOT_COVERED
+from server.run_settings import ServerSettings
 from server.optimizer import make_optimizer
-from server.privacy import EVAL_NOT_COVERED
-from server.settings import ServerSettings
 from simulations.synthetic_pairs import SyntheticPairsConfig, make_synthetic_pairs
-from local_grid import LocalGrid
+from simulations.in_process_grid import LocalGrid
 
 ROOT = Path(__file__).resolve().parents[1]
 RANK, DIM, USERS, M = 3, 24, 24, 8
@@ -59,8 +60,9 @@ def test_user_mode_ledger_grows_each_round_and_replies_carry_only_clipped_update
     state = run_federated(grid, settings,
                           on_round=lambda r: epsilons_on_disk.append(ledger_json(tmp_path)["epsilon"]["prv"]))
     ledger = ledger_json(tmp_path)
-    per_round = [e["epsilon_prv"] for e in ledger["per_round"]]
-    assert [e["round"] for e in ledger["per_round"]] == [1, 2, 3, 4, 5]
+    per_round = PrivacyLedger.load(tmp_path).epsilon_by_round()
+    assert [e["round"] for e in ledger["events"]["rounds"]] == [1, 2, 3, 4, 5]
+    assert all("epsilon" not in key for e in ledger["events"]["rounds"] for key in e)  # events hold facts only
     assert np.all(np.diff(per_round) > 0) and epsilons_on_disk == per_round  # on disk when the round ended
     assert per_round[-1] == pytest.approx(epsilon(1.0, Q, 5, 1e-5))
     assert [r["epsilon"] for r in state.history] == per_round
@@ -142,12 +144,12 @@ def test_server_reclips_an_over_norm_update(pair_file, tmp_path):
 
 def test_max_epsilon_stops_before_the_exceeding_round_and_resume_continues_the_ledger(pair_file, tmp_path,
                                                                                       monkeypatch):
-    import server.strategy
+    import server.training_round
 
     rounds = 4
     cap = epsilon(1.0, Q, rounds, 1e-5) + 0.01  # the plan fits; one release more does not
     overrides = {"num-server-rounds": rounds, "max-epsilon": cap}
-    real_save = server.strategy.save_checkpoint
+    real_save = server.training_round.save_checkpoint
 
     class Killed(Exception):
         pass
@@ -157,11 +159,11 @@ def test_max_epsilon_stops_before_the_exceeding_round_and_resume_continues_the_l
             raise Killed  # round 3 is in the ledger (spent), its checkpoint is lost
         real_save(run_dir, state)
 
-    monkeypatch.setattr(server.strategy, "save_checkpoint", crash_in_round_3)
+    monkeypatch.setattr(server.training_round, "save_checkpoint", crash_in_round_3)
     with pytest.raises(Killed):
         run_federated(*make_run(pair_file, tmp_path, **overrides))
-    monkeypatch.setattr(server.strategy, "save_checkpoint", real_save)
-    assert len(ledger_json(tmp_path)["per_round"]) == 3
+    monkeypatch.setattr(server.training_round, "save_checkpoint", real_save)
+    assert len(ledger_json(tmp_path)["events"]["rounds"]) == 3
 
     with pytest.raises(LedgerError, match="other privacy settings"):
         run_federated(*make_run(pair_file, tmp_path, **{**overrides, "noise-multiplier": 2.0}))
@@ -169,7 +171,7 @@ def test_max_epsilon_stops_before_the_exceeding_round_and_resume_continues_the_l
     state = run_federated(grid, settings)
     ledger = ledger_json(tmp_path)
     # round 3 again = the 4th release, within the cap; a 5th would exceed it, so round 4 never starts
-    assert [e["round"] for e in ledger["per_round"]] == [1, 2, 3, 4]
+    assert [e["round"] for e in ledger["events"]["rounds"]] == [1, 2, 3, 4]
     assert ledger["budget"]["stopped_early"] and ledger["epsilon"]["prv"] <= cap
     assert state.round == 3 and [r["round"] for r in state.history] == [1, 2, 3]
     assert all(m.content[p.CONFIG][p.ROUND] == 3 for m in requests_of(grid, "train"))
@@ -192,34 +194,34 @@ def test_record_mode_accounts_per_pair_like_one_uninterrupted_opacus_run(tiny_pa
     from torch.utils.data import DataLoader, TensorDataset
 
     import lore_core.privacy.record_dp as record_dp
-    from client.user_state import STATE_KEY, WEIGHTS_KEY
     from lore_core.pairs import load_pairs
 
-    passed_w = {}
-    real_update = record_dp.dp_sgd_basis_update
+    calls = []  # (pairs of the user, logits passed in, logits returned): w only ever comes out of the private step
+    real_update = record_dp.dp_sgd_update
 
-    def spy(basis, w, diff, **kwargs):
-        passed_w[diff.shape[0]] = w.copy()
-        return real_update(basis, w, diff, **kwargs)
+    def spy(basis, logits, diff, **kwargs):
+        update, new_logits, state = real_update(basis, logits, diff, **kwargs)
+        calls.append((diff.shape[0], logits.copy(), new_logits.copy()))
+        return update, new_logits, state
 
-    monkeypatch.setattr(record_dp, "dp_sgd_basis_update", spy)
+    monkeypatch.setattr(record_dp, "dp_sgd_update", spy)
     rounds, batch = 10, 4
     cfg = get_fused_config_from_dir(ROOT, {
         "pairs-path": str(tiny_pair_file), "run-dir": str(tmp_path), "rank": 2, "num-server-rounds": rounds,
         "clients-per-round": 3, "privacy-mode": "record", "noise-multiplier": 1.0, "max-grad-norm": 1.0,
-        "record-batch-size": batch, "record-epochs": 1, "server-lr": 0.05})
+        "record-batch-size": batch, "record-epochs": 1, "server-lr": 0.05, "eval-every": 3,
+        "allow-uncovered-eval": True})
     grid = LocalGrid(client_app, [{"partition-id": 0, "num-partitions": 1}], cfg)
-    (context,) = grid.contexts.values()
-    after = {}  # round -> (w passed to each user's private step, w stored by the node after the round)
-    run_federated(grid, ServerSettings.from_run_config(cfg), on_round=lambda r: after.update(
-        {r["round"]: (dict(passed_w), context.state[STATE_KEY][WEIGHTS_KEY].numpy().copy())}))
+    run_federated(grid, ServerSettings.from_run_config(cfg))
 
     pairs = load_pairs(tiny_pair_file)
     train = pairs.subset(pairs.seen & (pairs.split == "train"))
     users, counts = np.unique(train.user, return_counts=True)
-    passed, stored_w = after[rounds - 1]  # a round without evaluation (which refits w)
-    for i, n in enumerate(counts):  # w was fitted before the private step and not changed by it
-        np.testing.assert_array_equal(passed[n], stored_w[i])
+    for n in counts:  # each user's w starts uniform and then is exactly what its last private step returned,
+        mine = [(before, after) for pairs_n, before, after in calls if pairs_n == n]  # also after evaluations
+        assert len(mine) == rounds and np.array_equal(mine[0][0], np.zeros(2))  # (which refit w without privacy)
+        for (_, previous), (current, _) in zip(mine, mine[1:]):
+            np.testing.assert_array_equal(current, previous)
 
     ledger = ledger_json(tmp_path)
     assert ledger["privacy_unit"] == "one preference pair of one client"
@@ -238,8 +240,9 @@ def test_record_mode_accounts_per_pair_like_one_uninterrupted_opacus_run(tiny_pa
                 optimizer.zero_grad()
                 model(x).sum().backward()
                 optimizer.step()
-        client = ledger["clients"][str(i)]
-        assert client["epsilon_prv"] == pytest.approx(engine.get_epsilon(1e-5), rel=1e-6)
+        client = ledger["events"]["clients"][str(i)]
+        derived = history_epsilon([tuple(seg) for seg in client["history"]], 1e-5)
+        assert derived == pytest.approx(engine.get_epsilon(1e-5), rel=1e-6)
         assert sum(seg[2] for seg in client["history"]) == rounds * math.ceil(n / batch)
     train_ids = {m.metadata.message_id for m in requests_of(grid, "train")}
     for reply in grid.replies:
@@ -257,7 +260,7 @@ BAD_SETTINGS = [
     (["--clip-norm", "0"], "clip_norm must be a finite number > 0"),
     (["--delta", "0.1"], "delta must be < 1/N"),
     (["--delta", "0"], "delta must be in (0, 1/N)"),
-    (["--clients-per-round", "100"], "clients_per_round must be in 1..population_size=24"),
+    (["--clients-per-round", "100"], "more than the 24 seen users"),
     (["--noise-multiplier", "1", "--target-epsilon", "3"], "give either noise_multiplier or target_epsilon"),
     (["--max-epsilon", "0.5"], "only"),
     (["--eval-every", "2"], "allow-uncovered-eval"),
@@ -269,7 +272,7 @@ BAD_SETTINGS = [
 
 @pytest.mark.parametrize("flags,message", BAD_SETTINGS, ids=[" ".join(f) for f, _ in BAD_SETTINGS])
 def test_invalid_privacy_settings_exit_2_before_anything_runs(pair_file, tmp_path, capsys, flags, message):
-    from simulations.cli import main
+    from lore_cli.main import main
 
     out = tmp_path / "run"
     argv = ["simulate", str(pair_file), "--rounds", "50", "--clients-per-round", str(M), "--rank", str(RANK),
@@ -282,7 +285,7 @@ def test_invalid_privacy_settings_exit_2_before_anything_runs(pair_file, tmp_pat
 
 
 def test_unknown_privacy_mode_is_refused(pair_file, tmp_path, capsys):
-    from simulations.cli import main
+    from lore_cli.main import main
 
     with pytest.raises(SystemExit) as exc:
         main(["simulate", str(pair_file), "--rounds", "5", "--clients-per-round", "4", "--rank", "3", "--out",
@@ -292,9 +295,47 @@ def test_unknown_privacy_mode_is_refused(pair_file, tmp_path, capsys):
 
 
 def test_run_config_privacy_errors_reach_flwr_run_users_too(pair_file, tmp_path):
-    from lore_core.privacy.settings import PrivacyConfigError
+    from lore_core.privacy.privacy_settings import PrivacyConfigError
 
     grid, settings = make_run(pair_file, tmp_path, **{"noise-multiplier": 0.0})
     with pytest.raises(PrivacyConfigError, match="noise_multiplier"):
         run_federated(grid, settings)
     assert not requests_of(grid, "train") and not (tmp_path / "ledger.json").exists()  # only the population query
+
+
+@pytest.mark.slow
+def test_a_second_simulate_on_one_run_directory_is_refused_and_the_ledger_never_goes_down(pair_file, tmp_path, capsys):
+    """Two `lore-fed simulate` runs on one --out (issue 13): the second is refused with a message naming the
+    holder, writes nothing, and the spent budget on disk only grows."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from lore_cli.main import main
+
+    out = tmp_path / "run"
+    argv = ["simulate", str(pair_file), "--out", str(out), "--rounds", "20", "--clients-per-round", str(M),
+            "--rank", str(RANK)]
+    first = subprocess.Popen([sys.executable, "-m", "lore_cli.main", *argv], env={**os.environ, "PYTHONPATH": str(ROOT)},
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        released = []
+        deadline = time.monotonic() + 240
+        while not released or released[-1] < 1:  # wait until the first run has released a round
+            assert first.poll() is None and time.monotonic() < deadline, "the first run ended or never started"
+            time.sleep(0.5)
+            if (out / "ledger.json").exists():
+                released.append(len(ledger_json(out)["events"]["rounds"]))
+        assert main(argv) == 2
+        message = capsys.readouterr().err
+        assert f"pid {first.pid}" in message and "simulate" in message and "in use by another run" in message
+        while first.poll() is None:
+            time.sleep(0.5)
+            released.append(len(ledger_json(out)["events"]["rounds"]))
+    finally:
+        first.kill()
+        first.wait()
+    assert first.returncode == 0
+    released.append(len(ledger_json(out)["events"]["rounds"]))
+    assert released[-1] == 20 and all(b >= a for a, b in zip(released, released[1:]))  # the budget never went down

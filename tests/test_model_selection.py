@@ -7,7 +7,7 @@ import numpy as np
 from lore_core.joint_trainer import TrainConfig, train_joint
 from lore_core.model_selection import Candidate, dense_groups, make_holdout, select_one_se
 from lore_core.pairs import load_pairs, save_pairs
-from simulations.cli import main
+from lore_cli.main import main
 from simulations.synthetic_pairs import SyntheticPairsConfig, make_synthetic_pairs
 
 

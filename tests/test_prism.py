@@ -20,7 +20,7 @@ import pytest
 from lore_core.prism_hub import PrismSourceError, resolve_source
 from lore_core.prism_pairs import PrismPrepareError, SplitConfig, build_pairs, prepare_dataset, split_users
 from lore_core.prism_schema import PrismSchemaError, load_release
-from simulations.cli import main
+from lore_cli.main import main
 
 FIXTURE = Path(__file__).parent / "fixtures" / "prism"
 EXPECTED_DROPS = {
@@ -226,7 +226,7 @@ def test_ground_truth_is_copied_unchanged_and_a_rerun_drops_a_stale_one(tmp_path
 
 def test_prepare_accepts_a_generated_benchmark_population(tmp_path):
     """`lore-fed synth` output goes through prepare unchanged (a hashed bag-of-words embedder keeps this fast)."""
-    from lore_core.benchmark import BenchmarkConfig, conversation_distribution, generate_benchmark
+    from simulations.prism_population import BenchmarkConfig, conversation_distribution, generate_benchmark
 
     class HashedWordsEmbedder:
         name, dim = "hashed-words-16", 16

@@ -1,4 +1,4 @@
-"""Accounting, settings validation and the privacy ledger (notes/privacy.md §3, §8, §9)."""
+"""Accounting, settings validation and the privacy ledger (docs/privacy.md §3, §8, §9)."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from lore_core.privacy import (
     validate,
 )
 from lore_core.privacy.ledger import LEDGER_FILENAME
-from lore_core.privacy.settings import PrivacyConfigWarning
+from lore_core.privacy.privacy_settings import PrivacyConfigWarning
 
 DELTA = 1e-5
 
@@ -105,8 +105,8 @@ def test_rounds_within_budget_is_the_last_round_inside():
     (dict(noise_multiplier=-1.0), "noise_multiplier = 1.0"),
     (dict(clip_norm=0.0), "median update norm"),
     (dict(clip_norm=float("inf")), "median update norm"),
-    (dict(delta=1 / 1400), "use 1e-5"),
-    (dict(delta=0.0), "use the default 1e-5"),
+    (dict(delta=1 / 1400), "use at most 1/(10 N) = 7.14e-05"),
+    (dict(delta=0.0), "remove it to use the default"),
     (dict(clients_per_round=0), "positive integer"),
     (dict(clients_per_round=1401), "lower it to <= 1400"),
     (dict(target_epsilon=3.0), "either noise_multiplier or target_epsilon"),
@@ -139,11 +139,49 @@ def test_dp_setting_with_mode_none_is_refused():
     assert validate(PrivacySettings(mode="none", rounds=3)).mode == "none"
 
 
-def test_secagg_needs_odd_shares():
+def test_secagg_needs_odd_shares_a_dropout_tolerance_and_the_dimension():
     with pytest.raises(PrivacyConfigError, match="odd"):
-        validate(user_settings(mode="user+secagg", num_shares=4, reconstruction_threshold=2))
-    settings = validate(user_settings(mode="user+secagg"))
+        validate(user_settings(mode="user+secagg", num_shares=4, reconstruction_threshold=2, dimension=1920))
+    with pytest.raises(PrivacyConfigError, match="dropout_tolerance"):
+        validate(user_settings(mode="user+secagg", dropout_tolerance=1.0, dimension=1920))
+    with pytest.raises(PrivacyConfigError, match="dimension"):
+        validate(user_settings(mode="user+secagg"))
+    with pytest.raises(PrivacyConfigError, match="does not use"):
+        validate(user_settings(mode="user", dimension=1920))
+    settings = validate(user_settings(mode="user+secagg", dimension=1920))
     assert settings.num_shares % 2 == 1 and settings.reconstruction_threshold < settings.num_shares
+    assert settings.dropout_tolerance == 0.1 and settings.accountant == "ddg-rdp"
+
+
+def test_distributed_discrete_gaussian_accounting_bounds_the_continuous_mechanism():
+    from lore_core.privacy.ddg_accounting import ddg_epsilon, rounded_l2_norm_bound, sum_tau
+
+    for z, q, steps in ((1.0, 50 / 1400, 200), (2.0, 0.05, 100), (1.0, 1.0, 1)):
+        ddg, _ = ddg_epsilon([(z, q, steps)], DELTA, 1920)
+        continuous = pld_epsilon([(z, q, steps)]) if q < 1 else epsilon(z, 1.0, 1, DELTA, "rdp")
+        assert continuous - 0.05 <= ddg <= 2 * continuous  # never below the tight continuous value, not vacuous
+    # the discrete pieces: rounding inflates the sensitivity by ~1e-5 at 2^16 grid units; tau vanishes at 64 units
+    assert 1 < rounded_l2_norm_bound(2**16, 1920) / 2**16 < 1 + 1e-4
+    assert sum_tau(64.0, 10**6) == 0.0 and sum_tau(0.3, 50) > 1
+
+
+def test_secagg_ledger_reports_the_distributed_accountant_and_solves_targets_with_it(tmp_path):
+    from lore_core.privacy.ddg_accounting import ddg_epsilon
+
+    settings = validate(user_settings(mode="user+secagg", dimension=1920, target_epsilon=3.0, noise_multiplier=None,
+                                      rounds=50))
+    assert ddg_epsilon([(settings.noise_multiplier, settings.sample_rate, 50)], DELTA, 1920)[0] <= 3.0
+    assert settings.noise_multiplier > validate(user_settings(target_epsilon=3.0, noise_multiplier=None,
+                                                              rounds=50)).noise_multiplier  # looser bound, more noise
+    ledger = PrivacyLedger.create(tmp_path, settings)
+    for t in (1, 2, 3):
+        ledger.record_round(t, 50)
+    data = json.loads((tmp_path / LEDGER_FILENAME).read_text())
+    assert data["epsilon"]["accountant"] == "ddg-rdp" and data["epsilon"]["prv"] is None
+    assert data["epsilon"]["headline"] == pytest.approx(
+        ddg_epsilon([(settings.noise_multiplier, settings.sample_rate, 3)], DELTA, 1920)[0])
+    assert "server" in data["threat_model"] and "noised sums" in data["threat_model"]
+    assert data["noise"]["dropout_tolerance"] == 0.1 and "discrete Gaussian" in data["noise"]["distribution"]
 
 
 def test_unknown_config_key_is_an_error():
@@ -151,6 +189,15 @@ def test_unknown_config_key_is_an_error():
     assert settings.noise_multiplier == 2.0
     with pytest.raises(PrivacyConfigError, match="unknown privacy setting 'noise-multiplyer'"):
         PrivacySettings.from_config({"noise-multiplyer": 2.0})
+
+
+def test_default_delta_follows_the_population_and_the_refusal_states_the_bound():
+    assert validate(user_settings()).delta == 1e-5
+    assert validate(user_settings(population_size=100_000, clients_per_round=100, rounds=20)).delta == 1e-6
+    assert validate(user_settings(population_size=2_000_000, clients_per_round=100, rounds=20)).delta == 1e-8
+    with pytest.raises(PrivacyConfigError) as info:
+        validate(user_settings(population_size=100_000, clients_per_round=100, rounds=20, delta=1e-5))
+    assert "1/(10 N) = 1e-06" in str(info.value) and "1e-5 or less" not in str(info.value)
 
 
 def test_weak_delta_and_no_amplification_warn():
@@ -170,7 +217,8 @@ def test_ledger_epsilon_is_derived_from_recorded_rounds_and_matches_pld(tmp_path
     on_disk = json.loads((tmp_path / LEDGER_FILENAME).read_text())
     assert on_disk["rounds"]["released"] == 4
     assert on_disk["epsilon"]["prv"] == pytest.approx(pld_epsilon([(0.8, 0.2, 2), (1.2, 0.2, 2)]), rel=0.02)
-    assert on_disk["per_round"][-1]["epsilon_prv"] == on_disk["epsilon"]["prv"]
+    assert PrivacyLedger.load(tmp_path).epsilon_by_round()[-1] == on_disk["epsilon"]["prv"]
+    assert set(on_disk["events"]["rounds"][-1]) == {"round", "sampled", "noise_multiplier", "sample_rate"}
     assert on_disk["epsilon"]["rdp"] >= on_disk["epsilon"]["prv"] - 0.02
     assert on_disk["not_private"]["flag"] is False
     assert "user-level" in on_disk["guarantee"]
@@ -257,7 +305,7 @@ def test_record_mode_ledger_reports_max_over_clients(tmp_path):
 
 
 def test_cli_prints_prv_and_rdp(capsys):
-    from simulations.cli import main
+    from lore_cli.main import main
 
     assert main(["privacy", "epsilon", "--noise-multiplier", "1", "--clients-per-round", "50",
                  "--population", "1400", "--rounds", "200", "--max-epsilon", "3.37"]) == 0
@@ -284,3 +332,51 @@ def test_vanishing_noise_is_refused_by_validation_and_never_crashes_the_accounta
 def test_prv_runs_below_the_stand_in_threshold():
     report = epsilon_report([(0.5, 0.037, 200)], 1e-5)
     assert report.prv < report.rdp and not report.prv_is_rdp_bound  # PRV is computed where it is cheap
+
+
+def test_ledger_load_reads_only_config_and_events_and_writes_them_back_unchanged(tmp_path):
+    ledger = PrivacyLedger.create(tmp_path, user_settings(population_size=1000, clients_per_round=100, rounds=3))
+    ledger.record_round(1, sampled=97)
+    first = json.loads((tmp_path / LEDGER_FILENAME).read_text())
+    tampered = dict(first, epsilon={"prv": 0.0001}, guarantee="tampered conclusion")
+    (tmp_path / LEDGER_FILENAME).write_text(json.dumps(tampered))
+    reloaded = PrivacyLedger.load(tmp_path)
+    assert reloaded.epsilon().prv == pytest.approx(first["epsilon"]["prv"])  # conclusions are never read back
+    reloaded.record_audit({"audit": "x"})
+    again = json.loads((tmp_path / LEDGER_FILENAME).read_text())
+    assert again["config"] == first["config"] and again["events"]["rounds"] == first["events"]["rounds"]
+    assert again["epsilon"] == first["epsilon"]
+
+
+def test_ledger_refuses_to_append_over_events_it_did_not_write(tmp_path):
+    settings = user_settings(population_size=1000, clients_per_round=100, rounds=5)
+    ours = PrivacyLedger.create(tmp_path, settings)
+    ours.record_round(1, sampled=100)
+    other = PrivacyLedger.load(tmp_path, settings)  # a second writer on the same directory
+    other.record_round(2, sampled=101)
+    other.record_round(3, sampled=99)
+    with pytest.raises(LedgerError, match="another process"):
+        ours.record_round(2, sampled=98)
+    on_disk = PrivacyLedger.load(tmp_path)
+    assert on_disk.rounds_released == 3  # the budget on disk never went down
+
+
+def test_second_run_on_one_directory_is_refused_with_the_holder(tmp_path):
+    import subprocess
+    import sys
+
+    from lore_core.run_lock import RunDirBusy, RunDirLock
+
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from lore_core.run_lock import RunDirLock\n"
+                               f"with RunDirLock({str(tmp_path)!r}):\n print('held', flush=True); time.sleep(60)"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(RunDirBusy, match=f"pid {holder.pid}"):
+            with RunDirLock(tmp_path):
+                pass
+    finally:
+        holder.kill()
+        holder.wait()
+    with RunDirLock(tmp_path), RunDirLock(tmp_path):  # free again once the holder died; re-entrant in one process
+        pass

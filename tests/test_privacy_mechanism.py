@@ -1,5 +1,5 @@
 """The DP-FedAvg mechanism (clip, noise on the sum, fixed denominator, secret RNG, Poisson sampling) and
-record-level DP-SGD with persisted Opacus accounting (notes/privacy.md §2, §5, §11.1)."""
+record-level DP-SGD with persisted Opacus accounting (docs/privacy.md §2, §5, §11.1)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from lore_core.privacy import (
     poisson_sample,
 )
 from lore_core.privacy.accounting import PrivacyBudgetExhausted, history_epsilon
-from lore_core.privacy.record_dp import RecordDpState, dp_sgd_basis_update, record_epsilon
+from lore_core.privacy.record_dp import RecordDpState, dp_sgd_update, record_epsilon
 
 B, D = 4, 6
 DELTA = 1e-5
@@ -92,20 +92,21 @@ def test_poisson_sampling_rate():
 
 # -- record-level DP-SGD ---------------------------------------------------------------------------------------------
 def small_client(n=10, seed=0):
+    """basis (B, D), the user's logits (B,) (w = softmax), pair differences (n, D)."""
     rng = np.random.default_rng(seed)
     basis = rng.normal(size=(B, D)).astype(np.float32)
-    w = rng.dirichlet(np.ones(B)).astype(np.float32)
+    logits = np.log(rng.dirichlet(np.ones(B)))
     diff = (rng.normal(size=(n, D)) * 2).astype(np.float32)
-    return basis, w, diff
+    return basis, logits, diff
 
 
 def test_record_epsilon_over_persisted_rounds_equals_one_uninterrupted_run():
-    basis, w, diff = small_client()
+    basis, logits, diff = small_client()
     kwargs = dict(noise_multiplier=1.0, max_grad_norm=1.0, batch_size=2, epochs=1, lr=0.05, delta=DELTA)
     state = RecordDpState()
     for _ in range(10):
         stored = RecordDpState.from_dict(state.to_dict())  # round trip through the Flower/disk form
-        delta_basis, state = dp_sgd_basis_update(basis, w, diff, state=stored, **kwargs)
+        delta_basis, logits, state = dp_sgd_update(basis, logits, diff, state=stored, **kwargs)
         basis = basis + delta_basis
     steps_per_round = 5  # q = 1/ceil(10/2)
     assert state.history == [(1.0, 0.2, 10 * steps_per_round)]
@@ -115,35 +116,73 @@ def test_record_epsilon_over_persisted_rounds_equals_one_uninterrupted_run():
     fresh.history = [(1.0, 0.2, 10 * steps_per_round)]
     assert record_epsilon(state, DELTA) == pytest.approx(fresh.get_epsilon(DELTA), rel=1e-9)
     # One uninterrupted Opacus run of the same steps reaches the same history.
-    _, once = dp_sgd_basis_update(basis, w, diff, state=RecordDpState(), **{**kwargs, "epochs": 10})
+    _, _, once = dp_sgd_update(basis, logits, diff, state=RecordDpState(), **{**kwargs, "epochs": 10})
     assert once.history == state.history
     assert record_epsilon(state, DELTA) > 2 * history_epsilon([(1.0, 0.2, steps_per_round)], DELTA)
 
 
-def test_record_update_equals_closed_form_clipped_gradient_without_noise():
-    basis, w, diff = small_client(n=6, seed=1)
+def test_record_update_clips_each_pairs_gradient_over_weights_and_basis_together():
+    basis, logits, diff = small_client(n=6, seed=1)
     c, lr, epochs = 0.5, 0.1, 3
     with pytest.warns(RuntimeWarning, match="no amplification"):  # batch = all pairs: every step sees every pair
-        delta_basis, state = dp_sgd_basis_update(
-            basis, w, diff, noise_multiplier=1e-9, max_grad_norm=c, batch_size=6, epochs=epochs, lr=lr,
+        delta_basis, new_logits, state = dp_sgd_update(
+            basis, logits, diff, noise_multiplier=1e-9, max_grad_norm=c, batch_size=6, epochs=epochs, lr=lr,
             state=RecordDpState(), reproducible_seed=0,
         )
-    a, w64, d = basis.astype(np.float64), w.astype(np.float64), diff.astype(np.float64)
-    for _ in range(epochs):
-        z = d @ a.T @ w64
+    a, theta, d = basis.astype(np.float64), logits.astype(np.float64), diff.astype(np.float64)
+    for _ in range(epochs):  # closed form of one full-batch DP-SGD step over (theta, A)
+        w = np.exp(theta - theta.max())
+        w /= w.sum()
+        scores = d @ a.T  # (n, B): A d_j
+        z = scores @ w
         g = -1.0 / (1.0 + np.exp(z))  # d softplus(-z) / dz
-        norms = np.abs(g) * np.linalg.norm(w64) * np.linalg.norm(d, axis=1)
+        grad_theta = g[:, None] * w * (scores - z[:, None])  # softmax Jacobian applied to A d_j
+        norms = np.abs(g) * np.sqrt(np.linalg.norm(w) ** 2 * np.linalg.norm(d, axis=1) ** 2
+                                    + np.linalg.norm(w * (scores - z[:, None]), axis=1) ** 2)
         scale = np.minimum(1.0, c / norms)
         assert np.any(scale < 1)  # the clip is exercised
-        a = a - lr * np.outer(w64, (scale * g) @ d) / len(d)  # mean reduction: divide by expected batch n
+        a = a - lr * np.outer(w, (scale * g) @ d) / len(d)  # mean reduction: divide by expected batch n
+        theta = theta - lr * (scale[:, None] * grad_theta).sum(axis=0) / len(d)
     np.testing.assert_allclose(delta_basis, a - basis, atol=2e-6)
+    np.testing.assert_allclose(new_logits, theta, atol=2e-6)
     assert state.history == [(1e-9, 1.0, epochs)]
 
 
+def test_removing_one_pair_moves_the_released_update_by_at_most_the_clip_norm():
+    """Noise off, one full-batch step: the released sum of clipped gradients (dA * n / lr) changes by at most the
+    clip norm when one pair is removed, because w is inside the private step. The control: a w fitted without
+    privacy on the same pairs (the old record mode) moves it by more than the clip norm."""
+    from federation.local_training import fit_weights
+    from federation.user_block import RowGroup
+
+    basis, logits, diff = small_client(n=20, seed=2)
+    c, lr = 0.01, 1.0
+
+    def released_sum(pairs: np.ndarray, start: np.ndarray) -> np.ndarray:
+        with pytest.warns(RuntimeWarning, match="no amplification"):
+            update, _, _ = dp_sgd_update(basis, start, pairs, noise_multiplier=1e-9, max_grad_norm=c,
+                                         batch_size=len(pairs), epochs=1, lr=lr, state=RecordDpState(),
+                                         reproducible_seed=0)
+        return update.astype(np.float64) * len(pairs) / lr
+
+    def fitted_logits(pairs: np.ndarray) -> np.ndarray:
+        rows = RowGroup(diff=pairs.astype(np.float64), user_idx=np.zeros(len(pairs), dtype=np.int64),
+                        logit_true=None)
+        return np.log(fit_weights(basis.astype(np.float64), rows, 1, 0.02)[0])
+
+    full = released_sum(diff, logits)
+    moves = [np.linalg.norm(full - released_sum(np.delete(diff, j, axis=0), logits)) for j in range(len(diff))]
+    assert max(moves) <= c * (1 + 1e-4)
+    full = released_sum(diff, fitted_logits(diff))
+    leaky = [np.linalg.norm(full - released_sum(np.delete(diff, j, 0), fitted_logits(np.delete(diff, j, 0))))
+             for j in range(len(diff))]
+    assert max(leaky) > 1.1 * c  # the accountant assumes c: a w fitted on the pairs breaks it
+
+
 def test_record_mode_checks_delta_and_budget_before_training():
-    basis, w, diff = small_client()
+    basis, logits, diff = small_client()
     kwargs = dict(noise_multiplier=1.0, max_grad_norm=1.0, batch_size=2, epochs=1, lr=0.05, state=RecordDpState())
     with pytest.raises(ValueError, match="delta must be < 1/n"):
-        dp_sgd_basis_update(basis, w, diff, delta=0.2, **kwargs)
+        dp_sgd_update(basis, logits, diff, delta=0.2, **kwargs)
     with pytest.raises(PrivacyBudgetExhausted):
-        dp_sgd_basis_update(basis, w, diff, delta=DELTA, max_epsilon=0.5, **kwargs)
+        dp_sgd_update(basis, logits, diff, delta=DELTA, max_epsilon=0.5, **kwargs)

@@ -1,6 +1,6 @@
-"""Privacy mode `user+secagg` (notes/privacy.md §6-§7): the real ServerApp path (`run_federated` -> `run_secagg`,
-Flower's DefaultWorkflow + SecAggPlusWorkflow) and the real ClientApp (`client.secagg_client:app`, secaggplus_mod
-included) on the in-process grid."""
+"""Privacy mode `user+secagg` (docs/privacy.md §2b, §6-§7): the distributed discrete Gaussian through the real
+ServerApp path (`run_federated` -> `run_secagg`, Flower's DefaultWorkflow + SecAggPlusWorkflow) and the real
+ClientApp (`client.secagg_client_app:app`, secaggplus_mod included) on the in-process grid."""
 
 from __future__ import annotations
 
@@ -16,23 +16,26 @@ from flwr.common.config import get_fused_config_from_dir
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
 from scipy import stats
 
-from client import protocol as p
-from client.secagg_client import SecAggTrainer
-from client.secagg_client import app as secagg_client_app
+from federation import protocol as p
+import client.client_app as message_app
+from client.secagg_client_app import SecAggTrainer
+from client.secagg_client_app import app as secagg_client_app
 from lore_core.pairs import save_pairs
+from lore_core.privacy import distributed_dp as ddg
 from lore_core.privacy.ledger import PrivacyLedger
-from lore_core.privacy.settings import PrivacyConfigError
-from server.app import run_federated
+from lore_core.privacy.privacy_settings import PrivacyConfigError
+from server.server_app import run_federated
 from server.optimizer import ServerAdam
-from server.secagg import MODULUS_RANGE, SecAggLoReStrategy, plan_quantisation
-from server.settings import ServerSettings
+from server.secagg_workflow import SecAggLoReStrategy
+from server.run_settings import ServerSettings
 from simulations.synthetic_pairs import SyntheticPairsConfig, make_synthetic_pairs
-from local_grid import LocalGrid
+from simulations.in_process_grid import LocalGrid
 
 pytestmark = pytest.mark.filterwarnings("ignore:reproducible_noise is on")  # the debug runs below
 ROOT = Path(__file__).resolve().parents[1]
 RANK, DIM, USERS, M = 3, 24, 24, 8
 Z, C = 0.5, 0.5
+MODULUS_RANGE = 2**32
 
 
 @pytest.fixture(scope="module")
@@ -91,48 +94,114 @@ def test_secagg_run_trains_and_ledger_is_written_before_each_release(pair_file, 
     assert order == ["ledger", "step"] * 8
     ledger = json.loads((tmp_path / "ledger.json").read_text())
     assert ledger["mode"] == "user+secagg" and ledger["rounds"]["released"] == 8
-    assert [e["sampled"] for e in ledger["per_round"]] == [r["sampled_users"] for r in state.history]
-    assert np.all(np.diff([e["epsilon_prv"] for e in ledger["per_round"]]) > 0)
+    assert [e["sampled"] for e in ledger["events"]["rounds"]] == [r["sampled_users"] for r in state.history]
+    assert np.all(np.diff([r["epsilon"] for r in state.history]) > 0)
     assert ledger["not_private"]["flag"]  # reproducible debug noise is marked, never silently private
     assert all(r["secagg_nodes"] >= 2 and r["accepted_users"] == r["sampled_users"] for r in state.history)
 
 
-def test_server_receives_only_masked_vectors_and_unmasks_only_the_sum(pair_file, tmp_path, monkeypatch):
-    client_sums, server_sums = {}, {}  # round -> node sums computed on the nodes / sums the server unmasked
-    fit, secure_sum = SecAggTrainer.fit, SecAggLoReStrategy.secure_sum
+def spy_round_sums(monkeypatch):
+    """round -> the clipped updates the nodes' users computed (before their noise) / the sums the server unmasked."""
+    clipped, unmasked = {}, {}
+    train_clipped, secure_sum = message_app.train_clipped, SecAggLoReStrategy.secure_sum
+    rounds = {}
+
+    def spy_fit(self, parameters, config):
+        rounds["now"] = config[p.ROUND]
+        return fit(self, parameters, config)
+
+    def spy_train(*args, **kwargs):
+        updates = train_clipped(*args, **kwargs)
+        clipped.setdefault(rounds["now"], []).append(updates)
+        return updates
+
+    def spy_sum(self, results):
+        unmasked[self.run.round] = secure_sum(self, results)
+        return unmasked[self.run.round]
+
+    fit = SecAggTrainer.fit
+    monkeypatch.setattr(SecAggTrainer, "fit", spy_fit)
+    monkeypatch.setattr(message_app, "train_clipped", spy_train)
+    monkeypatch.setattr(SecAggLoReStrategy, "secure_sum", spy_sum)
+    return clipped, unmasked
+
+
+def test_server_receives_only_masked_vectors_and_unmasks_only_noised_sums(pair_file, tmp_path, monkeypatch):
+    uploads_sent = {}  # round -> the nodes' uploads (noised integer sums as grid multiples) before masking
+    fit = SecAggTrainer.fit
 
     def spy_fit(self, parameters, config):
         params, n, metrics = fit(self, parameters, config)
-        client_sums.setdefault(config[p.ROUND], []).append(params[0])
+        uploads_sent.setdefault(config[p.ROUND], []).append(params[0])
         return params, n, metrics
 
-    def spy_sum(self, results):
-        server_sums[self.round] = secure_sum(self, results)
-        return server_sums[self.round]
-
     monkeypatch.setattr(SecAggTrainer, "fit", spy_fit)
-    monkeypatch.setattr(SecAggLoReStrategy, "secure_sum", spy_sum)
-    nodes = USERS  # one user per node, as on devices: SecAgg+ hides each user
+    clipped, unmasked = spy_round_sums(monkeypatch)
+    nodes = USERS  # one user per node, as on devices
     grid, settings = make_run(pair_file, tmp_path, nodes=nodes, **{"num-server-rounds": 3})
     run_federated(grid, settings)
 
     # Nothing the server received holds a float array: train replies carry masked integers, the rest metrics only.
     assert all(len(record) == 0 for reply in grid.replies for record in reply.content.array_records.values())
     uploads = masked_uploads(grid)
-    assert len(uploads) == sum(len(v) for v in client_sums.values()) > 0
+    assert len(uploads) == sum(len(v) for v in uploads_sent.values()) > 0
     assert all(block.shape == (RANK, DIM) and looks_uniform(block) for block in uploads)
-    # The test can fail: a node's own update (rank one, one user) and its fixed-point encoding are not uniform.
-    quant = plan_quantisation(C, 8.0, 1, nodes)
-    own = client_sums[1][0]
-    encoded = np.round((own + quant.clipping_range) / quant.step).astype(np.int64)
-    assert not looks_uniform(encoded) and np.linalg.matrix_rank(own, tol=1e-9 * np.abs(own).max()) == 1
-    # No node is ever asked alone, and what the server unmasked is the sum over nodes, up to rounding.
-    assert set(server_sums) == set(client_sums) and all(len(v) >= 2 for v in client_sums.values())
-    for t, node_sums in client_sums.items():
-        error = np.abs(server_sums[t] - np.sum(node_sums, axis=0)).max()
-        assert error <= len(node_sums) * quant.step
-        assert error < 1e-4 * Z * C  # rounding is negligible next to the DP noise std z*C on the sum
-        assert all(np.abs(server_sums[t] - s).max() > 1e-3 for s in node_sums)  # no single node's sum
+    # The test can fail: one user's clipped update is rank one, and its integer encoding is not uniform.
+    own = clipped[1][0][0]
+    assert np.linalg.matrix_rank(own, tol=1e-9 * np.abs(own).max()) == 1
+    assert not looks_uniform(np.round(own / (own.std() / 1000)).astype(np.int64) % MODULUS_RANGE)
+    # The server unmasked exactly the sum of the noised uploads (grid arithmetic, no rounding), never a clipped sum.
+    assert set(unmasked) == set(uploads_sent) and all(len(v) >= 2 for v in uploads_sent.values())
+    for t, node_uploads in uploads_sent.items():
+        assert np.array_equal(unmasked[t], np.sum(node_uploads, axis=0))
+        clean = np.concatenate(clipped[t]).sum(axis=0)
+        assert np.abs(unmasked[t] - clean).std() > 0.5 * Z * C  # the noise is in what the server sees
+
+
+def test_unmasked_sum_is_the_clipped_sum_plus_noise_of_the_stated_std(pair_file, tmp_path, monkeypatch):
+    clipped, unmasked = spy_round_sums(monkeypatch)
+    grid, settings = make_run(pair_file, tmp_path, nodes=6, **{"num-server-rounds": 8})
+    state = run_federated(grid, settings)
+    ledger = json.loads((tmp_path / "ledger.json").read_text())
+    stated = ledger["noise"]["std_on_sum"]
+    tolerance = ledger["noise"]["dropout_tolerance"]
+    assert stated == pytest.approx(Z * C)
+    noise, expected = [], []
+    for record in state.history:
+        t, k = record["round"], record["sampled_users"]
+        if t not in unmasked:
+            continue
+        noise.append((unmasked[t] - np.concatenate(clipped[t]).sum(axis=0)).ravel())
+        # k users each add a share of std z C / sqrt(n_min): the sum's std is z C sqrt(k / n_min) >= z C
+        expected.append(np.full(noise[-1].size, stated * np.sqrt(k / ddg.min_contributors(k, tolerance))))
+    noise, expected = np.concatenate(noise), np.concatenate(expected)
+    assert noise.size >= 5 * RANK * DIM
+    standardized = noise / expected
+    assert standardized.std() == pytest.approx(1.0, rel=0.08)  # >= 360 draws: relative SE ~4 %
+    assert abs(standardized.mean()) < 4 / np.sqrt(noise.size)
+    assert np.all(expected >= stated)
+
+
+def test_a_round_with_more_dropouts_than_tolerated_is_never_unmasked(pair_file, tmp_path, monkeypatch):
+    from flwr.app import Error, Message
+
+    dropped = []
+
+    def drop_one_upload(reply):  # one node dies after uploading nothing in the masked-vector stage
+        configs = reply.content.config_records.get(RECORD_KEY_CONFIGS) if not reply.has_error() else None
+        if configs is not None and Key.MASKED_PARAMETERS in configs and len(dropped) < 2:
+            dropped.append(reply.metadata.src_node_id)
+            return Message(Error(code=1, reason="node died"), reply_to=reply)
+        return reply
+
+    clipped, unmasked = spy_round_sums(monkeypatch)
+    grid, settings = make_run(pair_file, tmp_path, nodes=6, **{"num-server-rounds": 2, "dropout-tolerance": 0.0})
+    grid.reply_hook = drop_one_upload
+    state = run_federated(grid, settings)
+    first = state.history[0]
+    assert dropped and first["round"] not in unmasked  # never unmasked: the server saw no under-noised sum
+    assert first["secagg_nodes"] == 0 and first["accepted_users"] == 0
+    assert json.loads((tmp_path / "ledger.json").read_text())["rounds"]["released"] == 2  # still one release each
 
 
 def test_round_with_users_on_fewer_than_two_nodes_releases_pure_noise(pair_file, tmp_path):
@@ -160,8 +229,26 @@ def test_invalid_secagg_shares_are_refused_before_training(pair_file, tmp_path, 
     assert not (tmp_path / "ledger.json").exists()
 
 
-def test_quantisation_never_clamps_a_node_sum_and_fits_the_modulus():
-    quant = plan_quantisation(clip_norm=0.5, clipping_range_floor=8.0, max_users_per_node=50, num_nodes=28)
-    assert quant.clipping_range == 25.0  # 50 users of norm <= 0.5: no entry of a node sum beyond 25
-    assert 28 * quant.quantization_range < MODULUS_RANGE <= 2 * 28 * quant.quantization_range
-    assert quant.rounding_slack(10 * 384) < 1e-3 * 0.5
+def test_grid_values_cross_flowers_quantiser_exactly_and_fit_the_ring():
+    from flwr.common.secure_aggregation.quantization import quantize
+
+    encoding = ddg.plan_encoding(clip_norm=0.25, noise_multiplier=1.0, max_users_per_node=50, num_nodes=28,
+                                 population=1400)
+    assert encoding.clipping_range >= 50 * 0.25 and 28 * encoding.quantization_range < MODULUS_RANGE
+    updates = np.random.default_rng(0).normal(size=(50, 5, 384))
+    shares = ddg.encode_shares(updates, encoding, ddg.share_std(1.0, 0.25, 50, 0.1), np.random.default_rng(1))
+    upload = ddg.node_upload(shares, encoding)
+    (quantized,) = quantize([upload], encoding.clipping_range, encoding.quantization_range)
+    assert np.array_equal(quantized.astype(np.int64), shares.sum(axis=0) + encoding.quantization_range // 2)
+    # every user's rounded update stays within the accounted sensitivity (conditional rounding)
+    from lore_core.privacy.ddg_accounting import rounded_l2_norm_bound
+
+    rounded = ddg.encode_shares(updates, encoding, 1e-9 * encoding.granularity * 64, np.random.default_rng(2))
+    bound = rounded_l2_norm_bound(0.25 / encoding.granularity, 5 * 384)
+    assert np.linalg.norm(rounded.reshape(50, -1), axis=1).max() <= bound + 1e-9
+
+
+def test_discrete_gaussian_sampler_has_the_stated_std():
+    draws = ddg.discrete_gaussian(3.7, (200_000,), np.random.default_rng(0))
+    assert draws.dtype == np.int64 and abs(draws.mean()) < 0.03
+    assert draws.std() == pytest.approx(3.7, rel=0.01)

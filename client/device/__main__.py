@@ -1,5 +1,5 @@
 import sys
 
-from client.device.cli import main
+from client.device.device_cli import main
 
 sys.exit(main())

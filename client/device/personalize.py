@@ -7,13 +7,15 @@ convex, so the result does not depend on the order in which choices arrived.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from lore_core.npz_file import open_npz
+from lore_core.pairs import MAX_ABS_DIFF
 from lore_core.simplex_fit import DEFAULT_PRIOR_PAIRS, fit_user_weights
+from lore_core.text_file import parse_json, read_text
 
 CHOICE_CONTEXT_KEYS = ("history", "prompt")
 
@@ -36,11 +38,13 @@ def adapt(
     *,
     init: np.ndarray | None = None,
     prior_pairs: float = DEFAULT_PRIOR_PAIRS,
+    prior_mean: np.ndarray | None = None,
 ) -> Adaptation:
     """Fit the user's w (B,) on the simplex from pair diffs (n, D) = e(chosen) - e(rejected), basis (B, D).
 
-    The prior toward the population (uniform w) weighs as much as `prior_pairs` of the user's own pairs: a user
-    with a few choices stays close to the population, one with many is free to be personal."""
+    The prior toward the population (uniform w, or `prior_mean` (B,) from declared attributes) weighs as much as
+    `prior_pairs` of the user's own pairs: a user with a few choices stays close to it, one with many is free to
+    be personal."""
     diff = np.asarray(pair_diff, dtype=np.float64)
     if diff.ndim != 2 or diff.shape[1] != basis.shape[1]:
         raise ValueError(f"pair diffs must be (n, {basis.shape[1]}) to match the basis, got {diff.shape}")
@@ -48,6 +52,7 @@ def adapt(
     fit = fit_user_weights(
         scores, np.zeros(len(scores), dtype=np.int64), 1, prior_strength=prior_pairs / max(len(scores), 1),
         init=None if init is None else np.asarray(init, np.float64)[None, :],
+        prior_mean=None if prior_mean is None else np.asarray(prior_mean, np.float64)[None, :],
     )
     weights = fit.weights[0]
     accuracy = float((scores @ weights > 0).mean()) if len(scores) else float("nan")
@@ -58,6 +63,7 @@ def effective_weights(user_weights: np.ndarray | None, strength: float | None, r
     """(1 - s) * uniform + s * w_user (B,): s = 0 is the population reward, s = 1 fully personal.
 
     strength None ("off") or no personal weights yet give the population reward (uniform over the basis).
+    Works on samples of w too: user_weights (..., B).
     """
     uniform = np.full(rank, 1.0 / rank)
     if strength is None or user_weights is None:
@@ -86,19 +92,41 @@ def read_choices(path: str | Path) -> list[dict]:
     path = Path(path)
     if not path.is_file():
         raise ChoicesError(f"choices file {path} does not exist")
-    text = path.read_text(encoding="utf-8")
-    try:
-        if text.lstrip().startswith("["):
-            records = json.loads(text)
-        else:
-            records = [json.loads(line) for line in text.splitlines() if line.strip()]
-    except json.JSONDecodeError as exc:
-        raise ChoicesError(f"{path}: not JSON Lines or a JSON list ({exc})") from exc
+    text = read_text(path, ChoicesError)
+    if text.lstrip().startswith("["):
+        records = parse_json(text, path, ChoicesError)
+    else:
+        records = [parse_json(line, path, ChoicesError, line=number)
+                   for number, line in enumerate(text.splitlines(), 1) if line.strip()]
+    if not isinstance(records, list):
+        raise ChoicesError(f"{path}: expected JSON Lines or a JSON list of choices")
     if not records:
         raise ChoicesError(f"{path}: no choices in the file")
     for number, record in enumerate(records, 1):
-        _check_choice(record, f"{path}: choice {number}")
+        check_choice(record, f"{path}: choice {number}")
     return records
+
+
+def read_choice_diffs(path: str | Path, dim: int) -> np.ndarray:
+    """Precomputed choices: `diff` (n, D) = e(chosen) - e(rejected) from an .npz, checked like a pair file's."""
+    with open_npz(path, f"precomputed choices (.npz with an array diff (n, {dim}))", ChoicesError) as data:
+        if "diff" not in data.files:
+            raise ChoicesError(f"{path}: a precomputed choices .npz needs a 'diff' array (n, D); found {data.files}")
+        diff = data["diff"]
+    if diff.ndim != 2 or diff.shape[1] != dim or not np.issubdtype(diff.dtype, np.floating) or \
+            not np.isfinite(diff).all():
+        raise ChoicesError(f"{path}: diff must be finite floats (n, {dim}) to match the basis, got {diff.dtype} "
+                           f"{diff.shape}")
+    if not diff.shape[0]:
+        raise ChoicesError(f"{path}: no choices in the file")
+    if np.abs(diff).max() > MAX_ABS_DIFF:
+        raise ChoicesError(f"{path}: diff has values beyond +-{MAX_ABS_DIFF:g}; embedding differences are of order 1 "
+                           "to 100 (were they embedded with this basis's encoder?)")
+    empty = np.flatnonzero(~diff.any(axis=1))
+    if empty.size:
+        raise ChoicesError(f"{path}: rows {empty[:5].tolist()} are all zeros (chosen == rejected); a choice is "
+                           "between two different responses")
+    return diff
 
 
 def choice_context(record: dict) -> list[dict]:
@@ -108,7 +136,7 @@ def choice_context(record: dict) -> list[dict]:
     return [{"role": "user", "content": record["prompt"]}]
 
 
-def _check_choice(record, where: str) -> None:
+def check_choice(record, where: str) -> None:
     if not isinstance(record, dict):
         raise ChoicesError(f"{where}: expected an object, got {type(record).__name__}")
     if sum(key in record for key in CHOICE_CONTEXT_KEYS) != 1:
@@ -116,6 +144,9 @@ def _check_choice(record, where: str) -> None:
     for key in ("chosen", "rejected"):
         if not isinstance(record.get(key), str):
             raise ChoicesError(f"{where}: '{key}' must be a string")
+    if record["chosen"] == record["rejected"]:
+        raise ChoicesError(f"{where}: 'chosen' and 'rejected' are the same text; a choice is between two different "
+                           "responses")
     if "prompt" in record and not isinstance(record["prompt"], str):
         raise ChoicesError(f"{where}: 'prompt' must be a string")
     history = record.get("history", [])

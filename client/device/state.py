@@ -1,10 +1,14 @@
 """Durable on-device state in ONE directory: the basis, the user's weights w, the user's pairs and settings.
 
 Layout (content-addressed data files; the manifest is the single commit point):
+  .lore-fed-device-state     the marker: this directory is a device state (checked before anything is deleted)
   manifest.json              format, generation, settings (strength, encoder) and, per data file, name/size/sha256
   basis-v<version>-<sha>.npz the basis file (lore_core.basis_file format)
   personal-<sha>.npz         user_weights (B,) float64 | (0,) before any adaptation; pair_diff (n, D) float32;
-                             choices (n,) str: the raw choices as JSON, aligned with pair_diff rows
+                             choices (n,) str: the raw choices as JSON, aligned with pair_diff rows;
+                             posterior_mode (B-1,) and posterior_cov (B-1, B-1): w's Laplace posterior in the
+                             softmax chart (client.device.posterior) | (0,), (0, 0) without one; prior_mean (B,)
+                             from declared attributes | (0,); attributes: the declared attributes as JSON
 A save writes new data files (atomically, under new names), then atomically replaces the manifest, then deletes
 files the manifest no longer names. A process killed at any moment leaves the old or the new manifest, and every
 file it names intact. Load checks sizes and checksums: a corrupted or truncated file is reported, never used.
@@ -17,7 +21,7 @@ import hashlib
 import io
 import json
 import os
-import shutil
+import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -29,8 +33,17 @@ from lore_core.basis_file import BasisFile, BasisFileError, load_basis
 STATE_FORMAT = "lore-fed-device-state/1"
 MANIFEST = "manifest.json"
 LOCK = ".lock"
+# Written once by the first save; deleting anything requires it (or, for states older than the marker, a readable
+# manifest of this format): `forget --all` on a folder that is not a device state must never delete a thing.
+MARKER = ".lore-fed-device-state"
 STATE_HOME_ENV = "LORE_DEVICE_HOME"
 _DATA_PREFIXES = ("basis-", "personal-")
+# The names a state writes (save_state, _write_data), and the temp files of lore_core.atomic_io that a killed write
+# may leave (".NAME.<random>.tmp"): nothing else is ever deleted.
+_STATE_FILE = re.compile(
+    r"(?P<tmp>\.)?(?P<name>manifest\.json|\.lore-fed-device-state|(?:basis-v\d+-|personal-)[0-9a-f]{16}\.npz)"
+    r"(?(tmp)\.[^/]+\.tmp)"
+)
 
 
 class StateError(ValueError):
@@ -55,6 +68,10 @@ class DeviceState:
     strength: float | None = 1.0  # personalization strength in [0, 1]; None = off
     encoder: str | None = None  # directory of the exported ONNX encoder
     generation: int = 0
+    posterior_mode: np.ndarray | None = None  # (B-1,) Laplace centre in the softmax chart; None = the prior's
+    posterior_cov: np.ndarray | None = None  # (B-1, B-1)
+    prior_mean: np.ndarray | None = None  # (B,) from declared attributes; None = uniform (the population)
+    attributes: tuple[tuple[str, str], ...] = ()  # declared (field, value), kept on the device only
 
     @property
     def n_pairs(self) -> int:
@@ -62,7 +79,8 @@ class DeviceState:
 
     @property
     def has_personal_data(self) -> bool:
-        return self.user_weights is not None or self.n_pairs > 0
+        return (self.user_weights is not None or self.n_pairs > 0 or self.prior_mean is not None
+                or bool(self.attributes))
 
 
 def default_state_dir() -> Path:
@@ -95,11 +113,13 @@ def save_state(state: DeviceState) -> DeviceState:
     """Commit `state` to its directory (crash-safe, see module docstring); returns it with generation + 1."""
     directory = state.directory
     directory.mkdir(parents=True, exist_ok=True)
+    if not (directory / MARKER).is_file():
+        atomic_write_bytes(directory / MARKER, (STATE_FORMAT + "\n").encode())
     basis = state.basis
     basis_bytes = _npz_bytes(
         basis=basis.basis, version=np.int64(basis.version), embedder=np.str_(basis.embedder),
         dim=np.int64(basis.dim), rank=np.int64(basis.rank), sha256=np.str_(basis.sha256),
-        prior_pairs=np.float64(basis.prior_pairs),
+        **({} if basis.prior_pairs is None else {"prior_pairs": np.float64(basis.prior_pairs)}),
     )
     entries = {"basis": _write_data(directory, f"basis-v{basis.version}-", basis_bytes)}
     if state.has_personal_data:
@@ -108,6 +128,10 @@ def save_state(state: DeviceState) -> DeviceState:
             user_weights=weights,
             pair_diff=np.asarray(state.pair_diff, np.float32).reshape(-1, basis.dim),
             choices=np.array(state.choices, dtype=np.str_).reshape(-1),
+            posterior_mode=_or_empty(state.posterior_mode, (0,)),
+            posterior_cov=_or_empty(state.posterior_cov, (0, 0)),
+            prior_mean=_or_empty(state.prior_mean, (0,)),
+            attributes=np.str_(json.dumps(dict(state.attributes), ensure_ascii=False)),
         )
         entries["personal"] = _write_data(directory, "personal-", personal)
     committed = replace(state, generation=state.generation + 1)
@@ -164,23 +188,101 @@ def load_state(directory: str | Path) -> DeviceState:
     return state
 
 
-def forget(directory: str | Path, *, everything: bool = False) -> None:
-    """Delete all personal data (weights, pairs, raw choices) and keep the basis and settings; with `everything`
-    delete the whole state directory."""
+def is_device_state(directory: str | Path) -> bool:
+    """True when `directory` carries the state marker, or (a state written before the marker) a readable manifest
+    of this format."""
     directory = Path(directory)
+    if (directory / MARKER).is_file():
+        return True
+    try:
+        return json.loads((directory / MANIFEST).read_bytes()).get("format") == STATE_FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def require_state(directory: str | Path) -> Path:
+    """`directory`, refused (StateError) unless it is a device state: nothing is created or deleted elsewhere."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise StateError(f"no device state in {directory}: the directory does not exist (nothing was changed)")
+    if not is_device_state(directory):
+        raise StateError(f"{directory} is not a device state (no {MARKER} marker, no device manifest); nothing was "
+                         "changed. Pass the directory given to `init` (--state), or run `init --basis FILE` first")
+    return directory
+
+
+def forget(directory: str | Path, *, everything: bool = False) -> list[str]:
+    """Delete all personal data (weights, pairs, raw choices) and keep the basis and settings; with `everything`
+    delete every file of the state (and the directory when nothing else is in it). Refuses a directory that is not a
+    device state. Personal data is deleted even when the state is corrupted. Returns notes for the user (what could
+    not be kept or removed), empty when all went as asked."""
+    directory = require_state(directory)
     if everything:
-        if directory.exists():
-            shutil.rmtree(directory)
-        return
-    state = load_state(directory)
-    save_state(replace(state, user_weights=None, pair_diff=state.pair_diff[:0], choices=()))
+        return _delete_state(directory)
+    try:
+        state = load_state(directory)
+    except StateError as exc:  # corrupted, or the manifest is gone: personal files may still be on disk
+        return _forget_corrupted(directory, exc)
+    save_state(replace(state, user_weights=None, pair_diff=state.pair_diff[:0], choices=(), posterior_mode=None,
+                       posterior_cov=None, prior_mean=None, attributes=()))
+    return []
+
+
+def _is_personal(name: str) -> bool:
+    match = _STATE_FILE.fullmatch(name)
+    return bool(match) and match["name"].startswith("personal-")
+
+
+def _forget_corrupted(directory: Path, problem: StateError) -> list[str]:
+    """The state cannot be loaded: delete every personal data file regardless, and drop it from the manifest when
+    the manifest is readable; the rest is left as it is (and checked again for the note)."""
+    removed = [path for path in directory.iterdir() if path.is_file() and _is_personal(path.name)]
+    for path in removed:
+        path.unlink()
+    try:
+        manifest = json.loads((directory / MANIFEST).read_bytes())
+        if isinstance(manifest.get("files"), dict) and manifest["files"].pop("personal", None) is not None:
+            manifest["pairs"] = 0
+            atomic_write_json(directory / MANIFEST, manifest)
+    except (OSError, ValueError, AttributeError):
+        pass  # an unreadable manifest names nothing we could still use
+    note = (f"the device state was corrupted ({problem}); its personal data was deleted all the same "
+            f"({len(removed)} file(s))")
+    try:
+        load_state(directory)
+    except StateError:
+        return [note + "; the rest is still unusable: repair it with `init --reinit --basis FILE`, or remove it "
+                "with `forget --all`"]
+    return [note + "; the rest of the state checks out"]
+
+
+def _delete_state(directory: Path) -> list[str]:
+    """Delete the state's own files (marker last), then the directory if nothing else is left in it."""
+    own = [path for path in directory.iterdir() if path.is_file() and _is_state_file(path.name)]
+    for path in sorted(own, key=lambda path: path.name == MARKER):
+        path.unlink()
+    left = sorted(path.name for path in directory.iterdir())
+    if left:
+        return [f"kept the directory {directory}: it also holds files that are not part of the device state "
+                f"({', '.join(left[:5])}{', ...' if len(left) > 5 else ''}; {len(left)} in all)"]
+    directory.rmdir()
+    return []
+
+
+def _is_state_file(name: str) -> bool:
+    return name == LOCK or bool(_STATE_FILE.fullmatch(name))
 
 
 @contextlib.contextmanager
-def state_lock(directory: str | Path):
-    """Serialise read-modify-write of the state between processes (POSIX advisory lock; no-op elsewhere)."""
+def state_lock(directory: str | Path, *, create: bool = False):
+    """Serialise read-modify-write of the state between processes (POSIX advisory lock; no-op elsewhere). Only
+    `init` (create=True) may make the directory; elsewhere a directory that is not a device state is refused before
+    anything (the lock file included) is written in it."""
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    if create:
+        directory.mkdir(parents=True, exist_ok=True)
+    else:
+        require_state(directory)
     try:
         import fcntl
     except ImportError:  # pragma: no cover - non-POSIX
@@ -231,9 +333,23 @@ def _load_personal(state: DeviceState, path: Path, declared_pairs: int) -> Devic
     try:
         with np.load(path, allow_pickle=False) as data:
             weights, diff, choices = data["user_weights"], data["pair_diff"], data["choices"]
+            # States written before the posterior existed lack these arrays: no posterior, no declared prior.
+            optional = {key: data[key] for key in ("posterior_mode", "posterior_cov", "prior_mean", "attributes")
+                        if key in data.files}
+        attributes = tuple(json.loads(str(optional.get("attributes", "{}"))).items())
     except Exception as exc:  # a checksum-valid file can still be malformed (written by another tool)
         raise StateCorruptError(f"{path}: unreadable personal state ({type(exc).__name__}: {exc})") from exc
     rank, dim = state.basis.rank, state.basis.dim
+    mode = optional.get("posterior_mode", np.zeros(0))
+    cov = optional.get("posterior_cov", np.zeros((0, 0)))
+    prior_mean = optional.get("prior_mean", np.zeros(0))
+    if mode.size and (mode.shape != (rank - 1,) or cov.shape != (rank - 1, rank - 1)
+                      or not (np.isfinite(mode).all() and np.isfinite(cov).all())):
+        raise StateCorruptError(f"{path}: the posterior must be ({rank - 1},) and ({rank - 1}, {rank - 1}), got "
+                                f"{mode.shape} and {cov.shape}")
+    if prior_mean.size and (prior_mean.shape != (rank,) or not prior_mean.min() > 0
+                            or abs(prior_mean.sum() - 1.0) > 1e-6):
+        raise StateCorruptError(f"{path}: prior_mean must be ({rank},) inside the simplex, got {prior_mean.shape}")
     if weights.size and (
         weights.shape != (rank,) or not np.isfinite(weights).all() or weights.min() < 0
         or abs(weights.sum() - 1.0) > 1e-6
@@ -246,8 +362,14 @@ def _load_personal(state: DeviceState, path: Path, declared_pairs: int) -> Devic
             f"{path}: {diff.shape[0]} pairs, {choices.shape} choices, the manifest says {declared_pairs} pairs"
         )
     return replace(
-        state, user_weights=weights if weights.size else None, pair_diff=diff, choices=tuple(choices.tolist())
+        state, user_weights=weights if weights.size else None, pair_diff=diff, choices=tuple(choices.tolist()),
+        posterior_mode=mode if mode.size else None, posterior_cov=cov if mode.size else None,
+        prior_mean=prior_mean if prior_mean.size else None, attributes=attributes,
     )
+
+
+def _or_empty(array: np.ndarray | None, empty_shape: tuple[int, ...]) -> np.ndarray:
+    return np.zeros(empty_shape) if array is None else np.asarray(array, np.float64)
 
 
 def _checked_strength(value, where: Path) -> float:

@@ -1,4 +1,4 @@
-"""Privacy audits of a lore-fed run (issue 5; design: notes/privacy.md §10-§11.2): measure what an attacker learns.
+"""Privacy audits of a lore-fed run (issue 5; design: docs/privacy.md §10-§11.2): measure what an attacker learns.
 
 One module per audit, each returning a result dict with `verdict`, a one-line `summary`, its figures, CIs, method,
 seed and number of trials; `report.write_audit` stores it under RUN_DIR/audits/ and in the run ledger. Inputs are

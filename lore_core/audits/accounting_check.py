@@ -1,11 +1,14 @@
 """Accounting audit: recompute a ledger's epsilon independently of the code that wrote it.
 
-The ledger stores events (per round: noise multiplier z, sample rate q) and the epsilon derived from them. This audit
+The ledger stores events (per round: noise multiplier z, sample rate q) and, apart from them, the epsilon derived. This audit
 reads the raw JSON (not through lore_core.privacy), rebuilds the history, and computes epsilon with
 - dp_accounting's PLD accountant (Google; a different method from Opacus PRV) when installed: the independent check;
 - Opacus RDP directly (a valid upper bound: it must not fall below PRV beyond PRV's error).
 It fails when the ledger's stored PRV epsilon differs from the PLD value by more than max(0.05, 2%) (notes §10), when
 RDP < PRV - tolerance, or when the stored per-round events do not reproduce the stored epsilon.
+Mode `user+secagg` (distributed discrete Gaussian): the stored ddg-rdp epsilon must be what its events give, and
+not below the continuous Gaussian's PLD epsilon for the same events (the discrete sum cannot be more private than
+the continuous mechanism of the same std; a bound below it is wrong).
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ REL_TOL = 0.02
 def ledger_history(ledger: dict) -> list[tuple[float, float, int]]:
     """(z, q, steps) segments from the ledger's per-round events, consecutive equal (z, q) merged."""
     segments: list[tuple[float, float, int]] = []
-    for entry in ledger.get("per_round", []):
+    for entry in (ledger.get("events") or {}).get("rounds", []):
         try:
             z, q = float(entry["noise_multiplier"]), float(entry["sample_rate"])
         except (KeyError, TypeError, ValueError) as exc:
@@ -78,6 +81,8 @@ def accounting_audit(ledger: dict | str | Path, *, abs_tol: float = ABS_TOL, rel
         raise AuditInputError(f"the accounting audit recomputes user-level ledgers; this ledger's mode is {mode!r}")
     delta = float(ledger["delta"])
     history = ledger_history(ledger)
+    if mode == "user+secagg":
+        return _ddg_audit(ledger, history, delta, abs_tol, rel_tol)
     stored = (ledger.get("epsilon") or {}).get("prv")
     stored_rdp = (ledger.get("epsilon") or {}).get("rdp")
     if not history:
@@ -113,4 +118,34 @@ def accounting_audit(ledger: dict | str | Path, *, abs_tol: float = ABS_TOL, rel
         "method": "history rebuilt from the raw ledger events; Opacus PRV and RDP called directly; dp_accounting "
                   f"PLD (value_discretization_interval=1e-3); tolerance max({abs_tol}, {rel_tol:.0%})",
         "seed": None, "trials": 1,
+    }
+
+
+def _ddg_audit(ledger: dict, history: list[tuple[float, float, int]], delta: float, abs_tol: float,
+               rel_tol: float) -> dict:
+    from lore_core.privacy.ddg_accounting import ddg_epsilon
+
+    if not history:
+        raise AuditInputError("the ledger has no released rounds: nothing to recompute")
+    stored = (ledger.get("epsilon") or {}).get("headline")
+    ddg, _ = ddg_epsilon(history, delta, int(ledger["config"]["dimension"]))
+    pld = pld_epsilon(history, delta)
+    tol = max(abs_tol, rel_tol * ddg)
+    problems = []
+    if stored is None or abs(stored - ddg) > tol:
+        problems.append(f"stored epsilon {stored} is not what its own events give ({ddg:.4f})")
+    if pld is not None and ddg < pld - tol:
+        problems.append(f"the ddg-rdp bound {ddg:.4f} is below the continuous Gaussian's PLD {pld:.4f}")
+    passed = not problems
+    sentence = (f"PASS: the ledger's epsilon {ddg:.3f} (distributed discrete Gaussian, RDP) is reproduced by its "
+                f"{sum(s[2] for s in history)} round events" + (f" and lies above the continuous Gaussian's PLD "
+                f"{pld:.3f}" if pld is not None else "") + f" at delta={delta:g}.") if passed else \
+        "FAIL: " + "; ".join(problems) + ". Do not publish this epsilon; recompute it from the events."
+    return {
+        "audit": "accounting", "verdict": "pass" if passed else "fail", "passed": passed, "summary": sentence,
+        "epsilon_stored_prv": stored, "epsilon_stored_rdp": stored, "epsilon_prv": ddg, "epsilon_rdp": ddg,
+        "epsilon_pld": pld, "accountant": "ddg-rdp", "tolerance": tol, "problems": problems,
+        "history": [list(s) for s in history], "delta": delta, "rounds": int(sum(s[2] for s in history)),
+        "method": "history rebuilt from the raw ledger events; ddg_epsilon recomputed; continuous Gaussian PLD "
+                  "(dp_accounting) as a floor", "seed": None, "trials": 1,
     }

@@ -1,4 +1,4 @@
-"""The statistics every audit shares (numpy/scipy; design and references: notes/privacy.md §11.2).
+"""The statistics every audit shares (numpy/scipy; design and references: docs/privacy.md §11.2).
 
 - AUC (rank-based Mann-Whitney, ties count one half), TPR at a fixed FPR, batched over rows so bootstrap and
   permutation replicates are one call.

@@ -52,7 +52,7 @@ def row_cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def clip_rows(updates: np.ndarray, clip_norm: float | None) -> np.ndarray:
-    """Flat L2 clip per user (the same rule as lore_core.privacy.mechanism.clip_updates)."""
+    """Flat L2 clip per user (the same rule as lore_core.privacy.dp_fedavg.clip_updates)."""
     if clip_norm is None:
         return updates
     norms = np.linalg.norm(updates.reshape(len(updates), -1), axis=1)

@@ -1,4 +1,4 @@
-"""Privacy core (no Flower): user-level DP-FedAvg, record-level DP-SGD, accounting, ledger (notes/privacy.md).
+"""Privacy core (no Flower): user-level DP-FedAvg, record-level DP-SGD, accounting, ledger (docs/privacy.md).
 
 Server loop, user modes:  settings = validate(settings); ledger = PrivacyLedger.open(run_dir, settings);
 rng = make_private_rng(settings.noise_seed if settings.reproducible_noise else None); each round:
@@ -17,7 +17,7 @@ from lore_core.privacy.accounting import (
     rounds_within_budget,
 )
 from lore_core.privacy.ledger import LedgerError, PrivacyLedger
-from lore_core.privacy.mechanism import (
+from lore_core.privacy.dp_fedavg import (
     SecretRng,
     add_noise_to_sum,
     aggregate_user_dp,
@@ -26,7 +26,7 @@ from lore_core.privacy.mechanism import (
     noisy_sum,
     poisson_sample,
 )
-from lore_core.privacy.settings import PrivacyConfigError, PrivacySettings, validate
+from lore_core.privacy.privacy_settings import PrivacyConfigError, PrivacySettings, validate
 
 __all__ = [
     "AccountingError", "EpsilonReport", "PrivacyBudgetExhausted", "epsilon", "epsilon_report", "history_epsilon",

@@ -4,8 +4,10 @@ A history is a list of segments (noise_multiplier z, sample_rate q, steps): `ste
 Poisson-subsampled Gaussian with rate q and noise std z * sensitivity, under add/remove adjacency. Segments may
 differ (heterogeneous composition), exactly as Opacus' `accountant.history`.
 PRV (Gopi, Lee & Wutschitz 2021) is the headline: we report its guaranteed upper value and how far it may lie
-above the estimate; RDP (Mironov 2017) is the conservative second number. Facts (the history) are stored by the
-caller; epsilon is derived here, on demand.
+above the estimate; RDP (Mironov 2017) is the conservative second number. Mode `user+secagg` releases a sum of
+discrete Gaussian shares instead: accountant "ddg-rdp" (lore_core.privacy.ddg_accounting, which needs the
+dimension B*D) is then its only, and headline, number. Facts (the history) are stored by the caller; epsilon is
+derived here, on demand.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-ACCOUNTANTS = ("prv", "rdp")
+ACCOUNTANTS = ("prv", "rdp", "ddg-rdp")
 PRV_EPS_ERROR = 0.01  # Opacus' default precision of the PRV epsilon
 MAX_NOISE_MULTIPLIER = 1e6  # as Opacus get_noise_multiplier: beyond this the budget is unreachable
 MAX_ROUNDS = 1_000_000  # rounds_within_budget stops searching here
@@ -38,7 +40,8 @@ class PrivacyBudgetExhausted(RuntimeError):
 
 @dataclass(frozen=True)
 class EpsilonReport:
-    """Both accountants on one history. `prv` is the guaranteed upper value (Opacus get_epsilon)."""
+    """The accountants on one history. `prv` is the guaranteed upper value (Opacus get_epsilon); for the
+    distributed discrete Gaussian (`accountant` "ddg-rdp") PRV does not apply (nan) and `rdp` is its bound."""
 
     delta: float
     prv: float
@@ -47,6 +50,11 @@ class EpsilonReport:
     rdp: float
     rdp_optimal_order: float
     prv_is_rdp_bound: bool = False  # above MAX_PRV_EPSILON PRV is not run; the RDP bound stands in
+    accountant: str = "prv"  # which number is the headline: "prv", or "ddg-rdp" (then rdp)
+
+    @property
+    def headline(self) -> float:
+        return self.rdp if self.accountant == "ddg-rdp" else self.prv
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -77,7 +85,8 @@ def _prv_bounds(segments: list[Segment], delta: float) -> tuple[float, float, fl
     accountant.history = list(segments)
     delta_error = delta / 1000  # Opacus' default
     # Same computation as PRVAccountant.get_epsilon (which returns only the upper value); we also want the estimate.
-    with np.errstate(divide="ignore"):  # q = 1 takes log(0) inside Opacus, harmlessly
+    with np.errstate(divide="ignore"), warnings.catch_warnings():  # q = 1 takes log(0) inside Opacus, harmlessly
+        warnings.simplefilter("ignore", UserWarning)  # its domain-size RDP bound warns at the edge of its orders
         dprv = accountant._get_dprv(eps_error=PRV_EPS_ERROR, delta_error=delta_error)
         lower, estimate, upper = dprv.compute_epsilon(delta, delta_error, PRV_EPS_ERROR)
     return float(lower), float(estimate), float(upper)
@@ -114,8 +123,9 @@ def _check_delta(delta: float) -> None:
         raise AccountingError(f"delta must be in (0, 1); got {delta}")
 
 
-def history_epsilon(history: Iterable[Sequence], delta: float, accountant: str = "prv") -> float:
-    """Epsilon spent by a whole history at `delta` (0.0 for an empty history)."""
+def history_epsilon(history: Iterable[Sequence], delta: float, accountant: str = "prv",
+                    dim: int | None = None) -> float:
+    """Epsilon spent by a whole history at `delta` (0.0 for an empty history); "ddg-rdp" needs the dimension."""
     if accountant not in ACCOUNTANTS:
         raise AccountingError(f"accountant must be one of {ACCOUNTANTS}; got {accountant!r}")
     _check_delta(delta)
@@ -123,21 +133,43 @@ def history_epsilon(history: Iterable[Sequence], delta: float, accountant: str =
     if not segments:
         return 0.0
     try:
-        value = _bounds(segments, delta)[1] if accountant == "prv" else _rdp(segments, delta)[0]
+        if accountant == "ddg-rdp":
+            value = _ddg(segments, delta, dim)[0]
+        else:
+            value = _bounds(segments, delta)[1] if accountant == "prv" else _rdp(segments, delta)[0]
     except (ValueError, RuntimeError, OverflowError, FloatingPointError, MemoryError) as exc:
         raise AccountingError(f"{accountant} accountant failed on {segments}: {exc}") from exc
     return _finite(value, accountant, segments)
 
 
-def epsilon(noise_multiplier: float, sample_rate: float, steps: int, delta: float, accountant: str = "prv") -> float:
-    """Epsilon of `steps` Poisson-subsampled Gaussian steps (z, q) at `delta`."""
-    return history_epsilon([(noise_multiplier, sample_rate, steps)], delta, accountant)
+def _ddg(segments: list[Segment], delta: float, dim: int | None) -> tuple[float, float]:
+    from lore_core.privacy.ddg_accounting import ddg_epsilon
+
+    if not (isinstance(dim, int) and dim > 0):
+        raise AccountingError(f"the ddg-rdp accountant needs the dimension B*D of the released sum; got {dim!r}")
+    return ddg_epsilon(segments, delta, dim)
 
 
-def epsilon_report(history: Iterable[Sequence], delta: float) -> EpsilonReport:
-    """PRV (headline, with error bound) and RDP (upper bound, with its optimal order) for one history."""
+def epsilon(noise_multiplier: float, sample_rate: float, steps: int, delta: float, accountant: str = "prv",
+            dim: int | None = None) -> float:
+    """Epsilon of `steps` Poisson-subsampled Gaussian (or, "ddg-rdp", distributed discrete Gaussian) steps (z, q)."""
+    return history_epsilon([(noise_multiplier, sample_rate, steps)], delta, accountant, dim)
+
+
+def epsilon_report(history: Iterable[Sequence], delta: float, dim: int | None = None) -> EpsilonReport:
+    """PRV (headline, with error bound) and RDP (upper bound, with its optimal order) for one history; with `dim`,
+    the distributed discrete Gaussian's RDP bound (mode user+secagg) instead, PRV nan."""
     _check_delta(delta)
     segments = check_history(history)
+    if dim is not None:
+        if not segments:
+            return EpsilonReport(delta, math.nan, math.nan, 0.0, 0.0, math.nan, accountant="ddg-rdp")
+        try:
+            eps, order = _ddg(segments, delta, dim)
+        except (ValueError, RuntimeError, OverflowError, FloatingPointError) as exc:
+            raise AccountingError(f"ddg-rdp accountant failed on {segments}: {exc}") from exc
+        return EpsilonReport(delta, math.nan, math.nan, 0.0, _finite(eps, "ddg-rdp", segments), order,
+                             accountant="ddg-rdp")
     if not segments:
         return EpsilonReport(delta, 0.0, 0.0, 0.0, 0.0, float("nan"))
     try:
@@ -155,6 +187,7 @@ def noise_for_target_epsilon(
     delta: float,
     accountant: str = "prv",
     tolerance: float = 0.01,
+    dim: int | None = None,
 ) -> float:
     """Smallest z (within `tolerance` in epsilon) with epsilon(z, q, steps) <= target; bisection as Opacus
     get_noise_multiplier, but bracketed from z = 1 so the accountant never sees a vanishing z."""
@@ -163,7 +196,7 @@ def noise_for_target_epsilon(
 
     def eps(z: float) -> float:
         try:
-            return epsilon(z, sample_rate, steps, delta, accountant)
+            return epsilon(z, sample_rate, steps, delta, accountant, dim)
         except AccountingError:
             return math.inf  # too little noise for the accountant to resolve: certainly above target
 
@@ -199,31 +232,65 @@ def rounds_within_budget(
     accountant: str = "prv",
     steps_per_round: int = 1,
     limit: int | None = None,
+    dim: int | None = None,
 ) -> int:
     """Largest k such that `history` + k more rounds (each `steps_per_round` steps of (z, q)) stays <= max_epsilon;
-    at most `limit` (a planned run length makes the search cheaper), else at most MAX_ROUNDS."""
+    at most `limit` (a planned run length makes the search cheaper), else at most MAX_ROUNDS (the caller says so
+    when the answer is that cap). One accountant call costs seconds at a large epsilon, so the search makes few: the
+    cheap RDP bound brackets the answer, then interpolation on epsilon(k), probing the guess's neighbour, pins it
+    (bisection steps keep the worst case logarithmic)."""
     if not (math.isfinite(max_epsilon) and max_epsilon > 0):
         raise AccountingError(f"max epsilon must be finite and > 0; got {max_epsilon}")
     base = check_history(history)
+    cap = MAX_ROUNDS if limit is None else limit
+    known: dict[int, float] = {}
 
-    def fits(k: int) -> bool:
-        extra = [(noise_multiplier, sample_rate, k * steps_per_round)] if k else []
-        return history_epsilon(base + extra, delta, accountant) <= max_epsilon
+    def spent(k: int, how: str = accountant) -> float:
+        if how != accountant:
+            return history_epsilon(base + [(noise_multiplier, sample_rate, k * steps_per_round)], delta, how)
+        if k not in known:
+            extra = [(noise_multiplier, sample_rate, k * steps_per_round)] if k else []
+            known[k] = history_epsilon(base + extra, delta, accountant, dim)
+        return known[k]
 
-    if not fits(0):
+    if spent(0) > max_epsilon:
         return 0
-    low = 0  # fits(low) holds, fits(high) fails
-    if limit is not None:
-        if fits(limit):
-            return limit
-        high = limit
-    else:
-        high = 1
-        while fits(high):
-            low, high = high, 2 * high
-            if high > MAX_ROUNDS:
-                return MAX_ROUNDS
+    low, high = 0, None  # spent(low) fits; spent(high) does not (None: not found yet)
+    if accountant == "prv":  # RDP >= PRV in practice: its last fitting k is a cheap first guess
+        rdp_low, rdp_high = 0, 1
+        while rdp_high <= cap and spent(rdp_high, "rdp") <= max_epsilon:
+            rdp_low, rdp_high = rdp_high, 2 * rdp_high
+        while rdp_high - rdp_low > 1 and rdp_low < cap:
+            mid = (rdp_low + rdp_high) // 2
+            rdp_low, rdp_high = (mid, rdp_high) if spent(mid, "rdp") <= max_epsilon else (rdp_low, mid)
+        guess = min(rdp_low, cap)
+        if guess:
+            low, high = (guess, None) if spent(guess) <= max_epsilon else (0, guess)
+    step = max(1, low // 8)
+    while high is None:  # grow from low until a k that does not fit, or the cap
+        k = min(low + step, cap)
+        if spent(k) > max_epsilon:
+            high = k
+        elif k == cap:
+            return cap
+        else:
+            low, step = k, 2 * step
+    bisect = False
     while high - low > 1:
-        mid = (low + high) // 2
-        low, high = (mid, high) if fits(mid) else (low, mid)
+        width = high - low
+        if bisect:
+            guess = (low + high) // 2
+        else:
+            e_low, e_high = spent(low), spent(high)
+            guess = low + round((max_epsilon - e_low) / (e_high - e_low) * width)
+            guess = min(max(guess, low + 1), high - 1)
+        if spent(guess) <= max_epsilon:
+            low = guess
+            if guess + 1 < high and spent(guess + 1) > max_epsilon:
+                high = guess + 1
+        else:
+            high = guess
+            if guess - 1 > low and spent(guess - 1) <= max_epsilon:
+                low = guess - 1
+        bisect = not bisect and high - low > width // 2  # interpolation that did not halve: bisect next
     return low

@@ -1,9 +1,15 @@
-"""The privacy ledger `RUN_DIR/ledger.json` (schema: notes/privacy.md §8).
+"""The privacy ledger `RUN_DIR/ledger.json` (docs/privacy.md).
 
-It stores EVENTS (the validated settings, per round: noise multiplier, sample rate, sampled count; in record mode
-each client's accountant history) and DERIVES epsilon from them with the accountant every time it is written, like
-Opacus' accountant. The server calls `check_next_round()` and then `record_round(...)` BEFORE it releases that
-round's basis: the write is atomic, so a crash can lose a release but never spent budget.
+Facts and conclusions apart, like Opacus' accountant (its `history` is the state, `get_epsilon` derives):
+- `config` (the validated settings) and `events` (per round: round, sampled count, noise multiplier, sample rate;
+  record mode: each client's accountant history; audits; whether the budget stopped the run; evaluation policy)
+  are the only state. `load` reads exactly these two, `_write` writes them back unchanged: save and load are
+  symmetric.
+- Every other key (guarantee, epsilon, threat model, not covered, ...) is a conclusion, recomputed from config and
+  events on each write for people and reports, and never read back.
+The server calls `check_next_round()` and then `record_round(...)` BEFORE it releases that round's basis: the write
+is atomic, so a crash can lose a release but never spent budget. Before each append the file is read again: if it
+holds events this object does not (another writer), the append is refused, so the budget on disk never goes down.
 """
 
 from __future__ import annotations
@@ -21,10 +27,11 @@ from lore_core.privacy.accounting import (
     check_history,
     epsilon_report,
 )
-from lore_core.privacy.settings import USER_MODES, PrivacySettings, validate
+from lore_core.privacy.privacy_settings import USER_MODES, PrivacySettings, validate
 
 LEDGER_FILENAME = "ledger.json"
-SCHEMA = "lore-privacy-ledger/1"
+SCHEMA = "lore-privacy-ledger/2"
+EVENT_KEYS = ("rounds", "clients", "audits", "stopped_early")
 
 NONE_GUARANTEE = (
     "NONE: no differential privacy. The server receives every participant's raw basis update dA_i; with w_i held "
@@ -32,12 +39,19 @@ NONE_GUARANTEE = (
     "from its update (by SVD), and which candidate pairs it trained on. The released basis is not protected either."
 )
 NOT_COVERED = [
-    "w_i (never released by design, but not DP)",
-    "client-side evaluation on client data",
-    "hyper-parameter search runs",
-    "personalised scores if served",
+    "w_i: never leaves the device by design, but it is not a DP output (except in record mode)",
+    "hyper-parameter search runs (the privacy of the runs that chose these settings)",
+    "personalised scores if served (B queries recover w_i when A is public)",
 ]
 RECORD_NOT_COVERED = ["a user as a whole: w_i and all of a user's pairs together (record level only)"]
+# What a run writes that IS covered: post-processing of the noisy releases and of data-independent settings.
+COVERED = [
+    "the released bases A_t (train and evaluation messages, checkpoint.npz, releases/) and the noisy mean updates "
+    "that produced them (releases/)",
+    "the norm of each released basis step (rounds.jsonl, report): a function of released bases",
+    "the server optimizer state (checkpoint.npz): a function of the released mean updates",
+    "epsilon after each round (ledger, rounds.jsonl, report): a function of the settings and the round count",
+]
 DESCRIPTIONS: dict[str, dict[str, str]] = {
     "user": {
         "privacy_unit": "user (all preference pairs of one client)",
@@ -50,17 +64,23 @@ DESCRIPTIONS: dict[str, dict[str, str]] = {
     "user+secagg": {
         "privacy_unit": "user (all preference pairs of one client)",
         "adjacency": "add/remove one user",
-        "threat_model": "clients clip; SecAgg+ shows the server only the sum of the sampled users' clipped updates; "
-        "an honest-but-curious server adds the noise to that sum. The guarantee protects the released bases from "
-        "everyone else; the server itself learns the exact un-noised sum (not DP against the server)",
+        "threat_model": "distributed DP: each sampled user clips its update, rounds it to a grid and adds its own "
+        "share of discrete Gaussian noise on the integer ring before SecAgg+ masks it; the server unmasks only the "
+        "sum over at least ceil((1 - x) k) of the round's k sampled users (a round with more drop-outs is aborted "
+        "before unmasking), and that sum carries noise of std >= z C. The guarantee holds against the server too: "
+        "it learns only noised sums. Assumed: an honest-but-curious server (it follows the protocol, tells the users "
+        "the true k, aborts as required) and users who add their shares; a server colluding with users is not "
+        "covered, and Flower 1.42 seeds SecAgg+ masks with 32 bits, so the masking is not a cryptographic guarantee "
+        "against a server willing to brute-force seeds",
         "clipping_where": "client (the server cannot re-check under SecAgg)",
     },
     "record": {
         "privacy_unit": "one preference pair of one client",
         "adjacency": "add/remove one pair in one client's data",
-        "threat_model": "each client clips per pair and adds noise locally (Opacus DP-SGD on the basis, w frozen); "
-        "protects each pair from everyone including the server",
-        "clipping_where": "client, per pair (Opacus)",
+        "threat_model": "each client runs Opacus DP-SGD per pair over its user's weights w_i and the basis together "
+        "(one flat clip per pair over both gradients, noise on both); w_i, itself a DP-SGD output, stays on the "
+        "device; protects each pair from everyone including the server",
+        "clipping_where": "client, per pair over (w_i, A) (Opacus)",
     },
     "none": {"privacy_unit": "none", "adjacency": "none", "threat_model": "none: no protection", "clipping_where": ""},
 }
@@ -71,8 +91,8 @@ class LedgerError(ValueError):
 
 
 @functools.lru_cache(maxsize=4096)
-def _report(history: tuple[tuple[float, float, int], ...], delta: float) -> EpsilonReport:
-    return epsilon_report(history, delta)
+def _report(history: tuple[tuple[float, float, int], ...], delta: float, dim: int | None = None) -> EpsilonReport:
+    return epsilon_report(history, delta, dim)
 
 
 def _comparable(settings: PrivacySettings) -> dict[str, Any]:
@@ -96,7 +116,7 @@ class PrivacyLedger:
     def __init__(self, path: Path, settings: PrivacySettings, facts: dict[str, Any]):
         self.path = path
         self.settings = settings
-        self._facts = facts  # per_round, clients, audits, stopped_early: everything else is derived
+        self._facts = facts  # the events: rounds, clients, audits, stopped_early; everything else is derived
 
     # -- opening ---------------------------------------------------------------------------------------------------
     @classmethod
@@ -105,7 +125,7 @@ class PrivacyLedger:
         path = Path(run_dir) / LEDGER_FILENAME
         if path.exists():
             raise LedgerError(f"{path} already exists: resume with PrivacyLedger.load, or use a new run directory")
-        ledger = cls(path, validate(settings), {"per_round": [], "clients": {}, "audits": [], "stopped_early": False})
+        ledger = cls(path, validate(settings), {"rounds": [], "clients": {}, "audits": [], "stopped_early": False})
         ledger._write()
         return ledger
 
@@ -115,9 +135,7 @@ class PrivacyLedger:
         path = Path(run_dir) / LEDGER_FILENAME
         if not path.exists():
             raise FileNotFoundError(f"no privacy ledger at {path}")
-        data = json.loads(path.read_text())
-        if data.get("schema") != SCHEMA:
-            raise LedgerError(f"{path} has schema {data.get('schema')!r}; expected {SCHEMA!r}")
+        data = _read(path)
         stored = PrivacySettings(**data["config"])
         if settings is not None:
             new = _comparable(validate(settings))
@@ -128,9 +146,7 @@ class PrivacyLedger:
                     f"{path} was written with other privacy settings ({changes}); resume with the stored settings "
                     "or start a new run directory"
                 )
-        facts = {k: data[k] for k in ("per_round", "clients", "audits")}
-        facts["stopped_early"] = data["budget"]["stopped_early"]
-        return cls(path, stored, facts)
+        return cls(path, stored, data["events"])
 
     @classmethod
     def open(cls, run_dir: str | os.PathLike, settings: PrivacySettings) -> "PrivacyLedger":
@@ -142,18 +158,31 @@ class PrivacyLedger:
     # -- facts -----------------------------------------------------------------------------------------------------
     @property
     def rounds_released(self) -> int:
-        return len(self._facts["per_round"])
+        return len(self._facts["rounds"])
 
     def history(self, next_rounds: Sequence[tuple[float, float]] = ()) -> list[tuple[float, float, int]]:
         """User modes: the accountant history (z, q, steps) of the recorded rounds, plus hypothetical next ones."""
-        events = [(e["noise_multiplier"], e["sample_rate"]) for e in self._facts["per_round"]]
+        events = [(e["noise_multiplier"], e["sample_rate"]) for e in self._facts["rounds"]]
         return compress_history(events + list(next_rounds))
+
+    @property
+    def _dim(self) -> int | None:
+        """user+secagg: the dimension its (ddg-rdp) accountant needs; None: Opacus' PRV and RDP."""
+        return self.settings.dimension if self.settings.mode == "user+secagg" else None
+
+    def epsilon_by_round(self) -> list[float]:
+        """User modes: the headline epsilon after each recorded round (derived on demand, for plots)."""
+        if self.settings.mode not in USER_MODES:
+            return []
+        events = [(e["noise_multiplier"], e["sample_rate"]) for e in self._facts["rounds"]]
+        return [_report(tuple(compress_history(events[:t])), self.settings.delta, self._dim).headline
+                for t in range(1, len(events) + 1)]
 
     def epsilon(self) -> EpsilonReport | None:
         """User modes: epsilon so far; record mode: the client with the largest PRV epsilon; none: None."""
         mode, delta = self.settings.mode, self.settings.delta
         if mode in USER_MODES:
-            return _report(tuple(self.history()), delta)
+            return _report(tuple(self.history()), delta, self._dim)
         if mode == "record" and self._facts["clients"]:
             reports = [_report(_key(c["history"]), delta) for c in self._facts["clients"].values()]
             return max(reports, key=lambda r: r.prv)
@@ -164,7 +193,7 @@ class PrivacyLedger:
         s = self.settings
         if s.mode in USER_MODES:
             nxt = self.history([(s.noise_multiplier, s.sample_rate)] * rounds)
-            return _report(tuple(nxt), s.delta).prv
+            return _report(tuple(nxt), s.delta, self._dim).headline
         # record: each client seen so far, `rounds` more rounds of record_epochs epochs at its own rate
         worst = 0.0
         for client in self._facts["clients"].values():
@@ -189,7 +218,7 @@ class PrivacyLedger:
         self._facts["stopped_early"] = True
         self._write()
         raise PrivacyBudgetExhausted(
-            f"round {self.rounds_released + 1} would bring epsilon to {self._predicted(1):.3f} (PRV) > max_epsilon "
+            f"round {self.rounds_released + 1} would bring epsilon to {self._predicted(1):.3f} > max_epsilon "
             f"{self.settings.max_epsilon}; stopping after {self.rounds_released} released rounds"
         )
 
@@ -216,33 +245,49 @@ class PrivacyLedger:
         if int(sampled) != sampled or sampled < 0:
             raise LedgerError(f"sampled must be a non-negative integer; got {sampled!r}")
         entry: dict[str, Any] = {"round": int(round), "sampled": int(sampled)}
+        updates: dict[str, Any] = {}
         if s.mode in USER_MODES:
             z = float(s.noise_multiplier if noise_multiplier is None else noise_multiplier)
             q = float(s.sample_rate if sample_rate is None else sample_rate)
             history = tuple(check_history(self.history([(z, q)])))  # rejects z <= 0: never skip noise
-            report = _report(history, s.delta)
-            if s.max_epsilon is not None and report.prv > s.max_epsilon:
-                raise PrivacyBudgetExhausted(f"round {round} would bring epsilon to {report.prv:.3f} (PRV) > "
+            report = _report(history, s.delta, self._dim)
+            if s.max_epsilon is not None and report.headline > s.max_epsilon:
+                raise PrivacyBudgetExhausted(f"round {round} would bring epsilon to {report.headline:.3f} > "
                                              f"max_epsilon {s.max_epsilon}; do not release it")
-            entry.update(noise_multiplier=z, sample_rate=q, epsilon_prv=report.prv)
+            entry.update(noise_multiplier=z, sample_rate=q)
         elif s.mode == "record":
-            updates = {}
             for cid, history in (client_histories or {}).items():
                 history = check_history(getattr(history, "history", history))
                 if not history:
                     continue
-                updates[str(cid)] = {"history": [list(seg) for seg in history],
-                                     "epsilon_prv": _report(_key(history), s.delta).prv}
-            self._facts["clients"].update(updates)
+                updates[str(cid)] = {"history": [list(seg) for seg in history]}
             entry["clients"] = sorted(updates)
-        self._facts["per_round"].append(entry)
+        self._reread()
+        self._facts["clients"].update(updates)
+        self._facts["rounds"].append(entry)
         self._write()
         return entry
 
     def record_audit(self, result: Mapping[str, Any]) -> None:
         """Append an audit result (kind, seed, trials, alpha, bound, passed ...) to the ledger."""
+        self._reread()
         self._facts["audits"].append(dict(result))
         self._write()
+
+    def _reread(self) -> None:
+        """Before an append: the file must hold no event this object lacks (another writer, a second run on the same
+        directory). Its events are adopted when they extend ours only by audits; otherwise the append is refused, so
+        the spent budget on disk never goes down."""
+        if not self.path.exists():
+            return
+        events = _read(self.path)["events"]
+        ours = self._facts
+        if events["rounds"] != ours["rounds"][:len(events["rounds"])] or len(events["rounds"]) > len(ours["rounds"]):
+            raise LedgerError(f"{self.path} holds {len(events['rounds'])} released rounds that this run did not "
+                              f"write (it knows {len(ours['rounds'])}): another process is writing this ledger; "
+                              "nothing was appended")
+        if len(events["audits"]) > len(ours["audits"]):
+            ours["audits"] = events["audits"]
 
     # -- derived view ----------------------------------------------------------------------------------------------
     def not_private_reason(self) -> str | None:
@@ -262,6 +307,12 @@ class PrivacyLedger:
             return (f"{prefix}record-level ({s.delta}-)DP per client and per preference pair, {value}. This is NOT a "
                     "user-level guarantee: a user's w_i and all of its pairs together are not protected "
                     "(group privacy for k pairs costs about k times epsilon)")
+        if s.mode == "user+secagg":
+            return (f"{prefix}user-level ({eps.headline:.3f}, {s.delta})-DP (distributed discrete Gaussian: RDP bound "
+                    f"of Kairouz, Liu & Steinke 2021 with Poisson subsampling) of the {self.rounds_released} released "
+                    "bases and of every sum the server unmasked, add/remove one user with all its pairs, while at "
+                    f"most {s.dropout_tolerance:.0%} of each round's sampled users drop out (rounds with more are "
+                    "aborted before unmasking)")
         return (f"{prefix}user-level ({eps.prv:.3f}, {s.delta})-DP (PRV; RDP bound {eps.rdp:.3f}) of the "
                 f"{self.rounds_released} released bases, add/remove one user with all its pairs")
 
@@ -281,18 +332,19 @@ class PrivacyLedger:
             "rounds": {"planned": s.rounds, "released": self.rounds_released},
             "delta": s.delta,
             "epsilon": None if eps is None else {
-                "prv": eps.prv, "prv_error_bound": eps.prv_error_bound, "rdp": eps.rdp,
-                "rdp_optimal_order": eps.rdp_optimal_order,
+                "headline": eps.headline, "accountant": eps.accountant,
+                "prv": None if eps.accountant == "ddg-rdp" else eps.prv,
+                "prv_error_bound": eps.prv_error_bound, "rdp": eps.rdp, "rdp_optimal_order": eps.rdp_optimal_order,
                 **({"over": f"max over {len(self._facts['clients'])} clients"} if s.mode == "record" else {}),
             },
             "budget": {"target_epsilon": s.target_epsilon, "max_epsilon": s.max_epsilon,
                        "stopped_early": self._facts["stopped_early"]},
-            "accountants": {"opacus": _opacus_version(), "headline": "prv", "second": "rdp"} if s.is_dp else None,
+            "accountants": _accountants(s) if s.is_dp else None,
             "not_private": {"flag": reason is not None, "reason": reason},
             "config": _comparable(s),
-            "per_round": self._facts["per_round"],
-            "clients": self._facts["clients"],
-            "audits": self._facts["audits"],
+            "events": self._facts,
+            "derived": "every key but schema, config and events is recomputed from config and events at each write; "
+                       "load reads only config and events",
         }
 
     def _write(self) -> None:
@@ -304,7 +356,9 @@ class PrivacyLedger:
         return {
             "mode": self.settings.mode,
             "guarantee": self.guarantee(),
-            "epsilon_prv": None if eps is None else eps.prv,
+            "epsilon": None if eps is None else eps.headline,
+            "accountant": None if eps is None else eps.accountant,
+            "epsilon_prv": None if eps is None or eps.accountant == "ddg-rdp" else eps.prv,
             "epsilon_rdp": None if eps is None else eps.rdp,
             "delta": self.settings.delta if self.settings.is_dp else None,
             "rounds_released": self.rounds_released,
@@ -314,29 +368,75 @@ class PrivacyLedger:
         }
 
 
+def _accountants(s: PrivacySettings) -> dict[str, Any]:
+    if s.mode == "user+secagg":
+        return {"headline": "ddg-rdp", "method": "distributed discrete Gaussian: Kairouz, Liu & Steinke 2021 "
+                "Proposition 14 with the conditional-rounding sensitivity of their Theorem 1 (tau = 0 at >= 64 grid "
+                "units of noise per share), Poisson subsampling by Zhu & Wang 2019 Theorem 5, RDP to (epsilon, "
+                "delta) as Opacus", "opacus": _opacus_version()}
+    return {"opacus": _opacus_version(), "headline": "prv", "second": "rdp"}
+
+
 def _mechanism(s: PrivacySettings) -> dict[str, Any]:
-    """The ledger's sampling / clipping / noise / not_covered sections for the settings' mode."""
+    """The ledger's sampling / clipping / noise / covered / not_covered sections for the settings' mode."""
     if s.mode == "none":
-        return {"sampling": None, "clipping": None, "noise": None, "not_covered": ["everything"]}
+        return {"sampling": None, "clipping": None, "noise": None, "covered": [], "not_covered": ["everything"]}
     where = DESCRIPTIONS[s.mode]["clipping_where"]
     rng = ("fixed debug seed (NOT PRIVATE)" if s.reproducible_noise else "seeded from os.urandom")
     if s.mode == "record":
         return {
             "sampling": {"method": "per client: Poisson batches of its pairs (Opacus); client sampling not accounted"},
-            "clipping": {"norm": s.max_grad_norm, "scope": "per pair gradient", "where": where},
+            "clipping": {"norm": s.max_grad_norm, "scope": "per pair gradient over (w_i, A)", "where": where},
             "noise": {"multiplier": s.noise_multiplier, "std_on_sum": s.noise_multiplier * s.max_grad_norm,
                       "aggregation": "Opacus: (sum of clipped grads + noise) / expected batch",
                       "rng": f"torch generator, {rng}", "solved_from_target_epsilon": False},
+            "covered": COVERED,
             "not_covered": NOT_COVERED + RECORD_NOT_COVERED,
         }
+    noise = {"multiplier": s.noise_multiplier, "std_on_sum": s.noise_multiplier * s.clip_norm,
+             "aggregation": "sum / (q*N)", "rng": f"numpy PCG64, {rng}",
+             "solved_from_target_epsilon": s.noise_from_target}
+    if s.mode == "user+secagg":
+        noise.update(std_on_sum_is="the minimum: more when fewer than the tolerated users drop out",
+                     distribution="discrete Gaussian shares on the integer ring, one per user, added on the device "
+                                  "before masking",
+                     share_std="z C / sqrt(ceil((1 - x) k)) for the round's k sampled users",
+                     dropout_tolerance=s.dropout_tolerance,
+                     rng=f"numpy PCG64 on each device, {rng}")
     return {
         "sampling": {"method": s.sampling, "rate": s.sample_rate, "expected_clients_per_round": s.clients_per_round},
         "clipping": {"norm": s.clip_norm, "scope": "flat L2 over all of dA", "where": where},
-        "noise": {"multiplier": s.noise_multiplier, "std_on_sum": s.noise_multiplier * s.clip_norm,
-                  "aggregation": "sum / (q*N)", "rng": f"numpy PCG64, {rng}",
-                  "solved_from_target_epsilon": s.noise_from_target},
+        "noise": noise,
+        "covered": COVERED,
         "not_covered": NOT_COVERED,
     }
+
+
+def append_audit(run_dir: str | os.PathLike, result: Mapping[str, Any]) -> None:
+    """Append an audit result to RUN_DIR/ledger.json's events, under the run directory's lock (refused while a run
+    writes there). Only `events.audits` changes: no derived key depends on audits, so the conclusions the run's
+    own ledger class derived (a federated run's evaluation policy and not-covered list) stay as they are."""
+    from lore_core.run_lock import RunDirLock
+
+    with RunDirLock(run_dir):
+        path = Path(run_dir) / LEDGER_FILENAME
+        data = _read(path)
+        data["events"]["audits"].append(dict(result))
+        atomic_write_json(path, data)
+
+
+def _read(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise LedgerError(f"{path} is not a readable ledger ({exc}); restore it or start a new run directory") from exc
+    if not isinstance(data, dict) or data.get("schema") != SCHEMA:
+        found = data.get("schema") if isinstance(data, dict) else type(data).__name__
+        raise LedgerError(f"{path} has schema {found!r}; expected {SCHEMA!r}")
+    events = data.get("events")
+    if not isinstance(events, dict) or set(events) != set(EVENT_KEYS) or not isinstance(data.get("config"), dict):
+        raise LedgerError(f"{path} lacks `config` or `events` with keys {EVENT_KEYS}")
+    return data
 
 
 def _key(history: Iterable[Sequence]) -> tuple[tuple[float, float, int], ...]:

@@ -1,10 +1,16 @@
-"""Record-level DP-SGD on one client's basis with Opacus (`record` mode, a literature baseline; notes/privacy.md §5).
+"""Record-level DP-SGD on one user's weights and basis together, with Opacus (`record` mode, a literature baseline;
+docs/privacy.md §5).
 
-The basis A (B, D) is an `nn.Linear(D, B, bias=False)` wrapped by Opacus (per-pair clip to max_grad_norm, Gaussian
-noise, Poisson batches); the user weights w (B,) are a frozen buffer, because a w trained outside the DP optimizer
-would silently void the guarantee. The accountant history lives in `RecordDpState`, which the caller stores (Flower
-`Context.state` and disk) and passes back next round: it is loaded into every new PrivacyEngine and never reset
-(Flower's Opacus example re-creates it each round and under-reports epsilon ~9x).
+w must be inside the private computation: a w fitted without privacy on the same pairs makes every clipped gradient
+depend on every pair (removing one pair moved the released update by 3.6 times the clip norm), and the guarantee
+is void. So the model is z = softmax(theta) . A d with both the user's logits theta (B,) and the basis A (B, D)
+(`nn.Linear(D, B, bias=False)`) trainable, and Opacus clips each pair's gradient over (theta, A) together to
+max_grad_norm and adds noise to both. theta, a DP-SGD output itself, stays on the device (the caller stores it);
+the update dA is what leaves. With w inside, one step's sum of clipped gradients changes by at most max_grad_norm
+when one pair is removed, and every step is accounted.
+The accountant history lives in `RecordDpState`, which the caller stores (Flower `Context.state` and disk) and
+passes back next round: it is loaded into every new PrivacyEngine and never reset (Flower's Opacus example
+re-creates it each round and under-reports epsilon ~9x).
 Guarantee: per client, per pair; NOT user-level.
 """
 
@@ -54,23 +60,24 @@ def record_epsilon(state: RecordDpState, delta: float, accountant: str = "prv") 
     return history_epsilon(state.history, delta, accountant)
 
 
-def _basis_scorer(basis: np.ndarray, w: np.ndarray, device):
-    """torch module: logit z = w . (A d), A = nn.Linear(D, B) trainable, w a buffer (never a parameter)."""
+def _joint_scorer(basis: np.ndarray, logits: np.ndarray, device):
+    """torch module: pair logit z = softmax(theta) . (A d); A = nn.Linear(D, B) and theta (B,) both trainable, so
+    Opacus clips and noises the gradient over both."""
     import torch
     from torch import nn
 
-    class BasisScorer(nn.Module):
+    class JointScorer(nn.Module):
         def __init__(self):
             super().__init__()
             self.basis = nn.Linear(basis.shape[1], basis.shape[0], bias=False)
             with torch.no_grad():
                 self.basis.weight.copy_(torch.as_tensor(basis, dtype=torch.float32))
-            self.register_buffer("w", torch.as_tensor(w, dtype=torch.float32))
+            self.logits = nn.Parameter(torch.as_tensor(logits, dtype=torch.float32).clone())
 
         def forward(self, diff):  # (b, D) -> (b,)
-            return self.basis(diff) @ self.w
+            return self.basis(diff) @ torch.softmax(self.logits, dim=0)
 
-    return BasisScorer().to(device)
+    return JointScorer().to(device)
 
 
 def _resolve_device(device: str):
@@ -82,9 +89,9 @@ def _resolve_device(device: str):
     return torch.device(device)
 
 
-def dp_sgd_basis_update(
+def dp_sgd_update(
     basis: np.ndarray,
-    w: np.ndarray,
+    logits: np.ndarray,
     diff: np.ndarray,
     *,
     noise_multiplier: float,
@@ -97,11 +104,14 @@ def dp_sgd_basis_update(
     delta: float | None = None,
     max_epsilon: float | None = None,
     reproducible_seed: int | None = None,
-) -> tuple[np.ndarray, RecordDpState]:
-    """`epochs` epochs of Opacus DP-SGD on the basis -> (delta_basis (B, D), new_state).
+) -> tuple[np.ndarray, np.ndarray, RecordDpState]:
+    """`epochs` epochs of Opacus DP-SGD on the user's logits and the basis -> (delta_basis (B, D), new logits (B,),
+    new_state).
 
-    basis (B, D), w (B,) frozen user weights, diff (n, D) this client's pair differences (chosen - rejected).
-    Loss per pair softplus(-w.A d), mean reduction: each step moves A by -lr (sum of clipped grads + noise) / (q n).
+    basis (B, D), logits (B,) the user's private weights as w = softmax(logits) (a DP-SGD output of earlier rounds,
+    or zeros: uniform), diff (n, D) this client's pair differences (chosen - rejected).
+    Loss per pair softplus(-w.A d), mean reduction: each step moves (theta, A) by -lr (sum of clipped grads + noise)
+    / (q n), the clip over both.
     Poisson rate q = 1 / ceil(n / batch_size). With delta, checks delta < 1/n; with max_epsilon (needs delta), raises
     PrivacyBudgetExhausted before any step if this update would exceed it. RNGs are seeded from `secrets` unless a
     reproducible_seed is given (debug, not private).
@@ -110,9 +120,10 @@ def dp_sgd_basis_update(
     from opacus import PrivacyEngine
     from torch.utils.data import DataLoader, TensorDataset
 
-    basis, w, diff = np.asarray(basis), np.asarray(w), np.asarray(diff)
-    if basis.ndim != 2 or w.shape != (basis.shape[0],) or diff.ndim != 2 or diff.shape[1] != basis.shape[1]:
-        raise ValueError(f"need basis (B, D), w (B,), diff (n, D); got {basis.shape}, {w.shape}, {diff.shape}")
+    basis, logits, diff = np.asarray(basis), np.asarray(logits), np.asarray(diff)
+    if basis.ndim != 2 or logits.shape != (basis.shape[0],) or diff.ndim != 2 or diff.shape[1] != basis.shape[1]:
+        raise ValueError(f"need basis (B, D), logits (B,), diff (n, D); got {basis.shape}, {logits.shape}, "
+                         f"{diff.shape}")
     n = diff.shape[0]
     if n == 0:
         raise ValueError("record-level DP-SGD needs at least one pair")
@@ -134,8 +145,8 @@ def dp_sgd_basis_update(
     sampling_rng = torch.Generator().manual_seed(seeds[0])  # Poisson batches (the sampler runs on cpu)
     noise_rng = torch.Generator(device=device).manual_seed(seeds[1])
 
-    model = _basis_scorer(basis, w, device)
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr)  # only A: w is a buffer
+    model = _joint_scorer(basis, logits, device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr)  # theta and A: both inside the private step
     dataset = TensorDataset(torch.as_tensor(diff, dtype=torch.float32))
     loader = DataLoader(dataset, batch_size=int(batch_size), generator=sampling_rng)
     with warnings.catch_warnings():
@@ -161,5 +172,6 @@ def dp_sgd_basis_update(
                 loss.backward()
                 optimizer.step()
     new_basis = model._module.basis.weight.detach().cpu().numpy()
+    new_logits = model._module.logits.detach().cpu().numpy().astype(np.float64)
     new_state = RecordDpState(history=[tuple(s) for s in check_history(engine.accountant.history)])
-    return (new_basis - basis.astype(np.float32)).astype(basis.dtype), new_state
+    return (new_basis - basis.astype(np.float32)).astype(basis.dtype), new_logits, new_state

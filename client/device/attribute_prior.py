@@ -1,0 +1,80 @@
+"""Declared attributes (language, age band, ...) -> a prior for w, on the device only.
+
+The table. A JSON file shipped beside the basis (built by `python -m simulations.attribute_priors` from a PUBLIC
+pilot panel: people who consented to share their pairs and their attributes, whose w the builder fits with the
+released basis). For each attribute value with at least `min_users` pilot users it holds the mean of their w:
+  {"format": "lore-fed-attribute-priors/1", "basis_sha256": ..., "rank": B, "source": ..., "min_users": k,
+   "groups": {field: {value: {"users": n, "mean": [B floats]}}}}
+Every device downloads the whole table, so nobody learns which row it uses; the declared attributes stay in the
+device state (deleted by `forget`) and are never sent. No user's w leaves a device to build it.
+
+The prior. The personal prior's centre moves from uniform (the population reward) to the group mean m:
+KL(w || m) instead of KL(w || uniform), same strength. Several attributes: m proportional to the geometric mean of
+their group means (the sum of their KL terms, each with weight 1/k). Whether this helps is measured in
+`simulations.bench_onboarding` (it is not assumed).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from lore_core.basis_file import BasisFile
+
+FORMAT = "lore-fed-attribute-priors/1"
+
+
+class AttributePriorError(ValueError):
+    """A table that does not follow the format above, or that was built for another basis."""
+
+
+def read_table(path: str | Path, basis: BasisFile) -> dict:
+    """Load and check a table for `basis` (same checksum and rank)."""
+    path = Path(path)
+    if not path.is_file():
+        raise AttributePriorError(f"attribute prior table {path} does not exist")
+    try:
+        table = json.loads(path.read_text(encoding="utf-8"))
+        groups = table["groups"]
+        fmt, sha, rank = table["format"], table["basis_sha256"], int(table["rank"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise AttributePriorError(f"{path}: not an attribute prior table ({exc}); expected {FORMAT} JSON") from exc
+    if fmt != FORMAT:
+        raise AttributePriorError(f"{path}: format {fmt!r}, expected {FORMAT!r}")
+    if sha != basis.sha256 or rank != basis.rank:
+        raise AttributePriorError(f"{path}: built for basis {str(sha)[:12]} (rank {rank}), but the device holds "
+                                  f"{basis.sha256[:12]} (rank {basis.rank}); get the table of this basis")
+    for field, values in groups.items():
+        for value, row in values.items():
+            mean = np.asarray(row.get("mean"), dtype=np.float64)
+            if mean.shape != (rank,) or not (mean > 0).all() or abs(mean.sum() - 1.0) > 1e-6:
+                raise AttributePriorError(f"{path}: {field}={value!r}: mean must be {rank} positive weights "
+                                          f"summing to 1")
+    return table
+
+
+def prior_mean(table: dict, declared: dict[str, str]) -> tuple[np.ndarray | None, list[str]]:
+    """The prior centre (B,) for the declared {field: value} (None when no row matches) and the declarations the
+    table has no row for."""
+    rows, missing = [], []
+    for field, value in declared.items():
+        row = table["groups"].get(field, {}).get(value)
+        (rows if row else missing).append(row or f"{field}={value}")
+    if not rows:
+        return None, missing
+    log_mean = np.mean([np.log(np.asarray(row["mean"], np.float64)) for row in rows], axis=0)
+    mean = np.exp(log_mean - log_mean.max())
+    return mean / mean.sum(), missing
+
+
+def parse_declarations(items: list[str]) -> dict[str, str]:
+    """FIELD=VALUE strings -> {field: value}."""
+    declared = {}
+    for item in items:
+        field, sep, value = item.partition("=")
+        if not sep or not field.strip() or not value.strip():
+            raise AttributePriorError(f"declare attributes as FIELD=VALUE (e.g. age='25-34 years old'), got {item!r}")
+        declared[field.strip()] = value.strip()
+    return declared

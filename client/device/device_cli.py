@@ -1,0 +1,405 @@
+"""`python -m client.device ...` (also `lore-fed device ...`): personalize and rank on a device without torch.
+
+  init --basis FILE [--encoder DIR] [--reinit]   create the state (or adopt a new basis with --reinit)
+  adapt --choices FILE                           learn w from the user's choices (JSONL/JSON, or .npz of `diff`)
+  rank --prompt TEXT --candidates FILE           personalized best-of-N with scores [--strength S|off]
+  next-question --candidates POOL [--k K]        the K pool pairs whose answers would teach the most (JSON)
+  declare FIELD=VALUE ... --priors TABLE          a prior from declared attributes (kept on the device) [--clear]
+  strength [S|off]                               show or set the personalization strength
+  status                                         what the state holds and how sure it is about w
+  forget [--all]                                 delete all personal data (--all: the whole state directory)
+  export-encoder --out DIR [--model NAME]        export the ONNX encoder (needs torch; run it off the device)
+Only export-encoder imports torch/transformers; the other commands use numpy, onnxruntime and tokenizers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import warnings
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from client.device import attribute_prior, personalize, posterior, questions, ranking, user_posterior
+from client.device.pool import answered, as_choice, read_pool
+from client.device.state import (
+    BasisMismatchError,
+    DeviceState,
+    StateCorruptError,
+    StateError,
+    check_compatible,
+    default_state_dir,
+    forget,
+    is_device_state,
+    load_state,
+    new_state,
+    save_state,
+    state_lock,
+)
+from lore_core.basis_file import BasisFile, load_basis
+from lore_core.text_file import parse_json, read_text
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--state", type=Path, default=None,
+                        help="state directory (default: $LORE_DEVICE_HOME, else ~/.lore-fed/device)")
+    sub = parser.add_subparsers(dest="device_command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("init", help="create the device state from a basis file")
+    p.add_argument("--basis", type=Path, required=True, help="basis .npz (lore_core.basis_file format)")
+    p.add_argument("--encoder", type=Path, help="exported ONNX encoder directory (from export-encoder)")
+    p.add_argument("--reinit", action="store_true",
+                   help="adopt a basis of another version or dimension: refit w (re-embed choices if needed)")
+    p.set_defaults(_handler=_init)
+
+    p = sub.add_parser("adapt", help="learn the user's weights from their choices (incremental)")
+    p.add_argument("--choices", type=Path, required=True,
+                   help='JSONL or JSON list of {"history"|"prompt", "chosen", "rejected"}; or .npz with diff (n, D)')
+    p.add_argument("--encoder", type=Path, help="override the state's encoder directory")
+    p.add_argument("--json", action="store_true", help="print a JSON summary")
+    p.set_defaults(_handler=_adapt)
+
+    p = sub.add_parser("rank", help="rank candidate responses for this user (best first)")
+    p.add_argument("--prompt", required=True, help="the user's message the candidates answer")
+    p.add_argument("--candidates", type=Path, required=True, help="text file (one per line) or a JSON list")
+    p.add_argument("--strength", help="override the stored strength: a number in [0, 1] or 'off'")
+    p.add_argument("--encoder", type=Path, help="override the state's encoder directory")
+    p.add_argument("--json", action="store_true",
+                   help="print JSON: rewards with 90%% intervals and calibrated pairwise preference probabilities")
+    p.set_defaults(_handler=_rank)
+
+    p = sub.add_parser("next-question", help="pick the pool pairs whose answers would teach the most (JSON)")
+    p.add_argument("--candidates", type=Path, required=True,
+                   help='pool: JSONL or JSON list of {"history"|"prompt", "responses": [A, B]}; or .npz with diff')
+    p.add_argument("--k", type=int, default=1, help="how many pairs to ask at once (default 1)")
+    p.add_argument("--encoder", type=Path, help="override the state's encoder directory")
+    p.set_defaults(_handler=_next_question)
+
+    p = sub.add_parser("declare", help="set a prior from declared attributes; they never leave the device")
+    p.add_argument("attributes", nargs="*", metavar="FIELD=VALUE", help="e.g. age='25-34 years old'")
+    p.add_argument("--priors", type=Path, help="the attribute prior table shipped with the basis")
+    p.add_argument("--clear", action="store_true", help="drop the declared attributes (back to the population)")
+    p.set_defaults(_handler=_declare)
+
+    p = sub.add_parser("strength", help="show or set the personalization strength (0 = population, 1 = personal)")
+    p.add_argument("value", nargs="?", help="a number in [0, 1] or 'off'")
+    p.set_defaults(_handler=_strength)
+
+    p = sub.add_parser("status", help="print what the device state holds (JSON)")
+    p.set_defaults(_handler=_status)
+
+    p = sub.add_parser("forget", help="delete all personal data (weights, pairs, raw choices)")
+    p.add_argument("--all", action="store_true", help="delete the whole state directory, basis included")
+    p.set_defaults(_handler=_forget)
+
+    p = sub.add_parser("export-encoder", help="export the ONNX encoder (needs torch; not a device command)")
+    p.add_argument("--out", type=Path, required=True, help="output directory")
+    p.add_argument("--model", help="model path or cached hub name (default: the offline all-MiniLM-L6-v2)")
+    p.set_defaults(_handler=_export)
+
+
+def run(args: argparse.Namespace) -> int:
+    return int(args._handler(args) or 0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m client.device", description=__doc__.splitlines()[0])
+    configure(parser)
+    args = parser.parse_args(argv)
+    shown, warnings.formatwarning = warnings.formatwarning, lambda message, *_, **__: f"note: {message}\n"
+    try:
+        return run(args)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"client.device {args.device_command}: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        if exc.filename is None:
+            raise
+        print(f"client.device {args.device_command}: error: {exc}", file=sys.stderr)  # e.g. permission denied
+        return 2
+    finally:
+        warnings.formatwarning = shown
+
+
+# --- commands -------------------------------------------------------------------------------------------------
+
+
+def _init(args) -> int:
+    directory = _directory(args)
+    basis = load_basis(args.basis)
+    encoder = _checked_encoder_dir(args.encoder, basis) if args.encoder else None
+    if directory.is_dir() and any(directory.iterdir()) and not is_device_state(directory):
+        raise StateError(f"{directory} holds other files and is not a device state; give `--state` a new or empty "
+                         "directory")
+    with state_lock(directory, create=True):
+        try:
+            old = load_state(directory)
+        except StateCorruptError:
+            if not args.reinit:
+                raise
+            print(f"the state in {directory} is corrupted: starting afresh (--reinit)")
+            old = None
+        except StateError:
+            old = None
+        if old is None:
+            state = new_state(directory, basis, encoder=encoder)
+        else:
+            encoder = encoder or old.encoder
+            try:
+                check_compatible(old, basis)
+                state = replace(old, encoder=encoder)
+            except BasisMismatchError:
+                if not args.reinit:
+                    raise
+                state = _rebase(old, basis, encoder)
+        state = save_state(state)
+    print(f"device state in {directory}: basis v{basis.version} ({basis.rank} x {basis.dim}, {basis.embedder}), "
+          f"{state.n_pairs} pairs, encoder {state.encoder or 'none'}")
+    return 0
+
+
+def _adapt(args) -> int:
+    directory = _directory(args)
+    with state_lock(directory):
+        state = load_state(directory)
+        if state.strength is None:
+            raise StateError("personalization is off: no choices are learned; "
+                             "turn it on with `strength 1` (or any value in [0, 1])")
+        diff, records = _choice_diffs(args.choices, state, args.encoder)
+        pair_diff = np.concatenate([state.pair_diff, diff.astype(np.float32)])
+        choices = state.choices + tuple(json.dumps(r, ensure_ascii=False) for r in records)
+        start = time.perf_counter()
+        state, result = user_posterior.refit(replace(state, pair_diff=pair_diff, choices=choices))
+        fit_ms = 1e3 * (time.perf_counter() - start)
+        state = save_state(state)
+    spread = user_posterior.confidence(state, user_posterior.samples(state))["spread"]
+    summary = {
+        "added": len(records), "pairs": state.n_pairs, "iterations": result.iterations,
+        "converged": result.converged, "fit_ms": round(fit_ms, 3), "train_accuracy": result.train_accuracy,
+        "user_weights": [round(float(x), 6) for x in result.user_weights], "spread": spread,
+    }
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        print(f"learned from {len(records)} new choices ({state.n_pairs} in all) in {fit_ms:.1f} ms; "
+              f"agrees with {100 * result.train_accuracy:.0f}% of them; w = {np.round(result.user_weights, 3)}; "
+              f"spread {spread:.3f}")
+    return 0
+
+
+def _rank(args) -> int:
+    state = load_state(_directory(args))
+    strength = state.strength if args.strength is None else personalize.parse_strength(args.strength)
+    candidates = _read_candidates(args.candidates)
+    encoder = _open_encoder(args.encoder or state.encoder, state.basis)
+    from lore_core.embeddings import render_context
+
+    context = render_context([{"role": "user", "content": args.prompt}])
+    embeddings = encoder.embed([context] * len(candidates), candidates)
+    weights = personalize.effective_weights(user_posterior.point_weights(state), strength, state.basis.rank)
+    rewards = ranking.candidate_rewards(state.basis.basis, weights, embeddings)
+    order = ranking.rank_order(rewards)
+    drawn = user_posterior.samples(state)
+    sampled = personalize.effective_weights(drawn.w, strength, state.basis.rank)  # (1, S, B)
+    uncertain = posterior.PosteriorSamples(w=np.broadcast_to(sampled, drawn.w.shape), probability=drawn.probability)
+    low, high = ranking.reward_intervals(state.basis.basis, uncertain, embeddings)
+    prefer = ranking.preference_matrix(state.basis.basis, uncertain, embeddings)
+    rows = [{"rank": r + 1, "index": int(i), "score": float(rewards[i]),
+             "interval_90": [float(low[i]), float(high[i])], "text": candidates[i]} for r, i in enumerate(order)]
+    if args.json:
+        mode = "off" if strength is None else strength
+        print(json.dumps({"strength": mode, "personalized": state.user_weights is not None,
+                          "personalization": user_posterior.confidence(state, drawn)["personalization"],
+                          "ranking": rows, "preference_probability": np.round(prefer, 4).tolist()},
+                         ensure_ascii=False))
+    else:
+        for row in rows:
+            low_r, high_r = row["interval_90"]
+            print(f"{row['rank']:>3}  {row['score']:+.5f}  [{low_r:+.4f}, {high_r:+.4f}]  {row['text']}")
+    return 0
+
+
+def _next_question(args) -> int:
+    if args.k < 1:
+        raise ValueError(f"--k must be >= 1, got {args.k}")
+    state = load_state(_directory(args))
+    pool = read_pool(args.candidates, state.basis.dim)
+    if pool.records is not None:
+        diff = embed_choices(_open_encoder(args.encoder or state.encoder, state.basis),
+                             [as_choice(r, 0) for r in pool.records])
+    else:
+        diff = pool.diff
+    start = time.perf_counter()
+    available = ~answered(pool, state.choices, state.pair_diff)
+    picked, gains, best = user_posterior.next_questions(state, diff, available, args.k)
+    selection_ms = 1e3 * (time.perf_counter() - start)
+    stop = bool(questions.should_stop(best, int(available.sum())))
+    rows = []
+    for i, gain in zip(picked, gains):
+        row = {"index": int(i), "information_bits": round(float(gain), 4)}
+        if pool.records is not None:
+            row.update(pool.records[i])
+        rows.append(row)
+    reason = ("the pool has no unanswered pair left" if not available.any() else
+              f"the best pair is expected to teach {best:.3f} bits, below {questions.STOP_BITS}" if stop else
+              f"the best pair is expected to teach {best:.3f} bits")
+    print(json.dumps({"answers": state.n_pairs, "pool": pool.size, "unanswered": int(available.sum()),
+                      "stop": stop, "reason": reason, "selection_ms": round(selection_ms, 2), "questions": rows},
+                     ensure_ascii=False))
+    return 0
+
+
+def _declare(args) -> int:
+    directory = _directory(args)
+    with state_lock(directory):
+        state = load_state(directory)
+        if args.clear:
+            state = replace(state, attributes=(), prior_mean=None)
+        else:
+            if not args.attributes or args.priors is None:
+                raise ValueError("declare needs FIELD=VALUE ... and --priors TABLE (or --clear)")
+            declared = attribute_prior.parse_declarations(args.attributes)
+            mean, missing = attribute_prior.prior_mean(attribute_prior.read_table(args.priors, state.basis),
+                                                       declared)
+            if missing:
+                print(f"note: {args.priors} has no prior for {', '.join(missing)}; ignored", file=sys.stderr)
+            state = replace(state, attributes=tuple(declared.items()) if mean is not None else (), prior_mean=mean)
+        state, _ = user_posterior.refit(state)
+        state = save_state(state)
+    print(user_posterior.confidence(state, user_posterior.samples(state))["personalization"])
+    return 0
+
+
+def _strength(args) -> int:
+    directory = _directory(args)
+    with state_lock(directory):
+        state = load_state(directory)
+        if args.value is not None:
+            state = save_state(replace(state, strength=personalize.parse_strength(args.value)))
+    print("off" if state.strength is None else state.strength)
+    return 0
+
+
+def _status(args) -> int:
+    state = load_state(_directory(args))
+    print(json.dumps({
+        "state": str(state.directory), "generation": state.generation,
+        "basis_version": state.basis.version, "embedder": state.basis.embedder,
+        "rank": state.basis.rank, "dim": state.basis.dim, "encoder": state.encoder,
+        "strength": "off" if state.strength is None else state.strength,
+        "pairs": state.n_pairs, "adapted": state.user_weights is not None,
+        **user_posterior.confidence(state, user_posterior.samples(state)),
+    }, ensure_ascii=False))
+    return 0
+
+
+def _forget(args) -> int:
+    directory = _directory(args)
+    with state_lock(directory):  # refuses a directory that is not a device state before anything is deleted
+        notes = forget(directory, everything=args.all)
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
+    if args.all:
+        print(f"deleted the device state in {directory}")
+    else:
+        print(f"deleted all personal data in {directory}; the basis is kept (rankings use the population reward)")
+    return 0
+
+
+def _export(args) -> int:
+    from client.device.export import export_encoder
+
+    out = export_encoder(args.out, args.model)
+    print(f"exported the encoder to {out}")
+    return 0
+
+
+# --- helpers --------------------------------------------------------------------------------------------------
+
+
+def _directory(args) -> Path:
+    return Path(args.state) if args.state else default_state_dir()
+
+
+def _checked_encoder_dir(directory: Path, basis: BasisFile) -> str:
+    from client.device.encoder import EncoderError, read_encoder_meta
+
+    meta = read_encoder_meta(directory, verify=True)
+    if int(meta["dim"]) != basis.dim:
+        raise EncoderError(f"{directory}: encoder dimension {meta['dim']} does not match the basis ({basis.dim})")
+    if meta["embedder"] != basis.embedder:
+        print(f"note: encoder {meta['embedder']!r} and basis embedder {basis.embedder!r} are named differently",
+              file=sys.stderr)
+    return str(Path(directory).resolve())
+
+
+def _open_encoder(directory, basis: BasisFile):
+    from client.device.encoder import EncoderError, OnnxPairEncoder
+
+    if not directory:
+        raise EncoderError("no encoder configured: pass --encoder DIR (from `export-encoder`) or set it at init")
+    encoder = OnnxPairEncoder(directory)
+    if encoder.dim != basis.dim:
+        raise EncoderError(f"{directory}: encoder dimension {encoder.dim} does not match the basis ({basis.dim})")
+    return encoder
+
+
+def embed_choices(encoder, records: list[dict]) -> np.ndarray:
+    """Pair diffs (n, D) = e(context, chosen) - e(context, rejected), both in one encoder call."""
+    from lore_core.embeddings import render_context
+
+    contexts = [render_context(personalize.choice_context(r)) for r in records]
+    responses = [r["chosen"] for r in records] + [r["rejected"] for r in records]
+    emb = encoder.embed(contexts + contexts, responses)
+    return emb[: len(records)] - emb[len(records):]
+
+
+def _choice_diffs(path: Path, state: DeviceState, encoder_dir) -> tuple[np.ndarray, list[dict]]:
+    if path.suffix == ".npz":
+        if not path.is_file():
+            raise FileNotFoundError(f"choices file {path} does not exist")
+        diff = personalize.read_choice_diffs(path, state.basis.dim)
+        return diff, [{"precomputed": f"{path.name}#{i}"} for i in range(len(diff))]
+    records = personalize.read_choices(path)
+    return embed_choices(_open_encoder(encoder_dir or state.encoder, state.basis), records), records
+
+
+def _rebase(old: DeviceState, basis: BasisFile, encoder: str | None) -> DeviceState:
+    """Adopt a new basis: keep the pairs if they live in the same embedding space, else re-embed the raw
+    choices (or drop them when that is impossible); w is refitted from scratch (old w is in old coordinates)."""
+    state = replace(old, basis=basis, encoder=encoder, user_weights=None, posterior_mode=None, posterior_cov=None,
+                    prior_mean=None, attributes=())
+    if old.attributes:
+        print("dropped the declared attributes: their prior belongs to the old basis; declare them again with "
+              "the new basis' table")
+    same_space = old.basis.embedder == basis.embedder and old.basis.dim == basis.dim
+    if not same_space and old.n_pairs:
+        records = [json.loads(c) for c in old.choices]
+        if encoder and all("chosen" in r for r in records):
+            state = replace(state, pair_diff=embed_choices(_open_encoder(encoder, basis), records).astype(np.float32))
+        else:
+            print(f"dropped {old.n_pairs} stored choices: they were embedded for another embedder and cannot be "
+                  "re-embedded here (precomputed pairs or no encoder)")
+            state = replace(state, pair_diff=np.zeros((0, basis.dim), np.float32), choices=())
+    state, _ = user_posterior.refit(state)
+    print(f"adopted basis v{basis.version} (was v{old.basis.version}); refitted w on {state.n_pairs} pairs")
+    return state
+
+
+def _read_candidates(path: Path) -> list[str]:
+    if not path.is_file():
+        raise FileNotFoundError(f"candidates file {path} does not exist")
+    text = read_text(path)
+    if text.lstrip().startswith("["):
+        candidates = parse_json(text, path)
+        if not isinstance(candidates, list) or not all(isinstance(c, str) for c in candidates):
+            raise ValueError(f"{path}: a JSON candidates file must be a list of strings")
+    else:
+        candidates = [line for line in text.splitlines() if line.strip()]
+    if not candidates:
+        raise ValueError(f"{path}: no candidates")
+    return candidates

@@ -1,0 +1,274 @@
+"""Confidence in w: the posterior over a user's weights on the simplex given their answers, basis A frozen.
+
+Model. An answer is a pair the user ordered, scored s = A d (B,) with d = e(chosen) - e(rejected); its likelihood
+is sigma(w . s) (Bradley-Terry). The prior is the personal prior of `adapt`: p(w) proportional to
+exp(-c KL(w || m)) on the simplex (Lebesgue measure), c = prior_pairs (the prior weighs as much as c answers),
+m = uniform (the population reward) or the mean of a declared attribute's group. So the posterior's mode in w is
+exactly the w that `adapt` fits (the same objective, summed over answers instead of averaged).
+
+Laplace in the softmax chart. A Gaussian in w leaks mass outside the simplex and cannot follow a user near a vertex.
+In additive log-ratio coordinates eta_k = log(w_k / w_B) (k < B) the simplex becomes R^(B-1), the density picks
+up the Jacobian prod_k w_k and is much closer to Gaussian (MacKay 1998, "Choice of basis for Laplace
+approximation"); the Gaussian is centred at that density's mode, with covariance minus its inverse Hessian. Any
+other reference coordinate gives the same Gaussian up to a linear map.
+
+Sampling corrects the Laplace. The Laplace Gaussian, as a Student-t proposal (same centre and scale, 5 degrees of
+freedom, for tails), gives samples whose self-normalised importance weights p / q turn them into samples of the
+exact posterior. Intervals, calibrated probabilities (the logistic integrated over w) and information gains are
+then exact up to Monte-Carlo error, reported as the effective sample size. 512 samples, numpy only.
+
+Shapes: U users (1 on a device), n answers each (the same n for all users of one call), B basis size,
+S samples. answers (U, n, B) are the answered pairs' basis scores, oriented chosen-minus-rejected.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from lore_core.simplex_fit import prior_log_mean
+
+DEFAULT_SAMPLES = 512
+PROPOSAL_DOF = 5.0
+CREDIBLE_LEVEL = 0.9
+SAMPLE_SEED = 0  # the device draws the same samples for the same posterior: commands are reproducible
+
+
+@dataclass(frozen=True)
+class LaplaceFit:
+    """The Gaussian in the softmax chart: mode (U, B-1), covariance (U, B-1, B-1)."""
+
+    mode: np.ndarray
+    cov: np.ndarray
+
+
+@dataclass(frozen=True)
+class PosteriorSamples:
+    """Weighted samples of the posterior: w (U, S, B) on the simplex, probability (U, S) summing to 1 per user."""
+
+    w: np.ndarray
+    probability: np.ndarray
+
+    @property
+    def effective_size(self) -> np.ndarray:
+        """Kish's effective sample size (U,): S when the Laplace is exact, small when it is poor."""
+        return 1.0 / np.square(self.probability).sum(axis=-1)
+
+    def mean(self) -> np.ndarray:
+        """Posterior mean of w (U, B)."""
+        return np.einsum("us,usb->ub", self.probability, self.w)
+
+
+def to_simplex(eta: np.ndarray) -> np.ndarray:
+    """Softmax chart -> simplex: (..., B-1) -> (..., B)."""
+    return np.exp(_log_simplex(eta))
+
+
+def _log_simplex(eta: np.ndarray) -> np.ndarray:
+    """log w (..., B) of chart points (..., B-1), without underflow far out in the chart."""
+    full = np.concatenate([eta, np.zeros(eta.shape[:-1] + (1,))], axis=-1)
+    full -= full.max(axis=-1, keepdims=True)
+    return full - np.log(np.exp(full).sum(axis=-1, keepdims=True))
+
+
+def to_chart(w: np.ndarray) -> np.ndarray:
+    """Simplex -> softmax chart: (..., B) -> (..., B-1); w must be > 0."""
+    log_w = np.log(w)
+    return log_w[..., :-1] - log_w[..., -1:]
+
+
+def log_density(w: np.ndarray, answers: np.ndarray, prior_log: np.ndarray, prior_pairs: float) -> np.ndarray:
+    """Unnormalised log posterior density in w (Lebesgue on the simplex) of w (U, S, B) -> (U, S).
+
+    answers (U, n, B); prior_log (U, B) = log m."""
+    logits = np.einsum("usb,unb->usn", w, answers)
+    log_lik = -np.logaddexp(0.0, -logits).sum(axis=-1)
+    w_safe = np.clip(w, 1e-300, None)
+    kl = (w * (np.log(w_safe) - prior_log[:, None, :])).sum(axis=-1)
+    return log_lik - prior_pairs * kl
+
+
+def laplace(
+    answers: np.ndarray,
+    prior_pairs: float,
+    prior_mean: np.ndarray | None = None,
+    *,
+    init: np.ndarray | None = None,
+    max_iter: int = 50,
+    tol: float = 1e-9,
+) -> LaplaceFit:
+    """Laplace approximation in the softmax chart for every user at once (damped Newton; see module docstring).
+
+    answers (U, n, B); prior_mean (U, B) or None (uniform); init (U, B): a starting w, e.g. adapt's."""
+    answers = np.asarray(answers, dtype=np.float64)
+    n_users, _, n_basis = answers.shape
+    prior_log = prior_log_mean(prior_mean, n_users, n_basis)
+    eta = to_chart(np.exp(prior_log) if init is None else np.clip(init, 1e-12, None))
+    value = _chart_log_density(eta, answers, prior_log, prior_pairs)
+    for _ in range(max_iter):
+        grad, hess = _chart_derivatives(eta, answers, prior_log, prior_pairs)
+        step = _newton_step(grad, hess)
+        t = np.ones(n_users)
+        todo = np.ones(n_users, bool)
+        for _ in range(30):  # backtracking, per user
+            trial = np.where(todo[:, None], eta + t[:, None] * step, eta)
+            trial_value = _chart_log_density(trial, answers, prior_log, prior_pairs)
+            better = trial_value >= value + 1e-4 * t * (grad * step).sum(axis=1)
+            accept = todo & better
+            eta = np.where(accept[:, None], trial, eta)
+            value = np.where(accept, trial_value, value)
+            todo &= ~better
+            if not todo.any():
+                break
+            t = np.where(todo, 0.5 * t, t)
+        if np.all((grad * step).sum(axis=1) < tol):
+            break
+    _, hess = _chart_derivatives(eta, answers, prior_log, prior_pairs)
+    eigval, eigvec = np.linalg.eigh(-hess)
+    eigval = np.maximum(eigval, 1e-8)
+    cov = np.einsum("uij,uj,ukj->uik", eigvec, 1.0 / eigval, eigvec)
+    return LaplaceFit(mode=eta, cov=cov)
+
+
+def sample(
+    answers: np.ndarray,
+    fit: LaplaceFit,
+    prior_pairs: float,
+    prior_mean: np.ndarray | None = None,
+    *,
+    n_samples: int = DEFAULT_SAMPLES,
+    rng: np.random.Generator | None = None,
+) -> PosteriorSamples:
+    """Importance-weighted samples of the exact posterior, proposed from the Laplace fit (Student-t)."""
+    answers = np.asarray(answers, dtype=np.float64)
+    n_users, _, n_basis = answers.shape
+    prior_log = prior_log_mean(prior_mean, n_users, n_basis)
+    rng = rng if rng is not None else np.random.default_rng(SAMPLE_SEED)
+    dim = n_basis - 1
+    normal = rng.standard_normal((n_users, n_samples, dim))
+    scale = np.sqrt(PROPOSAL_DOF / rng.chisquare(PROPOSAL_DOF, (n_users, n_samples, 1)))
+    chol = np.linalg.cholesky(fit.cov)
+    eta = fit.mode[:, None, :] + np.einsum("uij,usj->usi", chol, normal * scale)
+    log_q = -0.5 * (PROPOSAL_DOF + dim) * np.log1p(np.square(normal * scale).sum(axis=-1) / PROPOSAL_DOF)
+    log_w = _log_simplex(eta)
+    w = np.exp(log_w)
+    log_p = log_density(w, answers, prior_log, prior_pairs) + log_w.sum(axis=-1)  # + log Jacobian of the chart
+    log_weight = log_p - log_q
+    log_weight -= log_weight.max(axis=1, keepdims=True)
+    probability = np.exp(log_weight)
+    return PosteriorSamples(w=w, probability=probability / probability.sum(axis=1, keepdims=True))
+
+
+def posterior(
+    answers: np.ndarray,
+    prior_pairs: float,
+    prior_mean: np.ndarray | None = None,
+    *,
+    init: np.ndarray | None = None,
+    n_samples: int = DEFAULT_SAMPLES,
+    rng: np.random.Generator | None = None,
+) -> PosteriorSamples:
+    """Laplace fit, then importance-weighted samples: the posterior every other function here reads."""
+    fit = laplace(answers, prior_pairs, prior_mean, init=init)
+    return sample(answers, fit, prior_pairs, prior_mean, n_samples=n_samples, rng=rng)
+
+
+def preference_probability(samples: PosteriorSamples, pair_scores: np.ndarray) -> np.ndarray:
+    """P(first response preferred) (U, P) for pairs scored pair_scores (U, P, B): sigma(w . s) integrated over w."""
+    logits = np.einsum("usb,upb->ups", samples.w, pair_scores)
+    return np.einsum("ups,us->up", _sigmoid(logits), samples.probability)
+
+
+def weighted_quantiles(values: np.ndarray, probability: np.ndarray, levels) -> np.ndarray:
+    """Quantiles of values (U, S, ...) under sample probabilities (U, S) -> (len(levels), U, ...)."""
+    order = np.argsort(values, axis=1)
+    sorted_values = np.take_along_axis(values, order, axis=1)
+    weights = np.broadcast_to(probability.reshape(probability.shape + (1,) * (values.ndim - 2)), values.shape)
+    cumulative = np.cumsum(np.take_along_axis(weights, order, axis=1), axis=1)
+    out = []
+    for level in np.atleast_1d(levels):
+        index = np.minimum((cumulative < level).sum(axis=1, keepdims=True), values.shape[1] - 1)
+        out.append(np.take_along_axis(sorted_values, index, axis=1)[:, 0])
+    return np.stack(out)
+
+
+def credible_intervals(samples: PosteriorSamples, values: np.ndarray, level: float = CREDIBLE_LEVEL) -> np.ndarray:
+    """Equal-tailed intervals (2, U, ...) of per-sample values (U, S, ...): e.g. each w_k or each reward."""
+    tail = 0.5 * (1.0 - level)
+    return weighted_quantiles(values, samples.probability, (tail, 1.0 - tail))
+
+
+def in_credible_region(
+    samples: PosteriorSamples,
+    w: np.ndarray,
+    answers: np.ndarray,
+    prior_pairs: float,
+    prior_mean: np.ndarray | None = None,
+    level: float = CREDIBLE_LEVEL,
+) -> np.ndarray:
+    """Whether w (U, B) lies in each user's highest-posterior-density region of mass `level` (U,) bool.
+
+    The region is {w : p(w | answers) >= t} in w itself (Lebesgue on the simplex): invariant to the chart and
+    continuous up to the simplex boundary, where a region in log-ratios would put a user with w_k = 1e-6 at
+    minus infinity. t is the (1 - level) quantile of the density over posterior samples."""
+    answers = np.asarray(answers, dtype=np.float64)
+    prior_log = prior_log_mean(prior_mean, answers.shape[0], answers.shape[2])
+    sample_density = log_density(samples.w, answers, prior_log, prior_pairs)
+    threshold = weighted_quantiles(sample_density[:, :, None], samples.probability, 1.0 - level)[0, :, 0]
+    return log_density(np.asarray(w, np.float64)[:, None, :], answers, prior_log, prior_pairs)[:, 0] >= threshold
+
+
+def spread(samples: PosteriorSamples) -> np.ndarray:
+    """How far w may be from where the device thinks it is: the expected total-variation distance between w and
+    the posterior mean (U,); 0 when sure, about 0.3 before the first answer (4-5 bases, the device prior). It
+    shrinks as answers come in. The one number `status` shows."""
+    centre = samples.mean()
+    return 0.5 * np.einsum("us,us->u", samples.probability, np.abs(samples.w - centre[:, None, :]).sum(axis=-1))
+
+
+# --- derivatives in the softmax chart ----------------------------------------------------------------------------
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return 0.5 * (1.0 + np.tanh(0.5 * x))
+
+
+def _chart_log_density(eta, answers, prior_log, prior_pairs) -> np.ndarray:
+    """log p(eta) = log p(w(eta)) + sum_k log w_k (Jacobian of the chart) (U,)."""
+    log_w = _log_simplex(eta)
+    return log_density(np.exp(log_w)[:, None, :], answers, prior_log, prior_pairs)[:, 0] + log_w.sum(axis=-1)
+
+
+def _chart_derivatives(eta, answers, prior_log, prior_pairs) -> tuple[np.ndarray, np.ndarray]:
+    """Gradient (U, B-1) and Hessian (U, B-1, B-1) of log p(eta).
+
+    With g, G the gradient and Hessian of log p(w) in w (any smooth extension off the simplex) and
+    J = dw/deta = (diag(w) - w w^T)[:, :B-1]: grad = J^T g; Hess = J^T G J + diag(a) - a w^T - w a^T with
+    a = w * (g - w.g) (the softmax's curvature); the Jacobian term sum log w adds 1 - B w and -B (diag(w) - w w^T).
+    """
+    log_w = _log_simplex(eta)
+    w = np.exp(log_w)
+    n_basis = w.shape[-1]
+    logits = np.einsum("ub,unb->un", w, answers)
+    g = np.einsum("un,unb->ub", _sigmoid(-logits), answers)
+    g -= prior_pairs * (log_w - prior_log + 1.0)
+    curvature = _sigmoid(logits) * _sigmoid(-logits)
+    G = -np.einsum("un,unb,unc->ubc", curvature, answers, answers)
+    G -= prior_pairs * np.einsum("ub,bc->ubc", 1.0 / w, np.eye(n_basis))
+    softmax_jac = np.einsum("ub,bc->ubc", w, np.eye(n_basis)) - w[:, :, None] * w[:, None, :]  # (U, B, B)
+    J = softmax_jac[:, :, :-1]
+    a = w * (g - (w * g).sum(axis=1, keepdims=True))
+    hess = np.einsum("ubi,ubc,ucj->uij", J, G, J)
+    hess += (np.einsum("ub,bc->ubc", a, np.eye(n_basis)) - a[:, :, None] * w[:, None, :]
+             - w[:, :, None] * a[:, None, :])[:, :-1, :-1]
+    hess -= n_basis * softmax_jac[:, :-1, :-1]
+    grad = np.einsum("ubi,ub->ui", J, g) + (1.0 - n_basis * w)[:, :-1]
+    return grad, hess
+
+
+def _newton_step(grad: np.ndarray, hess: np.ndarray) -> np.ndarray:
+    """Ascent step -H^-1 grad with H's eigenvalues made negative (|lambda|): safe where log p is not concave."""
+    eigval, eigvec = np.linalg.eigh(hess)
+    inverse = 1.0 / np.maximum(np.abs(eigval), 1e-10)
+    return np.einsum("uij,uj,ukj,uk->ui", eigvec, inverse, eigvec, grad)

@@ -1,0 +1,133 @@
+"""Which pairs to ask a new user next: expected information gain about w, and when to stop asking.
+
+Criterion. The answer y to pair j is Bernoulli(sigma(w . s_j)) given w. Its expected information about w is the
+mutual information I(y; w) = H(E_w[p]) - E_w[H(p)] (in bits), with the expectation over the posterior samples of
+`posterior` (BALD, Houlsby et al. 2011). It is high where the posterior disagrees about the answer and each w is
+sure of it, so it skips pairs that are unclear to everyone (label noise, |s| small) as well as pairs all of the
+posterior already agrees on. Unlike PReF's `max_dist` rule (Fisher norm at a point estimate, no prior), it reads
+the whole posterior, the simplex and the personal prior, and it asks a first question by the same rule.
+
+Several at once (K > 1): greedy joint information of the batch, I(y_1..y_K; w) (BatchBALD, Kirsch et al. 2019),
+so a batch does not ask the same thing twice. The joint answer distribution is enumerated while it has at most
+MAX_CONFIGURATIONS outcomes, then followed by sampled outcomes.
+
+Stop rule. Asking pays while a question can still teach something: stop when the best remaining pair's expected
+information falls below STOP_BITS (chosen on pilot populations by `simulations.bench_onboarding --pilot`: the
+largest threshold that loses at most one accuracy point against 30 answers), or the pool is used up.
+
+All numpy, vectorized over the pool (and over users for benchmarks).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from client.device.posterior import PosteriorSamples
+
+STOP_BITS = 0.08
+MAX_CONFIGURATIONS = 256
+_LN2 = np.log(2.0)
+
+
+def _entropy_bits(p: np.ndarray) -> np.ndarray:
+    """Binary entropy in bits, 0 at p = 0 or 1."""
+    p = np.clip(p, 1e-12, 1.0 - 1e-12)
+    return -(p * np.log(p) + (1.0 - p) * np.log1p(-p)) / _LN2
+
+
+def answer_probabilities(samples: PosteriorSamples, pool_scores: np.ndarray) -> np.ndarray:
+    """P(first response chosen | w_s) (U, S, P) for pool pairs scored (U, P, B)."""
+    return 0.5 * (1.0 + np.tanh(0.5 * np.einsum("usb,upb->usp", samples.w, pool_scores)))
+
+
+def expected_information(samples: PosteriorSamples, pool_scores: np.ndarray) -> np.ndarray:
+    """I(y_j; w) in bits (U, P) for every pool pair at once."""
+    p = answer_probabilities(samples, pool_scores)
+    mean = np.einsum("us,usp->up", samples.probability, p)
+    return _entropy_bits(mean) - np.einsum("us,usp->up", samples.probability, _entropy_bits(p))
+
+
+def choose_next(samples: PosteriorSamples, pool_scores: np.ndarray, available: np.ndarray) -> tuple[np.ndarray,
+                                                                                                      np.ndarray]:
+    """The most informative available pair per user: (index (U,), bits (U,)); available (U, P) bool."""
+    gain = np.where(available, expected_information(samples, pool_scores), -np.inf)
+    index = gain.argmax(axis=1)
+    return index, gain[np.arange(gain.shape[0]), index]
+
+
+def choose_batch(samples: PosteriorSamples, pool_scores: np.ndarray, available: np.ndarray, k: int,
+                 rng: np.random.Generator | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """K pairs for ONE user, greedily maximising their joint information I(y_1..y_K; w) (BatchBALD).
+
+    samples for one user (U = 1), pool_scores (1, P, B), available (P,) bool. Returns (indices (k',), the joint
+    information after each pick (k',), bits), k' = min(k, available pairs).
+
+    Configurations: joint (S, M) holds P(outcome m | w_s) for the M outcomes followed so far; rho (M,) weighs them:
+    rho = P(m) while outcomes are enumerated, 1/M once they are sampled. The batch entropy is then
+    H = sum_m rho_m sum_y P(y | m) (-log P(m, y)), which is exact for the enumeration and unbiased when sampled.
+    """
+    rng = rng if rng is not None else np.random.default_rng(0)
+    prob = samples.probability[0]  # (S,)
+    p = answer_probabilities(samples, pool_scores)[0]  # (S, P)
+    conditional = prob @ _entropy_bits(p)  # (P,) E_w H(y_j | w)
+    joint = np.ones((prob.size, 1))
+    rho = np.ones(1)
+    enumerated = True
+    free = np.asarray(available, bool).copy()
+    chosen, info = [], []
+    conditional_sum = 0.0
+    for _ in range(min(k, int(free.sum()))):
+        p_m = prob @ joint  # (M,)
+        p_m1 = (prob[:, None] * joint).T @ p  # (M, P): P(m, y_j = 1)
+        p_m0 = p_m[:, None] - p_m1
+        weight = np.divide(rho, p_m, out=np.zeros_like(rho), where=p_m > 0)[:, None]
+        batch_entropy = (weight * (_xlogx_neg(p_m1) + _xlogx_neg(p_m0))).sum(axis=0) / _LN2
+        gain = np.where(free, batch_entropy - conditional - conditional_sum, -np.inf)
+        j = int(gain.argmax())
+        chosen.append(j)
+        info.append(float(gain[j]))
+        conditional_sum += conditional[j]
+        free[j] = False
+        pj = p[:, j : j + 1]
+        if enumerated and 2 * joint.shape[1] <= MAX_CONFIGURATIONS:
+            joint = np.concatenate([joint * pj, joint * (1.0 - pj)], axis=1)
+            rho = np.concatenate([p_m1[:, j], p_m0[:, j]])
+            continue
+        if enumerated:  # switch to MAX_CONFIGURATIONS outcomes drawn from P(m, y_j)
+            outcome_p = np.concatenate([p_m1[:, j], p_m0[:, j]])
+            draw = rng.choice(outcome_p.size, size=MAX_CONFIGURATIONS, p=outcome_p / outcome_p.sum())
+            both = np.concatenate([joint * pj, joint * (1.0 - pj)], axis=1)
+            joint, rho, enumerated = both[:, draw], np.full(MAX_CONFIGURATIONS, 1.0 / MAX_CONFIGURATIONS), False
+            continue
+        y = rng.random(joint.shape[1]) < p_m1[:, j] / p_m  # y ~ P(y_j | m) for each followed outcome
+        joint = joint * np.where(y[None, :], pj, 1.0 - pj)
+    return np.asarray(chosen, dtype=np.int64), np.asarray(info)
+
+
+def should_stop(best_bits: np.ndarray | float, remaining: np.ndarray | int, threshold: float = STOP_BITS):
+    """The stop rule: no remaining pair, or the best one is expected to teach less than `threshold` bits."""
+    return (np.asarray(remaining) == 0) | (np.asarray(best_bits) < threshold)
+
+
+def fisher_choice(w: np.ndarray, answers: np.ndarray, pool_scores: np.ndarray, available: np.ndarray,
+                  ridge: float = 1e-3) -> np.ndarray:
+    """PReF's `max_dist` rule (Shenfeld et al. 2025, idanshen/PReF_code `max_norm_vector`), the baseline.
+
+    Sigma = ridge I + sum_answered sigma'(w.s) s s^T (Fisher information at the point estimate w); pick the pair
+    maximising sigma'(w.s)^2 s^T Sigma^-1 s. w (U, B), answers (U, n, B), pool_scores (U, P, B) -> index (U,).
+    (PReF asks its first question at random; the benchmark does the same.)"""
+    def slope(z):
+        s = 0.5 * (1.0 + np.tanh(0.5 * z))
+        return s * (1.0 - s)
+
+    n_basis = w.shape[1]
+    fisher = ridge * np.eye(n_basis) + np.einsum(
+        "un,unb,unc->ubc", slope(np.einsum("ub,unb->un", w, answers)), answers, answers)
+    norm = np.einsum("upb,ubc,upc->up", pool_scores, np.linalg.inv(fisher), pool_scores)  # s^T Sigma^-1 s
+    value = slope(np.einsum("ub,upb->up", w, pool_scores)) ** 2 * norm
+    return np.where(available, value, -np.inf).argmax(axis=1)
+
+
+def _xlogx_neg(x: np.ndarray) -> np.ndarray:
+    x = np.clip(x, 1e-300, None)
+    return -x * np.log(x)

@@ -1,0 +1,88 @@
+"""The message contract between the lore-fed ServerApp and ClientApp (one source of truth for both sides).
+
+query    server -> node: {}                       node -> server: metrics {partition-id, num-train-users, dim}
+train    server -> node: arrays {basis (B, D)}, config {user-indices: [local index, ...], round, privacy-mode,
+                          + user modes: clip-norm; + record: noise-multiplier, max-grad-norm, record-batch-size,
+                          record-epochs, delta[, max-epsilon][, noise-seed (debug, NOT PRIVATE)]}
+         node -> server: arrays {updates (k, B, D)}, metrics {num-users: k}     -- nothing else, ever
+         user+secagg (legacy FitIns through secaggplus_mod): config {user-indices (bytes), round, privacy-mode,
+                          clip-norm, noise-multiplier, dropout-tolerance, sampled-users, granularity,
+                          clipping-range}; the node uploads its users' noised integer sum, masked
+                         record mode adds arrays {dp-history (s, 4): rows (position in updates, z, q, steps)}:
+                         each sampled user's accountant history, for the ledger (reveals its batch count)
+evaluate server -> node: arrays {basis}, config {round}
+         node -> server: metrics {seen-acc-sum, seen-users, unseen-acc-sum, unseen-users[, oracle-*-acc-sum]}
+Client settings come from the run config (flat `[tool.flwr.app.config]` keys, shared with the server).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+ARRAYS = "arrays"
+CONFIG = "config"
+METRICS = "metrics"
+BASIS = "basis"
+UPDATES = "updates"
+USER_INDICES = "user-indices"
+ROUND = "round"
+NUM_USERS = "num-users"
+DP_HISTORY = "dp-history"
+PRIVACY_MODE = "privacy-mode"
+CLIP_NORM = "clip-norm"
+NOISE_MULTIPLIER = "noise-multiplier"
+MAX_GRAD_NORM = "max-grad-norm"
+RECORD_BATCH_SIZE = "record-batch-size"
+RECORD_EPOCHS = "record-epochs"
+DELTA = "delta"
+MAX_EPSILON = "max-epsilon"
+NOISE_SEED = "noise-seed"
+DROPOUT_TOLERANCE = "dropout-tolerance"
+SAMPLED_USERS = "sampled-users"
+GRANULARITY = "granularity"
+CLIPPING_RANGE = "clipping-range"
+PARTITION_ID = "partition-id"
+NUM_TRAIN_USERS = "num-train-users"
+DIM = "dim"
+EVAL_SUM_KEYS = ("seen-acc-sum", "seen-users", "unseen-acc-sum", "unseen-users")
+ORACLE_SUM_KEYS = ("oracle-seen-acc-sum", "oracle-unseen-acc-sum")
+
+
+@dataclass(frozen=True)
+class ClientSettings:
+    """What a node needs from the run config."""
+
+    pairs_path: str  # simulation: the shared pair file; empty in deployment (node_config data-path instead)
+    train_prior_pairs: float  # training: prior of the w fit before each local step, in pairs (c / n_u per user)
+    prior_pairs: float  # evaluation: the personal prior of the final w fit, in pairs (simplex_fit.prior_from_pairs)
+    local_steps: int
+    client_lr: float
+    device: str = "cpu"  # record mode: torch device of the DP-SGD step
+    canary_nodes: int = 0  # simulation with canaries: the last `canary_nodes` partitions host canary users
+    canary_secrets: str = ""  # ... whose directions and coins they read from this file (federation/canary_users.py)
+
+    @classmethod
+    def from_run_config(cls, run_config: dict) -> "ClientSettings":
+        return cls(
+            pairs_path=str(run_config.get("pairs-path", "")),
+            train_prior_pairs=float(run_config["train-prior-pairs"]),
+            prior_pairs=float(run_config["prior-pairs"]),
+            local_steps=int(run_config["local-steps"]),
+            client_lr=float(run_config["client-lr"]),
+            device=str(run_config.get("device", "cpu")),
+            canary_nodes=int(run_config.get("canary-nodes", 0) or 0),
+            canary_secrets=str(run_config.get("canary-secrets", "")),
+        )
+
+
+def encode_user_indices(indices: np.ndarray) -> bytes:
+    """Local user indices (k,) -> bytes: a legacy FitIns config (SecAgg+ path) holds scalars only, no lists."""
+    return np.ascontiguousarray(indices, dtype="<i8").tobytes()
+
+
+def decode_user_indices(data: bytes) -> np.ndarray:
+    if not isinstance(data, bytes) or len(data) % 8:
+        raise ValueError(f"user-indices must be int64 bytes, got {type(data).__name__}")
+    return np.frombuffer(data, dtype="<i8").astype(np.int64)

@@ -1,0 +1,392 @@
+"""`lore-fed audit NAME [RUN_DIR] [options]`: privacy audits of a run (issue 5; lore_core.audits).
+
+NAME: update-leakage | attribute | membership | mechanism | canary | accounting | extraction | fairness.
+Inputs come from RUN_DIR (basis.npz or checkpoint.npz, ledger.json, metrics.json["pairs"]) or from options:
+--pairs (pair file or dataset dir; users.jsonl and ground_truth.npz are looked up next to it), --basis, --config
+(privacy settings, JSON or TOML, flat or under [privacy]), or --synthetic (a LoRe-shaped population with known
+truth: no run needed). Results go to OUT/audits/ (OUT = --out, default RUN_DIR) and the run's ledger; the verdict is
+printed. Per-user updates are computed with the client's own code (federation.local_training).
+`mechanism` runs the server's own aggregation (server.aggregation); `canary` reads the run's release record
+(server.release_record) and the auditor's --secrets, never a re-simulation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+NAMES = ("update-leakage", "attribute", "membership", "mechanism", "canary", "accounting", "extraction", "fairness")
+PRIVACY_DEFAULTS = {"noise_multiplier": 1.0, "clip_norm": 1.0, "clients_per_round": 50, "population_size": 1400,
+                    "rounds": 200, "delta": 1e-5, "mode": "none"}
+LOCAL_STEPS, CLIENT_LR = 5, 1.0  # the run config defaults (pyproject [tool.flwr.app.config])
+
+
+class AuditCommandError(ValueError):
+    """Missing or inconsistent audit inputs; the message says which option provides them."""
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("name", choices=NAMES, help="which audit")
+    parser.add_argument("run_dir", nargs="?", default=None, help="federated run directory (lore-fed simulate --out)")
+    parser.add_argument("--out", default=None, help="where audits/ is written (default: RUN_DIR, else ./audit-out)")
+    parser.add_argument("--pairs", default=None, help="pair file or dataset directory (default: from the run)")
+    parser.add_argument("--basis", default=None, help="basis file or checkpoint.npz (default: from the run)")
+    parser.add_argument("--users", default=None, help="users.jsonl with demographics (default: next to the pairs)")
+    parser.add_argument("--config", default=None, help="privacy settings file (JSON/TOML) for mechanism/canary")
+    parser.add_argument("--synthetic", action="store_true", help="audit a synthetic population with known truth")
+    parser.add_argument("--mode", default=None, help="privacy mode whose server view is replayed (default: run's)")
+    parser.add_argument("--noise-multiplier", type=float, default=None)
+    parser.add_argument("--clip-norm", type=float, default=None)
+    parser.add_argument("--clients-per-round", type=int, default=None)
+    parser.add_argument("--population", type=int, default=None, help="number of users N")
+    parser.add_argument("--rounds", type=int, default=None)
+    parser.add_argument("--delta", type=float, default=None)
+    parser.add_argument("--runs", type=int, default=10000, help="mechanism: runs with and without the canary")
+    parser.add_argument("--secrets", default=None,
+                        help="canary: the canaries' secrets file (`lore-fed simulate --canary-secrets`)")
+    parser.add_argument("--shadows", type=int, default=64, help="membership: LiRA shadow fits")
+    parser.add_argument("--level", choices=("record", "user"), default="record", help="membership level")
+    parser.add_argument("--permutations", type=int, default=200, help="attribute: label permutations")
+    parser.add_argument("--max-users", type=int, default=1000, help="users sampled for per-user audits")
+    parser.add_argument("--query-noise", type=float, default=0.0, help="extraction: noise std per served score")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+# --- inputs -----------------------------------------------------------------------------------------------------------
+def _load_settings(args: argparse.Namespace, run_dir: Path | None) -> dict:
+    settings = dict(PRIVACY_DEFAULTS)
+    ledger = run_dir / "ledger.json" if run_dir else None
+    if ledger and ledger.exists():
+        stored = json.loads(ledger.read_text()).get("config", {})
+        settings.update({k: v for k, v in stored.items() if k in PRIVACY_DEFAULTS and v is not None})
+    if args.config:
+        settings.update(_read_config(Path(args.config)))
+    for key, value in (("noise_multiplier", args.noise_multiplier), ("clip_norm", args.clip_norm),
+                       ("clients_per_round", args.clients_per_round), ("population_size", args.population),
+                       ("rounds", args.rounds), ("delta", args.delta), ("mode", args.mode)):
+        if value is not None:
+            settings[key] = value
+    source = f" (from --config {args.config})" if args.config else ""
+    for key in ("clients_per_round", "population_size", "rounds"):
+        value = settings[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise AuditCommandError(f"{key} must be a positive integer, got {value!r}{source}")
+    for key in ("noise_multiplier", "clip_norm", "delta"):
+        if isinstance(settings[key], bool) or not isinstance(settings[key], (int, float)):
+            raise AuditCommandError(f"{key} must be a number, got {settings[key]!r}{source}")
+    return settings
+
+
+def _check_counts(args: argparse.Namespace) -> None:
+    """The audits' sizes and noise levels, checked before any work."""
+    for flag in ("runs", "shadows", "permutations", "max_users"):
+        if getattr(args, flag) < 1:
+            raise AuditCommandError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    for flag in ("query_noise",):
+        value = getattr(args, flag)
+        if not 0 <= value < float("inf"):
+            raise AuditCommandError(f"--{flag.replace('_', '-')} must be a finite number >= 0, got {value}")
+
+
+def _read_config(path: Path) -> dict:
+    from lore_core.text_file import parse_json, read_text
+
+    if not path.is_file():
+        raise AuditCommandError(f"--config {path} does not exist")
+    text = read_text(path, AuditCommandError)
+    if path.suffix == ".toml":
+        import tomllib
+
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise AuditCommandError(f"--config {path}: not valid TOML ({exc})") from None
+    else:
+        data = parse_json(text, path, AuditCommandError)
+    if isinstance(data, dict) and isinstance(data.get("privacy"), dict):
+        data = data["privacy"]
+    if not isinstance(data, dict):
+        raise AuditCommandError(f"--config {path}: expected privacy settings as an object (flat or under [privacy]), "
+                                f"got {type(data).__name__}")
+    known = {k.replace("-", "_"): v for k, v in data.items()}
+    unknown = sorted(set(known) - set(PRIVACY_DEFAULTS) - {"population", "sample_rate"})
+    if unknown:
+        raise AuditCommandError(f"--config {path}: unknown keys {unknown}; known: {sorted(PRIVACY_DEFAULTS)}")
+    if "population" in known:
+        known["population_size"] = known.pop("population")
+    known.pop("sample_rate", None)
+    return known
+
+
+def _synthetic(seed: int):
+    from simulations.synthetic_pairs import SyntheticPairsConfig, make_synthetic_pairs
+
+    return make_synthetic_pairs(SyntheticPairsConfig(dim=64, seen_users=300, unseen_users=100, seed=seed))
+
+
+def load_pairs_and_basis(args: argparse.Namespace, run_dir: Path | None):
+    """(PairSet, basis (B, D), dataset directory or None)."""
+    from lore_core.pairs import load_pairs
+
+    if args.synthetic:
+        pairs, truth = _synthetic(args.seed)
+        return pairs, truth.basis, None
+    pairs_path = args.pairs
+    if pairs_path is None and run_dir is not None:
+        metrics = run_dir / "metrics.json"
+        if metrics.exists():
+            data = json.loads(metrics.read_text())
+            pairs_path = data.get("pairs") or data.get("pairs_path")
+        if pairs_path is None and (run_dir / "pairs.npz").exists():
+            pairs_path = run_dir / "pairs.npz"
+    if pairs_path is None:
+        raise AuditCommandError("no pair file: pass --pairs PAIRS.npz|DATASET (or --synthetic)")
+    pairs = load_pairs(pairs_path)
+    basis = load_run_basis(args.basis, run_dir)
+    if basis.shape[1] != pairs.dim:
+        raise AuditCommandError(f"basis dimension {basis.shape[1]} does not match the pair file's {pairs.dim}")
+    dataset = Path(pairs.source).parent
+    return pairs, basis, dataset
+
+
+def load_run_basis(path: str | None, run_dir: Path | None) -> np.ndarray:
+    from lore_core.basis_file import load_basis
+
+    candidates = [Path(path)] if path else ([run_dir / "basis.npz", run_dir / "checkpoint.npz"] if run_dir else [])
+    from lore_core.npz_file import open_npz
+
+    for file in candidates:
+        if not file.is_file():
+            continue
+        with open_npz(file, "a basis file or a run's checkpoint.npz", AuditCommandError) as data:
+            names = data.files
+            basis = data["basis"] if "basis" in names and "sha256" not in names else None
+        if "sha256" in names:
+            return load_basis(file).basis.astype(np.float64)
+        if basis is not None:
+            if basis.ndim != 2 or not np.issubdtype(basis.dtype, np.floating) or not np.isfinite(basis).all():
+                raise AuditCommandError(f"{file}: basis must be a finite 2-D float array, got {basis.dtype} "
+                                        f"{basis.shape}")
+            return basis.astype(np.float64)
+    raise AuditCommandError(f"no basis found (looked at {[str(c) for c in candidates]}); pass --basis FILE")
+
+
+def client_updates(pairs, basis: np.ndarray, user_ids: np.ndarray, *, steps: int = LOCAL_STEPS,
+                   lr: float = CLIENT_LR, prior_strength: float | None = None, block: int = 64):
+    """Each user's device w (U, B) and basis update dA (U, B, D) exactly as the client computes them
+    (federation.local_training: fit w on the user's training pairs, `steps` local steps with w fixed), in node-sized
+    blocks of users."""
+    from federation.local_training import fit_weights, local_basis_updates
+    from federation.user_block import make_block
+    from lore_core.simplex_fit import DEFAULT_PRIOR_STRENGTH
+
+    prior = DEFAULT_PRIOR_STRENGTH if prior_strength is None else prior_strength
+    weights, updates = [], []
+    for chunk in np.array_split(np.sort(user_ids), max(1, int(np.ceil(len(user_ids) / block)))):
+        rows = make_block(pairs, chunk).seen_train
+        w = fit_weights(basis, rows, chunk.size, prior)
+        weights.append(w)
+        updates.append(local_basis_updates(basis, w, rows, steps=steps, lr=lr))
+    return np.concatenate(weights), np.concatenate(updates)
+
+
+def sample_users(ids: np.ndarray, max_users: int, seed: int) -> np.ndarray:
+    if ids.size <= max_users:
+        return np.sort(ids)
+    return np.sort(np.random.default_rng(seed).choice(ids, size=max_users, replace=False))
+
+
+def load_demographics(path: Path | None, user_ids: np.ndarray) -> dict[str, np.ndarray]:
+    """users.jsonl -> attribute -> labels aligned with user_ids ('missing' where absent); location -> reside_region."""
+    from lore_core.text_file import read_jsonl
+
+    if path is None or not path.is_file():
+        return {}
+    rows = {}
+    for line, row in read_jsonl(path, AuditCommandError):
+        if "user" not in row or not isinstance(row.get("demographics") or {}, dict):
+            raise AuditCommandError(f"{path} line {line}: expected {{\"user\": ..., \"demographics\": {{...}}}}")
+        rows[str(row["user"])] = row.get("demographics") or {}
+    attrs = sorted({k for d in rows.values() for k in d})
+    out = {}
+    for attr in attrs:
+        values = []
+        for uid in user_ids:
+            value = rows.get(str(uid), {}).get(attr)
+            if isinstance(value, dict):
+                value = value.get("reside_region") or next((v for v in value.values() if isinstance(v, str)), None)
+            values.append("missing" if value is None else str(value))
+        out[attr] = np.array(values)
+    return out
+
+
+def _users_file(args: argparse.Namespace, dataset: Path | None) -> Path | None:
+    if args.users:
+        return Path(args.users)
+    return dataset / "users.jsonl" if dataset else None
+
+
+# --- audits -----------------------------------------------------------------------------------------------------------
+def _update_leakage(args, run_dir, settings) -> dict:
+    from lore_core.audits.update_leakage import update_leakage_audit
+
+    pairs, basis, _ = load_pairs_and_basis(args, run_dir)
+    ids = sample_users(np.unique(pairs.user[pairs.seen]), args.max_users, args.seed)
+    weights, updates = client_updates(pairs, basis, ids)
+    member = pairs.subset(np.isin(pairs.user, ids) & pairs.seen & (pairs.split == "train"))
+    held = pairs.subset(np.isin(pairs.user, ids) & pairs.seen & (pairs.split == "test"))
+    mode = settings["mode"]
+    clip = settings["clip_norm"] if mode != "none" else None
+    return update_leakage_audit(updates, weights, member.diff, np.searchsorted(ids, member.user), held.diff,
+                                np.searchsorted(ids, held.user), mode=mode,
+                                clients_per_round=int(settings["clients_per_round"]), clip_norm=clip, seed=args.seed)
+
+
+def _attribute(args, run_dir, settings) -> dict:
+    from lore_core.audits.attribute import attribute_audit
+    from lore_core.audits.update_leakage import MODE_VIEW, recover_from_updates, server_view
+
+    pairs, basis, dataset = load_pairs_and_basis(args, run_dir)
+    ids = sample_users(np.unique(pairs.user[pairs.seen]), args.max_users, args.seed)
+    attributes = load_demographics(_users_file(args, dataset), ids)
+    if not attributes:
+        raise AuditCommandError("no demographics: pass --users users.jsonl (written by `lore-fed prepare`)")
+    weights, updates = client_updates(pairs, basis, ids)
+    view = MODE_VIEW.get(settings["mode"], "single")
+    observed, group = server_view(updates, view, clients_per_round=int(settings["clients_per_round"]),
+                                  rounds_per_user=1, clip_norm=None, local_noise=0.0,
+                                  rng=np.random.default_rng(args.seed))
+    recovered = recover_from_updates(observed)[0][group]
+    views = {"w_device": weights, "w_from_updates": recovered, "A_only": np.tile(weights.mean(axis=0), (len(ids), 1))}
+    return attribute_audit(views, attributes, permutations=args.permutations, seed=args.seed)
+
+
+def _membership(args, run_dir, settings) -> dict:
+    from lore_core.audits.membership import record_membership_audit, user_membership_audit
+
+    pairs, basis, _ = load_pairs_and_basis(args, run_dir)
+    delta = float(settings["delta"])
+    if args.level == "record":
+        ids = sample_users(np.unique(pairs.user), args.max_users, args.seed)
+        part = pairs.subset(np.isin(pairs.user, ids))
+        return record_membership_audit(basis, part.diff, np.searchsorted(ids, part.user), ids.size,
+                                       shadows=args.shadows, delta=delta, seed=args.seed)
+    part = pairs.subset(pairs.split == "train")  # seen: pairs the basis trained on; unseen: few-shot, never used
+    ids, idx = np.unique(part.user, return_inverse=True)
+    member = np.isin(ids, np.unique(part.user[part.seen]))
+    return user_membership_audit(basis, part.diff, idx, member, delta=delta, seed=args.seed)
+
+
+def _mechanism(args, run_dir, settings) -> dict:
+    """One step of the server's own aggregation (server.aggregation.make_aggregator for the run's privacy settings)."""
+    from lore_core.audits.mechanism_audit import mechanism_audit
+    from lore_core.privacy.accounting import epsilon
+    from lore_core.privacy.privacy_settings import PrivacySettings, validate
+    from server.aggregation import UserDpAggregator
+
+    mode = settings["mode"] if settings["mode"] in ("user", "user+secagg") else "user"
+    if run_dir is not None and (run_dir / "ledger.json").exists() and settings["mode"] != mode:
+        raise AuditCommandError(f"the mechanism audit covers the user-level modes; {run_dir} ran mode "
+                                f"{settings['mode']}")
+    for key in ("noise_multiplier", "clip_norm"):
+        if not (math.isfinite(settings[key]) and settings[key] > 0):
+            raise AuditCommandError(f"{key} must be a finite number > 0, got {settings[key]}")
+    shape = (10, 384)
+    if run_dir is not None or args.basis:
+        try:
+            shape = load_run_basis(args.basis, run_dir).shape
+        except AuditCommandError:
+            pass
+    z, clip, delta = float(settings["noise_multiplier"]), float(settings["clip_norm"]), float(settings["delta"])
+    population, m = int(settings["population_size"]), int(settings["clients_per_round"])
+    if mode == "user":
+        aggregator = UserDpAggregator(m, z, clip)
+        aggregate, claim = aggregator.aggregate, epsilon(z, 1.0, 1, delta)
+    else:
+        from server.aggregation import DistributedDpAggregator
+
+        privacy = validate(PrivacySettings(mode="user+secagg", noise_multiplier=z, clip_norm=clip,
+                                           clients_per_round=m, population_size=population, rounds=1, delta=delta,
+                                           dimension=int(np.prod(shape))))
+        aggregator = DistributedDpAggregator.for_audit(privacy)
+        aggregate, claim = aggregator.aggregate, aggregator.one_step_epsilon()
+    return mechanism_audit(aggregate, noise_multiplier=z, clip_norm=clip, claimed_epsilon=claim,
+                           denominator=m, population=population, shape=shape, runs=args.runs, delta=delta,
+                           seed=args.seed)
+
+
+def _canary(args, run_dir, settings) -> dict:
+    """Canary audit of the run's released record with the auditor's secrets (lore_core.audits.canary)."""
+    from federation.canary_users import load_canaries
+    from lore_core.audits.canary import canary_audit
+    from lore_core.privacy.ledger import PrivacyLedger
+    from server.release_record import read_releases
+
+    if run_dir is None or not args.secrets:
+        raise AuditCommandError("the canary audit needs RUN_DIR and --secrets FILE (from `lore-fed simulate "
+                                "--canaries K --canary-secrets FILE`)")
+    ledger = PrivacyLedger.load(run_dir)
+    s = ledger.settings
+    if s.mode not in ("user", "user+secagg"):
+        raise AuditCommandError(f"the canary audit covers the user-level modes; {run_dir} ran mode {s.mode}")
+    releases = read_releases(run_dir)  # hashes and the optimizer replay checked: these bases were released
+    canaries = load_canaries(args.secrets)
+    sums = releases.mean_updates * (s.sample_rate * s.population_size)  # the fixed denominator q N
+    result = canary_audit(sums, canaries.directions, canaries.included, noise_multiplier=s.noise_multiplier,
+                          clip_norm=s.clip_norm, sample_rate=s.sample_rate, claimed_epsilon=ledger.epsilon().headline,
+                          delta=s.delta)
+    result.update(release_record_head=releases.head, ledger_rounds=ledger.rounds_released)
+    return result
+
+
+def _accounting(args, run_dir, settings) -> dict:
+    from lore_core.audits.accounting_check import accounting_audit
+
+    if run_dir is None:
+        raise AuditCommandError("the accounting audit needs RUN_DIR (or a path to ledger.json)")
+    return accounting_audit(run_dir)
+
+
+def _extraction(args, run_dir, settings) -> dict:
+    from lore_core.audits.extraction import extraction_audit
+
+    pairs, basis, _ = load_pairs_and_basis(args, run_dir)
+    ids = sample_users(np.unique(pairs.user), args.max_users, args.seed)
+    weights, _ = client_updates(pairs, basis, ids)
+    return extraction_audit(basis, weights, noise_std=args.query_noise, seed=args.seed)
+
+
+def _fairness(args, run_dir, settings) -> dict:
+    from lore_core.audits.fairness import fairness_audit, per_user_accuracies
+
+    pairs, basis, dataset = load_pairs_and_basis(args, run_dir)
+    per_user = per_user_accuracies(pairs, basis)
+    demographics = load_demographics(_users_file(args, dataset), per_user["user_ids"])
+    return fairness_audit(per_user, demographics, seed=args.seed)
+
+
+AUDITS = {"update-leakage": _update_leakage, "attribute": _attribute, "membership": _membership,
+          "mechanism": _mechanism, "canary": _canary, "accounting": _accounting, "extraction": _extraction,
+          "fairness": _fairness}
+
+
+def run(args: argparse.Namespace) -> int:
+    from lore_core.audits.audit_report import write_audit
+
+    run_dir = Path(args.run_dir) if args.run_dir else None
+    if run_dir is not None and not run_dir.is_dir():
+        raise AuditCommandError(f"run directory {run_dir} does not exist" if not run_dir.exists() else
+                                f"{run_dir} is not a run directory (lore-fed simulate --out)")
+    _check_counts(args)
+    settings = _load_settings(args, run_dir)
+    result = AUDITS[args.name](args, run_dir, settings)
+    out = Path(args.out) if args.out else (run_dir if run_dir is not None else Path("audit-out"))
+    path = write_audit(out, result, ledger_dir=run_dir)
+    print(f"audit {args.name}: {result['verdict'].upper()}")
+    print(result["summary"])
+    print(f"wrote {path} and {path.parent / 'audits.md'}")
+    return 0

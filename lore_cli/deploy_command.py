@@ -1,0 +1,101 @@
+"""`lore-fed deploy`: Flower's Deployment Engine on this machine (127.0.0.1), secure by default.
+
+  lore-fed deploy certs --out DIR [--host 127.0.0.1] [--nodes 3]
+      a trial CA, a server certificate for HOST and EC P-384 OpenSSH key pairs node0..node{N-1}
+  lore-fed deploy local --nodes N --pairs PAIRS --run-dir DIR [--rounds R] [--certs DIR] [--insecure] [-c "k=v ..."]
+      split PAIRS by user into DIR/nodeK/data/pairs.npz, start a SuperLink (TLS + SuperNode authentication) and N
+      SuperNodes, register the nodes' keys, `flwr run` the app, check the run's real status with `flwr ls`, stop
+      every process. The server's checkpoint, rounds.jsonl and ledger land in DIR; rerunning resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import time
+from pathlib import Path
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="deploy_command", metavar="{certs,local}", required=True)
+    certs = sub.add_parser("certs", help="trial certificates and node key pairs (bring your own in production)")
+    certs.add_argument("--out", required=True, help="directory for ca.crt, server.pem, server.key, nodeK, nodeK.pub")
+    certs.add_argument("--host", default="127.0.0.1", help="the SuperLink's address as nodes reach it (IP or DNS)")
+    certs.add_argument("--nodes", type=int, default=3, help="number of node key pairs")
+
+    local = sub.add_parser("local", help="SuperLink + N SuperNodes on 127.0.0.1, run the app, stop everything")
+    local.add_argument("--nodes", type=int, required=True, help="number of SuperNodes N")
+    local.add_argument("--pairs", required=True, help="pair file (.npz) or dataset directory, split by user")
+    local.add_argument("--run-dir", required=True, help="run directory (resumed if it holds a checkpoint)")
+    local.add_argument("--rounds", type=int, default=None, help="num-server-rounds (default: pyproject's)")
+    local.add_argument("--certs", default=None, help="certificate directory (default: RUN_DIR/certs, generated)")
+    local.add_argument("--insecure", action="store_true", help="plain HTTP, no node authentication (debug only)")
+    local.add_argument("-c", "--run-config", default=None, help='run-config overrides, e.g. "rank=5 seed=1"')
+    local.add_argument("--timeout", type=float, default=3600.0, help="seconds to wait for the run")
+    local.add_argument("--app", default=None, help="Flower app directory `flwr run` packs (default: this repository)")
+
+
+def run(args: argparse.Namespace) -> int:
+    return run_certs(args) if args.deploy_command == "certs" else run_local(args)
+
+
+def run_certs(args: argparse.Namespace) -> int:
+    from lore_cli.local_deployment import generate_certificates
+
+    certs = generate_certificates(args.out, host=args.host, nodes=args.nodes)
+    print(f"wrote {certs.ca_cert}, {certs.server_cert}, {certs.server_key} and {len(certs.node_keys)} node key "
+          f"pairs ({certs.node_keys[0].name}, {certs.node_keys[0].name}.pub, ...) for host {args.host}")
+    print("trial certificates: the private keys are unencrypted; production users bring their own")
+    return 0
+
+
+def run_local(args: argparse.Namespace) -> int:
+    from server.checkpoint import load_checkpoint
+    from lore_cli.local_deployment import Certificates, LocalDeployment, generate_certificates, split_pairs
+
+    if args.nodes < 1:
+        raise ValueError(f"--nodes must be >= 1, got {args.nodes}")
+    if args.rounds is not None and args.rounds < 1:
+        raise ValueError(f"--rounds must be >= 1, got {args.rounds}")
+    run_dir = Path(args.run_dir).resolve()
+    certs = None
+    if not args.insecure:  # (LocalDeployment prints the warning of an insecure deployment)
+        cert_dir = Path(args.certs) if args.certs else run_dir / "certs"
+        certs = Certificates.in_dir(cert_dir, args.nodes)
+        if not certs.ca_cert.exists():
+            if args.certs:
+                raise FileNotFoundError(f"{certs.ca_cert} does not exist; run `lore-fed deploy certs --out {cert_dir}`")
+            certs = generate_certificates(cert_dir, nodes=args.nodes)
+            print(f"generated trial certificates in {cert_dir}")
+    split_pairs(args.pairs, run_dir, args.nodes)
+    overrides = {} if args.rounds is None else {"num-server-rounds": args.rounds}
+    # SIGTERM -> SystemExit, so that the `with` block stops every process also when we are terminated.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    app = {"app": Path(args.app)} if args.app else {}
+    with LocalDeployment(run_dir, args.nodes, certs, insecure=args.insecure, **app) as deployment:
+        deployment.start()
+        print(f"SuperLink on {deployment.address} ({'insecure' if args.insecure else 'TLS + node authentication'}), "
+              f"{args.nodes} SuperNodes; logs in {run_dir}/superlink and {run_dir}/node*", flush=True)
+        started = time.monotonic()
+        process, log = deployment.start_run(overrides, args.run_config)
+        follow(process, log, started + args.timeout)
+        outcome = deployment.wait_run(process, log, timeout=max(started + args.timeout - time.monotonic(), 1.0),
+                                      started=started)
+    print(f"run {outcome.run_id}: {outcome.status} {outcome.details} ({outcome.seconds:.1f} s); log {outcome.log}")
+    state = load_checkpoint(run_dir)
+    if state is not None:
+        evals = [r for r in state.history if "seen_test_acc" in r]
+        print(f"checkpoint after round {state.round} in {run_dir}"
+              + (f"; last evaluation {json.dumps({k: v for k, v in evals[-1].items() if k.endswith('_acc')})}" if evals else ""))
+    return 0 if outcome.completed else 1
+
+
+def follow(process, log: Path, deadline: float) -> None:
+    """Echo the `flwr run --stream` log while it runs (it goes to a file so that the run keeps a record)."""
+    with open(log, errors="replace") as handle:
+        while process.poll() is None and time.monotonic() < deadline:
+            print(handle.read(), end="", flush=True)
+            time.sleep(0.5)
+        print(handle.read(), end="", flush=True)

@@ -1,0 +1,537 @@
+"""Flower's Deployment Engine on one machine (127.0.0.1): certificates, a SuperLink, N SuperNodes, `flwr run`.
+
+The same ServerApp and ClientApp as the simulation, run as real processes (docs/flower-1.42.md §5):
+- `generate_certificates`: a CA, a server certificate for the SuperLink's host, EC P-384 OpenSSH node key pairs
+  (trials only; production users bring their own).
+- `split_pairs`: one data directory per node (`RUN_DIR/nodeK/data/pairs.npz`), users cut into blocks exactly like
+  the simulation's virtual nodes; the node keeps its users' w file (`user_weights.npz`) there.
+- `LocalDeployment`: starts and stops the SuperLink (TLS + SuperNode authentication unless `insecure`), the
+  SuperNodes, registers node keys, runs the app with `flwr run --stream` and checks the run's real status with
+  `flwr ls` (`flwr run` exits 0 on a failed run). Every process is started in its own process group and stopped
+  by it; `close()` (also via `with`) stops whatever is still running.
+
+Layout of RUN_DIR: the server's run directory itself (checkpoint.npz, rounds.jsonl, ledger.json), `superlink/`
+(its FLWR_HOME, state.db, log), `nodeK/` (FLWR_HOME, `data/`, log), `cli/` (the CLI's FLWR_HOME with the
+connection in config.toml; pyproject is never touched), `runs/` (one `flwr run` log per run).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from lore_core.atomic_io import atomic_write_bytes, atomic_write_text
+from lore_core.pairs import load_pairs, save_pairs
+
+ROOT = Path(__file__).resolve().parents[1]
+CONNECTION = "lore-fed-local"
+# Offline/CI hygiene (docs/flower-1.42.md §6): no telemetry, no update check, no `uv sync` of the app's dependencies.
+HYGIENE_ENV = {
+    "FLWR_TELEMETRY_ENABLED": "0",
+    "FLWR_DISABLE_UPDATE_CHECK": "1",
+    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+}
+NODE_KEY_PREFIX = "node"
+COMPLETED = "finished:completed"
+INSECURE_WARNING = ("WARNING: insecure deployment: the SuperLink and SuperNodes talk plain HTTP without node "
+                    "authentication; any process that reaches the port can join and read the basis. Debug only.")
+
+
+class DeploymentError(RuntimeError):
+    """A Flower process that did not start, a command that failed, or a run that did not complete."""
+
+
+# --- certificates ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Certificates:
+    ca_cert: Path
+    server_cert: Path
+    server_key: Path
+    node_keys: tuple[Path, ...]  # OpenSSH private keys; the public key is `<key>.pub`
+
+    @classmethod
+    def in_dir(cls, directory: str | Path, nodes: int) -> "Certificates":
+        d = Path(directory)
+        return cls(d / "ca.crt", d / "server.pem", d / "server.key",
+                   tuple(d / f"{NODE_KEY_PREFIX}{k}" for k in range(nodes)))
+
+    def check(self) -> None:
+        missing = [str(p) for p in (self.ca_cert, self.server_cert, self.server_key, *self.node_keys,
+                                    *(k.with_name(k.name + ".pub") for k in self.node_keys)) if not p.exists()]
+        if missing:
+            raise FileNotFoundError(f"certificate files missing: {missing}; run `lore-fed deploy certs --out DIR`")
+
+
+def generate_certificates(out: str | Path, host: str = "127.0.0.1", nodes: int = 3, days: int = 30) -> Certificates:
+    """A self-signed CA, a CA-signed server certificate whose SAN is `host` (an IP or a DNS name), and `nodes` EC
+    P-384 OpenSSH key pairs. For trials: the private keys are written unencrypted (mode 0600)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    if nodes < 1:
+        raise ValueError(f"--nodes must be >= 1, got {nodes}")
+    certs = Certificates.in_dir(out, nodes)
+    now = dt.datetime.now(dt.timezone.utc)
+
+    def name(common: str) -> x509.Name:
+        return x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "lore-fed trial"),
+                          x509.NameAttribute(NameOID.COMMON_NAME, common)])
+
+    def pem_key(key: ec.EllipticCurvePrivateKey, fmt: serialization.PrivateFormat) -> bytes:
+        return key.private_bytes(serialization.Encoding.PEM, fmt, serialization.NoEncryption())
+
+    ca_key = ec.generate_private_key(ec.SECP384R1())
+    ca_cert = (x509.CertificateBuilder().subject_name(name("lore-fed trial CA")).issuer_name(name("lore-fed trial CA"))
+               .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
+               .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=days))
+               .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+               .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
+                                            content_commitment=False, key_encipherment=False,
+                                            data_encipherment=False, key_agreement=False, encipher_only=False,
+                                            decipher_only=False), critical=True)
+               .sign(ca_key, hashes.SHA256()))
+    try:
+        san: x509.GeneralName = x509.IPAddress(ipaddress.ip_address(host))
+    except ValueError:
+        san = x509.DNSName(host)
+    server_key = ec.generate_private_key(ec.SECP384R1())
+    server_cert = (x509.CertificateBuilder().subject_name(name(host)).issuer_name(ca_cert.subject)
+                   .public_key(server_key.public_key()).serial_number(x509.random_serial_number())
+                   .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=days))
+                   .add_extension(x509.SubjectAlternativeName([san]), critical=False)
+                   .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+                   .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+                   .sign(ca_key, hashes.SHA256()))
+    _write_public(certs.ca_cert, ca_cert.public_bytes(serialization.Encoding.PEM))
+    _write_public(certs.server_cert, server_cert.public_bytes(serialization.Encoding.PEM))
+    _write_private(certs.server_key, pem_key(server_key, serialization.PrivateFormat.TraditionalOpenSSL))
+    for k, key_file in enumerate(certs.node_keys):
+        node_key = ec.generate_private_key(ec.SECP384R1())
+        _write_private(key_file, pem_key(node_key, serialization.PrivateFormat.OpenSSH))
+        public = node_key.public_key().public_bytes(serialization.Encoding.OpenSSH,
+                                                    serialization.PublicFormat.OpenSSH)
+        _write_public(key_file.with_name(key_file.name + ".pub"), public + f" lore-fed-node{k}\n".encode())
+    return certs
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    atomic_write_bytes(path, data)  # temp files are created 0600
+    path.chmod(0o600)
+
+
+def _write_public(path: Path, data: bytes) -> None:
+    atomic_write_bytes(path, data)
+    path.chmod(0o644)
+
+
+# --- data -----------------------------------------------------------------------------------------------------
+
+def node_dir(run_dir: str | Path, k: int) -> Path:
+    return Path(run_dir) / f"node{k}"
+
+
+def node_data_dir(run_dir: str | Path, k: int) -> Path:
+    return node_dir(run_dir, k) / "data"
+
+
+def split_pairs(pairs_path: str | Path, run_dir: str | Path, nodes: int) -> list[Path]:
+    """Cut the pair file by user into `nodes` files `RUN_DIR/nodeK/data/pairs.npz` (the simulation's blocks:
+    sorted user ids in contiguous blocks). An existing node file is kept: it may sit next to that node's w file."""
+    from federation.user_block import block_of_partition
+
+    pairs = load_pairs(pairs_path)
+    user_ids = np.unique(pairs.user)
+    files = []
+    for k in range(nodes):
+        file = node_data_dir(run_dir, k) / "pairs.npz"
+        if not file.exists():
+            save_pairs(pairs.subset(np.isin(pairs.user, block_of_partition(user_ids, k, nodes))), file)
+        files.append(file)
+    return files
+
+
+# --- processes ------------------------------------------------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def flower_env(flwr_home: Path) -> dict[str, str]:
+    """The environment of every Flower process: hygiene variables, its own FLWR_HOME, this venv's scripts first."""
+    env = dict(os.environ, **HYGIENE_ENV, FLWR_HOME=str(flwr_home))
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+    env.setdefault("OMP_NUM_THREADS", "1")
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    return env
+
+
+def toml_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    return json.dumps(str(value))  # a TOML basic string for paths and names
+
+
+def format_config(config: dict) -> str:
+    """{key: value} -> the `k=v k2="v2"` string of `flwr run -c` and `--node-config`."""
+    return " ".join(f"{key}={toml_value(value)}" for key, value in config.items())
+
+
+def wait_for_port(port: int, timeout: float, process: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise DeploymentError(f"process {process.args[0]} exited with code {process.returncode} before "
+                                  f"listening on 127.0.0.1:{port}")
+        with socket.socket() as s:
+            s.settimeout(0.5)
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.2)
+    raise DeploymentError(f"nothing listened on 127.0.0.1:{port} within {timeout} s")
+
+
+def stop_process(process: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 10.0) -> int | None:
+    """Signal the process group of `process` (started with its own session), escalate to SIGKILL after
+    `timeout` s, and reap it. Children that left the group (none of Flower's do) are not touched."""
+    try:
+        os.killpg(process.pid, sig)
+    except ProcessLookupError:
+        pass
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        process.wait()
+    # The group may outlive its leader (e.g. a flower-superexec child): make sure it is gone.
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    return process.returncode
+
+
+def group_alive(pgid: int) -> bool:
+    """Whether any non-zombie process is still in process group `pgid` (Linux: /proc; else a signal 0 probe)."""
+    proc = Path("/proc")
+    if not proc.is_dir():
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+    for stat in proc.glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # the process ended while we looked
+        if int(fields[2]) == pgid and fields[0] != "Z":  # fields after "(comm)": state, ppid, pgrp, ...
+            return True
+    return False
+
+
+@dataclass
+class RunOutcome:
+    run_id: int | None
+    status: str  # "finished:completed", "finished:failed", ...; "unknown" (never started), "unreachable" (no SuperLink)
+    details: str
+    log: Path
+    seconds: float
+
+    @property
+    def completed(self) -> bool:
+        return self.status == COMPLETED
+
+
+class LocalDeployment:
+    """A SuperLink and N SuperNodes on 127.0.0.1, each a process group that `close()` stops.
+
+    Secure (default): TLS with `certs` and `--enable-supernode-auth`; node k authenticates with
+    `certs.node_keys[k]` after `register_node(k)`. `insecure=True`: plain HTTP, no node authentication."""
+
+    def __init__(self, run_dir: str | Path, nodes: int, certs: Certificates | None = None, *,
+                 insecure: bool = False, port: int | None = None, app: str | Path = ROOT) -> None:
+        if not insecure and certs is None:
+            raise ValueError("a secure deployment needs certificates (`lore-fed deploy certs`) or insecure=True")
+        if insecure:
+            print(INSECURE_WARNING, file=sys.stderr, flush=True)
+        if not insecure:
+            certs.check()
+            if len(certs.node_keys) < nodes:
+                raise ValueError(f"{nodes} nodes but only {len(certs.node_keys)} node keys in the certificates")
+        self.run_dir = Path(run_dir).resolve()
+        self.nodes = nodes
+        self.certs = certs
+        self.insecure = insecure
+        self.port = port or free_port()
+        self.app = Path(app).resolve()  # the Flower app directory `flwr run` packs into a FAB
+        self.superlink: subprocess.Popen | None = None
+        self.supernodes: dict[int, subprocess.Popen] = {}
+        self.node_ports: dict[int, int] = {}
+        self.started_pgids: list[int] = []  # every process group ever started, for the "all stopped" check
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.write_cli_config()
+
+    # -- paths and config --
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def cli_home(self) -> Path:
+        return self.run_dir / "cli"
+
+    def write_cli_config(self) -> None:
+        """The CLI's connection in `RUN_DIR/cli/config.toml` (never pyproject's federations)."""
+        lines = ["[superlink]", f'default = "{CONNECTION}"', "", f"[superlink.{CONNECTION}]",
+                 f'address = "{self.address}"']
+        if self.insecure:
+            lines.append("insecure = true")
+        else:
+            lines.append(f"root-certificates = {toml_value(self.certs.ca_cert.resolve())}")
+        atomic_write_text(self.cli_home / "config.toml", "\n".join(lines) + "\n")
+
+    def _spawn(self, args: list[str], flwr_home: Path, log_name: str) -> subprocess.Popen:
+        flwr_home.mkdir(parents=True, exist_ok=True)
+        log = open(flwr_home / log_name, "ab")
+        try:
+            process = subprocess.Popen(args, cwd=flwr_home, env=flower_env(flwr_home), stdout=log,
+                                       stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+        finally:
+            log.close()
+        self.started_pgids.append(process.pid)
+        return process
+
+    def _cli(self, *args: str, timeout: float = 120.0, check: bool = True) -> subprocess.CompletedProcess:
+        result = subprocess.run(["flwr", *args], cwd=ROOT, env=flower_env(self.cli_home), capture_output=True,
+                                text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+        if check and result.returncode != 0:
+            raise DeploymentError(f"`flwr {' '.join(args)}` failed (exit {result.returncode}):\n"
+                                  f"{result.stdout[-2000:]}{result.stderr[-2000:]}")
+        return result
+
+    # -- SuperLink --
+    def start_superlink(self, timeout: float = 90.0) -> None:
+        """Start the SuperLink (Fleet, Control and Runtime APIs on one port) with an on-disk state database, so
+        registered nodes and past runs survive a restart."""
+        if self.superlink is not None and self.superlink.poll() is None:
+            raise DeploymentError("the SuperLink is already running")
+        home = self.run_dir / "superlink"
+        args = ["flower-superlink", "--host", "127.0.0.1", "--port", str(self.port),
+                "--database", str(home / "state.db"), "--disable-runtime-dependency-installation"]
+        if self.insecure:
+            args.append("--insecure")
+        else:
+            args += ["--ssl-ca-certfile", str(self.certs.ca_cert.resolve()),
+                     "--ssl-certfile", str(self.certs.server_cert.resolve()),
+                     "--ssl-keyfile", str(self.certs.server_key.resolve()), "--enable-supernode-auth"]
+        self.superlink = self._spawn(args, home, "superlink.log")
+        wait_for_port(self.port, timeout, self.superlink)
+
+    def stop_superlink(self, sig: int = signal.SIGTERM) -> None:
+        """Stop the SuperLink and its ServerApp processes (one process group)."""
+        if self.superlink is not None:
+            stop_process(self.superlink, sig)
+
+    # -- SuperNodes --
+    def node_config(self, k: int) -> dict:
+        return {"partition-id": k, "num-partitions": self.nodes, "data-path": str(node_data_dir(self.run_dir, k))}
+
+    def register_node(self, k: int) -> None:
+        """Register node k's public key with the SuperLink (`flwr supernode register`); secure mode only."""
+        if self.insecure:
+            raise DeploymentError("node registration needs SuperNode authentication, which --insecure turns off")
+        public = self.certs.node_keys[k].with_name(self.certs.node_keys[k].name + ".pub")
+        result = self._cli("supernode", "register", str(public.resolve()), CONNECTION, "--name", f"node{k}",
+                           "--format", "json", check=False)
+        if result.returncode != 0 and "already" not in (result.stdout + result.stderr).lower():
+            raise DeploymentError(f"registering node {k} failed (exit {result.returncode}):\n"
+                                  f"{result.stdout[-2000:]}{result.stderr[-2000:]}")
+
+    def start_supernode(self, k: int, private_key: Path | None = None, max_wait_time: float | None = None) -> \
+            subprocess.Popen:
+        """Start SuperNode k with its own Runtime API port and `--node-config` (partition, data path).
+        `private_key` overrides node k's key (e.g. an unregistered one)."""
+        if k in self.supernodes and self.supernodes[k].poll() is None:
+            raise DeploymentError(f"SuperNode {k} is already running")
+        port = self.node_ports.setdefault(k, free_port())
+        args = ["flower-supernode", "--superlink", self.address, "--port", str(port),
+                "--node-config", format_config(self.node_config(k))]
+        if self.insecure:
+            args.append("--insecure")
+        else:
+            key = private_key or self.certs.node_keys[k]
+            args += ["--root-certificates", str(self.certs.ca_cert.resolve()),
+                     "--auth-supernode-private-key", str(Path(key).resolve())]
+        if max_wait_time is not None:
+            args += ["--max-wait-time", str(max_wait_time)]
+        node_dir(self.run_dir, k).mkdir(parents=True, exist_ok=True)
+        process = self._spawn(args, node_dir(self.run_dir, k), "supernode.log")
+        self.supernodes[k] = process
+        return process
+
+    def stop_supernode(self, k: int, sig: int = signal.SIGTERM) -> None:
+        """Stop SuperNode k and its ClientApp processes; SIGKILL simulates a device that dies."""
+        if k in self.supernodes:
+            stop_process(self.supernodes[k], sig)
+
+    def restart_supernode(self, k: int, timeout: float = 180.0, settle: float = 15.0) -> subprocess.Popen:
+        """Start SuperNode k again after it died. The SuperLink refuses to re-activate a node key while it still
+        counts the dead instance as online (until it misses two heartbeats: `[code: 2004] Failed to activate`, exit
+        305), so retry until the new process stays up for `settle` seconds."""
+        deadline = time.monotonic() + timeout
+        while True:
+            self.stop_supernode(k)  # reap the previous instance and any SuperExec left in its group
+            process = self.start_supernode(k)
+            try:
+                process.wait(timeout=settle)
+            except subprocess.TimeoutExpired:
+                return process  # activated: a refused node exits within a few seconds
+            if time.monotonic() > deadline:
+                raise DeploymentError(f"SuperNode {k} could not re-activate within {timeout:.0f} s "
+                                      f"(see {node_dir(self.run_dir, k) / 'supernode.log'})")
+            time.sleep(5.0)
+
+    def online_nodes(self) -> int:
+        """How many SuperNodes the SuperLink lists as online (`flwr supernode list`)."""
+        result = self._cli("supernode", "list", "--format", "json", check=False)
+        try:
+            nodes = json.loads(result.stdout)["nodes"]
+        except (ValueError, KeyError, TypeError):
+            return 0
+        return sum(node.get("status") == "online" for node in nodes)
+
+    def wait_online(self, count: int, timeout: float = 150.0) -> None:
+        """Block until `count` SuperNodes are online (a restarted node re-activates after the SuperLink has marked
+        its dead predecessor offline, which takes up to two missed heartbeats)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.online_nodes() >= count:
+                return
+            time.sleep(2.0)
+        raise DeploymentError(f"fewer than {count} SuperNodes online after {timeout:.0f} s")
+
+    def start(self, register: bool = True) -> None:
+        """SuperLink, node registrations, then all SuperNodes."""
+        self.start_superlink()
+        if register and not self.insecure:
+            for k in range(self.nodes):
+                self.register_node(k)
+        for k in range(self.nodes):
+            self.start_supernode(k)
+
+    # -- runs --
+    def run_config(self, overrides: dict | None = None) -> dict:
+        return {"run-dir": str(self.run_dir), "min-nodes": self.nodes, **(overrides or {})}
+
+    def start_run(self, overrides: dict | None = None, extra_config: str | None = None) -> tuple[subprocess.Popen, Path]:
+        """`flwr run . CONNECTION --stream -c ...` in the background; its output goes to `RUN_DIR/runs/*.log`."""
+        args = ["flwr", "run", str(self.app), CONNECTION, "--stream", "-c", format_config(self.run_config(overrides))]
+        if extra_config:
+            args += ["-c", extra_config]
+        logs = self.run_dir / "runs"
+        logs.mkdir(parents=True, exist_ok=True)
+        log = logs / f"run-{time.strftime('%Y%m%d-%H%M%S')}-{time.monotonic_ns() % 10**6}.log"
+        with open(log, "wb") as handle:
+            process = subprocess.Popen(args, cwd=self.app, env=flower_env(self.cli_home), stdout=handle,
+                                       stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+        self.started_pgids.append(process.pid)
+        return process, log
+
+    def wait_run(self, process: subprocess.Popen, log: Path, timeout: float = 600.0,
+                 started: float | None = None) -> RunOutcome:
+        """Wait for `flwr run` to return, then ask the SuperLink for the run's real status."""
+        started = started or time.monotonic()
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            stop_process(process)
+            raise DeploymentError(f"`flwr run` did not return within {timeout} s; log: {log}") from None
+        run_id = parse_run_id(log.read_text(errors="replace"))
+        if run_id is None:
+            return RunOutcome(None, "unknown", f"no run was started (exit {process.returncode})", log,
+                              time.monotonic() - started)
+        status, details = self.run_status(run_id, wait=30.0)
+        return RunOutcome(run_id, status, details, log, time.monotonic() - started)
+
+    def run(self, overrides: dict | None = None, extra_config: str | None = None, timeout: float = 600.0) -> \
+            RunOutcome:
+        started = time.monotonic()
+        process, log = self.start_run(overrides, extra_config)
+        return self.wait_run(process, log, timeout, started)
+
+    def run_status(self, run_id: int, wait: float = 0.0) -> tuple[str, str]:
+        """(status, details) of a run from `flwr ls --run-id ID --format json`; with `wait`, poll up to that many
+        seconds for the run to reach `finished:*` (the log stream can end just before the status is written)."""
+        deadline = time.monotonic() + wait
+        while True:
+            result = self._cli("ls", CONNECTION, "--run-id", str(run_id), "--format", "json", check=False)
+            status, details = parse_run_status(result.stdout, run_id)
+            if status.startswith("finished") or status == "unreachable" or time.monotonic() >= deadline:
+                return status, details
+            time.sleep(1.0)
+
+    # -- teardown --
+    def close(self) -> None:
+        """Stop every process group this deployment started (SuperNodes first, then the SuperLink)."""
+        for process in list(self.supernodes.values()):
+            stop_process(process)
+        if self.superlink is not None:
+            stop_process(self.superlink)
+
+    def alive_groups(self, wait: float = 5.0) -> list[int]:
+        """Process groups started here that still have a live process after up to `wait` s (expected: none)."""
+        deadline = time.monotonic() + wait
+        while True:
+            alive = [pgid for pgid in self.started_pgids if group_alive(pgid)]
+            if not alive or time.monotonic() >= deadline:
+                return alive
+            time.sleep(0.2)
+
+    def __enter__(self) -> "LocalDeployment":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def parse_run_id(stream_output: str) -> int | None:
+    match = re.search(r"Successfully started run (\d+)", stream_output)
+    return int(match.group(1)) if match else None
+
+
+def parse_run_status(ls_json: str, run_id: int) -> tuple[str, str]:
+    """`flwr ls --format json` -> (status, details). It exits 0 also when it cannot reach the SuperLink and then
+    prints {"success": false, "error-message": ...}: that is "unreachable"."""
+    try:
+        answer = json.loads(ls_json)
+        runs = answer.get("runs", [])
+    except (json.JSONDecodeError, AttributeError):
+        return "unknown", f"unreadable `flwr ls` output: {ls_json[-500:]!r}"
+    if not answer.get("success", False):
+        return "unreachable", str(answer.get("error-message", ""))[-500:]
+    for run in runs:
+        if int(run.get("run-id", -1)) == run_id:
+            return str(run.get("status", "unknown")), str(run.get("status-details", ""))
+    return "unknown", f"run {run_id} not listed"

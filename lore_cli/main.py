@@ -1,0 +1,93 @@
+"""The `lore-fed` command line: a thin dispatcher; each sub-command lives in its own module, imported lazily
+so that `lore-fed --help` and light commands never pay for torch, transformers or Flower."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+import warnings
+
+# name -> (module, one-line help). Modules define `configure(parser)` and `run(args) -> int`.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "synth": ("lore_cli.synth_command", "generate the PRISM-shaped benchmark population"),
+    "prepare": ("lore_cli.prepare_command", "PRISM files -> pairs.jsonl, users.jsonl, summary.json"),
+    "embed": ("lore_cli.embed_command", "pairs.jsonl -> pairs.npz (pair-embedding file)"),
+    "train": ("lore_cli.train_command", "centralized LoRe training (the reference for federated runs)"),
+    "evaluate": ("lore_cli.evaluate_command", "evaluate a saved basis on a pair file"),
+    "simulate": ("lore_cli.simulate_command", "federated training through Flower's simulation engine"),
+    "demo": ("lore_cli.demo_command", "the main job: benchmark -> embeddings -> federated -> report"),
+    "privacy": ("lore_cli.privacy_command", "privacy accounting what-if questions"),
+    "audit": ("lore_cli.audit_command", "privacy audits of a run"),
+    "device": ("client.device.device_cli", "on-device personalization (same as python -m client.device)"),
+    "deploy": ("lore_cli.deploy_command", "Flower Deployment Engine on this machine"),
+}
+
+
+class CommandFailed(RuntimeError):
+    """A command that could not finish although its input was fine (e.g. a simulation whose workers died); the
+    message says what happened and how to go on (usually: rerun the same command, it resumes). Exit code 1."""
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lore-fed", description="Federated, private LoRe reward personalization")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module_name, help_text) in COMMANDS.items():
+        command_parser = sub.add_parser(name, help=help_text, description=help_text)
+        if name == only:
+            module = importlib.import_module(module_name)
+            module.configure(command_parser)
+            command_parser.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    shown = warnings.formatwarning
+    warnings.formatwarning = _format_warning
+    try:
+        return _main(argv)
+    finally:
+        warnings.formatwarning = shown
+
+
+def _main(argv: list[str]) -> int:
+    command = argv[0] if argv and argv[0] in COMMANDS else None
+    try:
+        parser = build_parser(only=command)
+    except ModuleNotFoundError as exc:
+        print(f"lore-fed {command}: not available in this installation ({exc})", file=sys.stderr)
+        return 2
+    args = parser.parse_args(argv)
+    if not getattr(args, "_run", None):
+        parser.print_help()
+        return 0 if command is None else 2
+    from lore_core.run_lock import RunDirBusy
+
+    try:
+        return int(args._run(args) or 0)
+    except (ValueError, FileNotFoundError, RunDirBusy) as exc:
+        # Bad input: a clear message, no traceback.
+        print(f"lore-fed {command}: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        if exc.filename is None:
+            raise  # not about a path the user gave: an internal failure keeps its traceback
+        print(f"lore-fed {command}: error: {exc}", file=sys.stderr)  # permission denied, not a directory, disk full
+        return 2
+    except CommandFailed as exc:
+        print(f"lore-fed {command}: failed: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"lore-fed {command}: interrupted; a run directory resumes when the same command is run again",
+              file=sys.stderr)
+        return 130
+
+
+def _format_warning(message, category, *_args, **_kwargs) -> str:
+    """Warnings (solver non-convergence, weak privacy settings) as one line for users, without source lines."""
+    return f"lore-fed: warning ({category.__name__}): {message}\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

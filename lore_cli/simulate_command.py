@@ -1,0 +1,331 @@
+"""`lore-fed simulate PAIRS.npz|DATASET --out DIR [--rounds R] [--clients-per-round M] [--rank B] [--privacy MODE ...]`:
+federated LoRe through Flower's simulation engine, user-level DP by default (defaults: DEFAULT_ROUNDS rounds,
+DEFAULT_CLIENTS_PER_ROUND users per round or all of a smaller population, rank from the run config). Writes DIR/metrics.json (the keys of
+`lore-fed train` + rounds, wall_seconds, privacy_mode, and under DP epsilon, epsilon_rdp, delta, noise_multiplier,
+clip_norm), DIR/ledger.json (the privacy ledger), DIR/rounds.jsonl, DIR/report.md (+ plot) and DIR/checkpoint.npz.
+The pair file is read and validated once, here, before Ray starts or DIR is written; the privacy settings are
+validated against its population at the same time. DIR is locked for the whole run (a second run on it is refused).
+Re-running with the same DIR and settings resumes after the last finished round (and continues the ledger)."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+import time
+from pathlib import Path
+
+from lore_cli.main import CommandFailed
+from lore_core.atomic_io import atomic_write_json
+from lore_core.pairs import resolve_pair_path
+
+TRAIN_KEYS = ("seen_test_acc", "unseen_test_acc", "oracle_seen_test_acc", "oracle_unseen_test_acc")
+DEFAULT_ROUNDS = 200
+DEFAULT_CLIENTS_PER_ROUND = 50  # the DP-FedAvg operating point of docs/privacy.md (m = 50 at N = 1,400)
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("pairs", help="pair file (.npz) or dataset directory holding pairs.npz")
+    parser.add_argument("--out", required=True, help="run directory (resumed if it holds a checkpoint)")
+    parser.add_argument("--rounds", type=int, default=DEFAULT_ROUNDS, help="federated rounds R (default %(default)s)")
+    parser.add_argument("--clients-per-round", type=int, default=None,
+                        help=f"users sampled per round M (default {DEFAULT_CLIENTS_PER_ROUND}, or every seen user of "
+                             "a smaller population)")
+    parser.add_argument("--rank", type=int, default=None, help="basis size B (default: the run config's `rank`)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--users-per-node", default="auto",
+                        help="users hosted per virtual node, or 'auto' (1 up to 64 users, else ~50)")
+    parser.add_argument("--eval-every", type=int, default=None,
+                        help="federated evaluation every E rounds and after the last (default: 10 without DP; under "
+                             "DP only after the last round, E needs --allow-uncovered-eval)")
+    add_privacy_arguments(parser)
+    parser.add_argument("--reference", default=None, help="`lore-fed train` run dir or metrics.json for the plot")
+    parser.add_argument("--l2", type=float, default=None, help="L2 on the basis (default: the trainer's)")
+    parser.add_argument("--server-optimizer", choices=["adam", "sgd"], default=None)
+    parser.add_argument("--server-lr", type=float, default=None)
+    parser.add_argument("--local-steps", type=int, default=None)
+    parser.add_argument("--client-lr", type=float, default=None)
+    parser.add_argument("--prior-pairs", type=float, default=None,
+                        help="personal prior of every user's final w fit, in pairs (default 3)")
+    parser.add_argument("--train-prior-pairs", type=float, default=None,
+                        help="prior of the clients' w fits inside training, in pairs (default 3, as `train`)")
+    parser.add_argument("--canaries", type=int, default=0,
+                        help="K canary users for `lore-fed audit canary` (user modes; default 0): each sends the "
+                             "clip norm times a secret direction when sampled, if its secret coin says in")
+    parser.add_argument("--canary-secrets", default=None,
+                        help="file for the canaries' directions and coins, for the auditor alone (outside --out; "
+                             "reused when it exists, e.g. on resume)")
+
+
+def add_privacy_arguments(parser: argparse.ArgumentParser) -> None:
+    """The privacy flags of `simulate` (also for `lore-fed demo`). Unset = the mode's default
+    (lore_core.privacy.privacy_settings.DEFAULTS); every value is checked by lore_core.privacy.privacy_settings.validate."""
+    from lore_core.privacy.privacy_settings import MODES
+
+    parser.add_argument("--privacy", default="user", choices=MODES,
+                        help="privacy mode (default user: user-level DP-FedAvg, docs/privacy.md §7)")
+    parser.add_argument("--noise-multiplier", type=float, default=None, help="z: noise std on the sum = z * C")
+    parser.add_argument("--target-epsilon", type=float, default=None,
+                        help="solve z so that the planned rounds reach this epsilon (not with --noise-multiplier)")
+    parser.add_argument("--max-epsilon", type=float, default=None,
+                        help="refuse a plan above it; stop before a round that would exceed it")
+    parser.add_argument("--clip-norm", type=float, default=None, help="C: flat L2 clip of each user's update")
+    parser.add_argument("--delta", type=float, default=None, help="delta (default 1e-5, or below 1/(10 N) above 10,000 users; must be < 1/N)")
+    parser.add_argument("--max-grad-norm", type=float, default=None, help="record mode: per-pair clip norm")
+    parser.add_argument("--num-shares", type=int, default=None, help="user+secagg: SecAgg+ shares (odd, default 3)")
+    parser.add_argument("--reconstruction-threshold", type=int, default=None,
+                        help="user+secagg: shares needed to unmask (default 2)")
+    parser.add_argument("--dropout-tolerance", type=float, default=None,
+                        help="user+secagg: fraction of a round's sampled users that may drop out with the guarantee "
+                             "intact (default 0.1; rounds with more are aborted before unmasking)")
+    parser.add_argument("--reproducible-noise", action="store_true",
+                        help="debug: fixed noise/sampling seed; the run is marked NOT PRIVATE")
+    parser.add_argument("--allow-uncovered-eval", action="store_true",
+                        help="under DP, evaluate every --eval-every rounds although evaluation sums are not covered")
+    parser.add_argument("--device", default=None, help="record mode: torch device of the DP-SGD step (cpu, cuda)")
+
+
+def privacy_overrides(args: argparse.Namespace) -> dict:
+    """Run-config keys of the privacy flags (server.run_settings.PRIVACY_KEYS); unset flags are left out."""
+    values = {"privacy-mode": args.privacy, "noise-multiplier": args.noise_multiplier,
+              "target-epsilon": args.target_epsilon, "max-epsilon": args.max_epsilon, "clip-norm": args.clip_norm,
+              "delta": args.delta, "max-grad-norm": args.max_grad_norm, "device": args.device,
+              "num-shares": args.num_shares, "reconstruction-threshold": args.reconstruction_threshold,
+              "dropout-tolerance": args.dropout_tolerance}
+    overrides = {key: value for key, value in values.items() if value is not None}
+    if args.reproducible_noise:
+        overrides["reproducible-noise"] = True
+    if args.allow_uncovered_eval:
+        overrides["allow-uncovered-eval"] = True
+    return overrides
+
+
+def run_overrides(args: argparse.Namespace, seen_users: int) -> dict:
+    """Run-config overrides of the flags; unset flags keep the run config's defaults (pyproject.toml)."""
+    from lore_core.reward_math import DEFAULT_L2
+    from lore_core.simplex_fit import DEFAULT_PRIOR_PAIRS
+
+    eval_every = args.eval_every
+    if eval_every is None:
+        eval_every = 10 if args.privacy == "none" else 0  # DP: only after the last round unless opted in
+    clients = args.clients_per_round or min(DEFAULT_CLIENTS_PER_ROUND, seen_users)
+    overrides = {
+        "num-server-rounds": args.rounds, "clients-per-round": clients, "seed": args.seed, "eval-every": eval_every,
+        "l2": DEFAULT_L2 if args.l2 is None else args.l2,
+        "prior-pairs": DEFAULT_PRIOR_PAIRS if args.prior_pairs is None else args.prior_pairs, "progress": "bar",
+        **privacy_overrides(args),
+    }
+    for key, value in (("rank", args.rank), ("server-optimizer", args.server_optimizer),
+                       ("server-lr", args.server_lr), ("local-steps", args.local_steps), ("client-lr", args.client_lr),
+                       ("train-prior-pairs", args.train_prior_pairs)):
+        if value is not None:
+            overrides[key] = value
+    return overrides
+
+
+def read_population(pairs_path: Path) -> dict:
+    """Read and validate the pair file once, here where it arrives, in chunks of whole users (never all of it at
+    once) -> the counts the run needs."""
+    from lore_core.pair_columns import check_pair_file
+
+    from lore_cli.train_command import refuse_untrainable
+
+    columns, _, counts = check_pair_file(pairs_path)
+    refuse_untrainable(columns.source, counts.train_users, counts.idle_users)  # every seen user has a training pair
+    return {"users": counts.users, "seen_users": counts.seen_users, "largest_client_pairs": counts.largest_client_pairs,
+            "dim": counts.dim, "source": columns.source}
+
+
+def check_run(population: dict, overrides: dict):
+    """Validate the whole run config as the ServerApp will, for the pair file's population, before Ray starts or
+    anything is written. Returns (ServerSettings, resolved PrivacySettings); raises a ValueError that says what to
+    change (the CLI exits 2 with it)."""
+    from flwr.common.config import get_fused_config_from_dir
+
+    from server.run_settings import ServerSettings
+    from simulations.flower_run import ROOT
+
+    from lore_cli.train_command import check_rank
+
+    settings = ServerSettings.from_run_config(get_fused_config_from_dir(ROOT, overrides))
+    check_rank(settings.rank, population["dim"], "--rank", population["source"])
+    if settings.clients_per_round > population["seen_users"]:
+        raise ValueError(f"--clients-per-round {settings.clients_per_round} is more than the "
+                         f"{population['seen_users']} seen users of {population['source']}; lower it")
+    privacy = settings.privacy_settings(population["seen_users"], population["dim"])
+    largest = population["largest_client_pairs"]
+    if privacy.mode == "record" and not privacy.delta < 1 / largest:
+        raise ValueError(f"record mode needs delta < 1/n_i for every client; the largest client has {largest} "
+                         f"pairs, so delta must be < {1 / largest:.3g}; got {privacy.delta}")
+    return settings, privacy
+
+
+def privacy_metrics(run_dir: Path) -> dict:
+    """metrics.json's privacy keys, read back from the run's ledger (the ledger derives epsilon from its events)."""
+    from lore_core.privacy.ledger import PrivacyLedger
+
+    ledger = PrivacyLedger.load(run_dir)
+    s, eps = ledger.settings, ledger.epsilon()
+    out = {"privacy_guarantee": ledger.guarantee(), "not_private": ledger.not_private_reason() is not None,
+           "stopped_early": ledger.summary()["stopped_early"], "ledger": "ledger.json"}
+    if s.mode in ("user", "user+secagg"):
+        out.update(epsilon=eps.headline, epsilon_accountant=eps.accountant, epsilon_rdp=eps.rdp, delta=s.delta,
+                   noise_multiplier=s.noise_multiplier, clip_norm=s.clip_norm, sample_rate=s.sample_rate)
+    elif s.mode == "record":  # per pair, max over clients: deliberately not under the user-level key `epsilon`
+        out.update(record_epsilon_max_over_clients=None if eps is None else eps.prv,
+                   record_epsilon_rdp=None if eps is None else eps.rdp, delta=s.delta,
+                   noise_multiplier=s.noise_multiplier, max_grad_norm=s.max_grad_norm)
+    return out
+
+
+# What went wrong in a run that still finished, from the round records (rounds.jsonl): metrics.json carries each
+# non-zero total, and the command prints it; a finished run with problems is never reported as a clean success.
+PROBLEMS = {
+    "rejected_replies": "{} train replies were rejected",
+    "missing_replies": "{} nodes did not answer a train request",
+    "non_finite_users": "{} users' updates were not finite and were left out",
+    "record_budget_exhausted_users": "{} sampled users had spent their record-level budget and sent a zero update",
+    "eval_failed_nodes": "{} nodes failed the final evaluation: its accuracy covers the other nodes' users only",
+    "eval_missing_nodes": "{} nodes did not answer the final evaluation: its accuracy covers the others' users only",
+}
+
+
+def run_problems(history: list[dict]) -> dict[str, int]:
+    """Totals over the rounds of PROBLEMS' keys (the evaluation keys: of the final round), zeros left out."""
+    totals = {}
+    for key in PROBLEMS:
+        rows = history[-1:] if key.startswith("eval_") else history
+        value = sum(len(r[key]) if isinstance(r.get(key), list) else int(r.get(key) or 0) for r in rows)
+        if value:
+            totals[key] = value
+    return totals
+
+
+def run(args: argparse.Namespace) -> int:
+    from lore_cli.run_report import load_reference
+    from lore_cli.train_command import check_device, check_seed
+    from lore_core.run_lock import RunDirLock
+    from simulations.flower_run import nodes_for
+
+    for name in ("rounds", "clients_per_round", "rank"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    if args.eval_every is not None and args.eval_every < 1:
+        raise ValueError(f"--eval-every must be >= 1, got {args.eval_every}")
+    check_seed(args.seed)
+    if args.device is not None:
+        check_device(args.device)
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; give a run directory")
+    pairs_path = resolve_pair_path(args.pairs)
+    reference = load_reference(args.reference)
+    population = read_population(pairs_path)
+    check_canary_flags(args, out)
+    # canary users are users of the population the server samples (federation/canary_users.py)
+    overrides = run_overrides(args, population["seen_users"])
+    settings, privacy = check_run({**population, "seen_users": population["seen_users"] + args.canaries}, overrides)
+    nodes_for(population["users"], args.users_per_node)  # a bad --users-per-node fails here too
+    canaries = canary_secrets(args, (settings.rank, population["dim"]))  # fail closed: before Ray, before DIR exists
+    with RunDirLock(out):
+        if canaries is not None and not Path(args.canary_secrets).exists():
+            from federation.canary_users import save_canaries
+
+            save_canaries(args.canary_secrets, canaries)
+        return _simulate(args, pairs_path, population, overrides, settings, privacy, reference, out)
+
+
+def check_canary_flags(args: argparse.Namespace, out: Path) -> None:
+    """--canaries K needs --canary-secrets FILE outside the run directory, and a user-level DP mode."""
+    if args.canaries < 0:
+        raise ValueError(f"--canaries must be >= 0, got {args.canaries}")
+    if not args.canaries:
+        if args.canary_secrets:
+            raise ValueError("--canary-secrets without --canaries K: give the number of canaries")
+        return
+    if not args.canary_secrets:
+        raise ValueError("--canaries needs --canary-secrets FILE: where the auditor's secrets (directions, coins) go")
+    if args.privacy not in ("user", "user+secagg"):
+        raise ValueError(f"--canaries audits user-level DP: use --privacy user or user+secagg, not {args.privacy}")
+    secrets_file, run_dir = Path(args.canary_secrets).resolve(), out.resolve()
+    if secrets_file == run_dir or run_dir in secrets_file.parents:
+        raise ValueError(f"--canary-secrets {args.canary_secrets} is inside the run directory {out}: the secrets "
+                         "must stay with the auditor, away from what the run releases; put the file elsewhere")
+
+
+def canary_secrets(args: argparse.Namespace, shape: tuple[int, int]):
+    """The canaries of this run: read from --canary-secrets if it exists (same K and shape required), else drawn
+    here (written once the run directory is locked). None without canaries."""
+    if not args.canaries:
+        return None
+    from federation.canary_users import draw_canaries, load_canaries
+
+    path = Path(args.canary_secrets)
+    if not path.exists():
+        return draw_canaries(args.canaries, shape)
+    canaries = load_canaries(path)
+    if canaries.count != args.canaries or canaries.shape != shape:
+        raise ValueError(f"--canary-secrets {path} holds {canaries.count} canaries of shape {canaries.shape}, this "
+                         f"run needs {args.canaries} of shape {shape}; give another file (or remove it)")
+    return canaries
+
+
+def _simulate(args, pairs_path, population, overrides, settings, privacy, reference, out) -> int:
+    from lore_cli.run_report import write_report
+    from lore_core.basis_file import save_basis
+    from server.checkpoint import load_checkpoint
+    from simulations.flower_run import AppShadowedError, simulate_pairs
+
+    started = time.monotonic()
+    noise = f", z {privacy.noise_multiplier:.4g}" if privacy.is_dp else ""
+    print(f"federated LoRe on {pairs_path}: {settings.rounds} rounds, {settings.clients_per_round} users/round, "
+          f"rank {settings.rank}, privacy {args.privacy}{noise}; run dir {out}", flush=True)
+    previous = load_checkpoint(out)
+    if previous is not None:
+        print(f"resuming after round {previous.round} from {out / 'checkpoint.npz'}", flush=True)
+    try:
+        nodes = simulate_pairs(pairs_path, out, n_users=population["users"], users_per_node=args.users_per_node,
+                               overrides=overrides, canaries=args.canaries, canary_secrets=args.canary_secrets)
+    except AppShadowedError as exc:
+        raise CommandFailed(str(exc)) from exc
+    except RuntimeError as exc:  # the engine failed (a worker died, every node failed a round): nothing is lost
+        state = load_checkpoint(out)
+        done = f"after round {state.round}" if state is not None else "from the start"
+        raise CommandFailed(f"{exc}; the run directory {out} is intact: run the same command again to resume {done}"
+                            ) from exc
+    wall = time.monotonic() - started
+    state = load_checkpoint(out)
+    privacy_keys = privacy_metrics(out)
+    if state is None or not state.history or (state.round < settings.rounds and not privacy_keys["stopped_early"]):
+        raise CommandFailed(f"the simulation ended before round {settings.rounds}; run the same command again to "
+                            "resume")
+    final = state.history[-1]  # the last round's own evaluation, never an earlier round's
+    if "seen_test_acc" not in final:
+        raise CommandFailed(f"training finished, but the final evaluation failed on every node "
+                            f"({final.get('eval_failed_nodes', 0)} failed, {final.get('eval_missing_nodes', 0)} did "
+                            "not answer); the trained basis is kept: run the same command again to evaluate it")
+    metrics = {key: final[key] for key in TRAIN_KEYS if key in final}
+    metrics.update(rank=settings.rank, train_seconds=round(sum(r["seconds"] for r in state.history), 3),
+                   rounds=state.round, wall_seconds=round(wall, 3), privacy_mode=args.privacy,
+                   users_per_round=settings.clients_per_round, nodes=nodes, seed=args.seed, canaries=args.canaries,
+                   **privacy_keys)
+    metrics.update(run_problems(state.history))
+    # The reported basis: the server's tail average of the released bases (server/optimizer.py), else the last.
+    save_basis(out / "basis.npz", state.optimizer.get("average", state.basis), version=state.round,
+               embedder="unknown", prior_pairs=settings.prior_pairs)
+    atomic_write_json(out / "metrics.json", metrics)
+    command = "lore-fed simulate " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if sys.argv[1:2] == [
+        "simulate"] else "lore-fed simulate"
+    report = write_report(out, state.history, metrics, reference, command)
+    line = f"seen {metrics['seen_test_acc']:.4f}  unseen {metrics['unseen_test_acc']:.4f}"
+    if "epsilon" in metrics:
+        line += f"  epsilon {metrics['epsilon']:.3f} (delta {metrics['delta']:g})"
+    if metrics["stopped_early"]:
+        line += "  STOPPED EARLY (max epsilon)"
+    print(f"{line}  ({state.round} rounds, {wall:.1f} s)")
+    for key, value in run_problems(state.history).items():
+        print(f"warning: {PROBLEMS[key].format(value)} (rounds.jsonl has the details)", file=sys.stderr)
+    print(f"wrote {out / 'metrics.json'}, {out / 'basis.npz'}, {out / 'ledger.json'}, {out / 'rounds.jsonl'} and "
+          f"{report}")
+    return 0

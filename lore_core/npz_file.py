@@ -1,0 +1,69 @@
+"""Reading an `.npz` archive that may be damaged or not an archive at all: every failure is one clear error.
+
+`np.load` alone answers a truncated file with `BadZipFile`, a flipped byte with a CRC error at the first array
+read, an `.npy` renamed `.npz` with an ndarray (no `files`), and a text file with a hint about pickles. Every
+reader of a user-supplied `.npz` (pair, basis, ground-truth, choices, checkpoint files) goes through `open_npz`.
+Numpy only (importable on a device).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import zipfile
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+ZIP_MAGIC = b"PK"  # local file header PK\x03\x04, or PK\x05\x06 for an empty archive
+NPY_MAGIC = b"\x93NUMPY"
+READ_ERRORS = (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError)
+
+
+class NpzFileError(ValueError):
+    """A file that is not a readable `.npz` archive of plain (non-object) arrays."""
+
+
+@contextlib.contextmanager
+def open_npz(path: str | Path, expected: str = "an .npz archive of arrays",
+             error: type[ValueError] = NpzFileError) -> Iterator[np.lib.npyio.NpzFile]:
+    """`np.load(path)` for an archive; reading its arrays inside the `with` block is covered too.
+
+    `expected` says what the file should have been (for the message); `error` is the ValueError subclass raised,
+    so callers keep their own error type (PairFileError, BasisFileError, ...)."""
+    path = Path(path)
+    check_npz_head(path, expected, error)
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            yield data
+    except READ_ERRORS as exc:
+        if isinstance(exc, error):
+            raise
+        raise unreadable(path, exc, expected, error) from exc
+
+
+def check_npz_head(path: Path, expected: str, error: type[ValueError] = NpzFileError) -> None:
+    """Refuse what is not a zip archive at all (a directory, an empty file, a single .npy, text) by its first bytes;
+    also for readers that open the archive without np.load (`lore_core.pair_columns`)."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(len(NPY_MAGIC))
+    except IsADirectoryError:
+        raise error(f"{path} is a directory; expected {expected}") from None
+    except OSError as exc:
+        raise error(f"{path}: cannot be read ({exc.strerror or exc}); expected {expected}") from exc
+    if head.startswith(NPY_MAGIC):
+        raise error(f"{path} is a single .npy array, not an .npz archive of named arrays; expected {expected}")
+    if not head.startswith(ZIP_MAGIC):
+        kind = "an empty file" if not head else "not a zip archive (text or another format?)"
+        raise error(f"{path} is {kind}; expected {expected}")
+
+
+def unreadable(path: Path, exc: Exception, expected: str, error: type[ValueError] = NpzFileError) -> ValueError:
+    """The error for an archive that failed while being read."""
+    if isinstance(exc, ValueError) and "allow_pickle" in str(exc):
+        reason = "it holds pickled (object) arrays, which are never loaded"
+    else:
+        reason = f"damaged or truncated ({type(exc).__name__}: {exc})"
+    return error(f"{path}: unreadable .npz, {reason}; expected {expected}")

@@ -1,0 +1,335 @@
+"""Privacy settings of a run and their validation, which fails closed before round 1
+(design: docs/privacy.md §7, §9).
+
+Fields left `None` were not given; `validate` fills the defaults of the chosen mode (one place: DEFAULTS), rejects a
+setting that the mode would silently ignore, solves the noise multiplier for a target epsilon, and predicts the
+planned run's epsilon against max_epsilon. Every error says what to change.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import warnings
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any, Mapping
+
+from lore_core.privacy.accounting import (MAX_PRV_EPSILON, AccountingError, epsilon, noise_for_target_epsilon,
+                                         rounds_within_budget)
+
+MODES = ("none", "user", "user+secagg", "record")
+USER_MODES = ("user", "user+secagg")
+WEIGHTINGS = ("uniform", "num-examples")
+CLIENT_METRICS = ("none", "all")  # DP modes: clients report nothing the accountant does not cover
+SAMPLINGS = ("poisson", "fixed")  # "fixed" = Flower's fraction_train sampling without replacement
+
+DEFAULTS: dict[str, Any] = {
+    "noise_multiplier": 1.0,
+    "clip_norm": 1.0,
+    "delta": 1e-5,  # record mode; the user modes default to user_delta(N), which follows the population
+    "clients_per_round": 50,
+    "max_grad_norm": 1.0,
+    "record_batch_size": 4,
+    "record_epochs": 1,
+    "num_shares": 3,
+    "reconstruction_threshold": 2,
+    "dropout_tolerance": 0.1,  # user+secagg: the guarantee holds while at most 10 % of a round's sampled users drop
+}
+# Settings that mean something only under DP, and the modes that use them.
+DP_FIELDS: dict[str, tuple[str, ...]] = {
+    "noise_multiplier": ("user", "user+secagg", "record"),
+    "target_epsilon": USER_MODES,
+    "max_epsilon": ("user", "user+secagg", "record"),
+    "clip_norm": USER_MODES,
+    "delta": ("user", "user+secagg", "record"),
+    "max_grad_norm": ("record",),
+    "record_batch_size": ("record",),
+    "record_epochs": ("record",),
+    "num_shares": ("user+secagg",),
+    "reconstruction_threshold": ("user+secagg",),
+    "dropout_tolerance": ("user+secagg",),
+    "dimension": ("user+secagg",),
+}
+
+
+def user_delta(population_size: int) -> float:
+    """The user modes' default delta for N users: the largest power of ten at most min(1e-5, 1/(10 N)) (1e-5 up to
+    N = 10,000, 1e-6 up to 100,000, ...), so that it stays well below 1/N as the population grows."""
+    bound = min(DEFAULTS["delta"], 1.0 / (10 * population_size))
+    return float(10.0 ** math.floor(math.log10(bound) + 1e-12))
+
+
+class PrivacyConfigError(ValueError):
+    """A privacy setting that would make the stated guarantee wrong or void; the message says what to change."""
+
+
+class PrivacyConfigWarning(UserWarning):
+    """A legal but weak or debug-only privacy setting."""
+
+
+@dataclass(frozen=True)
+class PrivacySettings:
+    """One run's privacy configuration. `None` = not given (validate fills the mode's default)."""
+
+    mode: str = "none"
+    noise_multiplier: float | None = None  # z: noise std on the sum = z * clip_norm (record: z * max_grad_norm)
+    target_epsilon: float | None = None  # alternative to noise_multiplier: validate solves z for the planned run
+    max_epsilon: float | None = None  # refuse to start / stop before a round that would exceed it
+    clip_norm: float | None = None  # C: flat Frobenius clip of each user's update dA (user modes)
+    delta: float | None = None
+    clients_per_round: int | None = None  # m: expected sampled users per round; Poisson rate q = m / N
+    population_size: int | None = None  # N: number of distinct users
+    rounds: int | None = None  # T: planned rounds
+    reproducible_noise: bool = False  # debug only: noise and sampling RNGs from noise_seed; the ledger says NOT PRIVATE
+    noise_seed: int | None = None
+    # record mode (Opacus DP-SGD per client on its pairs)
+    max_grad_norm: float | None = None
+    record_batch_size: int | None = None  # expected Poisson batch; q = 1 / ceil(n_i / batch_size)
+    record_epochs: int | None = None
+    # user+secagg (Flower SecAgg+ with the distributed discrete Gaussian)
+    num_shares: int | None = None
+    reconstruction_threshold: int | None = None
+    dropout_tolerance: float | None = None  # x: the fraction of a round's sampled users that may drop out
+    dimension: int | None = None  # B*D, set by the server: the ddg-rdp accountant needs it
+    weighting: str = "uniform"
+    client_metrics: str = "none"
+    sampling: str = "poisson"
+    noise_from_target: bool = False  # set by validate when noise_multiplier was solved from target_epsilon
+
+    @property
+    def is_dp(self) -> bool:
+        return self.mode != "none"
+
+    @property
+    def accountant(self) -> str:
+        """Whose epsilon is the headline: the distributed discrete Gaussian's bound or Opacus' PRV."""
+        return "ddg-rdp" if self.mode == "user+secagg" else "prv"
+
+    @property
+    def sample_rate(self) -> float | None:
+        """Poisson user sampling rate q = m / N (user modes)."""
+        if self.clients_per_round is None or self.population_size is None:
+            return None
+        return self.clients_per_round / self.population_size
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> "PrivacySettings":
+        """From a flat mapping such as Flower's run config section (`noise-multiplier` or `noise_multiplier`);
+        an unknown key is an error, not silently ignored."""
+        known = {f.name for f in fields(cls)}
+        values = {}
+        for key, value in config.items():
+            name = str(key).replace("-", "_")
+            if name not in known or name == "noise_from_target":
+                raise PrivacyConfigError(f"unknown privacy setting {key!r}; known settings: {sorted(known)}")
+            values[name] = value
+        return cls(**values)
+
+
+_VALIDATED: dict[PrivacySettings, PrivacySettings] = {}  # settings -> resolved; resolved settings map to themselves
+
+
+def validate(settings: PrivacySettings) -> PrivacySettings:
+    """Check `settings` before any training and return them resolved (defaults filled, z solved if targeted).
+
+    Pure on a frozen dataclass, so a process validates each setting once however many layers ask (the command,
+    the ServerApp, the ledger): solving z or predicting epsilon costs accountant calls."""
+    if settings not in _VALIDATED:
+        resolved = _validate(settings)
+        _VALIDATED[settings] = _VALIDATED[resolved] = resolved
+    return _VALIDATED[settings]
+
+
+def _validate(settings: PrivacySettings) -> PrivacySettings:
+    mode = settings.mode
+    if mode not in MODES:
+        raise PrivacyConfigError(f"privacy mode must be one of {MODES}; got {mode!r} (a typo is not 'none')")
+    _check_choice(settings.weighting, "weighting", WEIGHTINGS)
+    _check_choice(settings.client_metrics, "client_metrics", CLIENT_METRICS)
+    _check_choice(settings.sampling, "sampling", SAMPLINGS)
+    _check_general(settings)
+    if mode == "none":
+        given = [name for name in DP_FIELDS if getattr(settings, name) is not None]
+        if settings.reproducible_noise or settings.noise_seed is not None:
+            given.append("reproducible_noise/noise_seed")
+        if given:
+            raise PrivacyConfigError(
+                f"privacy mode is 'none' but DP settings were given: {given}; "
+                "remove them, or set mode to 'user' (user-level DP) to use them"
+            )
+        return settings
+
+    ignored = [name for name, modes in DP_FIELDS.items() if mode not in modes and getattr(settings, name) is not None]
+    if ignored:
+        raise PrivacyConfigError(
+            f"mode {mode!r} does not use {ignored}; remove them "
+            "(clip_norm/target_epsilon are user-mode settings, max_grad_norm/record_* record-mode, "
+            "num_shares/reconstruction_threshold/dropout_tolerance/dimension user+secagg)"
+        )
+    resolved = {name: value for name, value in DEFAULTS.items()  # clients_per_round: a user-mode default only
+                if mode in DP_FIELDS.get(name, USER_MODES) and getattr(settings, name) is None}
+    if settings.noise_multiplier is None and settings.target_epsilon is not None:
+        del resolved["noise_multiplier"]  # solved below
+    if "delta" in resolved and mode in USER_MODES and _is_int(settings.population_size) and \
+            settings.population_size > 0:
+        resolved["delta"] = user_delta(settings.population_size)
+    settings = replace(settings, **resolved)
+    _check_dp_common(settings)
+    if mode == "user+secagg":
+        _check_secagg(settings)
+    if mode in USER_MODES:
+        settings = _check_user_modes(settings)
+    else:
+        _check_record(settings)
+    if settings.reproducible_noise:
+        if settings.noise_seed is None:
+            settings = replace(settings, noise_seed=0)
+        warnings.warn("reproducible_noise is on: anyone with noise_seed can remove the noise; NOT PRIVATE (debug only)",
+                      PrivacyConfigWarning, stacklevel=2)
+    return settings
+
+
+def _check_choice(value: Any, name: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise PrivacyConfigError(f"{name} must be one of {choices}; got {value!r}")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _positive_int(settings: PrivacySettings, name: str) -> None:
+    value = getattr(settings, name)
+    if value is not None and not (_is_int(value) and value > 0):
+        raise PrivacyConfigError(f"{name} must be a positive integer; got {value!r}")
+
+
+def _positive_finite(value: Any, name: str, hint: str) -> None:
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+    if not ok:
+        raise PrivacyConfigError(f"{name} must be a finite number > 0; got {value!r}: {hint}")
+
+
+def _check_general(settings: PrivacySettings) -> None:
+    for name in ("population_size", "rounds", "clients_per_round"):
+        _positive_int(settings, name)
+    m, n = settings.clients_per_round, settings.population_size
+    if m is not None and n is not None and m > n:
+        raise PrivacyConfigError(f"clients_per_round must be in 1..population_size={n}; got {m}: lower it to <= {n}")
+    if settings.noise_seed is not None and not _is_int(settings.noise_seed):
+        raise PrivacyConfigError(f"noise_seed must be an integer; got {settings.noise_seed!r}")
+    if settings.noise_seed is not None and not settings.reproducible_noise:
+        raise PrivacyConfigError(
+            "noise_seed is used only with reproducible_noise = true (debug, NOT PRIVATE); remove it"
+        )
+
+
+def _check_dp_common(s: PrivacySettings) -> None:
+    if s.weighting != "uniform":
+        raise PrivacyConfigError(
+            f"weighting {s.weighting!r} is not covered by the accountant: example counts change a user's influence "
+            "(sensitivity) and are private themselves; set weighting = 'uniform' (clients send num-examples = 1)"
+        )
+    if s.client_metrics != "none":
+        raise PrivacyConfigError(
+            f"client_metrics {s.client_metrics!r} would release un-noised client statistics that the accountant does "
+            "not cover; set client_metrics = 'none' under DP"
+        )
+    if s.noise_multiplier is not None:
+        _positive_finite(s.noise_multiplier, "noise_multiplier", "DP needs noise; set e.g. noise_multiplier = 1.0")
+    for name in ("target_epsilon", "max_epsilon"):
+        if getattr(s, name) is not None:
+            _positive_finite(getattr(s, name), name, f"give a positive epsilon or remove {name}")
+    if not (isinstance(s.delta, numbers.Real) and 0 < s.delta < 1):
+        raise PrivacyConfigError(f"delta must be in (0, 1/N); got {s.delta!r}: remove it to use the default "
+                                 "(at most 1/(10 N))")
+    if s.rounds is None:
+        raise PrivacyConfigError(f"mode {s.mode!r} needs the planned number of rounds: set rounds = T")
+
+
+def _check_user_modes(s: PrivacySettings) -> PrivacySettings:
+    if s.sampling != "poisson":
+        raise PrivacyConfigError(
+            "user-level accounting assumes Poisson sampling of users; fixed-size sampling needs about twice the noise "
+            "(replace-one, sensitivity 2C): set sampling = 'poisson'"
+        )
+    if s.population_size is None:
+        raise PrivacyConfigError(f"mode {s.mode!r} needs population_size N (the number of distinct users)")
+    _positive_finite(s.clip_norm, "clip_norm", "set clip_norm to about the median update norm, e.g. 1.0")
+    n = s.population_size
+    if not s.delta < 1 / n:
+        raise PrivacyConfigError(f"delta must be < 1/N = {1 / n:.3g} (N = {n} users); got {s.delta}: use at most "
+                                 f"1/(10 N) = {1 / (10 * n):.3g} (leave delta unset for the default, {user_delta(n):g})")
+    if s.delta > 1 / (10 * n):
+        warnings.warn(f"delta = {s.delta} is above 1/(10 N) = {1 / (10 * n):.3g}: a weak guarantee",
+                      PrivacyConfigWarning, stacklevel=3)
+    if s.clients_per_round == n:
+        warnings.warn("clients_per_round = population_size: every user every round, no amplification by sampling",
+                      PrivacyConfigWarning, stacklevel=3)
+    q, rounds = s.sample_rate, s.rounds
+    accountant, dim = s.accountant, s.dimension
+    if s.target_epsilon is not None:
+        if s.noise_multiplier is not None and not s.noise_from_target:
+            raise PrivacyConfigError(
+                "give either noise_multiplier or target_epsilon, not both: remove one (with target_epsilon the "
+                "noise multiplier is solved for the planned rounds)"
+            )
+        if s.max_epsilon is not None and s.target_epsilon > s.max_epsilon:
+            raise PrivacyConfigError(
+                f"target_epsilon {s.target_epsilon} exceeds max_epsilon {s.max_epsilon}: lower target_epsilon"
+            )
+        if s.noise_multiplier is None:
+            z = _accounted(noise_for_target_epsilon, s.target_epsilon, q, rounds, s.delta, accountant, dim=dim)
+            s = replace(s, noise_multiplier=z, noise_from_target=True)
+    planned_rdp = _accounted(epsilon, s.noise_multiplier, q, rounds, s.delta, "rdp" if accountant == "prv" else
+                             accountant, dim)
+    if planned_rdp > MAX_PRV_EPSILON:
+        raise PrivacyConfigError(
+            f"the planned {rounds} rounds reach epsilon {planned_rdp:.4g} (RDP, delta={s.delta}): no meaningful "
+            f"privacy; raise noise_multiplier (now {s.noise_multiplier:g}), lower clients_per_round or rounds, or "
+            "set the privacy mode to none")
+    if s.max_epsilon is not None:
+        planned = _accounted(epsilon, s.noise_multiplier, q, rounds, s.delta, accountant, dim)
+        if planned > s.max_epsilon:
+            fit = _accounted(rounds_within_budget, s.noise_multiplier, q, s.delta, s.max_epsilon, limit=rounds,
+                             accountant=accountant, dim=dim)
+            raise PrivacyConfigError(
+                f"the planned {rounds} rounds reach epsilon {planned:.3f} ({accountant}, delta={s.delta}) > max_epsilon "
+                f"{s.max_epsilon}; only {fit} rounds fit: set rounds <= {fit}, raise noise_multiplier, lower "
+                "clients_per_round, or raise max_epsilon"
+            )
+    return s
+
+
+def _accounted(function, *args, **kwargs):
+    try:
+        return function(*args, **kwargs)
+    except AccountingError as exc:
+        message = f"privacy accounting failed for these settings ({exc}); raise noise_multiplier"
+        raise PrivacyConfigError(message) from exc
+
+
+def _check_record(s: PrivacySettings) -> None:
+    _positive_finite(s.max_grad_norm, "max_grad_norm", "set the per-pair clip norm, e.g. max_grad_norm = 1.0")
+    _positive_int(s, "record_batch_size")
+    _positive_int(s, "record_epochs")
+    if s.noise_multiplier is None:
+        raise PrivacyConfigError("record mode needs noise_multiplier (target_epsilon would need every client's n_i)")
+
+
+def _check_secagg(s: PrivacySettings) -> None:
+    k, t = s.num_shares, s.reconstruction_threshold
+    if not (_is_int(k) and k >= 3 and k % 2 == 1):
+        raise PrivacyConfigError(f"num_shares must be an odd integer >= 3 (Flower SecAgg+ crashes on even); got {k!r}")
+    if not (_is_int(t) and 1 <= t < k):
+        raise PrivacyConfigError(f"reconstruction_threshold must be an integer in 1..num_shares-1 = {k - 1}; got {t!r}")
+    x = s.dropout_tolerance
+    if not (isinstance(x, numbers.Real) and not isinstance(x, bool) and 0 <= x < 1):
+        raise PrivacyConfigError(f"dropout_tolerance must be in [0, 1); got {x!r}: e.g. 0.1 (the guarantee holds while "
+                                 "at most 10 % of a round's sampled users drop out)")
+    if not (_is_int(s.dimension) and s.dimension > 0):
+        raise PrivacyConfigError(f"mode user+secagg needs the dimension B*D of the basis (set by the server); got "
+                                 f"{s.dimension!r}")

@@ -1,0 +1,58 @@
+"""Reading user-supplied UTF-8 text (JSON Lines, JSON, plain lines) with errors that name the file and line.
+
+A UTF-8 byte-order mark at the start (common in exports from spreadsheets and Windows editors) is accepted and
+dropped; a byte that is not UTF-8 is reported with its file, line and column instead of Python's bare codec message.
+"""
+
+from __future__ import annotations
+
+import codecs
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+
+def _decode(raw: bytes, path: Path, line: int, error: type[ValueError]) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line += raw[: exc.start].count(b"\n")
+        column = exc.start - (raw.rfind(b"\n", 0, exc.start) + 1) + 1
+        raise error(f"{path} line {line}: not valid UTF-8 (byte 0x{raw[exc.start]:02x} at column {column}); "
+                    "save the file as UTF-8") from None
+
+
+def read_text(path: str | Path, error: type[ValueError] = ValueError) -> str:
+    """The whole file as text (BOM dropped); a missing file or bad UTF-8 raises `error` naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"{path} does not exist" if not path.exists() else f"{path} is not a file")
+    raw = path.read_bytes()
+    return _decode(raw.removeprefix(codecs.BOM_UTF8), path, 1, error)
+
+
+def read_jsonl(path: str | Path, error: type[ValueError] = ValueError) -> Iterator[tuple[int, dict]]:
+    """Yield (1-based line number, object) for every non-blank line, streaming; bad UTF-8, bad JSON or a value
+    that is not an object raises `error` naming the file and line."""
+    path = Path(path)
+    with open(path, "rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            if number == 1:
+                raw = raw.removeprefix(codecs.BOM_UTF8)
+            text = _decode(raw, path, number, error).rstrip("\r\n")
+            if not text.strip():
+                continue
+            record = parse_json(text, path, error, line=number)
+            if not isinstance(record, dict):
+                raise error(f"{path} line {number}: expected a JSON object, got {type(record).__name__}")
+            yield number, record
+
+
+def parse_json(text: str, path: str | Path, error: type[ValueError] = ValueError, line: int = 1):
+    """json.loads(text) with an error that names the file and the line (`line`: where `text` starts)."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise error(f"{path} line {line + exc.lineno - 1}: not valid JSON ({exc.msg}, column {exc.colno})") from None
+    except RecursionError:
+        raise error(f"{path} line {line}: JSON nested too deeply") from None

@@ -1,0 +1,167 @@
+"""Every basis the server releases, in a hash-chained record `RUN_DIR/releases/` (docs/privacy.md §8, §10).
+
+An audit of the run that really happened must read what really left the server, not a re-simulation of it. So
+`TrainingRun.release` appends, before the new basis leaves the server (next round's train messages, evaluation,
+checkpoint), one file per release: the basis the round trained on A_t, the mean update the mechanism released
+(noise included; under DP the only data-dependent input of the step) and the new basis A_{t+1} (B, D each).
+`chain.jsonl` lists them, line 0 being the header (server optimizer settings, initial basis); every line holds the
+SHA-256 of its file and of the line before it, so a file or line changed or dropped afterwards breaks the chain.
+`read_releases` checks the chain and replays the public server optimizer: each A_{t+1} must follow from A_t and the
+recorded mean update, so the recorded noisy means are exactly what drove the released bases.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from lore_core.atomic_io import atomic_write_bytes, atomic_write_text
+from server.optimizer import make_optimizer, pseudo_gradient
+
+RELEASES_DIR = "releases"
+CHAIN_FILENAME = "chain.jsonl"
+SCHEMA = "lore-fed-releases/1"
+
+
+class ReleaseRecordError(ValueError):
+    """A release record that is missing, altered or inconsistent with the bases it claims."""
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _line_hash(line: dict) -> str:
+    return _sha256(json.dumps(line, sort_keys=True).encode())
+
+
+def _npz_bytes(**arrays: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    return buffer.getvalue()
+
+
+class ReleaseRecord:
+    """Appends releases to RUN_DIR/releases/ (continuing the chain of a resumed run)."""
+
+    def __init__(self, folder: Path, lines: list[dict]) -> None:
+        self.folder, self.lines = folder, lines
+
+    @classmethod
+    def open(cls, run_dir: str | Path, *, optimizer: dict, initial_basis: np.ndarray) -> "ReleaseRecord":
+        """optimizer: the public step settings {name, server_lr, client_lr, local_steps, l2}. A new record starts
+        with the initial basis; an existing one must have been written with the same optimizer settings."""
+        folder = Path(run_dir) / RELEASES_DIR
+        chain = folder / CHAIN_FILENAME
+        if chain.exists():
+            lines = [json.loads(line) for line in chain.read_text().splitlines() if line.strip()]
+            if not lines or lines[0].get("optimizer") != optimizer:
+                raise ReleaseRecordError(f"{chain} was written with other server optimizer settings; use a new run "
+                                         "directory")
+            return cls(folder, lines)
+        record = cls(folder, [])
+        data = _npz_bytes(basis=np.asarray(initial_basis, dtype=np.float64))
+        atomic_write_bytes(folder / "initial.npz", data)
+        record._append({"release": 0, "schema": SCHEMA, "optimizer": optimizer, "file": "initial.npz",
+                        "sha256": _sha256(data), "prev": None})
+        return record
+
+    def append(self, *, round: int, ledger_round: int | None, basis_before: np.ndarray, mean_update: np.ndarray | None,
+               basis_after: np.ndarray) -> None:
+        """One release: the file first, then its chain line (a crash between them leaves an unlisted file only).
+        mean_update None: nothing was accepted in a mode without noise and the basis did not move."""
+        release = len(self.lines)
+        stepped = mean_update is not None
+        data = _npz_bytes(basis_before=np.asarray(basis_before, dtype=np.float64),
+                          mean_update=np.zeros_like(basis_before) if mean_update is None else mean_update,
+                          basis_after=np.asarray(basis_after, dtype=np.float64))
+        name = f"release-{release:06d}.npz"
+        atomic_write_bytes(self.folder / name, data)
+        self._append({"release": release, "round": int(round), "ledger_round": ledger_round, "stepped": stepped,
+                      "file": name, "sha256": _sha256(data), "prev": _line_hash(self.lines[-1])})
+
+    def _append(self, line: dict) -> None:
+        self.lines.append(line)
+        atomic_write_text(self.folder / CHAIN_FILENAME, "".join(json.dumps(x, sort_keys=True) + "\n"
+                                                                for x in self.lines))
+
+
+@dataclass(frozen=True)
+class Releases:
+    """A verified release record: per release (R,) rounds and ledger rounds, (R, B, D) bases and mean updates."""
+
+    optimizer: dict
+    initial_basis: np.ndarray
+    rounds: np.ndarray
+    ledger_rounds: np.ndarray
+    basis_before: np.ndarray
+    mean_updates: np.ndarray
+    basis_after: np.ndarray
+    head: str  # hash of the last chain line: names exactly this record
+
+    def __len__(self) -> int:
+        return int(self.rounds.size)
+
+
+def read_releases(run_dir: str | Path, *, replay: bool = True) -> Releases:
+    """Load RUN_DIR/releases/, check every hash and (replay) that each released basis is the public optimizer's
+    step from the recorded basis and noisy mean update. Raises ReleaseRecordError naming what does not hold."""
+    folder = Path(run_dir) / RELEASES_DIR
+    chain = folder / CHAIN_FILENAME
+    if not chain.exists():
+        raise ReleaseRecordError(f"{chain} does not exist: this run recorded no releases (a run from before the "
+                                 "release record, or not a lore-fed run directory)")
+    lines = [json.loads(line) for line in chain.read_text().splitlines() if line.strip()]
+    arrays = []
+    for i, line in enumerate(lines):
+        if line.get("release") != i or line.get("prev") != (None if i == 0 else _line_hash(lines[i - 1])):
+            raise ReleaseRecordError(f"{chain} line {i + 1}: broken chain (a line was altered, dropped or reordered)")
+        data = (folder / line["file"]).read_bytes() if (folder / line["file"]).exists() else b""
+        if _sha256(data) != line["sha256"]:
+            raise ReleaseRecordError(f"{folder / line['file']}: missing or altered (SHA-256 differs from the chain)")
+        with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+            arrays.append({key: npz[key] for key in npz.files})
+    if lines[0].get("schema") != SCHEMA:
+        raise ReleaseRecordError(f"{chain}: schema {lines[0].get('schema')!r}, expected {SCHEMA!r}")
+    body = lines[1:]
+
+    def stack(key: str) -> np.ndarray:
+        return np.stack([a[key] for a in arrays[1:]]) if body else np.zeros((0,) + arrays[0]["basis"].shape)
+
+    releases = Releases(optimizer=lines[0]["optimizer"], initial_basis=arrays[0]["basis"],
+                        rounds=np.array([x["round"] for x in body], dtype=np.int64),
+                        ledger_rounds=np.array([-1 if x["ledger_round"] is None else x["ledger_round"] for x in body]),
+                        basis_before=stack("basis_before"), mean_updates=stack("mean_update"),
+                        basis_after=stack("basis_after"), head=_line_hash(lines[-1]))
+    if replay:
+        replay_optimizer(releases, [x["stepped"] for x in body])
+    return releases
+
+
+def replay_optimizer(releases: Releases, stepped: list[bool]) -> None:
+    """Every release's basis_after = the public server step from its basis_before and mean update. A round re-run
+    after a crash starts, like the resumed server, from the state after the last release of the round before."""
+    settings = releases.optimizer
+    after: dict[int, tuple[np.ndarray, dict]] = {0: (releases.initial_basis, {})}
+    for i, t in enumerate(releases.rounds):
+        previous = after.get(int(t) - 1)
+        if previous is None or not np.array_equal(previous[0], releases.basis_before[i]):
+            raise ReleaseRecordError(f"release {i + 1} (round {t}) did not start from the basis released after round "
+                                     f"{t - 1}")
+        optimizer = make_optimizer(settings["name"], settings["server_lr"], settings.get("rounds"))
+        optimizer.load_state_dict({k: np.array(v) for k, v in previous[1].items()})
+        basis = releases.basis_before[i]
+        if stepped[i]:
+            grad = pseudo_gradient(basis, releases.mean_updates[i], client_lr=settings["client_lr"],
+                                   local_steps=settings["local_steps"], l2=settings["l2"])
+            basis = optimizer.step(basis, grad)
+        if not np.allclose(basis, releases.basis_after[i], rtol=1e-12, atol=1e-15):
+            raise ReleaseRecordError(f"release {i + 1} (round {t}): the released basis is not the server optimizer's "
+                                     "step from the recorded mean update: the record does not describe what was "
+                                     "released")
+        after[int(t)] = (releases.basis_after[i], {k: np.array(v) for k, v in optimizer.state_dict().items()})

@@ -1,0 +1,163 @@
+"""Server-side run settings, parsed once from the flat run config (`[tool.flwr.app.config]` + overrides)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from lore_core.privacy.privacy_settings import MODES as PRIVACY_MODES
+from lore_core.privacy.privacy_settings import PrivacySettings, validate
+from server.optimizer import default_server_lr
+
+SERVER_OPTIMIZERS = ("adam", "sgd")
+PROGRESS_STYLES = ("bar", "log")
+
+
+# Run-config key -> PrivacySettings field. An empty string means "not given": `validate` fills the mode's default
+# (lore_core.privacy.privacy_settings.DEFAULTS, the one source of truth), so `flwr run -c "noise-multiplier=0.0"` is an error,
+# not the default. Shared by every privacy mode (also user+secagg).
+PRIVACY_KEYS = {
+    "privacy-mode": "mode",
+    "noise-multiplier": "noise_multiplier",
+    "target-epsilon": "target_epsilon",
+    "max-epsilon": "max_epsilon",
+    "clip-norm": "clip_norm",
+    "delta": "delta",
+    "reproducible-noise": "reproducible_noise",
+    "max-grad-norm": "max_grad_norm",
+    "record-batch-size": "record_batch_size",
+    "record-epochs": "record_epochs",
+    "num-shares": "num_shares",
+    "reconstruction-threshold": "reconstruction_threshold",
+    "dropout-tolerance": "dropout_tolerance",
+}
+
+
+# Default clip norm C of the user modes for this client training (client-lr 1, local-steps 5): about the median
+# per-user update norm, 0.24, of a non-private pilot on a separate synthetic population (D = 384, 300 users, 60
+# rounds; `python -m simulations.bench_privacy --pilot`), never tuned on a private run. The clip norm dominates the
+# utility (docs/privacy.md §4: C near the median norm lost <1 point at z = 1, 2x the median 3 points). It replaces
+# lore_core's generic DEFAULTS["clip_norm"] only for federated runs, whose update scale it matches.
+FEDERATED_CLIP_NORM = 0.25
+
+
+class RunConfigError(ValueError):
+    """A run-config value that cannot work; says which key, what was expected and what came."""
+
+
+def privacy_config(cfg: dict) -> dict:
+    """The privacy keys of a run config as PrivacySettings fields; absent or "" = not given."""
+    return {field: cfg[key] for key, field in PRIVACY_KEYS.items() if key in cfg and cfg[key] != ""}
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    rounds: int
+    rank: int
+    clients_per_round: int
+    seed: int
+    eval_every: int
+    local_steps: int
+    client_lr: float
+    server_optimizer: str
+    server_lr: float
+    l2: float
+    train_prior_pairs: float
+    prior_pairs: float
+    init_scale: float
+    privacy_mode: str
+    run_dir: str
+    min_nodes: int
+    round_timeout: float
+    privacy: dict  # PrivacySettings fields as given (privacy_config); resolved per population by privacy_settings
+    allow_uncovered_eval: bool = False  # DP modes: evaluate every eval-every rounds although uncovered
+    progress: str = "log"  # server.round_progress.STYLES
+
+    @classmethod
+    def from_run_config(cls, cfg: dict) -> "ServerSettings":
+        try:
+            settings = cls(
+                rounds=int(cfg["num-server-rounds"]),
+                rank=int(cfg["rank"]),
+                clients_per_round=int(cfg["clients-per-round"]),
+                seed=int(cfg["seed"]),
+                eval_every=int(cfg["eval-every"]),
+                local_steps=int(cfg["local-steps"]),
+                client_lr=float(cfg["client-lr"]),
+                server_optimizer=str(cfg["server-optimizer"]),
+                server_lr=default_server_lr(str(cfg["privacy-mode"])) if cfg["server-lr"] == "" else
+                float(cfg["server-lr"]),
+                l2=float(cfg["l2"]),
+                train_prior_pairs=float(cfg["train-prior-pairs"]),
+                prior_pairs=float(cfg["prior-pairs"]),
+                init_scale=float(cfg["init-scale"]),
+                privacy_mode=str(cfg["privacy-mode"]),
+                run_dir=str(cfg["run-dir"]),
+                min_nodes=int(cfg["min-nodes"]),
+                round_timeout=float(cfg["round-timeout"]),
+                privacy=privacy_config(cfg),
+                allow_uncovered_eval=bool(cfg.get("allow-uncovered-eval", False)),
+                progress=str(cfg.get("progress", "log")),
+            )
+        except KeyError as exc:
+            raise RunConfigError(f"run config lacks key {exc}; keys present: {sorted(cfg)}") from exc
+        settings.validate()
+        return settings
+
+    def validate(self) -> None:
+        positive = {"num-server-rounds": self.rounds, "rank": self.rank, "clients-per-round": self.clients_per_round,
+                    "local-steps": self.local_steps, "client-lr": self.client_lr,
+                    "server-lr": self.server_lr, "train-prior-pairs": self.train_prior_pairs,
+                    "prior-pairs": self.prior_pairs,
+                    "init-scale": self.init_scale, "min-nodes": self.min_nodes, "round-timeout": self.round_timeout}
+        for key, value in positive.items():
+            if not (value > 0 and value != float("inf")):
+                raise RunConfigError(f"run config `{key}` must be a finite number > 0, got {value}")
+        if self.eval_every < 0:
+            raise RunConfigError(f"run config `eval-every` must be >= 0 (0 = only after the last round), "
+                                 f"got {self.eval_every}")
+        if not 0 <= self.l2 < float("inf"):
+            raise RunConfigError(f"run config `l2` must be a finite number >= 0, got {self.l2}")
+        if not 0 <= self.seed < 2**32:
+            raise RunConfigError(f"run config `seed` must be in [0, 2**32), got {self.seed}")
+        if self.server_optimizer not in SERVER_OPTIMIZERS:
+            raise RunConfigError(f"run config `server-optimizer` must be one of {SERVER_OPTIMIZERS}, "
+                                 f"got {self.server_optimizer!r}")
+        if self.privacy_mode not in PRIVACY_MODES:
+            raise RunConfigError(f"run config `privacy-mode` must be one of {PRIVACY_MODES}, got {self.privacy_mode!r}")
+        if self.privacy_mode != "none" and self.eval_every and not self.allow_uncovered_eval:
+            raise RunConfigError(
+                f"eval-every = {self.eval_every} under privacy mode {self.privacy_mode!r}: federated evaluation "
+                "releases per-node accuracy sums that the accountant does not cover; set eval-every = 0 (evaluate "
+                "only after the last round) or opt in with allow-uncovered-eval = true")
+        if self.progress not in PROGRESS_STYLES:
+            raise RunConfigError(f"run config `progress` must be one of {PROGRESS_STYLES}, got {self.progress!r}")
+        if not self.run_dir:
+            raise RunConfigError("run config `run-dir` is empty: the server needs a directory for its checkpoints")
+
+    @property
+    def is_dp(self) -> bool:
+        return self.privacy_mode != "none"
+
+    def privacy_settings(self, population_size: int, dim: int) -> PrivacySettings:
+        """The run's validated privacy settings for a population of N training users with D-dimensional embeddings
+        (raises PrivacyConfigError).
+
+        In DP user modes m = clients-per-round is the expected Poisson count; mode `none` and `record` sample a
+        fixed count with the experiment's seeded sampler, which no user-level accountant relies on. In
+        `user+secagg` the accountant also needs the dimension B*D of the released sum.
+        """
+        fields = {"mode": self.privacy_mode, **self.privacy, "population_size": int(population_size),
+                  "rounds": self.rounds}
+        if self.privacy_mode in ("user", "user+secagg"):
+            fields["clients_per_round"] = self.clients_per_round
+            fields.setdefault("clip_norm", FEDERATED_CLIP_NORM)
+        if self.privacy_mode == "user+secagg":
+            fields["dimension"] = int(self.rank * dim)
+        return validate(PrivacySettings(**fields))
+
+    def fingerprint(self) -> dict:
+        """What a resumed run must share with the run that wrote the checkpoint (timeouts may change)."""
+        fields = asdict(self)
+        for volatile in ("run_dir", "min_nodes", "round_timeout", "rounds", "progress"):
+            fields.pop(volatile)
+        return fields

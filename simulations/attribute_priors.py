@@ -1,0 +1,94 @@
+"""Build the attribute prior table (client.device.attribute_prior) from a PUBLIC pilot panel.
+
+    python -m simulations.attribute_priors DATASET --basis BASIS --fields age,gender --out TABLE.json
+
+Where the prior comes from. A pilot panel of people who consented to publish their pairs and their attributes (in
+this repository's benchmarks: the seen users of a prepared dataset, whose `users.jsonl` holds the demographics).
+Their w are fitted centrally with the released basis, exactly as a device fits w (personal prior of the device), and
+averaged per attribute value. No w_i of the federated population is needed, so none leaves a device.
+
+What it costs in privacy. The panel's group means are published: a group smaller than --min-users is left out
+(one member could otherwise be read off it), and the panel must have agreed to publication. A device downloads the
+whole table, so neither the server nor the network learns which row it uses; the declared attributes stay in the
+device state. The prior does make a device's w lean toward its group, so whatever later reveals w (served scores,
+an unprotected update) reveals a little of the declared attribute too; user-level DP of the federated updates
+covers it like any other local data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from client.device.attribute_prior import FORMAT
+from client.device.user_posterior import DEVICE_PRIOR_PAIRS
+from lore_core.atomic_io import atomic_write_json
+from lore_core.basis_file import BasisFile, load_basis
+from lore_core.evaluation import few_shot_weights
+from lore_core.pairs import PairSet, load_pairs, resolve_pair_path
+from lore_core.prism_pairs import USERS_JSONL
+
+MIN_USERS = 20
+
+
+def read_demographics(dataset_dir: Path) -> dict[str, dict]:
+    """users.jsonl of a prepared dataset -> {user: demographics}."""
+    path = Path(dataset_dir) / USERS_JSONL
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: attribute priors need a prepared dataset with demographics")
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return {row["user"]: row.get("demographics", {}) for row in rows}
+
+
+def build_table(panel: PairSet, basis: BasisFile, demographics: dict[str, dict], fields: list[str], *,
+                min_users: int = MIN_USERS, source: str = "", prior_pairs: float = DEVICE_PRIOR_PAIRS) -> dict:
+    """Group means of the panel's fitted w per (field, value) with >= min_users members."""
+    ids, weights = few_shot_weights(panel, basis.basis.astype(np.float64), prior_pairs)
+    groups: dict = {}
+    for field in fields:
+        values = np.array([str(demographics.get(u, {}).get(field)) for u in ids])
+        groups[field] = {}
+        for value in np.unique(values):
+            members = values == value
+            if value == "None" or members.sum() < min_users:
+                continue
+            mean = weights[members].mean(axis=0)
+            groups[field][value] = {"users": int(members.sum()), "mean": [float(x) for x in mean / mean.sum()]}
+    population = weights.mean(axis=0)
+    return {"format": FORMAT, "basis_sha256": basis.sha256, "rank": basis.rank, "source": source,
+            "min_users": min_users, "prior_pairs": prior_pairs,
+            "population": {"users": int(ids.size), "mean": [float(x) for x in population / population.sum()]},
+            "groups": groups}
+
+
+def panel_pairs(dataset, *, seen: bool = True) -> PairSet:
+    """The pilot panel's pairs: the train split of the dataset's seen (default) users."""
+    return load_pairs(dataset).select(seen=seen, split="train")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("dataset", help="prepared dataset directory (pairs.npz and users.jsonl) of the pilot panel")
+    parser.add_argument("--basis", required=True, help="the released basis the table is for")
+    parser.add_argument("--fields", default="age,gender", help="comma-separated demographic fields")
+    parser.add_argument("--min-users", type=int, default=MIN_USERS)
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args(argv)
+    try:
+        dataset = resolve_pair_path(args.dataset).parent
+        table = build_table(panel_pairs(dataset), load_basis(args.basis), read_demographics(dataset),
+                            args.fields.split(","), min_users=args.min_users, source=str(dataset))
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"attribute_priors: error: {exc}", file=sys.stderr)
+        return 2
+    atomic_write_json(args.out, table)
+    print(f"wrote {args.out}: " + ", ".join(f"{f} ({len(v)} groups)" for f, v in table["groups"].items()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,1 +1,0 @@
-"""One module per `lore-fed` sub-command; each defines `configure(parser)` and `run(args) -> int`."""

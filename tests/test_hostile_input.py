@@ -1,0 +1,400 @@
+"""Hostile input (issue 14): a table-driven fuzz of every CLI entry point (`prepare`, `embed`, `train`, `evaluate`,
+`simulate`, `privacy`, `audit`, `device`) with damaged files, malformed contents, extreme numbers and wrong types.
+
+Every case asserts the contract for bad input: exit code 2, a message that names the file (or flag) and says what
+was expected, no traceback, and nothing written (the working directory is byte-for-byte unchanged). Mutations are
+seeded, so every run walks the same cases; all calls are in-process (`lore_cli.main.main`, the device's
+`device_cli.main`) on files of a few kilobytes, and every case fails before any model, torch training or Ray work.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import shutil
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from client.device.device_cli import main as device_main
+from lore_cli.main import main
+from lore_core.basis_file import save_basis
+from lore_core.pairs import save_pairs
+from simulations.synthetic_pairs import SyntheticPairsConfig, make_synthetic_pairs
+
+FIXTURE = Path(__file__).parent / "fixtures" / "prism"
+DIM, RANK = 8, 2
+SEED = 14  # every mutation below is drawn from this seed: the same cases on every run
+
+
+def cli(argv: list[str], device: bool = False) -> tuple[int, str, str]:
+    """Run `lore-fed ARGV` (or `python -m client.device ARGV`) in-process -> (exit code, stdout, stderr)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = (device_main if device else main)([str(a) for a in argv])
+        except SystemExit as exc:  # argparse: wrong types and unknown flags
+            code = exc.code
+    return code, out.getvalue(), err.getvalue()
+
+
+def tree(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() if p.is_file() else b"<dir>" for p in sorted(root.rglob("*"))}
+
+
+def refused(argv: list[str], names: str | Path, workdir: Path, *, device: bool = False, expect: str = "") -> str:
+    """Assert the bad-input contract for one call; returns stderr."""
+    before = tree(workdir)
+    code, _, err = cli(argv, device)
+    assert code == 2, f"{argv}: exit {code}\n{err}"
+    assert "Traceback" not in err, err
+    assert str(names) in err, f"{argv}: the message does not name {names}:\n{err}"
+    assert expect in err, f"{argv}: expected {expect!r} in:\n{err}"
+    assert tree(workdir) == before, f"{argv}: files were written or changed"
+    return err
+
+
+# --- the world: tiny valid inputs -----------------------------------------------------------------------------------
+def _pairs():
+    pairs, _ = make_synthetic_pairs(SyntheticPairsConfig(dim=DIM, true_rank=RANK, seen_users=6, unseen_users=2,
+                                                         train_pairs=(6, 8), few_shot_pairs=3, test_pairs=4, seed=1))
+    return pairs
+
+
+@pytest.fixture(scope="module")
+def world_base(tmp_path_factory) -> Path:
+    base = tmp_path_factory.mktemp("world")
+    save_pairs(_pairs(), base / "pairs.npz")
+    save_basis(base / "basis.npz", np.random.default_rng(0).standard_normal((RANK, DIM)), version=1,
+               embedder="synthetic")
+    np.savez(base / "choices.npz", diff=np.random.default_rng(1).standard_normal((4, DIM)).astype(np.float32))
+    shutil.copytree(FIXTURE, base / "prism", ignore=shutil.ignore_patterns("*.py"))
+    (base / "dataset").mkdir()
+    (base / "dataset" / "pairs.jsonl").write_text(json.dumps(
+        {"user": "u1", "history": [{"role": "user", "content": "hi"}], "chosen": "a", "rejected": "b",
+         "split": "train", "seen": True}) + "\n")
+    (base / "choices.jsonl").write_text(json.dumps({"prompt": "Which?", "chosen": "A.", "rejected": "B."}) + "\n")
+    (base / "candidates.txt").write_text("one\ntwo\n")
+    (base / "privacy.json").write_text(json.dumps({"noise_multiplier": 1.0, "clip_norm": 1.0}))
+    assert cli(["--state", base / "state", "init", "--basis", base / "basis.npz"], device=True)[0] == 0
+    return base
+
+
+@pytest.fixture()
+def w(world_base, tmp_path, monkeypatch) -> Path:
+    """A fresh copy of the world as the working directory (relative outputs land in it)."""
+    work = tmp_path / "w"
+    shutil.copytree(world_base, work)
+    monkeypatch.chdir(work)
+    return work
+
+
+# --- 1. damaged .npz files, at every reader ---------------------------------------------------------------------------
+def _flip_in_first_member(data: bytes, rng: np.random.Generator) -> bytes:
+    """Flip one byte inside the first member's stored data: a guaranteed CRC mismatch, never a harmless byte."""
+    with zipfile.ZipFile(io.BytesIO(data)) as archive:
+        info = archive.infolist()[0]
+    header = 30 + len(info.orig_filename.encode()) + len(info.extra)  # local header, then the data
+    start = info.header_offset + header
+    position = start + int(rng.integers(0, info.compress_size))
+    damaged = bytearray(data)
+    damaged[position] ^= 0xFF
+    return bytes(damaged)
+
+
+def _zip_of_text() -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        archive.writestr("readme.txt", "not arrays")
+    return buffer.getvalue()
+
+
+def _pickled() -> bytes:
+    buffer = io.BytesIO()
+    np.savez(buffer, diff=np.array([{"a": 1}, None], dtype=object))
+    return buffer.getvalue()
+
+
+DAMAGE = {
+    "empty": lambda data, rng: b"",
+    "truncated": lambda data, rng: data[: int(rng.integers(1, len(data) - 1))],
+    "flipped byte": _flip_in_first_member,
+    "npy renamed npz": lambda data, rng: _npy_bytes(),
+    "text renamed npz": lambda data, rng: b"user,chosen,rejected\nu1,yes,no\n",
+    "pickled object array": lambda data, rng: _pickled(),
+    "zip without arrays": lambda data, rng: _zip_of_text(),
+    "directory": None,
+}
+
+
+def _npy_bytes() -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, np.zeros((3, DIM), np.float32))
+    return buffer.getvalue()
+
+
+def damage(path: Path, kind: str) -> None:
+    if kind == "directory":
+        path.unlink()
+        path.mkdir()
+        return
+    rng = np.random.default_rng([SEED, sorted(DAMAGE).index(kind)])
+    path.write_bytes(DAMAGE[kind](path.read_bytes(), rng))
+
+
+# entry point -> (file it damages, argv); `out` paths must never appear
+EVALUATE = ["evaluate", "pairs.npz", "--basis", "basis.npz", "--out", "m.json"]
+NPZ_READERS = {
+    "train pairs": ("pairs.npz", lambda: ["train", "pairs.npz", "--rank", "1", "--out", "out"], False),
+    "evaluate pairs": ("pairs.npz", lambda: EVALUATE, False),
+    "evaluate basis": ("basis.npz", lambda: EVALUATE, False),
+    "simulate pairs": ("pairs.npz", lambda: ["simulate", "pairs.npz", "--out", "out", "--privacy", "none",
+                                             "--rounds", "1", "--rank", "1"], False),
+    "audit pairs": ("pairs.npz", lambda: ["audit", "extraction", "--pairs", "pairs.npz", "--basis", "basis.npz",
+                                          "--out", "out"], False),
+    "audit basis": ("basis.npz", lambda: ["audit", "extraction", "--pairs", "pairs.npz", "--basis", "basis.npz",
+                                          "--out", "out"], False),
+    "device init basis": ("basis.npz", lambda: ["--state", "new-state", "init", "--basis", "basis.npz"], True),
+    "device adapt choices": ("choices.npz", lambda: ["--state", "state", "adapt", "--choices", "choices.npz"], True),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(DAMAGE))
+@pytest.mark.parametrize("reader", sorted(NPZ_READERS))
+def test_damaged_npz_is_refused_naming_the_file(w, reader, kind):
+    file, argv, device = NPZ_READERS[reader]
+    damage(w / file, kind)
+    err = refused(argv(), file, w, device=device)
+    assert "pickled data" not in err  # the old, wrong hint for a text file
+    if kind in ("npy renamed npz", "text renamed npz", "empty", "truncated", "flipped byte"):
+        assert "expected" in err  # says what the file should have been
+
+
+# --- 2. well-formed archives with the wrong contents -----------------------------------------------------------------
+def _pair_arrays() -> dict:
+    pairs = _pairs()
+    return {"diff": pairs.diff, "user": pairs.user, "split": pairs.split, "seen": pairs.seen}
+
+
+BAD_PAIR_CONTENTS = {
+    "missing seen": (lambda a: a.pop("seen"), "missing required arrays"),
+    "unknown array": (lambda a: a.update(extra=np.zeros(3)), "unknown arrays"),
+    "NaN diff": (lambda a: a["diff"].__setitem__((0, 0), np.nan), "NaN or Inf"),
+    "1e30 diff": (lambda a: a["diff"].__setitem__((1, 2), 1e30), "beyond"),
+    "integer diff": (lambda a: a.update(diff=np.ones((len(a["user"]), DIM), np.int64)), "must be float"),
+    "1-D diff": (lambda a: a.update(diff=a["diff"][:, 0]), "2-D"),
+    "short user": (lambda a: a.update(user=a["user"][:-1]), "shape"),
+    "numeric user": (lambda a: a.update(user=np.arange(len(a["user"]))), "strings"),
+    "bad split": (lambda a: a.update(split=np.full(len(a["user"]), "val")), "'train' or 'test'"),
+    "integer seen": (lambda a: a.update(seen=a["seen"].astype(int)), "seen must be bool"),
+    "seen and unseen": (lambda a: a["seen"].__setitem__(0, not a["seen"][0]), "both seen and unseen"),
+}
+
+
+@pytest.mark.parametrize("command", ["train", "evaluate", "simulate"])
+@pytest.mark.parametrize("case", sorted(BAD_PAIR_CONTENTS))
+def test_malformed_pair_contents_are_refused(w, case, command):
+    arrays = _pair_arrays()
+    change, expect = BAD_PAIR_CONTENTS[case]
+    change(arrays)
+    np.savez(w / "pairs.npz", **arrays)
+    argv = {"train": ["train", "pairs.npz", "--rank", "1", "--out", "out"],
+            "evaluate": ["evaluate", "pairs.npz", "--basis", "basis.npz", "--out", "m.json"],
+            "simulate": ["simulate", "pairs.npz", "--out", "out", "--privacy", "none", "--rounds", "1"]}[command]
+    refused(argv, "pairs.npz", w, expect=expect)
+
+
+def test_basis_contents_are_checked(w):
+    np.savez(w / "basis.npz", basis=np.ones((RANK, DIM), np.float32))  # no version, checksum, ...
+    refused(["evaluate", "pairs.npz", "--basis", "basis.npz"], "basis.npz", w, expect="missing arrays")
+    save_basis(w / "basis.npz", np.ones((RANK, DIM + 1)), version=1, embedder="synthetic")
+    refused(["evaluate", "pairs.npz", "--basis", "basis.npz"], "basis.npz", w, expect="dimension")
+
+
+# --- 3. text files: PRISM, pairs.jsonl, choices, candidates, audit configs --------------------------------------------
+def _insert_bad_utf8(text: bytes, rng) -> bytes:
+    lines = text.splitlines(keepends=True)
+    i = int(rng.integers(0, len(lines)))
+    cut = int(rng.integers(1, max(2, len(lines[i]) - 2)))
+    lines[i] = lines[i][:cut] + b"\xff\xfe" + lines[i][cut:]
+    return b"".join(lines)
+
+
+def _truncate_a_line(text: bytes, rng) -> bytes:
+    lines = text.splitlines(keepends=True)
+    i = int(rng.integers(0, len(lines)))
+    lines[i] = lines[i][: int(rng.integers(1, len(lines[i]) - 2))] + b"\n"
+    return b"".join(lines)
+
+
+TEXT_DAMAGE = {
+    "bad UTF-8 byte": (_insert_bad_utf8, "not valid UTF-8"),
+    "truncated line": (_truncate_a_line, "line"),
+    "array instead of object": (lambda text, rng: b'["a", "b"]\n' + text, "line"),
+    "binary garbage": (lambda text, rng: rng.integers(128, 256, 300, dtype=np.uint8).tobytes(), "line 1"),
+}
+TEXT_READERS = {
+    "prepare survey": ("prism/survey.jsonl", ["prepare", "prism", "--out", "out", "--min-conversations", "2"], False),
+    "prepare conversations": ("prism/conversations.jsonl", ["prepare", "prism", "--out", "out",
+                                                            "--min-conversations", "2"], False),
+    "prepare utterances": ("prism/utterances.jsonl", ["prepare", "prism", "--out", "out",
+                                                      "--min-conversations", "2"], False),
+    "embed pairs.jsonl": ("dataset/pairs.jsonl", ["embed", "dataset"], False),
+    "device adapt choices": ("choices.jsonl", ["--state", "state", "adapt", "--choices", "choices.jsonl"], True),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(TEXT_DAMAGE))
+@pytest.mark.parametrize("reader", sorted(TEXT_READERS))
+def test_damaged_text_is_refused_naming_file_and_line(w, reader, kind):
+    file, argv, device = TEXT_READERS[reader]
+    mutate, expect = TEXT_DAMAGE[kind]
+    rng = np.random.default_rng([SEED, sorted(TEXT_DAMAGE).index(kind), sorted(TEXT_READERS).index(reader)])
+    (w / file).write_bytes(mutate((w / file).read_bytes(), rng))
+    refused(argv, file, w, device=device, expect=expect)
+
+
+def test_a_utf8_byte_order_mark_is_accepted(w):
+    for name in ("survey.jsonl", "conversations.jsonl", "utterances.jsonl"):  # as spreadsheet exports write them
+        path = w / "prism" / name
+        path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    code, out, err = cli(["prepare", "prism", "--out", "out", "--min-conversations", "2"])
+    assert code == 0, err
+    assert json.loads((w / "out" / "summary.json").read_text())["pairs_kept"] > 0
+    (w / "c.jsonl").write_bytes(b"\xef\xbb\xbf" + (w / "choices.jsonl").read_bytes())
+    code, _, err = cli(["--state", "state", "adapt", "--choices", "c.jsonl"], device=True)
+    assert code == 2 and "no encoder configured" in err  # got past reading: the BOM is no error
+
+
+CANDIDATES = {
+    "bad UTF-8": (b"one\n\xff\xfetwo\n", "not valid UTF-8"),
+    "broken JSON list": (b'["one", "two"', "not valid JSON"),
+    "JSON list of numbers": (b"[1, 2]", "list of strings"),
+    "empty": (b"\n\n", "no candidates"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CANDIDATES))
+def test_bad_candidates_are_refused(w, case):
+    data, expect = CANDIDATES[case]
+    (w / "candidates.txt").write_bytes(data)
+    refused(["--state", "state", "rank", "--prompt", "hi", "--candidates", "candidates.txt"], "candidates.txt", w,
+            device=True, expect=expect)
+
+
+AUDIT_CONFIGS = {
+    "privacy.json": (b'{"noise_multiplier": ', "not valid JSON"),
+    "privacy.toml": (b"[privacy]\nnoise_multiplier = \n", "not valid TOML"),
+    "list.json": (b'["noise_multiplier"]', "expected privacy settings as an object"),
+    "typed.json": (b'{"noise_multiplier": "lots"}', "must be a number"),
+    "zero.json": (b'{"population": 0}', "positive integer"),
+    "unknown.json": (b'{"epsilon": 3}', "unknown keys"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(AUDIT_CONFIGS))
+def test_bad_audit_configs_are_refused(w, name):
+    data, expect = AUDIT_CONFIGS[name]
+    (w / name).write_bytes(data)
+    refused(["audit", "mechanism", "--config", name, "--runs", "100", "--out", "out"], name, w, expect=expect)
+
+
+# --- 4. extreme numbers and wrong types ------------------------------------------------------------------------------
+SIM = ["simulate", "pairs.npz", "--out", "out", "--privacy", "none", "--rounds", "1"]
+EPS = ["privacy", "epsilon", "--noise-multiplier", "1", "--clients-per-round", "5", "--population", "100"]
+EXTREME = {
+    "train rank 0": (["train", "pairs.npz", "--rank", "0", "--out", "out"], "--rank"),
+    "train rank 10**9": (["train", "pairs.npz", "--rank", str(10**9), "--out", "out"], "--rank"),
+    "train rank text": (["train", "pairs.npz", "--rank", "many", "--out", "out"], "--rank"),
+    "train rank grid": (["train", "pairs.npz", "--rank-grid", "1,x", "--out", "out"], "--rank-grid"),
+    "train l2 nan": (["train", "pairs.npz", "--l2", "nan", "--out", "out"], "--l2"),
+    "train l2 negative": (["train", "pairs.npz", "--l2", "-1", "--out", "out"], "--l2"),
+    "train prior -1": (["train", "pairs.npz", "--prior-strength", "-1", "--out", "out"], "--prior-strength"),
+    "train prior inf": (["train", "pairs.npz", "--prior-strength", "inf", "--out", "out"], "--prior-strength"),
+    "train prior pairs 0": (["train", "pairs.npz", "--prior-pairs", "0", "--out", "out"], "--prior-pairs"),
+    "train seed -1": (["train", "pairs.npz", "--seed", "-1", "--out", "out"], "--seed"),
+    "train seed text": (["train", "pairs.npz", "--seed", "x", "--out", "out"], "--seed"),
+    "train device": (["train", "pairs.npz", "--device", "tpu", "--out", "out"], "--device"),
+    "evaluate prior nan": (["evaluate", "pairs.npz", "--basis", "basis.npz", "--prior-pairs", "nan"], "--prior-pairs"),
+    "simulate rank 10**4": (SIM + ["--rank", "10000"], "--rank"),
+    "simulate rounds 0": (SIM[:-1] + ["0"], "--rounds"),
+    "simulate rounds text": (SIM[:-1] + ["two"], "--rounds"),
+    "simulate clients 500": (SIM + ["--clients-per-round", "500"], "--clients-per-round"),
+    "simulate clients -1": (SIM + ["--clients-per-round", "-1"], "--clients-per-round"),
+    "simulate users-per-node": (SIM + ["--users-per-node", "abc"], "users-per-node"),
+    "simulate eval-every 0": (SIM + ["--eval-every", "0"], "--eval-every"),
+    "simulate l2 inf": (SIM + ["--l2", "inf"], "l2"),
+    "simulate server lr 0": (SIM + ["--server-lr", "0"], "server-lr"),
+    "simulate local steps 0": (SIM + ["--local-steps", "0"], "local-steps"),
+    "simulate prior pairs nan": (SIM + ["--prior-pairs", "nan"], "prior-pairs"),
+    "simulate seed -5": (SIM + ["--seed", "-5"], "--seed"),
+    "simulate dp flag without dp": (SIM + ["--noise-multiplier", "2"], "noise_multiplier"),
+    "simulate noise nan": (SIM[:4] + ["--rounds", "1", "--noise-multiplier", "nan"], "noise_multiplier"),
+    "simulate delta 1": (SIM[:4] + ["--rounds", "1", "--delta", "1"], "delta"),
+    "simulate target eps 1e-9": (SIM[:4] + ["--rounds", "1", "--target-epsilon", "1e-9"], "epsilon"),
+    "privacy rounds 0": (EPS + ["--rounds", "0"], "--rounds"),
+    "privacy rounds -3": (EPS + ["--rounds", "-3"], "--rounds"),
+    "privacy rounds 10**11": (EPS + ["--rounds", str(10**11)], "rounds"),
+    "privacy max eps 1e9": (EPS + ["--max-epsilon", "1e9"], "--max-epsilon"),
+    "privacy max eps nan": (EPS + ["--max-epsilon", "nan"], "--max-epsilon"),
+    "privacy noise inf": (EPS[:2] + ["--noise-multiplier", "inf"] + EPS[4:] + ["--rounds", "3"], "noise_multiplier"),
+    "privacy clients > population": (EPS[:4] + ["--clients-per-round", "500", "--population", "100", "--rounds", "2"],
+                                     "clients_per_round"),
+    "privacy delta 2": (EPS + ["--rounds", "3", "--delta", "2"], "delta"),
+    "privacy population text": (EPS[:6] + ["--population", "many", "--rounds", "2"], "--population"),
+    "audit runs 0": (["audit", "mechanism", "--runs", "0"], "runs"),
+    "audit canaries -1": (["audit", "canary", "--canaries", "-1"], "--canaries"),
+    "audit population 0": (["audit", "canary", "--population", "0"], "population"),
+    "audit query noise -1": (["audit", "extraction", "--pairs", "pairs.npz", "--basis", "basis.npz",
+                              "--query-noise", "-1"], "--query-noise"),
+    "audit noise nan": (["audit", "mechanism", "--noise-multiplier", "nan", "--runs", "100"], "noise_multiplier"),
+    "audit unknown name": (["audit", "everything"], "invalid choice"),
+    "prepare seen fraction 2": (["prepare", "prism", "--out", "out", "--seen-fraction", "2"], "seen_fraction"),
+    "prepare min conversations 0": (["prepare", "prism", "--out", "out", "--min-conversations", "0"],
+                                    "min_conversations"),
+    "prepare split seed -1": (["prepare", "prism", "--out", "out", "--split-seed", "-1"], "split_seed"),
+    "embed missing dir": (["embed", "nowhere"], "nowhere"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(EXTREME))
+def test_extreme_numbers_and_wrong_types_are_refused(w, case):
+    argv, names = EXTREME[case]
+    refused(argv, names, w)
+
+
+DEVICE_EXTREME = {
+    "strength 2": (["--state", "state", "strength", "2"], "strength"),
+    "strength nan": (["--state", "state", "strength", "nan"], "strength"),
+    "rank strength -1": (["--state", "state", "rank", "--prompt", "p", "--candidates", "candidates.txt",
+                          "--strength", "-1"], "strength"),
+    "adapt 1e30": (None, "beyond"),
+    "adapt zero diffs": (None, "all zeros"),
+    "adapt wrong width": (None, f"(n, {DIM})"),
+    "adapt chosen == rejected": (None, "same text"),
+    "adapt missing key": (None, "'rejected' must be a string"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(DEVICE_EXTREME))
+def test_device_extremes_are_refused(w, case):
+    argv, expect = DEVICE_EXTREME[case]
+    if argv is None:
+        file = "c.jsonl" if case in ("adapt chosen == rejected", "adapt missing key") else "c.npz"
+        if case == "adapt 1e30":
+            np.savez(w / file, diff=np.full((3, DIM), 1e30, np.float32))
+        elif case == "adapt zero diffs":
+            np.savez(w / file, diff=np.zeros((2, DIM), np.float32))
+        elif case == "adapt wrong width":
+            np.savez(w / file, diff=np.ones((2, DIM + 3), np.float32))
+        elif case == "adapt chosen == rejected":
+            (w / file).write_text(json.dumps({"prompt": "p", "chosen": "same", "rejected": "same"}))
+        else:
+            (w / file).write_text(json.dumps({"prompt": "p", "chosen": "a"}))
+        argv = ["--state", "state", "adapt", "--choices", file]
+        refused(argv, file, w, device=True, expect=expect)
+    else:
+        refused(argv, expect, w, device=True)

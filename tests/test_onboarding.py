@@ -1,0 +1,247 @@
+"""Onboarding on the device: w's posterior (exactness, coverage), the next question, the stop rule, cold start and
+declared-attribute priors. Small and fast: toy bases, precomputed pair diffs, no encoder."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from client.device import attribute_prior, posterior, questions
+from client.device.state import load_state
+from client.device.user_posterior import DEVICE_PRIOR_PAIRS
+from lore_core.basis_file import load_basis, save_basis
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_device(state: Path, *args) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, "-m", "client.device", "--state", str(state), *map(str, args)],
+                          capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
+
+
+def bt_answers(rng, w: np.ndarray, n: int, n_basis: int, scale: float = 2.0) -> np.ndarray:
+    """n answered pairs per user (U, n, B): random scores, oriented by a Bradley-Terry draw under w (U, B)."""
+    scores = rng.standard_normal((w.shape[0], n, n_basis)) * scale
+    chosen = rng.random((w.shape[0], n)) < 1.0 / (1.0 + np.exp(-np.einsum("unb,ub->un", scores, w)))
+    return np.where(chosen[..., None], scores, -scores)
+
+
+def prior_draws(rng, n_users: int, n_basis: int, prior_pairs: float) -> np.ndarray:
+    """Exact draws from the personal prior exp(-c KL(w || uniform)): uniform on the simplex, accepted with
+    probability exp(-c KL) (<= 1)."""
+    out = []
+    while len(out) < n_users:
+        w = rng.dirichlet(np.ones(n_basis), size=4 * n_users)
+        kl = (w * np.log(np.clip(w * n_basis, 1e-300, None))).sum(axis=1)
+        out.extend(w[rng.random(w.shape[0]) < np.exp(-prior_pairs * kl)])
+    return np.asarray(out[:n_users])
+
+
+# --- the posterior ------------------------------------------------------------------------------------------------
+
+
+def test_sampled_posterior_matches_an_exact_grid_and_the_laplace_is_close():
+    rng = np.random.default_rng(0)
+    answers = bt_answers(rng, np.array([[0.7, 0.2, 0.1]]), 6, 3)
+    # The exact posterior on a fine grid of the 2-simplex (Lebesgue), its mean and one predictive probability.
+    a, b = np.meshgrid(np.linspace(0, 1, 801), np.linspace(0, 1, 801))
+    keep = a + b <= 1
+    grid = np.stack([a[keep], b[keep], 1 - a[keep] - b[keep]], axis=1)
+    log_p = posterior.log_density(grid[None], answers, np.log(np.full((1, 3), 1 / 3)), DEVICE_PRIOR_PAIRS)[0]
+    p = np.exp(log_p - log_p.max())
+    p /= p.sum()
+    pair = np.array([[[1.5, -2.0, 0.5]]])
+    exact_mean, exact_prob = p @ grid, p @ (1 / (1 + np.exp(-grid @ pair[0, 0])))
+
+    drawn = posterior.posterior(answers, DEVICE_PRIOR_PAIRS, n_samples=4000)
+    assert np.abs(drawn.mean()[0] - exact_mean).max() < 0.01
+    assert abs(posterior.preference_probability(drawn, pair)[0, 0] - exact_prob) < 0.01
+    # The Laplace alone (its Gaussian, unweighted) is an approximation: close, and the weights make it exact.
+    fit = posterior.laplace(answers, DEVICE_PRIOR_PAIRS)
+    chol = np.linalg.cholesky(fit.cov[0])
+    gauss = posterior.to_simplex(fit.mode[:, None] + rng.standard_normal((1, 4000, 2)) @ chol.T)
+    assert np.abs(gauss[0].mean(axis=0) - exact_mean).max() < 0.08
+
+
+def test_90_percent_regions_cover_the_true_w_of_users_drawn_from_the_prior():
+    rng = np.random.default_rng(1)
+    truth = prior_draws(rng, 400, 3, DEVICE_PRIOR_PAIRS)
+    answers = bt_answers(rng, truth, 8, 3)
+    drawn = posterior.posterior(answers, DEVICE_PRIOR_PAIRS, n_samples=1000)
+    covered = posterior.in_credible_region(drawn, truth, answers, DEVICE_PRIOR_PAIRS).mean()
+    assert 0.85 <= covered <= 0.95, covered
+    # A region of the wrong size is caught by the same check.
+    narrow = posterior.in_credible_region(drawn, truth, answers, DEVICE_PRIOR_PAIRS, level=0.5).mean()
+    assert narrow < 0.6
+
+
+def test_calibrated_probabilities_are_less_sure_than_the_point_estimate_with_few_answers():
+    rng = np.random.default_rng(2)
+    answers = bt_answers(rng, np.array([[0.5, 0.3, 0.2, 0.0]]), 2, 4)
+    pair = np.array([[[4.0, -4.0, 1.0, 0.0]]])
+    drawn = posterior.posterior(answers, DEVICE_PRIOR_PAIRS)
+    integrated = posterior.preference_probability(drawn, pair)[0, 0]
+    point = 1 / (1 + np.exp(-drawn.mean()[0] @ pair[0, 0]))
+    assert abs(integrated - 0.5) < abs(point - 0.5)
+
+
+def test_spread_shrinks_as_answers_come_in():
+    rng = np.random.default_rng(6)
+    before = posterior.spread(posterior.posterior(np.zeros((1, 0, 4)), DEVICE_PRIOR_PAIRS))
+    answers = bt_answers(rng, np.array([[0.6, 0.2, 0.1, 0.1]]), 200, 4)
+    after = posterior.spread(posterior.posterior(answers, DEVICE_PRIOR_PAIRS))
+    assert 0.2 < before[0] and after[0] < 0.5 * before[0]
+
+
+# --- next question and stop rule --------------------------------------------------------------------------------
+
+
+def test_expected_information_prefers_informative_pairs():
+    rng = np.random.default_rng(3)
+    drawn = posterior.posterior(bt_answers(rng, np.array([[0.4, 0.3, 0.3]]), 3, 3), DEVICE_PRIOR_PAIRS)
+    pool = np.array([[[0.0, 0.0, 0.0],      # no difference between the responses: nothing to learn
+                      [30.0, 30.0, 30.0],   # every w agrees on the answer
+                      [3.0, -3.0, 0.0]]])   # the answer depends on w
+    gain = questions.expected_information(drawn, pool)[0]
+    assert gain[2] > 0.1 and gain[0] < 1e-9 and gain[1] < 1e-6
+    index, bits = questions.choose_next(drawn, pool, np.ones((1, 3), bool))
+    assert index[0] == 2 and bits[0] == pytest.approx(gain[2])
+
+
+def test_a_batch_maximises_joint_information_without_repeating_itself():
+    rng = np.random.default_rng(4)
+    drawn = posterior.posterior(bt_answers(rng, np.array([[0.4, 0.3, 0.3]]), 2, 3), DEVICE_PRIOR_PAIRS)
+    # Near-deterministic answers given w: the twin of a pair repeats its answer and teaches nothing new.
+    informative = np.array([30.0, -30.0, 0.0])
+    pool = np.stack([informative, informative, np.array([0.0, 30.0, -30.0])])[None]
+    picked, joint = questions.choose_batch(drawn, pool, np.ones(3, bool), 2)
+    assert sorted(picked.tolist()) in ([0, 2], [1, 2])
+    p = questions.answer_probabilities(drawn, pool)[0][:, picked]  # brute-force joint information of the pair
+    outcomes = [(y1, y2) for y1 in (0, 1) for y2 in (0, 1)]
+    marginal = [drawn.probability[0] @ (np.where(y1, p[:, 0], 1 - p[:, 0]) * np.where(y2, p[:, 1], 1 - p[:, 1]))
+                for y1, y2 in outcomes]
+    conditional = drawn.probability[0] @ questions._entropy_bits(p).sum(axis=1)
+    assert joint[-1] == pytest.approx(-sum(m * np.log2(m) for m in marginal) - conditional, abs=1e-9)
+
+
+def test_stop_rule_fires_when_no_pair_teaches_enough_or_none_is_left():
+    assert questions.should_stop(questions.STOP_BITS / 2, 10)
+    assert questions.should_stop(0.9, 0)
+    assert not questions.should_stop(2 * questions.STOP_BITS, 10)
+
+
+# --- the device commands -----------------------------------------------------------------------------------------
+
+
+@pytest.fixture()
+def toy_device(tmp_path):
+    """A device state with a rank-4 basis over 16-d embeddings, a 200-pair .npz pool and a hidden user."""
+    rng = np.random.default_rng(5)
+    basis = save_basis(tmp_path / "basis.npz", rng.standard_normal((4, 16)), version=1, embedder="toy")
+    pool = rng.standard_normal((200, 16))
+    pool[:20] = 0.0  # twenty pairs whose responses do not differ
+    np.savez(tmp_path / "pool.npz", diff=pool)
+    state = tmp_path / "state"
+    assert run_device(state, "init", "--basis", basis).returncode == 0
+    return state, tmp_path, pool, load_basis(basis).basis.astype(np.float64)
+
+
+def test_cold_start_status_says_population_reward(toy_device):
+    state, *_ = toy_device
+    status = json.loads(run_device(state, "status").stdout)
+    assert status["answers"] == 0 and "population reward" in status["personalization"]
+    assert status["user_weights"] == [0.25] * 4 and status["spread"] > 0.2
+
+
+def test_next_question_respects_k_skips_answered_pairs_and_adapt_updates_the_posterior(toy_device):
+    state, tmp, pool, basis = toy_device
+    out = json.loads(run_device(state, "next-question", "--candidates", tmp / "pool.npz", "--k", "3").stdout)
+    picked = [q["index"] for q in out["questions"]]
+    assert len(set(picked)) == 3 and min(picked) >= 20 and not out["stop"]
+    w_user = np.array([0.85, 0.05, 0.05, 0.05])
+    answer = pool[picked[:1]] * np.sign(pool[picked[:1]] @ basis.T @ w_user)[:, None]
+    np.savez(tmp / "answer.npz", diff=answer)
+    before = json.loads(run_device(state, "status").stdout)["spread"]
+    assert run_device(state, "adapt", "--choices", tmp / "answer.npz").returncode == 0
+    saved = load_state(state)
+    assert saved.posterior_mode.shape == (3,) and saved.posterior_cov.shape == (3, 3)
+    status = json.loads(run_device(state, "status").stdout)
+    assert status["answers"] == 1 and "personal" in status["personalization"]
+    assert status["spread"] != before
+    again = json.loads(run_device(state, "next-question", "--candidates", tmp / "pool.npz").stdout)
+    assert again["unanswered"] == 199 and again["questions"][0]["index"] != picked[0]
+
+
+def test_next_question_says_stop_when_the_pool_is_used_up(toy_device):
+    state, tmp, pool, basis = toy_device
+    np.savez(tmp / "small.npz", diff=pool[20:22])
+    np.savez(tmp / "both.npz", diff=-pool[20:22])  # answered: the same pairs up to orientation
+    run_device(state, "adapt", "--choices", tmp / "both.npz")
+    out = json.loads(run_device(state, "next-question", "--candidates", tmp / "small.npz").stdout)
+    assert out["stop"] and out["unanswered"] == 0 and out["questions"] == []
+
+
+@pytest.mark.parametrize("content", ['{"prompt": "hi", "chosen": "a", "rejected": "b"}', "not json", ""])
+def test_bad_pool_file_exits_2_naming_the_file(toy_device, content):
+    state, tmp, *_ = toy_device
+    bad = tmp / "bad_pool.jsonl"
+    bad.write_text(content)
+    proc = run_device(state, "next-question", "--candidates", bad)
+    assert proc.returncode == 2 and "bad_pool.jsonl" in proc.stderr and "Traceback" not in proc.stderr
+    assert proc.stdout == ""
+    proc = run_device(state, "next-question", "--candidates", tmp / "missing.npz")
+    assert proc.returncode == 2 and "missing.npz" in proc.stderr
+
+
+def test_declared_attributes_set_the_cold_start_prior_and_forget_removes_them(toy_device):
+    state, tmp, *_ = toy_device
+    basis = load_state(state).basis
+    mean = [0.7, 0.1, 0.1, 0.1]
+    table = {"format": attribute_prior.FORMAT, "basis_sha256": basis.sha256, "rank": 4,
+             "groups": {"age": {"18-24": {"users": 30, "mean": mean}}}}
+    (tmp / "priors.json").write_text(json.dumps(table))
+    proc = run_device(state, "declare", "age=18-24", "--priors", tmp / "priors.json")
+    assert proc.returncode == 0 and "declared attributes" in proc.stdout
+    status = json.loads(run_device(state, "status").stdout)
+    assert status["answers"] == 0 and status["user_weights"] == pytest.approx(mean)
+    assert status["attributes_declared"] == {"age": "18-24"}
+    wrong = {**table, "basis_sha256": "0" * 64}
+    (tmp / "wrong.json").write_text(json.dumps(wrong))
+    proc = run_device(state, "declare", "age=18-24", "--priors", tmp / "wrong.json")
+    assert proc.returncode == 2 and "wrong.json" in proc.stderr
+    run_device(state, "forget")
+    status = json.loads(run_device(state, "status").stdout)
+    assert status["attributes_declared"] == {} and "population reward" in status["personalization"]
+
+
+def test_several_attributes_combine_as_a_geometric_mean():
+    table = {"groups": {"age": {"a": {"mean": [0.8, 0.2]}}, "lang": {"x": {"mean": [0.2, 0.8]}}}}
+    mean, missing = attribute_prior.prior_mean(table, {"age": "a", "lang": "x", "gender": "g"})
+    assert mean == pytest.approx([0.5, 0.5]) and missing == ["gender=g"]
+
+
+def test_basis_temperature_undoes_a_compressed_basis():
+    from simulations.basis_temperature import fit_temperature, seen_user_arrays
+    from simulations.synthetic_pairs import SyntheticPairsConfig, make_synthetic_pairs
+
+    pairs, truth = make_synthetic_pairs(SyntheticPairsConfig(dim=16, true_rank=3, seen_users=80, unseen_users=0,
+                                                             train_pairs=(30, 30), test_pairs=30, seed=3))
+    arrays = seen_user_arrays(pairs, 0.5 * truth.basis)  # the true basis with its logits halved
+    temperature = fit_temperature(*arrays, DEVICE_PRIOR_PAIRS, iterations=10)
+    assert 1.6 < temperature < 2.6, temperature
+
+
+def test_benchmark_test_pairs_never_repeat_a_pool_pair_of_the_same_user():
+    from simulations.onboarding_simulation import _test_repeats_pool
+
+    diff = np.random.default_rng(7).standard_normal((6, 5)).astype(np.float32)
+    diff[3], diff[4], diff[5] = -diff[0], diff[1], diff[2]  # a flipped repeat, another user's pair, a repeat
+    user, train = np.array([0, 0, 1, 0, 1, 1]), np.array([1, 1, 1, 0, 0, 0], bool)
+    assert _test_repeats_pool(diff, user, train).tolist() == [False, False, False, True, False, True]

@@ -1,0 +1,148 @@
+"""Audits of the run that really happened (issue 13): the canary audit reads the run's released record, the mechanism
+audit calls the server's own aggregation; both must fail when the server's noise step is cut, in the real code."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flwr.common.config import get_fused_config_from_dir
+
+import lore_core.privacy.dp_fedavg as dp_fedavg
+from client.client_app import app as client_app
+from federation.canary_users import draw_canaries, save_canaries
+from lore_cli.main import main
+from lore_core.pairs import save_pairs
+from server.release_record import ReleaseRecordError, read_releases
+from server.run_ledger import COUNTS_NOT_COVERED
+from server.run_settings import ServerSettings
+from server.server_app import run_federated
+from simulations.in_process_grid import LocalGrid
+from simulations.synthetic_pairs import SyntheticPairsConfig, make_synthetic_pairs
+
+ROOT = Path(__file__).resolve().parents[1]
+RANK, DIM, USERS, NODES = 4, 128, 24, 4
+CANARIES, CANARY_NODES = 200, 4
+Z, C, ROUNDS, M = 2.0, 0.5, 25, 24
+
+
+@pytest.fixture(scope="module")
+def pair_file(tmp_path_factory) -> Path:
+    pairs, _ = make_synthetic_pairs(SyntheticPairsConfig(dim=DIM, true_rank=RANK, seen_users=USERS, unseen_users=4,
+                                                         train_pairs=(20, 30), seed=5))
+    return save_pairs(pairs, tmp_path_factory.mktemp("data") / "pairs.npz")
+
+
+@pytest.fixture(scope="module")
+def secrets_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("auditor") / "canaries.npz"
+    save_canaries(path, draw_canaries(CANARIES, (RANK, DIM), seed=1))
+    return path
+
+
+def canary_run(pair_file: Path, secrets_file: Path, run_dir: Path) -> None:
+    """A user-mode run with CANARIES canary users on canary nodes, through the real apps on the in-process grid."""
+    cfg = get_fused_config_from_dir(ROOT, {
+        "pairs-path": str(pair_file), "run-dir": str(run_dir), "rank": RANK, "num-server-rounds": ROUNDS,
+        "clients-per-round": M, "server-lr": 0.1, "privacy-mode": "user", "noise-multiplier": Z, "clip-norm": C,
+        "canary-nodes": CANARY_NODES, "canary-secrets": str(secrets_file)})
+    nodes = NODES + CANARY_NODES
+    grid = LocalGrid(client_app, [{"partition-id": i, "num-partitions": nodes} for i in range(nodes)], cfg)
+    run_federated(grid, ServerSettings.from_run_config(cfg))
+
+
+def canary_verdict(run_dir: Path, secrets_file: Path) -> dict:
+    assert main(["audit", "canary", str(run_dir), "--secrets", str(secrets_file)]) == 0
+    return json.loads((run_dir / "audits" / "canary.json").read_text())
+
+
+def test_canary_audit_passes_an_honest_run_and_fails_when_the_servers_noise_is_cut(pair_file, secrets_file,
+                                                                                     tmp_path, monkeypatch):
+    canary_run(pair_file, secrets_file, tmp_path / "honest")
+    honest = canary_verdict(tmp_path / "honest", secrets_file)
+    real_noise = dp_fedavg.add_noise_to_sum  # the server's own noise step, as UserDpAggregator.noisy_mean calls it
+    monkeypatch.setattr(dp_fedavg, "add_noise_to_sum", lambda total, z, clip, rng: real_noise(total, z / 10, clip, rng))
+    canary_run(pair_file, secrets_file, tmp_path / "cut")
+    ledger = json.loads((tmp_path / "cut" / "ledger.json").read_text())  # as the run wrote it
+    cut = canary_verdict(tmp_path / "cut", secrets_file)
+
+    assert cut["epsilon_claimed"] == pytest.approx(ledger["epsilon"]["headline"])  # the ledger still claims z = 2
+    for result in (honest, cut):
+        assert result["source"] == "released-bases" and result["rounds_released"] == ROUNDS
+        assert result["canaries"] == CANARIES and result["epsilon_lb_if_all_guesses_right"] > result["epsilon_claimed"]
+    assert honest["verdict"] == "pass" and honest["epsilon_lb"] <= honest["epsilon_claimed"]
+    assert cut["verdict"] == "fail" and cut["epsilon_lb"] > cut["epsilon_claimed"]
+    assert honest["noise_multiplier_observed"] == pytest.approx(Z, rel=0.1)
+    assert cut["noise_multiplier_observed"] == pytest.approx(Z / 10, rel=0.3)
+    after = json.loads((tmp_path / "cut" / "ledger.json").read_text())
+    assert after["events"]["audits"][-1]["verdict"] == "fail"
+    # appending the audit kept what the run's ledger derived (the federated not-covered list, evaluation policy)
+    assert after["not_covered"] == ledger["not_covered"] and COUNTS_NOT_COVERED in after["not_covered"]
+    assert after["evaluation"] == ledger["evaluation"] and after["epsilon"] == ledger["epsilon"]
+
+
+def test_release_record_proves_what_was_released_and_refuses_tampering(pair_file, secrets_file, tmp_path):
+    run_dir = tmp_path / "run"
+    canary_run(pair_file, secrets_file, run_dir)
+    releases = read_releases(run_dir)
+    state = np.load(run_dir / "checkpoint.npz")
+    assert len(releases) == ROUNDS and np.array_equal(releases.basis_after[-1], state["basis"])
+    assert np.array_equal(releases.basis_before[1:], releases.basis_after[:-1])  # one chain of bases
+
+    altered = tmp_path / "altered"
+    shutil.copytree(run_dir, altered)
+    file = altered / "releases" / "release-000003.npz"
+    with np.load(file) as data:
+        arrays = dict(data)
+    arrays["mean_update"] = arrays["mean_update"] * 0.5  # a record whose noisy means did not drive the bases
+    np.savez(file, **arrays)
+    with pytest.raises(ReleaseRecordError, match="altered"):
+        read_releases(altered)
+    chain = altered / "releases" / "chain.jsonl"
+    lines = chain.read_text().splitlines()
+    chain.write_text("\n".join(lines[:3] + lines[4:]) + "\n")  # a release dropped from the chain
+    with pytest.raises(ReleaseRecordError, match="broken chain"):
+        read_releases(altered)
+
+
+def test_canary_secrets_inside_the_run_directory_are_refused(pair_file, tmp_path, capsys):
+    out = tmp_path / "run"
+    code = main(["simulate", str(pair_file), "--out", str(out), "--rounds", "2", "--clients-per-round", "8",
+                 "--rank", str(RANK), "--canaries", "50", "--canary-secrets", str(out / "secrets.npz")])
+    assert code == 2 and "inside the run directory" in capsys.readouterr().err
+    assert not out.exists()
+
+
+# --- mechanism audit through the server's aggregation -----------------------------------------------------------------
+def mechanism(mode: str, tmp_path: Path, capsys, runs: int = 3000) -> dict:
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    config = tmp_path / "privacy.json"
+    config.write_text(json.dumps({"mode": mode, "noise_multiplier": 1.0, "clip_norm": 0.5, "population_size": 1000,
+                                  "clients_per_round": 50, "delta": 1e-5}))
+    assert main(["audit", "mechanism", "--config", str(config), "--runs", str(runs), "--out", str(tmp_path)]) == 0
+    capsys.readouterr()
+    return json.loads((tmp_path / "audits" / "mechanism.json").read_text())
+
+
+def test_mechanism_audit_runs_the_servers_aggregation_and_fails_when_its_noise_is_cut(tmp_path, monkeypatch,
+                                                                                      capsys):
+    honest = mechanism("user", tmp_path / "honest", capsys)
+    real_noise = dp_fedavg.add_noise_to_sum
+    monkeypatch.setattr(dp_fedavg, "add_noise_to_sum", lambda total, z, clip, rng: real_noise(total, z / 5, clip, rng))
+    cut = mechanism("user", tmp_path / "cut", capsys)
+    assert honest["verdict"] == "pass" and honest["epsilon_lb"] <= honest["epsilon_claimed"]
+    assert honest["canary_shift"] == pytest.approx(0.5, abs=0.1)  # the server's clip capped the 10 C canary at C
+    assert cut["verdict"] == "fail" and cut["epsilon_lb"] > cut["epsilon_claimed"]
+
+
+def test_mechanism_audit_of_the_distributed_discrete_gaussian(tmp_path, monkeypatch, capsys):
+    from lore_core.privacy import distributed_dp
+
+    honest = mechanism("user+secagg", tmp_path / "honest", capsys, runs=2000)
+    real_sampler = distributed_dp.discrete_gaussian  # the users' own noise shares, cut to a fifth
+    monkeypatch.setattr(distributed_dp, "discrete_gaussian", lambda std, size, rng: real_sampler(std / 5, size, rng))
+    cut = mechanism("user+secagg", tmp_path / "cut", capsys, runs=2000)
+    assert honest["verdict"] == "pass" and cut["verdict"] == "fail"
