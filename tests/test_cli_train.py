@@ -81,7 +81,8 @@ def test_large_population_path_selects_on_a_sample_fits_minibatches_and_evaluate
     assert metrics["trainer"] == "minibatch" and metrics["pairs"] == load_pairs(pair_file).summary()
     basis = load_basis(run / "basis.npz").basis
     weights = np.load(run / "user_weights.npz")
-    expected = evaluate_model(load_pairs(pair_file), basis, joint_weights=(weights["user_id"], weights["user_weights"]))
+    expected = evaluate_model(load_pairs(pair_file), basis, prior_pairs=metrics["prior_pairs"],
+                              joint_weights=(weights["user_id"], weights["user_weights"]))
     for key, value in expected.items():
         assert metrics[key] == pytest.approx(value, abs=1e-9), key
     assert metrics["seen_test_acc"] > 0.65
