@@ -353,7 +353,7 @@ def test_secagg_node_sum_survives_one_users_non_finite_update(monkeypatch):
     monkeypatch.setattr(message_app, "checked_user_indices", lambda sampled, block: sampled)
     monkeypatch.setattr(message_app, "train_clipped", lambda *a: np.concatenate([good, np.full((1, RANK, DIM),
                                                                                                  np.nan)]))
-    config = {"prior-strength": 0.02, "prior-pairs": 3.0, "local-steps": 1, "client-lr": 1.0}
+    config = {"train-prior-pairs": 3.0, "prior-pairs": 3.0, "local-steps": 1, "client-lr": 1.0}
     trainer = SecAggTrainer(Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config=config))
     # user+secagg: each user clips, rounds to the grid and adds a noise share (here a negligible one)
     (total,), _, _ = trainer.fit([np.zeros((RANK, DIM))], {p.USER_INDICES: p.encode_user_indices(np.arange(3)),
