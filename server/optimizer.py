@@ -23,26 +23,45 @@ import numpy as np
 # DP the rate screened on the public DP pilot (`simulations.sweep_privacy_configs --screen`), where each step carries
 # noise that a larger rate would amplify.
 DEFAULT_SERVER_LR = {"none": 1.0, "dp": 0.05}
+# The rate's schedule and the initial basis scale: without DP chosen on the matrix's pilots (as the rate); under DP
+# on the DP pilot (`python -m simulations.choose_dp_defaults`, bench_results/dp_defaults_pilot.md).
+DEFAULT_SCHEDULE = {"none": "cosine", "dp": "constant"}
+DEFAULT_INIT_SCALE = {"none": 5.0, "dp": 1.0}
+SCHEDULES = ("cosine", "constant")
 AVERAGE_FROM = 0.75  # share of the planned rounds after which released bases enter the reported average
 
 
+def _kind(privacy_mode: str) -> str:
+    return "none" if privacy_mode == "none" else "dp"
+
+
 def default_server_lr(privacy_mode: str) -> float:
-    return DEFAULT_SERVER_LR["none" if privacy_mode == "none" else "dp"]
+    return DEFAULT_SERVER_LR[_kind(privacy_mode)]
+
+
+def default_schedule(privacy_mode: str) -> str:
+    return DEFAULT_SCHEDULE[_kind(privacy_mode)]
+
+
+def default_init_scale(privacy_mode: str) -> float:
+    return DEFAULT_INIT_SCALE[_kind(privacy_mode)]
 
 
 class _ServerOptimizer:
     name = ""
 
-    def __init__(self, lr: float, total_rounds: int | None = None) -> None:
-        self.base_lr, self.total_rounds = lr, total_rounds
+    def __init__(self, lr: float, total_rounds: int | None = None, schedule: str = "cosine") -> None:
+        if schedule not in SCHEDULES:
+            raise ValueError(f"server lr schedule must be one of {SCHEDULES}, got {schedule!r}")
+        self.base_lr, self.total_rounds, self.schedule = lr, total_rounds, schedule
         self.t = 0  # steps taken
         self.average: np.ndarray | None = None
         self.averaged = 0
 
     @property
     def lr(self) -> float:
-        """The rate of the next step (cosine over the planned rounds)."""
-        if not self.total_rounds:
+        """The rate of the next step (cosine over the planned rounds, or constant)."""
+        if not self.total_rounds or self.schedule == "constant":
             return self.base_lr
         progress = min(self.t, self.total_rounds) / self.total_rounds
         return self.base_lr * 0.5 * (1.0 + math.cos(math.pi * progress))
@@ -86,9 +105,9 @@ class ServerSGD(_ServerOptimizer):
 class ServerAdam(_ServerOptimizer):
     name = "adam"
 
-    def __init__(self, lr: float, total_rounds: int | None = None, beta1: float = 0.9, beta2: float = 0.999,
-                 eps: float = 1e-8) -> None:
-        super().__init__(lr, total_rounds)
+    def __init__(self, lr: float, total_rounds: int | None = None, schedule: str = "cosine", beta1: float = 0.9,
+                 beta2: float = 0.999, eps: float = 1e-8) -> None:
+        super().__init__(lr, total_rounds, schedule)
         self.beta1, self.beta2, self.eps = beta1, beta2, eps
         self.m: np.ndarray | None = None
         self.v: np.ndarray | None = None
@@ -114,8 +133,9 @@ class ServerAdam(_ServerOptimizer):
             self.m, self.v = state["m"].copy(), state["v"].copy()
 
 
-def make_optimizer(name: str, lr: float, total_rounds: int | None = None) -> ServerSGD | ServerAdam:
-    return {"sgd": ServerSGD, "adam": ServerAdam}[name](lr, total_rounds)
+def make_optimizer(name: str, lr: float, total_rounds: int | None = None,
+                   schedule: str = "cosine") -> ServerSGD | ServerAdam:
+    return {"sgd": ServerSGD, "adam": ServerAdam}[name](lr, total_rounds, schedule)
 
 
 def pseudo_gradient(basis: np.ndarray, mean_update: np.ndarray, *, client_lr: float, local_steps: int,

@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass
 
 from lore_core.privacy.privacy_settings import MODES as PRIVACY_MODES
 from lore_core.privacy.privacy_settings import PrivacySettings, validate
-from server.optimizer import default_server_lr
+from server.optimizer import SCHEDULES, default_init_scale, default_schedule, default_server_lr
 
 SERVER_OPTIMIZERS = ("adam", "sgd")
 PROGRESS_STYLES = ("bar", "log")
@@ -60,6 +60,7 @@ class ServerSettings:
     client_lr: float
     server_optimizer: str
     server_lr: float
+    server_lr_schedule: str
     l2: float
     train_prior_pairs: float
     prior_pairs: float
@@ -84,12 +85,12 @@ class ServerSettings:
                 local_steps=int(cfg["local-steps"]),
                 client_lr=float(cfg["client-lr"]),
                 server_optimizer=str(cfg["server-optimizer"]),
-                server_lr=default_server_lr(str(cfg["privacy-mode"])) if cfg["server-lr"] == "" else
-                float(cfg["server-lr"]),
+                server_lr=float(_or_default(cfg["server-lr"], default_server_lr, cfg)),
+                server_lr_schedule=_or_default(cfg.get("server-lr-schedule", ""), default_schedule, cfg),
                 l2=float(cfg["l2"]),
                 train_prior_pairs=float(cfg["train-prior-pairs"]),
                 prior_pairs=float(cfg["prior-pairs"]),
-                init_scale=float(cfg["init-scale"]),
+                init_scale=float(_or_default(cfg["init-scale"], default_init_scale, cfg)),
                 privacy_mode=str(cfg["privacy-mode"]),
                 run_dir=str(cfg["run-dir"]),
                 min_nodes=int(cfg["min-nodes"]),
@@ -112,6 +113,9 @@ class ServerSettings:
         for key, value in positive.items():
             if not (value > 0 and value != float("inf")):
                 raise RunConfigError(f"run config `{key}` must be a finite number > 0, got {value}")
+        if self.server_lr_schedule not in SCHEDULES:
+            raise RunConfigError(f"run config `server-lr-schedule` must be one of {SCHEDULES} or \"\" (the privacy "
+                                 f"mode's default), got {self.server_lr_schedule!r}")
         if self.eval_every < 0:
             raise RunConfigError(f"run config `eval-every` must be >= 0 (0 = only after the last round), "
                                  f"got {self.eval_every}")
@@ -161,3 +165,8 @@ class ServerSettings:
         for volatile in ("run_dir", "min_nodes", "round_timeout", "rounds", "progress"):
             fields.pop(volatile)
         return fields
+
+
+def _or_default(value, default, cfg: dict):
+    """A run-config value, or the privacy mode's default where it is "" (not given)."""
+    return default(str(cfg["privacy-mode"])) if value == "" else value

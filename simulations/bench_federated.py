@@ -87,7 +87,8 @@ def direct_compute(pairs_path: Path, overrides: dict, num_nodes: int, rounds: in
     population = Population(node_ids=np.arange(num_nodes, dtype=np.uint64), partition_ids=np.arange(num_nodes),
                             counts=np.array([b.n_train_users for b in blocks]), dim=blocks[0].dim)
     aggregator = make_aggregator(settings, settings.privacy_settings(population.size, population.dim))
-    optimizer = make_optimizer(settings.server_optimizer, settings.server_lr, settings.rounds)
+    optimizer = make_optimizer(settings.server_optimizer, settings.server_lr, settings.rounds,
+                               settings.server_lr_schedule)
     basis = initial_basis(settings.rank, population.dim, settings.seed, settings.init_scale)
     started = time.perf_counter()
     for _ in range(rounds):

@@ -70,7 +70,8 @@ def run_in_process(pairs_path: Path, overrides: dict, num_nodes: int, *, record_
 
         aggregator.encoding = plan_encoding(privacy.clip_norm, privacy.noise_multiplier, int(population.counts.max()),
                                             num_nodes, population.size)
-    optimizer = make_optimizer(settings.server_optimizer, settings.server_lr, settings.rounds)
+    optimizer = make_optimizer(settings.server_optimizer, settings.server_lr, settings.rounds,
+                               settings.server_lr_schedule)
     basis = initial_basis(settings.rank, population.dim, settings.seed, settings.init_scale)
     norms, sampled_counts = [], []
     started = time.perf_counter()

@@ -39,7 +39,8 @@ def federated_gap(path: Path, train: dict, fed: dict, lr: float, init: float) ->
                               "--prior-pairs", str(train["prior_pairs"]), "--out", "unused", "--privacy", "none",
                               "--server-lr", str(lr)])
     pairs = load_pairs(path)
-    overrides = {**run_overrides(args, int(np.unique(pairs.user[pairs.seen]).size)), "init-scale": init, "eval-every": 0, "run-dir": "unused"}
+    seen = int(np.unique(pairs.user[pairs.seen]).size)
+    overrides = {**run_overrides(args, seen), "init-scale": init, "eval-every": 0, "run-dir": "unused"}
     result = run_in_process(path, overrides, nodes_for(int(np.unique(pairs.user).size)))
     return {"seen": result["seen_test_acc"] - train["seen_test_acc"],
             "unseen": result["unseen_test_acc"] - train["unseen_test_acc"]}
