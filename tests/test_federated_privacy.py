@@ -100,8 +100,8 @@ def test_noise_is_on_the_sum_with_the_stated_std(pair_file, tmp_path):
     for m in requests_of(grid, "train"):
         sent.setdefault(m.content[p.CONFIG][p.ROUND], m.content[p.ARRAYS][p.BASIS].numpy())
     bases = [sent[t] for t in range(1, rounds + 1)] + [state.basis]
-    # The server's rate follows its cosine schedule (server/optimizer.py): undo it to read the released noise.
-    schedule = make_optimizer("sgd", 1.0, rounds)
+    # The server's rate follows the run's schedule (server/optimizer.py): undo it to read the released noise.
+    schedule = make_optimizer("sgd", 1.0, rounds, settings.server_lr_schedule)
     rates = []
     for _ in range(rounds):
         rates.append(schedule.lr)

@@ -1,4 +1,4 @@
-"""The server step: cosine learning rate over the planned rounds and the tail-averaged reported basis."""
+"""The server step: cosine or constant learning rate over the planned rounds, the tail-averaged reported basis, and the privacy mode's defaults."""
 
 import numpy as np
 import pytest
@@ -50,3 +50,25 @@ def test_a_resumed_optimizer_continues_exactly(name):
     resumed_basis = second.step(resumed_basis, grads[9])
     np.testing.assert_allclose(resumed_basis, basis)
     np.testing.assert_allclose(second.reported(resumed_basis), whole.reported(basis))
+
+
+def test_schedule_and_initial_scale_follow_the_privacy_mode_unless_given():
+    from pathlib import Path
+
+    from flwr.common.config import get_fused_config_from_dir
+
+    from server.run_settings import RunConfigError, ServerSettings
+
+    root = Path(__file__).resolve().parents[1]
+
+    def settings(**overrides):
+        return ServerSettings.from_run_config(get_fused_config_from_dir(root, {"pairs-path": "x", **overrides}))
+
+    private, plain = settings(**{"privacy-mode": "user"}), settings(**{"privacy-mode": "none"})
+    assert (private.server_lr_schedule, private.init_scale, private.server_lr) == ("constant", 1.0, 0.05)
+    assert (plain.server_lr_schedule, plain.init_scale, plain.server_lr) == ("cosine", 5.0, 1.0)
+    given = settings(**{"privacy-mode": "user", "server-lr-schedule": "cosine", "init-scale": 2.0})
+    assert (given.server_lr_schedule, given.init_scale) == ("cosine", 2.0)
+    assert make_optimizer("sgd", 0.4, 8, "constant").lr == 0.4
+    with pytest.raises(RunConfigError, match="server-lr-schedule"):
+        settings(**{"server-lr-schedule": "linear"})
