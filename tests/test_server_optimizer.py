@@ -1,4 +1,5 @@
-"""The server step: cosine or constant learning rate over the planned rounds, the tail-averaged reported basis, and the privacy mode's defaults."""
+"""The server step: cosine or constant rate over the planned rounds, the tail-averaged reported basis, the
+privacy mode's defaults."""
 
 import numpy as np
 import pytest
