@@ -16,10 +16,10 @@ from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordD
 from flwr.clientapp import ClientApp
 
 from federation import protocol as p
-from federation.local_training import (device_fit_weights, evaluate_block, personal_fit_weights, record_dp_updates,
-                                   train_sampled_users)
+from federation.local_training import (device_fit_weights, evaluate_node, personal_fit_weights, record_dp_updates,
+                                       train_sampled_users)
 from federation.canary_users import CanaryBlock, load_canary_block
-from federation.user_block import UserBlock, load_device_block, load_partition_block
+from federation.user_block import NodeUsers, load_device_users, load_partition_users
 from client.user_state import (load_record_histories, load_record_logits, load_weights, save_record_state,
                                save_weights)
 from lore_core.pairs import PAIRS_FILENAME
@@ -31,50 +31,51 @@ class ClientRequestError(ValueError):
     """A server request this node cannot serve (bad indices, wrong basis width)."""
 
 
-def node_block(context: Context, settings: p.ClientSettings) -> UserBlock | CanaryBlock:
+def node_users(context: Context, settings: p.ClientSettings) -> NodeUsers | CanaryBlock:
     """This node's users: the device's own file, a block of the shared pair file (simulation) or, on the last
     `canary-nodes` partitions of a simulation with canaries, a block of canary users."""
     data_path = context.node_config.get("data-path")
     if data_path:  # deployment: the device's own file
-        return load_device_block(str(Path(str(data_path)) / PAIRS_FILENAME))
+        return load_device_users(str(Path(str(data_path)) / PAIRS_FILENAME))
     if not settings.pairs_path:
         raise ClientRequestError("run config `pairs-path` is empty and node config has no `data-path`")
     partition, partitions = int(context.node_config["partition-id"]), int(context.node_config["num-partitions"])
     real = partitions - settings.canary_nodes
     if partition >= real:
         return load_canary_block(settings.canary_secrets, partition - real, settings.canary_nodes)
-    return load_partition_block(settings.pairs_path, partition, real)
+    return load_partition_users(settings.pairs_path, partition, real)
 
 
-def checked_basis(basis: np.ndarray, block: UserBlock) -> np.ndarray:
+def checked_basis(basis: np.ndarray, node: NodeUsers) -> np.ndarray:
     """The server's basis as float64 (B, D), refused unless its width is this node's embedding width."""
     basis = np.asarray(basis, dtype=np.float64)
-    if basis.ndim != 2 or basis.shape[1] != block.dim or not np.isfinite(basis).all():
-        raise ClientRequestError(f"basis must be a finite (B, {block.dim}) array, got {basis.shape}")
+    if basis.ndim != 2 or basis.shape[1] != node.dim or not np.isfinite(basis).all():
+        raise ClientRequestError(f"basis must be a finite (B, {node.dim}) array, got {basis.shape}")
     return basis
 
 
-def checked_user_indices(sampled: np.ndarray, block: UserBlock) -> np.ndarray:
+def checked_user_indices(sampled: np.ndarray, node: NodeUsers) -> np.ndarray:
     """The sampled local user indices, refused unless distinct and within this node's training users."""
     sampled = np.asarray(sampled, dtype=np.int64)
-    if sampled.size == 0 or sampled.min() < 0 or sampled.max() >= block.n_train_users or \
+    if sampled.size == 0 or sampled.min() < 0 or sampled.max() >= node.n_train_users or \
             np.unique(sampled).size != sampled.size:
-        raise ClientRequestError(f"user-indices must be distinct in [0, {block.n_train_users}), got {sampled}")
+        raise ClientRequestError(f"user-indices must be distinct in [0, {node.n_train_users}), got {sampled}")
     return sampled
 
 
-def train_clipped(context: Context, settings: p.ClientSettings, block: UserBlock, basis: np.ndarray,
+def train_clipped(context: Context, settings: p.ClientSettings, node: NodeUsers, basis: np.ndarray,
                   sampled: np.ndarray, clip_norm: float | None) -> np.ndarray:
     """Fit the sampled users' w (kept on the node) and return their basis updates (k, B, D), each clipped to
     `clip_norm` (flat L2, one user = one privacy unit) unless it is None (mode none). Both train paths use it.
     A canary node's users upload their canary (federation/canary_users.py)."""
-    if isinstance(block, CanaryBlock):
+    if isinstance(node, CanaryBlock):
         if clip_norm is None:
             raise ClientRequestError("canary users take part in user-level DP modes only")
-        return block.updates(sampled, clip_norm)
-    weights = load_weights(context, block.n_train_users, basis.shape[0])
-    weights, updates = train_sampled_users(basis, block, weights, sampled, prior_strength=settings.prior_strength,
-                                           steps=settings.local_steps, lr=settings.client_lr)
+        return node.updates(sampled, clip_norm)
+    weights = load_weights(context, node.n_train_users, basis.shape[0])
+    weights, updates = train_sampled_users(basis, node.training_block(sampled), weights, sampled,
+                                           prior_pairs=settings.train_prior_pairs, steps=settings.local_steps,
+                                           lr=settings.client_lr)
     save_weights(context, weights)
     if clip_norm is not None:
         from lore_core.privacy.dp_fedavg import clip_updates
@@ -85,36 +86,36 @@ def train_clipped(context: Context, settings: p.ClientSettings, block: UserBlock
 
 @app.query()
 def query(msg: Message, context: Context) -> Message:
-    block = node_block(context, p.ClientSettings.from_run_config(context.run_config))
+    node = node_users(context, p.ClientSettings.from_run_config(context.run_config))
     # -1: a device without a partition id (the server then orders it by node id).
     metrics = MetricRecord({p.PARTITION_ID: int(context.node_config.get("partition-id", -1)),
-                            p.NUM_TRAIN_USERS: block.n_train_users, p.DIM: block.dim})
+                            p.NUM_TRAIN_USERS: node.n_train_users, p.DIM: node.dim})
     return Message(RecordDict({p.METRICS: metrics}), reply_to=msg)
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     settings = p.ClientSettings.from_run_config(context.run_config)
-    block = node_block(context, settings)
-    basis = checked_basis(msg.content[p.ARRAYS][p.BASIS].numpy(), block)
+    node = node_users(context, settings)
+    basis = checked_basis(msg.content[p.ARRAYS][p.BASIS].numpy(), node)
     config = msg.content[p.CONFIG]
-    sampled = checked_user_indices(config[p.USER_INDICES], block)
+    sampled = checked_user_indices(config[p.USER_INDICES], node)
     arrays = {}
     mode = str(config.get(p.PRIVACY_MODE, "none"))
-    if mode == "record" and isinstance(block, CanaryBlock):
+    if mode == "record" and isinstance(node, CanaryBlock):
         raise ClientRequestError("canary users take part in user-level DP modes only")
     if mode == "record":
-        updates, history = _record_train(context, config, settings, basis, block, sampled)
+        updates, history = _record_train(context, config, settings, basis, node, sampled)
         arrays[p.DP_HISTORY] = Array(np.ascontiguousarray(history))
     else:  # user modes: one flat clip per user here (and re-checked by the server)
         clip_norm = float(config[p.CLIP_NORM]) if mode in ("user", "user+secagg") else None
-        updates = train_clipped(context, settings, block, basis, sampled, clip_norm)
+        updates = train_clipped(context, settings, node, basis, sampled, clip_norm)
     arrays[p.UPDATES] = Array(np.ascontiguousarray(updates))
     return Message(RecordDict({p.ARRAYS: ArrayRecord(arrays),
                                p.METRICS: MetricRecord({p.NUM_USERS: int(sampled.size)})}), reply_to=msg)
 
 
-def _record_train(context: Context, config, settings: p.ClientSettings, basis: np.ndarray, block: UserBlock,
+def _record_train(context: Context, config, settings: p.ClientSettings, basis: np.ndarray, node: NodeUsers,
                   sampled: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Record mode: DP-SGD per sampled user over its private logits and the basis, continuing each user's stored
     accountant history. Returns (updates (k, B, D), the sampled users' histories as rows (position, z, q, steps))."""
@@ -123,11 +124,11 @@ def _record_train(context: Context, config, settings: p.ClientSettings, basis: n
     stored = load_record_histories(context)
     owner = stored[:, 0].astype(np.int64)
     states = [RecordDpState(history=[(z, q, int(k)) for _, z, q, k in stored[owner == u]]) for u in sampled]
-    logits = load_record_logits(context, block.n_train_users, basis.shape[0])
+    logits = load_record_logits(context, node.n_train_users, basis.shape[0])
     max_epsilon = config.get(p.MAX_EPSILON)
     seed = config.get(p.NOISE_SEED)
     logits, updates, states = record_dp_updates(
-        basis, block, logits, sampled, states, lr=settings.client_lr,
+        basis, node.training_block(sampled), logits, sampled, states, lr=settings.client_lr,
         noise_multiplier=float(config[p.NOISE_MULTIPLIER]), max_grad_norm=float(config[p.MAX_GRAD_NORM]),
         batch_size=int(config[p.RECORD_BATCH_SIZE]), epochs=int(config[p.RECORD_EPOCHS]),
         delta=float(config[p.DELTA]), max_epsilon=None if max_epsilon is None else float(max_epsilon),
@@ -143,14 +144,14 @@ def _record_train(context: Context, config, settings: p.ClientSettings, basis: n
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     settings = p.ClientSettings.from_run_config(context.run_config)
-    block = node_block(context, settings)
-    basis = checked_basis(msg.content[p.ARRAYS][p.BASIS].numpy(), block)
-    if isinstance(block, CanaryBlock):  # canaries hold no pairs: they add nothing to the evaluation sums
+    node = node_users(context, settings)
+    basis = checked_basis(msg.content[p.ARRAYS][p.BASIS].numpy(), node)
+    if isinstance(node, CanaryBlock):  # canaries hold no pairs: they add nothing to the evaluation sums
         sums = {key: 0.0 for key in p.EVAL_SUM_KEYS}
         return Message(RecordDict({p.METRICS: MetricRecord(sums)}), reply_to=msg)
-    weights = load_weights(context, block.n_train_users, basis.shape[0])
+    weights = load_weights(context, node.n_train_users, basis.shape[0])
     on_device = bool(context.node_config.get("data-path"))  # deployment: evaluate with the device's own code
-    weights, sums = evaluate_block(basis, block, weights, prior_pairs=settings.prior_pairs,
-                                   fit=device_fit_weights if on_device else personal_fit_weights)
+    weights, sums = evaluate_node(basis, node, weights, prior_pairs=settings.prior_pairs,
+                                  fit=device_fit_weights if on_device else personal_fit_weights)
     save_weights(context, weights)
     return Message(RecordDict({p.METRICS: MetricRecord(sums)}), reply_to=msg)

@@ -39,14 +39,14 @@ class SecAggTrainer(NumPyClient):
     def fit(self, parameters: list, config: dict) -> tuple[list, int, dict]:
         context = self.node_context
         settings = p.ClientSettings.from_run_config(context.run_config)
-        block = message_app.node_block(context, settings)
-        basis = message_app.checked_basis(parameters[0], block)
+        node = message_app.node_users(context, settings)
+        basis = message_app.checked_basis(parameters[0], node)
         try:
-            sampled = message_app.checked_user_indices(p.decode_user_indices(config[p.USER_INDICES]), block)
+            sampled = message_app.checked_user_indices(p.decode_user_indices(config[p.USER_INDICES]), node)
         except ValueError as exc:
             raise message_app.ClientRequestError(str(exc)) from exc
         clip_norm = float(config[p.CLIP_NORM])
-        updates = message_app.train_clipped(context, settings, block, basis, sampled, clip_norm)
+        updates = message_app.train_clipped(context, settings, node, basis, sampled, clip_norm)
         finite = np.isfinite(updates).all(axis=(1, 2))
         if not finite.all():  # the server sees only the sum: one user's NaN must not void the node's other users
             log.warning("%d of %d sampled users' updates are not finite; they send a zero update (and their noise "

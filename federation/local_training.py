@@ -13,8 +13,8 @@ import logging
 
 import numpy as np
 
-from federation.user_block import RowGroup, UserBlock
-from lore_core.reward_math import bt_loss_grad, per_user_accuracy
+from federation.user_block import EVAL_BLOCK_USERS, NodeUsers, RowGroup, UserBlock
+from lore_core.reward_math import bt_loss_grad, per_user_accuracy, segment_sum
 from lore_core.simplex_fit import fit_user_weights, prior_from_pairs
 
 # Tight enough that a warm start (w from the last round) and a cold start (a restarted run) give the same w.
@@ -22,18 +22,12 @@ FIT_TOL = 1e-11
 FIT_MAX_ITER = 20000
 
 
-def fit_weights(basis: np.ndarray, rows: RowGroup, n_users: int, prior_strength: float,
+def fit_weights(basis: np.ndarray, rows: RowGroup, n_users: int, prior_strength: float | np.ndarray,
                 init: np.ndarray | None = None) -> np.ndarray:
     """w (n_users, B) minimising each user's mean BT loss + prior KL(w || uniform) with A frozen."""
     result = fit_user_weights(rows.diff @ basis.T, rows.user_idx, n_users, prior_strength=prior_strength,
                               init=init, max_iter=FIT_MAX_ITER, tol=FIT_TOL)
     return result.weights
-
-
-def user_mean_matrix(user_idx: np.ndarray, n_users: int) -> np.ndarray:
-    """M (n_users, n) with M @ x = per-user mean of rows of x; dense, fine for the tens of users on one node."""
-    onehot = (user_idx[None, :] == np.arange(n_users)[:, None]).astype(np.float64)
-    return onehot / np.maximum(onehot.sum(axis=1, keepdims=True), 1.0)
 
 
 def local_basis_updates(basis: np.ndarray, weights: np.ndarray, rows: RowGroup, *, steps: int,
@@ -43,37 +37,40 @@ def local_basis_updates(basis: np.ndarray, weights: np.ndarray, rows: RowGroup, 
     weights (U, B); rows.user_idx indexes those U users.
     """
     n_users = weights.shape[0]
-    mean = user_mean_matrix(rows.user_idx, n_users)
+    counts = np.maximum(np.bincount(rows.user_idx, minlength=n_users), 1)[:, None]
     w_rows = weights[rows.user_idx]  # (n, B)
     z0 = np.einsum("nb,nb->n", rows.diff @ basis.T, w_rows)
     shrink = lr * np.einsum("nb,nb->n", w_rows, w_rows)  # lr |w_u|^2 per row
     r = np.zeros((n_users, basis.shape[1]))
     for _ in range(steps):
         z = z0 - shrink * np.einsum("nd,nd->n", rows.diff, r[rows.user_idx])
-        r += mean @ (bt_loss_grad(z)[:, None] * rows.diff)
+        r += segment_sum(bt_loss_grad(z)[:, None] * rows.diff, rows.user_idx, n_users) / counts
     return -lr * weights[:, :, None] * r[:, None, :]
 
 
 def fit_sampled_users(basis: np.ndarray, block: UserBlock, weights: np.ndarray, sampled: np.ndarray, *,
-                      prior_strength: float) -> tuple[np.ndarray, RowGroup]:
-    """Refit w of the sampled local users (k,) with A frozen (warm start from `weights` (S, B)).
+                      prior_pairs: float) -> tuple[np.ndarray, RowGroup]:
+    """Refit w of the sampled local users (k,) with A frozen (warm start from `weights` (S, B)), each with the
+    training prior worth `prior_pairs` of its pairs (as `lore_core.joint_trainer` trains); `block` holds
+    at least their training rows (`NodeUsers.training_block`).
     Returns (their w (k, B), their train rows with user_idx relabelled to 0..k-1)."""
     rows = block.seen_train
     keep = np.isin(rows.user_idx, sampled)
     relabel = np.full(block.n_train_users, -1, dtype=np.int64)
     relabel[sampled] = np.arange(sampled.size)
     sub = RowGroup(diff=rows.diff[keep], user_idx=relabel[rows.user_idx[keep]], logit_true=None)
-    return fit_weights(basis, sub, sampled.size, prior_strength, init=weights[sampled]), sub
+    prior = prior_from_pairs(sub.user_idx, sampled.size, prior_pairs)
+    return fit_weights(basis, sub, sampled.size, prior, init=weights[sampled]), sub
 
 
 def train_sampled_users(basis: np.ndarray, block: UserBlock, weights: np.ndarray, sampled: np.ndarray, *,
-                        prior_strength: float, steps: int, lr: float) -> tuple[np.ndarray, np.ndarray]:
+                        prior_pairs: float, steps: int, lr: float) -> tuple[np.ndarray, np.ndarray]:
     """Fit w and compute dA for the sampled local users.
 
     weights (S, B): the node's stored w (warm start); sampled (k,) local indices.
     Returns (new weights (S, B) with the sampled rows refit, updates (k, B, D)).
     """
-    fitted, sub = fit_sampled_users(basis, block, weights, sampled, prior_strength=prior_strength)
+    fitted, sub = fit_sampled_users(basis, block, weights, sampled, prior_pairs=prior_pairs)
     updated = weights.copy()
     updated[sampled] = fitted
     return updated, local_basis_updates(basis, fitted, sub, steps=steps, lr=lr)
@@ -168,3 +165,16 @@ def evaluate_block(basis: np.ndarray, block: UserBlock, weights: np.ndarray, *, 
         if rows.logit_true is not None:
             sums[f"oracle-{prefix}-acc-sum"] = oracle_sum
     return seen_w, sums
+
+
+def evaluate_node(basis: np.ndarray, node: NodeUsers, weights: np.ndarray, *, prior_pairs: float,
+                  fit=personal_fit_weights, max_users: int = EVAL_BLOCK_USERS) -> tuple[np.ndarray, dict[str, float]]:
+    """`evaluate_block` over all of a node's users, `max_users` at a time (the sums add up over blocks): memory
+    bounded by a block, time linear in the node's users. Returns (refit seen weights (S, B), per-node sums)."""
+    refit = np.array(weights, dtype=np.float64)
+    sums: dict[str, float] = {}
+    for seen, block in node.evaluation_blocks(max_users):
+        refit[seen], part = evaluate_block(basis, block, weights[seen], prior_pairs=prior_pairs, fit=fit)
+        for key, value in part.items():
+            sums[key] = sums.get(key, 0.0) + value
+    return refit, sums

@@ -55,7 +55,7 @@ class ClientSettings:
     """What a node needs from the run config."""
 
     pairs_path: str  # simulation: the shared pair file; empty in deployment (node_config data-path instead)
-    prior_strength: float  # training: KL(w || uniform) weight of the w fit before each local step
+    train_prior_pairs: float  # training: prior of the w fit before each local step, in pairs (c / n_u per user)
     prior_pairs: float  # evaluation: the personal prior of the final w fit, in pairs (simplex_fit.prior_from_pairs)
     local_steps: int
     client_lr: float
@@ -67,7 +67,7 @@ class ClientSettings:
     def from_run_config(cls, run_config: dict) -> "ClientSettings":
         return cls(
             pairs_path=str(run_config.get("pairs-path", "")),
-            prior_strength=float(run_config["prior-strength"]),
+            train_prior_pairs=float(run_config["train-prior-pairs"]),
             prior_pairs=float(run_config["prior-pairs"]),
             local_steps=int(run_config["local-steps"]),
             client_lr=float(run_config["client-lr"]),

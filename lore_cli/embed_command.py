@@ -90,11 +90,12 @@ def run(args: argparse.Namespace) -> int:
         split=np.array(records["split"], dtype=str),
         seen=np.array(records["seen"], dtype=bool),
         logit_true=None if truth is None else true_logits(truth, users, diff, truth_path),
+        group=None if records["conversation"] is None else np.array(records["conversation"], dtype=str),
         reference_head=embedder.reference_head() if hasattr(embedder, "reference_head") else None,
         source=str(dataset_dir / PAIRS_JSONL),
     )
     out = save_pairs(pairs, dataset_dir)
-    extras = [name for name in ("logit_true", "reference_head") if getattr(pairs, name) is not None]
+    extras = [name for name in ("logit_true", "reference_head", "group") if getattr(pairs, name) is not None]
     with_extras = f", with {' and '.join(extras)}" if extras else ""
     print(f"wrote {out}: {n} pairs, dim {embedder.dim}, embedder {embedder.name}{with_extras}")
     print(
@@ -105,13 +106,17 @@ def run(args: argparse.Namespace) -> int:
 
 
 def read_pair_records(path: Path) -> dict[str, list]:
-    """Parse and check pairs.jsonl -> column lists (user, history, chosen, rejected, split, seen)."""
+    """Parse and check pairs.jsonl -> column lists (user, history, chosen, rejected, split, seen, conversation).
+
+    `conversation` (written by `prepare`) becomes the pair file's `group`; it is None when no line has it (a file
+    from an older `prepare`), and then every line must lack it."""
     from lore_core.embeddings import EmbeddingError, validate_history
     from lore_core.text_file import read_jsonl
 
     if not path.is_file():
         raise DatasetError(f"{path} not found; run `lore-fed prepare` (or `lore-fed synth`) first")
     columns: dict[str, list] = {k: [] for k in ("user", "history", "chosen", "rejected", "split", "seen")}
+    conversations: list[str | None] = []
     for lineno, record in read_jsonl(path, DatasetError):
         where = f"{path} line {lineno}"
         missing = [k for k in columns if k not in record]
@@ -130,8 +135,17 @@ def read_pair_records(path: Path) -> dict[str, list]:
             raise DatasetError(f"{where}: 'history': {exc}") from None
         for key in columns:
             columns[key].append(record[key])
+        if "conversation" in record and not isinstance(record["conversation"], str):
+            raise DatasetError(f"{where}: 'conversation' must be a string, got "
+                               f"{type(record['conversation']).__name__}")
+        conversations.append(record.get("conversation"))
     if not columns["user"]:
         raise DatasetError(f"{path} holds no pairs")
+    has = [c is not None for c in conversations]
+    if any(has) and not all(has):
+        raise DatasetError(f"{path}: pair {has.index(not has[0]) + 1} {'lacks' if has[0] else 'has'} 'conversation' "
+                           "unlike pair 1; every line must have it or none")
+    columns["conversation"] = conversations if all(has) else None
     return columns
 
 

@@ -16,7 +16,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("pairs", help="pair file (.npz) or dataset directory holding pairs.npz")
     parser.add_argument("--basis", required=True, help="basis file, or a run directory holding basis.npz")
     parser.add_argument("--prior-pairs", type=float, default=None,
-                        help="personal prior of every user's w fit, in pairs (default 3)")
+                        help="personal prior of every user's w fit, in pairs (default: the basis file's)")
     parser.add_argument("--out", default=None, help="write the metrics to this JSON file")
 
 
@@ -26,16 +26,17 @@ def run(args: argparse.Namespace) -> int:
     from lore_core.pairs import load_pairs
     from lore_cli.train_command import benchmark_ceiling, benchmark_truth, format_metrics, personal_prior
 
-    prior = personal_prior(args.prior_pairs)
     if args.out and Path(args.out).is_dir():
         raise ValueError(f"--out {args.out} is a directory; give a file name for the metrics JSON")
     basis_path = Path(args.basis)
     if basis_path.is_dir():
         basis_path = basis_path / "basis.npz"
-    basis = load_basis(basis_path).basis
+    basis_file = load_basis(basis_path)
+    basis = basis_file.basis
     pairs = load_pairs(args.pairs)
     if basis.shape[1] != pairs.dim:
         raise ValueError(f"basis {basis_path} has dimension {basis.shape[1]}, the pair file {pairs.source} {pairs.dim}")
+    prior = personal_prior(args.prior_pairs, default=basis_file.prior_pairs)
     true_basis = benchmark_truth(pairs)
     metrics = evaluate_model(pairs, basis, prior_pairs=prior)
     metrics.update(benchmark_ceiling(pairs, true_basis, prior))

@@ -16,7 +16,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     eps.add_argument("--clients-per-round", type=int, required=True, help="m: expected sampled users per round")
     eps.add_argument("--population", type=int, required=True, help="N: number of distinct users")
     eps.add_argument("--rounds", type=int, help="T: planned rounds (optional with --max-epsilon)")
-    eps.add_argument("--delta", type=float, default=1e-5)
+    eps.add_argument("--delta", type=float, default=None,
+                     help="default: the runs' default for N users (1e-5, or below 1/(10 N) above 10,000 users)")
     eps.add_argument("--max-epsilon", type=float, help="also print the most rounds that stay within this epsilon")
 
 

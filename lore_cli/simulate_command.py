@@ -47,6 +47,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--client-lr", type=float, default=None)
     parser.add_argument("--prior-pairs", type=float, default=None,
                         help="personal prior of every user's final w fit, in pairs (default 3)")
+    parser.add_argument("--train-prior-pairs", type=float, default=None,
+                        help="prior of the clients' w fits inside training, in pairs (default 3, as `train`)")
     parser.add_argument("--canaries", type=int, default=0,
                         help="K canary users for `lore-fed audit canary` (user modes; default 0): each sends the "
                              "clip norm times a secret direction when sampled, if its secret coin says in")
@@ -68,7 +70,7 @@ def add_privacy_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-epsilon", type=float, default=None,
                         help="refuse a plan above it; stop before a round that would exceed it")
     parser.add_argument("--clip-norm", type=float, default=None, help="C: flat L2 clip of each user's update")
-    parser.add_argument("--delta", type=float, default=None, help="delta (default 1e-5; must be < 1/N)")
+    parser.add_argument("--delta", type=float, default=None, help="delta (default 1e-5, or below 1/(10 N) above 10,000 users; must be < 1/N)")
     parser.add_argument("--max-grad-norm", type=float, default=None, help="record mode: per-pair clip norm")
     parser.add_argument("--num-shares", type=int, default=None, help="user+secagg: SecAgg+ shares (odd, default 3)")
     parser.add_argument("--reconstruction-threshold", type=int, default=None,
@@ -101,7 +103,7 @@ def privacy_overrides(args: argparse.Namespace) -> dict:
 def run_overrides(args: argparse.Namespace, seen_users: int) -> dict:
     """Run-config overrides of the flags; unset flags keep the run config's defaults (pyproject.toml)."""
     from lore_core.reward_math import DEFAULT_L2
-    from lore_core.simplex_fit import DEFAULT_PRIOR_PAIRS, DEFAULT_PRIOR_STRENGTH
+    from lore_core.simplex_fit import DEFAULT_PRIOR_PAIRS
 
     eval_every = args.eval_every
     if eval_every is None:
@@ -109,30 +111,29 @@ def run_overrides(args: argparse.Namespace, seen_users: int) -> dict:
     clients = args.clients_per_round or min(DEFAULT_CLIENTS_PER_ROUND, seen_users)
     overrides = {
         "num-server-rounds": args.rounds, "clients-per-round": clients, "seed": args.seed, "eval-every": eval_every,
-        "prior-strength": DEFAULT_PRIOR_STRENGTH, "l2": DEFAULT_L2 if args.l2 is None else args.l2,
+        "l2": DEFAULT_L2 if args.l2 is None else args.l2,
         "prior-pairs": DEFAULT_PRIOR_PAIRS if args.prior_pairs is None else args.prior_pairs, "progress": "bar",
         **privacy_overrides(args),
     }
     for key, value in (("rank", args.rank), ("server-optimizer", args.server_optimizer),
-                       ("server-lr", args.server_lr), ("local-steps", args.local_steps), ("client-lr", args.client_lr)):
+                       ("server-lr", args.server_lr), ("local-steps", args.local_steps), ("client-lr", args.client_lr),
+                       ("train-prior-pairs", args.train_prior_pairs)):
         if value is not None:
             overrides[key] = value
     return overrides
 
 
 def read_population(pairs_path: Path) -> dict:
-    """Read and validate the pair file once, here where it arrives -> the counts the run needs."""
-    import numpy as np
+    """Read and validate the pair file once, here where it arrives, in chunks of whole users (never all of it at
+    once) -> the counts the run needs."""
+    from lore_core.pair_columns import check_pair_file
 
-    from lore_core.pairs import load_pairs
+    from lore_cli.train_command import refuse_untrainable
 
-    from lore_cli.train_command import check_trainable
-
-    pairs = load_pairs(pairs_path)
-    check_trainable(pairs)  # every seen user has a training pair
-    _, counts = np.unique(pairs.user[pairs.seen & (pairs.split == "train")], return_counts=True)
-    return {"users": int(np.unique(pairs.user).size), "seen_users": int(counts.size),
-            "largest_client_pairs": int(counts.max()), "dim": pairs.dim, "source": pairs.source}
+    columns, _, counts = check_pair_file(pairs_path)
+    refuse_untrainable(columns.source, counts.train_users, counts.idle_users)  # every seen user has a training pair
+    return {"users": counts.users, "seen_users": counts.seen_users, "largest_client_pairs": counts.largest_client_pairs,
+            "dim": counts.dim, "source": columns.source}
 
 
 def check_run(population: dict, overrides: dict):
@@ -272,6 +273,7 @@ def canary_secrets(args: argparse.Namespace, shape: tuple[int, int]):
 
 def _simulate(args, pairs_path, population, overrides, settings, privacy, reference, out) -> int:
     from lore_cli.run_report import write_report
+    from lore_core.basis_file import save_basis
     from server.checkpoint import load_checkpoint
     from simulations.flower_run import AppShadowedError, simulate_pairs
 
@@ -309,6 +311,9 @@ def _simulate(args, pairs_path, population, overrides, settings, privacy, refere
                    users_per_round=settings.clients_per_round, nodes=nodes, seed=args.seed, canaries=args.canaries,
                    **privacy_keys)
     metrics.update(run_problems(state.history))
+    # The reported basis: the server's tail average of the released bases (server/optimizer.py), else the last.
+    save_basis(out / "basis.npz", state.optimizer.get("average", state.basis), version=state.round,
+               embedder="unknown", prior_pairs=settings.prior_pairs)
     atomic_write_json(out / "metrics.json", metrics)
     command = "lore-fed simulate " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if sys.argv[1:2] == [
         "simulate"] else "lore-fed simulate"
@@ -321,5 +326,6 @@ def _simulate(args, pairs_path, population, overrides, settings, privacy, refere
     print(f"{line}  ({state.round} rounds, {wall:.1f} s)")
     for key, value in run_problems(state.history).items():
         print(f"warning: {PROBLEMS[key].format(value)} (rounds.jsonl has the details)", file=sys.stderr)
-    print(f"wrote {out / 'metrics.json'}, {out / 'ledger.json'}, {out / 'rounds.jsonl'} and {report}")
+    print(f"wrote {out / 'metrics.json'}, {out / 'basis.npz'}, {out / 'ledger.json'}, {out / 'rounds.jsonl'} and "
+          f"{report}")
     return 0

@@ -14,13 +14,14 @@ from lore_core.atomic_io import atomic_save_npz, atomic_write_json
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("pairs", help="pair file (.npz) or dataset directory holding pairs.npz")
-    parser.add_argument("--rank", default="auto", help="basis size B, or 'auto' (validation likelihood; grid incl. 1)")
+    parser.add_argument("--rank", default="auto",
+                        help="basis size B, or 'auto' (held-out groups, one-SE rule against rank 1)")
     parser.add_argument("--rank-grid", default=None, help="comma-separated ranks for --rank auto (must include 1)")
     parser.add_argument("--l2", default="auto", help="L2 penalty on the basis, or 'auto'")
-    parser.add_argument("--prior-strength", type=float, default=None,
-                        help="KL(w || uniform) weight in joint training (default 0.02)")
-    parser.add_argument("--prior-pairs", type=float, default=None,
-                        help="personal prior of the evaluation's w fits, in pairs (default 3)")
+    parser.add_argument("--prior-pairs", default="auto",
+                        help="personal prior of every user's final w fit, in pairs, or 'auto' (held-out groups)")
+    parser.add_argument("--train-prior-pairs", type=float, default=None,
+                        help="prior of the w fits inside joint training, in pairs (default 3)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--out", required=True, help="run directory for metrics.json and basis.npz")
@@ -80,62 +81,51 @@ def check_trainable(pairs) -> None:
     pair: they could be neither trained nor given joint weights. Checked before any training starts."""
     seen_users = np.unique(pairs.user[pairs.seen])
     trainers = np.unique(pairs.user[pairs.seen & (pairs.split == "train")])
-    if trainers.size == 0:
-        raise ValueError(f"{pairs.source}: no seen user has a training pair (split 'train'), so there is nothing to "
+    refuse_untrainable(pairs.source, trainers.size, np.setdiff1d(seen_users, trainers))
+
+
+def refuse_untrainable(source: str, trainers: int, idle: np.ndarray) -> None:
+    """`check_trainable` from counts: `trainers` seen users with a training pair, `idle` (ids) those without."""
+    if trainers == 0:
+        raise ValueError(f"{source}: no seen user has a training pair (split 'train'), so there is nothing to "
                          "train on; mark some users seen with training pairs")
-    idle = np.setdiff1d(seen_users, trainers)
     if idle.size:
-        raise ValueError(f"{pairs.source}: {idle.size} seen user(s) have only test pairs, no training pair "
+        raise ValueError(f"{source}: {idle.size} seen user(s) have only test pairs, no training pair "
                          f"({idle[:5].tolist()}{' ...' if idle.size > 5 else ''}); a seen user takes part in "
                          "training: give them training pairs or mark them unseen (seen = False)")
 
 
 def run(args: argparse.Namespace) -> int:
     from lore_core.basis_file import save_basis
-    from lore_core.evaluation import evaluate_model
-    from lore_core.joint_trainer import TrainConfig, train_joint
-    from lore_core.pairs import load_pairs
+    from lore_core.pair_columns import PairColumns, PairIndex
+    from lore_core.streamed_training import LARGE_POPULATION
 
     options = {"seed": check_seed(args.seed), "device": check_device(args.device)}
     if args.l2 != "auto":
         options["l2"] = parse_number(args.l2, "--l2")
-    if args.prior_strength is not None:
-        options["prior_strength"] = parse_number(args.prior_strength, "--prior-strength")
-    prior_pairs = personal_prior(args.prior_pairs)
+    if args.prior_pairs != "auto":
+        options["prior_pairs"] = parse_number(args.prior_pairs, "--prior-pairs", inclusive=False)
+    if args.train_prior_pairs is not None:
+        options["train_prior_pairs"] = parse_number(args.train_prior_pairs, "--train-prior-pairs", inclusive=False)
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file; give a directory for metrics.json and basis.npz")
-    pairs = load_pairs(args.pairs)
-    check_trainable(pairs)
-    true_basis = benchmark_truth(pairs)
-    train = pairs.select(seen=True, split="train")
-    options["rank"] = parse_rank(args.rank, pairs.dim, source=pairs.source)
-    if args.rank_grid:
-        options["rank_grid"] = tuple(parse_rank(r.strip(), pairs.dim, "--rank-grid", pairs.source)
-                                     for r in args.rank_grid.split(","))
-        if 1 not in options["rank_grid"]:
-            raise ValueError(f"--rank-grid must include 1 (the single-reward baseline), got {args.rank_grid!r}")
-    config = TrainConfig(**options)
-
-    print(f"training on {train.n} pairs of {np.unique(train.user).size} seen users (D={pairs.dim}, rank {config.rank})")
-    fit = train_joint(train.diff, train.user, config)
-    started = time.perf_counter()
-    metrics = evaluate_model(pairs, fit.basis, prior_pairs=prior_pairs, joint_weights=(fit.user_ids, fit.user_weights))
-    metrics.update(benchmark_ceiling(pairs, true_basis, prior_pairs))
+    large = PairIndex.build(PairColumns.open(args.pairs)).n_users > LARGE_POPULATION
+    fit, config, metrics, summary, evaluate_seconds = (_train_streamed if large else _train_in_memory)(args, options)
     metrics.update(
         train_seconds=fit.train_seconds,
-        evaluate_seconds=time.perf_counter() - started,
+        evaluate_seconds=evaluate_seconds,
         l2=fit.l2,
-        prior_strength=config.prior_strength,
-        iterations=fit.iterations,
+        train_prior_pairs=config.train_prior_pairs,
         seconds_per_rank=_seconds_per_rank(fit.selection),
-        rank_selection=fit.selection,
-        pairs=pairs.summary(),
+        selection=fit.selection,
+        held_out=fit.held_out,
+        pairs=summary,
         device=config.device,
         seed=config.seed,
     )
     out.mkdir(parents=True, exist_ok=True)
-    save_basis(out / "basis.npz", fit.basis, version=0, embedder="unknown")
+    save_basis(out / "basis.npz", fit.basis, version=0, embedder="unknown", prior_pairs=fit.prior_pairs)
     # Centralized training holds every user's data anyway; the weights are saved for analysis.
     atomic_save_npz(out / "user_weights.npz", user_id=fit.user_ids.astype(str), user_weights=fit.user_weights)
     atomic_write_json(out / "metrics.json", metrics)
@@ -144,15 +134,82 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def personal_prior(value: float | None) -> float:
-    """--prior-pairs, checked, or the default."""
+def _config(args: argparse.Namespace, options: dict, dim: int, source: str, few_shot: int):
+    """The TrainConfig of the flags, the ranks checked against the pair file's embedding width."""
+    from lore_core.joint_trainer import TrainConfig
+
+    options = {**options, "rank": parse_rank(args.rank, dim, source=source), "few_shot": few_shot}
+    if args.rank_grid:
+        options["rank_grid"] = tuple(parse_rank(r.strip(), dim, "--rank-grid", source)
+                                     for r in args.rank_grid.split(","))
+        if 1 not in options["rank_grid"]:
+            raise ValueError(f"--rank-grid must include 1 (the single-reward baseline), got {args.rank_grid!r}")
+    return TrainConfig(**options)
+
+
+def _train_in_memory(args: argparse.Namespace, options: dict):
+    """The full-batch trainer on the whole file in memory -> (fit, config, metrics, summary, evaluation seconds)."""
+    from lore_core.evaluation import evaluate_model
+    from lore_core.joint_trainer import train_joint
+    from lore_core.pairs import load_pairs
+
+    pairs = load_pairs(args.pairs)
+    check_trainable(pairs)
+    true_basis = benchmark_truth(pairs)
+    train = pairs.select(seen=True, split="train")
+    config = _config(args, options, pairs.dim, pairs.source, few_shot_size(pairs.select(seen=False, split="train").user))
+    print(f"training on {train.n} pairs of {np.unique(train.user).size} seen users (D={pairs.dim}, rank {config.rank})")
+    if train.group is None:
+        print(f"note: {pairs.source} has no `group` array: held-out sets split by pair, so pairs that share a "
+              "response may fall on both sides; `lore-fed prepare` + `embed` write the conversation as the group")
+    fit = train_joint(train.diff, train.user, config, group=train.group)
+    started = time.perf_counter()
+    metrics = evaluate_model(pairs, fit.basis, prior_pairs=fit.prior_pairs,
+                             joint_weights=(fit.user_ids, fit.user_weights))
+    metrics.update(benchmark_ceiling(pairs, true_basis, fit.prior_pairs))
+    return fit, config, metrics, pairs.summary(), time.perf_counter() - started
+
+
+def _train_streamed(args: argparse.Namespace, options: dict):
+    """A population above LARGE_POPULATION users (lore_core.streamed_training): the file is validated block by
+    block, model selection runs on a sample of users, the minibatch trainer fits all of them, evaluation reads the
+    file in blocks -> (fit, config, metrics, summary, evaluation seconds)."""
+    from lore_core.pair_columns import check_pair_file
+    from lore_core.streamed_training import SELECTION_USERS, evaluate_streamed, train_streamed
+
+    columns, _, counts = check_pair_file(args.pairs)
+    refuse_untrainable(columns.source, counts.train_users, counts.idle_users)
+    true_basis = benchmark_truth(columns)
+    config = _config(args, options, columns.dim, columns.source, counts.few_shot_pairs)
+    print(f"training on {counts.train_users} seen users (D={counts.dim}, rank {config.rank}; model selection on "
+          f"{min(SELECTION_USERS, counts.train_users)} of them, then minibatches of users)", flush=True)
+    fit = train_streamed(columns.source, config)
+    started = time.perf_counter()
+    metrics, summary = evaluate_streamed(columns.source, fit.basis, prior_pairs=fit.prior_pairs,
+                                         joint_weights=(fit.user_ids, fit.user_weights), true_basis=true_basis)
+    metrics["trainer"] = "minibatch"
+    return fit, config, metrics, summary, time.perf_counter() - started
+
+
+def personal_prior(value: float | None, default: float | None = None) -> float:
+    """A prior in pairs (--prior-pairs), checked; None gives `default` (the project default when that is None)."""
     from lore_core.simplex_fit import DEFAULT_PRIOR_PAIRS
 
     if value is None:
-        return DEFAULT_PRIOR_PAIRS
+        return DEFAULT_PRIOR_PAIRS if default is None else default
     if not (np.isfinite(value) and value > 0):
         raise ValueError(f"--prior-pairs must be a finite number > 0, got {value}")
     return float(value)
+
+
+def few_shot_size(unseen_train_users: np.ndarray) -> int:
+    """Pairs a user of the selection's new-user fold adapts on: the median few-shot count of the file's unseen users
+    (what new users really get; `unseen_train_users` holds one user id per few-shot pair), else TrainConfig's."""
+    from lore_core.joint_trainer import TrainConfig
+
+    if unseen_train_users.size == 0:
+        return TrainConfig.few_shot
+    return int(np.median(np.unique(unseen_train_users, return_counts=True)[1]))
 
 
 def benchmark_truth(pairs):

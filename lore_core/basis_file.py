@@ -6,6 +6,9 @@ Arrays:
   embedder  str     ()      name of the embedder whose space the basis lives in
   dim, rank int64   ()      D and B, stored so a reader can check the shape without trusting it
   sha256    str     ()      sha256 of basis.tobytes() (float32, C order): detects a torn or altered file
+  prior_pairs float64 ()    optional: the personal prior (in pairs) chosen with this basis on held-out groups
+                            (`lore-fed train`) or set for the run (`lore-fed simulate`); devices and `evaluate` use
+                            it. A file without it leaves the choice to the reader (evaluation: 3 pairs; a device: 0.5).
 Numpy only (importable on a device).
 """
 
@@ -34,6 +37,7 @@ class BasisFile:
     embedder: str
     sha256: str
     source: str = "<memory>"
+    prior_pairs: float | None = None  # the personal prior chosen with this basis; None: the file carries none
 
     @property
     def rank(self) -> int:
@@ -48,7 +52,8 @@ def basis_checksum(basis: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(basis, dtype=np.float32).tobytes()).hexdigest()
 
 
-def save_basis(path: str | Path, basis: np.ndarray, *, version: int, embedder: str) -> Path:
+def save_basis(path: str | Path, basis: np.ndarray, *, version: int, embedder: str,
+               prior_pairs: float | None = None) -> Path:
     """Write a basis file atomically; `basis` (B, D) is stored as float32."""
     path = Path(path)
     arr = np.ascontiguousarray(basis, dtype=np.float32)
@@ -57,6 +62,10 @@ def save_basis(path: str | Path, basis: np.ndarray, *, version: int, embedder: s
         raise BasisFileError(f"{path}: version must be an int >= 0, got {version!r}")
     if not isinstance(embedder, str) or not embedder:
         raise BasisFileError(f"{path}: embedder must be a non-empty string, got {embedder!r}")
+    extra = {}
+    if prior_pairs is not None:
+        _check_prior(prior_pairs, str(path))
+        extra["prior_pairs"] = np.float64(prior_pairs)
     atomic_save_npz(
         path,
         basis=arr,
@@ -65,6 +74,7 @@ def save_basis(path: str | Path, basis: np.ndarray, *, version: int, embedder: s
         dim=np.int64(arr.shape[1]),
         rank=np.int64(arr.shape[0]),
         sha256=np.str_(basis_checksum(arr)),
+        **extra,
     )
     return path
 
@@ -94,7 +104,20 @@ def load_basis(path: str | Path) -> BasisFile:
         raise BasisFileError(f"{path}: basis checksum mismatch (file corrupted or altered)")
     if version < 0 or not embedder:
         raise BasisFileError(f"{path}: version must be >= 0 and embedder non-empty, got {version}, {embedder!r}")
-    return BasisFile(basis=basis, version=version, embedder=embedder, sha256=checksum, source=str(path))
+    prior_pairs = None
+    if "prior_pairs" in arrays:
+        try:
+            prior_pairs = float(arrays["prior_pairs"])
+        except (TypeError, ValueError):
+            raise BasisFileError(f"{path}: prior_pairs must be a scalar number") from None
+        _check_prior(prior_pairs, str(path))
+    return BasisFile(basis=basis, version=version, embedder=embedder, sha256=checksum, source=str(path),
+                     prior_pairs=prior_pairs)
+
+
+def _check_prior(prior_pairs: float, where: str) -> None:
+    if not (np.isfinite(prior_pairs) and prior_pairs > 0):
+        raise BasisFileError(f"{where}: prior_pairs must be a finite number > 0, got {prior_pairs}")
 
 
 def _check_basis(basis: np.ndarray, where: str) -> None:

@@ -4,8 +4,10 @@ Objective (one full batch, vectorized over all users and pairs; no Python loop o
     mean_u [ mean_{j in u} softplus(-w_u . A d_j) ]  +  prior * mean_u KL(w_u || uniform)  +  l2 * ||A||_F^2
 with w_u = softmax(theta_u). Every user weighs the same, as in the paper. The KL prior is the same one the
 few-shot solver and the federated clients use, so centralized, federated and on-device fits agree.
-L-BFGS on the smooth full-batch objective; validation pairs held out of each seen user's training pairs drive
-early stopping and the choice of rank and l2 (a grid that includes rank 1 = one shared Bradley-Terry reward).
+L-BFGS on the smooth full-batch objective. Rank, l2 and the personal prior of the final w fits are chosen by
+`lore_core.model_selection`: whole groups held out of seen users (which also drive early stopping) and a fold of
+seen users treated as new, each scored the way it is reported; a rank above 1 (one shared Bradley-Terry reward)
+must beat rank 1 by more than its standard error.
 """
 
 from __future__ import annotations
@@ -17,23 +19,31 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from lore_core.simplex_fit import DEFAULT_PRIOR_STRENGTH
+from lore_core.model_selection import Candidate, dense_groups, heldout_accuracy, make_holdout, select_one_se
+from lore_core.simplex_fit import DEFAULT_PRIOR_PAIRS, DEFAULT_PRIOR_STRENGTH, prior_from_pairs
 
-DEFAULT_RANK_GRID = (1, 2, 3, 5, 8)
-DEFAULT_L2_GRID = (1e-4, 1e-3, 1e-2)
+DEFAULT_RANK_GRID = (1, 2, 3, 4, 6, 8)
+# In units of mean |d|^2 / 2 over the training pairs (1 for the synthetic benchmarks): the best l2 scales with the
+# square of the embedding's scale, and it ranged over 1e-6 .. 1e-4 on the pilot populations (thin users want more).
+DEFAULT_L2_GRID = (1e-6, 3e-6, 1e-5, 3e-5, 1e-4, 3e-4, 1e-3)
+DEFAULT_PRIOR_PAIRS_GRID = (1.0, 3.0, 10.0, 30.0)
+WALK_TOLERANCE = 0.003  # a held-out score this far below the rank's best ends its l2 walk
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    rank: int | str = "auto"  # an int, or "auto" = select on validation likelihood over rank_grid
+    rank: int | str = "auto"  # an int, or "auto" = the one-SE rule over rank_grid (lore_core.model_selection)
     rank_grid: tuple[int, ...] = DEFAULT_RANK_GRID
     l2: float | str = "auto"
-    l2_grid: tuple[float, ...] = DEFAULT_L2_GRID
-    prior_strength: float = DEFAULT_PRIOR_STRENGTH
-    val_fraction: float = 0.2
-    max_iter: int = 400
-    check_every: int = 10
-    patience: int = 4
+    l2_grid: tuple[float, ...] = DEFAULT_L2_GRID  # relative (see DEFAULT_L2_GRID)
+    train_prior_pairs: float = DEFAULT_PRIOR_PAIRS  # KL(w || uniform) of joint training, per user c / n_u
+    prior_pairs: float | str = "auto"  # personal prior of the final w fits, or "auto" = selected over the grid
+    prior_pairs_grid: tuple[float, ...] = DEFAULT_PRIOR_PAIRS_GRID
+    heldout_fraction: float = 0.2  # of each seen user's groups, for the seen-user estimate and early stopping
+    new_fraction: float = 0.2  # of the seen users, treated as new
+    few_shot: int = 10  # pairs (whole groups) a user of the new fold adapts on
+    max_iter: int = 400  # L-BFGS iterations at most of the final fit; fits stop earlier at convergence
+    candidate_max_iter: int = 100  # the same for the held-out fits of the selection (warm-started along l2)
     seed: int = 0
     device: str = "cpu"
 
@@ -42,8 +52,11 @@ class TrainConfig:
             raise ValueError(f"rank must be a positive int or 'auto', got {self.rank!r}")
         if self.l2 != "auto" and (not isinstance(self.l2, (int, float)) or not self.l2 >= 0):
             raise ValueError(f"l2 must be >= 0 or 'auto', got {self.l2!r}")
-        if not 0.0 < self.val_fraction < 1.0:
-            raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
+        for name in ("heldout_fraction", "new_fraction"):
+            if not 0.0 < getattr(self, name) < 1.0:
+                raise ValueError(f"{name} must be in (0, 1), got {getattr(self, name)}")
+        if self.prior_pairs != "auto" and not (isinstance(self.prior_pairs, (int, float)) and self.prior_pairs > 0):
+            raise ValueError(f"prior_pairs must be > 0 or 'auto', got {self.prior_pairs!r}")
         if 1 not in self.rank_grid:
             raise ValueError("rank_grid must include 1 (the single-reward BT baseline)")
 
@@ -55,9 +68,9 @@ class JointFit:
     user_ids: np.ndarray  # (U,)
     rank: int
     l2: float
-    iterations: int
-    val_nll: float = math.nan
-    selection: list[dict] = field(default_factory=list)  # one row per (rank, l2) tried
+    prior_pairs: float = DEFAULT_PRIOR_PAIRS  # personal prior of the final w fits that goes with this basis
+    selection: list[dict] = field(default_factory=list)  # one row per (rank, l2, prior_pairs) tried
+    held_out: dict = field(default_factory=dict)  # how the held-out sets were made (groups or pairs, sizes)
     train_seconds: float = 0.0
 
 
@@ -120,48 +133,26 @@ def fit_basis_and_weights(
     max_iter: int,
     seed: int,
     device: str = "cpu",
-    val: tuple[np.ndarray, np.ndarray] | None = None,
-    check_every: int = 10,
-    patience: int = 4,
-) -> tuple[np.ndarray, np.ndarray, int, float]:
-    """Joint fit; with `val` = (val_diff, val_user_idx) stop early on validation NLL and keep the best iterate.
-
-    Returns (basis (B, D), weights (U, B), iterations, best validation NLL or nan).
-    """
+    init: tuple[np.ndarray, np.ndarray] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Joint fit by L-BFGS to convergence (at most max_iter iterations), from a seeded random start or from
+    `init` = (basis (B, D), weights (U, B)) of a neighbouring fit. Returns (basis (B, D), weights (U, B))."""
     dev = resolve_device(device)
     gen = torch.Generator().manual_seed(seed)
     x = torch.as_tensor(diff, dtype=torch.float32, device=dev)
     idx = torch.as_tensor(user_idx, dtype=torch.long, device=dev)
     dim = x.shape[1]
-    basis = (torch.randn(rank, dim, generator=gen) / math.sqrt(dim)).to(dev).requires_grad_(True)
-    theta = (0.1 * torch.randn(n_users, rank, generator=gen)).to(dev).requires_grad_(True)
+    if init is None:
+        basis = torch.randn(rank, dim, generator=gen) / math.sqrt(dim)
+        theta = 0.1 * torch.randn(n_users, rank, generator=gen)
+    else:
+        basis = torch.as_tensor(np.ascontiguousarray(init[0]), dtype=torch.float32)
+        theta = torch.log(torch.as_tensor(np.ascontiguousarray(init[1]), dtype=torch.float32).clamp(min=1e-12))
+    basis = basis.to(dev).requires_grad_(True)
+    theta = theta.to(dev).requires_grad_(True)
     objective = _Objective(x, idx, n_users, prior_strength, l2)
-    closure = lambda: objective(basis, theta)  # noqa: E731
-    if val is None:
-        _lbfgs([basis, theta], closure, max_iter)
-        return basis.detach().cpu().numpy(), torch.softmax(theta, 1).detach().cpu().numpy(), max_iter, math.nan
-
-    val_objective = _Objective(
-        torch.as_tensor(val[0], dtype=torch.float32, device=dev),
-        torch.as_tensor(val[1], dtype=torch.long, device=dev),
-        n_users,
-        0.0,
-        0.0,
-    )
-    best = (math.inf, basis.detach().clone(), theta.detach().clone(), 0)
-    stale = 0
-    for done in range(check_every, max_iter + check_every, check_every):
-        _lbfgs([basis, theta], closure, check_every)
-        with torch.no_grad():
-            val_nll = float(val_objective.data_loss(basis, theta))
-        if val_nll < best[0] - 1e-5:
-            best, stale = (val_nll, basis.detach().clone(), theta.detach().clone(), done), 0
-        else:
-            stale += 1
-            if stale >= patience:
-                break
-    nll, best_basis, best_theta, iterations = best
-    return best_basis.cpu().numpy(), torch.softmax(best_theta, 1).cpu().numpy(), iterations, nll
+    _lbfgs([basis, theta], lambda: objective(basis, theta), max_iter)
+    return basis.detach().cpu().numpy(), torch.softmax(theta, 1).detach().cpu().numpy()
 
 
 def fit_few_shot_torch(
@@ -191,53 +182,85 @@ def fit_few_shot_torch(
     return torch.softmax(theta, 1).detach().cpu().numpy()
 
 
-def split_validation(user_idx: np.ndarray, fraction: float, seed: int) -> np.ndarray:
-    """Boolean mask (n,) of validation pairs: `fraction` of each user's pairs (at least one user keeps >= 1 train)."""
-    rng = np.random.default_rng(seed)
-    order = np.lexsort((rng.random(user_idx.size), user_idx))  # shuffled within each user
-    sorted_users = user_idx[order]
-    starts = np.searchsorted(sorted_users, sorted_users, side="left")
-    rank_in_user = np.arange(user_idx.size) - starts
-    counts = np.bincount(user_idx)[sorted_users]
-    n_val = np.floor(counts * fraction).astype(int)
-    mask = np.zeros(user_idx.size, bool)
-    mask[order] = rank_in_user < n_val
-    return mask
+def l2_unit(diff: np.ndarray) -> float:
+    """mean |d|^2 / 2: the auto l2 grid is in these units, so that it does not depend on the embedding's scale."""
+    return float(np.mean(np.einsum("nd,nd->n", diff, diff))) / 2.0
 
 
-def train_joint(diff: np.ndarray, user: np.ndarray, config: TrainConfig = TrainConfig()) -> JointFit:
-    """Train on the seen users' training pairs: diff (n, D), user (n,) ids. Selects rank/l2 when 'auto'."""
+def collapsed(basis: np.ndarray) -> bool:
+    """Rows of the basis (B, D) all (nearly) the same reward: a strong l2 fit that fell back to one shared reward."""
+    spread = np.linalg.norm(basis - basis.mean(axis=0), axis=1).max()
+    return bool(spread <= 0.05 * np.linalg.norm(basis.mean(axis=0)) + 1e-12)
+
+
+def train_joint(diff: np.ndarray, user: np.ndarray, config: TrainConfig = TrainConfig(),
+                group: np.ndarray | None = None) -> JointFit:
+    """Train on the seen users' training pairs: diff (n, D), user (n,) ids, group (n,) or None (every pair its own
+    group). Selects rank, l2 and the personal prior when 'auto' (module docstring), then refits on all pairs.
+
+    The grid is walked cheaply: l2 from strong to weak within a rank, each fit starting where the previous one
+    ended, stopping once the held-out score falls past the rank's best; ranks upward, stopping after two ranks in a
+    row that do not improve on the best so far."""
     start = time.perf_counter()
     torch.manual_seed(config.seed)
     user_ids, user_idx = np.unique(user, return_inverse=True)
     n_users = user_ids.size
     ranks = config.rank_grid if config.rank == "auto" else (config.rank,)
-    l2s = config.l2_grid if config.l2 == "auto" else (float(config.l2),)
+    unit = l2_unit(diff)
+    l2s = sorted((unit * v for v in config.l2_grid), reverse=True) if config.l2 == "auto" else [float(config.l2)]
+    priors = config.prior_pairs_grid if config.prior_pairs == "auto" else (float(config.prior_pairs),)
+    holdout = make_holdout(user_idx, dense_groups(user_idx, group), n_users,
+                           heldout_fraction=config.heldout_fraction, new_fraction=config.new_fraction,
+                           few_shot=config.few_shot, seed=config.seed)
+    masks = {"seen": holdout.fit_seen, "new": holdout.fit_new if holdout.new_users.any() else holdout.fit_seen}
 
-    val_mask = split_validation(user_idx, config.val_fraction, config.seed)
-    fit_args = dict(prior_strength=config.prior_strength, seed=config.seed, device=config.device)
-    selection = []
-    needs_selection = len(ranks) * len(l2s) > 1
-    best = None
+    def fit(mask: np.ndarray, rank: int, l2: float, max_iter: int, init=None) -> tuple[np.ndarray, np.ndarray]:
+        idx = user_idx[mask]
+        return fit_basis_and_weights(diff[mask], idx, n_users, rank=rank, l2=l2, max_iter=max_iter,
+                                     prior_strength=prior_from_pairs(idx, n_users, config.train_prior_pairs),
+                                     seed=config.seed, device=config.device, init=init)
+
+    def estimate(rank: int, l2: float, warm: dict) -> list[Candidate]:
+        """Held-out candidates of (rank, l2), one per personal prior; `warm` holds the walk's previous fits."""
+        t0 = time.perf_counter()
+        bases = {}
+        for key, mask in masks.items():
+            basis, weights = fit(mask, rank, l2, config.candidate_max_iter, warm.get(key))
+            warm[key] = None if collapsed(basis) else (basis, weights)  # never start from a collapsed fit
+            bases[key] = basis
+        out = []
+        for prior_pairs in priors[:1] if rank == 1 else priors:  # rank 1: w = 1 whatever the prior
+            seen = heldout_accuracy(bases["seen"], diff, user_idx, n_users, holdout.fit_seen, holdout.seen_heldout,
+                                    prior_pairs)
+            new = heldout_accuracy(bases["new"], diff, user_idx, n_users, holdout.new_shots, holdout.new_rest,
+                                   prior_pairs)
+            out.append(Candidate(rank, l2, prior_pairs, seen, new, time.perf_counter() - t0))
+        return out
+
+    if len(ranks) * len(l2s) * len(priors) == 1:  # nothing to select
+        basis, weights = fit(np.ones(user_idx.size, bool), ranks[0], l2s[0], config.max_iter)
+        return JointFit(basis=basis, user_weights=weights, user_ids=user_ids, rank=ranks[0], l2=l2s[0],
+                        prior_pairs=priors[0], train_seconds=time.perf_counter() - start)
+    candidates: list[Candidate] = []
+    best_score, stale = -math.inf, 0
     for rank in ranks:
+        rank_best, warm = -math.inf, {}
         for l2 in l2s:
-            t0 = time.perf_counter()
-            _, _, iterations, val_nll = fit_basis_and_weights(
-                diff[~val_mask], user_idx[~val_mask], n_users, rank=rank, l2=l2, max_iter=config.max_iter,
-                val=(diff[val_mask], user_idx[val_mask]), check_every=config.check_every,
-                patience=config.patience, **fit_args,
-            )
-            row = {"rank": rank, "l2": l2, "val_nll": val_nll, "iterations": iterations,
-                   "seconds": time.perf_counter() - t0}
-            selection.append(row)
-            if best is None or val_nll < best["val_nll"]:
-                best = row
-    # Refit on all training pairs with the selected settings for the iterations validation chose.
-    basis, weights, iterations, _ = fit_basis_and_weights(
-        diff, user_idx, n_users, rank=best["rank"], l2=best["l2"], max_iter=max(best["iterations"], 1), **fit_args
-    )
-    return JointFit(
-        basis=basis, user_weights=weights, user_ids=user_ids, rank=best["rank"], l2=best["l2"],
-        iterations=iterations, val_nll=best["val_nll"], selection=selection if needs_selection else selection,
-        train_seconds=time.perf_counter() - start,
-    )
+            found = estimate(rank, l2, warm)
+            candidates += found
+            score = max(c.score for c in found)
+            if score < rank_best - WALK_TOLERANCE:
+                break  # past the peak (a plateau of collapsed, rank-1-like fits at strong l2 does not stop it)
+            rank_best = max(rank_best, score)
+        stale = 0 if rank_best > best_score else stale + 1
+        best_score = max(best_score, rank_best)
+        if stale >= 2:
+            break
+    chosen, table = select_one_se(candidates)
+    basis, weights = fit(np.ones(user_idx.size, bool), chosen.rank, chosen.l2, config.max_iter)
+    held_out = {"groups": "group array" if group is not None else "one group per pair (no group array)",
+                "seen_heldout_pairs": int(holdout.seen_heldout.sum()), "new_fold_users": int(holdout.new_users.sum()),
+                "new_fold_scored_pairs": int(holdout.new_rest.sum()), "l2_unit": unit}
+    return JointFit(basis=basis, user_weights=weights, user_ids=user_ids, rank=chosen.rank, l2=chosen.l2,
+                    prior_pairs=chosen.prior_pairs, selection=table, held_out=held_out,
+                    train_seconds=time.perf_counter() - start)

@@ -33,6 +33,19 @@ def open_npz(path: str | Path, expected: str = "an .npz archive of arrays",
     `expected` says what the file should have been (for the message); `error` is the ValueError subclass raised,
     so callers keep their own error type (PairFileError, BasisFileError, ...)."""
     path = Path(path)
+    check_npz_head(path, expected, error)
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            yield data
+    except READ_ERRORS as exc:
+        if isinstance(exc, error):
+            raise
+        raise unreadable(path, exc, expected, error) from exc
+
+
+def check_npz_head(path: Path, expected: str, error: type[ValueError] = NpzFileError) -> None:
+    """Refuse what is not a zip archive at all (a directory, an empty file, a single .npy, text) by its first bytes;
+    also for readers that open the archive without np.load (`lore_core.pair_columns`)."""
     try:
         with open(path, "rb") as handle:
             head = handle.read(len(NPY_MAGIC))
@@ -45,14 +58,12 @@ def open_npz(path: str | Path, expected: str = "an .npz archive of arrays",
     if not head.startswith(ZIP_MAGIC):
         kind = "an empty file" if not head else "not a zip archive (text or another format?)"
         raise error(f"{path} is {kind}; expected {expected}")
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            yield data
-    except READ_ERRORS as exc:
-        if isinstance(exc, error):
-            raise
-        if isinstance(exc, ValueError) and "allow_pickle" in str(exc):
-            reason = "it holds pickled (object) arrays, which are never loaded"
-        else:
-            reason = f"damaged or truncated ({type(exc).__name__}: {exc})"
-        raise error(f"{path}: unreadable .npz, {reason}; expected {expected}") from exc
+
+
+def unreadable(path: Path, exc: Exception, expected: str, error: type[ValueError] = NpzFileError) -> ValueError:
+    """The error for an archive that failed while being read."""
+    if isinstance(exc, ValueError) and "allow_pickle" in str(exc):
+        reason = "it holds pickled (object) arrays, which are never loaded"
+    else:
+        reason = f"damaged or truncated ({type(exc).__name__}: {exc})"
+    return error(f"{path}: unreadable .npz, {reason}; expected {expected}")

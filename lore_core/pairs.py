@@ -7,6 +7,9 @@ Arrays (n pairs, D embedding dims):
   seen            bool    (n,)    user takes part in joint / federated training
   logit_true      float   (n,)    optional: the true Bradley-Terry logit (benchmarks; enables oracle metrics)
   reference_head  float   (D,)    optional: a fixed reward head (e.g. a reward model's score head)
+  group           str     (n,)    optional: pairs in one group share a response or a conversation (`prepare`
+                                  writes the conversation id). Every held-out estimate splits a user's pairs by
+                                  group, never inside one; a file without it counts every pair as its own group.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from lore_core.npz_file import open_npz
 PAIRS_FILENAME = "pairs.npz"
 SPLITS = ("train", "test")
 REQUIRED_ARRAYS = ("diff", "user", "split", "seen")
-OPTIONAL_ARRAYS = ("logit_true", "reference_head")
+OPTIONAL_ARRAYS = ("logit_true", "reference_head", "group")
 # Real embedders give differences of order 1 (sentence) to a few hundred (reward-model hidden states); a value far
 # beyond is a broken file, and in float32 scores it would overflow or let one pair outweigh every other.
 MAX_ABS_DIFF = 1e6
@@ -41,6 +44,7 @@ class PairSet:
     seen: np.ndarray
     logit_true: np.ndarray | None = None
     reference_head: np.ndarray | None = None
+    group: np.ndarray | None = None
     source: str = "<memory>"
 
     def __post_init__(self) -> None:
@@ -68,6 +72,7 @@ class PairSet:
             seen=self.seen[mask],
             logit_true=None if self.logit_true is None else self.logit_true[mask],
             reference_head=self.reference_head,
+            group=None if self.group is None else self.group[mask],
             source=self.source,
         )
 
@@ -86,6 +91,7 @@ class PairSet:
             "test_pairs": int((self.split == "test").sum()),
             "has_logit_true": self.logit_true is not None,
             "has_reference_head": self.reference_head is not None,
+            "has_group": self.group is not None,
         }
 
 
@@ -123,6 +129,7 @@ def load_pairs(path: str | Path) -> PairSet:
         seen=arrays["seen"],
         logit_true=arrays.get("logit_true"),
         reference_head=arrays.get("reference_head"),
+        group=arrays.get("group"),
         source=str(file),
     )
 
@@ -154,6 +161,8 @@ def save_pairs(pairs: PairSet, path: str | Path) -> Path:
         arrays["logit_true"] = pairs.logit_true.astype(np.float32)
     if pairs.reference_head is not None:
         arrays["reference_head"] = pairs.reference_head.astype(np.float32)
+    if pairs.group is not None:
+        arrays["group"] = pairs.group.astype(str)
     atomic_save_npz(path, **arrays)
     return path
 
@@ -179,6 +188,11 @@ def _validate(p: PairSet) -> None:
             raise PairFileError(f"{where}: {name} must have shape ({n},) like diff, got {arr.shape}")
     if p.user.dtype.kind not in "US":
         raise PairFileError(f"{where}: user must be an array of strings, got {p.user.dtype}")
+    if p.group is not None:
+        group = np.asarray(p.group)
+        if group.shape != (n,) or group.dtype.kind not in "US":
+            raise PairFileError(f"{where}: group must be strings with shape ({n},) like diff, got {group.dtype} "
+                                f"{group.shape}")
     if p.seen.dtype != np.bool_:
         raise PairFileError(f"{where}: seen must be bool, got {p.seen.dtype}")
     bad_splits = sorted(set(np.unique(p.split).tolist()) - set(SPLITS))

@@ -94,11 +94,15 @@ def fit_user_weights(
         with np.errstate(divide="ignore", invalid="ignore"):
             limit = np.where(step < 0, -weights / step, np.inf).min(axis=1)
         t = np.minimum(1.0, 0.99 * limit)
+        decrement = -(grad * step).sum(axis=1)
+        # A user already within `tol` takes its (tiny) Newton step as is: its objective change is rounding noise,
+        # and backtracking on it would halve the step 40 times for the whole batch.
+        settled = decrement < tol
         todo = np.ones(n_users, bool)
         for _ in range(40):
             trial = np.where(todo[:, None], weights + t[:, None] * step, weights)
             trial_obj = few_shot_objective(trial, scores, user_idx, lam, prior_mean)
-            better = trial_obj <= objective + 1e-4 * t * (grad * step).sum(axis=1)
+            better = (trial_obj <= objective + 1e-4 * t * (grad * step).sum(axis=1)) | settled
             accept = todo & better
             weights = np.where(accept[:, None], trial, weights)
             objective = np.where(accept, trial_obj, objective)
@@ -108,7 +112,6 @@ def fit_user_weights(
             t = np.where(todo, t * 0.5, t)
         weights = np.clip(weights, 1e-300, None)
         weights /= weights.sum(axis=1, keepdims=True)
-        decrement = -(grad * step).sum(axis=1)
         if np.all(decrement < tol) or np.abs(step).max(initial=0.0) < tol:
             converged = True
             break

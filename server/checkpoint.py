@@ -69,7 +69,10 @@ def check_resumable(state: RunState, settings: dict, population: list[int], run_
 
 def initial_basis(rank: int, dim: int, seed: int, scale: float) -> np.ndarray:
     """A0 (B, D): seeded Gaussian entries of std scale/sqrt(D) (scale 1 = the centralized trainer's init); w starts
-    uniform, so the randomness breaks the symmetry between basis rows."""
+    uniform, so the randomness breaks the symmetry between basis rows. Without DP federated runs start larger (run
+    config `init-scale`, 5, chosen on the pilot populations): with rows barely apart, every user's update pushes them
+    the same way and they take many rounds to separate. Under DP the default stays 1 (its pilot: small noisy steps
+    do not move a large random start away)."""
     return np.random.default_rng([seed, 1]).normal(scale=scale / np.sqrt(dim), size=(rank, dim))
 
 

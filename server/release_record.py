@@ -153,7 +153,8 @@ def replay_optimizer(releases: Releases, stepped: list[bool]) -> None:
         if previous is None or not np.array_equal(previous[0], releases.basis_before[i]):
             raise ReleaseRecordError(f"release {i + 1} (round {t}) did not start from the basis released after round "
                                      f"{t - 1}")
-        optimizer = make_optimizer(settings["name"], settings["server_lr"])
+        optimizer = make_optimizer(settings["name"], settings["server_lr"], settings.get("rounds"),
+                                   settings.get("schedule", "cosine"))
         optimizer.load_state_dict({k: np.array(v) for k, v in previous[1].items()})
         basis = releases.basis_before[i]
         if stepped[i]:

@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass
 
 from lore_core.privacy.privacy_settings import MODES as PRIVACY_MODES
 from lore_core.privacy.privacy_settings import PrivacySettings, validate
+from server.optimizer import SCHEDULES, default_init_scale, default_schedule, default_server_lr
 
 SERVER_OPTIMIZERS = ("adam", "sgd")
 PROGRESS_STYLES = ("bar", "log")
@@ -59,8 +60,9 @@ class ServerSettings:
     client_lr: float
     server_optimizer: str
     server_lr: float
+    server_lr_schedule: str
     l2: float
-    prior_strength: float
+    train_prior_pairs: float
     prior_pairs: float
     init_scale: float
     privacy_mode: str
@@ -83,11 +85,12 @@ class ServerSettings:
                 local_steps=int(cfg["local-steps"]),
                 client_lr=float(cfg["client-lr"]),
                 server_optimizer=str(cfg["server-optimizer"]),
-                server_lr=float(cfg["server-lr"]),
+                server_lr=float(_or_default(cfg["server-lr"], default_server_lr, cfg)),
+                server_lr_schedule=_or_default(cfg.get("server-lr-schedule", ""), default_schedule, cfg),
                 l2=float(cfg["l2"]),
-                prior_strength=float(cfg["prior-strength"]),
+                train_prior_pairs=float(cfg["train-prior-pairs"]),
                 prior_pairs=float(cfg["prior-pairs"]),
-                init_scale=float(cfg["init-scale"]),
+                init_scale=float(_or_default(cfg["init-scale"], default_init_scale, cfg)),
                 privacy_mode=str(cfg["privacy-mode"]),
                 run_dir=str(cfg["run-dir"]),
                 min_nodes=int(cfg["min-nodes"]),
@@ -104,12 +107,15 @@ class ServerSettings:
     def validate(self) -> None:
         positive = {"num-server-rounds": self.rounds, "rank": self.rank, "clients-per-round": self.clients_per_round,
                     "local-steps": self.local_steps, "client-lr": self.client_lr,
-                    "server-lr": self.server_lr, "prior-strength": self.prior_strength,
+                    "server-lr": self.server_lr, "train-prior-pairs": self.train_prior_pairs,
                     "prior-pairs": self.prior_pairs,
                     "init-scale": self.init_scale, "min-nodes": self.min_nodes, "round-timeout": self.round_timeout}
         for key, value in positive.items():
             if not (value > 0 and value != float("inf")):
                 raise RunConfigError(f"run config `{key}` must be a finite number > 0, got {value}")
+        if self.server_lr_schedule not in SCHEDULES:
+            raise RunConfigError(f"run config `server-lr-schedule` must be one of {SCHEDULES} or \"\" (the privacy "
+                                 f"mode's default), got {self.server_lr_schedule!r}")
         if self.eval_every < 0:
             raise RunConfigError(f"run config `eval-every` must be >= 0 (0 = only after the last round), "
                                  f"got {self.eval_every}")
@@ -159,3 +165,8 @@ class ServerSettings:
         for volatile in ("run_dir", "min_nodes", "round_timeout", "rounds", "progress"):
             fields.pop(volatile)
         return fields
+
+
+def _or_default(value, default, cfg: dict):
+    """A run-config value, or the privacy mode's default where it is "" (not given)."""
+    return default(str(cfg["privacy-mode"])) if value == "" else value

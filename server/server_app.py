@@ -47,7 +47,8 @@ def _run_locked(grid: Grid, settings: ServerSettings, on_round: Callable[[dict],
     privacy = settings.privacy_settings(population.size, population.dim)
     ledger = open_ledger(settings.run_dir, privacy, evaluation_policy(settings.eval_every, privacy.is_dp))
     aggregator = aggregator or make_aggregator(settings, privacy)
-    optimizer = make_optimizer(settings.server_optimizer, settings.server_lr)
+    optimizer = make_optimizer(settings.server_optimizer, settings.server_lr, settings.rounds,
+                               settings.server_lr_schedule)
     state, resumed = start_or_resume(settings, population)
     if resumed:
         optimizer.load_state_dict(state.optimizer)
@@ -58,7 +59,8 @@ def _run_locked(grid: Grid, settings: ServerSettings, on_round: Callable[[dict],
                                                                                 settings.seed, settings.init_scale),
                                   optimizer={"name": settings.server_optimizer, "server_lr": settings.server_lr,
                                              "client_lr": settings.client_lr, "local_steps": settings.local_steps,
-                                             "l2": settings.l2})
+                                             "l2": settings.l2, "rounds": settings.rounds,
+                                             "schedule": settings.server_lr_schedule})
     run = TrainingRun(settings, population, aggregator, optimizer, state, ledger, releases,
                       train_config=train_config(privacy), on_round=on_round)
     remaining = max(settings.rounds - state.round, 0)

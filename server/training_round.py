@@ -154,7 +154,8 @@ class TrainingRun:
 
     def evaluation_messages(self, t: int | None = None) -> list[Message]:
         config = ConfigRecord({p.ROUND: self.round if t is None else t})
-        return [Message(RecordDict({p.ARRAYS: basis_record(self.state.basis), p.CONFIG: config}),
+        reported = basis_record(self.optimizer.reported(self.state.basis))  # the tail average (server/optimizer.py)
+        return [Message(RecordDict({p.ARRAYS: reported, p.CONFIG: config}),
                         dst_node_id=int(node), message_type=MessageType.EVALUATE)
                 for node in self.population.node_ids]
 

@@ -75,7 +75,7 @@ def control_run(pairs_path: Path, run_dir: Path, secrets: Path, overrides: dict,
 def canary_cost(pairs_path: Path, args: argparse.Namespace, per_round: int, secrets: Path) -> dict:
     """Mean accuracy of in-process runs without canaries (users-per-round of N) and with them (per_round of N + K)."""
     from federation.canary_users import load_canaries
-    from lore_core.simplex_fit import DEFAULT_PRIOR_STRENGTH
+    from lore_core.simplex_fit import DEFAULT_PRIOR_PAIRS
     from simulations.bench_privacy import run_in_process
     from simulations.flower_run import nodes_for
     from lore_core.pairs import read_pair_column
@@ -87,7 +87,7 @@ def canary_cost(pairs_path: Path, args: argparse.Namespace, per_round: int, secr
     cost = {}
     for name, m, k in (("no canaries", args.users_per_round, None), (f"{args.canaries} canaries", per_round, canaries)):
         runs = [run_in_process(pairs_path, {"num-server-rounds": args.rounds, "clients-per-round": m, "rank": args.rank,
-                                            "seed": seed, "eval-every": 0, "prior-strength": DEFAULT_PRIOR_STRENGTH,
+                                            "seed": seed, "eval-every": 0, "train-prior-pairs": DEFAULT_PRIOR_PAIRS,
                                             "run-dir": str(Path(args.work) / "cost"), "privacy-mode": "user",
                                             "target-epsilon": args.target_epsilon, "delta": 1e-5}, nodes, canaries=k)
                 for seed in range(args.cost_repeats)]

@@ -25,11 +25,12 @@ from simulations.synthetic_pairs import SyntheticPairsConfig, make_synthetic_pai
 
 
 class TreeMemory(threading.Thread):
-    """Peak summed RSS (bytes) of this process and all its descendants, polled from /proc."""
+    """Peak summed RSS (bytes) of a process (default: this one) and all its descendants, polled from /proc."""
 
-    def __init__(self, interval: float = 0.5) -> None:
+    def __init__(self, interval: float = 0.5, root: int | None = None) -> None:
         super().__init__(daemon=True)
         self.interval, self.peak, self._stop_event = interval, 0, threading.Event()
+        self.root = os.getpid() if root is None else root
 
     @staticmethod
     def _tree_rss(root: int) -> int:
@@ -55,7 +56,7 @@ class TreeMemory(threading.Thread):
 
     def run(self) -> None:
         while not self._stop_event.is_set():
-            self.peak = max(self.peak, self._tree_rss(os.getpid()))
+            self.peak = max(self.peak, self._tree_rss(self.root))
             self._stop_event.wait(self.interval)
 
     def stop(self) -> int:
@@ -69,9 +70,9 @@ def direct_compute(pairs_path: Path, overrides: dict, num_nodes: int, rounds: in
     full evaluation (all nodes), timed and scaled to `eval_rounds`."""
     from flwr.common.config import get_fused_config_from_dir
 
-    from federation.local_training import evaluate_block, train_sampled_users
+    from federation.local_training import evaluate_node, train_sampled_users
     from federation.protocol import ClientSettings
-    from federation.user_block import load_partition_block
+    from federation.user_block import load_partition_users
     from server.aggregation import make_aggregator
     from server.checkpoint import initial_basis
     from server.optimizer import make_optimizer, pseudo_gradient
@@ -81,19 +82,20 @@ def direct_compute(pairs_path: Path, overrides: dict, num_nodes: int, rounds: in
 
     cfg = get_fused_config_from_dir(ROOT, {**overrides, "pairs-path": str(pairs_path)})
     settings, client = ServerSettings.from_run_config(cfg), ClientSettings.from_run_config(cfg)
-    blocks = [load_partition_block(str(pairs_path), i, num_nodes) for i in range(num_nodes)]
+    blocks = [load_partition_users(str(pairs_path), i, num_nodes) for i in range(num_nodes)]
     weights = [np.full((b.n_train_users, settings.rank), 1.0 / settings.rank) for b in blocks]
     population = Population(node_ids=np.arange(num_nodes, dtype=np.uint64), partition_ids=np.arange(num_nodes),
                             counts=np.array([b.n_train_users for b in blocks]), dim=blocks[0].dim)
     aggregator = make_aggregator(settings, settings.privacy_settings(population.size, population.dim))
-    optimizer = make_optimizer(settings.server_optimizer, settings.server_lr)
+    optimizer = make_optimizer(settings.server_optimizer, settings.server_lr, settings.rounds,
+                               settings.server_lr_schedule)
     basis = initial_basis(settings.rank, population.dim, settings.seed, settings.init_scale)
     started = time.perf_counter()
     for _ in range(rounds):
         updates = []
         for node, local in population.assign(aggregator.sample(population.size)).items():
-            weights[node], upd = train_sampled_users(basis, blocks[node], weights[node], local,
-                                                     prior_strength=client.prior_strength,
+            weights[node], upd = train_sampled_users(basis, blocks[node].training_block(local), weights[node],
+                                                     local, prior_pairs=client.train_prior_pairs,
                                                      steps=client.local_steps, lr=client.client_lr)
             updates.append(upd)
         mean = aggregator.aggregate(np.concatenate(updates), population.size)
@@ -102,7 +104,7 @@ def direct_compute(pairs_path: Path, overrides: dict, num_nodes: int, rounds: in
     train_seconds = time.perf_counter() - started
     started = time.perf_counter()
     for block, w in zip(blocks, weights):
-        evaluate_block(basis, block, w, prior_pairs=client.prior_pairs)
+        evaluate_node(basis, block, w, prior_pairs=client.prior_pairs)
     eval_seconds = time.perf_counter() - started
     return {"train_seconds_per_round": train_seconds / rounds, "eval_seconds_per_eval": eval_seconds,
             "total_seconds": train_seconds + eval_seconds * eval_rounds}

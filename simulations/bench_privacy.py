@@ -43,7 +43,7 @@ def run_in_process(pairs_path: Path, overrides: dict, num_nodes: int, *, record_
     from federation.canary_users import CanaryBlock
     from federation.local_training import train_sampled_users
     from federation.protocol import ClientSettings
-    from federation.user_block import load_partition_block
+    from federation.user_block import load_partition_users
     from lore_core.privacy.accounting import epsilon_report
     from lore_core.privacy.dp_fedavg import clip_updates
     from server.aggregation import make_aggregator
@@ -55,7 +55,7 @@ def run_in_process(pairs_path: Path, overrides: dict, num_nodes: int, *, record_
 
     cfg = get_fused_config_from_dir(ROOT, {**overrides, "pairs-path": str(pairs_path)})
     settings, client = ServerSettings.from_run_config(cfg), ClientSettings.from_run_config(cfg)
-    blocks = [load_partition_block(str(pairs_path), i, num_nodes) for i in range(num_nodes)]
+    blocks = [load_partition_users(str(pairs_path), i, num_nodes) for i in range(num_nodes)]
     weights = [np.full((b.n_train_users, settings.rank), 1.0 / settings.rank) for b in blocks]
     counts = [b.n_train_users for b in blocks]
     canary_block = None if canaries is None else CanaryBlock(canaries.directions, canaries.included)
@@ -70,7 +70,8 @@ def run_in_process(pairs_path: Path, overrides: dict, num_nodes: int, *, record_
 
         aggregator.encoding = plan_encoding(privacy.clip_norm, privacy.noise_multiplier, int(population.counts.max()),
                                             num_nodes, population.size)
-    optimizer = make_optimizer(settings.server_optimizer, settings.server_lr)
+    optimizer = make_optimizer(settings.server_optimizer, settings.server_lr, settings.rounds,
+                               settings.server_lr_schedule)
     basis = initial_basis(settings.rank, population.dim, settings.seed, settings.init_scale)
     norms, sampled_counts = [], []
     started = time.perf_counter()
@@ -82,8 +83,8 @@ def run_in_process(pairs_path: Path, overrides: dict, num_nodes: int, *, record_
             if node == num_nodes:  # the canaries' uploads
                 updates.append(canary_block.updates(local, privacy.clip_norm))
                 continue
-            weights[node], upd = train_sampled_users(basis, blocks[node], weights[node], local,
-                                                     prior_strength=client.prior_strength,
+            weights[node], upd = train_sampled_users(basis, blocks[node].training_block(local), weights[node],
+                                                     local, prior_pairs=client.train_prior_pairs,
                                                      steps=client.local_steps, lr=client.client_lr)
             if privacy.mode == "user":
                 upd, _ = clip_updates(upd, privacy.clip_norm)  # the client's clip (client/app.py)
@@ -96,6 +97,7 @@ def run_in_process(pairs_path: Path, overrides: dict, num_nodes: int, *, record_
             basis = optimizer.step(basis, pseudo_gradient(basis, mean, client_lr=client.client_lr,
                                                           local_steps=client.local_steps, l2=settings.l2))
     train_seconds = time.perf_counter() - started
+    basis = optimizer.reported(basis)  # the tail average the ServerApp reports
     sums = _evaluate(basis, blocks, weights, client.prior_pairs)
     result = {"mode": privacy.mode, "rounds": settings.rounds, "train_seconds": round(train_seconds, 1),
               "mean_sampled": float(np.mean(sampled_counts)), "prior_pairs": client.prior_pairs,
@@ -118,11 +120,11 @@ def run_in_process(pairs_path: Path, overrides: dict, num_nodes: int, *, record_
 
 def _evaluate(basis: np.ndarray, blocks: list, weights: list, prior_pairs: float) -> dict[str, float]:
     """The ServerApp's final evaluation summed over all nodes (seen and unseen users)."""
-    from federation.local_training import evaluate_block
+    from federation.local_training import evaluate_node
 
     sums: dict[str, float] = {}
     for block, w in zip(blocks, weights):
-        for key, value in evaluate_block(basis, block, w, prior_pairs=prior_pairs)[1].items():
+        for key, value in evaluate_node(basis, block, w, prior_pairs=prior_pairs)[1].items():
             sums[key] = sums.get(key, 0.0) + value
     return sums
 
@@ -140,10 +142,10 @@ def make_population(path: Path, users: int, unseen: int, seed: int) -> Path:
 
 
 def base_overrides(args: argparse.Namespace) -> dict:
-    from lore_core.simplex_fit import DEFAULT_PRIOR_STRENGTH
+    from lore_core.simplex_fit import DEFAULT_PRIOR_PAIRS
 
     return {"num-server-rounds": args.rounds, "clients-per-round": args.clients_per_round, "rank": args.rank,
-            "seed": 0, "eval-every": 0, "prior-strength": DEFAULT_PRIOR_STRENGTH, "run-dir": str(args.work)}
+            "seed": 0, "eval-every": 0, "train-prior-pairs": DEFAULT_PRIOR_PAIRS, "run-dir": str(args.work)}
 
 
 def pilot(args: argparse.Namespace) -> int:

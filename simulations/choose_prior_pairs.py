@@ -24,7 +24,7 @@ import numpy as np
 
 from lore_core.atomic_io import atomic_write_json, atomic_write_text
 from lore_core.pairs import load_pairs, resolve_pair_path
-from lore_core.simplex_fit import DEFAULT_PRIOR_STRENGTH
+from lore_core.simplex_fit import DEFAULT_PRIOR_PAIRS
 from simulations.bench_privacy import run_in_process
 from simulations.flower_run import nodes_for
 
@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     grid = tuple(float(v) for v in args.grid.split(","))
     base = {"num-server-rounds": args.rounds, "clients-per-round": args.clients_per_round, "rank": args.rank,
-            "seed": 0, "eval-every": 0, "prior-strength": DEFAULT_PRIOR_STRENGTH, "run-dir": args.work}
+            "seed": 0, "eval-every": 0, "train-prior-pairs": DEFAULT_PRIOR_PAIRS, "run-dir": args.work}
     tables, lines = {}, []
     for pairs in args.pairs:
         path = resolve_pair_path(pairs)

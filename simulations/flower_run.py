@@ -2,8 +2,10 @@
 
 This is the route `flwr-simulation` itself takes (`_run_simulation` with the app directory and a Run whose
 override config reaches both apps; private API, flwr pinned to 1.42). Users are sharded onto virtual nodes:
-one user per node for small populations, blocks of ~`SHARD_SIZE` users above `SHARD_THRESHOLD` users (Flower's
-message store makes many nodes slow; docs/flower-1.42.md §2). Ray is sized for this 2-core machine.
+one user per node for small populations, blocks of ~`SHARD_SIZE` users above `SHARD_THRESHOLD` users, and never
+more than `MAX_NODES` nodes: larger populations get larger blocks. Flower's simulation dispatch scans its message
+store once per node every 0.1 s, so its cost grows with the node count (docs/flower-1.42.md §2); a node's cost
+follows only the users sampled from it (`federation.user_block`). Ray is sized for this 2-core machine.
 """
 
 from __future__ import annotations
@@ -16,11 +18,13 @@ from pathlib import Path
 
 import numpy as np
 
-from lore_core.pairs import read_pair_column, resolve_pair_path
+from lore_core.pair_columns import PairColumns, PairIndex
+from lore_core.pairs import resolve_pair_path
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARD_THRESHOLD = 64
 SHARD_SIZE = 50
+MAX_NODES = 32  # at least ~2 nodes per Ray actor on a 16-core machine; the dispatch scan stays ~0.01 s
 # (ServerApp, ClientApp) per privacy mode. SecAgg+ needs Flower's legacy client with `secaggplus_mod`
 # (docs/flower-1.42.md §4): client/secagg_client_app.py; the ServerApp routes mode user+secagg to server/secagg_workflow.py.
 APPS = {"user+secagg": ("server.server_app:app", "client.secagg_client_app:app")}
@@ -32,9 +36,10 @@ class AppShadowedError(RuntimeError):
 
 
 def nodes_for(n_users: int, users_per_node: int | str = "auto") -> int:
-    """Number of virtual nodes: one per user up to SHARD_THRESHOLD users, else blocks of ~SHARD_SIZE."""
+    """Number of virtual nodes: one per user up to SHARD_THRESHOLD users, else blocks of ~SHARD_SIZE users, at most
+    MAX_NODES blocks (`auto`); or blocks of `users_per_node`."""
     if users_per_node == "auto":
-        users_per_node = 1 if n_users <= SHARD_THRESHOLD else SHARD_SIZE
+        users_per_node = 1 if n_users <= SHARD_THRESHOLD else max(SHARD_SIZE, math.ceil(n_users / MAX_NODES))
     if not str(users_per_node).isdigit() or int(users_per_node) < 1:
         raise ValueError(f"users-per-node must be an integer >= 1 or 'auto', got {users_per_node!r}")
     users_per_node = int(users_per_node)
@@ -113,12 +118,12 @@ def run_simulation(overrides: dict, num_nodes: int, *, num_cpus: int | None = No
 def simulate_pairs(pairs_path: str | Path, run_dir: str | Path, *, n_users: int | None = None,
                    users_per_node: int | str = "auto", overrides: dict | None = None, num_cpus: int | None = None,
                    verbose: bool = False, canaries: int = 0, canary_secrets: str | Path | None = None) -> int:
-    """Federated training on a pair file whose users (seen and unseen) number `n_users` (read from the file's user
-    column alone when not given: the driver never holds the embeddings), plus `canaries` canary users on nodes of
-    their own that read `canary_secrets` (federation/canary_users.py). Returns the number of virtual nodes."""
+    """Federated training on a pair file whose users (seen and unseen) number `n_users` (counted from the file's
+    user column alone when not given: the driver never holds the embeddings), plus `canaries` canary users on nodes
+    of their own that read `canary_secrets` (federation/canary_users.py). Returns the number of virtual nodes."""
     pairs_path = resolve_pair_path(pairs_path)
     if n_users is None:
-        n_users = int(np.unique(read_pair_column(pairs_path, "user")).size)
+        n_users = PairIndex.build(PairColumns.open(pairs_path)).n_users
     canary_nodes = nodes_for(canaries, users_per_node) if canaries else 0
     num_nodes = nodes_for(n_users, users_per_node) + canary_nodes
     config = {"pairs-path": str(pairs_path.resolve()), "run-dir": str(Path(run_dir).resolve()),

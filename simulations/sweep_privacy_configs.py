@@ -21,7 +21,7 @@ import numpy as np
 
 from lore_core.pairs import load_pairs, resolve_pair_path
 from lore_core.privacy.accounting import noise_for_target_epsilon
-from lore_core.simplex_fit import DEFAULT_PRIOR_STRENGTH
+from lore_core.simplex_fit import DEFAULT_PRIOR_PAIRS
 from simulations.bench_privacy import run_in_process
 from simulations.flower_run import nodes_for
 
@@ -88,7 +88,7 @@ def main() -> None:
     pairs = load_pairs(path)
     population = int(np.unique(pairs.user[pairs.seen]).size)
     nodes = nodes_for(np.unique(pairs.user).size)
-    base = {"rank": args.rank, "seed": 0, "eval-every": 0, "prior-strength": DEFAULT_PRIOR_STRENGTH,
+    base = {"rank": args.rank, "seed": 0, "eval-every": 0, "train-prior-pairs": DEFAULT_PRIOR_PAIRS,
             "run-dir": args.work}
     (screen if args.screen else grid)(path, base, population, nodes, args)
 

@@ -25,7 +25,7 @@ def test_train_writes_metrics_and_basis_then_evaluate_reads_them(pair_file, tmp_
                 "oracle_seen_test_acc", "oracle_unseen_test_acc"):
         assert key in metrics
     assert metrics["rank"] in (1, 2)
-    assert {row["rank"] for row in metrics["rank_selection"]} == {1, 2}
+    assert {row["rank"] for row in metrics["selection"]} == {1, 2}
     basis = load_basis(run / "basis.npz").basis
     assert basis.shape == (metrics["rank"], 24)
 
@@ -62,3 +62,40 @@ def test_train_reports_the_true_basis_ceiling_on_a_benchmark(tmp_path):
     # Fitting only w on the hidden basis beats learning the basis too, and stays below the oracle's true w.
     assert metrics["true_basis_seen_test_acc"] >= metrics["seen_test_acc"] - 0.01
     assert metrics["true_basis_unseen_test_acc"] <= metrics["oracle_unseen_test_acc"] + 0.02
+
+
+def test_large_population_path_selects_on_a_sample_fits_minibatches_and_evaluates_in_blocks(pair_file, tmp_path,
+                                                                                            monkeypatch):
+    """Above LARGE_POPULATION users `train` never holds the file: its block-wise evaluation gives the in-memory
+    evaluation's figures for the same basis, and the minibatch fit lowers the sample fit's objective."""
+    from lore_core import streamed_training
+    from lore_core.evaluation import evaluate_model
+    from lore_core.pairs import load_pairs
+
+    monkeypatch.setattr(streamed_training, "LARGE_POPULATION", 10)
+    monkeypatch.setattr(streamed_training, "SELECTION_USERS", 12)
+    monkeypatch.setattr(streamed_training, "EVAL_BLOCK_ROWS", 90)  # several blocks
+    run = tmp_path / "run"
+    assert main(["train", str(pair_file), "--rank", "2", "--out", str(run)]) == 0
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["trainer"] == "minibatch" and metrics["pairs"] == load_pairs(pair_file).summary()
+    basis = load_basis(run / "basis.npz").basis
+    weights = np.load(run / "user_weights.npz")
+    expected = evaluate_model(load_pairs(pair_file), basis, prior_pairs=metrics["prior_pairs"],
+                              joint_weights=(weights["user_id"], weights["user_weights"]))
+    for key, value in expected.items():
+        assert metrics[key] == pytest.approx(value, abs=1e-9), key
+    assert metrics["seen_test_acc"] > 0.65
+
+
+def test_minibatch_fit_lowers_the_objective_of_its_starting_basis():
+    from lore_core.minibatch_trainer import MinibatchConfig, fit_minibatch
+
+    pairs, _ = make_synthetic_pairs(SyntheticPairsConfig(dim=16, true_rank=2, seen_users=60, unseen_users=0, seed=2))
+    train = pairs.select(seen=True, split="train")
+    ids, counts = np.unique(train.user, return_counts=True)
+    starts = np.r_[0, np.cumsum(counts)]
+    init = np.random.default_rng(0).standard_normal((2, 16)) / 4
+    fit = fit_minibatch(train.diff, starts, init, MinibatchConfig(rank=2, l2=1e-4, epochs=6, batch_users=20, lr=0.05))
+    assert fit.objective[-1] < fit.objective[0] - 0.01
+    assert fit.user_weights.shape == (60, 2) and np.allclose(fit.user_weights.sum(axis=1), 1)

@@ -348,3 +348,24 @@ def test_basis_file_checks(tmp_path):
     (tmp_path / "torn.npz").write_bytes(path.read_bytes()[:200])
     with pytest.raises(BasisFileError, match="torn.npz"):
         load_basis(tmp_path / "torn.npz")
+
+
+def test_device_adapts_with_the_personal_prior_of_its_basis_file(tmp_path):
+    """The prior chosen with the basis (`prior_pairs` in basis.npz) is the one the device adapts with: a strong
+    prior keeps w near the population, a weak one lets the same choices move it far."""
+    rng = np.random.default_rng(3)
+    basis = rng.standard_normal((3, 16))
+    diff = (rng.standard_normal((6, 16)) + 2.0 * basis[0]).astype(np.float32)  # choices that favour basis row 0
+    np.savez(tmp_path / "diff.npz", diff=diff)
+    moved = {}
+    for prior in (1.0, 30.0):
+        state_dir = tmp_path / f"state{prior:g}"
+        device(state_dir, "init", "--basis", save_basis(tmp_path / f"b{prior:g}.npz", basis, version=1, embedder="e",
+                                                        prior_pairs=prior))
+        device(state_dir, "adapt", "--choices", tmp_path / "diff.npz")
+        state = load_state(state_dir)
+        assert state.basis.prior_pairs == prior  # kept in the device's own copy of the basis
+        moved[prior] = float(np.abs(state.user_weights - 1 / 3).sum())
+        expected = personalize.adapt(basis.astype(np.float32), diff, prior_pairs=prior).user_weights
+        np.testing.assert_allclose(state.user_weights, expected, atol=1e-6)
+    assert moved[1.0] > 3 * moved[30.0]

@@ -323,11 +323,22 @@ def test_embed_command_end_to_end(minilm, tmp_path, capsys):
     np.testing.assert_allclose(pairs.diff, expected, atol=1e-6)
     assert pairs.user.tolist() == ["user1", "user1", "user2"] and pairs.seen.tolist() == [True, True, False]
     assert pairs.split.tolist() == ["train", "test", "train"] and pairs.reference_head is None
+    assert pairs.group.tolist() == ["c0", "c0", "c1"]  # the conversation: held-out sets never split it
     weights = np.array([[1.0, 0.0], [1.0, 0.0], [0.2, 0.8]])
     np.testing.assert_allclose(pairs.logit_true, 3.0 * ((expected @ basis.T) * weights).sum(1), rtol=1e-5, atol=1e-4)
 
     assert cli_main(["embed", str(dataset), "--cache-dir", cache]) == 0
     assert "0 embedded, 6 served from cache" in capsys.readouterr().out
+
+
+def test_embed_command_without_conversations_writes_no_group(minilm, tmp_path, capsys):
+    dataset = tmp_path / "data"
+    write_dataset(dataset, [{k: v for k, v in p.items() if k != "conversation"} for p in PAIRS])
+    assert cli_main(["embed", str(dataset), "--cache-dir", str(tmp_path / "cache")]) == 0
+    assert load_pairs(dataset).group is None  # an older `prepare`: every pair will count as its own group
+    write_dataset(dataset, [PAIRS[0], {k: v for k, v in PAIRS[1].items() if k != "conversation"}])
+    assert cli_main(["embed", str(dataset), "--cache-dir", str(tmp_path / "cache")]) == 2
+    assert "every line must have it or none" in capsys.readouterr().err
 
 
 def test_embed_command_ground_truth_checks(minilm, tmp_path, capsys):

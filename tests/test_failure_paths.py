@@ -60,17 +60,17 @@ def engine(monkeypatch):
         fail: dict[str, set] = {"train": set(), "evaluate": set()}
         runs = 0
 
-    real_train, real_evaluate = message_app.train_clipped, message_app.evaluate_block
+    real_train, real_evaluate = message_app.train_clipped, message_app.evaluate_node
 
-    def train_clipped(context, settings, block, basis, sampled, clip_norm):
+    def train_clipped(context, settings, node, basis, sampled, clip_norm):
         if Engine.round in Engine.fail["train"]:
             raise MemoryError("worker killed (out of memory)")
-        return real_train(context, settings, block, basis, sampled, clip_norm)
+        return real_train(context, settings, node, basis, sampled, clip_norm)
 
-    def evaluate_block(basis, block, weights, **kwargs):
+    def evaluate_node(basis, node, weights, **kwargs):
         if Engine.round in Engine.fail["evaluate"]:
             raise MemoryError("worker killed (out of memory)")
-        return real_evaluate(basis, block, weights, **kwargs)
+        return real_evaluate(basis, node, weights, **kwargs)
 
     def simulate_pairs(pairs_path, run_dir, *, n_users=None, users_per_node="auto", overrides=None, **_):
         nodes = flower_run.nodes_for(n_users, users_per_node)
@@ -88,7 +88,7 @@ def engine(monkeypatch):
         return nodes
 
     monkeypatch.setattr(message_app, "train_clipped", train_clipped)
-    monkeypatch.setattr(message_app, "evaluate_block", evaluate_block)
+    monkeypatch.setattr(message_app, "evaluate_node", evaluate_node)
     monkeypatch.setattr(flower_run, "simulate_pairs", simulate_pairs)
     return Engine
 
@@ -348,12 +348,12 @@ def test_secagg_node_sum_survives_one_users_non_finite_update(monkeypatch):
     from federation import protocol as p
 
     good = np.ones((2, RANK, DIM))
-    monkeypatch.setattr(message_app, "node_block", lambda context, settings: None)
+    monkeypatch.setattr(message_app, "node_users", lambda context, settings: None)
     monkeypatch.setattr(message_app, "checked_basis", lambda basis, block: basis)
     monkeypatch.setattr(message_app, "checked_user_indices", lambda sampled, block: sampled)
     monkeypatch.setattr(message_app, "train_clipped", lambda *a: np.concatenate([good, np.full((1, RANK, DIM),
                                                                                                  np.nan)]))
-    config = {"prior-strength": 0.02, "prior-pairs": 3.0, "local-steps": 1, "client-lr": 1.0}
+    config = {"train-prior-pairs": 3.0, "prior-pairs": 3.0, "local-steps": 1, "client-lr": 1.0}
     trainer = SecAggTrainer(Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config=config))
     # user+secagg: each user clips, rounds to the grid and adds a noise share (here a negligible one)
     (total,), _, _ = trainer.fit([np.zeros((RANK, DIM))], {p.USER_INDICES: p.encode_user_indices(np.arange(3)),

@@ -227,17 +227,17 @@ def test_simulate_command_runs_through_the_ray_engine(pair_file, tmp_path):
 
 def test_device_evaluation_uses_the_device_adaptation_and_matches_the_batched_node(tmp_path):
     """In deployment the ClientApp adapts w with client.device's code; it reaches the batched solver's result."""
-    from federation.local_training import device_fit_weights, evaluate_block, personal_fit_weights
-    from federation.user_block import load_device_block
+    from federation.local_training import device_fit_weights, evaluate_node, personal_fit_weights
+    from federation.user_block import load_device_users
     from lore_core.pairs import save_pairs
     from simulations.synthetic_pairs import SyntheticPairsConfig, make_synthetic_pairs
 
     pairs, truth = make_synthetic_pairs(SyntheticPairsConfig(dim=12, true_rank=3, seen_users=4, unseen_users=3))
-    block = load_device_block(str(save_pairs(pairs, tmp_path / "pairs.npz")))
+    node = load_device_users(str(save_pairs(pairs, tmp_path / "pairs.npz")))
     basis = truth.basis
-    start = np.full((block.n_train_users, 3), 1 / 3)
-    w_batched, sums_batched = evaluate_block(basis, block, start, prior_pairs=3.0, fit=personal_fit_weights)
-    w_device, sums_device = evaluate_block(basis, block, start, prior_pairs=3.0, fit=device_fit_weights)
+    start = np.full((node.n_train_users, 3), 1 / 3)
+    w_batched, sums_batched = evaluate_node(basis, node, start, prior_pairs=3.0, fit=personal_fit_weights)
+    w_device, sums_device = evaluate_node(basis, node, start, prior_pairs=3.0, fit=device_fit_weights)
     np.testing.assert_allclose(w_device, w_batched, atol=1e-6)
     assert sums_device == pytest.approx(sums_batched, abs=1e-9)
 

@@ -20,6 +20,7 @@ from lore_core.privacy.ledger import LedgerError, PrivacyLedger
 from server.server_app import run_federated
 from server.run_ledger import EVAL_NOT_COVERED
 from server.run_settings import ServerSettings
+from server.optimizer import make_optimizer
 from simulations.synthetic_pairs import SyntheticPairsConfig, make_synthetic_pairs
 from simulations.in_process_grid import LocalGrid
 
@@ -99,7 +100,13 @@ def test_noise_is_on_the_sum_with_the_stated_std(pair_file, tmp_path):
     for m in requests_of(grid, "train"):
         sent.setdefault(m.content[p.CONFIG][p.ROUND], m.content[p.ARRAYS][p.BASIS].numpy())
     bases = [sent[t] for t in range(1, rounds + 1)] + [state.basis]
-    released = np.diff(np.stack(bases), axis=0)  # (rounds, B, D)
+    # The server's rate follows the run's schedule (server/optimizer.py): undo it to read the released noise.
+    schedule = make_optimizer("sgd", 1.0, rounds, settings.server_lr_schedule)
+    rates = []
+    for _ in range(rounds):
+        rates.append(schedule.lr)
+        schedule.t += 1
+    released = np.diff(np.stack(bases), axis=0) / np.array(rates)[:, None, None]  # (rounds, B, D)
     expected = z * clip / (Q * USERS)  # std on the sum z C, over the fixed denominator q N
     sampled = np.array([r["sampled_users"] for r in state.history])
     assert len(set(sampled)) > 1  # Poisson counts vary; the denominator does not

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from lore_core.evaluation import evaluate_model
-from lore_core.joint_trainer import TrainConfig, fit_few_shot_torch, split_validation, train_joint
+from lore_core.joint_trainer import TrainConfig, fit_few_shot_torch, train_joint
 from lore_core.reward_math import bt_loss, bt_loss_grad, per_user_accuracy, softmax, user_basis_directions
 from lore_core.simplex_fit import few_shot_objective, fit_user_weights, prior_from_pairs
 from simulations.synthetic_pairs import SyntheticPairsConfig, make_synthetic_pairs
@@ -69,17 +69,11 @@ def test_simplex_solver_rejects_bad_prior():
         fit_user_weights(np.zeros((3, 2)), np.zeros(3, int), 1, prior_strength=0.0)
 
 
-def test_validation_split_takes_a_fraction_of_each_user():
-    user_idx = np.repeat(np.arange(5), [10, 20, 5, 1, 40])
-    mask = split_validation(user_idx, 0.2, seed=0)
-    np.testing.assert_array_equal(np.bincount(user_idx, weights=mask), [2, 4, 1, 0, 8])
-
-
 def test_joint_training_learns_personal_rewards(small_pairs):
     pairs, _ = small_pairs
     train = pairs.select(seen=True, split="train")
-    bt = train_joint(train.diff, train.user, TrainConfig(rank=1, l2=1e-3))
-    lore = train_joint(train.diff, train.user, TrainConfig(rank=3, l2=1e-3))
+    bt = train_joint(train.diff, train.user, TrainConfig(rank=1, l2=1e-3, prior_pairs=3.0))
+    lore = train_joint(train.diff, train.user, TrainConfig(rank=3, l2=1e-3, prior_pairs=3.0))
     m_bt = evaluate_model(pairs, bt.basis, joint_weights=(bt.user_ids, bt.user_weights))
     m_lore = evaluate_model(pairs, lore.basis, joint_weights=(lore.user_ids, lore.user_weights))
     assert lore.basis.shape == (3, 32)
@@ -89,15 +83,16 @@ def test_joint_training_learns_personal_rewards(small_pairs):
     assert m_lore["seen_test_acc"] <= m_lore["oracle_seen_test_acc"] + 0.05
 
 
-def test_rank_auto_picks_the_best_validation_likelihood_and_includes_bt(small_pairs):
+def test_rank_auto_reports_every_candidate_and_keeps_the_chosen_one(small_pairs):
     pairs, _ = small_pairs
     train = pairs.select(seen=True, split="train")
-    fit = train_joint(train.diff, train.user, TrainConfig(rank="auto", rank_grid=(1, 3), l2=1e-3))
-    ranks = {row["rank"] for row in fit.selection}
-    assert ranks == {1, 3}
-    best = min(fit.selection, key=lambda row: row["val_nll"])
-    assert fit.rank == best["rank"]
-    assert fit.val_nll <= min(r["val_nll"] for r in fit.selection if r["rank"] == 1)
+    fit = train_joint(train.diff, train.user, TrainConfig(rank="auto", rank_grid=(1, 3), l2=1e-3), group=train.group)
+    assert {row["rank"] for row in fit.selection} == {1, 3}
+    (chosen,) = [row for row in fit.selection if row["chosen"]]
+    assert (fit.rank, fit.prior_pairs) == (chosen["rank"], chosen["prior_pairs"])
+    for row in fit.selection:  # each candidate's honest estimate and its standard error
+        assert 0 <= row["seen_acc"] <= 1 and 0 <= row["new_acc"] <= 1 and row["seen_se"] > 0 and row["new_se"] > 0
+    assert fit.held_out["groups"] == "group array" and fit.held_out["new_fold_users"] == 8
 
 
 def test_training_is_seeded(small_pairs):

@@ -57,6 +57,16 @@ def test_missing_and_unknown_arrays(tmp_path):
         load_pairs(tmp_path / "b.npz")
 
 
+def test_group_array_round_trips_and_must_match_the_pairs(tmp_path):
+    arrays = _arrays()
+    pairs = PairSet(**arrays, group=np.array(["c1", "c1", "c2", "c7", "c7", "c8"]))
+    assert load_pairs(save_pairs(pairs, tmp_path)).group.tolist() == ["c1", "c1", "c2", "c7", "c7", "c8"]
+    assert load_pairs(save_pairs(PairSet(**arrays), tmp_path / "old.npz")).group is None  # optional
+    np.savez(tmp_path / "bad.npz", **arrays, group=np.array(["c1", "c2"]))
+    with pytest.raises(PairFileError, match="group must be strings with shape"):
+        load_pairs(tmp_path / "bad.npz")
+
+
 def test_reference_head_must_match_the_embedding_size(tmp_path):
     np.savez(tmp_path / "c.npz", **_arrays(), reference_head=np.ones(5))
     with pytest.raises(PairFileError, match="reference_head"):

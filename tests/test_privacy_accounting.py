@@ -105,8 +105,8 @@ def test_rounds_within_budget_is_the_last_round_inside():
     (dict(noise_multiplier=-1.0), "noise_multiplier = 1.0"),
     (dict(clip_norm=0.0), "median update norm"),
     (dict(clip_norm=float("inf")), "median update norm"),
-    (dict(delta=1 / 1400), "use 1e-5"),
-    (dict(delta=0.0), "use the default 1e-5"),
+    (dict(delta=1 / 1400), "use at most 1/(10 N) = 7.14e-05"),
+    (dict(delta=0.0), "remove it to use the default"),
     (dict(clients_per_round=0), "positive integer"),
     (dict(clients_per_round=1401), "lower it to <= 1400"),
     (dict(target_epsilon=3.0), "either noise_multiplier or target_epsilon"),
@@ -189,6 +189,15 @@ def test_unknown_config_key_is_an_error():
     assert settings.noise_multiplier == 2.0
     with pytest.raises(PrivacyConfigError, match="unknown privacy setting 'noise-multiplyer'"):
         PrivacySettings.from_config({"noise-multiplyer": 2.0})
+
+
+def test_default_delta_follows_the_population_and_the_refusal_states_the_bound():
+    assert validate(user_settings()).delta == 1e-5
+    assert validate(user_settings(population_size=100_000, clients_per_round=100, rounds=20)).delta == 1e-6
+    assert validate(user_settings(population_size=2_000_000, clients_per_round=100, rounds=20)).delta == 1e-8
+    with pytest.raises(PrivacyConfigError) as info:
+        validate(user_settings(population_size=100_000, clients_per_round=100, rounds=20, delta=1e-5))
+    assert "1/(10 N) = 1e-06" in str(info.value) and "1e-5 or less" not in str(info.value)
 
 
 def test_weak_delta_and_no_amplification_warn():

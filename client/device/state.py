@@ -119,6 +119,7 @@ def save_state(state: DeviceState) -> DeviceState:
     basis_bytes = _npz_bytes(
         basis=basis.basis, version=np.int64(basis.version), embedder=np.str_(basis.embedder),
         dim=np.int64(basis.dim), rank=np.int64(basis.rank), sha256=np.str_(basis.sha256),
+        **({} if basis.prior_pairs is None else {"prior_pairs": np.float64(basis.prior_pairs)}),
     )
     entries = {"basis": _write_data(directory, f"basis-v{basis.version}-", basis_bytes)}
     if state.has_personal_data:

@@ -15,9 +15,15 @@ import numpy as np
 from client.device import personalize, posterior, questions
 from client.device.state import DeviceState
 
-# The device's personal prior, worth this many answers: chosen on the onboarding pilots (seeds 101, 102) with
-# `python -m simulations.bench_onboarding --pilot`, for regions that cover the truth at an unchanged accuracy.
+# The device's personal prior, worth this many answers, for a basis file that carries none: chosen on the onboarding
+# pilots (seeds 101, 102) with `python -m simulations.bench_onboarding --pilot`, for regions that cover the truth at an
+# unchanged accuracy. A basis from `lore-fed train` or `simulate` carries the prior chosen on held-out groups.
 DEVICE_PRIOR_PAIRS = 0.5
+
+
+def prior_pairs(state: DeviceState) -> float:
+    """The personal prior of this device's fits: the basis file's, else DEVICE_PRIOR_PAIRS."""
+    return DEVICE_PRIOR_PAIRS if state.basis.prior_pairs is None else float(state.basis.prior_pairs)
 
 
 def answer_scores(state: DeviceState) -> np.ndarray:
@@ -36,7 +42,7 @@ def refit(state: DeviceState) -> tuple[DeviceState, personalize.Adaptation | Non
     weights = None
     if state.n_pairs:
         result = personalize.adapt(state.basis.basis, state.pair_diff, init=state.user_weights,
-                                   prior_pairs=DEVICE_PRIOR_PAIRS, prior_mean=state.prior_mean)
+                                   prior_pairs=prior_pairs(state), prior_mean=state.prior_mean)
         weights = result.user_weights
     mode = cov = None
     if state.n_pairs or state.prior_mean is not None:
@@ -51,7 +57,7 @@ def samples(state: DeviceState, n_samples: int = posterior.DEFAULT_SAMPLES) -> p
         fit = _laplace(state, None)
     else:
         fit = posterior.LaplaceFit(mode=state.posterior_mode[None], cov=state.posterior_cov[None])
-    return posterior.sample(answer_scores(state), fit, DEVICE_PRIOR_PAIRS, _prior(state), n_samples=n_samples,
+    return posterior.sample(answer_scores(state), fit, prior_pairs(state), _prior(state), n_samples=n_samples,
                             rng=np.random.default_rng(posterior.SAMPLE_SEED))
 
 
@@ -89,7 +95,7 @@ def confidence(state: DeviceState, drawn: posterior.PosteriorSamples) -> dict:
 
 def _laplace(state: DeviceState, weights: np.ndarray | None) -> posterior.LaplaceFit:
     init = None if weights is None else weights[None]
-    return posterior.laplace(answer_scores(state), DEVICE_PRIOR_PAIRS, _prior(state), init=init)
+    return posterior.laplace(answer_scores(state), prior_pairs(state), _prior(state), init=init)
 
 
 def _prior(state: DeviceState) -> np.ndarray | None:

@@ -26,7 +26,7 @@ SAMPLINGS = ("poisson", "fixed")  # "fixed" = Flower's fraction_train sampling w
 DEFAULTS: dict[str, Any] = {
     "noise_multiplier": 1.0,
     "clip_norm": 1.0,
-    "delta": 1e-5,
+    "delta": 1e-5,  # record mode; the user modes default to user_delta(N), which follows the population
     "clients_per_round": 50,
     "max_grad_norm": 1.0,
     "record_batch_size": 4,
@@ -50,6 +50,13 @@ DP_FIELDS: dict[str, tuple[str, ...]] = {
     "dropout_tolerance": ("user+secagg",),
     "dimension": ("user+secagg",),
 }
+
+
+def user_delta(population_size: int) -> float:
+    """The user modes' default delta for N users: the largest power of ten at most min(1e-5, 1/(10 N)) (1e-5 up to
+    N = 10,000, 1e-6 up to 100,000, ...), so that it stays well below 1/N as the population grows."""
+    bound = min(DEFAULTS["delta"], 1.0 / (10 * population_size))
+    return float(10.0 ** math.floor(math.log10(bound) + 1e-12))
 
 
 class PrivacyConfigError(ValueError):
@@ -166,6 +173,9 @@ def _validate(settings: PrivacySettings) -> PrivacySettings:
                 if mode in DP_FIELDS.get(name, USER_MODES) and getattr(settings, name) is None}
     if settings.noise_multiplier is None and settings.target_epsilon is not None:
         del resolved["noise_multiplier"]  # solved below
+    if "delta" in resolved and mode in USER_MODES and _is_int(settings.population_size) and \
+            settings.population_size > 0:
+        resolved["delta"] = user_delta(settings.population_size)
     settings = replace(settings, **resolved)
     _check_dp_common(settings)
     if mode == "user+secagg":
@@ -234,7 +244,8 @@ def _check_dp_common(s: PrivacySettings) -> None:
         if getattr(s, name) is not None:
             _positive_finite(getattr(s, name), name, f"give a positive epsilon or remove {name}")
     if not (isinstance(s.delta, numbers.Real) and 0 < s.delta < 1):
-        raise PrivacyConfigError(f"delta must be in (0, 1/N); got {s.delta!r}: use the default 1e-5")
+        raise PrivacyConfigError(f"delta must be in (0, 1/N); got {s.delta!r}: remove it to use the default "
+                                 "(at most 1/(10 N))")
     if s.rounds is None:
         raise PrivacyConfigError(f"mode {s.mode!r} needs the planned number of rounds: set rounds = T")
 
@@ -250,7 +261,8 @@ def _check_user_modes(s: PrivacySettings) -> PrivacySettings:
     _positive_finite(s.clip_norm, "clip_norm", "set clip_norm to about the median update norm, e.g. 1.0")
     n = s.population_size
     if not s.delta < 1 / n:
-        raise PrivacyConfigError(f"delta must be < 1/N = {1 / n:.3g} (N = {n} users); got {s.delta}: use 1e-5 or less")
+        raise PrivacyConfigError(f"delta must be < 1/N = {1 / n:.3g} (N = {n} users); got {s.delta}: use at most "
+                                 f"1/(10 N) = {1 / (10 * n):.3g} (leave delta unset for the default, {user_delta(n):g})")
     if s.delta > 1 / (10 * n):
         warnings.warn(f"delta = {s.delta} is above 1/(10 N) = {1 / (10 * n):.3g}: a weak guarantee",
                       PrivacyConfigWarning, stacklevel=3)

@@ -1,0 +1,185 @@
+"""Honest model selection: held-out estimates of what is reported, split by group, never by pair.
+
+Pairs of one group share a response or a conversation (`pairs.npz` `group`); a pair and its sibling on both sides
+of a split would reward a model for memorising the shared response. So every held-out set here is made of whole
+groups, and each estimate measures the protocol that is reported, with its own fit of the candidate basis:
+  seen users  a share of each seen user's groups is held out; the basis is trained on the other groups of all
+              users, the user's w is refit on its remaining groups (basis frozen, personal prior) and scored on the
+              held-out groups;
+  new users   a fold of seen users is left out of basis training altogether (the basis is trained on all groups of
+              the other users); each fits w few-shot on its first groups (about `few_shot` pairs) and is scored on
+              the rest of its groups.
+Two fits, each on about 80 % of the data, rather than one on the 64 % both would leave: with thin users the
+value of personalization grows steeply with data, and a selection on much less data than the final fit would
+pick too little of it.
+Both give one accuracy per user, so a candidate's gain over one shared reward (rank 1) has a paired standard error
+over users. The one-SE rule: a candidate other than rank 1 is chosen only when its gain (mean of the seen and new
+gains) exceeds its standard error and neither the seen nor the new gain is below minus its own standard error.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from lore_core.reward_math import pair_logits, per_user_accuracy
+from lore_core.simplex_fit import fit_user_weights, prior_from_pairs
+
+
+@dataclass(frozen=True)
+class Holdout:
+    """Masks over the n training pairs of the seen users (all (n,) bool) and the users treated as new (U,)."""
+
+    fit_seen: np.ndarray  # the seen estimate's basis is trained on these: all users' kept groups
+    seen_heldout: np.ndarray  # their held-out groups (scored)
+    fit_new: np.ndarray  # the new estimate's basis is trained on these: all groups of users outside the new fold
+    new_shots: np.ndarray  # few-shot groups of the new fold
+    new_rest: np.ndarray  # the rest of the new fold's groups (scored)
+    new_users: np.ndarray  # (U,) bool
+
+
+def dense_groups(user_idx: np.ndarray, group: np.ndarray | None) -> np.ndarray:
+    """(n,) int64 group index, unique per (user, group); every pair its own group when `group` is None."""
+    if group is None:
+        return np.arange(user_idx.size, dtype=np.int64)
+    _, group_codes = np.unique(np.asarray(group).astype(str), return_inverse=True)
+    key = user_idx.astype(np.int64) * (group_codes.max(initial=0) + 1) + group_codes
+    return np.unique(key, return_inverse=True)[1].astype(np.int64)
+
+
+def _group_users(user_idx: np.ndarray, group_idx: np.ndarray) -> np.ndarray:
+    owner = np.zeros(group_idx.max(initial=-1) + 1, dtype=np.int64)
+    owner[group_idx] = user_idx
+    return owner
+
+
+def _rank_within_user(owner: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """A random order of each user's groups: (position of each group within its user (G,), groups per user (U,))."""
+    order = np.lexsort((rng.random(owner.size), owner))
+    sorted_owner = owner[order]
+    starts = np.searchsorted(sorted_owner, sorted_owner, side="left")
+    position = np.empty(owner.size, dtype=np.int64)
+    position[order] = np.arange(owner.size) - starts
+    return position, np.bincount(owner)
+
+
+def make_holdout(user_idx: np.ndarray, group_idx: np.ndarray, n_users: int, *, heldout_fraction: float = 0.2,
+                 new_fraction: float = 0.2, few_shot: int = 10, seed: int = 0) -> Holdout:
+    """Whole-group held-out sets (module docstring). Users with a single group are only trained on. The new fold
+    is `new_fraction` of the users with at least two groups (none when fewer than 10 such users); each new user's
+    few-shot part is its first groups (random order) until they hold `few_shot` pairs, at most half its groups."""
+    rng = np.random.default_rng([seed, 12])
+    owner = _group_users(user_idx, group_idx)
+    position, groups_per_user = _rank_within_user(owner, rng)
+    groups_per_user = np.pad(groups_per_user, (0, n_users - groups_per_user.size))
+    eligible = np.flatnonzero(groups_per_user >= 2)
+    new_users = np.zeros(n_users, bool)
+    if eligible.size >= 10:
+        new_users[rng.permutation(eligible)[: int(round(new_fraction * eligible.size))]] = True
+
+    # Seen estimate: hold out max(1, floor(f * g)) of a user's g >= 2 groups.
+    n_hold = np.where(groups_per_user >= 2, np.maximum(1, np.floor(heldout_fraction * groups_per_user)), 0)
+    held_group = position < n_hold[owner]
+    # New estimate: groups in their random order until `few_shot` pairs are reached (whole groups), at most half.
+    group_size = np.bincount(group_idx, minlength=owner.size)
+    order = np.lexsort((position, owner))
+    cumulative = np.cumsum(group_size[order])
+    first = np.searchsorted(owner[order], owner[order], side="left")
+    before = np.empty(owner.size, dtype=np.int64)
+    before[order] = cumulative - group_size[order] - np.where(first > 0, cumulative[first - 1], 0)
+    max_shot_groups = np.maximum(1, groups_per_user // 2)
+    shot_group = (before < few_shot) & (position < max_shot_groups[owner])
+
+    is_new = new_users[user_idx]
+    held = held_group[group_idx]
+    shot = shot_group[group_idx]
+    return Holdout(fit_seen=~held, seen_heldout=held, fit_new=~is_new, new_shots=is_new & shot,
+                   new_rest=is_new & ~shot, new_users=new_users)
+
+
+def heldout_accuracy(basis: np.ndarray, diff: np.ndarray, user_idx: np.ndarray, n_users: int, fit: np.ndarray,
+                     score: np.ndarray, prior_pairs: float) -> np.ndarray:
+    """Per-user accuracy (U,) on the `score` pairs after fitting w on the `fit` pairs (basis (B, D) frozen, personal
+    prior worth `prior_pairs` pairs; users without fit pairs keep the population weights). NaN for users without
+    score pairs."""
+    fit_idx = user_idx[fit]
+    weights = fit_user_weights(diff[fit] @ basis.T, fit_idx, n_users,
+                               prior_strength=prior_from_pairs(fit_idx, n_users, prior_pairs)).weights
+    logits = pair_logits(diff[score] @ basis.T, weights, user_idx[score])
+    return per_user_accuracy(logits, user_idx[score], n_users)
+
+
+@dataclass
+class Candidate:
+    """One setting and its held-out per-user accuracies (U,) (NaN where a user has no held-out pairs)."""
+
+    rank: int
+    l2: float
+    prior_pairs: float
+    seen: np.ndarray
+    new: np.ndarray
+    seconds: float = 0.0
+
+    @property
+    def estimate(self) -> tuple[float, float]:
+        return _mean(self.seen), _mean(self.new)
+
+    @property
+    def score(self) -> float:
+        """Mean of the seen and new estimates (the seen one alone when no user is treated as new)."""
+        seen, new = self.estimate
+        return seen if math.isnan(new) else 0.5 * (seen + new)
+
+
+def _mean(values: np.ndarray) -> float:
+    values = values[~np.isnan(values)]
+    return float(values.mean()) if values.size else math.nan
+
+
+def _paired(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
+    """Mean and standard error of a - b over users scored in both."""
+    both = ~np.isnan(a) & ~np.isnan(b)
+    d = a[both] - b[both]
+    if d.size < 2:
+        return (float(d.mean()) if d.size else math.nan), math.nan
+    return float(d.mean()), float(d.std(ddof=1) / math.sqrt(d.size))
+
+
+def _se(values: np.ndarray) -> float:
+    values = values[~np.isnan(values)]
+    return float(values.std(ddof=1) / math.sqrt(values.size)) if values.size > 1 else math.nan
+
+
+def _combine(gain_seen, se_seen, gain_new, se_new) -> tuple[float, float]:
+    """Mean of the seen and new gains and its SE; only the seen part when no user is treated as new."""
+    if math.isnan(gain_new):
+        return gain_seen, se_seen
+    return 0.5 * (gain_seen + gain_new), 0.5 * math.sqrt(se_seen**2 + se_new**2)
+
+
+def select_one_se(candidates: list[Candidate]) -> tuple[Candidate, list[dict]]:
+    """The one-SE rule of the module docstring against the best rank-1 candidate (or, when no candidate has rank 1,
+    simply the best). Returns (chosen, one table row per candidate with estimates, SEs and the verdict)."""
+    score = lambda c: c.score  # noqa: E731
+    ones = [c for c in candidates if c.rank == 1]
+    baseline = max(ones or candidates, key=score)
+    rows, eligible = [], [baseline]
+    for c in candidates:
+        gain_seen, se_seen = _paired(c.seen, baseline.seen)
+        gain_new, se_new = _paired(c.new, baseline.new)
+        gain, se = _combine(gain_seen, se_seen, gain_new, se_new)
+        ok = c is baseline or not ones or (
+            gain > se and gain_seen > -se_seen and (math.isnan(gain_new) or gain_new > -se_new))
+        if ok and c is not baseline:
+            eligible.append(c)
+        seen, new = c.estimate
+        rows.append({"rank": c.rank, "l2": c.l2, "prior_pairs": c.prior_pairs, "seen_acc": seen,
+                     "seen_se": _se(c.seen), "new_acc": new, "new_se": _se(c.new), "gain_vs_rank1": gain,
+                     "gain_se": se, "seen_gain": gain_seen, "seen_gain_se": se_seen, "new_gain": gain_new,
+                     "new_gain_se": se_new, "eligible": bool(ok), "seconds": round(c.seconds, 3)})
+    chosen = max(eligible, key=score)
+    for c, row in zip(candidates, rows):
+        row["chosen"] = c is chosen
+    return chosen, rows

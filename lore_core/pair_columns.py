@@ -1,0 +1,368 @@
+"""The pair file (`lore_core.pairs`) on disk, column by column: read and write it without holding it.
+
+`np.savez` stores every array as an uncompressed zip member (a .npy file), so each column of a pair file lies at a
+fixed offset: `PairColumns` finds it (zip local header, then the .npy header) and reads row ranges or gathers rows
+through a short-lived memory map, so a reader holds only the rows it asked for. A compressed member (written by
+`np.savez_compressed`) is read whole instead: correct, not scalable.
+`PairIndex` sorts the users once (a file written by user, as the writers here do, needs no sort) and keeps each
+user's row range, so the rows of any block of users are cut by offsets, in time proportional to those rows.
+`check_pair_file` validates a whole file in user-aligned chunks with the contract's own checks (`PairSet`).
+`pair_file_writer` streams columns into a new file (atomically), chunk by chunk.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import struct
+import zipfile
+import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from lore_core.atomic_io import atomic_path
+from lore_core.npz_file import READ_ERRORS, check_npz_head, unreadable
+from lore_core.pairs import EXPECTED, OPTIONAL_ARRAYS, REQUIRED_ARRAYS, PairFileError, PairSet, resolve_pair_path
+
+READ_ROWS = 1 << 17  # rows per block when a whole file is scanned (~200 MB of diff at D = 384)
+_LOCAL_HEADER = struct.Struct("<4s2B4HL2L2H")  # zip local file header (zipfile.sizeFileHeader = 30 bytes)
+
+
+@dataclass(frozen=True)
+class _Member:
+    dtype: np.dtype
+    shape: tuple[int, ...]
+    offset: int | None  # first data byte in the file; None: compressed, `array` holds it
+    array: np.ndarray | None = None
+    stored: tuple[int, int, int] | None = None  # (first byte of the member, its size, its CRC-32)
+
+
+class PairColumns:
+    """The arrays of one pair file, read on demand. `source` names the file in every error."""
+
+    def __init__(self, source: str, members: dict[str, _Member], file: Path | None = None) -> None:
+        self.source, self._members, self._file = source, members, file
+        self._check_shapes()
+
+    @classmethod
+    def open(cls, path: str | Path) -> "PairColumns":
+        """Locate every array of a pair file (or `DIR/pairs.npz`) without reading one."""
+        file = resolve_pair_path(path)
+        check_npz_head(file, EXPECTED, PairFileError)
+        try:
+            members = _locate_members(file)
+        except (*READ_ERRORS, struct.error) as exc:
+            raise unreadable(file, exc, EXPECTED, PairFileError) from exc
+        return cls(str(file), members, file)
+
+    @classmethod
+    def from_pairs(cls, pairs: PairSet) -> "PairColumns":
+        """The same interface over a PairSet in memory (a device's own small file, tests)."""
+        arrays = {"diff": pairs.diff, "user": pairs.user, "split": pairs.split, "seen": pairs.seen,
+                  "logit_true": pairs.logit_true, "reference_head": pairs.reference_head}
+        return cls(pairs.source, {name: _Member(a.dtype, a.shape, None, a) for name, a in arrays.items()
+                                  if a is not None})
+
+    @property
+    def n(self) -> int:
+        return int(self._members["diff"].shape[0])
+
+    @property
+    def dim(self) -> int:
+        return int(self._members["diff"].shape[1])
+
+    def has(self, name: str) -> bool:
+        return name in self._members
+
+    def read(self, name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """Rows start..stop of one array, as a new in-memory array."""
+        member = self._members[name]
+        stop = member.shape[0] if stop is None else stop
+        if member.array is not None:
+            return np.array(member.array[start:stop])
+        row_bytes = member.dtype.itemsize * int(np.prod(member.shape[1:], dtype=np.int64))
+        count = (stop - start) * (row_bytes // member.dtype.itemsize)
+        out = np.fromfile(self._file, dtype=member.dtype, count=count, offset=member.offset + start * row_bytes)
+        return out.reshape((stop - start,) + member.shape[1:])
+
+    def mapped(self, name: str, start: int, stop: int) -> np.ndarray:
+        """Rows start..stop of one array as a read-only memory map of just that range (no copy): the pages read
+        belong to this process only while the returned array lives."""
+        member = self._members[name]
+        if member.array is not None:
+            return member.array[start:stop]
+        row_bytes = member.dtype.itemsize * int(np.prod(member.shape[1:], dtype=np.int64))
+        return np.memmap(self._file, dtype=member.dtype, mode="r", offset=member.offset + start * row_bytes,
+                         shape=(stop - start,) + member.shape[1:])
+
+    def take(self, name: str, rows: np.ndarray) -> np.ndarray:
+        """The given rows (int array, ascending for speed) of one array, gathered through a memory map that is
+        closed again before returning: the pages read do not stay in this process."""
+        member = self._members[name]
+        if member.array is not None:
+            return member.array[rows]
+        with open(self._file, "rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+            view = np.ndarray(member.shape, dtype=member.dtype, buffer=mapped, offset=member.offset)
+            out = view[rows]
+            del view
+        return out
+
+    def verify_checksums(self) -> None:
+        """Every member's bytes against the CRC-32 stored in the archive, as np.load checks them: a damaged byte
+        is an error here, never a silently wrong value. One sequential pass over the file."""
+        if self._file is None:
+            return  # arrays in memory
+        with open(self._file, "rb") as handle:
+            for name, member in self._members.items():
+                if member.stored is None:
+                    continue  # compressed: zipfile checked it when it was read
+                start, size, expected = member.stored
+                handle.seek(start)
+                crc, left = 0, size
+                while left:
+                    chunk = handle.read(min(left, 1 << 24))
+                    if not chunk:
+                        break
+                    crc, left = zlib.crc32(chunk, crc), left - len(chunk)
+                if left or crc != expected:
+                    raise PairFileError(f"{self.source}: unreadable .npz, damaged or truncated (bad CRC-32 of array "
+                                        f"{name!r}); expected {EXPECTED}")
+
+    def _check_shapes(self) -> None:
+        """The contract's array names and shapes, from the headers alone."""
+        where, found = self.source, sorted(self._members)
+        missing = [name for name in REQUIRED_ARRAYS if name not in self._members]
+        if missing:
+            raise PairFileError(f"{where}: missing required arrays {missing}; found {found}")
+        unknown = sorted(set(found) - set(REQUIRED_ARRAYS) - set(OPTIONAL_ARRAYS))
+        if unknown:
+            raise PairFileError(f"{where}: unknown arrays {unknown}; allowed: {REQUIRED_ARRAYS + OPTIONAL_ARRAYS}")
+        diff = self._members["diff"]
+        if len(diff.shape) != 2 or diff.shape[1] == 0:
+            raise PairFileError(f"{where}: diff must be a 2-D float array (n, D), got shape {diff.shape}")
+        if diff.dtype.kind != "f":
+            raise PairFileError(f"{where}: diff must be float, got {diff.dtype}")
+        for name in ("user", "split", "seen", "logit_true"):
+            if name in self._members and self._members[name].shape != (self.n,):
+                raise PairFileError(f"{where}: {name} must have shape ({self.n},) like diff, "
+                                    f"got {self._members[name].shape}")
+        head = self._members.get("reference_head")
+        if head is not None and head.shape != (self.dim,):
+            raise PairFileError(f"{where}: reference_head must be finite with shape ({self.dim},) to match diff, "
+                                f"got {head.shape}")
+
+
+def _locate_members(file: Path) -> dict[str, _Member]:
+    members = {}
+    with zipfile.ZipFile(file) as archive, open(file, "rb") as handle:
+        size = os.fstat(handle.fileno()).st_size
+        for info in archive.infolist():
+            if not info.filename.endswith(".npy"):
+                continue
+            name = info.filename[:-4]
+            if info.compress_type != zipfile.ZIP_STORED:
+                with archive.open(info) as stream:
+                    array = np.lib.format.read_array(stream, allow_pickle=False)
+                members[name] = _Member(array.dtype, array.shape, None, array)
+                continue
+            handle.seek(info.header_offset)
+            header = _LOCAL_HEADER.unpack(handle.read(_LOCAL_HEADER.size))
+            start = info.header_offset + _LOCAL_HEADER.size + header[10] + header[11]  # after name and extra field
+            handle.seek(start)
+            version = np.lib.format.read_magic(handle)
+            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+                np.lib.format.read_array_header_2_0
+            shape, fortran, dtype = read_header(handle)
+            if dtype.hasobject:
+                raise ValueError(f"array {name!r} holds Python objects (allow_pickle=False)")
+            if fortran and len(shape) > 1:
+                raise ValueError(f"array {name!r} is stored in Fortran order; rewrite it with np.savez")
+            offset = handle.tell()
+            if offset + dtype.itemsize * int(np.prod(shape, dtype=np.int64)) > size:
+                raise ValueError(f"array {name!r} is truncated")
+            members[name] = _Member(dtype, tuple(shape), offset, stored=(start, info.compress_size, info.CRC))
+    return members
+
+
+@dataclass(frozen=True)
+class PairIndex:
+    """Users in sorted order and where their rows are: user u (position in `user_ids`) owns rows
+    `order[starts[u]:starts[u + 1]]` (`order` None: the file is sorted by user, rows starts[u]..starts[u+1])."""
+
+    user_ids: np.ndarray  # (U,) sorted
+    starts: np.ndarray  # (U + 1,) int64
+    order: np.ndarray | None  # (n,) int64 or None
+
+    @property
+    def n_users(self) -> int:
+        return int(self.user_ids.size)
+
+    @classmethod
+    def build(cls, columns: PairColumns, chunk_rows: int = 4 * READ_ROWS) -> "PairIndex":
+        """One pass over the user column in chunks; a file not sorted by user is sorted once (in memory)."""
+        firsts, ids, last = [], [], None
+        for start in range(0, columns.n, chunk_rows):
+            users = columns.read("user", start, min(start + chunk_rows, columns.n))
+            if (last is not None and users[0] < last) or np.any(users[1:] < users[:-1]):
+                return cls._sorted_in_memory(columns.read("user"))
+            new = np.flatnonzero(np.r_[last is None or users[0] != last, users[1:] != users[:-1]])
+            firsts.append(start + new)
+            ids.append(users[new])
+            last = users[-1]
+        if not firsts:
+            return cls(np.array([], dtype=str), np.zeros(1, np.int64), None)
+        return cls(np.concatenate(ids), np.r_[np.concatenate(firsts), columns.n].astype(np.int64), None)
+
+    @classmethod
+    def _sorted_in_memory(cls, users: np.ndarray) -> "PairIndex":
+        order = np.argsort(users, kind="stable")
+        ordered = users[order]
+        firsts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]])
+        return cls(ordered[firsts], np.r_[firsts, users.size].astype(np.int64), order.astype(np.int64))
+
+    def rows(self, first_user: int, stop_user: int) -> np.ndarray:
+        """File rows (int64) of users first_user..stop_user-1, grouped by user in user order."""
+        lo, hi = int(self.starts[first_user]), int(self.starts[stop_user])
+        return np.arange(lo, hi, dtype=np.int64) if self.order is None else self.order[lo:hi]
+
+    def row_users(self, first_user: int, stop_user: int) -> np.ndarray:
+        """For each row of `rows(first_user, stop_user)`: its user's position relative to first_user."""
+        counts = np.diff(self.starts[first_user:stop_user + 1])
+        return np.repeat(np.arange(stop_user - first_user), counts)
+
+    def user_chunks(self, rows_per_chunk: int) -> Iterator[tuple[int, int]]:
+        """(first user, stop user) blocks of about `rows_per_chunk` rows each (a user is never cut)."""
+        first = 0
+        while first < self.n_users:
+            stop = int(np.searchsorted(self.starts, self.starts[first] + rows_per_chunk, side="right")) - 1
+            stop = min(max(stop, first + 1), self.n_users)
+            yield first, stop
+            first = stop
+
+
+def rows_of_users(starts: np.ndarray, users: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """When user u owns positions starts[u]:starts[u + 1]: the positions of `users` (int array), in that order, and
+    for each position the index of its user in `users`. Vectorized; time follows the rows returned."""
+    users = np.asarray(users, dtype=np.int64)
+    lengths = starts[users + 1] - starts[users]
+    ends = np.cumsum(lengths)
+    within = np.arange(int(ends[-1]) if ends.size else 0) - np.repeat(ends - lengths, lengths)
+    return np.repeat(starts[users], lengths) + within, np.repeat(np.arange(users.size), lengths)
+
+
+@dataclass(frozen=True)
+class PopulationCounts:
+    """What a run needs to know about a pair file's users (and nothing of their embeddings)."""
+
+    users: int
+    seen_users: int
+    train_users: int  # seen users with at least one training pair
+    idle_users: np.ndarray  # ids of seen users without a training pair (only test pairs)
+    largest_client_pairs: int  # most training pairs of one seen user
+    pairs: int
+    dim: int
+    few_shot_pairs: int = 10  # median training pairs of the new (unseen) users that have any
+
+
+def user_blocks(columns: PairColumns, index: PairIndex,
+                rows_per_block: int = READ_ROWS) -> Iterator[tuple[int, int, PairSet]]:
+    """The file as PairSets of whole users, about `rows_per_block` rows each, with the index positions of their
+    users (first, stop); each block is validated by `PairSet`, so a bad file gets the contract's error, naming the
+    file. A block's diff maps the file (no copy): use a block within its iteration."""
+    head = columns.read("reference_head") if columns.has("reference_head") else None
+    names = [name for name in ("diff", "user", "split", "seen", "logit_true", "group") if columns.has(name)]
+    for first, stop in index.user_chunks(rows_per_block):
+        rows = index.rows(first, stop)
+        if index.order is None:  # one contiguous range
+            arrays = {name: (columns.mapped if name == "diff" else columns.read)(name, int(rows[0]), int(rows[-1]) + 1)
+                      for name in names}
+        else:
+            arrays = {name: columns.take(name, rows) for name in names}
+        yield first, stop, PairSet(**arrays, reference_head=head, source=columns.source)
+
+
+def check_pair_file(path: str | Path, rows_per_block: int = READ_ROWS) -> tuple[PairColumns, PairIndex,
+                                                                                  PopulationCounts]:
+    """Validate a whole pair file as `load_pairs` does (checksums, then the contract block by block of whole users,
+    `user_blocks`), and count its population. Memory: one block and the user column."""
+    columns = PairColumns.open(path)
+    columns.verify_checksums()
+    index = PairIndex.build(columns)
+    seen_users = train_users = largest = 0
+    idle, few_shot = [], []
+    for first, stop, block in user_blocks(columns, index, rows_per_block):
+        user_pos = index.row_users(first, stop)  # rows are in index order within a block
+        seen = np.bincount(user_pos, weights=block.seen, minlength=stop - first) > 0
+        trains = np.bincount(user_pos, weights=block.seen & (block.split == "train"), minlength=stop - first)
+        seen_users += int(seen.sum())
+        train_users += int((trains > 0).sum())
+        idle.append(index.user_ids[first:stop][seen & (trains == 0)])
+        largest = max(largest, int(trains.max(initial=0)))
+        shots = np.bincount(user_pos, weights=~block.seen & (block.split == "train"), minlength=stop - first)
+        few_shot.append(shots[shots > 0])
+    shots = np.concatenate(few_shot) if few_shot else np.zeros(0)
+    return columns, index, PopulationCounts(users=index.n_users, seen_users=seen_users, train_users=train_users,
+                                            idle_users=np.concatenate(idle) if idle else index.user_ids[:0],
+                                            largest_client_pairs=largest, pairs=columns.n, dim=columns.dim,
+                                            few_shot_pairs=int(np.median(shots)) if shots.size else 10)
+
+
+@contextmanager
+def pair_file_writer(path: str | Path) -> Iterator["PairFileWriter"]:
+    """Write a pair file column by column, each column in chunks, without holding it. The file appears at `path`
+    (atomically: `atomic_io.atomic_path`) only when the block ends without an error:
+
+        with pair_file_writer(path) as out:
+            with out.column("diff", np.float32, (n, D)) as diff:
+                for chunk in chunks: diff.write(chunk)
+            out.array("user", users)
+    """
+    with atomic_path(path) as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
+        yield PairFileWriter(archive)
+
+
+class PairFileWriter:
+    """Members of an open archive, written in the order they are opened, one at a time (`pair_file_writer`)."""
+
+    def __init__(self, archive: zipfile.ZipFile) -> None:
+        self._zip = archive
+
+    def column(self, name: str, dtype, shape: tuple[int, ...]) -> "_ColumnStream":
+        """A member `name` of the given dtype and shape, to be filled in row order by `write(chunk)` calls."""
+        dtype = np.dtype(dtype)
+        stream = self._zip.open(f"{name}.npy", "w", force_zip64=True)
+        np.lib.format.write_array_header_1_0(stream, {"descr": np.lib.format.dtype_to_descr(dtype),
+                                                      "fortran_order": False, "shape": tuple(shape)})
+        return _ColumnStream(name, stream, dtype, tuple(shape))
+
+    def array(self, name: str, values: np.ndarray) -> None:
+        """A whole (small) array as one member."""
+        values = np.ascontiguousarray(values)
+        with self.column(name, values.dtype, values.shape) as stream:
+            stream.write(values)
+
+
+class _ColumnStream:
+    def __init__(self, name: str, stream, dtype: np.dtype, shape: tuple[int, ...]) -> None:
+        self.name, self._stream, self.dtype, self.shape = name, stream, dtype, shape
+        self._rows = 0
+
+    def __enter__(self) -> "_ColumnStream":
+        return self
+
+    def write(self, chunk: np.ndarray) -> None:
+        chunk = np.ascontiguousarray(chunk, dtype=self.dtype)
+        if chunk.shape[1:] != self.shape[1:] or self._rows + len(chunk) > self.shape[0]:
+            raise ValueError(f"{self.name}: chunk of shape {chunk.shape} does not fit {self.shape} "
+                             f"after {self._rows} rows")
+        self._stream.write(chunk.reshape(-1).view(np.uint8).data)
+        self._rows += len(chunk)
+
+    def __exit__(self, kind, value, traceback) -> None:
+        self._stream.close()
+        if kind is None and self._rows != self.shape[0]:
+            raise ValueError(f"{self.name}: {self._rows} rows written, {self.shape} declared")

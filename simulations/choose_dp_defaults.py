@@ -1,0 +1,149 @@
+"""Choose the DP run's server lr schedule, initial basis scale and clients' training prior on pilot populations
+(never on reported ones).
+
+    python -m simulations.choose_dp_defaults [--seeds 101,102,103] [--population iso-5-15-1400]
+                                             [--work runs/bench_matrix] [--out bench_results] [--train-prior]
+
+The matrix's federated defaults (`simulations.choose_federated_defaults`: cosine lr, initial scale 5) were chosen
+without privacy. Under user-level DP each step carries noise, so they are checked again here: user-level DP at
+epsilon 3 (delta 1e-5), 200 rounds of 100 users (the README's recipe for populations of about 1,400), the default
+DP server lr, on pilot seeds of a population of the stress matrix with N >= 1,000 seen users, at the rank, l2 and
+personal prior `lore-fed train` chose on the first pilot seed; in-process rounds with the apps' code
+(`simulations.bench_privacy.run_in_process`). The tail average of the released bases is reported in every
+variant. Writes bench_results/dp_defaults_pilot.{md,json}.
+
+`--train-prior`: the prior of the clients' w fits inside training (`train-prior-pairs`, in pairs) under DP, on two
+pilots of 1,400 thin users (the matrix's isotropic iso-5-15-1400 and an anisotropic one shaped like
+`simulations.bench_scale`'s populations: true rank 5, 10-20 pairs), each seed 101, in two regimes: the recipe above
+(at the rank, l2 and prior `train` chose; for the anisotropic pilot the `simulate` defaults) and 20 rounds at z = 1
+(`bench_scale`'s). Writes bench_results/dp_train_prior_pilot.{md,json}.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+
+from lore_core.atomic_io import atomic_write_json, atomic_write_text
+
+VARIANTS = (("constant", 1.0), ("cosine", 1.0), ("constant", 5.0), ("cosine", 5.0))
+EPSILON, ROUNDS, USERS_PER_ROUND = 3.0, 200, 100
+
+
+def run_variant(path: Path, chosen: dict, schedule: str | None, init: float | None, seed: int) -> dict:
+    from lore_core.pairs import load_pairs
+    from simulations.bench_privacy import run_in_process
+    from simulations.flower_run import nodes_for
+
+    overrides = {"num-server-rounds": ROUNDS, "clients-per-round": USERS_PER_ROUND, "rank": chosen["rank"],
+                 "l2": chosen["l2"], "prior-pairs": chosen["prior_pairs"], "seed": seed, "eval-every": 0,
+                 "run-dir": "unused", "privacy-mode": "user" if schedule else "none"}
+    if schedule:
+        overrides.update({"server-lr-schedule": schedule, "init-scale": init, "target-epsilon": EPSILON,
+                          "delta": 1e-5})
+    result = run_in_process(path, overrides, nodes_for(int(np.unique(load_pairs(path).user).size)))
+    return {key: result[key] for key in ("seen_test_acc", "unseen_test_acc") if key in result} | (
+        {"epsilon": result.get("epsilon")} if schedule else {})
+
+
+TRAIN_PRIORS = (0.3, 1.0, 3.0)
+
+
+def train_prior_pilot(work: Path, out: Path) -> None:
+    from lore_core.pairs import PAIRS_FILENAME, load_pairs, save_pairs
+    from simulations.bench_matrix import POPULATIONS, run_cell
+    from simulations.bench_privacy import run_in_process
+    from simulations.flower_run import nodes_for
+    from simulations.synthetic_pairs import SyntheticPairsConfig, make_synthetic_pairs
+
+    iso = next(p for p in POPULATIONS if p.name == "iso-5-15-1400")
+    iso_train = run_cell(iso, 101, ("train",), work, False)["train"]
+    aniso_path = work / "data" / "aniso-10-20-1400" / "seed101" / PAIRS_FILENAME
+    if not aniso_path.exists():
+        save_pairs(make_synthetic_pairs(SyntheticPairsConfig(seen_users=1400, unseen_users=140, train_pairs=(10, 20),
+                                                             few_shot_pairs=10, test_pairs=10, seed=101))[0],
+                   aniso_path)
+    pilots = {"iso-5-15-1400": (work / "data" / iso.name / "seed101" / PAIRS_FILENAME,
+                                {k: iso_train[k] for k in ("rank", "l2")} | {"prior-pairs": iso_train["prior_pairs"]}),
+              "aniso-10-20-1400": (aniso_path, {"rank": 5})}
+    regimes = {"200 rounds, epsilon 3": {"num-server-rounds": ROUNDS, "target-epsilon": EPSILON},
+               "20 rounds, z 1": {"num-server-rounds": 20, "noise-multiplier": 1.0}}
+    rows = {}
+    for pilot, (path, settings) in pilots.items():
+        nodes = nodes_for(int(np.unique(load_pairs(path).user).size))
+        for regime, schedule in regimes.items():
+            for prior in TRAIN_PRIORS:
+                result = run_in_process(path, {"clients-per-round": USERS_PER_ROUND, "seed": 0, "eval-every": 0,
+                                               "run-dir": "unused", "privacy-mode": "user", "delta": 1e-5,
+                                               "train-prior-pairs": prior, **settings, **schedule}, nodes)
+                rows.setdefault(prior, {})[f"{pilot}, {regime}"] = [result["seen_test_acc"],
+                                                                    result["unseen_test_acc"]]
+                print(f"{pilot}, {regime}, train prior {prior:g}: {rows[prior][f'{pilot}, {regime}']}", flush=True)
+    score = {prior: float(np.mean([np.mean(v) for v in cells.values()])) for prior, cells in rows.items()}
+    best = max(score, key=score.get)
+    atomic_write_json(out / "dp_train_prior_pilot.json", {"rows": {str(k): v for k, v in rows.items()},
+                                                          "score": {str(k): v for k, v in score.items()},
+                                                          "best": best})
+    columns = list(next(iter(rows.values())))
+    lines = ["# DP: the clients' training prior chosen on pilot populations", "",
+             "`python -m simulations.choose_dp_defaults --train-prior`: user-level DP, 100 users per round, seed 0 of "
+             "the sampler; pilots seed 101. Seen / new accuracy; score = mean over the cells.", "",
+             "| train prior (pairs) | score | " + " | ".join(columns) + " |", "|---" * (len(columns) + 2) + "|"]
+    for prior, cells in rows.items():
+        mark = " **chosen**" if prior == best else ""
+        lines.append(f"| {prior:g}{mark} | {score[prior]:.4f} | " +
+                     " | ".join(f"{cells[c][0]:.4f} / {cells[c][1]:.4f}" for c in columns) + " |")
+    atomic_write_text(out / "dp_train_prior_pilot.md", "\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def main(argv: list[str] | None = None) -> int:
+    from simulations.bench_matrix import POPULATIONS, population_file, run_cell
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", default="101,102,103")
+    parser.add_argument("--population", default="iso-5-15-1400")
+    parser.add_argument("--work", default="runs/bench_matrix")
+    parser.add_argument("--out", default="bench_results")
+    parser.add_argument("--train-prior", action="store_true", help="the clients' training prior under DP instead")
+    args = parser.parse_args(argv)
+    if args.train_prior:
+        train_prior_pilot(Path(args.work), Path(args.out))
+        return 0
+    seeds = [int(s) for s in args.seeds.split(",")]
+    if min(seeds) < 100:
+        parser.error("pilot seeds are >= 100: defaults are never chosen on a reported population")
+    pop = next(p for p in POPULATIONS if p.name == args.population)
+    work = Path(args.work)
+    chosen = run_cell(pop, seeds[0], ("train",), work, False)["train"]
+    results: dict[str, list[dict]] = {}
+    for seed in seeds:
+        path, _ = population_file(pop, seed, work, False)
+        for name, schedule, init in [("non-private", None, None)] + [(f"{s} / {i:g}", s, i) for s, i in VARIANTS]:
+            results.setdefault(name, []).append(run_variant(path, chosen, schedule, init, seed))
+            print(f"seed {seed} {name}: {results[name][-1]}", flush=True)
+    table = {name: {g: float(np.mean([r[f"{g}_test_acc"] for r in runs])) for g in ("seen", "unseen")}
+             for name, runs in results.items()}
+    best = max((n for n in table if n != "non-private"), key=lambda n: table[n]["seen"] + table[n]["unseen"])
+    report = {"population": pop.name, "seeds": seeds, "chosen_by_train": chosen, "epsilon": EPSILON,
+              "rounds": ROUNDS, "users_per_round": USERS_PER_ROUND, "runs": results, "means": table, "best": best}
+    out = Path(args.out)
+    atomic_write_json(out / "dp_defaults_pilot.json", report)
+    lines = ["# DP defaults chosen on pilot populations", "",
+             f"`python -m simulations.choose_dp_defaults --seeds {args.seeds} --population {pop.name}`: user-level "
+             f"DP at epsilon {EPSILON:g}, {ROUNDS} rounds of {USERS_PER_ROUND} users, the default DP server lr, "
+             f"rank {chosen['rank']}, l2 {chosen['l2']:.1e}, prior pairs {chosen['prior_pairs']:g} (what `lore-fed "
+             f"train` chose on seed {seeds[0]}); tail-averaged basis. Mean seen / new accuracy over the pilot seeds.",
+             "", "| server lr schedule / initial scale | seen | new |", "|---|---|---|"]
+    for name, means in table.items():
+        mark = " **chosen**" if name == best else ""
+        lines.append(f"| {name}{mark} | {means['seen']:.4f} | {means['unseen']:.4f} |")
+    atomic_write_text(out / "dp_defaults_pilot.md", "\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,111 @@
+"""Honest model selection: held-out sets of whole groups, the one-SE rule, and files without groups."""
+
+import json
+
+import numpy as np
+
+from lore_core.joint_trainer import TrainConfig, train_joint
+from lore_core.model_selection import Candidate, dense_groups, make_holdout, select_one_se
+from lore_core.pairs import load_pairs, save_pairs
+from lore_cli.main import main
+from simulations.synthetic_pairs import SyntheticPairsConfig, make_synthetic_pairs
+
+
+def _shared_response_pairs():
+    """PRISM-style turns: three pairs per turn share the chosen response; `group` names the turn."""
+    return make_synthetic_pairs(SyntheticPairsConfig(dim=16, true_rank=2, seen_users=60, unseen_users=0,
+                                                     train_pairs=(9, 30), responses_per_turn=4, seed=2))[0]
+
+
+def test_every_held_out_set_is_made_of_whole_groups():
+    pairs = _shared_response_pairs()
+    ids, user_idx = np.unique(pairs.user, return_inverse=True)
+    groups = dense_groups(user_idx, pairs.group)
+    assert np.bincount(groups).tolist() == [3] * (groups.max() + 1)  # the turns
+    holdout = make_holdout(user_idx, groups, ids.size, few_shot=6, seed=0)
+    for mask in (holdout.seen_heldout, holdout.new_shots, holdout.new_rest, holdout.fit_new):
+        per_group = np.bincount(groups, weights=mask, minlength=groups.max() + 1)
+        assert set(per_group.tolist()) <= {0.0, 3.0}  # a turn is on one side only, never split
+    new = holdout.new_users[user_idx]
+    assert not (holdout.fit_new & new).any()  # users treated as new take no part in that basis fit
+    assert (holdout.new_shots | holdout.new_rest)[new].all()
+    assert 0.15 < holdout.new_users.mean() < 0.25
+    # Every new user keeps scored pairs; few-shot sets are whole turns reaching 6 pairs, at most half the turns.
+    shots = np.bincount(user_idx, weights=holdout.new_shots, minlength=ids.size)[holdout.new_users]
+    rest = np.bincount(user_idx, weights=holdout.new_rest, minlength=ids.size)[holdout.new_users]
+    assert (rest > 0).all() and (shots >= 3).all() and (shots <= rest).all()
+    # Seen users hold out about a fifth of their turns, and keep the rest for fitting w.
+    held = np.bincount(user_idx, weights=holdout.seen_heldout, minlength=ids.size)
+    assert (held[~holdout.new_users] >= 3).all()
+    assert (np.bincount(user_idx, weights=holdout.fit_seen, minlength=ids.size) > 0).all()
+
+
+def test_without_groups_every_pair_is_its_own_group():
+    user_idx = np.repeat(np.arange(4), [10, 20, 5, 1])
+    groups = dense_groups(user_idx, None)
+    assert groups.tolist() == list(range(36))
+    holdout = make_holdout(user_idx, groups, 4, heldout_fraction=0.2, seed=0)
+    np.testing.assert_array_equal(np.bincount(user_idx, weights=holdout.seen_heldout), [2, 4, 1, 0])
+    assert not holdout.new_users.any()  # fewer than 10 users with two groups: no new-user fold
+
+
+def _candidate(rank, seen, new, prior_pairs=3.0):
+    return Candidate(rank, 1e-4, prior_pairs, np.asarray(seen, float), np.asarray(new, float))
+
+
+def test_a_higher_rank_must_beat_rank_one_by_more_than_its_standard_error():
+    rng = np.random.default_rng(0)
+    base_seen, base_new = rng.uniform(0.5, 0.9, 200), rng.uniform(0.5, 0.9, 50)
+    noise_seen, noise_new = rng.normal(0, 0.1, 200), rng.normal(0, 0.1, 50)
+    noise_seen, noise_new = noise_seen - noise_seen.mean(), noise_new - noise_new.mean()  # gains exactly as added
+    bt = _candidate(1, base_seen, base_new)
+    # Mean gain about half a standard error: rank 1 stays.
+    small = _candidate(4, base_seen + noise_seen + 0.004, base_new + noise_new + 0.004)
+    chosen, table = select_one_se([bt, small])
+    assert chosen is bt
+    row = table[1]
+    assert 0 < row["gain_vs_rank1"] < row["gain_se"] and not row["eligible"] and table[0]["chosen"]
+    # Two points of gain on both seen and new users, well over its SE: the higher rank is chosen.
+    clear = _candidate(4, base_seen + noise_seen + 0.02, base_new + noise_new + 0.02)
+    chosen, table = select_one_se([bt, small, clear])
+    assert chosen is clear and table[2]["gain_vs_rank1"] > table[2]["gain_se"] and table[2]["chosen"]
+
+
+def test_a_gain_for_seen_users_does_not_buy_a_loss_for_new_users():
+    rng = np.random.default_rng(1)
+    base_seen, base_new = rng.uniform(0.5, 0.9, 200), rng.uniform(0.5, 0.9, 50)
+    bt = _candidate(1, base_seen, base_new)
+    # Large gain for seen users, a clear loss for new ones (the combined gain is still positive).
+    lopsided = _candidate(8, base_seen + 0.08 + rng.normal(0, 0.05, 200), base_new - 0.03 + rng.normal(0, 0.05, 50))
+    chosen, table = select_one_se([bt, lopsided])
+    assert table[1]["gain_vs_rank1"] > table[1]["gain_se"]
+    assert chosen is bt and not table[1]["eligible"]
+
+
+def test_without_personalization_signal_rank_one_is_kept():
+    """Every user has the same w: the selection falls back to one shared reward (or a model as good on held-out
+    groups), never to a model that its own estimate says is worse."""
+    pairs, _ = make_synthetic_pairs(SyntheticPairsConfig(dim=16, true_rank=3, seen_users=60, unseen_users=0,
+                                                         train_pairs=(15, 25), personalization=0.0, seed=5))
+    train = pairs.select(seen=True, split="train")
+    fit = train_joint(train.diff, train.user, TrainConfig(rank_grid=(1, 3), l2_grid=(1e-4, 1e-3)),
+                      group=train.group)
+    (chosen,) = [row for row in fit.selection if row["chosen"]]
+    assert fit.rank == 1 or chosen["gain_vs_rank1"] > chosen["gain_se"]
+    assert fit.rank == 1 or (chosen["seen_gain"] > -chosen["seen_gain_se"]
+                             and chosen["new_gain"] > -chosen["new_gain_se"])
+
+
+def test_a_file_without_groups_still_trains_and_says_how_it_split(tmp_path, capsys):
+    pairs, _ = make_synthetic_pairs(SyntheticPairsConfig(dim=16, true_rank=2, seen_users=30, unseen_users=6, seed=4))
+    np.savez(tmp_path / "pairs.npz", diff=pairs.diff, user=pairs.user, split=pairs.split, seen=pairs.seen)
+    assert load_pairs(tmp_path).group is None  # an old file: no `group` array
+    assert main(["train", str(tmp_path), "--rank-grid", "1,2", "--l2", "1e-3", "--out", str(tmp_path / "run")]) == 0
+    assert "no `group` array" in capsys.readouterr().out
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["held_out"]["groups"] == "one group per pair (no group array)"
+    # With the group array, the same command splits by group and says so.
+    save_pairs(pairs, tmp_path / "grouped")
+    assert main(["train", str(tmp_path / "grouped"), "--rank-grid", "1,2", "--l2", "1e-3",
+                 "--out", str(tmp_path / "run2")]) == 0
+    assert json.loads((tmp_path / "run2" / "metrics.json").read_text())["held_out"]["groups"] == "group array"
