@@ -47,12 +47,12 @@ def choose_cohort(population: int, rounds: int, rank: int, dim: int) -> tuple[in
 
 
 def run_point(path: Path, users: int, cohort: int, rounds: int, rank: int, epsilon: float | None) -> dict:
-    from lore_core.simplex_fit import DEFAULT_PRIOR_STRENGTH
+    from lore_core.simplex_fit import DEFAULT_PRIOR_PAIRS
     from simulations.bench_privacy import run_in_process
     from simulations.flower_run import nodes_for
 
     overrides = {"num-server-rounds": rounds, "clients-per-round": cohort, "rank": rank, "seed": 0,
-                 "eval-every": 0, "prior-strength": DEFAULT_PRIOR_STRENGTH, "run-dir": "runs/bench_scale_privacy",
+                 "eval-every": 0, "train-prior-pairs": DEFAULT_PRIOR_PAIRS, "run-dir": "runs/bench_scale_privacy",
                  "privacy-mode": "none"}
     if epsilon is not None:
         overrides.update({"privacy-mode": "user", "target-epsilon": epsilon, "delta": DELTA})

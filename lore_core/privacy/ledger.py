@@ -50,6 +50,8 @@ COVERED = [
     "that produced them (releases/)",
     "the norm of each released basis step (rounds.jsonl, report): a function of released bases",
     "the server optimizer state (checkpoint.npz): a function of the released mean updates",
+    "the reported basis (basis.npz, the evaluated basis): the running mean of the bases released in the last quarter "
+    "of the rounds, a function of released bases",
     "epsilon after each round (ledger, rounds.jsonl, report): a function of the settings and the round count",
 ]
 DESCRIPTIONS: dict[str, dict[str, str]] = {
