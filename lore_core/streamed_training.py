@@ -1,9 +1,10 @@
 """Centralized LoRe on a pair file too large for the full-batch trainer: what `lore-fed train` runs above
 `LARGE_POPULATION` users.
 
-1. Model selection (rank, l2) with `joint_trainer.train_joint` on a seeded sample of `SELECTION_USERS` seen users
-   (its validation protocol, unchanged); its basis is the starting point of step 2.
-2. All seen users' training pairs (float32, grouped by user; the only large array held) are fit by
+1. Model selection (rank, l2, personal prior) with `joint_trainer.train_joint` on a seeded sample of
+   `SELECTION_USERS` seen users (its held-out protocol, split by the file's `group` when it has one); its basis is
+   the starting point of step 2.
+2. All seen users' training pairs (float32, grouped by user, and their groups if any: the large arrays held) are fit by
    `minibatch_trainer.fit_minibatch` at the selected rank and l2.
 3. Evaluation as `lore_core.evaluation.evaluate_model`, run on blocks of whole users read from the file and
    combined (every metric is a mean over users, so a block's value is weighed by its users).
@@ -33,9 +34,11 @@ EVAL_BLOCK_ROWS = 1 << 17  # rows per evaluation block (~200 MB of diff at D = 3
 _COUNTS = ("unseen_users_without_few_shot", "pairs", "seen_users", "unseen_users", "train_pairs", "test_pairs")
 
 
-def seen_training_pairs(columns: PairColumns, index: PairIndex) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Every seen user's training pairs: (diff (n, D) float32 grouped by user, starts (S + 1,), user ids (S,)).
-    Two passes: the seen and split columns to size the array, then the diffs block by block into it."""
+def seen_training_pairs(columns: PairColumns,
+                        index: PairIndex) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+    """Every seen user's training pairs: (diff (n, D) float32 grouped by user, starts (S + 1,), user ids (S,),
+    their `group` (n,) or None when the file has none). Two passes: the seen and split columns to size the array,
+    then the diffs block by block into it."""
     keep = np.zeros(columns.n, bool)
     for start in range(0, columns.n, 1 << 20):
         stop = min(start + (1 << 20), columns.n)
@@ -44,24 +47,28 @@ def seen_training_pairs(columns: PairColumns, index: PairIndex) -> tuple[np.ndar
     per_user = np.add.reduceat(ordered.astype(np.int64), index.starts[:-1]) if ordered.size else np.zeros(0, int)
     users = np.flatnonzero(per_user > 0)
     diff = np.empty((int(ordered.sum()), columns.dim), np.float32)
+    groups = [] if columns.has("group") else None
     filled = 0
     for first, stop in index.user_chunks(EVAL_BLOCK_ROWS):
         rows = index.rows(first, stop)
         rows = rows[keep[rows]]
         diff[filled:filled + rows.size] = columns.take("diff", rows)
+        if groups is not None:
+            groups.append(columns.take("group", rows))
         filled += rows.size
-    return diff, np.r_[0, np.cumsum(per_user[users])].astype(np.int64), index.user_ids[users]
+    group = None if groups is None else np.concatenate(groups) if groups else np.zeros(0, str)
+    return diff, np.r_[0, np.cumsum(per_user[users])].astype(np.int64), index.user_ids[users], group
 
 
 def train_streamed(path: str | Path, config: TrainConfig, *, epochs: int = MinibatchConfig.epochs) -> JointFit:
     """Steps 1 and 2 of the module docstring on the pair file at `path` (validated by the caller)."""
     started = time.perf_counter()
     columns = PairColumns.open(path)
-    diff, starts, user_ids = seen_training_pairs(columns, PairIndex.build(columns))
+    diff, starts, user_ids, group = seen_training_pairs(columns, PairIndex.build(columns))
     rng = np.random.default_rng(config.seed)
     sample = np.sort(rng.choice(user_ids.size, size=min(SELECTION_USERS, user_ids.size), replace=False))
     rows, owner = rows_of_users(starts, sample)
-    selected = train_joint(diff[rows], user_ids[sample][owner], config)
+    selected = train_joint(diff[rows], user_ids[sample][owner], config, group=None if group is None else group[rows])
     fit = fit_minibatch(diff, starts, selected.basis,
                         MinibatchConfig(rank=selected.rank, l2=selected.l2, prior_pairs=config.train_prior_pairs,
                                         epochs=epochs, seed=config.seed, device=config.device))

@@ -79,6 +79,7 @@ def test_large_population_path_selects_on_a_sample_fits_minibatches_and_evaluate
     assert main(["train", str(pair_file), "--rank", "2", "--out", str(run)]) == 0
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["trainer"] == "minibatch" and metrics["pairs"] == load_pairs(pair_file).summary()
+    assert metrics["held_out"]["groups"] == "group array"  # the sample's held-out sets split the file's groups
     basis = load_basis(run / "basis.npz").basis
     weights = np.load(run / "user_weights.npz")
     expected = evaluate_model(load_pairs(pair_file), basis, prior_pairs=metrics["prior_pairs"],
