@@ -46,7 +46,8 @@ def published_row(pairs, rank):
 def lore_row(pairs, rank):
     train = pairs.select(seen=True, split="train")
     fit = train_joint(train.diff, train.user, TrainConfig(rank=rank))
-    metrics = evaluate_model(pairs, fit.basis, joint_weights=(fit.user_ids, fit.user_weights))
+    metrics = evaluate_model(pairs, fit.basis, prior_pairs=fit.prior_pairs,
+                             joint_weights=(fit.user_ids, fit.user_weights))
     per_rank = {}
     for row in fit.selection:
         per_rank[row["rank"]] = per_rank.get(row["rank"], 0.0) + row["seconds"]
