@@ -274,6 +274,7 @@ def canary_secrets(args: argparse.Namespace, shape: tuple[int, int]):
 def _simulate(args, pairs_path, population, overrides, settings, privacy, reference, out) -> int:
     from lore_cli.run_report import write_report
     from lore_core.basis_file import save_basis
+    from server.optimizer import reported_basis
     from server.checkpoint import load_checkpoint
     from simulations.flower_run import AppShadowedError, simulate_pairs
 
@@ -312,7 +313,7 @@ def _simulate(args, pairs_path, population, overrides, settings, privacy, refere
                    **privacy_keys)
     metrics.update(run_problems(state.history))
     # The reported basis: the server's tail average of the released bases (server/optimizer.py), else the last.
-    save_basis(out / "basis.npz", state.optimizer.get("average", state.basis), version=state.round,
+    save_basis(out / "basis.npz", reported_basis(state.optimizer, state.basis), version=state.round,
                embedder="unknown", prior_pairs=settings.prior_pairs)
     atomic_write_json(out / "metrics.json", metrics)
     command = "lore-fed simulate " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if sys.argv[1:2] == [

@@ -77,7 +77,7 @@ class _ServerOptimizer:
 
     def reported(self, basis: np.ndarray) -> np.ndarray:
         """The basis the run reports: the tail average once it exists, else the current basis (B, D)."""
-        return basis if self.average is None else self.average
+        return reported_basis(self.state_dict(), basis)
 
     def _update(self, basis: np.ndarray, grad: np.ndarray, lr: float) -> np.ndarray:
         raise NotImplementedError
@@ -131,6 +131,11 @@ class ServerAdam(_ServerOptimizer):
         super().load_state_dict(state)
         if state:
             self.m, self.v = state["m"].copy(), state["v"].copy()
+
+
+def reported_basis(state: dict[str, np.ndarray], basis: np.ndarray) -> np.ndarray:
+    """The reported basis from an optimizer's saved state (a checkpoint's) and the current basis (B, D)."""
+    return state.get("average", basis)
 
 
 def make_optimizer(name: str, lr: float, total_rounds: int | None = None,

@@ -6,7 +6,8 @@ from dataclasses import asdict, dataclass
 
 from lore_core.privacy.privacy_settings import MODES as PRIVACY_MODES
 from lore_core.privacy.privacy_settings import PrivacySettings, validate
-from server.optimizer import SCHEDULES, default_init_scale, default_schedule, default_server_lr
+from server.optimizer import (SCHEDULES, ServerAdam, ServerSGD, default_init_scale, default_schedule,
+                              default_server_lr, make_optimizer)
 
 SERVER_OPTIMIZERS = ("adam", "sgd")
 PROGRESS_STYLES = ("bar", "log")
@@ -158,6 +159,10 @@ class ServerSettings:
         if self.privacy_mode == "user+secagg":
             fields["dimension"] = int(self.rank * dim)
         return validate(PrivacySettings(**fields))
+
+    def new_optimizer(self) -> ServerSGD | ServerAdam:
+        """The run's server optimizer, fresh: its rate, schedule over the planned rounds and tail average."""
+        return make_optimizer(self.server_optimizer, self.server_lr, self.rounds, self.server_lr_schedule)
 
     def fingerprint(self) -> dict:
         """What a resumed run must share with the run that wrote the checkpoint (timeouts may change)."""

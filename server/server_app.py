@@ -14,7 +14,6 @@ from flwr.serverapp import Grid, ServerApp
 from lore_core.run_lock import RunDirLock
 from server.aggregation import Aggregator, make_aggregator
 from server.checkpoint import RunState, initial_basis, start_or_resume
-from server.optimizer import make_optimizer
 from server.population import discover_population
 from server.release_record import ReleaseRecord
 from server.round_progress import RoundProgress
@@ -47,8 +46,7 @@ def _run_locked(grid: Grid, settings: ServerSettings, on_round: Callable[[dict],
     privacy = settings.privacy_settings(population.size, population.dim)
     ledger = open_ledger(settings.run_dir, privacy, evaluation_policy(settings.eval_every, privacy.is_dp))
     aggregator = aggregator or make_aggregator(settings, privacy)
-    optimizer = make_optimizer(settings.server_optimizer, settings.server_lr, settings.rounds,
-                               settings.server_lr_schedule)
+    optimizer = settings.new_optimizer()
     state, resumed = start_or_resume(settings, population)
     if resumed:
         optimizer.load_state_dict(state.optimizer)

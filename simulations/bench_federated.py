@@ -75,7 +75,7 @@ def direct_compute(pairs_path: Path, overrides: dict, num_nodes: int, rounds: in
     from federation.user_block import load_partition_users
     from server.aggregation import make_aggregator
     from server.checkpoint import initial_basis
-    from server.optimizer import make_optimizer, pseudo_gradient
+    from server.optimizer import pseudo_gradient
     from server.population import Population
     from server.run_settings import ServerSettings
     from simulations.flower_run import ROOT
@@ -87,8 +87,7 @@ def direct_compute(pairs_path: Path, overrides: dict, num_nodes: int, rounds: in
     population = Population(node_ids=np.arange(num_nodes, dtype=np.uint64), partition_ids=np.arange(num_nodes),
                             counts=np.array([b.n_train_users for b in blocks]), dim=blocks[0].dim)
     aggregator = make_aggregator(settings, settings.privacy_settings(population.size, population.dim))
-    optimizer = make_optimizer(settings.server_optimizer, settings.server_lr, settings.rounds,
-                               settings.server_lr_schedule)
+    optimizer = settings.new_optimizer()
     basis = initial_basis(settings.rank, population.dim, settings.seed, settings.init_scale)
     started = time.perf_counter()
     for _ in range(rounds):

@@ -48,7 +48,7 @@ def run_in_process(pairs_path: Path, overrides: dict, num_nodes: int, *, record_
     from lore_core.privacy.dp_fedavg import clip_updates
     from server.aggregation import make_aggregator
     from server.checkpoint import initial_basis
-    from server.optimizer import make_optimizer, pseudo_gradient
+    from server.optimizer import pseudo_gradient
     from server.population import Population
     from server.run_settings import ServerSettings
     from simulations.flower_run import ROOT
@@ -70,8 +70,7 @@ def run_in_process(pairs_path: Path, overrides: dict, num_nodes: int, *, record_
 
         aggregator.encoding = plan_encoding(privacy.clip_norm, privacy.noise_multiplier, int(population.counts.max()),
                                             num_nodes, population.size)
-    optimizer = make_optimizer(settings.server_optimizer, settings.server_lr, settings.rounds,
-                               settings.server_lr_schedule)
+    optimizer = settings.new_optimizer()
     basis = initial_basis(settings.rank, population.dim, settings.seed, settings.init_scale)
     norms, sampled_counts = [], []
     started = time.perf_counter()
