@@ -75,7 +75,7 @@ def train_clipped(context: Context, settings: p.ClientSettings, node: NodeUsers,
     weights = load_weights(context, node.n_train_users, basis.shape[0])
     weights, updates = train_sampled_users(basis, node.training_block(sampled), weights, sampled,
                                            prior_pairs=settings.train_prior_pairs, steps=settings.local_steps,
-                                           lr=settings.client_lr)
+                                           lr=settings.client_lr, objective=settings.objective)
     save_weights(context, weights)
     if clip_norm is not None:
         from lore_core.privacy.dp_fedavg import clip_updates

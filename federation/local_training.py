@@ -5,6 +5,8 @@ size `lr` on u's own copy of A with w_u fixed. With w fixed every step is rank o
 basis stays A - lr * w_u (x) r_u and the whole local run is exact in r_u (D,):
     z_j = w_u . A d_j - lr |w_u|^2 (r_u . d_j),   r_u += v_u(z) = mean_{j in u} dloss/dz_j d_j.
 The update sent is dA_u = -lr * w_u (x) r_u  (B, D): the user's pseudo-gradient, nothing per pair.
+With the marginal objective (`lore_core.marginal_fit`: w integrated out, for thin users) the update is one exact
+step, dA_u = -lr * grad_A [-log p(pairs_u | A) / n_u], and no w is fitted for training (run config `objective`).
 """
 
 from __future__ import annotations
@@ -15,7 +17,10 @@ import numpy as np
 
 from federation.user_block import EVAL_BLOCK_USERS, NodeUsers, RowGroup, UserBlock
 from lore_core.reward_math import bt_loss_grad, per_user_accuracy, segment_sum
+from lore_core.marginal_fit import marginal_user_gradients
 from lore_core.simplex_fit import fit_user_weights, prior_from_pairs
+
+OBJECTIVES = ("joint", "marginal")
 
 # Tight enough that a warm start (w from the last round) and a cold start (a restarted run) give the same w.
 FIT_TOL = 1e-11
@@ -48,28 +53,39 @@ def local_basis_updates(basis: np.ndarray, weights: np.ndarray, rows: RowGroup, 
     return -lr * weights[:, :, None] * r[:, None, :]
 
 
+def sampled_rows(block: UserBlock, sampled: np.ndarray) -> RowGroup:
+    """The training rows of the sampled local users (k,), user_idx relabelled to 0..k-1."""
+    rows = block.seen_train
+    keep = np.isin(rows.user_idx, sampled)
+    relabel = np.full(block.n_train_users, -1, dtype=np.int64)
+    relabel[sampled] = np.arange(sampled.size)
+    return RowGroup(diff=rows.diff[keep], user_idx=relabel[rows.user_idx[keep]], logit_true=None)
+
+
 def fit_sampled_users(basis: np.ndarray, block: UserBlock, weights: np.ndarray, sampled: np.ndarray, *,
                       prior_pairs: float) -> tuple[np.ndarray, RowGroup]:
     """Refit w of the sampled local users (k,) with A frozen (warm start from `weights` (S, B)), each with the
     training prior worth `prior_pairs` of its pairs (as `lore_core.joint_trainer` trains); `block` holds
     at least their training rows (`NodeUsers.training_block`).
     Returns (their w (k, B), their train rows with user_idx relabelled to 0..k-1)."""
-    rows = block.seen_train
-    keep = np.isin(rows.user_idx, sampled)
-    relabel = np.full(block.n_train_users, -1, dtype=np.int64)
-    relabel[sampled] = np.arange(sampled.size)
-    sub = RowGroup(diff=rows.diff[keep], user_idx=relabel[rows.user_idx[keep]], logit_true=None)
+    sub = sampled_rows(block, sampled)
     prior = prior_from_pairs(sub.user_idx, sampled.size, prior_pairs)
     return fit_weights(basis, sub, sampled.size, prior, init=weights[sampled]), sub
 
 
 def train_sampled_users(basis: np.ndarray, block: UserBlock, weights: np.ndarray, sampled: np.ndarray, *,
-                        prior_pairs: float, steps: int, lr: float) -> tuple[np.ndarray, np.ndarray]:
-    """Fit w and compute dA for the sampled local users.
+                        prior_pairs: float, steps: int, lr: float,
+                        objective: str = "joint") -> tuple[np.ndarray, np.ndarray]:
+    """Fit w and compute dA for the sampled local users (module docstring; `objective` "joint" or "marginal").
 
     weights (S, B): the node's stored w (warm start); sampled (k,) local indices.
     Returns (new weights (S, B) with the sampled rows refit, updates (k, B, D)).
     """
+    if objective == "marginal":  # w integrated out: one exact gradient step, the stored w untouched
+        sub = sampled_rows(block, sampled)
+        return weights, -lr * marginal_user_gradients(basis, sub.diff, sub.user_idx, sampled.size)
+    if objective != "joint":
+        raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
     fitted, sub = fit_sampled_users(basis, block, weights, sampled, prior_pairs=prior_pairs)
     updated = weights.copy()
     updated[sampled] = fitted

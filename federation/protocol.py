@@ -57,8 +57,9 @@ class ClientSettings:
     pairs_path: str  # simulation: the shared pair file; empty in deployment (node_config data-path instead)
     train_prior_pairs: float  # training: prior of the w fit before each local step, in pairs (c / n_u per user)
     prior_pairs: float  # evaluation: the personal prior of the final w fit, in pairs (simplex_fit.prior_from_pairs)
-    local_steps: int
+    local_steps: int  # 1 with the marginal objective (one exact gradient step)
     client_lr: float
+    objective: str = "joint"  # "joint" (w fitted, then local steps) or "marginal" (w integrated out)
     device: str = "cpu"  # record mode: torch device of the DP-SGD step
     canary_nodes: int = 0  # simulation with canaries: the last `canary_nodes` partitions host canary users
     canary_secrets: str = ""  # ... whose directions and coins they read from this file (federation/canary_users.py)
@@ -69,12 +70,19 @@ class ClientSettings:
             pairs_path=str(run_config.get("pairs-path", "")),
             train_prior_pairs=float(run_config["train-prior-pairs"]),
             prior_pairs=float(run_config["prior-pairs"]),
-            local_steps=int(run_config["local-steps"]),
+            local_steps=local_steps(run_config),
             client_lr=float(run_config["client-lr"]),
+            objective=str(run_config.get("objective", "joint")),
             device=str(run_config.get("device", "cpu")),
             canary_nodes=int(run_config.get("canary-nodes", 0) or 0),
             canary_secrets=str(run_config.get("canary-secrets", "")),
         )
+
+
+def local_steps(run_config: dict) -> int:
+    """The local steps a client takes: `local-steps`, or 1 with the marginal objective, whose update is one exact
+    gradient step (server and clients read it here, so the server's pseudo-gradient divides by what ran)."""
+    return 1 if str(run_config.get("objective", "joint")) == "marginal" else int(run_config["local-steps"])
 
 
 def encode_user_indices(indices: np.ndarray) -> bytes:

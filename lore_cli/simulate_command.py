@@ -47,6 +47,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--client-lr", type=float, default=None)
     parser.add_argument("--prior-pairs", type=float, default=None,
                         help="personal prior of every user's final w fit, in pairs (default 3)")
+    parser.add_argument("--objective", default=None, choices=("joint", "marginal"),
+                        help="clients' update: joint (fit w, then local steps; default) or marginal (w integrated "
+                             "out, one exact step; privacy none only); take the one `lore-fed train` chose")
     parser.add_argument("--train-prior-pairs", type=float, default=None,
                         help="prior of the clients' w fits inside training, in pairs (default 3, as `train`)")
     parser.add_argument("--canaries", type=int, default=0,
@@ -117,7 +120,7 @@ def run_overrides(args: argparse.Namespace, seen_users: int) -> dict:
     }
     for key, value in (("rank", args.rank), ("server-optimizer", args.server_optimizer),
                        ("server-lr", args.server_lr), ("local-steps", args.local_steps), ("client-lr", args.client_lr),
-                       ("train-prior-pairs", args.train_prior_pairs)):
+                       ("train-prior-pairs", args.train_prior_pairs), ("objective", args.objective)):
         if value is not None:
             overrides[key] = value
     return overrides

@@ -22,6 +22,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="personal prior of every user's final w fit, in pairs, or 'auto' (held-out groups)")
     parser.add_argument("--train-prior-pairs", type=float, default=None,
                         help="prior of the w fits inside joint training, in pairs (default 3)")
+    parser.add_argument("--objective", default="auto", choices=("auto", "joint", "marginal"),
+                        help="how the basis is fit: joint (w fitted with it), marginal (w integrated out: thin "
+                             "users), or auto (both are candidates of the held-out selection)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--out", required=True, help="run directory for metrics.json and basis.npz")
@@ -100,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
     from lore_core.pair_columns import PairColumns, PairIndex
     from lore_core.streamed_training import LARGE_POPULATION
 
-    options = {"seed": check_seed(args.seed), "device": check_device(args.device)}
+    options = {"seed": check_seed(args.seed), "device": check_device(args.device), "objective": args.objective}
     if args.l2 != "auto":
         options["l2"] = parse_number(args.l2, "--l2")
     if args.prior_pairs != "auto":
@@ -116,6 +119,7 @@ def run(args: argparse.Namespace) -> int:
         train_seconds=fit.train_seconds,
         evaluate_seconds=evaluate_seconds,
         l2=fit.l2,
+        objective=fit.objective,
         train_prior_pairs=config.train_prior_pairs,
         seconds_per_rank=_seconds_per_rank(fit.selection),
         selection=fit.selection,
@@ -175,8 +179,12 @@ def _train_streamed(args: argparse.Namespace, options: dict):
     block, model selection runs on a sample of users, the minibatch trainer fits all of them, evaluation reads the
     file in blocks -> (fit, config, metrics, summary, evaluation seconds)."""
     from lore_core.pair_columns import check_pair_file
-    from lore_core.streamed_training import SELECTION_USERS, evaluate_streamed, train_streamed
+    from lore_core.streamed_training import LARGE_POPULATION, SELECTION_USERS, evaluate_streamed, train_streamed
 
+    if options["objective"] == "marginal":
+        raise ValueError(f"--objective marginal is not offered above {LARGE_POPULATION} users (the minibatch trainer "
+                         "fits the joint objective); use --objective joint or auto")
+    options = {**options, "objective": "joint"}
     columns, _, counts = check_pair_file(args.pairs)
     refuse_untrainable(columns.source, counts.train_users, counts.idle_users)
     true_basis = benchmark_truth(columns)
@@ -237,7 +245,8 @@ def _seconds_per_rank(selection: list[dict]) -> dict[str, float]:
 
 def format_metrics(metrics: dict) -> str:
     keys = [k for k in metrics if k.endswith("_acc")]
-    parts = [f"rank {metrics['rank']}"] + [f"{k} {metrics[k]:.4f}" for k in keys]
+    parts = [f"rank {metrics['rank']}" + (f" ({metrics['objective']})" if "objective" in metrics else "")]
+    parts += [f"{k} {metrics[k]:.4f}" for k in keys]
     if "train_seconds" in metrics:
         parts.append(f"train {metrics['train_seconds']:.1f}s")
     return " | ".join(parts)

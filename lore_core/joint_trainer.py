@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from lore_core.marginal_fit import fit_basis_marginal
 from lore_core.model_selection import Candidate, dense_groups, heldout_accuracy, make_holdout, select_one_se
 from lore_core.simplex_fit import DEFAULT_PRIOR_PAIRS, DEFAULT_PRIOR_STRENGTH, prior_from_pairs
 
@@ -27,6 +28,7 @@ DEFAULT_RANK_GRID = (1, 2, 3, 4, 6, 8)
 # square of the embedding's scale, and it ranged over 1e-6 .. 1e-4 on the pilot populations (thin users want more).
 DEFAULT_L2_GRID = (1e-6, 3e-6, 1e-5, 3e-5, 1e-4, 3e-4, 1e-3)
 DEFAULT_PRIOR_PAIRS_GRID = (1.0, 3.0, 10.0, 30.0)
+OBJECTIVES = ("joint", "marginal")
 WALK_TOLERANCE = 0.003  # a held-out score this far below the rank's best ends its l2 walk
 
 
@@ -34,6 +36,9 @@ WALK_TOLERANCE = 0.003  # a held-out score this far below the rank's best ends i
 class TrainConfig:
     rank: int | str = "auto"  # an int, or "auto" = the one-SE rule over rank_grid (lore_core.model_selection)
     rank_grid: tuple[int, ...] = DEFAULT_RANK_GRID
+    # How the basis is fit: "joint" (w fitted with it), "marginal" (w integrated out, lore_core.marginal_fit, started
+    # from the joint fit), or "auto" = both are candidates of the held-out selection.
+    objective: str = "auto"
     l2: float | str = "auto"
     l2_grid: tuple[float, ...] = DEFAULT_L2_GRID  # relative (see DEFAULT_L2_GRID)
     train_prior_pairs: float = DEFAULT_PRIOR_PAIRS  # KL(w || uniform) of joint training, per user c / n_u
@@ -57,6 +62,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be in (0, 1), got {getattr(self, name)}")
         if self.prior_pairs != "auto" and not (isinstance(self.prior_pairs, (int, float)) and self.prior_pairs > 0):
             raise ValueError(f"prior_pairs must be > 0 or 'auto', got {self.prior_pairs!r}")
+        if self.objective not in (*OBJECTIVES, "auto"):
+            raise ValueError(f"objective must be one of {OBJECTIVES} or 'auto', got {self.objective!r}")
         if 1 not in self.rank_grid:
             raise ValueError("rank_grid must include 1 (the single-reward BT baseline)")
 
@@ -69,6 +76,7 @@ class JointFit:
     rank: int
     l2: float
     prior_pairs: float = DEFAULT_PRIOR_PAIRS  # personal prior of the final w fits that goes with this basis
+    objective: str = "joint"  # how the basis was fit (TrainConfig.objective)
     selection: list[dict] = field(default_factory=list)  # one row per (rank, l2, prior_pairs) tried
     held_out: dict = field(default_factory=dict)  # how the held-out sets were made (groups or pairs, sizes)
     train_seconds: float = 0.0
@@ -214,33 +222,52 @@ def train_joint(diff: np.ndarray, user: np.ndarray, config: TrainConfig = TrainC
                            few_shot=config.few_shot, seed=config.seed)
     masks = {"seen": holdout.fit_seen, "new": holdout.fit_new if holdout.new_users.any() else holdout.fit_seen}
 
+    objectives = OBJECTIVES if config.objective == "auto" else (config.objective,)
+
     def fit(mask: np.ndarray, rank: int, l2: float, max_iter: int, init=None) -> tuple[np.ndarray, np.ndarray]:
         idx = user_idx[mask]
         return fit_basis_and_weights(diff[mask], idx, n_users, rank=rank, l2=l2, max_iter=max_iter,
                                      prior_strength=prior_from_pairs(idx, n_users, config.train_prior_pairs),
                                      seed=config.seed, device=config.device, init=init)
 
+    def marginal(mask: np.ndarray, rank: int, l2: float, max_iter: int, joint_basis: np.ndarray) -> np.ndarray:
+        return fit_basis_marginal(diff[mask], user_idx[mask], n_users, rank=rank, l2=l2, init=joint_basis,
+                                  max_iter=max_iter, device=config.device)
+
     def estimate(rank: int, l2: float, warm: dict) -> list[Candidate]:
-        """Held-out candidates of (rank, l2), one per personal prior; `warm` holds the walk's previous fits."""
+        """Held-out candidates of (rank, l2), one per objective and personal prior; `warm` holds the walk's
+        previous joint fits (a marginal fit starts from the joint fit on the same pairs)."""
         t0 = time.perf_counter()
-        bases = {}
+        bases: dict[str, dict[str, np.ndarray]] = {objective: {} for objective in objectives}
         for key, mask in masks.items():
             basis, weights = fit(mask, rank, l2, config.candidate_max_iter, warm.get(key))
             warm[key] = None if collapsed(basis) else (basis, weights)  # never start from a collapsed fit
-            bases[key] = basis
+            for objective in objectives:
+                bases[objective][key] = basis if objective == "joint" or rank == 1 else \
+                    marginal(mask, rank, l2, config.candidate_max_iter, basis)
         out = []
-        for prior_pairs in priors[:1] if rank == 1 else priors:  # rank 1: w = 1 whatever the prior
-            seen = heldout_accuracy(bases["seen"], diff, user_idx, n_users, holdout.fit_seen, holdout.seen_heldout,
-                                    prior_pairs)
-            new = heldout_accuracy(bases["new"], diff, user_idx, n_users, holdout.new_shots, holdout.new_rest,
-                                   prior_pairs)
-            out.append(Candidate(rank, l2, prior_pairs, seen, new, time.perf_counter() - t0))
+        for objective in objectives[:1] if rank == 1 else objectives:  # rank 1: one shared reward either way
+            for prior_pairs in priors[:1] if rank == 1 else priors:  # rank 1: w = 1 whatever the prior
+                seen = heldout_accuracy(bases[objective]["seen"], diff, user_idx, n_users, holdout.fit_seen,
+                                        holdout.seen_heldout, prior_pairs)
+                new = heldout_accuracy(bases[objective]["new"], diff, user_idx, n_users, holdout.new_shots,
+                                       holdout.new_rest, prior_pairs)
+                out.append(Candidate(rank, l2, prior_pairs, seen, new, time.perf_counter() - t0, objective))
         return out
 
-    if len(ranks) * len(l2s) * len(priors) == 1:  # nothing to select
-        basis, weights = fit(np.ones(user_idx.size, bool), ranks[0], l2s[0], config.max_iter)
+    def final_fit(rank: int, l2: float, objective: str) -> tuple[np.ndarray, np.ndarray]:
+        everything = np.ones(user_idx.size, bool)
+        basis, weights = fit(everything, rank, l2, config.max_iter)
+        if objective == "marginal" and rank > 1:
+            basis = marginal(everything, rank, l2, config.max_iter, basis)
+            weights = fit_few_shot_torch(basis, diff, user_idx, n_users, device=config.device,
+                                         prior_strength=prior_from_pairs(user_idx, n_users, config.train_prior_pairs))
+        return basis, weights
+
+    if len(ranks) * len(l2s) * len(priors) * len(objectives) == 1:  # nothing to select
+        basis, weights = final_fit(ranks[0], l2s[0], objectives[0])
         return JointFit(basis=basis, user_weights=weights, user_ids=user_ids, rank=ranks[0], l2=l2s[0],
-                        prior_pairs=priors[0], train_seconds=time.perf_counter() - start)
+                        prior_pairs=priors[0], objective=objectives[0], train_seconds=time.perf_counter() - start)
     candidates: list[Candidate] = []
     best_score, stale = -math.inf, 0
     for rank in ranks:
@@ -257,10 +284,11 @@ def train_joint(diff: np.ndarray, user: np.ndarray, config: TrainConfig = TrainC
         if stale >= 2:
             break
     chosen, table = select_one_se(candidates)
-    basis, weights = fit(np.ones(user_idx.size, bool), chosen.rank, chosen.l2, config.max_iter)
+    basis, weights = final_fit(chosen.rank, chosen.l2, chosen.objective)
     held_out = {"groups": "group array" if group is not None else "one group per pair (no group array)",
                 "seen_heldout_pairs": int(holdout.seen_heldout.sum()), "new_fold_users": int(holdout.new_users.sum()),
                 "new_fold_scored_pairs": int(holdout.new_rest.sum()), "l2_unit": unit}
     return JointFit(basis=basis, user_weights=weights, user_ids=user_ids, rank=chosen.rank, l2=chosen.l2,
-                    prior_pairs=chosen.prior_pairs, selection=table, held_out=held_out,
+                    prior_pairs=chosen.prior_pairs, objective=chosen.objective if chosen.rank > 1 else "joint",
+                    selection=table, held_out=held_out,
                     train_seconds=time.perf_counter() - start)

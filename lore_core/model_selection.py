@@ -121,6 +121,7 @@ class Candidate:
     seen: np.ndarray
     new: np.ndarray
     seconds: float = 0.0
+    objective: str = "joint"  # how the basis was fit: "joint" (w fitted with it) or "marginal" (w integrated out)
 
     @property
     def estimate(self) -> tuple[float, float]:
@@ -175,7 +176,8 @@ def select_one_se(candidates: list[Candidate]) -> tuple[Candidate, list[dict]]:
         if ok and c is not baseline:
             eligible.append(c)
         seen, new = c.estimate
-        rows.append({"rank": c.rank, "l2": c.l2, "prior_pairs": c.prior_pairs, "seen_acc": seen,
+        rows.append({"rank": c.rank, "objective": c.objective, "l2": c.l2, "prior_pairs": c.prior_pairs,
+                     "seen_acc": seen,
                      "seen_se": _se(c.seen), "new_acc": new, "new_se": _se(c.new), "gain_vs_rank1": gain,
                      "gain_se": se, "seen_gain": gain_seen, "seen_gain_se": se_seen, "new_gain": gain_new,
                      "new_gain_se": se_new, "eligible": bool(ok), "seconds": round(c.seconds, 3)})

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from federation.local_training import OBJECTIVES
+from federation.protocol import local_steps
 from lore_core.privacy.privacy_settings import MODES as PRIVACY_MODES
 from lore_core.privacy.privacy_settings import PrivacySettings, validate
 from server.optimizer import (SCHEDULES, ServerAdam, ServerSGD, default_init_scale, default_schedule,
@@ -73,6 +75,7 @@ class ServerSettings:
     privacy: dict  # PrivacySettings fields as given (privacy_config); resolved per population by privacy_settings
     allow_uncovered_eval: bool = False  # DP modes: evaluate every eval-every rounds although uncovered
     progress: str = "log"  # server.round_progress.STYLES
+    objective: str = "joint"  # clients' update: "joint" or "marginal" (federation/local_training.py)
 
     @classmethod
     def from_run_config(cls, cfg: dict) -> "ServerSettings":
@@ -83,7 +86,7 @@ class ServerSettings:
                 clients_per_round=int(cfg["clients-per-round"]),
                 seed=int(cfg["seed"]),
                 eval_every=int(cfg["eval-every"]),
-                local_steps=int(cfg["local-steps"]),
+                local_steps=local_steps(cfg),
                 client_lr=float(cfg["client-lr"]),
                 server_optimizer=str(cfg["server-optimizer"]),
                 server_lr=float(_or_default(cfg["server-lr"], default_server_lr, cfg)),
@@ -99,6 +102,7 @@ class ServerSettings:
                 privacy=privacy_config(cfg),
                 allow_uncovered_eval=bool(cfg.get("allow-uncovered-eval", False)),
                 progress=str(cfg.get("progress", "log")),
+                objective=str(cfg.get("objective", "joint")),
             )
         except KeyError as exc:
             raise RunConfigError(f"run config lacks key {exc}; keys present: {sorted(cfg)}") from exc
@@ -136,6 +140,12 @@ class ServerSettings:
                 "only after the last round) or opt in with allow-uncovered-eval = true")
         if self.progress not in PROGRESS_STYLES:
             raise RunConfigError(f"run config `progress` must be one of {PROGRESS_STYLES}, got {self.progress!r}")
+        if self.objective not in OBJECTIVES:
+            raise RunConfigError(f"run config `objective` must be one of {OBJECTIVES}, got {self.objective!r}")
+        if self.objective == "marginal" and self.privacy_mode != "none":
+            raise RunConfigError(
+                f"run config `objective` = \"marginal\" under privacy mode {self.privacy_mode!r}: the DP clip norm "
+                "and server rate are calibrated for the joint update only; use objective = \"joint\" with DP")
         if not self.run_dir:
             raise RunConfigError("run config `run-dir` is empty: the server needs a directory for its checkpoints")
 

@@ -95,7 +95,8 @@ def direct_compute(pairs_path: Path, overrides: dict, num_nodes: int, rounds: in
         for node, local in population.assign(aggregator.sample(population.size)).items():
             weights[node], upd = train_sampled_users(basis, blocks[node].training_block(local), weights[node],
                                                      local, prior_pairs=client.train_prior_pairs,
-                                                     steps=client.local_steps, lr=client.client_lr)
+                                                     steps=client.local_steps, lr=client.client_lr,
+                                                     objective=client.objective)
             updates.append(upd)
         mean = aggregator.aggregate(np.concatenate(updates), population.size)
         basis = optimizer.step(basis, pseudo_gradient(basis, mean, client_lr=client.client_lr,

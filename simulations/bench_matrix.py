@@ -121,7 +121,7 @@ def train_row(path: Path, run_dir: Path, flags: list[str]) -> dict:
     started = time.perf_counter()
     _check(cli(["train", str(path), "--out", str(run_dir), *flags]), "train")
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    keep = ("seen_test_acc", "unseen_test_acc", "rank", "l2", "prior_pairs", "oracle_seen_test_acc",
+    keep = ("seen_test_acc", "unseen_test_acc", "rank", "l2", "prior_pairs", "objective", "oracle_seen_test_acc",
             "oracle_unseen_test_acc", "true_basis_seen_test_acc", "true_basis_unseen_test_acc")
     return {**{k: metrics[k] for k in keep if k in metrics}, "seconds": time.perf_counter() - started}
 
@@ -159,6 +159,13 @@ def federated_settings(pop: Population, n_seen: int, quick: bool, private: bool 
     return {"rounds": 300, "clients_per_round": max(10, n_seen // 5), **pop.federated}
 
 
+def objective_flags(chosen: dict, privacy: list[str]) -> list[str]:
+    """`--objective` of the federated run: the one `train` chose; under DP the joint update (the only one the DP
+    defaults are calibrated for)."""
+    private = privacy[privacy.index("--privacy") + 1] != "none"
+    return ["--objective", "joint" if private else chosen.get("objective", "joint")]
+
+
 def simulate_row(path: Path, run_dir: Path, chosen: dict, fed: dict, privacy: list[str]) -> dict:
     """`lore-fed simulate` with the settings `chosen` by `lore-fed train`, every other flag at its default, through
     the real ServerApp strategy and ClientApp handlers on the in-process grid (no Ray)."""
@@ -177,7 +184,8 @@ def simulate_row(path: Path, run_dir: Path, chosen: dict, fed: dict, privacy: li
     configure(parser)  # the flags of `lore-fed simulate`, so every default is the command's own
     args = parser.parse_args([str(path), "--rounds", str(fed["rounds"]), "--clients-per-round",
                               str(fed["clients_per_round"]), "--rank", str(chosen["rank"]), "--l2", str(chosen["l2"]),
-                              "--prior-pairs", str(chosen["prior_pairs"]), "--out", str(run_dir), *privacy])
+                              "--prior-pairs", str(chosen["prior_pairs"]), "--out", str(run_dir), *privacy,
+                              *objective_flags(chosen, privacy)])
     pairs = load_pairs(path)
     overrides = {**run_overrides(args, int(np.unique(pairs.user[pairs.seen]).size)), "progress": "log"}
     n_users = int(np.unique(pairs.user).size)

@@ -84,7 +84,8 @@ def run_in_process(pairs_path: Path, overrides: dict, num_nodes: int, *, record_
                 continue
             weights[node], upd = train_sampled_users(basis, blocks[node].training_block(local), weights[node],
                                                      local, prior_pairs=client.train_prior_pairs,
-                                                     steps=client.local_steps, lr=client.client_lr)
+                                                     steps=client.local_steps, lr=client.client_lr,
+                                                     objective=client.objective)
             if privacy.mode == "user":
                 upd, _ = clip_updates(upd, privacy.clip_norm)  # the client's clip (client/app.py)
             updates.append(upd)

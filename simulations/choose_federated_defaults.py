@@ -30,6 +30,7 @@ def federated_gap(path: Path, train: dict, fed: dict, lr: float, init: float) ->
     from lore_core.pairs import load_pairs
     from simulations.bench_privacy import run_in_process
     from lore_cli.simulate_command import configure, run_overrides
+    from simulations.bench_matrix import objective_flags
     from simulations.flower_run import nodes_for
 
     parser = argparse.ArgumentParser()
@@ -37,7 +38,7 @@ def federated_gap(path: Path, train: dict, fed: dict, lr: float, init: float) ->
     args = parser.parse_args([str(path), "--rounds", str(fed["rounds"]), "--clients-per-round",
                               str(fed["clients_per_round"]), "--rank", str(train["rank"]), "--l2", str(train["l2"]),
                               "--prior-pairs", str(train["prior_pairs"]), "--out", "unused", "--privacy", "none",
-                              "--server-lr", str(lr)])
+                              "--server-lr", str(lr), *objective_flags(train, ["--privacy", "none"])])
     pairs = load_pairs(path)
     seen = int(np.unique(pairs.user[pairs.seen]).size)
     overrides = {**run_overrides(args, seen), "init-scale": init, "eval-every": 0, "run-dir": "unused"}

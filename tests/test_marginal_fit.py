@@ -1,0 +1,125 @@
+"""The marginal objective (w integrated out): its client gradient, its place in selection, and federated runs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from flwr.common.config import get_fused_config_from_dir
+
+from federation.local_training import train_sampled_users
+from federation.user_block import RowGroup
+from lore_core.joint_trainer import TrainConfig, train_joint
+from lore_core.marginal_fit import MarginalObjective, marginal_user_gradients, prior_samples
+from lore_core.pairs import save_pairs
+from lore_cli.main import main
+from server.run_settings import RunConfigError, ServerSettings
+from simulations.synthetic_pairs import SyntheticPairsConfig, make_synthetic_pairs
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _thin_users(seed=0, users=40, dim=12, rank=3):
+    rng = np.random.default_rng(seed)
+    n = users * 6
+    return rng.normal(size=(n, dim)), rng.integers(0, users, n), 0.4 * rng.normal(size=(rank, dim))
+
+
+def test_prior_samples_are_fixed_points_of_the_simplex():
+    samples = prior_samples(4)
+    np.testing.assert_allclose(samples.sum(axis=1), 1.0)
+    assert (samples >= 0).all() and samples.shape[1] == 4
+    np.testing.assert_array_equal(samples, prior_samples(4))  # server, clients and reruns share them
+    assert any(np.allclose(row, np.eye(4)[0]) for row in samples)  # corners included
+
+
+def test_client_gradient_is_the_gradient_of_each_users_marginal_loss():
+    diff, user_idx, basis = _thin_users()
+    grads = marginal_user_gradients(basis, diff, user_idx, 40)
+    for user in (0, 7, 31):
+        mine = user_idx == user
+        a = torch.tensor(basis, requires_grad=True)
+        MarginalObjective(torch.tensor(diff[mine]), torch.zeros(int(mine.sum()), dtype=torch.long), 1,
+                          basis.shape[0], 0.0)(a).backward()
+        np.testing.assert_allclose(grads[user], a.grad.numpy(), atol=1e-10)
+    # The mean over users is the gradient of the centralized objective (every user weighs the same).
+    a = torch.tensor(basis, requires_grad=True)
+    MarginalObjective(torch.tensor(diff), torch.tensor(user_idx), 40, basis.shape[0], 0.0)(a).backward()
+    np.testing.assert_allclose(grads.mean(axis=0), a.grad.numpy(), atol=1e-10)
+
+
+def test_marginal_client_update_is_one_step_and_keeps_the_stored_weights():
+    from federation.user_block import UserBlock
+
+    diff, user_idx, basis = _thin_users(seed=1, users=10)
+    empty = RowGroup(diff=np.zeros((0, diff.shape[1])), user_idx=np.zeros(0, int), logit_true=None)
+    block = UserBlock(seen_users=np.arange(10), unseen_users=np.zeros(0, int),
+                      seen_train=RowGroup(diff=diff, user_idx=user_idx, logit_true=None), seen_test=empty,
+                      unseen_train=empty, unseen_test=empty)
+    weights = np.full((10, 3), 1 / 3)
+    sampled = np.array([2, 5, 9])
+    new_weights, updates = train_sampled_users(basis, block, weights, sampled, prior_pairs=3.0, steps=5, lr=0.5,
+                                               objective="marginal")
+    np.testing.assert_array_equal(new_weights, weights)
+    for k, user in enumerate(sampled):
+        mine = user_idx == user
+        expected = -0.5 * marginal_user_gradients(basis, diff[mine], np.zeros(int(mine.sum()), int), 1)[0]
+        np.testing.assert_allclose(updates[k], expected, atol=1e-12)
+    with pytest.raises(ValueError, match="objective"):
+        train_sampled_users(basis, block, weights, sampled, prior_pairs=3.0, steps=5, lr=0.5, objective="em")
+
+
+def test_selection_offers_both_objectives_and_reports_the_choice(tmp_path):
+    pairs, _ = make_synthetic_pairs(SyntheticPairsConfig(dim=16, true_rank=2, seen_users=60, unseen_users=10,
+                                                         train_pairs=(6, 12), seed=5))
+    save_pairs(pairs, tmp_path / "pairs.npz")
+    assert main(["train", str(tmp_path), "--rank-grid", "1,2", "--l2", "1e-3", "--prior-pairs", "3",
+                 "--out", str(tmp_path / "run")]) == 0
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    objectives = {(row["rank"], row["objective"]) for row in metrics["selection"]}
+    assert objectives == {(1, "joint"), (2, "joint"), (2, "marginal")}
+    chosen = [row for row in metrics["selection"] if row["chosen"]]
+    assert len(chosen) == 1 and metrics["objective"] == (chosen[0]["objective"] if metrics["rank"] > 1 else "joint")
+    train = pairs.select(seen=True, split="train")
+    only_joint = train_joint(train.diff, train.user, TrainConfig(rank_grid=(1, 2), l2=1e-3, prior_pairs=3.0,
+                                                                 objective="joint"))
+    assert {row["objective"] for row in only_joint.selection} == {"joint"}
+    marginal = train_joint(train.diff, train.user, TrainConfig(rank=2, l2=1e-3, prior_pairs=3.0,
+                                                               objective="marginal"))
+    joint = train_joint(train.diff, train.user, TrainConfig(rank=2, l2=1e-3, prior_pairs=3.0, objective="joint"))
+    assert marginal.objective == "marginal" and not np.allclose(marginal.basis, joint.basis)
+
+
+def _server_settings(**overrides) -> ServerSettings:
+    cfg = get_fused_config_from_dir(ROOT, {"run-dir": "unused", "privacy-mode": "none", **overrides})
+    return ServerSettings.from_run_config(cfg)
+
+
+def test_marginal_runs_take_one_local_step_and_refuse_dp():
+    assert _server_settings(objective="marginal").local_steps == 1
+    assert _server_settings(objective="joint").local_steps == 5
+    with pytest.raises(RunConfigError, match="marginal"):
+        _server_settings(**{"objective": "marginal", "privacy-mode": "user"})
+    with pytest.raises(RunConfigError, match="objective"):
+        _server_settings(objective="em")
+
+
+def test_federated_marginal_run_learns(tmp_path):
+    from client.client_app import app as client_app
+    from server.server_app import run_federated
+    from simulations.in_process_grid import LocalGrid
+
+    pairs, _ = make_synthetic_pairs(SyntheticPairsConfig(dim=24, true_rank=3, seen_users=24, unseen_users=6,
+                                                         train_pairs=(20, 30), seed=3))
+    path = save_pairs(pairs, tmp_path / "pairs.npz")
+    cfg = get_fused_config_from_dir(ROOT, {"pairs-path": str(path), "run-dir": str(tmp_path / "run"), "rank": 3,
+                                           "num-server-rounds": 12, "clients-per-round": 8, "eval-every": 1,
+                                           "server-lr": 0.1, "privacy-mode": "none", "objective": "marginal"})
+    grid = LocalGrid(client_app, [{"partition-id": i, "num-partitions": 4} for i in range(4)], cfg)
+    state = run_federated(grid, ServerSettings.from_run_config(cfg))
+    evals = [r for r in state.history if "seen_test_acc" in r]
+    assert evals[-1]["seen_test_acc"] > evals[0]["seen_test_acc"] + 0.05
+    assert evals[-1]["unseen_test_acc"] > evals[0]["unseen_test_acc"] + 0.05
