@@ -12,6 +12,8 @@ train` chose on that population (taken from the matrix cache), and is scored lik
                   users' mean pair diffs (a spectral start from per-user statistics)
   restarts        the lowest training objective of three random starts
   shared+lowrank  A_b = a0 + D_b with l2 on the personal parts D_b and l2 / 10 on the shared reward a0
+  marginal        w integrated out over fixed prior draws (lore_core.marginal_fit), started from the joint fit: the
+                  candidate `lore-fed train --objective auto` adds to its selection
 `previous` is the earlier `lore-fed train --rank auto` end to end (pair-split validation, early stopping on
 validation likelihood), run from the checkout given by --previous on a copy of the pair file without `group`.
 Seeds >= 100 only: the method that ships is chosen on pilots. Writes bench_results/basis_methods.{md,json}.
@@ -34,11 +36,12 @@ import torch
 from lore_core.atomic_io import atomic_write_json, atomic_write_text
 from lore_core.evaluation import evaluate_model
 from lore_core.joint_trainer import _lbfgs, _Objective, fit_basis_and_weights
+from lore_core.marginal_fit import fit_basis_marginal
 from lore_core.pairs import load_pairs
 from lore_core.simplex_fit import DEFAULT_PRIOR_PAIRS, DEFAULT_PRIOR_STRENGTH, prior_from_pairs
 
 PILOTS = ("iso-20-40", "iso-5-15", "iso-5-15-1400", "aniso-20-40", "iso-shared", "iso-150-250")
-METHODS = ("joint", "weak-prior", "moment-init", "restarts", "shared+lowrank")
+METHODS = ("joint", "weak-prior", "moment-init", "restarts", "shared+lowrank", "marginal")
 
 
 def moment_start(diff: np.ndarray, user_idx: np.ndarray, n_users: int, rank: int) -> np.ndarray:
@@ -95,6 +98,9 @@ def fit_method(method: str, diff, user_idx, n_users, rank, l2, seed) -> np.ndarr
         return best[1]
     if method == "shared+lowrank":
         return shared_plus_lowrank(diff, user_idx, n_users, rank, l2, seed)
+    if method == "marginal":
+        joint = fit_basis_and_weights(diff, user_idx, n_users, prior_strength=personal_prior, **common)[0]
+        return fit_basis_marginal(diff, user_idx, n_users, rank=rank, l2=l2, init=joint, max_iter=400)
     raise ValueError(method)
 
 
