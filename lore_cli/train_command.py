@@ -211,13 +211,11 @@ def personal_prior(value: float | None, default: float | None = None) -> float:
 
 
 def few_shot_size(unseen_train_users: np.ndarray) -> int:
-    """Pairs a user of the selection's new-user fold adapts on: the median few-shot count of the file's unseen users
-    (what new users really get; `unseen_train_users` holds one user id per few-shot pair), else TrainConfig's."""
+    """`pair_columns.median_few_shot` of an in-memory file (`unseen_train_users`: one user id per few-shot pair)."""
     from lore_core.joint_trainer import TrainConfig
+    from lore_core.pair_columns import median_few_shot
 
-    if unseen_train_users.size == 0:
-        return TrainConfig.few_shot
-    return int(np.median(np.unique(unseen_train_users, return_counts=True)[1]))
+    return median_few_shot(np.unique(unseen_train_users, return_counts=True)[1], TrainConfig.few_shot)
 
 
 def benchmark_truth(pairs):

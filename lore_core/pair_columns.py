@@ -308,7 +308,13 @@ def check_pair_file(path: str | Path, rows_per_block: int = READ_ROWS) -> tuple[
     return columns, index, PopulationCounts(users=index.n_users, seen_users=seen_users, train_users=train_users,
                                             idle_users=np.concatenate(idle) if idle else index.user_ids[:0],
                                             largest_client_pairs=largest, pairs=columns.n, dim=columns.dim,
-                                            few_shot_pairs=int(np.median(shots)) if shots.size else 10)
+                                            few_shot_pairs=median_few_shot(shots))
+
+
+def median_few_shot(per_user: np.ndarray, default: int = 10) -> int:
+    """The median few-shot count over new users that have any (per_user: counts > 0), else `default`: how many
+    pairs a user of the selection's new-user fold adapts on (what the file's new users really get)."""
+    return int(np.median(per_user)) if per_user.size else default
 
 
 @contextmanager

@@ -25,6 +25,7 @@ import numpy as np
 
 from lore_core.pairs import PAIRS_FILENAME
 from simulations.bench_privacy import base_overrides, make_population, run_in_process
+from simulations.bench_flags import add_population_flags
 
 MODES = ("user", "user+secagg")
 
@@ -83,11 +84,7 @@ def summarize(rows: list[dict]) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--users", type=int, default=1400)
-    parser.add_argument("--unseen-users", type=int, default=100)
-    parser.add_argument("--rounds", type=int, default=200)
-    parser.add_argument("--clients-per-round", type=int, default=50)
-    parser.add_argument("--rank", type=int, default=5)
+    add_population_flags(parser)
     parser.add_argument("--epsilon", type=float, default=3.37, help="target epsilon of both modes (delta 1e-5)")
     parser.add_argument("--repeats", type=int, default=8)
     parser.add_argument("--workers", type=int, default=2)

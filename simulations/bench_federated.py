@@ -22,6 +22,7 @@ import numpy as np
 
 from lore_core.pairs import PAIRS_FILENAME, save_pairs
 from simulations.synthetic_pairs import SyntheticPairsConfig, make_synthetic_pairs
+from simulations.bench_flags import add_population_flags
 
 
 class TreeMemory(threading.Thread):
@@ -112,12 +113,8 @@ def direct_compute(pairs_path: Path, overrides: dict, num_nodes: int, rounds: in
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--users", type=int, default=1400)
-    parser.add_argument("--unseen-users", type=int, default=100)
-    parser.add_argument("--rounds", type=int, default=200)
-    parser.add_argument("--clients-per-round", type=int, default=50)
+    add_population_flags(parser)
     parser.add_argument("--eval-every", type=int, default=50)
-    parser.add_argument("--rank", type=int, default=5)
     parser.add_argument("--out", default="runs/bench_federated")
     parser.add_argument("--reference", default=None, help="`lore-fed train` run dir on the same pair file")
     args = parser.parse_args(argv)

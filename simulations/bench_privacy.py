@@ -27,6 +27,7 @@ import numpy as np
 
 from lore_core.pairs import PAIRS_FILENAME, save_pairs
 from simulations.synthetic_pairs import SyntheticPairsConfig, make_synthetic_pairs
+from simulations.bench_flags import add_population_flags
 
 NOISE_MULTIPLIERS = (0.5, 1.0, 2.0)
 PILOT_SEED = 101  # the pilot population is not the benchmark's (seed 0): C is never tuned on the run it protects
@@ -270,11 +271,7 @@ def write_outputs(out: Path, rows: list[dict], args: argparse.Namespace) -> None
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--users", type=int, default=1400)
-    parser.add_argument("--unseen-users", type=int, default=100)
-    parser.add_argument("--rounds", type=int, default=200)
-    parser.add_argument("--clients-per-round", type=int, default=50)
-    parser.add_argument("--rank", type=int, default=5)
+    add_population_flags(parser)
     parser.add_argument("--clip-norm", type=float, default=None, help="default: the run config's (docs/privacy.md §4)")
     parser.add_argument("--noise-multipliers", default=",".join(str(z) for z in NOISE_MULTIPLIERS),
                         help="comma-separated z values of the user-mode rows")

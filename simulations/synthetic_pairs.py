@@ -154,17 +154,19 @@ def make_synthetic_pairs(config: SyntheticPairsConfig = SyntheticPairsConfig()) 
     if config.responses_per_turn > 2:
         return _turn_pairs(config)
     population = _labelled(config)
-    n = population.user_idx.size
-    pairs = PairSet(
-        diff=np.concatenate(list(_diff_chunks(population))),
-        user=population.user_ids[population.user_idx],
-        split=np.where(population.is_test, "test", "train"),
-        seen=population.seen_users[population.user_idx],
-        logit_true=population.logit.astype(np.float32),
-        group=np.char.add(population.user_ids[population.user_idx], np.char.add("-", np.arange(n).astype(str))),
-        source="synthetic",
-    )
+    pairs = _pair_set(np.concatenate(list(_diff_chunks(population))), population.user_ids, population.user_idx,
+                      population.is_test, population.seen_users, population.logit,
+                      np.arange(population.user_idx.size))
     return pairs, population.truth
+
+
+def _pair_set(diff, user_ids, user_idx, is_test, seen_users, logit, group_within_user) -> PairSet:
+    """The PairSet of generated pairs (row-aligned arrays); `group` is the user id and `group_within_user`."""
+    return PairSet(diff=diff.astype(np.float32, copy=False), user=user_ids[user_idx],
+                   split=np.where(is_test, "test", "train"), seen=seen_users[user_idx],
+                   logit_true=logit.astype(np.float32),
+                   group=np.char.add(user_ids[user_idx], np.char.add("-", group_within_user.astype(str))),
+                   source="synthetic")
 
 
 def _turn_pairs(config: SyntheticPairsConfig) -> tuple[PairSet, SyntheticTruth]:
@@ -180,15 +182,7 @@ def _turn_pairs(config: SyntheticPairsConfig) -> tuple[PairSet, SyntheticTruth]:
     if config.label_noise:
         sign *= np.where(extra.random(user_idx.size) < config.label_noise, -1.0, 1.0)
     user_ids = population.user_ids
-    pairs = PairSet(
-        diff=(diff * sign[:, None]).astype(np.float32),
-        user=user_ids[user_idx],
-        split=np.where(is_test, "test", "train"),
-        seen=population.seen_users[user_idx],
-        logit_true=(logit * sign).astype(np.float32),
-        group=np.char.add(user_ids[user_idx], np.char.add("-", turn.astype(str))),
-        source="synthetic",
-    )
+    pairs = _pair_set(diff * sign[:, None], user_ids, user_idx, is_test, population.seen_users, logit * sign, turn)
     return pairs, SyntheticTruth(basis=true_basis * scale, user_ids=user_ids, user_weights=weights)
 
 
