@@ -29,6 +29,10 @@ DEFAULT_RANK_GRID = (1, 2, 3, 4, 6, 8)
 DEFAULT_L2_GRID = (1e-6, 3e-6, 1e-5, 3e-5, 1e-4, 3e-4, 1e-3)
 DEFAULT_PRIOR_PAIRS_GRID = (1.0, 3.0, 10.0, 30.0)
 OBJECTIVES = ("joint", "marginal")
+# "auto" offers the marginal fit only where users are thin: with a median of this many training pairs per user or
+# more, w's posterior is narrow and the two fits agree (iso-150-250 pilot, bench_results/basis_methods.md), while the
+# marginal fit costs the most (its work grows with pairs x 260 prior draws).
+MARGINAL_MAX_MEDIAN_PAIRS = 100
 WALK_TOLERANCE = 0.003  # a held-out score this far below the rank's best ends its l2 walk
 
 
@@ -37,7 +41,8 @@ class TrainConfig:
     rank: int | str = "auto"  # an int, or "auto" = the one-SE rule over rank_grid (lore_core.model_selection)
     rank_grid: tuple[int, ...] = DEFAULT_RANK_GRID
     # How the basis is fit: "joint" (w fitted with it), "marginal" (w integrated out, lore_core.marginal_fit, started
-    # from the joint fit), or "auto" = both are candidates of the held-out selection.
+    # from the joint fit), or "auto" = both are candidates of the held-out selection (the marginal one where the
+    # median user has fewer than MARGINAL_MAX_MEDIAN_PAIRS training pairs).
     objective: str = "auto"
     l2: float | str = "auto"
     l2_grid: tuple[float, ...] = DEFAULT_L2_GRID  # relative (see DEFAULT_L2_GRID)
@@ -201,6 +206,13 @@ def collapsed(basis: np.ndarray) -> bool:
     return bool(spread <= 0.05 * np.linalg.norm(basis.mean(axis=0)) + 1e-12)
 
 
+def candidate_objectives(objective: str, pairs_per_user: np.ndarray) -> tuple[str, ...]:
+    """The objectives the selection tries (TrainConfig.objective; "auto": both where the median user is thin)."""
+    if objective != "auto":
+        return (objective,)
+    return OBJECTIVES if np.median(pairs_per_user) < MARGINAL_MAX_MEDIAN_PAIRS else ("joint",)
+
+
 def train_joint(diff: np.ndarray, user: np.ndarray, config: TrainConfig = TrainConfig(),
                 group: np.ndarray | None = None) -> JointFit:
     """Train on the seen users' training pairs: diff (n, D), user (n,) ids, group (n,) or None (every pair its own
@@ -222,7 +234,7 @@ def train_joint(diff: np.ndarray, user: np.ndarray, config: TrainConfig = TrainC
                            few_shot=config.few_shot, seed=config.seed)
     masks = {"seen": holdout.fit_seen, "new": holdout.fit_new if holdout.new_users.any() else holdout.fit_seen}
 
-    objectives = OBJECTIVES if config.objective == "auto" else (config.objective,)
+    objectives = candidate_objectives(config.objective, np.bincount(user_idx, minlength=n_users))
 
     def fit(mask: np.ndarray, rank: int, l2: float, max_iter: int, init=None) -> tuple[np.ndarray, np.ndarray]:
         idx = user_idx[mask]

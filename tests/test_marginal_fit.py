@@ -123,3 +123,13 @@ def test_federated_marginal_run_learns(tmp_path):
     evals = [r for r in state.history if "seen_test_acc" in r]
     assert evals[-1]["seen_test_acc"] > evals[0]["seen_test_acc"] + 0.05
     assert evals[-1]["unseen_test_acc"] > evals[0]["unseen_test_acc"] + 0.05
+
+
+def test_auto_offers_the_marginal_fit_only_to_thin_populations():
+    from lore_core.joint_trainer import MARGINAL_MAX_MEDIAN_PAIRS, candidate_objectives
+
+    thin, thick = np.full(50, 12), np.full(50, MARGINAL_MAX_MEDIAN_PAIRS + 50)
+    assert candidate_objectives("auto", thin) == ("joint", "marginal")
+    assert candidate_objectives("auto", thick) == ("joint",)
+    assert candidate_objectives("marginal", thick) == ("marginal",)
+    assert candidate_objectives("joint", thin) == ("joint",)
