@@ -316,7 +316,8 @@ def pilot_choices(pop: Population, work: Path) -> list[dict]:
         seed = int(file.stem.removeprefix("seed"))
         train = json.loads(file.read_text()).get("train")
         if seed >= 100 and train:
-            out.append({"seed": seed, **{k: train[k] for k in ("rank", "l2", "prior_pairs")}})
+            out.append({"seed": seed, **{k: train[k] for k in ("rank", "l2", "prior_pairs")},
+                        "objective": train.get("objective", "joint")})
     return out
 
 
@@ -337,6 +338,7 @@ def summarize(pop: Population, cells: dict[int, dict], work: Path) -> dict:
         if row == "train":
             entry["l2"] = [values[s].get("l2") for s in sorted(values)]
             entry["prior_pairs"] = [values[s].get("prior_pairs") for s in sorted(values)]
+            entry["objectives"] = [values[s].get("objective", "joint") for s in sorted(values)]
         if row.startswith("simulate"):
             for key in ("swing_seen", "swing_unseen", "epsilon"):
                 got = [values[s][key] for s in sorted(values) if key in values[s]]
@@ -382,8 +384,10 @@ def markdown(summaries: list[dict], seeds: list[int], args: argparse.Namespace) 
              "Seen / new-user test accuracy, mean ± standard error over seeds "
              f"{', '.join(map(str, seeds))}. `published` is the published recipe at its best rank on the test set "
              "(the bar); `train` is `lore-fed train` with default flags; `simulate` is `lore-fed simulate "
-             "--privacy none` with the rank, l2 and personal prior `train` chose (defaults otherwise), "
-             f"`simulate_dp` the same under user-level DP at epsilon {DP_EPSILON:g} (only N >= {DP_MIN_USERS:,}). "
+             "--privacy none` with the rank, l2, personal prior and objective `train` chose (defaults otherwise; "
+             "600 rounds of a fifth of the users), "
+             f"`simulate_dp` the same under user-level DP at epsilon {DP_EPSILON:g} (only N >= {DP_MIN_USERS:,}; "
+             "joint objective, 200 rounds of 100 users). "
              "`swing` is the largest change of the reported model's accuracy between evaluations (every 10 rounds) "
              "over the last quarter of a federated run.", ""]
     for s in summaries:
@@ -399,14 +403,17 @@ def markdown(summaries: list[dict], seeds: list[int], args: argparse.Namespace) 
                 notes.append(f"ranks {e['ranks']}")
             if "l2" in e:
                 notes.append(f"l2 {[f'{v:.1e}' for v in e['l2']]}, prior pairs {e['prior_pairs']}")
+            if "objectives" in e:
+                notes.append(f"objectives {e['objectives']}")
             if "swing_seen" in e:
                 notes.append(f"swing {e['swing_seen']:.3f} / {e['swing_unseen']:.3f}")
             if "epsilon" in e:
                 notes.append(f"epsilon {e['epsilon']:.2f}")
             lines.append(f"| {row} | {cell('seen')} | {cell('unseen')} | {'; '.join(notes)} |")
         if s["pilot_choices"] and not all(c["seed"] in s["seeds"] for c in s["pilot_choices"]):
-            lines += ["", "Pilot choice of `lore-fed train` (rank, l2, prior pairs): " + "; ".join(
-                f"seed {c['seed']}: {c['rank']}, {c['l2']:.1e}, {c['prior_pairs']:g}" for c in s["pilot_choices"])]
+            lines += ["", "Pilot choice of `lore-fed train` (rank, l2, prior pairs, objective): " + "; ".join(
+                f"seed {c['seed']}: {c['rank']}, {c['l2']:.1e}, {c['prior_pairs']:g}, {c['objective']}"
+                for c in s["pilot_choices"])]
         lines += ["", "Criteria (seen / new): " + "; ".join(
             f"{name} {_fmt(s['checks']['seen'][key])} / {_fmt(s['checks']['unseen'][key])}" for name, key in (
                 ("train - BT", "train_minus_bt"), ("within 2 SE of BT or above", "within_2se_of_bt_or_above"),
