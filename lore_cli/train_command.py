@@ -182,8 +182,8 @@ def _train_streamed(args: argparse.Namespace, options: dict):
     from lore_core.streamed_training import LARGE_POPULATION, SELECTION_USERS, evaluate_streamed, train_streamed
 
     if options["objective"] == "marginal":
-        raise ValueError(f"--objective marginal is not offered above {LARGE_POPULATION} users (the minibatch trainer "
-                         "fits the joint objective); use --objective joint or auto")
+        raise ValueError(f"{args.pairs}: more than {LARGE_POPULATION} users, where --objective marginal is not "
+                         "offered (the minibatch trainer fits the joint objective); use --objective joint or auto")
     options = {**options, "objective": "joint"}
     columns, _, counts = check_pair_file(args.pairs)
     refuse_untrainable(columns.source, counts.train_users, counts.idle_users)

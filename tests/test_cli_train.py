@@ -89,6 +89,16 @@ def test_large_population_path_selects_on_a_sample_fits_minibatches_and_evaluate
     assert metrics["seen_test_acc"] > 0.65
 
 
+def test_large_population_refuses_the_marginal_objective_and_writes_nothing(pair_file, tmp_path, monkeypatch,
+                                                                            capsys):
+    from lore_core import streamed_training
+
+    monkeypatch.setattr(streamed_training, "LARGE_POPULATION", 10)
+    run = tmp_path / "run"
+    assert main(["train", str(pair_file), "--objective", "marginal", "--out", str(run)]) == 2
+    assert str(pair_file) in capsys.readouterr().err and not run.exists()
+
+
 def test_minibatch_fit_lowers_the_objective_of_its_starting_basis():
     from lore_core.minibatch_trainer import MinibatchConfig, fit_minibatch
 
