@@ -4,7 +4,9 @@ Objective (one full batch, vectorized over all users and pairs; no Python loop o
     mean_u [ mean_{j in u} softplus(-w_u . A d_j) ]  +  prior * mean_u KL(w_u || uniform)  +  l2 * ||A||_F^2
 with w_u = softmax(theta_u). Every user weighs the same, as in the paper. The KL prior is the same one the
 few-shot solver and the federated clients use, so centralized, federated and on-device fits agree.
-L-BFGS on the smooth full-batch objective. Rank, l2 and the personal prior of the final w fits are chosen by
+L-BFGS on the smooth full-batch objective. For thin users the basis can instead be refit with every w integrated out
+(`lore_core.marginal_fit`, objective "marginal"), a candidate of the same selection.
+Rank, l2, the objective and the personal prior of the final w fits are chosen by
 `lore_core.model_selection`: whole groups held out of seen users (which also drive early stopping) and a fold of
 seen users treated as new, each scored the way it is reported; a rank above 1 (one shared Bradley-Terry reward)
 must beat rank 1 by more than its standard error.
@@ -279,7 +281,8 @@ def train_joint(diff: np.ndarray, user: np.ndarray, config: TrainConfig = TrainC
     if len(ranks) * len(l2s) * len(priors) * len(objectives) == 1:  # nothing to select
         basis, weights = final_fit(ranks[0], l2s[0], objectives[0])
         return JointFit(basis=basis, user_weights=weights, user_ids=user_ids, rank=ranks[0], l2=l2s[0],
-                        prior_pairs=priors[0], objective=objectives[0], train_seconds=time.perf_counter() - start)
+                        prior_pairs=priors[0], objective=objectives[0] if ranks[0] > 1 else "joint",
+                        train_seconds=time.perf_counter() - start)
     candidates: list[Candidate] = []
     best_score, stale = -math.inf, 0
     for rank in ranks:
