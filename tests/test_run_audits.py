@@ -75,7 +75,9 @@ def test_canary_audit_passes_an_honest_run_and_fails_when_the_servers_noise_is_c
         assert result["canaries"] == CANARIES and result["epsilon_lb_if_all_guesses_right"] > result["epsilon_claimed"]
     assert honest["verdict"] == "pass" and honest["epsilon_lb"] <= honest["epsilon_claimed"]
     assert cut["verdict"] == "fail" and cut["epsilon_lb"] > cut["epsilon_claimed"]
-    assert honest["noise_multiplier_observed"] == pytest.approx(Z, rel=0.1)
+    # The server's noise is real (unseeded), so the estimate from 25 released rounds varies run to run: one CI run
+    # read 1.68 for z = 2. A cut to z / 10 is still far outside this band.
+    assert honest["noise_multiplier_observed"] == pytest.approx(Z, rel=0.25)
     assert cut["noise_multiplier_observed"] == pytest.approx(Z / 10, rel=0.3)
     after = json.loads((tmp_path / "cut" / "ledger.json").read_text())
     assert after["events"]["audits"][-1]["verdict"] == "fail"
