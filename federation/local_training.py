@@ -17,10 +17,8 @@ import numpy as np
 
 from federation.user_block import EVAL_BLOCK_USERS, NodeUsers, RowGroup, UserBlock
 from lore_core.reward_math import bt_loss_grad, per_user_accuracy, segment_sum
-from lore_core.marginal_fit import marginal_user_gradients
+from lore_core.marginal_fit import OBJECTIVES, marginal_user_gradients
 from lore_core.simplex_fit import fit_user_weights, prior_from_pairs
-
-OBJECTIVES = ("joint", "marginal")
 
 # Tight enough that a warm start (w from the last round) and a cold start (a restarted run) give the same w.
 FIT_TOL = 1e-11

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from lore_core.marginal_fit import fit_basis_marginal
+from lore_core.marginal_fit import OBJECTIVES, prior_samples
 from lore_core.model_selection import Candidate, dense_groups, heldout_accuracy, make_holdout, select_one_se
 from lore_core.simplex_fit import DEFAULT_PRIOR_PAIRS, DEFAULT_PRIOR_STRENGTH, prior_from_pairs
 
@@ -30,7 +30,6 @@ DEFAULT_RANK_GRID = (1, 2, 3, 4, 6, 8)
 # square of the embedding's scale, and it ranged over 1e-6 .. 1e-4 on the pilot populations (thin users want more).
 DEFAULT_L2_GRID = (1e-6, 3e-6, 1e-5, 3e-5, 1e-4, 3e-4, 1e-3)
 DEFAULT_PRIOR_PAIRS_GRID = (1.0, 3.0, 10.0, 30.0)
-OBJECTIVES = ("joint", "marginal")
 # "auto" offers the marginal fit only where users are thin: with a median of this many training pairs per user or
 # more, w's posterior is narrow and the two fits agree (iso-150-250 pilot, bench_results/basis_methods.md), while the
 # marginal fit costs the most (its work grows with pairs x 260 prior draws).
@@ -168,6 +167,38 @@ def fit_basis_and_weights(
     objective = _Objective(x, idx, n_users, prior_strength, l2)
     _lbfgs([basis, theta], lambda: objective(basis, theta), max_iter)
     return basis.detach().cpu().numpy(), torch.softmax(theta, 1).detach().cpu().numpy()
+
+
+class MarginalObjective:
+    """The marginal objective (`lore_core.marginal_fit`) on torch tensors; diff (n, D), user_idx (n,) in
+    0..n_users-1."""
+
+    def __init__(self, diff: torch.Tensor, user_idx: torch.Tensor, n_users: int, rank: int, l2: float):
+        self.diff, self.user_idx, self.n_users, self.l2 = diff, user_idx, n_users, l2
+        self.samples = torch.as_tensor(prior_samples(rank), dtype=diff.dtype, device=diff.device)  # (M, B)
+        counts = torch.bincount(user_idx, minlength=n_users).to(diff.dtype)
+        self.active = counts > 0
+        self.inv_counts = 1.0 / counts.clamp(min=1.0)
+        self.n_active = self.active.sum().clamp(min=1)
+
+    def __call__(self, basis: torch.Tensor) -> torch.Tensor:
+        logits = (self.diff @ basis.T) @ self.samples.T  # (n, M)
+        loglik = torch.zeros(self.n_users, self.samples.shape[0], dtype=logits.dtype, device=logits.device)
+        loglik.index_add_(0, self.user_idx, -torch.nn.functional.softplus(-logits))
+        log_marginal = torch.logsumexp(loglik, dim=1) - np.log(self.samples.shape[0])
+        per_user = torch.where(self.active, -log_marginal * self.inv_counts, torch.zeros_like(log_marginal))
+        return per_user.sum() / self.n_active + self.l2 * (basis**2).sum()
+
+
+def fit_basis_marginal(diff: np.ndarray, user_idx: np.ndarray, n_users: int, *, rank: int, l2: float,
+                       init: np.ndarray, max_iter: int, device: str = "cpu") -> np.ndarray:
+    """L-BFGS on the marginal objective from `init` (B, D), typically the joint fit's basis. Returns (B, D)."""
+    dev = resolve_device(device)
+    objective = MarginalObjective(torch.as_tensor(diff, dtype=torch.float32, device=dev),
+                                  torch.as_tensor(user_idx, dtype=torch.long, device=dev), n_users, rank, l2)
+    basis = torch.as_tensor(np.ascontiguousarray(init), dtype=torch.float32, device=dev).clone().requires_grad_(True)
+    _lbfgs([basis], lambda: objective(basis), max_iter)
+    return basis.detach().cpu().numpy()
 
 
 def fit_few_shot_torch(

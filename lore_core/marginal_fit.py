@@ -8,15 +8,16 @@ objective, per pair of each user and every user weighed the same as in `joint_tr
     mean_u [ -log p(pairs_u | A) / n_u ]  +  l2 * ||A||_F^2
 and depends on A only. A user's own w is still fitted afterwards the way it is reported (personal prior, on the
 device); only the basis changes. `lore-fed train` offers it as a candidate of its held-out selection
-(`objective` "marginal"), and federated clients send its per-user gradient (`marginal_user_gradients`).
+(`objective` "marginal"; the torch objective is `joint_trainer.MarginalObjective`), and federated clients send its
+per-user gradient (`marginal_user_gradients`). Numpy only: federated clients and devices import it.
 """
 
 from __future__ import annotations
 
 import numpy as np
-import torch
 from scipy import sparse
 
+OBJECTIVES = ("joint", "marginal")  # how a basis is fit: w fitted with it, or w integrated out (this module)
 PRIOR_SAMPLES = 256  # draws of w; with the corners and the centre about 260 mixture components per user
 PRIOR_SEED = 20250  # fixed: a server, its clients and a rerun use the same draws
 
@@ -25,39 +26,6 @@ def prior_samples(rank: int) -> np.ndarray:
     """(M, rank) fixed points of the simplex: Dirichlet(1) draws, the corners and the centre."""
     draws = np.random.default_rng([PRIOR_SEED, rank]).dirichlet(np.ones(rank), size=PRIOR_SAMPLES)
     return np.vstack([draws, np.eye(rank), np.full((1, rank), 1.0 / rank)])
-
-
-class MarginalObjective:
-    """The objective above on torch tensors; diff (n, D), user_idx (n,) into 0..n_users-1."""
-
-    def __init__(self, diff: torch.Tensor, user_idx: torch.Tensor, n_users: int, rank: int, l2: float):
-        self.diff, self.user_idx, self.n_users, self.l2 = diff, user_idx, n_users, l2
-        self.samples = torch.as_tensor(prior_samples(rank), dtype=diff.dtype, device=diff.device)  # (M, B)
-        counts = torch.bincount(user_idx, minlength=n_users).to(diff.dtype)
-        self.active = counts > 0
-        self.inv_counts = 1.0 / counts.clamp(min=1.0)
-        self.n_active = self.active.sum().clamp(min=1)
-
-    def __call__(self, basis: torch.Tensor) -> torch.Tensor:
-        logits = (self.diff @ basis.T) @ self.samples.T  # (n, M)
-        loglik = torch.zeros(self.n_users, self.samples.shape[0], dtype=logits.dtype, device=logits.device)
-        loglik.index_add_(0, self.user_idx, -torch.nn.functional.softplus(-logits))
-        log_marginal = torch.logsumexp(loglik, dim=1) - np.log(self.samples.shape[0])
-        per_user = torch.where(self.active, -log_marginal * self.inv_counts, torch.zeros_like(log_marginal))
-        return per_user.sum() / self.n_active + self.l2 * (basis**2).sum()
-
-
-def fit_basis_marginal(diff: np.ndarray, user_idx: np.ndarray, n_users: int, *, rank: int, l2: float,
-                       init: np.ndarray, max_iter: int, device: str = "cpu") -> np.ndarray:
-    """L-BFGS on the marginal objective from `init` (B, D), typically the joint fit's basis. Returns (B, D)."""
-    from lore_core.joint_trainer import _lbfgs, resolve_device
-
-    dev = resolve_device(device)
-    objective = MarginalObjective(torch.as_tensor(diff, dtype=torch.float32, device=dev),
-                                  torch.as_tensor(user_idx, dtype=torch.long, device=dev), n_users, rank, l2)
-    basis = torch.as_tensor(np.ascontiguousarray(init), dtype=torch.float32, device=dev).clone().requires_grad_(True)
-    _lbfgs([basis], lambda: objective(basis), max_iter)
-    return basis.detach().cpu().numpy()
 
 
 def marginal_user_gradients(basis: np.ndarray, diff: np.ndarray, user_idx: np.ndarray, n_users: int) -> np.ndarray:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from federation.local_training import OBJECTIVES
+from lore_core.marginal_fit import OBJECTIVES
 from federation.protocol import local_steps
 from lore_core.privacy.privacy_settings import MODES as PRIVACY_MODES
 from lore_core.privacy.privacy_settings import PrivacySettings, validate

@@ -35,8 +35,7 @@ import torch
 
 from lore_core.atomic_io import atomic_write_json, atomic_write_text
 from lore_core.evaluation import evaluate_model
-from lore_core.joint_trainer import _lbfgs, _Objective, fit_basis_and_weights
-from lore_core.marginal_fit import fit_basis_marginal
+from lore_core.joint_trainer import _lbfgs, _Objective, fit_basis_and_weights, fit_basis_marginal
 from lore_core.pairs import load_pairs
 from lore_core.simplex_fit import DEFAULT_PRIOR_PAIRS, DEFAULT_PRIOR_STRENGTH, prior_from_pairs
 

@@ -12,8 +12,8 @@ from flwr.common.config import get_fused_config_from_dir
 
 from federation.local_training import train_sampled_users
 from federation.user_block import RowGroup
-from lore_core.joint_trainer import TrainConfig, train_joint
-from lore_core.marginal_fit import MarginalObjective, marginal_user_gradients, prior_samples
+from lore_core.joint_trainer import MarginalObjective, TrainConfig, train_joint
+from lore_core.marginal_fit import marginal_user_gradients, prior_samples
 from lore_core.pairs import save_pairs
 from lore_cli.main import main
 from server.run_settings import RunConfigError, ServerSettings
@@ -133,3 +133,13 @@ def test_auto_offers_the_marginal_fit_only_to_thin_populations():
     assert candidate_objectives("auto", thick) == ("joint",)
     assert candidate_objectives("marginal", thick) == ("marginal",)
     assert candidate_objectives("joint", thin) == ("joint",)
+
+
+def test_the_client_side_of_the_marginal_update_needs_no_torch():
+    """Devices run numpy only: the ClientApp and its training code import neither torch nor the trainer."""
+    import subprocess
+    import sys
+
+    code = ("import sys, client.client_app, federation.local_training; "
+            "assert 'torch' not in sys.modules, sorted(m for m in sys.modules if m.startswith('torch'))[:5]")
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
