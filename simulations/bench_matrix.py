@@ -15,7 +15,10 @@ Rows per population and seed:
   train       `lore-fed train` with default flags
   simulate    `lore-fed simulate --privacy none` with the rank, l2 and personal prior `train` chose, through the real
               ServerApp strategy and ClientApp on the in-process grid (simulations/in_process_grid.py); defaults otherwise
-  simulate_dp the same with user-level DP at epsilon 3 (delta 1e-5), only where N >= 1,000 seen users
+  simulate_dp the same with user-level DP at epsilon 3 (delta 1e-5), only where N >= 1,000 seen users; the personal
+              prior is `simulate`'s DP default (DP_PRIOR_PAIRS, chosen on DP pilots), not `train`'s
+  bt_dp       `lore-fed simulate --rank 1` under the same DP: one shared reward trained with the same privacy, the
+              reference a DP run must not fall below
   true_basis  the true basis, only w fit (the ceiling of any learned basis); oracle: true basis and true w
 Seen and new (unseen) test accuracy, mean and standard error over seeds. Each cell is cached as JSON under --work,
 so a rerun only computes what is missing. Seeds >= 100 are pilot seeds (defaults are chosen on them, never on the
@@ -42,9 +45,10 @@ ROOT = Path(__file__).resolve().parents[1]
 BASE = SyntheticPairsConfig(isotropic=True, true_rank=4, seen_users=300, unseen_users=100, train_pairs=(20, 40),
                             few_shot_pairs=10, test_pairs=20)
 PUBLISHED_RANKS = (1, 2, 4, 8)
-ROWS = ("bt", "published", "train", "simulate", "simulate_dp", "true_basis", "oracle")
+ROWS = ("bt", "published", "train", "simulate", "bt_dp", "simulate_dp", "true_basis", "oracle")
 DP_MIN_USERS = 1000
 DP_EPSILON = 3.0
+DP_FLAGS = ["--privacy", "user", "--target-epsilon", str(DP_EPSILON)]
 PRISM_USERS = 2400
 PRISM_SEED, PRISM_PILOT_SEED = 1, 101  # `lore-fed synth` seeds of the reported and the pilot population
 
@@ -184,10 +188,10 @@ def simulate_row(path: Path, run_dir: Path, chosen: dict, fed: dict, privacy: li
 
     parser = argparse.ArgumentParser()
     configure(parser)  # the flags of `lore-fed simulate`, so every default is the command's own
+    prior = ["--prior-pairs", str(chosen["prior_pairs"])] if "prior_pairs" in chosen else []
     args = parser.parse_args([str(path), "--rounds", str(fed["rounds"]), "--clients-per-round",
                               str(fed["clients_per_round"]), "--rank", str(chosen["rank"]), "--l2", str(chosen["l2"]),
-                              "--prior-pairs", str(chosen["prior_pairs"]), "--out", str(run_dir), *privacy,
-                              *objective_flags(chosen, privacy)])
+                              *prior, "--out", str(run_dir), *privacy, *objective_flags(chosen, privacy)])
     pairs = load_pairs(path)
     overrides = {**run_overrides(args, int(np.unique(pairs.user[pairs.seen]).size)), "progress": "log"}
     n_users = int(np.unique(pairs.user).size)
@@ -251,10 +255,11 @@ def run_cell(pop: Population, seed: int, rows: tuple[str, ...], work: Path, quic
     fed = federated_settings(pop, n_seen, quick)
     if "simulate" in rows and "simulate" not in done and "train" in done:
         save("simulate", simulate_row(path, _fresh(runs / "simulate"), done["train"], fed, ["--privacy", "none"]))
-    if "simulate_dp" in rows and "simulate_dp" not in done and "train" in done and n_seen >= DP_MIN_USERS:
-        dp_fed = federated_settings(pop, n_seen, quick, private=True)
-        save("simulate_dp", simulate_row(path, _fresh(runs / "simulate_dp"), done["train"], dp_fed,
-                                         ["--privacy", "user", "--target-epsilon", str(DP_EPSILON)]))
+    dp_fed = federated_settings(pop, n_seen, quick, private=True)
+    for row, source in (("bt_dp", "bt"), ("simulate_dp", "train")):
+        if row in rows and row not in done and source in done and n_seen >= DP_MIN_USERS:
+            chosen = {k: done[source][k] for k in ("rank", "l2")}  # the personal prior: simulate's DP default
+            save(row, simulate_row(path, _fresh(runs / row), chosen, dp_fed, DP_FLAGS))
     return done
 
 
@@ -339,7 +344,7 @@ def summarize(pop: Population, cells: dict[int, dict], work: Path) -> dict:
             entry["l2"] = [values[s].get("l2") for s in sorted(values)]
             entry["prior_pairs"] = [values[s].get("prior_pairs") for s in sorted(values)]
             entry["objectives"] = [values[s].get("objective", "joint") for s in sorted(values)]
-        if row.startswith("simulate"):
+        if row in ("simulate", "simulate_dp", "bt_dp"):
             for key in ("swing_seen", "swing_unseen", "epsilon"):
                 got = [values[s][key] for s in sorted(values) if key in values[s]]
                 if got:
@@ -374,6 +379,7 @@ def done_when(cells: dict[int, dict], best: str | None) -> dict:
             "at_or_above_published": None if math.isnan(over_pub) else bool(over_pub >= 0),
             "simulate_minus_train": fed,
             "federated_within_1_point": None if math.isnan(fed) else bool(abs(fed) <= 0.01 or fed > 0),
+            "simulate_dp_minus_bt_dp": _paired(cells, "simulate_dp", "bt_dp", group, best)[0],
         }
     return checks
 
@@ -387,7 +393,8 @@ def markdown(summaries: list[dict], seeds: list[int], args: argparse.Namespace) 
              "--privacy none` with the rank, l2, personal prior and objective `train` chose (defaults otherwise; "
              "600 rounds of a fifth of the users), "
              f"`simulate_dp` the same under user-level DP at epsilon {DP_EPSILON:g} (only N >= {DP_MIN_USERS:,}; "
-             "joint objective, 200 rounds of 100 users). "
+             "joint objective, 200 rounds of 100 users, `simulate`'s DP personal prior); `bt_dp` is `simulate "
+             "--rank 1` under the same DP, one shared reward trained with the same privacy. "
              "`swing` is the largest change of the reported model's accuracy between evaluations (every 10 rounds) "
              "over the last quarter of a federated run.", ""]
     for s in summaries:
@@ -419,7 +426,8 @@ def markdown(summaries: list[dict], seeds: list[int], args: argparse.Namespace) 
                 ("train - BT", "train_minus_bt"), ("within 2 SE of BT or above", "within_2se_of_bt_or_above"),
                 ("ceiling - BT", "ceiling_minus_bt"), (">= 2 points where ceiling >= 5", "two_points_where_ceiling_5"),
                 ("train - published best", "train_minus_published_best"),
-                ("simulate - train", "simulate_minus_train"), ("federated within 1 point", "federated_within_1_point"))),
+                ("simulate - train", "simulate_minus_train"), ("federated within 1 point", "federated_within_1_point"),
+                ("simulate_dp - bt_dp", "simulate_dp_minus_bt_dp"))),
             ""]
     return "\n".join(lines) + "\n"
 

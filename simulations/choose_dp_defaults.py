@@ -17,6 +17,11 @@ pilots of 1,400 thin users (the matrix's isotropic iso-5-15-1400 and an anisotro
 `simulations.bench_scale`'s populations: true rank 5, 10-20 pairs), each seed 101, in two regimes: the recipe above
 (at the rank, l2 and prior `train` chose; for the anisotropic pilot the `simulate` defaults) and 20 rounds at z = 1
 (`bench_scale`'s). Writes bench_results/dp_train_prior_pilot.{md,json}.
+
+`--personal-prior`: the personal prior of every user's final w fit (`prior-pairs`) on a DP basis, on pilots of the
+matrix's DP populations (iso-5-15-1400 seeds 101-103, prism-synth seed 101): the recipe above at the rank and l2
+`train` chose on each pilot, the released tail-averaged basis evaluated with each prior of PERSONAL_PRIORS (post-
+processing: one DP run per pilot). Writes bench_results/dp_personal_prior_pilot.{md,json}.
 """
 
 from __future__ import annotations
@@ -99,6 +104,50 @@ def train_prior_pilot(work: Path, out: Path) -> None:
     print("\n".join(lines))
 
 
+PERSONAL_PRIORS = (1.0, 3.0, 10.0, 30.0, 100.0)
+PERSONAL_PRIOR_PILOTS = (("iso-5-15-1400", 101), ("iso-5-15-1400", 102), ("iso-5-15-1400", 103), ("prism-synth", 101))
+
+
+def personal_prior_pilot(work: Path, out: Path) -> None:
+    from lore_core.pairs import load_pairs
+    from simulations.bench_matrix import POPULATIONS, population_file, run_cell
+    from simulations.bench_privacy import run_in_process
+    from simulations.flower_run import nodes_for
+
+    cells = {}
+    for name, seed in PERSONAL_PRIOR_PILOTS:
+        pop = next(p for p in POPULATIONS if p.name == name)
+        path, _ = population_file(pop, seed, work, False)
+        chosen = run_cell(pop, seed, ("train",), work, False)["train"]
+        nodes = nodes_for(int(np.unique(load_pairs(path).user).size))
+        result = run_in_process(path, {"num-server-rounds": ROUNDS, "clients-per-round": USERS_PER_ROUND,
+                                       "rank": chosen["rank"], "l2": chosen["l2"], "seed": seed, "eval-every": 0,
+                                       "run-dir": "unused", "privacy-mode": "user", "target-epsilon": EPSILON,
+                                       "delta": 1e-5}, nodes, prior_pairs_grid=PERSONAL_PRIORS)
+        cells[f"{name} seed {seed}"] = {"rank": chosen["rank"], "train_prior_pairs": chosen["prior_pairs"],
+                                        "epsilon": result["epsilon"],
+                                        **{f"{p:g}": result["by_prior_pairs"][str(p)] for p in PERSONAL_PRIORS}}
+        print(name, seed, cells[f"{name} seed {seed}"], flush=True)
+    score = {p: float(np.mean([np.mean(c[f"{p:g}"]) for c in cells.values()])) for p in PERSONAL_PRIORS}
+    best = max(score, key=score.get)
+    atomic_write_json(out / "dp_personal_prior_pilot.json", {"cells": cells, "score": {f"{k:g}": v for k, v in
+                                                                                      score.items()}, "best": best})
+    lines = ["# DP: the personal prior of users' final w fit on a DP basis, chosen on pilot populations", "",
+             f"`python -m simulations.choose_dp_defaults --personal-prior`: user-level DP at epsilon {EPSILON:g}, "
+             f"{ROUNDS} rounds of {USERS_PER_ROUND} users, at the rank and l2 `lore-fed train` chose on each pilot; "
+             "the released tail-averaged basis evaluated with each personal prior (post-processing). Seen / new "
+             "accuracy; score = mean over pilots of the mean of seen and new.", "",
+             "| personal prior (pairs) | score | " + " | ".join(cells) + " |", "|---" * (len(cells) + 2) + "|"]
+    for p in PERSONAL_PRIORS:
+        mark = " **chosen**" if p == best else ""
+        lines.append(f"| {p:g}{mark} | {score[p]:.4f} | " + " | ".join(
+            f"{c[f'{p:g}'][0]:.4f} / {c[f'{p:g}'][1]:.4f}" for c in cells.values()) + " |")
+    lines += ["", "`train`'s choice without privacy (rank, prior pairs): " + "; ".join(
+        f"{k}: {c['rank']}, {c['train_prior_pairs']:g}" for k, c in cells.items())]
+    atomic_write_text(out / "dp_personal_prior_pilot.md", "\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
 def main(argv: list[str] | None = None) -> int:
     from simulations.bench_matrix import POPULATIONS, population_file, run_cell
 
@@ -108,7 +157,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", default="runs/bench_matrix")
     parser.add_argument("--out", default="bench_results")
     parser.add_argument("--train-prior", action="store_true", help="the clients' training prior under DP instead")
+    parser.add_argument("--personal-prior", action="store_true",
+                        help="the personal prior of users' final w fit on a DP basis instead")
     args = parser.parse_args(argv)
+    if args.personal_prior:
+        personal_prior_pilot(Path(args.work), Path(args.out))
+        return 0
     if args.train_prior:
         train_prior_pilot(Path(args.work), Path(args.out))
         return 0

@@ -10,7 +10,9 @@ each personal prior of a grid). The best cell over both grids, picked on the tes
 on what a basis learned without w can give. Where it is under 2 points above BT, the matrix's 2-point criterion asks
 for more than the pairs hold. Also reported: the number of within-user pairs of training pairs, sum_u n_u(n_u-1)/2,
 the statistic a basis direction is identified from (one pair alone only says which side of the shared reward a user
-is on). BT is the matrix's `bt` row (cached under --work; computed if missing). Synthetic populations only: the
+is on), and how much of the true personal subspace (the span of the true basis rows minus their mean) the top K-1
+eigenvectors of the users' debiased second moment hold (mean cos^2; 1 = all of it): the second-order statistic a
+basis learned without w has to find it from (`spectral_overlap`). BT is the matrix's `bt` row (cached under --work; computed if missing). Synthetic populations only: the
 true w is needed. Writes bench_results/known_weights_ceiling.{md,json}.
 """
 
@@ -41,9 +43,23 @@ def known_weights_basis(diff: np.ndarray, weights: np.ndarray, l2: float) -> np.
     return basis.detach().numpy()
 
 
+def spectral_overlap(diff: np.ndarray, user_idx: np.ndarray, shared: np.ndarray, true_basis: np.ndarray) -> float:
+    """Mean cos^2 between the true personal subspace and the top K-1 eigenvectors of sum_u (m_u m_u^T - sum_j
+    r_j^2 d_j d_j^T), m_u = sum_j r_j d_j the gradient of user u's BT loss at the shared reward (r_j = P(pair j
+    wrong)): the within-user pair products, without each pair's own square (its noise)."""
+    residual = 1.0 / (1.0 + np.exp(diff @ shared))
+    per_user = np.zeros((user_idx.max() + 1, diff.shape[1]))
+    np.add.at(per_user, user_idx, residual[:, None] * diff)
+    moment = per_user.T @ per_user - (diff * residual[:, None] ** 2).T @ diff
+    k = true_basis.shape[0] - 1
+    top = np.linalg.eigh(moment)[1][:, ::-1][:, :k]
+    personal = np.linalg.qr((true_basis - true_basis.mean(axis=0)).T)[0][:, :k]
+    return float(np.linalg.norm(top.T @ personal) ** 2 / k)
+
+
 def ceiling_cell(pop, seed: int, work: Path) -> dict:
     from lore_core.evaluation import evaluate_model
-    from lore_core.joint_trainer import l2_unit
+    from lore_core.joint_trainer import fit_basis_and_weights, l2_unit
     from simulations.bench_matrix import run_cell
     from simulations.synthetic_pairs import make_synthetic_pairs
 
@@ -59,12 +75,15 @@ def ceiling_cell(pop, seed: int, work: Path) -> dict:
         for prior in PRIOR_GRID:
             m = evaluate_model(pairs, basis, prior_pairs=prior)
             grid[f"l2 {l2:g}, prior {prior:g}"] = [m["seen_test_acc"], m["unseen_test_acc"]]
-    counts = np.unique(train.user, return_counts=True)[1]
+    user_ids, user_idx, counts = np.unique(train.user, return_inverse=True, return_counts=True)
+    shared = fit_basis_and_weights(diff, user_idx, user_ids.size, rank=1, l2=cached["bt"]["l2"], prior_strength=0.0,
+                                   max_iter=300, seed=seed)[0][0].astype(np.float64)
     return {"bt": [cached["bt"]["seen_test_acc"], cached["bt"]["unseen_test_acc"]],
             "train": [cached["train"]["seen_test_acc"], cached["train"]["unseen_test_acc"]],
             "true_basis": [cached["true_basis"]["seen_test_acc"], cached["true_basis"]["unseen_test_acc"]],
             "known_w_best": [max(v[0] for v in grid.values()), max(v[1] for v in grid.values())],
-            "within_user_pair_pairs": int((counts * (counts - 1) // 2).sum()), "grid": grid}
+            "within_user_pair_pairs": int((counts * (counts - 1) // 2).sum()),
+            "spectral_overlap": spectral_overlap(diff, user_idx, shared, truth.basis), "grid": grid}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -91,15 +110,18 @@ def main(argv: list[str] | None = None) -> int:
              "true w given and keeps the best of "
              f"{len(L2_GRID)} l2 x {len(PRIOR_GRID)} personal priors on the test set: an optimistic upper bound on any "
              "basis learned without w. `pair pairs`: sum over seen users of n_u(n_u-1)/2 training pairs "
-             "(mean over seeds).", "",
-             "| population | `train` | known w (upper bound) | true basis | pair pairs |", "|---|---|---|---|---|"]
+             "(mean over seeds). `overlap`: mean cos^2 between the true personal subspace and the top K-1 "
+             "eigenvectors of the users' debiased second moment (1 = found, about (K-1)/D = 0.008 = chance).", "",
+             "| population | `train` | known w (upper bound) | true basis | pair pairs | overlap |",
+             "|---|---|---|---|---|---|"]
     for name, cells in report.items():
         def gain(key):
             g = np.mean([[c[key][i] - c["bt"][i] for i in (0, 1)] for c in cells.values()], axis=0)
             return f"{100 * g[0]:+.1f} / {100 * g[1]:+.1f}"
         pair_pairs = np.mean([c["within_user_pair_pairs"] for c in cells.values()])
+        overlap = np.mean([c["spectral_overlap"] for c in cells.values()])
         lines.append(f"| {name} | {gain('train')} | {gain('known_w_best')} | {gain('true_basis')} | "
-                     f"{pair_pairs:,.0f} |")
+                     f"{pair_pairs:,.0f} | {overlap:.2f} |")
     atomic_write_text(Path(args.out) / "known_weights_ceiling.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

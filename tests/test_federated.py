@@ -248,3 +248,17 @@ def test_invalid_personal_prior_stops_the_run_before_training(pair_file, tmp_pat
 
     with pytest.raises(RunConfigError, match="prior-pairs"):
         make_run(pair_file, tmp_path / "run", **{"prior-pairs": bad})
+
+
+@pytest.mark.parametrize("flags, expected", [(["--privacy", "none"], 3.0), ([], 30.0),
+                                             (["--privacy", "user", "--prior-pairs", "5"], 5.0)])
+def test_simulate_personal_prior_defaults_to_the_dp_pilots_choice_under_dp(flags, expected):
+    """Under DP the released basis is noisy: without --prior-pairs, users' final w fits lean on the population
+    (DP_PRIOR_PAIRS); without privacy the trainer's default; an explicit flag always wins."""
+    import argparse
+
+    from lore_cli.simulate_command import configure, run_overrides
+
+    parser = argparse.ArgumentParser()
+    configure(parser)
+    assert run_overrides(parser.parse_args(["pairs.npz", "--out", "run", *flags]), 100)["prior-pairs"] == expected
