@@ -14,6 +14,9 @@ train` chose on that population (taken from the matrix cache), and is scored lik
   shared+lowrank  A_b = a0 + D_b with l2 on the personal parts D_b and l2 / 10 on the shared reward a0
   marginal        w integrated out over fixed prior draws (lore_core.marginal_fit), started from the joint fit: the
                   candidate `lore-fed train --objective auto` adds to its selection
+  spectral        the shared reward (rank-1 fit) plus a personal part inside the top 10 eigenvectors of the users'
+                  debiased second moment of BT residual gradients (`personal_directions`); only the rank x 10
+                  coordinates and the shared reward's scale are fitted, by the marginal likelihood (few parameters)
 `previous` is the earlier `lore-fed train --rank auto` end to end (pair-split validation, early stopping on
 validation likelihood), run from the checkout given by --previous on a copy of the pair file without `group`.
 Seeds >= 100 only: the method that ships is chosen on pilots. Writes bench_results/basis_methods.{md,json}.
@@ -40,7 +43,8 @@ from lore_core.pairs import load_pairs
 from lore_core.simplex_fit import DEFAULT_PRIOR_PAIRS, DEFAULT_PRIOR_STRENGTH, prior_from_pairs
 
 PILOTS = ("iso-20-40", "iso-5-15", "iso-5-15-1400", "aniso-20-40", "iso-shared", "iso-150-250")
-METHODS = ("joint", "weak-prior", "moment-init", "restarts", "shared+lowrank", "marginal")
+METHODS = ("joint", "weak-prior", "moment-init", "restarts", "shared+lowrank", "marginal", "spectral")
+SPECTRAL_DIRECTIONS = 10
 
 
 def moment_start(diff: np.ndarray, user_idx: np.ndarray, n_users: int, rank: int) -> np.ndarray:
@@ -54,6 +58,37 @@ def moment_start(diff: np.ndarray, user_idx: np.ndarray, n_users: int, rank: int
     _, vectors = np.linalg.eigh(moment)
     center = means.mean(axis=0)
     return center + np.linalg.norm(center) * vectors[:, ::-1][:, :rank].T
+
+
+def personal_directions(diff: np.ndarray, user_idx: np.ndarray, shared: np.ndarray, k: int) -> np.ndarray:
+    """Top k eigenvectors (D, k) of sum_u (m_u m_u^T - sum_j r_j^2 d_j d_j^T), m_u = sum_j r_j d_j the gradient of
+    user u's BT loss at the shared reward (r_j = P(pair j wrong)): the products of pairs within a user, without each
+    pair's own square (its noise), so only directions along which users differ remain."""
+    residual = 1.0 / (1.0 + np.exp(diff @ shared))
+    per_user = np.zeros((int(user_idx.max()) + 1, diff.shape[1]))
+    np.add.at(per_user, user_idx, residual[:, None] * diff)
+    moment = per_user.T @ per_user - (diff * residual[:, None] ** 2).T @ diff
+    return np.ascontiguousarray(np.linalg.eigh(moment)[1][:, ::-1][:, :k])
+
+
+def spectral_marginal(diff, user_idx, n_users, rank, l2, seed) -> np.ndarray:
+    from lore_core.joint_trainer import MarginalObjective
+
+    shared = fit_basis_and_weights(diff, user_idx, n_users, rank=1, l2=l2, prior_strength=0.0, max_iter=400,
+                                   seed=seed)[0][0].astype(np.float64)
+    directions = torch.as_tensor(personal_directions(diff, user_idx, shared, SPECTRAL_DIRECTIONS))
+    objective = MarginalObjective(torch.as_tensor(diff), torch.as_tensor(user_idx), n_users, rank, l2)
+    gen = torch.Generator().manual_seed(seed)
+    coords = (0.3 * np.linalg.norm(shared) * torch.randn(rank, SPECTRAL_DIRECTIONS, generator=gen,
+                                                         dtype=torch.float64)).requires_grad_(True)
+    scale = torch.zeros(1, dtype=torch.float64, requires_grad=True)
+    shared_t = torch.as_tensor(shared)
+
+    def basis():
+        return (1 + scale) * shared_t[None] + coords @ directions.T
+
+    _lbfgs([coords, scale], lambda: objective(basis()), 400)
+    return basis().detach().numpy()
 
 
 def shared_plus_lowrank(diff, user_idx, n_users, rank, l2, seed) -> np.ndarray:
@@ -100,6 +135,8 @@ def fit_method(method: str, diff, user_idx, n_users, rank, l2, seed) -> np.ndarr
     if method == "marginal":
         joint = fit_basis_and_weights(diff, user_idx, n_users, prior_strength=personal_prior, **common)[0]
         return fit_basis_marginal(diff, user_idx, n_users, rank=rank, l2=l2, init=joint, max_iter=400)
+    if method == "spectral":
+        return spectral_marginal(diff, user_idx, n_users, rank, l2, seed)
     raise ValueError(method)
 
 

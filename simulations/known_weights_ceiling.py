@@ -44,17 +44,13 @@ def known_weights_basis(diff: np.ndarray, weights: np.ndarray, l2: float) -> np.
 
 
 def spectral_overlap(diff: np.ndarray, user_idx: np.ndarray, shared: np.ndarray, true_basis: np.ndarray) -> float:
-    """Mean cos^2 between the true personal subspace and the top K-1 eigenvectors of sum_u (m_u m_u^T - sum_j
-    r_j^2 d_j d_j^T), m_u = sum_j r_j d_j the gradient of user u's BT loss at the shared reward (r_j = P(pair j
-    wrong)): the within-user pair products, without each pair's own square (its noise)."""
-    residual = 1.0 / (1.0 + np.exp(diff @ shared))
-    per_user = np.zeros((user_idx.max() + 1, diff.shape[1]))
-    np.add.at(per_user, user_idx, residual[:, None] * diff)
-    moment = per_user.T @ per_user - (diff * residual[:, None] ** 2).T @ diff
+    """Mean cos^2 between the true personal subspace and the top K-1 directions of the users' debiased second
+    moment (`compare_basis_methods.personal_directions`)."""
+    from simulations.compare_basis_methods import personal_directions
+
     k = true_basis.shape[0] - 1
-    top = np.linalg.eigh(moment)[1][:, ::-1][:, :k]
     personal = np.linalg.qr((true_basis - true_basis.mean(axis=0)).T)[0][:, :k]
-    return float(np.linalg.norm(top.T @ personal) ** 2 / k)
+    return float(np.linalg.norm(personal_directions(diff, user_idx, shared, k).T @ personal) ** 2 / k)
 
 
 def ceiling_cell(pop, seed: int, work: Path) -> dict:
