@@ -69,7 +69,7 @@ class ClientSettings:
         return cls(
             pairs_path=str(run_config.get("pairs-path", "")),
             train_prior_pairs=float(run_config["train-prior-pairs"]),
-            prior_pairs=float(run_config["prior-pairs"]),
+            prior_pairs=personal_prior_pairs(run_config),
             local_steps=local_steps(run_config),
             client_lr=float(run_config["client-lr"]),
             objective=str(run_config.get("objective", "joint")),
@@ -83,6 +83,17 @@ def local_steps(run_config: dict) -> int:
     """The local steps a client takes: `local-steps`, or 1 with the marginal objective, whose update is one exact
     gradient step (server and clients read it here, so the server's pseudo-gradient divides by what ran)."""
     return 1 if str(run_config.get("objective", "joint")) == "marginal" else int(run_config["local-steps"])
+
+
+def personal_prior_pairs(run_config: dict) -> float:
+    """`prior-pairs`, or where it is "" (the default) the privacy mode's: DEFAULT_PRIOR_PAIRS without privacy,
+    DP_PRIOR_PAIRS under DP, whose released basis is noisy (server and clients read it here, so both agree)."""
+    from lore_core.simplex_fit import DEFAULT_PRIOR_PAIRS, DP_PRIOR_PAIRS
+
+    value = run_config.get("prior-pairs", "")
+    if value != "":
+        return float(value)
+    return DEFAULT_PRIOR_PAIRS if str(run_config.get("privacy-mode", "none")) == "none" else DP_PRIOR_PAIRS
 
 
 def encode_user_indices(indices: np.ndarray) -> bytes:

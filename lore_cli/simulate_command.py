@@ -46,7 +46,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--local-steps", type=int, default=None)
     parser.add_argument("--client-lr", type=float, default=None)
     parser.add_argument("--prior-pairs", type=float, default=None,
-                        help="personal prior of every user's final w fit, in pairs (default 3; 30 under DP, whose "
+                        help="personal prior of every user's final w fit, in pairs (default 3; 10 under DP, whose "
                              "basis is noisier)")
     parser.add_argument("--objective", default=None, choices=("joint", "marginal"),
                         help="clients' update: joint (fit w, then local steps; default) or marginal (w integrated "
@@ -107,7 +107,6 @@ def privacy_overrides(args: argparse.Namespace) -> dict:
 def run_overrides(args: argparse.Namespace, seen_users: int) -> dict:
     """Run-config overrides of the flags; unset flags keep the run config's defaults (pyproject.toml)."""
     from lore_core.reward_math import DEFAULT_L2
-    from lore_core.simplex_fit import DEFAULT_PRIOR_PAIRS, DP_PRIOR_PAIRS
 
     eval_every = args.eval_every
     if eval_every is None:
@@ -116,8 +115,7 @@ def run_overrides(args: argparse.Namespace, seen_users: int) -> dict:
     overrides = {
         "num-server-rounds": args.rounds, "clients-per-round": clients, "seed": args.seed, "eval-every": eval_every,
         "l2": DEFAULT_L2 if args.l2 is None else args.l2,
-        "prior-pairs": args.prior_pairs if args.prior_pairs is not None else (
-            DEFAULT_PRIOR_PAIRS if args.privacy == "none" else DP_PRIOR_PAIRS), "progress": "bar",
+        "prior-pairs": "" if args.prior_pairs is None else args.prior_pairs, "progress": "bar",
         **privacy_overrides(args),
     }
     for key, value in (("rank", args.rank), ("server-optimizer", args.server_optimizer),

@@ -25,10 +25,11 @@ DEFAULT_PRIOR_STRENGTH = 0.02  # joint training: one weak pull for every user, s
 # own pairs (lam_u = c / n_u). Chosen on a public pilot population (`python -m simulations.choose_prior_pairs`),
 # never on a run it is reported for.
 DEFAULT_PRIOR_PAIRS = 3.0
-# A basis released under user-level DP is noisy, so each user's w leans more on the population: `lore-fed simulate`
-# with privacy takes this personal prior unless --prior-pairs is given. Chosen on DP pilots (iso-5-15-1400 seeds
-# 101-103, prism-synth seed 101; `python -m simulations.choose_dp_defaults --personal-prior`).
-DP_PRIOR_PAIRS = 30.0
+# A basis released under user-level DP is noisy, so each user's w leans more on the population: a DP run takes
+# this personal prior unless `prior-pairs` is given. Chosen on five DP pilots (iso-5-15-1400 seeds 101-103,
+# prism-synth seed 101, 1,400 users x 30-50 pairs seed 101; `python -m simulations.choose_dp_defaults
+# --personal-prior`): thin users gain from more, thick ones lose from it; 10 has the best mean.
+DP_PRIOR_PAIRS = 10.0
 
 
 class ConvergenceWarning(UserWarning):

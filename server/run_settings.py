@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from lore_core.marginal_fit import OBJECTIVES
-from federation.protocol import local_steps
+from federation.protocol import local_steps, personal_prior_pairs
 from lore_core.privacy.privacy_settings import MODES as PRIVACY_MODES
 from lore_core.privacy.privacy_settings import PrivacySettings, validate
 from server.optimizer import (SCHEDULES, ServerAdam, ServerSGD, default_init_scale, default_schedule,
@@ -93,7 +93,7 @@ class ServerSettings:
                 server_lr_schedule=_or_default(cfg.get("server-lr-schedule", ""), default_schedule, cfg),
                 l2=float(cfg["l2"]),
                 train_prior_pairs=float(cfg["train-prior-pairs"]),
-                prior_pairs=float(cfg["prior-pairs"]),
+                prior_pairs=personal_prior_pairs(cfg),
                 init_scale=float(_or_default(cfg["init-scale"], default_init_scale, cfg)),
                 privacy_mode=str(cfg["privacy-mode"]),
                 run_dir=str(cfg["run-dir"]),

@@ -19,8 +19,8 @@ pilots of 1,400 thin users (the matrix's isotropic iso-5-15-1400 and an anisotro
 (`bench_scale`'s). Writes bench_results/dp_train_prior_pilot.{md,json}.
 
 `--personal-prior`: the personal prior of every user's final w fit (`prior-pairs`) on a DP basis, on pilots of the
-matrix's DP populations (iso-5-15-1400 seeds 101-103, prism-synth seed 101): the recipe above at the rank and l2
-`train` chose on each pilot, the released tail-averaged basis evaluated with each prior of PERSONAL_PRIORS (post-
+matrix's DP populations (iso-5-15-1400 seeds 101-103, prism-synth seed 101) and a thick one (bench_privacy's
+shape: 1,400 users x 30-50 pairs, seed 101): the recipe above at the rank and l2 `train` chose on each pilot, the released tail-averaged basis evaluated with each prior of PERSONAL_PRIORS (post-
 processing: one DP run per pilot). Writes bench_results/dp_personal_prior_pilot.{md,json}.
 """
 
@@ -105,20 +105,38 @@ def train_prior_pilot(work: Path, out: Path) -> None:
 
 
 PERSONAL_PRIORS = (1.0, 3.0, 10.0, 30.0, 100.0)
-PERSONAL_PRIOR_PILOTS = (("iso-5-15-1400", 101), ("iso-5-15-1400", 102), ("iso-5-15-1400", 103), ("prism-synth", 101))
+PERSONAL_PRIOR_PILOTS = (("iso-5-15-1400", 101), ("iso-5-15-1400", 102), ("iso-5-15-1400", 103), ("prism-synth", 101),
+                         ("thick-1400", 101))  # thick-1400: bench_privacy's shape (1,400 users x 30-50 pairs)
+
+
+def _personal_prior_population(name: str, seed: int, work: Path) -> tuple[Path, dict]:
+    """A pilot's pair file and the rank and l2 of its DP run: what `train` chose (matrix populations) or, for the
+    thick pilot (bench_privacy's population shape, anisotropic, true rank 5), simulate's defaults at rank 5."""
+    from lore_core.pairs import PAIRS_FILENAME, save_pairs
+    from lore_core.reward_math import DEFAULT_L2
+    from simulations.bench_matrix import POPULATIONS, population_file, run_cell
+    from simulations.synthetic_pairs import SyntheticPairsConfig, make_synthetic_pairs
+
+    if name == "thick-1400":
+        path = work / "data" / name / f"seed{seed}" / PAIRS_FILENAME
+        if not path.exists():
+            save_pairs(make_synthetic_pairs(SyntheticPairsConfig(seen_users=1400, unseen_users=100, seed=seed))[0],
+                       path)
+        return path, {"rank": 5, "l2": DEFAULT_L2, "prior_pairs": None}
+    pop = next(p for p in POPULATIONS if p.name == name)
+    path, _ = population_file(pop, seed, work, False)
+    chosen = run_cell(pop, seed, ("train",), work, False)["train"]
+    return path, {k: chosen[k] for k in ("rank", "l2", "prior_pairs")}
 
 
 def personal_prior_pilot(work: Path, out: Path) -> None:
     from lore_core.pairs import load_pairs
-    from simulations.bench_matrix import POPULATIONS, population_file, run_cell
     from simulations.bench_privacy import run_in_process
     from simulations.flower_run import nodes_for
 
     cells = {}
     for name, seed in PERSONAL_PRIOR_PILOTS:
-        pop = next(p for p in POPULATIONS if p.name == name)
-        path, _ = population_file(pop, seed, work, False)
-        chosen = run_cell(pop, seed, ("train",), work, False)["train"]
+        path, chosen = _personal_prior_population(name, seed, work)
         nodes = nodes_for(int(np.unique(load_pairs(path).user).size))
         result = run_in_process(path, {"num-server-rounds": ROUNDS, "clients-per-round": USERS_PER_ROUND,
                                        "rank": chosen["rank"], "l2": chosen["l2"], "seed": seed, "eval-every": 0,
@@ -142,8 +160,10 @@ def personal_prior_pilot(work: Path, out: Path) -> None:
         mark = " **chosen**" if p == best else ""
         lines.append(f"| {p:g}{mark} | {score[p]:.4f} | " + " | ".join(
             f"{c[f'{p:g}'][0]:.4f} / {c[f'{p:g}'][1]:.4f}" for c in cells.values()) + " |")
-    lines += ["", "`train`'s choice without privacy (rank, prior pairs): " + "; ".join(
-        f"{k}: {c['rank']}, {c['train_prior_pairs']:g}" for k, c in cells.items())]
+    lines += ["", "Rank of each DP run and the prior `train` chose without privacy: " + "; ".join(
+        f"{k}: rank {c['rank']}, prior " + ("-" if c["train_prior_pairs"] is None else f"{c['train_prior_pairs']:g}")
+        for k, c in cells.items()) + " (thick-1400: 1,400 users x 30-50 pairs, bench_privacy's shape, at "
+        "simulate's rank 5, l2 default)."]
     atomic_write_text(out / "dp_personal_prior_pilot.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
 

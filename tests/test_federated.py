@@ -250,15 +250,24 @@ def test_invalid_personal_prior_stops_the_run_before_training(pair_file, tmp_pat
         make_run(pair_file, tmp_path / "run", **{"prior-pairs": bad})
 
 
-@pytest.mark.parametrize("flags, expected", [(["--privacy", "none"], 3.0), ([], 30.0),
+@pytest.mark.parametrize("flags, expected", [(["--privacy", "none"], 3.0), ([], 10.0),
                                              (["--privacy", "user", "--prior-pairs", "5"], 5.0)])
-def test_simulate_personal_prior_defaults_to_the_dp_pilots_choice_under_dp(flags, expected):
-    """Under DP the released basis is noisy: without --prior-pairs, users' final w fits lean on the population
-    (DP_PRIOR_PAIRS); without privacy the trainer's default; an explicit flag always wins."""
+def test_personal_prior_defaults_to_the_dp_pilots_choice_under_dp(flags, expected):
+    """Under DP the released basis is noisy: without --prior-pairs (run config `prior-pairs = ""`), users' final w
+    fits lean on the population (DP_PRIOR_PAIRS); without privacy the trainer's default; an explicit value always
+    wins. Server and clients resolve it the same way."""
     import argparse
 
+    from flwr.common.config import get_fused_config_from_dir
+
+    from federation.protocol import ClientSettings
     from lore_cli.simulate_command import configure, run_overrides
+    from server.run_settings import ServerSettings
+    from simulations.flower_run import ROOT
 
     parser = argparse.ArgumentParser()
     configure(parser)
-    assert run_overrides(parser.parse_args(["pairs.npz", "--out", "run", *flags]), 100)["prior-pairs"] == expected
+    cfg = get_fused_config_from_dir(ROOT, {**run_overrides(parser.parse_args(["pairs.npz", "--out", "run", *flags]),
+                                                           100), "run-dir": "run"})
+    assert ServerSettings.from_run_config(cfg).prior_pairs == expected
+    assert ClientSettings.from_run_config(cfg).prior_pairs == expected
