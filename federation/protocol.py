@@ -92,7 +92,11 @@ def personal_prior_pairs(run_config: dict) -> float:
 
     value = run_config.get("prior-pairs", "")
     if value != "":
-        return float(value)
+        try:
+            return float(value)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"run config `prior-pairs` must be a number or \"\" (the privacy mode's default), got "
+                             f"{value!r}") from exc
     return DEFAULT_PRIOR_PAIRS if str(run_config.get("privacy-mode", "none")) == "none" else DP_PRIOR_PAIRS
 
 

@@ -81,24 +81,24 @@ class ServerSettings:
     def from_run_config(cls, cfg: dict) -> "ServerSettings":
         try:
             settings = cls(
-                rounds=int(cfg["num-server-rounds"]),
-                rank=int(cfg["rank"]),
-                clients_per_round=int(cfg["clients-per-round"]),
-                seed=int(cfg["seed"]),
-                eval_every=int(cfg["eval-every"]),
+                rounds=_typed(cfg, "num-server-rounds", int),
+                rank=_typed(cfg, "rank", int),
+                clients_per_round=_typed(cfg, "clients-per-round", int),
+                seed=_typed(cfg, "seed", int),
+                eval_every=_typed(cfg, "eval-every", int),
                 local_steps=local_steps(cfg),
-                client_lr=float(cfg["client-lr"]),
+                client_lr=_typed(cfg, "client-lr", float),
                 server_optimizer=str(cfg["server-optimizer"]),
                 server_lr=float(_or_default(cfg["server-lr"], default_server_lr, cfg)),
                 server_lr_schedule=_or_default(cfg.get("server-lr-schedule", ""), default_schedule, cfg),
-                l2=float(cfg["l2"]),
-                train_prior_pairs=float(cfg["train-prior-pairs"]),
+                l2=_typed(cfg, "l2", float),
+                train_prior_pairs=_typed(cfg, "train-prior-pairs", float),
                 prior_pairs=personal_prior_pairs(cfg),
                 init_scale=float(_or_default(cfg["init-scale"], default_init_scale, cfg)),
                 privacy_mode=str(cfg["privacy-mode"]),
                 run_dir=str(cfg["run-dir"]),
-                min_nodes=int(cfg["min-nodes"]),
-                round_timeout=float(cfg["round-timeout"]),
+                min_nodes=_typed(cfg, "min-nodes", int),
+                round_timeout=_typed(cfg, "round-timeout", float),
                 privacy=privacy_config(cfg),
                 allow_uncovered_eval=bool(cfg.get("allow-uncovered-eval", False)),
                 progress=str(cfg.get("progress", "log")),
@@ -106,6 +106,10 @@ class ServerSettings:
             )
         except KeyError as exc:
             raise RunConfigError(f"run config lacks key {exc}; keys present: {sorted(cfg)}") from exc
+        except RunConfigError:
+            raise
+        except (TypeError, ValueError) as exc:  # a mode default's value ("" resolved) that is not a number
+            raise RunConfigError(f"run config: {exc}") from exc
         settings.validate()
         return settings
 
@@ -180,6 +184,15 @@ class ServerSettings:
         for volatile in ("run_dir", "min_nodes", "round_timeout", "rounds", "progress"):
             fields.pop(volatile)
         return fields
+
+
+def _typed(cfg: dict, key: str, kind: type):
+    """cfg[key] as int or float; a value that is not one names its key (exit 2 in the commands)."""
+    try:
+        return kind(cfg[key])
+    except (TypeError, ValueError) as exc:
+        raise RunConfigError(f"run config `{key}` must be {'an integer' if kind is int else 'a number'}, got "
+                             f"{cfg[key]!r}") from exc
 
 
 def _or_default(value, default, cfg: dict):

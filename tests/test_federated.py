@@ -242,12 +242,20 @@ def test_device_evaluation_uses_the_device_adaptation_and_matches_the_batched_no
     assert sums_device == pytest.approx(sums_batched, abs=1e-9)
 
 
-@pytest.mark.parametrize("bad", [0.0, -2.0, float("inf")])
+@pytest.mark.parametrize("bad", [0.0, -2.0, float("inf"), "abc"])
 def test_invalid_personal_prior_stops_the_run_before_training(pair_file, tmp_path, bad):
     from server.run_settings import RunConfigError
 
     with pytest.raises(RunConfigError, match="prior-pairs"):
         make_run(pair_file, tmp_path / "run", **{"prior-pairs": bad})
+
+
+@pytest.mark.parametrize("key, bad", [("l2", "abc"), ("rank", "four"), ("client-lr", "fast")])
+def test_a_run_config_value_of_the_wrong_type_names_its_key(pair_file, tmp_path, key, bad):
+    from server.run_settings import RunConfigError
+
+    with pytest.raises(RunConfigError, match=f"`{key}`"):
+        make_run(pair_file, tmp_path / "run", **{key: bad})
 
 
 @pytest.mark.parametrize("flags, expected", [(["--privacy", "none"], 3.0), ([], 10.0),
