@@ -91,13 +91,14 @@ def personal_prior_pairs(run_config: dict) -> float:
     from lore_core.simplex_fit import DEFAULT_PRIOR_PAIRS, DP_PRIOR_PAIRS
 
     value = run_config.get("prior-pairs", "")
-    if value != "":
-        try:
+    if value == "":
+        return DEFAULT_PRIOR_PAIRS if str(run_config["privacy-mode"]) == "none" else DP_PRIOR_PAIRS
+    try:
+        if not isinstance(value, bool):
             return float(value)
-        except (TypeError, ValueError) as exc:
-            raise ValueError(f"run config `prior-pairs` must be a number or \"\" (the privacy mode's default), got "
-                             f"{value!r}") from exc
-    return DEFAULT_PRIOR_PAIRS if str(run_config.get("privacy-mode", "none")) == "none" else DP_PRIOR_PAIRS
+    except (TypeError, ValueError):
+        pass
+    raise ValueError(f"run config `prior-pairs` must be a number or \"\" (the privacy mode's default), got {value!r}")
 
 
 def encode_user_indices(indices: np.ndarray) -> bytes:

@@ -58,8 +58,10 @@ def load_checkpoint(run_dir: str | Path) -> RunState | None:
 
 
 def check_resumable(state: RunState, settings: dict, population: list[int], run_dir: str | Path) -> None:
-    if state.settings != settings:
-        changed = sorted(k for k in set(state.settings) | set(settings) if state.settings.get(k) != settings.get(k))
+    """Refuse a resume whose fingerprinted settings or population differ; a key the checkpoint holds but today's
+    fingerprint leaves out (now volatile, e.g. prior_pairs) is not compared."""
+    changed = sorted(k for k in settings if state.settings.get(k) != settings[k])
+    if changed:
         raise CheckpointError(f"{run_dir} holds a run with other settings ({changed}: "
                               f"{[state.settings.get(k) for k in changed]} vs {[settings.get(k) for k in changed]}); "
                               "use a new --out directory or the same settings")

@@ -80,6 +80,7 @@ class ServerSettings:
     @classmethod
     def from_run_config(cls, cfg: dict) -> "ServerSettings":
         try:
+            _typed(cfg, "local-steps", int)  # named here; federation.protocol.local_steps reads it for both sides
             settings = cls(
                 rounds=_typed(cfg, "num-server-rounds", int),
                 rank=_typed(cfg, "rank", int),
@@ -89,18 +90,18 @@ class ServerSettings:
                 local_steps=local_steps(cfg),
                 client_lr=_typed(cfg, "client-lr", float),
                 server_optimizer=str(cfg["server-optimizer"]),
-                server_lr=float(_or_default(cfg["server-lr"], default_server_lr, cfg)),
+                server_lr=_typed(cfg, "server-lr", float, _or_default(cfg["server-lr"], default_server_lr, cfg)),
                 server_lr_schedule=_or_default(cfg.get("server-lr-schedule", ""), default_schedule, cfg),
                 l2=_typed(cfg, "l2", float),
                 train_prior_pairs=_typed(cfg, "train-prior-pairs", float),
                 prior_pairs=personal_prior_pairs(cfg),
-                init_scale=float(_or_default(cfg["init-scale"], default_init_scale, cfg)),
+                init_scale=_typed(cfg, "init-scale", float, _or_default(cfg["init-scale"], default_init_scale, cfg)),
                 privacy_mode=str(cfg["privacy-mode"]),
                 run_dir=str(cfg["run-dir"]),
                 min_nodes=_typed(cfg, "min-nodes", int),
                 round_timeout=_typed(cfg, "round-timeout", float),
                 privacy=privacy_config(cfg),
-                allow_uncovered_eval=bool(cfg.get("allow-uncovered-eval", False)),
+                allow_uncovered_eval=_flag(cfg, "allow-uncovered-eval"),
                 progress=str(cfg.get("progress", "log")),
                 objective=str(cfg.get("objective", "joint")),
             )
@@ -108,8 +109,8 @@ class ServerSettings:
             raise RunConfigError(f"run config lacks key {exc}; keys present: {sorted(cfg)}") from exc
         except RunConfigError:
             raise
-        except (TypeError, ValueError) as exc:  # a mode default's value ("" resolved) that is not a number
-            raise RunConfigError(f"run config: {exc}") from exc
+        except ValueError as exc:  # federation.protocol's readers (personal_prior_pairs) name their key
+            raise RunConfigError(str(exc)) from exc
         settings.validate()
         return settings
 
@@ -179,20 +180,37 @@ class ServerSettings:
         return make_optimizer(self.server_optimizer, self.server_lr, self.rounds, self.server_lr_schedule)
 
     def fingerprint(self) -> dict:
-        """What a resumed run must share with the run that wrote the checkpoint (timeouts may change)."""
+        """What a resumed run must share with the run that wrote the checkpoint. Timeouts may change, and so may the
+        evaluation's personal prior: it only post-processes the basis (a DP run checkpointed when its default was 3
+        resumes under today's default)."""
         fields = asdict(self)
-        for volatile in ("run_dir", "min_nodes", "round_timeout", "rounds", "progress"):
+        for volatile in ("run_dir", "min_nodes", "round_timeout", "rounds", "progress", "prior_pairs"):
             fields.pop(volatile)
         return fields
 
 
-def _typed(cfg: dict, key: str, kind: type):
-    """cfg[key] as int or float; a value that is not one names its key (exit 2 in the commands)."""
+def _typed(cfg: dict, key: str, kind: type, value=None):
+    """cfg[key] (or `value`, read from it) as int or float; anything else, a bool or a fraction for an int names its
+    key (RunConfigError: exit 2 in the commands)."""
+    value = cfg[key] if value is None else value
+    expected = "an integer" if kind is int else "a number"
     try:
-        return kind(cfg[key])
-    except (TypeError, ValueError) as exc:
-        raise RunConfigError(f"run config `{key}` must be {'an integer' if kind is int else 'a number'}, got "
-                             f"{cfg[key]!r}") from exc
+        number = None if isinstance(value, bool) else float(value)
+    except (TypeError, ValueError):
+        number = None
+    if number is None or (kind is int and not number.is_integer()):
+        raise RunConfigError(f"run config `{key}` must be {expected}, got {value!r}")
+    return int(number) if kind is int else number
+
+
+def _flag(cfg: dict, key: str) -> bool:
+    """A boolean run-config key (absent = false): true/false, never a truthy string such as "false"."""
+    value = cfg.get(key, False)
+    if isinstance(value, str) and value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    if not isinstance(value, bool):
+        raise RunConfigError(f"run config `{key}` must be true or false, got {value!r}")
+    return value
 
 
 def _or_default(value, default, cfg: dict):

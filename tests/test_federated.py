@@ -190,6 +190,21 @@ def test_killed_run_resumes_to_the_same_final_metrics(pair_file, tmp_path):
     np.testing.assert_allclose(resumed.basis, straight.basis, rtol=0, atol=1e-7)
     with pytest.raises(CheckpointError, match="other settings"):
         run_federated(*make_run(pair_file, tmp_path / "killed", **{"server-lr": 0.2}))
+    resumed_other_prior = run_federated(*make_run(pair_file, tmp_path / "killed", **{"prior-pairs": 10.0}))
+    assert resumed_other_prior.history[-1]["round"] == 6  # the evaluation's prior is post-processing: not refused
+
+
+def test_a_checkpoint_that_fingerprinted_the_personal_prior_still_resumes(pair_file, tmp_path):
+    """Checkpoints written while `prior_pairs` was fingerprinted (a DP run whose default was then 3) resume under
+    today's default; any training setting that differs is still refused."""
+    from server.checkpoint import CheckpointError, RunState, check_resumable
+
+    fingerprint = make_run(pair_file, tmp_path / "run")[1].fingerprint()
+    assert "prior_pairs" not in fingerprint
+    old = RunState(round=3, basis=np.zeros((RANK, 4)), settings={**fingerprint, "prior_pairs": 3.0}, population=[1])
+    check_resumable(old, fingerprint, [1], tmp_path)
+    with pytest.raises(CheckpointError, match="server_lr"):
+        check_resumable(old, {**fingerprint, "server_lr": 0.5}, [1], tmp_path)
 
 
 def test_user_dp_aggregator_fits_the_strategy_seam(pair_file, tmp_path):
@@ -250,12 +265,20 @@ def test_invalid_personal_prior_stops_the_run_before_training(pair_file, tmp_pat
         make_run(pair_file, tmp_path / "run", **{"prior-pairs": bad})
 
 
-@pytest.mark.parametrize("key, bad", [("l2", "abc"), ("rank", "four"), ("client-lr", "fast")])
+@pytest.mark.parametrize("key, bad", [("l2", "abc"), ("rank", "four"), ("client-lr", "fast"), ("seed", 1.9),
+                                      ("local-steps", "x"), ("server-lr", "x"), ("init-scale", "x"),
+                                      ("prior-pairs", True), ("allow-uncovered-eval", "no")])
 def test_a_run_config_value_of_the_wrong_type_names_its_key(pair_file, tmp_path, key, bad):
     from server.run_settings import RunConfigError
 
     with pytest.raises(RunConfigError, match=f"`{key}`"):
         make_run(pair_file, tmp_path / "run", **{key: bad})
+
+
+def test_allow_uncovered_eval_reads_the_string_false_as_false(pair_file, tmp_path):
+    """A truthy string must not switch on evaluation the accountant does not cover."""
+    assert make_run(pair_file, tmp_path / "run", **{"allow-uncovered-eval": "false"})[1].allow_uncovered_eval is False
+    assert make_run(pair_file, tmp_path / "run", **{"allow-uncovered-eval": True})[1].allow_uncovered_eval is True
 
 
 @pytest.mark.parametrize("flags, expected", [(["--privacy", "none"], 3.0), ([], 10.0),
