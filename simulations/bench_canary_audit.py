@@ -88,6 +88,7 @@ def canary_cost(pairs_path: Path, args: argparse.Namespace, per_round: int, secr
     for name, m, k in (("no canaries", args.users_per_round, None), (f"{args.canaries} canaries", per_round, canaries)):
         runs = [run_in_process(pairs_path, {"num-server-rounds": args.rounds, "clients-per-round": m, "rank": args.rank,
                                             "seed": seed, "eval-every": 0, "train-prior-pairs": DEFAULT_PRIOR_PAIRS,
+                                            "prior-pairs": DEFAULT_PRIOR_PAIRS,
                                             "run-dir": str(Path(args.work) / "cost"), "privacy-mode": "user",
                                             "target-epsilon": args.target_epsilon, "delta": 1e-5}, nodes, canaries=k)
                 for seed in range(args.cost_repeats)]

@@ -146,7 +146,8 @@ def base_overrides(args: argparse.Namespace) -> dict:
     from lore_core.simplex_fit import DEFAULT_PRIOR_PAIRS
 
     return {"num-server-rounds": args.rounds, "clients-per-round": args.clients_per_round, "rank": args.rank,
-            "seed": 0, "eval-every": 0, "train-prior-pairs": DEFAULT_PRIOR_PAIRS, "run-dir": str(args.work)}
+            "seed": 0, "eval-every": 0, "train-prior-pairs": DEFAULT_PRIOR_PAIRS,
+            "prior-pairs": DEFAULT_PRIOR_PAIRS, "run-dir": str(args.work)}
 
 
 def pilot(args: argparse.Namespace) -> int:

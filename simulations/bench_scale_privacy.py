@@ -52,7 +52,8 @@ def run_point(path: Path, users: int, cohort: int, rounds: int, rank: int, epsil
     from simulations.flower_run import nodes_for
 
     overrides = {"num-server-rounds": rounds, "clients-per-round": cohort, "rank": rank, "seed": 0,
-                 "eval-every": 0, "train-prior-pairs": DEFAULT_PRIOR_PAIRS, "run-dir": "runs/bench_scale_privacy",
+                 "eval-every": 0, "train-prior-pairs": DEFAULT_PRIOR_PAIRS,
+                 "prior-pairs": DEFAULT_PRIOR_PAIRS, "run-dir": "runs/bench_scale_privacy",
                  "privacy-mode": "none"}
     if epsilon is not None:
         overrides.update({"privacy-mode": "user", "target-epsilon": epsilon, "delta": DELTA})

@@ -15,13 +15,14 @@ variant. Writes bench_results/dp_defaults_pilot.{md,json}.
 `--train-prior`: the prior of the clients' w fits inside training (`train-prior-pairs`, in pairs) under DP, on two
 pilots of 1,400 thin users (the matrix's isotropic iso-5-15-1400 and an anisotropic one shaped like
 `simulations.bench_scale`'s populations: true rank 5, 10-20 pairs), each seed 101, in two regimes: the recipe above
-(at the rank, l2 and prior `train` chose; for the anisotropic pilot the `simulate` defaults) and 20 rounds at z = 1
+(at the rank, l2 and prior `train` chose; for the anisotropic pilot the `simulate` defaults, personal prior 3) and 20 rounds at z = 1
 (`bench_scale`'s). Writes bench_results/dp_train_prior_pilot.{md,json}.
 
 `--personal-prior`: the personal prior of every user's final w fit (`prior-pairs`) on a DP basis, on pilots of the
 matrix's DP populations (iso-5-15-1400 seeds 101-103, prism-synth seed 101) and a thick one (bench_privacy's
-shape: 1,400 users x 30-50 pairs, seed 101): the recipe above at the rank and l2 `train` chose on each pilot, the released tail-averaged basis evaluated with each prior of PERSONAL_PRIORS (post-
-processing: one DP run per pilot). Writes bench_results/dp_personal_prior_pilot.{md,json}.
+shape: 1,400 users x 30-50 pairs, seed 101, at simulate's rank 5): the recipe above at the rank and l2 `train`
+chose on each pilot, the released tail-averaged basis evaluated with each prior of PERSONAL_PRIORS (post-processing:
+one DP run per pilot, so the priors are compared on the same basis; one DP draw per pilot). Writes bench_results/dp_personal_prior_pilot.{md,json}.
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ TRAIN_PRIORS = (0.3, 1.0, 3.0)
 
 def train_prior_pilot(work: Path, out: Path) -> None:
     from lore_core.pairs import PAIRS_FILENAME, load_pairs, save_pairs
+    from lore_core.simplex_fit import DEFAULT_PRIOR_PAIRS
     from simulations.bench_matrix import POPULATIONS, run_cell
     from simulations.bench_privacy import run_in_process
     from simulations.flower_run import nodes_for
@@ -72,7 +74,7 @@ def train_prior_pilot(work: Path, out: Path) -> None:
                    aniso_path)
     pilots = {"iso-5-15-1400": (work / "data" / iso.name / "seed101" / PAIRS_FILENAME,
                                 {k: iso_train[k] for k in ("rank", "l2")} | {"prior-pairs": iso_train["prior_pairs"]}),
-              "aniso-10-20-1400": (aniso_path, {"rank": 5})}
+              "aniso-10-20-1400": (aniso_path, {"rank": 5, "prior-pairs": DEFAULT_PRIOR_PAIRS})}
     regimes = {"200 rounds, epsilon 3": {"num-server-rounds": ROUNDS, "target-epsilon": EPSILON},
                "20 rounds, z 1": {"num-server-rounds": 20, "noise-multiplier": 1.0}}
     rows = {}

@@ -89,6 +89,7 @@ def main() -> None:
     population = int(np.unique(pairs.user[pairs.seen]).size)
     nodes = nodes_for(np.unique(pairs.user).size)
     base = {"rank": args.rank, "seed": 0, "eval-every": 0, "train-prior-pairs": DEFAULT_PRIOR_PAIRS,
+            "prior-pairs": DEFAULT_PRIOR_PAIRS,
             "run-dir": args.work}
     (screen if args.screen else grid)(path, base, population, nodes, args)
 
