@@ -39,6 +39,7 @@ import numpy as np
 
 from lore_core.atomic_io import atomic_write_json, atomic_write_text
 from lore_core.pairs import PAIRS_FILENAME, load_pairs, save_pairs
+from lore_core.simplex_fit import DP_PRIOR_PAIRS
 from simulations.synthetic_pairs import SyntheticPairsConfig, make_synthetic_pairs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -201,12 +202,13 @@ def simulate_row(path: Path, run_dir: Path, chosen: dict, fed: dict, privacy: li
     grid = LocalGrid(client_app, [{"partition-id": i, "num-partitions": nodes} for i in range(nodes)], cfg)
     logging.getLogger("flwr").setLevel(logging.WARNING)
     started = time.perf_counter()
-    state = run_federated(grid, ServerSettings.from_run_config(cfg))
+    settings = ServerSettings.from_run_config(cfg)
+    state = run_federated(grid, settings)
     evals = [r for r in state.history if "seen_test_acc" in r]
     last = evals[-1]
     out = {"seen_test_acc": last["seen_test_acc"], "unseen_test_acc": last["unseen_test_acc"],
            "rounds": fed["rounds"], "clients_per_round": fed["clients_per_round"], "rank": chosen["rank"],
-           "seconds": time.perf_counter() - started}
+           "prior_pairs": settings.prior_pairs, "seconds": time.perf_counter() - started}
     tail = [r for r in evals if r["round"] > 3 * fed["rounds"] // 4]
     if len(tail) > 1:  # how much the reported model moves between evaluations over the last quarter of the run
         out["swing_seen"] = max(r["seen_test_acc"] for r in tail) - min(r["seen_test_acc"] for r in tail)
@@ -255,12 +257,36 @@ def run_cell(pop: Population, seed: int, rows: tuple[str, ...], work: Path, quic
     fed = federated_settings(pop, n_seen, quick)
     if "simulate" in rows and "simulate" not in done and "train" in done:
         save("simulate", simulate_row(path, _fresh(runs / "simulate"), done["train"], fed, ["--privacy", "none"]))
+    if n_seen < DP_MIN_USERS:
+        return done
     dp_fed = federated_settings(pop, n_seen, quick, private=True)
     for row, source in (("bt_dp", "bt"), ("simulate_dp", "train")):
-        if row in rows and row not in done and source in done and n_seen >= DP_MIN_USERS:
+        stale = row == "simulate_dp" and done.get(row, {}).get("prior_pairs") != DP_PRIOR_PAIRS  # an older default
+        if row in rows and (row not in done or stale) and source in done:
             chosen = {k: done[source][k] for k in ("rank", "l2")}  # the personal prior: simulate's DP default
             save(row, simulate_row(path, _fresh(runs / row), chosen, dp_fed, DP_FLAGS))
+    if "simulate_dp" in done and "at_train_prior" not in done["simulate_dp"]:
+        save("simulate_dp", {**done["simulate_dp"], "at_train_prior": rescored(
+            path, runs / "simulate_dp", done["train"]["prior_pairs"])})
     return done
+
+
+def rescored(path: Path, run_dir: Path, prior_pairs: float) -> dict:
+    """The run's reported basis (from its checkpoint) scored with another personal prior by `lore_core.evaluation`:
+    post-processing of the same DP release, so the two priors are compared on one noise draw."""
+    from lore_core.evaluation import evaluate_model
+    from server.checkpoint import load_checkpoint
+    from server.optimizer import reported_basis
+
+    state = load_checkpoint(run_dir)
+    basis = reported_basis(state.optimizer, state.basis)
+    pairs = load_pairs(path)
+    out = {}
+    for role, prior in (("train_prior", prior_pairs), ("dp_prior", DP_PRIOR_PAIRS)):
+        metrics = evaluate_model(pairs, basis, prior_pairs=prior)
+        out[role] = {"prior_pairs": prior, "seen_test_acc": metrics["seen_test_acc"],
+                     "unseen_test_acc": metrics["unseen_test_acc"]}
+    return out
 
 
 def _fresh(run_dir: Path) -> Path:
@@ -344,6 +370,10 @@ def summarize(pop: Population, cells: dict[int, dict], work: Path) -> dict:
             entry["l2"] = [values[s].get("l2") for s in sorted(values)]
             entry["prior_pairs"] = [values[s].get("prior_pairs") for s in sorted(values)]
             entry["objectives"] = [values[s].get("objective", "joint") for s in sorted(values)]
+        rescores = [values[s]["at_train_prior"] for s in sorted(values) if "at_train_prior" in values[s]]
+        if rescores:  # the same DP bases scored with train's prior and with the DP default (paired)
+            entry["rescored"] = {role: {g: float(np.mean([r[role][f"{g}_test_acc"] for r in rescores]))
+                                        for g in ("seen", "unseen")} for role in ("train_prior", "dp_prior")}
         if row in ("simulate", "simulate_dp", "bt_dp"):
             for key in ("swing_seen", "swing_unseen", "epsilon"):
                 got = [values[s][key] for s in sorted(values) if key in values[s]]
@@ -379,8 +409,10 @@ def done_when(cells: dict[int, dict], best: str | None) -> dict:
             "at_or_above_published": None if math.isnan(over_pub) else bool(over_pub >= 0),
             "simulate_minus_train": fed,
             "federated_within_1_point": None if math.isnan(fed) else bool(abs(fed) <= 0.01 or fed > 0),
-            "simulate_dp_minus_bt_dp": _paired(cells, "simulate_dp", "bt_dp", group, best)[0],
         }
+        dp_gain, dp_se = _paired(cells, "simulate_dp", "bt_dp", group, best)
+        if not math.isnan(dp_gain):
+            checks[group].update(simulate_dp_minus_bt_dp=dp_gain, simulate_dp_minus_bt_dp_se=dp_se)
     return checks
 
 
@@ -416,6 +448,11 @@ def markdown(summaries: list[dict], seeds: list[int], args: argparse.Namespace) 
                 notes.append(f"swing {e['swing_seen']:.3f} / {e['swing_unseen']:.3f}")
             if "epsilon" in e:
                 notes.append(f"epsilon {e['epsilon']:.2f}")
+            if "rescored" in e:
+                r = e["rescored"]
+                notes.append("the same bases rescored: `train`'s prior {:.3f} / {:.3f}, the DP default {:.3f} / "
+                             "{:.3f}".format(r["train_prior"]["seen"], r["train_prior"]["unseen"],
+                                             r["dp_prior"]["seen"], r["dp_prior"]["unseen"]))
             lines.append(f"| {row} | {cell('seen')} | {cell('unseen')} | {'; '.join(notes)} |")
         if s["pilot_choices"] and not all(c["seed"] in s["seeds"] for c in s["pilot_choices"]):
             lines += ["", "Pilot choice of `lore-fed train` (rank, l2, prior pairs, objective): " + "; ".join(
@@ -427,7 +464,8 @@ def markdown(summaries: list[dict], seeds: list[int], args: argparse.Namespace) 
                 ("ceiling - BT", "ceiling_minus_bt"), (">= 2 points where ceiling >= 5", "two_points_where_ceiling_5"),
                 ("train - published best", "train_minus_published_best"),
                 ("simulate - train", "simulate_minus_train"), ("federated within 1 point", "federated_within_1_point"),
-                ("simulate_dp - bt_dp", "simulate_dp_minus_bt_dp"))),
+                *([("simulate_dp - bt_dp", "simulate_dp_minus_bt_dp"), ("its SE", "simulate_dp_minus_bt_dp_se")]
+                  if "simulate_dp_minus_bt_dp" in s["checks"]["seen"] else []))),
             ""]
     return "\n".join(lines) + "\n"
 

@@ -35,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from scipy.special import expit
 
 from lore_core.atomic_io import atomic_write_json, atomic_write_text
 from lore_core.evaluation import evaluate_model
@@ -64,18 +65,23 @@ def personal_directions(diff: np.ndarray, user_idx: np.ndarray, shared: np.ndarr
     """Top k eigenvectors (D, k) of sum_u (m_u m_u^T - sum_j r_j^2 d_j d_j^T), m_u = sum_j r_j d_j the gradient of
     user u's BT loss at the shared reward (r_j = P(pair j wrong)): the products of pairs within a user, without each
     pair's own square (its noise), so only directions along which users differ remain."""
-    residual = 1.0 / (1.0 + np.exp(diff @ shared))
+    residual = expit(-(diff @ shared))
     per_user = np.zeros((int(user_idx.max()) + 1, diff.shape[1]))
     np.add.at(per_user, user_idx, residual[:, None] * diff)
     moment = per_user.T @ per_user - (diff * residual[:, None] ** 2).T @ diff
     return np.ascontiguousarray(np.linalg.eigh(moment)[1][:, ::-1][:, :k])
 
 
+def shared_reward(diff: np.ndarray, user_idx: np.ndarray, n_users: int, l2: float, seed: int) -> np.ndarray:
+    """One shared reward (D,): the rank-1 fit, from which users' residual gradients are taken."""
+    return fit_basis_and_weights(diff, user_idx, n_users, rank=1, l2=l2, prior_strength=0.0, max_iter=400,
+                                 seed=seed)[0][0].astype(np.float64)
+
+
 def spectral_marginal(diff, user_idx, n_users, rank, l2, seed) -> np.ndarray:
     from lore_core.joint_trainer import MarginalObjective
 
-    shared = fit_basis_and_weights(diff, user_idx, n_users, rank=1, l2=l2, prior_strength=0.0, max_iter=400,
-                                   seed=seed)[0][0].astype(np.float64)
+    shared = shared_reward(diff, user_idx, n_users, l2, seed)
     directions = torch.as_tensor(personal_directions(diff, user_idx, shared, SPECTRAL_DIRECTIONS))
     objective = MarginalObjective(torch.as_tensor(diff), torch.as_tensor(user_idx), n_users, rank, l2)
     gen = torch.Generator().manual_seed(seed)
