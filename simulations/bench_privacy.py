@@ -177,10 +177,12 @@ def ray_point(pairs_path: Path, run_dir: Path, args: argparse.Namespace) -> dict
     import shutil
 
     from lore_cli.main import main as cli
+    from lore_core.simplex_fit import DEFAULT_PRIOR_PAIRS
 
     shutil.rmtree(run_dir, ignore_errors=True)
     code = cli(["simulate", str(pairs_path), "--rounds", str(args.rounds), "--clients-per-round",
-                str(args.clients_per_round), "--rank", str(args.rank), "--out", str(run_dir), "--noise-multiplier", "1"]
+                str(args.clients_per_round), "--rank", str(args.rank), "--out", str(run_dir), "--noise-multiplier", "1",
+                "--prior-pairs", str(DEFAULT_PRIOR_PAIRS)]  # the in-process rows' prior, not the DP default
                + (["--clip-norm", str(args.clip_norm)] if args.clip_norm is not None else []))
     if code != 0:
         raise RuntimeError(f"the Ray run failed (exit {code})")
