@@ -154,7 +154,7 @@ def _config(args: argparse.Namespace, options: dict, dim: int, source: str, few_
 def _train_in_memory(args: argparse.Namespace, options: dict):
     """The full-batch trainer on the whole file in memory -> (fit, config, metrics, summary, evaluation seconds)."""
     from lore_core.evaluation import evaluate_model
-    from lore_core.joint_trainer import train_joint
+    from lore_core.joint_trainer import MARGINAL_MAX_MEDIAN_PAIRS, candidate_objectives, train_joint
     from lore_core.pairs import load_pairs
 
     pairs = load_pairs(args.pairs)
@@ -163,6 +163,11 @@ def _train_in_memory(args: argparse.Namespace, options: dict):
     train = pairs.select(seen=True, split="train")
     config = _config(args, options, pairs.dim, pairs.source, few_shot_size(pairs.select(seen=False, split="train").user))
     print(f"training on {train.n} pairs of {np.unique(train.user).size} seen users (D={pairs.dim}, rank {config.rank})")
+    objectives = candidate_objectives(config.objective, np.unique(train.user, return_counts=True)[1])
+    if len(objectives) > 1 and config.rank != 1:
+        print("objectives: joint and marginal (users are thin: the median has under "
+              f"{MARGINAL_MAX_MEDIAN_PAIRS} training pairs); the marginal fits take most of the time, "
+              "`--objective joint` skips them")
     if train.group is None:
         print(f"note: {pairs.source} has no `group` array: held-out sets split by pair, so pairs that share a "
               "response may fall on both sides; `lore-fed prepare` + `embed` write the conversation as the group")

@@ -36,6 +36,13 @@ def test_train_writes_metrics_and_basis_then_evaluate_reads_them(pair_file, tmp_
     assert evaluated["seen_test_acc"] == pytest.approx(metrics["seen_test_acc"], abs=1e-9)
     assert abs(metrics["seen_test_acc_joint_weights"] - metrics["seen_test_acc"]) < 0.05
     assert evaluated["unseen_test_acc"] == pytest.approx(metrics["unseen_test_acc"], abs=1e-9)
+    assert "`--objective joint` skips them" in capsys.readouterr().out  # thin users: the slow candidates are named
+
+
+def test_train_with_the_joint_objective_does_not_announce_marginal_fits(pair_file, tmp_path, capsys):
+    assert main(["train", str(pair_file), "--rank", "2", "--l2", "0.001", "--prior-pairs", "3", "--objective", "joint",
+                 "--out", str(tmp_path / "run")]) == 0
+    assert "marginal" not in capsys.readouterr().out
 
 
 def test_bad_inputs_give_clear_errors(pair_file, tmp_path, capsys):
