@@ -82,7 +82,9 @@ class ClientSettings:
 def local_steps(run_config: dict) -> int:
     """The local steps a client takes: `local-steps`, or 1 with the marginal objective, whose update is one exact
     gradient step (server and clients read it here, so the server's pseudo-gradient divides by what ran)."""
-    return 1 if str(run_config.get("objective", "joint")) == "marginal" else int(run_config["local-steps"])
+    if str(run_config.get("objective", "joint")) == "marginal":
+        return 1
+    return config_number("local-steps", run_config["local-steps"], int)
 
 
 def personal_prior_pairs(run_config: dict) -> float:
@@ -93,12 +95,20 @@ def personal_prior_pairs(run_config: dict) -> float:
     value = run_config.get("prior-pairs", "")
     if value == "":
         return DEFAULT_PRIOR_PAIRS if str(run_config["privacy-mode"]) == "none" else DP_PRIOR_PAIRS
+    return config_number("prior-pairs", value, float, ' or "" (the privacy mode\'s default)')
+
+
+def config_number(key: str, value, kind: type = float, alternative: str = ""):
+    """A run-config value as int or float, parsed the same way by server and clients: a bool, a non-number or a
+    fraction for an int is a ValueError naming its key (the server turns it into RunConfigError: exit 2)."""
     try:
-        if not isinstance(value, bool):
-            return float(value)
+        number = None if isinstance(value, bool) else float(value)
     except (TypeError, ValueError):
-        pass
-    raise ValueError(f"run config `prior-pairs` must be a number or \"\" (the privacy mode's default), got {value!r}")
+        number = None
+    if number is None or (kind is int and not number.is_integer()):
+        raise ValueError(f"run config `{key}` must be {'an integer' if kind is int else 'a number'}{alternative}, "
+                         f"got {value!r}")
+    return int(number) if kind is int else number
 
 
 def encode_user_indices(indices: np.ndarray) -> bytes:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from lore_core.marginal_fit import OBJECTIVES
-from federation.protocol import local_steps, personal_prior_pairs
+from federation.protocol import config_number, local_steps, personal_prior_pairs
 from lore_core.privacy.privacy_settings import MODES as PRIVACY_MODES
 from lore_core.privacy.privacy_settings import PrivacySettings, validate
 from server.optimizer import (SCHEDULES, ServerAdam, ServerSGD, default_init_scale, default_schedule,
@@ -80,7 +80,6 @@ class ServerSettings:
     @classmethod
     def from_run_config(cls, cfg: dict) -> "ServerSettings":
         try:
-            _typed(cfg, "local-steps", int)  # named here; federation.protocol.local_steps reads it for both sides
             settings = cls(
                 rounds=_typed(cfg, "num-server-rounds", int),
                 rank=_typed(cfg, "rank", int),
@@ -109,7 +108,7 @@ class ServerSettings:
             raise RunConfigError(f"run config lacks key {exc}; keys present: {sorted(cfg)}") from exc
         except RunConfigError:
             raise
-        except ValueError as exc:  # federation.protocol's readers (personal_prior_pairs) name their key
+        except ValueError as exc:  # federation.protocol's parsers name their key
             raise RunConfigError(str(exc)) from exc
         settings.validate()
         return settings
@@ -190,17 +189,8 @@ class ServerSettings:
 
 
 def _typed(cfg: dict, key: str, kind: type, value=None):
-    """cfg[key] (or `value`, read from it) as int or float; anything else, a bool or a fraction for an int names its
-    key (RunConfigError: exit 2 in the commands)."""
-    value = cfg[key] if value is None else value
-    expected = "an integer" if kind is int else "a number"
-    try:
-        number = None if isinstance(value, bool) else float(value)
-    except (TypeError, ValueError):
-        number = None
-    if number is None or (kind is int and not number.is_integer()):
-        raise RunConfigError(f"run config `{key}` must be {expected}, got {value!r}")
-    return int(number) if kind is int else number
+    """cfg[key] (or `value`, read from it) by `federation.protocol.config_number`, the clients' parser too."""
+    return config_number(key, cfg[key] if value is None else value, kind)
 
 
 def _flag(cfg: dict, key: str) -> bool:

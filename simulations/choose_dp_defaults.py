@@ -57,21 +57,29 @@ def run_variant(path: Path, chosen: dict, schedule: str | None, init: float | No
 TRAIN_PRIORS = (0.3, 1.0, 3.0)
 
 
+def _pilot_file(work: Path, name: str, config) -> Path:
+    """WORK/data/NAME/seedS/pairs.npz of a pilot outside the matrix, generated once from `config`."""
+    from lore_core.pairs import PAIRS_FILENAME, save_pairs
+    from simulations.synthetic_pairs import make_synthetic_pairs
+
+    path = work / "data" / name / f"seed{config.seed}" / PAIRS_FILENAME
+    if not path.exists():
+        save_pairs(make_synthetic_pairs(config)[0], path)
+    return path
+
+
 def train_prior_pilot(work: Path, out: Path) -> None:
-    from lore_core.pairs import PAIRS_FILENAME, load_pairs, save_pairs
+    from lore_core.pairs import PAIRS_FILENAME, load_pairs
     from lore_core.simplex_fit import DEFAULT_PRIOR_PAIRS
     from simulations.bench_matrix import POPULATIONS, run_cell
     from simulations.bench_privacy import run_in_process
     from simulations.flower_run import nodes_for
-    from simulations.synthetic_pairs import SyntheticPairsConfig, make_synthetic_pairs
+    from simulations.synthetic_pairs import SyntheticPairsConfig
 
     iso = next(p for p in POPULATIONS if p.name == "iso-5-15-1400")
     iso_train = run_cell(iso, 101, ("train",), work, False)["train"]
-    aniso_path = work / "data" / "aniso-10-20-1400" / "seed101" / PAIRS_FILENAME
-    if not aniso_path.exists():
-        save_pairs(make_synthetic_pairs(SyntheticPairsConfig(seen_users=1400, unseen_users=140, train_pairs=(10, 20),
-                                                             few_shot_pairs=10, test_pairs=10, seed=101))[0],
-                   aniso_path)
+    aniso_path = _pilot_file(work, "aniso-10-20-1400", SyntheticPairsConfig(
+        seen_users=1400, unseen_users=140, train_pairs=(10, 20), few_shot_pairs=10, test_pairs=10, seed=101))
     pilots = {"iso-5-15-1400": (work / "data" / iso.name / "seed101" / PAIRS_FILENAME,
                                 {k: iso_train[k] for k in ("rank", "l2")} | {"prior-pairs": iso_train["prior_pairs"]}),
               "aniso-10-20-1400": (aniso_path, {"rank": 5, "prior-pairs": DEFAULT_PRIOR_PAIRS})}
@@ -114,16 +122,12 @@ PERSONAL_PRIOR_PILOTS = (("iso-5-15-1400", 101), ("iso-5-15-1400", 102), ("iso-5
 def _personal_prior_population(name: str, seed: int, work: Path) -> tuple[Path, dict]:
     """A pilot's pair file and the rank and l2 of its DP run: what `train` chose (matrix populations) or, for the
     thick pilot (bench_privacy's population shape, anisotropic, true rank 5), simulate's defaults at rank 5."""
-    from lore_core.pairs import PAIRS_FILENAME, save_pairs
     from lore_core.reward_math import DEFAULT_L2
     from simulations.bench_matrix import POPULATIONS, population_file, run_cell
-    from simulations.synthetic_pairs import SyntheticPairsConfig, make_synthetic_pairs
+    from simulations.synthetic_pairs import SyntheticPairsConfig
 
     if name == "thick-1400":
-        path = work / "data" / name / f"seed{seed}" / PAIRS_FILENAME
-        if not path.exists():
-            save_pairs(make_synthetic_pairs(SyntheticPairsConfig(seen_users=1400, unseen_users=100, seed=seed))[0],
-                       path)
+        path = _pilot_file(work, name, SyntheticPairsConfig(seen_users=1400, unseen_users=100, seed=seed))
         return path, {"rank": 5, "l2": DEFAULT_L2, "prior_pairs": None}
     pop = next(p for p in POPULATIONS if p.name == name)
     path, _ = population_file(pop, seed, work, False)
