@@ -1,7 +1,8 @@
 """Stress benchmark matrix: does personalization ever hurt, and where does it help?
 
     python -m simulations.bench_matrix [--seeds 0,1,2] [--populations NAME,...] [--rows NAME,...] [--quick]
-                                       [--work runs/bench_matrix] [--out bench_results] [--name matrix]
+                                       [--rerun NAME,...] [--work runs/bench_matrix] [--out bench_results]
+                                       [--name matrix]
 
 Populations vary one factor at a time around a base (isotropic D = 384, true rank 4, 300 seen users with 20-40
 training pairs, 100 new users with 10 few-shot pairs, 20 test pairs each, strong personalization): embeddings
@@ -21,7 +22,8 @@ Rows per population and seed:
               reference a DP run must not fall below
   true_basis  the true basis, only w fit (the ceiling of any learned basis); oracle: true basis and true w
 Seen and new (unseen) test accuracy, mean and standard error over seeds. Each cell is cached as JSON under --work,
-so a rerun only computes what is missing. Seeds >= 100 are pilot seeds (defaults are chosen on them, never on the
+so a rerun only computes what is missing, the `--rerun` rows, and a federated row whose `train` (or `bt`) row now
+chooses another rank, l2, personal prior or objective than the one it was run with. Seeds >= 100 are pilot seeds (defaults are chosen on them, never on the
 reported seeds 0-2); the PRISM-shaped pilot is another `lore-fed synth` population (seed 101).
 `--quick`: small populations (D = 64, a fifth of the users), one seed, short runs; a smoke test of the harness.
 """
@@ -232,10 +234,13 @@ def ceiling_rows(path: Path, true_basis: np.ndarray | None) -> dict:
     return out
 
 
-def run_cell(pop: Population, seed: int, rows: tuple[str, ...], work: Path, quick: bool) -> dict:
-    """All rows of one population and seed; each row cached in WORK/results/POP/seedS.json."""
+def run_cell(pop: Population, seed: int, rows: tuple[str, ...], work: Path, quick: bool,
+             rerun: tuple[str, ...] = ()) -> dict:
+    """All rows of one population and seed; each row cached in WORK/results/POP/seedS.json, except the `rerun`
+    rows, recomputed (a federated row also follows its source row's choice, `due`)."""
     cache = work / "results" / pop.name / f"seed{seed}.json"
     done = json.loads(cache.read_text()) if cache.exists() else {}
+    done = {row: value for row, value in done.items() if row not in rerun}
     path, true_basis = population_file(pop, seed, work, quick)
     runs = work / "runs" / pop.name / f"seed{seed}"
 
@@ -255,20 +260,44 @@ def run_cell(pop: Population, seed: int, rows: tuple[str, ...], work: Path, quic
         save("published", published_row(path, quick))
     n_seen = int(np.unique(load_pairs(path).select(seen=True, split="train").user).size)
     fed = federated_settings(pop, n_seen, quick)
-    if "simulate" in rows and "simulate" not in done and "train" in done:
-        save("simulate", simulate_row(path, _fresh(runs / "simulate"), done["train"], fed, ["--privacy", "none"]))
+
+    def due(row: str) -> bool:
+        return row in rows and due_after_source(row, done)
+
+    if due("simulate"):
+        save("simulate", {**simulate_row(path, _fresh(runs / "simulate"), done["train"], fed, ["--privacy", "none"]),
+                          "source_choice": source_choice("simulate", done)})
     if n_seen < DP_MIN_USERS:
         return done
     dp_fed = federated_settings(pop, n_seen, quick, private=True)
     for row, source in (("bt_dp", "bt"), ("simulate_dp", "train")):
         stale = row == "simulate_dp" and done.get(row, {}).get("prior_pairs") != DP_PRIOR_PAIRS  # an older default
-        if row in rows and (row not in done or stale) and source in done:
-            chosen = {k: done[source][k] for k in ("rank", "l2")}  # the personal prior: simulate's DP default
-            save(row, simulate_row(path, _fresh(runs / row), chosen, dp_fed, DP_FLAGS))
-    if "simulate_dp" in done and "at_train_prior" not in done["simulate_dp"]:
+        if due(row) or (row in rows and source in done and stale):
+            chosen = source_choice(row, done)  # rank and l2; the personal prior: simulate's DP default
+            save(row, {**simulate_row(path, _fresh(runs / row), chosen, dp_fed, DP_FLAGS), "source_choice": chosen})
+    if "simulate_dp" in done and done["simulate_dp"].get("at_train_prior", {}).get("train_prior", {}).get(
+            "prior_pairs") != done["train"]["prior_pairs"]:
         save("simulate_dp", {**done["simulate_dp"], "at_train_prior": rescored(
             path, runs / "simulate_dp", done["train"]["prior_pairs"])})
     return done
+
+
+# Each federated row: the row whose choice it takes, and what it takes (DP rows keep simulate's DP personal prior
+# and the joint objective).
+FOLLOWS = {"simulate": ("train", ("rank", "l2", "prior_pairs", "objective")),
+           "bt_dp": ("bt", ("rank", "l2")), "simulate_dp": ("train", ("rank", "l2"))}
+
+
+def source_choice(row: str, done: dict) -> dict:
+    """What the federated `row` takes from the cell's row it follows."""
+    source, keys = FOLLOWS[row]
+    return {k: done[source][k] for k in keys if k in done[source]}
+
+
+def due_after_source(row: str, done: dict) -> bool:
+    """The federated `row` can run (its source row is done) and is missing, or was run with a choice its source no
+    longer makes (a rerun `train` that chose otherwise)."""
+    return FOLLOWS[row][0] in done and done.get(row, {}).get("source_choice") != source_choice(row, done)
 
 
 def rescored(path: Path, run_dir: Path, prior_pairs: float) -> dict:
@@ -481,6 +510,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated; >= 100 are pilot seeds")
     parser.add_argument("--populations", default=",".join(p.name for p in POPULATIONS))
     parser.add_argument("--rows", default=",".join(ROWS))
+    parser.add_argument("--rerun", default="", help="comma-separated rows to recompute although cached (the "
+                        "federated rows that follow them rerun where the choice they follow changed)")
     parser.add_argument("--quick", action="store_true", help="small populations, one seed, short runs")
     parser.add_argument("--work", default=None, help="cache of pair files, runs and per-cell results")
     parser.add_argument("--out", default=None, help="directory for NAME.md and NAME.json")
@@ -492,14 +523,15 @@ def main(argv: list[str] | None = None) -> int:
     names = args.populations.split(",")
     unknown = sorted(set(names) - {p.name for p in POPULATIONS})
     rows = tuple(args.rows.split(","))
-    if unknown or set(rows) - set(ROWS):
-        parser.error(f"unknown populations {unknown} or rows {sorted(set(rows) - set(ROWS))}")
+    rerun = tuple(r for r in args.rerun.split(",") if r)
+    if unknown or set(rows + rerun) - set(ROWS):
+        parser.error(f"unknown populations {unknown} or rows {sorted(set(rows + rerun) - set(ROWS))}")
     work = Path(args.work or ("runs/bench_matrix_quick" if args.quick else "runs/bench_matrix"))
     out = Path(args.out or ("runs/bench_matrix_quick" if args.quick else "bench_results"))
     summaries = []
     for pop in (p for p in POPULATIONS if p.name in names):
         print(f"== {pop.name}: {pop.description}", flush=True)
-        cells = {seed: run_cell(pop, seed, rows, work, args.quick) for seed in seeds}
+        cells = {seed: run_cell(pop, seed, rows, work, args.quick, rerun) for seed in seeds}
         summaries.append(summarize(pop, cells, work))
         atomic_write_json(out / f"{args.name}.json", {"seeds": seeds, "quick": args.quick, "populations": summaries})
         atomic_write_text(out / f"{args.name}.md", markdown(summaries, seeds, args))

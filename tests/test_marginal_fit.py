@@ -93,6 +93,38 @@ def test_selection_offers_both_objectives_and_reports_the_choice(tmp_path):
     assert marginal.objective == "marginal" and not np.allclose(marginal.basis, joint.basis)
 
 
+def test_marginal_candidates_run_only_next_to_the_best_joint_l2():
+    """With both objectives, the joint fits walk the l2 grid and the marginal fits run at each rank's best joint
+    l2 and its neighbours on the walk; asked for alone, the marginal fit walks the grid itself."""
+    pairs, _ = make_synthetic_pairs(SyntheticPairsConfig(dim=16, true_rank=2, seen_users=60, unseen_users=10,
+                                                         train_pairs=(6, 12), seed=5))
+    train = pairs.select(seen=True, split="train")
+    grid = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
+    fit = train_joint(train.diff, train.user, TrainConfig(rank_grid=(1, 2), l2_grid=grid, prior_pairs=3.0))
+    rows = [row for row in fit.selection if row["rank"] == 2]
+    walked = sorted({row["l2"] for row in rows if row["objective"] == "joint"}, reverse=True)
+    best = max((row for row in rows if row["objective"] == "joint"), key=lambda r: r["seen_acc"] + r["new_acc"])
+    at = walked.index(best["l2"])
+    expected = set(walked[max(at - 1, 0):at + 2])
+    assert len(walked) >= 3 and {row["l2"] for row in rows if row["objective"] == "marginal"} == expected
+    only = train_joint(train.diff, train.user, TrainConfig(rank_grid=(1, 2), l2_grid=grid, prior_pairs=3.0,
+                                                           objective="marginal"))
+    rank2 = [row for row in only.selection if row["rank"] == 2]
+    assert {row["objective"] for row in rank2} == {"marginal"} and len(rank2) >= 2
+
+
+def test_a_warm_started_fit_leaves_its_starting_point_alone():
+    """The selection keeps each l2's joint fit for the marginal fits that start from it after the walk moved on."""
+    from lore_core.joint_trainer import fit_basis_and_weights
+
+    diff, user_idx, _ = _thin_users()
+    first = fit_basis_and_weights(diff, user_idx, 40, rank=3, l2=1e-3, prior_strength=0.1, max_iter=20, seed=0)
+    kept = (first[0].copy(), first[1].copy())
+    fit_basis_and_weights(diff, user_idx, 40, rank=3, l2=1e-5, prior_strength=0.1, max_iter=20, seed=0, init=first)
+    np.testing.assert_array_equal(first[0], kept[0])
+    np.testing.assert_array_equal(first[1], kept[1])
+
+
 def _server_settings(**overrides) -> ServerSettings:
     cfg = get_fused_config_from_dir(ROOT, {"run-dir": "unused", "privacy-mode": "none", **overrides})
     return ServerSettings.from_run_config(cfg)
