@@ -166,7 +166,7 @@ def _train_in_memory(args: argparse.Namespace, options: dict):
     print(f"training on {train.n} pairs of {pairs_per_user.size} seen users (D={pairs.dim}, rank {config.rank})")
     if len(candidate_objectives(config.objective, pairs_per_user)) > 1 and config.rank != 1:
         print("objectives: joint and marginal (users are thin: the median has under "
-              f"{MARGINAL_MAX_MEDIAN_PAIRS} training pairs); the marginal fits take most of the time, "
+              f"{MARGINAL_MAX_MEDIAN_PAIRS} training pairs); the marginal fits add to the time, "
               "`--objective joint` skips them")
     if train.group is None:
         print(f"note: {pairs.source} has no `group` array: held-out sets split by pair, so pairs that share a "

@@ -1,0 +1,122 @@
+"""`lore-fed train` of two commits side by side: same pair files, same machine, the same moments.
+
+    python -m simulations.bench_train_ab --before REV [--after WORKTREE] [--seeds 0,1,2] [--train-pairs 30,50]
+                                         [--users 200] [--out bench_results/train_ab.md]
+
+For each seed one synthetic population (the engine benchmark's: D = 384, true rank 5, 50 new users with 10
+few-shot pairs; `--users` seen users with `--train-pairs` training pairs each) is written once, and `lore-fed train`
+(default flags, one thread each) runs on it from the `--before` commit (a temporary git worktree) and from this
+checkout at the same time, so both share whatever else loads the machine. Reports wall seconds, the choice and test
+accuracy of each, and the median ratio after / before. Timing only: which code is more accurate is the stress
+matrix's question.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from lore_core.atomic_io import atomic_write_json, atomic_write_text
+from lore_core.pairs import PAIRS_FILENAME, save_pairs
+from simulations.synthetic_pairs import SyntheticPairsConfig, make_synthetic_pairs
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def start_train(root: Path, pairs: Path, out: Path) -> tuple[subprocess.Popen, float]:
+    """`lore-fed train PAIRS --out OUT` with the code under `root`, one thread; (process, start time)."""
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out.parent / f"{out.name}.log", "w") as log:
+        process = subprocess.Popen([sys.executable, "-m", "lore_cli.main", "train", str(pairs), "--out", str(out)],
+                                   cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT)
+    return process, time.perf_counter()
+
+
+def wait_all(runs: dict[str, tuple[subprocess.Popen, float]]) -> dict[str, float]:
+    """Each run's own wall seconds (polled, so one run's end is not timed by waiting on another)."""
+    seconds: dict[str, float] = {}
+    while len(seconds) < len(runs):
+        for name, (process, started) in runs.items():
+            if name not in seconds and process.poll() is not None:
+                seconds[name] = time.perf_counter() - started
+        time.sleep(0.05)
+    return seconds
+
+
+def result(process: subprocess.Popen, seconds: float, out: Path) -> dict:
+    if process.returncode != 0:
+        log = (out.parent / f"{out.name}.log").read_text()
+        raise RuntimeError(f"train in {out} failed (exit {process.returncode}): {log[-2000:]}")
+    metrics = json.loads((out / "metrics.json").read_text())
+    held_out_fits = {(row["rank"], row["l2"], row["objective"]) for row in metrics["selection"]}
+    return {"seconds": seconds, "held_out_fits": len(held_out_fits),
+            **{k: metrics[k] for k in ("rank", "l2", "objective", "prior_pairs", "seen_test_acc", "unseen_test_acc")}}
+
+
+def markdown(rows: list[dict], before: str, after: str, config: dict) -> str:
+    lines = [f"# `lore-fed train`: {after} against {before}, side by side", "",
+             f"{config['users']} seen users x {config['train_pairs'][0]}-{config['train_pairs'][1]} training pairs, "
+             "D = 384, true rank 5; both commits run at the same time on one shared 2-core machine, one thread each.",
+             "A held-out fit is one (rank, l2, objective) of the selection.", "",
+             "| seed | before: s | after: s | ratio | held-out fits before / after | before: choice, seen / new | "
+             "after: choice, seen / new |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        b, a = r["before"], r["after"]
+        lines.append(f"| {r['seed']} | {b['seconds']:.1f} | {a['seconds']:.1f} | {a['seconds'] / b['seconds']:.2f} | "
+                     f"{b['held_out_fits']} / {a['held_out_fits']} | rank {b['rank']} {b['objective']}, {b['seen_test_acc']:.4f} / {b['unseen_test_acc']:.4f} | "
+                     f"rank {a['rank']} {a['objective']}, {a['seen_test_acc']:.4f} / {a['unseen_test_acc']:.4f} |")
+    ratio = float(np.median([r["after"]["seconds"] / r["before"]["seconds"] for r in rows]))
+    lines += ["", f"Median time ratio after / before: {ratio:.2f}."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--before", required=True, help="git revision of the earlier code")
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--train-pairs", default="30,50")
+    parser.add_argument("--users", type=int, default=200)
+    parser.add_argument("--out", default="bench_results/train_ab.md")
+    args = parser.parse_args(argv)
+    low, high = (int(v) for v in args.train_pairs.split(","))
+    after = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                           check=True).stdout.strip()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        tree = Path(tmp) / "before"
+        subprocess.run(["git", "worktree", "add", "--detach", str(tree), args.before], cwd=ROOT, check=True,
+                       capture_output=True)
+        try:
+            for seed in (int(s) for s in args.seeds.split(",")):
+                pairs, _ = make_synthetic_pairs(SyntheticPairsConfig(train_pairs=(low, high), seen_users=args.users,
+                                                                     seed=seed))
+                path = save_pairs(pairs, Path(tmp) / f"seed{seed}" / PAIRS_FILENAME)
+                runs = {name: start_train(root, path, Path(tmp) / f"seed{seed}" / name)
+                        for name, root in (("before", tree), ("after", ROOT))}
+                seconds = wait_all(runs)
+                row = {"seed": seed, **{name: result(runs[name][0], seconds[name], Path(tmp) / f"seed{seed}" / name)
+                                        for name in runs}}
+                rows.append(row)
+                print(f"seed {seed}: before {row['before']['seconds']:.1f} s, after {row['after']['seconds']:.1f} s",
+                      flush=True)
+        finally:
+            subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=ROOT, check=False)
+    out = Path(args.out)
+    config = {"users": args.users, "train_pairs": (low, high), "before": args.before, "after": after}
+    atomic_write_json(out.with_suffix(".json"), {"config": config, "rows": rows})
+    atomic_write_text(out, markdown(rows, args.before, after, config))
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
