@@ -395,6 +395,8 @@ def summarize(pop: Population, cells: dict[int, dict], work: Path) -> dict:
             entry[group] = {"mean": mean, "se": se}
         if row in ("train", "simulate", "simulate_dp"):
             entry["ranks"] = [values[s].get("rank") for s in sorted(values)]
+        if row in ("bt", "train"):  # wall seconds of the command (a shared machine: a rough guide)
+            entry["median_seconds"] = float(np.median([values[s]["seconds"] for s in sorted(values)]))
         if row == "train":
             entry["l2"] = [values[s].get("l2") for s in sorted(values)]
             entry["prior_pairs"] = [values[s].get("prior_pairs") for s in sorted(values)]
@@ -473,6 +475,8 @@ def markdown(summaries: list[dict], seeds: list[int], args: argparse.Namespace) 
                 notes.append(f"l2 {[f'{v:.1e}' for v in e['l2']]}, prior pairs {e['prior_pairs']}")
             if "objectives" in e:
                 notes.append(f"objectives {e['objectives']}")
+            if "median_seconds" in e:
+                notes.append(f"median {e['median_seconds']:.0f} s")
             if "swing_seen" in e:
                 notes.append(f"swing {e['swing_seen']:.3f} / {e['swing_unseen']:.3f}")
             if "epsilon" in e:
