@@ -336,7 +336,7 @@ def train_joint(diff: np.ndarray, user: np.ndarray, config: TrainConfig = TrainC
     marginal_only = objectives == ("marginal",)  # asked for: every l2 of the walk is a marginal fit
     for rank in ranks:
         rank_best, warm, walked = -math.inf, {}, []
-        objective = "marginal" if marginal_only and rank > 1 else objectives[0]  # rank 1: one shared reward
+        objective = "marginal" if marginal_only and rank > 1 else "joint"  # rank 1: one shared reward either way
         for l2 in l2s:
             t0 = time.perf_counter()
             bases = joint_bases(rank, l2, warm)

@@ -23,7 +23,8 @@ Rows per population and seed:
   true_basis  the true basis, only w fit (the ceiling of any learned basis); oracle: true basis and true w
 Seen and new (unseen) test accuracy, mean and standard error over seeds. Each cell is cached as JSON under --work,
 so a rerun only computes what is missing, the `--rerun` rows, and a federated row whose `train` (or `bt`) row now
-chooses another rank, l2, personal prior or objective than the one it was run with. Seeds >= 100 are pilot seeds (defaults are chosen on them, never on the
+chooses otherwise than when it ran (`FOLLOWS`: rank, l2, personal prior and objective for `simulate`; rank and l2
+for the DP rows; a federated row cached without that record reruns once). Seeds >= 100 are pilot seeds (defaults are chosen on them, never on the
 reported seeds 0-2); the PRISM-shaped pilot is another `lore-fed synth` population (seed 101).
 `--quick`: small populations (D = 64, a fifth of the users), one seed, short runs; a smoke test of the harness.
 """
@@ -240,7 +241,10 @@ def run_cell(pop: Population, seed: int, rows: tuple[str, ...], work: Path, quic
     rows, recomputed (a federated row also follows its source row's choice, `due`)."""
     cache = work / "results" / pop.name / f"seed{seed}.json"
     done = json.loads(cache.read_text()) if cache.exists() else {}
+    if {"true_basis", "oracle"} & set(rerun):
+        rerun = (*rerun, "true_basis", "oracle")  # computed together
     done = {row: value for row, value in done.items() if row not in rerun}
+    rows = tuple(dict.fromkeys(rows + rerun))  # a row to rerun is a row to run
     path, true_basis = population_file(pop, seed, work, quick)
     runs = work / "runs" / pop.name / f"seed{seed}"
 
@@ -275,7 +279,7 @@ def run_cell(pop: Population, seed: int, rows: tuple[str, ...], work: Path, quic
         if due(row) or (row in rows and source in done and stale):
             chosen = source_choice(row, done)  # rank and l2; the personal prior: simulate's DP default
             save(row, {**simulate_row(path, _fresh(runs / row), chosen, dp_fed, DP_FLAGS), "source_choice": chosen})
-    if "simulate_dp" in done and done["simulate_dp"].get("at_train_prior", {}).get("train_prior", {}).get(
+    if "simulate_dp" in done and "train" in done and done["simulate_dp"].get("at_train_prior", {}).get("train_prior", {}).get(
             "prior_pairs") != done["train"]["prior_pairs"]:
         save("simulate_dp", {**done["simulate_dp"], "at_train_prior": rescored(
             path, runs / "simulate_dp", done["train"]["prior_pairs"])})

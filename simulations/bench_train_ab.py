@@ -7,8 +7,8 @@ For each seed one synthetic population (the engine benchmark's: D = 384, true ra
 few-shot pairs; `--users` seen users with `--train-pairs` training pairs each) is written once, and `lore-fed train`
 (default flags, one thread each) runs on it from the `--before` commit (a temporary git worktree) and from this
 checkout at the same time, so both share whatever else loads the machine. Reports wall seconds, the choice and test
-accuracy of each, and the median ratio after / before. Timing only: which code is more accurate is the stress
-matrix's question.
+accuracy of each, and the median ratio after / before. Once one arm ends the other runs alone, which pulls the
+ratio towards 1. Timing only: which code is more accurate is the stress matrix's question.
 """
 
 from __future__ import annotations
@@ -31,9 +31,25 @@ from simulations.synthetic_pairs import SyntheticPairsConfig, make_synthetic_pai
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _env(root: Path) -> dict:
+    return {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+def check_imports(root: Path) -> None:
+    """The trainer and the command must load from `root`, not from the editable install of this checkout (which
+    would otherwise fill in a module the older commit lacks)."""
+    code = ("import lore_core.joint_trainer as t, lore_cli.train_command as c, lore_cli.main as m; "
+            "print(t.__file__); print(c.__file__); print(m.__file__)")
+    files = subprocess.run([sys.executable, "-c", code], cwd=root, env=_env(root), capture_output=True, text=True,
+                           check=True).stdout.split()
+    stray = [f for f in files if not Path(f).resolve().is_relative_to(root.resolve())]
+    if stray:
+        raise RuntimeError(f"code under {root} imports {stray} from elsewhere")
+
+
 def start_train(root: Path, pairs: Path, out: Path) -> tuple[subprocess.Popen, float]:
     """`lore-fed train PAIRS --out OUT` with the code under `root`, one thread; (process, start time)."""
-    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    env = _env(root)
     out.mkdir(parents=True, exist_ok=True)
     with open(out.parent / f"{out.name}.log", "w") as log:
         process = subprocess.Popen([sys.executable, "-m", "lore_cli.main", "train", str(pairs), "--out", str(out)],
@@ -90,18 +106,23 @@ def main(argv: list[str] | None = None) -> int:
     low, high = (int(v) for v in args.train_pairs.split(","))
     after = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
                            check=True).stdout.strip()
-    rows = []
+    if subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True,
+                      text=True, check=True).stdout.strip():
+        after += " with uncommitted changes"
+    rows, running = [], {}
     with tempfile.TemporaryDirectory() as tmp:
         tree = Path(tmp) / "before"
         subprocess.run(["git", "worktree", "add", "--detach", str(tree), args.before], cwd=ROOT, check=True,
                        capture_output=True)
         try:
+            for root in (tree, ROOT):
+                check_imports(root)
             for seed in (int(s) for s in args.seeds.split(",")):
                 pairs, _ = make_synthetic_pairs(SyntheticPairsConfig(train_pairs=(low, high), seen_users=args.users,
                                                                      seed=seed))
                 path = save_pairs(pairs, Path(tmp) / f"seed{seed}" / PAIRS_FILENAME)
-                runs = {name: start_train(root, path, Path(tmp) / f"seed{seed}" / name)
-                        for name, root in (("before", tree), ("after", ROOT))}
+                runs = running = {name: start_train(root, path, Path(tmp) / f"seed{seed}" / name)
+                                  for name, root in (("before", tree), ("after", ROOT))}
                 seconds = wait_all(runs)
                 row = {"seed": seed, **{name: result(runs[name][0], seconds[name], Path(tmp) / f"seed{seed}" / name)
                                         for name in runs}}
@@ -109,7 +130,12 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"seed {seed}: before {row['before']['seconds']:.1f} s, after {row['after']['seconds']:.1f} s",
                       flush=True)
         finally:
+            for process, _ in running.values():
+                if process.poll() is None:
+                    process.kill()
+                    process.wait()
             subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=ROOT, check=False)
+            subprocess.run(["git", "worktree", "prune"], cwd=ROOT, check=False)
     out = Path(args.out)
     config = {"users": args.users, "train_pairs": (low, high), "before": args.before, "after": after}
     atomic_write_json(out.with_suffix(".json"), {"config": config, "rows": rows})

@@ -106,11 +106,12 @@ def test_marginal_candidates_run_only_next_to_the_best_joint_l2():
     best = max((row for row in rows if row["objective"] == "joint"), key=lambda r: r["seen_acc"] + r["new_acc"])
     at = walked.index(best["l2"])
     expected = set(walked[max(at - 1, 0):at + 2])
-    assert len(walked) >= 3 and {row["l2"] for row in rows if row["objective"] == "marginal"} == expected
+    assert len(expected) < len(walked)  # some walked l2s get no marginal fit
+    assert {row["l2"] for row in rows if row["objective"] == "marginal"} == expected
     only = train_joint(train.diff, train.user, TrainConfig(rank_grid=(1, 2), l2_grid=grid, prior_pairs=3.0,
                                                            objective="marginal"))
-    rank2 = [row for row in only.selection if row["rank"] == 2]
-    assert {row["objective"] for row in rank2} == {"marginal"} and len(rank2) >= 2
+    by_rank = {rank: {row["objective"] for row in only.selection if row["rank"] == rank} for rank in (1, 2)}
+    assert by_rank == {1: {"joint"}, 2: {"marginal"}}  # rank 1 is one shared reward, fitted once
 
 
 def test_a_warm_started_fit_leaves_its_starting_point_alone():
