@@ -419,11 +419,15 @@ def summarize(pop: Population, cells: dict[int, dict], work: Path) -> dict:
     return summary
 
 
+def _differences(cells: dict[int, dict], a: str, b: str, group: str, best: str | None) -> dict[int, float]:
+    """Row a minus row b, per seed."""
+    va, vb = row_values(cells, a, best), row_values(cells, b, best)
+    return {s: va[s][f"{group}_test_acc"] - vb[s][f"{group}_test_acc"] for s in sorted(set(va) & set(vb))}
+
+
 def _paired(cells: dict[int, dict], a: str, b: str, group: str, best: str | None) -> tuple[float, float]:
     """Mean and SE over seeds of row a minus row b."""
-    va, vb = row_values(cells, a, best), row_values(cells, b, best)
-    diffs = [va[s][f"{group}_test_acc"] - vb[s][f"{group}_test_acc"] for s in sorted(set(va) & set(vb))]
-    return _mean_se(diffs)
+    return _mean_se(list(_differences(cells, a, b, group, best).values()))
 
 
 def done_when(cells: dict[int, dict], best: str | None) -> dict:
@@ -436,6 +440,7 @@ def done_when(cells: dict[int, dict], best: str | None) -> dict:
         fed, _ = _paired(cells, "simulate", "train", group, best)
         checks[group] = {
             "train_minus_bt": gain, "train_minus_bt_se": se,
+            "train_minus_bt_by_seed": _differences(cells, "train", "bt", group, best),
             "within_2se_of_bt_or_above": None if math.isnan(gain) else bool(gain >= 0 or gain >= -2 * (se or 0)),
             "ceiling_minus_bt": ceiling,
             "two_points_where_ceiling_5": None if math.isnan(ceiling) or math.isnan(gain) else (
@@ -495,6 +500,11 @@ def markdown(summaries: list[dict], seeds: list[int], args: argparse.Namespace) 
             lines += ["", "Pilot choice of `lore-fed train` (rank, l2, prior pairs, objective): " + "; ".join(
                 f"seed {c['seed']}: {c['rank']}, {c['l2']:.1e}, {c['prior_pairs']:g}, {c['objective']}"
                 for c in s["pilot_choices"])]
+        by_seed = [s["checks"][g].get("train_minus_bt_by_seed", {}) for g in ("seen", "unseen")]
+        if by_seed[0]:
+            lines += ["", "`train` - BT by seed (points, seen / new): " + "; ".join(
+                f"seed {seed}: {100 * by_seed[0][seed]:+.1f} / {100 * by_seed[1].get(seed, math.nan):+.1f}"
+                for seed in by_seed[0])]
         lines += ["", "Criteria (seen / new): " + "; ".join(
             f"{name} {_fmt(s['checks']['seen'][key])} / {_fmt(s['checks']['unseen'][key])}" for name, key in (
                 ("train - BT", "train_minus_bt"), ("within 2 SE of BT or above", "within_2se_of_bt_or_above"),
