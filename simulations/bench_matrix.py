@@ -24,8 +24,9 @@ Rows per population and seed:
 Seen and new (unseen) test accuracy, mean and standard error over seeds. Each cell is cached as JSON under --work,
 so a rerun only computes what is missing, the `--rerun` rows, and a federated row whose `train` (or `bt`) row now
 chooses otherwise than when it ran (`FOLLOWS`: rank, l2, personal prior and objective for `simulate`; rank and l2
-for the DP rows; a federated row cached without that record reruns once). Seeds >= 100 are pilot seeds (defaults are chosen on them, never on the
-reported seeds 0-2); the PRISM-shaped pilot is another `lore-fed synth` population (seed 101).
+for the DP rows; a federated row cached without that record reruns once). Seeds >= 100 are pilot seeds (defaults
+are chosen on them, never on the reported seeds 0-2); the PRISM-shaped pilot is another `lore-fed synth`
+population (seed 101).
 `--quick`: small populations (D = 64, a fifth of the users), one seed, short runs; a smoke test of the harness.
 """
 
@@ -279,8 +280,8 @@ def run_cell(pop: Population, seed: int, rows: tuple[str, ...], work: Path, quic
         if due(row) or (row in rows and source in done and stale):
             chosen = source_choice(row, done)  # rank and l2; the personal prior: simulate's DP default
             save(row, {**simulate_row(path, _fresh(runs / row), chosen, dp_fed, DP_FLAGS), "source_choice": chosen})
-    if "simulate_dp" in done and "train" in done and done["simulate_dp"].get("at_train_prior", {}).get("train_prior", {}).get(
-            "prior_pairs") != done["train"]["prior_pairs"]:
+    rescored_prior = done.get("simulate_dp", {}).get("at_train_prior", {}).get("train_prior", {}).get("prior_pairs")
+    if "simulate_dp" in done and "train" in done and rescored_prior != done["train"]["prior_pairs"]:
         save("simulate_dp", {**done["simulate_dp"], "at_train_prior": rescored(
             path, runs / "simulate_dp", done["train"]["prior_pairs"])})
     return done

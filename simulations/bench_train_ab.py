@@ -88,7 +88,8 @@ def markdown(rows: list[dict], before: str, after: str, config: dict) -> str:
     for r in rows:
         b, a = r["before"], r["after"]
         lines.append(f"| {r['seed']} | {b['seconds']:.1f} | {a['seconds']:.1f} | {a['seconds'] / b['seconds']:.2f} | "
-                     f"{b['held_out_fits']} / {a['held_out_fits']} | rank {b['rank']} {b['objective']}, {b['seen_test_acc']:.4f} / {b['unseen_test_acc']:.4f} | "
+                     f"{b['held_out_fits']} / {a['held_out_fits']} | "
+                     f"rank {b['rank']} {b['objective']}, {b['seen_test_acc']:.4f} / {b['unseen_test_acc']:.4f} | "
                      f"rank {a['rank']} {a['objective']}, {a['seen_test_acc']:.4f} / {a['unseen_test_acc']:.4f} |")
     ratio = float(np.median([r["after"]["seconds"] / r["before"]["seconds"] for r in rows]))
     lines += ["", f"Median time ratio after / before: {ratio:.2f}."]
