@@ -171,7 +171,8 @@ def main(argv: list[str] | None = None) -> int:
         from lore_cli.run_report import load_reference
 
         ref = load_reference(args.reference)
-        report["centralized"] = {k: ref.get(k) for k in ("seen_test_acc", "unseen_test_acc", "train_seconds")}
+        report["centralized"] = {k: ref.get(k) for k in ("seen_test_acc", "unseen_test_acc", "train_seconds", "rank",
+                                                        "objective")}
     (out / "bench.json").write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2))
     return 0

@@ -57,8 +57,9 @@ def _choice(row: dict) -> str:
 
 def markdown(rows: list[dict]) -> str:
     lines = ["# `lore-fed train` rerun on the stress matrix's pilot cells", "",
-             "Current code beside the `train` row cached before the change (seen / new test accuracy; seconds on a "
-             "shared 2-core machine, so compare them side by side only).", "",
+             "Current code beside the `train` row cached before the change (seen / new test accuracy). Seconds: "
+             "the whole `lore-fed train` command's wall time, except where marked (training only); measured at "
+             "different times on a shared 2-core machine, so a rough guide only.", "",
              "| population | seed | before | now | choice before | choice now | seconds before | now |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
