@@ -129,9 +129,13 @@ class Candidate:
 
     @property
     def score(self) -> float:
-        """Mean of the seen and new estimates (the seen one alone when no user is treated as new)."""
-        seen, new = self.estimate
-        return seen if math.isnan(new) else 0.5 * (seen + new)
+        return held_out_score(*self.estimate)
+
+
+def held_out_score(seen: float, new: float) -> float:
+    """What selection maximizes: the mean of the seen and new estimates (the seen one alone when no user is treated
+    as new)."""
+    return seen if math.isnan(new) else 0.5 * (seen + new)
 
 
 def _mean(values: np.ndarray) -> float:

@@ -129,10 +129,17 @@ def train_row(path: Path, run_dir: Path, flags: list[str]) -> dict:
 
     started = time.perf_counter()
     _check(cli(["train", str(path), "--out", str(run_dir), *flags]), "train")
-    metrics = json.loads((run_dir / "metrics.json").read_text())
-    keep = ("seen_test_acc", "unseen_test_acc", "rank", "l2", "prior_pairs", "objective", "oracle_seen_test_acc",
-            "oracle_unseen_test_acc", "true_basis_seen_test_acc", "true_basis_unseen_test_acc")
-    return {**{k: metrics[k] for k in keep if k in metrics}, "seconds": time.perf_counter() - started}
+    return train_row_of(json.loads((run_dir / "metrics.json").read_text()), time.perf_counter() - started)
+
+
+TRAIN_CHOICE = ("rank", "l2", "prior_pairs", "objective")  # what `lore-fed train` chose (metrics.json keys)
+
+
+def train_row_of(metrics: dict, seconds: float) -> dict:
+    """The matrix's record of a `lore-fed train` run from its metrics.json: accuracies, choice, references."""
+    keep = ("seen_test_acc", "unseen_test_acc", *TRAIN_CHOICE, "oracle_seen_test_acc", "oracle_unseen_test_acc",
+            "true_basis_seen_test_acc", "true_basis_unseen_test_acc")
+    return {**{k: metrics[k] for k in keep if k in metrics}, "seconds": seconds}
 
 
 def published_row(path: Path, quick: bool) -> dict:
@@ -289,7 +296,7 @@ def run_cell(pop: Population, seed: int, rows: tuple[str, ...], work: Path, quic
 
 # Each federated row: the row whose choice it takes, and what it takes (DP rows keep simulate's DP personal prior
 # and the joint objective).
-FOLLOWS = {"simulate": ("train", ("rank", "l2", "prior_pairs", "objective")),
+FOLLOWS = {"simulate": ("train", TRAIN_CHOICE),
            "bt_dp": ("bt", ("rank", "l2")), "simulate_dp": ("train", ("rank", "l2"))}
 
 

@@ -26,6 +26,7 @@ import numpy as np
 
 from lore_core.atomic_io import atomic_write_json, atomic_write_text
 from lore_core.pairs import PAIRS_FILENAME, save_pairs
+from simulations.bench_matrix import train_row_of
 from simulations.synthetic_pairs import SyntheticPairsConfig, make_synthetic_pairs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -74,8 +75,7 @@ def result(process: subprocess.Popen, seconds: float, out: Path) -> dict:
         raise RuntimeError(f"train in {out} failed (exit {process.returncode}): {log[-2000:]}")
     metrics = json.loads((out / "metrics.json").read_text())
     held_out_fits = {(row["rank"], row["l2"], row["objective"]) for row in metrics["selection"]}
-    return {"seconds": seconds, "held_out_fits": len(held_out_fits),
-            **{k: metrics[k] for k in ("rank", "l2", "objective", "prior_pairs", "seen_test_acc", "unseen_test_acc")}}
+    return {**train_row_of(metrics, seconds), "held_out_fits": len(held_out_fits)}
 
 
 def markdown(rows: list[dict], before: str, after: str, config: dict) -> str:

@@ -4,7 +4,7 @@
 
 Reads the selection tables (`metrics.json`) of `lore-fed train` runs in which both objectives were fit at every l2
 of each rank's walk (the code before 64ce433), and counts, per rank above 1, how many grid steps the best marginal
-l2 lies from the best joint l2 (held-out score: mean of seen and new). This is the evidence for running the marginal
+l2 lies from the best joint l2 (the held-out score selection maximizes). This is the evidence for running the marginal
 fits only at the best joint l2 and its two neighbours (`joint_trainer.marginal_near_best`). Runs whose tables hold
 marginal fits at only some walked l2s (made by that rule) are skipped, as they cannot say where the marginal peak is.
 """
@@ -17,10 +17,11 @@ from collections import Counter
 from pathlib import Path
 
 from lore_core.atomic_io import atomic_write_json, atomic_write_text
+from lore_core.model_selection import held_out_score
 
 
 def _score(row: dict) -> float:
-    return (row["seen_acc"] + row["new_acc"]) / 2
+    return held_out_score(row["seen_acc"], row["new_acc"])
 
 
 def offsets(selection: list[dict]) -> list[dict] | None:

@@ -17,7 +17,7 @@ import json
 from pathlib import Path
 
 from lore_core.atomic_io import atomic_write_json, atomic_write_text
-from simulations.bench_matrix import POPULATIONS, population_file, train_row
+from simulations.bench_matrix import POPULATIONS, population_file, train_row, train_row_of
 
 ROW_FILE = "row.json"  # this script's row of a finished rerun (wall seconds, like the cached rows)
 
@@ -42,8 +42,7 @@ def rerun(pop_name: str, seed: int, work: Path, runs: Path) -> dict:
         return json.loads((run_dir / ROW_FILE).read_text())
     if (run_dir / "metrics.json").exists():
         metrics = json.loads((run_dir / "metrics.json").read_text())
-        return {**{k: metrics[k] for k in ("seen_test_acc", "unseen_test_acc", "rank", "l2", "prior_pairs",
-                                           "objective")}, "seconds": metrics["train_seconds"], "train_only": True}
+        return {**train_row_of(metrics, metrics["train_seconds"]), "train_only": True}
     pop = next(p for p in POPULATIONS if p.name == pop_name)
     path, _ = population_file(pop, seed, work, quick=False)
     row = train_row(path, run_dir, ["--seed", str(seed)])
