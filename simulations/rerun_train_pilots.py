@@ -1,7 +1,7 @@
 """Does a change to `lore-fed train` keep its choices and accuracy on the stress matrix's pilot cells?
 
     python -m simulations.rerun_train_pilots --work /work/matrix_work --before DIR [--runs DIR]
-                                             [--out bench_results/train_pilot_rerun.md]
+                                             [--out bench_results/train_pilot_rerun.md] [--populations A,B]
 
 Reruns `lore-fed train` (default flags, the cell's seed) on each pilot cell (seeds >= 100) of a `bench_matrix` work
 directory with the current code, and sets it beside the `train` row cached in `--before` (a copy of the work
@@ -22,10 +22,12 @@ from simulations.bench_matrix import POPULATIONS, population_file, train_row, tr
 ROW_FILE = "row.json"  # this script's row of a finished rerun (wall seconds, like the cached rows)
 
 
-def pilot_cells(before: Path) -> list[tuple[str, int]]:
-    """(population, seed) of every pilot cell with a cached `train` row."""
+def pilot_cells(before: Path, populations: set[str] | None = None) -> list[tuple[str, int]]:
+    """(population, seed) of every pilot cell with a cached `train` row (of `populations`, when given)."""
     cells = []
     for pop in POPULATIONS:
+        if populations is not None and pop.name not in populations:
+            continue
         for path in sorted((before / pop.name).glob("seed*.json")):
             seed = int(path.stem.removeprefix("seed"))
             if seed >= 100 and "train" in json.loads(path.read_text()):
@@ -54,6 +56,10 @@ def _choice(row: dict) -> str:
     return f"rank {row['rank']} {row['objective']} l2 {row['l2']:.1e} prior {row['prior_pairs']:g}"
 
 
+def _only(row: dict) -> str:
+    return " (training only)" if row.get("train_only") else ""
+
+
 def markdown(rows: list[dict]) -> str:
     lines = ["# `lore-fed train` rerun on the stress matrix's pilot cells", "",
              "Current code beside the `train` row cached before the change (seen / new test accuracy). Seconds: "
@@ -65,7 +71,7 @@ def markdown(rows: list[dict]) -> str:
         b, n = r["before"], r["now"]
         lines.append(f"| {r['population']} | {r['seed']} | {b['seen_test_acc']:.4f} / {b['unseen_test_acc']:.4f} | "
                      f"{n['seen_test_acc']:.4f} / {n['unseen_test_acc']:.4f} | {_choice(b)} | {_choice(n)} | "
-                     f"{b['seconds']:.0f} | {n['seconds']:.0f}{' (training only)' if n.get('train_only') else ''} |")
+                     f"{b['seconds']:.0f}{_only(b)} | {n['seconds']:.0f}{_only(n)} |")
     same = sum(_choice(r["before"]) == _choice(r["now"]) for r in rows)
     ratio = sorted(r["now"]["seconds"] / r["before"]["seconds"] for r in rows)
     lines += ["", f"Same choice on {same} of {len(rows)} cells; median time ratio now / before "
@@ -79,10 +85,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--before", required=True, help="a copy of WORK/results made before the change")
     parser.add_argument("--runs", default="runs/train_pilot_rerun", help="where the reruns go (reused if there)")
     parser.add_argument("--out", default="bench_results/train_pilot_rerun.md")
+    parser.add_argument("--populations", default=None,
+                        help="comma-separated population names (default: every population with a pilot cell)")
     args = parser.parse_args(argv)
     work, before, runs, out = Path(args.work), Path(args.before), Path(args.runs), Path(args.out)
     rows = []
-    for pop_name, seed in pilot_cells(before):
+    chosen = None if args.populations is None else set(args.populations.split(","))
+    unknown = (chosen or set()) - {pop.name for pop in POPULATIONS}
+    if unknown:
+        parser.error(f"--populations: unknown {sorted(unknown)}; expected names from bench_matrix.POPULATIONS")
+    for pop_name, seed in pilot_cells(before, chosen):
         cached = json.loads((before / pop_name / f"seed{seed}.json").read_text())["train"]
         rows.append({"population": pop_name, "seed": seed, "before": cached, "now": rerun(pop_name, seed, work, runs)})
         print(f"{pop_name} seed {seed}: before {_choice(cached)}, now {_choice(rows[-1]['now'])}", flush=True)
