@@ -150,6 +150,9 @@ class PairColumns:
             if name in self._members and self._members[name].shape != (self.n,):
                 raise PairFileError(f"{where}: {name} must have shape ({self.n},) like diff, "
                                     f"got {self._members[name].shape}")
+        for name in ("logit_true", "reference_head"):
+            if name in self._members and self._members[name].dtype.kind != "f":
+                raise PairFileError(f"{where}: {name} must be float, got {self._members[name].dtype}")
         head = self._members.get("reference_head")
         if head is not None and head.shape != (self.dim,):
             raise PairFileError(f"{where}: reference_head must be finite with shape ({self.dim},) to match diff, "

@@ -205,6 +205,10 @@ def _validate(p: PairSet) -> None:
         mixed = user_ids[(seen_count > 0) & (seen_count < total)]
         if mixed.size:
             raise PairFileError(f"{where}: users marked both seen and unseen: {mixed[:5].tolist()}")
+    for name in ("logit_true", "reference_head"):
+        value = getattr(p, name)
+        if value is not None and np.asarray(value).dtype.kind != "f":
+            raise PairFileError(f"{where}: {name} must be float, got {np.asarray(value).dtype}")
     if p.logit_true is not None:
         lt = np.asarray(p.logit_true)
         if lt.shape != (n,) or not np.isfinite(lt).all():

@@ -73,6 +73,20 @@ def test_reference_head_must_match_the_embedding_size(tmp_path):
         load_pairs(tmp_path / "c.npz")
 
 
+@pytest.mark.parametrize("name,value", [("logit_true", np.array(["1.0"] * 6)), ("reference_head", np.array(["1"] * 4)),
+                                        ("logit_true", np.ones(6, dtype=bool))])
+def test_truth_arrays_that_are_not_float_are_refused_by_both_readers(tmp_path, name, value):
+    """Text or bool `logit_true` / `reference_head` crashed np.isfinite with a traceback (found by a hostile-input
+    test); both the whole-file reader and the chunked one used by simulate refuse it by name."""
+    from lore_core.pair_columns import check_pair_file
+
+    np.savez(tmp_path / "t.npz", **_arrays(), **{name: value})
+    with pytest.raises(PairFileError, match=f"{name} must be float"):
+        load_pairs(tmp_path / "t.npz")
+    with pytest.raises(PairFileError, match=f"{name} must be float"):
+        check_pair_file(tmp_path / "t.npz")
+
+
 def test_directory_without_pairs_and_garbage_file(tmp_path):
     with pytest.raises(PairFileError, match="lore-fed embed"):
         load_pairs(tmp_path)
