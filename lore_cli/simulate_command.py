@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from lore_cli.main import CommandFailed
+from lore_cli.run_data import check_same_pairs, record_pairs
 from lore_core.atomic_io import atomic_write_json
 from lore_core.pairs import resolve_pair_path
 
@@ -232,11 +233,25 @@ def run(args: argparse.Namespace) -> int:
     nodes_for(population["users"], args.users_per_node)  # a bad --users-per-node fails here too
     canaries = canary_secrets(args, (settings.rank, population["dim"]))  # fail closed: before Ray, before DIR exists
     with RunDirLock(out):
+        data = check_resume(out, pairs_path, settings)  # still before Ray: a run directory of another run is refused
         if canaries is not None and not Path(args.canary_secrets).exists():
             from federation.canary_users import save_canaries
 
             save_canaries(args.canary_secrets, canaries)
+        record_pairs(out, data)
         return _simulate(args, pairs_path, population, overrides, settings, privacy, reference, out)
+
+
+def check_resume(out: Path, pairs_path: Path, settings) -> dict:
+    """Refuse, before Ray starts, a run directory whose checkpoint is damaged, holds other settings or was trained
+    on another pair file (the server checks the users per node again once its nodes report). Returns the pair
+    file's fingerprint for DIR/data.json."""
+    from server.checkpoint import check_resumable, load_checkpoint
+
+    previous = load_checkpoint(out)
+    if previous is not None:
+        check_resumable(previous, settings.fingerprint(), previous.population, out)
+    return check_same_pairs(out, pairs_path, resuming=previous is not None)
 
 
 def check_canary_flags(args: argparse.Namespace, out: Path) -> None:

@@ -8,6 +8,7 @@ checkpoint (never repeated) or not (re-run from the same state, never lost). `ro
 from __future__ import annotations
 
 import json
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -47,14 +48,22 @@ def load_checkpoint(run_dir: str | Path) -> RunState | None:
     file = Path(run_dir) / CHECKPOINT_FILENAME
     if not file.exists():
         return None
-    with np.load(file, allow_pickle=False) as data:
-        meta = json.loads(str(data["meta"]))
-        if meta.get("schema") != SCHEMA:
-            raise CheckpointError(f"{file}: schema {meta.get('schema')!r}, expected {SCHEMA!r}")
-        optimizer = {key.split(".", 1)[1]: data[key] for key in data.files if key.startswith("optimizer.")}
-        basis = data["basis"]
-    return RunState(round=int(meta["round"]), basis=basis, optimizer=optimizer, aggregator=meta["aggregator"],
-                    settings=meta["settings"], population=meta["population"], history=meta["history"])
+    try:
+        with np.load(file, allow_pickle=False) as data:
+            meta = json.loads(str(data["meta"]))
+            if meta.get("schema") != SCHEMA:
+                raise CheckpointError(f"{file}: schema {meta.get('schema')!r}, expected {SCHEMA!r}")
+            optimizer = {key.split(".", 1)[1]: data[key] for key in data.files if key.startswith("optimizer.")}
+            basis = data["basis"]
+        return RunState(round=int(meta["round"]), basis=basis, optimizer=optimizer, aggregator=meta["aggregator"],
+                        settings=meta["settings"], population=meta["population"], history=meta["history"])
+    except CheckpointError:
+        raise
+    except (OSError, EOFError, ValueError, KeyError, TypeError, zipfile.BadZipFile) as exc:
+        # Written atomically, so damage came from outside (a copy cut short, a disk error): say so, do not guess.
+        raise CheckpointError(f"{file}: not a readable lore-fed checkpoint ({type(exc).__name__}: {exc}); it is "
+                              "written atomically, so it was damaged after the run wrote it: restore it from a "
+                              "copy, or start the run afresh in a new --out directory") from exc
 
 
 def check_resumable(state: RunState, settings: dict, population: list[int], run_dir: str | Path) -> None:

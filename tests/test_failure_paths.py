@@ -24,7 +24,7 @@ from server.run_settings import ServerSettings
 from server.server_app import run_federated
 from simulations.in_process_grid import LocalGrid
 from simulations.synthetic_pairs import SyntheticPairsConfig, make_synthetic_pairs
-from test_hostile_input import cli, refused
+from test_hostile_input import cli, refused, tree
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = Path(__file__).parent / "fixtures" / "prism"
@@ -235,6 +235,47 @@ def test_a_round_where_every_node_fails_stops_resumably_and_the_rerun_matches_a_
     resumed, straight = load_checkpoint(run), load_checkpoint(tmp_path / "straight")
     assert [r["round"] for r in resumed.history] == [1, 2, 3]
     assert resumed.history[-1]["seen_test_acc"] == straight.history[-1]["seen_test_acc"]
+
+
+def _refused_under_lock(argv, names, workdir: Path, expect: str) -> None:
+    """`refused`, for checks made once the run directory is locked: the lock file records its holder, the rest of
+    the directory must not change."""
+    from lore_core.run_lock import LOCK_FILENAME
+
+    def files():
+        return {k: v for k, v in tree(workdir).items() if not k.endswith(LOCK_FILENAME)}
+
+    before = files()
+    code, _, err = cli(argv)
+    assert code == 2 and "Traceback" not in err and str(names) in err and expect in err, err
+    assert files() == before
+
+
+def test_a_run_directory_resumes_only_on_its_own_pair_file_and_settings(tmp_path, pair_file, engine):
+    """Found by a hostile-input test: a finished run "resumed" on another file with the same users and D, and its
+    report named the new file with the old file's figures. The pair file's digest (DIR/data.json) and the settings
+    are now checked before the engine starts, and nothing in the run directory changes."""
+    run = tmp_path / "run"
+    assert cli(["simulate", pair_file, "--out", run, *SIM])[0] == 0
+    assert engine.runs == 1
+    other_pairs = make_synthetic_pairs(SyntheticPairsConfig(dim=DIM, true_rank=RANK, seen_users=8, unseen_users=2,
+                                                            train_pairs=(8, 10), few_shot_pairs=3, test_pairs=4,
+                                                            seed=3))[0]
+    other = save_pairs(other_pairs, tmp_path / "other" / "pairs.npz")
+    _refused_under_lock(["simulate", other, "--out", run, *SIM], run, tmp_path, "another pair file")
+    _refused_under_lock(["simulate", pair_file, "--out", run, *SIM[:-3], "3", "--eval-every", "1"], run, tmp_path,
+                        "other settings")
+    assert engine.runs == 1  # both refused before the engine started
+    moved = shutil.copy(pair_file, tmp_path / "moved.npz")  # the same content elsewhere still resumes
+    assert cli(["simulate", moved, "--out", run, *SIM])[0] == 0
+
+
+def test_a_damaged_checkpoint_is_refused_naming_the_file(tmp_path, pair_file, engine):
+    run = tmp_path / "run"
+    assert cli(["simulate", pair_file, "--out", run, *SIM])[0] == 0
+    checkpoint = run / "checkpoint.npz"
+    checkpoint.write_bytes(checkpoint.read_bytes()[: checkpoint.stat().st_size // 2])
+    _refused_under_lock(["simulate", pair_file, "--out", run, *SIM], checkpoint, tmp_path, "not a readable")
 
 
 def test_a_finished_run_with_partial_problems_says_so(tmp_path, pair_file, engine, monkeypatch):

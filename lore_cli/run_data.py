@@ -1,0 +1,51 @@
+"""Which pair file a `simulate` run directory belongs to: a resumed run must read the file it started on.
+
+The checkpoint fingerprints the settings and the users per node, not the pairs, so a file with the same users and D
+but other pairs resumed silently and was reported under its own name with the first file's figures. DIR/data.json
+records the size and BLAKE2b digest of the pair file a run starts on; a resume on another file is refused before Ray
+starts or anything is written. A run directory from before this record resumes and gets one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from lore_core.atomic_io import atomic_write_json
+
+DATA_FILENAME = "data.json"
+_CHUNK = 16 << 20
+
+
+def pair_file_fingerprint(pairs_path: str | Path) -> dict:
+    """{"bytes", "blake2b"} of the file's content (its path may move between runs)."""
+    digest, size = hashlib.blake2b(digest_size=16), 0
+    with open(pairs_path, "rb") as handle:
+        while chunk := handle.read(_CHUNK):
+            digest.update(chunk)
+            size += len(chunk)
+    return {"bytes": size, "blake2b": digest.hexdigest()}
+
+
+def check_same_pairs(run_dir: Path, pairs_path: Path, resuming: bool) -> dict:
+    """The fingerprint of `pairs_path`; raises ValueError (exit 2) when a resumed run started on another file."""
+    current = {"path": str(Path(pairs_path).resolve()), **pair_file_fingerprint(pairs_path)}
+    record = run_dir / DATA_FILENAME
+    if not (resuming and record.exists()):
+        return current
+    try:
+        started = json.loads(record.read_text())
+        same = started["blake2b"] == current["blake2b"] and started["bytes"] == current["bytes"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"{record}: not a pair-file record ({exc}); expected JSON with 'bytes' and 'blake2b', as "
+                         f"lore-fed simulate writes it. Restore it, or start the run afresh in a new --out") from exc
+    if not same:
+        raise ValueError(f"--out {run_dir} holds a run trained on another pair file ({started.get('path')}, "
+                         f"{started['bytes']} bytes) than {pairs_path} ({current['bytes']} bytes, other content); "
+                         "give that file to resume it, or a new --out directory")
+    return current
+
+
+def record_pairs(run_dir: Path, fingerprint: dict) -> None:
+    atomic_write_json(run_dir / DATA_FILENAME, fingerprint)
