@@ -25,7 +25,20 @@ def load_reference(path: str | Path | None) -> dict | None:
     file = path / "metrics.json" if path.is_dir() else path
     if not file.exists():
         raise FileNotFoundError(f"reference {path}: no metrics.json (expected a `lore-fed train --out` directory)")
-    return json.loads(file.read_text())
+    expected = "expected the metrics.json of a `lore-fed train --out` directory"
+    try:
+        reference = json.loads(file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise ValueError(f"reference {file}: not JSON ({exc}); {expected}") from exc
+    if not isinstance(reference, dict):
+        raise ValueError(f"reference {file}: a JSON {type(reference).__name__}; {expected}")
+    for key in ("seen_test_acc", "unseen_test_acc"):
+        value = reference.get(key)
+        if key == "unseen_test_acc" and value is None:
+            continue  # a population without new users
+        if not (isinstance(value, (int, float)) and not isinstance(value, bool) and 0.0 <= value <= 1.0):
+            raise ValueError(f"reference {file}: {key} is {value!r}, not an accuracy in [0, 1]; {expected}")
+    return reference
 
 
 def plot_accuracy(history: list[dict], metrics: dict, reference: dict | None, out: Path) -> None:

@@ -207,6 +207,27 @@ def test_malformed_pair_contents_are_refused(w, case, command):
     refused(argv, "pairs.npz", w, expect=expect)
 
 
+BAD_REFERENCES = {
+    "a list": (json.dumps([1, 2]), "a JSON list"),
+    "text accuracy": (json.dumps({"seen_test_acc": "high", "unseen_test_acc": None}), "seen_test_acc is 'high'"),
+    "binary": (None, "not JSON"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_REFERENCES))
+def test_a_bad_reference_is_refused_before_the_run(w, case):
+    """Found by a hostile-input test: a bad --reference crashed after every round, leaving no report."""
+    text, expect = BAD_REFERENCES[case]
+    reference = w / "ref" / "metrics.json"
+    reference.parent.mkdir()
+    if text is None:
+        reference.write_bytes((w / "pairs.npz").read_bytes())
+    else:
+        reference.write_text(text)
+    refused(["simulate", "pairs.npz", "--out", "out", "--privacy", "none", "--rounds", "1", "--reference", "ref"],
+            "ref/metrics.json", w, expect=expect)
+
+
 def test_basis_contents_are_checked(w):
     np.savez(w / "basis.npz", basis=np.ones((RANK, DIM), np.float32))  # no version, checksum, ...
     refused(["evaluate", "pairs.npz", "--basis", "basis.npz"], "basis.npz", w, expect="missing arrays")
