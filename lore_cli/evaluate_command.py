@@ -31,9 +31,15 @@ def run(args: argparse.Namespace) -> int:
     basis_path = Path(args.basis)
     if basis_path.is_dir():
         basis_path = basis_path / "basis.npz"
+    if args.out and Path(args.out).exists() and any(
+            Path(args.out).resolve() == Path(given).resolve() for given in (args.pairs, Path(args.pairs) / "pairs.npz", basis_path)):
+        raise ValueError(f"--out {args.out} is an input of this command; give a new file name for the metrics JSON")
     basis_file = load_basis(basis_path)
     basis = basis_file.basis
     pairs = load_pairs(args.pairs)
+    if not (pairs.split == "test").any():
+        raise ValueError(f"{pairs.source}: no test pairs (split 'test'), so there is nothing to evaluate; expected "
+                         "a pair file with held-out test pairs")
     if basis.shape[1] != pairs.dim:
         raise ValueError(f"basis {basis_path} has dimension {basis.shape[1]}, the pair file {pairs.source} {pairs.dim}")
     prior = personal_prior(args.prior_pairs, default=basis_file.prior_pairs)

@@ -52,15 +52,17 @@ def check_rank(rank: int, dim: int | None, flag: str = "--rank", source: str = "
     return rank
 
 
-def parse_number(value, flag: str, *, minimum: float = 0.0, inclusive: bool = True) -> float:
-    """A finite number >= minimum (> minimum unless inclusive), or a ValueError that names the flag."""
+def parse_number(value, flag: str, *, minimum: float = 0.0, inclusive: bool = True,
+                 maximum: float = float("inf")) -> float:
+    """A finite number >= minimum (> minimum unless inclusive) and <= maximum, or a ValueError that names the flag."""
     try:
         number = float(value)
     except (TypeError, ValueError):
         number = float("nan")
-    ok = np.isfinite(number) and (number >= minimum if inclusive else number > minimum)
+    ok = np.isfinite(number) and (number >= minimum if inclusive else number > minimum) and number <= maximum
     if not ok:
         bound = f">= {minimum:g}" if inclusive else f"> {minimum:g}"
+        bound += f" and <= {maximum:g}" if np.isfinite(maximum) else ""
         raise ValueError(f"{flag} must be a finite number {bound}, got {value!r}")
     return number
 
@@ -101,11 +103,12 @@ def refuse_untrainable(source: str, trainers: int, idle: np.ndarray) -> None:
 def run(args: argparse.Namespace) -> int:
     from lore_core.basis_file import save_basis
     from lore_core.pair_columns import PairColumns, PairIndex
+    from lore_core.reward_math import MAX_L2
     from lore_core.streamed_training import LARGE_POPULATION
 
     options = {"seed": check_seed(args.seed), "device": check_device(args.device), "objective": args.objective}
     if args.l2 != "auto":
-        options["l2"] = parse_number(args.l2, "--l2")
+        options["l2"] = parse_number(args.l2, "--l2", maximum=MAX_L2)
     if args.prior_pairs != "auto":
         options["prior_pairs"] = parse_number(args.prior_pairs, "--prior-pairs", inclusive=False)
     if args.train_prior_pairs is not None:
@@ -113,6 +116,10 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file; give a directory for metrics.json and basis.npz")
+    federated = [name for name in ("checkpoint.npz", "ledger.json") if (out / name).exists()]
+    if federated:
+        raise ValueError(f"--out {out} holds a federated run ({', '.join(federated)}): a centralized basis there "
+                         "would be read as that run's by reports and audits; give another directory")
     large = PairIndex.build(PairColumns.open(args.pairs)).n_users > LARGE_POPULATION
     fit, config, metrics, summary, evaluate_seconds = (_train_streamed if large else _train_in_memory)(args, options)
     metrics.update(

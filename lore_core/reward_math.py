@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 DEFAULT_L2 = 1e-4  # L2 penalty on A: the usual selection on LoRe-shaped data; federated runs start from it
+MAX_L2 = 1e6  # larger penalties only flatten A to zero (and near float32's range they overflow into NaN)
 
 
 def softmax(theta: np.ndarray, axis: int = -1) -> np.ndarray:

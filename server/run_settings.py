@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from lore_core.marginal_fit import OBJECTIVES
+from lore_core.reward_math import MAX_L2
 from federation.protocol import config_number, local_steps, personal_prior_pairs
 from lore_core.privacy.privacy_settings import MODES as PRIVACY_MODES
 from lore_core.privacy.privacy_settings import PrivacySettings, validate
@@ -128,8 +129,8 @@ class ServerSettings:
         if self.eval_every < 0:
             raise RunConfigError(f"run config `eval-every` must be >= 0 (0 = only after the last round), "
                                  f"got {self.eval_every}")
-        if not 0 <= self.l2 < float("inf"):
-            raise RunConfigError(f"run config `l2` must be a finite number >= 0, got {self.l2}")
+        if not 0 <= self.l2 <= MAX_L2:
+            raise RunConfigError(f"run config `l2` must be a number in [0, {MAX_L2:g}], got {self.l2}")
         if not 0 <= self.seed < 2**32:
             raise RunConfigError(f"run config `seed` must be in [0, 2**32), got {self.seed}")
         if self.server_optimizer not in SERVER_OPTIMIZERS:

@@ -401,6 +401,25 @@ def test_a_damaged_local_model_directory_is_refused_naming_it(w, damage):
     refused(["embed", "dataset", "--model", "model"], "model", w, expect="not a loadable Hugging Face model")
 
 
+def test_outputs_that_would_destroy_inputs_or_other_runs_are_refused(w):
+    """Found by a hostile-input test: `evaluate --out` replaced its own pair file with JSON, `train --out` wrote a
+    centralized basis into a federated run's directory, and an absurd --l2 trained into NaN before failing."""
+    refused(["evaluate", "pairs.npz", "--basis", "basis.npz", "--out", "pairs.npz"], "pairs.npz", w,
+            expect="is an input")
+    refused(["evaluate", "pairs.npz", "--basis", ".", "--out", "basis.npz"], "basis.npz", w, expect="is an input")
+    (w / "fed").mkdir()
+    (w / "fed" / "ledger.json").write_text("{}")
+    refused(["train", "pairs.npz", "--rank", "1", "--out", "fed"], "fed", w, expect="holds a federated run")
+    refused(["train", "pairs.npz", "--rank", "2", "--l2", "1e300", "--out", "out"], "--l2", w, expect="<= 1e+06")
+    refused(["simulate", "pairs.npz", "--out", "out", "--privacy", "none", "--rounds", "1", "--l2", "1e300"], "l2", w)
+
+
+def test_evaluate_refuses_a_pair_file_without_test_pairs(w):
+    arrays = _pair_arrays()
+    np.savez(w / "only_train.npz", **{k: v[arrays["split"] == "train"] for k, v in arrays.items()})
+    refused(["evaluate", "only_train.npz", "--basis", "basis.npz"], "only_train.npz", w, expect="no test pairs")
+
+
 DEVICE_EXTREME = {
     "strength 2": (["--state", "state", "strength", "2"], "strength"),
     "strength nan": (["--state", "state", "strength", "nan"], "strength"),
