@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -35,6 +36,10 @@ DEFAULT_PRIOR_PAIRS_GRID = (1.0, 3.0, 10.0, 30.0)
 # marginal fit costs the most (its work grows with pairs x 260 prior draws).
 MARGINAL_MAX_MEDIAN_PAIRS = 100
 WALK_TOLERANCE = 0.003  # a held-out score this far below the rank's best ends its l2 walk
+
+
+class SelectionWarning(UserWarning):
+    """The held-out selection had nothing to estimate on and kept its safe default."""
 
 
 @dataclass(frozen=True)
@@ -361,6 +366,11 @@ def train_joint(diff: np.ndarray, user: np.ndarray, config: TrainConfig = TrainC
         if stale >= 2:
             break
     chosen, table = select_one_se(candidates)
+    if len(candidates) > 1 and not (holdout.seen_heldout.any() or holdout.new_rest.any()):
+        warnings.warn("no held-out data: every seen user has too few groups to hold one out, and the new-user fold "
+                      "has none to score, so no candidate could be estimated and rank 1 (one shared reward) is "
+                      "kept; give users several groups (the pair file's `group` array) or fix rank, l2 and prior",
+                      SelectionWarning, stacklevel=2)
     basis, weights = final_fit(chosen.rank, chosen.l2, chosen.objective)
     held_out = {"groups": "group array" if group is not None else "one group per pair (no group array)",
                 "seen_heldout_pairs": int(holdout.seen_heldout.sum()), "new_fold_users": int(holdout.new_users.sum()),

@@ -109,3 +109,18 @@ def test_a_file_without_groups_still_trains_and_says_how_it_split(tmp_path, caps
     assert main(["train", str(tmp_path / "grouped"), "--rank-grid", "1,2", "--l2", "1e-3",
                  "--out", str(tmp_path / "run2")]) == 0
     assert json.loads((tmp_path / "run2" / "metrics.json").read_text())["held_out"]["groups"] == "group array"
+
+
+def test_a_selection_with_nothing_held_out_says_so_and_keeps_rank_one():
+    """Found by a hostile-input test: with one group per user nothing can be held out, every estimate is missing,
+    and rank 1 was kept without a word."""
+    import pytest
+
+    from lore_core.joint_trainer import SelectionWarning
+
+    pairs, _ = make_synthetic_pairs(SyntheticPairsConfig(dim=8, true_rank=2, seen_users=20, unseen_users=4,
+                                                         train_pairs=(6, 8), seed=4))
+    train = pairs.select(seen=True, split="train")
+    with pytest.warns(SelectionWarning, match="no held-out data"):
+        fit = train_joint(train.diff, train.user, TrainConfig(rank_grid=(1, 2), l2_grid=(1e-4,)), group=train.user)
+    assert fit.rank == 1 and fit.held_out["seen_heldout_pairs"] == 0
