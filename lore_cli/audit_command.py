@@ -1,7 +1,7 @@
 """`lore-fed audit NAME [RUN_DIR] [options]`: privacy audits of a run (issue 5; lore_core.audits).
 
 NAME: update-leakage | attribute | membership | mechanism | canary | accounting | extraction | fairness.
-Inputs come from RUN_DIR (basis.npz or checkpoint.npz, ledger.json, metrics.json["pairs"]) or from options:
+Inputs come from RUN_DIR (basis.npz or checkpoint.npz, ledger.json, the pair file named by metrics.json["pairs_path"] or data.json) or from options:
 --pairs (pair file or dataset dir; users.jsonl and ground_truth.npz are looked up next to it), --basis, --config
 (privacy settings, JSON or TOML, flat or under [privacy]), or --synthetic (a LoRe-shaped population with known
 truth: no run needed). Results go to OUT/audits/ (OUT = --out, default RUN_DIR) and the run's ledger; the verdict is
@@ -128,6 +128,25 @@ def _synthetic(seed: int):
     return make_synthetic_pairs(SyntheticPairsConfig(dim=64, seen_users=300, unseen_users=100, seed=seed))
 
 
+def run_pair_file(run_dir: Path | None) -> str | Path | None:
+    """The pair file a run was trained on: `pairs_path` in a train run's metrics.json, the path in a simulate run's
+    data.json (lore_cli.run_data), or a pairs.npz inside the run directory; None when it does not say."""
+    from lore_cli.run_data import DATA_FILENAME
+
+    if run_dir is None:
+        return None
+    for name, key in (("metrics.json", "pairs_path"), (DATA_FILENAME, "path")):
+        file = run_dir / name
+        if file.exists():
+            try:
+                value = json.loads(file.read_text()).get(key)
+            except (ValueError, AttributeError) as exc:
+                raise AuditCommandError(f"{file}: not a JSON object ({exc}); pass --pairs PAIRS.npz") from exc
+            if isinstance(value, str):
+                return value
+    return run_dir / "pairs.npz" if (run_dir / "pairs.npz").exists() else None
+
+
 def load_pairs_and_basis(args: argparse.Namespace, run_dir: Path | None):
     """(PairSet, basis (B, D), dataset directory or None)."""
     from lore_core.pairs import load_pairs
@@ -135,14 +154,7 @@ def load_pairs_and_basis(args: argparse.Namespace, run_dir: Path | None):
     if args.synthetic:
         pairs, truth = _synthetic(args.seed)
         return pairs, truth.basis, None
-    pairs_path = args.pairs
-    if pairs_path is None and run_dir is not None:
-        metrics = run_dir / "metrics.json"
-        if metrics.exists():
-            data = json.loads(metrics.read_text())
-            pairs_path = data.get("pairs") or data.get("pairs_path")
-        if pairs_path is None and (run_dir / "pairs.npz").exists():
-            pairs_path = run_dir / "pairs.npz"
+    pairs_path = args.pairs if args.pairs is not None else run_pair_file(run_dir)
     if pairs_path is None:
         raise AuditCommandError("no pair file: pass --pairs PAIRS.npz|DATASET (or --synthetic)")
     pairs = load_pairs(pairs_path)

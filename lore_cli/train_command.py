@@ -103,6 +103,7 @@ def refuse_untrainable(source: str, trainers: int, idle: np.ndarray) -> None:
 def run(args: argparse.Namespace) -> int:
     from lore_core.basis_file import save_basis
     from lore_core.pair_columns import PairColumns, PairIndex
+    from lore_core.pairs import resolve_pair_path
     from lore_core.reward_math import MAX_L2
     from lore_core.streamed_training import LARGE_POPULATION
 
@@ -132,6 +133,7 @@ def run(args: argparse.Namespace) -> int:
         selection=fit.selection,
         held_out=fit.held_out,
         pairs=summary,
+        pairs_path=str(resolve_pair_path(args.pairs).resolve()),  # where audits of this run find its pairs
         device=config.device,
         seed=config.seed,
     )

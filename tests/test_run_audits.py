@@ -148,3 +148,20 @@ def test_mechanism_audit_of_the_distributed_discrete_gaussian(tmp_path, monkeypa
     monkeypatch.setattr(distributed_dp, "discrete_gaussian", lambda std, size, rng: real_sampler(std / 5, size, rng))
     cut = mechanism("user+secagg", tmp_path / "cut", capsys, runs=2000)
     assert honest["verdict"] == "pass" and cut["verdict"] == "fail"
+
+
+def test_audits_find_the_pair_file_of_a_train_run_and_of_a_simulate_run(tmp_path, pair_file):
+    """Found by a hostile-input test: a train run's metrics.json holds a summary under `pairs` (the audit passed that
+    dict to the reader: a traceback), and a simulate run named no pair file at all."""
+    from lore_cli.audit_command import run_pair_file
+    from lore_cli.run_data import check_same_pairs, record_pairs
+
+    assert main(["train", str(pair_file), "--rank", "2", "--l2", "1e-4", "--prior-pairs", "3",
+                 "--out", str(tmp_path / "t")]) == 0
+    assert Path(run_pair_file(tmp_path / "t")) == pair_file.resolve()
+    assert main(["audit", "extraction", str(tmp_path / "t")]) == 0
+    run = tmp_path / "s"
+    run.mkdir()
+    record_pairs(run, check_same_pairs(run, pair_file, resuming=False))  # what `simulate` writes before Ray
+    assert Path(run_pair_file(run)) == pair_file.resolve()
+    assert run_pair_file(tmp_path) is None
