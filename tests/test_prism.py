@@ -363,3 +363,16 @@ def test_cli_prepare(tmp_path, capsys):
 
     assert main(["prepare", str(FIXTURE), "--out", str(tmp_path / "none")]) == 2
     assert "lower --min-conversations" in capsys.readouterr().err
+
+
+def test_a_new_split_removes_the_embedding_of_the_old_pairs(tmp_path):
+    """Found by a hostile-input test: prepare over an embedded dataset rewrote pairs.jsonl and kept pairs.npz, so
+    train read the old split without a word. The same pairs keep their embedding."""
+    out = tmp_path / "dataset"
+    prepare_dataset(FIXTURE, out, min_conversations=2, split_seed=1)
+    (out / "pairs.npz").write_bytes(b"stand-in for the embedded pairs")
+    prepare_dataset(FIXTURE, out, min_conversations=2, split_seed=1)
+    assert (out / "pairs.npz").exists()  # nothing changed: re-embedding would be wasted
+    with pytest.warns(UserWarning, match="lore-fed embed"):
+        prepare_dataset(FIXTURE, out, min_conversations=2, split_seed=7)
+    assert not (out / "pairs.npz").exists()
