@@ -37,8 +37,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--users-per-node", default="auto",
                         help="users hosted per virtual node, or 'auto' (1 up to 64 users, else ~50)")
     parser.add_argument("--eval-every", type=int, default=None,
-                        help="federated evaluation every E rounds and after the last (default: 10 without DP; under "
-                             "DP only after the last round, E needs --allow-uncovered-eval)")
+                        help="federated evaluation every E rounds and after the last; 0: only after the last (default: 10 "
+                             "without DP; under DP 0, and E > 0 needs --allow-uncovered-eval)")
     add_privacy_arguments(parser)
     parser.add_argument("--reference", default=None, help="`lore-fed train` run dir or metrics.json for the plot")
     parser.add_argument("--l2", type=float, default=None, help="L2 on the basis (default: the trainer's)")
@@ -215,8 +215,8 @@ def run(args: argparse.Namespace) -> int:
         value = getattr(args, name)
         if value is not None and value < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
-    if args.eval_every is not None and args.eval_every < 1:
-        raise ValueError(f"--eval-every must be >= 1, got {args.eval_every}")
+    if args.eval_every is not None and args.eval_every < 0:
+        raise ValueError(f"--eval-every must be >= 0 (0: evaluate only after the last round), got {args.eval_every}")
     check_seed(args.seed)
     if args.device is not None:
         check_device(args.device)

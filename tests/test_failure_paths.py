@@ -308,6 +308,14 @@ def test_privacy_epsilon_refuses_zero_rounds_and_absurd_epsilon_at_once(tmp_path
     refused([*base, "--max-epsilon", "1e9"], "--max-epsilon", tmp_path, expect="no meaningful privacy")
 
 
+def test_a_budget_too_small_for_one_round_does_not_advise_zero_rounds(tmp_path, pair_file):
+    """Found by a hostile-input test: the advice read "set rounds <= 0", which --rounds refuses."""
+    err = refused(["simulate", pair_file, "--out", tmp_path / "run", "--rank", str(RANK), "--rounds", "3",
+                   "--clients-per-round", "4", "--max-epsilon", "0.01"], "max_epsilon", tmp_path,
+                  expect="not even one round fits")
+    assert "rounds <= 0" not in err
+
+
 def test_max_rounds_search_needs_few_accountant_calls(monkeypatch):
     import lore_core.privacy.accounting as accounting
 

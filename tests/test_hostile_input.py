@@ -346,7 +346,7 @@ EXTREME = {
     "simulate clients 500": (SIM + ["--clients-per-round", "500"], "--clients-per-round"),
     "simulate clients -1": (SIM + ["--clients-per-round", "-1"], "--clients-per-round"),
     "simulate users-per-node": (SIM + ["--users-per-node", "abc"], "users-per-node"),
-    "simulate eval-every 0": (SIM + ["--eval-every", "0"], "--eval-every"),
+    "simulate eval-every -1": (SIM + ["--eval-every", "-1"], "--eval-every"),
     "simulate l2 inf": (SIM + ["--l2", "inf"], "l2"),
     "simulate server lr 0": (SIM + ["--server-lr", "0"], "server-lr"),
     "simulate local steps 0": (SIM + ["--local-steps", "0"], "local-steps"),

@@ -298,8 +298,9 @@ def _check_user_modes(s: PrivacySettings) -> PrivacySettings:
                              accountant=accountant, dim=dim)
             raise PrivacyConfigError(
                 f"the planned {rounds} rounds reach epsilon {planned:.3f} ({accountant}, delta={s.delta}) > max_epsilon "
-                f"{s.max_epsilon}; only {fit} rounds fit: set rounds <= {fit}, raise noise_multiplier, lower "
-                "clients_per_round, or raise max_epsilon"
+                f"{s.max_epsilon}; " + (f"only {fit} rounds fit: set rounds <= {fit}, raise" if fit else
+                                        "not even one round fits: raise") +
+                " noise_multiplier, lower clients_per_round, or raise max_epsilon"
             )
     return s
 
