@@ -293,7 +293,7 @@ def _simulate(args, pairs_path, population, overrides, settings, privacy, refere
     from lore_cli.run_report import write_report
     from lore_core.basis_file import save_basis
     from server.optimizer import reported_basis
-    from server.checkpoint import load_checkpoint
+    from server.checkpoint import load_checkpoint, write_rounds
     from simulations.flower_run import AppShadowedError, simulate_pairs
 
     started = time.monotonic()
@@ -315,6 +315,8 @@ def _simulate(args, pairs_path, population, overrides, settings, privacy, refere
                             ) from exc
     wall = time.monotonic() - started
     state = load_checkpoint(out)
+    if state is not None:
+        write_rounds(out, state.history)  # derived from the checkpoint: a damaged copy is rewritten by any rerun
     privacy_keys = privacy_metrics(out)
     if state is None or not state.history or (state.round < settings.rounds and not privacy_keys["stopped_early"]):
         raise CommandFailed(f"the simulation ended before round {settings.rounds}; run the same command again to "

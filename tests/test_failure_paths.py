@@ -270,6 +270,16 @@ def test_a_run_directory_resumes_only_on_its_own_pair_file_and_settings(tmp_path
     assert cli(["simulate", moved, "--out", run, *SIM])[0] == 0
 
 
+def test_a_torn_rounds_file_is_rewritten_by_a_rerun(tmp_path, pair_file, engine):
+    run = tmp_path / "run"
+    assert cli(["simulate", pair_file, "--out", run, *SIM])[0] == 0
+    rounds = run / "rounds.jsonl"
+    whole = rounds.read_text()
+    rounds.write_text(whole[: len(whole) // 2])
+    assert cli(["simulate", pair_file, "--out", run, *SIM])[0] == 0
+    assert rounds.read_text() == whole and engine.runs == 2
+
+
 def test_a_damaged_checkpoint_is_refused_naming_the_file(tmp_path, pair_file, engine):
     run = tmp_path / "run"
     assert cli(["simulate", pair_file, "--out", run, *SIM])[0] == 0
