@@ -1,7 +1,8 @@
 """`lore-fed audit NAME [RUN_DIR] [options]`: privacy audits of a run (issue 5; lore_core.audits).
 
 NAME: update-leakage | attribute | membership | mechanism | canary | accounting | extraction | fairness.
-Inputs come from RUN_DIR (basis.npz or checkpoint.npz, ledger.json, the pair file named by metrics.json["pairs_path"] or data.json) or from options:
+Inputs come from RUN_DIR (basis.npz or checkpoint.npz, ledger.json, the pair file named by metrics.json["pairs_path"]
+or data.json) or from options:
 --pairs (pair file or dataset dir; users.jsonl and ground_truth.npz are looked up next to it), --basis, --config
 (privacy settings, JSON or TOML, flat or under [privacy]), or --synthetic (a LoRe-shaped population with known
 truth: no run needed). Results go to OUT/audits/ (OUT = --out, default RUN_DIR) and the run's ledger; the verdict is

@@ -32,7 +32,8 @@ def run(args: argparse.Namespace) -> int:
     if basis_path.is_dir():
         basis_path = basis_path / "basis.npz"
     if args.out and Path(args.out).exists() and any(
-            Path(args.out).resolve() == Path(given).resolve() for given in (args.pairs, Path(args.pairs) / "pairs.npz", basis_path)):
+            Path(args.out).resolve() == Path(given).resolve()
+            for given in (args.pairs, Path(args.pairs) / "pairs.npz", basis_path)):
         raise ValueError(f"--out {args.out} is an input of this command; give a new file name for the metrics JSON")
     basis_file = load_basis(basis_path)
     basis = basis_file.basis

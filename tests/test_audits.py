@@ -103,6 +103,23 @@ def test_update_leakage_recovers_w_without_privacy_and_not_under_secagg(populati
     assert s["gain_ci"][0] <= 0.02 and s["pair_membership_auc_ci"][0] <= 0.55
 
 
+def test_update_leakage_on_too_few_users_is_inconclusive_not_at_chance():
+    """Found by a hostile-input test: 6 users at rank 2 whose single updates give w back exactly (cosine 1.000)
+    were called "no leak ... At chance": the best prior guess already reaches a cosine of 0.98 there, and the
+    gain's CI over 6 users reached below the margin."""
+    pairs, truth = make_synthetic_pairs(SyntheticPairsConfig(dim=8, true_rank=2, seen_users=6, unseen_users=2,
+                                                             train_pairs=(16, 16), test_pairs=8, seed=0))
+    ids = np.unique(pairs.user[pairs.seen])
+    weights, updates = client_updates(pairs, truth.basis, ids)
+    member = pairs.subset(np.isin(pairs.user, ids) & (pairs.split == "train"))
+    held = pairs.subset(np.isin(pairs.user, ids) & (pairs.split == "test"))
+    result = update_leakage_audit(updates, weights, member.diff, np.searchsorted(ids, member.user), held.diff,
+                                  np.searchsorted(ids, held.user), mode="none", n_boot=300)
+    assert result["views"]["single"]["cosine_mean"] > 0.999
+    assert result["verdict"] in ("leak", "inconclusive") and not result["passed"]
+    assert result["verdict"] == "leak" or "too few users" in result["summary"]
+
+
 # --- membership -------------------------------------------------------------------------------------------------------
 def test_record_membership_detects_memorisation_of_few_pairs():
     pairs, truth = make_synthetic_pairs(SyntheticPairsConfig(dim=32, seen_users=120, unseen_users=0,

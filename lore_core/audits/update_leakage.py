@@ -167,17 +167,27 @@ def update_leakage_audit(
     leaks_w = target["gain_ci"][0] > COSINE_MARGIN
     leaks_pairs = target["pair_membership_auc_ci"][0] > 0.5 + AUC_MARGIN
     leak = leaks_w or leaks_pairs
+    # Too few users to tell: the CIs reach past the margins without clearing them (e.g. 6 users at rank 2, where the
+    # best prior guess already has cosine 0.9). Not "at chance", which would claim what was not measured.
+    unsure = not leak and (target["gain_ci"][1] > COSINE_MARGIN
+                           or target["pair_membership_auc_ci"][1] > 0.5 + AUC_MARGIN)
+    verdict = "leak" if leak else "inconclusive" if unsure else "no-leak"
     chance = prior_figures[chance_name]
+    verdict_text = {"leak": "LEAK", "inconclusive": "inconclusive", "no-leak": "no leak"}[verdict]
     sentence = (
-        f"{'LEAK' if leak else 'no leak'}: from the {MODE_VIEW[mode]} view (mode {mode}) the server recovers w with "
+        f"{verdict_text}: from the {MODE_VIEW[mode]} view (mode {mode}) the server recovers w with "
         f"mean cosine {target['cosine_mean']:.3f} [{target['cosine_ci'][0]:.3f}, {target['cosine_ci'][1]:.3f}] vs "
         f"{chance['mean']:.3f} for the best guess without the update ({chance_name}); pair-membership AUC "
         f"{target['pair_membership_auc']:.3f}. "
-        + ("Hide single updates from the server (SecAgg with many users per round, or local noise) or treat w_i as "
-           "known to the server." if leak else "At chance: the server's view does not single out users' w or pairs.")
+        + {"leak": "Hide single updates from the server (SecAgg with many users per round, or local noise) or treat "
+                   "w_i as known to the server.",
+           "inconclusive": f"The confidence intervals reach past the margins ({COSINE_MARGIN} in cosine, "
+                           f"{0.5 + AUC_MARGIN} in AUC) without clearing them: too few users ({len(updates)}) to "
+                           "tell; audit a larger population.",
+           "no-leak": "At chance: the server's view does not single out users' w or pairs."}[verdict]
     )
     return {
-        "audit": "update-leakage", "verdict": "leak" if leak else "no-leak", "passed": not leak, "summary": sentence,
+        "audit": "update-leakage", "verdict": verdict, "passed": verdict == "no-leak", "summary": sentence,
         "mode": mode, "view": MODE_VIEW[mode], "users": int(len(updates)), "rank": int(updates.shape[1]),
         "clients_per_round": clients_per_round, "rounds_per_user": rounds_per_user, "clip_norm": clip_norm,
         "local_noise": local_noise, "views": views, "chance": prior_figures, "chance_level": chance_name,
@@ -185,6 +195,7 @@ def update_leakage_audit(
         "method": "batched SVD of the observed update(s); w_hat = top left singular vector on the simplex; pair "
                   "membership |cos(v, d)| with the top right singular vector; bootstrap percentile CIs over users "
                   f"(DeLong normal CI for the pair AUC); leak = gain over the best prior-only guess with CI above {COSINE_MARGIN} or pair "
-                  f"AUC CI above {0.5 + AUC_MARGIN}",
+                  f"AUC CI above {0.5 + AUC_MARGIN}; inconclusive = neither, with a CI reaching past its "
+                  "margin",
         "seed": seed, "trials": int(len(updates)), "n_boot": n_boot, "alpha": alpha,
     }
