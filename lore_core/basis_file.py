@@ -24,6 +24,7 @@ from lore_core.atomic_io import atomic_save_npz
 from lore_core.npz_file import open_npz
 
 BASIS_ARRAYS = ("basis", "version", "embedder", "dim", "rank", "sha256")
+MAX_ABS_BASIS = 1e6  # as pair files' MAX_ABS_DIFF: far beyond any trained basis, far below float32 overflow
 
 
 class BasisFileError(ValueError):
@@ -89,10 +90,26 @@ def load_basis(path: str | Path) -> BasisFile:
     missing = [key for key in BASIS_ARRAYS if key not in arrays]
     if missing:
         raise BasisFileError(f"{path}: missing arrays {missing}; a basis file holds {list(BASIS_ARRAYS)}")
+    unknown = sorted(set(arrays) - set(BASIS_ARRAYS) - {"prior_pairs"})
+    if unknown:
+        raise BasisFileError(f"{path}: unknown arrays {unknown}; a basis file holds {list(BASIS_ARRAYS)} and "
+                             "optionally prior_pairs")
+    kinds = {"dim": "iu", "rank": "iu", "version": "iu", "embedder": "U", "sha256": "U", "prior_pairs": "iuf"}
+    wrong = [f"{key} ({arrays[key].dtype})" for key, allowed in kinds.items()
+             if key in arrays and (arrays[key].dtype.kind not in allowed or arrays[key].ndim)]
+    if wrong:
+        raise BasisFileError(f"{path}: {', '.join(wrong)}: dim, rank, version must be scalar ints, embedder and "
+                             "sha256 strings, prior_pairs a number")
     basis = arrays["basis"]
     if basis.dtype != np.float32:
         raise BasisFileError(f"{path}: basis must be float32, got {basis.dtype}")
     _check_basis(basis, str(path))
+    if basis.shape[0] > basis.shape[1]:
+        raise BasisFileError(f"{path}: basis has {basis.shape[0]} rows for {basis.shape[1]} embedding dimensions; a "
+                             "basis has at most as many rows as dimensions (rank <= D)")
+    if np.abs(basis).max() > MAX_ABS_BASIS:
+        raise BasisFileError(f"{path}: basis has values beyond +-{MAX_ABS_BASIS:g}; a trained basis is of order 1 to "
+                             "100 (its rewards would overflow)")
     try:
         dim, rank, version = int(arrays["dim"]), int(arrays["rank"]), int(arrays["version"])
         embedder, checksum = str(arrays["embedder"]), str(arrays["sha256"])

@@ -233,6 +233,22 @@ def test_basis_contents_are_checked(w):
     refused(["evaluate", "pairs.npz", "--basis", "basis.npz"], "basis.npz", w, expect="missing arrays")
     save_basis(w / "basis.npz", np.ones((RANK, DIM + 1)), version=1, embedder="synthetic")
     refused(["evaluate", "pairs.npz", "--basis", "basis.npz"], "basis.npz", w, expect="dimension")
+    # Found by a hostile-input test: each of these loaded (huge values fitted into NaN, B > D, a fraction for dim).
+    save_basis(w / "good.npz", np.ones((RANK, DIM)), version=1, embedder="synthetic")
+    good = dict(np.load(w / "good.npz"))
+    tall = np.ones((DIM + 2, DIM), np.float32)
+    huge = np.full((RANK, DIM), 3e38, np.float32)
+    from lore_core.basis_file import basis_checksum
+
+    for change, expect in ((dict(basis=tall, rank=np.array(DIM + 2), sha256=np.array(basis_checksum(tall))),
+                            "at most as many rows"),
+                           (dict(basis=huge, sha256=np.array(basis_checksum(huge))), "beyond"),
+                           (dict(dim=np.array(8.7)), "scalar ints"),
+                           (dict(prior_pairs=np.array("3")), "prior_pairs"),
+                           (dict(embedder=np.array(7)), "embedder"),
+                           (dict(extra=np.zeros(2)), "unknown arrays")):
+        np.savez(w / "basis.npz", **{**good, **change})
+        refused(["evaluate", "pairs.npz", "--basis", "basis.npz"], "basis.npz", w, expect=expect)
 
 
 # --- 3. text files: PRISM, pairs.jsonl, choices, candidates, audit configs --------------------------------------------
