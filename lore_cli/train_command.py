@@ -152,7 +152,9 @@ def _config(args: argparse.Namespace, options: dict, dim: int, source: str, few_
     from lore_core.joint_trainer import TrainConfig
 
     options = {**options, "rank": parse_rank(args.rank, dim, source=source), "few_shot": few_shot}
-    if args.rank_grid:
+    if args.rank_grid is not None:
+        if options["rank"] != "auto":
+            raise ValueError(f"--rank-grid is for --rank auto; --rank {args.rank} fixes the rank: drop one of them")
         options["rank_grid"] = tuple(parse_rank(r.strip(), dim, "--rank-grid", source)
                                      for r in args.rank_grid.split(","))
         if 1 not in options["rank_grid"]:
