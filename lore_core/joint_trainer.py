@@ -60,10 +60,6 @@ class TrainConfig:
     few_shot: int = 10  # pairs (whole groups) a user of the new fold adapts on
     max_iter: int = 400  # L-BFGS iterations at most of the final fit; fits stop earlier at convergence
     candidate_max_iter: int = 100  # the same for the held-out fits of the selection (warm-started along l2)
-    # The held-out marginal fits start from the joint fit on the same pairs and most converge sooner (a median of 32
-    # iterations on the iso-5-15-1400 pilot); the cap bounds the few that crawl. Chosen on the pilot cells
-    # (bench_results/train_pilot_cap.md); the final marginal fit keeps max_iter.
-    marginal_candidate_max_iter: int = 40
     seed: int = 0
     device: str = "cpu"
 
@@ -301,8 +297,7 @@ def train_joint(diff: np.ndarray, user: np.ndarray, config: TrainConfig = TrainC
 
     def marginal_bases(rank: int, l2: float, joint: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """The held-out marginal fits of (rank, l2), each started from the joint fit on the same pairs."""
-        return {key: marginal(mask, rank, l2, config.marginal_candidate_max_iter, joint[key])
-                for key, mask in masks.items()}
+        return {key: marginal(mask, rank, l2, config.candidate_max_iter, joint[key]) for key, mask in masks.items()}
 
     def scored(bases: dict[str, np.ndarray], rank: int, l2: float, objective: str, t0: float) -> list[Candidate]:
         """Held-out candidates of one (rank, l2, objective), one per personal prior (rank 1: w = 1, one)."""

@@ -114,26 +114,6 @@ def test_marginal_candidates_run_only_next_to_the_best_joint_l2():
     assert by_rank == {1: {"joint"}, 2: {"marginal"}}  # rank 1 is one shared reward, fitted once
 
 
-def test_held_out_marginal_fits_stop_at_their_own_cap_and_the_final_fit_does_not(monkeypatch):
-    """The held-out marginal fits are capped at marginal_candidate_max_iter; the final marginal fit keeps max_iter."""
-    import lore_core.joint_trainer as joint_trainer
-
-    caps = []
-    real = joint_trainer.fit_basis_marginal
-
-    def recording(*args, **kwargs):
-        caps.append(kwargs["max_iter"])
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(joint_trainer, "fit_basis_marginal", recording)
-    diff, user_idx, _ = _thin_users()
-    config = TrainConfig(rank=2, l2=1e-3, prior_pairs="auto", objective="marginal", max_iter=30,
-                         candidate_max_iter=20, marginal_candidate_max_iter=7)
-    fit = train_joint(diff, user_idx, config)
-    assert fit.objective == "marginal"
-    assert caps[-1] == 30 and set(caps[:-1]) == {7}
-
-
 def test_a_warm_started_fit_leaves_its_starting_point_alone():
     """The selection keeps each l2's joint fit for the marginal fits that start from it after the walk moved on."""
     from lore_core.joint_trainer import fit_basis_and_weights
