@@ -132,19 +132,27 @@ def _synthetic(seed: int):
 def run_pair_file(run_dir: Path | None) -> str | Path | None:
     """The pair file a run was trained on: `pairs_path` in a train run's metrics.json, the path in a simulate run's
     data.json (lore_cli.run_data), or a pairs.npz inside the run directory; None when it does not say."""
-    from lore_cli.run_data import DATA_FILENAME
+    from lore_cli.run_data import DATA_FILENAME, pair_file_fingerprint
 
     if run_dir is None:
         return None
     for name, key in (("metrics.json", "pairs_path"), (DATA_FILENAME, "path")):
         file = run_dir / name
-        if file.exists():
-            try:
-                value = json.loads(file.read_text()).get(key)
-            except (ValueError, AttributeError) as exc:
-                raise AuditCommandError(f"{file}: not a JSON object ({exc}); pass --pairs PAIRS.npz") from exc
-            if isinstance(value, str):
-                return value
+        if not file.exists():
+            continue
+        try:
+            record = json.loads(file.read_text())
+            value = record.get(key)
+        except (ValueError, AttributeError) as exc:
+            raise AuditCommandError(f"{file}: not a JSON object ({exc}); pass --pairs PAIRS.npz") from exc
+        if not isinstance(value, str):
+            continue
+        if name == DATA_FILENAME and Path(value).is_file():
+            # simulate recorded the file's digest: a file replaced since then is not the run's data
+            if pair_file_fingerprint(value).get("blake2b") != record.get("blake2b"):
+                raise AuditCommandError(f"{file}: the pair file it names, {value}, has changed since the run (its "
+                                        "BLAKE2b digest differs); pass the run's pairs with --pairs")
+        return value
     return run_dir / "pairs.npz" if (run_dir / "pairs.npz").exists() else None
 
 

@@ -7,6 +7,7 @@ unseen users adapt on their few-shot pairs; metrics have the names of `lore-fed 
 from __future__ import annotations
 
 import argparse
+import warnings
 from pathlib import Path
 
 from lore_core.atomic_io import atomic_write_json
@@ -31,6 +32,9 @@ def run(args: argparse.Namespace) -> int:
     basis_path = Path(args.basis)
     if basis_path.is_dir():
         basis_path = basis_path / "basis.npz"
+    if args.out and Path(args.out).name == "metrics.json" and (Path(args.out).parent / "basis.npz").exists():
+        raise ValueError(f"--out {args.out} is a run's own metrics.json (its basis.npz is beside it); give a new file "
+                         "name for the metrics JSON")
     if args.out and Path(args.out).exists() and any(
             Path(args.out).resolve() == Path(given).resolve()
             for given in (args.pairs, Path(args.pairs) / "pairs.npz", basis_path)):
@@ -38,9 +42,12 @@ def run(args: argparse.Namespace) -> int:
     basis_file = load_basis(basis_path)
     basis = basis_file.basis
     pairs = load_pairs(args.pairs)
+    if not len(pairs.user):
+        raise ValueError(f"{pairs.source}: no pairs, so there is nothing to evaluate; expected a pair file with test "
+                         "pairs (split 'test')")
     if not (pairs.split == "test").any():
-        raise ValueError(f"{pairs.source}: no test pairs (split 'test'), so there is nothing to evaluate; expected "
-                         "a pair file with held-out test pairs")
+        warnings.warn(f"{pairs.source} has no test pairs (split 'test'): only training-pair figures are reported",
+                      UserWarning, stacklevel=2)
     if basis.shape[1] != pairs.dim:
         raise ValueError(f"basis {basis_path} has dimension {basis.shape[1]}, the pair file {pairs.source} {pairs.dim}")
     prior = personal_prior(args.prior_pairs, default=basis_file.prior_pairs)

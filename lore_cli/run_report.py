@@ -34,8 +34,8 @@ def load_reference(path: str | Path | None) -> dict | None:
         raise ValueError(f"reference {file}: a JSON {type(reference).__name__}; {expected}")
     for key in ("seen_test_acc", "unseen_test_acc"):
         value = reference.get(key)
-        if key == "unseen_test_acc" and value is None:
-            continue  # a population without new users
+        if value is None:
+            continue  # a population without new users, or without seen users' test pairs: shown as "–"
         if not (isinstance(value, (int, float)) and not isinstance(value, bool) and 0.0 <= value <= 1.0):
             raise ValueError(f"reference {file}: {key} is {value!r}, not an accuracy in [0, 1]; {expected}")
     return reference

@@ -207,7 +207,8 @@ def run_problems(history: list[dict]) -> dict[str, int]:
 
 def run(args: argparse.Namespace) -> int:
     from lore_cli.run_report import load_reference
-    from lore_cli.train_command import check_device, check_seed
+    from lore_cli.train_command import check_device, check_seed, parse_number
+    from lore_core.reward_math import MAX_L2
     from lore_core.run_lock import RunDirLock
     from simulations.flower_run import nodes_for
 
@@ -220,9 +221,15 @@ def run(args: argparse.Namespace) -> int:
     check_seed(args.seed)
     if args.device is not None:
         check_device(args.device)
+    if args.l2 is not None:
+        parse_number(args.l2, "--l2", maximum=MAX_L2)
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file; give a run directory")
+    other = [name for name in ("metrics.json", "basis.npz") if (out / name).exists()]
+    if other and not (out / "checkpoint.npz").exists():
+        raise ValueError(f"--out {out} holds another run ({', '.join(other)}, no federated checkpoint); give a new "
+                         "directory")
     pairs_path = resolve_pair_path(args.pairs)
     reference = load_reference(args.reference)
     population = read_population(pairs_path)

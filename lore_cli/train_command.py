@@ -107,6 +107,8 @@ def run(args: argparse.Namespace) -> int:
     from lore_core.reward_math import MAX_L2
     from lore_core.streamed_training import LARGE_POPULATION
 
+    if args.rank_grid is not None and args.rank != "auto":
+        raise ValueError(f"--rank-grid is for --rank auto; --rank {args.rank} fixes the rank: drop one of them")
     options = {"seed": check_seed(args.seed), "device": check_device(args.device), "objective": args.objective}
     if args.l2 != "auto":
         options["l2"] = parse_number(args.l2, "--l2", maximum=MAX_L2)
@@ -153,8 +155,6 @@ def _config(args: argparse.Namespace, options: dict, dim: int, source: str, few_
 
     options = {**options, "rank": parse_rank(args.rank, dim, source=source), "few_shot": few_shot}
     if args.rank_grid is not None:
-        if options["rank"] != "auto":
-            raise ValueError(f"--rank-grid is for --rank auto; --rank {args.rank} fixes the rank: drop one of them")
         options["rank_grid"] = tuple(parse_rank(r.strip(), dim, "--rank-grid", source)
                                      for r in args.rank_grid.split(","))
         if 1 not in options["rank_grid"]:

@@ -104,12 +104,6 @@ def load_basis(path: str | Path) -> BasisFile:
     if basis.dtype != np.float32:
         raise BasisFileError(f"{path}: basis must be float32, got {basis.dtype}")
     _check_basis(basis, str(path))
-    if basis.shape[0] > basis.shape[1]:
-        raise BasisFileError(f"{path}: basis has {basis.shape[0]} rows for {basis.shape[1]} embedding dimensions; a "
-                             "basis has at most as many rows as dimensions (rank <= D)")
-    if np.abs(basis).max() > MAX_ABS_BASIS:
-        raise BasisFileError(f"{path}: basis has values beyond +-{MAX_ABS_BASIS:g}; a trained basis is of order 1 to "
-                             "100 (its rewards would overflow)")
     try:
         dim, rank, version = int(arrays["dim"]), int(arrays["rank"]), int(arrays["version"])
         embedder, checksum = str(arrays["embedder"]), str(arrays["sha256"])
@@ -142,3 +136,9 @@ def _check_basis(basis: np.ndarray, where: str) -> None:
         raise BasisFileError(f"{where}: basis must be a non-empty 2-D array (B, D), got shape {basis.shape}")
     if not np.isfinite(basis).all():
         raise BasisFileError(f"{where}: basis has NaN or Inf values")
+    if basis.shape[0] > basis.shape[1]:
+        raise BasisFileError(f"{where}: basis has {basis.shape[0]} rows for {basis.shape[1]} embedding dimensions; a "
+                             "basis has at most as many rows as dimensions (rank <= D)")
+    if np.abs(basis).max() > MAX_ABS_BASIS:
+        raise BasisFileError(f"{where}: basis has values beyond +-{MAX_ABS_BASIS:g}; a trained basis is of order 1 "
+                             "to 100 (its rewards would overflow)")

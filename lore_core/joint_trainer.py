@@ -363,9 +363,10 @@ def train_joint(diff: np.ndarray, user: np.ndarray, config: TrainConfig = TrainC
     chosen, table = select_one_se(candidates)
     if len(candidates) > 1 and not (holdout.seen_heldout.any() or holdout.new_rest.any()):
         warnings.warn("no held-out data: every seen user has too few groups to hold one out, and the new-user fold "
-                      "has none to score, so no candidate could be estimated and rank 1 (one shared reward) is "
-                      "kept; give users several groups (the pair file's `group` array) or fix rank, l2 and prior",
-                      SelectionWarning, stacklevel=2)
+                      f"has none to score, so no candidate could be estimated and the first was kept (rank "
+                      f"{chosen.rank}, l2 {chosen.l2:.1e}, prior {chosen.prior_pairs:g} pairs); give users several "
+                      "groups (the pair file's `group` array) or fix rank, l2 and prior", SelectionWarning,
+                      stacklevel=2)
     basis, weights = final_fit(chosen.rank, chosen.l2, chosen.objective)
     held_out = {"groups": "group array" if group is not None else "one group per pair (no group array)",
                 "seen_heldout_pairs": int(holdout.seen_heldout.sum()), "new_fold_users": int(holdout.new_users.sum()),

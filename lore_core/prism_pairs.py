@@ -302,17 +302,17 @@ def _write_outputs(out_dir: Path, files: dict[str, bytes]) -> None:
     """A new out_dir appears complete (temp dir + rename); an existing one gets each file replaced atomically,
     summary.json last, and a stale ground_truth.npz removed."""
     if out_dir.is_dir():
-        old_pairs = out_dir / PAIRS_JSONL
-        changed = not old_pairs.exists() or old_pairs.read_bytes() != files[PAIRS_JSONL]
+        old_pairs, embedded = out_dir / PAIRS_JSONL, out_dir / PAIRS_FILENAME
+        if embedded.exists() and old_pairs.exists() and old_pairs.read_bytes() != files[PAIRS_JSONL]:
+            # Embedded from the pairs being replaced: training on it would read the old split without a word.
+            # Removed before the new pairs are written, so a crash in between cannot leave it beside them.
+            embedded.unlink()
+            warnings.warn(f"removed {embedded}: it embedded the pairs this run replaced; run `lore-fed embed "
+                          f"{out_dir}` again", UserWarning, stacklevel=3)
         for name, data in sorted(files.items(), key=lambda item: item[0] == SUMMARY_JSON):
             atomic_write_bytes(out_dir / name, data)
         if GROUND_TRUTH_FILE not in files and (out_dir / GROUND_TRUTH_FILE).exists():
             (out_dir / GROUND_TRUTH_FILE).unlink()
-        embedded = out_dir / PAIRS_FILENAME
-        if changed and embedded.exists():  # embedded from the old pairs: training on it would be silently stale
-            embedded.unlink()
-            warnings.warn(f"removed {embedded}: it embedded the pairs this run replaced; run `lore-fed embed "
-                          f"{out_dir}` again", UserWarning, stacklevel=3)
         return
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))

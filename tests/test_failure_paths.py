@@ -270,6 +270,12 @@ def test_a_run_directory_resumes_only_on_its_own_pair_file_and_settings(tmp_path
     assert cli(["simulate", moved, "--out", run, *SIM])[0] == 0
 
 
+def test_eval_every_zero_evaluates_after_the_last_round_only(tmp_path, pair_file, engine):
+    run = tmp_path / "run"
+    assert cli(["simulate", pair_file, "--out", run, *SIM[:-1], "0"])[0] == 0
+    assert [("seen_test_acc" in r) for r in load_checkpoint(run).history] == [False, False, True]
+
+
 def test_a_torn_rounds_file_is_rewritten_by_a_rerun(tmp_path, pair_file, engine):
     run = tmp_path / "run"
     assert cli(["simulate", pair_file, "--out", run, *SIM])[0] == 0

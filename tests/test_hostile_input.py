@@ -429,14 +429,25 @@ def test_outputs_that_would_destroy_inputs_or_other_runs_are_refused(w):
     (w / "fed").mkdir()
     (w / "fed" / "ledger.json").write_text("{}")
     refused(["train", "pairs.npz", "--rank", "1", "--out", "fed"], "fed", w, expect="holds a federated run")
+    (w / "trained").mkdir()
+    shutil.copy(w / "basis.npz", w / "trained" / "basis.npz")
+    (w / "trained" / "metrics.json").write_text("{}")
+    refused(["simulate", "pairs.npz", "--out", "trained", "--privacy", "none", "--rounds", "1"], "trained", w,
+            expect="holds another run")
+    refused(["evaluate", "pairs.npz", "--basis", "trained", "--out", "trained/metrics.json"], "trained/metrics.json",
+            w, expect="a run's own metrics.json")
     refused(["train", "pairs.npz", "--rank", "2", "--l2", "1e300", "--out", "out"], "--l2", w, expect="<= 1e+06")
-    refused(["simulate", "pairs.npz", "--out", "out", "--privacy", "none", "--rounds", "1", "--l2", "1e300"], "l2", w)
+    refused(["simulate", "pairs.npz", "--out", "out", "--privacy", "none", "--rounds", "1", "--l2", "1e300"], "--l2",
+            w, expect="<= 1e+06")
 
 
-def test_evaluate_refuses_a_pair_file_without_test_pairs(w):
+def test_evaluate_refuses_an_empty_pair_file_and_warns_without_test_pairs(w):
     arrays = _pair_arrays()
+    np.savez(w / "empty.npz", **{k: v[:0] for k, v in arrays.items()})
+    refused(["evaluate", "empty.npz", "--basis", "basis.npz"], "empty.npz", w, expect="no pairs")
     np.savez(w / "only_train.npz", **{k: v[arrays["split"] == "train"] for k, v in arrays.items()})
-    refused(["evaluate", "only_train.npz", "--basis", "basis.npz"], "only_train.npz", w, expect="no test pairs")
+    with pytest.warns(UserWarning, match="has no test pairs"):
+        assert cli(["evaluate", "only_train.npz", "--basis", "basis.npz"])[0] == 0
 
 
 DEVICE_EXTREME = {

@@ -376,3 +376,8 @@ def test_a_new_split_removes_the_embedding_of_the_old_pairs(tmp_path):
     with pytest.warns(UserWarning, match="lore-fed embed"):
         prepare_dataset(FIXTURE, out, min_conversations=2, split_seed=7)
     assert not (out / "pairs.npz").exists()
+    other = tmp_path / "other"  # a pairs.npz that no pairs.jsonl here produced is not this command's to remove
+    other.mkdir()
+    (other / "pairs.npz").write_bytes(b"someone else's file")
+    prepare_dataset(FIXTURE, other, min_conversations=2, split_seed=7)
+    assert (other / "pairs.npz").read_bytes() == b"someone else's file"

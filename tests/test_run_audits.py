@@ -165,3 +165,9 @@ def test_audits_find_the_pair_file_of_a_train_run_and_of_a_simulate_run(tmp_path
     record_pairs(run, check_same_pairs(run, pair_file, resuming=False))  # what `simulate` writes before Ray
     assert Path(run_pair_file(run)) == pair_file.resolve()
     assert run_pair_file(tmp_path) is None
+    changed = tmp_path / "changed.npz"
+    shutil.copy(pair_file, changed)
+    record_pairs(run, check_same_pairs(run, changed, resuming=False))
+    changed.write_bytes(changed.read_bytes() + b"\0")  # replaced after the run: not the run's data
+    with pytest.raises(ValueError, match="has changed since the run"):
+        run_pair_file(run)

@@ -182,8 +182,8 @@ def update_leakage_audit(
         + {"leak": "Hide single updates from the server (SecAgg with many users per round, or local noise) or treat "
                    "w_i as known to the server.",
            "inconclusive": f"The confidence intervals reach past the margins ({COSINE_MARGIN} in cosine, "
-                           f"{0.5 + AUC_MARGIN} in AUC) without clearing them: too few users ({len(updates)}) to "
-                           "tell; audit a larger population.",
+                           f"{0.5 + AUC_MARGIN} in AUC) without clearing them: too wide to tell over {len(updates)} "
+                           "users; audit a larger population.",
            "no-leak": "At chance: the server's view does not single out users' w or pairs."}[verdict]
     )
     return {
