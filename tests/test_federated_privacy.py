@@ -262,7 +262,7 @@ BAD_SETTINGS = [
     (["--delta", "0"], "delta must be in (0, 1/N)"),
     (["--clients-per-round", "100"], "more than the 24 seen users"),
     (["--noise-multiplier", "1", "--target-epsilon", "3"], "give either noise_multiplier or target_epsilon"),
-    (["--max-epsilon", "0.5"], "only"),
+    (["--max-epsilon", "0.5"], "not even one round fits"),
     (["--eval-every", "2"], "allow-uncovered-eval"),
     (["--privacy", "none", "--noise-multiplier", "1"], "privacy mode is 'none' but DP settings were given"),
     (["--privacy", "user", "--max-grad-norm", "1"], "does not use ['max_grad_norm']"),
