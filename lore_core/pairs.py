@@ -182,6 +182,9 @@ def _validate(p: PairSet) -> None:
         raise PairFileError(f"{where}: diff has values beyond +-{MAX_ABS_DIFF:g} in {bad} rows; embedding differences "
                             "are of order 1 to 100: re-embed the pairs")
     n = diff.shape[0]
+    if n and not diff.any():
+        raise PairFileError(f"{where}: diff is zero in every pair (chosen and rejected embedded alike); a pair's diff "
+                            "is e(chosen) - e(rejected): re-embed the pairs")
     for name in ("user", "split", "seen"):
         arr = np.asarray(getattr(p, name))
         if arr.shape != (n,):

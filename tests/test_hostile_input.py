@@ -183,6 +183,7 @@ BAD_PAIR_CONTENTS = {
     "missing seen": (lambda a: a.pop("seen"), "missing required arrays"),
     "unknown array": (lambda a: a.update(extra=np.zeros(3)), "unknown arrays"),
     "NaN diff": (lambda a: a["diff"].__setitem__((0, 0), np.nan), "NaN or Inf"),
+    "all-zero diff": (lambda a: a["diff"].__setitem__(slice(None), 0.0), "zero in every pair"),
     "1e30 diff": (lambda a: a["diff"].__setitem__((1, 2), 1e30), "beyond"),
     "integer diff": (lambda a: a.update(diff=np.ones((len(a["user"]), DIM), np.int64)), "must be float"),
     "1-D diff": (lambda a: a.update(diff=a["diff"][:, 0]), "2-D"),
