@@ -461,6 +461,7 @@ DEVICE_EXTREME = {
     "adapt wrong width": (None, f"(n, {DIM})"),
     "adapt chosen == rejected": (None, "same text"),
     "adapt missing key": (None, "'rejected' must be a string"),
+    "adapt a whole pair file": (None, "a pair file of"),
 }
 
 
@@ -473,6 +474,8 @@ def test_device_extremes_are_refused(w, case):
             np.savez(w / file, diff=np.full((3, DIM), 1e30, np.float32))
         elif case == "adapt zero diffs":
             np.savez(w / file, diff=np.zeros((2, DIM), np.float32))
+        elif case == "adapt a whole pair file":
+            shutil.copy(w / "pairs.npz", w / file)
         elif case == "adapt wrong width":
             np.savez(w / file, diff=np.ones((2, DIM + 3), np.float32))
         elif case == "adapt chosen == rejected":

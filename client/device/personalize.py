@@ -112,6 +112,10 @@ def read_choice_diffs(path: str | Path, dim: int) -> np.ndarray:
     with open_npz(path, f"precomputed choices (.npz with an array diff (n, {dim}))", ChoicesError) as data:
         if "diff" not in data.files:
             raise ChoicesError(f"{path}: a precomputed choices .npz needs a 'diff' array (n, D); found {data.files}")
+        users = np.unique(data["user"]).size if "user" in data.files else 0
+        if users > 1:  # a whole pair file: its users' choices (and test pairs) would become this user's
+            raise ChoicesError(f"{path}: a pair file of {users} users; a device adapts on its own user's choices "
+                               "only (an .npz with just 'diff', or one user's rows)")
         diff = data["diff"]
     if diff.ndim != 2 or diff.shape[1] != dim or not np.issubdtype(diff.dtype, np.floating) or \
             not np.isfinite(diff).all():
