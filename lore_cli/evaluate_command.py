@@ -10,7 +10,7 @@ import argparse
 import warnings
 from pathlib import Path
 
-from lore_core.atomic_io import atomic_write_json
+from lore_core.atomic_io import atomic_write_json, check_output_path
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -27,8 +27,8 @@ def run(args: argparse.Namespace) -> int:
     from lore_core.pairs import load_pairs
     from lore_cli.train_command import benchmark_ceiling, benchmark_truth, format_metrics, personal_prior
 
-    if args.out and Path(args.out).is_dir():
-        raise ValueError(f"--out {args.out} is a directory; give a file name for the metrics JSON")
+    if args.out:
+        check_output_path(args.out, "--out", directory=False)
     basis_path = Path(args.basis)
     if basis_path.is_dir():
         basis_path = basis_path / "basis.npz"

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from lore_cli.main import CommandFailed
 from lore_cli.run_data import check_same_pairs, record_pairs
-from lore_core.atomic_io import atomic_write_json
+from lore_core.atomic_io import atomic_write_json, check_output_path
 from lore_core.pairs import resolve_pair_path
 
 TRAIN_KEYS = ("seen_test_acc", "unseen_test_acc", "oracle_seen_test_acc", "oracle_unseen_test_acc")
@@ -224,8 +224,7 @@ def run(args: argparse.Namespace) -> int:
     if args.l2 is not None:
         parse_number(args.l2, "--l2", maximum=MAX_L2)
     out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} is a file; give a run directory")
+    check_output_path(out, "--out", directory=True)
     other = [name for name in ("metrics.json", "basis.npz") if (out / name).exists()]
     if other and not (out / "checkpoint.npz").exists():
         raise ValueError(f"--out {out} holds another run ({', '.join(other)}, no federated checkpoint); give a new "

@@ -32,6 +32,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from lore_core.atomic_io import check_output_path
     from lore_core.embeddings import load_embedder
 
     config = replace(
@@ -47,6 +48,9 @@ def run(args: argparse.Namespace) -> int:
         plant_strength=args.plant_strength,
         model=args.model,
     )
+    check_output_path(args.out, "--out", directory=True)
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     started = time.perf_counter()
     embedder = load_embedder(args.model, device=args.device, batch_size=args.batch_size, cache_dir=args.cache_dir)
     benchmark = generate_benchmark(config, embedder)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lore_core.atomic_io import atomic_save_npz, atomic_write_json
+from lore_core.atomic_io import atomic_save_npz, atomic_write_json, check_output_path
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -117,8 +117,7 @@ def run(args: argparse.Namespace) -> int:
     if args.train_prior_pairs is not None:
         options["train_prior_pairs"] = parse_number(args.train_prior_pairs, "--train-prior-pairs", inclusive=False)
     out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} is a file; give a directory for metrics.json and basis.npz")
+    check_output_path(out, "--out", directory=True)
     federated = [name for name in ("checkpoint.npz", "ledger.json") if (out / name).exists()]
     if federated:
         raise ValueError(f"--out {out} holds a federated run ({', '.join(federated)}): a centralized basis there "

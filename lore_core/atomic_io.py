@@ -68,3 +68,21 @@ def fsync_dir(directory: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def check_output_path(path: str | os.PathLike, flag: str, *, directory: bool) -> None:
+    """Fail before any work when an output cannot be written: the nearest existing ancestor of `path` (the path
+    itself for a directory output) must be a writable directory. A ValueError naming the flag (the CLI: exit 2),
+    instead of an errno message after the work is done."""
+    path = Path(path)
+    if directory and path.exists() and not path.is_dir():
+        raise ValueError(f"{flag} {path} is a file; give a directory")
+    if not directory and path.is_dir():
+        raise ValueError(f"{flag} {path} is a directory; give a file name")
+    ancestor = path if directory and path.exists() else path.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise ValueError(f"{flag} {path}: {ancestor} is a file, not a directory")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise ValueError(f"{flag} {path}: {ancestor} is not writable")
