@@ -71,7 +71,8 @@ def _load_settings(args: argparse.Namespace, run_dir: Path | None) -> dict:
                        ("rounds", args.rounds), ("delta", args.delta), ("mode", args.mode)):
         if value is not None:
             settings[key] = value
-    source = f" (from --config {args.config})" if args.config else ""
+    source = f" (from --config {args.config})" if args.config else f" (from {ledger})" if ledger and ledger.exists() \
+        else ""
     for key in ("clients_per_round", "population_size", "rounds"):
         value = settings[key]
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -131,7 +132,8 @@ def _synthetic(seed: int):
 
 def run_pair_file(run_dir: Path | None) -> str | Path | None:
     """The pair file a run was trained on: `pairs_path` in a train run's metrics.json, the path in a simulate run's
-    data.json (lore_cli.run_data), or a pairs.npz inside the run directory; None when it does not say."""
+    data.json (lore_cli.run_data), or a pairs.npz inside the run directory; None when it does not say. A file whose
+    digest differs from the one the run recorded is refused."""
     from lore_cli.run_data import DATA_FILENAME, pair_file_fingerprint
 
     if run_dir is None:
@@ -147,9 +149,10 @@ def run_pair_file(run_dir: Path | None) -> str | Path | None:
             raise AuditCommandError(f"{file}: not a JSON object ({exc}); pass --pairs PAIRS.npz") from exc
         if not isinstance(value, str):
             continue
-        if name == DATA_FILENAME and Path(value).is_file():
-            # simulate recorded the file's digest: a file replaced since then is not the run's data
-            if pair_file_fingerprint(value).get("blake2b") != record.get("blake2b"):
+        recorded = record if name == DATA_FILENAME else record.get("pairs_fingerprint")
+        if isinstance(recorded, dict) and Path(value).is_file():
+            # the run recorded the file's digest: a file replaced since then is not the run's data
+            if pair_file_fingerprint(value).get("blake2b") != recorded.get("blake2b"):
                 raise AuditCommandError(f"{file}: the pair file it names, {value}, has changed since the run (its "
                                         "BLAKE2b digest differs); pass the run's pairs with --pairs")
         return value

@@ -32,13 +32,16 @@ def run(args: argparse.Namespace) -> int:
     basis_path = Path(args.basis)
     if basis_path.is_dir():
         basis_path = basis_path / "basis.npz"
-    if args.out and Path(args.out).name == "metrics.json" and (Path(args.out).parent / "basis.npz").exists():
-        raise ValueError(f"--out {args.out} is a run's own metrics.json (its basis.npz is beside it); give a new file "
-                         "name for the metrics JSON")
     if args.out and Path(args.out).exists() and any(
             Path(args.out).resolve() == Path(given).resolve()
             for given in (args.pairs, Path(args.pairs) / "pairs.npz", basis_path)):
         raise ValueError(f"--out {args.out} is an input of this command; give a new file name for the metrics JSON")
+    run_files = ("metrics.json", "ledger.json", "checkpoint.npz", "data.json", "rounds.jsonl", "report.md",
+                 "basis.npz", "user_weights.npz")
+    if args.out and Path(args.out).name in run_files and any(
+            (Path(args.out).parent / name).exists() for name in ("basis.npz", "checkpoint.npz", "ledger.json")):
+        raise ValueError(f"--out {args.out} is one of a run's own files ({Path(args.out).name}); give a new file name "
+                         "for the metrics JSON")
     basis_file = load_basis(basis_path)
     basis = basis_file.basis
     pairs = load_pairs(args.pairs)

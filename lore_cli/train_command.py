@@ -103,6 +103,7 @@ def refuse_untrainable(source: str, trainers: int, idle: np.ndarray) -> None:
 def run(args: argparse.Namespace) -> int:
     from lore_core.basis_file import save_basis
     from lore_core.pair_columns import PairColumns, PairIndex
+    from lore_cli.run_data import pair_file_fingerprint
     from lore_core.pairs import resolve_pair_path
     from lore_core.reward_math import MAX_L2
     from lore_core.streamed_training import LARGE_POPULATION
@@ -135,6 +136,7 @@ def run(args: argparse.Namespace) -> int:
         held_out=fit.held_out,
         pairs=summary,
         pairs_path=str(resolve_pair_path(args.pairs).resolve()),  # where audits of this run find its pairs
+        pairs_fingerprint=pair_file_fingerprint(resolve_pair_path(args.pairs)),  # and check they are the same
         device=config.device,
         seed=config.seed,
     )

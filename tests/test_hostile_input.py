@@ -442,7 +442,10 @@ def test_outputs_that_would_destroy_inputs_or_other_runs_are_refused(w):
     refused(["simulate", "pairs.npz", "--out", "trained", "--privacy", "none", "--rounds", "1"], "trained", w,
             expect="holds another run")
     refused(["evaluate", "pairs.npz", "--basis", "trained", "--out", "trained/metrics.json"], "trained/metrics.json",
-            w, expect="a run's own metrics.json")
+            w, expect="one of a run's own files")
+    (w / "trained" / "ledger.json").write_text("{}")  # found on a second pass: the ledger was overwritten too
+    refused(["evaluate", "pairs.npz", "--basis", "trained", "--out", "trained/ledger.json"], "trained/ledger.json",
+            w, expect="one of a run's own files")
     refused(["train", "pairs.npz", "--rank", "2", "--l2", "1e300", "--out", "out"], "--l2", w, expect="<= 1e+06")
     refused(["simulate", "pairs.npz", "--out", "out", "--privacy", "none", "--rounds", "1", "--l2", "1e300"], "--l2",
             w, expect="<= 1e+06")

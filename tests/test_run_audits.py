@@ -165,9 +165,28 @@ def test_audits_find_the_pair_file_of_a_train_run_and_of_a_simulate_run(tmp_path
     record_pairs(run, check_same_pairs(run, pair_file, resuming=False))  # what `simulate` writes before Ray
     assert Path(run_pair_file(run)) == pair_file.resolve()
     assert run_pair_file(tmp_path) is None
+    trained_on = tmp_path / "trained_on.npz"  # a train run's file replaced since: refused too (second pass)
+    shutil.copy(pair_file, trained_on)
+    assert main(["train", str(trained_on), "--rank", "2", "--l2", "1e-4", "--prior-pairs", "3",
+                 "--out", str(tmp_path / "t2")]) == 0
+    trained_on.write_bytes(trained_on.read_bytes() + b"\0")
+    with pytest.raises(ValueError, match="has changed since the run"):
+        run_pair_file(tmp_path / "t2")
     changed = tmp_path / "changed.npz"
     shutil.copy(pair_file, changed)
     record_pairs(run, check_same_pairs(run, changed, resuming=False))
     changed.write_bytes(changed.read_bytes() + b"\0")  # replaced after the run: not the run's data
     with pytest.raises(ValueError, match="has changed since the run"):
         run_pair_file(run)
+
+
+def test_a_tampered_ledger_entry_is_named_with_its_file(tmp_path, capsys):
+    """Found by a hostile-input test: a text noise multiplier in a round entry read "lacks noise_multiplier" (it
+    was there) and named no file."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "ledger.json").write_text(json.dumps({"mode": "user", "delta": 1e-5, "events": {
+        "rounds": [{"noise_multiplier": "lots", "sample_rate": 0.1}]}}))
+    assert main(["audit", "accounting", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert "ledger.json" in err and "must be numbers" in err and "Traceback" not in err

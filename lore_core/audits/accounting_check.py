@@ -27,10 +27,13 @@ def ledger_history(ledger: dict) -> list[tuple[float, float, int]]:
     """(z, q, steps) segments from the ledger's per-round events, consecutive equal (z, q) merged."""
     segments: list[tuple[float, float, int]] = []
     for entry in (ledger.get("events") or {}).get("rounds", []):
+        if not isinstance(entry, dict) or "noise_multiplier" not in entry or "sample_rate" not in entry:
+            raise AuditInputError(f"ledger round entry {entry!r} lacks noise_multiplier/sample_rate")
         try:
             z, q = float(entry["noise_multiplier"]), float(entry["sample_rate"])
-        except (KeyError, TypeError, ValueError) as exc:
-            raise AuditInputError(f"ledger round entry {entry!r} lacks noise_multiplier/sample_rate") from exc
+        except (TypeError, ValueError) as exc:
+            raise AuditInputError(f"ledger round entry {entry!r}: noise_multiplier and sample_rate must be numbers, "
+                                  f"got {entry['noise_multiplier']!r} and {entry['sample_rate']!r}") from exc
         if segments and segments[-1][:2] == (z, q):
             segments[-1] = (z, q, segments[-1][2] + 1)
         else:
@@ -75,7 +78,10 @@ def accounting_audit(ledger: dict | str | Path, *, abs_tol: float = ABS_TOL, rel
             path = path / "ledger.json"
         if not path.is_file():
             raise FileNotFoundError(f"no ledger at {path}")
-        ledger = json.loads(path.read_text())
+        try:
+            return accounting_audit(json.loads(path.read_text()), abs_tol=abs_tol, rel_tol=rel_tol)
+        except (AuditInputError, ValueError, KeyError, TypeError) as exc:  # name the file the bad entry came from
+            raise AuditInputError(f"{path}: {exc}") from exc
     mode = ledger.get("mode")
     if mode not in ("user", "user+secagg"):
         raise AuditInputError(f"the accounting audit recomputes user-level ledgers; this ledger's mode is {mode!r}")
