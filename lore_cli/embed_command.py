@@ -60,6 +60,8 @@ def run(args: argparse.Namespace) -> int:
     from lore_core.embeddings import load_embedder
 
     transformers_logging.disable_progress_bar()  # per-tensor "Loading weights" bars; our own bar counts texts
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     dataset_dir = Path(args.dataset_dir)
     records = read_pair_records(dataset_dir / PAIRS_JSONL)
     truth_path = dataset_dir / GROUND_TRUTH

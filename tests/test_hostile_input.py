@@ -354,6 +354,7 @@ EXTREME = {
     "simulate out under a file": (["simulate", "pairs.npz", "--out", "basis.npz/run", "--privacy", "none"], "--out"),
     "synth out under a file": (["synth", "--users", "5", "--out", "pairs.npz/x"], "--out"),
     "synth batch size 0": (["synth", "--users", "5", "--out", "x", "--batch-size", "0"], "--batch-size"),
+    "embed batch size 0": (["embed", "dataset", "--batch-size", "0"], "--batch-size"),
     "train rank grid empty": (["train", "pairs.npz", "--rank-grid", "", "--out", "out"], "--rank-grid"),
     "train rank grid with a fixed rank": (["train", "pairs.npz", "--rank", "2", "--rank-grid", "1,2", "--out", "out"],
                                           "--rank-grid"),
