@@ -134,7 +134,7 @@ def run_pair_file(run_dir: Path | None) -> str | Path | None:
     """The pair file a run was trained on: `pairs_path` in a train run's metrics.json, the path in a simulate run's
     data.json (lore_cli.run_data), or a pairs.npz inside the run directory; None when it does not say. A file whose
     digest differs from the one the run recorded is refused."""
-    from lore_cli.run_data import DATA_FILENAME, pair_file_fingerprint
+    from lore_cli.run_data import DATA_FILENAME, same_pair_file
 
     if run_dir is None:
         return None
@@ -152,9 +152,10 @@ def run_pair_file(run_dir: Path | None) -> str | Path | None:
         recorded = record if name == DATA_FILENAME else record.get("pairs_fingerprint")
         if isinstance(recorded, dict) and Path(value).is_file():
             # the run recorded the file's digest: a file replaced since then is not the run's data
-            if pair_file_fingerprint(value).get("blake2b") != recorded.get("blake2b"):
+            if not same_pair_file(recorded, value):
                 raise AuditCommandError(f"{file}: the pair file it names, {value}, has changed since the run (its "
-                                        "BLAKE2b digest differs); pass the run's pairs with --pairs")
+                                        "size or the digest of its arrays' CRC-32s differs); pass the run's pairs "
+                                        "with --pairs")
         return value
     return run_dir / "pairs.npz" if (run_dir / "pairs.npz").exists() else None
 

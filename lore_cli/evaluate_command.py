@@ -38,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--out {args.out} is an input of this command; give a new file name for the metrics JSON")
     run_files = ("metrics.json", "ledger.json", "checkpoint.npz", "data.json", "rounds.jsonl", "report.md",
                  "basis.npz", "user_weights.npz")
-    if args.out and Path(args.out).name in run_files and any(
+    if args.out and Path(args.out).exists() and Path(args.out).name in run_files and any(
             (Path(args.out).parent / name).exists() for name in ("basis.npz", "checkpoint.npz", "ledger.json")):
         raise ValueError(f"--out {args.out} is one of a run's own files ({Path(args.out).name}); give a new file name "
                          "for the metrics JSON")

@@ -2,7 +2,7 @@
 
 The checkpoint fingerprints the settings and the users per node, not the pairs, so a file with the same users and D
 but other pairs resumed silently and was reported under its own name with the first file's figures. DIR/data.json
-records the size and a BLAKE2b digest of the pair file a run starts on (of its arrays' CRC-32s: see
+records the size and a BLAKE2b digest of the pair file a run starts on (of its arrays' sizes and CRC-32s: see
 `pair_file_fingerprint`); a resume on another file is refused before Ray starts or anything is written. A run
 directory from before this record resumes and gets one.
 """
@@ -20,20 +20,31 @@ DATA_FILENAME = "data.json"
 _CHUNK = 16 << 20
 
 
-def pair_file_fingerprint(pairs_path: str | Path) -> dict:
-    """{"bytes", "blake2b"} of the file's content (its path may move between runs). A pair file is a zip archive whose
-    central directory holds each array's CRC-32 and size, and its readers check every CRC: the digest covers the file
-    size and those entries, so it costs no pass over a 4 GiB file. Another file is hashed whole."""
+def pair_file_fingerprint(pairs_path: str | Path, method: str = "zip-crc32") -> dict:
+    """{"bytes", "blake2b", "method"} of the file's content (its path may move between runs). "zip-crc32": a pair
+    file is a zip archive whose central directory holds each array's CRC-32 and size, and its readers check every
+    CRC, so the digest covers the file size and those entries and costs no pass over a 4 GiB file; it catches a file
+    replaced by mistake, not a forgery built to match the CRCs. "file" (or a file that is not a zip): the whole
+    content, as records without a method were made."""
     digest, size = hashlib.blake2b(digest_size=16), Path(pairs_path).stat().st_size
     try:
+        if method != "zip-crc32":
+            raise zipfile.BadZipFile(method)
         with zipfile.ZipFile(pairs_path) as archive:
             entries = sorted((info.filename, info.file_size, info.CRC) for info in archive.infolist())
         digest.update(json.dumps([size, entries]).encode())
     except zipfile.BadZipFile:
+        method = "file"
         with open(pairs_path, "rb") as handle:
             while chunk := handle.read(_CHUNK):
                 digest.update(chunk)
-    return {"bytes": size, "blake2b": digest.hexdigest()}
+    return {"bytes": size, "blake2b": digest.hexdigest(), "method": method}
+
+
+def same_pair_file(recorded: dict, pairs_path: str | Path) -> bool:
+    """Whether `pairs_path` has the content a run recorded (by the record's own method)."""
+    current = pair_file_fingerprint(pairs_path, recorded.get("method", "file"))
+    return current["bytes"] == recorded.get("bytes") and current["blake2b"] == recorded.get("blake2b")
 
 
 def check_same_pairs(run_dir: Path, pairs_path: Path, resuming: bool) -> dict:
@@ -44,8 +55,9 @@ def check_same_pairs(run_dir: Path, pairs_path: Path, resuming: bool) -> dict:
         return current
     try:
         started = json.loads(record.read_text())
-        same = started["blake2b"] == current["blake2b"] and started["bytes"] == current["bytes"]
-    except (ValueError, KeyError, TypeError) as exc:
+        same = started["bytes"] == current["bytes"] and (
+            started["blake2b"] == current["blake2b"] or same_pair_file(started, pairs_path))
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise ValueError(f"{record}: not a pair-file record ({exc}); expected JSON with 'bytes' and 'blake2b', as "
                          f"lore-fed simulate writes it. Restore it, or start the run afresh in a new --out") from exc
     if not same:

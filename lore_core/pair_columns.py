@@ -26,7 +26,8 @@ import numpy as np
 
 from lore_core.atomic_io import atomic_path
 from lore_core.npz_file import READ_ERRORS, check_npz_head, unreadable
-from lore_core.pairs import EXPECTED, OPTIONAL_ARRAYS, REQUIRED_ARRAYS, PairFileError, PairSet, resolve_pair_path
+from lore_core.pairs import (EXPECTED, OPTIONAL_ARRAYS, REQUIRED_ARRAYS, PairFileError, PairSet, refuse_all_zero,
+                             resolve_pair_path)
 
 READ_ROWS = 1 << 17  # rows per block when a whole file is scanned (~200 MB of diff at D = 384)
 _LOCAL_HEADER = struct.Struct("<4s2B4HL2L2H")  # zip local file header (zipfile.sizeFileHeader = 30 bytes)
@@ -297,7 +298,9 @@ def check_pair_file(path: str | Path, rows_per_block: int = READ_ROWS) -> tuple[
     index = PairIndex.build(columns)
     seen_users = train_users = largest = 0
     idle, few_shot = [], []
+    nonzero = columns.n == 0
     for first, stop, block in user_blocks(columns, index, rows_per_block):
+        nonzero = nonzero or bool(block.diff.any())
         user_pos = index.row_users(first, stop)  # rows are in index order within a block
         seen = np.bincount(user_pos, weights=block.seen, minlength=stop - first) > 0
         trains = np.bincount(user_pos, weights=block.seen & (block.split == "train"), minlength=stop - first)
@@ -307,6 +310,7 @@ def check_pair_file(path: str | Path, rows_per_block: int = READ_ROWS) -> tuple[
         largest = max(largest, int(trains.max(initial=0)))
         shots = np.bincount(user_pos, weights=~block.seen & (block.split == "train"), minlength=stop - first)
         few_shot.append(shots[shots > 0])
+    refuse_all_zero(nonzero, columns.source)
     shots = np.concatenate(few_shot) if few_shot else np.zeros(0)
     return columns, index, PopulationCounts(users=index.n_users, seen_users=seen_users, train_users=train_users,
                                             idle_users=np.concatenate(idle) if idle else index.user_ids[:0],

@@ -122,7 +122,7 @@ def load_pairs(path: str | Path) -> PairSet:
     unknown = sorted(set(arrays) - set(REQUIRED_ARRAYS) - set(OPTIONAL_ARRAYS))
     if unknown:
         raise PairFileError(f"{file}: unknown arrays {unknown}; allowed: {REQUIRED_ARRAYS + OPTIONAL_ARRAYS}")
-    return PairSet(
+    pairs = PairSet(
         diff=arrays["diff"],
         user=arrays["user"],
         split=arrays["split"],
@@ -132,6 +132,15 @@ def load_pairs(path: str | Path) -> PairSet:
         group=arrays.get("group"),
         source=str(file),
     )
+    refuse_all_zero(pairs.diff.any() if len(pairs.diff) else True, file)
+    return pairs
+
+
+def refuse_all_zero(any_nonzero: bool, file: str | Path) -> None:
+    """A whole file whose diff is zero in every pair (checked per file: a block or one user's pairs may be)."""
+    if not any_nonzero:
+        raise PairFileError(f"{file}: diff is zero in every pair (chosen and rejected embedded alike); a pair's diff "
+                            "is e(chosen) - e(rejected): re-embed the pairs")
 
 
 def read_pair_column(path: str | Path, name: str) -> np.ndarray:
@@ -182,9 +191,6 @@ def _validate(p: PairSet) -> None:
         raise PairFileError(f"{where}: diff has values beyond +-{MAX_ABS_DIFF:g} in {bad} rows; embedding differences "
                             "are of order 1 to 100: re-embed the pairs")
     n = diff.shape[0]
-    if n and not diff.any():
-        raise PairFileError(f"{where}: diff is zero in every pair (chosen and rejected embedded alike); a pair's diff "
-                            "is e(chosen) - e(rejected): re-embed the pairs")
     for name in ("user", "split", "seen"):
         arr = np.asarray(getattr(p, name))
         if arr.shape != (n,):

@@ -444,12 +444,21 @@ def test_outputs_that_would_destroy_inputs_or_other_runs_are_refused(w):
             expect="holds another run")
     refused(["evaluate", "pairs.npz", "--basis", "trained", "--out", "trained/metrics.json"], "trained/metrics.json",
             w, expect="one of a run's own files")
+    code, _, err = cli(["evaluate", "pairs.npz", "--basis", "trained", "--out", "trained/eval.json"])
+    assert code == 0, err  # a new file beside a run is fine
+    (w / "trained" / "eval.json").unlink()
     (w / "trained" / "ledger.json").write_text("{}")  # found on a second pass: the ledger was overwritten too
     refused(["evaluate", "pairs.npz", "--basis", "trained", "--out", "trained/ledger.json"], "trained/ledger.json",
             w, expect="one of a run's own files")
     refused(["train", "pairs.npz", "--rank", "2", "--l2", "1e300", "--out", "out"], "--l2", w, expect="<= 1e+06")
     refused(["simulate", "pairs.npz", "--out", "out", "--privacy", "none", "--rounds", "1", "--l2", "1e300"], "--l2",
             w, expect="<= 1e+06")
+
+
+def test_evaluate_writes_a_new_metrics_json_beside_a_basis_file(w):
+    """`--out metrics.json` next to basis.npz is the README's own example; only an existing run file is guarded."""
+    code, _, err = cli(["evaluate", "pairs.npz", "--basis", "basis.npz", "--out", "metrics.json"])
+    assert code == 0 and (w / "metrics.json").exists(), err
 
 
 def test_evaluate_refuses_an_empty_pair_file_and_warns_without_test_pairs(w):

@@ -93,3 +93,20 @@ def test_directory_without_pairs_and_garbage_file(tmp_path):
     (tmp_path / "x.npz").write_bytes(b"not a zip")
     with pytest.raises(PairFileError, match="x.npz is not a zip archive"):
         load_pairs(tmp_path / "x.npz")
+
+
+def test_only_a_file_zero_in_every_pair_is_refused_never_a_block_of_it(tmp_path):
+    """One user whose pairs are all zero is data, not a broken file: the check is per file, so the chunked reader's
+    blocks and a user's subset are never refused for it (found on review)."""
+    from lore_core.pair_columns import check_pair_file
+
+    arrays = _arrays()
+    arrays["diff"][:3] = 0.0  # user "a"
+    save_pairs(PairSet(**arrays), tmp_path / "p.npz")
+    check_pair_file(tmp_path / "p.npz", rows_per_block=3)
+    assert load_pairs(tmp_path / "p.npz").subset(arrays["user"] == "a").diff.shape == (3, 4)
+    arrays["diff"][:] = 0.0
+    np.savez(tmp_path / "z.npz", **arrays)
+    for read in (load_pairs, check_pair_file):
+        with pytest.raises(PairFileError, match="zero in every pair"):
+            read(tmp_path / "z.npz")

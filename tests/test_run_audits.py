@@ -190,3 +190,15 @@ def test_a_tampered_ledger_entry_is_named_with_its_file(tmp_path, capsys):
     assert main(["audit", "accounting", str(run)]) == 2
     err = capsys.readouterr().err
     assert "ledger.json" in err and "must be numbers" in err and "Traceback" not in err
+
+
+def test_a_pair_file_record_without_a_method_is_read_as_a_whole_file_digest(tmp_path, pair_file):
+    """data.json records made before the zip-directory digest hashed the whole file: they still resume."""
+    from lore_cli.run_data import DATA_FILENAME, check_same_pairs, pair_file_fingerprint, same_pair_file
+
+    run = tmp_path / "run"
+    run.mkdir()
+    old = {k: v for k, v in pair_file_fingerprint(pair_file, "file").items() if k != "method"}
+    (run / DATA_FILENAME).write_text(json.dumps({"path": str(pair_file), **old}))
+    assert same_pair_file(old, pair_file)
+    assert check_same_pairs(run, pair_file, resuming=True)["method"] == "zip-crc32"

@@ -70,6 +70,16 @@ def opacus_epsilons(history: list[tuple[float, float, int]], delta: float) -> tu
         return float(prv.get_epsilon(delta)), float(rdp.get_epsilon(delta))
 
 
+def _read_ledger(ledger) -> tuple[str, float, list[tuple[float, float, int]]]:
+    """(mode, delta, history) of a parsed ledger; AuditInputError (or a KeyError/ValueError) for a bad one."""
+    if not isinstance(ledger, dict):
+        raise AuditInputError(f"a ledger is a JSON object, got {type(ledger).__name__}")
+    mode = ledger.get("mode")
+    if mode not in ("user", "user+secagg"):
+        raise AuditInputError(f"the accounting audit recomputes user-level ledgers; this ledger's mode is {mode!r}")
+    return mode, float(ledger["delta"]), ledger_history(ledger)
+
+
 def accounting_audit(ledger: dict | str | Path, *, abs_tol: float = ABS_TOL, rel_tol: float = REL_TOL) -> dict:
     """Recompute a user-mode ledger's epsilon; `ledger` is the parsed JSON or a path to ledger.json."""
     if not isinstance(ledger, dict):
@@ -79,14 +89,12 @@ def accounting_audit(ledger: dict | str | Path, *, abs_tol: float = ABS_TOL, rel
         if not path.is_file():
             raise FileNotFoundError(f"no ledger at {path}")
         try:
-            return accounting_audit(json.loads(path.read_text()), abs_tol=abs_tol, rel_tol=rel_tol)
-        except (AuditInputError, ValueError, KeyError, TypeError) as exc:  # name the file the bad entry came from
+            ledger = json.loads(path.read_text())
+            mode, delta, history = _read_ledger(ledger)
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:  # name the file the bad entry came from
             raise AuditInputError(f"{path}: {exc}") from exc
-    mode = ledger.get("mode")
-    if mode not in ("user", "user+secagg"):
-        raise AuditInputError(f"the accounting audit recomputes user-level ledgers; this ledger's mode is {mode!r}")
-    delta = float(ledger["delta"])
-    history = ledger_history(ledger)
+    else:
+        mode, delta, history = _read_ledger(ledger)
     if mode == "user+secagg":
         return _ddg_audit(ledger, history, delta, abs_tol, rel_tol)
     stored = (ledger.get("epsilon") or {}).get("prv")
