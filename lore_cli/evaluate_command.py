@@ -27,21 +27,11 @@ def run(args: argparse.Namespace) -> int:
     from lore_core.pairs import load_pairs
     from lore_cli.train_command import benchmark_ceiling, benchmark_truth, format_metrics, personal_prior
 
-    if args.out:
-        check_output_path(args.out, "--out", directory=False)
     basis_path = Path(args.basis)
     if basis_path.is_dir():
         basis_path = basis_path / "basis.npz"
-    if args.out and Path(args.out).exists() and any(
-            Path(args.out).resolve() == Path(given).resolve()
-            for given in (args.pairs, Path(args.pairs) / "pairs.npz", basis_path)):
-        raise ValueError(f"--out {args.out} is an input of this command; give a new file name for the metrics JSON")
-    run_files = ("metrics.json", "ledger.json", "checkpoint.npz", "data.json", "rounds.jsonl", "report.md",
-                 "basis.npz", "user_weights.npz")
-    if args.out and Path(args.out).exists() and Path(args.out).name in run_files and any(
-            (Path(args.out).parent / name).exists() for name in ("basis.npz", "checkpoint.npz", "ledger.json")):
-        raise ValueError(f"--out {args.out} is one of a run's own files ({Path(args.out).name}); give a new file name "
-                         "for the metrics JSON")
+    if args.out:
+        check_metrics_out(Path(args.out), (Path(args.pairs), Path(args.pairs) / "pairs.npz", basis_path))
     basis_file = load_basis(basis_path)
     basis = basis_file.basis
     pairs = load_pairs(args.pairs)
@@ -62,3 +52,21 @@ def run(args: argparse.Namespace) -> int:
         atomic_write_json(args.out, metrics)
         print(f"wrote {args.out}")
     return 0
+
+
+RUN_FILES = ("metrics.json", "ledger.json", "checkpoint.npz", "data.json", "rounds.jsonl", "report.md", "basis.npz",
+             "user_weights.npz")
+
+
+def check_metrics_out(out: Path, inputs: tuple[Path, ...]) -> None:
+    """--out may be written (`check_output_path`) and would overwrite neither an input nor an existing file of a run
+    (a directory holding a basis, checkpoint or ledger)."""
+    check_output_path(out, "--out", directory=False)
+    if not out.exists():
+        return
+    if any(out.resolve() == given.resolve() for given in inputs):
+        raise ValueError(f"--out {out} is an input of this command; give a new file name for the metrics JSON")
+    if out.name in RUN_FILES and any((out.parent / name).exists() for name in ("basis.npz", "checkpoint.npz",
+                                                                            "ledger.json")):
+        raise ValueError(f"--out {out} is one of a run's own files ({out.name}); give a new file name for the "
+                         "metrics JSON")

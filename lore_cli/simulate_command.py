@@ -239,25 +239,25 @@ def run(args: argparse.Namespace) -> int:
     nodes_for(population["users"], args.users_per_node)  # a bad --users-per-node fails here too
     canaries = canary_secrets(args, (settings.rank, population["dim"]))  # fail closed: before Ray, before DIR exists
     with RunDirLock(out):
-        data = check_resume(out, pairs_path, settings)  # still before Ray: a run directory of another run is refused
+        previous, data = check_resume(out, pairs_path, settings)  # before Ray: another run's directory is refused
         if canaries is not None and not Path(args.canary_secrets).exists():
             from federation.canary_users import save_canaries
 
             save_canaries(args.canary_secrets, canaries)
         record_pairs(out, data)
-        return _simulate(args, pairs_path, population, overrides, settings, privacy, reference, out)
+        return _simulate(args, pairs_path, population, overrides, settings, privacy, reference, out, previous)
 
 
-def check_resume(out: Path, pairs_path: Path, settings) -> dict:
+def check_resume(out: Path, pairs_path: Path, settings):
     """Refuse, before Ray starts, a run directory whose checkpoint is damaged, holds other settings or was trained
-    on another pair file (the server checks the users per node again once its nodes report). Returns the pair
-    file's fingerprint for DIR/data.json."""
+    on another pair file (the server checks the users per node again once its nodes report). Returns the checkpoint
+    (None for a new run) and the pair file's fingerprint for DIR/data.json."""
     from server.checkpoint import check_resumable, load_checkpoint
 
     previous = load_checkpoint(out)
     if previous is not None:
         check_resumable(previous, settings.fingerprint(), previous.population, out)
-    return check_same_pairs(out, pairs_path, resuming=previous is not None)
+    return previous, check_same_pairs(out, pairs_path, resuming=previous is not None)
 
 
 def check_canary_flags(args: argparse.Namespace, out: Path) -> None:
@@ -295,7 +295,7 @@ def canary_secrets(args: argparse.Namespace, shape: tuple[int, int]):
     return canaries
 
 
-def _simulate(args, pairs_path, population, overrides, settings, privacy, reference, out) -> int:
+def _simulate(args, pairs_path, population, overrides, settings, privacy, reference, out, previous) -> int:
     from lore_cli.run_report import write_report
     from lore_core.basis_file import save_basis
     from server.optimizer import reported_basis
@@ -306,7 +306,6 @@ def _simulate(args, pairs_path, population, overrides, settings, privacy, refere
     noise = f", z {privacy.noise_multiplier:.4g}" if privacy.is_dp else ""
     print(f"federated LoRe on {pairs_path}: {settings.rounds} rounds, {settings.clients_per_round} users/round, "
           f"rank {settings.rank}, privacy {args.privacy}{noise}; run dir {out}", flush=True)
-    previous = load_checkpoint(out)
     if previous is not None:
         print(f"resuming after round {previous.round} from {out / 'checkpoint.npz'}", flush=True)
     try:

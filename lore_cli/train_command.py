@@ -123,7 +123,8 @@ def run(args: argparse.Namespace) -> int:
     if federated:
         raise ValueError(f"--out {out} holds a federated run ({', '.join(federated)}): a centralized basis there "
                          "would be read as that run's by reports and audits; give another directory")
-    large = PairIndex.build(PairColumns.open(args.pairs)).n_users > LARGE_POPULATION
+    pairs_file = resolve_pair_path(args.pairs)
+    large = PairIndex.build(PairColumns.open(pairs_file)).n_users > LARGE_POPULATION
     fit, config, metrics, summary, evaluate_seconds = (_train_streamed if large else _train_in_memory)(args, options)
     metrics.update(
         train_seconds=fit.train_seconds,
@@ -135,8 +136,8 @@ def run(args: argparse.Namespace) -> int:
         selection=fit.selection,
         held_out=fit.held_out,
         pairs=summary,
-        pairs_path=str(resolve_pair_path(args.pairs).resolve()),  # where audits of this run find its pairs
-        pairs_fingerprint=pair_file_fingerprint(resolve_pair_path(args.pairs)),  # and check they are the same
+        pairs_path=str(pairs_file.resolve()),  # where audits of this run find its pairs
+        pairs_fingerprint=pair_file_fingerprint(pairs_file),  # and check they are the same
         device=config.device,
         seed=config.seed,
     )
