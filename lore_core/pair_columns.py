@@ -26,8 +26,8 @@ import numpy as np
 
 from lore_core.atomic_io import atomic_path
 from lore_core.npz_file import READ_ERRORS, check_npz_head, unreadable
-from lore_core.pairs import (EXPECTED, OPTIONAL_ARRAYS, REQUIRED_ARRAYS, PairFileError, PairSet, refuse_all_zero,
-                             resolve_pair_path)
+from lore_core.pairs import (EXPECTED, OPTIONAL_ARRAYS, REQUIRED_ARRAYS, TEXT_ARRAYS, PairFileError, PairSet,
+                             refuse_all_zero, resolve_pair_path, text_dtype_message)
 
 READ_ROWS = 1 << 17  # rows per block when a whole file is scanned (~200 MB of diff at D = 384)
 _LOCAL_HEADER = struct.Struct("<4s2B4HL2L2H")  # zip local file header (zipfile.sizeFileHeader = 30 bytes)
@@ -151,6 +151,9 @@ class PairColumns:
             if name in self._members and self._members[name].shape != (self.n,):
                 raise PairFileError(f"{where}: {name} must have shape ({self.n},) like diff, "
                                     f"got {self._members[name].shape}")
+        for name in TEXT_ARRAYS:
+            if name in self._members and self._members[name].dtype.kind != "U":
+                raise PairFileError(text_dtype_message(where, name, self._members[name].dtype))
         for name in ("logit_true", "reference_head"):
             if name in self._members and self._members[name].dtype.kind != "f":
                 raise PairFileError(f"{where}: {name} must be float, got {self._members[name].dtype}")

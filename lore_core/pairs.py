@@ -26,6 +26,7 @@ PAIRS_FILENAME = "pairs.npz"
 SPLITS = ("train", "test")
 REQUIRED_ARRAYS = ("diff", "user", "split", "seen")
 OPTIONAL_ARRAYS = ("logit_true", "reference_head", "group")
+TEXT_ARRAYS = ("user", "split", "group")  # numpy unicode strings in every reader
 # Real embedders give differences of order 1 (sentence) to a few hundred (reward-model hidden states); a value far
 # beyond is a broken file, and in float32 scores it would overflow or let one pair outweigh every other.
 MAX_ABS_DIFF = 1e6
@@ -136,6 +137,13 @@ def load_pairs(path: str | Path) -> PairSet:
     return pairs
 
 
+def text_dtype_message(where, name: str, dtype: np.dtype) -> str:
+    """Text columns are numpy unicode strings; bytes (dtype S, as h5py or Python 2 tools write) are refused in every
+    reader alike rather than compared unequal to str ids downstream."""
+    hint = "; bytes: convert with .astype(str)" if dtype.kind == "S" else ""
+    return f"{where}: {name} must be an array of strings (numpy unicode, dtype <U...), got {dtype}{hint}"
+
+
 def refuse_all_zero(any_nonzero: bool, file: str | Path) -> None:
     """A whole file whose diff is zero in every pair (checked per file: a block or one user's pairs may be)."""
     if not any_nonzero:
@@ -195,13 +203,12 @@ def _validate(p: PairSet) -> None:
         arr = np.asarray(getattr(p, name))
         if arr.shape != (n,):
             raise PairFileError(f"{where}: {name} must have shape ({n},) like diff, got {arr.shape}")
-    if p.user.dtype.kind not in "US":
-        raise PairFileError(f"{where}: user must be an array of strings, got {p.user.dtype}")
-    if p.group is not None:
-        group = np.asarray(p.group)
-        if group.shape != (n,) or group.dtype.kind not in "US":
-            raise PairFileError(f"{where}: group must be strings with shape ({n},) like diff, got {group.dtype} "
-                                f"{group.shape}")
+    for name in TEXT_ARRAYS:
+        arr = getattr(p, name)
+        if arr is not None and np.asarray(arr).dtype.kind != "U":
+            raise PairFileError(text_dtype_message(where, name, np.asarray(arr).dtype))
+    if p.group is not None and np.asarray(p.group).shape != (n,):
+        raise PairFileError(f"{where}: group must have shape ({n},) like diff, got {np.asarray(p.group).shape}")
     if p.seen.dtype != np.bool_:
         raise PairFileError(f"{where}: seen must be bool, got {p.seen.dtype}")
     bad_splits = sorted(set(np.unique(p.split).tolist()) - set(SPLITS))

@@ -63,7 +63,7 @@ def test_group_array_round_trips_and_must_match_the_pairs(tmp_path):
     assert load_pairs(save_pairs(pairs, tmp_path)).group.tolist() == ["c1", "c1", "c2", "c7", "c7", "c8"]
     assert load_pairs(save_pairs(PairSet(**arrays), tmp_path / "old.npz")).group is None  # optional
     np.savez(tmp_path / "bad.npz", **arrays, group=np.array(["c1", "c2"]))
-    with pytest.raises(PairFileError, match="group must be strings with shape"):
+    with pytest.raises(PairFileError, match=r"group must have shape \(6,\) like diff"):
         load_pairs(tmp_path / "bad.npz")
 
 
@@ -85,6 +85,20 @@ def test_truth_arrays_that_are_not_float_are_refused_by_both_readers(tmp_path, n
         load_pairs(tmp_path / "t.npz")
     with pytest.raises(PairFileError, match=f"{name} must be float"):
         check_pair_file(tmp_path / "t.npz")
+
+
+@pytest.mark.parametrize("name", ["user", "split", "group"])
+def test_bytes_text_columns_are_refused_alike_by_both_readers(tmp_path, name):
+    """Bytes (dtype S) `user` and `group` loaded while bytes `split` was refused as "found [b'train']" (found by a
+    hostile-input test); every text column must now be unicode, in both readers, with the fix in the message."""
+    from lore_core.pair_columns import check_pair_file
+
+    arrays = {**_arrays(), "group": np.array(["g1", "g2", "g3", "g4", "g5", "g6"])}
+    arrays[name] = arrays[name].astype("S")
+    np.savez(tmp_path / "b.npz", **arrays)
+    for read in (load_pairs, check_pair_file):
+        with pytest.raises(PairFileError, match=rf"b.npz: {name} must be an array of strings .*astype\(str\)"):
+            read(tmp_path / "b.npz")
 
 
 def test_directory_without_pairs_and_garbage_file(tmp_path):
