@@ -239,7 +239,7 @@ def run(args: argparse.Namespace) -> int:
     nodes_for(population["users"], args.users_per_node)  # a bad --users-per-node fails here too
     canaries = canary_secrets(args, (settings.rank, population["dim"]))  # fail closed: before Ray, before DIR exists
     with RunDirLock(out):
-        previous, data = check_resume(out, pairs_path, settings)  # before Ray: another run's directory is refused
+        previous, data = check_resume(out, pairs_path, settings, privacy)  # before Ray: another run's is refused
         if canaries is not None and not Path(args.canary_secrets).exists():
             from federation.canary_users import save_canaries
 
@@ -248,15 +248,20 @@ def run(args: argparse.Namespace) -> int:
         return _simulate(args, pairs_path, population, overrides, settings, privacy, reference, out, previous)
 
 
-def check_resume(out: Path, pairs_path: Path, settings):
-    """Refuse, before Ray starts, a run directory whose checkpoint is damaged, holds other settings or was trained
-    on another pair file (the server checks the users per node again once its nodes report). Returns the checkpoint
-    (None for a new run) and the pair file's fingerprint for DIR/data.json."""
+def check_resume(out: Path, pairs_path: Path, settings, privacy):
+    """Refuse, before Ray starts, a run directory whose checkpoint is damaged, holds other settings (the ledger's
+    privacy settings included: a finished run asked for more rounds) or was trained on another pair file (the server
+    checks the users per node again once its nodes report). Returns the checkpoint (None for a new run) and the pair
+    file's fingerprint for DIR/data.json."""
+    from lore_core.privacy.ledger import LEDGER_FILENAME
     from server.checkpoint import check_resumable, load_checkpoint
+    from server.run_ledger import FederatedLedger
 
     previous = load_checkpoint(out)
     if previous is not None:
         check_resumable(previous, settings.fingerprint(), previous.population, out)
+        if (out / LEDGER_FILENAME).exists():
+            FederatedLedger.load(out, privacy)  # reads and compares only; the server opens it again to write
     return previous, check_same_pairs(out, pairs_path, resuming=previous is not None)
 
 
