@@ -40,7 +40,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="auto: reward-model for a one-label *ForSequenceClassification model, else sentence",
     )
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
-    parser.add_argument("--batch-size", type=int, default=32)
+    add_batch_size(parser)
     parser.add_argument(
         "--max-length", type=int, default=None, help="token limit (default 256 sentence, 4096 reward-model)"
     )
@@ -54,14 +54,26 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_batch_size(parser: argparse.ArgumentParser) -> None:
+    """--batch-size of the embedder (embed, synth), checked by the parser: refused by the flag's name before the
+    model loads (the embedder's own check names `batch_size`, after loading)."""
+
+    def positive(text: str) -> int:
+        value = int(text)
+        if value < 1:
+            raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+        return value
+
+    positive.__name__ = "positive integer"  # argparse's "invalid positive integer value: 'x'"
+    parser.add_argument("--batch-size", type=positive, default=32, help="texts per forward pass (>= 1)")
+
+
 def run(args: argparse.Namespace) -> int:
     from transformers.utils import logging as transformers_logging
 
     from lore_core.embeddings import load_embedder
 
     transformers_logging.disable_progress_bar()  # per-tensor "Loading weights" bars; our own bar counts texts
-    if args.batch_size < 1:
-        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     dataset_dir = Path(args.dataset_dir)
     records = read_pair_records(dataset_dir / PAIRS_JSONL)
     truth_path = dataset_dir / GROUND_TRUTH

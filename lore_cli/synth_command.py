@@ -6,6 +6,7 @@ import argparse
 import time
 from dataclasses import replace
 
+from lore_cli.embed_command import add_batch_size
 from simulations.prism_population import DEMOGRAPHICS, BenchmarkConfig, conversation_distribution, generate_benchmark
 
 DEFAULTS = BenchmarkConfig()
@@ -27,7 +28,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--plant-strength", type=float, default=DEFAULTS.plant_strength)
     parser.add_argument("--model", default=None, help="embedder model name or path (default: offline MiniLM)")
     parser.add_argument("--cache-dir", default=None, help="embedding cache (default: $LORE_CACHE_DIR or ~/.cache)")
-    parser.add_argument("--batch-size", type=int, default=32)
+    add_batch_size(parser)
     parser.add_argument("--device", default="cpu")
 
 
@@ -49,8 +50,6 @@ def run(args: argparse.Namespace) -> int:
         model=args.model,
     )
     check_output_path(args.out, "--out", directory=True)
-    if args.batch_size < 1:
-        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     started = time.perf_counter()
     embedder = load_embedder(args.model, device=args.device, batch_size=args.batch_size, cache_dir=args.cache_dir)
     benchmark = generate_benchmark(config, embedder)
