@@ -1,0 +1,39 @@
+"""The hostile populations are what their docstring says (simulations/bench_hostile_populations.py)."""
+
+import numpy as np
+
+from simulations.bench_hostile_populations import NEW, SEEN, hostile_population
+
+
+def _rows_by_user(pairs, keep):
+    users = np.unique(pairs.user[keep])
+    return {u: pairs.diff[keep & (pairs.user == u)] for u in users[:20]}
+
+
+def test_shared_pool_users_compare_common_items_but_never_test_on_their_training_items():
+    pairs, basis = hostile_population("shared-pool", 0)
+    assert basis is not None and pairs.group is not None
+    assert np.unique(pairs.group).size <= 400  # one pool for everyone
+    for user in np.unique(pairs.user)[:50]:
+        mine = pairs.user == user
+        train, test = set(pairs.group[mine & (pairs.split == "train")]), set(pairs.group[mine & (pairs.split == "test")])
+        assert train and test and not train & test
+
+
+def test_repeats_reuse_six_item_pairs_in_training_and_test_on_fresh_items():
+    pairs, _ = hostile_population("repeats-no-group", 0)
+    assert pairs.group is None
+    seen_train = pairs.seen & (pairs.split == "train")
+    for diffs in _rows_by_user(pairs, seen_train).values():
+        items = np.unique(np.abs(diffs).round(5), axis=0)  # a label flips the sign, not the item
+        assert 1 <= len(items) <= 6 < len(diffs)
+    for diffs in _rows_by_user(pairs, pairs.split == "test").values():
+        assert len(np.unique(np.abs(diffs).round(5), axis=0)) == len(diffs)
+
+
+def test_heavy_tail_spreads_training_pairs_and_full_rank_has_no_basis():
+    pairs, _ = hostile_population("heavy-tail", 0)
+    counts = np.unique(pairs.user[pairs.seen & (pairs.split == "train")], return_counts=True)[1]
+    assert counts.size == SEEN and counts.min() <= 3 and counts.max() >= 100 and 8 <= np.median(counts) <= 16
+    full, basis = hostile_population("full-rank", 0)
+    assert basis is None and np.unique(full.user[~full.seen]).size == NEW
