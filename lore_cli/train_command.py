@@ -182,8 +182,9 @@ def _train_in_memory(args: argparse.Namespace, options: dict):
               f"{MARGINAL_MAX_MEDIAN_PAIRS} training pairs); the marginal fits add to the time, "
               "`--objective joint` skips them")
     if train.group is None:
-        print(f"note: {pairs.source} has no `group` array: held-out sets split by pair, so pairs that share a "
-              "response may fall on both sides; `lore-fed prepare` + `embed` write the conversation as the group")
+        print(f"note: {pairs.source} has no `group` array: held-out sets split by pair (repeats of the same two "
+              "items kept together), so pairs that share one response may fall on both sides; `lore-fed prepare` + "
+              "`embed` write the conversation as the group")
     fit = train_joint(train.diff, train.user, config, group=train.group)
     started = time.perf_counter()
     metrics = evaluate_model(pairs, fit.basis, prior_pairs=fit.prior_pairs,

@@ -269,7 +269,8 @@ def train_joint(diff: np.ndarray, user: np.ndarray, config: TrainConfig = TrainC
     unit = l2_unit(diff)
     l2s = sorted((unit * v for v in config.l2_grid), reverse=True) if config.l2 == "auto" else [float(config.l2)]
     priors = config.prior_pairs_grid if config.prior_pairs == "auto" else (float(config.prior_pairs),)
-    holdout = make_holdout(user_idx, dense_groups(user_idx, group), n_users,
+    groups = dense_groups(user_idx, group, diff)  # repeated comparisons of the same items join one group
+    holdout = make_holdout(user_idx, groups, n_users,
                            heldout_fraction=config.heldout_fraction, new_fraction=config.new_fraction,
                            few_shot=config.few_shot, seed=config.seed)
     masks = {"seen": holdout.fit_seen, "new": holdout.fit_new if holdout.new_users.any() else holdout.fit_seen}
@@ -368,7 +369,9 @@ def train_joint(diff: np.ndarray, user: np.ndarray, config: TrainConfig = TrainC
                       "groups (the pair file's `group` array) or fix rank, l2 and prior", SelectionWarning,
                       stacklevel=2)
     basis, weights = final_fit(chosen.rank, chosen.l2, chosen.objective)
+    used, given = (int(g.max(initial=-1)) + 1 for g in (groups, dense_groups(user_idx, group)))
     held_out = {"groups": "group array" if group is not None else "one group per pair (no group array)",
+                "groups_used": used, "groups_joined_by_repeats": given - used,
                 "seen_heldout_pairs": int(holdout.seen_heldout.sum()), "new_fold_users": int(holdout.new_users.sum()),
                 "new_fold_scored_pairs": int(holdout.new_rest.sum()), "l2_unit": unit}
     return JointFit(basis=basis, user_weights=weights, user_ids=user_ids, rank=chosen.rank, l2=chosen.l2,
