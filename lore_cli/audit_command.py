@@ -62,7 +62,9 @@ def _load_settings(args: argparse.Namespace, run_dir: Path | None) -> dict:
     settings = dict(PRIVACY_DEFAULTS)
     ledger = run_dir / "ledger.json" if run_dir else None
     if ledger and ledger.exists():
-        stored = json.loads(ledger.read_text()).get("config", {})
+        from lore_core.privacy.ledger import read_ledger
+
+        stored = read_ledger(ledger)["config"]  # a damaged or tampered ledger is refused here, before any audit
         settings.update({k: v for k, v in stored.items() if k in PRIVACY_DEFAULTS and v is not None})
     if args.config:
         settings.update(_read_config(Path(args.config)))

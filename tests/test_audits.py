@@ -193,3 +193,11 @@ def test_audits_get_a_section_and_a_plot_in_the_run_report(population, tmp_path)
     assert report.startswith("# Federated LoRe run\n\nbody")
     assert report.count("## Privacy audits") == 1 and "### extraction:" in report
     assert "![extraction](audits/extraction.png)" in report and (tmp_path / "audits" / "extraction.png").exists()
+
+
+def test_gdp_epsilon_of_almost_no_noise_is_large_not_an_overflow():
+    """`audit mechanism --noise-multiplier 0.01` crashed with OverflowError (found by a hostile-input test)."""
+    from lore_core.audits.statistics import gdp_epsilon
+
+    small, large = gdp_epsilon(1.0, 1e-5), gdp_epsilon(100.0, 1e-5)
+    assert 4.0 < small < 5.0 and 1000 < large < float("inf") and gdp_epsilon(1e6, 1e-5) == float("inf")

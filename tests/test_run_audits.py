@@ -4,6 +4,7 @@ audit calls the server's own aggregation; both must fail when the server's noise
 from __future__ import annotations
 
 import json
+import warnings
 import shutil
 from pathlib import Path
 
@@ -180,16 +181,60 @@ def test_audits_find_the_pair_file_of_a_train_run_and_of_a_simulate_run(tmp_path
         run_pair_file(run)
 
 
-def test_a_tampered_ledger_entry_is_named_with_its_file(tmp_path, capsys):
-    """Found by a hostile-input test: a text noise multiplier in a round entry read "lacks noise_multiplier" (it
-    was there) and named no file."""
-    run = tmp_path / "run"
+def _real_ledger(run: Path) -> dict:
+    """A user-mode ledger of 2 rounds written by the ledger class itself; returns its parsed JSON."""
+    from lore_core.privacy import PrivacyLedger, PrivacySettings
+
     run.mkdir()
-    (run / "ledger.json").write_text(json.dumps({"mode": "user", "delta": 1e-5, "events": {
-        "rounds": [{"noise_multiplier": "lots", "sample_rate": 0.1}]}}))
-    assert main(["audit", "accounting", str(run)]) == 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ledger = PrivacyLedger.create(run, PrivacySettings(mode="user", noise_multiplier=1.0, clip_norm=0.5,
+                                                           clients_per_round=10, population_size=100, rounds=2))
+        ledger.record_round(1, 10)
+        ledger.record_round(2, 10)
+    return json.loads((run / "ledger.json").read_text())
+
+
+def _set(data: dict, path: str, value):
+    *keys, last = path.split(".")
+    for key in keys:
+        data = data[int(key)] if isinstance(data, list) else data[key]
+    data[int(last) if isinstance(data, list) else last] = value
+
+
+@pytest.mark.parametrize("audit", ["accounting", "extraction"])
+@pytest.mark.parametrize("where,value,expect", [
+    ("events.rounds.0.noise_multiplier", float("nan"), "round entry 1 has noise_multiplier nan"),
+    ("events.rounds.1.noise_multiplier", "lots", "round entry 2 has noise_multiplier 'lots'"),
+    ("events.rounds.0.sample_rate", 5, "sample_rate 5"),
+    ("events.audits", "x", "audits (str, expected list)"),
+    (None, [], "schema 'list'"),
+])
+def test_a_tampered_ledger_is_refused_by_name_before_any_audit_runs(tmp_path, capsys, audit, where, value, expect):
+    """Found by hostile-input tests: a NaN noise multiplier had `audit accounting` spin at 100 % CPU for good (and
+    `audit extraction` append to the broken ledger); a list, or text where the audits go, gave tracebacks after
+    the audit's files were written. Each is now exit 2 naming ledger.json, with nothing written."""
+    run = tmp_path / "run"
+    data = _real_ledger(run)
+    if where is None:
+        data = value
+    else:
+        _set(data, where, value)
+    (run / "ledger.json").write_text(json.dumps(data))
+    before = (run / "ledger.json").read_text()
+    assert main(["audit", audit, str(run)]) == 2
     err = capsys.readouterr().err
-    assert "ledger.json" in err and "must be numbers" in err and "Traceback" not in err
+    assert "ledger.json" in err and expect in err and "Traceback" not in err, err
+    assert not (run / "audits").exists() and (run / "ledger.json").read_text() == before
+
+
+def test_a_stored_epsilon_that_is_not_an_object_fails_the_accounting_audit_instead_of_crashing(tmp_path, capsys):
+    run = tmp_path / "run"
+    data = _real_ledger(run)
+    data["epsilon"] = 0.01
+    (run / "ledger.json").write_text(json.dumps(data))
+    assert main(["audit", "accounting", str(run)]) == 0
+    assert json.loads((run / "audits" / "accounting.json").read_text())["verdict"] == "fail"
 
 
 def test_a_pair_file_record_without_a_method_is_read_as_a_whole_file_digest(tmp_path, pair_file):

@@ -34,11 +34,24 @@ def ledger_history(ledger: dict) -> list[tuple[float, float, int]]:
         except (TypeError, ValueError) as exc:
             raise AuditInputError(f"ledger round entry {entry!r}: noise_multiplier and sample_rate must be numbers, "
                                   f"got {entry['noise_multiplier']!r} and {entry['sample_rate']!r}") from exc
+        if not (math.isfinite(z) and z > 0 and 0 < q <= 1):
+            raise AuditInputError(f"ledger round entry {entry!r}: noise_multiplier must be finite and > 0 and "
+                                  "sample_rate in (0, 1]")
         if segments and segments[-1][:2] == (z, q):
             segments[-1] = (z, q, segments[-1][2] + 1)
         else:
             segments.append((z, q, 1))
     return segments
+
+
+def _claimed(ledger: dict) -> dict:
+    """The ledger's stored epsilon block ({} where it holds something else: then the audit fails, it does not crash)."""
+    return ledger["epsilon"] if isinstance(ledger.get("epsilon"), dict) else {}
+
+
+def _number(value) -> float | None:
+    """A stored epsilon as a float, or None where the ledger holds anything else."""
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
 def pld_epsilon(history: list[tuple[float, float, int]], delta: float) -> float | None:
@@ -88,8 +101,13 @@ def accounting_audit(ledger: dict | str | Path, *, abs_tol: float = ABS_TOL, rel
             path = path / "ledger.json"
         if not path.is_file():
             raise FileNotFoundError(f"no ledger at {path}")
+        from lore_core.privacy.ledger import LedgerError, read_ledger
+
         try:
-            ledger = json.loads(path.read_text())
+            ledger = read_ledger(path)  # the ledger's own checks: schema, events, every round's (z, q)
+        except LedgerError as exc:
+            raise AuditInputError(str(exc)) from exc
+        try:
             mode, delta, history = _read_ledger(ledger)
         except (ValueError, KeyError, TypeError, AttributeError) as exc:  # name the file the bad entry came from
             raise AuditInputError(f"{path}: {exc}") from exc
@@ -97,8 +115,7 @@ def accounting_audit(ledger: dict | str | Path, *, abs_tol: float = ABS_TOL, rel
         mode, delta, history = _read_ledger(ledger)
     if mode == "user+secagg":
         return _ddg_audit(ledger, history, delta, abs_tol, rel_tol)
-    stored = (ledger.get("epsilon") or {}).get("prv")
-    stored_rdp = (ledger.get("epsilon") or {}).get("rdp")
+    stored, stored_rdp = (_number(_claimed(ledger).get(key)) for key in ("prv", "rdp"))
     if not history:
         raise AuditInputError("the ledger has no released rounds: nothing to recompute")
     prv, rdp = opacus_epsilons(history, delta)
@@ -141,7 +158,7 @@ def _ddg_audit(ledger: dict, history: list[tuple[float, float, int]], delta: flo
 
     if not history:
         raise AuditInputError("the ledger has no released rounds: nothing to recompute")
-    stored = (ledger.get("epsilon") or {}).get("headline")
+    stored = _number(_claimed(ledger).get("headline"))
     ddg, _ = ddg_epsilon(history, delta, int(ledger["config"]["dimension"]))
     pld = pld_epsilon(history, delta)
     tol = max(abs_tol, rel_tol * ddg)

@@ -45,6 +45,9 @@ def write_audit(out_dir: str | Path, result: dict, *, ledger_dir: str | Path | N
     name = audit_name(result)
     clean = _jsonable(result)
     path = folder / f"{name}.json"
+    for target in (path, folder / f"{name}.png", folder / "audits.md"):  # all or nothing: check before writing
+        if target.is_dir():
+            raise ValueError(f"{target} is a directory; the audit writes a file there: move it away")
     atomic_write_json(path, clean)
     plot_audit(clean, folder / f"{name}.png")
     if ledger_dir is not None and (Path(ledger_dir) / "ledger.json").exists():

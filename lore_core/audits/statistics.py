@@ -252,7 +252,9 @@ def gdp_epsilon(mu: float, delta: float) -> float:
         return 0.0
 
     def gap(eps: float) -> float:
-        return stats.norm.cdf(-eps / mu + mu / 2) - math.exp(eps) * stats.norm.cdf(-eps / mu - mu / 2) - delta
+        # e^eps Phi(.) in log space: at large mu (tiny noise) e^eps alone overflows a float
+        return stats.norm.cdf(-eps / mu + mu / 2) - math.exp(min(eps + stats.norm.logcdf(-eps / mu - mu / 2), 700.0)) \
+            - delta
 
     if gap(0.0) <= 0:
         return 0.0

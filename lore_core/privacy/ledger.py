@@ -22,6 +22,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from lore_core.atomic_io import atomic_write_json
 from lore_core.privacy.accounting import (
+    AccountingError,
     EpsilonReport,
     PrivacyBudgetExhausted,
     check_history,
@@ -427,6 +428,11 @@ def append_audit(run_dir: str | os.PathLike, result: Mapping[str, Any]) -> None:
         atomic_write_json(path, data)
 
 
+def read_ledger(path: str | os.PathLike) -> dict[str, Any]:
+    """A ledger.json's parsed content, checked (schema, events, every round's (z, q)); LedgerError names the file."""
+    return _read(Path(path))
+
+
 def _read(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text())
@@ -438,7 +444,30 @@ def _read(path: Path) -> dict[str, Any]:
     events = data.get("events")
     if not isinstance(events, dict) or set(events) != set(EVENT_KEYS) or not isinstance(data.get("config"), dict):
         raise LedgerError(f"{path} lacks `config` or `events` with keys {EVENT_KEYS}")
+    _check_events(path, events, data["config"].get("mode"))
     return data
+
+
+EVENT_TYPES = {"rounds": list, "clients": dict, "audits": list, "stopped_early": bool}
+
+
+def _check_events(path: Path, events: dict, mode) -> None:
+    """The events' types, and in user modes every round's (z, q) as the accountant needs them: a tampered or
+    damaged ledger is refused by name before anything reads it (a NaN noise multiplier had Opacus spin forever)."""
+    wrong = [f"{key} ({type(events[key]).__name__}, expected {kind.__name__})" for key, kind in EVENT_TYPES.items()
+             if not isinstance(events[key], kind)]
+    if wrong:
+        raise LedgerError(f"{path}: events of the wrong type: {', '.join(wrong)}; restore the ledger")
+    for position, entry in enumerate(events["rounds"], 1):
+        if not isinstance(entry, dict):
+            raise LedgerError(f"{path}: round entry {position} is not an object: {entry!r}")
+        if mode in USER_MODES:
+            z, q = entry.get("noise_multiplier"), entry.get("sample_rate")
+            try:
+                check_history([(z, q, 1)])
+            except (AccountingError, TypeError, ValueError) as exc:
+                raise LedgerError(f"{path}: round entry {position} has noise_multiplier {z!r} and sample_rate {q!r} "
+                                  f"({exc}); restore the ledger") from exc
 
 
 def _key(history: Iterable[Sequence]) -> tuple[tuple[float, float, int], ...]:
