@@ -312,6 +312,26 @@ def test_basis_of_another_dimension_or_version_is_refused_unless_reinit(tmp_path
     assert state.basis.version == 8 and state.n_pairs == 8 and state.user_weights is not None
 
 
+def test_reinit_to_another_embedding_space_never_drops_the_users_choices(tmp_path, basis_file, encoder_dir):
+    """Found by a hostile-input test: `init --reinit` with a basis of another dimension exited 0 after "dropped N
+    stored choices" (the user's answers gone for good) and kept a 384-d encoder that no longer fit, so rank and
+    adapt failed afterwards. Now nothing changes unless the choices can be re-embedded; `forget` drops them."""
+    state_dir = _adapted_state(tmp_path, basis_file)  # 8 precomputed pairs, no texts
+    other_dim = save_basis(tmp_path / "d8.npz", np.random.default_rng(3).standard_normal((5, 8)), version=9,
+                           embedder="tiny")
+    before = {p.name: p.read_bytes() for p in state_dir.iterdir() if p.is_file() and p.name != ".lock"}
+    proc, _ = device(state_dir, "init", "--basis", other_dim, "--reinit", check=False)
+    assert proc.returncode == 2 and "forget" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert {p.name: p.read_bytes() for p in state_dir.iterdir() if p.is_file() and p.name != ".lock"} == before
+    texts = tmp_path / "texts"
+    device(texts, "init", "--basis", basis_file, "--encoder", encoder_dir)
+    proc, _ = device(texts, "init", "--basis", other_dim, "--reinit", check=False)  # the 384-d encoder stays
+    assert proc.returncode == 2 and "dimension 384" in proc.stderr and load_state(texts).basis.dim == 384
+    device(state_dir, "forget")
+    device(state_dir, "init", "--basis", other_dim, "--reinit")
+    assert load_state(state_dir).basis.dim == 8 and load_state(state_dir).n_pairs == 0
+
+
 def test_forget_deletes_all_personal_data(tmp_path, basis_file, encoder_dir):
     state_dir = tmp_path / "state"
     secret = "my secret preference for pineapple pizza"

@@ -371,23 +371,43 @@ def _choice_diffs(path: Path, state: DeviceState, encoder_dir) -> tuple[np.ndarr
 def _rebase(old: DeviceState, basis: BasisFile, encoder: str | None) -> DeviceState:
     """Adopt a new basis: keep the pairs if they live in the same embedding space, else re-embed the raw
     choices (or drop them when that is impossible); w is refitted from scratch (old w is in old coordinates)."""
+    same_space = old.basis.embedder == basis.embedder and old.basis.dim == basis.dim
+    if not same_space:
+        _check_rebase_keeps_choices(old, basis, encoder)
     state = replace(old, basis=basis, encoder=encoder, user_weights=None, posterior_mode=None, posterior_cov=None,
                     prior_mean=None, attributes=())
     if old.attributes:
         print("dropped the declared attributes: their prior belongs to the old basis; declare them again with "
               "the new basis' table")
-    same_space = old.basis.embedder == basis.embedder and old.basis.dim == basis.dim
     if not same_space and old.n_pairs:
         records = [json.loads(c) for c in old.choices]
-        if encoder and all("chosen" in r for r in records):
-            state = replace(state, pair_diff=embed_choices(_open_encoder(encoder, basis), records).astype(np.float32))
-        else:
-            print(f"dropped {old.n_pairs} stored choices: they were embedded for another embedder and cannot be "
-                  "re-embedded here (precomputed pairs or no encoder)")
-            state = replace(state, pair_diff=np.zeros((0, basis.dim), np.float32), choices=())
+        state = replace(state, pair_diff=embed_choices(_open_encoder(encoder, basis), records).astype(np.float32))
     state, _ = user_posterior.refit(state)
     print(f"adopted basis v{basis.version} (was v{old.basis.version}); refitted w on {state.n_pairs} pairs")
     return state
+
+
+def _check_rebase_keeps_choices(old: DeviceState, basis: BasisFile, encoder: str | None) -> None:
+    """A basis of another embedding space is adopted only with an encoder of its dimension, and only if every
+    stored choice can be re-embedded with it: nothing changes otherwise (the user's answers are never dropped as a
+    side effect; `forget` drops them on purpose)."""
+    from client.device.encoder import read_encoder_meta
+
+    if encoder and int(read_encoder_meta(encoder)["dim"]) != basis.dim:
+        raise StateError(f"the device state's encoder {encoder} has dimension {read_encoder_meta(encoder)['dim']}, "
+                         f"the new basis {basis.source} {basis.dim}: pass --encoder DIR exported for the new basis' "
+                         "embedder")
+    if not old.n_pairs:
+        return
+    if not encoder:
+        raise StateError(f"the new basis {basis.source} is for another embedder ({basis.embedder!r}, {basis.dim} "
+                         f"dims; the state's: {old.basis.embedder!r}, {old.basis.dim}); its {old.n_pairs} stored "
+                         "choices must be re-embedded: pass --encoder DIR for the new embedder, or drop them first "
+                         "with `forget`")
+    if not all("chosen" in json.loads(c) for c in old.choices):
+        raise StateError(f"{old.n_pairs} stored choices include precomputed pairs without texts, which cannot be "
+                         f"re-embedded for the new basis {basis.source}; drop them first with `forget`, then "
+                         "`init --reinit`")
 
 
 def _read_candidates(path: Path) -> list[str]:
