@@ -221,6 +221,21 @@ def test_declared_attributes_set_the_cold_start_prior_and_forget_removes_them(to
     assert status["attributes_declared"] == {} and "population reward" in status["personalization"]
 
 
+@pytest.mark.parametrize("groups", [[], "age", {"age": [1, 2]}, {"age": {"18-24": None}}, {"age": {"x": "row"}},
+                                    {"age": {"x": {"mean": ["a", "b"]}}}, {"age": {"x": {"mean": [[1], [2, 3]]}}}])
+def test_a_malformed_prior_table_is_refused_by_name(tmp_path, groups):
+    """Found by a hostile-input test: list or string groups or rows gave AttributeError tracebacks, and text means
+    an error without the file's name."""
+    basis = load_basis(save_basis(tmp_path / "b.npz", np.eye(2, 4), version=1, embedder="toy"))
+    table = {"format": attribute_prior.FORMAT, "basis_sha256": basis.sha256, "rank": 2, "groups": groups}
+    (tmp_path / "T.json").write_text(json.dumps(table))
+    with pytest.raises(attribute_prior.AttributePriorError, match="T.json"):
+        attribute_prior.read_table(tmp_path / "T.json", basis)
+    (tmp_path / "T.json").write_text("[" * 100000 + "]" * 100000)
+    with pytest.raises(attribute_prior.AttributePriorError, match="T.json"):
+        attribute_prior.read_table(tmp_path / "T.json", basis)
+
+
 def test_several_attributes_combine_as_a_geometric_mean():
     table = {"groups": {"age": {"a": {"mean": [0.8, 0.2]}}, "lang": {"x": {"mean": [0.2, 0.8]}}}}
     mean, missing = attribute_prior.prior_mean(table, {"age": "a", "lang": "x", "gender": "g"})

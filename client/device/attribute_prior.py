@@ -35,12 +35,19 @@ def read_table(path: str | Path, basis: BasisFile) -> dict:
     path = Path(path)
     if not path.is_file():
         raise AttributePriorError(f"attribute prior table {path} does not exist")
+    from lore_core.text_file import parse_json, read_text
+
+    table = parse_json(read_text(path, AttributePriorError), path, AttributePriorError)
     try:
-        table = json.loads(path.read_text(encoding="utf-8"))
         groups = table["groups"]
         fmt, sha, rank = table["format"], table["basis_sha256"], int(table["rank"])
     except (ValueError, KeyError, TypeError) as exc:
         raise AttributePriorError(f"{path}: not an attribute prior table ({exc}); expected {FORMAT} JSON") from exc
+    if not isinstance(groups, dict) or not all(isinstance(values, dict) and all(isinstance(row, dict) for row in
+                                                                                  values.values())
+                                               for values in groups.values()):
+        raise AttributePriorError(f"{path}: not an attribute prior table: `groups` must map each field to "
+                                  "{value: {\"mean\": [...]}} objects")
     if fmt != FORMAT:
         raise AttributePriorError(f"{path}: format {fmt!r}, expected {FORMAT!r}")
     if sha != basis.sha256 or rank != basis.rank:
@@ -48,7 +55,10 @@ def read_table(path: str | Path, basis: BasisFile) -> dict:
                                   f"{basis.sha256[:12]} (rank {basis.rank}); get the table of this basis")
     for field, values in groups.items():
         for value, row in values.items():
-            mean = np.asarray(row.get("mean"), dtype=np.float64)
+            try:
+                mean = np.asarray(row.get("mean"), dtype=np.float64)
+            except (TypeError, ValueError):
+                mean = np.zeros(0)
             if mean.shape != (rank,) or not (mean > 0).all() or abs(mean.sum() - 1.0) > 1e-6:
                 raise AttributePriorError(f"{path}: {field}={value!r}: mean must be {rank} positive weights "
                                           f"summing to 1")
