@@ -25,7 +25,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="runs/demo", help="demo directory (default %(default)s)")
     parser.add_argument("--users", type=int, default=DEMO_CONFIG.users, help="benchmark participants")
     parser.add_argument("--rounds", type=int, default=60, help="rounds of the private federated run")
-    parser.add_argument("--clients-per-round", type=int, default=60, help="expected users per round (private run)")
+    parser.add_argument("--clients-per-round", type=int, default=None,
+                        help=f"expected users per round of the private run (default {DEMO_CLIENTS_PER_ROUND}, or every "
+                             "seen user of a smaller population)")
     parser.add_argument("--nonprivate-rounds", type=int, default=150,
                         help="rounds of the non-private federated run (all seen users every round); 0 skips it")
     parser.add_argument("--rank", default="auto", help="basis size, or 'auto' (chosen by the centralized run)")
@@ -37,6 +39,36 @@ def configure(parser: argparse.ArgumentParser) -> None:
 # A demo population has ~180 seen users: z = 2 with 60 users per round for 60 rounds gives epsilon ~ 7 at delta
 # 1e-5 (DP on small populations is expensive; the report says so). Used when neither z nor a target is given.
 DEMO_NOISE_MULTIPLIER = 2.0
+DEMO_CLIENTS_PER_ROUND = 60
+DEMO_DIM = 384  # the demo embeds with the default MiniLM
+
+
+def check_demo_flags(args: argparse.Namespace) -> None:
+    """Every flag checked before the first stage writes anything: the privacy flags as `simulate` will check them,
+    on a provisional population of --users seen users (the exact count is known after `prepare`)."""
+    from lore_cli.simulate_command import check_run, privacy_overrides
+
+    for flag in ("users", "rounds", "clients_per_round"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
+    if args.nonprivate_rounds < 0:
+        raise ValueError(f"--nonprivate-rounds must be >= 0 (0 skips that run), got {args.nonprivate_rounds}")
+    rank = 1
+    if args.rank != "auto":
+        try:
+            rank = int(args.rank)
+        except ValueError:
+            rank = 0
+        if rank < 1:
+            raise ValueError(f"--rank must be 'auto' or a positive integer, got {args.rank!r}")
+    from lore_core.prism_pairs import DEFAULTS
+
+    seen = max(1, int(DEFAULTS.seen_fraction * args.users))  # what `prepare` will make seen, about
+    clients = min(args.clients_per_round or DEMO_CLIENTS_PER_ROUND, seen)
+    check_run({"seen_users": seen, "dim": DEMO_DIM, "source": f"a demo population of about {seen} seen users",
+               "largest_client_pairs": 1},
+              {"num-server-rounds": args.rounds, "clients-per-round": clients, "rank": rank, **privacy_overrides(args)})
 
 
 def _stage(name: str, done: bool, argv: list[str]) -> None:
@@ -58,6 +90,7 @@ def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     if args.privacy in ("user", "user+secagg") and args.noise_multiplier is None and args.target_epsilon is None:
         args.noise_multiplier = DEMO_NOISE_MULTIPLIER
+    check_demo_flags(args)
     out = Path(args.out)
     prism, dataset, central = out / "prism", out / "dataset", out / "centralized"
     nonprivate, federated = out / "federated-nonprivate", out / "federated"
@@ -73,13 +106,14 @@ def run(args: argparse.Namespace) -> int:
     reference = json.loads((central / "metrics.json").read_text())
     rank = reference["rank"] if args.rank == "auto" else int(args.rank)
     common = ["--rank", str(rank), "--seed", str(args.seed), "--reference", str(central)]
+    seen_users = json.loads((dataset / "summary.json").read_text())["seen_users"]
+    clients = args.clients_per_round or min(DEMO_CLIENTS_PER_ROUND, seen_users)
     if args.nonprivate_rounds:
-        seen_users = json.loads((dataset / "summary.json").read_text())["seen_users"]
         _stage("federated training without privacy (Flower simulation engine)", (nonprivate / "metrics.json").exists(),
                ["simulate", str(dataset), "--rounds", str(args.nonprivate_rounds), "--clients-per-round",
                 str(seen_users), "--privacy", "none", "--out", str(nonprivate)] + common)
     _stage(f"federated training, privacy {args.privacy} (Flower simulation engine)", (federated / "metrics.json").exists(),
-           ["simulate", str(dataset), "--rounds", str(args.rounds), "--clients-per-round", str(args.clients_per_round),
+           ["simulate", str(dataset), "--rounds", str(args.rounds), "--clients-per-round", str(clients),
             "--out", str(federated)] + common + simulate_privacy_argv(args))
     runs = {"federated": json.loads((federated / "metrics.json").read_text())}
     if (nonprivate / "metrics.json").exists():

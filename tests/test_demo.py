@@ -30,3 +30,24 @@ def test_demo_passes_its_privacy_flags_on_to_simulate():
     assert argv[:2] == ["--privacy", "user"]
     assert ["--noise-multiplier", "2.0"] == argv[argv.index("--noise-multiplier"):argv.index("--noise-multiplier") + 2]
     assert "--max-epsilon" in argv and "--reproducible-noise" in argv
+
+
+import pytest  # noqa: E402
+
+
+@pytest.mark.parametrize("flags,expect", [
+    (["--noise-multiplier", "0"], "noise_multiplier must be a finite number > 0"),
+    (["--clip-norm", "inf"], "clip_norm must be a finite number > 0"),
+    (["--delta", "0.5"], "delta must be < 1/N"),
+    (["--target-epsilon", "3", "--noise-multiplier", "1"], "either noise_multiplier or target_epsilon"),
+    (["--rounds", "0"], "--rounds must be >= 1"),
+    (["--nonprivate-rounds", "-1"], "--nonprivate-rounds must be >= 0"),
+    (["--rank", "abc"], "--rank must be 'auto' or a positive integer"),
+])
+def test_demo_checks_every_flag_before_its_first_stage_writes(tmp_path, capsys, flags, expect):
+    """Found by a hostile-input test: these were refused by `simulate` after synth, prepare, embed and train had
+    run (minutes in), and the demo exited 1. Now exit 2 before anything is written."""
+    from lore_cli.main import main
+
+    assert main(["demo", "--out", str(tmp_path / "demo"), *flags]) == 2
+    assert expect in capsys.readouterr().err and not (tmp_path / "demo").exists()
