@@ -67,12 +67,17 @@ def save_canaries(path: str | Path, canaries: CanarySecrets) -> None:
 
 
 def load_canaries(path: str | Path) -> CanarySecrets:
+    from lore_core.npz_file import open_npz
+
     path = Path(path)
+    expected = "the canary secrets file `lore-fed simulate --canaries K --canary-secrets FILE` wrote"
     try:
-        with np.load(path, allow_pickle=False) as data:
+        with open_npz(path, expected, CanaryFileError) as data:
             schema = json.loads(str(data["schema"])).get("schema")
             directions, included = data["directions"].astype(np.float64), data["included"].astype(bool)
-    except (OSError, KeyError, ValueError) as exc:
+    except CanaryFileError:
+        raise
+    except (OSError, KeyError, ValueError, AttributeError) as exc:
         raise CanaryFileError(f"{path}: not a canary secrets file ({exc}); expected the file `lore-fed simulate "
                               "--canaries K --canary-secrets FILE` wrote") from exc
     if schema != SCHEMA or directions.ndim != 3 or included.shape != (directions.shape[0],):

@@ -362,6 +362,14 @@ def _canary(args, run_dir, settings) -> dict:
         raise AuditCommandError(f"the canary audit covers the user-level modes; {run_dir} ran mode {s.mode}")
     releases = read_releases(run_dir)  # hashes and the optimizer replay checked: these bases were released
     canaries = load_canaries(args.secrets)
+    metrics = run_dir / "metrics.json"
+    from lore_core.text_file import parse_json, read_text
+
+    recorded = parse_json(read_text(metrics), metrics) if metrics.is_file() else {}
+    hosted = recorded.get("canaries") if isinstance(recorded, dict) else None
+    if isinstance(hosted, int) and hosted != canaries.count:
+        raise AuditCommandError(f"--secrets {args.secrets} holds {canaries.count} canaries, but {run_dir} hosted "
+                                f"{hosted} ({metrics}): give the secrets file of this run")
     sums = releases.mean_updates * (s.sample_rate * s.population_size)  # the fixed denominator q N
     result = canary_audit(sums, canaries.directions, canaries.included, noise_multiplier=s.noise_multiplier,
                           clip_norm=s.clip_norm, sample_rate=s.sample_rate, claimed_epsilon=ledger.epsilon().headline,

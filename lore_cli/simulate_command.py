@@ -267,6 +267,8 @@ def check_resume(out: Path, pairs_path: Path, settings, privacy):
 
 def check_canary_flags(args: argparse.Namespace, out: Path) -> None:
     """--canaries K needs --canary-secrets FILE outside the run directory, and a user-level DP mode."""
+    from lore_core.audits.canary import GUESSES as CANARY_GUESSES
+
     if args.canaries < 0:
         raise ValueError(f"--canaries must be >= 0, got {args.canaries}")
     if not args.canaries:
@@ -277,6 +279,10 @@ def check_canary_flags(args: argparse.Namespace, out: Path) -> None:
         raise ValueError("--canaries needs --canary-secrets FILE: where the auditor's secrets (directions, coins) go")
     if args.privacy not in ("user", "user+secagg"):
         raise ValueError(f"--canaries audits user-level DP: use --privacy user or user+secagg, not {args.privacy}")
+    if args.canaries < 2 * CANARY_GUESSES[0]:
+        print(f"note: the canary audit guesses at least {CANARY_GUESSES[0]} canaries in, so with {args.canaries} "
+              f"(about half of them in) it will read inconclusive; use {2 * CANARY_GUESSES[0]} or more (hundreds "
+              "for a tight bound)", file=sys.stderr)
     secrets_file, run_dir = Path(args.canary_secrets).resolve(), out.resolve()
     if secrets_file == run_dir or run_dir in secrets_file.parents:
         raise ValueError(f"--canary-secrets {args.canary_secrets} is inside the run directory {out}: the secrets "

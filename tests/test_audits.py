@@ -201,3 +201,20 @@ def test_gdp_epsilon_of_almost_no_noise_is_large_not_an_overflow():
 
     small, large = gdp_epsilon(1.0, 1e-5), gdp_epsilon(100.0, 1e-5)
     assert 4.0 < small < 5.0 and 1000 < large < float("inf") and gdp_epsilon(1e6, 1e-5) == float("inf")
+
+
+def test_a_canary_audit_with_fewer_than_ten_canaries_in_is_inconclusive_not_a_crash(tmp_path):
+    """12 canaries with 5 coins in gave "max() arg is an empty sequence" (found by a hostile-input test)."""
+    from federation.canary_users import CanaryFileError, draw_canaries, load_canaries, save_canaries
+    from lore_core.audits.canary import canary_audit
+
+    canaries = draw_canaries(12, (2, 8), seed=0)
+    included = np.arange(12) < 5
+    sums = np.random.default_rng(0).normal(size=(3, 2, 8))
+    result = canary_audit(sums, canaries.directions, included, noise_multiplier=1.0, clip_norm=1.0, sample_rate=0.5,
+                          claimed_epsilon=3.0, delta=1e-5)
+    assert result["verdict"] == "inconclusive"
+    save_canaries(tmp_path / "s.npz", canaries)
+    (tmp_path / "half.npz").write_bytes((tmp_path / "s.npz").read_bytes()[:300])
+    with pytest.raises(CanaryFileError, match="half.npz"):
+        load_canaries(tmp_path / "half.npz")

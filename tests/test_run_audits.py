@@ -110,6 +110,13 @@ def test_release_record_proves_what_was_released_and_refuses_tampering(pair_file
     with pytest.raises(ReleaseRecordError, match="broken chain"):
         read_releases(altered)
 
+    # Another run's secrets: `simulate` records how many canaries a run hosted (found by a hostile-input test: a
+    # 40-canary file was audited against a 5-canary run and the verdict went into its ledger).
+    (run_dir / "metrics.json").write_text(json.dumps({"canaries": CANARIES - 1}))
+    before = (run_dir / "ledger.json").read_text()
+    assert main(["audit", "canary", str(run_dir), "--secrets", str(secrets_file)]) == 2
+    assert (run_dir / "ledger.json").read_text() == before
+
 
 def test_canary_secrets_inside_the_run_directory_are_refused(pair_file, tmp_path, capsys):
     out = tmp_path / "run"

@@ -86,8 +86,8 @@ def canary_audit(sums: np.ndarray, directions: np.ndarray, included: np.ndarray,
     scores, seen = canary_scores(sums, directions, noise_multiplier=noise_multiplier, clip_norm=clip_norm,
                                  sample_rate=sample_rate)
     bound = one_run_audit(scores, included, delta=delta, alpha=alpha, guesses=guesses)
-    best_case = max(one_run_epsilon(included.size, k, k, delta=delta, alpha=alpha / len(guesses))
-                    for k in guesses if k <= included.sum())
+    best_case = max((one_run_epsilon(included.size, k, k, delta=delta, alpha=alpha / len(guesses))
+                     for k in guesses if k <= included.sum()), default=0.0)  # < 10 in: nothing can be certified
     estimate = gaussian_epsilon_estimate(scores[included], scores[~included], delta=delta)
     lb = bound["epsilon_lb"]
     if lb > claimed_epsilon:
