@@ -332,6 +332,23 @@ def test_reinit_to_another_embedding_space_never_drops_the_users_choices(tmp_pat
     assert load_state(state_dir).basis.dim == 8 and load_state(state_dir).n_pairs == 0
 
 
+def test_adapting_on_the_same_choices_again_does_not_count_them_twice(tmp_path, basis_file, encoder_dir):
+    """Found by a hostile-input test: a rerun of `adapt` after an interruption doubled the choices and moved w."""
+    state_dir = _adapted_state(tmp_path, basis_file)  # 8 precomputed pairs from diff.npz
+    w = load_state(state_dir).user_weights
+    proc, _ = device(state_dir, "adapt", "--choices", tmp_path / "diff.npz")
+    assert "skipped 8 of 8" in proc.stderr and load_state(state_dir).n_pairs == 8
+    np.testing.assert_allclose(load_state(state_dir).user_weights, w)
+    texts, choices = tmp_path / "texts", tmp_path / "c.jsonl"
+    choices.write_text("\n".join(json.dumps({"prompt": "Which?", "chosen": f"answer {i}", "rejected": "no"})
+                                 for i in range(3)))
+    device(texts, "init", "--basis", basis_file, "--encoder", encoder_dir)
+    device(texts, "adapt", "--choices", choices)
+    choices.write_text(choices.read_text() + "\n" + json.dumps({"prompt": "Which?", "chosen": "new", "rejected": "no"}))
+    proc, _ = device(texts, "adapt", "--choices", choices)
+    assert "skipped 3 of 4" in proc.stderr and load_state(texts).n_pairs == 4
+
+
 def test_forget_deletes_all_personal_data(tmp_path, basis_file, encoder_dir):
     state_dir = tmp_path / "state"
     secret = "my secret preference for pineapple pizza"

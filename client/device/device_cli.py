@@ -170,6 +170,12 @@ def _adapt(args) -> int:
             raise StateError("personalization is off: no choices are learned; "
                              "turn it on with `strength 1` (or any value in [0, 1])")
         diff, records = _choice_diffs(args.choices, state, args.encoder)
+        fresh = _not_yet_learned(state, diff, records)
+        if not fresh.all():
+            print(f"skipped {int((~fresh).sum())} of {fresh.size} choices already learned (the same prompt and "
+                  "responses, or the same precomputed pair): a rerun after an interruption does not count them "
+                  "twice", file=sys.stderr)
+            diff, records = diff[fresh], [r for r, keep in zip(records, fresh) if keep]
         pair_diff = np.concatenate([state.pair_diff, diff.astype(np.float32)])
         choices = state.choices + tuple(json.dumps(r, ensure_ascii=False) for r in records)
         start = time.perf_counter()
@@ -366,6 +372,22 @@ def _choice_diffs(path: Path, state: DeviceState, encoder_dir) -> tuple[np.ndarr
         return diff, [{"precomputed": f"{path.name}#{i}"} for i in range(len(diff))]
     records = personalize.read_choices(path)
     return embed_choices(_open_encoder(encoder_dir or state.encoder, state.basis), records), records
+
+
+def _not_yet_learned(state: DeviceState, diff: np.ndarray, records: list[dict]) -> np.ndarray:
+    """(k,) bool: choices the state does not hold yet. Texts are compared as stored (prompt, chosen, rejected);
+    precomputed pairs by their diff row, exactly."""
+    stored = set(state.choices)
+    known = np.array([json.dumps(r, ensure_ascii=False) in stored and "precomputed" not in r for r in records],
+                     dtype=bool)
+    precomputed = np.array(["precomputed" in r for r in records], dtype=bool)
+    if precomputed.any() and state.n_pairs:
+        def rows(a: np.ndarray) -> np.ndarray:  # each float32 row as one opaque value, for np.isin
+            a = np.ascontiguousarray(a, dtype=np.float32)
+            return a.view(np.dtype((np.void, a.dtype.itemsize * a.shape[1]))).ravel()
+
+        known |= precomputed & np.isin(rows(diff), rows(state.pair_diff))
+    return ~known
 
 
 def _rebase(old: DeviceState, basis: BasisFile, encoder: str | None) -> DeviceState:
