@@ -55,10 +55,7 @@ def run_local(args: argparse.Namespace) -> int:
     from server.checkpoint import load_checkpoint
     from lore_cli.local_deployment import Certificates, LocalDeployment, generate_certificates, split_pairs
 
-    if args.nodes < 1:
-        raise ValueError(f"--nodes must be >= 1, got {args.nodes}")
-    if args.rounds is not None and args.rounds < 1:
-        raise ValueError(f"--rounds must be >= 1, got {args.rounds}")
+    check_local_flags(args)
     run_dir = Path(args.run_dir).resolve()
     certs = None
     if not args.insecure:  # (LocalDeployment prints the warning of an insecure deployment)
@@ -90,6 +87,48 @@ def run_local(args: argparse.Namespace) -> int:
         print(f"checkpoint after round {state.round} in {run_dir}"
               + (f"; last evaluation {json.dumps({k: v for k, v in evals[-1].items() if k.endswith('_acc')})}" if evals else ""))
     return 0 if outcome.completed else 1
+
+
+def check_local_flags(args: argparse.Namespace) -> None:
+    """Every flag of `deploy local` checked before a file is written or a process starts: counts, the timeout, the
+    app directory, the pair file, and the run config (-c) as `simulate` checks it for this pair file's population
+    (a bad value used to fail after the SuperLink and nodes had started, with exit 1)."""
+    import math
+
+    import click
+    from flwr.common.config import get_fused_config_from_dir, parse_config_args
+
+    from lore_cli.simulate_command import check_run, read_population
+    from lore_core.pairs import resolve_pair_path
+    from simulations.flower_run import ROOT
+
+    if args.nodes < 1:
+        raise ValueError(f"--nodes must be >= 1, got {args.nodes}")
+    if args.rounds is not None and args.rounds < 1:
+        raise ValueError(f"--rounds must be >= 1, got {args.rounds}")
+    if not (math.isfinite(args.timeout) and args.timeout > 0):
+        raise ValueError(f"--timeout must be a finite number of seconds > 0, got {args.timeout}")
+    app = Path(args.app) if args.app else ROOT
+    if not (app / "pyproject.toml").is_file():
+        raise ValueError(f"--app {app}: no pyproject.toml there; give a Flower app directory (`flwr run` packs it)")
+    extra = {}
+    if args.run_config:
+        try:
+            extra = parse_config_args([args.run_config])
+        except click.ClickException as exc:
+            raise ValueError(f"-c {args.run_config!r}: {exc.message}") from None
+        known = get_fused_config_from_dir(app, {})
+        unknown = sorted(set(extra) - set(known))
+        if not extra or unknown:
+            raise ValueError(f"-c {args.run_config!r}: " + (f"unknown keys {unknown}" if unknown else "no key=value "
+                             "pairs") + f"; the app's run config has {sorted(known)}")
+    population = read_population(resolve_pair_path(args.pairs))
+    if app.resolve() == ROOT.resolve():  # another app's keys mean what that app says
+        config = {**extra, **({} if args.rounds is None else {"num-server-rounds": args.rounds})}
+        clients = config.get("clients-per-round", get_fused_config_from_dir(ROOT, {})["clients-per-round"])
+        if isinstance(clients, int) and clients > population["seen_users"]:  # the server samples at most everyone
+            config["clients-per-round"] = population["seen_users"]
+        check_run(population, config)
 
 
 def follow(process, log: Path, deadline: float) -> None:

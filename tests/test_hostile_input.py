@@ -342,6 +342,7 @@ def test_bad_audit_configs_are_refused(w, name):
 
 # --- 4. extreme numbers and wrong types ------------------------------------------------------------------------------
 SIM = ["simulate", "pairs.npz", "--out", "out", "--privacy", "none", "--rounds", "1"]
+DEPLOY = ["deploy", "local", "--nodes", "2", "--pairs", "pairs.npz", "--run-dir", "dl"]
 EPS = ["privacy", "epsilon", "--noise-multiplier", "1", "--clients-per-round", "5", "--population", "100"]
 EXTREME = {
     "train rank 0": (["train", "pairs.npz", "--rank", "0", "--out", "out"], "--rank"),
@@ -393,6 +394,15 @@ EXTREME = {
                                      "clients_per_round"),
     "privacy delta 2": (EPS + ["--rounds", "3", "--delta", "2"], "delta"),
     "privacy population text": (EPS[:6] + ["--population", "many", "--rounds", "2"], "--population"),
+    # deploy local: each was refused only after the SuperLink and nodes had started, or not at all (-c garbage)
+    "deploy timeout 0": (DEPLOY + ["--timeout", "0"], "--timeout"),
+    "deploy app missing": (DEPLOY + ["--app", "nowhere"], "--app"),
+    "deploy config text rank": (DEPLOY + ["-c", "rank=abc"], "-c"),
+    "deploy config garbage": (DEPLOY + ["-c", "garbage"], "no key=value"),
+    "deploy config unknown key": (DEPLOY + ["-c", 'privacy="bogus"'], "unknown keys ['privacy']"),
+    "deploy config rank 0": (DEPLOY + ["-c", "rank=0"], "rank"),
+    "deploy config negative noise": (DEPLOY + ["-c", "noise-multiplier=-1"], "noise_multiplier"),
+    "deploy pairs missing": (DEPLOY[:4] + ["--pairs", "missing.npz", "--run-dir", "dl"], "missing.npz"),
     "audit runs 0": (["audit", "mechanism", "--runs", "0"], "runs"),
     "audit canaries -1": (["audit", "canary", "--canaries", "-1"], "--canaries"),
     "audit population 0": (["audit", "canary", "--population", "0"], "population"),
