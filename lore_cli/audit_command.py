@@ -39,7 +39,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--users", default=None, help="users.jsonl with demographics (default: next to the pairs)")
     parser.add_argument("--config", default=None, help="privacy settings file (JSON/TOML) for mechanism/canary")
     parser.add_argument("--synthetic", action="store_true", help="audit a synthetic population with known truth")
-    parser.add_argument("--mode", default=None, help="privacy mode whose server view is replayed (default: run's)")
+    from lore_core.privacy.privacy_settings import MODES
+
+    parser.add_argument("--mode", default=None, choices=MODES,
+                        help="privacy mode whose server view is replayed (default: run's)")
     parser.add_argument("--noise-multiplier", type=float, default=None)
     parser.add_argument("--clip-norm", type=float, default=None)
     parser.add_argument("--clients-per-round", type=int, default=None)

@@ -403,6 +403,7 @@ EXTREME = {
     "deploy config rank 0": (DEPLOY + ["-c", "rank=0"], "rank"),
     "deploy config negative noise": (DEPLOY + ["-c", "noise-multiplier=-1"], "noise_multiplier"),
     "deploy pairs missing": (DEPLOY[:4] + ["--pairs", "missing.npz", "--run-dir", "dl"], "missing.npz"),
+    "audit mode bogus": (["audit", "mechanism", "--mode", "bogus"], "--mode"),  # was ignored
     "audit runs 0": (["audit", "mechanism", "--runs", "0"], "runs"),
     "audit canaries -1": (["audit", "canary", "--canaries", "-1"], "--canaries"),
     "audit population 0": (["audit", "canary", "--population", "0"], "population"),

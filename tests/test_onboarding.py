@@ -260,3 +260,16 @@ def test_benchmark_test_pairs_never_repeat_a_pool_pair_of_the_same_user():
     diff[3], diff[4], diff[5] = -diff[0], diff[1], diff[2]  # a flipped repeat, another user's pair, a repeat
     user, train = np.array([0, 0, 1, 0, 1, 1]), np.array([1, 1, 1, 0, 0, 0], bool)
     assert _test_repeats_pool(diff, user, train).tolist() == [False, False, False, True, False, True]
+
+
+def test_a_field_declared_twice_is_refused_and_bracketed_text_candidates_are_text(tmp_path):
+    """Found by a hostile-input test: `declare age=a age=b` kept the last silently, and a text candidates file
+    whose first line starts with "[" was parsed as JSON and refused."""
+    from client.device.device_cli import _read_candidates
+
+    with pytest.raises(attribute_prior.AttributePriorError, match="age is declared twice"):
+        attribute_prior.parse_declarations(["age=18-24", "age=25-34"])
+    (tmp_path / "c.txt").write_text("[1] Save ten percent.\n[2] Spend it.\n")
+    assert _read_candidates(tmp_path / "c.txt") == ["[1] Save ten percent.", "[2] Spend it."]
+    (tmp_path / "c.json").write_text('["a", "b"]')
+    assert _read_candidates(tmp_path / "c.json") == ["a", "b"]

@@ -86,5 +86,8 @@ def parse_declarations(items: list[str]) -> dict[str, str]:
         field, sep, value = item.partition("=")
         if not sep or not field.strip() or not value.strip():
             raise AttributePriorError(f"declare attributes as FIELD=VALUE (e.g. age='25-34 years old'), got {item!r}")
+        if field.strip() in declared:
+            raise AttributePriorError(f"{field.strip()} is declared twice ({declared[field.strip()]!r} and "
+                                      f"{value.strip()!r}); give each field once")
         declared[field.strip()] = value.strip()
     return declared

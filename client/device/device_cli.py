@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 import warnings
@@ -264,6 +265,9 @@ def _declare(args) -> int:
     with state_lock(directory):
         state = load_state(directory)
         if args.clear:
+            if args.attributes or args.priors is not None:
+                raise ValueError("declare --clear removes every declared attribute; give it alone (without "
+                                 "FIELD=VALUE or --priors)")
             state = replace(state, attributes=(), prior_mean=None)
         else:
             if not args.attributes or args.priors is None:
@@ -436,7 +440,9 @@ def _read_candidates(path: Path) -> list[str]:
     if not path.is_file():
         raise FileNotFoundError(f"candidates file {path} does not exist")
     text = read_text(path)
-    if text.lstrip().startswith("["):
+    first = text.lstrip().split("\n", 1)[0]
+    labelled = re.match(r'\[[^\]"]*\]\s*\S', first)  # "[1] Save ten percent.": a text line opening with a label
+    if first.startswith("[") and not labelled:
         candidates = parse_json(text, path)
         if not isinstance(candidates, list) or not all(isinstance(c, str) for c in candidates):
             raise ValueError(f"{path}: a JSON candidates file must be a list of strings")
