@@ -75,6 +75,21 @@ class Certificates:
             raise FileNotFoundError(f"certificate files missing: {missing}; run `lore-fed deploy certs --out DIR`")
 
 
+MAX_TRIAL_NODES = 1000  # a key pair takes ~10 ms; beyond this, bring your own PKI
+
+
+def check_host(host: str) -> None:
+    """The SuperLink's address as nodes reach it: an IP address or a DNS name (RFC 1123 labels)."""
+    try:
+        ipaddress.ip_address(host)
+        return
+    except ValueError:
+        pass
+    label = r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)"
+    if len(host) > 253 or not re.fullmatch(rf"{label}(\.{label})*", host) or re.fullmatch(r"[0-9.]+", host):
+        raise ValueError(f"--host {host!r} is neither an IP address nor a DNS name")
+
+
 def generate_certificates(out: str | Path, host: str = "127.0.0.1", nodes: int = 3, days: int = 30) -> Certificates:
     """A self-signed CA, a CA-signed server certificate whose SAN is `host` (an IP or a DNS name), and `nodes` EC
     P-384 OpenSSH key pairs. For trials: the private keys are written unencrypted (mode 0600)."""
@@ -83,9 +98,13 @@ def generate_certificates(out: str | Path, host: str = "127.0.0.1", nodes: int =
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.x509.oid import NameOID
 
-    if nodes < 1:
-        raise ValueError(f"--nodes must be >= 1, got {nodes}")
+    if not 1 <= nodes <= MAX_TRIAL_NODES:
+        raise ValueError(f"--nodes must be in 1..{MAX_TRIAL_NODES} (trial certificates for one machine), got {nodes}")
+    check_host(host)
     certs = Certificates.in_dir(out, nodes)
+    if certs.ca_cert.exists():
+        raise ValueError(f"{out} already holds certificates ({certs.ca_cert.name}); a new CA would orphan its node "
+                         "keys: give a new --out directory, or remove the old one first")
     now = dt.datetime.now(dt.timezone.utc)
 
     def name(common: str) -> x509.Name:

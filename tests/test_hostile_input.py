@@ -403,6 +403,9 @@ EXTREME = {
     "deploy config rank 0": (DEPLOY + ["-c", "rank=0"], "rank"),
     "deploy config negative noise": (DEPLOY + ["-c", "noise-multiplier=-1"], "noise_multiplier"),
     "deploy pairs missing": (DEPLOY[:4] + ["--pairs", "missing.npz", "--run-dir", "dl"], "missing.npz"),
+    "deploy certs nodes 10**5": (["deploy", "certs", "--out", "certs", "--nodes", "100000"], "--nodes"),
+    "deploy certs host with a space": (["deploy", "certs", "--out", "certs", "--host", "a b"], "--host"),
+    "deploy certs empty host": (["deploy", "certs", "--out", "certs", "--host", ""], "--host"),
     "audit mode bogus": (["audit", "mechanism", "--mode", "bogus"], "--mode"),  # was ignored
     "audit runs 0": (["audit", "mechanism", "--runs", "0"], "runs"),
     "audit canaries -1": (["audit", "canary", "--canaries", "-1"], "--canaries"),
@@ -516,3 +519,9 @@ def test_device_extremes_are_refused(w, case):
         refused(argv, file, w, device=True, expect=expect)
     else:
         refused(argv, expect, w, device=True)
+
+
+def test_deploy_certs_never_replaces_a_ca_in_place(w):
+    """Found by a hostile-input test: a rerun silently replaced the CA, orphaning node keys made for the old one."""
+    assert cli(["deploy", "certs", "--out", "certs", "--nodes", "1"])[0] == 0
+    refused(["deploy", "certs", "--out", "certs", "--nodes", "1"], "certs", w, expect="already holds certificates")
