@@ -349,6 +349,25 @@ def test_adapting_on_the_same_choices_again_does_not_count_them_twice(tmp_path, 
     assert "skipped 3 of 4" in proc.stderr and load_state(texts).n_pairs == 4
 
 
+def test_a_tampered_encoder_setting_is_reported_by_name(tmp_path, basis_file, encoder_dir):
+    """Found by a hostile-input test: `"encoder": 5` in the manifest gave a TypeError traceback, and max_length -5
+    in encoder.json an OverflowError."""
+    import shutil
+
+    from client.device.encoder import EncoderError, OnnxPairEncoder
+
+    state_dir = _adapted_state(tmp_path, basis_file)
+    manifest = json.loads((state_dir / "manifest.json").read_text())
+    (state_dir / "manifest.json").write_text(json.dumps({**manifest, "encoder": 5}))
+    with pytest.raises(StateCorruptError, match="encoder must be a directory path"):
+        load_state(state_dir)
+    bad = shutil.copytree(encoder_dir, tmp_path / "enc")
+    meta = json.loads((bad / "encoder.json").read_text())
+    (bad / "encoder.json").write_text(json.dumps({**meta, "max_length": -5}))
+    with pytest.raises(EncoderError, match="encoder.json: max_length -5"):
+        OnnxPairEncoder(bad)
+
+
 def test_forget_deletes_all_personal_data(tmp_path, basis_file, encoder_dir):
     state_dir = tmp_path / "state"
     secret = "my secret preference for pineapple pizza"

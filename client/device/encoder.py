@@ -76,8 +76,15 @@ class OnnxPairEncoder:
         self.meta = read_encoder_meta(self.directory, verify=verify)
         self.dim = int(self.meta["dim"])
         self.name = str(self.meta["embedder"])
-        self.max_length = int(self.meta.get("max_length", DEFAULT_MAX_LENGTH))
-        self.max_context_tokens = int(self.meta.get("max_context_tokens", self.max_length // 2))
+        try:
+            self.max_length = int(self.meta.get("max_length", DEFAULT_MAX_LENGTH))
+            self.max_context_tokens = int(self.meta.get("max_context_tokens", self.max_length // 2))
+        except (TypeError, ValueError):
+            self.max_length = self.max_context_tokens = -1  # refused just below, naming the file
+        if not 8 <= self.max_length <= 1 << 16 or not 0 <= self.max_context_tokens < self.max_length:
+            raise EncoderError(f"{self.directory / ENCODER_META}: max_length {self.max_length} must be in 8..65536 "
+                               f"and max_context_tokens {self.max_context_tokens} in 0..max_length - 1; export the "
+                               "encoder again")
         tokenizer = Tokenizer.from_file(str(self.directory / TOKENIZER_FILE))
         pad = tokenizer.padding or {"pad_id": tokenizer.token_to_id("[PAD]") or 0, "pad_token": "[PAD]"}
         tokenizer.no_truncation()

@@ -178,10 +178,13 @@ def load_state(directory: str | Path) -> DeviceState:
             f"{path}: declares basis (version, dim, rank, embedder) = {declared}, but the basis file holds "
             f"{(basis.version, basis.dim, basis.rank, basis.embedder)}"
         )
+    encoder = manifest.get("encoder")
+    if encoder is not None and not (isinstance(encoder, str) and encoder):
+        raise StateCorruptError(f"{path}: encoder must be a directory path or null, got {encoder!r}")
     state = DeviceState(
         directory=directory, basis=basis, pair_diff=np.zeros((0, basis.dim), np.float32),
         strength=None if strength == "off" else _checked_strength(strength, path),
-        encoder=manifest.get("encoder"), generation=generation,
+        encoder=encoder, generation=generation,
     )
     if "personal" in files:
         state = _load_personal(state, _checked_file(directory, files["personal"]), int(manifest.get("pairs", -1)))
