@@ -406,6 +406,8 @@ EXTREME = {
     "deploy certs nodes 10**5": (["deploy", "certs", "--out", "certs", "--nodes", "100000"], "--nodes"),
     "deploy certs host with a space": (["deploy", "certs", "--out", "certs", "--host", "a b"], "--host"),
     "deploy certs empty host": (["deploy", "certs", "--out", "certs", "--host", ""], "--host"),
+    "audit permutations 1": (["audit", "attribute", "--synthetic", "--permutations", "1"], "--permutations"),
+    "audit seed -1": (["audit", "mechanism", "--seed", "-1"], "--seed"),
     "audit mode bogus": (["audit", "mechanism", "--mode", "bogus"], "--mode"),  # was ignored
     "audit runs 0": (["audit", "mechanism", "--runs", "0"], "runs"),
     "audit canaries -1": (["audit", "canary", "--canaries", "-1"], "--canaries"),
