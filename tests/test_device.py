@@ -361,6 +361,11 @@ def test_a_tampered_encoder_setting_is_reported_by_name(tmp_path, basis_file, en
     (state_dir / "manifest.json").write_text(json.dumps({**manifest, "encoder": 5}))
     with pytest.raises(StateCorruptError, match="encoder must be a directory path"):
         load_state(state_dir)
+    (state_dir / "manifest.json").write_text(json.dumps(manifest))
+    (state_dir / ".lock").unlink(missing_ok=True)
+    (state_dir / ".lock").mkdir()  # a raw "[Errno 21]" before
+    proc, _ = device(state_dir, "forget", check=False)
+    assert proc.returncode == 2 and ".lock is a directory" in proc.stderr
     bad = shutil.copytree(encoder_dir, tmp_path / "enc")
     meta = json.loads((bad / "encoder.json").read_text())
     (bad / "encoder.json").write_text(json.dumps({**meta, "max_length": -5}))

@@ -291,6 +291,8 @@ def state_lock(directory: str | Path, *, create: bool = False):
     except ImportError:  # pragma: no cover - non-POSIX
         yield
         return
+    if (directory / LOCK).is_dir():
+        raise StateError(f"{directory / LOCK} is a directory, not the state's lock file: remove it (rmdir) and rerun")
     with open(directory / LOCK, "a+b") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
