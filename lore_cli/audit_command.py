@@ -105,10 +105,10 @@ def _check_counts(args: argparse.Namespace) -> None:
 
 
 def _read_config(path: Path) -> dict:
-    from lore_core.text_file import parse_json, read_text
+    from lore_core.text_file import not_a_file, parse_json, read_text
 
     if not path.is_file():
-        raise AuditCommandError(f"--config {path} does not exist")
+        raise AuditCommandError(not_a_file("--config", path))
     text = read_text(path, AuditCommandError)
     if path.suffix == ".toml":
         import tomllib

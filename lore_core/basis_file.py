@@ -22,6 +22,7 @@ import numpy as np
 
 from lore_core.atomic_io import atomic_save_npz
 from lore_core.npz_file import open_npz
+from lore_core.text_file import not_a_file
 
 BASIS_ARRAYS = ("basis", "version", "embedder", "dim", "rank", "sha256")
 MAX_ABS_BASIS = 1e6  # as pair files' MAX_ABS_DIFF: far beyond any trained basis, far below float32 overflow
@@ -84,7 +85,7 @@ def load_basis(path: str | Path) -> BasisFile:
     """Load and validate a basis file: arrays present, shapes, finiteness and checksum."""
     path = Path(path)
     if not path.is_file():
-        raise BasisFileError(f"basis file {path} does not exist")
+        raise BasisFileError(not_a_file("basis file", path))
     with open_npz(path, f"a basis file (.npz with arrays {', '.join(BASIS_ARRAYS)})", BasisFileError) as data:
         arrays = {key: data[key] for key in data.files}
     missing = [key for key in BASIS_ARRAYS if key not in arrays]

@@ -22,6 +22,15 @@ def _decode(raw: bytes, path: Path, line: int, error: type[ValueError]) -> str:
                     "save the file as UTF-8") from None
 
 
+def not_a_file(what: str, path: str | Path) -> str:
+    """Why `path` cannot be read as a file: missing, a directory, or something else (a directory passed for a file
+    used to read "does not exist")."""
+    path = Path(path)
+    if not path.exists():
+        return f"{what} {path} does not exist"
+    return f"{what} {path} is a directory, not a file" if path.is_dir() else f"{what} {path} is not a regular file"
+
+
 def read_text(path: str | Path, error: type[ValueError] = ValueError) -> str:
     """The whole file as text (BOM dropped); a missing file or bad UTF-8 raises `error` naming the file."""
     path = Path(path)

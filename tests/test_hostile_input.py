@@ -527,3 +527,13 @@ def test_deploy_certs_never_replaces_a_ca_in_place(w):
     """Found by a hostile-input test: a rerun silently replaced the CA, orphaning node keys made for the old one."""
     assert cli(["deploy", "certs", "--out", "certs", "--nodes", "1"])[0] == 0
     refused(["deploy", "certs", "--out", "certs", "--nodes", "1"], "certs", w, expect="already holds certificates")
+
+
+def test_a_directory_given_for_a_file_is_called_a_directory(w):
+    """Found by a hostile-input test: a directory passed as --choices, --candidates or --basis read "does not exist"."""
+    (w / "folder.npz").mkdir()
+    (w / "folder.txt").mkdir()
+    refused(["--state", "state", "adapt", "--choices", "folder.npz"], "folder.npz", w, device=True,
+            expect="is a directory, not a file")
+    refused(["--state", "state", "rank", "--prompt", "p", "--candidates", "folder.txt"], "folder.txt", w, device=True,
+            expect="is a directory, not a file")

@@ -32,11 +32,11 @@ class AttributePriorError(ValueError):
 
 def read_table(path: str | Path, basis: BasisFile) -> dict:
     """Load and check a table for `basis` (same checksum and rank)."""
+    from lore_core.text_file import not_a_file, parse_json, read_text
+
     path = Path(path)
     if not path.is_file():
-        raise AttributePriorError(f"attribute prior table {path} does not exist")
-    from lore_core.text_file import parse_json, read_text
-
+        raise AttributePriorError(not_a_file("attribute prior table", path))
     table = parse_json(read_text(path, AttributePriorError), path, AttributePriorError)
     try:
         groups = table["groups"]

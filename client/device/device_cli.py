@@ -42,7 +42,7 @@ from client.device.state import (
     state_lock,
 )
 from lore_core.basis_file import BasisFile, load_basis
-from lore_core.text_file import parse_json, read_text
+from lore_core.text_file import not_a_file, parse_json, read_text
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -371,7 +371,7 @@ def embed_choices(encoder, records: list[dict]) -> np.ndarray:
 def _choice_diffs(path: Path, state: DeviceState, encoder_dir) -> tuple[np.ndarray, list[dict]]:
     if path.suffix == ".npz":
         if not path.is_file():
-            raise FileNotFoundError(f"choices file {path} does not exist")
+            raise FileNotFoundError(not_a_file("choices file", path))
         diff = personalize.read_choice_diffs(path, state.basis.dim)
         return diff, [{"precomputed": f"{path.name}#{i}"} for i in range(len(diff))]
     records = personalize.read_choices(path)
@@ -438,7 +438,7 @@ def _check_rebase_keeps_choices(old: DeviceState, basis: BasisFile, encoder: str
 
 def _read_candidates(path: Path) -> list[str]:
     if not path.is_file():
-        raise FileNotFoundError(f"candidates file {path} does not exist")
+        raise FileNotFoundError(not_a_file("candidates file", path))
     text = read_text(path)
     first = text.lstrip().split("\n", 1)[0]
     labelled = re.match(r'\[[^\]"]*\]\s*\S', first)  # "[1] Save ten percent.": a text line opening with a label

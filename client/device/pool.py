@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from client.device.personalize import CHOICE_CONTEXT_KEYS, check_choice
+from lore_core.text_file import not_a_file
 
 
 class PoolError(ValueError):
@@ -36,7 +37,7 @@ def read_pool(path: str | Path, dim: int) -> Pool:
     """Read and check a pool file; dim is the basis' embedding dimension (for .npz pools)."""
     path = Path(path)
     if not path.is_file():
-        raise PoolError(f"pool file {path} does not exist")
+        raise PoolError(not_a_file("pool file", path))
     if path.suffix == ".npz":
         try:
             with np.load(path, allow_pickle=False) as data:
