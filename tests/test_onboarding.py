@@ -273,3 +273,20 @@ def test_a_field_declared_twice_is_refused_and_bracketed_text_candidates_are_tex
     assert _read_candidates(tmp_path / "c.txt") == ["[1] Save ten percent.", "[2] Spend it."]
     (tmp_path / "c.json").write_text('["a", "b"]')
     assert _read_candidates(tmp_path / "c.json") == ["a", "b"]
+
+
+def test_an_npz_pool_is_checked_as_adapt_checks_choices(tmp_path):
+    """Found by a hostile-input test: next-question scored pairs of 1e9 (0.764 bits) and whole pair files that
+    `adapt` refuses. Zero rows stay valid in a pool: pairs with nothing to learn, which the questions skip."""
+    from client.device.pool import PoolError, read_pool
+
+    diff = np.random.default_rng(0).standard_normal((6, 4))
+    diff[0] = 0.0
+    np.savez(tmp_path / "ok.npz", diff=diff)
+    assert read_pool(tmp_path / "ok.npz", 4).size == 6
+    np.savez(tmp_path / "huge.npz", diff=diff * 1e9)
+    with pytest.raises(PoolError, match="huge.npz: diff has values beyond"):
+        read_pool(tmp_path / "huge.npz", 4)
+    np.savez(tmp_path / "many.npz", diff=diff, user=np.array(["a", "a", "b", "b", "c", "c"]))
+    with pytest.raises(PoolError, match="many.npz: a pair file of 3 users"):
+        read_pool(tmp_path / "many.npz", 4)
