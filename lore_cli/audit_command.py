@@ -71,20 +71,23 @@ def _load_settings(args: argparse.Namespace, run_dir: Path | None) -> dict:
         settings.update({k: v for k, v in stored.items() if k in PRIVACY_DEFAULTS and v is not None})
     if args.config:
         settings.update(_read_config(Path(args.config)))
-    for key, value in (("noise_multiplier", args.noise_multiplier), ("clip_norm", args.clip_norm),
-                       ("clients_per_round", args.clients_per_round), ("population_size", args.population),
-                       ("rounds", args.rounds), ("delta", args.delta), ("mode", args.mode)):
-        if value is not None:
-            settings[key] = value
-    source = f" (from --config {args.config})" if args.config else f" (from {ledger})" if ledger and ledger.exists() \
+    stored_in = f" (from --config {args.config})" if args.config else f" (from {ledger})" if ledger and ledger.exists() \
         else ""
+    source = {}  # where each value came from, for the message
+    for key, flag, value in (("noise_multiplier", "--noise-multiplier", args.noise_multiplier),
+                             ("clip_norm", "--clip-norm", args.clip_norm),
+                             ("clients_per_round", "--clients-per-round", args.clients_per_round),
+                             ("population_size", "--population", args.population), ("rounds", "--rounds", args.rounds),
+                             ("delta", "--delta", args.delta), ("mode", "--mode", args.mode)):
+        if value is not None:
+            settings[key], source[key] = value, f" (from {flag})"
     for key in ("clients_per_round", "population_size", "rounds"):
         value = settings[key]
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise AuditCommandError(f"{key} must be a positive integer, got {value!r}{source}")
+            raise AuditCommandError(f"{key} must be a positive integer, got {value!r}{source.get(key, stored_in)}")
     for key in ("noise_multiplier", "clip_norm", "delta"):
         if isinstance(settings[key], bool) or not isinstance(settings[key], (int, float)):
-            raise AuditCommandError(f"{key} must be a number, got {settings[key]!r}{source}")
+            raise AuditCommandError(f"{key} must be a number, got {settings[key]!r}{source.get(key, stored_in)}")
     return settings
 
 

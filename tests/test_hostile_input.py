@@ -537,3 +537,13 @@ def test_a_directory_given_for_a_file_is_called_a_directory(w):
             expect="is a directory, not a file")
     refused(["--state", "state", "rank", "--prompt", "p", "--candidates", "folder.txt"], "folder.txt", w, device=True,
             expect="is a directory, not a file")
+
+
+def test_an_audit_flag_is_blamed_on_the_flag_not_on_the_ledger(w, tmp_path):
+    """Found by a hostile-input test: --clients-per-round 0 on a run read "(from RUN/ledger.json)"."""
+    from lore_core.privacy import PrivacyLedger, PrivacySettings
+
+    PrivacyLedger.create(w / "run", PrivacySettings(mode="user", noise_multiplier=1.0, clip_norm=0.5,
+                                                    clients_per_round=10, population_size=100, rounds=2))
+    refused(["audit", "mechanism", "run", "--clients-per-round", "0", "--out", "o"], "--clients-per-round", w,
+            expect="got 0 (from --clients-per-round)")
