@@ -421,6 +421,7 @@ AUDITS = {"update-leakage": _update_leakage, "attribute": _attribute, "membershi
 
 
 def run(args: argparse.Namespace) -> int:
+    from lore_core.atomic_io import check_output_path
     from lore_core.audits.audit_report import write_audit
 
     run_dir = Path(args.run_dir) if args.run_dir else None
@@ -428,6 +429,8 @@ def run(args: argparse.Namespace) -> int:
         raise AuditCommandError(f"run directory {run_dir} does not exist" if not run_dir.exists() else
                                 f"{run_dir} is not a run directory (lore-fed simulate --out)")
     _check_counts(args)
+    if args.out:
+        check_output_path(args.out, "--out", directory=True)
     settings = _load_settings(args, run_dir)
     result = AUDITS[args.name](args, run_dir, settings)
     out = Path(args.out) if args.out else (run_dir if run_dir is not None else Path("audit-out"))

@@ -43,6 +43,9 @@ def run(args: argparse.Namespace) -> int:
 
 def run_certs(args: argparse.Namespace) -> int:
     from lore_cli.local_deployment import generate_certificates
+    from lore_core.atomic_io import check_output_path
+
+    check_output_path(args.out, "--out", directory=True)
 
     certs = generate_certificates(args.out, host=args.host, nodes=args.nodes)
     print(f"wrote {certs.ca_cert}, {certs.server_cert}, {certs.server_key} and {len(certs.node_keys)} node key "
@@ -102,10 +105,13 @@ def check_local_flags(args: argparse.Namespace) -> None:
     from lore_core.pairs import resolve_pair_path
     from simulations.flower_run import ROOT
 
+    from lore_core.atomic_io import check_output_path
+
     if args.nodes < 1:
         raise ValueError(f"--nodes must be >= 1, got {args.nodes}")
     if args.rounds is not None and args.rounds < 1:
         raise ValueError(f"--rounds must be >= 1, got {args.rounds}")
+    check_output_path(args.run_dir, "--run-dir", directory=True)
     if not (math.isfinite(args.timeout) and args.timeout > 0):
         raise ValueError(f"--timeout must be a finite number of seconds > 0, got {args.timeout}")
     app = Path(args.app) if args.app else ROOT

@@ -403,6 +403,9 @@ EXTREME = {
     "deploy config rank 0": (DEPLOY + ["-c", "rank=0"], "rank"),
     "deploy config negative noise": (DEPLOY + ["-c", "noise-multiplier=-1"], "noise_multiplier"),
     "deploy pairs missing": (DEPLOY[:4] + ["--pairs", "missing.npz", "--run-dir", "dl"], "missing.npz"),
+    "audit out under a file": (["audit", "mechanism", "--out", "pairs.npz/x", "--runs", "100"], "--out"),
+    "deploy certs out under a file": (["deploy", "certs", "--out", "pairs.npz/certs"], "--out"),
+    "deploy run dir under a file": (DEPLOY[:6] + ["--run-dir", "pairs.npz/run"], "--run-dir"),
     "deploy certs nodes 10**5": (["deploy", "certs", "--out", "certs", "--nodes", "100000"], "--nodes"),
     "deploy certs host with a space": (["deploy", "certs", "--out", "certs", "--host", "a b"], "--host"),
     "deploy certs empty host": (["deploy", "certs", "--out", "certs", "--host", ""], "--host"),
@@ -547,3 +550,8 @@ def test_an_audit_flag_is_blamed_on_the_flag_not_on_the_ledger(w, tmp_path):
                                                     clients_per_round=10, population_size=100, rounds=2))
     refused(["audit", "mechanism", "run", "--clients-per-round", "0", "--out", "o"], "--clients-per-round", w,
             expect="got 0 (from --clients-per-round)")
+
+
+def test_a_device_state_under_a_regular_file_is_refused_by_the_flag(w):
+    refused(["--state", "pairs.npz/state", "init", "--basis", "basis.npz"], "--state", w, device=True,
+            expect="is a file, not a directory")

@@ -130,7 +130,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _init(args) -> int:
+    from lore_core.atomic_io import check_output_path
+
     directory = _directory(args)
+    check_output_path(directory, "--state", directory=True)
     basis = load_basis(args.basis)
     encoder = _checked_encoder_dir(args.encoder, basis) if args.encoder else None
     if directory.is_dir() and any(directory.iterdir()) and not is_device_state(directory):
