@@ -69,19 +69,30 @@ def _per_user(user_idx: np.ndarray, codes: np.ndarray) -> np.ndarray:
     return np.unique(key, return_inverse=True)[1].astype(np.int64)
 
 
-COMPARISON_STEPS = 20  # a pair's unit diff is rounded to 1/20: the same items embedded twice (batch padding moves a
-# float32 embedding by ~1e-7) round alike but for ~0.2 % of rows at D = 384, and two different item pairs never do
+HASH_ROWS = 1 << 14  # rows hashed at a time: memory ~ 16k x D x 8 bytes, whatever the file's size
 
 
 def same_comparison(diff: np.ndarray) -> np.ndarray:
-    """(n,) int64 code, equal for pairs whose diffs are the same up to sign (the same two items, either label) and
-    rounding. Exact integer hashing of the rounded rows: no row is compared with another, time O(n D)."""
-    norm = np.linalg.norm(diff, axis=1, keepdims=True)
-    steps = np.rint(diff / np.where(norm > 0, norm, 1.0) * COMPARISON_STEPS).astype(np.int64)
-    first = steps[np.arange(steps.shape[0]), np.argmax(steps != 0, axis=1)]
-    steps *= np.where(first < 0, -1, 1)[:, None]  # canonical sign: first non-zero step positive
-    hashes = steps @ np.random.default_rng(0).integers(-2**31, 2**31, size=(steps.shape[1], 2))  # wraps exactly
-    return np.unique(hashes, axis=0, return_inverse=True)[1].reshape(-1).astype(np.int64)
+    """(n,) int64 code, equal for pairs whose diffs are equal bit for bit up to sign: the same two items compared
+    again (either label), as one embedding pipeline writes a repeated comparison. No rounding, so no two different
+    comparisons ever share a code (rounded codes merged distinct pairs at low D or with one dominant coordinate);
+    a repeat embedded twice with float noise stays apart, as before. All-zero diffs compare nothing: each keeps its
+    own code. Two exact 64-bit hashes per row, in blocks: time O(n D), memory independent of n."""
+    rows = np.asarray(diff)
+    n = rows.shape[0]
+    weights = np.random.default_rng(0).integers(1, 2**63, size=(rows.shape[1], 2), dtype=np.uint64) | np.uint64(1)
+    hashes = np.empty((n, 2), np.uint64)
+    zero = np.zeros(n, bool)
+    for start in range(0, n, HASH_ROWS):
+        block = np.asarray(rows[start:start + HASH_ROWS], np.float32) + np.float32(0.0)  # -0.0 -> 0.0
+        nonzero = block != 0
+        zero[start:start + len(block)] = ~nonzero.any(axis=1)
+        first = block[np.arange(len(block)), np.argmax(nonzero, axis=1)]
+        block = np.where((first < 0)[:, None], -block, block)  # canonical sign: first non-zero entry positive
+        hashes[start:start + len(block)] = block.view(np.uint32).astype(np.uint64) @ weights  # wraps exactly
+    codes = np.unique(hashes, axis=0, return_inverse=True)[1].reshape(-1).astype(np.int64)
+    codes[zero] = codes.max(initial=-1) + 1 + np.arange(int(zero.sum()))
+    return codes
 
 
 def _group_users(user_idx: np.ndarray, group_idx: np.ndarray) -> np.ndarray:
