@@ -118,6 +118,9 @@ def check_local_flags(args: argparse.Namespace) -> None:
     if not (app / "pyproject.toml").is_file():
         raise ValueError(f"--app {app}: no pyproject.toml there; give a Flower app directory (`flwr run` packs it)")
     extra = {}
+    if args.run_config and args.run_config.strip().endswith(".toml"):
+        raise ValueError(f"-c {args.run_config}: deploy local passes its own -c, and flwr takes no TOML file beside "
+                         "it; give the values as key=value pairs")
     if args.run_config:
         try:
             extra = parse_config_args([args.run_config])
@@ -130,10 +133,13 @@ def check_local_flags(args: argparse.Namespace) -> None:
                              "pairs") + f"; the app's run config has {sorted(known)}")
     population = read_population(resolve_pair_path(args.pairs))
     if app.resolve() == ROOT.resolve():  # another app's keys mean what that app says
-        config = {**extra, **({} if args.rounds is None else {"num-server-rounds": args.rounds})}
-        clients = config.get("clients-per-round", get_fused_config_from_dir(ROOT, {})["clients-per-round"])
-        if isinstance(clients, int) and clients > population["seen_users"]:  # the server samples at most everyone
-            config["clients-per-round"] = population["seen_users"]
+        # flwr gets our -c (rounds) first and the user's last: the user's value wins, as here
+        config = {**({} if args.rounds is None else {"num-server-rounds": args.rounds}), **extra}
+        defaults = get_fused_config_from_dir(ROOT, {})
+        clients = config.get("clients-per-round", defaults["clients-per-round"])
+        mode = config.get("privacy-mode", defaults["privacy-mode"])
+        if mode in ("none", "record") and isinstance(clients, int) and clients > population["seen_users"]:
+            config["clients-per-round"] = population["seen_users"]  # these modes sample at most everyone
         check_run(population, config)
 
 

@@ -401,7 +401,9 @@ EXTREME = {
     "deploy config garbage": (DEPLOY + ["-c", "garbage"], "no key=value"),
     "deploy config unknown key": (DEPLOY + ["-c", 'privacy="bogus"'], "unknown keys ['privacy']"),
     "deploy config rank 0": (DEPLOY + ["-c", "rank=0"], "rank"),
-    "deploy config negative noise": (DEPLOY + ["-c", "noise-multiplier=-1"], "noise_multiplier"),
+    "deploy config negative noise": (DEPLOY + ["-c", "noise-multiplier=-1 clients-per-round=3"], "noise_multiplier"),
+    "deploy more users per round than users under DP": (DEPLOY + ["-c", "clients-per-round=50"], "clients-per-round"),
+    "deploy config file": (DEPLOY + ["-c", "my.toml"], "key=value"),
     "deploy pairs missing": (DEPLOY[:4] + ["--pairs", "missing.npz", "--run-dir", "dl"], "missing.npz"),
     "audit out under a file": (["audit", "mechanism", "--out", "pairs.npz/x", "--runs", "100"], "--out"),
     "deploy certs out under a file": (["deploy", "certs", "--out", "pairs.npz/certs"], "--out"),
@@ -555,3 +557,19 @@ def test_an_audit_flag_is_blamed_on_the_flag_not_on_the_ledger(w, tmp_path):
 def test_a_device_state_under_a_regular_file_is_refused_by_the_flag(w):
     refused(["--state", "pairs.npz/state", "init", "--basis", "basis.npz"], "--state", w, device=True,
             expect="is a file, not a directory")
+
+
+def test_deploy_local_accepts_what_its_server_accepts(w):
+    """The pre-check must not refuse valid runs: without DP the server samples at most every user, and a user's -c
+    wins over --rounds as it does in flwr."""
+    from lore_cli.deploy_command import check_local_flags
+    from lore_cli.main import build_parser
+
+    def args(*extra):
+        return build_parser(only="deploy").parse_args(["deploy", "local", "--nodes", "2", "--pairs",
+                                                        str(w / "pairs.npz"), "--run-dir", str(w / "dl"), *extra])
+
+    check_local_flags(args("-c", 'privacy-mode="none"'))  # 10 users per round by default, fewer users: fine
+    check_local_flags(args("-c", "clients-per-round=3"))
+    check_local_flags(args("--rounds", str(10**9), "-c", "num-server-rounds=2 clients-per-round=3"))
+    assert not (w / "dl").exists()
