@@ -96,9 +96,10 @@ def _check_counts(args: argparse.Namespace) -> None:
     for flag in ("runs", "shadows", "permutations", "max_users"):
         if getattr(args, flag) < 1:
             raise AuditCommandError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
-    if args.name == "attribute" and args.permutations < 19:  # the smallest p-value is 1 / (permutations + 1)
+    if args.name == "attribute" and args.permutations < 20:  # the smallest p-value is 1 / (permutations + 1)
         raise AuditCommandError(f"--permutations {args.permutations} can never reach p < 0.05 (the smallest p-value "
-                                f"is 1/{args.permutations + 1}); use 19 or more (default 200)")
+                                f"is 1/{args.permutations + 1}); use 20 or more, about 20 per attribute tested (Holm "
+                                "needs p < 0.05 / attributes; default 200)")
     if args.seed < 0:
         raise AuditCommandError(f"--seed must be >= 0, got {args.seed}")
     for flag in ("query_noise",):

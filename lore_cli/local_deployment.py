@@ -72,7 +72,9 @@ class Certificates:
         missing = [str(p) for p in (self.ca_cert, self.server_cert, self.server_key, *self.node_keys,
                                     *(k.with_name(k.name + ".pub") for k in self.node_keys)) if not p.exists()]
         if missing:
-            raise FileNotFoundError(f"certificate files missing: {missing}; run `lore-fed deploy certs --out DIR`")
+            raise FileNotFoundError(f"certificate files missing: {missing}; make a complete set in a new directory "
+                                    f"with `lore-fed deploy certs --out NEW_DIR --nodes {len(self.node_keys)}` (or "
+                                    f"remove {self.ca_cert.parent} first)")
 
 
 MAX_TRIAL_NODES = 1000  # a key pair takes ~10 ms; beyond this, bring your own PKI

@@ -323,13 +323,18 @@ def test_reinit_to_another_embedding_space_never_drops_the_users_choices(tmp_pat
     proc, _ = device(state_dir, "init", "--basis", other_dim, "--reinit", check=False)
     assert proc.returncode == 2 and "forget" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
     assert {p.name: p.read_bytes() for p in state_dir.iterdir() if p.is_file() and p.name != ".lock"} == before
-    texts = tmp_path / "texts"
+    texts, choices = tmp_path / "texts", tmp_path / "c.jsonl"
+    choices.write_text(json.dumps({"prompt": "Which?", "chosen": "this one", "rejected": "that one"}))
     device(texts, "init", "--basis", basis_file, "--encoder", encoder_dir)
-    proc, _ = device(texts, "init", "--basis", other_dim, "--reinit", check=False)  # the 384-d encoder stays
-    assert proc.returncode == 2 and "dimension 384" in proc.stderr and load_state(texts).basis.dim == 384
+    device(texts, "adapt", "--choices", choices)
+    proc, _ = device(texts, "init", "--basis", other_dim, "--reinit", check=False)  # the 384-d encoder cannot
+    assert proc.returncode == 2 and "does not fit" in proc.stderr and load_state(texts).n_pairs == 1
     device(state_dir, "forget")
     device(state_dir, "init", "--basis", other_dim, "--reinit")
     assert load_state(state_dir).basis.dim == 8 and load_state(state_dir).n_pairs == 0
+    device(texts, "forget")  # nothing stored: the 384-d encoder is not kept (a review found `forget --all` the
+    proc, _ = device(texts, "init", "--basis", other_dim, "--reinit")  # only way out)
+    assert "is not kept" in proc.stderr and load_state(texts).encoder is None and load_state(texts).basis.dim == 8
 
 
 def test_adapting_on_the_same_choices_again_does_not_count_them_twice(tmp_path, basis_file, encoder_dir):

@@ -402,7 +402,7 @@ def _rebase(old: DeviceState, basis: BasisFile, encoder: str | None) -> DeviceSt
     choices (or drop them when that is impossible); w is refitted from scratch (old w is in old coordinates)."""
     same_space = old.basis.embedder == basis.embedder and old.basis.dim == basis.dim
     if not same_space:
-        _check_rebase_keeps_choices(old, basis, encoder)
+        encoder = _check_rebase_keeps_choices(old, basis, encoder)
     state = replace(old, basis=basis, encoder=encoder, user_weights=None, posterior_mode=None, posterior_cov=None,
                     prior_mean=None, attributes=())
     if old.attributes:
@@ -416,18 +416,27 @@ def _rebase(old: DeviceState, basis: BasisFile, encoder: str | None) -> DeviceSt
     return state
 
 
-def _check_rebase_keeps_choices(old: DeviceState, basis: BasisFile, encoder: str | None) -> None:
+def _check_rebase_keeps_choices(old: DeviceState, basis: BasisFile, encoder: str | None) -> str | None:
     """A basis of another embedding space is adopted only with an encoder of its dimension, and only if every
     stored choice can be re-embedded with it: nothing changes otherwise (the user's answers are never dropped as a
-    side effect; `forget` drops them on purpose)."""
-    from client.device.encoder import read_encoder_meta
+    side effect; `forget` drops them on purpose). With no stored choices an encoder that does not fit (or is gone)
+    is simply not kept. Returns the encoder the new state keeps."""
+    from client.device.encoder import EncoderError, read_encoder_meta
 
-    if encoder and int(read_encoder_meta(encoder)["dim"]) != basis.dim:
-        raise StateError(f"the device state's encoder {encoder} has dimension {read_encoder_meta(encoder)['dim']}, "
-                         f"the new basis {basis.source} {basis.dim}: pass --encoder DIR exported for the new basis' "
-                         "embedder")
+    try:
+        fits = not encoder or int(read_encoder_meta(encoder)["dim"]) == basis.dim
+    except EncoderError:
+        fits = False
+    if not fits and not old.n_pairs:
+        print(f"note: the encoder {encoder} does not fit the new basis ({basis.dim} dims) and is not kept; set one "
+              "with `init --basis FILE --reinit --encoder DIR`", file=sys.stderr)
+        return None
+    if not fits:
+        raise StateError(f"the device state's encoder {encoder} does not fit the new basis {basis.source} "
+                         f"({basis.dim} dims), and {old.n_pairs} stored choices must be re-embedded with one: pass "
+                         "--encoder DIR exported for the new basis' embedder")
     if not old.n_pairs:
-        return
+        return encoder
     if not encoder:
         raise StateError(f"the new basis {basis.source} is for another embedder ({basis.embedder!r}, {basis.dim} "
                          f"dims; the state's: {old.basis.embedder!r}, {old.basis.dim}); its {old.n_pairs} stored "
@@ -437,6 +446,7 @@ def _check_rebase_keeps_choices(old: DeviceState, basis: BasisFile, encoder: str
         raise StateError(f"{old.n_pairs} stored choices include precomputed pairs without texts, which cannot be "
                          f"re-embedded for the new basis {basis.source}; drop them first with `forget`, then "
                          "`init --reinit`")
+    return encoder
 
 
 def _read_candidates(path: Path) -> list[str]:
