@@ -65,6 +65,9 @@ def check_demo_flags(args: argparse.Namespace) -> None:
     from lore_core.prism_pairs import DEFAULTS
 
     seen = max(1, int(DEFAULTS.seen_fraction * args.users))  # what `prepare` will make seen, about
+    if args.clients_per_round is not None and args.clients_per_round > seen:  # `seen` is an upper bound
+        raise ValueError(f"--clients-per-round {args.clients_per_round} is more than the at most {seen} seen users "
+                         f"`prepare` makes of --users {args.users}; lower it (or leave it unset)")
     clients = min(args.clients_per_round or DEMO_CLIENTS_PER_ROUND, seen)
     check_run({"seen_users": seen, "dim": DEMO_DIM, "source": f"a demo population of about {seen} seen users",
                "largest_client_pairs": 1},

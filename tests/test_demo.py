@@ -43,6 +43,7 @@ import pytest  # noqa: E402
     (["--rounds", "0"], "--rounds must be >= 1"),
     (["--nonprivate-rounds", "-1"], "--nonprivate-rounds must be >= 0"),
     (["--rank", "abc"], "--rank must be 'auto' or a positive integer"),
+    (["--users", "60", "--clients-per-round", "55"], "--clients-per-round 55 is more than the at most 48"),
 ])
 def test_demo_checks_every_flag_before_its_first_stage_writes(tmp_path, capsys, flags, expect):
     """Found by a hostile-input test: these were refused by `simulate` after synth, prepare, embed and train had
