@@ -205,7 +205,8 @@ def noise_for_target_epsilon(
     while eps_high > target_epsilon:
         high *= 2
         if high > MAX_NOISE_MULTIPLIER:
-            raise AccountingError(f"target epsilon {target_epsilon} is unreachable at q={sample_rate}, {steps} steps")
+            raise AccountingError(f"target epsilon {target_epsilon} is unreachable at q={sample_rate}, {steps} steps "
+                                  f"with any noise multiplier up to {MAX_NOISE_MULTIPLIER:g}: raise target_epsilon")
         eps_high = eps(high)
     low = high / 2
     while eps(low) <= target_epsilon:  # move the bracket down until low is above target

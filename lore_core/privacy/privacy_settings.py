@@ -309,7 +309,8 @@ def _accounted(function, *args, **kwargs):
     try:
         return function(*args, **kwargs)
     except AccountingError as exc:
-        message = f"privacy accounting failed for these settings ({exc}); raise noise_multiplier"
+        advice = "" if "unreachable" in str(exc) else "; raise noise_multiplier"  # that error says what to change
+        message = f"privacy accounting failed for these settings ({exc}){advice}"
         raise PrivacyConfigError(message) from exc
 
 
