@@ -317,7 +317,8 @@ def _membership(args, run_dir, settings) -> dict:
     part = pairs.subset(pairs.split == "train")  # seen: pairs the basis trained on; unseen: few-shot, never used
     ids, idx = np.unique(part.user, return_inverse=True)
     member = np.isin(ids, np.unique(part.user[part.seen]))
-    return user_membership_audit(basis, part.diff, idx, member, delta=delta, seed=args.seed)
+    trained = settings["mode"] if run_dir is not None and (run_dir / "ledger.json").exists() else None
+    return user_membership_audit(basis, part.diff, idx, member, delta=delta, seed=args.seed, trained_mode=trained)
 
 
 def _mechanism(args, run_dir, settings) -> dict:

@@ -218,3 +218,18 @@ def test_a_canary_audit_with_fewer_than_ten_canaries_in_is_inconclusive_not_a_cr
     (tmp_path / "half.npz").write_bytes((tmp_path / "s.npz").read_bytes()[:300])
     with pytest.raises(CanaryFileError, match="half.npz"):
         load_canaries(tmp_path / "half.npz")
+
+
+def test_a_user_level_leak_is_advised_by_how_the_run_was_trained():
+    """Found by a hostile-input test: a leak on a run already trained with user-level DP advised "Train with
+    user-level DP"."""
+    rng = np.random.default_rng(0)
+    basis = rng.standard_normal((2, 16))
+    users = np.repeat(np.arange(40), 6)
+    member = np.arange(40) < 20
+    diff = rng.standard_normal((users.size, 16))
+    diff[member[users]] = 3 * basis[0] + 0.1 * diff[member[users]]  # members: pairs the basis explains
+    dp_run = user_membership_audit(basis, diff, users, member, trained_mode="user")
+    plain = user_membership_audit(basis, diff, users, member)
+    assert dp_run["verdict"] == plain["verdict"] == "leak"
+    assert "already user-level DP" in dp_run["summary"] and "Train with user-level DP" in plain["summary"]

@@ -122,6 +122,7 @@ def user_membership_audit(
     delta: float = 1e-5,
     alpha: float = 0.05,
     seed: int = 0,
+    trained_mode: str | None = None,
 ) -> dict:
     """diff (n, D), user_idx (n,) in [0, U): each user's pairs as seen by training (members: its training pairs;
     non-members: pairs never used for the basis); is_member_user (U,) bool. Uses the first `pairs_per_user`
@@ -152,7 +153,7 @@ def user_membership_audit(
     sentence = (f"{'LEAK' if leak else 'no leak'}: whether a user took part in training is guessed from the released "
                 f"basis with AUC {fig['auc']:.3f} [{fig['auc_ci'][0]:.3f}, {fig['auc_ci'][1]:.3f}] ({n_keep} pairs "
                 f"per user), epsilon >= {fig['epsilon_lb']['epsilon_lb']:.2f}. "
-                + ("Train with user-level DP (mode user) before releasing the basis." if leak
+                + (_leak_advice(trained_mode) if leak
                    else "The released basis does not single out its training users at this sample size."))
     return {
         "audit": "membership", "level": "user", "verdict": "leak" if leak else "no-leak", "passed": not leak,
@@ -163,3 +164,11 @@ def user_membership_audit(
                   "basis); DeLong AUC CI; Clopper-Pearson epsilon LB",
         "seed": seed, "trials": int(users.sum()),
     }
+
+
+def _leak_advice(trained_mode: str | None) -> str:
+    """What to do about a user-level leak, given how the run was trained (None: unknown)."""
+    if trained_mode in ("user", "user+secagg"):
+        return ("The run is already user-level DP: compare epsilon_lb with the ledger's epsilon, and check the noise "
+                "that was really added with `lore-fed audit canary`.")
+    return "Train with user-level DP (mode user) before releasing the basis."
