@@ -378,6 +378,24 @@ def test_a_tampered_encoder_setting_is_reported_by_name(tmp_path, basis_file, en
         OnnxPairEncoder(bad)
 
 
+def test_an_encoder_given_on_the_command_line_is_checked_like_one_given_at_init(tmp_path, basis_file, encoder_dir):
+    """Found by a hostile-input test: checksums were checked only at `init`, so an --encoder override with a damaged
+    model was used unchecked."""
+    import shutil
+
+    state_dir = tmp_path / "state"
+    device(state_dir, "init", "--basis", basis_file)
+    bad = shutil.copytree(encoder_dir, tmp_path / "enc")
+    model = next(p for p in bad.iterdir() if p.suffix == ".onnx")
+    data = bytearray(model.read_bytes())
+    data[-10] ^= 0xFF
+    model.write_bytes(bytes(data))
+    choices = tmp_path / "c.jsonl"
+    choices.write_text(json.dumps({"prompt": "Which?", "chosen": "this one", "rejected": "that one"}))
+    proc, _ = device(state_dir, "adapt", "--choices", choices, "--encoder", bad, check=False)
+    assert proc.returncode == 2 and model.name in proc.stderr and load_state(state_dir).n_pairs == 0, proc.stderr
+
+
 def test_forget_deletes_all_personal_data(tmp_path, basis_file, encoder_dir):
     state_dir = tmp_path / "state"
     secret = "my secret preference for pineapple pizza"

@@ -205,7 +205,7 @@ def _rank(args) -> int:
     state = load_state(_directory(args))
     strength = state.strength if args.strength is None else personalize.parse_strength(args.strength)
     candidates = _read_candidates(args.candidates)
-    encoder = _open_encoder(args.encoder or state.encoder, state.basis)
+    encoder = _open_encoder(args.encoder or state.encoder, state.basis, verify=bool(args.encoder))
     from lore_core.embeddings import render_context
 
     context = render_context([{"role": "user", "content": args.prompt}])
@@ -239,7 +239,7 @@ def _next_question(args) -> int:
     state = load_state(_directory(args))
     pool = read_pool(args.candidates, state.basis.dim)
     if pool.records is not None:
-        diff = embed_choices(_open_encoder(args.encoder or state.encoder, state.basis),
+        diff = embed_choices(_open_encoder(args.encoder or state.encoder, state.basis, verify=bool(args.encoder)),
                              [as_choice(r, 0) for r in pool.records])
     else:
         diff = pool.diff
@@ -350,12 +350,14 @@ def _checked_encoder_dir(directory: Path, basis: BasisFile) -> str:
     return str(Path(directory).resolve())
 
 
-def _open_encoder(directory, basis: BasisFile):
+def _open_encoder(directory, basis: BasisFile, *, verify: bool = False):
+    """The ONNX encoder; `verify` checks its files' checksums (~0.2 s): for an --encoder given on the command line,
+    which `init` never checked (the state's own encoder was checked when it was set)."""
     from client.device.encoder import EncoderError, OnnxPairEncoder
 
     if not directory:
         raise EncoderError("no encoder configured: pass --encoder DIR (from `export-encoder`) or set it at init")
-    encoder = OnnxPairEncoder(directory)
+    encoder = OnnxPairEncoder(directory, verify=verify)
     if encoder.dim != basis.dim:
         raise EncoderError(f"{directory}: encoder dimension {encoder.dim} does not match the basis ({basis.dim})")
     return encoder
@@ -378,7 +380,8 @@ def _choice_diffs(path: Path, state: DeviceState, encoder_dir) -> tuple[np.ndarr
         diff = personalize.read_choice_diffs(path, state.basis.dim)
         return diff, [{"precomputed": f"{path.name}#{i}"} for i in range(len(diff))]
     records = personalize.read_choices(path)
-    return embed_choices(_open_encoder(encoder_dir or state.encoder, state.basis), records), records
+    return embed_choices(_open_encoder(encoder_dir or state.encoder, state.basis, verify=bool(encoder_dir)),
+                         records), records
 
 
 def _not_yet_learned(state: DeviceState, diff: np.ndarray, records: list[dict]) -> np.ndarray:
