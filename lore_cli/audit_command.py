@@ -200,10 +200,17 @@ def load_run_basis(path: str | None, run_dir: Path | None) -> np.ndarray:
 
     for file in candidates:
         if not file.is_file():
+            if path:  # named on the command line: say why it cannot be read
+                from lore_core.text_file import not_a_file
+
+                raise AuditCommandError(not_a_file("--basis", file))
             continue
         with open_npz(file, "a basis file or a run's checkpoint.npz", AuditCommandError) as data:
             names = data.files
             basis = data["basis"] if "basis" in names and "sha256" not in names else None
+        if basis is None and "sha256" not in names:
+            raise AuditCommandError(f"{file}: no `basis` array (found {sorted(names)}); give a basis file "
+                                    "(`lore-fed train --out`) or a run's checkpoint.npz")
         if "sha256" in names:
             return load_basis(file).basis.astype(np.float64)
         if basis is not None:
@@ -265,6 +272,10 @@ def load_demographics(path: Path | None, user_ids: np.ndarray) -> dict[str, np.n
 
 def _users_file(args: argparse.Namespace, dataset: Path | None) -> Path | None:
     if args.users:
+        if not Path(args.users).is_file():  # named on the command line: say why it cannot be read
+            from lore_core.text_file import not_a_file
+
+            raise AuditCommandError(not_a_file("--users", args.users))
         return Path(args.users)
     return dataset / "users.jsonl" if dataset else None
 
@@ -291,9 +302,13 @@ def _attribute(args, run_dir, settings) -> dict:
 
     pairs, basis, dataset = load_pairs_and_basis(args, run_dir)
     ids = sample_users(np.unique(pairs.user[pairs.seen]), args.max_users, args.seed)
-    attributes = load_demographics(_users_file(args, dataset), ids)
+    users_file = _users_file(args, dataset)
+    attributes = load_demographics(users_file, ids)
     if not attributes:
         raise AuditCommandError("no demographics: pass --users users.jsonl (written by `lore-fed prepare`)")
+    if all((labels == "missing").all() for labels in attributes.values()):
+        raise AuditCommandError(f"{users_file} describes none of the run's {len(ids)} sampled users (ids such as "
+                                f"{ids[:3].tolist()}): give the users.jsonl of this run's dataset")
     weights, updates = client_updates(pairs, basis, ids)
     view = MODE_VIEW.get(settings["mode"], "single")
     observed, group = server_view(updates, view, clients_per_round=int(settings["clients_per_round"]),

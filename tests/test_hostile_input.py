@@ -575,3 +575,14 @@ def test_deploy_local_accepts_what_its_server_accepts(w):
     check_local_flags(args("-c", "clients-per-round=3"))
     check_local_flags(args("--rounds", str(10**9), "-c", "num-server-rounds=2 clients-per-round=3"))
     assert not (w / "dl").exists()
+
+
+def test_audit_inputs_that_are_not_what_they_claim_are_named(w):
+    """Found by a hostile-input test: a pair file given as --basis read "no basis found", a missing --users file
+    "no demographics", and a users file of other people "no attribute has two classes"."""
+    base = ["audit", "attribute", "--pairs", "pairs.npz", "--basis", "basis.npz", "--out", "o"]
+    refused(["audit", "extraction", "--pairs", "pairs.npz", "--basis", "pairs.npz", "--out", "o"], "pairs.npz", w,
+            expect="no `basis` array")
+    refused(base + ["--users", "missing.jsonl"], "missing.jsonl", w, expect="does not exist")
+    (w / "others.jsonl").write_text(json.dumps({"user": "nobody", "demographics": {"age": "18-24"}}) + "\n")
+    refused(base + ["--users", "others.jsonl"], "others.jsonl", w, expect="describes none of the run's")
