@@ -23,7 +23,8 @@ import numpy as np
 import torch
 
 from lore_core.marginal_fit import OBJECTIVES, prior_samples
-from lore_core.model_selection import Candidate, dense_groups, heldout_accuracy, make_holdout, select_one_se
+from lore_core.model_selection import (Candidate, dense_groups, heldout_accuracy, join_repeated_comparisons,
+                                       make_holdout, select_one_se)
 from lore_core.simplex_fit import DEFAULT_PRIOR_PAIRS, DEFAULT_PRIOR_STRENGTH, prior_from_pairs
 
 DEFAULT_RANK_GRID = (1, 2, 3, 4, 6, 8)
@@ -269,7 +270,8 @@ def train_joint(diff: np.ndarray, user: np.ndarray, config: TrainConfig = TrainC
     unit = l2_unit(diff)
     l2s = sorted((unit * v for v in config.l2_grid), reverse=True) if config.l2 == "auto" else [float(config.l2)]
     priors = config.prior_pairs_grid if config.prior_pairs == "auto" else (float(config.prior_pairs),)
-    groups = dense_groups(user_idx, group, diff)  # repeated comparisons of the same items join one group
+    given = dense_groups(user_idx, group)
+    groups = join_repeated_comparisons(user_idx, given, diff)  # repeats of the same comparison join one group
     holdout = make_holdout(user_idx, groups, n_users,
                            heldout_fraction=config.heldout_fraction, new_fraction=config.new_fraction,
                            few_shot=config.few_shot, seed=config.seed)
@@ -369,9 +371,9 @@ def train_joint(diff: np.ndarray, user: np.ndarray, config: TrainConfig = TrainC
                       "groups (the pair file's `group` array) or fix rank, l2 and prior", SelectionWarning,
                       stacklevel=2)
     basis, weights = final_fit(chosen.rank, chosen.l2, chosen.objective)
-    used, given = (int(g.max(initial=-1)) + 1 for g in (groups, dense_groups(user_idx, group)))
+    used = int(groups.max(initial=-1)) + 1
     held_out = {"groups": "group array" if group is not None else "one group per pair (no group array)",
-                "groups_used": used, "groups_joined_by_repeats": given - used,
+                "groups_used": used, "groups_joined_by_repeats": int(given.max(initial=-1)) + 1 - used,
                 "seen_heldout_pairs": int(holdout.seen_heldout.sum()), "new_fold_users": int(holdout.new_users.sum()),
                 "new_fold_scored_pairs": int(holdout.new_rest.sum()), "l2_unit": unit}
     return JointFit(basis=basis, user_weights=weights, user_ids=user_ids, rank=chosen.rank, l2=chosen.l2,

@@ -52,7 +52,13 @@ def dense_groups(user_idx: np.ndarray, group: np.ndarray | None, diff: np.ndarra
     else:
         _, group_codes = np.unique(np.asarray(group).astype(str), return_inverse=True)
         groups = _per_user(user_idx, group_codes)
-    if diff is None or not user_idx.size:
+    return groups if diff is None else join_repeated_comparisons(user_idx, groups, diff)
+
+
+def join_repeated_comparisons(user_idx: np.ndarray, groups: np.ndarray, diff: np.ndarray) -> np.ndarray:
+    """`groups` (n,) dense, with each user's pairs that compare the same two items (`same_comparison`) and every
+    group they belong to joined into one (dense_groups' docstring says why)."""
+    if not user_idx.size:
         return groups
     items = _per_user(user_idx, same_comparison(diff))
     # connected components of the bipartite graph group -- comparison: one edge per pair
