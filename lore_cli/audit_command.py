@@ -208,16 +208,15 @@ def load_run_basis(path: str | None, run_dir: Path | None) -> np.ndarray:
         with open_npz(file, "a basis file or a run's checkpoint.npz", AuditCommandError) as data:
             names = data.files
             basis = data["basis"] if "basis" in names and "sha256" not in names else None
-        if basis is None and "sha256" not in names:
-            raise AuditCommandError(f"{file}: no `basis` array (found {sorted(names)}); give a basis file "
-                                    "(`lore-fed train --out`) or a run's checkpoint.npz")
         if "sha256" in names:
             return load_basis(file).basis.astype(np.float64)
-        if basis is not None:
-            if basis.ndim != 2 or not np.issubdtype(basis.dtype, np.floating) or not np.isfinite(basis).all():
-                raise AuditCommandError(f"{file}: basis must be a finite 2-D float array, got {basis.dtype} "
-                                        f"{basis.shape}")
-            return basis.astype(np.float64)
+        if basis is None:
+            raise AuditCommandError(f"{file}: no `basis` array (found {sorted(names)}); give a basis file "
+                                    "(`lore-fed train --out`) or a run's checkpoint.npz")
+        if basis.ndim != 2 or not np.issubdtype(basis.dtype, np.floating) or not np.isfinite(basis).all():
+            raise AuditCommandError(f"{file}: basis must be a finite 2-D float array, got {basis.dtype} "
+                                    f"{basis.shape}")
+        return basis.astype(np.float64)
     raise AuditCommandError(f"no basis found (looked at {[str(c) for c in candidates]}); pass --basis FILE")
 
 

@@ -102,10 +102,9 @@ def check_local_flags(args: argparse.Namespace) -> None:
     from flwr.common.config import get_fused_config_from_dir, parse_config_args
 
     from lore_cli.simulate_command import check_run, read_population
+    from lore_core.atomic_io import check_output_path
     from lore_core.pairs import resolve_pair_path
     from simulations.flower_run import ROOT
-
-    from lore_core.atomic_io import check_output_path
 
     if args.nodes < 1:
         raise ValueError(f"--nodes must be >= 1, got {args.nodes}")
@@ -117,6 +116,7 @@ def check_local_flags(args: argparse.Namespace) -> None:
     app = Path(args.app) if args.app else ROOT
     if not (app / "pyproject.toml").is_file():
         raise ValueError(f"--app {app}: no pyproject.toml there; give a Flower app directory (`flwr run` packs it)")
+    known = get_fused_config_from_dir(app, {})  # the app's run config: its keys and defaults
     extra = {}
     if args.run_config and args.run_config.strip().endswith(".toml"):
         raise ValueError(f"-c {args.run_config}: deploy local passes its own -c, and flwr takes no TOML file beside "
@@ -126,7 +126,6 @@ def check_local_flags(args: argparse.Namespace) -> None:
             extra = parse_config_args([args.run_config])
         except click.ClickException as exc:
             raise ValueError(f"-c {args.run_config!r}: {exc.message}") from None
-        known = get_fused_config_from_dir(app, {})
         unknown = sorted(set(extra) - set(known))
         if not extra or unknown:
             raise ValueError(f"-c {args.run_config!r}: " + (f"unknown keys {unknown}" if unknown else "no key=value "
@@ -135,9 +134,8 @@ def check_local_flags(args: argparse.Namespace) -> None:
     if app.resolve() == ROOT.resolve():  # another app's keys mean what that app says
         # flwr gets our -c (rounds) first and the user's last: the user's value wins, as here
         config = {**({} if args.rounds is None else {"num-server-rounds": args.rounds}), **extra}
-        defaults = get_fused_config_from_dir(ROOT, {})
-        clients = config.get("clients-per-round", defaults["clients-per-round"])
-        mode = config.get("privacy-mode", defaults["privacy-mode"])
+        clients = config.get("clients-per-round", known["clients-per-round"])
+        mode = config.get("privacy-mode", known["privacy-mode"])
         if mode in ("none", "record") and isinstance(clients, int) and clients > population["seen_users"]:
             config["clients-per-round"] = population["seen_users"]  # these modes sample at most everyone
         check_run(population, config)

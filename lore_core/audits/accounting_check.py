@@ -1,7 +1,8 @@
 """Accounting audit: recompute a ledger's epsilon independently of the code that wrote it.
 
 The ledger stores events (per round: noise multiplier z, sample rate q) and, apart from them, the epsilon derived. This audit
-reads the raw JSON (not through lore_core.privacy), rebuilds the history, and computes epsilon with
+reads the raw JSON (a ledger.json path is first checked by the ledger's own reader, which can only refuse a
+file, never supply a figure), rebuilds the history with its own checks, and computes epsilon with
 - dp_accounting's PLD accountant (Google; a different method from Opacus PRV) when installed: the independent check;
 - Opacus RDP directly (a valid upper bound: it must not fall below PRV beyond PRV's error).
 It fails when the ledger's stored PRV epsilon differs from the PLD value by more than max(0.05, 2%) (notes §10), when
