@@ -20,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
+from lore_core.text_file import not_a_file, parse_json, read_jsonl, read_text
+
 NAMES = ("update-leakage", "attribute", "membership", "mechanism", "canary", "accounting", "extraction", "fairness")
 PRIVACY_DEFAULTS = {"noise_multiplier": 1.0, "clip_norm": 1.0, "clients_per_round": 50, "population_size": 1400,
                     "rounds": 200, "delta": 1e-5, "mode": "none"}
@@ -109,11 +111,7 @@ def _check_counts(args: argparse.Namespace) -> None:
 
 
 def _read_config(path: Path) -> dict:
-    from lore_core.text_file import not_a_file, parse_json, read_text
-
-    if not path.is_file():
-        raise AuditCommandError(not_a_file("--config", path))
-    text = read_text(path, AuditCommandError)
+    text = read_text(path, AuditCommandError, "--config")
     if path.suffix == ".toml":
         import tomllib
 
@@ -201,8 +199,6 @@ def load_run_basis(path: str | None, run_dir: Path | None) -> np.ndarray:
     for file in candidates:
         if not file.is_file():
             if path:  # named on the command line: say why it cannot be read
-                from lore_core.text_file import not_a_file
-
                 raise AuditCommandError(not_a_file("--basis", file))
             continue
         with open_npz(file, "a basis file or a run's checkpoint.npz", AuditCommandError) as data:
@@ -247,8 +243,6 @@ def sample_users(ids: np.ndarray, max_users: int, seed: int) -> np.ndarray:
 
 def load_demographics(path: Path | None, user_ids: np.ndarray) -> dict[str, np.ndarray]:
     """users.jsonl -> attribute -> labels aligned with user_ids ('missing' where absent); location -> reside_region."""
-    from lore_core.text_file import read_jsonl
-
     if path is None or not path.is_file():
         return {}
     rows = {}
@@ -272,8 +266,6 @@ def load_demographics(path: Path | None, user_ids: np.ndarray) -> dict[str, np.n
 def _users_file(args: argparse.Namespace, dataset: Path | None) -> Path | None:
     if args.users:
         if not Path(args.users).is_file():  # named on the command line: say why it cannot be read
-            from lore_core.text_file import not_a_file
-
             raise AuditCommandError(not_a_file("--users", args.users))
         return Path(args.users)
     return dataset / "users.jsonl" if dataset else None
@@ -390,8 +382,6 @@ def _canary(args, run_dir, settings) -> dict:
     releases = read_releases(run_dir)  # hashes and the optimizer replay checked: these bases were released
     canaries = load_canaries(args.secrets)
     metrics = run_dir / "metrics.json"
-    from lore_core.text_file import parse_json, read_text
-
     recorded = parse_json(read_text(metrics), metrics) if metrics.is_file() else {}
     hosted = recorded.get("canaries") if isinstance(recorded, dict) else None
     if isinstance(hosted, int) and hosted != canaries.count:

@@ -26,16 +26,18 @@ def not_a_file(what: str, path: str | Path) -> str:
     """Why `path` cannot be read as a file: missing, a directory, or something else (a directory passed for a file
     used to read "does not exist")."""
     path = Path(path)
+    subject = f"{what} {path}" if what else str(path)
     if not path.exists():
-        return f"{what} {path} does not exist"
-    return f"{what} {path} is a directory, not a file" if path.is_dir() else f"{what} {path} is not a regular file"
+        return f"{subject} does not exist"
+    return f"{subject} is a directory, not a file" if path.is_dir() else f"{subject} is not a regular file"
 
 
-def read_text(path: str | Path, error: type[ValueError] = ValueError) -> str:
-    """The whole file as text (BOM dropped); a missing file or bad UTF-8 raises `error` naming the file."""
+def read_text(path: str | Path, error: type[ValueError] = ValueError, what: str = "") -> str:
+    """The whole file as text (BOM dropped); a missing file (`not_a_file`, called `what`) or bad UTF-8 raises
+    `error` naming the file."""
     path = Path(path)
     if not path.is_file():
-        raise error(f"{path} does not exist" if not path.exists() else f"{path} is not a file")
+        raise error(not_a_file(what, path))
     raw = path.read_bytes()
     return _decode(raw.removeprefix(codecs.BOM_UTF8), path, 1, error)
 

@@ -32,12 +32,10 @@ class AttributePriorError(ValueError):
 
 def read_table(path: str | Path, basis: BasisFile) -> dict:
     """Load and check a table for `basis` (same checksum and rank)."""
-    from lore_core.text_file import not_a_file, parse_json, read_text
+    from lore_core.text_file import parse_json, read_text
 
     path = Path(path)
-    if not path.is_file():
-        raise AttributePriorError(not_a_file("attribute prior table", path))
-    table = parse_json(read_text(path, AttributePriorError), path, AttributePriorError)
+    table = parse_json(read_text(path, AttributePriorError, "attribute prior table"), path, AttributePriorError)
     try:
         groups = table["groups"]
         fmt, sha, rank = table["format"], table["basis_sha256"], int(table["rank"])

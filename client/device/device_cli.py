@@ -388,9 +388,8 @@ def _not_yet_learned(state: DeviceState, diff: np.ndarray, records: list[dict]) 
     """(k,) bool: choices the state does not hold yet. Texts are compared as stored (prompt, chosen, rejected);
     precomputed pairs by their diff row, exactly."""
     stored = set(state.choices)
-    known = np.array([json.dumps(r, ensure_ascii=False) in stored and "precomputed" not in r for r in records],
-                     dtype=bool)
     precomputed = np.array(["precomputed" in r for r in records], dtype=bool)
+    known = ~precomputed & np.array([json.dumps(r, ensure_ascii=False) in stored for r in records], dtype=bool)
     if precomputed.any() and state.n_pairs:
         def rows(a: np.ndarray) -> np.ndarray:  # each float32 row as one opaque value, for np.isin
             a = np.ascontiguousarray(a, dtype=np.float32)

@@ -15,7 +15,7 @@ import numpy as np
 from lore_core.npz_file import open_npz
 from lore_core.pairs import MAX_ABS_DIFF
 from lore_core.simplex_fit import DEFAULT_PRIOR_PAIRS, fit_user_weights
-from lore_core.text_file import not_a_file, parse_json, read_text
+from lore_core.text_file import parse_json, read_text
 
 CHOICE_CONTEXT_KEYS = ("history", "prompt")
 
@@ -90,9 +90,7 @@ def read_choices(path: str | Path) -> list[dict]:
     """The user's choices from JSON Lines or a JSON list: {"history": [messages] | "prompt": str, "chosen",
     "rejected"}; messages are {"role": "user" | "assistant", "content": str}."""
     path = Path(path)
-    if not path.is_file():
-        raise ChoicesError(not_a_file("choices file", path))
-    text = read_text(path, ChoicesError)
+    text = read_text(path, ChoicesError, "choices file")
     if text.lstrip().startswith("["):
         records = parse_json(text, path, ChoicesError)
     else:
