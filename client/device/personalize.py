@@ -107,28 +107,35 @@ def read_choices(path: str | Path) -> list[dict]:
 
 def read_choice_diffs(path: str | Path, dim: int) -> np.ndarray:
     """Precomputed choices: `diff` (n, D) = e(chosen) - e(rejected) from an .npz, checked like a pair file's."""
-    with open_npz(path, f"precomputed choices (.npz with an array diff (n, {dim}))", ChoicesError) as data:
-        if "diff" not in data.files:
-            raise ChoicesError(f"{path}: a precomputed choices .npz needs a 'diff' array (n, D); found {data.files}")
-        users = np.unique(data["user"]).size if "user" in data.files else 0
-        if users > 1:  # a whole pair file: its users' choices (and test pairs) would become this user's
-            raise ChoicesError(f"{path}: a pair file of {users} users; a device adapts on its own user's choices "
-                               "only (an .npz with just 'diff', or one user's rows)")
-        diff = data["diff"]
-    if diff.ndim != 2 or diff.shape[1] != dim or not np.issubdtype(diff.dtype, np.floating) or \
-            not np.isfinite(diff).all():
-        raise ChoicesError(f"{path}: diff must be finite floats (n, {dim}) to match the basis, got {diff.dtype} "
-                           f"{diff.shape}")
-    if not diff.shape[0]:
-        raise ChoicesError(f"{path}: no choices in the file")
-    if np.abs(diff).max() > MAX_ABS_DIFF:
-        raise ChoicesError(f"{path}: diff has values beyond +-{MAX_ABS_DIFF:g}; embedding differences are of order 1 "
-                           "to 100 (were they embedded with this basis's encoder?)")
+    diff = read_user_diffs(path, dim, "precomputed choices", ChoicesError)
     empty = np.flatnonzero(~diff.any(axis=1))
     if empty.size:
         raise ChoicesError(f"{path}: rows {empty[:5].tolist()} are all zeros (chosen == rejected); a choice is "
                            "between two different responses")
     return diff
+
+
+def read_user_diffs(path: str | Path, dim: int, what: str, error: type[ValueError]) -> np.ndarray:
+    """One user's pair diffs (n >= 1, D = dim) from an .npz with a `diff` array, finite and within +-MAX_ABS_DIFF,
+    as float64: the check `adapt`'s precomputed choices and `next-question`'s .npz pool share (an answer to a pair
+    beyond the bound could not be learned; a whole pair file's users would become this user). Raises `error`."""
+    with open_npz(path, f"{what} (.npz with an array diff (n, {dim}))", error) as data:
+        if "diff" not in data.files:
+            raise error(f"{path}: {what} needs a 'diff' array (n, {dim}); found {data.files}")
+        users = np.unique(data["user"]).size if "user" in data.files else 0
+        if users > 1:
+            raise error(f"{path}: a pair file of {users} users; a device uses its own user's pairs only (an .npz "
+                        "with just 'diff', or one user's rows)")
+        diff = data["diff"]
+    if diff.ndim != 2 or diff.shape[1] != dim or not np.issubdtype(diff.dtype, np.floating) or \
+            not np.isfinite(diff).all():
+        raise error(f"{path}: diff must be finite floats (n, {dim}) to match the basis, got {diff.dtype} {diff.shape}")
+    if not diff.shape[0]:
+        raise error(f"{path}: no pairs in the file")
+    if np.abs(diff).max() > MAX_ABS_DIFF:
+        raise error(f"{path}: diff has values beyond +-{MAX_ABS_DIFF:g}; embedding differences are of order 1 to 100 "
+                    "(were they embedded with this basis's encoder?)")
+    return diff.astype(np.float64)
 
 
 def choice_context(record: dict) -> list[dict]:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from client.device.personalize import CHOICE_CONTEXT_KEYS, MAX_ABS_DIFF, check_choice
+from client.device.personalize import CHOICE_CONTEXT_KEYS, check_choice, read_user_diffs
 from lore_core.text_file import not_a_file
 
 
@@ -38,23 +38,8 @@ def read_pool(path: str | Path, dim: int) -> Pool:
     path = Path(path)
     if not path.is_file():
         raise PoolError(not_a_file("pool file", path))
-    if path.suffix == ".npz":
-        try:
-            with np.load(path, allow_pickle=False) as data:
-                diff = data["diff"] if "diff" in data.files else None
-                users = np.unique(data["user"]).size if "user" in data.files else 0
-        except Exception as exc:  # zip, format and pickle errors of a bad file come in many types
-            raise PoolError(f"{path}: not a readable .npz pool ({type(exc).__name__}: {exc})") from exc
-        if diff is None or diff.ndim != 2 or diff.shape[1] != dim or not diff.shape[0] \
-                or not np.issubdtype(diff.dtype, np.floating) or not np.isfinite(diff).all():
-            shape = None if diff is None else diff.shape
-            raise PoolError(f"{path}: an .npz pool needs a finite 'diff' array (P, {dim}) with P >= 1, got {shape}")
-        if np.abs(diff).max() > MAX_ABS_DIFF:  # as `adapt` refuses them: an answer to such a pair could not be learned
-            raise PoolError(f"{path}: diff has values beyond +-{MAX_ABS_DIFF:g}; embedding differences are of order 1 "
-                            "to 100 (were they embedded with this basis's encoder?)")
-        if users > 1:
-            raise PoolError(f"{path}: a pair file of {users} users; a pool holds the candidate pairs of one user")
-        return Pool(records=None, diff=diff.astype(np.float64))
+    if path.suffix == ".npz":  # zero rows stay valid: a pool pair is unordered and may compare equal items
+        return Pool(records=None, diff=read_user_diffs(path, dim, "an .npz pool", PoolError))
     text = path.read_text(encoding="utf-8")
     try:
         records = json.loads(text) if text.lstrip().startswith("[") else [
