@@ -23,8 +23,8 @@ import numpy as np
 import torch
 
 from lore_core.marginal_fit import OBJECTIVES, prior_samples
-from lore_core.model_selection import (Candidate, dense_groups, heldout_accuracy, join_repeated_comparisons,
-                                       make_holdout, select_one_se)
+from lore_core.model_selection import (Candidate, dense_groups, heldout_accuracy_folds, join_repeated_comparisons,
+                                       make_holdouts, select_one_se)
 from lore_core.simplex_fit import DEFAULT_PRIOR_PAIRS, DEFAULT_PRIOR_STRENGTH, prior_from_pairs
 
 DEFAULT_RANK_GRID = (1, 2, 3, 4, 6, 8)
@@ -272,10 +272,14 @@ def train_joint(diff: np.ndarray, user: np.ndarray, config: TrainConfig = TrainC
     priors = config.prior_pairs_grid if config.prior_pairs == "auto" else (float(config.prior_pairs),)
     given = dense_groups(user_idx, group)
     groups = join_repeated_comparisons(user_idx, given, diff)  # repeats of the same comparison join one group
-    holdout = make_holdout(user_idx, groups, n_users,
-                           heldout_fraction=config.heldout_fraction, new_fraction=config.new_fraction,
-                           few_shot=config.few_shot, seed=config.seed)
-    masks = {"seen": holdout.fit_seen, "new": holdout.fit_new if holdout.new_users.any() else holdout.fit_seen}
+    folds = make_holdouts(user_idx, groups, n_users,
+                          heldout_fraction=config.heldout_fraction, new_fraction=config.new_fraction,
+                          few_shot=config.few_shot, seed=config.seed)
+    masks = {}  # the basis fits of one candidate: ("seen" | "new", fold) -> the pairs it is trained on
+    for k, fold in enumerate(folds):
+        masks["seen", k] = fold.fit_seen
+        if fold.new_users.any():  # without users treated as new there is nothing to score a "new" fit on
+            masks["new", k] = fold.fit_new
 
     objectives = candidate_objectives(config.objective, np.bincount(user_idx, minlength=n_users))
 
@@ -289,7 +293,7 @@ def train_joint(diff: np.ndarray, user: np.ndarray, config: TrainConfig = TrainC
         return fit_basis_marginal(diff[mask], user_idx[mask], n_users, rank=rank, l2=l2, init=joint_basis,
                                   max_iter=max_iter, device=config.device)
 
-    def joint_bases(rank: int, l2: float, warm: dict) -> dict[str, np.ndarray]:
+    def joint_bases(rank: int, l2: float, warm: dict) -> dict[tuple[str, int], np.ndarray]:
         """The held-out joint fits of (rank, l2), one per mask; `warm` holds the walk's previous fits."""
         bases = {}
         for key, mask in masks.items():
@@ -298,18 +302,20 @@ def train_joint(diff: np.ndarray, user: np.ndarray, config: TrainConfig = TrainC
             bases[key] = basis
         return bases
 
-    def marginal_bases(rank: int, l2: float, joint: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def marginal_bases(rank: int, l2: float, joint: dict) -> dict[tuple[str, int], np.ndarray]:
         """The held-out marginal fits of (rank, l2), each started from the joint fit on the same pairs."""
         return {key: marginal(mask, rank, l2, config.candidate_max_iter, joint[key]) for key, mask in masks.items()}
 
-    def scored(bases: dict[str, np.ndarray], rank: int, l2: float, objective: str, t0: float) -> list[Candidate]:
+    def scored(bases: dict[tuple[str, int], np.ndarray], rank: int, l2: float, objective: str, t0: float) -> list[Candidate]:
         """Held-out candidates of one (rank, l2, objective), one per personal prior (rank 1: w = 1, one)."""
         out = []
+        seen_bases = [bases["seen", k] for k in range(len(folds))]
+        new_bases = [bases.get(("new", k), seen_bases[k]) for k in range(len(folds))]  # no new users: all NaN
         for prior_pairs in priors[:1] if rank == 1 else priors:
-            seen = heldout_accuracy(bases["seen"], diff, user_idx, n_users, holdout.fit_seen,
-                                    holdout.seen_heldout, prior_pairs)
-            new = heldout_accuracy(bases["new"], diff, user_idx, n_users, holdout.new_shots,
-                                   holdout.new_rest, prior_pairs)
+            seen = heldout_accuracy_folds(seen_bases, diff, user_idx, n_users, [f.fit_seen for f in folds],
+                                          [f.seen_heldout for f in folds], prior_pairs)
+            new = heldout_accuracy_folds(new_bases, diff, user_idx, n_users, [f.new_shots for f in folds],
+                                         [f.new_rest for f in folds], prior_pairs)
             out.append(Candidate(rank, l2, prior_pairs, seen, new, time.perf_counter() - t0, objective))
         return out
 
@@ -364,7 +370,7 @@ def train_joint(diff: np.ndarray, user: np.ndarray, config: TrainConfig = TrainC
         if stale >= 2:
             break
     chosen, table = select_one_se(candidates)
-    if len(candidates) > 1 and not (holdout.seen_heldout.any() or holdout.new_rest.any()):
+    if len(candidates) > 1 and not any(f.seen_heldout.any() or f.new_rest.any() for f in folds):
         warnings.warn("no held-out data: every seen user has too few groups to hold one out, and the new-user fold "
                       f"has none to score, so no candidate could be estimated and the first was kept (rank "
                       f"{chosen.rank}, l2 {chosen.l2:.1e}, prior {chosen.prior_pairs:g} pairs); give users several "
@@ -374,8 +380,9 @@ def train_joint(diff: np.ndarray, user: np.ndarray, config: TrainConfig = TrainC
     used = int(groups.max(initial=-1)) + 1
     held_out = {"groups": "group array" if group is not None else "one group per pair (no group array)",
                 "groups_used": used, "groups_joined_by_repeats": int(given.max(initial=-1)) + 1 - used,
-                "seen_heldout_pairs": int(holdout.seen_heldout.sum()), "new_fold_users": int(holdout.new_users.sum()),
-                "new_fold_scored_pairs": int(holdout.new_rest.sum()), "l2_unit": unit}
+                "folds": len(folds), "seen_heldout_pairs": int(sum(f.seen_heldout.sum() for f in folds)),
+                "new_fold_users": int(sum(f.new_users.sum() for f in folds)),
+                "new_fold_scored_pairs": int(sum(f.new_rest.sum() for f in folds)), "l2_unit": unit}
     return JointFit(basis=basis, user_weights=weights, user_ids=user_ids, rank=chosen.rank, l2=chosen.l2,
                     prior_pairs=chosen.prior_pairs, objective=chosen.objective if chosen.rank > 1 else "joint",
                     selection=table, held_out=held_out,

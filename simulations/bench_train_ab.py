@@ -48,12 +48,13 @@ def check_imports(root: Path) -> None:
         raise RuntimeError(f"code under {root} imports {stray} from elsewhere")
 
 
-def start_train(root: Path, pairs: Path, out: Path) -> tuple[subprocess.Popen, float]:
-    """`lore-fed train PAIRS --out OUT` with the code under `root`, one thread; (process, start time)."""
+def start_train(root: Path, pairs: Path, out: Path, flags: list[str] = ()) -> tuple[subprocess.Popen, float]:
+    """`lore-fed train PAIRS --out OUT [flags]` with the code under `root`, one thread; (process, start time)."""
     env = _env(root)
     out.mkdir(parents=True, exist_ok=True)
     with open(out.parent / f"{out.name}.log", "w") as log:
-        process = subprocess.Popen([sys.executable, "-m", "lore_cli.main", "train", str(pairs), "--out", str(out)],
+        process = subprocess.Popen([sys.executable, "-m", "lore_cli.main", "train", str(pairs), "--out", str(out),
+                                    *flags],
                                    cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT)
     return process, time.perf_counter()
 
@@ -75,7 +76,8 @@ def result(process: subprocess.Popen, seconds: float, out: Path) -> dict:
         raise RuntimeError(f"train in {out} failed (exit {process.returncode}): {log[-2000:]}")
     metrics = json.loads((out / "metrics.json").read_text())
     held_out_fits = {(row["rank"], row["l2"], row["objective"]) for row in metrics["selection"]}
-    return {**train_row_of(metrics, seconds), "held_out_fits": len(held_out_fits)}
+    return {**train_row_of(metrics, seconds), "held_out_fits": len(held_out_fits),
+            "folds": metrics.get("held_out", {}).get("folds", 1)}
 
 
 def markdown(rows: list[dict], before: str, after: str, config: dict) -> str:

@@ -5,7 +5,7 @@ import json
 import numpy as np
 
 from lore_core.joint_trainer import TrainConfig, train_joint
-from lore_core.model_selection import Candidate, dense_groups, make_holdout, select_one_se
+from lore_core.model_selection import Candidate, dense_groups, make_holdouts, select_one_se
 from lore_core.pairs import load_pairs, save_pairs
 from lore_cli.main import main
 from simulations.synthetic_pairs import SyntheticPairsConfig, make_synthetic_pairs
@@ -22,7 +22,7 @@ def test_every_held_out_set_is_made_of_whole_groups():
     ids, user_idx = np.unique(pairs.user, return_inverse=True)
     groups = dense_groups(user_idx, pairs.group)
     assert np.bincount(groups).tolist() == [3] * (groups.max() + 1)  # the turns
-    holdout = make_holdout(user_idx, groups, ids.size, few_shot=6, seed=0)
+    holdout = make_holdouts(user_idx, groups, ids.size, few_shot=6, seed=0)[0]
     for mask in (holdout.seen_heldout, holdout.new_shots, holdout.new_rest, holdout.fit_new):
         per_group = np.bincount(groups, weights=mask, minlength=groups.max() + 1)
         assert set(per_group.tolist()) <= {0.0, 3.0}  # a turn is on one side only, never split
@@ -44,7 +44,7 @@ def test_without_groups_every_pair_is_its_own_group():
     user_idx = np.repeat(np.arange(4), [10, 20, 5, 1])
     groups = dense_groups(user_idx, None)
     assert groups.tolist() == list(range(36))
-    holdout = make_holdout(user_idx, groups, 4, heldout_fraction=0.2, seed=0)
+    holdout = make_holdouts(user_idx, groups, 4, heldout_fraction=0.2, seed=0)[0]
     np.testing.assert_array_equal(np.bincount(user_idx, weights=holdout.seen_heldout), [2, 4, 1, 0])
     assert not holdout.new_users.any()  # fewer than 10 users with two groups: no new-user fold
 
@@ -166,3 +166,56 @@ def test_train_records_how_many_groups_repeats_joined():
     fit = train_joint(diff, pairs.user, TrainConfig(rank_grid=(1, 2), l2=1e-3, prior_pairs=3.0))
     assert fit.held_out["groups_joined_by_repeats"] == int(same_user.sum()) > 0
     assert fit.held_out["groups_used"] == pairs.n - int(same_user.sum())
+
+
+def test_small_populations_are_scored_on_several_folds_large_ones_on_one():
+    """A 20- or 50-user population scored on one fold of 4 or 10 new users chose rank 2-8 and lost up to 6.9
+    points to BT (bench_results/small_populations.md); the matrix's 300-user populations keep their one fold."""
+    from lore_core.model_selection import fold_count
+
+    assert fold_count(300, 0.2) == 1 and fold_count(1400, 0.2) == 1
+    assert fold_count(100, 0.2) == 3 and fold_count(50, 0.2) == 5 and fold_count(20, 0.2) == 5
+    assert fold_count(20, 0.5) == 2  # never more folds than disjoint new folds fit
+    pairs = _shared_response_pairs()  # 60 users, turns of three pairs
+    ids, user_idx = np.unique(pairs.user, return_inverse=True)
+    groups = dense_groups(user_idx, pairs.group)
+    folds = make_holdouts(user_idx, groups, ids.size, few_shot=6, seed=0)
+    assert len(folds) == 5
+    one = make_holdouts(user_idx, groups, ids.size, few_shot=6, seed=0, folds=1)[0]
+    for field in ("fit_seen", "seen_heldout", "fit_new", "new_shots", "new_rest", "new_users"):
+        np.testing.assert_array_equal(getattr(folds[0], field), getattr(one, field))  # fold 0: as with one fold
+    new = np.array([f.new_users for f in folds])
+    assert new.sum(axis=0).max() == 1 and new.sum() == 60  # disjoint new folds that score every user
+    held = np.array([f.seen_heldout for f in folds])
+    for mask in held:
+        per_group = np.bincount(groups, weights=mask, minlength=groups.max() + 1)
+        assert set(per_group.tolist()) <= {0.0, 3.0}  # whole turns
+    per_user_groups = np.bincount(user_idx, minlength=ids.size) // 3
+    thick = per_user_groups[user_idx] >= 5 * np.maximum(1, np.floor(0.2 * per_user_groups[user_idx]))
+    assert held.sum(axis=0)[thick].max() == 1  # windows rotate: a pair is held out by one fold at most
+
+
+def test_folds_pool_each_users_scored_pairs():
+    from lore_core.model_selection import heldout_accuracy_folds
+
+    rng = np.random.default_rng(0)
+    diff = rng.standard_normal((40, 3))
+    user_idx = np.repeat([0, 1], 20)
+    basis = np.array([[1.0, 0.0, 0.0]])
+    first = np.zeros(40, bool)
+    first[[0, 1, 2, 20]] = True
+    second = np.zeros(40, bool)
+    second[[3, 21, 22, 23]] = True
+    fit = ~(first | second)
+    pooled = heldout_accuracy_folds([basis, basis], diff, user_idx, 2, [fit, fit], [first, second], 1.0)
+    correct = diff[:, 0] > 0
+    expected = [correct[[0, 1, 2, 3]].mean(), correct[[20, 21, 22, 23]].mean()]  # by pairs, not by fold means
+    np.testing.assert_allclose(pooled, expected)
+
+
+def test_a_small_population_records_its_folds():
+    pairs, _ = make_synthetic_pairs(SyntheticPairsConfig(dim=16, true_rank=2, seen_users=30, unseen_users=0,
+                                                         train_pairs=(10, 20), seed=3))
+    fit = train_joint(pairs.diff, pairs.user, TrainConfig(rank_grid=(1, 2), l2_grid=(1e-3,), prior_pairs_grid=(3.0,),
+                                                          objective="joint"), group=pairs.group)
+    assert fit.held_out["folds"] == 5 and fit.held_out["new_fold_users"] == 30

@@ -1,0 +1,130 @@
+"""Does `lore-fed train` lose to one shared reward when the population is small? Two commits side by side.
+
+    python -m simulations.bench_small_populations --before REV [--sizes 20,50,100] [--seeds 0,1,2,3,4,5]
+                                                  [--out bench_results/small_populations.md]
+
+A pilot study has tens of users, not hundreds. Each population is the stress matrix's base (`bench_matrix.BASE`:
+isotropic D = 384, true rank 4, 20-40 training pairs per seen user, 100 new users with 10 few-shot pairs, 20 test
+pairs each) with `--sizes` seen users. On each, `lore-fed train --rank 1` (BT) and `lore-fed train` (default flags)
+run from the `--before` commit (a temporary git worktree) and from this checkout, the two commits at the same time
+(`bench_train_ab`). Reports `train` - BT per seed and its mean and SE over seeds, for both commits. Seeds 101-106
+are the pilot on which the held-out folds of small populations (`model_selection.fold_count`) were chosen; report
+other seeds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import subprocess
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from lore_core.atomic_io import atomic_write_json, atomic_write_text
+from simulations.bench_matrix import BASE
+from simulations.bench_train_ab import ROOT, check_imports, result, start_train, wait_all
+from simulations.synthetic_pairs import write_synthetic_dataset
+
+ARMS = ("before", "after")
+ROWS = {"bt": ["--rank", "1"], "train": []}
+
+
+def run_population(roots: dict[str, Path], pairs: Path, work: Path) -> dict:
+    """BT and `train` from each commit, the commits side by side: {arm: {row: train_row}}."""
+    out = {arm: {} for arm in ARMS}
+    for row, flags in ROWS.items():
+        runs = {arm: start_train(roots[arm], pairs, work / f"{row}-{arm}", flags) for arm in ARMS}
+        seconds = wait_all(runs)
+        for arm in ARMS:
+            out[arm][row] = result(runs[arm][0], seconds[arm], work / f"{row}-{arm}")
+    return out
+
+
+def _gain(cell: dict, i: int) -> float:
+    key = ("seen_test_acc", "unseen_test_acc")[i]
+    return 100.0 * (cell["train"][key] - cell["bt"][key])
+
+
+def summary(rows: list[dict], size: int, arm: str) -> dict:
+    """Mean, SE over seeds and the worst seed of `train` - BT in points, seen and new."""
+    cells = [r[arm] for r in rows if r["size"] == size]
+    out = {}
+    for i, who in enumerate(("seen", "new")):
+        gains = np.array([_gain(c, i) for c in cells])
+        se = float(gains.std(ddof=1) / math.sqrt(gains.size)) if gains.size > 1 else math.nan
+        out[who] = {"mean": float(gains.mean()), "se": se, "worst": float(gains.min()),
+                    "seeds_below_minus_1": int((gains < -1.0).sum())}
+    return out
+
+
+def markdown(rows: list[dict], config: dict) -> str:
+    lines = [f"# Small populations: `lore-fed train` - BT, {config['after']} against {config['before']}", "",
+             f"`python -m simulations.bench_small_populations --before {config['before']} --sizes "
+             f"{','.join(map(str, config['sizes']))} --seeds {','.join(map(str, config['seeds']))}`. The stress "
+             "matrix's base population (isotropic D = 384, true rank 4, 20-40 training pairs per seen user, 100 new "
+             "users with 10 few-shot pairs) with few seen users. Points, seen / new users; BT is `lore-fed train "
+             "--rank 1` of the same commit. Both commits ran side by side on one shared 2-core machine.", "",
+             "| seen users | commit | mean ± SE over seeds | worst seed | seeds below -1 point | ranks |",
+             "|---|---|---|---|---|---|"]
+    for size in config["sizes"]:
+        for arm in ARMS:
+            s = summary(rows, size, arm)
+            ranks = [r[arm]["train"]["rank"] for r in rows if r["size"] == size]
+            lines.append(f"| {size} | {arm} ({config[arm]}) | {s['seen']['mean']:+.1f} ± {s['seen']['se']:.1f} / "
+                         f"{s['new']['mean']:+.1f} ± {s['new']['se']:.1f} | {s['seen']['worst']:+.1f} / "
+                         f"{s['new']['worst']:+.1f} | {s['seen']['seeds_below_minus_1']} / "
+                         f"{s['new']['seeds_below_minus_1']} | {ranks} |")
+    lines += ["", "By seed (seen / new points; rank chosen; held-out folds of `after`):", ""]
+    for r in rows:
+        parts = [f"{arm} {_gain(r[arm], 0):+.1f} / {_gain(r[arm], 1):+.1f} (rank {r[arm]['train']['rank']})"
+                 for arm in ARMS]
+        lines.append(f"- {r['size']} users, seed {r['seed']}: {'; '.join(parts)}; "
+                     f"folds {r['after']['train'].get('folds', '?')}")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--before", required=True, help="git revision of the earlier code")
+    parser.add_argument("--sizes", default="20,50,100")
+    parser.add_argument("--seeds", default="0,1,2,3,4,5")
+    parser.add_argument("--out", default="bench_results/small_populations.md")
+    args = parser.parse_args(argv)
+    sizes = [int(s) for s in args.sizes.split(",")]
+    seeds = [int(s) for s in args.seeds.split(",")]
+    after = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                           check=True).stdout.strip()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        tree = Path(tmp) / "before"
+        subprocess.run(["git", "worktree", "add", "--detach", str(tree), args.before], cwd=ROOT, check=True,
+                       capture_output=True)
+        try:
+            roots = {"before": tree, "after": ROOT}
+            for root in roots.values():
+                check_imports(root)
+            for size in sizes:
+                for seed in seeds:
+                    work = Path(tmp) / f"{size}-{seed}"
+                    pairs = write_synthetic_dataset(work, replace(BASE, seen_users=size, seed=seed))
+                    cell = run_population(roots, pairs, work)
+                    rows.append({"size": size, "seed": seed, **cell})
+                    print(f"{size} users, seed {seed}: " + "; ".join(
+                        f"{arm} {_gain(cell[arm], 0):+.1f} / {_gain(cell[arm], 1):+.1f}" for arm in ARMS), flush=True)
+        finally:
+            subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=ROOT, check=False)
+            subprocess.run(["git", "worktree", "prune"], cwd=ROOT, check=False)
+    config = {"sizes": sizes, "seeds": seeds, "before": args.before, "after": after}
+    summaries = {f"{size}-{arm}": summary(rows, size, arm) for size in sizes for arm in ARMS}
+    out = Path(args.out)
+    atomic_write_json(out.with_suffix(".json"), {"config": config, "summary": summaries, "rows": rows})
+    atomic_write_text(out, markdown(rows, config))
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
