@@ -1,7 +1,7 @@
 """Does `lore-fed train` lose to one shared reward when the population is small? Two commits side by side.
 
-    python -m simulations.bench_small_populations --before REV [--sizes 20,50,100] [--seeds 0,1,2,3,4,5]
-                                                  [--out bench_results/small_populations.md]
+    python -m simulations.bench_small_populations --before REV [--after REV] [--sizes 20,50,100]
+                                                  [--seeds 0,1,2,3,4,5] [--out bench_results/small_populations.md]
 
 A pilot study has tens of users, not hundreds. Each population is the stress matrix's base (`bench_matrix.BASE`:
 isotropic D = 384, true rank 4, 20-40 training pairs per seen user, 100 new users with 10 few-shot pairs, 20 test
@@ -62,7 +62,7 @@ def summary(rows: list[dict], size: int, arm: str) -> dict:
 
 def markdown(rows: list[dict], config: dict) -> str:
     lines = [f"# Small populations: `lore-fed train` - BT, {config['after']} against {config['before']}", "",
-             f"`python -m simulations.bench_small_populations --before {config['before']} --sizes "
+             f"`python -m simulations.bench_small_populations --before {config['before']} --after {config['after']} --sizes "
              f"{','.join(map(str, config['sizes']))} --seeds {','.join(map(str, config['seeds']))}`. The stress "
              "matrix's base population (isotropic D = 384, true rank 4, 20-40 training pairs per seen user, 100 new "
              "users with 10 few-shot pairs) with few seen users. Points, seen / new users; BT is `lore-fed train "
@@ -89,21 +89,22 @@ def markdown(rows: list[dict], config: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--before", required=True, help="git revision of the earlier code")
+    parser.add_argument("--after", default="HEAD", help="git revision of the later code")
     parser.add_argument("--sizes", default="20,50,100")
     parser.add_argument("--seeds", default="0,1,2,3,4,5")
     parser.add_argument("--out", default="bench_results/small_populations.md")
     args = parser.parse_args(argv)
     sizes = [int(s) for s in args.sizes.split(",")]
     seeds = [int(s) for s in args.seeds.split(",")]
-    after = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                           check=True).stdout.strip()
+    revisions = {arm: subprocess.run(["git", "rev-parse", "--short", getattr(args, arm)], cwd=ROOT, capture_output=True,
+                                     text=True, check=True).stdout.strip() for arm in ARMS}
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        tree = Path(tmp) / "before"
-        subprocess.run(["git", "worktree", "add", "--detach", str(tree), args.before], cwd=ROOT, check=True,
-                       capture_output=True)
+        roots = {arm: Path(tmp) / arm for arm in ARMS}
         try:
-            roots = {"before": tree, "after": ROOT}
+            for arm, root in roots.items():
+                subprocess.run(["git", "worktree", "add", "--detach", str(root), revisions[arm]], cwd=ROOT, check=True,
+                               capture_output=True)
             for root in roots.values():
                 check_imports(root)
             for size in sizes:
@@ -115,9 +116,10 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"{size} users, seed {seed}: " + "; ".join(
                         f"{arm} {_gain(cell[arm], 0):+.1f} / {_gain(cell[arm], 1):+.1f}" for arm in ARMS), flush=True)
         finally:
-            subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=ROOT, check=False)
+            for root in roots.values():
+                subprocess.run(["git", "worktree", "remove", "--force", str(root)], cwd=ROOT, check=False)
             subprocess.run(["git", "worktree", "prune"], cwd=ROOT, check=False)
-    config = {"sizes": sizes, "seeds": seeds, "before": args.before, "after": after}
+    config = {"sizes": sizes, "seeds": seeds, **revisions}
     summaries = {f"{size}-{arm}": summary(rows, size, arm) for size in sizes for arm in ARMS}
     out = Path(args.out)
     atomic_write_json(out.with_suffix(".json"), {"config": config, "summary": summaries, "rows": rows})
