@@ -80,7 +80,7 @@ class SplitConfig:
         for name in ("seen_fraction", "train_fraction"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
-                raise PrismPrepareError(f"{name} must be in [0, 1], got {value}")
+                raise PrismPrepareError(f"--{name.replace('_', '-')} must be in [0, 1], got {value}")
 
 
 DEFAULTS = SplitConfig()
@@ -222,6 +222,11 @@ def prepare_dataset(
         files[GROUND_TRUTH_FILE] = ground_truth.read_bytes()
     summary = _summary(release, directory, config, split, pairs, kept, drops)
     summary["population_warnings"] = population_warnings(users, split, config)
+    if any(split.seen.values()) and not summary["pairs_per_split"]["seen_train"]:
+        summary["population_warnings"].append(
+            f"no seen user has training pairs (train fraction {config.train_fraction}: each user's first "
+            f"int({config.train_fraction} x conversations) conversations are its training part): `lore-fed train` "
+            "and `simulate` will refuse this dataset; raise --train-fraction")
     summary["ground_truth_copied"] = GROUND_TRUTH_FILE in files
     files[SUMMARY_JSON] = (json.dumps(summary, indent=2) + "\n").encode()
     _write_outputs(out_dir, files)

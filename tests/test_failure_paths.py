@@ -455,3 +455,13 @@ def test_help_of_every_command_renders_and_points_to_existing_files(capsys):
     text = capsys.readouterr().out
     for ref in re.findall(r"\b(docs/[\w./-]+\.md)", text):
         assert (ROOT / ref).exists(), ref
+
+
+def test_prepare_warns_when_seen_users_get_no_training_pairs_and_names_fraction_flags(tmp_path):
+    code, _, err = cli(["prepare", FIXTURE, "--out", tmp_path / "out", "--min-conversations", "1",
+                        "--train-fraction", "0"])
+    assert code == 0 and "no seen user has training pairs" in err and "--train-fraction" in err
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["pairs_per_split"]["seen_train"] == 0 and summary["population_warnings"]
+    code, _, err = cli(["prepare", FIXTURE, "--out", tmp_path / "bad", "--seen-fraction", "1.5"])
+    assert code == 2 and "--seen-fraction must be in [0, 1]" in err and not (tmp_path / "bad").exists()

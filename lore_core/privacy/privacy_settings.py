@@ -258,7 +258,7 @@ def _check_user_modes(s: PrivacySettings) -> PrivacySettings:
         )
     if s.population_size is None:
         raise PrivacyConfigError(f"mode {s.mode!r} needs population_size N (the number of distinct users)")
-    _positive_finite(s.clip_norm, "clip_norm", "set clip_norm to about the median update norm, e.g. 1.0")
+    _positive_finite(s.clip_norm, "clip_norm", "set clip_norm to about the median update norm (federated runs default to 0.25)")
     n = s.population_size
     if not s.delta < 1 / n:
         raise PrivacyConfigError(f"delta must be < 1/N = {1 / n:.3g} (N = {n} users); got {s.delta}: use at most "
