@@ -4,7 +4,9 @@ benchmark population (PRISM schema, hidden truth) -> PRISM pipeline -> MiniLM pa
 -> centralized reference (`lore-fed train`, which also picks the rank) -> federated training through Flower's
 simulation engine (`lore-fed simulate`, user-level DP by default) -> few-shot adaptation of unseen users on their
 devices -> one report. Every stage is the real command with its own files; a stage whose output already exists is
-skipped, so an interrupted demo resumes where it stopped (the federated run resumes from its checkpoint).
+skipped, so an interrupted demo resumes where it stopped (the federated run resumes from its checkpoint). The flags
+that shape the results are recorded in DIR/demo_flags.json before the first stage; a demo directory made with other
+flags (or from before that record) is refused before anything is written, never reported as a run of these flags.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import json
 import time
 from pathlib import Path
 
-from lore_core.atomic_io import atomic_write_text
+from lore_core.atomic_io import atomic_write_json, atomic_write_text, check_output_path
 from lore_core.prism_schema import GROUND_TRUTH_FILE
 
 
@@ -74,6 +76,60 @@ def check_demo_flags(args: argparse.Namespace) -> None:
               {"num-server-rounds": args.rounds, "clients-per-round": clients, "rank": rank, **privacy_overrides(args)})
 
 
+FLAGS_FILE = "demo_flags.json"
+FLAGS_FORMAT = 1
+# What each stage writes under DIR: any of them without DIR/demo_flags.json is a demo whose flags are unknown.
+STAGE_OUTPUTS = ("prism", "dataset", "centralized", "federated-nonprivate", "federated", "report.md")
+# Flags that change where or how fast the demo computes, not what it computes: they may differ on a resume.
+# --cache-dir: the embedding cache (same embeddings from the cache or computed); --device: the torch device of record
+# mode's DP-SGD step (`simulate` resumes a run on another device too).
+NEUTRAL_FLAGS = ("out", "cache_dir", "device")
+
+
+def demo_flags(args: argparse.Namespace) -> dict:
+    """The flags that determine a demo's results, as recorded in DIR/demo_flags.json (JSON values; after the demo's
+    own defaults are filled in, e.g. the noise multiplier)."""
+    flags = {key: value for key, value in vars(args).items()
+             if not key.startswith("_") and key not in NEUTRAL_FLAGS and key != "command"}
+    if flags.get("rank") not in (None, "auto"):
+        flags["rank"] = int(flags["rank"])  # "--rank 02" is "--rank 2"
+    return json.loads(json.dumps(flags))
+
+
+def _shown(value) -> str:
+    if value is None or value is False:
+        return "(not given)"
+    return "(given)" if value is True else json.dumps(value)
+
+
+def check_demo_dir(out: Path, flags: dict) -> bool:
+    """Refuse (ValueError: exit 2, nothing written) a demo directory made with other flags, or one whose flags are
+    unknown because it predates DIR/demo_flags.json. Returns whether DIR already records these flags (a resume)."""
+    record_file = out / FLAGS_FILE
+    if not record_file.exists():
+        found = [name for name in STAGE_OUTPUTS if (out / name).exists()]
+        if found:
+            raise ValueError(
+                f"--out {out} holds a demo ({', '.join(found)}) without {FLAGS_FILE}, from a lore-fed that did not "
+                "record a demo's flags: its stages cannot be checked against these flags, so they are not reused; "
+                f"give a new --out (or delete {out} to rerun the demo there)")
+        return False
+    try:
+        record = json.loads(record_file.read_text())
+        stored = record["flags"]
+        if not isinstance(stored, dict):
+            raise TypeError("'flags' is not an object")
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"--out {out}: cannot read {record_file} ({exc}); give a new --out") from None
+    differ = [f"--{key.replace('_', '-')}: asked {_shown(flags.get(key))}, "
+              + (f"stored {_shown(stored[key])}" if key in stored else "not recorded")
+              for key in sorted(set(flags) | set(stored)) if flags.get(key) != stored.get(key) or key not in stored]
+    if differ:
+        raise ValueError(f"--out {out} holds a demo made with other settings ({'; '.join(differ)}); give a new --out, "
+                         "or run with the flags it was made with to resume it")
+    return True
+
+
 def _stage(name: str, done: bool, argv: list[str]) -> None:
     from lore_cli.main import CommandFailed, main
 
@@ -95,6 +151,10 @@ def run(args: argparse.Namespace) -> int:
         args.noise_multiplier = DEMO_NOISE_MULTIPLIER
     check_demo_flags(args)
     out = Path(args.out)
+    check_output_path(out, "--out", directory=True)
+    flags = demo_flags(args)
+    if not check_demo_dir(out, flags):  # a new demo: its flags are on disk before its first stage writes
+        atomic_write_json(out / FLAGS_FILE, {"format": FLAGS_FORMAT, "command": "lore-fed demo", "flags": flags})
     prism, dataset, central = out / "prism", out / "dataset", out / "centralized"
     nonprivate, federated = out / "federated-nonprivate", out / "federated"
     cache = ["--cache-dir", args.cache_dir] if args.cache_dir else []

@@ -4,7 +4,7 @@ Each line of `DATASET_DIR/pairs.jsonl` (written by `lore-fed prepare`) is one pr
 `{"user", "history": [messages], "chosen", "rejected", "split", "seen", ...}`; the pair feature is
 diff = e(history, chosen) - e(history, rejected). If `DATASET_DIR/ground_truth.npz` (benchmark truth) was made with
 the same embedder, the true logits are added (`logit_true`); in reward-model mode the model's score head is added
-(`reference_head`).
+(`reference_head`). The embedder's id (`embedder.name`) is stored as `embedder`.
 """
 
 from __future__ import annotations
@@ -106,6 +106,7 @@ def run(args: argparse.Namespace) -> int:
         logit_true=None if truth is None else true_logits(truth, users, diff, truth_path),
         group=None if records["conversation"] is None else np.array(records["conversation"], dtype=str),
         reference_head=embedder.reference_head() if hasattr(embedder, "reference_head") else None,
+        embedder=embedder.name,  # train and simulate copy it into basis.npz; devices check their encoder against it
         source=str(dataset_dir / PAIRS_JSONL),
     )
     out = save_pairs(pairs, dataset_dir)

@@ -137,7 +137,7 @@ def read_population(pairs_path: Path) -> dict:
     columns, _, counts = check_pair_file(pairs_path)
     refuse_untrainable(columns.source, counts.train_users, counts.idle_users)  # every seen user has a training pair
     return {"users": counts.users, "seen_users": counts.seen_users, "largest_client_pairs": counts.largest_client_pairs,
-            "dim": counts.dim, "source": columns.source}
+            "dim": counts.dim, "source": columns.source, "embedder": columns.embedder}
 
 
 def check_run(population: dict, overrides: dict):
@@ -350,7 +350,7 @@ def _simulate(args, pairs_path, population, overrides, settings, privacy, refere
     metrics.update(run_problems(state.history))
     # The reported basis: the server's tail average of the released bases (server/optimizer.py), else the last.
     save_basis(out / "basis.npz", reported_basis(state.optimizer, state.basis), version=state.round,
-               embedder="unknown", prior_pairs=settings.prior_pairs)
+               embedder=population["embedder"] or "unknown", prior_pairs=settings.prior_pairs)
     atomic_write_json(out / "metrics.json", metrics)
     command = "lore-fed simulate " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if sys.argv[1:2] == [
         "simulate"] else "lore-fed simulate"

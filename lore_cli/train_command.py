@@ -124,7 +124,9 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--out {out} holds a federated run ({', '.join(federated)}): a centralized basis there "
                          "would be read as that run's by reports and audits; give another directory")
     pairs_file = resolve_pair_path(args.pairs)
-    large = PairIndex.build(PairColumns.open(pairs_file)).n_users > LARGE_POPULATION
+    columns = PairColumns.open(pairs_file)
+    embedder = columns.embedder or "unknown"  # the pair file's embedder: basis.npz says which space it lives in
+    large = PairIndex.build(columns).n_users > LARGE_POPULATION
     fit, config, metrics, summary, evaluate_seconds = (_train_streamed if large else _train_in_memory)(args, options)
     metrics.update(
         train_seconds=fit.train_seconds,
@@ -142,7 +144,7 @@ def run(args: argparse.Namespace) -> int:
         seed=config.seed,
     )
     out.mkdir(parents=True, exist_ok=True)
-    save_basis(out / "basis.npz", fit.basis, version=0, embedder="unknown", prior_pairs=fit.prior_pairs)
+    save_basis(out / "basis.npz", fit.basis, version=0, embedder=embedder, prior_pairs=fit.prior_pairs)
     # Centralized training holds every user's data anyway; the weights are saved for analysis.
     atomic_save_npz(out / "user_weights.npz", user_id=fit.user_ids.astype(str), user_weights=fit.user_weights)
     atomic_write_json(out / "metrics.json", metrics)

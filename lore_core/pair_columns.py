@@ -27,7 +27,8 @@ import numpy as np
 from lore_core.atomic_io import atomic_path
 from lore_core.npz_file import READ_ERRORS, check_npz_head, unreadable
 from lore_core.pairs import (EXPECTED, OPTIONAL_ARRAYS, REQUIRED_ARRAYS, TEXT_ARRAYS, PairFileError, PairSet,
-                             refuse_all_zero, resolve_pair_path, text_dtype_message)
+                             check_embedder, check_embedder_kind, refuse_all_zero, resolve_pair_path,
+                             text_dtype_message)
 
 READ_ROWS = 1 << 17  # rows per block when a whole file is scanned (~200 MB of diff at D = 384)
 _LOCAL_HEADER = struct.Struct("<4s2B4HL2L2H")  # zip local file header (zipfile.sizeFileHeader = 30 bytes)
@@ -43,11 +44,13 @@ class _Member:
 
 
 class PairColumns:
-    """The arrays of one pair file, read on demand. `source` names the file in every error."""
+    """The arrays of one pair file, read on demand. `source` names the file in every error. `embedder`: the file's
+    embedder id (read and checked on opening: one small scalar), None when the file has none."""
 
     def __init__(self, source: str, members: dict[str, _Member], file: Path | None = None) -> None:
         self.source, self._members, self._file = source, members, file
         self._check_shapes()
+        self.embedder = self._read_embedder()
 
     @classmethod
     def open(cls, path: str | Path) -> "PairColumns":
@@ -64,7 +67,8 @@ class PairColumns:
     def from_pairs(cls, pairs: PairSet) -> "PairColumns":
         """The same interface over a PairSet in memory (a device's own small file, tests)."""
         arrays = {"diff": pairs.diff, "user": pairs.user, "split": pairs.split, "seen": pairs.seen,
-                  "logit_true": pairs.logit_true, "reference_head": pairs.reference_head}
+                  "logit_true": pairs.logit_true, "reference_head": pairs.reference_head,
+                  "embedder": None if pairs.embedder is None else np.asarray(np.str_(pairs.embedder))}
         return cls(pairs.source, {name: _Member(a.dtype, a.shape, None, a) for name, a in arrays.items()
                                   if a is not None})
 
@@ -161,6 +165,21 @@ class PairColumns:
         if head is not None and head.shape != (self.dim,):
             raise PairFileError(f"{where}: reference_head must be finite with shape ({self.dim},) to match diff, "
                                 f"got {head.shape}")
+        embedder = self._members.get("embedder")
+        if embedder is not None:
+            check_embedder_kind(where, embedder.dtype, embedder.shape)  # from the header; the value on opening
+
+    def _read_embedder(self) -> str | None:
+        """The 0-d `embedder` member's value (its dtype and shape checked by `_check_shapes`), not empty."""
+        member = self._members.get("embedder")
+        if member is None:
+            return None
+        if member.array is not None:
+            value = member.array
+        else:
+            value = np.fromfile(self._file, dtype=member.dtype, count=1, offset=member.offset).reshape(())
+        check_embedder(self.source, value)
+        return str(value)
 
 
 def _locate_members(file: Path) -> dict[str, _Member]:
@@ -289,7 +308,7 @@ def user_blocks(columns: PairColumns, index: PairIndex,
                       for name in names}
         else:
             arrays = {name: columns.take(name, rows) for name in names}
-        yield first, stop, PairSet(**arrays, reference_head=head, source=columns.source)
+        yield first, stop, PairSet(**arrays, reference_head=head, embedder=columns.embedder, source=columns.source)
 
 
 def check_pair_file(path: str | Path, rows_per_block: int = READ_ROWS) -> tuple[PairColumns, PairIndex,
@@ -356,8 +375,9 @@ class PairFileWriter:
         return _ColumnStream(name, stream, dtype, tuple(shape))
 
     def array(self, name: str, values: np.ndarray) -> None:
-        """A whole (small) array as one member."""
-        values = np.ascontiguousarray(values)
+        """A whole (small) array as one member; a 0-d array (a scalar such as `embedder`) stays 0-d."""
+        values = np.asarray(values)
+        values = np.ascontiguousarray(values) if values.ndim else values  # ascontiguousarray makes a 0-d array 1-d
         with self.column(name, values.dtype, values.shape) as stream:
             stream.write(values)
 
@@ -372,13 +392,18 @@ class _ColumnStream:
 
     def write(self, chunk: np.ndarray) -> None:
         chunk = np.ascontiguousarray(chunk, dtype=self.dtype)
-        if chunk.shape[1:] != self.shape[1:] or self._rows + len(chunk) > self.shape[0]:
+        rows = len(chunk) if chunk.ndim else 1  # a 0-d member (a scalar such as `embedder`) is one row
+        if chunk.shape[1:] != self.shape[1:] or self._rows + rows > self._declared_rows:
             raise ValueError(f"{self.name}: chunk of shape {chunk.shape} does not fit {self.shape} "
                              f"after {self._rows} rows")
         self._stream.write(chunk.reshape(-1).view(np.uint8).data)
-        self._rows += len(chunk)
+        self._rows += rows
+
+    @property
+    def _declared_rows(self) -> int:
+        return self.shape[0] if self.shape else 1
 
     def __exit__(self, kind, value, traceback) -> None:
         self._stream.close()
-        if kind is None and self._rows != self.shape[0]:
+        if kind is None and self._rows != self._declared_rows:
             raise ValueError(f"{self.name}: {self._rows} rows written, {self.shape} declared")

@@ -10,6 +10,9 @@ Arrays (n pairs, D embedding dims):
   group           str     (n,)    optional: pairs in one group share a response or a conversation (`prepare`
                                   writes the conversation id). Every held-out estimate splits a user's pairs by
                                   group, never inside one; a file without it counts every pair as its own group.
+  embedder        str     ()      optional: the id of the embedder that made diff (`lore-fed embed` writes its
+                                  `.name`); `train` and `simulate` copy it into basis.npz, whose devices compare it
+                                  with their encoder's. A file without it gives a basis of embedder "unknown".
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from lore_core.npz_file import open_npz
 PAIRS_FILENAME = "pairs.npz"
 SPLITS = ("train", "test")
 REQUIRED_ARRAYS = ("diff", "user", "split", "seen")
-OPTIONAL_ARRAYS = ("logit_true", "reference_head", "group")
+OPTIONAL_ARRAYS = ("logit_true", "reference_head", "group", "embedder")
 TEXT_ARRAYS = ("user", "split", "group")  # numpy unicode strings in every reader
 # Real embedders give differences of order 1 (sentence) to a few hundred (reward-model hidden states); a value far
 # beyond is a broken file, and in float32 scores it would overflow or let one pair outweigh every other.
@@ -46,10 +49,13 @@ class PairSet:
     logit_true: np.ndarray | None = None
     reference_head: np.ndarray | None = None
     group: np.ndarray | None = None
+    embedder: str | None = None  # a 0-d unicode array (as read from a file) is checked, then kept as a str
     source: str = "<memory>"
 
     def __post_init__(self) -> None:
         _validate(self)
+        if self.embedder is not None:
+            object.__setattr__(self, "embedder", str(self.embedder))
 
     @property
     def n(self) -> int:
@@ -74,6 +80,7 @@ class PairSet:
             logit_true=None if self.logit_true is None else self.logit_true[mask],
             reference_head=self.reference_head,
             group=None if self.group is None else self.group[mask],
+            embedder=self.embedder,
             source=self.source,
         )
 
@@ -131,6 +138,7 @@ def load_pairs(path: str | Path) -> PairSet:
         logit_true=arrays.get("logit_true"),
         reference_head=arrays.get("reference_head"),
         group=arrays.get("group"),
+        embedder=arrays.get("embedder"),
         source=str(file),
     )
     refuse_all_zero(pairs.diff.any() if len(pairs.diff) else True, file)
@@ -142,6 +150,23 @@ def text_dtype_message(where, name: str, dtype: np.dtype) -> str:
     reader alike rather than compared unequal to str ids downstream."""
     hint = "; bytes: convert with .astype(str)" if dtype.kind == "S" else ""
     return f"{where}: {name} must be an array of strings (numpy unicode, dtype <U...), got {dtype}{hint}"
+
+
+def check_embedder(where, value) -> None:
+    """The optional `embedder` (a 0-d numpy unicode string, not empty), alike in every reader: bytes, a list of
+    names or a number would be copied into a basis file as a name no encoder has."""
+    value = np.asarray(value)
+    check_embedder_kind(where, value.dtype, value.shape)
+    if not str(value):
+        raise PairFileError(f"{where}: embedder must be a non-empty string (the embedder's id), got ''")
+
+
+def check_embedder_kind(where, dtype: np.dtype, shape: tuple) -> None:
+    """`check_embedder`'s dtype and shape part (a column reader checks them from the .npy header)."""
+    if tuple(shape) != () or dtype.kind != "U":
+        hint = "; bytes: convert with .astype(str)" if dtype.kind == "S" else ""
+        raise PairFileError(f"{where}: embedder must be one string (a 0-d numpy unicode array, e.g. "
+                            f"np.str_(embedder.name)), got {dtype} of shape {tuple(shape)}{hint}")
 
 
 def refuse_all_zero(any_nonzero: bool, file: str | Path) -> None:
@@ -180,6 +205,8 @@ def save_pairs(pairs: PairSet, path: str | Path) -> Path:
         arrays["reference_head"] = pairs.reference_head.astype(np.float32)
     if pairs.group is not None:
         arrays["group"] = pairs.group.astype(str)
+    if pairs.embedder is not None:
+        arrays["embedder"] = np.str_(pairs.embedder)
     atomic_save_npz(path, **arrays)
     return path
 
@@ -209,6 +236,8 @@ def _validate(p: PairSet) -> None:
             raise PairFileError(text_dtype_message(where, name, np.asarray(arr).dtype))
     if p.group is not None and np.asarray(p.group).shape != (n,):
         raise PairFileError(f"{where}: group must have shape ({n},) like diff, got {np.asarray(p.group).shape}")
+    if p.embedder is not None:
+        check_embedder(where, p.embedder)
     if p.seen.dtype != np.bool_:
         raise PairFileError(f"{where}: seen must be bool, got {p.seen.dtype}")
     bad_splits = sorted(set(np.unique(p.split).tolist()) - set(SPLITS))

@@ -233,3 +233,39 @@ def test_a_user_level_leak_is_advised_by_how_the_run_was_trained():
     plain = user_membership_audit(basis, diff, users, member)
     assert dp_run["verdict"] == plain["verdict"] == "leak"
     assert "already user-level DP" in dp_run["summary"] and "Train with user-level DP" in plain["summary"]
+
+
+def test_audits_of_w_on_a_rank_one_basis_are_not_applicable_and_stored_like_any_verdict(population, tmp_path):
+    """A rank-1 basis (B = 1) leaves every user's w at 1: extraction reported "LEAK ... recover every user's w" and the
+    attribute and record-membership audits measured noise about that constant. Each now says `not-applicable`, and
+    the verdict goes into the JSON, audits.md, the run report and the ledger as any other (found by a tester)."""
+    from lore_core.privacy import PrivacyLedger, PrivacySettings
+
+    pairs, truth = population
+    basis, users = truth.basis[:1], 40
+    ones = np.ones((users, 1))
+    part = pairs.subset(np.isin(pairs.user, np.unique(pairs.user)[:users]))
+    results = [
+        extraction_audit(basis, ones, noise_std=0.1),
+        attribute_audit({"w_device": ones, "A_only": ones}, {"parity": np.arange(users) % 2 == 0}, permutations=20),
+        record_membership_audit(basis, part.diff, np.unique(part.user, return_inverse=True)[1], users, shadows=8),
+    ]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        PrivacyLedger.create(tmp_path, PrivacySettings(mode="none"))
+    (tmp_path / "report.md").write_text("# run\n")
+    write_audit(tmp_path, extraction_audit(truth.basis, truth.user_weights[:5]), ledger_dir=tmp_path)  # B > 1: a leak
+    assert (tmp_path / "audits" / "extraction.png").exists()
+    for result in results:
+        assert result["verdict"] == "not-applicable" and result["passed"] and result["applicable"] is False
+        assert result["summary"].startswith("not applicable: the basis has rank 1, so every user has the same "
+                                            "weights (w = 1) and they carry no information about the user")
+        write_audit(tmp_path, result, ledger_dir=tmp_path)
+    assert not (tmp_path / "audits" / "extraction.png").exists()  # the B > 1 plot is not this result's
+    entries = json.loads((tmp_path / "ledger.json").read_text())["events"]["audits"]
+    assert [(e["kind"], e["verdict"]) for e in entries] == [
+        ("extraction", "leak"), ("extraction", "not-applicable"), ("attribute", "not-applicable"),
+        ("membership-record", "not-applicable")]
+    markdown = (tmp_path / "audits" / "audits.md").read_text()
+    assert markdown.count("| **not-applicable** |") == 3 and "## membership-record" in markdown
+    assert "### attribute: not-applicable" in (tmp_path / "report.md").read_text()

@@ -137,6 +137,20 @@ def test_ground_truth_file(bench, written, embedder):
         assert {"basis", "user_id", "user_weights", "logit_scale", "embedder", "center"} <= set(data.files)
 
 
+def test_a_synth_pair_file_names_the_embedder_it_was_embedded_with(written, embedder, cache_dir, tmp_path):
+    """synth -> prepare -> embed: pairs.npz carries the embedder's id (the one the truth was made with, so the oracle
+    is kept), which `train` and `simulate` copy into basis.npz."""
+    from lore_cli.main import main
+    from lore_core.pairs import load_pairs
+
+    dataset = tmp_path / "dataset"
+    assert main(["prepare", str(written), "--out", str(dataset), "--min-conversations", "2"]) == 0
+    assert main(["embed", str(dataset), "--cache-dir", str(cache_dir)]) == 0
+    pairs = load_pairs(dataset)
+    assert pairs.embedder == embedder.name == load_ground_truth(written).embedder
+    assert pairs.logit_true is not None
+
+
 def test_truth_stays_out_of_the_jsonl(bench, written):
     text = "".join((written / name).read_text() for name in (SURVEY_FILE, CONVERSATIONS_FILE, UTTERANCES_FILE))
     for word in ("basis", "user_weights", "logit", "reward", "ground_truth"):

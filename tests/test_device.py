@@ -453,3 +453,18 @@ def test_device_adapts_with_the_personal_prior_of_its_basis_file(tmp_path):
         expected = personalize.adapt(basis.astype(np.float32), diff, prior_pairs=prior).user_weights
         np.testing.assert_allclose(state.user_weights, expected, atol=1e-6)
     assert moved[1.0] > 3 * moved[30.0]
+
+
+def test_a_state_on_an_unnamed_basis_keeps_its_choices_when_the_next_basis_names_its_embedder(tmp_path, reference):
+    """Bases written before pair files named their embedder say "unknown"; a device on one adopting a named basis
+    of the same dimension keeps its stored choices (they are embeddings of that space), and a named embedder of
+    another name still counts as another space."""
+    rng = np.random.default_rng(4)
+    unnamed = save_basis(tmp_path / "old.npz", rng.standard_normal((5, 384)), version=1, embedder="unknown")
+    state_dir = _adapted_state(tmp_path, unnamed)  # 8 precomputed pairs, no texts: they cannot be re-embedded
+    named = save_basis(tmp_path / "new.npz", rng.standard_normal((5, 384)), version=2, embedder=reference.name)
+    proc, _ = device(state_dir, "init", "--basis", named, "--reinit")
+    assert "is not named" in proc.stderr and load_state(state_dir).n_pairs == 8
+    other = save_basis(tmp_path / "other.npz", rng.standard_normal((5, 384)), version=3, embedder="another-model")
+    proc, _ = device(state_dir, "init", "--basis", other, "--reinit", check=False)
+    assert proc.returncode == 2 and "another embedder" in proc.stderr and load_state(state_dir).n_pairs == 8

@@ -324,11 +324,19 @@ def test_embed_command_end_to_end(minilm, tmp_path, capsys):
     assert pairs.user.tolist() == ["user1", "user1", "user2"] and pairs.seen.tolist() == [True, True, False]
     assert pairs.split.tolist() == ["train", "test", "train"] and pairs.reference_head is None
     assert pairs.group.tolist() == ["c0", "c0", "c1"]  # the conversation: held-out sets never split it
+    assert pairs.embedder == minilm.name  # stored: train and simulate copy it into basis.npz for devices
     weights = np.array([[1.0, 0.0], [1.0, 0.0], [0.2, 0.8]])
     np.testing.assert_allclose(pairs.logit_true, 3.0 * ((expected @ basis.T) * weights).sum(1), rtol=1e-5, atol=1e-4)
 
     assert cli_main(["embed", str(dataset), "--cache-dir", cache]) == 0
     assert "0 embedded, 6 served from cache" in capsys.readouterr().out
+
+    from lore_core.basis_file import load_basis
+
+    run = tmp_path / "run"  # the embedder's id reaches the basis that devices check their encoder against
+    assert cli_main(["train", str(dataset), "--rank", "1", "--l2", "0.001", "--prior-pairs", "3", "--objective",
+                     "joint", "--out", str(run)]) == 0
+    assert load_basis(run / "basis.npz").embedder == minilm.name
 
 
 def test_embed_command_without_conversations_writes_no_group(minilm, tmp_path, capsys):
@@ -379,4 +387,5 @@ def test_embed_command_reward_model_adds_reference_head(tiny_llama_rm, tmp_path,
     pairs = load_pairs(tmp_path)
     embedder = RewardModelEmbedder(tiny_llama_rm, use_cache=False)
     np.testing.assert_array_equal(pairs.reference_head, embedder.reference_head())
+    assert pairs.embedder == embedder.name
     assert pairs.dim == 32 and "reference_head" in capsys.readouterr().out

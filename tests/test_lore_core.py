@@ -92,7 +92,8 @@ def test_rank_auto_reports_every_candidate_and_keeps_the_chosen_one(small_pairs)
     assert (fit.rank, fit.prior_pairs) == (chosen["rank"], chosen["prior_pairs"])
     for row in fit.selection:  # each candidate's honest estimate and its standard error
         assert 0 <= row["seen_acc"] <= 1 and 0 <= row["new_acc"] <= 1 and row["seen_se"] > 0 and row["new_se"] > 0
-    assert fit.held_out["groups"] == "group array" and fit.held_out["new_fold_users"] == 8
+    assert fit.held_out["groups"] == "group array" and fit.held_out["folds"] == 5  # 40 users: 5 folds of 8 new
+    assert fit.held_out["new_fold_users"] == 40
 
 
 def test_training_is_seeded(small_pairs):

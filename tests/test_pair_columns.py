@@ -115,6 +115,19 @@ def test_writer_streams_columns_and_leaves_nothing_on_failure(tmp_path, pairs):
     assert target.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["out.npz"]
 
 
+def test_writer_writes_a_0d_embedder_that_both_readers_read(tmp_path, pairs):
+    target = tmp_path / "e.npz"
+    with pair_file_writer(target) as out:
+        for name in ("diff", "user", "split", "seen"):
+            out.array(name, getattr(pairs, name))
+        out.array("embedder", np.str_("gt_minilm@1"))
+    with np.load(target) as data:
+        assert data["embedder"].shape == ()
+    assert load_pairs(target).embedder == "gt_minilm@1" and check_pair_file(target)[0].embedder == "gt_minilm@1"
+    columns, index, _ = check_pair_file(target)
+    assert {block.embedder for _, _, block in user_blocks(columns, index, rows_per_block=10)} == {"gt_minilm@1"}
+
+
 def test_streamed_generator_writes_the_in_memory_population(tmp_path, monkeypatch):
     monkeypatch.setattr(synthetic_pairs, "CHUNK_VALUES", 40)  # many chunks of a few rows
     in_memory, truth = make_synthetic_pairs(SMALL)

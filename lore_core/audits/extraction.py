@@ -3,13 +3,15 @@
 A personalised score of a pair is s(d) = w . A d. With A public, B queries d_k = A^+ e_k (pseudo-inverse columns)
 give s_k = w_k exactly; any B queries with A d_k linearly independent give w by least squares. The audit runs that
 attack on every user's w against the scorer as served (optionally noised per query), reporting queries needed and
-the recovery error, and the advice that follows.
+the recovery error, and the advice that follows. A rank-1 basis (B = 1) is `not-applicable`: w = 1 for everybody, so
+a served score is the shared reward A d and recovering w reveals nothing.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from lore_core.audits.not_applicable import is_rank_one, rank_one_result
 from lore_core.audits.statistics import AuditInputError
 from lore_core.audits.update_leakage import row_cosine
 
@@ -34,6 +36,11 @@ def extraction_audit(basis: np.ndarray, weights: np.ndarray, *, noise_std: float
     basis, weights = np.asarray(basis, dtype=np.float64), np.asarray(weights, dtype=np.float64)
     if basis.ndim != 2 or weights.ndim != 2 or weights.shape[1] != basis.shape[0]:
         raise AuditInputError(f"need basis (B, D) and weights (U, B); got {basis.shape} and {weights.shape}")
+    if is_rank_one(basis.shape[0]):
+        return rank_one_result(
+            "extraction", "A personalised score is then the shared reward A d, the same for every user: recovering w "
+            "from served scores reveals nothing about the user.", seed=seed, queries_needed=0,
+            users=int(len(weights)), noise_std=noise_std)
     rng = np.random.default_rng(seed)
     n_basis = basis.shape[0]
     exact_queries = np.linalg.pinv(basis).T  # (B, D): A d_k = e_k

@@ -9,12 +9,16 @@ users: what a single shared reward model gives). Figures:
 - minority preferences: users whose w lies farthest from the population mean (top quartile of |w - mean w|) vs the
   rest, and the gain of personalisation (LoRe minus population reward) in each.
 Fails when a gap's CI lies wholly above `tolerance`, or personalisation makes minority-preference users worse off.
+At rank 1 (B = 1) every user's w is 1: LoRe is the population reward and no user lies farther from the mean than
+another, so the minority-preference comparison is not applicable (`applicable` False); the group and few-pairs
+comparisons, about who the reward serves, still run.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from lore_core.audits.not_applicable import RANK_ONE_REASON, is_rank_one
 from lore_core.audits.statistics import AuditInputError, bootstrap_mean_ci
 from lore_core.pairs import PairSet
 from lore_core.reward_math import per_user_accuracy
@@ -97,20 +101,26 @@ def fairness_audit(per_user: dict, demographics: dict[str, np.ndarray] | None = 
     low = n_train <= np.quantile(n_train, 0.25)
     few = _difference(acc[~low], acc[low], n_boot, alpha, rng)
     few["threshold_pairs"] = int(np.quantile(n_train, 0.25))
-    far = per_user["distance_from_mean"] >= np.quantile(per_user["distance_from_mean"], 0.75)
-    gain = acc - pop
-    minority = {
-        "gain_minority": {"difference": float(np.nanmean(gain[far])),
-                          "ci": list(bootstrap_mean_ci(gain[far & ~np.isnan(gain)], n_boot=n_boot, alpha=alpha,
-                                                       rng=rng))},
-        "gain_majority": {"difference": float(np.nanmean(gain[~far])),
-                          "ci": list(bootstrap_mean_ci(gain[~far & ~np.isnan(gain)], n_boot=n_boot, alpha=alpha,
-                                                       rng=rng))},
-        "acc_lore_minority": float(np.nanmean(acc[far])), "acc_lore_majority": float(np.nanmean(acc[~far])),
-        "acc_population_minority": float(np.nanmean(pop[far])),
-        "acc_population_majority": float(np.nanmean(pop[~far])),
-        "minority_users": int(far.sum()),
-    }
+    rank = int(np.shape(per_user["weights"])[1])
+    if is_rank_one(rank):
+        minority = {"applicable": False, "reason": f"{RANK_ONE_REASON}: LoRe is the population reward, and no "
+                                                   "user's preferences lie farther from the mean than another's"}
+    else:
+        far = per_user["distance_from_mean"] >= np.quantile(per_user["distance_from_mean"], 0.75)
+        gain = acc - pop
+        minority = {
+            "applicable": True,
+            "gain_minority": {"difference": float(np.nanmean(gain[far])),
+                              "ci": list(bootstrap_mean_ci(gain[far & ~np.isnan(gain)], n_boot=n_boot, alpha=alpha,
+                                                           rng=rng))},
+            "gain_majority": {"difference": float(np.nanmean(gain[~far])),
+                              "ci": list(bootstrap_mean_ci(gain[~far & ~np.isnan(gain)], n_boot=n_boot, alpha=alpha,
+                                                           rng=rng))},
+            "acc_lore_minority": float(np.nanmean(acc[far])), "acc_lore_majority": float(np.nanmean(acc[~far])),
+            "acc_population_minority": float(np.nanmean(pop[far])),
+            "acc_population_majority": float(np.nanmean(pop[~far])),
+            "minority_users": int(far.sum()),
+        }
     findings = []
     for attr, parts in groups.items():
         for part, table in parts.items():
@@ -119,21 +129,25 @@ def fairness_audit(per_user: dict, demographics: dict[str, np.ndarray] | None = 
                 findings.append(f"{attr} ({part}): {gap['worst']} is served {gap['gap']:.3f} worse than {gap['best']}")
     if few["ci"] and few["ci"][0] > tolerance:
         findings.append(f"users with <= {few['threshold_pairs']} training pairs are served {few['difference']:.3f} worse")
-    if minority["gain_minority"]["ci"][1] < 0:
+    if minority["applicable"] and minority["gain_minority"]["ci"][1] < 0:
         findings.append("personalisation makes minority-preference users worse off than the population reward")
     passed = not findings
-    g_min, g_maj = minority["gain_minority"], minority["gain_majority"]
+    if minority["applicable"]:
+        g_min, g_maj = minority["gain_minority"], minority["gain_majority"]
+        gains = (f"minority-preference users {g_min['difference']:+.3f} [{g_min['ci'][0]:+.3f}, "
+                 f"{g_min['ci'][1]:+.3f}], others {g_maj['difference']:+.3f}")
+    else:
+        gains = "not applicable (the basis has rank 1: every user has w = 1, so LoRe is the population reward)"
     sentence = (("PASS: " if passed else "FAIL: " + "; ".join(findings) + ". ")
-                + f"Personalisation gain over the population reward: minority-preference users "
-                f"{g_min['difference']:+.3f} [{g_min['ci'][0]:+.3f}, {g_min['ci'][1]:+.3f}], others "
-                f"{g_maj['difference']:+.3f}; few-pairs gap {few['difference'] if few['difference'] is None else round(few['difference'], 3)}"
+                + f"Personalisation gain over the population reward: {gains}; few-pairs gap "
+                f"{few['difference'] if few['difference'] is None else round(few['difference'], 3)}"
                 + ("." if passed else " Collect more pairs from under-served groups or raise their weight in training."))
     return {
         "audit": "fairness", "verdict": "pass" if passed else "fail", "passed": passed, "summary": sentence,
         "findings": findings, "groups": groups, "few_pairs": few, "minority_preferences": minority,
         "overall": {"acc_lore": float(np.nanmean(acc)), "acc_population": float(np.nanmean(pop)),
                     "seen_users": int(seen.sum()), "unseen_users": int((~seen).sum())},
-        "tolerance": tolerance, "min_group": min_group,
+        "tolerance": tolerance, "min_group": min_group, "basis_rank": rank,
         "method": "per-user test accuracy (strict > 0) with w fitted on the user's training / few-shot pairs; "
                   "population reward = mean w of the seen users; percentile bootstrap over users; minority "
                   "preferences = top quartile of |w - mean w|",

@@ -11,6 +11,8 @@ User level (was this user in training?): members are the seen users, non-members
 how well the released basis explains n of its pairs (mean loss at its own fitted w on those pairs, lower = member),
 with n the same for everybody.
 Figures: AUC (DeLong CI), TPR at 1% and 0.1% FPR, Clopper-Pearson epsilon lower bound at the best threshold.
+At rank 1 (B = 1) the record level is `not-applicable` (w = 1 whatever pairs it is fitted on); the user level, a
+question about the released basis, still runs.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from lore_core.audits.statistics import (
     roc_curve,
     tpr_at_fpr,
 )
+from lore_core.audits.not_applicable import is_rank_one, rank_one_result
 from lore_core.reward_math import bt_loss
 from lore_core.simplex_fit import DEFAULT_PRIOR_STRENGTH, fit_user_weights
 
@@ -77,6 +80,12 @@ def record_membership_audit(
     """Candidates: pairs diff (n, D) of users user_idx (n,) in [0, n_users); basis (B, D)."""
     if shadows < 4:
         raise AuditInputError(f"LiRA needs at least 4 shadow fits; got {shadows}")
+    if is_rank_one(np.shape(basis)[0]):
+        return rank_one_result(
+            "membership", "w_i is 1 whatever pairs it is fitted on, so it cannot tell which pairs those were. Whether "
+            "a user took part at all is a question about the basis: `lore-fed audit membership --level user`.",
+            seed=seed, level="record", candidates=int(len(diff)), users=int(n_users), shadows=shadows, delta=delta,
+            alpha=alpha)
     rng = np.random.default_rng(seed)
     scores = np.asarray(diff, dtype=np.float64) @ np.asarray(basis, dtype=np.float64).T  # (n, B)
     member = rng.random(len(scores)) < 0.5

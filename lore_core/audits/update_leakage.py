@@ -11,12 +11,15 @@ Recovered w_hat = top left singular vector, sign fixed to a positive sum, negati
 Figures: mean cos(w_hat_i, w_i) with a bootstrap CI against prior-only guesses (another user's w, uniform w, the
 population mean w: what an attacker knows without the user's update), and the AUC of telling the user's own training
 pairs from its held-out pairs by |cos(v, d)| with the right singular vector v.
+At rank 1 (B = 1) w = 1 for every user, so recovering it tells nothing: the verdict is then about the pairs alone
+(`w_applicable` False), which the update still carries.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from lore_core.audits.not_applicable import RANK_ONE_REASON, is_rank_one
 from lore_core.audits.statistics import AuditInputError, auc, bootstrap_mean_ci, delong_auc_ci
 
 VIEWS = ("single", "summed", "secagg")
@@ -164,38 +167,48 @@ def update_leakage_audit(
             "cosines_sample": [round(float(c), 4) for c in cos[:400]],
         }
     target = views[MODE_VIEW[mode]]
-    leaks_w = target["gain_ci"][0] > COSINE_MARGIN
+    w_applicable = not is_rank_one(updates.shape[1])  # rank 1: w = 1 for everybody, recovering it tells nothing
+    leaks_w = w_applicable and target["gain_ci"][0] > COSINE_MARGIN
     leaks_pairs = target["pair_membership_auc_ci"][0] > 0.5 + AUC_MARGIN
     leak = leaks_w or leaks_pairs
     # Too few users to tell: the CIs reach past the margins without clearing them (e.g. 6 users at rank 2, where the
     # best prior guess already has cosine 0.9). Not "at chance", which would claim what was not measured.
-    unsure = not leak and (target["gain_ci"][1] > COSINE_MARGIN
+    unsure = not leak and ((w_applicable and target["gain_ci"][1] > COSINE_MARGIN)
                            or target["pair_membership_auc_ci"][1] > 0.5 + AUC_MARGIN)
     verdict = "leak" if leak else "inconclusive" if unsure else "no-leak"
     chance = prior_figures[chance_name]
     verdict_text = {"leak": "LEAK", "inconclusive": "inconclusive", "no-leak": "no leak"}[verdict]
+    auc_ci = target["pair_membership_auc_ci"]
+    if w_applicable:
+        finding = (f"from the {MODE_VIEW[mode]} view (mode {mode}) the server recovers w with mean cosine "
+                   f"{target['cosine_mean']:.3f} [{target['cosine_ci'][0]:.3f}, {target['cosine_ci'][1]:.3f}] vs "
+                   f"{chance['mean']:.3f} for the best guess without the update ({chance_name}); pair-membership AUC "
+                   f"{target['pair_membership_auc']:.3f}. ")
+        margins = f"({COSINE_MARGIN} in cosine, {0.5 + AUC_MARGIN} in AUC)"
+    else:
+        finding = (f"from the {MODE_VIEW[mode]} view (mode {mode}) the server tells a user's training pairs from its "
+                   f"held-out pairs with AUC {target['pair_membership_auc']:.3f} [{auc_ci[0]:.3f}, {auc_ci[1]:.3f}]; "
+                   f"recovering w is not applicable: {RANK_ONE_REASON}. ")
+        margins = f"({0.5 + AUC_MARGIN} in AUC)"
     sentence = (
-        f"{verdict_text}: from the {MODE_VIEW[mode]} view (mode {mode}) the server recovers w with "
-        f"mean cosine {target['cosine_mean']:.3f} [{target['cosine_ci'][0]:.3f}, {target['cosine_ci'][1]:.3f}] vs "
-        f"{chance['mean']:.3f} for the best guess without the update ({chance_name}); pair-membership AUC "
-        f"{target['pair_membership_auc']:.3f}. "
-        + {"leak": "Hide single updates from the server (SecAgg with many users per round, or local noise) or treat "
-                   "w_i as known to the server.",
-           "inconclusive": f"The confidence intervals reach past the margins ({COSINE_MARGIN} in cosine, "
-                           f"{0.5 + AUC_MARGIN} in AUC) without clearing them: too wide to tell over {len(updates)} "
-                           "users; audit a larger population.",
-           "no-leak": "At chance: the server's view does not single out users' w or pairs."}[verdict]
+        f"{verdict_text}: {finding}"
+        + {"leak": "Hide single updates from the server (SecAgg with many users per round, or local noise)"
+                   + (" or treat w_i as known to the server." if w_applicable else "."),
+           "inconclusive": f"The confidence intervals reach past the margins {margins} without clearing them: too "
+                           f"wide to tell over {len(updates)} users; audit a larger population.",
+           "no-leak": "At chance: the server's view does not single out users' "
+                      + ("w or pairs." if w_applicable else "pairs.")}[verdict]
     )
     return {
         "audit": "update-leakage", "verdict": verdict, "passed": verdict == "no-leak", "summary": sentence,
         "mode": mode, "view": MODE_VIEW[mode], "users": int(len(updates)), "rank": int(updates.shape[1]),
         "clients_per_round": clients_per_round, "rounds_per_user": rounds_per_user, "clip_norm": clip_norm,
         "local_noise": local_noise, "views": views, "chance": prior_figures, "chance_level": chance_name,
-        "leaks_w": bool(leaks_w), "leaks_pairs": bool(leaks_pairs),
+        "leaks_w": bool(leaks_w), "leaks_pairs": bool(leaks_pairs), "w_applicable": w_applicable,
         "method": "batched SVD of the observed update(s); w_hat = top left singular vector on the simplex; pair "
                   "membership |cos(v, d)| with the top right singular vector; bootstrap percentile CIs over users "
                   f"(DeLong normal CI for the pair AUC); leak = gain over the best prior-only guess with CI above {COSINE_MARGIN} or pair "
                   f"AUC CI above {0.5 + AUC_MARGIN}; inconclusive = neither, with a CI reaching past its "
-                  "margin",
+                  "margin" + ("" if w_applicable else "; rank 1: w not judged (the same for every user)"),
         "seed": seed, "trials": int(len(updates)), "n_boot": n_boot, "alpha": alpha,
     }
