@@ -266,6 +266,9 @@ def test_audits_of_w_on_a_rank_one_basis_are_not_applicable_and_stored_like_any_
     assert [(e["kind"], e["verdict"]) for e in entries] == [
         ("extraction", "leak"), ("extraction", "not-applicable"), ("attribute", "not-applicable"),
         ("membership-record", "not-applicable")]
+    # A review found the ledger entry without the reason: a reader counting `passed` saw three plain passes.
+    assert all(e["applicable"] is False and "rank 1" in e["reason"] for e in entries[1:])
+    assert "applicable" not in entries[0] and "reason" not in entries[0]
     markdown = (tmp_path / "audits" / "audits.md").read_text()
     assert markdown.count("| **not-applicable** |") == 3 and "## membership-record" in markdown
     assert "### attribute: not-applicable" in (tmp_path / "report.md").read_text()

@@ -405,11 +405,14 @@ UNKNOWN_EMBEDDER = "unknown"  # what `train` and `simulate` wrote before pair fi
 def _rebase(old: DeviceState, basis: BasisFile, encoder: str | None) -> DeviceState:
     """Adopt a new basis: keep the pairs if they live in the same embedding space, else re-embed the raw
     choices (or drop them when that is impossible); w is refitted from scratch (old w is in old coordinates)."""
-    unnamed = UNKNOWN_EMBEDDER in (old.basis.embedder, basis.embedder)  # bases written before pair files named it
-    same_space = old.basis.dim == basis.dim and (old.basis.embedder == basis.embedder or unnamed)
-    if same_space and unnamed and old.basis.embedder != basis.embedder:
-        print(f"note: the embedder of one basis is not named ({old.basis.embedder!r} -> {basis.embedder!r}); the "
-              f"stored choices are kept as embeddings of the same {basis.dim}-d space", file=sys.stderr)
+    # A state on a basis written before pair files named their embedder ("unknown") may adopt a named one of its
+    # dimension without re-embedding (what every basis was assumed to be then); never the other way round: a named
+    # space followed by an unnamed basis may be another model's.
+    named_now = old.basis.embedder == UNKNOWN_EMBEDDER and basis.embedder != UNKNOWN_EMBEDDER
+    same_space = old.basis.dim == basis.dim and (old.basis.embedder == basis.embedder or named_now)
+    if same_space and named_now:
+        print(f"note: the state's basis did not name its embedder; its stored choices are kept as embeddings of "
+              f"{basis.embedder!r} ({basis.dim}-d)", file=sys.stderr)
     if not same_space:
         encoder = _check_rebase_keeps_choices(old, basis, encoder)
     state = replace(old, basis=basis, encoder=encoder, user_weights=None, posterior_mode=None, posterior_cov=None,

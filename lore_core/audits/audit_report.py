@@ -15,8 +15,8 @@ from lore_core.atomic_io import atomic_write_json, atomic_write_text
 from lore_core.audits.not_applicable import NOT_APPLICABLE
 
 AUDITS_DIR = "audits"
-SUMMARY_KEYS = ("verdict", "passed", "epsilon_lb", "epsilon_claimed", "mode", "level", "seed", "trials", "alpha",
-                "delta")
+SUMMARY_KEYS = ("verdict", "passed", "applicable", "epsilon_lb", "epsilon_claimed", "mode", "level", "seed", "trials",
+                "alpha", "delta")
 
 
 def _jsonable(value: Any) -> Any:
@@ -59,6 +59,8 @@ def write_audit(out_dir: str | Path, result: dict, *, ledger_dir: str | Path | N
         entry = {"kind": name, "file": str(path)} | {k: clean[k] for k in SUMMARY_KEYS if k in clean}
         if isinstance(clean.get("epsilon_lb"), dict):
             entry["epsilon_lb"] = clean["epsilon_lb"].get("epsilon_lb")
+        if clean.get("applicable") is False:  # a pass by construction, not a measurement: the ledger says why
+            entry["reason"] = clean.get("summary", "")
         append_audit(ledger_dir, entry)
     write_markdown(folder)
     link_into_run_report(out_dir)
