@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from lore_core.setting_names import SettingError, setting
+
 ARRAYS = "arrays"
 CONFIG = "config"
 METRICS = "metrics"
@@ -100,14 +102,15 @@ def personal_prior_pairs(run_config: dict) -> float:
 
 def config_number(key: str, value, kind: type = float, alternative: str = ""):
     """A run-config value as int or float, parsed the same way by server and clients: a bool, a non-number or a
-    fraction for an int is a ValueError naming its key (the server turns it into RunConfigError: exit 2)."""
+    fraction for an int is a ValueError (SettingError) naming its key (the server turns it into RunConfigError:
+    exit 2)."""
     try:
         number = None if isinstance(value, bool) else float(value)
     except (TypeError, ValueError):
         number = None
     if number is None or (kind is int and not number.is_integer()):
-        raise ValueError(f"run config `{key}` must be {'an integer' if kind is int else 'a number'}{alternative}, "
-                         f"got {value!r}")
+        raise SettingError(f"{setting(key)} must be {'an integer' if kind is int else 'a number'}{alternative}, "
+                           f"got {value!r}")
     return int(number) if kind is int else number
 
 

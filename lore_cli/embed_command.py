@@ -39,7 +39,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         default="auto",
         help="auto: reward-model for a one-label *ForSequenceClassification model, else sentence",
     )
-    parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     add_batch_size(parser)
     parser.add_argument(
         "--max-length", type=int, default=None, help="token limit (default 256 sentence, 4096 reward-model)"
@@ -69,6 +69,9 @@ def add_batch_size(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from lore_cli.train_command import check_device
+
+    check_device(args.device)  # by the flag's name, before the model loads (the embedder's check names `device`)
     from transformers.utils import logging as transformers_logging
 
     from lore_core.embeddings import load_embedder

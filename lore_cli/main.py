@@ -68,7 +68,7 @@ def _main(argv: list[str]) -> int:
         return int(args._run(args) or 0)
     except (ValueError, FileNotFoundError, RunDirBusy) as exc:
         # Bad input: a clear message, no traceback.
-        print(f"lore-fed {command}: error: {exc}", file=sys.stderr)
+        print(f"lore-fed {command}: error: {_message(exc, args)}", file=sys.stderr)
         return 2
     except OSError as exc:
         if exc.filename is None:
@@ -82,6 +82,34 @@ def _main(argv: list[str]) -> int:
         print(f"lore-fed {command}: interrupted; a run directory resumes when the same command is run again",
               file=sys.stderr)
         return 130
+
+
+# Run-config keys set by a flag of another name (simulate, demo); every other key's flag is --KEY.
+FLAG_OF_KEY = {"privacy-mode": "--privacy", "num-server-rounds": "--rounds"}
+
+
+def _message(exc: Exception, args: argparse.Namespace) -> str:
+    """The message of bad input. A run config's error (server.run_settings.RunConfigError, shared by simulate, demo,
+    deploy and the ServerApp) names run-config keys; here they are written as this command's user types them:
+    `-c key=value` where the command takes run-config overrides (deploy local), else the command's flag named after
+    the key (simulate, demo: --eval-every 0), else the run config's key (pyproject.toml, which no flag sets)."""
+    from lore_core.setting_names import SettingError, as_flags, as_option
+
+    if not isinstance(exc, SettingError):
+        return str(exc)
+    from server.run_settings import RunConfigError
+
+    if not isinstance(exc, RunConfigError):
+        return str(exc)
+    given = vars(args)
+    if "run_config" in given:
+        return exc.spelled(as_option("-c"))
+
+    def flag_of(key: str) -> str | None:
+        flag = FLAG_OF_KEY.get(key, f"--{key}")
+        return flag if flag[2:].replace("-", "_") in given else None
+
+    return exc.spelled(as_flags(flag_of))
 
 
 def _format_warning(message, category, *_args, **_kwargs) -> str:

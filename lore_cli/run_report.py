@@ -177,6 +177,8 @@ def write_report(run_dir: str | Path, history: list[dict], metrics: dict, refere
     ]
     for label, key, oracle_key in rows:
         lines.append(f"| {label} | {cell(metrics, key)} | {cell(reference, key)} | {cell(metrics, oracle_key)} |")
+    if reference and reference.get("path"):
+        lines += ["", f"Centralized reference: `{reference['path']}` (recorded in `metrics.json`, `reference`)."]
     lines += ["", "Per-user accuracy (strict `> 0`), unweighted mean over users. Seen users use their private weights "
               "refit on their own training pairs; unseen users fit weights on their few-shot pairs with the basis "
               "frozen.", ""]
@@ -191,4 +193,8 @@ def write_report(run_dir: str | Path, history: list[dict], metrics: dict, refere
     lines += privacy_section(run_dir)
     report = run_dir / "report.md"
     atomic_write_text(report, "\n".join(lines) + "\n")
+    from lore_core.audits.audit_report import AUDITS_DIR, link_into_run_report
+
+    if any((run_dir / AUDITS_DIR).glob("*.json")):  # audits of this run (`lore-fed audit`): their section stays
+        link_into_run_report(run_dir)
     return report

@@ -1,10 +1,14 @@
 """`lore-fed simulate PAIRS.npz|DATASET --out DIR [--rounds R] [--clients-per-round M] [--rank B] [--privacy MODE ...]`:
 federated LoRe through Flower's simulation engine, user-level DP by default (defaults: DEFAULT_ROUNDS rounds,
-DEFAULT_CLIENTS_PER_ROUND users per round or all of a smaller population, rank from the run config). Writes DIR/metrics.json (the keys of
-`lore-fed train` + rounds, wall_seconds, privacy_mode, and under DP epsilon, epsilon_rdp, delta, noise_multiplier,
-clip_norm), DIR/ledger.json (the privacy ledger), DIR/rounds.jsonl, DIR/report.md (+ plot) and DIR/checkpoint.npz.
+DEFAULT_CLIENTS_PER_ROUND users per round or all of a smaller population, rank from the run config). Writes
+DIR/metrics.json (the final evaluation's keys of `lore-fed train`, the true-basis ceiling on a benchmark, rank,
+prior_pairs, objective, train_prior_pairs, l2, pairs_path, pairs_fingerprint, + rounds, wall_seconds, privacy_mode,
+and under DP epsilon, epsilon_rdp, delta, noise_multiplier, clip_norm; `reference` when a centralized reference was
+given, kept by reruns), DIR/ledger.json (the privacy ledger), DIR/rounds.jsonl, DIR/report.md (+ plot; and the
+audits' section when DIR/audits/ holds any) and DIR/checkpoint.npz.
 The pair file is read and validated once, here, before Ray starts or DIR is written; the privacy settings are
-validated against its population at the same time. DIR is locked for the whole run (a second run on it is refused).
+validated against its population at the same time. DIR is locked for the whole run (a second run on it is refused);
+a resume refused under the lock leaves DIR as it was, its lock file included.
 Re-running with the same DIR and settings resumes after the last finished round (and continues the ledger)."""
 
 from __future__ import annotations
@@ -132,12 +136,15 @@ def read_population(pairs_path: Path) -> dict:
     once) -> the counts the run needs."""
     from lore_core.pair_columns import check_pair_file
 
-    from lore_cli.train_command import refuse_untrainable
+    from lore_cli.train_command import benchmark_truth, refuse_untrainable
 
     columns, _, counts = check_pair_file(pairs_path)
     refuse_untrainable(columns.source, counts.train_users, counts.idle_users)  # every seen user has a training pair
     return {"users": counts.users, "seen_users": counts.seen_users, "largest_client_pairs": counts.largest_client_pairs,
-            "dim": counts.dim, "source": columns.source, "embedder": columns.embedder}
+            "dim": counts.dim, "source": columns.source, "embedder": columns.embedder,
+            # a benchmark's hidden basis (ground_truth.npz beside the pair file), read now so that a damaged one is
+            # refused before anything runs; used only after the last round (`benchmark_metrics`)
+            "true_basis": benchmark_truth(columns)}
 
 
 def check_run(population: dict, overrides: dict):
@@ -149,13 +156,8 @@ def check_run(population: dict, overrides: dict):
     from server.run_settings import ServerSettings
     from simulations.flower_run import ROOT
 
-    from lore_cli.train_command import check_rank
-
     settings = ServerSettings.from_run_config(get_fused_config_from_dir(ROOT, overrides))
-    check_rank(settings.rank, population["dim"], "--rank", population["source"])
-    if settings.clients_per_round > population["seen_users"]:
-        raise ValueError(f"--clients-per-round {settings.clients_per_round} is more than the "
-                         f"{population['seen_users']} seen users of {population['source']}; lower it")
+    settings.check_population(population["seen_users"], population["dim"], population["source"])
     privacy = settings.privacy_settings(population["seen_users"], population["dim"])
     largest = population["largest_client_pairs"]
     if privacy.mode == "record" and not privacy.delta < 1 / largest:
@@ -238,14 +240,17 @@ def run(args: argparse.Namespace) -> int:
     settings, privacy = check_run({**population, "seen_users": population["seen_users"] + args.canaries}, overrides)
     nodes_for(population["users"], args.users_per_node)  # a bad --users-per-node fails here too
     canaries = canary_secrets(args, (settings.rank, population["dim"]))  # fail closed: before Ray, before DIR exists
-    with RunDirLock(out):
+    # The lock is taken before the checks (a concurrent run could be writing the checkpoint), but the lock file is
+    # written only once they pass: a refused run leaves the directory as it was, .lock included.
+    with RunDirLock(out, announce=False) as lock:
         previous, data = check_resume(out, pairs_path, settings, privacy)  # before Ray: another run's is refused
+        lock.announce()
         if canaries is not None and not Path(args.canary_secrets).exists():
             from federation.canary_users import save_canaries
 
             save_canaries(args.canary_secrets, canaries)
         record_pairs(out, data)
-        return _simulate(args, pairs_path, population, overrides, settings, privacy, reference, out, previous)
+        return _simulate(args, pairs_path, population, overrides, settings, privacy, reference, out, previous, data)
 
 
 def check_resume(out: Path, pairs_path: Path, settings, privacy):
@@ -306,7 +311,47 @@ def canary_secrets(args: argparse.Namespace, shape: tuple[int, int]):
     return canaries
 
 
-def _simulate(args, pairs_path, population, overrides, settings, privacy, reference, out, previous) -> int:
+def benchmark_metrics(pairs_path: Path, true_basis, prior_pairs: float) -> dict:
+    """On a benchmark (a hidden basis beside the pair file): `lore-fed train`'s true-basis ceiling, every user's w fit
+    on the hidden basis with the run's personal prior. Computed by this command from the pair file, in blocks of
+    whole users, once the last round is done: it reads raw data without noise (the ledger lists it as not covered,
+    with the evaluation) and a deployed server could not compute it."""
+    if true_basis is None:
+        return {}
+    from lore_core.streamed_training import true_basis_streamed
+
+    return true_basis_streamed(pairs_path, true_basis, prior_pairs)
+
+
+def recorded_metrics(out: Path) -> dict:
+    """The run directory's metrics.json as an earlier start of this run wrote it ({} if none or unreadable)."""
+    import json
+
+    try:
+        metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return metrics if isinstance(metrics, dict) else {}
+
+
+def reference_record(path: str | None, reference: dict | None, earlier: dict) -> dict | None:
+    """metrics.json's `reference`: the centralized run's figures that the report shows, from --reference, else as
+    an earlier start of this run recorded them (a rerun without --reference keeps the report's column)."""
+    keys = ("seen_test_acc", "unseen_test_acc")
+    if reference is not None:  # checked by load_reference
+        return {"path": str(Path(path).resolve()), **{k: reference[k] for k in keys if reference.get(k) is not None}}
+    recorded = earlier.get("reference")
+    if not isinstance(recorded, dict):
+        return None
+
+    def accuracy(value) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and 0.0 <= value <= 1.0
+
+    return {key: value for key, value in recorded.items()
+            if (key == "path" and isinstance(value, str)) or (key in keys and accuracy(value))}
+
+
+def _simulate(args, pairs_path, population, overrides, settings, privacy, reference, out, previous, data) -> int:
     from lore_cli.run_report import write_report
     from lore_core.basis_file import save_basis
     from server.optimizer import reported_basis
@@ -342,12 +387,24 @@ def _simulate(args, pairs_path, population, overrides, settings, privacy, refere
         raise CommandFailed(f"training finished, but the final evaluation failed on every node "
                             f"({final.get('eval_failed_nodes', 0)} failed, {final.get('eval_missing_nodes', 0)} did "
                             "not answer); the trained basis is kept: run the same command again to evaluate it")
+    earlier = recorded_metrics(out)
+    wall_seconds = round(wall, 3)
+    if previous is not None and previous.history == state.history and "wall_seconds" in earlier:
+        wall_seconds = earlier["wall_seconds"]  # a rerun of a finished run ran nothing: the run's time stays
     metrics = {key: final[key] for key in TRAIN_KEYS if key in final}
-    metrics.update(rank=settings.rank, train_seconds=round(sum(r["seconds"] for r in state.history), 3),
-                   rounds=state.round, wall_seconds=round(wall, 3), privacy_mode=args.privacy,
+    metrics.update(benchmark_metrics(pairs_path, population["true_basis"], settings.prior_pairs))
+    metrics.update(rank=settings.rank, prior_pairs=settings.prior_pairs, objective=settings.objective,
+                   train_prior_pairs=settings.train_prior_pairs, l2=settings.l2,
+                   train_seconds=round(sum(r["seconds"] for r in state.history), 3),
+                   rounds=state.round, wall_seconds=wall_seconds, privacy_mode=args.privacy,
                    users_per_round=settings.clients_per_round, nodes=nodes, seed=args.seed, canaries=args.canaries,
                    **privacy_keys)
     metrics.update(run_problems(state.history))
+    metrics.update(pairs_path=data["path"],  # where audits of this run find its pairs (as data.json says)
+                   pairs_fingerprint={key: value for key, value in data.items() if key != "path"})
+    reference = reference_record(args.reference, reference, earlier)
+    if reference:
+        metrics["reference"] = reference
     # The reported basis: the server's tail average of the released bases (server/optimizer.py), else the last.
     save_basis(out / "basis.npz", reported_basis(state.optimizer, state.basis), version=state.round,
                embedder=population["embedder"] or "unknown", prior_pairs=settings.prior_pairs)

@@ -29,10 +29,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help="embedder model name or path (default: offline MiniLM)")
     parser.add_argument("--cache-dir", default=None, help="embedding cache (default: $LORE_CACHE_DIR or ~/.cache)")
     add_batch_size(parser)
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
 
 
 def run(args: argparse.Namespace) -> int:
+    from lore_cli.train_command import check_device
     from lore_core.atomic_io import check_output_path
     from lore_core.embeddings import load_embedder
 
@@ -50,6 +51,7 @@ def run(args: argparse.Namespace) -> int:
         model=args.model,
     )
     check_output_path(args.out, "--out", directory=True)
+    check_device(args.device)  # by the flag's name, before the model loads
     started = time.perf_counter()
     embedder = load_embedder(args.model, device=args.device, batch_size=args.batch_size, cache_dir=args.cache_dir)
     benchmark = generate_benchmark(config, embedder)

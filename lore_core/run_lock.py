@@ -4,6 +4,12 @@ Two runs writing the same checkpoint and ledger would corrupt both (the ledger c
 than one run alone released). `flock` is released by the kernel when the holder dies, so a crashed run never blocks
 its own resume. Inside one process the lock is re-entrant: the `lore-fed simulate` command takes it before the
 Flower engine starts and its ServerApp, in the same process, takes it again.
+
+The lock file names its holder (pid, command, since), written when the holder announces itself: at once by default,
+or, with `announce=False`, only once the caller's checks under the lock have passed (`announce()`). A holder that
+never announced leaves the directory as it found it: the file keeps the previous holder's record, and a lock file
+it had to create is removed before the lock is released (a process that opened the removed file meanwhile notices
+and retries on the path's current file).
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ from pathlib import Path
 
 LOCK_FILENAME = ".lock"
 
-_held: dict[str, tuple[int, int]] = {}  # resolved run dir -> (fd, depth), this process
+_held: dict[str, "_Holding"] = {}  # resolved run dir -> this process's holding
 _guard = threading.Lock()
 
 
@@ -26,52 +32,92 @@ class RunDirBusy(RuntimeError):
     """Another process holds the run directory."""
 
 
+class _Holding:
+    def __init__(self, fd: int, created: bool) -> None:
+        self.fd, self.created, self.depth, self.announced = fd, created, 1, False
+
+
 class RunDirLock:
     """`wait` seconds to keep trying while another process holds the directory: a ServerApp restarted with its
-    SuperLink may start before its predecessor has exited. The command line does not wait."""
+    SuperLink may start before its predecessor has exited. The command line does not wait. `announce=False`: the
+    lock file is written only by `announce()` (see the module docstring)."""
 
-    def __init__(self, run_dir: str | os.PathLike, wait: float = 0.0) -> None:
+    def __init__(self, run_dir: str | os.PathLike, wait: float = 0.0, announce: bool = True) -> None:
         self.run_dir = Path(run_dir)
         self.key = str(self.run_dir.resolve())
         self.wait = wait
+        self.announce_on_enter = announce
 
     def __enter__(self) -> "RunDirLock":
         with _guard:
             if self.key in _held:
-                fd, depth = _held[self.key]
-                _held[self.key] = (fd, depth + 1)
-                return self
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            path = self.run_dir / LOCK_FILENAME
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-            deadline = time.monotonic() + self.wait
-            while True:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    if time.monotonic() < deadline:
-                        time.sleep(0.5)
-                        continue
-                    holder = _describe(fd)
-                    os.close(fd)
-                    raise RunDirBusy(f"{self.run_dir} is in use by another run ({holder}); wait for it to finish or "
-                                     "use another --out directory") from None
-            os.ftruncate(fd, 0)
-            os.write(fd, json.dumps({"pid": os.getpid(), "command": " ".join(sys.argv),
-                                     "since": time.strftime("%Y-%m-%d %H:%M:%S")}).encode())
-            _held[self.key] = (fd, 1)
+                _held[self.key].depth += 1
+            else:
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+                _held[self.key] = self._acquire(self.run_dir / LOCK_FILENAME)
+            if self.announce_on_enter:
+                self._announce(_held[self.key])
         return self
+
+    def _acquire(self, path: Path) -> _Holding:
+        deadline = time.monotonic() + self.wait
+        while True:
+            try:
+                fd, created = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644), True
+            except FileExistsError:
+                try:
+                    fd, created = os.open(path, os.O_RDWR), False
+                except FileNotFoundError:  # removed in between by a holder that had created it: try again
+                    continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if time.monotonic() < deadline:
+                    os.close(fd)
+                    time.sleep(0.5)
+                    continue
+                holder = _describe(fd)
+                os.close(fd)
+                raise RunDirBusy(f"{self.run_dir} is in use by another run ({holder}); wait for it to finish or "
+                                 "use another --out directory") from None
+            if _same_file(fd, path):
+                return _Holding(fd, created)
+            os.close(fd)  # the file was removed by its holder before we got it: lock the path's current file
+
+    def announce(self) -> None:
+        """Write this process into the lock file (once; a no-op when already announced)."""
+        with _guard:
+            self._announce(_held[self.key])
+
+    @staticmethod
+    def _announce(holding: _Holding) -> None:
+        if holding.announced:
+            return
+        os.ftruncate(holding.fd, 0)
+        os.pwrite(holding.fd, json.dumps({"pid": os.getpid(), "command": " ".join(sys.argv),
+                                          "since": time.strftime("%Y-%m-%d %H:%M:%S")}).encode(), 0)
+        holding.announced = True
 
     def __exit__(self, *exc) -> None:
         with _guard:
-            fd, depth = _held[self.key]
-            if depth > 1:
-                _held[self.key] = (fd, depth - 1)
+            holding = _held[self.key]
+            if holding.depth > 1:
+                holding.depth -= 1
                 return
             del _held[self.key]
-            fcntl.flock(fd, fcntl.LOCK_UN)
-            os.close(fd)
+            if holding.created and not holding.announced:  # nothing was written: leave no lock file behind
+                (self.run_dir / LOCK_FILENAME).unlink(missing_ok=True)
+            fcntl.flock(holding.fd, fcntl.LOCK_UN)
+            os.close(holding.fd)
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        on_disk = os.stat(path)
+    except FileNotFoundError:
+        return False
+    held = os.fstat(fd)
+    return (on_disk.st_dev, on_disk.st_ino) == (held.st_dev, held.st_ino)
 
 
 def _describe(fd: int) -> str:

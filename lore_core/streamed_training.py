@@ -14,6 +14,7 @@ Memory: the training pairs plus one block; time: linear in pairs.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -81,11 +82,7 @@ def evaluate_streamed(path: str | Path, basis: np.ndarray, *, prior_pairs: float
                       true_basis: np.ndarray | None = None) -> tuple[dict, dict]:
     """`evaluate_model` (+ the true-basis ceiling, with a benchmark's `true_basis`) over blocks of whole users,
     combined. Returns (metrics, the file's `PairSet.summary()`)."""
-    columns = PairColumns.open(path)
-    totals: dict[str, float] = {}
-    weights: dict[str, float] = {}
-    summary: dict = {}
-    for _, _, block in user_blocks(columns, PairIndex.build(columns), EVAL_BLOCK_ROWS):
+    def block_metrics(block: PairSet) -> dict:
         block_weights = None
         if joint_weights is not None:
             known = np.isin(joint_weights[0], block.user)
@@ -93,6 +90,27 @@ def evaluate_streamed(path: str | Path, basis: np.ndarray, *, prior_pairs: float
         metrics = evaluate_model(block, basis, prior_pairs=prior_pairs, joint_weights=block_weights)
         if true_basis is not None:
             metrics.update(true_basis_metrics(block, true_basis, prior_pairs))
+        return metrics
+
+    return combine_user_blocks(path, block_metrics)
+
+
+def true_basis_streamed(path: str | Path, true_basis: np.ndarray, prior_pairs: float) -> dict:
+    """A benchmark's true-basis ceiling (`evaluation.true_basis_metrics`) over blocks of whole users, combined:
+    for a run that never holds the file (`lore-fed simulate`)."""
+    return combine_user_blocks(path, lambda block: true_basis_metrics(block, true_basis, prior_pairs))[0]
+
+
+def combine_user_blocks(path: str | Path, block_metrics: Callable[[PairSet], dict]) -> tuple[dict, dict]:
+    """`block_metrics` (keys as `evaluate_model`'s) of each block of whole users of the pair file, combined into the
+    whole file's values: means over users weighed by each block's users, counts added. Returns (metrics, the file's
+    `PairSet.summary()`)."""
+    columns = PairColumns.open(path)
+    totals: dict[str, float] = {}
+    weights: dict[str, float] = {}
+    summary: dict = {}
+    for _, _, block in user_blocks(columns, PairIndex.build(columns), EVAL_BLOCK_ROWS):
+        metrics = block_metrics(block)
         users = _users_behind(block)
         for key, value in metrics.items():
             weight = _weight_of(key, users)

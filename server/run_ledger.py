@@ -20,8 +20,11 @@ from lore_core.privacy.ledger import PrivacyLedger
 from lore_core.privacy.privacy_settings import PrivacySettings
 
 # Everything else a federated run writes for the analyst, and why the accountant does not cover it (issue 13).
-EVAL_NOT_COVERED = ("federated evaluation metrics (per-node accuracy sums; metrics.json, rounds.jsonl, report): "
-                    "computed from users' held-out pairs and w fits without noise")
+EVAL_NOT_COVERED = ("federated evaluation metrics (per-node accuracy sums; metrics.json, rounds.jsonl, report) and, "
+                    "in `lore-fed simulate` on a benchmark, the true-basis ceiling (metrics.json "
+                    "true_basis_seen_test_acc, true_basis_unseen_test_acc: the command fits w on the hidden basis "
+                    "from the pair file after the last round): computed from users' held-out pairs and w fits "
+                    "without noise")
 COUNTS_NOT_COVERED = ("per-round counts (ledger `sampled`; rounds.jsonl sampled_users, accepted_users, "
                       "rejected_replies, missing_replies, non_finite_users, record_budget_exhausted_users, "
                       "secagg_nodes, eval_failed_nodes, eval_missing_nodes; metrics.json's totals of them; "

@@ -8,7 +8,8 @@ from lore_core.marginal_fit import OBJECTIVES
 from lore_core.reward_math import MAX_L2
 from federation.protocol import config_number, local_steps, personal_prior_pairs
 from lore_core.privacy.privacy_settings import MODES as PRIVACY_MODES
-from lore_core.privacy.privacy_settings import PrivacySettings, validate
+from lore_core.privacy.privacy_settings import PrivacyConfigError, PrivacySettings, validate
+from lore_core.setting_names import NO_VALUE, SettingError, as_field, as_run_config, setting
 from server.optimizer import (SCHEDULES, ServerAdam, ServerSGD, default_init_scale, default_schedule,
                               default_server_lr, make_optimizer)
 
@@ -44,8 +45,25 @@ PRIVACY_KEYS = {
 FEDERATED_CLIP_NORM = 0.25
 
 
-class RunConfigError(ValueError):
-    """A run-config value that cannot work; says which key, what was expected and what came."""
+class RunConfigError(SettingError):
+    """A run-config value that cannot work; says which key, what was expected and what came. The message names keys
+    by `setting(key)`: str() shows them as run-config keys (`flwr run`, pyproject.toml), and `spelled` as a command
+    line sets them (`lore-fed simulate --eval-every 0`, `lore-fed deploy local -c eval-every=0`)."""
+
+    spelling = staticmethod(as_run_config)
+
+
+class RunPrivacyConfigError(RunConfigError, PrivacyConfigError):
+    """A PrivacyConfigError of a run's privacy settings, naming run-config keys instead of PrivacySettings' fields."""
+
+
+# PrivacySettings field -> the run-config key that sets it (the others, such as population_size, come from the run)
+FIELD_KEYS = {**{field: key for key, field in PRIVACY_KEYS.items()}, "clients_per_round": "clients-per-round",
+              "rounds": "num-server-rounds"}
+
+
+def _as_key(field: str, value=NO_VALUE) -> str:
+    return setting(FIELD_KEYS[field], value) if field in FIELD_KEYS else as_field(field, value)
 
 
 def privacy_config(cfg: dict) -> dict:
@@ -110,7 +128,7 @@ class ServerSettings:
         except RunConfigError:
             raise
         except ValueError as exc:  # federation.protocol's parsers name their key
-            raise RunConfigError(str(exc)) from exc
+            raise RunConfigError(exc.template if isinstance(exc, SettingError) else str(exc)) from exc
         settings.validate()
         return settings
 
@@ -122,45 +140,56 @@ class ServerSettings:
                     "init-scale": self.init_scale, "min-nodes": self.min_nodes, "round-timeout": self.round_timeout}
         for key, value in positive.items():
             if not (value > 0 and value != float("inf")):
-                raise RunConfigError(f"run config `{key}` must be a finite number > 0, got {value}")
+                raise RunConfigError(f"{setting(key)} must be a finite number > 0, got {value}")
         if self.server_lr_schedule not in SCHEDULES:
-            raise RunConfigError(f"run config `server-lr-schedule` must be one of {SCHEDULES} or \"\" (the privacy "
+            raise RunConfigError(f"{setting('server-lr-schedule')} must be one of {SCHEDULES} or \"\" (the privacy "
                                  f"mode's default), got {self.server_lr_schedule!r}")
         if self.eval_every < 0:
-            raise RunConfigError(f"run config `eval-every` must be >= 0 (0 = only after the last round), "
+            raise RunConfigError(f"{setting('eval-every')} must be >= 0 (0 = only after the last round), "
                                  f"got {self.eval_every}")
         if not 0 <= self.l2 <= MAX_L2:
-            raise RunConfigError(f"run config `l2` must be a number in [0, {MAX_L2:g}], got {self.l2}")
+            raise RunConfigError(f"{setting('l2')} must be a number in [0, {MAX_L2:g}], got {self.l2}")
         if not 0 <= self.seed < 2**32:
-            raise RunConfigError(f"run config `seed` must be in [0, 2**32), got {self.seed}")
+            raise RunConfigError(f"{setting('seed')} must be in [0, 2**32), got {self.seed}")
         if self.server_optimizer not in SERVER_OPTIMIZERS:
-            raise RunConfigError(f"run config `server-optimizer` must be one of {SERVER_OPTIMIZERS}, "
+            raise RunConfigError(f"{setting('server-optimizer')} must be one of {SERVER_OPTIMIZERS}, "
                                  f"got {self.server_optimizer!r}")
         if self.privacy_mode not in PRIVACY_MODES:
-            raise RunConfigError(f"run config `privacy-mode` must be one of {PRIVACY_MODES}, got {self.privacy_mode!r}")
+            raise RunConfigError(f"{setting('privacy-mode')} must be one of {PRIVACY_MODES}, got {self.privacy_mode!r}")
         if self.privacy_mode != "none" and self.eval_every and not self.allow_uncovered_eval:
             raise RunConfigError(
-                f"eval-every = {self.eval_every} under privacy mode {self.privacy_mode!r}: federated evaluation "
-                "releases per-node accuracy sums that the accountant does not cover; set eval-every = 0 (evaluate "
-                "only after the last round) or opt in with allow-uncovered-eval = true")
+                f"{setting('eval-every', self.eval_every)} under privacy mode {self.privacy_mode!r}: federated "
+                "evaluation releases per-node accuracy sums that the accountant does not cover; set "
+                f"{setting('eval-every', 0)} (evaluate only after the last round) or opt in with "
+                f"{setting('allow-uncovered-eval', True)}")
         if self.progress not in PROGRESS_STYLES:
-            raise RunConfigError(f"run config `progress` must be one of {PROGRESS_STYLES}, got {self.progress!r}")
+            raise RunConfigError(f"{setting('progress')} must be one of {PROGRESS_STYLES}, got {self.progress!r}")
         if self.objective not in OBJECTIVES:
-            raise RunConfigError(f"run config `objective` must be one of {OBJECTIVES}, got {self.objective!r}")
+            raise RunConfigError(f"{setting('objective')} must be one of {OBJECTIVES}, got {self.objective!r}")
         if self.objective == "marginal" and self.privacy_mode != "none":
             raise RunConfigError(
-                f"run config `objective` = \"marginal\" under privacy mode {self.privacy_mode!r}: the DP clip norm "
-                "and server rate are calibrated for the joint update only; use objective = \"joint\" with DP")
+                f"{setting('objective', 'marginal')} under privacy mode {self.privacy_mode!r}: the DP clip norm and "
+                f"server rate are calibrated for the joint update only; use {setting('objective', 'joint')} with DP")
         if not self.run_dir:
-            raise RunConfigError("run config `run-dir` is empty: the server needs a directory for its checkpoints")
+            raise RunConfigError(f"{setting('run-dir')} is empty: the server needs a directory for its checkpoints")
 
     @property
     def is_dp(self) -> bool:
         return self.privacy_mode != "none"
 
+    def check_population(self, seen_users: int, dim: int, source: str) -> None:
+        """The settings that depend on the pair file (`source`: D-dimensional, `seen_users` seen users): the basis
+        size B <= D, and at most every seen user per round."""
+        if self.rank > dim:
+            raise RunConfigError(f"{setting('rank', self.rank)} is more than the embedding width D = {dim} of "
+                                 f"{source}: the basis size B must be <= D; choose B <= {dim} (LoRe uses a handful)")
+        if self.clients_per_round > seen_users:
+            raise RunConfigError(f"{setting('clients-per-round', self.clients_per_round)} is more than the "
+                                 f"{seen_users} seen users of {source}; lower it")
+
     def privacy_settings(self, population_size: int, dim: int) -> PrivacySettings:
         """The run's validated privacy settings for a population of N training users with D-dimensional embeddings
-        (raises PrivacyConfigError).
+        (raises RunPrivacyConfigError, a PrivacyConfigError that names run-config keys).
 
         In DP user modes m = clients-per-round is the expected Poisson count; mode `none` and `record` sample a
         fixed count with the experiment's seeded sampler, which no user-level accountant relies on. In
@@ -173,7 +202,10 @@ class ServerSettings:
             fields.setdefault("clip_norm", FEDERATED_CLIP_NORM)
         if self.privacy_mode == "user+secagg":
             fields["dimension"] = int(self.rank * dim)
-        return validate(PrivacySettings(**fields))
+        try:
+            return validate(PrivacySettings(**fields))
+        except PrivacyConfigError as exc:
+            raise RunPrivacyConfigError(exc.spelled(_as_key)) from exc
 
     def new_optimizer(self) -> ServerSGD | ServerAdam:
         """The run's server optimizer, fresh: its rate, schedule over the planned rounds and tail average."""
@@ -200,7 +232,7 @@ def _flag(cfg: dict, key: str) -> bool:
     if isinstance(value, str) and value.lower() in ("true", "false"):
         return value.lower() == "true"
     if not isinstance(value, bool):
-        raise RunConfigError(f"run config `{key}` must be true or false, got {value!r}")
+        raise RunConfigError(f"{setting(key)} must be true or false, got {value!r}")
     return value
 
 

@@ -36,10 +36,10 @@ import pytest  # noqa: E402
 
 
 @pytest.mark.parametrize("flags,expect", [
-    (["--noise-multiplier", "0"], "noise_multiplier must be a finite number > 0"),
-    (["--clip-norm", "inf"], "clip_norm must be a finite number > 0"),
-    (["--delta", "0.5"], "delta must be < 1/N"),
-    (["--target-epsilon", "3", "--noise-multiplier", "1"], "either noise_multiplier or target_epsilon"),
+    (["--noise-multiplier", "0"], "--noise-multiplier must be a finite number > 0"),
+    (["--clip-norm", "inf"], "--clip-norm must be a finite number > 0"),
+    (["--delta", "0.5"], "--delta must be < 1/N"),
+    (["--target-epsilon", "3", "--noise-multiplier", "1"], "either --noise-multiplier or --target-epsilon"),
     (["--rounds", "0"], "--rounds must be >= 1"),
     (["--nonprivate-rounds", "-1"], "--nonprivate-rounds must be >= 0"),
     (["--rank", "abc"], "--rank must be 'auto' or a positive integer"),

@@ -237,18 +237,17 @@ def test_a_round_where_every_node_fails_stops_resumably_and_the_rerun_matches_a_
     assert resumed.history[-1]["seen_test_acc"] == straight.history[-1]["seen_test_acc"]
 
 
-def _refused_under_lock(argv, names, workdir: Path, expect: str) -> None:
-    """`refused`, for checks made once the run directory is locked: the lock file records its holder, the rest of
-    the directory must not change."""
+def _refused_under_lock(argv, names, workdir: Path, expect: str, run: Path) -> None:
+    """`refused`, for checks made once the run directory `run` is locked: nothing in the directory changes, its lock
+    file included (it still names the run that wrote it last, here another process; a refused run may not claim the
+    directory it left alone)."""
     from lore_core.run_lock import LOCK_FILENAME
 
-    def files():
-        return {k: v for k, v in tree(workdir).items() if not k.endswith(LOCK_FILENAME)}
-
-    before = files()
+    (run / LOCK_FILENAME).write_text('{"pid": 1, "command": "lore-fed simulate (the first run)", "since": "2020"}')
+    before = tree(workdir)
     code, _, err = cli(argv)
     assert code == 2 and "Traceback" not in err and str(names) in err and expect in err, err
-    assert files() == before
+    assert tree(workdir) == before
 
 
 def test_a_run_directory_resumes_only_on_its_own_pair_file_and_settings(tmp_path, pair_file, engine):
@@ -262,12 +261,12 @@ def test_a_run_directory_resumes_only_on_its_own_pair_file_and_settings(tmp_path
                                                             train_pairs=(8, 10), few_shot_pairs=3, test_pairs=4,
                                                             seed=3))[0]
     other = save_pairs(other_pairs, tmp_path / "other" / "pairs.npz")
-    _refused_under_lock(["simulate", other, "--out", run, *SIM], run, tmp_path, "another pair file")
+    _refused_under_lock(["simulate", other, "--out", run, *SIM], run, tmp_path, "another pair file", run)
     _refused_under_lock(["simulate", pair_file, "--out", run, *SIM[:-3], "3", "--eval-every", "1"], run, tmp_path,
-                        "other settings")
+                        "other settings", run)
     more_rounds = [*SIM[:3], "5", *SIM[4:]]  # a finished run's ledger holds its planned rounds
     _refused_under_lock(["simulate", pair_file, "--out", run, *more_rounds], run, tmp_path,
-                        "ledger.json was written with other privacy settings (rounds: stored 3, new 5)")
+                        "ledger.json was written with other privacy settings (rounds: stored 3, new 5)", run)
     assert engine.runs == 1  # all refused before the engine started
     moved = shutil.copy(pair_file, tmp_path / "moved.npz")  # the same content elsewhere still resumes
     assert cli(["simulate", moved, "--out", run, *SIM])[0] == 0
@@ -305,12 +304,124 @@ def test_a_torn_rounds_file_is_rewritten_by_a_rerun(tmp_path, pair_file, engine)
     assert rounds.read_text() == whole and engine.runs == 2
 
 
+def test_simulate_metrics_hold_the_run_settings_the_pair_file_and_the_true_basis_ceiling(tmp_path, pairs, engine,
+                                                                                          monkeypatch):
+    """Found by a tester: simulate's metrics.json lacked keys the README promised of it ("the keys of `lore-fed
+    train` plus ..."): no prior_pairs, objective, pairs_path, pairs_fingerprint, and no true-basis ceiling on a
+    benchmark although `train` reports it. The ceiling is computed after the last round from the pair file (block by
+    block, as train's large-population path) and is listed as not covered by the accountant with the evaluation."""
+    from lore_cli.audit_command import run_pair_file
+    from lore_cli.run_data import pair_file_fingerprint
+    from lore_core.evaluation import true_basis_metrics
+    from lore_core import streamed_training
+    from server.run_ledger import EVAL_NOT_COVERED
+
+    monkeypatch.setattr(streamed_training, "EVAL_BLOCK_ROWS", 30)  # the ceiling is read in several blocks of users
+    truth = make_synthetic_pairs(SyntheticPairsConfig(dim=DIM, true_rank=RANK, seen_users=8, unseen_users=2,
+                                                      train_pairs=(8, 10), few_shot_pairs=3, test_pairs=4, seed=2))[1]
+    dataset = tmp_path / "bench"
+    pair_path = save_pairs(pairs, dataset / "pairs.npz")
+    np.savez(dataset / "ground_truth.npz", basis=truth.basis, logit_scale=np.float64(1.0))
+    run = tmp_path / "run"
+    code, _, err = cli(["simulate", dataset, "--out", run, *SIM])
+    assert code == 0, err
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert list(metrics) == [
+        "seen_test_acc", "unseen_test_acc", "oracle_seen_test_acc", "oracle_unseen_test_acc",
+        "true_basis_seen_test_acc", "true_basis_unseen_test_acc", "rank", "prior_pairs", "objective",
+        "train_prior_pairs", "l2", "train_seconds", "rounds", "wall_seconds", "privacy_mode", "users_per_round",
+        "nodes", "seed", "canaries", "privacy_guarantee", "not_private", "stopped_early", "ledger", "pairs_path",
+        "pairs_fingerprint"]
+    assert metrics["prior_pairs"] == 3.0 and metrics["objective"] == "joint" and metrics["train_prior_pairs"] == 3.0
+    assert metrics["pairs_path"] == str(pair_path.resolve())
+    assert metrics["pairs_fingerprint"] == pair_file_fingerprint(pair_path)
+    assert Path(run_pair_file(run)) == pair_path.resolve()  # audits find (and check) the pairs through it
+    expected = true_basis_metrics(pairs, np.asarray(truth.basis, np.float64), 3.0)  # train's in-memory ceiling
+    for key, value in expected.items():
+        assert metrics[key] == pytest.approx(value, abs=1e-12), key
+    assert "true_basis_seen_test_acc" in EVAL_NOT_COVERED and "without noise" in EVAL_NOT_COVERED
+    # without a truth beside the pair file: no ceiling; the personal prior is the one the run used
+    plain = shutil.copy(pair_path, tmp_path / "plain.npz")
+    code, _, err = cli(["simulate", plain, "--out", tmp_path / "plain", *SIM, "--prior-pairs", "7",
+                        "--objective", "marginal"])
+    assert code == 0, err
+    moved = json.loads((tmp_path / "plain" / "metrics.json").read_text())
+    assert not any(key.startswith("true_basis") for key in moved)
+    assert moved["prior_pairs"] == 7.0 and moved["objective"] == "marginal"
+
+
+def test_simulate_refuses_a_damaged_ground_truth_before_the_run_directory_exists(tmp_path, pairs, engine):
+    dataset = tmp_path / "bench"
+    save_pairs(pairs, dataset / "pairs.npz")
+    (dataset / "ground_truth.npz").write_bytes(b"not an archive")
+    refused(["simulate", dataset, "--out", tmp_path / "run", *SIM], "ground_truth.npz", tmp_path)
+    assert engine.runs == 0
+
+
+def test_rerunning_a_finished_run_keeps_its_report(tmp_path, pair_file, engine):
+    """Found by a tester: rerunning a finished `simulate` without --reference rewrote report.md without the
+    "Privacy audits" section (the audits and their ledger entries were still there) and without the centralized
+    column. metrics.json records the reference (`reference`), a rerun keeps it and the run's wall time (it ran
+    nothing), and the report always ends with the audits section of RUN/audits/."""
+    reference = tmp_path / "centralized"
+    reference.mkdir()
+    (reference / "metrics.json").write_text(json.dumps({"seen_test_acc": 0.6123, "unseen_test_acc": 0.5987}))
+    run = tmp_path / "run"
+    assert cli(["simulate", pair_file, "--out", run, *SIM, "--reference", reference])[0] == 0
+    code, _, err = cli(["audit", "extraction", run])
+    assert code == 0, err
+    report = (run / "report.md").read_text()
+    assert "## Privacy audits" in report and "### extraction" in report and "| 0.6123 |" in report
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["reference"] == {"path": str(reference.resolve()), "seen_test_acc": 0.6123,
+                                    "unseen_test_acc": 0.5987}
+
+    code, _, err = cli(["simulate", pair_file, "--out", run, *SIM])  # a rerun of the finished run
+    assert code == 0, err
+    assert (run / "report.md").read_text() == report
+    assert json.loads((run / "metrics.json").read_text()) == metrics
+    assert [a["kind"] for a in json.loads((run / "ledger.json").read_text())["events"]["audits"]] == ["extraction"]
+
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "metrics.json").write_text(json.dumps({"seen_test_acc": 0.7, "unseen_test_acc": None}))
+    assert cli(["simulate", pair_file, "--out", run, *SIM, "--reference", other])[0] == 0  # a new one replaces it
+    rewritten = (run / "report.md").read_text()
+    assert "| 0.7000 |" in rewritten and "0.6123" not in rewritten and "## Privacy audits" in rewritten
+    assert json.loads((run / "metrics.json").read_text())["reference"] == {"path": str(other.resolve()),
+                                                                          "seen_test_acc": 0.7}
+
+
 def test_a_damaged_checkpoint_is_refused_naming_the_file(tmp_path, pair_file, engine):
     run = tmp_path / "run"
     assert cli(["simulate", pair_file, "--out", run, *SIM])[0] == 0
     checkpoint = run / "checkpoint.npz"
     checkpoint.write_bytes(checkpoint.read_bytes()[: checkpoint.stat().st_size // 2])
-    _refused_under_lock(["simulate", pair_file, "--out", run, *SIM], checkpoint, tmp_path, "not a readable")
+    _refused_under_lock(["simulate", pair_file, "--out", run, *SIM], checkpoint, tmp_path, "not a readable", run)
+
+
+def test_a_refused_resume_leaves_the_lock_file_as_it_was(tmp_path, pair_file, engine):
+    """Found by a tester: with a damaged checkpoint `simulate` exited 2 but rewrote RUN/.lock with its own pid and
+    command. The directory is locked before the checks (a concurrent run could be writing the checkpoint), and the
+    lock file is written only once they pass: a refusal leaves it byte for byte, and a directory without one (a run
+    directory copied without its hidden files) gets none."""
+    from lore_core.run_lock import LOCK_FILENAME
+
+    run = tmp_path / "run"
+    assert cli(["simulate", pair_file, "--out", run, *SIM])[0] == 0
+    assert json.loads((run / LOCK_FILENAME).read_text())["pid"]  # the run that wrote the directory named itself
+    first = b'{"pid": 1, "command": "lore-fed simulate (another process)", "since": "2020-01-01 00:00:00"}'
+    (run / LOCK_FILENAME).write_bytes(first)  # as a run of another process leaves it
+    checkpoint = run / "checkpoint.npz"
+    checkpoint.write_bytes(checkpoint.read_bytes()[:100])
+    before = tree(run)
+    code, _, err = cli(["simulate", pair_file, "--out", run, *SIM])
+    assert code == 2 and "not a readable" in err
+    assert tree(run) == before and (run / LOCK_FILENAME).read_bytes() == first
+    (run / LOCK_FILENAME).unlink()
+    before = tree(run)
+    assert cli(["simulate", pair_file, "--out", run, *SIM])[0] == 2
+    assert tree(run) == before and not (run / LOCK_FILENAME).exists()
 
 
 def test_a_finished_run_with_partial_problems_says_so(tmp_path, pair_file, engine, monkeypatch):
@@ -346,7 +457,7 @@ def test_privacy_epsilon_refuses_zero_rounds_and_absurd_epsilon_at_once(tmp_path
 def test_a_budget_too_small_for_one_round_does_not_advise_zero_rounds(tmp_path, pair_file):
     """Found by a hostile-input test: the advice read "set rounds <= 0", which --rounds refuses."""
     err = refused(["simulate", pair_file, "--out", tmp_path / "run", "--rank", str(RANK), "--rounds", "3",
-                   "--clients-per-round", "4", "--max-epsilon", "0.01"], "max_epsilon", tmp_path,
+                   "--clients-per-round", "4", "--max-epsilon", "0.01"], "--max-epsilon", tmp_path,
                   expect="not even one round fits")
     assert "rounds <= 0" not in err
 

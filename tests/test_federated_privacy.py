@@ -253,19 +253,19 @@ def test_record_mode_accounts_per_pair_like_one_uninterrupted_opacus_run(tiny_pa
 
 # --- the CLI refuses invalid settings before training: exit 2, a message that says what to change, nothing written
 BAD_SETTINGS = [
-    (["--privacy", "user", "--noise-multiplier", "0"], "noise_multiplier must be a finite number > 0"),
-    (["--noise-multiplier", "-1"], "noise_multiplier must be a finite number > 0"),
-    (["--noise-multiplier", "nan"], "noise_multiplier must be a finite number > 0"),
-    (["--noise-multiplier", "inf"], "noise_multiplier must be a finite number > 0"),
-    (["--clip-norm", "0"], "clip_norm must be a finite number > 0"),
-    (["--delta", "0.1"], "delta must be < 1/N"),
-    (["--delta", "0"], "delta must be in (0, 1/N)"),
+    (["--privacy", "user", "--noise-multiplier", "0"], "--noise-multiplier must be a finite number > 0"),
+    (["--noise-multiplier", "-1"], "--noise-multiplier must be a finite number > 0"),
+    (["--noise-multiplier", "nan"], "--noise-multiplier must be a finite number > 0"),
+    (["--noise-multiplier", "inf"], "--noise-multiplier must be a finite number > 0"),
+    (["--clip-norm", "0"], "--clip-norm must be a finite number > 0"),
+    (["--delta", "0.1"], "--delta must be < 1/N"),
+    (["--delta", "0"], "--delta must be in (0, 1/N)"),
     (["--clients-per-round", "100"], "more than the 24 seen users"),
-    (["--noise-multiplier", "1", "--target-epsilon", "3"], "give either noise_multiplier or target_epsilon"),
+    (["--noise-multiplier", "1", "--target-epsilon", "3"], "give either --noise-multiplier or --target-epsilon"),
     (["--max-epsilon", "0.5"], "not even one round fits"),
-    (["--eval-every", "2"], "allow-uncovered-eval"),
+    (["--eval-every", "2"], "opt in with --allow-uncovered-eval"),
     (["--privacy", "none", "--noise-multiplier", "1"], "privacy mode is 'none' but DP settings were given"),
-    (["--privacy", "user", "--max-grad-norm", "1"], "does not use ['max_grad_norm']"),
+    (["--privacy", "user", "--max-grad-norm", "1"], "does not use [--max-grad-norm]"),
     (["--privacy", "record", "--delta", "0.04"], "record mode needs delta < 1/n_i"),
 ]
 
@@ -298,7 +298,7 @@ def test_run_config_privacy_errors_reach_flwr_run_users_too(pair_file, tmp_path)
     from lore_core.privacy.privacy_settings import PrivacyConfigError
 
     grid, settings = make_run(pair_file, tmp_path, **{"noise-multiplier": 0.0})
-    with pytest.raises(PrivacyConfigError, match="noise_multiplier"):
+    with pytest.raises(PrivacyConfigError, match="run config `noise-multiplier`"):  # the key flwr's user set
         run_federated(grid, settings)
     assert not requests_of(grid, "train") and not (tmp_path / "ledger.json").exists()  # only the population query
 

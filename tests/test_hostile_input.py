@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import re
 import shutil
 import zipfile
 from pathlib import Path
@@ -359,6 +360,8 @@ EXTREME = {
     "synth out under a file": (["synth", "--users", "5", "--out", "pairs.npz/x"], "--out"),
     "synth batch size 0": (["synth", "--users", "5", "--out", "x", "--batch-size", "0"], "--batch-size"),
     "embed batch size 0": (["embed", "dataset", "--batch-size", "0"], "--batch-size"),
+    "embed device bogus": (["embed", "dataset", "--device", "bogus"], "--device must be"),  # read "device must be"
+    "synth device bogus": (["synth", "--users", "5", "--out", "x", "--device", "tpu"], "--device must be"),
     "train rank grid empty": (["train", "pairs.npz", "--rank-grid", "", "--out", "out"], "--rank-grid"),
     "train rank grid with a fixed rank": (["train", "pairs.npz", "--rank", "2", "--rank-grid", "1,2", "--out", "out"],
                                           "--rank-grid"),
@@ -379,13 +382,24 @@ EXTREME = {
     "simulate users-per-node": (SIM + ["--users-per-node", "abc"], "users-per-node"),
     "simulate eval-every -1": (SIM + ["--eval-every", "-1"], "--eval-every"),
     "simulate l2 inf": (SIM + ["--l2", "inf"], "l2"),
-    "simulate server lr 0": (SIM + ["--server-lr", "0"], "server-lr"),
-    "simulate local steps 0": (SIM + ["--local-steps", "0"], "local-steps"),
-    "simulate prior pairs nan": (SIM + ["--prior-pairs", "nan"], "prior-pairs"),
+    "simulate server lr 0": (SIM + ["--server-lr", "0"], "--server-lr must be"),
+    "simulate local steps 0": (SIM + ["--local-steps", "0"], "--local-steps must be"),
+    "simulate prior pairs nan": (SIM + ["--prior-pairs", "nan"], "--prior-pairs must be"),
+    # settings named as the user typed them: these read "run config `prior-pairs`", "set eval-every = 0 ... or opt
+    # in with allow-uncovered-eval = true", "clip_norm ... set clip_norm to", "run config `objective` ... use
+    # objective = "joint"" (the run config's or PrivacySettings' names)
+    "simulate prior pairs 0": (SIM + ["--prior-pairs", "0"], "--prior-pairs must be a finite number > 0"),
+    "simulate eval-every under DP": (SIM[:4] + ["--rounds", "1", "--eval-every", "1"],
+                                     ("--eval-every 1 under privacy mode 'user'", "set --eval-every 0 (",
+                                      "opt in with --allow-uncovered-eval")),
+    "simulate clip norm 0": (SIM[:4] + ["--rounds", "1", "--clip-norm", "0"],
+                             ("--clip-norm must be a finite number > 0", "set --clip-norm to about the median")),
+    "simulate marginal under DP": (SIM[:4] + ["--rounds", "1", "--objective", "marginal"],
+                                   ("--objective marginal under privacy mode 'user'", "use --objective joint with DP")),
     "simulate seed -5": (SIM + ["--seed", "-5"], "--seed"),
-    "simulate dp flag without dp": (SIM + ["--noise-multiplier", "2"], "noise_multiplier"),
-    "simulate noise nan": (SIM[:4] + ["--rounds", "1", "--noise-multiplier", "nan"], "noise_multiplier"),
-    "simulate delta 1": (SIM[:4] + ["--rounds", "1", "--delta", "1"], "delta"),
+    "simulate dp flag without dp": (SIM + ["--noise-multiplier", "2"], ("[--noise-multiplier]", "set --privacy to")),
+    "simulate noise nan": (SIM[:4] + ["--rounds", "1", "--noise-multiplier", "nan"], "--noise-multiplier must be"),
+    "simulate delta 1": (SIM[:4] + ["--rounds", "1", "--delta", "1"], "--delta must be"),
     "simulate target eps 1e-9": (SIM[:4] + ["--rounds", "1", "--target-epsilon", "1e-9"], "epsilon"),
     "privacy unreachable target": (EPS[:2] + EPS[4:] + ["--target-epsilon", "1e-6", "--rounds", "3"],
                                    "raise target_epsilon"),  # advised raising a noise multiplier not given
@@ -405,9 +419,16 @@ EXTREME = {
     "deploy config text rank": (DEPLOY + ["-c", "rank=abc"], "-c"),
     "deploy config garbage": (DEPLOY + ["-c", "garbage"], "no key=value"),
     "deploy config unknown key": (DEPLOY + ["-c", 'privacy="bogus"'], "unknown keys ['privacy']"),
-    "deploy config rank 0": (DEPLOY + ["-c", "rank=0"], "rank"),
-    "deploy config negative noise": (DEPLOY + ["-c", "noise-multiplier=-1 clients-per-round=3"], "noise_multiplier"),
-    "deploy more users per round than users under DP": (DEPLOY + ["-c", "clients-per-round=50"], "clients-per-round"),
+    "deploy config rank 0": (DEPLOY + ["-c", "rank=0"], "-c rank must be"),
+    "deploy config negative noise": (DEPLOY + ["-c", "noise-multiplier=-1 clients-per-round=3"],
+                                     "-c noise-multiplier must be"),
+    # read "--clients-per-round 50 ...", a flag deploy does not have; and "--rank 100 ..."
+    "deploy more users per round than users under DP": (DEPLOY + ["-c", "clients-per-round=50"],
+                                                         "-c clients-per-round=50 is more than the 6 seen users"),
+    "deploy rank above the width": (DEPLOY + ["-c", "rank=100"], "-c rank=100 is more than the embedding width"),
+    "deploy eval-every under DP": (DEPLOY + ["-c", "eval-every=1 clients-per-round=3"],
+                                   ("-c eval-every=1 under", "set -c eval-every=0 (", "-c allow-uncovered-eval=true")),
+    "deploy clip norm 0": (DEPLOY + ["-c", "clip-norm=0.0 clients-per-round=3"], "set -c clip-norm to about"),
     "deploy config file": (DEPLOY + ["-c", "my.toml"], "key=value"),
     "deploy pairs missing": (DEPLOY[:4] + ["--pairs", "missing.npz", "--run-dir", "dl"], "missing.npz"),
     "audit out under a file": (["audit", "mechanism", "--out", "pairs.npz/x", "--runs", "100"], "--out"),
@@ -437,7 +458,12 @@ EXTREME = {
 @pytest.mark.parametrize("case", sorted(EXTREME))
 def test_extreme_numbers_and_wrong_types_are_refused(w, case):
     argv, names = EXTREME[case]
-    refused(argv, names, w)
+    names = (names,) if isinstance(names, str) else names
+    err = refused(argv, names[0], w)
+    for name in names[1:]:
+        assert name in err, f"{argv}: the message does not name {name}:\n{err}"
+    if argv[0] in ("simulate", "deploy"):  # a flag or -c key=value, never the run config's or a Python field's name
+        assert "run config `" not in err and not re.search(r"\b[a-z]+_[a-z_]+\b", err.split("error:")[-1]), err
 
 
 @pytest.mark.parametrize("damage", ["broken config.json", "no weights"])

@@ -380,3 +380,54 @@ def test_second_run_on_one_directory_is_refused_with_the_holder(tmp_path):
         holder.wait()
     with RunDirLock(tmp_path), RunDirLock(tmp_path):  # free again once the holder died; re-entrant in one process
         pass
+
+
+def test_a_lock_taken_before_the_checks_writes_nothing_until_announced(tmp_path, monkeypatch):
+    """`simulate` locks its run directory before the resume checks and names itself in the lock file only once they
+    pass: an unannounced holder still excludes other runs, leaves the previous record as it was and removes a lock
+    file it had to create; a waiter that opened that removed file locks the path's current file instead."""
+    import fcntl
+    import subprocess
+    import sys
+
+    from lore_core import run_lock
+    from lore_core.run_lock import LOCK_FILENAME, RunDirBusy, RunDirLock
+
+    lock_file = tmp_path / LOCK_FILENAME
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from lore_core.run_lock import RunDirLock\n"
+                               f"with RunDirLock({str(tmp_path)!r}, announce=False):\n print('held', flush=True); "
+                               "sys.stdin.readline()"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert lock_file.read_bytes() == b""  # created (it is what flock locks), not written
+        with pytest.raises(RunDirBusy):
+            with RunDirLock(tmp_path):
+                pass
+        holder.communicate("\n", timeout=30)  # released without announcing: the file it created is gone
+        assert holder.returncode == 0 and not lock_file.exists()
+    finally:
+        holder.kill()
+        holder.wait()
+
+    lock_file.write_text("the previous run")
+    with RunDirLock(tmp_path, announce=False):
+        assert lock_file.read_text() == "the previous run"
+    assert lock_file.read_text() == "the previous run"
+    with RunDirLock(tmp_path, announce=False) as lock:
+        lock.announce()
+        assert json.loads(lock_file.read_text())["pid"] == os.getpid()
+
+    lock_file.unlink()
+    real_flock, removed = fcntl.flock, []
+
+    def flock(fd, operation):  # the file this process opened is removed by its holder before the lock is granted
+        if not removed and operation & fcntl.LOCK_EX:
+            removed.append(os.fstat(fd).st_ino)
+            lock_file.unlink()
+        return real_flock(fd, operation)
+
+    monkeypatch.setattr(run_lock.fcntl, "flock", flock)
+    with RunDirLock(tmp_path):
+        held = run_lock._held[str(tmp_path.resolve())].fd
+        assert removed and os.fstat(held).st_ino == lock_file.stat().st_ino  # it holds the file others will open
+        assert json.loads(lock_file.read_text())["pid"] == os.getpid()

@@ -223,7 +223,7 @@ def test_invalid_secagg_shares_are_refused_before_training(pair_file, tmp_path, 
     # num-shares is not a run-config key yet: the settings carry it as the run config will.
     settings = dataclasses.replace(settings, privacy={**settings.privacy, "num_shares": shares,
                                                       "reconstruction_threshold": threshold})
-    with pytest.raises(PrivacyConfigError, match="num_shares|reconstruction_threshold"):
+    with pytest.raises(PrivacyConfigError, match="num-shares|reconstruction-threshold"):
         run_federated(grid, settings)
     assert {m.metadata.message_type for m in grid.sent} == {"query"}  # population discovery only
     assert not (tmp_path / "ledger.json").exists()

@@ -19,6 +19,8 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from lore_core.setting_names import SettingError, as_field, setting
+
 ACCOUNTANTS = ("prv", "rdp", "ddg-rdp")
 PRV_EPS_ERROR = 0.01  # Opacus' default precision of the PRV epsilon
 MAX_NOISE_MULTIPLIER = 1e6  # as Opacus get_noise_multiplier: beyond this the budget is unreachable
@@ -30,8 +32,11 @@ MAX_PRV_EPSILON = 100.0
 Segment = tuple[float, float, int]
 
 
-class AccountingError(ValueError):
-    """The accountant failed or returned NaN/inf: the round must be aborted, never released without noise."""
+class AccountingError(SettingError):
+    """The accountant failed or returned NaN/inf: the round must be aborted, never released without noise. Advice
+    names the settings by `setting` (as PrivacySettings' fields, which the callers render as their users type them)."""
+
+    spelling = staticmethod(as_field)
 
 
 class PrivacyBudgetExhausted(RuntimeError):
@@ -206,7 +211,8 @@ def noise_for_target_epsilon(
         high *= 2
         if high > MAX_NOISE_MULTIPLIER:
             raise AccountingError(f"target epsilon {target_epsilon} is unreachable at q={sample_rate}, {steps} steps "
-                                  f"with any noise multiplier up to {MAX_NOISE_MULTIPLIER:g}: raise target_epsilon")
+                                  f"with any noise multiplier up to {MAX_NOISE_MULTIPLIER:g}: raise "
+                                  f"{setting('target_epsilon')}")
         eps_high = eps(high)
     low = high / 2
     while eps(low) <= target_epsilon:  # move the bracket down until low is above target

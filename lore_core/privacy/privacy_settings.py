@@ -16,6 +16,7 @@ from typing import Any, Mapping
 
 from lore_core.privacy.accounting import (MAX_PRV_EPSILON, AccountingError, epsilon, noise_for_target_epsilon,
                                          rounds_within_budget)
+from lore_core.setting_names import SettingError, as_field, setting
 
 MODES = ("none", "user", "user+secagg", "record")
 USER_MODES = ("user", "user+secagg")
@@ -59,8 +60,12 @@ def user_delta(population_size: int) -> float:
     return float(10.0 ** math.floor(math.log10(bound) + 1e-12))
 
 
-class PrivacyConfigError(ValueError):
-    """A privacy setting that would make the stated guarantee wrong or void; the message says what to change."""
+class PrivacyConfigError(SettingError):
+    """A privacy setting that would make the stated guarantee wrong or void; the message says what to change. It names
+    the settings by `setting(field)`, shown as the fields (`clip_norm`); server.run_settings renders them as run-config
+    keys, and the CLI as the flags its user typed."""
+
+    spelling = staticmethod(as_field)
 
 
 class PrivacyConfigWarning(UserWarning):
@@ -146,28 +151,31 @@ def validate(settings: PrivacySettings) -> PrivacySettings:
 def _validate(settings: PrivacySettings) -> PrivacySettings:
     mode = settings.mode
     if mode not in MODES:
-        raise PrivacyConfigError(f"privacy mode must be one of {MODES}; got {mode!r} (a typo is not 'none')")
+        raise PrivacyConfigError(f"{setting('mode')} must be one of {MODES}; got {mode!r} (a typo is not 'none')")
     _check_choice(settings.weighting, "weighting", WEIGHTINGS)
     _check_choice(settings.client_metrics, "client_metrics", CLIENT_METRICS)
     _check_choice(settings.sampling, "sampling", SAMPLINGS)
     _check_general(settings)
     if mode == "none":
         given = [name for name in DP_FIELDS if getattr(settings, name) is not None]
-        if settings.reproducible_noise or settings.noise_seed is not None:
-            given.append("reproducible_noise/noise_seed")
+        if settings.reproducible_noise:
+            given.append("reproducible_noise")
+        if settings.noise_seed is not None:
+            given.append("noise_seed")
         if given:
             raise PrivacyConfigError(
-                f"privacy mode is 'none' but DP settings were given: {given}; "
-                "remove them, or set mode to 'user' (user-level DP) to use them"
+                f"privacy mode is 'none' but DP settings were given: {_names(given)}; "
+                f"remove them, or set {setting('mode')} to 'user' (user-level DP) to use them"
             )
         return settings
 
     ignored = [name for name, modes in DP_FIELDS.items() if mode not in modes and getattr(settings, name) is not None]
     if ignored:
         raise PrivacyConfigError(
-            f"mode {mode!r} does not use {ignored}; remove them "
-            "(clip_norm/target_epsilon are user-mode settings, max_grad_norm/record_* record-mode, "
-            "num_shares/reconstruction_threshold/dropout_tolerance/dimension user+secagg)"
+            f"mode {mode!r} does not use {_names(ignored)}; remove them "
+            f"({setting('clip_norm')} and {setting('target_epsilon')} are user-mode settings, "
+            f"{setting('max_grad_norm')} and the record_* settings record-mode, {setting('num_shares')}, "
+            f"{setting('reconstruction_threshold')}, {setting('dropout_tolerance')} and dimension user+secagg)"
         )
     resolved = {name: value for name, value in DEFAULTS.items()  # clients_per_round: a user-mode default only
                 if mode in DP_FIELDS.get(name, USER_MODES) and getattr(settings, name) is None}
@@ -192,6 +200,11 @@ def _validate(settings: PrivacySettings) -> PrivacySettings:
     return settings
 
 
+def _names(names: list[str]) -> str:
+    """A list of settings in a message: [clip_norm, delta]."""
+    return "[" + ", ".join(setting(name) for name in names) + "]"
+
+
 def _check_choice(value: Any, name: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise PrivacyConfigError(f"{name} must be one of {choices}; got {value!r}")
@@ -204,13 +217,13 @@ def _is_int(value: Any) -> bool:
 def _positive_int(settings: PrivacySettings, name: str) -> None:
     value = getattr(settings, name)
     if value is not None and not (_is_int(value) and value > 0):
-        raise PrivacyConfigError(f"{name} must be a positive integer; got {value!r}")
+        raise PrivacyConfigError(f"{setting(name)} must be a positive integer; got {value!r}")
 
 
 def _positive_finite(value: Any, name: str, hint: str) -> None:
     ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value) and value > 0
     if not ok:
-        raise PrivacyConfigError(f"{name} must be a finite number > 0; got {value!r}: {hint}")
+        raise PrivacyConfigError(f"{setting(name)} must be a finite number > 0; got {value!r}: {hint}")
 
 
 def _check_general(settings: PrivacySettings) -> None:
@@ -218,12 +231,13 @@ def _check_general(settings: PrivacySettings) -> None:
         _positive_int(settings, name)
     m, n = settings.clients_per_round, settings.population_size
     if m is not None and n is not None and m > n:
-        raise PrivacyConfigError(f"clients_per_round must be in 1..population_size={n}; got {m}: lower it to <= {n}")
+        raise PrivacyConfigError(f"{setting('clients_per_round')} must be in 1..population_size={n}; got {m}: lower it "
+                                 f"to <= {n}")
     if settings.noise_seed is not None and not _is_int(settings.noise_seed):
         raise PrivacyConfigError(f"noise_seed must be an integer; got {settings.noise_seed!r}")
     if settings.noise_seed is not None and not settings.reproducible_noise:
         raise PrivacyConfigError(
-            "noise_seed is used only with reproducible_noise = true (debug, NOT PRIVATE); remove it"
+            f"noise_seed is used only with {setting('reproducible_noise', True)} (debug, NOT PRIVATE); remove it"
         )
 
 
@@ -239,15 +253,16 @@ def _check_dp_common(s: PrivacySettings) -> None:
             "not cover; set client_metrics = 'none' under DP"
         )
     if s.noise_multiplier is not None:
-        _positive_finite(s.noise_multiplier, "noise_multiplier", "DP needs noise; set e.g. noise_multiplier = 1.0")
+        _positive_finite(s.noise_multiplier, "noise_multiplier",
+                         f"DP needs noise; set e.g. {setting('noise_multiplier', 1.0)}")
     for name in ("target_epsilon", "max_epsilon"):
         if getattr(s, name) is not None:
-            _positive_finite(getattr(s, name), name, f"give a positive epsilon or remove {name}")
+            _positive_finite(getattr(s, name), name, f"give a positive epsilon or remove {setting(name)}")
     if not (isinstance(s.delta, numbers.Real) and 0 < s.delta < 1):
-        raise PrivacyConfigError(f"delta must be in (0, 1/N); got {s.delta!r}: remove it to use the default "
-                                 "(at most 1/(10 N))")
+        raise PrivacyConfigError(f"{setting('delta')} must be in (0, 1/N); got {s.delta!r}: remove it to use the "
+                                 "default (at most 1/(10 N))")
     if s.rounds is None:
-        raise PrivacyConfigError(f"mode {s.mode!r} needs the planned number of rounds: set rounds = T")
+        raise PrivacyConfigError(f"mode {s.mode!r} needs the planned number of rounds: set {setting('rounds')} = T")
 
 
 def _check_user_modes(s: PrivacySettings) -> PrivacySettings:
@@ -257,12 +272,15 @@ def _check_user_modes(s: PrivacySettings) -> PrivacySettings:
             "(replace-one, sensitivity 2C): set sampling = 'poisson'"
         )
     if s.population_size is None:
-        raise PrivacyConfigError(f"mode {s.mode!r} needs population_size N (the number of distinct users)")
-    _positive_finite(s.clip_norm, "clip_norm", "set clip_norm to about the median update norm (federated runs default to 0.25)")
+        raise PrivacyConfigError(f"mode {s.mode!r} needs {setting('population_size')} N (the number of distinct "
+                                 "users)")
+    _positive_finite(s.clip_norm, "clip_norm", f"set {setting('clip_norm')} to about the median update norm "
+                     "(federated runs default to 0.25)")
     n = s.population_size
     if not s.delta < 1 / n:
-        raise PrivacyConfigError(f"delta must be < 1/N = {1 / n:.3g} (N = {n} users); got {s.delta}: use at most "
-                                 f"1/(10 N) = {1 / (10 * n):.3g} (leave delta unset for the default, {user_delta(n):g})")
+        raise PrivacyConfigError(f"{setting('delta')} must be < 1/N = {1 / n:.3g} (N = {n} users); got {s.delta}: use "
+                                 f"at most 1/(10 N) = {1 / (10 * n):.3g} (leave {setting('delta')} unset for the "
+                                 f"default, {user_delta(n):g})")
     if s.delta > 1 / (10 * n):
         warnings.warn(f"delta = {s.delta} is above 1/(10 N) = {1 / (10 * n):.3g}: a weak guarantee",
                       PrivacyConfigWarning, stacklevel=3)
@@ -274,12 +292,13 @@ def _check_user_modes(s: PrivacySettings) -> PrivacySettings:
     if s.target_epsilon is not None:
         if s.noise_multiplier is not None and not s.noise_from_target:
             raise PrivacyConfigError(
-                "give either noise_multiplier or target_epsilon, not both: remove one (with target_epsilon the "
-                "noise multiplier is solved for the planned rounds)"
+                f"give either {setting('noise_multiplier')} or {setting('target_epsilon')}, not both: remove one (with "
+                f"{setting('target_epsilon')} the noise multiplier is solved for the planned rounds)"
             )
         if s.max_epsilon is not None and s.target_epsilon > s.max_epsilon:
             raise PrivacyConfigError(
-                f"target_epsilon {s.target_epsilon} exceeds max_epsilon {s.max_epsilon}: lower target_epsilon"
+                f"{setting('target_epsilon', s.target_epsilon)} exceeds {setting('max_epsilon', s.max_epsilon)}: lower "
+                f"{setting('target_epsilon')}"
             )
         if s.noise_multiplier is None:
             z = _accounted(noise_for_target_epsilon, s.target_epsilon, q, rounds, s.delta, accountant, dim=dim)
@@ -289,18 +308,20 @@ def _check_user_modes(s: PrivacySettings) -> PrivacySettings:
     if planned_rdp > MAX_PRV_EPSILON:
         raise PrivacyConfigError(
             f"the planned {rounds} rounds reach epsilon {planned_rdp:.4g} (RDP, delta={s.delta}): no meaningful "
-            f"privacy; raise noise_multiplier (now {s.noise_multiplier:g}), lower clients_per_round or rounds, or "
-            "set the privacy mode to none")
+            f"privacy; raise {setting('noise_multiplier')} (now {s.noise_multiplier:g}), lower "
+            f"{setting('clients_per_round')} or {setting('rounds')}, or set {setting('mode')} to none")
     if s.max_epsilon is not None:
         planned = _accounted(epsilon, s.noise_multiplier, q, rounds, s.delta, accountant, dim)
         if planned > s.max_epsilon:
             fit = _accounted(rounds_within_budget, s.noise_multiplier, q, s.delta, s.max_epsilon, limit=rounds,
                              accountant=accountant, dim=dim)
             raise PrivacyConfigError(
-                f"the planned {rounds} rounds reach epsilon {planned:.3f} ({accountant}, delta={s.delta}) > max_epsilon "
-                f"{s.max_epsilon}; " + (f"only {fit} rounds fit: set rounds <= {fit}, raise" if fit else
-                                        "not even one round fits: raise") +
-                " noise_multiplier, lower clients_per_round, or raise max_epsilon"
+                f"the planned {rounds} rounds reach epsilon {planned:.3f} ({accountant}, delta={s.delta}) > "
+                f"{setting('max_epsilon', s.max_epsilon)}; " +
+                (f"only {fit} rounds fit: set {setting('rounds')} <= {fit}, raise" if fit else
+                 "not even one round fits: raise") +
+                f" {setting('noise_multiplier')}, lower {setting('clients_per_round')}, or raise "
+                f"{setting('max_epsilon')}"
             )
     return s
 
@@ -309,29 +330,33 @@ def _accounted(function, *args, **kwargs):
     try:
         return function(*args, **kwargs)
     except AccountingError as exc:
-        advice = "" if "unreachable" in str(exc) else "; raise noise_multiplier"  # that error says what to change
-        message = f"privacy accounting failed for these settings ({exc}){advice}"
+        advice = "" if "unreachable" in str(exc) else f"; raise {setting('noise_multiplier')}"  # else exc says it
+        message = f"privacy accounting failed for these settings ({exc.template}){advice}"
         raise PrivacyConfigError(message) from exc
 
 
 def _check_record(s: PrivacySettings) -> None:
-    _positive_finite(s.max_grad_norm, "max_grad_norm", "set the per-pair clip norm, e.g. max_grad_norm = 1.0")
+    _positive_finite(s.max_grad_norm, "max_grad_norm",
+                     f"set the per-pair clip norm, e.g. {setting('max_grad_norm', 1.0)}")
     _positive_int(s, "record_batch_size")
     _positive_int(s, "record_epochs")
     if s.noise_multiplier is None:
-        raise PrivacyConfigError("record mode needs noise_multiplier (target_epsilon would need every client's n_i)")
+        raise PrivacyConfigError(f"record mode needs {setting('noise_multiplier')} ({setting('target_epsilon')} "
+                                 "would need every client's n_i)")
 
 
 def _check_secagg(s: PrivacySettings) -> None:
     k, t = s.num_shares, s.reconstruction_threshold
     if not (_is_int(k) and k >= 3 and k % 2 == 1):
-        raise PrivacyConfigError(f"num_shares must be an odd integer >= 3 (Flower SecAgg+ crashes on even); got {k!r}")
+        raise PrivacyConfigError(f"{setting('num_shares')} must be an odd integer >= 3 (Flower SecAgg+ crashes on "
+                                 f"even); got {k!r}")
     if not (_is_int(t) and 1 <= t < k):
-        raise PrivacyConfigError(f"reconstruction_threshold must be an integer in 1..num_shares-1 = {k - 1}; got {t!r}")
+        raise PrivacyConfigError(f"{setting('reconstruction_threshold')} must be an integer in "
+                                 f"1..{setting('num_shares')}-1 = {k - 1}; got {t!r}")
     x = s.dropout_tolerance
     if not (isinstance(x, numbers.Real) and not isinstance(x, bool) and 0 <= x < 1):
-        raise PrivacyConfigError(f"dropout_tolerance must be in [0, 1); got {x!r}: e.g. 0.1 (the guarantee holds while "
-                                 "at most 10 % of a round's sampled users drop out)")
+        raise PrivacyConfigError(f"{setting('dropout_tolerance')} must be in [0, 1); got {x!r}: e.g. 0.1 (the "
+                                 "guarantee holds while at most 10 % of a round's sampled users drop out)")
     if not (_is_int(s.dimension) and s.dimension > 0):
         raise PrivacyConfigError(f"mode user+secagg needs the dimension B*D of the basis (set by the server); got "
                                  f"{s.dimension!r}")
