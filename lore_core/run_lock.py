@@ -105,10 +105,13 @@ class RunDirLock:
                 holding.depth -= 1
                 return
             del _held[self.key]
-            if holding.created and not holding.announced:  # nothing was written: leave no lock file behind
-                (self.run_dir / LOCK_FILENAME).unlink(missing_ok=True)
-            fcntl.flock(holding.fd, fcntl.LOCK_UN)
-            os.close(holding.fd)
+            path = self.run_dir / LOCK_FILENAME
+            try:  # nothing was written: leave no lock file behind (only our own, should someone have replaced it)
+                if holding.created and not holding.announced and _same_file(holding.fd, path):
+                    path.unlink(missing_ok=True)
+            finally:
+                fcntl.flock(holding.fd, fcntl.LOCK_UN)
+                os.close(holding.fd)
 
 
 def _same_file(fd: int, path: Path) -> bool:
