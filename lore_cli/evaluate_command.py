@@ -43,6 +43,11 @@ def run(args: argparse.Namespace) -> int:
                       UserWarning, stacklevel=2)
     if basis.shape[1] != pairs.dim:
         raise ValueError(f"basis {basis_path} has dimension {basis.shape[1]}, the pair file {pairs.source} {pairs.dim}")
+    named = {basis_file.embedder, pairs.embedder} - {None, "unknown"}
+    if basis_file.embedder in named and pairs.embedder in named and len(named) > 1:
+        warnings.warn(f"basis {basis_path} was trained on embeddings of {basis_file.embedder!r}, but {pairs.source} "
+                      f"holds embeddings of {pairs.embedder!r}: the scores compare two spaces; embed the pairs with "
+                      "the basis' embedder", UserWarning, stacklevel=2)
     prior = personal_prior(args.prior_pairs, default=basis_file.prior_pairs)
     true_basis = benchmark_truth(pairs)
     metrics = evaluate_model(pairs, basis, prior_pairs=prior)

@@ -149,3 +149,27 @@ def test_minibatch_fit_lowers_the_objective_of_its_starting_basis():
     fit = fit_minibatch(train.diff, starts, init, MinibatchConfig(rank=2, l2=1e-4, epochs=6, batch_users=20, lr=0.05))
     assert fit.objective[-1] < fit.objective[0] - 0.01
     assert fit.user_weights.shape == (60, 2) and np.allclose(fit.user_weights.sum(axis=1), 1)
+
+
+def test_evaluate_warns_when_the_basis_and_the_pairs_name_other_embedders(pair_file, tmp_path):
+    from lore_core.basis_file import save_basis
+    from lore_core.pairs import load_pairs
+
+    named = save_pairs(replace(load_pairs(pair_file), embedder="model-a"), tmp_path / "named")
+    basis = np.random.default_rng(0).standard_normal((2, 24))
+    for embedder, warned in (("model-b", True), ("model-a", False), ("unknown", False)):
+        path = save_basis(tmp_path / f"{embedder}.npz", basis, version=0, embedder=embedder)
+        with pytest.warns(UserWarning, match="model-b") if warned else _no_warning():
+            assert main(["evaluate", str(named), "--basis", str(path)]) == 0
+
+
+def _no_warning():
+    import warnings
+    from contextlib import contextmanager
+
+    @contextmanager
+    def guard():
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", UserWarning)
+            yield
+    return guard()
