@@ -123,9 +123,22 @@ def _same_file(fd: int, path: Path) -> bool:
     return (on_disk.st_dev, on_disk.st_ino) == (held.st_dev, held.st_ino)
 
 
+CHECKING = "a run still checking its input, which names itself only once the checks pass"
+
+
 def _describe(fd: int) -> str:
+    """The holder as its record names it. A run holds the lock while it checks its input but writes its record only
+    after (a refused run leaves the file as it was), so the record can be an earlier, ended run's."""
     try:
         info = json.loads(os.pread(fd, 4096, 0) or b"{}")
-        return f"pid {info['pid']}, `{info['command']}`, since {info['since']}"
-    except (OSError, ValueError, KeyError):
-        return "holder unknown"
+        described = f"pid {info['pid']}, `{info['command']}`, since {info['since']}"
+        pid = int(info["pid"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"holder unknown: {CHECKING}"
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return f"{CHECKING}; the file's record, {described}, is of an ended run"
+    except OSError:  # exists, another user's
+        pass
+    return described

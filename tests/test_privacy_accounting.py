@@ -431,3 +431,28 @@ def test_a_lock_taken_before_the_checks_writes_nothing_until_announced(tmp_path,
         held = run_lock._held[str(tmp_path.resolve())].fd
         assert removed and os.fstat(held).st_ino == lock_file.stat().st_ino  # it holds the file others will open
         assert json.loads(lock_file.read_text())["pid"] == os.getpid()
+
+
+def test_a_busy_run_directory_does_not_blame_an_ended_run(tmp_path):
+    """A review found a waiting run told "in use by pid P" while the holder was still checking its input and the
+    file still held an earlier, ended run's record (P's number may now belong to an unrelated process)."""
+    import subprocess
+    import sys
+
+    from lore_core.run_lock import LOCK_FILENAME, RunDirBusy, RunDirLock
+
+    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (tmp_path / LOCK_FILENAME).write_text(json.dumps({"pid": int(ended.stdout), "command": "lore-fed simulate old",
+                                                      "since": "2026-01-01 00:00:00"}))
+    holder = subprocess.Popen([sys.executable, "-c", "import sys; from lore_core.run_lock import RunDirLock\n"
+                               f"with RunDirLock({str(tmp_path)!r}, announce=False):\n print('held', flush=True); "
+                               "sys.stdin.readline()"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(RunDirBusy, match="still checking its input.*is of an ended run"):
+            with RunDirLock(tmp_path):
+                pass
+        holder.communicate("\n", timeout=30)
+    finally:
+        holder.kill()
+        holder.wait()
