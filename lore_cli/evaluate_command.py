@@ -22,7 +22,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from lore_core.basis_file import load_basis
+    from lore_core.basis_file import UNKNOWN_EMBEDDER, load_basis
     from lore_core.evaluation import evaluate_model
     from lore_core.pairs import load_pairs
     from lore_cli.train_command import benchmark_ceiling, benchmark_truth, format_metrics, personal_prior
@@ -43,8 +43,8 @@ def run(args: argparse.Namespace) -> int:
                       UserWarning, stacklevel=2)
     if basis.shape[1] != pairs.dim:
         raise ValueError(f"basis {basis_path} has dimension {basis.shape[1]}, the pair file {pairs.source} {pairs.dim}")
-    named = {basis_file.embedder, pairs.embedder} - {None, "unknown"}
-    if basis_file.embedder in named and pairs.embedder in named and len(named) > 1:
+    unnamed = (None, UNKNOWN_EMBEDDER)
+    if basis_file.embedder not in unnamed and pairs.embedder not in unnamed and basis_file.embedder != pairs.embedder:
         warnings.warn(f"basis {basis_path} was trained on embeddings of {basis_file.embedder!r}, but {pairs.source} "
                       f"holds embeddings of {pairs.embedder!r}: the scores compare two spaces; embed the pairs with "
                       "the basis' embedder", UserWarning, stacklevel=2)

@@ -353,7 +353,7 @@ def reference_record(path: str | None, reference: dict | None, earlier: dict) ->
 
 def _simulate(args, pairs_path, population, overrides, settings, privacy, reference, out, previous, data) -> int:
     from lore_cli.run_report import write_report
-    from lore_core.basis_file import save_basis
+    from lore_core.basis_file import UNKNOWN_EMBEDDER, save_basis
     from server.optimizer import reported_basis
     from server.checkpoint import load_checkpoint, write_rounds
     from simulations.flower_run import AppShadowedError, simulate_pairs
@@ -407,7 +407,7 @@ def _simulate(args, pairs_path, population, overrides, settings, privacy, refere
         metrics["reference"] = reference
     # The reported basis: the server's tail average of the released bases (server/optimizer.py), else the last.
     save_basis(out / "basis.npz", reported_basis(state.optimizer, state.basis), version=state.round,
-               embedder=population["embedder"] or "unknown", prior_pairs=settings.prior_pairs)
+               embedder=population["embedder"] or UNKNOWN_EMBEDDER, prior_pairs=settings.prior_pairs)
     atomic_write_json(out / "metrics.json", metrics)
     command = "lore-fed simulate " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if sys.argv[1:2] == [
         "simulate"] else "lore-fed simulate"

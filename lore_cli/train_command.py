@@ -101,7 +101,7 @@ def refuse_untrainable(source: str, trainers: int, idle: np.ndarray) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from lore_core.basis_file import save_basis
+    from lore_core.basis_file import UNKNOWN_EMBEDDER, save_basis
     from lore_core.pair_columns import PairColumns, PairIndex
     from lore_cli.run_data import pair_file_fingerprint
     from lore_core.pairs import resolve_pair_path
@@ -125,7 +125,7 @@ def run(args: argparse.Namespace) -> int:
                          "would be read as that run's by reports and audits; give another directory")
     pairs_file = resolve_pair_path(args.pairs)
     columns = PairColumns.open(pairs_file)
-    embedder = columns.embedder or "unknown"  # the pair file's embedder: basis.npz says which space it lives in
+    embedder = columns.embedder or UNKNOWN_EMBEDDER  # the pair file's embedder: basis.npz says which space it lives in
     large = PairIndex.build(columns).n_users > LARGE_POPULATION
     fit, config, metrics, summary, evaluate_seconds = (_train_streamed if large else _train_in_memory)(args, options)
     metrics.update(

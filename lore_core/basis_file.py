@@ -25,6 +25,7 @@ from lore_core.npz_file import open_npz
 from lore_core.text_file import not_a_file
 
 BASIS_ARRAYS = ("basis", "version", "embedder", "dim", "rank", "sha256")
+UNKNOWN_EMBEDDER = "unknown"  # a basis trained on pairs that do not name their embedder (before pair files did)
 MAX_ABS_BASIS = 1e6  # as pair files' MAX_ABS_DIFF: far beyond any trained basis, far below float32 overflow
 
 

@@ -287,14 +287,14 @@ def ensure_population(name: str, spec: dict, log=print) -> tuple[Path, Path]:
         write_synthetic_dataset(directory, SyntheticPairsConfig(**spec["synthetic"]))
     basis = directory / "train" / "basis.npz"
     if not basis.is_file():  # what `lore-fed train DIR --out DIR/train` saves (rank auto, seed 0)
-        from lore_core.basis_file import save_basis
+        from lore_core.basis_file import UNKNOWN_EMBEDDER, save_basis
         from lore_core.joint_trainer import TrainConfig, train_joint
         from lore_core.pairs import load_pairs
 
         log(f"{name}: training the basis on the seen users")
         train = load_pairs(directory).select(seen=True, split="train")
         fit = train_joint(train.diff, train.user, TrainConfig(rank="auto", seed=0))
-        save_basis(basis, fit.basis, version=0, embedder="unknown")
+        save_basis(basis, fit.basis, version=0, embedder=UNKNOWN_EMBEDDER)
     return directory, basis
 
 

@@ -41,7 +41,7 @@ from client.device.state import (
     save_state,
     state_lock,
 )
-from lore_core.basis_file import BasisFile, load_basis
+from lore_core.basis_file import UNKNOWN_EMBEDDER, BasisFile, load_basis
 from lore_core.text_file import not_a_file, parse_json, read_text
 
 
@@ -397,9 +397,6 @@ def _not_yet_learned(state: DeviceState, diff: np.ndarray, records: list[dict]) 
 
         known |= precomputed & np.isin(rows(diff), rows(state.pair_diff))
     return ~known
-
-
-UNKNOWN_EMBEDDER = "unknown"  # what `train` and `simulate` wrote before pair files named their embedder
 
 
 def _rebase(old: DeviceState, basis: BasisFile, encoder: str | None) -> DeviceState:
