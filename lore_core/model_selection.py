@@ -166,12 +166,12 @@ def make_holdouts(user_idx: np.ndarray, group_idx: np.ndarray, n_users: int, *, 
     shot = (before < few_shot) & (position < max_shot_groups[owner])
     shot = shot[group_idx]
 
+    owner_groups, owner_hold = np.maximum(groups_per_user[owner], 1), n_hold[owner]  # per group, for every fold
     out = []
     for k in range(folds):
         new_users = np.zeros(n_users, bool)
         new_users[order_of_new[k * per_fold:(k + 1) * per_fold]] = True
-        g = np.maximum(groups_per_user[owner], 1)
-        held_group = (position - k * n_hold[owner]) % g < n_hold[owner]
+        held_group = (position - k * owner_hold) % owner_groups < owner_hold
         held = held_group[group_idx]
         is_new = new_users[user_idx]
         out.append(Holdout(fit_seen=~held, seen_heldout=held, fit_new=~is_new, new_shots=is_new & shot,
