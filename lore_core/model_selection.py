@@ -120,6 +120,7 @@ def _rank_within_user(owner: np.ndarray, rng: np.random.Generator) -> tuple[np.n
 
 MIN_SCORED_USERS = 60  # users scored as new: the one fold of the matrix's 300-user populations
 MAX_FOLDS = 5
+MIN_NEW_FOLD_USERS = 10  # users with two groups or more below which no user is treated as new
 
 
 def fold_count(users: int, eligible_users: int, new_fraction: float) -> int:
@@ -130,7 +131,7 @@ def fold_count(users: int, eligible_users: int, new_fraction: float) -> int:
     most MAX_FOLDS and at most as many as disjoint new folds fit. A 20- or 50-user population scored on one fold of
     4 or 10 users chose rank 2-8 and lost up to 6.9 points to BT (bench_results/small_populations_pilot.md)."""
     per_fold = int(round(new_fraction * eligible_users))
-    if new_fraction * users >= MIN_SCORED_USERS or eligible_users < 10 or per_fold < 1:
+    if new_fraction * users >= MIN_SCORED_USERS or eligible_users < MIN_NEW_FOLD_USERS or per_fold < 1:
         return 1
     disjoint = max(1, int(1.0 / new_fraction + 1e-9))
     return int(min(MAX_FOLDS, disjoint, math.ceil(MIN_SCORED_USERS / per_fold)))
@@ -150,7 +151,7 @@ def make_holdouts(user_idx: np.ndarray, group_idx: np.ndarray, n_users: int, *, 
     position, groups_per_user = _rank_within_user(owner, rng)
     groups_per_user = np.pad(groups_per_user, (0, n_users - groups_per_user.size))
     eligible = np.flatnonzero(groups_per_user >= 2)
-    order_of_new = rng.permutation(eligible) if eligible.size >= 10 else eligible[:0]
+    order_of_new = rng.permutation(eligible) if eligible.size >= MIN_NEW_FOLD_USERS else eligible[:0]
     per_fold = int(round(new_fraction * eligible.size))
     folds = fold_count(n_users, eligible.size, new_fraction) if folds is None else folds
 
