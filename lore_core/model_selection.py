@@ -144,8 +144,9 @@ def make_holdouts(user_idx: np.ndarray, group_idx: np.ndarray, n_users: int, *, 
     trained on. Fold k's new users are the k-th `new_fraction` of the users with at least two groups (none when
     fewer than 10 such users), disjoint across folds; each new user's few-shot part is its first groups (random
     order) until they hold `few_shot` pairs, at most half its groups. Fold k holds out the k-th window of
-    max(1, floor(f * g)) of a seen user's g >= 2 groups (windows rotate through its groups). Fold 0 does not depend
-    on the number of folds."""
+    max(1, floor(f * g)) of a seen user's g >= 2 groups, in their random order; a user with fewer windows than folds
+    is held out by the first folds only, so no group is scored twice (windows that wrapped weighted a 3-group user's
+    first groups double). Fold 0 does not depend on the number of folds."""
     rng = np.random.default_rng([seed, 12])
     owner = _group_users(user_idx, group_idx)
     position, groups_per_user = _rank_within_user(owner, rng)
@@ -167,12 +168,12 @@ def make_holdouts(user_idx: np.ndarray, group_idx: np.ndarray, n_users: int, *, 
     shot = (before < few_shot) & (position < max_shot_groups[owner])
     shot = shot[group_idx]
 
-    owner_groups, owner_hold = np.maximum(groups_per_user[owner], 1), n_hold[owner]  # per group, for every fold
+    owner_hold = n_hold[owner]  # per group, for every fold
     out = []
     for k in range(folds):
         new_users = np.zeros(n_users, bool)
         new_users[order_of_new[k * per_fold:(k + 1) * per_fold]] = True
-        held_group = (position - k * owner_hold) % owner_groups < owner_hold
+        held_group = (position >= k * owner_hold) & (position < (k + 1) * owner_hold)
         held = held_group[group_idx]
         is_new = new_users[user_idx]
         out.append(Holdout(fit_seen=~held, seen_heldout=held, fit_new=~is_new, new_shots=is_new & shot,
