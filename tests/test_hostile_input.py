@@ -403,6 +403,8 @@ EXTREME = {
     "simulate target eps 1e-9": (SIM[:4] + ["--rounds", "1", "--target-epsilon", "1e-9"], "epsilon"),
     "privacy unreachable target": (EPS[:2] + EPS[4:] + ["--target-epsilon", "1e-6", "--rounds", "3"],
                                    "raise target_epsilon"),  # advised raising a noise multiplier not given
+    "privacy target past PRV's range": (EPS[:2] + EPS[4:] + ["--target-epsilon", "100", "--rounds", "1"],
+                                        ("target_epsilon <= 94.7", "PRV is not computed")),  # was z at PRV 94.7
     "privacy rounds 0": (EPS + ["--rounds", "0"], "--rounds"),
     "privacy rounds -3": (EPS + ["--rounds", "-3"], "--rounds"),
     "privacy rounds 10**11": (EPS + ["--rounds", str(10**11)], "rounds"),

@@ -84,6 +84,13 @@ def test_target_epsilon_round_trip():
     assert target - 0.01 <= epsilon(z, q, rounds, DELTA) <= target
 
 
+def test_a_target_beyond_the_prv_range_is_refused_with_the_reachable_epsilon():
+    # Above MAX_PRV_EPSILON (RDP) PRV is not computed: the search once stopped there and returned a z whose PRV
+    # epsilon (95.5 here) was far below the target it claimed to reach.
+    with pytest.raises(AccountingError, match=r"target epsilon 100 is unreachable .* set target_epsilon <= 95\.5"):
+        noise_for_target_epsilon(100.0, 1.0, 1, DELTA)
+
+
 def test_validate_solves_and_records_noise_for_target_epsilon():
     settings = validate(user_settings(noise_multiplier=None, target_epsilon=2.0))
     assert settings.noise_from_target

@@ -195,7 +195,8 @@ def noise_for_target_epsilon(
     dim: int | None = None,
 ) -> float:
     """Smallest z (within `tolerance` in epsilon) with epsilon(z, q, steps) <= target; bisection as Opacus
-    get_noise_multiplier, but bracketed from z = 1 so the accountant never sees a vanishing z."""
+    get_noise_multiplier, but bracketed from z = 1 so the accountant never sees a vanishing z. A target that epsilon
+    jumps over is refused, not undershot: PRV jumps where the RDP bound stands in for it (above MAX_PRV_EPSILON)."""
     if not (math.isfinite(target_epsilon) and target_epsilon > 0):
         raise AccountingError(f"target epsilon must be finite and > 0; got {target_epsilon}")
 
@@ -227,6 +228,14 @@ def noise_for_target_epsilon(
             high, eps_high = mid, eps_mid
         else:
             low = mid
+    if target_epsilon - eps_high > tolerance:  # the bracket closed on a jump across the target, not on the target
+        eps_low = eps(low)
+        beyond = (f"with less noise the RDP bound exceeds {MAX_PRV_EPSILON:g}, where PRV is not computed and a plan "
+                  "promises no meaningful privacy" if accountant == "prv" and math.isfinite(eps_low)
+                  else f"with less noise epsilon is {eps_low:.4g}")
+        raise AccountingError(f"target epsilon {target_epsilon:g} is unreachable with the {accountant} accountant at "
+                              f"q={sample_rate:.6g}, {steps} steps: z = {high:.4g} gives epsilon {eps_high:.4g}, and "
+                              f"{beyond}; set {setting('target_epsilon')} <= {math.floor(eps_high * 100) / 100:g}")
     return high
 
 
