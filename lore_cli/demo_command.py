@@ -4,9 +4,10 @@ benchmark population (PRISM schema, hidden truth) -> PRISM pipeline -> MiniLM pa
 -> centralized reference (`lore-fed train`, which also picks the rank) -> federated training through Flower's
 simulation engine (`lore-fed simulate`, user-level DP by default) -> few-shot adaptation of unseen users on their
 devices -> one report. Every stage is the real command with its own files; a stage whose output already exists is
-skipped, so an interrupted demo resumes where it stopped (the federated run resumes from its checkpoint). The flags
-that shape the results are recorded in DIR/demo_flags.json before the first stage; a demo directory made with other
-flags (or from before that record) is refused before anything is written, never reported as a run of these flags.
+skipped, so an interrupted demo resumes where it stopped (the federated run resumes from its checkpoint). The
+settings that shape the results (the flags after their defaults) and the lore-fed version are recorded in
+DIR/demo_flags.json before the first stage; a demo directory made with other settings, by another lore-fed, or from
+before that record is refused before anything is written, never reported as a run of these settings.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import json
 import time
 from pathlib import Path
 
+from lore_core import __version__
 from lore_core.atomic_io import atomic_write_json, atomic_write_text, check_output_path
 from lore_core.prism_schema import GROUND_TRUTH_FILE
 
@@ -45,9 +47,18 @@ DEMO_CLIENTS_PER_ROUND = 60
 DEMO_DIM = 384  # the demo embeds with the default MiniLM
 
 
-def check_demo_flags(args: argparse.Namespace) -> None:
+def resolve_demo_flags(args: argparse.Namespace) -> None:
+    """Check every flag and fill in the defaults of the unset ones, in `args`: what the demo records, compares and
+    passes on to its stages are the settings, whether a default was typed out or left out."""
+    if args.privacy in ("user", "user+secagg") and args.noise_multiplier is None and args.target_epsilon is None:
+        args.noise_multiplier = DEMO_NOISE_MULTIPLIER
+    fill_privacy_defaults(args, check_demo_flags(args))
+
+
+def check_demo_flags(args: argparse.Namespace):
     """Every flag checked before the first stage writes anything: the privacy flags as `simulate` will check them,
-    on a provisional population of --users seen users (the exact count is known after `prepare`)."""
+    on a provisional population of --users seen users (the exact count is known after `prepare`). Returns the
+    resolved PrivacySettings of that population."""
     from lore_cli.simulate_command import check_run, privacy_overrides
 
     for flag in ("users", "rounds", "clients_per_round"):
@@ -71,13 +82,38 @@ def check_demo_flags(args: argparse.Namespace) -> None:
         raise ValueError(f"--clients-per-round {args.clients_per_round} is more than the at most {seen} seen users "
                          f"`prepare` makes of --users {args.users}; lower it (or leave it unset)")
     clients = min(args.clients_per_round or DEMO_CLIENTS_PER_ROUND, seen)
-    check_run({"seen_users": seen, "dim": DEMO_DIM, "source": f"a demo population of about {seen} seen users",
-               "largest_client_pairs": 1},
-              {"num-server-rounds": args.rounds, "clients-per-round": clients, "rank": rank, **privacy_overrides(args)})
+    population = {"seen_users": seen, "dim": DEMO_DIM, "source": f"a demo population of about {seen} seen users",
+                  "largest_client_pairs": 1}
+    overrides = {"num-server-rounds": args.rounds, "clients-per-round": clients, "rank": rank,
+                 **privacy_overrides(args)}
+    return check_run(population, overrides)[1]
+
+
+# The privacy flags that have a default, by their PrivacySettings field (the same name as their argparse dest).
+PRIVACY_DEFAULTED = ("noise_multiplier", "clip_norm", "delta", "max_grad_norm", "num_shares",
+                     "reconstruction_threshold", "dropout_tolerance")
+
+
+def fill_privacy_defaults(args: argparse.Namespace, privacy) -> None:
+    """Set each unset privacy flag to the value `simulate` resolves it to (`privacy`, resolved on the provisional
+    population), where the flags alone decide it. Left unset, as they follow the population `prepare` makes: a noise
+    multiplier solved for --target-epsilon, and a user mode's delta above 10,000 seen users (user_delta(N))."""
+    from lore_core.privacy.privacy_settings import USER_MODES, user_delta
+
+    for name in PRIVACY_DEFAULTED:
+        if getattr(args, name) is not None:
+            continue
+        if name == "noise_multiplier" and privacy.noise_from_target:
+            continue
+        # The provisional population is the most `prepare` can keep: the default is exact if every size up to it
+        # has the same one.
+        if name == "delta" and privacy.mode in USER_MODES and user_delta(privacy.population_size) != user_delta(1):
+            continue
+        setattr(args, name, getattr(privacy, name))
 
 
 FLAGS_FILE = "demo_flags.json"
-FLAGS_FORMAT = 1
+FLAGS_FORMAT = 2  # 2: the settings after defaults, and the lore-fed version; 1 (flags as given, no version): refused
 # What each stage writes under DIR: any of them without DIR/demo_flags.json is a demo whose flags are unknown.
 STAGE_OUTPUTS = ("prism", "dataset", "centralized", "federated-nonprivate", "federated", "report.md")
 # Flags that change where or how fast the demo computes, not what it computes: they may differ on a resume.
@@ -87,13 +123,18 @@ NEUTRAL_FLAGS = ("out", "cache_dir", "device")
 
 
 def demo_flags(args: argparse.Namespace) -> dict:
-    """The flags that determine a demo's results, as recorded in DIR/demo_flags.json (JSON values; after the demo's
-    own defaults are filled in, e.g. the noise multiplier)."""
+    """The settings that determine a demo's results, as recorded in DIR/demo_flags.json (JSON values; `args` as
+    resolve_demo_flags leaves them)."""
     flags = {key: value for key, value in vars(args).items()
              if not key.startswith("_") and key not in NEUTRAL_FLAGS and key != "command"}
     if flags.get("rank") not in (None, "auto"):
         flags["rank"] = int(flags["rank"])  # "--rank 02" is "--rank 2"
     return json.loads(json.dumps(flags))
+
+
+def demo_record(flags: dict) -> dict:
+    """DIR/demo_flags.json of a demo of these settings (demo_flags) made by this lore-fed."""
+    return {"format": FLAGS_FORMAT, "command": "lore-fed demo", "lore_fed_version": __version__, "flags": flags}
 
 
 def _shown(value) -> str:
@@ -103,8 +144,9 @@ def _shown(value) -> str:
 
 
 def check_demo_dir(out: Path, flags: dict) -> bool:
-    """Refuse (ValueError: exit 2, nothing written) a demo directory made with other flags, or one whose flags are
-    unknown because it predates DIR/demo_flags.json. Returns whether DIR already records these flags (a resume)."""
+    """Refuse (ValueError: exit 2, nothing written) a demo directory made with other settings or by another lore-fed
+    version, or one whose settings or version are unknown because it predates DIR/demo_flags.json or the version in
+    it. Returns whether DIR already records these settings (a resume)."""
     record_file = out / FLAGS_FILE
     if not record_file.exists():
         found = [name for name in STAGE_OUTPUTS if (out / name).exists()]
@@ -121,6 +163,15 @@ def check_demo_dir(out: Path, flags: dict) -> bool:
             raise TypeError("'flags' is not an object")
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ValueError(f"--out {out}: cannot read {record_file} ({exc}); give a new --out") from None
+    start_afresh = f"give a new --out (or delete {out} to rerun the demo there)"
+    version = record.get("lore_fed_version")
+    if version is None:
+        raise ValueError(f"--out {out}: {record_file} does not record which lore-fed made this demo (written before "
+                         f"the version was recorded), so its stages are not reused by lore-fed {__version__}; "
+                         + start_afresh)
+    if version != __version__:
+        raise ValueError(f"--out {out}: {record_file} records a demo made by lore-fed {version}, not {__version__}: "
+                         f"stages are not reused across versions; {start_afresh}")
     differ = [f"--{key.replace('_', '-')}: asked {_shown(flags.get(key))}, "
               + (f"stored {_shown(stored[key])}" if key in stored else "not recorded")
               for key in sorted(set(flags) | set(stored)) if flags.get(key) != stored.get(key) or key not in stored]
@@ -147,14 +198,12 @@ def _stage(name: str, done: bool, argv: list[str]) -> None:
 
 def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
-    if args.privacy in ("user", "user+secagg") and args.noise_multiplier is None and args.target_epsilon is None:
-        args.noise_multiplier = DEMO_NOISE_MULTIPLIER
-    check_demo_flags(args)
+    resolve_demo_flags(args)
     out = Path(args.out)
     check_output_path(out, "--out", directory=True)
     flags = demo_flags(args)
     if not check_demo_dir(out, flags):  # a new demo: its flags are on disk before its first stage writes
-        atomic_write_json(out / FLAGS_FILE, {"format": FLAGS_FORMAT, "command": "lore-fed demo", "flags": flags})
+        atomic_write_json(out / FLAGS_FILE, demo_record(flags))
     prism, dataset, central = out / "prism", out / "dataset", out / "centralized"
     nonprivate, federated = out / "federated-nonprivate", out / "federated"
     cache = ["--cache-dir", args.cache_dir] if args.cache_dir else []
@@ -189,7 +238,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def simulate_privacy_argv(args: argparse.Namespace) -> list[str]:
-    """The demo's privacy flags, passed on unchanged to `lore-fed simulate`."""
+    """The demo's privacy flags (resolved: see resolve_demo_flags), passed on unchanged to `lore-fed simulate`."""
     from lore_cli.simulate_command import privacy_overrides
 
     argv = []

@@ -62,11 +62,21 @@ def _snapshot(directory):
             for path in sorted(directory.rglob("*"))}
 
 
-def _fake_demo(out, flags):
-    """The files each demo stage leaves (enough for the report), and DIR/demo_flags.json as a demo of `flags`
-    records it; `flags` None: a demo from before that record."""
+def _fake_demo(out, flags, monkeypatch):
+    """DIR/demo_flags.json as `lore-fed demo --out DIR *flags` writes it before its first stage, then the files each
+    stage leaves (enough for the report); `flags` None: a demo from before that record."""
     from lore_core.prism_schema import GROUND_TRUTH_FILE
 
+    if flags is not None:
+        import lore_cli.demo_command as demo
+        from lore_cli.main import CommandFailed, main
+
+        def first_stage_stops(name, done, argv):
+            raise CommandFailed("stopped by the test")
+
+        with monkeypatch.context() as patch:
+            patch.setattr(demo, "_stage", first_stage_stops)
+            assert main(["demo", "--out", str(out), *flags]) == 1
     for sub in ("prism", "dataset", "centralized", "federated"):
         (out / sub).mkdir(parents=True)
     (out / "prism" / GROUND_TRUTH_FILE).write_bytes(b"")
@@ -75,23 +85,18 @@ def _fake_demo(out, flags):
     (out / "centralized" / "metrics.json").write_text(json.dumps({"rank": 1, "seen_test_acc": 0.7}))
     (out / "federated" / "metrics.json").write_text(
         json.dumps({"rank": 1, "seen_test_acc": 0.6, "unseen_test_acc": 0.6, "privacy_mode": "none"}))
-    if flags is not None:
-        from lore_cli.demo_command import FLAGS_FILE, demo_flags
-
-        args = build_parser(only="demo").parse_args(["demo", "--out", str(out), *flags])
-        (out / FLAGS_FILE).write_text(json.dumps({"format": 1, "flags": demo_flags(args)}))
 
 
 FAKE_FLAGS = ["--users", "80", "--rounds", "10", "--nonprivate-rounds", "0", "--rank", "1", "--privacy", "none"]
 
 
-def test_demo_refuses_a_directory_made_with_other_flags_before_writing(tmp_path, capsys):
+def test_demo_refuses_a_directory_made_with_other_flags_before_writing(tmp_path, capsys, monkeypatch):
     """Found by a tester: a second `lore-fed demo --out DIR` with other --users/--rounds/--privacy skipped every stage
     as 'already done', exited 0 and reported the first demo's runs as runs of the new flags."""
     from lore_cli.main import main
 
     out = tmp_path / "demo"
-    _fake_demo(out, FAKE_FLAGS)
+    _fake_demo(out, FAKE_FLAGS, monkeypatch)
     before = _snapshot(out)
     code = main(["demo", "--out", str(out), "--users", "100", "--rounds", "12", "--nonprivate-rounds", "0",
                  "--rank", "1", "--privacy", "user+secagg"])
@@ -107,30 +112,104 @@ def test_demo_refuses_a_directory_made_with_other_flags_before_writing(tmp_path,
     assert _snapshot(out) == before
 
 
-def test_demo_resumes_a_directory_made_with_the_same_flags(tmp_path, capsys):
+def test_demo_resumes_a_directory_made_with_the_same_flags(tmp_path, capsys, monkeypatch):
     """Same flags: every finished stage is skipped; --cache-dir and --device do not change results, so they may
     differ."""
     from lore_cli.main import main
 
     out = tmp_path / "demo"
-    _fake_demo(out, FAKE_FLAGS)
+    _fake_demo(out, FAKE_FLAGS, monkeypatch)
     neutral = ["--cache-dir", str(tmp_path / "cache"), "--device", "cpu"]
     assert main(["demo", "--out", str(out), *FAKE_FLAGS, *neutral]) == 0
     assert capsys.readouterr().out.count("already done, skipped") == 5
     assert "privacy `none`" in (out / "report.md").read_text()
 
 
-def test_demo_refuses_a_demo_directory_without_its_flags(tmp_path, capsys):
+def test_demo_refuses_a_demo_directory_without_its_flags(tmp_path, capsys, monkeypatch):
     """A demo from before DIR/demo_flags.json: its flags cannot be checked, so its stages are not reused (whatever the
     flags): refused with advice, nothing written."""
     from lore_cli.main import main
 
     out = tmp_path / "demo"
-    _fake_demo(out, None)
+    _fake_demo(out, None, monkeypatch)
     before = _snapshot(out)
     assert main(["demo", "--out", str(out), *FAKE_FLAGS]) == 2
     err = capsys.readouterr().err
     assert f"--out {out} holds a demo" in err and "without demo_flags.json" in err and "give a new --out" in err
+    assert _snapshot(out) == before
+
+
+FAKE_DP_FLAGS = [*FAKE_FLAGS[:-1], "user+secagg"]
+DP_DEFAULTS_TYPED = ["--noise-multiplier", "2", "--clip-norm", "0.25", "--delta", "1e-5", "--num-shares", "3",
+                     "--reconstruction-threshold", "2", "--dropout-tolerance", "0.1"]
+
+
+@pytest.mark.parametrize("first,rerun", [([], DP_DEFAULTS_TYPED), (DP_DEFAULTS_TYPED, [])],
+                         ids=["defaults-typed-on-rerun", "defaults-omitted-on-rerun"])
+def test_demo_resumes_when_a_rerun_types_out_the_defaults_or_leaves_them_out(tmp_path, capsys, monkeypatch, first,
+                                                                           rerun):
+    """Found by a reviewer: the flags were compared as typed, so `--delta 1e-5` (the default) on a rerun of a demo
+    that left --delta out was refused as other settings. The settings after defaults are compared."""
+    from lore_cli.main import main
+
+    out = tmp_path / "demo"
+    _fake_demo(out, [*FAKE_DP_FLAGS, *first], monkeypatch)
+    capsys.readouterr()
+    assert main(["demo", "--out", str(out), *FAKE_DP_FLAGS, *rerun]) == 0
+    assert capsys.readouterr().out.count("already done, skipped") == 5
+
+
+def test_demo_passes_the_same_privacy_settings_to_simulate_typed_out_or_not():
+    """The federated stage resumes from its checkpoint only with the settings it started with, compared as
+    `simulate` was given them: a demo resumed with the defaults typed out passes it what it passed before."""
+    from lore_cli.demo_command import resolve_demo_flags
+
+    parse = build_parser(only="demo").parse_args
+    left_out, typed = parse(["demo", *FAKE_DP_FLAGS]), parse(["demo", *FAKE_DP_FLAGS, *DP_DEFAULTS_TYPED])
+    resolve_demo_flags(left_out)
+    resolve_demo_flags(typed)
+    assert simulate_privacy_argv(left_out) == simulate_privacy_argv(typed)
+
+
+def _edit_record(out, **changes):
+    """Change keys of DIR/demo_flags.json; a key changed to None is removed."""
+    from lore_cli.demo_command import FLAGS_FILE
+
+    record = json.loads((out / FLAGS_FILE).read_text())
+    record.update(changes)
+    (out / FLAGS_FILE).write_text(json.dumps({key: value for key, value in record.items() if value is not None}))
+
+
+def test_demo_refuses_a_directory_made_by_another_lore_fed_version(tmp_path, capsys, monkeypatch):
+    """Found by a reviewer: the record held no code version, so a newer lore-fed reused an older one's stages as its
+    own. Another version is refused with the file and the advice, nothing written."""
+    from lore_cli.main import main
+    from lore_core import __version__
+
+    out = tmp_path / "demo"
+    _fake_demo(out, FAKE_FLAGS, monkeypatch)
+    _edit_record(out, lore_fed_version="0.0.1")
+    before = _snapshot(out)
+    assert main(["demo", "--out", str(out), *FAKE_FLAGS]) == 2
+    err = capsys.readouterr().err
+    assert f"{out / 'demo_flags.json'} records a demo made by lore-fed 0.0.1, not {__version__}" in err
+    assert f"give a new --out (or delete {out} to rerun the demo there)" in err
+    assert _snapshot(out) == before
+
+
+def test_demo_refuses_a_flags_record_without_a_version(tmp_path, capsys, monkeypatch):
+    """A record from before the version was recorded (format 1): which lore-fed made its stages is unknown, so they
+    are not reused; refused with the file and the advice, nothing written."""
+    from lore_cli.main import main
+
+    out = tmp_path / "demo"
+    _fake_demo(out, FAKE_FLAGS, monkeypatch)
+    _edit_record(out, format=1, lore_fed_version=None)
+    before = _snapshot(out)
+    assert main(["demo", "--out", str(out), *FAKE_FLAGS]) == 2
+    err = capsys.readouterr().err
+    assert f"{out / 'demo_flags.json'} does not record which lore-fed made this demo" in err
+    assert f"give a new --out (or delete {out} to rerun the demo there)" in err
     assert _snapshot(out) == before
 
 
