@@ -249,3 +249,15 @@ def test_real_demo_resumes_after_a_crash_only_with_its_own_flags(tmp_path, capsy
     assert real_main(["demo", *flags[:2], "--users", "30", "--rounds", "3", "--nonprivate-rounds", "0",
                       "--rank", "1", "--privacy", "none"]) == 2
     assert "--rounds: asked 3, stored 1" in capsys.readouterr().err and _snapshot(out) == before
+
+
+def test_the_package_version_is_written_the_same_in_both_places():
+    """demo_flags.json records lore_core.__version__; Flower needs a static [project] version in pyproject.toml, so
+    the two are written apart and a release must bump both."""
+    import tomllib
+    from pathlib import Path
+
+    from lore_core import __version__
+
+    pyproject = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    assert pyproject["project"]["version"] == __version__
