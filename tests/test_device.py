@@ -337,6 +337,37 @@ def test_reinit_to_another_embedding_space_never_drops_the_users_choices(tmp_pat
     assert "is not kept" in proc.stderr and load_state(texts).encoder is None and load_state(texts).basis.dim == 8
 
 
+def _fake_encoder_dir(directory: Path, checksums) -> Path:
+    """An encoder directory whose encoder.json is well-formed but for `checksums` (the files are not a model)."""
+    from client.device.encoder import ENCODER_FORMAT, ENCODER_META, MODEL_FILE, OUTPUT_NAME, TOKENIZER_FILE
+
+    directory.mkdir()
+    for name in (MODEL_FILE, TOKENIZER_FILE):
+        (directory / name).write_bytes(b"not a model")
+    meta = {"format": ENCODER_FORMAT, "dim": 8, "output": OUTPUT_NAME, "embedder": "synthetic", "sha256": checksums}
+    (directory / ENCODER_META).write_text(json.dumps(meta))
+    return directory
+
+
+@pytest.mark.parametrize("checksums", ["x", {"model.onnx": "x", "tokenizer.json": "x"}, {"model.onnx": "0" * 64},
+                                       {"model.onnx": "A" * 64, "tokenizer.json": "a" * 64}])
+def test_an_encoder_checksum_that_is_not_a_sha256_digest_is_refused_when_read(tmp_path, checksums):
+    """Found by a review: `"sha256": "x"` was accepted and failed only at a verified open, with a traceback."""
+    from client.device.encoder import EncoderError, read_encoder_meta
+
+    enc = _fake_encoder_dir(tmp_path / "enc", checksums)
+    with pytest.raises(EncoderError, match=r"encoder\.json: expected \"sha256\".* 64 lowercase hex characters"):
+        read_encoder_meta(enc)
+
+
+def test_init_refuses_an_encoder_checksum_that_is_not_a_sha256_digest(tmp_path):
+    save_basis(tmp_path / "basis.npz", np.eye(2, 8), version=1, embedder="synthetic")
+    enc = _fake_encoder_dir(tmp_path / "enc", "x")
+    proc, _ = device(tmp_path / "state", "init", "--basis", tmp_path / "basis.npz", "--encoder", enc, check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert f"{enc / 'encoder.json'}: expected" in proc.stderr and '64 lowercase hex characters; got "x"' in proc.stderr
+
+
 def test_adapting_on_the_same_choices_again_does_not_count_them_twice(tmp_path, basis_file, encoder_dir):
     """Found by a hostile-input test: a rerun of `adapt` after an interruption doubled the choices and moved w."""
     state_dir = _adapted_state(tmp_path, basis_file)  # 8 precomputed pairs from diff.npz

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +25,7 @@ OUTPUT_NAME = "pair_emb"
 ENCODER_FORMAT = "lore-fed-onnx-encoder/1"
 DEFAULT_MAX_LENGTH = 256
 DEFAULT_BATCH_SIZE = 32
+SHA256_HEX = re.compile(r"[0-9a-f]{64}")  # hashlib's hexdigest()
 
 
 class EncoderError(ValueError):
@@ -57,10 +59,17 @@ def read_encoder_meta(directory: str | Path, *, verify: bool = False) -> dict:
             f"{meta_path}: expected format {ENCODER_FORMAT!r}, dim > 0, output {OUTPUT_NAME!r}; "
             f"got {meta.get('format')!r}, {dim}, {output!r}"
         )
+    if not (isinstance(checksums, dict) and all(isinstance(checksums.get(name), str)
+                                                and SHA256_HEX.fullmatch(checksums[name])
+                                                for name in (MODEL_FILE, TOKENIZER_FILE))):
+        raise EncoderError(
+            f'{meta_path}: expected "sha256": {{"{MODEL_FILE}": DIGEST, "{TOKENIZER_FILE}": DIGEST}}, each DIGEST 64 '
+            f"lowercase hex characters; got {json.dumps(checksums)[:200]}; export the encoder again"
+        )
     for name in (MODEL_FILE, TOKENIZER_FILE):
         if not (directory / name).is_file():
             raise EncoderError(f"{directory}: {name} is missing")
-        if verify and file_sha256(directory / name) != checksums.get(name):
+        if verify and file_sha256(directory / name) != checksums[name]:
             raise EncoderError(f"{directory / name}: checksum mismatch (file corrupted or replaced); export again")
     return meta
 
