@@ -174,6 +174,7 @@ def run_pair_file(run_dir: Path | None) -> str | Path | None:
 
 def load_pairs_and_basis(args: argparse.Namespace, run_dir: Path | None):
     """(PairSet, basis (B, D), dataset directory or None)."""
+    from lore_core.basis_file import warn_if_other_embedder
     from lore_core.pairs import load_pairs
 
     if args.synthetic:
@@ -183,14 +184,17 @@ def load_pairs_and_basis(args: argparse.Namespace, run_dir: Path | None):
     if pairs_path is None:
         raise AuditCommandError("no pair file: pass --pairs PAIRS.npz|DATASET (or --synthetic)")
     pairs = load_pairs(pairs_path)
-    basis = load_run_basis(args.basis, run_dir)
+    basis, basis_file = load_run_basis(args.basis, run_dir)
     if basis.shape[1] != pairs.dim:
         raise AuditCommandError(f"basis dimension {basis.shape[1]} does not match the pair file's {pairs.dim}")
+    if basis_file is not None:
+        warn_if_other_embedder(basis_file, pairs)
     dataset = Path(pairs.source).parent
     return pairs, basis, dataset
 
 
-def load_run_basis(path: str | None, run_dir: Path | None) -> np.ndarray:
+def load_run_basis(path: str | None, run_dir: Path | None):
+    """(basis (B, D) float64, the BasisFile it came from, or None for a checkpoint, which names no embedder)."""
     from lore_core.basis_file import load_basis
 
     candidates = [Path(path)] if path else ([run_dir / "basis.npz", run_dir / "checkpoint.npz"] if run_dir else [])
@@ -205,14 +209,15 @@ def load_run_basis(path: str | None, run_dir: Path | None) -> np.ndarray:
             names = data.files
             basis = data["basis"] if "basis" in names and "sha256" not in names else None
         if "sha256" in names:
-            return load_basis(file).basis.astype(np.float64)
+            basis_file = load_basis(file)
+            return basis_file.basis.astype(np.float64), basis_file
         if basis is None:
             raise AuditCommandError(f"{file}: no `basis` array (found {sorted(names)}); give a basis file "
                                     "(`lore-fed train --out`) or a run's checkpoint.npz")
         if basis.ndim != 2 or not np.issubdtype(basis.dtype, np.floating) or not np.isfinite(basis).all():
             raise AuditCommandError(f"{file}: basis must be a finite 2-D float array, got {basis.dtype} "
                                     f"{basis.shape}")
-        return basis.astype(np.float64)
+        return basis.astype(np.float64), None
     raise AuditCommandError(f"no basis found (looked at {[str(c) for c in candidates]}); pass --basis FILE")
 
 
@@ -344,7 +349,7 @@ def _mechanism(args, run_dir, settings) -> dict:
     shape = (10, 384)
     if run_dir is not None or args.basis:
         try:
-            shape = load_run_basis(args.basis, run_dir).shape
+            shape = load_run_basis(args.basis, run_dir)[0].shape
         except AuditCommandError:
             pass
     z, clip, delta = float(settings["noise_multiplier"]), float(settings["clip_norm"]), float(settings["delta"])

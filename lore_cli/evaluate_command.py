@@ -22,7 +22,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from lore_core.basis_file import UNKNOWN_EMBEDDER, load_basis
+    from lore_core.basis_file import load_basis, warn_if_other_embedder
     from lore_core.evaluation import evaluate_model
     from lore_core.pairs import load_pairs
     from lore_cli.train_command import benchmark_ceiling, benchmark_truth, format_metrics, personal_prior
@@ -43,11 +43,7 @@ def run(args: argparse.Namespace) -> int:
                       UserWarning, stacklevel=2)
     if basis.shape[1] != pairs.dim:
         raise ValueError(f"basis {basis_path} has dimension {basis.shape[1]}, the pair file {pairs.source} {pairs.dim}")
-    unnamed = (None, UNKNOWN_EMBEDDER)
-    if basis_file.embedder not in unnamed and pairs.embedder not in unnamed and basis_file.embedder != pairs.embedder:
-        warnings.warn(f"basis {basis_path} was trained on embeddings of {basis_file.embedder!r}, but {pairs.source} "
-                      f"holds embeddings of {pairs.embedder!r}: the scores compare two spaces; embed the pairs with "
-                      "the basis' embedder", UserWarning, stacklevel=2)
+    warn_if_other_embedder(basis_file, pairs)
     prior = personal_prior(args.prior_pairs, default=basis_file.prior_pairs)
     true_basis = benchmark_truth(pairs)
     metrics = evaluate_model(pairs, basis, prior_pairs=prior)

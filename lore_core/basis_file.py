@@ -15,14 +15,19 @@ Numpy only (importable on a device).
 from __future__ import annotations
 
 import hashlib
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from lore_core.atomic_io import atomic_save_npz
 from lore_core.npz_file import open_npz
 from lore_core.text_file import not_a_file
+
+if TYPE_CHECKING:
+    from lore_core.pairs import PairSet
 
 BASIS_ARRAYS = ("basis", "version", "embedder", "dim", "rank", "sha256")
 UNKNOWN_EMBEDDER = "unknown"  # a basis trained on pairs that do not name their embedder (before pair files did)
@@ -126,6 +131,16 @@ def load_basis(path: str | Path) -> BasisFile:
         _check_prior(prior_pairs, str(path))
     return BasisFile(basis=basis, version=version, embedder=embedder, sha256=checksum, source=str(path),
                      prior_pairs=prior_pairs)
+
+
+def warn_if_other_embedder(basis_file: BasisFile, pairs: PairSet) -> None:
+    """Warn (UserWarning) when the basis and the pair file both name their embedder and the names differ: the basis
+    would meet pairs from another embedding space. An unnamed embedder (None, UNKNOWN_EMBEDDER) matches any."""
+    unnamed = (None, UNKNOWN_EMBEDDER)
+    if basis_file.embedder not in unnamed and pairs.embedder not in unnamed and basis_file.embedder != pairs.embedder:
+        warnings.warn(f"basis {basis_file.source} was trained on embeddings of {basis_file.embedder!r}, but "
+                      f"{pairs.source} holds embeddings of {pairs.embedder!r}: the scores compare two spaces; embed "
+                      "the pairs with the basis' embedder", UserWarning, stacklevel=3)
 
 
 def _check_prior(prior_pairs: float, where: str) -> None:

@@ -188,6 +188,26 @@ def test_audits_find_the_pair_file_of_a_train_run_and_of_a_simulate_run(tmp_path
         run_pair_file(run)
 
 
+@pytest.mark.parametrize("embedder, warned", [("model-b", True), ("model-a", False), ("unknown", False)])
+def test_audits_warn_as_evaluate_does_when_the_basis_and_the_pairs_name_other_embedders(tmp_path, pair_file,
+                                                                                        embedder, warned):
+    from dataclasses import replace
+
+    from lore_core.basis_file import save_basis
+    from lore_core.pairs import load_pairs
+
+    named = save_pairs(replace(load_pairs(pair_file), embedder="model-a"), tmp_path / "named.npz")
+    basis = save_basis(tmp_path / "basis.npz", np.random.default_rng(0).standard_normal((RANK, DIM)), version=0,
+                       embedder=embedder)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main(["audit", "extraction", "--pairs", str(named), "--basis", str(basis), "--out", str(tmp_path)]) == 0
+    other = [str(w.message) for w in caught if "was trained on embeddings of" in str(w.message)]
+    assert other == ([f"basis {basis} was trained on embeddings of 'model-b', but {named} holds embeddings of "
+                      "'model-a': the scores compare two spaces; embed the pairs with the basis' embedder"]
+                     if warned else [])
+
+
 def _real_ledger(run: Path) -> dict:
     """A user-mode ledger of 2 rounds written by the ledger class itself; returns its parsed JSON."""
     from lore_core.privacy import PrivacyLedger, PrivacySettings
