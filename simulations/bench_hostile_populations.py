@@ -18,6 +18,11 @@ benchmark breaks those assumptions one at a time, with its own small generator (
   shared-pool      every user draws its pairs from one pool of 400 item pairs (users compare the same items, as in
                    a fixed survey); `group` names the item pair, and a user's test items are not among its training
                    items
+  shifted-new      simplex users (rank 4), but seen users mix basis rewards 0-2 and new users mix 1-3: new users
+                   differ from everyone the basis and the personal prior were fit on, and the selection's pretend-new
+                   users (a fold of seen users) cannot show it
+  nonlinear        each user's reward of an item is w . tanh(2 A e), a saturating function of the embedding e, so no
+                   linear basis is the truth (A rank 4, w on the simplex); the file gives only e_a - e_b, as always
 Rows: `bt` (`lore-fed train --rank 1`) and `train` (default flags), through the CLI as a user runs them, plus the
 oracle (true logits) and, where a low-rank truth exists, the true-basis ceiling (only w fit). This benchmark
 chooses nothing: it checks the matrix's first criterion (`train` within 2 SE of BT or above, seen and new users)
@@ -41,7 +46,8 @@ from simulations.bench_matrix import _mean_se, train_row
 
 DIM, SEEN, NEW, FEW_SHOT, TEST, RANK = 384, 300, 100, 10, 20, 4
 LOGIT_STD = 3.0
-POPULATIONS = ("full-rank", "heavy-tail", "clickers", "minority", "repeats-no-group", "shared-pool")
+POPULATIONS = ("full-rank", "heavy-tail", "clickers", "minority", "repeats-no-group", "shared-pool", "shifted-new",
+               "nonlinear")
 
 
 def _unit_diffs(rng: np.random.Generator, n: int) -> np.ndarray:
@@ -59,25 +65,30 @@ def _counts(rng: np.random.Generator, name: str) -> np.ndarray:
     return np.r_[seen, np.full(NEW, FEW_SHOT)]
 
 
-def _rewards(rng: np.random.Generator, name: str) -> tuple[np.ndarray, np.ndarray | None]:
-    """Each user's reward vector (U, D) before scaling, and the low-rank basis (K, D) where one exists."""
+def _rewards(rng: np.random.Generator, name: str) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """Each user's reward vector (U, D) before scaling, the low-rank basis (K, D) and the users' weights (U, K) where
+    a basis exists."""
     users = SEEN + NEW
     if name == "full-rank":
         shared = _unit_diffs(rng, 1)[0]
-        return shared + _unit_diffs(rng, users), None
+        return shared + _unit_diffs(rng, users), None, None
     basis = rng.standard_normal((RANK, DIM))
     weights = rng.dirichlet(np.full(RANK, 0.5), size=users)
+    if name == "shifted-new":  # seen users on the face {0, 1, 2}, new users on the face {1, 2, 3}
+        face = rng.dirichlet(np.full(RANK - 1, 0.5), size=users)
+        weights = np.zeros((users, RANK))
+        weights[:SEEN, :RANK - 1], weights[SEEN:, 1:] = face[:SEEN], face[SEEN:]
     if name == "minority":
         everyone = rng.dirichlet(np.full(RANK, 0.5))
         weights = np.where((rng.random(users) < 0.9)[:, None], everyone, weights)
-    return weights @ basis, basis
+    return weights @ basis, basis, weights
 
 
 def hostile_population(name: str, seed: int) -> tuple[PairSet, np.ndarray | None]:
     """The population's pairs and its true basis in logit units (None without a low-rank truth)."""
     rng = np.random.default_rng([seed, POPULATIONS.index(name), 20261202])
     users = SEEN + NEW
-    rewards, basis = _rewards(rng, name)
+    rewards, basis, weights = _rewards(rng, name)
     train_counts = _counts(rng, name)
     counts = train_counts + TEST
     user_idx = np.repeat(np.arange(users), counts)
@@ -95,9 +106,17 @@ def hostile_population(name: str, seed: int) -> tuple[PairSet, np.ndarray | None
         within = np.arange(n) - np.repeat(np.cumsum(counts) - counts, counts)  # row's position within its user
         item = order[user_idx, within]  # distinct items per user: train and test never share one
         diff, group = pool[item], np.char.add("item", item.astype(str))
+    elif name == "nonlinear":  # items first: the reward saturates in each basis direction of the item itself
+        items = _unit_diffs(rng, 2 * n).reshape(2, n, DIM) / np.sqrt(2.0)
+        diff = items[0] - items[1]
     else:
         diff = _unit_diffs(rng, n)
-    raw = np.einsum("nd,nd->n", diff, rewards[user_idx])
+    if name == "nonlinear":
+        saturated = np.tanh(2.0 * np.einsum("kd,snd->snk", basis, items))  # (2, n, K): A e scaled, saturated
+        raw = np.einsum("nk,nk->n", weights[user_idx], saturated[0] - saturated[1])
+        basis = None  # no linear basis is the truth
+    else:
+        raw = np.einsum("nd,nd->n", diff, rewards[user_idx])
     scale = LOGIT_STD / raw.std()
     logit = scale * raw
     chosen_first = rng.random(n) < 1.0 / (1.0 + np.exp(-logit))

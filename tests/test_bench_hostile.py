@@ -37,3 +37,23 @@ def test_heavy_tail_spreads_training_pairs_and_full_rank_has_no_basis():
     assert counts.size == SEEN and counts.min() <= 3 and counts.max() >= 100 and 8 <= np.median(counts) <= 16
     full, basis = hostile_population("full-rank", 0)
     assert basis is None and np.unique(full.user[~full.seen]).size == NEW
+
+
+def test_shifted_new_users_mix_basis_rewards_the_seen_users_never_use():
+    pairs, basis = hostile_population("shifted-new", 0)
+    assert basis is not None and basis.shape[0] == 4
+
+    def residual(rows, keep):  # least-squares misfit of the true logits by a linear reward in the span of `rows`
+        coef, *_ = np.linalg.lstsq(pairs.diff[keep] @ basis[rows].T, pairs.logit_true[keep], rcond=None)
+        misfit = pairs.logit_true[keep] - pairs.diff[keep] @ basis[rows].T @ coef
+        return np.abs(misfit).max() / np.abs(pairs.logit_true[keep]).max()
+
+    seen_user, new_user = (pairs.user == pairs.user[pairs.seen][0]), (pairs.user == pairs.user[~pairs.seen][0])
+    assert residual([0, 1, 2], seen_user) < 1e-4 and residual([1, 2, 3], new_user) < 1e-4
+    assert residual([0, 1, 2], new_user) > 1e-2  # the new user's reward leaves the seen users' span
+
+
+def test_nonlinear_rewards_saturate_and_name_no_basis():
+    pairs, basis = hostile_population("nonlinear", 0)
+    assert basis is None and np.unique(pairs.user[~pairs.seen]).size == NEW
+    assert abs(np.sqrt(np.mean(pairs.logit_true.astype(float) ** 2)) - 3.0) < 0.1  # scaled like the others
