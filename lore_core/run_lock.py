@@ -8,8 +8,9 @@ Flower engine starts and its ServerApp, in the same process, takes it again.
 The lock file names its holder (pid, command, since), written when the holder announces itself: at once by default,
 or, with `announce=False`, only once the caller's checks under the lock have passed (`announce()`). A holder that
 never announced leaves the directory as it found it: the file keeps the previous holder's record, and a lock file
-it had to create is removed before the lock is released (a process that opened the removed file meanwhile notices
-and retries on the path's current file).
+that holds no record is removed before the lock is released, whoever created it (a process that opened the removed
+file meanwhile notices and retries on the path's current file). Which run created the file says nothing: between
+its creation and its creator's lock another run may lock it first, and name itself in it or leave it empty.
 """
 
 from __future__ import annotations
@@ -33,8 +34,8 @@ class RunDirBusy(RuntimeError):
 
 
 class _Holding:
-    def __init__(self, fd: int, created: bool) -> None:
-        self.fd, self.created, self.depth, self.announced = fd, created, 1, False
+    def __init__(self, fd: int) -> None:
+        self.fd, self.depth, self.announced = fd, 1, False
 
 
 class RunDirLock:
@@ -62,13 +63,7 @@ class RunDirLock:
     def _acquire(self, path: Path) -> _Holding:
         deadline = time.monotonic() + self.wait
         while True:
-            try:
-                fd, created = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644), True
-            except FileExistsError:
-                try:
-                    fd, created = os.open(path, os.O_RDWR), False
-                except FileNotFoundError:  # removed in between by a holder that had created it: try again
-                    continue
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -81,7 +76,7 @@ class RunDirLock:
                 raise RunDirBusy(f"{self.run_dir} is in use by another run ({holder}); wait for it to finish or "
                                  "use another --out directory") from None
             if _same_file(fd, path):
-                return _Holding(fd, created)
+                return _Holding(fd)
             os.close(fd)  # the file was removed by its holder before we got it: lock the path's current file
 
     def announce(self) -> None:
@@ -106,8 +101,8 @@ class RunDirLock:
                 return
             del _held[self.key]
             path = self.run_dir / LOCK_FILENAME
-            try:  # nothing was written: leave no lock file behind (only our own, should someone have replaced it)
-                if holding.created and not holding.announced and _same_file(holding.fd, path):
+            try:  # nothing was written and no record is kept: leave no lock file (only the one we hold)
+                if not holding.announced and os.fstat(holding.fd).st_size == 0 and _same_file(holding.fd, path):
                     path.unlink(missing_ok=True)
             finally:
                 fcntl.flock(holding.fd, fcntl.LOCK_UN)

@@ -440,6 +440,57 @@ def test_a_lock_taken_before_the_checks_writes_nothing_until_announced(tmp_path,
         assert json.loads(lock_file.read_text())["pid"] == os.getpid()
 
 
+def test_a_refused_run_that_locked_a_file_another_run_just_created_leaves_no_empty_lock(tmp_path, monkeypatch):
+    """A review found an empty .lock left behind: run A created the file, run B opened it and locked it before A
+    could; A was refused as busy, and B, refused by its checks, kept the file because it had not created it. An
+    unannounced holder removes a lock file that holds no record, whoever created it."""
+    import fcntl
+
+    from lore_core import run_lock
+    from lore_core.run_lock import LOCK_FILENAME, RunDirLock
+
+    lock_file = tmp_path / LOCK_FILENAME
+    real_open, run_a = os.open, []
+
+    def open_(path, flags, *mode):  # run A creates the lock file just before this run (B) opens the path
+        if not run_a and str(path) == str(lock_file):
+            run_a.append(real_open(lock_file, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644))
+        return real_open(path, flags, *mode)
+
+    monkeypatch.setattr(run_lock.os, "open", open_)
+    with RunDirLock(tmp_path, announce=False):  # B locks A's file first; its checks then fail
+        with pytest.raises(BlockingIOError):  # A finds it held and is refused
+            fcntl.flock(run_a[0], fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.close(run_a[0])
+    assert not lock_file.exists()
+
+
+def test_a_refused_run_keeps_the_record_of_a_run_that_locked_its_new_lock_file_first(tmp_path, monkeypatch):
+    """The same race the other way round: this run creates .lock, another run locks it first, names itself and
+    ends; this run, refused by its checks, leaves that record (it used to remove the file it had created)."""
+    import fcntl
+
+    from lore_core import run_lock
+    from lore_core.run_lock import LOCK_FILENAME, RunDirLock
+
+    lock_file = tmp_path / LOCK_FILENAME
+    record = json.dumps({"pid": 1, "command": "lore-fed simulate other", "since": "2026-01-01 00:00:00"})
+    real_flock, other_ran = fcntl.flock, []
+
+    def flock(fd, operation):  # before this run's lock is granted, the other run holds the file, announces, ends
+        if not other_ran and operation & fcntl.LOCK_EX:
+            other_ran.append(os.open(lock_file, os.O_RDWR))
+            real_flock(other_ran[0], fcntl.LOCK_EX)
+            os.pwrite(other_ran[0], record.encode(), 0)
+            os.close(other_ran[0])
+        return real_flock(fd, operation)
+
+    monkeypatch.setattr(run_lock.fcntl, "flock", flock)
+    with RunDirLock(tmp_path, announce=False):
+        assert other_ran
+    assert lock_file.read_text() == record
+
+
 def test_a_busy_run_directory_does_not_blame_an_ended_run(tmp_path):
     """A review found a waiting run told "in use by pid P" while the holder was still checking its input and the
     file still held an earlier, ended run's record (P's number may now belong to an unrelated process)."""
