@@ -275,6 +275,22 @@ def test_a_field_declared_twice_is_refused_and_bracketed_text_candidates_are_tex
     assert _read_candidates(tmp_path / "c.json") == ["a", "b"]
 
 
+def test_a_text_pool_is_read_as_adapt_reads_choices(tmp_path):
+    """Found by a tester: a pool with a byte that is not UTF-8 exited 2 with Python's bare codec message (no file
+    named), and a pool saved with a UTF-8 byte-order mark was refused although `adapt` accepts one."""
+    from client.device.pool import PoolError, read_pool
+
+    line = b'{"prompt": "q", "responses": ["a", "b"]}\n'
+    (tmp_path / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + line + line.replace(b"q", b"r"))
+    assert read_pool(tmp_path / "bom.jsonl", 4).size == 2
+    (tmp_path / "bad.jsonl").write_bytes(line + b'{"prompt": "q\xff", "responses": ["a", "b"]}\n')
+    with pytest.raises(PoolError, match=r"bad.jsonl line 2: not valid UTF-8"):
+        read_pool(tmp_path / "bad.jsonl", 4)
+    (tmp_path / "cut.jsonl").write_bytes(line + line[:20])
+    with pytest.raises(PoolError, match=r"cut.jsonl line 2: not valid JSON"):
+        read_pool(tmp_path / "cut.jsonl", 4)
+
+
 def test_an_npz_pool_is_checked_as_adapt_checks_choices(tmp_path):
     """Found by a hostile-input test: next-question scored pairs of 1e9 (0.764 bits) and whole pair files that
     `adapt` refuses. Zero rows stay valid in a pool: pairs with nothing to learn, which the questions skip."""

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from client.device.personalize import CHOICE_CONTEXT_KEYS, check_choice, read_user_diffs
-from lore_core.text_file import not_a_file
+from lore_core.text_file import not_a_file, parse_json, read_text
 
 
 class PoolError(ValueError):
@@ -40,12 +40,12 @@ def read_pool(path: str | Path, dim: int) -> Pool:
         raise PoolError(not_a_file("pool file", path))
     if path.suffix == ".npz":  # zero rows stay valid: a pool pair is unordered and may compare equal items
         return Pool(records=None, diff=read_user_diffs(path, dim, "an .npz pool", PoolError))
-    text = path.read_text(encoding="utf-8")
-    try:
-        records = json.loads(text) if text.lstrip().startswith("[") else [
-            json.loads(line) for line in text.splitlines() if line.strip()]
-    except json.JSONDecodeError as exc:
-        raise PoolError(f"{path}: not JSON Lines or a JSON list ({exc})") from exc
+    text = read_text(path, PoolError, "pool file")  # a BOM is dropped; bad UTF-8 names the file and line
+    if text.lstrip().startswith("["):
+        records = parse_json(text, path, PoolError)
+    else:
+        records = [parse_json(line, path, PoolError, line=number)
+                   for number, line in enumerate(text.splitlines(), 1) if line.strip()]
     if not isinstance(records, list) or not records:
         raise PoolError(f"{path}: no pairs in the pool")
     for number, record in enumerate(records, 1):
