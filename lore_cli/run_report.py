@@ -191,10 +191,11 @@ def write_report(run_dir: str | Path, history: list[dict], metrics: dict, refere
         lines += [f"![accuracy per round]({PLOT_FILENAME})", ""]
     lines += ["## Rounds", ""] + round_table(history) + ["", "Every round: `rounds.jsonl`."]
     lines += privacy_section(run_dir)
-    report = run_dir / "report.md"
-    atomic_write_text(report, "\n".join(lines) + "\n")
-    from lore_core.audits.audit_report import AUDITS_DIR, link_into_run_report
+    text = "\n".join(lines) + "\n"
+    from lore_core.audits.audit_report import AUDITS_DIR, with_audits_section
 
     if any((run_dir / AUDITS_DIR).glob("*.json")):  # audits of this run (`lore-fed audit`): their section stays
-        link_into_run_report(run_dir)
+        text = with_audits_section(text, run_dir)
+    report = run_dir / "report.md"
+    atomic_write_text(report, text)  # once, whole: a crash leaves the previous report, never one without its audits
     return report

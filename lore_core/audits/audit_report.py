@@ -74,10 +74,17 @@ def link_into_run_report(run_dir: str | Path) -> Path | None:
     """Give the run's report.md (if any) a "Privacy audits" section: one line and one plot per audit, with the
     details in audits/audits.md. Re-written on every audit, so the report always lists all of them."""
     report = Path(run_dir) / "report.md"
-    folder = Path(run_dir) / AUDITS_DIR
     if not report.exists():
         return None
-    text = report.read_text().split(RUN_REPORT_MARKER)[0].rstrip()
+    atomic_write_text(report, with_audits_section(report.read_text(), run_dir))
+    return report
+
+
+def with_audits_section(report_text: str, run_dir: str | Path) -> str:
+    """The run report `report_text` ending with the "Privacy audits" section of RUN_DIR/audits/ (replacing any
+    earlier one)."""
+    folder = Path(run_dir) / AUDITS_DIR
+    text = report_text.split(RUN_REPORT_MARKER)[0].rstrip()
     lines = [text, "", RUN_REPORT_MARKER, "", "## Privacy audits", "",
              f"Each audit's method, figures and confidence intervals: [{AUDITS_DIR}/audits.md]"
              f"({AUDITS_DIR}/audits.md).", ""]
@@ -89,8 +96,7 @@ def link_into_run_report(run_dir: str | Path) -> Path | None:
         lines += [f"### {file.stem}: {r.get('verdict')}", "", r.get("summary", ""), ""]
         if (folder / f"{file.stem}.png").exists():
             lines += [f"![{file.stem}]({AUDITS_DIR}/{file.stem}.png)", ""]
-    atomic_write_text(report, "\n".join(lines))
-    return report
+    return "\n".join(lines)
 
 
 def write_markdown(folder: str | Path) -> Path:
