@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -263,6 +264,32 @@ def test_killing_a_writer_leaves_a_readable_consistent_state(tmp_path, basis_fil
         assert (state.pair_diff == i).all() and state.choices == (json.dumps({"i": i}),) * state.n_pairs
         last = i
     assert last > 0, "the writer never committed: the test did not exercise anything"
+
+
+def test_a_reader_racing_a_writer_reads_the_new_state_not_a_corrupted_one(tmp_path, monkeypatch):
+    """Found by a tester: `status` run while `adapt` committed read the old manifest, then found its personal file
+    deleted by the commit, and exited 2 calling the state corrupted."""
+    import client.device.state as state_module
+
+    basis = save_basis(tmp_path / "basis.npz", np.random.default_rng(0).standard_normal((3, 8)), version=1,
+                       embedder="toy")
+    state_dir = tmp_path / "state"
+    first = save_state(replace(new_state(state_dir, load_basis(basis)), pair_diff=np.ones((1, 8), np.float32),
+                               choices=('{"i": 1}',)))
+    checked, raced = state_module._checked_file, []
+
+    def commit_then_check(directory, entry):  # another process commits between the manifest read and this one
+        if entry["name"].startswith("personal-") and not raced:
+            raced.append(save_state(replace(first, pair_diff=np.full((2, 8), 2, np.float32),
+                                            choices=('{"i": 2}',) * 2)))
+        return checked(directory, entry)
+
+    monkeypatch.setattr(state_module, "_checked_file", commit_then_check)
+    state = load_state(state_dir)
+    assert raced and state.n_pairs == 2 and state.generation == raced[0].generation
+    (state_dir / next(iter(state_dir.glob("personal-*.npz"))).name).write_bytes(b"damaged")
+    with pytest.raises(StateCorruptError, match="personal-"):  # real damage is still reported (no retry loop)
+        load_state(state_dir)
 
 
 # --- 5. checked state, refused bases, forgetting --------------------------------------------------------------

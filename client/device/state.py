@@ -152,14 +152,34 @@ def save_state(state: DeviceState) -> DeviceState:
     return committed
 
 
+# A reader (status, rank, next-question) takes no lock: a writer may commit a new manifest and delete the files of
+# the old one between the reader's reading the manifest and reading those files. A load that fails while the
+# manifest changed under it is such a race, not corruption: it is tried again on the new manifest.
+_LOAD_ATTEMPTS = 5
+
+
 def load_state(directory: str | Path) -> DeviceState:
     """Load and fully check the state in `directory`."""
     directory = Path(directory)
     path = directory / MANIFEST
-    if not path.is_file():
-        raise StateError(f"no device state in {directory}: run `python -m client.device init --basis FILE` first")
+    for attempt in range(_LOAD_ATTEMPTS):
+        if not path.is_file():
+            raise StateError(f"no device state in {directory}: run `python -m client.device init --basis FILE` "
+                             "first")
+        raw = path.read_bytes()
+        try:
+            return _load_state(directory, raw)
+        except StateCorruptError:
+            if attempt + 1 == _LOAD_ATTEMPTS or not path.is_file() or path.read_bytes() == raw:
+                raise
+    raise AssertionError("unreachable")
+
+
+def _load_state(directory: Path, raw: bytes) -> DeviceState:
+    """The state `raw` (the manifest's bytes) describes, fully checked."""
+    path = directory / MANIFEST
     try:
-        manifest = json.loads(path.read_bytes())
+        manifest = json.loads(raw)
         files, generation = manifest["files"], int(manifest["generation"])
         strength = manifest["strength"]
     except (ValueError, KeyError, TypeError) as exc:
