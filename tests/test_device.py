@@ -292,6 +292,29 @@ def test_a_reader_racing_a_writer_reads_the_new_state_not_a_corrupted_one(tmp_pa
         load_state(state_dir)
 
 
+def test_init_after_a_concurrent_or_killed_init_is_not_refused_as_another_tools_directory(tmp_path):
+    """Found by a tester: two `init`s at once on a new directory (3 times in 10 with the same basis), or an `init`
+    killed after taking its lock, left `.lock` (and a temp file) before the marker; every later `init` refused the
+    directory as one that "holds other files and is not a device state". A directory with anything else (another
+    tool's manifest.json included) is still refused."""
+    basis = save_basis(tmp_path / "basis.npz", np.random.default_rng(0).standard_normal((3, 8)), version=1,
+                       embedder="toy")
+    state_dir = tmp_path / "state"
+    state_dir.mkdir()
+    (state_dir / ".lock").touch()
+    (state_dir / "..lore-fed-device-state.k3j9.tmp").write_bytes(b"lore-")
+    device(state_dir, "init", "--basis", basis)
+    assert load_state(state_dir).basis.dim == 8 and not list(state_dir.glob("*.tmp"))
+    for other in ("notes.txt", "manifest.json"):
+        foreign = tmp_path / other.split(".")[0]
+        foreign.mkdir()
+        (foreign / ".lock").touch()
+        (foreign / other).write_text("{}")
+        proc, _ = device(foreign, "init", "--basis", basis, "--reinit", check=False)
+        assert proc.returncode == 2 and "holds other files" in proc.stderr
+        assert sorted(p.name for p in foreign.iterdir()) == [".lock", other]
+
+
 # --- 5. checked state, refused bases, forgetting --------------------------------------------------------------
 
 

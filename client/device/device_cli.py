@@ -35,6 +35,7 @@ from client.device.state import (
     check_compatible,
     default_state_dir,
     forget,
+    holds_other_files,
     is_device_state,
     load_state,
     new_state,
@@ -136,7 +137,7 @@ def _init(args) -> int:
     check_output_path(directory, "--state", directory=True)
     basis = load_basis(args.basis)
     encoder = _checked_encoder_dir(args.encoder, basis) if args.encoder else None
-    if directory.is_dir() and any(directory.iterdir()) and not is_device_state(directory):
+    if directory.is_dir() and holds_other_files(directory) and not is_device_state(directory):
         raise StateError(f"{directory} holds other files and is not a device state; give `--state` a new or empty "
                          "directory")
     with state_lock(directory, create=True):

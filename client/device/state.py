@@ -223,6 +223,16 @@ def is_device_state(directory: str | Path) -> bool:
         return False
 
 
+def holds_other_files(directory: str | Path) -> bool:
+    """True when `directory` holds anything but the lock and temp files that a concurrent or killed `init` leaves
+    before the marker (a manifest or data file without the marker is another tool's: counted)."""
+    def left_by_init(path: Path) -> bool:
+        match = _STATE_FILE.fullmatch(path.name)
+        return path.is_file() and (path.name == LOCK or bool(match and match["tmp"]))
+
+    return not all(left_by_init(path) for path in Path(directory).iterdir())
+
+
 def require_state(directory: str | Path) -> Path:
     """`directory`, refused (StateError) unless it is a device state: nothing is created or deleted elsewhere."""
     directory = Path(directory)
