@@ -499,6 +499,43 @@ def test_forget_deletes_all_personal_data(tmp_path, basis_file, encoder_dir):
     assert not state_dir.exists()
 
 
+def test_forget_all_racing_a_waiting_command_removes_the_state_and_the_command_says_so(tmp_path, monkeypatch):
+    """Found by a tester: `adapt` started during `forget --all` re-opened `.lock` after forget deleted it; forget
+    then kept the directory, naming `.lock` as "not part of the device state", and the `.lock`-only directory was
+    refused by every command, `forget --all` included. An `adapt` whose directory vanished after its check said
+    `[Errno 2] No such file or directory: '.../.lock'`."""
+    import client.device.state as state_module
+    from client.device.state import MARKER, StateError, forget, state_lock
+
+    basis = save_basis(tmp_path / "basis.npz", np.random.default_rng(0).standard_normal((3, 8)), version=1,
+                       embedder="toy")
+    state_dir = tmp_path / "state"
+    save_state(new_state(state_dir, load_basis(basis)))
+    unlink = Path.unlink
+
+    def waiting_command_reopens_the_lock(path, *args, **kwargs):
+        unlink(path, *args, **kwargs)
+        if path.name == MARKER:  # the last file forget deletes
+            (path.parent / ".lock").touch()
+
+    monkeypatch.setattr(Path, "unlink", waiting_command_reopens_the_lock)
+    assert forget(state_dir, everything=True) == [] and not state_dir.exists()
+    monkeypatch.setattr(Path, "unlink", unlink)
+
+    save_state(new_state(state_dir, load_basis(basis)))
+    real_require = state_module.require_state
+
+    def checked_then_deleted(directory):
+        real_require(directory)
+        state_module._delete_state(Path(directory))  # `forget --all` in another process, between check and lock
+        return Path(directory)
+
+    monkeypatch.setattr(state_module, "require_state", checked_then_deleted)
+    with pytest.raises(StateError, match="deleted while this command started"):
+        with state_lock(state_dir):
+            pass
+
+
 def test_basis_file_checks(tmp_path):
     path = save_basis(tmp_path / "b.npz", np.ones((2, 3)), version=1, embedder="e")
     loaded = load_basis(path)

@@ -294,11 +294,22 @@ def _delete_state(directory: Path) -> list[str]:
     own = [path for path in directory.iterdir() if path.is_file() and _is_state_file(path.name)]
     for path in sorted(own, key=lambda path: path.name == MARKER):
         path.unlink()
-    left = sorted(path.name for path in directory.iterdir())
+    for _ in range(5):
+        left = sorted(path.name for path in directory.iterdir())
+        if left != [LOCK]:
+            break
+        # A command that was waiting for the lock opened it anew after it was deleted (it will find no state):
+        # the lock is still the state's own file, not a reason to keep the directory.
+        (directory / LOCK).unlink(missing_ok=True)
+    left = [name for name in left if name != LOCK]
     if left:
         return [f"kept the directory {directory}: it also holds files that are not part of the device state "
                 f"({', '.join(left[:5])}{', ...' if len(left) > 5 else ''}; {len(left)} in all)"]
-    directory.rmdir()
+    try:
+        directory.rmdir()
+    except OSError:  # pragma: no cover - a waiting command re-created the lock once more
+        return [f"kept the directory {directory}: a device command started during the deletion re-created its "
+                f"{LOCK} file; remove the directory when it has ended"]
     return []
 
 
@@ -323,7 +334,12 @@ def state_lock(directory: str | Path, *, create: bool = False):
         return
     if (directory / LOCK).is_dir():
         raise StateError(f"{directory / LOCK} is a directory, not the state's lock file: remove it (rmdir) and rerun")
-    with open(directory / LOCK, "a+b") as handle:
+    try:
+        handle = open(directory / LOCK, "a+b")
+    except FileNotFoundError:  # the directory went away since it was checked (`forget --all` at the same time)
+        raise StateError(f"no device state in {directory}: it was deleted while this command started (nothing "
+                         "was changed)") from None
+    with handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             yield
