@@ -536,6 +536,27 @@ def test_forget_all_racing_a_waiting_command_removes_the_state_and_the_command_s
             pass
 
 
+def test_ctrl_c_during_adapt_says_the_state_is_unchanged_without_a_traceback(tmp_path, monkeypatch, capsys):
+    """Found by a tester: Ctrl-C in `python -m client.device adapt` printed a KeyboardInterrupt traceback (`lore-fed
+    device` printed a message); the state was intact, which the message now says."""
+    from client.device import device_cli, user_posterior
+
+    basis = save_basis(tmp_path / "basis.npz", np.random.default_rng(0).standard_normal((3, 8)), version=1,
+                       embedder="toy")
+    np.savez(tmp_path / "c.npz", diff=np.random.default_rng(1).standard_normal((4, 8)))
+    state_dir = tmp_path / "state"
+    assert device_cli.main(["--state", str(state_dir), "init", "--basis", str(basis)]) == 0
+    before = {p.name: p.read_bytes() for p in state_dir.iterdir()}
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(user_posterior, "refit", interrupted)
+    assert device_cli.main(["--state", str(state_dir), "adapt", "--choices", str(tmp_path / "c.npz")]) == 130
+    assert "interrupted" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in state_dir.iterdir()} == before
+
+
 def test_basis_file_checks(tmp_path):
     path = save_basis(tmp_path / "b.npz", np.ones((2, 3)), version=1, embedder="e")
     loaded = load_basis(path)

@@ -123,6 +123,10 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"client.device {args.device_command}: error: {exc}", file=sys.stderr)  # e.g. permission denied
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: every write is atomic, so the state is the last committed one
+        print(f"client.device {args.device_command}: interrupted; the device state is as the last completed command "
+              "left it: run the command again", file=sys.stderr)
+        return 130
     finally:
         warnings.formatwarning = shown
 
