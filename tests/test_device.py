@@ -557,6 +557,26 @@ def test_ctrl_c_during_adapt_says_the_state_is_unchanged_without_a_traceback(tmp
     assert {p.name: p.read_bytes() for p in state_dir.iterdir()} == before
 
 
+def test_init_reinit_repairs_a_damaged_file_of_the_same_size(tmp_path):
+    """Found by a tester: with a byte of the state's basis file flipped, `init --reinit` said "starting afresh" and
+    exited 0, but kept the damaged file (a data file of the same name and size was taken as already written), so the
+    state stayed corrupted."""
+    from client.device import device_cli
+
+    basis = save_basis(tmp_path / "basis.npz", np.random.default_rng(0).standard_normal((3, 8)), version=1,
+                       embedder="toy")
+    state_dir = tmp_path / "state"
+    assert device_cli.main(["--state", str(state_dir), "init", "--basis", str(basis)]) == 0
+    stored = next(state_dir.glob("basis-*.npz"))
+    data = bytearray(stored.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    stored.write_bytes(bytes(data))
+    with pytest.raises(StateCorruptError):
+        load_state(state_dir)
+    assert device_cli.main(["--state", str(state_dir), "init", "--basis", str(basis), "--reinit"]) == 0
+    assert load_state(state_dir).basis.sha256 == load_basis(basis).sha256
+
+
 def test_basis_file_checks(tmp_path):
     path = save_basis(tmp_path / "b.npz", np.ones((2, 3)), version=1, embedder="e")
     loaded = load_basis(path)

@@ -357,7 +357,10 @@ def _write_data(directory: Path, prefix: str, data: bytes) -> dict:
     digest = hashlib.sha256(data).hexdigest()
     name = f"{prefix}{digest[:16]}.npz"
     target = directory / name
-    if not (target.is_file() and target.stat().st_size == len(data)):
+    # Content-addressed: an existing file of this name is kept only when it holds exactly these bytes (a damaged one
+    # of the same size, which `init --reinit` is run to repair, is rewritten).
+    if not (target.is_file() and target.stat().st_size == len(data)
+            and hashlib.sha256(target.read_bytes()).hexdigest() == digest):
         atomic_write_bytes(target, data)
     return {"name": name, "bytes": len(data), "sha256": digest}
 
