@@ -577,6 +577,31 @@ def test_init_reinit_repairs_a_damaged_file_of_the_same_size(tmp_path):
     assert load_state(state_dir).basis.sha256 == load_basis(basis).sha256
 
 
+def test_a_lost_manifest_never_lets_init_delete_the_stored_choices(tmp_path):
+    """Found by a tester: with manifest.json gone (the personal data file still there), `status` said "no device
+    state: run init first", and `init` (no --reinit) made a new state and deleted the personal file: the user's
+    choices were dropped as a side effect. Now it is a corrupted state: refused, repaired by `forget` or
+    `init --reinit` on purpose."""
+    from client.device import device_cli
+
+    basis = save_basis(tmp_path / "basis.npz", np.random.default_rng(0).standard_normal((3, 8)), version=1,
+                       embedder="toy")
+    np.savez(tmp_path / "c.npz", diff=np.random.default_rng(1).standard_normal((4, 8)))
+    state_dir = tmp_path / "state"
+    for argv in (["init", "--basis", str(basis)], ["adapt", "--choices", str(tmp_path / "c.npz")]):
+        assert device_cli.main(["--state", str(state_dir), *argv]) == 0
+    (state_dir / "manifest.json").unlink()
+    personal = next(state_dir.glob("personal-*.npz"))
+    with pytest.raises(StateCorruptError, match="manifest.json: missing"):
+        load_state(state_dir)
+    assert device_cli.main(["--state", str(state_dir), "init", "--basis", str(basis)]) == 2
+    assert personal.is_file()
+    assert device_cli.main(["--state", str(state_dir), "init", "--basis", str(basis), "--reinit"]) == 0
+    assert not personal.exists() and load_state(state_dir).n_pairs == 0
+    (state_dir / "manifest.json").unlink()  # no personal data: a first init killed before its manifest; init again
+    assert device_cli.main(["--state", str(state_dir), "init", "--basis", str(basis)]) == 0
+
+
 def test_basis_file_checks(tmp_path):
     path = save_basis(tmp_path / "b.npz", np.ones((2, 3)), version=1, embedder="e")
     loaded = load_basis(path)

@@ -164,6 +164,12 @@ def load_state(directory: str | Path) -> DeviceState:
     path = directory / MANIFEST
     for attempt in range(_LOAD_ATTEMPTS):
         if not path.is_file():
+            orphans = _personal_files(directory)
+            if orphans:  # only a committed state has personal files: its manifest was lost, not never written
+                raise StateCorruptError(
+                    f"{path}: missing, but {directory} holds personal data ({', '.join(p.name for p in orphans)}): "
+                    "the device state is corrupted. `forget` deletes the personal data; `init --reinit --basis "
+                    "FILE` starts afresh without it")
             raise StateError(f"no device state in {directory}: run `python -m client.device init --basis FILE` "
                              "first")
         raw = path.read_bytes()
@@ -259,6 +265,13 @@ def forget(directory: str | Path, *, everything: bool = False) -> list[str]:
     save_state(replace(state, user_weights=None, pair_diff=state.pair_diff[:0], choices=(), posterior_mode=None,
                        posterior_cov=None, prior_mean=None, attributes=()))
     return []
+
+
+def _personal_files(directory: Path) -> list[Path]:
+    if not directory.is_dir():
+        return []
+    return sorted(path for path in directory.iterdir()
+                  if path.is_file() and _is_personal(path.name) and not path.name.startswith("."))
 
 
 def _is_personal(name: str) -> bool:
