@@ -263,6 +263,15 @@ def _combine(gain_seen, se_seen, gain_new, se_new) -> tuple[float, float]:
     return 0.5 * (gain_seen + gain_new), 0.5 * math.sqrt(se_seen**2 + se_new**2)
 
 
+def beats_rank1(row: dict, threshold: float = 1.0) -> bool:
+    """The one-SE rule on a selection-table row (`select_one_se`): the gain over rank 1 exceeds `threshold` SEs and
+    neither the seen nor the new gain is below minus its own SE. `threshold` other than 1 is for pilots only
+    (simulations/pilot_one_se_threshold.py)."""
+    new_gain = row["new_gain"]
+    return bool(row["gain_vs_rank1"] > threshold * row["gain_se"] and row["seen_gain"] > -row["seen_gain_se"]
+                and (math.isnan(new_gain) or new_gain > -row["new_gain_se"]))
+
+
 def select_one_se(candidates: list[Candidate]) -> tuple[Candidate, list[dict]]:
     """The one-SE rule of the module docstring against the best rank-1 candidate (or, when no candidate has rank 1,
     simply the best). Returns (chosen, one table row per candidate with estimates, SEs and the verdict)."""
@@ -274,16 +283,14 @@ def select_one_se(candidates: list[Candidate]) -> tuple[Candidate, list[dict]]:
         gain_seen, se_seen = _paired(c.seen, baseline.seen)
         gain_new, se_new = _paired(c.new, baseline.new)
         gain, se = _combine(gain_seen, se_seen, gain_new, se_new)
-        ok = c is baseline or not ones or (
-            gain > se and gain_seen > -se_seen and (math.isnan(gain_new) or gain_new > -se_new))
+        seen, new = c.estimate
+        row = {"rank": c.rank, "objective": c.objective, "l2": c.l2, "prior_pairs": c.prior_pairs, "seen_acc": seen,
+               "seen_se": _se(c.seen), "new_acc": new, "new_se": _se(c.new), "gain_vs_rank1": gain, "gain_se": se,
+               "seen_gain": gain_seen, "seen_gain_se": se_seen, "new_gain": gain_new, "new_gain_se": se_new}
+        ok = c is baseline or not ones or beats_rank1(row)
         if ok and c is not baseline:
             eligible.append(c)
-        seen, new = c.estimate
-        rows.append({"rank": c.rank, "objective": c.objective, "l2": c.l2, "prior_pairs": c.prior_pairs,
-                     "seen_acc": seen,
-                     "seen_se": _se(c.seen), "new_acc": new, "new_se": _se(c.new), "gain_vs_rank1": gain,
-                     "gain_se": se, "seen_gain": gain_seen, "seen_gain_se": se_seen, "new_gain": gain_new,
-                     "new_gain_se": se_new, "eligible": bool(ok), "seconds": round(c.seconds, 3)})
+        rows.append({**row, "eligible": bool(ok), "seconds": round(c.seconds, 3)})
     chosen = max(eligible, key=score)
     for c, row in zip(candidates, rows):
         row["chosen"] = c is chosen

@@ -102,6 +102,24 @@ def test_a_higher_rank_must_beat_rank_one_by_more_than_its_standard_error():
     assert chosen is clear and table[2]["gain_vs_rank1"] > table[2]["gain_se"] and table[2]["chosen"]
 
 
+def test_the_pilot_rechooses_from_a_table_as_the_rule_chose():
+    """simulations/pilot_one_se_threshold.py replays the rule on selection tables with other thresholds: at one SE
+    the replay must give the rule's own verdicts and choice, and a higher threshold can only keep fewer."""
+    from lore_core.model_selection import beats_rank1
+    from simulations.pilot_one_se_threshold import choice_at
+
+    rng = np.random.default_rng(2)
+    base_seen, base_new = rng.uniform(0.5, 0.9, 200), rng.uniform(0.5, 0.9, 50)
+    candidates = [_candidate(1, base_seen, base_new)] + [
+        _candidate(r, base_seen + g + rng.normal(0, 0.05, 200), base_new + g + rng.normal(0, 0.05, 50))
+        for r, g in ((2, 0.002), (3, 0.006), (4, 0.01), (6, 0.03))]
+    chosen, table = select_one_se(candidates)
+    assert [beats_rank1(row) for row in table[1:]] == [row["eligible"] for row in table[1:]]
+    assert choice_at(table, 1.0) is table[candidates.index(chosen)]
+    kept = [sum(beats_rank1(row, z) for row in table[1:]) for z in (1.0, 1.5, 3.0, 10.0)]
+    assert kept == sorted(kept, reverse=True) and kept[0] > kept[-1]
+
+
 def test_a_gain_for_seen_users_does_not_buy_a_loss_for_new_users():
     rng = np.random.default_rng(1)
     base_seen, base_new = rng.uniform(0.5, 0.9, 200), rng.uniform(0.5, 0.9, 50)
