@@ -131,6 +131,9 @@ def check_local_flags(args: argparse.Namespace) -> None:
             raise ValueError(f"-c {args.run_config!r}: " + (f"unknown keys {unknown}" if unknown else "no key=value "
                              "pairs") + f"; the app's run config has {sorted(known)}")
     population = read_population(resolve_pair_path(args.pairs))
+    if args.nodes > population["users"]:  # split_pairs refuses it too, but only after the certificates are written
+        raise ValueError(f"--nodes {args.nodes} for {population['users']} users in {args.pairs}: every node must "
+                         "host at least one user")
     if app.resolve() == ROOT.resolve():  # another app's keys mean what that app says
         # flwr gets our -c (rounds) first and the user's last: the user's value wins, as here
         config = {**({} if args.rounds is None else {"num-server-rounds": args.rounds}), **extra}

@@ -432,6 +432,9 @@ EXTREME = {
                                    ("-c eval-every=1 under", "set -c eval-every=0 (", "-c allow-uncovered-eval=true")),
     "deploy clip norm 0": (DEPLOY + ["-c", "clip-norm=0.0 clients-per-round=3"], "set -c clip-norm to about"),
     "deploy config file": (DEPLOY + ["-c", "my.toml"], "key=value"),
+    # found by a tester: refused only after RUN/certs had been generated (1,000 files for 500 nodes)
+    "deploy more nodes than users": (DEPLOY[:2] + ["--nodes", "9"] + DEPLOY[4:] + ["-c", "clients-per-round=3"],
+                                     "--nodes 9 for 8 users"),
     "deploy pairs missing": (DEPLOY[:4] + ["--pairs", "missing.npz", "--run-dir", "dl"], "missing.npz"),
     "audit out under a file": (["audit", "mechanism", "--out", "pairs.npz/x", "--runs", "100"], "--out"),
     "deploy certs out under a file": (["deploy", "certs", "--out", "pairs.npz/certs"], "--out"),
