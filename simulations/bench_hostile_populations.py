@@ -24,9 +24,11 @@ benchmark breaks those assumptions one at a time, with its own small generator (
   nonlinear        each user's reward of an item is w . tanh(2 A e), a saturating function of the embedding e, so no
                    linear basis is the truth (A rank 4, w on the simplex); the file gives only e_a - e_b, as always
 Rows: `bt` (`lore-fed train --rank 1`) and `train` (default flags), through the CLI as a user runs them, plus the
-oracle (true logits) and, where a low-rank truth exists, the true-basis ceiling (only w fit). This benchmark
-chooses nothing: it checks the matrix's first criterion (`train` within 2 SE of BT or above, seen and new users)
-on populations no default was chosen on.
+oracle (true logits) and, where a low-rank truth exists, the true-basis ceiling (only w fit); with `--rows` also
+`simulate`: the matrix's federated row (`bench_matrix.simulate_row`: the real ServerApp and ClientApp, 600 rounds
+of 60 users, no privacy, `train`'s choice of the same seed). This benchmark chooses nothing: it checks the matrix's
+first and last criteria (`train` within 2 SE of BT or above, seen and new users; the federated run within 1 point
+of `train`) on populations no default was chosen on.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ import numpy as np
 from lore_core.atomic_io import atomic_save_npz, atomic_write_json, atomic_write_text
 from lore_core.pairs import PAIRS_FILENAME, PairSet, save_pairs
 from lore_core.prism_schema import GROUND_TRUTH_FILE
-from simulations.bench_matrix import _mean_se, train_row
+from simulations.bench_matrix import TRAIN_CHOICE, _fresh, _mean_se, simulate_row, train_row
 
 DIM, SEEN, NEW, FEW_SHOT, TEST, RANK = 384, 300, 100, 10, 20, 4
 LOGIT_STD = 3.0
@@ -143,25 +145,35 @@ def population_file(name: str, seed: int, work: Path) -> Path:
     return path
 
 
-def run_cell(name: str, seed: int, work: Path) -> dict:
-    """bt and train rows of one population and seed (cached as JSON under work/results)."""
+ROWS = ("bt", "train", "simulate")
+FEDERATED = {"rounds": 600, "clients_per_round": SEEN // 5}  # the matrix's federated row at 300 seen users
+
+
+def run_cell(name: str, seed: int, work: Path, rows: tuple[str, ...] = ("bt", "train")) -> dict:
+    """The `rows` of one population and seed (cached as JSON under work/results; a rerun adds missing rows)."""
     cache = work / "results" / name / f"seed{seed}.json"
-    if cache.exists():
-        return json.loads(cache.read_text())
+    cell = json.loads(cache.read_text()) if cache.exists() else {}
     path = population_file(name, seed, work)
-    cell = {row: train_row(path, work / "runs" / name / f"seed{seed}" / row, flags)
-            for row, flags in (("bt", ["--rank", "1"]), ("train", []))}
-    atomic_write_json(cache, cell)
+    runs = work / "runs" / name / f"seed{seed}"
+    for row, flags in (("bt", ["--rank", "1"]), ("train", [])):
+        if row not in cell and (row in rows or "simulate" in rows):
+            cell[row] = train_row(path, runs / row, flags)
+            atomic_write_json(cache, cell)
+    if "simulate" in rows and "simulate" not in cell:
+        chosen = {k: cell["train"][k] for k in TRAIN_CHOICE if k in cell["train"]}
+        cell["simulate"] = simulate_row(path, _fresh(runs / "simulate"), chosen, FEDERATED, ["--privacy", "none"])
+        atomic_write_json(cache, cell)
     return cell
 
 
 def summarize(name: str, cells: dict[int, dict]) -> dict:
     out = {"population": name, "seeds": sorted(cells), "rows": {}, "checks": {}}
-    for row, key in (("bt", "bt"), ("train", "train"), ("true_basis", "train"), ("oracle", "train")):
-        prefix = "" if row in ("bt", "train") else f"{row}_"
+    for row, key in (("bt", "bt"), ("train", "train"), ("simulate", "simulate"), ("true_basis", "train"),
+                     ("oracle", "train")):
+        prefix = "" if row in ROWS else f"{row}_"
         entry = {}
         for group in ("seen", "unseen"):
-            values = [c[key].get(f"{prefix}{group}_test_acc") for c in cells.values()]
+            values = [c.get(key, {}).get(f"{prefix}{group}_test_acc") for c in cells.values()]
             if all(v is not None for v in values):
                 mean, se = _mean_se(values)
                 entry[group] = {"mean": mean, "se": se}
@@ -175,18 +187,25 @@ def summarize(name: str, cells: dict[int, dict]) -> dict:
         gain, se = _mean_se(diffs)
         out["checks"][group] = {"train_minus_bt": gain, "se": se, "by_seed": diffs,
                                 "within_2se_of_bt_or_above": bool(gain >= 0 or gain >= -2 * (se or 0))}
+        if all("simulate" in c for c in cells.values()):
+            fed = [cells[s]["simulate"][f"{group}_test_acc"] - cells[s]["train"][f"{group}_test_acc"]
+                   for s in sorted(cells)]
+            gap, gap_se = _mean_se(fed)
+            out["checks"][group].update({"simulate_minus_train": gap, "simulate_minus_train_se": gap_se,
+                                         "federated_within_1_point": bool(gap >= -0.01)})
     return out
 
 
-def markdown(summaries: list[dict], seeds: list[int]) -> str:
+def markdown(summaries: list[dict], seeds: list[int], rows: tuple[str, ...] = ("bt", "train")) -> str:
+    flag = "" if "simulate" not in rows else f" --rows {','.join(rows)}"
     lines = [f"# Hostile populations (`python -m simulations.bench_hostile_populations --seeds "
-             f"{','.join(map(str, seeds))}`)", "",
+             f"{','.join(map(str, seeds))}{flag}`)", "",
              "Populations the matrix's generator cannot make (module docstring of "
              "`simulations/bench_hostile_populations.py`). Seen / new-user test accuracy, mean ± SE over seeds; "
              "`train` - BT is paired by seed. This benchmark chooses nothing.", "",
              "| population | bt | train | train - BT (points) | by seed | within 2 SE or above | true basis | oracle "
-             "| train chose (rank, l2, prior, objective) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| train chose (rank, l2, prior, objective) | simulate | simulate - train (points) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
 
     def pair(entry):
         if not entry or "seen" not in entry:
@@ -202,11 +221,22 @@ def markdown(summaries: list[dict], seeds: list[int]) -> str:
         ok = " / ".join(str(checks[g]["within_2se_of_bt_or_above"]) for g in ("seen", "unseen"))
         chose = "; ".join(f"{c['rank']}, {c['l2']:.1e}, {c['prior_pairs']:g}, {c.get('objective', 'joint')}"
                           for c in rows["train"]["choices"])
+        fed = "-"
+        if "simulate_minus_train" in checks["seen"]:
+            fed = " / ".join(f"{100 * checks[g]['simulate_minus_train']:+.1f} ± "
+                             f"{100 * checks[g]['simulate_minus_train_se']:.1f}" for g in ("seen", "unseen"))
         lines.append(f"| {s['population']} | {pair(rows.get('bt'))} | {pair(rows.get('train'))} | {gain} | {by_seed} "
-                     f"| {ok} | {pair(rows.get('true_basis'))} | {pair(rows.get('oracle'))} | {chose} |")
+                     f"| {ok} | {pair(rows.get('true_basis'))} | {pair(rows.get('oracle'))} | {chose} "
+                     f"| {pair(rows.get('simulate'))} | {fed} |")
     failing = [s["population"] for s in summaries
                if not all(s["checks"][g]["within_2se_of_bt_or_above"] for g in ("seen", "unseen"))]
     lines += ["", f"Populations where `train` is more than 2 SE below BT: {', '.join(failing) or 'none'}."]
+    federated = [s for s in summaries if "federated_within_1_point" in s["checks"]["seen"]]
+    if federated:
+        behind = [s["population"] for s in federated
+                  if not all(s["checks"][g]["federated_within_1_point"] for g in ("seen", "unseen"))]
+        lines.append(f"Populations where the federated run (`simulate`, 600 rounds of 60 users, no privacy) is more "
+                     f"than 1 point below `train` (of {len(federated)} run): {', '.join(behind) or 'none'}.")
     return "\n".join(lines) + "\n"
 
 
@@ -214,6 +244,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--populations", default=",".join(POPULATIONS))
+    parser.add_argument("--rows", default="bt,train", help=f"rows to run, of {','.join(ROWS)} (simulate: the "
+                        "federated row, about 2 minutes per population and seed)")
     parser.add_argument("--work", default="runs/bench_hostile")
     parser.add_argument("--out", default="bench_results")
     args = parser.parse_args(argv)
@@ -222,13 +254,16 @@ def main(argv: list[str] | None = None) -> int:
     unknown = sorted(set(names) - set(POPULATIONS))
     if unknown:
         parser.error(f"unknown populations {unknown}; choose from {list(POPULATIONS)}")
+    rows = tuple(args.rows.split(","))
+    if set(rows) - set(ROWS):
+        parser.error(f"unknown rows {sorted(set(rows) - set(ROWS))}; choose from {list(ROWS)}")
     work = Path(args.work)
     summaries = []
     for name in names:
         cells = {}
         for seed in seeds:
             started = time.perf_counter()
-            cells[seed] = run_cell(name, seed, work)
+            cells[seed] = run_cell(name, seed, work, rows)
             print(f"{name} seed {seed}: bt {cells[seed]['bt']['seen_test_acc']:.4f} / "
                   f"{cells[seed]['bt']['unseen_test_acc']:.4f}, train {cells[seed]['train']['seen_test_acc']:.4f} / "
                   f"{cells[seed]['train']['unseen_test_acc']:.4f} ({time.perf_counter() - started:.0f} s)",
@@ -236,8 +271,9 @@ def main(argv: list[str] | None = None) -> int:
         summaries.append(summarize(name, cells))
     out = Path(args.out)
     atomic_write_json(out / "hostile_populations.json", {"seeds": seeds, "populations": summaries})
-    atomic_write_text(out / "hostile_populations.md", markdown(summaries, seeds))
-    print(markdown(summaries, seeds))
+    text = markdown(summaries, seeds, rows)
+    atomic_write_text(out / "hostile_populations.md", text)
+    print(text)
     return 0 if not any(math.isnan(s["checks"]["seen"]["train_minus_bt"]) for s in summaries) else 1
 
 

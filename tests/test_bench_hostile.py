@@ -57,3 +57,20 @@ def test_nonlinear_rewards_saturate_and_name_no_basis():
     pairs, basis = hostile_population("nonlinear", 0)
     assert basis is None and np.unique(pairs.user[~pairs.seen]).size == NEW
     assert abs(np.sqrt(np.mean(pairs.logit_true.astype(float) ** 2)) - 3.0) < 0.1  # scaled like the others
+
+
+def test_the_federated_check_flags_a_run_more_than_a_point_behind_train():
+    from simulations.bench_hostile_populations import markdown, summarize
+
+    def cell(bt, train, simulate):
+        row = lambda acc: {"seen_test_acc": acc, "unseen_test_acc": acc, "rank": 2, "l2": 1e-4,  # noqa: E731
+                           "prior_pairs": 3.0, "objective": "joint", "seconds": 1.0}
+        return {"bt": row(bt), "train": row(train), "simulate": row(simulate)}
+
+    close = summarize("x", {0: cell(0.70, 0.75, 0.745), 1: cell(0.70, 0.76, 0.755)})
+    behind = summarize("y", {0: cell(0.70, 0.75, 0.73), 1: cell(0.70, 0.76, 0.74)})
+    assert close["checks"]["seen"]["federated_within_1_point"]
+    assert not behind["checks"]["unseen"]["federated_within_1_point"]
+    assert abs(behind["checks"]["seen"]["simulate_minus_train"] + 0.02) < 1e-9
+    text = markdown([close, behind], [0, 1], ("bt", "train", "simulate"))
+    assert "--rows bt,train,simulate" in text and "(of 2 run): y." in text
