@@ -120,6 +120,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prior-pairs", type=float, default=DEVICE_PRIOR_PAIRS)
     args = parser.parse_args(argv)
     try:
+        from lore_core.atomic_io import check_output_path
+
+        check_output_path(args.out, "--out", directory=False)  # before the fit, not a traceback after it
         temperature = calibrate(args.pairs, args.basis, args.out, args.prior_pairs)
     except (ValueError, FileNotFoundError) as exc:
         print(f"basis_temperature: error: {exc}", file=sys.stderr)

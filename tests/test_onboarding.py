@@ -242,6 +242,24 @@ def test_several_attributes_combine_as_a_geometric_mean():
     assert mean == pytest.approx([0.5, 0.5]) and missing == ["gender=g"]
 
 
+def test_basis_temperature_refuses_an_unwritable_out_before_the_fit(tmp_path, capsys):
+    """Found by a tester: `--out` naming a directory ran the whole fit, then ended in an IsADirectoryError
+    traceback (exit 1)."""
+    from lore_core.pairs import save_pairs
+    from simulations.basis_temperature import main
+    from simulations.synthetic_pairs import SyntheticPairsConfig, make_synthetic_pairs
+
+    pairs, _ = make_synthetic_pairs(SyntheticPairsConfig(dim=8, true_rank=2, seen_users=6, unseen_users=2,
+                                                         train_pairs=(6, 8), few_shot_pairs=3, test_pairs=4, seed=1))
+    save_pairs(pairs, tmp_path / "pairs.npz")
+    save_basis(tmp_path / "basis.npz", np.random.default_rng(0).standard_normal((2, 8)), version=1, embedder="e")
+    (tmp_path / "out").mkdir()
+    before = sorted(p.name for p in tmp_path.iterdir())
+    code = main([str(tmp_path / "pairs.npz"), "--basis", str(tmp_path / "basis.npz"), "--out", str(tmp_path / "out")])
+    assert code == 2 and "--out" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == before and not any((tmp_path / "out").iterdir())
+
+
 def test_basis_temperature_undoes_a_compressed_basis():
     from simulations.basis_temperature import fit_temperature, seen_user_arrays
     from simulations.synthetic_pairs import SyntheticPairsConfig, make_synthetic_pairs
