@@ -123,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
         from lore_core.atomic_io import check_output_path
 
         check_output_path(args.out, "--out", directory=False)  # before the fit, not a traceback after it
+        if not (np.isfinite(args.prior_pairs) and args.prior_pairs > 0):
+            raise ValueError(f"--prior-pairs must be a finite number > 0, got {args.prior_pairs}")
         temperature = calibrate(args.pairs, args.basis, args.out, args.prior_pairs)
     except (ValueError, FileNotFoundError) as exc:
         print(f"basis_temperature: error: {exc}", file=sys.stderr)

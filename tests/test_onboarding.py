@@ -244,7 +244,7 @@ def test_several_attributes_combine_as_a_geometric_mean():
 
 def test_basis_temperature_refuses_an_unwritable_out_before_the_fit(tmp_path, capsys):
     """Found by a tester: `--out` naming a directory ran the whole fit, then ended in an IsADirectoryError
-    traceback (exit 1)."""
+    traceback (exit 1); `--prior-pairs nan` read "Eigenvalues did not converge"."""
     from lore_core.pairs import save_pairs
     from simulations.basis_temperature import main
     from simulations.synthetic_pairs import SyntheticPairsConfig, make_synthetic_pairs
@@ -258,6 +258,10 @@ def test_basis_temperature_refuses_an_unwritable_out_before_the_fit(tmp_path, ca
     code = main([str(tmp_path / "pairs.npz"), "--basis", str(tmp_path / "basis.npz"), "--out", str(tmp_path / "out")])
     assert code == 2 and "--out" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == before and not any((tmp_path / "out").iterdir())
+    for bad in ("nan", "inf", "-1", "0"):  # were "Eigenvalues did not converge" and "prior_strength must be ..."
+        code = main([str(tmp_path / "pairs.npz"), "--basis", str(tmp_path / "basis.npz"), "--out",
+                     str(tmp_path / "cal.npz"), "--prior-pairs", bad])
+        assert code == 2 and "--prior-pairs" in capsys.readouterr().err and not (tmp_path / "cal.npz").exists()
 
 
 def test_basis_temperature_undoes_a_compressed_basis():
