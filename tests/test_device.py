@@ -602,6 +602,16 @@ def test_a_lost_manifest_never_lets_init_delete_the_stored_choices(tmp_path):
     assert device_cli.main(["--state", str(state_dir), "init", "--basis", str(basis)]) == 0
 
 
+def test_export_encoder_refuses_an_out_that_is_a_file_before_loading_the_model(tmp_path, capsys):
+    """Found by a tester: `export-encoder --out FILE` loaded the model, then exited 2 with "[Errno 17] File exists"."""
+    from client.device import device_cli
+
+    (tmp_path / "enc").write_text("not a directory")
+    assert device_cli.main(["export-encoder", "--out", str(tmp_path / "enc")]) == 2
+    err = capsys.readouterr().err
+    assert "--out" in err and "give a directory" in err and "Loading" not in err
+
+
 def test_basis_file_checks(tmp_path):
     path = save_basis(tmp_path / "b.npz", np.ones((2, 3)), version=1, embedder="e")
     loaded = load_basis(path)

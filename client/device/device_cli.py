@@ -330,6 +330,9 @@ def _forget(args) -> int:
 
 def _export(args) -> int:
     from client.device.export import export_encoder
+    from lore_core.atomic_io import check_output_path
+
+    check_output_path(args.out, "--out", directory=True)  # before the model is loaded and traced
 
     out = export_encoder(args.out, args.model)
     print(f"exported the encoder to {out}")
