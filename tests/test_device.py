@@ -612,6 +612,26 @@ def test_export_encoder_refuses_an_out_that_is_a_file_before_loading_the_model(t
     assert "--out" in err and "give a directory" in err and "Loading" not in err
 
 
+def test_a_choice_already_learned_is_recognised_whatever_its_key_order_or_extra_keys(tmp_path):
+    """Found by a tester: the same choice with its keys in another order, with an extra key an app adds, or with its
+    prompt as a one-message history was learned a second time (the README: adapt skips "the same prompt and
+    responses"); next-question already counted such pairs as answered. The opposite answer is a new choice."""
+    from client.device.device_cli import _not_yet_learned
+
+    basis = save_basis(tmp_path / "basis.npz", np.random.default_rng(0).standard_normal((3, 8)), version=1,
+                       embedder="toy")
+    first = {"prompt": "Which?", "chosen": "good", "rejected": "bad"}
+    state = replace(new_state(tmp_path, load_basis(basis)), pair_diff=np.ones((2, 8), np.float32),
+                    choices=(json.dumps(first), json.dumps({"precomputed": "a.npz#0"})))
+    again = [{"rejected": "bad", "chosen": "good", "prompt": "Which?"},
+             {**first, "source": "app v2"},
+             {"history": [{"content": "Which?", "role": "user"}], "chosen": "good", "rejected": "bad"},
+             {"prompt": "Which?", "chosen": "bad", "rejected": "good"},
+             {"prompt": "Which one?", "chosen": "good", "rejected": "bad"}]
+    fresh = _not_yet_learned(state, np.zeros((len(again), 8)), again)
+    assert fresh.tolist() == [False, False, False, True, True]
+
+
 def test_basis_file_checks(tmp_path):
     path = save_basis(tmp_path / "b.npz", np.ones((2, 3)), version=1, embedder="e")
     loaded = load_basis(path)
