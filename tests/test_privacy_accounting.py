@@ -91,6 +91,13 @@ def test_a_target_beyond_the_prv_range_is_refused_with_the_reachable_epsilon():
         noise_for_target_epsilon(100.0, 1.0, 1, DELTA)
 
 
+def test_a_short_bracket_away_from_prvs_jump_is_not_refused():
+    """A review found the refusal above firing where nothing jumps: the bracket stops below z = 1e-3 (or epsilon is
+    too steep for the z resolution) and ends short of the target. z = high still meets the target: return it."""
+    z = noise_for_target_epsilon(1e6, 1.0, 1, DELTA, accountant="rdp")
+    assert 0 < z < 1e-3 and epsilon(z, 1.0, 1, DELTA, accountant="rdp") <= 1e6
+
+
 def test_validate_solves_and_records_noise_for_target_epsilon():
     settings = validate(user_settings(noise_multiplier=None, target_epsilon=2.0))
     assert settings.noise_from_target

@@ -228,14 +228,14 @@ def noise_for_target_epsilon(
             high, eps_high = mid, eps_mid
         else:
             low = mid
-    if target_epsilon - eps_high > tolerance:  # the bracket closed on a jump across the target, not on the target
-        eps_low = eps(low)
-        beyond = (f"with less noise the RDP bound exceeds {MAX_PRV_EPSILON:g}, where PRV is not computed and a plan "
-                  "promises no meaningful privacy" if accountant == "prv" and math.isfinite(eps_low)
-                  else f"with less noise epsilon is {eps_low:.4g}")
+    # The bracket closed on PRV's jump (above MAX_PRV_EPSILON the RDP bound stands in for it), not on the target.
+    # Elsewhere a short bracket is safe as it is: z = high meets the target (at worst with a little more noise).
+    if accountant == "prv" and target_epsilon - eps_high > tolerance and eps(low) > MAX_PRV_EPSILON >= eps_high:
         raise AccountingError(f"target epsilon {target_epsilon:g} is unreachable with the {accountant} accountant at "
                               f"q={sample_rate:.6g}, {steps} steps: z = {high:.4g} gives epsilon {eps_high:.4g}, and "
-                              f"{beyond}; set {setting('target_epsilon')} <= {math.floor(eps_high * 100) / 100:g}")
+                              f"with less noise the RDP bound exceeds {MAX_PRV_EPSILON:g}, where PRV is not computed "
+                              f"and a plan promises no meaningful privacy; set {setting('target_epsilon')} <= "
+                              f"{math.floor(eps_high * 100) / 100:g}")
     return high
 
 
