@@ -226,6 +226,12 @@ def test_device_ranking_agrees_with_full_pipeline(tmp_path, basis_file, encoder_
         assert all(row["interval_90"][0] < row["interval_90"][1] for row in got)
         prefer = np.asarray(reply["preference_probability"])
         assert prefer.shape == (4, 4) and np.allclose(prefer + prefer.T, 1.0, atol=1e-3)
+        assert reply["personalized"] is True
+    # Found by a tester: at strength off (or 0) the ranking is the population reward, yet said "personalized": true
+    for strength in ("off", "0"):
+        proc, _ = device(state, "rank", "--prompt", "p", "--candidates", candidates, "--strength", strength, "--json")
+        reply = json.loads(proc.stdout)
+        assert reply["personalized"] is False and reply["personalization"].startswith("not applied at strength")
 
 
 # --- 4. crash safety ------------------------------------------------------------------------------------------

@@ -227,8 +227,12 @@ def _rank(args) -> int:
              "interval_90": [float(low[i]), float(high[i])], "text": candidates[i]} for r, i in enumerate(order)]
     if args.json:
         mode = "off" if strength is None else strength
-        print(json.dumps({"strength": mode, "personalized": state.user_weights is not None,
-                          "personalization": user_posterior.confidence(state, drawn)["personalization"],
+        personal = user_posterior.point_weights(state) is not None
+        applied = personal and bool(strength)  # strength off or 0: the population reward, whatever the state holds
+        personalization = user_posterior.confidence(state, drawn)["personalization"]
+        if personal and not applied:
+            personalization = f"not applied at strength {mode}: the population reward (the state: {personalization})"
+        print(json.dumps({"strength": mode, "personalized": applied, "personalization": personalization,
                           "ranking": rows, "preference_probability": np.round(prefer, 4).tolist()},
                          ensure_ascii=False))
     else:
