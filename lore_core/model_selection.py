@@ -272,26 +272,33 @@ def beats_rank1(row: dict, threshold: float = 1.0) -> bool:
                 and (math.isnan(new_gain) or new_gain > -row["new_gain_se"]))
 
 
+def choose_from_table(rows: list[dict], threshold: float = 1.0) -> tuple[int, list[bool]]:
+    """The one-SE rule on selection-table rows: (index of the chosen row, each row's eligibility). The baseline is
+    the rank-1 row with the best held-out score; without one, every row is eligible. `select_one_se` chooses with
+    it; a pilot replays it on a run's metrics.json table with another `threshold` (`beats_rank1`)."""
+    score = lambda i: held_out_score(rows[i]["seen_acc"], rows[i]["new_acc"])  # noqa: E731
+    ones = [i for i, row in enumerate(rows) if row["rank"] == 1]
+    baseline = max(ones or range(len(rows)), key=score)
+    ok = [i == baseline or not ones or beats_rank1(row, threshold) for i, row in enumerate(rows)]
+    return max([baseline] + [i for i in range(len(rows)) if ok[i] and i != baseline], key=score), ok
+
+
 def select_one_se(candidates: list[Candidate]) -> tuple[Candidate, list[dict]]:
     """The one-SE rule of the module docstring against the best rank-1 candidate (or, when no candidate has rank 1,
     simply the best). Returns (chosen, one table row per candidate with estimates, SEs and the verdict)."""
-    score = lambda c: c.score  # noqa: E731
     ones = [c for c in candidates if c.rank == 1]
-    baseline = max(ones or candidates, key=score)
-    rows, eligible = [], [baseline]
+    baseline = max(ones or candidates, key=lambda c: c.score)  # as choose_from_table finds it in the rows
+    rows = []
     for c in candidates:
         gain_seen, se_seen = _paired(c.seen, baseline.seen)
         gain_new, se_new = _paired(c.new, baseline.new)
         gain, se = _combine(gain_seen, se_seen, gain_new, se_new)
         seen, new = c.estimate
-        row = {"rank": c.rank, "objective": c.objective, "l2": c.l2, "prior_pairs": c.prior_pairs, "seen_acc": seen,
-               "seen_se": _se(c.seen), "new_acc": new, "new_se": _se(c.new), "gain_vs_rank1": gain, "gain_se": se,
-               "seen_gain": gain_seen, "seen_gain_se": se_seen, "new_gain": gain_new, "new_gain_se": se_new}
-        ok = c is baseline or not ones or beats_rank1(row)
-        if ok and c is not baseline:
-            eligible.append(c)
-        rows.append({**row, "eligible": bool(ok), "seconds": round(c.seconds, 3)})
-    chosen = max(eligible, key=score)
-    for c, row in zip(candidates, rows):
-        row["chosen"] = c is chosen
-    return chosen, rows
+        rows.append({"rank": c.rank, "objective": c.objective, "l2": c.l2, "prior_pairs": c.prior_pairs,
+                     "seen_acc": seen, "seen_se": _se(c.seen), "new_acc": new, "new_se": _se(c.new),
+                     "gain_vs_rank1": gain, "gain_se": se, "seen_gain": gain_seen, "seen_gain_se": se_seen,
+                     "new_gain": gain_new, "new_gain_se": se_new})
+    chosen, eligible = choose_from_table(rows)
+    for i, (c, row) in enumerate(zip(candidates, rows)):
+        row.update(eligible=eligible[i], seconds=round(c.seconds, 3), chosen=i == chosen)
+    return candidates[chosen], rows

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from lore_core.atomic_io import atomic_write_json, atomic_write_text
-from lore_core.model_selection import beats_rank1, held_out_score
+from lore_core.model_selection import choose_from_table
 from simulations.bench_matrix import BASE, _mean_se, train_row, train_row_of
 from simulations.synthetic_pairs import write_synthetic_dataset
 
@@ -41,10 +41,7 @@ def cached_train(pairs: Path, run_dir: Path, flags: list[str]) -> dict:
 
 def choice_at(table: list[dict], threshold: float) -> dict:
     """The row `select_one_se` would choose with `threshold` SEs in place of one."""
-    ones = [r for r in table if r["rank"] == 1]
-    baseline = max(ones, key=lambda r: held_out_score(r["seen_acc"], r["new_acc"]))
-    eligible = [baseline] + [r for r in table if r is not baseline and beats_rank1(r, threshold)]
-    return max(eligible, key=lambda r: held_out_score(r["seen_acc"], r["new_acc"]))
+    return table[choose_from_table(table, threshold)[0]]
 
 
 def run_population(size: int, seed: int, thresholds: list[float], work: Path) -> dict:

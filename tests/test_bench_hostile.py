@@ -56,7 +56,15 @@ def test_shifted_new_users_mix_basis_rewards_the_seen_users_never_use():
 def test_nonlinear_rewards_saturate_and_name_no_basis():
     pairs, basis = hostile_population("nonlinear", 0)
     assert basis is None and np.unique(pairs.user[~pairs.seen]).size == NEW
-    assert abs(np.sqrt(np.mean(pairs.logit_true.astype(float) ** 2)) - 3.0) < 0.1  # scaled like the others
+    logit = pairs.logit_true.astype(float)
+    rms = np.sqrt(np.mean(logit**2))
+    assert abs(rms - 3.0) < 0.1  # scaled like the others
+    # Saturated: w . (tanh(2 A e_a) - tanh(2 A e_b)) is bounded by 2 before scaling, so no logit is far out in the
+    # tail (2.4 RMS here); the linear populations reach past 4.5 RMS (a review found the RMS check alone could not
+    # fail without the tanh).
+    assert np.abs(logit).max() < 3.0 * rms
+    linear, _ = hostile_population("shifted-new", 0)
+    assert np.abs(linear.logit_true).max() > 4.0 * np.sqrt(np.mean(linear.logit_true.astype(float) ** 2))
 
 
 def test_the_federated_check_flags_a_run_more_than_a_point_behind_train():

@@ -115,7 +115,7 @@ def test_the_pilot_rechooses_from_a_table_as_the_rule_chose():
         for r, g in ((2, 0.002), (3, 0.006), (4, 0.01), (6, 0.03))]
     chosen, table = select_one_se(candidates)
     assert [beats_rank1(row) for row in table[1:]] == [row["eligible"] for row in table[1:]]
-    assert choice_at(table, 1.0) is table[candidates.index(chosen)]
+    assert choice_at(table, 1.0) is table[candidates.index(chosen)] and table[candidates.index(chosen)]["chosen"]
     kept = [sum(beats_rank1(row, z) for row in table[1:]) for z in (1.0, 1.5, 3.0, 10.0)]
     assert kept == sorted(kept, reverse=True) and kept[0] > kept[-1]
 
