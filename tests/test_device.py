@@ -638,6 +638,33 @@ def test_a_choice_already_learned_is_recognised_whatever_its_key_order_or_extra_
     assert fresh.tolist() == [False, False, False, True, True]
 
 
+def test_text_that_is_not_unicode_is_refused_naming_the_file_and_field(tmp_path, capsys):
+    """Found by a tester: a JSON "\\ud83d" escape (half an emoji) in a choice, a pool pair or a candidate exited 2
+    with "cannot encode a pair within 256 tokens (TextInputSequence must be str)", naming no file; `rank --prompt`
+    with a byte that is not UTF-8 ended in a TypeError traceback (exit 1)."""
+    from client.device import device_cli
+    from client.device.pool import read_pool
+
+    (tmp_path / "c.jsonl").write_text('{"prompt": "q", "chosen": "yes \\ud83d", "rejected": "no"}\n')
+    with pytest.raises(personalize.ChoicesError, match=r"c.jsonl: choice 1: 'chosen' is not valid Unicode"):
+        personalize.read_choices(tmp_path / "c.jsonl")
+    (tmp_path / "h.jsonl").write_text('{"history": [{"role": "user", "content": "\\udc00"}], "chosen": "a", '
+                                      '"rejected": "b"}\n')
+    with pytest.raises(personalize.ChoicesError, match=r"'history\[0\].content' is not valid Unicode"):
+        personalize.read_choices(tmp_path / "h.jsonl")
+    (tmp_path / "p.jsonl").write_text('{"prompt": "q", "responses": ["a", "b \\ud83d"]}\n')
+    with pytest.raises(ValueError, match=r"p.jsonl: pair 1: .* is not valid Unicode"):
+        read_pool(tmp_path / "p.jsonl", 8)
+    (tmp_path / "c.json").write_text('["ok", "\\ud83d"]')
+    with pytest.raises(ValueError, match=r"c.json: candidate 2 is not valid Unicode"):
+        device_cli._read_candidates(tmp_path / "c.json")
+    (tmp_path / "fine.jsonl").write_text('{"prompt": "q \\ud83d\\ude00", "chosen": "a", "rejected": "b"}\n')
+    assert personalize.read_choices(tmp_path / "fine.jsonl")[0]["prompt"] == "q \U0001f600"  # a whole emoji
+    code = device_cli.main(["--state", str(tmp_path / "none"), "rank", "--prompt", "caf\udce9", "--candidates",
+                            str(tmp_path / "c.json")])  # how Python passes the byte 0xe9 of a Latin-1 terminal
+    assert code == 2 and "--prompt is not valid Unicode" in capsys.readouterr().err
+
+
 def test_basis_file_checks(tmp_path):
     path = save_basis(tmp_path / "b.npz", np.ones((2, 3)), version=1, embedder="e")
     loaded = load_basis(path)

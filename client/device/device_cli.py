@@ -207,6 +207,8 @@ def _adapt(args) -> int:
 
 
 def _rank(args) -> int:
+    if not personalize.is_unicode_text(args.prompt):
+        raise ValueError(f"--prompt {personalize.NOT_UNICODE} (is the terminal's encoding UTF-8?)")
     state = load_state(_directory(args))
     strength = state.strength if args.strength is None else personalize.parse_strength(args.strength)
     candidates = _read_candidates(args.candidates)
@@ -491,4 +493,7 @@ def _read_candidates(path: Path) -> list[str]:
         candidates = [line for line in text.splitlines() if line.strip()]
     if not candidates:
         raise ValueError(f"{path}: no candidates")
+    for number, candidate in enumerate(candidates, 1):
+        if not personalize.is_unicode_text(candidate):
+            raise ValueError(f"{path}: candidate {number} {personalize.NOT_UNICODE}")
     return candidates

@@ -164,3 +164,22 @@ def check_choice(record, where: str) -> None:
         for m in history
     ) or ("history" in record and not history):
         raise ChoicesError(f"{where}: 'history' must be a non-empty list of {{'role': 'user'|'assistant', 'content'}}")
+    texts = {key: record[key] for key in ("prompt", "chosen", "rejected") if key in record}
+    texts.update({f"history[{i}].content": message["content"] for i, message in enumerate(history)})
+    for key, text in texts.items():
+        if not is_unicode_text(text):
+            raise ChoicesError(f"{where}: '{key}' {NOT_UNICODE}")
+
+
+# A JSON "\ud83d" escape (an emoji cut in half, as JavaScript string slicing leaves it) or a command-line argument
+# with bytes that are not UTF-8 gives a str that is not text: the tokenizer fails on it.
+NOT_UNICODE = ("is not valid Unicode text: it holds a lone surrogate (such as \\ud83d, half of an emoji) or a byte "
+               "that is not UTF-8")
+
+
+def is_unicode_text(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
