@@ -665,6 +665,22 @@ def test_text_that_is_not_unicode_is_refused_naming_the_file_and_field(tmp_path,
     assert code == 2 and "--prompt is not valid Unicode" in capsys.readouterr().err
 
 
+def test_a_state_path_that_is_a_file_is_named_as_the_user_set_it(tmp_path, monkeypatch, capsys):
+    """Found by a tester: with $LORE_DEVICE_HOME naming a file, `init` blamed "--state" (not given) and
+    `forget --all` said the directory "does not exist"."""
+    from client.device import device_cli
+
+    basis = save_basis(tmp_path / "basis.npz", np.random.default_rng(0).standard_normal((3, 8)), version=1,
+                       embedder="toy")
+    (tmp_path / "home").write_text("a file")
+    monkeypatch.setenv("LORE_DEVICE_HOME", str(tmp_path / "home"))
+    assert device_cli.main(["init", "--basis", str(basis)]) == 2
+    assert "$LORE_DEVICE_HOME" in capsys.readouterr().err
+    assert device_cli.main(["forget", "--all"]) == 2
+    assert "it is a file, not a directory" in capsys.readouterr().err
+    assert (tmp_path / "home").read_text() == "a file"
+
+
 def test_basis_file_checks(tmp_path):
     path = save_basis(tmp_path / "b.npz", np.ones((2, 3)), version=1, embedder="e")
     loaded = load_basis(path)

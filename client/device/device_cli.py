@@ -138,7 +138,7 @@ def _init(args) -> int:
     from lore_core.atomic_io import check_output_path
 
     directory = _directory(args)
-    check_output_path(directory, "--state", directory=True)
+    check_output_path(directory, _state_source(args), directory=True)
     basis = load_basis(args.basis)
     encoder = _checked_encoder_dir(args.encoder, basis) if args.encoder else None
     if directory.is_dir() and holds_other_files(directory) and not is_device_state(directory):
@@ -350,6 +350,17 @@ def _export(args) -> int:
 
 def _directory(args) -> Path:
     return Path(args.state) if args.state else default_state_dir()
+
+
+def _state_source(args) -> str:
+    """Where the state directory came from, as the user set it: for messages about it."""
+    import os
+
+    from client.device.state import STATE_HOME_ENV
+
+    if args.state:
+        return "--state"
+    return f"${STATE_HOME_ENV}" if os.environ.get(STATE_HOME_ENV) else "the default state directory"
 
 
 def _checked_encoder_dir(directory: Path, basis: BasisFile) -> str:

@@ -243,7 +243,8 @@ def require_state(directory: str | Path) -> Path:
     """`directory`, refused (StateError) unless it is a device state: nothing is created or deleted elsewhere."""
     directory = Path(directory)
     if not directory.is_dir():
-        raise StateError(f"no device state in {directory}: the directory does not exist (nothing was changed)")
+        why = "it is a file, not a directory" if directory.exists() else "the directory does not exist"
+        raise StateError(f"no device state in {directory}: {why} (nothing was changed)")
     if not is_device_state(directory):
         raise StateError(f"{directory} is not a device state (no {MARKER} marker, no device manifest); nothing was "
                          "changed. Pass the directory given to `init` (--state), or run `init --basis FILE` first")
