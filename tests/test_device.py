@@ -681,6 +681,21 @@ def test_a_state_path_that_is_a_file_is_named_as_the_user_set_it(tmp_path, monke
     assert (tmp_path / "home").read_text() == "a file"
 
 
+def test_forget_all_on_a_symlinked_state_keeps_the_link_and_says_so(tmp_path):
+    """Found by a tester: `forget --all` on a state reached through a symbolic link deleted the files, then failed
+    to rmdir the link ("[Errno 20] Not a directory", exit 2), or blamed a re-created lock file."""
+    from client.device.state import forget
+
+    basis = save_basis(tmp_path / "basis.npz", np.random.default_rng(0).standard_normal((3, 8)), version=1,
+                       embedder="toy")
+    (tmp_path / "target").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "target")
+    save_state(new_state(tmp_path / "link", load_basis(basis)))
+    notes = forget(tmp_path / "link", everything=True)
+    assert len(notes) == 1 and "symbolic link" in notes[0]
+    assert (tmp_path / "link").is_symlink() and not any((tmp_path / "target").iterdir())
+
+
 def test_basis_file_checks(tmp_path):
     path = save_basis(tmp_path / "b.npz", np.ones((2, 3)), version=1, embedder="e")
     loaded = load_basis(path)

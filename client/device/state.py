@@ -319,9 +319,14 @@ def _delete_state(directory: Path) -> list[str]:
     if left:
         return [f"kept the directory {directory}: it also holds files that are not part of the device state "
                 f"({', '.join(left[:5])}{', ...' if len(left) > 5 else ''}; {len(left)} in all)"]
+    if directory.is_symlink():  # the link is the user's; its target directory is empty now
+        return [f"kept {directory}, a symbolic link to {directory.resolve()}, and that directory (now empty)"]
     try:
         directory.rmdir()
-    except OSError:  # pragma: no cover - a waiting command re-created the lock once more
+    except OSError:
+        if not (directory / LOCK).exists():
+            raise
+        # pragma: no cover - a waiting command re-created the lock once more
         return [f"kept the directory {directory}: a device command started during the deletion re-created its "
                 f"{LOCK} file; remove the directory when it has ended"]
     return []
