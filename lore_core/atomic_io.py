@@ -79,8 +79,11 @@ def check_output_path(path: str | os.PathLike, flag: str, *, directory: bool) ->
         raise ValueError(f"{flag} {path} is a file; give a directory")
     if not directory and path.is_dir():
         raise ValueError(f"{flag} {path} is a directory; give a file name")
-    ancestor = path if directory and path.exists() else path.parent
+    ancestor = path if directory else path.parent
     while not ancestor.exists() and ancestor != ancestor.parent:
+        if ancestor.is_symlink():  # a broken link: mkdir would fail with "File exists" after the work
+            raise ValueError(f"{flag} {path}: {ancestor} is a symbolic link to {os.readlink(ancestor)}, which does "
+                             "not exist")
         ancestor = ancestor.parent
     if not ancestor.is_dir():
         raise ValueError(f"{flag} {path}: {ancestor} is a file, not a directory")

@@ -590,6 +590,16 @@ def test_an_audit_flag_is_blamed_on_the_flag_not_on_the_ledger(w, tmp_path):
             expect="got 0 (from --clients-per-round)")
 
 
+def test_an_output_through_a_broken_symbolic_link_is_refused_before_any_work(w):
+    """Found by a tester: `train --out LINK` (LINK pointing nowhere) trained, then failed with "[Errno 17] File
+    exists"; `device --state LINK init` said the same."""
+    (w / "dangling").symlink_to(w / "nowhere")
+    refused(["train", "pairs.npz", "--out", "dangling"], "--out", w, expect="symbolic link")
+    refused(["train", "pairs.npz", "--out", "dangling/sub"], "--out", w, expect="symbolic link")
+    refused(["--state", "dangling", "init", "--basis", "basis.npz"], "--state", w, device=True,
+            expect="symbolic link")
+
+
 def test_a_device_state_under_a_regular_file_is_refused_by_the_flag(w):
     refused(["--state", "pairs.npz/state", "init", "--basis", "basis.npz"], "--state", w, device=True,
             expect="is a file, not a directory")
