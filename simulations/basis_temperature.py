@@ -129,6 +129,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as exc:
         print(f"basis_temperature: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # permission denied, read-only or full disk: about a path the user gave
+        if exc.filename is None:
+            raise
+        print(f"basis_temperature: error: {exc}", file=sys.stderr)
+        return 2
     print(f"logit temperature {temperature:.3f}; wrote {args.out}")
     return 0
 

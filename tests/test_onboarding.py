@@ -242,7 +242,7 @@ def test_several_attributes_combine_as_a_geometric_mean():
     assert mean == pytest.approx([0.5, 0.5]) and missing == ["gender=g"]
 
 
-def test_basis_temperature_refuses_an_unwritable_out_before_the_fit(tmp_path, capsys):
+def test_basis_temperature_refuses_an_unwritable_out_before_the_fit(tmp_path, capsys, monkeypatch):
     """Found by a tester: `--out` naming a directory ran the whole fit, then ended in an IsADirectoryError
     traceback (exit 1); `--prior-pairs nan` read "Eigenvalues did not converge"."""
     from lore_core.pairs import save_pairs
@@ -258,6 +258,16 @@ def test_basis_temperature_refuses_an_unwritable_out_before_the_fit(tmp_path, ca
     code = main([str(tmp_path / "pairs.npz"), "--basis", str(tmp_path / "basis.npz"), "--out", str(tmp_path / "out")])
     assert code == 2 and "--out" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == before and not any((tmp_path / "out").iterdir())
+    import simulations.basis_temperature as module
+
+    def denied(*args, **kwargs):  # as on a path os.access calls writable but the kernel refuses (root on /sys)
+        raise PermissionError(13, "Permission denied", str(tmp_path / ".cal.npz.x.tmp"))
+
+    monkeypatch.setattr(module, "save_basis", denied)
+    code = main([str(tmp_path / "pairs.npz"), "--basis", str(tmp_path / "basis.npz"), "--out",
+                 str(tmp_path / "cal.npz")])
+    assert code == 2 and "Permission denied" in capsys.readouterr().err  # was a traceback, exit 1
+    monkeypatch.undo()
     for bad in ("nan", "inf", "-1", "0"):  # were "Eigenvalues did not converge" and "prior_strength must be ..."
         code = main([str(tmp_path / "pairs.npz"), "--basis", str(tmp_path / "basis.npz"), "--out",
                      str(tmp_path / "cal.npz"), "--prior-pairs", bad])
