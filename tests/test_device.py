@@ -696,6 +696,22 @@ def test_forget_all_on_a_symlinked_state_keeps_the_link_and_says_so(tmp_path):
     assert (tmp_path / "link").is_symlink() and not any((tmp_path / "target").iterdir())
 
 
+def test_a_save_never_deletes_a_users_file_that_merely_starts_like_a_state_file(tmp_path):
+    """Found by a tester: every save deleted any file in the state directory whose name began with "basis-" or
+    "personal-" (a copy of the basis kept there as basis-v2.npz) or began with "." and ended in ".tmp"."""
+    basis = save_basis(tmp_path / "basis.npz", np.random.default_rng(0).standard_normal((3, 8)), version=1,
+                       embedder="toy")
+    state_dir = tmp_path / "state"
+    state = save_state(new_state(state_dir, load_basis(basis)))
+    mine = ["basis-v2.npz", "personal-notes.txt", ".notes.tmp"]
+    stale = ["personal-0123456789abcdef.npz", ".personal-0123456789abcdef.npz.k3j9.tmp"]
+    for name in mine + stale:
+        (state_dir / name).write_text("x")
+    save_state(replace(state, strength=0.5))
+    left = {p.name for p in state_dir.iterdir()}
+    assert set(mine) <= left and not set(stale) & left
+
+
 def test_basis_file_checks(tmp_path):
     path = save_basis(tmp_path / "b.npz", np.ones((2, 3)), version=1, embedder="e")
     loaded = load_basis(path)

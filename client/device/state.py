@@ -452,10 +452,12 @@ def _checked_strength(value, where: Path) -> float:
 
 
 def _remove_unreferenced(directory: Path, keep: set[str]) -> None:
-    """Delete data files the manifest no longer names and temp files of interrupted writes."""
+    """Delete data files the manifest no longer names and temp files of interrupted writes: only names the state
+    writes (`_STATE_FILE`), never a user's own file that merely starts like one (basis-backup.npz, notes.tmp)."""
     for path in directory.iterdir():
-        name = path.name
-        stale_data = name.startswith(_DATA_PREFIXES) and name not in keep
-        stale_tmp = name.startswith(".") and name.endswith(".tmp")
-        if (stale_data or stale_tmp) and path.is_file():
+        match = _STATE_FILE.fullmatch(path.name)
+        if not match or not path.is_file():
+            continue
+        stale_data = match["name"].startswith(_DATA_PREFIXES) and path.name not in keep
+        if match["tmp"] or stale_data:
             path.unlink(missing_ok=True)
