@@ -561,6 +561,13 @@ def test_ctrl_c_during_adapt_says_the_state_is_unchanged_without_a_traceback(tmp
     assert device_cli.main(["--state", str(state_dir), "adapt", "--choices", str(tmp_path / "c.npz")]) == 130
     assert "interrupted" in capsys.readouterr().err
     assert {p.name: p.read_bytes() for p in state_dir.iterdir()} == before
+    # `forget --all` deletes file by file: an interrupt there must not claim the state is intact (a review).
+    import client.device.state as state_module
+
+    monkeypatch.setattr(state_module, "_delete_state", interrupted)
+    assert device_cli.main(["--state", str(state_dir), "forget", "--all"]) == 130
+    err = capsys.readouterr().err
+    assert "may already be deleted" in err and "as the last completed command" not in err
 
 
 def test_init_reinit_repairs_a_damaged_file_of_the_same_size(tmp_path):
@@ -710,6 +717,78 @@ def test_a_save_never_deletes_a_users_file_that_merely_starts_like_a_state_file(
     save_state(replace(state, strength=0.5))
     left = {p.name for p in state_dir.iterdir()}
     assert set(mine) <= left and not set(stale) & left
+
+
+def _toy_state(tmp_path) -> Path:
+    basis = save_basis(tmp_path / "basis.npz", np.random.default_rng(0).standard_normal((3, 8)), version=1,
+                       embedder="toy")
+    state_dir = tmp_path / "state"
+    save_state(new_state(state_dir, load_basis(basis)))
+    return state_dir
+
+
+def test_a_command_that_waited_on_a_deleted_lock_file_locks_the_current_one(tmp_path):
+    """A review found two commands holding the state lock at once: `forget --all` deleted `.lock` while a command
+    waited on it; that command woke holding the deleted file, and the next one created and locked a new one."""
+    import fcntl
+    import threading
+
+    from client.device.state import LOCK, state_lock
+
+    state_dir = _toy_state(tmp_path)
+    holder = open(state_dir / LOCK, "a+b")  # `forget --all` (or any command) in its locked section
+    fcntl.flock(holder, fcntl.LOCK_EX)
+    entered, release = threading.Event(), threading.Event()
+
+    def waiting_command():
+        with state_lock(state_dir):
+            entered.set()
+            release.wait(10)
+
+    thread = threading.Thread(target=waiting_command)
+    thread.start()
+    try:
+        assert not entered.wait(0.3)  # it waits on the holder's file
+        (state_dir / LOCK).unlink()  # the holder deletes the lock file it holds, then ends
+        holder.close()
+        assert entered.wait(10)
+        third = open(state_dir / LOCK, "a+b")
+        with pytest.raises(BlockingIOError):  # the waiting command holds the path's current lock file
+            fcntl.flock(third, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        third.close()
+    finally:
+        release.set()
+        thread.join(10)
+
+
+def test_a_command_that_locked_a_state_being_deleted_changes_nothing_and_leaves_no_lock(tmp_path, monkeypatch):
+    """A review found `adapt` committing inside `forget --all`: forget deleted `.lock` among the other files, and a
+    command that had checked the state before its marker went created a new lock file and locked it at once. Now
+    forget deletes the lock file last, and such a command finds no state under its lock, removes its lock file
+    and stops, so forget still removes the directory."""
+    import client.device.state as state_module
+    from client.device.state import LOCK, StateError, forget, state_lock
+
+    state_dir = _toy_state(tmp_path)
+    unlink, require_state, raced = Path.unlink, state_module.require_state, {}
+
+    def a_command_opens_the_lock_now(path, *args, **kwargs):
+        unlink(path, *args, **kwargs)
+        if path.name == LOCK and not raced:
+            raced["started"] = True
+            monkeypatch.setattr(state_module, "require_state", Path)  # it checked the state before the marker went
+            try:
+                with state_lock(state_dir):
+                    raced["ran"] = True
+            except StateError as exc:
+                raced["error"] = str(exc)
+            monkeypatch.setattr(state_module, "require_state", require_state)
+
+    monkeypatch.setattr(Path, "unlink", a_command_opens_the_lock_now)
+    with state_lock(state_dir):  # as `forget --all` runs
+        notes = forget(state_dir, everything=True)
+    assert raced["started"] and "ran" not in raced and "deleted while" in raced["error"]
+    assert notes == [] and not state_dir.exists()
 
 
 def test_basis_file_checks(tmp_path):

@@ -124,8 +124,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"client.device {args.device_command}: error: {exc}", file=sys.stderr)  # e.g. permission denied
         return 2
     except KeyboardInterrupt:  # Ctrl-C: every write is atomic, so the state is the last committed one
-        print(f"client.device {args.device_command}: interrupted; the device state is as the last completed command "
-              "left it: run the command again", file=sys.stderr)
+        partly = args.device_command == "forget" and getattr(args, "all", False)  # deletes file by file
+        state = ("some of the state's files may already be deleted" if partly else
+                 "the device state is as the last completed command left it")
+        print(f"client.device {args.device_command}: interrupted; {state}: run the command again", file=sys.stderr)
         return 130
     finally:
         warnings.formatwarning = shown

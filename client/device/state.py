@@ -22,6 +22,7 @@ import io
 import json
 import os
 import re
+import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -304,17 +305,19 @@ def _forget_corrupted(directory: Path, problem: StateError) -> list[str]:
 
 
 def _delete_state(directory: Path) -> list[str]:
-    """Delete the state's own files (marker last), then the directory if nothing else is left in it."""
-    own = [path for path in directory.iterdir() if path.is_file() and _is_state_file(path.name)]
+    """Delete the state's own files (marker, then the lock file, last: the caller holds it, see `state_lock`), then
+    the directory if nothing else is left in it."""
+    own = [path for path in directory.iterdir() if path.is_file() and _is_state_file(path.name) and path.name != LOCK]
     for path in sorted(own, key=lambda path: path.name == MARKER):
         path.unlink()
-    for _ in range(5):
+    (directory / LOCK).unlink(missing_ok=True)
+    for _ in range(20):
         left = sorted(path.name for path in directory.iterdir())
-        if left != [LOCK]:
+        if LOCK not in left:
             break
-        # A command that was waiting for the lock opened it anew after it was deleted (it will find no state):
-        # the lock is still the state's own file, not a reason to keep the directory.
-        (directory / LOCK).unlink(missing_ok=True)
+        # A command that checked the state before the marker went created a lock file of its own: it finds no
+        # state under it and removes it (`state_lock`).
+        time.sleep(0.05)
     left = [name for name in left if name != LOCK]
     if left:
         return [f"kept the directory {directory}: it also holds files that are not part of the device state "
@@ -340,30 +343,56 @@ def _is_state_file(name: str) -> bool:
 def state_lock(directory: str | Path, *, create: bool = False):
     """Serialise read-modify-write of the state between processes (POSIX advisory lock; no-op elsewhere). Only
     `init` (create=True) may make the directory; elsewhere a directory that is not a device state is refused before
-    anything (the lock file included) is written in it."""
+    anything (the lock file included) is written in it. `forget --all` deletes the lock file last, while holding it:
+    a command that waited on it wakes holding a deleted file, so it locks the path's current file instead (checking
+    again that there is a state), and a command that created a lock file in a state deleted meanwhile removes it
+    and stops; no two commands ever hold the path's lock file at once."""
     directory = Path(directory)
-    if create:
-        directory.mkdir(parents=True, exist_ok=True)
-    else:
+    if not create:
         require_state(directory)
     try:
         import fcntl
     except ImportError:  # pragma: no cover - non-POSIX
+        if create:
+            directory.mkdir(parents=True, exist_ok=True)
         yield
         return
-    if (directory / LOCK).is_dir():
-        raise StateError(f"{directory / LOCK} is a directory, not the state's lock file: remove it (rmdir) and rerun")
-    try:
-        handle = open(directory / LOCK, "a+b")
-    except FileNotFoundError:  # the directory went away since it was checked (`forget --all` at the same time)
-        raise StateError(f"no device state in {directory}: it was deleted while this command started (nothing "
-                         "was changed)") from None
-    with handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+    while True:
+        if create:
+            directory.mkdir(parents=True, exist_ok=True)
+        if (directory / LOCK).is_dir():
+            raise StateError(f"{directory / LOCK} is a directory, not the state's lock file: remove it (rmdir) and "
+                             "rerun")
         try:
+            handle = open(directory / LOCK, "a+b")
+        except FileNotFoundError:  # the directory went away since it was checked (`forget --all` at the same time)
+            raise StateError(f"no device state in {directory}: it was deleted while this command started (nothing "
+                             "was changed)") from None
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        if _is_current(handle, directory / LOCK):
+            break
+        handle.close()  # woke on a lock file deleted meanwhile (`forget --all`): lock the path's current one
+        if not create:
+            require_state(directory)
+    with handle:
+        try:
+            if not create and not is_device_state(directory):  # deleted after this command's check
+                (directory / LOCK).unlink(missing_ok=True)  # the file this command created: it holds it
+                raise StateError(f"no device state in {directory}: it was deleted while this command started "
+                                 "(nothing was changed)")
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _is_current(handle, path: Path) -> bool:
+    """Whether the open `handle` is still the file at `path` (not deleted or replaced since it was opened)."""
+    try:
+        now = os.stat(path)
+    except FileNotFoundError:
+        return False
+    held = os.fstat(handle.fileno())
+    return (held.st_dev, held.st_ino) == (now.st_dev, now.st_ino)
 
 
 def _npz_bytes(**arrays: np.ndarray) -> bytes:
