@@ -173,13 +173,24 @@ def load_state(directory: str | Path) -> DeviceState:
                     "FILE` starts afresh without it")
             raise StateError(f"no device state in {directory}: run `python -m client.device init --basis FILE` "
                              "first")
-        raw = path.read_bytes()
+        raw = _bytes_or_none(path)
+        if raw is None:  # deleted since the check (`forget --all`, or a writer's commit): look again
+            continue
         try:
             return _load_state(directory, raw)
         except StateCorruptError:
-            if attempt + 1 == _LOAD_ATTEMPTS or not path.is_file() or path.read_bytes() == raw:
+            if attempt + 1 == _LOAD_ATTEMPTS or _bytes_or_none(path) in (raw, None):
                 raise
-    raise AssertionError("unreachable")
+    raise StateError(f"no device state in {directory}: its manifest kept vanishing while this command read it "
+                     "(a `forget --all` or `init --reinit` at the same time); run the command again")
+
+
+def _bytes_or_none(path: Path) -> bytes | None:
+    """The file's bytes, or None once it is gone (a reader races writers that replace and delete files)."""
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        return None
 
 
 def _load_state(directory: Path, raw: bytes) -> DeviceState:
@@ -189,7 +200,10 @@ def _load_state(directory: Path, raw: bytes) -> DeviceState:
         manifest = json.loads(raw)
         files, generation = manifest["files"], int(manifest["generation"])
         strength = manifest["strength"]
-    except (ValueError, KeyError, TypeError) as exc:
+        declared_pairs = int(manifest.get("pairs", -1))
+        if not isinstance(files, dict):
+            raise TypeError(f"files must be an object, got {files!r}")
+    except (ValueError, KeyError, TypeError, OverflowError, AttributeError) as exc:
         raise StateCorruptError(f"{path}: unreadable manifest ({exc}); the state is corrupted") from exc
     if manifest.get("format") != STATE_FORMAT:
         raise StateCorruptError(f"{path}: format {manifest.get('format')!r}, expected {STATE_FORMAT!r}")
@@ -214,7 +228,7 @@ def _load_state(directory: Path, raw: bytes) -> DeviceState:
         encoder=encoder, generation=generation,
     )
     if "personal" in files:
-        state = _load_personal(state, _checked_file(directory, files["personal"]), int(manifest.get("pairs", -1)))
+        state = _load_personal(state, _checked_file(directory, files["personal"]), declared_pairs)
     return state
 
 
@@ -262,10 +276,13 @@ def forget(directory: str | Path, *, everything: bool = False) -> list[str]:
         return _delete_state(directory)
     try:
         state = load_state(directory)
-    except StateError as exc:  # corrupted, or the manifest is gone: personal files may still be on disk
+    except Exception as exc:  # corrupted in any way, or the manifest is gone: personal files may still be on disk
         return _forget_corrupted(directory, exc)
-    save_state(replace(state, user_weights=None, pair_diff=state.pair_diff[:0], choices=(), posterior_mode=None,
-                       posterior_cov=None, prior_mean=None, attributes=()))
+    try:
+        save_state(replace(state, user_weights=None, pair_diff=state.pair_diff[:0], choices=(), posterior_mode=None,
+                           posterior_cov=None, prior_mean=None, attributes=()))
+    except Exception as exc:  # e.g. a full disk: the personal data goes all the same, by deletion
+        return _forget_corrupted(directory, exc, "could not be saved without its personal data")
     return []
 
 
@@ -281,9 +298,9 @@ def _is_personal(name: str) -> bool:
     return bool(match) and match["name"].startswith("personal-")
 
 
-def _forget_corrupted(directory: Path, problem: StateError) -> list[str]:
-    """The state cannot be loaded: delete every personal data file regardless, and drop it from the manifest when
-    the manifest is readable; the rest is left as it is (and checked again for the note)."""
+def _forget_corrupted(directory: Path, problem: Exception, what: str = "was corrupted") -> list[str]:
+    """The state cannot be loaded (or saved): delete every personal data file regardless, and drop it from the
+    manifest when the manifest is readable; the rest is left as it is (and checked again for the note)."""
     removed = [path for path in directory.iterdir() if path.is_file() and _is_personal(path.name)]
     for path in removed:
         path.unlink()
@@ -294,11 +311,11 @@ def _forget_corrupted(directory: Path, problem: StateError) -> list[str]:
             atomic_write_json(directory / MANIFEST, manifest)
     except (OSError, ValueError, AttributeError):
         pass  # an unreadable manifest names nothing we could still use
-    note = (f"the device state was corrupted ({problem}); its personal data was deleted all the same "
+    note = (f"the device state {what} ({problem}); its personal data was deleted all the same "
             f"({len(removed)} file(s))")
     try:
         load_state(directory)
-    except StateError:
+    except Exception:
         return [note + "; the rest is still unusable: repair it with `init --reinit --basis FILE`, or remove it "
                 "with `forget --all`"]
     return [note + "; the rest of the state checks out"]
@@ -421,9 +438,9 @@ def _checked_file(directory: Path, entry: dict) -> Path:
         raise StateCorruptError(f"{directory / MANIFEST}: malformed file entry {entry!r}") from exc
     if Path(entry["name"]).name != entry["name"]:
         raise StateCorruptError(f"{directory / MANIFEST}: file entry {entry['name']!r} leaves the state directory")
-    if not path.is_file():
+    data = _bytes_or_none(path) if path.is_file() else None
+    if data is None:
         raise StateCorruptError(f"{path}: missing (the manifest names it); the device state is incomplete")
-    data = path.read_bytes()
     if len(data) != size:
         raise StateCorruptError(f"{path}: {len(data)} bytes, the manifest says {size}: truncated or altered")
     if hashlib.sha256(data).hexdigest() != digest:
