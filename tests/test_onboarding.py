@@ -323,6 +323,23 @@ def test_a_text_pool_is_read_as_adapt_reads_choices(tmp_path):
         read_pool(tmp_path / "cut.jsonl", 4)
 
 
+def test_next_question_and_adapt_agree_on_which_pairs_are_answered(tmp_path):
+    """A review found `next-question` asking again a pool pair that `adapt` skips as already learned: a choice
+    stored with a bare prompt did not match the same pair written as a one-message history (a possible endless
+    onboarding loop). Both now use `personalize.choice_identity`."""
+    from client.device.pool import answered, read_pool
+
+    pool = tmp_path / "pool.jsonl"
+    pool.write_text("\n".join(json.dumps(r) for r in [
+        {"history": [{"role": "user", "content": "Which?", "id": 7}], "responses": ["A", "B"]},
+        {"prompt": "Which?", "responses": ["C", "D"]},
+        {"prompt": "Other?", "responses": ["B", "A"]}]) + "\n")
+    stored = (json.dumps({"prompt": "Which?", "chosen": "B", "rejected": "A"}),  # answered the first, either way
+              json.dumps({"history": [{"role": "user", "content": "Which?"}], "chosen": "C", "rejected": "D"}),
+              json.dumps({"precomputed": True}))
+    assert answered(read_pool(pool, 4), stored, np.zeros((0, 4))).tolist() == [True, True, False]
+
+
 def test_an_npz_pool_is_checked_as_adapt_checks_choices(tmp_path):
     """Found by a hostile-input test: next-question scored pairs of 1e9 (0.764 bits) and whole pair files that
     `adapt` refuses. Zero rows stay valid in a pool: pairs with nothing to learn, which the questions skip."""

@@ -413,10 +413,11 @@ def _choice_diffs(path: Path, state: DeviceState, encoder_dir) -> tuple[np.ndarr
 
 def _not_yet_learned(state: DeviceState, diff: np.ndarray, records: list[dict]) -> np.ndarray:
     """(k,) bool: choices the state does not hold yet. Texts are compared by conversation, chosen and rejected
-    (`_choice_key`); precomputed pairs by their diff row, exactly."""
-    stored = {_choice_key(r) for r in map(json.loads, state.choices) if "chosen" in r}
+    (`personalize.choice_identity`); precomputed pairs by their diff row, exactly."""
+    stored = {personalize.choice_identity(r) for r in map(json.loads, state.choices) if "chosen" in r}
     precomputed = np.array(["precomputed" in r for r in records], dtype=bool)
-    known = np.array([not pre and _choice_key(r) in stored for r, pre in zip(records, precomputed)], dtype=bool)
+    known = np.array([not pre and personalize.choice_identity(r) in stored for r, pre in zip(records, precomputed)],
+                     dtype=bool)
     if precomputed.any() and state.n_pairs:
         def rows(a: np.ndarray) -> np.ndarray:  # each float32 row as one opaque value, for np.isin
             a = np.ascontiguousarray(a, dtype=np.float32)
@@ -424,13 +425,6 @@ def _not_yet_learned(state: DeviceState, diff: np.ndarray, records: list[dict]) 
 
         known |= precomputed & np.isin(rows(diff), rows(state.pair_diff))
     return ~known
-
-
-def _choice_key(record: dict) -> str:
-    """What makes two text choices the same: the conversation (a bare prompt is one user message), the chosen and
-    the rejected response; not the keys' order or extra keys an app adds."""
-    return json.dumps([personalize.choice_context(record), record["chosen"], record["rejected"]], ensure_ascii=False,
-                      sort_keys=True)
 
 
 def _rebase(old: DeviceState, basis: BasisFile, encoder: str | None) -> DeviceState:

@@ -7,6 +7,8 @@ convex, so the result does not depend on the order in which choices arrived.
 
 from __future__ import annotations
 
+import json
+
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -143,6 +145,17 @@ def choice_context(record: dict) -> list[dict]:
     if "history" in record:
         return record["history"]
     return [{"role": "user", "content": record["prompt"]}]
+
+
+def choice_identity(record: dict, *, ordered: bool = True) -> str:
+    """What makes two text choices the same, for `adapt` (a choice already learned) and `next-question` (a pool
+    pair already answered): the conversation (a bare prompt is one user message; only each message's role and
+    content) and the two responses; not the keys' order or extra keys an app adds. `ordered` False: the same pair
+    whichever response was chosen."""
+    context = [{key: m[key] for key in ("role", "content") if key in m} if isinstance(m, dict) else m
+               for m in choice_context(record)]
+    answer = [record["chosen"], record["rejected"]]
+    return json.dumps([context, answer if ordered else sorted(answer)], ensure_ascii=False, sort_keys=True)
 
 
 def check_choice(record, where: str) -> None:

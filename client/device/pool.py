@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from client.device.personalize import CHOICE_CONTEXT_KEYS, check_choice, read_user_diffs
+from client.device.personalize import CHOICE_CONTEXT_KEYS, check_choice, choice_identity, read_user_diffs
 from lore_core.text_file import not_a_file, parse_json, read_text
 
 
@@ -72,10 +72,6 @@ def answered(pool: Pool, choices: tuple[str, ...], pair_diff: np.ndarray) -> np.
             return np.zeros(pool.size, bool)
         same = (rows[:, None, :] == stored[None]).all(-1) | (rows[:, None, :] == -stored[None]).all(-1)
         return same.any(axis=1)
-    done = {_key(json.loads(c)) for c in choices}
-    return np.array([_key(as_choice(r, 0)) in done for r in pool.records])
-
-
-def _key(choice: dict) -> tuple:
-    context = json.dumps(choice.get("history", choice.get("prompt")), sort_keys=True, ensure_ascii=False)
-    return context, frozenset((choice.get("chosen"), choice.get("rejected")))
+    stored = [json.loads(c) for c in choices]
+    done = {choice_identity(r, ordered=False) for r in stored if "chosen" in r}  # text choices, not precomputed
+    return np.array([choice_identity(as_choice(r, 0), ordered=False) in done for r in pool.records])
