@@ -23,6 +23,8 @@ benchmark breaks those assumptions one at a time, with its own small generator (
                    users (a fold of seen users) cannot show it
   nonlinear        each user's reward of an item is w . tanh(2 A e), a saturating function of the embedding e, so no
                    linear basis is the truth (A rank 4, w on the simplex); the file gives only e_a - e_b, as always
+  thin-new         simplex users (rank 4), but each new user has answered only 3 questions (few-shot pairs), as at
+                   the start of onboarding
 Rows: `bt` (`lore-fed train --rank 1`) and `train` (default flags), through the CLI as a user runs them, plus the
 oracle (true logits) and, where a low-rank truth exists, the true-basis ceiling (only w fit); with `--rows` also
 `simulate`: the matrix's federated row (`bench_matrix.simulate_row`: the real ServerApp and ClientApp, 600 rounds
@@ -49,7 +51,8 @@ from simulations.bench_matrix import TRAIN_CHOICE, _fresh, _mean_se, simulate_ro
 DIM, SEEN, NEW, FEW_SHOT, TEST, RANK = 384, 300, 100, 10, 20, 4
 LOGIT_STD = 3.0
 POPULATIONS = ("full-rank", "heavy-tail", "clickers", "minority", "repeats-no-group", "shared-pool", "shifted-new",
-               "nonlinear")
+               "nonlinear", "thin-new")
+THIN_FEW_SHOT = 3  # thin-new's few-shot pairs per new user
 
 
 def _unit_diffs(rng: np.random.Generator, n: int) -> np.ndarray:
@@ -64,7 +67,7 @@ def _counts(rng: np.random.Generator, name: str) -> np.ndarray:
         seen = np.clip(np.round(np.exp(rng.normal(np.log(12.0), 1.2, SEEN))), 2, 400).astype(int)
     else:
         seen = rng.integers(20, 41, SEEN)
-    return np.r_[seen, np.full(NEW, FEW_SHOT)]
+    return np.r_[seen, np.full(NEW, THIN_FEW_SHOT if name == "thin-new" else FEW_SHOT)]
 
 
 def _rewards(rng: np.random.Generator, name: str) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:

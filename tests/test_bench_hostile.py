@@ -82,3 +82,11 @@ def test_the_federated_check_flags_a_run_more_than_a_point_behind_train():
     assert abs(behind["checks"]["seen"]["simulate_minus_train"] + 0.02) < 1e-9
     text = markdown([close, behind], [0, 1], ("bt", "train", "simulate"))
     assert "--rows bt,train,simulate" in text and "(of 2 run): y." in text
+
+
+def test_thin_new_users_have_three_few_shot_pairs():
+    from simulations.bench_hostile_populations import THIN_FEW_SHOT
+
+    pairs, basis = hostile_population("thin-new", 0)
+    few = np.unique(pairs.user[~pairs.seen & (pairs.split == "train")], return_counts=True)[1]
+    assert basis is not None and few.size == NEW and set(few.tolist()) == {THIN_FEW_SHOT}
