@@ -787,6 +787,28 @@ def test_a_reader_whose_file_a_writer_deleted_reads_the_new_state(tmp_path, monk
     assert raced and state.n_pairs == 3
 
 
+def test_forget_all_says_so_when_an_init_made_a_new_state_meanwhile(tmp_path, monkeypatch):
+    """A review: an `init` that opened the lock file just after `forget --all` deleted it made a new state, and
+    forget then named that state's files "not part of the device state" (and waited a second for nothing)."""
+    from client.device.state import LOCK, forget, state_lock
+
+    state_dir = _toy_state(tmp_path)
+    basis = load_basis(tmp_path / "basis.npz")
+    unlink, raced = Path.unlink, []
+
+    def an_init_starts_now(path, *args, **kwargs):
+        unlink(path, *args, **kwargs)
+        if path.name == LOCK and not raced:
+            raced.append(True)
+            with state_lock(state_dir, create=True):
+                save_state(new_state(state_dir, basis))
+
+    monkeypatch.setattr(Path, "unlink", an_init_starts_now)
+    with state_lock(state_dir):
+        notes = forget(state_dir, everything=True)
+    assert raced and "making a new device state" in notes[0] and load_state(state_dir).n_pairs == 0
+
+
 def test_a_command_that_waited_on_a_deleted_lock_file_locks_the_current_one(tmp_path):
     """A review found two commands holding the state lock at once: `forget --all` deleted `.lock` while a command
     waited on it; that command woke holding the deleted file, and the next one created and locked a new one."""

@@ -330,12 +330,15 @@ def _delete_state(directory: Path) -> list[str]:
     (directory / LOCK).unlink(missing_ok=True)
     for _ in range(20):
         left = sorted(path.name for path in directory.iterdir())
-        if LOCK not in left:
+        if LOCK not in left or len(left) > 1:
             break
         # A command that checked the state before the marker went created a lock file of its own: it finds no
         # state under it and removes it (`state_lock`).
         time.sleep(0.05)
     left = [name for name in left if name != LOCK]
+    if left and all(_is_state_file(name) for name in left):  # only `init` writes a state where none is
+        return [f"an `init` started during the deletion is making a new device state in {directory}: it was kept "
+                "(the state this command deleted is gone)"]
     if left:
         return [f"kept the directory {directory}: it also holds files that are not part of the device state "
                 f"({', '.join(left[:5])}{', ...' if len(left) > 5 else ''}; {len(left)} in all)"]
@@ -383,6 +386,8 @@ def state_lock(directory: str | Path, *, create: bool = False):
         try:
             handle = open(directory / LOCK, "a+b")
         except FileNotFoundError:  # the directory went away since it was checked (`forget --all` at the same time)
+            if create:
+                continue  # `init` makes it again
             raise StateError(f"no device state in {directory}: it was deleted while this command started (nothing "
                              "was changed)") from None
         fcntl.flock(handle, fcntl.LOCK_EX)
