@@ -615,6 +615,25 @@ def test_a_lost_manifest_never_lets_init_delete_the_stored_choices(tmp_path):
     assert device_cli.main(["--state", str(state_dir), "init", "--basis", str(basis)]) == 0
 
 
+def test_a_failed_export_leaves_the_out_directory_as_it_was(tmp_path, monkeypatch, encoder_dir):
+    """Found by a tester: an export that failed its final check left its encoder in --out with valid checksums,
+    for `init` to accept, and over the encoder that states there used. Now it is staged beside --out."""
+    import shutil
+
+    from client.device import export
+    from client.device.encoder import EncoderError
+
+    assert not list(encoder_dir.parent.glob(".*export*"))  # the fixture's export left no staging directory
+    out = tmp_path / "enc"
+    shutil.copytree(encoder_dir, out)  # an encoder that states use
+    before = {path.name: path.read_bytes() for path in out.iterdir()}
+    monkeypatch.setattr(export, "EXPORT_TOLERANCE", -1.0)  # the final check fails
+    with pytest.raises(EncoderError, match="nothing was written"):
+        export.export_encoder(out)
+    assert {path.name: path.read_bytes() for path in out.iterdir()} == before
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["enc"]  # and no staging directory
+
+
 def test_export_encoder_refuses_an_out_that_is_a_file_before_loading_the_model(tmp_path, capsys):
     """Found by a tester: `export-encoder --out FILE` loaded the model, then exited 2 with "[Errno 17] File exists"."""
     from client.device import device_cli

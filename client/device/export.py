@@ -8,6 +8,8 @@ embeddings: cos to fp32 down to 0.87).
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -34,18 +36,36 @@ def export_encoder(out_dir: str | Path, model: str | None = None) -> Path:
     """Export `model` (a local path or cached hub name; None = the offline all-MiniLM-L6-v2) to `out_dir`.
 
     The encoder is lore_core.embeddings.SentenceEmbedder (one source of truth for the model, the tokenizer settings
-    and the embedder name). Writes model.onnx, tokenizer.json and encoder.json (name, dim, lengths, checksums),
-    then checks that the device encoder reproduces SentenceEmbedder to EXPORT_TOLERANCE. Returns out_dir.
+    and the embedder name). Writes model.onnx, tokenizer.json and encoder.json (name, dim, lengths, checksums) to a
+    staging directory beside `out_dir`, checks that the device encoder reproduces SentenceEmbedder to
+    EXPORT_TOLERANCE, and only then moves the files into `out_dir` (encoder.json last). An export that fails leaves
+    `out_dir` as it was: a tester found a failed export's encoder, with valid checksums, left for `init` to accept.
+    Returns out_dir.
     """
-    import torch
-
     from lore_core.embeddings import SentenceEmbedder
 
     embedder = SentenceEmbedder(model, use_cache=False)
     if not getattr(embedder.tokenizer, "is_fast", False):
         raise EncoderError(f"{model}: the device needs a fast tokenizer (tokenizer.json); this model has none")
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stage = out.parent / f".{out.name}.export-{os.getpid()}"
+    shutil.rmtree(stage, ignore_errors=True)
+    stage.mkdir()
+    try:
+        _export_checked(embedder, stage)
+        out.mkdir(exist_ok=True)
+        for name in (MODEL_FILE, TOKENIZER_FILE, ENCODER_META):  # the checksums' file last
+            os.replace(stage / name, out / name)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    return out
+
+
+def _export_checked(embedder, out: Path) -> None:
+    """The export itself, into `out`, and its check against `embedder`."""
+    import torch
+
     module = _pooled(embedder.model).eval()
     sample = embedder.tokenizer(["user: hi", "user: and then?"], ["Hello!", "Then it rises."], padding=True,
                                 return_tensors="pt")
@@ -77,8 +97,8 @@ def export_encoder(out_dir: str | Path, model: str | None = None) -> Path:
     device = OnnxPairEncoder(out, verify=True).embed(_CHECK_CONTEXTS, _CHECK_RESPONSES)
     gap = float(np.abs(device - embedder.embed(_CHECK_CONTEXTS, _CHECK_RESPONSES, progress=False)).max())
     if gap > EXPORT_TOLERANCE:
-        raise EncoderError(f"{out}: the exported encoder differs from {embedder.name} by {gap:.2e}")
-    return out
+        raise EncoderError(f"the exported encoder differs from {embedder.name} by {gap:.2e} (above "
+                           f"{EXPORT_TOLERANCE:g}); nothing was written")
 
 
 def _pooled(encoder):
