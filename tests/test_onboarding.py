@@ -212,6 +212,12 @@ def test_declared_attributes_set_the_cold_start_prior_and_forget_removes_them(to
     status = json.loads(run_device(state, "status").stdout)
     assert status["answers"] == 0 and status["user_weights"] == pytest.approx(mean)
     assert status["attributes_declared"] == {"age": "18-24"}
+    # A value without a row: each `declare` replaces the last, so the note must not say the earlier one stays
+    # (it said only "ignored"; a tester).
+    proc = run_device(state, "declare", "age=65+", "--priors", tmp / "priors.json")
+    assert proc.returncode == 0 and "no prior is used now (earlier declarations too)" in proc.stderr
+    assert json.loads(run_device(state, "status").stdout)["attributes_declared"] == {}
+    run_device(state, "declare", "age=18-24", "--priors", tmp / "priors.json")
     wrong = {**table, "basis_sha256": "0" * 64}
     (tmp / "wrong.json").write_text(json.dumps(wrong))
     proc = run_device(state, "declare", "age=18-24", "--priors", tmp / "wrong.json")

@@ -291,8 +291,9 @@ def _declare(args) -> int:
             declared = attribute_prior.parse_declarations(args.attributes)
             mean, missing = attribute_prior.prior_mean(attribute_prior.read_table(args.priors, state.basis),
                                                        declared)
-            if missing:
-                print(f"note: {args.priors} has no prior for {', '.join(missing)}; ignored", file=sys.stderr)
+            if missing:  # each `declare` replaces the last: an earlier declaration does not stay in their place
+                kept = "the rest are used" if mean is not None else "no prior is used now (earlier declarations too)"
+                print(f"note: {args.priors} has no prior for {', '.join(missing)}: ignored; {kept}", file=sys.stderr)
             state = replace(state, attributes=tuple(declared.items()) if mean is not None else (), prior_mean=mean)
         state, _ = user_posterior.refit(state)
         state = save_state(state)
