@@ -177,6 +177,7 @@ def test_strength_interpolates_from_population_to_personal_and_off():
     assert np.allclose(personalize.effective_weights(w, personalize.parse_strength("off"), 4), uniform)
     with pytest.raises(ValueError, match="strength"):
         personalize.parse_strength("1.5")
+    assert str(personalize.parse_strength("-0")) == "0.0"  # printed -0.0 (a tester)
 
 
 # --- 3. ranking parity with the full pipeline -----------------------------------------------------------------

@@ -85,7 +85,7 @@ def parse_strength(value) -> float | None:
             raise ValueError(f"strength must be a number in [0, 1] or 'off', got {value!r}") from None
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
         raise ValueError(f"strength must be a number in [0, 1] or 'off', got {value!r}")
-    return float(value)
+    return float(value) + 0.0  # -0 is 0 (it printed -0.0)
 
 
 def read_choices(path: str | Path) -> list[dict]:
