@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 import warnings
 
@@ -70,6 +71,9 @@ def _main(argv: list[str]) -> int:
         # Bad input: a clear message, no traceback.
         print(f"lore-fed {command}: error: {_message(exc, args)}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # whoever read the output stopped (`| head`): no traceback, as other tools
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit's flush must not raise again
+        return 141
     except OSError as exc:
         if exc.filename is None:
             raise  # not about a path the user gave: an internal failure keeps its traceback

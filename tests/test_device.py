@@ -571,6 +571,15 @@ def test_ctrl_c_during_adapt_says_the_state_is_unchanged_without_a_traceback(tmp
     assert "may already be deleted" in err and "as the last completed command" not in err
 
 
+def test_a_closed_output_pipe_ends_the_command_quietly():
+    """Found by a tester: `... | head` gave a BrokenPipeError traceback once head had read enough."""
+    code = ("import sys; from client.device import device_cli\n"
+            "def cut(args):\n    raise BrokenPipeError(32, 'Broken pipe')\n"
+            "device_cli.run = cut\nsys.exit(device_cli.main(['--state', 'x', 'status']))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 141 and "Traceback" not in proc.stderr
+
+
 def test_init_reinit_repairs_a_damaged_file_of_the_same_size(tmp_path):
     """Found by a tester: with a byte of the state's basis file flipped, `init --reinit` said "starting afresh" and
     exited 0, but kept the damaged file (a data file of the same name and size was taken as already written), so the

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 import time
@@ -118,6 +119,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as exc:
         print(f"client.device {args.device_command}: error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # whoever read the output stopped (`| head`): no traceback, as other tools
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit's flush must not raise again
+        return 141
     except OSError as exc:
         if exc.filename is None:
             raise
