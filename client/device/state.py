@@ -22,6 +22,7 @@ import io
 import json
 import os
 import re
+import stat
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -257,8 +258,12 @@ def holds_other_files(directory: str | Path) -> bool:
 def require_state(directory: str | Path) -> Path:
     """`directory`, refused (StateError) unless it is a device state: nothing is created or deleted elsewhere."""
     directory = Path(directory)
-    if not directory.is_dir():
-        why = "it is a file, not a directory" if directory.exists() else "the directory does not exist"
+    try:
+        is_dir = stat.S_ISDIR(os.stat(directory).st_mode)  # one look: an `init` may make it meanwhile
+        why = "it is a file, not a directory"
+    except (FileNotFoundError, NotADirectoryError):
+        is_dir, why = False, "the directory does not exist"
+    if not is_dir:
         raise StateError(f"no device state in {directory}: {why} (nothing was changed)")
     if not is_device_state(directory):
         raise StateError(f"{directory} is not a device state (no {MARKER} marker, no device manifest); nothing was "
