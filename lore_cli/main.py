@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import os
 import sys
 import warnings
 
@@ -71,9 +70,12 @@ def _main(argv: list[str]) -> int:
         # Bad input: a clear message, no traceback.
         print(f"lore-fed {command}: error: {_message(exc, args)}", file=sys.stderr)
         return 2
-    except BrokenPipeError:  # whoever read the output stopped (`| head`): no traceback, as other tools
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit's flush must not raise again
-        return 141
+    except BrokenPipeError:
+        from lore_core.closed_stdout import stdout_closed
+
+        if not stdout_closed():  # a pipe other than stdout: a real failure
+            raise
+        return 141  # whoever read the output stopped (`| head`): no traceback, as other tools
     except OSError as exc:
         if exc.filename is None:
             raise  # not about a path the user gave: an internal failure keeps its traceback

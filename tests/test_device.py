@@ -571,13 +571,19 @@ def test_ctrl_c_during_adapt_says_the_state_is_unchanged_without_a_traceback(tmp
     assert "may already be deleted" in err and "as the last completed command" not in err
 
 
-def test_a_closed_output_pipe_ends_the_command_quietly():
-    """Found by a tester: `... | head` gave a BrokenPipeError traceback once head had read enough."""
+def test_a_closed_output_pipe_ends_the_command_quietly_and_no_other_broken_pipe_does():
+    """Found by a tester: `... | head` gave a BrokenPipeError traceback once head had read enough. Only a closed
+    stdout ends quietly: a broken pipe elsewhere (a socket, a subprocess) is a failure and keeps its traceback."""
     code = ("import sys; from client.device import device_cli\n"
-            "def cut(args):\n    raise BrokenPipeError(32, 'Broken pipe')\n"
+            "def cut(args):\n    print('x' * 100000, flush=True)\n    raise BrokenPipeError(32, 'Broken pipe')\n"
             "device_cli.run = cut\nsys.exit(device_cli.main(['--state', 'x', 'status']))")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.read(10)
+    proc.stdout.close()  # `| head -c 10`
+    assert proc.wait(60) == 141 and b"Traceback" not in proc.stderr.read()
+    code = code.replace("print('x' * 100000, flush=True)", "pass")  # stdout is fine: another pipe broke
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 141 and "Traceback" not in proc.stderr
+    assert proc.returncode == 1 and "BrokenPipeError" in proc.stderr
 
 
 def test_init_reinit_repairs_a_damaged_file_of_the_same_size(tmp_path):

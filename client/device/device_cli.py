@@ -44,6 +44,7 @@ from client.device.state import (
     state_lock,
 )
 from lore_core.basis_file import UNKNOWN_EMBEDDER, BasisFile, load_basis
+from lore_core.closed_stdout import stdout_closed
 from lore_core.text_file import not_a_file, parse_json, read_text
 
 
@@ -119,9 +120,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as exc:
         print(f"client.device {args.device_command}: error: {exc}", file=sys.stderr)
         return 2
-    except BrokenPipeError:  # whoever read the output stopped (`| head`): no traceback, as other tools
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit's flush must not raise again
-        return 141
+    except BrokenPipeError:
+        if not stdout_closed():  # a pipe other than stdout: a real failure
+            raise
+        return 141  # whoever read the output stopped (`| head`): no traceback, as other tools
     except OSError as exc:
         if exc.filename is None:
             raise
@@ -361,7 +363,6 @@ def _directory(args) -> Path:
 
 def _state_source(args) -> str:
     """Where the state directory came from, as the user set it: for messages about it."""
-    import os
 
     from client.device.state import STATE_HOME_ENV
 
