@@ -639,15 +639,18 @@ def test_a_failed_export_leaves_the_out_directory_as_it_was(tmp_path, monkeypatc
     from client.device import export
     from client.device.encoder import EncoderError
 
-    assert not list(encoder_dir.parent.glob(".*export*"))  # the fixture's export left no staging directory
+    assert sorted(path.name for path in encoder_dir.iterdir()) == ["encoder.json", "model.onnx", "tokenizer.json"]
     out = tmp_path / "enc"
     shutil.copytree(encoder_dir, out)  # an encoder that states use
-    before = {path.name: path.read_bytes() for path in out.iterdir()}
+    (out / f"{export.STAGE_PREFIX}999999999").mkdir()  # the staging directory of an export that was killed
+    before = {path.name: path.read_bytes() for path in out.iterdir() if path.is_file()}
     monkeypatch.setattr(export, "EXPORT_TOLERANCE", -1.0)  # the final check fails
     with pytest.raises(EncoderError, match="nothing was written"):
         export.export_encoder(out)
-    assert {path.name: path.read_bytes() for path in out.iterdir()} == before
-    assert sorted(path.name for path in tmp_path.iterdir()) == ["enc"]  # and no staging directory
+    assert {path.name: path.read_bytes() for path in out.iterdir()} == before  # no staging directory left either
+    with pytest.raises(EncoderError, match="nothing was written"):
+        export.export_encoder(tmp_path / "new" / "enc")  # an --out made for the export goes with it
+    assert sorted(path.name for path in (tmp_path / "new").iterdir()) == []
 
 
 def test_export_encoder_refuses_an_out_that_is_a_file_before_loading_the_model(tmp_path, capsys):

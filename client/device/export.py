@@ -37,10 +37,10 @@ def export_encoder(out_dir: str | Path, model: str | None = None) -> Path:
 
     The encoder is lore_core.embeddings.SentenceEmbedder (one source of truth for the model, the tokenizer settings
     and the embedder name). Writes model.onnx, tokenizer.json and encoder.json (name, dim, lengths, checksums) to a
-    staging directory beside `out_dir`, checks that the device encoder reproduces SentenceEmbedder to
-    EXPORT_TOLERANCE, and only then moves the files into `out_dir` (encoder.json last). An export that fails leaves
-    `out_dir` as it was: a tester found a failed export's encoder, with valid checksums, left for `init` to accept.
-    Returns out_dir.
+    staging directory inside `out_dir` (the directory the user gave and the command checked: the same filesystem),
+    checks that the device encoder reproduces SentenceEmbedder to EXPORT_TOLERANCE, and only then moves the files
+    into `out_dir` (encoder.json last). An export that fails its check leaves `out_dir` as it was: a tester found a
+    failed export's encoder, with valid checksums, left for `init` to accept. Returns out_dir.
     """
     from lore_core.embeddings import SentenceEmbedder
 
@@ -48,18 +48,37 @@ def export_encoder(out_dir: str | Path, model: str | None = None) -> Path:
     if not getattr(embedder.tokenizer, "is_fast", False):
         raise EncoderError(f"{model}: the device needs a fast tokenizer (tokenizer.json); this model has none")
     out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    stage = out.parent / f".{out.name}.export-{os.getpid()}"
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    _remove_stale_stages(out)
+    stage = out / f"{STAGE_PREFIX}{os.getpid()}"
     shutil.rmtree(stage, ignore_errors=True)
     stage.mkdir()
     try:
         _export_checked(embedder, stage)
-        out.mkdir(exist_ok=True)
         for name in (MODEL_FILE, TOKENIZER_FILE, ENCODER_META):  # the checksums' file last
             os.replace(stage / name, out / name)
-    finally:
+    except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
+        if created:
+            shutil.rmtree(out, ignore_errors=True)  # nothing of ours is left in it: it was made for this export
+        raise
+    shutil.rmtree(stage, ignore_errors=True)
     return out
+
+
+STAGE_PREFIX = ".export-"
+
+
+def _remove_stale_stages(out: Path) -> None:
+    """Staging directories of exports that were killed (their process is gone); a running export's is kept."""
+    for path in out.glob(f"{STAGE_PREFIX}*"):
+        try:
+            os.kill(int(path.name.removeprefix(STAGE_PREFIX)), 0)
+        except ProcessLookupError:
+            shutil.rmtree(path, ignore_errors=True)
+        except (ValueError, PermissionError):
+            pass  # not a pid of ours, or a live process of another user
 
 
 def _export_checked(embedder, out: Path) -> None:
