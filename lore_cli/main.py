@@ -65,7 +65,9 @@ def _main(argv: list[str]) -> int:
     from lore_core.run_lock import RunDirBusy
 
     try:
-        return int(args._run(args) or 0)
+        code = int(args._run(args) or 0)
+        sys.stdout.flush()  # here, not at exit: a reader gone by then is handled below
+        return code
     except (ValueError, FileNotFoundError, RunDirBusy) as exc:
         # Bad input: a clear message, no traceback.
         print(f"lore-fed {command}: error: {_message(exc, args)}", file=sys.stderr)

@@ -178,6 +178,9 @@ def test_strength_interpolates_from_population_to_personal_and_off():
     with pytest.raises(ValueError, match="strength"):
         personalize.parse_strength("1.5")
     assert str(personalize.parse_strength("-0")) == "0.0"  # printed -0.0 (a tester)
+    from client.device.state import _checked_strength
+
+    assert str(_checked_strength(-0.0, Path("manifest.json"))) == "0.0"  # ... and so did a state stored with it
 
 
 # --- 3. ranking parity with the full pipeline -----------------------------------------------------------------
@@ -581,6 +584,12 @@ def test_a_closed_output_pipe_ends_the_command_quietly_and_no_other_broken_pipe_
     proc.stdout.read(10)
     proc.stdout.close()  # `| head -c 10`
     assert proc.wait(60) == 141 and b"Traceback" not in proc.stderr.read()
+    late = code.replace("print('x' * 100000, flush=True)\n    raise BrokenPipeError(32, 'Broken pipe')",
+                        "print('x' * 100)\n    import time; time.sleep(1)")  # buffered; the reader goes first
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONUNBUFFERED"}
+    proc = subprocess.Popen([sys.executable, "-c", late], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    proc.stdout.close()  # a review: the flush at exit raised outside the handler ('Exception ignored', exit 120)
+    assert proc.wait(60) == 141 and b"BrokenPipe" not in proc.stderr.read()
     code = code.replace("print('x' * 100000, flush=True)", "pass")  # stdout is fine: another pipe broke
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 1 and "BrokenPipeError" in proc.stderr
@@ -845,6 +854,31 @@ def test_forget_all_says_so_when_an_init_made_a_new_state_meanwhile(tmp_path, mo
     with state_lock(state_dir):
         notes = forget(state_dir, everything=True)
     assert raced and "making a new device state" in notes[0] and load_state(state_dir).n_pairs == 0
+
+
+def test_a_lock_file_that_cannot_be_opened_is_named_not_retried_forever(tmp_path):
+    """A review: `init` on a state whose `.lock` is a link to nowhere retried without end at 100 % CPU."""
+    from client.device.state import LOCK, StateError, state_lock
+
+    state_dir = _toy_state(tmp_path)
+    (state_dir / LOCK).unlink(missing_ok=True)
+    (state_dir / LOCK).symlink_to(tmp_path / "gone" / "lock")
+    for create in (True, False):
+        with pytest.raises(StateError, match="cannot be opened as the state's lock file"):
+            with state_lock(state_dir, create=create):
+                pass
+
+
+def test_forget_all_names_what_it_kept_that_was_there_before(tmp_path):
+    """A review: a user's entry with a state-like name that is not a regular file (a broken link) stayed, and
+    forget --all said an `init` was making a new state."""
+    from client.device.state import forget, state_lock
+
+    state_dir = _toy_state(tmp_path)
+    (state_dir / "personal-0123456789abcdef.npz").symlink_to(tmp_path / "nowhere")
+    with state_lock(state_dir):
+        notes = forget(state_dir, everything=True)
+    assert "kept the directory" in notes[0] and "personal-0123456789abcdef.npz" in notes[0]
 
 
 def test_a_command_that_waited_on_a_deleted_lock_file_locks_the_current_one(tmp_path):

@@ -217,7 +217,9 @@ def test_declared_attributes_set_the_cold_start_prior_and_forget_removes_them(to
     proc = run_device(state, "declare", "age=65+", "--priors", tmp / "priors.json")
     assert proc.returncode == 0 and "no prior is used now (earlier declarations too)" in proc.stderr
     assert json.loads(run_device(state, "status").stdout)["attributes_declared"] == {}
-    run_device(state, "declare", "age=18-24", "--priors", tmp / "priors.json")
+    proc = run_device(state, "declare", "age=18-24", "region=mars", "--priors", tmp / "priors.json")
+    assert "region=mars: ignored; the rest are used" in proc.stderr
+    assert json.loads(run_device(state, "status").stdout)["attributes_declared"] == {"age": "18-24"}  # (a review)
     wrong = {**table, "basis_sha256": "0" * 64}
     (tmp / "wrong.json").write_text(json.dumps(wrong))
     proc = run_device(state, "declare", "age=18-24", "--priors", tmp / "wrong.json")

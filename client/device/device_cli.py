@@ -116,7 +116,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     shown, warnings.formatwarning = warnings.formatwarning, lambda message, *_, **__: f"note: {message}\n"
     try:
-        return run(args)
+        code = run(args)
+        sys.stdout.flush()  # here, not at exit: a reader gone by then is handled below
+        return code
     except (ValueError, FileNotFoundError) as exc:
         print(f"client.device {args.device_command}: error: {exc}", file=sys.stderr)
         return 2
@@ -300,7 +302,8 @@ def _declare(args) -> int:
             if missing:  # each `declare` replaces the last: an earlier declaration does not stay in their place
                 kept = "the rest are used" if mean is not None else "no prior is used now (earlier declarations too)"
                 print(f"note: {args.priors} has no prior for {', '.join(missing)}: ignored; {kept}", file=sys.stderr)
-            state = replace(state, attributes=tuple(declared.items()) if mean is not None else (), prior_mean=mean)
+            used = tuple((field, value) for field, value in declared.items() if f"{field}={value}" not in missing)
+            state = replace(state, attributes=used, prior_mean=mean)  # the declarations the prior was made of
         state, _ = user_posterior.refit(state)
         state = save_state(state)
     print(user_posterior.confidence(state, user_posterior.samples(state))["personalization"])

@@ -158,6 +158,7 @@ def save_state(state: DeviceState) -> DeviceState:
 # the old one between the reader's reading the manifest and reading those files. A load that fails while the
 # manifest changed under it is such a race, not corruption: it is tried again on the new manifest.
 _LOAD_ATTEMPTS = 5
+_LOCK_ATTEMPTS = 10  # a lock file deleted under a waiting command: once or twice, not forever
 
 
 def load_state(directory: str | Path) -> DeviceState:
@@ -329,6 +330,7 @@ def _forget_corrupted(directory: Path, problem: Exception, what: str = "was corr
 def _delete_state(directory: Path) -> list[str]:
     """Delete the state's own files (marker, then the lock file, last: the caller holds it, see `state_lock`), then
     the directory if nothing else is left in it."""
+    before = {path.name for path in directory.iterdir()}
     own = [path for path in directory.iterdir() if path.is_file() and _is_state_file(path.name) and path.name != LOCK]
     for path in sorted(own, key=lambda path: path.name == MARKER):
         path.unlink()
@@ -341,7 +343,9 @@ def _delete_state(directory: Path) -> list[str]:
         # state under it and removes it (`state_lock`).
         time.sleep(0.05)
     left = [name for name in left if name != LOCK]
-    if left and all(_is_state_file(name) for name in left):  # only `init` writes a state where none is
+    there_before = before - {path.name for path in own} - {LOCK}  # what this command found and did not delete
+    if left and all(name not in there_before and _is_state_file(name) and (directory / name).is_file()
+                    for name in left):  # state files written since the deletion began: only `init` does that
         return [f"an `init` started during the deletion is making a new device state in {directory}: it was kept "
                 "(the state this command deleted is gone)"]
     if left:
@@ -382,7 +386,7 @@ def state_lock(directory: str | Path, *, create: bool = False):
             directory.mkdir(parents=True, exist_ok=True)
         yield
         return
-    while True:
+    for _ in range(_LOCK_ATTEMPTS):
         if create:
             directory.mkdir(parents=True, exist_ok=True)
         if (directory / LOCK).is_dir():
@@ -390,9 +394,12 @@ def state_lock(directory: str | Path, *, create: bool = False):
                              "rerun")
         try:
             handle = open(directory / LOCK, "a+b")
-        except FileNotFoundError:  # the directory went away since it was checked (`forget --all` at the same time)
+        except FileNotFoundError:
+            if directory.is_dir():  # a dangling link, say: retrying would not help
+                raise StateError(f"{directory / LOCK}: cannot be opened as the state's lock file (a link to nowhere?);"
+                                 " remove it and rerun") from None
             if create:
-                continue  # `init` makes it again
+                continue  # the directory went away since it was made (`forget --all` at the same time): make it again
             raise StateError(f"no device state in {directory}: it was deleted while this command started (nothing "
                              "was changed)") from None
         fcntl.flock(handle, fcntl.LOCK_EX)
@@ -401,6 +408,9 @@ def state_lock(directory: str | Path, *, create: bool = False):
         handle.close()  # woke on a lock file deleted meanwhile (`forget --all`): lock the path's current one
         if not create:
             require_state(directory)
+    else:
+        raise StateError(f"{directory / LOCK}: kept changing while this command tried to lock it (another command "
+                         "deleting the state?); run the command again")
     with handle:
         try:
             if not create and not is_device_state(directory):  # deleted after this command's check
@@ -504,7 +514,7 @@ def _or_empty(array: np.ndarray | None, empty_shape: tuple[int, ...]) -> np.ndar
 def _checked_strength(value, where: Path) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
         raise StateCorruptError(f"{where}: strength must be in [0, 1] or 'off', got {value!r}")
-    return float(value)
+    return float(value) + 0.0  # -0 is 0 (a state written before parse_strength said so)
 
 
 def _remove_unreferenced(directory: Path, keep: set[str]) -> None:
