@@ -869,6 +869,18 @@ def test_a_lock_file_that_cannot_be_opened_is_named_not_retried_forever(tmp_path
                 pass
 
 
+def test_personal_data_without_marker_or_manifest_is_named_with_what_to_do(tmp_path):
+    """A review: a state that lost both its marker and its manifest was refused as "not a device state" by forget and
+    init alike, and the message said nothing of the personal data left in it."""
+    from client.device.state import MANIFEST, MARKER, StateError, forget
+
+    state_dir = _state_with_choices(tmp_path)
+    (state_dir / MARKER).unlink()
+    (state_dir / MANIFEST).unlink()
+    with pytest.raises(StateError, match=r"holds personal data files \(personal-.*Delete those files by hand"):
+        forget(state_dir)
+
+
 def test_forget_all_names_what_it_kept_that_was_there_before(tmp_path):
     """A review: a user's entry with a state-like name that is not a regular file (a broken link) stayed, and
     forget --all said an `init` was making a new state."""

@@ -267,6 +267,11 @@ def require_state(directory: str | Path) -> Path:
     if not is_dir:
         raise StateError(f"no device state in {directory}: {why} (nothing was changed)")
     if not is_device_state(directory):
+        orphans = _personal_files(directory)
+        if orphans:  # a state that lost its marker and its manifest: no command can tell it is one
+            raise StateError(f"{directory} holds personal data files ({', '.join(p.name for p in orphans)}) but no "
+                             f"{MARKER} marker and no device manifest, so no command treats it as a device state; "
+                             "nothing was changed. Delete those files by hand to remove the data, then run `init`")
         raise StateError(f"{directory} is not a device state (no {MARKER} marker, no device manifest); nothing was "
                          "changed. Pass the directory given to `init` (--state), or run `init --basis FILE` first")
     return directory
