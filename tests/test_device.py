@@ -811,6 +811,15 @@ def test_forget_deletes_personal_data_when_the_state_cannot_be_saved(tmp_path, m
     monkeypatch.setattr(state_module, "save_state", disk_full)
     notes = state_module.forget(state_dir)
     assert not list(state_dir.glob("personal-*")) and "could not be saved" in notes[0]
+    # A state that cannot be read (permission denied, say) is not called corrupted; its data goes all the same.
+    state_dir = _state_with_choices(tmp_path / "again")
+
+    def denied(*args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied", str(state_dir / "manifest.json"))
+
+    monkeypatch.setattr(state_module, "load_state", denied)
+    notes = state_module.forget(state_dir)
+    assert not list(state_dir.glob("personal-*")) and "could not be read" in notes[0]
 
 
 def test_a_reader_whose_file_a_writer_deleted_reads_the_new_state(tmp_path, monkeypatch):

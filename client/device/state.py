@@ -288,7 +288,8 @@ def forget(directory: str | Path, *, everything: bool = False) -> list[str]:
     try:
         state = load_state(directory)
     except Exception as exc:  # corrupted in any way, or the manifest is gone: personal files may still be on disk
-        return _forget_corrupted(directory, exc)
+        return _forget_corrupted(directory, exc, "was corrupted" if isinstance(exc, StateError) else
+                                 "could not be read")
     try:
         save_state(replace(state, user_weights=None, pair_diff=state.pair_diff[:0], choices=(), posterior_mode=None,
                            posterior_cov=None, prior_mean=None, attributes=()))
