@@ -158,7 +158,6 @@ def save_state(state: DeviceState) -> DeviceState:
 # the old one between the reader's reading the manifest and reading those files. A load that fails while the
 # manifest changed under it is such a race, not corruption: it is tried again on the new manifest.
 _LOAD_ATTEMPTS = 5
-_LOCK_ATTEMPTS = 10  # a lock file deleted under a waiting command: once or twice, not forever
 
 
 def load_state(directory: str | Path) -> DeviceState:
@@ -336,8 +335,8 @@ def _forget_corrupted(directory: Path, problem: Exception, what: str = "was corr
 def _delete_state(directory: Path) -> list[str]:
     """Delete the state's own files (marker, then the lock file, last: the caller holds it, see `state_lock`), then
     the directory if nothing else is left in it."""
-    before = {path.name for path in directory.iterdir()}
-    own = [path for path in directory.iterdir() if path.is_file() and _is_state_file(path.name) and path.name != LOCK]
+    entries = list(directory.iterdir())
+    own = [path for path in entries if path.is_file() and _is_state_file(path.name) and path.name != LOCK]
     for path in sorted(own, key=lambda path: path.name == MARKER):
         path.unlink()
     (directory / LOCK).unlink(missing_ok=True)
@@ -349,7 +348,7 @@ def _delete_state(directory: Path) -> list[str]:
         # state under it and removes it (`state_lock`).
         time.sleep(0.05)
     left = [name for name in left if name != LOCK]
-    there_before = before - {path.name for path in own} - {LOCK}  # what this command found and did not delete
+    there_before = {path.name for path in entries} - {path.name for path in own} - {LOCK}  # found, not deleted
     if left and all(name not in there_before and _is_state_file(name) and (directory / name).is_file()
                     for name in left):  # state files written since the deletion began: only `init` does that
         return [f"an `init` started during the deletion is making a new device state in {directory}: it was kept "
@@ -372,6 +371,9 @@ def _delete_state(directory: Path) -> list[str]:
 
 def _is_state_file(name: str) -> bool:
     return name == LOCK or bool(_STATE_FILE.fullmatch(name))
+
+
+_LOCK_ATTEMPTS = 10  # a lock file deleted under a waiting command: once or twice, not forever
 
 
 @contextlib.contextmanager
