@@ -366,7 +366,6 @@ def _directory(args) -> Path:
 
 def _state_source(args) -> str:
     """Where the state directory came from, as the user set it: for messages about it."""
-
     from client.device.state import STATE_HOME_ENV
 
     if args.state:

@@ -59,11 +59,11 @@ def export_encoder(out_dir: str | Path, model: str | None = None) -> Path:
         for name in (MODEL_FILE, TOKENIZER_FILE, ENCODER_META):  # the checksums' file last
             os.replace(stage / name, out / name)
     except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
         if created:
-            shutil.rmtree(out, ignore_errors=True)  # nothing of ours is left in it: it was made for this export
+            shutil.rmtree(out, ignore_errors=True)  # it was made for this export: nothing else is in it
         raise
-    shutil.rmtree(stage, ignore_errors=True)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
     return out
 
 

@@ -8,7 +8,6 @@ convex, so the result does not depend on the order in which choices arrived.
 from __future__ import annotations
 
 import json
-
 from dataclasses import dataclass
 from pathlib import Path
 
