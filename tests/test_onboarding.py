@@ -188,6 +188,22 @@ def test_next_question_says_stop_when_the_pool_is_used_up(toy_device):
     assert out["stop"] and out["unanswered"] == 0 and out["questions"] == []
 
 
+def test_next_question_refuses_a_batch_beyond_its_bound(toy_device):
+    """A review: --k had no upper bound; 10**30 asked the whole pool, a pass over the pool per pick (163 s on 2,000
+    pairs, its information turning to NaN). A batch is at most questions.MAX_BATCH pairs."""
+    state, tmp, *_ = toy_device
+
+    def ask(k):
+        return run_device(state, "next-question", "--candidates", tmp / "pool.npz", "--k", k)
+
+    for k in (10**9, 10**30):
+        proc = ask(k)
+        assert proc.returncode == 2 and f"--k must be between 1 and {questions.MAX_BATCH}" in proc.stderr
+        assert str(k) in proc.stderr and proc.stdout == "" and "Traceback" not in proc.stderr
+    assert ask(questions.MAX_BATCH + 1).returncode == 2
+    assert len(json.loads(ask(questions.MAX_BATCH).stdout)["questions"]) == questions.MAX_BATCH
+
+
 @pytest.mark.parametrize("content", ['{"prompt": "hi", "chosen": "a", "rejected": "b"}', "not json", ""])
 def test_bad_pool_file_exits_2_naming_the_file(toy_device, content):
     state, tmp, *_ = toy_device

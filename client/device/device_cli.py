@@ -79,7 +79,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     p = sub.add_parser("next-question", help="pick the pool pairs whose answers would teach the most (JSON)")
     p.add_argument("--candidates", type=Path, required=True,
                    help='pool: JSONL or JSON list of {"history"|"prompt", "responses": [A, B]}; or .npz with diff')
-    p.add_argument("--k", type=int, default=1, help="how many pairs to ask at once (default 1)")
+    p.add_argument("--k", type=int, default=1, help=f"how many pairs to ask at once, 1 to {questions.MAX_BATCH} "
+                   "(default 1; fewer when fewer are unanswered)")
     p.add_argument("--encoder", type=Path, help="override the state's encoder directory")
     p.set_defaults(_handler=_next_question)
 
@@ -255,8 +256,8 @@ def _rank(args) -> int:
 
 
 def _next_question(args) -> int:
-    if args.k < 1:
-        raise ValueError(f"--k must be >= 1, got {args.k}")
+    if not 1 <= args.k <= questions.MAX_BATCH:
+        raise ValueError(f"--k must be between 1 and {questions.MAX_BATCH} (the pairs asked at once), got {args.k}")
     state = load_state(_directory(args))
     pool = read_pool(args.candidates, state.basis.dim)
     if pool.records is not None:
