@@ -692,6 +692,23 @@ def test_a_choice_already_learned_is_recognised_whatever_its_key_order_or_extra_
     assert fresh.tolist() == [False, False, False, True, True]
 
 
+def test_a_choice_given_twice_in_one_file_is_learned_once(tmp_path):
+    """A review: a choice repeated inside one --choices file was learned twice, while the same choice in a second
+    run is skipped. Both now count it once, by the same rule (choice_identity for texts, the exact row for .npz)."""
+    from client.device.device_cli import _not_yet_learned
+
+    state_dir = _toy_state(tmp_path)
+    rows = np.random.default_rng(4).standard_normal((2, 8)).astype(np.float32)
+    np.savez(tmp_path / "twice.npz", diff=rows[[0, 1, 0]])
+    proc, _ = device(state_dir, "adapt", "--choices", tmp_path / "twice.npz")
+    assert "skipped 1 of 3" in proc.stderr and "twice.npz" in proc.stderr and load_state(state_dir).n_pairs == 2
+    choice = {"prompt": "Which?", "chosen": "good", "rejected": "bad"}
+    texts = [choice, {"rejected": "bad", "chosen": "good", "prompt": "Which?", "source": "app"},
+             {"prompt": "Which?", "chosen": "bad", "rejected": "good"}, choice]
+    fresh = _not_yet_learned(load_state(state_dir), np.zeros((4, 8)), texts)
+    assert fresh.tolist() == [True, False, True, False]  # the opposite answer is another choice
+
+
 def test_text_that_is_not_unicode_is_refused_naming_the_file_and_field(tmp_path, capsys):
     """Found by a tester: a JSON "\\ud83d" escape (half an emoji) in a choice, a pool pair or a candidate exited 2
     with "cannot encode a pair within 256 tokens (TextInputSequence must be str)", naming no file; `rank --prompt`

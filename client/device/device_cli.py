@@ -192,9 +192,9 @@ def _adapt(args) -> int:
         diff, records = _choice_diffs(args.choices, state, args.encoder)
         fresh = _not_yet_learned(state, diff, records)
         if not fresh.all():
-            print(f"skipped {int((~fresh).sum())} of {fresh.size} choices already learned (the same prompt and "
-                  "responses, or the same precomputed pair): a rerun after an interruption does not count them "
-                  "twice", file=sys.stderr)
+            print(f"skipped {int((~fresh).sum())} of {fresh.size} choices already learned or repeated in "
+                  f"{args.choices} (the same prompt and responses, or the same precomputed pair): a rerun after an "
+                  "interruption does not count them twice, nor does a file that gives a choice twice", file=sys.stderr)
             diff, records = diff[fresh], [r for r, keep in zip(records, fresh) if keep]
         pair_diff = np.concatenate([state.pair_diff, diff.astype(np.float32)])
         choices = state.choices + tuple(json.dumps(r, ensure_ascii=False) for r in records)
@@ -421,18 +421,24 @@ def _choice_diffs(path: Path, state: DeviceState, encoder_dir) -> tuple[np.ndarr
 
 
 def _not_yet_learned(state: DeviceState, diff: np.ndarray, records: list[dict]) -> np.ndarray:
-    """(k,) bool: choices the state does not hold yet. Texts are compared by conversation, chosen and rejected
+    """(k,) bool: choices the state does not hold yet, each once (a choice the file repeats counts at its first
+    occurrence, as a second run would skip it). Texts are compared by conversation, chosen and rejected
     (`personalize.choice_identity`); precomputed pairs by their diff row, exactly."""
+    def rows(a: np.ndarray) -> np.ndarray:  # each float32 row as one opaque value, to compare rows exactly
+        a = np.ascontiguousarray(a, dtype=np.float32)
+        return a.view(np.dtype((np.void, a.dtype.itemsize * a.shape[1]))).ravel()
+
     stored = {personalize.choice_identity(r) for r in map(json.loads, state.choices) if "chosen" in r}
     precomputed = np.array(["precomputed" in r for r in records], dtype=bool)
-    known = np.array([not pre and personalize.choice_identity(r) in stored for r, pre in zip(records, precomputed)],
-                     dtype=bool)
+    texts = [None if pre else personalize.choice_identity(r) for r, pre in zip(records, precomputed)]
+    known = np.array([text in stored for text in texts], dtype=bool)
     if precomputed.any() and state.n_pairs:
-        def rows(a: np.ndarray) -> np.ndarray:  # each float32 row as one opaque value, for np.isin
-            a = np.ascontiguousarray(a, dtype=np.float32)
-            return a.view(np.dtype((np.void, a.dtype.itemsize * a.shape[1]))).ravel()
-
         known |= precomputed & np.isin(rows(diff), rows(state.pair_diff))
+    keys = [text if text is not None else row.tobytes() for text, row in zip(texts, rows(diff))]
+    seen = set()
+    for i, key in enumerate(keys):  # a choice the file repeats: learned at its first occurrence only
+        known[i] |= key in seen
+        seen.add(key)
     return ~known
 
 
