@@ -325,6 +325,27 @@ def test_init_after_a_concurrent_or_killed_init_is_not_refused_as_another_tools_
         assert sorted(p.name for p in foreign.iterdir()) == [".lock", other]
 
 
+def test_a_directory_holding_only_a_lock_file_is_no_state_and_init_makes_one_there(tmp_path, capsys):
+    """A review: a killed `forget --all` (or `init`) leaves a directory holding only `.lock`; the commands that write
+    refused it as "not a device state ... Pass the directory given to `init`", as if it were another tool's folder
+    (and the interrupted forget's own advice, "run the command again", led there). They now say there is no state and
+    how to make one, change nothing, and `init` makes one there."""
+    from client.device import device_cli
+
+    basis = save_basis(tmp_path / "basis.npz", np.random.default_rng(0).standard_normal((3, 8)), version=1,
+                       embedder="toy")
+    state_dir = tmp_path / "state"
+    state_dir.mkdir()
+    (state_dir / ".lock").touch()
+    for command in (["forget", "--all"], ["forget"], ["strength", "0.5"], ["status"]):
+        assert device_cli.main(["--state", str(state_dir), *command]) == 2
+        err = capsys.readouterr().err
+        assert f"no device state in {state_dir}" in err and "init --basis FILE" in err, err
+        assert [p.name for p in state_dir.iterdir()] == [".lock"]
+    assert device_cli.main(["--state", str(state_dir), "init", "--basis", str(basis)]) == 0
+    assert load_state(state_dir).n_pairs == 0
+
+
 # --- 5. checked state, refused bases, forgetting --------------------------------------------------------------
 
 
