@@ -130,7 +130,7 @@ def check_local_flags(args: argparse.Namespace) -> None:
         if not extra or unknown:
             raise ValueError(f"-c {args.run_config!r}: " + (f"unknown keys {unknown}" if unknown else "no key=value "
                              "pairs") + f"; the app's run config has {sorted(known)}")
-    population = read_population(resolve_pair_path(args.pairs))
+    population = read_population(resolve_pair_path(args.pairs), truth=False)  # a deployed run scores no benchmark
     if args.nodes > population["users"]:  # split_pairs refuses it too, but only after the certificates are written
         raise ValueError(f"--nodes {args.nodes} for {population['users']} users in {args.pairs}: every node must "
                          "host at least one user")

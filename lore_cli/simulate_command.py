@@ -131,9 +131,10 @@ def run_overrides(args: argparse.Namespace, seen_users: int) -> dict:
     return overrides
 
 
-def read_population(pairs_path: Path) -> dict:
+def read_population(pairs_path: Path, *, truth: bool = True) -> dict:
     """Read and validate the pair file once, here where it arrives, in chunks of whole users (never all of it at
-    once) -> the counts the run needs."""
+    once) -> the counts the run needs; `truth` False: without a benchmark's hidden basis (true_basis None), for a
+    caller that never scores against it (`deploy local`)."""
     from lore_core.pair_columns import check_pair_file
 
     from lore_cli.train_command import benchmark_truth, refuse_untrainable
@@ -144,7 +145,7 @@ def read_population(pairs_path: Path) -> dict:
             "dim": counts.dim, "source": columns.source, "embedder": columns.embedder,
             # a benchmark's hidden basis (ground_truth.npz beside the pair file), read now so that a damaged one is
             # refused before anything runs; used only after the last round (`benchmark_metrics`)
-            "true_basis": benchmark_truth(columns)}
+            "true_basis": benchmark_truth(columns) if truth else None}
 
 
 def check_run(population: dict, overrides: dict):

@@ -621,6 +621,19 @@ def test_deploy_local_accepts_what_its_server_accepts(w):
     assert not (w / "dl").exists()
 
 
+def test_deploy_local_does_not_read_a_benchmarks_ground_truth(w):
+    """A review: deploy local's pre-check read ground_truth.npz beside the pair file, which a deployed run never
+    scores against, so a damaged one refused the deployment (`simulate`, which uses it, still refuses it)."""
+    from lore_cli.deploy_command import check_local_flags
+    from lore_cli.main import build_parser
+
+    (w / "ground_truth.npz").write_bytes(b"not an archive")
+    check_local_flags(build_parser(only="deploy").parse_args(["deploy", "local", "--nodes", "2", "--pairs",
+                                                              str(w / "pairs.npz"), "--run-dir", str(w / "dl"),
+                                                              "-c", "clients-per-round=3"]))
+    assert not (w / "dl").exists()
+
+
 def test_audit_inputs_that_are_not_what_they_claim_are_named(w):
     """Found by a hostile-input test: a pair file given as --basis read "no basis found", a missing --users file
     "no demographics", and a users file of other people "no attribute has two classes"."""
