@@ -347,6 +347,21 @@ def test_a_text_pool_is_read_as_adapt_reads_choices(tmp_path):
         read_pool(tmp_path / "cut.jsonl", 4)
 
 
+@pytest.mark.parametrize("pair", [
+    r'{"prompt": "q", "responses": ["a", "b"], "id": "caf\udce9"}',
+    r'{"history": [{"role": "user", "content": "q", "id": "\ud83d"}], "responses": ["a", "b"]}',
+    r'{"prompt": "q", "responses": ["a", "b"], "meta": {"tag\udc00": 1}}'])
+def test_a_pool_pair_with_text_that_is_not_unicode_anywhere_is_refused(toy_device, pair):
+    """A review: the pool reader accepted a lone surrogate (half an emoji) in a key it did not check, such as an
+    app's "id"; next-question prints the pool pair whole, so it reached the output (as a byte that is not UTF-8 where
+    stdout escapes surrogates, or as an encoding error naming no file)."""
+    state, tmp, *_ = toy_device
+    (tmp / "pool.jsonl").write_text(pair + "\n")
+    proc = run_device(state, "next-question", "--candidates", tmp / "pool.jsonl")
+    assert proc.returncode == 2 and "pool.jsonl: pair 1: a key or value is not valid Unicode" in proc.stderr
+    assert proc.stdout == "" and "Traceback" not in proc.stderr
+
+
 def test_next_question_and_adapt_agree_on_which_pairs_are_answered(tmp_path):
     """A review found `next-question` asking again a pool pair that `adapt` skips as already learned: a choice
     stored with a bare prompt did not match the same pair written as a one-message history (a possible endless

@@ -15,7 +15,14 @@ from pathlib import Path
 
 import numpy as np
 
-from client.device.personalize import CHOICE_CONTEXT_KEYS, check_choice, choice_identity, read_user_diffs
+from client.device.personalize import (
+    CHOICE_CONTEXT_KEYS,
+    NOT_UNICODE,
+    check_choice,
+    choice_identity,
+    is_unicode_text,
+    read_user_diffs,
+)
 from lore_core.text_file import not_a_file, parse_json, read_text
 
 
@@ -54,6 +61,8 @@ def read_pool(path: str | Path, dim: int) -> Pool:
         if not (isinstance(responses, list) and len(responses) == 2 and all(isinstance(r, str) for r in responses)):
             raise PoolError(f"{where}: expected {{'prompt'|'history', 'responses': [A, B]}} with two strings")
         check_choice(as_choice(record, 0), where)  # the context, as `adapt` checks it
+        if not is_unicode_text(json.dumps(record, ensure_ascii=False)):  # next-question prints the whole record
+            raise PoolError(f"{where}: a key or value {NOT_UNICODE}")
     return Pool(records=records, diff=None)
 
 
