@@ -362,6 +362,33 @@ def test_a_pool_pair_with_text_that_is_not_unicode_anywhere_is_refused(toy_devic
     assert proc.stdout == "" and "Traceback" not in proc.stderr
 
 
+@pytest.mark.parametrize("pair, why", [
+    ('{"prompt": "q", "responses": ["a", "b"], "index": 7}', r"the keys \['index'\] are next-question's own"),
+    ('{"prompt": "q", "responses": ["a", "b"], "information_bits": 1}', r"the keys \['information_bits'\] are"),
+    ('{"prompt": "q", "responses": ["a", "b"], "score": NaN}', "a number is NaN or infinite"),
+    ('{"prompt": "q", "responses": ["a", "b"], "meta": [Infinity]}', "a number is NaN or infinite")])
+def test_a_pool_pair_that_next_question_could_not_print_as_given_is_refused(tmp_path, pair, why):
+    """A review: a pool key "index" or "information_bits" replaced the figures next-question computes for the
+    question, and NaN or Infinity, which Python's JSON reader accepts, was printed back as JSON that strict parsers
+    refuse."""
+    from client.device.pool import PoolError, read_pool
+
+    (tmp_path / "pool.jsonl").write_text(pair + "\n")
+    with pytest.raises(PoolError, match="pool.jsonl: pair 1: " + why):
+        read_pool(tmp_path / "pool.jsonl", 4)
+
+
+def test_a_batch_is_bounded_where_it_is_chosen():
+    """A review: the bound on a batch (`next-question --k`) was checked only by the command line."""
+    drawn = posterior.posterior(bt_answers(np.random.default_rng(4), np.array([[0.4, 0.3, 0.3]]), 2, 3),
+                                DEVICE_PRIOR_PAIRS)
+    pool = np.zeros((1, questions.MAX_BATCH + 1, 3))
+    for k in (0, questions.MAX_BATCH + 1):
+        with pytest.raises(ValueError, match=f"a batch is 1 to {questions.MAX_BATCH} pairs"):
+            questions.choose_batch(drawn, pool, np.ones(pool.shape[1], bool), k)
+    assert questions.choose_batch(drawn, pool, np.ones(pool.shape[1], bool), questions.MAX_BATCH)[0].size == 32
+
+
 def test_next_question_and_adapt_agree_on_which_pairs_are_answered(tmp_path):
     """A review found `next-question` asking again a pool pair that `adapt` skips as already learned: a choice
     stored with a bare prompt did not match the same pair written as a one-message history (a possible endless

@@ -40,6 +40,9 @@ class Pool:
         return len(self.records) if self.records is not None else int(self.diff.shape[0])
 
 
+OUTPUT_KEYS = frozenset({"index", "information_bits"})  # what next-question adds to each pool record it prints
+
+
 def read_pool(path: str | Path, dim: int) -> Pool:
     """Read and check a pool file; dim is the basis' embedding dimension (for .npz pools)."""
     path = Path(path)
@@ -61,7 +64,16 @@ def read_pool(path: str | Path, dim: int) -> Pool:
         if not (isinstance(responses, list) and len(responses) == 2 and all(isinstance(r, str) for r in responses)):
             raise PoolError(f"{where}: expected {{'prompt'|'history', 'responses': [A, B]}} with two strings")
         check_choice(as_choice(record, 0), where)  # the context, as `adapt` checks it
-        if not is_unicode_text(json.dumps(record, ensure_ascii=False)):  # next-question prints the whole record
+        # next-question prints the whole record beside its own keys, as strict JSON
+        taken = sorted(OUTPUT_KEYS.intersection(record))
+        if taken:
+            raise PoolError(f"{where}: the keys {taken} are next-question's own (it writes them for each question); "
+                            "rename them")
+        try:
+            printed = json.dumps(record, ensure_ascii=False, allow_nan=False)
+        except ValueError:
+            raise PoolError(f"{where}: a number is NaN or infinite, which JSON does not allow") from None
+        if not is_unicode_text(printed):
             raise PoolError(f"{where}: a key or value {NOT_UNICODE}")
     return Pool(records=records, diff=None)
 

@@ -70,6 +70,8 @@ def choose_batch(samples: PosteriorSamples, pool_scores: np.ndarray, available: 
     rho = P(m) while outcomes are enumerated, 1/M once they are sampled. The batch entropy is then
     H = sum_m rho_m sum_y P(y | m) (-log P(m, y)), which is exact for the enumeration and unbiased when sampled.
     """
+    if not 1 <= k <= MAX_BATCH:
+        raise ValueError(f"a batch is 1 to {MAX_BATCH} pairs, got {k}")
     rng = rng if rng is not None else np.random.default_rng(0)
     prob = samples.probability[0]  # (S,)
     p = answer_probabilities(samples, pool_scores)[0]  # (S, P)

@@ -273,8 +273,8 @@ def require_state(directory: str | Path) -> Path:
                              "nothing was changed. Delete those files by hand to remove the data, then run `init`")
         if not holds_other_files(directory):  # empty, or what a killed `init` or `forget --all` leaves (.lock)
             left = ", ".join(sorted(path.name for path in directory.iterdir()))
-            held = (f"it holds only {left}, left by an interrupted (or running) `init` or `forget --all`, no personal "
-                    "data" if left else "the directory is empty")
+            held = (f"it holds only {left}, left by an interrupted (or running) `init` or "
+                    "`forget --all`, no personal data file" if left else "the directory is empty")
             raise StateError(f"no device state in {directory}: {held}; nothing was changed. Run `init --basis FILE` to "
                              "make one there, or remove the directory")
         raise StateError(f"{directory} is not a device state (no {MARKER} marker, no device manifest); nothing was "
