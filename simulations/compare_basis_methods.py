@@ -61,14 +61,26 @@ def moment_start(diff: np.ndarray, user_idx: np.ndarray, n_users: int, rank: int
     return center + np.linalg.norm(center) * vectors[:, ::-1][:, :rank].T
 
 
+def residual_gradients(diff: np.ndarray, shared: np.ndarray) -> np.ndarray:
+    """r_j d_j (n, D): each pair's gradient of the BT loss at the shared reward (r_j = P(pair j wrong))."""
+    return expit(-(diff @ shared))[:, None] * diff
+
+
+def personal_moment(gradients: np.ndarray, unit_idx: np.ndarray, noise: np.ndarray | None = None) -> np.ndarray:
+    """sum_u (m_u m_u^T - sum_j g_j g_j^T) (D, D), m_u = sum_j g_j over unit u's pairs: the products of pairs within
+    a unit (a user), without each pair's own square (its noise, gradients.T @ gradients, which a caller shuffling
+    the units may pass once), so only directions along which units differ remain."""
+    from scipy.sparse import csr_matrix
+
+    n = len(unit_idx)
+    members = csr_matrix((np.ones(n), (unit_idx, np.arange(n))), shape=(int(unit_idx.max()) + 1, n))
+    per_unit = members @ gradients
+    return per_unit.T @ per_unit - (gradients.T @ gradients if noise is None else noise)
+
+
 def personal_directions(diff: np.ndarray, user_idx: np.ndarray, shared: np.ndarray, k: int) -> np.ndarray:
-    """Top k eigenvectors (D, k) of sum_u (m_u m_u^T - sum_j r_j^2 d_j d_j^T), m_u = sum_j r_j d_j the gradient of
-    user u's BT loss at the shared reward (r_j = P(pair j wrong)): the products of pairs within a user, without each
-    pair's own square (its noise), so only directions along which users differ remain."""
-    residual = expit(-(diff @ shared))
-    per_user = np.zeros((int(user_idx.max()) + 1, diff.shape[1]))
-    np.add.at(per_user, user_idx, residual[:, None] * diff)
-    moment = per_user.T @ per_user - (diff * residual[:, None] ** 2).T @ diff
+    """Top k eigenvectors (D, k) of the users' `personal_moment` of BT residual gradients at the shared reward."""
+    moment = personal_moment(residual_gradients(diff, shared), user_idx)
     return np.ascontiguousarray(np.linalg.eigh(moment)[1][:, ::-1][:, :k])
 
 

@@ -54,6 +54,12 @@ def spectral_overlap(diff: np.ndarray, user_idx: np.ndarray, shared: np.ndarray,
     return float(np.linalg.norm(personal_directions(diff, user_idx, shared, k).T @ personal) ** 2 / k)
 
 
+def true_weights(truth, users: np.ndarray) -> np.ndarray:
+    """Each given user id's true w (len(users), K), from a synthetic population's truth."""
+    row_of = {u: i for i, u in enumerate(truth.user_ids)}
+    return truth.user_weights[np.array([row_of[u] for u in users])]
+
+
 def ceiling_cell(pop, seed: int, work: Path) -> dict:
     from lore_core.evaluation import evaluate_model
     from lore_core.joint_trainer import l2_unit
@@ -64,8 +70,7 @@ def ceiling_cell(pop, seed: int, work: Path) -> dict:
     pairs, truth = make_synthetic_pairs(replace(pop.synthetic, seed=seed))
     cached = run_cell(pop, seed, ("bt", "true_basis", "train"), work, False)
     train = pairs.select(seen=True, split="train")
-    row_of = {u: i for i, u in enumerate(truth.user_ids)}
-    weights = truth.user_weights[np.array([row_of[u] for u in train.user])]
+    weights = true_weights(truth, train.user)
     diff = train.diff.astype(np.float64)
     grid = {}
     for l2 in L2_GRID:

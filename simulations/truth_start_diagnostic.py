@@ -6,14 +6,15 @@
    (`fit_basis_marginal`), at the true rank, started from the TRUE basis (and, for the joint fit, every seen user's
    true w) instead of a random start. Each cell of an l2 x personal-prior grid is scored as every run is
    (`lore_core.evaluation`) and the best cell on the test set is kept: optimistic. If even this start ends near BT,
-   the objective on these pairs prefers a basis that does not generalise, and no better search (restarts,
-   spectral starts) can reach the ceiling with it.
+   these objectives on these pairs leave the truth for a basis that does not generalise, so a better start or
+   restart is unlikely to do much better with them (other optima are not searched).
 2. Detectable signal. The users' debiased second moment of BT residual gradients
-   (`compare_basis_methods.personal_directions`) holds the directions along which users differ. Its top eigenvalue
-   is compared with the same statistic after shuffling which user made each group of pairs (no personal signal, same pairs and groups):
-   `ratio` = top eigenvalue / the 95th percentile of the shuffled top eigenvalues, and `above` = how many
-   eigenvalues exceed the largest shuffled one. Below the spectral threshold (ratio near 1, nothing above), the
-   second-order statistic that a basis learned without w must find the personal subspace from holds no trace of it.
+   (`compare_basis_methods.personal_moment`) holds the directions along which users differ. Its top eigenvalue is
+   compared with the same statistic after moving whole groups of pairs between users at random (no personal
+   signal; the same pairs and groups): `ratio` = top eigenvalue / the 95th percentile of the shuffled top
+   eigenvalues, `above` = how many eigenvalues exceed the largest shuffled one, `p` = the permutation p-value of
+   the top one. Where nothing stands above the shuffles, this second-order statistic, the one a basis learned
+   without w has to find the personal subspace from, shows no trace of it (other statistics are not tested).
 
 BT, `train` and the true basis per seed are read from bench_results/known_weights_ceiling.json (same populations
 and seeds). Synthetic populations only: the truth is needed. Writes bench_results/truth_start.{md,json}.
@@ -30,9 +31,10 @@ import numpy as np
 import torch
 
 from lore_core.atomic_io import atomic_write_json, atomic_write_text
-from simulations.known_weights_ceiling import DEFAULT_POPULATIONS, L2_GRID, PRIOR_GRID
+from simulations.known_weights_ceiling import DEFAULT_POPULATIONS, L2_GRID, PRIOR_GRID, true_weights
 
-SHUFFLES = 20
+SHUFFLES = 200
+SHARED_L2 = 1e-4  # the shared reward's l2, in units of l2_unit (BT's own choice varies by seed)
 
 
 def truth_start_grid(pairs, truth, seed: int) -> dict[str, dict[str, list[float]]]:
@@ -43,8 +45,7 @@ def truth_start_grid(pairs, truth, seed: int) -> dict[str, dict[str, list[float]
 
     train = pairs.select(seen=True, split="train")
     user_ids, user_idx = np.unique(train.user, return_inverse=True)
-    row_of = {u: i for i, u in enumerate(truth.user_ids)}
-    weights = truth.user_weights[np.array([row_of[u] for u in user_ids])]
+    weights = true_weights(truth, user_ids)
     diff = train.diff.astype(np.float32)
     rank, unit = truth.basis.shape[0], l2_unit(diff)
     grid: dict[str, dict[str, list[float]]] = {"joint": {}, "marginal": {}}
@@ -61,33 +62,26 @@ def truth_start_grid(pairs, truth, seed: int) -> dict[str, dict[str, list[float]
     return grid
 
 
-def signal_check(pairs, seed: int) -> dict:
-    """Top eigenvalue of the users' debiased residual-gradient moment against SHUFFLES user-shuffled copies."""
-    from simulations.compare_basis_methods import shared_reward
+def signal_check(pairs, seed: int, shuffles: int = SHUFFLES) -> dict:
+    """Top eigenvalues of the users' `personal_moment` of BT residual gradients against `shuffles` copies with whole
+    groups of pairs moved between users (a group's pairs share a response: their correlation is not personal)."""
     from lore_core.joint_trainer import l2_unit
-    from scipy.special import expit
+    from simulations.compare_basis_methods import personal_moment, residual_gradients, shared_reward
 
     train = pairs.select(seen=True, split="train")
     user_ids, user_idx = np.unique(train.user, return_inverse=True)
     diff = train.diff.astype(np.float64)
-    shared = shared_reward(diff, user_idx, user_ids.size, 1e-4 * l2_unit(diff), seed)
-    weighted = expit(-(diff @ shared))[:, None] * diff
-    noise = weighted.T @ weighted  # each pair's own square, removed from the moment
-
-    def eigenvalues(users: np.ndarray) -> np.ndarray:
-        per_user = np.zeros((user_ids.size, diff.shape[1]))
-        np.add.at(per_user, users, weighted)
-        return np.linalg.eigvalsh(per_user.T @ per_user - noise)[::-1]
-
-    # Whole groups move between users (pairs sharing a response stay together, as their correlation is not personal)
+    gradients = residual_gradients(diff, shared_reward(diff, user_idx, user_ids.size, SHARED_L2 * l2_unit(diff), seed))
+    noise = gradients.T @ gradients
     group = np.arange(len(diff)) if train.group is None else np.unique(train.group, return_inverse=True)[1]
-    _, first, group_idx = np.unique(user_idx * (int(group.max()) + 1) + group, return_index=True,
-                                    return_inverse=True)
-    real = eigenvalues(user_idx)
+    _, first, unit_idx = np.unique(user_idx * (int(group.max()) + 1) + group, return_index=True, return_inverse=True)
     rng = np.random.default_rng(seed)
-    null_top = np.array([eigenvalues(rng.permutation(user_idx[first])[group_idx])[0] for _ in range(SHUFFLES)])
+    real = np.linalg.eigvalsh(personal_moment(gradients, user_idx, noise))[::-1]
+    null_top = np.array([np.linalg.eigvalsh(personal_moment(gradients, rng.permutation(user_idx[first])[unit_idx],
+                                                            noise))[-1] for _ in range(shuffles)])
     return {"top": real[:6].tolist(), "null_top": null_top.tolist(),
-            "ratio": float(real[0] / np.quantile(null_top, 0.95)), "above": int((real > null_top.max()).sum())}
+            "ratio": float(real[0] / np.quantile(null_top, 0.95)), "above": int((real > null_top.max()).sum()),
+            "p_value": float((1 + (null_top >= real[0]).sum()) / (1 + shuffles))}
 
 
 def diagnose(pop, seed: int, cached: dict) -> dict:
@@ -120,25 +114,29 @@ def main(argv: list[str] | None = None) -> int:
     report = {n: {s: diagnose(by_name[n], int(s), ceiling[n][s]) for s in seeds} for n in names}
     atomic_write_json(Path(args.out) / "truth_start.json", report)
     lines = ["# Search or data? Fits started from the true basis, and whether the personal signal is detectable", "",
-             f"`python -m simulations.truth_start_diagnostic --populations {args.populations} --seeds {args.seeds}`."
-             " Points above BT, seen / new users, mean over seeds. `truth start`: `train`'s joint or marginal "
-             "objective at the true rank, started from the true basis (joint: and the true w), best of "
+             f"`python -m simulations.truth_start_diagnostic --populations {args.populations} --seeds {args.seeds}`.",
+             "Points above BT, seen / new users, mean over seeds. `truth start`: `train`'s joint or marginal objective "
+             "at the true rank, started from the true basis (joint: and the true w), best of "
              f"{len(L2_GRID)} l2 x {len(PRIOR_GRID)} personal priors on the test set (optimistic). `known w`: "
-             "bench_results/known_weights_ceiling.md. `ratio`: top eigenvalue of the users' debiased residual-gradient"
-             f" moment over the 95th percentile of its value with users shuffled ({SHUFFLES} shuffles); `above`: "
-             "eigenvalues above every shuffled top one (the true personal rank is 3). Mean over seeds.", "",
+             "bench_results/known_weights_ceiling.md. `ratio` (mean over seeds): top eigenvalue of the users' "
+             "debiased residual-gradient moment over the 95th percentile of its value with groups of pairs shuffled "
+             f"between users ({SHUFFLES} shuffles). Per seed: `above`, eigenvalues above every shuffled top one (the "
+             "true personal rank is 3), and `p`, the top eigenvalue's permutation p-value.", "",
              "| population | `train` | truth start, joint | truth start, marginal | known w | true basis | ratio | "
-             "above |", "|---|---|---|---|---|---|---|---|"]
+             "above | p |", "|---|---|---|---|---|---|---|---|---|"]
     for name, cells in report.items():
         def gain(get):
             g = np.mean([[get(c)[i] - c["bt"][i] for i in (0, 1)] for c in cells.values()], axis=0)
             return f"{100 * g[0]:+.1f} / {100 * g[1]:+.1f}"
+
+        def per_seed(key, form):
+            return ", ".join(format(c["signal"][key], form) for c in cells.values())
         ratio = np.mean([c["signal"]["ratio"] for c in cells.values()])
-        above = np.mean([c["signal"]["above"] for c in cells.values()])
         lines.append(f"| {name} | {gain(lambda c: c['train'])} | "
                      f"{gain(lambda c: c['truth_start_best']['joint'])} | "
                      f"{gain(lambda c: c['truth_start_best']['marginal'])} | {gain(lambda c: c['known_w_best'])} | "
-                     f"{gain(lambda c: c['true_basis'])} | {ratio:.2f} | {above:.1f} |")
+                     f"{gain(lambda c: c['true_basis'])} | {ratio:.2f} | {per_seed('above', 'd')} | "
+                     f"{per_seed('p_value', '.3f')} |")
     atomic_write_text(Path(args.out) / "truth_start.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
