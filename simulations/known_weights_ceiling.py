@@ -60,6 +60,12 @@ def true_weights(truth, users: np.ndarray) -> np.ndarray:
     return truth.user_weights[np.array([row_of[u] for u in users])]
 
 
+def gain_over_bt(cells: dict, get) -> str:
+    """'seen / new' points above BT, mean over a population's seed cells; get(cell) gives [seen, new] accuracy."""
+    g = np.mean([[get(c)[i] - c["bt"][i] for i in (0, 1)] for c in cells.values()], axis=0)
+    return f"{100 * g[0]:+.1f} / {100 * g[1]:+.1f}"
+
+
 def ceiling_cell(pop, seed: int, work: Path) -> dict:
     from lore_core.evaluation import evaluate_model
     from lore_core.joint_trainer import l2_unit
@@ -121,8 +127,7 @@ def main(argv: list[str] | None = None) -> int:
              "|---|---|---|---|---|---|"]
     for name, cells in report.items():
         def gain(key):
-            g = np.mean([[c[key][i] - c["bt"][i] for i in (0, 1)] for c in cells.values()], axis=0)
-            return f"{100 * g[0]:+.1f} / {100 * g[1]:+.1f}"
+            return gain_over_bt(cells, lambda c: c[key])
         pair_pairs = np.mean([c["within_user_pair_pairs"] for c in cells.values()])
         overlap = np.mean([c["spectral_overlap"] for c in cells.values()])
         chance = np.mean([c["chance_overlap"] for c in cells.values()])

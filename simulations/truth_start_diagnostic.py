@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from lore_core.atomic_io import atomic_write_json, atomic_write_text
-from simulations.known_weights_ceiling import DEFAULT_POPULATIONS, L2_GRID, PRIOR_GRID, true_weights
+from simulations.known_weights_ceiling import DEFAULT_POPULATIONS, L2_GRID, PRIOR_GRID, gain_over_bt, true_weights
 
 SHUFFLES = 200
 SHARED_L2 = 1e-4  # the shared reward's l2, in units of l2_unit (BT's own choice varies by seed)
@@ -126,8 +126,7 @@ def main(argv: list[str] | None = None) -> int:
              "above | p |", "|---|---|---|---|---|---|---|---|---|"]
     for name, cells in report.items():
         def gain(get):
-            g = np.mean([[get(c)[i] - c["bt"][i] for i in (0, 1)] for c in cells.values()], axis=0)
-            return f"{100 * g[0]:+.1f} / {100 * g[1]:+.1f}"
+            return gain_over_bt(cells, get)
 
         def per_seed(key, form):
             return ", ".join(format(c["signal"][key], form) for c in cells.values())
