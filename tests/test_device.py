@@ -418,14 +418,26 @@ def test_reinit_to_another_embedding_space_never_drops_the_users_choices(tmp_pat
     assert "is not kept" in proc.stderr and load_state(texts).encoder is None and load_state(texts).basis.dim == 8
 
 
-def _fake_encoder_dir(directory: Path, checksums) -> Path:
-    """An encoder directory whose encoder.json is well-formed but for `checksums` (the files are not a model)."""
-    from client.device.encoder import ENCODER_FORMAT, ENCODER_META, MODEL_FILE, OUTPUT_NAME, TOKENIZER_FILE
+def _fake_encoder_dir(directory: Path, checksums=None, *, model: bytes = b"not a model",
+                      embedder: str = "synthetic") -> Path:
+    """An 8-d encoder directory whose encoder.json is well-formed but for `checksums` (None: the files' true digests;
+    the files are not a model: enough for every check made before a command loads it). Written again over an
+    existing one, it stands for another `export-encoder` into the same directory."""
+    from client.device.encoder import (
+        ENCODER_FORMAT,
+        ENCODER_META,
+        MODEL_FILE,
+        OUTPUT_NAME,
+        TOKENIZER_FILE,
+        file_sha256,
+    )
 
-    directory.mkdir()
+    directory.mkdir(exist_ok=True)
     for name in (MODEL_FILE, TOKENIZER_FILE):
-        (directory / name).write_bytes(b"not a model")
-    meta = {"format": ENCODER_FORMAT, "dim": 8, "output": OUTPUT_NAME, "embedder": "synthetic", "sha256": checksums}
+        (directory / name).write_bytes(model)
+    if checksums is None:
+        checksums = {name: file_sha256(directory / name) for name in (MODEL_FILE, TOKENIZER_FILE)}
+    meta = {"format": ENCODER_FORMAT, "dim": 8, "output": OUTPUT_NAME, "embedder": embedder, "sha256": checksums}
     (directory / ENCODER_META).write_text(json.dumps(meta))
     return directory
 
@@ -506,6 +518,100 @@ def test_an_encoder_given_on_the_command_line_is_checked_like_one_given_at_init(
     choices.write_text(json.dumps({"prompt": "Which?", "chosen": "this one", "rejected": "that one"}))
     proc, _ = device(state_dir, "adapt", "--choices", choices, "--encoder", bad, check=False)
     assert proc.returncode == 2 and model.name in proc.stderr and load_state(state_dir).n_pairs == 0, proc.stderr
+
+
+def test_another_model_exported_into_the_states_encoder_directory_is_refused_by_every_command_that_embeds(tmp_path):
+    """Found by a review: the state recorded only its encoder's directory, so another model of the same dimension
+    exported there later embedded new choices, candidates and pool pairs while the stored choices and the basis
+    belonged to the old one: wrong rewards, no message."""
+    basis = save_basis(tmp_path / "basis.npz", np.eye(2, 8), version=1, embedder="model-a")
+    enc = _fake_encoder_dir(tmp_path / "enc", model=b"model a", embedder="model-a")
+    state_dir = tmp_path / "state"
+    device(state_dir, "init", "--basis", basis, "--encoder", enc)
+    stored = json.dumps({"prompt": "Which?", "chosen": "this", "rejected": "that"})
+    save_state(replace(load_state(state_dir), pair_diff=np.ones((1, 8), np.float32), choices=(stored,)))
+    _fake_encoder_dir(enc, model=b"model b", embedder="model-b")  # `export-encoder --out enc --model B`
+    choices, candidates, pool = tmp_path / "c.jsonl", tmp_path / "answers.txt", tmp_path / "pool.jsonl"
+    choices.write_text(json.dumps({"prompt": "Which?", "chosen": "yes", "rejected": "no"}))
+    candidates.write_text("Yes.\nNo.\n")
+    pool.write_text(json.dumps({"prompt": "Which one?", "responses": ["yes", "no"]}))
+    new_basis = save_basis(tmp_path / "b.npz", np.eye(2, 8), version=2, embedder="model-b")
+    before = {p.name: p.read_bytes() for p in state_dir.iterdir() if p.is_file() and p.name != ".lock"}
+    for args in [("rank", "--prompt", "Which?", "--candidates", candidates), ("adapt", "--choices", choices),
+                 ("next-question", "--candidates", pool), ("init", "--basis", new_basis, "--reinit")]:
+        proc, _ = device(state_dir, *args, check=False)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+        assert f"{enc.resolve()}: the encoder there was replaced" in proc.stderr, proc.stderr
+        assert "it is now 'model-b', the state was set up with 'model-a'" in proc.stderr
+        assert "1 stored choices" in proc.stderr
+        assert f"init --reinit --basis FILE --encoder {enc.resolve()}" in proc.stderr
+    assert {p.name: p.read_bytes() for p in state_dir.iterdir() if p.is_file() and p.name != ".lock"} == before
+
+
+def _replace_tokenizer_file(enc: Path) -> None:
+    """Another export into `enc` that still runs: tokenizer.json re-serialised (other bytes), its digest recorded."""
+    from client.device.encoder import file_sha256
+
+    tokenizer, meta_path = enc / "tokenizer.json", enc / "encoder.json"
+    tokenizer.write_text(json.dumps(json.loads(tokenizer.read_text()), indent=1))
+    meta = json.loads(meta_path.read_text())
+    meta_path.write_text(json.dumps({**meta, "sha256": {**meta["sha256"], "tokenizer.json": file_sha256(tokenizer)}}))
+
+
+def test_init_with_the_encoder_records_what_its_directory_holds_now(tmp_path, basis_file, encoder_dir):
+    """The ways out the refusal names: an --encoder for one command is not compared with the record, and
+    `init --basis FILE --encoder DIR` records what DIR holds now."""
+    import shutil
+
+    enc, state_dir, candidates = shutil.copytree(encoder_dir, tmp_path / "enc"), tmp_path / "state", tmp_path / "a.txt"
+    candidates.write_text("Yes.\nNo.\n")
+    device(state_dir, "init", "--basis", basis_file, "--encoder", enc)
+    meta = json.loads((enc / "encoder.json").read_text())
+    assert load_state(state_dir).encoder_identity == {"embedder": meta["embedder"], "sha256": meta["sha256"]}
+    _replace_tokenizer_file(enc)
+    proc, _ = device(state_dir, "rank", "--prompt", "Which?", "--candidates", candidates, check=False)
+    assert proc.returncode == 2 and "was replaced" in proc.stderr, proc.stderr
+    device(state_dir, "rank", "--prompt", "Which?", "--candidates", candidates, "--encoder", encoder_dir)
+    device(state_dir, "init", "--basis", load_state(state_dir).basis.source, "--encoder", enc)
+    device(state_dir, "rank", "--prompt", "Which?", "--candidates", candidates)
+
+
+def test_a_state_set_up_before_encoders_were_recorded_is_not_checked(tmp_path, basis_file, encoder_dir):
+    """Such a manifest has no encoder_identity: its commands work as before, and a later write records none (only
+    setting the encoder, `init --encoder`, records one)."""
+    import shutil
+
+    from client.device.state import MANIFEST
+
+    enc, state_dir, candidates = shutil.copytree(encoder_dir, tmp_path / "enc"), tmp_path / "state", tmp_path / "a.txt"
+    candidates.write_text("Yes.\nNo.\n")
+    device(state_dir, "init", "--basis", basis_file, "--encoder", enc)
+    manifest = json.loads((state_dir / MANIFEST).read_text())
+    del manifest["encoder_identity"]
+    (state_dir / MANIFEST).write_text(json.dumps(manifest))
+    _replace_tokenizer_file(enc)
+    device(state_dir, "rank", "--prompt", "Which?", "--candidates", candidates)
+    device(state_dir, "strength", "0.5")
+    assert load_state(state_dir).encoder_identity is None
+
+
+_DIGESTS = {"model.onnx": "a" * 64, "tokenizer.json": "b" * 64}
+
+
+@pytest.mark.parametrize("encoder, identity", [
+    ("/enc", "x"), ("/enc", {"sha256": _DIGESTS}), ("/enc", {"embedder": 5, "sha256": _DIGESTS}),
+    ("/enc", {"embedder": "m", "sha256": {"model.onnx": "a" * 64}}),
+    ("/enc", {"embedder": "m", "sha256": {**_DIGESTS, "tokenizer.json": "B" * 64}}),
+    ("/enc", {"embedder": "m", "sha256": _DIGESTS, "more": 1}), (None, {"embedder": "m", "sha256": _DIGESTS}),
+])
+def test_a_damaged_encoder_identity_in_the_manifest_is_reported_as_corruption(tmp_path, encoder, identity):
+    from client.device.state import MANIFEST
+
+    state_dir = _toy_state(tmp_path)
+    manifest = json.loads((state_dir / MANIFEST).read_text())
+    (state_dir / MANIFEST).write_text(json.dumps({**manifest, "encoder": encoder, "encoder_identity": identity}))
+    with pytest.raises(StateCorruptError, match="encoder_identity must be null, or with an encoder"):
+        load_state(state_dir)
 
 
 def test_forget_deletes_all_personal_data(tmp_path, basis_file, encoder_dir):
@@ -821,7 +927,7 @@ def _state_with_choices(tmp_path) -> Path:
 
 
 @pytest.mark.parametrize("field, value", [("pairs", "null"), ("generation", "Infinity"), ("pairs", "Infinity"),
-                                          ("files", '["basis"]')])
+                                          ("files", '["basis"]'), ("encoder_identity", '{"sha256": 5}')])
 def test_forget_deletes_personal_data_whatever_the_manifest_holds(tmp_path, field, value):
     """A review found `forget` ending in a TypeError or OverflowError traceback, the personal file left on disk,
     when one manifest field was malformed: the deletion depended on the parser raising StateError."""

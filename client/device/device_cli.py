@@ -151,7 +151,7 @@ def _init(args) -> int:
     directory = _directory(args)
     check_output_path(directory, _state_source(args), directory=True)
     basis = load_basis(args.basis)
-    encoder = _checked_encoder_dir(args.encoder, basis) if args.encoder else None
+    encoder, identity = _checked_encoder_dir(args.encoder, basis) if args.encoder else (None, None)
     if directory.is_dir() and holds_other_files(directory) and not is_device_state(directory):
         raise StateError(f"{directory} holds other files and is not a device state; give `--state` a new or empty "
                          "directory")
@@ -166,16 +166,16 @@ def _init(args) -> int:
         except StateError:
             old = None
         if old is None:
-            state = new_state(directory, basis, encoder=encoder)
+            state = new_state(directory, basis, encoder=encoder, encoder_identity=identity)
         else:
-            encoder = encoder or old.encoder
+            # An --encoder replaces the state's own and its recorded identity; without one the state keeps both.
+            state = replace(old, encoder=encoder, encoder_identity=identity) if encoder else old
             try:
                 check_compatible(old, basis)
-                state = replace(old, encoder=encoder)
             except BasisMismatchError:
                 if not args.reinit:
                     raise
-                state = _rebase(old, basis, encoder)
+                state = _rebase(state, basis)
         state = save_state(state)
     print(f"device state in {directory}: basis v{basis.version} ({basis.rank} x {basis.dim}, {basis.embedder}), "
           f"{state.n_pairs} pairs, encoder {state.encoder or 'none'}")
@@ -223,7 +223,7 @@ def _rank(args) -> int:
     state = load_state(_directory(args))
     strength = state.strength if args.strength is None else personalize.parse_strength(args.strength)
     candidates = _read_candidates(args.candidates)
-    encoder = _open_encoder(args.encoder or state.encoder, state.basis, verify=bool(args.encoder))
+    encoder = _open_encoder(state, args.encoder)
     from lore_core.embeddings import render_context
 
     context = render_context([{"role": "user", "content": args.prompt}])
@@ -261,8 +261,7 @@ def _next_question(args) -> int:
     state = load_state(_directory(args))
     pool = read_pool(args.candidates, state.basis.dim)
     if pool.records is not None:
-        diff = embed_choices(_open_encoder(args.encoder or state.encoder, state.basis, verify=bool(args.encoder)),
-                             [as_choice(r, 0) for r in pool.records])
+        diff = embed_choices(_open_encoder(state, args.encoder), [as_choice(r, 0) for r in pool.records])
     else:
         diff = pool.diff
     start = time.perf_counter()
@@ -374,8 +373,9 @@ def _state_source(args) -> str:
     return f"${STATE_HOME_ENV}" if os.environ.get(STATE_HOME_ENV) else "the default state directory"
 
 
-def _checked_encoder_dir(directory: Path, basis: BasisFile) -> str:
-    from client.device.encoder import EncoderError, read_encoder_meta
+def _checked_encoder_dir(directory: Path, basis: BasisFile) -> tuple[str, dict]:
+    """The encoder directory `init` sets (absolute) and the identity the state records for it."""
+    from client.device.encoder import EncoderError, encoder_identity, read_encoder_meta
 
     meta = read_encoder_meta(directory, verify=True)
     if int(meta["dim"]) != basis.dim:
@@ -383,20 +383,40 @@ def _checked_encoder_dir(directory: Path, basis: BasisFile) -> str:
     if meta["embedder"] != basis.embedder:
         print(f"note: encoder {meta['embedder']!r} and basis embedder {basis.embedder!r} are named differently",
               file=sys.stderr)
-    return str(Path(directory).resolve())
+    return str(Path(directory).resolve()), encoder_identity(meta)
 
 
-def _open_encoder(directory, basis: BasisFile, *, verify: bool = False):
-    """The ONNX encoder; `verify` checks its files' checksums (~0.2 s): for an --encoder given on the command line,
-    which `init` never checked (the state's own encoder was checked when it was set)."""
-    from client.device.encoder import EncoderError, OnnxPairEncoder
+def _open_encoder(state: DeviceState, override: Path | None = None, *, basis: BasisFile | None = None):
+    """The ONNX encoder a command embeds with, for `basis` (default: the state's): `override` (an --encoder given on
+    the command line, for this call only: its files' checksums are verified, ~0.2 s, as `init` never checked it),
+    else the state's own (checked when it was set), refused when its encoder.json no longer lists the files recorded
+    then."""
+    from client.device.encoder import EncoderError, OnnxPairEncoder, encoder_identity, read_encoder_meta
 
+    directory, basis = override or state.encoder, basis or state.basis
     if not directory:
         raise EncoderError("no encoder configured: pass --encoder DIR (from `export-encoder`) or set it at init")
-    encoder = OnnxPairEncoder(directory, verify=verify)
+    if not override and state.encoder_identity is not None:  # a state set before the record: not checked
+        found = encoder_identity(read_encoder_meta(directory))
+        if found["sha256"] != state.encoder_identity["sha256"]:
+            raise EncoderError(_replaced_encoder(state, found))
+    encoder = OnnxPairEncoder(directory, verify=bool(override))
     if encoder.dim != basis.dim:
         raise EncoderError(f"{directory}: encoder dimension {encoder.dim} does not match the basis ({basis.dim})")
     return encoder
+
+
+def _replaced_encoder(state: DeviceState, found: dict) -> str:
+    """Why the state's own encoder is refused: another model was exported into its directory since it was set."""
+    old, new = state.encoder_identity["embedder"] or "unnamed", found["embedder"] or "unnamed"
+    directory = state.encoder
+    return (f"{directory}: the encoder there was replaced since this device state was set up: it is now {new!r}, "
+            f"the state was set up with {old!r}. The state's basis and its {state.n_pairs} stored choices belong to "
+            "the old one: the new one would give wrong rewards, so nothing was done. Put the old model "
+            f"back (`export-encoder --out {directory} --model MODEL`, MODEL the one {old!r} names) and record it "
+            f"with `init --basis {state.basis.source} --encoder {directory}`; or move the state to the new model "
+            f"with `init --reinit --basis FILE --encoder {directory}`, FILE a basis made for {new!r}; or pass "
+            "`--encoder DIR` holding the old model, for one command")
 
 
 def embed_choices(encoder, records: list[dict]) -> np.ndarray:
@@ -416,8 +436,7 @@ def _choice_diffs(path: Path, state: DeviceState, encoder_dir) -> tuple[np.ndarr
         diff = personalize.read_choice_diffs(path, state.basis.dim)
         return diff, [{"precomputed": f"{path.name}#{i}"} for i in range(len(diff))]
     records = personalize.read_choices(path)
-    return embed_choices(_open_encoder(encoder_dir or state.encoder, state.basis, verify=bool(encoder_dir)),
-                         records), records
+    return embed_choices(_open_encoder(state, encoder_dir), records), records
 
 
 def _not_yet_learned(state: DeviceState, diff: np.ndarray, records: list[dict]) -> np.ndarray:
@@ -442,9 +461,10 @@ def _not_yet_learned(state: DeviceState, diff: np.ndarray, records: list[dict]) 
     return ~known
 
 
-def _rebase(old: DeviceState, basis: BasisFile, encoder: str | None) -> DeviceState:
+def _rebase(old: DeviceState, basis: BasisFile) -> DeviceState:
     """Adopt a new basis: keep the pairs if they live in the same embedding space, else re-embed the raw
-    choices (or drop them when that is impossible); w is refitted from scratch (old w is in old coordinates)."""
+    choices with `old`'s encoder (or drop them when that is impossible); w is refitted from scratch (old w is in old
+    coordinates)."""
     # A state on a basis written before pair files named their embedder ("unknown") may adopt a named one of its
     # dimension without re-embedding (what every basis was assumed to be then); never the other way round: a named
     # space followed by an unnamed basis may be another model's.
@@ -453,28 +473,28 @@ def _rebase(old: DeviceState, basis: BasisFile, encoder: str | None) -> DeviceSt
     if same_space and named_now:
         print(f"note: the state's basis did not name its embedder; its stored choices are kept as embeddings of "
               f"{basis.embedder!r} ({basis.dim}-d)", file=sys.stderr)
-    if not same_space:
-        encoder = _check_rebase_keeps_choices(old, basis, encoder)
-    state = replace(old, basis=basis, encoder=encoder, user_weights=None, posterior_mode=None, posterior_cov=None,
-                    prior_mean=None, attributes=())
+    encoder = old.encoder if same_space else _check_rebase_keeps_choices(old, basis)
+    state = replace(old, basis=basis, encoder=encoder, encoder_identity=old.encoder_identity if encoder else None,
+                    user_weights=None, posterior_mode=None, posterior_cov=None, prior_mean=None, attributes=())
     if old.attributes:
         print("dropped the declared attributes: their prior belongs to the old basis; declare them again with "
               "the new basis' table")
     if not same_space and old.n_pairs:
         records = [json.loads(c) for c in old.choices]
-        state = replace(state, pair_diff=embed_choices(_open_encoder(encoder, basis), records).astype(np.float32))
+        state = replace(state, pair_diff=embed_choices(_open_encoder(old, basis=basis), records).astype(np.float32))
     state, _ = user_posterior.refit(state)
     print(f"adopted basis v{basis.version} (was v{old.basis.version}); refitted w on {state.n_pairs} pairs")
     return state
 
 
-def _check_rebase_keeps_choices(old: DeviceState, basis: BasisFile, encoder: str | None) -> str | None:
+def _check_rebase_keeps_choices(old: DeviceState, basis: BasisFile) -> str | None:
     """A basis of another embedding space is adopted only with an encoder of its dimension, and only if every
     stored choice can be re-embedded with it: nothing changes otherwise (the user's answers are never dropped as a
     side effect; `forget` drops them on purpose). With no stored choices an encoder that does not fit (or is gone)
     is simply not kept. Returns the encoder the new state keeps."""
     from client.device.encoder import EncoderError, read_encoder_meta
 
+    encoder = old.encoder
     try:
         fits = not encoder or int(read_encoder_meta(encoder)["dim"]) == basis.dim
     except EncoderError:

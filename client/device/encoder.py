@@ -74,6 +74,23 @@ def read_encoder_meta(directory: str | Path, *, verify: bool = False) -> dict:
     return meta
 
 
+def encoder_identity(meta: dict) -> dict:
+    """Which model an exported encoder holds, from its encoder.json (`read_encoder_meta`; nothing is hashed):
+    {"embedder": name | None, "sha256": {MODEL_FILE: digest, TOKENIZER_FILE: digest}}. A device state records it
+    when its encoder is set, to notice another model exported into the same directory later."""
+    name = meta.get("embedder")
+    return {"embedder": name if isinstance(name, str) else None,
+            "sha256": {file: meta["sha256"][file] for file in (MODEL_FILE, TOKENIZER_FILE)}}
+
+
+def is_encoder_identity(value) -> bool:
+    """Whether `value` (read back from a state's manifest) has the form `encoder_identity` returns."""
+    return (isinstance(value, dict) and set(value) == {"embedder", "sha256"}
+            and (value["embedder"] is None or isinstance(value["embedder"], str))
+            and isinstance(value["sha256"], dict) and set(value["sha256"]) == {MODEL_FILE, TOKENIZER_FILE}
+            and all(isinstance(digest, str) and SHA256_HEX.fullmatch(digest) for digest in value["sha256"].values()))
+
+
 class OnnxPairEncoder:
     """Segment-pair encoder: embed(contexts (N,), responses (N,)) -> (N, D) float32, L2-normalised."""
 

@@ -2,7 +2,8 @@
 
 Layout (content-addressed data files; the manifest is the single commit point):
   .lore-fed-device-state     the marker: this directory is a device state (checked before anything is deleted)
-  manifest.json              format, generation, settings (strength, encoder) and, per data file, name/size/sha256
+  manifest.json              format, generation, settings (strength, encoder, encoder_identity) and, per data file,
+                             name/size/sha256
   basis-v<version>-<sha>.npz the basis file (lore_core.basis_file format)
   personal-<sha>.npz         user_weights (B,) float64 | (0,) before any adaptation; pair_diff (n, D) float32;
                              choices (n,) str: the raw choices as JSON, aligned with pair_diff rows;
@@ -29,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from client.device.encoder import MODEL_FILE, TOKENIZER_FILE, is_encoder_identity
 from lore_core.atomic_io import atomic_write_bytes, atomic_write_json
 from lore_core.basis_file import BasisFile, BasisFileError, load_basis
 
@@ -69,6 +71,9 @@ class DeviceState:
     choices: tuple[str, ...] = ()  # (n,) raw choices as JSON strings
     strength: float | None = 1.0  # personalization strength in [0, 1]; None = off
     encoder: str | None = None  # directory of the exported ONNX encoder
+    # encoder.json's embedder and digests when `encoder` was set (client.device.encoder.encoder_identity); None =
+    # not recorded (no encoder, or a state written before the record existed: its encoder is not checked)
+    encoder_identity: dict | None = None
     generation: int = 0
     posterior_mode: np.ndarray | None = None  # (B-1,) Laplace centre in the softmax chart; None = the prior's
     posterior_cov: np.ndarray | None = None  # (B-1, B-1)
@@ -89,10 +94,10 @@ def default_state_dir() -> Path:
     return Path(os.environ.get(STATE_HOME_ENV) or Path.home() / ".lore-fed" / "device")
 
 
-def new_state(directory: str | Path, basis: BasisFile, *, encoder: str | None = None) -> DeviceState:
-    return DeviceState(
-        directory=Path(directory), basis=basis, pair_diff=np.zeros((0, basis.dim), np.float32), encoder=encoder
-    )
+def new_state(directory: str | Path, basis: BasisFile, *, encoder: str | None = None,
+              encoder_identity: dict | None = None) -> DeviceState:
+    return DeviceState(directory=Path(directory), basis=basis, pair_diff=np.zeros((0, basis.dim), np.float32),
+                       encoder=encoder, encoder_identity=encoder_identity)
 
 
 def check_compatible(state: DeviceState, basis: BasisFile) -> None:
@@ -142,6 +147,7 @@ def save_state(state: DeviceState) -> DeviceState:
         "generation": committed.generation,
         "strength": "off" if state.strength is None else float(state.strength),
         "encoder": state.encoder,
+        "encoder_identity": state.encoder_identity,
         "basis_version": basis.version,
         "embedder": basis.embedder,
         "dim": basis.dim,
@@ -223,10 +229,16 @@ def _load_state(directory: Path, raw: bytes) -> DeviceState:
     encoder = manifest.get("encoder")
     if encoder is not None and not (isinstance(encoder, str) and encoder):
         raise StateCorruptError(f"{path}: encoder must be a directory path or null, got {encoder!r}")
+    identity = manifest.get("encoder_identity")  # absent in states written before it was recorded
+    if identity is not None and not (encoder is not None and is_encoder_identity(identity)):
+        raise StateCorruptError(
+            f'{path}: encoder_identity must be null, or with an encoder {{"embedder": NAME or null, "sha256": '
+            f'{{"{MODEL_FILE}": DIGEST, "{TOKENIZER_FILE}": DIGEST}}}}; got {json.dumps(identity)[:200]} with encoder '
+            f"{encoder!r}; the state is corrupted")
     state = DeviceState(
         directory=directory, basis=basis, pair_diff=np.zeros((0, basis.dim), np.float32),
         strength=None if strength == "off" else _checked_strength(strength, path),
-        encoder=encoder, generation=generation,
+        encoder=encoder, encoder_identity=identity, generation=generation,
     )
     if "personal" in files:
         state = _load_personal(state, _checked_file(directory, files["personal"]), declared_pairs)
