@@ -11,6 +11,9 @@ import warnings
 from pathlib import Path
 
 from lore_core.atomic_io import atomic_write_json, check_output_path
+from lore_core.pairs import PAIRS_FILENAME
+from lore_core.prism_pairs import DATASET_FILES, PAIRS_JSONL
+from lore_core.prism_schema import GROUND_TRUTH_FILE
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -31,7 +34,8 @@ def run(args: argparse.Namespace) -> int:
     if basis_path.is_dir():
         basis_path = basis_path / "basis.npz"
     if args.out:
-        check_metrics_out(Path(args.out), (Path(args.pairs), Path(args.pairs) / "pairs.npz", basis_path))
+        pair_file = Path(args.pairs) / PAIRS_FILENAME if Path(args.pairs).is_dir() else Path(args.pairs)
+        check_metrics_out(Path(args.out), (pair_file, basis_path, pair_file.parent / GROUND_TRUTH_FILE))
     basis_file = load_basis(basis_path)
     basis = basis_file.basis
     pairs = load_pairs(args.pairs)
@@ -60,14 +64,16 @@ RUN_FILES = ("metrics.json", "ledger.json", "checkpoint.npz", "data.json", "roun
 
 
 def check_metrics_out(out: Path, inputs: tuple[Path, ...]) -> None:
-    """--out may be written (`check_output_path`) and would overwrite neither an input nor an existing file of a run
-    (a directory holding a basis, checkpoint or ledger)."""
+    """--out may be written (`check_output_path`) and would overwrite neither an input, nor a dataset's file, existing
+    or not (in a directory holding pairs.jsonl or pairs.npz: its files are inputs of the commands, users.jsonl of the
+    audits), nor an existing file of a run (a directory holding a basis, checkpoint or ledger)."""
     check_output_path(out, "--out", directory=False)
-    if not out.exists():
-        return
-    if any(out.resolve() == given.resolve() for given in inputs):
+    if out.exists() and any(out.resolve() == given.resolve() for given in inputs):
         raise ValueError(f"--out {out} is an input of this command; give a new file name for the metrics JSON")
-    if out.name in RUN_FILES and any((out.parent / name).exists() for name in ("basis.npz", "checkpoint.npz",
-                                                                            "ledger.json")):
+    if out.name in DATASET_FILES and any((out.parent / name).exists() for name in (PAIRS_JSONL, PAIRS_FILENAME)):
+        raise ValueError(f"--out {out} is one of a dataset's own files ({out.name}; {', '.join(DATASET_FILES)} are "
+                         "inputs of lore-fed's commands); give a new file name for the metrics JSON")
+    if out.exists() and out.name in RUN_FILES and any((out.parent / name).exists() for name in (
+            "basis.npz", "checkpoint.npz", "ledger.json")):
         raise ValueError(f"--out {out} is one of a run's own files ({out.name}); give a new file name for the "
                          "metrics JSON")

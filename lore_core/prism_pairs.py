@@ -49,6 +49,8 @@ from lore_core.prism_schema import GROUND_TRUTH_FILE, EMPTY_RESPONSE, Conversati
 PAIRS_JSONL = "pairs.jsonl"
 USERS_JSONL = "users.jsonl"
 SUMMARY_JSON = "summary.json"
+# Every file a dataset directory holds once prepared and embedded: commands read them, so no output may replace one.
+DATASET_FILES = (PAIRS_JSONL, USERS_JSONL, SUMMARY_JSON, GROUND_TRUTH_FILE, PAIRS_FILENAME)
 
 TURN_DROPS = ("turns_without_chosen", "turns_both_chosen")
 PAIR_DROPS = ("pairs_empty_string", "pairs_identical_text", "pairs_tied_score", "pairs_rejected_scored_higher")

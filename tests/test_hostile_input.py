@@ -512,6 +512,34 @@ def test_outputs_that_would_destroy_inputs_or_other_runs_are_refused(w):
             w, expect="<= 1e+06")
 
 
+@pytest.mark.parametrize("name", ["ground_truth.npz", "users.jsonl", "pairs.jsonl", "summary.json", "pairs.npz"])
+def test_evaluate_refuses_an_out_that_is_a_dataset_file(w, name):
+    """Found by a tester: `evaluate DATASET --out DATASET/ground_truth.npz` read the benchmark truth and then replaced
+    it with the metrics JSON (exit 0); users.jsonl, pairs.jsonl and summary.json were replaced the same way."""
+    dataset = w / "dataset"
+    shutil.copy(w / "pairs.npz", dataset / "pairs.npz")
+    np.savez(dataset / "ground_truth.npz", basis=np.ones((RANK, DIM)), logit_scale=np.array(1.0))
+    (dataset / "users.jsonl").write_text('{"user": "u1"}\n')
+    (dataset / "summary.json").write_text("{}")
+    refused(["evaluate", "dataset", "--basis", "basis.npz", "--out", f"dataset/{name}"], f"dataset/{name}", w,
+            expect="is an input" if name in ("ground_truth.npz", "pairs.npz") else "one of a dataset's own files")
+
+
+def test_evaluate_refuses_a_dataset_file_name_that_is_not_there_yet(w):
+    """A dataset without benchmark truth: metrics written as DATASET/ground_truth.npz would break every later read."""
+    shutil.copy(w / "pairs.npz", w / "dataset" / "pairs.npz")
+    refused(["evaluate", "dataset", "--basis", "basis.npz", "--out", "dataset/ground_truth.npz"],
+            "dataset/ground_truth.npz", w, expect="one of a dataset's own files")
+
+
+def test_evaluate_refuses_an_out_that_is_the_truth_beside_a_pair_file(w):
+    (w / "bare").mkdir()
+    shutil.copy(w / "pairs.npz", w / "bare" / "syn.npz")
+    np.savez(w / "bare" / "ground_truth.npz", basis=np.ones((RANK, DIM)), logit_scale=np.array(1.0))
+    refused(["evaluate", "bare/syn.npz", "--basis", "basis.npz", "--out", "bare/ground_truth.npz"],
+            "bare/ground_truth.npz", w, expect="is an input")
+
+
 def test_evaluate_writes_a_new_metrics_json_beside_a_basis_file(w):
     """`--out metrics.json` next to basis.npz is the README's own example; only an existing run file is guarded."""
     code, _, err = cli(["evaluate", "pairs.npz", "--basis", "basis.npz", "--out", "metrics.json"])
