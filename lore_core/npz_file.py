@@ -2,8 +2,8 @@
 
 `np.load` alone answers a truncated file with `BadZipFile`, a flipped byte with a CRC error at the first array
 read, an `.npy` renamed `.npz` with an ndarray (no `files`), and a text file with a hint about pickles. Every
-reader of a user-supplied `.npz` (pair, basis, ground-truth, choices, checkpoint files) goes through `open_npz`.
-Numpy only (importable on a device).
+reader of a user-supplied `.npz` (pair, basis, ground-truth, choices, checkpoint files) goes through `open_npz`,
+which also hands every array over in this machine's byte order (`native_array`). Numpy only (importable on a device).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import zipfile
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -27,8 +27,9 @@ class NpzFileError(ValueError):
 
 @contextlib.contextmanager
 def open_npz(path: str | Path, expected: str = "an .npz archive of arrays",
-             error: type[ValueError] = NpzFileError) -> Iterator[np.lib.npyio.NpzFile]:
-    """`np.load(path)` for an archive; reading its arrays inside the `with` block is covered too.
+             error: type[ValueError] = NpzFileError) -> Iterator["NativeArrays"]:
+    """`np.load(path)` for an archive, its arrays in native byte order; reading them inside the `with` block is
+    covered too.
 
     `expected` says what the file should have been (for the message); `error` is the ValueError subclass raised,
     so callers keep their own error type (PairFileError, BasisFileError, ...)."""
@@ -36,11 +37,37 @@ def open_npz(path: str | Path, expected: str = "an .npz archive of arrays",
     check_npz_head(path, expected, error)
     try:
         with np.load(path, allow_pickle=False) as data:
-            yield data
+            yield NativeArrays(data)
     except READ_ERRORS as exc:
         if isinstance(exc, error):
             raise
         raise unreadable(path, exc, expected, error) from exc
+
+
+def native_array(array: np.ndarray) -> np.ndarray:
+    """`array` in this machine's byte order (a copy only when it is not): numpy writes big-endian arrays too
+    (`.astype('>f4')`), and torch refuses them. Swapping bytes is exact."""
+    return array if array.dtype.isnative else array.astype(array.dtype.newbyteorder("="))
+
+
+class NativeArrays(Mapping):
+    """An open archive (np.load's NpzFile) whose arrays are read through `native_array`."""
+
+    def __init__(self, data: np.lib.npyio.NpzFile) -> None:
+        self._data, self.files = data, data.files
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        value = self._data[key]
+        return native_array(value) if isinstance(value, np.ndarray) else value  # a member not .npy: its bytes
+
+    def __contains__(self, key) -> bool:
+        return key in self.files  # without reading the array (Mapping's default would)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.files)
+
+    def __len__(self) -> int:
+        return len(self.files)
 
 
 def check_npz_head(path: Path, expected: str, error: type[ValueError] = NpzFileError) -> None:

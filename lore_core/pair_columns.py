@@ -3,7 +3,8 @@
 `np.savez` stores every array as an uncompressed zip member (a .npy file), so each column of a pair file lies at a
 fixed offset: `PairColumns` finds it (zip local header, then the .npy header) and reads row ranges or gathers rows
 through a short-lived memory map, so a reader holds only the rows it asked for. A compressed member (written by
-`np.savez_compressed`) is read whole instead: correct, not scalable.
+`np.savez_compressed`) is read whole instead: correct, not scalable; so is one not in this machine's byte order
+(`.astype('>f4')`), converted as it is read (`npz_file.native_array`).
 `PairIndex` sorts the users once (a file written by user, as the writers here do, needs no sort) and keeps each
 user's row range, so the rows of any block of users are cut by offsets, in time proportional to those rows.
 `check_pair_file` validates a whole file in user-aligned chunks with the contract's own checks (`PairSet`).
@@ -25,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from lore_core.atomic_io import atomic_path
-from lore_core.npz_file import READ_ERRORS, check_npz_head, unreadable
+from lore_core.npz_file import READ_ERRORS, check_npz_head, native_array, unreadable
 from lore_core.pairs import (EXPECTED, OPTIONAL_ARRAYS, REQUIRED_ARRAYS, TEXT_ARRAYS, PairFileError, PairSet,
                              check_embedder, check_embedder_kind, refuse_all_zero, resolve_pair_path,
                              text_dtype_message)
@@ -191,9 +192,7 @@ def _locate_members(file: Path) -> dict[str, _Member]:
                 continue
             name = info.filename[:-4]
             if info.compress_type != zipfile.ZIP_STORED:
-                with archive.open(info) as stream:
-                    array = np.lib.format.read_array(stream, allow_pickle=False)
-                members[name] = _Member(array.dtype, array.shape, None, array)
+                members[name] = _read_whole(archive, info)
                 continue
             handle.seek(info.header_offset)
             header = _LOCAL_HEADER.unpack(handle.read(_LOCAL_HEADER.size))
@@ -205,6 +204,9 @@ def _locate_members(file: Path) -> dict[str, _Member]:
             shape, fortran, dtype = read_header(handle)
             if dtype.hasobject:
                 raise ValueError(f"array {name!r} holds Python objects (allow_pickle=False)")
+            if not dtype.isnative:
+                members[name] = _read_whole(archive, info)
+                continue
             if fortran and len(shape) > 1:
                 raise ValueError(f"array {name!r} is stored in Fortran order; rewrite it with np.savez")
             offset = handle.tell()
@@ -212,6 +214,13 @@ def _locate_members(file: Path) -> dict[str, _Member]:
                 raise ValueError(f"array {name!r} is truncated")
             members[name] = _Member(dtype, tuple(shape), offset, stored=(start, info.compress_size, info.CRC))
     return members
+
+
+def _read_whole(archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> _Member:
+    """A member held in memory (compressed, or in another byte order), in native byte order."""
+    with archive.open(info) as stream:  # zipfile checks the CRC-32 as it reads
+        array = native_array(np.lib.format.read_array(stream, allow_pickle=False))
+    return _Member(array.dtype, array.shape, None, array)
 
 
 @dataclass(frozen=True)

@@ -162,3 +162,29 @@ def test_a_damaged_byte_that_still_reads_as_a_number_is_caught_by_the_checksum(t
     assert np.isfinite(PairColumns.open(path).read("diff")).all()
     with pytest.raises(PairFileError, match="p.npz: unreadable .npz, damaged .*CRC-32 of array 'diff'.*expected"):
         check_pair_file(path)
+
+
+def test_a_big_endian_pair_file_is_read_in_native_byte_order_by_every_reader(tmp_path, pairs):
+    """numpy writes big-endian arrays (`.astype('>f4')`) and torch refuses them: `train` failed after validation with
+    a message naming no file. Every reader converts them (exactly), so train learns the same basis as from the file
+    in native order."""
+    from lore_cli.main import main
+    from lore_core.basis_file import load_basis
+
+    arrays = _arrays(pairs)
+    np.savez(tmp_path / "native.npz", **arrays)
+    np.savez(tmp_path / "big.npz", **{key: a.astype(a.dtype.newbyteorder(">")) for key, a in arrays.items()})
+    loaded = load_pairs(tmp_path / "big.npz")
+    columns = check_pair_file(tmp_path / "big.npz")[0]
+    rows = np.array([0, 3, pairs.n - 1])
+    for key, value in arrays.items():
+        for array, expected in ((getattr(loaded, key), value), (columns.read(key, 2, 9), value[2:9]),
+                                (columns.mapped(key, 2, 9), value[2:9]), (columns.take(key, rows), value[rows])):
+            assert array.dtype.isnative
+            np.testing.assert_array_equal(array, expected)
+    bases = []
+    for name in ("native", "big"):
+        assert main(["train", str(tmp_path / f"{name}.npz"), "--rank", "1", "--objective", "joint",
+                     "--out", str(tmp_path / f"run-{name}")]) == 0
+        bases.append(load_basis(tmp_path / f"run-{name}" / "basis.npz").basis)
+    np.testing.assert_array_equal(*bases)
