@@ -255,19 +255,23 @@ def run(args: argparse.Namespace) -> int:
 
 
 def check_resume(out: Path, pairs_path: Path, settings, privacy):
-    """Refuse, before Ray starts, a run directory whose checkpoint is damaged, holds other settings (the ledger's
-    privacy settings included: a finished run asked for more rounds) or was trained on another pair file (the server
-    checks the users per node again once its nodes report). Returns the checkpoint (None for a new run) and the pair
-    file's fingerprint for DIR/data.json."""
+    """Refuse, before Ray starts or anything is written, a run directory whose checkpoint, ledger or release record
+    is damaged or holds other settings (the ledger's privacy settings included: a finished run asked for more rounds)
+    or that was trained on another pair file (the server checks the users per node again once its nodes report). A
+    ledger or release record without a checkpoint is checked too: the server continues them (a run that crashed
+    before its first checkpoint). Returns the checkpoint (None for a new run) and the pair file's fingerprint for
+    DIR/data.json."""
     from lore_core.privacy.ledger import LEDGER_FILENAME
     from server.checkpoint import check_resumable, load_checkpoint
+    from server.release_record import check_continuable
     from server.run_ledger import FederatedLedger
 
     previous = load_checkpoint(out)
     if previous is not None:
         check_resumable(previous, settings.fingerprint(), previous.population, out)
-        if (out / LEDGER_FILENAME).exists():
-            FederatedLedger.load(out, privacy)  # reads and compares only; the server opens it again to write
+    if (out / LEDGER_FILENAME).exists():
+        FederatedLedger.load(out, privacy)  # reads and compares only; the server opens it again to write
+    check_continuable(out, settings.release_optimizer())
     return previous, check_same_pairs(out, pairs_path, resuming=previous is not None)
 
 

@@ -57,12 +57,8 @@ class ReleaseRecord:
         """optimizer: the public step settings {name, server_lr, client_lr, local_steps, l2}. A new record starts
         with the initial basis; an existing one must have been written with the same optimizer settings."""
         folder = Path(run_dir) / RELEASES_DIR
-        chain = folder / CHAIN_FILENAME
-        if chain.exists():
-            lines = [json.loads(line) for line in chain.read_text().splitlines() if line.strip()]
-            if not lines or lines[0].get("optimizer") != optimizer:
-                raise ReleaseRecordError(f"{chain} was written with other server optimizer settings; use a new run "
-                                         "directory")
+        lines = check_continuable(run_dir, optimizer)
+        if lines is not None:
             return cls(folder, lines)
         record = cls(folder, [])
         data = _npz_bytes(basis=np.asarray(initial_basis, dtype=np.float64))
@@ -91,6 +87,45 @@ class ReleaseRecord:
                                                                 for x in self.lines))
 
 
+def check_continuable(run_dir: str | Path, optimizer: dict) -> list[dict] | None:
+    """The lines of RUN_DIR/releases/chain.jsonl that a run with these optimizer settings continues, or None when
+    there is none; raises ReleaseRecordError naming the file when it is damaged or another run's. Reads only: the
+    CLI calls it before anything is written, the server again when it opens the record."""
+    chain = Path(run_dir) / RELEASES_DIR / CHAIN_FILENAME
+    if not chain.exists():
+        return None
+    lines = read_chain(chain)
+    if not lines or lines[0].get("schema") != SCHEMA:
+        raise ReleaseRecordError(f"{chain}: {'empty' if not lines else 'no release-record header'}; expected the "
+                                 f"release record lore-fed simulate writes (first line a header with schema {SCHEMA}). "
+                                 "Restore it from a copy, or give a new --out directory")
+    if lines[0].get("optimizer") != optimizer:
+        raise ReleaseRecordError(f"{chain} was written with other server optimizer settings; use a new run "
+                                 "directory")
+    return lines
+
+
+def read_chain(chain: Path) -> list[dict]:
+    """chain.jsonl's lines (blank lines skipped); ReleaseRecordError naming the file and line for one that is not a
+    JSON object (the file is written atomically: damage came from outside, or it is not a lore-fed record)."""
+    lines = []
+    for number, text in enumerate(chain.read_text(encoding="utf-8", errors="replace").splitlines(), start=1):
+        if not text.strip():
+            continue
+        try:
+            line = json.loads(text)
+            found = f"a JSON {type(line).__name__}"
+        except ValueError as exc:
+            line, found = None, f"{type(exc).__name__}: {exc}"
+        if not isinstance(line, dict):
+            raise ReleaseRecordError(f"{chain} line {number}: not a JSON object ({found}); expected the hash-chained "
+                                     "release record lore-fed simulate writes, one JSON object per line. It is "
+                                     "written atomically, so it was damaged afterwards or belongs to no lore-fed run: "
+                                     "restore it from a copy, or give a new --out directory")
+        lines.append(line)
+    return lines
+
+
 @dataclass(frozen=True)
 class Releases:
     """A verified release record: per release (R,) rounds and ledger rounds, (R, B, D) bases and mean updates."""
@@ -116,7 +151,7 @@ def read_releases(run_dir: str | Path, *, replay: bool = True) -> Releases:
     if not chain.exists():
         raise ReleaseRecordError(f"{chain} does not exist: this run recorded no releases (a run from before the "
                                  "release record, or not a lore-fed run directory)")
-    lines = [json.loads(line) for line in chain.read_text().splitlines() if line.strip()]
+    lines = read_chain(chain)
     arrays = []
     for i, line in enumerate(lines):
         if line.get("release") != i or line.get("prev") != (None if i == 0 else _line_hash(lines[i - 1])):

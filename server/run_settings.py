@@ -211,6 +211,12 @@ class ServerSettings:
         """The run's server optimizer, fresh: its rate, schedule over the planned rounds and tail average."""
         return make_optimizer(self.server_optimizer, self.server_lr, self.rounds, self.server_lr_schedule)
 
+    def release_optimizer(self) -> dict:
+        """The public server step settings the release record is written with (server/release_record.py)."""
+        return {"name": self.server_optimizer, "server_lr": self.server_lr, "client_lr": self.client_lr,
+                "local_steps": self.local_steps, "l2": self.l2, "rounds": self.rounds,
+                "schedule": self.server_lr_schedule}
+
     def fingerprint(self) -> dict:
         """What a resumed run must share with the run that wrote the checkpoint. Timeouts may change, and so may the
         evaluation's personal prior: it only post-processes the basis (a DP run checkpointed when its default was 3

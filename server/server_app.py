@@ -55,10 +55,7 @@ def _run_locked(grid: Grid, settings: ServerSettings, on_round: Callable[[dict],
                  ledger.rounds_released)
     releases = ReleaseRecord.open(settings.run_dir, initial_basis=initial_basis(settings.rank, population.dim,
                                                                                 settings.seed, settings.init_scale),
-                                  optimizer={"name": settings.server_optimizer, "server_lr": settings.server_lr,
-                                             "client_lr": settings.client_lr, "local_steps": settings.local_steps,
-                                             "l2": settings.l2, "rounds": settings.rounds,
-                                             "schedule": settings.server_lr_schedule})
+                                  optimizer=settings.release_optimizer())
     run = TrainingRun(settings, population, aggregator, optimizer, state, ledger, releases,
                       train_config=train_config(privacy), on_round=on_round)
     remaining = max(settings.rounds - state.round, 0)

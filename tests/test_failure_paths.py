@@ -420,6 +420,39 @@ def test_a_damaged_checkpoint_is_refused_naming_the_file(tmp_path, pair_file, en
     _refused_under_lock(["simulate", pair_file, "--out", run, *SIM], checkpoint, tmp_path, "not a readable", run)
 
 
+@pytest.mark.parametrize("chain", ["garbage\n", "", '["a list"]\n', '{"release": 0}\n'])
+def test_a_stray_or_damaged_release_chain_is_refused_before_anything_is_written(tmp_path, pair_file, engine, chain):
+    """Found by a tester: a garbage RUN/releases/chain.jsonl gave `error: Expecting value: line 1 column 1 (char 0)`,
+    naming no file, after .lock, data.json and ledger.json were written; a rerun failed the same way."""
+    run = tmp_path / "run"
+    (run / "releases").mkdir(parents=True)
+    (run / "releases" / "chain.jsonl").write_text(chain)
+    before = tree(tmp_path)
+    code, _, err = cli(["simulate", pair_file, "--out", run, *SIM])
+    assert code == 2 and "Traceback" not in err, err
+    assert str(run / "releases" / "chain.jsonl") in err and "expected" in err and "new --out" in err, err
+    assert tree(tmp_path) == before and engine.runs == 0
+
+
+def test_a_stray_ledger_without_a_checkpoint_is_refused_before_anything_is_written(tmp_path, pair_file, engine):
+    """Found by a tester: a garbage ledger.json in a new --out was named, but only after data.json was written."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "ledger.json").write_text("garbage")
+    before = tree(tmp_path)
+    code, _, err = cli(["simulate", pair_file, "--out", run, *SIM])
+    assert code == 2 and "Traceback" not in err and str(run / "ledger.json") in err, err
+    assert tree(tmp_path) == before and engine.runs == 0
+
+
+def test_a_finished_runs_damaged_release_chain_is_refused_naming_it(tmp_path, pair_file, engine):
+    run = tmp_path / "run"
+    assert cli(["simulate", pair_file, "--out", run, *SIM])[0] == 0
+    chain = run / "releases" / "chain.jsonl"
+    chain.write_text(chain.read_text()[:-20])  # the last line cut short
+    _refused_under_lock(["simulate", pair_file, "--out", run, *SIM], chain, tmp_path, "not a JSON object", run)
+
+
 def test_a_refused_resume_leaves_the_lock_file_as_it_was(tmp_path, pair_file, engine):
     """Found by a tester: with a damaged checkpoint `simulate` exited 2 but rewrote RUN/.lock with its own pid and
     command. The directory is locked before the checks (a concurrent run could be writing the checkpoint), and the
