@@ -3,7 +3,8 @@
 `np.load` alone answers a truncated file with `BadZipFile`, a flipped byte with a CRC error at the first array
 read, an `.npy` renamed `.npz` with an ndarray (no `files`), and a text file with a hint about pickles. Every
 reader of a user-supplied `.npz` (pair, basis, ground-truth, choices, checkpoint files) goes through `open_npz`,
-which also hands every array over in this machine's byte order (`native_array`). Numpy only (importable on a device).
+which also hands every array over in this machine's byte order and in C order (`native_array`). Numpy only
+(importable on a device).
 """
 
 from __future__ import annotations
@@ -28,8 +29,8 @@ class NpzFileError(ValueError):
 @contextlib.contextmanager
 def open_npz(path: str | Path, expected: str = "an .npz archive of arrays",
              error: type[ValueError] = NpzFileError) -> Iterator["NativeArrays"]:
-    """`np.load(path)` for an archive, its arrays in native byte order; reading them inside the `with` block is
-    covered too.
+    """`np.load(path)` for an archive, its arrays in native byte order and C order; reading them inside the `with`
+    block is covered too.
 
     `expected` says what the file should have been (for the message); `error` is the ValueError subclass raised,
     so callers keep their own error type (PairFileError, BasisFileError, ...)."""
@@ -45,9 +46,12 @@ def open_npz(path: str | Path, expected: str = "an .npz archive of arrays",
 
 
 def native_array(array: np.ndarray) -> np.ndarray:
-    """`array` in this machine's byte order (a copy only when it is not): numpy writes big-endian arrays too
-    (`.astype('>f4')`), and torch refuses them. Swapping bytes is exact."""
-    return array if array.dtype.isnative else array.astype(array.dtype.newbyteorder("="))
+    """`array` in this machine's byte order and in row-major (C) order (a copy only when it is not): numpy also
+    writes big-endian arrays (`.astype('>f4')`), which torch refuses, and column-major ones (`np.asfortranarray`),
+    whose rows do not lie one after another. The copy is exact."""
+    if array.dtype.isnative and array.flags.c_contiguous:
+        return array
+    return array.astype(array.dtype.newbyteorder("="), order="C")
 
 
 class NativeArrays(Mapping):

@@ -4,7 +4,7 @@
 fixed offset: `PairColumns` finds it (zip local header, then the .npy header) and reads row ranges or gathers rows
 through a short-lived memory map, so a reader holds only the rows it asked for. A compressed member (written by
 `np.savez_compressed`) is read whole instead: correct, not scalable; so is one not in this machine's byte order
-(`.astype('>f4')`), converted as it is read (`npz_file.native_array`).
+(`.astype('>f4')`) or in column-major order (`np.asfortranarray`), converted as it is read (`npz_file.native_array`).
 `PairIndex` sorts the users once (a file written by user, as the writers here do, needs no sort) and keeps each
 user's row range, so the rows of any block of users are cut by offsets, in time proportional to those rows.
 `check_pair_file` validates a whole file in user-aligned chunks with the contract's own checks (`PairSet`).
@@ -204,11 +204,9 @@ def _locate_members(file: Path) -> dict[str, _Member]:
             shape, fortran, dtype = read_header(handle)
             if dtype.hasobject:
                 raise ValueError(f"array {name!r} holds Python objects (allow_pickle=False)")
-            if not dtype.isnative:
+            if not dtype.isnative or (fortran and len(shape) > 1):
                 members[name] = _read_whole(archive, info)
                 continue
-            if fortran and len(shape) > 1:
-                raise ValueError(f"array {name!r} is stored in Fortran order; rewrite it with np.savez")
             offset = handle.tell()
             if offset + dtype.itemsize * int(np.prod(shape, dtype=np.int64)) > size:
                 raise ValueError(f"array {name!r} is truncated")
@@ -217,7 +215,7 @@ def _locate_members(file: Path) -> dict[str, _Member]:
 
 
 def _read_whole(archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> _Member:
-    """A member held in memory (compressed, or in another byte order), in native byte order."""
+    """A member held in memory (compressed, in another byte order or column-major), in native byte and C order."""
     with archive.open(info) as stream:  # zipfile checks the CRC-32 as it reads
         array = native_array(np.lib.format.read_array(stream, allow_pickle=False))
     return _Member(array.dtype, array.shape, None, array)

@@ -188,3 +188,22 @@ def test_a_big_endian_pair_file_is_read_in_native_byte_order_by_every_reader(tmp
                      "--out", str(tmp_path / f"run-{name}")]) == 0
         bases.append(load_basis(tmp_path / f"run-{name}" / "basis.npz").basis)
     np.testing.assert_array_equal(*bases)
+
+
+def test_a_column_major_diff_is_read_row_by_row_by_every_reader(tmp_path, pairs):
+    """`np.asfortranarray(diff)` saved with np.savez is a valid file (evaluate read it); train and simulate called it
+    "damaged or truncated" and advised np.savez, which writes the same layout. Every reader now reads its rows."""
+    from lore_cli.main import main
+
+    arrays = _arrays(pairs)
+    np.savez(tmp_path / "fortran.npz", **{**arrays, "diff": np.asfortranarray(arrays["diff"])})
+    columns = check_pair_file(tmp_path / "fortran.npz")[0]  # what simulate validates with
+    rows = np.array([0, 3, pairs.n - 1])
+    for array, expected in ((load_pairs(tmp_path / "fortran.npz").diff, arrays["diff"]),
+                            (columns.read("diff", 2, 9), arrays["diff"][2:9]),
+                            (columns.mapped("diff", 2, 9), arrays["diff"][2:9]),
+                            (columns.take("diff", rows), arrays["diff"][rows])):
+        assert array.flags.c_contiguous
+        np.testing.assert_array_equal(array, expected)
+    assert main(["train", str(tmp_path / "fortran.npz"), "--rank", "1", "--objective", "joint",
+                 "--out", str(tmp_path / "run")]) == 0
