@@ -228,10 +228,7 @@ def run(args: argparse.Namespace) -> int:
         parse_number(args.l2, "--l2", maximum=MAX_L2)
     out = Path(args.out)
     check_output_path(out, "--out", directory=True)
-    other = [name for name in ("metrics.json", "basis.npz") if (out / name).exists()]
-    if other and not (out / "checkpoint.npz").exists():
-        raise ValueError(f"--out {out} holds another run ({', '.join(other)}, no federated checkpoint); give a new "
-                         "directory")
+    check_no_other_run(out)
     pairs_path = resolve_pair_path(args.pairs)
     reference = load_reference(args.reference)
     population = read_population(pairs_path)
@@ -252,6 +249,20 @@ def run(args: argparse.Namespace) -> int:
             save_canaries(args.canary_secrets, canaries)
         record_pairs(out, data)
         return _simulate(args, pairs_path, population, overrides, settings, privacy, reference, out, previous, data)
+
+
+def check_no_other_run(out: Path) -> None:
+    """--out holds files by the names this command writes only as a run of its own, to resume or rerun: every one is
+    written after the federated checkpoint. Without one they are another run's or the user's, and would be replaced."""
+    from lore_cli.run_report import DP_PLOT_FILENAME, PLOT_FILENAME
+    from server.checkpoint import CHECKPOINT_FILENAME, ROUNDS_FILENAME
+
+    written = ("metrics.json", "basis.npz", ROUNDS_FILENAME, "report.md", PLOT_FILENAME, DP_PLOT_FILENAME)
+    other = [name for name in written if (out / name).exists()]
+    if other and not (out / CHECKPOINT_FILENAME).exists():
+        raise ValueError(f"--out {out} holds another run or other files by the names this run writes "
+                         f"({', '.join(other)}; no federated checkpoint, so no run of lore-fed simulate to resume): "
+                         "they would be replaced; give a new directory")
 
 
 def check_resume(out: Path, pairs_path: Path, settings, privacy):

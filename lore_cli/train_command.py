@@ -123,6 +123,7 @@ def run(args: argparse.Namespace) -> int:
     if federated:
         raise ValueError(f"--out {out} holds a federated run ({', '.join(federated)}): a centralized basis there "
                          "would be read as that run's by reports and audits; give another directory")
+    check_no_other_files(out)
     pairs_file = resolve_pair_path(args.pairs)
     columns = PairColumns.open(pairs_file)
     embedder = columns.embedder or UNKNOWN_EMBEDDER  # the pair file's embedder: basis.npz says which space it lives in
@@ -151,6 +152,21 @@ def run(args: argparse.Namespace) -> int:
     print(format_metrics(metrics))
     print(f"wrote {out / 'metrics.json'} and {out / 'basis.npz'}")
     return 0
+
+
+def check_no_other_files(out: Path) -> None:
+    """--out may hold files by the names this command writes only as a lore-fed run, which a rerun replaces: its
+    basis.npz (written first) is a lore-fed basis file. Without one they are the user's, and the run is refused."""
+    from lore_core.basis_file import load_basis
+
+    present = [name for name in ("basis.npz", "user_weights.npz", "metrics.json") if (out / name).exists()]
+    if not present:
+        return
+    try:
+        load_basis(out / "basis.npz")
+    except ValueError:
+        raise ValueError(f"--out {out} holds {', '.join(present)} but no lore-fed basis.npz, so no run to replace: "
+                         "these files would be overwritten; give a new directory") from None
 
 
 def _config(args: argparse.Namespace, options: dict, dim: int, source: str, few_shot: int):

@@ -540,6 +540,26 @@ def test_evaluate_refuses_an_out_that_is_the_truth_beside_a_pair_file(w):
             "bare/ground_truth.npz", w, expect="is an input")
 
 
+def test_simulate_refuses_an_out_holding_the_users_files_by_its_run_file_names(w):
+    """Found by a tester: simulate replaced the user's report.md and rounds.jsonl in an existing directory."""
+    (w / "mine").mkdir()
+    (w / "mine" / "report.md").write_text("old")
+    (w / "mine" / "rounds.jsonl").write_text('{"x": 1}\n')
+    (w / "mine" / "notes.txt").write_text("keep")
+    refused(["simulate", "pairs.npz", "--out", "mine", "--privacy", "none", "--rounds", "1"], "mine", w,
+            expect="rounds.jsonl, report.md")
+
+
+def test_train_refuses_an_out_holding_the_users_files_by_its_output_names_and_reruns_into_its_own(w):
+    """Found by a tester: train replaced metrics.json (and basis.npz, user_weights.npz) that were not a run's."""
+    (w / "mine").mkdir()
+    (w / "mine" / "metrics.json").write_text('{"mine": true}')
+    refused(["train", "pairs.npz", "--rank", "1", "--out", "mine"], "mine", w, expect="no lore-fed basis.npz")
+    for _ in range(2):  # a run directory of train is its own to replace
+        code, _, err = cli(["train", "pairs.npz", "--rank", "1", "--out", "run"])
+        assert code == 0, err
+
+
 def test_evaluate_writes_a_new_metrics_json_beside_a_basis_file(w):
     """`--out metrics.json` next to basis.npz is the README's own example; only an existing run file is guarded."""
     code, _, err = cli(["evaluate", "pairs.npz", "--basis", "basis.npz", "--out", "metrics.json"])
