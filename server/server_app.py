@@ -14,6 +14,7 @@ from flwr.serverapp import Grid, ServerApp
 from lore_core.run_lock import RunDirLock
 from server.aggregation import Aggregator, make_aggregator
 from server.checkpoint import RunState, initial_basis, start_or_resume
+from server.engine_stop import stopping_with_engine
 from server.population import discover_population
 from server.release_record import ReleaseRecord
 from server.round_progress import RoundProgress
@@ -78,4 +79,4 @@ def _run_locked(grid: Grid, settings: ServerSettings, on_round: Callable[[dict],
 def main(grid: Grid, context: Context) -> None:
     settings = ServerSettings.from_run_config(context.run_config)
     with RoundProgress(settings.rounds, style=settings.progress) as progress:
-        run_federated(grid, settings, on_round=progress.update)
+        run_federated(stopping_with_engine(grid), settings, on_round=progress.update)
