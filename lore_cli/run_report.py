@@ -8,6 +8,7 @@ and the size of each released basis step (a function of released bases only: pos
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from lore_core.atomic_io import atomic_write_text
@@ -105,11 +106,18 @@ def round_table(history: list[dict]) -> list[str]:
                ("step norm", "update_norm", "{:.4f}"), ("epsilon", "epsilon", "{:.3f}"),
                ("seen acc", "seen_test_acc", "{:.4f}"), ("unseen acc", "unseen_test_acc", "{:.4f}"),
                ("seconds", "seconds", "{:.2f}")]
-    columns = [c for c in columns if any(c[1] in r for r in rows)]
+    columns = [c for c in columns if any(_figure(r, c[1]) is not None for r in rows)]
     lines = ["| " + " | ".join(c[0] for c in columns) + " |", "|" + "---|" * len(columns)]
     for r in rows:
-        lines.append("| " + " | ".join(c[2].format(r[c[1]]) if c[1] in r else "–" for c in columns) + " |")
+        lines.append("| " + " | ".join("–" if _figure(r, key) is None else form.format(r[key])
+                                        for _, key, form in columns) + " |")
     return lines
+
+
+def _figure(record: dict, key: str):
+    """A round's figure, None where it has none (not evaluated that round; NaN: no unseen users to evaluate)."""
+    value = record.get(key)
+    return None if isinstance(value, float) and math.isnan(value) else value
 
 
 def privacy_section(run_dir: Path) -> list[str]:

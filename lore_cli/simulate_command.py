@@ -14,6 +14,7 @@ Re-running with the same DIR and settings resumes after the last finished round 
 from __future__ import annotations
 
 import argparse
+import math
 import shlex
 import sys
 import time
@@ -409,7 +410,8 @@ def _simulate(args, pairs_path, population, overrides, settings, privacy, refere
     wall_seconds = round(wall, 3)
     if previous is not None and previous.history == state.history and "wall_seconds" in earlier:
         wall_seconds = earlier["wall_seconds"]  # a rerun of a finished run ran nothing: the run's time stays
-    metrics = {key: final[key] for key in TRAIN_KEYS if key in final}
+    # A figure this population has none of (no unseen users: NaN in the round record) is left out, as train does.
+    metrics = {key: final[key] for key in TRAIN_KEYS if math.isfinite(final.get(key, math.nan))}
     metrics.update(benchmark_metrics(pairs_path, population["true_basis"], settings.prior_pairs))
     metrics.update(rank=settings.rank, prior_pairs=settings.prior_pairs, objective=settings.objective,
                    train_prior_pairs=settings.train_prior_pairs, l2=settings.l2,
@@ -430,7 +432,8 @@ def _simulate(args, pairs_path, population, overrides, settings, privacy, refere
     command = "lore-fed simulate " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if sys.argv[1:2] == [
         "simulate"] else "lore-fed simulate"
     report = write_report(out, state.history, metrics, reference, command)
-    line = f"seen {metrics['seen_test_acc']:.4f}  unseen {metrics['unseen_test_acc']:.4f}"
+    line = "  ".join(f"{group} {metrics[f'{group}_test_acc']:.4f}" for group in ("seen", "unseen")
+                     if f"{group}_test_acc" in metrics)
     if "epsilon" in metrics:
         line += f"  epsilon {metrics['epsilon']:.3f} (delta {metrics['delta']:g})"
     if metrics["stopped_early"]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 import zipfile
@@ -41,7 +42,24 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+    atomic_write_bytes(path, (strict_json(obj, indent=2) + "\n").encode())
+
+
+def strict_json(obj: Any, **options: Any) -> str:
+    """`json.dumps` of `obj` as strict JSON: a float that is not finite (a figure that does not exist, such as the
+    standard error of one user's accuracy) is written null. Python writes NaN and Infinity, which are not JSON:
+    strict parsers (JavaScript, jq, most tools) refuse the whole file."""
+    return json.dumps(_finite_or_null(obj), allow_nan=False, **options)
+
+
+def _finite_or_null(obj: Any) -> Any:
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {key: _finite_or_null(value) for key, value in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite_or_null(value) for value in obj]
+    return obj
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

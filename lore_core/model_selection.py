@@ -231,10 +231,10 @@ class Candidate:
         return held_out_score(*self.estimate)
 
 
-def held_out_score(seen: float, new: float) -> float:
+def held_out_score(seen: float, new: float | None) -> float:
     """What selection maximizes: the mean of the seen and new estimates (the seen one alone when no user is treated
-    as new)."""
-    return seen if math.isnan(new) else 0.5 * (seen + new)
+    as new: `new` NaN, or None in a table read back from metrics.json)."""
+    return seen if new is None or math.isnan(new) else 0.5 * (seen + new)
 
 
 def _mean(values: np.ndarray) -> float:
@@ -267,9 +267,11 @@ def beats_rank1(row: dict, threshold: float = 1.0) -> bool:
     """The one-SE rule on a selection-table row (`select_one_se`): the gain over rank 1 exceeds `threshold` SEs and
     neither the seen nor the new gain is below minus its own SE. `threshold` other than 1 is for pilots only
     (simulations/pilot_one_se_threshold.py)."""
-    new_gain = row["new_gain"]
-    return bool(row["gain_vs_rank1"] > threshold * row["gain_se"] and row["seen_gain"] > -row["seen_gain_se"]
-                and (math.isnan(new_gain) or new_gain > -row["new_gain_se"]))
+    # A row read back from metrics.json holds null where select_one_se had NaN; as NaN it compares as it did then.
+    figure = {key: math.nan if value is None else value for key, value in row.items()}
+    return bool(figure["gain_vs_rank1"] > threshold * figure["gain_se"]
+                and figure["seen_gain"] > -figure["seen_gain_se"]
+                and (math.isnan(figure["new_gain"]) or figure["new_gain"] > -figure["new_gain_se"]))
 
 
 def choose_from_table(rows: list[dict], threshold: float = 1.0) -> tuple[int, list[bool]]:

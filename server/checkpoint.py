@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lore_core.atomic_io import atomic_save_npz, atomic_write_text
+from lore_core.atomic_io import atomic_save_npz, atomic_write_text, strict_json
 
 CHECKPOINT_FILENAME = "checkpoint.npz"
 ROUNDS_FILENAME = "rounds.jsonl"
@@ -100,4 +100,4 @@ def start_or_resume(settings, population) -> tuple[RunState, bool]:
 
 
 def write_rounds(run_dir: str | Path, history: list[dict]) -> None:
-    atomic_write_text(Path(run_dir) / ROUNDS_FILENAME, "".join(json.dumps(r) + "\n" for r in history))
+    atomic_write_text(Path(run_dir) / ROUNDS_FILENAME, "".join(strict_json(r) + "\n" for r in history))
