@@ -373,7 +373,6 @@ def _simulate(args, pairs_path, population, overrides, settings, privacy, refere
     from lore_core.basis_file import UNKNOWN_EMBEDDER, save_basis
     from server.optimizer import reported_basis
     from server.checkpoint import load_checkpoint, write_rounds
-    from server.engine_stop import engine_in_this_process
     from simulations.flower_run import AppShadowedError, simulate_pairs
 
     started = time.monotonic()
@@ -383,9 +382,8 @@ def _simulate(args, pairs_path, population, overrides, settings, privacy, refere
     if previous is not None:
         print(f"resuming after round {previous.round} from {out / 'checkpoint.npz'}", flush=True)
     try:
-        with engine_in_this_process():  # Ctrl-C stops the engine; leaving this stops the ServerApp's thread too
-            nodes = simulate_pairs(pairs_path, out, n_users=population["users"], users_per_node=args.users_per_node,
-                                   overrides=overrides, canaries=args.canaries, canary_secrets=args.canary_secrets)
+        nodes = simulate_pairs(pairs_path, out, n_users=population["users"], users_per_node=args.users_per_node,
+                               overrides=overrides, canaries=args.canaries, canary_secrets=args.canary_secrets)
     except AppShadowedError as exc:
         raise CommandFailed(str(exc)) from exc
     except RuntimeError as exc:  # the engine failed (a worker died, every node failed a round): nothing is lost

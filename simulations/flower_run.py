@@ -98,19 +98,22 @@ def run_simulation(overrides: dict, num_nodes: int, *, num_cpus: int | None = No
     TaskIdentity.node_id = SUPERLINK_NODE_ID
     if not verbose:
         logging.getLogger("flwr").setLevel(logging.WARNING)
-    result = _run_simulation(
-        num_supernodes=num_nodes,
-        exit_event=EventType.FLWR_SIMULATION_RUN_LEAVE,
-        server_app_attr=server_app_attr,
-        client_app_attr=client_app_attr,
-        backend_config=backend_config(num_cpus),
-        app_dir=str(ROOT),
-        run=run,
-        is_app=True,
-        server_app_context=Context(run_id=run.run_id, node_id=SUPERLINK_NODE_ID, node_config={}, state=RecordDict(),
-                                   run_config=fused),
-        verbose_logging=verbose,
-    )
+    from server.engine_stop import engine_in_this_process
+
+    with engine_in_this_process():  # Ctrl-C stops the engine; leaving this stops the ServerApp's thread too
+        result = _run_simulation(
+            num_supernodes=num_nodes,
+            exit_event=EventType.FLWR_SIMULATION_RUN_LEAVE,
+            server_app_attr=server_app_attr,
+            client_app_attr=client_app_attr,
+            backend_config=backend_config(num_cpus),
+            app_dir=str(ROOT),
+            run=run,
+            is_app=True,
+            server_app_context=Context(run_id=run.run_id, node_id=SUPERLINK_NODE_ID, node_config={}, state=RecordDict(),
+                                       run_config=fused),
+            verbose_logging=verbose,
+        )
     if not getattr(result, "success", True):
         raise RuntimeError("the Flower simulation failed (see the log above)")
 
