@@ -28,6 +28,10 @@ PRIVACY_DEFAULTS = {"noise_multiplier": 1.0, "clip_norm": 1.0, "clients_per_roun
 LOCAL_STEPS, CLIENT_LR = 5, 1.0  # the run config defaults (pyproject [tool.flwr.app.config])
 
 
+# `audit NAME --level record RUN_DIR`: RUN_DIR is optional, and argparse alone takes it only right after NAME
+INTERMIXED_ARGS = True
+
+
 class AuditCommandError(ValueError):
     """Missing or inconsistent audit inputs; the message says which option provides them."""
 

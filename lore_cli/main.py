@@ -38,6 +38,8 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
             module = importlib.import_module(module_name)
             module.configure(command_parser)
             command_parser.set_defaults(_run=module.run)
+            if getattr(module, "INTERMIXED_ARGS", False):  # options may come between its positionals
+                parser.set_defaults(_intermixed=command_parser)
     return parser
 
 
@@ -58,7 +60,8 @@ def _main(argv: list[str]) -> int:
     except ModuleNotFoundError as exc:
         print(f"lore-fed {command}: not available in this installation ({exc})", file=sys.stderr)
         return 2
-    args = parser.parse_args(argv)
+    intermixed = parser.get_default("_intermixed")
+    args = intermixed.parse_intermixed_args(argv[1:]) if intermixed else parser.parse_args(argv)
     if not getattr(args, "_run", None):
         parser.print_help()
         return 0 if command is None else 2

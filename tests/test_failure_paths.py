@@ -391,6 +391,11 @@ def test_rerunning_a_finished_run_keeps_its_report(tmp_path, pair_file, engine):
     assert json.loads((run / "metrics.json").read_text())["reference"] == {"path": str(other.resolve()),
                                                                           "seen_test_acc": 0.7}
 
+    # A tester: options between the audit's name and the run directory ("unrecognized arguments: RUN" before).
+    code, _, err = cli(["audit", "extraction", "--query-noise", "0.5", run])
+    assert code == 0, err
+    assert [a["kind"] for a in json.loads((run / "ledger.json").read_text())["events"]["audits"]] == ["extraction"] * 2
+
 
 def test_a_rerun_writes_the_report_with_its_audits_section_at_once(tmp_path, pair_file, engine, monkeypatch):
     """A review found report.md written twice by a rerun of an audited run, the second time with the audits section
