@@ -164,9 +164,9 @@ def check_no_other_files(out: Path) -> None:
         return
     try:
         load_basis(out / "basis.npz")
-    except ValueError:
-        raise ValueError(f"--out {out} holds {', '.join(present)} but no lore-fed basis.npz, so no run to replace: "
-                         "these files would be overwritten; give a new directory") from None
+    except ValueError as exc:
+        raise ValueError(f"--out {out} holds {', '.join(present)} but no lore-fed basis.npz ({exc}), so no run to "
+                         "replace: these files would be overwritten; give a new directory") from None
 
 
 def _config(args: argparse.Namespace, options: dict, dim: int, source: str, few_shot: int):

@@ -57,6 +57,7 @@ def with_ray(pairs_path: Path, run_dir: Path, mode: str, args: argparse.Namespac
     from flwr.supercore.telemetry import EventType
 
     from server.checkpoint import load_checkpoint
+    from server.engine_stop import engine_in_this_process
     from simulations.flower_run import backend_config, check_app_modules
 
     for key, value in (("FLWR_TELEMETRY_ENABLED", "0"), ("FLWR_DISABLE_UPDATE_CHECK", "1"),
@@ -68,11 +69,13 @@ def with_ray(pairs_path: Path, run_dir: Path, mode: str, args: argparse.Namespac
     run.override_config, run.primary_task_id, run.federation_id = dict(overrides), run.run_id + 1, NOOP_FEDERATION_ID
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = run.primary_task_id, run.run_id, SUPERLINK_NODE_ID
     logging.getLogger("flwr").setLevel(logging.WARNING)
-    _run_simulation(num_supernodes=args.nodes, exit_event=EventType.FLWR_SIMULATION_RUN_LEAVE,
-                    server_app_attr="server.server_app:app", client_app_attr=MODES[mode], backend_config=backend_config(),
-                    app_dir=str(ROOT), run=run, is_app=True,
-                    server_app_context=Context(run_id=run.run_id, node_id=SUPERLINK_NODE_ID, node_config={},
-                                               state=RecordDict(), run_config=get_fused_config_from_dir(ROOT, overrides)))
+    with engine_in_this_process():  # Ctrl-C stops the ServerApp's thread too (server/engine_stop.py)
+        _run_simulation(num_supernodes=args.nodes, exit_event=EventType.FLWR_SIMULATION_RUN_LEAVE,
+                        server_app_attr="server.server_app:app", client_app_attr=MODES[mode],
+                        backend_config=backend_config(), app_dir=str(ROOT), run=run, is_app=True,
+                        server_app_context=Context(run_id=run.run_id, node_id=SUPERLINK_NODE_ID, node_config={},
+                                                   state=RecordDict(),
+                                                   run_config=get_fused_config_from_dir(ROOT, overrides)))
     state = load_checkpoint(run_dir)
     if state is None or state.round < args.rounds:
         raise RuntimeError(f"the {mode} Ray run did not finish its {args.rounds} rounds (see the log)")

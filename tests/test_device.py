@@ -548,6 +548,22 @@ def test_another_model_exported_into_the_states_encoder_directory_is_refused_by_
     assert {p.name: p.read_bytes() for p in state_dir.iterdir() if p.is_file() and p.name != ".lock"} == before
 
 
+def test_a_state_without_choices_moving_to_the_new_models_basis_records_the_new_model(tmp_path):
+    """A review: with no stored choices, `init --reinit --basis B_BASIS` (another model's basis, no --encoder)
+    kept the encoder directory, now holding model B, under model A's recorded identity, so every later command
+    refused the state as holding a replaced encoder. Nothing stored was embedded by A: B is recorded."""
+    from client.device.encoder import encoder_identity, read_encoder_meta
+
+    basis = save_basis(tmp_path / "basis.npz", np.eye(2, 8), version=1, embedder="model-a")
+    enc = _fake_encoder_dir(tmp_path / "enc", model=b"model a", embedder="model-a")
+    state_dir = tmp_path / "state"
+    device(state_dir, "init", "--basis", basis, "--encoder", enc)
+    _fake_encoder_dir(enc, model=b"model b", embedder="model-b")
+    new_basis = save_basis(tmp_path / "b.npz", np.eye(2, 8), version=2, embedder="model-b")
+    device(state_dir, "init", "--basis", new_basis, "--reinit")
+    assert load_state(state_dir).encoder_identity == encoder_identity(read_encoder_meta(enc))
+
+
 def _replace_tokenizer_file(enc: Path) -> None:
     """Another export into `enc` that still runs: tokenizer.json re-serialised (other bytes), its digest recorded."""
     from client.device.encoder import file_sha256

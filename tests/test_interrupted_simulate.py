@@ -21,7 +21,7 @@ from server.engine_stop import ServerAppStopped, engine_in_this_process, stoppin
 from simulations.synthetic_pairs import SyntheticPairsConfig, make_synthetic_pairs
 
 ROOT = Path(__file__).resolve().parents[1]
-ROUNDS = 30
+ROUNDS = 100  # many more than pass before the signal lands, even on a fast idle machine
 EXIT_SECONDS = 15  # a hang fails here instead of blocking the suite
 
 # `python -c` driver: the CLI with Flower's engine on an in-process backend; SIGINT raises KeyboardInterrupt as in a

@@ -474,7 +474,13 @@ def _rebase(old: DeviceState, basis: BasisFile) -> DeviceState:
         print(f"note: the state's basis did not name its embedder; its stored choices are kept as embeddings of "
               f"{basis.embedder!r} ({basis.dim}-d)", file=sys.stderr)
     encoder = old.encoder if same_space else _check_rebase_keeps_choices(old, basis)
-    state = replace(old, basis=basis, encoder=encoder, encoder_identity=old.encoder_identity if encoder else None,
+    identity = old.encoder_identity
+    if encoder and not same_space and not old.n_pairs:
+        # Nothing stored was embedded by the old model: the encoder kept for the new space is what it holds now
+        from client.device.encoder import encoder_identity, read_encoder_meta
+
+        identity = encoder_identity(read_encoder_meta(encoder))
+    state = replace(old, basis=basis, encoder=encoder, encoder_identity=identity if encoder else None,
                     user_weights=None, posterior_mode=None, posterior_cov=None, prior_mean=None, attributes=())
     if old.attributes:
         print("dropped the declared attributes: their prior belongs to the old basis; declare them again with "
