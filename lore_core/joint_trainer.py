@@ -370,16 +370,19 @@ def train_joint(diff: np.ndarray, user: np.ndarray, config: TrainConfig = TrainC
         if stale >= 2:
             break
     chosen, table = select_one_se(candidates)
+    used = int(groups.max(initial=-1)) + 1
+    joined = int(given.max(initial=-1)) + 1 - used
     if len(candidates) > 1 and not any(f.seen_heldout.any() or f.new_rest.any() for f in folds):
-        warnings.warn("no held-out data: every seen user has too few groups to hold one out, and the new-user fold "
-                      f"has none to score, so no candidate could be estimated and the first was kept (rank "
-                      f"{chosen.rank}, l2 {chosen.l2:.1e}, prior {chosen.prior_pairs:g} pairs); give users several "
+        repeats = (f" ({joined} groups were merged as repeats of the same comparison: pairs whose diffs are equal "
+                   "up to sign)" if joined else "")
+        warnings.warn(f"no held-out data: every seen user has too few groups to hold one out{repeats}, and the "
+                      "new-user fold has none to score, so no candidate could be estimated and the first was kept "
+                      f"(rank {chosen.rank}, l2 {chosen.l2:.1e}, prior {chosen.prior_pairs:g} pairs); give users several "
                       "groups (the pair file's `group` array) or fix rank, l2 and prior", SelectionWarning,
                       stacklevel=2)
     basis, weights = final_fit(chosen.rank, chosen.l2, chosen.objective)
-    used = int(groups.max(initial=-1)) + 1
     held_out = {"groups": "group array" if group is not None else "one group per pair (no group array)",
-                "groups_used": used, "groups_joined_by_repeats": int(given.max(initial=-1)) + 1 - used,
+                "groups_used": used, "groups_joined_by_repeats": joined,
                 "folds": len(folds), "seen_heldout_pairs": int(sum(f.seen_heldout.sum() for f in folds)),
                 "new_fold_users": int(sum(f.new_users.sum() for f in folds)),
                 "new_fold_scored_pairs": int(sum(f.new_rest.sum() for f in folds)), "l2_unit": unit}

@@ -175,6 +175,19 @@ def test_a_selection_with_nothing_held_out_says_so_and_keeps_rank_one():
     assert fit.rank == 1 and fit.held_out["seen_heldout_pairs"] == 0
 
 
+def test_nothing_held_out_because_repeats_were_merged_says_so():
+    """A tester: with every pair of a user the same comparison, the warning blamed too few groups, not the merge."""
+    import pytest
+
+    from lore_core.joint_trainer import SelectionWarning
+
+    train = make_synthetic_pairs(SyntheticPairsConfig(dim=8, true_rank=2, seen_users=20, unseen_users=4,
+                                                      train_pairs=(6, 8), seed=4))[0].select(seen=True, split="train")
+    diff = np.repeat(train.diff[:1], len(train.diff), axis=0)
+    with pytest.warns(SelectionWarning, match=r"too few groups to hold one out \(\d+ groups were merged as repeats"):
+        train_joint(diff, train.user, TrainConfig(rank_grid=(1, 2), l2_grid=(1e-4,)))
+
+
 def test_train_records_how_many_groups_repeats_joined():
     pairs = make_synthetic_pairs(SyntheticPairsConfig(dim=16, true_rank=2, seen_users=30, unseen_users=0,
                                                       train_pairs=(8, 12), seed=4))[0].select(seen=True, split="train")
