@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from lore_core.atomic_io import atomic_write_bytes, atomic_write_text
+from lore_core.text_file import read_jsonl
 from server.optimizer import make_optimizer, pseudo_gradient
 
 RELEASES_DIR = "releases"
@@ -108,22 +109,13 @@ def check_continuable(run_dir: str | Path, optimizer: dict) -> list[dict] | None
 def read_chain(chain: Path) -> list[dict]:
     """chain.jsonl's lines (blank lines skipped); ReleaseRecordError naming the file and line for one that is not a
     JSON object (the file is written atomically: damage came from outside, or it is not a lore-fed record)."""
-    lines = []
-    for number, text in enumerate(chain.read_text(encoding="utf-8", errors="replace").splitlines(), start=1):
-        if not text.strip():
-            continue
-        try:
-            line = json.loads(text)
-            found = f"a JSON {type(line).__name__}"
-        except ValueError as exc:
-            line, found = None, f"{type(exc).__name__}: {exc}"
-        if not isinstance(line, dict):
-            raise ReleaseRecordError(f"{chain} line {number}: not a JSON object ({found}); expected the hash-chained "
-                                     "release record lore-fed simulate writes, one JSON object per line. It is "
-                                     "written atomically, so it was damaged afterwards or belongs to no lore-fed run: "
-                                     "restore it from a copy, or give a new --out directory")
-        lines.append(line)
-    return lines
+    try:
+        return [line for _, line in read_jsonl(chain, ReleaseRecordError)]
+    except ReleaseRecordError as exc:
+        raise ReleaseRecordError(f"{exc}: the line is not a JSON object; expected the hash-chained release record "
+                                 "lore-fed simulate writes, one JSON object per line. It is written atomically, so it "
+                                 "was damaged afterwards or belongs to no lore-fed run: restore it from a copy, or "
+                                 "give a new --out directory") from None
 
 
 @dataclass(frozen=True)
