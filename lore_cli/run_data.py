@@ -48,19 +48,23 @@ def same_pair_file(recorded: dict, pairs_path: str | Path) -> bool:
 
 
 def check_same_pairs(run_dir: Path, pairs_path: Path, resuming: bool) -> dict:
-    """The fingerprint of `pairs_path`; raises ValueError (exit 2) when a resumed run started on another file."""
+    """The fingerprint of `pairs_path`; raises ValueError (exit 2) when a resumed run started on another file, or
+    when DIR/data.json is not a record of this command (the user's own file, which the run would replace)."""
     current = {"path": str(Path(pairs_path).resolve()), **pair_file_fingerprint(pairs_path)}
     record = run_dir / DATA_FILENAME
-    if not (resuming and record.exists()):
+    if not record.exists():
         return current
     try:
         started = json.loads(record.read_text())
         same = started["bytes"] == current["bytes"] and (
             started["blake2b"] == current["blake2b"] or same_pair_file(started, pairs_path))
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        if not resuming:  # no checkpoint: the file is not a crashed start of this command's, it is someone's file
+            raise ValueError(f"--out {run_dir} holds {DATA_FILENAME}, which is not the pair-file record lore-fed "
+                             f"simulate writes ({exc}): it would be replaced; give a new directory") from exc
         raise ValueError(f"{record}: not a pair-file record ({exc}); expected JSON with 'bytes' and 'blake2b', as "
                          f"lore-fed simulate writes it. Restore it, or start the run afresh in a new --out") from exc
-    if not same:
+    if resuming and not same:
         raise ValueError(f"--out {run_dir} holds a run trained on another pair file ({started.get('path')}, "
                          f"{started['bytes']} bytes) than {pairs_path} ({current['bytes']} bytes, other content); "
                          "give that file to resume it, or a new --out directory")

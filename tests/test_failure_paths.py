@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import shutil
 import warnings
@@ -448,6 +449,31 @@ def test_a_stray_ledger_without_a_checkpoint_is_refused_before_anything_is_writt
     code, _, err = cli(["simulate", pair_file, "--out", run, *SIM])
     assert code == 2 and "Traceback" not in err and str(run / "ledger.json") in err, err
     assert tree(tmp_path) == before and engine.runs == 0
+
+
+@pytest.mark.parametrize("own", ['{"name": "my notes"}\n', "not json\n"])
+def test_a_users_own_data_json_in_a_new_out_is_refused_and_kept(tmp_path, pair_file, engine, own):
+    """Found by a tester: simulate replaced a data.json of the user's in an --out without a run of its own."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "data.json").write_text(own)
+    before = tree(tmp_path)
+    code, _, err = cli(["simulate", pair_file, "--out", run, *SIM])
+    assert code == 2 and "Traceback" not in err and "data.json" in err and "new directory" in err, err
+    assert tree(tmp_path) == before and engine.runs == 0 and (run / "data.json").read_text() == own
+
+
+def test_a_start_that_stopped_before_its_first_checkpoint_runs_again(tmp_path, pair_file, engine):
+    """Its own data.json (a run stopped before the first checkpoint) is no reason to refuse the rerun."""
+    run = tmp_path / "run"
+    assert cli(["simulate", pair_file, "--out", run, *SIM])[0] == 0
+    record = (run / "data.json").read_text()
+    for name in os.listdir(run):
+        if name != "data.json" and (run / name).is_file():
+            (run / name).unlink()
+    shutil.rmtree(run / "releases", ignore_errors=True)
+    assert cli(["simulate", pair_file, "--out", run, *SIM])[0] == 0
+    assert (run / "data.json").read_text() == record and (run / "basis.npz").exists()
 
 
 def test_a_finished_runs_damaged_release_chain_is_refused_naming_it(tmp_path, pair_file, engine):
