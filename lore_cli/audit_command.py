@@ -435,6 +435,19 @@ AUDITS = {"update-leakage": _update_leakage, "attribute": _attribute, "membershi
           "fairness": _fairness}
 
 
+def _run_dir_lock(run_dir: Path | None):
+    """The run directory's lock for the whole audit, from its first read to its ledger entry: an audit of a run still
+    writing there read an unfinished run's basis and ledger, wrote its files, and only then was refused at the
+    ledger, leaving a result that the finished run's report listed as its own. No lock file is left behind."""
+    import contextlib
+
+    from lore_core.run_lock import RunDirLock
+
+    if run_dir is None:
+        return contextlib.nullcontext()
+    return RunDirLock(run_dir, announce=False, remedy="audit it once that run has finished")
+
+
 def run(args: argparse.Namespace) -> int:
     from lore_core.atomic_io import check_output_path
     from lore_core.audits.audit_report import write_audit
@@ -446,10 +459,11 @@ def run(args: argparse.Namespace) -> int:
     _check_counts(args)
     if args.out:
         check_output_path(args.out, "--out", directory=True)
-    settings = _load_settings(args, run_dir)
-    result = AUDITS[args.name](args, run_dir, settings)
-    out = Path(args.out) if args.out else (run_dir if run_dir is not None else Path("audit-out"))
-    path = write_audit(out, result, ledger_dir=run_dir)
+    with _run_dir_lock(run_dir):
+        settings = _load_settings(args, run_dir)
+        result = AUDITS[args.name](args, run_dir, settings)
+        out = Path(args.out) if args.out else (run_dir if run_dir is not None else Path("audit-out"))
+        path = write_audit(out, result, ledger_dir=run_dir)
     print(f"audit {args.name}: {result['verdict'].upper()}")
     print(result["summary"])
     print(f"wrote {path} and {path.parent / 'audits.md'}")

@@ -43,11 +43,13 @@ class RunDirLock:
     SuperLink may start before its predecessor has exited. The command line does not wait. `announce=False`: the
     lock file is written only by `announce()` (see the module docstring)."""
 
-    def __init__(self, run_dir: str | os.PathLike, wait: float = 0.0, announce: bool = True) -> None:
+    def __init__(self, run_dir: str | os.PathLike, wait: float = 0.0, announce: bool = True,
+                 remedy: str = "wait for it to finish or use another --out directory") -> None:
         self.run_dir = Path(run_dir)
         self.key = str(self.run_dir.resolve())
         self.wait = wait
         self.announce_on_enter = announce
+        self.remedy = remedy  # what the refused caller can do: a reader (`audit`) has no other directory to use
 
     def __enter__(self) -> "RunDirLock":
         with _guard:
@@ -73,8 +75,7 @@ class RunDirLock:
                     continue
                 holder = _describe(fd)
                 os.close(fd)
-                raise RunDirBusy(f"{self.run_dir} is in use by another run ({holder}); wait for it to finish or "
-                                 "use another --out directory") from None
+                raise RunDirBusy(f"{self.run_dir} is in use by another run ({holder}); {self.remedy}") from None
             if _same_file(fd, path):
                 return _Holding(fd)
             os.close(fd)  # the file was removed by its holder before we got it: lock the path's current file

@@ -346,3 +346,30 @@ def test_audits_of_the_basis_still_run_on_a_rank_one_run(rank_one_run, tmp_path,
     run, _ = rank_one_run
     result, err = _audit(run, tmp_path, capsys, *argv)
     assert err == "" and result["verdict"] in ("leak", "no-leak", "pass", "fail")
+
+
+def test_an_audit_of_a_run_in_progress_is_refused_before_it_reads_or_writes_anything(tmp_path, capsys):
+    """Found by a tester: `audit accounting RUN` during `simulate` read the unfinished ledger, wrote
+    audits/accounting.json, and only then was refused at the ledger; the finished run's report listed that audit
+    ("PASS: the ledger's epsilon 9.7 ... 66 round events") beside its own epsilon 22.2 after 300 rounds. Now the
+    audit holds the run directory's lock from its first read: exit 2, naming the holder, nothing written."""
+    import subprocess
+    import sys
+
+    run = tmp_path / "run"
+    _real_ledger(run)
+    before = (run / "ledger.json").read_text()
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom lore_core.run_lock import RunDirLock\n"
+                               "with RunDirLock(sys.argv[1]):\n    print('held', flush=True)\n    time.sleep(60)\n",
+                               str(run)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert main(["audit", "accounting", str(run)]) == 2
+    finally:
+        holder.kill()
+        holder.wait()
+    err = capsys.readouterr().err
+    assert "in use by another run" in err and "audit it once that run has finished" in err, err
+    assert not (run / "audits").exists() and (run / "ledger.json").read_text() == before
+    assert main(["audit", "accounting", str(run)]) == 0  # once the run has ended
+    assert (run / "audits" / "accounting.json").is_file()
