@@ -8,6 +8,7 @@ scored on "test". The same protocol for centralized, federated and private runs 
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -134,6 +135,16 @@ def reference_metrics(pairs: PairSet) -> dict:
             continue
         if test.logit_true is not None:
             out[f"oracle_{label}_test_acc"] = _accuracy(test.logit_true, test.user)
+            _warn_of_tied_truth(test.logit_true, label)
         if test.reference_head is not None:
             out[f"reference_{label}_test_acc"] = _accuracy(test.diff @ test.reference_head, test.user)
     return out
+
+
+def _warn_of_tied_truth(logit_true: np.ndarray, label: str) -> None:
+    """A true logit of exactly 0 says the user has no preference; accuracy counts it as an error, as every tie (the
+    LoRe paper's rule), so an oracle near 0 is the file's doing, not the model's: say so instead of leaving a puzzle."""
+    tied = float(np.mean(logit_true == 0))
+    if tied >= 0.01:
+        warnings.warn(f"{tied:.0%} of {label} users' test pairs have a true logit of exactly 0 (no preference); "
+                      "accuracy counts a tie as an error, so the oracle's accuracy is lowered by as much")

@@ -153,3 +153,19 @@ def test_invalid_prior_is_refused(bad):
         fit_user_weights(np.ones((3, 2)), np.zeros(3, int), 1, prior_strength=bad)
     with pytest.raises(ValueError, match="one per user"):
         fit_user_weights(np.ones((3, 2)), np.zeros(3, int), 1, prior_strength=np.ones(2))
+
+
+def test_true_logits_of_exactly_zero_are_named_when_the_oracle_is_scored(small_pairs):
+    """Ties count as errors; a truth with no preference drives the oracle to 0, which is said, not left a puzzle."""
+    import dataclasses
+    import warnings
+
+    from lore_core.evaluation import reference_metrics
+
+    pairs, _ = small_pairs
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert reference_metrics(pairs)["oracle_seen_test_acc"] > 0.5  # a real truth: no warning
+    flat = dataclasses.replace(pairs, logit_true=np.zeros_like(pairs.logit_true))
+    with pytest.warns(UserWarning, match="100% of seen users' test pairs have a true logit of exactly 0"):
+        assert reference_metrics(flat)["oracle_seen_test_acc"] == 0.0
