@@ -23,8 +23,8 @@ import numpy as np
 import torch
 
 from lore_core.marginal_fit import OBJECTIVES, prior_samples
-from lore_core.model_selection import (Candidate, dense_groups, heldout_accuracy_folds, join_repeated_comparisons,
-                                       make_holdouts, select_one_se)
+from lore_core.model_selection import (MIN_NEW_FOLD_USERS, Candidate, dense_groups, heldout_accuracy_folds,
+                                       join_repeated_comparisons, make_holdouts, select_one_se)
 from lore_core.simplex_fit import DEFAULT_PRIOR_PAIRS, DEFAULT_PRIOR_STRENGTH, prior_from_pairs
 
 DEFAULT_RANK_GRID = (1, 2, 3, 4, 6, 8)
@@ -380,6 +380,12 @@ def train_joint(diff: np.ndarray, user: np.ndarray, config: TrainConfig = TrainC
                       f"(rank {chosen.rank}, l2 {chosen.l2:.1e}, prior {chosen.prior_pairs:g} pairs); give users several "
                       "groups (the pair file's `group` array) or fix rank, l2 and prior", SelectionWarning,
                       stacklevel=2)
+    elif len(candidates) > 1 and not any(f.new_users.any() for f in folds):
+        warnings.warn(f"no seen user could stand in for a new user (that needs {MIN_NEW_FOLD_USERS} seen users with two "
+                      "groups of pairs or more): candidates were compared on seen users' held-out groups alone, so "
+                      "the choice says nothing of what new users get" + (
+                          "; with one seen user no standard error exists, so one shared reward (rank 1) is kept"
+                          if len(user_ids) == 1 else ""), SelectionWarning, stacklevel=2)
     basis, weights = final_fit(chosen.rank, chosen.l2, chosen.objective)
     held_out = {"groups": "group array" if group is not None else "one group per pair (no group array)",
                 "groups_used": used, "groups_joined_by_repeats": joined,

@@ -3,6 +3,7 @@
 import json
 
 import numpy as np
+import pytest
 
 from lore_core.joint_trainer import TrainConfig, train_joint
 from lore_core.model_selection import Candidate, dense_groups, make_holdouts, select_one_se
@@ -186,6 +187,27 @@ def test_nothing_held_out_because_repeats_were_merged_says_so():
     diff = np.repeat(train.diff[:1], len(train.diff), axis=0)
     with pytest.warns(SelectionWarning, match=r"too few groups to hold one out \(\d+ groups were merged as repeats"):
         train_joint(diff, train.user, TrainConfig(rank_grid=(1, 2), l2_grid=(1e-4,)))
+
+
+@pytest.mark.parametrize("users", [1, 6])
+def test_a_population_too_small_for_a_new_user_fold_says_so(users):
+    """A tester: a one-user population trained at rank auto without a word, though nothing estimated new users."""
+    import warnings
+
+    from lore_core.joint_trainer import SelectionWarning
+
+    pairs = make_synthetic_pairs(SyntheticPairsConfig(dim=8, true_rank=2, seen_users=users, unseen_users=0,
+                                                      train_pairs=(30, 40), seed=4))[0].select(seen=True, split="train")
+    with pytest.warns(SelectionWarning, match="no seen user could stand in for a new user") as caught:
+        fit = train_joint(pairs.diff, pairs.user, TrainConfig(rank_grid=(1, 2), l2_grid=(1e-4,)))
+    assert fit.held_out["new_fold_users"] == 0 and fit.held_out["seen_heldout_pairs"] > 0
+    assert ("with one seen user" in str(caught[0].message)) == (users == 1)
+    assert users > 1 or fit.rank == 1
+    big = make_synthetic_pairs(SyntheticPairsConfig(dim=8, true_rank=2, seen_users=40, unseen_users=0,
+                                                    train_pairs=(10, 12), seed=4))[0].select(seen=True, split="train")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SelectionWarning)
+        train_joint(big.diff, big.user, TrainConfig(rank_grid=(1, 2), l2_grid=(1e-4,)))
 
 
 def test_train_records_how_many_groups_repeats_joined():
