@@ -133,11 +133,23 @@ def load_basis(path: str | Path) -> BasisFile:
                      prior_pairs=prior_pairs)
 
 
-def warn_if_other_embedder(basis_file: BasisFile, pairs: PairSet) -> None:
-    """Warn (UserWarning) when the basis and the pair file both name their embedder and the names differ: the basis
-    would meet pairs from another embedding space. An unnamed embedder (None, UNKNOWN_EMBEDDER) matches any."""
+def other_embedders(first: str | None, second: str | None) -> bool:
+    """Whether two embedder names say two embedding spaces. An unnamed embedder (None, UNKNOWN_EMBEDDER) matches
+    any. `lore-fed embed` names an embedder LABEL@FINGERPRINT/PIPELINE, the label being the model folder's name: one
+    model copied to another folder keeps its fingerprint (its files' digest), so only what follows '@' is compared
+    when both names have it."""
     unnamed = (None, UNKNOWN_EMBEDDER)
-    if basis_file.embedder not in unnamed and pairs.embedder not in unnamed and basis_file.embedder != pairs.embedder:
+    if first in unnamed or second in unnamed:
+        return False
+    if "@" in first and "@" in second:
+        return first.split("@", 1)[1] != second.split("@", 1)[1]
+    return first != second
+
+
+def warn_if_other_embedder(basis_file: BasisFile, pairs: PairSet) -> None:
+    """Warn (UserWarning) when the basis and the pair file name other embedders (`other_embedders`): the basis would
+    meet pairs from another embedding space."""
+    if other_embedders(basis_file.embedder, pairs.embedder):
         warnings.warn(f"basis {basis_file.source} was trained on embeddings of {basis_file.embedder!r}, but "
                       f"{pairs.source} holds embeddings of {pairs.embedder!r}: the scores compare two spaces; embed "
                       "the pairs with the basis' embedder", UserWarning, stacklevel=3)

@@ -1177,3 +1177,29 @@ def test_a_state_on_an_unnamed_basis_keeps_its_choices_when_the_next_basis_names
         other = save_basis(tmp_path / f"{embedder}.npz", rng.standard_normal((5, 384)), version=3, embedder=embedder)
         proc, _ = device(state_dir, "init", "--basis", other, "--reinit", check=False)
         assert proc.returncode == 2 and "another embedder" in proc.stderr and load_state(state_dir).n_pairs == 8
+
+
+def test_an_encoder_of_another_model_than_the_basis_is_refused_by_init_and_by_a_command(tmp_path):
+    """Carried from a review: `init --basis A_BASIS --encoder DIR_OF_MODEL_B` only printed a note, so a state kept
+    model A's stored choices and basis and embedded every new choice and candidate with model B. A model copied to
+    another folder (same files, another label) is the same model."""
+    from lore_core.basis_file import other_embedders
+
+    basis = save_basis(tmp_path / "basis.npz", np.eye(2, 8), version=1, embedder="model-a")
+    state_dir = tmp_path / "state"
+    device(state_dir, "init", "--basis", basis, "--encoder", _fake_encoder_dir(tmp_path / "a", embedder="model-a"))
+    stored = json.dumps({"prompt": "Which?", "chosen": "this", "rejected": "that"})
+    save_state(replace(load_state(state_dir), pair_diff=np.ones((1, 8), np.float32), choices=(stored,)))
+    other = _fake_encoder_dir(tmp_path / "b", model=b"model b", embedder="model-b")
+    candidates = tmp_path / "answers.txt"
+    candidates.write_text("Yes.\nNo.\n")
+    before = {p.name: p.read_bytes() for p in state_dir.iterdir() if p.is_file() and p.name != ".lock"}
+    for args in [("init", "--basis", basis, "--encoder", other),
+                 ("rank", "--prompt", "Which?", "--candidates", candidates, "--encoder", other)]:
+        proc, _ = device(state_dir, *args, check=False)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+        assert "the encoder there is 'model-b'" in proc.stderr and "embeddings of 'model-a'" in proc.stderr
+    assert {p.name: p.read_bytes() for p in state_dir.iterdir() if p.is_file() and p.name != ".lock"} == before
+    assert not other_embedders("copy@0123456789/segment-pair/mean/l2", "model@0123456789/segment-pair/mean/l2")
+    assert other_embedders("model@0123456789/segment-pair/mean/l2", "model@9876543210/segment-pair/mean/l2")
+    assert not other_embedders("unknown", "model-b") and not other_embedders(None, "model-b")

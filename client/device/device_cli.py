@@ -375,15 +375,26 @@ def _state_source(args) -> str:
 
 def _checked_encoder_dir(directory: Path, basis: BasisFile) -> tuple[str, dict]:
     """The encoder directory `init` sets (absolute) and the identity the state records for it."""
-    from client.device.encoder import EncoderError, encoder_identity, read_encoder_meta
+    from client.device.encoder import encoder_identity, read_encoder_meta
 
     meta = read_encoder_meta(directory, verify=True)
-    if int(meta["dim"]) != basis.dim:
-        raise EncoderError(f"{directory}: encoder dimension {meta['dim']} does not match the basis ({basis.dim})")
-    if meta["embedder"] != basis.embedder:
-        print(f"note: encoder {meta['embedder']!r} and basis embedder {basis.embedder!r} are named differently",
-              file=sys.stderr)
+    _check_encoder_fits(directory, int(meta["dim"]), meta["embedder"], basis)
     return str(Path(directory).resolve()), encoder_identity(meta)
+
+
+def _check_encoder_fits(directory, dim: int, embedder: str | None, basis: BasisFile) -> None:
+    """Refuse an encoder whose embeddings are not the basis' space: another width, or another model (a named one
+    whose embeddings the basis was not trained on would be scored without a word)."""
+    from client.device.encoder import EncoderError
+    from lore_core.basis_file import other_embedders
+
+    if dim != basis.dim:
+        raise EncoderError(f"{directory}: encoder dimension {dim} does not match the basis ({basis.dim})")
+    if other_embedders(embedder, basis.embedder):
+        raise EncoderError(f"{directory}: the encoder there is {embedder!r}, but basis {basis.source} was trained on "
+                           f"embeddings of {basis.embedder!r}: its rewards would score another model's embeddings. "
+                           "Export the basis' model there (`export-encoder --out DIR --model MODEL`), or give a basis "
+                           "trained on this encoder's embeddings (with --reinit when the state exists)")
 
 
 def _open_encoder(state: DeviceState, override: Path | None = None, *, basis: BasisFile | None = None):
@@ -396,14 +407,13 @@ def _open_encoder(state: DeviceState, override: Path | None = None, *, basis: Ba
     directory, basis = override or state.encoder, basis or state.basis
     if not directory:
         raise EncoderError("no encoder configured: pass --encoder DIR (from `export-encoder`) or set it at init")
+    meta = read_encoder_meta(directory, verify=bool(override))
     if not override and state.encoder_identity is not None:  # a state set before the record: not checked
-        found = encoder_identity(read_encoder_meta(directory))
+        found = encoder_identity(meta)
         if found["sha256"] != state.encoder_identity["sha256"]:
             raise EncoderError(_replaced_encoder(state, found))
-    encoder = OnnxPairEncoder(directory, verify=bool(override))
-    if encoder.dim != basis.dim:
-        raise EncoderError(f"{directory}: encoder dimension {encoder.dim} does not match the basis ({basis.dim})")
-    return encoder
+    _check_encoder_fits(directory, int(meta["dim"]), meta["embedder"], basis)  # before the model loads
+    return OnnxPairEncoder(directory)  # its files were just verified, where they needed to be
 
 
 def _replaced_encoder(state: DeviceState, found: dict) -> str:
