@@ -266,7 +266,8 @@ def train_joint(diff: np.ndarray, user: np.ndarray, config: TrainConfig = TrainC
     torch.manual_seed(config.seed)
     user_ids, user_idx = np.unique(user, return_inverse=True)
     n_users = user_ids.size
-    ranks = config.rank_grid if config.rank == "auto" else (config.rank,)
+    # A basis has at most D rows: the grid's larger ranks do not exist for a narrow embedding (D = 1, 2, ...).
+    ranks = tuple(r for r in config.rank_grid if r <= diff.shape[1]) if config.rank == "auto" else (config.rank,)
     unit = l2_unit(diff)
     l2s = sorted((unit * v for v in config.l2_grid), reverse=True) if config.l2 == "auto" else [float(config.l2)]
     priors = config.prior_pairs_grid if config.prior_pairs == "auto" else (float(config.prior_pairs),)

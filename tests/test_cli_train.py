@@ -173,3 +173,13 @@ def _no_warning():
             warnings.simplefilter("error", UserWarning)
             yield
     return guard()
+
+
+def test_rank_auto_on_a_narrow_embedding_tries_only_ranks_that_fit(tmp_path):
+    """A tester: on a D = 2 file `--rank auto` trained the grid's rank 3 and failed writing its basis, naming the
+    output basis.npz as the bad file."""
+    pairs, _ = make_synthetic_pairs(SyntheticPairsConfig(dim=2, true_rank=2, seen_users=30, unseen_users=4, seed=4))
+    run = tmp_path / "run"
+    assert main(["train", str(save_pairs(pairs, tmp_path / "pairs.npz")), "--out", str(run)]) == 0
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert {row["rank"] for row in metrics["selection"]} <= {1, 2} and metrics["rank"] <= 2
