@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import codecs
 import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -62,8 +63,44 @@ def read_jsonl(path: str | Path, error: type[ValueError] = ValueError) -> Iterat
 def parse_json(text: str, path: str | Path, error: type[ValueError] = ValueError, line: int = 1):
     """json.loads(text) with an error that names the file and the line (`line`: where `text` starts)."""
     try:
-        return json.loads(text)
+        value = json.loads(text)
     except json.JSONDecodeError as exc:
         raise error(f"{path} line {line + exc.lineno - 1}: not valid JSON ({exc.msg}, column {exc.colno})") from None
     except RecursionError:
         raise error(f"{path} line {line}: JSON nested too deeply") from None
+    _refuse_lone_surrogates(value, text, path, error, line)
+    return value
+
+
+# An escaped UTF-16 surrogate without its other half: json.loads accepts it, but the string it makes is not Unicode
+# text (it cannot be encoded as UTF-8, so hashing or tokenizing it fails far from the file).
+_LONE_SURROGATE = re.compile(r"\\u[dD][89abAB][0-9a-fA-F]{2}(?!\\u[dD][c-fC-F])"
+                             r"|(?<!\\u[dD][89abAB][0-9a-fA-F]{2})\\u[dD][c-fC-F][0-9a-fA-F]{2}")
+
+
+def _refuse_lone_surrogates(value, text: str, path: str | Path, error: type[ValueError], line: int) -> None:
+    """Raise `error` naming the line when a string (or key) of `value` holds a lone surrogate. The text is searched
+    first, so the parsed value is walked only when such an escape is there."""
+    match = _LONE_SURROGATE.search(text)
+    if match is None or _is_unicode(value):
+        return
+    raise error(f"{path} line {line + text.count(chr(10), 0, match.start())}: {match.group()} is half of a "
+                "UTF-16 surrogate pair, not a character; the text must be valid Unicode")
+
+
+def _is_unicode(value) -> bool:
+    """Every string in `value` (a parsed JSON value, walked without recursion) encodes as UTF-8."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            stack.extend(item)
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+        elif isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                return False
+    return True

@@ -371,6 +371,8 @@ def test_embed_command_ground_truth_checks(minilm, tmp_path, capsys):
         ({**PAIRS[0], "split": "dev"}, "'split' must be one of"),
         ({**PAIRS[0], "history": [{"role": "bot", "content": "x"}]}, "'history'"),
         ({k: v for k, v in PAIRS[0].items() if k != "chosen"}, "missing keys ['chosen']"),
+        # found by a tester: an escaped lone surrogate parsed, then failed in the cache key's encode, naming no file
+        ({**PAIRS[0], "rejected": "caf\ud800"}, "\\ud800 is half of a UTF-16 surrogate pair"),
     ],
 )
 def test_embed_command_names_the_bad_line(tmp_path, capsys, bad_line, message):

@@ -312,6 +312,10 @@ BAD_FILES = {
         _edit_record("utterances.jsonl", 10, lambda r: r.update(score=r["score"] % 100 + 1)),
         "utterances.jsonl line 10: 'score' is int",
     ),
+    "lone surrogate": (  # found by a tester: prepare wrote it into pairs.jsonl and embed then failed naming no file
+        _edit_record("conversations.jsonl", 2, lambda r: r.update(open_feedback="caf\udce9")),
+        "conversations.jsonl line 2: \\udce9 is half of a UTF-16 surrogate pair",
+    ),
 }
 
 
