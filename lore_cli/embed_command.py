@@ -93,6 +93,8 @@ def run(args: argparse.Namespace) -> int:
     )
     if truth is not None:
         truth = check_ground_truth(truth, truth_path, embedder.name, embedder.dim)
+    if truth is not None:
+        check_truth_users(truth, records["user"], truth_path)  # before the embedding, which may take hours
 
     n = len(records["chosen"])
     histories = records["history"]
@@ -135,6 +137,7 @@ def read_pair_records(path: Path) -> dict[str, list]:
         raise DatasetError(f"{path} not found; run `lore-fed prepare` (or `lore-fed synth`) first")
     columns: dict[str, list] = {k: [] for k in ("user", "history", "chosen", "rejected", "split", "seen")}
     conversations: list[str | None] = []
+    seen_at: dict[str, tuple[bool, int]] = {}  # user -> (seen, first line): checked here, not after embedding
     for lineno, record in read_jsonl(path, DatasetError):
         where = f"{path} line {lineno}"
         missing = [k for k in columns if k not in record]
@@ -147,6 +150,10 @@ def read_pair_records(path: Path) -> dict[str, list]:
             raise DatasetError(f"{where}: 'split' must be one of {SPLITS}, got {record['split']!r}")
         if not isinstance(record["seen"], bool):
             raise DatasetError(f"{where}: 'seen' must be true or false, got {record['seen']!r}")
+        seen, first = seen_at.setdefault(record["user"], (record["seen"], lineno))
+        if record["seen"] != seen:
+            raise DatasetError(f"{where}: user {record['user']!r} has 'seen' {str(record['seen']).lower()}, but "
+                               f"{str(seen).lower()} on line {first}; a user is seen or unseen in all its pairs")
         try:
             validate_history(record["history"])
         except EmbeddingError as exc:
@@ -200,6 +207,14 @@ def check_ground_truth(truth: dict[str, np.ndarray], path: Path, embedder_name: 
         )
         return None
     return truth
+
+
+def check_truth_users(truth: dict[str, np.ndarray], users: list[str], where: Path) -> None:
+    """Every user of the pairs has true weights (`true_logits` needs them)."""
+    unknown = sorted(set(users) - set(truth["user_id"].astype(str).tolist()))
+    if unknown:
+        raise DatasetError(f"{where}: users without ground-truth weights: {unknown[:5]}; embed the benchmark's own "
+                           "pairs, or pass --ignore-ground-truth")
 
 
 def true_logits(truth: dict[str, np.ndarray], users: np.ndarray, diff: np.ndarray, where: Path) -> np.ndarray:

@@ -364,6 +364,17 @@ def test_embed_command_ground_truth_checks(minilm, tmp_path, capsys):
     assert "shape (2, 16)" in capsys.readouterr().err
 
 
+def test_embed_command_refuses_users_without_true_weights_before_embedding(minilm, tmp_path, capsys):
+    """Found by a tester: a pair of a user the benchmark's truth lacks was refused after every pair was embedded."""
+    dataset, cache = tmp_path / "data", tmp_path / "cache"
+    write_dataset(dataset, PAIRS)
+    np.savez(dataset / "ground_truth.npz", basis=np.ones((2, 384)), user_id=np.array(["user1"]),
+             user_weights=np.ones((1, 2)) / 2, logit_scale=np.float64(1.0), embedder=np.array(minilm.name))
+    assert cli_main(["embed", str(dataset), "--cache-dir", str(cache)]) == 2
+    assert "users without ground-truth weights: ['user2']" in capsys.readouterr().err
+    assert not list(cache.rglob("*.emb")) and not (dataset / "pairs.npz").exists()  # nothing was embedded
+
+
 @pytest.mark.parametrize(
     "bad_line, message",
     [
@@ -373,6 +384,8 @@ def test_embed_command_ground_truth_checks(minilm, tmp_path, capsys):
         ({k: v for k, v in PAIRS[0].items() if k != "chosen"}, "missing keys ['chosen']"),
         # found by a tester: an escaped lone surrogate parsed, then failed in the cache key's encode, naming no file
         ({**PAIRS[0], "rejected": "caf\ud800"}, "\\ud800 is half of a UTF-16 surrogate pair"),
+        # found by a tester: a user both seen and unseen was refused only after every pair was embedded
+        ({**PAIRS[0], "seen": False}, "user 'user1' has 'seen' false, but true on line 1"),
     ],
 )
 def test_embed_command_names_the_bad_line(tmp_path, capsys, bad_line, message):
