@@ -41,7 +41,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lore_core.atomic_io import atomic_write_bytes
+from lore_core.atomic_io import atomic_write_bytes, check_output_path
 from lore_core.pairs import PAIRS_FILENAME
 from lore_core.prism_hub import resolve_source
 from lore_core.prism_schema import GROUND_TRUTH_FILE, EMPTY_RESPONSE, Conversation, PrismRelease, load_release
@@ -197,7 +197,9 @@ def prepare_dataset(
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise PrismPrepareError(f"--out {out_dir} exists and is not a directory")
+    check_output_path(out_dir, "--out", directory=True)  # a file on the way or no write access: before the work
     directory = resolve_source(source)
+    _refuse_foreign_files(out_dir, directory)
     release = load_release(directory)
     pairs, drops = build_pairs(release.conversations)
 
@@ -233,6 +235,32 @@ def prepare_dataset(
     files[SUMMARY_JSON] = (json.dumps(summary, indent=2) + "\n").encode()
     _write_outputs(out_dir, files)
     return summary
+
+
+def _refuse_foreign_files(out_dir: Path, source: Path) -> None:
+    """An existing out_dir that is not a dataset of `prepare` (no summary.json of its own) may not hold a file that
+    `prepare` replaces or removes: it is the user's own (a copy of the source's truth excepted)."""
+    if not out_dir.is_dir() or _is_own_summary(out_dir / SUMMARY_JSON):
+        return
+    names = [PAIRS_JSONL, USERS_JSONL, SUMMARY_JSON]
+    truth = out_dir / GROUND_TRUTH_FILE
+    if truth.exists() and not (truth.is_file() and (source / GROUND_TRUTH_FILE).is_file()
+                               and truth.read_bytes() == (source / GROUND_TRUTH_FILE).read_bytes()):
+        names.append(GROUND_TRUTH_FILE)
+    found = [name for name in names if (out_dir / name).exists()]
+    if found:
+        raise PrismPrepareError(f"--out {out_dir} is not a dataset of lore-fed prepare (it has no summary.json of "
+                                f"prepare's) but holds {', '.join(found)}, which prepare would replace; give a new "
+                                "directory, or move those files")
+
+
+def _is_own_summary(path: Path) -> bool:
+    """`path` is a summary.json that `prepare` wrote (it records the split protocol)."""
+    try:
+        protocol = json.loads(path.read_bytes())["split"]["protocol"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return isinstance(protocol, str) and protocol.startswith("LoRe PRISM")
 
 
 def population_warnings(users: list[str], split: UserSplit, config: SplitConfig) -> list[str]:

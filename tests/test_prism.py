@@ -344,6 +344,32 @@ def test_failure_leaves_an_existing_dataset_as_it_was(tmp_path, prepared):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dataset", "prism"]  # no staging leftovers
 
 
+@pytest.mark.parametrize("own", ["summary.json", "users.jsonl", "pairs.jsonl", "ground_truth.npz"])
+def test_an_out_holding_the_users_own_files_is_refused_and_kept(tmp_path, capsys, own):
+    """Found by a tester: prepare replaced a summary.json, users.jsonl or pairs.jsonl of the user's in --out and
+    deleted their ground_truth.npz. A dataset of prepare's own (its summary.json) is still rewritten."""
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / own).write_text("the user's own file\n")
+    assert main(["prepare", str(FIXTURE), "--out", str(out), "--min-conversations", "2"]) == 2
+    err = capsys.readouterr().err
+    assert f"--out {out} is not a dataset of lore-fed prepare" in err and own in err and "Traceback" not in err
+    assert [p.name for p in out.iterdir()] == [own] and (out / own).read_text() == "the user's own file\n"
+
+    dataset = tmp_path / "dataset"
+    prepare_dataset(FIXTURE, dataset, min_conversations=2)
+    (dataset / "users.jsonl").write_text("edited\n")
+    assert main(["prepare", str(FIXTURE), "--out", str(dataset), "--min-conversations", "2"]) == 0
+    assert (dataset / "users.jsonl").read_text() != "edited\n"
+
+
+def test_an_out_below_a_file_is_refused_naming_it(tmp_path, capsys):
+    """Found by a tester: prepare did all its work, then failed with a bare '[Errno 17] File exists'."""
+    (tmp_path / "afile").write_text("x")
+    assert main(["prepare", str(FIXTURE), "--out", str(tmp_path / "afile" / "sub"), "--min-conversations", "2"]) == 2
+    assert f"{tmp_path / 'afile'} is a file, not a directory" in capsys.readouterr().err
+
+
 # --- source resolution ----------------------------------------------------------------------------------------------
 def test_local_directory_is_used_as_is():
     assert resolve_source(FIXTURE) == FIXTURE
