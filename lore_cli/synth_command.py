@@ -6,7 +6,7 @@ import argparse
 import time
 from dataclasses import replace
 
-from lore_cli.embed_command import add_batch_size
+from lore_cli.embed_command import add_batch_size, terminated_as_exit
 from simulations.prism_population import DEMOGRAPHICS, BenchmarkConfig, conversation_distribution, generate_benchmark
 
 DEFAULTS = BenchmarkConfig()
@@ -54,8 +54,9 @@ def run(args: argparse.Namespace) -> int:
     check_device(args.device)  # by the flag's name, before the model loads
     started = time.perf_counter()
     embedder = load_embedder(args.model, device=args.device, batch_size=args.batch_size, cache_dir=args.cache_dir)
-    benchmark = generate_benchmark(config, embedder)
-    written = benchmark.write(args.out)
+    with terminated_as_exit():  # what was embedded before a kill -TERM stays in the cache for the rerun
+        benchmark = generate_benchmark(config, embedder)
+        written = benchmark.write(args.out)
     s = benchmark.stats
     print(
         f"synth: {s['users']} users ({s['survey_only_users']} survey-only), {s['conversations']} conversations, "

@@ -375,6 +375,44 @@ def test_embed_command_refuses_users_without_true_weights_before_embedding(minil
     assert not list(cache.rglob("*.emb")) and not (dataset / "pairs.npz").exists()  # nothing was embedded
 
 
+# `python -c` driver: `lore-fed embed` whose third forward pass is ended by kill -TERM, as a scheduler or `timeout` does.
+EMBED_TERMINATED = """
+import os, signal, sys
+from lore_core.embeddings import SentenceEmbedder
+encode, calls = SentenceEmbedder._encode, []
+
+def encode_then_terminated(self, contexts, responses):
+    calls.append(1)
+    if len(calls) == 3:
+        os.kill(os.getpid(), signal.SIGTERM)
+    return encode(self, contexts, responses)
+
+SentenceEmbedder._encode = encode_then_terminated
+from lore_cli.main import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_embed_ended_by_sigterm_keeps_what_it_computed_for_the_rerun(tmp_path, capsys):
+    """Found by a tester: kill -TERM ended embed at once, and the rows computed since the last cache flush (up to
+    4,096) were lost; Ctrl-C kept them. Now both do, and the rerun serves them from the cache."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    dataset, cache = tmp_path / "data", str(tmp_path / "cache")
+    write_dataset(dataset, PAIRS)
+    argv = ["embed", str(dataset), "--cache-dir", cache, "--batch-size", "1"]
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-c", EMBED_TERMINATED, *argv], cwd=root, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(root)}, timeout=300)
+    assert done.returncode == 143 and "Traceback" not in done.stderr, done.stderr
+    assert not (dataset / "pairs.npz").exists()
+    assert cli_main(argv) == 0
+    assert "4 embedded, 2 served from cache" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize(
     "bad_line, message",
     [
