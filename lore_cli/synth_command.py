@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import time
 from dataclasses import replace
+from pathlib import Path
 
 from lore_cli.embed_command import add_batch_size, terminated_as_exit
 from simulations.prism_population import DEMOGRAPHICS, BenchmarkConfig, conversation_distribution, generate_benchmark
@@ -32,6 +33,19 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
 
 
+def refuse_a_release_of_others(out: Path) -> None:
+    """An --out holding PRISM files but no ground_truth.npz is not a population of `synth` (a real release, say):
+    they would be replaced. A population of synth's, complete or cut short, has its truth (written first)."""
+    from lore_core.prism_schema import CONVERSATIONS_FILE, GROUND_TRUTH_FILE, SURVEY_FILE, UTTERANCES_FILE
+
+    if (out / GROUND_TRUTH_FILE).is_file():
+        return
+    found = [name for name in (SURVEY_FILE, CONVERSATIONS_FILE, UTTERANCES_FILE) if (out / name).exists()]
+    if found:
+        raise ValueError(f"--out {out} holds {', '.join(found)} without the {GROUND_TRUTH_FILE} of a synth "
+                         "population: they are not synth's, and would be replaced; give a new directory")
+
+
 def run(args: argparse.Namespace) -> int:
     from lore_cli.train_command import check_device
     from lore_core.atomic_io import check_output_path
@@ -51,6 +65,7 @@ def run(args: argparse.Namespace) -> int:
         model=args.model,
     )
     check_output_path(args.out, "--out", directory=True)
+    refuse_a_release_of_others(Path(args.out))
     check_device(args.device)  # by the flag's name, before the model loads
     started = time.perf_counter()
     embedder = load_embedder(args.model, device=args.device, batch_size=args.batch_size, cache_dir=args.cache_dir)

@@ -285,8 +285,11 @@ class Benchmark:
     stats: dict = field(default_factory=dict)
 
     def write(self, out_dir: str | Path) -> dict[str, Path]:
-        """Write survey/conversations/utterances JSONL (json.dumps, ASCII-escaped, as the release) and the truth."""
+        """Write the truth, then survey/conversations/utterances JSONL (json.dumps, ASCII-escaped, as the release).
+        The truth first: a directory with release files is a population of `synth` only where it has one (`synth`
+        refuses any other --out holding them), so a write cut short must leave it there for the rerun."""
         out_dir = Path(out_dir)
+        written = {GROUND_TRUTH_FILE: self.truth.save(out_dir / GROUND_TRUTH_FILE)}
         paths = {
             SURVEY_FILE: (out_dir / SURVEY_FILE, self.survey),
             CONVERSATIONS_FILE: (out_dir / CONVERSATIONS_FILE, self.conversations),
@@ -294,8 +297,7 @@ class Benchmark:
         }
         for path, rows in paths.values():
             atomic_write_text(path, "".join(json.dumps(row) + "\n" for row in rows))
-        written = {name: path for name, (path, _) in paths.items()}
-        written[GROUND_TRUTH_FILE] = self.truth.save(out_dir / GROUND_TRUTH_FILE)
+        written.update({name: path for name, (path, _) in paths.items()})
         return written
 
 

@@ -216,3 +216,28 @@ def test_cli_writes_a_population(tmp_path, cache_dir, capsys):
     assert len(release.conversations) == 12
     assert load_ground_truth(out).config.plant_attribute == "age"
     assert main(["synth", "--users", "6", "--out", str(out), "--conversations", "two"]) == 2
+
+
+def test_a_population_whose_write_was_cut_short_is_written_again(tmp_path, cache_dir, monkeypatch):
+    """synth refuses an --out with PRISM files and no ground_truth.npz (a release of the user's, found replaced by a
+    tester); so the truth is written first, and a write cut short after it leaves a directory the rerun takes."""
+    import simulations.prism_population as population
+    from lore_cli.main import main
+
+    out = tmp_path / "prism"
+    argv = ["synth", "--users", "6", "--out", str(out), "--conversations", "2", "--max-turns", "2", "--seed", "1",
+            "--cache-dir", str(cache_dir)]  # fmt: skip
+    assert main(argv) == 0
+    write_text = population.atomic_write_text
+
+    def cut_short(path, text):
+        if Path(path).name != "survey.jsonl":
+            raise KeyboardInterrupt  # Ctrl-C after the survey was written
+        write_text(path, text)
+
+    monkeypatch.setattr(population, "atomic_write_text", cut_short)
+    assert main([*argv[:-2], "--seed", "2", "--cache-dir", str(cache_dir)]) == 130
+    monkeypatch.setattr(population, "atomic_write_text", write_text)
+    assert load_ground_truth(out).config.seed == 2  # the new population's truth is there before its files
+    assert main([*argv[:-2], "--seed", "2", "--cache-dir", str(cache_dir)]) == 0
+    assert len(load_release(out).survey) == 6 and load_ground_truth(out).config.seed == 2

@@ -359,6 +359,8 @@ EXTREME = {
     "simulate out under a file": (["simulate", "pairs.npz", "--out", "basis.npz/run", "--privacy", "none"], "--out"),
     "synth out under a file": (["synth", "--users", "5", "--out", "pairs.npz/x"], "--out"),
     "synth batch size 0": (["synth", "--users", "5", "--out", "x", "--batch-size", "0"], "--batch-size"),
+    # found by a tester: synth replaced a PRISM release (the user's real data) in its --out without a word
+    "synth over a PRISM release": (["synth", "--users", "5", "--out", "prism"], ("--out prism", "survey.jsonl")),
     "embed batch size 0": (["embed", "dataset", "--batch-size", "0"], "--batch-size"),
     "embed device bogus": (["embed", "dataset", "--device", "bogus"], "--device must be"),  # read "device must be"
     "synth device bogus": (["synth", "--users", "5", "--out", "x", "--device", "tpu"], "--device must be"),
@@ -432,6 +434,10 @@ EXTREME = {
                                    ("-c eval-every=1 under", "set -c eval-every=0 (", "-c allow-uncovered-eval=true")),
     "deploy clip norm 0": (DEPLOY + ["-c", "clip-norm=0.0 clients-per-round=3"], "set -c clip-norm to about"),
     "deploy config file": (DEPLOY + ["-c", "my.toml"], "key=value"),
+    # found by a tester: flwr let -c win over the command's own values: the server wrote its checkpoint and ledger
+    # to /tmp/x, not --run-dir, exit 0; min-nodes=5 for 2 nodes waited until --timeout
+    "deploy config run-dir": (DEPLOY + ["-c", 'run-dir="/tmp/x" clients-per-round=3'], "run-dir (set by --run-dir)"),
+    "deploy config min-nodes": (DEPLOY + ["-c", "min-nodes=5 clients-per-round=3"], "min-nodes (set by --nodes)"),
     # found by a tester: refused only after RUN/certs had been generated (1,000 files for 500 nodes)
     "deploy more nodes than users": (DEPLOY[:2] + ["--nodes", "9"] + DEPLOY[4:] + ["-c", "clients-per-round=3"],
                                      "--nodes 9 for 8 users"),
