@@ -18,7 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from lore_core.pairs import SPLITS, PairSet, save_pairs
+from lore_core.atomic_io import check_output_path
+from lore_core.pairs import PAIRS_FILENAME, SPLITS, PairSet, save_pairs
 
 PAIRS_JSONL = "pairs.jsonl"
 from lore_core.prism_schema import GROUND_TRUTH_FILE as GROUND_TRUTH
@@ -101,7 +102,11 @@ def _run(args: argparse.Namespace) -> int:
 
     transformers_logging.disable_progress_bar()  # per-tensor "Loading weights" bars; our own bar counts texts
     dataset_dir = Path(args.dataset_dir)
+    if dataset_dir.is_file():
+        raise DatasetError(f"{dataset_dir} is a file; give the dataset directory that holds {PAIRS_JSONL} (from "
+                           "`lore-fed prepare`)")
     records = read_pair_records(dataset_dir / PAIRS_JSONL)
+    check_pair_file_writable(dataset_dir / PAIRS_FILENAME)
     truth_path = dataset_dir / GROUND_TRUTH
     truth = None
     if truth_path.exists() and not args.ignore_ground_truth:
@@ -146,6 +151,13 @@ def _run(args: argparse.Namespace) -> int:
         f"{stats.cached} served from cache"
     )
     return 0
+
+
+def check_pair_file_writable(path: Path) -> None:
+    """Before the model loads: a pairs.npz that cannot be written failed only after every pair was embedded."""
+    if path.is_dir():
+        raise DatasetError(f"{path} is a directory, where embed writes the pair file; move it away")
+    check_output_path(path, "the pair file", directory=False)
 
 
 def read_pair_records(path: Path) -> dict[str, list]:

@@ -30,7 +30,7 @@ from typing import Sequence, Union
 
 import numpy as np
 
-from lore_core.atomic_io import atomic_write_bytes
+from lore_core.atomic_io import atomic_write_bytes, check_output_path
 
 Message = dict
 Context = Union[str, Sequence[Message]]
@@ -330,6 +330,9 @@ class _PairEmbedder:
         if batch_size < 1:
             raise EmbeddingError(f"batch_size must be >= 1, got {batch_size}")
         self.batch_size = int(batch_size)
+        if use_cache:  # a cache that cannot be written would fail at the first flush, after the work
+            named_by = "--cache-dir" if cache_dir else f"${CACHE_ENV} or its default"
+            check_output_path(cache_dir or default_cache_dir(), f"the embedding cache ({named_by})", directory=True)
         self.cache = EmbeddingCache(cache_dir or default_cache_dir(), self.name, self.dim) if use_cache else None
         self.last_stats = EmbedStats()
         self.total_computed = 0  # texts run through the model by this instance

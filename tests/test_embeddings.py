@@ -375,6 +375,27 @@ def test_embed_command_refuses_users_without_true_weights_before_embedding(minil
     assert not list(cache.rglob("*.emb")) and not (dataset / "pairs.npz").exists()  # nothing was embedded
 
 
+def test_embed_command_refuses_what_it_cannot_write_or_read_before_embedding(tmp_path, capsys):
+    """Found by a tester: a pairs.npz that is a directory, or a --cache-dir that is a file, failed with a bare errno
+    message after the embedding; a pairs.jsonl given for its directory was reported as '.../pairs.jsonl/pairs.jsonl
+    not found'."""
+    dataset, cache = tmp_path / "data", tmp_path / "cache"
+    write_dataset(dataset, PAIRS)
+    (dataset / "pairs.npz").mkdir()
+    assert cli_main(["embed", str(dataset), "--cache-dir", str(cache)]) == 2
+    assert f"{dataset / 'pairs.npz'} is a directory, where embed writes the pair file" in capsys.readouterr().err
+    assert not cache.exists()  # nothing was embedded
+    (dataset / "pairs.npz").rmdir()
+
+    cache.write_text("not a directory")
+    assert cli_main(["embed", str(dataset), "--cache-dir", str(cache)]) == 2
+    assert f"the embedding cache (--cache-dir) {cache} is a file" in capsys.readouterr().err
+    assert not (dataset / "pairs.npz").exists()
+
+    assert cli_main(["embed", str(dataset / "pairs.jsonl"), "--cache-dir", str(tmp_path / "c2")]) == 2
+    assert "pairs.jsonl is a file; give the dataset directory that holds pairs.jsonl" in capsys.readouterr().err
+
+
 # `python -c` driver: `lore-fed embed` whose third forward pass is ended by kill -TERM, as a scheduler or `timeout` does.
 EMBED_TERMINATED = """
 import os, signal, sys
