@@ -159,14 +159,18 @@ class BenchmarkConfig:
             (self.users >= 1, f"users must be >= 1, got {self.users}"),
             (self.rank >= 1, f"rank must be >= 1, got {self.rank}"),
             (self.noise > 0 and np.isfinite(self.noise), f"noise must be finite and > 0, got {self.noise}"),
-            (self.heterogeneity > 0, f"heterogeneity (Dirichlet alpha) must be > 0, got {self.heterogeneity}"),
+            (self.heterogeneity > 0 and np.isfinite(self.heterogeneity),  # inf: NaN weights, exit 0 (a tester)
+             f"heterogeneity (Dirichlet alpha) must be finite and > 0, got {self.heterogeneity}"),
+            (0 <= self.seed < 2**63, f"seed must be in [0, 2**63), got {self.seed}"),  # numpy's range of seeds
             (self.max_turns >= 1, f"max_turns must be >= 1, got {self.max_turns}"),
             (self.principal_directions >= self.rank,
-             f"principal_directions must be >= rank {self.rank}, got {self.principal_directions}"),
+             f"rank must be <= {self.principal_directions} (the principal directions the truth mixes), got "
+             f"{self.rank}"),
             (0 <= self.identical_ab_rate <= 1, f"identical_ab_rate must be in [0, 1], got {self.identical_ab_rate}"),
             (0 <= self.empty_response_rate < 1,
              f"empty_response_rate must be in [0, 1), got {self.empty_response_rate}"),
-            (self.plant_strength >= 0, f"plant_strength must be >= 0, got {self.plant_strength}"),
+            (self.plant_strength >= 0 and np.isfinite(self.plant_strength),
+             f"plant_strength must be finite and >= 0, got {self.plant_strength}"),
         ]  # fmt: skip
         probs = np.asarray(self.conversations, dtype=float)
         checks.append(

@@ -196,7 +196,9 @@ def test_text_pool_is_deterministic_with_distinct_candidates():
 @pytest.mark.parametrize(
     "knobs",
     [{"noise": 0.0}, {"rank": 0}, {"heterogeneity": -1.0}, {"plant_attribute": "shoe_size"},
-     {"plant_attribute": "age", "rank": 2}, {"conversations": (1.0, 0.0)}],
+     {"plant_attribute": "age", "rank": 2}, {"conversations": (1.0, 0.0)},
+     # found by a tester: inf wrote NaN true weights with exit 0; a seed outside numpy's range failed after the work
+     {"heterogeneity": float("inf")}, {"plant_strength": float("inf")}, {"seed": -1}, {"seed": 2**64}],
 )  # fmt: skip
 def test_bad_knobs_are_refused(knobs):
     with pytest.raises(BenchmarkConfigError):
