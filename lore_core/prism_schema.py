@@ -380,8 +380,10 @@ def load_release(directory: str | Path) -> PrismRelease:
         raise PrismSchemaError(f"{directory} is not a directory holding {SURVEY_FILE} and {CONVERSATIONS_FILE}")
     paths = {name: directory / name for name in (SURVEY_FILE, CONVERSATIONS_FILE, UTTERANCES_FILE)}
     for name in (SURVEY_FILE, CONVERSATIONS_FILE):
-        if not paths[name].is_file():
+        if not paths[name].exists():
             raise PrismSchemaError(f"{directory}: missing required file {name}")
+        if not paths[name].is_file():  # a directory was reported "missing"
+            raise PrismSchemaError(f"{directory}: {text_file.not_a_file('required file', paths[name])}")
     survey, survey_lines = _read_survey(paths[SURVEY_FILE])
     conversations, warnings = _read_conversations(
         paths[CONVERSATIONS_FILE], survey, survey_lines, paths[SURVEY_FILE]

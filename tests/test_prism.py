@@ -331,6 +331,15 @@ def test_bad_files_name_file_and_line_and_write_nothing(tmp_path, case):
     assert not out.parent.exists()
 
 
+def test_a_release_file_that_is_a_directory_is_named_as_one(tmp_path):
+    """Found by a tester: a survey.jsonl that is a directory was reported as a missing file."""
+    source = copy_fixture(tmp_path)
+    (source / "survey.jsonl").unlink()
+    (source / "survey.jsonl").mkdir()
+    with pytest.raises(PrismSchemaError, match="survey.jsonl is a directory, not a file"):
+        load_release(source)
+
+
 def test_failure_leaves_an_existing_dataset_as_it_was(tmp_path, prepared):
     _, good = prepared
     out = tmp_path / "dataset"
