@@ -198,6 +198,9 @@ def read_pair_records(path: Path) -> dict[str, list]:
         if "conversation" in record and not isinstance(record["conversation"], str):
             raise DatasetError(f"{where}: 'conversation' must be a string, got "
                                f"{type(record['conversation']).__name__}")
+        for key in ("user", "conversation"):
+            if "\x00" in record.get(key, ""):  # numpy drops trailing NULs: 'u\x00' would become user 'u'
+                raise DatasetError(f"{where}: {key!r} {record[key]!r} holds a NUL character; ids are text")
         conversations.append(record.get("conversation"))
     if not columns["user"]:
         raise DatasetError(f"{path} holds no pairs")

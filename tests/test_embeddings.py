@@ -445,6 +445,8 @@ def test_embed_ended_by_sigterm_keeps_what_it_computed_for_the_rerun(tmp_path, c
         ({**PAIRS[0], "rejected": "caf\ud800"}, "\\ud800 is half of a UTF-16 surrogate pair"),
         # found by a tester: a user both seen and unseen was refused only after every pair was embedded
         ({**PAIRS[0], "seen": False}, "user 'user1' has 'seen' false, but true on line 1"),
+        # found by a tester: numpy dropped the NUL, and user 'user2\x00' was merged into user2 without a word
+        ({**PAIRS[2], "user": "user2\x00"}, "'user' 'user2\\x00' holds a NUL character"),
     ],
 )
 def test_embed_command_names_the_bad_line(tmp_path, capsys, bad_line, message):
