@@ -92,6 +92,12 @@ def run_local(args: argparse.Namespace) -> int:
     return 0 if outcome.completed else 1
 
 
+# Run-config keys `deploy local` sets from its flags. A -c value would win in flwr: run-dir sent the server's
+# checkpoint and ledger to another directory than --run-dir (which then showed no run), min-nodes above --nodes had
+# the server wait for nodes never started until --timeout.
+KEYS_OF_FLAGS = {"run-dir": "--run-dir", "min-nodes": "--nodes"}
+
+
 def check_local_flags(args: argparse.Namespace) -> None:
     """Every flag of `deploy local` checked before a file is written or a process starts: counts, the timeout, the
     app directory, the pair file, and the run config (-c) as `simulate` checks it for this pair file's population
@@ -130,6 +136,9 @@ def check_local_flags(args: argparse.Namespace) -> None:
         if not extra or unknown:
             raise ValueError(f"-c {args.run_config!r}: " + (f"unknown keys {unknown}" if unknown else "no key=value "
                              "pairs") + f"; the app's run config has {sorted(known)}")
+        owned = [f"{key} (set by {flag})" for key, flag in KEYS_OF_FLAGS.items() if key in extra]
+        if owned:
+            raise ValueError(f"-c {args.run_config!r}: {', '.join(owned)} is the command's own: use the flag")
     population = read_population(resolve_pair_path(args.pairs), truth=False)  # a deployed run scores no benchmark
     if args.nodes > population["users"]:  # split_pairs refuses it too, but only after the certificates are written
         raise ValueError(f"--nodes {args.nodes} for {population['users']} users in {args.pairs}: every node must "
