@@ -67,6 +67,9 @@ def run(args: argparse.Namespace) -> int:
     check_output_path(args.out, "--out", directory=True)
     refuse_a_release_of_others(Path(args.out))
     check_device(args.device)  # by the flag's name, before the model loads
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()  # per-tensor "Loading weights" bars, as embed hides them
     started = time.perf_counter()
     embedder = load_embedder(args.model, device=args.device, batch_size=args.batch_size, cache_dir=args.cache_dir)
     with terminated_as_exit():  # what was embedded before a kill -TERM stays in the cache for the rerun

@@ -446,7 +446,9 @@ class SentenceEmbedder(_PairEmbedder):
         return context if isinstance(context, str) else render_context(context)
 
     def _trim_contexts(self, texts: list[str]) -> list[str]:
-        enc = self.tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+        # verbose=False: the full context may exceed the model's window (it is cut here, to fit), and transformers
+        # would warn that "running this sequence through the model will result in indexing errors"
+        enc = self.tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
         return [trim_context_left(t, o, self.max_context_tokens) for t, o in zip(texts, enc["offset_mapping"])]
 
     def _encode(self, contexts: list[Context], responses: list[str]) -> np.ndarray:

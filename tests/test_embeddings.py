@@ -119,6 +119,15 @@ def test_long_context_is_cut_from_the_left(minilm):
     np.testing.assert_allclose(emb[0], reference_pair_embedding(minilm, kept, CHOSEN), atol=1e-5)
 
 
+def test_a_context_beyond_the_window_is_cut_without_a_warning_of_indexing_errors():
+    """Found by a tester: embed and synth printed transformers' "will result in indexing errors" for a long context,
+    although the context is cut to fit before the model sees it. (The tokenizer records the warning it gave.)"""
+    embedder = load_embedder(use_cache=False)  # a fresh tokenizer: it warns once per instance
+    emb = embedder.embed([[{"role": "user", "content": "word " * 600}]], [CHOSEN], progress=False)
+    warned = embedder.tokenizer.deprecation_warnings
+    assert emb.shape == (1, 384) and not warned.get("sequence-length-is-longer-than-the-specified-maximum")
+
+
 def test_embed_rejects_mismatched_inputs(minilm):
     with pytest.raises(EmbeddingError, match="2 contexts but 1 responses"):
         minilm.embed([HISTORY, HISTORY], [CHOSEN])
