@@ -56,7 +56,8 @@ def run_certs(args: argparse.Namespace) -> int:
 
 def run_local(args: argparse.Namespace) -> int:
     from server.checkpoint import load_checkpoint
-    from lore_cli.local_deployment import Certificates, LocalDeployment, generate_certificates, split_pairs
+    from lore_cli.local_deployment import (Certificates, DeploymentError, LocalDeployment, generate_certificates,
+                                           split_pairs, stop_process)
 
     check_local_flags(args)
     run_dir = Path(args.run_dir).resolve()
@@ -74,15 +75,24 @@ def run_local(args: argparse.Namespace) -> int:
     # SIGTERM -> SystemExit, so that the `with` block stops every process also when we are terminated.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     app = {"app": Path(args.app)} if args.app else {}
-    with LocalDeployment(run_dir, args.nodes, certs, insecure=args.insecure, **app) as deployment:
-        deployment.start()
-        print(f"SuperLink on {deployment.address} ({'insecure' if args.insecure else 'TLS + node authentication'}), "
-              f"{args.nodes} SuperNodes; logs in {run_dir}/superlink and {run_dir}/node*", flush=True)
-        started = time.monotonic()
-        process, log = deployment.start_run(overrides, args.run_config)
-        follow(process, log, started + args.timeout)
-        outcome = deployment.wait_run(process, log, timeout=max(started + args.timeout - time.monotonic(), 1.0),
-                                      started=started)
+    try:
+        with LocalDeployment(run_dir, args.nodes, certs, insecure=args.insecure, **app) as deployment:
+            deployment.start()
+            security = "insecure" if args.insecure else "TLS + node authentication"
+            print(f"SuperLink on {deployment.address} ({security}), {args.nodes} SuperNodes; logs in "
+                  f"{run_dir}/superlink and {run_dir}/node*", flush=True)
+            started = time.monotonic()
+            process, log = deployment.start_run(overrides, args.run_config)
+            follow(process, log, started + args.timeout)
+            if process.poll() is None:  # (wait_run would name the time left, not --timeout)
+                stop_process(process)
+                raise DeploymentError(f"the run did not end within --timeout {args.timeout:g} s; log: {log}")
+            outcome = deployment.wait_run(process, log, timeout=max(started + args.timeout - time.monotonic(), 1.0),
+                                          started=started)
+    except DeploymentError as exc:  # a run past --timeout, a process that would not start: a message, not a traceback
+        from lore_cli.main import CommandFailed
+
+        raise CommandFailed(f"{exc}; the same command resumes from {run_dir}") from None
     print(f"run {outcome.run_id}: {outcome.status} {outcome.details} ({outcome.seconds:.1f} s); log {outcome.log}")
     state = load_checkpoint(run_dir)
     if state is not None:

@@ -193,3 +193,36 @@ def test_every_started_process_is_stopped(deployment):
     assert deployment.started_pgids
     deployment.close()
     assert deployment.alive_groups() == []
+
+
+def test_a_deployment_that_fails_is_a_message_not_a_traceback(tmp_path, monkeypatch, capsys):
+    """Found by a tester: `deploy local ... --timeout 60` on a run that did not end in time came out as a traceback
+    of DeploymentError ("`flwr run` did not return within 1.0 s", the time left, not --timeout), as did every
+    process that would not start. Now exit 1 with `lore-fed deploy: failed:` and the reason (a run past --timeout
+    names --timeout), the processes stopped by the deployment's close."""
+    import lore_cli.local_deployment as local_deployment
+    from lore_cli.main import main
+
+    closed = []
+
+    class Failing:
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            closed.append(True)
+
+        def start(self):
+            raise local_deployment.DeploymentError("nothing listened on 127.0.0.1:9092 within 60 s")
+
+    monkeypatch.setattr(local_deployment, "LocalDeployment", Failing)
+    pairs, _ = make_synthetic_pairs(SyntheticPairsConfig(dim=16, seen_users=6, unseen_users=2, seed=3))
+    save_pairs(pairs, tmp_path / "pairs.npz")
+    code = main(["deploy", "local", "--nodes", "2", "--pairs", str(tmp_path / "pairs.npz"), "--run-dir",
+                 str(tmp_path / "run"), "--insecure", "-c", "clients-per-round=3"])
+    err = capsys.readouterr().err
+    assert code == 1 and closed, err
+    assert "lore-fed deploy: failed: nothing listened on 127.0.0.1:9092" in err and "Traceback" not in err, err
