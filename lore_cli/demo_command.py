@@ -19,7 +19,7 @@ from pathlib import Path
 
 from lore_core import __version__
 from lore_core.atomic_io import atomic_write_json, atomic_write_text, check_output_path
-from lore_core.prism_schema import GROUND_TRUTH_FILE
+from lore_core.prism_schema import population_written
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -208,7 +208,7 @@ def run(args: argparse.Namespace) -> int:
     nonprivate, federated = out / "federated-nonprivate", out / "federated"
     cache = ["--cache-dir", args.cache_dir] if args.cache_dir else []
 
-    _stage("benchmark population", (prism / GROUND_TRUTH_FILE).exists(),
+    _stage("benchmark population", population_written(prism),
            ["synth", "--users", str(args.users), "--max-turns", "3", "--seed", str(args.seed), "--out", str(prism)]
            + cache)
     _stage("PRISM pipeline", (dataset / "summary.json").exists(), ["prepare", str(prism), "--out", str(dataset)])

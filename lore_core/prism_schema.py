@@ -36,6 +36,13 @@ TURN0_RESPONSES = (2, 4)  # inclusive range of responses to the opening prompt
 LATER_RESPONSES = 2  # A/B from the turn-0 chosen model
 
 
+def population_written(directory: str | Path) -> bool:
+    """A `lore-fed synth` population is complete: its truth (written first) and the three release files after it.
+    The truth alone is no sign of it: a write cut short leaves the truth without them."""
+    names = (GROUND_TRUTH_FILE, SURVEY_FILE, CONVERSATIONS_FILE, UTTERANCES_FILE)
+    return all((Path(directory) / name).is_file() for name in names)
+
+
 class PrismSchemaError(ValueError):
     """A PRISM file that does not follow the release schema."""
 

@@ -43,6 +43,7 @@ import numpy as np
 
 from lore_core.atomic_io import atomic_write_json, atomic_write_text
 from lore_core.pairs import PAIRS_FILENAME, load_pairs, save_pairs
+from lore_core.prism_schema import population_written
 from lore_core.simplex_fit import DP_PRIOR_PAIRS
 from simulations.synthetic_pairs import SyntheticPairsConfig, make_synthetic_pairs
 
@@ -109,7 +110,7 @@ def prism_file(seed: int, work: Path, quick: bool) -> tuple[Path, np.ndarray | N
     users = 300 if quick else PRISM_USERS
     release = work / "data" / "prism-synth" / f"release-users{users}-seed{synth_seed}"
     dataset = work / "data" / "prism-synth" / f"users{users}-seed{synth_seed}-split{seed}"
-    if not (release / "ground_truth.npz").exists():
+    if not population_written(release):
         _check(cli(["synth", "--users", str(users), "--seed", str(synth_seed), "--out", str(release)]), "synth")
     if not (dataset / PAIRS_FILENAME).exists():
         _check(cli(["prepare", str(release), "--out", str(dataset), "--split-seed", str(seed)]), "prepare")

@@ -79,7 +79,8 @@ def _fake_demo(out, flags, monkeypatch):
             assert main(["demo", "--out", str(out), *flags]) == 1
     for sub in ("prism", "dataset", "centralized", "federated"):
         (out / sub).mkdir(parents=True)
-    (out / "prism" / GROUND_TRUTH_FILE).write_bytes(b"")
+    for name in (GROUND_TRUTH_FILE, "survey.jsonl", "conversations.jsonl", "utterances.jsonl"):
+        (out / "prism" / name).write_bytes(b"")
     (out / "dataset" / "summary.json").write_text(json.dumps({"users_kept": 12, "seen_users": 10}))
     (out / "dataset" / "pairs.npz").write_bytes(b"")
     (out / "centralized" / "metrics.json").write_text(json.dumps({"rank": 1, "seen_test_acc": 0.7}))
@@ -123,6 +124,26 @@ def test_demo_resumes_a_directory_made_with_the_same_flags(tmp_path, capsys, mon
     assert main(["demo", "--out", str(out), *FAKE_FLAGS, *neutral]) == 0
     assert capsys.readouterr().out.count("already done, skipped") == 5
     assert "privacy `none`" in (out / "report.md").read_text()
+
+
+def test_demo_runs_synth_again_when_its_write_was_cut_short_after_the_truth(tmp_path, monkeypatch):
+    """synth writes its truth first (a tester: so that its --out check knows a population of its own cut short),
+    so the truth alone does not mean the population stage is done."""
+    import lore_cli.demo_command as demo
+    from lore_cli.main import CommandFailed, main
+
+    out = tmp_path / "demo"
+    _fake_demo(out, FAKE_FLAGS, monkeypatch)
+    (out / "prism" / "utterances.jsonl").unlink()
+    stages = []
+
+    def record(name, done, argv):
+        stages.append((name, done))
+        raise CommandFailed("stopped by the test")
+
+    monkeypatch.setattr(demo, "_stage", record)
+    assert main(["demo", "--out", str(out), *FAKE_FLAGS]) == 1
+    assert stages == [("benchmark population", False)]
 
 
 def test_demo_refuses_a_demo_directory_without_its_flags(tmp_path, capsys, monkeypatch):
