@@ -199,7 +199,6 @@ def prepare_dataset(
         raise PrismPrepareError(f"--out {out_dir} exists and is not a directory")
     check_output_path(out_dir, "--out", directory=True)  # a file on the way or no write access: before the work
     directory = resolve_source(source)
-    _refuse_foreign_files(out_dir, directory)
     release = load_release(directory)
     pairs, drops = build_pairs(release.conversations)
 
@@ -233,21 +232,22 @@ def prepare_dataset(
             "and `simulate` will refuse this dataset; raise --train-fraction")
     summary["ground_truth_copied"] = GROUND_TRUTH_FILE in files
     files[SUMMARY_JSON] = (json.dumps(summary, indent=2) + "\n").encode()
+    _refuse_foreign_files(out_dir, files)
     _write_outputs(out_dir, files)
     return summary
 
 
-def _refuse_foreign_files(out_dir: Path, source: Path) -> None:
+def _refuse_foreign_files(out_dir: Path, files: dict[str, bytes]) -> None:
     """An existing out_dir that is not a dataset of `prepare` (no summary.json of its own) may not hold a file that
-    `prepare` replaces or removes: it is the user's own (a copy of the source's truth excepted)."""
+    `prepare` would replace or remove: it is the user's own. A file that holds what would be written stays allowed
+    (a copy of the source's truth; a write of the same dataset cut short before its summary)."""
     if not out_dir.is_dir() or _is_own_summary(out_dir / SUMMARY_JSON):
         return
-    names = [PAIRS_JSONL, USERS_JSONL, SUMMARY_JSON]
-    truth = out_dir / GROUND_TRUTH_FILE
-    if truth.exists() and not (truth.is_file() and (source / GROUND_TRUTH_FILE).is_file()
-                               and truth.read_bytes() == (source / GROUND_TRUTH_FILE).read_bytes()):
-        names.append(GROUND_TRUTH_FILE)
-    found = [name for name in names if (out_dir / name).exists()]
+    found = []
+    for name in (PAIRS_JSONL, USERS_JSONL, SUMMARY_JSON, GROUND_TRUTH_FILE):
+        path = out_dir / name
+        if path.exists() and not (name in files and path.is_file() and path.read_bytes() == files[name]):
+            found.append(name)
     if found:
         raise PrismPrepareError(f"--out {out_dir} is not a dataset of lore-fed prepare (it has no summary.json of "
                                 f"prepare's) but holds {', '.join(found)}, which prepare would replace; give a new "

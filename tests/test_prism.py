@@ -372,6 +372,30 @@ def test_an_out_holding_the_users_own_files_is_refused_and_kept(tmp_path, capsys
     assert (dataset / "users.jsonl").read_text() != "edited\n"
 
 
+def test_a_write_into_an_existing_directory_cut_short_before_its_summary_runs_again(tmp_path, monkeypatch):
+    """The files of the same dataset, left by a write cut short before its summary.json, are no user's own files."""
+    import lore_core.prism_pairs as prism_pairs
+
+    out = tmp_path / "dataset"
+    out.mkdir()  # made by the user beforehand: written file by file, summary.json last
+    write = prism_pairs.atomic_write_bytes
+
+    def cut_short(path, data):
+        if Path(path).name == "users.jsonl":
+            raise KeyboardInterrupt
+        write(path, data)
+
+    monkeypatch.setattr(prism_pairs, "atomic_write_bytes", cut_short)
+    with pytest.raises(KeyboardInterrupt):
+        prepare_dataset(FIXTURE, out, min_conversations=2)
+    monkeypatch.setattr(prism_pairs, "atomic_write_bytes", write)
+    assert sorted(p.name for p in out.iterdir()) == ["pairs.jsonl"]
+    assert prepare_dataset(FIXTURE, out, min_conversations=2)["users_kept"] == 5
+    with pytest.raises(PrismPrepareError, match="not a dataset of lore-fed prepare"):  # another dataset's: refused
+        (out / "summary.json").unlink()
+        prepare_dataset(FIXTURE, out, min_conversations=3)
+
+
 def test_an_out_below_a_file_is_refused_naming_it(tmp_path, capsys):
     """Found by a tester: prepare did all its work, then failed with a bare '[Errno 17] File exists'."""
     (tmp_path / "afile").write_text("x")
