@@ -168,6 +168,22 @@ def check_run(population: dict, overrides: dict):
     return settings, privacy
 
 
+def privacy_summary(metrics: dict) -> str:
+    """The summary line's privacy part, which is read without the ledger: it says what epsilon is of and who is
+    trusted (it printed "epsilon 2.633" alone, also for a NOT PRIVATE debug run, and nothing in record mode)."""
+    if metrics.get("privacy_mode", "none") == "none":
+        return ""
+    if metrics.get("not_private"):
+        return "  NOT PRIVATE (reproducible debug noise)"
+    if metrics.get("epsilon") is not None:
+        trusted = "the server trusted" if metrics["privacy_mode"] == "user" else "against the server too"
+        return f"  user-level epsilon {metrics['epsilon']:.3f} (delta {metrics['delta']:g}; {trusted})"
+    if metrics.get("record_epsilon_max_over_clients") is not None:
+        return (f"  per-pair epsilon {metrics['record_epsilon_max_over_clients']:.3f} (max over clients, delta "
+                f"{metrics['delta']:g}; not user-level)")
+    return ""
+
+
 def privacy_metrics(run_dir: Path) -> dict:
     """metrics.json's privacy keys, read back from the run's ledger (the ledger derives epsilon from its events)."""
     from lore_core.privacy.ledger import PrivacyLedger
@@ -432,8 +448,7 @@ def _simulate(args, pairs_path, population, overrides, settings, privacy, refere
     report = write_report(out, state.history, metrics, reference, command)
     line = "  ".join(f"{group} {metrics[f'{group}_test_acc']:.4f}" for group in ("seen", "unseen")
                      if f"{group}_test_acc" in metrics)
-    if "epsilon" in metrics:
-        line += f"  epsilon {metrics['epsilon']:.3f} (delta {metrics['delta']:g})"
+    line += privacy_summary(metrics)
     if metrics["stopped_early"]:
         line += "  STOPPED EARLY (max epsilon)"
     print(f"{line}  ({state.round} rounds, {wall:.1f} s)")

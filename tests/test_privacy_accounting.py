@@ -521,3 +521,32 @@ def test_a_busy_run_directory_does_not_blame_an_ended_run(tmp_path):
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_every_guarantee_and_the_simulate_summary_name_who_is_trusted(tmp_path):
+    """Found by a tester: metrics.json's `privacy_guarantee` (the ledger's sentence) read "user-level (3.411,
+    1e-05)-DP ... of the 5 released bases" without saying that mode `user` trusts the server, which sees every
+    update; and `simulate` printed "epsilon 2.633 (delta 1e-05)" alone, also for a NOT PRIVATE debug run (and
+    nothing in record mode). Each now says who is trusted, and a debug run is NOT PRIVATE in the summary too."""
+    from lore_cli.simulate_command import privacy_summary
+
+    user = PrivacyLedger.create(tmp_path / "user", user_settings(rounds=5))
+    user.record_round(1, sampled=50)
+    assert "trusted: the server" in user.guarantee()
+    secagg = PrivacyLedger.create(tmp_path / "secagg", PrivacySettings(
+        mode="user+secagg", rounds=5, noise_multiplier=1.0, clip_norm=0.25, clients_per_round=50,
+        population_size=1400, dimension=80))
+    secagg.record_round(1, sampled=50)
+    assert "against the server too" in secagg.guarantee()
+    record = PrivacyLedger.create(tmp_path / "record", PrivacySettings(mode="record", rounds=5, noise_multiplier=1.0,
+                                                                       record_batch_size=2, record_epochs=1))
+    record.record_round(1, sampled=2, client_histories={"a": [(1.0, 0.2, 5)]})
+    assert "trusted: nobody" in record.guarantee()
+
+    user_metrics = {"privacy_mode": "user", "not_private": False, "epsilon": 2.633, "delta": 1e-5}
+    assert "the server trusted" in privacy_summary(user_metrics)
+    assert privacy_summary({**user_metrics, "not_private": True}).strip().startswith("NOT PRIVATE")
+    assert "epsilon" not in privacy_summary({**user_metrics, "not_private": True})
+    assert "per-pair epsilon 4.695" in privacy_summary({"privacy_mode": "record", "not_private": False, "delta": 1e-5,
+                                                         "record_epsilon_max_over_clients": 4.695})
+    assert privacy_summary({"privacy_mode": "none", "not_private": True}) == ""

@@ -89,6 +89,14 @@ DESCRIPTIONS: dict[str, dict[str, str]] = {
 }
 
 
+# Who each mode's guarantee trusts, in one clause (the threat models above say it at length).
+TRUSTED = {
+    "user": "trusted: the server, which sees each sampled user's update; the guarantee holds against everyone else",
+    "user+secagg": "holds against the server too, if it is honest but curious (it sees only noised sums)",
+    "record": "trusted: nobody; holds per pair against everyone, the server included",
+}
+
+
 class LedgerError(ValueError):
     """A ledger that cannot be used for this run (missing, foreign schema, other settings, out-of-order round)."""
 
@@ -301,9 +309,14 @@ class PrivacyLedger:
         return None
 
     def guarantee(self) -> str:
-        s, eps = self.settings, self.epsilon()
-        if s.mode == "none":
+        """The claim, with who it holds against: metrics.json and the command's summary carry this sentence alone,
+        without the ledger's threat model beside it."""
+        if self.settings.mode == "none":
             return NONE_GUARANTEE
+        return f"{self._claim()}; {TRUSTED[self.settings.mode]}"
+
+    def _claim(self) -> str:
+        s, eps = self.settings, self.epsilon()
         prefix = "NOT PRIVATE (reproducible debug noise). Nominally: " if s.reproducible_noise else ""
         if s.mode == "record":
             value = f"max over clients epsilon = {eps.prv:.3f} (PRV; RDP {eps.rdp:.3f})" if eps else "no rounds yet"
