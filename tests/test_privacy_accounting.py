@@ -550,3 +550,22 @@ def test_every_guarantee_and_the_simulate_summary_name_who_is_trusted(tmp_path):
     assert "per-pair epsilon 4.695" in privacy_summary({"privacy_mode": "record", "not_private": False, "delta": 1e-5,
                                                          "record_epsilon_max_over_clients": 4.695})
     assert privacy_summary({"privacy_mode": "none", "not_private": True}) == ""
+
+
+@pytest.mark.parametrize("field, mode", [("clip_norm", "user"), ("clip_norm", "user+secagg"),
+                                         ("noise_multiplier", "user"), ("max_grad_norm", "record")])
+def test_noise_scales_that_overflow_are_refused_before_any_round(field, mode):
+    """Found by a tester: `simulate --clip-norm 1e308` ran to exit 0 under a DP claim with an untrained basis (the
+    noise std z*C overflowed, every server step was infinite and skipped, the Adam state left infinite), and
+    `--noise-multiplier 1e308` was refused with the advice to raise it (the accountant overflowed). Both are now
+    refused by name above 1e6, where nothing is gained."""
+    import re
+
+    from lore_core.privacy.privacy_settings import MAX_SCALE
+
+    base = {"user": user_settings(rounds=5), "record": PrivacySettings(mode="record", rounds=5, noise_multiplier=1.0),
+            "user+secagg": user_settings(mode="user+secagg", rounds=5, dimension=80)}[mode]
+    validate(replace(base, **{field: MAX_SCALE}))  # the bound itself is taken
+    for value in (1e7, 1e308):
+        with pytest.raises(PrivacyConfigError, match=re.escape(f"{field} must be at most 1e+06; got {value!r}")):
+            validate(replace(base, **{field: value}))

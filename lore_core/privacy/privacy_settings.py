@@ -36,6 +36,10 @@ DEFAULTS: dict[str, Any] = {
     "reconstruction_threshold": 2,
     "dropout_tolerance": 0.1,  # user+secagg: the guarantee holds while at most 10 % of a round's sampled users drop
 }
+# The largest noise multiplier and clip norms taken: beyond, the noise std z*C overflowed the server's arithmetic
+# (--clip-norm 1e308: every step infinite and skipped, exit 0 with the initial basis) or the accountant (z 1e200,
+# refused with the advice to raise z), and nothing is gained: epsilon is about 0 from z = 1e3 on.
+MAX_SCALE = 1e6
 # Settings that mean something only under DP, and the modes that use them.
 DP_FIELDS: dict[str, tuple[str, ...]] = {
     "noise_multiplier": ("user", "user+secagg", "record"),
@@ -226,6 +230,11 @@ def _positive_finite(value: Any, name: str, hint: str) -> None:
         raise PrivacyConfigError(f"{setting(name)} must be a finite number > 0; got {value!r}: {hint}")
 
 
+def _at_most_max_scale(value: float, name: str, hint: str) -> None:
+    if value > MAX_SCALE:
+        raise PrivacyConfigError(f"{setting(name)} must be at most {MAX_SCALE:g}; got {value!r}: {hint}")
+
+
 def _check_general(settings: PrivacySettings) -> None:
     for name in ("population_size", "rounds", "clients_per_round"):
         _positive_int(settings, name)
@@ -255,6 +264,7 @@ def _check_dp_common(s: PrivacySettings) -> None:
     if s.noise_multiplier is not None:
         _positive_finite(s.noise_multiplier, "noise_multiplier",
                          f"DP needs noise; set e.g. {setting('noise_multiplier', 1.0)}")
+        _at_most_max_scale(s.noise_multiplier, "noise_multiplier", "epsilon is already about 0 at 1e3")
     for name in ("target_epsilon", "max_epsilon"):
         if getattr(s, name) is not None:
             _positive_finite(getattr(s, name), name, f"give a positive epsilon or remove {setting(name)}")
@@ -276,6 +286,8 @@ def _check_user_modes(s: PrivacySettings) -> PrivacySettings:
                                  "users)")
     _positive_finite(s.clip_norm, "clip_norm", f"set {setting('clip_norm')} to about the median update norm "
                      "(federated runs default to 0.25)")
+    _at_most_max_scale(s.clip_norm, "clip_norm", "set it to about the median update norm (federated runs default to "
+                       "0.25)")
     n = s.population_size
     if not s.delta < 1 / n:
         raise PrivacyConfigError(f"{setting('delta')} must be < 1/N = {1 / n:.3g} (N = {n} users); got {s.delta}: use "
@@ -338,6 +350,8 @@ def _accounted(function, *args, **kwargs):
 def _check_record(s: PrivacySettings) -> None:
     _positive_finite(s.max_grad_norm, "max_grad_norm",
                      f"set the per-pair clip norm, e.g. {setting('max_grad_norm', 1.0)}")
+    _at_most_max_scale(s.max_grad_norm, "max_grad_norm", f"set the per-pair clip norm, e.g. "
+                       f"{setting('max_grad_norm', 1.0)}")
     _positive_int(s, "record_batch_size")
     _positive_int(s, "record_epochs")
     if s.noise_multiplier is None:
