@@ -327,6 +327,19 @@ def check_canary_flags(args: argparse.Namespace, out: Path) -> None:
                          "must stay with the auditor, away from what the run releases; put the file elsewhere")
 
 
+MAX_CANARY_BYTES = 2**30  # the canaries' directions, held by the command, the canary nodes and the audit
+
+
+def check_canary_size(count: int, shape: tuple[int, int]) -> None:
+    """K directions of the basis's shape must fit in memory: --canaries 100000000 was a numpy MemoryError
+    traceback (59.6 GiB) after the checks."""
+    per_canary = 8 * shape[0] * shape[1]
+    if count * per_canary > MAX_CANARY_BYTES:
+        raise ValueError(f"--canaries {count}: their secret directions ({shape[0]} x {shape[1]} each) would take "
+                         f"{count * per_canary / 2**30:.1f} GiB; use at most {MAX_CANARY_BYTES // per_canary} for this "
+                         "basis (hundreds give a tight bound)")
+
+
 def canary_secrets(args: argparse.Namespace, shape: tuple[int, int]):
     """The canaries of this run: read from --canary-secrets if it exists (same K and shape required), else drawn
     here (written once the run directory is locked). None without canaries."""
@@ -335,6 +348,7 @@ def canary_secrets(args: argparse.Namespace, shape: tuple[int, int]):
     from federation.canary_users import draw_canaries, load_canaries
 
     path = Path(args.canary_secrets)
+    check_canary_size(args.canaries, shape)
     if not path.exists():
         return draw_canaries(args.canaries, shape)
     canaries = load_canaries(path)

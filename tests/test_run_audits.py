@@ -373,3 +373,15 @@ def test_an_audit_of_a_run_in_progress_is_refused_before_it_reads_or_writes_anyt
     assert not (run / "audits").exists() and (run / "ledger.json").read_text() == before
     assert main(["audit", "accounting", str(run)]) == 0  # once the run has ended
     assert (run / "audits" / "accounting.json").is_file()
+
+
+def test_more_canaries_than_memory_holds_are_refused_before_anything_is_written(pair_file, tmp_path, capsys):
+    """Found by a tester: `simulate --canaries 100000000` died with numpy's MemoryError traceback (59.6 GiB of
+    secret directions) after every other check had passed. Now exit 2 naming --canaries and how many fit."""
+    secrets = tmp_path / "auditor" / "canaries.npz"
+    argv = ["simulate", str(pair_file), "--out", str(tmp_path / "run"), "--rounds", "2", "--clients-per-round", "5",
+            "--canaries", str(10**7), "--canary-secrets", str(secrets)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "--canaries 10000000" in err and "GiB" in err and "Traceback" not in err, err
+    assert not (tmp_path / "run").exists() and not secrets.exists()
