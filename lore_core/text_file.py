@@ -44,8 +44,9 @@ def read_text(path: str | Path, error: type[ValueError] = ValueError, what: str 
 
 
 def read_jsonl(path: str | Path, error: type[ValueError] = ValueError) -> Iterator[tuple[int, dict]]:
-    """Yield (1-based line number, object) for every non-blank line, streaming; bad UTF-8, bad JSON or a value
-    that is not an object raises `error` naming the file and line."""
+    """Yield (1-based line number, object) for every non-blank line, streaming; bad UTF-8, bad JSON, text that is
+    not Unicode (a lone surrogate escape) or a value that is not an object raises `error` naming the file and
+    line."""
     path = Path(path)
     with open(path, "rb") as handle:
         for number, raw in enumerate(handle, start=1):
@@ -55,6 +56,7 @@ def read_jsonl(path: str | Path, error: type[ValueError] = ValueError) -> Iterat
             if not text.strip():
                 continue
             record = parse_json(text, path, error, line=number)
+            _refuse_lone_surrogates(record, text, path, error, number)
             if not isinstance(record, dict):
                 raise error(f"{path} line {number}: expected a JSON object, got {type(record).__name__}")
             yield number, record
@@ -63,13 +65,11 @@ def read_jsonl(path: str | Path, error: type[ValueError] = ValueError) -> Iterat
 def parse_json(text: str, path: str | Path, error: type[ValueError] = ValueError, line: int = 1):
     """json.loads(text) with an error that names the file and the line (`line`: where `text` starts)."""
     try:
-        value = json.loads(text)
+        return json.loads(text)
     except json.JSONDecodeError as exc:
         raise error(f"{path} line {line + exc.lineno - 1}: not valid JSON ({exc.msg}, column {exc.colno})") from None
     except RecursionError:
         raise error(f"{path} line {line}: JSON nested too deeply") from None
-    _refuse_lone_surrogates(value, text, path, error, line)
-    return value
 
 
 # An escaped UTF-16 surrogate without its other half: json.loads accepts it, but the string it makes is not Unicode
