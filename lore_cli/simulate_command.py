@@ -292,11 +292,12 @@ def check_resume(out: Path, pairs_path: Path, settings, privacy):
     from lore_core.privacy.ledger import LEDGER_FILENAME
     from server.checkpoint import check_resumable, load_checkpoint
     from server.release_record import check_continuable
-    from server.run_ledger import FederatedLedger
+    from server.run_ledger import FederatedLedger, check_ledger_covers
 
     previous = load_checkpoint(out)
     if previous is not None:
         check_resumable(previous, settings.fingerprint(), previous.population, out)
+        check_ledger_covers(out, previous.round)
     if (out / LEDGER_FILENAME).exists():
         FederatedLedger.load(out, privacy)  # reads and compares only; the server opens it again to write
     check_continuable(out, settings.release_optimizer())

@@ -81,11 +81,33 @@ def stop_for_budget(ledger: PrivacyLedger, state, run_dir, evaluate: Callable[[i
     save_checkpoint(run_dir, state)
 
 
-def open_ledger(run_dir: str | os.PathLike, settings: PrivacySettings, evaluation: str) -> FederatedLedger:
-    """Create RUN_DIR/ledger.json, or continue it on resume (other privacy settings are refused: LedgerError)."""
+def open_ledger(run_dir: str | os.PathLike, settings: PrivacySettings, evaluation: str,
+                checkpoint_round: int = 0) -> FederatedLedger:
+    """Create RUN_DIR/ledger.json, or continue it on resume (other privacy settings are refused: LedgerError).
+    `checkpoint_round`: the round the run resumes after (check_ledger_covers)."""
+    check_ledger_covers(run_dir, checkpoint_round)
     ledger = FederatedLedger.open(run_dir, settings)
     ledger.set_evaluation(evaluation)
     return ledger
+
+
+def check_ledger_covers(run_dir: str | os.PathLike, checkpoint_round: int) -> None:
+    """A run resuming after round R needs a ledger of at least R rounds (it is written before each release). Without
+    one (deleted, or an older copy put back) a new ledger counted from round 1: a finished 300-round run rerun
+    reported epsilon 0.000 in its ledger, metrics and report. LedgerError names the file."""
+    from pathlib import Path
+
+    from lore_core.privacy.ledger import LEDGER_FILENAME, LedgerError, read_ledger
+
+    path = Path(run_dir) / LEDGER_FILENAME
+    if not checkpoint_round:
+        return
+    released = len(read_ledger(path)["events"]["rounds"]) if path.exists() else None
+    if released is None or released < checkpoint_round:
+        found = "is missing" if released is None else f"holds {released} rounds"
+        raise LedgerError(f"{path} {found}, but the run's checkpoint is after round {checkpoint_round}: the privacy "
+                          "those rounds spent would not be counted; put the run's ledger.json back, or start afresh "
+                          "in a new run directory")
 
 
 def evaluation_policy(eval_every: int, is_dp: bool) -> str:

@@ -339,3 +339,27 @@ def test_a_second_simulate_on_one_run_directory_is_refused_and_the_ledger_never_
     assert first.returncode == 0
     released.append(len(ledger_json(out)["events"]["rounds"]))
     assert released[-1] == 20 and all(b >= a for a, b in zip(released, released[1:]))  # the budget never went down
+
+
+@pytest.mark.parametrize("damage", ["deleted", "an older copy"])
+def test_a_resumed_run_whose_ledger_lacks_its_released_rounds_is_refused(pair_file, tmp_path, capsys, damage):
+    """Found by a tester: rerunning a finished 300-round user+secagg run whose ledger.json had been deleted created
+    a new, empty ledger and wrote epsilon 0.000 to the ledger, metrics.json and report; a ledger put back from an
+    earlier copy was continued from its count. The ServerApp and `simulate` (before Ray, exit 2) now refuse a
+    ledger with fewer rounds than the checkpoint, naming the file; nothing is written."""
+    run_dir = tmp_path / "run"
+    run_federated(*make_run(pair_file, run_dir, **{"num-server-rounds": 3}))
+    ledger = ledger_json(run_dir)
+    if damage == "deleted":
+        (run_dir / "ledger.json").unlink()
+    else:
+        ledger["events"]["rounds"] = ledger["events"]["rounds"][:1]
+        (run_dir / "ledger.json").write_text(json.dumps(ledger))
+    def files():  # (.lock names the latest holder)
+        return {f.name: f.read_bytes() for f in run_dir.iterdir() if f.is_file() and f.name != ".lock"}
+
+    before = files()
+    with pytest.raises(LedgerError, match="ledger.json (is missing|holds 1 rounds), but the run's checkpoint is "
+                                          "after round 3"):
+        run_federated(*make_run(pair_file, run_dir, **{"num-server-rounds": 3}))
+    assert files() == before
