@@ -300,7 +300,7 @@ def check_resume(out: Path, pairs_path: Path, settings, privacy):
         check_ledger_covers(out, previous.round)
     if (out / LEDGER_FILENAME).exists():
         FederatedLedger.load(out, privacy)  # reads and compares only; the server opens it again to write
-    check_continuable(out, settings.release_optimizer())
+    check_continuable(out, settings.release_optimizer(), previous.round if previous is not None else 0)
     return previous, check_same_pairs(out, pairs_path, resuming=previous is not None)
 
 

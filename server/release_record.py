@@ -54,11 +54,13 @@ class ReleaseRecord:
         self.folder, self.lines = folder, lines
 
     @classmethod
-    def open(cls, run_dir: str | Path, *, optimizer: dict, initial_basis: np.ndarray) -> "ReleaseRecord":
+    def open(cls, run_dir: str | Path, *, optimizer: dict, initial_basis: np.ndarray,
+             checkpoint_round: int = 0) -> "ReleaseRecord":
         """optimizer: the public step settings {name, server_lr, client_lr, local_steps, l2}. A new record starts
-        with the initial basis; an existing one must have been written with the same optimizer settings."""
+        with the initial basis; an existing one must have been written with the same optimizer settings and hold
+        the releases of the `checkpoint_round` rounds the run resumes after."""
         folder = Path(run_dir) / RELEASES_DIR
-        lines = check_continuable(run_dir, optimizer)
+        lines = check_continuable(run_dir, optimizer, checkpoint_round)
         if lines is not None:
             return cls(folder, lines)
         record = cls(folder, [])
@@ -88,12 +90,17 @@ class ReleaseRecord:
                                                                 for x in self.lines))
 
 
-def check_continuable(run_dir: str | Path, optimizer: dict) -> list[dict] | None:
+def check_continuable(run_dir: str | Path, optimizer: dict, checkpoint_round: int = 0) -> list[dict] | None:
     """The lines of RUN_DIR/releases/chain.jsonl that a run with these optimizer settings continues, or None when
     there is none; raises ReleaseRecordError naming the file when it is damaged or another run's. Reads only: the
-    CLI calls it before anything is written, the server again when it opens the record."""
+    CLI calls it before anything is written, the server again when it opens the record. A run resuming after round
+    `checkpoint_round` needs a record of at least that many releases (each round appends one before its
+    checkpoint): without, a new record began at the initial basis, and the canary audit of the run failed with
+    "cannot reshape array of size 0"."""
     chain = Path(run_dir) / RELEASES_DIR / CHAIN_FILENAME
     if not chain.exists():
+        if checkpoint_round:
+            _not_covering(chain, "is missing", checkpoint_round)
         return None
     lines = read_chain(chain)
     if not lines or lines[0].get("schema") != SCHEMA:
@@ -103,7 +110,15 @@ def check_continuable(run_dir: str | Path, optimizer: dict) -> list[dict] | None
     if lines[0].get("optimizer") != optimizer:
         raise ReleaseRecordError(f"{chain} was written with other server optimizer settings; use a new run "
                                  "directory")
+    if len(lines) - 1 < checkpoint_round:
+        _not_covering(chain, f"holds {len(lines) - 1} releases", checkpoint_round)
     return lines
+
+
+def _not_covering(chain: Path, found: str, checkpoint_round: int) -> None:
+    raise ReleaseRecordError(f"{chain} {found}, but the run's checkpoint is after round {checkpoint_round}: the "
+                             "record would not hold what the run released, which its audits read; put the run's "
+                             "releases/ back, or start afresh in a new run directory")
 
 
 def read_chain(chain: Path) -> list[dict]:

@@ -363,3 +363,29 @@ def test_a_resumed_run_whose_ledger_lacks_its_released_rounds_is_refused(pair_fi
                                           "after round 3"):
         run_federated(*make_run(pair_file, run_dir, **{"num-server-rounds": 3}))
     assert files() == before
+
+
+@pytest.mark.parametrize("damage", ["deleted", "cut short"])
+def test_a_resumed_run_whose_release_record_lacks_its_releases_is_refused(pair_file, tmp_path, damage):
+    """Found by a tester: rerunning a finished run whose releases/ had been deleted began a new record at the initial
+    basis (exit 0), and `audit canary` of the run then failed with "cannot reshape array of size 0". The ServerApp
+    and `simulate` (before Ray) now refuse a record with fewer releases than the checkpoint's rounds."""
+    import shutil
+
+    from lore_cli.simulate_command import check_resume
+    from server.release_record import ReleaseRecordError
+
+    run_dir = tmp_path / "run"
+    grid, settings = make_run(pair_file, run_dir, **{"num-server-rounds": 3})
+    run_federated(grid, settings)
+    chain = run_dir / "releases" / "chain.jsonl"
+    if damage == "deleted":
+        shutil.rmtree(run_dir / "releases")
+    else:
+        chain.write_text("".join(chain.read_text().splitlines(keepends=True)[:2]))
+    match = "chain.jsonl (is missing|holds 1 releases), but the run's checkpoint is after round 3"
+    with pytest.raises(ReleaseRecordError, match=match):
+        check_resume(run_dir, pair_file, settings, settings.privacy_settings(USERS, DIM))
+    with pytest.raises(ReleaseRecordError, match=match):
+        run_federated(*make_run(pair_file, run_dir, **{"num-server-rounds": 3}))
+    assert (run_dir / "releases").exists() == (damage != "deleted")
