@@ -374,6 +374,17 @@ def _mechanism(args, run_dir, settings) -> dict:
                            seed=args.seed)
 
 
+def check_record_covers_ledger(releases, ledger_rounds: int, run_dir: Path) -> None:
+    """The audit scores the releases against the ledger's epsilon, so the record must reach the ledger's last round
+    (each round's release follows its ledger entry): a chain.jsonl cut to its header failed with numpy's "cannot
+    reshape array of size 0", one cut to 3 of 10 releases was scored against the epsilon of all 10."""
+    last = int(releases.ledger_rounds[-1]) if len(releases) else 0
+    if last != ledger_rounds:
+        raise AuditCommandError(f"{run_dir}/releases/chain.jsonl records releases up to ledger round {last}, but the "
+                                f"ledger holds {ledger_rounds} rounds: the record does not cover the run (restore "
+                                "releases/, or finish the run by rerunning its command)")
+
+
 def _canary(args, run_dir, settings) -> dict:
     """Canary audit of the run's released record with the auditor's secrets (lore_core.audits.canary)."""
     from federation.canary_users import load_canaries
@@ -389,6 +400,7 @@ def _canary(args, run_dir, settings) -> dict:
     if s.mode not in ("user", "user+secagg"):
         raise AuditCommandError(f"the canary audit covers the user-level modes; {run_dir} ran mode {s.mode}")
     releases = read_releases(run_dir)  # hashes and the optimizer replay checked: these bases were released
+    check_record_covers_ledger(releases, ledger.rounds_released, run_dir)
     canaries = load_canaries(args.secrets)
     metrics = run_dir / "metrics.json"
     recorded = parse_json(read_text(metrics), metrics) if metrics.is_file() else {}

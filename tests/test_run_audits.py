@@ -385,3 +385,20 @@ def test_more_canaries_than_memory_holds_are_refused_before_anything_is_written(
     err = capsys.readouterr().err
     assert "--canaries 10000000" in err and "GiB" in err and "Traceback" not in err, err
     assert not (tmp_path / "run").exists() and not secrets.exists()
+
+
+@pytest.mark.parametrize("kept", [1, 4])
+def test_a_release_record_that_stops_short_of_the_ledger_is_refused_by_the_canary_audit(pair_file, secrets_file,
+                                                                                        tmp_path, capsys, kept):
+    """Found by a tester: a chain.jsonl cut to its header made `audit canary` fail with numpy's "cannot reshape array
+    of size 0"; cut to 3 releases of 25 it scored those 3 against the epsilon of all 25 and wrote a verdict. Both
+    are now exit 2 naming chain.jsonl and the ledger's rounds, with nothing written."""
+    run_dir = tmp_path / "run"
+    canary_run(pair_file, secrets_file, run_dir)
+    chain = run_dir / "releases" / "chain.jsonl"
+    chain.write_text("".join(chain.read_text().splitlines(keepends=True)[:kept]))
+    before = (run_dir / "ledger.json").read_text()
+    assert main(["audit", "canary", str(run_dir), "--secrets", str(secrets_file)]) == 2
+    err = capsys.readouterr().err
+    assert f"records releases up to ledger round {kept - 1}, but the ledger holds {ROUNDS} rounds" in err, err
+    assert not (run_dir / "audits").exists() and (run_dir / "ledger.json").read_text() == before
