@@ -77,11 +77,22 @@ def train_clipped(context: Context, settings: p.ClientSettings, node: NodeUsers,
                                            prior_pairs=settings.train_prior_pairs, steps=settings.local_steps,
                                            lr=settings.client_lr, objective=settings.objective)
     save_weights(context, weights)
-    if clip_norm is not None:
-        from lore_core.privacy.dp_fedavg import clip_updates
+    return updates if clip_norm is None else clip_finite_users(updates, clip_norm)
 
-        updates, _ = clip_updates(updates, clip_norm)
-    return updates
+
+def clip_finite_users(updates: np.ndarray, clip_norm: float) -> np.ndarray:
+    """Each user's update clipped to `clip_norm`; one whose norm is not finite comes back as NaN, for the server
+    (user) or the node's sum (user+secagg) to leave out that user only. clip_updates refuses it, which failed the
+    whole node: every node of a round, and the run stopped, though README promises one user left out."""
+    from lore_core.privacy.dp_fedavg import clip_updates
+
+    updates = np.asarray(updates, dtype=np.float64)
+    flat = updates.reshape(len(updates), -1)
+    with np.errstate(over="ignore", invalid="ignore"):
+        finite = np.isfinite(np.einsum("ki,ki->k", flat, flat))
+    out = np.full_like(updates, np.nan)
+    out[finite] = clip_updates(updates[finite], clip_norm)[0]
+    return out
 
 
 @app.query()

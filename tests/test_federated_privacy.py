@@ -389,3 +389,31 @@ def test_a_resumed_run_whose_release_record_lacks_its_releases_is_refused(pair_f
     with pytest.raises(ReleaseRecordError, match=match):
         run_federated(*make_run(pair_file, run_dir, **{"num-server-rounds": 3}))
     assert (run_dir / "releases").exists() == (damage != "deleted")
+
+
+@pytest.mark.parametrize("mode", ["user", "user+secagg"])
+def test_one_users_non_finite_update_leaves_out_that_user_only_under_dp(pair_file, tmp_path, monkeypatch, mode):
+    """Found by a tester (`simulate --server-lr 1e308`): under DP the client clips before it replies, and the clip
+    refused a non-finite update, so the node failed with all its users, then every node, and the run stopped (exit
+    1) where README promises that user left out. The client now passes it on as NaN, which the server (user) or the
+    node's sum (user+secagg) leaves out."""
+    import client.client_app as client_module
+
+    real = client_module.train_sampled_users
+
+    def one_nan(*args, **kwargs):
+        weights, updates = real(*args, **kwargs)
+        updates = updates.copy()
+        updates[0, 0, 0] = np.nan
+        return weights, updates
+
+    monkeypatch.setattr(client_module, "train_sampled_users", one_nan)
+    if mode == "user":
+        state = run_federated(*make_run(pair_file, tmp_path, nodes=2, **{"num-server-rounds": 2}))
+        assert len(state.history) == 2 and all(r["non_finite_users"] in (1, 2) for r in state.history)  # per node
+        assert all(r["accepted_users"] == r["sampled_users"] - r["non_finite_users"] for r in state.history)
+    else:
+        updates = np.ones((3, RANK, DIM))
+        updates[1, 0, 0] = np.inf
+        clipped = client_module.clip_finite_users(updates, 0.5)
+        assert np.isnan(clipped[1]).all() and np.allclose(np.linalg.norm(clipped[[0, 2]], axis=(1, 2)), 0.5)
