@@ -207,6 +207,8 @@ def privacy_metrics(run_dir: Path) -> dict:
 PROBLEMS = {
     "rejected_replies": "{} train replies were rejected",
     "missing_replies": "{} nodes did not answer a train request",
+    "unasked_nodes": "{} nodes hosting sampled users were not asked: their round's users lay on too few nodes for a "
+                     "secure sum, and it released a data-free noise step (user+secagg)",
     "non_finite_users": "{} users' updates were not finite and were left out",
     "record_budget_exhausted_users": "{} sampled users had spent their record-level budget and sent a zero update",
     "eval_failed_nodes": "{} nodes failed the final evaluation: its accuracy covers the other nodes' users only",

@@ -59,6 +59,7 @@ class SecAggLoReStrategy(Strategy):
     def __init__(self, run: TrainingRun, privacy: PrivacySettings, encoding: DdgEncoding) -> None:
         self.run, self.privacy, self.encoding = run, privacy, encoding
         self.min_round_nodes = max(2, int(privacy.reconstruction_threshold))
+        self.unasked_nodes = 0  # this round's nodes with sampled users that were not asked (too few for a sum)
 
     def sampled_users(self) -> int:
         return sum(int(idx.size) for idx in self.run.plan.values())
@@ -76,6 +77,7 @@ class SecAggLoReStrategy(Strategy):
         if len(run.plan) < self.min_round_nodes:
             log.info("round %d: sampled users on %d node(s) < %d: no secure sum, pure-noise step", run.round,
                      len(run.plan), self.min_round_nodes)
+            self.unasked_nodes = len(run.plan)
             return []
         proxies = {proxy.node_id: proxy for proxy in client_manager.all().values()}
         missing = sorted(set(run.plan) - set(proxies))
@@ -122,8 +124,11 @@ class SecAggLoReStrategy(Strategy):
             mean = run.aggregator.pure_noise_mean(run.state.basis.shape, run.population.size)
         else:
             mean = run.aggregator.noisy_mean(total, run.population.size)
+        # Nodes never asked (too few for a secure sum) are not missing replies: the summary said they "did not
+        # answer a train request", which sent the analyst looking for failed nodes.
+        unasked = {"unasked_nodes": self.unasked_nodes} if self.unasked_nodes else {}
         run.release(mean, sum(run.plan[node].size for node in nodes), secagg_nodes=len(nodes),
-                    missing_replies=len(run.plan) - len(nodes))
+                    missing_replies=len(run.plan) - len(nodes) - self.unasked_nodes, **unasked)
 
     # Evaluation runs in FederatedEvaluation (Message API), not through the legacy hooks.
     def configure_evaluate(self, server_round, parameters, client_manager):
@@ -166,6 +171,7 @@ class SecAggRound:
 
     def __call__(self, grid: Grid, context: Context) -> None:
         self.strategy.run.begin_round()
+        self.strategy.unasked_nodes = 0
         self.secagg(grid, context)
         if not self.strategy.run.released:
             self.strategy.release(None, [])

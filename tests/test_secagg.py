@@ -252,3 +252,21 @@ def test_discrete_gaussian_sampler_has_the_stated_std():
     draws = ddg.discrete_gaussian(3.7, (200_000,), np.random.default_rng(0))
     assert draws.dtype == np.int64 and abs(draws.mean()) < 0.03
     assert draws.std() == pytest.approx(3.7, rel=0.01)
+
+
+def test_nodes_not_asked_for_want_of_a_secure_sum_are_not_reported_as_missing_replies(pair_file, tmp_path):
+    """Found by a tester: a user+secagg round whose sampled users lay on one node (no secure sum, a data-free noise
+    step, by design) counted that node as a missing reply, and `simulate` warned "4 nodes did not answer a train
+    request" of nodes that were never asked. They are now `unasked_nodes`, said as such; missing_replies stays for
+    nodes asked that did not answer."""
+    from lore_cli.simulate_command import PROBLEMS, run_problems
+
+    # 1 expected user of 24 per round: a round has one sampled user (on one node) with probability 0.64
+    grid, settings = make_run(pair_file, tmp_path, nodes=2, **{"num-server-rounds": 10, "clients-per-round": 1})
+    state = run_federated(grid, settings)
+    lonely = [r for r in state.history if r["secagg_nodes"] == 0]
+    assert any(r["sampled_users"] for r in lonely) and all(r["missing_replies"] == 0 for r in state.history)
+    assert all(r.get("unasked_nodes", 0) == (1 if r["sampled_users"] else 0) for r in lonely)
+    totals = run_problems(state.history)
+    assert "missing_replies" not in totals and totals["unasked_nodes"] >= 1
+    assert "were not asked" in PROBLEMS["unasked_nodes"].format(totals["unasked_nodes"])
