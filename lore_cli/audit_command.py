@@ -347,9 +347,11 @@ def _mechanism(args, run_dir, settings) -> dict:
     if run_dir is not None and (run_dir / "ledger.json").exists() and settings["mode"] != mode:
         raise AuditCommandError(f"the mechanism audit covers the user-level modes; {run_dir} ran mode "
                                 f"{settings['mode']}")
-    for key in ("noise_multiplier", "clip_norm"):
-        if not (math.isfinite(settings[key]) and settings[key] > 0):
-            raise AuditCommandError(f"{key} must be a finite number > 0, got {settings[key]}")
+    from lore_core.privacy.privacy_settings import MAX_SCALE
+
+    for key in ("noise_multiplier", "clip_norm"):  # above MAX_SCALE the accountant overflowed, naming no setting
+        if not (math.isfinite(settings[key]) and 0 < settings[key] <= MAX_SCALE):
+            raise AuditCommandError(f"{key} must be a finite number in (0, {MAX_SCALE:g}], got {settings[key]}")
     shape = (10, 384)
     if run_dir is not None or args.basis:
         try:

@@ -402,3 +402,13 @@ def test_a_release_record_that_stops_short_of_the_ledger_is_refused_by_the_canar
     err = capsys.readouterr().err
     assert f"records releases up to ledger round {kept - 1}, but the ledger holds {ROUNDS} rounds" in err, err
     assert not (run_dir / "audits").exists() and (run_dir / "ledger.json").read_text() == before
+
+
+@pytest.mark.parametrize("flag", ["--noise-multiplier", "--clip-norm"])
+def test_the_mechanism_audit_names_a_noise_scale_past_the_accountants_range(tmp_path, capsys, flag):
+    """Found by a tester: `audit mechanism --noise-multiplier 1e300` ended in "prv accountant failed on [(1e+300,
+    1.0, 1)]: (34, 'Numerical result out of range')", naming no setting. The bound is the runs' own (1e6)."""
+    assert main(["audit", "mechanism", flag, "1e300", "--runs", "100", "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert f"{flag[2:].replace('-', '_')} must be a finite number in (0, 1e+06], got 1e+300" in err, err
+    assert not (tmp_path / "out" / "audits").exists()
