@@ -160,7 +160,20 @@ def check_local_flags(args: argparse.Namespace) -> None:
         mode = config.get("privacy-mode", known["privacy-mode"])
         if mode in ("none", "record") and isinstance(clients, int) and clients > population["seen_users"]:
             config["clients-per-round"] = population["seen_users"]  # these modes sample at most everyone
-        check_run(population, config)
+        settings, privacy = check_run(population, {**config, "run-dir": str(Path(args.run_dir).resolve())})
+        check_deploy_resume(Path(args.run_dir), resolve_pair_path(args.pairs), settings, privacy)
+
+
+def check_deploy_resume(run_dir: Path, pairs_path: Path, settings, privacy) -> None:
+    """A --run-dir holding a run is resumed only with its settings, as `simulate` checks it (checkpoint, ledger,
+    release record): -c noise-multiplier=2 on a run of 1 failed in the ServerApp after every process had started
+    (exit 1, 15 s)."""
+    from lore_cli.simulate_command import check_resume
+
+    try:
+        check_resume(run_dir, pairs_path, settings, privacy)
+    except ValueError as exc:  # simulate's messages name its --out; here the directory is --run-dir
+        raise ValueError(str(exc).replace("--out", "--run-dir")) from None
 
 
 def follow(process, log: Path, deadline: float) -> None:

@@ -226,3 +226,34 @@ def test_a_deployment_that_fails_is_a_message_not_a_traceback(tmp_path, monkeypa
     err = capsys.readouterr().err
     assert code == 1 and closed, err
     assert "lore-fed deploy: failed: nothing listened on 127.0.0.1:9092" in err and "Traceback" not in err, err
+
+
+def test_deploy_local_refuses_to_resume_a_run_with_other_settings_before_anything_starts(tmp_path):
+    """Found by a tester: `deploy local --run-dir RUN -c noise-multiplier=2.0` on a run trained with z = 1 started
+    the SuperLink and nodes and failed in the ServerApp 15 s later (exit 1). The pre-check now runs simulate's
+    resume checks (checkpoint, ledger, release record): exit 2 naming the directory; the same settings pass."""
+    from flwr.common.config import get_fused_config_from_dir
+
+    from client.client_app import app as client_app
+    from lore_cli.deploy_command import check_local_flags
+    from lore_cli.main import build_parser
+    from server.run_settings import ServerSettings
+    from server.server_app import run_federated
+    from simulations.in_process_grid import LocalGrid
+
+    pairs, _ = make_synthetic_pairs(SyntheticPairsConfig(dim=16, seen_users=6, unseen_users=2, seed=3))
+    save_pairs(pairs, tmp_path / "pairs.npz")
+    run_dir = tmp_path / "run"
+    cfg = get_fused_config_from_dir(APP, {"pairs-path": str(tmp_path / "pairs.npz"), "run-dir": str(run_dir),
+                                          "num-server-rounds": 2, "clients-per-round": 3})
+    grid = LocalGrid(client_app, [{"partition-id": i, "num-partitions": 2} for i in range(2)], cfg)
+    run_federated(grid, ServerSettings.from_run_config(cfg))
+
+    def flags(config: str):
+        return build_parser(only="deploy").parse_args(["deploy", "local", "--nodes", "2", "--pairs",
+                                                        str(tmp_path / "pairs.npz"), "--run-dir", str(run_dir),
+                                                        "--rounds", "2", "-c", config])
+
+    check_local_flags(flags("clients-per-round=3"))  # the run's own settings: resumed
+    with pytest.raises(ValueError, match="holds a run with other settings .*use a new --run-dir"):
+        check_local_flags(flags("clients-per-round=3 noise-multiplier=2.0"))
