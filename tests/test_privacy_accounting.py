@@ -569,3 +569,20 @@ def test_noise_scales_that_overflow_are_refused_before_any_round(field, mode):
     for value in (1e7, 1e308):
         with pytest.raises(PrivacyConfigError, match=re.escape(f"{field} must be at most 1e+06; got {value!r}")):
             validate(replace(base, **{field: value}))
+
+
+def test_a_record_client_that_lost_its_state_keeps_what_it_spent_before(tmp_path):
+    """Found by a tester: `simulate --privacy record` interrupted after 44 rounds and resumed lost every client's
+    spending before the interrupt (a simulated node keeps its accountant history in memory, so after the restart
+    each client reported only its new steps, and the ledger replaced its history with them): client 0 was sampled
+    in 40 rounds of 8 steps and the ledger held 256 steps, not 320. The ledger now keeps the earlier spending."""
+    settings = PrivacySettings(mode="record", rounds=6, noise_multiplier=1.0, record_batch_size=2, record_epochs=1)
+    ledger = PrivacyLedger.create(tmp_path, settings)
+    steps = []
+    for round_, reported in enumerate([8, 16, 8, 16, 8], 1):  # a restart after round 2, another after round 4
+        ledger.record_round(round_, sampled=1, client_histories={"a": [(1.0, 0.125, reported)]})
+        on_disk = json.loads((tmp_path / LEDGER_FILENAME).read_text())["events"]["clients"]["a"]["history"]
+        steps.append(sum(k for _, _, k in on_disk))
+    assert steps == [8, 16, 24, 32, 40]
+    reloaded = PrivacyLedger.load(tmp_path)
+    assert reloaded.epsilon().prv == pytest.approx(epsilon(1.0, 0.125, 40, DELTA))

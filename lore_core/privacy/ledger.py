@@ -271,13 +271,29 @@ class PrivacyLedger:
                 history = check_history(getattr(history, "history", history))
                 if not history:
                     continue
-                updates[str(cid)] = {"history": [list(seg) for seg in history]}
+                updates[str(cid)] = self._client_record(str(cid), history)
             entry["clients"] = sorted(updates)
         self._reread()
         self._facts["clients"].update(updates)
         self._facts["rounds"].append(entry)
         self._write()
         return entry
+
+    def _client_record(self, cid: str, reported: list) -> dict[str, Any]:
+        """Record mode: client `cid`'s entry once it reported its full accountant history. A client that lost its
+        state reports only what it spent since (a simulated node restarted with a resumed run: its history lived in
+        memory), and replacing the stored history with that cut the run's per-pair epsilon (a tester: every
+        client's rounds before an interrupt vanished). What it spent before is kept as `base`. A reset client is
+        known by a report that does not extend the stored history; one whose first report after the reset is exactly
+        as long as the stored history still looks like a client that spent nothing (a spent budget), and is
+        under-counted: the full fix has the server hand a client its stored history on resume."""
+        stored = self._facts["clients"].get(cid)
+        base = _key(stored.get("base", [])) if stored else ()
+        full = _merged(base + _key(reported))
+        if stored and not _extends(full, _key(stored["history"])):  # a reset client: all it spent so far is base
+            base = _key(stored["history"])
+            full = _merged(base + _key(reported))
+        return {"history": [list(seg) for seg in full], **({"base": [list(seg) for seg in base]} if base else {})}
 
     def record_audit(self, result: Mapping[str, Any]) -> None:
         """Append an audit result (kind, seed, trials, alpha, bound, passed ...) to the ledger."""
@@ -485,6 +501,28 @@ def _check_events(path: Path, events: dict, mode) -> None:
 
 def _key(history: Iterable[Sequence]) -> tuple[tuple[float, float, int], ...]:
     return tuple((float(z), float(q), int(k)) for z, q, k in history)
+
+
+def _merged(history: tuple) -> tuple[tuple[float, float, int], ...]:
+    """Segments with consecutive equal (z, q) merged."""
+    out: list[tuple[float, float, int]] = []
+    for z, q, k in history:
+        if out and out[-1][:2] == (z, q):
+            out[-1] = (z, q, out[-1][2] + k)
+        else:
+            out.append((z, q, k))
+    return tuple(out)
+
+
+def _extends(history: tuple, prefix: tuple) -> bool:
+    """Whether `history` begins with every step of `prefix` (both merged (z, q, steps) segments)."""
+    if len(prefix) > len(history):
+        return False
+    for i, (z, q, k) in enumerate(prefix):
+        z2, q2, k2 = history[i]
+        if (z2, q2) != (z, q) or k2 < k or (k2 > k and i < len(prefix) - 1):
+            return False
+    return True
 
 
 def _opacus_version() -> str:
