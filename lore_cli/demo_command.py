@@ -294,6 +294,8 @@ def write_demo_report(out: Path, dataset: Path, central: dict, runs: dict[str, d
                      "`federated/ledger.json` for what is and is not covered. Differential privacy over a population "
                      "of a few hundred users is expensive: larger populations reach a smaller epsilon at the "
                      "same accuracy.")
+    elif mode != "none" and federated.get("privacy_guarantee"):  # record: per pair, not user-level (the ledger's)
+        lines.append(f"Mode `{mode}`: {federated['privacy_guarantee']}.")
     else:
         lines.append(f"Mode `{mode}`: no differential-privacy guarantee for this run.")
     if ledger:

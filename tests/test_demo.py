@@ -282,3 +282,19 @@ def test_the_package_version_is_written_the_same_in_both_places():
 
     pyproject = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
     assert pyproject["project"]["version"] == __version__
+
+
+def test_a_record_mode_demo_report_states_its_per_pair_guarantee(tmp_path):
+    """Found by a tester: `demo --privacy record` wrote "Mode `record`: no differential-privacy guarantee for this
+    run" (its metrics hold no user-level `epsilon`), denying the per-pair guarantee the run has. The report now
+    gives the run's own guarantee sentence, which says it is not user-level and who is trusted."""
+    dataset = tmp_path / "dataset"
+    dataset.mkdir()
+    (dataset / "summary.json").write_text(json.dumps({"users_kept": 12, "seen_users": 10}))
+    central = {"rank": 3, "seen_test_acc": 0.71, "unseen_test_acc": 0.72}
+    guarantee = "record-level (1e-05-)DP per client and per preference pair, max over clients epsilon = 4.695"
+    runs = {"federated": {"rank": 3, "seen_test_acc": 0.69, "unseen_test_acc": 0.70, "privacy_mode": "record",
+                          "record_epsilon_max_over_clients": 4.695, "privacy_guarantee": guarantee},
+            "federated-nonprivate": {"rank": 3, "seen_test_acc": 0.72, "unseen_test_acc": 0.73}}
+    report = write_demo_report(tmp_path, dataset, central, runs, 12.0).read_text()
+    assert f"Mode `record`: {guarantee}." in report and "no differential-privacy guarantee" not in report
