@@ -67,9 +67,15 @@ class _ServerOptimizer:
         return self.base_lr * 0.5 * (1.0 + math.cos(math.pi * progress))
 
     def step(self, basis: np.ndarray, grad: np.ndarray) -> np.ndarray:
+        """The next basis. A step whose result is not finite leaves the optimizer as it was (the caller skips it):
+        Adam's moments would otherwise keep the inf, and every later step would be skipped too."""
+        before = dict(vars(self))  # every update below rebinds its arrays, so a shallow copy restores them
         new_basis = self._update(basis, grad, self.lr)
+        if not np.isfinite(new_basis).all():
+            vars(self).update(before)
+            return new_basis
         self.t += 1
-        if self.total_rounds and self.t > AVERAGE_FROM * self.total_rounds and np.isfinite(new_basis).all():
+        if self.total_rounds and self.t > AVERAGE_FROM * self.total_rounds:
             self.averaged += 1
             self.average = new_basis.copy() if self.average is None else \
                 self.average + (new_basis - self.average) / self.averaged

@@ -15,6 +15,8 @@ from server.optimizer import (SCHEDULES, ServerAdam, ServerSGD, default_init_sca
 
 SERVER_OPTIMIZERS = ("adam", "sgd")
 PROGRESS_STYLES = ("bar", "log")
+MAX_RATE = 1e3  # server-lr and client-lr: the defaults are 1.0 (0.05 under DP)
+MAX_LOCAL_STEPS = 10_000  # a client's steps on its users per round (default 5)
 
 
 # Run-config key -> PrivacySettings field. An empty string means "not given": `validate` fills the mode's default
@@ -141,6 +143,10 @@ class ServerSettings:
         for key, value in positive.items():
             if not (value > 0 and value != float("inf")):
                 raise RunConfigError(f"{setting(key)} must be a finite number > 0, got {value}")
+        for key, value, ceiling in (("server-lr", self.server_lr, MAX_RATE), ("client-lr", self.client_lr, MAX_RATE),
+                                    ("local-steps", self.local_steps, MAX_LOCAL_STEPS)):
+            if value > ceiling:  # a larger rate overflows the basis (every step skipped); more steps never end
+                raise RunConfigError(f"{setting(key, value)} is above {ceiling:g}; the defaults are of order 1")
         if self.server_lr_schedule not in SCHEDULES:
             raise RunConfigError(f"{setting('server-lr-schedule')} must be one of {SCHEDULES} or \"\" (the privacy "
                                  f"mode's default), got {self.server_lr_schedule!r}")

@@ -122,7 +122,7 @@ class TrainingRun:
             if np.isfinite(new_basis).all():
                 self._record["update_norm"] = float(np.linalg.norm(new_basis - before))
                 self.state.basis = new_basis
-            else:  # cannot happen with validated finite updates; the guard keeps the basis intact regardless
+            else:  # an overflowing step (huge rates or updates): the basis and the optimizer stay as they were
                 log.error("round %d: server step produced a non-finite basis; step skipped", self.round)
                 mean_update = None
         self.releases.append(round=self.round, ledger_round=entry["round"], basis_before=before,

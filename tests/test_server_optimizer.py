@@ -73,3 +73,21 @@ def test_schedule_and_initial_scale_follow_the_privacy_mode_unless_given():
     assert make_optimizer("sgd", 0.4, 8, "constant").lr == 0.4
     with pytest.raises(RunConfigError, match="server-lr-schedule"):
         settings(**{"server-lr-schedule": "linear"})
+
+
+@pytest.mark.parametrize("name", ["sgd", "adam"])
+def test_a_step_that_is_not_finite_leaves_the_optimizer_as_it_was(name):
+    """The server skips a non-finite step (training_round.release); the next finite step must be the one an
+    optimizer that never saw it takes. Adam's moments kept the inf, so every later step was skipped as well."""
+    rng = np.random.default_rng(2)
+    grads = rng.standard_normal((6, 2, 3))
+    clean, hit = make_optimizer(name, 0.1, total_rounds=6), make_optimizer(name, 0.1, total_rounds=6)
+    basis_clean = basis_hit = np.zeros((2, 3))
+    for step, grad in enumerate(grads):
+        if step == 3:
+            bad = grad.copy()
+            bad[0, 0] = np.inf
+            assert not np.isfinite(hit.step(basis_hit, bad)).all()
+        basis_clean, basis_hit = clean.step(basis_clean, grad), hit.step(basis_hit, grad)
+    np.testing.assert_array_equal(basis_hit, basis_clean)
+    np.testing.assert_array_equal(hit.reported(basis_hit), clean.reported(basis_clean))
