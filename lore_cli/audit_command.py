@@ -24,7 +24,9 @@ from lore_core.text_file import not_a_file, parse_json, read_jsonl, read_text
 
 NAMES = ("update-leakage", "attribute", "membership", "mechanism", "canary", "accounting", "extraction", "fairness")
 PRIVACY_DEFAULTS = {"noise_multiplier": 1.0, "clip_norm": 1.0, "clients_per_round": 50, "population_size": 1400,
-                    "rounds": 200, "delta": 1e-5, "mode": "none"}
+                    "rounds": 200, "delta": 1e-5, "mode": "none",
+                    # record mode's DP-SGD (lore_core.privacy.privacy_settings.DEFAULTS)
+                    "max_grad_norm": 1.0, "record_batch_size": 4, "record_epochs": 1}
 LOCAL_STEPS, CLIENT_LR = 5, 1.0  # the run config defaults (pyproject [tool.flwr.app.config])
 
 
@@ -87,11 +89,11 @@ def _load_settings(args: argparse.Namespace, run_dir: Path | None) -> dict:
                              ("delta", "--delta", args.delta), ("mode", "--mode", args.mode)):
         if value is not None:
             settings[key], source[key] = value, f" (from {flag})"
-    for key in ("clients_per_round", "population_size", "rounds"):
+    for key in ("clients_per_round", "population_size", "rounds", "record_batch_size", "record_epochs"):
         value = settings[key]
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise AuditCommandError(f"{key} must be a positive integer, got {value!r}{source.get(key, stored_in)}")
-    for key in ("noise_multiplier", "clip_norm", "delta"):
+    for key in ("noise_multiplier", "clip_norm", "delta", "max_grad_norm"):
         if isinstance(settings[key], bool) or not isinstance(settings[key], (int, float)):
             raise AuditCommandError(f"{key} must be a number, got {settings[key]!r}{source.get(key, stored_in)}")
     return settings
@@ -244,6 +246,39 @@ def client_updates(pairs, basis: np.ndarray, user_ids: np.ndarray, *, steps: int
     return np.concatenate(weights), np.concatenate(updates)
 
 
+def record_client_updates(pairs, basis: np.ndarray, user_ids: np.ndarray, settings: dict, *, lr: float = CLIENT_LR,
+                          block: int = 64):
+    """Record mode: each user's upload of its first round (U, B, D) exactly as the client computes it
+    (federation.local_training.record_dp_updates: Opacus DP-SGD over w and A, each pair clipped to max_grad_norm, the
+    noise of the run's z), and the device w (U, B) after it. Fresh secret noise: what one round's server sees."""
+    from federation.local_training import record_dp_updates
+    from federation.user_block import make_block
+    from lore_core.privacy.record_dp import RecordDpState
+    from lore_core.reward_math import softmax
+
+    weights, updates = [], []
+    for chunk in np.array_split(np.sort(user_ids), max(1, int(np.ceil(len(user_ids) / block)))):
+        local = np.arange(chunk.size)
+        logits, upload, _ = record_dp_updates(
+            basis, make_block(pairs, chunk), np.zeros((chunk.size, basis.shape[0])), local,
+            [RecordDpState() for _ in local], lr=lr, noise_multiplier=float(settings["noise_multiplier"]),
+            max_grad_norm=float(settings["max_grad_norm"]), batch_size=int(settings["record_batch_size"]),
+            epochs=int(settings["record_epochs"]), delta=float(settings["delta"]))
+        weights.append(softmax(logits))
+        updates.append(upload)
+    return np.concatenate(weights), np.concatenate(updates)
+
+
+def observed_updates(pairs, basis: np.ndarray, user_ids: np.ndarray, settings: dict):
+    """(device w (U, B), uploads (U, B, D), the flat clip the server's view applies or None) of the run's mode: in
+    record mode the DP-SGD upload, already clipped per pair and noised; otherwise the update before the mode's
+    user-level clip and noise (added by the view, lore_core.audits.update_leakage.server_view)."""
+    if settings["mode"] == "record":
+        return (*record_client_updates(pairs, basis, user_ids, settings), None)
+    clip = settings["clip_norm"] if settings["mode"] != "none" else None
+    return (*client_updates(pairs, basis, user_ids), clip)
+
+
 def sample_users(ids: np.ndarray, max_users: int, seed: int) -> np.ndarray:
     if ids.size <= max_users:
         return np.sort(ids)
@@ -286,11 +321,10 @@ def _update_leakage(args, run_dir, settings) -> dict:
 
     pairs, basis, _ = load_pairs_and_basis(args, run_dir)
     ids = sample_users(np.unique(pairs.user[pairs.seen]), args.max_users, args.seed)
-    weights, updates = client_updates(pairs, basis, ids)
+    weights, updates, clip = observed_updates(pairs, basis, ids, settings)
     member = pairs.subset(np.isin(pairs.user, ids) & pairs.seen & (pairs.split == "train"))
     held = pairs.subset(np.isin(pairs.user, ids) & pairs.seen & (pairs.split == "test"))
     mode = settings["mode"]
-    clip = settings["clip_norm"] if mode != "none" else None
     return update_leakage_audit(updates, weights, member.diff, np.searchsorted(ids, member.user), held.diff,
                                 np.searchsorted(ids, held.user), mode=mode,
                                 clients_per_round=int(settings["clients_per_round"]), clip_norm=clip, seed=args.seed)
@@ -309,7 +343,7 @@ def _attribute(args, run_dir, settings) -> dict:
     if all((labels == "missing").all() for labels in attributes.values()):
         raise AuditCommandError(f"{users_file} describes none of the run's {len(ids)} sampled users (ids such as "
                                 f"{ids[:3].tolist()}): give the users.jsonl of this run's dataset")
-    weights, updates = client_updates(pairs, basis, ids)
+    weights, updates, _ = observed_updates(pairs, basis, ids, settings)
     view = MODE_VIEW.get(settings["mode"], "single")
     observed, group = server_view(updates, view, clients_per_round=int(settings["clients_per_round"]),
                                   rounds_per_user=1, clip_norm=None, local_noise=0.0,

@@ -412,3 +412,36 @@ def test_the_mechanism_audit_names_a_noise_scale_past_the_accountants_range(tmp_
     err = capsys.readouterr().err
     assert f"{flag[2:].replace('-', '_')} must be a finite number in (0, 1e+06], got 1e+300" in err, err
     assert not (tmp_path / "out" / "audits").exists()
+
+
+# --- record mode: the audit attacks the client's DP-SGD upload, not an update without its noise ------------------------
+@pytest.fixture(scope="module")
+def record_run(tmp_path_factory, pair_file) -> Path:
+    """A record-mode run (z = 1 in its ledger) through the real apps on the in-process grid."""
+    run_dir = tmp_path_factory.mktemp("record") / "run"
+    cfg = get_fused_config_from_dir(ROOT, {
+        "pairs-path": str(pair_file), "run-dir": str(run_dir), "rank": RANK, "num-server-rounds": 2,
+        "clients-per-round": 8, "server-lr": 0.05, "privacy-mode": "record", "noise-multiplier": 1.0,
+        "max-grad-norm": 1.0})
+    grid = LocalGrid(client_app, [{"partition-id": i, "num-partitions": NODES} for i in range(NODES)], cfg)
+    run_federated(grid, ServerSettings.from_run_config(cfg))
+    return run_dir
+
+
+def test_update_leakage_of_a_record_run_attacks_the_noised_upload_and_fails_when_the_clients_noise_is_cut(
+        record_run, pair_file, tmp_path, capsys, monkeypatch):
+    """Found by a tester: on a record-mode run the audit re-simulated the update without the client's DP-SGD noise
+    (and clipped it to a user-level 1.0 the mode does not use), so it reported LEAK of every record run. It now runs
+    the client's own record_dp_updates at the ledger's settings; cutting Opacus' noise in that code path turns the
+    verdict to LEAK."""
+    import opacus.optimizers.optimizer as dp_optimizer
+
+    honest, _ = _audit(record_run, tmp_path / "honest", capsys, "update-leakage", "--pairs", str(pair_file))
+    assert honest["mode"] == "record" and honest["view"] == "single" and honest["clip_norm"] is None
+    assert honest["verdict"] != "leak" and "one round's DP-SGD upload" in honest["summary"], honest["summary"]
+    assert "not measured" in honest["scope"]
+    real_noise = dp_optimizer._generate_noise
+    monkeypatch.setattr(dp_optimizer, "_generate_noise",
+                        lambda std, reference, **kw: real_noise(std / 100, reference, **kw))
+    broken, _ = _audit(record_run, tmp_path / "broken", capsys, "update-leakage", "--pairs", str(pair_file))
+    assert broken["verdict"] == "leak", broken["summary"]

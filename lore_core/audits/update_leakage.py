@@ -4,7 +4,8 @@ With w held fixed in the local step, a client's update is rank one, dA_i = -lr w
 left singular vector is w_i up to sign and scale, the right one a weighted sum of the user's pair diffs. The audit
 replays the server's view per privacy mode from real client updates (computed by the caller with the client's own
 code) and attacks it:
-  single   one user's update of one round (modes none / user: the server sees it before clipping matters)
+  single   one user's update of one round (modes none / user: the server sees it before clipping matters; mode
+           record: the client's DP-SGD upload itself, clipped per pair and noised by the client's own code)
   summed   one user's uploads summed over the rounds it took part in (only differs when uploads carry local noise)
   secagg   the sum of `clients_per_round` users' clipped updates (mode user+secagg: the server sees only sums)
 Recovered w_hat = top left singular vector, sign fixed to a positive sum, negatives cut, scaled onto the simplex.
@@ -23,7 +24,11 @@ from lore_core.audits.not_applicable import RANK_ONE_REASON, is_rank_one
 from lore_core.audits.statistics import AuditInputError, auc, bootstrap_mean_ci, delong_auc_ci
 
 VIEWS = ("single", "summed", "secagg")
-MODE_VIEW = {"none": "single", "user": "single", "record": "summed", "user-local": "summed", "user+secagg": "secagg"}
+MODE_VIEW = {"none": "single", "user": "single", "record": "single", "user-local": "summed", "user+secagg": "secagg"}
+# Record mode: the audit attacks one round's DP-SGD upload per user. A user's uploads over R rounds, each with fresh
+# noise, carry R times the signal and sqrt(R) times the noise; that sum is not measured (said in the result).
+RECORD_SCOPE = ("one round's DP-SGD upload per user (the client's own code, fresh noise); a user's uploads summed "
+                "over the rounds it took part in carry more signal and are not measured")
 # A leak must beat the best prior-only guess by this much mean cosine (lower CI bound) to count as "leak":
 # smaller gains are within what a population-level attacker already knows.
 COSINE_MARGIN = 0.02
@@ -190,6 +195,8 @@ def update_leakage_audit(
                    f"held-out pairs with AUC {target['pair_membership_auc']:.3f} [{auc_ci[0]:.3f}, {auc_ci[1]:.3f}]; "
                    f"recovering w is not applicable: {RANK_ONE_REASON}. ")
         margins = f"({0.5 + AUC_MARGIN} in AUC)"
+    if mode == "record":
+        finding += f"Measured on {RECORD_SCOPE}. "
     sentence = (
         f"{verdict_text}: {finding}"
         + {"leak": "Hide single updates from the server (SecAgg with many users per round, or local noise)"
@@ -211,4 +218,5 @@ def update_leakage_audit(
                   f"AUC CI above {0.5 + AUC_MARGIN}; inconclusive = neither, with a CI reaching past its "
                   "margin" + ("" if w_applicable else "; rank 1: w not judged (the same for every user)"),
         "seed": seed, "trials": int(len(updates)), "n_boot": n_boot, "alpha": alpha,
+        **({"scope": RECORD_SCOPE} if mode == "record" else {}),
     }
