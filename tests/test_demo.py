@@ -292,7 +292,7 @@ def test_a_record_mode_demo_report_states_its_per_pair_guarantee(tmp_path):
     dataset.mkdir()
     (dataset / "summary.json").write_text(json.dumps({"users_kept": 12, "seen_users": 10}))
     central = {"rank": 3, "seen_test_acc": 0.71, "unseen_test_acc": 0.72}
-    guarantee = "record-level (1e-05-)DP per client and per preference pair, max over clients epsilon = 4.695"
+    guarantee = "record-level (4.695, 1e-05)-DP per client and per preference pair, epsilon the max over clients"
     runs = {"federated": {"rank": 3, "seen_test_acc": 0.69, "unseen_test_acc": 0.70, "privacy_mode": "record",
                           "record_epsilon_max_over_clients": 4.695, "privacy_guarantee": guarantee},
             "federated-nonprivate": {"rank": 3, "seen_test_acc": 0.72, "unseen_test_acc": 0.73}}

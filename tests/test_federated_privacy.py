@@ -226,6 +226,8 @@ def test_record_mode_accounts_per_pair_like_one_uninterrupted_opacus_run(tiny_pa
     ledger = ledger_json(tmp_path)
     assert ledger["privacy_unit"] == "one preference pair of one client"
     assert "NOT a user-level guarantee" in ledger["guarantee"] and ledger["epsilon"]["over"] == "max over 3 clients"
+    # the claim names its epsilon with its delta (it read "record-level (1e-05-)DP ..."; a tester)
+    assert ledger["guarantee"].startswith(f"record-level ({ledger['epsilon']['prv']:.3f}, ")
     for i, n in enumerate(counts):
         # one uninterrupted Opacus run of the same steps: rounds epochs over this client's n pairs
         diff = torch.as_tensor(train.diff[train.user == users[i]])

@@ -335,8 +335,10 @@ class PrivacyLedger:
         s, eps = self.settings, self.epsilon()
         prefix = "NOT PRIVATE (reproducible debug noise). Nominally: " if s.reproducible_noise else ""
         if s.mode == "record":
-            value = f"max over clients epsilon = {eps.prv:.3f} (PRV; RDP {eps.rdp:.3f})" if eps else "no rounds yet"
-            return (f"{prefix}record-level ({s.delta}-)DP per client and per preference pair, {value}. This is NOT a "
+            value = (f"({eps.prv:.3f}, {s.delta})-DP per client and per preference pair, epsilon the max over "
+                     f"clients (PRV; RDP {eps.rdp:.3f})") if eps else \
+                f"(epsilon, {s.delta})-DP per client and per preference pair, no rounds yet"
+            return (f"{prefix}record-level {value}. This is NOT a "
                     "user-level guarantee: a user's w_i and all of its pairs together are not protected "
                     "(group privacy for k pairs costs about k times epsilon)")
         if s.mode == "user+secagg":
