@@ -129,7 +129,8 @@ def train(msg: Message, context: Context) -> Message:
 def _record_train(context: Context, config, settings: p.ClientSettings, basis: np.ndarray, node: NodeUsers,
                   sampled: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Record mode: DP-SGD per sampled user over its private logits and the basis, continuing each user's stored
-    accountant history. Returns (updates (k, B, D), the sampled users' histories as rows (position, z, q, steps))."""
+    accountant history. Returns (updates (k, B, D), what each sampled user spent this round as rows (position, z, q,
+    steps): increments, so that the ledger never takes a node that lost its state for one that spent less)."""
     from lore_core.privacy.record_dp import RecordDpState
 
     stored = load_record_histories(context)
@@ -138,18 +139,18 @@ def _record_train(context: Context, config, settings: p.ClientSettings, basis: n
     logits = load_record_logits(context, node.n_train_users, basis.shape[0])
     max_epsilon = config.get(p.MAX_EPSILON)
     seed = config.get(p.NOISE_SEED)
-    logits, updates, states = record_dp_updates(
+    logits, updates, after = record_dp_updates(
         basis, node.training_block(sampled), logits, sampled, states, lr=settings.client_lr,
         noise_multiplier=float(config[p.NOISE_MULTIPLIER]), max_grad_norm=float(config[p.MAX_GRAD_NORM]),
         batch_size=int(config[p.RECORD_BATCH_SIZE]), epochs=int(config[p.RECORD_EPOCHS]),
         delta=float(config[p.DELTA]), max_epsilon=None if max_epsilon is None else float(max_epsilon),
         noise_seed=None if seed is None else int(seed) + 104729 * int(config[p.ROUND]), device=settings.device)
-    rows = [(u, z, q, k) for u, state in zip(sampled, states) for z, q, k in state.history]
+    rows = [(u, z, q, k) for u, state in zip(sampled, after) for z, q, k in state.history]
     kept = stored[~np.isin(owner, sampled)]
     save_record_state(context, np.concatenate([kept, np.array(rows, dtype=np.float64).reshape(-1, 4)]), logits)
-    position = {int(u): i for i, u in enumerate(sampled)}
-    history = np.array([(position[int(u)], z, q, k) for u, z, q, k in rows], dtype=np.float64).reshape(-1, 4)
-    return updates, history
+    increments = [(i, z, q, k) for i, (now, before) in enumerate(zip(after, states))
+                  for z, q, k in now.spent_since(before)]
+    return updates, np.array(increments, dtype=np.float64).reshape(-1, 4)
 
 
 @app.evaluate()

@@ -9,7 +9,8 @@ train    server -> node: arrays {basis (B, D)}, config {user-indices: [local ind
                           clip-norm, noise-multiplier, dropout-tolerance, sampled-users, granularity,
                           clipping-range}; the node uploads its users' noised integer sum, masked
                          record mode adds arrays {dp-history (s, 4): rows (position in updates, z, q, steps)}:
-                         each sampled user's accountant history, for the ledger (reveals its batch count)
+                         what each sampled user spent this round (the segments it added to its accountant
+                         history), which the ledger appends (reveals its batch count)
 evaluate server -> node: arrays {basis}, config {round}
          node -> server: metrics {seen-acc-sum, seen-users, unseen-acc-sum, unseen-users[, oracle-*-acc-sum]}
 Client settings come from the run config (flat `[tool.flwr.app.config]` keys, shared with the server).

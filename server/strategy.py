@@ -71,7 +71,7 @@ class LoReStrategy(Strategy):
         return None
 
     def _client_histories(self, reply: Message) -> dict[str, list]:
-        """Record mode: global user index -> its accountant history [(z, q, steps), ...] from one reply."""
+        """Record mode: global user index -> what it spent this round [(z, q, steps), ...] from one reply."""
         global_users = self.run.global_users(reply.metadata.src_node_id)
         histories: dict[str, list] = {}
         for position, z, q, steps in reply.content[p.ARRAYS][p.DP_HISTORY].numpy():

@@ -419,3 +419,50 @@ def test_one_users_non_finite_update_leaves_out_that_user_only_under_dp(pair_fil
         updates[1, 0, 0] = np.inf
         clipped = client_module.clip_finite_users(updates, 0.5)
         assert np.isnan(clipped[1]).all() and np.allclose(np.linalg.norm(clipped[[0, 2]], axis=(1, 2)), 0.5)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_record_mode_ledger_counts_every_step_across_a_crash_whose_nodes_lost_their_state(tiny_pair_file, tmp_path,
+                                                                                         monkeypatch, seed):
+    """Found by a tester: a resumed record run under-counted clients whose simulated node had lost its accountant
+    history (kept in memory). Clients report what they spent each round and the ledger appends it: after a crash in
+    round 3 (recorded, then lost) and a resume by new nodes, each user's ledger history holds every step its
+    DP-SGD took, the lost round's included. The old whole-history reports under-counted a user first sampled in
+    the lost round (its fresh report looked like a client that had spent nothing since)."""
+    import lore_core.privacy.record_dp as record_dp
+    import server.training_round
+
+    steps_taken: dict[int, int] = {}  # pairs of the user (distinct per user here) -> DP-SGD steps it took
+    real_update, real_save = record_dp.dp_sgd_update, server.training_round.save_checkpoint
+
+    def counting(basis, logits, diff, **kwargs):
+        update, new_logits, state = real_update(basis, logits, diff, **kwargs)
+        steps_taken[diff.shape[0]] = steps_taken.get(diff.shape[0], 0) + state.steps - kwargs["state"].steps
+        return update, new_logits, state
+
+    class Killed(Exception):
+        pass
+
+    def crash_in_round_3(run_dir, state):
+        if state.round == 3:
+            raise Killed
+        real_save(run_dir, state)
+
+    monkeypatch.setattr(record_dp, "dp_sgd_update", counting)
+    overrides = {"rank": 2, "num-server-rounds": 5, "clients-per-round": 1, "privacy-mode": "record",
+                 "max-grad-norm": 1.0, "record-batch-size": 4, "server-lr": 0.05, "seed": seed, "clip-norm": ""}
+    monkeypatch.setattr(server.training_round, "save_checkpoint", crash_in_round_3)
+    with pytest.raises(Killed):
+        run_federated(*make_run(tiny_pair_file, tmp_path, nodes=1, **overrides))
+    monkeypatch.setattr(server.training_round, "save_checkpoint", real_save)
+    run_federated(*make_run(tiny_pair_file, tmp_path, nodes=1, **overrides))  # new nodes: their state is gone
+
+    from lore_core.pairs import load_pairs
+
+    pairs = load_pairs(tiny_pair_file)
+    train = pairs.subset(pairs.seen & (pairs.split == "train"))
+    users, counts = np.unique(train.user, return_counts=True)
+    assert len(set(counts)) == len(counts)  # the spy tells users apart by their number of pairs
+    clients = ledger_json(tmp_path)["events"]["clients"]
+    in_ledger = {int(counts[int(cid)]): sum(seg[2] for seg in c["history"]) for cid, c in clients.items()}
+    assert in_ledger == steps_taken and len(ledger_json(tmp_path)["events"]["rounds"]) == 6

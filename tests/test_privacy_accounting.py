@@ -575,14 +575,27 @@ def test_a_record_client_that_lost_its_state_keeps_what_it_spent_before(tmp_path
     """Found by a tester: `simulate --privacy record` interrupted after 44 rounds and resumed lost every client's
     spending before the interrupt (a simulated node keeps its accountant history in memory, so after the restart
     each client reported only its new steps, and the ledger replaced its history with them): client 0 was sampled
-    in 40 rounds of 8 steps and the ledger held 256 steps, not 320. The ledger now keeps the earlier spending."""
+    in 40 rounds of 8 steps and the ledger held 256 steps, not 320. Clients now report what they spent each round,
+    which the ledger appends, so a client that lost its state reports as one that did not."""
     settings = PrivacySettings(mode="record", rounds=6, noise_multiplier=1.0, record_batch_size=2, record_epochs=1)
     ledger = PrivacyLedger.create(tmp_path, settings)
     steps = []
-    for round_, reported in enumerate([8, 16, 8, 16, 8], 1):  # a restart after round 2, another after round 4
-        ledger.record_round(round_, sampled=1, client_histories={"a": [(1.0, 0.125, reported)]})
+    for round_ in range(1, 6):
+        ledger.record_round(round_, sampled=1, client_histories={"a": [(1.0, 0.125, 8)]})
         on_disk = json.loads((tmp_path / LEDGER_FILENAME).read_text())["events"]["clients"]["a"]["history"]
         steps.append(sum(k for _, _, k in on_disk))
     assert steps == [8, 16, 24, 32, 40]
     reloaded = PrivacyLedger.load(tmp_path)
     assert reloaded.epsilon().prv == pytest.approx(epsilon(1.0, 0.125, 40, DELTA))
+
+
+def test_a_record_state_reports_what_it_spent_since_an_earlier_one():
+    from lore_core.privacy.record_dp import RecordDpState
+
+    before = RecordDpState(history=[(2.0, 0.5, 4), (1.0, 0.25, 8)])
+    assert RecordDpState(history=[(2.0, 0.5, 4), (1.0, 0.25, 12)]).spent_since(before) == [(1.0, 0.25, 4)]
+    assert RecordDpState(history=[(2.0, 0.5, 4), (1.0, 0.25, 8), (1.0, 0.5, 2)]).spent_since(before) == \
+        [(1.0, 0.5, 2)]
+    assert before.spent_since(before) == [] and before.spent_since(RecordDpState()) == before.history
+    with pytest.raises(ValueError, match="does not extend"):
+        RecordDpState(history=[(1.0, 0.25, 8)]).spent_since(before)

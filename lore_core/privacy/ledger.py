@@ -246,8 +246,8 @@ class PrivacyLedger:
         """Record round `round` (1-based, consecutive) atomically; call BEFORE releasing that round's basis.
 
         sampled: number of users sampled (data-independent under Poisson). User modes: z and q default to the
-        settings'. Record mode: client_histories maps client id -> its full accountant history ((z, q, steps) list,
-        or a RecordDpState). Raises PrivacyBudgetExhausted (user modes) or AccountingError, writing nothing.
+        settings'. Record mode: client_histories maps client id -> what it spent this round ((z, q, steps) segments
+        appended to its accountant history, or a RecordDpState of them). Raises PrivacyBudgetExhausted (user modes) or AccountingError, writing nothing.
         """
         s = self.settings
         if round != self.rounds_released + 1:
@@ -279,21 +279,15 @@ class PrivacyLedger:
         self._write()
         return entry
 
-    def _client_record(self, cid: str, reported: list) -> dict[str, Any]:
-        """Record mode: client `cid`'s entry once it reported its full accountant history. A client that lost its
-        state reports only what it spent since (a simulated node restarted with a resumed run: its history lived in
-        memory), and replacing the stored history with that cut the run's per-pair epsilon (a tester: every
-        client's rounds before an interrupt vanished). What it spent before is kept as `base`. A reset client is
-        known by a report that does not extend the stored history; one whose first report after the reset is exactly
-        as long as the stored history still looks like a client that spent nothing (a spent budget), and is
-        under-counted: the full fix has the server hand a client its stored history on resume."""
+    def _client_record(self, cid: str, spent: list) -> dict[str, Any]:
+        """Record mode: client `cid`'s entry after it reported what it spent THIS round (its new accountant segments):
+        the stored history with them appended. Reports of increments, never of a client's whole history, so that a
+        client that lost its state (a simulated node restarted with a resumed run keeps its history in memory) cannot
+        shrink what the ledger holds: whole-history reports had replaced every client's rounds before an interrupt
+        (a tester), and telling a reset client from one that spent nothing was not always possible."""
         stored = self._facts["clients"].get(cid)
-        base = _key(stored.get("base", [])) if stored else ()
-        full = _merged(base + _key(reported))
-        if stored and not _extends(full, _key(stored["history"])):  # a reset client: all it spent so far is base
-            base = _key(stored["history"])
-            full = _merged(base + _key(reported))
-        return {"history": [list(seg) for seg in full], **({"base": [list(seg) for seg in base]} if base else {})}
+        full = _merged((_key(stored["history"]) if stored else ()) + _key(spent))
+        return {"history": [list(seg) for seg in full]}
 
     def record_audit(self, result: Mapping[str, Any]) -> None:
         """Append an audit result (kind, seed, trials, alpha, bound, passed ...) to the ledger."""
@@ -514,17 +508,6 @@ def _merged(history: tuple) -> tuple[tuple[float, float, int], ...]:
         else:
             out.append((z, q, k))
     return tuple(out)
-
-
-def _extends(history: tuple, prefix: tuple) -> bool:
-    """Whether `history` begins with every step of `prefix` (both merged (z, q, steps) segments)."""
-    if len(prefix) > len(history):
-        return False
-    for i, (z, q, k) in enumerate(prefix):
-        z2, q2, k2 = history[i]
-        if (z2, q2) != (z, q) or k2 < k or (k2 > k and i < len(prefix) - 1):
-            return False
-    return True
 
 
 def _opacus_version() -> str:

@@ -38,6 +38,17 @@ class RecordDpState:
     def steps(self) -> int:
         return sum(steps for _, _, steps in self.history)
 
+    def spent_since(self, before: "RecordDpState") -> list[Segment]:
+        """The segments added to this history since `before`, its prefix (Opacus extends the last segment when z
+        and q repeat): what a round spent, which a client reports to the server's ledger."""
+        old, n = before.history, len(before.history)
+        if n == 0:
+            return list(self.history)
+        z, q, k = self.history[n - 1] if len(self.history) >= n else (None, None, -1)
+        if self.history[:n - 1] != old[:n - 1] or (z, q) != tuple(old[-1][:2]) or k < old[-1][2]:
+            raise ValueError(f"accountant history {self.history} does not extend {old}")
+        return ([(z, q, k - old[-1][2])] if k > old[-1][2] else []) + list(self.history[n:])
+
     def to_dict(self) -> dict[str, list]:
         """Plain lists of numbers: fits a Flower ConfigRecord and JSON."""
         return {
