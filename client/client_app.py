@@ -116,7 +116,8 @@ def train(msg: Message, context: Context) -> Message:
     if mode == "record" and isinstance(node, CanaryBlock):
         raise ClientRequestError("canary users take part in user-level DP modes only")
     if mode == "record":
-        updates, history = _record_train(context, config, settings, basis, node, sampled)
+        ledger_rows = msg.content[p.ARRAYS][p.DP_HISTORY].numpy() if p.DP_HISTORY in msg.content[p.ARRAYS] else None
+        updates, history = _record_train(context, config, settings, basis, node, sampled, ledger_rows)
         arrays[p.DP_HISTORY] = Array(np.ascontiguousarray(history))
     else:  # user modes: one flat clip per user here (and re-checked by the server)
         clip_norm = float(config[p.CLIP_NORM]) if mode in ("user", "user+secagg") else None
@@ -127,15 +128,28 @@ def train(msg: Message, context: Context) -> Message:
 
 
 def _record_train(context: Context, config, settings: p.ClientSettings, basis: np.ndarray, node: NodeUsers,
-                  sampled: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+                  sampled: np.ndarray, ledger_rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Record mode: DP-SGD per sampled user over its private logits and the basis, continuing each user's stored
-    accountant history. Returns (updates (k, B, D), what each sampled user spent this round as rows (position, z, q,
+    accountant history, or the server's ledger's (`ledger_rows`, (s, 4) rows (position in sampled, z, q, steps))
+    where that has more steps: a node that lost its state must not check max-epsilon from zero. A server can only
+    make a user stop earlier this way, never spend more. Returns (updates (k, B, D), what each sampled user spent this round as rows (position, z, q,
     steps): increments, so that the ledger never takes a node that lost its state for one that spent less)."""
     from lore_core.privacy.record_dp import RecordDpState
 
     stored = load_record_histories(context)
     owner = stored[:, 0].astype(np.int64)
     states = [RecordDpState(history=[(z, q, int(k)) for _, z, q, k in stored[owner == u]]) for u in sampled]
+    if ledger_rows is not None:
+        ledger_rows = np.asarray(ledger_rows, dtype=np.float64)
+        if ledger_rows.ndim != 2 or ledger_rows.shape[1] != 4 or not np.isfinite(ledger_rows).all() or \
+                not set(ledger_rows[:, 0].astype(np.int64)) <= set(range(sampled.size)):
+            raise ClientRequestError(f"dp-history must be (s, 4) rows (position < {sampled.size}, z, q, steps); got "
+                                     f"shape {ledger_rows.shape}")
+        by_position: dict[int, list] = {}
+        for i, z, q, k in ledger_rows:
+            by_position.setdefault(int(i), []).append((z, q, int(k)))
+        held = [RecordDpState(history=by_position.get(i, [])) for i in range(sampled.size)]
+        states = [theirs if theirs.steps > mine.steps else mine for mine, theirs in zip(states, held)]
     logits = load_record_logits(context, node.n_train_users, basis.shape[0])
     max_epsilon = config.get(p.MAX_EPSILON)
     seed = config.get(p.NOISE_SEED)

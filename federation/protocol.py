@@ -8,7 +8,10 @@ train    server -> node: arrays {basis (B, D)}, config {user-indices: [local ind
          user+secagg (legacy FitIns through secaggplus_mod): config {user-indices (bytes), round, privacy-mode,
                           clip-norm, noise-multiplier, dropout-tolerance, sampled-users, granularity,
                           clipping-range}; the node uploads its users' noised integer sum, masked
-                         record mode adds arrays {dp-history (s, 4): rows (position in updates, z, q, steps)}:
+                         record mode: the server adds arrays {dp-history (s, 4): rows (position in user-indices,
+                         z, q, steps)}, each sampled user's accountant history as the ledger holds it (a node that
+                         lost its state starts from it), and the reply
+                         adds arrays {dp-history (s, 4): rows (position in updates, z, q, steps)}:
                          what each sampled user spent this round (the segments it added to its accountant
                          history), which the ledger appends (reveals its batch count)
 evaluate server -> node: arrays {basis}, config {round}

@@ -14,7 +14,7 @@ import logging
 from collections.abc import Iterable
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
@@ -38,10 +38,16 @@ class LoReStrategy(Strategy):
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         plan = self.run.begin_round()
-        return [Message(RecordDict({p.ARRAYS: arrays, p.CONFIG: ConfigRecord(
+        return [Message(RecordDict({p.ARRAYS: self._train_arrays(arrays, node), p.CONFIG: ConfigRecord(
                     {p.USER_INDICES: idx.tolist(), **self.run.node_config(node)})}),
                         dst_node_id=node, message_type=MessageType.TRAIN)
                 for node, idx in plan.items()]
+
+    def _train_arrays(self, arrays: ArrayRecord, node: int) -> ArrayRecord:
+        """The basis; in record mode also what the node's sampled users spent so far, as the ledger holds it."""
+        if self.run.aggregator.mode != "record":
+            return arrays
+        return ArrayRecord({p.BASIS: arrays[p.BASIS], p.DP_HISTORY: Array(self.run.spent_by(node))})
 
     def reply_problem(self, reply: Message) -> str | None:
         """Why a train reply cannot be used, or None when it is valid. Non-finite updates are checked per user, in

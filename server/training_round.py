@@ -103,6 +103,14 @@ class TrainingRun:
     def global_users(self, node: int) -> np.ndarray:
         return self.population.global_indices(node, self.plan[node])
 
+    def spent_by(self, node: int) -> np.ndarray:
+        """Record mode: the ledger's accountant history of each user sampled on `node` this round, rows (position in
+        its user-indices, z, q, steps). Sent with the basis, so that a node that lost its state (a simulated node
+        restarted with a resumed run) checks max-epsilon against all its users spent, not what it spent since."""
+        rows = [(i, z, q, k) for i, user in enumerate(self.global_users(node))
+                for z, q, k in self.ledger.client_history(str(int(user)))]
+        return np.array(rows, dtype=np.float64).reshape(-1, 4)
+
     def release(self, mean_update: np.ndarray | None, accepted_users: int, **facts) -> None:
         """Record the round in the ledger, step the basis with `mean_update` (B, D) (None: nothing accepted in a mode
         without noise, no step) and append the step to the release record. `facts` go to the round's record

@@ -427,7 +427,7 @@ def test_record_mode_ledger_counts_every_step_across_a_crash_whose_nodes_lost_th
     """Found by a tester: a resumed record run under-counted clients whose simulated node had lost its accountant
     history (kept in memory). Clients report what they spent each round and the ledger appends it: after a crash in
     round 3 (recorded, then lost) and a resume by new nodes, each user's ledger history holds every step its
-    DP-SGD took, the lost round's included. The old whole-history reports under-counted a user first sampled in
+    DP-SGD took, the lost round's included, and each DP-SGD call starts from all the user spent before. The old whole-history reports under-counted a user first sampled in
     the lost round (its fresh report looked like a client that had spent nothing since)."""
     import lore_core.privacy.record_dp as record_dp
     import server.training_round
@@ -435,7 +435,10 @@ def test_record_mode_ledger_counts_every_step_across_a_crash_whose_nodes_lost_th
     steps_taken: dict[int, int] = {}  # pairs of the user (distinct per user here) -> DP-SGD steps it took
     real_update, real_save = record_dp.dp_sgd_update, server.training_round.save_checkpoint
 
+    started_from: list[tuple[int, int]] = []  # (steps the user had taken, steps of the history it started from)
+
     def counting(basis, logits, diff, **kwargs):
+        started_from.append((steps_taken.get(diff.shape[0], 0), kwargs["state"].steps))
         update, new_logits, state = real_update(basis, logits, diff, **kwargs)
         steps_taken[diff.shape[0]] = steps_taken.get(diff.shape[0], 0) + state.steps - kwargs["state"].steps
         return update, new_logits, state
@@ -466,3 +469,6 @@ def test_record_mode_ledger_counts_every_step_across_a_crash_whose_nodes_lost_th
     clients = ledger_json(tmp_path)["events"]["clients"]
     in_ledger = {int(counts[int(cid)]): sum(seg[2] for seg in c["history"]) for cid, c in clients.items()}
     assert in_ledger == steps_taken and len(ledger_json(tmp_path)["events"]["rounds"]) == 6
+    # the new nodes start every user from all it spent (the server sends the ledger's history), so max-epsilon is
+    # checked against it; they started from zero before
+    assert all(taken == start for taken, start in started_from), started_from

@@ -289,6 +289,11 @@ class PrivacyLedger:
         full = _merged((_key(stored["history"]) if stored else ()) + _key(spent))
         return {"history": [list(seg) for seg in full]}
 
+    def client_history(self, cid: str) -> list[tuple[float, float, int]]:
+        """Record mode: client `cid`'s accountant history as the ledger holds it (empty before its first round)."""
+        stored = self._facts["clients"].get(str(cid))
+        return list(_key(stored["history"])) if stored else []
+
     def record_audit(self, result: Mapping[str, Any]) -> None:
         """Append an audit result (kind, seed, trials, alpha, bound, passed ...) to the ledger."""
         self._reread()
