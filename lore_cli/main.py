@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import sys
 import warnings
 
@@ -104,7 +105,7 @@ def _message(exc: Exception, args: argparse.Namespace) -> str:
     deploy and the ServerApp) names run-config keys; here they are written as this command's user types them:
     `-c key=value` where the command takes run-config overrides (deploy local), else the command's flag named after
     the key (simulate, demo: --eval-every 0), else the run config's key (pyproject.toml, which no flag sets)."""
-    from lore_core.setting_names import SettingError, as_flags, as_option
+    from lore_core.setting_names import NO_VALUE, SettingError, as_flags, as_option
 
     if not isinstance(exc, SettingError):
         return str(exc)
@@ -120,7 +121,17 @@ def _message(exc: Exception, args: argparse.Namespace) -> str:
         flag = FLAG_OF_KEY.get(key, f"--{key}")
         return flag if flag[2:].replace("-", "_") in given else None
 
-    return exc.spelled(as_flags(flag_of))
+    by_flag = as_flags(flag_of)
+
+    def spelled(key: str, value=NO_VALUE) -> str:
+        """A flag the user did not give is the default's value, not theirs: '--rank 5' read as if they had typed it."""
+        flag = flag_of(key)
+        if flag is not None and value is not NO_VALUE and not isinstance(value, bool) and \
+                given[flag[2:].replace("-", "_")] is None:
+            return f"the default {key} {json.dumps(value)} (set {flag})"
+        return by_flag(key, value)
+
+    return exc.spelled(spelled)
 
 
 def _format_warning(message, category, *_args, **_kwargs) -> str:

@@ -710,3 +710,14 @@ def test_audit_inputs_that_are_not_what_they_claim_are_named(w):
     refused(base + ["--users", "missing.jsonl"], "missing.jsonl", w, expect="does not exist")
     (w / "others.jsonl").write_text(json.dumps({"user": "nobody", "demographics": {"age": "18-24"}}) + "\n")
     refused(base + ["--users", "others.jsonl"], "others.jsonl", w, expect="describes none of the run's")
+
+
+def test_a_setting_the_user_did_not_give_is_named_as_the_default(tmp_path):
+    """Found by a tester: on a pair file of width D = 3, `simulate` without --rank said "--rank 5 is more than the
+    embedding width", a flag the user never typed; the run config's default is named as such."""
+    pairs, _ = make_synthetic_pairs(SyntheticPairsConfig(dim=3, true_rank=2, seen_users=12, unseen_users=2, seed=1))
+    save_pairs(pairs, tmp_path / "pairs.npz")
+    sim = ["simulate", tmp_path / "pairs.npz", "--out", tmp_path / "run", "--privacy", "none", "--rounds", "1"]
+    err = refused(sim, "the default rank 5 (set --rank) is more than the embedding width D = 3", tmp_path)
+    assert "--rank 5" not in err
+    refused(sim + ["--rank", "4"], "--rank 4 is more than the embedding width D = 3", tmp_path)
