@@ -4,7 +4,8 @@ Each line of `DATASET_DIR/pairs.jsonl` (written by `lore-fed prepare`) is one pr
 `{"user", "history": [messages], "chosen", "rejected", "split", "seen", ...}`; the pair feature is
 diff = e(history, chosen) - e(history, rejected). If `DATASET_DIR/ground_truth.npz` (benchmark truth) was made with
 the same embedder, the true logits are added (`logit_true`); in reward-model mode the model's score head is added
-(`reference_head`). The embedder's id (`embedder.name`) is stored as `embedder`.
+(`reference_head`). The embedder's id (`embedder.name`) is stored as `embedder`, and the digest of the pairs.jsonl
+embedded as `pairs_jsonl_blake2b` (a later edit of it makes train and simulate refuse the stale pairs.npz).
 """
 
 from __future__ import annotations
@@ -19,9 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from lore_core.atomic_io import check_output_path
-from lore_core.pairs import PAIRS_FILENAME, SPLITS, PairSet, save_pairs
-
-PAIRS_JSONL = "pairs.jsonl"
+from lore_core.pairs import PAIRS_FILENAME, PAIRS_JSONL, SPLITS, PairSet, pairs_jsonl_digest, save_pairs
 from lore_core.prism_schema import GROUND_TRUTH_FILE as GROUND_TRUTH
 TRUTH_ARRAYS = ("basis", "user_id", "user_weights", "logit_scale", "embedder")
 
@@ -105,6 +104,8 @@ def _run(args: argparse.Namespace) -> int:
     if dataset_dir.is_file():
         raise DatasetError(f"{dataset_dir} is a file; give the dataset directory that holds {PAIRS_JSONL} (from "
                            "`lore-fed prepare`)")
+    # hashed before the read: an edit in between leaves a digest the new text does not have, so readers refuse
+    digest = pairs_jsonl_digest(dataset_dir / PAIRS_JSONL) if (dataset_dir / PAIRS_JSONL).is_file() else None
     records = read_pair_records(dataset_dir / PAIRS_JSONL)
     check_pair_file_writable(dataset_dir / PAIRS_FILENAME)
     truth_path = dataset_dir / GROUND_TRUTH
@@ -140,6 +141,7 @@ def _run(args: argparse.Namespace) -> int:
         group=None if records["conversation"] is None else np.array(records["conversation"], dtype=str),
         reference_head=embedder.reference_head() if hasattr(embedder, "reference_head") else None,
         embedder=embedder.name,  # train and simulate copy it into basis.npz; devices check their encoder against it
+        pairs_jsonl_blake2b=digest,
         source=str(dataset_dir / PAIRS_JSONL),
     )
     out = save_pairs(pairs, dataset_dir)

@@ -28,7 +28,7 @@ import numpy as np
 from lore_core.atomic_io import atomic_path
 from lore_core.npz_file import READ_ERRORS, check_npz_head, native_array, unreadable
 from lore_core.pairs import (EXPECTED, OPTIONAL_ARRAYS, REQUIRED_ARRAYS, TEXT_ARRAYS, PairFileError, PairSet,
-                             check_embedder, check_embedder_kind, refuse_all_zero, resolve_pair_path,
+                             check_digest_kind, check_embedder, check_embedder_kind, refuse_all_zero, resolve_pair_path,
                              text_dtype_message)
 
 READ_ROWS = 1 << 17  # rows per block when a whole file is scanned (~200 MB of diff at D = 384)
@@ -169,6 +169,9 @@ class PairColumns:
         embedder = self._members.get("embedder")
         if embedder is not None:
             check_embedder_kind(where, embedder.dtype, embedder.shape)  # from the header; the value on opening
+        digest = self._members.get("pairs_jsonl_blake2b")
+        if digest is not None:
+            check_digest_kind(where, digest.dtype, digest.shape)
 
     def _read_embedder(self) -> str | None:
         """The 0-d `embedder` member's value (its dtype and shape checked by `_check_shapes`), not empty."""

@@ -13,10 +13,16 @@ Arrays (n pairs, D embedding dims):
   embedder        str     ()      optional: the id of the embedder that made diff (`lore-fed embed` writes its
                                   `.name`); `train` and `simulate` copy it into basis.npz, whose devices compare it
                                   with their encoder's. A file without it gives a basis of embedder "unknown".
+  pairs_jsonl_blake2b str ()      optional: the BLAKE2b digest of the dataset's pairs.jsonl that `lore-fed embed`
+                                  embedded; a dataset directory whose pairs.jsonl no longer has it is refused
+                                  (`refuse_stale_pair_file`). A file without it is read as before.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,9 +32,10 @@ from lore_core.atomic_io import atomic_save_npz
 from lore_core.npz_file import open_npz
 
 PAIRS_FILENAME = "pairs.npz"
+PAIRS_JSONL = "pairs.jsonl"  # a dataset's text pairs (`lore-fed prepare`), which `lore-fed embed` turns into pairs.npz
 SPLITS = ("train", "test")
 REQUIRED_ARRAYS = ("diff", "user", "split", "seen")
-OPTIONAL_ARRAYS = ("logit_true", "reference_head", "group", "embedder")
+OPTIONAL_ARRAYS = ("logit_true", "reference_head", "group", "embedder", "pairs_jsonl_blake2b")
 TEXT_ARRAYS = ("user", "split", "group")  # numpy unicode strings in every reader
 # Real embedders give differences of order 1 (sentence) to a few hundred (reward-model hidden states); a value far
 # beyond is a broken file, and in float32 scores it would overflow or let one pair outweigh every other.
@@ -50,12 +57,14 @@ class PairSet:
     reference_head: np.ndarray | None = None
     group: np.ndarray | None = None
     embedder: str | None = None  # a 0-d unicode array (as read from a file) is checked, then kept as a str
+    pairs_jsonl_blake2b: str | None = None  # of the whole file; `subset` drops it
     source: str = "<memory>"
 
     def __post_init__(self) -> None:
         _validate(self)
-        if self.embedder is not None:
-            object.__setattr__(self, "embedder", str(self.embedder))
+        for name in ("embedder", "pairs_jsonl_blake2b"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, str(getattr(self, name)))
 
     @property
     def n(self) -> int:
@@ -104,7 +113,7 @@ class PairSet:
 
 
 def resolve_pair_path(path: str | Path) -> Path:
-    """Accept a pair file or a dataset directory holding `pairs.npz`."""
+    """Accept a pair file or a dataset directory holding `pairs.npz` (embedded from the pairs.jsonl there, if any)."""
     path = Path(path)
     if path.is_dir():
         candidate = path / PAIRS_FILENAME
@@ -113,10 +122,53 @@ def resolve_pair_path(path: str | Path) -> Path:
                 f"{path} is a directory without {PAIRS_FILENAME}; run `lore-fed embed {path}` first "
                 "or pass a pair file"
             )
+        refuse_stale_pair_file(path)
         return candidate
     if not path.exists():
         raise PairFileError(f"pair file {path} does not exist")
     return path
+
+
+def pairs_jsonl_digest(path: str | Path) -> str:
+    """BLAKE2b (16 bytes, hex) of a pairs.jsonl's bytes, as `lore-fed embed` records it in the pair file."""
+    digest = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def refuse_stale_pair_file(dataset_dir: Path) -> None:
+    """A dataset's pairs.npz embedded from another pairs.jsonl than the one beside it (edited after `lore-fed embed`)
+    is refused: training on it would read the old pairs without a word. pairs.jsonl is hashed only when it is not
+    older than pairs.npz; a copy with new times but the same content passes."""
+    pair_file, text = dataset_dir / PAIRS_FILENAME, dataset_dir / PAIRS_JSONL
+    try:
+        text_stat, pair_stat = text.stat(), pair_file.stat()
+    except OSError:
+        return  # no pairs.jsonl: embeddings the user brought
+    if text_stat.st_mtime_ns >= pair_stat.st_mtime_ns:
+        _check_embedded_digest(dataset_dir, (text_stat.st_mtime_ns, text_stat.st_size, pair_stat.st_mtime_ns,
+                                             pair_stat.st_size))
+
+
+@functools.lru_cache(maxsize=8)
+def _check_embedded_digest(dataset_dir: Path, stamps: tuple) -> None:
+    """`refuse_stale_pair_file`'s hash and verdict; `stamps` (both files' times and sizes) key the cache, so the
+    many readers of one command hash the text once and warn once."""
+    pair_file, text = dataset_dir / PAIRS_FILENAME, dataset_dir / PAIRS_JSONL
+    with open_npz(pair_file, EXPECTED, PairFileError) as data:
+        recorded = data["pairs_jsonl_blake2b"] if "pairs_jsonl_blake2b" in data.files else None
+    if recorded is None:
+        warnings.warn(f"{text} is newer than {pair_file}, which records no digest of the pairs it embedded (an "
+                      f"older `lore-fed embed`); if {text} changed, run `lore-fed embed {dataset_dir}` again",
+                      UserWarning, stacklevel=4)
+        return
+    check_digest_kind(pair_file, recorded.dtype, recorded.shape)
+    if str(recorded) != pairs_jsonl_digest(text):
+        raise PairFileError(f"{text} changed after {pair_file} was embedded from it, so {pair_file} holds other "
+                            f"pairs; run `lore-fed embed {dataset_dir}` again (or give {pair_file} itself to use it "
+                            "as it is)")
 
 
 def load_pairs(path: str | Path) -> PairSet:
@@ -139,6 +191,7 @@ def load_pairs(path: str | Path) -> PairSet:
         reference_head=arrays.get("reference_head"),
         group=arrays.get("group"),
         embedder=arrays.get("embedder"),
+        pairs_jsonl_blake2b=arrays.get("pairs_jsonl_blake2b"),
         source=str(file),
     )
     refuse_all_zero(pairs.diff.any() if len(pairs.diff) else True, file)
@@ -167,6 +220,13 @@ def check_embedder_kind(where, dtype: np.dtype, shape: tuple) -> None:
         hint = "; bytes: convert with .astype(str)" if dtype.kind == "S" else ""
         raise PairFileError(f"{where}: embedder must be one string (a 0-d numpy unicode array, e.g. "
                             f"np.str_(embedder.name)), got {dtype} of shape {tuple(shape)}{hint}")
+
+
+def check_digest_kind(where, dtype: np.dtype, shape: tuple) -> None:
+    """The optional `pairs_jsonl_blake2b` is one string (a 0-d numpy unicode array), in every reader alike."""
+    if tuple(shape) != () or dtype.kind != "U":
+        raise PairFileError(f"{where}: pairs_jsonl_blake2b must be one string (a 0-d numpy unicode array, the digest "
+                            f"`lore-fed embed` writes), got {dtype} of shape {tuple(shape)}")
 
 
 def refuse_all_zero(any_nonzero: bool, file: str | Path) -> None:
@@ -207,6 +267,8 @@ def save_pairs(pairs: PairSet, path: str | Path) -> Path:
         arrays["group"] = pairs.group.astype(str)
     if pairs.embedder is not None:
         arrays["embedder"] = np.str_(pairs.embedder)
+    if pairs.pairs_jsonl_blake2b is not None:
+        arrays["pairs_jsonl_blake2b"] = np.str_(pairs.pairs_jsonl_blake2b)
     atomic_save_npz(path, **arrays)
     return path
 
@@ -238,6 +300,8 @@ def _validate(p: PairSet) -> None:
         raise PairFileError(f"{where}: group must have shape ({n},) like diff, got {np.asarray(p.group).shape}")
     if p.embedder is not None:
         check_embedder(where, p.embedder)
+    if p.pairs_jsonl_blake2b is not None:
+        check_digest_kind(where, np.asarray(p.pairs_jsonl_blake2b).dtype, np.asarray(p.pairs_jsonl_blake2b).shape)
     if p.seen.dtype != np.bool_:
         raise PairFileError(f"{where}: seen must be bool, got {p.seen.dtype}")
     bad_splits = sorted(set(np.unique(p.split).tolist()) - set(SPLITS))

@@ -42,11 +42,10 @@ from pathlib import Path
 import numpy as np
 
 from lore_core.atomic_io import atomic_write_bytes, check_output_path
-from lore_core.pairs import PAIRS_FILENAME
+from lore_core.pairs import PAIRS_FILENAME, PAIRS_JSONL
 from lore_core.prism_hub import resolve_source
 from lore_core.prism_schema import GROUND_TRUTH_FILE, EMPTY_RESPONSE, Conversation, PrismRelease, load_release
 
-PAIRS_JSONL = "pairs.jsonl"
 USERS_JSONL = "users.jsonl"
 SUMMARY_JSON = "summary.json"
 # Every file a dataset directory holds once prepared and embedded: commands read them, so no output may replace one.

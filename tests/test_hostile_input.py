@@ -12,9 +12,11 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
 import re
 import shutil
 import zipfile
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +25,7 @@ import pytest
 from client.device.device_cli import main as device_main
 from lore_cli.main import main
 from lore_core.basis_file import save_basis
-from lore_core.pairs import save_pairs
+from lore_core.pairs import pairs_jsonl_digest, save_pairs
 from simulations.synthetic_pairs import SyntheticPairsConfig, make_synthetic_pairs
 
 FIXTURE = Path(__file__).parent / "fixtures" / "prism"
@@ -549,6 +551,34 @@ def test_evaluate_refuses_a_dataset_file_name_that_is_not_there_yet(w):
     shutil.copy(w / "pairs.npz", w / "dataset" / "pairs.npz")
     refused(["evaluate", "dataset", "--basis", "basis.npz", "--out", "dataset/ground_truth.npz"],
             "dataset/ground_truth.npz", w, expect="one of a dataset's own files")
+
+
+def _embedded_dataset(w: Path) -> Path:
+    """w/dataset as `lore-fed embed` leaves it: a pairs.npz, older than nothing, recording its pairs.jsonl's digest."""
+    dataset = w / "dataset"
+    save_pairs(replace(_pairs(), pairs_jsonl_blake2b=pairs_jsonl_digest(dataset / "pairs.jsonl")), dataset)
+    os.utime(dataset / "pairs.npz", ns=(10**18, 10**18))  # embedded well before any later edit
+    return dataset
+
+
+@pytest.mark.parametrize("command", [["train", "dataset", "--rank", "1", "--out", "out"],
+                                     ["simulate", "dataset", "--out", "out", "--privacy", "none", "--rounds", "1"]])
+def test_a_pair_file_embedded_from_an_edited_pairs_jsonl_is_refused(w, command):
+    """Found by a tester: pairs.jsonl edited by hand after `lore-fed embed DATASET`; train and simulate DATASET
+    trained on the old pairs.npz without a word."""
+    dataset = _embedded_dataset(w)
+    with open(dataset / "pairs.jsonl", "a") as text:
+        text.write((dataset / "pairs.jsonl").read_text().replace('"u1"', '"u2"'))
+    err = refused(command, "dataset/pairs.jsonl", w, expect="run `lore-fed embed dataset` again")
+    assert "dataset/pairs.npz" in err, err
+
+
+def test_a_pairs_jsonl_with_new_times_but_the_same_content_keeps_its_pair_file(w):
+    """A dataset copied (or prepared again with the same pairs) gets newer times, not other pairs."""
+    dataset = _embedded_dataset(w)
+    (dataset / "pairs.jsonl").write_bytes((dataset / "pairs.jsonl").read_bytes())
+    code, _, err = cli(["train", "dataset", "--rank", "1", "--out", "out"])
+    assert code == 0, err
 
 
 def test_evaluate_refuses_an_out_that_is_the_truth_beside_a_pair_file(w):
