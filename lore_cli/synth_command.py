@@ -46,6 +46,19 @@ def refuse_a_release_of_others(out: Path) -> None:
                          "population: they are not synth's, and would be replaced; give a new directory")
 
 
+def refuse_a_dataset(out: Path) -> None:
+    """An --out that is a dataset of `lore-fed prepare` (its pairs.jsonl, users.jsonl, summary.json or pairs.npz) is
+    refused: synth would replace its ground_truth.npz with another population's, beside pairs made from the old one."""
+    from lore_core.prism_pairs import DATASET_FILES
+    from lore_core.prism_schema import GROUND_TRUTH_FILE
+
+    found = [name for name in DATASET_FILES if name != GROUND_TRUTH_FILE and (out / name).exists()]
+    if found:
+        raise ValueError(f"--out {out} holds {', '.join(found)}: it is a dataset of `lore-fed prepare`, not a synth "
+                         f"population, and its {GROUND_TRUTH_FILE} would be replaced; give a new directory (synth "
+                         "writes a PRISM release, which prepare then reads)")
+
+
 def run(args: argparse.Namespace) -> int:
     from lore_cli.train_command import check_device
     from lore_core.atomic_io import check_output_path
@@ -66,6 +79,7 @@ def run(args: argparse.Namespace) -> int:
     )
     check_output_path(args.out, "--out", directory=True)
     refuse_a_release_of_others(Path(args.out))
+    refuse_a_dataset(Path(args.out))
     check_device(args.device)  # by the flag's name, before the model loads
     from transformers.utils import logging as transformers_logging
 

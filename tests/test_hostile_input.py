@@ -581,6 +581,15 @@ def test_a_pairs_jsonl_with_new_times_but_the_same_content_keeps_its_pair_file(w
     assert code == 0, err
 
 
+def test_synth_refuses_an_out_that_is_a_prepared_dataset(w):
+    """Found by a tester: `synth --out DATASET` on a benchmark's prepared dataset replaced its ground_truth.npz with
+    another population's, beside the old population's pairs, and added a release to it."""
+    assert cli(["prepare", "prism", "--out", "prepared", "--min-conversations", "1"])[0] == 0
+    np.savez(w / "prepared" / "ground_truth.npz", basis=np.ones((RANK, DIM)))  # a benchmark's truth, copied by prepare
+    refused(["synth", "--users", "5", "--out", "prepared"], "--out prepared", w,
+            expect="pairs.jsonl, users.jsonl, summary.json: it is a dataset of `lore-fed prepare`")
+
+
 def test_evaluate_refuses_an_out_that_is_the_truth_beside_a_pair_file(w):
     (w / "bare").mkdir()
     shutil.copy(w / "pairs.npz", w / "bare" / "syn.npz")
