@@ -6,7 +6,8 @@ or data.json) or from options:
 --pairs (pair file or dataset dir; users.jsonl and ground_truth.npz are looked up next to it), --basis, --config
 (privacy settings, JSON or TOML, flat or under [privacy]), or --synthetic (a LoRe-shaped population with known
 truth: no run needed). Results go to OUT/audits/ (OUT = --out, default RUN_DIR) and the run's ledger; the verdict is
-printed. Per-user updates are computed with the client's own code (federation.local_training).
+printed. Per-user updates are computed with the client's own code (federation.local_training) at the run's client
+settings (its checkpoint's).
 `mechanism` runs the server's own aggregation (server.aggregation); `canary` reads the run's release record
 (server.release_record) and the auditor's --secrets, never a re-simulation.
 """
@@ -27,7 +28,6 @@ PRIVACY_DEFAULTS = {"noise_multiplier": 1.0, "clip_norm": 1.0, "clients_per_roun
                     "rounds": 200, "delta": 1e-5, "mode": "none",
                     # record mode's DP-SGD (lore_core.privacy.privacy_settings.DEFAULTS)
                     "max_grad_norm": 1.0, "record_batch_size": 4, "record_epochs": 1}
-LOCAL_STEPS, CLIENT_LR = 5, 1.0  # the run config defaults (pyproject [tool.flwr.app.config])
 
 
 # `audit NAME --level record RUN_DIR`: RUN_DIR is optional, and argparse alone takes it only right after NAME
@@ -227,26 +227,50 @@ def load_run_basis(path: str | None, run_dir: Path | None):
     raise AuditCommandError(f"no basis found (looked at {[str(c) for c in candidates]}); pass --basis FILE")
 
 
-def client_updates(pairs, basis: np.ndarray, user_ids: np.ndarray, *, steps: int = LOCAL_STEPS,
-                   lr: float = CLIENT_LR, prior_strength: float | None = None, block: int = 64):
-    """Each user's device w (U, B) and basis update dA (U, B, D) exactly as the client computes them
-    (federation.local_training: fit w on the user's training pairs, `steps` local steps with w fixed), in node-sized
-    blocks of users."""
-    from federation.local_training import fit_weights, local_basis_updates
-    from federation.user_block import make_block
-    from lore_core.simplex_fit import DEFAULT_PRIOR_STRENGTH
+def run_client_settings(run_dir: Path | None):
+    """The clients' training settings of the run that happened (federation.protocol.ClientSettings): its
+    checkpoint's train prior, local steps, client rate and objective; the run config's defaults for a run without a
+    checkpoint (`train`, or --basis/--synthetic), whose updates no client ever sent."""
+    from flwr.common.config import get_fused_config_from_dir
 
-    prior = DEFAULT_PRIOR_STRENGTH if prior_strength is None else prior_strength
+    from federation.protocol import ClientSettings
+    from server.checkpoint import CHECKPOINT_FILENAME, load_checkpoint
+    from simulations.flower_run import ROOT
+
+    ran = {}
+    if run_dir is not None and (run_dir / CHECKPOINT_FILENAME).is_file():
+        stored = load_checkpoint(run_dir).settings
+        ran = {key: stored[field] for field, key in (("train_prior_pairs", "train-prior-pairs"),
+                                                      ("local_steps", "local-steps"), ("client_lr", "client-lr"),
+                                                      ("objective", "objective")) if field in stored}
+    return ClientSettings.from_run_config(get_fused_config_from_dir(ROOT, ran))
+
+
+def client_updates(pairs, basis: np.ndarray, user_ids: np.ndarray, client=None, *, block: int = 64):
+    """Each user's device w (U, B) and basis update dA (U, B, D) as the client computes them in its first round
+    (federation.local_training.train_sampled_users at `client`'s settings, default the run config's, from uniform
+    w), in node-sized blocks of users. With the marginal objective, which sends no w-dependent update, w is the fit
+    the device holds for evaluation (fit_sampled_users)."""
+    from federation.local_training import fit_sampled_users, train_sampled_users
+    from federation.user_block import make_block
+
+    client = run_client_settings(None) if client is None else client
     weights, updates = [], []
     for chunk in np.array_split(np.sort(user_ids), max(1, int(np.ceil(len(user_ids) / block)))):
-        rows = make_block(pairs, chunk).seen_train
-        w = fit_weights(basis, rows, chunk.size, prior)
-        weights.append(w)
-        updates.append(local_basis_updates(basis, w, rows, steps=steps, lr=lr))
+        user_block, local = make_block(pairs, chunk), np.arange(chunk.size)
+        if not np.array_equal(user_block.seen_users, chunk):  # row i of the result must be user chunk[i]
+            raise AuditCommandError(f"client updates need seen users with training pairs; got {chunk[:3]}...")
+        uniform = np.full((chunk.size, basis.shape[0]), 1.0 / basis.shape[0])
+        fitted, update = train_sampled_users(basis, user_block, uniform, local, prior_pairs=client.train_prior_pairs,
+                                             steps=client.local_steps, lr=client.client_lr, objective=client.objective)
+        if client.objective != "joint":
+            fitted = fit_sampled_users(basis, user_block, uniform, local, prior_pairs=client.train_prior_pairs)[0]
+        weights.append(fitted)
+        updates.append(update)
     return np.concatenate(weights), np.concatenate(updates)
 
 
-def record_client_updates(pairs, basis: np.ndarray, user_ids: np.ndarray, settings: dict, *, lr: float = CLIENT_LR,
+def record_client_updates(pairs, basis: np.ndarray, user_ids: np.ndarray, settings: dict, *, lr: float,
                           block: int = 64):
     """Record mode: each user's upload of its first round (U, B, D) exactly as the client computes it
     (federation.local_training.record_dp_updates: Opacus DP-SGD over w and A, each pair clipped to max_grad_norm, the
@@ -269,14 +293,15 @@ def record_client_updates(pairs, basis: np.ndarray, user_ids: np.ndarray, settin
     return np.concatenate(weights), np.concatenate(updates)
 
 
-def observed_updates(pairs, basis: np.ndarray, user_ids: np.ndarray, settings: dict):
-    """(device w (U, B), uploads (U, B, D), the flat clip the server's view applies or None) of the run's mode: in
-    record mode the DP-SGD upload, already clipped per pair and noised; otherwise the update before the mode's
-    user-level clip and noise (added by the view, lore_core.audits.update_leakage.server_view)."""
+def observed_updates(pairs, basis: np.ndarray, user_ids: np.ndarray, settings: dict, run_dir: Path | None):
+    """(device w (U, B), uploads (U, B, D), the flat clip the server's view applies or None) of the run's mode, at
+    its clients' settings: in record mode the DP-SGD upload, already clipped per pair and noised; otherwise the
+    update before the mode's user-level clip and noise (added by the view, update_leakage.server_view)."""
+    client = run_client_settings(run_dir)
     if settings["mode"] == "record":
-        return (*record_client_updates(pairs, basis, user_ids, settings), None)
+        return (*record_client_updates(pairs, basis, user_ids, settings, lr=client.client_lr), None)
     clip = settings["clip_norm"] if settings["mode"] != "none" else None
-    return (*client_updates(pairs, basis, user_ids), clip)
+    return (*client_updates(pairs, basis, user_ids, client), clip)
 
 
 def sample_users(ids: np.ndarray, max_users: int, seed: int) -> np.ndarray:
@@ -321,7 +346,7 @@ def _update_leakage(args, run_dir, settings) -> dict:
 
     pairs, basis, _ = load_pairs_and_basis(args, run_dir)
     ids = sample_users(np.unique(pairs.user[pairs.seen]), args.max_users, args.seed)
-    weights, updates, clip = observed_updates(pairs, basis, ids, settings)
+    weights, updates, clip = observed_updates(pairs, basis, ids, settings, run_dir)
     member = pairs.subset(np.isin(pairs.user, ids) & pairs.seen & (pairs.split == "train"))
     held = pairs.subset(np.isin(pairs.user, ids) & pairs.seen & (pairs.split == "test"))
     mode = settings["mode"]
@@ -343,7 +368,7 @@ def _attribute(args, run_dir, settings) -> dict:
     if all((labels == "missing").all() for labels in attributes.values()):
         raise AuditCommandError(f"{users_file} describes none of the run's {len(ids)} sampled users (ids such as "
                                 f"{ids[:3].tolist()}): give the users.jsonl of this run's dataset")
-    weights, updates, _ = observed_updates(pairs, basis, ids, settings)
+    weights, updates, _ = observed_updates(pairs, basis, ids, settings, run_dir)
     view = MODE_VIEW.get(settings["mode"], "single")
     observed, group = server_view(updates, view, clients_per_round=int(settings["clients_per_round"]),
                                   rounds_per_user=1, clip_norm=None, local_noise=0.0,
@@ -464,8 +489,8 @@ def _extraction(args, run_dir, settings) -> dict:
     from lore_core.audits.extraction import extraction_audit
 
     pairs, basis, _ = load_pairs_and_basis(args, run_dir)
-    ids = sample_users(np.unique(pairs.user), args.max_users, args.seed)
-    weights, _ = client_updates(pairs, basis, ids)
+    ids = sample_users(np.unique(pairs.user[pairs.seen]), args.max_users, args.seed)  # users with a trained w
+    weights, _ = client_updates(pairs, basis, ids, run_client_settings(run_dir))
     return extraction_audit(basis, weights, noise_std=args.query_noise, seed=args.seed)
 
 

@@ -14,6 +14,7 @@ from flwr.common.config import get_fused_config_from_dir
 
 import lore_core.privacy.dp_fedavg as dp_fedavg
 from client.client_app import app as client_app
+from federation import protocol as p
 from federation.canary_users import draw_canaries, save_canaries
 from lore_cli.main import main
 from lore_core.pairs import save_pairs
@@ -445,3 +446,30 @@ def test_update_leakage_of_a_record_run_attacks_the_noised_upload_and_fails_when
                         lambda std, reference, **kw: real_noise(std / 100, reference, **kw))
     broken, _ = _audit(record_run, tmp_path / "broken", capsys, "update-leakage", "--pairs", str(pair_file))
     assert broken["verdict"] == "leak", broken["summary"]
+
+
+def test_audits_compute_the_updates_the_runs_clients_sent(pair_file, tmp_path):
+    """The per-user audits recomputed updates at fixed settings (5 local steps, rate 1, a prior of its own), not
+    those of the run that happened: a run with other client settings was audited on updates no client sent. They
+    now read the run's settings from its checkpoint; here they reproduce the clients' real first-round uploads."""
+    from federation.user_block import NodeUsers
+    from lore_cli.audit_command import client_updates, run_client_settings
+    from lore_core.pairs import load_pairs
+
+    run_dir = tmp_path / "run"
+    cfg = get_fused_config_from_dir(ROOT, {
+        "pairs-path": str(pair_file), "run-dir": str(run_dir), "rank": RANK, "num-server-rounds": 1,
+        "clients-per-round": 6, "privacy-mode": "none", "local-steps": 2, "client-lr": 0.3,
+        "train-prior-pairs": 7.0})
+    grid = LocalGrid(client_app, [{"partition-id": 0, "num-partitions": 1}], cfg)
+    run_federated(grid, ServerSettings.from_run_config(cfg))
+    request = next(m for m in grid.sent if m.metadata.message_type == "train")
+    reply = next(r for r in grid.replies if r.metadata.reply_to_message_id == request.metadata.message_id)
+    sent_basis = request.content[p.ARRAYS][p.BASIS].numpy()
+    pairs = load_pairs(pair_file)
+    users = NodeUsers.from_pairs(pairs).seen_users[np.asarray(request.content[p.CONFIG][p.USER_INDICES])]
+    order = np.argsort(users)
+    client = run_client_settings(run_dir)
+    assert (client.local_steps, client.client_lr, client.train_prior_pairs) == (2, 0.3, 7.0)
+    _, recomputed = client_updates(pairs, sent_basis, users[order], client)
+    np.testing.assert_allclose(recomputed, reply.content[p.ARRAYS][p.UPDATES].numpy()[order], rtol=1e-6, atol=1e-9)
