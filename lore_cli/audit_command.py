@@ -497,8 +497,13 @@ def _extraction(args, run_dir, settings) -> dict:
 def _fairness(args, run_dir, settings) -> dict:
     from lore_core.audits.fairness import fairness_audit, per_user_accuracies
 
+    from lore_core.simplex_fit import DEFAULT_PRIOR_PAIRS
+
     pairs, basis, dataset = load_pairs_and_basis(args, run_dir)
-    per_user = per_user_accuracies(pairs, basis)
+    # the personal prior the run chose and evaluated with (basis.npz's), as `lore-fed evaluate` uses it
+    basis_file = None if args.synthetic else load_run_basis(args.basis, run_dir)[1]
+    prior = DEFAULT_PRIOR_PAIRS if basis_file is None or basis_file.prior_pairs is None else basis_file.prior_pairs
+    per_user = per_user_accuracies(pairs, basis, prior)
     demographics = load_demographics(_users_file(args, dataset), per_user["user_ids"])
     return fairness_audit(per_user, demographics, seed=args.seed)
 

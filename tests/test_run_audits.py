@@ -473,3 +473,26 @@ def test_audits_compute_the_updates_the_runs_clients_sent(pair_file, tmp_path):
     assert (client.local_steps, client.client_lr, client.train_prior_pairs) == (2, 0.3, 7.0)
     _, recomputed = client_updates(pairs, sent_basis, users[order], client)
     np.testing.assert_allclose(recomputed, reply.content[p.ARRAYS][p.UPDATES].numpy()[order], rtol=1e-6, atol=1e-9)
+
+
+def test_fairness_scores_users_with_the_personal_prior_of_the_runs_basis(pair_file, tmp_path, capsys):
+    """The fairness audit fit every user's w with the default personal prior, not the one the run chose and
+    evaluated with (basis.npz's prior_pairs): its per-user accuracies were not the run's. Now its seen users' mean
+    accuracy is `lore-fed evaluate`'s."""
+    from lore_core.audits.fairness import per_user_accuracies
+    from lore_core.basis_file import load_basis
+    from lore_core.evaluation import evaluate_model
+    from lore_core.pairs import load_pairs
+
+    run = tmp_path / "run"
+    assert main(["train", str(pair_file), "--rank", "4", "--l2", "1e-4", "--prior-pairs", "30", "--out",
+                 str(run)]) == 0
+    result, _ = _audit(run, tmp_path / "audit", capsys, "fairness")
+    assert result["prior_pairs"] == 30.0
+    pairs, basis = load_pairs(pair_file), load_basis(run / "basis.npz").basis
+    per_user = per_user_accuracies(pairs, basis, result["prior_pairs"])
+    seen_mean = float(np.nanmean(per_user["acc_lore"][per_user["seen"]]))
+    assert seen_mean == pytest.approx(evaluate_model(pairs, basis, prior_pairs=30.0)["seen_test_acc"], abs=1e-9)
+    assert result["overall"]["acc_lore"] == pytest.approx(float(np.nanmean(per_user["acc_lore"])), abs=1e-9)
+    default = per_user_accuracies(pairs, basis)  # what the audit scored before: another figure
+    assert float(np.nanmean(default["acc_lore"])) != pytest.approx(result["overall"]["acc_lore"], abs=1e-6)

@@ -46,7 +46,7 @@ def per_user_accuracies(pairs: PairSet, basis: np.ndarray, prior_pairs: float = 
     return {
         "user_ids": ids, "seen": seen, "train_pairs": np.bincount(idx[train], minlength=n), "weights": w,
         "acc_lore": per_user_accuracy(logits, idx[test], n), "acc_population": per_user_accuracy(shared, idx[test], n),
-        "distance_from_mean": np.linalg.norm(w - population_w, axis=1),
+        "distance_from_mean": np.linalg.norm(w - population_w, axis=1), "prior_pairs": float(prior_pairs),
     }
 
 
@@ -148,7 +148,9 @@ def fairness_audit(per_user: dict, demographics: dict[str, np.ndarray] | None = 
         "overall": {"acc_lore": float(np.nanmean(acc)), "acc_population": float(np.nanmean(pop)),
                     "seen_users": int(seen.sum()), "unseen_users": int((~seen).sum())},
         "tolerance": tolerance, "min_group": min_group, "basis_rank": rank,
-        "method": "per-user test accuracy (strict > 0) with w fitted on the user's training / few-shot pairs; "
+        **({"prior_pairs": per_user["prior_pairs"]} if "prior_pairs" in per_user else {}),
+        "method": "per-user test accuracy (strict > 0) with w fitted on the user's training / few-shot pairs "
+                  "(the personal prior of the run's basis file); "
                   "population reward = mean w of the seen users; percentile bootstrap over users; minority "
                   "preferences = top quartile of |w - mean w|",
         "seed": seed, "trials": int(acc.size), "alpha": alpha,
