@@ -246,6 +246,15 @@ def run_client_settings(run_dir: Path | None):
     return ClientSettings.from_run_config(get_fused_config_from_dir(ROOT, ran))
 
 
+def run_prior_pairs(args: argparse.Namespace, run_dir: Path | None) -> float:
+    """The personal prior the run chose and its devices fit w with (basis.npz's, as `lore-fed evaluate` uses it);
+    the default for a basis file without one, a checkpoint or --synthetic."""
+    from lore_core.simplex_fit import DEFAULT_PRIOR_PAIRS
+
+    basis_file = None if args.synthetic else load_run_basis(args.basis, run_dir)[1]
+    return DEFAULT_PRIOR_PAIRS if basis_file is None or basis_file.prior_pairs is None else basis_file.prior_pairs
+
+
 def client_updates(pairs, basis: np.ndarray, user_ids: np.ndarray, client=None, *, block: int = 64):
     """Each user's device w (U, B) and basis update dA (U, B, D) as the client computes them in its first round
     (federation.local_training.train_sampled_users at `client`'s settings, default the run config's, from uniform
@@ -387,7 +396,8 @@ def _membership(args, run_dir, settings) -> dict:
         ids = sample_users(np.unique(pairs.user), args.max_users, args.seed)
         part = pairs.subset(np.isin(pairs.user, ids))
         return record_membership_audit(basis, part.diff, np.searchsorted(ids, part.user), ids.size,
-                                       shadows=args.shadows, delta=delta, seed=args.seed)
+                                       shadows=args.shadows, prior_pairs=run_prior_pairs(args, run_dir), delta=delta,
+                                       seed=args.seed)
     part = pairs.subset(pairs.split == "train")  # seen: pairs the basis trained on; unseen: few-shot, never used
     ids, idx = np.unique(part.user, return_inverse=True)
     member = np.isin(ids, np.unique(part.user[part.seen]))
@@ -497,13 +507,8 @@ def _extraction(args, run_dir, settings) -> dict:
 def _fairness(args, run_dir, settings) -> dict:
     from lore_core.audits.fairness import fairness_audit, per_user_accuracies
 
-    from lore_core.simplex_fit import DEFAULT_PRIOR_PAIRS
-
     pairs, basis, dataset = load_pairs_and_basis(args, run_dir)
-    # the personal prior the run chose and evaluated with (basis.npz's), as `lore-fed evaluate` uses it
-    basis_file = None if args.synthetic else load_run_basis(args.basis, run_dir)[1]
-    prior = DEFAULT_PRIOR_PAIRS if basis_file is None or basis_file.prior_pairs is None else basis_file.prior_pairs
-    per_user = per_user_accuracies(pairs, basis, prior)
+    per_user = per_user_accuracies(pairs, basis, run_prior_pairs(args, run_dir))
     demographics = load_demographics(_users_file(args, dataset), per_user["user_ids"])
     return fairness_audit(per_user, demographics, seed=args.seed)
 

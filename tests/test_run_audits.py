@@ -475,7 +475,7 @@ def test_audits_compute_the_updates_the_runs_clients_sent(pair_file, tmp_path):
     np.testing.assert_allclose(recomputed, reply.content[p.ARRAYS][p.UPDATES].numpy()[order], rtol=1e-6, atol=1e-9)
 
 
-def test_fairness_scores_users_with_the_personal_prior_of_the_runs_basis(pair_file, tmp_path, capsys):
+def test_audits_of_w_fit_users_with_the_personal_prior_of_the_runs_basis(pair_file, tmp_path, capsys):
     """The fairness audit fit every user's w with the default personal prior, not the one the run chose and
     evaluated with (basis.npz's prior_pairs): its per-user accuracies were not the run's. Now its seen users' mean
     accuracy is `lore-fed evaluate`'s."""
@@ -496,3 +496,9 @@ def test_fairness_scores_users_with_the_personal_prior_of_the_runs_basis(pair_fi
     assert result["overall"]["acc_lore"] == pytest.approx(float(np.nanmean(per_user["acc_lore"])), abs=1e-9)
     default = per_user_accuracies(pairs, basis)  # what the audit scored before: another figure
     assert float(np.nanmean(default["acc_lore"])) != pytest.approx(result["overall"]["acc_lore"], abs=1e-6)
+    # record-level membership fits its target and shadow w with the same prior (it used one weak strength, 0.02)
+    capsys.readouterr()
+    assert main(["audit", "membership", str(run), "--level", "record", "--shadows", "8", "--out",
+                 str(tmp_path / "membership")]) == 0
+    membership = json.loads((tmp_path / "membership" / "audits" / "membership-record.json").read_text())
+    assert membership["prior_pairs"] == 30.0 and "prior_strength" not in membership

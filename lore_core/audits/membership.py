@@ -17,6 +17,8 @@ question about the released basis, still runs.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 
 from lore_core.audits.statistics import (
@@ -29,16 +31,24 @@ from lore_core.audits.statistics import (
 )
 from lore_core.audits.not_applicable import is_rank_one, rank_one_result
 from lore_core.reward_math import bt_loss
-from lore_core.simplex_fit import DEFAULT_PRIOR_STRENGTH, fit_user_weights
+from lore_core.simplex_fit import DEFAULT_PRIOR_STRENGTH, fit_user_weights, prior_from_pairs
+
+class Prior(NamedTuple):
+    """A personal prior worth `pairs` of each fit's own pairs (lam_u = pairs / n_u, as devices fit w), where a bare
+    float is one strength for every user."""
+
+    pairs: float
+
 
 SHADOW_CHUNK_ROWS = 400_000  # rows per batched shadow solve (memory ~ rows * B^2 floats)
 
 
-def _fit(scores: np.ndarray, user_idx: np.ndarray, n_users: int, prior: float) -> np.ndarray:
-    return fit_user_weights(scores, user_idx, n_users, prior_strength=prior, max_iter=200, tol=1e-9).weights
+def _fit(scores: np.ndarray, user_idx: np.ndarray, n_users: int, prior: float | Prior) -> np.ndarray:
+    strength = prior_from_pairs(user_idx, n_users, prior.pairs) if isinstance(prior, Prior) else prior
+    return fit_user_weights(scores, user_idx, n_users, prior_strength=strength, max_iter=200, tol=1e-9).weights
 
 
-def _shadow_logits(scores: np.ndarray, user_idx: np.ndarray, n_users: int, masks: np.ndarray, prior: float
+def _shadow_logits(scores: np.ndarray, user_idx: np.ndarray, n_users: int, masks: np.ndarray, prior: float | Prior
                    ) -> np.ndarray:
     """z of every candidate under every shadow fit: masks (S, n) bool (in-sets) -> logits (S, n)."""
     n_shadows, n = masks.shape
@@ -73,11 +83,14 @@ def record_membership_audit(
     *,
     shadows: int = 64,
     prior_strength: float = DEFAULT_PRIOR_STRENGTH,
+    prior_pairs: float | None = None,
     delta: float = 1e-5,
     alpha: float = 0.05,
     seed: int = 0,
 ) -> dict:
-    """Candidates: pairs diff (n, D) of users user_idx (n,) in [0, n_users); basis (B, D)."""
+    """Candidates: pairs diff (n, D) of users user_idx (n,) in [0, n_users); basis (B, D). prior_pairs: fit w as the
+    run's devices do (a prior worth that many of the fit's pairs, `lore-fed audit` passes the basis file's) instead
+    of one `prior_strength` for everybody."""
     if shadows < 4:
         raise AuditInputError(f"LiRA needs at least 4 shadow fits; got {shadows}")
     if is_rank_one(np.shape(basis)[0]):
@@ -89,10 +102,11 @@ def record_membership_audit(
     rng = np.random.default_rng(seed)
     scores = np.asarray(diff, dtype=np.float64) @ np.asarray(basis, dtype=np.float64).T  # (n, B)
     member = rng.random(len(scores)) < 0.5
-    target_w = _fit(scores[member], user_idx[member], n_users, prior_strength)
+    prior = prior_strength if prior_pairs is None else Prior(float(prior_pairs))
+    target_w = _fit(scores[member], user_idx[member], n_users, prior)
     z = np.einsum("nb,nb->n", scores, target_w[user_idx])
     masks = rng.random((shadows, len(scores))) < 0.5
-    shadow_z = _shadow_logits(scores, user_idx, n_users, masks, prior_strength)
+    shadow_z = _shadow_logits(scores, user_idx, n_users, masks, prior)
     counts_in, counts_out = masks.sum(axis=0), (~masks).sum(axis=0)
     mu_in = np.where(masks, shadow_z, 0).sum(axis=0) / np.maximum(counts_in, 1)
     mu_out = np.where(~masks, shadow_z, 0).sum(axis=0) / np.maximum(counts_out, 1)
@@ -113,6 +127,7 @@ def record_membership_audit(
         "audit": "membership", "level": "record", "verdict": "leak" if leak else "no-leak", "passed": not leak,
         "summary": sentence, "attacks": attacks, "best_attack": best, "candidates": int(len(scores)),
         "members": int(member.sum()), "users": int(n_users), "shadows": shadows, "delta": delta, "alpha": alpha,
+        **({"prior_pairs": float(prior_pairs)} if prior_pairs is not None else {"prior_strength": prior_strength}),
         "method": "membership game (each pair in w.p. 1/2), target and shadow w fitted with the batched simplex "
                   "solver at the fixed basis; loss threshold and online LiRA (per-candidate means, global variances); "
                   "DeLong AUC CI; Clopper-Pearson epsilon LB over a Bonferroni-corrected threshold grid",
