@@ -130,26 +130,17 @@ def train(msg: Message, context: Context) -> Message:
 def _record_train(context: Context, config, settings: p.ClientSettings, basis: np.ndarray, node: NodeUsers,
                   sampled: np.ndarray, ledger_rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Record mode: DP-SGD per sampled user over its private logits and the basis, continuing each user's stored
-    accountant history, or the server's ledger's (`ledger_rows`, (s, 4) rows (position in sampled, z, q, steps))
-    where that has more steps: a node that lost its state must not check max-epsilon from zero. A server can only
-    make a user stop earlier this way, never spend more. Returns (updates (k, B, D), what each sampled user spent this round as rows (position, z, q,
-    steps): increments, so that the ledger never takes a node that lost its state for one that spent less)."""
-    from lore_core.privacy.record_dp import RecordDpState
+    accountant history, or the server ledger's (`ledger_rows`, (s, 4) rows (position in sampled, z, q, steps))
+    where that extends it: a node that lost its state must not check max-epsilon from zero
+    (record_dp.starting_history). Returns (updates (k, B, D), what each sampled user spent that the ledger lacks,
+    as rows (position, z, q, steps): increments, never whole histories)."""
+    from lore_core.privacy.record_dp import spending_to_report, starting_history
 
     stored = load_record_histories(context)
     owner = stored[:, 0].astype(np.int64)
-    states = [RecordDpState(history=[(z, q, int(k)) for _, z, q, k in stored[owner == u]]) for u in sampled]
-    if ledger_rows is not None:
-        ledger_rows = np.asarray(ledger_rows, dtype=np.float64)
-        if ledger_rows.ndim != 2 or ledger_rows.shape[1] != 4 or not np.isfinite(ledger_rows).all() or \
-                not set(ledger_rows[:, 0].astype(np.int64)) <= set(range(sampled.size)):
-            raise ClientRequestError(f"dp-history must be (s, 4) rows (position < {sampled.size}, z, q, steps); got "
-                                     f"shape {ledger_rows.shape}")
-        by_position: dict[int, list] = {}
-        for i, z, q, k in ledger_rows:
-            by_position.setdefault(int(i), []).append((z, q, int(k)))
-        held = [RecordDpState(history=by_position.get(i, [])) for i in range(sampled.size)]
-        states = [theirs if theirs.steps > mine.steps else mine for mine, theirs in zip(states, held)]
+    own = [_history_state(stored[owner == u]) for u in sampled]
+    ledger = None if ledger_rows is None else _ledger_states(ledger_rows, sampled.size)
+    states = [starting_history(mine, None if ledger is None else ledger[i]) for i, mine in enumerate(own)]
     logits = load_record_logits(context, node.n_train_users, basis.shape[0])
     max_epsilon = config.get(p.MAX_EPSILON)
     seed = config.get(p.NOISE_SEED)
@@ -162,9 +153,27 @@ def _record_train(context: Context, config, settings: p.ClientSettings, basis: n
     rows = [(u, z, q, k) for u, state in zip(sampled, after) for z, q, k in state.history]
     kept = stored[~np.isin(owner, sampled)]
     save_record_state(context, np.concatenate([kept, np.array(rows, dtype=np.float64).reshape(-1, 4)]), logits)
-    increments = [(i, z, q, k) for i, (now, before) in enumerate(zip(after, states))
-                  for z, q, k in now.spent_since(before)]
+    increments = [(i, z, q, k) for i, (now, start) in enumerate(zip(after, states))
+                  for z, q, k in spending_to_report(now, start, None if ledger is None else ledger[i])]
     return updates, np.array(increments, dtype=np.float64).reshape(-1, 4)
+
+
+def _history_state(rows: np.ndarray):
+    """Rows (owner, z, q, steps) of one user -> its RecordDpState."""
+    from lore_core.privacy.record_dp import RecordDpState
+
+    return RecordDpState(history=[(float(z), float(q), int(k)) for _, z, q, k in rows])
+
+
+def _ledger_states(rows: np.ndarray, n_sampled: int) -> list:
+    """The server's dp-history rows (position in sampled, z, q, steps) -> one RecordDpState per sampled user."""
+    rows = np.asarray(rows, dtype=np.float64)
+    if rows.ndim != 2 or rows.shape[1] != 4 or not np.isfinite(rows).all() or \
+            not set(rows[:, 0].astype(np.int64)) <= set(range(n_sampled)):
+        raise ClientRequestError(f"dp-history must be (s, 4) rows (position < {n_sampled}, z, q, steps); got "
+                                 f"shape {rows.shape}")
+    position = rows[:, 0].astype(np.int64)
+    return [_history_state(rows[position == i]) for i in range(n_sampled)]
 
 
 @app.evaluate()

@@ -69,11 +69,24 @@ class LoReStrategy(Strategy):
         updates = content[p.ARRAYS][p.UPDATES].numpy()
         if updates.shape != expected:
             return f"updates have shape {updates.shape}, expected {expected}"
-        if record:
-            history = content[p.ARRAYS][p.DP_HISTORY].numpy()
-            if history.ndim != 2 or history.shape[1] != 4 or not np.isfinite(history).all() or \
-                    not set(history[:, 0].astype(int)) <= set(range(expected[0])):
-                return f"dp-history must be (s, 4) rows (position < {expected[0]}, z, q, steps); got {history.shape}"
+        return self._history_problem(reply) if record else None
+
+    def _history_problem(self, reply: Message) -> str | None:
+        """Record mode: why a reply's dp-history (what its users spent this round) cannot go into the ledger."""
+        from lore_core.privacy.accounting import AccountingError, check_history
+
+        asked = self.run.plan[reply.metadata.src_node_id].size
+        arrays = reply.content[p.ARRAYS] if p.ARRAYS in reply.content else {}
+        if p.DP_HISTORY not in arrays:
+            return "no dp-history"
+        history = arrays[p.DP_HISTORY].numpy()
+        if history.ndim != 2 or history.shape[1] != 4 or not np.isfinite(history).all() or \
+                not set(history[:, 0].astype(int)) <= set(range(asked)):
+            return f"dp-history must be (s, 4) rows (position < {asked}, z, q, steps); got {history.shape}"
+        try:
+            check_history(history[:, 1:].tolist())
+        except AccountingError as exc:
+            return f"dp-history: {exc}"
         return None
 
     def _client_histories(self, reply: Message) -> dict[str, list]:
@@ -101,6 +114,9 @@ class LoReStrategy(Strategy):
             if problem:
                 run.reject(node, problem)
                 rejected += 1
+                if record and problem != "duplicate reply" and node in run.plan and not reply.has_error() \
+                        and self._history_problem(reply) is None:
+                    histories.update(self._client_histories(reply))  # its users did spend: the server got it
                 continue
             updates = reply.content[p.ARRAYS][p.UPDATES].numpy().astype(np.float64)
             finite = np.isfinite(updates).all(axis=(1, 2))

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from flwr.app import MetricRecord
 from flwr.common.config import get_fused_config_from_dir
 
 from federation import protocol as p
@@ -472,3 +473,74 @@ def test_record_mode_ledger_counts_every_step_across_a_crash_whose_nodes_lost_th
     # the new nodes start every user from all it spent (the server sends the ledger's history), so max-epsilon is
     # checked against it; they started from zero before
     assert all(taken == start for taken, start in started_from), started_from
+
+
+def test_a_server_cannot_push_a_record_user_past_max_epsilon_with_a_cheap_history(tiny_pair_file):
+    """Found by a review: the node took the server's history whenever it had more steps. A server that sent one of
+    many cheap steps (z 1e3, q 1e-3) replaced the user's own and the user trained 30 steps past max-epsilon. The real
+    client code path, driven round by round: an honest server's ledger stops the user at max-epsilon, and the cheap
+    history afterwards does not make it train again."""
+    from flwr.app import Context, RecordDict
+
+    from client import client_app as node_app
+    from client.user_state import load_record_histories
+
+    cfg = get_fused_config_from_dir(ROOT, {"pairs-path": str(tiny_pair_file), "rank": 2, "privacy-mode": "record"})
+    settings = p.ClientSettings.from_run_config(cfg)
+    context = Context(run_id=0, node_id=1, node_config={"partition-id": 0, "num-partitions": 1}, state=RecordDict(),
+                      run_config=cfg)
+    node = node_app.node_users(context, settings)
+    basis = np.random.default_rng(0).normal(size=(2, 8)) * 0.1
+    config = {p.NOISE_MULTIPLIER: 3.0, p.MAX_GRAD_NORM: 1.0, p.RECORD_BATCH_SIZE: 4, p.RECORD_EPOCHS: 1,
+              p.DELTA: 1e-5, p.MAX_EPSILON: 2.0, p.ROUND: 1}
+    user = np.array([0])
+    ledger = np.zeros((0, 4))
+    for _ in range(100):  # an honest server: its ledger holds what the client reported
+        updates, spent = node_app._record_train(context, config, settings, basis, node, user, ledger)
+        if not updates.any():
+            break
+        ledger = np.concatenate([ledger, spent])
+    own = [(z, q, int(k)) for u, z, q, k in load_record_histories(context) if u == 0]
+    assert 1.5 < history_epsilon(own, 1e-5) <= 2.0
+    for _ in range(3):
+        updates, spent = node_app._record_train(context, config, settings, basis, node, user,
+                                                np.array([[0, 1e3, 1e-3, 1000]]))
+        assert not updates.any() and spent.size == 0
+    assert [(z, q, int(k)) for u, z, q, k in load_record_histories(context) if u == 0] == own
+
+
+def test_a_rejected_record_reply_still_counts_in_the_ledger(tiny_pair_file, tmp_path, monkeypatch):
+    """Found by a review: the server left out the dp-history of a reply it rejected, though it had received that
+    upload, and the client then reported only its later steps: the ledger stayed behind for good (6 steps taken, 3
+    counted). The rejected reply's spending is recorded when its dp-history is well formed."""
+    import lore_core.privacy.record_dp as record_dp
+
+    taken: dict[int, int] = {}
+    real_update = record_dp.dp_sgd_update
+
+    def counting(basis, logits, diff, **kwargs):
+        update, new_logits, state = real_update(basis, logits, diff, **kwargs)
+        taken[diff.shape[0]] = taken.get(diff.shape[0], 0) + state.steps - kwargs["state"].steps
+        return update, new_logits, state
+
+    monkeypatch.setattr(record_dp, "dp_sgd_update", counting)
+    train_replies = []
+
+    def reject_the_second(reply):
+        if not reply.has_error() and p.UPDATES in reply.content.get(p.ARRAYS, {}):
+            train_replies.append(reply)
+            if len(train_replies) == 2:
+                reply.content[p.METRICS] = MetricRecord({p.NUM_USERS: 99})  # refused by the server
+        return reply
+
+    overrides = {"rank": 2, "num-server-rounds": 5, "clients-per-round": 1, "privacy-mode": "record",
+                 "max-grad-norm": 1.0, "record-batch-size": 4, "server-lr": 0.05, "seed": 0, "clip-norm": ""}
+    grid, settings = make_run(tiny_pair_file, tmp_path, nodes=1, reply_hook=reject_the_second, **overrides)
+    state = run_federated(grid, settings)
+    assert any(r["rejected_replies"] for r in state.history)
+    from lore_core.pairs import load_pairs
+
+    pairs = load_pairs(tiny_pair_file)
+    _, counts = np.unique(pairs.user[pairs.seen & (pairs.split == "train")], return_counts=True)
+    clients = ledger_json(tmp_path)["events"]["clients"]
+    assert {int(counts[int(c)]): sum(s[2] for s in v["history"]) for c, v in clients.items()} == taken

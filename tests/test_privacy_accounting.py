@@ -599,3 +599,24 @@ def test_a_record_state_reports_what_it_spent_since_an_earlier_one():
     assert before.spent_since(before) == [] and before.spent_since(RecordDpState()) == before.history
     with pytest.raises(ValueError, match="does not extend"):
         RecordDpState(history=[(1.0, 0.25, 8)]).spent_since(before)
+
+
+def test_a_user_starts_from_the_ledgers_history_only_where_it_extends_its_own():
+    """Found by a review: a node took whichever history had more steps, so a server could send a long history of
+    cheap steps (z 1e3, q 1e-3), replace the user's own and let it spend past max-epsilon. Only an extension of the
+    user's own history is taken (epsilon only grows along one); what the client reports catches up a ledger that
+    missed a reply."""
+    from lore_core.privacy.record_dp import RecordDpState, spending_to_report, starting_history
+
+    own = RecordDpState(history=[(3.0, 1 / 6, 66)])
+    cheap = RecordDpState(history=[(1e3, 1e-3, 1000)])
+    assert starting_history(own, cheap) is own
+    assert starting_history(RecordDpState(), cheap) is cheap  # a node that lost its state: nothing of its own
+    longer = RecordDpState(history=[(3.0, 1 / 6, 72), (2.0, 0.5, 4)])
+    assert starting_history(own, longer) is longer and starting_history(own, None) is own
+    behind = RecordDpState(history=[(3.0, 1 / 6, 60)])  # the ledger missed a reply of 6 steps
+    assert starting_history(own, behind) is own
+    after = RecordDpState(history=[(3.0, 1 / 6, 72)])
+    assert spending_to_report(after, own, behind) == [(3.0, 1 / 6, 12)]  # this round's 6 and the missed 6
+    assert spending_to_report(after, own, None) == [(3.0, 1 / 6, 6)]
+    assert spending_to_report(after, own, cheap) == [(3.0, 1 / 6, 6)]  # a history it does not extend: its own steps

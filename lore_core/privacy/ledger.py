@@ -93,7 +93,8 @@ DESCRIPTIONS: dict[str, dict[str, str]] = {
 TRUSTED = {
     "user": "trusted: the server, which sees each sampled user's update; the guarantee holds against everyone else",
     "user+secagg": "holds against the server too, if it is honest but curious (it sees only noised sums)",
-    "record": "trusted: nobody; holds per pair against everyone, the server included",
+    "record": ("trusted: nobody; holds per pair against everyone, the server included, as long as the server sends "
+               "its clients the run's noise multiplier, clip and max-epsilon (they take them from its messages)"),
 }
 
 
@@ -339,7 +340,8 @@ class PrivacyLedger:
                 f"(epsilon, {s.delta})-DP per client and per preference pair, no rounds yet"
             return (f"{prefix}record-level {value}. This is NOT a "
                     "user-level guarantee: a user's w_i and all of its pairs together are not protected "
-                    "(group privacy for k pairs costs about k times epsilon)")
+                    "(group privacy for k pairs costs about k times epsilon, and delta grows to about "
+                    "k e^((k-1) epsilon) delta)")
         if s.mode == "user+secagg":
             return (f"{prefix}user-level ({eps.headline:.3f}, {s.delta})-DP (distributed discrete Gaussian: RDP bound "
                     f"of Kairouz, Liu & Steinke 2021 with Poisson subsampling) of the {self.rounds_released} released "

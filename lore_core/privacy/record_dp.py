@@ -38,16 +38,41 @@ class RecordDpState:
     def steps(self) -> int:
         return sum(steps for _, _, steps in self.history)
 
+    def extends(self, before: "RecordDpState") -> bool:
+        """Whether this history holds every step of `before` first (Opacus extends the last segment when z and q
+        repeat). Epsilon only grows along an extension."""
+        old, n = [tuple(s) for s in before.history], len(before.history)
+        mine = [tuple(s) for s in self.history]
+        if n == 0:
+            return True
+        if len(mine) < n or mine[:n - 1] != old[:n - 1]:
+            return False
+        return mine[n - 1][:2] == old[-1][:2] and mine[n - 1][2] >= old[-1][2]
+
     def spent_since(self, before: "RecordDpState") -> list[Segment]:
-        """The segments added to this history since `before`, its prefix (Opacus extends the last segment when z
-        and q repeat): what a round spent, which a client reports to the server's ledger."""
-        old, n = before.history, len(before.history)
+        """The segments added to this history since `before`, which it extends: what a client reports to the
+        server's ledger."""
+        if not self.extends(before):
+            raise ValueError(f"accountant history {self.history} does not extend {before.history}")
+        n = len(before.history)
         if n == 0:
             return list(self.history)
-        z, q, k = self.history[n - 1] if len(self.history) >= n else (None, None, -1)
-        if self.history[:n - 1] != old[:n - 1] or (z, q) != tuple(old[-1][:2]) or k < old[-1][2]:
-            raise ValueError(f"accountant history {self.history} does not extend {old}")
-        return ([(z, q, k - old[-1][2])] if k > old[-1][2] else []) + list(self.history[n:])
+        z, q, k = self.history[n - 1]
+        gained = k - before.history[-1][2]
+        return ([(z, q, gained)] if gained else []) + list(self.history[n:])
+
+
+def starting_history(own: RecordDpState, ledger: RecordDpState | None) -> RecordDpState:
+    """The history a user's next DP-SGD step continues: its own, or the server ledger's where that extends it (a
+    node that lost its state holds an empty one). Never a history that drops any of its own steps, so a server can
+    make a user stop earlier this way, never spend more (a longer history of cheap steps is not an extension)."""
+    return ledger if ledger is not None and ledger.extends(own) else own
+
+
+def spending_to_report(after: RecordDpState, start: RecordDpState, ledger: RecordDpState | None) -> list[Segment]:
+    """What a client reports to the ledger: every step the ledger lacks where `after` extends the ledger's history
+    (a reply the ledger never recorded, late or rejected, is caught up on), else the steps since `start`."""
+    return after.spent_since(ledger if ledger is not None and after.extends(ledger) else start)
 
     def to_dict(self) -> dict[str, list]:
         """Plain lists of numbers: fits a Flower ConfigRecord and JSON."""
