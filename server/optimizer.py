@@ -67,13 +67,16 @@ class _ServerOptimizer:
         return self.base_lr * 0.5 * (1.0 + math.cos(math.pi * progress))
 
     def step(self, basis: np.ndarray, grad: np.ndarray) -> np.ndarray:
-        """The next basis. A step whose result is not finite leaves the optimizer as it was (the caller skips it):
-        Adam's moments would otherwise keep the inf, and every later step would be skipped too."""
+        """The next basis. A step that overflows, in the basis or in the optimizer's state, returns NaN everywhere
+        and leaves the optimizer as it was (the caller skips it): Adam's moments would otherwise keep the inf, and
+        every later step would be skipped, or move nothing (an infinite v with a finite basis: m / inf = 0)."""
         before = dict(vars(self))  # every update below rebinds its arrays, so a shallow copy restores them
-        new_basis = self._update(basis, grad, self.lr)
-        if not np.isfinite(new_basis).all():
+        with np.errstate(over="ignore", invalid="ignore"):
+            new_basis = self._update(basis, grad, self.lr)
+        state = [value for value in vars(self).values() if isinstance(value, np.ndarray)]
+        if not all(np.isfinite(array).all() for array in [new_basis, *state]):
             vars(self).update(before)
-            return new_basis
+            return np.full_like(new_basis, np.nan)
         self.t += 1
         if self.total_rounds and self.t > AVERAGE_FROM * self.total_rounds:
             self.averaged += 1

@@ -16,6 +16,7 @@ from server.optimizer import (SCHEDULES, ServerAdam, ServerSGD, default_init_sca
 SERVER_OPTIMIZERS = ("adam", "sgd")
 PROGRESS_STYLES = ("bar", "log")
 MAX_RATE = 1e3  # server-lr and client-lr: the defaults are 1.0 (0.05 under DP)
+MIN_CLIENT_LR = 1e-6  # the server's pseudo-gradient divides the clients' mean update by it
 MAX_LOCAL_STEPS = 10_000  # a client's steps on its users per round (default 5)
 
 
@@ -147,6 +148,9 @@ class ServerSettings:
                                     ("local-steps", self.local_steps, MAX_LOCAL_STEPS)):
             if value > ceiling:  # a larger rate overflows the basis (every step skipped); more steps never end
                 raise RunConfigError(f"{setting(key, value)} is above {ceiling:g}; the defaults are of order 1")
+        if self.client_lr < MIN_CLIENT_LR:  # the server divides the mean update by it: the noise overflows
+            raise RunConfigError(f"{setting('client-lr', self.client_lr)} is below {MIN_CLIENT_LR:g}; the default "
+                                 "is 1")
         if self.server_lr_schedule not in SCHEDULES:
             raise RunConfigError(f"{setting('server-lr-schedule')} must be one of {SCHEDULES} or \"\" (the privacy "
                                  f"mode's default), got {self.server_lr_schedule!r}")

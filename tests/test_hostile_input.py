@@ -390,6 +390,7 @@ EXTREME = {
     "simulate local steps 0": (SIM + ["--local-steps", "0"], "--local-steps must be"),
     "simulate server lr 1e308": (SIM + ["--server-lr", "1e308"], "--server-lr 1e+308 is above 1000"),
     "simulate client lr 1e6": (SIM + ["--client-lr", "1e6"], "--client-lr 1000000.0 is above 1000"),
+    "simulate client lr 1e-160": (SIM + ["--client-lr", "1e-160"], "--client-lr 1e-160 is below 1e-06"),
     "simulate local steps 10**9": (SIM + ["--local-steps", "1000000000"], "--local-steps 1000000000 is above 10000"),
     "simulate prior pairs nan": (SIM + ["--prior-pairs", "nan"], "--prior-pairs must be"),
     # settings named as the user typed them: these read "run config `prior-pairs`", "set eval-every = 0 ... or opt

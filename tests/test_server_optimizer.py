@@ -91,3 +91,13 @@ def test_a_step_that_is_not_finite_leaves_the_optimizer_as_it_was(name):
         basis_clean, basis_hit = clean.step(basis_clean, grad), hit.step(basis_hit, grad)
     np.testing.assert_array_equal(basis_hit, basis_clean)
     np.testing.assert_array_equal(hit.reported(basis_hit), clean.reported(basis_clean))
+
+
+def test_an_adam_step_whose_moments_overflow_is_skipped_though_its_basis_is_finite():
+    """Found by a review: with grad**2 overflowing, v became inf, the step m / inf moved nothing and the basis stayed
+    finite, so the step was taken and every later step moved nothing (--client-lr 1e-160 under DP)."""
+    clean, hit = make_optimizer("adam", 0.1, total_rounds=4), make_optimizer("adam", 0.1, total_rounds=4)
+    huge = np.full((2, 3), 1e200)  # finite, but its square is not
+    assert np.isnan(hit.step(np.zeros((2, 3)), huge)).all()
+    grad = np.random.default_rng(3).standard_normal((2, 3))
+    np.testing.assert_array_equal(hit.step(np.zeros((2, 3)), grad), clean.step(np.zeros((2, 3)), grad))
