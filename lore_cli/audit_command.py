@@ -283,23 +283,21 @@ def record_client_updates(pairs, basis: np.ndarray, user_ids: np.ndarray, settin
                           block: int = 64):
     """Record mode: each user's upload of its first round (U, B, D) exactly as the client computes it
     (federation.local_training.record_dp_updates: Opacus DP-SGD over w and A, each pair clipped to max_grad_norm, the
-    noise of the run's z), and the device w (U, B) after it. Fresh secret noise: what one round's server sees."""
+    noise of the run's z). Fresh secret noise: what one round's server sees."""
     from federation.local_training import record_dp_updates
     from federation.user_block import make_block
     from lore_core.privacy.record_dp import RecordDpState
-    from lore_core.reward_math import softmax
 
-    weights, updates = [], []
+    updates = []
     for chunk in np.array_split(np.sort(user_ids), max(1, int(np.ceil(len(user_ids) / block)))):
         local = np.arange(chunk.size)
-        logits, upload, _ = record_dp_updates(
+        _, upload, _ = record_dp_updates(
             basis, make_block(pairs, chunk), np.zeros((chunk.size, basis.shape[0])), local,
             [RecordDpState() for _ in local], lr=lr, noise_multiplier=float(settings["noise_multiplier"]),
             max_grad_norm=float(settings["max_grad_norm"]), batch_size=int(settings["record_batch_size"]),
             epochs=int(settings["record_epochs"]), delta=float(settings["delta"]))
-        weights.append(softmax(logits))
         updates.append(upload)
-    return np.concatenate(weights), np.concatenate(updates)
+    return np.concatenate(updates)
 
 
 def observed_updates(pairs, basis: np.ndarray, user_ids: np.ndarray, settings: dict, run_dir: Path | None):
@@ -308,7 +306,10 @@ def observed_updates(pairs, basis: np.ndarray, user_ids: np.ndarray, settings: d
     update before the mode's user-level clip and noise (added by the view, update_leakage.server_view)."""
     client = run_client_settings(run_dir)
     if settings["mode"] == "record":
-        return (*record_client_updates(pairs, basis, user_ids, settings, lr=client.client_lr), None)
+        # the target: the user's preference as a non-private fit at the run's prior; record mode's own w, one
+        # round of DP-SGD from uniform, is mostly noise, and no recovery could beat the uniform guess against it
+        weights = client_updates(pairs, basis, user_ids, client)[0]
+        return weights, record_client_updates(pairs, basis, user_ids, settings, lr=client.client_lr), None
     clip = settings["clip_norm"] if settings["mode"] != "none" else None
     return (*client_updates(pairs, basis, user_ids, client), clip)
 

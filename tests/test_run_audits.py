@@ -434,18 +434,22 @@ def test_update_leakage_of_a_record_run_attacks_the_noised_upload_and_fails_when
     """Found by a tester: on a record-mode run the audit re-simulated the update without the client's DP-SGD noise
     (and clipped it to a user-level 1.0 the mode does not use), so it reported LEAK of every record run. It now runs
     the client's own record_dp_updates at the ledger's settings; cutting Opacus' noise in that code path turns the
-    verdict to LEAK."""
+    verdict to LEAK, of w as well as of the pairs (w is judged against the user's non-private fit: record mode's own
+    w after one round is mostly noise, which no recovery could beat the uniform guess on; a review)."""
     import opacus.optimizers.optimizer as dp_optimizer
 
-    honest, _ = _audit(record_run, tmp_path / "honest", capsys, "update-leakage", "--pairs", str(pair_file))
+    trained = tmp_path / "trained"  # a basis that has learned users' directions, so that w can be recovered at all
+    assert main(["train", str(pair_file), "--rank", str(RANK), "--out", str(trained)]) == 0
+    inputs = ("--pairs", str(pair_file), "--basis", str(trained / "basis.npz"))  # settings: the record run's ledger
+    honest, _ = _audit(record_run, tmp_path / "honest", capsys, "update-leakage", *inputs)
     assert honest["mode"] == "record" and honest["view"] == "single" and honest["clip_norm"] is None
     assert honest["verdict"] != "leak" and "one round's DP-SGD upload" in honest["summary"], honest["summary"]
     assert "not measured" in honest["scope"]
     real_noise = dp_optimizer._generate_noise
     monkeypatch.setattr(dp_optimizer, "_generate_noise",
                         lambda std, reference, **kw: real_noise(std / 100, reference, **kw))
-    broken, _ = _audit(record_run, tmp_path / "broken", capsys, "update-leakage", "--pairs", str(pair_file))
-    assert broken["verdict"] == "leak", broken["summary"]
+    broken, _ = _audit(record_run, tmp_path / "broken", capsys, "update-leakage", *inputs)
+    assert broken["verdict"] == "leak" and broken["leaks_w"], broken["summary"]  # w too, not only the pairs
 
 
 def test_audits_compute_the_updates_the_runs_clients_sent(pair_file, tmp_path):
