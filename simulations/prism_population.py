@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from lore_core.atomic_io import atomic_save_npz, atomic_write_text
+from lore_core.setting_names import SettingError, as_field, setting
 from lore_core.prism_schema import (
     GROUND_TRUTH_FILE,
     CONVERSATION_SCHEMA,
@@ -128,8 +129,18 @@ FIRST_DAY = datetime(2023, 11, 22)
 STUDY_DAYS = 30
 
 
-class BenchmarkConfigError(ValueError):
-    """A benchmark knob outside its valid range."""
+# Sizes: a conversation costs about 80 KB of memory while the population is built (its texts, their embeddings and
+# rows; 20,000 conversations took 1.6 GiB), so 200,000 (25 times PRISM's 8,011) need about 16 GiB.
+MAX_CONVERSATIONS = 200_000  # expected over all users
+MAX_USERS = MAX_CONVERSATIONS
+MAX_CONVERSATIONS_PER_USER = 1_000
+
+
+class BenchmarkConfigError(SettingError):
+    """A benchmark knob outside its valid range; knobs are named with `setting` (fields by default, `synth` spells
+    them as its flags)."""
+
+    spelling = staticmethod(as_field)
 
 
 @dataclass(frozen=True)
@@ -156,39 +167,52 @@ class BenchmarkConfig:
         if isinstance(self.conversations, list):
             object.__setattr__(self, "conversations", tuple(self.conversations))
         checks = [
-            (self.users >= 1, f"users must be >= 1, got {self.users}"),
-            (self.rank >= 1, f"rank must be >= 1, got {self.rank}"),
-            (self.noise > 0 and np.isfinite(self.noise), f"noise must be finite and > 0, got {self.noise}"),
+            (self.users >= 1, f"{setting('users')} must be >= 1, got {self.users}"),
+            (self.users <= MAX_USERS, f"{setting('users')} {self.users} is above {MAX_USERS:,} (PRISM has 1,500)"),
+            (self.rank >= 1, f"{setting('rank')} must be >= 1, got {self.rank}"),
+            (self.noise > 0 and np.isfinite(self.noise),
+             f"{setting('noise')} must be finite and > 0, got {self.noise}"),
             (self.heterogeneity > 0 and np.isfinite(self.heterogeneity),  # inf: NaN weights, exit 0 (a tester)
-             f"heterogeneity (Dirichlet alpha) must be finite and > 0, got {self.heterogeneity}"),
-            (0 <= self.seed < 2**63, f"seed must be in [0, 2**63), got {self.seed}"),  # numpy's range of seeds
-            (self.max_turns >= 1, f"max_turns must be >= 1, got {self.max_turns}"),
+             f"{setting('heterogeneity')} (Dirichlet alpha) must be finite and > 0, got {self.heterogeneity}"),
+            (0 <= self.seed < 2**63, f"{setting('seed')} must be in [0, 2**63), got {self.seed}"),  # numpy's range
+            (self.max_turns >= 1, f"{setting('max_turns')} must be >= 1, got {self.max_turns}"),
             (self.principal_directions >= self.rank,
-             f"rank must be <= {self.principal_directions} (the principal directions the truth mixes), got "
-             f"{self.rank}"),
+             f"{setting('rank')} must be <= {self.principal_directions} (the principal directions the truth mixes), "
+             f"got {self.rank}"),
             (0 <= self.identical_ab_rate <= 1, f"identical_ab_rate must be in [0, 1], got {self.identical_ab_rate}"),
             (0 <= self.empty_response_rate < 1,
              f"empty_response_rate must be in [0, 1), got {self.empty_response_rate}"),
             (self.plant_strength >= 0 and np.isfinite(self.plant_strength),
-             f"plant_strength must be finite and >= 0, got {self.plant_strength}"),
+             f"{setting('plant_strength')} must be finite and >= 0, got {self.plant_strength}"),
         ]  # fmt: skip
         probs = np.asarray(self.conversations, dtype=float)
+        valid = probs.ndim == 1 and probs.size >= 2 and (probs >= 0).all() and probs[1:].sum() > 0
         checks.append(
-            (probs.ndim == 1 and probs.size >= 2 and (probs >= 0).all() and probs[1:].sum() > 0,
-             f"conversations must be probabilities of 0, 1, ... conversations with some mass above 0, "
-             f"got {self.conversations}")
+            (valid, f"{setting('conversations')} must be probabilities of 0, 1, ... conversations with some mass "
+                    f"above 0, got {self.conversations}")
         )  # fmt: skip
+        if valid and self.users >= 1:
+            checks.append(self._size_check(probs))
         if self.plant_attribute is not None:
             checks.append(
                 (self.plant_attribute in DEMOGRAPHICS,
-                 f"plant_attribute must be one of {sorted(DEMOGRAPHICS)}, got {self.plant_attribute!r}")
+                 f"{setting('plant_attribute')} must be one of {sorted(DEMOGRAPHICS)}, got {self.plant_attribute!r}")
             )  # fmt: skip
             checks.append(
-                (self.rank >= 3, f"plant_attribute needs rank >= 3 (2 planted bases + others), got {self.rank}")
+                (self.rank >= 3, f"{setting('plant_attribute')} needs {setting('rank')} >= 3 (2 planted bases + "
+                                 f"others), got {self.rank}")
             )
         for ok, message in checks:
             if not ok:
                 raise BenchmarkConfigError(message)
+
+    def _size_check(self, probs: np.ndarray) -> tuple[bool, str]:
+        """Refused before anything is drawn: the population is built in memory (about 80 KB per conversation)."""
+        expected = self.users * float(probs @ np.arange(probs.size)) / float(probs.sum())
+        return (expected <= MAX_CONVERSATIONS,
+                f"{setting('users')} {self.users} with {setting('conversations')} of mean "
+                f"{expected / self.users:.3g} per user make about {expected:,.0f} conversations, above "
+                f"{MAX_CONVERSATIONS:,} (about 16 GiB while they are built; PRISM has 8,011): lower either")
 
 
 # The `lore-fed demo` population: ~5,800 texts to embed, synth in ~2-3 minutes on 2 CPU cores from an empty
@@ -204,9 +228,14 @@ def conversation_distribution(spec: str) -> tuple[float, ...]:
     try:
         low, high = (int(part) for part in text.split("-")) if "-" in text else (int(text), int(text))
     except ValueError:
-        raise BenchmarkConfigError(f"conversations must be 'prism', N or LO-HI (e.g. 6 or 4-7), got {spec!r}") from None
+        raise BenchmarkConfigError(f"{setting('conversations')} must be 'prism', N or LO-HI (e.g. 6 or 4-7), got "
+                                   f"{spec!r}") from None
     if not 0 <= low <= high or high < 1:
-        raise BenchmarkConfigError(f"conversations range must satisfy 0 <= LO <= HI and HI >= 1, got {spec!r}")
+        raise BenchmarkConfigError(f"{setting('conversations')} range must satisfy 0 <= LO <= HI and HI >= 1, got "
+                                   f"{spec!r}")
+    if high > MAX_CONVERSATIONS_PER_USER:
+        raise BenchmarkConfigError(f"{setting('conversations')} {spec!r} is above {MAX_CONVERSATIONS_PER_USER:,} "
+                                   "conversations per user ('prism' gives at most 7)")
     probs = np.zeros(high + 1)
     probs[low : high + 1] = 1.0 / (high - low + 1)
     return tuple(float(p) for p in probs)
@@ -321,7 +350,8 @@ def generate_benchmark(config: BenchmarkConfig, embedder, *, pool: TextPool | No
 
     n = plan["conv"].size
     if n == 0:
-        raise BenchmarkConfigError(f"{config.users} users drew no conversations; raise users or conversations")
+        raise BenchmarkConfigError(f"{config.users} users drew no conversations; raise {setting('users')} or "
+                                   f"{setting('conversations')}")
     phi = np.zeros((n, embedder.dim), dtype=np.float32)
     reward = np.zeros(n)
     score = np.zeros(n, dtype=np.int64)
@@ -408,8 +438,8 @@ def _truth_basis(phi: np.ndarray, group: np.ndarray, config: BenchmarkConfig, rn
     n_dir = int(min(config.principal_directions, (singular > 1e-8 * singular[0]).sum()))
     if n_dir < config.rank:
         raise BenchmarkConfigError(
-            f"only {n_dir} principal directions in the turn-0 embeddings, fewer than rank {config.rank}; "
-            "generate more users or conversations, or lower the rank"
+            f"only {n_dir} principal directions in the turn-0 embeddings, fewer than {setting('rank')} {config.rank}; "
+            f"generate more {setting('users')} or {setting('conversations')}, or lower {setting('rank')}"
         )
     mix, _ = np.linalg.qr(rng.standard_normal((n_dir, config.rank)))  # (n_dir, K), orthonormal columns
     directions = mix.T @ vt[:n_dir]  # (K, D), orthonormal rows

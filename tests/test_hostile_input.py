@@ -361,6 +361,13 @@ EXTREME = {
     "simulate out under a file": (["simulate", "pairs.npz", "--out", "basis.npz/run", "--privacy", "none"], "--out"),
     "synth out under a file": (["synth", "--users", "5", "--out", "pairs.npz/x"], "--out"),
     "synth batch size 0": (["synth", "--users", "5", "--out", "x", "--batch-size", "0"], "--batch-size"),
+    # found by a tester: numpy's MemoryError traceback (7.28 TiB) after the model loaded, naming no flag
+    "synth users 10**12": (["synth", "--users", str(10**12), "--out", "x"], "--users 1000000000000 is above 200,000"),
+    "synth conversations 10**12": (["synth", "--users", "5", "--conversations", str(10**12), "--out", "x"],
+                                   "--conversations '1000000000000' is above 1,000"),
+    "synth users times conversations": (["synth", "--users", "100000", "--conversations", "10", "--out", "x"],
+                                        ("--users 100000 with --conversations", "above 200,000")),
+    "synth users 0": (["synth", "--users", "0", "--out", "x"], "--users must be >= 1"),  # read "users must be"
     # found by a tester: synth replaced a PRISM release (the user's real data) in its --out without a word
     "synth over a PRISM release": (["synth", "--users", "5", "--out", "prism"], ("--out prism", "survey.jsonl")),
     "embed batch size 0": (["embed", "dataset", "--batch-size", "0"], "--batch-size"),
