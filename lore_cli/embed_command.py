@@ -22,7 +22,9 @@ import numpy as np
 from lore_core.atomic_io import check_output_path
 from lore_core.pairs import PAIRS_FILENAME, PAIRS_JSONL, SPLITS, PairSet, pairs_jsonl_digest, save_pairs
 from lore_core.prism_schema import GROUND_TRUTH_FILE as GROUND_TRUTH
+from lore_core.setting_names import SettingError, as_flags
 TRUTH_ARRAYS = ("basis", "user_id", "user_weights", "logit_scale", "embedder")
+EMBEDDER_FLAGS = {"max_length": "--max-length"}  # load_embedder's settings named in its messages -> embed's flags
 
 
 class DatasetError(ValueError):
@@ -44,9 +46,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     add_batch_size(parser)
-    parser.add_argument(
-        "--max-length", type=int, default=None, help="token limit (default 256 sentence, 4096 reward-model)"
-    )
+    parser.add_argument("--max-length", type=at_least(2), default=None,
+                        help="token limit (default 256 sentence, 4096 reward-model; at most the model's)")
     parser.add_argument(
         "--cache-dir", default=None, help="embedding cache (default $LORE_CACHE_DIR or ~/.cache/lore-fed/embeddings)"
     )
@@ -60,15 +61,20 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def add_batch_size(parser: argparse.ArgumentParser) -> None:
     """--batch-size of the embedder (embed, synth), checked by the parser: refused by the flag's name before the
     model loads (the embedder's own check names `batch_size`, after loading)."""
+    parser.add_argument("--batch-size", type=at_least(1), default=32, help="texts per forward pass (>= 1)")
 
-    def positive(text: str) -> int:
+
+def at_least(low: int):
+    """An argparse type: an integer >= low, refused by the flag's name before any model loads."""
+
+    def checked(text: str) -> int:
         value = int(text)
-        if value < 1:
-            raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
         return value
 
-    positive.__name__ = "positive integer"  # argparse's "invalid positive integer value: 'x'"
-    parser.add_argument("--batch-size", type=positive, default=32, help="texts per forward pass (>= 1)")
+    checked.__name__ = "positive integer" if low == 1 else f"integer >= {low}"  # argparse's "invalid ... value: 'x'"
+    return checked
 
 
 @contextmanager
@@ -112,14 +118,17 @@ def _run(args: argparse.Namespace) -> int:
     truth = None
     if truth_path.exists() and not args.ignore_ground_truth:
         truth = read_ground_truth(truth_path)  # checked before the model loads; against the embedder below
-    embedder = load_embedder(
-        args.model,
-        mode=args.mode,
-        device=args.device,
-        batch_size=args.batch_size,
-        max_length=args.max_length,
-        cache_dir=args.cache_dir,
-    )
+    try:
+        embedder = load_embedder(
+            args.model,
+            mode=args.mode,
+            device=args.device,
+            batch_size=args.batch_size,
+            max_length=args.max_length,
+            cache_dir=args.cache_dir,
+        )
+    except SettingError as exc:  # the model's own range of a setting, found on loading it
+        raise DatasetError(exc.spelled(as_flags(EMBEDDER_FLAGS.get))) from None
     if truth is not None:
         truth = check_ground_truth(truth, truth_path, embedder.name, embedder.dim)
     if truth is not None:

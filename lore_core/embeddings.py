@@ -31,6 +31,7 @@ from typing import Sequence, Union
 import numpy as np
 
 from lore_core.atomic_io import atomic_write_bytes, check_output_path
+from lore_core.setting_names import SettingError, as_field, setting
 
 Message = dict
 Context = Union[str, Sequence[Message]]
@@ -43,6 +44,12 @@ CACHE_ENV = "LORE_CACHE_DIR"
 
 class EmbeddingError(ValueError):
     """Bad embedder configuration or input (model, device, mode, texts)."""
+
+
+class EmbeddingSettingError(EmbeddingError, SettingError):
+    """A setting out of range for this model, named with `setting` (a field by default; `embed` says its flag)."""
+
+    spelling = staticmethod(as_field)
 
 
 class CacheCorruptionWarning(UserWarning):
@@ -428,7 +435,8 @@ class SentenceEmbedder(_PairEmbedder):
         specials = self.tokenizer.num_special_tokens_to_add(pair=True)
         limit = getattr(self.model.config, "max_position_embeddings", None)
         if max_length < specials + 2 or (limit and max_length > limit):
-            raise EmbeddingError(f"max_length must be in [{specials + 2}, {limit}] for {model_dir}, got {max_length}")
+            raise EmbeddingSettingError(f"{setting('max_length')} must be in [{specials + 2}, {limit}] for {model_dir}, "
+                                        f"got {max_length}")
         self.max_length = int(max_length)
         self.max_context_tokens = int(max_context_tokens if max_context_tokens is not None else max_length // 2)
         if not 0 <= self.max_context_tokens <= self.max_length - specials - 1:
@@ -507,7 +515,7 @@ class RewardModelEmbedder(_PairEmbedder):
         self.base = classifier.base_model  # the decoder without the head: last_hidden_state is post final norm
         self.max_length = int(max_length)
         if self.max_length < 2:
-            raise EmbeddingError(f"max_length must be >= 2, got {max_length}")
+            raise EmbeddingSettingError(f"{setting('max_length')} must be >= 2, got {max_length}")
         pad = self.tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else (self.tokenizer.eos_token_id or 0)
         self.dim = int(head.in_features)

@@ -349,6 +349,15 @@ def test_embed_command_end_to_end(minilm, tmp_path, capsys):
     assert load_basis(run / "basis.npz").embedder == minilm.name
 
 
+def test_embed_names_a_max_length_beyond_the_model_by_its_flag(minilm, tmp_path, capsys):
+    """The model's own range is known once it loads; the message said `max_length`, a name the user never typed."""
+    dataset = tmp_path / "data"
+    write_dataset(dataset, PAIRS)
+    assert cli_main(["embed", str(dataset), "--max-length", "100000", "--cache-dir", str(tmp_path / "cache")]) == 2
+    assert "--max-length must be in [5, 512]" in capsys.readouterr().err
+    assert not (dataset / "pairs.npz").exists()
+
+
 def test_embed_command_without_conversations_writes_no_group(minilm, tmp_path, capsys):
     dataset = tmp_path / "data"
     write_dataset(dataset, [{k: v for k, v in p.items() if k != "conversation"} for p in PAIRS])
