@@ -419,18 +419,23 @@ EXTREME = {
     "simulate delta 1": (SIM[:4] + ["--rounds", "1", "--delta", "1"], "--delta must be"),
     "simulate target eps 1e-9": (SIM[:4] + ["--rounds", "1", "--target-epsilon", "1e-9"], "epsilon"),
     "privacy unreachable target": (EPS[:2] + EPS[4:] + ["--target-epsilon", "1e-6", "--rounds", "3"],
-                                   "raise target_epsilon"),  # advised raising a noise multiplier not given
+                                   "raise --target-epsilon"),  # advised raising a noise multiplier not given
     "privacy target past PRV's range": (EPS[:2] + EPS[4:] + ["--target-epsilon", "100", "--rounds", "1"],
-                                        ("target_epsilon <= 94.7", "PRV is not computed")),  # was z at PRV 94.7
+                                        ("--target-epsilon <= 94.7", "PRV is not computed")),  # was z at PRV 94.7
     "privacy rounds 0": (EPS + ["--rounds", "0"], "--rounds"),
     "privacy rounds -3": (EPS + ["--rounds", "-3"], "--rounds"),
     "privacy rounds 10**11": (EPS + ["--rounds", str(10**11)], "rounds"),
     "privacy max eps 1e9": (EPS + ["--max-epsilon", "1e9"], "--max-epsilon"),
     "privacy max eps nan": (EPS + ["--max-epsilon", "nan"], "--max-epsilon"),
-    "privacy noise inf": (EPS[:2] + ["--noise-multiplier", "inf"] + EPS[4:] + ["--rounds", "3"], "noise_multiplier"),
+    # found by a tester: privacy's messages named PrivacySettings' fields (noise_multiplier), not its flags
+    "privacy noise inf": (EPS[:2] + ["--noise-multiplier", "inf"] + EPS[4:] + ["--rounds", "3"],
+                          ("--noise-multiplier must be a finite number", "set e.g. --noise-multiplier 1.0")),
     "privacy clients > population": (EPS[:4] + ["--clients-per-round", "500", "--population", "100", "--rounds", "2"],
-                                     "clients_per_round"),
-    "privacy delta 2": (EPS + ["--rounds", "3", "--delta", "2"], "delta"),
+                                     "--clients-per-round must be at most the population (100 users)"),
+    "privacy delta 2": (EPS + ["--rounds", "3", "--delta", "2"], "--delta must be in (0, 1/N)"),
+    "privacy population 0": (EPS[:6] + ["--population", "0", "--rounds", "2"], "--population must be a positive"),
+    "privacy too many rounds": (EPS + ["--rounds", "100000", "--noise-multiplier", "0.01"],
+                                "raise --noise-multiplier (now 0.01), lower --clients-per-round or --rounds"),
     "privacy population text": (EPS[:6] + ["--population", "many", "--rounds", "2"], "--population"),
     # deploy local: each was refused only after the SuperLink and nodes had started, or not at all (-c garbage)
     "deploy timeout 0": (DEPLOY + ["--timeout", "0"], "--timeout"),
@@ -488,7 +493,7 @@ def test_extreme_numbers_and_wrong_types_are_refused(w, case):
     err = refused(argv, names[0], w)
     for name in names[1:]:
         assert name in err, f"{argv}: the message does not name {name}:\n{err}"
-    if argv[0] in ("simulate", "deploy"):  # a flag or -c key=value, never the run config's or a Python field's name
+    if argv[0] in ("simulate", "deploy", "privacy"):  # a flag or -c key=value, never a run-config or field name
         assert "run config `" not in err and not re.search(r"\b[a-z]+_[a-z_]+\b", err.split("error:")[-1]), err
 
 

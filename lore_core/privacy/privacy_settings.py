@@ -240,8 +240,8 @@ def _check_general(settings: PrivacySettings) -> None:
         _positive_int(settings, name)
     m, n = settings.clients_per_round, settings.population_size
     if m is not None and n is not None and m > n:
-        raise PrivacyConfigError(f"{setting('clients_per_round')} must be in 1..population_size={n}; got {m}: lower it "
-                                 f"to <= {n}")
+        raise PrivacyConfigError(f"{setting('clients_per_round')} must be at most the population ({n} users); got {m}: "
+                                 f"lower it to <= {n}")
     if settings.noise_seed is not None and not _is_int(settings.noise_seed):
         raise PrivacyConfigError(f"noise_seed must be an integer; got {settings.noise_seed!r}")
     if settings.noise_seed is not None and not settings.reproducible_noise:
