@@ -717,6 +717,33 @@ def test_ctrl_c_during_adapt_says_the_state_is_unchanged_without_a_traceback(tmp
     assert "may already be deleted" in err and "as the last completed command" not in err
 
 
+def test_a_full_disk_is_reported_naming_the_file_and_leaves_the_state_as_it_was(tmp_path, monkeypatch, capsys):
+    """Found by a tester: `adapt` (or `strength`, `init`) on a full disk ended in a traceback, `OSError: [Errno 28]
+    No space left on device` (exit 1): a failed write or flush names no file, so the CLI took it for an internal
+    failure. It is now exit 2 naming the file being written, and the state is as the last command left it."""
+    import errno
+
+    from client.device import device_cli
+    from lore_core import atomic_io
+
+    basis = save_basis(tmp_path / "basis.npz", np.random.default_rng(0).standard_normal((3, 8)), version=1,
+                       embedder="toy")
+    np.savez(tmp_path / "c.npz", diff=np.random.default_rng(1).standard_normal((4, 8)))
+    state_dir = tmp_path / "state"
+    assert device_cli.main(["--state", str(state_dir), "init", "--basis", str(basis)]) == 0
+    before = {p.name: p.read_bytes() for p in state_dir.iterdir()}
+
+    def disk_full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")  # as a flush fails: no file named
+
+    monkeypatch.setattr(atomic_io.os, "fsync", disk_full)
+    for args in (["adapt", "--choices", str(tmp_path / "c.npz")], ["strength", "0.5"]):
+        assert device_cli.main(["--state", str(state_dir), *args]) == 2
+        err = capsys.readouterr().err
+        assert "No space left on device" in err and str(state_dir) in err and "Traceback" not in err
+    assert {p.name: p.read_bytes() for p in state_dir.iterdir()} == before
+
+
 def test_a_closed_output_pipe_ends_the_command_quietly_and_no_other_broken_pipe_does():
     """Found by a tester: `... | head` gave a BrokenPipeError traceback once head had read enough. Only a closed
     stdout ends quietly: a broken pipe elsewhere (a socket, a subprocess) is a failure and keeps its traceback."""
