@@ -152,7 +152,7 @@ def run_pair_file(run_dir: Path | None) -> str | Path | None:
     """The pair file a run was trained on: `pairs_path` in a train run's metrics.json, the path in a simulate run's
     data.json (lore_cli.run_data), or a pairs.npz inside the run directory; None when it does not say. A file whose
     digest differs from the one the run recorded is refused."""
-    from lore_cli.run_data import DATA_FILENAME, same_pair_file
+    from lore_cli.run_data import DATA_FILENAME
 
     if run_dir is None:
         return None
@@ -167,15 +167,27 @@ def run_pair_file(run_dir: Path | None) -> str | Path | None:
             raise AuditCommandError(f"{file}: not a JSON object ({exc}); pass --pairs PAIRS.npz") from exc
         if not isinstance(value, str):
             continue
-        recorded = record if name == DATA_FILENAME else record.get("pairs_fingerprint")
-        if isinstance(recorded, dict) and Path(value).is_file():
-            # the run recorded the file's digest: a file replaced since then is not the run's data
-            if not same_pair_file(recorded, value):
-                raise AuditCommandError(f"{file}: the pair file it names, {value}, has changed since the run (its "
-                                        "size or the digest of its arrays' CRC-32s differs); pass the run's pairs "
-                                        "with --pairs")
+        if name == DATA_FILENAME:
+            check_recorded_pair_file(file, record, value)
+        elif "pairs_fingerprint" in record:  # a run from before fingerprints has none
+            check_recorded_pair_file(file, record["pairs_fingerprint"], value, field="pairs_fingerprint")
         return value
     return run_dir / "pairs.npz" if (run_dir / "pairs.npz").exists() else None
+
+
+def check_recorded_pair_file(file: Path, recorded, pairs_path: str, field: str | None = None) -> None:
+    """The pair file a run names against the digest the run recorded in `file` (under `field`): refused when the
+    record is damaged (the check would be skipped) or the file has changed since the run."""
+    from lore_cli.run_data import fingerprint_problem, same_pair_file
+
+    problem = fingerprint_problem(recorded)
+    if problem:
+        where = f"{field}: " if field else ""
+        raise AuditCommandError(f"{file}: {where}{problem}; it is the run's record of the pair file, without which "
+                                f"{pairs_path} cannot be checked. Restore {file}, or pass the run's pairs with --pairs")
+    if Path(pairs_path).is_file() and not same_pair_file(recorded, pairs_path):
+        raise AuditCommandError(f"{file}: the pair file it names, {pairs_path}, has changed since the run (its size or "
+                                "the digest of its arrays' CRC-32s differs); pass the run's pairs with --pairs")
 
 
 def load_pairs_and_basis(args: argparse.Namespace, run_dir: Path | None):

@@ -41,6 +41,21 @@ def pair_file_fingerprint(pairs_path: str | Path, method: str = "zip-crc32") -> 
     return {"bytes": size, "blake2b": digest.hexdigest(), "method": method}
 
 
+def fingerprint_problem(recorded) -> str | None:
+    """Why a recorded fingerprint (as `pair_file_fingerprint` writes it) cannot be checked against a file; None when
+    it can. A damaged record must not pass for one that matches, nor for a file that changed."""
+    if not isinstance(recorded, dict):
+        return f"expected an object with 'bytes' and 'blake2b', got {type(recorded).__name__}"
+    size, digest = recorded.get("bytes"), recorded.get("blake2b")
+    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+        return f"'bytes' must be the file's size in bytes, got {size!r}"
+    if not isinstance(digest, str) or not digest or any(c not in "0123456789abcdef" for c in digest):
+        return f"'blake2b' must be a hex digest, got {digest!r}"
+    if recorded.get("method", "file") not in ("zip-crc32", "file"):
+        return f"'method' must be 'zip-crc32' or 'file', got {recorded['method']!r}"
+    return None
+
+
 def same_pair_file(recorded: dict, pairs_path: str | Path) -> bool:
     """Whether `pairs_path` has the content a run recorded (by the record's own method)."""
     current = pair_file_fingerprint(pairs_path, recorded.get("method", "file"))

@@ -766,6 +766,21 @@ def test_audit_inputs_that_are_not_what_they_claim_are_named(w):
     refused(base + ["--users", "others.jsonl"], "others.jsonl", w, expect="describes none of the run's")
 
 
+@pytest.mark.parametrize("record, damaged", [("metrics.json", "a digest"), ("metrics.json", None),
+                                             ("metrics.json", {"bytes": 1}), ("data.json", {"bytes": "many"})])
+def test_a_runs_damaged_pair_file_record_is_refused_not_skipped(w, record, damaged):
+    """Found by a tester: audit of a run whose recorded pair-file digest was damaged read the file the run names
+    without checking it (the check was skipped), or called a damaged data.json a changed pair file."""
+    from lore_cli.run_data import pair_file_fingerprint
+
+    (w / "run").mkdir()
+    shutil.copy(w / "basis.npz", w / "run" / "basis.npz")
+    fingerprint = {"path": str(w / "pairs.npz"), **pair_file_fingerprint(w / "pairs.npz")}
+    (w / "run" / record).write_text(json.dumps({"pairs_path": fingerprint["path"], "pairs_fingerprint": damaged}
+                                               if record == "metrics.json" else {**fingerprint, **damaged}))
+    refused(["audit", "extraction", "run", "--out", "o"], f"run/{record}", w, expect="cannot be checked")
+
+
 def test_a_setting_the_user_did_not_give_is_named_as_the_default(tmp_path):
     """Found by a tester: on a pair file of width D = 3, `simulate` without --rank said "--rank 5 is more than the
     embedding width", a flag the user never typed; the run config's default is named as such."""
