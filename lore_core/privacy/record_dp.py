@@ -61,19 +61,6 @@ class RecordDpState:
         gained = k - before.history[-1][2]
         return ([(z, q, gained)] if gained else []) + list(self.history[n:])
 
-
-def starting_history(own: RecordDpState, ledger: RecordDpState | None) -> RecordDpState:
-    """The history a user's next DP-SGD step continues: its own, or the server ledger's where that extends it (a
-    node that lost its state holds an empty one). Never a history that drops any of its own steps, so a server can
-    make a user stop earlier this way, never spend more (a longer history of cheap steps is not an extension)."""
-    return ledger if ledger is not None and ledger.extends(own) else own
-
-
-def spending_to_report(after: RecordDpState, start: RecordDpState, ledger: RecordDpState | None) -> list[Segment]:
-    """What a client reports to the ledger: every step the ledger lacks where `after` extends the ledger's history
-    (a reply the ledger never recorded, late or rejected, is caught up on), else the steps since `start`."""
-    return after.spent_since(ledger if ledger is not None and after.extends(ledger) else start)
-
     def to_dict(self) -> dict[str, list]:
         """Plain lists of numbers: fits a Flower ConfigRecord and JSON."""
         return {
@@ -89,6 +76,19 @@ def spending_to_report(after: RecordDpState, start: RecordDpState, ledger: Recor
             raise ValueError(f"record-DP state needs equally long noise_multiplier/sample_rate/steps lists; got {data}")
         segments = zip(data["noise_multiplier"], data["sample_rate"], data["steps"])
         return cls(history=[tuple(s) for s in check_history(segments)])
+
+
+def starting_history(own: RecordDpState, ledger: RecordDpState | None) -> RecordDpState:
+    """The history a user's next DP-SGD step continues: its own, or the server ledger's where that extends it (a
+    node that lost its state holds an empty one). Never a history that drops any of its own steps, so a server can
+    make a user stop earlier this way, never spend more (a longer history of cheap steps is not an extension)."""
+    return ledger if ledger is not None and ledger.extends(own) else own
+
+
+def spending_to_report(after: RecordDpState, start: RecordDpState, ledger: RecordDpState | None) -> list[Segment]:
+    """What a client reports to the ledger: every step the ledger lacks where `after` extends the ledger's history
+    (a reply the ledger never recorded, late or rejected, is caught up on), else the steps since `start`."""
+    return after.spent_since(ledger if ledger is not None and after.extends(ledger) else start)
 
 
 def record_epsilon(state: RecordDpState, delta: float, accountant: str = "prv") -> float:
