@@ -134,6 +134,29 @@ def test_device_commands_never_import_torch_transformers_or_flwr(tmp_path, basis
     assert heavy == [] and len(proc.stdout.splitlines()) == len(exchanges[5].candidates)
 
 
+def test_commands_that_embed_write_nothing_outside_the_state_directory(tmp_path, monkeypatch, encoder_dir):
+    """Found by a tester: onnxruntime 1.32 kept telemetry for upload to Microsoft in
+    ~/.cache/Microsoft/DeveloperTools/.onnxruntime (a device id, the process path, the model file's name, how many
+    texts each call embedded) every time a device command embedded text. Nothing is written outside the state now."""
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(home / ".cache"))
+    monkeypatch.delenv("ORT_DISABLE_TELEMETRY", raising=False)
+    embedder = json.loads((encoder_dir / "encoder.json").read_text())["embedder"]
+    basis = save_basis(tmp_path / "basis.npz", np.random.default_rng(0).standard_normal((3, 384)), version=1,
+                       embedder=embedder)
+    choices = tmp_path / "choices.jsonl"
+    choices.write_text(json.dumps({"prompt": "How do I save money?", "chosen": "Budget.", "rejected": "Lottery."}))
+    candidates = tmp_path / "answers.txt"
+    candidates.write_text("Spend less than you earn.\nBuy a yacht.\n")
+    state = tmp_path / "state"
+    device(state, "init", "--basis", basis, "--encoder", encoder_dir)
+    device(state, "adapt", "--choices", choices)
+    device(state, "rank", "--prompt", "How do I save money?", "--candidates", candidates)
+    assert sorted(str(p.relative_to(home)) for p in home.rglob("*")) == []
+
+
 # --- 2. solver parity with the torch trainer ------------------------------------------------------------------
 
 

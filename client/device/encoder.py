@@ -95,6 +95,10 @@ class OnnxPairEncoder:
     """Segment-pair encoder: embed(contexts (N,), responses (N,)) -> (N, D) float32, L2-normalised."""
 
     def __init__(self, directory: str | Path, *, threads: int | None = None, verify: bool = False):
+        # onnxruntime (1.32 on Linux too) records telemetry in ~/.cache/Microsoft/DeveloperTools for upload to
+        # Microsoft: a device id, the process path, the model file's name, how many texts each call embedded. None of
+        # it has a reason to leave the device; the switch is read when the library loads, so it is set before.
+        os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
         import onnxruntime
         from tokenizers import Tokenizer
 
