@@ -30,6 +30,11 @@ PRIVACY_DEFAULTS = {"noise_multiplier": 1.0, "clip_norm": 1.0, "clients_per_roun
                     "max_grad_norm": 1.0, "record_batch_size": 4, "record_epochs": 1}
 
 
+# Upper bounds on the audits' sizes (a mechanism run is one aggregation step, a shadow one batched fit of every
+# user): beyond them an audit runs for days. The defaults are the parser's.
+MAX_COUNTS = {"runs": 1_000_000, "shadows": 10_000, "permutations": 1_000_000, "max_users": 10_000_000}
+DEFAULT_COUNTS = {"runs": 10_000, "shadows": 64, "permutations": 200, "max_users": 1_000}
+
 # `audit NAME --level record RUN_DIR`: RUN_DIR is optional, and argparse alone takes it only right after NAME
 INTERMIXED_ARGS = True
 
@@ -57,13 +62,17 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--population", type=int, default=None, help="number of users N")
     parser.add_argument("--rounds", type=int, default=None)
     parser.add_argument("--delta", type=float, default=None)
-    parser.add_argument("--runs", type=int, default=10000, help="mechanism: runs with and without the canary")
+    parser.add_argument("--runs", type=int, default=DEFAULT_COUNTS["runs"],
+                        help="mechanism: runs with and without the canary")
     parser.add_argument("--secrets", default=None,
                         help="canary: the canaries' secrets file (`lore-fed simulate --canary-secrets`)")
-    parser.add_argument("--shadows", type=int, default=64, help="membership: LiRA shadow fits")
+    parser.add_argument("--shadows", type=int, default=DEFAULT_COUNTS["shadows"],
+                        help="membership: LiRA shadow fits")
     parser.add_argument("--level", choices=("record", "user"), default="record", help="membership level")
-    parser.add_argument("--permutations", type=int, default=200, help="attribute: label permutations")
-    parser.add_argument("--max-users", type=int, default=1000, help="users sampled for per-user audits")
+    parser.add_argument("--permutations", type=int, default=DEFAULT_COUNTS["permutations"],
+                        help="attribute: label permutations")
+    parser.add_argument("--max-users", type=int, default=DEFAULT_COUNTS["max_users"],
+                        help="users sampled for per-user audits")
     parser.add_argument("--query-noise", type=float, default=0.0, help="extraction: noise std per served score")
     parser.add_argument("--seed", type=int, default=0)
 
@@ -104,6 +113,9 @@ def _check_counts(args: argparse.Namespace) -> None:
     for flag in ("runs", "shadows", "permutations", "max_users"):
         if getattr(args, flag) < 1:
             raise AuditCommandError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+        if getattr(args, flag) > MAX_COUNTS[flag]:  # the work grows with it: 4,000 mechanism runs take ~20 s
+            raise AuditCommandError(f"--{flag.replace('_', '-')} {getattr(args, flag)} is above "
+                                    f"{MAX_COUNTS[flag]:,}; the defaults are {DEFAULT_COUNTS[flag]:,}")
     if args.name == "attribute" and args.permutations < 20:  # the smallest p-value is 1 / (permutations + 1)
         raise AuditCommandError(f"--permutations {args.permutations} can never reach p < 0.05 (the smallest p-value "
                                 f"is 1/{args.permutations + 1}); use 20 or more, about 20 per attribute tested (Holm "

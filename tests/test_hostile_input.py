@@ -463,6 +463,9 @@ EXTREME = {
                                      "--nodes 9 for 8 users"),
     "deploy pairs missing": (DEPLOY[:4] + ["--pairs", "missing.npz", "--run-dir", "dl"], "missing.npz"),
     "audit out under a file": (["audit", "mechanism", "--out", "pairs.npz/x", "--runs", "100"], "--out"),
+    # found by a tester: --runs 1e12 ran on (days of work) instead of being refused
+    "audit runs 10**12": (["audit", "mechanism", "--runs", "1000000000000"], "--runs 1000000000000 is above 1,000,000"),
+    "audit shadows 10**9": (["audit", "membership", "--synthetic", "--shadows", "1000000000"], "--shadows"),
     "deploy certs out under a file": (["deploy", "certs", "--out", "pairs.npz/certs"], "--out"),
     "deploy run dir under a file": (DEPLOY[:6] + ["--run-dir", "pairs.npz/run"], "--run-dir"),
     "deploy certs nodes 10**5": (["deploy", "certs", "--out", "certs", "--nodes", "100000"], "--nodes"),
