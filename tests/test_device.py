@@ -1007,6 +1007,24 @@ def test_forget_deletes_personal_data_whatever_the_manifest_holds(tmp_path, fiel
     assert not list(state_dir.glob("personal-*")) and "deleted all the same" in notes[0]
 
 
+@pytest.mark.parametrize("entry, field, text", [("basis", "bytes", "Infinity"), ("basis", "bytes", '"1000"'),
+                                                ("", "generation", "-5"), ("", "generation", "1.5"),
+                                                ("", "generation", "true"), ("", "pairs", "2.0")])
+def test_a_manifest_count_that_is_not_a_json_integer_is_reported_as_corruption(tmp_path, capsys, entry, field, text):
+    """Found by a tester: a manifest whose basis entry held `"bytes": Infinity` (which Python's json reads) ended
+    every command in an OverflowError traceback, and a generation of -5, 1.5 or true was taken as a state's."""
+    from client.device import device_cli
+    from client.device.state import MANIFEST
+
+    state_dir = _state_with_choices(tmp_path)
+    manifest = json.loads((state_dir / MANIFEST).read_text())
+    (manifest["files"][entry] if entry else manifest)[field] = "@@"
+    (state_dir / MANIFEST).write_text(json.dumps(manifest).replace('"@@"', text))
+    assert device_cli.main(["--state", str(state_dir), "status"]) == 2
+    err = capsys.readouterr().err
+    assert str(state_dir / MANIFEST) in err and f"{field} must be an integer" in err, err
+
+
 def test_forget_deletes_personal_data_when_the_state_cannot_be_saved(tmp_path, monkeypatch):
     """A review: a full disk while `forget` rewrote the state left the personal file (exit 2, but data kept)."""
     import errno

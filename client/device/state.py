@@ -205,9 +205,9 @@ def _load_state(directory: Path, raw: bytes) -> DeviceState:
     path = directory / MANIFEST
     try:
         manifest = json.loads(raw)
-        files, generation = manifest["files"], int(manifest["generation"])
+        files, generation = manifest["files"], _manifest_count(manifest["generation"], "generation")
         strength = manifest["strength"]
-        declared_pairs = int(manifest.get("pairs", -1))
+        declared_pairs = _manifest_count(manifest["pairs"], "pairs") if "pairs" in manifest else -1
         if not isinstance(files, dict):
             raise TypeError(f"files must be an object, got {files!r}")
     except (ValueError, KeyError, TypeError, OverflowError, AttributeError) as exc:
@@ -478,12 +478,14 @@ def _write_data(directory: Path, prefix: str, data: bytes) -> dict:
 
 def _checked_file(directory: Path, entry: dict) -> Path:
     try:
-        path = directory / entry["name"]
-        size, digest = int(entry["bytes"]), entry["sha256"]
-    except (KeyError, TypeError, ValueError) as exc:
-        raise StateCorruptError(f"{directory / MANIFEST}: malformed file entry {entry!r}") from exc
-    if Path(entry["name"]).name != entry["name"]:
-        raise StateCorruptError(f"{directory / MANIFEST}: file entry {entry['name']!r} leaves the state directory")
+        name, size, digest = entry["name"], _manifest_count(entry["bytes"], "bytes"), entry["sha256"]
+        if not (isinstance(name, str) and isinstance(digest, str)):
+            raise TypeError("name and sha256 must be strings")
+        path = directory / name
+    except (KeyError, TypeError) as exc:
+        raise StateCorruptError(f"{directory / MANIFEST}: malformed file entry {str(entry)[:300]} ({exc})") from exc
+    if Path(name).name != name:
+        raise StateCorruptError(f"{directory / MANIFEST}: file entry {name!r} leaves the state directory")
     data = _bytes_or_none(path) if path.is_file() else None
     if data is None:
         raise StateCorruptError(f"{path}: missing (the manifest names it); the device state is incomplete")
@@ -492,6 +494,14 @@ def _checked_file(directory: Path, entry: dict) -> Path:
     if hashlib.sha256(data).hexdigest() != digest:
         raise StateCorruptError(f"{path}: checksum mismatch: the file is corrupted")
     return path
+
+
+def _manifest_count(value, what: str) -> int:
+    """A count the manifest holds (generation, pairs, a file's bytes): a JSON integer in 0..2**63 - 1, nothing else
+    (a float, true, or Infinity, which Python's json reads, is another tool's or a damaged manifest)."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**63:
+        raise TypeError(f"{what} must be an integer from 0 to 2**63 - 1, got {json.dumps(value)[:40]}")
+    return value
 
 
 def _load_personal(state: DeviceState, path: Path, declared_pairs: int) -> DeviceState:
