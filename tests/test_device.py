@@ -274,7 +274,7 @@ for i in range(state.generation, 10**9):
     n = i % 7 + 1
     state = save_state(replace(state, user_weights=np.full(state.basis.rank, 1 / state.basis.rank),
                                pair_diff=np.full((n, state.basis.dim), i, np.float32),
-                               choices=tuple(json.dumps({"i": i}) for _ in range(n))))
+                               choices=tuple(json.dumps({"precomputed": f"c.npz#{i}"}) for _ in range(n))))
 """
 
 
@@ -294,7 +294,8 @@ def test_killing_a_writer_leaves_a_readable_consistent_state(tmp_path, basis_fil
         state = load_state(state_dir)  # never raises: the old or the new state, intact
         i = int(state.pair_diff[0, 0])
         assert i >= last and state.n_pairs == i % 7 + 1
-        assert (state.pair_diff == i).all() and state.choices == (json.dumps({"i": i}),) * state.n_pairs
+        assert (state.pair_diff == i).all()
+        assert state.choices == (json.dumps({"precomputed": f"c.npz#{i}"}),) * state.n_pairs
         last = i
     assert last > 0, "the writer never committed: the test did not exercise anything"
 
@@ -308,13 +309,13 @@ def test_a_reader_racing_a_writer_reads_the_new_state_not_a_corrupted_one(tmp_pa
                        embedder="toy")
     state_dir = tmp_path / "state"
     first = save_state(replace(new_state(state_dir, load_basis(basis)), pair_diff=np.ones((1, 8), np.float32),
-                               choices=('{"i": 1}',)))
+                               choices=('{"precomputed": "c.npz#1"}',)))
     checked, raced = state_module._checked_file, []
 
     def commit_then_check(directory, entry):  # another process commits between the manifest read and this one
         if entry["name"].startswith("personal-") and not raced:
             raced.append(save_state(replace(first, pair_diff=np.full((2, 8), 2, np.float32),
-                                            choices=('{"i": 2}',) * 2)))
+                                            choices=('{"precomputed": "c.npz#2"}',) * 2)))
         return checked(directory, entry)
 
     monkeypatch.setattr(state_module, "_checked_file", commit_then_check)
@@ -397,6 +398,43 @@ def test_corrupted_or_truncated_state_is_reported_not_used(tmp_path, basis_file,
         load_state(state_dir)
     proc, _ = device(state_dir, "status", check=False)
     assert proc.returncode == 2 and "corrupt" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("key, value, says", [
+    ("choices", np.array(['{"chosen": "a"}'] * 2), "stored choice 1: needs exactly one of 'history' or 'prompt'"),
+    ("choices", np.array(["not json"] * 2), "stored choice 1 is not JSON"),
+    ("user_weights", np.array(["a"] * 3), "user_weights (<U1)"),
+    ("posterior_cov", -np.eye(2), "positive definite"),
+    ("attributes", np.str_('{"age": {"band": 5}}'), "attributes must be a JSON object of strings"),
+])
+def test_a_personal_file_another_tool_wrote_is_reported_naming_it(tmp_path, capsys, key, value, says):
+    """Found by a tester: a personal file whose checksum the manifest vouches for (another tool's, or an older
+    writer's) but whose stored choices lacked a key, or whose weights were strings, ended `adapt` or `status` in a
+    KeyError or TypeError traceback, or in a bare 'Expecting value: line 1 column 1' naming no file. Every array
+    is now checked where the state is loaded: exit 2 naming the file, and `forget` still deletes it."""
+    import hashlib
+    import io
+
+    from client.device import device_cli
+    from client.device.state import MANIFEST
+
+    state_dir = _state_with_choices(tmp_path)
+    save_state(replace(load_state(state_dir), user_weights=np.full(3, 1 / 3), posterior_mode=np.zeros(2),
+                       posterior_cov=np.eye(2)))
+    manifest = json.loads((state_dir / MANIFEST).read_text())
+    entry = manifest["files"]["personal"]
+    with np.load(state_dir / entry["name"]) as data:
+        arrays = {**data, key: value}
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    (state_dir / entry["name"]).write_bytes(buffer.getvalue())
+    entry.update(bytes=len(buffer.getvalue()), sha256=hashlib.sha256(buffer.getvalue()).hexdigest())
+    (state_dir / MANIFEST).write_text(json.dumps(manifest))
+    for command in ("status", "forget"):
+        code = device_cli.main(["--state", str(state_dir), command])
+        err = capsys.readouterr().err
+        assert entry["name"] in err and says in err and "Traceback" not in err, err
+    assert code == 0 and not list(state_dir.glob("personal-*"))
 
 
 def test_basis_of_another_dimension_or_version_is_refused_unless_reinit(tmp_path, basis_file):
@@ -987,7 +1025,8 @@ def _toy_state(tmp_path) -> Path:
 def _state_with_choices(tmp_path) -> Path:
     state_dir = _toy_state(tmp_path)
     state = load_state(state_dir)
-    save_state(replace(state, pair_diff=np.ones((2, 8), np.float32), choices=('{"i": 1}', '{"i": 2}')))
+    save_state(replace(state, pair_diff=np.ones((2, 8), np.float32),
+                       choices=tuple(json.dumps({"precomputed": f"c.npz#{i}"}) for i in range(2))))
     assert list(state_dir.glob("personal-*"))
     return state_dir
 
@@ -1061,8 +1100,8 @@ def test_a_reader_whose_file_a_writer_deleted_reads_the_new_state(tmp_path, monk
             raced.append(path.name)
             monkeypatch.setattr(Path, "read_bytes", read_bytes)  # the writer reads normally
             state = load_state(state_dir)
-            save_state(replace(state, pair_diff=np.ones((3, 8), np.float32),
-                               choices=('{"i": 1}', '{"i": 2}', '{"i": 3}')))  # deletes the file being read
+            save_state(replace(state, pair_diff=np.ones((3, 8), np.float32),  # deletes the file being read
+                               choices=tuple(json.dumps({"precomputed": f"c.npz#{i}"}) for i in range(3))))
             monkeypatch.setattr(Path, "read_bytes", a_writer_commits_first)
         return read_bytes(path)
 

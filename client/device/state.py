@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from client.device.encoder import MODEL_FILE, TOKENIZER_FILE, is_encoder_identity
+from client.device.personalize import ChoicesError, check_choice
 from lore_core.atomic_io import atomic_write_bytes, atomic_write_json
 from lore_core.basis_file import BasisFile, BasisFileError, load_basis
 
@@ -511,17 +512,26 @@ def _load_personal(state: DeviceState, path: Path, declared_pairs: int) -> Devic
             # States written before the posterior existed lack these arrays: no posterior, no declared prior.
             optional = {key: data[key] for key in ("posterior_mode", "posterior_cov", "prior_mean", "attributes")
                         if key in data.files}
-        attributes = tuple(json.loads(str(optional.get("attributes", "{}"))).items())
+        declared = json.loads(str(optional.get("attributes", "{}")))
+        if not (isinstance(declared, dict) and all(isinstance(value, str) for value in declared.values())):
+            raise TypeError(f"attributes must be a JSON object of strings, got {str(declared)[:100]}")
+        attributes = tuple(declared.items())
     except Exception as exc:  # a checksum-valid file can still be malformed (written by another tool)
         raise StateCorruptError(f"{path}: unreadable personal state ({type(exc).__name__}: {exc})") from exc
     rank, dim = state.basis.rank, state.basis.dim
     mode = optional.get("posterior_mode", np.zeros(0))
     cov = optional.get("posterior_cov", np.zeros((0, 0)))
     prior_mean = optional.get("prior_mean", np.zeros(0))
+    numbers = {"user_weights": weights, "pair_diff": diff, "posterior_mode": mode, "posterior_cov": cov,
+               "prior_mean": prior_mean}
+    wrong = [f"{key} ({array.dtype})" for key, array in numbers.items() if array.dtype.kind != "f"]
+    wrong += [] if choices.dtype.kind == "U" else [f"choices ({choices.dtype})"]
+    if wrong:
+        raise StateCorruptError(f"{path}: {', '.join(wrong)}: choices must be strings, the other arrays floats")
     if mode.size and (mode.shape != (rank - 1,) or cov.shape != (rank - 1, rank - 1)
-                      or not (np.isfinite(mode).all() and np.isfinite(cov).all())):
-        raise StateCorruptError(f"{path}: the posterior must be ({rank - 1},) and ({rank - 1}, {rank - 1}), got "
-                                f"{mode.shape} and {cov.shape}")
+                      or not (np.isfinite(mode).all() and np.isfinite(cov).all()) or not _positive_definite(cov)):
+        raise StateCorruptError(f"{path}: the posterior must be ({rank - 1},) and ({rank - 1}, {rank - 1}), finite, "
+                                f"its covariance positive definite; got {mode.shape} and {cov.shape}")
     if prior_mean.size and (prior_mean.shape != (rank,) or not prior_mean.min() > 0
                             or abs(prior_mean.sum() - 1.0) > 1e-6):
         raise StateCorruptError(f"{path}: prior_mean must be ({rank},) inside the simplex, got {prior_mean.shape}")
@@ -536,11 +546,36 @@ def _load_personal(state: DeviceState, path: Path, declared_pairs: int) -> Devic
         raise StateCorruptError(
             f"{path}: {diff.shape[0]} pairs, {choices.shape} choices, the manifest says {declared_pairs} pairs"
         )
+    for number, text in enumerate(choices.tolist(), 1):
+        _check_stored_choice(text, f"{path}: stored choice {number}")
     return replace(
         state, user_weights=weights if weights.size else None, pair_diff=diff, choices=tuple(choices.tolist()),
         posterior_mode=mode if mode.size else None, posterior_cov=cov if mode.size else None,
         prior_mean=prior_mean if prior_mean.size else None, attributes=attributes,
     )
+
+
+def _positive_definite(cov: np.ndarray) -> bool:
+    try:
+        np.linalg.cholesky(cov)  # what drawing posterior samples does with it
+    except np.linalg.LinAlgError:
+        return False
+    return True
+
+
+def _check_stored_choice(text: str, where: str) -> None:
+    """A stored choice is what `adapt` stores: a choice as `read_choices` checks it, or {"precomputed": "FILE#ROW"}
+    for a row of an .npz of diffs. Another tool's file may hold anything: refused here, not where it is used."""
+    try:
+        record = json.loads(text)
+    except ValueError:
+        raise StateCorruptError(f"{where} is not JSON: {text[:80]!r}") from None
+    if isinstance(record, dict) and isinstance(record.get("precomputed"), str):
+        return
+    try:
+        check_choice(record, where)
+    except ChoicesError as exc:
+        raise StateCorruptError(str(exc)) from None
 
 
 def _or_empty(array: np.ndarray | None, empty_shape: tuple[int, ...]) -> np.ndarray:
