@@ -503,6 +503,28 @@ def _fake_encoder_dir(directory: Path, checksums=None, *, model: bytes = b"not a
     return directory
 
 
+@pytest.mark.parametrize("field, text", [("dim", "Infinity"), ("max_length", "Infinity"), ("embedder", "5"),
+                                         ("embedder", '["toy"]')])
+def test_an_encoder_json_with_a_number_that_is_not_finite_or_an_embedder_that_is_no_name_is_refused(
+        tmp_path, capsys, field, text):
+    """Found by a tester: an encoder.json (hand-edited, or another tool's) with "dim": Infinity or "max_length":
+    Infinity, which Python's json reads, ended init and rank in an OverflowError traceback, and "embedder": 5 in a
+    TypeError traceback. Each is now refused naming the file (exit 2)."""
+    from client.device import device_cli
+
+    state_dir = _toy_state(tmp_path)
+    encoder = _fake_encoder_dir(tmp_path / "enc", embedder="toy")
+    meta = json.loads((encoder / "encoder.json").read_text())
+    meta[field] = "@@"
+    (encoder / "encoder.json").write_text(json.dumps(meta).replace('"@@"', text))
+    candidates = tmp_path / "answers.txt"
+    candidates.write_text("Yes.\nNo.\n")
+    assert device_cli.main(["--state", str(state_dir), "rank", "--prompt", "Which?", "--candidates", str(candidates),
+                            "--encoder", str(encoder)]) == 2
+    err = capsys.readouterr().err
+    assert str(encoder / "encoder.json") in err and "Traceback" not in err, err
+
+
 @pytest.mark.parametrize("checksums", ["x", {"model.onnx": "x", "tokenizer.json": "x"}, {"model.onnx": "0" * 64},
                                        {"model.onnx": "A" * 64, "tokenizer.json": "a" * 64}])
 def test_an_encoder_checksum_that_is_not_a_sha256_digest_is_refused_when_read(tmp_path, checksums):

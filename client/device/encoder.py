@@ -52,8 +52,12 @@ def read_encoder_meta(directory: str | Path, *, verify: bool = False) -> dict:
     try:
         meta = json.loads(meta_path.read_text())
         dim, output, checksums = int(meta["dim"]), meta["output"], meta["sha256"]
-    except (ValueError, KeyError, TypeError) as exc:
+    except (ValueError, KeyError, TypeError, OverflowError) as exc:  # OverflowError: "dim": Infinity
         raise EncoderError(f"{meta_path}: unreadable encoder metadata ({exc})") from exc
+    embedder = meta.get("embedder")
+    if embedder is not None and not (isinstance(embedder, str) and embedder):
+        raise EncoderError(f"{meta_path}: embedder must be the name of the model, a non-empty string; got "
+                           f"{json.dumps(embedder)[:100]}; export the encoder again")
     if meta.get("format") != ENCODER_FORMAT or dim <= 0 or output != OUTPUT_NAME:
         raise EncoderError(
             f"{meta_path}: expected format {ENCODER_FORMAT!r}, dim > 0, output {OUTPUT_NAME!r}; "
@@ -109,7 +113,7 @@ class OnnxPairEncoder:
         try:
             self.max_length = int(self.meta.get("max_length", DEFAULT_MAX_LENGTH))
             self.max_context_tokens = int(self.meta.get("max_context_tokens", self.max_length // 2))
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             self.max_length = self.max_context_tokens = -1  # refused just below, naming the file
         if not 8 <= self.max_length <= 1 << 16 or not 0 <= self.max_context_tokens < self.max_length:
             raise EncoderError(f"{self.directory / ENCODER_META}: max_length {self.max_length} must be in 8..65536 "
