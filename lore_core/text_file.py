@@ -9,6 +9,7 @@ from __future__ import annotations
 import codecs
 import json
 import re
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -70,6 +71,11 @@ def parse_json(text: str, path: str | Path, error: type[ValueError] = ValueError
         raise error(f"{path} line {line + exc.lineno - 1}: not valid JSON ({exc.msg}, column {exc.colno})") from None
     except RecursionError:
         raise error(f"{path} line {line}: JSON nested too deeply") from None
+    except ValueError:  # json turns an integer of more digits than Python converts (4,300) into a bare ValueError
+        digits = sys.get_int_max_str_digits()
+        long = re.search(rf"\d{{{digits + 1},}}", text)
+        at = line + text.count("\n", 0, long.start()) if long else line
+        raise error(f"{path} line {at}: a number with more than {digits} digits, which Python does not read") from None
 
 
 # An escaped UTF-16 surrogate without its other half: json.loads accepts it, but the string it makes is not Unicode

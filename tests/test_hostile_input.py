@@ -279,6 +279,8 @@ TEXT_DAMAGE = {
     "truncated line": (_truncate_a_line, "line"),
     "array instead of object": (lambda text, rng: b'["a", "b"]\n' + text, "line"),
     "binary garbage": (lambda text, rng: rng.integers(128, 256, 300, dtype=np.uint8).tobytes(), "line 1"),
+    # a tester: json.loads raised a bare ValueError ("Exceeds the limit (4300 digits) ...") that named no file
+    "5,000-digit number": (lambda text, rng: b'{"n": ' + b"9" * 5000 + b"}\n" + text, "line 1: a number with"),
 }
 TEXT_READERS = {
     "prepare survey": ("prism/survey.jsonl", ["prepare", "prism", "--out", "out", "--min-conversations", "2"], False),
