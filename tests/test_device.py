@@ -827,6 +827,19 @@ def test_a_full_disk_is_reported_naming_the_file_and_leaves_the_state_as_it_was(
     assert {p.name: p.read_bytes() for p in state_dir.iterdir()} == before
 
 
+@pytest.mark.parametrize("rank", ["Infinity", "2.5", "true", '"2"'])
+def test_a_prior_table_whose_rank_is_not_an_integer_is_refused_by_name(tmp_path, rank):
+    """Found by a tester: `"rank": Infinity` (which Python's json reads) ended `declare` in an OverflowError
+    traceback, and 2.5 or "2" was taken as rank 2."""
+    from client.device import attribute_prior
+
+    basis = load_basis(save_basis(tmp_path / "b.npz", np.eye(2, 4), version=1, embedder="toy"))
+    table = {"format": attribute_prior.FORMAT, "basis_sha256": basis.sha256, "rank": "@@", "groups": {}}
+    (tmp_path / "T.json").write_text(json.dumps(table).replace('"@@"', rank))
+    with pytest.raises(attribute_prior.AttributePriorError, match="T.json: rank must be an integer"):
+        attribute_prior.read_table(tmp_path / "T.json", basis)
+
+
 def test_a_closed_output_pipe_ends_the_command_quietly_and_no_other_broken_pipe_does():
     """Found by a tester: `... | head` gave a BrokenPipeError traceback once head had read enough. Only a closed
     stdout ends quietly: a broken pipe elsewhere (a socket, a subprocess) is a failure and keeps its traceback."""

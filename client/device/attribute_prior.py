@@ -38,9 +38,11 @@ def read_table(path: str | Path, basis: BasisFile) -> dict:
     table = parse_json(read_text(path, AttributePriorError, "attribute prior table"), path, AttributePriorError)
     try:
         groups = table["groups"]
-        fmt, sha, rank = table["format"], table["basis_sha256"], int(table["rank"])
-    except (ValueError, KeyError, TypeError) as exc:
+        fmt, sha, rank = table["format"], table["basis_sha256"], table["rank"]
+    except (KeyError, TypeError) as exc:
         raise AttributePriorError(f"{path}: not an attribute prior table ({exc}); expected {FORMAT} JSON") from exc
+    if isinstance(rank, bool) or not isinstance(rank, int):  # json reads Infinity, and 2.5 is no rank
+        raise AttributePriorError(f"{path}: rank must be an integer (the basis' rank), got {json.dumps(rank)[:40]}")
     if not isinstance(groups, dict) or not all(isinstance(values, dict) and all(isinstance(row, dict) for row in
                                                                                   values.values())
                                                for values in groups.values()):
