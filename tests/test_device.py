@@ -840,6 +840,18 @@ def test_a_prior_table_whose_rank_is_not_an_integer_is_refused_by_name(tmp_path,
         attribute_prior.read_table(tmp_path / "T.json", basis)
 
 
+def test_a_strength_out_of_range_is_named_by_its_flag_and_as_typed(tmp_path, capsys):
+    """Found by a tester: `rank --strength 1e400` read "strength must be a number in [0, 1] or 'off', got inf":
+    neither the flag nor the value as typed."""
+    from client.device import device_cli
+
+    state_dir = _toy_state(tmp_path)
+    (tmp_path / "answers.txt").write_text("Yes.\nNo.\n")
+    assert device_cli.main(["--state", str(state_dir), "rank", "--prompt", "Which?", "--candidates",
+                            str(tmp_path / "answers.txt"), "--strength", "1e400"]) == 2
+    assert "--strength must be a number in [0, 1] or 'off', got '1e400'" in capsys.readouterr().err
+
+
 def test_a_closed_output_pipe_ends_the_command_quietly_and_no_other_broken_pipe_does():
     """Found by a tester: `... | head` gave a BrokenPipeError traceback once head had read enough. Only a closed
     stdout ends quietly: a broken pipe elsewhere (a socket, a subprocess) is a failure and keeps its traceback."""

@@ -221,7 +221,7 @@ def _rank(args) -> int:
     if not personalize.is_unicode_text(args.prompt):
         raise ValueError(f"--prompt {personalize.NOT_UNICODE} (is the terminal's encoding UTF-8?)")
     state = load_state(_directory(args))
-    strength = state.strength if args.strength is None else personalize.parse_strength(args.strength)
+    strength = state.strength if args.strength is None else personalize.parse_strength(args.strength, "--strength")
     candidates = _read_candidates(args.candidates)
     encoder = _open_encoder(state, args.encoder)
     from lore_core.embeddings import render_context

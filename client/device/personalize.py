@@ -73,17 +73,19 @@ def effective_weights(user_weights: np.ndarray | None, strength: float | None, r
     return (1.0 - s) * uniform + s * np.asarray(user_weights, np.float64)
 
 
-def parse_strength(value) -> float | None:
-    """'off' -> None; a number in [0, 1] -> float; anything else is an error."""
+def parse_strength(value, name: str = "strength") -> float | None:
+    """'off' -> None; a number in [0, 1] -> float; anything else is an error naming `name` (the flag as typed) and
+    the value as given (1e400 is reported as typed, not as the inf it becomes)."""
+    problem = f"{name} must be a number in [0, 1] or 'off', got {value!r}"
     if isinstance(value, str):
         if value.strip().lower() == "off":
             return None
         try:
             value = float(value)
         except ValueError:
-            raise ValueError(f"strength must be a number in [0, 1] or 'off', got {value!r}") from None
+            raise ValueError(problem) from None
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
-        raise ValueError(f"strength must be a number in [0, 1] or 'off', got {value!r}")
+        raise ValueError(problem)
     return float(value) + 0.0  # -0 is 0 (it printed -0.0)
 
 
