@@ -37,8 +37,8 @@ TIMINGS_NOT_COVERED = ("timings (rounds.jsonl seconds, metrics.json train_second
 AUDITS_NOT_COVERED = ("audit results that read raw data (update-leakage, attribute, membership, fairness, "
                       "extraction; RUN/audits/ and the ledger's audits list) are released without noise")
 RECORD_HISTORY_NOT_COVERED = ("record mode: what each sampled client spent in the round (z, q, steps), sent to "
-                              "the server for this ledger; it reveals the client's number of Poisson batches per epoch, "
-                              "about n_i / record-batch-size")
+                              "the server for this ledger; it reveals the client's number of Poisson batches per "
+                              "epoch, about n_i / record-batch-size")
 
 
 class FederatedLedger(PrivacyLedger):

@@ -248,7 +248,8 @@ class PrivacyLedger:
 
         sampled: number of users sampled (data-independent under Poisson). User modes: z and q default to the
         settings'. Record mode: client_histories maps client id -> what it spent this round ((z, q, steps) segments
-        appended to its accountant history, or a RecordDpState of them). Raises PrivacyBudgetExhausted (user modes) or AccountingError, writing nothing.
+        appended to its accountant history, or a RecordDpState of them). Raises PrivacyBudgetExhausted (user modes)
+        or AccountingError, writing nothing.
         """
         s = self.settings
         if round != self.rounds_released + 1:
