@@ -437,6 +437,23 @@ def test_a_personal_file_another_tool_wrote_is_reported_naming_it(tmp_path, caps
     assert code == 0 and not list(state_dir.glob("personal-*"))
 
 
+def test_a_state_stored_by_an_earlier_adapt_still_loads(tmp_path, capsys):
+    """Found by a review: the load-time check of stored choices (5722d65) applied today's input rules, so a state
+    holding a choice with two equal responses, which `adapt` stored before it refused them, was refused by every
+    command and could only be deleted. Stored choices are checked for their shape alone."""
+    from client.device import device_cli
+
+    state_dir = _toy_state(tmp_path)
+    earlier = json.dumps({"prompt": "p", "chosen": "same", "rejected": "same"})
+    save_state(replace(load_state(state_dir), pair_diff=np.r_[np.zeros((1, 8)), np.ones((1, 8))].astype(np.float32),
+                       choices=(earlier, json.dumps({"prompt": "p", "chosen": "a", "rejected": "b"}))))
+    assert device_cli.main(["--state", str(state_dir), "status"]) == 0, capsys.readouterr().err
+    save_state(replace(load_state(state_dir), choices=(json.dumps({"prompt": "p", "chosen": 5, "rejected": "b"}),
+                                                       earlier)))
+    assert device_cli.main(["--state", str(state_dir), "status"]) == 2  # a choice of no shape is still refused
+    assert "stored choice 1: 'chosen' must be a string" in capsys.readouterr().err
+
+
 def test_basis_of_another_dimension_or_version_is_refused_unless_reinit(tmp_path, basis_file):
     state_dir = _adapted_state(tmp_path, basis_file)
     rng = np.random.default_rng(3)

@@ -160,6 +160,23 @@ def choice_identity(record: dict, *, ordered: bool = True) -> str:
 
 
 def check_choice(record, where: str) -> None:
+    """A new choice as `read_choices` takes it: its shape (check_choice_shape), two different responses, and text
+    that is Unicode."""
+    check_choice_shape(record, where)
+    if record["chosen"] == record["rejected"]:
+        raise ChoicesError(f"{where}: 'chosen' and 'rejected' are the same text; a choice is between two different "
+                           "responses")
+    texts = {key: record[key] for key in ("prompt", "chosen", "rejected") if key in record}
+    texts.update({f"history[{i}].content": message["content"] for i, message in enumerate(record.get("history", []))})
+    for key, text in texts.items():
+        if not is_unicode_text(text):
+            raise ChoicesError(f"{where}: '{key}' {NOT_UNICODE}")
+
+
+def check_choice_shape(record, where: str) -> None:
+    """What a choice must hold to be embedded: exactly one of prompt / history, chosen and rejected strings. A stored
+    choice is checked for this alone: rules added since (two different responses) must not lock out a state that an
+    earlier `adapt` wrote."""
     if not isinstance(record, dict):
         raise ChoicesError(f"{where}: expected an object, got {type(record).__name__}")
     if sum(key in record for key in CHOICE_CONTEXT_KEYS) != 1:
@@ -167,9 +184,6 @@ def check_choice(record, where: str) -> None:
     for key in ("chosen", "rejected"):
         if not isinstance(record.get(key), str):
             raise ChoicesError(f"{where}: '{key}' must be a string")
-    if record["chosen"] == record["rejected"]:
-        raise ChoicesError(f"{where}: 'chosen' and 'rejected' are the same text; a choice is between two different "
-                           "responses")
     if "prompt" in record and not isinstance(record["prompt"], str):
         raise ChoicesError(f"{where}: 'prompt' must be a string")
     history = record.get("history", [])
@@ -178,11 +192,6 @@ def check_choice(record, where: str) -> None:
         for m in history
     ) or ("history" in record and not history):
         raise ChoicesError(f"{where}: 'history' must be a non-empty list of {{'role': 'user'|'assistant', 'content'}}")
-    texts = {key: record[key] for key in ("prompt", "chosen", "rejected") if key in record}
-    texts.update({f"history[{i}].content": message["content"] for i, message in enumerate(history)})
-    for key, text in texts.items():
-        if not is_unicode_text(text):
-            raise ChoicesError(f"{where}: '{key}' {NOT_UNICODE}")
 
 
 # A JSON "\ud83d" escape (an emoji cut in half, as JavaScript string slicing leaves it) or a command-line argument

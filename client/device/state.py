@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from client.device.encoder import MODEL_FILE, TOKENIZER_FILE, is_encoder_identity
-from client.device.personalize import ChoicesError, check_choice
+from client.device.personalize import ChoicesError, check_choice_shape
 from lore_core.atomic_io import atomic_write_bytes, atomic_write_json
 from lore_core.basis_file import BasisFile, BasisFileError, load_basis
 
@@ -564,8 +564,10 @@ def _positive_definite(cov: np.ndarray) -> bool:
 
 
 def _check_stored_choice(text: str, where: str) -> None:
-    """A stored choice is what `adapt` stores: a choice as `read_choices` checks it, or {"precomputed": "FILE#ROW"}
-    for a row of an .npz of diffs. Another tool's file may hold anything: refused here, not where it is used."""
+    """A stored choice is what `adapt` stores: a choice of the shape `read_choices` takes (check_choice_shape: an
+    earlier `adapt` stored some that today's input rules refuse, such as two equal responses), or
+    {"precomputed": "FILE#ROW"} for a row of an .npz of diffs. Another tool's file may hold anything: refused here,
+    not where it is used."""
     try:
         record = json.loads(text)
     except ValueError:
@@ -573,7 +575,7 @@ def _check_stored_choice(text: str, where: str) -> None:
     if isinstance(record, dict) and isinstance(record.get("precomputed"), str):
         return
     try:
-        check_choice(record, where)
+        check_choice_shape(record, where)
     except ChoicesError as exc:
         raise StateCorruptError(str(exc)) from None
 
