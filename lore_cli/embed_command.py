@@ -110,8 +110,11 @@ def _run(args: argparse.Namespace) -> int:
     if dataset_dir.is_file():
         raise DatasetError(f"{dataset_dir} is a file; give the dataset directory that holds {PAIRS_JSONL} (from "
                            "`lore-fed prepare`)")
-    # hashed before the read: an edit in between leaves a digest the new text does not have, so readers refuse
-    digest = pairs_jsonl_digest(dataset_dir / PAIRS_JSONL) if (dataset_dir / PAIRS_JSONL).is_file() else None
+    # hashed before the read, and its size and time checked again before pairs.npz is written (an edit while the
+    # pairs embed would leave a pairs.jsonl older than pairs.npz, which readers do not hash)
+    text_file = dataset_dir / PAIRS_JSONL
+    digest = pairs_jsonl_digest(text_file) if text_file.is_file() else None
+    hashed = _stamp(text_file)
     records = read_pair_records(dataset_dir / PAIRS_JSONL)
     check_pair_file_writable(dataset_dir / PAIRS_FILENAME)
     truth_path = dataset_dir / GROUND_TRUTH
@@ -153,6 +156,9 @@ def _run(args: argparse.Namespace) -> int:
         pairs_jsonl_blake2b=digest,
         source=str(dataset_dir / PAIRS_JSONL),
     )
+    if _stamp(text_file) != hashed:
+        raise DatasetError(f"{text_file} changed while its pairs were embedded; nothing was written. Run `lore-fed "
+                           f"embed {dataset_dir}` again once it is final (the cache keeps what was embedded)")
     out = save_pairs(pairs, dataset_dir)
     extras = [name for name in ("logit_true", "reference_head", "group") if getattr(pairs, name) is not None]
     with_extras = f", with {' and '.join(extras)}" if extras else ""
@@ -162,6 +168,15 @@ def _run(args: argparse.Namespace) -> int:
         f"{stats.cached} served from cache"
     )
     return 0
+
+
+def _stamp(path: Path) -> tuple[int, int] | None:
+    """(size, modification time in ns) of a file, None when it is not there: what tells an edit."""
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    return stat.st_size, stat.st_mtime_ns
 
 
 def check_pair_file_writable(path: Path) -> None:

@@ -484,3 +484,25 @@ def test_embed_command_reward_model_adds_reference_head(tiny_llama_rm, tmp_path,
     np.testing.assert_array_equal(pairs.reference_head, embedder.reference_head())
     assert pairs.embedder == embedder.name
     assert pairs.dim == 32 and "reference_head" in capsys.readouterr().out
+
+
+def test_embed_refuses_a_pairs_jsonl_edited_while_it_embeds(tmp_path, capsys, monkeypatch):
+    """Found by a review: embed hashed pairs.jsonl first and wrote pairs.npz last, so an edit in between left a
+    pairs.jsonl older than pairs.npz that no reader hashes: the stale pairs were used without a word. embed now
+    checks pairs.jsonl's size and time again before it writes, and writes nothing when they moved."""
+    import lore_core.embeddings as embeddings
+
+    dataset = tmp_path / "data"
+    write_dataset(dataset, PAIRS)
+    real_embed = embeddings._PairEmbedder.embed
+
+    def edit_while_embedding(self, contexts, responses, **kwargs):
+        with open(dataset / "pairs.jsonl", "a") as text:
+            text.write(json.dumps({**PAIRS[0], "user": "user3"}) + "\n")
+        return real_embed(self, contexts, responses, **kwargs)
+
+    monkeypatch.setattr(embeddings._PairEmbedder, "embed", edit_while_embedding)
+    assert cli_main(["embed", str(dataset), "--cache-dir", str(tmp_path / "cache")]) == 2
+    err = capsys.readouterr().err
+    assert "pairs.jsonl changed while its pairs were embedded; nothing was written" in err, err
+    assert not (dataset / "pairs.npz").exists()
