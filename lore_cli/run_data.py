@@ -71,6 +71,9 @@ def check_same_pairs(run_dir: Path, pairs_path: Path, resuming: bool) -> dict:
         return current
     try:
         started = json.loads(record.read_text())
+        problem = fingerprint_problem(started)  # the one definition of a valid record, audit's too
+        if problem:
+            raise ValueError(problem)
         same = started["bytes"] == current["bytes"] and (
             started["blake2b"] == current["blake2b"] or same_pair_file(started, pairs_path))
     except (ValueError, KeyError, TypeError, AttributeError) as exc:

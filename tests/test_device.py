@@ -789,16 +789,24 @@ def test_forget_all_racing_a_waiting_command_removes_the_state_and_the_command_s
             pass
 
 
-def test_ctrl_c_during_adapt_says_the_state_is_unchanged_without_a_traceback(tmp_path, monkeypatch, capsys):
-    """Found by a tester: Ctrl-C in `python -m client.device adapt` printed a KeyboardInterrupt traceback (`lore-fed
-    device` printed a message); the state was intact, which the message now says."""
-    from client.device import device_cli, user_posterior
+def _toy_choices_and_state(tmp_path) -> Path:
+    """A fresh state of a 3 x 8 toy basis (tmp_path/state) and 4 precomputed choices beside it (tmp_path/c.npz)."""
+    from client.device import device_cli
 
     basis = save_basis(tmp_path / "basis.npz", np.random.default_rng(0).standard_normal((3, 8)), version=1,
                        embedder="toy")
     np.savez(tmp_path / "c.npz", diff=np.random.default_rng(1).standard_normal((4, 8)))
     state_dir = tmp_path / "state"
     assert device_cli.main(["--state", str(state_dir), "init", "--basis", str(basis)]) == 0
+    return state_dir
+
+
+def test_ctrl_c_during_adapt_says_the_state_is_unchanged_without_a_traceback(tmp_path, monkeypatch, capsys):
+    """Found by a tester: Ctrl-C in `python -m client.device adapt` printed a KeyboardInterrupt traceback (`lore-fed
+    device` printed a message); the state was intact, which the message now says."""
+    from client.device import device_cli, user_posterior
+
+    state_dir = _toy_choices_and_state(tmp_path)
     before = {p.name: p.read_bytes() for p in state_dir.iterdir()}
 
     def interrupted(*args, **kwargs):
@@ -826,11 +834,7 @@ def test_a_full_disk_is_reported_naming_the_file_and_leaves_the_state_as_it_was(
     from client.device import device_cli
     from lore_core import atomic_io
 
-    basis = save_basis(tmp_path / "basis.npz", np.random.default_rng(0).standard_normal((3, 8)), version=1,
-                       embedder="toy")
-    np.savez(tmp_path / "c.npz", diff=np.random.default_rng(1).standard_normal((4, 8)))
-    state_dir = tmp_path / "state"
-    assert device_cli.main(["--state", str(state_dir), "init", "--basis", str(basis)]) == 0
+    state_dir = _toy_choices_and_state(tmp_path)
     before = {p.name: p.read_bytes() for p in state_dir.iterdir()}
 
     def disk_full(fd):
