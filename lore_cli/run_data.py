@@ -15,6 +15,7 @@ import zipfile
 from pathlib import Path
 
 from lore_core.atomic_io import atomic_write_json
+from lore_core.text_file import is_json_integer
 
 DATA_FILENAME = "data.json"
 _CHUNK = 16 << 20
@@ -47,7 +48,7 @@ def fingerprint_problem(recorded) -> str | None:
     if not isinstance(recorded, dict):
         return f"expected an object with 'bytes' and 'blake2b', got {type(recorded).__name__}"
     size, digest = recorded.get("bytes"), recorded.get("blake2b")
-    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+    if not is_json_integer(size):
         return f"'bytes' must be the file's size in bytes, got {size!r}"
     if not isinstance(digest, str) or not digest or any(c not in "0123456789abcdef" for c in digest):
         return f"'blake2b' must be a hex digest, got {digest!r}"

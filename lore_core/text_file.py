@@ -110,3 +110,9 @@ def _is_unicode(value) -> bool:
             except UnicodeEncodeError:
                 return False
     return True
+
+
+def is_json_integer(value, low: int = 0, high: int = 2**63 - 1) -> bool:
+    """Whether a value read from JSON is an integer in [low, high]: not a float (2.5, Infinity, which Python's json
+    reads), a bool (true is an int to Python) or a string of digits."""
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high

@@ -521,7 +521,8 @@ def _fake_encoder_dir(directory: Path, checksums=None, *, model: bytes = b"not a
 
 
 @pytest.mark.parametrize("field, text", [("dim", "Infinity"), ("max_length", "Infinity"), ("embedder", "5"),
-                                         ("embedder", '["toy"]')])
+                                         ("embedder", '["toy"]'), ("dim", "8.9"), ("dim", "true"), ("dim", '"8"'),
+                                         ("max_length", "256.5")])
 def test_an_encoder_json_with_a_number_that_is_not_finite_or_an_embedder_that_is_no_name_is_refused(
         tmp_path, capsys, field, text):
     """Found by a tester: an encoder.json (hand-edited, or another tool's) with "dim": Infinity or "max_length":
@@ -540,6 +541,7 @@ def test_an_encoder_json_with_a_number_that_is_not_finite_or_an_embedder_that_is
                             "--encoder", str(encoder)]) == 2
     err = capsys.readouterr().err
     assert str(encoder / "encoder.json") in err and "Traceback" not in err, err
+    assert field in err, err  # a review: 8.9, true or "8" were read as the width 8, 256.5 as 256
 
 
 @pytest.mark.parametrize("checksums", ["x", {"model.onnx": "x", "tokenizer.json": "x"}, {"model.onnx": "0" * 64},

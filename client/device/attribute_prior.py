@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from lore_core.basis_file import BasisFile
+from lore_core.text_file import is_json_integer
 
 FORMAT = "lore-fed-attribute-priors/1"
 
@@ -41,7 +42,7 @@ def read_table(path: str | Path, basis: BasisFile) -> dict:
         fmt, sha, rank = table["format"], table["basis_sha256"], table["rank"]
     except (KeyError, TypeError) as exc:
         raise AttributePriorError(f"{path}: not an attribute prior table ({exc}); expected {FORMAT} JSON") from exc
-    if isinstance(rank, bool) or not isinstance(rank, int):  # json reads Infinity, and 2.5 is no rank
+    if not is_json_integer(rank, low=1):  # json reads Infinity, and 2.5 is no rank
         raise AttributePriorError(f"{path}: rank must be an integer (the basis' rank), got {json.dumps(rank)[:40]}")
     if not isinstance(groups, dict) or not all(isinstance(values, dict) and all(isinstance(row, dict) for row in
                                                                                   values.values())

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from lore_core.embeddings import trim_context_left
+from lore_core.text_file import is_json_integer
 
 MODEL_FILE = "model.onnx"
 TOKENIZER_FILE = "tokenizer.json"
@@ -51,9 +52,12 @@ def read_encoder_meta(directory: str | Path, *, verify: bool = False) -> dict:
         )
     try:
         meta = json.loads(meta_path.read_text())
-        dim, output, checksums = int(meta["dim"]), meta["output"], meta["sha256"]
-    except (ValueError, KeyError, TypeError, OverflowError) as exc:  # OverflowError: "dim": Infinity
+        dim, output, checksums = meta["dim"], meta["output"], meta["sha256"]
+    except (ValueError, KeyError, TypeError) as exc:
         raise EncoderError(f"{meta_path}: unreadable encoder metadata ({exc})") from exc
+    if not is_json_integer(dim, low=1):  # "dim": Infinity, 384.9, true or "384" is no width
+        raise EncoderError(f"{meta_path}: dim must be the embedding width, a positive integer; got "
+                           f"{json.dumps(dim)[:40]}; export the encoder again")
     embedder = meta.get("embedder")
     if embedder is not None and not (isinstance(embedder, str) and embedder):
         raise EncoderError(f"{meta_path}: embedder must be the name of the model, a non-empty string; got "
@@ -110,14 +114,14 @@ class OnnxPairEncoder:
         self.meta = read_encoder_meta(self.directory, verify=verify)
         self.dim = int(self.meta["dim"])
         self.name = str(self.meta["embedder"])
-        try:
-            self.max_length = int(self.meta.get("max_length", DEFAULT_MAX_LENGTH))
-            self.max_context_tokens = int(self.meta.get("max_context_tokens", self.max_length // 2))
-        except (TypeError, ValueError, OverflowError):
-            self.max_length = self.max_context_tokens = -1  # refused just below, naming the file
-        if not 8 <= self.max_length <= 1 << 16 or not 0 <= self.max_context_tokens < self.max_length:
-            raise EncoderError(f"{self.directory / ENCODER_META}: max_length {self.max_length} must be in 8..65536 "
-                               f"and max_context_tokens {self.max_context_tokens} in 0..max_length - 1; export the "
+        self.max_length = self.meta.get("max_length", DEFAULT_MAX_LENGTH)
+        self.max_context_tokens = self.meta.get("max_context_tokens",
+                                                self.max_length // 2 if is_json_integer(self.max_length) else None)
+        if not is_json_integer(self.max_length, 8, 1 << 16) or \
+                not is_json_integer(self.max_context_tokens, 0, self.max_length - 1):
+            raise EncoderError(f"{self.directory / ENCODER_META}: max_length {json.dumps(self.max_length)[:40]} must "
+                               f"be an integer in 8..65536 and max_context_tokens "
+                               f"{json.dumps(self.max_context_tokens)[:40]} one in 0..max_length - 1; export the "
                                "encoder again")
         tokenizer = Tokenizer.from_file(str(self.directory / TOKENIZER_FILE))
         pad = tokenizer.padding or {"pad_id": tokenizer.token_to_id("[PAD]") or 0, "pad_token": "[PAD]"}

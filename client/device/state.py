@@ -34,6 +34,7 @@ from client.device.encoder import MODEL_FILE, TOKENIZER_FILE, is_encoder_identit
 from client.device.personalize import ChoicesError, check_choice_shape
 from lore_core.atomic_io import atomic_write_bytes, atomic_write_json
 from lore_core.basis_file import BasisFile, BasisFileError, load_basis
+from lore_core.text_file import is_json_integer
 
 STATE_FORMAT = "lore-fed-device-state/1"
 MANIFEST = "manifest.json"
@@ -500,7 +501,7 @@ def _checked_file(directory: Path, entry: dict) -> Path:
 def _manifest_count(value, what: str) -> int:
     """A count the manifest holds (generation, pairs, a file's bytes): a JSON integer in 0..2**63 - 1, nothing else
     (a float, true, or Infinity, which Python's json reads, is another tool's or a damaged manifest)."""
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**63:
+    if not is_json_integer(value):
         raise TypeError(f"{what} must be an integer from 0 to 2**63 - 1, got {json.dumps(value)[:40]}")
     return value
 
