@@ -22,9 +22,8 @@ import numpy as np
 from lore_core.atomic_io import check_output_path
 from lore_core.pairs import PAIRS_FILENAME, PAIRS_JSONL, SPLITS, PairSet, pairs_jsonl_digest, save_pairs
 from lore_core.prism_schema import GROUND_TRUTH_FILE as GROUND_TRUTH
-from lore_core.setting_names import SettingError, as_flags
+
 TRUTH_ARRAYS = ("basis", "user_id", "user_weights", "logit_scale", "embedder")
-EMBEDDER_FLAGS = {"max_length": "--max-length"}  # load_embedder's settings named in its messages -> embed's flags
 
 
 class DatasetError(ValueError):
@@ -121,17 +120,14 @@ def _run(args: argparse.Namespace) -> int:
     truth = None
     if truth_path.exists() and not args.ignore_ground_truth:
         truth = read_ground_truth(truth_path)  # checked before the model loads; against the embedder below
-    try:
-        embedder = load_embedder(
-            args.model,
-            mode=args.mode,
-            device=args.device,
-            batch_size=args.batch_size,
-            max_length=args.max_length,
-            cache_dir=args.cache_dir,
-        )
-    except SettingError as exc:  # the model's own range of a setting, found on loading it
-        raise DatasetError(exc.spelled(as_flags(EMBEDDER_FLAGS.get))) from None
+    embedder = load_embedder(  # a SettingError (the model's own range of a setting) is spelled by lore_cli.main
+        args.model,
+        mode=args.mode,
+        device=args.device,
+        batch_size=args.batch_size,
+        max_length=args.max_length,
+        cache_dir=args.cache_dir,
+    )
     if truth is not None:
         truth = check_ground_truth(truth, truth_path, embedder.name, embedder.dim)
     if truth is not None:

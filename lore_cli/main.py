@@ -96,40 +96,37 @@ def _main(argv: list[str]) -> int:
         return 130
 
 
-# Run-config keys set by a flag of another name (simulate, demo); every other key's flag is --KEY.
-FLAG_OF_KEY = {"privacy-mode": "--privacy", "num-server-rounds": "--rounds"}
+# Settings set by a flag of another name; every other setting NAME (a run-config key or a settings field) is set by
+# --NAME with hyphens, where the command has that flag.
+FLAG_OF_NAME = {"privacy-mode": "--privacy", "num-server-rounds": "--rounds", "population_size": "--population"}
 
 
 def _message(exc: Exception, args: argparse.Namespace) -> str:
-    """The message of bad input. A run config's error (server.run_settings.RunConfigError, shared by simulate, demo,
-    deploy and the ServerApp) names run-config keys; here they are written as this command's user types them:
-    `-c key=value` where the command takes run-config overrides (deploy local), else the command's flag named after
-    the key (simulate, demo: --eval-every 0), else the run config's key (pyproject.toml, which no flag sets)."""
+    """The message of bad input. A setting's error (lore_core.setting_names.SettingError: the run config's, shared by
+    simulate, demo, deploy and the ServerApp; PrivacySettings'; synth's population; the embedder's) names settings
+    by their own names; here they are written as this command's user types them: `-c key=value` where the command
+    takes run-config overrides (deploy local), else the command's flag of that name (--eval-every 0), or "the default
+    rank 5 (set --rank)" where the user did not give it, else the error's own name (a run-config key, a field)."""
     from lore_core.setting_names import NO_VALUE, SettingError, as_flags, as_option
+    from server.run_settings import RunConfigError
 
     if not isinstance(exc, SettingError):
         return str(exc)
-    from server.run_settings import RunConfigError
-
-    if not isinstance(exc, RunConfigError):
-        return str(exc)
     given = vars(args)
-    if "run_config" in given:
+    if isinstance(exc, RunConfigError) and "run_config" in given:
         return exc.spelled(as_option("-c"))
 
-    def flag_of(key: str) -> str | None:
-        flag = FLAG_OF_KEY.get(key, f"--{key}")
+    def flag_of(name: str) -> str | None:
+        flag = FLAG_OF_NAME.get(name, f"--{name.replace('_', '-')}")
         return flag if flag[2:].replace("-", "_") in given else None
 
-    by_flag = as_flags(flag_of)
-
-    def spelled(key: str, value=NO_VALUE) -> str:
-        """A flag the user did not give is the default's value, not theirs: '--rank 5' read as if they had typed it."""
-        flag = flag_of(key)
-        if flag is not None and value is not NO_VALUE and not isinstance(value, bool) and \
-                given[flag[2:].replace("-", "_")] is None:
-            return f"the default {key} {json.dumps(value)} (set {flag})"
-        return by_flag(key, value)
+    def spelled(name: str, value=NO_VALUE) -> str:
+        flag = flag_of(name)
+        if flag is None:
+            return exc.spelling(name, value)
+        if value is not NO_VALUE and not isinstance(value, bool) and given[flag[2:].replace("-", "_")] is None:
+            return f"the default {name} {json.dumps(value)} (set {flag})"  # not '--rank 5', which they never typed
+        return as_flags(flag_of)(name, value)
 
     return exc.spelled(spelled)
 

@@ -5,13 +5,6 @@ from __future__ import annotations
 
 import argparse
 
-from lore_core.setting_names import NO_VALUE, as_field, as_flags
-
-# PrivacySettings field -> the flag that sets it; its messages name fields, this command's say the flag
-FIELD_FLAGS = {"noise_multiplier": "--noise-multiplier", "target_epsilon": "--target-epsilon",
-               "clients_per_round": "--clients-per-round", "population_size": "--population", "rounds": "--rounds",
-               "delta": "--delta"}
-
 
 def configure(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="privacy_command", metavar="SUBCOMMAND", required=True)
@@ -30,7 +23,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from lore_core.privacy.accounting import MAX_PRV_EPSILON, MAX_ROUNDS, epsilon_report, rounds_within_budget
-    from lore_core.privacy.privacy_settings import PrivacyConfigError, PrivacySettings, validate
+    from lore_core.privacy.privacy_settings import PrivacySettings, validate
 
     if args.rounds is None and (args.max_epsilon is None or args.target_epsilon is not None):
         raise ValueError("give --rounds T (only --noise-multiplier with --max-epsilon can do without it)")
@@ -39,18 +32,15 @@ def run(args: argparse.Namespace) -> int:
     if args.max_epsilon is not None and not 0 < args.max_epsilon <= MAX_PRV_EPSILON:
         raise ValueError(f"--max-epsilon must be in (0, {MAX_PRV_EPSILON:g}], got {args.max_epsilon:g}: an epsilon "
                          f"above {MAX_PRV_EPSILON:g} promises no meaningful privacy (user-level DP runs use 1 to 10)")
-    try:
-        settings = validate(PrivacySettings(
-            mode="user",
-            noise_multiplier=args.noise_multiplier,
-            target_epsilon=args.target_epsilon,
-            clients_per_round=args.clients_per_round,
-            population_size=args.population,
-            rounds=1 if args.rounds is None else args.rounds,  # only max rounds asked: the run length is solved for
-            delta=args.delta,
-        ))
-    except PrivacyConfigError as exc:
-        raise ValueError(exc.spelled(as_flag)) from None
+    settings = validate(PrivacySettings(  # a PrivacyConfigError names fields, which lore_cli.main spells as flags
+        mode="user",
+        noise_multiplier=args.noise_multiplier,
+        target_epsilon=args.target_epsilon,
+        clients_per_round=args.clients_per_round,
+        population_size=args.population,
+        rounds=1 if args.rounds is None else args.rounds,  # only max rounds asked: the run length is solved for
+        delta=args.delta,
+    ))
     z, q = settings.noise_multiplier, settings.sample_rate
     print(f"user-level DP-FedAvg: Poisson q = m/N = {settings.clients_per_round}/{settings.population_size} = "
           f"{q:.6g}, delta = {settings.delta:g}")
@@ -68,8 +58,3 @@ def run(args: argparse.Namespace) -> int:
         answer = f"more than {MAX_ROUNDS:,} (the search stops there)" if rounds == MAX_ROUNDS else f"{rounds:,}"
         print(f"max rounds with epsilon (PRV) <= {args.max_epsilon:g} at z = {z:.4g}: {answer}")
     return 0
-
-
-def as_flag(field: str, value=NO_VALUE) -> str:
-    """A PrivacySettings field as this command's flag (`--noise-multiplier 1.0`); one no flag sets stays a field."""
-    return as_flags(FIELD_FLAGS.get)(field, value) if field in FIELD_FLAGS else as_field(field, value)

@@ -8,14 +8,10 @@ from dataclasses import replace
 from pathlib import Path
 
 from lore_cli.embed_command import add_batch_size, terminated_as_exit
-from lore_core.setting_names import as_flags
-from simulations.prism_population import (DEMOGRAPHICS, BenchmarkConfig, BenchmarkConfigError,
+from simulations.prism_population import (DEMOGRAPHICS, BenchmarkConfig,
                                           conversation_distribution, generate_benchmark)
 
 DEFAULTS = BenchmarkConfig()
-# the knobs of BenchmarkConfig that a flag sets; its messages name them, and synth's say the flag
-FLAG_KNOBS = ("users", "rank", "noise", "heterogeneity", "conversations", "max_turns", "seed", "plant_attribute",
-              "plant_strength")
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -65,17 +61,7 @@ def refuse_a_dataset(out: Path) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        return _run(args)
-    except BenchmarkConfigError as exc:
-        raise ValueError(exc.spelled(as_flags(knob_flag))) from None
-
-
-def knob_flag(knob: str) -> str | None:
-    return f"--{knob.replace('_', '-')}" if knob in FLAG_KNOBS else None
-
-
-def _run(args: argparse.Namespace) -> int:
+    """A BenchmarkConfigError names BenchmarkConfig's knobs, which lore_cli.main spells as synth's flags."""
     from lore_cli.train_command import check_device
     from lore_core.atomic_io import check_output_path
     from lore_core.embeddings import load_embedder
