@@ -54,6 +54,36 @@ class Population:
         return self.counts.astype(int).tolist() + [self.dim]
 
 
+QUERY_ATTEMPTS = 3  # a node still busy with a crashed run's message (a SuperLink restart) answers a later query
+
+
+def _query(grid: Grid, node_ids: list[int], timeout: float) -> list[tuple[int, int, int, int]]:
+    """Each node's (partition id, node id, training users, D). The nodes that did not answer in `timeout` are asked
+    again, up to QUERY_ATTEMPTS times: after a SuperLink restart a node may still be running a ClientApp for the
+    crashed run's last message, and answer the query only after the first wait has ended."""
+    rows: dict[int, tuple[int, int, int, int]] = {}
+    for attempt in range(1, QUERY_ATTEMPTS + 1):
+        missing = [nid for nid in node_ids if nid not in rows]
+        if not missing:
+            break
+        if attempt > 1:
+            log.warning("%d of %d nodes did not answer the query in %g s; asking them again (attempt %d of %d)",
+                        len(missing), len(node_ids), timeout, attempt, QUERY_ATTEMPTS)
+        messages = [Message(RecordDict(), dst_node_id=nid, message_type=MessageType.QUERY) for nid in missing]
+        for reply in grid.send_and_receive(messages, timeout=timeout):
+            node = reply.metadata.src_node_id
+            if reply.has_error():
+                raise PopulationError(f"node {node} failed the query: {reply.error.reason}")
+            if node in missing:
+                metrics = reply.content[p.METRICS]
+                rows[node] = (int(metrics[p.PARTITION_ID]), node, int(metrics[p.NUM_TRAIN_USERS]),
+                              int(metrics[p.DIM]))
+    if len(rows) != len(node_ids):
+        raise PopulationError(f"{len(rows)} of {len(node_ids)} nodes answered the query ({QUERY_ATTEMPTS} attempts "
+                              f"of {timeout:g} s each)")
+    return list(rows.values())
+
+
 def discover_population(grid: Grid, min_nodes: int, timeout: float) -> Population:
     """Wait for `min_nodes` nodes, ask each how many training users it hosts (one `query` round)."""
     deadline = time.monotonic() + timeout
@@ -63,16 +93,7 @@ def discover_population(grid: Grid, min_nodes: int, timeout: float) -> Populatio
             raise PopulationError(f"only {len(node_ids)} of min-nodes={min_nodes} nodes connected in {timeout} s")
         time.sleep(0.5)
         node_ids = sorted(grid.get_node_ids())
-    messages = [Message(RecordDict(), dst_node_id=nid, message_type=MessageType.QUERY) for nid in node_ids]
-    rows = []
-    for reply in grid.send_and_receive(messages, timeout=timeout):
-        if reply.has_error():
-            raise PopulationError(f"node {reply.metadata.src_node_id} failed the query: {reply.error.reason}")
-        metrics = reply.content[p.METRICS]
-        rows.append((int(metrics[p.PARTITION_ID]), reply.metadata.src_node_id, int(metrics[p.NUM_TRAIN_USERS]),
-                     int(metrics[p.DIM])))
-    if len(rows) != len(node_ids):
-        raise PopulationError(f"{len(rows)} of {len(node_ids)} nodes answered the query")
+    rows = _query(grid, node_ids, timeout)
     rows.sort()
     dims = {r[3] for r in rows}
     if len(dims) != 1:

@@ -302,3 +302,38 @@ def test_personal_prior_defaults_to_the_dp_pilots_choice_under_dp(flags, expecte
                                                            100), "run-dir": "run"})
     assert ServerSettings.from_run_config(cfg).prior_pairs == expected
     assert ClientSettings.from_run_config(cfg).prior_pairs == expected
+
+
+class _SilentOnce:
+    """A grid whose nodes in `silent` leave the first `times` queries unanswered (a node still busy with a crashed
+    run's message after a SuperLink restart)."""
+
+    def __init__(self, grid, silent: set, times: int = 1):
+        self.grid, self.silent, self.left = grid, silent, times
+
+    def get_node_ids(self):
+        return self.grid.get_node_ids()
+
+    def send_and_receive(self, messages, timeout):
+        replies = list(self.grid.send_and_receive(messages, timeout=timeout))
+        if self.left > 0:
+            self.left -= 1
+            replies = [r for r in replies if r.metadata.src_node_id not in self.silent]
+        return replies
+
+
+def test_a_node_that_misses_the_first_query_is_asked_again(pair_file, tmp_path, caplog):
+    """Found in CI: after a SuperLink restart one node, still running a ClientApp for the crashed run's last
+    message, answered the new run's query only after the server's wait had ended, and the run failed with '2 of 3
+    nodes answered the query'. The nodes that did not answer are asked again, up to QUERY_ATTEMPTS times."""
+    from server.population import QUERY_ATTEMPTS, PopulationError, discover_population
+
+    grid, _ = make_run(pair_file, tmp_path, nodes=3)
+    node_ids = sorted(grid.get_node_ids())
+    everyone = discover_population(grid, 3, timeout=5.0)
+    late = discover_population(_SilentOnce(grid, {node_ids[1]}), 3, timeout=5.0)
+    np.testing.assert_array_equal(late.counts, everyone.counts)
+    np.testing.assert_array_equal(late.node_ids, everyone.node_ids)
+    assert "did not answer the query" in caplog.text
+    with pytest.raises(PopulationError, match=f"2 of 3 nodes answered the query \\({QUERY_ATTEMPTS} attempts"):
+        discover_population(_SilentOnce(grid, {node_ids[1]}, times=QUERY_ATTEMPTS), 3, timeout=5.0)
