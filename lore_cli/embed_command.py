@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from lore_core.atomic_io import check_output_path
-from lore_core.pairs import PAIRS_FILENAME, PAIRS_JSONL, SPLITS, PairSet, pairs_jsonl_digest, save_pairs
+from lore_core.pairs import PAIRS_FILENAME, PAIRS_JSONL, SPLITS, PairSet, file_digest, save_pairs
 from lore_core.prism_schema import GROUND_TRUTH_FILE as GROUND_TRUTH
 
 TRUTH_ARRAYS = ("basis", "user_id", "user_weights", "logit_scale", "embedder")
@@ -112,9 +112,9 @@ def _run(args: argparse.Namespace) -> int:
     # hashed before the read, and its size and time checked again before pairs.npz is written (an edit while the
     # pairs embed would leave a pairs.jsonl older than pairs.npz, which readers do not hash)
     text_file = dataset_dir / PAIRS_JSONL
-    digest = pairs_jsonl_digest(text_file) if text_file.is_file() else None
+    digest = file_digest(text_file) if text_file.is_file() else None
     hashed = _stamp(text_file)
-    records = read_pair_records(dataset_dir / PAIRS_JSONL)
+    records = read_pair_records(text_file)
     check_pair_file_writable(dataset_dir / PAIRS_FILENAME)
     truth_path = dataset_dir / GROUND_TRUTH
     truth = None

@@ -15,10 +15,10 @@ import zipfile
 from pathlib import Path
 
 from lore_core.atomic_io import atomic_write_json
+from lore_core.pairs import file_digest
 from lore_core.text_file import is_json_integer
 
 DATA_FILENAME = "data.json"
-_CHUNK = 16 << 20
 
 
 def pair_file_fingerprint(pairs_path: str | Path, method: str = "zip-crc32") -> dict:
@@ -27,19 +27,16 @@ def pair_file_fingerprint(pairs_path: str | Path, method: str = "zip-crc32") -> 
     CRC, so the digest covers the file size and those entries and costs no pass over a 4 GiB file; it catches a file
     replaced by mistake, not a forgery built to match the CRCs. "file" (or a file that is not a zip): the whole
     content, as records without a method were made."""
-    digest, size = hashlib.blake2b(digest_size=16), Path(pairs_path).stat().st_size
+    size = Path(pairs_path).stat().st_size
     try:
         if method != "zip-crc32":
             raise zipfile.BadZipFile(method)
         with zipfile.ZipFile(pairs_path) as archive:
             entries = sorted((info.filename, info.file_size, info.CRC) for info in archive.infolist())
-        digest.update(json.dumps([size, entries]).encode())
+        digest = hashlib.blake2b(json.dumps([size, entries]).encode(), digest_size=16).hexdigest()
     except zipfile.BadZipFile:
-        method = "file"
-        with open(pairs_path, "rb") as handle:
-            while chunk := handle.read(_CHUNK):
-                digest.update(chunk)
-    return {"bytes": size, "blake2b": digest.hexdigest(), "method": method}
+        method, digest = "file", file_digest(pairs_path)
+    return {"bytes": size, "blake2b": digest, "method": method}
 
 
 def fingerprint_problem(recorded) -> str | None:

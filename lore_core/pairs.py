@@ -129,8 +129,9 @@ def resolve_pair_path(path: str | Path) -> Path:
     return path
 
 
-def pairs_jsonl_digest(path: str | Path) -> str:
-    """BLAKE2b (16 bytes, hex) of a pairs.jsonl's bytes, as `lore-fed embed` records it in the pair file."""
+def file_digest(path: str | Path) -> str:
+    """BLAKE2b (16 bytes, hex) of a whole file's bytes, read in 16 MiB chunks: the digest `lore-fed embed` records of
+    the pairs.jsonl it embedded, and a run's record of its pair file (lore_cli.run_data, method "file")."""
     digest = hashlib.blake2b(digest_size=16)
     with open(path, "rb") as handle:
         while chunk := handle.read(1 << 24):
@@ -165,7 +166,7 @@ def _check_embedded_digest(dataset_dir: Path, stamps: tuple) -> None:
                       UserWarning, stacklevel=4)
         return
     check_digest_kind(pair_file, recorded.dtype, recorded.shape)
-    if str(recorded) != pairs_jsonl_digest(text):
+    if str(recorded) != file_digest(text):
         raise PairFileError(f"{text} changed after {pair_file} was embedded from it, so {pair_file} holds other "
                             f"pairs; run `lore-fed embed {dataset_dir}` again (or give {pair_file} itself to use it "
                             "as it is)")

@@ -23,7 +23,7 @@ from lore_core.embeddings import (  # noqa: E402
     resolve_model_dir,
     trim_context_left,
 )
-from lore_core.pairs import load_pairs, pairs_jsonl_digest  # noqa: E402
+from lore_core.pairs import load_pairs, file_digest  # noqa: E402
 from lore_cli.main import main as cli_main  # noqa: E402
 
 HISTORY = [
@@ -334,7 +334,7 @@ def test_embed_command_end_to_end(minilm, tmp_path, capsys):
     assert pairs.split.tolist() == ["train", "test", "train"] and pairs.reference_head is None
     assert pairs.group.tolist() == ["c0", "c0", "c1"]  # the conversation: held-out sets never split it
     assert pairs.embedder == minilm.name  # stored: train and simulate copy it into basis.npz for devices
-    assert pairs.pairs_jsonl_blake2b == pairs_jsonl_digest(dataset / "pairs.jsonl")  # a later edit is detected
+    assert pairs.pairs_jsonl_blake2b == file_digest(dataset / "pairs.jsonl")  # a later edit is detected
     weights = np.array([[1.0, 0.0], [1.0, 0.0], [0.2, 0.8]])
     np.testing.assert_allclose(pairs.logit_true, 3.0 * ((expected @ basis.T) * weights).sum(1), rtol=1e-5, atol=1e-4)
 

@@ -25,7 +25,7 @@ import pytest
 from client.device.device_cli import main as device_main
 from lore_cli.main import main
 from lore_core.basis_file import save_basis
-from lore_core.pairs import pairs_jsonl_digest, save_pairs
+from lore_core.pairs import file_digest, save_pairs
 from simulations.synthetic_pairs import SyntheticPairsConfig, make_synthetic_pairs
 
 FIXTURE = Path(__file__).parent / "fixtures" / "prism"
@@ -576,7 +576,7 @@ def test_evaluate_refuses_a_dataset_file_name_that_is_not_there_yet(w):
 def _embedded_dataset(w: Path) -> Path:
     """w/dataset as `lore-fed embed` leaves it: a pairs.npz, older than nothing, recording its pairs.jsonl's digest."""
     dataset = w / "dataset"
-    save_pairs(replace(_pairs(), pairs_jsonl_blake2b=pairs_jsonl_digest(dataset / "pairs.jsonl")), dataset)
+    save_pairs(replace(_pairs(), pairs_jsonl_blake2b=file_digest(dataset / "pairs.jsonl")), dataset)
     os.utime(dataset / "pairs.npz", ns=(10**18, 10**18))  # embedded well before any later edit
     return dataset
 

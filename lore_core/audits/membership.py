@@ -33,6 +33,7 @@ from lore_core.audits.not_applicable import is_rank_one, rank_one_result
 from lore_core.reward_math import bt_loss
 from lore_core.simplex_fit import DEFAULT_PRIOR_STRENGTH, fit_user_weights, prior_from_pairs
 
+
 class Prior(NamedTuple):
     """A personal prior worth `pairs` of each fit's own pairs (lam_u = pairs / n_u, as devices fit w), where a bare
     float is one strength for every user."""
