@@ -20,6 +20,7 @@ from federation.local_training import (device_fit_weights, evaluate_node, person
                                        train_sampled_users)
 from federation.canary_users import CanaryBlock, load_canary_block
 from federation.user_block import NodeUsers, load_device_users, load_partition_users
+from client.node_limits import NodeLimits
 from client.user_state import (load_record_histories, load_record_logits, load_weights, save_record_state,
                                save_weights)
 from lore_core.pairs import PAIRS_FILENAME
@@ -142,14 +143,17 @@ def _record_train(context: Context, config, settings: p.ClientSettings, basis: n
     ledger = None if ledger_rows is None else _ledger_states(ledger_rows, sampled.size)
     states = [starting_history(mine, None if ledger is None else ledger[i]) for i, mine in enumerate(own)]
     logits = load_record_logits(context, node.n_train_users, basis.shape[0])
+    limits = NodeLimits.from_node_config(context.node_config)
     max_epsilon = config.get(p.MAX_EPSILON)
-    seed = config.get(p.NOISE_SEED)
+    max_epsilon, delta = limits.record_budget(None if max_epsilon is None else float(max_epsilon),
+                                              float(config[p.DELTA]))
+    seed = limits.noise_seed(config.get(p.NOISE_SEED))
     logits, updates, after = record_dp_updates(
         basis, node.training_block(sampled), logits, sampled, states, lr=settings.client_lr,
         noise_multiplier=float(config[p.NOISE_MULTIPLIER]), max_grad_norm=float(config[p.MAX_GRAD_NORM]),
         batch_size=int(config[p.RECORD_BATCH_SIZE]), epochs=int(config[p.RECORD_EPOCHS]),
-        delta=float(config[p.DELTA]), max_epsilon=None if max_epsilon is None else float(max_epsilon),
-        noise_seed=None if seed is None else int(seed) + 104729 * int(config[p.ROUND]), device=settings.device)
+        delta=delta, max_epsilon=max_epsilon,
+        noise_seed=None if seed is None else seed + 104729 * int(config[p.ROUND]), device=settings.device)
     rows = [(u, z, q, k) for u, state in zip(sampled, after) for z, q, k in state.history]
     kept = stored[~np.isin(owner, sampled)]
     save_record_state(context, np.concatenate([kept, np.array(rows, dtype=np.float64).reshape(-1, 4)]), logits)

@@ -24,6 +24,7 @@ from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
 
 from client import client_app as message_app
+from client.node_limits import NodeLimits
 from federation import protocol as p
 from lore_core.privacy.distributed_dp import DdgEncoding, encode_shares, node_upload, share_std
 
@@ -56,9 +57,10 @@ class SecAggTrainer(NumPyClient):
                                int(round(2 * float(config[p.CLIPPING_RANGE]) / float(config[p.GRANULARITY]))))
         std = share_std(float(config[p.NOISE_MULTIPLIER]), clip_norm, int(config[p.SAMPLED_USERS]),
                         float(config[p.DROPOUT_TOLERANCE]))
-        seed = config.get(p.NOISE_SEED)  # debug runs only (the ledger says NOT PRIVATE); else a secret seed
+        # debug runs only (the ledger says NOT PRIVATE; a deployed node refuses it unless it allows it), else secret
+        seed = NodeLimits.from_node_config(context.node_config).noise_seed(config.get(p.NOISE_SEED))
         rng = None if seed is None else np.random.default_rng(
-            [int(seed), int(config[p.ROUND]), int(context.node_config.get("partition-id", 0))])
+            [seed, int(config[p.ROUND]), int(context.node_config.get("partition-id", 0))])
         return [node_upload(encode_shares(updates, encoding, std, rng), encoding)], 1, {}
 
 

@@ -94,7 +94,9 @@ TRUSTED = {
     "user": "trusted: the server, which sees each sampled user's update; the guarantee holds against everyone else",
     "user+secagg": "holds against the server too, if it is honest but curious (it sees only noised sums)",
     "record": ("trusted: nobody; holds per pair against everyone, the server included, as long as the server sends "
-               "its clients the run's noise multiplier, clip and max-epsilon (they take them from its messages)"),
+               "its clients the run's noise multiplier, clip and max-epsilon (they take them from its messages); a "
+               "device whose node config sets its own record-max-epsilon and record-delta is held to the tighter "
+               "budget whatever the server sends, and a deployed device refuses a server's noise seed"),
 }
 
 
