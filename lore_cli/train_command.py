@@ -238,12 +238,15 @@ def _train_streamed(args: argparse.Namespace, options: dict):
 
 def personal_prior(value: float | None, default: float | None = None) -> float:
     """A prior in pairs (--prior-pairs), checked; None gives `default` (the project default when that is None)."""
-    from lore_core.simplex_fit import DEFAULT_PRIOR_PAIRS
+    from lore_core.simplex_fit import DEFAULT_PRIOR_PAIRS, MAX_PRIOR_PAIRS
 
     if value is None:
         return DEFAULT_PRIOR_PAIRS if default is None else default
     if not (np.isfinite(value) and value > 0):
         raise ValueError(f"--prior-pairs must be a finite number > 0, got {value}")
+    if value > MAX_PRIOR_PAIRS:
+        raise ValueError(f"--prior-pairs {value:g} is above {MAX_PRIOR_PAIRS:g} (w would not move from the "
+                         "population's; the default is 3)")
     return float(value)
 
 

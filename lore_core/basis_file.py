@@ -156,8 +156,11 @@ def warn_if_other_embedder(basis_file: BasisFile, pairs: PairSet) -> None:
 
 
 def _check_prior(prior_pairs: float, where: str) -> None:
-    if not (np.isfinite(prior_pairs) and prior_pairs > 0):
-        raise BasisFileError(f"{where}: prior_pairs must be a finite number > 0, got {prior_pairs}")
+    from lore_core.simplex_fit import MAX_PRIOR_PAIRS
+
+    if not (np.isfinite(prior_pairs) and 0 < prior_pairs <= MAX_PRIOR_PAIRS):
+        raise BasisFileError(f"{where}: prior_pairs must be a finite number > 0 and at most {MAX_PRIOR_PAIRS:g}, "
+                             f"got {prior_pairs}")
 
 
 def _check_basis(basis: np.ndarray, where: str) -> None:

@@ -25,6 +25,9 @@ DEFAULT_PRIOR_STRENGTH = 0.02  # joint training: one weak pull for every user, s
 # own pairs (lam_u = c / n_u). Chosen on a public pilot population (`python -m simulations.choose_prior_pairs`),
 # never on a run it is reported for.
 DEFAULT_PRIOR_PAIRS = 3.0
+# Past a million pairs the prior has pinned w to its mean (to about 1e-6) and the device's posterior samples
+# collapse onto one (at 1e300 one effective sample of 512): a larger prior is an error, not a setting.
+MAX_PRIOR_PAIRS = 1e6
 # A basis released under user-level DP is noisy, so each user's w leans more on the population: a DP run takes
 # this personal prior unless `prior-pairs` is given. Chosen on five DP pilots (iso-5-15-1400 seeds 101-103,
 # prism-synth seed 101, 1,400 users x 30-50 pairs seed 101; `python -m simulations.choose_dp_defaults
@@ -132,8 +135,8 @@ def fit_user_weights(
 def prior_from_pairs(user_idx: np.ndarray, n_users: int, prior_pairs: float) -> np.ndarray:
     """Per-user strengths lam_u = prior_pairs / n_u (U,): the prior weighs as much as `prior_pairs` of the user's
     own pairs (users without pairs get lam = prior_pairs; they keep the uniform prior anyway)."""
-    if not (np.isfinite(prior_pairs) and prior_pairs > 0):
-        raise ValueError(f"prior_pairs must be finite and > 0, got {prior_pairs}")
+    if not (np.isfinite(prior_pairs) and 0 < prior_pairs <= MAX_PRIOR_PAIRS):
+        raise ValueError(f"prior_pairs must be finite, > 0 and at most {MAX_PRIOR_PAIRS:g}, got {prior_pairs}")
     counts = np.bincount(np.asarray(user_idx, dtype=np.int64), minlength=n_users)
     return prior_pairs / np.maximum(counts, 1).astype(np.float64)
 

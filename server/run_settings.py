@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass
 
 from lore_core.marginal_fit import OBJECTIVES
 from lore_core.reward_math import MAX_L2
+from lore_core.simplex_fit import MAX_PRIOR_PAIRS
 from federation.protocol import config_number, local_steps, personal_prior_pairs
 from lore_core.privacy.privacy_settings import MODES as PRIVACY_MODES
 from lore_core.privacy.privacy_settings import PrivacyConfigError, PrivacySettings, validate
@@ -145,8 +146,11 @@ class ServerSettings:
             if not (value > 0 and value != float("inf")):
                 raise RunConfigError(f"{setting(key)} must be a finite number > 0, got {value}")
         for key, value, ceiling in (("server-lr", self.server_lr, MAX_RATE), ("client-lr", self.client_lr, MAX_RATE),
-                                    ("local-steps", self.local_steps, MAX_LOCAL_STEPS)):
-            if value > ceiling:  # a larger rate overflows the basis (every step skipped); more steps never end
+                                    ("local-steps", self.local_steps, MAX_LOCAL_STEPS),
+                                    ("prior-pairs", self.prior_pairs, MAX_PRIOR_PAIRS),
+                                    ("train-prior-pairs", self.train_prior_pairs, MAX_PRIOR_PAIRS)):
+            if value > ceiling:  # a larger rate overflows the basis (every step skipped); more steps never end; a
+                # larger prior pins w to the population's
                 raise RunConfigError(f"{setting(key, value)} is above {ceiling:g}; the defaults are of order 1")
         if self.client_lr < MIN_CLIENT_LR:  # the server divides the mean update by it: the noise overflows
             raise RunConfigError(f"{setting('client-lr', self.client_lr)} is below {MIN_CLIENT_LR:g}; the default "

@@ -90,6 +90,8 @@ def test_bad_inputs_give_clear_errors(pair_file, tmp_path, capsys):
     assert "dimension" in capsys.readouterr().err
     assert main(["evaluate", str(pair_file), "--basis", str(other), "--prior-pairs", "0"]) == 2
     assert "--prior-pairs must be" in capsys.readouterr().err
+    assert main(["evaluate", str(pair_file), "--basis", str(other), "--prior-pairs", "1e300"]) == 2
+    assert "--prior-pairs 1e+300 is above 1e+06" in capsys.readouterr().err
 
 
 def test_train_reports_the_true_basis_ceiling_on_a_benchmark(tmp_path):

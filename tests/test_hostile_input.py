@@ -252,6 +252,7 @@ def test_basis_contents_are_checked(w):
                            (dict(basis=huge, sha256=np.array(basis_checksum(huge))), "beyond"),
                            (dict(dim=np.array(8.7)), "scalar ints"),
                            (dict(prior_pairs=np.array("3")), "prior_pairs"),
+                           (dict(prior_pairs=np.array(1e300)), "prior_pairs must be a finite number > 0 and at most"),
                            (dict(embedder=np.array(7)), "embedder"),
                            (dict(extra=np.zeros(2)), "unknown arrays")):
         np.savez(w / "basis.npz", **{**good, **change})
@@ -404,6 +405,8 @@ EXTREME = {
     "simulate client lr 1e-160": (SIM + ["--client-lr", "1e-160"], "--client-lr 1e-160 is below 1e-06"),
     "simulate local steps 10**9": (SIM + ["--local-steps", "1000000000"], "--local-steps 1000000000 is above 10000"),
     "simulate prior pairs nan": (SIM + ["--prior-pairs", "nan"], "--prior-pairs must be"),
+    "simulate prior pairs 1e300": (SIM + ["--prior-pairs", "1e300"], "--prior-pairs 1e+300 is above 1e+06"),
+    "simulate train prior pairs 1e7": (SIM + ["--train-prior-pairs", "1e7"], "--train-prior-pairs 10000000.0 is above"),
     # settings named as the user typed them: these read "run config `prior-pairs`", "set eval-every = 0 ... or opt
     # in with allow-uncovered-eval = true", "clip_norm ... set clip_norm to", "run config `objective` ... use
     # objective = "joint"" (the run config's or PrivacySettings' names)

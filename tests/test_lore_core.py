@@ -145,6 +145,12 @@ def test_personal_prior_lets_users_with_more_pairs_move_further_from_the_populat
     np.testing.assert_allclose(fixed, first_fixed, atol=1e-6)
 
 
+def test_a_prior_of_more_than_a_million_pairs_is_refused():
+    assert prior_from_pairs(np.zeros(2, int), 1, 1e6)[0] == 5e5
+    with pytest.raises(ValueError, match="at most 1e"):
+        prior_from_pairs(np.zeros(3, int), 1, 1e300)
+
+
 @pytest.mark.parametrize("bad", [0.0, -1.0, float("nan"), float("inf")])
 def test_invalid_prior_is_refused(bad):
     with pytest.raises(ValueError, match="prior_pairs"):
