@@ -141,16 +141,16 @@ def file_digest(path: str | Path) -> str:
 
 def refuse_stale_pair_file(dataset_dir: Path) -> None:
     """A dataset's pairs.npz embedded from another pairs.jsonl than the one beside it (edited after `lore-fed embed`)
-    is refused: training on it would read the old pairs without a word. pairs.jsonl is hashed only when it is not
-    older than pairs.npz; a copy with new times but the same content passes."""
+    is refused: training on it would read the old pairs without a word. pairs.jsonl is hashed whatever its time (an
+    edit put back with an older time, by a restore or `cp -p`, is caught too; about a second per GB, once per
+    command); a copy with new times but the same content passes."""
     pair_file, text = dataset_dir / PAIRS_FILENAME, dataset_dir / PAIRS_JSONL
     try:
         text_stat, pair_stat = text.stat(), pair_file.stat()
     except OSError:
         return  # no pairs.jsonl: embeddings the user brought
-    if text_stat.st_mtime_ns >= pair_stat.st_mtime_ns:
-        _check_embedded_digest(dataset_dir, (text_stat.st_mtime_ns, text_stat.st_size, pair_stat.st_mtime_ns,
-                                             pair_stat.st_size))
+    _check_embedded_digest(dataset_dir, (text_stat.st_mtime_ns, text_stat.st_size, pair_stat.st_mtime_ns,
+                                         pair_stat.st_size))
 
 
 @functools.lru_cache(maxsize=8)
@@ -161,6 +161,8 @@ def _check_embedded_digest(dataset_dir: Path, stamps: tuple) -> None:
     with open_npz(pair_file, EXPECTED, PairFileError) as data:
         recorded = data["pairs_jsonl_blake2b"] if "pairs_jsonl_blake2b" in data.files else None
     if recorded is None:
+        if stamps[0] < stamps[2]:  # pairs.jsonl older than pairs.npz: nothing says it changed
+            return
         warnings.warn(f"{text} is newer than {pair_file}, which records no digest of the pairs it embedded (an "
                       f"older `lore-fed embed`); if {text} changed, run `lore-fed embed {dataset_dir}` again",
                       UserWarning, stacklevel=4)

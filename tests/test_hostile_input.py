@@ -596,6 +596,17 @@ def test_a_pair_file_embedded_from_an_edited_pairs_jsonl_is_refused(w, command):
     assert "dataset/pairs.npz" in err, err
 
 
+def test_an_edited_pairs_jsonl_put_back_with_an_older_time_is_refused_too(w):
+    """A restore or `cp -p` of an edited pairs.jsonl keeps a time older than pairs.npz; it was hashed only when
+    newer, so train used the old pairs without a word."""
+    dataset = _embedded_dataset(w)
+    with open(dataset / "pairs.jsonl", "a") as text:
+        text.write((dataset / "pairs.jsonl").read_text().replace('"u1"', '"u2"'))
+    os.utime(dataset / "pairs.jsonl", ns=(10**17, 10**17))  # older than pairs.npz
+    refused(["train", "dataset", "--rank", "1", "--out", "out"], "dataset/pairs.jsonl", w,
+            expect="run `lore-fed embed dataset` again")
+
+
 def test_a_pairs_jsonl_with_new_times_but_the_same_content_keeps_its_pair_file(w):
     """A dataset copied (or prepared again with the same pairs) gets newer times, not other pairs."""
     dataset = _embedded_dataset(w)
