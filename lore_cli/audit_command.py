@@ -304,36 +304,59 @@ def client_updates(pairs, basis: np.ndarray, user_ids: np.ndarray, client=None, 
 
 
 def record_client_updates(pairs, basis: np.ndarray, user_ids: np.ndarray, settings: dict, *, lr: float,
-                          block: int = 64):
-    """Record mode: each user's upload of its first round (U, B, D) exactly as the client computes it
-    (federation.local_training.record_dp_updates: Opacus DP-SGD over w and A, each pair clipped to max_grad_norm, the
-    noise of the run's z). Fresh secret noise: what one round's server sees."""
+                          rounds: int = 1, block: int = 64):
+    """Record mode: each user's uploads of its first `rounds` rounds summed (U, B, D), each exactly as the client
+    computes it (federation.local_training.record_dp_updates: Opacus DP-SGD over w and A, each pair clipped to
+    max_grad_norm, the noise of the run's z), its private w and accountant carried from round to round as the
+    client carries them. Fresh secret noise each round: what the server holds of each user over those rounds."""
     from federation.local_training import record_dp_updates
     from federation.user_block import make_block
     from lore_core.privacy.record_dp import RecordDpState
 
     updates = []
     for chunk in np.array_split(np.sort(user_ids), max(1, int(np.ceil(len(user_ids) / block)))):
-        local = np.arange(chunk.size)
-        _, upload, _ = record_dp_updates(
-            basis, make_block(pairs, chunk), np.zeros((chunk.size, basis.shape[0])), local,
-            [RecordDpState() for _ in local], lr=lr, noise_multiplier=float(settings["noise_multiplier"]),
-            max_grad_norm=float(settings["max_grad_norm"]), batch_size=int(settings["record_batch_size"]),
-            epochs=int(settings["record_epochs"]), delta=float(settings["delta"]))
-        updates.append(upload)
+        local, users = np.arange(chunk.size), make_block(pairs, chunk)
+        logits, states = np.zeros((chunk.size, basis.shape[0])), [RecordDpState() for _ in local]
+        summed = np.zeros((chunk.size,) + basis.shape)
+        for _ in range(rounds):
+            logits, upload, states = record_dp_updates(
+                basis, users, logits, local, states, lr=lr, noise_multiplier=float(settings["noise_multiplier"]),
+                max_grad_norm=float(settings["max_grad_norm"]), batch_size=int(settings["record_batch_size"]),
+                epochs=int(settings["record_epochs"]), delta=float(settings["delta"]))
+            summed += upload
+        updates.append(summed)
     return np.concatenate(updates)
 
 
-def observed_updates(pairs, basis: np.ndarray, user_ids: np.ndarray, settings: dict, run_dir: Path | None):
+def record_rounds(run_dir: Path | None, settings: dict) -> tuple[int, int | None]:
+    """(rounds per user the record audits sum, the median number of rounds the run's users took part in according
+    to its ledger, None without one): a user's rounds are its accountant history's sum of q x steps over the
+    epochs (a round is epochs / q steps), the median over the users the ledger holds; at most MAX_RECORD_ROUNDS."""
+    from lore_core.audits.update_leakage import MAX_RECORD_ROUNDS
+    from lore_core.privacy.ledger import read_ledger
+
+    ledger = run_dir / "ledger.json" if run_dir else None
+    if ledger is None or not ledger.exists():
+        return 1, None
+    clients = read_ledger(ledger)["events"]["clients"].values()
+    taken = [sum(q * k for _, q, k in client["history"]) / int(settings["record_epochs"]) for client in clients]
+    median = max(1, int(round(float(np.median(taken))))) if taken else 1
+    return min(median, MAX_RECORD_ROUNDS), median
+
+
+def observed_updates(pairs, basis: np.ndarray, user_ids: np.ndarray, settings: dict, run_dir: Path | None,
+                     record_round_count: int = 1):
     """(device w (U, B), uploads (U, B, D), the flat clip the server's view applies or None) of the run's mode, at
-    its clients' settings: in record mode the DP-SGD upload, already clipped per pair and noised; otherwise the
-    update before the mode's user-level clip and noise (added by the view, update_leakage.server_view)."""
+    its clients' settings: in record mode the DP-SGD uploads of `record_round_count` rounds summed, already clipped
+    per pair and noised; otherwise the update before the mode's user-level clip and noise (added by the view,
+    update_leakage.server_view)."""
     client = run_client_settings(run_dir)
     if settings["mode"] == "record":
-        # the target: the user's preference as a non-private fit at the run's prior; record mode's own w, one
-        # round of DP-SGD from uniform, is mostly noise, and no recovery could beat the uniform guess against it
+        # the target: the user's preference as a non-private fit at the run's prior; record mode's own w, a few
+        # rounds of DP-SGD from uniform, is mostly noise, and no recovery could beat the uniform guess against it
         weights = client_updates(pairs, basis, user_ids, client)[0]
-        return weights, record_client_updates(pairs, basis, user_ids, settings, lr=client.client_lr), None
+        return weights, record_client_updates(pairs, basis, user_ids, settings, lr=client.client_lr,
+                                              rounds=record_round_count), None
     clip = settings["clip_norm"] if settings["mode"] != "none" else None
     return (*client_updates(pairs, basis, user_ids, client), clip)
 
@@ -376,22 +399,25 @@ def _users_file(args: argparse.Namespace, dataset: Path | None) -> Path | None:
 
 # --- audits -----------------------------------------------------------------------------------------------------------
 def _update_leakage(args, run_dir, settings) -> dict:
-    from lore_core.audits.update_leakage import update_leakage_audit
+    from lore_core.audits.update_leakage import record_scope, update_leakage_audit
 
     pairs, basis, _ = load_pairs_and_basis(args, run_dir)
     ids = sample_users(np.unique(pairs.user[pairs.seen]), args.max_users, args.seed)
-    weights, updates, clip = observed_updates(pairs, basis, ids, settings, run_dir)
+    rounds, ledger_rounds = record_rounds(run_dir, settings) if settings["mode"] == "record" else (1, None)
+    weights, updates, clip = observed_updates(pairs, basis, ids, settings, run_dir, rounds)
     member = pairs.subset(np.isin(pairs.user, ids) & pairs.seen & (pairs.split == "train"))
     held = pairs.subset(np.isin(pairs.user, ids) & pairs.seen & (pairs.split == "test"))
     mode = settings["mode"]
     return update_leakage_audit(updates, weights, member.diff, np.searchsorted(ids, member.user), held.diff,
                                 np.searchsorted(ids, held.user), mode=mode,
-                                clients_per_round=int(settings["clients_per_round"]), clip_norm=clip, seed=args.seed)
+                                clients_per_round=int(settings["clients_per_round"]), clip_norm=clip,
+                                record_scope_text=record_scope(rounds, ledger_rounds) if mode == "record" else None,
+                                seed=args.seed)
 
 
 def _attribute(args, run_dir, settings) -> dict:
     from lore_core.audits.attribute import attribute_audit
-    from lore_core.audits.update_leakage import MODE_VIEW, recover_from_updates, server_view
+    from lore_core.audits.update_leakage import MODE_VIEW, record_scope, recover_from_updates, server_view
 
     pairs, basis, dataset = load_pairs_and_basis(args, run_dir)
     ids = sample_users(np.unique(pairs.user[pairs.seen]), args.max_users, args.seed)
@@ -402,14 +428,18 @@ def _attribute(args, run_dir, settings) -> dict:
     if all((labels == "missing").all() for labels in attributes.values()):
         raise AuditCommandError(f"{users_file} describes none of the run's {len(ids)} sampled users (ids such as "
                                 f"{ids[:3].tolist()}): give the users.jsonl of this run's dataset")
-    weights, updates, _ = observed_updates(pairs, basis, ids, settings, run_dir)
+    rounds, ledger_rounds = record_rounds(run_dir, settings) if settings["mode"] == "record" else (1, None)
+    weights, updates, _ = observed_updates(pairs, basis, ids, settings, run_dir, rounds)
     view = MODE_VIEW.get(settings["mode"], "single")
     observed, group = server_view(updates, view, clients_per_round=int(settings["clients_per_round"]),
                                   rounds_per_user=1, clip_norm=None, local_noise=0.0,
                                   rng=np.random.default_rng(args.seed))
     recovered = recover_from_updates(observed)[0][group]
     views = {"w_device": weights, "w_from_updates": recovered, "A_only": np.tile(weights.mean(axis=0), (len(ids), 1))}
-    return attribute_audit(views, attributes, permutations=args.permutations, seed=args.seed)
+    result = attribute_audit(views, attributes, permutations=args.permutations, seed=args.seed)
+    if settings["mode"] == "record":  # w_from_updates: from the uploads of `rounds` rounds summed
+        result["scope"] = record_scope(rounds, ledger_rounds)
+    return result
 
 
 def _membership(args, run_dir, settings) -> dict:

@@ -281,16 +281,21 @@ def test_a_pair_file_record_without_a_method_is_read_as_a_whole_file_digest(tmp_
 @pytest.fixture(scope="module")
 def rank_one_run(tmp_path_factory, pair_file) -> tuple[Path, Path]:
     """A `lore-fed train --rank 1` run of the module's pairs and a users.jsonl with one two-group attribute."""
-    from lore_core.pairs import load_pairs
-
     folder = tmp_path_factory.mktemp("rank1")
     assert main(["train", str(pair_file), "--rank", "1", "--l2", "1e-4", "--prior-pairs", "3",
                  "--out", str(folder / "run")]) == 0
+    return folder / "run", _users_jsonl(pair_file, folder)
+
+
+def _users_jsonl(pair_file: Path, folder: Path) -> Path:
+    """folder/users.jsonl: every user of the pair file with one two-group attribute."""
+    from lore_core.pairs import load_pairs
+
     users = folder / "users.jsonl"
     ids = np.unique(load_pairs(pair_file).user)
     users.write_text("".join(json.dumps({"user": str(u), "demographics": {"gender": "a" if i % 2 else "b"}}) + "\n"
                              for i, u in enumerate(ids)))
-    return folder / "run", users
+    return users
 
 
 def _audit(run: Path, out: Path, capsys, *argv: str) -> tuple[dict, str]:
@@ -443,13 +448,40 @@ def test_update_leakage_of_a_record_run_attacks_the_noised_upload_and_fails_when
     inputs = ("--pairs", str(pair_file), "--basis", str(trained / "basis.npz"))  # settings: the record run's ledger
     honest, _ = _audit(record_run, tmp_path / "honest", capsys, "update-leakage", *inputs)
     assert honest["mode"] == "record" and honest["view"] == "single" and honest["clip_norm"] is None
-    assert honest["verdict"] != "leak" and "one round's DP-SGD upload" in honest["summary"], honest["summary"]
-    assert "not measured" in honest["scope"]
+    assert honest["verdict"] != "leak" and "uploads summed over 1 round " in honest["summary"], honest["summary"]
+    assert "took part in 1 rounds (median in its ledger)" in honest["scope"]
     real_noise = dp_optimizer._generate_noise
     monkeypatch.setattr(dp_optimizer, "_generate_noise",
                         lambda std, reference, **kw: real_noise(std / 100, reference, **kw))
     broken, _ = _audit(record_run, tmp_path / "broken", capsys, "update-leakage", *inputs)
     assert broken["verdict"] == "leak" and broken["leaks_w"], broken["summary"]  # w too, not only the pairs
+
+
+def test_record_audits_sum_each_users_uploads_over_the_rounds_the_ledger_says_it_took_part_in(
+        pair_file, tmp_path, capsys, monkeypatch):
+    """The record-mode audits attacked one round's upload per user, though the server holds all of a user's uploads:
+    R rounds carry R times the signal and sqrt(R) times the noise. Every user takes part in each of 4 rounds here;
+    the audits now sum 4 uploads per user, each from the client's own DP-SGD with its w and accountant carried."""
+    import federation.local_training as local_training
+
+    run_dir = tmp_path / "run"
+    cfg = get_fused_config_from_dir(ROOT, {
+        "pairs-path": str(pair_file), "run-dir": str(run_dir), "rank": RANK, "num-server-rounds": 4,
+        "clients-per-round": USERS, "server-lr": 0.05, "privacy-mode": "record", "noise-multiplier": 1.0,
+        "max-grad-norm": 1.0})
+    grid = LocalGrid(client_app, [{"partition-id": i, "num-partitions": NODES} for i in range(NODES)], cfg)
+    run_federated(grid, ServerSettings.from_run_config(cfg))
+    calls = []
+    real = local_training.record_dp_updates
+    monkeypatch.setattr(local_training, "record_dp_updates",
+                        lambda *a, **kw: calls.append(len(kw.get("states", a[4]))) or real(*a, **kw))
+    inputs = ("--pairs", str(pair_file))
+    leakage, _ = _audit(run_dir, tmp_path / "leakage", capsys, "update-leakage", *inputs)
+    assert "uploads summed over 4 rounds" in leakage["scope"] and "took part in 4 rounds" in leakage["scope"]
+    assert calls == [USERS] * 4  # one chunk of every seen user, four rounds
+    attribute, _ = _audit(run_dir, tmp_path / "attribute", capsys, "attribute", *inputs, "--permutations", "20",
+                          "--users", str(_users_jsonl(pair_file, tmp_path)))
+    assert "uploads summed over 4 rounds" in attribute["scope"]
 
 
 def test_audits_compute_the_updates_the_runs_clients_sent(pair_file, tmp_path):

@@ -5,7 +5,8 @@ left singular vector is w_i up to sign and scale, the right one a weighted sum o
 replays the server's view per privacy mode from real client updates (computed by the caller with the client's own
 code) and attacks it:
   single   one user's update of one round (modes none / user: the server sees it before clipping matters; mode
-           record: the client's DP-SGD upload itself, clipped per pair and noised by the client's own code)
+           record: the client's DP-SGD uploads themselves, clipped per pair and noised by the client's own code,
+           summed over the user's rounds by the caller)
   summed   one user's uploads summed over the rounds it took part in (only differs when uploads carry local noise)
   secagg   the sum of `clients_per_round` users' clipped updates (mode user+secagg: the server sees only sums)
 Recovered w_hat = top left singular vector, sign fixed to a positive sum, negatives cut, scaled onto the simplex.
@@ -25,10 +26,21 @@ from lore_core.audits.statistics import AuditInputError, auc, bootstrap_mean_ci,
 
 VIEWS = ("single", "summed", "secagg")
 MODE_VIEW = {"none": "single", "user": "single", "record": "single", "user-local": "summed", "user+secagg": "secagg"}
-# Record mode: the audit attacks one round's DP-SGD upload per user. A user's uploads over R rounds, each with fresh
-# noise, carry R times the signal and sqrt(R) times the noise; that sum is not measured (said in the result).
-RECORD_SCOPE = ("one round's DP-SGD upload per user (the client's own code, fresh noise); a user's uploads summed "
-                "over the rounds it took part in carry more signal and are not measured")
+# Record mode: a user's uploads over R rounds, each with fresh noise, carry R times the signal and sqrt(R) times the
+# noise, so the audit attacks their sum over as many rounds as the run's users took part in (the ledger's median),
+# at most MAX_RECORD_ROUNDS (the cost is one DP-SGD run per user and round; past it the audit says it measured less).
+MAX_RECORD_ROUNDS = 20
+
+
+def record_scope(rounds: int, ledger_rounds: int | None) -> str:
+    """What a record-mode audit measured: `rounds` uploads per user summed, against the run's `ledger_rounds`."""
+    of_run = ("no ledger: the run's participation is unknown" if ledger_rounds is None else
+              f"the run's users took part in {ledger_rounds} rounds (median in its ledger)")
+    capped = ledger_rounds is not None and rounds < ledger_rounds
+    return (f"each user's DP-SGD uploads summed over {rounds} round{'s' if rounds != 1 else ''} (the client's own "
+            f"code, fresh noise each round, the run's basis held fixed); {of_run}"
+            + (f"; capped at {MAX_RECORD_ROUNDS}: the rounds beyond carry more signal and are not measured"
+               if capped else ""))
 # A leak must beat the best prior-only guess by this much mean cosine (lower CI bound) to count as "leak":
 # smaller gains are within what a population-level attacker already knows.
 COSINE_MARGIN = 0.02
@@ -126,6 +138,7 @@ def update_leakage_audit(
     rounds_per_user: int = 1,
     clip_norm: float | None = None,
     local_noise: float = 0.0,
+    record_scope_text: str | None = None,
     n_boot: int = 1000,
     alpha: float = 0.05,
     seed: int = 0,
@@ -133,7 +146,9 @@ def update_leakage_audit(
     """Attack every view; the verdict is about the view of `mode` (MODE_VIEW).
 
     updates (U, B, D) and true_weights (U, B): per user, from the client's own code; member_* (n, D) / (n,): each
-    user's training pairs (row user index into U); nonmember_*: the same users' held-out pairs."""
+    user's training pairs (row user index into U); nonmember_*: the same users' held-out pairs. Mode record: updates
+    are what the server holds of each user (its DP-SGD uploads, summed over its rounds) and `record_scope_text` says
+    over how many (record_scope)."""
     if mode not in MODE_VIEW:
         raise AuditInputError(f"mode must be one of {sorted(MODE_VIEW)}; got {mode!r}")
     updates = np.asarray(updates, dtype=np.float64)
@@ -195,8 +210,9 @@ def update_leakage_audit(
                    f"held-out pairs with AUC {target['pair_membership_auc']:.3f} [{auc_ci[0]:.3f}, {auc_ci[1]:.3f}]; "
                    f"recovering w is not applicable: {RANK_ONE_REASON}. ")
         margins = f"({0.5 + AUC_MARGIN} in AUC)"
-    if mode == "record":
-        finding += f"Measured on {RECORD_SCOPE}. "
+    scope = (record_scope_text or record_scope(1, None)) if mode == "record" else None
+    if scope:
+        finding += f"Measured on {scope}. "
     sentence = (
         f"{verdict_text}: {finding}"
         + {"leak": "Hide single updates from the server (SecAgg with many users per round, or local noise)"
@@ -218,5 +234,5 @@ def update_leakage_audit(
                   f"AUC CI above {0.5 + AUC_MARGIN}; inconclusive = neither, with a CI reaching past its "
                   "margin" + ("" if w_applicable else "; rank 1: w not judged (the same for every user)"),
         "seed": seed, "trials": int(len(updates)), "n_boot": n_boot, "alpha": alpha,
-        **({"scope": RECORD_SCOPE} if mode == "record" else {}),
+        **({"scope": scope} if scope else {}),
     }
