@@ -4,7 +4,8 @@ A node hosts a block of users (one on a device). Replies carry the sampled users
 w stays in `client.user_state`, pairs and per-pair values never leave this module. Under DP (privacy mode in the
 train config, set by the server) train replies carry no data-dependent metric: in user modes each user's update is
 clipped here to the clip norm (and re-clipped by the server); in record mode each update is an Opacus DP-SGD
-output, sent with the users' accountant histories.
+output, sent with the users' accountant histories. A device's own limits in its node config (client.node_limits)
+are checked before any work, and one message's read-train-write holds the device's lock (user_state.device_lock).
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ from federation.local_training import (device_fit_weights, evaluate_node, person
 from federation.canary_users import CanaryBlock, load_canary_block
 from federation.user_block import NodeUsers, load_device_users, load_partition_users
 from client.node_limits import NodeLimits
-from client.user_state import (load_record_histories, load_record_logits, load_weights, save_record_state,
-                               save_weights)
+from client.user_state import (device_lock, load_record_histories, load_record_logits, load_weights,
+                               save_record_state, save_weights)
 from lore_core.pairs import PAIRS_FILENAME
 
 app = ClientApp()
@@ -107,13 +108,19 @@ def query(msg: Message, context: Context) -> Message:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
+    config = msg.content[p.CONFIG]
+    mode = str(config.get(p.PRIVACY_MODE, "none"))
+    NodeLimits.from_node_config(context.node_config).check_mode(mode)
+    with device_lock(context):
+        return _train(msg, context, config, mode)
+
+
+def _train(msg: Message, context: Context, config, mode: str) -> Message:
     settings = p.ClientSettings.from_run_config(context.run_config)
     node = node_users(context, settings)
     basis = checked_basis(msg.content[p.ARRAYS][p.BASIS].numpy(), node)
-    config = msg.content[p.CONFIG]
     sampled = checked_user_indices(config[p.USER_INDICES], node)
     arrays = {}
-    mode = str(config.get(p.PRIVACY_MODE, "none"))
     if mode == "record" and isinstance(node, CanaryBlock):
         raise ClientRequestError("canary users take part in user-level DP modes only")
     if mode == "record":
@@ -182,6 +189,12 @@ def _ledger_states(rows: np.ndarray, n_sampled: int) -> list:
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
+    NodeLimits.from_node_config(context.node_config).check_evaluate()
+    with device_lock(context):
+        return _evaluate(msg, context)
+
+
+def _evaluate(msg: Message, context: Context) -> Message:
     settings = p.ClientSettings.from_run_config(context.run_config)
     node = node_users(context, settings)
     basis = checked_basis(msg.content[p.ARRAYS][p.BASIS].numpy(), node)

@@ -7,9 +7,15 @@ which hands whoever chose it the noise. A node that sets these keys holds its us
 server sends:
 
 - `record-max-epsilon` and `record-delta` (together): record mode trains a user only while its per-pair epsilon at
-  the tighter of the two deltas stays within the tighter of the two budgets (the server's and the node's);
+  the tighter of the two deltas stays within the tighter of the two budgets (the server's and the node's). Such a
+  node takes part in record-mode training only (a train message of another mode, whose update carries no noise of
+  the device's own, is refused) and answers no evaluation (per-node accuracy sums no accountant covers) unless
+  `allow-evaluate` is true;
 - `allow-noise-seed` (default false): a deployed node (one with a `data-path`) refuses a server's noise seed in
   every mode unless this is true. Simulated nodes are the simulation's own and accept it.
+A server value that is not a finite positive number (a NaN budget compared False: no stop) is refused. Not covered:
+`user+secagg` shares are sized from the server's z, sampled count and drop-out tolerance; that mode assumes an
+honest-but-curious server, and these limits do not harden it.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from typing import Any, Mapping
 RECORD_MAX_EPSILON = "record-max-epsilon"
 RECORD_DELTA = "record-delta"
 ALLOW_NOISE_SEED = "allow-noise-seed"
+ALLOW_EVALUATE = "allow-evaluate"
 MAX_EPSILON_LIMIT = 100.0  # beyond it epsilon promises nothing (as `lore-fed privacy epsilon --max-epsilon`)
 
 
@@ -34,6 +41,7 @@ class NodeLimits:
     record_delta: float | None = None
     allow_noise_seed: bool = False
     deployed: bool = False
+    allow_evaluate: bool = True
 
     @classmethod
     def from_node_config(cls, node_config: Mapping[str, Any]) -> NodeLimits:
@@ -44,15 +52,32 @@ class NodeLimits:
             given = RECORD_DELTA if max_epsilon is None else RECORD_MAX_EPSILON
             raise NodeLimitError(f"node config: set {RECORD_MAX_EPSILON} and {RECORD_DELTA} together (a budget is "
                                  f"an (epsilon, delta) pair); got only {given}")
-        allow = node_config.get(ALLOW_NOISE_SEED, False)
-        if isinstance(allow, str) and allow.lower() in ("true", "false"):
-            allow = allow.lower() == "true"
-        if not isinstance(allow, bool):
-            raise NodeLimitError(f"node config: {ALLOW_NOISE_SEED} must be true or false; got {allow!r}")
-        return cls(max_epsilon, delta, allow, deployed=bool(node_config.get("data-path")))
+        allow_evaluate = _flag(node_config, ALLOW_EVALUATE) or max_epsilon is None  # only a record budget refuses
+        return cls(max_epsilon, delta, _flag(node_config, ALLOW_NOISE_SEED),
+                   deployed=bool(node_config.get("data-path")), allow_evaluate=allow_evaluate)
+
+    @property
+    def record_only(self) -> bool:
+        return self.record_max_epsilon is not None
+
+    def check_mode(self, mode: str) -> None:
+        """A node with a record budget trains in record mode only: in another mode its update leaves without the
+        device's own noise, whatever the budget says."""
+        if self.record_only and mode != "record":
+            raise NodeLimitError(f"this device takes part in record-mode training only (its node config sets "
+                                 f"{RECORD_MAX_EPSILON}); the server asked for privacy mode {mode!r}")
+
+    def check_evaluate(self) -> None:
+        if not self.allow_evaluate:
+            raise NodeLimitError(f"this device answers no evaluation: per-node accuracy sums are not covered by its "
+                                 f"record budget (set {ALLOW_EVALUATE}=true in its node config to allow them)")
 
     def record_budget(self, server_max_epsilon: float | None, server_delta: float) -> tuple[float | None, float]:
         """(max epsilon, delta) a record-mode user is checked at: the tighter of the server's and the node's."""
+        if server_max_epsilon is not None and not (math.isfinite(server_max_epsilon) and server_max_epsilon > 0):
+            raise NodeLimitError(f"the server's max-epsilon must be a finite number > 0; got {server_max_epsilon}")
+        if not (math.isfinite(server_delta) and 0 < server_delta < 1):
+            raise NodeLimitError(f"the server's delta must be a finite number in (0, 1); got {server_delta}")
         if self.record_max_epsilon is None:
             return server_max_epsilon, server_delta
         budget = self.record_max_epsilon if server_max_epsilon is None else min(server_max_epsilon,
@@ -68,6 +93,16 @@ class NodeLimits:
             raise NodeLimitError(f"the server sent a noise seed (reproducible noise is NOT private); this device "
                                  f"refuses it (set {ALLOW_NOISE_SEED}=true in its node config for a debug run)")
         return int(seed)
+
+
+def _flag(node_config: Mapping[str, Any], key: str) -> bool:
+    """A node config boolean (true/false, or the strings "true"/"false"); absent: False."""
+    value = node_config.get(key, False)
+    if isinstance(value, str) and value.lower() in ("true", "false"):
+        value = value.lower() == "true"
+    if not isinstance(value, bool):
+        raise NodeLimitError(f"node config: {key} must be true or false; got {value!r}")
+    return value
 
 
 def _positive(node_config: Mapping[str, Any], key: str, *, upper: float, closed: bool) -> float | None:

@@ -25,6 +25,7 @@ from flwr.clientapp import ClientApp
 
 from client import client_app as message_app
 from client.node_limits import NodeLimits
+from client.user_state import device_lock
 from federation import protocol as p
 from lore_core.privacy.distributed_dp import DdgEncoding, encode_shares, node_upload, share_std
 
@@ -38,6 +39,12 @@ class SecAggTrainer(NumPyClient):
         self.node_context = context
 
     def fit(self, parameters: list, config: dict) -> tuple[list, int, dict]:
+        limits = NodeLimits.from_node_config(self.node_context.node_config)
+        limits.check_mode("user+secagg")
+        with device_lock(self.node_context):
+            return self._fit(parameters, config, limits)
+
+    def _fit(self, parameters: list, config: dict, limits: NodeLimits) -> tuple[list, int, dict]:
         context = self.node_context
         settings = p.ClientSettings.from_run_config(context.run_config)
         node = message_app.node_users(context, settings)
@@ -58,7 +65,7 @@ class SecAggTrainer(NumPyClient):
         std = share_std(float(config[p.NOISE_MULTIPLIER]), clip_norm, int(config[p.SAMPLED_USERS]),
                         float(config[p.DROPOUT_TOLERANCE]))
         # debug runs only (the ledger says NOT PRIVATE; a deployed node refuses it unless it allows it), else secret
-        seed = NodeLimits.from_node_config(context.node_config).noise_seed(config.get(p.NOISE_SEED))
+        seed = limits.noise_seed(config.get(p.NOISE_SEED))
         rng = None if seed is None else np.random.default_rng(
             [seed, int(config[p.ROUND]), int(context.node_config.get("partition-id", 0))])
         return [node_upload(encode_shares(updates, encoding, std, rng), encoding)], 1, {}

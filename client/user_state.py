@@ -1,12 +1,15 @@
 """Where a node keeps its users' private weights w (S, B) between rounds. They never enter a reply.
 
 Simulation: `Context.state` (one Context per virtual node for the whole run).
-Deployment: each message runs in a fresh process with a fresh Context per run, so w also goes to
-`<data-path>/user_weights.npz` on the device, written atomically, and is read back from there first.
+Deployment: a SuperNode keeps one Context per run, and a device may take part in several runs, so w also goes to
+`<data-path>/user_weights.npz` on the device, written atomically, and is read back from there first: the file, not
+one run's Context, holds what the device's users spent. A message's read-train-write holds the device's lock
+(`device_lock`), so two runs on one device never write over each other's spending.
 """
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import numpy as np
@@ -24,15 +27,39 @@ def _weights_file(context: Context) -> Path | None:
     return Path(str(data_path)) / WEIGHTS_FILENAME if data_path else None
 
 
+LOCK_FILENAME = ".lore-fed.lock"
+
+
+@contextlib.contextmanager
+def device_lock(context: Context):
+    """Hold the device's lock (`<data-path>/.lore-fed.lock`, POSIX advisory) for one message's read-train-write;
+    nothing to hold in a simulation (no data-path) or where fcntl is missing."""
+    data_path = context.node_config.get("data-path")
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        fcntl = None
+    if not data_path or fcntl is None:
+        yield
+        return
+    with open(Path(str(data_path)) / LOCK_FILENAME, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def _stored(context: Context, state_key: str, array_key: str, file: Path | None,
             shape: tuple[int, int]) -> np.ndarray | None:
-    """An array kept in Context.state (simulation) or else in a device file; None when absent or of another shape."""
+    """An array kept in the device file (deployment: it outlives any one run's Context) or else in Context.state
+    (simulation); None when absent or of another shape."""
     stored = None
-    if state_key in context.state:
-        stored = context.state[state_key][array_key].numpy()
-    elif file is not None and file.exists():
+    if file is not None and file.exists():
         with np.load(file) as data:
             stored = data[array_key] if array_key in data.files else None
+    elif state_key in context.state:
+        stored = context.state[state_key][array_key].numpy()
     return None if stored is None or stored.shape != shape else stored.astype(np.float64)
 
 
@@ -61,13 +88,14 @@ def _record_file(context: Context) -> Path | None:
 
 
 def load_record_histories(context: Context) -> np.ndarray:
-    """All local users' accountant histories as rows (user, z, q, steps), (s, 4); empty before the first round."""
-    if RECORD_DP_KEY in context.state:
-        return context.state[RECORD_DP_KEY][RECORD_DP_KEY].numpy()
+    """All local users' accountant histories as rows (user, z, q, steps), (s, 4); empty before the first round. The
+    device file first: it holds what every run on this device spent."""
     file = _record_file(context)
     if file is not None and file.exists():
         with np.load(file) as data:
             return data[RECORD_DP_KEY]
+    if RECORD_DP_KEY in context.state:
+        return context.state[RECORD_DP_KEY][RECORD_DP_KEY].numpy()
     return np.zeros((0, 4))
 
 

@@ -127,3 +127,105 @@ def test_the_tighter_budget_and_delta_win():
     assert limits.record_budget(8.0, 1e-7) == (3.0, 1e-7)
     assert limits.record_budget(2.0, 1e-5) == (2.0, 1e-6)
     assert NodeLimits().record_budget(8.0, 1e-3) == (8.0, 1e-3)
+
+
+@pytest.mark.parametrize("budget", [float("nan"), float("inf"), -1.0, 0.0])
+def test_a_server_budget_that_is_not_a_finite_positive_number_is_refused(device_pairs, tmp_path, budget):
+    """Found by a review: min(NaN, 1.5) is NaN and `epsilon > NaN` is False, so a NaN max-epsilon from the server
+    turned the device's own budget off (40 rounds, epsilon 4.12 at 1e-5 against 1.5). Refused now, with limits or
+    without (record_dp refuses it too, and stops when epsilon does not compare)."""
+    limited = device_context(device_pairs, tmp_path / "a", "record", **{"record-max-epsilon": 1.5, "record-delta": 1e-5})
+    with pytest.raises(NodeLimitError, match="max-epsilon must be a finite number > 0"):
+        train_until_stopped(limited, record_config(**{p.MAX_EPSILON: budget}), rounds=1)
+    bare = device_context(device_pairs, tmp_path / "b", "record")
+    with pytest.raises(ValueError, match="max.epsilon must be"):
+        train_until_stopped(bare, record_config(**{p.MAX_EPSILON: budget}), rounds=1)
+    assert load_record_histories(limited).size == load_record_histories(bare).size == 0
+
+
+def test_two_runs_on_one_device_share_its_budget(device_pairs, tmp_path):
+    """Found by a review: a SuperNode keeps one Context per run, and the node read a run's Context before the device
+    file, so two runs taken in turn each saw only their own spending (epsilon 2.04 in all, the file said 1.49, budget
+    1.5). The device file comes first now: the two runs together stay within the budget."""
+    first = device_context(device_pairs, tmp_path, "record", **{"record-max-epsilon": 1.5, "record-delta": 1e-5})
+    second = Context(run_id=1, node_id=1, node_config=dict(first.node_config), state=RecordDict(),
+                     run_config=first.run_config)
+    settings = p.ClientSettings.from_run_config(first.run_config)
+    node = node_app.node_users(first, settings)
+    basis = np.random.default_rng(0).normal(size=(2, 8)) * 0.1
+    spent = []
+    for _ in range(30):
+        for context in (first, second):
+            updates, rows = node_app._record_train(context, record_config(), settings, basis, node, np.array([0]))
+            spent += [(z, q, int(k)) for _, z, q, k in rows]
+    assert spent and history_epsilon(spent, 1e-5) <= 1.5
+    assert history_epsilon([(z, q, int(k)) for _, z, q, k in load_record_histories(second)], 1e-5) > 1.0
+
+
+def deliver(context: Context, message_type: str, config: dict, basis: np.ndarray):
+    """One message to the real ClientApp on an in-process grid whose one node has `context`'s node config."""
+    from flwr.app import Array, ArrayRecord, ConfigRecord
+
+    from simulations.in_process_grid import LocalGrid
+
+    grid = LocalGrid(node_app.app, [context.node_config], context.run_config)
+    content = RecordDict({p.ARRAYS: ArrayRecord({p.BASIS: Array(basis)}), p.CONFIG: ConfigRecord(config)})
+    (node,) = grid.contexts
+    return list(grid.send_and_receive([grid.create_message(content, message_type, node, "1")]))[0]
+
+
+@pytest.mark.parametrize("mode", ["none", "user", None])
+def test_a_device_with_a_record_budget_refuses_training_in_another_mode(device_pairs, tmp_path, mode):
+    """Found by a review: the server chose the mode, and in mode none or user the device's update left without its
+    own noise, whatever its budget."""
+    context = device_context(device_pairs, tmp_path, "record", **{"record-max-epsilon": 1.5, "record-delta": 1e-5})
+    config = {p.USER_INDICES: [0], p.ROUND: 1, p.CLIP_NORM: 1.0, **({} if mode is None else {p.PRIVACY_MODE: mode})}
+    reply = deliver(context, "train", config, np.zeros((2, 8)))
+    assert reply.has_error() and "record-mode training only" in reply.error.reason, reply
+    with pytest.raises(NodeLimitError, match="record-mode training only"):
+        SecAggTrainer(context).fit([np.zeros((2, 8))], {})
+    assert not (Path(context.node_config["data-path"]) / "user_weights.npz").exists()  # nothing trained
+
+
+def test_a_device_with_a_record_budget_answers_no_evaluation_unless_allowed(device_pairs, tmp_path):
+    budget = {"record-max-epsilon": 1.5, "record-delta": 1e-5}
+    refusing = deliver(device_context(device_pairs, tmp_path / "a", "record", **budget), "evaluate", {p.ROUND: 1},
+                       np.full((2, 8), 0.1))
+    assert refusing.has_error() and "answers no evaluation" in refusing.error.reason
+    allowed = deliver(device_context(device_pairs, tmp_path / "b", "record", **budget, **{"allow-evaluate": True}),
+                      "evaluate", {p.ROUND: 1}, np.full((2, 8), 0.1))
+    assert allowed.content[p.METRICS]["seen-users"] == 1
+    plain = deliver(device_context(device_pairs, tmp_path / "c", "record"), "evaluate", {p.ROUND: 1},
+                    np.full((2, 8), 0.1))
+    assert not plain.has_error()
+
+
+def test_a_message_holds_the_devices_lock_from_read_to_write(device_pairs, tmp_path, monkeypatch):
+    """Two runs at the same moment on one device: each message's read-train-write holds `<data-path>/.lore-fed.lock`,
+    so one run never writes over the other's spending. Checked from inside the private step: another process cannot
+    take the lock while the node trains."""
+    import subprocess
+    import sys
+
+    from client import user_state
+
+    context = device_context(device_pairs, tmp_path, "record")
+    lock = Path(context.node_config["data-path"]) / user_state.LOCK_FILENAME
+    probe = ("import fcntl, sys; f = open(sys.argv[1], 'a')\n"
+             "try:\n    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB); print('free')\n"
+             "except BlockingIOError:\n    print('held')")
+    seen = []
+    real = node_app.record_dp_updates
+
+    def spy(*args, **kwargs):
+        seen.append(subprocess.run([sys.executable, "-c", probe, str(lock)], capture_output=True, text=True,
+                                   check=True).stdout.strip())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(node_app, "record_dp_updates", spy)
+    config = {p.USER_INDICES: [0], **record_config(), p.PRIVACY_MODE: "record"}
+    reply = deliver(context, "train", config, np.random.default_rng(0).normal(size=(2, 8)) * 0.1)
+    assert not reply.has_error(), reply.error
+    assert seen == ["held"]
+    assert subprocess.run([sys.executable, "-c", probe, str(lock)], capture_output=True, text=True).stdout.strip() \
+        == "free"

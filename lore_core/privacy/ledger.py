@@ -96,7 +96,8 @@ TRUSTED = {
     "record": ("trusted: nobody; holds per pair against everyone, the server included, as long as the server sends "
                "its clients the run's noise multiplier, clip and max-epsilon (they take them from its messages); a "
                "device whose node config sets its own record-max-epsilon and record-delta is held to the tighter "
-               "budget whatever the server sends, and a deployed device refuses a server's noise seed"),
+               "budget at the tighter delta, trains in record mode only and answers no evaluation unless it allows "
+               "it, and a deployed device refuses a server's noise seed"),
 }
 
 

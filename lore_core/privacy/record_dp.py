@@ -171,6 +171,8 @@ def dp_sgd_update(
         raise ValueError(f"delta must be < 1/n = {1 / n:.3g} for this client's {n} pairs; got {delta}")
     if max_epsilon is not None and delta is None:
         raise ValueError("max_epsilon needs delta")
+    if max_epsilon is not None and not (math.isfinite(max_epsilon) and max_epsilon > 0):
+        raise ValueError(f"max_epsilon must be finite and > 0; got {max_epsilon}")  # NaN compared False: no budget
     if batch_size >= n:
         warnings.warn(f"batch_size {batch_size} >= n = {n} pairs: sample rate 1, no amplification by sampling",
                       RuntimeWarning, stacklevel=2)
@@ -194,7 +196,7 @@ def dp_sgd_update(
             max_grad_norm=float(max_grad_norm), poisson_sampling=True, noise_generator=noise_rng,
         )
     planned = check_history(state.history + [(float(noise_multiplier), 1 / len(loader), epochs * len(loader))])
-    if max_epsilon is not None and (eps := history_epsilon(planned, delta)) > max_epsilon:
+    if max_epsilon is not None and not (eps := history_epsilon(planned, delta)) <= max_epsilon:  # NaN stops too
         raise PrivacyBudgetExhausted(f"this update would bring the client's record-level epsilon to {eps:.3f} > "
                                      f"max_epsilon {max_epsilon}; skip training on this client")
 
