@@ -134,7 +134,8 @@ def test_a_server_budget_that_is_not_a_finite_positive_number_is_refused(device_
     """Found by a review: min(NaN, 1.5) is NaN and `epsilon > NaN` is False, so a NaN max-epsilon from the server
     turned the device's own budget off (40 rounds, epsilon 4.12 at 1e-5 against 1.5). Refused now, with limits or
     without (record_dp refuses it too, and stops when epsilon does not compare)."""
-    limited = device_context(device_pairs, tmp_path / "a", "record", **{"record-max-epsilon": 1.5, "record-delta": 1e-5})
+    budget = {"record-max-epsilon": 1.5, "record-delta": 1e-5}
+    limited = device_context(device_pairs, tmp_path / "a", "record", **budget)
     with pytest.raises(NodeLimitError, match="max-epsilon must be a finite number > 0"):
         train_until_stopped(limited, record_config(**{p.MAX_EPSILON: budget}), rounds=1)
     bare = device_context(device_pairs, tmp_path / "b", "record")
