@@ -230,3 +230,14 @@ def test_a_message_holds_the_devices_lock_from_read_to_write(device_pairs, tmp_p
     assert seen == ["held"]
     assert subprocess.run([sys.executable, "-c", probe, str(lock)], capture_output=True, text=True).stdout.strip() \
         == "free"
+
+
+def test_the_node_config_flower_supernode_parses_is_read():
+    """`flower-supernode --node-config 'record-max-epsilon=1.5 ...'`: Flower's own parser gives floats and bools."""
+    from flwr.common.config import parse_config_args
+
+    parsed = parse_config_args(['record-max-epsilon=1.5 record-delta=1e-5 allow-noise-seed=true '
+                                'allow-evaluate=false data-path="/data"'])
+    limits = NodeLimits.from_node_config(parsed)
+    assert (limits.record_max_epsilon, limits.record_delta, limits.allow_noise_seed) == (1.5, 1e-5, True)
+    assert limits.deployed and not limits.allow_evaluate and limits.record_only
