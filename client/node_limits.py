@@ -15,7 +15,9 @@ server sends:
   every mode unless this is true. Simulated nodes are the simulation's own and accept it.
 A server value that is not a finite positive number (a NaN budget compared False: no stop) is refused. Not covered:
 `user+secagg` shares are sized from the server's z, sampled count and drop-out tolerance; that mode assumes an
-honest-but-curious server, and these limits do not harden it.
+honest-but-curious server, and these limits do not harden it. This module is client code that Flower ships to the
+device in the run's app bundle: the limits hold against a server's messages, not against a submitter who ships
+other client code (a device that must not trust it runs only bundles it has checked).
 """
 
 from __future__ import annotations
@@ -52,7 +54,8 @@ class NodeLimits:
             given = RECORD_DELTA if max_epsilon is None else RECORD_MAX_EPSILON
             raise NodeLimitError(f"node config: set {RECORD_MAX_EPSILON} and {RECORD_DELTA} together (a budget is "
                                  f"an (epsilon, delta) pair); got only {given}")
-        allow_evaluate = _flag(node_config, ALLOW_EVALUATE) or max_epsilon is None  # only a record budget refuses
+        # default: answer evaluations unless a record budget is set; an explicit value wins either way
+        allow_evaluate = _flag(node_config, ALLOW_EVALUATE) if ALLOW_EVALUATE in node_config else max_epsilon is None
         return cls(max_epsilon, delta, _flag(node_config, ALLOW_NOISE_SEED),
                    deployed=bool(node_config.get("data-path")), allow_evaluate=allow_evaluate)
 

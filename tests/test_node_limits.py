@@ -134,14 +134,30 @@ def test_a_server_budget_that_is_not_a_finite_positive_number_is_refused(device_
     """Found by a review: min(NaN, 1.5) is NaN and `epsilon > NaN` is False, so a NaN max-epsilon from the server
     turned the device's own budget off (40 rounds, epsilon 4.12 at 1e-5 against 1.5). Refused now, with limits or
     without (record_dp refuses it too, and stops when epsilon does not compare)."""
-    budget = {"record-max-epsilon": 1.5, "record-delta": 1e-5}
-    limited = device_context(device_pairs, tmp_path / "a", "record", **budget)
+    limits = {"record-max-epsilon": 1.5, "record-delta": 1e-5}
+    limited = device_context(device_pairs, tmp_path / "a", "record", **limits)
     with pytest.raises(NodeLimitError, match="max-epsilon must be a finite number > 0"):
         train_until_stopped(limited, record_config(**{p.MAX_EPSILON: budget}), rounds=1)
     bare = device_context(device_pairs, tmp_path / "b", "record")
     with pytest.raises(ValueError, match="max.epsilon must be"):
         train_until_stopped(bare, record_config(**{p.MAX_EPSILON: budget}), rounds=1)
     assert load_record_histories(limited).size == load_record_histories(bare).size == 0
+
+
+def test_record_dp_refuses_a_budget_it_cannot_compare_and_stops_on_an_epsilon_it_cannot(monkeypatch):
+    """The library's own guards behind the node's: `epsilon > NaN` and `NaN > budget` are both False."""
+    from lore_core.privacy import record_dp
+    from lore_core.privacy.accounting import PrivacyBudgetExhausted
+
+    rng = np.random.default_rng(0)
+    args = dict(noise_multiplier=4.0, max_grad_norm=1.0, batch_size=4, epochs=1, lr=0.1, delta=1e-5,
+                state=record_dp.RecordDpState())
+    basis, logits, diff = rng.normal(size=(2, 8)), np.zeros(2), rng.normal(size=(12, 8))
+    with pytest.raises(ValueError, match="max_epsilon must be finite and > 0"):
+        record_dp.dp_sgd_update(basis, logits, diff, max_epsilon=float("nan"), **args)
+    monkeypatch.setattr(record_dp, "history_epsilon", lambda history, delta: float("nan"))
+    with pytest.raises(PrivacyBudgetExhausted):
+        record_dp.dp_sgd_update(basis, logits, diff, max_epsilon=1.5, **args)
 
 
 def test_two_runs_on_one_device_share_its_budget(device_pairs, tmp_path):
@@ -241,3 +257,10 @@ def test_the_node_config_flower_supernode_parses_is_read():
     limits = NodeLimits.from_node_config(parsed)
     assert (limits.record_max_epsilon, limits.record_delta, limits.allow_noise_seed) == (1.5, 1e-5, True)
     assert limits.deployed and not limits.allow_evaluate and limits.record_only
+
+
+def test_allow_evaluate_false_refuses_evaluation_without_a_record_budget_too():
+    assert not NodeLimits.from_node_config({"allow-evaluate": False}).allow_evaluate
+    assert NodeLimits.from_node_config({}).allow_evaluate
+    with pytest.raises(NodeLimitError, match="answers no evaluation"):
+        NodeLimits.from_node_config({"allow-evaluate": "false"}).check_evaluate()
