@@ -80,6 +80,10 @@ def save_weights(context: Context, weights: np.ndarray) -> None:
 # (Context.state, and the device file in deployment) and never reset: a re-created accountant would under-report.
 RECORD_DP_KEY = "lore-record-dp"
 RECORD_DP_FILENAME = "record_dp_state.npz"
+# Simulation: a resumed run's nodes are new (Context.state is gone), so each node also keeps its users' histories
+# (never their w) under the run directory; a round whose replies never reached the ledger before a crash is then
+# reported by the new node, not lost (record_dp.spending_to_report).
+SIMULATED_ACCOUNTANTS = "client-accountants"
 
 
 def _record_file(context: Context) -> Path | None:
@@ -87,13 +91,22 @@ def _record_file(context: Context) -> Path | None:
     return Path(str(data_path)) / RECORD_DP_FILENAME if data_path else None
 
 
+def _simulated_accountant_file(context: Context) -> Path | None:
+    """`<run-dir>/client-accountants/partition-K-of-N.npz` for a simulated node (no data-path); None elsewhere."""
+    run_dir, config = context.run_config.get("run-dir"), context.node_config
+    if config.get("data-path") or not run_dir or "partition-id" not in config or "num-partitions" not in config:
+        return None
+    name = f"partition-{int(config['partition-id'])}-of-{int(config['num-partitions'])}.npz"
+    return Path(str(run_dir)) / SIMULATED_ACCOUNTANTS / name
+
+
 def load_record_histories(context: Context) -> np.ndarray:
     """All local users' accountant histories as rows (user, z, q, steps), (s, 4); empty before the first round. The
-    device file first: it holds what every run on this device spent."""
-    file = _record_file(context)
-    if file is not None and file.exists():
-        with np.load(file) as data:
-            return data[RECORD_DP_KEY]
+    device file first: it holds what every run on this device spent; a simulated node's file next."""
+    for file in (_record_file(context), _simulated_accountant_file(context)):
+        if file is not None and file.exists():
+            with np.load(file) as data:
+                return data[RECORD_DP_KEY]
     if RECORD_DP_KEY in context.state:
         return context.state[RECORD_DP_KEY][RECORD_DP_KEY].numpy()
     return np.zeros((0, 4))
@@ -118,3 +131,7 @@ def save_record_state(context: Context, rows: np.ndarray, logits: np.ndarray) ->
     file = _record_file(context)
     if file is not None:
         atomic_save_npz(file, **{RECORD_DP_KEY: rows, RECORD_LOGITS_KEY: logits})
+    simulated = _simulated_accountant_file(context)
+    if simulated is not None:
+        simulated.parent.mkdir(parents=True, exist_ok=True)
+        atomic_save_npz(simulated, **{RECORD_DP_KEY: rows})

@@ -430,13 +430,69 @@ def test_record_mode_ledger_counts_every_step_across_a_crash_whose_nodes_lost_th
     round 3 (recorded, then lost) and a resume by new nodes, each user's ledger history holds every step its
     DP-SGD took, the lost round's included, and each DP-SGD call starts from all the user spent before. The old whole-history reports under-counted a user first sampled in
     the lost round (its fresh report looked like a client that had spent nothing since)."""
-    import lore_core.privacy.record_dp as record_dp
     import server.training_round
 
-    steps_taken: dict[int, int] = {}  # pairs of the user (distinct per user here) -> DP-SGD steps it took
-    real_update, real_save = record_dp.dp_sgd_update, server.training_round.save_checkpoint
+    steps_taken, started_from = count_record_steps(monkeypatch)
+    real_save = server.training_round.save_checkpoint
 
-    started_from: list[tuple[int, int]] = []  # (steps the user had taken, steps of the history it started from)
+    def crash_in_round_3(run_dir, state):
+        if state.round == 3:
+            raise Killed
+        real_save(run_dir, state)
+
+    monkeypatch.setattr(server.training_round, "save_checkpoint", crash_in_round_3)
+    with pytest.raises(Killed):
+        run_federated(*make_run(tiny_pair_file, tmp_path, nodes=1, **record_crash_run(seed)))
+    monkeypatch.setattr(server.training_round, "save_checkpoint", real_save)
+    run_federated(*make_run(tiny_pair_file, tmp_path, nodes=1, **record_crash_run(seed)))  # new nodes
+    assert ledger_steps(tiny_pair_file, tmp_path) == steps_taken and len(ledger_json(tmp_path)["events"]["rounds"]) == 6
+    # the new nodes start every user from all it spent (the server sends the ledger's history), so max-epsilon is
+    # checked against it; they started from zero before
+    assert all(taken == start for taken, start in started_from), started_from
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_a_record_round_that_never_reached_the_ledger_is_counted_after_the_resume(tiny_pair_file, tmp_path,
+                                                                                  monkeypatch, seed):
+    """The crash comes after round 3's replies reached the server but before its ledger write, and the resumed run's
+    nodes are new. Its steps were lost (README listed them as not counted): each simulated node now also keeps its
+    users' accountant histories in <run-dir>/client-accountants, and the new node reports what the ledger lacks."""
+    from server.training_round import TrainingRun
+
+    steps_taken, _ = count_record_steps(monkeypatch)
+    real_release = TrainingRun.release
+
+    def crash_before_recording_round_3(run, *args, **kwargs):
+        if run.round == 3:
+            raise Killed
+        return real_release(run, *args, **kwargs)
+
+    monkeypatch.setattr(TrainingRun, "release", crash_before_recording_round_3)
+    with pytest.raises(Killed):
+        run_federated(*make_run(tiny_pair_file, tmp_path, nodes=1, **record_crash_run(seed)))
+    monkeypatch.setattr(TrainingRun, "release", real_release)
+    run_federated(*make_run(tiny_pair_file, tmp_path, nodes=1, **record_crash_run(seed)))  # new nodes
+    assert ledger_steps(tiny_pair_file, tmp_path) == steps_taken
+    assert sorted(p.name for p in (tmp_path / "client-accountants").iterdir()) == ["partition-0-of-1.npz"]
+
+
+class Killed(Exception):
+    pass
+
+
+def record_crash_run(seed: int) -> dict:
+    return {"rank": 2, "num-server-rounds": 5, "clients-per-round": 1, "privacy-mode": "record",
+            "max-grad-norm": 1.0, "record-batch-size": 4, "server-lr": 0.05, "seed": seed, "clip-norm": ""}
+
+
+def count_record_steps(monkeypatch) -> tuple[dict[int, int], list[tuple[int, int]]]:
+    """Spy on record_dp.dp_sgd_update: (pairs of the user (distinct per user in tiny_pair_file) -> DP-SGD steps it
+    took, [(steps the user had taken, steps of the history it started from)] per call)."""
+    import lore_core.privacy.record_dp as record_dp
+
+    steps_taken: dict[int, int] = {}
+    started_from: list[tuple[int, int]] = []
+    real_update = record_dp.dp_sgd_update
 
     def counting(basis, logits, diff, **kwargs):
         started_from.append((steps_taken.get(diff.shape[0], 0), kwargs["state"].steps))
@@ -444,35 +500,20 @@ def test_record_mode_ledger_counts_every_step_across_a_crash_whose_nodes_lost_th
         steps_taken[diff.shape[0]] = steps_taken.get(diff.shape[0], 0) + state.steps - kwargs["state"].steps
         return update, new_logits, state
 
-    class Killed(Exception):
-        pass
-
-    def crash_in_round_3(run_dir, state):
-        if state.round == 3:
-            raise Killed
-        real_save(run_dir, state)
-
     monkeypatch.setattr(record_dp, "dp_sgd_update", counting)
-    overrides = {"rank": 2, "num-server-rounds": 5, "clients-per-round": 1, "privacy-mode": "record",
-                 "max-grad-norm": 1.0, "record-batch-size": 4, "server-lr": 0.05, "seed": seed, "clip-norm": ""}
-    monkeypatch.setattr(server.training_round, "save_checkpoint", crash_in_round_3)
-    with pytest.raises(Killed):
-        run_federated(*make_run(tiny_pair_file, tmp_path, nodes=1, **overrides))
-    monkeypatch.setattr(server.training_round, "save_checkpoint", real_save)
-    run_federated(*make_run(tiny_pair_file, tmp_path, nodes=1, **overrides))  # new nodes: their state is gone
+    return steps_taken, started_from
 
+
+def ledger_steps(pair_file: Path, run_dir: Path) -> dict[int, int]:
+    """The ledger's steps per user, keyed like count_record_steps (the user's number of training pairs)."""
     from lore_core.pairs import load_pairs
 
-    pairs = load_pairs(tiny_pair_file)
+    pairs = load_pairs(pair_file)
     train = pairs.subset(pairs.seen & (pairs.split == "train"))
-    users, counts = np.unique(train.user, return_counts=True)
+    _, counts = np.unique(train.user, return_counts=True)
     assert len(set(counts)) == len(counts)  # the spy tells users apart by their number of pairs
-    clients = ledger_json(tmp_path)["events"]["clients"]
-    in_ledger = {int(counts[int(cid)]): sum(seg[2] for seg in c["history"]) for cid, c in clients.items()}
-    assert in_ledger == steps_taken and len(ledger_json(tmp_path)["events"]["rounds"]) == 6
-    # the new nodes start every user from all it spent (the server sends the ledger's history), so max-epsilon is
-    # checked against it; they started from zero before
-    assert all(taken == start for taken, start in started_from), started_from
+    clients = ledger_json(run_dir)["events"]["clients"]
+    return {int(counts[int(cid)]): sum(seg[2] for seg in c["history"]) for cid, c in clients.items()}
 
 
 def test_a_server_cannot_push_a_record_user_past_max_epsilon_with_a_cheap_history(tiny_pair_file):
