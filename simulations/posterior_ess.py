@@ -1,0 +1,65 @@
+"""How many effective samples the device's posterior keeps, by basis size B and sample count S.
+
+    python -m simulations.posterior_ess      # -> bench_results/posterior_ess.{md,json}
+
+The device's posterior (client/device/posterior.py) proposes from the Laplace fit in the softmax chart and weighs
+the samples by importance; Kish's effective sample size says how many of them count. Users: w ~ Dirichlet(0.5),
+answers' basis scores ~ N(0, 2^2) per coordinate, labels from Bradley-Terry, the device's default prior (0.5 pairs).
+Median over 20 users per cell, and the milliseconds one posterior takes. A diagnostic: it chooses nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+
+from client.device import posterior
+from client.device.user_posterior import DEVICE_PRIOR_PAIRS
+from lore_core.atomic_io import atomic_write_json, atomic_write_text
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def cell(rank: int, answers: int, samples: int, users: int, rng: np.random.Generator) -> dict:
+    sizes, seconds = [], []
+    for _ in range(users):
+        w = rng.dirichlet(np.full(rank, 0.5))
+        scores = rng.normal(size=(answers, rank)) * 2.0
+        chosen_first = rng.random(answers) < 1 / (1 + np.exp(-(scores @ w)))
+        oriented = np.where(chosen_first[:, None], scores, -scores)[None]
+        start = time.perf_counter()
+        drawn = posterior.posterior(oriented, DEVICE_PRIOR_PAIRS, None, n_samples=samples)
+        seconds.append(time.perf_counter() - start)
+        sizes.append(float(drawn.effective_size[0]))
+    return {"rank": rank, "answers": answers, "samples": samples, "effective_median": float(np.median(sizes)),
+            "ms_median": 1e3 * float(np.median(seconds))}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--users", type=int, default=20)
+    parser.add_argument("--out", default=str(ROOT / "bench_results"))
+    args = parser.parse_args(argv)
+    rng = np.random.default_rng(1)
+    rows = [cell(rank, answers, samples, args.users, rng) for rank in (5, 8, 16, 24, 40) for answers in (0, 5, 20)
+            for samples in (512, 2048, 8192)]
+    out = Path(args.out)
+    atomic_write_json(out / "posterior_ess.json", {"users_per_cell": args.users, "rows": rows})
+    lines = ["# Effective samples of the device's posterior (`python -m simulations.posterior_ess`)", "",
+             f"Median over {args.users} users per cell (Dirichlet(0.5) users, N(0, 4) scores, prior "
+             f"{DEVICE_PRIOR_PAIRS} pairs); the device uses S = {posterior.DEFAULT_SAMPLES}.", "",
+             "| B | answers | S = 512 | S = 2048 | S = 8192 |", "|---|---|---|---|---|"]
+    for rank in (5, 8, 16, 24, 40):
+        for answers in (0, 5, 20):
+            cells = [r for r in rows if r["rank"] == rank and r["answers"] == answers]
+            lines.append(f"| {rank} | {answers} | " + " | ".join(
+                f"{r['effective_median']:.0f} ({r['ms_median']:.1f} ms)" for r in cells) + " |")
+    atomic_write_text(out / "posterior_ess.md", "\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
