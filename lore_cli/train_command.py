@@ -113,10 +113,14 @@ def run(args: argparse.Namespace) -> int:
     options = {"seed": check_seed(args.seed), "device": check_device(args.device), "objective": args.objective}
     if args.l2 != "auto":
         options["l2"] = parse_number(args.l2, "--l2", maximum=MAX_L2)
+    from lore_core.simplex_fit import MAX_PRIOR_PAIRS
+
     if args.prior_pairs != "auto":
-        options["prior_pairs"] = parse_number(args.prior_pairs, "--prior-pairs", inclusive=False)
+        options["prior_pairs"] = parse_number(args.prior_pairs, "--prior-pairs", inclusive=False,
+                                              maximum=MAX_PRIOR_PAIRS)
     if args.train_prior_pairs is not None:
-        options["train_prior_pairs"] = parse_number(args.train_prior_pairs, "--train-prior-pairs", inclusive=False)
+        options["train_prior_pairs"] = parse_number(args.train_prior_pairs, "--train-prior-pairs", inclusive=False,
+                                                    maximum=MAX_PRIOR_PAIRS)
     out = Path(args.out)
     check_output_path(out, "--out", directory=True)
     federated = [name for name in ("checkpoint.npz", "ledger.json") if (out / name).exists()]

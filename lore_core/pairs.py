@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import stat
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -149,6 +150,9 @@ def refuse_stale_pair_file(dataset_dir: Path) -> None:
         text_stat, pair_stat = text.stat(), pair_file.stat()
     except OSError:
         return  # no pairs.jsonl: embeddings the user brought
+    if not stat.S_ISREG(text_stat.st_mode):  # a FIFO would block the hash for ever (found by a tester)
+        raise PairFileError(f"{text} is not a regular file; {dataset_dir} needs the pairs.jsonl that `lore-fed embed` "
+                            f"embedded (or give {pair_file} itself)")
     _check_embedded_digest(dataset_dir, (text_stat.st_mtime_ns, text_stat.st_size, pair_stat.st_mtime_ns,
                                          pair_stat.st_size))
 

@@ -92,6 +92,9 @@ def test_bad_inputs_give_clear_errors(pair_file, tmp_path, capsys):
     assert "--prior-pairs must be" in capsys.readouterr().err
     assert main(["evaluate", str(pair_file), "--basis", str(other), "--prior-pairs", "1e300"]) == 2
     assert "--prior-pairs 1e+300 is above 1e+06" in capsys.readouterr().err
+    for flag in ("--prior-pairs", "--train-prior-pairs"):  # found by a tester: train named neither flag
+        assert main(["train", str(pair_file), "--rank", "1", flag, "1e7", "--out", str(tmp_path / "z")]) == 2
+        assert f"{flag} must be a finite number > 0 and <= 1e+06" in capsys.readouterr().err
 
 
 def test_train_reports_the_true_basis_ceiling_on_a_benchmark(tmp_path):

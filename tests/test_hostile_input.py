@@ -607,6 +607,16 @@ def test_an_edited_pairs_jsonl_put_back_with_an_older_time_is_refused_too(w):
             expect="run `lore-fed embed dataset` again")
 
 
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="POSIX FIFOs")
+def test_a_pairs_jsonl_that_is_a_fifo_is_refused_not_read_for_ever(w):
+    """Found by a tester: with the digest always checked, a FIFO named pairs.jsonl blocked every command."""
+    dataset = _embedded_dataset(w)
+    (dataset / "pairs.jsonl").unlink()
+    os.mkfifo(dataset / "pairs.jsonl")
+    refused(["train", "dataset", "--rank", "1", "--out", "out"], "dataset/pairs.jsonl", w,
+            expect="is not a regular file")
+
+
 def test_a_pairs_jsonl_with_new_times_but_the_same_content_keeps_its_pair_file(w):
     """A dataset copied (or prepared again with the same pairs) gets newer times, not other pairs."""
     dataset = _embedded_dataset(w)
