@@ -31,6 +31,7 @@ RECORD_DELTA = "record-delta"
 ALLOW_NOISE_SEED = "allow-noise-seed"
 ALLOW_EVALUATE = "allow-evaluate"
 MAX_EPSILON_LIMIT = 100.0  # beyond it epsilon promises nothing (as `lore-fed privacy epsilon --max-epsilon`)
+MIN_RECORD_DELTA = 1e-12  # Opacus' PRV accountant fails below about 1e-14 (floating-point error dominates)
 
 
 class NodeLimitError(ValueError):
@@ -50,6 +51,9 @@ class NodeLimits:
         """The limits in a node config, validated (NodeLimitError names the key and what it must be)."""
         max_epsilon = _positive(node_config, RECORD_MAX_EPSILON, upper=MAX_EPSILON_LIMIT, closed=True)
         delta = _positive(node_config, RECORD_DELTA, upper=1.0, closed=False)
+        if delta is not None and delta < MIN_RECORD_DELTA:  # every train message failed in the accountant
+            raise NodeLimitError(f"node config: {RECORD_DELTA} must be at least {MIN_RECORD_DELTA:g} (the "
+                                 f"accountant cannot compute epsilon below it); got {delta:g}")
         if (max_epsilon is None) != (delta is None):
             given = RECORD_DELTA if max_epsilon is None else RECORD_MAX_EPSILON
             raise NodeLimitError(f"node config: set {RECORD_MAX_EPSILON} and {RECORD_DELTA} together (a budget is "
