@@ -330,8 +330,9 @@ def record_client_updates(pairs, basis: np.ndarray, user_ids: np.ndarray, settin
 
 def record_rounds(run_dir: Path | None, settings: dict) -> tuple[int, int | None]:
     """(rounds per user the record audits sum, the median number of rounds the run's users took part in according
-    to its ledger, None without one): a user's rounds are its accountant history's sum of q x steps over the
-    epochs (a round is epochs / q steps), the median over the users the ledger holds; at most MAX_RECORD_ROUNDS."""
+    to its ledger, None without one, 0 when it lists no client): a user's rounds are its accountant history's sum of
+    q x steps over the epochs (a round is epochs / q steps), the median over the users the ledger holds; at most
+    MAX_RECORD_ROUNDS."""
     from lore_core.audits.update_leakage import MAX_RECORD_ROUNDS
     from lore_core.privacy.ledger import read_ledger
 
@@ -340,7 +341,9 @@ def record_rounds(run_dir: Path | None, settings: dict) -> tuple[int, int | None
         return 1, None
     clients = read_ledger(ledger)["events"]["clients"].values()
     taken = [sum(q * k for _, q, k in client["history"]) / int(settings["record_epochs"]) for client in clients]
-    median = max(1, int(round(float(np.median(taken))))) if taken else 1
+    if not taken:
+        return 1, 0
+    median = max(1, int(round(float(np.median(taken)))))
     return min(median, MAX_RECORD_ROUNDS), median
 
 
@@ -439,6 +442,7 @@ def _attribute(args, run_dir, settings) -> dict:
     result = attribute_audit(views, attributes, permutations=args.permutations, seed=args.seed)
     if settings["mode"] == "record":  # w_from_updates: from the uploads of `rounds` rounds summed
         result["scope"] = record_scope(rounds, ledger_rounds)
+        result["summary"] += f" w_from_updates measured on {result['scope']}."
     return result
 
 

@@ -449,7 +449,7 @@ def test_update_leakage_of_a_record_run_attacks_the_noised_upload_and_fails_when
     honest, _ = _audit(record_run, tmp_path / "honest", capsys, "update-leakage", *inputs)
     assert honest["mode"] == "record" and honest["view"] == "single" and honest["clip_norm"] is None
     assert honest["verdict"] != "leak" and "uploads summed over 1 round " in honest["summary"], honest["summary"]
-    assert "took part in 1 rounds (median in its ledger)" in honest["scope"]
+    assert "took part in 1 round (median in its ledger)" in honest["scope"]
     real_noise = dp_optimizer._generate_noise
     monkeypatch.setattr(dp_optimizer, "_generate_noise",
                         lambda std, reference, **kw: real_noise(std / 100, reference, **kw))
@@ -481,7 +481,7 @@ def test_record_audits_sum_each_users_uploads_over_the_rounds_the_ledger_says_it
     assert calls == [USERS] * 4  # one chunk of every seen user, four rounds
     attribute, _ = _audit(run_dir, tmp_path / "attribute", capsys, "attribute", *inputs, "--permutations", "20",
                           "--users", str(_users_jsonl(pair_file, tmp_path)))
-    assert "uploads summed over 4 rounds" in attribute["scope"]
+    assert "uploads summed over 4 rounds" in attribute["scope"] and attribute["scope"] in attribute["summary"]
 
 
 def test_audits_compute_the_updates_the_runs_clients_sent(pair_file, tmp_path):
@@ -538,3 +538,30 @@ def test_audits_of_w_fit_users_with_the_personal_prior_of_the_runs_basis(pair_fi
                  str(tmp_path / "membership")]) == 0
     membership = json.loads((tmp_path / "membership" / "audits" / "membership-record.json").read_text())
     assert membership["prior_pairs"] == 30.0 and "prior_strength" not in membership
+
+
+def test_record_audits_refuse_a_ledger_with_a_damaged_client_history_and_say_when_it_lists_none(
+        record_run, pair_file, tmp_path, capsys):
+    """Found by a tester: a client history of q "x", without `history`, or with infinite steps crashed the record
+    audits with a traceback (exit 1); a ledger listing no client was reported as 'took part in 1 rounds'."""
+    import shutil
+
+    inputs = ("--pairs", str(pair_file))
+    for damage in ({"history": [[1.0, "x", 3]]}, {}, {"history": [[1.0, 0.5, float("inf")]]}):
+        run = tmp_path / f"damaged{len(list(tmp_path.iterdir()))}"
+        shutil.copytree(record_run, run)
+        ledger = json.loads((run / "ledger.json").read_text())
+        first = next(iter(ledger["events"]["clients"]))
+        ledger["events"]["clients"][first] = damage
+        (run / "ledger.json").write_text(json.dumps(ledger))
+        capsys.readouterr()
+        assert main(["audit", "update-leakage", str(run), *inputs]) == 2
+        err = capsys.readouterr().err
+        assert f"client {first} has no valid accountant history" in err and "ledger.json" in err, err
+    empty = tmp_path / "empty"
+    shutil.copytree(record_run, empty)
+    ledger = json.loads((empty / "ledger.json").read_text())
+    ledger["events"]["clients"] = {}
+    (empty / "ledger.json").write_text(json.dumps(ledger))
+    result, _ = _audit(empty, tmp_path / "empty-out", capsys, "update-leakage", *inputs)
+    assert "the ledger lists no client's spending" in result["scope"], result["scope"]

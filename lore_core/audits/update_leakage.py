@@ -32,12 +32,20 @@ MODE_VIEW = {"none": "single", "user": "single", "record": "single", "user-local
 MAX_RECORD_ROUNDS = 20
 
 
+def _rounds(count: int) -> str:
+    return f"{count} round{'s' if count != 1 else ''}"
+
+
 def record_scope(rounds: int, ledger_rounds: int | None) -> str:
-    """What a record-mode audit measured: `rounds` uploads per user summed, against the run's `ledger_rounds`."""
+    """What a record-mode audit measured: `rounds` uploads per user summed, against the run's `ledger_rounds` (None:
+    no ledger; 0: a ledger that lists no client's spending)."""
     of_run = ("no ledger: the run's participation is unknown" if ledger_rounds is None else
-              f"the run's users took part in {ledger_rounds} rounds (median in its ledger)")
+              "the ledger lists no client's spending: no record-mode upload left a device in this run (a budget "
+              "that refused every round, or a run in another mode), so the upload attacked here was never sent"
+              if ledger_rounds == 0 else
+              f"the run's users took part in {_rounds(ledger_rounds)} (median in its ledger)")
     capped = ledger_rounds is not None and rounds < ledger_rounds
-    return (f"each user's DP-SGD uploads summed over {rounds} round{'s' if rounds != 1 else ''} (the client's own "
+    return (f"each user's DP-SGD uploads summed over {_rounds(rounds)} (the client's own "
             f"code, fresh noise each round, the run's basis held fixed); {of_run}"
             + (f"; capped at {MAX_RECORD_ROUNDS}: the rounds beyond carry more signal and are not measured"
                if capped else ""))

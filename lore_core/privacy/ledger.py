@@ -505,6 +505,12 @@ def _check_events(path: Path, events: dict, mode) -> None:
             except (AccountingError, TypeError, ValueError) as exc:
                 raise LedgerError(f"{path}: round entry {position} has noise_multiplier {z!r} and sample_rate {q!r} "
                                   f"({exc}); restore the ledger") from exc
+    for cid, client in events["clients"].items():  # record mode: what each client spent (a tester: audits crashed)
+        try:
+            check_history(client["history"])
+        except (AccountingError, KeyError, TypeError, ValueError, OverflowError) as exc:
+            raise LedgerError(f"{path}: client {cid} has no valid accountant history ({type(exc).__name__}: {exc}); "
+                              "restore the ledger") from exc
 
 
 def _key(history: Iterable[Sequence]) -> tuple[tuple[float, float, int], ...]:
