@@ -100,6 +100,43 @@ def _simulated_accountant_file(context: Context) -> Path | None:
     return Path(str(run_dir)) / SIMULATED_ACCOUNTANTS / name
 
 
+def check_simulated_accountants(run_dir: Path, has_ledger: bool) -> None:
+    """Before a simulation starts: `<run-dir>/client-accountants/` belongs to the run the directory's ledger records,
+    and every file in it is one a node wrote. ValueError names the folder or file (found by a tester: another
+    run's folder made a fresh run count that run's spending; a damaged file failed its node every round)."""
+    folder = Path(run_dir) / SIMULATED_ACCOUNTANTS
+    if not folder.exists():
+        return
+    if not has_ledger:  # the ledger is written before any node trains: without one, the folder is another run's
+        raise ValueError(f"{folder} holds accountant histories but {run_dir} has no ledger.json, so no record run to "
+                         "resume: they are another run's; delete the folder or give a new directory")
+    for file in sorted(folder.iterdir()):
+        problem = _accountant_problem(file)
+        if problem:
+            raise ValueError(f"{file}: {problem}; restore it, or delete it (the ledger keeps every step it recorded; "
+                             "only the steps of a round a crash kept from the ledger would then go uncounted)")
+
+
+def _accountant_problem(file: Path) -> str | None:
+    """What is wrong with a simulated node's accountant file, or None."""
+    from lore_core.privacy.accounting import check_history
+
+    try:
+        with np.load(file) as data:
+            rows = np.asarray(data[RECORD_DP_KEY], dtype=np.float64)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is reported the same way
+        return f"not a readable accountant file ({type(exc).__name__}: {exc})"
+    if rows.ndim != 2 or rows.shape[1] != 4 or not np.isfinite(rows).all():
+        return f"expected finite rows (user, z, q, steps), got shape {rows.shape}"
+    if (rows[:, 0] < 0).any() or (rows[:, 0] != np.round(rows[:, 0])).any():
+        return "user indices must be whole numbers >= 0"
+    try:
+        check_history(rows[:, 1:].tolist())
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
 def load_record_histories(context: Context) -> np.ndarray:
     """All local users' accountant histories as rows (user, z, q, steps), (s, 4); empty before the first round. The
     device file first: it holds what every run on this device spent; a simulated node's file next."""

@@ -291,6 +291,7 @@ def check_resume(out: Path, pairs_path: Path, settings, privacy):
     ledger or release record without a checkpoint is checked too: the server continues them (a run that crashed
     before its first checkpoint). Returns the checkpoint (None for a new run) and the pair file's fingerprint for
     DIR/data.json."""
+    from client.user_state import check_simulated_accountants
     from lore_core.privacy.ledger import LEDGER_FILENAME
     from server.checkpoint import check_resumable, load_checkpoint
     from server.release_record import check_continuable
@@ -303,6 +304,7 @@ def check_resume(out: Path, pairs_path: Path, settings, privacy):
     if (out / LEDGER_FILENAME).exists():
         FederatedLedger.load(out, privacy)  # reads and compares only; the server opens it again to write
     check_continuable(out, settings.release_optimizer(), previous.round if previous is not None else 0)
+    check_simulated_accountants(out, (out / LEDGER_FILENAME).exists())
     return previous, check_same_pairs(out, pairs_path, resuming=previous is not None)
 
 

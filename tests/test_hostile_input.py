@@ -819,3 +819,24 @@ def test_a_setting_the_user_did_not_give_is_named_as_the_default(tmp_path):
     err = refused(sim, "the default rank 5 (set --rank) is more than the embedding width D = 3", tmp_path)
     assert "--rank 5" not in err
     refused(sim + ["--rank", "4"], "--rank 4 is more than the embedding width D = 3", tmp_path)
+
+
+def test_simulate_refuses_another_runs_client_accountants_and_a_damaged_one(w):
+    """Found by a tester: a fresh record run in a directory holding another run's client-accountants/ counted that
+    run's spending (epsilon 8.9 where its own settings give 5.0); a damaged file failed its node every round while
+    the run finished with exit 0."""
+    from client.user_state import SIMULATED_ACCOUNTANTS, check_simulated_accountants
+
+    folder = w / "out" / SIMULATED_ACCOUNTANTS
+    folder.mkdir(parents=True)
+    np.savez(folder / "partition-0-of-1.npz", **{"lore-record-dp": np.array([[0, 1.0, 0.5, 4]])})
+    refused(SIM[:5] + ["record", "--rounds", "1"], f"out/{SIMULATED_ACCOUNTANTS}", w, expect="no ledger.json")
+    check_simulated_accountants(w / "out", has_ledger=True)  # a resumed run's own file passes
+    for damage, expect in ((b"PK\x03\x04 truncated", "not a readable accountant file"),
+                           (None, "expected finite rows")):
+        if damage is None:
+            np.savez(folder / "partition-0-of-1.npz", **{"lore-record-dp": np.array([[0, np.nan, 0.5, 4]])})
+        else:
+            (folder / "partition-0-of-1.npz").write_bytes(damage)
+        with pytest.raises(ValueError, match=expect):
+            check_simulated_accountants(w / "out", has_ledger=True)
