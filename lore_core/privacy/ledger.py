@@ -95,10 +95,10 @@ TRUSTED = {
     "user+secagg": "holds against the server too, if it is honest but curious (it sees only noised sums)",
     "record": ("trusted: nobody; holds per pair against everyone, the server included, as long as the run ships "
                "lore-fed's client code and the server sends its clients the run's noise multiplier, clip and "
-               "max-epsilon (they take them from its messages); a "
-               "device whose node config sets its own record-max-epsilon and record-delta is held to the tighter "
-               "budget at the tighter delta, trains in record mode only and answers no evaluation unless it allows "
-               "it, and a deployed device refuses a server's noise seed"),
+               "max-epsilon (they take them from its messages); a device whose node config sets its own "
+               "record-max-epsilon and record-delta is held to the tighter budget at the tighter delta, trains in "
+               "record mode only and answers no evaluation unless it allows it, and a deployed device refuses a "
+               "server's noise seed"),
 }
 
 
