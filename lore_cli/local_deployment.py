@@ -292,7 +292,8 @@ class LocalDeployment:
     `certs.node_keys[k]` after `register_node(k)`. `insecure=True`: plain HTTP, no node authentication."""
 
     def __init__(self, run_dir: str | Path, nodes: int, certs: Certificates | None = None, *,
-                 insecure: bool = False, port: int | None = None, app: str | Path = ROOT) -> None:
+                 insecure: bool = False, port: int | None = None, app: str | Path = ROOT,
+                 node_extra: dict | None = None) -> None:
         if not insecure and certs is None:
             raise ValueError("a secure deployment needs certificates (`lore-fed deploy certs`) or insecure=True")
         if insecure:
@@ -307,6 +308,7 @@ class LocalDeployment:
         self.insecure = insecure
         self.port = port or free_port()
         self.app = Path(app).resolve()  # the Flower app directory `flwr run` packs into a FAB
+        self.node_extra = dict(node_extra or {})  # more --node-config keys for every node (client/node_limits.py)
         self.superlink: subprocess.Popen | None = None
         self.supernodes: dict[int, subprocess.Popen] = {}
         self.node_ports: dict[int, int] = {}
@@ -377,7 +379,8 @@ class LocalDeployment:
 
     # -- SuperNodes --
     def node_config(self, k: int) -> dict:
-        return {"partition-id": k, "num-partitions": self.nodes, "data-path": str(node_data_dir(self.run_dir, k))}
+        return {"partition-id": k, "num-partitions": self.nodes, "data-path": str(node_data_dir(self.run_dir, k)),
+                **self.node_extra}
 
     def register_node(self, k: int) -> None:
         """Register node k's public key with the SuperLink (`flwr supernode register`); secure mode only."""
