@@ -109,8 +109,8 @@ def _run(args: argparse.Namespace) -> int:
     if dataset_dir.is_file():
         raise DatasetError(f"{dataset_dir} is a file; give the dataset directory that holds {PAIRS_JSONL} (from "
                            "`lore-fed prepare`)")
-    # hashed before the read, and its size and time checked again before pairs.npz is written (an edit while the
-    # pairs embed would leave a pairs.jsonl older than pairs.npz, which readers do not hash)
+    # hashed before the read, and its size and time checked again before pairs.npz is written: an edit while the
+    # pairs embed is refused here, writing nothing, rather than leave a pairs.npz every reader then refuses
     text_file = dataset_dir / PAIRS_JSONL
     digest = file_digest(text_file) if text_file.is_file() else None
     hashed = _stamp(text_file)
