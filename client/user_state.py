@@ -139,14 +139,21 @@ def _accountant_problem(file: Path) -> str | None:
 
 def load_record_histories(context: Context) -> np.ndarray:
     """All local users' accountant histories as rows (user, z, q, steps), (s, 4); empty before the first round. The
-    device file first: it holds what every run on this device spent; a simulated node's file next."""
-    for file in (_record_file(context), _simulated_accountant_file(context)):
-        if file is not None and file.exists():
-            with np.load(file) as data:
-                return data[RECORD_DP_KEY]
-    if RECORD_DP_KEY in context.state:
-        return context.state[RECORD_DP_KEY][RECORD_DP_KEY].numpy()
-    return np.zeros((0, 4))
+    device file first: it holds what every run on this device spent. A simulated node's own Context next (its file
+    holds the same), and its file only when the node is new (a resumed run): no disk read each round."""
+    rows = _histories_in(_record_file(context))
+    if rows is None and RECORD_DP_KEY in context.state:
+        rows = context.state[RECORD_DP_KEY][RECORD_DP_KEY].numpy()
+    if rows is None:
+        rows = _histories_in(_simulated_accountant_file(context))
+    return np.zeros((0, 4)) if rows is None else rows
+
+
+def _histories_in(file: Path | None) -> np.ndarray | None:
+    if file is None or not file.exists():
+        return None
+    with np.load(file) as data:
+        return data[RECORD_DP_KEY]
 
 
 # Record mode: each local user's private weights as logits (S, B), w = softmax(logits): DP-SGD outputs, kept apart

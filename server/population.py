@@ -61,25 +61,6 @@ class Population:
 QUERY_WAIT_TIMEOUTS = 3
 
 
-def _query(grid: Grid, node_ids: list[int], timeout: float) -> list[tuple[int, int, int, int]]:
-    """Each node's (partition id, node id, training users, D), waiting up to QUERY_WAIT_TIMEOUTS x `timeout`
-    (returns as soon as every node answered)."""
-    rows: dict[int, tuple[int, int, int, int]] = {}
-    wait = QUERY_WAIT_TIMEOUTS * timeout
-    messages = [Message(RecordDict(), dst_node_id=nid, message_type=MessageType.QUERY) for nid in node_ids]
-    for reply in grid.send_and_receive(messages, timeout=wait):
-        node = reply.metadata.src_node_id
-        if reply.has_error():
-            raise PopulationError(f"node {node} failed the query: {reply.error.reason}")
-        if node in node_ids:
-            metrics = reply.content[p.METRICS]
-            rows[node] = (int(metrics[p.PARTITION_ID]), node, int(metrics[p.NUM_TRAIN_USERS]), int(metrics[p.DIM]))
-    if len(rows) != len(node_ids):
-        raise PopulationError(f"{len(rows)} of {len(node_ids)} nodes answered the query within {wait:g} s "
-                              f"({QUERY_WAIT_TIMEOUTS} x round-timeout)")
-    return list(rows.values())
-
-
 def discover_population(grid: Grid, min_nodes: int, timeout: float) -> Population:
     """Wait for `min_nodes` nodes, ask each how many training users it hosts (one `query` round)."""
     deadline = time.monotonic() + timeout
@@ -89,7 +70,18 @@ def discover_population(grid: Grid, min_nodes: int, timeout: float) -> Populatio
             raise PopulationError(f"only {len(node_ids)} of min-nodes={min_nodes} nodes connected in {timeout} s")
         time.sleep(0.5)
         node_ids = sorted(grid.get_node_ids())
-    rows = _query(grid, node_ids, timeout)
+    messages = [Message(RecordDict(), dst_node_id=nid, message_type=MessageType.QUERY) for nid in node_ids]
+    wait = QUERY_WAIT_TIMEOUTS * timeout  # returns as soon as every node answered
+    rows = []
+    for reply in grid.send_and_receive(messages, timeout=wait):
+        if reply.has_error():
+            raise PopulationError(f"node {reply.metadata.src_node_id} failed the query: {reply.error.reason}")
+        metrics = reply.content[p.METRICS]
+        rows.append((int(metrics[p.PARTITION_ID]), reply.metadata.src_node_id, int(metrics[p.NUM_TRAIN_USERS]),
+                     int(metrics[p.DIM])))
+    if len(rows) != len(node_ids):
+        raise PopulationError(f"{len(rows)} of {len(node_ids)} nodes answered the query within {wait:g} s "
+                              f"({QUERY_WAIT_TIMEOUTS} x round-timeout)")
     rows.sort()
     dims = {r[3] for r in rows}
     if len(dims) != 1:
