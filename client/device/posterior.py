@@ -12,10 +12,19 @@ up the Jacobian prod_k w_k and is much closer to Gaussian (MacKay 1998, "Choice 
 approximation"); the Gaussian is centred at that density's mode, with covariance minus its inverse Hessian. Any
 other reference coordinate gives the same Gaussian up to a linear map.
 
-Sampling corrects the Laplace. The Laplace Gaussian, as a Student-t proposal (same centre and scale, 5 degrees of
-freedom, for tails), gives samples whose self-normalised importance weights p / q turn them into samples of the
-exact posterior. Intervals, calibrated probabilities (the logistic integrated over w) and information gains are
-then exact up to Monte-Carlo error, reported as the effective sample size. 512 samples, numpy only.
+Sampling corrects the Laplace. Self-normalised importance weights p / q turn proposed samples into samples of the
+exact posterior; intervals, calibrated probabilities (the logistic integrated over w) and information gains are then
+exact up to Monte-Carlo error, reported as the effective sample size. 512 samples, numpy only.
+
+The proposal adapts once (adaptive multiple importance sampling, Cornuet et al. 2012). The Laplace alone is a poor
+proposal where it matters: the prior in the chart has log-gamma, not Gaussian, marginals, so the Laplace is too narrow
+by a factor 1/trigamma(1) = 0.61 in variance in every direction and the weights collapse as B grows (26 effective
+samples of 512 at B = 40, bench_results/posterior_ess.md). So half the samples come from two components:
+  - the Dirichlet(1 + c m), which has the prior's mode and curvature (the posterior before any answer, nearly);
+  - the Laplace as a Student-t (5 degrees of freedom, for tails);
+and the other half from the same two families refitted to the first half's weighted samples (the t by weighted
+mean and covariance in the chart, the Dirichlet by moments on the simplex). Every sample is weighed against the
+whole mixture (the balance heuristic), so a component that fits badly costs samples, never correctness.
 
 Shapes: U users (1 on a device), n answers each (the same n for all users of one call), B basis size,
 S samples. answers (U, n, B) are the answered pairs' basis scores, oriented chosen-minus-rejected.
@@ -26,6 +35,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from scipy.special import gammaln
 
 from lore_core.simplex_fit import prior_log_mean
 
@@ -140,24 +150,26 @@ def sample(
     n_samples: int = DEFAULT_SAMPLES,
     rng: np.random.Generator | None = None,
 ) -> PosteriorSamples:
-    """Importance-weighted samples of the exact posterior, proposed from the Laplace fit (Student-t)."""
+    """Importance-weighted samples of the exact posterior from the adaptive mixture (see module docstring)."""
     answers = np.asarray(answers, dtype=np.float64)
     n_users, _, n_basis = answers.shape
+    if n_samples < 4:
+        raise ValueError(f"the posterior needs at least 4 samples, got {n_samples}")
     prior_log = prior_log_mean(prior_mean, n_users, n_basis)
     rng = rng if rng is not None else np.random.default_rng(SAMPLE_SEED)
-    dim = n_basis - 1
-    normal = rng.standard_normal((n_users, n_samples, dim))
-    scale = np.sqrt(PROPOSAL_DOF / rng.chisquare(PROPOSAL_DOF, (n_users, n_samples, 1)))
-    chol = np.linalg.cholesky(fit.cov)
-    eta = fit.mode[:, None, :] + np.einsum("uij,usj->usi", chol, normal * scale)
-    log_q = -0.5 * (PROPOSAL_DOF + dim) * np.log1p(np.square(normal * scale).sum(axis=-1) / PROPOSAL_DOF)
-    log_w = _log_simplex(eta)
-    w = np.exp(log_w)
-    log_p = log_density(w, answers, prior_log, prior_pairs) + log_w.sum(axis=-1)  # + log Jacobian of the chart
-    log_weight = log_p - log_q
-    log_weight -= log_weight.max(axis=1, keepdims=True)
-    probability = np.exp(log_weight)
-    return PosteriorSamples(w=w, probability=probability / probability.sum(axis=1, keepdims=True))
+    first, second = n_samples // 2, n_samples - n_samples // 2
+    components = [_Dirichlet(1.0 + prior_pairs * np.exp(prior_log), first // 2),
+                  _StudentT(fit.mode, np.linalg.cholesky(fit.cov), first - first // 2)]
+    eta = np.concatenate([c.draw(rng) for c in components], axis=1)
+    log_p = _chart_log_density_samples(eta, answers, prior_log, prior_pairs)
+    probability = _normalised(log_p - _mixture_log_density(eta, components))
+    refitted = [_Dirichlet(_dirichlet_moments(to_simplex(eta), probability), second // 2),
+                _StudentT(*_t_moments(eta, probability, fit), second - second // 2)]
+    more = np.concatenate([c.draw(rng) for c in refitted], axis=1)
+    eta = np.concatenate([eta, more], axis=1)
+    log_p = np.concatenate([log_p, _chart_log_density_samples(more, answers, prior_log, prior_pairs)], axis=1)
+    probability = _normalised(log_p - _mixture_log_density(eta, components + refitted))
+    return PosteriorSamples(w=to_simplex(eta), probability=probability)
 
 
 def posterior(
@@ -227,6 +239,85 @@ def spread(samples: PosteriorSamples) -> np.ndarray:
     return 0.5 * np.einsum("us,us->u", samples.probability, np.abs(samples.w - centre[:, None, :]).sum(axis=-1))
 
 
+# --- the proposal's components, as densities in the softmax chart --------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _StudentT:
+    """Multivariate t in the chart: centre (U, B-1), Cholesky factor of its scale (U, B-1, B-1), count samples."""
+
+    centre: np.ndarray
+    chol: np.ndarray
+    count: int
+
+    def draw(self, rng: np.random.Generator) -> np.ndarray:
+        n_users, dim = self.centre.shape
+        normal = rng.standard_normal((n_users, self.count, dim))
+        scale = np.sqrt(PROPOSAL_DOF / rng.chisquare(PROPOSAL_DOF, (n_users, self.count, 1)))
+        return self.centre[:, None, :] + np.einsum("uij,usj->usi", self.chol, normal * scale)
+
+    def log_density(self, eta: np.ndarray) -> np.ndarray:
+        dim = eta.shape[-1]
+        centred = (eta - self.centre[:, None, :]).transpose(0, 2, 1)
+        z = np.linalg.solve(self.chol, centred)  # (U, B-1, S)
+        log_det = np.log(np.diagonal(self.chol, axis1=1, axis2=2)).sum(axis=1)
+        constant = gammaln(0.5 * (PROPOSAL_DOF + dim)) - gammaln(0.5 * PROPOSAL_DOF) - 0.5 * dim * np.log(
+            PROPOSAL_DOF * np.pi)
+        return constant - log_det[:, None] - 0.5 * (PROPOSAL_DOF + dim) * np.log1p(
+            np.square(z).sum(axis=1) / PROPOSAL_DOF)
+
+
+@dataclass(frozen=True)
+class _Dirichlet:
+    """Dirichlet(alpha) (U, B) on the simplex, seen in the chart (its density times the chart's Jacobian)."""
+
+    alpha: np.ndarray
+    count: int
+
+    def draw(self, rng: np.random.Generator) -> np.ndarray:
+        gammas = rng.standard_gamma(self.alpha[:, None, :], size=(self.alpha.shape[0], self.count, self.alpha.shape[1]))
+        log_g = np.log(np.clip(gammas, 1e-300, None))  # alpha << 1 underflows: a point on the face, nudged inside
+        return log_g[..., :-1] - log_g[..., -1:]
+
+    def log_density(self, eta: np.ndarray) -> np.ndarray:
+        log_norm = gammaln(self.alpha.sum(axis=1)) - gammaln(self.alpha).sum(axis=1)
+        return np.einsum("usb,ub->us", _log_simplex(eta), self.alpha) + log_norm[:, None]
+
+
+def _mixture_log_density(eta: np.ndarray, components: list) -> np.ndarray:
+    """log of sum_c (n_c / n) q_c(eta) (U, S): the balance heuristic's proposal density."""
+    total = sum(c.count for c in components)
+    parts = [np.log(c.count / total) + c.log_density(eta) for c in components if c.count]
+    return np.logaddexp.reduce(np.stack(parts), axis=0)
+
+
+def _normalised(log_weight: np.ndarray) -> np.ndarray:
+    weight = np.exp(log_weight - log_weight.max(axis=1, keepdims=True))
+    return weight / weight.sum(axis=1, keepdims=True)
+
+
+def _t_moments(eta: np.ndarray, probability: np.ndarray, fit: LaplaceFit) -> tuple[np.ndarray, np.ndarray]:
+    """Weighted mean and Cholesky of the weighted covariance of chart samples, shrunk toward the Laplace covariance
+    by dim / (dim + effective samples): a few effective samples cannot estimate a covariance on their own."""
+    dim = eta.shape[-1]
+    centre = np.einsum("us,usi->ui", probability, eta)
+    centred = eta - centre[:, None, :]
+    cov = np.einsum("us,usi,usj->uij", probability, centred, centred)
+    shrink = (dim / (dim + 1.0 / np.square(probability).sum(axis=1)))[:, None, None]
+    cov = (1.0 - shrink) * cov + shrink * fit.cov + 1e-9 * np.eye(dim)
+    return centre, np.linalg.cholesky(cov)
+
+
+def _dirichlet_moments(w: np.ndarray, probability: np.ndarray) -> np.ndarray:
+    """Dirichlet alpha (U, B) with the weighted samples' mean m and variances: each coordinate's variance gives a
+    precision m_k (1 - m_k) / v_k - 1; they are pooled by their geometric mean weighted by m."""
+    mean = np.einsum("us,usb->ub", probability, w)
+    var = np.einsum("us,usb->ub", probability, np.square(w - mean[:, None, :]))
+    precision = np.clip(mean * (1.0 - mean) / np.maximum(var, 1e-300) - 1.0, 1e-3, 1e8)
+    pooled = np.exp((mean * np.log(precision)).sum(axis=1, keepdims=True))
+    return np.clip(mean * pooled, 1e-3, None)
+
+
 # --- derivatives in the softmax chart ----------------------------------------------------------------------------
 
 
@@ -236,8 +327,13 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
 
 def _chart_log_density(eta, answers, prior_log, prior_pairs) -> np.ndarray:
     """log p(eta) = log p(w(eta)) + sum_k log w_k (Jacobian of the chart) (U,)."""
+    return _chart_log_density_samples(eta[:, None, :], answers, prior_log, prior_pairs)[:, 0]
+
+
+def _chart_log_density_samples(eta, answers, prior_log, prior_pairs) -> np.ndarray:
+    """The same for samples eta (U, S, B-1) -> (U, S)."""
     log_w = _log_simplex(eta)
-    return log_density(np.exp(log_w)[:, None, :], answers, prior_log, prior_pairs)[:, 0] + log_w.sum(axis=-1)
+    return log_density(np.exp(log_w), answers, prior_log, prior_pairs) + log_w.sum(axis=-1)
 
 
 def _chart_derivatives(eta, answers, prior_log, prior_pairs) -> tuple[np.ndarray, np.ndarray]:
