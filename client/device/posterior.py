@@ -20,11 +20,15 @@ The proposal adapts once (adaptive multiple importance sampling, Cornuet et al. 
 proposal where it matters: the prior in the chart has log-gamma, not Gaussian, marginals, so the Laplace is too narrow
 by a factor 1/trigamma(1) = 0.61 in variance in every direction and the weights collapse as B grows (26 effective
 samples of 512 at B = 40, bench_results/posterior_ess.md). So half the samples come from two components:
-  - the Dirichlet(1 + c m), which has the prior's mode and curvature (the posterior before any answer, nearly);
+  - the Dirichlet(1 + c m), which has the prior's mode m and its curvature there (the posterior before any answer,
+    nearly; not where c m_k << 1 and m_k ~ 0, where the prior is an exponential tilt toward the face it cannot
+    follow, and the samples thin out as with the Laplace alone);
   - the Laplace as a Student-t (5 degrees of freedom, for tails);
 and the other half from the same two families refitted to the first half's weighted samples (the t by weighted
 mean and covariance in the chart, the Dirichlet by moments on the simplex). Every sample is weighed against the
-whole mixture (the balance heuristic), so a component that fits badly costs samples, never correctness.
+whole mixture (the balance heuristic), so a component that fits badly costs samples, never correctness (the refit
+reuses the first half's samples: a bias of order 1/S, about 1e-3 in w's mean at S = 512, below its Monte-Carlo
+error). At least 4 samples.
 
 Shapes: U users (1 on a device), n answers each (the same n for all users of one call), B basis size,
 S samples. answers (U, n, B) are the answered pairs' basis scores, oriented chosen-minus-rejected.
@@ -158,18 +162,23 @@ def sample(
     prior_log = prior_log_mean(prior_mean, n_users, n_basis)
     rng = rng if rng is not None else np.random.default_rng(SAMPLE_SEED)
     first, second = n_samples // 2, n_samples - n_samples // 2
-    components = [_Dirichlet(1.0 + prior_pairs * np.exp(prior_log), first // 2),
-                  _StudentT(fit.mode, np.linalg.cholesky(fit.cov), first - first // 2)]
-    eta = np.concatenate([c.draw(rng) for c in components], axis=1)
+    prior_alpha = 1.0 + prior_pairs * np.exp(prior_log)
+    initial = [_Dirichlet(prior_alpha, first // 2),
+               _StudentT(fit.mode, np.linalg.cholesky(fit.cov), first - first // 2)]
+    eta = np.concatenate([c.draw(rng) for c in initial], axis=1)
     log_p = _chart_log_density_samples(eta, answers, prior_log, prior_pairs)
-    probability = _normalised(log_p - _mixture_log_density(eta, components))
-    refitted = [_Dirichlet(_dirichlet_moments(to_simplex(eta), probability), second // 2),
+    log_q = np.stack([c.log_density(eta) for c in initial])  # (2, U, first)
+    probability = _normalised(log_p - _mixture(log_q, initial))
+    refitted = [_Dirichlet(_dirichlet_moments(to_simplex(eta), probability, prior_alpha), second // 2),
                 _StudentT(*_t_moments(eta, probability, fit), second - second // 2)]
     more = np.concatenate([c.draw(rng) for c in refitted], axis=1)
-    eta = np.concatenate([eta, more], axis=1)
+    everyone = initial + refitted
+    log_q = np.concatenate([  # every component's density at every sample; the initial ones' at the first half kept
+        np.concatenate([log_q, np.stack([c.log_density(eta) for c in refitted])]),
+        np.stack([c.log_density(more) for c in everyone])], axis=2)
     log_p = np.concatenate([log_p, _chart_log_density_samples(more, answers, prior_log, prior_pairs)], axis=1)
-    probability = _normalised(log_p - _mixture_log_density(eta, components + refitted))
-    return PosteriorSamples(w=to_simplex(eta), probability=probability)
+    probability = _normalised(log_p - _mixture(log_q, everyone))
+    return PosteriorSamples(w=to_simplex(np.concatenate([eta, more], axis=1)), probability=probability)
 
 
 def posterior(
@@ -258,13 +267,12 @@ class _StudentT:
 
     def log_density(self, eta: np.ndarray) -> np.ndarray:
         dim = eta.shape[-1]
-        centred = (eta - self.centre[:, None, :]).transpose(0, 2, 1)
-        z = np.linalg.solve(self.chol, centred)  # (U, B-1, S)
+        z = np.einsum("uij,usj->usi", np.linalg.inv(self.chol), eta - self.centre[:, None, :])
         log_det = np.log(np.diagonal(self.chol, axis1=1, axis2=2)).sum(axis=1)
         constant = gammaln(0.5 * (PROPOSAL_DOF + dim)) - gammaln(0.5 * PROPOSAL_DOF) - 0.5 * dim * np.log(
             PROPOSAL_DOF * np.pi)
         return constant - log_det[:, None] - 0.5 * (PROPOSAL_DOF + dim) * np.log1p(
-            np.square(z).sum(axis=1) / PROPOSAL_DOF)
+            np.square(z).sum(axis=-1) / PROPOSAL_DOF)
 
 
 @dataclass(frozen=True)
@@ -284,11 +292,11 @@ class _Dirichlet:
         return np.einsum("usb,ub->us", _log_simplex(eta), self.alpha) + log_norm[:, None]
 
 
-def _mixture_log_density(eta: np.ndarray, components: list) -> np.ndarray:
-    """log of sum_c (n_c / n) q_c(eta) (U, S): the balance heuristic's proposal density."""
-    total = sum(c.count for c in components)
-    parts = [np.log(c.count / total) + c.log_density(eta) for c in components if c.count]
-    return np.logaddexp.reduce(np.stack(parts), axis=0)
+def _mixture(log_q: np.ndarray, components: list) -> np.ndarray:
+    """log sum_c (n_c / n) q_c (U, S) from each component's log density log_q (C, U, S): the balance heuristic's
+    proposal density (every count is at least 1: sample() asks for 4 samples or more)."""
+    share = np.log(np.array([c.count for c in components], dtype=np.float64) / sum(c.count for c in components))
+    return np.logaddexp.reduce(log_q + share[:, None, None], axis=0)
 
 
 def _normalised(log_weight: np.ndarray) -> np.ndarray:
@@ -308,14 +316,17 @@ def _t_moments(eta: np.ndarray, probability: np.ndarray, fit: LaplaceFit) -> tup
     return centre, np.linalg.cholesky(cov)
 
 
-def _dirichlet_moments(w: np.ndarray, probability: np.ndarray) -> np.ndarray:
+def _dirichlet_moments(w: np.ndarray, probability: np.ndarray, prior_alpha: np.ndarray) -> np.ndarray:
     """Dirichlet alpha (U, B) with the weighted samples' mean m and variances: each coordinate's variance gives a
-    precision m_k (1 - m_k) / v_k - 1; they are pooled by their geometric mean weighted by m."""
+    precision m_k (1 - m_k) / v_k - 1; they are pooled by their geometric mean weighted by m. Shrunk toward
+    prior_alpha by dim / (dim + effective samples), as the t's covariance: one heavy sample has no variance."""
     mean = np.einsum("us,usb->ub", probability, w)
     var = np.einsum("us,usb->ub", probability, np.square(w - mean[:, None, :]))
     precision = np.clip(mean * (1.0 - mean) / np.maximum(var, 1e-300) - 1.0, 1e-3, 1e8)
     pooled = np.exp((mean * np.log(precision)).sum(axis=1, keepdims=True))
-    return np.clip(mean * pooled, 1e-3, None)
+    dim = w.shape[-1] - 1
+    shrink = (dim / (dim + 1.0 / np.square(probability).sum(axis=1)))[:, None]
+    return (1.0 - shrink) * np.clip(mean * pooled, 1e-3, None) + shrink * prior_alpha
 
 
 # --- derivatives in the softmax chart ----------------------------------------------------------------------------
