@@ -180,12 +180,15 @@ def run_measured(kind: str, target: str, *args: str) -> dict:
 
 
 def bench_processes(encoder_dir: Path, work: Path) -> dict:
-    from lore_core.basis_file import save_basis
+    from client.device.encoder import read_encoder_meta
+    from lore_core.basis_file import UNKNOWN_EMBEDDER, save_basis
     from simulations.text_pool import build_text_pool
 
     pool = build_text_pool(seed=1)
     rng = np.random.default_rng(1)
-    basis_path = save_basis(work / "basis.npz", rng.standard_normal((RANK, 384)), version=1, embedder="bench")
+    # The basis names the encoder's model: `init` refuses a basis trained on another model's embeddings.
+    embedder = read_encoder_meta(encoder_dir).get("embedder") or UNKNOWN_EMBEDDER
+    basis_path = save_basis(work / "basis.npz", rng.standard_normal((RANK, 384)), version=1, embedder=embedder)
     candidates = work / "candidates.json"
     candidates.write_text(json.dumps([pool.openers[j].candidates[j % 4] for j in range(16)]))
     choices = work / "choices.jsonl"

@@ -5,8 +5,8 @@
 The device's posterior (client/device/posterior.py) weighs proposed samples by importance; Kish's effective sample
 size says how many of them count. Side by side, on the same users: the device's adaptive mixture proposal, and the
 Laplace fit alone as a Student-t proposal (the sampler before it). Users: w ~ Dirichlet(0.5), answers' basis scores
-~ N(0, 2^2) per coordinate, labels from Bradley-Terry, the device's default prior (0.5 pairs). Median over 20 users
-per cell, and the milliseconds one posterior takes. A diagnostic: it chooses nothing.
+~ N(0, 2^2) per coordinate, labels from Bradley-Terry, the device's default prior (DEVICE_PRIOR_PAIRS). Median over
+20 users per cell, and the milliseconds one posterior takes. A diagnostic: it chooses nothing.
 """
 
 from __future__ import annotations

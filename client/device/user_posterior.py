@@ -17,8 +17,9 @@ from client.device.state import DeviceState
 
 # The device's personal prior, worth this many answers, for a basis file that carries none: chosen on the onboarding
 # pilots (seeds 101, 102) with `python -m simulations.bench_onboarding --pilot`, for regions that cover the truth at an
-# unchanged accuracy. A basis from `lore-fed train` or `simulate` carries the prior chosen on held-out groups.
-DEVICE_PRIOR_PAIRS = 0.5
+# unchanged accuracy (0.5 until the posterior's adaptive proposal; bench_results/onboarding_pilot.md). A basis from
+# `lore-fed train` or `simulate` carries the prior chosen on held-out groups.
+DEVICE_PRIOR_PAIRS = 1.0
 
 
 def prior_pairs(state: DeviceState) -> float:
