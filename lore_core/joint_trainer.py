@@ -166,9 +166,10 @@ def fit_basis_and_weights(
         basis = torch.randn(rank, dim, generator=gen) / math.sqrt(dim)
         theta = 0.1 * torch.randn(n_users, rank, generator=gen)
     else:
-        # Copies: L-BFGS updates its parameters in place, and the caller may keep the neighbouring fit.
-        basis = torch.tensor(init[0], dtype=torch.float32)
-        theta = torch.log(torch.tensor(init[1], dtype=torch.float32).clamp(min=1e-12))
+        # Contiguous copies: L-BFGS updates its parameters in place (the caller may keep the neighbouring fit) and
+        # views their gradients flat, which a start with another layout (a transposed or Fortran array) breaks.
+        basis = torch.tensor(np.ascontiguousarray(init[0]), dtype=torch.float32)
+        theta = torch.log(torch.tensor(np.ascontiguousarray(init[1]), dtype=torch.float32).clamp(min=1e-12))
     basis = basis.to(dev).requires_grad_(True)
     theta = theta.to(dev).requires_grad_(True)
     objective = _Objective(x, idx, n_users, prior_strength, l2)

@@ -126,6 +126,19 @@ def test_a_warm_started_fit_leaves_its_starting_point_alone():
     np.testing.assert_array_equal(first[1], kept[1])
 
 
+def test_a_warm_start_in_any_numpy_layout_fits():
+    # compare_basis_methods' moment start is a Fortran-ordered array; L-BFGS views each gradient flat, which failed
+    # on a non-contiguous parameter.
+    from lore_core.joint_trainer import fit_basis_and_weights
+
+    diff, user_idx, _ = _thin_users()
+    first = fit_basis_and_weights(diff, user_idx, 40, rank=3, l2=1e-3, prior_strength=0.1, max_iter=5, seed=0)
+    fortran = (np.asfortranarray(first[0]), np.asfortranarray(first[1]))
+    basis, weights = fit_basis_and_weights(diff, user_idx, 40, rank=3, l2=1e-3, prior_strength=0.1, max_iter=5,
+                                           seed=0, init=fortran)
+    assert np.isfinite(basis).all() and np.allclose(weights.sum(axis=1), 1.0, atol=1e-5)
+
+
 def _server_settings(**overrides) -> ServerSettings:
     cfg = get_fused_config_from_dir(ROOT, {"run-dir": "unused", "privacy-mode": "none", **overrides})
     return ServerSettings.from_run_config(cfg)
