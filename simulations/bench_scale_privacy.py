@@ -37,10 +37,12 @@ def choose_cohort(population: int, rounds: int, rank: int, dim: int) -> tuple[in
     from lore_core.privacy.accounting import noise_for_target_epsilon
 
     ladder = []
-    for m in COHORTS:
+    for m in (m for m in COHORTS if m < population):  # a cohort of everyone samples at rate >= 1
         z = noise_for_target_epsilon(EPSILON, m / population, rounds, DELTA)
         ladder.append({"users_per_round": m, "noise_multiplier": round(z, 4),
                        "noise_to_clip": round(float(z * np.sqrt(rank * dim) / m), 4)})
+    if not ladder:
+        raise ValueError(f"a population of {population} seen users is too small: the smallest cohort is {COHORTS[0]}")
     fine = [row for row in ladder if row["noise_to_clip"] <= NOISE_TO_CLIP]
     chosen = fine[0] if fine else min(ladder, key=lambda row: row["noise_to_clip"])
     return chosen["users_per_round"], ladder
