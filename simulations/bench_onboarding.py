@@ -64,8 +64,8 @@ BOOTSTRAP = 1000
 ATTRIBUTE_FIELDS = ("age", "gender")
 PRIOR_GRID = (0.25, 0.5, 1.0, 3.0)
 STOP_GRID = (0.01, 0.02, 0.03, 0.05, 0.08, 0.1, 0.15, 0.2)
-# Single-turn conversations (README, Onboarding, Populations): the committed figures come from these; the multi-turn
-# generator (--conversations 34-40 --max-turns 3) embeds about 100,000 texts per 400 users, too slow on 2 cores.
+# Single-turn conversations: the committed figures come from these (README, Onboarding, Populations, says why not the
+# multi-turn generator, --conversations 34-40 --max-turns 3, which embeds about 100,000 texts for 400 users).
 _PRISM_MAKE = "lore-fed synth --users {users} --seed {seed} --conversations 52-60 --max-turns 1 " \
               "--plant-attribute age --out {dir}_raw"
 POPULATIONS = {

@@ -20,6 +20,7 @@ import numpy as np
 from client.device import posterior
 from client.device.user_posterior import DEVICE_PRIOR_PAIRS
 from lore_core.atomic_io import atomic_write_json, atomic_write_text
+from lore_core.simplex_fit import prior_log_mean
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -29,8 +30,8 @@ def laplace_only(answers: np.ndarray, samples: int) -> float:
     fit = posterior.laplace(answers, DEVICE_PRIOR_PAIRS)
     proposal = posterior._StudentT(fit.mode, np.linalg.cholesky(fit.cov), samples)
     eta = proposal.draw(np.random.default_rng(posterior.SAMPLE_SEED))
-    log_p = posterior._chart_log_density_samples(eta, answers, np.full((1, answers.shape[2]), -np.log(
-        answers.shape[2])), DEVICE_PRIOR_PAIRS)
+    uniform = prior_log_mean(None, 1, answers.shape[2])
+    log_p = posterior._chart_log_density_samples(eta, answers, uniform, DEVICE_PRIOR_PAIRS)
     return float(1.0 / np.square(posterior._normalised(log_p - proposal.log_density(eta))).sum())
 
 
