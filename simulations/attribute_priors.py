@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from client.device.attribute_prior import FORMAT
+from client.device.attribute_prior import FORMAT, publishable_mean
 from client.device.user_posterior import DEVICE_PRIOR_PAIRS
 from lore_core.atomic_io import atomic_write_json
 from lore_core.basis_file import BasisFile, load_basis
@@ -57,11 +57,11 @@ def build_table(panel: PairSet, basis: BasisFile, demographics: dict[str, dict],
             if value == "None" or members.sum() < min_users:
                 continue
             mean = weights[members].mean(axis=0)
-            groups[field][value] = {"users": int(members.sum()), "mean": [float(x) for x in mean / mean.sum()]}
+            groups[field][value] = {"users": int(members.sum()), "mean": publishable_mean(mean)}
     population = weights.mean(axis=0)
     return {"format": FORMAT, "basis_sha256": basis.sha256, "rank": basis.rank, "source": source,
             "min_users": min_users, "prior_pairs": prior_pairs,
-            "population": {"users": int(ids.size), "mean": [float(x) for x in population / population.sum()]},
+            "population": {"users": int(ids.size), "mean": publishable_mean(population)},
             "groups": groups}
 
 

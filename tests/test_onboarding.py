@@ -205,6 +205,19 @@ def test_next_question_respects_k_skips_answered_pairs_and_adapt_updates_the_pos
     assert again["unanswered"] == 199 and again["questions"][0]["index"] != picked[0]
 
 
+def test_next_question_never_prints_negative_information(toy_device, monkeypatch, capsys):
+    # A hostile-input test saw "information_bits": -0.0: a sampled estimate of nothing to learn is -1e-17.
+    from client.device import device_cli, user_posterior
+
+    state, tmp, *_ = toy_device
+    monkeypatch.setattr(user_posterior, "next_questions",
+                        lambda *a: (np.array([0, 1]), np.array([-1e-17, 0.0]), 0.0))
+    assert device_cli.main(["--state", str(state), "next-question", "--candidates", str(tmp / "pool.npz"),
+                            "--k", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "-0.0" not in out and [q["information_bits"] for q in json.loads(out)["questions"]] == [0.0, 0.0]
+
+
 def test_next_question_says_stop_when_the_pool_is_used_up(toy_device):
     state, tmp, pool, basis = toy_device
     np.savez(tmp / "small.npz", diff=pool[20:22])
@@ -284,6 +297,22 @@ def test_a_malformed_prior_table_is_refused_by_name(tmp_path, groups):
     (tmp_path / "T.json").write_text("[" * 100000 + "]" * 100000)
     with pytest.raises(attribute_prior.AttributePriorError, match="T.json"):
         attribute_prior.read_table(tmp_path / "T.json", basis)
+
+
+@pytest.mark.parametrize("tiny", [1e-300, 1e-100, 1e-7])
+def test_a_prior_table_with_a_vanishing_group_weight_is_refused_by_name(tmp_path, tiny):
+    # A hostile-input test: a mean of 1e-300 made `declare` fail with "Eigenvalues did not converge", and 1e-100
+    # left the posterior 1.4 effective samples of 512.
+    basis = load_basis(save_basis(tmp_path / "b.npz", np.eye(3, 4), version=1, embedder="toy"))
+    table = {"format": attribute_prior.FORMAT, "basis_sha256": basis.sha256, "rank": 3,
+             "groups": {"g": {"tiny": {"mean": [1 - 2 * tiny, tiny, tiny]}}}}
+    (tmp_path / "T.json").write_text(json.dumps(table))
+    with pytest.raises(attribute_prior.AttributePriorError, match="T.json.*at least 1e-06"):
+        attribute_prior.read_table(tmp_path / "T.json", basis)
+    # What a builder writes from such a mean passes.
+    table["groups"]["g"]["tiny"]["mean"] = attribute_prior.publishable_mean(np.array([1 - 2 * tiny, tiny, tiny]))
+    (tmp_path / "T.json").write_text(json.dumps(table))
+    attribute_prior.read_table(tmp_path / "T.json", basis)
 
 
 def test_several_attributes_combine_as_a_geometric_mean():

@@ -25,6 +25,10 @@ from lore_core.basis_file import BasisFile
 from lore_core.text_file import is_json_integer
 
 FORMAT = "lore-fed-attribute-priors/1"
+# A group mean's smallest weight. The prior's mode is that mean and its curvature 1/m_k: means of 1e-100 or below
+# broke the device's Laplace fit (a hostile-input test: "Eigenvalues did not converge") and collapsed its samples.
+# A panel's mean of fitted w is never that small; `publishable_mean` floors what a builder writes.
+MIN_GROUP_WEIGHT = 1e-6
 
 
 class AttributePriorError(ValueError):
@@ -60,10 +64,16 @@ def read_table(path: str | Path, basis: BasisFile) -> dict:
                 mean = np.asarray(row.get("mean"), dtype=np.float64)
             except (TypeError, ValueError):
                 mean = np.zeros(0)
-            if mean.shape != (rank,) or not (mean > 0).all() or abs(mean.sum() - 1.0) > 1e-6:
-                raise AttributePriorError(f"{path}: {field}={value!r}: mean must be {rank} positive weights "
-                                          f"summing to 1")
+            if mean.shape != (rank,) or not (mean >= MIN_GROUP_WEIGHT).all() or abs(mean.sum() - 1.0) > 1e-6:
+                raise AttributePriorError(f"{path}: {field}={value!r}: mean must be {rank} weights of at least "
+                                          f"{MIN_GROUP_WEIGHT:g} summing to 1")
     return table
+
+
+def publishable_mean(mean: np.ndarray) -> list[float]:
+    """A group's mean w (B,) as a table row: normalised, every weight at least MIN_GROUP_WEIGHT."""
+    floored = np.maximum(mean / mean.sum(), 2 * MIN_GROUP_WEIGHT)  # 2x: still >= the minimum once renormalised
+    return [float(x) for x in floored / floored.sum()]
 
 
 def prior_mean(table: dict, declared: dict[str, str]) -> tuple[np.ndarray | None, list[str]]:
