@@ -218,6 +218,23 @@ def test_next_question_never_prints_negative_information(toy_device, monkeypatch
     assert "-0.0" not in out and [q["information_bits"] for q in json.loads(out)["questions"]] == [0.0, 0.0]
 
 
+def test_status_says_when_the_posterior_rests_on_a_handful_of_samples(tmp_path):
+    # A hostile-input test: a basis scaled to 1e6 left 3 effective samples after 30 answers, and `status` printed
+    # point intervals that missed its own w without a word.
+    rng = np.random.default_rng(5)
+    raw = rng.standard_normal((5, 16))
+    basis = save_basis(tmp_path / "basis.npz", raw / np.abs(raw).max() * 1e6, version=1, embedder="toy")
+    state = tmp_path / "state"
+    assert run_device(state, "init", "--basis", basis).returncode == 0
+    assert "effective samples" not in run_device(state, "status").stderr
+    diff = rng.standard_normal((30, 16))
+    np.savez(tmp_path / "answers.npz", diff=diff * np.sign(diff @ load_basis(basis).basis.T[:, 0])[:, None])
+    assert run_device(state, "adapt", "--choices", tmp_path / "answers.npz").returncode == 0
+    proc = run_device(state, "status")
+    size = json.loads(proc.stdout)["effective_samples"]
+    assert size < 20 and f"note: w's posterior rests on {size:.1f} effective samples of 512" in proc.stderr
+
+
 def test_next_question_says_stop_when_the_pool_is_used_up(toy_device):
     state, tmp, pool, basis = toy_device
     np.savez(tmp / "small.npz", diff=pool[20:22])

@@ -8,6 +8,7 @@ are reproducible). Without answers or a declared prior the posterior is the pers
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import replace
 
 import numpy as np
@@ -52,14 +53,26 @@ def refit(state: DeviceState) -> tuple[DeviceState, personalize.Adaptation | Non
     return replace(state, user_weights=weights, posterior_mode=mode, posterior_cov=cov), result
 
 
+# Below this many effective samples the intervals, calibrated probabilities and information gains rest on a handful
+# of samples (a hostile-input test: a basis scaled to 1e6, or hundreds of answers at rank 40); every command that
+# reads the posterior says so (a `note:` on stderr).
+THIN_SAMPLES = 20
+
+
 def samples(state: DeviceState, n_samples: int = posterior.DEFAULT_SAMPLES) -> posterior.PosteriorSamples:
     """Importance-weighted samples of w's posterior (U = 1)."""
     if state.posterior_mode is None:
         fit = _laplace(state, None)
     else:
         fit = posterior.LaplaceFit(mode=state.posterior_mode[None], cov=state.posterior_cov[None])
-    return posterior.sample(answer_scores(state), fit, prior_pairs(state), _prior(state), n_samples=n_samples,
-                            rng=np.random.default_rng(posterior.SAMPLE_SEED))
+    drawn = posterior.sample(answer_scores(state), fit, prior_pairs(state), _prior(state), n_samples=n_samples,
+                             rng=np.random.default_rng(posterior.SAMPLE_SEED))
+    size = float(drawn.effective_size[0])
+    if size < THIN_SAMPLES:
+        warnings.warn(f"w's posterior rests on {size:.1f} effective samples of {n_samples}: its intervals, "
+                      "probabilities and question choice are unreliable (a basis with extreme scales, or many "
+                      "answers at a large rank)")
+    return drawn
 
 
 def next_questions(state: DeviceState, pool_diff: np.ndarray, available: np.ndarray, k: int):
