@@ -27,7 +27,8 @@ from lore_core.text_file import is_json_integer
 FORMAT = "lore-fed-attribute-priors/1"
 # A group mean's smallest weight. The prior's mode is that mean and its curvature 1/m_k: means of 1e-100 or below
 # broke the device's Laplace fit (a hostile-input test: "Eigenvalues did not converge") and collapsed its samples.
-# A panel's mean of fitted w is never that small; `publishable_mean` floors what a builder writes.
+# A mean over 20 or more panel members' fitted w is hardly ever that small; `publishable_mean` floors what a builder
+# writes all the same.
 MIN_GROUP_WEIGHT = 1e-6
 
 
