@@ -207,11 +207,10 @@ def test_next_question_respects_k_skips_answered_pairs_and_adapt_updates_the_pos
 
 def test_next_question_never_prints_negative_information(toy_device, monkeypatch, capsys):
     # A hostile-input test saw "information_bits": -0.0: a sampled estimate of nothing to learn is -1e-17.
-    from client.device import device_cli, user_posterior
+    from client.device import device_cli
 
     state, tmp, *_ = toy_device
-    monkeypatch.setattr(user_posterior, "next_questions",
-                        lambda *a: (np.array([0, 1]), np.array([-1e-17, 0.0]), 0.0))
+    monkeypatch.setattr(questions, "choose_batch", lambda *a: (np.array([0, 1]), np.array([-1e-17, -2e-17])))
     assert device_cli.main(["--state", str(state), "next-question", "--candidates", str(tmp / "pool.npz"),
                             "--k", "2"]) == 0
     out = capsys.readouterr().out

@@ -271,8 +271,7 @@ def _next_question(args) -> int:
     stop = bool(questions.should_stop(best, int(available.sum())))
     rows = []
     for i, gain in zip(picked, gains):
-        # Information is >= 0; a sampled estimate of nothing to learn can come out -1e-17, printed as -0.0.
-        row = {"index": int(i), "information_bits": round(max(float(gain), 0.0), 4)}
+        row = {"index": int(i), "information_bits": round(float(gain), 4)}
         if pool.records is not None:
             row.update(pool.records[i])
         rows.append(row)

@@ -80,8 +80,10 @@ def next_questions(state: DeviceState, pool_diff: np.ndarray, available: np.ndar
     added information in bits, the best single pair's information: what the stop rule reads)."""
     scores = (np.asarray(pool_diff, np.float64) @ state.basis.basis.astype(np.float64).T)[None]
     picked, joint = questions.choose_batch(samples(state), scores, available, k)
-    best = float(joint[0]) if joint.size else 0.0  # the first greedy pick is the best single pair
-    return picked, np.diff(np.r_[0.0, joint]), best
+    # Information is >= 0; a sampled estimate of nothing to learn can come out -1e-17 (printed as -0.0).
+    added = np.maximum(np.diff(np.r_[0.0, joint]), 0.0)
+    best = max(float(joint[0]), 0.0) if joint.size else 0.0  # the first greedy pick is the best single pair
+    return picked, added, best
 
 
 def confidence(state: DeviceState, drawn: posterior.PosteriorSamples) -> dict:
