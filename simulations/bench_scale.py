@@ -220,7 +220,7 @@ def markdown(report: dict) -> str:
               "| users | SuperNodes | users per SuperNode | pairs per SuperNode GiB | w + offsets MiB | final "
               "evaluation per SuperNode (16 cores) s | train round: messages / MiB in the store | evaluation round "
               "MiB | server population state KiB | DP sampling per round s |", "|---|---|---|---|---|---|---|---|---|---|"]
-    for p in report.get("projection", []):
+    for p in report["projection"]:
         lines.append(f"| {p['users']:,} | {p['supernodes']} | {p['users_per_supernode']:,} | {p['supernode_pairs_gib']} "
                      f"| {p['supernode_user_state_mib'] + p['supernode_index_mib']:.1f} | "
                      f"{p['supernode_final_evaluation_seconds_16_cores']} | {p['superlink_train_round_messages']} / "
@@ -280,8 +280,8 @@ def main(argv: list[str] | None = None) -> int:
     full_d = [r for r in report["populations"].values() if r["dim"] == 384]
     report["law"] = {**cost_law(full_d), "sampling_seconds_per_user": report.get("law", {}).get(
         "sampling_seconds_per_user") if args.report_only else sampling_cost()}
-    if full_d:  # the projection extrapolates the D = 384 runs; a folder with only other widths has none
-        report["projection"] = projection(max(full_d, key=lambda r: r["users"]), report["law"])
+    # The projection extrapolates the D = 384 runs; a folder with only other widths has none (not a stale one).
+    report["projection"] = projection(max(full_d, key=lambda r: r["users"]), report["law"]) if full_d else []
     report["machine"] = f"{platform.machine()}, {os.cpu_count()} CPUs"
     out.mkdir(parents=True, exist_ok=True)
     report_file.write_text(json.dumps(report, indent=2) + "\n")
