@@ -169,8 +169,11 @@ def sample(
     log_p = _chart_log_density_samples(eta, answers, prior_log, prior_pairs)
     log_q = np.stack([c.log_density(eta) for c in initial])  # (2, U, first)
     probability = _normalised(log_p - _mixture(log_q, initial))
-    refitted = [_Dirichlet(_dirichlet_moments(to_simplex(eta), probability, prior_alpha), second // 2),
-                _StudentT(*_t_moments(eta, probability, fit), second - second // 2)]
+    first_half = PosteriorSamples(w=to_simplex(eta), probability=probability)
+    # The refits lean on the first components by dim / (dim + effective samples): a few cannot estimate a spread.
+    shrink = (n_basis - 1) / (n_basis - 1 + first_half.effective_size)
+    refitted = [_Dirichlet(_dirichlet_moments(first_half, shrink, prior_alpha), second // 2),
+                _StudentT(*_t_moments(eta, probability, shrink, fit.cov), second - second // 2)]
     more = np.concatenate([c.draw(rng) for c in refitted], axis=1)
     everyone = initial + refitted
     log_q = np.concatenate([  # every component's density at every sample; the initial ones' at the first half kept
@@ -304,29 +307,27 @@ def _normalised(log_weight: np.ndarray) -> np.ndarray:
     return weight / weight.sum(axis=1, keepdims=True)
 
 
-def _t_moments(eta: np.ndarray, probability: np.ndarray, fit: LaplaceFit) -> tuple[np.ndarray, np.ndarray]:
+def _t_moments(eta: np.ndarray, probability: np.ndarray, shrink: np.ndarray,
+               laplace_cov: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Weighted mean and Cholesky of the weighted covariance of chart samples, shrunk toward the Laplace covariance
-    by dim / (dim + effective samples): a few effective samples cannot estimate a covariance on their own."""
+    by `shrink` (U,)."""
     dim = eta.shape[-1]
     centre = np.einsum("us,usi->ui", probability, eta)
     centred = eta - centre[:, None, :]
     cov = np.einsum("us,usi,usj->uij", probability, centred, centred)
-    shrink = (dim / (dim + 1.0 / np.square(probability).sum(axis=1)))[:, None, None]
-    cov = (1.0 - shrink) * cov + shrink * fit.cov + 1e-9 * np.eye(dim)
+    cov = (1.0 - shrink[:, None, None]) * cov + shrink[:, None, None] * laplace_cov + 1e-9 * np.eye(dim)
     return centre, np.linalg.cholesky(cov)
 
 
-def _dirichlet_moments(w: np.ndarray, probability: np.ndarray, prior_alpha: np.ndarray) -> np.ndarray:
+def _dirichlet_moments(samples: PosteriorSamples, shrink: np.ndarray, prior_alpha: np.ndarray) -> np.ndarray:
     """Dirichlet alpha (U, B) with the weighted samples' mean m and variances: each coordinate's variance gives a
     precision m_k (1 - m_k) / v_k - 1; they are pooled by their geometric mean weighted by m. Shrunk toward
-    prior_alpha by dim / (dim + effective samples), as the t's covariance: one heavy sample has no variance."""
-    mean = np.einsum("us,usb->ub", probability, w)
-    var = np.einsum("us,usb->ub", probability, np.square(w - mean[:, None, :]))
+    prior_alpha by `shrink` (U,): one heavy sample has no variance."""
+    mean = samples.mean()
+    var = np.einsum("us,usb->ub", samples.probability, np.square(samples.w - mean[:, None, :]))
     precision = np.clip(mean * (1.0 - mean) / np.maximum(var, 1e-300) - 1.0, 1e-3, 1e8)
     pooled = np.exp((mean * np.log(precision)).sum(axis=1, keepdims=True))
-    dim = w.shape[-1] - 1
-    shrink = (dim / (dim + 1.0 / np.square(probability).sum(axis=1)))[:, None]
-    return (1.0 - shrink) * np.clip(mean * pooled, 1e-3, None) + shrink * prior_alpha
+    return (1.0 - shrink[:, None]) * np.clip(mean * pooled, 1e-3, None) + shrink[:, None] * prior_alpha
 
 
 # --- derivatives in the softmax chart ----------------------------------------------------------------------------
