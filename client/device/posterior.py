@@ -30,6 +30,10 @@ whole mixture (the balance heuristic), so a component that fits badly costs samp
 reuses the first half's samples: a bias of order 1/S, about 1e-3 in w's mean at S = 512, below its Monte-Carlo
 error). At least 4 samples.
 
+Where that still leaves fewer than TEMPER_BELOW of the samples effective, those users' samples come from a tempered
+sequential Monte Carlo sampler instead (`tempering`): slower (tenths of a second to seconds on a device), but it
+follows a posterior far from both families, such as a basis whose answers are nearly hard constraints.
+
 Shapes: U users (1 on a device), n answers each (the same n for all users of one call), B basis size,
 S samples. answers (U, n, B) are the answered pairs' basis scores, oriented chosen-minus-rejected.
 """
@@ -41,11 +45,13 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.special import gammaln
 
+from client.device import tempering
 from lore_core.simplex_fit import prior_log_mean
 
 DEFAULT_SAMPLES = 512
 PROPOSAL_DOF = 5.0
 CREDIBLE_LEVEL = 0.9
+TEMPER_BELOW = 0.1  # share of effective samples under which the tempered sampler replaces the mixture's
 SAMPLE_SEED = 0  # the device draws the same samples for the same posterior: commands are reproducible
 
 
@@ -66,7 +72,8 @@ class PosteriorSamples:
 
     @property
     def effective_size(self) -> np.ndarray:
-        """Kish's effective sample size (U,): S when the Laplace is exact, small when it is poor."""
+        """Kish's effective sample size (U,): S when the proposal is exact, small when it is poor. For tempered users,
+        the number of distinct particles (tempering.temper): an upper bound on their independent draws."""
         return 1.0 / np.square(self.probability).sum(axis=-1)
 
     def mean(self) -> np.ndarray:
@@ -140,7 +147,9 @@ def laplace(
             break
     _, hess = _chart_derivatives(eta, answers, prior_log, prior_pairs)
     eigval, eigvec = np.linalg.eigh(-hess)
-    eigval = np.maximum(eigval, 1e-8)
+    # Curvatures of 1e16 beside 1e-8 (answers that are nearly hard constraints) leave a covariance no Cholesky can
+    # factor: its condition number is capped at 1e12.
+    eigval = np.maximum(eigval, np.maximum(1e-8, 1e-12 * eigval.max(axis=1, keepdims=True)))
     cov = np.einsum("uij,uj,ukj->uik", eigvec, 1.0 / eigval, eigvec)
     return LaplaceFit(mode=eta, cov=cov)
 
@@ -153,8 +162,11 @@ def sample(
     *,
     n_samples: int = DEFAULT_SAMPLES,
     rng: np.random.Generator | None = None,
+    temper_below: float | None = None,
 ) -> PosteriorSamples:
-    """Importance-weighted samples of the exact posterior from the adaptive mixture (see module docstring)."""
+    """Importance-weighted samples of the exact posterior from the adaptive mixture, or from tempering for users
+    whose mixture keeps fewer than temper_below (default TEMPER_BELOW) of its samples (see module docstring; 0 never
+    tempers)."""
     answers = np.asarray(answers, dtype=np.float64)
     n_users, _, n_basis = answers.shape
     if n_samples < 4:
@@ -181,7 +193,14 @@ def sample(
         np.stack([c.log_density(more) for c in everyone])], axis=2)
     log_p = np.concatenate([log_p, _chart_log_density_samples(more, answers, prior_log, prior_pairs)], axis=1)
     probability = _normalised(log_p - _mixture(log_q, everyone))
-    return PosteriorSamples(w=to_simplex(np.concatenate([eta, more], axis=1)), probability=probability)
+    eta = np.concatenate([eta, more], axis=1)
+    temper_below = TEMPER_BELOW if temper_below is None else temper_below
+    thin = 1.0 / np.square(probability).sum(axis=1) < temper_below * n_samples
+    if thin.any():  # the mixture missed: tempering from the Dirichlet does not need a good proposal
+        eta[thin], probability[thin] = tempering.temper(
+            lambda x: _chart_log_density_samples(x, answers[thin], prior_log[thin], prior_pairs),
+            _Dirichlet(prior_alpha[thin], n_samples), rng)
+    return PosteriorSamples(w=to_simplex(eta), probability=probability)
 
 
 def posterior(
@@ -192,10 +211,11 @@ def posterior(
     init: np.ndarray | None = None,
     n_samples: int = DEFAULT_SAMPLES,
     rng: np.random.Generator | None = None,
+    temper_below: float | None = None,
 ) -> PosteriorSamples:
     """Laplace fit, then importance-weighted samples: the posterior every other function here reads."""
     fit = laplace(answers, prior_pairs, prior_mean, init=init)
-    return sample(answers, fit, prior_pairs, prior_mean, n_samples=n_samples, rng=rng)
+    return sample(answers, fit, prior_pairs, prior_mean, n_samples=n_samples, rng=rng, temper_below=temper_below)
 
 
 def preference_probability(samples: PosteriorSamples, pair_scores: np.ndarray) -> np.ndarray:
@@ -315,7 +335,9 @@ def _t_moments(eta: np.ndarray, probability: np.ndarray, shrink: np.ndarray,
     centre = np.einsum("us,usi->ui", probability, eta)
     centred = eta - centre[:, None, :]
     cov = np.einsum("us,usi,usj->uij", probability, centred, centred)
-    cov = (1.0 - shrink[:, None, None]) * cov + shrink[:, None, None] * laplace_cov + 1e-9 * np.eye(dim)
+    cov = (1.0 - shrink[:, None, None]) * cov + shrink[:, None, None] * laplace_cov
+    jitter = 1e-9 * np.trace(cov, axis1=1, axis2=2) / dim + 1e-300  # relative: the covariance's scale can be 1e-12
+    cov += jitter[:, None, None] * np.eye(dim)
     return centre, np.linalg.cholesky(cov)
 
 
@@ -354,6 +376,8 @@ def _chart_derivatives(eta, answers, prior_log, prior_pairs) -> tuple[np.ndarray
     With g, G the gradient and Hessian of log p(w) in w (any smooth extension off the simplex) and
     J = dw/deta = (diag(w) - w w^T)[:, :B-1]: grad = J^T g; Hess = J^T G J + diag(a) - a w^T - w a^T with
     a = w * (g - w.g) (the softmax's curvature); the Jacobian term sum log w adds 1 - B w and -B (diag(w) - w w^T).
+    The prior's -c diag(1/w) in G is taken through J in closed form, J^T diag(1/w) J = (diag(w) - w w^T)[:B-1, :B-1]:
+    1/w overflows where a hard-constrained user's w_k underflows to 0.
     """
     log_w = _log_simplex(eta)
     w = np.exp(log_w)
@@ -363,14 +387,13 @@ def _chart_derivatives(eta, answers, prior_log, prior_pairs) -> tuple[np.ndarray
     g -= prior_pairs * (log_w - prior_log + 1.0)
     curvature = _sigmoid(logits) * _sigmoid(-logits)
     G = -np.einsum("un,unb,unc->ubc", curvature, answers, answers)
-    G -= prior_pairs * np.einsum("ub,bc->ubc", 1.0 / w, np.eye(n_basis))
     softmax_jac = np.einsum("ub,bc->ubc", w, np.eye(n_basis)) - w[:, :, None] * w[:, None, :]  # (U, B, B)
     J = softmax_jac[:, :, :-1]
     a = w * (g - (w * g).sum(axis=1, keepdims=True))
     hess = np.einsum("ubi,ubc,ucj->uij", J, G, J)
     hess += (np.einsum("ub,bc->ubc", a, np.eye(n_basis)) - a[:, :, None] * w[:, None, :]
              - w[:, :, None] * a[:, None, :])[:, :-1, :-1]
-    hess -= n_basis * softmax_jac[:, :-1, :-1]
+    hess -= (n_basis + prior_pairs) * softmax_jac[:, :-1, :-1]
     grad = np.einsum("ubi,ub->ui", J, g) + (1.0 - n_basis * w)[:, :-1]
     return grad, hess
 
