@@ -17,6 +17,7 @@ import numpy as np
 from client.device import posterior, questions
 from client.device.user_posterior import DEVICE_PRIOR_PAIRS
 from lore_core.evaluation import load_true_basis
+from lore_core.model_selection import same_comparison
 from lore_core.pairs import PairFileError, load_pairs
 from lore_core.prism_schema import GROUND_TRUTH_FILE
 from lore_core.simplex_fit import fit_user_weights, prior_log_mean
@@ -118,15 +119,11 @@ def load_new_users(pairs_path, basis: np.ndarray, min_pool: int = MIN_POOL) -> t
 
 
 def _test_repeats_pool(diff: np.ndarray, user: np.ndarray, train: np.ndarray) -> np.ndarray:
-    """(n,) bool: test rows equal, up to sign, to a train row of the same user. Rows are compared by their bytes
-    (sign-canonical: the first nonzero entry positive), without a loop over pairs. A key from a matrix product
-    is not exact: BLAS sums a row in an order that depends on where the row sits, so copies can differ in the last
-    bit (it missed 1 of 1,384 repeats in the PRISM-shaped population)."""
-    d = np.ascontiguousarray(diff)
-    first = d[np.arange(d.shape[0]), (d != 0).argmax(axis=1)]
-    canonical = np.ascontiguousarray(np.where(first < 0, -1, 1).astype(d.dtype)[:, None] * d + d.dtype.type(0))  # no -0
-    rows = canonical.view(np.dtype((np.void, canonical.dtype.itemsize * max(canonical.shape[1], 1)))).ravel()
-    key = np.unique(rows, return_inverse=True)[1].reshape(-1)
+    """(n,) bool: test rows equal, up to sign, to a train row of the same user: bit for bit, as `train` joins
+    repeated comparisons (model_selection.same_comparison), without a loop over pairs. A key from a float matrix
+    product was not exact: BLAS sums a row in an order that depends on where the row sits, so copies differed in the
+    last bit (it missed 1 of 1,384 repeats in the PRISM-shaped population)."""
+    key = same_comparison(diff)
     order = np.lexsort((key, user))
     same = (user[order][1:] == user[order][:-1]) & (key[order][1:] == key[order][:-1])
     group = np.empty(user.size, np.int64)
