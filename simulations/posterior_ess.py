@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> None:
               f"{args.hostile_users} users drawn from the device's prior per row; basis scores N(0, scale^2). Each "
               "cell: the adaptive mixture alone / the device's sampler (tempering where the mixture keeps fewer "
               f"than {posterior.TEMPER_BELOW:.0%} of {posterior.DEFAULT_SAMPLES} samples), on the same users. "
-              "Effective samples of tempered users count distinct particles (an upper bound).", "",
+              "Effective samples of tempered users are at most their distinct particles (an upper bound).", "",
               "| B | answers | scale | coverage of the true w (0.90 wanted) | median effective samples | ms per user |",
               "|---|---|---|---|---|---|"]
     for r in hostile:

@@ -77,7 +77,7 @@ def test_a_posterior_of_nearly_hard_constraints_matches_an_exact_grid():
 
 def test_tempered_posterior_is_unbiased_near_a_face_of_the_simplex():
     # A reviewer's case: a group prior and 200 near-hard answers put w_1 at 0.012 +- 0.007. With 20 moves at
-    # beta = 1, 30 replicate users' posterior means were biased by 0.00056 in w_1 (5.6 standard errors): the
+    # beta = 1, the reviewer's 30 replicate users' posterior means were biased by 0.00056 in w_1 (5.6 SE): the
     # particles lagged the tail toward w_1 = 0. Moves now go on until the median particle has moved 20 times.
     rng = np.random.default_rng(7)
     answers = bt_answers(rng, np.array([[0.001, 0.499, 0.5]]), 200, 3, 1e6)

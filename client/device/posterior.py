@@ -73,7 +73,7 @@ class PosteriorSamples:
     @property
     def effective_size(self) -> np.ndarray:
         """Kish's effective sample size (U,): S when the proposal is exact, small when it is poor. For tempered users,
-        the number of distinct particles (tempering.temper): an upper bound on their independent draws."""
+        at most the number of distinct particles (tempering.temper): an upper bound on their independent draws."""
         return 1.0 / np.square(self.probability).sum(axis=-1)
 
     def mean(self) -> np.ndarray:

@@ -5,18 +5,21 @@ both (a basis with extreme scales, where each answer is nearly a hard constraint
 hundreds of answers at B = 40, where small errors in a 39-dimensional covariance compound) leaves a handful of
 effective samples whatever their number. Tempering does not need a good proposal: it moves particles from a
 distribution it can sample, pi_0 = start, to the posterior p through pi_beta ~ start^(1 - beta) p^beta, choosing
-each step of beta so that half the particles' weight survives (Del Moral, Doucet & Jasra 2006; Jasra et al. 2011's
-adaptive schedule), resampling, and diversifying them with random-walk Metropolis moves at the new beta, scaled by
-the particles' own covariance (2.38^2 / dim, Roberts & Rosenthal 2001). At beta = 1 the moves go on until the
-median particle has moved FINAL_ACCEPTED times: with a fixed 20 moves the population still lagged the posterior's
-tail near a face of the simplex (a bias of 8 % of w's posterior sd, about 100 independent draws' worth of error
-where 512 were reported); with this rule, 410 to 720 in the reviewer's three cases.
+each step of beta so that the incremental weights keep half the particles' effective size (Del Moral, Doucet & Jasra
+2006; Jasra et al. 2011's adaptive schedule), resampling, and diversifying them with random-walk Metropolis moves at
+the new beta, scaled by the particles' own covariance (2.38^2 / dim, Roberts & Rosenthal 2001). At beta = 1 the
+moves go on until the median particle has moved FINAL_ACCEPTED times: with a fixed 20 moves the population still
+lagged the posterior's tail near a face of the simplex (a bias of 8 % of w's posterior sd, about 100 independent
+draws' worth of error where 512 were reported); with this rule the error is that of 410 to 720 independent draws in
+the reviewer's three cases (more than 512 is possible: resampled particles are not independent either way).
 
 What it returns. Particles at beta = 1 with equal weights, where copies of one particle that no move displaced
-are merged into one sample (their weights summed, the copies' set to 0): Kish's effective size then counts
-distinct particles, not copies. It is still an upper bound on the number of independent draws (moved particles stay
-correlated with their siblings), so callers that warn on thin samples keep warning where the moves could not mix. If MAX_STEPS runs out, the last step jumps to beta = 1 and returns its importance weights unresampled and
-unmoved: a collapsed population then shows as the handful of effective samples it is, not as 512 moved copies.
+are merged into one sample (their weights summed, the copies' set to 0): Kish's effective size of the merged
+weights is then at most the number of distinct particles, and copies do not count. It is still an upper bound on
+the number of independent draws (moved particles stay correlated with their siblings), so callers that warn on thin
+samples keep warning where the moves could not mix. A user still tempering after MAX_STEPS - 1 steps jumps to
+beta = 1 and gets that jump's importance weights, unresampled and unmoved: a collapsed population then shows as the
+handful of effective samples it is, not as 512 moved copies. The other users of the call are not affected.
 
 Shapes as in `posterior`: U users, S particles, dim = B - 1 chart coordinates. Everything is vectorised over users
 and particles; the loops are over tempering steps and moves.
@@ -33,7 +36,7 @@ MOVES_PER_STEP = 5
 FINAL_ACCEPTED = 20  # at beta = 1, moves go on until the median particle has moved this many times...
 MAX_FINAL_MOVES = 200  # ... or this many moves were tried
 _FINAL_CHUNK = 10
-MAX_STEPS = 200  # a step halves the effective size; 200 of them would be an information gain of ~140 bits
+MAX_STEPS = 200  # a step halves the effective size (roughly a bit of information each): 200 is far beyond need
 _BISECTIONS = 60
 _LOG_RANGE = 700.0  # the smallest step tried is room * e^-700
 
@@ -53,12 +56,18 @@ def temper(
     n_users, n_particles, _ = eta.shape
     identity = np.arange(n_users * n_particles).reshape(n_users, n_particles)  # which particle is a copy of which
     beta, step = np.zeros(n_users), 0
+    probability = np.full((n_users, n_particles), 1.0 / n_particles)
+    jumped = np.zeros(n_users, bool)  # out of steps: these users keep the jump's weights and are not moved
     while not np.all(beta >= 1.0):
-        room, finished = 1.0 - beta, beta >= 1.0
+        room, finished = 1.0 - beta, beta >= 1.0  # room: how far beta still has to go
         if step == MAX_STEPS - 1:  # out of steps: weigh the rest of the way, and show the weights as they are
-            return eta, _merge_copies(identity, _normalised(room[:, None] * (log_p - log_start)))
+            jumped = ~finished
+            probability[jumped] = _normalised(room[jumped, None] * (log_p[jumped] - log_start[jumped]))
+            beta[:] = 1.0
+            break
         increment = np.where(room > 0, _next_increment(log_p - log_start, room), 0.0)
-        beta = np.where(room - increment <= 1e-12, 1.0, beta + increment)
+        increment = np.where(room - increment <= 1e-12, room, increment)  # the last step takes all the room
+        beta = np.where(increment == room, 1.0, beta + increment)
         index = _systematic_resample(_normalised(increment[:, None] * (log_p - log_start)), rng)
         eta = np.take_along_axis(eta, index[..., None], axis=1)
         log_start, log_p, identity = (np.take_along_axis(x, index, axis=1) for x in (log_start, log_p, identity))
@@ -70,16 +79,17 @@ def temper(
     # left a bias of 8 % of w's posterior sd). Move until the median particle has moved FINAL_ACCEPTED times.
     moved_times = np.zeros(identity.shape, np.int64)
     for _ in range(0, MAX_FINAL_MOVES, _FINAL_CHUNK):
-        more = np.where(np.median(moved_times, axis=1) < FINAL_ACCEPTED, _FINAL_CHUNK, 0)
+        more = np.where((np.median(moved_times, axis=1) < FINAL_ACCEPTED) & ~jumped, _FINAL_CHUNK, 0)
         if not more.any():
             break
         eta, log_start, log_p, accepted = _metropolis(eta, log_start, log_p, beta, more, log_target, start, rng)
         identity, moved_times = _relabel_moved(identity, accepted > 0), moved_times + accepted
-    return eta, _merge_copies(identity, np.full(identity.shape, 1.0 / n_particles))
+    return eta, _merge_copies(identity, probability)
 
 
 def _relabel_moved(identity: np.ndarray, moved: np.ndarray) -> np.ndarray:
-    """Labels (U, S) with a fresh one for each moved particle: it is no longer a copy of anything."""
+    """Copy labels (U, S) with a fresh one for each moved particle: it is no longer a copy of anything. Equal labels
+    mean equal positions, which is what lets _merge_copies add copies' weights."""
     identity = np.where(moved, identity.size + np.arange(identity.size).reshape(identity.shape), identity)
     return np.unique(identity, return_inverse=True)[1].reshape(identity.shape)  # keep the labels small
 
@@ -112,7 +122,8 @@ def _systematic_resample(probability: np.ndarray, rng: np.random.Generator) -> n
     cumulative[:, -1] = 1.0
     offset = np.arange(n_users)[:, None]  # users side by side on one line: one searchsorted for all of them
     index = np.searchsorted((cumulative + offset).ravel(), (positions + offset).ravel(), side="right")
-    # side="right" skips particles of weight 0; the clip guards against positions that round onto a neighbour's line
+    # side="right" skips particles of weight 0, except a position within ~S * 2^-53 of the line's end, which rounds
+    # onto it (or a neighbour's line): the clip then keeps the user's last particle, whatever its weight
     return np.clip(index.reshape(n_users, n_particles) - offset * n_particles, 0, n_particles - 1)
 
 
@@ -123,7 +134,7 @@ def _metropolis(eta, log_start, log_p, beta, moves, log_target, start, rng):
     centred = eta - eta.mean(axis=1, keepdims=True)
     cov = np.einsum("usi,usj->uij", centred, centred) / n_particles
     scale = np.mean(np.diagonal(cov, axis1=1, axis2=2), axis=1)
-    cov += (1e-9 * scale + 1e-12)[:, None, None] * np.eye(dim)
+    cov += (1e-9 * scale + 1e-300)[:, None, None] * np.eye(dim)  # relative: a chart variance can be 1e-12
     chol = np.linalg.cholesky((2.38 ** 2 / dim) * cov)
     accepted_count = np.zeros((n_users, n_particles), np.int64)
     for move in range(int(moves.max())):
