@@ -132,6 +132,27 @@ def test_tempering_out_of_steps_shows_its_collapsed_weights(monkeypatch):
     assert posterior.posterior(answers, DEVICE_PRIOR_PAIRS).effective_size[0] < 20
 
 
+def test_a_user_out_of_tempering_steps_leaves_the_others_of_the_call_alone(monkeypatch):
+    # A reviewer's finding: the user who ran out of steps ended tempering for the whole call, and the users already
+    # at the posterior missed their final moves (in batched calls: the benchmarks, never a device).
+    from client.device import tempering
+
+    monkeypatch.setattr(tempering, "MAX_STEPS", 2)
+    real_metropolis, final_moves = tempering._metropolis, []
+
+    def recording(eta, log_start, log_p, beta, moves, *rest):
+        final_moves.append(np.where(beta >= 1.0, moves, 0))
+        return real_metropolis(eta, log_start, log_p, beta, moves, *rest)
+
+    monkeypatch.setattr(tempering, "_metropolis", recording)
+    rng = np.random.default_rng(2)
+    hard = bt_answers(rng, np.array([[0.6, 0.3, 0.1]]), 30, 3, 1e6)
+    easy = bt_answers(rng, np.array([[0.6, 0.3, 0.1]]), 30, 3, 0.05)  # weak answers: near the prior
+    drawn = posterior.posterior(np.concatenate([hard, easy]), DEVICE_PRIOR_PAIRS, temper_below=1.1)
+    assert drawn.effective_size[0] < 50  # the hard user ran out of steps (tempered to the end: 512)
+    assert sum(m[1] for m in final_moves) >= tempering.FINAL_ACCEPTED  # the easy one was moved to the end
+
+
 def test_systematic_resampling_never_picks_a_particle_of_weight_zero():
     from client.device import tempering
 
