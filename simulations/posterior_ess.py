@@ -27,6 +27,7 @@ import numpy as np
 from client.device import posterior
 from client.device.user_posterior import DEVICE_PRIOR_PAIRS
 from lore_core.atomic_io import atomic_write_json, atomic_write_text
+from lore_core.reward_math import softmax
 from lore_core.simplex_fit import prior_log_mean
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,7 +40,7 @@ def laplace_only(answers: np.ndarray, samples: int) -> float:
     eta = proposal.draw(np.random.default_rng(posterior.SAMPLE_SEED))
     uniform = prior_log_mean(None, 1, answers.shape[2])
     log_p = posterior._chart_log_density_samples(eta, answers, uniform, DEVICE_PRIOR_PAIRS)
-    return float(1.0 / np.square(posterior._normalised(log_p - proposal.log_density(eta))).sum())
+    return float(1.0 / np.square(softmax(log_p - proposal.log_density(eta), axis=1)).sum())
 
 
 def bt_answers(rng: np.random.Generator, w: np.ndarray, n: int, n_basis: int, scale: float = 2.0) -> np.ndarray:

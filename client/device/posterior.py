@@ -46,6 +46,7 @@ import numpy as np
 from scipy.special import gammaln
 
 from client.device import tempering
+from lore_core.reward_math import softmax
 from lore_core.simplex_fit import prior_log_mean
 
 DEFAULT_SAMPLES = 512
@@ -180,7 +181,7 @@ def sample(
     eta = np.concatenate([c.draw(rng) for c in initial], axis=1)
     log_p = _chart_log_density_samples(eta, answers, prior_log, prior_pairs)
     log_q = np.stack([c.log_density(eta) for c in initial])  # (2, U, first)
-    probability = _normalised(log_p - _mixture(log_q, initial))
+    probability = softmax(log_p - _mixture(log_q, initial), axis=1)
     first_half = PosteriorSamples(w=to_simplex(eta), probability=probability)
     # The refits lean on the first components by dim / (dim + effective samples): a few cannot estimate a spread.
     shrink = (n_basis - 1) / (n_basis - 1 + first_half.effective_size)
@@ -192,7 +193,7 @@ def sample(
         np.concatenate([log_q, np.stack([c.log_density(eta) for c in refitted])]),
         np.stack([c.log_density(more) for c in everyone])], axis=2)
     log_p = np.concatenate([log_p, _chart_log_density_samples(more, answers, prior_log, prior_pairs)], axis=1)
-    probability = _normalised(log_p - _mixture(log_q, everyone))
+    probability = softmax(log_p - _mixture(log_q, everyone), axis=1)
     eta = np.concatenate([eta, more], axis=1)
     temper_below = TEMPER_BELOW if temper_below is None else temper_below
     thin = 1.0 / np.square(probability).sum(axis=1) < temper_below * n_samples
@@ -320,11 +321,6 @@ def _mixture(log_q: np.ndarray, components: list) -> np.ndarray:
     proposal density (every count is at least 1: sample() asks for 4 samples or more)."""
     share = np.log(np.array([c.count for c in components], dtype=np.float64) / sum(c.count for c in components))
     return np.logaddexp.reduce(log_q + share[:, None, None], axis=0)
-
-
-def _normalised(log_weight: np.ndarray) -> np.ndarray:
-    weight = np.exp(log_weight - log_weight.max(axis=1, keepdims=True))
-    return weight / weight.sum(axis=1, keepdims=True)
 
 
 def _t_moments(eta: np.ndarray, probability: np.ndarray, shrink: np.ndarray,

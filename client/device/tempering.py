@@ -31,6 +31,8 @@ from typing import Callable
 
 import numpy as np
 
+from lore_core.reward_math import softmax
+
 SURVIVING_SHARE = 0.5  # each step keeps this share of the particles' effective size (the usual choice)
 MOVES_PER_STEP = 5
 FINAL_ACCEPTED = 20  # at beta = 1, moves go on until the median particle has moved this many times...
@@ -62,13 +64,13 @@ def temper(
         room, finished = 1.0 - beta, beta >= 1.0  # room: how far beta still has to go
         if step == MAX_STEPS - 1:  # out of steps: weigh the rest of the way, and show the weights as they are
             jumped = ~finished
-            probability[jumped] = _normalised(room[jumped, None] * (log_p[jumped] - log_start[jumped]))
+            probability[jumped] = softmax(room[jumped, None] * (log_p[jumped] - log_start[jumped]), axis=1)
             beta[:] = 1.0
             break
-        increment = np.where(room > 0, _next_increment(log_p - log_start, room), 0.0)
+        increment = _next_increment(log_p - log_start, room)  # 0 for users already at beta = 1
         increment = np.where(room - increment <= 1e-12, room, increment)  # the last step takes all the room
         beta = np.where(increment == room, 1.0, beta + increment)
-        index = _systematic_resample(_normalised(increment[:, None] * (log_p - log_start)), rng)
+        index = _systematic_resample(softmax(increment[:, None] * (log_p - log_start), axis=1), rng)
         eta = np.take_along_axis(eta, index[..., None], axis=1)
         log_start, log_p, identity = (np.take_along_axis(x, index, axis=1) for x in (log_start, log_p, identity))
         moves = np.where(finished, 0, MOVES_PER_STEP)  # done users wait
@@ -102,7 +104,7 @@ def _next_increment(log_ratio: np.ndarray, room: np.ndarray) -> np.ndarray:
     wanted = SURVIVING_SHARE * n_particles
 
     def effective(log_step):
-        return 1.0 / np.square(_normalised(np.exp(log_step)[:, None] * log_ratio)).sum(axis=1)
+        return 1.0 / np.square(softmax(np.exp(log_step)[:, None] * log_ratio, axis=1)).sum(axis=1)
 
     high = np.log(np.maximum(room, 1e-300))
     low = high - _LOG_RANGE
@@ -157,7 +159,3 @@ def _merge_copies(identity: np.ndarray, probability: np.ndarray) -> np.ndarray:
     merged[first] = np.bincount(inverse.reshape(-1), weights=probability.ravel(), minlength=first.size)
     return merged.reshape(identity.shape)
 
-
-def _normalised(log_weight: np.ndarray) -> np.ndarray:
-    weight = np.exp(log_weight - log_weight.max(axis=1, keepdims=True))
-    return weight / weight.sum(axis=1, keepdims=True)
