@@ -2,14 +2,18 @@
 
 Simulation: `Context.state` (one Context per virtual node for the whole run).
 Deployment: a SuperNode keeps one Context per run, and a device may take part in several runs, so w also goes to
-`<data-path>/user_weights.npz` on the device, written atomically, and is read back from there first: the file, not
-one run's Context, holds what the device's users spent. A message's read-train-write holds the device's lock
-(`device_lock`), so two runs on one device never write over each other's spending.
+`<data-path>/user_weights.npz` on the device, written atomically, and is read back from there first (a restarted
+SuperNode's run resumes with it). The file keeps one slot per run, named by a digest of the run's `run-dir`: w is
+fitted against one run's basis, so another run on the device, in turn or at once, starts from the prior instead of
+continuing it. What the device's users spent (record mode) is shared by every run: `record_dp_state.npz` holds one
+set of accountant histories. A message's read-train-write holds the device's lock (`device_lock`), so two runs on
+one device never write over each other's spending or slots.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -50,14 +54,40 @@ def device_lock(context: Context):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+RUN_SLOTS = 8  # runs whose w a device file keeps; the least recently written slot goes first
+
+
+def run_slot(context: Context, array_key: str) -> str:
+    """The name of this run's array in a device file: `array_key@<16 hex of sha256(run-dir)>`, or `array_key` alone
+    where the run config names no run directory."""
+    run_dir = context.run_config.get("run-dir")
+    return array_key if not run_dir else f"{array_key}@{hashlib.sha256(str(run_dir).encode()).hexdigest()[:16]}"
+
+
+def _is_slot(name: str, array_key: str) -> bool:
+    return name == array_key or name.startswith(array_key + "@")
+
+
+def _save_slot(file: Path, array_key: str, slot: str, array: np.ndarray, **shared: np.ndarray) -> None:
+    """Write `array` as `slot` of `file`, keeping the other runs' slots of `array_key` (at most RUN_SLOTS in all,
+    this one last: the file's order is the order of writing) and replacing the `shared` arrays."""
+    kept = {}
+    if file.exists():
+        with np.load(file) as data:
+            kept = {name: data[name] for name in data.files if _is_slot(name, array_key) and name != slot}
+    kept = dict(list(kept.items())[-(RUN_SLOTS - 1):]) if RUN_SLOTS > 1 else {}
+    atomic_save_npz(file, **shared, **kept, **{slot: np.ascontiguousarray(array)})
+
+
 def _stored(context: Context, state_key: str, array_key: str, file: Path | None,
             shape: tuple[int, int]) -> np.ndarray | None:
-    """An array kept in the device file (deployment: it outlives any one run's Context) or else in Context.state
-    (simulation); None when absent or of another shape."""
+    """An array kept in the device file (deployment: it outlives any one run's Context; this run's slot) or else in
+    Context.state (simulation); None when absent or of another shape."""
     stored = None
     if file is not None and file.exists():
+        slot = run_slot(context, array_key)
         with np.load(file) as data:
-            stored = data[array_key] if array_key in data.files else None
+            stored = data[slot] if slot in data.files else None
     elif state_key in context.state:
         stored = context.state[state_key][array_key].numpy()
     return None if stored is None or stored.shape != shape else stored.astype(np.float64)
@@ -73,7 +103,7 @@ def save_weights(context: Context, weights: np.ndarray) -> None:
     context.state[STATE_KEY] = ArrayRecord({WEIGHTS_KEY: Array(np.ascontiguousarray(weights))})
     file = _weights_file(context)
     if file is not None:
-        atomic_save_npz(file, **{WEIGHTS_KEY: weights})
+        _save_slot(file, WEIGHTS_KEY, run_slot(context, WEIGHTS_KEY), weights)
 
 
 # Record mode: each local user's Opacus accountant history, rows (local user index, z, q, steps). Persisted like w
@@ -157,7 +187,8 @@ def _histories_in(file: Path | None) -> np.ndarray | None:
 
 
 # Record mode: each local user's private weights as logits (S, B), w = softmax(logits): DP-SGD outputs, kept apart
-# from the evaluation's w (which is refit without privacy and must never feed the private step).
+# from the evaluation's w (which is refit without privacy and must never feed the private step); one slot per run in
+# the device file, as w.
 RECORD_LOGITS_KEY = "lore-record-logits"
 
 
@@ -173,8 +204,8 @@ def save_record_state(context: Context, rows: np.ndarray, logits: np.ndarray) ->
     context.state[RECORD_DP_KEY] = ArrayRecord({RECORD_DP_KEY: Array(rows)})
     context.state[RECORD_LOGITS_KEY] = ArrayRecord({RECORD_LOGITS_KEY: Array(np.ascontiguousarray(logits))})
     file = _record_file(context)
-    if file is not None:
-        atomic_save_npz(file, **{RECORD_DP_KEY: rows, RECORD_LOGITS_KEY: logits})
+    if file is not None:  # the histories are the device's (every run's spending), the logits this run's slot
+        _save_slot(file, RECORD_LOGITS_KEY, run_slot(context, RECORD_LOGITS_KEY), logits, **{RECORD_DP_KEY: rows})
     simulated = _simulated_accountant_file(context)
     if simulated is not None:
         simulated.parent.mkdir(parents=True, exist_ok=True)

@@ -127,6 +127,39 @@ def test_device_keeps_user_weights_in_a_file(pair_file, tmp_path):
         np.testing.assert_array_equal(load_weights(fresh, 1, RANK), in_state)  # a new run starts from the file
 
 
+def test_runs_on_one_device_keep_their_own_w_and_share_the_spending(tmp_path):
+    """Two runs on one device (one data-path, two run directories): each starts from the prior, not from the other's
+    w or record logits (fitted against another basis), and resumes its own; the accountant histories are the
+    device's, shared. The file keeps the RUN_SLOTS most recently written runs."""
+    from flwr.app import Context, RecordDict
+
+    from client import user_state as us
+
+    def context(run: str) -> Context:
+        return Context(run_id=1, node_id=1, node_config={"data-path": str(tmp_path)}, state=RecordDict(),
+                       run_config={"run-dir": str(tmp_path / run)})
+
+    first, second = context("run-a"), context("run-b")
+    w = np.array([[0.7, 0.2, 0.1], [0.1, 0.1, 0.8]])
+    us.save_weights(first, w)
+    rows = np.array([[0, 1.1, 0.5, 3], [1, 1.1, 0.5, 3]], dtype=np.float64)
+    us.save_record_state(first, rows, np.log(w))
+    np.testing.assert_array_equal(us.load_weights(second, 2, 3), np.full((2, 3), 1 / 3))
+    np.testing.assert_array_equal(us.load_record_logits(second, 2, 3), np.zeros((2, 3)))
+    np.testing.assert_array_equal(us.load_record_histories(second), rows)  # one budget per device
+    us.save_weights(second, w[::-1])
+    us.save_record_state(second, rows[:1], np.zeros((2, 3)))
+    np.testing.assert_array_equal(us.load_weights(context("run-a"), 2, 3), w)  # a resumed run: a new Context
+    np.testing.assert_array_equal(us.load_record_logits(context("run-a"), 2, 3), np.log(w))
+    np.testing.assert_array_equal(us.load_record_histories(context("run-a")), rows[:1])
+    np.testing.assert_array_equal(us.load_weights(second, 2, 3), w[::-1])
+    for run in range(us.RUN_SLOTS + 2):
+        us.save_weights(context(f"run-{run}"), w + run)
+    with np.load(tmp_path / us.WEIGHTS_FILENAME) as data:
+        assert data.files == [us.run_slot(context(f"run-{run}"), us.WEIGHTS_KEY) for run in range(2, us.RUN_SLOTS + 2)]
+    np.testing.assert_array_equal(us.load_weights(context(f"run-{us.RUN_SLOTS + 1}"), 2, 3), w + us.RUN_SLOTS + 1)
+
+
 @pytest.mark.parametrize("damage", ["nan", "inf", "shape", "count"])
 def test_bad_reply_is_rejected_logged_and_round_goes_on(pair_file, tmp_path, caplog, damage):
     from flwr.app import Array, ArrayRecord, MetricRecord
