@@ -520,7 +520,6 @@ def _canary(args, run_dir, settings) -> dict:
     from federation.canary_users import load_canaries
     from lore_core.audits.canary import canary_audit
     from lore_core.privacy.ledger import PrivacyLedger
-    from server.release_record import read_releases
 
     if run_dir is None or not args.secrets:
         raise AuditCommandError("the canary audit needs RUN_DIR and --secrets FILE (from `lore-fed simulate "
@@ -529,8 +528,7 @@ def _canary(args, run_dir, settings) -> dict:
     s = ledger.settings
     if s.mode not in ("user", "user+secagg"):
         raise AuditCommandError(f"the canary audit covers the user-level modes; {run_dir} ran mode {s.mode}")
-    releases = read_releases(run_dir)  # hashes and the optimizer replay checked: these bases were released
-    check_record_covers_ledger(releases, ledger.rounds_released, run_dir)
+    releases, sums = released_sums(run_dir, ledger)
     canaries = load_canaries(args.secrets)
     metrics = run_dir / "metrics.json"
     recorded = parse_json(read_text(metrics), metrics) if metrics.is_file() else {}
@@ -538,7 +536,6 @@ def _canary(args, run_dir, settings) -> dict:
     if isinstance(hosted, int) and hosted != canaries.count:
         raise AuditCommandError(f"--secrets {args.secrets} holds {canaries.count} canaries, but {run_dir} hosted "
                                 f"{hosted} ({metrics}): give the secrets file of this run")
-    sums = releases.mean_updates * (s.sample_rate * s.population_size)  # the fixed denominator q N
     result = canary_audit(sums, canaries.directions, canaries.included, noise_multiplier=s.noise_multiplier,
                           clip_norm=s.clip_norm, sample_rate=s.sample_rate, claimed_epsilon=ledger.epsilon().headline,
                           delta=s.delta)
@@ -546,12 +543,51 @@ def _canary(args, run_dir, settings) -> dict:
     return result
 
 
+def released_sums(run_dir: Path, ledger):
+    """The run's verified release record (hashes and the optimizer replay checked: these bases were released) and
+    its released noisy sums (R, B, D): the recorded mean updates times the fixed denominator q N."""
+    from server.release_record import read_releases
+
+    releases = read_releases(run_dir)
+    check_record_covers_ledger(releases, ledger.rounds_released, run_dir)
+    s = ledger.settings
+    return releases, releases.mean_updates * (s.sample_rate * s.population_size)
+
+
 def _accounting(args, run_dir, settings) -> dict:
+    """The ledger's epsilon recomputed from its events, and, for a run directory, whether the released sums carry
+    the noise those events claim (lore_core.audits.released_noise): the events alone are what the server wrote."""
     from lore_core.audits.accounting_check import accounting_audit
 
     if run_dir is None:
         raise AuditCommandError("the accounting audit needs RUN_DIR (or a path to ledger.json)")
-    return accounting_audit(run_dir)
+    result = accounting_audit(run_dir)
+    noise = _released_noise(run_dir)
+    result["released_noise"] = noise
+    if noise["verdict"] == "fail":
+        result.update(verdict="fail", passed=False, problems=result["problems"] + [noise["summary"]],
+                      summary=f"FAIL: {noise['summary']}; the epsilon its events give does not hold for this run. "
+                              f"(Events: {result['summary']})")
+    else:
+        result["summary"] += f" Released noise: {noise['summary']}."
+    return result
+
+
+def _released_noise(run_dir: Path) -> dict:
+    """released_noise_check on the run's own release record, against each released round's z C in the ledger."""
+    from lore_core.audits.released_noise import released_noise_check
+    from lore_core.privacy.ledger import PrivacyLedger
+    from server.release_record import RELEASES_DIR
+
+    if not run_dir.is_dir() or not (run_dir / RELEASES_DIR).exists():
+        return {"verdict": "not-checked", "noise_ratio": None,
+                "summary": f"not checked: no release record ({run_dir / RELEASES_DIR}), only the ledger was given"}
+    ledger = PrivacyLedger.load(run_dir)
+    releases, sums = released_sums(run_dir, ledger)
+    per_round = np.concatenate([np.full(steps, z) for z, _, steps in ledger.history()] or [np.zeros(0)])
+    counted = releases.ledger_rounds >= 1  # a release without a ledger round carries no claim to check
+    claimed = per_round[releases.ledger_rounds[counted] - 1] * ledger.settings.clip_norm
+    return released_noise_check(sums[counted], claimed)
 
 
 def _extraction(args, run_dir, settings) -> dict:

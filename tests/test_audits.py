@@ -71,6 +71,25 @@ def test_canary_audit_measures_the_noise_actually_added_and_flags_too_little():
     assert weak["verdict"] == "inconclusive"  # 300 canaries cannot certify epsilon 8 even with every guess right
 
 
+def test_observed_noise_holds_with_strong_drift_and_the_released_noise_check_flags_a_shortfall():
+    """Eight strong drift directions over 25 rounds: the estimate without the degrees-of-freedom correction fell
+    with each spike it dropped, dropping more, and read 0."""
+    from lore_core.audits.released_noise import MIN_ENTRIES, released_noise_check
+
+    rng = np.random.default_rng(3)
+    drift = rng.standard_normal((25, 8)) @ rng.standard_normal((8, 512)) * 3
+    for std in (1.0, 0.1):
+        sigma, strong = observed_noise(drift + rng.normal(0, std, (25, 512)), np.zeros((0, 512)))
+        assert sigma == pytest.approx(std, rel=0.05) and strong.shape[1] == 8
+    claimed = np.full(25, 0.5)
+    honest = released_noise_check(drift + rng.normal(0, 0.5, (25, 512)), claimed)
+    cut = released_noise_check(drift + rng.normal(0, 0.3, (25, 512)), claimed)
+    assert honest["verdict"] == "pass" and honest["noise_ratio"] == pytest.approx(1.0, abs=0.05)
+    assert cut["verdict"] == "fail" and cut["noise_ratio"] == pytest.approx(0.6, abs=0.05)
+    tiny = released_noise_check(rng.normal(0, 0.01, (2, MIN_ENTRIES // 2 - 1)), np.ones(2))
+    assert tiny["verdict"] == "not-checked" and tiny["noise_ratio"] is None
+
+
 # --- attribute --------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("strength, leak", [(1.0, True), (0.0, False)])
 def test_attribute_audit_finds_planted_signal_only(strength, leak):

@@ -81,11 +81,40 @@ def test_canary_audit_passes_an_honest_run_and_fails_when_the_servers_noise_is_c
     # read 1.68 for z = 2. A cut to z / 10 is still far outside this band.
     assert honest["noise_multiplier_observed"] == pytest.approx(Z, rel=0.25)
     assert cut["noise_multiplier_observed"] == pytest.approx(Z / 10, rel=0.3)
+    # The accounting audit reads the same record: the events reproduce the ledger's epsilon, the released noise not.
+    accounting = {}
+    for name in ("honest", "cut"):
+        assert main(["audit", "accounting", str(tmp_path / name)]) == 0
+        accounting[name] = json.loads((tmp_path / name / "audits" / "accounting.json").read_text())
+    assert accounting["honest"]["verdict"] == "pass"
+    assert accounting["honest"]["released_noise"]["noise_ratio"] == pytest.approx(1.0, abs=0.1)
+    assert accounting["cut"]["verdict"] == "fail" and accounting["cut"]["released_noise"]["noise_ratio"] < 0.2
+    assert "less noise than its ledger says" in accounting["cut"]["summary"]
     after = json.loads((tmp_path / "cut" / "ledger.json").read_text())
     assert after["events"]["audits"][-1]["verdict"] == "fail"
     # appending the audit kept what the run's ledger derived (the federated not-covered list, evaluation policy)
     assert after["not_covered"] == ledger["not_covered"] and COUNTS_NOT_COVERED in after["not_covered"]
     assert after["evaluation"] == ledger["evaluation"] and after["epsilon"] == ledger["epsilon"]
+
+
+def test_canary_audit_fails_an_under_noised_run_whose_canaries_never_reached_the_sums(pair_file, secrets_file,
+                                                                                      tmp_path, monkeypatch):
+    """A reviewer's case: the server's noise cut to z / 10 and no canary's upload reaching the sums (a broken
+    canary node, or a server that drops them; here the nodes send zeros, so a round that sampled only canaries
+    still completes). The canaries certify nothing (lower bound 0), and the audit passed; the noise outside their
+    span still shows the cut."""
+    from federation.canary_users import CanaryBlock
+
+    def lost(self, sampled, clip_norm):
+        return np.zeros((len(sampled),) + self.directions.shape[1:])
+
+    real_noise = dp_fedavg.add_noise_to_sum
+    monkeypatch.setattr(dp_fedavg, "add_noise_to_sum", lambda total, z, clip, rng: real_noise(total, z / 10, clip, rng))
+    monkeypatch.setattr(CanaryBlock, "updates", lost)
+    canary_run(pair_file, secrets_file, tmp_path / "run")
+    result = canary_verdict(tmp_path / "run", secrets_file)
+    assert result["epsilon_lb"] <= result["epsilon_claimed"]  # the canaries alone would have passed it
+    assert result["verdict"] == "fail" and result["released_noise"]["noise_ratio"] < 0.2
 
 
 def test_release_record_proves_what_was_released_and_refuses_tampering(pair_file, secrets_file, tmp_path):

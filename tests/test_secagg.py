@@ -98,6 +98,11 @@ def test_secagg_run_trains_and_ledger_is_written_before_each_release(pair_file, 
     assert np.all(np.diff([r["epsilon"] for r in state.history]) > 0)
     assert ledger["not_private"]["flag"]  # reproducible debug noise is marked, never silently private
     assert all(r["secagg_nodes"] >= 2 and r["accepted_users"] == r["sampled_users"] for r in state.history)
+    from lore_cli.main import main
+
+    assert main(["audit", "accounting", str(tmp_path)]) == 0  # the users' shares carry the claimed noise
+    released = json.loads((tmp_path / "audits" / "accounting.json").read_text())["released_noise"]
+    assert released["verdict"] == "pass" and released["noise_ratio"] > 0.9, released
 
 
 def spy_round_sums(monkeypatch):

@@ -19,36 +19,21 @@ Scoring, for each canary:
 Any score computed from the release and the directions (never the coins) gives a valid bound; this one is sharp
 exactly when the run added less noise than it claims.
 Guessing "in" for the k highest scores, for each k of a grid (Bonferroni over the grid), gives the one-run lower
-bound on epsilon. Verdict: fail if the bound exceeds the ledger's epsilon (the run leaks more than it claims);
-inconclusive if even all guesses right could not certify more than the claim (too few canaries for this epsilon);
-pass otherwise. The Gaussian estimate (Andrew et al.) is reported beside it, not used for the verdict.
+bound on epsilon. Verdict: fail if the bound exceeds the ledger's epsilon (the run leaks more than it claims), or if
+the noise observed outside the canaries' span is below the claimed z C by more than released_noise allows (a run
+whose canaries never reached the sums certifies nothing, yet its noise still shows: found by a reviewer, whose
+under-noised run with failing canary nodes passed); inconclusive if even all guesses right could not certify more
+than the claim (too few canaries for this epsilon); pass otherwise. The Gaussian estimate (Andrew et al.) is reported beside it, not used for the verdict.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from lore_core.audits.released_noise import observed_noise, released_noise_check
 from lore_core.audits.statistics import AuditInputError, auc, gaussian_epsilon_estimate, one_run_audit, one_run_epsilon
 
 GUESSES = (10, 20, 50, 100, 200, 300, 400, 500, 1000, 2000)
-
-
-def observed_noise(sums: np.ndarray, directions: np.ndarray) -> tuple[float | None, np.ndarray]:
-    """What the release shows outside the span of the canary directions (K, d), where it holds only noise and the
-    real users' drift: the noise's per-entry std (None when the canaries span everything, K >= d) and the drift's
-    time courses, orthonormal columns (R, k) of the directions whose singular values stand above the pure-noise
-    edge sigma (sqrt(R) + sqrt(d - K))."""
-    rounds, dim = sums.shape
-    if directions.shape[0] >= dim:
-        return None, np.zeros((rounds, 0))
-    span = np.linalg.qr(directions.T)[0]  # (d, K) orthonormal
-    u, singular, _ = np.linalg.svd(sums - (sums @ span) @ span.T, full_matrices=False)
-    dof = dim - directions.shape[0]
-    keep = np.ones(singular.size, dtype=bool)
-    for _ in range(5):  # drop the spikes above the pure-noise edge, re-estimate
-        sigma = np.sqrt((singular[keep] ** 2).sum() / (rounds * dof))
-        keep = singular <= sigma * (np.sqrt(rounds) + np.sqrt(dof))
-    return float(sigma), u[:, ~keep]
 
 
 def canary_scores(sums: np.ndarray, directions: np.ndarray, *, noise_multiplier: float, clip_norm: float,
@@ -85,12 +70,16 @@ def canary_audit(sums: np.ndarray, directions: np.ndarray, included: np.ndarray,
         raise AuditInputError(f"need at least {GUESSES[0]} canaries; got {included.size}")
     scores, seen = canary_scores(sums, directions, noise_multiplier=noise_multiplier, clip_norm=clip_norm,
                                  sample_rate=sample_rate)
+    noise = released_noise_check(sums, np.full(len(sums), noise_multiplier * clip_norm), directions)
     bound = one_run_audit(scores, included, delta=delta, alpha=alpha, guesses=guesses)
     best_case = max((one_run_epsilon(included.size, k, k, delta=delta, alpha=alpha / len(guesses))
                      for k in guesses if k <= included.sum()), default=0.0)  # < 10 in: nothing can be certified
     estimate = gaussian_epsilon_estimate(scores[included], scores[~included], delta=delta)
     lb = bound["epsilon_lb"]
-    if lb > claimed_epsilon:
+    if noise["verdict"] == "fail":
+        verdict = "fail"
+        sentence = f"FAIL: {noise['summary']} (canaries' lower bound {lb:.2f}, ledger {claimed_epsilon:.2f})."
+    elif lb > claimed_epsilon:
         verdict = "fail"
         sentence = (f"FAIL: {included.size} canaries certify epsilon >= {lb:.2f} ({bound['correct']} of "
                     f"{bound['guesses']} guesses right) from the released sums, above the ledger's {claimed_epsilon:.2f}: "
@@ -110,7 +99,7 @@ def canary_audit(sums: np.ndarray, directions: np.ndarray, included: np.ndarray,
         "epsilon_lb_if_all_guesses_right": best_case, "bound": bound, "gaussian_estimate": estimate,
         "auc": float(auc(scores, included)), "rounds_released": int(len(sums)), "canaries": int(included.size),
         "canaries_in": int(included.sum()), "expected_rounds_per_canary": float(sample_rate * len(sums)),
-        **seen, "noise_multiplier_claimed": noise_multiplier, "clip_norm": clip_norm,
+        **seen, "released_noise": noise, "noise_multiplier_claimed": noise_multiplier, "clip_norm": clip_norm,
         "sample_rate": sample_rate, "delta": delta, "alpha": alpha,
         "score_in": np.sort(scores[included]).round(4).tolist(), "score_out": np.sort(scores[~included]).round(4).tolist(),
         "method": "released noisy sums (verified release record) scored per canary by the log-likelihood ratio of "
