@@ -176,7 +176,10 @@ def privacy_summary(metrics: dict) -> str:
     if metrics.get("not_private"):
         return "  NOT PRIVATE (reproducible debug noise)"
     if metrics.get("epsilon") is not None:
-        trusted = "the server trusted" if metrics["privacy_mode"] == "user" else "against the server too"
+        trusted = "the server trusted" if metrics["privacy_mode"] == "user" else "against all but the server"
+        against_server = metrics.get("epsilon_against_server")
+        if metrics["privacy_mode"] == "user+secagg" and against_server is not None:
+            trusted += f"; against the server, which knows the sample, {against_server:.3f}"
         return f"  user-level epsilon {metrics['epsilon']:.3f} (delta {metrics['delta']:g}; {trusted})"
     if metrics.get("record_epsilon_max_over_clients") is not None:
         return (f"  per-pair epsilon {metrics['record_epsilon_max_over_clients']:.3f} (max over clients, delta "
@@ -195,6 +198,9 @@ def privacy_metrics(run_dir: Path) -> dict:
     if s.mode in ("user", "user+secagg"):
         out.update(epsilon=eps.headline, epsilon_accountant=eps.accountant, epsilon_rdp=eps.rdp, delta=s.delta,
                    noise_multiplier=s.noise_multiplier, clip_norm=s.clip_norm, sample_rate=s.sample_rate)
+        if s.mode == "user+secagg":
+            out.update(epsilon_against_server=ledger.epsilon_against_server(),
+                       most_user_rounds=ledger.most_user_rounds())
     elif s.mode == "record":  # per pair, max over clients: deliberately not under the user-level key `epsilon`
         out.update(record_epsilon_max_over_clients=None if eps is None else eps.prv,
                    record_epsilon_rdp=None if eps is None else eps.rdp, delta=s.delta,

@@ -82,6 +82,10 @@ class TrainingRun:
         self.released = False
         self._record: dict = {}
         self._started = 0.0
+        # user+secagg: how many rounds each user was sampled in since this process started, on top of the most any
+        # user had before (the ledger's count: a resumed run's sampler is new, and max(a + b) <= max a + max b)
+        self._user_rounds = np.zeros(population.size if aggregator.mode == "user+secagg" else 0, dtype=np.int32)
+        self._user_rounds_before = ledger.most_user_rounds() if aggregator.mode == "user+secagg" else 0
 
     # --- training -----------------------------------------------------------------------------------------------
     def begin_round(self) -> dict[int, np.ndarray]:
@@ -92,6 +96,8 @@ class TrainingRun:
         self.released = False
         self.ledger.check_next_round()
         sampled = self.aggregator.sample(self.population.size)
+        if self._user_rounds.size:
+            self._user_rounds[sampled] += 1
         self.plan = self.population.assign(sampled)
         self._record = {"round": self.round, "sampled_users": int(sampled.size), "rejected_replies": []}
         return self.plan
@@ -115,8 +121,9 @@ class TrainingRun:
         """Record the round in the ledger, step the basis with `mean_update` (B, D) (None: nothing accepted in a mode
         without noise, no step) and append the step to the release record. `facts` go to the round's record
         (rounds.jsonl)."""
+        most = self._user_rounds_before + int(self._user_rounds.max()) if self._user_rounds.size else None
         entry = self.ledger.record_round(self.ledger.rounds_released + 1, self._record["sampled_users"],
-                                         client_histories=facts.pop("client_histories", None))
+                                         client_histories=facts.pop("client_histories", None), most_user_rounds=most)
         eps = self.ledger.epsilon()
         if eps is not None:
             # record mode: per pair, max over clients; never under the user-level key

@@ -537,7 +537,10 @@ def test_every_guarantee_and_the_simulate_summary_name_who_is_trusted(tmp_path):
         mode="user+secagg", rounds=5, noise_multiplier=1.0, clip_norm=0.25, clients_per_round=50,
         population_size=1400, dimension=80))
     secagg.record_round(1, sampled=50)
-    assert "against the server too" in secagg.guarantee()
+    assert "against the server itself, which draws the sample" in secagg.guarantee()
+    assert "against the server, which knows the sample, 1.2" in privacy_summary(
+        {"privacy_mode": "user+secagg", "not_private": False, "epsilon": 0.5, "delta": 1e-5,
+         "epsilon_against_server": 1.2})
     record = PrivacyLedger.create(tmp_path / "record", PrivacySettings(mode="record", rounds=5, noise_multiplier=1.0,
                                                                        record_batch_size=2, record_epochs=1))
     record.record_round(1, sampled=2, client_histories={"a": [(1.0, 0.2, 5)]})

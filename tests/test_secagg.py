@@ -105,6 +105,62 @@ def test_secagg_run_trains_and_ledger_is_written_before_each_release(pair_file, 
     assert released["verdict"] == "pass" and released["noise_ratio"] > 0.9, released
 
 
+def test_the_guarantee_against_the_server_counts_the_most_sampled_users_rounds(pair_file, tmp_path, monkeypatch):
+    """Found by a reviewer: the ledger claimed the subsampled epsilon "against the server too", but the server draws
+    the sample, so it knows who took part and amplification does not hold against it. The ledger now states a
+    second epsilon: the discrete Gaussian unsampled over the rounds of the most-sampled user, counted from the
+    sampler and, after a resume (a new sampler), added to the count the ledger already holds."""
+    from lore_cli.main import main
+    from lore_core.privacy.ddg_accounting import ddg_epsilon
+    from server.aggregation import DistributedDpAggregator
+    from server.training_round import TrainingRun
+
+    drawn = []
+    sample, begin = DistributedDpAggregator.sample, TrainingRun.begin_round
+    monkeypatch.setattr(DistributedDpAggregator, "sample",
+                        lambda self, n: (drawn.append(sample(self, n)), drawn[-1])[1])
+
+    def crash_at_round_4(self):
+        if self.round == 3:
+            raise RuntimeError("killed")
+        return begin(self)
+
+    monkeypatch.setattr(TrainingRun, "begin_round", crash_at_round_4)
+    grid, settings = make_run(pair_file, tmp_path, nodes=6, **{"num-server-rounds": 5, "clients-per-round": 6})
+    with pytest.raises(RuntimeError, match="killed"):
+        run_federated(grid, settings)
+    counts = np.zeros(USERS, dtype=int)
+    running = []
+    for users in drawn:
+        counts[users] += 1
+        running.append(int(counts.max()))
+    ledger = json.loads((tmp_path / "ledger.json").read_text())
+    assert [e["most_user_rounds"] for e in ledger["events"]["rounds"]] == running and len(running) == 3
+
+    monkeypatch.setattr(TrainingRun, "begin_round", begin)
+    drawn.clear()
+    run_federated(*make_run(pair_file, tmp_path, nodes=6, **{"num-server-rounds": 5, "clients-per-round": 6}))
+    fresh = np.zeros(USERS, dtype=int)
+    for users in drawn:
+        fresh[users] += 1
+    ledger = json.loads((tmp_path / "ledger.json").read_text())
+    most = running[-1] + int(fresh.max())  # max(a + b) <= max a + max b: never below the true count
+    assert len(ledger["events"]["rounds"]) == 5 and ledger["events"]["rounds"][-1]["most_user_rounds"] == most
+    against = ledger["epsilon"]["against_server"]
+    expected = ddg_epsilon([(Z, 1.0, most)], ledger["delta"], RANK * DIM)[0]
+    assert against["most_user_rounds"] == most and against["epsilon"] == pytest.approx(expected)
+    assert against["epsilon"] > ledger["epsilon"]["headline"]  # q = 6 / 24: amplification the server never grants
+    assert f"({against['epsilon']:.3f}, " in ledger["guarantee"]
+
+    assert main(["audit", "accounting", str(tmp_path)]) == 0
+    audit = json.loads((tmp_path / "audits" / "accounting.json").read_text())
+    assert audit["verdict"] == "pass" and audit["epsilon_against_server"] == pytest.approx(expected)
+    ledger["epsilon"]["against_server"]["epsilon"] = ledger["epsilon"]["headline"]  # the old, amplified claim
+    (tmp_path / "ledger.json").write_text(json.dumps(ledger))
+    assert main(["audit", "accounting", str(tmp_path)]) == 0
+    assert json.loads((tmp_path / "audits" / "accounting.json").read_text())["verdict"] == "fail"
+
+
 def spy_round_sums(monkeypatch):
     """round -> the clipped updates the nodes' users computed (before their noise) / the sums the server unmasked."""
     clipped, unmasked = {}, {}

@@ -153,6 +153,20 @@ def accounting_audit(ledger: dict | str | Path, *, abs_tol: float = ABS_TOL, rel
     }
 
 
+def _against_server(ledger: dict, history: list[tuple[float, float, int]], delta: float) -> tuple[float, float | None]:
+    """user+secagg: (epsilon against the server from the events, the stored one): the discrete Gaussian unsampled
+    (q = 1) at the smallest z over the rounds of the most-sampled user (the last event's count; every round where
+    the events lack it)."""
+    from lore_core.privacy.ddg_accounting import ddg_epsilon
+
+    rounds = ledger["events"]["rounds"]
+    most = rounds[-1].get("most_user_rounds", len(rounds))
+    server = ddg_epsilon([(min(z for z, _, _ in history), 1.0, most)], delta,
+                         int(ledger["config"]["dimension"]))[0] if most else 0.0
+    stored = ledger["epsilon"].get("against_server") if isinstance(ledger.get("epsilon"), dict) else None
+    return float(server), _number(stored.get("epsilon")) if isinstance(stored, dict) else None
+
+
 def _ddg_audit(ledger: dict, history: list[tuple[float, float, int]], delta: float, abs_tol: float,
                rel_tol: float) -> dict:
     from lore_core.privacy.ddg_accounting import ddg_epsilon
@@ -168,6 +182,10 @@ def _ddg_audit(ledger: dict, history: list[tuple[float, float, int]], delta: flo
         problems.append(f"stored epsilon {stored} is not what its own events give ({ddg:.4f})")
     if pld is not None and ddg < pld - tol:
         problems.append(f"the ddg-rdp bound {ddg:.4f} is below the continuous Gaussian's PLD {pld:.4f}")
+    server, stored_server = _against_server(ledger, history, delta)
+    if stored_server is None or abs(stored_server - server) > max(abs_tol, rel_tol * server):
+        problems.append(f"stored epsilon against the server {stored_server} is not what its events give "
+                        f"({server:.4f}: no amplification, the most-sampled user's rounds)")
     passed = not problems
     sentence = (f"PASS: the ledger's epsilon {ddg:.3f} (distributed discrete Gaussian, RDP) is reproduced by its "
                 f"{sum(s[2] for s in history)} round events" + (f" and lies above the continuous Gaussian's PLD "
@@ -176,7 +194,8 @@ def _ddg_audit(ledger: dict, history: list[tuple[float, float, int]], delta: flo
     return {
         "audit": "accounting", "verdict": "pass" if passed else "fail", "passed": passed, "summary": sentence,
         "epsilon_stored_prv": stored, "epsilon_stored_rdp": stored, "epsilon_prv": ddg, "epsilon_rdp": ddg,
-        "epsilon_pld": pld, "accountant": "ddg-rdp", "tolerance": tol, "problems": problems,
+        "epsilon_pld": pld, "epsilon_against_server": server, "epsilon_against_server_stored": stored_server,
+        "accountant": "ddg-rdp", "tolerance": tol, "problems": problems,
         "history": [list(s) for s in history], "delta": delta, "rounds": int(sum(s[2] for s in history)),
         "method": "history rebuilt from the raw ledger events; ddg_epsilon recomputed; continuous Gaussian PLD "
                   "(dp_accounting) as a floor", "seed": None, "trials": 1,

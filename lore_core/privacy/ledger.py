@@ -70,8 +70,10 @@ DESCRIPTIONS: dict[str, dict[str, str]] = {
         "threat_model": "distributed DP: each sampled user clips its update, rounds it to a grid and adds its own "
         "share of discrete Gaussian noise on the integer ring before SecAgg+ masks it; the server unmasks only the "
         "sum over at least ceil((1 - x) k) of the round's k sampled users (a round with more drop-outs is aborted "
-        "before unmasking), and that sum carries noise of std >= z C. The guarantee holds against the server too: "
-        "it learns only noised sums. Assumed: an honest-but-curious server (it follows the protocol, tells the users "
+        "before unmasking), and that sum carries noise of std >= z C. The server learns only noised sums, but it "
+        "draws the sample, so it knows who took part: against it there is no amplification by sampling, and its "
+        "guarantee is the discrete Gaussian composed over the rounds of the most-sampled user (epsilon."
+        "against_server). Assumed: an honest-but-curious server (it follows the protocol, tells the users "
         "the true k, aborts as required) and users who add their shares; a server colluding with users is not "
         "covered, and Flower 1.42 seeds SecAgg+ masks with 32 bits, so the masking is not a cryptographic guarantee "
         "against a server willing to brute-force seeds",
@@ -92,7 +94,7 @@ DESCRIPTIONS: dict[str, dict[str, str]] = {
 # Who each mode's guarantee trusts, in one clause (the threat models above say it at length).
 TRUSTED = {
     "user": "trusted: the server, which sees each sampled user's update; the guarantee holds against everyone else",
-    "user+secagg": "holds against the server too, if it is honest but curious (it sees only noised sums)",
+    "user+secagg": "against everyone but the server, which draws the sample (see against_server for it)",
     "record": ("trusted: nobody; holds per pair against everyone, the server included, as long as the run ships "
                "lore-fed's client code and the server sends its clients the run's noise multiplier, clip and "
                "max-epsilon (they take them from its messages); a device whose node config sets its own "
@@ -100,6 +102,10 @@ TRUSTED = {
                "record mode only and answers no evaluation unless it allows it, and a deployed device refuses a "
                "server's noise seed"),
 }
+
+
+# user+secagg round events: the rounds of the most-sampled user so far (the guarantee against the server).
+MOST_USER_ROUNDS = "most_user_rounds"
 
 
 class LedgerError(ValueError):
@@ -194,6 +200,22 @@ class PrivacyLedger:
         return [_report(tuple(compress_history(events[:t])), self.settings.delta, self._dim).headline
                 for t in range(1, len(events) + 1)]
 
+    def most_user_rounds(self) -> int:
+        """user+secagg: the rounds of the most-sampled user so far (an entry without the count: every round)."""
+        rounds = self._facts["rounds"]
+        return int(rounds[-1].get(MOST_USER_ROUNDS, len(rounds))) if rounds else 0
+
+    def epsilon_against_server(self) -> float | None:
+        """user+secagg: epsilon against the server, which knows the sample: the discrete Gaussian at the smallest
+        recorded z, unsampled (q = 1), over the most-sampled user's rounds; None in other modes."""
+        if self.settings.mode != "user+secagg":
+            return None
+        most = self.most_user_rounds()
+        if not most:
+            return 0.0
+        z = min(e["noise_multiplier"] for e in self._facts["rounds"])
+        return _report(((float(z), 1.0, most),), self.settings.delta, self._dim).headline
+
     def epsilon(self) -> EpsilonReport | None:
         """User modes: epsilon so far; record mode: the client with the largest PRV epsilon; none: None."""
         mode, delta = self.settings.mode, self.settings.delta
@@ -247,11 +269,13 @@ class PrivacyLedger:
         noise_multiplier: float | None = None,
         sample_rate: float | None = None,
         client_histories: Mapping[str, Any] | None = None,
+        most_user_rounds: int | None = None,
     ) -> dict[str, Any]:
         """Record round `round` (1-based, consecutive) atomically; call BEFORE releasing that round's basis.
 
         sampled: number of users sampled (data-independent under Poisson). User modes: z and q default to the
-        settings'. Record mode: client_histories maps client id -> what it spent this round ((z, q, steps) segments
+        settings'. user+secagg: most_user_rounds, the rounds (this one included) of the user sampled most often so
+        far, for the guarantee against the server (default: every round, the bound that needs no count). Record mode: client_histories maps client id -> what it spent this round ((z, q, steps) segments
         appended to its accountant history, or a RecordDpState of them). Raises PrivacyBudgetExhausted (user modes)
         or AccountingError, writing nothing.
         """
@@ -272,6 +296,11 @@ class PrivacyLedger:
                 raise PrivacyBudgetExhausted(f"round {round} would bring epsilon to {report.headline:.3f} > "
                                              f"max_epsilon {s.max_epsilon}; do not release it")
             entry.update(noise_multiplier=z, sample_rate=q)
+            if s.mode == "user+secagg":
+                most = int(round if most_user_rounds is None else most_user_rounds)
+                if not 0 <= most <= round:
+                    raise LedgerError(f"most_user_rounds must be in [0, {round}]; got {most_user_rounds!r}")
+                entry[MOST_USER_ROUNDS] = most
         elif s.mode == "record":
             for cid, history in (client_histories or {}).items():
                 history = check_history(getattr(history, "history", history))
@@ -352,7 +381,9 @@ class PrivacyLedger:
                     f"of Kairouz, Liu & Steinke 2021 with Poisson subsampling) of the {self.rounds_released} released "
                     "bases and of every sum the server unmasked, add/remove one user with all its pairs, while at "
                     f"most {s.dropout_tolerance:.0%} of each round's sampled users drop out (rounds with more are "
-                    "aborted before unmasking)")
+                    f"aborted before unmasking); against the server itself, which draws the sample and so knows who "
+                    f"took part, ({self.epsilon_against_server():.3f}, {s.delta})-DP without amplification, over "
+                    f"the {self.most_user_rounds()} rounds of the most-sampled user, if it is honest but curious")
         return (f"{prefix}user-level ({eps.prv:.3f}, {s.delta})-DP (PRV; RDP bound {eps.rdp:.3f}) of the "
                 f"{self.rounds_released} released bases, add/remove one user with all its pairs")
 
@@ -376,6 +407,11 @@ class PrivacyLedger:
                 "prv": None if eps.accountant == "ddg-rdp" else eps.prv,
                 "prv_error_bound": eps.prv_error_bound, "rdp": eps.rdp, "rdp_optimal_order": eps.rdp_optimal_order,
                 **({"over": f"max over {len(self._facts['clients'])} clients"} if s.mode == "record" else {}),
+                **({"against_server": {
+                    "epsilon": self.epsilon_against_server(), "most_user_rounds": self.most_user_rounds(),
+                    "why": "the server draws the sample, so it knows who took part: no amplification; the "
+                           "distributed discrete Gaussian (q = 1) over the rounds of the most-sampled user"}}
+                   if s.mode == "user+secagg" else {}),
             },
             "budget": {"target_epsilon": s.target_epsilon, "max_epsilon": s.max_epsilon,
                        "stopped_early": self._facts["stopped_early"]},
@@ -400,6 +436,7 @@ class PrivacyLedger:
             "accountant": None if eps is None else eps.accountant,
             "epsilon_prv": None if eps is None or eps.accountant == "ddg-rdp" else eps.prv,
             "epsilon_rdp": None if eps is None else eps.rdp,
+            "epsilon_against_server": self.epsilon_against_server(),
             "delta": self.settings.delta if self.settings.is_dp else None,
             "rounds_released": self.rounds_released,
             "rounds_planned": self.settings.rounds,
@@ -505,6 +542,10 @@ def _check_events(path: Path, events: dict, mode) -> None:
             except (AccountingError, TypeError, ValueError) as exc:
                 raise LedgerError(f"{path}: round entry {position} has noise_multiplier {z!r} and sample_rate {q!r} "
                                   f"({exc}); restore the ledger") from exc
+            most = entry.get(MOST_USER_ROUNDS, 0)
+            if isinstance(most, bool) or not isinstance(most, int) or not 0 <= most <= position:
+                raise LedgerError(f"{path}: round entry {position} has {MOST_USER_ROUNDS} {most!r}, expected a whole "
+                                  f"number in [0, {position}]; restore the ledger")
     for cid, client in events["clients"].items():  # record mode: what each client spent (a tester: audits crashed)
         try:
             check_history(client["history"])
