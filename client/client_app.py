@@ -10,6 +10,8 @@ are checked before any work, and one message's read-train-write holds the device
 
 from __future__ import annotations
 
+import contextlib
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -21,16 +23,37 @@ from federation.local_training import (device_fit_weights, evaluate_node, person
                                        train_sampled_users)
 from federation.canary_users import CanaryBlock, load_canary_block
 from federation.user_block import NodeUsers, load_device_users, load_partition_users
-from client.node_limits import NodeLimits
+from client.node_limits import NodeLimitError, NodeLimits
 from client.user_state import (device_lock, load_record_histories, load_record_logits, load_weights,
                                save_record_state, save_weights)
 from lore_core.pairs import PAIRS_FILENAME
 
 app = ClientApp()
+log = logging.getLogger("lore_fed.client")
 
 
 class ClientRequestError(ValueError):
     """A server request this node cannot serve (bad indices, wrong basis width)."""
+
+
+class NodeFailure(RuntimeError):
+    """What the server learns of a node's failure other than a refusal of its request: that it failed, no more."""
+
+
+@contextlib.contextmanager
+def data_free_errors(what: str):
+    """Flower sends a failed handler's exception text to the server (the error reply's reason), which keeps it in
+    rounds.jsonl. A refusal of the server's request (ClientRequestError, NodeLimitError: its text is about the
+    request or the device's own limits) goes as it is; any other failure is logged here, on the node, and reaches
+    the server as a fixed sentence, since its text may carry the node's data (found by a reviewer: record mode's
+    "delta must be < 1/n = ... for this client's 37 pairs" told the server a user's pair count)."""
+    try:
+        yield
+    except (ClientRequestError, NodeLimitError):
+        raise
+    except Exception:
+        log.exception("this node failed while %s (the server is told only that it failed)", what)
+        raise NodeFailure(f"the node failed while {what}; the details stay in the node's own log") from None
 
 
 def node_users(context: Context, settings: p.ClientSettings) -> NodeUsers | CanaryBlock:
@@ -111,7 +134,7 @@ def train(msg: Message, context: Context) -> Message:
     config = msg.content[p.CONFIG]
     mode = str(config.get(p.PRIVACY_MODE, "none"))
     NodeLimits.from_node_config(context.node_config).check_mode(mode)
-    with device_lock(context):
+    with device_lock(context), data_free_errors("training"):
         return _train(msg, context, config, mode)
 
 
@@ -190,7 +213,7 @@ def _ledger_states(rows: np.ndarray, n_sampled: int) -> list:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     NodeLimits.from_node_config(context.node_config).check_evaluate()
-    with device_lock(context):
+    with device_lock(context), data_free_errors("evaluating"):
         return _evaluate(msg, context)
 
 

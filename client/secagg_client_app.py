@@ -41,7 +41,7 @@ class SecAggTrainer(NumPyClient):
     def fit(self, parameters: list, config: dict) -> tuple[list, int, dict]:
         limits = NodeLimits.from_node_config(self.node_context.node_config)
         limits.check_mode("user+secagg")
-        with device_lock(self.node_context):
+        with device_lock(self.node_context), message_app.data_free_errors("training"):
             return self._fit(parameters, config, limits)
 
     def _fit(self, parameters: list, config: dict, limits: NodeLimits) -> tuple[list, int, dict]:

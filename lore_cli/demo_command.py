@@ -230,7 +230,8 @@ def run(args: argparse.Namespace) -> int:
     runs = {"federated": json.loads((federated / "metrics.json").read_text())}
     if (nonprivate / "metrics.json").exists():
         runs["federated-nonprivate"] = json.loads((nonprivate / "metrics.json").read_text())
-    report = write_demo_report(out, dataset, reference, runs, time.perf_counter() - started)
+    report = write_demo_report(out, dataset, reference, runs, time.perf_counter() - started,
+                               reference_chose_rank=args.rank == "auto")
     text = report.read_text()
     print("\n" + text[text.index("## Accuracy"):text.index("Details:")].strip())
     print(f"\ndemo finished in {time.perf_counter() - started:.0f} s; report: {report}")
@@ -248,7 +249,10 @@ def simulate_privacy_argv(args: argparse.Namespace) -> list[str]:
     return argv
 
 
-def write_demo_report(out: Path, dataset: Path, central: dict, runs: dict[str, dict], seconds: float) -> Path:
+def write_demo_report(out: Path, dataset: Path, central: dict, runs: dict[str, dict], seconds: float, *,
+                      reference_chose_rank: bool = False) -> Path:
+    """report.md; `reference_chose_rank`: the federated runs took the rank the centralized run chose (`--rank
+    auto`), which the privacy section then names as not covered."""
     summary = json.loads((dataset / "summary.json").read_text())
     federated = runs["federated"]
     rows = [("centralized (`lore-fed train`)", central)]
@@ -293,7 +297,11 @@ def write_demo_report(out: Path, dataset: Path, central: dict, runs: dict[str, d
                      f"multiplier {federated.get('noise_multiplier')}, clip norm {federated.get('clip_norm')}; see "
                      "`federated/ledger.json` for what is and is not covered. Differential privacy over a population "
                      "of a few hundred users is expensive: larger populations reach a smaller epsilon at the "
-                     "same accuracy.")
+                     "same accuracy." + (
+                         f" The rank {federated.get('rank')} was chosen by the centralized, non-private run on the "
+                         "same users (`--rank auto`): that choice is not covered; give `--rank` from a public pilot "
+                         "population for a run whose settings owe nothing to the private data."
+                         if reference_chose_rank else ""))
     elif mode != "none" and federated.get("privacy_guarantee"):  # record: per pair, not user-level (the ledger's)
         lines.append(f"Mode `{mode}`: {federated['privacy_guarantee']}.")
     else:

@@ -14,8 +14,9 @@ Per round t (`LegacyContext` + `DefaultWorkflow(fit_workflow=SecAggRound, evalua
    server never sees a sum with less noise than accounted. Otherwise it unmasks the total. Clients upload
    [w, w * x] with w = num_examples = 1, so Flower hands the strategy the MEAN over the n contributing nodes;
    `secure_sum` multiplies it back by n and puts it back on the grid: the exact integer sum, noise included.
-3. The sum / (q N) is the round's release: the ledger entry is written, and only then the server optimizer steps
-   the basis. Every round releases exactly one noisy step: a round whose users lie on fewer than max(2,
+3. The sum / (q N) is the round's release: the ledger entry is written before the unmask stage (so a sum the
+   server saw is counted even if it crashes before releasing it), and the server optimizer steps the basis only
+   after it. Every round releases exactly one noisy step: a round whose users lie on fewer than max(2,
    reconstruction threshold) nodes, or whose secure aggregation fails or is aborted, releases a data-free noise
    step drawn by the server (its sampled users count as drop-outs: utility, not privacy). No node is ever asked
    alone.
@@ -160,6 +161,7 @@ class DdgSecAggPlusWorkflow(SecAggPlusWorkflow):
                         "accounted: aborted before unmasking", self.strategy.run.round, contributors,
                         self.strategy.sampled_users(), needed)
             return False
+        self.strategy.run.record_in_ledger()  # before the server can see the sum (the unmask stage follows)
         return True
 
 

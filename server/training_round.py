@@ -80,6 +80,7 @@ class TrainingRun:
         self.round = state.round  # the round in progress (or the last finished one between rounds)
         self.plan: dict[int, np.ndarray] = {}  # node id -> local indices of the users sampled this round
         self.released = False
+        self._ledger_entry: dict | None = None  # this round's ledger entry, once written
         self._record: dict = {}
         self._started = 0.0
         # user+secagg: how many rounds each user was sampled in since this process started, on top of the most any
@@ -94,6 +95,7 @@ class TrainingRun:
         self._started = time.monotonic()
         self.round += 1
         self.released = False
+        self._ledger_entry = None
         self.ledger.check_next_round()
         sampled = self.aggregator.sample(self.population.size)
         if self._user_rounds.size:
@@ -117,13 +119,22 @@ class TrainingRun:
                 for z, q, k in self.ledger.client_history(str(int(user)))]
         return np.array(rows, dtype=np.float64).reshape(-1, 4)
 
+    def record_in_ledger(self, client_histories: dict | None = None) -> dict:
+        """Write this round's ledger entry, once: `release` does, or earlier the SecAgg+ workflow, before the
+        server unmasks a sum (a crash between the unmasking and the release would otherwise leave a sum the
+        server saw uncounted)."""
+        if self._ledger_entry is None:
+            most = self._user_rounds_before + int(self._user_rounds.max()) if self._user_rounds.size else None
+            self._ledger_entry = self.ledger.record_round(self.ledger.rounds_released + 1,
+                                                          self._record["sampled_users"],
+                                                          client_histories=client_histories, most_user_rounds=most)
+        return self._ledger_entry
+
     def release(self, mean_update: np.ndarray | None, accepted_users: int, **facts) -> None:
         """Record the round in the ledger, step the basis with `mean_update` (B, D) (None: nothing accepted in a mode
         without noise, no step) and append the step to the release record. `facts` go to the round's record
         (rounds.jsonl)."""
-        most = self._user_rounds_before + int(self._user_rounds.max()) if self._user_rounds.size else None
-        entry = self.ledger.record_round(self.ledger.rounds_released + 1, self._record["sampled_users"],
-                                         client_histories=facts.pop("client_histories", None), most_user_rounds=most)
+        entry = self.record_in_ledger(facts.pop("client_histories", None))
         eps = self.ledger.epsilon()
         if eps is not None:
             # record mode: per pair, max over clients; never under the user-level key

@@ -193,6 +193,21 @@ def deliver(context: Context, message_type: str, config: dict, basis: np.ndarray
     return list(grid.send_and_receive([grid.create_message(content, message_type, node, "1")]))[0]
 
 
+def test_a_failing_node_tells_the_server_only_that_it_failed(device_pairs, tmp_path, caplog):
+    """Found by a reviewer: a node's exception text went to the server as the error reply's reason (and into
+    rounds.jsonl): record mode's "delta must be < 1/n ... for this client's 12 pairs" told it a user's pair count.
+    The node logs the details; the server gets a fixed sentence. A refusal of the request keeps its text."""
+    context = device_context(device_pairs, tmp_path, "record")
+    config = {p.USER_INDICES: [0], **record_config(**{p.DELTA: 0.5}), p.PRIVACY_MODE: "record"}
+    with caplog.at_level("ERROR", logger="lore_fed.client"):
+        reply = deliver(context, "train", config, np.random.default_rng(0).normal(size=(2, 8)) * 0.1)
+    assert reply.has_error() and "12 pairs" not in reply.error.reason, reply.error.reason
+    assert "the node failed while training" in reply.error.reason
+    assert "12 pairs" in caplog.text  # on the node, for its owner
+    refused = deliver(context, "train", {**config, p.USER_INDICES: [5]}, np.zeros((2, 8)))
+    assert refused.has_error() and "user-indices must be distinct" in refused.error.reason
+
+
 @pytest.mark.parametrize("mode", ["none", "user", None])
 def test_a_device_with_a_record_budget_refuses_training_in_another_mode(device_pairs, tmp_path, mode):
     """Found by a review: the server chose the mode, and in mode none or user the device's update left without its

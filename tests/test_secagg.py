@@ -161,6 +161,26 @@ def test_the_guarantee_against_the_server_counts_the_most_sampled_users_rounds(p
     assert json.loads((tmp_path / "audits" / "accounting.json").read_text())["verdict"] == "fail"
 
 
+def test_a_round_is_in_the_ledger_before_the_server_unmasks_its_sum(pair_file, tmp_path, monkeypatch):
+    """Found by a reviewer: the ledger entry was written after the unmasking, so a server that crashed in between
+    had seen a noised sum the ledger never counted."""
+    from server.secagg_workflow import DdgSecAggPlusWorkflow
+
+    in_ledger_at_unmask = []
+    unmask = DdgSecAggPlusWorkflow.unmask_stage
+
+    def spy(self, grid, context, state):
+        rounds = json.loads((tmp_path / "ledger.json").read_text())["events"]["rounds"]
+        in_ledger_at_unmask.append((self.strategy.run.round, len(rounds)))
+        return unmask(self, grid, context, state)
+
+    monkeypatch.setattr(DdgSecAggPlusWorkflow, "unmask_stage", spy)
+    grid, settings = make_run(pair_file, tmp_path, nodes=6, **{"num-server-rounds": 3})
+    run_federated(grid, settings)
+    assert in_ledger_at_unmask and all(t == recorded for t, recorded in in_ledger_at_unmask), in_ledger_at_unmask
+    assert len(json.loads((tmp_path / "ledger.json").read_text())["events"]["rounds"]) == 3  # once per round
+
+
 def spy_round_sums(monkeypatch):
     """round -> the clipped updates the nodes' users computed (before their noise) / the sums the server unmasked."""
     clipped, unmasked = {}, {}

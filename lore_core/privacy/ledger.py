@@ -44,6 +44,11 @@ NOT_COVERED = [
     "hyper-parameter search runs (the privacy of the runs that chose these settings)",
     "personalised scores if served (B queries recover w_i when A is public)",
 ]
+# User modes: N is found by querying the nodes and written exactly; the accountant takes q = m / N as public.
+POPULATION_NOT_COVERED = ("the population size N and each node's number of training users (ledger population_size "
+                          "and sampling rate q = m / N, checkpoint.npz population): exact, found by asking the nodes; "
+                          "under add/remove adjacency N itself tells whether a user is present, so the guarantee "
+                          "treats N as public (the accountant uses one q for neighbouring populations)")
 RECORD_NOT_COVERED = ["a user as a whole: w_i and all of a user's pairs together (record level only)"]
 # What a run writes that IS covered: post-processing of the noisy releases and of data-independent settings.
 COVERED = [
@@ -485,7 +490,7 @@ def _mechanism(s: PrivacySettings) -> dict[str, Any]:
         "clipping": {"norm": s.clip_norm, "scope": "flat L2 over all of dA", "where": where},
         "noise": noise,
         "covered": COVERED,
-        "not_covered": NOT_COVERED,
+        "not_covered": NOT_COVERED + [POPULATION_NOT_COVERED],
     }
 
 
