@@ -15,13 +15,12 @@ settings (its checkpoint's).
 from __future__ import annotations
 
 import argparse
-import json
 import math
 from pathlib import Path
 
 import numpy as np
 
-from lore_core.text_file import not_a_file, parse_json, read_jsonl, read_text
+from lore_core.text_file import json_loads, not_a_file, parse_json, read_jsonl, read_text
 
 NAMES = ("update-leakage", "attribute", "membership", "mechanism", "canary", "accounting", "extraction", "fairness")
 PRIVACY_DEFAULTS = {"noise_multiplier": 1.0, "clip_norm": 1.0, "clients_per_round": 50, "population_size": 1400,
@@ -173,7 +172,7 @@ def run_pair_file(run_dir: Path | None) -> str | Path | None:
         if not file.exists():
             continue
         try:
-            record = json.loads(file.read_text())
+            record = json_loads(file.read_text())
             value = record.get(key)
         except (ValueError, AttributeError) as exc:
             raise AuditCommandError(f"{file}: not a JSON object ({exc}); pass --pairs PAIRS.npz") from exc

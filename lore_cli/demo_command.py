@@ -20,6 +20,7 @@ from pathlib import Path
 from lore_core import __version__
 from lore_core.atomic_io import atomic_write_json, atomic_write_text, check_output_path
 from lore_core.prism_schema import population_written
+from lore_core.text_file import json_loads
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -157,7 +158,7 @@ def check_demo_dir(out: Path, flags: dict) -> bool:
                 f"give a new --out (or delete {out} to rerun the demo there)")
         return False
     try:
-        record = json.loads(record_file.read_text())
+        record = json_loads(record_file.read_text())
         stored = record["flags"]
         if not isinstance(stored, dict):
             raise TypeError("'flags' is not an object")

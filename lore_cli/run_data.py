@@ -16,7 +16,7 @@ from pathlib import Path
 
 from lore_core.atomic_io import atomic_write_json
 from lore_core.pairs import file_digest
-from lore_core.text_file import is_json_integer
+from lore_core.text_file import is_json_integer, json_loads
 
 DATA_FILENAME = "data.json"
 
@@ -68,7 +68,7 @@ def check_same_pairs(run_dir: Path, pairs_path: Path, resuming: bool) -> dict:
     if not record.exists():
         return current
     try:
-        started = json.loads(record.read_text())
+        started = json_loads(record.read_text())
         problem = fingerprint_problem(started)  # the one definition of a valid record, audit's too
         if problem:
             raise ValueError(problem)

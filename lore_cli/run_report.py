@@ -7,11 +7,11 @@ and the size of each released basis step (a function of released bases only: pos
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 from lore_core.atomic_io import atomic_write_text
+from lore_core.text_file import json_loads
 
 PLOT_FILENAME = "accuracy_per_round.png"
 DP_PLOT_FILENAME = "privacy_per_round.png"
@@ -28,7 +28,7 @@ def load_reference(path: str | Path | None) -> dict | None:
         raise FileNotFoundError(f"reference {path}: no metrics.json (expected a `lore-fed train --out` directory)")
     expected = "expected the metrics.json of a `lore-fed train --out` directory"
     try:
-        reference = json.loads(file.read_text(encoding="utf-8"))
+        reference = json_loads(file.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, ValueError) as exc:
         raise ValueError(f"reference {file}: not JSON ({exc}); {expected}") from exc
     if not isinstance(reference, dict):
@@ -125,7 +125,7 @@ def privacy_section(run_dir: Path) -> list[str]:
     file = run_dir / "ledger.json"
     if not file.exists():
         return ["", "## Privacy", "", "No privacy ledger in this run directory: no guarantee is claimed."]
-    ledger = json.loads(file.read_text())
+    ledger = json_loads(file.read_text())
     lines = ["", "## Privacy", ""]
     if ledger["not_private"]["flag"] and ledger["mode"] != "none":
         lines += [f"**NOT PRIVATE**: {ledger['not_private']['reason']}", ""]

@@ -24,6 +24,7 @@ from lore_cli.main import CommandFailed
 from lore_cli.run_data import check_same_pairs, record_pairs
 from lore_core.atomic_io import atomic_write_json, check_output_path
 from lore_core.pairs import resolve_pair_path
+from lore_core.text_file import json_loads
 
 TRAIN_KEYS = ("seen_test_acc", "unseen_test_acc", "oracle_seen_test_acc", "oracle_unseen_test_acc")
 DEFAULT_ROUNDS = 200
@@ -383,10 +384,8 @@ def benchmark_metrics(pairs_path: Path, true_basis, prior_pairs: float) -> dict:
 
 def recorded_metrics(out: Path) -> dict:
     """The run directory's metrics.json as an earlier start of this run wrote it ({} if none or unreadable)."""
-    import json
-
     try:
-        metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
+        metrics = json_loads((out / "metrics.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
     return metrics if isinstance(metrics, dict) else {}

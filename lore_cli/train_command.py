@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import time
 from pathlib import Path
@@ -101,12 +102,10 @@ def refuse_untrainable(source: str, trainers: int, idle: np.ndarray) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from lore_core.basis_file import UNKNOWN_EMBEDDER, save_basis
-    from lore_core.pair_columns import PairColumns, PairIndex
-    from lore_cli.run_data import pair_file_fingerprint
+    from lore_core.pair_columns import PairColumns
     from lore_core.pairs import resolve_pair_path
     from lore_core.reward_math import MAX_L2
-    from lore_core.streamed_training import LARGE_POPULATION
+    from lore_core.run_lock import RunDirLock
 
     if args.rank_grid is not None and args.rank != "auto":
         raise ValueError(f"--rank-grid is for --rank auto; --rank {args.rank} fixes the rank: drop one of them")
@@ -123,13 +122,38 @@ def run(args: argparse.Namespace) -> int:
                                                     maximum=MAX_PRIOR_PAIRS)
     out = Path(args.out)
     check_output_path(out, "--out", directory=True)
-    federated = [name for name in ("checkpoint.npz", "ledger.json") if (out / name).exists()]
-    if federated:
-        raise ValueError(f"--out {out} holds a federated run ({', '.join(federated)}): a centralized basis there "
-                         "would be read as that run's by reports and audits; give another directory")
-    check_no_other_files(out)
     pairs_file = resolve_pair_path(args.pairs)
     columns = PairColumns.open(pairs_file)
+    # Held from the checks to the last write: a `simulate` starting in --out (before its first checkpoint) or another
+    # `train` there is refused by name, not raced (a tester found train writing into a live simulate's directory).
+    # The lock file is written only when the results are: a run that fails leaves the directory as it was (one the
+    # lock had to create is removed again).
+    created = not out.exists()
+    try:
+        with RunDirLock(out, announce=False) as lock:
+            federated = [name for name in ("checkpoint.npz", "ledger.json") if (out / name).exists()]
+            if federated:
+                raise ValueError(f"--out {out} holds a federated run ({', '.join(federated)}): a centralized basis "
+                                 "there would be read as that run's by reports and audits; give another directory")
+            check_no_other_files(out)
+            _train_and_write(args, options, out, pairs_file, columns, lock.announce)
+    except BaseException:
+        if created:
+            with contextlib.suppress(OSError):
+                out.rmdir()  # only when empty: what the lock created, nothing of anyone's
+        raise
+    return 0
+
+
+def _train_and_write(args: argparse.Namespace, options: dict, out: Path, pairs_file: Path, columns,
+                     announce) -> None:
+    """Fit, evaluate and write the run's basis.npz, user_weights.npz and metrics.json to `out` (`announce`: name
+    this run in the lock file, just before the first write)."""
+    from lore_core.basis_file import UNKNOWN_EMBEDDER, save_basis
+    from lore_core.pair_columns import PairIndex
+    from lore_cli.run_data import pair_file_fingerprint
+    from lore_core.streamed_training import LARGE_POPULATION
+
     embedder = columns.embedder or UNKNOWN_EMBEDDER  # the pair file's embedder: basis.npz says which space it lives in
     large = PairIndex.build(columns).n_users > LARGE_POPULATION
     fit, config, metrics, summary, evaluate_seconds = (_train_streamed if large else _train_in_memory)(args, options)
@@ -148,14 +172,13 @@ def run(args: argparse.Namespace) -> int:
         device=config.device,
         seed=config.seed,
     )
-    out.mkdir(parents=True, exist_ok=True)
+    announce()
     save_basis(out / "basis.npz", fit.basis, version=0, embedder=embedder, prior_pairs=fit.prior_pairs)
     # Centralized training holds every user's data anyway; the weights are saved for analysis.
     atomic_save_npz(out / "user_weights.npz", user_id=fit.user_ids.astype(str), user_weights=fit.user_weights)
     atomic_write_json(out / "metrics.json", metrics)
     print(format_metrics(metrics))
     print(f"wrote {out / 'metrics.json'} and {out / 'basis.npz'}")
-    return 0
 
 
 def check_no_other_files(out: Path) -> None:

@@ -10,6 +10,8 @@ which also hands every array over in this machine's byte order and in C order (`
 from __future__ import annotations
 
 import contextlib
+import stat
+import tokenize
 import zipfile
 import zlib
 from collections.abc import Iterator, Mapping
@@ -20,6 +22,16 @@ import numpy as np
 ZIP_MAGIC = b"PK"  # local file header PK\x03\x04, or PK\x05\x06 for an empty archive
 NPY_MAGIC = b"\x93NUMPY"
 READ_ERRORS = (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError)
+# What reading one member can raise besides READ_ERRORS: zipfile's RuntimeError ("is encrypted, password required":
+# one flipped flag bit) and NotImplementedError (an unknown compression method), numpy's .npy header parser's
+# tokenize.TokenError and SyntaxError (an unbalanced header). A tester found each escaping as a traceback. Caught
+# only around the reads themselves (`member_error`), not around a caller's own code.
+MEMBER_ERRORS = (RuntimeError, NotImplementedError, SyntaxError, tokenize.TokenError)
+
+
+def member_error(key: str, exc: Exception) -> ValueError:
+    """A MEMBER_ERRORS failure as the ValueError every reader reports (through `unreadable`)."""
+    return ValueError(f"array {key!r} cannot be read ({type(exc).__name__}: {exc})")
 
 
 class NpzFileError(ValueError):
@@ -61,7 +73,10 @@ class NativeArrays(Mapping):
         self._data, self.files = data, data.files
 
     def __getitem__(self, key: str) -> np.ndarray:
-        value = self._data[key]
+        try:
+            value = self._data[key]
+        except MEMBER_ERRORS as exc:
+            raise member_error(key, exc) from exc
         return native_array(value) if isinstance(value, np.ndarray) else value  # a member not .npy: its bytes
 
     def __contains__(self, key) -> bool:
@@ -78,6 +93,8 @@ def check_npz_head(path: Path, expected: str, error: type[ValueError] = NpzFileE
     """Refuse what is not a zip archive at all (a directory, an empty file, a single .npy, text) by its first bytes;
     also for readers that open the archive without np.load (`lore_core.pair_columns`)."""
     try:
+        if path.exists() and not stat.S_ISREG(path.stat().st_mode) and not path.is_dir():  # a FIFO blocks open()
+            raise error(f"{path} is not a regular file (a FIFO, socket or device); expected {expected}")
         with open(path, "rb") as handle:
             head = handle.read(len(NPY_MAGIC))
     except IsADirectoryError:

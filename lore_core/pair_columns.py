@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from lore_core.atomic_io import atomic_path
-from lore_core.npz_file import READ_ERRORS, check_npz_head, native_array, unreadable
+from lore_core.npz_file import MEMBER_ERRORS, READ_ERRORS, check_npz_head, native_array, unreadable
 from lore_core.pairs import (EXPECTED, OPTIONAL_ARRAYS, REQUIRED_ARRAYS, TEXT_ARRAYS, PairFileError, PairSet,
                              check_digest_kind, check_embedder, check_embedder_kind, refuse_all_zero, resolve_pair_path,
                              text_dtype_message)
@@ -60,7 +60,7 @@ class PairColumns:
         check_npz_head(file, EXPECTED, PairFileError)
         try:
             members = _locate_members(file)
-        except (*READ_ERRORS, struct.error) as exc:
+        except (*READ_ERRORS, *MEMBER_ERRORS, struct.error) as exc:  # only reads happen in _locate_members
             raise unreadable(file, exc, EXPECTED, PairFileError) from exc
         return cls(str(file), members, file)
 
@@ -194,6 +194,8 @@ def _locate_members(file: Path) -> dict[str, _Member]:
             if not info.filename.endswith(".npy"):
                 continue
             name = info.filename[:-4]
+            if info.flag_bits & 0x1:  # as np.load (zipfile) refuses it: the same file is bad input for every reader
+                raise ValueError(f"array {name!r} is marked encrypted")
             if info.compress_type != zipfile.ZIP_STORED:
                 members[name] = _read_whole(archive, info)
                 continue

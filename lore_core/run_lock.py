@@ -33,6 +33,10 @@ class RunDirBusy(RuntimeError):
     """Another process holds the run directory."""
 
 
+class LockFileError(ValueError):
+    """`RUN_DIR/.lock` is not a file the lock can use (a symbolic link, a directory)."""
+
+
 class _Holding:
     def __init__(self, fd: int) -> None:
         self.fd, self.depth, self.announced = fd, 1, False
@@ -65,7 +69,14 @@ class RunDirLock:
     def _acquire(self, path: Path) -> _Holding:
         deadline = time.monotonic() + self.wait
         while True:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:  # never through a link: the holder's record would overwrite the file it points to (a tester)
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+            except OSError as exc:
+                if path.is_symlink() or path.is_dir():
+                    raise LockFileError(f"{path} is a {'symbolic link' if path.is_symlink() else 'directory'}, not "
+                                        "the run's lock file (a plain file lore-fed writes): remove it and run the "
+                                        "command again") from None
+                raise
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:

@@ -63,6 +63,15 @@ def read_jsonl(path: str | Path, error: type[ValueError] = ValueError) -> Iterat
             yield number, record
 
 
+def json_loads(text: str | bytes):
+    """json.loads, with nesting too deep for Python's recursion a ValueError like any other bad JSON (a tester: a
+    state or run file nested 100,000 deep crashed every command that read it with RecursionError)."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
+
+
 def parse_json(text: str, path: str | Path, error: type[ValueError] = ValueError, line: int = 1):
     """json.loads(text) with an error that names the file and the line (`line`: where `text` starts)."""
     try:

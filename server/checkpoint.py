@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from lore_core.atomic_io import atomic_save_npz, atomic_write_text, strict_json
+from lore_core.text_file import json_loads
 
 CHECKPOINT_FILENAME = "checkpoint.npz"
 ROUNDS_FILENAME = "rounds.jsonl"
@@ -50,7 +51,7 @@ def load_checkpoint(run_dir: str | Path) -> RunState | None:
         return None
     try:
         with np.load(file, allow_pickle=False) as data:
-            meta = json.loads(str(data["meta"]))
+            meta = json_loads(str(data["meta"]))
             if meta.get("schema") != SCHEMA:
                 raise CheckpointError(f"{file}: schema {meta.get('schema')!r}, expected {SCHEMA!r}")
             optimizer = {key.split(".", 1)[1]: data[key] for key in data.files if key.startswith("optimizer.")}

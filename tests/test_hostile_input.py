@@ -121,8 +121,30 @@ def _pickled() -> bytes:
     return buffer.getvalue()
 
 
+def _central_field_flipped(data: bytes, offset: int) -> bytes:
+    """One bit of the first member's central-directory entry flipped: offset 8, the general-purpose flags (bit 0:
+    "encrypted"); offset 10, the compression method (one no zipfile knows)."""
+    damaged = bytearray(data)
+    damaged[data.find(b"PK\x01\x02") + offset] ^= 1
+    return bytes(damaged)
+
+
+def _unbalanced_npy_header(data: bytes) -> bytes:
+    """The archive with its first member's .npy header an unbalanced Python literal (numpy's parser raises
+    tokenize.TokenError, not a ValueError)."""
+    source, buffer = zipfile.ZipFile(io.BytesIO(data)), io.BytesIO()
+    with source, zipfile.ZipFile(buffer, "w") as archive:
+        for position, info in enumerate(source.infolist()):
+            body = b'\x93NUMPY\x01\x00\x10\x00{__import__("os")}\n' if position == 0 else source.read(info)
+            archive.writestr(info.filename, body)
+    return buffer.getvalue()
+
+
 DAMAGE = {
     "empty": lambda data, rng: b"",
+    "encrypted flag": lambda data, rng: _central_field_flipped(data, 8),
+    "unknown compression": lambda data, rng: _central_field_flipped(data, 10),
+    "unbalanced npy header": lambda data, rng: _unbalanced_npy_header(data),
     "truncated": lambda data, rng: data[: int(rng.integers(1, len(data) - 1))],
     "flipped byte": _flip_in_first_member,
     "npy renamed npz": lambda data, rng: _npy_bytes(),
@@ -130,6 +152,7 @@ DAMAGE = {
     "pickled object array": lambda data, rng: _pickled(),
     "zip without arrays": lambda data, rng: _zip_of_text(),
     "directory": None,
+    "fifo": None,  # open() would wait for a writer for ever
 }
 
 
@@ -140,9 +163,9 @@ def _npy_bytes() -> bytes:
 
 
 def damage(path: Path, kind: str) -> None:
-    if kind == "directory":
+    if kind in ("directory", "fifo"):
         path.unlink()
-        path.mkdir()
+        path.mkdir() if kind == "directory" else os.mkfifo(path)
         return
     rng = np.random.default_rng([SEED, sorted(DAMAGE).index(kind)])
     path.write_bytes(DAMAGE[kind](path.read_bytes(), rng))
@@ -840,3 +863,45 @@ def test_simulate_refuses_another_runs_client_accountants_and_a_damaged_one(w):
             (folder / "partition-0-of-1.npz").write_bytes(damage)
         with pytest.raises(ValueError, match=expect):
             check_simulated_accountants(w / "out", has_ledger=True)
+
+
+def test_json_nested_too_deeply_in_a_state_or_run_file_is_refused_by_name(w):
+    """Found by a tester: a device manifest or a run's ledger.json nested 100,000 deep crashed every command that
+    read it with RecursionError (exit 1, a traceback)."""
+    deep = "[" * 100_000 + "]" * 100_000
+    manifest = w / "state" / "manifest.json"
+    manifest.write_text(manifest.read_text().rstrip().rstrip("}") + f', "x": {deep}}}')
+    refused(["--state", "state", "status"], "manifest.json", w, device=True, expect="nested too deeply")
+    (w / "run").mkdir()
+    (w / "run" / "ledger.json").write_text(deep)
+    refused(["audit", "accounting", "run"], "ledger.json", w, expect="nested too deeply")
+
+
+def test_a_noise_multiplier_that_underflows_the_accountant_is_refused(w):
+    """Found by a tester: z = 1e-300 squared is 0, and Opacus divided by it (ZeroDivisionError, a traceback)."""
+    refused(["privacy", "epsilon", "--noise-multiplier", "1e-300", "--clients-per-round", "30", "--population",
+             "112", "--rounds", "60"], "--noise-multiplier", w)
+
+
+def test_train_refuses_a_directory_another_run_holds_and_a_lock_that_is_a_link(w):
+    """Found by a tester: `train` took no lock, so it wrote into the directory of a `simulate` still starting (before
+    its first checkpoint); and a `.lock` that was a symbolic link had the holder's record written through it."""
+    import subprocess
+    import sys
+
+    holder = subprocess.Popen([sys.executable, "-c", "import time; from lore_core.run_lock import RunDirLock\n"
+                               f"with RunDirLock({str(w / 'out')!r}):\n print('held', flush=True); time.sleep(60)"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        refused(["train", "pairs.npz", "--rank", "1", "--out", "out"], f"pid {holder.pid}", w)
+    finally:
+        holder.kill()
+        holder.wait()
+    (w / "victim.txt").write_text("keep")
+    (w / "linked").mkdir()
+    (w / "linked" / ".lock").symlink_to(w / "victim.txt")
+    refused(["train", "pairs.npz", "--rank", "1", "--out", "linked"], "linked/.lock is a symbolic link", w)
+    assert (w / "victim.txt").read_text() == "keep"
+    assert cli(["train", "pairs.npz", "--rank", "1", "--out", "fresh"])[0] == 0  # and a free directory trains
+    assert (w / "fresh" / "basis.npz").exists()

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from lore_core.embeddings import trim_context_left
-from lore_core.text_file import is_json_integer
+from lore_core.text_file import is_json_integer, json_loads
 
 MODEL_FILE = "model.onnx"
 TOKENIZER_FILE = "tokenizer.json"
@@ -51,7 +51,7 @@ def read_encoder_meta(directory: str | Path, *, verify: bool = False) -> dict:
             "create one with `python -m client.device export-encoder --out DIR`"
         )
     try:
-        meta = json.loads(meta_path.read_text())
+        meta = json_loads(meta_path.read_text())
         dim, output, checksums = meta["dim"], meta["output"], meta["sha256"]
     except (ValueError, KeyError, TypeError) as exc:
         raise EncoderError(f"{meta_path}: unreadable encoder metadata ({exc})") from exc

@@ -34,7 +34,7 @@ from client.device.encoder import MODEL_FILE, TOKENIZER_FILE, is_encoder_identit
 from client.device.personalize import ChoicesError, check_choice_shape
 from lore_core.atomic_io import atomic_write_bytes, atomic_write_json
 from lore_core.basis_file import BasisFile, BasisFileError, load_basis
-from lore_core.text_file import is_json_integer
+from lore_core.text_file import is_json_integer, json_loads
 
 STATE_FORMAT = "lore-fed-device-state/1"
 MANIFEST = "manifest.json"
@@ -206,7 +206,7 @@ def _load_state(directory: Path, raw: bytes) -> DeviceState:
     """The state `raw` (the manifest's bytes) describes, fully checked."""
     path = directory / MANIFEST
     try:
-        manifest = json.loads(raw)
+        manifest = json_loads(raw)
         files, generation = manifest["files"], _manifest_count(manifest["generation"], "generation")
         strength = manifest["strength"]
         declared_pairs = _manifest_count(manifest["pairs"], "pairs") if "pairs" in manifest else -1
@@ -254,7 +254,7 @@ def is_device_state(directory: str | Path) -> bool:
     if (directory / MARKER).is_file():
         return True
     try:
-        return json.loads((directory / MANIFEST).read_bytes()).get("format") == STATE_FORMAT
+        return json_loads((directory / MANIFEST).read_bytes()).get("format") == STATE_FORMAT
     except (OSError, ValueError, AttributeError):
         return False
 
@@ -336,7 +336,7 @@ def _forget_corrupted(directory: Path, problem: Exception, what: str = "was corr
     for path in removed:
         path.unlink()
     try:
-        manifest = json.loads((directory / MANIFEST).read_bytes())
+        manifest = json_loads((directory / MANIFEST).read_bytes())
         if isinstance(manifest.get("files"), dict) and manifest["files"].pop("personal", None) is not None:
             manifest["pairs"] = 0
             atomic_write_json(directory / MANIFEST, manifest)
@@ -513,7 +513,7 @@ def _load_personal(state: DeviceState, path: Path, declared_pairs: int) -> Devic
             # States written before the posterior existed lack these arrays: no posterior, no declared prior.
             optional = {key: data[key] for key in ("posterior_mode", "posterior_cov", "prior_mean", "attributes")
                         if key in data.files}
-        declared = json.loads(str(optional.get("attributes", "{}")))
+        declared = json_loads(str(optional.get("attributes", "{}")))
         if not (isinstance(declared, dict) and all(isinstance(value, str) for value in declared.values())):
             raise TypeError(f"attributes must be a JSON object of strings, got {str(declared)[:100]}")
         attributes = tuple(declared.items())
@@ -570,7 +570,7 @@ def _check_stored_choice(text: str, where: str) -> None:
     {"precomputed": "FILE#ROW"} for a row of an .npz of diffs. Another tool's file may hold anything: refused here,
     not where it is used."""
     try:
-        record = json.loads(text)
+        record = json_loads(text)
     except ValueError:
         raise StateCorruptError(f"{where} is not JSON: {text[:80]!r}") from None
     if isinstance(record, dict) and isinstance(record.get("precomputed"), str):

@@ -142,7 +142,7 @@ def history_epsilon(history: Iterable[Sequence], delta: float, accountant: str =
             value = _ddg(segments, delta, dim)[0]
         else:
             value = _bounds(segments, delta)[1] if accountant == "prv" else _rdp(segments, delta)[0]
-    except (ValueError, RuntimeError, OverflowError, FloatingPointError, MemoryError) as exc:
+    except (ValueError, RuntimeError, ArithmeticError, MemoryError) as exc:
         raise AccountingError(f"{accountant} accountant failed on {segments}: {exc}") from exc
     return _finite(value, accountant, segments)
 
@@ -171,7 +171,7 @@ def epsilon_report(history: Iterable[Sequence], delta: float, dim: int | None = 
             return EpsilonReport(delta, math.nan, math.nan, 0.0, 0.0, math.nan, accountant="ddg-rdp")
         try:
             eps, order = _ddg(segments, delta, dim)
-        except (ValueError, RuntimeError, OverflowError, FloatingPointError) as exc:
+        except (ValueError, RuntimeError, ArithmeticError) as exc:
             raise AccountingError(f"ddg-rdp accountant failed on {segments}: {exc}") from exc
         return EpsilonReport(delta, math.nan, math.nan, 0.0, _finite(eps, "ddg-rdp", segments), order,
                              accountant="ddg-rdp")
@@ -179,7 +179,7 @@ def epsilon_report(history: Iterable[Sequence], delta: float, dim: int | None = 
         return EpsilonReport(delta, 0.0, 0.0, 0.0, 0.0, float("nan"))
     try:
         estimate, upper, rdp, order = _bounds(segments, delta)
-    except (ValueError, RuntimeError, OverflowError, FloatingPointError, MemoryError) as exc:
+    except (ValueError, RuntimeError, ArithmeticError, MemoryError) as exc:
         raise AccountingError(f"accountant failed on {segments}: {exc}") from exc
     upper, estimate, rdp = (_finite(v, name, segments) for v, name in ((upper, "PRV"), (estimate, "PRV"), (rdp, "RDP")))
     return EpsilonReport(delta, upper, estimate, upper - estimate, rdp, order, prv_is_rdp_bound=rdp > MAX_PRV_EPSILON)

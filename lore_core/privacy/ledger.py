@@ -29,6 +29,7 @@ from lore_core.privacy.accounting import (
     epsilon_report,
 )
 from lore_core.privacy.privacy_settings import USER_MODES, PrivacySettings, validate
+from lore_core.text_file import json_loads
 
 LEDGER_FILENAME = "ledger.json"
 SCHEMA = "lore-privacy-ledger/2"
@@ -514,7 +515,7 @@ def read_ledger(path: str | os.PathLike) -> dict[str, Any]:
 
 def _read(path: Path) -> dict[str, Any]:
     try:
-        data = json.loads(path.read_text())
+        data = json_loads(path.read_text())
     except (OSError, ValueError) as exc:
         raise LedgerError(f"{path} is not a readable ledger ({exc}); restore it or start a new run directory") from exc
     if not isinstance(data, dict) or data.get("schema") != SCHEMA:
