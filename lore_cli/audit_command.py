@@ -535,7 +535,8 @@ def _canary(args, run_dir, settings) -> dict:
     if isinstance(hosted, int) and hosted != canaries.count:
         raise AuditCommandError(f"--secrets {args.secrets} holds {canaries.count} canaries, but {run_dir} hosted "
                                 f"{hosted} ({metrics}): give the secrets file of this run")
-    result = canary_audit(sums, canaries.directions, canaries.included, noise_multiplier=s.noise_multiplier,
+    # a release whose step was skipped released nothing: no round of the audit
+    result = canary_audit(sums[releases.stepped], canaries.directions, canaries.included, noise_multiplier=s.noise_multiplier,
                           clip_norm=s.clip_norm, sample_rate=s.sample_rate, claimed_epsilon=ledger.epsilon().headline,
                           delta=s.delta)
     result.update(release_record_head=releases.head, ledger_rounds=ledger.rounds_released)
@@ -584,7 +585,8 @@ def _released_noise(run_dir: Path) -> dict:
     ledger = PrivacyLedger.load(run_dir)
     releases, sums = released_sums(run_dir, ledger)
     per_round = np.concatenate([np.full(steps, z) for z, _, steps in ledger.history()] or [np.zeros(0)])
-    counted = releases.ledger_rounds >= 1  # a release without a ledger round carries no claim to check
+    # a release without a ledger round carries no claim to check; one whose step was skipped released nothing
+    counted = (releases.ledger_rounds >= 1) & releases.stepped
     claimed = per_round[releases.ledger_rounds[counted] - 1] * ledger.settings.clip_norm
     return released_noise_check(sums[counted], claimed)
 

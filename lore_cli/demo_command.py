@@ -302,7 +302,11 @@ def write_demo_report(out: Path, dataset: Path, central: dict, runs: dict[str, d
                          f" The rank {federated.get('rank')} was chosen by the centralized, non-private run on the "
                          "same users (`--rank auto`): that choice is not covered; give `--rank` from a public pilot "
                          "population for a run whose settings owe nothing to the private data."
-                         if reference_chose_rank else ""))
+                         if reference_chose_rank else "") + (
+                         f" This epsilon holds against everyone but the server; the server draws the sample, and "
+                         f"against it the run is ({federated['epsilon_against_server']:.3f}, {federated.get('delta')})"
+                         f"-DP over the {federated.get('most_user_rounds')} rounds of the most-sampled user."
+                         if federated.get("epsilon_against_server") is not None else ""))
     elif mode != "none" and federated.get("privacy_guarantee"):  # record: per pair, not user-level (the ledger's)
         lines.append(f"Mode `{mode}`: {federated['privacy_guarantee']}.")
     else:

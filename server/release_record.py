@@ -144,6 +144,7 @@ class Releases:
     basis_before: np.ndarray
     mean_updates: np.ndarray
     basis_after: np.ndarray
+    stepped: np.ndarray  # (R,) bool: False where nothing was released (the step was skipped; mean update stored as 0)
     head: str  # hash of the last chain line: names exactly this record
 
     def __len__(self) -> int:
@@ -179,7 +180,8 @@ def read_releases(run_dir: str | Path, *, replay: bool = True) -> Releases:
                         rounds=np.array([x["round"] for x in body], dtype=np.int64),
                         ledger_rounds=np.array([-1 if x["ledger_round"] is None else x["ledger_round"] for x in body]),
                         basis_before=stack("basis_before"), mean_updates=stack("mean_update"),
-                        basis_after=stack("basis_after"), head=_line_hash(lines[-1]))
+                        basis_after=stack("basis_after"), stepped=np.array([bool(x["stepped"]) for x in body]),
+                        head=_line_hash(lines[-1]))
     if replay:
         replay_optimizer(releases, [x["stepped"] for x in body])
     return releases

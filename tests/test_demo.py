@@ -25,6 +25,9 @@ def test_demo_report_lists_the_runs_references_and_epsilon(tmp_path):
     # --rank auto: the rank of the private run came from a non-private fit on the same users (a reviewer's finding)
     report = write_demo_report(tmp_path, dataset, central, runs, 12.0, reference_chose_rank=True).read_text()
     assert "The rank 3 was chosen by the centralized, non-private run on the same users" in report
+    runs["federated"].update(privacy_mode="user+secagg", epsilon_against_server=21.5, most_user_rounds=17)
+    report = write_demo_report(tmp_path, dataset, central, runs, 12.0).read_text()
+    assert "against it the run is (21.500, 1e-05)-DP over the 17 rounds of the most-sampled user" in report
 
 
 def test_demo_passes_its_privacy_flags_on_to_simulate():

@@ -6,16 +6,25 @@ recorded for that round. Divided by z_t C, the noise has std 1. Outside the user
 (singular values above the Marchenko-Pastur edge of pure noise, `observed_noise`) the release holds that noise
 plus the drift's weak part, and the weak part only adds variance (each round's noise is fresh, independent of the
 drift that came before it). So an observed std below 1 by more than the estimate's error means the run added less
-noise than the ledger claims. The check is one-sided: more noise than claimed, or a drift spread thin, passes.
+noise than the ledger claims. Two checks (a reviewer found the pooled one alone passed z x 0.85, and runs with a
+tenth of their rounds released without noise):
+- pooled over every round: fail below 1 - max(0.1, 6 x its error 1 / sqrt(2 (R - k)(d - k))), k spikes dropped;
+- each round alone (where d - k >= 20): fail below clip(1 - 6 / sqrt(2 (d - k)), 0.3, 0.7), so one round released
+  with little or no noise fails however many honest rounds surround it.
+What it cannot see (one-sided, and said so in the README): noise cut by less than about a tenth over the whole run,
+more noise than claimed, and noise removed only inside the drift's strong directions (a server that knows the clean
+sums can subtract its noise there; the canary audit's canaries lie outside them only by chance).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-# Fail below this fraction of the claimed noise std. Honest runs' estimates sit within about 2 % of the claim (the
-# estimate's own error is 1 / sqrt(2 x released entries)); a tenfold cut reads about 0.1.
-SHORTFALL = 0.8
+# Pooled: fail below 1 - max(POOLED_MARGIN, ERRORS x error). Honest runs read 0.98-1.06 (synthetic and real runs
+# of every mode; the weak drift only adds); a tenfold cut reads about 0.1.
+POOLED_MARGIN, ERRORS = 0.1, 6.0
+# One round: fail below clip(1 - ERRORS / sqrt(2 (d - k)), ROUND_FLOOR) where d - k >= MIN_ROUND_DOF.
+ROUND_FLOOR, MIN_ROUND_DOF = (0.3, 0.7), 20
 # Fewer released entries than this: the estimate's error (1 / sqrt(2 x entries)) is too large to check anything.
 MIN_ENTRIES = 200
 
@@ -25,32 +34,58 @@ def observed_noise(sums: np.ndarray, directions: np.ndarray) -> tuple[float | No
     real users' drift: the noise's per-entry std (None when the canaries span everything, K >= d) and the drift's
     time courses, orthonormal columns (R, k) of the directions whose singular values stand above the pure-noise
     edge sigma (sqrt(R) + sqrt(d - K))."""
-    rounds, dim = sums.shape
-    if directions.shape[0] >= dim:
-        return None, np.zeros((rounds, 0))
-    outside = sums
-    if directions.shape[0]:
-        span = np.linalg.qr(directions.T)[0]  # (d, K) orthonormal
-        outside = sums - (sums @ span) @ span.T
-    u, singular, _ = np.linalg.svd(outside, full_matrices=False)
-    dof = dim - directions.shape[0]
-    most = min(rounds, dof) // 2  # spikes dropped at most: the rest estimates the noise
-    dropped = 0
-    for _ in range(20):  # drop the spikes above the pure-noise edge, re-estimate until the set stops changing
-        # k spikes dropped take k of the rows' and k of the columns' degrees of freedom with them (without this
-        # correction the estimate fell with each spike dropped, dropping more: 0 for a run with 8 strong ones)
-        sigma = np.sqrt((singular[dropped:] ** 2).sum() / ((rounds - dropped) * (dof - dropped)))
-        now = min(int((singular > sigma * (np.sqrt(rounds) + np.sqrt(dof))).sum()), most)
-        if now == dropped:
-            break
-        dropped = now
-    return float(sigma), u[:, :dropped]
+    if directions.shape[0] >= sums.shape[1]:
+        return None, np.zeros((len(sums), 0))
+    fit = _NoiseFit(sums, directions)
+    return fit.sigma, fit.u[:, :fit.dropped]
+
+
+class _NoiseFit:
+    """The release outside the canaries' span (R, d), its SVD, and the noise std once the k spikes above the
+    pure-noise edge are dropped."""
+
+    def __init__(self, sums: np.ndarray, directions: np.ndarray) -> None:
+        rounds, dim = sums.shape
+        outside = sums
+        if directions.shape[0]:
+            span = np.linalg.qr(directions.T)[0]  # (d, K) orthonormal
+            outside = sums - (sums @ span) @ span.T
+        self.outside, self.dof = outside, dim - directions.shape[0]
+        self.u, singular, self.vt = np.linalg.svd(outside, full_matrices=False)
+        most = min(rounds, self.dof) // 2  # spikes dropped at most: the rest estimates the noise
+        dropped = 0
+        for _ in range(20):  # drop the spikes above the pure-noise edge, re-estimate until the set stops changing
+            # k spikes dropped take k of the rows' and k of the columns' degrees of freedom with them (without this
+            # correction the estimate fell with each spike dropped, dropping more: 0 for a run with 8 strong ones)
+            sigma = np.sqrt((singular[dropped:] ** 2).sum() / ((rounds - dropped) * (self.dof - dropped)))
+            now = min(int((singular > sigma * (np.sqrt(rounds) + np.sqrt(self.dof))).sum()), most)
+            if now == dropped:
+                break
+            dropped = now
+        self.sigma, self.dropped = float(sigma), dropped
+        self.entries = (rounds - dropped) * (self.dof - dropped)
+
+    def round_stds(self) -> tuple[np.ndarray, int]:
+        """Each round's own std outside the canaries' span and the drift's strong directions (R,), and the
+        degrees of freedom left per round. The directions are cross-fitted: found on the odd rounds for the even
+        ones and on the even for the odd, so a round's own noise never chooses what is removed from it (fitted on
+        all rounds they took 0.55 of an honest round's noise at R = 25 with 8 spikes)."""
+        rounds = len(self.outside)
+        even = np.arange(rounds) % 2 == 0
+        kept = min(self.dropped, max(min(int(even.sum()), int((~even).sum())) - 1, 0))
+        stds = np.empty(rounds)
+        for test in (even, ~even):
+            spikes = np.linalg.svd(self.outside[~test], full_matrices=False)[2][:kept]
+            residual = self.outside[test] - (self.outside[test] @ spikes.T) @ spikes
+            stds[test] = np.linalg.norm(residual, axis=1) / np.sqrt(self.dof - kept)
+        return stds, self.dof - kept
 
 
 def released_noise_check(sums: np.ndarray, claimed_std: np.ndarray, directions: np.ndarray | None = None) -> dict:
     """Compare the noise in released sums (R, ...) with the std each round claims (R,) (z_t C), outside the span
-    of `directions` (K, d) when given (the canary audit's own canaries). Returns `verdict` (pass | fail |
-    not-checked), `noise_ratio` (observed / claimed, None when not checked) and `summary`."""
+    of `directions` (K, d) when given (the canary audit's own canaries): pooled, and round by round. Returns
+    `verdict` (pass | fail | not-checked), `noise_ratio` (pooled observed / claimed, None when not checked),
+    `lowest_round_ratio` and `summary`."""
     sums = np.asarray(sums, dtype=np.float64).reshape(len(sums), -1)
     claimed_std = np.asarray(claimed_std, dtype=np.float64).reshape(-1)
     if claimed_std.shape != (len(sums),) or not (np.isfinite(claimed_std).all() and (claimed_std > 0).all()):
@@ -59,19 +94,33 @@ def released_noise_check(sums: np.ndarray, claimed_std: np.ndarray, directions: 
     directions = np.zeros((0, sums.shape[1])) if directions is None else \
         np.asarray(directions, dtype=np.float64).reshape(len(directions), -1)
     entries = len(sums) * max(sums.shape[1] - len(directions), 0)
-    base = {"audit_part": "released-noise", "rounds_released": int(len(sums)), "entries": int(entries),
-            "shortfall_threshold": SHORTFALL}
+    base = {"audit_part": "released-noise", "rounds_released": int(len(sums)), "entries": int(entries)}
     if entries < MIN_ENTRIES:
         return {**base, "verdict": "not-checked", "noise_ratio": None,
                 "summary": f"released noise not checked: {entries} released entries outside the canaries' span, "
                            f"fewer than {MIN_ENTRIES}"}
-    ratio, _ = observed_noise(sums / claimed_std[:, None], directions)
-    error = 1.0 / np.sqrt(2.0 * entries)
-    base.update(noise_ratio=float(ratio), noise_ratio_error=float(error))
-    if ratio < SHORTFALL:
+    fit = _NoiseFit(sums / claimed_std[:, None], directions)
+    error = 1.0 / np.sqrt(2.0 * fit.entries)
+    pooled_floor = 1.0 - max(POOLED_MARGIN, ERRORS * error)
+    stds, round_dof = fit.round_stds() if len(sums) >= 2 else (np.array([fit.sigma]), 0)
+    round_floor = float(np.clip(1.0 - ERRORS / np.sqrt(2.0 * round_dof), *ROUND_FLOOR)) \
+        if round_dof >= MIN_ROUND_DOF and len(sums) >= 2 else None
+    low = int(np.argmin(stds))
+    base.update(noise_ratio=fit.sigma, noise_ratio_error=float(error), pooled_threshold=pooled_floor,
+                lowest_round_ratio=float(stds[low]), lowest_round=low + 1, round_threshold=round_floor,
+                drift_directions_dropped=fit.dropped)
+    problems = []
+    if fit.sigma < pooled_floor:
+        problems.append(f"the released sums carry noise of {fit.sigma:.2f} times the std the ledger claims (z C per "
+                        f"entry; at least {pooled_floor:.2f} required, error about {error:.3f})")
+    if round_floor is not None and stds[low] < round_floor:
+        problems.append(f"release {low + 1} of {len(sums)} carries noise of {stds[low]:.2f} times its claimed std "
+                        f"(each round at least {round_floor:.2f})")
+    if problems:
         return {**base, "verdict": "fail",
-                "summary": f"the released sums carry noise of {ratio:.2f} times the std the ledger claims (z C per "
-                           f"entry; error about {error:.3f}): the run added less noise than its ledger says"}
+                "summary": "; ".join(problems) + ": the run added less noise than its ledger says"}
     return {**base, "verdict": "pass",
-            "summary": f"the released sums carry noise of {ratio:.2f} times the claimed std (at least "
-                       f"{SHORTFALL} required)"}
+            "summary": f"the released sums carry noise of {fit.sigma:.2f} times the claimed std (at least "
+                       f"{pooled_floor:.2f} required), the lowest round {stds[low]:.2f}"
+                       + (f" (at least {round_floor:.2f})" if round_floor is not None else " (too few entries per "
+                          "round to check rounds one by one)")}

@@ -389,7 +389,9 @@ class PrivacyLedger:
                     f"most {s.dropout_tolerance:.0%} of each round's sampled users drop out (rounds with more are "
                     f"aborted before unmasking); against the server itself, which draws the sample and so knows who "
                     f"took part, ({self.epsilon_against_server():.3f}, {s.delta})-DP without amplification, over "
-                    f"the {self.most_user_rounds()} rounds of the most-sampled user, if it is honest but curious")
+                    f"the {self.most_user_rounds()} rounds of the most-sampled user, for what a user's pairs hold, "
+                    "not for whether it takes part (zero-out adjacency: the server sees who it samples), if it is "
+                    "honest but curious; max_epsilon caps the first figure only")
         return (f"{prefix}user-level ({eps.prv:.3f}, {s.delta})-DP (PRV; RDP bound {eps.rdp:.3f}) of the "
                 f"{self.rounds_released} released bases, add/remove one user with all its pairs")
 
@@ -416,7 +418,11 @@ class PrivacyLedger:
                 **({"against_server": {
                     "epsilon": self.epsilon_against_server(), "most_user_rounds": self.most_user_rounds(),
                     "why": "the server draws the sample, so it knows who took part: no amplification; the "
-                           "distributed discrete Gaussian (q = 1) over the rounds of the most-sampled user"}}
+                           "distributed discrete Gaussian (q = 1) over the rounds of the most-sampled user",
+                    "adjacency": "zero-out: a user's pairs replaced by none (sensitivity C), not its presence, which "
+                                 "the server sees",
+                    "count": "the server's own count of its sample (audit accounting recomputes epsilon from it, "
+                             "it cannot check it)", "capped_by_max_epsilon": False}}
                    if s.mode == "user+secagg" else {}),
             },
             "budget": {"target_epsilon": s.target_epsilon, "max_epsilon": s.max_epsilon,
