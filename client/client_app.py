@@ -122,7 +122,8 @@ def clip_finite_users(updates: np.ndarray, clip_norm: float) -> np.ndarray:
 
 @app.query()
 def query(msg: Message, context: Context) -> Message:
-    node = node_users(context, p.ClientSettings.from_run_config(context.run_config))
+    with data_free_errors("answering the population query"):
+        node = node_users(context, p.ClientSettings.from_run_config(context.run_config))
     # -1: a device without a partition id (the server then orders it by node id).
     metrics = MetricRecord({p.PARTITION_ID: int(context.node_config.get("partition-id", -1)),
                             p.NUM_TRAIN_USERS: node.n_train_users, p.DIM: node.dim})

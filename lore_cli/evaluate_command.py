@@ -77,3 +77,19 @@ def check_metrics_out(out: Path, inputs: tuple[Path, ...]) -> None:
             "basis.npz", "checkpoint.npz", "ledger.json")):
         raise ValueError(f"--out {out} is one of a run's own files ({out.name}); give a new file name for the "
                          "metrics JSON")
+    if out.exists() and not _is_evaluate_output(out):  # a tester's pair file and .py were replaced by metrics
+        raise ValueError(f"--out {out} exists and is not a metrics JSON that `lore-fed evaluate` wrote: it would be "
+                         "replaced; give a new file name (or delete it first)")
+
+
+def _is_evaluate_output(path: Path) -> bool:
+    """A file `evaluate --out` may replace: a JSON object of its metrics (a small file; read only if it is one)."""
+    from lore_core.text_file import json_loads
+
+    try:
+        if not path.is_file() or path.stat().st_size > 1 << 20:
+            return False
+        record = json_loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(record, dict) and {"rank", "seen_test_acc"} <= set(record)

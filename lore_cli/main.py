@@ -68,6 +68,9 @@ def _main(argv: list[str]) -> int:
         return 0 if command is None else 2
     from lore_core.run_lock import RunDirBusy
 
+    if getattr(args, "out", None) == "":  # Path("") is ".": the command would write into the working directory
+        print(f"lore-fed {command}: error: --out is empty; give a path", file=sys.stderr)
+        return 2
     try:
         code = int(args._run(args) or 0)
         sys.stdout.flush()  # here, not at exit: a reader gone by then is handled below

@@ -905,3 +905,17 @@ def test_train_refuses_a_directory_another_run_holds_and_a_lock_that_is_a_link(w
     assert (w / "victim.txt").read_text() == "keep"
     assert cli(["train", "pairs.npz", "--rank", "1", "--out", "fresh"])[0] == 0  # and a free directory trains
     assert (w / "fresh" / "basis.npz").exists()
+
+
+def test_evaluate_never_replaces_a_file_it_did_not_write_and_an_empty_out_is_refused(w):
+    """Found by a tester: `evaluate --out mypairs.npz` replaced a pair file with metrics (two runs' audits then
+    refused to run), `--out keep.py` a script; and `train --out ""` wrote into the working directory."""
+    import shutil as sh
+
+    sh.copy(w / "pairs.npz", w / "mypairs.npz")
+    (w / "keep.py").write_text("print('mine')\n")
+    for name in ("mypairs.npz", "keep.py"):
+        refused(["evaluate", "pairs.npz", "--basis", "basis.npz", "--out", name], f"--out {name} exists", w)
+    assert cli(["evaluate", "pairs.npz", "--basis", "basis.npz", "--out", "m.json"])[0] == 0
+    assert cli(["evaluate", "pairs.npz", "--basis", "basis.npz", "--out", "m.json"])[0] == 0  # its own: replaced
+    refused(["train", "pairs.npz", "--rank", "1", "--out", ""], "--out is empty", w)
