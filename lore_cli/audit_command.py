@@ -536,8 +536,8 @@ def _canary(args, run_dir, settings) -> dict:
         raise AuditCommandError(f"--secrets {args.secrets} holds {canaries.count} canaries, but {run_dir} hosted "
                                 f"{hosted} ({metrics}): give the secrets file of this run")
     # a release whose step was skipped released nothing: no round of the audit
-    result = canary_audit(sums[releases.stepped], canaries.directions, canaries.included, noise_multiplier=s.noise_multiplier,
-                          clip_norm=s.clip_norm, sample_rate=s.sample_rate, claimed_epsilon=ledger.epsilon().headline,
+    result = canary_audit(sums[releases.stepped], canaries.directions, canaries.included,
+                          noise_multiplier=s.noise_multiplier, clip_norm=s.clip_norm, sample_rate=s.sample_rate, claimed_epsilon=ledger.epsilon().headline,
                           delta=s.delta)
     result.update(release_record_head=releases.head, ledger_rounds=ledger.rounds_released)
     return result

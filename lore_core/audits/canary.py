@@ -23,7 +23,8 @@ bound on epsilon. Verdict: fail if the bound exceeds the ledger's epsilon (the r
 the noise observed outside the canaries' span is below the claimed z C by more than released_noise allows (a run
 whose canaries never reached the sums certifies nothing, yet its noise still shows: found by a reviewer, whose
 under-noised run with failing canary nodes passed); inconclusive if even all guesses right could not certify more
-than the claim (too few canaries for this epsilon); pass otherwise. The Gaussian estimate (Andrew et al.) is reported beside it, not used for the verdict.
+than the claim (too few canaries for this epsilon); pass otherwise. The Gaussian estimate (Andrew et al.) is
+reported beside it, not used for the verdict.
 """
 
 from __future__ import annotations

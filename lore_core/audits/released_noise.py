@@ -12,16 +12,17 @@ tenth of their rounds released without noise):
 - each round alone (where d - k >= 20): fail below clip(1 - 6 / sqrt(2 (d - k)), 0.3, 0.7), so one round released
   with little or no noise fails however many honest rounds surround it.
 What it cannot see (one-sided, and said so in the README): noise cut by less than about a tenth over the whole run,
-more noise than claimed, and noise removed only inside the drift's strong directions (a server that knows the clean
-sums can subtract its noise there; the canary audit's canaries lie outside them only by chance).
+more noise than claimed, noise removed only inside the drift's strong directions (a server that knows the clean sums
+can subtract its noise there), and single rounds' cuts in short runs or under a drift many times the noise (it leaks
+past the cross-fitted directions).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-# Pooled: fail below 1 - max(POOLED_MARGIN, ERRORS x error). Honest runs read 0.98-1.06 (synthetic and real runs
-# of every mode; the weak drift only adds); a tenfold cut reads about 0.1.
+# Pooled: fail below 1 - max(POOLED_MARGIN, ERRORS x error). Honest releases read about 1 or more (the weak drift
+# only adds; bench_results/released_noise_check.md); a tenfold cut reads about 0.1.
 POOLED_MARGIN, ERRORS = 0.1, 6.0
 # One round: fail below clip(1 - ERRORS / sqrt(2 (d - k)), ROUND_FLOOR) where d - k >= MIN_ROUND_DOF.
 ROUND_FLOOR, MIN_ROUND_DOF = (0.3, 0.7), 20

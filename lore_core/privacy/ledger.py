@@ -281,8 +281,9 @@ class PrivacyLedger:
 
         sampled: number of users sampled (data-independent under Poisson). User modes: z and q default to the
         settings'. user+secagg: most_user_rounds, the rounds (this one included) of the user sampled most often so
-        far, for the guarantee against the server (default: every round, the bound that needs no count). Record mode: client_histories maps client id -> what it spent this round ((z, q, steps) segments
-        appended to its accountant history, or a RecordDpState of them). Raises PrivacyBudgetExhausted (user modes)
+        far, for the guarantee against the server (default: every round, the bound that needs no count). Record
+        mode: client_histories maps client id -> what it spent this round ((z, q, steps) segments appended to its
+        accountant history, or a RecordDpState of them). Raises PrivacyBudgetExhausted (user modes)
         or AccountingError, writing nothing.
         """
         s = self.settings
