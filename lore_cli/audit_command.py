@@ -627,6 +627,17 @@ def _run_dir_lock(run_dir: Path | None):
     return RunDirLock(run_dir, announce=False, remedy="audit it once that run has finished")
 
 
+def _check_not_another_run(out: Path, run_dir: Path | None) -> None:
+    """--out may not be another run's directory: its report links its audits/ (a tester put a train run's audit
+    into a simulate run's directory, whose report then showed it as its own)."""
+    if run_dir is not None and out.exists() and out.resolve() == run_dir.resolve():
+        return
+    found = [name for name in ("ledger.json", "checkpoint.npz", "metrics.json", "basis.npz") if (out / name).exists()]
+    if found:
+        raise AuditCommandError(f"--out {out} holds another run ({', '.join(found)}): its report would show this "
+                                "audit as its own; give a new directory, or the audited run's own")
+
+
 def run(args: argparse.Namespace) -> int:
     from lore_core.atomic_io import check_output_path
     from lore_core.audits.audit_report import write_audit
@@ -638,6 +649,7 @@ def run(args: argparse.Namespace) -> int:
     _check_counts(args)
     if args.out:
         check_output_path(args.out, "--out", directory=True)
+        _check_not_another_run(Path(args.out), run_dir)
     with _run_dir_lock(run_dir):
         settings = _load_settings(args, run_dir)
         result = AUDITS[args.name](args, run_dir, settings)

@@ -117,6 +117,7 @@ FLAGS_FILE = "demo_flags.json"
 FLAGS_FORMAT = 2  # 2: the settings after defaults, and the lore-fed version; 1 (flags as given, no version): refused
 # What each stage writes under DIR: any of them without DIR/demo_flags.json is a demo whose flags are unknown.
 STAGE_OUTPUTS = ("prism", "dataset", "centralized", "federated-nonprivate", "federated", "report.md")
+RUN_OUTPUTS = ("basis.npz", "metrics.json", "ledger.json", "checkpoint.npz")  # a train or simulate run's files
 # Flags that change where or how fast the demo computes, not what it computes: they may differ on a resume.
 # --cache-dir: the embedding cache (same embeddings from the cache or computed); --device: the torch device of record
 # mode's DP-SGD step (`simulate` resumes a run on another device too).
@@ -150,6 +151,9 @@ def check_demo_dir(out: Path, flags: dict) -> bool:
     it. Returns whether DIR already records these settings (a resume)."""
     record_file = out / FLAGS_FILE
     if not record_file.exists():
+        run = [name for name in RUN_OUTPUTS if (out / name).exists()]
+        if run:  # a tester: a `train` run's directory was taken for a new demo's
+            raise ValueError(f"--out {out} holds a run ({', '.join(run)}), not a demo: give a new --out")
         found = [name for name in STAGE_OUTPUTS if (out / name).exists()]
         if found:
             raise ValueError(

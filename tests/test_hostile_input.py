@@ -919,3 +919,13 @@ def test_evaluate_never_replaces_a_file_it_did_not_write_and_an_empty_out_is_ref
     assert cli(["evaluate", "pairs.npz", "--basis", "basis.npz", "--out", "m.json"])[0] == 0
     assert cli(["evaluate", "pairs.npz", "--basis", "basis.npz", "--out", "m.json"])[0] == 0  # its own: replaced
     refused(["train", "pairs.npz", "--rank", "1", "--out", ""], "--out is empty", w)
+
+
+def test_an_audit_or_demo_never_writes_into_another_runs_directory(w):
+    """Found by a tester: `audit NAME RUN_A --out RUN_B` put RUN_A's audit into RUN_B's audits/ (RUN_B's report then
+    showed it as its own), and `demo --out` took a train run's directory for a new demo."""
+    assert cli(["train", "pairs.npz", "--rank", "1", "--out", "run_a"])[0] == 0
+    assert cli(["train", "pairs.npz", "--rank", "1", "--out", "run_b"])[0] == 0
+    refused(["audit", "extraction", "run_a", "--out", "run_b"], "--out run_b holds another run", w)
+    assert cli(["audit", "extraction", "run_a", "--out", "run_a"])[0] == 0  # the audited run's own directory
+    refused(["demo", "--out", "run_b"], "--out run_b holds a run", w)
