@@ -632,7 +632,7 @@ def _check_not_another_run(out: Path, run_dir: Path | None) -> None:
     into a simulate run's directory, whose report then showed it as its own)."""
     if run_dir is not None and out.exists() and out.resolve() == run_dir.resolve():
         return
-    found = [name for name in ("ledger.json", "checkpoint.npz", "metrics.json", "basis.npz") if (out / name).exists()]
+    found = [name for name in ("ledger.json", "checkpoint.npz", "metrics.json") if (out / name).exists()]
     if found:
         raise AuditCommandError(f"--out {out} holds another run ({', '.join(found)}): its report would show this "
                                 "audit as its own; give a new directory, or the audited run's own")
