@@ -37,7 +37,16 @@ def audit(run_dir: Path, secrets: Path) -> dict:
     if cli(["audit", "canary", str(run_dir), "--secrets", str(secrets)]) != 0:
         raise RuntimeError(f"the canary audit of {run_dir} failed")
     result = json.loads((run_dir / "audits" / "canary.json").read_text())
-    return {**{k: result[k] for k in KEYS}, "bound": result["bound"], "gaussian_estimate": result["gaussian_estimate"]}
+    return {**{k: result[k] for k in KEYS}, "bound": result["bound"], "gaussian_estimate": result["gaussian_estimate"],
+            "released_noise": result["released_noise"]}
+
+
+def _noise_cell(noise: dict) -> str:
+    """The released-noise check's figures (lore_core/audits/released_noise.py) for the table."""
+    if noise.get("noise_ratio") is None:
+        return noise["verdict"]
+    return (f"{noise['verdict']}: {noise['noise_ratio']:.3f}, {noise['lowest_round_ratio']:.2f} "
+            f"({noise['pooled_threshold']:.2f}, {noise['round_threshold']:.2f})")
 
 
 def control_run(pairs_path: Path, run_dir: Path, secrets: Path, overrides: dict, canaries: int) -> None:
@@ -157,11 +166,13 @@ def main(argv: list[str] | None = None) -> int:
              f"{args.users_per_round} real), rank {args.rank}, z solved for epsilon {args.target_epsilon}. "
              "The audit reads each run's release record (`source: released-bases`).", "",
              "| run | verdict | epsilon lower bound | ledger epsilon | certifiable at most | z claimed | z observed | "
-             "AUC | guesses (right) |", "|---|---|---|---|---|---|---|---|---|"]
+             "released noise / claimed: pooled, lowest round (thresholds) | AUC | guesses (right) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in rows.items():
         lines.append(f"| {name} | {r['verdict']} | {r['epsilon_lb']:.2f} | {r['epsilon_claimed']:.2f} | "
                      f"{r['epsilon_lb_if_all_guesses_right']:.2f} | {r['noise_multiplier_claimed']:.3f} | "
-                     f"{r['noise_multiplier_observed']:.3f} | {r['auc']:.3f} | {r['bound']['guesses']} "
+                     f"{r['noise_multiplier_observed']:.3f} | {_noise_cell(r['released_noise'])} | {r['auc']:.3f} | "
+                     f"{r['bound']['guesses']} "
                      f"({r['bound']['correct']}) |")
     honest = rows["honest (lore-fed simulate, Ray)"]
     lines += ["", f"Honest run accuracy with the canaries in: seen {honest['seen_test_acc']:.4f}, unseen "
