@@ -51,9 +51,10 @@ def data_free_errors(what: str):
         yield
     except (ClientRequestError, NodeLimitError):
         raise
-    except Exception:
+    except Exception as exc:
         log.exception("this node failed while %s (the server is told only that it failed)", what)
-        raise NodeFailure(f"the node failed while {what}; the details stay in the node's own log") from None
+        raise NodeFailure(f"the node failed while {what} ({type(exc).__name__}); the details stay in the node's own "
+                          "log") from None
 
 
 def node_users(context: Context, settings: p.ClientSettings) -> NodeUsers | CanaryBlock:
@@ -61,7 +62,10 @@ def node_users(context: Context, settings: p.ClientSettings) -> NodeUsers | Cana
     `canary-nodes` partitions of a simulation with canaries, a block of canary users."""
     data_path = context.node_config.get("data-path")
     if data_path:  # deployment: the device's own file
-        return load_device_users(str(Path(str(data_path)) / PAIRS_FILENAME))
+        file = Path(str(data_path)) / PAIRS_FILENAME
+        if not file.is_file():  # the node's configuration, not its data: the operator must be told
+            raise ClientRequestError(f"node config data-path {data_path} holds no {PAIRS_FILENAME}")
+        return load_device_users(str(file))
     if not settings.pairs_path:
         raise ClientRequestError("run config `pairs-path` is empty and node config has no `data-path`")
     partition, partitions = int(context.node_config["partition-id"]), int(context.node_config["num-partitions"])
@@ -122,8 +126,9 @@ def clip_finite_users(updates: np.ndarray, clip_norm: float) -> np.ndarray:
 
 @app.query()
 def query(msg: Message, context: Context) -> Message:
+    settings = p.ClientSettings.from_run_config(context.run_config)  # the server's own run config: no node data
     with data_free_errors("answering the population query"):
-        node = node_users(context, p.ClientSettings.from_run_config(context.run_config))
+        node = node_users(context, settings)
     # -1: a device without a partition id (the server then orders it by node id).
     metrics = MetricRecord({p.PARTITION_ID: int(context.node_config.get("partition-id", -1)),
                             p.NUM_TRAIN_USERS: node.n_train_users, p.DIM: node.dim})

@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from lore_core.atomic_io import atomic_save_npz
+from lore_core.text_file import json_loads
 
 SCHEMA = "lore-fed-canaries/1"
 
@@ -73,7 +74,7 @@ def load_canaries(path: str | Path) -> CanarySecrets:
     expected = "the canary secrets file `lore-fed simulate --canaries K --canary-secrets FILE` wrote"
     try:
         with open_npz(path, expected, CanaryFileError) as data:
-            schema = json.loads(str(data["schema"])).get("schema")
+            schema = json_loads(str(data["schema"])).get("schema")
             directions, included = data["directions"].astype(np.float64), data["included"].astype(bool)
     except CanaryFileError:
         raise

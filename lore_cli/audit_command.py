@@ -627,10 +627,12 @@ def _run_dir_lock(run_dir: Path | None):
     return RunDirLock(run_dir, announce=False, remedy="audit it once that run has finished")
 
 
-def _check_not_another_run(out: Path, run_dir: Path | None) -> None:
+def _check_not_another_run(out: Path, run_dir: Path | None, basis: str | None) -> None:
     """--out may not be another run's directory: its report links its audits/ (a tester put a train run's audit
-    into a simulate run's directory, whose report then showed it as its own)."""
-    if run_dir is not None and out.exists() and out.resolve() == run_dir.resolve():
+    into a simulate run's directory, whose report then showed it as its own). The audited run's own directory, given
+    as RUN_DIR or as the folder of --basis, is allowed."""
+    own = [Path(p) for p in (run_dir, Path(basis).parent if basis else None) if p is not None]
+    if out.exists() and any(p.exists() and out.resolve() == p.resolve() for p in own):
         return
     found = [name for name in ("ledger.json", "checkpoint.npz", "metrics.json") if (out / name).exists()]
     if found:
@@ -649,7 +651,7 @@ def run(args: argparse.Namespace) -> int:
     _check_counts(args)
     if args.out:
         check_output_path(args.out, "--out", directory=True)
-        _check_not_another_run(Path(args.out), run_dir)
+        _check_not_another_run(Path(args.out), run_dir, getattr(args, "basis", None))
     with _run_dir_lock(run_dir):
         settings = _load_settings(args, run_dir)
         result = AUDITS[args.name](args, run_dir, settings)

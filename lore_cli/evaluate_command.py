@@ -92,4 +92,4 @@ def _is_evaluate_output(path: Path) -> bool:
         record = json_loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
-    return isinstance(record, dict) and {"rank", "seen_test_acc"} <= set(record)
+    return isinstance(record, dict) and {"rank", "prior_pairs"} <= set(record)  # written with or without test pairs

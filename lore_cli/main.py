@@ -55,7 +55,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str]) -> int:
+    from lore_core.atomic_io import empty_path_flag
+
     command = argv[0] if argv and argv[0] in COMMANDS else None
+    if empty_path_flag(argv):
+        print(f"lore-fed {command or ''}: error: {empty_path_flag(argv)} is empty; give a path", file=sys.stderr)
+        return 2
     try:
         parser = build_parser(only=command)
     except ModuleNotFoundError as exc:
@@ -68,9 +73,6 @@ def _main(argv: list[str]) -> int:
         return 0 if command is None else 2
     from lore_core.run_lock import RunDirBusy
 
-    if getattr(args, "out", None) == "":  # Path("") is ".": the command would write into the working directory
-        print(f"lore-fed {command}: error: --out is empty; give a path", file=sys.stderr)
-        return 2
     try:
         code = int(args._run(args) or 0)
         sys.stdout.flush()  # here, not at exit: a reader gone by then is handled below

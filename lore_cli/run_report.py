@@ -26,6 +26,8 @@ def load_reference(path: str | Path | None) -> dict | None:
     file = path / "metrics.json" if path.is_dir() else path
     if not file.exists():
         raise FileNotFoundError(f"reference {path}: no metrics.json (expected a `lore-fed train --out` directory)")
+    if not file.is_file():  # a FIFO would be read for ever (a reviewer)
+        raise ValueError(f"reference {file} is not a regular file; expected a `lore-fed train --out` directory")
     expected = "expected the metrics.json of a `lore-fed train --out` directory"
     try:
         reference = json_loads(file.read_text(encoding="utf-8"))

@@ -128,7 +128,7 @@ def run(args: argparse.Namespace) -> int:
     # `train` there is refused by name, not raced (a tester found train writing into a live simulate's directory).
     # The lock file is written only when the results are: a run that fails leaves the directory as it was (one the
     # lock had to create is removed again).
-    created = not out.exists()
+    first_new = _first_missing(out)  # the lock creates out and its missing parents: a failed run removes them
     try:
         with RunDirLock(out, announce=False) as lock:
             federated = [name for name in ("checkpoint.npz", "ledger.json") if (out / name).exists()]
@@ -138,11 +138,24 @@ def run(args: argparse.Namespace) -> int:
             check_no_other_files(out)
             _train_and_write(args, options, out, pairs_file, columns, lock.announce)
     except BaseException:
-        if created:
+        folder = out
+        while first_new is not None:
             with contextlib.suppress(OSError):
-                out.rmdir()  # only when empty: what the lock created, nothing of anyone's
+                folder.rmdir()  # only when empty: what the lock created, nothing of anyone's
+            if folder == first_new:
+                break
+            folder = folder.parent
         raise
     return 0
+
+
+def _first_missing(path: Path) -> Path | None:
+    """The outermost folder of `path` that does not exist yet (`path` itself when only it is new); None if it exists."""
+    if path.exists():
+        return None
+    while not path.parent.exists() and path.parent != path:
+        path = path.parent
+    return path
 
 
 def _train_and_write(args: argparse.Namespace, options: dict, out: Path, pairs_file: Path, columns,

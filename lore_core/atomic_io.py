@@ -92,6 +92,22 @@ def fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+# Flags that name a path: an empty value is Path("") = ".", so the command would read or write the working directory.
+PATH_FLAGS = ("--out", "--run-dir", "--state", "--certs", "--cache-dir", "--reference", "--secrets",
+              "--canary-secrets", "--work", "--basis", "--pairs", "--choices", "--candidates", "--encoder", "--config",
+              "--users")
+
+
+def empty_path_flag(argv: list[str]) -> str | None:
+    """The first path flag of `argv` given an empty value (`--out ""` or `--out=`), or None (found by testers:
+    `train --out ""` and `device --state "" init` wrote into the working directory)."""
+    for i, token in enumerate(argv):
+        flag, equals, value = token.partition("=")
+        if flag in PATH_FLAGS and (value == "" if equals else i + 1 < len(argv) and argv[i + 1] == ""):
+            return flag
+    return None
+
+
 def check_output_path(path: str | os.PathLike, flag: str, *, directory: bool) -> None:
     """Fail before any work when an output cannot be written: the nearest existing ancestor of `path` (the path
     itself for a directory output) must be a writable directory. A ValueError naming the flag (the CLI: exit 2),

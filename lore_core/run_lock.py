@@ -23,6 +23,8 @@ import threading
 import time
 from pathlib import Path
 
+from lore_core.text_file import json_loads
+
 LOCK_FILENAME = ".lock"
 
 _held: dict[str, "_Holding"] = {}  # resolved run dir -> this process's holding
@@ -137,7 +139,7 @@ def _describe(fd: int) -> str:
     """The holder as its record names it. A run holds the lock while it checks its input but writes its record only
     after (a refused run leaves the file as it was), so the record can be an earlier, ended run's."""
     try:
-        info = json.loads(os.pread(fd, 4096, 0) or b"{}")
+        info = json_loads(os.pread(fd, 4096, 0) or b"{}")
         described = f"pid {info['pid']}, `{info['command']}`, since {info['since']}"
         pid = int(info["pid"])
     except (OSError, ValueError, KeyError, TypeError):

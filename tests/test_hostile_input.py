@@ -902,6 +902,7 @@ def test_train_refuses_a_directory_another_run_holds_and_a_lock_that_is_a_link(w
     (w / "linked").mkdir()
     (w / "linked" / ".lock").symlink_to(w / "victim.txt")
     refused(["train", "pairs.npz", "--rank", "1", "--out", "linked"], "linked/.lock is a symbolic link", w)
+    refused(["train", "pairs.npz", "--rank", "99", "--out", "new/deeper/run"], "--rank 99", w)  # no folder left
     assert (w / "victim.txt").read_text() == "keep"
     assert cli(["train", "pairs.npz", "--rank", "1", "--out", "fresh"])[0] == 0  # and a free directory trains
     assert (w / "fresh" / "basis.npz").exists()
@@ -919,6 +920,14 @@ def test_evaluate_never_replaces_a_file_it_did_not_write_and_an_empty_out_is_ref
     assert cli(["evaluate", "pairs.npz", "--basis", "basis.npz", "--out", "m.json"])[0] == 0
     assert cli(["evaluate", "pairs.npz", "--basis", "basis.npz", "--out", "m.json"])[0] == 0  # its own: replaced
     refused(["train", "pairs.npz", "--rank", "1", "--out", ""], "--out is empty", w)
+    refused(["--state", "", "init", "--basis", "basis.npz"], "--state is empty", w, device=True)
+    refused(["simulate", "pairs.npz", "--out=", "--rounds", "1"], "--out is empty", w)
+    from lore_core.pairs import load_pairs
+
+    pairs = load_pairs(w / "pairs.npz")
+    save_pairs(pairs.subset(pairs.seen & (pairs.split == "train")), w / "trainonly.npz")
+    ev = ["evaluate", "trainonly.npz", "--basis", "basis.npz", "--out", "again.json"]  # its output has no test keys
+    assert cli(ev)[0] == 0 and "seen_test_acc" not in json.loads((w / "again.json").read_text()) and cli(ev)[0] == 0
 
 
 def test_an_audit_or_demo_never_writes_into_another_runs_directory(w):
@@ -928,4 +937,5 @@ def test_an_audit_or_demo_never_writes_into_another_runs_directory(w):
     assert cli(["train", "pairs.npz", "--rank", "1", "--out", "run_b"])[0] == 0
     refused(["audit", "extraction", "run_a", "--out", "run_b"], "--out run_b holds another run", w)
     assert cli(["audit", "extraction", "run_a", "--out", "run_a"])[0] == 0  # the audited run's own directory
+    assert cli(["audit", "extraction", "--basis", "run_b/basis.npz", "--pairs", "pairs.npz", "--out", "run_b"])[0] == 0
     refused(["demo", "--out", "run_b"], "--out run_b holds a run", w)

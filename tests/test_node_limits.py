@@ -206,6 +206,11 @@ def test_a_failing_node_tells_the_server_only_that_it_failed(device_pairs, tmp_p
     assert "12 pairs" in caplog.text  # on the node, for its owner
     refused = deliver(context, "train", {**config, p.USER_INDICES: [5]}, np.zeros((2, 8)))
     assert refused.has_error() and "user-indices must be distinct" in refused.error.reason
+    # A node without its pair file is a configuration problem, not data: the operator is told which (a reviewer).
+    missing = Context(run_id=0, node_id=2, node_config={"data-path": str(tmp_path / "nothing")}, state=RecordDict(),
+                      run_config=context.run_config)
+    with pytest.raises(node_app.ClientRequestError, match="nothing holds no pairs.npz"):
+        node_app.query(None, missing)
 
 
 @pytest.mark.parametrize("mode", ["none", "user", None])

@@ -43,6 +43,7 @@ from client.device.state import (
     save_state,
     state_lock,
 )
+from lore_core.atomic_io import empty_path_flag
 from lore_core.basis_file import UNKNOWN_EMBEDDER, BasisFile, load_basis
 from lore_core.closed_stdout import stdout_closed
 from lore_core.text_file import not_a_file, parse_json, read_text
@@ -114,6 +115,10 @@ def run(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m client.device", description=__doc__.splitlines()[0])
     configure(parser)
+    argv = sys.argv[1:] if argv is None else argv
+    if empty_path_flag(argv):
+        print(f"python -m client.device: error: {empty_path_flag(argv)} is empty; give a path", file=sys.stderr)
+        return 2
     args = parser.parse_args(argv)
     shown, warnings.formatwarning = warnings.formatwarning, lambda message, *_, **__: f"note: {message}\n"
     try:

@@ -5,7 +5,6 @@ w on a rank-1 basis: lore_core.audits.not_applicable) is stored the same way, wi
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +12,7 @@ import numpy as np
 
 from lore_core.atomic_io import atomic_write_json, atomic_write_text
 from lore_core.audits.not_applicable import NOT_APPLICABLE
+from lore_core.text_file import json_loads
 
 AUDITS_DIR = "audits"
 SUMMARY_KEYS = ("verdict", "passed", "applicable", "epsilon_lb", "epsilon_claimed", "mode", "level", "seed", "trials",
@@ -90,8 +90,8 @@ def with_audits_section(report_text: str, run_dir: str | Path) -> str:
              f"({AUDITS_DIR}/audits.md).", ""]
     for file in sorted(folder.glob("*.json")):
         try:
-            r = json.loads(file.read_text())
-        except json.JSONDecodeError:
+            r = json_loads(file.read_text())
+        except ValueError:  # not JSON, or nested too deeply: not an audit this report can show
             continue
         lines += [f"### {file.stem}: {r.get('verdict')}", "", r.get("summary", ""), ""]
         if (folder / f"{file.stem}.png").exists():
@@ -106,8 +106,8 @@ def write_markdown(folder: str | Path) -> Path:
     results = []
     for file in sorted(folder.glob("*.json")):
         try:
-            results.append((file.stem, json.loads(file.read_text())))
-        except json.JSONDecodeError:
+            results.append((file.stem, json_loads(file.read_text())))
+        except ValueError:
             continue
     for stem, r in results:
         sections.append(f"| [{stem}](#{stem}) | **{r.get('verdict')}** | {r.get('summary', '').split(':')[0]} |")
