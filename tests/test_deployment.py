@@ -114,9 +114,10 @@ def test_secure_run_trains_and_keeps_w_on_nodes(deployment):
     for k in range(NODES):  # w stays on the node, in its data directory
         data = deployment.run_dir / f"node{k}" / "data"
         n_seen = np.unique(load_pairs(data / "pairs.npz").select(seen=True, split="train").user).size
-        with np.load(data / "user_weights.npz") as stored:
-            weights = stored["user_weights"]
-        assert weights.shape == (n_seen, RANK)
+        with np.load(data / "user_weights.npz") as stored:  # one slot per run (client/user_state.py): this run's
+            (slot,) = stored.files
+            weights = stored[slot]
+        assert slot.startswith("user_weights@") and weights.shape == (n_seen, RANK)
         np.testing.assert_allclose(weights.sum(axis=1), 1.0, atol=1e-6)
 
 
