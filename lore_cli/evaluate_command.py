@@ -51,6 +51,10 @@ def run(args: argparse.Namespace) -> int:
     prior = personal_prior(args.prior_pairs, default=basis_file.prior_pairs)
     true_basis = benchmark_truth(pairs)
     metrics = evaluate_model(pairs, basis, prior_pairs=prior)
+    if metrics.get("seen_users_without_training_pairs"):  # a tester: an all-test file printed no seen figure at all
+        warnings.warn(f"{pairs.source}: {metrics['seen_users_without_training_pairs']} seen user(s) have test pairs "
+                      "but no training pairs: their w cannot be refit, so they are scored with the population reward "
+                      "(seen_users_without_training_pairs)", UserWarning, stacklevel=2)
     metrics.update(benchmark_ceiling(pairs, true_basis, prior))
     print(format_metrics(metrics))
     if args.out:

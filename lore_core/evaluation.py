@@ -59,11 +59,14 @@ def evaluate_model(
         raise ValueError(f"basis has dimension {basis.shape[1]} but the pair file has {pairs.dim}")
     metrics: dict = {"rank": int(basis.shape[0]), "prior_pairs": float(prior_pairs)}
     seen_train, seen_test = pairs.select(seen=True, split="train"), pairs.select(seen=True, split="test")
+    ids, weights = np.zeros(0, dtype=pairs.user.dtype), np.zeros((0, basis.shape[0]))
     if seen_train.n:
         ids, weights = few_shot_weights(seen_train, basis, prior_pairs)
         metrics["seen_train_acc"], _ = _score(seen_train, basis, ids, weights)
-        if seen_test.n:
-            metrics["seen_test_acc"], _ = _score(seen_test, basis, ids, weights)
+    if seen_test.n:  # a seen user without training pairs is scored with the population reward, and counted
+        metrics["seen_test_acc"], without = _score(seen_test, basis, ids, weights)
+        if without:
+            metrics["seen_users_without_training_pairs"] = without
     if joint_weights is not None and seen_test.n:
         w = weights_for(seen_test.user, *joint_weights)
         metrics["seen_test_acc_joint_weights"] = _accuracy(

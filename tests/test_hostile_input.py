@@ -939,3 +939,16 @@ def test_an_audit_or_demo_never_writes_into_another_runs_directory(w):
     assert cli(["audit", "extraction", "run_a", "--out", "run_a"])[0] == 0  # the audited run's own directory
     assert cli(["audit", "extraction", "--basis", "run_b/basis.npz", "--pairs", "pairs.npz", "--out", "run_b"])[0] == 0
     refused(["demo", "--out", "run_b"], "--out run_b holds a run", w)
+
+
+def test_evaluate_scores_seen_users_without_training_pairs_and_says_so(w, recwarn):
+    """Found by a tester: on a file whose seen users have only test pairs, `evaluate` printed no seen-user figure and
+    said nothing; they are now scored with the population reward, counted and warned about."""
+    from lore_core.pairs import load_pairs
+
+    pairs = load_pairs(w / "pairs.npz")
+    save_pairs(pairs.subset(~(pairs.seen & (pairs.split == "train"))), w / "testonly.npz")
+    code, _, err = cli(["evaluate", "testonly.npz", "--basis", "basis.npz", "--out", "m.json"])
+    metrics = json.loads((w / "m.json").read_text())
+    assert code == 0 and "seen_test_acc" in metrics and metrics["seen_users_without_training_pairs"] == 6
+    assert any("scored with the population reward" in str(r.message) for r in recwarn)
