@@ -297,20 +297,22 @@ def write_demo_report(out: Path, dataset: Path, central: dict, runs: dict[str, d
     if "epsilon" in federated:
         accountant = ("the distributed discrete Gaussian's RDP bound" if federated.get("epsilon_accountant") ==
                       "ddg-rdp" else f"the Opacus PRV accountant (RDP: {federated.get('epsilon_rdp', float('nan')):.3f})")
-        lines.append(f"Mode `{mode}`: user-level (epsilon, delta) = ({federated['epsilon']:.3f}, "
+        sentences = [f"Mode `{mode}`: user-level (epsilon, delta) = ({federated['epsilon']:.3f}, "
                      f"{federated.get('delta')}) from {accountant}, {federated.get('rounds')} rounds, noise "
                      f"multiplier {federated.get('noise_multiplier')}, clip norm {federated.get('clip_norm')}; see "
-                     "`federated/ledger.json` for what is and is not covered. Differential privacy over a population "
-                     "of a few hundred users is expensive: larger populations reach a smaller epsilon at the "
-                     "same accuracy." + (
-                         f" The rank {federated.get('rank')} was chosen by the centralized, non-private run on the "
-                         "same users (`--rank auto`): that choice is not covered; give `--rank` from a public pilot "
-                         "population for a run whose settings owe nothing to the private data."
-                         if reference_chose_rank else "") + (
-                         f" This epsilon holds against everyone but the server; the server draws the sample, and "
-                         f"against it the run is ({federated['epsilon_against_server']:.3f}, {federated.get('delta')})"
-                         f"-DP over the {federated.get('most_user_rounds')} rounds of the most-sampled user."
-                         if federated.get("epsilon_against_server") is not None else ""))
+                     "`federated/ledger.json` for what is and is not covered.",
+                     "Differential privacy over a population of a few hundred users is expensive: larger populations "
+                     "reach a smaller epsilon at the same accuracy."]
+        if reference_chose_rank:
+            sentences.append(f"The rank {federated.get('rank')} was chosen by the centralized, non-private run on the "
+                             "same users (`--rank auto`): that choice is not covered; give `--rank` from a public "
+                             "pilot population for a run whose settings owe nothing to the private data.")
+        if federated.get("epsilon_against_server") is not None:
+            sentences.append(f"This epsilon holds against everyone but the server; the server draws the sample, and "
+                             f"against it the run is ({federated['epsilon_against_server']:.3f}, "
+                             f"{federated.get('delta')})-DP over the {federated.get('most_user_rounds')} rounds of "
+                             "the most-sampled user.")
+        lines.append(" ".join(sentences))
     elif mode != "none" and federated.get("privacy_guarantee"):  # record: per pair, not user-level (the ledger's)
         lines.append(f"Mode `{mode}`: {federated['privacy_guarantee']}.")
     else:

@@ -58,8 +58,8 @@ def _main(argv: list[str]) -> int:
     from lore_core.atomic_io import empty_path_flag
 
     command = argv[0] if argv and argv[0] in COMMANDS else None
-    if empty_path_flag(argv):
-        print(f"lore-fed {command or ''}: error: {empty_path_flag(argv)} is empty; give a path", file=sys.stderr)
+    if empty := empty_path_flag(argv):
+        print(f"lore-fed {command or ''}: error: {empty} is empty; give a path", file=sys.stderr)
         return 2
     try:
         parser = build_parser(only=command)

@@ -11,7 +11,7 @@ import math
 from pathlib import Path
 
 from lore_core.atomic_io import atomic_write_text
-from lore_core.text_file import json_loads
+from lore_core.text_file import json_loads, not_a_file
 
 PLOT_FILENAME = "accuracy_per_round.png"
 DP_PLOT_FILENAME = "privacy_per_round.png"
@@ -27,7 +27,7 @@ def load_reference(path: str | Path | None) -> dict | None:
     if not file.exists():
         raise FileNotFoundError(f"reference {path}: no metrics.json (expected a `lore-fed train --out` directory)")
     if not file.is_file():  # a FIFO would be read for ever (a reviewer)
-        raise ValueError(f"reference {file} is not a regular file; expected a `lore-fed train --out` directory")
+        raise ValueError(f"{not_a_file('reference', file)}; expected a `lore-fed train --out` directory")
     expected = "expected the metrics.json of a `lore-fed train --out` directory"
     try:
         reference = json_loads(file.read_text(encoding="utf-8"))

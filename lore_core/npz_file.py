@@ -10,7 +10,6 @@ which also hands every array over in this machine's byte order and in C order (`
 from __future__ import annotations
 
 import contextlib
-import stat
 import tokenize
 import zipfile
 import zlib
@@ -18,6 +17,8 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
+
+from lore_core.text_file import not_a_file
 
 ZIP_MAGIC = b"PK"  # local file header PK\x03\x04, or PK\x05\x06 for an empty archive
 NPY_MAGIC = b"\x93NUMPY"
@@ -93,8 +94,8 @@ def check_npz_head(path: Path, expected: str, error: type[ValueError] = NpzFileE
     """Refuse what is not a zip archive at all (a directory, an empty file, a single .npy, text) by its first bytes;
     also for readers that open the archive without np.load (`lore_core.pair_columns`)."""
     try:
-        if path.exists() and not stat.S_ISREG(path.stat().st_mode) and not path.is_dir():  # a FIFO blocks open()
-            raise error(f"{path} is not a regular file (a FIFO, socket or device); expected {expected}")
+        if path.exists() and not path.is_file() and not path.is_dir():  # a FIFO would block open() for ever
+            raise error(f"{not_a_file('', path)} (a FIFO, socket or device); expected {expected}")
         with open(path, "rb") as handle:
             head = handle.read(len(NPY_MAGIC))
     except IsADirectoryError:

@@ -116,8 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m client.device", description=__doc__.splitlines()[0])
     configure(parser)
     argv = sys.argv[1:] if argv is None else argv
-    if empty_path_flag(argv):
-        print(f"python -m client.device: error: {empty_path_flag(argv)} is empty; give a path", file=sys.stderr)
+    if empty := empty_path_flag(argv):
+        print(f"python -m client.device: error: {empty} is empty; give a path", file=sys.stderr)
         return 2
     args = parser.parse_args(argv)
     shown, warnings.formatwarning = warnings.formatwarning, lambda message, *_, **__: f"note: {message}\n"
