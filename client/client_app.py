@@ -83,6 +83,14 @@ def checked_basis(basis: np.ndarray, node: NodeUsers) -> np.ndarray:
     return basis
 
 
+def checked_run_id(config) -> str | None:
+    """The run id of a train or evaluate config (protocol.run_id); a malformed one is the request's fault."""
+    try:
+        return p.run_id(config)
+    except ValueError as exc:
+        raise ClientRequestError(str(exc)) from exc
+
+
 def checked_user_indices(sampled: np.ndarray, node: NodeUsers) -> np.ndarray:
     """The sampled local user indices, refused unless distinct and within this node's training users."""
     sampled = np.asarray(sampled, dtype=np.int64)
@@ -93,7 +101,7 @@ def checked_user_indices(sampled: np.ndarray, node: NodeUsers) -> np.ndarray:
 
 
 def train_clipped(context: Context, settings: p.ClientSettings, node: NodeUsers, basis: np.ndarray,
-                  sampled: np.ndarray, clip_norm: float | None) -> np.ndarray:
+                  sampled: np.ndarray, clip_norm: float | None, run_id: str | None) -> np.ndarray:
     """Fit the sampled users' w (kept on the node) and return their basis updates (k, B, D), each clipped to
     `clip_norm` (flat L2, one user = one privacy unit) unless it is None (mode none). Both train paths use it.
     A canary node's users upload their canary (federation/canary_users.py)."""
@@ -101,11 +109,11 @@ def train_clipped(context: Context, settings: p.ClientSettings, node: NodeUsers,
         if clip_norm is None:
             raise ClientRequestError("canary users take part in user-level DP modes only")
         return node.updates(sampled, clip_norm)
-    weights = load_weights(context, node.n_train_users, basis.shape[0])
+    weights = load_weights(context, node.n_train_users, basis.shape[0], run_id)
     weights, updates = train_sampled_users(basis, node.training_block(sampled), weights, sampled,
                                            prior_pairs=settings.train_prior_pairs, steps=settings.local_steps,
                                            lr=settings.client_lr, objective=settings.objective)
-    save_weights(context, weights)
+    save_weights(context, weights, run_id)
     return updates if clip_norm is None else clip_finite_users(updates, clip_norm)
 
 
@@ -149,23 +157,25 @@ def _train(msg: Message, context: Context, config, mode: str) -> Message:
     node = node_users(context, settings)
     basis = checked_basis(msg.content[p.ARRAYS][p.BASIS].numpy(), node)
     sampled = checked_user_indices(config[p.USER_INDICES], node)
+    run_id = checked_run_id(config)
     arrays = {}
     if mode == "record" and isinstance(node, CanaryBlock):
         raise ClientRequestError("canary users take part in user-level DP modes only")
     if mode == "record":
         ledger_rows = msg.content[p.ARRAYS][p.DP_HISTORY].numpy() if p.DP_HISTORY in msg.content[p.ARRAYS] else None
-        updates, history = _record_train(context, config, settings, basis, node, sampled, ledger_rows)
+        updates, history = _record_train(context, config, settings, basis, node, sampled, ledger_rows, run_id)
         arrays[p.DP_HISTORY] = Array(np.ascontiguousarray(history))
     else:  # user modes: one flat clip per user here (and re-checked by the server)
         clip_norm = float(config[p.CLIP_NORM]) if mode in ("user", "user+secagg") else None
-        updates = train_clipped(context, settings, node, basis, sampled, clip_norm)
+        updates = train_clipped(context, settings, node, basis, sampled, clip_norm, run_id)
     arrays[p.UPDATES] = Array(np.ascontiguousarray(updates))
     return Message(RecordDict({p.ARRAYS: ArrayRecord(arrays),
                                p.METRICS: MetricRecord({p.NUM_USERS: int(sampled.size)})}), reply_to=msg)
 
 
 def _record_train(context: Context, config, settings: p.ClientSettings, basis: np.ndarray, node: NodeUsers,
-                  sampled: np.ndarray, ledger_rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+                  sampled: np.ndarray, ledger_rows: np.ndarray | None = None,
+                  run_id: str | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Record mode: DP-SGD per sampled user over its private logits and the basis, continuing each user's stored
     accountant history, or the server ledger's (`ledger_rows`, (s, 4) rows (position in sampled, z, q, steps))
     where that extends it: a node that lost its state must not check max-epsilon from zero
@@ -178,7 +188,7 @@ def _record_train(context: Context, config, settings: p.ClientSettings, basis: n
     own = [_history_state(stored[owner == u]) for u in sampled]
     ledger = None if ledger_rows is None else _ledger_states(ledger_rows, sampled.size)
     states = [starting_history(mine, None if ledger is None else ledger[i]) for i, mine in enumerate(own)]
-    logits = load_record_logits(context, node.n_train_users, basis.shape[0])
+    logits = load_record_logits(context, node.n_train_users, basis.shape[0], run_id)
     limits = NodeLimits.from_node_config(context.node_config)
     max_epsilon = config.get(p.MAX_EPSILON)
     max_epsilon, delta = limits.record_budget(None if max_epsilon is None else float(max_epsilon),
@@ -192,7 +202,8 @@ def _record_train(context: Context, config, settings: p.ClientSettings, basis: n
         noise_seed=None if seed is None else seed + 104729 * int(config[p.ROUND]), device=settings.device)
     rows = [(u, z, q, k) for u, state in zip(sampled, after) for z, q, k in state.history]
     kept = stored[~np.isin(owner, sampled)]
-    save_record_state(context, np.concatenate([kept, np.array(rows, dtype=np.float64).reshape(-1, 4)]), logits)
+    save_record_state(context, np.concatenate([kept, np.array(rows, dtype=np.float64).reshape(-1, 4)]), logits,
+                      run_id)
     increments = [(i, z, q, k) for i, (now, start) in enumerate(zip(after, states))
                   for z, q, k in spending_to_report(now, start, None if ledger is None else ledger[i])]
     return updates, np.array(increments, dtype=np.float64).reshape(-1, 4)
@@ -230,9 +241,10 @@ def _evaluate(msg: Message, context: Context) -> Message:
     if isinstance(node, CanaryBlock):  # canaries hold no pairs: they add nothing to the evaluation sums
         sums = {key: 0.0 for key in p.EVAL_SUM_KEYS}
         return Message(RecordDict({p.METRICS: MetricRecord(sums)}), reply_to=msg)
-    weights = load_weights(context, node.n_train_users, basis.shape[0])
+    run_id = checked_run_id(msg.content[p.CONFIG]) if p.CONFIG in msg.content else None
+    weights = load_weights(context, node.n_train_users, basis.shape[0], run_id)
     on_device = bool(context.node_config.get("data-path"))  # deployment: evaluate with the device's own code
     weights, sums = evaluate_node(basis, node, weights, prior_pairs=settings.prior_pairs,
                                   fit=device_fit_weights if on_device else personal_fit_weights)
-    save_weights(context, weights)
+    save_weights(context, weights, run_id)
     return Message(RecordDict({p.METRICS: MetricRecord(sums)}), reply_to=msg)

@@ -54,7 +54,8 @@ class SecAggTrainer(NumPyClient):
         except ValueError as exc:
             raise message_app.ClientRequestError(str(exc)) from exc
         clip_norm = float(config[p.CLIP_NORM])
-        updates = message_app.train_clipped(context, settings, node, basis, sampled, clip_norm)
+        updates = message_app.train_clipped(context, settings, node, basis, sampled, clip_norm,
+                                            message_app.checked_run_id(config))
         finite = np.isfinite(updates).all(axis=(1, 2))
         if not finite.all():  # the server sees only the sum: one user's NaN must not void the node's other users
             log.warning("%d of %d sampled users' updates are not finite; they send a zero update (and their noise "

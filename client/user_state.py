@@ -3,9 +3,11 @@
 Simulation: `Context.state` (one Context per virtual node for the whole run).
 Deployment: a SuperNode keeps one Context per run, and a device may take part in several runs, so w also goes to
 `<data-path>/user_weights.npz` on the device, written atomically, and is read back from there first (a restarted
-SuperNode's run resumes with it). The file keeps one slot per run, named by a digest of the run's `run-dir`: w is
-fitted against one run's basis, so another run on the device, in turn or at once, starts from the prior instead of
-continuing it. What the device's users spent (record mode) is shared by every run: `record_dp_state.npz` holds one
+SuperNode's run resumes with it). The file keeps one slot per run, named by the run id the server sends (drawn
+when the run starts, kept by its resumes; server/checkpoint.py): w is fitted against one run's basis, so another
+run on the device, in turn or at once, or a new run in a reused directory, starts from the prior instead of
+continuing it. A server that sends no run id (a run whose checkpoint predates it) gets a slot named by a digest of
+its `run-dir`. What the device's users spent (record mode) is shared by every run: `record_dp_state.npz` holds one
 set of accountant histories. A message's read-train-write holds the device's lock (`device_lock`), so two runs on
 one device never write over each other's spending or slots.
 """
@@ -57,9 +59,12 @@ def device_lock(context: Context):
 RUN_SLOTS = 8  # runs whose w a device file keeps; the least recently written slot goes first
 
 
-def run_slot(context: Context, array_key: str) -> str:
-    """The name of this run's array in a device file: `array_key@<16 hex of sha256(run-dir)>`, or `array_key` alone
-    where the run config names no run directory."""
+def run_slot(context: Context, array_key: str, run_id: str | None = None) -> str:
+    """The name of this run's array in a device file: `array_key@<run id>` (16 hex digits, checked by
+    protocol.run_id), else `array_key@<16 hex of sha256(run-dir)>`, else `array_key` alone where the run config
+    names no run directory."""
+    if run_id:
+        return f"{array_key}@{run_id}"
     run_dir = context.run_config.get("run-dir")
     return array_key if not run_dir else f"{array_key}@{hashlib.sha256(str(run_dir).encode()).hexdigest()[:16]}"
 
@@ -80,12 +85,12 @@ def _save_slot(file: Path, array_key: str, slot: str, array: np.ndarray, **share
 
 
 def _stored(context: Context, state_key: str, array_key: str, file: Path | None,
-            shape: tuple[int, int]) -> np.ndarray | None:
+            shape: tuple[int, int], run_id: str | None) -> np.ndarray | None:
     """An array kept in the device file (deployment: it outlives any one run's Context; this run's slot) or else in
     Context.state (simulation); None when absent or of another shape."""
     stored = None
     if file is not None and file.exists():
-        slot = run_slot(context, array_key)
+        slot = run_slot(context, array_key, run_id)
         with np.load(file) as data:
             stored = data[slot] if slot in data.files else None
     elif state_key in context.state:
@@ -93,17 +98,17 @@ def _stored(context: Context, state_key: str, array_key: str, file: Path | None,
     return None if stored is None or stored.shape != shape else stored.astype(np.float64)
 
 
-def load_weights(context: Context, n_users: int, rank: int) -> np.ndarray:
-    """The stored w (n_users, rank); uniform (the prior) when none is stored or the rank changed."""
-    stored = _stored(context, STATE_KEY, WEIGHTS_KEY, _weights_file(context), (n_users, rank))
+def load_weights(context: Context, n_users: int, rank: int, run_id: str | None) -> np.ndarray:
+    """The stored w (n_users, rank) of run `run_id`; uniform (the prior) when none is stored or the rank changed."""
+    stored = _stored(context, STATE_KEY, WEIGHTS_KEY, _weights_file(context), (n_users, rank), run_id)
     return np.full((n_users, rank), 1.0 / rank) if stored is None else stored
 
 
-def save_weights(context: Context, weights: np.ndarray) -> None:
+def save_weights(context: Context, weights: np.ndarray, run_id: str | None) -> None:
     context.state[STATE_KEY] = ArrayRecord({WEIGHTS_KEY: Array(np.ascontiguousarray(weights))})
     file = _weights_file(context)
     if file is not None:
-        _save_slot(file, WEIGHTS_KEY, run_slot(context, WEIGHTS_KEY), weights)
+        _save_slot(file, WEIGHTS_KEY, run_slot(context, WEIGHTS_KEY, run_id), weights)
 
 
 # Record mode: each local user's Opacus accountant history, rows (local user index, z, q, steps). Persisted like w
@@ -192,20 +197,22 @@ def _histories_in(file: Path | None) -> np.ndarray | None:
 RECORD_LOGITS_KEY = "lore-record-logits"
 
 
-def load_record_logits(context: Context, n_users: int, rank: int) -> np.ndarray:
-    """The stored logits (n_users, rank); zeros (uniform w) when none are stored or the rank changed."""
-    stored = _stored(context, RECORD_LOGITS_KEY, RECORD_LOGITS_KEY, _record_file(context), (n_users, rank))
+def load_record_logits(context: Context, n_users: int, rank: int, run_id: str | None) -> np.ndarray:
+    """The stored logits (n_users, rank) of run `run_id`; zeros (uniform w) when none are stored or the rank
+    changed."""
+    stored = _stored(context, RECORD_LOGITS_KEY, RECORD_LOGITS_KEY, _record_file(context), (n_users, rank), run_id)
     return np.zeros((n_users, rank)) if stored is None else stored
 
 
-def save_record_state(context: Context, rows: np.ndarray, logits: np.ndarray) -> None:
+def save_record_state(context: Context, rows: np.ndarray, logits: np.ndarray, run_id: str | None) -> None:
     """Record mode's private state in one write: the accountant histories (rows) and the logits."""
     rows = np.ascontiguousarray(rows, dtype=np.float64).reshape(-1, 4)
     context.state[RECORD_DP_KEY] = ArrayRecord({RECORD_DP_KEY: Array(rows)})
     context.state[RECORD_LOGITS_KEY] = ArrayRecord({RECORD_LOGITS_KEY: Array(np.ascontiguousarray(logits))})
     file = _record_file(context)
     if file is not None:  # the histories are the device's (every run's spending), the logits this run's slot
-        _save_slot(file, RECORD_LOGITS_KEY, run_slot(context, RECORD_LOGITS_KEY), logits, **{RECORD_DP_KEY: rows})
+        _save_slot(file, RECORD_LOGITS_KEY, run_slot(context, RECORD_LOGITS_KEY, run_id), logits,
+                   **{RECORD_DP_KEY: rows})
     simulated = _simulated_accountant_file(context)
     if simulated is not None:
         simulated.parent.mkdir(parents=True, exist_ok=True)

@@ -2,11 +2,13 @@
 
 query    server -> node: {}                       node -> server: metrics {partition-id, num-train-users, dim}
 train    server -> node: arrays {basis (B, D)}, config {user-indices: [local index, ...], round, privacy-mode,
+                          run-id (16 hex digits: names the node's slot for the run's w; absent from a run whose
+                          checkpoint predates it, whose nodes name the slot by run-dir),
                           + user modes: clip-norm; + record: noise-multiplier, max-grad-norm, record-batch-size,
                           record-epochs, delta[, max-epsilon][, noise-seed (debug, NOT PRIVATE)]}
          node -> server: arrays {updates (k, B, D)}, metrics {num-users: k}     -- nothing else, ever
          user+secagg (legacy FitIns through secaggplus_mod): config {user-indices (bytes), round, privacy-mode,
-                          clip-norm, noise-multiplier, dropout-tolerance, sampled-users, granularity,
+                          run-id, clip-norm, noise-multiplier, dropout-tolerance, sampled-users, granularity,
                           clipping-range}; the node uploads its users' noised integer sum, masked
                          record mode: the server adds arrays {dp-history (s, 4): rows (position in user-indices,
                          z, q, steps)}, each sampled user's accountant history as the ledger holds it (a node that
@@ -14,13 +16,14 @@ train    server -> node: arrays {basis (B, D)}, config {user-indices: [local ind
                          adds arrays {dp-history (s, 4): rows (position in updates, z, q, steps)}:
                          what each sampled user spent this round (the segments it added to its accountant
                          history), which the ledger appends (reveals its batch count)
-evaluate server -> node: arrays {basis}, config {round}
+evaluate server -> node: arrays {basis}, config {round[, run-id]}
          node -> server: metrics {seen-acc-sum, seen-users, unseen-acc-sum, unseen-users[, oracle-*-acc-sum]}
 Client settings come from the run config (flat `[tool.flwr.app.config]` keys, shared with the server).
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -34,6 +37,8 @@ BASIS = "basis"
 UPDATES = "updates"
 USER_INDICES = "user-indices"
 ROUND = "round"
+RUN_ID = "run-id"
+RUN_ID_PATTERN = re.compile(r"[0-9a-f]{16}")
 NUM_USERS = "num-users"
 DP_HISTORY = "dp-history"
 PRIVACY_MODE = "privacy-mode"
@@ -116,6 +121,17 @@ def config_number(key: str, value, kind: type = float, alternative: str = ""):
         raise SettingError(f"{setting(key)} must be {'an integer' if kind is int else 'a number'}{alternative}, "
                            f"got {value!r}")
     return int(number) if kind is int else number
+
+
+def run_id(config) -> str | None:
+    """The run's id from a train or evaluate config (server/checkpoint.py draws it): it names the node's slot for
+    the run's w, so anything but 16 hex digits is refused (ValueError); None from a server that sends none."""
+    value = config.get(RUN_ID)
+    if value is None:
+        return None
+    if not isinstance(value, str) or not RUN_ID_PATTERN.fullmatch(value):
+        raise ValueError(f"{RUN_ID} must be 16 lowercase hex digits, got {str(value)[:40]!r}")
+    return value
 
 
 def encode_user_indices(indices: np.ndarray) -> bytes:

@@ -8,12 +8,14 @@ checkpoint (never repeated) or not (re-run from the same state, never lost). `ro
 from __future__ import annotations
 
 import json
+import secrets
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from federation.protocol import RUN_ID_PATTERN
 from lore_core.atomic_io import atomic_save_npz, atomic_write_text, strict_json
 from lore_core.text_file import json_loads
 
@@ -35,11 +37,19 @@ class RunState:
     settings: dict = field(default_factory=dict)
     population: list[int] = field(default_factory=list)
     history: list[dict] = field(default_factory=list)
+    # A random name for this run, drawn when it starts and kept by every resume: nodes keep their users' w in a slot
+    # of this name (client/user_state.py), so a new run in a reused directory never continues an old run's w.
+    # Empty in checkpoints written before it existed: their nodes name the slot by the run directory instead.
+    run_id: str = ""
+
+
+def new_run_id() -> str:
+    return secrets.token_hex(8)
 
 
 def save_checkpoint(run_dir: str | Path, state: RunState) -> None:
     meta = {"schema": SCHEMA, "round": state.round, "aggregator": state.aggregator, "settings": state.settings,
-            "population": state.population, "history": state.history}
+            "population": state.population, "history": state.history, "run_id": state.run_id}
     arrays = {f"optimizer.{key}": value for key, value in state.optimizer.items()}
     atomic_save_npz(Path(run_dir) / CHECKPOINT_FILENAME, basis=state.basis, meta=np.array(json.dumps(meta)), **arrays)
     write_rounds(run_dir, state.history)
@@ -57,7 +67,8 @@ def load_checkpoint(run_dir: str | Path) -> RunState | None:
             optimizer = {key.split(".", 1)[1]: data[key] for key in data.files if key.startswith("optimizer.")}
             basis = data["basis"]
         return RunState(round=int(meta["round"]), basis=basis, optimizer=optimizer, aggregator=meta["aggregator"],
-                        settings=meta["settings"], population=meta["population"], history=meta["history"])
+                        settings=meta["settings"], population=meta["population"], history=meta["history"],
+                        run_id=_checked_run_id(meta.get("run_id", "")))
     except CheckpointError:
         raise
     except (OSError, EOFError, ValueError, KeyError, TypeError, zipfile.BadZipFile) as exc:
@@ -65,6 +76,12 @@ def load_checkpoint(run_dir: str | Path) -> RunState | None:
         raise CheckpointError(f"{file}: not a readable lore-fed checkpoint ({type(exc).__name__}: {exc}); it is "
                               "written atomically, so it was damaged after the run wrote it: restore it from a "
                               "copy, or start the run afresh in a new --out directory") from exc
+
+
+def _checked_run_id(run_id) -> str:
+    if not isinstance(run_id, str) or run_id and not RUN_ID_PATTERN.fullmatch(run_id):
+        raise ValueError(f"run_id must be 16 lowercase hex digits, got {run_id!r}")
+    return run_id
 
 
 def check_resumable(state: RunState, settings: dict, population: list[int], run_dir: str | Path) -> None:
@@ -95,7 +112,7 @@ def start_or_resume(settings, population) -> tuple[RunState, bool]:
     if state is None:
         basis = initial_basis(settings.rank, population.dim, settings.seed, settings.init_scale)
         return RunState(round=0, basis=basis, settings=settings.fingerprint(),
-                        population=population.fingerprint()), False
+                        population=population.fingerprint(), run_id=new_run_id()), False
     check_resumable(state, settings.fingerprint(), population.fingerprint(), settings.run_dir)
     return state, True
 

@@ -106,7 +106,10 @@ class TrainingRun:
 
     def node_config(self, node: int) -> dict:
         """The train config of one node this round (protocol.py), without its user indices."""
-        return {p.ROUND: self.round, **self.train_config}
+        return {p.ROUND: self.round, **self._run_id(), **self.train_config}
+
+    def _run_id(self) -> dict:
+        return {p.RUN_ID: self.state.run_id} if self.state.run_id else {}
 
     def global_users(self, node: int) -> np.ndarray:
         return self.population.global_indices(node, self.plan[node])
@@ -179,7 +182,7 @@ class TrainingRun:
         return t == self.settings.rounds or bool(every) and t % every == 0
 
     def evaluation_messages(self, t: int | None = None) -> list[Message]:
-        config = ConfigRecord({p.ROUND: self.round if t is None else t})
+        config = ConfigRecord({p.ROUND: self.round if t is None else t, **self._run_id()})
         reported = basis_record(self.optimizer.reported(self.state.basis))  # the tail average (server/optimizer.py)
         return [Message(RecordDict({p.ARRAYS: reported, p.CONFIG: config}),
                         dst_node_id=int(node), message_type=MessageType.EVALUATE)

@@ -117,7 +117,7 @@ def test_secure_run_trains_and_keeps_w_on_nodes(deployment):
         with np.load(data / "user_weights.npz") as stored:  # one slot per run (client/user_state.py): this run's
             (slot,) = stored.files
             weights = stored[slot]
-        assert slot.startswith("user_weights@") and weights.shape == (n_seen, RANK)
+        assert slot == f"user_weights@{state.run_id}" and weights.shape == (n_seen, RANK)
         np.testing.assert_allclose(weights.sum(axis=1), 1.0, atol=1e-6)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -120,44 +121,86 @@ def test_device_keeps_user_weights_in_a_file(pair_file, tmp_path):
                                            "clients-per-round": 4, "privacy-mode": "none"})
     grid = LocalGrid(client_app, devices, cfg)
     run_federated(grid, ServerSettings.from_run_config(cfg))
+    run_id = load_checkpoint(tmp_path / "run").run_id
     for node_id, context in grid.contexts.items():
         in_state = context.state[STATE_KEY][WEIGHTS_KEY].numpy()
         fresh = Context(run_id=2, node_id=node_id, node_config=context.node_config, state=RecordDict(), run_config=cfg)
         assert (Path(context.node_config["data-path"]) / WEIGHTS_FILENAME).exists()
-        np.testing.assert_array_equal(load_weights(fresh, 1, RANK), in_state)  # a new run starts from the file
+        np.testing.assert_array_equal(load_weights(fresh, 1, RANK, run_id), in_state)  # a restarted node: the file
 
 
 def test_runs_on_one_device_keep_their_own_w_and_share_the_spending(tmp_path):
-    """Two runs on one device (one data-path, two run directories): each starts from the prior, not from the other's
-    w or record logits (fitted against another basis), and resumes its own; the accountant histories are the
-    device's, shared. The file keeps the RUN_SLOTS most recently written runs."""
+    """Two runs on one device (one data-path, two run ids): each starts from the prior, not from the other's w or
+    record logits (fitted against another basis), and resumes its own; the accountant histories are the device's,
+    shared. A server that sends no run id gets a slot by run directory. The file keeps the RUN_SLOTS most recently
+    written runs."""
     from flwr.app import Context, RecordDict
 
     from client import user_state as us
 
-    def context(run: str) -> Context:
+    def context(run_dir: str = "run") -> Context:
         return Context(run_id=1, node_id=1, node_config={"data-path": str(tmp_path)}, state=RecordDict(),
-                       run_config={"run-dir": str(tmp_path / run)})
+                       run_config={"run-dir": str(tmp_path / run_dir)})
 
-    first, second = context("run-a"), context("run-b")
+    first, second = "a" * 16, "b" * 16
     w = np.array([[0.7, 0.2, 0.1], [0.1, 0.1, 0.8]])
-    us.save_weights(first, w)
+    us.save_weights(context(), w, first)
     rows = np.array([[0, 1.1, 0.5, 3], [1, 1.1, 0.5, 3]], dtype=np.float64)
-    us.save_record_state(first, rows, np.log(w))
-    np.testing.assert_array_equal(us.load_weights(second, 2, 3), np.full((2, 3), 1 / 3))
-    np.testing.assert_array_equal(us.load_record_logits(second, 2, 3), np.zeros((2, 3)))
-    np.testing.assert_array_equal(us.load_record_histories(second), rows)  # one budget per device
-    us.save_weights(second, w[::-1])
-    us.save_record_state(second, rows[:1], np.zeros((2, 3)))
-    np.testing.assert_array_equal(us.load_weights(context("run-a"), 2, 3), w)  # a resumed run: a new Context
-    np.testing.assert_array_equal(us.load_record_logits(context("run-a"), 2, 3), np.log(w))
-    np.testing.assert_array_equal(us.load_record_histories(context("run-a")), rows[:1])
-    np.testing.assert_array_equal(us.load_weights(second, 2, 3), w[::-1])
-    for run in range(us.RUN_SLOTS + 2):
-        us.save_weights(context(f"run-{run}"), w + run)
+    us.save_record_state(context(), rows, np.log(w), first)
+    np.testing.assert_array_equal(us.load_weights(context(), 2, 3, second), np.full((2, 3), 1 / 3))
+    np.testing.assert_array_equal(us.load_record_logits(context(), 2, 3, second), np.zeros((2, 3)))
+    np.testing.assert_array_equal(us.load_weights(context(), 2, 3, None), np.full((2, 3), 1 / 3))
+    np.testing.assert_array_equal(us.load_record_histories(context()), rows)  # one budget per device
+    us.save_weights(context(), w[::-1], second)
+    us.save_record_state(context(), rows[:1], np.zeros((2, 3)), second)
+    np.testing.assert_array_equal(us.load_weights(context(), 2, 3, first), w)  # a resumed run: a new Context
+    np.testing.assert_array_equal(us.load_record_logits(context(), 2, 3, first), np.log(w))
+    np.testing.assert_array_equal(us.load_record_histories(context()), rows[:1])
+    np.testing.assert_array_equal(us.load_weights(context(), 2, 3, second), w[::-1])
+    us.save_weights(context("old"), w / 2, None)  # an older server: no run id, a slot by run directory
+    np.testing.assert_array_equal(us.load_weights(context("old"), 2, 3, None), w / 2)
+    np.testing.assert_array_equal(us.load_weights(context("other"), 2, 3, None), np.full((2, 3), 1 / 3))
+    ids = [f"{run:016x}" for run in range(us.RUN_SLOTS + 2)]
+    for run, run_id in enumerate(ids):
+        us.save_weights(context(), w + run, run_id)
     with np.load(tmp_path / us.WEIGHTS_FILENAME) as data:
-        assert data.files == [us.run_slot(context(f"run-{run}"), us.WEIGHTS_KEY) for run in range(2, us.RUN_SLOTS + 2)]
-    np.testing.assert_array_equal(us.load_weights(context(f"run-{us.RUN_SLOTS + 1}"), 2, 3), w + us.RUN_SLOTS + 1)
+        assert data.files == [us.run_slot(context(), us.WEIGHTS_KEY, run_id) for run_id in ids[2:]]
+    np.testing.assert_array_equal(us.load_weights(context(), 2, 3, ids[-1]), w + us.RUN_SLOTS + 1)
+
+
+def test_a_new_run_in_a_reused_directory_starts_from_the_prior_on_the_device(pair_file, tmp_path):
+    """Found by a reviewer: the device's slot for w was named by the run-dir string, so a new run in a directory
+    an earlier run had used (deleted in between, or the default `runs/federated` of two servers) continued w fitted
+    against the earlier run's basis. Now each run draws an id, kept by its resumes, and the slot bears it."""
+    from client import user_state as us
+    from lore_core.pairs import load_pairs
+
+    pairs = load_pairs(pair_file)
+    user = np.unique(pairs.user[pairs.seen])[0]
+    save_pairs(pairs.subset(pairs.user == user), tmp_path / "device" / "pairs.npz")
+    cfg = get_fused_config_from_dir(ROOT, {"run-dir": str(tmp_path / "run"), "rank": RANK, "num-server-rounds": 2,
+                                           "clients-per-round": 1, "privacy-mode": "none"})
+    started_from = []
+    load_weights = us.load_weights
+
+    def spy(context, n_users, rank, run_id):
+        weights = load_weights(context, n_users, rank, run_id)
+        started_from.append(weights.copy())
+        return weights
+
+    ids = []
+    for attempt in range(2):
+        grid = LocalGrid(client_app, [{"partition-id": 0, "data-path": str(tmp_path / "device")}], cfg)
+        started_from.clear()
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr("client.client_app.load_weights", spy)
+            run_federated(grid, ServerSettings.from_run_config(cfg))
+        ids.append(load_checkpoint(tmp_path / "run").run_id)
+        np.testing.assert_array_equal(started_from[0], np.full((1, RANK), 1 / RANK))  # the prior, both times
+        assert not np.allclose(started_from[-1], 1 / RANK)  # then its own w
+        shutil.rmtree(tmp_path / "run")  # the run is deleted; the next one uses the same directory
+    with np.load(tmp_path / "device" / us.WEIGHTS_FILENAME) as data:
+        assert ids[0] != ids[1] and data.files == [f"{us.WEIGHTS_KEY}@{run_id}" for run_id in ids]
 
 
 @pytest.mark.parametrize("damage", ["nan", "inf", "shape", "count"])

@@ -286,3 +286,19 @@ def test_allow_evaluate_false_refuses_evaluation_without_a_record_budget_too():
     assert NodeLimits.from_node_config({}).allow_evaluate
     with pytest.raises(NodeLimitError, match="answers no evaluation"):
         NodeLimits.from_node_config({"allow-evaluate": "false"}).check_evaluate()
+
+
+@pytest.mark.parametrize("message_type", ["train", "evaluate"])
+@pytest.mark.parametrize("run_id", ["../../w", "A" * 16, 7, "0" * 17])
+def test_a_node_refuses_a_run_id_that_is_not_sixteen_hex_digits(device_pairs, tmp_path, message_type, run_id):
+    """The run id names the device file's slot for the run's w (client/user_state.py): anything else is refused as
+    the request's fault, and nothing is written."""
+    context = device_context(device_pairs, tmp_path, "none")
+    config = {p.USER_INDICES: [0], p.ROUND: 1, p.PRIVACY_MODE: "none", p.RUN_ID: run_id}
+    reply = deliver(context, message_type, config, np.full((2, 8), 0.1))
+    assert reply.has_error() and "run-id must be 16 lowercase hex digits" in reply.error.reason, reply
+    assert not (Path(context.node_config["data-path"]) / "user_weights.npz").exists()
+    good = deliver(context, message_type, {**config, p.RUN_ID: "0123456789abcdef"}, np.full((2, 8), 0.1))
+    assert not good.has_error(), good.error
+    with np.load(Path(context.node_config["data-path"]) / "user_weights.npz") as data:
+        assert data.files == ["user_weights@0123456789abcdef"]
