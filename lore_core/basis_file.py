@@ -24,7 +24,7 @@ import numpy as np
 
 from lore_core.atomic_io import atomic_save_npz
 from lore_core.npz_file import open_npz
-from lore_core.text_file import not_a_file
+from lore_core.text_file import is_name, not_a_file
 
 if TYPE_CHECKING:
     from lore_core.pairs import PairSet
@@ -68,8 +68,9 @@ def save_basis(path: str | Path, basis: np.ndarray, *, version: int, embedder: s
     _check_basis(arr, str(path))
     if isinstance(version, bool) or not isinstance(version, (int, np.integer)) or version < 0:
         raise BasisFileError(f"{path}: version must be an int >= 0, got {version!r}")
-    if not isinstance(embedder, str) or not embedder:
-        raise BasisFileError(f"{path}: embedder must be a non-empty string, got {embedder!r}")
+    if not is_name(embedder):
+        raise BasisFileError(f"{path}: embedder must be a non-empty string without control characters, got "
+                             f"{str(embedder)[:100]!r}")
     extra = {}
     if prior_pairs is not None:
         _check_prior(prior_pairs, str(path))
@@ -120,8 +121,9 @@ def load_basis(path: str | Path) -> BasisFile:
         raise BasisFileError(f"{path}: basis has shape {basis.shape}, but the file declares rank {rank}, dim {dim}")
     if checksum != basis_checksum(basis):
         raise BasisFileError(f"{path}: basis checksum mismatch (file corrupted or altered)")
-    if version < 0 or not embedder:
-        raise BasisFileError(f"{path}: version must be >= 0 and embedder non-empty, got {version}, {embedder!r}")
+    if version < 0 or not is_name(embedder):
+        raise BasisFileError(f"{path}: version must be >= 0 and embedder a non-empty string without control "
+                             f"characters, got {version}, {embedder[:100]!r}")
     prior_pairs = None
     if "prior_pairs" in arrays:
         try:

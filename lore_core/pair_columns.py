@@ -26,10 +26,11 @@ from pathlib import Path
 import numpy as np
 
 from lore_core.atomic_io import atomic_path
-from lore_core.npz_file import MEMBER_ERRORS, READ_ERRORS, check_npz_head, native_array, unreadable
+from lore_core.npz_file import (MEMBER_ERRORS, READ_ERRORS, check_npz_head, native_array, repeated_members,
+                                 unreadable)
 from lore_core.pairs import (EXPECTED, OPTIONAL_ARRAYS, REQUIRED_ARRAYS, TEXT_ARRAYS, PairFileError, PairSet,
-                             check_digest_kind, check_embedder, check_embedder_kind, refuse_all_zero, resolve_pair_path,
-                             text_dtype_message)
+                             check_digest_kind, check_embedder, check_embedder_kind, has_signal, refuse_all_zero,
+                             resolve_pair_path, text_dtype_message)
 
 READ_ROWS = 1 << 17  # rows per block when a whole file is scanned (~200 MB of diff at D = 384)
 _LOCAL_HEADER = struct.Struct("<4s2B4HL2L2H")  # zip local file header (zipfile.sizeFileHeader = 30 bytes)
@@ -190,6 +191,9 @@ def _locate_members(file: Path) -> dict[str, _Member]:
     members = {}
     with zipfile.ZipFile(file) as archive, open(file, "rb") as handle:
         size = os.fstat(handle.fileno()).st_size
+        repeated = repeated_members(archive.namelist())
+        if repeated:
+            raise repeated
         for info in archive.infolist():
             if not info.filename.endswith(".npy"):
                 continue
@@ -334,7 +338,7 @@ def check_pair_file(path: str | Path, rows_per_block: int = READ_ROWS) -> tuple[
     idle, few_shot = [], []
     nonzero = columns.n == 0
     for first, stop, block in user_blocks(columns, index, rows_per_block):
-        nonzero = nonzero or bool(block.diff.any())
+        nonzero = nonzero or has_signal(block.diff)
         user_pos = index.row_users(first, stop)  # rows are in index order within a block
         seen = np.bincount(user_pos, weights=block.seen, minlength=stop - first) > 0
         trains = np.bincount(user_pos, weights=block.seen & (block.split == "train"), minlength=stop - first)

@@ -31,6 +31,7 @@ import numpy as np
 
 from lore_core.atomic_io import atomic_save_npz
 from lore_core.npz_file import open_npz
+from lore_core.text_file import is_name
 
 PAIRS_FILENAME = "pairs.npz"
 PAIRS_JSONL = "pairs.jsonl"  # a dataset's text pairs (`lore-fed prepare`), which `lore-fed embed` turns into pairs.npz
@@ -41,6 +42,8 @@ TEXT_ARRAYS = ("user", "split", "group")  # numpy unicode strings in every reade
 # Real embedders give differences of order 1 (sentence) to a few hundred (reward-model hidden states); a value far
 # beyond is a broken file, and in float32 scores it would overflow or let one pair outweigh every other.
 MAX_ABS_DIFF = 1e6
+# ... and a file whose largest difference is below this is ties only (a tester's 1e-44 diffs): refused like zeros.
+MIN_LARGEST_DIFF = 1e-12
 EXPECTED = f"a pair file (.npz with arrays {', '.join(REQUIRED_ARRAYS)}; see `lore-fed embed`)"
 
 
@@ -201,7 +204,7 @@ def load_pairs(path: str | Path) -> PairSet:
         pairs_jsonl_blake2b=arrays.get("pairs_jsonl_blake2b"),
         source=str(file),
     )
-    refuse_all_zero(pairs.diff.any() if len(pairs.diff) else True, file)
+    refuse_all_zero(has_signal(pairs.diff) if len(pairs.diff) else True, file)
     return pairs
 
 
@@ -217,8 +220,9 @@ def check_embedder(where, value) -> None:
     names or a number would be copied into a basis file as a name no encoder has."""
     value = np.asarray(value)
     check_embedder_kind(where, value.dtype, value.shape)
-    if not str(value):
-        raise PairFileError(f"{where}: embedder must be a non-empty string (the embedder's id), got ''")
+    if not is_name(str(value)):
+        raise PairFileError(f"{where}: embedder must be a non-empty string without control characters (the "
+                            f"embedder's id), got {str(value)[:100]!r}")
 
 
 def check_embedder_kind(where, dtype: np.dtype, shape: tuple) -> None:
@@ -236,11 +240,17 @@ def check_digest_kind(where, dtype: np.dtype, shape: tuple) -> None:
                             f"`lore-fed embed` writes), got {dtype} of shape {tuple(shape)}")
 
 
+def has_signal(diff: np.ndarray) -> bool:
+    """Whether any entry of `diff` reaches MIN_LARGEST_DIFF (no (n, D) temporary)."""
+    return bool(diff.size) and max(float(diff.max()), -float(diff.min())) >= MIN_LARGEST_DIFF
+
+
 def refuse_all_zero(any_nonzero: bool, file: str | Path) -> None:
-    """A whole file whose diff is zero in every pair (checked per file: a block or one user's pairs may be)."""
+    """A whole file whose diff is zero (below MIN_LARGEST_DIFF) in every pair (checked per file: a block or one
+    user's pairs may be)."""
     if not any_nonzero:
-        raise PairFileError(f"{file}: diff is zero in every pair (chosen and rejected embedded alike); a pair's diff "
-                            "is e(chosen) - e(rejected): re-embed the pairs")
+        raise PairFileError(f"{file}: diff is zero in every pair (every entry below {MIN_LARGEST_DIFF:g}: chosen and "
+                            "rejected embedded alike); a pair's diff is e(chosen) - e(rejected): re-embed the pairs")
 
 
 def read_pair_column(path: str | Path, name: str) -> np.ndarray:

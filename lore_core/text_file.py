@@ -121,6 +121,12 @@ def _is_unicode(value) -> bool:
     return True
 
 
+def is_name(value) -> bool:
+    """A name a file may carry (an embedder's): a non-empty string without control characters. A NUL or a newline
+    in one (a tester's) would cut or forge lines of the logs and reports that print it."""
+    return isinstance(value, str) and bool(value) and not any(ord(c) < 32 or 127 <= ord(c) < 160 for c in value)
+
+
 def is_json_integer(value, low: int = 0, high: int = 2**63 - 1) -> bool:
     """Whether a value read from JSON is an integer in [low, high]: not a float (2.5, Infinity, which Python's json
     reads), a bool (true is an int to Python) or a string of digits."""

@@ -15,6 +15,7 @@ import json
 import os
 import re
 import shutil
+import warnings
 import zipfile
 from dataclasses import replace
 from pathlib import Path
@@ -140,8 +141,22 @@ def _unbalanced_npy_header(data: bytes) -> bytes:
     return buffer.getvalue()
 
 
+def _first_member_twice(data: bytes) -> bytes:
+    """The archive with its first member written again at the end (a tester: readers took the last copy silently,
+    whatever it held). Here the copy is the same, so only the repetition itself can be refused."""
+    source, buffer = zipfile.ZipFile(io.BytesIO(data)), io.BytesIO()
+    with source, zipfile.ZipFile(buffer, "w") as archive, warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # zipfile's "Duplicate name"
+        for info in source.infolist():
+            archive.writestr(info.filename, source.read(info))
+        first = source.infolist()[0]
+        archive.writestr(first.filename, source.read(first))
+    return buffer.getvalue()
+
+
 DAMAGE = {
     "empty": lambda data, rng: b"",
+    "member twice": lambda data, rng: _first_member_twice(data),
     "encrypted flag": lambda data, rng: _central_field_flipped(data, 8),
     "unknown compression": lambda data, rng: _central_field_flipped(data, 10),
     "unbalanced npy header": lambda data, rng: _unbalanced_npy_header(data),
@@ -221,6 +236,11 @@ BAD_PAIR_CONTENTS = {
     "bytes embedder": (lambda a: a.update(embedder=np.array(b"gt_minilm")), "embedder must be one string"),
     "1-D embedder": (lambda a: a.update(embedder=np.array(["gt_minilm", "x"])), "embedder must be one string"),
     "integer embedder": (lambda a: a.update(embedder=np.array(7)), "embedder must be one string"),
+    # a tester: a NUL or newline in a name forges lines of the logs and reports that print it; diffs of 1e-44 are
+    # ties in every pair, as zeros are
+    "embedder with a newline": (lambda a: a.update(embedder=np.array("minilm\nlore-fed: all checks passed")),
+                                "without control characters"),
+    "1e-44 diff": (lambda a: a.update(diff=np.full_like(a["diff"], 1e-44)), "zero in every pair"),
 }
 
 
@@ -277,6 +297,7 @@ def test_basis_contents_are_checked(w):
                            (dict(prior_pairs=np.array("3")), "prior_pairs"),
                            (dict(prior_pairs=np.array(1e300)), "prior_pairs must be a finite number > 0 and at most"),
                            (dict(embedder=np.array(7)), "embedder"),
+                           (dict(embedder=np.array("syn\x00thetic")), "without control characters"),
                            (dict(extra=np.zeros(2)), "unknown arrays")):
         np.savez(w / "basis.npz", **{**good, **change})
         refused(["evaluate", "pairs.npz", "--basis", "basis.npz"], "basis.npz", w, expect=expect)

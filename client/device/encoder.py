@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from lore_core.embeddings import trim_context_left
-from lore_core.text_file import is_json_integer, json_loads
+from lore_core.text_file import is_json_integer, is_name, json_loads
 
 MODEL_FILE = "model.onnx"
 TOKENIZER_FILE = "tokenizer.json"
@@ -59,8 +59,9 @@ def read_encoder_meta(directory: str | Path, *, verify: bool = False) -> dict:
         raise EncoderError(f"{meta_path}: dim must be the embedding width, a positive integer; got "
                            f"{json.dumps(dim)[:40]}; export the encoder again")
     embedder = meta.get("embedder")
-    if embedder is not None and not (isinstance(embedder, str) and embedder):
-        raise EncoderError(f"{meta_path}: embedder must be the name of the model, a non-empty string; got "
+    if embedder is not None and not is_name(embedder):
+        raise EncoderError(f"{meta_path}: embedder must be the name of the model, a non-empty string without "
+                           "control characters; got "
                            f"{json.dumps(embedder)[:100]}; export the encoder again")
     if meta.get("format") != ENCODER_FORMAT or dim <= 0 or output != OUTPUT_NAME:
         raise EncoderError(
