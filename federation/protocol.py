@@ -8,7 +8,7 @@ train    server -> node: arrays {basis (B, D)}, config {user-indices: [local ind
                           record-epochs, delta[, max-epsilon][, noise-seed (debug, NOT PRIVATE)]}
          node -> server: arrays {updates (k, B, D)}, metrics {num-users: k}     -- nothing else, ever
          user+secagg (legacy FitIns through secaggplus_mod): config {user-indices (bytes), round, privacy-mode,
-                          run-id, clip-norm, noise-multiplier, dropout-tolerance, sampled-users, granularity,
+                          [run-id,] clip-norm, noise-multiplier, dropout-tolerance, sampled-users, granularity,
                           clipping-range}; the node uploads its users' noised integer sum, masked
                          record mode: the server adds arrays {dp-history (s, 4): rows (position in user-indices,
                          z, q, steps)}, each sampled user's accountant history as the ledger holds it (a node that

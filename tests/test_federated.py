@@ -3,6 +3,7 @@ Flower's Ray simulation engine."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import shutil
@@ -240,6 +241,78 @@ def test_bad_reply_is_rejected_logged_and_round_goes_on(pair_file, tmp_path, cap
         assert any("rejected the reply of node" in rec.message for rec in caplog.records)
     assert state.history[1]["rejected_replies"] == [] and len(state.history) == 2
     assert np.isfinite(state.basis).all()
+
+
+def test_a_resumed_run_keeps_its_id_and_its_w_on_the_device_and_an_older_checkpoint_its_run_dir_slot(pair_file,
+                                                                                                       tmp_path):
+    """A reviewer: no test held a resume to its run id. A run killed in round 3 resumes with the id its checkpoint
+    keeps, and its device's first training starts from the w it stored, not the prior. A checkpoint written before
+    run ids (none in its meta) resumes without sending one, and its nodes keep w in the run-dir slot."""
+    from client import user_state as us
+    from lore_core.pairs import load_pairs
+    from server.checkpoint import save_checkpoint
+
+    pairs = load_pairs(pair_file)
+    user = np.unique(pairs.user[pairs.seen])[0]
+    device = tmp_path / "device"
+    save_pairs(pairs.subset(pairs.user == user), device / "pairs.npz")
+
+    class Killed(Exception):
+        pass
+
+    def run(run_dir: Path, kill_in_round: int | None = None) -> LocalGrid:
+        cfg = get_fused_config_from_dir(ROOT, {"run-dir": str(run_dir), "rank": RANK, "num-server-rounds": 4,
+                                               "clients-per-round": 1, "privacy-mode": "none"})
+
+        def kill(reply):
+            request = next(m for m in grid.sent if m.metadata.message_id == reply.metadata.reply_to_message_id)
+            if request.metadata.message_type == "train" and request.content[p.CONFIG][p.ROUND] == kill_in_round:
+                raise Killed
+            return reply
+
+        grid = LocalGrid(client_app, [{"partition-id": 0, "data-path": str(device)}], cfg, reply_hook=kill)
+        if kill_in_round is None:
+            run_federated(grid, ServerSettings.from_run_config(cfg))
+        else:
+            with pytest.raises(Killed):
+                run_federated(grid, ServerSettings.from_run_config(cfg))
+        return grid
+
+    started_from = []
+    load_weights = us.load_weights
+
+    def spy(context, n_users, rank, run_id):
+        started_from.append(load_weights(context, n_users, rank, run_id).copy())
+        return started_from[-1]
+
+    run(tmp_path / "run", kill_in_round=3)
+    run_id = load_checkpoint(tmp_path / "run").run_id
+    with np.load(device / us.WEIGHTS_FILENAME) as data:
+        stored = data[f"{us.WEIGHTS_KEY}@{run_id}"]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("client.client_app.load_weights", spy)
+        run(tmp_path / "run")
+    assert load_checkpoint(tmp_path / "run").run_id == run_id
+    np.testing.assert_array_equal(started_from[0], stored)  # not the prior
+    assert not np.allclose(stored, 1 / RANK)
+
+    run(tmp_path / "old", kill_in_round=3)
+    state = load_checkpoint(tmp_path / "old")
+    state.run_id = ""  # as checkpoints were written before run ids
+    save_checkpoint(tmp_path / "old", state)
+    grid = run(tmp_path / "old")
+    assert all(p.RUN_ID not in m.content[p.CONFIG] for m in grid.sent if p.CONFIG in m.content)
+    old_slot = us.run_slot(next(iter(grid.contexts.values())), us.WEIGHTS_KEY, None)
+    assert old_slot == f"{us.WEIGHTS_KEY}@{hashlib.sha256(str(tmp_path / 'old').encode()).hexdigest()[:16]}"
+    with np.load(device / us.WEIGHTS_FILENAME) as data:
+        assert old_slot in data.files
+
+    with np.load(tmp_path / "old" / "checkpoint.npz") as data:
+        arrays = dict(data)
+    meta = json.loads(str(arrays["meta"]))
+    np.savez(tmp_path / "old" / "checkpoint.npz", **{**arrays, "meta": np.array(json.dumps({**meta, "run_id": "XYZ"}))})
+    with pytest.raises(CheckpointError, match="run_id must be 16 lowercase hex digits"):
+        load_checkpoint(tmp_path / "old")
 
 
 def test_killed_run_resumes_to_the_same_final_metrics(pair_file, tmp_path):
