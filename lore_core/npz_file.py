@@ -30,13 +30,14 @@ READ_ERRORS = (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError)
 MEMBER_ERRORS = (RuntimeError, NotImplementedError, SyntaxError, tokenize.TokenError)
 
 
-def repeated_members(names: list[str]) -> ValueError | None:
+def refuse_repeated_members(names: list[str]) -> None:
     """A zip may hold one name twice, and readers silently take the last: a file written by numpy never does, so
-    one that does was altered (found by a tester). The ValueError every reader reports, or None."""
+    one that does was altered (found by a tester). ValueError, which every reader reports as unreadable."""
     seen, repeated = set(), set()
     for name in names:
         (repeated if name in seen else seen).add(name)
-    return ValueError(f"it holds {sorted(repeated)} more than once") if repeated else None
+    if repeated:
+        raise ValueError(f"it holds {sorted(repeated)} more than once")
 
 
 def member_error(key: str, exc: Exception) -> ValueError:
@@ -60,9 +61,7 @@ def open_npz(path: str | Path, expected: str = "an .npz archive of arrays",
     check_npz_head(path, expected, error)
     try:
         with np.load(path, allow_pickle=False) as data:
-            repeated = repeated_members(data.zip.namelist())
-            if repeated:
-                raise repeated
+            refuse_repeated_members(data.zip.namelist())
             yield NativeArrays(data)
     except READ_ERRORS as exc:
         if isinstance(exc, error):

@@ -26,8 +26,8 @@ from pathlib import Path
 import numpy as np
 
 from lore_core.atomic_io import atomic_path
-from lore_core.npz_file import (MEMBER_ERRORS, READ_ERRORS, check_npz_head, native_array, repeated_members,
-                                 unreadable)
+from lore_core.npz_file import (MEMBER_ERRORS, READ_ERRORS, check_npz_head, native_array,
+                                 refuse_repeated_members, unreadable)
 from lore_core.pairs import (EXPECTED, OPTIONAL_ARRAYS, REQUIRED_ARRAYS, TEXT_ARRAYS, PairFileError, PairSet,
                              check_digest_kind, check_embedder, check_embedder_kind, has_signal, refuse_all_zero,
                              resolve_pair_path, text_dtype_message)
@@ -191,9 +191,7 @@ def _locate_members(file: Path) -> dict[str, _Member]:
     members = {}
     with zipfile.ZipFile(file) as archive, open(file, "rb") as handle:
         size = os.fstat(handle.fileno()).st_size
-        repeated = repeated_members(archive.namelist())
-        if repeated:
-            raise repeated
+        refuse_repeated_members(archive.namelist())
         for info in archive.infolist():
             if not info.filename.endswith(".npy"):
                 continue
