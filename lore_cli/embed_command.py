@@ -11,10 +11,7 @@ embedded as `pairs_jsonl_blake2b` (a later edit of it makes train and simulate r
 from __future__ import annotations
 
 import argparse
-import signal
 import sys
-import threading
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -76,27 +73,7 @@ def at_least(low: int):
     return checked
 
 
-@contextmanager
-def terminated_as_exit():
-    """kill -TERM ends the command as Ctrl-C does, through its `finally` blocks (exit 143): the embeddings computed
-    since the last cache flush are written to the cache, and a rerun does not compute them again. Without this,
-    SIGTERM killed the process where it stood and they were lost."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
 def run(args: argparse.Namespace) -> int:
-    with terminated_as_exit():
-        return _run(args)
-
-
-def _run(args: argparse.Namespace) -> int:
     from lore_cli.train_command import check_device
 
     check_device(args.device)  # by the flag's name, before the model loads (the embedder's check names `device`)

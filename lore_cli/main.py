@@ -71,10 +71,12 @@ def _main(argv: list[str]) -> int:
     if not getattr(args, "_run", None):
         parser.print_help()
         return 0 if command is None else 2
+    from lore_cli.termination import interrupted, is_interruption, terminated_as_interrupt
     from lore_core.run_lock import RunDirBusy
 
     try:
-        code = int(args._run(args) or 0)
+        with terminated_as_interrupt():
+            code = int(args._run(args) or 0)
         sys.stdout.flush()  # here, not at exit: a reader gone by then is handled below
         return code
     except (ValueError, FileNotFoundError, RunDirBusy) as exc:
@@ -95,10 +97,12 @@ def _main(argv: list[str]) -> int:
     except CommandFailed as exc:
         print(f"lore-fed {command}: failed: {exc}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print(f"lore-fed {command}: interrupted; a run directory resumes when the same command is run again",
-              file=sys.stderr)
-        return 130
+    except (KeyboardInterrupt, SystemExit) as exc:  # Ctrl-C, or kill -TERM (lore_cli.termination)
+        if not is_interruption(exc):
+            raise
+        message, code = interrupted(command, exc)
+        print(message, file=sys.stderr)
+        return code
 
 
 # Settings set by a flag of another name; every other setting NAME (a run-config key or a settings field) is set by

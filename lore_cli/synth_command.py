@@ -7,7 +7,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from lore_cli.embed_command import add_batch_size, terminated_as_exit
+from lore_cli.embed_command import add_batch_size
 from simulations.prism_population import (DEMOGRAPHICS, BenchmarkConfig,
                                           conversation_distribution, generate_benchmark)
 
@@ -88,9 +88,8 @@ def run(args: argparse.Namespace) -> int:
     transformers_logging.disable_progress_bar()  # per-tensor "Loading weights" bars, as embed hides them
     started = time.perf_counter()
     embedder = load_embedder(args.model, device=args.device, batch_size=args.batch_size, cache_dir=args.cache_dir)
-    with terminated_as_exit():  # what was embedded before a kill -TERM stays in the cache for the rerun
-        benchmark = generate_benchmark(config, embedder)
-        written = benchmark.write(args.out)
+    benchmark = generate_benchmark(config, embedder)  # kill -TERM: what was embedded stays cached (lore_cli.main)
+    written = benchmark.write(args.out)
     s = benchmark.stats
     print(
         f"synth: {s['users']} users ({s['survey_only_users']} survey-only), {s['conversations']} conversations, "

@@ -186,6 +186,10 @@ def _train_and_write(args: argparse.Namespace, options: dict, out: Path, pairs_f
         seed=config.seed,
     )
     announce()
+    # metrics.json is the run's record and is written last: a run killed among these writes leaves none (the earlier
+    # run's would describe another basis; a tester found one saying rank 6 beside a rank-2 basis), and readers that
+    # need it (audits, reports) say so. A rerun writes all three.
+    (out / "metrics.json").unlink(missing_ok=True)
     save_basis(out / "basis.npz", fit.basis, version=0, embedder=embedder, prior_pairs=fit.prior_pairs)
     # Centralized training holds every user's data anyway; the weights are saved for analysis.
     atomic_save_npz(out / "user_weights.npz", user_id=fit.user_ids.astype(str), user_weights=fit.user_weights)

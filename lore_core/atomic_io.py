@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import tempfile
 import zipfile
 from collections.abc import Iterator
@@ -37,6 +38,23 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             raise OSError(exc.errno, exc.strerror, str(path)) from exc
         raise
     fsync_dir(path.parent)
+
+
+# atomic_path's temp files: "." + the target's name + "." + tempfile's 8 random characters + ".tmp"
+TEMP_FILE = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp")
+
+
+def remove_stale_temps(directory: str | os.PathLike) -> list[Path]:
+    """Delete the temp files that writers killed mid-write (SIGKILL: no `finally`) left in `directory` and in its
+    folders one level down (a run's releases/, client-accountants/), and return them. Only for the holder of the
+    directory's lock (lore_core.run_lock), about to write: no one else writes there, so each is a dead writer's."""
+    directory = Path(directory)
+    folders = [directory, *(path for path in directory.iterdir() if path.is_dir() and not path.is_symlink())]
+    stale = [path for folder in folders for path in folder.iterdir()
+             if TEMP_FILE.fullmatch(path.name) and path.is_file() and not path.is_symlink()]
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:

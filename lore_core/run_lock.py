@@ -23,6 +23,7 @@ import threading
 import time
 from pathlib import Path
 
+from lore_core.atomic_io import remove_stale_temps
 from lore_core.text_file import json_loads
 
 LOCK_FILENAME = ".lock"
@@ -65,7 +66,7 @@ class RunDirLock:
                 self.run_dir.mkdir(parents=True, exist_ok=True)
                 _held[self.key] = self._acquire(self.run_dir / LOCK_FILENAME)
             if self.announce_on_enter:
-                self._announce(_held[self.key])
+                self._announce(_held[self.key], self.run_dir)
         return self
 
     def _acquire(self, path: Path) -> _Holding:
@@ -96,12 +97,15 @@ class RunDirLock:
     def announce(self) -> None:
         """Write this process into the lock file (once; a no-op when already announced)."""
         with _guard:
-            self._announce(_held[self.key])
+            self._announce(_held[self.key], self.run_dir)
 
     @staticmethod
-    def _announce(holding: _Holding) -> None:
+    def _announce(holding: _Holding, run_dir: Path) -> None:
+        """Name this process in the lock file and, as it is about to write, clear what killed writers left (a
+        tester: temp files survived every rerun)."""
         if holding.announced:
             return
+        remove_stale_temps(run_dir)
         os.ftruncate(holding.fd, 0)
         os.pwrite(holding.fd, json.dumps({"pid": os.getpid(), "command": " ".join(sys.argv),
                                           "since": time.strftime("%Y-%m-%d %H:%M:%S")}).encode(), 0)

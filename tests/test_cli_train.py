@@ -188,3 +188,69 @@ def test_rank_auto_on_a_narrow_embedding_tries_only_ranks_that_fit(tmp_path):
     assert main(["train", str(save_pairs(pairs, tmp_path / "pairs.npz")), "--out", str(run)]) == 0
     metrics = json.loads((run / "metrics.json").read_text())
     assert {row["rank"] for row in metrics["selection"]} <= {1, 2} and metrics["rank"] <= 2
+
+
+def test_a_train_killed_among_its_writes_leaves_no_metrics_of_another_basis_and_a_rerun_clears_temp_files(
+        pair_file, tmp_path, monkeypatch):
+    """A tester: `train --rank 2` killed between writing basis.npz and metrics.json over an earlier rank-3 run left
+    a rank-2 basis beside a metrics.json saying rank 3 (audits read both without a word), and the temp files of the
+    killed writes survived every rerun."""
+    from lore_cli import train_command
+
+    fixed = ["--l2", "0.001", "--prior-pairs", "3", "--objective", "joint", "--out", str(tmp_path / "run")]
+    assert main(["train", str(pair_file), "--rank", "3", *fixed]) == 0
+
+    class Killed(BaseException):
+        pass
+
+    def killed_write(path, **arrays):
+        (path.parent / f".{path.name}.k1lled_0.tmp").write_bytes(b"half a file")  # what SIGKILL leaves
+        raise Killed
+
+    with monkeypatch.context() as patch:
+        patch.setattr(train_command, "atomic_save_npz", killed_write)  # user_weights.npz, after basis.npz
+        with pytest.raises(Killed):
+            main(["train", str(pair_file), "--rank", "2", *fixed])
+    run = tmp_path / "run"
+    assert load_basis(run / "basis.npz").rank == 2 and not (run / "metrics.json").exists()
+    (run / "releases").mkdir()
+    (run / "releases" / ".initial.npz.abcd1234.tmp").write_bytes(b"x")
+    (run / "notes.tmp").write_text("the user's")
+    assert main(["train", str(pair_file), "--rank", "2", *fixed]) == 0
+    assert json.loads((run / "metrics.json").read_text())["rank"] == 2
+    assert np.load(run / "user_weights.npz")["user_weights"].shape[1] == 2
+    assert sorted(p.name for p in run.rglob("*.tmp")) == ["notes.tmp"]
+
+
+# `python -c` driver: `lore-fed train` that receives kill -TERM while it fits (a scheduler, `timeout`).
+TRAIN_TERMINATED = """
+import os, signal, sys
+from lore_cli import train_command
+fit = train_command._train_in_memory
+
+def fit_then_terminated(*args):
+    os.kill(os.getpid(), signal.SIGTERM)
+    return fit(*args)
+
+train_command._train_in_memory = fit_then_terminated
+from lore_cli.main import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_train_ended_by_sigterm_removes_the_folders_it_created(pair_file, tmp_path):
+    """A tester: kill -TERM ended `train` where it stood, leaving its new --out folder with an empty lock file; Ctrl-C
+    removed them. Now SIGTERM goes the same way, exit 143."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    argv = ["train", str(pair_file), "--rank", "1", "--l2", "0.001", "--prior-pairs", "3", "--objective", "joint",
+            "--out", str(tmp_path / "new" / "run")]
+    done = subprocess.run([sys.executable, "-c", TRAIN_TERMINATED, *argv], cwd=root, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(root)}, timeout=300)
+    assert done.returncode == 143 and "Traceback" not in done.stderr, done.stderr
+    assert "terminated (SIGTERM)" in done.stderr and "starts over" in done.stderr
+    assert not (tmp_path / "new").exists()

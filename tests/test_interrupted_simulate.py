@@ -1,4 +1,5 @@
-"""Ctrl-C during `lore-fed simulate` ends the process with exit 130, its run directory unlocked and resumable.
+"""Ctrl-C (or kill -TERM) during `lore-fed simulate` ends the process with exit 130 (143), its run directory unlocked
+and resumable.
 
 Flower's simulation engine runs the ServerApp in a thread that is not a daemon; a Ctrl-C stops only the engine, in
 the main thread (server/engine_stop.py). The command runs in a subprocess, with Flower's engine, ServerApp and
@@ -14,6 +15,8 @@ import sys
 import threading
 import time
 from pathlib import Path
+
+import pytest
 
 from lore_core.pairs import save_pairs
 from server.checkpoint import load_checkpoint
@@ -70,7 +73,12 @@ def finished(proc: subprocess.Popen, seconds: float) -> tuple[int, str]:
     return proc.returncode, out + err
 
 
-def test_ctrl_c_during_simulate_exits_130_unlocked_and_the_same_command_resumes(tmp_path):
+@pytest.mark.parametrize("sig, exit_code, said", [(signal.SIGINT, 130, "interrupted"),
+                                                   (signal.SIGTERM, 143, "terminated (SIGTERM)")])
+def test_ctrl_c_or_sigterm_during_simulate_exits_unlocked_and_the_same_command_resumes(tmp_path, sig, exit_code,
+                                                                                      said):
+    """SIGTERM, found by a tester: Ray's handler ended the process with exit 15 and no word (the driver below has no
+    Ray; `test_ray_s_sigterm_exit_reads_as_sigterm` covers Ray's handler)."""
     pairs = make_synthetic_pairs(SyntheticPairsConfig(dim=8, true_rank=2, seen_users=6, unseen_users=2,
                                                       train_pairs=(8, 10), few_shot_pairs=3, test_pairs=4, seed=2))[0]
     run = tmp_path / "run"
@@ -83,12 +91,12 @@ def test_ctrl_c_during_simulate_exits_130_unlocked_and_the_same_command_resumes(
             assert first.poll() is None, first.communicate()
             assert time.monotonic() < deadline, "no round finished in 120 s"
             time.sleep(0.1)
-        first.send_signal(signal.SIGINT)
+        first.send_signal(sig)
         code, output = finished(first, EXIT_SECONDS)
     finally:
         first.kill()
-    assert code == 130, output
-    assert "interrupted" in output and "Traceback" not in output
+    assert code == exit_code, output
+    assert said in output and "resumes after the last round" in output and "Traceback" not in output
     interrupted_at = load_checkpoint(run).round  # the last finished round's checkpoint, intact
     assert 1 <= interrupted_at < ROUNDS
 
@@ -115,3 +123,15 @@ def test_a_server_app_still_loading_when_the_engine_stopped_stops_at_its_first_r
     late.join(5)
     assert outcome == ["stopped"]
     assert stopping_with_engine(grid) is grid  # a ServerApp that no engine started keeps its grid
+
+
+def test_ray_s_sigterm_exit_reads_as_sigterm():
+    """`ray.init` replaces lore-fed's SIGTERM handler with one that calls sys.exit(15): that exit is reported as a
+    kill -TERM (143, the rerun sentence), any other exit passes through."""
+    from lore_cli.termination import interrupted, is_interruption
+
+    assert is_interruption(SystemExit(signal.SIGTERM)) and not is_interruption(SystemExit(2))
+    message, code = interrupted("simulate", SystemExit(signal.SIGTERM))
+    assert code == 143 and "terminated (SIGTERM)" in message
+    assert interrupted("train", KeyboardInterrupt())[1] == 130
+    assert "starts over" in interrupted("train", KeyboardInterrupt())[0]
