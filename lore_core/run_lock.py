@@ -136,7 +136,8 @@ def _same_file(fd: int, path: Path) -> bool:
     return (on_disk.st_dev, on_disk.st_ino) == (held.st_dev, held.st_ino)
 
 
-CHECKING = "a run still checking its input, which names itself only once the checks pass"
+CHECKING = ("a run still checking its input (or, for `train`, fitting), which names itself only once it is about "
+            "to write")
 
 
 def _describe(fd: int) -> str:
