@@ -211,6 +211,7 @@ def test_fairness_and_report_write_json_markdown_plot_and_ledger(population, led
     assert "## fairness" in (ledger_dir / "audits" / "audits.md").read_text()
     audits = json.loads((ledger_dir / "ledger.json").read_text())["events"]["audits"]
     assert audits[-1]["kind"] == "fairness" and audits[-1]["verdict"] == "pass"
+    assert audits[-1]["file"] == "audits/fairness.json"  # from the run directory, wherever the audit ran (a tester)
 
 
 def test_audits_get_a_section_and_a_plot_in_the_run_report(population, tmp_path):

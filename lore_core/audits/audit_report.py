@@ -40,6 +40,13 @@ def audit_name(result: dict) -> str:
     return result["audit"] + (f"-{result['level']}" if result.get("level") else "")
 
 
+def _as_seen_from(path: Path, run_dir: Path) -> str:
+    """`path` relative to the run directory whose ledger records it, or absolute outside it: relative to the
+    working directory (as before; a tester) it named nothing once the audit's shell had moved on."""
+    path, run_dir = path.resolve(), run_dir.resolve()
+    return str(path.relative_to(run_dir)) if path.is_relative_to(run_dir) else str(path)
+
+
 def write_audit(out_dir: str | Path, result: dict, *, ledger_dir: str | Path | None = None) -> Path:
     """Write OUT/audits/<name>.json and .png, append to the ledger in `ledger_dir` if it holds one, refresh
     OUT/audits/audits.md. Returns the JSON path."""
@@ -56,7 +63,8 @@ def write_audit(out_dir: str | Path, result: dict, *, ledger_dir: str | Path | N
     if ledger_dir is not None and (Path(ledger_dir) / "ledger.json").exists():
         from lore_core.privacy.ledger import append_audit
 
-        entry = {"kind": name, "file": str(path)} | {k: clean[k] for k in SUMMARY_KEYS if k in clean}
+        entry = {"kind": name, "file": _as_seen_from(path, Path(ledger_dir))} | \
+            {k: clean[k] for k in SUMMARY_KEYS if k in clean}
         if isinstance(clean.get("epsilon_lb"), dict):
             entry["epsilon_lb"] = clean["epsilon_lb"].get("epsilon_lb")
         if clean.get("applicable") is False:  # a pass by construction, not a measurement: the ledger says why
