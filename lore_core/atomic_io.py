@@ -40,16 +40,19 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     fsync_dir(path.parent)
 
 
-# atomic_path's temp files: "." + the target's name + "." + tempfile's 8 random characters + ".tmp"
-TEMP_FILE = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp")
+# atomic_path's temp files of the kinds of file a run writes: "." + the target's name + "." + tempfile's 8 random
+# characters + ".tmp"
+TEMP_FILE = re.compile(r"\..+\.(npz|json|jsonl|md|png)\.[a-z0-9_]{8}\.tmp")
+RUN_FOLDERS = ("releases", "client-accountants", "audits")  # the folders a run writes inside its directory
 
 
 def remove_stale_temps(directory: str | os.PathLike) -> list[Path]:
-    """Delete the temp files that writers killed mid-write (SIGKILL: no `finally`) left in `directory` and in its
-    folders one level down (a run's releases/, client-accountants/), and return them. Only for the holder of the
-    directory's lock (lore_core.run_lock), about to write: no one else writes there, so each is a dead writer's."""
+    """Delete the temp files that writers killed mid-write (SIGKILL: no `finally`) left in a run `directory` and its
+    RUN_FOLDERS, and return them. Only for the holder of the directory's lock (lore_core.run_lock), about to write:
+    no one else writes there, so each is a dead writer's. A user's other folders are never looked into."""
     directory = Path(directory)
-    folders = [directory, *(path for path in directory.iterdir() if path.is_dir() and not path.is_symlink())]
+    folders = [directory, *(directory / name for name in RUN_FOLDERS
+                            if (directory / name).is_dir() and not (directory / name).is_symlink())]
     stale = [path for folder in folders for path in folder.iterdir()
              if TEMP_FILE.fullmatch(path.name) and path.is_file() and not path.is_symlink()]
     for path in stale:

@@ -216,10 +216,12 @@ def test_a_train_killed_among_its_writes_leaves_no_metrics_of_another_basis_and_
     (run / "releases").mkdir()
     (run / "releases" / ".initial.npz.abcd1234.tmp").write_bytes(b"x")
     (run / "notes.tmp").write_text("the user's")
+    (run / "mine").mkdir()
+    (run / "mine" / ".notes.json.abcd1234.tmp").write_text("the user's too: not a folder a run writes")
     assert main(["train", str(pair_file), "--rank", "2", *fixed]) == 0
     assert json.loads((run / "metrics.json").read_text())["rank"] == 2
     assert np.load(run / "user_weights.npz")["user_weights"].shape[1] == 2
-    assert sorted(p.name for p in run.rglob("*.tmp")) == ["notes.tmp"]
+    assert sorted(p.name for p in run.rglob("*.tmp")) == [".notes.json.abcd1234.tmp", "notes.tmp"]
 
 
 # `python -c` driver: `lore-fed train` that receives kill -TERM while it fits (a scheduler, `timeout`).
