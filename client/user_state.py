@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from flwr.app import Array, ArrayRecord, Context
 
-from lore_core.atomic_io import atomic_save_npz
+from lore_core.atomic_io import TEMP_FILE, atomic_save_npz
 
 STATE_KEY = "lore-private"
 WEIGHTS_KEY = "user_weights"
@@ -146,6 +146,8 @@ def check_simulated_accountants(run_dir: Path, has_ledger: bool) -> None:
         raise ValueError(f"{folder} holds accountant histories but {run_dir} has no ledger.json, so no record run to "
                          "resume: they are another run's; delete the folder or give a new directory")
     for file in sorted(folder.iterdir()):
+        if TEMP_FILE.fullmatch(file.name):  # a write killed midway: the run's lock holder removes it (run_lock)
+            continue
         problem = _accountant_problem(file)
         if problem:
             raise ValueError(f"{file}: {problem}; restore it, or delete it (the ledger keeps every step it recorded; "

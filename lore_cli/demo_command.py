@@ -188,6 +188,7 @@ def check_demo_dir(out: Path, flags: dict) -> bool:
 
 def _stage(name: str, done: bool, argv: list[str]) -> None:
     from lore_cli.main import CommandFailed, main
+    from lore_cli.termination import Terminated
 
     if done:
         print(f"== {name}: already done, skipped", flush=True)
@@ -195,6 +196,8 @@ def _stage(name: str, done: bool, argv: list[str]) -> None:
     print(f"== {name}: lore-fed {' '.join(argv)}", flush=True)
     started = time.perf_counter()
     code = main(argv)
+    if code in (130, 143):  # the stage was interrupted: so is the demo (its own message, its exit code)
+        raise Terminated() if code == 143 else KeyboardInterrupt()
     if code != 0:
         raise CommandFailed(f"stage {name!r} failed (exit {code}, see above); rerun `lore-fed demo` to resume after "
                             "fixing it")

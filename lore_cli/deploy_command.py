@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import signal
-import sys
 import time
 from pathlib import Path
 
@@ -72,8 +70,6 @@ def run_local(args: argparse.Namespace) -> int:
             print(f"generated trial certificates in {cert_dir}")
     split_pairs(args.pairs, run_dir, args.nodes)
     overrides = {} if args.rounds is None else {"num-server-rounds": args.rounds}
-    # SIGTERM -> SystemExit, so that the `with` block stops every process also when we are terminated.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     app = {"app": Path(args.app)} if args.app else {}
     try:
         with LocalDeployment(run_dir, args.nodes, certs, insecure=args.insecure, **app) as deployment:

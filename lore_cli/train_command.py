@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lore_core.atomic_io import atomic_save_npz, atomic_write_json, check_output_path
+from lore_core.atomic_io import atomic_path, atomic_save_npz, atomic_write_json, check_output_path
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -186,13 +186,15 @@ def _train_and_write(args: argparse.Namespace, options: dict, out: Path, pairs_f
         seed=config.seed,
     )
     announce()
-    # metrics.json is the run's record and is written last: a run killed among these writes leaves none (the earlier
-    # run's would describe another basis; a tester found one saying rank 6 beside a rank-2 basis), and readers that
-    # need it (audits, reports) say so. A rerun writes all three.
-    (out / "metrics.json").unlink(missing_ok=True)
-    save_basis(out / "basis.npz", fit.basis, version=0, embedder=embedder, prior_pairs=fit.prior_pairs)
-    # Centralized training holds every user's data anyway; the weights are saved for analysis.
-    atomic_save_npz(out / "user_weights.npz", user_id=fit.user_ids.astype(str), user_weights=fit.user_weights)
+    # metrics.json is the run's record and is written last. The basis and weights are written in full first, then
+    # an earlier run's metrics.json goes and they are renamed into place: a run killed among the renames leaves no
+    # metrics.json describing another basis (a tester found one saying rank 6 beside a rank-2 basis), one that fails
+    # while writing (a full disk) leaves the earlier run whole. A rerun writes all three.
+    with atomic_path(out / "basis.npz") as basis_file, atomic_path(out / "user_weights.npz") as weights_file:
+        save_basis(basis_file, fit.basis, version=0, embedder=embedder, prior_pairs=fit.prior_pairs)
+        # Centralized training holds every user's data anyway; the weights are saved for analysis.
+        atomic_save_npz(weights_file, user_id=fit.user_ids.astype(str), user_weights=fit.user_weights)
+        (out / "metrics.json").unlink(missing_ok=True)
     atomic_write_json(out / "metrics.json", metrics)
     print(format_metrics(metrics))
     print(f"wrote {out / 'metrics.json'} and {out / 'basis.npz'}")

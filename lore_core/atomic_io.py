@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import re
 import tempfile
+import time
 import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -41,9 +43,12 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
 
 # atomic_path's temp files of the kinds of file a run writes: "." + the target's name + "." + tempfile's 8 random
-# characters + ".tmp"
-TEMP_FILE = re.compile(r"\..+\.(npz|json|jsonl|md|png)\.[a-z0-9_]{8}\.tmp")
+# characters + ".tmp" (a target that is itself a temp file, as `train` writes its outputs in full before renaming
+# them, gives ".tmp" before the random characters)
+TEMP_FILE = re.compile(r"\..+\.(npz|json|jsonl|md|png|tmp)\.[a-z0-9_]{8}\.tmp")
 RUN_FOLDERS = ("releases", "client-accountants", "audits")  # the folders a run writes inside its directory
+STALE_SECONDS = 60.0  # older than any write in progress: a writer that holds no lock (an `evaluate --out` into the
+# run directory) keeps its temp file
 
 
 def remove_stale_temps(directory: str | os.PathLike) -> list[Path]:
@@ -53,11 +58,16 @@ def remove_stale_temps(directory: str | os.PathLike) -> list[Path]:
     directory = Path(directory)
     folders = [directory, *(directory / name for name in RUN_FOLDERS
                             if (directory / name).is_dir() and not (directory / name).is_symlink())]
+    now = time.time()
     stale = [path for folder in folders for path in folder.iterdir()
-             if TEMP_FILE.fullmatch(path.name) and path.is_file() and not path.is_symlink()]
+             if TEMP_FILE.fullmatch(path.name) and path.is_file() and not path.is_symlink()
+             and now - path.stat().st_mtime > STALE_SECONDS]
+    removed = []
     for path in stale:
-        path.unlink(missing_ok=True)
-    return stale
+        with contextlib.suppress(OSError):  # one it may not remove stays (left over, not in the way)
+            path.unlink()
+            removed.append(path)
+    return removed
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:

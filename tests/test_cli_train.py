@@ -1,6 +1,8 @@
 """`lore-fed train` and `lore-fed evaluate` on a real pair file on disk."""
 
 import json
+import os
+import time
 from dataclasses import replace
 
 import numpy as np
@@ -194,7 +196,8 @@ def test_a_train_killed_among_its_writes_leaves_no_metrics_of_another_basis_and_
         pair_file, tmp_path, monkeypatch):
     """A tester: `train --rank 2` killed between writing basis.npz and metrics.json over an earlier rank-3 run left
     a rank-2 basis beside a metrics.json saying rank 3 (audits read both without a word), and the temp files of the
-    killed writes survived every rerun."""
+    killed writes survived every rerun. Now the files are written in full before any is replaced: a write that
+    fails leaves the earlier run whole, and a kill among the renames leaves no metrics.json."""
     from lore_cli import train_command
 
     fixed = ["--l2", "0.001", "--prior-pairs", "3", "--objective", "joint", "--out", str(tmp_path / "run")]
@@ -212,16 +215,32 @@ def test_a_train_killed_among_its_writes_leaves_no_metrics_of_another_basis_and_
         with pytest.raises(Killed):
             main(["train", str(pair_file), "--rank", "2", *fixed])
     run = tmp_path / "run"
-    assert load_basis(run / "basis.npz").rank == 2 and not (run / "metrics.json").exists()
+    assert load_basis(run / "basis.npz").rank == 3 == json.loads((run / "metrics.json").read_text())["rank"]
+    with monkeypatch.context() as patch:  # killed after the basis was renamed into place, before the weights
+        real_replace = os.replace
+
+        def killed_at_weights(source, target):
+            if str(target).endswith("user_weights.npz"):
+                raise Killed
+            real_replace(source, target)
+
+        patch.setattr(os, "replace", killed_at_weights)
+        with pytest.raises(Killed):
+            main(["train", str(pair_file), "--rank", "2", *fixed])
+    assert not (run / "metrics.json").exists()
     (run / "releases").mkdir()
     (run / "releases" / ".initial.npz.abcd1234.tmp").write_bytes(b"x")
     (run / "notes.tmp").write_text("the user's")
     (run / "mine").mkdir()
     (run / "mine" / ".notes.json.abcd1234.tmp").write_text("the user's too: not a folder a run writes")
+    for temp in run.rglob(".*.tmp"):  # a killed writer's: older than any write in progress
+        os.utime(temp, (time.time() - 120, time.time() - 120))
+    (run / ".report.md.young123.tmp").write_text("a write in progress (e.g. `evaluate --out` here, no lock)")
     assert main(["train", str(pair_file), "--rank", "2", *fixed]) == 0
     assert json.loads((run / "metrics.json").read_text())["rank"] == 2
     assert np.load(run / "user_weights.npz")["user_weights"].shape[1] == 2
-    assert sorted(p.name for p in run.rglob("*.tmp")) == [".notes.json.abcd1234.tmp", "notes.tmp"]
+    assert sorted(p.name for p in run.rglob("*.tmp")) == [".notes.json.abcd1234.tmp", ".report.md.young123.tmp",
+                                                         "notes.tmp"]
 
 
 # `python -c` driver: `lore-fed train` that receives kill -TERM while it fits (a scheduler, `timeout`).

@@ -305,3 +305,15 @@ def test_a_record_mode_demo_report_states_its_per_pair_guarantee(tmp_path):
             "federated-nonprivate": {"rank": 3, "seen_test_acc": 0.72, "unseen_test_acc": 0.73}}
     report = write_demo_report(tmp_path, dataset, central, runs, 12.0).read_text()
     assert f"Mode `record`: {guarantee}." in report and "no differential-privacy guarantee" not in report
+
+
+@pytest.mark.parametrize("code, raised", [(130, KeyboardInterrupt), (143, "Terminated")])
+def test_an_interrupted_stage_interrupts_the_demo(monkeypatch, code, raised):
+    """A reviewer: a stage ended by Ctrl-C or kill -TERM (its `main` returns 130 / 143) made the demo exit 1 with
+    "failed ... rerun after fixing it" instead of the demo's own interruption sentence and code."""
+    from lore_cli import demo_command, main as cli
+    from lore_cli.termination import Terminated
+
+    monkeypatch.setattr(cli, "main", lambda argv: code)
+    with pytest.raises(Terminated if raised == "Terminated" else raised):
+        demo_command._stage("a stage", False, ["train"])

@@ -876,6 +876,9 @@ def test_simulate_refuses_another_runs_client_accountants_and_a_damaged_one(w):
     np.savez(folder / "partition-0-of-1.npz", **{"lore-record-dp": np.array([[0, 1.0, 0.5, 4]])})
     refused(SIM[:5] + ["record", "--rounds", "1"], f"out/{SIMULATED_ACCOUNTANTS}", w, expect="no ledger.json")
     check_simulated_accountants(w / "out", has_ledger=True)  # a resumed run's own file passes
+    # a node's write cut by kill -9 (a reviewer: the rerun refused it instead of removing it as the lock holder does)
+    (folder / ".partition-0-of-1.npz.pfrymfkq.tmp").write_bytes(b"PK\x03\x04 half")
+    check_simulated_accountants(w / "out", has_ledger=True)
     for damage, expect in ((b"PK\x03\x04 truncated", "not a readable accountant file"),
                            (None, "expected finite rows")):
         if damage is None:
@@ -973,3 +976,11 @@ def test_evaluate_scores_seen_users_without_training_pairs_and_says_so(w, recwar
     metrics = json.loads((w / "m.json").read_text())
     assert code == 0 and "seen_test_acc" in metrics and metrics["seen_users_without_training_pairs"] == 6
     assert any("scored with the population reward" in str(r.message) for r in recwarn)
+
+
+def test_a_member_stored_with_and_without_npy_suffix_is_refused(w):
+    """A reviewer: numpy reads members `diff` and `diff.npy` as one array `diff`, and two readers took one copy each."""
+    pairs = w / "pairs.npz"
+    with zipfile.ZipFile(pairs, "a") as archive:
+        archive.writestr("diff", archive.read("diff.npy"))
+    refused(["train", "pairs.npz", "--rank", "1", "--out", "out"], "pairs.npz", w, expect="more than once")
