@@ -39,8 +39,8 @@ RERUN = {
     "demo": "skips its finished stages and resumes the unfinished one",
     "embed": "reuses the embeddings already computed (the embedding cache)",
     "synth": "reuses the embeddings already computed (the embedding cache)",
-    "deploy": "stops every process it started and resumes after the last round its run directory's checkpoint "
-              "holds",
+    "deploy": "resumes after the last round its run directory's checkpoint holds (the SuperLink and SuperNodes it "
+              "started were stopped)",
     "device": "finds the device state as the last completed command left it (`forget --all` may already have "
               "deleted some of its files)",
 }
