@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -11,7 +10,7 @@ import tempfile
 import time
 import zipfile
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -54,19 +53,17 @@ STALE_SECONDS = 60.0  # older than any write in progress: a writer that holds no
 def remove_stale_temps(directory: str | os.PathLike) -> list[Path]:
     """Delete the temp files that writers killed mid-write (SIGKILL: no `finally`) left in a run `directory` and its
     RUN_FOLDERS, and return them. Only for the holder of the directory's lock (lore_core.run_lock), about to write:
-    no one else writes there, so each is a dead writer's. A user's other folders are never looked into."""
+    no other run writes there, and a temp file older than STALE_SECONDS is no write in progress. A user's other
+    folders are never looked into."""
     directory = Path(directory)
     folders = [directory, *(directory / name for name in RUN_FOLDERS
                             if (directory / name).is_dir() and not (directory / name).is_symlink())]
-    now = time.time()
-    stale = [path for folder in folders for path in folder.iterdir()
-             if TEMP_FILE.fullmatch(path.name) and path.is_file() and not path.is_symlink()
-             and now - path.stat().st_mtime > STALE_SECONDS]
-    removed = []
-    for path in stale:
-        with contextlib.suppress(OSError):  # one it may not remove stays (left over, not in the way)
-            path.unlink()
-            removed.append(path)
+    now, removed = time.time(), []
+    for path in (path for folder in folders for path in folder.iterdir() if TEMP_FILE.fullmatch(path.name)):
+        with suppress(OSError):  # one renamed meanwhile or not ours to remove stays (left over, not in the way)
+            if path.is_file() and not path.is_symlink() and now - path.stat().st_mtime > STALE_SECONDS:
+                path.unlink()
+                removed.append(path)
     return removed
 
 
