@@ -127,10 +127,14 @@ def run_id(config) -> str | None:
     """The run's id from a train or evaluate config (server/checkpoint.py draws it): it names the node's slot for
     the run's w, so anything but 16 hex digits is refused (ValueError); None from a server that sends none."""
     value = config.get(RUN_ID)
-    if value is None:
-        return None
+    return None if value is None else valid_run_id(value)
+
+
+def valid_run_id(value, name: str = RUN_ID) -> str:
+    """`value` if it is a run id (16 lowercase hex digits), else ValueError naming it `name`; the one check of
+    both sides (nodes, and the server reading its checkpoint)."""
     if not isinstance(value, str) or not RUN_ID_PATTERN.fullmatch(value):
-        raise ValueError(f"{RUN_ID} must be 16 lowercase hex digits, got {str(value)[:40]!r}")
+        raise ValueError(f"{name} must be 16 lowercase hex digits, got {str(value)[:40]!r}")
     return value
 
 

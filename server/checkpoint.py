@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from federation.protocol import RUN_ID_PATTERN
+from federation.protocol import valid_run_id
 from lore_core.atomic_io import atomic_save_npz, atomic_write_text, strict_json
 from lore_core.text_file import json_loads
 
@@ -68,7 +68,7 @@ def load_checkpoint(run_dir: str | Path) -> RunState | None:
             basis = data["basis"]
         return RunState(round=int(meta["round"]), basis=basis, optimizer=optimizer, aggregator=meta["aggregator"],
                         settings=meta["settings"], population=meta["population"], history=meta["history"],
-                        run_id=_checked_run_id(meta.get("run_id", "")))
+                        run_id=_run_id_of(meta))
     except CheckpointError:
         raise
     except (OSError, EOFError, ValueError, KeyError, TypeError, zipfile.BadZipFile) as exc:
@@ -78,10 +78,10 @@ def load_checkpoint(run_dir: str | Path) -> RunState | None:
                               "copy, or start the run afresh in a new --out directory") from exc
 
 
-def _checked_run_id(run_id) -> str:
-    if not isinstance(run_id, str) or run_id and not RUN_ID_PATTERN.fullmatch(run_id):
-        raise ValueError(f"run_id must be 16 lowercase hex digits, got {run_id!r}")
-    return run_id
+def _run_id_of(meta: dict) -> str:
+    """The checkpoint's run id, checked; "" in a checkpoint written before run ids."""
+    run_id = meta.get("run_id", "")
+    return "" if run_id == "" else valid_run_id(run_id, "run_id")
 
 
 def check_resumable(state: RunState, settings: dict, population: list[int], run_dir: str | Path) -> None:
