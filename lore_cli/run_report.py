@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from lore_core.atomic_io import atomic_write_text
+from lore_core.atomic_io import atomic_save_figure, atomic_write_text
 from lore_core.text_file import json_loads, not_a_file
 
 PLOT_FILENAME = "accuracy_per_round.png"
@@ -93,11 +93,10 @@ def plot_privacy(history: list[dict], epsilons: list[float], out: Path) -> None:
 def _save(fig, out: Path) -> None:
     import matplotlib.pyplot as plt
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(out)
+    try:
+        atomic_save_figure(fig, out, dpi=110)
+    finally:
+        plt.close(fig)
 
 
 def round_table(history: list[dict]) -> list[str]:

@@ -107,6 +107,12 @@ def atomic_save_npz(path: str | os.PathLike, **arrays: np.ndarray) -> None:
                 np.lib.format.write_array(stream, np.asanyarray(value), allow_pickle=False)
 
 
+def atomic_save_figure(fig: Any, path: str | os.PathLike, *, dpi: int) -> None:
+    """A matplotlib figure as a PNG at `path`, via atomic_path: a kill mid-write leaves the old plot or none."""
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=dpi, format="png")  # the temp name ends in .tmp: say the format
+
+
 def fsync_dir(directory: Path) -> None:
     try:
         fd = os.open(directory, os.O_RDONLY)

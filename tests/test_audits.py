@@ -225,6 +225,35 @@ def test_audits_get_a_section_and_a_plot_in_the_run_report(population, tmp_path)
     assert "![extraction](audits/extraction.png)" in report and (tmp_path / "audits" / "extraction.png").exists()
 
 
+def test_a_plot_cut_mid_write_leaves_the_earlier_plot_whole(population, tmp_path, monkeypatch):
+    """Audit and run-report plots go through a temp file: an interruption mid-savefig (a kill) leaves the earlier
+    PNG as it was and no temp file (before, savefig wrote the audit's PNG in place: a torn file)."""
+    from matplotlib.figure import Figure
+
+    from lore_cli.run_report import plot_privacy
+
+    pairs, truth = population
+    write_audit(tmp_path, extraction_audit(truth.basis, truth.user_weights[:5], seed=0))
+    history = [{"round": 1, "update_norm": 0.1}, {"round": 2, "update_norm": 0.05}]
+    plot_privacy(history, [0.5, 0.7], tmp_path / "privacy_per_round.png")
+    plots = [tmp_path / "audits" / "extraction.png", tmp_path / "privacy_per_round.png"]
+    before = [p.read_bytes() for p in plots]
+    assert all(b.startswith(b"\x89PNG") for b in before)
+
+    def cut(fig, fname, **kwargs):
+        with open(fname, "wb") as handle:
+            handle.write(b"\x89PNG torn")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Figure, "savefig", cut)
+    with pytest.raises(KeyboardInterrupt):
+        write_audit(tmp_path, extraction_audit(truth.basis, truth.user_weights[:5], seed=1))
+    with pytest.raises(KeyboardInterrupt):
+        plot_privacy(history, [0.5, 0.9], tmp_path / "privacy_per_round.png")
+    assert [p.read_bytes() for p in plots] == before
+    assert sorted(p.name for p in tmp_path.rglob("*") if p.name.endswith(".tmp")) == []
+
+
 def test_gdp_epsilon_of_almost_no_noise_is_large_not_an_overflow():
     """`audit mechanism --noise-multiplier 0.01` crashed with OverflowError (found by a hostile-input test)."""
     from lore_core.audits.statistics import gdp_epsilon

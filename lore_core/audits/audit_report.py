@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from lore_core.atomic_io import atomic_write_json, atomic_write_text
+from lore_core.atomic_io import atomic_save_figure, atomic_write_json, atomic_write_text
 from lore_core.audits.not_applicable import NOT_APPLICABLE
 from lore_core.text_file import json_loads
 
@@ -258,8 +258,7 @@ def plot_audit(r: dict, path: str | Path) -> Path | None:
         else:
             return None
         fig.tight_layout()
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=100)
+        atomic_save_figure(fig, path, dpi=100)
         return Path(path)
     finally:
         plt.close(fig)
