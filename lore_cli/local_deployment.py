@@ -420,42 +420,6 @@ class LocalDeployment:
         if k in self.supernodes:
             stop_process(self.supernodes[k], sig)
 
-    def restart_supernode(self, k: int, timeout: float = 180.0, settle: float = 15.0) -> subprocess.Popen:
-        """Start SuperNode k again after it died. The SuperLink refuses to re-activate a node key while it still
-        counts the dead instance as online (until it misses two heartbeats: `[code: 2004] Failed to activate`, exit
-        305), so retry until the new process stays up for `settle` seconds."""
-        deadline = time.monotonic() + timeout
-        while True:
-            self.stop_supernode(k)  # reap the previous instance and any SuperExec left in its group
-            process = self.start_supernode(k)
-            try:
-                process.wait(timeout=settle)
-            except subprocess.TimeoutExpired:
-                return process  # activated: a refused node exits within a few seconds
-            if time.monotonic() > deadline:
-                raise DeploymentError(f"SuperNode {k} could not re-activate within {timeout:.0f} s "
-                                      f"(see {node_dir(self.run_dir, k) / 'supernode.log'})")
-            time.sleep(5.0)
-
-    def online_nodes(self) -> int:
-        """How many SuperNodes the SuperLink lists as online (`flwr supernode list`)."""
-        result = self._cli("supernode", "list", "--format", "json", check=False)
-        try:
-            nodes = json.loads(result.stdout)["nodes"]
-        except (ValueError, KeyError, TypeError):
-            return 0
-        return sum(node.get("status") == "online" for node in nodes)
-
-    def wait_online(self, count: int, timeout: float = 150.0) -> None:
-        """Block until `count` SuperNodes are online (a restarted node re-activates after the SuperLink has marked
-        its dead predecessor offline, which takes up to two missed heartbeats)."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.online_nodes() >= count:
-                return
-            time.sleep(2.0)
-        raise DeploymentError(f"fewer than {count} SuperNodes online after {timeout:.0f} s")
-
     def start(self, register: bool = True) -> None:
         """SuperLink, node registrations, then all SuperNodes."""
         self.start_superlink()

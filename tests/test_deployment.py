@@ -1,8 +1,8 @@
 """Flower's Deployment Engine on 127.0.0.1: TLS, SuperNode authentication, durable node state, faults.
 
 One SuperLink and 3 SuperNodes (real processes, `lore_cli.local_deployment.LocalDeployment`) are shared by the slow tests
-of this module, in file order: a clean 2-round run, an unregistered node, a node killed mid-run, a SuperLink
-restarted mid-run, and finally that every process started is stopped. Each run uses its own server run directory;
+of this module, in file order: a clean 2-round run, an unregistered node, a SuperLink restarted mid-run, a node
+killed mid-run (the last run: the node stays dead), and finally that every process started is stopped. Each run uses its own server run directory;
 the nodes' data and w files persist across runs, as on real devices.
 """
 
@@ -135,35 +135,6 @@ def test_unregistered_supernode_is_refused(deployment):
 
 
 @pytest.mark.slow
-def test_round_completes_when_a_supernode_dies(deployment):
-    run_dir = deployment.run_dir / "node-killed"
-    process, log = deployment.start_run(run_overrides(run_dir, **{"round-timeout": KILL_ROUND_TIMEOUT}))
-    try:
-        wait_for_rounds(run_dir, 1)
-        deployment.stop_supernode(2, signal.SIGKILL)  # round 2 is under way: the device dies without a word
-        outcome = deployment.wait_run(process, log, timeout=300)
-    finally:
-        deployment.restart_supernode(2)  # back for the next test (its w file survived: atomic writes)
-        deployment.wait_online(NODES)
-    assert outcome.completed, f"{outcome.status} {outcome.details}; see {outcome.log}"
-
-    state = load_checkpoint(run_dir)
-    killed_users = np.unique(load_pairs(deployment.run_dir / "node2" / "data" / "pairs.npz")
-                             .select(seen=True, split="train").user).size
-    first, second = state.history
-    assert first["accepted_users"] == SEEN_USERS and first["missing_replies"] == 0
-    assert second["accepted_users"] == SEEN_USERS - killed_users
-    assert second["missing_replies"] + len(second["rejected_replies"]) >= 1
-    assert 0.0 <= second["seen_test_acc"] <= 1.0 and 0.0 <= second["unseen_test_acc"] <= 1.0
-    # The final evaluation covers the two live nodes only; the record must say that one node did not answer.
-    # Needs server support: LoReStrategy.aggregate_evaluate records failed replies but not absent ones.
-    unanswered = second["eval_failed_nodes"] + second.get("eval_missing_nodes", 0)
-    assert unanswered == 1, f"round record does not account for the dead node's evaluation: {second}"
-    # Under DP the noisy step is taken and accounted whoever answered: both rounds are in the ledger.
-    assert ledger_rounds(read_ledger(run_dir)) == 2
-
-
-@pytest.mark.slow
 def test_superlink_restart_resumes_from_checkpoint_and_ledger(deployment):
     run_dir = deployment.run_dir / "link-restarted"
     process, log = deployment.start_run(run_overrides(run_dir))
@@ -187,6 +158,37 @@ def test_superlink_restart_resumes_from_checkpoint_and_ledger(deployment):
     # The restored SuperLink lists the crashed run as `running` at first, then finishes it itself.
     status, details = deployment.run_status(interrupted.run_id, wait=30)
     assert status.startswith("finished:") and status != "finished:completed", (status, details)
+
+
+@pytest.mark.slow
+def test_round_completes_when_a_supernode_dies(deployment):
+    run_dir = deployment.run_dir / "node-killed"
+    process, log = deployment.start_run(run_overrides(run_dir, **{"round-timeout": KILL_ROUND_TIMEOUT}))
+    wait_for_rounds(run_dir, 1)
+    deployment.stop_supernode(2, signal.SIGKILL)  # round 2 is under way: the device dies without a word
+    outcome = deployment.wait_run(process, log, timeout=300)  # the module's last run: node 2 stays dead
+    assert outcome.completed, f"{outcome.status} {outcome.details}; see {outcome.log}"
+
+    state = load_checkpoint(run_dir)
+    killed_users = np.unique(load_pairs(deployment.run_dir / "node2" / "data" / "pairs.npz")
+                             .select(seen=True, split="train").user).size
+    first, second = state.history
+    assert first["accepted_users"] == SEEN_USERS and first["missing_replies"] == 0
+    assert second["accepted_users"] == SEEN_USERS - killed_users
+    assert second["missing_replies"] + len(second["rejected_replies"]) >= 1
+    assert 0.0 <= second["seen_test_acc"] <= 1.0 and 0.0 <= second["unseen_test_acc"] <= 1.0
+    # The final evaluation covers the two live nodes only; the record must say that one node did not answer.
+    # Needs server support: LoReStrategy.aggregate_evaluate records failed replies but not absent ones.
+    unanswered = second["eval_failed_nodes"] + second.get("eval_missing_nodes", 0)
+    assert unanswered == 1, f"round record does not account for the dead node's evaluation: {second}"
+    # Under DP the noisy step is taken and accounted whoever answered: both rounds are in the ledger.
+    assert ledger_rounds(read_ledger(run_dir)) == 2
+    # The dead device's w file is whole (atomic writes): every run's slot loads, each row a point of the simplex.
+    with np.load(deployment.run_dir / "node2" / "data" / "user_weights.npz") as stored:
+        slots = {name: stored[name] for name in stored.files}
+    assert f"user_weights@{state.run_id}" in slots and len(slots) >= 2, sorted(slots)
+    for weights in slots.values():
+        np.testing.assert_allclose(weights.sum(axis=1), 1.0, atol=1e-6)
 
 
 @pytest.mark.slow
