@@ -465,9 +465,16 @@ def done_when(cells: dict[int, dict], best: str | None) -> dict:
     return checks
 
 
+def _subset_flags(args: argparse.Namespace) -> str:
+    """The command-line flags that narrow a run to some populations or rows, or rename its output, as typed."""
+    defaults = {"populations": ",".join(p.name for p in POPULATIONS), "rows": ",".join(ROWS), "name": "matrix"}
+    return "".join(f" --{flag} {getattr(args, flag, default)}" for flag, default in defaults.items()
+                   if getattr(args, flag, default) != default)
+
+
 def markdown(summaries: list[dict], seeds: list[int], args: argparse.Namespace) -> str:
     lines = [f"# Stress matrix (`python -m simulations.bench_matrix{' --quick' if args.quick else ''} "
-             f"--seeds {','.join(map(str, seeds))}`)", "",
+             f"--seeds {','.join(map(str, seeds))}{_subset_flags(args)}`)", "",
              "Seen / new-user test accuracy, mean ± standard error over seeds "
              f"{', '.join(map(str, seeds))}. `published` is the published recipe at its best rank on the test set "
              "(the bar); `train` is `lore-fed train` with default flags; `simulate` is `lore-fed simulate "
