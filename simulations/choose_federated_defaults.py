@@ -89,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     if incumbent in mean and mean[best] - mean[incumbent] <= CHANGE_MARGIN:
         best = incumbent  # a default changes only for a gain beyond noise
     lines = ["# Federated defaults chosen on pilot populations", "",
-             f"`python -m simulations.choose_federated_defaults --seed {args.seed}`: federated (privacy none, "
+             f"`python -m simulations.choose_federated_defaults --seed {args.seed} --populations {args.populations} "
+             f"--lrs {args.lrs} --inits {args.inits}`: federated (privacy none, "
              "in-process, the matrix's rounds and users per round, the centralized run's rank, l2, personal "
              f"prior and objective) minus centralized accuracy on the pilot populations (seed {args.seed}) of "
              "`simulations.bench_matrix`. Score: mean over populations of the mean of seen and new. The current "

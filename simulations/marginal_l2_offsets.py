@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     chosen = Counter(cell["offset"] for cell in cells if cell["chosen"])
     near = sum(n for off, n in counts.items() if abs(off) <= 1)
     lines = ["# Best marginal l2 against best joint l2, per rank", "",
-             f"`python -m simulations.marginal_l2_offsets` over {len(args.runs) - len(skipped)} runs "
+             f"`python -m simulations.marginal_l2_offsets RUN_DIR ...` over {len(args.runs) - len(skipped)} runs "
              f"({len(skipped)} skipped: marginal fits not at every walked l2). Offset: grid steps from the best joint "
              "l2 to the best marginal l2 of the same rank (positive: a weaker penalty).", "",
              "| offset | (run, rank) cells | of them the chosen fit |", "|---|---|---|"]
