@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from lore_core.text_file import json_loads, not_a_file, parse_json, read_jsonl, read_text
+from lore_cli.termination import interruptions_deferred
 
 NAMES = ("update-leakage", "attribute", "membership", "mechanism", "canary", "accounting", "extraction", "fairness")
 PRIVACY_DEFAULTS = {"noise_multiplier": 1.0, "clip_norm": 1.0, "clients_per_round": 50, "population_size": 1400,
@@ -107,6 +108,9 @@ def _load_settings(args: argparse.Namespace, run_dir: Path | None) -> dict:
     return settings
 
 
+MAX_QUERY_NOISE = 1e6  # far above any score a basis serves: such noise leaves nothing to extract
+
+
 def _check_counts(args: argparse.Namespace) -> None:
     """The audits' sizes and noise levels, checked before any work."""
     for flag in ("runs", "shadows", "permutations", "max_users"):
@@ -123,8 +127,9 @@ def _check_counts(args: argparse.Namespace) -> None:
         raise AuditCommandError(f"--seed must be >= 0, got {args.seed}")
     for flag in ("query_noise",):
         value = getattr(args, flag)
-        if not 0 <= value < float("inf"):
-            raise AuditCommandError(f"--{flag.replace('_', '-')} must be a finite number >= 0, got {value}")
+        if not 0 <= value <= MAX_QUERY_NOISE:  # scores are O(1); a tester's 1e308 overflowed to inf mid-audit
+            raise AuditCommandError(f"--{flag.replace('_', '-')} must be a number in [0, {MAX_QUERY_NOISE:g}] (the "
+                                    f"std of the noise on each served score), got {value}")
 
 
 def _read_config(path: Path) -> dict:
@@ -479,6 +484,10 @@ def _mechanism(args, run_dir, settings) -> dict:
     for key in ("noise_multiplier", "clip_norm"):  # above MAX_SCALE the accountant overflowed, naming no setting
         if not (math.isfinite(settings[key]) and 0 < settings[key] <= MAX_SCALE):
             raise AuditCommandError(f"{key} must be a finite number in (0, {MAX_SCALE:g}], got {settings[key]}")
+    if settings["clients_per_round"] > settings["population_size"]:  # a tester: q = 50 passed this audit
+        raise AuditCommandError(f"clients_per_round {settings['clients_per_round']} is above the population, "
+                                f"{settings['population_size']}: a round samples at most every user (--clients-per-round, "
+                                "--population; `lore-fed privacy` refuses it too)")
     shape = (10, 384)
     if run_dir is not None or args.basis:
         try:
@@ -634,6 +643,11 @@ def _check_not_another_run(out: Path, run_dir: Path | None, basis: str | None) -
     own = [Path(p) for p in (run_dir, Path(basis).parent if basis else None) if p is not None]
     if out.exists() and any(p.exists() and out.resolve() == p.resolve() for p in own):
         return
+    from lore_core.atomic_io import run_folder_of
+
+    if (folder := run_folder_of(out)) is not None:  # a tester: audits/ inside a simulate run's release record
+        raise AuditCommandError(f"--out {out} is inside the run folder {folder}, which only the run writes; give "
+                                "the audited run's directory or a new one")
     found = [name for name in ("ledger.json", "checkpoint.npz", "metrics.json") if (out / name).exists()]
     if found:
         raise AuditCommandError(f"--out {out} holds another run ({', '.join(found)}): its report would show this "
@@ -656,7 +670,8 @@ def run(args: argparse.Namespace) -> int:
         settings = _load_settings(args, run_dir)
         result = AUDITS[args.name](args, run_dir, settings)
         out = Path(args.out) if args.out else (run_dir if run_dir is not None else Path("audit-out"))
-        path = write_audit(out, result, ledger_dir=run_dir)
+        with interruptions_deferred():  # the result, plot, ledger entry and reports land together or not at all
+            path = write_audit(out, result, ledger_dir=run_dir)
     print(f"audit {args.name}: {result['verdict'].upper()}")
     print(result["summary"])
     print(f"wrote {path} and {path.parent / 'audits.md'}")

@@ -10,7 +10,7 @@ import argparse
 import warnings
 from pathlib import Path
 
-from lore_core.atomic_io import atomic_write_json, check_output_path
+from lore_core.atomic_io import atomic_write_json, check_output_path, is_run_directory, run_folder_of
 from lore_core.pairs import PAIRS_FILENAME
 from lore_core.prism_pairs import DATASET_FILES, PAIRS_JSONL
 from lore_core.prism_schema import GROUND_TRUTH_FILE
@@ -70,17 +70,21 @@ RUN_FILES = ("metrics.json", "ledger.json", "checkpoint.npz", "data.json", "roun
 def check_metrics_out(out: Path, inputs: tuple[Path, ...]) -> None:
     """--out may be written (`check_output_path`) and would overwrite neither an input, nor a dataset's file, existing
     or not (in a directory holding pairs.jsonl or pairs.npz: its files are inputs of the commands, users.jsonl of the
-    audits), nor an existing file of a run (a directory holding a basis, checkpoint or ledger)."""
+    audits), nor a run's file, existing or not (a run's reserved names in a run directory, or anything in its
+    releases/, client-accountants/ or audits/: a tester's metrics in place of a checkpoint
+    or ledger made the run's rerun and audits refuse it)."""
     check_output_path(out, "--out", directory=False)
     if out.exists() and any(out.resolve() == given.resolve() for given in inputs):
         raise ValueError(f"--out {out} is an input of this command; give a new file name for the metrics JSON")
     if out.name in DATASET_FILES and any((out.parent / name).exists() for name in (PAIRS_JSONL, PAIRS_FILENAME)):
         raise ValueError(f"--out {out} is one of a dataset's own files ({out.name}; {', '.join(DATASET_FILES)} are "
                          "inputs of lore-fed's commands); give a new file name for the metrics JSON")
-    if out.exists() and out.name in RUN_FILES and any((out.parent / name).exists() for name in (
-            "basis.npz", "checkpoint.npz", "ledger.json")):
-        raise ValueError(f"--out {out} is one of a run's own files ({out.name}); give a new file name for the "
-                         "metrics JSON")
+    if out.name in RUN_FILES and is_run_directory(out.parent):  # existing or not: a run may write it later
+        raise ValueError(f"--out {out} is one of a run's own files ({out.name}; {', '.join(RUN_FILES)} in a run "
+                         "directory); give a new file name for the metrics JSON")
+    if (folder := run_folder_of(out)) is not None:
+        raise ValueError(f"--out {out} is inside the run folder {folder}, which only the run writes; give a file "
+                         "outside it")
     if out.exists() and not _is_evaluate_output(out):  # a tester's pair file and .py were replaced by metrics
         raise ValueError(f"--out {out} exists and is not a metrics JSON that `lore-fed evaluate` wrote: it would be "
                          "replaced; give a new file name (or delete it first)")

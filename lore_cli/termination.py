@@ -32,6 +32,25 @@ def terminated_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+@contextmanager
+def interruptions_deferred() -> Iterator[None]:
+    """Hold Ctrl-C and SIGTERM while the block writes files that belong together (an audit's result, plot, ledger
+    entry and reports), then act on them: an interruption lands before the writes or after all of them."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held: list[int] = []
+    previous = {sig: signal.signal(sig, lambda signum, frame: held.append(signum))
+                for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if held:
+            signal.raise_signal(held[0])  # to the handler restored above: KeyboardInterrupt or Terminated
+
+
 # What the same command does when run again after an interruption; the others start over, and write nothing
 # partial (each output is written atomically, the run's record last).
 RERUN = {

@@ -46,6 +46,23 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 # them, gives ".tmp" before the random characters)
 TEMP_FILE = re.compile(r"\..+\.(npz|json|jsonl|md|png|tmp)\.[a-z0-9_]{8}\.tmp")
 RUN_FOLDERS = ("releases", "client-accountants", "audits")  # the folders a run writes inside its directory
+# A directory holding one of these is a run's: `train` writes user_weights.npz beside its basis.npz and metrics.json,
+# `simulate` its checkpoint and ledger (a basis.npz alone may be any copy of a basis, as a device's).
+RUN_MARKERS = ("user_weights.npz", "checkpoint.npz", "ledger.json")
+
+
+def is_run_directory(folder: str | os.PathLike) -> bool:
+    folder = Path(folder)
+    return any((folder / name).is_file() for name in RUN_MARKERS) or \
+        all((folder / name).is_file() for name in ("basis.npz", "metrics.json"))
+
+
+def run_folder_of(path: str | os.PathLike) -> Path | None:
+    """The run's own folder (RUN_FOLDERS inside a run directory) that `path` is or lies in, or None: another
+    command's output there would enter a run's record (a release record, its accountants, its audits)."""
+    path = Path(path).absolute()
+    return next((folder for folder in (path, *path.parents)
+                 if folder.name in RUN_FOLDERS and is_run_directory(folder.parent)), None)
 STALE_SECONDS = 60.0  # older than any write in progress: a writer that holds no lock (an `evaluate --out` into the
 # run directory) keeps its temp file
 

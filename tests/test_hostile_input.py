@@ -984,3 +984,53 @@ def test_a_member_stored_with_and_without_npy_suffix_is_refused(w):
     with zipfile.ZipFile(pairs, "a") as archive:
         archive.writestr("diff", archive.read("diff.npy"))
     refused(["train", "pairs.npz", "--rank", "1", "--out", "out"], "pairs.npz", w, expect="more than once")
+
+
+def test_outputs_into_a_runs_reserved_names_or_folders_are_refused_before_the_run_writes_them(w):
+    """Found by a tester: `evaluate --out RUN/checkpoint.npz` (or ledger.json, report.md) was refused only once the
+    run had written that file, so metrics put there first made the run's rerun and its audits refuse it; and
+    `evaluate` or `audit --out` could write into a simulate run's releases/ (its release record)."""
+    assert cli(["train", "pairs.npz", "--rank", "1", "--out", "trained"])[0] == 0
+    for name in ("checkpoint.npz", "ledger.json", "report.md", "rounds.jsonl"):
+        refused(["evaluate", "pairs.npz", "--basis", "trained", "--out", f"trained/{name}"], f"trained/{name}", w,
+                expect="one of a run's own files")
+    (w / "sim" / "releases").mkdir(parents=True)
+    (w / "sim" / "ledger.json").write_text("{}")
+    refused(["evaluate", "pairs.npz", "--basis", "basis.npz", "--out", "sim/releases/m.json"], "sim/releases", w,
+            expect="inside the run folder")
+    refused(["audit", "mechanism", "--runs", "100", "--out", "sim/releases"], "sim/releases", w,
+            expect="inside the run folder")
+    assert cli(["evaluate", "pairs.npz", "--basis", "trained", "--out", "trained/eval.json"])[0] == 0  # a new name
+
+
+def test_audit_settings_past_what_the_mechanism_can_mean_are_refused_before_any_work(w):
+    """Found by a tester: `audit mechanism --population 1` (50 users per round of 1) passed, and `audit extraction
+    --query-noise 1e308` overflowed mid-audit into a traceback after writing its result and ledger entry."""
+    refused(["audit", "mechanism", "--runs", "100", "--population", "1"], "--population", w,
+            expect="above the population")
+    refused(["audit", "extraction", "--basis", "basis.npz", "--pairs", "pairs.npz", "--query-noise", "1e308"],
+            "--query-noise", w)
+    (w / "blk").mkdir()
+    (w / "blk" / "audits").write_text("a file")
+    refused(["audit", "mechanism", "--runs", "100", "--out", "blk"], "blk/audits", w, expect="is a file")
+
+
+def test_ctrl_c_while_an_audit_writes_lands_after_its_files_and_reports(w, monkeypatch):
+    """Found by a tester: Ctrl-C among an audit's writes left its new JSON beside the old audits.md and report (and,
+    with a ledger, an entry no report listed) while saying nothing partial was kept. The writes now finish first."""
+    import signal
+
+    from lore_core.audits import audit_report
+
+    plot = audit_report.plot_audit
+
+    def interrupted_plot(result, path):
+        signal.raise_signal(signal.SIGINT)  # Ctrl-C between the JSON and the rest
+        return plot(result, path)
+
+    monkeypatch.setattr(audit_report, "plot_audit", interrupted_plot)
+    code, _, err = cli(["audit", "mechanism", "--runs", "100", "--seed", "3", "--out", "out"])
+    assert code == 130 and "interrupted" in err
+    result = json.loads((w / "out" / "audits" / "mechanism.json").read_text())
+    assert result["seed"] == 3 and "## mechanism" in (w / "out" / "audits" / "audits.md").read_text()
+    assert (w / "out" / "audits" / "mechanism.png").exists()

@@ -54,9 +54,12 @@ def write_audit(out_dir: str | Path, result: dict, *, ledger_dir: str | Path | N
     name = audit_name(result)
     clean = _jsonable(result)
     path = folder / f"{name}.json"
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"{folder} is a file; the audit writes its results in a folder there: move it away")
     for target in (path, folder / f"{name}.png", folder / "audits.md"):  # all or nothing: check before writing
         if target.is_dir():
             raise ValueError(f"{target} is a directory; the audit writes a file there: move it away")
+    _details(clean)  # its report section renders (a figure that is not finite fails here, before any write)
     atomic_write_json(path, clean)
     if plot_audit(clean, folder / f"{name}.png") is None:  # no picture: an earlier audit's plot is not this one's
         (folder / f"{name}.png").unlink(missing_ok=True)
