@@ -486,8 +486,8 @@ def _mechanism(args, run_dir, settings) -> dict:
             raise AuditCommandError(f"{key} must be a finite number in (0, {MAX_SCALE:g}], got {settings[key]}")
     if settings["clients_per_round"] > settings["population_size"]:  # a tester: q = 50 passed this audit
         raise AuditCommandError(f"clients_per_round {settings['clients_per_round']} is above the population, "
-                                f"{settings['population_size']}: a round samples at most every user (--clients-per-round, "
-                                "--population; `lore-fed privacy` refuses it too)")
+                                f"{settings['population_size']}: a round samples at most every user "
+                                "(--clients-per-round, --population; `lore-fed privacy` refuses it too)")
     shape = (10, 384)
     if run_dir is not None or args.basis:
         try:
