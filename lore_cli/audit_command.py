@@ -34,6 +34,9 @@ PRIVACY_DEFAULTS = {"noise_multiplier": 1.0, "clip_norm": 1.0, "clients_per_roun
 # user): beyond them an audit runs for days. The defaults are the parser's.
 MAX_COUNTS = {"runs": 1_000_000, "shadows": 10_000, "permutations": 1_000_000, "max_users": 10_000_000}
 DEFAULT_COUNTS = {"runs": 10_000, "shadows": 64, "permutations": 200, "max_users": 1_000}
+# The least that means anything: a Clopper-Pearson bound from 100 runs, LiRA's per-example Gaussians from 4 shadows
+# (lore_core.audits checks them again, after its work; here they are refused before it).
+MIN_COUNTS = {"runs": 100, "shadows": 4, "permutations": 1, "max_users": 1}
 
 # `audit NAME --level record RUN_DIR`: RUN_DIR is optional, and argparse alone takes it only right after NAME
 INTERMIXED_ARGS = True
@@ -114,8 +117,9 @@ MAX_QUERY_NOISE = 1e6  # far above any score a basis serves: such noise leaves n
 def _check_counts(args: argparse.Namespace) -> None:
     """The audits' sizes and noise levels, checked before any work."""
     for flag in ("runs", "shadows", "permutations", "max_users"):
-        if getattr(args, flag) < 1:
-            raise AuditCommandError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+        if getattr(args, flag) < MIN_COUNTS[flag]:
+            raise AuditCommandError(f"--{flag.replace('_', '-')} must be >= {MIN_COUNTS[flag]}, got "
+                                    f"{getattr(args, flag)}")
         if getattr(args, flag) > MAX_COUNTS[flag]:  # the work grows with it: 4,000 mechanism runs take ~20 s
             raise AuditCommandError(f"--{flag.replace('_', '-')} {getattr(args, flag)} is above "
                                     f"{MAX_COUNTS[flag]:,}; the defaults are {DEFAULT_COUNTS[flag]:,}")

@@ -1034,3 +1034,19 @@ def test_ctrl_c_while_an_audit_writes_lands_after_its_files_and_reports(w, monke
     result = json.loads((w / "out" / "audits" / "mechanism.json").read_text())
     assert result["seed"] == 3 and "## mechanism" in (w / "out" / "audits" / "audits.md").read_text()
     assert (w / "out" / "audits" / "mechanism.png").exists()
+
+
+def test_a_pool_that_can_teach_nothing_and_counts_below_their_minimum_are_refused_before_any_work(w):
+    """Found by a tester: `next-question` took an .npz pool whose pairs are all equal (adapt refuses such choices)
+    and offered 0-bit questions; a JSON pool pair with two equal responses was described as 'chosen' and 'rejected';
+    `audit mechanism --runs 50` and `audit membership --shadows 1` were refused by an internal field's name after
+    seconds of work."""
+    np.savez(w / "zero_pool.npz", diff=np.zeros((5, DIM), np.float32))
+    refused(["--state", "state", "next-question", "--candidates", "zero_pool.npz"], "zero_pool.npz", w, device=True,
+            expect="zero in every pair")
+    (w / "same.jsonl").write_text(json.dumps({"prompt": "Which?", "responses": ["a", "a"]}) + "\n")
+    refused(["--state", "state", "next-question", "--candidates", "same.jsonl"], "same.jsonl", w, device=True,
+            expect="two responses are the same text")
+    refused(["audit", "mechanism", "--runs", "50"], "--runs", w, expect=">= 100")
+    refused(["audit", "membership", "--basis", "basis.npz", "--pairs", "pairs.npz", "--shadows", "1"], "--shadows",
+            w, expect=">= 4")

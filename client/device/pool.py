@@ -23,6 +23,7 @@ from client.device.personalize import (
     is_unicode_text,
     read_user_diffs,
 )
+from lore_core.pairs import has_signal
 from lore_core.text_file import not_a_file, parse_json, read_text
 
 
@@ -49,7 +50,11 @@ def read_pool(path: str | Path, dim: int) -> Pool:
     if not path.is_file():
         raise PoolError(not_a_file("pool file", path))
     if path.suffix == ".npz":  # zero rows stay valid: a pool pair is unordered and may compare equal items
-        return Pool(records=None, diff=read_user_diffs(path, dim, "an .npz pool", PoolError))
+        diff = read_user_diffs(path, dim, "an .npz pool", PoolError)
+        if not has_signal(diff):  # a tester: every question offered would teach nothing
+            raise PoolError(f"{path}: diff is zero in every pair of the pool (each compares two equal embeddings), "
+                            "so no answer would teach anything; expected pairs of different responses")
+        return Pool(records=None, diff=diff)
     text = read_text(path, PoolError, "pool file")  # a BOM is dropped; bad UTF-8 names the file and line
     if text.lstrip().startswith("["):
         records = parse_json(text, path, PoolError)
@@ -63,6 +68,8 @@ def read_pool(path: str | Path, dim: int) -> Pool:
         responses = record.get("responses") if isinstance(record, dict) else None
         if not (isinstance(responses, list) and len(responses) == 2 and all(isinstance(r, str) for r in responses)):
             raise PoolError(f"{where}: expected {{'prompt'|'history', 'responses': [A, B]}} with two strings")
+        if responses[0] == responses[1]:
+            raise PoolError(f"{where}: its two responses are the same text; a question compares two different ones")
         check_choice(as_choice(record, 0), where)  # the context, as `adapt` checks it
         # next-question prints the whole record beside its own keys, as strict JSON
         taken = sorted(OUTPUT_KEYS.intersection(record))
