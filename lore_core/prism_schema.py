@@ -391,6 +391,8 @@ def load_release(directory: str | Path) -> PrismRelease:
             raise PrismSchemaError(f"{directory}: missing required file {name}")
         if not paths[name].is_file():  # a directory was reported "missing"
             raise PrismSchemaError(f"{directory}: {text_file.not_a_file('required file', paths[name])}")
+    if paths[UTTERANCES_FILE].exists() and not paths[UTTERANCES_FILE].is_file():  # a tester: it was skipped unread
+        raise PrismSchemaError(f"{directory}: {text_file.not_a_file('optional file', paths[UTTERANCES_FILE])}")
     survey, survey_lines = _read_survey(paths[SURVEY_FILE])
     conversations, warnings = _read_conversations(
         paths[CONVERSATIONS_FILE], survey, survey_lines, paths[SURVEY_FILE]

@@ -331,12 +331,14 @@ def test_bad_files_name_file_and_line_and_write_nothing(tmp_path, case):
     assert not out.parent.exists()
 
 
-def test_a_release_file_that_is_a_directory_is_named_as_one(tmp_path):
-    """Found by a tester: a survey.jsonl that is a directory was reported as a missing file."""
+@pytest.mark.parametrize("name", ["survey.jsonl", "utterances.jsonl"])
+def test_a_release_file_that_is_a_directory_is_named_as_one(tmp_path, name):
+    """Found by testers: a survey.jsonl that is a directory was reported as a missing file, and an utterances.jsonl
+    (optional) that is a directory was skipped without a word."""
     source = copy_fixture(tmp_path)
-    (source / "survey.jsonl").unlink()
-    (source / "survey.jsonl").mkdir()
-    with pytest.raises(PrismSchemaError, match="survey.jsonl is a directory, not a file"):
+    (source / name).unlink(missing_ok=True)
+    (source / name).mkdir()
+    with pytest.raises(PrismSchemaError, match=f"{name} is a directory, not a file"):
         load_release(source)
 
 
