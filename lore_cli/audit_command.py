@@ -224,7 +224,9 @@ def load_pairs_and_basis(args: argparse.Namespace, run_dir: Path | None):
     pairs = load_pairs(pairs_path)
     basis, basis_file = load_run_basis(args.basis, run_dir)
     if basis.shape[1] != pairs.dim:
-        raise AuditCommandError(f"basis dimension {basis.shape[1]} does not match the pair file's {pairs.dim}")
+        where = args.basis or next(f for f in (run_dir / "basis.npz", run_dir / "checkpoint.npz") if f.is_file())
+        raise AuditCommandError(f"the basis {where} has dimension {basis.shape[1]}, the pair file {pairs.source} "
+                                f"{pairs.dim}: give the pairs the basis was trained on")
     if basis_file is not None:
         warn_if_other_embedder(basis_file, pairs)
     dataset = Path(pairs.source).parent
@@ -435,7 +437,10 @@ def _attribute(args, run_dir, settings) -> dict:
     users_file = _users_file(args, dataset)
     attributes = load_demographics(users_file, ids)
     if not attributes:
-        raise AuditCommandError("no demographics: pass --users users.jsonl (written by `lore-fed prepare`)")
+        given = f"{users_file} holds no demographics; " if users_file is not None and users_file.is_file() else \
+            "no demographics: "
+        raise AuditCommandError(f"{given}pass --users users.jsonl, lines {{\"user\": ..., \"demographics\": {{...}}}} "
+                                "(written by `lore-fed prepare`)")
     if all((labels == "missing").all() for labels in attributes.values()):
         raise AuditCommandError(f"{users_file} describes none of the run's {len(ids)} sampled users (ids such as "
                                 f"{ids[:3].tolist()}): give the users.jsonl of this run's dataset")

@@ -1050,3 +1050,16 @@ def test_a_pool_that_can_teach_nothing_and_counts_below_their_minimum_are_refuse
     refused(["audit", "mechanism", "--runs", "50"], "--runs", w, expect=">= 100")
     refused(["audit", "membership", "--basis", "basis.npz", "--pairs", "pairs.npz", "--shadows", "1"], "--shadows",
             w, expect=">= 4")
+
+
+def test_audit_messages_name_the_files_that_disagree_or_say_nothing(w):
+    """Found by a tester: a basis and pairs of other dimensions were refused naming neither file, and a --users file
+    without demographics was answered 'pass --users' without naming the file given."""
+    other, _ = make_synthetic_pairs(SyntheticPairsConfig(dim=DIM + 2, true_rank=RANK, seen_users=4, unseen_users=1,
+                                                         train_pairs=(4, 4), test_pairs=2, seed=2))
+    save_pairs(other, w / "wide.npz")
+    refused(["audit", "extraction", "--basis", "basis.npz", "--pairs", "wide.npz"], "basis.npz", w,
+            expect="wide.npz")
+    (w / "u1.jsonl").write_text(json.dumps({"user": "someone"}) + "\n")
+    refused(["audit", "attribute", "--basis", "basis.npz", "--pairs", "pairs.npz", "--users", "u1.jsonl"],
+            "u1.jsonl holds no demographics", w)
