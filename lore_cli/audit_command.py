@@ -37,6 +37,7 @@ DEFAULT_COUNTS = {"runs": 10_000, "shadows": 64, "permutations": 200, "max_users
 # The least that means anything: a Clopper-Pearson bound from 100 runs, LiRA's per-example Gaussians from 4 shadows
 # (lore_core.audits checks them again, after its work; here they are refused before it).
 MIN_COUNTS = {"runs": 100, "shadows": 4, "permutations": 1, "max_users": 1}
+MIN_COUNT_AUDIT = {"runs": "mechanism", "shadows": "membership"}  # the one audit each of these minimums is for
 
 # `audit NAME --level record RUN_DIR`: RUN_DIR is optional, and argparse alone takes it only right after NAME
 INTERMIXED_ARGS = True
@@ -66,11 +67,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rounds", type=int, default=None)
     parser.add_argument("--delta", type=float, default=None)
     parser.add_argument("--runs", type=int, default=DEFAULT_COUNTS["runs"],
-                        help="mechanism: runs with and without the canary")
+                        help="mechanism: runs with and without the canary (at least 100)")
     parser.add_argument("--secrets", default=None,
                         help="canary: the canaries' secrets file (`lore-fed simulate --canary-secrets`)")
     parser.add_argument("--shadows", type=int, default=DEFAULT_COUNTS["shadows"],
-                        help="membership: LiRA shadow fits")
+                        help="membership: LiRA shadow fits (at least 4)")
     parser.add_argument("--level", choices=("record", "user"), default="record", help="membership level")
     parser.add_argument("--permutations", type=int, default=DEFAULT_COUNTS["permutations"],
                         help="attribute: label permutations")
@@ -117,8 +118,9 @@ MAX_QUERY_NOISE = 1e6  # far above any score a basis serves: such noise leaves n
 def _check_counts(args: argparse.Namespace) -> None:
     """The audits' sizes and noise levels, checked before any work."""
     for flag in ("runs", "shadows", "permutations", "max_users"):
-        if getattr(args, flag) < MIN_COUNTS[flag]:
-            raise AuditCommandError(f"--{flag.replace('_', '-')} must be >= {MIN_COUNTS[flag]}, got "
+        least = MIN_COUNTS[flag] if MIN_COUNT_AUDIT.get(flag, args.name) == args.name else 1
+        if getattr(args, flag) < least:
+            raise AuditCommandError(f"--{flag.replace('_', '-')} must be >= {least}, got "
                                     f"{getattr(args, flag)}")
         if getattr(args, flag) > MAX_COUNTS[flag]:  # the work grows with it: 4,000 mechanism runs take ~20 s
             raise AuditCommandError(f"--{flag.replace('_', '-')} {getattr(args, flag)} is above "

@@ -40,15 +40,18 @@ def interruptions_deferred() -> Iterator[None]:
         yield
         return
     held: list[int] = []
-    previous = {sig: signal.signal(sig, lambda signum, frame: held.append(signum))
-                for sig in (signal.SIGINT, signal.SIGTERM)}
+    previous = {sig: signal.getsignal(sig) or signal.SIG_DFL for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
+        for sig in previous:
+            signal.signal(sig, lambda signum, frame: held.append(signum))
         yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-        if held:
-            signal.raise_signal(held[0])  # to the handler restored above: KeyboardInterrupt or Terminated
+    finally:  # each restored whatever arrives meanwhile (SIGINT last: until then it is held)
+        try:
+            signal.signal(signal.SIGTERM, previous[signal.SIGTERM])
+        finally:
+            signal.signal(signal.SIGINT, previous[signal.SIGINT])
+    if held:  # the block ended without an error of its own (that one would have propagated above instead)
+        signal.raise_signal(signal.SIGTERM if signal.SIGTERM in held else held[0])  # KeyboardInterrupt or Terminated
 
 
 # What the same command does when run again after an interruption; the others start over, and write nothing
@@ -60,6 +63,8 @@ RERUN = {
     "synth": "reuses the embeddings already computed (the embedding cache)",
     "deploy": "resumes after the last round its run directory's checkpoint holds (the SuperLink and SuperNodes it "
               "started were stopped)",
+    "audit": "runs the audit again (its result, plot, ledger entry and reports are written together, so they are "
+             "this run's or the previous one's)",
     "device": "finds the device state as the last completed command left it (`forget --all` may already have "
               "deleted some of its files)",
 }

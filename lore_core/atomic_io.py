@@ -60,7 +60,7 @@ def is_run_directory(folder: str | os.PathLike) -> bool:
 def run_folder_of(path: str | os.PathLike) -> Path | None:
     """The run's own folder (RUN_FOLDERS inside a run directory) that `path` is or lies in, or None: another
     command's output there would enter a run's record (a release record, its accountants, its audits)."""
-    path = Path(path).absolute()
+    path = Path(path).resolve()  # `..` and links taken: where the output would really land
     return next((folder for folder in (path, *path.parents)
                  if folder.name in RUN_FOLDERS and is_run_directory(folder.parent)), None)
 STALE_SECONDS = 60.0  # older than any write in progress: a writer that holds no lock (an `evaluate --out` into the

@@ -186,7 +186,7 @@ def test_round_completes_when_a_supernode_dies(deployment):
     # The dead device's w file is whole (atomic writes): every run's slot loads, each row a point of the simplex.
     with np.load(deployment.run_dir / "node2" / "data" / "user_weights.npz") as stored:
         slots = {name: stored[name] for name in stored.files}
-    assert f"user_weights@{state.run_id}" in slots and len(slots) >= 2, sorted(slots)
+    assert f"user_weights@{state.run_id}" in slots, sorted(slots)  # with the module's earlier runs' slots, if run
     for weights in slots.values():
         np.testing.assert_allclose(weights.sum(axis=1), 1.0, atol=1e-6)
 

@@ -1001,6 +1001,10 @@ def test_outputs_into_a_runs_reserved_names_or_folders_are_refused_before_the_ru
     refused(["audit", "mechanism", "--runs", "100", "--out", "sim/releases"], "sim/releases", w,
             expect="inside the run folder")
     assert cli(["evaluate", "pairs.npz", "--basis", "trained", "--out", "trained/eval.json"])[0] == 0  # a new name
+    assert cli(["evaluate", "pairs.npz", "--basis", "basis.npz", "--out", "sim/releases/../m.json"])[0] == 0  # in sim/
+    (w / "link").symlink_to(w / "sim" / "releases")
+    refused(["evaluate", "pairs.npz", "--basis", "basis.npz", "--out", "link/m.json"], "sim/releases", w,
+            expect="inside the run folder")
 
 
 def test_audit_settings_past_what_the_mechanism_can_mean_are_refused_before_any_work(w):

@@ -135,3 +135,30 @@ def test_ray_s_sigterm_exit_reads_as_sigterm():
     assert code == 143 and "terminated (SIGTERM)" in message
     assert interrupted("train", KeyboardInterrupt())[1] == 130
     assert "starts over" in interrupted("train", KeyboardInterrupt())[0]
+
+
+def test_interruptions_held_during_writes_that_belong_together_act_after_them():
+    """A reviewer of `interruptions_deferred`: Ctrl-C or SIGTERM during the block acts after it (SIGTERM first when
+    both came), an error of the block itself is not hidden by a held signal, and the handlers are restored."""
+    import signal
+
+    from lore_cli.termination import Terminated, interruptions_deferred, terminated_as_interrupt
+
+    before = signal.getsignal(signal.SIGINT)
+    done = []
+    with terminated_as_interrupt():
+        with pytest.raises(Terminated):
+            with interruptions_deferred():
+                signal.raise_signal(signal.SIGINT)
+                signal.raise_signal(signal.SIGTERM)
+                done.append("written")
+        assert done == ["written"]
+        with pytest.raises(OSError, match="disk full"):
+            with interruptions_deferred():
+                signal.raise_signal(signal.SIGINT)
+                raise OSError("disk full")
+        with pytest.raises(KeyboardInterrupt):
+            with interruptions_deferred():
+                signal.raise_signal(signal.SIGINT)
+        assert signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, None)  # terminated_as_interrupt's, back
+    assert signal.getsignal(signal.SIGINT) is before

@@ -59,7 +59,11 @@ def write_audit(out_dir: str | Path, result: dict, *, ledger_dir: str | Path | N
     for target in (path, folder / f"{name}.png", folder / "audits.md"):  # all or nothing: check before writing
         if target.is_dir():
             raise ValueError(f"{target} is a directory; the audit writes a file there: move it away")
-    _details(clean)  # its report section renders (a figure that is not finite fails here, before any write)
+    try:  # its report section renders: a figure missing or not finite fails here, before any write
+        _details(clean)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"the {name} audit's result has a figure that is missing or not finite ({exc!r}); nothing "
+                         "was written") from None
     atomic_write_json(path, clean)
     if plot_audit(clean, folder / f"{name}.png") is None:  # no picture: an earlier audit's plot is not this one's
         (folder / f"{name}.png").unlink(missing_ok=True)
