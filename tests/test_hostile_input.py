@@ -1019,7 +1019,7 @@ def test_audit_settings_past_what_the_mechanism_can_mean_are_refused_before_any_
     refused(["audit", "mechanism", "--runs", "100", "--out", "blk"], "blk/audits", w, expect="is a file")
 
 
-def test_ctrl_c_while_an_audit_writes_lands_after_its_files_and_reports(w, monkeypatch):
+def test_ctrl_c_while_an_audit_writes_lands_after_its_files_and_reports(w, monkeypatch, ctrl_c_raises):
     """Found by a tester: Ctrl-C among an audit's writes left its new JSON beside the old audits.md and report (and,
     with a ledger, an entry no report listed) while saying nothing partial was kept. The writes now finish first."""
     import signal

@@ -137,7 +137,7 @@ def test_ray_s_sigterm_exit_reads_as_sigterm():
     assert "starts over" in interrupted("train", KeyboardInterrupt())[0]
 
 
-def test_interruptions_held_during_writes_that_belong_together_act_after_them():
+def test_interruptions_held_during_writes_that_belong_together_act_after_them(ctrl_c_raises):
     """A reviewer of `interruptions_deferred`: Ctrl-C or SIGTERM during the block acts after it (SIGTERM first when
     both came), an error of the block itself is not hidden by a held signal, and the handlers are restored."""
     import signal
