@@ -287,3 +287,45 @@ def test_a_small_population_records_its_folds():
     fit = train_joint(pairs.diff, pairs.user, TrainConfig(rank_grid=(1, 2), l2_grid=(1e-3,), prior_pairs_grid=(3.0,),
                                                           objective="joint"), group=pairs.group)
     assert fit.held_out["folds"] == 5 and fit.held_out["new_fold_users"] == 30
+
+
+def test_the_final_fit_walks_the_l2_grid_as_the_selection_did(monkeypatch):
+    """The reported basis is the chosen candidate's estimator on all pairs: the same warm-started walk from the
+    strongest l2 down to the chosen one, not a cold fit (which lands in another optimum of the non-convex objective:
+    simulations/final_fit_path_pilot.py)."""
+    import lore_core.joint_trainer as joint_trainer
+
+    pairs, _ = make_synthetic_pairs(SyntheticPairsConfig(dim=16, true_rank=2, seen_users=60, unseen_users=0,
+                                                         train_pairs=(30, 40), seed=4))
+    calls = []
+    real_fit = joint_trainer.fit_basis_and_weights
+
+    def recording_fit(diff, user_idx, n_users, *, l2, init=None, **options):
+        out = real_fit(diff, user_idx, n_users, l2=l2, init=init, **options)
+        calls.append({"rows": diff.shape[0], "l2": l2, "init": init, "out": out})
+        return out
+
+    monkeypatch.setattr(joint_trainer, "fit_basis_and_weights", recording_fit)
+    grid = (1e-2, 1e-3, 1e-5)
+    fit = train_joint(pairs.diff, pairs.user, TrainConfig(rank=2, l2_grid=grid, prior_pairs_grid=(3.0,),
+                                                          objective="joint"), group=pairs.group)
+    unit = joint_trainer.l2_unit(pairs.diff)
+    assert fit.l2 < unit * grid[0]  # a weak l2 was chosen, so there is a walk to repeat
+    final = [call for call in calls if call["rows"] == pairs.n]
+    assert [call["l2"] for call in final] == joint_trainer.walk_to([unit * v for v in grid], fit.l2)
+    assert final[0]["init"] is None
+    for before, after in zip(final, final[1:]):  # each step starts where the last ended (unless that collapsed)
+        if joint_trainer.collapsed(before["out"][0]):
+            assert after["init"] is None
+        else:
+            assert np.array_equal(after["init"][0], before["out"][0])
+    assert any(call["init"] is not None for call in final)
+    np.testing.assert_array_equal(fit.basis, final[-1]["out"][0])
+
+
+def test_walk_to_lists_the_grid_from_strong_to_the_chosen_l2():
+    from lore_core.joint_trainer import walk_to
+
+    assert walk_to([1e-5, 1e-3, 1e-4], 1e-4) == [1e-3, 1e-4]
+    assert walk_to([1e-3, 1e-4], 1e-3) == [1e-3]
+    assert walk_to([1e-3], 0.5) == [0.5]  # an l2 the grid does not hold: a fit of its own
