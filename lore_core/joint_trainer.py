@@ -251,10 +251,10 @@ def walk_to(l2s: list[float], l2: float) -> list[float]:
     """The l2 values the selection's walk (strong to weak, each fit warm-started from the previous one) visits up to
     and including `l2`. The final fit repeats that walk: the objective is not convex, and a cold fit at a weak l2
     lands in another optimum than the walk's. On iso-shared (pilot seed 101, `--seed 0`) the walk's rank-4 basis at
-    l2 1e-6 scored 0.745 / 0.755 and a cold fit 0.697 / 0.711, below one shared reward (0.729 / 0.728): the
-    selection had measured the walk (simulations/final_fit_path_pilot.py)."""
+    l2 1e-6 scored 0.745 / 0.751 and a cold fit 0.697 / 0.711, below one shared reward (0.729 / 0.728): the
+    selection had measured the walk (simulations/final_fit_path_pilot.py). `l2` must be on the grid (ValueError)."""
     ordered = sorted(l2s, reverse=True)
-    return ordered[:ordered.index(l2) + 1] if l2 in ordered else [l2]
+    return ordered[:ordered.index(l2) + 1]
 
 
 def candidate_objectives(objective: str, pairs_per_user: np.ndarray) -> tuple[str, ...]:
@@ -347,7 +347,7 @@ def train_joint(diff: np.ndarray, user: np.ndarray, config: TrainConfig = TrainC
         (`walk_to`), the last step run to convergence (max_iter)."""
         everything = np.ones(user_idx.size, bool)
         warm = None
-        for step in walk_to(l2s, l2)[:-1]:
+        for step in walk_to(l2s, l2)[:-1] if rank > 1 else []:  # rank 1 always collapses: each fit starts cold
             basis, weights = fit(everything, rank, step, config.candidate_max_iter, warm)
             warm = None if collapsed(basis) else (basis, weights)
         basis, weights = fit(everything, rank, l2, config.max_iter, warm)

@@ -300,19 +300,26 @@ def test_the_final_fit_walks_the_l2_grid_as_the_selection_did(monkeypatch):
     calls = []
     real_fit = joint_trainer.fit_basis_and_weights
 
-    def recording_fit(diff, user_idx, n_users, *, l2, init=None, **options):
-        out = real_fit(diff, user_idx, n_users, l2=l2, init=init, **options)
-        calls.append({"rows": diff.shape[0], "l2": l2, "init": init, "out": out})
+    def recording_fit(diff, user_idx, n_users, *, l2, max_iter, init=None, **options):
+        out = real_fit(diff, user_idx, n_users, l2=l2, max_iter=max_iter, init=init, **options)
+        calls.append({"rows": diff.shape[0], "l2": l2, "max_iter": max_iter, "init": init, "out": out})
         return out
 
+    real_select = joint_trainer.select_one_se
+
+    def choose_the_weakest_l2(candidates):  # so that there is a walk to repeat, whatever the estimates say
+        _, table = real_select(candidates)
+        return min(candidates, key=lambda c: c.l2), table
+
     monkeypatch.setattr(joint_trainer, "fit_basis_and_weights", recording_fit)
+    monkeypatch.setattr(joint_trainer, "select_one_se", choose_the_weakest_l2)
     grid = (1e-2, 1e-3, 1e-5)
-    fit = train_joint(pairs.diff, pairs.user, TrainConfig(rank=2, l2_grid=grid, prior_pairs_grid=(3.0,),
-                                                          objective="joint"), group=pairs.group)
+    config = TrainConfig(rank=2, l2_grid=grid, prior_pairs_grid=(3.0,), objective="joint")
+    fit = train_joint(pairs.diff, pairs.user, config, group=pairs.group)
     unit = joint_trainer.l2_unit(pairs.diff)
-    assert fit.l2 < unit * grid[0]  # a weak l2 was chosen, so there is a walk to repeat
     final = [call for call in calls if call["rows"] == pairs.n]
-    assert [call["l2"] for call in final] == joint_trainer.walk_to([unit * v for v in grid], fit.l2)
+    assert [call["l2"] for call in final] == [unit * v for v in grid]
+    assert [call["max_iter"] for call in final] == [config.candidate_max_iter] * 2 + [config.max_iter]
     assert final[0]["init"] is None
     for before, after in zip(final, final[1:]):  # each step starts where the last ended (unless that collapsed)
         if joint_trainer.collapsed(before["out"][0]):
@@ -328,4 +335,5 @@ def test_walk_to_lists_the_grid_from_strong_to_the_chosen_l2():
 
     assert walk_to([1e-5, 1e-3, 1e-4], 1e-4) == [1e-3, 1e-4]
     assert walk_to([1e-3, 1e-4], 1e-3) == [1e-3]
-    assert walk_to([1e-3], 0.5) == [0.5]  # an l2 the grid does not hold: a fit of its own
+    with pytest.raises(ValueError):
+        walk_to([1e-3], 0.5)  # not on the grid: no candidate was fit there
