@@ -247,6 +247,11 @@ def collapsed(basis: np.ndarray) -> bool:
     return bool(spread <= 0.05 * np.linalg.norm(basis.mean(axis=0)) + 1e-12)
 
 
+def warm_start(basis: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """Where the next fit of an l2 walk starts: this fit, unless it collapsed (then the seeded random start)."""
+    return None if collapsed(basis) else (basis, weights)
+
+
 def walk_to(l2s: list[float], l2: float) -> list[float]:
     """The l2 values the selection's walk (strong to weak, each fit warm-started from the previous one) visits up to
     and including `l2`. The final fit repeats that walk: the objective is not convex, and a cold fit at a weak l2
@@ -310,7 +315,7 @@ def train_joint(diff: np.ndarray, user: np.ndarray, config: TrainConfig = TrainC
         bases = {}
         for key, mask in masks.items():
             basis, weights = fit(mask, rank, l2, config.candidate_max_iter, warm.get(key))
-            warm[key] = None if collapsed(basis) else (basis, weights)  # never start from a collapsed fit
+            warm[key] = warm_start(basis, weights)
             bases[key] = basis
         return bases
 
@@ -349,7 +354,7 @@ def train_joint(diff: np.ndarray, user: np.ndarray, config: TrainConfig = TrainC
         warm = None
         for step in walk_to(l2s, l2)[:-1] if rank > 1 else []:  # rank 1 always collapses: each fit starts cold
             basis, weights = fit(everything, rank, step, config.candidate_max_iter, warm)
-            warm = None if collapsed(basis) else (basis, weights)
+            warm = warm_start(basis, weights)
         basis, weights = fit(everything, rank, l2, config.max_iter, warm)
         if objective == "marginal" and rank > 1:
             basis = marginal(everything, rank, l2, config.max_iter, basis)
