@@ -1,7 +1,7 @@
 """`lore-fed train` of two commits side by side: same pair files, same machine, the same moments.
 
-    python -m simulations.bench_train_ab --before REV [--after WORKTREE] [--seeds 0,1,2] [--train-pairs 30,50]
-                                         [--users 200] [--out bench_results/train_ab.md]
+    python -m simulations.bench_train_ab --before REV [--seeds 0,1,2] [--train-pairs 30,50] [--users 200]
+                                         [--cells POP:SEED,...] [--out bench_results/train_ab.md]
 
 For each seed one synthetic population (the engine benchmark's: D = 384, true rank 5, 50 new users with 10
 few-shot pairs; `--users` seen users with `--train-pairs` training pairs each) is written once, and `lore-fed train`
@@ -9,6 +9,8 @@ few-shot pairs; `--users` seen users with `--train-pairs` training pairs each) i
 checkout at the same time, so both share whatever else loads the machine. Reports wall seconds, the choice and test
 accuracy of each, and the median ratio after / before. Once one arm ends the other runs alone, which pulls the
 ratio towards 1. Timing only: which code is more accurate is the stress matrix's question.
+`--cells iso-weak:0,...` runs on those stress-matrix cells instead (`simulations.bench_matrix`'s pair file of that
+population and seed, `train --seed SEED` as the matrix runs it): do two commits make the same choice on one machine?
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ def check_imports(root: Path) -> None:
         raise RuntimeError(f"code under {root} imports {stray} from elsewhere")
 
 
-def start_train(root: Path, pairs: Path, out: Path, flags: list[str] = ()) -> tuple[subprocess.Popen, float]:
+def start_train(root: Path, pairs: Path, out: Path, flags: list[str] | tuple = ()) -> tuple[subprocess.Popen, float]:
     """`lore-fed train PAIRS --out OUT [flags]` with the code under `root`, one thread; (process, start time)."""
     env = _env(root)
     out.mkdir(parents=True, exist_ok=True)
@@ -80,22 +82,55 @@ def result(process: subprocess.Popen, seconds: float, out: Path) -> dict:
             "folds": metrics.get("held_out", {}).get("folds", 1)}
 
 
+def _choice(run: dict) -> str:
+    return (f"rank {run['rank']} {run['objective']}, l2 {run['l2']:.1e}, prior {run['prior_pairs']:g}, "
+            f"{run['seen_test_acc']:.4f} / {run['unseen_test_acc']:.4f}")
+
+
 def markdown(rows: list[dict], before: str, after: str, config: dict) -> str:
+    population = (f"Stress-matrix cells (`simulations.bench_matrix`'s pair files, `train --seed SEED`)"
+                  if config.get("cells") else
+                  f"{config['users']} seen users x {config['train_pairs'][0]}-{config['train_pairs'][1]} training "
+                  "pairs, D = 384, true rank 5")
     lines = [f"# `lore-fed train`: {after} against {before}, side by side", "",
-             f"{config['users']} seen users x {config['train_pairs'][0]}-{config['train_pairs'][1]} training pairs, "
-             "D = 384, true rank 5; both commits run at the same time on one shared 2-core machine, one thread each.",
+             f"{population}; both commits run at the same time on one shared 2-core machine, one thread each.",
              "A held-out fit is one (rank, l2, objective) of the selection.", "",
-             "| seed | before: s | after: s | ratio | held-out fits before / after | before: choice, seen / new | "
-             "after: choice, seen / new |", "|---|---|---|---|---|---|---|"]
+             "| cell | before: s | after: s | ratio | held-out fits before / after | before: choice, seen / new | "
+             "after: choice, seen / new | same choice and accuracy |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         b, a = r["before"], r["after"]
-        lines.append(f"| {r['seed']} | {b['seconds']:.1f} | {a['seconds']:.1f} | {a['seconds'] / b['seconds']:.2f} | "
-                     f"{b['held_out_fits']} / {a['held_out_fits']} | "
-                     f"rank {b['rank']} {b['objective']}, {b['seen_test_acc']:.4f} / {b['unseen_test_acc']:.4f} | "
-                     f"rank {a['rank']} {a['objective']}, {a['seen_test_acc']:.4f} / {a['unseen_test_acc']:.4f} |")
+        same = all(b[k] == a[k] for k in ("rank", "objective", "l2", "prior_pairs", "seen_test_acc",
+                                           "unseen_test_acc"))
+        lines.append(f"| {r['cell']} | {b['seconds']:.1f} | {a['seconds']:.1f} | {a['seconds'] / b['seconds']:.2f} | "
+                     f"{b['held_out_fits']} / {a['held_out_fits']} | {_choice(b)} | {_choice(a)} | "
+                     f"{'yes' if same else 'no'} |")
     ratio = float(np.median([r["after"]["seconds"] / r["before"]["seconds"] for r in rows]))
     lines += ["", f"Median time ratio after / before: {ratio:.2f}."]
     return "\n".join(lines) + "\n"
+
+
+def pair_files(args: argparse.Namespace, tmp: Path) -> list[tuple[str, Path, list[str]]]:
+    """(cell name, pair file, train flags) of each run: `--cells` from the stress matrix, or one synthetic
+    population per seed."""
+    if args.cells:
+        from simulations.bench_matrix import POPULATIONS, population_file
+
+        by_name = {p.name: p for p in POPULATIONS}
+        out = []
+        for cell in args.cells.split(","):
+            name, _, seed = cell.partition(":")
+            if name not in by_name or not seed.isdigit():
+                raise SystemExit(f"--cells: expected POP:SEED with POP one of {sorted(by_name)}, got {cell!r}")
+            path, _ = population_file(by_name[name], int(seed), Path(args.work), quick=False)
+            out.append((cell, path, ["--seed", seed]))
+        return out
+    low, high = (int(v) for v in args.train_pairs.split(","))
+    out = []
+    for seed in (int(s) for s in args.seeds.split(",")):
+        pairs, _ = make_synthetic_pairs(SyntheticPairsConfig(train_pairs=(low, high), seen_users=args.users,
+                                                             seed=seed))
+        out.append((f"seed {seed}", save_pairs(pairs, tmp / f"seed{seed}" / PAIRS_FILENAME), []))
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -104,6 +139,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--train-pairs", default="30,50")
     parser.add_argument("--users", type=int, default=200)
+    parser.add_argument("--cells", default="", help="stress-matrix cells POP:SEED,... instead of --seeds")
+    parser.add_argument("--work", default=str(ROOT / "runs" / "bench_matrix"), help="the matrix's cache (--cells)")
     parser.add_argument("--out", default="bench_results/train_ab.md")
     args = parser.parse_args(argv)
     low, high = (int(v) for v in args.train_pairs.split(","))
@@ -120,17 +157,14 @@ def main(argv: list[str] | None = None) -> int:
         try:
             for root in (tree, ROOT):
                 check_imports(root)
-            for seed in (int(s) for s in args.seeds.split(",")):
-                pairs, _ = make_synthetic_pairs(SyntheticPairsConfig(train_pairs=(low, high), seen_users=args.users,
-                                                                     seed=seed))
-                path = save_pairs(pairs, Path(tmp) / f"seed{seed}" / PAIRS_FILENAME)
-                runs = running = {name: start_train(root, path, Path(tmp) / f"seed{seed}" / name)
+            for index, (cell, path, flags) in enumerate(pair_files(args, Path(tmp))):
+                where = Path(tmp) / f"run{index}"
+                runs = running = {name: start_train(root, path, where / name, flags)
                                   for name, root in (("before", tree), ("after", ROOT))}
                 seconds = wait_all(runs)
-                row = {"seed": seed, **{name: result(runs[name][0], seconds[name], Path(tmp) / f"seed{seed}" / name)
-                                        for name in runs}}
+                row = {"cell": cell, **{name: result(runs[name][0], seconds[name], where / name) for name in runs}}
                 rows.append(row)
-                print(f"seed {seed}: before {row['before']['seconds']:.1f} s, after {row['after']['seconds']:.1f} s",
+                print(f"{cell}: before {row['before']['seconds']:.1f} s, after {row['after']['seconds']:.1f} s",
                       flush=True)
         finally:
             for process, _ in running.values():
@@ -140,7 +174,8 @@ def main(argv: list[str] | None = None) -> int:
             subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=ROOT, check=False)
             subprocess.run(["git", "worktree", "prune"], cwd=ROOT, check=False)
     out = Path(args.out)
-    config = {"users": args.users, "train_pairs": (low, high), "before": args.before, "after": after}
+    config = {"users": args.users, "train_pairs": (low, high), "cells": args.cells, "before": args.before,
+              "after": after}
     atomic_write_json(out.with_suffix(".json"), {"config": config, "rows": rows})
     atomic_write_text(out, markdown(rows, args.before, after, config))
     print(f"wrote {out}")
