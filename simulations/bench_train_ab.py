@@ -28,7 +28,7 @@ import numpy as np
 
 from lore_core.atomic_io import atomic_write_json, atomic_write_text
 from lore_core.pairs import PAIRS_FILENAME, save_pairs
-from simulations.bench_matrix import train_row_of
+from simulations.bench_matrix import TRAIN_CHOICE, train_row_of
 from simulations.synthetic_pairs import SyntheticPairsConfig, make_synthetic_pairs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -99,8 +99,7 @@ def markdown(rows: list[dict], before: str, after: str, config: dict) -> str:
              "after: choice, seen / new | same choice and accuracy |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         b, a = r["before"], r["after"]
-        same = all(b[k] == a[k] for k in ("rank", "objective", "l2", "prior_pairs", "seen_test_acc",
-                                           "unseen_test_acc"))
+        same = all(b[k] == a[k] for k in (*TRAIN_CHOICE, "seen_test_acc", "unseen_test_acc"))
         lines.append(f"| {r['cell']} | {b['seconds']:.1f} | {a['seconds']:.1f} | {a['seconds'] / b['seconds']:.2f} | "
                      f"{b['held_out_fits']} / {a['held_out_fits']} | {_choice(b)} | {_choice(a)} | "
                      f"{'yes' if same else 'no'} |")
@@ -109,7 +108,7 @@ def markdown(rows: list[dict], before: str, after: str, config: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def pair_files(args: argparse.Namespace, tmp: Path) -> list[tuple[str, Path, list[str]]]:
+def pair_files(args: argparse.Namespace, train_pairs: tuple[int, int], tmp: Path) -> list[tuple[str, Path, list[str]]]:
     """(cell name, pair file, train flags) of each run: `--cells` from the stress matrix, or one synthetic
     population per seed."""
     if args.cells:
@@ -124,10 +123,9 @@ def pair_files(args: argparse.Namespace, tmp: Path) -> list[tuple[str, Path, lis
             path, _ = population_file(by_name[name], int(seed), Path(args.work), quick=False)
             out.append((cell, path, ["--seed", seed]))
         return out
-    low, high = (int(v) for v in args.train_pairs.split(","))
     out = []
     for seed in (int(s) for s in args.seeds.split(",")):
-        pairs, _ = make_synthetic_pairs(SyntheticPairsConfig(train_pairs=(low, high), seen_users=args.users,
+        pairs, _ = make_synthetic_pairs(SyntheticPairsConfig(train_pairs=train_pairs, seen_users=args.users,
                                                              seed=seed))
         out.append((f"seed {seed}", save_pairs(pairs, tmp / f"seed{seed}" / PAIRS_FILENAME), []))
     return out
@@ -151,13 +149,14 @@ def main(argv: list[str] | None = None) -> int:
         after += " with uncommitted changes"
     rows, running = [], {}
     with tempfile.TemporaryDirectory() as tmp:
+        cells = pair_files(args, (low, high), Path(tmp))  # a bad --cells is refused before the worktree is made
         tree = Path(tmp) / "before"
         subprocess.run(["git", "worktree", "add", "--detach", str(tree), args.before], cwd=ROOT, check=True,
                        capture_output=True)
         try:
             for root in (tree, ROOT):
                 check_imports(root)
-            for index, (cell, path, flags) in enumerate(pair_files(args, Path(tmp))):
+            for index, (cell, path, flags) in enumerate(cells):
                 where = Path(tmp) / f"run{index}"
                 runs = running = {name: start_train(root, path, where / name, flags)
                                   for name, root in (("before", tree), ("after", ROOT))}
