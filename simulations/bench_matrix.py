@@ -346,6 +346,10 @@ def _brief(value: dict) -> str:
                          value["by_rank"].items())
     seen, unseen = value.get("seen_test_acc"), value.get("unseen_test_acc")
     extra = f" rank {value['rank']}" if "rank" in value else ""
+    rescore = value.get("at_train_prior", {}).get("train_prior")
+    if rescore:  # the DP row saved again with its basis rescored, not a second run
+        extra += (f"; rescored at `train`'s prior ({rescore['prior_pairs']:g} pairs): "
+                  f"{rescore['seen_test_acc']:.3f} / {rescore['unseen_test_acc']:.3f}")
     return f"{seen:.3f} / {unseen:.3f}{extra}" if seen is not None else json.dumps(value)
 
 
