@@ -45,6 +45,19 @@ HYGIENE_ENV = {
 }
 NODE_KEY_PREFIX = "node"
 COMPLETED = "finished:completed"
+# Flower 1.42's SuperNode logs this line, for a run it already serves, when the run stops between receiving a message
+# and pulling its content (`_pull_and_store_message` in flwr/supernode/start_client_internal.py). Its
+# `except RunNotRunningException` branch, unlike its `except Exception` one, leaves the task it created pending and
+# the content-less message stored; a ClientApp is started for them. It happens to connected nodes when a SuperLink
+# restarts with a message of the crashed run in flight, and now and then such a node stops answering until it is
+# restarted. tests/test_flower_supernode_race.py reproduces it with Flower's own function.
+ORPHANED_TASK_LOG_LINE = "is not in `RUNNING` status. Ignoring message"
+NODE_JOINED_LOG_LINE = "SuperNode ID:"
+# Flower refuses to activate a node whose key an earlier SuperNode process still holds in the SuperLink's eyes: one
+# that died without deactivating (a crash) counts as online until it misses 2 heartbeats of 30 s.
+NODE_REFUSED_LOG_LINE = "[code: 2004]"
+NODE_JOIN_TIMEOUT = 120.0
+STALE_RUN_STATUSES = ("pending", "starting", "running")
 INSECURE_WARNING = ("WARNING: insecure deployment: the SuperLink and SuperNodes talk plain HTTP without node "
                     "authentication; any process that reaches the port can join and read the basis. Debug only.")
 
@@ -312,6 +325,7 @@ class LocalDeployment:
         self.superlink: subprocess.Popen | None = None
         self.supernodes: dict[int, subprocess.Popen] = {}
         self.node_ports: dict[int, int] = {}
+        self.node_log_starts: dict[int, int] = {}  # where each SuperNode's log began at its last start
         self.started_pgids: list[int] = []  # every process group ever started, for the "all stopped" check
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.write_cli_config()
@@ -411,7 +425,9 @@ class LocalDeployment:
         if max_wait_time is not None:
             args += ["--max-wait-time", str(max_wait_time)]
         node_dir(self.run_dir, k).mkdir(parents=True, exist_ok=True)
-        process = self._spawn(args, node_dir(self.run_dir, k), "supernode.log")
+        log = self.node_log(k)
+        self.node_log_starts[k] = log.stat().st_size if log.exists() else 0
+        process = self._spawn(args, node_dir(self.run_dir, k), log.name)
         self.supernodes[k] = process
         return process
 
@@ -420,20 +436,68 @@ class LocalDeployment:
         if k in self.supernodes:
             stop_process(self.supernodes[k], sig)
 
+    def node_log(self, k: int) -> Path:
+        return node_dir(self.run_dir, k) / "supernode.log"
+
+    def node_log_since_start(self, k: int) -> str:
+        """What SuperNode k has logged since its last start."""
+        with open(self.node_log(k), "rb") as handle:
+            handle.seek(self.node_log_starts.get(k, 0))
+            return handle.read().decode(errors="replace")
+
+    def orphaned_task_nodes(self) -> list[int]:
+        """SuperNodes that, since their last start, logged Flower 1.42's orphaned-task race (ORPHANED_TASK_LOG_LINE):
+        they may stop answering; `restart_supernode` clears it."""
+        return [k for k in sorted(self.supernodes) if ORPHANED_TASK_LOG_LINE in self.node_log_since_start(k)]
+
+    def wait_for_nodes(self, timeout: float = NODE_JOIN_TIMEOUT, retry_every: float = 5.0) -> None:
+        """Block until every SuperNode has joined the SuperLink. One refused with NODE_REFUSED_LOG_LINE (its key's
+        earlier process died with the SuperLink down, as in a crash) is started again every `retry_every` s: a rerun
+        right after a crash then resumes instead of failing for want of nodes."""
+        deadline = time.monotonic() + timeout
+        waiting = set(self.supernodes)
+        while waiting:
+            for k in sorted(waiting):
+                log = self.node_log_since_start(k)
+                if NODE_JOINED_LOG_LINE in log:
+                    waiting.discard(k)
+                elif self.supernodes[k].poll() is not None:
+                    if NODE_REFUSED_LOG_LINE not in log or time.monotonic() + retry_every > deadline:
+                        raise DeploymentError(f"SuperNode {k} exited (code {self.supernodes[k].returncode}) before "
+                                              f"joining the SuperLink; see {self.node_log(k)}")
+                    print(f"SuperNode {k} was refused {NODE_REFUSED_LOG_LINE}: the SuperLink still counts an earlier "
+                          f"process with its key as online; starting it again in {retry_every:g} s (up to "
+                          f"{timeout:g} s in all)", file=sys.stderr, flush=True)
+                    time.sleep(retry_every)
+                    self.start_supernode(k)
+            if waiting and time.monotonic() > deadline:
+                raise DeploymentError(f"SuperNodes {sorted(waiting)} did not join the SuperLink within {timeout:g} "
+                                      f"s; see {', '.join(str(self.node_log(k)) for k in sorted(waiting))}")
+            time.sleep(0.2)
+
+    def restart_supernode(self, k: int) -> None:
+        """Stop SuperNode k gracefully (it deactivates itself on the SuperLink) and start it again."""
+        self.stop_supernode(k)
+        self.start_supernode(k)
+
     def start(self, register: bool = True) -> None:
-        """SuperLink, node registrations, then all SuperNodes."""
+        """SuperLink, node registrations, then all SuperNodes (once no run left by an earlier SuperLink is live), and
+        wait until they have joined."""
         self.start_superlink()
+        self.stop_stale_runs()
         if register and not self.insecure:
             for k in range(self.nodes):
                 self.register_node(k)
         for k in range(self.nodes):
             self.start_supernode(k)
+        self.wait_for_nodes()
 
     # -- runs --
     def run_config(self, overrides: dict | None = None) -> dict:
         return {"run-dir": str(self.run_dir), "min-nodes": self.nodes, **(overrides or {})}
 
-    def start_run(self, overrides: dict | None = None, extra_config: str | None = None) -> tuple[subprocess.Popen, Path]:
+    def start_run(self, overrides: dict | None = None,
+                  extra_config: str | None = None) -> tuple[subprocess.Popen, Path]:
         """`flwr run . CONNECTION --stream -c ...` in the background; its output goes to `RUN_DIR/runs/*.log`."""
         args = ["flwr", "run", str(self.app), CONNECTION, "--stream", "-c", format_config(self.run_config(overrides))]
         if extra_config:
@@ -479,6 +543,23 @@ class LocalDeployment:
             if status.startswith("finished") or status == "unreachable" or time.monotonic() >= deadline:
                 return status, details
             time.sleep(1.0)
+
+    def stop_stale_runs(self) -> list[int]:
+        """Stop the runs a SuperLink started from an existing database still lists as live: their ServerApp died with
+        the earlier SuperLink. Done before any SuperNode connects, so that no node is sent a message of a run that
+        stops while the message is being delivered (ORPHANED_TASK_LOG_LINE)."""
+        listing = self._cli("ls", CONNECTION, "--format", "json", check=False)
+        try:
+            answer = json.loads(listing.stdout)
+            runs = answer["runs"] if answer.get("success", False) else None
+        except (json.JSONDecodeError, AttributeError, KeyError):
+            runs = None
+        if runs is None:
+            raise DeploymentError(f"`flwr ls` could not list the SuperLink's runs: {listing.stdout[-500:]!r}")
+        stale = [int(run["run-id"]) for run in runs if str(run.get("status", "")) in STALE_RUN_STATUSES]
+        for run_id in stale:
+            self._cli("stop", str(run_id), CONNECTION, check=False)  # (it may have ended meanwhile)
+        return stale
 
     # -- teardown --
     def close(self) -> None:
