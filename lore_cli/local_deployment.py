@@ -45,16 +45,20 @@ HYGIENE_ENV = {
 }
 NODE_KEY_PREFIX = "node"
 COMPLETED = "finished:completed"
-# Flower 1.42's SuperNode logs this line, for a run it already serves, when the run stops between receiving a message
-# and pulling its content (`_pull_and_store_message` in flwr/supernode/start_client_internal.py). Its
-# `except RunNotRunningException` branch, unlike its `except Exception` one, leaves the task it created pending and
-# the content-less message stored; a ClientApp is started for them. It happens to connected nodes when a SuperLink
-# restarts with a message of the crashed run in flight, and now and then such a node stops answering until it is
-# restarted. tests/test_flower_supernode_race.py reproduces it with Flower's own function.
-ORPHANED_TASK_LOG_LINE = "is not in `RUNNING` status. Ignoring message"
+# Flower 1.42's SuperNode logs this line when a run stops while the node takes one of its messages. If the node had
+# already served the run, the stop met it between creating a task for the message and pulling the message's content
+# (`_pull_and_store_message` in flwr/supernode/start_client_internal.py): its `except RunNotRunningException` branch,
+# unlike its `except Exception` one, leaves that task pending and the message stored, and a ClientApp is started for
+# them. It happens to connected nodes when a SuperLink restarts with messages of the crashed run in flight, and now
+# and then such a node stops answering until it is restarted. tests/test_flower_supernode_race.py reproduces it
+# with Flower's own function. (For a run the node never served, the line comes before any task exists.)
+ORPHANED_TASK_LOG_LINE = re.compile(r"Run ID (\d+) is not in `RUNNING` status\. Ignoring message")
+RUN_LOG_LINE = re.compile(r"\[RUN (\d+)")
+RECEIVED_LOG_LINE = "Received successfully"
 NODE_JOINED_LOG_LINE = "SuperNode ID:"
-# Flower refuses to activate a node whose key an earlier SuperNode process still holds in the SuperLink's eyes: one
-# that died without deactivating (a crash) counts as online until it misses 2 heartbeats of 30 s.
+# Flower refuses to activate a node whose key is still counted online (an earlier process with that key exited
+# without deactivating: killed, or stopped while the SuperLink was down; it stays online until it misses 2 heartbeats
+# of 30 s) or was never registered.
 NODE_REFUSED_LOG_LINE = "[code: 2004]"
 NODE_JOIN_TIMEOUT = 120.0
 STALE_RUN_STATUSES = ("pending", "starting", "running")
@@ -266,6 +270,20 @@ def stop_process(process: subprocess.Popen, sig: int = signal.SIGTERM, timeout: 
     return process.returncode
 
 
+def processes_naming(paths: list[Path]) -> list[int]:
+    """PIDs of the processes whose command line names one of `paths` (Linux /proc; elsewhere none are found)."""
+    needles = [str(path).encode() for path in paths]
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            args = cmdline.read_bytes()
+        except OSError:
+            continue  # the process ended while we looked
+        if any(needle in args for needle in needles):
+            found.append(int(cmdline.parent.name))
+    return sorted(found)
+
+
 def group_alive(pgid: int) -> bool:
     """Whether any non-zombie process is still in process group `pgid` (Linux: /proc; else a signal 0 probe)."""
     proc = Path("/proc")
@@ -325,7 +343,9 @@ class LocalDeployment:
         self.superlink: subprocess.Popen | None = None
         self.supernodes: dict[int, subprocess.Popen] = {}
         self.node_ports: dict[int, int] = {}
+        self.node_args: dict[int, list[str]] = {}  # each SuperNode's command line, for restarts
         self.node_log_starts: dict[int, int] = {}  # where each SuperNode's log began at its last start
+        self.stopped_runs: list[int] = []  # stale runs `start` stopped
         self.started_pgids: list[int] = []  # every process group ever started, for the "all stopped" check
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.write_cli_config()
@@ -411,8 +431,6 @@ class LocalDeployment:
             subprocess.Popen:
         """Start SuperNode k with its own Runtime API port and `--node-config` (partition, data path).
         `private_key` overrides node k's key (e.g. an unregistered one)."""
-        if k in self.supernodes and self.supernodes[k].poll() is None:
-            raise DeploymentError(f"SuperNode {k} is already running")
         port = self.node_ports.setdefault(k, free_port())
         args = ["flower-supernode", "--superlink", self.address, "--port", str(port),
                 "--node-config", format_config(self.node_config(k))]
@@ -424,17 +442,26 @@ class LocalDeployment:
                      "--auth-supernode-private-key", str(Path(key).resolve())]
         if max_wait_time is not None:
             args += ["--max-wait-time", str(max_wait_time)]
+        self.node_args[k] = args
+        return self._spawn_node(k)
+
+    def _spawn_node(self, k: int) -> subprocess.Popen:
+        if k in self.supernodes and self.supernodes[k].poll() is None:
+            raise DeploymentError(f"SuperNode {k} is already running")
         node_dir(self.run_dir, k).mkdir(parents=True, exist_ok=True)
         log = self.node_log(k)
         self.node_log_starts[k] = log.stat().st_size if log.exists() else 0
-        process = self._spawn(args, node_dir(self.run_dir, k), log.name)
-        self.supernodes[k] = process
-        return process
+        self.supernodes[k] = self._spawn(self.node_args[k], node_dir(self.run_dir, k), log.name)
+        return self.supernodes[k]
 
     def stop_supernode(self, k: int, sig: int = signal.SIGTERM) -> None:
         """Stop SuperNode k and its ClientApp processes; SIGKILL simulates a device that dies."""
         if k in self.supernodes:
             stop_process(self.supernodes[k], sig)
+
+    def owned_paths(self) -> list[Path]:
+        """Paths only this deployment's SuperLink and SuperNodes have on their command lines."""
+        return [self.run_dir / "superlink" / "state.db", *(node_data_dir(self.run_dir, k) for k in range(self.nodes))]
 
     def node_log(self, k: int) -> Path:
         return node_dir(self.run_dir, k) / "supernode.log"
@@ -446,45 +473,58 @@ class LocalDeployment:
             return handle.read().decode(errors="replace")
 
     def orphaned_task_nodes(self) -> list[int]:
-        """SuperNodes that, since their last start, logged Flower 1.42's orphaned-task race (ORPHANED_TASK_LOG_LINE):
+        """SuperNodes that, since their last start, hit Flower 1.42's orphaned-task race (ORPHANED_TASK_LOG_LINE):
         they may stop answering; `restart_supernode` clears it."""
-        return [k for k in sorted(self.supernodes) if ORPHANED_TASK_LOG_LINE in self.node_log_since_start(k)]
+        return [k for k in sorted(self.supernodes) if orphaned_task_runs(self.node_log_since_start(k))]
 
-    def wait_for_nodes(self, timeout: float = NODE_JOIN_TIMEOUT, retry_every: float = 5.0) -> None:
-        """Block until every SuperNode has joined the SuperLink. One refused with NODE_REFUSED_LOG_LINE (its key's
-        earlier process died with the SuperLink down, as in a crash) is started again every `retry_every` s: a rerun
-        right after a crash then resumes instead of failing for want of nodes."""
+    def wait_for_nodes(self, nodes: list[int] | None = None, timeout: float = NODE_JOIN_TIMEOUT,
+                       retry_every: float = 5.0, join_grace: float = 15.0) -> None:
+        """Block until SuperNodes `nodes` (default: all) run and have joined the SuperLink. One refused with
+        NODE_REFUSED_LOG_LINE is started again `retry_every` s later while a start still has `join_grace` s before
+        the deadline: after a crash the SuperLink counts the dead nodes' keys as online for up to a minute, and a
+        rerun right after it would otherwise fail for want of nodes."""
         deadline = time.monotonic() + timeout
-        waiting = set(self.supernodes)
+        waiting = set(range(self.nodes) if nodes is None else nodes)
+        refused: set[int] = set()
         while waiting:
             for k in sorted(waiting):
+                exited = self.supernodes[k].poll() is not None  # (before reading the log it may have ended)
                 log = self.node_log_since_start(k)
-                if NODE_JOINED_LOG_LINE in log:
+                if not exited and NODE_JOINED_LOG_LINE in log:
                     waiting.discard(k)
-                elif self.supernodes[k].poll() is not None:
-                    if NODE_REFUSED_LOG_LINE not in log or time.monotonic() + retry_every > deadline:
+                elif exited:
+                    if NODE_REFUSED_LOG_LINE not in log or time.monotonic() + retry_every + join_grace > deadline:
                         raise DeploymentError(f"SuperNode {k} exited (code {self.supernodes[k].returncode}) before "
                                               f"joining the SuperLink; see {self.node_log(k)}")
-                    print(f"SuperNode {k} was refused {NODE_REFUSED_LOG_LINE}: the SuperLink still counts an earlier "
-                          f"process with its key as online; starting it again in {retry_every:g} s (up to "
-                          f"{timeout:g} s in all)", file=sys.stderr, flush=True)
+                    if k not in refused:
+                        refused.add(k)
+                        print(f"SuperNode {k} was refused {NODE_REFUSED_LOG_LINE}: its key is still counted online (an "
+                              f"earlier process that did not deactivate) or not registered; starting it again "
+                              f"{retry_every:g} s after each refusal, for up to {timeout:g} s", file=sys.stderr,
+                              flush=True)
                     time.sleep(retry_every)
-                    self.start_supernode(k)
+                    self.restart_supernode(k)
             if waiting and time.monotonic() > deadline:
                 raise DeploymentError(f"SuperNodes {sorted(waiting)} did not join the SuperLink within {timeout:g} "
                                       f"s; see {', '.join(str(self.node_log(k)) for k in sorted(waiting))}")
             time.sleep(0.2)
 
     def restart_supernode(self, k: int) -> None:
-        """Stop SuperNode k gracefully (it deactivates itself on the SuperLink) and start it again."""
+        """Stop SuperNode k gracefully (it deactivates itself on the SuperLink, if it reaches it) and start it again
+        with the same command line."""
         self.stop_supernode(k)
-        self.start_supernode(k)
+        self._spawn_node(k)
 
     def start(self, register: bool = True) -> None:
         """SuperLink, node registrations, then all SuperNodes (once no run left by an earlier SuperLink is live), and
-        wait until they have joined."""
+        wait until they have joined. Refused while processes of an earlier deployment on RUN_DIR still run: a second
+        SuperLink on the same database and nodes on the same data would corrupt both."""
+        mine = set(self.started_pgids)
+        if leftovers := [str(pid) for pid in processes_naming(self.owned_paths()) if pid not in mine]:
+            raise DeploymentError(f"processes of an earlier deployment on {self.run_dir} are still running: stop "
+                                  f"them (`kill {' '.join(leftovers)}`) and run again")
         self.start_superlink()
-        self.stop_stale_runs()
+        self.stopped_runs = self.stop_stale_runs()
         if register and not self.insecure:
             for k in range(self.nodes):
                 self.register_node(k)
@@ -548,18 +588,24 @@ class LocalDeployment:
         """Stop the runs a SuperLink started from an existing database still lists as live: their ServerApp died with
         the earlier SuperLink. Done before any SuperNode connects, so that no node is sent a message of a run that
         stops while the message is being delivered (ORPHANED_TASK_LOG_LINE)."""
-        listing = self._cli("ls", CONNECTION, "--format", "json", check=False)
-        try:
-            answer = json.loads(listing.stdout)
-            runs = answer["runs"] if answer.get("success", False) else None
-        except (json.JSONDecodeError, AttributeError, KeyError):
-            runs = None
-        if runs is None:
-            raise DeploymentError(f"`flwr ls` could not list the SuperLink's runs: {listing.stdout[-500:]!r}")
-        stale = [int(run["run-id"]) for run in runs if str(run.get("status", "")) in STALE_RUN_STATUSES]
+        stale = self.live_runs()
         for run_id in stale:
             self._cli("stop", str(run_id), CONNECTION, check=False)  # (it may have ended meanwhile)
+        if still := self.live_runs():
+            raise DeploymentError(f"runs {still} of an earlier SuperLink would not stop (`flwr stop`)")
         return stale
+
+    def live_runs(self) -> list[int]:
+        """The runs `flwr ls` lists as pending, starting or running."""
+        try:
+            listing = self._cli("ls", CONNECTION, "--format", "json", check=False)
+            answer = json.loads(listing.stdout)
+            if not answer.get("success", False):
+                raise ValueError(answer.get("error-message", "no success"))
+            return [int(run["run-id"]) for run in answer["runs"] if str(run.get("status", "")) in STALE_RUN_STATUSES]
+        except (subprocess.TimeoutExpired, json.JSONDecodeError, AttributeError, KeyError, TypeError,
+                ValueError) as exc:
+            raise DeploymentError(f"`flwr ls` could not list the SuperLink's runs: {exc}") from None
 
     # -- teardown --
     def close(self) -> None:
@@ -583,6 +629,20 @@ class LocalDeployment:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def orphaned_task_runs(node_log: str) -> set[int]:
+    """Runs a SuperNode log shows the orphaned-task race for: ORPHANED_TASK_LOG_LINE for a run the node had already
+    received a message of since the log began (only then was the run stored and a task created before the failure)."""
+    current, received, orphaned = None, set(), set()
+    for line in node_log.splitlines():
+        if run := RUN_LOG_LINE.search(line):
+            current = int(run.group(1))
+        elif RECEIVED_LOG_LINE in line and current is not None:
+            received.add(current)
+        elif (ignored := ORPHANED_TASK_LOG_LINE.search(line)) and int(ignored.group(1)) in received:
+            orphaned.add(int(ignored.group(1)))
+    return orphaned
 
 
 def parse_run_id(stream_output: str) -> int | None:

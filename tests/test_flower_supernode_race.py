@@ -21,7 +21,7 @@ from flwr.supercore.run import Run, RunNotRunningException
 from flwr.supernode import start_client_internal
 from flwr.supernode.nodestate.in_memory_nodestate import InMemoryNodeState
 
-from lore_cli.local_deployment import ORPHANED_TASK_LOG_LINE, LocalDeployment
+from lore_cli.local_deployment import ORPHANED_TASK_LOG_LINE, LocalDeployment, orphaned_task_runs
 
 RUN_ID = 11
 NODE_ID = 7
@@ -52,6 +52,9 @@ def deliver(failure: BaseException) -> tuple[InMemoryNodeState, list[str]]:
 
     handler = LogLines()
     flower_logger = logging.getLogger("flwr")
+    level, disabled = flower_logger.level, flower_logger.disabled  # (other tests quiet Flower's logger)
+    flower_logger.setLevel(logging.INFO)
+    flower_logger.disabled = False
     flower_logger.addHandler(handler)
     try:
         result = start_client_internal._pull_and_store_message(
@@ -60,6 +63,8 @@ def deliver(failure: BaseException) -> tuple[InMemoryNodeState, list[str]]:
             trusted_entities=None)
     finally:
         flower_logger.removeHandler(handler)
+        flower_logger.setLevel(level)
+        flower_logger.disabled = disabled
     assert result is None
     return state, handler.lines
 
@@ -72,25 +77,41 @@ def test_a_run_stopping_mid_delivery_leaves_a_pending_task_and_logs_the_line_we_
     state, lines = deliver(RunNotRunningException())
     assert len(pending_tasks(state)) == 1, "Flower no longer orphans the task: drop the restarts"
     assert len(state.msg_store) == 1
-    assert sum(ORPHANED_TASK_LOG_LINE in line for line in lines) == 1, lines
+    assert sum(bool(ORPHANED_TASK_LOG_LINE.search(line)) for line in lines) == 1, lines
 
 
 def test_any_other_failure_mid_delivery_is_cleaned_up_and_not_flagged():
     state, lines = deliver(ConnectionError("link lost"))
     assert pending_tasks(state) == [] and len(state.msg_store) == 0
-    assert not any(ORPHANED_TASK_LOG_LINE in line for line in lines), lines
+    assert not any(ORPHANED_TASK_LOG_LINE.search(line) for line in lines), lines
+
+
+def node_log_lines(run_id: int, received: bool) -> str:
+    """A SuperNode's log for one message of `run_id` taken (as Flower 1.42 writes it), then one the stop met."""
+    served = f"INFO :      [RUN {run_id}, ROUND 1]\nINFO :      Receiving: train message (ID: {'a' * 64})\n" \
+             "INFO :      Received successfully\nINFO :      Start `flwr-clientapp` process\n" if received else ""
+    return served + (f"INFO :      [RUN {run_id}, ROUND 2]\nINFO :      Receiving: train message (ID: {'b' * 64})\n"
+                     "INFO :      Start `flwr-clientapp` process\n"
+                     f"INFO :      Run ID {run_id} is not in `RUNNING` status. Ignoring message {'b' * 64}.\n")
+
+
+def test_only_a_run_the_node_had_served_counts_as_an_orphaned_task():
+    assert orphaned_task_runs(node_log_lines(4, received=True)) == {4}
+    # A run never served: Flower fails fetching the run, before any task exists.
+    assert orphaned_task_runs(node_log_lines(5, received=False)) == set()
+    assert orphaned_task_runs(node_log_lines(5, received=False) + node_log_lines(4, received=True)) == {4}
 
 
 def test_a_supernode_with_an_orphaned_task_is_found_from_its_log_since_its_last_start_and_restarted(tmp_path):
     deployment = LocalDeployment(tmp_path, nodes=1, insecure=True)  # no SuperLink: the node keeps retrying
     log = deployment.node_log(0)
     log.parent.mkdir(parents=True)
-    log.write_text(f"INFO : Run ID 3 is not in `RUNNING` status. Ignoring message {'a' * 64}.\n")  # a past life
+    log.write_text(node_log_lines(3, received=True))  # a past life
     try:
         deployment.start_supernode(0)
         assert deployment.orphaned_task_nodes() == []
         with open(log, "a") as handle:
-            handle.write(f"INFO : Run ID 4 is not in `RUNNING` status. Ignoring message {'b' * 64}.\n")
+            handle.write(node_log_lines(4, received=True))
         assert deployment.orphaned_task_nodes() == [0]
         first = deployment.supernodes[0]
         deployment.restart_supernode(0)
