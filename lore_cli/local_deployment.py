@@ -51,7 +51,8 @@ COMPLETED = "finished:completed"
 # unlike its `except Exception` one, leaves that task pending and the message stored, and a ClientApp is started for
 # them. It happens to connected nodes when a SuperLink restarts with messages of the crashed run in flight, and now
 # and then such a node stops answering until it is restarted. tests/test_flower_supernode_race.py reproduces it
-# with Flower's own function. (For a run the node never served, the line comes before any task exists.)
+# with Flower's own function. The log tells that case apart only for a run the node had served: for the first
+# message of a run the same line may also come before any task exists, so such a run is not counted.
 ORPHANED_TASK_LOG_LINE = re.compile(r"Run ID (\d+) is not in `RUNNING` status\. Ignoring message")
 RUN_LOG_LINE = re.compile(r"\[RUN (\d+)")
 RECEIVED_LOG_LINE = "Received successfully"
@@ -270,16 +271,20 @@ def stop_process(process: subprocess.Popen, sig: int = signal.SIGTERM, timeout: 
     return process.returncode
 
 
-def processes_naming(paths: list[Path]) -> list[int]:
-    """PIDs of the processes whose command line names one of `paths` (Linux /proc; elsewhere none are found)."""
-    needles = [str(path).encode() for path in paths]
+def deployment_processes(run_dir: Path) -> list[int]:
+    """PIDs of the SuperLink and SuperNodes of a deployment on `run_dir` (other than this process), from their command
+    lines: the SuperLink's `--database` argument, a node's `data-path` as `--node-config` writes it. Linux (/proc)
+    only: elsewhere none are found."""
+    database = str(run_dir / "superlink" / "state.db").encode()
+    data_paths = [f"data-path={toml_value(str(path))}".encode() for path in run_dir.glob("node*/data")]
     found = []
     for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
         try:
-            args = cmdline.read_bytes()
+            args = cmdline.read_bytes().split(b"\0")
         except OSError:
             continue  # the process ended while we looked
-        if any(needle in args for needle in needles):
+        if int(cmdline.parent.name) != os.getpid() and (
+                database in args or any(path in arg for arg in args for path in data_paths)):
             found.append(int(cmdline.parent.name))
     return sorted(found)
 
@@ -459,10 +464,6 @@ class LocalDeployment:
         if k in self.supernodes:
             stop_process(self.supernodes[k], sig)
 
-    def owned_paths(self) -> list[Path]:
-        """Paths only this deployment's SuperLink and SuperNodes have on their command lines."""
-        return [self.run_dir / "superlink" / "state.db", *(node_data_dir(self.run_dir, k) for k in range(self.nodes))]
-
     def node_log(self, k: int) -> Path:
         return node_dir(self.run_dir, k) / "supernode.log"
 
@@ -520,7 +521,7 @@ class LocalDeployment:
         wait until they have joined. Refused while processes of an earlier deployment on RUN_DIR still run: a second
         SuperLink on the same database and nodes on the same data would corrupt both."""
         mine = set(self.started_pgids)
-        if leftovers := [str(pid) for pid in processes_naming(self.owned_paths()) if pid not in mine]:
+        if leftovers := [str(pid) for pid in deployment_processes(self.run_dir) if pid not in mine]:
             raise DeploymentError(f"processes of an earlier deployment on {self.run_dir} are still running: stop "
                                   f"them (`kill {' '.join(leftovers)}`) and run again")
         self.start_superlink()
@@ -596,9 +597,9 @@ class LocalDeployment:
         return stale
 
     def live_runs(self) -> list[int]:
-        """The runs `flwr ls` lists as pending, starting or running."""
+        """The runs `flwr ls` lists as pending, starting or running (all runs: it shows the newest 20 by default)."""
         try:
-            listing = self._cli("ls", CONNECTION, "--format", "json", check=False)
+            listing = self._cli("ls", CONNECTION, "--format", "json", "--limit", "1000000", check=False)
             answer = json.loads(listing.stdout)
             if not answer.get("success", False):
                 raise ValueError(answer.get("error-message", "no success"))

@@ -291,22 +291,36 @@ def test_a_deployment_that_fails_is_a_message_not_a_traceback(tmp_path, monkeypa
 
 def test_a_deployment_refuses_to_start_beside_processes_left_on_its_run_directory(tmp_path):
     """If only `deploy local` was killed, its SuperLink and SuperNodes live on (each in its own session); a rerun
-    would start a second SuperLink on the same database. It is refused, naming the processes, before anything starts."""
+    would start a second SuperLink on the same database. It is refused, naming those processes (found by their
+    `--database` and `data-path` arguments, not by a path that merely contains the run directory's), before anything
+    starts."""
     import re
     import subprocess
     import sys
 
+    from lore_cli.local_deployment import format_config
+
     deployment = LocalDeployment(tmp_path, 1, insecure=True)
-    leftover = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)",
-                                 str(tmp_path / "superlink" / "state.db")])
+    (tmp_path / "node0" / "data").mkdir(parents=True)
+    database = str(tmp_path / "superlink" / "state.db")
+    arguments = {"superlink": ["--database", database],
+                 "supernode": ["--node-config", format_config(deployment.node_config(0))],
+                 "elsewhere": ["--database", "/elsewhere" + database]}
+    processes = {name: subprocess.Popen([sys.executable, "-c", "import time; print('up', flush=True); time.sleep(60)",
+                                         *args], stdout=subprocess.PIPE, text=True)
+                 for name, args in arguments.items()}
     try:
-        with pytest.raises(DeploymentError, match=re.escape(f"still running: stop them (`kill {leftover.pid}`)")):
+        for process in processes.values():
+            process.stdout.readline()  # its command line is in /proc once it runs Python code
+        named = " ".join(map(str, sorted(processes[name].pid for name in ("superlink", "supernode"))))
+        with pytest.raises(DeploymentError, match=re.escape(f"still running: stop them (`kill {named}`)")):
             deployment.start()
         assert deployment.started_pgids == []
     finally:
         deployment.close()
-        leftover.kill()
-        leftover.wait()
+        for process in processes.values():
+            process.kill()
+            process.wait()
 
 
 def test_deploy_local_refuses_to_resume_a_run_with_other_settings_before_anything_starts(tmp_path):

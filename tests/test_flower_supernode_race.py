@@ -3,8 +3,8 @@
 A run that stops between a node receiving one of its messages and pulling the message's content makes Flower's
 `_pull_and_store_message` raise `RunNotRunningException` (a BaseException) past its cleanup: the task it created
 stays pending and the content-less message stays stored. The first two tests run Flower's own function with its own
-in-memory node state, so they fail (and say so) when a Flower release fixes it or rewords the log line that
-`LocalDeployment.orphaned_task_nodes` looks for. The last test drives that detection and the restart on a real
+in-memory node state and read what it logs, so they fail (and say so) when a Flower release fixes it or rewords the
+lines that `LocalDeployment.orphaned_task_nodes` reads. The last test drives that detection and the restart on a real
 SuperNode.
 """
 
@@ -15,7 +15,7 @@ import time
 
 from flwr.app import ConfigRecord, Metadata, RecordDict
 from flwr.app.message.message import make_message
-from flwr.supercore.inflatable.inflatable_object import get_object_tree
+from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects, get_object_tree
 from flwr.supercore.object_store import ObjectStoreFactory
 from flwr.supercore.run import Run, RunNotRunningException
 from flwr.supernode import start_client_internal
@@ -36,18 +36,27 @@ class LogLines(logging.Handler):
         self.lines.append(record.getMessage())
 
 
+def train_message(round_: int):
+    metadata = Metadata(run_id=RUN_ID, message_id="", src_node_id=1, dst_node_id=NODE_ID, reply_to_message_id="",
+                        group_id=str(round_), created_at=time.time(), ttl=600.0, message_type="train")
+    message = make_message(metadata, RecordDict({"config": ConfigRecord({"round": round_})}))
+    message.metadata.__dict__["_message_id"] = message.object_id
+    return message
+
+
 def deliver(failure: BaseException) -> tuple[InMemoryNodeState, list[str]]:
-    """One train message of a run the node already serves, whose content pull fails with `failure`."""
+    """Two train messages of a run the node serves: round 1's arrives whole, round 2's content pull fails with
+    `failure`. Returns the node's state and what Flower logged."""
     store = ObjectStoreFactory().store()
     state = InMemoryNodeState(store)
     state.set_node_id(NODE_ID)
     state.store_run(Run.create_empty(run_id=RUN_ID))
-    metadata = Metadata(run_id=RUN_ID, message_id="", src_node_id=1, dst_node_id=NODE_ID, reply_to_message_id="",
-                        group_id="2", created_at=time.time(), ttl=600.0, message_type="train")
-    message = make_message(metadata, RecordDict({"config": ConfigRecord({"round": 2})}))
-    message.metadata.__dict__["_message_id"] = message.object_id
+    first, second = train_message(1), train_message(2)
+    contents = {object_id: obj.deflate() for object_id, obj in get_all_nested_objects(first).items()}
 
     def pull_object(run_id: int, object_id: str) -> bytes:
+        if object_id in contents:
+            return contents[object_id]
         raise failure
 
     handler = LogLines()
@@ -57,15 +66,15 @@ def deliver(failure: BaseException) -> tuple[InMemoryNodeState, list[str]]:
     flower_logger.disabled = False
     flower_logger.addHandler(handler)
     try:
-        result = start_client_internal._pull_and_store_message(
-            state=state, object_store=store, node_config={}, receive=lambda: (message, get_object_tree(message)),
+        results = [start_client_internal._pull_and_store_message(
+            state=state, object_store=store, node_config={}, receive=lambda m=message: (m, get_object_tree(m)),
             get_run=None, get_fab=None, pull_object=pull_object, confirm_message_received=lambda *_: None,
-            trusted_entities=None)
+            trusted_entities=None) for message in (first, second)]
     finally:
         flower_logger.removeHandler(handler)
         flower_logger.setLevel(level)
         flower_logger.disabled = disabled
-    assert result is None
+    assert results == [RUN_ID, None]
     return state, handler.lines
 
 
@@ -73,17 +82,19 @@ def pending_tasks(state: InMemoryNodeState) -> list:
     return [task for task in state.get_tasks(run_ids=[RUN_ID]) if task.status.status == "pending"]
 
 
-def test_a_run_stopping_mid_delivery_leaves_a_pending_task_and_logs_the_line_we_detect():
+def test_a_run_stopping_mid_delivery_leaves_a_pending_task_and_logs_the_lines_we_detect():
     state, lines = deliver(RunNotRunningException())
-    assert len(pending_tasks(state)) == 1, "Flower no longer orphans the task: drop the restarts"
-    assert len(state.msg_store) == 1
+    # Round 1's task waits for its ClientApp, as it should; round 2's is the orphan.
+    assert len(pending_tasks(state)) == 2, "Flower no longer orphans the task: drop the restarts"
+    assert len(state.msg_store) == 2
     assert sum(bool(ORPHANED_TASK_LOG_LINE.search(line)) for line in lines) == 1, lines
+    assert orphaned_task_runs("\n".join(lines)) == {RUN_ID}, lines
 
 
 def test_any_other_failure_mid_delivery_is_cleaned_up_and_not_flagged():
     state, lines = deliver(ConnectionError("link lost"))
-    assert pending_tasks(state) == [] and len(state.msg_store) == 0
-    assert not any(ORPHANED_TASK_LOG_LINE.search(line) for line in lines), lines
+    assert len(pending_tasks(state)) == 1 and len(state.msg_store) == 1  # round 1's only
+    assert orphaned_task_runs("\n".join(lines)) == set(), lines
 
 
 def node_log_lines(run_id: int, received: bool) -> str:
