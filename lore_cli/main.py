@@ -146,4 +146,8 @@ def _format_warning(message, category, *_args, **_kwargs) -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m lore_cli.main` runs this file as `__main__`; the commands raise `lore_cli.main.CommandFailed`, a
+    # class of the module imported under its own name, which `__main__.main` would not catch (a traceback, not exit 1).
+    from lore_cli.main import main as imported_main
+
+    sys.exit(imported_main())

@@ -323,6 +323,33 @@ def test_a_deployment_refuses_to_start_beside_processes_left_on_its_run_director
             process.wait()
 
 
+def test_python_dash_m_deploy_local_beside_leftovers_is_a_message_not_a_traceback(tmp_path):
+    """Found by bench_deploy_crash: `python -m lore_cli.main` ran main.py as `__main__`, whose `main` did not catch the
+    `lore_cli.main.CommandFailed` the commands raise: a traceback instead of `lore-fed deploy: failed: ...`, exit 1."""
+    import os
+    import subprocess
+    import sys
+
+    pairs, _ = make_synthetic_pairs(SyntheticPairsConfig(dim=16, seen_users=6, unseen_users=2, seed=3))
+    save_pairs(pairs, tmp_path / "pairs.npz")
+    run_dir = tmp_path / "run"
+    leftover = subprocess.Popen([sys.executable, "-c", "import time; print('up', flush=True); time.sleep(60)",
+                                 "--database", str(run_dir / "superlink" / "state.db")], stdout=subprocess.PIPE,
+                                text=True)
+    try:
+        leftover.stdout.readline()
+        result = subprocess.run([sys.executable, "-m", "lore_cli.main", "deploy", "local", "--nodes", "1", "--pairs",
+                                 str(tmp_path / "pairs.npz"), "--run-dir", str(run_dir), "--insecure", "-c",
+                                 "clients-per-round=3"], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                                env={**os.environ, "PYTHONPATH": str(ROOT)})
+    finally:
+        leftover.kill()
+        leftover.wait()
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert f"lore-fed deploy: failed: processes of an earlier deployment on {run_dir}" in result.stderr
+    assert f"kill {leftover.pid}" in result.stderr
+
+
 def test_deploy_local_refuses_to_resume_a_run_with_other_settings_before_anything_starts(tmp_path):
     """Found by a tester: `deploy local --run-dir RUN -c noise-multiplier=2.0` on a run trained with z = 1 started
     the SuperLink and nodes and failed in the ServerApp 15 s later (exit 1). The pre-check now runs simulate's
