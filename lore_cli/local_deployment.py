@@ -27,6 +27,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -271,22 +272,26 @@ def stop_process(process: subprocess.Popen, sig: int = signal.SIGTERM, timeout: 
     return process.returncode
 
 
-def deployment_processes(run_dir: Path) -> list[int]:
-    """PIDs of the SuperLink and SuperNodes of a deployment on `run_dir` (other than this process), from their command
-    lines: the SuperLink's `--database` argument, a node's `data-path` as `--node-config` writes it. Linux (/proc)
-    only: elsewhere none are found."""
-    database = str(run_dir / "superlink" / "state.db").encode()
-    data_paths = [f"data-path={toml_value(str(path))}".encode() for path in run_dir.glob("node*/data")]
+def processes_matching(match: Callable[[list[bytes]], bool]) -> list[int]:
+    """PIDs, other than this process's, of the processes whose command-line arguments `match` accepts (Linux /proc;
+    elsewhere none are found)."""
     found = []
     for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
         try:
             args = cmdline.read_bytes().split(b"\0")
         except OSError:
             continue  # the process ended while we looked
-        if int(cmdline.parent.name) != os.getpid() and (
-                database in args or any(path in arg for arg in args for path in data_paths)):
+        if int(cmdline.parent.name) != os.getpid() and match(args):
             found.append(int(cmdline.parent.name))
     return sorted(found)
+
+
+def deployment_processes(run_dir: Path) -> list[int]:
+    """PIDs of the SuperLink and SuperNodes of a deployment on `run_dir`, from their command lines: the SuperLink's
+    `--database` argument, a node's `data-path` as `--node-config` writes it."""
+    database = str(run_dir / "superlink" / "state.db").encode()
+    data_paths = [f"data-path={toml_value(str(path))}".encode() for path in run_dir.glob("node*/data")]
+    return processes_matching(lambda args: database in args or any(path in arg for arg in args for path in data_paths))
 
 
 def group_alive(pgid: int) -> bool:

@@ -24,6 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from lore_cli.local_deployment import processes_matching
 from lore_core.atomic_io import atomic_write_json, atomic_write_text
 from simulations.bench_train_ab import ROOT, _env
 from simulations.synthetic_pairs import SyntheticPairsConfig, write_synthetic_dataset
@@ -57,13 +58,7 @@ def wait_for_round(run_dir: Path, process: subprocess.Popen, timeout: float = 30
 def kill_everything_naming(path: Path) -> int:
     """SIGKILL every process whose command line names `path` (the CLI, `flwr run`, SuperLink, SuperNodes)."""
     needle = str(path).encode()
-    pids = []
-    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
-        try:
-            if needle in cmdline.read_bytes() and int(cmdline.parent.name) != os.getpid():
-                pids.append(int(cmdline.parent.name))
-        except OSError:
-            continue
+    pids = processes_matching(lambda args: any(needle in arg for arg in args))
     for pid in pids:
         try:
             os.kill(pid, signal.SIGKILL)
