@@ -22,11 +22,12 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
-from lore_cli.local_deployment import processes_matching
+from lore_cli.local_deployment import NODE_REFUSED_LOG_LINE, processes_matching
 from lore_core.atomic_io import atomic_write_json, atomic_write_text
-from simulations.bench_train_ab import ROOT, _env
+from simulations.revisions import ROOT, checkout_label, code_env, worktree
 from simulations.synthetic_pairs import SyntheticPairsConfig, write_synthetic_dataset
 
 POPULATION = SyntheticPairsConfig(dim=16, true_rank=2, seen_users=9, unseen_users=3, train_pairs=(10, 12),
@@ -38,7 +39,7 @@ def deploy(root: Path, pairs: Path, run_dir: Path, log: Path) -> subprocess.Pope
     """`lore-fed deploy local` with the code under `root`."""
     with open(log, "a") as handle:
         return subprocess.Popen([sys.executable, "-m", "lore_cli.main", "deploy", "local", "--pairs", str(pairs),
-                                 "--run-dir", str(run_dir), *FLAGS], cwd=root, env=_env(root), stdout=handle,
+                                 "--run-dir", str(run_dir), *FLAGS], cwd=root, env=code_env(root), stdout=handle,
                                 stderr=subprocess.STDOUT)
 
 
@@ -90,7 +91,7 @@ def scenario(root: Path, pairs: Path, run_dir: Path, everything: bool) -> dict:
     seconds = time.monotonic() - started
     text = log.read_text(errors="replace")[start:]
     status = next((line for line in text.splitlines() if line.startswith("run ")), "")
-    refusals = sum(path.read_bytes()[size:].count(b"[code: 2004]") for path, size in node_logs.items())
+    refusals = sum(path.read_bytes()[size:].count(NODE_REFUSED_LOG_LINE.encode()) for path, size in node_logs.items())
     row = {"exit": code, "seconds": round(seconds, 1), "refusals": refusals,
            "status": status[:200], "last_line": last_line(log, start), "rounds": rounds(run_dir)}
     row["left_running"] = kill_everything_naming(run_dir)
@@ -117,29 +118,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--before", default=None, help="git revision of earlier code to run the same crashes on")
     parser.add_argument("--out", default=str(ROOT / "bench_results" / "deploy_crash.md"))
     args = parser.parse_args(argv)
-    after = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                           check=True).stdout.strip()
-    if subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True,
-                      text=True, check=True).stdout.strip():
-        after += " + uncommitted changes"
+    after = checkout_label()
     results = {}
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, ExitStack() as trees:
         pairs = write_synthetic_dataset(Path(tmp) / "data", POPULATION)
         arms = [(f"this checkout ({after})", ROOT)]
-        tree = Path(tmp) / "before"
         if args.before:
-            subprocess.run(["git", "worktree", "add", "--detach", str(tree), args.before], cwd=ROOT, check=True,
-                           capture_output=True)
-            arms.insert(0, (f"--before {args.before}", tree))
-        try:
-            for index, (arm, root) in enumerate(arms):
-                results[arm] = {crash: scenario(root, pairs, Path(tmp) / f"run{index}-{crash}", crash == "all-killed")
-                                for crash in ("cli-killed", "all-killed")}
-                print(arm, json.dumps(results[arm], indent=1), flush=True)
-        finally:
-            if args.before:
-                subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=ROOT, check=False)
-                subprocess.run(["git", "worktree", "prune"], cwd=ROOT, check=False)
+            before = trees.enter_context(worktree(args.before, Path(tmp) / "before"))
+            arms.insert(0, (f"--before {args.before}", before))
+        for index, (arm, root) in enumerate(arms):
+            results[arm] = {crash: scenario(root, pairs, Path(tmp) / f"run{index}-{crash}", crash == "all-killed")
+                            for crash in ("cli-killed", "all-killed")}
+            print(arm, json.dumps(results[arm], indent=1), flush=True)
     config = {"population": "9 seen users, 3 new, D = 16, true rank 2", "flags": FLAGS, "before": args.before,
               "after": after}
     out = Path(args.out)

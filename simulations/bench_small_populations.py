@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import argparse
 import math
-import subprocess
 import tempfile
+from contextlib import ExitStack
 from dataclasses import replace
 from pathlib import Path
 
@@ -25,7 +25,8 @@ import numpy as np
 
 from lore_core.atomic_io import atomic_write_json, atomic_write_text
 from simulations.bench_matrix import BASE
-from simulations.bench_train_ab import ROOT, check_imports, result, start_train, wait_all
+from simulations.bench_train_ab import result, start_train, wait_all
+from simulations.revisions import check_imports, short_revision, worktree
 from simulations.synthetic_pairs import write_synthetic_dataset
 
 ARMS = ("before", "after")
@@ -96,29 +97,20 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     sizes = [int(s) for s in args.sizes.split(",")]
     seeds = [int(s) for s in args.seeds.split(",")]
-    revisions = {arm: subprocess.run(["git", "rev-parse", "--short", getattr(args, arm)], cwd=ROOT, capture_output=True,
-                                     text=True, check=True).stdout.strip() for arm in ARMS}
+    revisions = {arm: short_revision(getattr(args, arm)) for arm in ARMS}
     rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        roots = {arm: Path(tmp) / arm for arm in ARMS}
-        try:
-            for arm, root in roots.items():
-                subprocess.run(["git", "worktree", "add", "--detach", str(root), revisions[arm]], cwd=ROOT, check=True,
-                               capture_output=True)
-            for root in roots.values():
-                check_imports(root)
-            for size in sizes:
-                for seed in seeds:
-                    work = Path(tmp) / f"{size}-{seed}"
-                    pairs = write_synthetic_dataset(work, replace(BASE, seen_users=size, seed=seed))
-                    cell = run_population(roots, pairs, work)
-                    rows.append({"size": size, "seed": seed, **cell})
-                    print(f"{size} users, seed {seed}: " + "; ".join(
-                        f"{arm} {_gain(cell[arm], 0):+.1f} / {_gain(cell[arm], 1):+.1f}" for arm in ARMS), flush=True)
-        finally:
-            for root in roots.values():
-                subprocess.run(["git", "worktree", "remove", "--force", str(root)], cwd=ROOT, check=False)
-            subprocess.run(["git", "worktree", "prune"], cwd=ROOT, check=False)
+    with tempfile.TemporaryDirectory() as tmp, ExitStack() as trees:
+        roots = {arm: trees.enter_context(worktree(revisions[arm], Path(tmp) / arm)) for arm in ARMS}
+        for root in roots.values():
+            check_imports(root)
+        for size in sizes:
+            for seed in seeds:
+                work = Path(tmp) / f"{size}-{seed}"
+                pairs = write_synthetic_dataset(work, replace(BASE, seen_users=size, seed=seed))
+                cell = run_population(roots, pairs, work)
+                rows.append({"size": size, "seed": seed, **cell})
+                print(f"{size} users, seed {seed}: " + "; ".join(
+                    f"{arm} {_gain(cell[arm], 0):+.1f} / {_gain(cell[arm], 1):+.1f}" for arm in ARMS), flush=True)
     config = {"sizes": sizes, "seeds": seeds, **revisions}
     summaries = {f"{size}-{arm}": summary(rows, size, arm) for size in sizes for arm in ARMS}
     out = Path(args.out)

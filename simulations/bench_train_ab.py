@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -29,30 +28,12 @@ import numpy as np
 from lore_core.atomic_io import atomic_write_json, atomic_write_text
 from lore_core.pairs import PAIRS_FILENAME, save_pairs
 from simulations.bench_matrix import TRAIN_CHOICE, train_row_of
+from simulations.revisions import ROOT, check_imports, checkout_label, code_env, worktree
 from simulations.synthetic_pairs import SyntheticPairsConfig, make_synthetic_pairs
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _env(root: Path) -> dict:
-    return {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-
-
-def check_imports(root: Path) -> None:
-    """The trainer and the command must load from `root`, not from the editable install of this checkout (which
-    would otherwise fill in a module the older commit lacks)."""
-    code = ("import lore_core.joint_trainer as t, lore_cli.train_command as c, lore_cli.main as m; "
-            "print(t.__file__); print(c.__file__); print(m.__file__)")
-    files = subprocess.run([sys.executable, "-c", code], cwd=root, env=_env(root), capture_output=True, text=True,
-                           check=True).stdout.split()
-    stray = [f for f in files if not Path(f).resolve().is_relative_to(root.resolve())]
-    if stray:
-        raise RuntimeError(f"code under {root} imports {stray} from elsewhere")
-
 
 def start_train(root: Path, pairs: Path, out: Path, flags: list[str] | tuple = ()) -> tuple[subprocess.Popen, float]:
     """`lore-fed train PAIRS --out OUT [flags]` with the code under `root`, one thread; (process, start time)."""
-    env = _env(root)
+    env = code_env(root)
     out.mkdir(parents=True, exist_ok=True)
     with open(out.parent / f"{out.name}.log", "w") as log:
         process = subprocess.Popen([sys.executable, "-m", "lore_cli.main", "train", str(pairs), "--out", str(out),
@@ -88,7 +69,7 @@ def _choice(run: dict) -> str:
 
 
 def markdown(rows: list[dict], before: str, after: str, config: dict) -> str:
-    population = (f"Stress-matrix cells (`simulations.bench_matrix`'s pair files, `train --seed SEED`)"
+    population = ("Stress-matrix cells (`simulations.bench_matrix`'s pair files, `train --seed SEED`)"
                   if config.get("cells") else
                   f"{config['users']} seen users x {config['train_pairs'][0]}-{config['train_pairs'][1]} training "
                   "pairs, D = 384, true rank 5")
@@ -142,36 +123,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="bench_results/train_ab.md")
     args = parser.parse_args(argv)
     low, high = (int(v) for v in args.train_pairs.split(","))
-    after = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                           check=True).stdout.strip()
-    if subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True,
-                      text=True, check=True).stdout.strip():
-        after += " with uncommitted changes"
+    after = checkout_label()
     rows, running = [], {}
     with tempfile.TemporaryDirectory() as tmp:
         cells = pair_files(args, (low, high), Path(tmp))  # a bad --cells is refused before the worktree is made
-        tree = Path(tmp) / "before"
-        subprocess.run(["git", "worktree", "add", "--detach", str(tree), args.before], cwd=ROOT, check=True,
-                       capture_output=True)
-        try:
-            for root in (tree, ROOT):
-                check_imports(root)
-            for index, (cell, path, flags) in enumerate(cells):
-                where = Path(tmp) / f"run{index}"
-                runs = running = {name: start_train(root, path, where / name, flags)
-                                  for name, root in (("before", tree), ("after", ROOT))}
-                seconds = wait_all(runs)
-                row = {"cell": cell, **{name: result(runs[name][0], seconds[name], where / name) for name in runs}}
-                rows.append(row)
-                print(f"{cell}: before {row['before']['seconds']:.1f} s, after {row['after']['seconds']:.1f} s",
-                      flush=True)
-        finally:
-            for process, _ in running.values():
-                if process.poll() is None:
-                    process.kill()
-                    process.wait()
-            subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=ROOT, check=False)
-            subprocess.run(["git", "worktree", "prune"], cwd=ROOT, check=False)
+        with worktree(args.before, Path(tmp) / "before") as tree:
+            try:
+                for root in (tree, ROOT):
+                    check_imports(root)
+                for index, (cell, path, flags) in enumerate(cells):
+                    where = Path(tmp) / f"run{index}"
+                    runs = running = {name: start_train(root, path, where / name, flags)
+                                      for name, root in (("before", tree), ("after", ROOT))}
+                    seconds = wait_all(runs)
+                    row = {"cell": cell, **{name: result(runs[name][0], seconds[name], where / name) for name in runs}}
+                    rows.append(row)
+                    print(f"{cell}: before {row['before']['seconds']:.1f} s, after {row['after']['seconds']:.1f} s",
+                          flush=True)
+            finally:
+                for process, _ in running.values():
+                    if process.poll() is None:
+                        process.kill()
+                        process.wait()
     out = Path(args.out)
     config = {"users": args.users, "train_pairs": (low, high), "cells": args.cells, "before": args.before,
               "after": after}
