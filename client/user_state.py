@@ -28,9 +28,10 @@ WEIGHTS_KEY = "user_weights"
 WEIGHTS_FILENAME = "user_weights.npz"
 
 
-def _weights_file(context: Context) -> Path | None:
+def _device_file(context: Context, name: str) -> Path | None:
+    """The file `name` in the node's data directory (deployment: the device's own disk); None in simulation."""
     data_path = context.node_config.get("data-path")
-    return Path(str(data_path)) / WEIGHTS_FILENAME if data_path else None
+    return Path(str(data_path)) / name if data_path else None
 
 
 LOCK_FILENAME = ".lore-fed.lock"
@@ -100,13 +101,13 @@ def _stored(context: Context, state_key: str, array_key: str, file: Path | None,
 
 def load_weights(context: Context, n_users: int, rank: int, run_id: str | None) -> np.ndarray:
     """The stored w (n_users, rank) of run `run_id`; uniform (the prior) when none is stored or the rank changed."""
-    stored = _stored(context, STATE_KEY, WEIGHTS_KEY, _weights_file(context), (n_users, rank), run_id)
+    stored = _stored(context, STATE_KEY, WEIGHTS_KEY, _device_file(context, WEIGHTS_FILENAME), (n_users, rank), run_id)
     return np.full((n_users, rank), 1.0 / rank) if stored is None else stored
 
 
 def save_weights(context: Context, weights: np.ndarray, run_id: str | None) -> None:
     context.state[STATE_KEY] = ArrayRecord({WEIGHTS_KEY: Array(np.ascontiguousarray(weights))})
-    file = _weights_file(context)
+    file = _device_file(context, WEIGHTS_FILENAME)
     if file is not None:
         _save_slot(file, WEIGHTS_KEY, run_slot(context, WEIGHTS_KEY, run_id), weights)
 
@@ -119,11 +120,6 @@ RECORD_DP_FILENAME = "record_dp_state.npz"
 # (never their w) under the run directory; a round whose replies never reached the ledger before a crash is then
 # reported by the new node, not lost (record_dp.spending_to_report).
 SIMULATED_ACCOUNTANTS = "client-accountants"
-
-
-def _record_file(context: Context) -> Path | None:
-    data_path = context.node_config.get("data-path")
-    return Path(str(data_path)) / RECORD_DP_FILENAME if data_path else None
 
 
 def _simulated_accountant_file(context: Context) -> Path | None:
@@ -178,7 +174,7 @@ def load_record_histories(context: Context) -> np.ndarray:
     """All local users' accountant histories as rows (user, z, q, steps), (s, 4); empty before the first round. The
     device file first: it holds what every run on this device spent. A simulated node's own Context next (its file
     holds the same), and its file only when the node is new (a resumed run): no disk read each round."""
-    rows = _histories_in(_record_file(context))
+    rows = _histories_in(_device_file(context, RECORD_DP_FILENAME))
     if rows is None and RECORD_DP_KEY in context.state:
         rows = context.state[RECORD_DP_KEY][RECORD_DP_KEY].numpy()
     if rows is None:
@@ -202,7 +198,8 @@ RECORD_LOGITS_KEY = "lore-record-logits"
 def load_record_logits(context: Context, n_users: int, rank: int, run_id: str | None) -> np.ndarray:
     """The stored logits (n_users, rank) of run `run_id`; zeros (uniform w) when none are stored or the rank
     changed."""
-    stored = _stored(context, RECORD_LOGITS_KEY, RECORD_LOGITS_KEY, _record_file(context), (n_users, rank), run_id)
+    file = _device_file(context, RECORD_DP_FILENAME)
+    stored = _stored(context, RECORD_LOGITS_KEY, RECORD_LOGITS_KEY, file, (n_users, rank), run_id)
     return np.zeros((n_users, rank)) if stored is None else stored
 
 
@@ -211,7 +208,7 @@ def save_record_state(context: Context, rows: np.ndarray, logits: np.ndarray, ru
     rows = np.ascontiguousarray(rows, dtype=np.float64).reshape(-1, 4)
     context.state[RECORD_DP_KEY] = ArrayRecord({RECORD_DP_KEY: Array(rows)})
     context.state[RECORD_LOGITS_KEY] = ArrayRecord({RECORD_LOGITS_KEY: Array(np.ascontiguousarray(logits))})
-    file = _record_file(context)
+    file = _device_file(context, RECORD_DP_FILENAME)
     if file is not None:  # the histories are the device's (every run's spending), the logits this run's slot
         _save_slot(file, RECORD_LOGITS_KEY, run_slot(context, RECORD_LOGITS_KEY, run_id), logits,
                    **{RECORD_DP_KEY: rows})
