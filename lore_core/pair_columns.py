@@ -153,7 +153,7 @@ class PairColumns:
             raise PairFileError(f"{where}: diff must be a 2-D float array (n, D), got shape {diff.shape}")
         if diff.dtype.kind != "f":
             raise PairFileError(f"{where}: diff must be float, got {diff.dtype}")
-        for name in ("user", "split", "seen", "logit_true"):
+        for name in ("user", "split", "seen", "logit_true", "group"):
             if name in self._members and self._members[name].shape != (self.n,):
                 raise PairFileError(f"{where}: {name} must have shape ({self.n},) like diff, "
                                     f"got {self._members[name].shape}")

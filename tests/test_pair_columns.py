@@ -46,6 +46,18 @@ def test_header_problems_name_the_file(tmp_path, pairs):
             PairColumns.open(tmp_path / f"{name}.npz")
 
 
+@pytest.mark.parametrize("group_of", [lambda g: g[:-3], lambda g: np.concatenate([g, g[:3]]), lambda g: g[0]],
+                         ids=["shorter", "longer", "0-d"])
+def test_a_group_array_not_one_per_pair_is_refused_by_every_reader(tmp_path, pairs, group_of):
+    """Found by a tester: the streamed reader (`simulate`) took a short group to an IndexError and a long one
+    silently, while `load_pairs` (`train`) refused both."""
+    group = np.array([f"g{i // 3}" for i in range(pairs.n)])
+    np.savez(tmp_path / "bad.npz", **_arrays(pairs), group=group_of(group))
+    for read in (load_pairs, check_pair_file):
+        with pytest.raises(PairFileError, match=rf"bad.npz: group must have shape \({pairs.n},\) like diff"):
+            read(tmp_path / "bad.npz")
+
+
 def test_index_cuts_each_users_rows_in_sorted_and_shuffled_files(tmp_path, pairs):
     order = np.random.default_rng(1).permutation(pairs.n)
     np.savez(tmp_path / "shuffled.npz", **{k: v[order] for k, v in _arrays(pairs).items()})
