@@ -66,11 +66,13 @@ _KINDS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "object": (lambda v: isinstance(v, dict), "an object"),
     "list": (lambda v: isinstance(v, list), "a list"),
     "id": (lambda v: _is_int(v) or (isinstance(v, str) and v.isascii() and v.isdigit()), "an int or digit string"),
+    # user and conversation ids become numpy text in pairs.npz, which drops trailing NULs ('u\x00' would be 'u')
+    "name": (lambda v: isinstance(v, str) and v != "" and "\x00" not in v, "a non-empty string without NUL"),
 }
 
 # One source of truth for the key sets: the schemas below (insertion order = the codebook's order).
 SURVEY_SCHEMA: dict[str, str] = {
-    "user_id": "str", "survey_only": "bool", "num_completed_conversations": "int", "timing_duration_s": "number",
+    "user_id": "name", "survey_only": "bool", "num_completed_conversations": "int", "timing_duration_s": "number",
     "timing_duration_mins": "number", "generated_datetime": "str", "consent": "str", "consent_age": "str",
     "lm_familiarity": "str", "lm_indirect_use": "str", "lm_direct_use": "str", "lm_frequency_use": "str|null",
     "self_description": "str", "system_string": "str", "age": "str", "gender": "str", "employment_status": "str",
@@ -80,7 +82,7 @@ SURVEY_SCHEMA: dict[str, str] = {
     "included_in_US_REP": "bool", "included_in_UK_REP": "bool", "included_in_balanced_subset": "bool",
 }  # fmt: skip
 CONVERSATION_SCHEMA: dict[str, str] = {
-    "conversation_id": "str", "user_id": "str", "included_in_balanced_subset": "bool", "generated_datetime": "str",
+    "conversation_id": "name", "user_id": "name", "included_in_balanced_subset": "bool", "generated_datetime": "str",
     "timing_duration_s": "number", "timing_duration_mins": "number", "conversation_type": "str",
     "opening_prompt": "str", "conversation_turns": "int", "conversation_history": "list",
     "performance_attributes": "object", "choice_attributes": "object", "open_feedback": "str",
@@ -91,7 +93,7 @@ MODEL_MESSAGE_SCHEMA: dict[str, str] = {
     "if_chosen": "bool", "within_turn_id": "id",
 }  # fmt: skip
 UTTERANCE_SCHEMA: dict[str, str] = {
-    "utterance_id": "str", "interaction_id": "str", "conversation_id": "str", "user_id": "str", "turn": "int",
+    "utterance_id": "str", "interaction_id": "str", "conversation_id": "name", "user_id": "name", "turn": "int",
     "within_turn_id": "id", "included_in_balanced_subset": "bool", "conversation_type": "str", "user_prompt": "str",
     "model_response": "str", "model_name": "str", "model_provider": "str", "score": "int", "if_chosen": "bool",
 }  # fmt: skip

@@ -316,6 +316,14 @@ BAD_FILES = {
         _edit_record("conversations.jsonl", 2, lambda r: r.update(open_feedback="caf\udce9")),
         "conversations.jsonl line 2: \\udce9 is half of a UTF-16 surrogate pair",
     ),
+    "NUL in a user id": (  # found by a tester: prepare wrote it and embed then refused the dataset it made
+        _edit_record("survey.jsonl", 2, lambda r: r.update(user_id=r["user_id"] + "\x00")),
+        "survey.jsonl line 2: survey row: 'user_id' must be a non-empty string without NUL",
+    ),
+    "empty conversation id": (
+        _edit_record("conversations.jsonl", 3, lambda r: r.update(conversation_id="")),
+        "conversations.jsonl line 3: conversation: 'conversation_id' must be a non-empty string without NUL",
+    ),
 }
 
 
