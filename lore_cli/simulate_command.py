@@ -329,6 +329,9 @@ def check_canary_flags(args: argparse.Namespace, out: Path) -> None:
         raise ValueError("--canaries needs --canary-secrets FILE: where the auditor's secrets (directions, coins) go")
     if args.privacy not in ("user", "user+secagg"):
         raise ValueError(f"--canaries audits user-level DP: use --privacy user or user+secagg, not {args.privacy}")
+    if args.canaries < CANARY_GUESSES[0]:  # the audit refuses fewer: running them would cost accuracy for nothing
+        raise ValueError(f"--canaries {args.canaries}: the canary audit needs at least {CANARY_GUESSES[0]} canaries "
+                         f"(use {2 * CANARY_GUESSES[0]} or more; hundreds for a tight bound)")
     if args.canaries < 2 * CANARY_GUESSES[0]:
         print(f"note: the canary audit guesses at least {CANARY_GUESSES[0]} canaries in, so with {args.canaries} "
               f"(about half of them in) it will read inconclusive; use {2 * CANARY_GUESSES[0]} or more (hundreds "

@@ -422,6 +422,18 @@ def test_more_canaries_than_memory_holds_are_refused_before_anything_is_written(
     assert not (tmp_path / "run").exists() and not secrets.exists()
 
 
+def test_fewer_canaries_than_the_audit_takes_are_refused_before_anything_is_written(pair_file, tmp_path, capsys):
+    """Found by a tester: `simulate --canaries 3` ran in full (the canaries costing accuracy) and only the audit then
+    refused it: "need at least 10 canaries". Now the run is refused, as every other check, before it starts."""
+    secrets = tmp_path / "auditor" / "canaries.npz"
+    argv = ["simulate", str(pair_file), "--out", str(tmp_path / "run"), "--rounds", "2", "--clients-per-round", "5",
+            "--canaries", "9", "--canary-secrets", str(secrets)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "--canaries 9: the canary audit needs at least 10 canaries" in err and "Traceback" not in err, err
+    assert not (tmp_path / "run").exists() and not secrets.exists()
+
+
 @pytest.mark.parametrize("kept", [1, 4])
 def test_a_release_record_that_stops_short_of_the_ledger_is_refused_by_the_canary_audit(pair_file, secrets_file,
                                                                                         tmp_path, capsys, kept):
