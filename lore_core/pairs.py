@@ -300,7 +300,7 @@ def _validate(p: PairSet) -> None:
     if not np.isfinite(diff).all():
         bad = int((~np.isfinite(diff)).any(axis=1).sum())
         raise PairFileError(f"{where}: diff has NaN or Inf in {bad} rows")
-    if diff.size and max(diff.max(), -diff.min()) > MAX_ABS_DIFF:  # no (n, D) temporary
+    if diff.size and float(max(diff.max(), -diff.min())) > MAX_ABS_DIFF:  # no (n, D) temporary
         bad = int((np.abs(diff) > MAX_ABS_DIFF).any(axis=1).sum())
         raise PairFileError(f"{where}: diff has values beyond +-{MAX_ABS_DIFF:g} in {bad} rows; embedding differences "
                             "are of order 1 to 100: re-embed the pairs")

@@ -46,6 +46,17 @@ def test_bad_files_are_refused_with_a_clear_error(tmp_path, change, message):
         load_pairs(tmp_path / "bad.npz")
 
 
+def test_a_half_precision_diff_loads_without_an_overflow_warning(tmp_path):
+    """Found by a tester: comparing float16 values with the 1e6 bound cast the bound to float16 (inf), and numpy
+    warned "overflow encountered in cast" on every command that read the file."""
+    import warnings
+
+    np.savez(tmp_path / "half.npz", **{**_arrays(), "diff": _arrays()["diff"].astype(np.float16)})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert load_pairs(tmp_path / "half.npz").diff.dtype == np.float16
+
+
 def test_missing_and_unknown_arrays(tmp_path):
     arrays = _arrays()
     del arrays["seen"]

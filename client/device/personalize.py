@@ -135,7 +135,7 @@ def read_user_diffs(path: str | Path, dim: int, what: str, error: type[ValueErro
         raise error(f"{path}: diff must be finite floats (n, {dim}) to match the basis, got {diff.dtype} {diff.shape}")
     if not diff.shape[0]:
         raise error(f"{path}: no pairs in the file")
-    if np.abs(diff).max() > MAX_ABS_DIFF:
+    if float(np.abs(diff).max()) > MAX_ABS_DIFF:
         raise error(f"{path}: diff has values beyond +-{MAX_ABS_DIFF:g}; embedding differences are of order 1 to 100 "
                     "(were they embedded with this basis's encoder?)")
     return diff.astype(np.float64)
