@@ -93,7 +93,18 @@ def check_resumable(state: RunState, settings: dict, population: list[int], run_
                               f"{[state.settings.get(k) for k in changed]} vs {[settings.get(k) for k in changed]}); "
                               "use a new --out directory or the same settings")
     if state.population != population:
-        raise CheckpointError(f"{run_dir} holds a run over another population (users per node differ)")
+        raise CheckpointError(f"{Path(run_dir) / CHECKPOINT_FILENAME} holds a run over another population: "
+                              f"{_population_change(state.population, population)}; use a new --out directory or "
+                              "the pair file and nodes of that run")
+
+
+def _population_change(before: list[int], now: list[int]) -> str:
+    """What differs between two population fingerprints (training users per node, then the embedding width D)."""
+    if before[-1:] != now[-1:]:
+        return f"embedding width D {before[-1] if before else '?'}, now {now[-1]}"
+    shown = [f"{len(counts)} nodes with {sum(counts)} training users"
+             + (f" {counts}" if len(counts) <= 8 else "") for counts in (before[:-1], now[:-1])]
+    return f"{shown[0]}, now {shown[1]}"
 
 
 def initial_basis(rank: int, dim: int, seed: int, scale: float) -> np.ndarray:

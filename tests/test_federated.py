@@ -356,6 +356,20 @@ def test_a_checkpoint_that_fingerprinted_the_personal_prior_still_resumes(pair_f
         check_resumable(old, {**fingerprint, "server_lr": 0.5}, [1], tmp_path)
 
 
+def test_a_checkpoint_over_another_population_is_refused_naming_what_differs(tmp_path):
+    """Found by a tester: a D = 64 run's checkpoint under a D = 384 run was refused with "users per node differ",
+    naming neither the checkpoint nor the width."""
+    from server.checkpoint import CheckpointError, RunState, check_resumable
+
+    old = RunState(round=3, basis=np.zeros((RANK, 64)), settings={}, population=[5, 4, 64])
+    with pytest.raises(CheckpointError, match=r"checkpoint.npz holds a run over another population: embedding "
+                                              r"width D 64, now 384; use a new --out"):
+        check_resumable(old, {}, [5, 4, 384], tmp_path)
+    with pytest.raises(CheckpointError, match=r"2 nodes with 9 training users \[5, 4\], now 2 nodes with 10 "
+                                              r"training users \[5, 5\]"):
+        check_resumable(old, {}, [5, 5, 64], tmp_path)
+
+
 def test_user_dp_aggregator_fits_the_strategy_seam(pair_file, tmp_path):
     from lore_core.privacy.dp_fedavg import make_private_rng
     from server.aggregation import UserDpAggregator
