@@ -259,10 +259,10 @@ def run(args: argparse.Namespace) -> int:
     reference = load_reference(args.reference)
     population = read_population(pairs_path)
     check_canary_flags(args, out)
+    nodes_for(population["users"], args.users_per_node)  # a bad --users-per-node is named before the privacy plan
     # canary users are users of the population the server samples (federation/canary_users.py)
     overrides = run_overrides(args, population["seen_users"])
     settings, privacy = check_run({**population, "seen_users": population["seen_users"] + args.canaries}, overrides)
-    nodes_for(population["users"], args.users_per_node)  # a bad --users-per-node fails here too
     canaries = canary_secrets(args, (settings.rank, population["dim"]))  # fail closed: before Ray, before DIR exists
     # The lock is taken before the checks (a concurrent run could be writing the checkpoint), but the lock file is
     # written only once they pass: a refused run leaves the directory as it was, .lock included.

@@ -41,7 +41,7 @@ def nodes_for(n_users: int, users_per_node: int | str = "auto") -> int:
     if users_per_node == "auto":
         users_per_node = 1 if n_users <= SHARD_THRESHOLD else max(SHARD_SIZE, math.ceil(n_users / MAX_NODES))
     if not str(users_per_node).isdigit() or int(users_per_node) < 1:
-        raise ValueError(f"users-per-node must be an integer >= 1 or 'auto', got {users_per_node!r}")
+        raise ValueError(f"--users-per-node must be an integer >= 1 or 'auto', got {users_per_node!r}")
     users_per_node = int(users_per_node)
     return max(1, math.ceil(n_users / users_per_node))
 

@@ -439,7 +439,10 @@ EXTREME = {
     "simulate rounds text": (SIM[:-1] + ["two"], "--rounds"),
     "simulate clients 500": (SIM + ["--clients-per-round", "500"], "--clients-per-round"),
     "simulate clients -1": (SIM + ["--clients-per-round", "-1"], "--clients-per-round"),
-    "simulate users-per-node": (SIM + ["--users-per-node", "abc"], "users-per-node"),
+    "simulate users-per-node": (SIM + ["--users-per-node", "abc"], "--users-per-node must be"),
+    # found by a tester: under the default DP plan it was reported as that plan's "no meaningful privacy"
+    "simulate users-per-node 0 under DP": (["simulate", "pairs.npz", "--out", "out", "--users-per-node", "0"],
+                                           "--users-per-node must be"),
     "simulate eval-every -1": (SIM + ["--eval-every", "-1"], "--eval-every"),
     "simulate l2 inf": (SIM + ["--l2", "inf"], "l2"),
     "simulate server lr 0": (SIM + ["--server-lr", "0"], "--server-lr must be"),
