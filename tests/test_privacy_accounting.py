@@ -343,6 +343,14 @@ def test_vanishing_noise_is_refused_by_validation_and_never_crashes_the_accounta
                                  clients_per_round=50))
 
 
+def test_a_target_beyond_meaningful_privacy_is_refused_asking_for_a_lower_target():
+    """Found by a tester: `privacy epsilon --target-epsilon 1000` was told to raise a noise multiplier it never gave."""
+    with pytest.raises(PrivacyConfigError, match="no meaningful privacy; lower target_epsilon .*solved for it") as info:
+        validate(PrivacySettings(mode="user", target_epsilon=1000.0, population_size=100, rounds=50,
+                                 clients_per_round=10))
+    assert "raise noise_multiplier" not in str(info.value)
+
+
 def test_prv_runs_below_the_stand_in_threshold():
     report = epsilon_report([(0.5, 0.037, 200)], 1e-5)
     assert report.prv < report.rdp and not report.prv_is_rdp_bound  # PRV is computed where it is cheap

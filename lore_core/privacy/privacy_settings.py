@@ -318,10 +318,13 @@ def _check_user_modes(s: PrivacySettings) -> PrivacySettings:
     planned_rdp = _accounted(epsilon, s.noise_multiplier, q, rounds, s.delta, "rdp" if accountant == "prv" else
                              accountant, dim)
     if planned_rdp > MAX_PRV_EPSILON:
+        change = (f"lower {setting('target_epsilon')} (user-level DP runs use 1 to 10; the noise multiplier solved "
+                  f"for it is {s.noise_multiplier:.4g})" if s.noise_from_target else
+                  f"raise {setting('noise_multiplier')} (now {s.noise_multiplier:g}), lower "
+                  f"{setting('clients_per_round')} or {setting('rounds')}")
         raise PrivacyConfigError(
             f"the planned {rounds} rounds reach epsilon {planned_rdp:.4g} (RDP, delta={s.delta}): no meaningful "
-            f"privacy; raise {setting('noise_multiplier')} (now {s.noise_multiplier:g}), lower "
-            f"{setting('clients_per_round')} or {setting('rounds')}, or set {setting('mode')} to none")
+            f"privacy; {change}, or train without DP ({setting('mode', 'none')})")
     if s.max_epsilon is not None:
         planned = _accounted(epsilon, s.noise_multiplier, q, rounds, s.delta, accountant, dim)
         if planned > s.max_epsilon:
