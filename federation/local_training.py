@@ -100,8 +100,9 @@ def record_dp_updates(basis: np.ndarray, block: UserBlock, logits: np.ndarray, s
     logits (S, B): every local user's private weights as w = softmax(logits), DP-SGD outputs kept on the node
     (zeros = uniform before a user's first round). states: one RecordDpState per sampled user (its accountant
     history so far, never reset). Returns (new logits (S, B), updates (k, B, D), new states). A user whose next step
-    would exceed max_epsilon trains nothing: zero update, unchanged logits and history. One Opacus engine per user:
-    a Python loop over the sampled users is the price of per-user accountants (a baseline mode).
+    would exceed max_epsilon trains nothing: zero update, unchanged logits and history; so does a seen user without a
+    training pair on a device's own file (no pair to train on or protect; it failed the whole node). One Opacus
+    engine per user: a Python loop over the sampled users is the price of per-user accountants (a baseline mode).
     """
     from lore_core.privacy.accounting import PrivacyBudgetExhausted
     from lore_core.privacy.record_dp import dp_sgd_update
@@ -113,9 +114,12 @@ def record_dp_updates(basis: np.ndarray, block: UserBlock, logits: np.ndarray, s
     exhausted = 0
     for i, user in enumerate(sampled):
         seed = None if noise_seed is None else noise_seed + 7919 * int(user)  # debug runs only
+        pairs = rows.diff[rows.user_idx == user]
+        if not len(pairs):
+            continue
         try:
             updates[i], updated[user], new_states[i] = dp_sgd_update(
-                basis, logits[user], rows.diff[rows.user_idx == user], noise_multiplier=noise_multiplier,
+                basis, logits[user], pairs, noise_multiplier=noise_multiplier,
                 max_grad_norm=max_grad_norm, batch_size=batch_size, epochs=epochs, lr=lr, state=states[i],
                 device=device, delta=delta, max_epsilon=max_epsilon, reproducible_seed=seed)
         except PrivacyBudgetExhausted:

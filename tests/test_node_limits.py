@@ -217,6 +217,26 @@ def test_a_failing_node_tells_the_server_only_that_it_failed(device_pairs, tmp_p
         node_app.query(None, missing)
 
 
+def test_a_seen_user_without_a_training_pair_sends_a_zero_update_in_record_mode(tmp_path):
+    """Found by a reviewer: a device file's seen user with only test pairs made record-mode DP-SGD raise ("needs at
+    least one pair") and the whole node failed each time that user was sampled, its other users' updates lost too
+    (`simulate` and `train` refuse such a file; a device's own file is not checked). It now trains nothing and
+    spends nothing, as a user whose budget is spent."""
+    pairs, _ = make_synthetic_pairs(SyntheticPairsConfig(dim=8, true_rank=2, seen_users=2, unseen_users=1,
+                                                         train_pairs=(12, 12), few_shot_pairs=4, test_pairs=4,
+                                                         seed=3))
+    idle_user = np.unique(pairs.user[pairs.seen])[1]
+    pairs = pairs.subset(~((pairs.user == idle_user) & (pairs.split == "train")))
+    context = device_context(save_pairs(pairs, tmp_path / "file" / PAIRS_FILENAME), tmp_path, "record")
+    settings = p.ClientSettings.from_run_config(context.run_config)
+    node = node_app.node_users(context, settings)
+    assert node.seen_users.tolist()[1] == idle_user
+    basis = np.random.default_rng(0).normal(size=(2, 8)) * 0.1
+    updates, _ = node_app._record_train(context, record_config(), settings, basis, node, np.array([0, 1]))
+    assert updates[0].any() and not updates[1].any()
+    assert {int(u) for u, *_ in load_record_histories(context)} == {0}  # the idle user spent nothing
+
+
 @pytest.mark.parametrize("mode", ["none", "user", None])
 def test_a_device_with_a_record_budget_refuses_training_in_another_mode(device_pairs, tmp_path, mode):
     """Found by a review: the server chose the mode, and in mode none or user the device's update left without its
