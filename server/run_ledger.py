@@ -24,22 +24,32 @@ EVAL_NOT_COVERED = ("federated evaluation metrics (per-node accuracy sums; metri
                     "in `lore-fed simulate` on a benchmark, the true-basis ceiling (metrics.json "
                     "true_basis_seen_test_acc, true_basis_unseen_test_acc: the command fits w on the hidden basis "
                     "from the pair file after the last round): computed from users' held-out pairs and w fits "
-                    "without noise")
+                    "without noise; the server chooses the basis each evaluation scores, so one that sends bases of "
+                    "its own making can query each node's held-out pairs (unmasked under user+secagg too); a device "
+                    "that must not answer sets node config allow-evaluate=false")
 COUNTS_NOT_COVERED = ("per-round counts (ledger `sampled`; rounds.jsonl sampled_users, accepted_users, "
                       "rejected_replies, missing_replies, non_finite_users, record_budget_exhausted_users, "
                       "secagg_nodes, unasked_nodes, eval_failed_nodes, eval_missing_nodes; metrics.json's totals of "
-                      "them; user+secagg also tells the sampled users k, and the ledger the rounds of the most-sampled "
+                      "them; user+secagg also tells the sampled users k (its bases' noise variance, k (zC)^2 / n_min, "
+                      "moves with k too), and the ledger the rounds of the most-sampled "
                       "user, most_user_rounds): exact; under add/remove adjacency a user's "
                       "presence shifts the sampled count's distribution (Bin(N, q) against Bin(N - 1, q)), and "
                       "accepted/rejected counts tell which replies failed; covered only under zero-out adjacency (the "
                       "user present but sending nothing)")
-TIMINGS_NOT_COVERED = ("timings (rounds.jsonl seconds, metrics.json train_seconds and wall_seconds): a round's wall "
-                       "time depends on how many users were sampled and how many pairs they hold")
+TIMINGS_NOT_COVERED = ("timings (rounds.jsonl seconds, metrics.json train_seconds and wall_seconds; each node's "
+                       "reply time, seen by the SuperLink and the server in every mode): a round's wall time depends "
+                       "on how many users were sampled and how many pairs they hold")
 AUDITS_NOT_COVERED = ("audit results that read raw data (update-leakage, attribute, membership, fairness, "
                       "extraction; RUN/audits/ and the ledger's audits list) are released without noise")
 RECORD_HISTORY_NOT_COVERED = ("record mode: what each sampled client spent in the round (z, q, steps), sent to "
                               "the server for this ledger; it reveals the client's number of Poisson batches per "
-                              "epoch, about n_i / record-batch-size")
+                              "epoch, about n_i / record-batch-size (n_i itself at batch size 1); and a node refuses a "
+                              "delta >= 1/n_i before any step, so varying delta finds n_i (node config record-delta "
+                              "below 1/n_i closes that)")
+RUN_FILES_NOT_COVERED = ("lore-fed simulate: the pair file's fingerprint (DIR/data.json, metrics.json "
+                         "pairs_fingerprint: its size in bytes and a digest that confirms a guessed file) and the "
+                         "--reference run's centralized accuracies copied into metrics.json (a fit without noise, "
+                         "possibly on the same pairs)")
 
 
 class FederatedLedger(PrivacyLedger):
@@ -55,7 +65,8 @@ class FederatedLedger(PrivacyLedger):
     def _render(self) -> dict[str, Any]:
         data = super()._render()
         if self.settings.is_dp:
-            extra = [EVAL_NOT_COVERED, COUNTS_NOT_COVERED, TIMINGS_NOT_COVERED, AUDITS_NOT_COVERED]
+            extra = [EVAL_NOT_COVERED, COUNTS_NOT_COVERED, TIMINGS_NOT_COVERED, AUDITS_NOT_COVERED,
+                     RUN_FILES_NOT_COVERED]
             if self.settings.mode == "record":
                 extra.append(RECORD_HISTORY_NOT_COVERED)
             data["not_covered"] = list(data["not_covered"]) + extra

@@ -20,7 +20,7 @@ from lore_core.privacy.accounting import history_epsilon
 from lore_core.privacy.ledger import LedgerError, PrivacyLedger
 from server.server_app import run_federated
 from lore_core.privacy.ledger import POPULATION_NOT_COVERED
-from server.run_ledger import EVAL_NOT_COVERED
+from server.run_ledger import EVAL_NOT_COVERED, RUN_FILES_NOT_COVERED
 from server.run_settings import ServerSettings
 from server.optimizer import make_optimizer
 from simulations.synthetic_pairs import SyntheticPairsConfig, make_synthetic_pairs
@@ -71,6 +71,7 @@ def test_user_mode_ledger_grows_each_round_and_replies_carry_only_clipped_update
     assert ledger["mode"] == "user" and ledger["sampling"]["method"] == "poisson" and not ledger["not_private"]["flag"]
     assert EVAL_NOT_COVERED in ledger["not_covered"] and ledger["evaluation"]["policy"] == "after the last round only"
     assert POPULATION_NOT_COVERED in ledger["not_covered"]  # N is exact: a reviewer found it listed nowhere
+    assert RUN_FILES_NOT_COVERED in ledger["not_covered"]  # the pair file's fingerprint: listed nowhere before
     assert [m.content[p.CONFIG][p.ROUND] for m in requests_of(grid, "evaluate")] == [5] * 4  # only after the last
     train_ids = {m.metadata.message_id for m in requests_of(grid, "train")}
     assert all(m.content[p.CONFIG][p.CLIP_NORM] == 0.5 for m in requests_of(grid, "train"))
