@@ -563,11 +563,26 @@ def _canary(args, run_dir, settings) -> dict:
     return result
 
 
+def check_run_records_every_round(run_dir: Path) -> None:
+    """A run directory's ledger and release record must reach its checkpoint's round, as a resume requires (each
+    round writes both before its checkpoint). Found by a tester: with releases/ deleted and the ledger's epsilon
+    lowered, or a round dropped from it, the accounting audit checked the ledger's events alone and passed."""
+    from server.checkpoint import load_checkpoint
+    from server.release_record import check_record_reaches
+    from server.run_ledger import check_ledger_covers
+
+    state = load_checkpoint(run_dir) if run_dir.is_dir() else None
+    if state is not None:
+        check_ledger_covers(run_dir, state.round)
+        check_record_reaches(run_dir, state.round)
+
+
 def released_sums(run_dir: Path, ledger):
     """The run's verified release record (hashes and the optimizer replay checked: these bases were released) and
     its released noisy sums (R, B, D): the recorded mean updates times the fixed denominator q N."""
     from server.release_record import read_releases
 
+    check_run_records_every_round(run_dir)
     releases = read_releases(run_dir)
     check_record_covers_ledger(releases, ledger.rounds_released, run_dir)
     s = ledger.settings
@@ -599,6 +614,7 @@ def _released_noise(run_dir: Path) -> dict:
     from lore_core.privacy.ledger import PrivacyLedger
     from server.release_record import RELEASES_DIR
 
+    check_run_records_every_round(run_dir)
     if not run_dir.is_dir() or not (run_dir / RELEASES_DIR).exists():
         return {"verdict": "not-checked", "noise_ratio": None,
                 "summary": f"not checked: no release record ({run_dir / RELEASES_DIR}), only the ledger was given"}

@@ -93,10 +93,19 @@ class ReleaseRecord:
 def check_continuable(run_dir: str | Path, optimizer: dict, checkpoint_round: int = 0) -> list[dict] | None:
     """The lines of RUN_DIR/releases/chain.jsonl that a run with these optimizer settings continues, or None when
     there is none; raises ReleaseRecordError naming the file when it is damaged or another run's. Reads only: the
-    CLI calls it before anything is written, the server again when it opens the record. A run resuming after round
-    `checkpoint_round` needs a record of at least that many releases (each round appends one before its
-    checkpoint): without, a new record began at the initial basis, and the canary audit of the run failed with
-    "cannot reshape array of size 0"."""
+    CLI calls it before anything is written, the server again when it opens the record."""
+    lines = check_record_reaches(run_dir, checkpoint_round)
+    if lines is not None and lines[0].get("optimizer") != optimizer:
+        raise ReleaseRecordError(f"{Path(run_dir) / RELEASES_DIR / CHAIN_FILENAME} was written with other server "
+                                 "optimizer settings; use a new run directory")
+    return lines
+
+
+def check_record_reaches(run_dir: str | Path, checkpoint_round: int) -> list[dict] | None:
+    """chain.jsonl's lines (None when there is none and no round ran), refused unless it holds at least
+    `checkpoint_round` releases: each round appends one before its checkpoint. Without, a resumed run began a new
+    record at the initial basis (and its canary audit failed with "cannot reshape array of size 0"), and the
+    accounting audit of a run whose releases/ was deleted checked the ledger's events alone."""
     chain = Path(run_dir) / RELEASES_DIR / CHAIN_FILENAME
     if not chain.exists():
         if checkpoint_round:
@@ -107,9 +116,6 @@ def check_continuable(run_dir: str | Path, optimizer: dict, checkpoint_round: in
         raise ReleaseRecordError(f"{chain}: {'empty' if not lines else 'no release-record header'}; expected the "
                                  f"release record lore-fed simulate writes (first line a header with schema {SCHEMA}). "
                                  "Restore it from a copy, or give a new --out directory")
-    if lines[0].get("optimizer") != optimizer:
-        raise ReleaseRecordError(f"{chain} was written with other server optimizer settings; use a new run "
-                                 "directory")
     if len(lines) - 1 < checkpoint_round:
         _not_covering(chain, f"holds {len(lines) - 1} releases", checkpoint_round)
     return lines

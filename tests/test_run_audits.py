@@ -117,6 +117,34 @@ def test_canary_audit_fails_an_under_noised_run_whose_canaries_never_reached_the
     assert result["verdict"] == "fail" and result["released_noise"]["noise_ratio"] < 0.2
 
 
+def test_an_under_noised_run_missing_its_release_record_or_a_ledger_round_is_refused_not_passed(
+        pair_file, secrets_file, tmp_path, monkeypatch, capsys):
+    """Found by a tester: with RUN/releases/ deleted (and the ledger's epsilon lowered, or a round dropped from it),
+    `audit accounting` checked the ledger's events alone and passed. A run directory (it holds a checkpoint) must
+    hold the record and ledger of every round its checkpoint says ran, as a resume requires: exit 2 naming the file.
+    The server here cut its noise to a tenth, so a pass would certify what did not hold."""
+    real_noise = dp_fedavg.add_noise_to_sum
+    monkeypatch.setattr(dp_fedavg, "add_noise_to_sum", lambda total, z, clip, rng: real_noise(total, z / 10, clip, rng))
+    canary_run(pair_file, secrets_file, tmp_path / "run")
+    no_record, short_ledger = tmp_path / "no-record", tmp_path / "short-ledger"
+    shutil.copytree(tmp_path / "run", no_record)
+    shutil.rmtree(no_record / "releases")
+    shutil.copytree(tmp_path / "run", short_ledger)
+    ledger = json.loads((short_ledger / "ledger.json").read_text())
+    ledger["events"]["rounds"] = ledger["events"]["rounds"][:-1]
+    (short_ledger / "ledger.json").write_text(json.dumps(ledger))
+    capsys.readouterr()
+    for run, expected in ((no_record, f"releases/chain.jsonl is missing, but the run's checkpoint is after round "
+                                      f"{ROUNDS}"),
+                          (short_ledger, f"ledger.json holds {ROUNDS - 1} rounds, but the run's checkpoint is after "
+                                         f"round {ROUNDS}")):
+        for audit in ("accounting", "canary"):
+            assert main(["audit", audit, str(run), "--secrets", str(secrets_file)]) == 2
+            err = capsys.readouterr().err
+            assert expected in err, err
+        assert not (run / "audits").exists()
+
+
 def test_release_record_proves_what_was_released_and_refuses_tampering(pair_file, secrets_file, tmp_path):
     run_dir = tmp_path / "run"
     canary_run(pair_file, secrets_file, run_dir)
@@ -439,7 +467,7 @@ def test_a_release_record_that_stops_short_of_the_ledger_is_refused_by_the_canar
                                                                                         tmp_path, capsys, kept):
     """Found by a tester: a chain.jsonl cut to its header made `audit canary` fail with numpy's "cannot reshape array
     of size 0"; cut to 3 releases of 25 it scored those 3 against the epsilon of all 25 and wrote a verdict. Both
-    are now exit 2 naming chain.jsonl and the ledger's rounds, with nothing written."""
+    are now exit 2 naming chain.jsonl and the rounds the run completed, with nothing written."""
     run_dir = tmp_path / "run"
     canary_run(pair_file, secrets_file, run_dir)
     chain = run_dir / "releases" / "chain.jsonl"
@@ -447,7 +475,7 @@ def test_a_release_record_that_stops_short_of_the_ledger_is_refused_by_the_canar
     before = (run_dir / "ledger.json").read_text()
     assert main(["audit", "canary", str(run_dir), "--secrets", str(secrets_file)]) == 2
     err = capsys.readouterr().err
-    assert f"records releases up to ledger round {kept - 1}, but the ledger holds {ROUNDS} rounds" in err, err
+    assert f"chain.jsonl holds {kept - 1} releases, but the run's checkpoint is after round {ROUNDS}" in err, err
     assert not (run_dir / "audits").exists() and (run_dir / "ledger.json").read_text() == before
 
 
