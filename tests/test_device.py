@@ -827,6 +827,36 @@ def test_ctrl_c_during_adapt_says_the_state_is_unchanged_without_a_traceback(tmp
     assert "may already be deleted" in err and "as the last completed command" not in err
 
 
+def test_sigterm_during_adapt_says_so_and_keeps_the_state(tmp_path, monkeypatch, capsys):
+    """Found by a tester: `python -m client.device adapt` killed with SIGTERM died silently (status -15) while
+    `lore-fed device` said what a rerun does. A real SIGTERM, delivered to this process mid-`adapt`."""
+    import os
+    import signal
+
+    from client.device import device_cli, user_posterior
+
+    state_dir = _toy_choices_and_state(tmp_path)
+    before = {p.name: p.read_bytes() for p in state_dir.iterdir()}
+
+    def terminated(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        raise AssertionError("SIGTERM did not stop adapt")
+
+    def unhandled(signum, frame):  # stands in for the default action (death) so that a failure is a failed test
+        raise RuntimeError("SIGTERM reached the process's own handler: adapt did not handle it")
+
+    monkeypatch.setattr(user_posterior, "refit", terminated)
+    previous = signal.signal(signal.SIGTERM, unhandled)
+    try:
+        assert device_cli.main(["--state", str(state_dir), "adapt", "--choices", str(tmp_path / "c.npz")]) == 143
+        assert signal.getsignal(signal.SIGTERM) is unhandled  # the command restores the handler it found
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert "adapt: terminated (SIGTERM); the device state is as the last completed command left it" in \
+        capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in state_dir.iterdir()} == before
+
+
 def test_a_full_disk_is_reported_naming_the_file_and_leaves_the_state_as_it_was(tmp_path, monkeypatch, capsys):
     """Found by a tester: `adapt` (or `strength`, `init`) on a full disk ended in a traceback, `OSError: [Errno 28]
     No space left on device` (exit 1): a failed write or flush names no file, so the CLI took it for an internal

@@ -121,8 +121,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     args = parser.parse_args(argv)
     shown, warnings.formatwarning = warnings.formatwarning, lambda message, *_, **__: f"note: {message}\n"
+    from lore_cli.termination import Terminated, terminated_as_interrupt  # signal and threading only
+
     try:
-        code = run(args)
+        with terminated_as_interrupt():  # kill -TERM ends it as Ctrl-C does (a tester's SIGTERM died silently)
+            code = run(args)
         sys.stdout.flush()  # here, not at exit: a reader gone by then is handled below
         return code
     except (ValueError, FileNotFoundError) as exc:
@@ -137,12 +140,13 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"client.device {args.device_command}: error: {exc}", file=sys.stderr)  # e.g. permission denied
         return 2
-    except KeyboardInterrupt:  # Ctrl-C: every write is atomic, so the state is the last committed one
+    except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM: every write is atomic, so the state is the last committed
         partly = args.device_command == "forget" and getattr(args, "all", False)  # deletes file by file
         state = ("some of the state's files may already be deleted" if partly else
                  "the device state is as the last completed command left it")
-        print(f"client.device {args.device_command}: interrupted; {state}: run the command again", file=sys.stderr)
-        return 130
+        how, code = ("terminated (SIGTERM)", 143) if isinstance(exc, Terminated) else ("interrupted", 130)
+        print(f"client.device {args.device_command}: {how}; {state}: run the command again", file=sys.stderr)
+        return code
     finally:
         warnings.formatwarning = shown
 
