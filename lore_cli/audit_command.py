@@ -702,4 +702,4 @@ def run(args: argparse.Namespace) -> int:
     print(f"audit {args.name}: {result['verdict'].upper()}")
     print(result["summary"])
     print(f"wrote {path} and {path.parent / 'audits.md'}")
-    return 0
+    return 1 if result["verdict"] == "fail" else 0  # a script's `lore-fed audit ... &&` stops on a failed audit

@@ -57,8 +57,11 @@ def canary_run(pair_file: Path, secrets_file: Path, run_dir: Path) -> None:
 
 
 def canary_verdict(run_dir: Path, secrets_file: Path) -> dict:
-    assert main(["audit", "canary", str(run_dir), "--secrets", str(secrets_file)]) == 0
-    return json.loads((run_dir / "audits" / "canary.json").read_text())
+    """The canary audit's result; its exit code 1 on a failed verdict, else 0 (a script's `&&` stops on a fail)."""
+    code = main(["audit", "canary", str(run_dir), "--secrets", str(secrets_file)])
+    result = json.loads((run_dir / "audits" / "canary.json").read_text())
+    assert code == (1 if result["verdict"] == "fail" else 0), (code, result["verdict"])
+    return result
 
 
 def test_canary_audit_passes_an_honest_run_and_fails_when_the_servers_noise_is_cut(pair_file, secrets_file,
@@ -84,7 +87,7 @@ def test_canary_audit_passes_an_honest_run_and_fails_when_the_servers_noise_is_c
     # The accounting audit reads the same record: the events reproduce the ledger's epsilon, the released noise not.
     accounting = {}
     for name in ("honest", "cut"):
-        assert main(["audit", "accounting", str(tmp_path / name)]) == 0
+        assert main(["audit", "accounting", str(tmp_path / name)]) == (0 if name == "honest" else 1)
         accounting[name] = json.loads((tmp_path / name / "audits" / "accounting.json").read_text())
     assert accounting["honest"]["verdict"] == "pass"
     assert accounting["honest"]["released_noise"]["noise_ratio"] == pytest.approx(1.0, abs=0.1)
@@ -190,9 +193,11 @@ def mechanism(mode: str, tmp_path: Path, capsys, runs: int = 3000) -> dict:
     config = tmp_path / "privacy.json"
     config.write_text(json.dumps({"mode": mode, "noise_multiplier": 1.0, "clip_norm": 0.5, "population_size": 1000,
                                   "clients_per_round": 50, "delta": 1e-5}))
-    assert main(["audit", "mechanism", "--config", str(config), "--runs", str(runs), "--out", str(tmp_path)]) == 0
+    code = main(["audit", "mechanism", "--config", str(config), "--runs", str(runs), "--out", str(tmp_path)])
     capsys.readouterr()
-    return json.loads((tmp_path / "audits" / "mechanism.json").read_text())
+    result = json.loads((tmp_path / "audits" / "mechanism.json").read_text())
+    assert code == (1 if result["verdict"] == "fail" else 0), (code, result["verdict"])
+    return result
 
 
 def test_mechanism_audit_runs_the_servers_aggregation_and_fails_when_its_noise_is_cut(tmp_path, monkeypatch,
@@ -318,7 +323,7 @@ def test_a_stored_epsilon_that_is_not_an_object_fails_the_accounting_audit_inste
     data = _real_ledger(run)
     data["epsilon"] = 0.01
     (run / "ledger.json").write_text(json.dumps(data))
-    assert main(["audit", "accounting", str(run)]) == 0
+    assert main(["audit", "accounting", str(run)]) == 1  # a failed audit stops a script's `&&`
     assert json.loads((run / "audits" / "accounting.json").read_text())["verdict"] == "fail"
 
 

@@ -157,7 +157,7 @@ def test_the_guarantee_against_the_server_counts_the_most_sampled_users_rounds(p
     assert audit["verdict"] == "pass" and audit["epsilon_against_server"] == pytest.approx(expected)
     ledger["epsilon"]["against_server"]["epsilon"] = ledger["epsilon"]["headline"]  # the old, amplified claim
     (tmp_path / "ledger.json").write_text(json.dumps(ledger))
-    assert main(["audit", "accounting", str(tmp_path)]) == 0
+    assert main(["audit", "accounting", str(tmp_path)]) == 1
     assert json.loads((tmp_path / "audits" / "accounting.json").read_text())["verdict"] == "fail"
 
 
