@@ -15,6 +15,7 @@ Numpy only (importable on a device).
 from __future__ import annotations
 
 import hashlib
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -143,9 +144,13 @@ def other_embedders(first: str | None, second: str | None) -> bool:
     unnamed = (None, UNKNOWN_EMBEDDER)
     if first in unnamed or second in unnamed:
         return False
-    if "@" in first and "@" in second:
-        return first.split("@", 1)[1] != second.split("@", 1)[1]
+    spaces = [_FINGERPRINTED.fullmatch(name) for name in (first, second)]
+    if all(spaces):  # the label (a folder name: no '/', maybe an '@', as in 'tiny@v2') is not compared
+        return spaces[0].group(1) != spaces[1].group(1)
     return first != second
+
+
+_FINGERPRINTED = re.compile(r"[^/]*@([0-9a-f]{10}(?:/.*)?)", re.DOTALL)  # LABEL@FINGERPRINT/PIPELINE, greedy label
 
 
 def warn_if_other_embedder(basis_file: BasisFile, pairs: PairSet) -> None:

@@ -1409,4 +1409,7 @@ def test_an_encoder_of_another_model_than_the_basis_is_refused_by_init_and_by_a_
     assert {p.name: p.read_bytes() for p in state_dir.iterdir() if p.is_file() and p.name != ".lock"} == before
     assert not other_embedders("copy@0123456789/segment-pair/mean/l2", "model@0123456789/segment-pair/mean/l2")
     assert other_embedders("model@0123456789/segment-pair/mean/l2", "model@9876543210/segment-pair/mean/l2")
+    # a folder whose name holds '@' (a tester's `tiny@v2`) is a label like any other, not part of the fingerprint
+    assert not other_embedders("tiny@v2@0123456789/segment-pair/mean/l2", "tiny@0123456789/segment-pair/mean/l2")
+    assert other_embedders("tiny@v2@0123456789/segment-pair/mean/l2", "tiny@0123456789/reward-model/last-token")
     assert not other_embedders("unknown", "model-b") and not other_embedders(None, "model-b")
