@@ -391,9 +391,10 @@ def test_declared_attributes_set_the_cold_start_prior_and_forget_removes_them(to
     # (it said only "ignored"; a tester).
     proc = run_device(state, "declare", "age=65+", "--priors", tmp / "priors.json")
     assert proc.returncode == 0 and "no prior is used now (earlier declarations too)" in proc.stderr
+    assert "The table has age: 18-24 (groups smaller than its min_users" in proc.stderr  # a typo shows (a tester)
     assert json.loads(run_device(state, "status").stdout)["attributes_declared"] == {}
     proc = run_device(state, "declare", "age=18-24", "region=mars", "--priors", tmp / "priors.json")
-    assert "region=mars: ignored; the rest are used" in proc.stderr
+    assert "region=mars: ignored; the rest are used" in proc.stderr and "The table has no field region" in proc.stderr
     assert json.loads(run_device(state, "status").stdout)["attributes_declared"] == {"age": "18-24"}  # (a review)
     wrong = {**table, "basis_sha256": "0" * 64}
     (tmp / "wrong.json").write_text(json.dumps(wrong))

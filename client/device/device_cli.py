@@ -306,17 +306,27 @@ def _declare(args) -> int:
             if not args.attributes or args.priors is None:
                 raise ValueError("declare needs FIELD=VALUE ... and --priors TABLE (or --clear)")
             declared = attribute_prior.parse_declarations(args.attributes)
-            mean, missing = attribute_prior.prior_mean(attribute_prior.read_table(args.priors, state.basis),
-                                                       declared)
+            table = attribute_prior.read_table(args.priors, state.basis)
+            mean, missing = attribute_prior.prior_mean(table, declared)
             if missing:  # each `declare` replaces the last: an earlier declaration does not stay in their place
                 kept = "the rest are used" if mean is not None else "no prior is used now (earlier declarations too)"
-                print(f"note: {args.priors} has no prior for {', '.join(missing)}: ignored; {kept}", file=sys.stderr)
+                print(f"note: {args.priors} has no prior for {', '.join(missing)}: ignored; {kept}. "
+                      f"{_table_rows(table, missing)}", file=sys.stderr)
             used = tuple((field, value) for field, value in declared.items() if f"{field}={value}" not in missing)
             state = replace(state, attributes=used, prior_mean=mean)  # the declarations the prior was made of
         state, _ = user_posterior.refit(state)
         state = save_state(state)
     print(user_posterior.confidence(state, user_posterior.samples(state))["personalization"])
     return 0
+
+
+def _table_rows(table: dict, missing: list[str]) -> str:
+    """What a prior table holds for the fields of `missing` declarations (a typo shows; a tester saw only "ignored").
+    A value it lacks may be a group too small to publish (the table's min_users)."""
+    fields = dict.fromkeys(item.partition("=")[0] for item in missing)
+    return "The table has " + "; ".join(
+        f"{field}: {', '.join(sorted(table['groups'][field])) or 'no group'}" if field in table["groups"] else
+        f"no field {field}" for field in fields) + " (groups smaller than its min_users are left out)"
 
 
 def _strength(args) -> int:
