@@ -578,6 +578,13 @@ def test_adapting_on_the_same_choices_again_does_not_count_them_twice(tmp_path, 
     choices.write_text(choices.read_text() + "\n" + json.dumps({"prompt": "Which?", "chosen": "new", "rejected": "no"}))
     proc, _ = device(texts, "adapt", "--choices", choices)
     assert "skipped 3 of 4" in proc.stderr and load_state(texts).n_pairs == 4
+    assert "the other way" not in proc.stderr
+    # The same pair answered the other way is a second answer, kept, and said so (a tester took it for a missed
+    # duplicate).
+    choices.write_text(json.dumps({"prompt": "Which?", "chosen": "no", "rejected": "answer 0"}))
+    proc, _ = device(texts, "adapt", "--choices", choices)
+    assert "note: 1 of the new choices answer a pair the state holds the other way" in proc.stderr
+    assert load_state(texts).n_pairs == 5
 
 
 def test_a_tampered_encoder_setting_is_reported_by_name(tmp_path, basis_file, encoder_dir):

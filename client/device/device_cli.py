@@ -205,6 +205,10 @@ def _adapt(args) -> int:
                   f"{args.choices} (the same prompt and responses, or the same precomputed pair): a rerun after an "
                   "interruption does not count them twice, nor does a file that gives a choice twice", file=sys.stderr)
             diff, records = diff[fresh], [r for r, keep in zip(records, fresh) if keep]
+        if flipped := _answered_the_other_way(state, records):
+            print(f"note: {flipped} of the new choices answer a pair the state holds the other way: both answers are "
+                  "kept (Bradley-Terry reads them as a close call); `forget` and adapt again to drop the old one",
+                  file=sys.stderr)
         pair_diff = np.concatenate([state.pair_diff, diff.astype(np.float32)])
         choices = state.choices + tuple(json.dumps(r, ensure_ascii=False) for r in records)
         start = time.perf_counter()
@@ -488,6 +492,13 @@ def _not_yet_learned(state: DeviceState, diff: np.ndarray, records: list[dict]) 
         known[i] |= key in seen
         seen.add(key)
     return ~known
+
+
+def _answered_the_other_way(state: DeviceState, records: list[dict]) -> int:
+    """How many new text choices pick the other response of a pair the state already holds (a tester read the
+    second answer being kept as a duplicate that was missed)."""
+    stored = {personalize.choice_identity(r, ordered=False) for r in map(json.loads, state.choices) if "chosen" in r}
+    return sum("precomputed" not in r and personalize.choice_identity(r, ordered=False) in stored for r in records)
 
 
 def _rebase(old: DeviceState, basis: BasisFile) -> DeviceState:
