@@ -171,14 +171,15 @@ def _synthetic(seed: int):
 
 
 def run_pair_file(run_dir: Path | None) -> str | Path | None:
-    """The pair file a run was trained on: `pairs_path` in a train run's metrics.json, the path in a simulate run's
-    data.json (lore_cli.run_data), or a pairs.npz inside the run directory; None when it does not say. A file whose
+    """The pair file a run was trained on: the path in a simulate run's data.json (lore_cli.run_data), `pairs_path`
+    in a train run's metrics.json, or a pairs.npz inside the run directory; None when it does not say. A file whose
     digest differs from the one the run recorded is refused."""
     from lore_cli.run_data import DATA_FILENAME
 
     if run_dir is None:
         return None
-    for name, key in (("metrics.json", "pairs_path"), (DATA_FILENAME, "path")):
+    # data.json first: a simulate run's own record, which an edited metrics.json cannot skip (found by a tester)
+    for name, key in ((DATA_FILENAME, "path"), ("metrics.json", "pairs_path")):
         file = run_dir / name
         if not file.exists():
             continue

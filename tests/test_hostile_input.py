@@ -857,6 +857,23 @@ def test_a_runs_damaged_pair_file_record_is_refused_not_skipped(w, record, damag
     refused(["audit", "extraction", "run", "--out", "o"], f"run/{record}", w, expect="cannot be checked")
 
 
+def test_a_simulate_runs_data_json_checks_the_pair_file_whatever_metrics_json_says(w):
+    """Found by a tester: with `pairs_fingerprint` deleted from a simulate run's metrics.json the audit read the pair
+    file unchecked, though data.json (the run's own record) still held its digest."""
+    from lore_cli.run_data import pair_file_fingerprint
+
+    (w / "run").mkdir()
+    shutil.copy(w / "basis.npz", w / "run" / "basis.npz")
+    changed = w / "changed.npz"
+    shutil.copy(w / "pairs.npz", changed)
+    (w / "run" / "data.json").write_text(json.dumps({"path": str(changed), **pair_file_fingerprint(changed)}))
+    (w / "run" / "metrics.json").write_text(json.dumps({"pairs_path": str(changed)}))  # its fingerprint deleted
+    with np.load(changed) as z:
+        arrays = {k: z[k] for k in z.files}
+    np.savez(changed, **{**arrays, "diff": arrays["diff"][::-1].copy()})  # the file changed after the run
+    refused(["audit", "extraction", "run", "--out", "o"], "run/data.json", w, expect="has changed since the run")
+
+
 def test_a_setting_the_user_did_not_give_is_named_as_the_default(tmp_path):
     """Found by a tester: on a pair file of width D = 3, `simulate` without --rank said "--rank 5 is more than the
     embedding width", a flag the user never typed; the run config's default is named as such."""
