@@ -657,7 +657,9 @@ def resolve_model_dir(model: str | os.PathLike | None) -> Path:
             raise EmbeddingError(f"{path} is a directory without config.json, not a Hugging Face model")
         return path.resolve()
     text = str(model)
-    if path.exists() or text.startswith((".", "/", "~")) or text.count("/") > 1:
+    if path.exists():  # a file (a tester gave the model's config.json)
+        raise EmbeddingError(f"model {text!r} is a file; give the model's directory (the one holding config.json)")
+    if text.startswith((".", "/", "~")) or text.count("/") > 1:
         raise EmbeddingError(f"model {text!r}: no such model directory")
     from huggingface_hub import snapshot_download
 

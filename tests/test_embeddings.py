@@ -242,6 +242,9 @@ def test_model_name_identifies_the_weights(tiny_bert, tmp_path):
 def test_unknown_model_is_a_clear_error(tmp_path):
     with pytest.raises(EmbeddingError, match="no such model directory"):
         resolve_model_dir(str(tmp_path / "missing"))
+    (tmp_path / "config.json").write_text("{}")  # a tester gave the model's config.json: "no such model directory"
+    with pytest.raises(EmbeddingError, match="config.json' is a file; give the model's directory"):
+        resolve_model_dir(str(tmp_path / "config.json"))
     with pytest.raises(EmbeddingError, match="neither a local directory nor"):
         resolve_model_dir("no-such-org/no-such-model")
 

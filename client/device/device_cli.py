@@ -202,7 +202,7 @@ def _adapt(args) -> int:
         fresh = _not_yet_learned(state, diff, records)
         if not fresh.all():
             print(f"skipped {int((~fresh).sum())} of {fresh.size} choices already learned or repeated in "
-                  f"{args.choices} (the same prompt and responses, or the same precomputed pair): a rerun after an "
+                  f"{args.choices} (the same prompt, chosen and rejected, or the same precomputed pair): a rerun after an "
                   "interruption does not count them twice, nor does a file that gives a choice twice", file=sys.stderr)
             diff, records = diff[fresh], [r for r, keep in zip(records, fresh) if keep]
         if flipped := _answered_the_other_way(state, records):
