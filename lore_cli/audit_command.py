@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from lore_core.text_file import json_loads, not_a_file, parse_json, read_jsonl, read_text
-from lore_cli.termination import interruptions_deferred
+from lore_core.termination import interruptions_deferred
 
 NAMES = ("update-leakage", "attribute", "membership", "mechanism", "canary", "accounting", "extraction", "fairness")
 PRIVACY_DEFAULTS = {"noise_multiplier": 1.0, "clip_norm": 1.0, "clients_per_round": 50, "population_size": 1400,
@@ -189,6 +189,10 @@ def run_pair_file(run_dir: Path | None) -> str | Path | None:
         except (ValueError, AttributeError) as exc:
             raise AuditCommandError(f"{file}: not a JSON object ({exc}); pass --pairs PAIRS.npz") from exc
         if not isinstance(value, str):
+            if name == DATA_FILENAME:  # the run's own record: damaged, the pair file cannot be checked (a review)
+                raise AuditCommandError(f"{file}: no pair-file path (\"path\"); it is the run's record of its pair "
+                                        f"file, without which the pair file cannot be checked. Restore {file}, or "
+                                        "pass the run's pairs with --pairs")
             continue
         if name == DATA_FILENAME:
             check_recorded_pair_file(file, record, value)
@@ -544,6 +548,7 @@ def _canary(args, run_dir, settings) -> dict:
     if run_dir is None or not args.secrets:
         raise AuditCommandError("the canary audit needs RUN_DIR and --secrets FILE (from `lore-fed simulate "
                                 "--canaries K --canary-secrets FILE`)")
+    check_run_records_every_round(run_dir)
     ledger = PrivacyLedger.load(run_dir)
     s = ledger.settings
     if s.mode not in ("user", "user+secagg"):
@@ -583,7 +588,6 @@ def released_sums(run_dir: Path, ledger):
     its released noisy sums (R, B, D): the recorded mean updates times the fixed denominator q N."""
     from server.release_record import read_releases
 
-    check_run_records_every_round(run_dir)
     releases = read_releases(run_dir)
     check_record_covers_ledger(releases, ledger.rounds_released, run_dir)
     s = ledger.settings

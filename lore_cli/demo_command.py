@@ -188,7 +188,7 @@ def check_demo_dir(out: Path, flags: dict) -> bool:
 
 def _stage(name: str, done: bool, argv: list[str]) -> None:
     from lore_cli.main import CommandFailed, main
-    from lore_cli.termination import Terminated
+    from lore_core.termination import Terminated
 
     if done:
         print(f"== {name}: already done, skipped", flush=True)

@@ -71,7 +71,8 @@ def _main(argv: list[str]) -> int:
     if not getattr(args, "_run", None):
         parser.print_help()
         return 0 if command is None else 2
-    from lore_cli.termination import interrupted, is_interruption, terminated_as_interrupt
+    from lore_cli.termination import interrupted, is_interruption
+    from lore_core.termination import terminated_as_interrupt
     from lore_core.run_lock import RunDirBusy
 
     try:

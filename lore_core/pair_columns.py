@@ -35,6 +35,8 @@ from lore_core.pairs import (EXPECTED, OPTIONAL_ARRAYS, REQUIRED_ARRAYS, TEXT_AR
 READ_ROWS = 1 << 17  # rows per block when a whole file is scanned (~200 MB of diff at D = 384)
 _LOCAL_HEADER = struct.Struct("<4s2B4HL2L2H")  # zip local file header (zipfile.sizeFileHeader = 30 bytes)
 
+PER_PAIR_ARRAYS = ("diff", "user", "split", "seen", "logit_true", "group")  # one row per pair, diff first
+
 
 @dataclass(frozen=True)
 class _Member:
@@ -153,7 +155,7 @@ class PairColumns:
             raise PairFileError(f"{where}: diff must be a 2-D float array (n, D), got shape {diff.shape}")
         if diff.dtype.kind != "f":
             raise PairFileError(f"{where}: diff must be float, got {diff.dtype}")
-        for name in ("user", "split", "seen", "logit_true", "group"):
+        for name in PER_PAIR_ARRAYS[1:]:
             if name in self._members and self._members[name].shape != (self.n,):
                 raise PairFileError(f"{where}: {name} must have shape ({self.n},) like diff, "
                                     f"got {self._members[name].shape}")
@@ -314,7 +316,7 @@ def user_blocks(columns: PairColumns, index: PairIndex,
     users (first, stop); each block is validated by `PairSet`, so a bad file gets the contract's error, naming the
     file. A block's diff maps the file (no copy): use a block within its iteration."""
     head = columns.read("reference_head") if columns.has("reference_head") else None
-    names = [name for name in ("diff", "user", "split", "seen", "logit_true", "group") if columns.has(name)]
+    names = [name for name in PER_PAIR_ARRAYS if columns.has(name)]
     for first, stop in index.user_chunks(rows_per_block):
         rows = index.rows(first, stop)
         if index.order is None:  # one contiguous range

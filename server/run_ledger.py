@@ -30,9 +30,9 @@ EVAL_NOT_COVERED = ("federated evaluation metrics (per-node accuracy sums; metri
 COUNTS_NOT_COVERED = ("per-round counts (ledger `sampled`; rounds.jsonl sampled_users, accepted_users, "
                       "rejected_replies, missing_replies, non_finite_users, record_budget_exhausted_users, "
                       "secagg_nodes, unasked_nodes, eval_failed_nodes, eval_missing_nodes; metrics.json's totals of "
-                      "them; user+secagg also tells the sampled users k (its bases' noise variance, k (zC)^2 / n_min, "
-                      "moves with k too), and the ledger the rounds of the most-sampled "
-                      "user, most_user_rounds): exact; under add/remove adjacency a user's "
+                      "them; user+secagg also tells the sampled users k (its bases' noise variance, n (zC)^2 / "
+                      "n_min for the n users whose shares arrive, moves with k too), and the ledger the rounds of the "
+                      "most-sampled user, most_user_rounds): exact; under add/remove adjacency a user's "
                       "presence shifts the sampled count's distribution (Bin(N, q) against Bin(N - 1, q)), and "
                       "accepted/rejected counts tell which replies failed; covered only under zero-out adjacency (the "
                       "user present but sending nothing)")

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from client.device.attribute_prior import FORMAT, publishable_mean
-from client.device.user_posterior import DEVICE_PRIOR_PAIRS
+from client.device.user_posterior import DEVICE_PRIOR_PAIRS, basis_prior_pairs
 from lore_core.atomic_io import atomic_write_json, check_output_path
 from lore_core.basis_file import BasisFile, load_basis
 from lore_core.evaluation import few_shot_weights
@@ -123,9 +123,8 @@ def main(argv: list[str] | None = None) -> int:
         if basis.dim != panel.dim:
             raise ValueError(f"--basis {args.basis} has width {basis.dim}, but {dataset} embeds pairs in "
                              f"{panel.dim} dimensions: give the basis released for this embedding")
-        prior = DEVICE_PRIOR_PAIRS if basis.prior_pairs is None else float(basis.prior_pairs)  # as the device fits
         table = build_table(panel, basis, demographics, fields, min_users=args.min_users, source=str(dataset),
-                            prior_pairs=prior)
+                            prior_pairs=basis_prior_pairs(basis))  # as the device fits
         atomic_write_json(args.out, table)
     except (ValueError, OSError) as exc:
         print(f"attribute_priors: error: {exc}", file=sys.stderr)

@@ -312,7 +312,7 @@ def test_an_interrupted_stage_interrupts_the_demo(monkeypatch, code, raised):
     """A reviewer: a stage ended by Ctrl-C or kill -TERM (its `main` returns 130 / 143) made the demo exit 1 with
     "failed ... rerun after fixing it" instead of the demo's own interruption sentence and code."""
     from lore_cli import demo_command, main as cli
-    from lore_cli.termination import Terminated
+    from lore_core.termination import Terminated
 
     monkeypatch.setattr(cli, "main", lambda argv: code)
     with pytest.raises(Terminated if raised == "Terminated" else raised):

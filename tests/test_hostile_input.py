@@ -843,7 +843,8 @@ def test_audit_inputs_that_are_not_what_they_claim_are_named(w):
 
 
 @pytest.mark.parametrize("record, damaged", [("metrics.json", "a digest"), ("metrics.json", None),
-                                             ("metrics.json", {"bytes": 1}), ("data.json", {"bytes": "many"})])
+                                             ("metrics.json", {"bytes": 1}), ("data.json", {"bytes": "many"}),
+                                             ("data.json", {"path": None})])  # a review: then metrics.json was read
 def test_a_runs_damaged_pair_file_record_is_refused_not_skipped(w, record, damaged):
     """Found by a tester: audit of a run whose recorded pair-file digest was damaged read the file the run names
     without checking it (the check was skipped), or called a damaged data.json a changed pair file."""

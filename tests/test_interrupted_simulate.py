@@ -142,7 +142,7 @@ def test_interruptions_held_during_writes_that_belong_together_act_after_them(ct
     both came), an error of the block itself is not hidden by a held signal, and the handlers are restored."""
     import signal
 
-    from lore_cli.termination import Terminated, interruptions_deferred, terminated_as_interrupt
+    from lore_core.termination import Terminated, interruptions_deferred, terminated_as_interrupt
 
     before = signal.getsignal(signal.SIGINT)
     done = []

@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     args = parser.parse_args(argv)
     shown, warnings.formatwarning = warnings.formatwarning, lambda message, *_, **__: f"note: {message}\n"
-    from lore_cli.termination import Terminated, terminated_as_interrupt  # signal and threading only
+    from lore_core.termination import interruption_kind, terminated_as_interrupt
 
     try:
         with terminated_as_interrupt():  # kill -TERM ends it as Ctrl-C does (a tester's SIGTERM died silently)
@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         partly = args.device_command == "forget" and getattr(args, "all", False)  # deletes file by file
         state = ("some of the state's files may already be deleted" if partly else
                  "the device state is as the last completed command left it")
-        how, code = ("terminated (SIGTERM)", 143) if isinstance(exc, Terminated) else ("interrupted", 130)
+        how, code = interruption_kind(exc)
         print(f"client.device {args.device_command}: {how}; {state}: run the command again", file=sys.stderr)
         return code
     finally:

@@ -24,8 +24,13 @@ DEVICE_PRIOR_PAIRS = 1.0
 
 
 def prior_pairs(state: DeviceState) -> float:
-    """The personal prior of this device's fits: the basis file's, else DEVICE_PRIOR_PAIRS."""
-    return DEVICE_PRIOR_PAIRS if state.basis.prior_pairs is None else float(state.basis.prior_pairs)
+    """The personal prior of this device's fits (`basis_prior_pairs` of its basis)."""
+    return basis_prior_pairs(state.basis)
+
+
+def basis_prior_pairs(basis) -> float:
+    """The personal prior a device fits with on `basis` (a BasisFile): the file's, else DEVICE_PRIOR_PAIRS."""
+    return DEVICE_PRIOR_PAIRS if basis.prior_pairs is None else float(basis.prior_pairs)
 
 
 def answer_scores(state: DeviceState) -> np.ndarray:
