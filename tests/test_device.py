@@ -566,9 +566,10 @@ def test_init_refuses_an_encoder_checksum_that_is_not_a_sha256_digest(tmp_path):
 def test_adapting_on_the_same_choices_again_does_not_count_them_twice(tmp_path, basis_file, encoder_dir):
     """Found by a hostile-input test: a rerun of `adapt` after an interruption doubled the choices and moved w."""
     state_dir = _adapted_state(tmp_path, basis_file)  # 8 precomputed pairs from diff.npz
-    w = load_state(state_dir).user_weights
+    w, generation = load_state(state_dir).user_weights, load_state(state_dir).generation
     proc, _ = device(state_dir, "adapt", "--choices", tmp_path / "diff.npz")
     assert "skipped 8 of 8" in proc.stderr and load_state(state_dir).n_pairs == 8
+    assert load_state(state_dir).generation == generation  # nothing new, nothing written
     np.testing.assert_allclose(load_state(state_dir).user_weights, w)
     texts, choices = tmp_path / "texts", tmp_path / "c.jsonl"
     choices.write_text("\n".join(json.dumps({"prompt": "Which?", "chosen": f"answer {i}", "rejected": "no"})

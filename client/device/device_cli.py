@@ -214,7 +214,8 @@ def _adapt(args) -> int:
         start = time.perf_counter()
         state, result = user_posterior.refit(replace(state, pair_diff=pair_diff, choices=choices))
         fit_ms = 1e3 * (time.perf_counter() - start)
-        state = save_state(state)
+        if records:  # nothing new: the state on disk stays as it is, its generation too (a tester)
+            state = save_state(state)
     spread = user_posterior.confidence(state, user_posterior.samples(state))["spread"]
     summary = {
         "added": len(records), "pairs": state.n_pairs, "iterations": result.iterations,
