@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -89,7 +90,9 @@ def _export_checked(embedder, out: Path) -> None:
     sample = embedder.tokenizer(["user: hi", "user: and then?"], ["Hello!", "Then it rises."], padding=True,
                                 return_tensors="pt")
     batch, seq = torch.export.Dim("batch"), torch.export.Dim("seq", max=embedder.max_length)
-    with torch.inference_mode():
+    with torch.inference_mode(), warnings.catch_warnings():
+        # torch's notes to itself about dynamic axis names, shown to users as `note:` lines (a tester)
+        warnings.filterwarnings("ignore", message=r"# The axis name: ")
         program = torch.onnx.export(
             module, tuple(sample[name] for name in INPUT_NAMES), input_names=list(INPUT_NAMES),
             output_names=[OUTPUT_NAME], dynamic_shapes={name: {0: batch, 1: seq} for name in INPUT_NAMES},
