@@ -27,8 +27,8 @@ RERUN = {
 
 
 def is_interruption(exc: BaseException) -> bool:
-    """Ctrl-C, kill -TERM, or kill -TERM once `ray.init` (simulate, demo) has replaced the handler above with its
-    own, which calls sys.exit(15)."""
+    """Ctrl-C, kill -TERM, or kill -TERM once `ray.init` (simulate, demo) has replaced lore_core.termination's
+    handler with its own, which calls sys.exit(15)."""
     return isinstance(exc, KeyboardInterrupt) or isinstance(exc, SystemExit) and exc.code == signal.SIGTERM
 
 

@@ -5,7 +5,8 @@
 Where the prior comes from. A pilot panel of people who consented to publish their pairs and their attributes (in
 this repository's benchmarks: the seen users of a prepared dataset, whose `users.jsonl` holds the demographics).
 Their w are fitted centrally with the released basis, exactly as a device fits w (with the basis file's personal
-prior, as the device does), and averaged per attribute value. No w_i of the federated population is needed, so none leaves a device.
+prior, as the device does), and averaged per attribute value. No w_i of the federated population is needed, so
+none leaves a device.
 
 What it costs in privacy. The panel's group means are published: a group smaller than --min-users is left out
 (one member could otherwise be read off it), and the panel must have agreed to publication. A device downloads the

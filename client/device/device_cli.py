@@ -202,8 +202,9 @@ def _adapt(args) -> int:
         fresh = _not_yet_learned(state, diff, records)
         if not fresh.all():
             print(f"skipped {int((~fresh).sum())} of {fresh.size} choices already learned or repeated in "
-                  f"{args.choices} (the same prompt, chosen and rejected, or the same precomputed pair): a rerun after an "
-                  "interruption does not count them twice, nor does a file that gives a choice twice", file=sys.stderr)
+                  f"{args.choices} (the same prompt, chosen and rejected, or the same precomputed pair): a rerun "
+                  "after an interruption does not count them twice, nor does a file that gives a choice twice",
+                  file=sys.stderr)
             diff, records = diff[fresh], [r for r, keep in zip(records, fresh) if keep]
         if flipped := _answered_the_other_way(state, records):
             print(f"note: {flipped} of the new choices answer a pair the state holds the other way: both answers are "
