@@ -604,13 +604,35 @@ def _accounting(args, run_dir, settings) -> dict:
     result = accounting_audit(run_dir)
     noise = _released_noise(run_dir)
     result["released_noise"] = noise
-    if noise["verdict"] == "fail":
-        result.update(verdict="fail", passed=False, problems=result["problems"] + [noise["summary"]],
-                      summary=f"FAIL: {noise['summary']}; the epsilon its events give does not hold for this run. "
+    mismatches = _ledger_mismatches(run_dir)
+    result["ledger_mismatches"] = mismatches
+    found = mismatches + ([noise["summary"]] if noise["verdict"] == "fail" else [])
+    if found:
+        result.update(verdict="fail", passed=False, problems=result["problems"] + found,
+                      summary=f"FAIL: {'; '.join(found)}; the epsilon its events give does not hold for this run. "
                               f"(Events: {result['summary']})")
+    elif noise["verdict"] == "not-checked" and result["verdict"] == "pass":
+        # the events agree, but only the released sums show the noise was added (a reviewer: this read `pass`)
+        result.update(verdict="inconclusive", passed=False,
+                      summary=f"INCONCLUSIVE: {result['summary'].removeprefix('PASS: ')} Released noise: "
+                              f"{noise['summary']}: the epsilon holds only if the server added the noise its events "
+                              "claim.")
     else:
         result["summary"] += f" Released noise: {noise['summary']}."
     return result
+
+
+def _ledger_mismatches(run_dir: Path) -> list[str]:
+    """Where the run's ledger disagrees with itself or with its checkpoint (lore_core.audits.accounting_check)."""
+    from lore_core.audits.accounting_check import ledger_run_mismatches
+    from lore_core.privacy.ledger import read_ledger
+    from server.checkpoint import load_checkpoint
+
+    file = run_dir / "ledger.json"
+    state = load_checkpoint(run_dir)
+    found = ledger_run_mismatches(read_ledger(file), state.settings if state else None,
+                                  state.population if state else None)
+    return [f"{file}: {problem}" for problem in found]
 
 
 def _released_noise(run_dir: Path) -> dict:

@@ -148,6 +148,63 @@ def test_an_under_noised_run_missing_its_release_record_or_a_ledger_round_is_ref
         assert not (run / "audits").exists()
 
 
+def test_a_ledger_forged_consistently_in_its_events_fails_against_its_config_and_checkpoint(
+        pair_file, secrets_file, tmp_path, capsys):
+    """A reviewer's leftover: the accounting audit recomputed epsilon from the events' (z, q) alone. A ledger whose
+    events claim half the sample rate, its epsilon recomputed to match, passed that; its config's m / N and then
+    the checkpoint's population (N doubled to match) still say what ran. Every forgery fails (exit 1); the honest
+    run passes with no mismatch, its sampled counts within chance of m per round."""
+    from lore_core.audits.accounting_check import opacus_epsilons, pld_epsilon
+
+    run = tmp_path / "run"
+    canary_run(pair_file, secrets_file, run)
+    assert main(["audit", "accounting", str(run)]) == 0
+    honest = json.loads((run / "audits" / "accounting.json").read_text())
+    assert honest["verdict"] == "pass" and honest["ledger_mismatches"] == []
+
+    def forged(name: str, edit) -> dict:
+        copy = tmp_path / name
+        shutil.copytree(run, copy, ignore=shutil.ignore_patterns("audits"))
+        ledger = json.loads((copy / "ledger.json").read_text())
+        edit(ledger)
+        history = [(r["noise_multiplier"], r["sample_rate"], 1) for r in ledger["events"]["rounds"]]
+        prv, rdp = opacus_epsilons(history, ledger["delta"])
+        assert abs(pld_epsilon(history, ledger["delta"]) - prv) < 0.05  # the events agree with the new epsilon
+        ledger["epsilon"].update(headline=prv, prv=prv, rdp=rdp)
+        (copy / "ledger.json").write_text(json.dumps(ledger))
+        assert main(["audit", "accounting", str(copy)]) == 1
+        return json.loads((copy / "audits" / "accounting.json").read_text())
+
+    def halve_q(ledger):
+        for entry in ledger["events"]["rounds"]:
+            entry["sample_rate"] /= 2
+
+    def and_double_n(ledger):
+        halve_q(ledger)
+        ledger["population_size"] = ledger["config"]["population_size"] = 2 * ledger["population_size"]
+
+    lower_q = forged("lower-q", halve_q)
+    assert lower_q["epsilon_prv"] < honest["epsilon_prv"]  # what the forgery would have certified
+    assert "record a sample rate other than clients_per_round / population_size" in lower_q["summary"]
+    larger_n = forged("larger-n", and_double_n)
+    assert len(larger_n["ledger_mismatches"]) == 1, larger_n["ledger_mismatches"]
+    assert "training users the run's nodes hold (checkpoint.npz)" in larger_n["summary"]
+
+
+def test_a_ledger_without_its_release_record_and_checkpoint_is_inconclusive_not_passed(pair_file, secrets_file,
+                                                                                      tmp_path, capsys):
+    """A reviewer: with checkpoint.npz and releases/ both gone, nothing shows that the noise the events claim was
+    added, and the audit said `pass`. It is `inconclusive` (exit 0, as every verdict but fail), saying why."""
+    run = tmp_path / "run"
+    canary_run(pair_file, secrets_file, run)
+    (run / "checkpoint.npz").unlink()
+    shutil.rmtree(run / "releases")
+    assert main(["audit", "accounting", str(run)]) == 0
+    result = json.loads((run / "audits" / "accounting.json").read_text())
+    assert result["verdict"] == "inconclusive" and result["released_noise"]["verdict"] == "not-checked"
+    assert "holds only if the server added the noise its events claim" in result["summary"]
+
+
 def test_release_record_proves_what_was_released_and_refuses_tampering(pair_file, secrets_file, tmp_path):
     run_dir = tmp_path / "run"
     canary_run(pair_file, secrets_file, run_dir)

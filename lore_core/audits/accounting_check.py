@@ -153,6 +153,54 @@ def accounting_audit(ledger: dict | str | Path, *, abs_tol: float = ABS_TOL, rel
     }
 
 
+# A ledger's sampled counts may exceed clients_per_round over its rounds by at most this many standard errors.
+SAMPLED_ERRORS = 6.0
+
+
+def ledger_run_mismatches(ledger: dict, checkpoint_settings: dict | None = None,
+                          population: list[int] | None = None) -> list[str]:
+    """Where a user-mode ledger disagrees with itself or with the run's checkpoint. The accountant reads only the
+    events' (z, q), but the server samples with q = m / N for the N users its nodes hold (checkpoint.npz) and
+    divides each noisy sum by q N = m. A ledger edited consistently in its events (a lower q, the epsilon recomputed)
+    passes the recomputation; here its q must be the config's m / N, N the checkpoint's, z the config's, and the
+    rounds' sampled counts no more than m each by chance (a reviewer: these fields were never cross-checked)."""
+    config = ledger.get("config") if isinstance(ledger.get("config"), dict) else {}
+    n, m, z = (config.get(key) for key in ("population_size", "clients_per_round", "noise_multiplier"))
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in (n, m)):
+        return [f"its config holds population_size {n!r} and clients_per_round {m!r}, not positive whole numbers"]
+    q = min(1.0, m / n)  # the server's sampler (server/aggregation.py)
+    rounds = (ledger.get("events") or {}).get("rounds", [])
+    problems = []
+    off_q = [i for i, e in enumerate(rounds, 1) if not math.isclose(float(e["sample_rate"]), q, rel_tol=1e-9)]
+    if off_q:
+        problems.append(f"{len(off_q)} of its {len(rounds)} rounds (the first: round {off_q[0]}) record a sample rate "
+                        f"other than clients_per_round / population_size = {m}/{n} = {q:.6g}")
+    if _number(z) is not None:
+        off_z = [i for i, e in enumerate(rounds, 1) if not math.isclose(float(e["noise_multiplier"]), z, rel_tol=1e-9)]
+        if off_z:
+            problems.append(f"{len(off_z)} of its rounds (the first: round {off_z[0]}) record a noise multiplier "
+                            f"other than the config's {z}")
+    if ledger.get("population_size") != n:
+        problems.append(f"its population_size {ledger.get('population_size')!r} is not its config's {n}")
+    sampled = [e.get("sampled") for e in rounds]
+    if rounds and all(isinstance(k, int) for k in sampled):
+        expected = len(rounds) * q * n
+        excess = (sum(sampled) - expected) / math.sqrt(expected * (1 - q) or 1.0)
+        if excess > SAMPLED_ERRORS:
+            problems.append(f"its rounds sampled {sum(sampled)} users in all, {excess:.1f} standard errors above the "
+                            f"{expected:.0f} that {len(rounds)} rounds at q = {q:.6g} draw: the sample rate it claims "
+                            "is not the one that ran")
+    if population is not None and sum(population[:-1]) != n:
+        problems.append(f"its population_size {n} is not the {sum(population[:-1])} training users the run's nodes "
+                        "hold (checkpoint.npz)")
+    if checkpoint_settings:
+        for key, ran in (("clients_per_round", checkpoint_settings.get("clients_per_round")),
+                         ("mode", checkpoint_settings.get("privacy_mode"))):
+            if ran is not None and config.get(key) != ran:
+                problems.append(f"its {key} {config.get(key)!r} is not the run's {ran!r} (checkpoint.npz)")
+    return problems
+
+
 def _against_server(ledger: dict, history: list[tuple[float, float, int]], delta: float) -> tuple[float, float | None]:
     """user+secagg: (epsilon against the server from the events, the stored one): the discrete Gaussian unsampled
     (q = 1) at the smallest z over the rounds of the most-sampled user (the last event's count; every round where
