@@ -20,3 +20,12 @@ def ctrl_c_raises():
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     yield
     signal.signal(signal.SIGINT, previous)
+
+
+# The file whose tests take longest, mostly waiting on Flower's heartbeats: first, so that one xdist worker runs it
+# while the other runs everything else (pyproject addopts: `--dist loadfile --no-loadscope-reorder`).
+FIRST = "test_deployment.py"
+
+
+def pytest_collection_modifyitems(items):
+    items.sort(key=lambda item: item.path.name != FIRST)  # stable: file order kept otherwise
