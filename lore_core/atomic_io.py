@@ -177,3 +177,9 @@ def check_output_path(path: str | os.PathLike, flag: str, *, directory: bool) ->
         raise ValueError(f"{flag} {path}: {ancestor} is a file, not a directory")
     if not os.access(ancestor, os.W_OK | os.X_OK):
         raise ValueError(f"{flag} {path}: {ancestor} is not writable")
+    try:  # access() trusts the mode bits: a pseudo file system (/proc) or a read-only mount refuses the file itself
+        with tempfile.TemporaryFile(dir=ancestor):
+            pass
+    except OSError as exc:
+        raise ValueError(f"{flag} {path}: {ancestor} does not take new files (a test file there failed: "
+                         f"{exc.strerror})") from None

@@ -15,6 +15,7 @@ its creation and its creator's lock another run may lock it first, and name itse
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
@@ -79,6 +80,10 @@ class RunDirLock:
                     raise LockFileError(f"{path} is a {'symbolic link' if path.is_symlink() else 'directory'}, not "
                                         "the run's lock file (a plain file lore-fed writes): remove it and run the "
                                         "command again") from None
+                if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):  # a tester: a raw "[Errno 30]"
+                    raise LockFileError(f"{path}: the run's lock file cannot be created or opened ({exc.strerror}); "
+                                        "every command that reads or writes a run directory locks it, so it must "
+                                        "be writable: copy the run to a writable place") from None
                 raise
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -797,6 +797,37 @@ def test_an_output_through_a_broken_symbolic_link_is_refused_before_any_work(w):
             expect="symbolic link")
 
 
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc")
+def test_an_output_where_no_file_can_be_created_is_refused_by_the_flag_before_any_work(w):
+    """Found by a tester: `--out` under /proc (which access() calls writable) failed after the work with an errno
+    message naming a temp file. The check now creates a test file where the output goes."""
+    refused(["train", "pairs.npz", "--out", "/proc/lore-fed-run"], "--out /proc/lore-fed-run", w,
+            expect="does not take new files")
+    refused(["evaluate", "pairs.npz", "--basis", "basis.npz", "--out", "/proc/metrics.json"], "--out", w,
+            expect="does not take new files")
+
+
+def test_a_run_directory_whose_lock_file_cannot_be_created_is_named_not_an_errno(w, monkeypatch):
+    """Found by a tester: an audit of a run on a read-only mount said only "[Errno 30] Read-only file system" about
+    RUN/.lock. Here the file system's refusal is stood in for (as root, mode bits do not refuse)."""
+    import errno
+    import os
+
+    import lore_core.run_lock as run_lock
+
+    real_open = os.open
+
+    def read_only(path, flags, *args):
+        if str(path).endswith(run_lock.LOCK_FILENAME):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+        return real_open(path, flags, *args)
+
+    (w / "archived").mkdir()
+    monkeypatch.setattr(run_lock.os, "open", read_only)
+    refused(["audit", "accounting", "archived"], "archived/.lock", w, expect="must be writable")
+    refused(["train", "pairs.npz", "--rank", "1", "--out", "archived"], "archived/.lock", w, expect="must be writable")
+
+
 def test_a_device_state_under_a_regular_file_is_refused_by_the_flag(w):
     refused(["--state", "pairs.npz/state", "init", "--basis", "basis.npz"], "--state", w, device=True,
             expect="is a file, not a directory")
