@@ -15,6 +15,7 @@ settings (its checkpoint's).
 from __future__ import annotations
 
 import argparse
+import json
 import math
 from pathlib import Path
 
@@ -529,14 +530,41 @@ def _mechanism(args, run_dir, settings) -> dict:
 
 
 def check_record_covers_ledger(releases, ledger_rounds: int, run_dir: Path) -> None:
-    """The audit scores the releases against the ledger's epsilon, so the record must reach the ledger's last round
-    (each round's release follows its ledger entry): a chain.jsonl cut to its header failed with numpy's "cannot
-    reshape array of size 0", one cut to 3 of 10 releases was scored against the epsilon of all 10."""
-    last = int(releases.ledger_rounds[-1]) if len(releases) else 0
-    if last != ledger_rounds:
-        raise AuditCommandError(f"{run_dir}/releases/chain.jsonl records releases up to ledger round {last}, but the "
-                                f"ledger holds {ledger_rounds} rounds: the record does not cover the run (restore "
-                                "releases/, or finish the run by rerunning its command)")
+    """The audit scores the releases against the ledger's epsilon, so every release must name its ledger round, in
+    increasing order (a round re-run after a crash is a new ledger round), up to the ledger's last round; a ledger
+    round may lack a release only where the server died between the two (its budget stays spent). The record must
+    end where the run's checkpoint says the run ended. Found before: a chain.jsonl cut to its header failed with
+    numpy's "cannot reshape array of size 0", one cut to 3 of 10 releases was scored against the epsilon of all 10.
+    Found by an adversarial tester: a prefix of the chain is itself a valid chain, so with the ledger cut to match
+    (and the checkpoint deleted or its round lowered) 20 rounds passed as 5; and releases set to no ledger round
+    were left out of the noise check, so a fake release of the claimed noise hid a run whose noise was cut."""
+    from server.checkpoint import load_checkpoint
+
+    counted = releases.ledger_rounds  # -1: a release that names no ledger round
+    increasing = counted.size == 0 or (counted[0] >= 1 and (np.diff(counted) > 0).all())
+    last_counted = int(counted[-1]) if counted.size else 0
+    if not increasing or last_counted != ledger_rounds:
+        problem = "names no ledger round for a release" if (counted < 1).any() else \
+            "lists ledger rounds out of order" if not increasing else \
+            f"records releases up to ledger round {last_counted}, but the ledger holds {ledger_rounds} rounds"
+        raise AuditCommandError(f"{run_dir}/releases/chain.jsonl {problem}: the record does not cover the run "
+                                "(restore releases/ and ledger.json, or finish the run by rerunning its command)")
+    state = load_checkpoint(run_dir)
+    last = int(releases.rounds.max()) if len(releases) else 0
+    if state is None:
+        if last > 1:  # every round writes its checkpoint after its release: only round 1 can lack one
+            raise AuditCommandError(f"{run_dir}/checkpoint.npz is missing, but releases/ records round {last}: every "
+                                    "round writes the checkpoint, which the audit checks the ledger and the record "
+                                    "against; restore it")
+        return
+    if last > state.round + 1:
+        raise AuditCommandError(f"{run_dir}/releases/chain.jsonl records round {last}, but the run's checkpoint is "
+                                f"after round {state.round}: restore the run's checkpoint.npz")
+    ended = np.flatnonzero(releases.rounds == state.round)
+    if state.round and (not ended.size or not np.array_equal(releases.basis_after[ended[-1]], state.basis)):
+        raise AuditCommandError(f"{run_dir}/checkpoint.npz holds a basis that is not the one released in its round "
+                                f"{state.round} (releases/): the record and the checkpoint are of different runs or "
+                                "were altered; restore both from the run")
 
 
 def _canary(args, run_dir, settings) -> dict:
@@ -566,7 +594,17 @@ def _canary(args, run_dir, settings) -> dict:
                           noise_multiplier=s.noise_multiplier, clip_norm=s.clip_norm, sample_rate=s.sample_rate, claimed_epsilon=ledger.epsilon().headline,
                           delta=s.delta)
     result.update(release_record_head=releases.head, ledger_rounds=ledger.rounds_released)
+    result["ledger_mismatches"] = mismatches = _ledger_mismatches(run_dir)  # the canaries score with its q and z
+    if mismatches:
+        _fail(result, mismatches, "Canaries")
     return result
+
+
+def _fail(result: dict, found: list[str], part: str) -> None:
+    """`result` failed on `found`, what the run's record contradicts; its own summary kept as `part`'s."""
+    result.update(verdict="fail", passed=False, problems=list(result.get("problems") or []) + found,
+                  summary=f"FAIL: {'; '.join(found)}; the epsilon its events give does not hold for this run. "
+                          f"({part}: {result['summary']})")
 
 
 def check_run_records_every_round(run_dir: Path) -> None:
@@ -608,9 +646,7 @@ def _accounting(args, run_dir, settings) -> dict:
     result["ledger_mismatches"] = mismatches
     found = mismatches + ([noise["summary"]] if noise["verdict"] == "fail" else [])
     if found:
-        result.update(verdict="fail", passed=False, problems=result["problems"] + found,
-                      summary=f"FAIL: {'; '.join(found)}; the epsilon its events give does not hold for this run. "
-                              f"(Events: {result['summary']})")
+        _fail(result, found, "Events")
     elif noise["verdict"] == "not-checked" and result["verdict"] == "pass":
         # the events agree, but only the released sums show the noise was added (a reviewer: this read `pass`)
         result.update(verdict="inconclusive", passed=False,
@@ -623,16 +659,37 @@ def _accounting(args, run_dir, settings) -> dict:
 
 
 def _ledger_mismatches(run_dir: Path) -> list[str]:
-    """Where the run's ledger disagrees with itself or with its checkpoint (lore_core.audits.accounting_check)."""
+    """Where the run's ledger disagrees with itself or with its checkpoint (lore_core.audits.accounting_check): the
+    privacy settings the checkpoint's own settings give for its population, z solved as the server solved it."""
     from lore_core.audits.accounting_check import ledger_run_mismatches
     from lore_core.privacy.ledger import read_ledger
     from server.checkpoint import load_checkpoint
 
     file = run_dir / "ledger.json"
-    state = load_checkpoint(run_dir)
-    found = ledger_run_mismatches(read_ledger(file), state.settings if state else None,
-                                  state.population if state else None)
+    ledger, state = read_ledger(file), load_checkpoint(run_dir)
+    expected, population, found = None, None, []
+    if state is not None:
+        population = int(sum(state.population[:-1]))
+        try:
+            expected = _privacy_the_run_used(state, population, ledger["config"]["rounds"])
+        except (TypeError, ValueError, KeyError) as exc:
+            found.append(f"the settings in {run_dir / 'checkpoint.npz'} give no privacy settings to check it "
+                         f"against ({type(exc).__name__}: {exc})")
+    found += ledger_run_mismatches(ledger, expected, population)
     return [f"{file}: {problem}" for problem in found]
+
+
+def _privacy_the_run_used(state, population: int, rounds: int) -> dict:
+    """The privacy settings the server derived from its checkpointed settings for this population (PrivacySettings
+    fields): the ledger of an honest run holds exactly these, a resume requires it."""
+    import warnings
+
+    from server.run_settings import ServerSettings
+
+    settings = ServerSettings.from_fingerprint(state.settings, int(rounds))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the run already warned about its settings
+        return json.loads(json.dumps(settings.privacy_settings(population, int(state.population[-1])).to_dict()))
 
 
 def _released_noise(run_dir: Path) -> dict:

@@ -231,6 +231,12 @@ class ServerSettings:
                 "local_steps": self.local_steps, "l2": self.l2, "rounds": self.rounds,
                 "schedule": self.server_lr_schedule}
 
+    @classmethod
+    def from_fingerprint(cls, fingerprint: dict, rounds: int) -> "ServerSettings":
+        """The settings a checkpoint's fingerprint holds, for `rounds` planned rounds: what an audit rebuilds the
+        run's privacy settings from (the fields the fingerprint leaves out do not enter them)."""
+        return cls(**fingerprint, rounds=rounds, run_dir="", min_nodes=1, round_timeout=1.0, prior_pairs=0.0)
+
     def fingerprint(self) -> dict:
         """What a resumed run must share with the run that wrote the checkpoint. Timeouts may change, and so may the
         evaluation's personal prior: it only post-processes the basis (a DP run checkpointed when its default was 3

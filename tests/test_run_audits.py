@@ -183,12 +183,67 @@ def test_a_ledger_forged_consistently_in_its_events_fails_against_its_config_and
         halve_q(ledger)
         ledger["population_size"] = ledger["config"]["population_size"] = 2 * ledger["population_size"]
 
+    def trade_z_for_c(ledger):  # z C, all the released noise shows, unchanged
+        ledger["config"]["noise_multiplier"] *= 4
+        ledger["config"]["clip_norm"] /= 4
+        for entry in ledger["events"]["rounds"]:
+            entry["noise_multiplier"] *= 4
+
     lower_q = forged("lower-q", halve_q)
     assert lower_q["epsilon_prv"] < honest["epsilon_prv"]  # what the forgery would have certified
     assert "record a sample rate other than clients_per_round / population_size" in lower_q["summary"]
     larger_n = forged("larger-n", and_double_n)
     assert len(larger_n["ledger_mismatches"]) == 1, larger_n["ledger_mismatches"]
     assert "training users the run's nodes hold (checkpoint.npz)" in larger_n["summary"]
+    assert canary_verdict(tmp_path / "larger-n", secrets_file)["verdict"] == "fail"  # the canaries use its q too
+    traded = forged("z-for-c", trade_z_for_c)
+    assert traded["released_noise"]["verdict"] == "pass" and traded["epsilon_prv"] < honest["epsilon_prv"] / 3
+    assert {"noise_multiplier", "clip_norm"} == {problem.split("its ")[1].split()[0]
+                                                  for problem in traded["ledger_mismatches"]}
+
+
+def test_a_release_record_cut_or_relabelled_to_match_a_forged_ledger_is_refused(pair_file, secrets_file, tmp_path,
+                                                                                capsys):
+    """An adversarial tester: a prefix of the hash chain is itself a valid chain, so with the ledger cut to match
+    and the checkpoint deleted (or its round lowered) 25 rounds passed as 5; and releases relabelled to no ledger
+    round were left out of the noise check. Each is refused now (exit 2, naming the file)."""
+    from server.release_record import CHAIN_FILENAME, _line_hash
+
+    run = tmp_path / "run"
+    canary_run(pair_file, secrets_file, run)
+
+    def variant(name: str, keep: int, *, checkpoint: str, relabel: bool = False) -> Path:
+        copy = tmp_path / name
+        shutil.copytree(run, copy)
+        chain = copy / "releases" / CHAIN_FILENAME
+        lines = [json.loads(line) for line in chain.read_text().splitlines()][:keep + 1]
+        for i, line in enumerate(lines[1:], 1):
+            if relabel:
+                line["ledger_round"] = None
+            line["prev"] = _line_hash(lines[i - 1])
+        chain.write_text("".join(json.dumps(line, sort_keys=True) + "\n" for line in lines))
+        ledger = json.loads((copy / "ledger.json").read_text())
+        ledger["events"]["rounds"] = ledger["events"]["rounds"][:keep]
+        (copy / "ledger.json").write_text(json.dumps(ledger))
+        if checkpoint == "deleted":
+            (copy / "checkpoint.npz").unlink()
+        elif checkpoint == "round lowered":
+            with np.load(copy / "checkpoint.npz") as state:
+                arrays = {key: state[key] for key in state.files}
+            meta = json.loads(str(arrays["meta"]))
+            meta.update(round=keep, history=meta["history"][:keep])
+            arrays["meta"] = np.array(json.dumps(meta))
+            np.savez(copy / "checkpoint.npz", **arrays)
+        return copy
+
+    for name, keep, checkpoint, relabel, expected in (
+            ("cut", 5, "deleted", False, "checkpoint.npz is missing, but releases/ records round 5"),
+            ("cut-lowered", 5, "round lowered", False, "is not the one released in its round 5"),
+            ("relabelled", ROUNDS, "kept", True, "names no ledger round for a release")):
+        copy = variant(name, keep, checkpoint=checkpoint, relabel=relabel)
+        capsys.readouterr()
+        assert main(["audit", "accounting", str(copy)]) == 2, name
+        assert expected in capsys.readouterr().err, name
 
 
 def test_a_ledger_without_its_release_record_and_checkpoint_is_inconclusive_not_passed(pair_file, secrets_file,

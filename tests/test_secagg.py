@@ -100,9 +100,14 @@ def test_secagg_run_trains_and_ledger_is_written_before_each_release(pair_file, 
     assert all(r["secagg_nodes"] >= 2 and r["accepted_users"] == r["sampled_users"] for r in state.history)
     from lore_cli.main import main
 
-    assert main(["audit", "accounting", str(tmp_path)]) == 0  # the users' shares carry the claimed noise
-    released = json.loads((tmp_path / "audits" / "accounting.json").read_text())["released_noise"]
-    assert released["verdict"] == "pass" and released["noise_ratio"] > 0.9, released
+    # The users' shares carry the claimed noise, but a debug run's noise can be removed by anyone with its seed: the
+    # audit fails it (exit 1), whatever its epsilon (an adversarial tester: it passed, never saying NOT PRIVATE).
+    assert main(["audit", "accounting", str(tmp_path)]) == 1
+    audit = json.loads((tmp_path / "audits" / "accounting.json").read_text())
+    assert audit["released_noise"]["verdict"] == "pass" and audit["released_noise"]["noise_ratio"] > 0.9, audit
+    assert audit["ledger_mismatches"] == [f"{tmp_path / 'ledger.json'}: its noise is reproducible from noise_seed 0 "
+                                          "(a debug run): anyone with the seed removes it, so the run is NOT PRIVATE "
+                                          "whatever its epsilon"]
 
 
 def test_the_guarantee_against_the_server_counts_the_most_sampled_users_rounds(pair_file, tmp_path, monkeypatch):
@@ -126,7 +131,8 @@ def test_the_guarantee_against_the_server_counts_the_most_sampled_users_rounds(p
         return begin(self)
 
     monkeypatch.setattr(TrainingRun, "begin_round", crash_at_round_4)
-    grid, settings = make_run(pair_file, tmp_path, nodes=6, **{"num-server-rounds": 5, "clients-per-round": 6})
+    private = {"num-server-rounds": 5, "clients-per-round": 6, "reproducible-noise": False}  # the audit's subject
+    grid, settings = make_run(pair_file, tmp_path, nodes=6, **private)
     with pytest.raises(RuntimeError, match="killed"):
         run_federated(grid, settings)
     counts = np.zeros(USERS, dtype=int)
@@ -139,7 +145,7 @@ def test_the_guarantee_against_the_server_counts_the_most_sampled_users_rounds(p
 
     monkeypatch.setattr(TrainingRun, "begin_round", begin)
     drawn.clear()
-    run_federated(*make_run(pair_file, tmp_path, nodes=6, **{"num-server-rounds": 5, "clients-per-round": 6}))
+    run_federated(*make_run(pair_file, tmp_path, nodes=6, **private))
     fresh = np.zeros(USERS, dtype=int)
     for users in drawn:
         fresh[users] += 1
@@ -159,6 +165,15 @@ def test_the_guarantee_against_the_server_counts_the_most_sampled_users_rounds(p
     (tmp_path / "ledger.json").write_text(json.dumps(ledger))
     assert main(["audit", "accounting", str(tmp_path)]) == 1
     assert json.loads((tmp_path / "audits" / "accounting.json").read_text())["verdict"] == "fail"
+    # An adversarial tester: a count of 0 gave epsilon 0 against the server, though users were sampled every round.
+    # The count can neither fall nor stay below ceil(sampled so far / N).
+    for entry in ledger["events"]["rounds"]:
+        entry["most_user_rounds"] = 0
+    ledger["epsilon"]["against_server"]["epsilon"] = 0.0
+    (tmp_path / "ledger.json").write_text(json.dumps(ledger))
+    assert main(["audit", "accounting", str(tmp_path)]) == 1
+    audit = json.loads((tmp_path / "audits" / "accounting.json").read_text())
+    assert "rounds for the most-sampled user" in audit["summary"] and audit["verdict"] == "fail"
 
 
 def test_a_round_is_in_the_ledger_before_the_server_unmasks_its_sum(pair_file, tmp_path, monkeypatch):

@@ -14,11 +14,13 @@ the continuous mechanism of the same std; a bound below it is wrong).
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
+import numpy as np
+
 from lore_core.audits.statistics import AuditInputError
+from lore_core.privacy.ledger import MOST_USER_ROUNDS
 
 ABS_TOL = 0.05
 REL_TOL = 0.02
@@ -157,13 +159,14 @@ def accounting_audit(ledger: dict | str | Path, *, abs_tol: float = ABS_TOL, rel
 SAMPLED_ERRORS = 6.0
 
 
-def ledger_run_mismatches(ledger: dict, checkpoint_settings: dict | None = None,
-                          population: list[int] | None = None) -> list[str]:
-    """Where a user-mode ledger disagrees with itself or with the run's checkpoint. The accountant reads only the
-    events' (z, q), but the server samples with q = m / N for the N users its nodes hold (checkpoint.npz) and
-    divides each noisy sum by q N = m. A ledger edited consistently in its events (a lower q, the epsilon recomputed)
-    passes the recomputation; here its q must be the config's m / N, N the checkpoint's, z the config's, and the
-    rounds' sampled counts no more than m each by chance (a reviewer: these fields were never cross-checked)."""
+def ledger_run_mismatches(ledger: dict, expected: dict | None = None, population_size: int | None = None) -> list[str]:
+    """Where a user-mode ledger disagrees with itself or with the run that wrote it. The accountant reads only the
+    events' (z, q), but the server sampled with q = m / N for the N users its nodes held and noised with the z and
+    C its own settings give. `expected`: the privacy settings rebuilt from the run's checkpoint (PrivacySettings
+    fields, z solved from a target as the server did); `population_size`: the training users its nodes held. Events
+    edited consistently with a lower epsilon pass the recomputation; they fail here (an adversarial tester: z and C
+    traded, N raised, the reproducible-noise flag dropped, a vacuous delta, a count of the most-sampled user's
+    rounds that the sampled counts rule out)."""
     config = ledger.get("config") if isinstance(ledger.get("config"), dict) else {}
     n, m, z = (config.get(key) for key in ("population_size", "clients_per_round", "noise_multiplier"))
     if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in (n, m)):
@@ -182,22 +185,50 @@ def ledger_run_mismatches(ledger: dict, checkpoint_settings: dict | None = None,
                             f"other than the config's {z}")
     if ledger.get("population_size") != n:
         problems.append(f"its population_size {ledger.get('population_size')!r} is not its config's {n}")
+    delta = _number(config.get("delta"))
+    if delta is None or not 0 < delta < 1 / n:
+        problems.append(f"its delta {config.get('delta')!r} is not in (0, 1/N = {1 / n:.3g}): a guarantee that may "
+                        "reveal a user outright")
+    if config.get("reproducible_noise"):
+        problems.append(f"its noise is reproducible from noise_seed {config.get('noise_seed')!r} (a debug run): "
+                        "anyone with the seed removes it, so the run is NOT PRIVATE whatever its epsilon")
+    problems += _sampled_count_problems(rounds, q, n)
+    if population_size is not None and population_size != n:
+        problems.append(f"its population_size {n} is not the {population_size} training users the run's nodes hold "
+                        "(checkpoint.npz)")
+    if expected is not None:
+        for key in sorted(set(expected) - {"rounds", "population_size"}):  # N: against the nodes' count above
+            ran, claimed = expected[key], config.get(key)
+            same = math.isclose(ran, claimed, rel_tol=1e-9) if all(_number(v) is not None for v in (ran, claimed)) \
+                else ran == claimed
+            if not same:
+                problems.append(f"its {key} {claimed!r} is not the run's {ran!r} (the settings in checkpoint.npz)")
+    return problems
+
+
+def _sampled_count_problems(rounds: list[dict], q: float, n: int) -> list[str]:
+    """The rounds' sampled counts against q (summed, at most SAMPLED_ERRORS standard errors above R q N), and under
+    user+secagg the count of the most-sampled user's rounds: never falling, never below the pigeonhole bound
+    ceil(sampled so far / N), never above the rounds so far."""
     sampled = [e.get("sampled") for e in rounds]
-    if rounds and all(isinstance(k, int) for k in sampled):
-        expected = len(rounds) * q * n
-        excess = (sum(sampled) - expected) / math.sqrt(expected * (1 - q) or 1.0)
-        if excess > SAMPLED_ERRORS:
-            problems.append(f"its rounds sampled {sum(sampled)} users in all, {excess:.1f} standard errors above the "
-                            f"{expected:.0f} that {len(rounds)} rounds at q = {q:.6g} draw: the sample rate it claims "
-                            "is not the one that ran")
-    if population is not None and sum(population[:-1]) != n:
-        problems.append(f"its population_size {n} is not the {sum(population[:-1])} training users the run's nodes "
-                        "hold (checkpoint.npz)")
-    if checkpoint_settings:
-        for key, ran in (("clients_per_round", checkpoint_settings.get("clients_per_round")),
-                         ("mode", checkpoint_settings.get("privacy_mode"))):
-            if ran is not None and config.get(key) != ran:
-                problems.append(f"its {key} {config.get(key)!r} is not the run's {ran!r} (checkpoint.npz)")
+    if not rounds or not all(isinstance(k, int) and not isinstance(k, bool) for k in sampled):
+        return []
+    problems = []
+    expected = len(rounds) * q * n
+    excess = (sum(sampled) - expected) / math.sqrt(expected * (1 - q) or 1.0)
+    if excess > SAMPLED_ERRORS:
+        problems.append(f"its rounds sampled {sum(sampled)} users in all, {excess:.1f} standard errors above the "
+                        f"{expected:.0f} that {len(rounds)} rounds at q = {q:.6g} draw: the sample rate it claims "
+                        "is not the one that ran")
+    most = [e.get(MOST_USER_ROUNDS) for e in rounds]
+    if all(isinstance(k, int) for k in most):
+        floor = -(-np.cumsum(sampled) // n)
+        bad = [i for i in range(len(most)) if most[i] < floor[i] or (i and most[i] < most[i - 1])]
+        if bad:
+            i = bad[0]
+            problems.append(f"round {i + 1} counts {most[i]} rounds for the most-sampled user, but "
+                            f"{int(sum(sampled[:i + 1]))} users sampled among {n} by then need at least "
+                            f"{int(floor[i])}, and the count never falls")
     return problems
 
 
