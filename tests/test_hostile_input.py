@@ -828,6 +828,13 @@ def test_a_run_directory_whose_lock_file_cannot_be_created_is_named_not_an_errno
     refused(["train", "pairs.npz", "--rank", "1", "--out", "archived"], "archived/.lock", w, expect="must be writable")
 
 
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
+def test_simulate_on_cuda_without_a_gpu_is_refused_before_any_work(w):
+    """Found by a tester: `simulate --privacy record --device cuda` on a machine without CUDA trained on the CPU, the
+    nodes' fallback warning visible only in Ray's worker logs; `train --device cuda` refused it."""
+    refused(SIM + ["--privacy", "record", "--device", "cuda"], "--device cuda", w, expect="no CUDA device")
+
+
 def test_a_device_state_under_a_regular_file_is_refused_by_the_flag(w):
     refused(["--state", "pairs.npz/state", "init", "--basis", "basis.npz"], "--state", w, device=True,
             expect="is a file, not a directory")
