@@ -48,10 +48,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
     add_privacy_arguments(parser)
     parser.add_argument("--reference", default=None, help="`lore-fed train` run dir or metrics.json for the plot")
     parser.add_argument("--l2", type=float, default=None, help="L2 on the basis (default: the trainer's)")
-    parser.add_argument("--server-optimizer", choices=["adam", "sgd"], default=None)
-    parser.add_argument("--server-lr", type=float, default=None)
-    parser.add_argument("--local-steps", type=int, default=None)
-    parser.add_argument("--client-lr", type=float, default=None)
+    parser.add_argument("--server-optimizer", choices=["adam", "sgd"], default=None,
+                        help="the server's step on the noisy mean update (default adam)")
+    parser.add_argument("--server-lr", type=float, default=None,
+                        help="server learning rate (default 1.0 without privacy, 0.05 under DP)")
+    parser.add_argument("--local-steps", type=int, default=None,
+                        help="each user's gradient steps on A per round (default 5; 1 with --objective marginal)")
+    parser.add_argument("--client-lr", type=float, default=None, help="each user's step size on A (default 1.0)")
     parser.add_argument("--prior-pairs", type=float, default=None,
                         help="personal prior of every user's final w fit, in pairs (default 3; 10 under DP, whose "
                              "basis is noisier)")

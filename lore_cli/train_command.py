@@ -197,7 +197,7 @@ def _train_and_write(args: argparse.Namespace, options: dict, out: Path, pairs_f
         (out / "metrics.json").unlink(missing_ok=True)
     atomic_write_json(out / "metrics.json", metrics)
     print(format_metrics(metrics))
-    print(f"wrote {out / 'metrics.json'} and {out / 'basis.npz'}")
+    print(f"wrote {out / 'metrics.json'}, {out / 'basis.npz'} and {out / 'user_weights.npz'}")
 
 
 def check_no_other_files(out: Path) -> None:
