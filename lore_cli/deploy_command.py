@@ -18,12 +18,16 @@ from pathlib import Path
 
 def configure(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="deploy_command", metavar="{certs,local}", required=True)
-    certs = sub.add_parser("certs", help="trial certificates and node key pairs (bring your own in production)")
+    certs = sub.add_parser("certs", help="trial certificates and node key pairs (bring your own in production)",
+                           description="Trial certificates and node key pairs for a deployment (bring your own in "
+                                       "production).")
     certs.add_argument("--out", required=True, help="directory for ca.crt, server.pem, server.key, nodeK, nodeK.pub")
     certs.add_argument("--host", default="127.0.0.1", help="the SuperLink's address as nodes reach it (IP or DNS)")
     certs.add_argument("--nodes", type=int, default=3, help="number of node key pairs")
 
-    local = sub.add_parser("local", help="SuperLink + N SuperNodes on 127.0.0.1, run the app, stop everything")
+    local = sub.add_parser("local", help="SuperLink + N SuperNodes on 127.0.0.1, run the app, stop everything",
+                           description="A SuperLink and N SuperNodes on 127.0.0.1 (TLS, node authentication), "
+                                       "the app run with `flwr run`, every process stopped at the end.")
     local.add_argument("--nodes", type=int, required=True, help="number of SuperNodes N")
     local.add_argument("--pairs", required=True, help="pair file (.npz) or dataset directory, split by user")
     local.add_argument("--run-dir", required=True, help="run directory (resumed if it holds a checkpoint)")

@@ -95,7 +95,8 @@ def add_privacy_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--reproducible-noise", action="store_true",
                         help="debug: fixed noise/sampling seed; the run is marked NOT PRIVATE")
     parser.add_argument("--allow-uncovered-eval", action="store_true",
-                        help="under DP, evaluate every --eval-every rounds although evaluation sums are not covered")
+                        help="under DP, evaluate during training (simulate: every --eval-every rounds) although "
+                             "evaluation sums are not covered")
     parser.add_argument("--device", default=None, help="record mode: torch device of the DP-SGD step (cpu, cuda)")
 
 

@@ -331,3 +331,18 @@ def test_audits_of_w_on_a_rank_one_basis_are_not_applicable_and_stored_like_any_
     markdown = (tmp_path / "audits" / "audits.md").read_text()
     assert markdown.count("| **not-applicable** |") == 3 and "## membership-record" in markdown
     assert "### attribute: not-applicable" in (tmp_path / "report.md").read_text()
+
+
+def test_macro_auc_of_a_one_class_draw_is_nan_without_a_warning():
+    """A tester: `audit attribute` on a small population printed numpy's raw "Mean of empty slice" warning, from a
+    bootstrap draw that held one class only."""
+    import warnings as python_warnings
+
+    from lore_core.audits.attribute import macro_auc
+
+    scores = np.array([[[0.1, 0.9], [0.8, 0.2], [0.3, 0.7]]] * 2)
+    labels = np.array([[1, 0, 1], [1, 1, 1]])  # the second row: one class only
+    with python_warnings.catch_warnings():
+        python_warnings.simplefilter("error")
+        auc = macro_auc(scores, labels, 2)
+    assert auc[0] == pytest.approx(1.0) and np.isnan(auc[1])
