@@ -529,7 +529,7 @@ def _mechanism(args, run_dir, settings) -> dict:
                            seed=args.seed)
 
 
-def check_record_covers_ledger(releases, ledger_rounds: int, run_dir: Path) -> None:
+def check_record_covers_ledger(releases, ledger, run_dir: Path) -> None:
     """The audit scores the releases against the ledger's epsilon, so every release must name its ledger round, in
     increasing order (a round re-run after a crash is a new ledger round), up to the ledger's last round; a ledger
     round may lack a release only where the server died between the two (its budget stays spent). The record must
@@ -540,10 +540,13 @@ def check_record_covers_ledger(releases, ledger_rounds: int, run_dir: Path) -> N
     were left out of the noise check, so a fake release of the claimed noise hid a run whose noise was cut."""
     from server.checkpoint import load_checkpoint
 
-    counted = releases.ledger_rounds  # -1: a release that names no ledger round
+    counted, ledger_rounds = releases.ledger_rounds, ledger.rounds_released  # -1: a release naming no ledger round
     increasing = counted.size == 0 or (counted[0] >= 1 and (np.diff(counted) > 0).all())
     last_counted = int(counted[-1]) if counted.size else 0
-    if not increasing or last_counted != ledger_rounds:
+    # A run that died between its last affordable round's ledger entry and its release, then stopped for its budget
+    # when run again, keeps that round spent and unreleased: a rerun cannot change it (a reviewer).
+    spent_unreleased = ledger.stopped_early and last_counted == ledger_rounds - 1
+    if not increasing or (last_counted != ledger_rounds and not spent_unreleased):
         problem = "names no ledger round for a release" if (counted < 1).any() else \
             "lists ledger rounds out of order" if not increasing else \
             f"records releases up to ledger round {last_counted}, but the ledger holds {ledger_rounds} rounds"
@@ -603,7 +606,7 @@ def _canary(args, run_dir, settings) -> dict:
 def _fail(result: dict, found: list[str], part: str) -> None:
     """`result` failed on `found`, what the run's record contradicts; its own summary kept as `part`'s."""
     result.update(verdict="fail", passed=False, problems=list(result.get("problems") or []) + found,
-                  summary=f"FAIL: {'; '.join(found)}; the epsilon its events give does not hold for this run. "
+                  summary=f"FAIL: {'; '.join(found)}; the ledger's epsilon is not certified for this run. "
                           f"({part}: {result['summary']})")
 
 
@@ -627,7 +630,7 @@ def released_sums(run_dir: Path, ledger):
     from server.release_record import read_releases
 
     releases = read_releases(run_dir)
-    check_record_covers_ledger(releases, ledger.rounds_released, run_dir)
+    check_record_covers_ledger(releases, ledger, run_dir)
     s = ledger.settings
     return releases, releases.mean_updates * (s.sample_rate * s.population_size)
 
@@ -672,7 +675,7 @@ def _ledger_mismatches(run_dir: Path) -> list[str]:
         population = int(sum(state.population[:-1]))
         try:
             expected = _privacy_the_run_used(state, population, ledger["config"]["rounds"])
-        except (TypeError, ValueError, KeyError) as exc:
+        except (TypeError, ValueError, KeyError, IndexError) as exc:
             found.append(f"the settings in {run_dir / 'checkpoint.npz'} give no privacy settings to check it "
                          f"against ({type(exc).__name__}: {exc})")
     found += ledger_run_mismatches(ledger, expected, population)
@@ -681,15 +684,18 @@ def _ledger_mismatches(run_dir: Path) -> list[str]:
 
 def _privacy_the_run_used(state, population: int, rounds: int) -> dict:
     """The privacy settings the server derived from its checkpointed settings for this population (PrivacySettings
-    fields): the ledger of an honest run holds exactly these, a resume requires it."""
+    fields): the ledger of an honest run holds exactly these, a resume requires it. Only the four run-config fields
+    they come from are read, so a checkpoint of an older version (other fields) is rebuilt as well (a reviewer)."""
     import warnings
 
-    from server.run_settings import ServerSettings
+    from server.run_settings import run_privacy_settings
 
-    settings = ServerSettings.from_fingerprint(state.settings, int(rounds))
+    s = state.settings
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the run already warned about its settings
-        return json.loads(json.dumps(settings.privacy_settings(population, int(state.population[-1])).to_dict()))
+        settings = run_privacy_settings(s["privacy_mode"], s["privacy"], s["clients_per_round"], s["rank"], int(rounds),
+                                        population, int(state.population[-1]))
+    return json.loads(json.dumps(settings.to_dict()))
 
 
 def _released_noise(run_dir: Path) -> dict:

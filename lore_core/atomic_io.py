@@ -182,4 +182,4 @@ def check_output_path(path: str | os.PathLike, flag: str, *, directory: bool) ->
             pass
     except OSError as exc:
         raise ValueError(f"{flag} {path}: {ancestor} does not take new files (a test file there failed: "
-                         f"{exc.strerror})") from None
+                         f"{exc.strerror or exc})") from None

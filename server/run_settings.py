@@ -203,23 +203,9 @@ class ServerSettings:
 
     def privacy_settings(self, population_size: int, dim: int) -> PrivacySettings:
         """The run's validated privacy settings for a population of N training users with D-dimensional embeddings
-        (raises RunPrivacyConfigError, a PrivacyConfigError that names run-config keys).
-
-        In DP user modes m = clients-per-round is the expected Poisson count; mode `none` and `record` sample a
-        fixed count with the experiment's seeded sampler, which no user-level accountant relies on. In
-        `user+secagg` the accountant also needs the dimension B*D of the released sum.
-        """
-        fields = {"mode": self.privacy_mode, **self.privacy, "population_size": int(population_size),
-                  "rounds": self.rounds}
-        if self.privacy_mode in ("user", "user+secagg"):
-            fields["clients_per_round"] = self.clients_per_round
-            fields.setdefault("clip_norm", FEDERATED_CLIP_NORM)
-        if self.privacy_mode == "user+secagg":
-            fields["dimension"] = int(self.rank * dim)
-        try:
-            return validate(PrivacySettings(**fields))
-        except PrivacyConfigError as exc:
-            raise RunPrivacyConfigError(exc.spelled(_as_key)) from exc
+        (raises RunPrivacyConfigError, a PrivacyConfigError that names run-config keys)."""
+        return run_privacy_settings(self.privacy_mode, self.privacy, self.clients_per_round, self.rank,
+                                    self.rounds, population_size, dim)
 
     def new_optimizer(self) -> ServerSGD | ServerAdam:
         """The run's server optimizer, fresh: its rate, schedule over the planned rounds and tail average."""
@@ -231,12 +217,6 @@ class ServerSettings:
                 "local_steps": self.local_steps, "l2": self.l2, "rounds": self.rounds,
                 "schedule": self.server_lr_schedule}
 
-    @classmethod
-    def from_fingerprint(cls, fingerprint: dict, rounds: int) -> "ServerSettings":
-        """The settings a checkpoint's fingerprint holds, for `rounds` planned rounds: what an audit rebuilds the
-        run's privacy settings from (the fields the fingerprint leaves out do not enter them)."""
-        return cls(**fingerprint, rounds=rounds, run_dir="", min_nodes=1, round_timeout=1.0, prior_pairs=0.0)
-
     def fingerprint(self) -> dict:
         """What a resumed run must share with the run that wrote the checkpoint. Timeouts may change, and so may the
         evaluation's personal prior: it only post-processes the basis (a DP run checkpointed when its default was 3
@@ -245,6 +225,25 @@ class ServerSettings:
         for volatile in ("run_dir", "min_nodes", "round_timeout", "rounds", "progress", "prior_pairs"):
             fields.pop(volatile)
         return fields
+
+
+def run_privacy_settings(mode: str, privacy: dict, clients_per_round: int, rank: int, rounds: int,
+                         population_size: int, dim: int) -> PrivacySettings:
+    """A run's validated privacy settings from its run-config fields, for N training users with D-dimensional
+    embeddings; the server calls it, and an audit with the fields a checkpoint holds (their names unchanged since
+    checkpoints had them). In DP user modes m = clients-per-round is the expected Poisson count; mode `none` and
+    `record` sample a fixed count with the experiment's seeded sampler, which no user-level accountant relies on.
+    In `user+secagg` the accountant also needs the dimension B*D of the released sum."""
+    fields = {"mode": mode, **privacy, "population_size": int(population_size), "rounds": rounds}
+    if mode in ("user", "user+secagg"):
+        fields["clients_per_round"] = clients_per_round
+        fields.setdefault("clip_norm", FEDERATED_CLIP_NORM)
+    if mode == "user+secagg":
+        fields["dimension"] = int(rank * dim)
+    try:
+        return validate(PrivacySettings(**fields))
+    except PrivacyConfigError as exc:
+        raise RunPrivacyConfigError(exc.spelled(_as_key)) from exc
 
 
 def _typed(cfg: dict, key: str, kind: type, value=None):

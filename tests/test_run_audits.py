@@ -196,6 +196,15 @@ def test_a_ledger_forged_consistently_in_its_events_fails_against_its_config_and
     assert len(larger_n["ledger_mismatches"]) == 1, larger_n["ledger_mismatches"]
     assert "training users the run's nodes hold (checkpoint.npz)" in larger_n["summary"]
     assert canary_verdict(tmp_path / "larger-n", secrets_file)["verdict"] == "fail"  # the canaries use its q too
+    older = tmp_path / "older"  # a checkpoint of an older version, with a setting it no longer keeps (a reviewer)
+    shutil.copytree(run, older, ignore=shutil.ignore_patterns("audits"))
+    with np.load(older / "checkpoint.npz") as state:
+        arrays = {key: state[key] for key in state.files}
+    meta = json.loads(str(arrays["meta"]))
+    meta["settings"]["prior_pairs"] = 3.0
+    arrays["meta"] = np.array(json.dumps(meta))
+    np.savez(older / "checkpoint.npz", **arrays)
+    assert main(["audit", "accounting", str(older)]) == 0
     traded = forged("z-for-c", trade_z_for_c)
     assert traded["released_noise"]["verdict"] == "pass" and traded["epsilon_prv"] < honest["epsilon_prv"] / 3
     assert {"noise_multiplier", "clip_norm"} == {problem.split("its ")[1].split()[0]
@@ -258,6 +267,39 @@ def test_a_ledger_without_its_release_record_and_checkpoint_is_inconclusive_not_
     result = json.loads((run / "audits" / "accounting.json").read_text())
     assert result["verdict"] == "inconclusive" and result["released_noise"]["verdict"] == "not-checked"
     assert "holds only if the server added the noise its events claim" in result["summary"]
+
+
+def test_a_run_that_died_before_releasing_its_last_affordable_round_and_then_stopped_for_its_budget_passes(
+        pair_file, tmp_path, monkeypatch):
+    """A reviewer: a run killed between its last affordable round's ledger entry and its release stops for its
+    max-epsilon when run again, so that round stays spent and unreleased for good; the audit refused it ("finish
+    the run by rerunning", which could not help). It is accepted: its epsilon counts the round."""
+    import server.release_record as release_record
+
+    def run_once():
+        cfg = get_fused_config_from_dir(ROOT, {
+            "pairs-path": str(pair_file), "run-dir": str(tmp_path / "run"), "rank": RANK, "num-server-rounds": 6,
+            "clients-per-round": 12, "server-lr": 0.1, "privacy-mode": "user", "noise-multiplier": 2.0,
+            "clip-norm": C, "max-epsilon": 3.1})
+        grid = LocalGrid(client_app, [{"partition-id": i, "num-partitions": NODES} for i in range(NODES)], cfg)
+        run_federated(grid, ServerSettings.from_run_config(cfg))
+
+    append = release_record.ReleaseRecord.append
+
+    def killed_in_round_6(self, **release):
+        if release["round"] == 6:
+            raise RuntimeError("killed before the release")
+        return append(self, **release)
+
+    monkeypatch.setattr(release_record.ReleaseRecord, "append", killed_in_round_6)
+    with pytest.raises(RuntimeError, match="killed"):
+        run_once()
+    monkeypatch.setattr(release_record.ReleaseRecord, "append", append)
+    run_once()
+    ledger = json.loads((tmp_path / "run" / "ledger.json").read_text())
+    assert ledger["events"]["stopped_early"] and len(ledger["events"]["rounds"]) == 6
+    assert len(read_releases(tmp_path / "run")) == 5
+    assert main(["audit", "accounting", str(tmp_path / "run")]) == 0
 
 
 def test_release_record_proves_what_was_released_and_refuses_tampering(pair_file, secrets_file, tmp_path):

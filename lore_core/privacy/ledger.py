@@ -188,6 +188,11 @@ class PrivacyLedger:
     def rounds_released(self) -> int:
         return len(self._facts["rounds"])
 
+    @property
+    def stopped_early(self) -> bool:
+        """max_epsilon allowed no further round, and the run stopped there."""
+        return bool(self._facts["stopped_early"])
+
     def history(self, next_rounds: Sequence[tuple[float, float]] = ()) -> list[tuple[float, float, int]]:
         """User modes: the accountant history (z, q, steps) of the recorded rounds, plus hypothetical next ones."""
         events = [(e["noise_multiplier"], e["sample_rate"]) for e in self._facts["rounds"]]
