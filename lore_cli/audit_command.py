@@ -711,10 +711,10 @@ def _released_noise(run_dir: Path) -> dict:
     ledger = PrivacyLedger.load(run_dir)
     releases, sums = released_sums(run_dir, ledger)
     per_round = np.concatenate([np.full(steps, z) for z, _, steps in ledger.history()] or [np.zeros(0)])
-    # a release without a ledger round carries no claim to check; one whose step was skipped released nothing
-    counted = (releases.ledger_rounds >= 1) & releases.stepped
-    claimed = per_round[releases.ledger_rounds[counted] - 1] * ledger.settings.clip_norm
-    return released_noise_check(sums[counted], claimed)
+    # every release names its ledger round (check_record_covers_ledger); one whose step was skipped released nothing
+    stepped = releases.stepped
+    claimed = per_round[releases.ledger_rounds[stepped] - 1] * ledger.settings.clip_norm
+    return released_noise_check(sums[stepped], claimed)
 
 
 def _extraction(args, run_dir, settings) -> dict:
