@@ -50,7 +50,7 @@ class AuditCommandError(ValueError):
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("name", choices=NAMES, help="which audit")
-    parser.add_argument("run_dir", nargs="?", default=None, help="federated run directory (lore-fed simulate --out)")
+    parser.add_argument("run_dir", nargs="?", default=None, help="run directory (lore-fed simulate or train --out)")
     parser.add_argument("--out", default=None, help="where audits/ is written (default: RUN_DIR, else ./audit-out)")
     parser.add_argument("--pairs", default=None, help="pair file or dataset directory (default: from the run)")
     parser.add_argument("--basis", default=None, help="basis file or checkpoint.npz (default: from the run)")

@@ -168,7 +168,8 @@ def read_pair_records(path: Path) -> dict[str, list]:
     from lore_core.text_file import read_jsonl
 
     if not path.is_file():
-        raise DatasetError(f"{path} not found; run `lore-fed prepare` (or `lore-fed synth`) first")
+        raise DatasetError(f"{path} not found; run `lore-fed prepare` on the folder first (a `lore-fed synth` "
+                           "population included: prepare makes its pairs.jsonl)")
     columns: dict[str, list] = {k: [] for k in ("user", "history", "chosen", "rejected", "split", "seen")}
     conversations: list[str | None] = []
     seen_at: dict[str, tuple[bool, int]] = {}  # user -> (seen, first line): checked here, not after embedding

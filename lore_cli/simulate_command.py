@@ -495,7 +495,7 @@ def _simulate(args, pairs_path, population, overrides, settings, privacy, refere
     line += privacy_summary(metrics)
     if metrics["stopped_early"]:
         line += "  STOPPED EARLY (max epsilon)"
-    print(f"{line}  ({state.round} rounds, {wall:.1f} s)")
+    print(f"{line}  ({state.round} rounds, {wall_seconds:.1f} s)")  # a finished run's rerun: the run's own time
     for key, value in run_problems(state.history).items():
         print(f"warning: {PROBLEMS[key].format(value)} (rounds.jsonl has the details)", file=sys.stderr)
     print(f"wrote {out / 'metrics.json'}, {out / 'basis.npz'}, {out / 'ledger.json'}, {out / 'rounds.jsonl'} and "
