@@ -641,7 +641,7 @@ def _accounting(args, run_dir, settings) -> dict:
     from lore_core.audits.accounting_check import accounting_audit
 
     if run_dir is None:
-        raise AuditCommandError("the accounting audit needs RUN_DIR (or a path to ledger.json)")
+        raise AuditCommandError("the accounting audit needs RUN_DIR, the directory of a `lore-fed simulate` run")
     result = accounting_audit(run_dir)
     noise = _released_noise(run_dir)
     result["released_noise"] = noise

@@ -488,6 +488,21 @@ def record_crash_run(seed: int) -> dict:
             "max-grad-norm": 1.0, "record-batch-size": 4, "server-lr": 0.05, "seed": seed, "clip-norm": ""}
 
 
+def test_record_mode_stops_at_max_epsilon_in_the_first_run_as_a_rerun_does(tiny_pair_file, tmp_path):
+    """Found by a tester: in record mode the users' own histories decide when max-epsilon is reached, which the
+    plan cannot know ahead, so the round that would exceed it raised out of the run: `simulate` failed (exit 1,
+    no metrics) and only its rerun stopped cleanly. The first run now stops there, as the rerun does."""
+    settings = {"rank": 2, "num-server-rounds": 5, "clients-per-round": 3, "privacy-mode": "record",
+                "max-grad-norm": 1.0, "record-batch-size": 4, "server-lr": 0.05, "clip-norm": ""}
+    free = run_federated(*make_run(tiny_pair_file, tmp_path / "free", nodes=1, **settings))
+    spent = [r["record_epsilon_max"] for r in free.history]
+    cap = (spent[1] + spent[2]) / 2  # rounds 1 and 2 fit, round 3 does not
+    state = run_federated(*make_run(tiny_pair_file, tmp_path / "capped", nodes=1, **settings, **{"max-epsilon": cap}))
+    assert [r["round"] for r in state.history] == [1, 2]
+    assert state.history[-1]["stopped_early"] and "seen_test_acc" in state.history[-1]
+    assert ledger_json(tmp_path / "capped")["budget"]["stopped_early"]
+
+
 def count_record_steps(monkeypatch) -> tuple[dict[int, int], list[tuple[int, int]]]:
     """Spy on record_dp.dp_sgd_update: (pairs of the user (distinct per user in tiny_pair_file) -> DP-SGD steps it
     took, [(steps the user had taken, steps of the history it started from)] per call)."""

@@ -103,7 +103,8 @@ def accounting_audit(ledger: dict | str | Path, *, abs_tol: float = ABS_TOL, rel
         if path.is_dir():
             path = path / "ledger.json"
         if not path.is_file():
-            raise FileNotFoundError(f"no ledger at {path}")
+            raise FileNotFoundError(f"no ledger at {path}: the accounting audit reads the privacy ledger of a "
+                                    "`lore-fed simulate` run under user-level DP")
         from lore_core.privacy.ledger import LedgerError, read_ledger
 
         try:

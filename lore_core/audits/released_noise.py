@@ -98,8 +98,8 @@ def released_noise_check(sums: np.ndarray, claimed_std: np.ndarray, directions: 
     base = {"audit_part": "released-noise", "rounds_released": int(len(sums)), "entries": int(entries)}
     if entries < MIN_ENTRIES:
         return {**base, "verdict": "not-checked", "noise_ratio": None,
-                "summary": f"released noise not checked: {entries} released entries outside the canaries' span, "
-                           f"fewer than {MIN_ENTRIES}"}
+                "summary": f"released noise not checked: {entries} released entries"
+                           + (" outside the canaries' span" if len(directions) else "") + f", fewer than {MIN_ENTRIES}"}
     fit = _NoiseFit(sums / claimed_std[:, None], directions)
     error = 1.0 / np.sqrt(2.0 * fit.entries)
     pooled_floor = 1.0 - max(POOLED_MARGIN, ERRORS * error)
