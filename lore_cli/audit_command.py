@@ -529,7 +529,7 @@ def _mechanism(args, run_dir, settings) -> dict:
                            seed=args.seed)
 
 
-def check_record_covers_ledger(releases, ledger, run_dir: Path) -> None:
+def check_record_covers_ledger(releases, ledger, state, run_dir: Path) -> None:
     """The audit scores the releases against the ledger's epsilon, so every release must name its ledger round, in
     increasing order (a round re-run after a crash is a new ledger round), up to the ledger's last round; a ledger
     round may lack a release only where the server died between the two (its budget stays spent). The record must
@@ -537,9 +537,8 @@ def check_record_covers_ledger(releases, ledger, run_dir: Path) -> None:
     numpy's "cannot reshape array of size 0", one cut to 3 of 10 releases was scored against the epsilon of all 10.
     Found by an adversarial tester: a prefix of the chain is itself a valid chain, so with the ledger cut to match
     (and the checkpoint deleted or its round lowered) 20 rounds passed as 5; and releases set to no ledger round
-    were left out of the noise check, so a fake release of the claimed noise hid a run whose noise was cut."""
-    from server.checkpoint import load_checkpoint
-
+    were left out of the noise check, so a fake release of the claimed noise hid a run whose noise was cut.
+    `state`: the run's checkpoint (None when it has none)."""
     counted, ledger_rounds = releases.ledger_rounds, ledger.rounds_released  # -1: a release naming no ledger round
     increasing = counted.size == 0 or (counted[0] >= 1 and (np.diff(counted) > 0).all())
     last_counted = int(counted[-1]) if counted.size else 0
@@ -552,7 +551,6 @@ def check_record_covers_ledger(releases, ledger, run_dir: Path) -> None:
             f"records releases up to ledger round {last_counted}, but the ledger holds {ledger_rounds} rounds"
         raise AuditCommandError(f"{run_dir}/releases/chain.jsonl {problem}: the record does not cover the run "
                                 "(restore releases/ and ledger.json, or finish the run by rerunning its command)")
-    state = load_checkpoint(run_dir)
     last = int(releases.rounds.max()) if len(releases) else 0
     if state is None:
         if last > 1:  # every round writes its checkpoint after its release: only round 1 can lack one
@@ -579,12 +577,12 @@ def _canary(args, run_dir, settings) -> dict:
     if run_dir is None or not args.secrets:
         raise AuditCommandError("the canary audit needs RUN_DIR and --secrets FILE (from `lore-fed simulate "
                                 "--canaries K --canary-secrets FILE`)")
-    check_run_records_every_round(run_dir)
+    state = check_run_records_every_round(run_dir)
     ledger = PrivacyLedger.load(run_dir)
     s = ledger.settings
     if s.mode not in ("user", "user+secagg"):
         raise AuditCommandError(f"the canary audit covers the user-level modes; {run_dir} ran mode {s.mode}")
-    releases, sums = released_sums(run_dir, ledger)
+    releases, sums = released_sums(run_dir, ledger, state)
     canaries = load_canaries(args.secrets)
     metrics = run_dir / "metrics.json"
     recorded = parse_json(read_text(metrics), metrics) if metrics.is_file() else {}
@@ -597,7 +595,7 @@ def _canary(args, run_dir, settings) -> dict:
                           noise_multiplier=s.noise_multiplier, clip_norm=s.clip_norm, sample_rate=s.sample_rate, claimed_epsilon=ledger.epsilon().headline,
                           delta=s.delta)
     result.update(release_record_head=releases.head, ledger_rounds=ledger.rounds_released)
-    result["ledger_mismatches"] = mismatches = _ledger_mismatches(run_dir)  # the canaries score with its q and z
+    result["ledger_mismatches"] = mismatches = _ledger_mismatches(run_dir, state)  # the canaries use its q and z
     if mismatches:
         _fail(result, mismatches, "Canaries")
     return result
@@ -610,10 +608,11 @@ def _fail(result: dict, found: list[str], part: str) -> None:
                           f"({part}: {result['summary']})")
 
 
-def check_run_records_every_round(run_dir: Path) -> None:
+def check_run_records_every_round(run_dir: Path):
     """A run directory's ledger and release record must reach its checkpoint's round, as a resume requires (each
     round writes both before its checkpoint). Found by a tester: with releases/ deleted and the ledger's epsilon
-    lowered, or a round dropped from it, the accounting audit checked the ledger's events alone and passed."""
+    lowered, or a round dropped from it, the accounting audit checked the ledger's events alone and passed.
+    Returns the checkpoint (None when the run has none), loaded once for the audit's other checks."""
     from server.checkpoint import load_checkpoint
     from server.release_record import check_record_reaches
     from server.run_ledger import check_ledger_covers
@@ -622,15 +621,16 @@ def check_run_records_every_round(run_dir: Path) -> None:
     if state is not None:
         check_ledger_covers(run_dir, state.round)
         check_record_reaches(run_dir, state.round)
+    return state
 
 
-def released_sums(run_dir: Path, ledger):
+def released_sums(run_dir: Path, ledger, state):
     """The run's verified release record (hashes and the optimizer replay checked: these bases were released) and
     its released noisy sums (R, B, D): the recorded mean updates times the fixed denominator q N."""
     from server.release_record import read_releases
 
     releases = read_releases(run_dir)
-    check_record_covers_ledger(releases, ledger, run_dir)
+    check_record_covers_ledger(releases, ledger, state, run_dir)
     s = ledger.settings
     return releases, releases.mean_updates * (s.sample_rate * s.population_size)
 
@@ -643,9 +643,10 @@ def _accounting(args, run_dir, settings) -> dict:
     if run_dir is None:
         raise AuditCommandError("the accounting audit needs RUN_DIR, the directory of a `lore-fed simulate` run")
     result = accounting_audit(run_dir)
-    noise = _released_noise(run_dir)
+    state = check_run_records_every_round(run_dir)
+    noise = _released_noise(run_dir, state)
     result["released_noise"] = noise
-    mismatches = _ledger_mismatches(run_dir)
+    mismatches = _ledger_mismatches(run_dir, state)
     result["ledger_mismatches"] = mismatches
     found = mismatches + ([noise["summary"]] if noise["verdict"] == "fail" else [])
     if found:
@@ -661,15 +662,14 @@ def _accounting(args, run_dir, settings) -> dict:
     return result
 
 
-def _ledger_mismatches(run_dir: Path) -> list[str]:
+def _ledger_mismatches(run_dir: Path, state) -> list[str]:
     """Where the run's ledger disagrees with itself or with its checkpoint (lore_core.audits.accounting_check): the
     privacy settings the checkpoint's own settings give for its population, z solved as the server solved it."""
     from lore_core.audits.accounting_check import ledger_run_mismatches
     from lore_core.privacy.ledger import read_ledger
-    from server.checkpoint import load_checkpoint
 
     file = run_dir / "ledger.json"
-    ledger, state = read_ledger(file), load_checkpoint(run_dir)
+    ledger = read_ledger(file)
     expected, population, found = None, None, []
     if state is not None:
         population = int(sum(state.population[:-1]))
@@ -698,18 +698,18 @@ def _privacy_the_run_used(state, population: int, rounds: int) -> dict:
     return json.loads(json.dumps(settings.to_dict()))
 
 
-def _released_noise(run_dir: Path) -> dict:
-    """released_noise_check on the run's own release record, against each released round's z C in the ledger."""
+def _released_noise(run_dir: Path, state) -> dict:
+    """released_noise_check on the run's own release record, against each released round's z C in the ledger
+    (`state`: the run's checkpoint, already checked against the records by check_run_records_every_round)."""
     from lore_core.audits.released_noise import released_noise_check
     from lore_core.privacy.ledger import PrivacyLedger
     from server.release_record import RELEASES_DIR
 
-    check_run_records_every_round(run_dir)
     if not run_dir.is_dir() or not (run_dir / RELEASES_DIR).exists():
         return {"verdict": "not-checked", "noise_ratio": None,
                 "summary": f"not checked: no release record ({run_dir / RELEASES_DIR}), only the ledger was given"}
     ledger = PrivacyLedger.load(run_dir)
-    releases, sums = released_sums(run_dir, ledger)
+    releases, sums = released_sums(run_dir, ledger, state)
     per_round = np.concatenate([np.full(steps, z) for z, _, steps in ledger.history()] or [np.zeros(0)])
     # every release names its ledger round (check_record_covers_ledger); one whose step was skipped released nothing
     stepped = releases.stepped

@@ -69,13 +69,14 @@ def _run_locked(grid: Grid, settings: ServerSettings, on_round: Callable[[dict],
 
         run_secagg(grid, run, privacy, allowed)
     elif allowed:
+        resumed_after = state.round
         try:
             LoReStrategy(run).start(grid=grid, initial_arrays=basis_record(state.basis), num_rounds=allowed,
                                     timeout=settings.round_timeout)
         except PrivacyBudgetExhausted:
             # record mode: the users' own histories, which the prediction above cannot know ahead, reached
             # max-epsilon before a round began (nothing of it happened); the first run failed here (a tester)
-            allowed = state.round - (settings.rounds - remaining)
+            allowed = state.round - resumed_after  # the rounds this call released
     if allowed < remaining:
         run.stop_for_budget(grid)
     else:
