@@ -14,6 +14,8 @@ import logging
 import math
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -67,6 +69,35 @@ def backend_config(num_cpus: int | None = None) -> dict:
     }
 
 
+@contextmanager
+def ray_daemons_in_their_own_session() -> Iterator[None]:
+    """Start Ray's daemons (GCS, raylet; its workers are the raylet's children) in a session of their own.
+
+    Otherwise they share the command's process group, and a signal sent to the group (`timeout`, `kill -TERM -PGID`,
+    a batch system stopping a job step) kills them too: the driver's core worker then aborts the process (exit 134)
+    before Python's SIGTERM handler can stop the run cleanly (exit 143). Outside the group, only the command gets the
+    signal and shuts Ray down itself; Ray's kernel fate-sharing still kills the daemons if the command is killed
+    outright. Ray offers no flag for this, so the Popen class its process launcher uses is swapped for the block
+    (private API, like `_run_simulation`; a Ray without it is left as it is)."""
+    try:
+        from ray._private import services
+        launcher = services.ConsolePopen
+    except (ImportError, AttributeError):
+        yield
+        return
+
+    class OwnSessionPopen(launcher):  # type: ignore[misc, valid-type]
+        def __init__(self, *args, **kwargs):
+            kwargs.setdefault("start_new_session", True)
+            super().__init__(*args, **kwargs)
+
+    services.ConsolePopen = OwnSessionPopen
+    try:
+        yield
+    finally:
+        services.ConsolePopen = launcher
+
+
 def run_simulation(overrides: dict, num_nodes: int, *, num_cpus: int | None = None, verbose: bool = False) -> None:
     """Run the apps of this repository with run-config `overrides` on `num_nodes` virtual nodes (blocks)."""
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
@@ -100,7 +131,8 @@ def run_simulation(overrides: dict, num_nodes: int, *, num_cpus: int | None = No
         logging.getLogger("flwr").setLevel(logging.WARNING)
     from server.engine_stop import engine_in_this_process
 
-    with engine_in_this_process():  # Ctrl-C stops the engine; leaving this stops the ServerApp's thread too
+    # Ctrl-C stops the engine; leaving the block stops the ServerApp's thread too
+    with engine_in_this_process(), ray_daemons_in_their_own_session():
         result = _run_simulation(
             num_supernodes=num_nodes,
             exit_event=EventType.FLWR_SIMULATION_RUN_LEAVE,

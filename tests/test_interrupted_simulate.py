@@ -106,6 +106,52 @@ def test_ctrl_c_or_sigterm_during_simulate_exits_unlocked_and_the_same_command_r
     assert json.loads((run / "metrics.json").read_text())["rounds"] == ROUNDS
 
 
+def ray_processes_in_group(pgid: int) -> list[str]:
+    """Names of the Ray daemons and workers (raylet, gcs_server, ray::...) whose process group is `pgid`."""
+    names = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:  # the process ended meanwhile
+            continue
+        name, fields = text[text.index("(") + 1:text.rindex(")")], text[text.rindex(")") + 2:].split()
+        if int(fields[2]) == pgid and ("raylet" in name or "gcs_server" in name or name.startswith("ray::")):
+            names.append(name)
+    return names
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads process groups from /proc")
+def test_sigterm_to_simulate_s_whole_process_group_exits_143_with_ray_s_processes_outside_it(tmp_path):
+    """Found by a tester: `timeout --preserve-status` or `kill -TERM -PGID` also reached Ray's daemons, which share the
+    command's process group; Ray then aborted the command (exit 134, signal 6) before its SIGTERM handler ran. Ray's
+    daemons now start in a session of their own (simulations/flower_run.py). Real Ray, in the command's own group."""
+    pairs = make_synthetic_pairs(SyntheticPairsConfig(dim=8, true_rank=2, seen_users=6, unseen_users=2,
+                                                      train_pairs=(8, 10), few_shot_pairs=3, test_pairs=4, seed=2))[0]
+    run = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
+    command = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from lore_cli.main import main; sys.exit(main(sys.argv[1:]))",
+         "simulate", str(save_pairs(pairs, tmp_path / "pairs.npz")), "--out", str(run), "--rounds", "2000",
+         "--clients-per-round", "3", "--rank", "2", "--privacy", "none", "--eval-every", "0"],
+        cwd=ROOT, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180
+        while not (run / "checkpoint.npz").exists():  # Ray is up and a round has finished
+            assert command.poll() is None, command.communicate()
+            assert time.monotonic() < deadline, "no round finished in 180 s"
+            time.sleep(0.2)
+        in_group = ray_processes_in_group(command.pid)
+        os.killpg(command.pid, signal.SIGTERM)
+        code, output = finished(command, 60)
+    finally:
+        if command.poll() is None:
+            os.killpg(command.pid, signal.SIGKILL)
+    assert in_group == []
+    assert code == 143, output
+    assert "terminated (SIGTERM)" in output and "resumes after the last round" in output
+    assert 1 <= load_checkpoint(run).round < 2000
+
+
 def test_a_server_app_still_loading_when_the_engine_stopped_stops_at_its_first_request():
     grid, loaded, outcome = object(), threading.Event(), []
 
