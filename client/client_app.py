@@ -6,6 +6,8 @@ train config, set by the server) train replies carry no data-dependent metric: i
 clipped here to the clip norm (and re-clipped by the server); in record mode each update is an Opacus DP-SGD
 output, sent with the users' accountant histories. A device's own limits in its node config (client.node_limits)
 are checked before any work, and one message's read-train-write holds the device's lock (user_state.device_lock).
+This app serves every privacy mode: a SecAgg+ train message goes to `client.secagg_client_app`, so the one
+ClientApp that `pyproject.toml` deploys also serves `user+secagg`.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from pathlib import Path
 import numpy as np
 from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS as SECAGG_CONFIGS
 
 from federation import protocol as p
 from federation.local_training import (device_fit_weights, evaluate_node, personal_fit_weights, record_dp_updates,
@@ -145,6 +148,10 @@ def query(msg: Message, context: Context) -> Message:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
+    if SECAGG_CONFIGS in msg.content.config_records:  # user+secagg: one of SecAgg+'s four stages, all train messages
+        from client.secagg_client_app import app as secagg_app  # imports this module
+
+        return secagg_app(msg, context)
     config = msg.content[p.CONFIG]
     mode = str(config.get(p.PRIVACY_MODE, "none"))
     NodeLimits.from_node_config(context.node_config).check_mode(mode)

@@ -27,10 +27,9 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARD_THRESHOLD = 64
 SHARD_SIZE = 50
 MAX_NODES = 32  # at least ~2 nodes per Ray actor on a 16-core machine; the dispatch scan stays ~0.01 s
-# (ServerApp, ClientApp) per privacy mode. SecAgg+ needs Flower's legacy client with `secaggplus_mod`
-# (docs/flower-1.42.md §4): client/secagg_client_app.py; the ServerApp routes mode user+secagg to server/secagg_workflow.py.
-APPS = {"user+secagg": ("server.server_app:app", "client.secagg_client_app:app")}
-DEFAULT_APPS = ("server.server_app:app", "client.client_app:app")
+# The apps `pyproject.toml` deploys, for every privacy mode: the ClientApp hands SecAgg+ messages to
+# client/secagg_client_app.py, and the ServerApp routes mode user+secagg to server/secagg_workflow.py.
+SERVER_APP, CLIENT_APP = "server.server_app:app", "client.client_app:app"
 
 
 class AppShadowedError(RuntimeError):
@@ -118,7 +117,6 @@ def run_simulation(overrides: dict, num_nodes: int, *, num_cpus: int | None = No
     from flwr.supercore.telemetry import EventType
 
     fused = get_fused_config_from_dir(ROOT, overrides)
-    server_app_attr, client_app_attr = APPS.get(str(fused.get("privacy-mode")), DEFAULT_APPS)
     rng = np.random.default_rng()
     run = Run.create_empty(run_id=int(rng.integers(1, 2**62)))
     run.override_config = dict(overrides)
@@ -136,8 +134,8 @@ def run_simulation(overrides: dict, num_nodes: int, *, num_cpus: int | None = No
         result = _run_simulation(
             num_supernodes=num_nodes,
             exit_event=EventType.FLWR_SIMULATION_RUN_LEAVE,
-            server_app_attr=server_app_attr,
-            client_app_attr=client_app_attr,
+            server_app_attr=SERVER_APP,
+            client_app_attr=CLIENT_APP,
             backend_config=backend_config(num_cpus),
             app_dir=str(ROOT),
             run=run,

@@ -1,6 +1,7 @@
 """Privacy mode `user+secagg` (docs/privacy.md §2b, §6-§7): the distributed discrete Gaussian through the real
 ServerApp path (`run_federated` -> `run_secagg`, Flower's DefaultWorkflow + SecAggPlusWorkflow) and the real
-ClientApp (`client.secagg_client_app:app`, secaggplus_mod included) on the in-process grid."""
+ClientApp on the in-process grid: the one `pyproject.toml` deploys (`client.client_app:app`), which hands SecAgg+
+messages to `client.secagg_client_app:app` (secaggplus_mod included)."""
 
 from __future__ import annotations
 
@@ -56,7 +57,7 @@ def make_run(pair_file: Path, run_dir: Path, nodes: int, **overrides):
               "clients-per-round": M, "server-lr": 0.1, "privacy-mode": "user+secagg", "noise-multiplier": Z,
               "clip-norm": C, "delta": 1e-3, "reproducible-noise": True, **overrides}
     cfg = get_fused_config_from_dir(ROOT, config)
-    grid = LocalGrid(secagg_client_app, [{"partition-id": i, "num-partitions": nodes} for i in range(nodes)], cfg)
+    grid = LocalGrid(message_app.app, [{"partition-id": i, "num-partitions": nodes} for i in range(nodes)], cfg)
     return grid, ServerSettings.from_run_config(cfg)
 
 
@@ -368,3 +369,16 @@ def test_nodes_not_asked_for_want_of_a_secure_sum_are_not_reported_as_missing_re
     totals = run_problems(state.history)
     assert "missing_replies" not in totals and totals["unasked_nodes"] >= 1
     assert "were not asked" in PROBLEMS["unasked_nodes"].format(totals["unasked_nodes"])
+
+
+def test_simulate_and_deployments_run_the_one_client_app_that_serves_every_mode():
+    """Found by a privacy reviewer: `pyproject.toml` deploys `client.client_app:app`, which failed every SecAgg+
+    message (KeyError 'config'), so a `deploy local -c privacy-mode=user+secagg` released noise-only steps for every
+    round and finished; only `simulate` swapped in the SecAgg+ app. Now that app routes SecAgg+ messages (the tests
+    above run it), and `simulate` runs what a deployment runs."""
+    import tomllib
+
+    from simulations.flower_run import CLIENT_APP, SERVER_APP
+
+    components = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["components"]
+    assert (components["serverapp"], components["clientapp"]) == (SERVER_APP, CLIENT_APP)
