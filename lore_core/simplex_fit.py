@@ -33,6 +33,7 @@ MAX_PRIOR_PAIRS = 1e6
 # prism-synth seed 101, 1,400 users x 30-50 pairs seed 101; `python -m simulations.choose_dp_defaults
 # --personal-prior`): thin users gain from more, thick ones lose from it; 10 has the best mean.
 DP_PRIOR_PAIRS = 10.0
+LOG_STEP = 30.0  # the few-shot fit changes no weight more than e^30-fold in one step (a trust region in log w)
 
 
 class ConvergenceWarning(UserWarning):
@@ -62,7 +63,8 @@ def fit_user_weights(
 
     Damped Newton on the simplex: F_u is strictly convex with Hessian (1/n) sum sigma(1-sigma) s s^T +
     lam diag(1/w); each step solves the equality-constrained Newton system (sum of the step = 0) for all users at
-    once (batched B x B solves), then backtracks to stay inside the simplex and decrease F_u. Converges in tens of
+    once (batched B x B solves), then backtracks to stay inside the simplex and decrease F_u. It stops when
+    the Newton decrement and the Frank-Wolfe gap (a bound on F_u - min F_u) are both small. Converges in tens of
     iterations where first-order mirror descent needs thousands near the simplex boundary.
     Users without pairs get the prior mode. prior_mean (n_users, B) on the simplex replaces uniform in the KL
     term (an on-device prior, e.g. from declared attributes); None = uniform, the population reward.
@@ -82,35 +84,50 @@ def fit_user_weights(
         weights /= weights.sum(axis=1, keepdims=True)
     outer = scores[:, :, None] * scores[:, None, :]  # (n, B, B)
     kkt = np.zeros((n_users, n_basis + 1, n_basis + 1))
-    kkt[:, :n_basis, n_basis] = 1.0
-    kkt[:, n_basis, :n_basis] = 1.0
     objective = few_shot_objective(weights, scores, user_idx, lam, prior_mean)
     converged = False
-    iteration = 0
-    for iteration in range(1, max_iter + 1):
-        logits = np.einsum("nb,nb->n", scores, weights[user_idx])
-        g_pair = bt_loss_grad(logits)
-        grad = segment_sum(g_pair[:, None] * scores, user_idx, n_users) * inv_counts[:, None]
-        grad += lam[:, None] * (np.log(weights) - log_prior + 1.0)
+    for iteration in range(max_iter + 1):
+        g_pair, grad = _gradient(weights, scores, user_idx, lam, log_prior, inv_counts)
+        # Frank-Wolfe gap grad . w - min_k grad_k: an upper bound on F_u(w) - min F_u. The Newton decrement alone is
+        # no certificate here: the KL term is not self-concordant near the boundary, so at w_k ~ 1e-12 (a device
+        # refitting from its last w, a vertex) the curvature lam / w_k makes it vanish far from the optimum (a
+        # tester: [1, 0, 0] was returned as converged after one step, the optimum being [0.48, 0.20, 0.31]).
+        gap = (grad * weights).sum(axis=1) - grad.min(axis=1)
+        if iteration:
+            done = (decrement < tol) & (gap < tol)
+            if np.all(done):
+                converged = True
+                break
+        if iteration == max_iter:
+            break
         curvature = -g_pair * (1.0 + g_pair)  # sigma(z) * (1 - sigma(z))
+        # The Newton system scaled by sqrt(w) on both sides: the prior's curvature lam / w_k becomes lam on the
+        # diagonal, so a weight of 1e-200 does not make the solve lose every digit of the step (condition 1e200).
+        root = np.sqrt(weights)
         hess = segment_sum(curvature[:, None, None] * outer, user_idx, n_users) * inv_counts[:, None, None]
-        hess += lam[:, None, None] * np.einsum("ub,bc->ubc", 1.0 / weights, np.eye(n_basis))
-        kkt[:, :n_basis, :n_basis] = hess
-        rhs = np.concatenate([-grad, np.zeros((n_users, 1))], axis=1)
-        step = np.linalg.solve(kkt, rhs[:, :, None])[:, :n_basis, 0]
-        # Largest step keeping w > 0, then backtrack until F_u decreases (per user, vectorized).
-        with np.errstate(divide="ignore", invalid="ignore"):
-            limit = np.where(step < 0, -weights / step, np.inf).min(axis=1)
-        t = np.minimum(1.0, 0.99 * limit)
-        decrement = -(grad * step).sum(axis=1)
-        # A user already within `tol` takes its (tiny) Newton step as is: its objective change is rounding noise,
-        # and backtracking on it would halve the step 40 times for the whole batch.
-        settled = decrement < tol
-        todo = np.ones(n_users, bool)
-        for _ in range(40):
-            trial = np.where(todo[:, None], weights + t[:, None] * step, weights)
+        kkt[:, :n_basis, :n_basis] = root[:, :, None] * hess * root[:, None, :]
+        diagonal = kkt[:, np.arange(n_basis), np.arange(n_basis)]
+        # + a ridge at 1e-10 of the largest curvature: a prior too weak to outweigh rounding (lam = 1e-14 against
+        # saturated pairs) left the system singular. Still a descent direction; the gap test still decides the end.
+        kkt[:, np.arange(n_basis), np.arange(n_basis)] += lam[:, None] + 1e-10 * np.abs(diagonal).max(axis=1)[:, None]
+        kkt[:, :n_basis, n_basis] = kkt[:, n_basis, :n_basis] = root  # sum of the step = sum_k root_k y_k = 0
+        rhs = np.concatenate([-root * grad, np.zeros((n_users, 1))], axis=1)
+        step = root * np.linalg.solve(kkt, rhs[:, :, None])[:, :n_basis, 0]
+        slope = (grad * step).sum(axis=1)
+        decrement = -slope
+        # Backtrack along w * exp(t step / w) (renormalized) until F_u decreases (per user, vectorized): the same
+        # first-order move as w + t step, but it never leaves the simplex, so no step is cut short because one weight
+        # heads for the boundary (a weight whose optimum is 1e-200 under large scores and a weak prior shrank only
+        # 100-fold per iteration, and held the user's other weights back as long). No weight changes more than
+        # e^LOG_STEP-fold in one step. A user already within `tol` keeps its weights: its change is rounding noise.
+        log_move = np.where((weights <= 1e-290) & (step < 0), 0.0, np.abs(step / weights))  # at the floor already
+        t = np.minimum(1.0, LOG_STEP / np.maximum(log_move.max(axis=1), 1e-300))
+        todo = ~((decrement < tol) & (gap < tol))
+        slack = 1e-13 * (1.0 + np.abs(objective))  # rounding: a move too small to change F_u is not refused
+        for _ in range(60):
+            trial = np.where(todo[:, None], multiplicative_step(weights, step, t), weights)
             trial_obj = few_shot_objective(trial, scores, user_idx, lam, prior_mean)
-            better = (trial_obj <= objective + 1e-4 * t * (grad * step).sum(axis=1)) | settled
+            better = trial_obj <= objective + 1e-4 * t * slope + slack
             accept = todo & better
             weights = np.where(accept[:, None], trial, weights)
             objective = np.where(accept, trial_obj, objective)
@@ -118,18 +135,31 @@ def fit_user_weights(
             if not todo.any():
                 break
             t = np.where(todo, t * 0.5, t)
-        weights = np.clip(weights, 1e-300, None)
-        weights /= weights.sum(axis=1, keepdims=True)
-        if np.all(decrement < tol) or np.abs(step).max(initial=0.0) < tol:
-            converged = True
-            break
-    if not converged and n_users and iteration:
-        unconverged = int((decrement >= tol).sum())
+    if not converged and n_users:
+        unconverged = int((~done).sum()) if max_iter else n_users
         warnings.warn(f"the few-shot w fit did not converge in {max_iter} iterations for {unconverged} of {n_users} "
-                      f"users (largest Newton decrement {decrement.max():.3g} > tol {tol:g}); their weights are the "
+                      f"users (largest Frank-Wolfe gap {gap.max():.3g}, Newton decrement "
+                      f"{decrement.max() if max_iter else float('nan'):.3g}; tol {tol:g}); their weights are the "
                       "last iterate (a stronger prior, prior_pairs or prior_strength, makes the fit better posed)",
                       ConvergenceWarning, stacklevel=2)
     return SimplexFitResult(weights=weights, iterations=iteration, converged=converged)
+
+
+def multiplicative_step(weights: np.ndarray, step: np.ndarray, t: np.ndarray) -> np.ndarray:
+    """w * exp(t step / w), renormalized, each weight at least 1e-300 (U, B)."""
+    log_moved = np.log(weights) + t[:, None] * step / weights
+    moved = np.exp(log_moved - log_moved.max(axis=1, keepdims=True))  # the largest is 1: no overflow
+    moved = np.clip(moved / moved.sum(axis=1, keepdims=True), 1e-300, None)
+    return moved / moved.sum(axis=1, keepdims=True)
+
+
+def _gradient(weights, scores, user_idx, lam, log_prior, inv_counts) -> tuple[np.ndarray, np.ndarray]:
+    """The pairs' loss gradients (n,) and grad F_u (U, B) at `weights`."""
+    logits = np.einsum("nb,nb->n", scores, weights[user_idx])
+    g_pair = bt_loss_grad(logits)
+    grad = segment_sum(g_pair[:, None] * scores, user_idx, len(weights)) * inv_counts[:, None]
+    grad += lam[:, None] * (np.log(weights) - log_prior + 1.0)
+    return g_pair, grad
 
 
 def prior_from_pairs(user_idx: np.ndarray, n_users: int, prior_pairs: float) -> np.ndarray:

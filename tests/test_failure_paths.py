@@ -600,7 +600,7 @@ def test_solver_non_convergence_is_reported(tmp_path, pair_file):
     with warnings.catch_warnings():
         warnings.simplefilter("error", ConvergenceWarning)  # the defaults converge: no warning
         assert fit_user_weights(scores, np.repeat(np.arange(4), 10), 4).converged
-    wide = save_basis(tmp_path / "b3.npz", 5 * rng.standard_normal((3, DIM)), version=1, embedder="synthetic")
+    wide = save_basis(tmp_path / "b8.npz", 50 * rng.standard_normal((8, DIM)), version=1, embedder="synthetic")
     with pytest.warns(ConvergenceWarning, match="did not converge"):  # a user of the CLI sees it on stderr
         assert cli(["evaluate", pair_file, "--basis", wide, "--prior-pairs", "1e-12"])[0] == 0
 

@@ -64,6 +64,30 @@ def test_simplex_solver_stays_on_simplex_and_matches_torch():
     np.testing.assert_allclose(fit.weights, torch_w, atol=2e-3)
 
 
+def test_simplex_solver_reaches_the_optimum_from_any_start_whatever_the_scale():
+    """Found by a tester: the device refits from its last w, and a start at a vertex (or any weight near 1e-12) was
+    returned as converged after one step, because the KL term's curvature lam / w_k there made the Newton decrement
+    vanish. Choices added one at a time then ended at [0, 1, 0] where all at once gave [0.61, 0.39, 0]. The fit now
+    stops on the Frank-Wolfe gap, a bound on the objective's distance to its minimum, as well."""
+    scores, user = np.array([[5.0, -3.0, 1.0]]), np.zeros(1, int)
+    cold = fit_user_weights(scores, user, 1, prior_strength=1.0)
+    for start in ([1.0, 0.0, 0.0], [1 - 1e-12, 5e-13, 5e-13], [0.0, 0.0, 1.0]):
+        warm = fit_user_weights(scores, user, 1, prior_strength=1.0, init=np.array([start]))
+        assert warm.converged
+        np.testing.assert_allclose(warm.weights, cold.weights, atol=1e-8)
+    rng = np.random.default_rng(0)
+    for _ in range(200):  # one choice at a time, each fit from the last, as the device adapts (scores up to 1000)
+        n = int(rng.integers(2, 12))
+        scores = rng.normal(size=(n, 3)) * 10 ** rng.uniform(0, 3)
+        weights = None
+        for j in range(1, n + 1):
+            fit = fit_user_weights(scores[:j], np.zeros(j, int), 1, prior_strength=1 / j, init=weights)
+            assert fit.converged
+            weights = fit.weights
+        at_once = fit_user_weights(scores, np.zeros(n, int), 1, prior_strength=1 / n)
+        np.testing.assert_allclose(weights, at_once.weights, atol=1e-6)
+
+
 def test_simplex_solver_rejects_bad_prior():
     with pytest.raises(ValueError, match="prior_strength"):
         fit_user_weights(np.zeros((3, 2)), np.zeros(3, int), 1, prior_strength=0.0)
