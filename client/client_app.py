@@ -56,8 +56,8 @@ def data_free_errors(what: str):
         raise
     except Exception as exc:
         log.exception("this node failed while %s (the server is told only that it failed)", what)
-        raise NodeFailure(f"the node failed while {what} ({type(exc).__name__}); the details stay in the node's own "
-                          "log") from None
+        # Not even the exception's class: which one a fit raises (LinAlgError, ...) may depend on the data.
+        raise NodeFailure(f"the node failed while {what}; the details stay in the node's own log") from None
 
 
 def node_users(context: Context, settings: p.ClientSettings) -> NodeUsers | CanaryBlock:

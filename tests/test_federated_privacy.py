@@ -19,7 +19,7 @@ from lore_core.privacy.accounting import epsilon
 from lore_core.privacy.accounting import history_epsilon
 from lore_core.privacy.ledger import LedgerError, PrivacyLedger
 from server.server_app import run_federated
-from lore_core.privacy.ledger import POPULATION_NOT_COVERED
+from lore_core.privacy.ledger import EPSILON_COVERED, POPULATION_NOT_COVERED, RECORD_EPSILON_NOT_COVERED, W_NOT_COVERED
 from server.run_ledger import EVAL_NOT_COVERED, RUN_FILES_NOT_COVERED
 from server.run_settings import ServerSettings
 from server.optimizer import make_optimizer
@@ -72,6 +72,8 @@ def test_user_mode_ledger_grows_each_round_and_replies_carry_only_clipped_update
     assert EVAL_NOT_COVERED in ledger["not_covered"] and ledger["evaluation"]["policy"] == "after the last round only"
     assert POPULATION_NOT_COVERED in ledger["not_covered"]  # N is exact: a reviewer found it listed nowhere
     assert RUN_FILES_NOT_COVERED in ledger["not_covered"]  # the pair file's fingerprint: listed nowhere before
+    # w_i "never leaves the device" hid that this mode's rank-one update discloses it to the server (a reviewer)
+    assert W_NOT_COVERED["user"] in ledger["not_covered"] and EPSILON_COVERED in ledger["covered"]
     assert [m.content[p.CONFIG][p.ROUND] for m in requests_of(grid, "evaluate")] == [5] * 4  # only after the last
     train_ids = {m.metadata.message_id for m in requests_of(grid, "train")}
     assert all(m.content[p.CONFIG][p.CLIP_NORM] == 0.5 for m in requests_of(grid, "train"))
@@ -229,6 +231,8 @@ def test_record_mode_accounts_per_pair_like_one_uninterrupted_opacus_run(tiny_pa
 
     ledger = ledger_json(tmp_path)
     assert ledger["privacy_unit"] == "one preference pair of one client"
+    # record mode's epsilon is the largest client history, which depends on pair counts: not covered (a reviewer)
+    assert RECORD_EPSILON_NOT_COVERED in ledger["not_covered"] and EPSILON_COVERED not in ledger["covered"]
     assert "NOT a user-level guarantee" in ledger["guarantee"] and ledger["epsilon"]["over"] == "max over 3 clients"
     # the claim names its epsilon with its delta (it read "record-level (1e-05-)DP ..."; a tester)
     assert ledger["guarantee"].startswith(f"record-level ({ledger['epsilon']['prv']:.3f}, ")

@@ -40,6 +40,20 @@ def test_clip_bounds_every_norm_and_leaves_small_updates_unchanged():
     np.testing.assert_allclose(clipped[4:], updates[4:] / norms[4:, None, None])  # same direction, norm C
 
 
+def test_a_finite_but_huge_update_is_clipped_like_any_other():
+    """Found by a privacy reviewer: an update of 1e200 (finite) overflowed its squared norm, the clip raised "NaN or
+    inf", and one node failed the whole round. Its norm is now computed scaled, and it is clipped to C."""
+    updates = updates_with_norms([0.5, 3.0])
+    huge = np.concatenate([updates, np.full((1, B, D), 1e200), np.full((1, B, D), -1e-300)])
+    clipped, norms = clip_updates(huge, clip_norm=1.0)
+    assert np.all(np.isfinite(norms)) and norms[2] == pytest.approx(1e200 * np.sqrt(B * D))
+    np.testing.assert_allclose(np.linalg.norm(clipped[2]), 1.0)
+    np.testing.assert_array_equal(clipped[3], huge[3])  # a tiny one is left as it is
+    np.testing.assert_allclose(clipped[:2], clip_updates(updates, clip_norm=1.0)[0])
+    with pytest.raises(ValueError, match="NaN or inf"):
+        clip_updates(np.concatenate([updates, np.full((1, B, D), np.inf)]), clip_norm=1.0)
+
+
 def test_aggregate_divides_noisy_sum_by_fixed_q_times_n():
     updates = updates_with_norms([0.5, 3.0, 1.5])
     q, population, z, c = 0.01, 500, 1.0, 1.0

@@ -66,9 +66,13 @@ def clip_updates(updates: np.ndarray, clip_norm: float) -> tuple[np.ndarray, np.
     if not (math.isfinite(clip_norm) and clip_norm > 0):
         raise ValueError(f"clip_norm must be finite and > 0; got {clip_norm}")
     flat = updates.reshape(len(updates), int(np.prod(updates.shape[1:])))  # also for k = 0 users
-    norms = np.sqrt(np.einsum("ki,ki->k", flat, flat))
-    if not np.all(np.isfinite(norms)):
+    if not np.all(np.isfinite(flat)):
         raise ValueError("an update contains NaN or inf; drop that client before aggregation")
+    # Scaled by each update's largest entry, so that a finite update of 1e200 (a faulty or hostile node) has a
+    # finite norm and is clipped like any other (its squares overflowed, and the round failed: a privacy reviewer).
+    peak = np.abs(flat).max(axis=1, initial=0.0)
+    unit = flat / np.where(peak > 0, peak, 1.0)[:, None]
+    norms = peak * np.sqrt(np.einsum("ki,ki->k", unit, unit))
     scale = np.minimum(1.0, clip_norm / np.maximum(norms, np.finfo(np.float64).tiny))
     return updates * scale.reshape((-1,) + (1,) * (updates.ndim - 1)), norms
 

@@ -40,8 +40,17 @@ NONE_GUARANTEE = (
     "fixed during the local step dA_i = w_i (x) v_i is rank one, so the server can recover every participant's w_i "
     "from its update (by SVD), and which candidate pairs it trained on. The released basis is not protected either."
 )
+# w_i is never sent as such, but what each mode sends about it differs (a privacy reviewer: "never leaves the device"
+# hid that the user mode's update discloses it to the server).
+W_NOT_COVERED = {
+    "user": "w_i: never sent as such, but each sampled user's raw update dA = -lr w_i r_i^T is rank one, so the "
+            "server, trusted in this mode, reads w_i from it exactly; from everyone else it is protected only "
+            "through the released bases; it is not a DP output",
+    "user+secagg": "w_i: never sent; the server sees only masked updates and noised sums of them, but w_i itself "
+                   "is not a DP output",
+    "record": "w_i: never sent as such; the DP-SGD updates that carry it are covered at record level only",
+}
 NOT_COVERED = [
-    "w_i: never leaves the device by design, but it is not a DP output (except in record mode)",
     "hyper-parameter search runs (the privacy of the runs that chose these settings)",
     "personalised scores if served (B queries recover w_i when A is public)",
 ]
@@ -59,8 +68,12 @@ COVERED = [
     "the server optimizer state (checkpoint.npz): a function of the released mean updates",
     "the reported basis (basis.npz, the evaluated basis): the running mean of the bases released in the last quarter "
     "of the rounds, a function of released bases",
-    "epsilon after each round (ledger, rounds.jsonl, report): a function of the settings and the round count",
 ]
+EPSILON_COVERED = ("epsilon after each round (ledger, rounds.jsonl, report): a function of the settings and the "
+                   "round count")
+RECORD_EPSILON_NOT_COVERED = ("record mode: epsilon after each round (ledger, rounds.jsonl record_epsilon_max, "
+                              "report), the max-epsilon stop and so the number of rounds released: the largest of "
+                              "the clients' accountant histories, which depend on their pair counts")
 DESCRIPTIONS: dict[str, dict[str, str]] = {
     "user": {
         "privacy_unit": "user (all preference pairs of one client)",
@@ -486,7 +499,7 @@ def _mechanism(s: PrivacySettings) -> dict[str, Any]:
                       "aggregation": "Opacus: (sum of clipped grads + noise) / expected batch",
                       "rng": f"torch generator, {rng}", "solved_from_target_epsilon": False},
             "covered": COVERED,
-            "not_covered": NOT_COVERED + RECORD_NOT_COVERED,
+            "not_covered": [W_NOT_COVERED["record"], *NOT_COVERED, *RECORD_NOT_COVERED, RECORD_EPSILON_NOT_COVERED],
         }
     noise = {"multiplier": s.noise_multiplier, "std_on_sum": s.noise_multiplier * s.clip_norm,
              "aggregation": "sum / (q*N)", "rng": f"numpy PCG64, {rng}",
@@ -502,8 +515,8 @@ def _mechanism(s: PrivacySettings) -> dict[str, Any]:
         "sampling": {"method": s.sampling, "rate": s.sample_rate, "expected_clients_per_round": s.clients_per_round},
         "clipping": {"norm": s.clip_norm, "scope": "flat L2 over all of dA", "where": where},
         "noise": noise,
-        "covered": COVERED,
-        "not_covered": NOT_COVERED + [POPULATION_NOT_COVERED],
+        "covered": [*COVERED, EPSILON_COVERED],
+        "not_covered": [W_NOT_COVERED[s.mode], *NOT_COVERED, POPULATION_NOT_COVERED],
     }
 
 
