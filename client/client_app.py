@@ -54,7 +54,7 @@ def data_free_errors(what: str):
         yield
     except (ClientRequestError, NodeLimitError):
         raise
-    except Exception as exc:
+    except Exception:
         log.exception("this node failed while %s (the server is told only that it failed)", what)
         # Not even the exception's class: which one a fit raises (LinAlgError, ...) may depend on the data.
         raise NodeFailure(f"the node failed while {what}; the details stay in the node's own log") from None
