@@ -101,7 +101,7 @@ class LoReStrategy(Strategy):
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         run = self.run
         record = run.aggregator.mode == "record"
-        accepted, seen_nodes, histories, rejected, dropped_users = [], set(), {}, 0, 0
+        accepted, seen_nodes, histories, rejected, dropped_users, reported = [], set(), {}, 0, 0, set()
         replies = list(replies)
         errors = [reply.error.reason for reply in replies if reply.has_error()]
         if run.plan and len(errors) + len(set(run.plan) - {r.metadata.src_node_id for r in replies}) == len(run.plan):
@@ -117,6 +117,7 @@ class LoReStrategy(Strategy):
                 if record and problem != "duplicate reply" and node in run.plan and not reply.has_error() \
                         and self._history_problem(reply) is None:
                     histories.update(self._client_histories(reply))  # its users did spend: the server got it
+                    reported.add(node)
                 continue
             updates = reply.content[p.ARRAYS][p.UPDATES].numpy().astype(np.float64)
             finite = np.isfinite(updates).all(axis=(1, 2))
@@ -127,12 +128,16 @@ class LoReStrategy(Strategy):
             accepted.append(updates[finite])
             if record:
                 histories.update(self._client_histories(reply))
+                reported.add(node)
         updates = np.concatenate(accepted) if accepted else np.zeros((0,) + run.state.basis.shape)
         facts = {"missing_replies": len(set(run.plan) - seen_nodes)}
         if dropped_users:
             facts["non_finite_users"] = dropped_users
         if record:  # a DP-SGD output is never exactly zero: zero = the user's record-level budget is spent
             facts["record_budget_exhausted_users"] = int((~updates.any(axis=(1, 2))).sum())
+            # Sampled users whose spending did not reach the server (a late or failed reply): the ledger marks them
+            # until they report again, and its epsilon is a lower bound meanwhile.
+            facts["unreported"] = [str(int(u)) for node in set(run.plan) - reported for u in run.global_users(node)]
         mean_update = run.aggregator.aggregate(updates, run.population.size)
         run.release(mean_update, updates.shape[0], client_histories=histories or None, **facts)
         metrics = MetricRecord({"accepted-users": int(updates.shape[0]), "rejected-replies": rejected})

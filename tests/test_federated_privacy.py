@@ -607,3 +607,38 @@ def test_a_rejected_record_reply_still_counts_in_the_ledger(tiny_pair_file, tmp_
     _, counts = np.unique(pairs.user[pairs.seen & (pairs.split == "train")], return_counts=True)
     clients = ledger_json(tmp_path)["events"]["clients"]
     assert {int(counts[int(c)]): sum(s[2] for s in v["history"]) for c, v in clients.items()} == taken
+
+
+def test_a_record_reply_that_never_reached_the_ledger_marks_its_epsilon_a_lower_bound_until_it_reports(
+        tiny_pair_file, tmp_path, monkeypatch):
+    """Found by a privacy reviewer: a node's record-mode reply that missed the deadline (a deployment's late reply)
+    had spent on the device, but the ledger learns of it only when those users report again; in the last round they
+    never do, and the ledger printed 4.03 for a client at 4.29. The ledger now lists such clients, and its guarantee
+    says it is a lower bound until they report (a later report carries what the ledger lacks)."""
+    steps_taken, _ = count_record_steps(monkeypatch)
+
+    class LosingGrid(LocalGrid):  # the first train reply of rounds 1 and 3 never reaches the server
+        train_rounds = 0
+
+        def send_and_receive(self, messages, *, timeout=None):
+            messages = list(messages)
+            replies = list(super().send_and_receive(messages, timeout=timeout))
+            if messages and messages[0].metadata.message_type == "train":
+                self.train_rounds += 1
+                if self.train_rounds in (1, 3):
+                    return replies[1:]
+            return replies
+
+    grid, settings = make_run(tiny_pair_file, tmp_path, nodes=3, **{
+        "rank": 2, "num-server-rounds": 3, "clients-per-round": 3, "privacy-mode": "record", "max-grad-norm": 1.0,
+        "record-batch-size": 4, "server-lr": 0.05, "clip-norm": ""})
+    grid.__class__ = LosingGrid
+    after_round = []
+    run_federated(grid, settings, on_round=lambda r: after_round.append(ledger_json(tmp_path)))
+    first, second, last = after_round
+    lost = first["events"]["rounds"][0]["unreported"]  # the users of the node whose reply was lost
+    assert lost and first["epsilon"]["unreported_clients"] == len(lost)
+    assert f"LOWER BOUND: {len(lost)} sampled" in first["guarantee"]
+    assert second["epsilon"]["unreported_clients"] == 0 and "LOWER BOUND" not in second["guarantee"]  # caught up
+    assert last["epsilon"]["unreported_clients"] > 0 and "LOWER BOUND" in last["guarantee"]
+    assert sum(ledger_steps(tiny_pair_file, tmp_path).values()) < sum(steps_taken.values())  # round 3's lost steps

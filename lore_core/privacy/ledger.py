@@ -240,6 +240,16 @@ class PrivacyLedger:
         z = min(e["noise_multiplier"] for e in self._facts["rounds"])
         return _report(((float(z), 1.0, most),), self.settings.delta, self._dim).headline
 
+    def unreported_clients(self) -> list[str]:
+        """Record mode: clients sampled in some round whose reply brought no history, and who have not reported
+        since (a later report carries what the ledger lacks). They may have spent more than the ledger holds, so
+        the ledger's epsilon is a lower bound while any remain (a privacy reviewer: a late reply in the last round
+        was never counted, 4.03 printed for a client at 4.29)."""
+        pending: set[str] = set()
+        for entry in self._facts["rounds"]:
+            pending = (pending - set(entry.get("clients", ()))) | set(entry.get("unreported", ()))
+        return sorted(pending)
+
     def epsilon(self) -> EpsilonReport | None:
         """User modes: epsilon so far; record mode: the client with the largest PRV epsilon; none: None."""
         mode, delta = self.settings.mode, self.settings.delta
@@ -294,6 +304,7 @@ class PrivacyLedger:
         sample_rate: float | None = None,
         client_histories: Mapping[str, Any] | None = None,
         most_user_rounds: int | None = None,
+        unreported: Iterable[str] = (),
     ) -> dict[str, Any]:
         """Record round `round` (1-based, consecutive) atomically; call BEFORE releasing that round's basis.
 
@@ -301,8 +312,9 @@ class PrivacyLedger:
         settings'. user+secagg: most_user_rounds, the rounds (this one included) of the user sampled most often so
         far, for the guarantee against the server (default: every round, the bound that needs no count). Record
         mode: client_histories maps client id -> what it spent this round ((z, q, steps) segments appended to its
-        accountant history, or a RecordDpState of them). Raises PrivacyBudgetExhausted (user modes)
-        or AccountingError, writing nothing.
+        accountant history, or a RecordDpState of them); unreported: the clients sampled this round whose reply
+        brought no history (late, failed, missing), who may have spent without the ledger knowing until they report
+        again. Raises PrivacyBudgetExhausted (user modes) or AccountingError, writing nothing.
         """
         s = self.settings
         if round != self.rounds_released + 1:
@@ -333,6 +345,9 @@ class PrivacyLedger:
                     continue
                 updates[str(cid)] = self._client_record(str(cid), history)
             entry["clients"] = sorted(updates)
+            missing = sorted({str(c) for c in unreported} - set(updates))
+            if missing:
+                entry["unreported"] = missing
         self._reread()
         self._facts["clients"].update(updates)
         self._facts["rounds"].append(entry)
@@ -397,6 +412,10 @@ class PrivacyLedger:
             value = (f"({eps.prv:.3f}, {s.delta})-DP per client and per preference pair, epsilon the max over "
                      f"clients (PRV; RDP {eps.rdp:.3f})") if eps else \
                 f"(epsilon, {s.delta})-DP per client and per preference pair, no rounds yet"
+            unreported = self.unreported_clients()
+            if unreported:
+                value += (f", a LOWER BOUND: {len(unreported)} sampled clients' replies never reached the ledger "
+                          "(late or failed), and they have not reported since")
             return (f"{prefix}record-level {value}. This is NOT a "
                     "user-level guarantee: a user's w_i and all of its pairs together are not protected "
                     "(group privacy for k pairs costs about k times epsilon, and delta grows to about "
@@ -433,7 +452,8 @@ class PrivacyLedger:
                 "headline": eps.headline, "accountant": eps.accountant,
                 "prv": None if eps.accountant == "ddg-rdp" else eps.prv,
                 "prv_error_bound": eps.prv_error_bound, "rdp": eps.rdp, "rdp_optimal_order": eps.rdp_optimal_order,
-                **({"over": f"max over {len(self._facts['clients'])} clients"} if s.mode == "record" else {}),
+                **({"over": f"max over {len(self._facts['clients'])} clients",
+                    "unreported_clients": len(self.unreported_clients())} if s.mode == "record" else {}),
                 **({"against_server": {
                     "epsilon": self.epsilon_against_server(), "most_user_rounds": self.most_user_rounds(),
                     "why": "the server draws the sample, so it knows who took part: no amplification; the "
