@@ -21,6 +21,8 @@ def test_demo_report_lists_the_runs_references_and_epsilon(tmp_path):
     assert "oracle (true basis and weights) | - | 0.8600 | 0.8700" in report
     assert "true basis, each user fits only w (ceiling) | - | 0.8100 | 0.8200" in report
     assert "(epsilon, delta) = (6.840, 1e-05)" in report
+    # the other runs trained on the same users without privacy: the epsilon is not theirs (a privacy reviewer)
+    assert "This epsilon is that of the `federated/` run alone" in report
     assert "was chosen by the centralized" not in report  # --rank given: nothing to say
     # --rank auto: the rank of the private run came from a non-private fit on the same users (a reviewer's finding)
     report = write_demo_report(tmp_path, dataset, central, runs, 12.0, reference_chose_rank=True).read_text()
