@@ -18,8 +18,9 @@ Per round t (`LegacyContext` + `DefaultWorkflow(fit_workflow=SecAggRound, evalua
    server saw is counted even if it crashes before releasing it), and the server optimizer steps the basis only
    after it. Every round releases exactly one noisy step: a round whose users lie on fewer than max(2,
    reconstruction threshold) nodes, or whose secure aggregation fails or is aborted, releases a data-free noise
-   step drawn by the server (its sampled users count as drop-outs: utility, not privacy). No node is ever asked
-   alone.
+   step drawn by the server (its sampled users count as drop-outs: utility, not privacy). A stage where every
+   node asked failed or did not answer ends the run instead (RoundFailed, as in the Message-API path). No node is
+   ever asked alone.
 4. Every `eval-every` rounds all nodes evaluate through the Message-API `evaluate` handler of `client.client_app`
    (same metric names as the Message-API path); then the checkpoint is written.
 
@@ -45,7 +46,7 @@ from flwr.serverapp import Grid
 from federation import protocol as p
 from lore_core.privacy.distributed_dp import DdgEncoding, decode_sum, min_contributors, plan_encoding
 from lore_core.privacy.privacy_settings import PrivacyConfigError, PrivacySettings
-from server.training_round import TrainingRun
+from server.training_round import RoundFailed, TrainingRun
 
 log = logging.getLogger("lore_fed.server")
 
@@ -150,8 +151,24 @@ class DdgSecAggPlusWorkflow(SecAggPlusWorkflow):
         super().__init__(**kwargs)
         self.strategy = strategy
 
+    def setup_stage(self, grid: Grid, context, state) -> bool:
+        proceed = super().setup_stage(grid, context, state)
+        self._check_some_node_answered(state)
+        return proceed
+
+    def _check_some_node_answered(self, state) -> None:
+        """A stage where every node asked failed or did not answer ends the run as in the Message-API path
+        (RoundFailed, exit 1, nothing of the round released). Drop-outs of some nodes stay a noise-only round. Found
+        by a privacy reviewer: deployed nodes failed every SecAgg+ message, and the run released server noise for
+        every round and finished."""
+        if state.sampled_node_ids and not state.active_node_ids:
+            reason = state.failures[0] if state.failures else "no reply"
+            raise RoundFailed(f"round {self.strategy.run.round}: every node asked failed or did not answer "
+                              f"({reason}); nothing of the round was released")
+
     def collect_masked_vectors_stage(self, grid: Grid, context, state) -> bool:
         if not super().collect_masked_vectors_stage(grid, context, state):
+            self._check_some_node_answered(state)
             return False
         plan = self.strategy.run.plan
         contributors = sum(int(plan[node].size) for node in state.active_node_ids if node in plan)

@@ -303,6 +303,29 @@ def test_a_round_with_more_dropouts_than_tolerated_is_never_unmasked(pair_file, 
     assert json.loads((tmp_path / "ledger.json").read_text())["rounds"]["released"] == 2  # still one release each
 
 
+@pytest.mark.parametrize("stage", [Key.PUBLIC_KEY_1, Key.MASKED_PARAMETERS])
+def test_a_secagg_round_where_every_node_fails_stops_the_run_with_nothing_released(pair_file, tmp_path, stage):
+    """Found by a privacy reviewer: deployed nodes failed every SecAgg+ message, yet each round released a noise-only
+    step and the run finished as if it had trained. Every node failing a stage (setup, or the masked upload) now
+    fails the run, as in the Message-API path: nothing of the round released, the same command resumes."""
+    from flwr.app import Error, Message
+
+    from server.training_round import RoundFailed
+
+    def every_node_fails(reply):
+        configs = reply.content.config_records.get(RECORD_KEY_CONFIGS) if not reply.has_error() else None
+        if configs is not None and stage in configs:
+            return Message(Error(code=1, reason="the node failed while training"), reply_to=reply)
+        return reply
+
+    grid, settings = make_run(pair_file, tmp_path, nodes=6, **{"num-server-rounds": 2})
+    grid.reply_hook = every_node_fails
+    with pytest.raises(RoundFailed, match="round 1: every node asked failed"):
+        run_federated(grid, settings)
+    assert not (tmp_path / "ledger.json").exists() or \
+        json.loads((tmp_path / "ledger.json").read_text())["rounds"]["released"] == 0
+
+
 def test_round_with_users_on_fewer_than_two_nodes_releases_pure_noise(pair_file, tmp_path):
     grid, settings = make_run(pair_file, tmp_path, nodes=2, **{"num-server-rounds": 4, "clients-per-round": 1})
     state = run_federated(grid, settings)
