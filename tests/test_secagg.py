@@ -20,7 +20,6 @@ from scipy import stats
 from federation import protocol as p
 import client.client_app as message_app
 from client.secagg_client_app import SecAggTrainer
-from client.secagg_client_app import app as secagg_client_app
 from lore_core.pairs import save_pairs
 from lore_core.privacy import distributed_dp as ddg
 from lore_core.privacy.ledger import PrivacyLedger
