@@ -87,6 +87,18 @@ def load_canaries(path: str | Path) -> CanarySecrets:
     return CanarySecrets(directions=directions, included=included)
 
 
+def canary_digest(canaries: CanarySecrets) -> str:
+    """SHA-256 of the canaries' directions and coins: `simulate` records it in the run's metrics.json, so that the
+    canary audit refuses another run's secrets (their canaries absent from this run's releases would read as a
+    mechanism that leaks nothing, and a broken one would pass). The directions are random: the digest reveals
+    nothing of them."""
+    import hashlib
+
+    digest = hashlib.sha256(np.ascontiguousarray(canaries.directions, dtype="<f8").tobytes())
+    digest.update(np.ascontiguousarray(canaries.included, dtype=bool).tobytes())
+    return digest.hexdigest()
+
+
 def canary_node_rows(count: int, index: int, canary_nodes: int) -> np.ndarray:
     """The canary indices (into the secrets file) hosted by canary node `index` of `canary_nodes`."""
     return np.array_split(np.arange(count), canary_nodes)[index]

@@ -477,6 +477,10 @@ def _simulate(args, pairs_path, population, overrides, settings, privacy, refere
                    rounds=state.round, wall_seconds=wall_seconds, privacy_mode=args.privacy,
                    users_per_round=settings.clients_per_round, nodes=nodes, seed=args.seed, canaries=args.canaries,
                    **privacy_keys)
+    if args.canaries:  # binds the auditor's secrets file to this run (the canary audit checks it)
+        from federation.canary_users import canary_digest, load_canaries
+
+        metrics["canary_secrets_sha256"] = canary_digest(load_canaries(args.canary_secrets))
     metrics.update(run_problems(state.history))
     metrics.update(pairs_path=data["path"],  # where audits of this run find its pairs (as data.json says)
                    pairs_fingerprint={key: value for key, value in data.items() if key != "path"})

@@ -15,7 +15,7 @@ from flwr.common.config import get_fused_config_from_dir
 import lore_core.privacy.dp_fedavg as dp_fedavg
 from client.client_app import app as client_app
 from federation import protocol as p
-from federation.canary_users import draw_canaries, save_canaries
+from federation.canary_users import canary_digest, draw_canaries, load_canaries, save_canaries
 from lore_cli.main import main
 from lore_core.pairs import save_pairs
 from server.release_record import ReleaseRecordError, read_releases
@@ -98,6 +98,21 @@ def test_canary_audit_passes_an_honest_run_and_fails_when_the_servers_noise_is_c
     # appending the audit kept what the run's ledger derived (the federated not-covered list, evaluation policy)
     assert after["not_covered"] == ledger["not_covered"] and COUNTS_NOT_COVERED in after["not_covered"]
     assert after["evaluation"] == ledger["evaluation"] and after["epsilon"] == ledger["epsilon"]
+
+
+def test_the_canary_audit_refuses_another_run_s_secrets_file(pair_file, secrets_file, tmp_path, capsys):
+    """The secrets file was bound to its run by nothing: another run's canaries, absent from these releases, read as a
+    mechanism that leaks nothing, so a broken run would pass. `simulate` records the secrets' digest in metrics.json,
+    and the audit refuses a file whose digest differs (exit 2, nothing written)."""
+    run = tmp_path / "run"
+    canary_run(pair_file, secrets_file, run)
+    other = tmp_path / "other.npz"
+    save_canaries(other, draw_canaries(CANARIES, (RANK, DIM), seed=2))  # same count and shape: only the digest differs
+    metrics = {"canaries": CANARIES, "canary_secrets_sha256": canary_digest(load_canaries(secrets_file))}
+    (run / "metrics.json").write_text(json.dumps(metrics))
+    assert main(["audit", "canary", str(run), "--secrets", str(other)]) == 2
+    assert "is not the secrets file of" in capsys.readouterr().err and not (run / "audits" / "canary.json").exists()
+    assert canary_verdict(run, secrets_file)["verdict"] == "pass"  # its own file
 
 
 def test_canary_audit_fails_an_under_noised_run_whose_canaries_never_reached_the_sums(pair_file, secrets_file,
@@ -793,3 +808,22 @@ def test_record_audits_refuse_a_ledger_with_a_damaged_client_history_and_say_whe
     (empty / "ledger.json").write_text(json.dumps(ledger))
     result, _ = _audit(empty, tmp_path / "empty-out", capsys, "update-leakage", *inputs)
     assert "the ledger lists no client's spending" in result["scope"], result["scope"]
+
+
+def test_simulate_records_the_digest_of_its_canaries_secrets(pair_file, tmp_path):
+    """The other half of the binding: `lore-fed simulate --canaries K` writes the secrets' digest into metrics.json
+    (the CLI with Flower's engine on an in-process backend, as tests/test_interrupted_simulate.py drives it)."""
+    import subprocess
+    import sys
+
+    from test_interrupted_simulate import LORE_FED_WITHOUT_RAY
+
+    secrets, run = tmp_path / "secrets.npz", tmp_path / "run"
+    env = {**__import__("os").environ, "PYTHONPATH": str(ROOT), "FLWR_TELEMETRY_ENABLED": "0"}
+    done = subprocess.run([sys.executable, "-c", LORE_FED_WITHOUT_RAY, "simulate", str(pair_file), "--out", str(run),
+                           "--rounds", "2", "--rank", str(RANK), "--privacy", "user", "--noise-multiplier", "1",
+                           "--canaries", "50", "--canary-secrets", str(secrets), "--eval-every", "0"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["canaries"] == 50 and metrics["canary_secrets_sha256"] == canary_digest(load_canaries(secrets))
