@@ -238,18 +238,6 @@ def run_problems(history: list[dict]) -> dict[str, int]:
     return totals
 
 
-def _check_cuda_here(device: str) -> None:
-    """`simulate` runs every node on this machine, so a CUDA device must be here: the nodes fell back to the CPU
-    with a warning only their Ray worker logs showed, and the run went on (a tester). A deployment's nodes decide
-    for themselves (client/record_dp.py)."""
-    if device.startswith("cuda"):
-        import torch
-
-        if not torch.cuda.is_available():
-            raise ValueError(f"--device {device} was asked for but torch sees no CUDA device on this machine, where "
-                             "simulate runs every node; use --device cpu")
-
-
 def run(args: argparse.Namespace) -> int:
     from lore_cli.run_report import load_reference
     from lore_cli.train_command import check_device, check_seed, parse_number
@@ -265,8 +253,9 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--eval-every must be >= 0 (0: evaluate only after the last round), got {args.eval_every}")
     check_seed(args.seed)
     if args.device is not None:
+        # simulate runs every node here, so the device must be here: the nodes fell back to the CPU with a warning
+        # only their Ray worker logs showed, and the run went on (a tester); a deployment's nodes decide for themselves
         check_device(args.device)
-        _check_cuda_here(args.device)
     if args.l2 is not None:
         parse_number(args.l2, "--l2", maximum=MAX_L2)
     out = Path(args.out)

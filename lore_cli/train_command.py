@@ -69,10 +69,14 @@ def parse_number(value, flag: str, *, minimum: float = 0.0, inclusive: bool = Tr
 
 
 def check_device(device: str) -> str:
-    """--device: cpu, cuda or cuda:N (anything else would reach torch as an unreadable error)."""
+    """--device: cpu, cuda or cuda:N (anything else would reach torch as an unreadable error), and one this machine
+    has, checked before any work."""
+    from lore_core.joint_trainer import resolve_device
+
     head, _, index = device.partition(":")
     if head not in ("cpu", "cuda") or (index and (head != "cuda" or not index.isdigit())):
         raise ValueError(f"--device must be cpu, cuda or cuda:N, got {device!r}")
+    resolve_device(device)
     return device
 
 

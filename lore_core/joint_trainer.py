@@ -95,9 +95,16 @@ class JointFit:
 
 
 def resolve_device(device: str) -> torch.device:
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for but torch sees no CUDA device; use --device cpu")
-    return torch.device(device)
+    """`device` (cpu, cuda, cuda:N) if this machine has it. Only the exact string "cuda" was checked: cuda:0 without
+    CUDA reached torch's own error mid-fit, and cuda:3 on a one-GPU machine too."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (dev.index or 0) >= count:
+            raise ValueError(f"--device {device} was asked for but torch sees "
+                             f"{'no CUDA device' if not count else f'{count} CUDA device(s)'} on this machine; use "
+                             "--device cpu" + (" or cuda:0" if count else ""))
+    return dev
 
 
 class _Objective:

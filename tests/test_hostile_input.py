@@ -833,6 +833,10 @@ def test_simulate_on_cuda_without_a_gpu_is_refused_before_any_work(w):
     """Found by a tester: `simulate --privacy record --device cuda` on a machine without CUDA trained on the CPU, the
     nodes' fallback warning visible only in Ray's worker logs; `train --device cuda` refused it."""
     refused(SIM + ["--privacy", "record", "--device", "cuda"], "--device cuda", w, expect="no CUDA device")
+    # cuda:N was checked by neither command: it reached torch's own error mid-fit (train) or the CPU (simulate)
+    refused(SIM + ["--privacy", "record", "--device", "cuda:0"], "--device cuda:0", w, expect="no CUDA device")
+    refused(["train", "pairs.npz", "--rank", "1", "--device", "cuda:0", "--out", "t"], "--device cuda:0", w,
+            expect="no CUDA device")
 
 
 def test_a_device_state_under_a_regular_file_is_refused_by_the_flag(w):
