@@ -92,11 +92,14 @@ def fit_user_weights(
         # no certificate here: the KL term is not self-concordant near the boundary, so at w_k ~ 1e-12 (a device
         # refitting from its last w, a vertex) the curvature lam / w_k makes it vanish far from the optimum (a
         # tester: [1, 0, 0] was returned as converged after one step, the optimum being [0.48, 0.20, 0.31]).
+        # Relative to the gradient's size: at scores of 1e4 its rounding alone exceeds an absolute 1e-10.
         gap = (grad * weights).sum(axis=1) - grad.min(axis=1)
         if iteration:
-            done = (decrement < tol) & (gap < tol)
+            done = (decrement < tol) & (gap < tol * (1.0 + np.abs(grad).max(axis=1)))
             if np.all(done):
                 converged = True
+                break
+            if stalled:  # no weight moved in the last step (rounding): more iterations would not either
                 break
         if iteration == max_iter:
             break
@@ -122,8 +125,9 @@ def fit_user_weights(
         # e^LOG_STEP-fold in one step. A user already within `tol` keeps its weights: its change is rounding noise.
         log_move = np.where((weights <= 1e-290) & (step < 0), 0.0, np.abs(step / weights))  # at the floor already
         t = np.minimum(1.0, LOG_STEP / np.maximum(log_move.max(axis=1), 1e-300))
-        todo = ~((decrement < tol) & (gap < tol))
+        todo = ~((decrement < tol) & (gap < tol * (1.0 + np.abs(grad).max(axis=1))))
         slack = 1e-13 * (1.0 + np.abs(objective))  # rounding: a move too small to change F_u is not refused
+        before = weights
         for _ in range(60):
             trial = np.where(todo[:, None], multiplicative_step(weights, step, t), weights)
             trial_obj = few_shot_objective(trial, scores, user_idx, lam, prior_mean)
@@ -135,6 +139,7 @@ def fit_user_weights(
             if not todo.any():
                 break
             t = np.where(todo, t * 0.5, t)
+        stalled = np.abs(np.log(weights) - np.log(before)).max(initial=0.0) < 1e-12
     if not converged and n_users:
         unconverged = int((~done).sum()) if max_iter else n_users
         warnings.warn(f"the few-shot w fit did not converge in {max_iter} iterations for {unconverged} of {n_users} "
