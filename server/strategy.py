@@ -138,6 +138,7 @@ class LoReStrategy(Strategy):
             # Sampled users whose spending did not reach the server (a late or failed reply): the ledger marks them
             # until they report again, and its epsilon is a lower bound meanwhile.
             facts["unreported"] = [str(int(u)) for node in set(run.plan) - reported for u in run.global_users(node)]
+            facts["replied"] = [str(int(u)) for node in reported for u in run.global_users(node)]
         mean_update = run.aggregator.aggregate(updates, run.population.size)
         run.release(mean_update, updates.shape[0], client_histories=histories or None, **facts)
         metrics = MetricRecord({"accepted-users": int(updates.shape[0]), "rejected-replies": rejected})

@@ -122,7 +122,8 @@ class TrainingRun:
                 for z, q, k in self.ledger.client_history(str(int(user)))]
         return np.array(rows, dtype=np.float64).reshape(-1, 4)
 
-    def record_in_ledger(self, client_histories: dict | None = None, unreported: Iterable[str] = ()) -> dict:
+    def record_in_ledger(self, client_histories: dict | None = None, unreported: Iterable[str] = (),
+                         replied: Iterable[str] = ()) -> dict:
         """Write this round's ledger entry, once: `release` does, or earlier the SecAgg+ workflow, before the
         server unmasks a sum (a crash between the unmasking and the release would otherwise leave a sum the
         server saw uncounted)."""
@@ -131,14 +132,15 @@ class TrainingRun:
             self._ledger_entry = self.ledger.record_round(self.ledger.rounds_released + 1,
                                                           self._record["sampled_users"],
                                                           client_histories=client_histories, most_user_rounds=most,
-                                                          unreported=unreported)
+                                                          unreported=unreported, replied=replied)
         return self._ledger_entry
 
     def release(self, mean_update: np.ndarray | None, accepted_users: int, **facts) -> None:
         """Record the round in the ledger, step the basis with `mean_update` (B, D) (None: nothing accepted in a mode
         without noise, no step) and append the step to the release record. `facts` go to the round's record
         (rounds.jsonl)."""
-        entry = self.record_in_ledger(facts.pop("client_histories", None), facts.pop("unreported", ()))
+        entry = self.record_in_ledger(facts.pop("client_histories", None), facts.pop("unreported", ()),
+                                      facts.pop("replied", ()))
         eps = self.ledger.epsilon()
         if eps is not None:
             # record mode: per pair, max over clients; never under the user-level key

@@ -631,3 +631,21 @@ def test_a_user_starts_from_the_ledgers_history_only_where_it_extends_its_own():
     assert spending_to_report(after, own, behind) == [(3.0, 1 / 6, 12)]  # this round's 6 and the missed 6
     assert spending_to_report(after, own, None) == [(3.0, 1 / 6, 6)]
     assert spending_to_report(after, own, cheap) == [(3.0, 1 / 6, 6)]  # a history it does not extend: its own steps
+
+
+def test_record_mode_unreported_clients_clear_when_they_reply_and_a_damaged_list_is_refused(tmp_path):
+    """A reviewer: a client whose reply was lost stayed unreported (LOWER BOUND) for good when its next reply carried
+    no new spending (its budget spent); and a damaged `unreported` list loaded, then crashed or was read letter by
+    letter."""
+    settings = PrivacySettings(mode="record", rounds=5, noise_multiplier=1.0, record_batch_size=2, record_epochs=1)
+    ledger = PrivacyLedger.create(tmp_path, settings)
+    ledger.record_round(1, sampled=2, client_histories={"a": [(1.0, 0.2, 5)]}, unreported=["b"], replied=["a"])
+    assert ledger.unreported_clients() == ["b"] and "LOWER BOUND: 1 sampled" in ledger.guarantee()
+    ledger.record_round(2, sampled=1, client_histories={}, replied=["b"])  # b answered, nothing new to report
+    assert ledger.unreported_clients() == [] and "LOWER BOUND" not in ledger.guarantee()
+    assert PrivacyLedger.load(tmp_path).unreported_clients() == []
+    data = json.loads((tmp_path / "ledger.json").read_text())
+    data["events"]["rounds"][0]["unreported"] = 5
+    (tmp_path / "ledger.json").write_text(json.dumps(data))
+    with pytest.raises(LedgerError, match="unreported 5, expected a list of client ids"):
+        PrivacyLedger.load(tmp_path)

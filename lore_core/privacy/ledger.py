@@ -247,7 +247,8 @@ class PrivacyLedger:
         was never counted, 4.03 printed for a client at 4.29)."""
         pending: set[str] = set()
         for entry in self._facts["rounds"]:
-            pending = (pending - set(entry.get("clients", ()))) | set(entry.get("unreported", ()))
+            reported = set(entry.get("clients", ())) | set(entry.get("caught_up", ()))
+            pending = (pending - reported) | set(entry.get("unreported", ()))
         return sorted(pending)
 
     def epsilon(self) -> EpsilonReport | None:
@@ -305,6 +306,7 @@ class PrivacyLedger:
         client_histories: Mapping[str, Any] | None = None,
         most_user_rounds: int | None = None,
         unreported: Iterable[str] = (),
+        replied: Iterable[str] = (),
     ) -> dict[str, Any]:
         """Record round `round` (1-based, consecutive) atomically; call BEFORE releasing that round's basis.
 
@@ -314,7 +316,9 @@ class PrivacyLedger:
         mode: client_histories maps client id -> what it spent this round ((z, q, steps) segments appended to its
         accountant history, or a RecordDpState of them); unreported: the clients sampled this round whose reply
         brought no history (late, failed, missing), who may have spent without the ledger knowing until they report
-        again. Raises PrivacyBudgetExhausted (user modes) or AccountingError, writing nothing.
+        again; replied: the clients whose reply did reach it, with or without new spending (a reply with nothing new
+        clears an unreported client: it had nothing left to report). Raises PrivacyBudgetExhausted (user modes) or
+        AccountingError, writing nothing.
         """
         s = self.settings
         if round != self.rounds_released + 1:
@@ -345,6 +349,9 @@ class PrivacyLedger:
                     continue
                 updates[str(cid)] = self._client_record(str(cid), history)
             entry["clients"] = sorted(updates)
+            caught_up = sorted(set(self.unreported_clients()) & {str(c) for c in replied} - set(updates))
+            if caught_up:
+                entry["caught_up"] = caught_up
             missing = sorted({str(c) for c in unreported} - set(updates))
             if missing:
                 entry["unreported"] = missing
@@ -597,6 +604,11 @@ def _check_events(path: Path, events: dict, mode) -> None:
             if isinstance(most, bool) or not isinstance(most, int) or not 0 <= most <= position:
                 raise LedgerError(f"{path}: round entry {position} has {MOST_USER_ROUNDS} {most!r}, expected a whole "
                                   f"number in [0, {position}]; restore the ledger")
+        for key in ("clients", "unreported", "caught_up"):  # record mode: lists of client ids
+            ids = entry.get(key, [])
+            if not isinstance(ids, list) or not all(isinstance(c, str) for c in ids):
+                raise LedgerError(f"{path}: round entry {position} has {key} {ids!r}, expected a list of client ids "
+                                  "(strings); restore the ledger")
     for cid, client in events["clients"].items():  # record mode: what each client spent (a tester: audits crashed)
         try:
             check_history(client["history"])
