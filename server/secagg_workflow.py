@@ -156,6 +156,18 @@ class DdgSecAggPlusWorkflow(SecAggPlusWorkflow):
         self._check_some_node_answered(state)
         return proceed
 
+    def share_keys_stage(self, grid: Grid, context, state) -> bool:
+        proceed = super().share_keys_stage(grid, context, state)
+        self._check_some_node_answered(state)
+        return proceed
+
+    def unmask_stage(self, grid: Grid, context, state) -> bool:
+        """After the ledger entry (written before this stage): a run stopped here has counted the round, as a crash
+        there would; the rerun resumes after the checkpoint's round."""
+        proceed = super().unmask_stage(grid, context, state)
+        self._check_some_node_answered(state)
+        return proceed
+
     def _check_some_node_answered(self, state) -> None:
         """A stage where every node asked failed or did not answer ends the run as in the Message-API path
         (RoundFailed, exit 1, nothing of the round released). Drop-outs of some nodes stay a noise-only round. Found

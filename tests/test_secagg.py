@@ -26,6 +26,7 @@ from lore_core.privacy.ledger import PrivacyLedger
 from lore_core.privacy.privacy_settings import PrivacyConfigError
 from server.server_app import run_federated
 from server.optimizer import ServerAdam
+from server.release_record import read_releases
 from server.secagg_workflow import SecAggLoReStrategy
 from server.run_settings import ServerSettings
 from simulations.synthetic_pairs import SyntheticPairsConfig, make_synthetic_pairs
@@ -302,7 +303,7 @@ def test_a_round_with_more_dropouts_than_tolerated_is_never_unmasked(pair_file, 
     assert json.loads((tmp_path / "ledger.json").read_text())["rounds"]["released"] == 2  # still one release each
 
 
-@pytest.mark.parametrize("stage", [Key.PUBLIC_KEY_1, Key.MASKED_PARAMETERS])
+@pytest.mark.parametrize("stage", [Key.PUBLIC_KEY_1, Key.DESTINATION_LIST, Key.MASKED_PARAMETERS, Key.NODE_ID_LIST])
 def test_a_secagg_round_where_every_node_fails_stops_the_run_with_nothing_released(pair_file, tmp_path, stage):
     """Found by a privacy reviewer: deployed nodes failed every SecAgg+ message, yet each round released a noise-only
     step and the run finished as if it had trained. Every node failing a stage (setup, or the masked upload) now
@@ -321,8 +322,10 @@ def test_a_secagg_round_where_every_node_fails_stops_the_run_with_nothing_releas
     grid.reply_hook = every_node_fails
     with pytest.raises(RoundFailed, match="round 1: every node asked failed"):
         run_federated(grid, settings)
-    assert not (tmp_path / "ledger.json").exists() or \
-        json.loads((tmp_path / "ledger.json").read_text())["rounds"]["released"] == 0
+    assert not (tmp_path / "releases").exists() or read_releases(tmp_path).rounds.size == 0  # nothing released
+    ledger = json.loads((tmp_path / "ledger.json").read_text()) if (tmp_path / "ledger.json").exists() else None
+    # counted only where the sum could have been unmasked: the ledger is written before the unmask stage
+    assert (ledger["rounds"]["released"] if ledger else 0) == (1 if stage == Key.NODE_ID_LIST else 0)
 
 
 def test_round_with_users_on_fewer_than_two_nodes_releases_pure_noise(pair_file, tmp_path):
