@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import re
 import time
 from pathlib import Path
 
@@ -73,8 +74,7 @@ def check_device(device: str) -> str:
     has, checked before any work."""
     from lore_core.joint_trainer import resolve_device
 
-    head, _, index = device.partition(":")
-    if head not in ("cpu", "cuda") or (index and (head != "cuda" or not index.isdigit())):
+    if not re.fullmatch(r"cpu|cuda(:(0|[1-9][0-9]*))?", device):  # cuda: and cuda:01 reached torch's traceback
         raise ValueError(f"--device must be cpu, cuda or cuda:N, got {device!r}")
     resolve_device(device)
     return device

@@ -837,6 +837,9 @@ def test_simulate_on_cuda_without_a_gpu_is_refused_before_any_work(w):
     refused(SIM + ["--privacy", "record", "--device", "cuda:0"], "--device cuda:0", w, expect="no CUDA device")
     refused(["train", "pairs.npz", "--rank", "1", "--device", "cuda:0", "--out", "t"], "--device cuda:0", w,
             expect="no CUDA device")
+    for bad in ("cuda:", "cuda:01"):  # torch's "Invalid device string" traceback (a reviewer)
+        refused(["train", "pairs.npz", "--rank", "1", "--device", bad, "--out", "t"], "--device", w,
+                expect="must be cpu, cuda or cuda:N")
 
 
 def test_a_device_state_under_a_regular_file_is_refused_by_the_flag(w):
