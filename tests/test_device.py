@@ -20,6 +20,7 @@ from client.device.encoder import OnnxPairEncoder
 from client.device.state import (
     BasisMismatchError,
     StateCorruptError,
+    StateError,
     check_compatible,
     load_state,
     new_state,
@@ -406,6 +407,7 @@ def test_corrupted_or_truncated_state_is_reported_not_used(tmp_path, basis_file,
     ("user_weights", np.array(["a"] * 3), "user_weights (<U1)"),
     ("posterior_cov", -np.eye(2), "positive definite"),
     ("attributes", np.str_('{"age": {"band": 5}}'), "attributes must be a JSON object of strings"),
+    ("user_weights", np.array([np.nan, 0.5, 0.5]), "got [nan 0.5 0.5]"),  # a tester read "got (3,)": the shape
 ])
 def test_a_personal_file_another_tool_wrote_is_reported_naming_it(tmp_path, capsys, key, value, says):
     """Found by a tester: a personal file whose checksum the manifest vouches for (another tool's, or an older
@@ -448,10 +450,9 @@ def test_a_state_stored_by_an_earlier_adapt_still_loads(tmp_path, capsys):
     save_state(replace(load_state(state_dir), pair_diff=np.r_[np.zeros((1, 8)), np.ones((1, 8))].astype(np.float32),
                        choices=(earlier, json.dumps({"prompt": "p", "chosen": "a", "rejected": "b"}))))
     assert device_cli.main(["--state", str(state_dir), "status"]) == 0, capsys.readouterr().err
-    save_state(replace(load_state(state_dir), choices=(json.dumps({"prompt": "p", "chosen": 5, "rejected": "b"}),
-                                                       earlier)))
-    assert device_cli.main(["--state", str(state_dir), "status"]) == 2  # a choice of no shape is still refused
-    assert "stored choice 1: 'chosen' must be a string" in capsys.readouterr().err
+    shapeless = (json.dumps({"prompt": "p", "chosen": 5, "rejected": "b"}), earlier)
+    with pytest.raises(StateError, match="stored choice 1: 'chosen' must be a string"):  # as load_state refuses it
+        save_state(replace(load_state(state_dir), choices=shapeless))
 
 
 def test_basis_of_another_dimension_or_version_is_refused_unless_reinit(tmp_path, basis_file):
@@ -1421,3 +1422,133 @@ def test_an_encoder_of_another_model_than_the_basis_is_refused_by_init_and_by_a_
     assert not other_embedders("tiny@v2@0123456789/segment-pair/mean/l2", "tiny@0123456789/segment-pair/mean/l2")
     assert other_embedders("tiny@v2@0123456789/segment-pair/mean/l2", "tiny@0123456789/reward-model/last-token")
     assert not other_embedders("unknown", "model-b") and not other_embedders(None, "model-b")
+
+
+# --- 6. a tester's findings: memory, repeated questions, strength off, what save_state commits --------------------
+
+
+class _FakeEncoder:
+    """Embeds any text as a seeded random 8-d vector: enough for commands on the 3 x 8 toy basis."""
+
+    def embed(self, contexts, responses):
+        return np.random.default_rng(len(responses)).standard_normal((len(responses), 8))
+
+
+def test_the_preference_matrix_is_unchanged_and_its_memory_does_not_grow_with_candidates_squared_times_samples(
+        monkeypatch):
+    """Found by a tester: `rank` held all N^2 x S pairwise logits at once (372 MB at 100 candidates, 4.5 GB at 600).
+    The matrix is now computed a block of rows at a time, to the same values."""
+    import tracemalloc
+
+    from client.device.posterior import PosteriorSamples, preference_probability
+
+    rng = np.random.default_rng(0)
+    basis, embeddings = rng.standard_normal((5, 16)), rng.standard_normal((200, 16))
+    samples = PosteriorSamples(w=rng.dirichlet(np.ones(5), size=(1, 512)), probability=np.full((1, 512), 1 / 512))
+    scores = embeddings[:7] @ basis.T
+    all_at_once = preference_probability(samples, (scores[:, None] - scores[None]).reshape(1, -1, 5))[0]
+    with monkeypatch.context() as blocks:
+        blocks.setattr(ranking, "_BLOCK_VALUES", 3 * 7 * 512)  # blocks of 3, 3 and 1 rows
+        in_blocks = ranking.preference_matrix(basis, samples, embeddings[:7])
+    np.testing.assert_array_equal(in_blocks, all_at_once.reshape(7, 7))
+    tracemalloc.start()
+    try:
+        ranking.preference_matrix(basis, samples, embeddings)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 64 * 2**20, f"{peak / 2**20:.0f} MiB"  # all at once: 200^2 x 512 logits, 164 MB an array
+
+
+def test_rank_computes_the_pairwise_matrix_only_when_it_prints_it(tmp_path, monkeypatch, capsys):
+    """Found by a tester: `rank` without --json computed the (N, N) preference matrix it never prints."""
+    from client.device import device_cli
+
+    state_dir = _toy_state(tmp_path)
+    candidates = tmp_path / "answers.txt"
+    candidates.write_text("Save.\nSpend.\nInvest.\n")
+    monkeypatch.setattr(device_cli, "_open_encoder", lambda *args, **kwargs: _FakeEncoder())
+    computed = []
+    real = ranking.preference_matrix
+    monkeypatch.setattr(ranking, "preference_matrix", lambda *args: computed.append(1) or real(*args))
+    rank = ["--state", str(state_dir), "rank", "--prompt", "Money?", "--candidates", str(candidates)]
+    assert device_cli.main(rank) == 0 and len(capsys.readouterr().out.splitlines()) == 3
+    assert computed == []
+    assert device_cli.main(rank + ["--json"]) == 0
+    assert computed == [1] and np.shape(json.loads(capsys.readouterr().out)["preference_probability"]) == (3, 3)
+
+
+def test_answered_pool_pairs_are_found_in_memory_linear_in_the_pool_and_the_answers():
+    """Found by a tester: `next-question` compared every .npz pool row with every answer in a (pool, answers, D)
+    array (53.6 GiB for 50,000 x 3,000 x 384). Rows are hashed now; answers either way round still count."""
+    import tracemalloc
+
+    from client.device.pool import Pool, answered
+
+    diff = np.random.default_rng(0).standard_normal((5000, 64))
+    diff[300, :3] = 0.0  # answered the other way round: its -0.0 values are the pool's 0.0
+    stored = np.r_[diff[:250], -diff[250:500]].astype(np.float32)
+    tracemalloc.start()
+    try:
+        done = answered(Pool(records=None, diff=diff), (), stored)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert done[:500].all() and not done[500:].any()
+    assert peak < 32 * 2**20, f"{peak / 2**20:.0f} MiB"  # all against all: 5,000 x 500 x 64, 160 MB a comparison
+
+
+def test_a_batch_never_asks_a_pair_twice_when_the_pool_repeats_it_either_way_round(tmp_path, monkeypatch, capsys):
+    """Found by a tester: `next-question --k` asked the same question twice from a pool holding it twice (the same
+    pair, or its responses swapped: a row and its negation, a text pair with A and B exchanged). A question is
+    unordered; a repeat is asked once, at its first index."""
+    from client.device import device_cli
+
+    state_dir = _toy_state(tmp_path)
+    first, other = np.random.default_rng(0).standard_normal((2, 8))
+    np.savez(tmp_path / "pool.npz", diff=np.stack([first, -first, other, first]))
+    text = [{"prompt": "Money?", "responses": pair} for pair in (["Save.", "Spend."], ["Spend.", "Save."],
+                                                                  ["Save.", "Invest."])]
+    (tmp_path / "pool.jsonl").write_text("\n".join(map(json.dumps, text)))
+    monkeypatch.setattr(device_cli, "_open_encoder", lambda *args, **kwargs: _FakeEncoder())
+    for pool in ("pool.npz", "pool.jsonl"):
+        ask = ["--state", str(state_dir), "next-question", "--candidates", str(tmp_path / pool), "--k", "3"]
+        assert device_cli.main(ask) == 0
+        assert sorted(q["index"] for q in json.loads(capsys.readouterr().out)["questions"]) == [0, 2], pool
+
+
+def test_next_question_under_strength_off_refuses_as_adapt_does(tmp_path, capsys):
+    """Found by a tester: under `strength off` (no personalization, no learning) `next-question` kept asking
+    questions whose answers `adapt` refuses. Both now refuse, saying how to turn learning on."""
+    from client.device import device_cli
+
+    state_dir = _toy_choices_and_state(tmp_path)
+    np.savez(tmp_path / "pool.npz", diff=np.random.default_rng(2).standard_normal((5, 8)))
+    assert device_cli.main(["--state", str(state_dir), "strength", "off"]) == 0
+    capsys.readouterr()
+    for command in (["next-question", "--candidates", str(tmp_path / "pool.npz")],
+                    ["adapt", "--choices", str(tmp_path / "c.npz")]):
+        assert device_cli.main(["--state", str(state_dir), *command]) == 2
+        out, err = capsys.readouterr()
+        assert out == "" and "personalization is off" in err and "`strength 1`" in err, err
+
+
+@pytest.mark.parametrize("change, says", [
+    ({"user_weights": np.array([np.nan, 0.5, 0.5])}, "user_weights must be (3,) on the simplex"),
+    ({"user_weights": np.array([2.0, -1.0, 0.0])}, "got [ 2. -1.  0.]"),
+    ({"pair_diff": np.full((2, 8), np.nan, np.float32)}, "pair_diff must be finite (n, 8)"),
+    ({"pair_diff": np.ones((2, 10), np.float32)}, "pair_diff must be finite (n, 8), got shape (2, 10)"),
+    ({"choices": ()}, "2 pairs, (0,) choices"),
+    ({"strength": 5.0}, "strength must be in [0, 1] or 'off', got 5.0"),
+    ({"choices": ("not json", "not json")}, "stored choice 1 is not JSON"),
+])
+def test_save_state_refuses_what_load_state_would_call_corrupted_and_writes_nothing(tmp_path, change, says):
+    """Found by a tester: `save_state` committed NaN or off-simplex weights, NaN pairs, choices not aligned with the
+    pairs, a strength of 5 or a choice that is not JSON, and the next `load_state` refused the state as corrupted.
+    Both apply the same checks; a save refuses before it writes anything."""
+    state_dir = _state_with_choices(tmp_path)
+    before = {p.name: p.read_bytes() for p in state_dir.iterdir()}
+    with pytest.raises(ValueError) as refused:
+        save_state(replace(load_state(state_dir), **change))
+    assert "was not saved" in str(refused.value) and says in str(refused.value), refused.value
+    assert {p.name: p.read_bytes() for p in state_dir.iterdir()} == before and load_state(state_dir).n_pairs == 2

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from client.device import attribute_prior, personalize, posterior, questions, ranking, user_posterior
-from client.device.pool import answered, as_choice, read_pool
+from client.device.pool import answered, as_choice, read_pool, repeated
 from client.device.state import (
     BasisMismatchError,
     DeviceState,
@@ -195,9 +195,7 @@ def _adapt(args) -> int:
     directory = _directory(args)
     with state_lock(directory):
         state = load_state(directory)
-        if state.strength is None:
-            raise StateError("personalization is off: no choices are learned; "
-                             "turn it on with `strength 1` (or any value in [0, 1])")
+        _require_learning(state, "no choices are learned")
         diff, records = _choice_diffs(args.choices, state, args.encoder)
         fresh = _not_yet_learned(state, diff, records)
         if not fresh.all():
@@ -250,10 +248,10 @@ def _rank(args) -> int:
     sampled = personalize.effective_weights(drawn.w, strength, state.basis.rank)  # (1, S, B)
     uncertain = posterior.PosteriorSamples(w=np.broadcast_to(sampled, drawn.w.shape), probability=drawn.probability)
     low, high = ranking.reward_intervals(state.basis.basis, uncertain, embeddings)
-    prefer = ranking.preference_matrix(state.basis.basis, uncertain, embeddings)
     rows = [{"rank": r + 1, "index": int(i), "score": float(rewards[i]),
              "interval_90": [float(low[i]), float(high[i])], "text": candidates[i]} for r, i in enumerate(order)]
-    if args.json:
+    if args.json:  # the (N, N) matrix only where it is printed (a tester: the plain ranking grew as N^2 too)
+        prefer = ranking.preference_matrix(state.basis.basis, uncertain, embeddings)
         mode = "off" if strength is None else strength
         personal = user_posterior.point_weights(state) is not None
         applied = personal and bool(strength)  # strength off or 0: the population reward, whatever the state holds
@@ -274,6 +272,7 @@ def _next_question(args) -> int:
     if not 1 <= args.k <= questions.MAX_BATCH:
         raise ValueError(f"--k must be between 1 and {questions.MAX_BATCH} (the pairs asked at once), got {args.k}")
     state = load_state(_directory(args))
+    _require_learning(state, "no answer would be learned (`adapt` refuses it), so no question is asked")
     pool = read_pool(args.candidates, state.basis.dim)
     if pool.records is not None:
         diff = embed_choices(_open_encoder(state, args.encoder), [as_choice(r, 0) for r in pool.records])
@@ -281,7 +280,7 @@ def _next_question(args) -> int:
         diff = pool.diff
     start = time.perf_counter()
     available = ~answered(pool, state.choices, state.pair_diff)
-    picked, gains, best = user_posterior.next_questions(state, diff, available, args.k)
+    picked, gains, best = user_posterior.next_questions(state, diff, available & ~repeated(pool), args.k)
     selection_ms = 1e3 * (time.perf_counter() - start)
     stop = bool(questions.should_stop(best, int(available.sum())))
     rows = []
@@ -477,23 +476,28 @@ def _choice_diffs(path: Path, state: DeviceState, encoder_dir) -> tuple[np.ndarr
 def _not_yet_learned(state: DeviceState, diff: np.ndarray, records: list[dict]) -> np.ndarray:
     """(k,) bool: choices the state does not hold yet, each once (a choice the file repeats counts at its first
     occurrence, as a second run would skip it). Texts are compared by conversation, chosen and rejected
-    (`personalize.choice_identity`); precomputed pairs by their diff row, exactly."""
-    def rows(a: np.ndarray) -> np.ndarray:  # each float32 row as one opaque value, to compare rows exactly
-        a = np.ascontiguousarray(a, dtype=np.float32)
-        return a.view(np.dtype((np.void, a.dtype.itemsize * a.shape[1]))).ravel()
-
+    (`personalize.choice_identity`); precomputed pairs by their diff row, exactly (`personalize.diff_identities`)."""
     stored = {personalize.choice_identity(r) for r in map(json.loads, state.choices) if "chosen" in r}
     precomputed = np.array(["precomputed" in r for r in records], dtype=bool)
     texts = [None if pre else personalize.choice_identity(r) for r, pre in zip(records, precomputed)]
     known = np.array([text in stored for text in texts], dtype=bool)
+    rows = personalize.diff_identities(diff)
     if precomputed.any() and state.n_pairs:
-        known |= precomputed & np.isin(rows(diff), rows(state.pair_diff))
-    keys = [text if text is not None else row.tobytes() for text, row in zip(texts, rows(diff))]
+        known |= precomputed & np.isin(rows, personalize.diff_identities(state.pair_diff))
+    keys = [text if text is not None else row.tobytes() for text, row in zip(texts, rows)]
     seen = set()
     for i, key in enumerate(keys):  # a choice the file repeats: learned at its first occurrence only
         known[i] |= key in seen
         seen.add(key)
     return ~known
+
+
+def _require_learning(state: DeviceState, consequence: str) -> None:
+    """Refuse a command that serves learning when personalization is off (`strength off`: no personalization, no
+    learning). A tester's `next-question` kept asking under `off` questions whose answers `adapt` refused."""
+    if state.strength is None:
+        raise StateError(f"personalization is off: {consequence}; turn it on with `strength 1` (or any value in "
+                         "[0, 1])")
 
 
 def _answered_the_other_way(state: DeviceState, records: list[dict]) -> int:

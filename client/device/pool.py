@@ -4,7 +4,7 @@ JSON Lines or a JSON list of {"history": [messages] | "prompt": str, "responses"
 `diff` (P, D) = e(A) - e(B) (the sign of a row does not matter: a question is unordered). The user's answer goes
 back to `adapt` as {"prompt"|"history", "chosen", "rejected"} (or, for an .npz pool, the row times +1 if A was
 chosen, -1 if B). Pairs the user already answered (same context and responses, or the same diff row up to sign)
-are not asked again.
+are not asked again, and a pair the pool holds twice (either way round) is asked once.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from client.device.personalize import (
     NOT_UNICODE,
     check_choice,
     choice_identity,
+    diff_identities,
     is_unicode_text,
     read_user_diffs,
 )
@@ -92,14 +93,27 @@ def as_choice(record: dict, chosen: int) -> dict:
 
 
 def answered(pool: Pool, choices: tuple[str, ...], pair_diff: np.ndarray) -> np.ndarray:
-    """(P,) bool: pool pairs the user has already answered."""
+    """(P,) bool: pool pairs the user has already answered (either way round)."""
+    if pool.records is None and not len(pair_diff):
+        return np.zeros(pool.size, dtype=bool)
+    if pool.records is None:  # hashed rows: memory linear in the pool and the answers
+        return np.isin(diff_identities(pool.diff, ordered=False), diff_identities(pair_diff, ordered=False))
+    done = {choice_identity(r, ordered=False) for r in map(json.loads, choices) if "chosen" in r}  # not precomputed
+    return np.array([key in done for key in question_identities(pool)], dtype=bool)
+
+
+def repeated(pool: Pool) -> np.ndarray:
+    """(P,) bool: pool pairs that an earlier pair of the pool already asks (the same question, either way round), so
+    that a batch never asks one twice (a tester's pool holding a pair twice got it asked twice in one batch)."""
+    first = np.unique(question_identities(pool), return_index=True)[1]
+    repeat = np.ones(pool.size, dtype=bool)
+    repeat[first] = False
+    return repeat
+
+
+def question_identities(pool: Pool) -> np.ndarray:
+    """(P,) what makes two pool pairs the same question, whichever response comes first: the context and the two
+    responses of a text pair, the diff row up to sign of an .npz pool's."""
     if pool.records is None:
-        stored = np.asarray(pair_diff, np.float32)
-        rows = pool.diff.astype(np.float32)
-        if not stored.shape[0]:
-            return np.zeros(pool.size, bool)
-        same = (rows[:, None, :] == stored[None]).all(-1) | (rows[:, None, :] == -stored[None]).all(-1)
-        return same.any(axis=1)
-    stored = [json.loads(c) for c in choices]
-    done = {choice_identity(r, ordered=False) for r in stored if "chosen" in r}  # text choices, not precomputed
-    return np.array([choice_identity(as_choice(r, 0), ordered=False) in done for r in pool.records])
+        return diff_identities(pool.diff, ordered=False)
+    return np.array([choice_identity(as_choice(r, 0), ordered=False) for r in pool.records], dtype=object)

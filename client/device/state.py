@@ -119,8 +119,17 @@ def check_compatible(state: DeviceState, basis: BasisFile) -> None:
 
 
 def save_state(state: DeviceState) -> DeviceState:
-    """Commit `state` to its directory (crash-safe, see module docstring); returns it with generation + 1."""
+    """Commit `state` to its directory (crash-safe, see module docstring); returns it with generation + 1.
+
+    Refuses (StateError, before anything is written) what load_state would refuse, by the same checks: a tester's
+    save_state committed NaN weights and choices not aligned with pair_diff, which every later load called corrupted."""
     directory = state.directory
+    where = f"the device state in {directory} was not saved"
+    strength = "off" if state.strength is None else state.strength
+    _check_settings(strength, state.encoder, state.encoder_identity, where, StateError)
+    personal = _personal_arrays(state) if state.has_personal_data else None
+    if personal is not None:
+        _check_personal(personal, state.basis, where, StateError)
     directory.mkdir(parents=True, exist_ok=True)
     if not (directory / MARKER).is_file():
         atomic_write_bytes(directory / MARKER, (STATE_FORMAT + "\n").encode())
@@ -131,23 +140,13 @@ def save_state(state: DeviceState) -> DeviceState:
         **({} if basis.prior_pairs is None else {"prior_pairs": np.float64(basis.prior_pairs)}),
     )
     entries = {"basis": _write_data(directory, f"basis-v{basis.version}-", basis_bytes)}
-    if state.has_personal_data:
-        weights = np.zeros(0) if state.user_weights is None else np.asarray(state.user_weights, np.float64)
-        personal = _npz_bytes(
-            user_weights=weights,
-            pair_diff=np.asarray(state.pair_diff, np.float32).reshape(-1, basis.dim),
-            choices=np.array(state.choices, dtype=np.str_).reshape(-1),
-            posterior_mode=_or_empty(state.posterior_mode, (0,)),
-            posterior_cov=_or_empty(state.posterior_cov, (0, 0)),
-            prior_mean=_or_empty(state.prior_mean, (0,)),
-            attributes=np.str_(json.dumps(dict(state.attributes), ensure_ascii=False)),
-        )
-        entries["personal"] = _write_data(directory, "personal-", personal)
+    if personal is not None:
+        entries["personal"] = _write_data(directory, "personal-", _npz_bytes(**personal))
     committed = replace(state, generation=state.generation + 1)
     manifest = {
         "format": STATE_FORMAT,
         "generation": committed.generation,
-        "strength": "off" if state.strength is None else float(state.strength),
+        "strength": strength if strength == "off" else float(strength),
         "encoder": state.encoder,
         "encoder_identity": state.encoder_identity,
         "basis_version": basis.version,
@@ -229,14 +228,8 @@ def _load_state(directory: Path, raw: bytes) -> DeviceState:
             f"{(basis.version, basis.dim, basis.rank, basis.embedder)}"
         )
     encoder = manifest.get("encoder")
-    if encoder is not None and not (isinstance(encoder, str) and encoder):
-        raise StateCorruptError(f"{path}: encoder must be a directory path or null, got {encoder!r}")
     identity = manifest.get("encoder_identity")  # absent in states written before it was recorded
-    if identity is not None and not (encoder is not None and is_encoder_identity(identity)):
-        raise StateCorruptError(
-            f'{path}: encoder_identity must be null, or with an encoder {{"embedder": NAME or null, "sha256": '
-            f'{{"{MODEL_FILE}": DIGEST, "{TOKENIZER_FILE}": DIGEST}}}}; got {json.dumps(identity)[:200]} with encoder '
-            f"{encoder!r}; the state is corrupted")
+    _check_settings(strength, encoder, identity, str(path), StateCorruptError)
     state = DeviceState(
         directory=directory, basis=basis, pair_diff=np.zeros((0, basis.dim), np.float32),
         strength=None if strength == "off" else _checked_strength(strength, path),
@@ -506,54 +499,105 @@ def _manifest_count(value, what: str) -> int:
     return value
 
 
+_OPTIONAL_PERSONAL = {  # arrays that states written before the posterior existed lack: no posterior, no declared prior
+    "posterior_mode": np.zeros(0), "posterior_cov": np.zeros((0, 0)), "prior_mean": np.zeros(0),
+    "attributes": np.str_("{}"),
+}
+
+
 def _load_personal(state: DeviceState, path: Path, declared_pairs: int) -> DeviceState:
     try:
         with np.load(path, allow_pickle=False) as data:
-            weights, diff, choices = data["user_weights"], data["pair_diff"], data["choices"]
-            # States written before the posterior existed lack these arrays: no posterior, no declared prior.
-            optional = {key: data[key] for key in ("posterior_mode", "posterior_cov", "prior_mean", "attributes")
-                        if key in data.files}
-        declared = json_loads(str(optional.get("attributes", "{}")))
-        if not (isinstance(declared, dict) and all(isinstance(value, str) for value in declared.values())):
-            raise TypeError(f"attributes must be a JSON object of strings, got {str(declared)[:100]}")
-        attributes = tuple(declared.items())
+            arrays = {key: data[key] for key in ("user_weights", "pair_diff", "choices")}
+            arrays.update({key: data[key] for key in _OPTIONAL_PERSONAL if key in data.files})
     except Exception as exc:  # a checksum-valid file can still be malformed (written by another tool)
         raise StateCorruptError(f"{path}: unreadable personal state ({type(exc).__name__}: {exc})") from exc
-    rank, dim = state.basis.rank, state.basis.dim
-    mode = optional.get("posterior_mode", np.zeros(0))
-    cov = optional.get("posterior_cov", np.zeros((0, 0)))
-    prior_mean = optional.get("prior_mean", np.zeros(0))
+    arrays = {**_OPTIONAL_PERSONAL, **arrays}
+    _check_personal(arrays, state.basis, str(path), StateCorruptError)
+    weights, diff, mode, prior_mean = (arrays["user_weights"], arrays["pair_diff"], arrays["posterior_mode"],
+                                       arrays["prior_mean"])
+    if declared_pairs != diff.shape[0]:
+        raise StateCorruptError(f"{path}: {diff.shape[0]} pairs, the manifest says {declared_pairs} pairs")
+    return replace(
+        state, user_weights=weights if weights.size else None, pair_diff=diff,
+        choices=tuple(arrays["choices"].tolist()), posterior_mode=mode if mode.size else None,
+        posterior_cov=arrays["posterior_cov"] if mode.size else None,
+        prior_mean=prior_mean if prior_mean.size else None,
+        attributes=tuple(json_loads(str(arrays["attributes"])).items()),
+    )
+
+
+def _personal_arrays(state: DeviceState) -> dict[str, np.ndarray]:
+    """The arrays of the personal file (module docstring), as save_state writes them."""
+    diff = np.asarray(state.pair_diff, np.float32)
+    return {
+        "user_weights": np.zeros(0) if state.user_weights is None else np.asarray(state.user_weights, np.float64),
+        "pair_diff": diff if diff.size else diff.reshape(0, state.basis.dim),
+        "choices": np.array(state.choices, dtype=np.str_).reshape(-1),
+        "posterior_mode": _or_empty(state.posterior_mode, (0,)),
+        "posterior_cov": _or_empty(state.posterior_cov, (0, 0)),
+        "prior_mean": _or_empty(state.prior_mean, (0,)),
+        "attributes": np.str_(json.dumps(dict(state.attributes), ensure_ascii=False)),
+    }
+
+
+def _check_personal(arrays: dict[str, np.ndarray], basis: BasisFile, where: str, error: type[StateError]) -> None:
+    """Raise error(f"{where}: ...") unless the personal file's arrays are what `adapt` writes for `basis`: the one
+    check of save_state (before it writes) and load_state (after it reads)."""
+    weights, diff, choices = arrays["user_weights"], arrays["pair_diff"], arrays["choices"]
+    mode, cov, prior_mean = arrays["posterior_mode"], arrays["posterior_cov"], arrays["prior_mean"]
+    rank, dim = basis.rank, basis.dim
     numbers = {"user_weights": weights, "pair_diff": diff, "posterior_mode": mode, "posterior_cov": cov,
                "prior_mean": prior_mean}
     wrong = [f"{key} ({array.dtype})" for key, array in numbers.items() if array.dtype.kind != "f"]
     wrong += [] if choices.dtype.kind == "U" else [f"choices ({choices.dtype})"]
     if wrong:
-        raise StateCorruptError(f"{path}: {', '.join(wrong)}: choices must be strings, the other arrays floats")
+        raise error(f"{where}: {', '.join(wrong)}: choices must be strings, the other arrays floats")
     if mode.size and (mode.shape != (rank - 1,) or cov.shape != (rank - 1, rank - 1)
                       or not (np.isfinite(mode).all() and np.isfinite(cov).all()) or not _positive_definite(cov)):
-        raise StateCorruptError(f"{path}: the posterior must be ({rank - 1},) and ({rank - 1}, {rank - 1}), finite, "
-                                f"its covariance positive definite; got {mode.shape} and {cov.shape}")
+        raise error(f"{where}: the posterior must be ({rank - 1},) and ({rank - 1}, {rank - 1}), finite, its "
+                    f"covariance positive definite; got {mode.shape} and {cov.shape}")
     if prior_mean.size and (prior_mean.shape != (rank,) or not prior_mean.min() > 0
                             or abs(prior_mean.sum() - 1.0) > 1e-6):
-        raise StateCorruptError(f"{path}: prior_mean must be ({rank},) inside the simplex, got {prior_mean.shape}")
+        raise error(f"{where}: prior_mean must be ({rank},) inside the simplex, got {_shown(prior_mean)}")
     if weights.size and (
         weights.shape != (rank,) or not np.isfinite(weights).all() or weights.min() < 0
         or abs(weights.sum() - 1.0) > 1e-6
-    ):
-        raise StateCorruptError(f"{path}: user_weights must be ({rank},) on the simplex, got {weights.shape}")
+    ):  # the values, not only the shape: a tester read "must be (3,) on the simplex, got (3,)"
+        raise error(f"{where}: user_weights must be ({rank},) on the simplex (finite, >= 0, summing to 1), got "
+                    f"{_shown(weights)}")
     if diff.ndim != 2 or diff.shape[1] != dim or not np.isfinite(diff).all():
-        raise StateCorruptError(f"{path}: pair_diff must be finite (n, {dim}), got shape {diff.shape}")
-    if choices.shape != (diff.shape[0],) or declared_pairs != diff.shape[0]:
-        raise StateCorruptError(
-            f"{path}: {diff.shape[0]} pairs, {choices.shape} choices, the manifest says {declared_pairs} pairs"
-        )
+        raise error(f"{where}: pair_diff must be finite (n, {dim}), got shape {diff.shape}")
+    if choices.shape != (diff.shape[0],):
+        raise error(f"{where}: {diff.shape[0]} pairs, {choices.shape} choices: one choice per pair_diff row")
+    try:
+        declared = json_loads(str(arrays["attributes"]))
+    except ValueError:
+        declared = None
+    if not (isinstance(declared, dict) and all(isinstance(value, str) for value in declared.values())):
+        raise error(f"{where}: attributes must be a JSON object of strings, got {str(arrays['attributes'])[:100]}")
     for number, text in enumerate(choices.tolist(), 1):
-        _check_stored_choice(text, f"{path}: stored choice {number}")
-    return replace(
-        state, user_weights=weights if weights.size else None, pair_diff=diff, choices=tuple(choices.tolist()),
-        posterior_mode=mode if mode.size else None, posterior_cov=cov if mode.size else None,
-        prior_mean=prior_mean if prior_mean.size else None, attributes=attributes,
-    )
+        _check_stored_choice(text, f"{where}: stored choice {number}", error)
+
+
+def _check_settings(strength, encoder, identity, where: str, error: type[StateError]) -> None:
+    """Raise error(f"{where}: ...") unless the manifest's settings are valid: strength 'off' or in [0, 1], encoder
+    a directory path or None, its identity None or (with an encoder) encoder.json's record."""
+    if strength != "off":
+        _checked_strength(strength, where, error)
+    if encoder is not None and not (isinstance(encoder, str) and encoder):
+        raise error(f"{where}: encoder must be a directory path or null, got {encoder!r}")
+    if identity is not None and not (encoder is not None and is_encoder_identity(identity)):
+        raise error(
+            f'{where}: encoder_identity must be null, or with an encoder {{"embedder": NAME or null, "sha256": '
+            f'{{"{MODEL_FILE}": DIGEST, "{TOKENIZER_FILE}": DIGEST}}}}; got {json.dumps(identity)[:200]} with encoder '
+            f"{encoder!r}")
+
+
+def _shown(values: np.ndarray) -> str:
+    """An array for a message: its first values and its shape."""
+    flat = values.ravel()
+    return f"{np.array2string(flat[:8], precision=6)}{' ...' if flat.size > 8 else ''} (shape {values.shape})"
 
 
 def _positive_definite(cov: np.ndarray) -> bool:
@@ -564,7 +608,7 @@ def _positive_definite(cov: np.ndarray) -> bool:
     return True
 
 
-def _check_stored_choice(text: str, where: str) -> None:
+def _check_stored_choice(text: str, where: str, error: type[StateError]) -> None:
     """A stored choice is what `adapt` stores: a choice of the shape `read_choices` takes (check_choice_shape: an
     earlier `adapt` stored some that today's input rules refuse, such as two equal responses), or
     {"precomputed": "FILE#ROW"} for a row of an .npz of diffs. Another tool's file may hold anything: refused here,
@@ -572,22 +616,22 @@ def _check_stored_choice(text: str, where: str) -> None:
     try:
         record = json_loads(text)
     except ValueError:
-        raise StateCorruptError(f"{where} is not JSON: {text[:80]!r}") from None
+        raise error(f"{where} is not JSON: {text[:80]!r}") from None
     if isinstance(record, dict) and isinstance(record.get("precomputed"), str):
         return
     try:
         check_choice_shape(record, where)
     except ChoicesError as exc:
-        raise StateCorruptError(str(exc)) from None
+        raise error(str(exc)) from None
 
 
 def _or_empty(array: np.ndarray | None, empty_shape: tuple[int, ...]) -> np.ndarray:
     return np.zeros(empty_shape) if array is None else np.asarray(array, np.float64)
 
 
-def _checked_strength(value, where: Path) -> float:
+def _checked_strength(value, where, error: type[StateError] = StateCorruptError) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
-        raise StateCorruptError(f"{where}: strength must be in [0, 1] or 'off', got {value!r}")
+        raise error(f"{where}: strength must be in [0, 1] or 'off', got {value!r}")
     return float(value) + 0.0  # -0 is 0 (a state written before parse_strength said so)
 
 
