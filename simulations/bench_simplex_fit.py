@@ -45,7 +45,8 @@ def order():
 def stress():
     rng, unconverged, false_converged, disagree = np.random.default_rng(7), 0, 0, 0
     for _ in range(3000):
-        b = int(rng.integers(2, 9)); n = int(rng.integers(1, 30)); s = rng.normal(size=(n, b)) * 10 ** rng.uniform(-1, 3)
+        b, n = int(rng.integers(2, 9)), int(rng.integers(1, 30))
+        s = rng.normal(size=(n, b)) * 10 ** rng.uniform(-1, 3)
         lam = 10 ** rng.uniform(-4, 1); start = rng.dirichlet(np.ones(b) * 0.2)[None]
         mean = None
         if rng.random() < 0.3:
