@@ -49,6 +49,8 @@ def test_a_finite_but_huge_update_is_clipped_like_any_other():
     assert np.all(np.isfinite(norms)) and norms[2] == pytest.approx(1e200 * np.sqrt(B * D))
     np.testing.assert_allclose(np.linalg.norm(clipped[2]), 1.0)
     np.testing.assert_array_equal(clipped[3], huge[3])  # a tiny one is left as it is
+    edge, _ = clip_updates(np.full((1, B, D), 1.7e308), clip_norm=1.0)  # its norm overflows; its clip must not
+    np.testing.assert_allclose(np.linalg.norm(edge[0]), 1.0)
     np.testing.assert_allclose(clipped[:2], clip_updates(updates, clip_norm=1.0)[0])
     with pytest.raises(ValueError, match="NaN or inf"):
         clip_updates(np.concatenate([updates, np.full((1, B, D), np.inf)]), clip_norm=1.0)

@@ -71,9 +71,11 @@ def clip_updates(updates: np.ndarray, clip_norm: float) -> tuple[np.ndarray, np.
     # Scaled by each update's largest entry, so that a finite update of 1e200 (a faulty or hostile node) has a
     # finite norm and is clipped like any other (its squares overflowed, and the round failed: a privacy reviewer).
     peak = np.abs(flat).max(axis=1, initial=0.0)
-    unit = flat / np.where(peak > 0, peak, 1.0)[:, None]
-    norms = peak * np.sqrt(np.einsum("ki,ki->k", unit, unit))
-    scale = np.minimum(1.0, clip_norm / np.maximum(norms, np.finfo(np.float64).tiny))
+    safe_peak = np.where(peak > 0, peak, 1.0)
+    relative = np.linalg.norm(flat / safe_peak[:, None], axis=1)  # ||u|| / peak: in [1, sqrt(B D)], 0 for u = 0
+    with np.errstate(over="ignore"):
+        norms = peak * relative  # inf only past 1.8e308, where the scale C / peak / relative is still finite
+    scale = np.minimum(1.0, clip_norm / safe_peak / np.maximum(relative, 1e-300))
     return updates * scale.reshape((-1,) + (1,) * (updates.ndim - 1)), norms
 
 

@@ -43,9 +43,10 @@ NONE_GUARANTEE = (
 # w_i is never sent as such, but what each mode sends about it differs (a privacy reviewer: "never leaves the device"
 # hid that the user mode's update discloses it to the server).
 W_NOT_COVERED = {
-    "user": "w_i: never sent as such, but each sampled user's raw update dA = -lr w_i r_i^T is rank one, so the "
-            "server, trusted in this mode, reads w_i from it exactly; from everyone else it is protected only "
-            "through the released bases; it is not a DP output",
+    "user": "w_i: never sent as such, but each sampled user's raw update reaches the server, trusted in this mode: "
+            "under the joint objective it is rank one, dA = -lr w_i r_i^T, and gives w_i exactly (under the "
+            "marginal objective, the gradient of the user's pairs with w integrated out); from everyone else it is "
+            "protected only through the released bases; it is not a DP output",
     "user+secagg": "w_i: never sent; the server sees only masked updates and noised sums of them, but w_i itself "
                    "is not a DP output",
     "record": "w_i: never sent as such; the DP-SGD updates that carry it are covered at record level only",
