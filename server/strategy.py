@@ -105,6 +105,8 @@ class LoReStrategy(Strategy):
         replies = list(replies)
         errors = [reply.error.reason for reply in replies if reply.has_error()]
         if run.plan and len(errors) + len(set(run.plan) - {r.metadata.src_node_id for r in replies}) == len(run.plan):
+            if record:  # they may have spent on their devices: the ledger keeps them unreported (its LOWER BOUND)
+                run.ledger.record_lost_replies(str(int(u)) for node in run.plan for u in run.global_users(node))
             raise RoundFailed(f"round {run.round}: every node asked failed or did not answer "
                               f"({errors[0] if errors else 'no reply'}); nothing of the round was released")
         for reply in replies:

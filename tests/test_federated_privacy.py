@@ -642,3 +642,36 @@ def test_a_record_reply_that_never_reached_the_ledger_marks_its_epsilon_a_lower_
     assert second["epsilon"]["unreported_clients"] == 0 and "LOWER BOUND" not in second["guarantee"]  # caught up
     assert last["epsilon"]["unreported_clients"] > 0 and "LOWER BOUND" in last["guarantee"]
     assert sum(ledger_steps(tiny_pair_file, tmp_path).values()) < sum(steps_taken.values())  # round 3's lost steps
+
+
+def test_a_record_round_whose_every_reply_was_lost_leaves_its_clients_unreported_until_they_report(tiny_pair_file,
+                                                                                                   tmp_path):
+    """A reviewer: a round where every reply was lost fails the run (RoundFailed) before any ledger entry, so its
+    clients' spending on their devices left no trace and the guarantee no LOWER BOUND. The ledger now records them
+    (`lost_replies`); the resumed run's reports clear them."""
+    from server.training_round import RoundFailed
+
+    class LosingGrid(LocalGrid):  # every train reply of round 2 is lost
+        train_rounds = 0
+
+        def send_and_receive(self, messages, *, timeout=None):
+            messages = list(messages)
+            replies = list(super().send_and_receive(messages, timeout=timeout))
+            if messages and messages[0].metadata.message_type == "train":
+                self.train_rounds += 1
+                if self.train_rounds == 2:
+                    return []
+            return replies
+
+    config = {"rank": 2, "num-server-rounds": 3, "clients-per-round": 3, "privacy-mode": "record",
+              "max-grad-norm": 1.0, "record-batch-size": 4, "server-lr": 0.05, "clip-norm": ""}
+    grid, settings = make_run(tiny_pair_file, tmp_path, nodes=3, **config)
+    grid.__class__ = LosingGrid
+    with pytest.raises(RoundFailed):
+        run_federated(grid, settings)
+    failed = ledger_json(tmp_path)
+    assert failed["rounds"]["released"] == 1 and failed["events"]["lost_replies"][0]["after_round"] == 1
+    assert failed["epsilon"]["unreported_clients"] == 3 and "LOWER BOUND: 3 sampled" in failed["guarantee"]
+    run_federated(*make_run(tiny_pair_file, tmp_path, nodes=3, **config))  # resumed: every user sampled, reports
+    resumed = ledger_json(tmp_path)
+    assert resumed["epsilon"]["unreported_clients"] == 0 and "LOWER BOUND" not in resumed["guarantee"]

@@ -246,11 +246,22 @@ class PrivacyLedger:
         since (a later report carries what the ledger lacks). They may have spent more than the ledger holds, so
         the ledger's epsilon is a lower bound while any remain (a privacy reviewer: a late reply in the last round
         was never counted, 4.03 printed for a client at 4.29)."""
-        pending: set[str] = set()
-        for entry in self._facts["rounds"]:
+        lost = self._facts.get("lost_replies", [])
+        pending = {c for event in lost if event["after_round"] == 0 for c in event["clients"]}
+        for position, entry in enumerate(self._facts["rounds"], 1):
             reported = set(entry.get("clients", ())) | set(entry.get("caught_up", ()))
             pending = (pending - reported) | set(entry.get("unreported", ()))
+            pending |= {c for event in lost if event["after_round"] == position for c in event["clients"]}
         return sorted(pending)
+
+    def record_lost_replies(self, clients: Iterable[str]) -> None:
+        """Record mode: a round failed with every reply lost (late or failed) and released nothing, so it has no
+        round entry; its sampled clients may have spent on their devices all the same, and stay unreported until
+        they report again (a reviewer: such a round left no trace, and the guarantee no LOWER BOUND)."""
+        self._reread()
+        self._facts.setdefault("lost_replies", []).append(
+            {"after_round": self.rounds_released, "clients": sorted({str(c) for c in clients})})
+        self._write()
 
     def epsilon(self) -> EpsilonReport | None:
         """User modes: epsilon so far; record mode: the client with the largest PRV epsilon; none: None."""
@@ -575,13 +586,15 @@ def _read(path: Path) -> dict[str, Any]:
         found = data.get("schema") if isinstance(data, dict) else type(data).__name__
         raise LedgerError(f"{path} has schema {found!r}; expected {SCHEMA!r}")
     events = data.get("events")
-    if not isinstance(events, dict) or set(events) != set(EVENT_KEYS) or not isinstance(data.get("config"), dict):
+    if not isinstance(events, dict) or not set(EVENT_KEYS) <= set(events) <= {*EVENT_KEYS, *OPTIONAL_EVENT_KEYS} \
+            or not isinstance(data.get("config"), dict):
         raise LedgerError(f"{path} lacks `config` or `events` with keys {EVENT_KEYS}")
     _check_events(path, events, data["config"].get("mode"))
     return data
 
 
 EVENT_TYPES = {"rounds": list, "clients": dict, "audits": list, "stopped_early": bool}
+OPTIONAL_EVENT_KEYS = ("lost_replies",)  # record mode, only once a round lost every reply
 
 
 def _check_events(path: Path, events: dict, mode) -> None:
@@ -606,16 +619,25 @@ def _check_events(path: Path, events: dict, mode) -> None:
                 raise LedgerError(f"{path}: round entry {position} has {MOST_USER_ROUNDS} {most!r}, expected a whole "
                                   f"number in [0, {position}]; restore the ledger")
         for key in ("clients", "unreported", "caught_up"):  # record mode: lists of client ids
-            ids = entry.get(key, [])
-            if not isinstance(ids, list) or not all(isinstance(c, str) for c in ids):
-                raise LedgerError(f"{path}: round entry {position} has {key} {ids!r}, expected a list of client ids "
-                                  "(strings); restore the ledger")
+            _check_client_ids(path, f"round entry {position}", key, entry.get(key, []))
+    for event in events.get("lost_replies", []):
+        after = event.get("after_round") if isinstance(event, dict) else None
+        if isinstance(after, bool) or not isinstance(after, int) or not 0 <= after <= len(events["rounds"]):
+            raise LedgerError(f"{path}: lost_replies entry {event!r} has no after_round in "
+                              f"[0, {len(events['rounds'])}]; restore the ledger")
+        _check_client_ids(path, "a lost_replies entry", "clients", event.get("clients"))
     for cid, client in events["clients"].items():  # record mode: what each client spent (a tester: audits crashed)
         try:
             check_history(client["history"])
         except (AccountingError, KeyError, TypeError, ValueError, OverflowError) as exc:
             raise LedgerError(f"{path}: client {cid} has no valid accountant history ({type(exc).__name__}: {exc}); "
                               "restore the ledger") from exc
+
+
+def _check_client_ids(path: Path, where: str, key: str, ids) -> None:
+    if not isinstance(ids, list) or not all(isinstance(c, str) for c in ids):
+        raise LedgerError(f"{path}: {where} has {key} {ids!r}, expected a list of client ids (strings); restore the "
+                          "ledger")
 
 
 def _key(history: Iterable[Sequence]) -> tuple[tuple[float, float, int], ...]:
