@@ -85,17 +85,16 @@ def fit_user_weights(
     outer = scores[:, :, None] * scores[:, None, :]  # (n, B, B)
     kkt = np.zeros((n_users, n_basis + 1, n_basis + 1))
     objective = few_shot_objective(weights, scores, user_idx, lam, prior_mean)
-    converged = False
+    converged, stalled, decrement = False, False, np.full(n_users, np.inf)
     for iteration in range(max_iter + 1):
         g_pair, grad = _gradient(weights, scores, user_idx, lam, log_prior, inv_counts)
         # Frank-Wolfe gap grad . w - min_k grad_k: an upper bound on F_u(w) - min F_u. The Newton decrement alone is
         # no certificate here: the KL term is not self-concordant near the boundary, so at w_k ~ 1e-12 (a device
         # refitting from its last w, a vertex) the curvature lam / w_k makes it vanish far from the optimum (a
         # tester: [1, 0, 0] was returned as converged after one step, the optimum being [0.48, 0.20, 0.31]).
-        # Relative to the gradient's size: at scores of 1e4 its rounding alone exceeds an absolute 1e-10.
         gap = (grad * weights).sum(axis=1) - grad.min(axis=1)
         if iteration:
-            done = (decrement < tol) & (gap < tol * (1.0 + np.abs(grad).max(axis=1)))
+            done = settled(decrement, gap, grad, objective, tol)
             if np.all(done):
                 converged = True
                 break
@@ -125,7 +124,7 @@ def fit_user_weights(
         # e^LOG_STEP-fold in one step. A user already within `tol` keeps its weights: its change is rounding noise.
         log_move = np.where((weights <= 1e-290) & (step < 0), 0.0, np.abs(step / weights))  # at the floor already
         t = np.minimum(1.0, LOG_STEP / np.maximum(log_move.max(axis=1), 1e-300))
-        todo = ~((decrement < tol) & (gap < tol * (1.0 + np.abs(grad).max(axis=1))))
+        todo = ~settled(decrement, gap, grad, objective, tol)
         slack = 1e-13 * (1.0 + np.abs(objective))  # rounding: a move too small to change F_u is not refused
         before = weights
         for _ in range(60):
@@ -142,12 +141,20 @@ def fit_user_weights(
         stalled = np.abs(np.log(weights) - np.log(before)).max(initial=0.0) < 1e-12
     if not converged and n_users:
         unconverged = int((~done).sum()) if max_iter else n_users
-        warnings.warn(f"the few-shot w fit did not converge in {max_iter} iterations for {unconverged} of {n_users} "
+        why = f"in {max_iter} iterations" if iteration == max_iter else \
+            f"(stopped after {iteration} iterations: no weight could move further)"
+        warnings.warn(f"the few-shot w fit did not converge {why} for {unconverged} of {n_users} "
                       f"users (largest Frank-Wolfe gap {gap.max():.3g}, Newton decrement "
-                      f"{decrement.max() if max_iter else float('nan'):.3g}; tol {tol:g}); their weights are the "
+                      f"{decrement.max():.3g}; tol {tol:g}); their weights are the "
                       "last iterate (a stronger prior, prior_pairs or prior_strength, makes the fit better posed)",
                       ConvergenceWarning, stacklevel=2)
     return SimplexFitResult(weights=weights, iterations=iteration, converged=converged)
+
+
+def settled(decrement, gap, grad, objective, tol: float) -> np.ndarray:
+    """(U,) users at their optimum to `tol`, relative to the size of their objective and gradient (at scores of 1e4
+    rounding alone exceeds an absolute 1e-11)."""
+    return (decrement < tol * (1.0 + np.abs(objective))) & (gap < tol * (1.0 + np.abs(grad).max(axis=1)))
 
 
 def multiplicative_step(weights: np.ndarray, step: np.ndarray, t: np.ndarray) -> np.ndarray:
