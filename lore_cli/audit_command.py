@@ -571,6 +571,7 @@ def check_record_covers_ledger(releases, ledger, state, run_dir: Path) -> None:
 def _canary(args, run_dir, settings) -> dict:
     """Canary audit of the run's released record with the auditor's secrets (lore_core.audits.canary)."""
     from federation.canary_users import canary_digest, load_canaries
+    from lore_cli.run_data import DATA_FILENAME
     from lore_core.audits.canary import canary_audit
     from lore_core.privacy.ledger import PrivacyLedger
 
@@ -590,12 +591,16 @@ def _canary(args, run_dir, settings) -> dict:
     if isinstance(hosted, int) and hosted != canaries.count:
         raise AuditCommandError(f"--secrets {args.secrets} holds {canaries.count} canaries, but {run_dir} hosted "
                                 f"{hosted} ({metrics}): give the secrets file of this run")
-    recorded_digest = recorded.get("canary_secrets_sha256") if isinstance(recorded, dict) else None
-    if recorded_digest is not None and recorded_digest != canary_digest(canaries):
-        # another run's canaries, absent from these releases, would read as a mechanism that leaks nothing
-        raise AuditCommandError(f"--secrets {args.secrets} is not the secrets file of {run_dir}: its digest differs "
-                                f"from the canary_secrets_sha256 in {metrics}; give the file this run was started "
-                                "with")
+    # data.json holds the digest from the run's start (an interrupted run has no metrics.json)
+    started = run_dir / DATA_FILENAME
+    for record, values in ((started, parse_json(read_text(started), started) if started.is_file() else {}),
+                           (metrics, recorded)):
+        digest = values.get("canary_secrets_sha256") if isinstance(values, dict) else None
+        if digest is not None and digest != canary_digest(canaries):
+            # another run's canaries, absent from these releases, would read as a mechanism that leaks nothing
+            raise AuditCommandError(f"--secrets {args.secrets} is not the secrets file of {run_dir}: its digest "
+                                    f"differs from the canary_secrets_sha256 in {record}; give the file this run was "
+                                    "started with")
     # a release whose step was skipped released nothing: no round of the audit
     result = canary_audit(sums[releases.stepped], canaries.directions, canaries.included,
                           noise_multiplier=s.noise_multiplier, clip_norm=s.clip_norm, sample_rate=s.sample_rate, claimed_epsilon=ledger.epsilon().headline,

@@ -274,6 +274,8 @@ def run(args: argparse.Namespace) -> int:
     # written only once they pass: a refused run leaves the directory as it was, .lock included.
     with RunDirLock(out, announce=False) as lock:
         previous, data = check_resume(out, pairs_path, settings, privacy)  # before Ray: another run's is refused
+        if canaries is not None:
+            data["canary_secrets_sha256"] = check_canary_digest(out, canaries, args.canary_secrets)
         lock.announce()
         if canaries is not None and not Path(args.canary_secrets).exists():
             from federation.canary_users import save_canaries
@@ -281,6 +283,22 @@ def run(args: argparse.Namespace) -> int:
             save_canaries(args.canary_secrets, canaries)
         record_pairs(out, data)
         return _simulate(args, pairs_path, population, overrides, settings, privacy, reference, out, previous, data)
+
+
+def check_canary_digest(out: Path, canaries, secrets_path: str) -> str:
+    """The SHA-256 of this run's canaries, recorded in DIR/data.json when the run starts (and in metrics.json), so
+    that the canary audit refuses another run's secrets file, also for a run that was interrupted; a resume with
+    other canaries than the run started with is refused."""
+    from federation.canary_users import canary_digest
+    from lore_cli.run_data import DATA_FILENAME
+
+    digest = canary_digest(canaries)
+    record = out / DATA_FILENAME
+    started = json_loads(record.read_text()).get("canary_secrets_sha256") if record.exists() else None
+    if started is not None and started != digest:
+        raise ValueError(f"--canary-secrets {secrets_path} holds other canaries than the run in --out {out} was "
+                         f"started with ({record}): give that run's secrets file, or a new --out")
+    return digest
 
 
 def check_no_other_run(out: Path) -> None:
@@ -466,10 +484,8 @@ def _simulate(args, pairs_path, population, overrides, settings, privacy, refere
                    rounds=state.round, wall_seconds=wall_seconds, privacy_mode=args.privacy,
                    users_per_round=settings.clients_per_round, nodes=nodes, seed=args.seed, canaries=args.canaries,
                    **privacy_keys)
-    if args.canaries:  # binds the auditor's secrets file to this run (the canary audit checks it)
-        from federation.canary_users import canary_digest, load_canaries
-
-        metrics["canary_secrets_sha256"] = canary_digest(load_canaries(args.canary_secrets))
+    if "canary_secrets_sha256" in data:  # binds the auditor's secrets file to this run (the canary audit checks it)
+        metrics["canary_secrets_sha256"] = data["canary_secrets_sha256"]
     metrics.update(run_problems(state.history))
     metrics.update(pairs_path=data["path"],  # where audits of this run find its pairs (as data.json says)
                    pairs_fingerprint={key: value for key, value in data.items() if key != "path"})

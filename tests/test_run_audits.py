@@ -108,10 +108,14 @@ def test_the_canary_audit_refuses_another_run_s_secrets_file(pair_file, secrets_
     canary_run(pair_file, secrets_file, run)
     other = tmp_path / "other.npz"
     save_canaries(other, draw_canaries(CANARIES, (RANK, DIM), seed=2))  # same count and shape: only the digest differs
-    metrics = {"canaries": CANARIES, "canary_secrets_sha256": canary_digest(load_canaries(secrets_file))}
-    (run / "metrics.json").write_text(json.dumps(metrics))
-    assert main(["audit", "canary", str(run), "--secrets", str(other)]) == 2
-    assert "is not the secrets file of" in capsys.readouterr().err and not (run / "audits" / "canary.json").exists()
+    digest = canary_digest(load_canaries(secrets_file))
+    for record in ("data.json", "metrics.json"):  # from the run's start (also an interrupted run's), and its end
+        for name in ("data.json", "metrics.json"):
+            (run / name).unlink(missing_ok=True)
+        (run / record).write_text(json.dumps({"canaries": CANARIES, "canary_secrets_sha256": digest}))
+        assert main(["audit", "canary", str(run), "--secrets", str(other)]) == 2
+        assert "is not the secrets file of" in capsys.readouterr().err
+        assert not (run / "audits" / "canary.json").exists()
     assert canary_verdict(run, secrets_file)["verdict"] == "pass"  # its own file
 
 
@@ -811,19 +815,31 @@ def test_record_audits_refuse_a_ledger_with_a_damaged_client_history_and_say_whe
 
 
 def test_simulate_records_the_digest_of_its_canaries_secrets(pair_file, tmp_path):
-    """The other half of the binding: `lore-fed simulate --canaries K` writes the secrets' digest into metrics.json
-    (the CLI with Flower's engine on an in-process backend, as tests/test_interrupted_simulate.py drives it)."""
+    """The other half of the binding: `lore-fed simulate --canaries K` records the secrets' digest in data.json when
+    the run starts and in metrics.json, and refuses to resume with other canaries (the CLI with Flower's engine on an
+    in-process backend, as tests/test_interrupted_simulate.py drives it)."""
+    import os
     import subprocess
     import sys
 
     from test_interrupted_simulate import LORE_FED_WITHOUT_RAY
 
     secrets, run = tmp_path / "secrets.npz", tmp_path / "run"
-    env = {**__import__("os").environ, "PYTHONPATH": str(ROOT), "FLWR_TELEMETRY_ENABLED": "0"}
-    done = subprocess.run([sys.executable, "-c", LORE_FED_WITHOUT_RAY, "simulate", str(pair_file), "--out", str(run),
-                           "--rounds", "2", "--rank", str(RANK), "--privacy", "user", "--noise-multiplier", "1",
-                           "--canaries", "50", "--canary-secrets", str(secrets), "--eval-every", "0"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "FLWR_TELEMETRY_ENABLED": "0"}
+
+    def simulate(rounds: int) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-c", LORE_FED_WITHOUT_RAY, "simulate", str(pair_file), "--out",
+                               str(run), "--rounds", str(rounds), "--rank", str(RANK), "--privacy", "user",
+                               "--noise-multiplier", "1", "--canaries", "50", "--canary-secrets", str(secrets),
+                               "--eval-every", "0"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+    done = simulate(2)
     assert done.returncode == 0, done.stdout + done.stderr
-    metrics = json.loads((run / "metrics.json").read_text())
+    metrics, started = (json.loads((run / name).read_text()) for name in ("metrics.json", "data.json"))
     assert metrics["canaries"] == 50 and metrics["canary_secrets_sha256"] == canary_digest(load_canaries(secrets))
+    assert started["canary_secrets_sha256"] == metrics["canary_secrets_sha256"]  # at the start, for a crashed run
+    save_canaries(secrets, draw_canaries(50, load_canaries(secrets).shape, seed=9))  # other canaries, same shape
+    files = {path.name: path.read_bytes() for path in run.iterdir() if path.is_file()}
+    again = simulate(2)  # the same command: a rerun
+    assert again.returncode == 2 and "holds other canaries than the run" in again.stderr, again.stderr
+    assert {path.name: path.read_bytes() for path in run.iterdir() if path.is_file()} == files  # .lock too
