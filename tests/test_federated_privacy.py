@@ -609,6 +609,21 @@ def test_a_rejected_record_reply_still_counts_in_the_ledger(tiny_pair_file, tmp_
     assert {int(counts[int(c)]): sum(s[2] for s in v["history"]) for c, v in clients.items()} == taken
 
 
+class LosingGrid(LocalGrid):
+    """LocalGrid whose train round r loses its first `lose[r]` replies on their way to the server: the nodes
+    trained, the server never heard (a deployment's late replies)."""
+    lose: dict[int, int] = {}
+    train_rounds = 0
+
+    def send_and_receive(self, messages, *, timeout=None):
+        messages = list(messages)
+        replies = list(super().send_and_receive(messages, timeout=timeout))
+        if messages and messages[0].metadata.message_type == "train":
+            self.train_rounds += 1
+            return replies[self.lose.get(self.train_rounds, 0):]
+        return replies
+
+
 def test_a_record_reply_that_never_reached_the_ledger_marks_its_epsilon_a_lower_bound_until_it_reports(
         tiny_pair_file, tmp_path, monkeypatch):
     """Found by a privacy reviewer: a node's record-mode reply that missed the deadline (a deployment's late reply)
@@ -616,23 +631,11 @@ def test_a_record_reply_that_never_reached_the_ledger_marks_its_epsilon_a_lower_
     never do, and the ledger printed 4.03 for a client at 4.29. The ledger now lists such clients, and its guarantee
     says it is a lower bound until they report (a later report carries what the ledger lacks)."""
     steps_taken, _ = count_record_steps(monkeypatch)
-
-    class LosingGrid(LocalGrid):  # the first train reply of rounds 1 and 3 never reaches the server
-        train_rounds = 0
-
-        def send_and_receive(self, messages, *, timeout=None):
-            messages = list(messages)
-            replies = list(super().send_and_receive(messages, timeout=timeout))
-            if messages and messages[0].metadata.message_type == "train":
-                self.train_rounds += 1
-                if self.train_rounds in (1, 3):
-                    return replies[1:]
-            return replies
-
     grid, settings = make_run(tiny_pair_file, tmp_path, nodes=3, **{
         "rank": 2, "num-server-rounds": 3, "clients-per-round": 3, "privacy-mode": "record", "max-grad-norm": 1.0,
         "record-batch-size": 4, "server-lr": 0.05, "clip-norm": ""})
     grid.__class__ = LosingGrid
+    grid.lose = {1: 1, 3: 1}  # the first train reply of rounds 1 and 3 never reaches the server
     after_round = []
     run_federated(grid, settings, on_round=lambda r: after_round.append(ledger_json(tmp_path)))
     first, second, last = after_round
@@ -651,22 +654,11 @@ def test_a_record_round_whose_every_reply_was_lost_leaves_its_clients_unreported
     (`lost_replies`); the resumed run's reports clear them."""
     from server.training_round import RoundFailed
 
-    class LosingGrid(LocalGrid):  # every train reply of round 2 is lost
-        train_rounds = 0
-
-        def send_and_receive(self, messages, *, timeout=None):
-            messages = list(messages)
-            replies = list(super().send_and_receive(messages, timeout=timeout))
-            if messages and messages[0].metadata.message_type == "train":
-                self.train_rounds += 1
-                if self.train_rounds == 2:
-                    return []
-            return replies
-
     config = {"rank": 2, "num-server-rounds": 3, "clients-per-round": 3, "privacy-mode": "record",
               "max-grad-norm": 1.0, "record-batch-size": 4, "server-lr": 0.05, "clip-norm": ""}
     grid, settings = make_run(tiny_pair_file, tmp_path, nodes=3, **config)
     grid.__class__ = LosingGrid
+    grid.lose = {2: 3}  # every train reply of round 2 is lost
     with pytest.raises(RoundFailed):
         run_federated(grid, settings)
     failed = ledger_json(tmp_path)
