@@ -222,6 +222,21 @@ def test_onnx_encoder_matches_transformers_embeddings(encoder_dir, reference, ex
     assert np.abs(got - reference.embed(contexts, responses, progress=False)).max() < 1e-5
 
 
+def test_the_encoder_refuses_what_is_not_two_lists_of_strings(encoder_dir):
+    """Found by a tester: embed("abc", "xyz") embedded three one-character pairs, an int response reached the
+    tokenizer's "TextInputSequence must be str", and batch_size 0 a range() error."""
+    from client.device.encoder import EncoderError
+
+    encoder = OnnxPairEncoder(encoder_dir)
+    for contexts, responses, batch, says in [("abc", "xyz", 8, "contexts must be a list of strings"),
+                                             (["a"], [3], 8, "responses must be a list of strings"),
+                                             (["a"], [None], 8, "responses must be a list of strings"),
+                                             (["a"], ["b"], 0, "batch_size must be a whole number")]:
+        with pytest.raises(EncoderError, match=says):
+            encoder.embed(contexts, responses, batch_size=batch)
+    assert encoder.embed(("a",), ["b"]).shape == (1, encoder.dim)
+
+
 def test_device_ranking_agrees_with_full_pipeline(tmp_path, basis_file, encoder_dir, reference, exchanges):
     basis = load_basis(basis_file).basis
     train, held_out = exchanges[:12], exchanges[12:20]

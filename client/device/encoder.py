@@ -165,6 +165,14 @@ class OnnxPairEncoder:
         }
 
     def embed(self, contexts: list[str], responses: list[str], batch_size: int = DEFAULT_BATCH_SIZE) -> np.ndarray:
+        """(n, D) float32 embeddings of n (context, response) pairs: two lists of n strings. A string in place of a
+        list embedded each of its characters as a pair, and a number reached the tokenizer's own error (a tester)."""
+        for name, texts in (("contexts", contexts), ("responses", responses)):
+            if isinstance(texts, (str, bytes)) or not all(isinstance(t, str) for t in texts):
+                raise EncoderError(f"{name} must be a list of strings, got {type(texts).__name__} holding "
+                                   f"{sorted({type(t).__name__ for t in texts})}")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise EncoderError(f"batch_size must be a whole number >= 1, got {batch_size!r}")
         if len(contexts) != len(responses):
             raise EncoderError(f"got {len(contexts)} contexts but {len(responses)} responses")
         out = np.empty((len(contexts), self.dim), dtype=np.float32)
