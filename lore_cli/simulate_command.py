@@ -488,7 +488,8 @@ def _simulate(args, pairs_path, population, overrides, settings, privacy, refere
         metrics["canary_secrets_sha256"] = data["canary_secrets_sha256"]
     metrics.update(run_problems(state.history))
     metrics.update(pairs_path=data["path"],  # where audits of this run find its pairs (as data.json says)
-                   pairs_fingerprint={key: value for key, value in data.items() if key != "path"})
+                   pairs_fingerprint={key: value for key, value in data.items()
+                                      if key not in ("path", "canary_secrets_sha256")})
     reference = reference_record(args.reference, reference, earlier)
     if reference:
         metrics["reference"] = reference

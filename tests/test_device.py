@@ -231,7 +231,8 @@ def test_the_encoder_refuses_what_is_not_two_lists_of_strings(encoder_dir):
     for contexts, responses, batch, says in [("abc", "xyz", 8, "contexts must be a list of strings"),
                                              (["a"], [3], 8, "responses must be a list of strings"),
                                              (["a"], [None], 8, "responses must be a list of strings"),
-                                             (["a"], ["b"], 0, "batch_size must be a whole number")]:
+                                             (["a"], ["b"], 0, "batch_size must be a whole number"),
+                                             (5, ["b"], 8, "contexts must be a list of strings, got int")]:
         with pytest.raises(EncoderError, match=says):
             encoder.embed(contexts, responses, batch_size=batch)
     assert encoder.embed(("a",), ["b"]).shape == (1, encoder.dim)
@@ -1473,6 +1474,7 @@ def test_the_preference_matrix_is_unchanged_and_its_memory_does_not_grow_with_ca
     finally:
         tracemalloc.stop()
     assert peak < 64 * 2**20, f"{peak / 2**20:.0f} MiB"  # all at once: 200^2 x 512 logits, 164 MB an array
+    assert ranking.preference_matrix(basis, samples, embeddings[:0]).shape == (0, 0)  # no candidates (a reviewer)
 
 
 def test_rank_computes_the_pairwise_matrix_only_when_it_prints_it(tmp_path, monkeypatch, capsys):

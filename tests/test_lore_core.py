@@ -199,3 +199,24 @@ def test_true_logits_of_exactly_zero_are_named_when_the_oracle_is_scored(small_p
     flat = dataclasses.replace(pairs, logit_true=np.zeros_like(pairs.logit_true))
     with pytest.warns(UserWarning, match="100% of seen users' test pairs have a true logit of exactly 0"):
         assert reference_metrics(flat)["oracle_seen_test_acc"] == 0.0
+
+
+def test_simplex_solver_judges_convergence_relative_to_the_scale_and_says_why_it_stopped():
+    """A reviewer: at scores of 1e4 the gap's rounding exceeded an absolute tolerance, so a fit at its optimum ran to
+    the federated client's 20,000-iteration cap; and a fit that stopped because no weight could move said "in
+    20000 iterations". Now the tests are relative, and a stall says so."""
+    import warnings
+
+    from lore_core.simplex_fit import ConvergenceWarning
+
+    rng = np.random.default_rng(1)
+    user = np.repeat(np.arange(20), 15)
+    scores = rng.standard_normal((user.size, 4)) * 1e4
+    fit = fit_user_weights(scores, user, 20, prior_strength=prior_from_pairs(user, 20, 3.0), tol=1e-11,
+                           max_iter=20000)
+    assert fit.converged and fit.iterations < 200
+    with warnings.catch_warnings(record=True) as caught:  # tol 0 can never be met: the fit stalls and says so
+        warnings.simplefilter("always")
+        stalled = fit_user_weights(scores[:30], user[:30], 2, prior_strength=1.0, tol=0.0, max_iter=20000)
+    assert not stalled.converged and stalled.iterations < 20000
+    assert any("stopped after" in str(w.message) and issubclass(w.category, ConvergenceWarning) for w in caught)

@@ -3,6 +3,8 @@ record-level DP-SGD with persisted Opacus accounting (docs/privacy.md §2, §5, 
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 from scipy import stats
@@ -51,6 +53,10 @@ def test_a_finite_but_huge_update_is_clipped_like_any_other():
     np.testing.assert_array_equal(clipped[3], huge[3])  # a tiny one is left as it is
     edge, _ = clip_updates(np.full((1, B, D), 1.7e308), clip_norm=1.0)  # its norm overflows; its clip must not
     np.testing.assert_allclose(np.linalg.norm(edge[0]), 1.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a subnormal update is left as it is, without an overflow warning
+        tiny, _ = clip_updates(np.full((1, B, D), 1e-320), clip_norm=1.0)
+    np.testing.assert_array_equal(tiny, np.full((1, B, D), 1e-320))
     np.testing.assert_allclose(clipped[:2], clip_updates(updates, clip_norm=1.0)[0])
     with pytest.raises(ValueError, match="NaN or inf"):
         clip_updates(np.concatenate([updates, np.full((1, B, D), np.inf)]), clip_norm=1.0)

@@ -838,6 +838,7 @@ def test_simulate_records_the_digest_of_its_canaries_secrets(pair_file, tmp_path
     metrics, started = (json.loads((run / name).read_text()) for name in ("metrics.json", "data.json"))
     assert metrics["canaries"] == 50 and metrics["canary_secrets_sha256"] == canary_digest(load_canaries(secrets))
     assert started["canary_secrets_sha256"] == metrics["canary_secrets_sha256"]  # at the start, for a crashed run
+    assert "canary_secrets_sha256" not in metrics["pairs_fingerprint"]  # the pair file's record only
     save_canaries(secrets, draw_canaries(50, load_canaries(secrets).shape, seed=9))  # other canaries, same shape
     files = {path.name: path.read_bytes() for path in run.iterdir() if path.is_file()}
     again = simulate(2)  # the same command: a rerun

@@ -168,9 +168,10 @@ class OnnxPairEncoder:
         """(n, D) float32 embeddings of n (context, response) pairs: two lists of n strings. A string in place of a
         list embedded each of its characters as a pair, and a number reached the tokenizer's own error (a tester)."""
         for name, texts in (("contexts", contexts), ("responses", responses)):
-            if isinstance(texts, (str, bytes)) or not all(isinstance(t, str) for t in texts):
-                raise EncoderError(f"{name} must be a list of strings, got {type(texts).__name__} holding "
-                                   f"{sorted({type(t).__name__ for t in texts})}")
+            if not isinstance(texts, (list, tuple)) or not all(isinstance(t, str) for t in texts):
+                held = sorted({type(t).__name__ for t in texts}) if isinstance(texts, (list, tuple)) else []
+                raise EncoderError(f"{name} must be a list of strings, got {type(texts).__name__}"
+                                   + (f" holding {held}" if held else ""))
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise EncoderError(f"batch_size must be a whole number >= 1, got {batch_size!r}")
         if len(contexts) != len(responses):

@@ -37,6 +37,8 @@ def preference_matrix(basis: np.ndarray, samples: PosteriorSamples, embeddings: 
     took 4.5 GB when all N^2 x S logits were held at once; memory is now the (N, N) result plus one block."""
     scores = np.asarray(embeddings, np.float64) @ np.asarray(basis, np.float64).T  # (N, B)
     n = scores.shape[0]
+    if not n:
+        return np.zeros((0, 0))
     rows = max(1, _BLOCK_VALUES // (n * samples.w.shape[1]))
     return np.concatenate([preference_probability(samples, _pair_scores(scores[start:start + rows], scores))[0]
                            for start in range(0, n, rows)]).reshape(n, n)

@@ -73,9 +73,9 @@ def clip_updates(updates: np.ndarray, clip_norm: float) -> tuple[np.ndarray, np.
     peak = np.abs(flat).max(axis=1, initial=0.0)
     safe_peak = np.where(peak > 0, peak, 1.0)
     relative = np.linalg.norm(flat / safe_peak[:, None], axis=1)  # ||u|| / peak: in [1, sqrt(B D)], 0 for u = 0
-    with np.errstate(over="ignore"):
-        norms = peak * relative  # inf only past 1.8e308, where the scale C / peak / relative is still finite
-    scale = np.minimum(1.0, clip_norm / safe_peak / np.maximum(relative, 1e-300))
+    with np.errstate(over="ignore"):  # norms: inf only past 1.8e308; C / peak: inf for a subnormal peak (scale 1)
+        norms = peak * relative
+        scale = np.minimum(1.0, clip_norm / safe_peak / np.maximum(relative, 1e-300))
     return updates * scale.reshape((-1,) + (1,) * (updates.ndim - 1)), norms
 
 
