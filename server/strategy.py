@@ -97,6 +97,10 @@ class LoReStrategy(Strategy):
             histories.setdefault(str(int(global_users[int(position)])), []).append((z, q, int(steps)))
         return histories
 
+    def _user_ids(self, nodes: Iterable[int]) -> list[str]:
+        """Record mode: the ledger's ids of the users sampled this round on `nodes`."""
+        return [str(int(user)) for node in nodes for user in self.run.global_users(node)]
+
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         run = self.run
@@ -106,7 +110,7 @@ class LoReStrategy(Strategy):
         errors = [reply.error.reason for reply in replies if reply.has_error()]
         if run.plan and len(errors) + len(set(run.plan) - {r.metadata.src_node_id for r in replies}) == len(run.plan):
             if record:  # they may have spent on their devices: the ledger keeps them unreported (its LOWER BOUND)
-                run.ledger.record_lost_replies(str(int(u)) for node in run.plan for u in run.global_users(node))
+                run.ledger.record_lost_replies(self._user_ids(run.plan))
             raise RoundFailed(f"round {run.round}: every node asked failed or did not answer "
                               f"({errors[0] if errors else 'no reply'}); nothing of the round was released")
         for reply in replies:
@@ -139,8 +143,7 @@ class LoReStrategy(Strategy):
             facts["record_budget_exhausted_users"] = int((~updates.any(axis=(1, 2))).sum())
             # Sampled users whose spending did not reach the server (a late or failed reply): the ledger marks them
             # until they report again, and its epsilon is a lower bound meanwhile.
-            facts["unreported"] = [str(int(u)) for node in set(run.plan) - reported for u in run.global_users(node)]
-            facts["replied"] = [str(int(u)) for node in reported for u in run.global_users(node)]
+            facts["unreported"], facts["replied"] = self._user_ids(set(run.plan) - reported), self._user_ids(reported)
         mean_update = run.aggregator.aggregate(updates, run.population.size)
         run.release(mean_update, updates.shape[0], client_histories=histories or None, **facts)
         metrics = MetricRecord({"accepted-users": int(updates.shape[0]), "rejected-replies": rejected})
