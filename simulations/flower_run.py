@@ -72,9 +72,9 @@ def backend_config(num_cpus: int | None = None) -> dict:
 def ray_daemons_in_their_own_session() -> Iterator[None]:
     """Start Ray's daemons (GCS, raylet; its workers are the raylet's children) in a session of their own.
 
-    Otherwise they share the command's process group, and a signal sent to the group (`timeout`, `kill -TERM -PGID`,
-    a batch system stopping a job step) kills them too: the driver's core worker then aborts the process (exit 134)
-    before Python's SIGTERM handler can stop the run cleanly (exit 143). Outside the group, only the command gets the
+    Otherwise they share the command's process group, and a signal sent to the group (`timeout`, `kill -TERM -PGID`)
+    kills them too: the driver's core worker then aborts the process (exit 134) before Python's SIGTERM handler can
+    stop the run cleanly (exit 143). A signal sent to every process of a job (`scancel`) still reaches them. Outside the group, only the command gets the
     signal and shuts Ray down itself; Ray's kernel fate-sharing still kills the daemons if the command is killed
     outright. Ray offers no flag for this, so the Popen class its process launcher uses is swapped for the block
     (private API, like `_run_simulation`; a Ray without it is left as it is)."""
