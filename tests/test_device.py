@@ -1523,8 +1523,9 @@ def test_a_batch_never_asks_a_pair_twice_when_the_pool_repeats_it_either_way_rou
 
     state_dir = _toy_state(tmp_path)
     first, other = np.random.default_rng(0).standard_normal((2, 8))
-    # and a zero row (responses that embed alike), which `adapt` refuses: never asked (a tester got it at 0 bits)
-    np.savez(tmp_path / "pool.npz", diff=np.stack([first, -first, other, first, np.zeros(8)]))
+    # and zero rows (responses that embed alike, or differ by 1e-30), which `adapt` refuses: never asked (a tester
+    # got one at 0 bits)
+    np.savez(tmp_path / "pool.npz", diff=np.stack([first, -first, other, first, np.zeros(8), np.full(8, 1e-30)]))
     text = [{"prompt": "Money?", "responses": pair} for pair in (["Save.", "Spend."], ["Spend.", "Save."],
                                                                   ["Save.", "Invest."])]
     (tmp_path / "pool.jsonl").write_text("\n".join(map(json.dumps, text)))

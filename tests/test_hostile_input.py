@@ -730,7 +730,7 @@ DEVICE_EXTREME = {
     "rank strength -1": (["--state", "state", "rank", "--prompt", "p", "--candidates", "candidates.txt",
                           "--strength", "-1"], "strength"),
     "adapt 1e30": (None, "beyond"),
-    "adapt zero diffs": (None, "all zeros"),
+    "adapt zero diffs": (None, "rows [0, 1] are all zeros"),
     "adapt wrong width": (None, f"(n, {DIM})"),
     "adapt chosen == rejected": (None, "same text"),
     "adapt missing key": (None, "'rejected' must be a string"),
@@ -746,7 +746,7 @@ def test_device_extremes_are_refused(w, case):
         if case == "adapt 1e30":
             np.savez(w / file, diff=np.full((3, DIM), 1e30, np.float32))
         elif case == "adapt zero diffs":
-            np.savez(w / file, diff=np.zeros((2, DIM), np.float32))
+            np.savez(w / file, diff=np.array([[0.0] * DIM, [1e-30] * DIM], np.float32))  # 1e-30: a tester
         elif case == "adapt a whole pair file":
             shutil.copy(w / "pairs.npz", w / file)
         elif case == "adapt wrong width":

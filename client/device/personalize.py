@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from lore_core.npz_file import open_npz
-from lore_core.pairs import MAX_ABS_DIFF
+from lore_core.pairs import MAX_ABS_DIFF, MIN_LARGEST_DIFF
 from lore_core.simplex_fit import DEFAULT_PRIOR_PAIRS, fit_user_weights
 from lore_core.text_file import parse_json, read_text
 
@@ -111,11 +111,17 @@ def read_choices(path: str | Path) -> list[dict]:
 def read_choice_diffs(path: str | Path, dim: int) -> np.ndarray:
     """Precomputed choices: `diff` (n, D) = e(chosen) - e(rejected) from an .npz, checked like a pair file's."""
     diff = read_user_diffs(path, dim, "precomputed choices", ChoicesError)
-    empty = np.flatnonzero(~diff.any(axis=1))
+    empty = np.flatnonzero(tied_rows(diff))
     if empty.size:
-        raise ChoicesError(f"{path}: rows {empty[:5].tolist()} are all zeros (chosen == rejected); a choice is "
-                           "between two different responses")
+        raise ChoicesError(f"{path}: rows {empty[:5].tolist()} are all zeros (every entry below "
+                           f"{MIN_LARGEST_DIFF:g}: chosen == rejected); a choice is between two different responses")
     return diff
+
+
+def tied_rows(diff: np.ndarray) -> np.ndarray:
+    """(n,) rows that tell two responses apart by nothing: every entry below the pair file's MIN_LARGEST_DIFF (a
+    tester's rows of 1e-30 were learned as choices). A row of a pool is not asked; a choice is refused."""
+    return np.abs(np.asarray(diff)).max(axis=1, initial=0.0) < MIN_LARGEST_DIFF
 
 
 def read_user_diffs(path: str | Path, dim: int, what: str, error: type[ValueError]) -> np.ndarray:
