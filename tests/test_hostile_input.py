@@ -733,6 +733,7 @@ DEVICE_EXTREME = {
     "adapt zero diffs": (None, "rows [0, 1] are all zeros"),
     "adapt wrong width": (None, f"(n, {DIM})"),
     "adapt chosen == rejected": (None, "same text"),
+    "adapt empty response": (None, "'chosen' is empty"),
     "adapt missing key": (None, "'rejected' must be a string"),
     "adapt a whole pair file": (None, "a pair file of"),
 }
@@ -742,7 +743,8 @@ DEVICE_EXTREME = {
 def test_device_extremes_are_refused(w, case):
     argv, expect = DEVICE_EXTREME[case]
     if argv is None:
-        file = "c.jsonl" if case in ("adapt chosen == rejected", "adapt missing key") else "c.npz"
+        file = "c.jsonl" if case in ("adapt chosen == rejected", "adapt missing key", "adapt empty response") \
+            else "c.npz"
         if case == "adapt 1e30":
             np.savez(w / file, diff=np.full((3, DIM), 1e30, np.float32))
         elif case == "adapt zero diffs":
@@ -753,6 +755,8 @@ def test_device_extremes_are_refused(w, case):
             np.savez(w / file, diff=np.ones((2, DIM + 3), np.float32))
         elif case == "adapt chosen == rejected":
             (w / file).write_text(json.dumps({"prompt": "p", "chosen": "same", "rejected": "same"}))
+        elif case == "adapt empty response":  # prepare drops empty responses; adapt learned from one (a tester)
+            (w / file).write_text(json.dumps({"prompt": "p", "chosen": "  ", "rejected": "a real answer"}))
         else:
             (w / file).write_text(json.dumps({"prompt": "p", "chosen": "a"}))
         argv = ["--state", "state", "adapt", "--choices", file]

@@ -185,6 +185,10 @@ def check_choice(record, where: str) -> None:
     if record["chosen"] == record["rejected"]:
         raise ChoicesError(f"{where}: 'chosen' and 'rejected' are the same text; a choice is between two different "
                            "responses")
+    empty = [key for key in ("chosen", "rejected") if not record[key].strip()]
+    if empty:  # as `prepare` drops an empty response (a tester: adapt learned from one)
+        raise ChoicesError(f"{where}: {' and '.join(repr(key) for key in empty)} is empty; a choice is between two "
+                           "responses with text")
     texts = {key: record[key] for key in ("prompt", "chosen", "rejected") if key in record}
     texts.update({f"history[{i}].content": message["content"] for i, message in enumerate(record.get("history", []))})
     for key, text in texts.items():
