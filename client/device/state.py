@@ -229,10 +229,10 @@ def _load_state(directory: Path, raw: bytes) -> DeviceState:
         )
     encoder = manifest.get("encoder")
     identity = manifest.get("encoder_identity")  # absent in states written before it was recorded
-    _check_settings(strength, encoder, identity, str(path), StateCorruptError)
+    checked_strength = _check_settings(strength, encoder, identity, str(path), StateCorruptError)
     state = DeviceState(
         directory=directory, basis=basis, pair_diff=np.zeros((0, basis.dim), np.float32),
-        strength=None if strength == "off" else _checked_strength(strength, path),
+        strength=checked_strength,
         encoder=encoder, encoder_identity=identity, generation=generation,
     )
     if "personal" in files:
@@ -580,11 +580,11 @@ def _check_personal(arrays: dict[str, np.ndarray], basis: BasisFile, where: str,
         _check_stored_choice(text, f"{where}: stored choice {number}", error)
 
 
-def _check_settings(strength, encoder, identity, where: str, error: type[StateError]) -> None:
+def _check_settings(strength, encoder, identity, where: str, error: type[StateError]) -> float | None:
     """Raise error(f"{where}: ...") unless the manifest's settings are valid: strength 'off' or in [0, 1], encoder
-    a directory path or None, its identity None or (with an encoder) encoder.json's record."""
-    if strength != "off":
-        _checked_strength(strength, where, error)
+    a directory path or None, its identity None or (with an encoder) encoder.json's record. Returns the strength as
+    the state holds it (None: off)."""
+    checked = None if strength == "off" else _checked_strength(strength, where, error)
     if encoder is not None and not (isinstance(encoder, str) and encoder):
         raise error(f"{where}: encoder must be a directory path or null, got {encoder!r}")
     if identity is not None and not (encoder is not None and is_encoder_identity(identity)):
@@ -592,6 +592,7 @@ def _check_settings(strength, encoder, identity, where: str, error: type[StateEr
             f'{where}: encoder_identity must be null, or with an encoder {{"embedder": NAME or null, "sha256": '
             f'{{"{MODEL_FILE}": DIGEST, "{TOKENIZER_FILE}": DIGEST}}}}; got {json.dumps(identity)[:200]} with encoder '
             f"{encoder!r}")
+    return checked
 
 
 def _shown(values: np.ndarray) -> str:
