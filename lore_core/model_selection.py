@@ -27,6 +27,7 @@ import numpy as np
 from scipy import sparse
 from scipy.sparse.csgraph import connected_components
 
+from lore_core.repeated_comparisons import near_repeats
 from lore_core.reward_math import pair_logits, per_user_accuracy
 from lore_core.simplex_fit import fit_user_weights, prior_from_pairs
 
@@ -45,61 +46,38 @@ class Holdout:
 
 def dense_groups(user_idx: np.ndarray, group: np.ndarray | None, diff: np.ndarray | None = None) -> np.ndarray:
     """(n,) int64 group index, unique per (user, group); every pair its own group when `group` is None. With `diff`,
-    a user's pairs that compare the same two items (`same_comparison`) are also one group, joined with any groups
-    they belong to: a user who compares the same items again, in one conversation or several, would otherwise have
-    the repeat on both sides of a split, and a held-out estimate would reward memorising it."""
+    a user's pairs that compare the same two items (`repeated_comparisons.near_repeats`) are also one group, joined
+    with any groups they belong to: a user who compares the same items again, in one conversation or several, would
+    otherwise have the repeat on both sides of a split, and a held-out estimate would reward memorising it."""
     if group is None:
         groups = np.arange(user_idx.size, dtype=np.int64)
     else:
         _, group_codes = np.unique(np.asarray(group).astype(str), return_inverse=True)
-        groups = _per_user(user_idx, group_codes)
+        groups = per_user_codes(user_idx, group_codes)
     return groups if diff is None else join_repeated_comparisons(user_idx, groups, diff)
 
 
 def join_repeated_comparisons(user_idx: np.ndarray, groups: np.ndarray, diff: np.ndarray) -> np.ndarray:
-    """`groups` (n,) dense, with each user's pairs that compare the same two items (`same_comparison`) and every
-    group they belong to joined into one (dense_groups' docstring says why)."""
-    if not user_idx.size:
-        return groups
-    items = _per_user(user_idx, same_comparison(diff))
-    # connected components of the bipartite graph group -- comparison: one edge per pair
+    """`groups` (n,) dense, with each user's pairs that compare the same two items (`near_repeats`: equal up to sign
+    within 1 % of their length, as an embedding pipeline writes a repeat, once or embedded again) and every group
+    they belong to joined into one (dense_groups' docstring says why)."""
+    return join_groups(groups, near_repeats(diff, user_idx)) if user_idx.size else groups
+
+
+def join_groups(groups: np.ndarray, items: np.ndarray) -> np.ndarray:
+    """`groups` (n,) dense with every two groups that hold pairs of one item code (`items` (n,), codes unique per
+    user) joined: connected components of the bipartite graph group -- item, one edge per pair."""
     n_groups = int(groups.max()) + 1
-    edges = sparse.coo_matrix((np.ones(user_idx.size), (groups, n_groups + items)),
+    edges = sparse.coo_matrix((np.ones(groups.size), (groups, n_groups + items)),
                               shape=(n_groups + int(items.max()) + 1,) * 2)
     _, component = connected_components(edges, directed=False)
     return np.unique(component[groups], return_inverse=True)[1].astype(np.int64)
 
 
-def _per_user(user_idx: np.ndarray, codes: np.ndarray) -> np.ndarray:
+def per_user_codes(user_idx: np.ndarray, codes: np.ndarray) -> np.ndarray:
     """Dense int64 index of (user, code)."""
     key = user_idx.astype(np.int64) * (int(codes.max(initial=0)) + 1) + codes
     return np.unique(key, return_inverse=True)[1].astype(np.int64)
-
-
-HASH_ROWS = 1 << 14  # rows hashed at a time: memory ~ 16k x D x 8 bytes, whatever the file's size
-
-
-def same_comparison(diff: np.ndarray) -> np.ndarray:
-    """(n,) int64 code, equal for pairs whose diffs are equal bit for bit up to sign: the same two items compared
-    again (either label), as one embedding pipeline writes a repeated comparison. No rounding, so no two different
-    comparisons ever share a code (rounded codes merged distinct pairs at low D or with one dominant coordinate);
-    a repeat embedded twice with float noise stays apart, as before. All-zero diffs compare nothing: each keeps its
-    own code. Two exact 64-bit hashes per row, in blocks: time O(n D), memory independent of n."""
-    rows = np.asarray(diff)
-    n = rows.shape[0]
-    weights = np.random.default_rng(0).integers(1, 2**63, size=(rows.shape[1], 2), dtype=np.uint64) | np.uint64(1)
-    hashes = np.empty((n, 2), np.uint64)
-    zero = np.zeros(n, bool)
-    for start in range(0, n, HASH_ROWS):
-        block = np.asarray(rows[start:start + HASH_ROWS], np.float32) + np.float32(0.0)  # -0.0 -> 0.0
-        nonzero = block != 0
-        zero[start:start + len(block)] = ~nonzero.any(axis=1)
-        first = block[np.arange(len(block)), np.argmax(nonzero, axis=1)]
-        block = np.where((first < 0)[:, None], -block, block)  # canonical sign: first non-zero entry positive
-        hashes[start:start + len(block)] = block.view(np.uint32).astype(np.uint64) @ weights  # wraps exactly
-    codes = np.unique(hashes, axis=0, return_inverse=True)[1].reshape(-1).astype(np.int64)
-    codes[zero] = codes.max(initial=-1) + 1 + np.arange(int(zero.sum()))
-    return codes
 
 
 def _group_users(user_idx: np.ndarray, group_idx: np.ndarray) -> np.ndarray:

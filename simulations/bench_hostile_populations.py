@@ -25,6 +25,8 @@ benchmark breaks those assumptions one at a time, with its own small generator (
                    linear basis is the truth (A rank 4, w on the simplex); the file gives only e_a - e_b, as always
   thin-new         simplex users (rank 4), but each new user has answered only 3 questions (few-shot pairs), as at
                    the start of onboarding
+  repeats-reembedded  repeats-no-group with each repeat embedded again: equal to its first copy up to relative float
+                   noise 1e-4, as another batch or machine writes it (a tester's population)
 Rows: `bt` (`lore-fed train --rank 1`) and `train` (default flags), through the CLI as a user runs them, plus the
 oracle (true logits) and, where a low-rank truth exists, the true-basis ceiling (only w fit); with `--rows` also
 `simulate`: the matrix's federated row (`bench_matrix.simulate_row`: the real ServerApp and ClientApp, 600 rounds
@@ -51,7 +53,8 @@ from simulations.bench_matrix import TRAIN_CHOICE, _fresh, _mean_se, simulate_ro
 DIM, SEEN, NEW, FEW_SHOT, TEST, RANK = 384, 300, 100, 10, 20, 4
 LOGIT_STD = 3.0
 POPULATIONS = ("full-rank", "heavy-tail", "clickers", "minority", "repeats-no-group", "shared-pool", "shifted-new",
-               "nonlinear", "thin-new")
+               "nonlinear", "thin-new", "repeats-reembedded")
+REEMBEDDING_NOISE = 1e-4  # repeats-reembedded: relative float noise of a text embedded again (a tester's population)
 THIN_FEW_SHOT = 3  # thin-new's few-shot pairs per new user
 
 
@@ -100,11 +103,13 @@ def hostile_population(name: str, seed: int) -> tuple[PairSet, np.ndarray | None
     is_test = np.arange(user_idx.size) >= np.repeat(np.cumsum(counts) - TEST, counts)
     n = user_idx.size
     group = None
-    if name == "repeats-no-group":  # training rows repeat one of the user's 6 item pairs; test rows are fresh
-        pool = _unit_diffs(rng, users * 6).reshape(users, 6, DIM)
+    if name in ("repeats-no-group", "repeats-reembedded"):  # training rows repeat one of the user's 6 item pairs
+        pool = _unit_diffs(rng, users * 6).reshape(users, 6, DIM)  # (test rows are fresh)
         diff = _unit_diffs(rng, n)
         train = ~is_test & (user_idx < SEEN)
         diff[train] = pool[user_idx[train], rng.integers(0, 6, int(train.sum()))]
+        if name == "repeats-reembedded":  # each repeat embedded again: equal to its first copy up to float noise
+            diff[train] += REEMBEDDING_NOISE * np.sqrt(2.0 / DIM) * rng.standard_normal((int(train.sum()), DIM))
     elif name == "shared-pool":  # one pool for everyone; a user's test items are outside its training items
         pool = _unit_diffs(rng, 400)
         order = np.argsort(rng.random((users, 400)), axis=1)  # each user's own shuffle of the pool

@@ -17,7 +17,7 @@ import numpy as np
 from client.device import posterior, questions
 from client.device.user_posterior import DEVICE_PRIOR_PAIRS
 from lore_core.evaluation import load_true_basis
-from lore_core.model_selection import same_comparison
+from lore_core.repeated_comparisons import same_comparison
 from lore_core.pairs import PairFileError, load_pairs
 from lore_core.prism_schema import GROUND_TRUTH_FILE
 from lore_core.simplex_fit import fit_user_weights, prior_log_mean
@@ -119,9 +119,9 @@ def load_new_users(pairs_path, basis: np.ndarray, min_pool: int = MIN_POOL) -> t
 
 
 def _test_repeats_pool(diff: np.ndarray, user: np.ndarray, train: np.ndarray) -> np.ndarray:
-    """(n,) bool: test rows equal, up to sign, to a train row of the same user: equal float32 bits, as `train` joins
-    repeated comparisons (model_selection.same_comparison; all-zero rows compare nothing and never match), without a
-    loop over pairs. A key from a float matrix
+    """(n,) bool: test rows equal, up to sign, to a train row of the same user: equal float32 bits
+    (repeated_comparisons.same_comparison; all-zero rows compare nothing and never match), without a loop over
+    pairs. A key from a float matrix
     product was not exact: BLAS sums a row in an order that depends on where the row sits, so copies differed in the
     last bit (it missed 1 of 1,384 repeats in the PRISM-shaped population)."""
     key = same_comparison(diff)
