@@ -87,7 +87,8 @@ def markdown(groups: list[dict], cells: list[dict], config: dict) -> str:
              f"`python -m simulations.bench_repeat_groups --before {config['before']} --seeds "
              f"{','.join(map(str, config['seeds']))}`. The module docstring says what each part measures.", "",
              "## Groups of the seen users' training pairs, exact rule / near rule", "",
-             f"{len(groups)} population files; the near rule changed the groups of {len(changed)}:", "",
+             f"{len(groups)} population files; the near rule changed the groups of {len(changed)}"
+             + (f" ({', '.join(sorted({g['population'] for g in changed}))})" if changed else "") + ":", "",
              "| population | seed | pairs | groups (exact) | groups (near) |", "|---|---|---|---|---|"]
     lines += [f"| {g['population']} | {g['seed']} | {g['pairs']:,} | {g['exact']:,} | {g['near']:,} |"
               for g in groups]
