@@ -5,7 +5,8 @@
   lore-fed deploy local --nodes N --pairs PAIRS --run-dir DIR [--rounds R] [--certs DIR] [--insecure] [-c "k=v ..."]
       split PAIRS by user into DIR/nodeK/data/pairs.npz, start a SuperLink (TLS + SuperNode authentication) and N
       SuperNodes, register the nodes' keys, `flwr run` the app, check the run's real status with `flwr ls`, stop
-      every process. The server's checkpoint, rounds.jsonl and ledger land in DIR; rerunning resumes.
+      every process. The server's checkpoint, rounds.jsonl and ledger land in DIR, and once the run completes its
+      basis.npz, metrics.json and report.md; rerunning resumes.
 """
 
 from __future__ import annotations
@@ -61,7 +62,7 @@ def run_local(args: argparse.Namespace) -> int:
     from lore_cli.local_deployment import (Certificates, DeploymentError, LocalDeployment, generate_certificates,
                                            split_pairs, stop_process)
 
-    check_local_flags(args)
+    checked = check_local_flags(args)
     run_dir = Path(args.run_dir).resolve()
     certs = None
     if not args.insecure:  # (LocalDeployment prints the warning of an insecure deployment)
@@ -99,7 +100,32 @@ def run_local(args: argparse.Namespace) -> int:
         evals = [r for r in state.history if "seen_test_acc" in r]
         print(f"checkpoint after round {state.round} in {run_dir}"
               + (f"; last evaluation {json.dumps({k: v for k, v in evals[-1].items() if k.endswith('_acc')})}" if evals else ""))
+    if outcome.completed and state is not None and checked is not None:
+        write_outputs(run_dir, state, *checked, nodes=args.nodes, seconds=outcome.seconds)
     return 0 if outcome.completed else 1
+
+
+def write_outputs(run_dir: Path, state, settings, privacy, population: dict, *, nodes: int, seconds: float) -> None:
+    """The server's outputs of a completed run, as `simulate` writes them: `basis.npz` (the reported basis, which
+    `evaluate --basis RUN` and devices read), `metrics.json` (the server's final evaluation, settings, privacy keys)
+    and `report.md`. From the server's checkpoint and ledger only: no benchmark ceiling, no pair data."""
+    import shlex
+    import sys
+
+    from lore_cli.run_report import write_report
+    from lore_cli.simulate_command import privacy_metrics, run_metrics, save_reported_basis
+    from lore_core.atomic_io import atomic_write_json
+
+    privacy_keys = privacy_metrics(run_dir)
+    if state.round < settings.rounds and not privacy_keys["stopped_early"]:
+        return  # nothing final to report; a rerun resumes
+    metrics = run_metrics(state, settings, privacy.mode, privacy_keys)
+    metrics.update(wall_seconds=round(seconds, 3), nodes=nodes, node_kind="deployed")
+    save_reported_basis(run_dir, state, settings, population["embedder"])
+    atomic_write_json(run_dir / "metrics.json", metrics)
+    report = write_report(run_dir, state.history, metrics, None,
+                          "lore-fed " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
+    print(f"wrote {run_dir / 'metrics.json'}, {run_dir / 'basis.npz'} and {report}")
 
 
 # Run-config keys `deploy local` sets from its flags. A -c value would win in flwr: run-dir sent the server's
@@ -108,10 +134,11 @@ def run_local(args: argparse.Namespace) -> int:
 KEYS_OF_FLAGS = {"run-dir": "--run-dir", "min-nodes": "--nodes"}
 
 
-def check_local_flags(args: argparse.Namespace) -> None:
+def check_local_flags(args: argparse.Namespace) -> tuple | None:
     """Every flag of `deploy local` checked before a file is written or a process starts: counts, the timeout, the
     app directory, the pair file, and the run config (-c) as `simulate` checks it for this pair file's population
-    (a bad value used to fail after the SuperLink and nodes had started, with exit 1)."""
+    (a bad value used to fail after the SuperLink and nodes had started, with exit 1). Returns (settings, privacy,
+    population) for this repository's app, None for another app (its keys mean what that app says)."""
     import math
 
     import click
@@ -162,6 +189,8 @@ def check_local_flags(args: argparse.Namespace) -> None:
             config["clients-per-round"] = population["seen_users"]  # these modes sample at most everyone
         settings, privacy = check_run(population, {**config, "run-dir": str(Path(args.run_dir).resolve())})
         check_deploy_resume(Path(args.run_dir), resolve_pair_path(args.pairs), settings, privacy)
+        return settings, privacy, population
+    return None
 
 
 def check_deploy_resume(run_dir: Path, pairs_path: Path, settings, privacy) -> None:

@@ -178,7 +178,8 @@ def write_report(run_dir: str | Path, history: list[dict], metrics: dict, refere
         f"`{command}`",
         "",
         f"{metrics['rounds']} rounds, rank {metrics['rank']}, privacy mode `{metrics['privacy_mode']}`, "
-        f"{metrics['users_per_round']} users per round, {metrics['nodes']} virtual nodes, "
+        f"{metrics['users_per_round']} users per round, "
+        f"{metrics['nodes']} {metrics.get('node_kind', 'virtual')} nodes, "
         f"wall time {metrics['wall_seconds']:.1f} s.",
         "",
         "| held-out pair accuracy | federated | centralized (`lore-fed train`) | oracle |",

@@ -435,10 +435,37 @@ def reference_record(path: str | None, reference: dict | None, earlier: dict) ->
             if (key == "path" and isinstance(value, str)) or (key in keys and accuracy(value))}
 
 
-def _simulate(args, pairs_path, population, overrides, settings, privacy, reference, out, previous, data) -> int:
-    from lore_cli.run_report import write_report
+def run_metrics(state, settings, privacy_mode: str, privacy_keys: dict) -> dict:
+    """metrics.json's keys that every run of the apps has, simulated or deployed, from its checkpoint and ledger:
+    the last round's own evaluation (never an earlier round's), the settings, the privacy keys and the problems of
+    a run that still finished. CommandFailed when the final evaluation failed on every node."""
+    final = state.history[-1]
+    if "seen_test_acc" not in final:
+        raise CommandFailed(f"training finished, but the final evaluation failed on every node "
+                            f"({final.get('eval_failed_nodes', 0)} failed, {final.get('eval_missing_nodes', 0)} did "
+                            "not answer); the trained basis is kept: run the same command again to evaluate it")
+    # A figure this population has none of (no unseen users: NaN in the round record) is left out, as train does.
+    metrics = {key: final[key] for key in TRAIN_KEYS if math.isfinite(final.get(key, math.nan))}
+    metrics.update(rank=settings.rank, prior_pairs=settings.prior_pairs, objective=settings.objective,
+                   train_prior_pairs=settings.train_prior_pairs, l2=settings.l2,
+                   train_seconds=round(sum(r["seconds"] for r in state.history), 3),
+                   rounds=state.round, privacy_mode=privacy_mode, users_per_round=settings.clients_per_round,
+                   **privacy_keys)
+    metrics.update(run_problems(state.history))
+    return metrics
+
+
+def save_reported_basis(out: Path, state, settings, embedder: str | None) -> None:
+    """DIR/basis.npz: the server's tail average of the released bases (server/optimizer.py), else the last."""
     from lore_core.basis_file import UNKNOWN_EMBEDDER, save_basis
     from server.optimizer import reported_basis
+
+    save_basis(out / "basis.npz", reported_basis(state.optimizer, state.basis), version=state.round,
+               embedder=embedder or UNKNOWN_EMBEDDER, prior_pairs=settings.prior_pairs)
+
+
+def _simulate(args, pairs_path, population, overrides, settings, privacy, reference, out, previous, data) -> int:
+    from lore_cli.run_report import write_report
     from server.checkpoint import load_checkpoint, write_rounds
     from simulations.flower_run import AppShadowedError, simulate_pairs
 
@@ -466,36 +493,22 @@ def _simulate(args, pairs_path, population, overrides, settings, privacy, refere
     if state is None or not state.history or (state.round < settings.rounds and not privacy_keys["stopped_early"]):
         raise CommandFailed(f"the simulation ended before round {settings.rounds}; run the same command again to "
                             "resume")
-    final = state.history[-1]  # the last round's own evaluation, never an earlier round's
-    if "seen_test_acc" not in final:
-        raise CommandFailed(f"training finished, but the final evaluation failed on every node "
-                            f"({final.get('eval_failed_nodes', 0)} failed, {final.get('eval_missing_nodes', 0)} did "
-                            "not answer); the trained basis is kept: run the same command again to evaluate it")
+    metrics = run_metrics(state, settings, args.privacy, privacy_keys)
     earlier = recorded_metrics(out)
     wall_seconds = round(wall, 3)
     if previous is not None and previous.history == state.history and "wall_seconds" in earlier:
         wall_seconds = earlier["wall_seconds"]  # a rerun of a finished run ran nothing: the run's time stays
-    # A figure this population has none of (no unseen users: NaN in the round record) is left out, as train does.
-    metrics = {key: final[key] for key in TRAIN_KEYS if math.isfinite(final.get(key, math.nan))}
     metrics.update(benchmark_metrics(pairs_path, population["true_basis"], settings.prior_pairs))
-    metrics.update(rank=settings.rank, prior_pairs=settings.prior_pairs, objective=settings.objective,
-                   train_prior_pairs=settings.train_prior_pairs, l2=settings.l2,
-                   train_seconds=round(sum(r["seconds"] for r in state.history), 3),
-                   rounds=state.round, wall_seconds=wall_seconds, privacy_mode=args.privacy,
-                   users_per_round=settings.clients_per_round, nodes=nodes, seed=args.seed, canaries=args.canaries,
-                   **privacy_keys)
+    metrics.update(wall_seconds=wall_seconds, nodes=nodes, seed=args.seed, canaries=args.canaries)
     if "canary_secrets_sha256" in data:  # binds the auditor's secrets file to this run (the canary audit checks it)
         metrics["canary_secrets_sha256"] = data["canary_secrets_sha256"]
-    metrics.update(run_problems(state.history))
     metrics.update(pairs_path=data["path"],  # where audits of this run find its pairs (as data.json says)
                    pairs_fingerprint={key: value for key, value in data.items()
                                       if key not in ("path", "canary_secrets_sha256")})
     reference = reference_record(args.reference, reference, earlier)
     if reference:
         metrics["reference"] = reference
-    # The reported basis: the server's tail average of the released bases (server/optimizer.py), else the last.
-    save_basis(out / "basis.npz", reported_basis(state.optimizer, state.basis), version=state.round,
-               embedder=population["embedder"] or UNKNOWN_EMBEDDER, prior_pairs=settings.prior_pairs)
+    save_reported_basis(out, state, settings, population["embedder"])
     atomic_write_json(out / "metrics.json", metrics)
     command = "lore-fed simulate " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if sys.argv[1:2] == [
         "simulate"] else "lore-fed simulate"

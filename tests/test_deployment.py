@@ -387,6 +387,23 @@ def test_deploy_local_refuses_to_resume_a_run_with_other_settings_before_anythin
     with pytest.raises(ValueError, match="holds a run with other settings .*use a new --run-dir"):
         check_local_flags(flags("clients-per-round=3 noise-multiplier=2.0"))
 
+    # Found by a tester: a completed `deploy local` left no basis.npz, metrics.json or report.md, so
+    # `evaluate --basis RUN` was refused (exit 2) and a device had no basis to load. It now writes them as simulate
+    # does, from the server's checkpoint and ledger: the reported basis, and the server's final evaluation.
+    from lore_cli.deploy_command import write_outputs
+    from lore_cli.main import main
+
+    assert not (run_dir / "basis.npz").exists()
+    write_outputs(run_dir, load_checkpoint(run_dir), *check_local_flags(flags("clients-per-round=3")), nodes=2,
+                  seconds=1.0)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["rounds"] == 2 and metrics["nodes"] == 2 and metrics["privacy_mode"] == "user"
+    assert (run_dir / "report.md").exists() and "epsilon" in metrics
+    assert main(["evaluate", str(tmp_path / "pairs.npz"), "--basis", str(run_dir), "--out",
+                 str(tmp_path / "evaluated.json")]) == 0
+    evaluated = json.loads((tmp_path / "evaluated.json").read_text())
+    assert evaluated["seen_test_acc"] == pytest.approx(metrics["seen_test_acc"], abs=1e-12)
+
 
 # A device's own record budget: its own 2-node deployment (nodes started with record-max-epsilon and record-delta).
 LIMIT_NODES, LIMIT_USERS, LIMIT_ROUNDS = 2, 4, 4
