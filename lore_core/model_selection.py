@@ -101,15 +101,16 @@ MAX_FOLDS = 5
 MIN_NEW_FOLD_USERS = 10  # users with two groups or more below which no user is treated as new
 
 
-def fold_count(users: int, eligible_users: int, new_fraction: float) -> int:
-    """How many held-out folds: one where `new_fraction` of the population is MIN_SCORED_USERS users or more (300
-    users at 0.2: the fits are costly and one fold scores enough), and one where no new fold can be drawn (fewer
-    than 10 users with two groups or more). Otherwise, a small population: folds of `new_fraction` of the users
-    with two groups or more (cross-fitting: every fold its own fits), until MIN_SCORED_USERS are scored as new, at
-    most MAX_FOLDS and at most as many as disjoint new folds fit. A 20- or 50-user population scored on one fold of
-    4 or 10 users chose rank 2-8 and lost up to 6.9 points to BT (bench_results/small_populations_pilot.md)."""
+def fold_count(eligible_users: int, new_fraction: float) -> int:
+    """How many held-out folds, from the users with two groups or more (the only ones a fold can hold out or treat
+    as new): one where `new_fraction` of them is MIN_SCORED_USERS users or more (300 users at 0.2: one fold scores
+    enough), and one where no new fold can be drawn (fewer than 10 such users). Otherwise folds of `new_fraction`
+    of them (cross-fitting: every fold its own fits), until MIN_SCORED_USERS are scored as new, at most MAX_FOLDS
+    and at most as many as disjoint new folds fit. A 20- or 50-user population scored on one fold of 4 or 10 users
+    chose rank 2-8 and lost up to 6.9 points to BT (bench_results/small_populations_pilot.md); a tester's 300 users,
+    of whom 260 had one pair, were scored on one fold of 8 and lost 3.2 points (bench_results/hostile_ab.md)."""
     per_fold = int(round(new_fraction * eligible_users))
-    if new_fraction * users >= MIN_SCORED_USERS or eligible_users < MIN_NEW_FOLD_USERS or per_fold < 1:
+    if per_fold >= MIN_SCORED_USERS or eligible_users < MIN_NEW_FOLD_USERS or per_fold < 1:
         return 1
     disjoint = max(1, int(1.0 / new_fraction + 1e-9))
     return int(min(MAX_FOLDS, disjoint, math.ceil(MIN_SCORED_USERS / per_fold)))
@@ -132,7 +133,7 @@ def make_holdouts(user_idx: np.ndarray, group_idx: np.ndarray, n_users: int, *, 
     eligible = np.flatnonzero(groups_per_user >= 2)
     order_of_new = rng.permutation(eligible) if eligible.size >= MIN_NEW_FOLD_USERS else eligible[:0]
     per_fold = int(round(new_fraction * eligible.size))
-    folds = fold_count(n_users, eligible.size, new_fraction) if folds is None else folds
+    folds = fold_count(eligible.size, new_fraction) if folds is None else folds
 
     n_hold = np.where(groups_per_user >= 2, np.maximum(1, np.floor(heldout_fraction * groups_per_user)), 0)
     # New estimate: groups in their random order until `few_shot` pairs are reached (whole groups), at most half.

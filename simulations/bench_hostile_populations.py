@@ -27,6 +27,8 @@ benchmark breaks those assumptions one at a time, with its own small generator (
                    the start of onboarding
   repeats-reembedded  repeats-no-group with each repeat embedded again: equal to its first copy up to relative float
                    noise 1e-4, as another batch or machine writes it (a tester's population)
+  thin-majority    260 of the 300 seen users have one training pair and share one w with every new user; the other
+                   40 have 20-40 pairs and their own w (rank 4): few users a held-out fold can score (a tester's)
 Rows: `bt` (`lore-fed train --rank 1`) and `train` (default flags), through the CLI as a user runs them, plus the
 oracle (true logits) and, where a low-rank truth exists, the true-basis ceiling (only w fit); with `--rows` also
 `simulate`: the matrix's federated row (`bench_matrix.simulate_row`: the real ServerApp and ClientApp, 600 rounds
@@ -53,7 +55,8 @@ from simulations.bench_matrix import TRAIN_CHOICE, _fresh, _mean_se, simulate_ro
 DIM, SEEN, NEW, FEW_SHOT, TEST, RANK = 384, 300, 100, 10, 20, 4
 LOGIT_STD = 3.0
 POPULATIONS = ("full-rank", "heavy-tail", "clickers", "minority", "repeats-no-group", "shared-pool", "shifted-new",
-               "nonlinear", "thin-new", "repeats-reembedded")
+               "nonlinear", "thin-new", "repeats-reembedded", "thin-majority")
+THIN_MAJORITY = 260  # thin-majority: seen users with a single training pair (the other 40 have 20-40)
 REEMBEDDING_NOISE = 1e-4  # repeats-reembedded: relative float noise of a text embedded again (a tester's population)
 THIN_FEW_SHOT = 3  # thin-new's few-shot pairs per new user
 
@@ -68,6 +71,8 @@ def _counts(rng: np.random.Generator, name: str) -> np.ndarray:
     """Training pairs per user (seen users, then new users' few-shot pairs)."""
     if name == "heavy-tail":
         seen = np.clip(np.round(np.exp(rng.normal(np.log(12.0), 1.2, SEEN))), 2, 400).astype(int)
+    elif name == "thin-majority":
+        seen = np.r_[np.ones(THIN_MAJORITY, int), rng.integers(20, 41, SEEN - THIN_MAJORITY)]
     else:
         seen = rng.integers(20, 41, SEEN)
     return np.r_[seen, np.full(NEW, THIN_FEW_SHOT if name == "thin-new" else FEW_SHOT)]
@@ -89,6 +94,8 @@ def _rewards(rng: np.random.Generator, name: str) -> tuple[np.ndarray, np.ndarra
     if name == "minority":
         everyone = rng.dirichlet(np.full(RANK, 0.5))
         weights = np.where((rng.random(users) < 0.9)[:, None], everyone, weights)
+    if name == "thin-majority":  # the one-pair seen users and every new user share one w
+        weights[np.r_[:THIN_MAJORITY, SEEN:users]] = rng.dirichlet(np.full(RANK, 0.5))
     return weights @ basis, basis, weights
 
 

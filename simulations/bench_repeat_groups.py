@@ -17,9 +17,6 @@ text embedded a second time writes them. Two parts:
 from __future__ import annotations
 
 import argparse
-import math
-import tempfile
-from contextlib import ExitStack
 from dataclasses import replace
 from pathlib import Path
 
@@ -30,9 +27,10 @@ from lore_core.model_selection import dense_groups, join_groups, join_repeated_c
 from lore_core.pairs import load_pairs
 from lore_core.repeated_comparisons import same_comparison
 from simulations import bench_hostile_populations as hostile
+from simulations.bench_hostile_ab import ab_cells, table
 from simulations.bench_matrix import POPULATIONS, PRISM_SEED
-from simulations.bench_small_populations import ARMS, run_population
-from simulations.revisions import check_imports, short_revision, worktree
+from simulations.bench_small_populations import ARMS
+from simulations.revisions import short_revision
 from simulations.synthetic_pairs import make_synthetic_pairs
 
 PILOT_SEED = 101
@@ -70,17 +68,6 @@ def population_groups(seeds: list[int]) -> list[dict]:
     return rows
 
 
-def _gain(cell: dict, i: int) -> float:
-    key = ("seen_test_acc", "unseen_test_acc")[i]
-    return 100.0 * (cell["train"][key] - cell["bt"][key])
-
-
-def _mean_se(values: list[float]) -> str:
-    array = np.array(values)
-    se = array.std(ddof=1) / math.sqrt(array.size) if array.size > 1 else math.nan
-    return f"{array.mean():+.1f} ± {se:.1f}"
-
-
 def markdown(groups: list[dict], cells: list[dict], config: dict) -> str:
     changed = [g for g in groups if g["near"] != g["exact"]]
     lines = [f"# Repeats embedded again: {config['after']} against {config['before']}", "",
@@ -92,14 +79,7 @@ def markdown(groups: list[dict], cells: list[dict], config: dict) -> str:
              "| population | seed | pairs | groups (exact) | groups (near) |", "|---|---|---|---|---|"]
     lines += [f"| {g['population']} | {g['seed']} | {g['pairs']:,} | {g['exact']:,} | {g['near']:,} |"
               for g in groups]
-    lines += ["", "## `repeats-reembedded`: `train` - BT (points, seen / new users)", "",
-              "| commit | mean ± SE over seeds | by seed | ranks chosen |", "|---|---|---|---|"]
-    for arm in ARMS:
-        seen = [_gain(c[arm], 0) for c in cells]
-        new = [_gain(c[arm], 1) for c in cells]
-        by_seed = "; ".join(f"{s:+.1f} / {n:+.1f}" for s, n in zip(seen, new))
-        lines.append(f"| {arm} ({config[arm]}) | {_mean_se(seen)} / {_mean_se(new)} | {by_seed} | "
-                     f"{[c[arm]['train']['rank'] for c in cells]} |")
+    lines += ["", "## `repeats-reembedded`: `train` - BT (points, seen / new users)", ""] + table(cells, config)
     return "\n".join(lines) + "\n"
 
 
@@ -113,16 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     seeds = [int(s) for s in args.seeds.split(",")]
     revisions = {arm: short_revision(getattr(args, arm)) for arm in ARMS}
     groups = population_groups(seeds)
-    cells = []
-    with tempfile.TemporaryDirectory() as tmp, ExitStack() as trees:
-        roots = {arm: trees.enter_context(worktree(revisions[arm], Path(tmp) / arm)) for arm in ARMS}
-        for root in roots.values():
-            check_imports(root)
-        for seed in seeds:
-            work = Path(tmp) / f"seed{seed}"
-            cells.append(run_population(roots, hostile.population_file("repeats-reembedded", seed, work), work))
-            print(f"seed {seed}: " + "; ".join(f"{arm} {_gain(cells[-1][arm], 0):+.1f} / "
-                                                f"{_gain(cells[-1][arm], 1):+.1f}" for arm in ARMS), flush=True)
+    cells = ab_cells(revisions, ["repeats-reembedded"], seeds)["repeats-reembedded"]
     config = {"seeds": seeds, **revisions}
     out = Path(args.out)
     atomic_write_json(out.with_suffix(".json"), {"config": config, "groups": groups, "train": cells})
