@@ -33,6 +33,25 @@ _held: dict[str, "_Holding"] = {}  # resolved run dir -> this process's holding
 _guard = threading.Lock()
 
 
+SECRET_FLAGS = ("--token",)  # flwr-serverapp's run token: a deployed ServerApp's command line carries it
+
+
+def _shown_command(argv: list[str]) -> str:
+    """The holder's command line for the lock file, quoted as a shell would take it, with secrets masked (a tester
+    found the ServerApp's `--token` in a deployed run's lock file)."""
+    import shlex
+
+    shown = list(argv)
+    for i, arg in enumerate(argv):
+        flag, eq, _ = arg.partition("=")
+        if flag in SECRET_FLAGS:
+            if eq:
+                shown[i] = f"{flag}=***"
+            elif i + 1 < len(argv):
+                shown[i + 1] = "***"
+    return shlex.join(shown)
+
+
 class RunDirBusy(RuntimeError):
     """Another process holds the run directory."""
 
@@ -74,7 +93,7 @@ class RunDirLock:
         deadline = time.monotonic() + self.wait
         while True:
             try:  # never through a link: the holder's record would overwrite the file it points to (a tester)
-                fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o600)
             except OSError as exc:
                 if path.is_symlink() or path.is_dir():
                     raise LockFileError(f"{path} is a {'symbolic link' if path.is_symlink() else 'directory'}, not "
@@ -112,7 +131,7 @@ class RunDirLock:
             return
         remove_stale_temps(run_dir)
         os.ftruncate(holding.fd, 0)
-        os.pwrite(holding.fd, json.dumps({"pid": os.getpid(), "command": " ".join(sys.argv),
+        os.pwrite(holding.fd, json.dumps({"pid": os.getpid(), "command": _shown_command(sys.argv),
                                           "since": time.strftime("%Y-%m-%d %H:%M:%S")}).encode(), 0)
         holding.announced = True
 

@@ -984,11 +984,14 @@ def test_train_refuses_a_directory_another_run_holds_and_a_lock_that_is_a_link(w
     import sys
 
     holder = subprocess.Popen([sys.executable, "-c", "import time; from lore_core.run_lock import RunDirLock\n"
-                               f"with RunDirLock({str(w / 'out')!r}):\n print('held', flush=True); time.sleep(60)"],
-                              stdout=subprocess.PIPE, text=True)
+                               f"with RunDirLock({str(w / 'out')!r}):\n print('held', flush=True); time.sleep(60)",
+                               "--token", "s3cret"], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
         refused(["train", "pairs.npz", "--rank", "1", "--out", "out"], f"pid {holder.pid}", w)
+        # A deployed ServerApp's lock named its `--token`, in a file others could read (a tester): masked, 0600.
+        assert "s3cret" not in (w / "out" / ".lock").read_text() and "--token" in (w / "out" / ".lock").read_text()
+        assert (w / "out" / ".lock").stat().st_mode & 0o077 == 0
     finally:
         holder.kill()
         holder.wait()
