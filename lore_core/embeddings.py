@@ -434,11 +434,14 @@ class SentenceEmbedder(_PairEmbedder):
         self.model.to(self.device).eval()
         specials = self.tokenizer.num_special_tokens_to_add(pair=True)
         limit = getattr(self.model.config, "max_position_embeddings", None)
-        if max_length < specials + 2 or (limit and max_length > limit):
-            raise EmbeddingSettingError(f"{setting('max_length')} must be in [{specials + 2}, {limit}] for {model_dir}, "
+        if max_length < specials + 3 or (limit and max_length > limit):  # a token of context, two of response
+            raise EmbeddingSettingError(f"{setting('max_length')} must be in [{specials + 3}, {limit}] for {model_dir}, "
                                         f"got {max_length}")
         self.max_length = int(max_length)
-        self.max_context_tokens = int(max_context_tokens if max_context_tokens is not None else max_length // 2)
+        if max_context_tokens is None:  # half the window; at the shortest windows what leaves the response 2 tokens
+            half = self.max_length // 2  # (a tester: --max-length 5 to 7 failed on the context's own bound)
+            max_context_tokens = half if half <= self.max_length - specials - 2 else (self.max_length - specials) // 2
+        self.max_context_tokens = int(max_context_tokens)
         if not 0 <= self.max_context_tokens <= self.max_length - specials - 1:
             raise EmbeddingError(
                 f"max_context_tokens must be in [0, {self.max_length - specials - 1}], got {self.max_context_tokens}"
@@ -463,9 +466,15 @@ class SentenceEmbedder(_PairEmbedder):
         import torch
 
         texts = self._trim_contexts([self._context_text(c) for c in contexts])
-        batch = self.tokenizer(
-            texts, responses, truncation="only_second", max_length=self.max_length, padding=True, return_tensors="pt"
-        ).to(self.device)
+        try:
+            batch = self.tokenizer(texts, responses, truncation="only_second", max_length=self.max_length,
+                                   padding=True, return_tensors="pt").to(self.device)
+        except Exception as exc:  # tokenizers' "Truncation error: Sequence to truncate too short" (a tester)
+            if "truncat" not in str(exc).lower():
+                raise
+            raise EmbeddingSettingError(f"{setting('max_length')} {self.max_length} leaves no room for a response "
+                                        f"after a context of {self.max_context_tokens} tokens; give a larger one"
+                                        ) from None
         with torch.inference_mode():
             hidden = self.model(**batch).last_hidden_state
             mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
