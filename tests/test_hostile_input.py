@@ -418,7 +418,7 @@ EXTREME = {
     # found by a tester: synth replaced a PRISM release (the user's real data) in its --out without a word
     "synth over a PRISM release": (["synth", "--users", "5", "--out", "prism"], ("--out prism", "survey.jsonl")),
     "embed batch size 0": (["embed", "dataset", "--batch-size", "0"], "--batch-size"),
-    # found by a tester: "max_length must be in [6, 512] for .../model, got 0", after the model loaded
+    # found by a tester: "max_length must be in [5, 512] for .../model, got 0", after the model loaded
     "embed max length 0": (["embed", "dataset", "--max-length", "0"], "--max-length: must be >= 2, got 0"),
     "embed device bogus": (["embed", "dataset", "--device", "bogus"], "--device must be"),  # read "device must be"
     "synth device bogus": (["synth", "--users", "5", "--out", "x", "--device", "tpu"], "--device must be"),
