@@ -7,6 +7,7 @@ import contextlib
 import json
 import re
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -308,13 +309,54 @@ def few_shot_size(unseen_train_users: np.ndarray) -> int:
     return median_few_shot(np.unique(unseen_train_users, return_counts=True)[1], TrainConfig.few_shot)
 
 
+TRUTH_CHECK_ROWS = 5000  # pairs whose true logits a benchmark's truth must reproduce
+
+
 def benchmark_truth(pairs):
     """The hidden basis of a benchmark (ground_truth.npz beside the pair file, same embedding size) or None; read
-    before any training, so that a damaged file is refused up front."""
+    before any training, so that a damaged file is refused up front. A truth of another width is ignored with a
+    warning; one with users' weights that does not give an in-memory pair file's own true logits (`logit_true`) is
+    another population's truth and is refused (a tester's copy reported a ceiling below chance without a word)."""
     from lore_core.evaluation import load_true_basis
+    from lore_core.prism_schema import GROUND_TRUTH_FILE
 
     true_basis = load_true_basis(pairs.source)
-    return None if true_basis is None or true_basis.ndim != 2 or true_basis.shape[1] != pairs.dim else true_basis
+    if true_basis is None:
+        return None
+    truth_path = Path(pairs.source).parent / GROUND_TRUTH_FILE
+    if true_basis.ndim != 2 or true_basis.shape[1] != pairs.dim:
+        warnings.warn(f"{truth_path} holds a basis of shape {true_basis.shape}, not (B, {pairs.dim}) as the pairs "
+                      f"of {pairs.source}: not this population's truth; no true-basis ceiling is reported")
+        return None
+    if getattr(pairs, "logit_true", None) is not None:
+        check_truth_logits(pairs, truth_path)
+    return true_basis
+
+
+def check_truth_logits(pairs, truth_path: Path) -> None:
+    """Refuse a truth whose users' weights and basis do not give the pair file's true logits (its first
+    TRUTH_CHECK_ROWS pairs: equal signs on 99 % of those with a clear sign). A truth without weights (a bare
+    basis, as the synthetic benchmarks write) cannot be checked."""
+    from lore_cli.embed_command import true_logits
+    from lore_core.npz_file import open_npz
+
+    with open_npz(truth_path) as data:
+        if not {"user_id", "user_weights", "basis", "logit_scale"} <= set(data.files):
+            return
+        truth = {key: np.asarray(data[key]) for key in ("user_id", "user_weights", "basis", "logit_scale")}
+    rows = slice(0, TRUTH_CHECK_ROWS)
+    given = np.asarray(pairs.logit_true[rows], np.float64)
+    try:
+        implied = true_logits(truth, np.asarray(pairs.user[rows]).astype(str), np.asarray(pairs.diff[rows]), truth_path)
+    except ValueError as exc:  # users it has no weights for
+        raise ValueError(f"{exc}: not the truth of {pairs.source}; remove it, or put that population's own beside "
+                         "the pair file") from None
+    clear = np.abs(given) > 1e-6 * max(float(np.abs(given).max(initial=0.0)), 1e-300)
+    agree = float(np.mean(np.sign(given[clear]) == np.sign(implied[clear]))) if clear.any() else 1.0
+    if agree < 0.99:
+        raise ValueError(f"{truth_path}: its weights and basis give the sign of {pairs.source}'s true logits "
+                         f"(logit_true) on {agree:.0%} of its first {int(clear.sum())} pairs: not that population's "
+                         "truth; remove it, or put that population's own beside the pair file")
 
 
 def benchmark_ceiling(pairs, true_basis, prior_pairs: float) -> dict:

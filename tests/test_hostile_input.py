@@ -1140,3 +1140,28 @@ def test_audit_messages_name_the_files_that_disagree_or_say_nothing(w):
     (w / "u1.jsonl").write_text(json.dumps({"user": "someone"}) + "\n")
     refused(["audit", "attribute", "--basis", "basis.npz", "--pairs", "pairs.npz", "--users", "u1.jsonl"],
             "u1.jsonl holds no demographics", w)
+
+
+def test_another_populations_truth_beside_a_pair_file_is_refused_and_another_width_is_named(w):
+    """Found by a tester: a ground_truth.npz copied from another population was used without a word (a true-basis
+    ceiling of 0.50, below chance), and one of another width was ignored silently."""
+    pairs, truth = make_synthetic_pairs(SyntheticPairsConfig(dim=DIM, true_rank=RANK, seen_users=6, unseen_users=2,
+                                                             train_pairs=(6, 8), few_shot_pairs=3, test_pairs=4,
+                                                             seed=1))
+    (w / "bench").mkdir()
+    save_pairs(pairs, w / "bench" / "pairs.npz")
+
+    def write_truth(weights: np.ndarray, basis: np.ndarray = truth.basis) -> None:
+        np.savez(w / "bench" / "ground_truth.npz", basis=basis, logit_scale=np.array(1.0),
+                 user_id=truth.user_ids.astype(str), user_weights=weights)
+
+    write_truth(truth.user_weights)  # its own truth: the ceiling is reported
+    code, out, err = cli(["evaluate", "bench/pairs.npz", "--basis", "basis.npz"])
+    assert code == 0 and "true_basis_seen_test_acc" in out, err
+    write_truth(truth.user_weights[::-1])  # another population's users' weights
+    refused(["evaluate", "bench/pairs.npz", "--basis", "basis.npz"], "bench/ground_truth.npz", w,
+            expect="not that population's truth")
+    write_truth(truth.user_weights, np.ones((RANK, DIM + 1)))
+    with pytest.warns(UserWarning, match=f"not \\(B, {DIM}\\) as the pairs"):
+        code, out, err = cli(["evaluate", "bench/pairs.npz", "--basis", "basis.npz"])
+    assert code == 0 and "true_basis" not in out
