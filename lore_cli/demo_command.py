@@ -122,6 +122,12 @@ RUN_OUTPUTS = ("basis.npz", "metrics.json", "ledger.json", "checkpoint.npz")  # 
 # --cache-dir: the embedding cache (same embeddings from the cache or computed); --device: the torch device of record
 # mode's DP-SGD step (`simulate` resumes a run on another device too).
 NEUTRAL_FLAGS = ("out", "cache_dir", "device")
+# Flags that only the federated stages read, by the stage directory they shape: a rerun may change them while that
+# stage has not begun (`check_demo_dir`); every other flag shapes the population or the reference.
+PRIVATE_STAGE_FLAGS = ("rounds", "clients_per_round", "privacy", "noise_multiplier", "target_epsilon", "max_epsilon",
+                       "clip_norm", "delta", "max_grad_norm", "num_shares", "reconstruction_threshold",
+                       "dropout_tolerance", "reproducible_noise", "allow_uncovered_eval")
+LATE_FLAGS = {"nonprivate_rounds": "federated-nonprivate", **{key: "federated" for key in PRIVATE_STAGE_FLAGS}}
 
 
 def demo_flags(args: argparse.Namespace) -> dict:
@@ -177,13 +183,25 @@ def check_demo_dir(out: Path, flags: dict) -> bool:
     if version != __version__:
         raise ValueError(f"--out {out}: {record_file} records a demo made by lore-fed {version}, not {__version__}: "
                          f"stages are not reused across versions; {start_afresh}")
+    changed = sorted(key for key in set(flags) | set(stored) if flags.get(key) != stored.get(key) or key not in stored)
+    if changed and all(key in LATE_FLAGS and not _started(out / LATE_FLAGS[key]) for key in changed):
+        # Only flags of stages not yet begun: nothing made so far depends on them (a tester: a --clients-per-round
+        # above the seen users `prepare` made failed at the simulate stage, and the corrected flag was refused).
+        atomic_write_json(record_file, demo_record(flags))
+        print(f"resuming {out} with new settings for the stages not yet begun: "
+              + ", ".join(f"--{key.replace('_', '-')}" for key in changed), flush=True)
+        return True
     differ = [f"--{key.replace('_', '-')}: asked {_shown(flags.get(key))}, "
-              + (f"stored {_shown(stored[key])}" if key in stored else "not recorded")
-              for key in sorted(set(flags) | set(stored)) if flags.get(key) != stored.get(key) or key not in stored]
+              + (f"stored {_shown(stored[key])}" if key in stored else "not recorded") for key in changed]
     if differ:
         raise ValueError(f"--out {out} holds a demo made with other settings ({'; '.join(differ)}); give a new --out, "
                          "or run with the flags it was made with to resume it")
     return True
+
+
+def _started(stage_dir: Path) -> bool:
+    """Whether a stage has begun writing its directory (a run's files, even of an interrupted run)."""
+    return stage_dir.exists() and any(stage_dir.iterdir())
 
 
 def _stage(name: str, done: bool, argv: list[str]) -> None:
@@ -227,6 +245,10 @@ def run(args: argparse.Namespace) -> int:
     rank = reference["rank"] if args.rank == "auto" else int(args.rank)
     common = ["--rank", str(rank), "--seed", str(args.seed), "--reference", str(central)]
     seen_users = json.loads((dataset / "summary.json").read_text())["seen_users"]
+    if args.clients_per_round is not None and args.clients_per_round > seen_users:  # the bound checked up front is
+        raise ValueError(f"--clients-per-round {args.clients_per_round} is more than the {seen_users} seen users "
+                         f"`prepare` made of --users {args.users}: run the demo again with --clients-per-round "
+                         f"{seen_users} or less (or unset); the stages done are kept")  # 0.8 x --users, at most
     clients = args.clients_per_round or min(DEMO_CLIENTS_PER_ROUND, seen_users)
     if args.nonprivate_rounds:
         _stage("federated training without privacy (Flower simulation engine)", (nonprivate / "metrics.json").exists(),

@@ -1,6 +1,7 @@
 """The demo's report: every run it made, the references, and the privacy guarantee it reached."""
 
 import json
+import shutil
 
 from lore_cli.demo_command import simulate_privacy_argv, write_demo_report
 from lore_cli.main import build_parser
@@ -120,6 +121,39 @@ def test_demo_refuses_a_directory_made_with_other_flags_before_writing(tmp_path,
     assert "--rank" not in captured.err and "--seed" not in captured.err
     assert "give a new --out, or run with the flags it was made with" in captured.err
     assert _snapshot(out) == before
+
+
+def test_a_clients_per_round_above_the_seen_users_prepare_made_can_be_corrected_on_rerun(tmp_path, capsys,
+                                                                                          monkeypatch):
+    """Found by a tester: the up-front check bounds --clients-per-round by 0.8 x --users, but `prepare` made fewer
+    seen users; the private stage failed (exit 1) after four stages, and a rerun with a corrected value was refused
+    as other settings. The stage now refuses with exit 2 naming the bound, and a rerun may change the flags of
+    stages not yet begun (and only those)."""
+    import lore_cli.demo_command as demo
+    from lore_cli.main import main
+
+    out = tmp_path / "demo"
+    flags = [*FAKE_FLAGS, "--clients-per-round", "40"]
+    _fake_demo(out, flags, monkeypatch)
+    shutil.rmtree(out / "federated")  # `prepare` made 10 seen users; the private stage has not begun
+    ran = []
+
+    def stage(name, done, argv):
+        if not done:
+            ran.append(name)
+            (out / "federated").mkdir()
+            (out / "federated" / "metrics.json").write_text(
+                json.dumps({"rank": 1, "seen_test_acc": 0.6, "unseen_test_acc": 0.6, "privacy_mode": "none"}))
+
+    monkeypatch.setattr(demo, "_stage", stage)
+    assert main(["demo", "--out", str(out), *flags]) == 2
+    assert "--clients-per-round 40 is more than the 10 seen users" in capsys.readouterr().err and not ran
+    refused = main(["demo", "--out", str(out), *FAKE_FLAGS, "--clients-per-round", "8", "--users", "81"])
+    assert refused == 2 and "--users: asked 81, stored 80" in capsys.readouterr().err  # the population's: never
+    assert main(["demo", "--out", str(out), *FAKE_FLAGS, "--clients-per-round", "8"]) == 0
+    assert "new settings for the stages not yet begun: --clients-per-round" in capsys.readouterr().out
+    assert len(ran) == 1 and json.loads((out / "demo_flags.json").read_text())["flags"]["clients_per_round"] == 8
+    assert main(["demo", "--out", str(out), *FAKE_FLAGS, "--clients-per-round", "9"]) == 2  # that stage is done now
 
 
 def test_demo_resumes_a_directory_made_with_the_same_flags(tmp_path, capsys, monkeypatch):
