@@ -119,8 +119,8 @@ def write_outputs(run_dir: Path, state, settings, privacy, population: dict, *, 
     privacy_keys = privacy_metrics(run_dir)
     if state.round < settings.rounds and not privacy_keys["stopped_early"]:
         return  # nothing final to report; a rerun resumes
-    metrics = run_metrics(state, settings, privacy.mode, privacy_keys)
-    metrics.update(wall_seconds=round(seconds, 3), nodes=nodes, node_kind="deployed")
+    metrics = run_metrics(state, settings, privacy.mode, privacy_keys, wall_seconds=round(seconds, 3), nodes=nodes,
+                          extra={"node_kind": "deployed"})
     save_reported_basis(run_dir, state, settings, population["embedder"])
     atomic_write_json(run_dir / "metrics.json", metrics)
     report = write_report(run_dir, state.history, metrics, None,

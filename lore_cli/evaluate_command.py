@@ -55,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
         warnings.warn(f"{pairs.source}: {metrics['seen_users_without_training_pairs']} seen user(s) have test pairs "
                       "but no training pairs: their w cannot be refit, so they are scored with the population reward "
                       "(seen_users_without_training_pairs)", UserWarning, stacklevel=2)
-    metrics.update(benchmark_ceiling(pairs, true_basis, prior))
+    metrics.update(benchmark_ceiling(pairs, true_basis))
     print(format_metrics(metrics))
     if args.out:
         atomic_write_json(args.out, metrics)

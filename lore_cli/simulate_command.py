@@ -397,16 +397,17 @@ def canary_secrets(args: argparse.Namespace, shape: tuple[int, int]):
     return canaries
 
 
-def benchmark_metrics(pairs_path: Path, true_basis, prior_pairs: float) -> dict:
-    """On a benchmark (a hidden basis beside the pair file): `lore-fed train`'s true-basis ceiling, every user's w fit
-    on the hidden basis with the run's personal prior. Computed by this command from the pair file, in blocks of
-    whole users, once the last round is done: it reads raw data without noise (the ledger lists it as not covered,
-    with the evaluation) and a deployed server could not compute it."""
+def benchmark_metrics(pairs_path: Path, true_basis) -> dict:
+    """On a benchmark (a hidden basis beside the pair file): the true-basis ceiling, every user's w fit on the
+    hidden basis (`evaluation.true_basis_metrics`: a personal prior of 3 pairs, whatever the run's). Computed by
+    this command from the pair file, in blocks of whole users, once the last round is done: it reads raw data
+    without noise (the ledger lists it as not covered, with the evaluation) and a deployed server could not
+    compute it."""
     if true_basis is None:
         return {}
     from lore_core.streamed_training import true_basis_streamed
 
-    return true_basis_streamed(pairs_path, true_basis, prior_pairs)
+    return true_basis_streamed(pairs_path, true_basis)
 
 
 def recorded_metrics(out: Path) -> dict:
@@ -435,10 +436,12 @@ def reference_record(path: str | None, reference: dict | None, earlier: dict) ->
             if (key == "path" and isinstance(value, str)) or (key in keys and accuracy(value))}
 
 
-def run_metrics(state, settings, privacy_mode: str, privacy_keys: dict) -> dict:
+def run_metrics(state, settings, privacy_mode: str, privacy_keys: dict, *, wall_seconds: float, nodes: int,
+                benchmark: dict | None = None, extra: dict | None = None) -> dict:
     """metrics.json's keys that every run of the apps has, simulated or deployed, from its checkpoint and ledger:
     the last round's own evaluation (never an earlier round's), the settings, the privacy keys and the problems of
-    a run that still finished. CommandFailed when the final evaluation failed on every node."""
+    a run that still finished; a command's own keys (`benchmark`, `extra`) in their places. CommandFailed when the
+    final evaluation failed on every node."""
     final = state.history[-1]
     if "seen_test_acc" not in final:
         raise CommandFailed(f"training finished, but the final evaluation failed on every node "
@@ -446,11 +449,12 @@ def run_metrics(state, settings, privacy_mode: str, privacy_keys: dict) -> dict:
                             "not answer); the trained basis is kept: run the same command again to evaluate it")
     # A figure this population has none of (no unseen users: NaN in the round record) is left out, as train does.
     metrics = {key: final[key] for key in TRAIN_KEYS if math.isfinite(final.get(key, math.nan))}
+    metrics.update(benchmark or {})
     metrics.update(rank=settings.rank, prior_pairs=settings.prior_pairs, objective=settings.objective,
                    train_prior_pairs=settings.train_prior_pairs, l2=settings.l2,
                    train_seconds=round(sum(r["seconds"] for r in state.history), 3),
-                   rounds=state.round, privacy_mode=privacy_mode, users_per_round=settings.clients_per_round,
-                   **privacy_keys)
+                   rounds=state.round, wall_seconds=wall_seconds, privacy_mode=privacy_mode,
+                   users_per_round=settings.clients_per_round, nodes=nodes, **(extra or {}), **privacy_keys)
     metrics.update(run_problems(state.history))
     return metrics
 
@@ -493,13 +497,13 @@ def _simulate(args, pairs_path, population, overrides, settings, privacy, refere
     if state is None or not state.history or (state.round < settings.rounds and not privacy_keys["stopped_early"]):
         raise CommandFailed(f"the simulation ended before round {settings.rounds}; run the same command again to "
                             "resume")
-    metrics = run_metrics(state, settings, args.privacy, privacy_keys)
     earlier = recorded_metrics(out)
     wall_seconds = round(wall, 3)
     if previous is not None and previous.history == state.history and "wall_seconds" in earlier:
         wall_seconds = earlier["wall_seconds"]  # a rerun of a finished run ran nothing: the run's time stays
-    metrics.update(benchmark_metrics(pairs_path, population["true_basis"], settings.prior_pairs))
-    metrics.update(wall_seconds=wall_seconds, nodes=nodes, seed=args.seed, canaries=args.canaries)
+    metrics = run_metrics(state, settings, args.privacy, privacy_keys, wall_seconds=wall_seconds, nodes=nodes,
+                          benchmark=benchmark_metrics(pairs_path, population["true_basis"]),
+                          extra={"seed": args.seed, "canaries": args.canaries})
     if "canary_secrets_sha256" in data:  # binds the auditor's secrets file to this run (the canary audit checks it)
         metrics["canary_secrets_sha256"] = data["canary_secrets_sha256"]
     metrics.update(pairs_path=data["path"],  # where audits of this run find its pairs (as data.json says)

@@ -108,7 +108,8 @@ def fold_count(eligible_users: int, new_fraction: float) -> int:
     of them (cross-fitting: every fold its own fits), until MIN_SCORED_USERS are scored as new, at most MAX_FOLDS
     and at most as many as disjoint new folds fit. A 20- or 50-user population scored on one fold of 4 or 10 users
     chose rank 2-8 and lost up to 6.9 points to BT (bench_results/small_populations_pilot.md); a tester's 300 users,
-    of whom 260 had one pair, were scored on one fold of 8 and lost 3.2 points (bench_results/hostile_ab.md)."""
+    of whom 260 had one pair, were scored on one fold of 8 users (thin-majority, bench_results/hostile_ab.md: rank
+    above 1 on 3 of 6 seeds with one fold, on 1 of 6 with five)."""
     per_fold = int(round(new_fraction * eligible_users))
     if per_fold >= MIN_SCORED_USERS or eligible_users < MIN_NEW_FOLD_USERS or per_fold < 1:
         return 1

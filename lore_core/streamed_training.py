@@ -89,16 +89,16 @@ def evaluate_streamed(path: str | Path, basis: np.ndarray, *, prior_pairs: float
             block_weights = (joint_weights[0][known], joint_weights[1][known])
         metrics = evaluate_model(block, basis, prior_pairs=prior_pairs, joint_weights=block_weights)
         if true_basis is not None:
-            metrics.update(true_basis_metrics(block, true_basis, prior_pairs))
+            metrics.update(true_basis_metrics(block, true_basis))  # the ceiling's own prior, not the run's
         return metrics
 
     return combine_user_blocks(path, block_metrics)
 
 
-def true_basis_streamed(path: str | Path, true_basis: np.ndarray, prior_pairs: float) -> dict:
+def true_basis_streamed(path: str | Path, true_basis: np.ndarray) -> dict:
     """A benchmark's true-basis ceiling (`evaluation.true_basis_metrics`) over blocks of whole users, combined:
     for a run that never holds the file (`lore-fed simulate`)."""
-    return combine_user_blocks(path, lambda block: true_basis_metrics(block, true_basis, prior_pairs))[0]
+    return combine_user_blocks(path, lambda block: true_basis_metrics(block, true_basis))[0]
 
 
 def combine_user_blocks(path: str | Path, block_metrics: Callable[[PairSet], dict]) -> tuple[dict, dict]:
