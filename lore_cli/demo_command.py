@@ -326,9 +326,11 @@ def write_demo_report(out: Path, dataset: Path, central: dict, runs: dict[str, d
                      f"{federated.get('delta')}) from {accountant}, {federated.get('rounds')} rounds, noise "
                      f"multiplier {federated.get('noise_multiplier')}, clip norm {federated.get('clip_norm')}; see "
                      "`federated/ledger.json` for what is and is not covered. This epsilon is that of the "
-                     "`federated/` run alone: the other runs of this report (`centralized/`, "
-                     "`federated-nonprivate/`) trained on the same users without privacy and release their bases "
-                     "and accuracies without any guarantee.",
+                     "`federated/` run alone: the other " + ("runs of this report (`centralized/`, "
+                     "`federated-nonprivate/`) trained" if "federated-nonprivate" in runs else "run of this report "
+                     "(`centralized/`) trained") + " on the same users without privacy and release"
+                     + (" their bases and accuracies" if "federated-nonprivate" in runs else "s its basis and "
+                        "accuracies") + " without any guarantee.",
                      "Differential privacy over a population of a few hundred users is expensive: larger populations "
                      "reach a smaller epsilon at the same accuracy."]
         if reference_chose_rank:

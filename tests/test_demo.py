@@ -24,7 +24,11 @@ def test_demo_report_lists_the_runs_references_and_epsilon(tmp_path):
     assert "(epsilon, delta) = (6.840, 1e-05)" in report
     # the other runs trained on the same users without privacy: the epsilon is not theirs (a privacy reviewer)
     assert "This epsilon is that of the `federated/` run alone" in report
+    assert "(`centralized/`, `federated-nonprivate/`) trained" in report
     assert "was chosen by the centralized" not in report  # --rank given: nothing to say
+    # --nonprivate-rounds 0: no such run to name (a tester)
+    alone = write_demo_report(tmp_path, dataset, central, {"federated": runs["federated"]}, 12.0).read_text()
+    assert "federated-nonprivate" not in alone and "(`centralized/`) trained" in alone
     # --rank auto: the rank of the private run came from a non-private fit on the same users (a reviewer's finding)
     report = write_demo_report(tmp_path, dataset, central, runs, 12.0, reference_chose_rank=True).read_text()
     assert "The rank 3 was chosen by the centralized, non-private run on the same users" in report
