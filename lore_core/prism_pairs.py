@@ -73,11 +73,11 @@ class SplitConfig:
 
     def __post_init__(self) -> None:
         if isinstance(self.min_conversations, bool) or not isinstance(self.min_conversations, int):
-            raise PrismPrepareError(f"min_conversations must be an integer, got {self.min_conversations!r}")
+            raise PrismPrepareError(f"--min-conversations must be an integer, got {self.min_conversations!r}")
         if self.min_conversations < 1:
-            raise PrismPrepareError(f"min_conversations must be >= 1, got {self.min_conversations}")
+            raise PrismPrepareError(f"--min-conversations must be >= 1, got {self.min_conversations}")
         if not 0 <= self.split_seed < 2**32:
-            raise PrismPrepareError(f"split_seed must be in [0, 2**32), got {self.split_seed}")
+            raise PrismPrepareError(f"--split-seed must be in [0, 2**32), got {self.split_seed}")
         for name in ("seen_fraction", "train_fraction"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:

@@ -534,9 +534,10 @@ EXTREME = {
     "audit noise nan": (["audit", "mechanism", "--noise-multiplier", "nan", "--runs", "100"], "noise_multiplier"),
     "audit unknown name": (["audit", "everything"], "invalid choice"),
     "prepare seen fraction 2": (["prepare", "prism", "--out", "out", "--seen-fraction", "2"], "--seen-fraction"),
+    # a tester: it said "min_conversations must be >= 1", a name the user never typed
     "prepare min conversations 0": (["prepare", "prism", "--out", "out", "--min-conversations", "0"],
-                                    "min_conversations"),
-    "prepare split seed -1": (["prepare", "prism", "--out", "out", "--split-seed", "-1"], "split_seed"),
+                                    "--min-conversations must be >= 1"),
+    "prepare split seed -1": (["prepare", "prism", "--out", "out", "--split-seed", "-1"], "--split-seed must be in"),
     "embed missing dir": (["embed", "nowhere"], "nowhere"),
 }
 
