@@ -198,6 +198,8 @@ def prepare_dataset(
         raise PrismPrepareError(f"--out {out_dir} exists and is not a directory")
     check_output_path(out_dir, "--out", directory=True)  # a file on the way or no write access: before the work
     directory = resolve_source(source)
+    if out_dir.exists() and out_dir.resolve() == Path(directory).resolve():  # a tester: the release was rewritten
+        raise PrismPrepareError(f"--out {out_dir} is the release being prepared ({source}): give another directory")
     release = load_release(directory)
     pairs, drops = build_pairs(release.conversations)
 

@@ -538,6 +538,8 @@ EXTREME = {
     "prepare min conversations 0": (["prepare", "prism", "--out", "out", "--min-conversations", "0"],
                                     "--min-conversations must be >= 1"),
     "prepare split seed -1": (["prepare", "prism", "--out", "out", "--split-seed", "-1"], "--split-seed must be in"),
+    # a tester: it rewrote the release's own ground_truth.npz and left a folder `synth` then refused
+    "prepare into its release": (["prepare", "prism", "--out", "prism"], ("--out prism", "the release being prepared")),
     "embed missing dir": (["embed", "nowhere"], "nowhere"),
 }
 
