@@ -76,9 +76,9 @@ def evaluate_model(
     if unseen_test.n:
         metrics["unseen_test_acc"], without = fit_and_score(few_shot, unseen_test, basis, prior_pairs)
         metrics["unseen_users_without_few_shot"] = without
-        if few_shot.n:
-            ids, weights = few_shot_weights(few_shot, basis, prior_pairs)
-            metrics["unseen_few_shot_train_acc"], _ = _score(few_shot, basis, ids, weights)
+    if few_shot.n:  # also without test pairs, as seen_train_acc (a tester: a file with no test split lacked it)
+        ids, weights = few_shot_weights(few_shot, basis, prior_pairs)
+        metrics["unseen_few_shot_train_acc"], _ = _score(few_shot, basis, ids, weights)
     metrics.update(reference_metrics(pairs))
     return metrics
 

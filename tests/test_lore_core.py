@@ -220,3 +220,16 @@ def test_simplex_solver_judges_convergence_relative_to_the_scale_and_says_why_it
         stalled = fit_user_weights(scores[:30], user[:30], 2, prior_strength=1.0, tol=0.0, max_iter=20000)
     assert not stalled.converged and stalled.iterations < 20000
     assert any("stopped after" in str(w.message) and issubclass(w.category, ConvergenceWarning) for w in caught)
+
+
+def test_evaluation_scores_the_few_shot_fit_of_a_file_without_test_pairs():
+    """A tester: a dataset prepared with --train-fraction 1 (no test split) got seen_train_acc but no
+    unseen_few_shot_train_acc, although its new users had few-shot pairs."""
+    pairs, truth = make_synthetic_pairs(SyntheticPairsConfig(dim=8, true_rank=2, seen_users=6, unseen_users=3,
+                                                             seed=5))
+    no_test = pairs.subset(pairs.split == "train")
+    metrics = evaluate_model(no_test, truth.basis, prior_pairs=3.0)
+    assert "unseen_test_acc" not in metrics and "seen_test_acc" not in metrics
+    assert 0.0 <= metrics["unseen_few_shot_train_acc"] <= 1.0 and 0.0 <= metrics["seen_train_acc"] <= 1.0
+    assert evaluate_model(pairs, truth.basis, prior_pairs=3.0)["unseen_few_shot_train_acc"] == \
+        metrics["unseen_few_shot_train_acc"]
