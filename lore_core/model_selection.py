@@ -64,12 +64,12 @@ def join_repeated_comparisons(user_idx: np.ndarray, groups: np.ndarray, diff: np
     return join_groups(groups, near_repeats(diff, user_idx)) if user_idx.size else groups
 
 
-def join_groups(groups: np.ndarray, items: np.ndarray) -> np.ndarray:
-    """`groups` (n,) dense with every two groups that hold pairs of one item code (`items` (n,), codes unique per
-    user) joined: connected components of the bipartite graph group -- item, one edge per pair."""
+def join_groups(groups: np.ndarray, links: np.ndarray) -> np.ndarray:
+    """`groups` (n,) dense with the group of each pair joined to the group of the pair `links` names (a row of the
+    same user): connected components, so a pair linked to a pair that was itself linked earlier ends in its group
+    (a reviewer: linking by a shared code left such a pair alone, on the other side of a split)."""
     n_groups = int(groups.max()) + 1
-    edges = sparse.coo_matrix((np.ones(groups.size), (groups, n_groups + items)),
-                              shape=(n_groups + int(items.max()) + 1,) * 2)
+    edges = sparse.coo_matrix((np.ones(groups.size), (groups, groups[links])), shape=(n_groups, n_groups))
     _, component = connected_components(edges, directed=False)
     return np.unique(component[groups], return_inverse=True)[1].astype(np.int64)
 

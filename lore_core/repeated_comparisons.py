@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 REPEAT_TOLERANCE = 1e-2  # ||a - s b|| <= this x max(||a||, ||b||): one comparison (s = +-1: either label)
-GRAM_BUDGET = 1 << 21  # entries of one block of the batched Gram (and of its padded rows): tens of MiB
+GRAM_BUDGET = 1 << 21  # entries of one block of the batched Gram (and of its padded rows)
 UNPADDED_PAIRS = 1024  # users with more pairs are compared unpadded, each with its own width
 HASH_ROWS = 1 << 14  # rows hashed at a time: memory ~ 16k x D x 8 bytes, whatever the file's size
 
@@ -40,11 +40,14 @@ def same_comparison(diff: np.ndarray) -> np.ndarray:
 
 def near_repeats(diff: np.ndarray, user_idx: np.ndarray, tolerance: float = REPEAT_TOLERANCE) -> np.ndarray:
     """(n,) int64: for each pair, the row of its user's first pair (file order) within `tolerance` of it, up to
-    sign; an all-zero pair compares nothing and keeps its own row. Not transitive, so a chain of merely close pairs
-    (a user's many pairs at D = 1 or 2) never pulls a user's pairs into one group: each joins only a pair close to
-    itself. Exact: every two pairs of a user are compared, as a batched Gram of users padded to the same power of two
-    (time O(sum n_u^2 D), memory GRAM_BUDGET), with no loop over pairs or light users (one user with 20,000 pairs
-    at D = 384: about 10 s on one core)."""
+    sign; an all-zero pair compares nothing and keeps its own row. `join_groups` joins each pair with that row, and
+    so with whatever that row joined: copies of one comparison, all close to one another, end in one group, while
+    at D = 1 or 2, where distinct comparisons can be that close, a user keeps most of its groups (a chain through
+    every close pair joined all of a user's pairs in a review of a rounded version). Exact: every two pairs of a
+    user are compared, as a batched Gram of users padded to the same power of two, with no loop over pairs or
+    light users. Time O(sum n_u^2 D): one user with 20,000 pairs at D = 384 takes about 10 s on one core, and
+    proportionally more at a wider D. Memory: GRAM_BUDGET entries a block, beyond a heavy user's own rows (about
+    100 MiB for 6,000 pairs at D = 384)."""
     user_idx = np.asarray(user_idx)
     n = user_idx.size
     code = np.arange(n, dtype=np.int64)
@@ -73,9 +76,12 @@ def _first_close(diff: np.ndarray, rows: np.ndarray, valid: np.ndarray, toleranc
     at a time."""
     m, w = rows.shape
     x = np.asarray(diff[rows.reshape(-1)], np.float64).reshape(m, w, -1)
-    norm = np.sqrt(np.einsum("mwd,mwd->mw", x, x))
-    candidate = valid & (norm > 0)
-    unit = (x / np.where(norm > 0, norm, 1.0)[:, :, None]).astype(np.float32)  # float32 Gram: rounding ~1e-6
+    peak = np.abs(x).max(axis=2, keepdims=True)  # each row scaled first: its squares neither overflow nor vanish
+    x = x / np.where(peak > 0, peak, 1.0)
+    scaled = np.sqrt(np.einsum("mwd,mwd->mw", x, x))
+    norm = scaled * peak[:, :, 0]
+    candidate = valid & (scaled > 0)
+    unit = (x / np.where(scaled > 0, scaled, 1.0)[:, :, None]).astype(np.float32)  # float32 Gram: rounding ~1e-6
     band = max(1, min(w, GRAM_BUDGET // (m * w)))
     first = np.empty((m, w), np.int64)
     for lo in range(0, w, band):

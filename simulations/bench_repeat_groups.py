@@ -42,7 +42,9 @@ def group_counts(pairs) -> dict:
     train = pairs.select(seen=True, split="train")
     _, user_idx = np.unique(train.user, return_inverse=True)
     given = dense_groups(user_idx, train.group)
-    exact = join_groups(given, per_user_codes(user_idx, same_comparison(train.diff)))
+    _, first, same = np.unique(per_user_codes(user_idx, same_comparison(train.diff)), return_index=True,
+                               return_inverse=True)
+    exact = join_groups(given, first[same.reshape(-1)])  # each pair linked to its code's first pair
     near = join_repeated_comparisons(user_idx, given, train.diff)
     return {"pairs": int(train.n), "exact": int(exact.max()) + 1, "near": int(near.max()) + 1}
 

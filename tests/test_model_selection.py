@@ -89,6 +89,14 @@ def test_repeats_embedded_again_join_but_distinct_comparisons_never_do():
     assert dense_groups(one_user, None, rng.standard_normal((200, 2))).max() + 1 > 190
     zeros = np.zeros((4, 8))
     assert dense_groups(np.zeros(4, int), np.array(["a", "b", "c", "d"]), zeros).tolist() == [0, 1, 2, 3]
+    # A reviewer: the third pair's first close pair was the second, whose own was the first; linked by a shared
+    # code, the third stayed alone, 0.8 % from a pair on the other side of a split.
+    chain = np.array([[1.0, 0.0], [1.0, 0.008], [1.0, 0.016]])
+    assert dense_groups(np.zeros(3, int), None, chain).tolist() == [0, 0, 0]
+    # and float64 rows of any size (their squares overflowed at 1e200 and vanished at 1e-200: no repeat found)
+    copies = rng.standard_normal((3, 8))
+    for scale in (1e200, 1e-200):
+        assert dense_groups(np.zeros(6, int), None, np.vstack([copies, copies * (1 + 1e-6)]) * scale).max() == 2
 
 
 @pytest.mark.parametrize("budget", [GRAM_BUDGET, 5000])
