@@ -74,6 +74,7 @@ def run_local(args: argparse.Namespace) -> int:
             certs = generate_certificates(cert_dir, nodes=args.nodes)
             print(f"generated trial certificates in {cert_dir}")
     split_pairs(args.pairs, run_dir, args.nodes)
+    previous = load_checkpoint(run_dir)  # a rerun of a finished run trains nothing: its time stays the run's
     overrides = {} if args.rounds is None else {"num-server-rounds": args.rounds}
     app = {"app": Path(args.app)} if args.app else {}
     try:
@@ -101,11 +102,12 @@ def run_local(args: argparse.Namespace) -> int:
         print(f"checkpoint after round {state.round} in {run_dir}"
               + (f"; last evaluation {json.dumps({k: v for k, v in evals[-1].items() if k.endswith('_acc')})}" if evals else ""))
     if outcome.completed and state is not None and checked is not None:
-        write_outputs(run_dir, state, *checked, nodes=args.nodes, seconds=outcome.seconds)
+        write_outputs(run_dir, state, *checked, nodes=args.nodes, seconds=outcome.seconds, previous=previous)
     return 0 if outcome.completed else 1
 
 
-def write_outputs(run_dir: Path, state, settings, privacy, population: dict, *, nodes: int, seconds: float) -> None:
+def write_outputs(run_dir: Path, state, settings, privacy, population: dict, *, nodes: int, seconds: float,
+                  previous=None) -> None:
     """The server's outputs of a completed run, as `simulate` writes them: `basis.npz` (the reported basis, which
     `evaluate --basis RUN` and devices read), `metrics.json` (the server's final evaluation, settings, privacy keys)
     and `report.md`. From the server's checkpoint and ledger only: no benchmark ceiling, no pair data."""
@@ -113,14 +115,17 @@ def write_outputs(run_dir: Path, state, settings, privacy, population: dict, *, 
     import sys
 
     from lore_cli.run_report import write_report
-    from lore_cli.simulate_command import privacy_metrics, run_metrics, save_reported_basis
+    from lore_cli.simulate_command import (kept_wall_seconds, privacy_metrics, recorded_metrics, run_metrics,
+                                           run_problems, save_reported_basis)
     from lore_core.atomic_io import atomic_write_json
 
     privacy_keys = privacy_metrics(run_dir)
     if state.round < settings.rounds and not privacy_keys["stopped_early"]:
         return  # nothing final to report; a rerun resumes
-    metrics = run_metrics(state, settings, privacy.mode, privacy_keys, wall_seconds=round(seconds, 3), nodes=nodes,
+    wall_seconds = kept_wall_seconds(round(seconds, 3), previous, state, recorded_metrics(run_dir))
+    metrics = run_metrics(state, settings, privacy.mode, privacy_keys, wall_seconds=wall_seconds, nodes=nodes,
                           extra={"node_kind": "deployed"})
+    metrics.update(run_problems(state.history))
     save_reported_basis(run_dir, state, settings, population["embedder"])
     atomic_write_json(run_dir / "metrics.json", metrics)
     report = write_report(run_dir, state.history, metrics, None,

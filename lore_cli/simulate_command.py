@@ -436,17 +436,22 @@ def reference_record(path: str | None, reference: dict | None, earlier: dict) ->
             if (key == "path" and isinstance(value, str)) or (key in keys and accuracy(value))}
 
 
-def run_metrics(state, settings, privacy_mode: str, privacy_keys: dict, *, wall_seconds: float, nodes: int,
-                benchmark: dict | None = None, extra: dict | None = None) -> dict:
-    """metrics.json's keys that every run of the apps has, simulated or deployed, from its checkpoint and ledger:
-    the last round's own evaluation (never an earlier round's), the settings, the privacy keys and the problems of
-    a run that still finished; a command's own keys (`benchmark`, `extra`) in their places. CommandFailed when the
-    final evaluation failed on every node."""
+def require_final_evaluation(state) -> None:
+    """CommandFailed when the last round's evaluation failed on every node (the basis is kept; a rerun evaluates)."""
     final = state.history[-1]
     if "seen_test_acc" not in final:
         raise CommandFailed(f"training finished, but the final evaluation failed on every node "
                             f"({final.get('eval_failed_nodes', 0)} failed, {final.get('eval_missing_nodes', 0)} did "
                             "not answer); the trained basis is kept: run the same command again to evaluate it")
+
+
+def run_metrics(state, settings, privacy_mode: str, privacy_keys: dict, *, wall_seconds: float, nodes: int,
+                benchmark: dict | None = None, extra: dict | None = None) -> dict:
+    """metrics.json's keys that every run of the apps has, simulated or deployed, from its checkpoint and ledger:
+    the last round's own evaluation (never an earlier round's), the settings and the privacy keys; a command's own
+    keys (`benchmark`, `extra`) in their places. The caller adds `run_problems` after its own privacy keys."""
+    require_final_evaluation(state)
+    final = state.history[-1]
     # A figure this population has none of (no unseen users: NaN in the round record) is left out, as train does.
     metrics = {key: final[key] for key in TRAIN_KEYS if math.isfinite(final.get(key, math.nan))}
     metrics.update(benchmark or {})
@@ -455,8 +460,15 @@ def run_metrics(state, settings, privacy_mode: str, privacy_keys: dict, *, wall_
                    train_seconds=round(sum(r["seconds"] for r in state.history), 3),
                    rounds=state.round, wall_seconds=wall_seconds, privacy_mode=privacy_mode,
                    users_per_round=settings.clients_per_round, nodes=nodes, **(extra or {}), **privacy_keys)
-    metrics.update(run_problems(state.history))
     return metrics
+
+
+def kept_wall_seconds(wall_seconds: float, previous, state, earlier: dict) -> float:
+    """This start's wall time, or the run's recorded one when this start trained nothing (the checkpoint's history
+    unchanged: a rerun of a finished run)."""
+    if previous is not None and previous.history == state.history and "wall_seconds" in earlier:
+        return earlier["wall_seconds"]
+    return wall_seconds
 
 
 def save_reported_basis(out: Path, state, settings, embedder: str | None) -> None:
@@ -497,15 +509,15 @@ def _simulate(args, pairs_path, population, overrides, settings, privacy, refere
     if state is None or not state.history or (state.round < settings.rounds and not privacy_keys["stopped_early"]):
         raise CommandFailed(f"the simulation ended before round {settings.rounds}; run the same command again to "
                             "resume")
+    require_final_evaluation(state)  # before the ceiling reads the whole pair file
     earlier = recorded_metrics(out)
-    wall_seconds = round(wall, 3)
-    if previous is not None and previous.history == state.history and "wall_seconds" in earlier:
-        wall_seconds = earlier["wall_seconds"]  # a rerun of a finished run ran nothing: the run's time stays
+    wall_seconds = kept_wall_seconds(round(wall, 3), previous, state, earlier)
     metrics = run_metrics(state, settings, args.privacy, privacy_keys, wall_seconds=wall_seconds, nodes=nodes,
                           benchmark=benchmark_metrics(pairs_path, population["true_basis"]),
                           extra={"seed": args.seed, "canaries": args.canaries})
     if "canary_secrets_sha256" in data:  # binds the auditor's secrets file to this run (the canary audit checks it)
         metrics["canary_secrets_sha256"] = data["canary_secrets_sha256"]
+    metrics.update(run_problems(state.history))
     metrics.update(pairs_path=data["path"],  # where audits of this run find its pairs (as data.json says)
                    pairs_fingerprint={key: value for key, value in data.items()
                                       if key not in ("path", "canary_secrets_sha256")})

@@ -328,9 +328,21 @@ def benchmark_truth(pairs):
         warnings.warn(f"{truth_path} holds a basis of shape {true_basis.shape}, not (B, {pairs.dim}) as the pairs "
                       f"of {pairs.source}: not this population's truth; no true-basis ceiling is reported")
         return None
-    if getattr(pairs, "logit_true", None) is not None:
-        check_truth_logits(pairs, truth_path)
+    check_truth_logits(pairs, truth_path)
     return true_basis
+
+
+def _first_rows(pairs, count: int) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """(logit_true, user, diff) of the first `count` pairs of an in-memory PairSet or a streamed PairColumns (a
+    reviewer: simulate, deploy and large-population train read the file as columns); None without logit_true."""
+    if hasattr(pairs, "has"):
+        if not pairs.has("logit_true"):
+            return None
+        stop = min(count, pairs.n)
+        return pairs.read("logit_true", 0, stop), pairs.read("user", 0, stop), pairs.read("diff", 0, stop)
+    if pairs.logit_true is None:
+        return None
+    return pairs.logit_true[:count], pairs.user[:count], pairs.diff[:count]
 
 
 def check_truth_logits(pairs, truth_path: Path) -> None:
@@ -344,10 +356,12 @@ def check_truth_logits(pairs, truth_path: Path) -> None:
         if not {"user_id", "user_weights", "basis", "logit_scale"} <= set(data.files):
             return
         truth = {key: np.asarray(data[key]) for key in ("user_id", "user_weights", "basis", "logit_scale")}
-    rows = slice(0, TRUTH_CHECK_ROWS)
-    given = np.asarray(pairs.logit_true[rows], np.float64)
+    first = _first_rows(pairs, TRUTH_CHECK_ROWS)
+    if first is None:
+        return
+    given, users, diff = np.asarray(first[0], np.float64), np.asarray(first[1]).astype(str), np.asarray(first[2])
     try:
-        implied = true_logits(truth, np.asarray(pairs.user[rows]).astype(str), np.asarray(pairs.diff[rows]), truth_path)
+        implied = true_logits(truth, users, diff, truth_path)
     except ValueError as exc:  # users it has no weights for
         raise ValueError(f"{exc}: not the truth of {pairs.source}; remove it, or put that population's own beside "
                          "the pair file") from None

@@ -98,18 +98,23 @@ def _rank_within_user(owner: np.ndarray, rng: np.random.Generator) -> tuple[np.n
 
 MIN_SCORED_USERS = 60  # users scored as new: the one fold of the matrix's 300-user populations
 MAX_FOLDS = 5
+MAX_FOLDED_USERS = 1000  # a larger population keeps one fold, whatever its users' groups
 MIN_NEW_FOLD_USERS = 10  # users with two groups or more below which no user is treated as new
 
 
-def fold_count(eligible_users: int, new_fraction: float) -> int:
+def fold_count(users: int, eligible_users: int, new_fraction: float) -> int:
     """How many held-out folds, from the users with two groups or more (the only ones a fold can hold out or treat
     as new): one where `new_fraction` of them is MIN_SCORED_USERS users or more (300 users at 0.2: one fold scores
-    enough), and one where no new fold can be drawn (fewer than 10 such users). Otherwise folds of `new_fraction`
-    of them (cross-fitting: every fold its own fits), until MIN_SCORED_USERS are scored as new, at most MAX_FOLDS
-    and at most as many as disjoint new folds fit. A 20- or 50-user population scored on one fold of 4 or 10 users
-    chose rank 2-8 and lost up to 6.9 points to BT (bench_results/small_populations_pilot.md); a tester's 300 users,
-    of whom 260 had one pair, were scored on one fold of 8 users (thin-majority, bench_results/hostile_ab.md: rank
-    above 1 on 3 of 6 seeds with one fold, on 1 of 6 with five)."""
+    enough), where no new fold can be drawn (fewer than 10 such users), and where the population has more than
+    MAX_FOLDED_USERS users (each fold fits every user's pairs: a review found folds of thousands of users with
+    mostly one group each). Otherwise folds of `new_fraction` of them (cross-fitting: every fold its own fits),
+    until MIN_SCORED_USERS are scored as new, at most MAX_FOLDS and at most as many as disjoint new folds fit. A
+    20- or 50-user population scored on one fold of 4 or 10 users chose rank 2-8 and lost up to 6.9 points to BT
+    (bench_results/small_populations_pilot.md); a tester's 300 users, of whom 260 had one pair, were scored on one
+    fold of 8 users (thin-majority, bench_results/hostile_ab.md: rank above 1 on 3 of 6 seeds with one fold, on 1
+    of 6 with five)."""
+    if users > MAX_FOLDED_USERS:
+        return 1
     per_fold = int(round(new_fraction * eligible_users))
     if per_fold >= MIN_SCORED_USERS or eligible_users < MIN_NEW_FOLD_USERS or per_fold < 1:
         return 1
@@ -134,7 +139,7 @@ def make_holdouts(user_idx: np.ndarray, group_idx: np.ndarray, n_users: int, *, 
     eligible = np.flatnonzero(groups_per_user >= 2)
     order_of_new = rng.permutation(eligible) if eligible.size >= MIN_NEW_FOLD_USERS else eligible[:0]
     per_fold = int(round(new_fraction * eligible.size))
-    folds = fold_count(eligible.size, new_fraction) if folds is None else folds
+    folds = fold_count(n_users, eligible.size, new_fraction) if folds is None else folds
 
     n_hold = np.where(groups_per_user >= 2, np.maximum(1, np.floor(heldout_fraction * groups_per_user)), 0)
     # New estimate: groups in their random order until `few_shot` pairs are reached (whole groups), at most half.

@@ -15,6 +15,7 @@ its creation and its creator's lock another run may lock it first, and name itse
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import json
@@ -115,6 +116,8 @@ class RunDirLock:
                 os.close(fd)
                 raise RunDirBusy(f"{self.run_dir} is in use by another run ({holder}); {self.remedy}") from None
             if _same_file(fd, path):
+                with contextlib.suppress(OSError):  # another owner's file: its mode is theirs to set
+                    os.fchmod(fd, 0o600)  # also a lock file an older lore-fed made 0644 (a reviewer)
                 return _Holding(fd)
             os.close(fd)  # the file was removed by its holder before we got it: lock the path's current file
 

@@ -108,6 +108,17 @@ def test_train_reports_the_true_basis_ceiling_on_a_benchmark(tmp_path):
     # Fitting only w on the hidden basis beats learning the basis too, and stays below the oracle's true w.
     assert metrics["true_basis_seen_test_acc"] >= metrics["seen_test_acc"] - 0.01
     assert metrics["true_basis_unseen_test_acc"] <= metrics["oracle_unseen_test_acc"] + 0.02
+    # The ceiling has its own prior (3 pairs, the matrix's), not the run's: at a run's prior of 30 pairs a tester's
+    # "ceiling" fell 7 points under what the true basis reaches.
+    from lore_core.evaluation import true_basis_metrics
+
+    expected = true_basis_metrics(pairs, truth.basis.astype(np.float64), 3.0)
+    assert main(["train", str(tmp_path), "--rank", "2", "--prior-pairs", "30", "--out", str(tmp_path / "run30")]) == 0
+    strong = json.loads((tmp_path / "run30" / "metrics.json").read_text())
+    assert strong["prior_pairs"] == 30.0
+    for key, value in expected.items():
+        assert strong[key] == pytest.approx(value, abs=1e-12) and metrics[key] == pytest.approx(value, abs=1e-12)
+    assert true_basis_metrics(pairs, truth.basis.astype(np.float64), 30.0) != expected  # the prior matters here
 
 
 def test_large_population_path_selects_on_a_sample_fits_minibatches_and_evaluates_in_blocks(pair_file, tmp_path,

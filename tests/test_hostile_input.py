@@ -986,6 +986,9 @@ def test_train_refuses_a_directory_another_run_holds_and_a_lock_that_is_a_link(w
     import subprocess
     import sys
 
+    (w / "out").mkdir()
+    (w / "out" / ".lock").write_text("")
+    (w / "out" / ".lock").chmod(0o644)  # as an older lore-fed left it
     holder = subprocess.Popen([sys.executable, "-c", "import time; from lore_core.run_lock import RunDirLock\n"
                                f"with RunDirLock({str(w / 'out')!r}):\n print('held', flush=True); time.sleep(60)",
                                "--token", "s3cret"], stdout=subprocess.PIPE, text=True)
@@ -1164,6 +1167,9 @@ def test_another_populations_truth_beside_a_pair_file_is_refused_and_another_wid
     write_truth(truth.user_weights[::-1])  # another population's users' weights
     refused(["evaluate", "bench/pairs.npz", "--basis", "basis.npz"], "bench/ground_truth.npz", w,
             expect="not that population's truth")
+    # and where the file is read as columns (simulate, deploy, large-population train: a reviewer)
+    refused(["simulate", "bench/pairs.npz", "--out", "sim", "--privacy", "none", "--rounds", "1"],
+            "bench/ground_truth.npz", w, expect="not that population's truth")
     write_truth(truth.user_weights, np.ones((RANK, DIM + 1)))
     with pytest.warns(UserWarning, match=f"not \\(B, {DIM}\\) as the pairs"):
         code, out, err = cli(["evaluate", "bench/pairs.npz", "--basis", "basis.npz"])

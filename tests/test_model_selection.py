@@ -265,14 +265,15 @@ def test_small_populations_are_scored_on_several_folds_large_ones_on_one():
     points to BT (bench_results/small_populations.md); the matrix's 300-user populations keep their one fold."""
     from lore_core.model_selection import fold_count
 
-    assert fold_count(300, 0.2) == 1 and fold_count(1400, 0.2) == 1
-    assert fold_count(100, 0.2) == 3 and fold_count(50, 0.2) == 5 and fold_count(20, 0.2) == 5
-    assert fold_count(20, 0.5) == 2  # never more folds than disjoint new folds fit
-    # A review found 5 identical folds where no new fold can be drawn: one fold there.
-    assert fold_count(9, 0.2) == 1 and fold_count(0, 0.2) == 1
+    assert fold_count(300, 300, 0.2) == 1 and fold_count(1400, 1400, 0.2) == 1
+    assert fold_count(100, 100, 0.2) == 3 and fold_count(50, 50, 0.2) == 5 and fold_count(20, 20, 0.2) == 5
+    assert fold_count(20, 20, 0.5) == 2  # never more folds than disjoint new folds fit
+    # A review found 5 identical folds where no new fold can be drawn, and folds of thousands of users with mostly
+    # one group each (fits that are not cheap): one fold there.
+    assert fold_count(20, 9, 0.2) == 1 and fold_count(20, 0, 0.2) == 1 and fold_count(4000, 100, 0.2) == 1
     # A tester: 300 users of whom 260 had one pair (one group) were scored on one fold of 8 users and lost 3.2
     # points to BT; what counts is the users a fold can score, not the population's size.
-    assert fold_count(40, 0.2) == 5 and fold_count(100, 0.2) == 3
+    assert fold_count(300, 40, 0.2) == 5 and fold_count(1000, 100, 0.2) == 3
     pairs = _shared_response_pairs()  # 60 users, turns of three pairs
     ids, user_idx = np.unique(pairs.user, return_inverse=True)
     groups = dense_groups(user_idx, pairs.group)
