@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import tempfile
-from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +21,7 @@ import numpy as np
 from lore_core.atomic_io import atomic_write_json, atomic_write_text
 from simulations import bench_hostile_populations as hostile
 from simulations.bench_small_populations import ARMS, run_population
-from simulations.revisions import check_imports, short_revision, worktree
+from simulations.revisions import checked_worktrees, short_revision
 
 
 def gain(cell: dict, i: int) -> float:
@@ -35,13 +33,10 @@ def gain(cell: dict, i: int) -> float:
 def ab_cells(revisions: dict[str, str], names: list[str], seeds: list[int]) -> dict[str, list[dict]]:
     """{population: [one cell per seed: {arm: {row: train_row}}]} for the two commits of `revisions`."""
     out = {name: [] for name in names}
-    with tempfile.TemporaryDirectory() as tmp, ExitStack() as trees:
-        roots = {arm: trees.enter_context(worktree(revisions[arm], Path(tmp) / arm)) for arm in ARMS}
-        for root in roots.values():
-            check_imports(root)
+    with checked_worktrees({arm: revisions[arm] for arm in ARMS}) as (tmp, roots):
         for name in names:
             for seed in seeds:
-                work = Path(tmp) / name / f"seed{seed}"
+                work = tmp / name / f"seed{seed}"
                 out[name].append(run_population(roots, hostile.population_file(name, seed, work), work))
                 print(f"{name} seed {seed}: " + "; ".join(
                     f"{arm} {gain(out[name][-1][arm], 0):+.1f} / {gain(out[name][-1][arm], 1):+.1f}"

@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import tempfile
-from contextlib import ExitStack
 from dataclasses import replace
 from pathlib import Path
 
@@ -26,7 +24,7 @@ import numpy as np
 from lore_core.atomic_io import atomic_write_json, atomic_write_text
 from simulations.bench_matrix import BASE
 from simulations.bench_train_ab import result, start_train, wait_all
-from simulations.revisions import check_imports, short_revision, worktree
+from simulations.revisions import checked_worktrees, short_revision
 from simulations.synthetic_pairs import write_synthetic_dataset
 
 ARMS = ("before", "after")
@@ -99,13 +97,10 @@ def main(argv: list[str] | None = None) -> int:
     seeds = [int(s) for s in args.seeds.split(",")]
     revisions = {arm: short_revision(getattr(args, arm)) for arm in ARMS}
     rows = []
-    with tempfile.TemporaryDirectory() as tmp, ExitStack() as trees:
-        roots = {arm: trees.enter_context(worktree(revisions[arm], Path(tmp) / arm)) for arm in ARMS}
-        for root in roots.values():
-            check_imports(root)
+    with checked_worktrees({arm: revisions[arm] for arm in ARMS}) as (tmp, roots):
         for size in sizes:
             for seed in seeds:
-                work = Path(tmp) / f"{size}-{seed}"
+                work = tmp / f"{size}-{seed}"
                 pairs = write_synthetic_dataset(work, replace(BASE, seen_users=size, seed=seed))
                 cell = run_population(roots, pairs, work)
                 rows.append({"size": size, "seed": seed, **cell})

@@ -11,7 +11,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,3 +59,16 @@ def worktree(revision: str, path: Path) -> Iterator[Path]:
     finally:
         _git("worktree", "remove", "--force", str(path), check=False)
         _git("worktree", "prune", check=False)
+
+
+@contextmanager
+def checked_worktrees(revisions: dict[str, str]) -> Iterator[tuple[Path, dict[str, Path]]]:
+    """A temporary directory and, inside it, a worktree per arm of `revisions` ({arm: revision}), each proven to
+    import its own code; all removed after the block."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp, ExitStack() as trees:
+        roots = {arm: trees.enter_context(worktree(revision, Path(tmp) / arm)) for arm, revision in revisions.items()}
+        for root in roots.values():
+            check_imports(root)
+        yield Path(tmp), roots
