@@ -245,10 +245,10 @@ def run(args: argparse.Namespace) -> int:
     rank = reference["rank"] if args.rank == "auto" else int(args.rank)
     common = ["--rank", str(rank), "--seed", str(args.seed), "--reference", str(central)]
     seen_users = json.loads((dataset / "summary.json").read_text())["seen_users"]
-    if args.clients_per_round is not None and args.clients_per_round > seen_users:  # the bound checked up front is
+    if args.clients_per_round is not None and args.clients_per_round > seen_users:  # checked up front: 0.8 x users
         raise ValueError(f"--clients-per-round {args.clients_per_round} is more than the {seen_users} seen users "
                          f"`prepare` made of --users {args.users}: run the demo again with --clients-per-round "
-                         f"{seen_users} or less (or unset); the stages done are kept")  # 0.8 x --users, at most
+                         f"{seen_users} or less (or unset); the stages done are kept")
     clients = args.clients_per_round or min(DEMO_CLIENTS_PER_ROUND, seen_users)
     if args.nonprivate_rounds:
         _stage("federated training without privacy (Flower simulation engine)", (nonprivate / "metrics.json").exists(),
@@ -320,17 +320,17 @@ def write_demo_report(out: Path, dataset: Path, central: dict, runs: dict[str, d
     ledger_file = out / "federated" / "ledger.json"
     ledger = json.loads(ledger_file.read_text()) if ledger_file.exists() else {}
     if "epsilon" in federated:
+        others = ("runs of this report (`centralized/`, `federated-nonprivate/`) trained on the same users without "
+                  "privacy and release their bases" if "federated-nonprivate" in runs else
+                  "run of this report (`centralized/`) trained on the same users without privacy and releases its "
+                  "basis")
         accountant = ("the distributed discrete Gaussian's RDP bound" if federated.get("epsilon_accountant") ==
                       "ddg-rdp" else f"the Opacus PRV accountant (RDP: {federated.get('epsilon_rdp', float('nan')):.3f})")
         sentences = [f"Mode `{mode}`: user-level (epsilon, delta) = ({federated['epsilon']:.3f}, "
                      f"{federated.get('delta')}) from {accountant}, {federated.get('rounds')} rounds, noise "
                      f"multiplier {federated.get('noise_multiplier')}, clip norm {federated.get('clip_norm')}; see "
                      "`federated/ledger.json` for what is and is not covered. This epsilon is that of the "
-                     "`federated/` run alone: the other " + ("runs of this report (`centralized/`, "
-                     "`federated-nonprivate/`) trained" if "federated-nonprivate" in runs else "run of this report "
-                     "(`centralized/`) trained") + " on the same users without privacy and release"
-                     + (" their bases and accuracies" if "federated-nonprivate" in runs else "s its basis and "
-                        "accuracies") + " without any guarantee.",
+                     f"`federated/` run alone: the {others} and accuracies without any guarantee.",
                      "Differential privacy over a population of a few hundred users is expensive: larger populations "
                      "reach a smaller epsilon at the same accuracy."]
         if reference_chose_rank:
