@@ -349,6 +349,7 @@ def test_a_target_beyond_meaningful_privacy_is_refused_asking_for_a_lower_target
         validate(PrivacySettings(mode="user", target_epsilon=1000.0, population_size=100, rounds=50,
                                  clients_per_round=10))
     assert "raise noise_multiplier" not in str(info.value)
+    assert "until the RDP bound of the plan is at most 100" in str(info.value)  # a tester: how far to lower it
 
 
 def test_prv_runs_below_the_stand_in_threshold():

@@ -318,8 +318,9 @@ def _check_user_modes(s: PrivacySettings) -> PrivacySettings:
     planned_rdp = _accounted(epsilon, s.noise_multiplier, q, rounds, s.delta, "rdp" if accountant == "prv" else
                              accountant, dim)
     if planned_rdp > MAX_PRV_EPSILON:
-        change = (f"lower {setting('target_epsilon')} (user-level DP runs use 1 to 10; the noise multiplier solved "
-                  f"for it is {s.noise_multiplier:.4g})" if s.noise_from_target else
+        change = (f"lower {setting('target_epsilon')} until the RDP bound of the plan is at most "
+                  f"{MAX_PRV_EPSILON:g} (user-level DP runs use 1 to 10; the noise multiplier solved for it is "
+                  f"{s.noise_multiplier:.4g})" if s.noise_from_target else
                   f"raise {setting('noise_multiplier')} (now {s.noise_multiplier:g}), lower "
                   f"{setting('clients_per_round')} or {setting('rounds')}")
         raise PrivacyConfigError(
