@@ -110,6 +110,12 @@ def _load_settings(args: argparse.Namespace, run_dir: Path | None) -> dict:
     for key in ("noise_multiplier", "clip_norm", "delta", "max_grad_norm"):
         if isinstance(settings[key], bool) or not isinstance(settings[key], (int, float)):
             raise AuditCommandError(f"{key} must be a number, got {settings[key]!r}{source.get(key, stored_in)}")
+    if settings["mode"] in ("user", "user+secagg") and settings["clients_per_round"] > settings["population_size"]:
+        # a tester: update-leakage took 50 per round of a 42-user run (record mode samples every user it holds)
+        raise AuditCommandError(f"clients_per_round {settings['clients_per_round']}"
+                                f"{source.get('clients_per_round', stored_in)} is above the population, "
+                                f"{settings['population_size']}{source.get('population_size', stored_in)}: a round "
+                                "samples at most every user")
     return settings
 
 

@@ -1091,6 +1091,10 @@ def test_audit_settings_past_what_the_mechanism_can_mean_are_refused_before_any_
     --query-noise 1e308` overflowed mid-audit into a traceback after writing its result and ledger entry."""
     refused(["audit", "mechanism", "--runs", "100", "--population", "1"], "--population", w,
             expect="above the population")
+    # and update-leakage, which took 50 users per round of a 42-user run (a tester)
+    refused(["audit", "update-leakage", "--basis", "basis.npz", "--pairs", "pairs.npz", "--mode", "user+secagg",
+             "--clients-per-round", "50", "--population", "8"], "--clients-per-round", w,
+            expect="above the population")
     refused(["audit", "extraction", "--basis", "basis.npz", "--pairs", "pairs.npz", "--query-noise", "1e308"],
             "--query-noise", w)
     (w / "blk").mkdir()
