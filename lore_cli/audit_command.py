@@ -110,13 +110,21 @@ def _load_settings(args: argparse.Namespace, run_dir: Path | None) -> dict:
     for key in ("noise_multiplier", "clip_norm", "delta", "max_grad_norm"):
         if isinstance(settings[key], bool) or not isinstance(settings[key], (int, float)):
             raise AuditCommandError(f"{key} must be a number, got {settings[key]!r}{source.get(key, stored_in)}")
-    if settings["mode"] in ("user", "user+secagg") and settings["clients_per_round"] > settings["population_size"]:
-        # a tester: update-leakage took 50 per round of a 42-user run (record mode samples every user it holds)
+    if settings["mode"] in ("user", "user+secagg"):  # record mode samples every user it holds
+        _refuse_more_per_round_than_users(settings, source, stored_in)  # a tester: update-leakage took 50 of 42
+    return settings
+
+
+def _refuse_more_per_round_than_users(settings: dict, source: dict | None = None, stored_in: str = "") -> None:
+    """A round samples at most every user: clients_per_round above population_size means nothing (`lore-fed
+    privacy` refuses it too); `source` and `stored_in` say where each value came from."""
+    source = source or {}
+    if settings["clients_per_round"] > settings["population_size"]:
         raise AuditCommandError(f"clients_per_round {settings['clients_per_round']}"
                                 f"{source.get('clients_per_round', stored_in)} is above the population, "
                                 f"{settings['population_size']}{source.get('population_size', stored_in)}: a round "
-                                "samples at most every user")
-    return settings
+                                "samples at most every user (--clients-per-round, --population; `lore-fed privacy` "
+                                "refuses it too)")
 
 
 MAX_QUERY_NOISE = 1e6  # far above any score a basis serves: such noise leaves nothing to extract
@@ -507,10 +515,7 @@ def _mechanism(args, run_dir, settings) -> dict:
     for key in ("noise_multiplier", "clip_norm"):  # above MAX_SCALE the accountant overflowed, naming no setting
         if not (math.isfinite(settings[key]) and 0 < settings[key] <= MAX_SCALE):
             raise AuditCommandError(f"{key} must be a finite number in (0, {MAX_SCALE:g}], got {settings[key]}")
-    if settings["clients_per_round"] > settings["population_size"]:  # a tester: q = 50 passed this audit
-        raise AuditCommandError(f"clients_per_round {settings['clients_per_round']} is above the population, "
-                                f"{settings['population_size']}: a round samples at most every user "
-                                "(--clients-per-round, --population; `lore-fed privacy` refuses it too)")
+    _refuse_more_per_round_than_users(settings)  # any mode, replayed as user-level (a tester: q = 50 passed)
     shape = (10, 384)
     if run_dir is not None or args.basis:
         try:

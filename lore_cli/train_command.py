@@ -315,8 +315,9 @@ TRUTH_CHECK_ROWS = 5000  # pairs whose true logits a benchmark's truth must repr
 def benchmark_truth(pairs):
     """The hidden basis of a benchmark (ground_truth.npz beside the pair file, same embedding size) or None; read
     before any training, so that a damaged file is refused up front. A truth of another width is ignored with a
-    warning; one with users' weights that does not give an in-memory pair file's own true logits (`logit_true`) is
-    another population's truth and is refused (a tester's copy reported a ceiling below chance without a word)."""
+    warning; one with users' weights that does not give the pair file's own true logits (`logit_true`; a PairSet
+    or streamed PairColumns) is another population's truth and is refused (a tester's copy reported a ceiling below
+    chance without a word)."""
     from lore_core.evaluation import load_true_basis
     from lore_core.prism_schema import GROUND_TRUTH_FILE
 

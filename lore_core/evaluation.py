@@ -73,11 +73,12 @@ def evaluate_model(
             pair_logits(seen_test.diff @ basis.T, w, np.arange(seen_test.n)), seen_test.user)
     few_shot = pairs.select(seen=False, split="train")
     unseen_test = pairs.select(seen=False, split="test")
+    if few_shot.n or unseen_test.n:  # one few-shot fit serves both scores (fit_and_score, unfolded)
+        ids, weights = few_shot_weights(few_shot, basis, prior_pairs)
     if unseen_test.n:
-        metrics["unseen_test_acc"], without = fit_and_score(few_shot, unseen_test, basis, prior_pairs)
+        metrics["unseen_test_acc"], without = _score(unseen_test, basis, ids, weights)
         metrics["unseen_users_without_few_shot"] = without
     if few_shot.n:  # also without test pairs, as seen_train_acc (a tester: a file with no test split lacked it)
-        ids, weights = few_shot_weights(few_shot, basis, prior_pairs)
         metrics["unseen_few_shot_train_acc"], _ = _score(few_shot, basis, ids, weights)
     metrics.update(reference_metrics(pairs))
     return metrics
