@@ -90,3 +90,15 @@ def test_thin_new_users_have_three_few_shot_pairs():
     pairs, basis = hostile_population("thin-new", 0)
     few = np.unique(pairs.user[~pairs.seen & (pairs.split == "train")], return_counts=True)[1]
     assert basis is not None and few.size == NEW and set(few.tolist()) == {THIN_FEW_SHOT}
+
+
+def test_weak_few_is_a_small_study_whose_users_sit_near_one_shared_w():
+    pairs, basis = hostile_population("weak-few", 0)
+    assert basis is not None and np.unique(pairs.user[pairs.seen]).size == 40
+    assert np.unique(pairs.user[~pairs.seen]).size == NEW
+    # Each user's reward is 0.3 of its own draw plus 0.7 of one shared w: the users' rewards are close to each other.
+    rows = pairs.diff.astype(float) @ basis.T
+    per_user = np.array([np.linalg.lstsq(rows[pairs.user == u], pairs.logit_true[pairs.user == u], rcond=None)[0]
+                         for u in np.unique(pairs.user)[:30]])
+    spread = np.linalg.norm(per_user - per_user.mean(0), axis=1).mean() / np.linalg.norm(per_user.mean(0))
+    assert spread < 0.4

@@ -171,6 +171,25 @@ def test_a_gain_for_seen_users_does_not_buy_a_loss_for_new_users():
     assert chosen is bt and not table[1]["eligible"]
 
 
+def test_a_held_out_loss_on_one_side_is_never_chosen_even_within_its_standard_error():
+    """A tester's 40 weakly personal users chose rank 6 on a seen-side gain of -0.4 ± 0.8 points (new users
+    +2.6 ± 0.9) and lost 2.7 / 1.4 points to BT: a side's gain must be positive, not merely above minus its SE."""
+    rng = np.random.default_rng(3)
+    base_seen, base_new = rng.uniform(0.5, 0.9, 200), rng.uniform(0.5, 0.9, 60)
+    noise_seen, noise_new = rng.normal(0, 0.1, 200), rng.normal(0, 0.1, 60)
+    noise_seen, noise_new = noise_seen - noise_seen.mean(), noise_new - noise_new.mean()
+    bt = _candidate(1, base_seen, base_new)
+    tilted = _candidate(6, base_seen + noise_seen - 0.003, base_new + noise_new + 0.03)
+    chosen, table = select_one_se([bt, tilted])
+    row = table[1]
+    assert row["gain_vs_rank1"] > row["gain_se"] and -row["seen_gain_se"] < row["seen_gain"] < 0
+    assert chosen is bt and not row["eligible"]
+    # The same candidate with a small positive seen-side gain passes.
+    level = _candidate(6, base_seen + noise_seen + 0.001, base_new + noise_new + 0.03)
+    chosen, table = select_one_se([bt, level])
+    assert chosen is level and table[1]["eligible"]
+
+
 def test_without_personalization_signal_rank_one_is_kept():
     """Every user has the same w: the selection falls back to one shared reward (or a model as good on held-out
     groups), never to a model that its own estimate says is worse."""

@@ -1,0 +1,138 @@
+"""May a higher rank win on one side while its held-out gain on the other side is negative? A pilot for the one-SE
+rule's side condition.
+
+    python -m simulations.pilot_side_margin [--populations base-40,weak-40,weak-300,noise-300]
+                                            [--seeds 101,...,108] [--sides -1,-0.5,0] [--work runs/pilot_side_margin]
+                                            [--out bench_results]
+
+The one-SE rule (`lore_core/model_selection.py`) needs a candidate's gain over rank 1 (mean of the seen and new
+gains) to exceed its SE, and each side's gain to exceed `side` times its own SE. With `side` = -1 a tester's 40
+weakly personal users chose rank 6 on a held-out gain of -0.4 ± 0.8 points for seen users and +2.6 ± 0.9 for new
+ones, and lost 2.7 / 1.4 points to BT. `SIDE_SE` is now 0. This measures each `side` on pilot seeds only:
+`lore-fed train` (default flags) runs once and records its selection table; for each `side`, the candidate
+`choose_from_table(table, 1, side)` picks is trained with its settings fixed (`--rank --l2 --prior-pairs
+--objective --seed`; the choice train made is its own run) and its test accuracy compared with BT (`--rank 1`).
+Populations are the stress matrix's base (`bench_matrix.BASE`) with 40 or 300 seen users, weak personalization (0.3) or 20 % flipped labels. Runs are cached
+under `--work`, so a rerun only adds what is missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from lore_core.atomic_io import atomic_write_json, atomic_write_text
+from lore_core.model_selection import choose_from_table
+from simulations.bench_matrix import BASE, TRAIN_CHOICE, _mean_se
+from simulations.pilot_one_se_threshold import cached_train
+from simulations.synthetic_pairs import write_synthetic_dataset
+
+GROUPS = ("seen", "unseen")
+POPULATIONS = {
+    "base-40": replace(BASE, seen_users=40),
+    "weak-40": replace(BASE, seen_users=40, personalization=0.3),
+    "weak-300": replace(BASE, personalization=0.3),
+    "noise-300": replace(BASE, label_noise=0.2),
+}
+
+
+def run_population(name: str, seed: int, sides: list[float], work: Path) -> dict:
+    root = work / "data" / f"{name}-s{seed}"
+    if not (root / "pairs.npz").exists():
+        write_synthetic_dataset(root, replace(POPULATIONS[name], seed=seed))
+    pairs = root / "pairs.npz"
+    bt = cached_train(pairs, root / "bt", ["--rank", "1", "--seed", str(seed)])
+    train = cached_train(pairs, root / "train", ["--seed", str(seed)])
+    table = json.loads((root / "train" / "metrics.json").read_text())["selection"]
+    chose = next(i for i, row in enumerate(table) if row["chosen"])
+    out = {"population": name, "seed": seed, "bt": [bt[f"{g}_test_acc"] for g in GROUPS], "by_side": {}}
+    for side in sides:
+        index = choose_from_table(table, 1.0, side)[0]
+        row = table[index]
+        flags = ["--rank", str(row["rank"]), "--l2", repr(row["l2"]), "--prior-pairs", repr(row["prior_pairs"]),
+                 "--objective", row["objective"], "--seed", str(seed)]
+        fixed = train if index == chose else cached_train(pairs, root / ("fixed-" + "-".join(flags[1:9:2])), flags)
+        out["by_side"][f"{side:g}"] = {"choice": {k: row[k] for k in TRAIN_CHOICE},
+                                       "gains": {k: row[k] for k in ("seen_gain", "seen_gain_se", "new_gain",
+                                                                     "new_gain_se")},
+                                       "test": [fixed[f"{g}_test_acc"] for g in GROUPS]}
+    return out
+
+
+def summarize(cells: list[dict], names: list[str], sides: list[float]) -> dict:
+    out = {}
+    for name in names:
+        mine = [c for c in cells if c["population"] == name]
+        for side in sides:
+            key = f"{side:g}"
+            entry = {}
+            for i, group in enumerate(GROUPS):
+                diffs = [100 * (c["by_side"][key]["test"][i] - c["bt"][i]) for c in mine]
+                mean, se = _mean_se(diffs)
+                entry[group] = {"mean": mean, "se": se, "worst": min(diffs), "by_seed": diffs,
+                                "seeds_below_minus_1": sum(d < -1 for d in diffs)}
+            entry["higher_rank_chosen"] = sum(c["by_side"][key]["choice"]["rank"] > 1 for c in mine)
+            entry["seeds"] = len(mine)
+            out[f"{name}|{key}"] = entry
+    return out
+
+
+def markdown(summary: dict, names: list[str], seeds: list[int], sides: list[float]) -> str:
+    lines = [f"# Side-margin pilot (`python -m simulations.pilot_side_margin --populations {','.join(names)} "
+             f"--seeds {','.join(map(str, seeds))} --sides {','.join(f'{s:g}' for s in sides)}`)", "",
+             "A candidate above rank 1 is chosen only when its gain exceeds one SE and each side's gain (seen, new) "
+             "exceeds `side` times its own SE; `side` = -1 was `lore-fed train`'s rule before this pilot, 0 is "
+             "today's (`model_selection.SIDE_SE`). Each side's choice is trained with fixed settings; figures are "
+             "its test accuracy - BT in points, seen / new users, mean ± SE over the seeds. Pilot seeds only: "
+             "nothing here is a reported figure.", "",
+             "| population | side | train - BT | worst seed | seeds below -1 | higher rank chosen |",
+             "|---|---|---|---|---|---|"]
+    for name in names:
+        for side in sides:
+            e = summary[f"{name}|{side:g}"]
+            gain = " / ".join(f"{e[g]['mean']:+.2f} ± {e[g]['se']:.2f}" for g in GROUPS)
+            worst = " / ".join(f"{e[g]['worst']:+.1f}" for g in GROUPS)
+            below = " / ".join(str(e[g]["seeds_below_minus_1"]) for g in GROUPS)
+            lines.append(f"| {name} | {side:g} | {gain} | {worst} | {below} | "
+                         f"{e['higher_rank_chosen']} of {e['seeds']} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--populations", default=",".join(POPULATIONS))
+    parser.add_argument("--seeds", default=",".join(str(s) for s in range(101, 109)))
+    parser.add_argument("--sides", default="-1,-0.5,0")
+    parser.add_argument("--work", default="runs/pilot_side_margin")
+    parser.add_argument("--out", default="bench_results")
+    parser.add_argument("--name", default="side_margin_pilot")
+    args = parser.parse_args(argv)
+    names = args.populations.split(",")
+    seeds = [int(s) for s in args.seeds.split(",")]
+    sides = [float(s) for s in args.sides.split(",")]
+    if set(names) - set(POPULATIONS) or min(seeds) < 100:
+        parser.error(f"populations are {', '.join(POPULATIONS)}; seeds are pilot seeds (100 or more)")
+    cells = []
+    for name in names:
+        for seed in seeds:
+            started = time.perf_counter()
+            cells.append(run_population(name, seed, sides, Path(args.work)))
+            print(f"{name}, seed {seed}: " + "; ".join(
+                f"side {s}: rank {v['choice']['rank']} {100 * (v['test'][0] - cells[-1]['bt'][0]):+.1f} / "
+                f"{100 * (v['test'][1] - cells[-1]['bt'][1]):+.1f}" for s, v in cells[-1]["by_side"].items())
+                + f" ({time.perf_counter() - started:.0f} s)", flush=True)
+    summary = summarize(cells, names, sides)
+    out = Path(args.out)
+    atomic_write_json(out / f"{args.name}.json", {"populations": names, "seeds": seeds, "sides": sides,
+                                                  "summary": summary, "cells": cells})
+    text = markdown(summary, names, seeds, sides)
+    atomic_write_text(out / f"{args.name}.md", text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
