@@ -15,7 +15,7 @@ pick too little of it. A small population repeats both on further folds (`fold_c
 another fifth of the users treated as new, each fold with its own fits, until 60 users are scored as new.
 Both give one accuracy per user, so a candidate's gain over one shared reward (rank 1) has a paired standard error
 over users. The one-SE rule: a candidate other than rank 1 is chosen only when its gain (mean of the seen and new
-gains) exceeds its standard error and neither the seen nor the new gain is negative (`SIDE_SE`): personalization
+gains) exceeds its standard error and both the seen and the new gain are positive (`SIDE_SE`): personalization
 that the held-out estimate says costs seen or new users is not chosen, however much it gains on the other side.
 """
 
@@ -251,8 +251,9 @@ def _combine(gain_seen, se_seen, gain_new, se_new) -> tuple[float, float]:
 
 # A side's gain (seen, new) must exceed this many of its own SEs. It was -1 (a loss within one SE passed): a
 # tester's 40 weakly personal users chose rank 6 on -0.4 ± 0.8 points for seen users and lost 2.7 / 1.4 points to
-# BT. 0 was kept on pilot seeds 101-108 (bench_results/side_margin_pilot.md) and measured on the reported seeds with
-# simulations/bench_rule_replay.py (bench_results/side_margin_replay.md).
+# BT. 0 was kept on pilot seeds 101-108 (bench_results/side_margin_pilot.md) and replayed on earlier runs of the
+# matrix (seeds 0-8) and the hostile populations by simulations/bench_rule_replay.py
+# (bench_results/side_margin_replay.md).
 SIDE_SE = 0.0
 
 

@@ -172,9 +172,11 @@ def population_file(name: str, seed: int, work: Path) -> Path:
 
 
 ROWS = ("bt", "train", "simulate")
+
+
 def federated(name: str) -> dict:
-    """The matrix's federated row: 600 rounds of a fifth of the seen users."""
-    return {"rounds": 600, "clients_per_round": seen_users(name) // 5}
+    """The matrix's federated row (`bench_matrix.federated_settings`): 600 rounds of a fifth of the seen users."""
+    return {"rounds": 600, "clients_per_round": max(10, seen_users(name) // 5)}
 
 
 def run_cell(name: str, seed: int, work: Path, rows: tuple[str, ...] = ("bt", "train")) -> dict:

@@ -41,7 +41,7 @@ def cached_train(pairs: Path, run_dir: Path, flags: list[str]) -> dict:
 
 def choice_at(table: list[dict], threshold: float) -> dict:
     """The row `select_one_se` would choose with `threshold` SEs in place of one."""
-    return table[choose_from_table(table, threshold)[0]]
+    return table[choose_from_table(table, threshold, side=-1.0)[0]]  # the side condition when this pilot ran
 
 
 def run_population(size: int, seed: int, thresholds: list[float], work: Path) -> dict:

@@ -12,8 +12,8 @@ ones, and lost 2.7 / 1.4 points to BT. `SIDE_SE` is now 0. This measures each `s
 `lore-fed train` (default flags) runs once and records its selection table; for each `side`, the candidate
 `choose_from_table(table, 1, side)` picks is trained with its settings fixed (`--rank --l2 --prior-pairs
 --objective --seed`; the choice train made is its own run) and its test accuracy compared with BT (`--rank 1`).
-Populations are the stress matrix's base (`bench_matrix.BASE`) with 40 or 300 seen users, weak personalization (0.3) or 20 % flipped labels. Runs are cached
-under `--work`, so a rerun only adds what is missing.
+Populations are the stress matrix's base (`bench_matrix.BASE`) with 40 or 300 seen users, weak personalization
+(0.3) or 20 % flipped labels. Runs are cached under `--work`, so a rerun only adds what is missing.
 """
 
 from __future__ import annotations
@@ -88,7 +88,7 @@ def markdown(summary: dict, names: list[str], seeds: list[int], sides: list[floa
              "today's (`model_selection.SIDE_SE`). Each side's choice is trained with fixed settings; figures are "
              "its test accuracy - BT in points, seen / new users, mean ± SE over the seeds. Pilot seeds only: "
              "nothing here is a reported figure.", "",
-             "| population | side | train - BT | worst seed | seeds below -1 | higher rank chosen |",
+             "| population | side | choice - BT | worst seed | seeds below -1 | higher rank chosen |",
              "|---|---|---|---|---|---|"]
     for name in names:
         for side in sides:
