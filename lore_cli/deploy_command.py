@@ -108,29 +108,18 @@ def run_local(args: argparse.Namespace) -> int:
 
 def write_outputs(run_dir: Path, state, settings, privacy, population: dict, *, nodes: int, seconds: float,
                   previous=None) -> None:
-    """The server's outputs of a completed run, as `simulate` writes them: `basis.npz` (the reported basis, which
-    `evaluate --basis RUN` and devices read), `metrics.json` (the server's final evaluation, settings, privacy keys)
-    and `report.md`. From the server's checkpoint and ledger only: no benchmark ceiling, no pair data."""
+    """The server's outputs of a completed run (`server/run_outputs.py`), as `simulate` writes them, with the pair
+    file's embedder named in basis.npz (the ServerApp, which never sees the data, could not name it)."""
     import shlex
     import sys
 
-    from lore_cli.run_report import write_report
-    from lore_cli.simulate_command import (kept_wall_seconds, privacy_metrics, recorded_metrics, run_metrics,
-                                           run_problems, save_reported_basis)
-    from lore_core.atomic_io import atomic_write_json
+    from server.run_outputs import write_run_outputs
 
-    privacy_keys = privacy_metrics(run_dir)
-    if state.round < settings.rounds and not privacy_keys["stopped_early"]:
-        return  # nothing final to report; a rerun resumes
-    wall_seconds = kept_wall_seconds(round(seconds, 3), previous, state, recorded_metrics(run_dir))
-    metrics = run_metrics(state, settings, privacy.mode, privacy_keys, wall_seconds=wall_seconds, nodes=nodes,
-                          extra={"node_kind": "deployed"})
-    metrics.update(run_problems(state.history))
-    save_reported_basis(run_dir, state, settings, population["embedder"])
-    atomic_write_json(run_dir / "metrics.json", metrics)
-    report = write_report(run_dir, state.history, metrics, None,
-                          "lore-fed " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
-    print(f"wrote {run_dir / 'metrics.json'}, {run_dir / 'basis.npz'} and {report}")
+    report = write_run_outputs(run_dir, state, settings, privacy.mode, nodes=nodes, seconds=seconds,
+                               previous=previous, embedder=population["embedder"],
+                               command="lore-fed " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
+    if report is not None:
+        print(f"wrote {run_dir / 'metrics.json'}, {run_dir / 'basis.npz'} and {report}")
 
 
 # Run-config keys `deploy local` sets from its flags. A -c value would win in flwr: run-dir sent the server's

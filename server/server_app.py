@@ -6,7 +6,9 @@ rounds (as many as max_epsilon allows) of one `TrainingRun`, through the Message
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
+from pathlib import Path
 
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
@@ -20,6 +22,7 @@ from server.population import discover_population
 from server.release_record import ReleaseRecord
 from server.round_progress import RoundProgress
 from server.run_ledger import evaluation_policy, open_ledger, rounds_that_fit, train_config
+from server.run_outputs import write_run_outputs
 from server.run_settings import ServerSettings
 from server.strategy import LoReStrategy
 from server.training_round import TrainingRun, basis_record
@@ -87,5 +90,12 @@ def _run_locked(grid: Grid, settings: ServerSettings, on_round: Callable[[dict],
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     settings = ServerSettings.from_run_config(context.run_config)
+    previous, started = load_checkpoint(settings.run_dir), time.monotonic()
     with RoundProgress(settings.rounds, style=settings.progress) as progress:
-        run_federated(stopping_with_engine(grid), settings, on_round=progress.update)
+        state = run_federated(stopping_with_engine(grid), settings, on_round=progress.update)
+    # A completed run leaves its basis for devices however it was started (`flwr run` by hand included).
+    report = write_run_outputs(Path(settings.run_dir), state, settings, settings.privacy_mode,
+                               nodes=max(len(state.population) - 1, 0), seconds=time.monotonic() - started,
+                               previous=previous, command="ServerApp (flwr run)")
+    if report is not None:
+        log.info("wrote %s, basis.npz and metrics.json beside it", report)

@@ -58,6 +58,32 @@ def test_in_process_run_improves_accuracy(pair_file, tmp_path):
     assert [json.loads(line)["round"] for line in rounds_file] == list(range(1, 13))
 
 
+def test_a_run_started_by_hand_leaves_its_basis_metrics_and_report(pair_file, tmp_path):
+    """`flwr run` by hand runs only the ServerApp: its `main` writes what devices and `evaluate --basis` read."""
+    from flwr.app import Context, RecordDict
+
+    from lore_core.basis_file import load_basis
+    from server.server_app import main
+    from server.run_outputs import write_run_outputs
+
+    grid, settings = make_run(pair_file, tmp_path, **{"num-server-rounds": 3, "eval-every": 3})
+    run_config = next(iter(grid.contexts.values())).run_config
+    main(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config))
+    state = load_checkpoint(tmp_path)
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["rounds"] == 3 and metrics["node_kind"] == "deployed" and metrics["nodes"] == 4
+    assert metrics["seen_test_acc"] == final_eval(state)["seen_test_acc"] and metrics["privacy_mode"] == "none"
+    basis = load_basis(tmp_path / "basis.npz")
+    assert basis.basis.shape == (RANK, DIM) and basis.version == 3 and basis.prior_pairs == settings.prior_pairs
+    assert (tmp_path / "report.md").exists()
+    # A run with rounds left reports nothing (a rerun resumes it).
+    for name in ("metrics.json", "basis.npz"):
+        (tmp_path / name).unlink()
+    unfinished = ServerSettings.from_run_config({**run_config, "num-server-rounds": 5})
+    assert write_run_outputs(tmp_path, state, unfinished, "none", nodes=4, seconds=1.0, command="x") is None
+    assert not (tmp_path / "metrics.json").exists() and not (tmp_path / "basis.npz").exists()
+
+
 def test_replies_carry_only_per_user_basis_updates_and_counts(pair_file, tmp_path):
     grid, settings = make_run(pair_file, tmp_path)
     run_federated(grid, settings)
