@@ -491,6 +491,7 @@ def _simulate(args, pairs_path, population, overrides, settings, privacy, refere
           f"rank {settings.rank}, privacy {args.privacy}{noise}; run dir {out}", flush=True)
     if previous is not None:
         print(f"resuming after round {previous.round} from {out / 'checkpoint.npz'}", flush=True)
+    earlier = recorded_metrics(out)  # before the run: the ServerApp writes a metrics.json of its own at the end
     try:
         nodes = simulate_pairs(pairs_path, out, n_users=population["users"], users_per_node=args.users_per_node,
                                overrides=overrides, canaries=args.canaries, canary_secrets=args.canary_secrets)
@@ -510,7 +511,6 @@ def _simulate(args, pairs_path, population, overrides, settings, privacy, refere
         raise CommandFailed(f"the simulation ended before round {settings.rounds}; run the same command again to "
                             "resume")
     require_final_evaluation(state)  # before the ceiling reads the whole pair file
-    earlier = recorded_metrics(out)
     wall_seconds = kept_wall_seconds(round(wall, 3), previous, state, earlier)
     metrics = run_metrics(state, settings, args.privacy, privacy_keys, wall_seconds=wall_seconds, nodes=nodes,
                           benchmark=benchmark_metrics(pairs_path, population["true_basis"]),

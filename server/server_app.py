@@ -87,15 +87,29 @@ def _run_locked(grid: Grid, settings: ServerSettings, on_round: Callable[[dict],
     return state
 
 
+def run_and_report(grid: Grid, settings: ServerSettings,
+                   on_round: Callable[[dict], None] | None = None) -> RunState:
+    """What the ServerApp does: `run_federated`, then, when the run completed, the files a user of the run reads
+    (`server/run_outputs.py`: basis.npz, metrics.json, report.md), all under the run directory's lock. So a run
+    started by hand with `flwr run` leaves its basis for devices as `simulate` and `deploy local` do."""
+    with RunDirLock(settings.run_dir, wait=min(settings.round_timeout, LOCK_WAIT_SECONDS)):
+        previous, started = load_checkpoint(settings.run_dir), time.monotonic()
+        state = run_federated(grid, settings, on_round=on_round)
+        try:
+            report = write_run_outputs(Path(settings.run_dir), state, settings, settings.privacy_mode,
+                                       nodes=max(len(state.population) - 1, 0), seconds=time.monotonic() - started,
+                                       previous=previous, command="ServerApp (flwr run)")
+        except Exception as exc:  # the checkpoint is the run's record; these files only derive from it
+            log.warning("the run is checkpointed in %s, but its basis.npz, metrics.json and report.md were not "
+                        "written (%s); a rerun of the same run writes them", settings.run_dir, exc)
+        else:
+            if report is not None:
+                log.info("wrote %s, basis.npz and metrics.json beside it", report)
+    return state
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     settings = ServerSettings.from_run_config(context.run_config)
-    previous, started = load_checkpoint(settings.run_dir), time.monotonic()
     with RoundProgress(settings.rounds, style=settings.progress) as progress:
-        state = run_federated(stopping_with_engine(grid), settings, on_round=progress.update)
-    # A completed run leaves its basis for devices however it was started (`flwr run` by hand included).
-    report = write_run_outputs(Path(settings.run_dir), state, settings, settings.privacy_mode,
-                               nodes=max(len(state.population) - 1, 0), seconds=time.monotonic() - started,
-                               previous=previous, command="ServerApp (flwr run)")
-    if report is not None:
-        log.info("wrote %s, basis.npz and metrics.json beside it", report)
+        run_and_report(stopping_with_engine(grid), settings, on_round=progress.update)

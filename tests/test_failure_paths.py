@@ -22,7 +22,7 @@ from lore_core.basis_file import save_basis
 from lore_core.pairs import PairSet, save_pairs
 from server.checkpoint import load_checkpoint
 from server.run_settings import ServerSettings
-from server.server_app import run_federated
+from server.server_app import run_and_report, run_federated
 from simulations.in_process_grid import LocalGrid
 from simulations.synthetic_pairs import SyntheticPairsConfig, make_synthetic_pairs
 from test_hostile_input import cli, refused, tree
@@ -85,7 +85,7 @@ def engine(monkeypatch):
             Engine.round = record["round"] + 1
 
         Engine.round = (load_checkpoint(run_dir).round if load_checkpoint(run_dir) else 0) + 1
-        run_federated(grid, ServerSettings.from_run_config(cfg), on_round=on_round)
+        run_and_report(grid, ServerSettings.from_run_config(cfg), on_round=on_round)  # what the ServerApp runs
         return nodes
 
     monkeypatch.setattr(message_app, "train_clipped", train_clipped)

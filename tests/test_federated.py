@@ -62,26 +62,47 @@ def test_a_run_started_by_hand_leaves_its_basis_metrics_and_report(pair_file, tm
     """`flwr run` by hand runs only the ServerApp: its `main` writes what devices and `evaluate --basis` read."""
     from flwr.app import Context, RecordDict
 
-    from lore_core.basis_file import load_basis
-    from server.server_app import main
+    from lore_core.basis_file import UNKNOWN_EMBEDDER, load_basis
+    from server.optimizer import reported_basis
     from server.run_outputs import write_run_outputs
+    from server.server_app import main
 
-    grid, settings = make_run(pair_file, tmp_path, **{"num-server-rounds": 3, "eval-every": 3})
+    grid, settings = make_run(pair_file, tmp_path, **{"num-server-rounds": 8, "eval-every": 4})
     run_config = next(iter(grid.contexts.values())).run_config
-    main(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config))
+    context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config)
+    main(grid, context)
     state = load_checkpoint(tmp_path)
     metrics = json.loads((tmp_path / "metrics.json").read_text())
-    assert metrics["rounds"] == 3 and metrics["node_kind"] == "deployed" and metrics["nodes"] == 4
+    assert metrics["rounds"] == 8 and metrics["node_kind"] == "deployed" and metrics["nodes"] == 4
     assert metrics["seen_test_acc"] == final_eval(state)["seen_test_acc"] and metrics["privacy_mode"] == "none"
-    basis = load_basis(tmp_path / "basis.npz")
-    assert basis.basis.shape == (RANK, DIM) and basis.version == 3 and basis.prior_pairs == settings.prior_pairs
+    saved = load_basis(tmp_path / "basis.npz")
+    reported = reported_basis(state.optimizer, state.basis)  # the tail average, not the last iterate
+    assert not np.allclose(reported, state.basis) and np.allclose(saved.basis, reported)
+    assert saved.version == 8 and saved.prior_pairs == settings.prior_pairs and saved.embedder == UNKNOWN_EMBEDDER
     assert (tmp_path / "report.md").exists()
+    # Started again, the finished run trains nothing and keeps its recorded wall time.
+    main(grid, context)
+    assert json.loads((tmp_path / "metrics.json").read_text())["wall_seconds"] == metrics["wall_seconds"]
     # A run with rounds left reports nothing (a rerun resumes it).
     for name in ("metrics.json", "basis.npz"):
         (tmp_path / name).unlink()
-    unfinished = ServerSettings.from_run_config({**run_config, "num-server-rounds": 5})
+    unfinished = ServerSettings.from_run_config({**run_config, "num-server-rounds": 10})
     assert write_run_outputs(tmp_path, state, unfinished, "none", nodes=4, seconds=1.0, command="x") is None
     assert not (tmp_path / "metrics.json").exists() and not (tmp_path / "basis.npz").exists()
+
+
+def test_a_run_whose_outputs_cannot_be_written_still_completes_and_says_so(pair_file, tmp_path, monkeypatch, caplog):
+    from server import server_app
+
+    def broken(*_, **__):
+        raise OSError("read-only file system")
+
+    monkeypatch.setattr(server_app, "write_run_outputs", broken)
+    grid, settings = make_run(pair_file, tmp_path, **{"num-server-rounds": 2, "eval-every": 2})
+    with caplog.at_level(logging.WARNING, logger="lore_fed.server"):
+        state = server_app.run_and_report(grid, settings)
+    assert state.round == 2 and load_checkpoint(tmp_path).round == 2
+    assert "were not written (read-only file system)" in caplog.text and not (tmp_path / "basis.npz").exists()
 
 
 def test_replies_carry_only_per_user_basis_updates_and_counts(pair_file, tmp_path):
