@@ -64,21 +64,37 @@ def run_population(size: int, seed: int, thresholds: list[float], work: Path) ->
     return out
 
 
+def versus_bt(cells: list[dict], arm: str, key: str) -> dict:
+    """The choices `cell[arm][key]` against BT over `cells`: test accuracy - BT in points per group (mean, SE,
+    worst, by seed, seeds below -1) and how many chose a rank above 1."""
+    entry = {}
+    for i, group in enumerate(GROUPS):
+        diffs = [100 * (c[arm][key]["test"][i] - c["bt"][i]) for c in cells]
+        mean, se = _mean_se(diffs)
+        entry[group] = {"mean": mean, "se": se, "worst": min(diffs), "by_seed": diffs,
+                        "seeds_below_minus_1": sum(d < -1 for d in diffs)}
+    entry["higher_rank_chosen"] = sum(c[arm][key]["choice"]["rank"] > 1 for c in cells)
+    return entry
+
+
+def run_cells(populations: list, seeds: list[int], run, arm: str, word: str) -> list[dict]:
+    """`run(population, seed)` for each, printing each cell's choices `cell[arm]` and their test accuracy - BT."""
+    cells = []
+    for population in populations:
+        for seed in seeds:
+            started = time.perf_counter()
+            cells.append(run(population, seed))
+            bt = cells[-1]["bt"]
+            print(f"{population}, seed {seed}: " + "; ".join(
+                f"{word} {key}: rank {v['choice']['rank']} {100 * (v['test'][0] - bt[0]):+.1f} / "
+                f"{100 * (v['test'][1] - bt[1]):+.1f}" for key, v in cells[-1][arm].items())
+                + f" ({time.perf_counter() - started:.0f} s)", flush=True)
+    return cells
+
+
 def summarize(cells: list[dict], sizes: list[int], thresholds: list[float]) -> dict:
-    out = {}
-    for size in sizes:
-        mine = [c for c in cells if c["size"] == size]
-        for z in thresholds:
-            key = f"{z:g}"
-            entry = {}
-            for i, group in enumerate(GROUPS):
-                diffs = [100 * (c["by_threshold"][key]["test"][i] - c["bt"][i]) for c in mine]
-                mean, se = _mean_se(diffs)
-                entry[group] = {"mean": mean, "se": se, "worst": min(diffs), "by_seed": diffs,
-                                "seeds_below_minus_1": sum(d < -1 for d in diffs)}
-            entry["higher_rank_chosen"] = sum(c["by_threshold"][key]["choice"]["rank"] > 1 for c in mine)
-            out[f"{size}-{key}"] = entry
-    return out
+    return {f"{size}-{z:g}": versus_bt([c for c in cells if c["size"] == size], "by_threshold", f"{z:g}")
+            for size in sizes for z in thresholds}
 
 
 def markdown(summary: dict, sizes: list[int], seeds: list[int], thresholds: list[float]) -> str:
@@ -112,15 +128,8 @@ def main(argv: list[str] | None = None) -> int:
     thresholds = [float(z) for z in args.thresholds.split(",")]
     if 1.0 not in thresholds:
         parser.error("--thresholds must include 1 (what `lore-fed train` does)")
-    cells = []
-    for size in sizes:
-        for seed in seeds:
-            started = time.perf_counter()
-            cells.append(run_population(size, seed, thresholds, Path(args.work)))
-            print(f"{size} users, seed {seed}: " + "; ".join(
-                f"z {z}: rank {v['choice']['rank']} {100 * (v['test'][0] - cells[-1]['bt'][0]):+.1f} / "
-                f"{100 * (v['test'][1] - cells[-1]['bt'][1]):+.1f}" for z, v in cells[-1]["by_threshold"].items())
-                + f" ({time.perf_counter() - started:.0f} s)", flush=True)
+    cells = run_cells(sizes, seeds, lambda size, seed: run_population(size, seed, thresholds, Path(args.work)),
+                      "by_threshold", "z")
     summary = summarize(cells, sizes, thresholds)
     out = Path(args.out)
     atomic_write_json(out / "one_se_threshold_pilot.json", {"sizes": sizes, "seeds": seeds,

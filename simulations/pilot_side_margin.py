@@ -20,14 +20,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from dataclasses import replace
 from pathlib import Path
 
 from lore_core.atomic_io import atomic_write_json, atomic_write_text
 from lore_core.model_selection import choose_from_table
-from simulations.bench_matrix import BASE, TRAIN_CHOICE, _mean_se
-from simulations.pilot_one_se_threshold import cached_train
+from simulations.bench_matrix import BASE, TRAIN_CHOICE
+from simulations.bench_rule_replay import fixed_flags
+from simulations.pilot_one_se_threshold import cached_train, run_cells, versus_bt
 from simulations.synthetic_pairs import write_synthetic_dataset
 
 GROUPS = ("seen", "unseen")
@@ -52,8 +52,7 @@ def run_population(name: str, seed: int, sides: list[float], work: Path) -> dict
     for side in sides:
         index = choose_from_table(table, 1.0, side)[0]
         row = table[index]
-        flags = ["--rank", str(row["rank"]), "--l2", repr(row["l2"]), "--prior-pairs", repr(row["prior_pairs"]),
-                 "--objective", row["objective"], "--seed", str(seed)]
+        flags = fixed_flags(row, seed)
         fixed = train if index == chose else cached_train(pairs, root / ("fixed-" + "-".join(flags[1:9:2])), flags)
         out["by_side"][f"{side:g}"] = {"choice": {k: row[k] for k in TRAIN_CHOICE},
                                        "gains": {k: row[k] for k in ("seen_gain", "seen_gain_se", "new_gain",
@@ -67,16 +66,7 @@ def summarize(cells: list[dict], names: list[str], sides: list[float]) -> dict:
     for name in names:
         mine = [c for c in cells if c["population"] == name]
         for side in sides:
-            key = f"{side:g}"
-            entry = {}
-            for i, group in enumerate(GROUPS):
-                diffs = [100 * (c["by_side"][key]["test"][i] - c["bt"][i]) for c in mine]
-                mean, se = _mean_se(diffs)
-                entry[group] = {"mean": mean, "se": se, "worst": min(diffs), "by_seed": diffs,
-                                "seeds_below_minus_1": sum(d < -1 for d in diffs)}
-            entry["higher_rank_chosen"] = sum(c["by_side"][key]["choice"]["rank"] > 1 for c in mine)
-            entry["seeds"] = len(mine)
-            out[f"{name}|{key}"] = entry
+            out[f"{name}|{side:g}"] = {**versus_bt(mine, "by_side", f"{side:g}"), "seeds": len(mine)}
     return out
 
 
@@ -115,15 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     sides = [float(s) for s in args.sides.split(",")]
     if set(names) - set(POPULATIONS) or min(seeds) < 100:
         parser.error(f"populations are {', '.join(POPULATIONS)}; seeds are pilot seeds (100 or more)")
-    cells = []
-    for name in names:
-        for seed in seeds:
-            started = time.perf_counter()
-            cells.append(run_population(name, seed, sides, Path(args.work)))
-            print(f"{name}, seed {seed}: " + "; ".join(
-                f"side {s}: rank {v['choice']['rank']} {100 * (v['test'][0] - cells[-1]['bt'][0]):+.1f} / "
-                f"{100 * (v['test'][1] - cells[-1]['bt'][1]):+.1f}" for s, v in cells[-1]["by_side"].items())
-                + f" ({time.perf_counter() - started:.0f} s)", flush=True)
+    cells = run_cells(names, seeds, lambda name, seed: run_population(name, seed, sides, Path(args.work)),
+                      "by_side", "side")
     summary = summarize(cells, names, sides)
     out = Path(args.out)
     atomic_write_json(out / f"{args.name}.json", {"populations": names, "seeds": seeds, "sides": sides,
