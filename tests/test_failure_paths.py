@@ -302,7 +302,7 @@ def test_a_torn_rounds_file_is_rewritten_by_a_rerun(tmp_path, pair_file, engine)
     whole = rounds.read_text()
     rounds.write_text(whole[: len(whole) // 2])
     assert cli(["simulate", pair_file, "--out", run, *SIM])[0] == 0
-    assert rounds.read_text() == whole and engine.runs == 2
+    assert rounds.read_text() == whole and engine.runs == 1  # from the checkpoint: a finished run starts no engine
 
 
 def test_simulate_metrics_hold_the_run_settings_the_pair_file_and_the_true_basis_ceiling(tmp_path, pairs, engine,
@@ -377,8 +377,10 @@ def test_rerunning_a_finished_run_keeps_its_report(tmp_path, pair_file, engine):
     assert metrics["reference"] == {"path": str(reference.resolve()), "seen_test_acc": 0.6123,
                                     "unseen_test_acc": 0.5987}
 
-    code, _, err = cli(["simulate", pair_file, "--out", run, *SIM])  # a rerun of the finished run
+    runs = engine.runs
+    code, out, err = cli(["simulate", pair_file, "--out", run, *SIM])  # a rerun of the finished run
     assert code == 0, err
+    assert engine.runs == runs and "without starting the engine" in out  # nothing left to train or evaluate
     assert (run / "report.md").read_text() == report
     assert json.loads((run / "metrics.json").read_text()) == metrics
     assert [a["kind"] for a in json.loads((run / "ledger.json").read_text())["events"]["audits"]] == ["extraction"]
