@@ -439,8 +439,8 @@ def reference_record(path: str | None, reference: dict | None, earlier: dict) ->
 def finished_nodes(previous, settings, out: Path, users: int, args) -> int | None:
     """The node count of a run that has nothing left to do: all rounds (or stopped by its privacy budget), the last
     one evaluated, on the nodes this command would start. None otherwise: the engine runs (it resumes, retries a
-    failed final evaluation, or refuses another population). A rerun of a finished run started Ray for nothing
-    (about 14 s)."""
+    failed final evaluation, or refuses another population). A rerun of a finished run used to start Ray only to
+    find nothing to do."""
     from simulations.flower_run import nodes_for
 
     if previous is None or not previous.history or "seen_test_acc" not in previous.history[-1]:
