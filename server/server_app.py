@@ -94,7 +94,7 @@ def run_and_report(grid: Grid, settings: ServerSettings,
     started by hand with `flwr run` leaves its basis for devices as `simulate` and `deploy local` do."""
     with RunDirLock(settings.run_dir, wait=min(settings.round_timeout, LOCK_WAIT_SECONDS)):
         previous, started = load_checkpoint(settings.run_dir), time.monotonic()
-        state = run_federated(grid, settings, on_round=on_round)
+        state = _run_locked(grid, settings, on_round, None)  # run_federated's work, inside this lock
         try:
             report = write_run_outputs(Path(settings.run_dir), state, settings, settings.privacy_mode,
                                        nodes=max(len(state.population) - 1, 0), seconds=time.monotonic() - started,
