@@ -40,8 +40,19 @@ def _entropy_bits(p: np.ndarray) -> np.ndarray:
 
 
 def answer_probabilities(samples: PosteriorSamples, pool_scores: np.ndarray) -> np.ndarray:
-    """P(first response chosen | w_s) (U, S, P) for pool pairs scored (U, P, B)."""
-    return 0.5 * (1.0 + np.tanh(0.5 * np.einsum("usb,upb->usp", samples.w, pool_scores)))
+    """P(first response chosen | w_s) (U, S, P) for pool pairs scored (U, P, B): 0.5 (1 + tanh(z / 2)), computed in
+    place (one (U, S, P) array: a 50,000-pair pool holds 200 MB of it at 512 samples)."""
+    p = np.einsum("usb,upb->usp", samples.w, pool_scores)
+    p *= 0.5
+    np.tanh(p, out=p)
+    p += 1.0
+    p *= 0.5
+    return p
+
+
+def _conditional_entropy_bits(prob: np.ndarray, p: np.ndarray, block: int = 4096) -> np.ndarray:
+    """E_w H(y_j | w) (P,) for p (S, P), a block of pairs at a time: the entropy's temporaries stay (S, block)."""
+    return np.concatenate([prob @ _entropy_bits(p[:, start:start + block]) for start in range(0, p.shape[1], block)])
 
 
 def expected_information(samples: PosteriorSamples, pool_scores: np.ndarray) -> np.ndarray:
@@ -75,7 +86,7 @@ def choose_batch(samples: PosteriorSamples, pool_scores: np.ndarray, available: 
     rng = rng if rng is not None else np.random.default_rng(0)
     prob = samples.probability[0]  # (S,)
     p = answer_probabilities(samples, pool_scores)[0]  # (S, P)
-    conditional = prob @ _entropy_bits(p)  # (P,) E_w H(y_j | w)
+    conditional = _conditional_entropy_bits(prob, p)  # (P,) E_w H(y_j | w)
     joint = np.ones((prob.size, 1))
     rho = np.ones(1)
     enumerated = True
