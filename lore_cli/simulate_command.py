@@ -441,14 +441,13 @@ def finished_nodes(previous, settings, out: Path, users: int, args) -> int | Non
     one evaluated, on the nodes this command would start. None otherwise: the engine runs (it resumes, retries a
     failed final evaluation, or refuses another population). A rerun of a finished run used to start Ray only to
     find nothing to do."""
-    from simulations.flower_run import nodes_for
+    from simulations.flower_run import node_counts
 
     if previous is None or not previous.history or "seen_test_acc" not in previous.history[-1]:
         return None
     if previous.round < settings.rounds and not privacy_metrics(out)["stopped_early"]:
         return None
-    nodes = nodes_for(users, args.users_per_node) + (nodes_for(args.canaries, args.users_per_node)
-                                                      if args.canaries else 0)
+    nodes = node_counts(users, args.users_per_node, args.canaries)[0]  # as simulate_pairs would start them
     return nodes if len(previous.population) - 1 == nodes else None
 
 

@@ -26,8 +26,7 @@ import numpy as np
 
 from lore_core.atomic_io import atomic_write_json, atomic_write_text
 from lore_core.model_selection import choose_from_table
-
-GROUPS = ("seen", "unseen")
+from simulations.pilot_one_se_threshold import GROUPS
 CHOICE = ("rank", "objective", "l2", "prior_pairs")
 HELD_OUT_GAINS = ("seen_gain", "seen_gain_se", "new_gain", "new_gain_se")
 

@@ -148,6 +148,13 @@ def run_simulation(overrides: dict, num_nodes: int, *, num_cpus: int | None = No
         raise RuntimeError("the Flower simulation failed (see the log above)")
 
 
+def node_counts(n_users: int, users_per_node: int | str = "auto", canaries: int = 0) -> tuple[int, int]:
+    """(all virtual nodes, of them canary nodes) of a simulation: the users' nodes, plus canary users on nodes of
+    their own."""
+    canary_nodes = nodes_for(canaries, users_per_node) if canaries else 0
+    return nodes_for(n_users, users_per_node) + canary_nodes, canary_nodes
+
+
 def simulate_pairs(pairs_path: str | Path, run_dir: str | Path, *, n_users: int | None = None,
                    users_per_node: int | str = "auto", overrides: dict | None = None, num_cpus: int | None = None,
                    verbose: bool = False, canaries: int = 0, canary_secrets: str | Path | None = None) -> int:
@@ -157,8 +164,7 @@ def simulate_pairs(pairs_path: str | Path, run_dir: str | Path, *, n_users: int 
     pairs_path = resolve_pair_path(pairs_path)
     if n_users is None:
         n_users = PairIndex.build(PairColumns.open(pairs_path)).n_users
-    canary_nodes = nodes_for(canaries, users_per_node) if canaries else 0
-    num_nodes = nodes_for(n_users, users_per_node) + canary_nodes
+    num_nodes, canary_nodes = node_counts(n_users, users_per_node, canaries)
     config = {"pairs-path": str(pairs_path.resolve()), "run-dir": str(Path(run_dir).resolve()),
               "min-nodes": num_nodes, **(overrides or {})}
     if canaries:

@@ -26,11 +26,10 @@ from pathlib import Path
 from lore_core.atomic_io import atomic_write_json, atomic_write_text
 from lore_core.model_selection import choose_from_table
 from simulations.bench_matrix import BASE, TRAIN_CHOICE
-from simulations.bench_rule_replay import fixed_flags
-from simulations.pilot_one_se_threshold import cached_train, run_cells, versus_bt
+from simulations.bench_rule_replay import HELD_OUT_GAINS, fixed_flags, recorded_choice
+from simulations.pilot_one_se_threshold import GROUPS, cached_train, run_cells, versus_bt
 from simulations.synthetic_pairs import write_synthetic_dataset
 
-GROUPS = ("seen", "unseen")
 POPULATIONS = {
     "base-40": replace(BASE, seen_users=40),
     "weak-40": replace(BASE, seen_users=40, personalization=0.3),
@@ -47,7 +46,7 @@ def run_population(name: str, seed: int, sides: list[float], work: Path) -> dict
     bt = cached_train(pairs, root / "bt", ["--rank", "1", "--seed", str(seed)])
     train = cached_train(pairs, root / "train", ["--seed", str(seed)])
     table = json.loads((root / "train" / "metrics.json").read_text())["selection"]
-    chose = next(i for i, row in enumerate(table) if row["chosen"])
+    chose = recorded_choice(table)
     out = {"population": name, "seed": seed, "bt": [bt[f"{g}_test_acc"] for g in GROUPS], "by_side": {}}
     for side in sides:
         index = choose_from_table(table, 1.0, side)[0]
@@ -55,8 +54,7 @@ def run_population(name: str, seed: int, sides: list[float], work: Path) -> dict
         flags = fixed_flags(row, seed)
         fixed = train if index == chose else cached_train(pairs, root / ("fixed-" + "-".join(flags[1:9:2])), flags)
         out["by_side"][f"{side:g}"] = {"choice": {k: row[k] for k in TRAIN_CHOICE},
-                                       "gains": {k: row[k] for k in ("seen_gain", "seen_gain_se", "new_gain",
-                                                                     "new_gain_se")},
+                                       "gains": {k: row[k] for k in HELD_OUT_GAINS},
                                        "test": [fixed[f"{g}_test_acc"] for g in GROUPS]}
     return out
 
