@@ -24,7 +24,7 @@ import torch
 
 from lore_core.marginal_fit import OBJECTIVES, prior_samples
 from lore_core.model_selection import (MIN_NEW_FOLD_USERS, Candidate, dense_groups, heldout_accuracy_folds,
-                                       join_repeated_comparisons, make_holdouts, select_one_se)
+                                       join_repeated_comparisons, make_holdouts, select)
 from lore_core.simplex_fit import DEFAULT_PRIOR_PAIRS, DEFAULT_PRIOR_STRENGTH, prior_from_pairs
 
 DEFAULT_RANK_GRID = (1, 2, 3, 4, 6, 8)
@@ -399,7 +399,7 @@ def train_joint(diff: np.ndarray, user: np.ndarray, config: TrainConfig = TrainC
         best_score = max(best_score, rank_best)
         if stale >= 2:
             break
-    chosen, table = select_one_se(candidates)
+    chosen, table, nested = select(candidates, nested=len(folds) > 1, seed=config.seed)
     used = int(groups.max(initial=-1)) + 1
     joined = int(given.max(initial=-1)) + 1 - used
     if len(candidates) > 1 and not any(f.seen_heldout.any() or f.new_rest.any() for f in folds):
@@ -421,7 +421,8 @@ def train_joint(diff: np.ndarray, user: np.ndarray, config: TrainConfig = TrainC
                 "groups_used": used, "groups_joined_by_repeats": joined,
                 "folds": len(folds), "seen_heldout_pairs": int(sum(f.seen_heldout.sum() for f in folds)),
                 "new_fold_users": int(sum(f.new_users.sum() for f in folds)),
-                "new_fold_scored_pairs": int(sum(f.new_rest.sum() for f in folds)), "l2_unit": unit}
+                "new_fold_scored_pairs": int(sum(f.new_rest.sum() for f in folds)), "l2_unit": unit,
+                "nested_check": nested}
     return JointFit(basis=basis, user_weights=weights, user_ids=user_ids, rank=chosen.rank, l2=chosen.l2,
                     prior_pairs=chosen.prior_pairs, objective=chosen.objective if chosen.rank > 1 else "joint",
                     selection=table, held_out=held_out,

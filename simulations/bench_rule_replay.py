@@ -4,12 +4,14 @@
 
 Each run directory the globs match is a `lore-fed train` output: metrics.json with its selection table, the pair
 file it read (`pairs_path`) and its `--seed`. The table does not depend on the rule, so `choose_from_table` replays
-today's rule on it exactly. Where today's choice differs from the recorded one, both choices are trained again with
-their settings fixed (`--rank --l2 --prior-pairs --objective --seed`), with BT (`--rank 1`) beside them, by this
-checkout with one thread, under a sibling `replay/` (cached): the two runs differ only in the choice, so the
-difference is the rule's effect. (A rerun of `train` itself need not reproduce a table recorded by other code or
-another thread count: near-tied estimates move, see the README's matrix section.) Cells whose choice does not
-change are counted.
+today's one-SE rule on it exactly; a run that recorded the nested check of small populations
+(`held_out.nested_check`) is replayed with it (`choose_with_nested_check`). A run of a small population
+(`held_out.folds` above 1) made before that check has no record of it, and is replayed with the one-SE rule alone.
+Where today's choice differs from the recorded one, both choices are trained again with their settings fixed
+(`--rank --l2 --prior-pairs --objective --seed`), with BT (`--rank 1`) beside them, by this checkout with one
+thread, under a sibling `replay/` (cached): the two runs differ only in the choice, so the difference is the rule's
+effect. (A rerun of `train` itself need not reproduce a table recorded by other code or another thread count:
+near-tied estimates move, see the README's matrix section.) Cells whose choice does not change are counted.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from lore_core.atomic_io import atomic_write_json, atomic_write_text
-from lore_core.model_selection import choose_from_table
+from lore_core.model_selection import choose_from_table, choose_with_nested_check
 from simulations.pilot_one_se_threshold import GROUPS
 CHOICE = ("rank", "objective", "l2", "prior_pairs")
 HELD_OUT_GAINS = ("seen_gain", "seen_gain_se", "new_gain", "new_gain_se")
@@ -52,8 +54,9 @@ def run_train(pairs: str, out: Path, flags: list[str]) -> dict:
 
 
 def replay(run: Path, metrics: dict) -> dict:
-    table = metrics["selection"]
-    before, now = recorded_choice(table), choose_from_table(table)[0]
+    table, check = metrics["selection"], metrics.get("held_out", {}).get("nested_check")
+    before = recorded_choice(table)
+    now = choose_from_table(table)[0] if check is None else choose_with_nested_check(table, check, check["enforced"])
     cell = {"run": str(run), "before": {k: table[before][k] for k in CHOICE}, "changed": now != before}
     if not cell["changed"]:
         return cell
