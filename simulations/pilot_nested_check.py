@@ -27,7 +27,7 @@ from lore_core.atomic_io import atomic_write_json, atomic_write_text
 from lore_core.model_selection import choose_with_nested_check
 from simulations.bench_matrix import BASE, TRAIN_CHOICE
 from simulations.bench_rule_replay import fixed_flags, recorded_choice
-from simulations.pilot_one_se_threshold import GROUPS, cached_train, run_cells, versus_bt
+from simulations.pilot_one_se_threshold import GROUPS, cached_train, run_cells, versus_bt, versus_bt_columns
 from simulations.synthetic_pairs import write_synthetic_dataset
 
 POPULATIONS = {
@@ -85,10 +85,7 @@ def markdown(summary: dict, cells: list[dict], names: list[str], seeds: list[int
     for name in names:
         for arm in arms:
             e = summary[f"{name}|{arm}"]
-            gain = " / ".join(f"{e[g]['mean']:+.2f} ± {e[g]['se']:.2f}" for g in GROUPS)
-            worst = " / ".join(f"{e[g]['worst']:+.1f}" for g in GROUPS)
-            below = " / ".join(str(e[g]["seeds_below_minus_1"]) for g in GROUPS)
-            lines.append(f"| {name} | {arm} | {gain} | {worst} | {below} | {e['higher_rank_chosen']} of {e['seeds']} |")
+            lines.append(f"| {name} | {arm} | {versus_bt_columns(e, e['seeds'])} |")
     lines += ["", "By seed: the nested gain ± SE (points) and each arm's rank and test accuracy - BT, seen / new:", ""]
     for c in cells:
         check = c["check"]

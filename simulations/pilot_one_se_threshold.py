@@ -77,6 +77,15 @@ def versus_bt(cells: list[dict], arm: str, key: str) -> dict:
     return entry
 
 
+def versus_bt_columns(entry: dict, seeds: int) -> str:
+    """A `versus_bt` entry as a table's columns: choice - BT (mean ± SE), worst seed, seeds below -1 point, how
+    many of the `seeds` chose a rank above 1 (seen / new users)."""
+    gain = " / ".join(f"{entry[g]['mean']:+.2f} ± {entry[g]['se']:.2f}" for g in GROUPS)
+    worst = " / ".join(f"{entry[g]['worst']:+.1f}" for g in GROUPS)
+    below = " / ".join(str(entry[g]["seeds_below_minus_1"]) for g in GROUPS)
+    return f"{gain} | {worst} | {below} | {entry['higher_rank_chosen']} of {seeds}"
+
+
 def run_cells(populations: list, seeds: list[int], run, arm: str, word: str) -> list[dict]:
     """`run(population, seed)` for each, printing each cell's choices `cell[arm]` and their test accuracy - BT."""
     cells = []
@@ -107,11 +116,7 @@ def markdown(summary: dict, sizes: list[int], seeds: list[int], thresholds: list
              "| seen users | z | train - BT | worst seed | seeds below -1 | higher rank chosen |", "|---|---|---|---|---|---|"]
     for size in sizes:
         for z in thresholds:
-            e = summary[f"{size}-{z:g}"]
-            gain = " / ".join(f"{e[g]['mean']:+.2f} ± {e[g]['se']:.2f}" for g in GROUPS)
-            worst = " / ".join(f"{e[g]['worst']:+.1f}" for g in GROUPS)
-            below = " / ".join(str(e[g]["seeds_below_minus_1"]) for g in GROUPS)
-            lines.append(f"| {size} | {z:g} | {gain} | {worst} | {below} | {e['higher_rank_chosen']} of {len(seeds)} |")
+            lines.append(f"| {size} | {z:g} | {versus_bt_columns(summary[f'{size}-{z:g}'], len(seeds))} |")
     return "\n".join(lines) + "\n"
 
 
