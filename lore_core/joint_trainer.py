@@ -290,7 +290,10 @@ def train_joint(diff: np.ndarray, user: np.ndarray, config: TrainConfig = TrainC
     user_ids, user_idx = np.unique(user, return_inverse=True)
     n_users = user_ids.size
     # A basis has at most D rows: the grid's larger ranks do not exist for a narrow embedding (D = 1, 2, ...).
-    ranks = tuple(r for r in config.rank_grid if r <= diff.shape[1]) if config.rank == "auto" else (config.rank,)
+    # Walked upward from rank 1, each rank once: a tester's grid given high to low (or with a rank repeated) stopped
+    # the walk before rank 1, and a higher rank was chosen with no baseline to beat.
+    grid = sorted({r for r in config.rank_grid if r <= diff.shape[1]})
+    ranks = tuple(grid) if config.rank == "auto" else (config.rank,)
     unit = l2_unit(diff)
     l2s = sorted((unit * v for v in config.l2_grid), reverse=True) if config.l2 == "auto" else [float(config.l2)]
     priors = config.prior_pairs_grid if config.prior_pairs == "auto" else (float(config.prior_pairs),)
@@ -399,7 +402,9 @@ def train_joint(diff: np.ndarray, user: np.ndarray, config: TrainConfig = TrainC
         best_score = max(best_score, rank_best)
         if stale >= 2:
             break
-    chosen, table, nested = select(candidates, nested=len(folds) > 1, seed=config.seed)
+    # The check needs a rank-1 baseline: with the rank fixed above 1 there is nothing to veto.
+    baseline = any(c.rank == 1 for c in candidates)
+    chosen, table, nested = select(candidates, nested=len(folds) > 1 and baseline, seed=config.seed)
     used = int(groups.max(initial=-1)) + 1
     joined = int(given.max(initial=-1)) + 1 - used
     if len(candidates) > 1 and not any(f.seen_heldout.any() or f.new_rest.any() for f in folds):

@@ -219,9 +219,11 @@ class Candidate:
         return held_out_score(*self.estimate)
 
 
-def held_out_score(seen: float, new: float | None) -> float:
+def held_out_score(seen: float | None, new: float | None) -> float:
     """What selection maximizes: the mean of the seen and new estimates (the seen one alone when no user is treated
-    as new: `new` NaN, or None in a table read back from metrics.json)."""
+    as new: `new` NaN). A table read back from metrics.json holds None where the estimate was NaN; it scores as NaN,
+    as it did in training (a tester's replay of a run without held-out data failed on None)."""
+    seen = math.nan if seen is None else seen
     return seen if new is None or math.isnan(new) else 0.5 * (seen + new)
 
 

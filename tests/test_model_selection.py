@@ -502,3 +502,31 @@ def test_the_nested_gain_counts_a_users_seen_and_new_gains_as_correlated():
     assert record["se"] > 1.3 * independent and record["gain"] == pytest.approx(per_user.mean())
     only_seen = _sides_mean_se(seen, np.full(40, np.nan))
     assert only_seen["gain"] == pytest.approx(seen.mean()) and only_seen["se"] == pytest.approx(record["seen_gain_se"])
+
+
+def test_a_rank_grid_in_any_order_is_walked_upward_from_rank_one():
+    """A tester's grid 8,6,4,3,2,1 (and 2,2,2,1) stopped the walk before rank 1 was fitted, and rank 4 (or 2) was
+    chosen with no baseline to beat, where the same grid in ascending order kept rank 1."""
+    pairs, _ = make_synthetic_pairs(SyntheticPairsConfig(dim=16, true_rank=2, seen_users=30, unseen_users=0,
+                                                         train_pairs=(10, 20), seed=3))
+    fits = [train_joint(pairs.diff, pairs.user, TrainConfig(rank_grid=grid, l2_grid=(1e-3,), prior_pairs_grid=(3.0,),
+                                                            objective="joint"), group=pairs.group)
+            for grid in ((1, 2, 3), (3, 2, 1), (2, 2, 3, 1, 1))]
+    tables = [[(row["rank"], row["seen_acc"], row["chosen"]) for row in fit.selection] for fit in fits]
+    assert tables[0] == tables[1] == tables[2] and tables[0][0][0] == 1
+    assert fits[0].rank == fits[1].rank == fits[2].rank
+
+
+def test_a_table_without_held_out_estimates_replays_as_it_chose(tmp_path):
+    """Nothing held out: every estimate is NaN, written as null. The replay must choose the row training chose
+    (a tester's replay failed comparing None with None)."""
+    from lore_core.atomic_io import atomic_write_json
+    from lore_core.model_selection import choose_with_nested_check, select
+
+    empty = np.full(12, np.nan)
+    candidates = [_candidate(1, empty, empty), _candidate(2, empty, empty), _candidate(1, empty, empty, 10.0)]
+    chosen, table, check = select(candidates, nested=True)
+    atomic_write_json(tmp_path / "metrics.json", {"selection": table, "check": check})
+    back = json.loads((tmp_path / "metrics.json").read_text())
+    assert back["selection"][0]["seen_acc"] is None and back["check"]["gain"] is None
+    assert choose_with_nested_check(back["selection"], back["check"], True) == candidates.index(chosen) == 0
