@@ -18,16 +18,15 @@ with 20, 40 or 100 seen users, and weak personalization (0.3) at 40. Pilot seeds
 
 from __future__ import annotations
 
-import argparse
 import json
 from dataclasses import replace
 from pathlib import Path
 
-from lore_core.atomic_io import atomic_write_json, atomic_write_text
 from lore_core.model_selection import choose_with_nested_check
 from simulations.bench_matrix import BASE, TRAIN_CHOICE
 from simulations.bench_rule_replay import fixed_flags, recorded_choice
-from simulations.pilot_one_se_threshold import GROUPS, cached_train, run_cells, versus_bt, versus_bt_columns
+from simulations.pilot_one_se_threshold import (GROUPS, cached_train, population_pilot_args, run_cells, versus_bt,
+                                                 versus_bt_columns, write_pilot)
 from simulations.synthetic_pairs import write_synthetic_dataset
 
 POPULATIONS = {
@@ -100,28 +99,14 @@ def markdown(summary: dict, cells: list[dict], names: list[str], seeds: list[int
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--populations", default=",".join(POPULATIONS))
-    parser.add_argument("--seeds", default=",".join(str(s) for s in range(101, 111)))
-    parser.add_argument("--thresholds", default="0,0.5,1")
-    parser.add_argument("--work", default="runs/pilot_nested")
-    parser.add_argument("--out", default="bench_results")
-    parser.add_argument("--name", default="nested_check_pilot")
-    args = parser.parse_args(argv)
-    names = args.populations.split(",")
-    seeds = [int(s) for s in args.seeds.split(",")]
+    args, names, seeds = population_pilot_args(argv, __doc__, POPULATIONS, range(101, 111),
+                                               ("--thresholds", "0,0.5,1"), "runs/pilot_nested", "nested_check_pilot")
     arms = [OFF] + [f"{float(z):g}" for z in args.thresholds.split(",")]
-    if set(names) - set(POPULATIONS) or min(seeds) < 100:
-        parser.error(f"populations are {', '.join(POPULATIONS)}; seeds are pilot seeds (100 or more)")
     cells = run_cells(names, seeds, lambda name, seed: run_population(name, seed, arms, Path(args.work)),
                       "by_arm", "arm")
     summary = summarize(cells, names, arms)
-    out = Path(args.out)
-    atomic_write_json(out / f"{args.name}.json", {"populations": names, "seeds": seeds, "arms": arms,
-                                                  "summary": summary, "cells": cells})
-    text = markdown(summary, cells, names, seeds, arms)
-    atomic_write_text(out / f"{args.name}.md", text)
-    print(text)
+    write_pilot(args, {"populations": names, "seeds": seeds, "arms": arms, "summary": summary, "cells": cells},
+                markdown(summary, cells, names, seeds, arms))
     return 0
 
 

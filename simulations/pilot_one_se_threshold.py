@@ -101,6 +101,34 @@ def run_cells(populations: list, seeds: list[int], run, arm: str, word: str) -> 
     return cells
 
 
+def population_pilot_args(argv: list[str] | None, doc: str, populations, seeds: range, arms: tuple[str, str],
+                          work: str, name: str) -> tuple[argparse.Namespace, list[str], list[int]]:
+    """The flags of a pilot over named populations (`--populations --seeds --work --out --name` and the arms' flag,
+    `arms` = (flag, default)); returns (args, populations, seeds), refusing unknown populations and seeds under 100
+    (pilot seeds only)."""
+    parser = argparse.ArgumentParser(description=doc.split("\n")[0])
+    parser.add_argument("--populations", default=",".join(populations))
+    parser.add_argument("--seeds", default=",".join(str(s) for s in seeds))
+    parser.add_argument(arms[0], default=arms[1])
+    parser.add_argument("--work", default=work)
+    parser.add_argument("--out", default="bench_results")
+    parser.add_argument("--name", default=name)
+    args = parser.parse_args(argv)
+    names = args.populations.split(",")
+    chosen_seeds = [int(s) for s in args.seeds.split(",")]
+    if set(names) - set(populations) or min(chosen_seeds) < 100:
+        parser.error(f"populations are {', '.join(populations)}; seeds are pilot seeds (100 or more)")
+    return args, names, chosen_seeds
+
+
+def write_pilot(args: argparse.Namespace, record: dict, text: str) -> None:
+    """`--out`/`--name`.json and .md, the markdown also printed."""
+    out = Path(args.out)
+    atomic_write_json(out / f"{args.name}.json", record)
+    atomic_write_text(out / f"{args.name}.md", text)
+    print(text)
+
+
 def summarize(cells: list[dict], sizes: list[int], thresholds: list[float]) -> dict:
     return {f"{size}-{z:g}": versus_bt([c for c in cells if c["size"] == size], "by_threshold", f"{z:g}")
             for size in sizes for z in thresholds}

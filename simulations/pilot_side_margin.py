@@ -18,16 +18,15 @@ Populations are the stress matrix's base (`bench_matrix.BASE`) with 40 or 300 se
 
 from __future__ import annotations
 
-import argparse
 import json
 from dataclasses import replace
 from pathlib import Path
 
-from lore_core.atomic_io import atomic_write_json, atomic_write_text
 from lore_core.model_selection import choose_from_table
 from simulations.bench_matrix import BASE, TRAIN_CHOICE
 from simulations.bench_rule_replay import HELD_OUT_GAINS, fixed_flags, recorded_choice
-from simulations.pilot_one_se_threshold import GROUPS, cached_train, run_cells, versus_bt, versus_bt_columns
+from simulations.pilot_one_se_threshold import (GROUPS, cached_train, population_pilot_args, run_cells, versus_bt,
+                                                 versus_bt_columns, write_pilot)
 from simulations.synthetic_pairs import write_synthetic_dataset
 
 POPULATIONS = {
@@ -86,28 +85,14 @@ def markdown(summary: dict, names: list[str], seeds: list[int], sides: list[floa
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--populations", default=",".join(POPULATIONS))
-    parser.add_argument("--seeds", default=",".join(str(s) for s in range(101, 109)))
-    parser.add_argument("--sides", default="-1,-0.5,0")
-    parser.add_argument("--work", default="runs/pilot_side_margin")
-    parser.add_argument("--out", default="bench_results")
-    parser.add_argument("--name", default="side_margin_pilot")
-    args = parser.parse_args(argv)
-    names = args.populations.split(",")
-    seeds = [int(s) for s in args.seeds.split(",")]
+    args, names, seeds = population_pilot_args(argv, __doc__, POPULATIONS, range(101, 109),
+                                               ("--sides", "-1,-0.5,0"), "runs/pilot_side_margin", "side_margin_pilot")
     sides = [float(s) for s in args.sides.split(",")]
-    if set(names) - set(POPULATIONS) or min(seeds) < 100:
-        parser.error(f"populations are {', '.join(POPULATIONS)}; seeds are pilot seeds (100 or more)")
     cells = run_cells(names, seeds, lambda name, seed: run_population(name, seed, sides, Path(args.work)),
                       "by_side", "side")
     summary = summarize(cells, names, sides)
-    out = Path(args.out)
-    atomic_write_json(out / f"{args.name}.json", {"populations": names, "seeds": seeds, "sides": sides,
-                                                  "summary": summary, "cells": cells})
-    text = markdown(summary, names, seeds, sides)
-    atomic_write_text(out / f"{args.name}.md", text)
-    print(text)
+    write_pilot(args, {"populations": names, "seeds": seeds, "sides": sides, "summary": summary, "cells": cells},
+                markdown(summary, names, seeds, sides))
     return 0
 
 
