@@ -18,16 +18,14 @@ with 20, 40 or 100 seen users, and weak personalization (0.3) at 40. Pilot seeds
 
 from __future__ import annotations
 
-import json
 from dataclasses import replace
 from pathlib import Path
 
 from lore_core.model_selection import choose_with_nested_check
 from simulations.bench_matrix import BASE, TRAIN_CHOICE
-from simulations.bench_rule_replay import fixed_flags, recorded_choice
-from simulations.pilot_one_se_threshold import (GROUPS, cached_train, population_pilot_args, run_cells, versus_bt,
-                                                 versus_bt_columns, write_pilot)
-from simulations.synthetic_pairs import write_synthetic_dataset
+from simulations.bench_rule_replay import recorded_choice
+from simulations.pilot_one_se_threshold import GROUPS, population_pilot_args, run_cells, versus_bt_columns, write_pilot
+from simulations.pilot_side_margin import fixed_test, summarize, trained_cell
 
 POPULATIONS = {
     "base-20": replace(BASE, seen_users=20),
@@ -44,13 +42,7 @@ def arm_choice(table: list[dict], check: dict, arm: str) -> int:
 
 
 def run_population(name: str, seed: int, arms: list[str], work: Path) -> dict:
-    root = work / "data" / f"{name}-s{seed}"
-    if not (root / "pairs.npz").exists():
-        write_synthetic_dataset(root, replace(POPULATIONS[name], seed=seed))
-    pairs = root / "pairs.npz"
-    bt = cached_train(pairs, root / "bt", ["--rank", "1", "--seed", str(seed)])
-    train = cached_train(pairs, root / "train", ["--seed", str(seed)])
-    metrics = json.loads((root / "train" / "metrics.json").read_text())
+    pairs, bt, train, metrics = trained_cell(POPULATIONS, name, seed, work)
     table, check = metrics["selection"], metrics["held_out"]["nested_check"]
     chose = recorded_choice(table)
     out = {"population": name, "seed": seed, "bt": [bt[f"{g}_test_acc"] for g in GROUPS], "check": check,
@@ -58,17 +50,9 @@ def run_population(name: str, seed: int, arms: list[str], work: Path) -> dict:
     for arm in arms:
         index = arm_choice(table, check, arm)
         row = table[index]
-        flags = fixed_flags(row, seed)
-        fixed = train if index == chose else cached_train(pairs, root / ("fixed-" + "-".join(flags[1:9:2])), flags)
         out["by_arm"][arm] = {"choice": {k: row[k] for k in TRAIN_CHOICE},
-                              "test": [fixed[f"{g}_test_acc"] for g in GROUPS]}
+                              "test": fixed_test(pairs, row, seed, train, index == chose)}
     return out
-
-
-def summarize(cells: list[dict], names: list[str], arms: list[str]) -> dict:
-    return {f"{name}|{arm}": {**versus_bt([c for c in cells if c["population"] == name], "by_arm", arm),
-                              "seeds": sum(c["population"] == name for c in cells)}
-            for name in names for arm in arms}
 
 
 def markdown(summary: dict, cells: list[dict], names: list[str], seeds: list[int], arms: list[str]) -> str:
@@ -104,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     arms = [OFF] + [f"{float(z):g}" for z in args.thresholds.split(",")]
     cells = run_cells(names, seeds, lambda name, seed: run_population(name, seed, arms, Path(args.work)),
                       "by_arm", "arm")
-    summary = summarize(cells, names, arms)
+    summary = summarize(cells, names, arms, "by_arm")
     write_pilot(args, {"populations": names, "seeds": seeds, "arms": arms, "summary": summary, "cells": cells},
                 markdown(summary, cells, names, seeds, arms))
     return 0

@@ -37,33 +37,48 @@ POPULATIONS = {
 }
 
 
-def run_population(name: str, seed: int, sides: list[float], work: Path) -> dict:
+def trained_cell(populations: dict, name: str, seed: int, work: Path) -> tuple[Path, dict, dict, dict]:
+    """A pilot cell's pair file (written once under `work`), its BT run and its `lore-fed train` run (cached):
+    (pair file, BT's row, train's row, train's metrics.json)."""
     root = work / "data" / f"{name}-s{seed}"
     if not (root / "pairs.npz").exists():
-        write_synthetic_dataset(root, replace(POPULATIONS[name], seed=seed))
+        write_synthetic_dataset(root, replace(populations[name], seed=seed))
     pairs = root / "pairs.npz"
     bt = cached_train(pairs, root / "bt", ["--rank", "1", "--seed", str(seed)])
     train = cached_train(pairs, root / "train", ["--seed", str(seed)])
-    table = json.loads((root / "train" / "metrics.json").read_text())["selection"]
+    return pairs, bt, train, json.loads((root / "train" / "metrics.json").read_text())
+
+
+def fixed_test(pairs: Path, row: dict, seed: int, train: dict, is_trains_choice: bool) -> list[float]:
+    """Test accuracy (seen, new) of the table row's settings trained fixed (cached beside the pair file); train's
+    own run where the row is the one it chose."""
+    flags = fixed_flags(row, seed)
+    fixed = train if is_trains_choice else cached_train(pairs, pairs.parent / ("fixed-" + "-".join(flags[1:9:2])),
+                                                        flags)
+    return [fixed[f"{g}_test_acc"] for g in GROUPS]
+
+
+def run_population(name: str, seed: int, sides: list[float], work: Path) -> dict:
+    pairs, bt, train, metrics = trained_cell(POPULATIONS, name, seed, work)
+    table = metrics["selection"]
     chose = recorded_choice(table)
     out = {"population": name, "seed": seed, "bt": [bt[f"{g}_test_acc"] for g in GROUPS], "by_side": {}}
     for side in sides:
         index = choose_from_table(table, 1.0, side)[0]
         row = table[index]
-        flags = fixed_flags(row, seed)
-        fixed = train if index == chose else cached_train(pairs, root / ("fixed-" + "-".join(flags[1:9:2])), flags)
         out["by_side"][f"{side:g}"] = {"choice": {k: row[k] for k in TRAIN_CHOICE},
                                        "gains": {k: row[k] for k in HELD_OUT_GAINS},
-                                       "test": [fixed[f"{g}_test_acc"] for g in GROUPS]}
+                                       "test": fixed_test(pairs, row, seed, train, index == chose)}
     return out
 
 
-def summarize(cells: list[dict], names: list[str], sides: list[float]) -> dict:
+def summarize(cells: list[dict], names: list[str], keys: list[str], field: str = "by_side") -> dict:
+    """`versus_bt` of each population and arm key (`cell[field][key]`), with its number of seeds."""
     out = {}
     for name in names:
         mine = [c for c in cells if c["population"] == name]
-        for side in sides:
-            out[f"{name}|{side:g}"] = {**versus_bt(mine, "by_side", f"{side:g}"), "seeds": len(mine)}
+        for key in keys:
+            out[f"{name}|{key}"] = {**versus_bt(mine, field, key), "seeds": len(mine)}
     return out
 
 
@@ -90,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     sides = [float(s) for s in args.sides.split(",")]
     cells = run_cells(names, seeds, lambda name, seed: run_population(name, seed, sides, Path(args.work)),
                       "by_side", "side")
-    summary = summarize(cells, names, sides)
+    summary = summarize(cells, names, [f"{side:g}" for side in sides])
     write_pilot(args, {"populations": names, "seeds": seeds, "sides": sides, "summary": summary, "cells": cells},
                 markdown(summary, names, seeds, sides))
     return 0
