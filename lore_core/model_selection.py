@@ -18,7 +18,7 @@ over users. The one-SE rule: a candidate other than rank 1 is chosen only when i
 gains) exceeds its standard error and both the seen and the new gain are positive (`SIDE_SE`): personalization
 that the held-out estimate says costs seen or new users is not chosen, however much it gains on the other side.
 In a population scored on several folds (a small one), the winner must also pass a nested check (`nested_gain`):
-the selection's own gain, each fifth of the users scored by the choice made on the others, must exceed one SE.
+the selection's own gain, each fifth of the users scored by the choice made on the others, must exceed 1.5 SE.
 """
 
 from __future__ import annotations
@@ -387,10 +387,12 @@ def _sides_mean_se(seen: np.ndarray, new: np.ndarray) -> dict:
 
 # A higher rank is chosen only when the selection's nested gain (`nested_gain`) exceeds this many of its SEs.
 # Chosen on pilot seeds 101-110 of populations of 20-100 users (simulations/pilot_nested_check.py,
-# bench_results/nested_check_pilot.md). It is enforced only where the population is scored on several folds
-# (`fold_count`, under about 300 users with two groups or more), the populations the pilot covers; larger ones
-# keep the one-SE rule alone, as the stress matrix measured it.
-NESTED_SE = 1.0
+# bench_results/nested_check_pilot.md): 1.5 did at least as well as 1 on every pilot population (weak-40: -0.06 /
+# -0.12 points became 0 / 0). A reviewer's null simulations found this SE too small by a factor of about 1.4 (the
+# five splits reuse the same users), so 1.5 of it is about one SE of the nested gain's real spread. It is enforced
+# only where the population is scored on several folds (`fold_count`, under about 300 users with two groups or
+# more), the populations the pilot covers; larger ones keep the one-SE rule alone, as the stress matrix measured it.
+NESTED_SE = 1.5
 
 
 def nested_check_passes(check: dict, threshold: float | None = None) -> bool:

@@ -1,7 +1,8 @@
 """Does a nested check of the selection stop small populations from losing to one shared reward? A pilot.
 
     python -m simulations.pilot_nested_check [--populations base-20,base-40,base-100,weak-40] [--seeds 101,...,110]
-                                             [--thresholds 0,0.5,1] [--work runs/pilot_nested] [--out bench_results]
+                                             [--thresholds 0,0.5,1,1.5,2] [--work runs/pilot_nested]
+                                             [--out bench_results]
 
 In populations of tens of users the one-SE rule still chose a chance winner among 50-150 candidates and lost 2-4
 points to BT on some seeds (bench_results/one_se_threshold_pilot.md, side_margin_pilot.md). A stricter threshold
@@ -84,7 +85,8 @@ def markdown(summary: dict, cells: list[dict], names: list[str], seeds: list[int
 
 def main(argv: list[str] | None = None) -> int:
     args, names, seeds = population_pilot_args(argv, __doc__, POPULATIONS, range(101, 111),
-                                               ("--thresholds", "0,0.5,1"), "runs/pilot_nested", "nested_check_pilot")
+                                               ("--thresholds", "0,0.5,1,1.5,2"), "runs/pilot_nested",
+                                               "nested_check_pilot")
     arms = [OFF] + [f"{float(z):g}" for z in args.thresholds.split(",")]
     cells = run_cells(names, seeds, lambda name, seed: run_population(name, seed, arms, Path(args.work)),
                       "by_arm", "arm")
