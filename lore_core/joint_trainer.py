@@ -402,9 +402,7 @@ def train_joint(diff: np.ndarray, user: np.ndarray, config: TrainConfig = TrainC
         best_score = max(best_score, rank_best)
         if stale >= 2:
             break
-    # The check needs a rank-1 baseline: with the rank fixed above 1 there is nothing to veto.
-    baseline = any(c.rank == 1 for c in candidates)
-    chosen, table, nested = select(candidates, nested=len(folds) > 1 and baseline, seed=config.seed)
+    chosen, table, nested = select(candidates, nested=len(folds) > 1, seed=config.seed)
     used = int(groups.max(initial=-1)) + 1
     joined = int(given.max(initial=-1)) + 1 - used
     if len(candidates) > 1 and not any(f.seen_heldout.any() or f.new_rest.any() for f in folds):

@@ -272,21 +272,25 @@ def beats_rank1(row: dict, threshold: float = 1.0, side: float = SIDE_SE) -> boo
                 and (math.isnan(figure["new_gain"]) or figure["new_gain"] > side * figure["new_gain_se"]))
 
 
+def _row_score(row: dict) -> float:
+    return held_out_score(row["seen_acc"], row["new_acc"])
+
+
 def baseline_row(rows: list[dict]) -> int:
     """The rank-1 row with the best held-out score; without one, the best row."""
-    score = lambda i: held_out_score(rows[i]["seen_acc"], rows[i]["new_acc"])  # noqa: E731
-    return max([i for i, row in enumerate(rows) if row["rank"] == 1] or range(len(rows)), key=score)
+    return max([i for i, row in enumerate(rows) if row["rank"] == 1] or range(len(rows)),
+               key=lambda i: _row_score(rows[i]))
 
 
 def choose_from_table(rows: list[dict], threshold: float = 1.0, side: float = SIDE_SE) -> tuple[int, list[bool]]:
     """The one-SE rule on selection-table rows: (index of the chosen row, each row's eligibility). The baseline is
     `baseline_row`; without a rank-1 row, every row is eligible. `select_one_se` chooses with it; a pilot replays
     it on a run's metrics.json table with another `threshold` or `side` (`beats_rank1`)."""
-    score = lambda i: held_out_score(rows[i]["seen_acc"], rows[i]["new_acc"])  # noqa: E731
     ones = any(row["rank"] == 1 for row in rows)
     baseline = baseline_row(rows)
     ok = [i == baseline or not ones or beats_rank1(row, threshold, side) for i, row in enumerate(rows)]
-    return max([baseline] + [i for i in range(len(rows)) if ok[i] and i != baseline], key=score), ok
+    return max([baseline] + [i for i in range(len(rows)) if ok[i] and i != baseline],
+               key=lambda i: _row_score(rows[i])), ok
 
 
 def _table_rows(candidates: list[Candidate], baseline: Candidate) -> list[dict]:
@@ -414,11 +418,12 @@ def choose_with_nested_check(rows: list[dict], check: dict, enforce: bool, thres
 
 def select(candidates: list[Candidate], nested: bool, seed: int = 0) -> tuple[Candidate, list[dict], dict]:
     """`select_one_se`, then, where `nested`, rank 1 unless the nested check passes (`choose_with_nested_check`).
+    The check is enforced only where a rank-1 candidate exists: with the rank fixed above 1 there is nothing to veto.
     Returns (chosen, table rows with their final `chosen` flags, the nested check's record)."""
     _, rows = select_one_se(candidates)
     check = nested_gain(candidates, seed=seed)
-    check.update(enforced=nested, passes=nested_check_passes(check))
-    chosen = choose_with_nested_check(rows, check, nested)
+    check.update(enforced=nested and any(c.rank == 1 for c in candidates), passes=nested_check_passes(check))
+    chosen = choose_with_nested_check(rows, check, check["enforced"])
     for i, row in enumerate(rows):
         row["chosen"] = i == chosen
     return candidates[chosen], rows, check

@@ -485,6 +485,10 @@ def test_a_nested_check_read_back_from_metrics_json_replays_the_choice(tmp_path)
         assert choose_with_nested_check(back["selection"], back["check"], nested) == candidates.index(chosen)
     no_se = {**check, "se": None}
     assert table[choose_with_nested_check(table, no_se, True)]["rank"] == 1
+    # With the rank fixed above 1 there is no baseline, and the record says the check was not enforced.
+    fixed = [c for c in candidates if c.rank == 2]
+    chosen, _, check = select(fixed, nested=True)
+    assert not check["enforced"] and chosen is select_one_se(fixed)[0]
 
 
 def test_the_nested_gain_counts_a_users_seen_and_new_gains_as_correlated():
