@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from lore_core.pairs import PairSet
-from lore_core.reward_math import mean_user_accuracy, pair_logits
+from lore_core.reward_math import mean_user_accuracy, pair_logits, per_user_mean
 from lore_core.simplex_fit import DEFAULT_PRIOR_PAIRS, fit_user_weights, prior_from_pairs
 
 
@@ -64,7 +64,7 @@ def evaluate_model(
         ids, weights = few_shot_weights(seen_train, basis, prior_pairs)
         metrics["seen_train_acc"], _ = _score(seen_train, basis, ids, weights)
     if seen_test.n:  # a seen user without training pairs is scored with the population reward, and counted
-        metrics["seen_test_acc"], without = _score(seen_test, basis, ids, weights)
+        without = _score_test(metrics, "seen", seen_test, basis, ids, weights)
         if without:
             metrics["seen_users_without_training_pairs"] = without
     if joint_weights is not None and seen_test.n:
@@ -76,23 +76,51 @@ def evaluate_model(
     if few_shot.n or unseen_test.n:  # one few-shot fit serves both scores (fit_and_score, unfolded)
         ids, weights = few_shot_weights(few_shot, basis, prior_pairs)
     if unseen_test.n:
-        metrics["unseen_test_acc"], without = _score(unseen_test, basis, ids, weights)
-        metrics["unseen_users_without_few_shot"] = without
+        metrics["unseen_users_without_few_shot"] = _score_test(metrics, "unseen", unseen_test, basis, ids, weights)
     if few_shot.n:  # also without test pairs, as seen_train_acc (a tester: a file with no test split lacked it)
         metrics["unseen_few_shot_train_acc"], _ = _score(few_shot, basis, ids, weights)
     metrics.update(reference_metrics(pairs))
     return metrics
 
 
-def _score(test: PairSet, basis: np.ndarray, ids: np.ndarray, weights: np.ndarray) -> tuple[float, int]:
-    """Accuracy of `test` with the fitted (ids, weights); users not among ids keep uniform weights (the population
-    reward). Returns (accuracy, number of such users)."""
+def _served_logits(test: PairSet, basis: np.ndarray, ids: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, int]:
+    """Logits of `test` with the fitted (ids, weights); users not among ids keep uniform weights (the population
+    reward). Returns (logits, number of such users)."""
     all_ids = np.union1d(ids, test.user)
     all_w = np.full((all_ids.size, basis.shape[0]), 1.0 / basis.shape[0])
     all_w[np.searchsorted(all_ids, ids)] = weights
     w = weights_for(test.user, all_ids, all_w)
     without = int(np.unique(test.user[~np.isin(test.user, ids)]).size)
-    return _accuracy(np.einsum("nb,nb->n", test.diff @ basis.T, w), test.user), without
+    return np.einsum("nb,nb->n", test.diff @ basis.T, w), without
+
+
+def _score(test: PairSet, basis: np.ndarray, ids: np.ndarray, weights: np.ndarray) -> tuple[float, int]:
+    """Accuracy of `test` as `_served_logits` scores it: (accuracy, users served the population reward)."""
+    logits, without = _served_logits(test, basis, ids, weights)
+    return _accuracy(logits, test.user), without
+
+
+def expected_accuracy(logits: np.ndarray, logit_true: np.ndarray, user: np.ndarray) -> float:
+    """Accuracy in expectation over the labels, unweighted mean over users: each pair counts the true probability
+    that its user prefers the response the model ranks first (the sigmoid of the true logit, signed by the model's;
+    a tie counts 0, as accuracy counts it). The test labels' Bradley-Terry noise drops out, so two models on a few
+    hundred test pairs differ by what they predict, not by which labels were drawn. Answers that do not follow the
+    true logit (a generator's flips beyond Bradley-Terry, `label_noise`; users who click at random) are not in this
+    figure."""
+    value = np.where(logits == 0, 0.0, 1.0 / (1.0 + np.exp(-np.sign(logits) * logit_true)))
+    ids, idx = np.unique(user, return_inverse=True)
+    return float(np.mean(per_user_mean(value, idx, ids.size)))
+
+
+def _score_test(metrics: dict, label: str, test: PairSet, basis: np.ndarray, ids: np.ndarray,
+                weights: np.ndarray) -> int:
+    """`{label}_test_acc`, and `{label}_test_expected_acc` (`expected_accuracy`) where the pair file carries the
+    true logits; returns the number of users served the population reward."""
+    logits, without = _served_logits(test, basis, ids, weights)
+    metrics[f"{label}_test_acc"] = _accuracy(logits, test.user)
+    if test.logit_true is not None:
+        metrics[f"{label}_test_expected_acc"] = expected_accuracy(logits, test.logit_true, test.user)
+    return without
 
 
 def fit_and_score(train: PairSet, test: PairSet, basis: np.ndarray, prior_pairs: float) -> tuple[float, int]:

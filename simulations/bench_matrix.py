@@ -139,7 +139,8 @@ TRAIN_CHOICE = ("rank", "l2", "prior_pairs", "objective")  # what `lore-fed trai
 def train_row_of(metrics: dict, seconds: float) -> dict:
     """The matrix's record of a `lore-fed train` run from its metrics.json: accuracies, choice, references."""
     keep = ("seen_test_acc", "unseen_test_acc", *TRAIN_CHOICE, "oracle_seen_test_acc", "oracle_unseen_test_acc",
-            "true_basis_seen_test_acc", "true_basis_unseen_test_acc")
+            "true_basis_seen_test_acc", "true_basis_unseen_test_acc", "seen_test_expected_acc",
+            "unseen_test_expected_acc")
     return {**{k: metrics[k] for k in keep if k in metrics}, "seconds": seconds}
 
 

@@ -6,7 +6,9 @@ Each run directory the globs match is a `lore-fed train` output: metrics.json wi
 file it read (`pairs_path`) and its `--seed`. The table does not depend on the rule, so `choose_from_table` replays
 today's one-SE rule on it exactly; a run that recorded the nested check of small populations
 (`held_out.nested_check`) is replayed with it (`choose_with_nested_check`). A run of a small population
-(`held_out.folds` above 1) made before that check has no record of it, and is replayed with the one-SE rule alone.
+(`held_out.folds` above 1) made before that check has no record of it, and is replayed with the one-SE rule alone;
+one whose enforced check has no bootstrap SE (`se_from`, before the nested gain's SE came from a bootstrap) is not
+replayed, and counted apart.
 Where today's choice differs from the recorded one, both choices are trained again with their settings fixed
 (`--rank --l2 --prior-pairs --objective --seed`), with BT (`--rank 1`) beside them, by this checkout with one
 thread, under a sibling `replay/` (cached): the two runs differ only in the choice, so the difference is the rule's
@@ -56,6 +58,9 @@ def run_train(pairs: str, out: Path, flags: list[str]) -> dict:
 def replay(run: Path, metrics: dict) -> dict:
     table, check = metrics["selection"], metrics.get("held_out", {}).get("nested_check")
     before = recorded_choice(table)
+    if check is not None and check["enforced"] and "se_from" not in check:  # its SE is the split SE: not today's
+        return {"run": str(run), "before": {k: table[before][k] for k in CHOICE}, "changed": False,
+                "not_replayed": "nested check recorded before its bootstrap SE"}
     now = choose_from_table(table)[0] if check is None else choose_with_nested_check(table, check, check["enforced"])
     cell = {"run": str(run), "before": {k: table[before][k] for k in CHOICE}, "changed": now != before}
     if not cell["changed"]:
@@ -89,12 +94,15 @@ def _points(value, sign: str = "+") -> str:
 def markdown(cells: list[dict], patterns: list[str]) -> str:
     changed = [c for c in cells if c["changed"]]
     scored = [c for c in changed if "gain_now" in c]
+    stale = sum("not_replayed" in c for c in cells)
     lines = [f"# Today's one-SE rule replayed on earlier `train` runs (`python -m simulations.bench_rule_replay "
              f"--runs {','.join(patterns)}`)", "",
-             f"{len(cells)} runs; today's rule (`lore_core/model_selection.py` `choose_from_table`) chooses another "
-             f"candidate on {len(changed)}. On those, the recorded and today's choices were trained again with their "
-             "settings fixed, beside BT, by the same code with one thread: test accuracy - BT in points, seen / new "
-             "users.", "",
+             f"{len(cells) - stale} runs replayed; today's rule (`lore_core/model_selection.py` `choose_from_table`) "
+             f"chooses another candidate on {len(changed)}. On those, the recorded and today's choices were trained "
+             "again with their settings fixed, beside BT, by the same code with one thread: test accuracy - BT in "
+             "points, seen / new users." + (f" {stale} more runs recorded the nested check before its SE came "
+                                           "from a bootstrap; today's check cannot be replayed on them."
+                                           if stale else ""), "",
              "| run | recorded choice (held-out gain seen / new ± SE, points) | its test - BT | today's choice "
              "| its test - BT |", "|---|---|---|---|---|"]
     for c in changed:

@@ -64,12 +64,14 @@ def run_population(size: int, seed: int, thresholds: list[float], work: Path) ->
     return out
 
 
-def versus_bt(cells: list[dict], arm: str, key: str) -> dict:
-    """The choices `cell[arm][key]` against BT over `cells`: test accuracy - BT in points per group (mean, SE,
-    worst, by seed, seeds below -1) and how many chose a rank above 1."""
+def versus_bt(cells: list[dict], arm: str, key: str, score: str = "test") -> dict:
+    """The choices `cell[arm][key]` against BT over `cells`: accuracy - BT in points per group (mean, SE, worst, by
+    seed, seeds below -1) and how many chose a rank above 1. `score` "test" compares `cell[arm][key]["test"]` with
+    `cell["bt"]`; another name compares `cell[arm][key][score]` with `cell["bt_" + score]`."""
     entry = {}
+    bt = "bt" if score == "test" else f"bt_{score}"
     for i, group in enumerate(GROUPS):
-        diffs = [100 * (c[arm][key]["test"][i] - c["bt"][i]) for c in cells]
+        diffs = [100 * (c[arm][key][score][i] - c[bt][i]) for c in cells]
         mean, se = _mean_se(diffs)
         entry[group] = {"mean": mean, "se": se, "worst": min(diffs), "by_seed": diffs,
                         "seeds_below_minus_1": sum(d < -1 for d in diffs)}

@@ -49,12 +49,17 @@ def trained_cell(populations: dict, name: str, seed: int, work: Path) -> tuple[P
     return pairs, bt, train, json.loads((root / "train" / "metrics.json").read_text())
 
 
-def fixed_test(pairs: Path, row: dict, seed: int, train: dict, is_trains_choice: bool) -> list[float]:
-    """Test accuracy (seen, new) of the table row's settings trained fixed (cached beside the pair file); train's
-    own run where the row is the one it chose."""
+def fixed_run(pairs: Path, row: dict, seed: int, train: dict, is_trains_choice: bool) -> dict:
+    """The `cached_train` row of the table row's settings trained fixed (cached beside the pair file); train's own
+    run where the row is the one it chose."""
     flags = fixed_flags(row, seed)
-    fixed = train if is_trains_choice else cached_train(pairs, pairs.parent / ("fixed-" + "-".join(flags[1:9:2])),
-                                                        flags)
+    return train if is_trains_choice else cached_train(pairs, pairs.parent / ("fixed-" + "-".join(flags[1:9:2])),
+                                                       flags)
+
+
+def fixed_test(pairs: Path, row: dict, seed: int, train: dict, is_trains_choice: bool) -> list[float]:
+    """Test accuracy (seen, new) of `fixed_run`."""
+    fixed = fixed_run(pairs, row, seed, train, is_trains_choice)
     return [fixed[f"{g}_test_acc"] for g in GROUPS]
 
 
@@ -72,13 +77,14 @@ def run_population(name: str, seed: int, sides: list[float], work: Path) -> dict
     return out
 
 
-def summarize(cells: list[dict], names: list[str], keys: list[str], field: str = "by_side") -> dict:
-    """`versus_bt` of each population and arm key (`cell[field][key]`), with its number of seeds."""
+def summarize(cells: list[dict], names: list[str], keys: list[str], field: str = "by_side",
+              score: str = "test") -> dict:
+    """`versus_bt` of each population and arm key (`cell[field][key]`, on `score`), with its number of seeds."""
     out = {}
     for name in names:
         mine = [c for c in cells if c["population"] == name]
         for key in keys:
-            out[f"{name}|{key}"] = {**versus_bt(mine, field, key), "seeds": len(mine)}
+            out[f"{name}|{key}"] = {**versus_bt(mine, field, key, score), "seeds": len(mine)}
     return out
 
 

@@ -233,3 +233,28 @@ def test_evaluation_scores_the_few_shot_fit_of_a_file_without_test_pairs():
     assert 0.0 <= metrics["unseen_few_shot_train_acc"] <= 1.0 and 0.0 <= metrics["seen_train_acc"] <= 1.0
     assert evaluate_model(pairs, truth.basis, prior_pairs=3.0)["unseen_few_shot_train_acc"] == \
         metrics["unseen_few_shot_train_acc"]
+
+
+def test_expected_accuracy_counts_the_true_probability_not_the_drawn_label(small_pairs):
+    """Pilots compare choices on a few hundred test pairs, where the drawn labels decide as much as the model:
+    `{seen,unseen}_test_expected_acc` scores each pair with the true probability of the preference the model
+    predicts. Flipping the drawn labels of the test pairs (a new draw) moves accuracy, not the expected figure."""
+    from dataclasses import replace
+
+    from lore_core.evaluation import expected_accuracy
+
+    logits, truth, user = np.array([2.0, -1.0, 0.0, 3.0]), np.array([0.0, 1.0, 5.0, -2.0]), np.array([7, 7, 7, 9])
+    sigmoid = 1 / (1 + np.exp(-np.array([0.0, -1.0, 2.0])))  # user 7: 0.5, sigmoid(-1), a tie counts 0; user 9
+    by_user = [(sigmoid[0] + sigmoid[1]) / 3, 1 - sigmoid[2]]
+    assert expected_accuracy(logits, truth, user) == pytest.approx(np.mean(by_user))
+    pairs, _ = small_pairs
+    basis = np.random.default_rng(0).normal(size=(2, pairs.dim))
+    metrics = evaluate_model(pairs, basis)
+    flip = np.where((pairs.split == "test") & (np.arange(pairs.n) % 2 == 0), -1.0, 1.0)
+    flipped = replace(pairs, diff=pairs.diff * flip[:, None], logit_true=pairs.logit_true * flip)
+    again = evaluate_model(flipped, basis)
+    for group in ("seen", "unseen"):
+        assert again[f"{group}_test_expected_acc"] == pytest.approx(metrics[f"{group}_test_expected_acc"])
+        assert again[f"{group}_test_acc"] != pytest.approx(metrics[f"{group}_test_acc"])
+        assert 0.4 < metrics[f"{group}_test_expected_acc"] < metrics[f"oracle_{group}_test_acc"] + 0.05
+    assert "seen_test_expected_acc" not in evaluate_model(replace(pairs, logit_true=None), basis)
