@@ -1,12 +1,14 @@
 """Does `lore-fed train` lose to one shared reward when the population is small? Two commits side by side.
 
     python -m simulations.bench_small_populations --before REV [--after REV] [--sizes 20,50,100]
-                                                  [--seeds 0,1,2,3,4,5] [--out bench_results/small_populations.md]
+                                                  [--seeds 0,1,2,3,4,5] [--train-pairs 20,40] [--few-shot 10]
+                                                  [--out bench_results/small_populations.md]
 
 A pilot study has tens of users, not hundreds. Each population is the stress matrix's base (`bench_matrix.BASE`:
 isotropic D = 384, true rank 4, 20-40 training pairs per seen user, 100 new users with 10 few-shot pairs, 20 test
-pairs each) with `--sizes` seen users. On each, `lore-fed train --rank 1` (BT) and `lore-fed train` (default flags)
-run from the `--before` commit (a temporary git worktree) and from this checkout, the two commits at the same time
+pairs each) with `--sizes` seen users (`--train-pairs` and `--few-shot` change the pairs per user). On each,
+`lore-fed train --rank 1` (BT) and `lore-fed train` (default flags) run from the `--before` commit (a temporary git
+worktree) and from this checkout, the two commits at the same time
 (`bench_train_ab`). Reports `train` - BT per seed and its mean and SE over seeds, for both commits, on the test
 pairs and in expectation over their labels (each run's saved basis scored by this checkout's `evaluate_model`, so
 that a few hundred test labels do not decide between two choices). Seeds 101-106
@@ -83,12 +85,17 @@ def summary(rows: list[dict], size: int, arm: str, truth: bool = False) -> dict:
 
 
 def markdown(rows: list[dict], config: dict) -> str:
+    low, high = config.get("train_pairs", BASE.train_pairs)
+    shots = config.get("few_shot", BASE.few_shot_pairs)
+    shape = "" if (low, high, shots) == (*BASE.train_pairs, BASE.few_shot_pairs) else \
+        f" --train-pairs {low},{high} --few-shot {shots}"
     lines = [f"# Small populations: `lore-fed train` - BT, {config['after']} against {config['before']}", "",
-             f"`python -m simulations.bench_small_populations --before {config['before']} --after {config['after']} --sizes "
-             f"{','.join(map(str, config['sizes']))} --seeds {','.join(map(str, config['seeds']))}`. The stress "
-             "matrix's base population (isotropic D = 384, true rank 4, 20-40 training pairs per seen user, 100 new "
-             "users with 10 few-shot pairs) with few seen users. Points, seen / new users; BT is `lore-fed train "
-             "--rank 1` of the same commit. Both commits ran side by side on one shared 2-core machine."]
+             f"`python -m simulations.bench_small_populations --before {config['before']} --after {config['after']} "
+             f"--sizes {','.join(map(str, config['sizes']))} --seeds {','.join(map(str, config['seeds']))}{shape}`. "
+             f"The stress matrix's base population (isotropic D = 384, true rank 4, {low}-{high} training pairs per "
+             f"seen user, 100 new users with {shots} few-shot pairs) with few seen users. Points, seen / new users; BT "
+             "is `lore-fed train --rank 1` of the same commit. Both commits ran side by side on one shared 2-core "
+             "machine."]
     for truth, title in ((False, "On the test pairs"),
                          (True, "In expectation over the test pairs' labels (`evaluation.expected_accuracy`, "
                                 "each run's basis scored by the `after` checkout)")):
@@ -119,22 +126,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--after", default="HEAD", help="git revision of the later code")
     parser.add_argument("--sizes", default="20,50,100")
     parser.add_argument("--seeds", default="0,1,2,3,4,5")
+    parser.add_argument("--train-pairs", default=",".join(map(str, BASE.train_pairs)),
+                        help="LOW,HIGH training pairs per seen user")
+    parser.add_argument("--few-shot", type=int, default=BASE.few_shot_pairs, help="few-shot pairs per new user")
     parser.add_argument("--out", default="bench_results/small_populations.md")
     args = parser.parse_args(argv)
     sizes = [int(s) for s in args.sizes.split(",")]
     seeds = [int(s) for s in args.seeds.split(",")]
+    low, high = (int(n) for n in args.train_pairs.split(","))
+    shape = {"train_pairs": (low, high), "few_shot_pairs": args.few_shot}
     revisions = {arm: short_revision(getattr(args, arm)) for arm in ARMS}
     rows = []
     with checked_worktrees({arm: revisions[arm] for arm in ARMS}) as (tmp, roots):
         for size in sizes:
             for seed in seeds:
                 work = tmp / f"{size}-{seed}"
-                pairs = write_synthetic_dataset(work, replace(BASE, seen_users=size, seed=seed))
+                pairs = write_synthetic_dataset(work, replace(BASE, seen_users=size, seed=seed, **shape))
                 cell = run_population(roots, pairs, work)
                 rows.append({"size": size, "seed": seed, **cell})
                 print(f"{size} users, seed {seed}: " + "; ".join(
                     f"{arm} {_gain(cell[arm], 0):+.1f} / {_gain(cell[arm], 1):+.1f}" for arm in ARMS), flush=True)
-    config = {"sizes": sizes, "seeds": seeds, **revisions}
+    config = {"sizes": sizes, "seeds": seeds, "train_pairs": [low, high], "few_shot": args.few_shot, **revisions}
     summaries = {f"{size}-{arm}{'-truth' if truth else ''}": summary(rows, size, arm, truth)
                  for size in sizes for arm in ARMS for truth in (False, True)}
     out = Path(args.out)
