@@ -258,3 +258,20 @@ def test_expected_accuracy_counts_the_true_probability_not_the_drawn_label(small
         assert again[f"{group}_test_acc"] != pytest.approx(metrics[f"{group}_test_acc"])
         assert 0.4 < metrics[f"{group}_test_expected_acc"] < metrics[f"oracle_{group}_test_acc"] + 0.05
     assert "seen_test_expected_acc" not in evaluate_model(replace(pairs, logit_true=None), basis)
+
+
+def test_streamed_evaluation_combines_blocks_into_the_whole_files_figures(small_pairs, tmp_path, monkeypatch):
+    """A population too large to load is evaluated in blocks of whole users; every per-user mean, the expected
+    accuracy among them, must come out as `evaluate_model` gives it on the whole file."""
+    from lore_core import streamed_training
+    from lore_core.pairs import save_pairs
+
+    pairs, _ = small_pairs
+    path = save_pairs(pairs, tmp_path / "pairs")
+    basis = np.random.default_rng(1).normal(size=(2, pairs.dim))
+    monkeypatch.setattr(streamed_training, "EVAL_BLOCK_ROWS", 300)  # several blocks of whole users
+    streamed, _ = streamed_training.evaluate_streamed(path, basis, prior_pairs=3.0)
+    whole = evaluate_model(pairs, basis, prior_pairs=3.0)
+    assert {"seen_test_expected_acc", "unseen_test_expected_acc"} <= set(streamed)
+    for key, value in whole.items():
+        assert streamed[key] == pytest.approx(value), key
