@@ -11,7 +11,8 @@ stopped that but gave up real gains at 100 users. `model_selection.nested_gain` 
 on users the rule did not choose on instead: the users are split into five parts, each part scored by the choice the
 rule makes on the other users, over five random splits. `lore-fed train` (default flags) records it in metrics.json
 (`held_out.nested_check`) beside its selection table: the gain, its SE from a bootstrap over users (`se`) and the
-SE over users of the split-averaged gains (`split_se`, about 1.4 times too small). For each arm the chosen row is
+SE over users of the split-averaged gains (`split_se`, about half the real spread:
+bench_results/nested_check_calibration.md). For each arm the chosen row is
 replayed from that record (`choose_with_nested_check`): `off` is the one-SE rule alone, `z` a higher rank only where
 the nested gain exceeds z of its bootstrap SEs, `split:z` z of its split SEs (the rule before the bootstrap, at
 1.5). Each arm's choice is trained with its settings fixed (`--rank --l2 --prior-pairs --objective --seed`) and
