@@ -626,3 +626,28 @@ def test_the_bootstrap_runs_only_where_the_check_is_enforced():
     candidates = _chance_candidates(rng, 30, true_gain=0.0)
     assert select(candidates, nested=False)[2]["se_from"] == "splits"
     assert select(candidates, nested=True)[2]["se_from"] == f"bootstrap over users ({NESTED_BOOTSTRAP} resamples)"
+
+
+def test_a_higher_rank_chosen_on_few_seen_users_draws_a_warning(monkeypatch):
+    """At 20 users the checks still let through choices that lost up to 3 points in expectation (the nested-check
+    pilot); `train` keeps them, since 20 users with many pairs gained, but says the population is too small to trust
+    them. A population at the threshold, or a rank-1 choice, says nothing."""
+    import warnings
+
+    from lore_core import joint_trainer
+    from lore_core.joint_trainer import SelectionWarning
+
+    pairs, _ = make_synthetic_pairs(SyntheticPairsConfig(dim=16, true_rank=2, seen_users=30, unseen_users=0,
+                                                         train_pairs=(10, 20), seed=3))
+    config = TrainConfig(rank_grid=(1, 2), l2_grid=(1e-3,), prior_pairs_grid=(3.0,), objective="joint")
+    monkeypatch.setattr(joint_trainer, "SMALL_SELECTION_USERS", 30)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SelectionWarning)
+        assert train_joint(pairs.diff, pairs.user, config, group=pairs.group).rank == 2
+    monkeypatch.setattr(joint_trainer, "SMALL_SELECTION_USERS", 31)
+    with pytest.warns(SelectionWarning, match="rank 2 passed the held-out checks on only 30 seen users"):
+        train_joint(pairs.diff, pairs.user, config, group=pairs.group)
+    one = TrainConfig(rank_grid=(1,), l2_grid=(1e-3,), prior_pairs_grid=(3.0,), objective="joint")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SelectionWarning)
+        assert train_joint(pairs.diff, pairs.user, one, group=pairs.group).rank == 1
