@@ -47,15 +47,13 @@ POPULATIONS = {
     "mid-100": replace(BASE, seen_users=100, train_pairs=(60, 100)),
 }
 OFF = "off"
-
-
 SPLIT = "split:"
 SCORES = {"test": "On the test pairs", "truth": "In expectation over the test pairs' labels (their true logits)"}
 
 
 def arm_choice(table: list[dict], check: dict, arm: str) -> int:
-    """The row `arm` chooses: the one-SE rule alone (`off`), or with the nested check at threshold z of the
-    recorded SE (`z`: the bootstrap's where the record has one) or of the split SE (`split:z`)."""
+    """The row `arm` chooses: the one-SE rule alone (`off`), or with the nested check at threshold z of its
+    bootstrap SE (`z`; a record without one is refused) or of its split SE (`split:z`)."""
     if arm == OFF:
         return choose_with_nested_check(table, check, enforce=False)
     if arm.startswith(SPLIT):
