@@ -348,8 +348,8 @@ def nested_gain(candidates: list[Candidate], parts: int = NESTED_PARTS, repeats:
     simulated held-out figures it was about half the real spread (bench_results/nested_check_calibration.md). So
     where `bootstrap` > 0 the SE (`se`) is the spread of the whole procedure over `bootstrap` resamples of the users
     (copies of a user share a part), and `se_from` says which. Returns the gain (mean of the seen and new gains), its
-    SE, each side's gain and SE (over users, from the unresampled draws), and the rank each part chose (one list per
-    draw)."""
+    SE, each side's gain and SE (over users, from the unresampled draws), how many users were scored, and the rank
+    each part chose (one list per draw)."""
     seen = np.stack([c.seen for c in candidates])
     new = np.stack([c.new for c in candidates])
     rank = np.array([c.rank for c in candidates])
@@ -359,7 +359,8 @@ def nested_gain(candidates: list[Candidate], parts: int = NESTED_PARTS, repeats:
     gains, ranks = _nested_user_gains(seen, new, rank, np.arange(scored.size), parts, repeats,
                                       np.random.default_rng([seed, 13]))
     record = _sides_mean_se(*gains)
-    record.update(split_se=record["se"], se_from="splits", parts=parts, repeats=repeats, ranks_chosen=ranks)
+    record.update(split_se=record["se"], se_from="splits", users=int(scored.size), parts=parts, repeats=repeats,
+                  ranks_chosen=ranks)
     if bootstrap > 0 and scored.size > 1:
         rng = np.random.default_rng([seed, 17])
         resampled = []
@@ -490,10 +491,12 @@ def choose_with_nested_check(rows: list[dict], check: dict, enforce: bool, thres
 
 def select(candidates: list[Candidate], nested: bool, seed: int = 0) -> tuple[Candidate, list[dict], dict]:
     """`select_one_se`, then, where `nested`, rank 1 unless the nested check passes (`choose_with_nested_check`).
-    The check is enforced only where a rank-1 candidate exists: with the rank fixed above 1 there is nothing to veto.
-    Returns (chosen, table rows with their final `chosen` flags, the nested check's record)."""
+    The check is enforced only where there is a choice to check: a rank-1 candidate and a higher one (with the rank
+    fixed there is nothing to veto, nor any bootstrap to run). Returns (chosen, table rows with their final `chosen`
+    flags, the nested check's record)."""
     _, rows = select_one_se(candidates)
-    enforced = nested and any(c.rank == 1 for c in candidates)
+    ranks = {c.rank for c in candidates}
+    enforced = nested and 1 in ranks and max(ranks) > 1
     check = nested_gain(candidates, seed=seed, bootstrap=NESTED_BOOTSTRAP if enforced else 0)
     check.update(enforced=enforced, passes=nested_check_passes(check))
     chosen = choose_with_nested_check(rows, check, check["enforced"])
