@@ -43,10 +43,11 @@ class SelectionWarning(UserWarning):
     """The held-out selection had nothing to estimate on and kept its safe default, or too little to trust."""
 
 
-# A rank above 1 chosen against a rank-1 baseline on fewer scored users than this draws a warning. On pilot seeds 101-110 (simulations/
-# pilot_nested_check.py, bench_results/nested_check_bootstrap_pilot.md) the rank chosen past the nested check lost
-# 0.66 points to one shared reward for seen users on average at 20 users with 20-40 pairs each (worst seed 3.1, in
-# expectation over the test labels), and nothing at 40 users; at 20 users with 150-250 pairs each it gained.
+# A rank above 1 chosen against a rank-1 baseline on fewer scored users than this draws a warning. On pilot seeds
+# 101-110 (simulations/pilot_nested_check.py, bench_results/nested_check_bootstrap_pilot.md) the rank chosen past the
+# nested check lost 0.66 points to one shared reward for seen users on average at 20 users with 20-40 pairs each
+# (worst seed 3.1, in expectation over the test labels), and nothing at 40 users; at 20 users with 150-250 pairs each
+# it gained.
 SMALL_SELECTION_USERS = 30
 
 
