@@ -14,9 +14,10 @@ value of personalization grows steeply with data, and a selection on much less d
 pick too little of it. A small population repeats both on further folds (`fold_count`): other groups held out,
 another fifth of the users treated as new, each fold with its own fits, until 60 users are scored as new.
 Both give one accuracy per user, so a candidate's gain over one shared reward (rank 1) has a paired standard error
-over users. The one-SE rule: a candidate other than rank 1 is chosen only when its gain (mean of the seen and new
-gains) exceeds its standard error and both the seen and the new gain are positive (`SIDE_SE`): personalization
-that the held-out estimate says costs seen or new users is not chosen, however much it gains on the other side.
+over users, a user's seen and new gains counted as correlated (`_gain_rows`). The one-SE rule: a candidate other
+than rank 1 is chosen only when its gain (mean of the seen and new gains) exceeds its standard error and both the
+seen and the new gain are positive (`SIDE_SE`): personalization that the held-out estimate says costs seen or new
+users is not chosen, however much it gains on the other side.
 In a population scored on several folds (a small one), the winner must also pass a nested check (`nested_gain`):
 the selection's own gain, each fifth of the users scored by the choice made on the others, must exceed `NESTED_SE`
 of its SE, which a bootstrap over users of the whole check measures.
@@ -233,25 +234,9 @@ def _mean(values: np.ndarray) -> float:
     return float(values.mean()) if values.size else math.nan
 
 
-def _paired(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
-    """Mean and standard error of a - b over users scored in both."""
-    both = ~np.isnan(a) & ~np.isnan(b)
-    d = a[both] - b[both]
-    if d.size < 2:
-        return (float(d.mean()) if d.size else math.nan), math.nan
-    return float(d.mean()), float(d.std(ddof=1) / math.sqrt(d.size))
-
-
 def _se(values: np.ndarray) -> float:
     values = values[~np.isnan(values)]
     return float(values.std(ddof=1) / math.sqrt(values.size)) if values.size > 1 else math.nan
-
-
-def _combine(gain_seen, se_seen, gain_new, se_new) -> tuple[float, float]:
-    """Mean of the seen and new gains and its SE; only the seen part when no user is treated as new."""
-    if math.isnan(gain_new):
-        return gain_seen, se_seen
-    return 0.5 * (gain_seen + gain_new), 0.5 * math.sqrt(se_seen**2 + se_new**2)
 
 
 # A side's gain (seen, new) must exceed this many of its own SEs. It was -1 (a loss within one SE passed): a
@@ -296,16 +281,15 @@ def choose_from_table(rows: list[dict], threshold: float = 1.0, side: float = SI
 
 def _table_rows(candidates: list[Candidate], baseline: Candidate) -> list[dict]:
     """One selection-table row per candidate: its estimates, SEs and paired gains over `baseline`."""
+    gains = _gain_rows(np.stack([c.seen - baseline.seen for c in candidates]),
+                       np.stack([c.new - baseline.new for c in candidates]))
     rows = []
-    for c in candidates:
-        gain_seen, se_seen = _paired(c.seen, baseline.seen)
-        gain_new, se_new = _paired(c.new, baseline.new)
-        gain, se = _combine(gain_seen, se_seen, gain_new, se_new)
+    for i, c in enumerate(candidates):
         seen, new = c.estimate
         rows.append({"rank": c.rank, "objective": c.objective, "l2": c.l2, "prior_pairs": c.prior_pairs,
                      "seen_acc": seen, "seen_se": _se(c.seen), "new_acc": new, "new_se": _se(c.new),
-                     "gain_vs_rank1": gain, "gain_se": se, "seen_gain": gain_seen, "seen_gain_se": se_seen,
-                     "new_gain": gain_new, "new_gain_se": se_new})
+                     "gain_vs_rank1": float(gains["gain"][i]), "gain_se": float(gains["se"][i]),
+                     **{key: float(gains[key][i]) for key in ("seen_gain", "seen_gain_se", "new_gain", "new_gain_se")}})
     return rows
 
 
@@ -377,8 +361,13 @@ def nested_gain(candidates: list[Candidate], parts: int = NESTED_PARTS, repeats:
 def _nested_user_gains(seen: np.ndarray, new: np.ndarray, rank: np.ndarray, owner: np.ndarray, parts: int,
                        repeats: int, rng: np.random.Generator) -> tuple[tuple[np.ndarray, np.ndarray], list]:
     """Each column's gain (seen, new), averaged over `repeats` random splits of the owners into `parts`, of the
-    choice `choose_on_arrays` makes on the other parts' columns; and the rank each part chose."""
-    owners, column_owner = np.unique(owner, return_inverse=True)
+    choice `choose_on_arrays` makes on the other parts' owners; and the rank each part chose. The choice sees one
+    column per owner: in a bootstrap resample a user drawn three times would otherwise count as three users, and the
+    rule, trusting an SE too small, would choose more erratically than it does on the real users, which inflated the
+    bootstrap SE (on simulated populations with a true gain of 2 points, de-duplicating cut the bootstrap SE by 3-11 %
+    and raised how often the gain passed one SE from 32 / 42 / 85 % to 35 / 57 / 88 % at 20 / 40 / 100 users, with no
+    more passes without a true gain: bench_results/nested_check_calibration.md)."""
+    owners, first_column, column_owner = np.unique(owner, return_index=True, return_inverse=True)
     gain = np.zeros((2, repeats, owner.size))
     ranks = []
     for draw in range(repeats):
@@ -388,7 +377,8 @@ def _nested_user_gains(seen: np.ndarray, new: np.ndarray, rank: np.ndarray, owne
         ranks.append([])
         for part in range(parts):
             inside = part_of == part
-            chosen, baseline = choose_on_arrays(seen[:, ~inside], new[:, ~inside], rank)
+            outside = first_column[part_of_owner != part]
+            chosen, baseline = choose_on_arrays(seen[:, outside], new[:, outside], rank)
             gain[0, draw, inside] = seen[chosen, inside] - seen[baseline, inside]
             gain[1, draw, inside] = new[chosen, inside] - new[baseline, inside]
             ranks[-1].append(int(rank[chosen]))
@@ -396,7 +386,7 @@ def _nested_user_gains(seen: np.ndarray, new: np.ndarray, rank: np.ndarray, owne
 
 
 def _row_mean_se(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Each row's mean and SE over its non-NaN entries (`_mean`, `_paired`: NaN with no entry, SE NaN with one),
+    """Each row's mean and SE over its non-NaN entries (as `_mean` and `_se`: NaN with no entry, SE NaN with one),
     from sums and sums of squares: one pass over the array, as the bootstrap calls it 20,000 times."""
     present = ~np.isnan(values)
     count = present.sum(axis=1)
@@ -420,19 +410,18 @@ def _first_best(indices: np.ndarray, score: np.ndarray) -> int:
 def choose_on_arrays(seen: np.ndarray, new: np.ndarray, rank: np.ndarray) -> tuple[int, int]:
     """`choose_from_table(_table_rows(...))` on per-user accuracies (K candidates, U users): (chosen, baseline).
     The nested check calls it 25 times per estimate and its bootstrap thousands of times; a test holds it to the
-    table's choice. Its sums run in another order than `_paired`'s, so where two figures tie exactly (a gain equal
-    to its SE, two equal scores) rounding may break the tie the other way: a reviewer found 18 such cases in 40,000
-    random tables of discrete accuracies, none in populations scored on both sides."""
+    table's choice. Its gains are the table's (`_gain_rows` on the same arrays), but its mean accuracies are sums
+    in another order than `_mean`'s, so where two scores tie exactly rounding may break the tie the other way: a
+    reviewer found 18 such cases in 40,000 random tables of discrete accuracies (when the gains' sums differed too),
+    none in populations scored on both sides."""
     seen_acc, new_acc = _row_mean_se(seen)[0], _row_mean_se(new)[0]
     score = np.where(np.isnan(new_acc), seen_acc, 0.5 * (seen_acc + new_acc))
     ones = np.flatnonzero(rank == 1)
     baseline = _first_best(ones if ones.size else np.arange(rank.size), score)
-    (gain_seen, se_seen), (gain_new, se_new) = _row_mean_se(seen - seen[baseline]), _row_mean_se(new - new[baseline])
-    no_new = np.isnan(gain_new)
+    gains = _gain_rows(seen - seen[baseline], new - new[baseline])
     with np.errstate(invalid="ignore"):
-        gain = np.where(no_new, gain_seen, 0.5 * (gain_seen + gain_new))
-        se = np.where(no_new, se_seen, 0.5 * np.sqrt(se_seen**2 + se_new**2))
-        ok = (gain > se) & (gain_seen > SIDE_SE * se_seen) & (no_new | (gain_new > SIDE_SE * se_new))
+        ok = ((gains["gain"] > gains["se"]) & (gains["seen_gain"] > SIDE_SE * gains["seen_gain_se"])
+              & (np.isnan(gains["new_gain"]) | (gains["new_gain"] > SIDE_SE * gains["new_gain_se"])))
     if not ones.size:
         ok[:] = True
     others = np.flatnonzero(ok)
@@ -440,21 +429,29 @@ def choose_on_arrays(seen: np.ndarray, new: np.ndarray, rank: np.ndarray) -> tup
 
 
 def _sides_mean_se(seen: np.ndarray, new: np.ndarray) -> dict:
-    """Mean of the seen and new per-user gains (NaN where a user has none on that side) and its SE, with the
-    covariance of the two sides over users scored on both: in a small population every user is scored on both,
-    largely on the same pairs, and treating them as independent (`_combine`) understated the SE by 13-38 % on
-    20-40-user populations (a reviewer's measurement, not committed)."""
-    (seen_gain, seen_se), (new_gain, new_se) = _paired(seen, np.zeros_like(seen)), _paired(new, np.zeros_like(new))
-    record = {"seen_gain": seen_gain, "seen_gain_se": seen_se, "new_gain": new_gain, "new_gain_se": new_se}
-    if math.isnan(new_gain):
-        return {"gain": seen_gain, "se": seen_se, **record}
+    """`_gain_rows` of one row of per-user gains (U,), as floats."""
+    return {key: float(value[0]) for key, value in _gain_rows(seen[None], new[None]).items()}
+
+
+def _gain_rows(seen: np.ndarray, new: np.ndarray) -> dict[str, np.ndarray]:
+    """Each row's gain from per-user gains (K, U) (NaN where a user has none on that side): the mean of the seen
+    and new gains and its SE (`gain`, `se`), and each side's mean and SE; the seen side alone where no user is
+    scored as new. A user scored on both sides counts with the covariance of their two gains: in a small population
+    every user is scored on both, largely on the same pairs, and treating the sides as independent understated the
+    SE by 13-38 % on 20-40-user populations (a reviewer's measurement, not committed). The selection table
+    (`_table_rows`) and the array rule (`choose_on_arrays`) both take their gains from here."""
+    (seen_gain, seen_se), (new_gain, new_se) = _row_mean_se(seen), _row_mean_se(new)
     both = ~np.isnan(seen) & ~np.isnan(new)
-    n_seen, n_new, n_both = (~np.isnan(seen)).sum(), (~np.isnan(new)).sum(), both.sum()
-    covariance = 0.0
-    if n_both > 1:
-        covariance = float(np.sum((seen[both] - seen_gain) * (new[both] - new_gain)) / (n_both - 1))
-    variance = seen_se**2 + new_se**2 + 2.0 * covariance * n_both / (n_seen * n_new)
-    return {"gain": 0.5 * (seen_gain + new_gain), "se": 0.5 * math.sqrt(max(variance, 0.0)), **record}
+    n_seen, n_new, n_both = (~np.isnan(seen)).sum(axis=1), (~np.isnan(new)).sum(axis=1), both.sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        products = np.where(both, (seen - seen_gain[:, None]) * (new - new_gain[:, None]), 0.0).sum(axis=1)
+        covariance = np.where(n_both > 1, products / (n_both - 1), 0.0)
+        variance = seen_se**2 + new_se**2 + 2.0 * covariance * n_both / (n_seen * n_new)
+        no_new = np.isnan(new_gain)
+        gain = np.where(no_new, seen_gain, 0.5 * (seen_gain + new_gain))
+        se = np.where(no_new, seen_se, 0.5 * np.sqrt(np.maximum(variance, 0.0)))
+    return {"gain": gain, "se": se, "seen_gain": seen_gain, "seen_gain_se": seen_se, "new_gain": new_gain,
+            "new_gain_se": new_se}
 
 
 # A higher rank is chosen only when the selection's nested gain (`nested_gain`) exceeds this many of its bootstrap
