@@ -14,6 +14,10 @@ Where today's choice differs from the recorded one, both choices are trained aga
 thread, under a sibling `replay/` (cached): the two runs differ only in the choice, so the difference is the rule's
 effect. (A rerun of `train` itself need not reproduce a table recorded by other code or another thread count:
 near-tied estimates move, see the README's matrix section.) Cells whose choice does not change are counted.
+`--sides independent` turns the question round, for runs made by today's code: which choices did counting a user's
+seen and new gains as correlated (`model_selection._gain_rows`, 85dcd0b) change? The table records each side's gain
+SE, so the rule before, with the gain's SE half the root sum of squares of the two (`independent_sides`), replays
+on it exactly; a run's recorded choice is today's, and "the other choice" is the rule before's.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from __future__ import annotations
 import argparse
 import glob
 import json
+import math
 import os
 import subprocess
 import sys
@@ -55,13 +60,27 @@ def run_train(pairs: str, out: Path, flags: list[str]) -> dict:
     return json.loads((out / "metrics.json").read_text())
 
 
-def replay(run: Path, metrics: dict) -> dict:
+def independent_sides(table: list[dict]) -> list[dict]:
+    """The table as the one-SE rule read it before 85dcd0b: the gain's SE from the seen and new sides' SEs as if
+    the two were independent (the seen side's alone where no user was scored as new)."""
+    def se(row: dict) -> float | None:
+        if row["new_gain"] is None or math.isnan(row["new_gain"]) or row["seen_gain_se"] is None:
+            return row["gain_se"]
+        return 0.5 * math.hypot(row["seen_gain_se"], math.nan if row["new_gain_se"] is None else row["new_gain_se"])
+    return [{**row, "gain_se": se(row)} for row in table]
+
+
+SIDES = {"correlated": lambda table: table, "independent": independent_sides}
+
+
+def replay(run: Path, metrics: dict, sides: str = "correlated") -> dict:
     table, check = metrics["selection"], metrics.get("held_out", {}).get("nested_check")
     before = recorded_choice(table)
     if check is not None and check["enforced"] and "se_from" not in check:  # its SE is the split SE: not today's
         return {"run": str(run), "before": {k: table[before][k] for k in CHOICE}, "changed": False,
                 "not_replayed": "nested check recorded before its bootstrap SE"}
-    now = choose_from_table(table)[0] if check is None else choose_with_nested_check(table, check, check["enforced"])
+    read = SIDES[sides](table)
+    now = choose_from_table(read)[0] if check is None else choose_with_nested_check(read, check, check["enforced"])
     cell = {"run": str(run), "before": {k: table[before][k] for k in CHOICE}, "changed": now != before}
     if not cell["changed"]:
         return cell
@@ -91,19 +110,22 @@ def _points(value, sign: str = "+") -> str:
     return "–" if value is None else f"{100 * value:{sign}.2f}"
 
 
-def markdown(cells: list[dict], patterns: list[str]) -> str:
+def markdown(cells: list[dict], patterns: list[str], sides: str = "correlated") -> str:
     changed = [c for c in cells if c["changed"]]
     scored = [c for c in changed if "gain_now" in c]
     stale = sum("not_replayed" in c for c in cells)
-    lines = [f"# Today's one-SE rule replayed on earlier `train` runs (`python -m simulations.bench_rule_replay "
-             f"--runs {','.join(patterns)}`)", "",
-             f"{len(cells) - stale} runs replayed; today's rule (`lore_core/model_selection.py` `choose_from_table`) "
-             f"chooses another candidate on {len(changed)}. On those, the recorded and today's choices were trained "
-             "again with their settings fixed, beside BT, by the same code with one thread: test accuracy - BT in "
-             "points, seen / new users." + (f" {stale} more runs recorded the nested check before its SE came "
-                                           "from a bootstrap; today's check cannot be replayed on them."
-                                           if stale else ""), "",
-             "| run | recorded choice (held-out gain seen / new ± SE, points) | its test - BT | today's choice "
+    flags = f"--runs {','.join(patterns)}" + ("" if sides == "correlated" else f" --sides {sides}")
+    other = "today's" if sides == "correlated" else "the rule before's (independent sides)"
+    title = ("Today's one-SE rule replayed on earlier `train` runs" if sides == "correlated"
+             else "The one-SE rule before 85dcd0b (independent sides) replayed on `train` runs of today's code")
+    lines = [f"# {title} (`python -m simulations.bench_rule_replay {flags}`)", "",
+             f"{len(cells) - stale} runs replayed; {other} rule (`lore_core/model_selection.py` `choose_from_table`"
+             f"{'' if sides == 'correlated' else ', `independent_sides`'}) chooses another candidate on "
+             f"{len(changed)}. On those, the recorded and {other} choices were trained again with their settings "
+             "fixed, beside BT, by the same code with one thread: test accuracy - BT in points, seen / new users."
+             + (f" {stale} more runs recorded the nested check before its SE came from a bootstrap; today's check "
+                "cannot be replayed on them." if stale else ""), "",
+             f"| run | recorded choice (held-out gain seen / new ± SE, points) | its test - BT | {other} choice "
              "| its test - BT |", "|---|---|---|---|---|"]
     for c in changed:
         g = c["heldout_gains_before"]
@@ -120,7 +142,7 @@ def markdown(cells: list[dict], patterns: list[str]) -> str:
         low_now = np.array([c["gain_now"] for c in scored]).min(axis=0) * 100
         lines += ["", f"Changed runs: mean change {delta[:, 0].mean():+.2f} / {delta[:, 1].mean():+.2f} points "
                   f"(seen / new); lowest test - BT among them {low_before[0]:+.1f} / {low_before[1]:+.1f} with the "
-                  f"recorded choices, {low_now[0]:+.1f} / {low_now[1]:+.1f} with today's."]
+                  f"recorded choices, {low_now[0]:+.1f} / {low_now[1]:+.1f} with {other}."]
     return "\n".join(lines) + "\n"
 
 
@@ -128,6 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--runs", required=True, help="comma-separated globs of `train` run directories")
     parser.add_argument("--out", default="bench_results/side_margin_replay.md")
+    parser.add_argument("--sides", choices=sorted(SIDES), default="correlated",
+                        help="independent: replay the rule before 85dcd0b on runs of today's code")
     args = parser.parse_args(argv)
     patterns = args.runs.split(",")
     runs = {}
@@ -139,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"no `train` run with a selection table matches {args.runs}")
     cells = []
     for run, metrics in runs.items():
-        cells.append(replay(run, metrics))
+        cells.append(replay(run, metrics, args.sides))
         c = cells[-1]
         if "gain_now" in c:
             print(f"{run}: {100 * c['gain_before'][0]:+.1f} / {100 * c['gain_before'][1]:+.1f} -> "
@@ -147,8 +171,8 @@ def main(argv: list[str] | None = None) -> int:
         elif "error" in c:
             print(f"{run}: {c['error']}", flush=True)
     out = Path(args.out)
-    atomic_write_json(out.with_suffix(".json"), {"patterns": patterns, "cells": cells})
-    text = markdown(cells, patterns)
+    atomic_write_json(out.with_suffix(".json"), {"patterns": patterns, "sides": args.sides, "cells": cells})
+    text = markdown(cells, patterns, args.sides)
     atomic_write_text(out, text)
     print(text)
     return 0

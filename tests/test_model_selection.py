@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from lore_core.joint_trainer import TrainConfig, train_joint
-from lore_core.model_selection import Candidate, dense_groups, make_holdouts, select_one_se
+from lore_core.model_selection import Candidate, choose_from_table, dense_groups, make_holdouts, select_one_se
 from lore_core import repeated_comparisons
 from lore_core.repeated_comparisons import GRAM_BUDGET, REPEAT_TOLERANCE, near_repeats
 from lore_core.pairs import load_pairs, save_pairs
@@ -160,6 +160,11 @@ def test_the_one_se_rule_counts_a_users_seen_and_new_gains_as_correlated():
     assert row["gain_se"] == pytest.approx(shared.std(ddof=1) / np.sqrt(40))
     assert 0.5 * np.hypot(row["seen_gain_se"], row["new_gain_se"]) < row["gain_vs_rank1"] < row["gain_se"]
     assert chosen is bt and not row["eligible"]
+    # simulations/bench_rule_replay.py --sides independent replays the rule before on today's table: it chose rank 3.
+    from simulations.bench_rule_replay import independent_sides
+
+    assert choose_from_table(json.loads(json.dumps(table)))[0] == 0
+    assert choose_from_table(independent_sides(json.loads(json.dumps(table))))[0] == 1
     # Gains that cancel between the sides have a smaller SE than independent ones would.
     chosen, table = select_one_se([bt, _candidate(3, base_seen + shared + 0.004, base_new - shared + 0.004)])
     assert table[1]["gain_se"] < 1e-9 and chosen is not bt
@@ -474,7 +479,6 @@ def test_a_real_gain_passes_the_nested_check_and_is_kept():
 
 def test_the_nested_check_is_enforced_where_a_population_has_several_folds(monkeypatch):
     from lore_core import model_selection
-    from lore_core.atomic_io import atomic_write_json
 
     pairs, _ = make_synthetic_pairs(SyntheticPairsConfig(dim=16, true_rank=2, seen_users=30, unseen_users=0,
                                                          train_pairs=(10, 20), seed=3))
