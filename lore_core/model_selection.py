@@ -364,9 +364,10 @@ def _nested_user_gains(seen: np.ndarray, new: np.ndarray, rank: np.ndarray, owne
     choice `choose_on_arrays` makes on the other parts' owners; and the rank each part chose. The choice sees one
     column per owner: in a bootstrap resample a user drawn three times would otherwise count as three users, and the
     rule, trusting an SE too small, would choose more erratically than it does on the real users, which inflated the
-    bootstrap SE (on simulated populations with a true gain of 2 points, de-duplicating cut the bootstrap SE by 3-11 %
-    and raised how often the gain passed one SE from 32 / 42 / 85 % to 35 / 57 / 88 % at 20 / 40 / 100 users, with no
-    more passes without a true gain: bench_results/nested_check_calibration.md)."""
+    bootstrap SE. On simulated populations with a true gain of 2 points, de-duplicating (with the sides counted as
+    correlated, 85dcd0b) cut the bootstrap SE by 3-11 % and raised how often the gain passed one SE from 32 / 42 / 85 %
+    to 35 / 57 / 88 % at 20 / 40 / 100 users, with no more passes without a true gain
+    (bench_results/nested_check_calibration_a8bd608.md before, nested_check_calibration.md after)."""
     owners, first_column, column_owner = np.unique(owner, return_index=True, return_inverse=True)
     gain = np.zeros((2, repeats, owner.size))
     ranks = []
@@ -458,8 +459,8 @@ def _gain_rows(seen: np.ndarray, new: np.ndarray) -> dict[str, np.ndarray]:
 # SEs: the one-SE rule applied to the rule itself. On simulated held-out figures
 # (simulations/nested_check_calibration.py, bench_results/nested_check_calibration.md), with no true gain the check
 # passed on 10-15 % of populations of 20-100 users at one bootstrap SE (at one split SE 22-28 %; at 1.5 split SEs, the
-# rule before, 15-20 %). The bootstrap SE exceeds the real spread, by 11-28 % without a true gain and by 43-67 % with
-# a true gain of 2 points, so the check is cautious where a gain is real: it passed +2 points on 32 / 42 / 85 % of
+# rule before, 15-20 %). The bootstrap SE exceeds the real spread, by 2-24 % without a true gain and by 30-62 % with
+# a true gain of 2 points, so the check is cautious where a gain is real: it passed +2 points on 35 / 57 / 88 % of
 # populations of 20 / 40 / 100 users. On pilot seeds 101-110 (simulations/pilot_nested_check.py,
 # bench_results/nested_check_bootstrap_pilot.md, scored in expectation over the test labels) one bootstrap SE chose as
 # 1.5 split SEs did on 79 of 80 populations, and on the 80th gave up +2.0 / -0.3 points. 1.5 would have cut 20 users'

@@ -13,7 +13,9 @@ accuracy plus the true gain (`--gains`, points) plus noise of SD 8 points per us
 the user's seen and new figures (the two sides are largely scored on the same pairs). Reports, per population size
 and true gain: the SD of the nested gain, the median of each SE, and how often the check passes at 1, 1.5 and 2 of
 each SE (with no true gain, a false pass). A model of the held-out figures, not of the world: the pilot
-(`simulations/pilot_nested_check.py`) trains on real pair files.
+(`simulations/pilot_nested_check.py`) trains on real pair files. (`nested_check_calibration_a8bd608.md` is its
+output at a8bd608, before the bootstrap chose on one column per resampled user and the one-SE rule counted a user's
+seen and new gains as correlated.)
 """
 
 from __future__ import annotations
