@@ -362,12 +362,15 @@ def _nested_user_gains(seen: np.ndarray, new: np.ndarray, rank: np.ndarray, owne
                        repeats: int, rng: np.random.Generator) -> tuple[tuple[np.ndarray, np.ndarray], list]:
     """Each column's gain (seen, new), averaged over `repeats` random splits of the owners into `parts`, of the
     choice `choose_on_arrays` makes on the other parts' owners; and the rank each part chose. The choice sees one
-    column per owner: in a bootstrap resample a user drawn three times would otherwise count as three users, and the
-    rule, trusting an SE too small, would choose more erratically than it does on the real users, which inflated the
-    bootstrap SE. On simulated populations with a true gain of 2 points, de-duplicating (with the sides counted as
-    correlated, 85dcd0b) cut the bootstrap SE by 3-11 % and raised how often the gain passed one SE from 32 / 42 / 85 %
-    to 35 / 57 / 88 % at 20 / 40 / 100 users, with no more passes without a true gain
-    (bench_results/nested_check_calibration_a8bd608.md before, nested_check_calibration.md after)."""
+    column per owner: in a bootstrap resample, one copy of each drawn user (about 63 % of the draws). An empirical
+    correction, not the textbook bootstrap (which reruns the rule on the copies as drawn): on the calibration's
+    simulated populations the textbook bootstrap SE exceeded the real spread of the nested gain by 11-28 % without a
+    true gain and by 43-67 % with a true gain of 2 points (bench_results/nested_check_calibration_a8bd608.md); one
+    copy per drawn user brought that to 2-24 % and 30-62 % (nested_check_calibration.md), and passed the real gain at
+    one SE on 35 / 57 / 88 % of populations of 20 / 40 / 100 users instead of 32 / 42 / 85 %, a null gain no more
+    often at one SE (at 1.5 and 2 SEs up to 5 % of populations more). Why it shrinks the SE is not established; the
+    rule then sees fewer users inside a resample, so chooses more cautiously than on the real ones. (The same rerun
+    counted the one-SE rule's sides as correlated, which barely moved the split SE, where no resample is drawn.)"""
     owners, first_column, column_owner = np.unique(owner, return_index=True, return_inverse=True)
     gain = np.zeros((2, repeats, owner.size))
     ranks = []
@@ -439,14 +442,18 @@ def _gain_rows(seen: np.ndarray, new: np.ndarray) -> dict[str, np.ndarray]:
     and new gains and its SE (`gain`, `se`), and each side's mean and SE; the seen side alone where no user is
     scored as new. A user scored on both sides counts with the covariance of their two gains: in a small population
     every user is scored on both, largely on the same pairs, and treating the sides as independent understated the
-    SE by 13-38 % on 20-40-user populations (a reviewer's measurement, not committed). The selection table
+    SE by 13-38 % on 20-40-user populations (a reviewer's measurement, not committed). The covariance is estimated
+    on the users scored on both, each side centred on its own mean, and held within the two sides' SDs: where few
+    users overlap, the raw estimate can exceed them, and the variance fall to zero (a reviewer's 6 seen, 6 new,
+    2 on both, correlation -0.9: SE 0 on 5 % of draws, so any positive gain passed). The selection table
     (`_table_rows`) and the array rule (`choose_on_arrays`) both take their gains from here."""
     (seen_gain, seen_se), (new_gain, new_se) = _row_mean_se(seen), _row_mean_se(new)
     both = ~np.isnan(seen) & ~np.isnan(new)
     n_seen, n_new, n_both = (~np.isnan(seen)).sum(axis=1), (~np.isnan(new)).sum(axis=1), both.sum(axis=1)
     with np.errstate(invalid="ignore", divide="ignore"):
         products = np.where(both, (seen - seen_gain[:, None]) * (new - new_gain[:, None]), 0.0).sum(axis=1)
-        covariance = np.where(n_both > 1, products / (n_both - 1), 0.0)
+        bound = seen_se * new_se * np.sqrt(n_seen * n_new)  # the two sides' SDs
+        covariance = np.where(n_both > 1, np.clip(products / (n_both - 1), -bound, bound), 0.0)
         variance = seen_se**2 + new_se**2 + 2.0 * covariance * n_both / (n_seen * n_new)
         no_new = np.isnan(new_gain)
         gain = np.where(no_new, seen_gain, 0.5 * (seen_gain + new_gain))

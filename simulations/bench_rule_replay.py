@@ -3,8 +3,12 @@
     python -m simulations.bench_rule_replay --runs GLOB[,GLOB...] [--out bench_results/side_margin_replay.md]
 
 Each run directory the globs match is a `lore-fed train` output: metrics.json with its selection table, the pair
-file it read (`pairs_path`) and its `--seed`. The table does not depend on the rule, so `choose_from_table` replays
-today's one-SE rule on it exactly; a run that recorded the nested check of small populations
+file it read (`pairs_path`) and its `--seed`. `choose_from_table` replays the one-SE rule on the table's figures. Its
+estimates and gains do not depend on the rule, but its gain SE does since 85dcd0b (a user's seen and new gains
+counted as correlated): a table recorded before holds the SE with the sides independent, which its per-side SEs do
+not let today's be rebuilt from. So on such runs the replay is today's rule with the SE as it was then (the side
+condition and thresholds, which this script was written for, replay exactly); a run that recorded the nested check
+of small populations
 (`held_out.nested_check`) is replayed with it (`choose_with_nested_check`). A run of a small population
 (`held_out.folds` above 1) made before that check has no record of it, and is replayed with the one-SE rule alone;
 one whose enforced check has no bootstrap SE (`se_from`, before the nested gain's SE came from a bootstrap) is not
@@ -17,7 +21,9 @@ near-tied estimates move, see the README's matrix section.) Cells whose choice d
 `--sides independent` turns the question round, for runs made by today's code: which choices did counting a user's
 seen and new gains as correlated (`model_selection._gain_rows`, 85dcd0b) change? The table records each side's gain
 SE, so the rule before, with the gain's SE half the root sum of squares of the two (`independent_sides`), replays
-on it exactly; a run's recorded choice is today's, and "the other choice" is the rule before's.
+on it; a run's recorded choice is today's, and "the other choice" is the rule before's. Runs with an enforced
+nested check are counted apart: their record was made by today's rule (sides correlated, and the bootstrap choosing
+on one copy of each drawn user) and the rule before's check cannot be rebuilt from it.
 """
 
 from __future__ import annotations
@@ -64,9 +70,11 @@ def independent_sides(table: list[dict]) -> list[dict]:
     """The table as the one-SE rule read it before 85dcd0b: the gain's SE from the seen and new sides' SEs as if
     the two were independent (the seen side's alone where no user was scored as new)."""
     def se(row: dict) -> float | None:
-        if row["new_gain"] is None or math.isnan(row["new_gain"]) or row["seen_gain_se"] is None:
+        if row["new_gain"] is None or math.isnan(row["new_gain"]):
             return row["gain_se"]
-        return 0.5 * math.hypot(row["seen_gain_se"], math.nan if row["new_gain_se"] is None else row["new_gain_se"])
+        if row["seen_gain_se"] is None or row["new_gain_se"] is None:  # null in metrics.json: NaN when written
+            return None
+        return 0.5 * math.hypot(row["seen_gain_se"], row["new_gain_se"])
     return [{**row, "gain_se": se(row)} for row in table]
 
 
@@ -79,6 +87,9 @@ def replay(run: Path, metrics: dict, sides: str = "correlated") -> dict:
     if check is not None and check["enforced"] and "se_from" not in check:  # its SE is the split SE: not today's
         return {"run": str(run), "before": {k: table[before][k] for k in CHOICE}, "changed": False,
                 "not_replayed": "nested check recorded before its bootstrap SE"}
+    if check is not None and check["enforced"] and sides == "independent":
+        return {"run": str(run), "before": {k: table[before][k] for k in CHOICE}, "changed": False,
+                "not_replayed": "nested check enforced, recorded by today's rule"}
     read = SIDES[sides](table)
     now = choose_from_table(read)[0] if check is None else choose_with_nested_check(read, check, check["enforced"])
     cell = {"run": str(run), "before": {k: table[before][k] for k in CHOICE}, "changed": now != before}
@@ -113,9 +124,13 @@ def _points(value, sign: str = "+") -> str:
 def markdown(cells: list[dict], patterns: list[str], sides: str = "correlated") -> str:
     changed = [c for c in cells if c["changed"]]
     scored = [c for c in changed if "gain_now" in c]
-    stale = sum("not_replayed" in c for c in cells)
+    reasons = {}
+    for c in cells:
+        if "not_replayed" in c:
+            reasons[c["not_replayed"]] = reasons.get(c["not_replayed"], 0) + 1
+    stale = sum(reasons.values())
     flags = f"--runs {','.join(patterns)}" + ("" if sides == "correlated" else f" --sides {sides}")
-    other = "today's" if sides == "correlated" else "the rule before's (independent sides)"
+    other = "today's" if sides == "correlated" else "the independent sides'"
     title = ("Today's one-SE rule replayed on earlier `train` runs" if sides == "correlated"
              else "The one-SE rule before 85dcd0b (independent sides) replayed on `train` runs of today's code")
     lines = [f"# {title} (`python -m simulations.bench_rule_replay {flags}`)", "",
@@ -123,8 +138,9 @@ def markdown(cells: list[dict], patterns: list[str], sides: str = "correlated") 
              f"{'' if sides == 'correlated' else ', `independent_sides`'}) chooses another candidate on "
              f"{len(changed)}. On those, the recorded and {other} choices were trained again with their settings "
              "fixed, beside BT, by the same code with one thread: test accuracy - BT in points, seen / new users."
-             + (f" {stale} more runs recorded the nested check before its SE came from a bootstrap; today's check "
-                "cannot be replayed on them." if stale else ""), "",
+             + (f" {stale} more runs were not replayed ("
+                + "; ".join(f"{reason}: {count}" for reason, count in sorted(reasons.items())) + ")."
+                if stale else ""), "",
              f"| run | recorded choice (held-out gain seen / new ± SE, points) | its test - BT | {other} choice "
              "| its test - BT |", "|---|---|---|---|---|"]
     for c in changed:
@@ -140,7 +156,8 @@ def markdown(cells: list[dict], patterns: list[str], sides: str = "correlated") 
         delta = np.array([np.subtract(c["gain_now"], c["gain_before"]) for c in scored]) * 100
         low_before = np.array([c["gain_before"] for c in scored]).min(axis=0) * 100
         low_now = np.array([c["gain_now"] for c in scored]).min(axis=0) * 100
-        lines += ["", f"Changed runs: mean change {delta[:, 0].mean():+.2f} / {delta[:, 1].mean():+.2f} points "
+        lines += ["", f"Changed runs: mean change ({other} choice - recorded) {delta[:, 0].mean():+.2f} / "
+                  f"{delta[:, 1].mean():+.2f} points "
                   f"(seen / new); lowest test - BT among them {low_before[0]:+.1f} / {low_before[1]:+.1f} with the "
                   f"recorded choices, {low_now[0]:+.1f} / {low_now[1]:+.1f} with {other}."]
     return "\n".join(lines) + "\n"
@@ -149,7 +166,8 @@ def markdown(cells: list[dict], patterns: list[str], sides: str = "correlated") 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--runs", required=True, help="comma-separated globs of `train` run directories")
-    parser.add_argument("--out", default="bench_results/side_margin_replay.md")
+    parser.add_argument("--out", default=None, help="default: bench_results/side_margin_replay.md, or "
+                        "bench_results/correlated_sides_replay.md with --sides independent")
     parser.add_argument("--sides", choices=sorted(SIDES), default="correlated",
                         help="independent: replay the rule before 85dcd0b on runs of today's code")
     args = parser.parse_args(argv)
@@ -170,7 +188,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"{100 * c['gain_now'][0]:+.1f} / {100 * c['gain_now'][1]:+.1f}", flush=True)
         elif "error" in c:
             print(f"{run}: {c['error']}", flush=True)
-    out = Path(args.out)
+    out = Path(args.out or ("bench_results/side_margin_replay.md" if args.sides == "correlated"
+                            else "bench_results/correlated_sides_replay.md"))
     atomic_write_json(out.with_suffix(".json"), {"patterns": patterns, "sides": args.sides, "cells": cells})
     text = markdown(cells, patterns, args.sides)
     atomic_write_text(out, text)

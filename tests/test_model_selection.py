@@ -163,8 +163,16 @@ def test_the_one_se_rule_counts_a_users_seen_and_new_gains_as_correlated():
     # simulations/bench_rule_replay.py --sides independent replays the rule before on today's table: it chose rank 3.
     from simulations.bench_rule_replay import independent_sides
 
-    assert choose_from_table(json.loads(json.dumps(table)))[0] == 0
-    assert choose_from_table(independent_sides(json.loads(json.dumps(table))))[0] == 1
+    from lore_core.atomic_io import strict_json
+
+    assert choose_from_table(json.loads(strict_json(table)))[0] == 0
+    assert choose_from_table(independent_sides(json.loads(strict_json(table))))[0] == 1
+    # Read back from metrics.json, a figure that was NaN is null: no user scored as new, or a side with one user.
+    no_new = json.loads(strict_json(select_one_se([_candidate(1, base_seen, []), _candidate(3, base_seen + 0.01,
+                                                                                              [])])[1]))
+    assert no_new[1]["new_gain"] is None and independent_sides(no_new)[1]["gain_se"] == no_new[1]["gain_se"]
+    one_new = json.loads(strict_json(select_one_se([bt, _candidate(3, base_seen + 0.01, base_new[:1] + 0.01)])[1]))
+    assert one_new[1]["new_gain_se"] is None and independent_sides(one_new)[1]["gain_se"] is None
     # Gains that cancel between the sides have a smaller SE than independent ones would.
     chosen, table = select_one_se([bt, _candidate(3, base_seen + shared + 0.004, base_new - shared + 0.004)])
     assert table[1]["gain_se"] < 1e-9 and chosen is not bt
@@ -538,6 +546,45 @@ def test_the_nested_gain_counts_a_users_seen_and_new_gains_as_correlated():
     assert only_seen["gain"] == pytest.approx(seen.mean()) and only_seen["se"] == pytest.approx(record["seen_gain_se"])
 
 
+def test_the_gain_se_holds_where_only_some_users_are_scored_on_both_sides():
+    """A one-fold population scores every seen user and a fifth of them as new as well. Over many simulated
+    populations, the SE must match the real spread of the gain; weighting the covariance by the wrong count of
+    users, or dropping it, does not."""
+    from lore_core.model_selection import _gain_rows
+
+    rng = np.random.default_rng(22)
+    draws, seen_only, both, new_only = 4000, 60, 40, 20
+    shared = rng.normal(0, 0.05, (draws, both))
+    seen = np.concatenate([rng.normal(0, 0.05, (draws, seen_only)), shared + rng.normal(0, 0.02, (draws, both)),
+                           np.full((draws, new_only), np.nan)], axis=1)
+    new = np.concatenate([np.full((draws, seen_only), np.nan), shared + rng.normal(0, 0.02, (draws, both)),
+                          rng.normal(0, 0.05, (draws, new_only))], axis=1)
+    rows = _gain_rows(seen, new)
+    real = rows["gain"].std()
+    assert np.median(rows["se"]) == pytest.approx(real, rel=0.05)
+    assert np.median(0.5 * np.hypot(rows["seen_gain_se"], rows["new_gain_se"])) < 0.9 * real
+    # One user on both sides: no covariance can be estimated, and the sides count as independent.
+    single = _gain_rows(np.concatenate([seen[:5, :seen_only + 1], np.full((5, both + new_only - 1), np.nan)], 1),
+                        new[:5])
+    assert np.allclose(single["se"], 0.5 * np.hypot(single["seen_gain_se"], single["new_gain_se"]))
+
+
+def test_a_negative_covariance_from_few_shared_users_never_makes_the_se_zero():
+    """A reviewer's case: 6 users seen, 6 new, 2 on both, correlation -0.9. The raw covariance of the two shared
+    users exceeded what the sides' spreads allow on 5 % of draws, the variance fell to zero, and any positive gain
+    would have passed; held within the sides' SDs, the SE stays at least half the difference of their SEs."""
+    from lore_core.model_selection import _gain_rows
+
+    rng = np.random.default_rng(23)
+    draws = 4000
+    pair = rng.multivariate_normal([0, 0], [[1, -0.9], [-0.9, 1]], (draws, 2)) * 0.05
+    seen = np.concatenate([rng.normal(0, 0.05, (draws, 4)), pair[:, :, 0], np.full((draws, 4), np.nan)], axis=1)
+    new = np.concatenate([np.full((draws, 4), np.nan), pair[:, :, 1], rng.normal(0, 0.05, (draws, 4))], axis=1)
+    rows = _gain_rows(seen, new)
+    assert (rows["se"] > 0).all()
+    assert (rows["se"] >= 0.5 * np.abs(rows["seen_gain_se"] - rows["new_gain_se"]) - 1e-12).all()
+
+
 def test_a_rank_grid_in_any_order_is_walked_upward_from_rank_one():
     """A tester's grid 8,6,4,3,2,1 (and 2,2,2,1) stopped the walk before rank 1 was fitted, and rank 4 (or 2) was
     chosen with no baseline to beat, where the same grid in ascending order kept rank 1."""
@@ -644,6 +691,30 @@ def test_copies_of_a_user_in_a_bootstrap_resample_share_a_part():
     assert np.array_equal(seen_gain.reshape(12, 3), seen_gain.reshape(12, 3)[:, :1].repeat(3, axis=1))
     assert np.array_equal(new_gain.reshape(12, 3), new_gain.reshape(12, 3)[:, :1].repeat(3, axis=1))
     assert len(ranks) == 3 and all(len(draw) == 4 for draw in ranks)
+
+
+def test_inside_a_resample_the_rule_chooses_on_one_copy_of_each_drawn_user(monkeypatch):
+    """The bootstrap's rule sees each drawn user once (`_nested_user_gains`); unresampled, it sees every user."""
+    from lore_core import model_selection
+    from lore_core.model_selection import _nested_user_gains
+
+    widths, inner = [], model_selection.choose_on_arrays
+
+    def spy(seen, new, rank):
+        widths.append(seen.shape[1])
+        return inner(seen, new, rank)
+
+    monkeypatch.setattr(model_selection, "choose_on_arrays", spy)
+    rng = np.random.default_rng(15)
+    candidates = _chance_candidates(rng, 12, true_gain=0.02)
+    seen, new = np.stack([c.seen for c in candidates]), np.stack([c.new for c in candidates])
+    ranks_of = np.array([c.rank for c in candidates])
+    pick = np.repeat(np.arange(12), 3)
+    _nested_user_gains(seen[:, pick], new[:, pick], ranks_of, pick, 4, 2, rng)
+    assert widths == [9] * 8  # 12 owners in 4 parts: the other three parts' 9 owners, not their 27 columns
+    widths.clear()
+    _nested_user_gains(seen, new, ranks_of, np.arange(12), 4, 2, rng)
+    assert widths == [9] * 8
 
 
 def test_the_bootstrap_runs_only_where_the_check_is_enforced():
