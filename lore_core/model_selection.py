@@ -361,17 +361,13 @@ def nested_gain(candidates: list[Candidate], parts: int = NESTED_PARTS, repeats:
 def _nested_user_gains(seen: np.ndarray, new: np.ndarray, rank: np.ndarray, owner: np.ndarray, parts: int,
                        repeats: int, rng: np.random.Generator) -> tuple[tuple[np.ndarray, np.ndarray], list]:
     """Each column's gain (seen, new), averaged over `repeats` random splits of the owners into `parts`, of the
-    choice `choose_on_arrays` makes on the other parts' owners; and the rank each part chose. The choice sees one
-    column per owner: in a bootstrap resample, one copy of each drawn user (about 63 % of the draws). An empirical
-    correction, not the textbook bootstrap (which reruns the rule on the copies as drawn): on the calibration's
-    simulated populations the textbook bootstrap SE exceeded the real spread of the nested gain by 11-28 % without a
-    true gain and by 43-67 % with a true gain of 2 points (bench_results/nested_check_calibration_a8bd608.md); one
-    copy per drawn user brought that to 2-24 % and 30-62 % (nested_check_calibration.md), and passed the real gain at
-    one SE on 35 / 57 / 88 % of populations of 20 / 40 / 100 users instead of 32 / 42 / 85 %, a null gain no more
-    often at one SE (at 1.5 and 2 SEs up to 5 % of populations more). Why it shrinks the SE is not established; the
-    rule then sees fewer users inside a resample, so chooses more cautiously than on the real ones. (The same rerun
-    counted the one-SE rule's sides as correlated, which barely moved the split SE, where no resample is drawn.)"""
-    owners, first_column, column_owner = np.unique(owner, return_index=True, return_inverse=True)
+    choice `choose_on_arrays` makes on the other parts' columns; and the rank each part chose. In a bootstrap
+    resample the rule sees the copies of a drawn user as drawn, as the textbook bootstrap reruns a procedure. A
+    variant that chose on one copy of each drawn user (85dcd0b, reverted) shrank the bootstrap SE on simulated
+    populations (bench_results/nested_check_calibration_dedupe.md), but changed no choice on the trained pilot
+    (bench_results/nested_check_correlated_pilot.md is the rule without it) and its mechanism was not established;
+    on a reported seed it let a 0.9-point loss through (README, "Small populations")."""
+    owners, column_owner = np.unique(owner, return_inverse=True)
     gain = np.zeros((2, repeats, owner.size))
     ranks = []
     for draw in range(repeats):
@@ -381,8 +377,7 @@ def _nested_user_gains(seen: np.ndarray, new: np.ndarray, rank: np.ndarray, owne
         ranks.append([])
         for part in range(parts):
             inside = part_of == part
-            outside = first_column[part_of_owner != part]
-            chosen, baseline = choose_on_arrays(seen[:, outside], new[:, outside], rank)
+            chosen, baseline = choose_on_arrays(seen[:, ~inside], new[:, ~inside], rank)
             gain[0, draw, inside] = seen[chosen, inside] - seen[baseline, inside]
             gain[1, draw, inside] = new[chosen, inside] - new[baseline, inside]
             ranks[-1].append(int(rank[chosen]))

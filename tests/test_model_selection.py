@@ -693,8 +693,9 @@ def test_copies_of_a_user_in_a_bootstrap_resample_share_a_part():
     assert len(ranks) == 3 and all(len(draw) == 4 for draw in ranks)
 
 
-def test_inside_a_resample_the_rule_chooses_on_one_copy_of_each_drawn_user(monkeypatch):
-    """The bootstrap's rule sees each drawn user once (`_nested_user_gains`); unresampled, it sees every user."""
+def test_inside_a_resample_the_rule_chooses_on_the_copies_as_drawn(monkeypatch):
+    """The textbook bootstrap: the rule reruns on the resample as drawn, a user drawn three times counting three
+    times (a variant that chose on one copy per drawn user was measured and reverted: `_nested_user_gains`)."""
     from lore_core import model_selection
     from lore_core.model_selection import _nested_user_gains
 
@@ -711,7 +712,7 @@ def test_inside_a_resample_the_rule_chooses_on_one_copy_of_each_drawn_user(monke
     ranks_of = np.array([c.rank for c in candidates])
     pick = np.repeat(np.arange(12), 3)
     _nested_user_gains(seen[:, pick], new[:, pick], ranks_of, pick, 4, 2, rng)
-    assert widths == [9] * 8  # 12 owners in 4 parts: the other three parts' 9 owners, not their 27 columns
+    assert widths == [27] * 8  # 12 owners in 4 parts: the other three parts' 9 owners, 27 columns
     widths.clear()
     _nested_user_gains(seen, new, ranks_of, np.arange(12), 4, 2, rng)
     assert widths == [9] * 8
