@@ -461,8 +461,8 @@ def _gain_rows(seen: np.ndarray, new: np.ndarray) -> dict[str, np.ndarray]:
 # SEs: the one-SE rule applied to the rule itself. On simulated held-out figures
 # (simulations/nested_check_calibration.py, bench_results/nested_check_calibration.md), with no true gain the check
 # passed on 10-15 % of populations of 20-100 users at one bootstrap SE (at one split SE 22-28 %; at 1.5 split SEs, the
-# rule before, 15-20 %). The bootstrap SE exceeds the real spread, by 2-24 % without a true gain and by 30-62 % with
-# a true gain of 2 points, so the check is cautious where a gain is real: it passed +2 points on 35 / 57 / 88 % of
+# rule before, 15-20 %). The bootstrap SE exceeds the real spread, by 11-28 % without a true gain and by 43-67 % with
+# a true gain of 2 points, so the check is cautious where a gain is real: it passed +2 points on 32 / 42 / 85 % of
 # populations of 20 / 40 / 100 users. On pilot seeds 101-110 (simulations/pilot_nested_check.py,
 # bench_results/nested_check_bootstrap_pilot.md, scored in expectation over the test labels) one bootstrap SE chose as
 # 1.5 split SEs did on 79 of 80 populations, and on the 80th gave up +2.0 / -0.3 points. 1.5 would have cut 20 users'

@@ -14,8 +14,8 @@ the user's seen and new figures (the two sides are largely scored on the same pa
 and true gain: the SD of the nested gain, the median of each SE, and how often the check passes at 1, 1.5 and 2 of
 each SE (with no true gain, a false pass). A model of the held-out figures, not of the world: the pilot
 (`simulations/pilot_nested_check.py`) trains on real pair files. (`nested_check_calibration_a8bd608.md` is its
-output at a8bd608, before the bootstrap chose on one column per resampled user and the one-SE rule counted a user's
-seen and new gains as correlated.)
+output at a8bd608, before the one-SE rule counted a user's seen and new gains as correlated;
+`nested_check_calibration_dedupe.md` at 85dcd0b, whose bootstrap chose on one copy of each drawn user, reverted.)
 """
 
 from __future__ import annotations
