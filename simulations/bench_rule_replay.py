@@ -1,6 +1,7 @@
 """Which choices does today's one-SE rule change on `train` runs made under an earlier rule, and what do they score?
 
-    python -m simulations.bench_rule_replay --runs GLOB[,GLOB...] [--out bench_results/side_margin_replay.md]
+    python -m simulations.bench_rule_replay --runs GLOB[,GLOB...] [--sides correlated|independent]
+                                            [--out bench_results/side_margin_replay.md]
 
 Each run directory the globs match is a `lore-fed train` output: metrics.json with its selection table, the pair
 file it read (`pairs_path`) and its `--seed`. `choose_from_table` replays the one-SE rule on the table's figures. Its
@@ -22,8 +23,9 @@ near-tied estimates move, see the README's matrix section.) Cells whose choice d
 seen and new gains as correlated (`model_selection._gain_rows`, 85dcd0b) change? The table records each side's gain
 SE, so the rule before, with the gain's SE half the root sum of squares of the two (`independent_sides`), replays
 on it; a run's recorded choice is today's, and "the other choice" is the rule before's. Runs with an enforced
-nested check are counted apart: their record was made by today's rule (sides correlated, and the bootstrap choosing
-on one copy of each drawn user) and the rule before's check cannot be rebuilt from it.
+nested check are counted apart: their record was made by the rule after 85dcd0b (sides correlated; from 85dcd0b to
+0e19817 its bootstrap also chose on one copy of each drawn user) and the rule before's check cannot be rebuilt from
+it.
 """
 
 from __future__ import annotations
