@@ -363,10 +363,11 @@ def _nested_user_gains(seen: np.ndarray, new: np.ndarray, rank: np.ndarray, owne
     """Each column's gain (seen, new), averaged over `repeats` random splits of the owners into `parts`, of the
     choice `choose_on_arrays` makes on the other parts' columns; and the rank each part chose. In a bootstrap
     resample the rule sees the copies of a drawn user as drawn, as the textbook bootstrap reruns a procedure. A
-    variant that chose on one copy of each drawn user (85dcd0b, reverted) shrank the bootstrap SE on simulated
-    populations (bench_results/nested_check_calibration_dedupe.md), but changed no choice on the trained pilot
-    (bench_results/nested_check_correlated_pilot.md is the rule without it) and its mechanism was not established;
-    on a reported seed it let a 0.9-point loss through (README, "Small populations")."""
+    variant that chose on one copy of each drawn user (85dcd0b, reverted in 1c7cb7c) brought the bootstrap SE closer
+    to the real spread on simulated populations (bench_results/nested_check_calibration_dedupe.md), but passed null
+    gains more often at 1.5 and 2 SEs, chose alike on all 40 trained pilot populations at one SE
+    (nested_check_correlated_dedupe_pilot.md against nested_check_correlated_pilot.md), had no established
+    mechanism, and on a reported seed let a 0.9-point loss through (dedupe_small_populations.md)."""
     owners, column_owner = np.unique(owner, return_inverse=True)
     gain = np.zeros((2, repeats, owner.size))
     ranks = []
@@ -467,11 +468,11 @@ def _gain_rows(seen: np.ndarray, new: np.ndarray) -> dict[str, np.ndarray]:
 # bench_results/nested_check_bootstrap_pilot.md, scored in expectation over the test labels) one bootstrap SE chose as
 # 1.5 split SEs did on 79 of 80 populations, and on the 80th gave up +2.0 / -0.3 points. 1.5 would have cut 20 users'
 # losses on the base population (-0.66 / +0.13 to -0.35 / +0.07 points) and given up more on 20 users with more pairs
-# (+2.28 / +1.19 to +2.04 / +0.96). Rerun after 85dcd0b on its four closest populations
+# (+2.28 / +1.19 to +2.04 / +0.96). Rerun with the sides correlated (85dcd0b) on its four closest populations
 # (bench_results/nested_check_correlated_pilot.md), one SE chose alike on 39 of 40 and the trade from 1 to 1.5 was
-# +0.31 / -0.05 against -0.40 / -0.35. It is enforced only where the population is scored on several folds (`fold_count`,
-# under about 300 users with two groups or more), the populations the pilot covers; larger ones keep the one-SE rule
-# alone, as the stress matrix measured it.
+# +0.31 / -0.05 against -0.40 / -0.34. It is enforced only where the population is scored on several folds
+# (`fold_count`, under about 300 users with two groups or more), the populations the pilot covers; larger ones keep
+# the one-SE rule alone, as the stress matrix measured it.
 NESTED_SE = 1.0
 
 
