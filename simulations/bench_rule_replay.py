@@ -37,6 +37,7 @@ import math
 import os
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -126,10 +127,7 @@ def _points(value, sign: str = "+") -> str:
 def markdown(cells: list[dict], patterns: list[str], sides: str = "correlated") -> str:
     changed = [c for c in cells if c["changed"]]
     scored = [c for c in changed if "gain_now" in c]
-    reasons = {}
-    for c in cells:
-        if "not_replayed" in c:
-            reasons[c["not_replayed"]] = reasons.get(c["not_replayed"], 0) + 1
+    reasons = Counter(c["not_replayed"] for c in cells if "not_replayed" in c)
     stale = sum(reasons.values())
     flags = f"--runs {','.join(patterns)}" + ("" if sides == "correlated" else f" --sides {sides}")
     other = "today's" if sides == "correlated" else "the independent sides'"
