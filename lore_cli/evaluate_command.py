@@ -64,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 RUN_FILES = ("metrics.json", "ledger.json", "checkpoint.npz", "data.json", "rounds.jsonl", "report.md", "basis.npz",
-             "user_weights.npz")
+             "user_weights.npz", "selection_heldout.npz")
 
 
 def check_metrics_out(out: Path, inputs: tuple[Path, ...]) -> None:

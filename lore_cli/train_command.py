@@ -165,11 +165,12 @@ def _first_missing(path: Path) -> Path | None:
 
 def _train_and_write(args: argparse.Namespace, options: dict, out: Path, pairs_file: Path, columns,
                      announce) -> None:
-    """Fit, evaluate and write the run's basis.npz, user_weights.npz and metrics.json to `out` (`announce`: name
-    this run in the lock file, just before the first write)."""
+    """Fit, evaluate and write the run's basis.npz, user_weights.npz, selection_heldout.npz (where a selection was
+    made) and metrics.json to `out` (`announce`: name this run in the lock file, just before the first write)."""
     from lore_core.basis_file import UNKNOWN_EMBEDDER, save_basis
     from lore_core.pair_columns import PairIndex
     from lore_cli.run_data import pair_file_fingerprint
+    from lore_core.selection_record import FILENAME as HELDOUT_FILENAME, save_record
     from lore_core.streamed_training import LARGE_POPULATION
 
     embedder = columns.embedder or UNKNOWN_EMBEDDER  # the pair file's embedder: basis.npz says which space it lives in
@@ -191,18 +192,26 @@ def _train_and_write(args: argparse.Namespace, options: dict, out: Path, pairs_f
         seed=config.seed,
     )
     announce()
-    # metrics.json is the run's record and is written last. The basis and weights are written in full first, then
-    # an earlier run's metrics.json goes and they are renamed into place: a run killed among the renames leaves no
-    # metrics.json describing another basis (a tester found one saying rank 6 beside a rank-2 basis), one that fails
-    # while writing (a full disk) leaves the earlier run whole. A rerun writes all three.
-    with atomic_path(out / "basis.npz") as basis_file, atomic_path(out / "user_weights.npz") as weights_file:
+    # metrics.json is the run's record and is written last. The basis, weights and held-out figures are written in
+    # full first, then an earlier run's metrics.json goes and they are renamed into place: a run killed among the
+    # renames leaves no metrics.json describing another basis (a tester found one saying rank 6 beside a rank-2
+    # basis), one that fails while writing (a full disk) leaves the earlier run whole. A rerun writes them all; one
+    # with nothing to select removes an earlier run's held-out figures, which would describe another selection.
+    record = out / HELDOUT_FILENAME
+    with atomic_path(out / "basis.npz") as basis_file, atomic_path(out / "user_weights.npz") as weights_file, \
+            (atomic_path(record) if fit.heldout_record else contextlib.nullcontext()) as record_file:
         save_basis(basis_file, fit.basis, version=0, embedder=embedder, prior_pairs=fit.prior_pairs)
         # Centralized training holds every user's data anyway; the weights are saved for analysis.
         atomic_save_npz(weights_file, user_id=fit.user_ids.astype(str), user_weights=fit.user_weights)
+        if record_file is not None:
+            save_record(record_file, fit.heldout_record)
         (out / "metrics.json").unlink(missing_ok=True)
+        if record_file is None:
+            record.unlink(missing_ok=True)
     atomic_write_json(out / "metrics.json", metrics)
     print(format_metrics(metrics))
-    print(f"wrote {out / 'metrics.json'}, {out / 'basis.npz'} and {out / 'user_weights.npz'}")
+    written = ["basis.npz", "user_weights.npz", *([HELDOUT_FILENAME] if fit.heldout_record else [])]
+    print(f"wrote {out / 'metrics.json'}, " + ", ".join(str(out / name) for name in written))
 
 
 def check_no_other_files(out: Path) -> None:
@@ -210,7 +219,10 @@ def check_no_other_files(out: Path) -> None:
     basis.npz (written first) is a lore-fed basis file. Without one they are the user's, and the run is refused."""
     from lore_core.basis_file import load_basis
 
-    present = [name for name in ("basis.npz", "user_weights.npz", "metrics.json") if (out / name).exists()]
+    from lore_core.selection_record import FILENAME as HELDOUT_FILENAME
+
+    present = [name for name in ("basis.npz", "user_weights.npz", "metrics.json", HELDOUT_FILENAME)
+               if (out / name).exists()]
     if not present:
         return
     try:

@@ -25,6 +25,7 @@ import torch
 from lore_core.marginal_fit import OBJECTIVES, prior_samples
 from lore_core.model_selection import (MIN_NEW_FOLD_USERS, Candidate, dense_groups, heldout_accuracy_folds,
                                        join_repeated_comparisons, make_holdouts, select)
+from lore_core.selection_record import record_of
 from lore_core.simplex_fit import DEFAULT_PRIOR_PAIRS, DEFAULT_PRIOR_STRENGTH, prior_from_pairs
 
 DEFAULT_RANK_GRID = (1, 2, 3, 4, 6, 8)
@@ -99,6 +100,7 @@ class JointFit:
     objective: str = "joint"  # how the basis was fit (TrainConfig.objective)
     selection: list[dict] = field(default_factory=list)  # one row per (rank, l2, prior_pairs) tried
     held_out: dict = field(default_factory=dict)  # how the held-out sets were made (groups or pairs, sizes)
+    heldout_record: dict = field(default_factory=dict)  # the per-user figures selection chose on (selection_record)
     train_seconds: float = 0.0
 
 
@@ -411,6 +413,7 @@ def train_joint(diff: np.ndarray, user: np.ndarray, config: TrainConfig = TrainC
         if stale >= 2:
             break
     chosen, table, nested = select(candidates, nested=len(folds) > 1, seed=config.seed)
+    record = record_of(candidates, nested=len(folds) > 1, seed=config.seed)
     used = int(groups.max(initial=-1)) + 1
     joined = int(given.max(initial=-1)) + 1 - used
     if len(candidates) > 1 and not any(f.seen_heldout.any() or f.new_rest.any() for f in folds):
@@ -446,5 +449,5 @@ def train_joint(diff: np.ndarray, user: np.ndarray, config: TrainConfig = TrainC
                 "nested_check": nested}
     return JointFit(basis=basis, user_weights=weights, user_ids=user_ids, rank=chosen.rank, l2=chosen.l2,
                     prior_pairs=chosen.prior_pairs, objective=chosen.objective if chosen.rank > 1 else "joint",
-                    selection=table, held_out=held_out,
+                    selection=table, held_out=held_out, heldout_record=record,
                     train_seconds=time.perf_counter() - start)

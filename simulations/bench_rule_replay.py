@@ -4,7 +4,10 @@
                                             [--out bench_results/side_margin_replay.md]
 
 Each run directory the globs match is a `lore-fed train` output: metrics.json with its selection table, the pair
-file it read (`pairs_path`) and its `--seed`. `choose_from_table` replays the one-SE rule on the table's figures. Its
+file it read (`pairs_path`) and its `--seed`. A run that kept the per-user held-out figures it chose on
+(`selection_heldout.npz`, which `train` writes since `lore_core/selection_record.py` was added) is replayed on
+them with today's whole rule (`selection_record.replay`: the table, the one-SE rule and the nested check with its
+bootstrap), exactly. On older runs, `choose_from_table` replays the one-SE rule on the table's figures. Its
 estimates and gains do not depend on the rule, but its gain SE does since 85dcd0b (a user's seen and new gains
 counted as correlated): a table recorded before holds the SE with the sides independent, which its per-side SEs do
 not let today's be rebuilt from. So on such runs the replay is today's rule with the SE as it was then (the side
@@ -44,6 +47,7 @@ import numpy as np
 
 from lore_core.atomic_io import atomic_write_json, atomic_write_text
 from lore_core.model_selection import choose_from_table, choose_with_nested_check
+from lore_core.selection_record import FILENAME as RECORD, load_record, replay as replay_record
 from simulations.pilot_one_se_threshold import GROUPS
 CHOICE = ("rank", "objective", "l2", "prior_pairs")
 HELD_OUT_GAINS = ("seen_gain", "seen_gain_se", "new_gain", "new_gain_se")
@@ -87,6 +91,9 @@ SIDES = {"correlated": lambda table: table, "independent": independent_sides}
 def replay(run: Path, metrics: dict, sides: str = "correlated") -> dict:
     table, check = metrics["selection"], metrics.get("held_out", {}).get("nested_check")
     before = recorded_choice(table)
+    if sides == "correlated" and (run / RECORD).exists():  # the per-user figures: today's whole rule, exactly
+        now = replay_record(load_record(run / RECORD))[0]
+        return _scored(run, metrics, before, now, "per-user figures")
     if check is not None and check["enforced"] and "se_from" not in check:  # its SE is the split SE: not today's
         return {"run": str(run), "before": {k: table[before][k] for k in CHOICE}, "changed": False,
                 "not_replayed": "nested check recorded before its bootstrap SE"}
@@ -95,7 +102,14 @@ def replay(run: Path, metrics: dict, sides: str = "correlated") -> dict:
                 "not_replayed": "nested check enforced, recorded by today's rule"}
     read = SIDES[sides](table)
     now = choose_from_table(read)[0] if check is None else choose_with_nested_check(read, check, check["enforced"])
-    cell = {"run": str(run), "before": {k: table[before][k] for k in CHOICE}, "changed": now != before}
+    return _scored(run, metrics, before, now, "table")
+
+
+def _scored(run: Path, metrics: dict, before: int, now: int, replayed_on: str) -> dict:
+    """The cell of one replayed run; where the choice changed, both choices trained again beside BT."""
+    table = metrics["selection"]
+    cell = {"run": str(run), "before": {k: table[before][k] for k in CHOICE}, "changed": now != before,
+            "replayed_on": replayed_on}
     if not cell["changed"]:
         return cell
     cell.update(now={k: table[now][k] for k in CHOICE},
@@ -129,12 +143,15 @@ def markdown(cells: list[dict], patterns: list[str], sides: str = "correlated") 
     scored = [c for c in changed if "gain_now" in c]
     reasons = Counter(c["not_replayed"] for c in cells if "not_replayed" in c)
     stale = sum(reasons.values())
+    exact = sum(c.get("replayed_on") == "per-user figures" for c in cells)
     flags = f"--runs {','.join(patterns)}" + ("" if sides == "correlated" else f" --sides {sides}")
     other = "today's" if sides == "correlated" else "the independent sides'"
     title = ("Today's one-SE rule replayed on earlier `train` runs" if sides == "correlated"
              else "The one-SE rule before 85dcd0b (independent sides) replayed on `train` runs of today's code")
     lines = [f"# {title} (`python -m simulations.bench_rule_replay {flags}`)", "",
-             f"{len(cells) - stale} runs replayed; {other} rule (`lore_core/model_selection.py` `choose_from_table`"
+             f"{len(cells) - stale} runs replayed"
+             + (f" ({exact} on the per-user figures they chose on, `{RECORD}`, with today's whole rule; the rest "
+                "on their tables)" if exact else "") + f"; {other} rule (`lore_core/model_selection.py` `choose_from_table`"
              f"{'' if sides == 'correlated' else ', `independent_sides`'}) chooses another candidate on "
              f"{len(changed)}. On those, the recorded and {other} choices were trained again with their settings "
              "fixed, beside BT, by the same code with one thread: test accuracy - BT in points, seen / new users."
