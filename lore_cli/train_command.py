@@ -197,9 +197,12 @@ def _train_and_write(args: argparse.Namespace, options: dict, out: Path, pairs_f
     # renames leaves no metrics.json describing another basis (a tester found one saying rank 6 beside a rank-2
     # basis), one that fails while writing (a full disk) leaves the earlier run whole. A rerun writes them all; one
     # with nothing to select removes an earlier run's held-out figures, which would describe another selection.
+    # The renames run in reverse order of the `with`: basis.npz first, so a run killed among them leaves a lore-fed
+    # basis beside what was renamed, which a rerun replaces (check_no_other_files; a reviewer killed one after the
+    # weights' rename, with basis.npz last, and its rerun was refused).
     record = out / HELDOUT_FILENAME
-    with atomic_path(out / "basis.npz") as basis_file, atomic_path(out / "user_weights.npz") as weights_file, \
-            (atomic_path(record) if fit.heldout_record else contextlib.nullcontext()) as record_file:
+    with (atomic_path(record) if fit.heldout_record else contextlib.nullcontext()) as record_file, \
+            atomic_path(out / "user_weights.npz") as weights_file, atomic_path(out / "basis.npz") as basis_file:
         save_basis(basis_file, fit.basis, version=0, embedder=embedder, prior_pairs=fit.prior_pairs)
         # Centralized training holds every user's data anyway; the weights are saved for analysis.
         atomic_save_npz(weights_file, user_id=fit.user_ids.astype(str), user_weights=fit.user_weights)

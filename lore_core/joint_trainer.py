@@ -413,7 +413,7 @@ def train_joint(diff: np.ndarray, user: np.ndarray, config: TrainConfig = TrainC
         if stale >= 2:
             break
     chosen, table, nested = select(candidates, nested=len(folds) > 1, seed=config.seed)
-    record = record_of(candidates, nested=len(folds) > 1, seed=config.seed)
+    record = record_of(candidates, nested=len(folds) > 1, seed=config.seed) if len(candidates) > 1 else {}
     used = int(groups.max(initial=-1)) + 1
     joined = int(given.max(initial=-1)) + 1 - used
     if len(candidates) > 1 and not any(f.seen_heldout.any() or f.new_rest.any() for f in folds):

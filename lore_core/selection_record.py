@@ -8,6 +8,9 @@ table recorded before it holds their covariance. This file holds the figures the
                 order; NaN where the user was not scored on that side)
   rank, l2, prior_pairs, objective, seconds    (K,): each candidate's settings, as in the table
   nested, seed  0-d: what `model_selection.select` was called with
+The users are the trainer's, in its order: sorted user ids of the seen users (of the selection's sample of users
+in a large population), as `user_weights.npz` lists them for a population trained in memory. Written only where
+candidates were compared (more than one).
 `replay` runs `select` on them: with the code that wrote the file it gives the recorded table and choice exactly (a
 test holds it to that), with later code the choice that code would have made. Centralized training holds every
 user's data anyway; the file names no user.
@@ -15,6 +18,7 @@ user's data anyway; the file names no user.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +29,7 @@ from lore_core.npz_file import open_npz
 
 FILENAME = "selection_heldout.npz"
 PER_CANDIDATE = ("rank", "l2", "prior_pairs", "objective", "seconds")
+KINDS = {"rank": "iu", "l2": "f", "prior_pairs": "f", "objective": "U", "seconds": "f", "nested": "b", "seed": "iu"}
 EXPECTED = (f"a `lore-fed train` {FILENAME}: seen and new (K, U) float64, rank, l2, prior_pairs, objective and "
             "seconds (K,), nested and seed")
 
@@ -53,12 +58,26 @@ def load_record(path: str | Path) -> dict[str, np.ndarray]:
             raise ValueError(f"{path}: missing {missing}; expected {EXPECTED}")
         record = {key: data[key] for key in data.files}
     seen, new = record["seen"], record["new"]
-    if seen.ndim != 2 or seen.shape != new.shape or seen.dtype != np.float64 or new.dtype != np.float64 or \
+    if seen.ndim != 2 or seen.shape != new.shape or \
             any(record[key].shape != seen.shape[:1] for key in PER_CANDIDATE) or \
             record["nested"].shape or record["seed"].shape:
         shapes = {key: value.shape for key, value in record.items()}
         raise ValueError(f"{path}: shapes {shapes} do not fit together; expected {EXPECTED}")
+    wrong = sorted(key for key, kinds in KINDS.items() if record[key].dtype.kind not in kinds)
+    if wrong or seen.dtype != np.float64 or new.dtype != np.float64:
+        dtypes = {key: str(value.dtype) for key, value in record.items()}
+        raise ValueError(f"{path}: dtypes {dtypes} are not a record's; expected {EXPECTED}")
     return record
+
+
+def matches_table(rows: list[dict], table: list[dict]) -> bool:
+    """Whether replayed `rows` are those of a metrics.json `table`: the same candidates in the same order with the
+    same held-out estimates (these do not depend on the rule). A record left beside another run's metrics.json (a
+    rerun by code that wrote none) does not match."""
+    keys = ("rank", "l2", "prior_pairs", "objective", "seen_acc", "new_acc")
+    return len(rows) == len(table) and all(
+        (b is None and isinstance(a, float) and math.isnan(a)) or a == b
+        for row, recorded in zip(rows, table) for a, b in ((row[k], recorded.get(k)) for k in keys))
 
 
 def candidates_of(record: dict[str, np.ndarray]) -> list[Candidate]:

@@ -7,7 +7,8 @@ Each run directory the globs match is a `lore-fed train` output: metrics.json wi
 file it read (`pairs_path`) and its `--seed`. A run that kept the per-user held-out figures it chose on
 (`selection_heldout.npz`, which `train` writes since `lore_core/selection_record.py` was added) is replayed on
 them with today's whole rule (`selection_record.replay`: the table, the one-SE rule and the nested check with its
-bootstrap), exactly. On older runs, `choose_from_table` replays the one-SE rule on the table's figures. Its
+bootstrap), exactly; a record whose candidates and estimates are not the table's (left beside another run's
+metrics.json) is not used. On older runs, `choose_from_table` replays the one-SE rule on the table's figures. Its
 estimates and gains do not depend on the rule, but its gain SE does since 85dcd0b (a user's seen and new gains
 counted as correlated): a table recorded before holds the SE with the sides independent, which its per-side SEs do
 not let today's be rebuilt from. So on such runs the replay is today's rule with the SE as it was then (the side
@@ -47,7 +48,7 @@ import numpy as np
 
 from lore_core.atomic_io import atomic_write_json, atomic_write_text
 from lore_core.model_selection import choose_from_table, choose_with_nested_check
-from lore_core.selection_record import FILENAME as RECORD, load_record, replay as replay_record
+from lore_core.selection_record import FILENAME as RECORD, load_record, matches_table, replay as replay_record
 from simulations.pilot_one_se_threshold import GROUPS
 CHOICE = ("rank", "objective", "l2", "prior_pairs")
 HELD_OUT_GAINS = ("seen_gain", "seen_gain_se", "new_gain", "new_gain_se")
@@ -92,8 +93,9 @@ def replay(run: Path, metrics: dict, sides: str = "correlated") -> dict:
     table, check = metrics["selection"], metrics.get("held_out", {}).get("nested_check")
     before = recorded_choice(table)
     if sides == "correlated" and (run / RECORD).exists():  # the per-user figures: today's whole rule, exactly
-        now = replay_record(load_record(run / RECORD))[0]
-        return _scored(run, metrics, before, now, "per-user figures")
+        now, rows, _ = replay_record(load_record(run / RECORD))
+        if matches_table(rows, table):
+            return _scored(run, metrics, before, now, "per-user figures")
     if check is not None and check["enforced"] and "se_from" not in check:  # its SE is the split SE: not today's
         return {"run": str(run), "before": {k: table[before][k] for k in CHOICE}, "changed": False,
                 "not_replayed": "nested check recorded before its bootstrap SE"}

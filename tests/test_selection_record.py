@@ -8,18 +8,20 @@ import pytest
 
 from lore_core import model_selection
 from lore_core.pairs import save_pairs
-from lore_core.selection_record import FILENAME, load_record, replay, save_record
+from lore_core.selection_record import FILENAME, load_record, matches_table, replay, save_record
 from lore_cli.main import main
 from simulations.synthetic_pairs import SyntheticPairsConfig, make_synthetic_pairs
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    """A 30-user population: scored on several folds, so the nested check is enforced and bootstrapped."""
+    """A 30-user population: scored on several folds, so the nested check is enforced and bootstrapped (a seed
+    other than the default, so a record that stored the wrong one fails)."""
     pairs, _ = make_synthetic_pairs(SyntheticPairsConfig(dim=24, true_rank=2, seen_users=30, unseen_users=8, seed=4))
     root = tmp_path_factory.mktemp("selection")
     path = save_pairs(pairs, root / "data" / "pairs.npz")
-    assert main(["train", str(path), "--rank-grid", "1,2,3", "--objective", "joint", "--out", str(root / "run")]) == 0
+    assert main(["train", str(path), "--rank-grid", "1,2,3", "--objective", "joint", "--seed", "3",
+                 "--out", str(root / "run")]) == 0
     return path, root / "run"
 
 
@@ -30,19 +32,36 @@ def _same(a, b) -> bool:
     return a == b
 
 
-def test_a_replay_on_the_record_gives_the_recorded_table_check_and_choice(run):
-    _, run_dir = run
+def _replays_exactly(run_dir) -> dict:
+    """Asserts the replay of the run's record gives its table, choice and nested check; returns the record."""
     metrics = json.loads((run_dir / "metrics.json").read_text())
     record = load_record(run_dir / FILENAME)
     assert record["seen"].shape[0] == len(metrics["selection"]) > 1
-    assert bool(record["nested"]) and metrics["held_out"]["nested_check"]["enforced"]
     chosen, rows, check = replay(record)
     assert [row["chosen"] for row in metrics["selection"]].index(True) == chosen
     for row, recorded in zip(rows, metrics["selection"]):
         assert set(row) == set(recorded)
         assert all(_same(row[key], recorded[key]) for key in row), (row, recorded)
-    for key in ("gain", "se", "seen_gain", "new_gain", "users"):
+    assert matches_table(rows, metrics["selection"])
+    for key in ("gain", "se", "seen_gain", "new_gain", "users", "enforced"):
         assert _same(check[key], metrics["held_out"]["nested_check"][key])
+    return record
+
+
+def test_a_replay_on_the_record_gives_the_recorded_table_check_and_choice(run):
+    record = _replays_exactly(run[1])
+    assert bool(record["nested"]) and int(record["seed"]) == 3
+
+
+def test_a_population_scored_on_one_fold_is_replayed_without_the_nested_check(tmp_path):
+    """8 seen users: too few to treat any as new, one fold, no nested check; the replay must not add one."""
+    pairs, _ = make_synthetic_pairs(SyntheticPairsConfig(dim=24, true_rank=2, seen_users=8, unseen_users=4, seed=5))
+    path = save_pairs(pairs, tmp_path / "data" / "pairs.npz")
+    with pytest.warns(UserWarning):
+        assert main(["train", str(path), "--rank-grid", "1,2", "--objective", "joint", "--seed", "5",
+                     "--out", str(tmp_path / "run")]) == 0
+    record = _replays_exactly(tmp_path / "run")
+    assert not bool(record["nested"]) and int(record["seed"]) == 5
 
 
 def test_a_replay_runs_todays_rule(run, monkeypatch):
@@ -73,6 +92,9 @@ def test_a_record_whose_arrays_do_not_fit_together_is_refused_naming_the_file(ru
     save_record(bad, {**record, "rank": record["rank"][:-1]})
     with pytest.raises(ValueError, match=f"{bad}.*do not fit together"):
         load_record(bad)
+    save_record(bad, {**record, "nested": record["nested"].astype(str)})
+    with pytest.raises(ValueError, match="dtypes"):
+        load_record(bad)
     save_record(bad, {key: value for key, value in record.items() if key != "new"})
     with pytest.raises(ValueError, match=r"missing \['new'\]"):
         load_record(bad)
@@ -98,3 +120,47 @@ def test_the_rule_replay_benchmark_replays_a_run_on_its_record(run):
     _, run_dir = run
     cell = replay_run(run_dir, json.loads((run_dir / "metrics.json").read_text()))
     assert cell["replayed_on"] == "per-user figures" and not cell["changed"]
+
+
+def test_a_record_beside_another_runs_metrics_is_not_replayed_on(run, tmp_path):
+    """A rerun by code that wrote no record leaves the old one beside a new metrics.json: the benchmark replays that
+    run on its table instead."""
+    import shutil
+
+    from simulations.bench_rule_replay import replay as replay_run
+
+    _, run_dir = run
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    metrics = json.loads((copy / "metrics.json").read_text())
+    metrics["selection"] = metrics["selection"][:-1]  # another selection
+    metrics["selection"][0]["chosen"] = True
+    assert replay_run(copy, metrics)["replayed_on"] == "table"
+
+
+@pytest.mark.parametrize("killed_at", ["basis.npz", "user_weights.npz", FILENAME])
+def test_a_first_train_killed_at_any_rename_can_be_rerun(run, tmp_path, monkeypatch, killed_at):
+    """A reviewer: with basis.npz renamed last, a first run killed among the renames left the weights and the record
+    without a basis, and its rerun was refused as another's files. basis.npz is renamed first now."""
+    import os
+
+    path, _ = run
+    flags = ["train", str(path), "--rank-grid", "1,2", "--objective", "joint", "--out", str(tmp_path / "run")]
+
+    class Killed(BaseException):
+        pass
+
+    real_replace = os.replace
+
+    def killed(source, target):
+        if str(target).endswith(killed_at):
+            raise Killed
+        real_replace(source, target)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "replace", killed)
+        with pytest.raises(Killed):
+            main(flags)
+    assert not (tmp_path / "run" / "metrics.json").exists()
+    assert main(flags) == 0
+    assert (tmp_path / "run" / FILENAME).exists()
