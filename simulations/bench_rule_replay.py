@@ -26,15 +26,17 @@ near-tied estimates move, see the README's matrix section.) Cells whose choice d
 `--sides independent` turns the question round, for runs made by today's code: which choices did counting a user's
 seen and new gains as correlated (`model_selection._gain_rows`, 85dcd0b) change? The table records each side's gain
 SE, so the rule before, with the gain's SE half the root sum of squares of the two (`independent_sides`), replays
-on it; a run's recorded choice is today's, and "the other choice" is the rule before's. Runs with an enforced
-nested check are counted apart: their record was made by the rule after 85dcd0b (sides correlated; from 85dcd0b to
-0e19817 its bootstrap also chose on one copy of each drawn user) and the rule before's check cannot be rebuilt from
-it.
+on it; a run's recorded choice is today's, and "the other choice" is the rule before's. On a run with a record
+the whole rule before replays on the per-user figures (`independent_gain_rows`: the table's gain SE and the nested
+check's, bootstrap included). Runs without one whose nested check was enforced are counted apart: their record was
+made by the rule after 85dcd0b (sides correlated; from 85dcd0b to 0e19817 its bootstrap also chose on one copy of
+each drawn user) and the rule before's check cannot be rebuilt from a table.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import glob
 import json
 import math
@@ -47,6 +49,7 @@ from pathlib import Path
 import numpy as np
 
 from lore_core.atomic_io import atomic_write_json, atomic_write_text
+from lore_core import model_selection
 from lore_core.model_selection import choose_from_table, choose_with_nested_check
 from lore_core.selection_record import FILENAME as RECORD, load_record, matches_table, replay as replay_record
 from simulations.pilot_one_se_threshold import GROUPS
@@ -89,11 +92,34 @@ def independent_sides(table: list[dict]) -> list[dict]:
 SIDES = {"correlated": lambda table: table, "independent": independent_sides}
 
 
+@contextlib.contextmanager
+def independent_gain_rows():
+    """The rule before 85dcd0b on per-user figures: while inside, every gain SE of `model_selection` (the table's and
+    the nested check's, both from `_gain_rows`) is half the root sum of squares of the two sides' SEs, as if a
+    user's seen and new gains were independent (the seen side's alone where no user is scored as new)."""
+    correlated = model_selection._gain_rows
+
+    def independent(seen: np.ndarray, new: np.ndarray) -> dict[str, np.ndarray]:
+        rows = correlated(seen, new)
+        both = 0.5 * np.hypot(rows["seen_gain_se"], rows["new_gain_se"])
+        return {**rows, "se": np.where(np.isnan(rows["new_gain"]), rows["seen_gain_se"], both)}
+
+    model_selection._gain_rows = independent
+    try:
+        yield
+    finally:
+        model_selection._gain_rows = correlated
+
+
+RECORD_RULES = {"correlated": contextlib.nullcontext, "independent": independent_gain_rows}
+
+
 def replay(run: Path, metrics: dict, sides: str = "correlated") -> dict:
     table, check = metrics["selection"], metrics.get("held_out", {}).get("nested_check")
     before = recorded_choice(table)
-    if sides == "correlated" and (run / RECORD).exists():  # the per-user figures: today's whole rule, exactly
-        now, rows, _ = replay_record(load_record(run / RECORD))
+    if (run / RECORD).exists():  # the per-user figures: the whole rule, nested check included, exactly
+        with RECORD_RULES[sides]():
+            now, rows, _ = replay_record(load_record(run / RECORD))
         if matches_table(rows, table):
             return _scored(run, metrics, before, now, "per-user figures")
     if check is not None and check["enforced"] and "se_from" not in check:  # its SE is the split SE: not today's
@@ -140,6 +166,19 @@ def _points(value, sign: str = "+") -> str:
     return "–" if value is None else f"{100 * value:{sign}.2f}"
 
 
+def how_replayed(on_records: int, on_tables: int, sides: str) -> str:
+    """Which runs were replayed on their per-user figures (the whole rule) and which on their tables."""
+    parts = []
+    if on_records:
+        patch = "" if sides == "correlated" else ", with `independent_gain_rows`"
+        parts.append(f"{on_records} on the per-user figures they chose on (`{RECORD}`: `selection_record.replay`, "
+                     f"the whole rule with its nested check{patch})")
+    if on_tables:
+        patch = "" if sides == "correlated" else " and `independent_sides`"
+        parts.append(f"{on_tables} on their selection tables (`choose_from_table`{patch})")
+    return "Replayed: " + "; ".join(parts) + "."
+
+
 def markdown(cells: list[dict], patterns: list[str], sides: str = "correlated") -> str:
     changed = [c for c in cells if c["changed"]]
     scored = [c for c in changed if "gain_now" in c]
@@ -151,12 +190,12 @@ def markdown(cells: list[dict], patterns: list[str], sides: str = "correlated") 
     title = ("Today's one-SE rule replayed on earlier `train` runs" if sides == "correlated"
              else "The one-SE rule before 85dcd0b (independent sides) replayed on `train` runs of today's code")
     lines = [f"# {title} (`python -m simulations.bench_rule_replay {flags}`)", "",
-             f"{len(cells) - stale} runs replayed"
-             + (f" ({exact} on the per-user figures they chose on, `{RECORD}`, with today's whole rule; the rest "
-                "on their tables)" if exact else "") + f"; {other} rule (`lore_core/model_selection.py` `choose_from_table`"
-             f"{'' if sides == 'correlated' else ', `independent_sides`'}) chooses another candidate on "
+             f"{len(cells) - stale} runs replayed; {other} rule"
+             + ("" if exact else f" (`lore_core/model_selection.py` `choose_from_table`"
+                f"{'' if sides == 'correlated' else ', `independent_sides`'})") + " chooses another candidate on "
              f"{len(changed)}. On those, the recorded and {other} choices were trained again with their settings "
              "fixed, beside BT, by the same code with one thread: test accuracy - BT in points, seen / new users."
+             + (f" {how_replayed(exact, len(cells) - stale - exact, sides)}" if exact else "")
              + (f" {stale} more runs were not replayed ("
                 + "; ".join(f"{reason}: {count}" for reason, count in sorted(reasons.items())) + ")."
                 if stale else ""), "",

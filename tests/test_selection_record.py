@@ -164,3 +164,21 @@ def test_a_first_train_killed_at_any_rename_can_be_rerun(run, tmp_path, monkeypa
     assert not (tmp_path / "run" / "metrics.json").exists()
     assert main(flags) == 0
     assert (tmp_path / "run" / FILENAME).exists()
+
+
+def test_the_rule_before_85dcd0b_replays_on_the_record_with_independent_sides(run):
+    """--sides independent on a record: every gain SE of the rule (table and nested check) from the two sides as if
+    independent, and back to today's after."""
+    from lore_core.model_selection import _gain_rows
+    from simulations.bench_rule_replay import independent_gain_rows
+
+    record = load_record(run[1] / FILENAME)
+    today = replay(record)[1]
+    with independent_gain_rows():
+        before = replay(record)[1]
+    assert _gain_rows is __import__("lore_core.model_selection", fromlist=["_gain_rows"])._gain_rows
+    for now, then in zip(today, before):
+        assert then["gain_vs_rank1"] == now["gain_vs_rank1"]
+        if then["new_gain_se"] is not None and not math.isnan(then["new_gain_se"]):
+            assert then["gain_se"] == pytest.approx(0.5 * math.hypot(then["seen_gain_se"], then["new_gain_se"]))
+    assert any(then["gain_se"] != now["gain_se"] for now, then in zip(today, before))
