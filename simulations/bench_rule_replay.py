@@ -28,9 +28,9 @@ seen and new gains as correlated (`model_selection._gain_rows`, 85dcd0b) change?
 SE, so the rule before, with the gain's SE half the root sum of squares of the two (`independent_sides`), replays
 on it; a run's recorded choice is today's, and "the other choice" is the rule before's. On a run with a record
 the whole rule before replays on the per-user figures (`independent_gain_rows`: the table's gain SE and the nested
-check's, bootstrap included). Runs without one whose nested check was enforced are counted apart: their record was
-made by the rule after 85dcd0b (sides correlated; from 85dcd0b to 0e19817 its bootstrap also chose on one copy of
-each drawn user) and the rule before's check cannot be rebuilt from a table.
+check's choices, bootstrap included). Runs without one whose nested check was enforced are counted apart: their
+record was made by the rule after 85dcd0b (sides correlated; from 85dcd0b to 0e19817 its bootstrap also chose on
+one copy of each drawn user) and the rule before's check cannot be rebuilt from a table.
 """
 
 from __future__ import annotations
@@ -94,21 +94,27 @@ SIDES = {"correlated": lambda table: table, "independent": independent_sides}
 
 @contextlib.contextmanager
 def independent_gain_rows():
-    """The rule before 85dcd0b on per-user figures: while inside, every gain SE of `model_selection` (the table's and
-    the nested check's, both from `_gain_rows`) is half the root sum of squares of the two sides' SEs, as if a
-    user's seen and new gains were independent (the seen side's alone where no user is scored as new)."""
-    correlated = model_selection._gain_rows
+    """The rule before 85dcd0b on per-user figures: while inside, the gain SE the one-SE rule reads (the table's,
+    `_table_rows`, and the nested check's choices, `choose_on_arrays`, both from `_gain_rows`) is half the root sum
+    of squares of the two sides' SEs, as if a user's seen and new gains were independent (the seen side's alone
+    where no user is scored as new). The nested check's own record (`_sides_mean_se`) counted the covariance before
+    85dcd0b too, so it keeps today's, which differs from it only by the clip of the covariance: its split SE is
+    today's, and its gain and bootstrap SE those of the rule before."""
+    correlated, record = model_selection._gain_rows, model_selection._sides_mean_se
 
     def independent(seen: np.ndarray, new: np.ndarray) -> dict[str, np.ndarray]:
         rows = correlated(seen, new)
         both = 0.5 * np.hypot(rows["seen_gain_se"], rows["new_gain_se"])
         return {**rows, "se": np.where(np.isnan(rows["new_gain"]), rows["seen_gain_se"], both)}
 
-    model_selection._gain_rows = independent
+    def sides_mean_se(seen: np.ndarray, new: np.ndarray) -> dict:
+        return {key: float(value[0]) for key, value in correlated(seen[None], new[None]).items()}
+
+    model_selection._gain_rows, model_selection._sides_mean_se = independent, sides_mean_se
     try:
         yield
     finally:
-        model_selection._gain_rows = correlated
+        model_selection._gain_rows, model_selection._sides_mean_se = correlated, record
 
 
 RECORD_RULES = {"correlated": contextlib.nullcontext, "independent": independent_gain_rows}
@@ -193,14 +199,17 @@ def markdown(cells: list[dict], patterns: list[str], sides: str = "correlated") 
              f"{len(cells) - stale} runs replayed; {other} rule"
              + ("" if exact else f" (`lore_core/model_selection.py` `choose_from_table`"
                 f"{'' if sides == 'correlated' else ', `independent_sides`'})") + " chooses another candidate on "
-             f"{len(changed)}. On those, the recorded and {other} choices were trained again with their settings "
-             "fixed, beside BT, by the same code with one thread: test accuracy - BT in points, seen / new users."
+             f"{len(changed)}."
+             + (f" On those, the recorded and {other} choices were trained again with their settings fixed, beside "
+                "BT, by the same code with one thread: test accuracy - BT in points, seen / new users." if changed
+                else "")
              + (f" {how_replayed(exact, len(cells) - stale - exact, sides)}" if exact else "")
              + (f" {stale} more runs were not replayed ("
                 + "; ".join(f"{reason}: {count}" for reason, count in sorted(reasons.items())) + ")."
-                if stale else ""), "",
-             f"| run | recorded choice (held-out gain seen / new ± SE, points) | its test - BT | {other} choice "
-             "| its test - BT |", "|---|---|---|---|---|"]
+                if stale else ""), ""]
+    if changed:
+        lines += [f"| run | recorded choice (held-out gain seen / new ± SE, points) | its test - BT | {other} choice "
+                  "| its test - BT |", "|---|---|---|---|---|"]
     for c in changed:
         g = c["heldout_gains_before"]
         held = (f"{_points(g['seen_gain'])} ± {_points(g['seen_gain_se'], '')} / {_points(g['new_gain'])} ± "

@@ -4,6 +4,7 @@ recorded selection exactly, or, under another rule, that rule's choice."""
 import json
 import math
 
+import numpy as np
 import pytest
 
 from lore_core import model_selection
@@ -167,18 +168,25 @@ def test_a_first_train_killed_at_any_rename_can_be_rerun(run, tmp_path, monkeypa
 
 
 def test_the_rule_before_85dcd0b_replays_on_the_record_with_independent_sides(run):
-    """--sides independent on a record: every gain SE of the rule (table and nested check) from the two sides as if
-    independent, and back to today's after."""
-    from lore_core.model_selection import _gain_rows
+    """--sides independent on a record: the gain SE the rule reads (the table's and the nested check's choices)
+    from the two sides as if independent, the seen side's alone without new users; today's again after."""
     from simulations.bench_rule_replay import independent_gain_rows
 
     record = load_record(run[1] / FILENAME)
+    correlated = model_selection._gain_rows
     today = replay(record)[1]
     with independent_gain_rows():
-        before = replay(record)[1]
-    assert _gain_rows is __import__("lore_core.model_selection", fromlist=["_gain_rows"])._gain_rows
+        _, before, _ = replay(record)
+        table_choice = model_selection.choose_from_table(before)[0]
+        arrays_choice = model_selection.choose_on_arrays(record["seen"], record["new"], record["rank"])[0]
+        seen_only = model_selection._gain_rows(record["seen"][:2], np.full_like(record["new"][:2], np.nan))
+    assert model_selection._gain_rows is correlated
+    assert table_choice == arrays_choice  # the nested check's choices read the same SE as the table
     for now, then in zip(today, before):
         assert then["gain_vs_rank1"] == now["gain_vs_rank1"]
         if then["new_gain_se"] is not None and not math.isnan(then["new_gain_se"]):
-            assert then["gain_se"] == pytest.approx(0.5 * math.hypot(then["seen_gain_se"], then["new_gain_se"]))
+            # the rule before's formula, written out (its `_combine`): the root sum of squares of the sides' SEs
+            assert then["gain_se"] == pytest.approx(math.sqrt(then["seen_gain_se"] ** 2 + then["new_gain_se"] ** 2)
+                                                    / 2)
     assert any(then["gain_se"] != now["gain_se"] for now, then in zip(today, before))
+    assert np.array_equal(seen_only["se"], seen_only["seen_gain_se"], equal_nan=True)
