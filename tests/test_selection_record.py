@@ -134,9 +134,9 @@ def test_a_record_beside_another_runs_metrics_is_not_replayed_on(run, tmp_path):
     copy = tmp_path / "run"
     shutil.copytree(run_dir, copy)
     metrics = json.loads((copy / "metrics.json").read_text())
-    metrics["selection"] = metrics["selection"][:-1]  # another selection
-    metrics["selection"][0]["chosen"] = True
-    assert replay_run(copy, metrics)["replayed_on"] == "table"
+    metrics["selection"][0]["l2"] *= 1.5  # another selection's candidates (the choice stays: nothing retrains)
+    cell = replay_run(copy, metrics)
+    assert cell["replayed_on"] == "table" and not cell["changed"]
 
 
 @pytest.mark.parametrize("killed_at", ["basis.npz", "user_weights.npz", FILENAME])
@@ -146,7 +146,8 @@ def test_a_first_train_killed_at_any_rename_can_be_rerun(run, tmp_path, monkeypa
     import os
 
     path, _ = run
-    flags = ["train", str(path), "--rank-grid", "1,2", "--objective", "joint", "--out", str(tmp_path / "run")]
+    flags = ["train", str(path), "--rank-grid", "1,2", "--objective", "joint", "--l2", "0.001", "--prior-pairs", "3",
+             "--out", str(tmp_path / "run")]
 
     class Killed(BaseException):
         pass
