@@ -48,8 +48,8 @@ from pathlib import Path
 
 import numpy as np
 
-from lore_core.atomic_io import atomic_write_json, atomic_write_text
 from lore_core import model_selection
+from lore_core.atomic_io import atomic_write_json, atomic_write_text
 from lore_core.model_selection import choose_from_table, choose_with_nested_check
 from lore_core.selection_record import FILENAME as RECORD, load_record, matches_table, replay as replay_record
 from simulations.pilot_one_se_threshold import GROUPS
