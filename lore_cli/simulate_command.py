@@ -142,11 +142,13 @@ def read_population(pairs_path: Path, *, truth: bool = True) -> dict:
     once) -> the counts the run needs; `truth` False: without a benchmark's hidden basis (true_basis None), for a
     caller that never scores against it (`deploy local`)."""
     from lore_core.pair_columns import check_pair_file
+    from lore_core.pairs import check_federated_scale
 
     from lore_cli.train_command import benchmark_truth, refuse_untrainable
 
     columns, _, counts = check_pair_file(pairs_path)
     refuse_untrainable(columns.source, counts.train_users, counts.idle_users)  # every seen user has a training pair
+    check_federated_scale(counts.diff_rms, columns.source)
     return {"users": counts.users, "seen_users": counts.seen_users, "largest_client_pairs": counts.largest_client_pairs,
             "dim": counts.dim, "source": columns.source, "embedder": columns.embedder,
             # a benchmark's hidden basis (ground_truth.npz beside the pair file), read now so that a damaged one is

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import re
 import time
 import warnings
@@ -116,7 +117,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--rank-grid is for --rank auto; --rank {args.rank} fixes the rank: drop one of them")
     options = {"seed": check_seed(args.seed), "device": check_device(args.device), "objective": args.objective}
     if args.l2 != "auto":
-        options["l2"] = parse_number(args.l2, "--l2", maximum=MAX_L2)
+        # Above 0: unpenalized, a basis on pairs it can separate grows until L-BFGS stalls (a tester's 2e6)
+        options["l2"] = parse_number(args.l2, "--l2", inclusive=False, maximum=MAX_L2)
     from lore_core.simplex_fit import MAX_PRIOR_PAIRS
 
     if args.prior_pairs != "auto":
@@ -191,6 +193,7 @@ def _train_and_write(args: argparse.Namespace, options: dict, out: Path, pairs_f
         device=config.device,
         seed=config.seed,
     )
+    check_trained_basis(fit, pairs_file)
     announce()
     # metrics.json is the run's record and is written last. The basis, weights and held-out figures are written in
     # full first, then an earlier run's metrics.json goes and they are renamed into place: a run killed among the
@@ -215,6 +218,22 @@ def _train_and_write(args: argparse.Namespace, options: dict, out: Path, pairs_f
     print(format_metrics(metrics))
     written = ["basis.npz", "user_weights.npz", *([HELDOUT_FILENAME] if fit.heldout_record else [])]
     print(f"wrote {out / 'metrics.json'}, " + ", ".join(str(out / name) for name in written))
+
+
+def check_trained_basis(fit, pairs_file: Path) -> None:
+    """Refuse a basis that basis.npz cannot hold before anything is written: the check in the write named a temp
+    file and left the new --out behind (a tester, with `--l2 0`, now refused, on pairs a basis can separate). A
+    basis this large is what pairs at a tiny scale need, as the fits are scale-free (joint_trainer.fitting_scale)."""
+    from lore_core.basis_file import MAX_ABS_BASIS
+
+    largest = float(np.abs(fit.basis).max()) if np.isfinite(fit.basis).all() else math.inf
+    if largest <= MAX_ABS_BASIS:
+        return
+    unit = fit.held_out.get("l2_unit")
+    size = f" (rms |d| {math.sqrt(2 * unit):.1e})" if unit else ""
+    raise ValueError(f"{pairs_file}: the trained basis reaches {largest:.1e}, beyond the +-{MAX_ABS_BASIS:g} a "
+                     f"basis file holds: the embedding differences are tiny{size}, so a basis that scores them is "
+                     "huge; multiply the embeddings by a constant (no preference changes)")
 
 
 def check_no_other_files(out: Path) -> None:

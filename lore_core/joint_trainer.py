@@ -25,6 +25,7 @@ import torch
 from lore_core.marginal_fit import OBJECTIVES, prior_samples
 from lore_core.model_selection import (MIN_NEW_FOLD_USERS, Candidate, dense_groups, heldout_accuracy_folds,
                                        join_repeated_comparisons, make_holdouts, select)
+from lore_core.pairs import USUAL_DIFF_RMS
 from lore_core.selection_record import record_of
 from lore_core.simplex_fit import DEFAULT_PRIOR_PAIRS, DEFAULT_PRIOR_STRENGTH, prior_from_pairs
 
@@ -176,7 +177,8 @@ def fit_basis_and_weights(
     `init` = (basis (B, D), weights (U, B)) of a neighbouring fit. Returns (basis (B, D), weights (U, B))."""
     dev = resolve_device(device)
     gen = torch.Generator().manual_seed(seed)
-    x = torch.as_tensor(diff, dtype=torch.float32, device=dev)
+    scale = fitting_scale(diff)
+    x = _scaled_pairs(diff, scale, dev)
     idx = torch.as_tensor(user_idx, dtype=torch.long, device=dev)
     dim = x.shape[1]
     if init is None:
@@ -185,13 +187,28 @@ def fit_basis_and_weights(
     else:
         # Contiguous copies: L-BFGS updates its parameters in place (the caller may keep the neighbouring fit) and
         # views their gradients flat, which a start with another layout (a transposed or Fortran array) breaks.
-        basis = torch.tensor(np.ascontiguousarray(init[0]), dtype=torch.float32)
+        basis = torch.tensor(np.ascontiguousarray(init[0]), dtype=torch.float32) * scale
         theta = torch.log(torch.tensor(np.ascontiguousarray(init[1]), dtype=torch.float32).clamp(min=1e-12))
     basis = basis.to(dev).requires_grad_(True)
     theta = theta.to(dev).requires_grad_(True)
-    objective = _Objective(x, idx, n_users, prior_strength, l2)
+    objective = _Objective(x, idx, n_users, prior_strength, l2 / scale**2)
     _lbfgs([basis, theta], lambda: objective(basis, theta), max_iter)
-    return basis.detach().cpu().numpy(), torch.softmax(theta, 1).detach().cpu().numpy()
+    return (basis.detach() / scale).cpu().numpy(), torch.softmax(theta, 1).detach().cpu().numpy()
+
+
+def fitting_scale(diff: np.ndarray) -> float:
+    """What the L-BFGS fits divide the pairs by (and multiply the basis by, dividing l2 by its square): the power of
+    two nearest their rms |d|, or 1 where that is in USUAL_DIFF_RMS. L-BFGS's tolerances and the random start are
+    absolute, so pairs scaled by 1e-4 stopped at the random start and trained to chance with exit 0 (a tester). A
+    power of two is exact in floating point, and pairs of the usual scale are fitted exactly as before."""
+    rms = math.sqrt(2.0 * l2_unit(diff))
+    return 1.0 if USUAL_DIFF_RMS[0] <= rms <= USUAL_DIFF_RMS[1] else 2.0 ** round(math.log2(rms))
+
+
+def _scaled_pairs(diff: np.ndarray, scale: float, dev: torch.device) -> torch.Tensor:
+    """diff / scale as a float32 tensor on `dev`, copied only where the scale is not 1 (the usual pairs)."""
+    pairs = torch.as_tensor(diff, dtype=torch.float32, device=dev)
+    return pairs if scale == 1.0 else pairs / scale
 
 
 class MarginalObjective:
@@ -219,11 +236,13 @@ def fit_basis_marginal(diff: np.ndarray, user_idx: np.ndarray, n_users: int, *, 
                        init: np.ndarray, max_iter: int, device: str = "cpu") -> np.ndarray:
     """L-BFGS on the marginal objective from `init` (B, D), typically the joint fit's basis. Returns (B, D)."""
     dev = resolve_device(device)
-    objective = MarginalObjective(torch.as_tensor(diff, dtype=torch.float32, device=dev),
-                                  torch.as_tensor(user_idx, dtype=torch.long, device=dev), n_users, rank, l2)
-    basis = torch.as_tensor(np.ascontiguousarray(init), dtype=torch.float32, device=dev).clone().requires_grad_(True)
+    scale = fitting_scale(diff)  # as fit_basis_and_weights
+    objective = MarginalObjective(_scaled_pairs(diff, scale, dev),
+                                  torch.as_tensor(user_idx, dtype=torch.long, device=dev), n_users, rank,
+                                  l2 / scale**2)
+    basis = (torch.as_tensor(np.ascontiguousarray(init), dtype=torch.float32, device=dev) * scale).requires_grad_(True)
     _lbfgs([basis], lambda: objective(basis), max_iter)
-    return basis.detach().cpu().numpy()
+    return (basis.detach() / scale).cpu().numpy()
 
 
 def fit_few_shot_torch(

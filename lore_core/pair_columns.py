@@ -13,6 +13,7 @@ user's row range, so the rows of any block of users are cut by offsets, in time 
 
 from __future__ import annotations
 
+import math
 import mmap
 import os
 import struct
@@ -308,6 +309,7 @@ class PopulationCounts:
     pairs: int
     dim: int
     few_shot_pairs: int = 10  # median training pairs of the new (unseen) users that have any
+    diff_rms: float = 1.0  # sqrt(mean |d|^2) over all pairs: the embeddings' scale (`pairs.check_federated_scale`)
 
 
 def user_blocks(columns: PairColumns, index: PairIndex,
@@ -337,8 +339,10 @@ def check_pair_file(path: str | Path, rows_per_block: int = READ_ROWS) -> tuple[
     seen_users = train_users = largest = 0
     idle, few_shot = [], []
     nonzero = columns.n == 0
+    squares = 0.0
     for first, stop, block in user_blocks(columns, index, rows_per_block):
         nonzero = nonzero or has_signal(block.diff)
+        squares += float(np.einsum("nd,nd->", block.diff, block.diff, dtype=np.float64))
         user_pos = index.row_users(first, stop)  # rows are in index order within a block
         seen = np.bincount(user_pos, weights=block.seen, minlength=stop - first) > 0
         trains = np.bincount(user_pos, weights=block.seen & (block.split == "train"), minlength=stop - first)
@@ -353,7 +357,8 @@ def check_pair_file(path: str | Path, rows_per_block: int = READ_ROWS) -> tuple[
     return columns, index, PopulationCounts(users=index.n_users, seen_users=seen_users, train_users=train_users,
                                             idle_users=np.concatenate(idle) if idle else index.user_ids[:0],
                                             largest_client_pairs=largest, pairs=columns.n, dim=columns.dim,
-                                            few_shot_pairs=median_few_shot(shots))
+                                            few_shot_pairs=median_few_shot(shots),
+                                            diff_rms=math.sqrt(squares / max(columns.n, 1)))
 
 
 def median_few_shot(per_user: np.ndarray, default: int = 10) -> int:

@@ -286,3 +286,67 @@ def test_train_ended_by_sigterm_removes_the_folders_it_created(pair_file, tmp_pa
     assert done.returncode == 143 and "Traceback" not in done.stderr, done.stderr
     assert "terminated (SIGTERM)" in done.stderr and "starts over" in done.stderr
     assert not (tmp_path / "new").exists()
+
+
+def _separable_pairs(path, scale: float = 1.0):
+    """12 users x 16 pairs (D=8) whose labels a rank-2 basis gets all right: no noise, so nothing bounds an
+    unpenalized basis (a tester's file, rms |d| times 0.75: 2.1)."""
+    from lore_core.pairs import PairSet
+
+    rng = np.random.default_rng(0)
+    truth = rng.normal(size=(2, 8))
+    diff = []
+    for _ in range(12):
+        weights = rng.dirichlet([1, 1])
+        user_diff = rng.normal(size=(16, 8))
+        diff.append(user_diff * np.sign(user_diff @ (weights @ truth))[:, None])
+    user = np.repeat([f"u{u}" for u in range(12)], 16)
+    split = np.tile(np.r_[np.repeat("train", 10), np.repeat("test", 6)], 12)
+    group = np.char.add(user, np.tile(np.repeat(np.arange(8), 2), 12).astype(str))
+    return save_pairs(PairSet(diff=(np.concatenate(diff) * 0.75 * scale).astype(np.float32), user=user, split=split,
+                              seen=np.repeat(np.arange(12) >= 3, 16), group=group), path)
+
+
+def test_fits_do_not_depend_on_the_scale_of_the_embeddings():
+    """A tester: pairs scaled by 1e-4 trained to the random start (chance) with exit 0, L-BFGS's tolerances being
+    absolute. Scaled by a power of two they now fit the same basis, scaled back, bit for bit."""
+    from lore_core.joint_trainer import fit_basis_and_weights, fit_basis_marginal, fitting_scale
+
+    pairs, _ = make_synthetic_pairs(SyntheticPairsConfig(dim=24, true_rank=2, seen_users=30, unseen_users=0, seed=4))
+    diff = (pairs.diff * 0.75).astype(np.float32)  # rms |d| 1.06: log2 far from a half, so the rounding is clear
+    ids, idx = np.unique(pairs.user, return_inverse=True)
+    tiny = 2.0**-16
+    assert fitting_scale(diff) == 1.0 and fitting_scale(diff * tiny) == tiny
+    common = {"rank": 2, "prior_strength": 1.0, "max_iter": 200, "seed": 0}
+    basis, weights = fit_basis_and_weights(diff, idx, ids.size, l2=1e-3, **common)
+    scaled_basis, scaled_weights = fit_basis_and_weights(diff * tiny, idx, ids.size, l2=1e-3 * tiny**2, **common)
+    np.testing.assert_array_equal(scaled_basis * tiny, basis)
+    np.testing.assert_array_equal(scaled_weights, weights)
+    marginal = fit_basis_marginal(diff, idx, ids.size, rank=2, l2=1e-3, init=basis, max_iter=50)
+    scaled = fit_basis_marginal(diff * tiny, idx, ids.size, rank=2, l2=1e-3 * tiny**2, init=scaled_basis, max_iter=50)
+    np.testing.assert_array_equal(scaled * tiny, marginal)
+
+
+def test_train_is_scale_free_and_refuses_a_basis_it_cannot_write_before_writing(tmp_path, capsys):
+    """A tester: `--l2 0` on separable pairs trained, then failed in the write naming a temp file and left the new
+    --out with its lock; tiny embeddings trained to chance. Now the same run at 2^-13 scale gives the same figures,
+    `--l2 0` is refused before training, and a basis too large for its file (pairs at 1e-7) is refused naming the
+    cause, leaving nothing."""
+    argv = ["--rank", "1", "--objective", "joint", "--prior-pairs", "1", "--train-prior-pairs", "1"]
+    figures = []
+    for scale in (1.0, 2.0**-13):
+        run = tmp_path / f"run{scale}"
+        assert main(["train", str(_separable_pairs(tmp_path / f"pairs{scale}.npz", scale)), *argv,
+                     "--l2", repr(1e-3 * scale**2), "--out", str(run)]) == 0  # l2 is on |A|^2: it scales as d^2
+        metrics = json.loads((run / "metrics.json").read_text())
+        figures.append((metrics["seen_test_acc"], metrics["unseen_test_acc"]))
+    assert figures[0] == figures[1] and figures[0][0] > 0.7  # the old fit stayed at its random start: ~0.57
+    capsys.readouterr()
+    separable = _separable_pairs(tmp_path / "separable.npz")
+    assert main(["train", str(separable), "--l2", "0", "--out", str(tmp_path / "new" / "run")]) == 2
+    assert "--l2 must be a finite number > 0" in capsys.readouterr().err
+    tiny = _separable_pairs(tmp_path / "tiny.npz", 1e-7)
+    assert main(["train", str(tiny), *argv, "--l2", repr(1e-3 * 1e-14), "--out", str(tmp_path / "new" / "run")]) == 2
+    err = capsys.readouterr().err
+    assert f"{tiny}: the trained basis reaches" in err and "multiply the embeddings by a constant" in err, err
+    assert not (tmp_path / "new").exists()

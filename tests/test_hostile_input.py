@@ -1178,3 +1178,15 @@ def test_another_populations_truth_beside_a_pair_file_is_refused_and_another_wid
     with pytest.warns(UserWarning, match=f"not \\(B, {DIM}\\) as the pairs"):
         code, out, err = cli(["evaluate", "bench/pairs.npz", "--basis", "basis.npz"])
     assert code == 0 and "true_basis" not in out
+
+
+@pytest.mark.parametrize("scale", [1e-4, 1e3])
+def test_simulate_refuses_embeddings_far_from_the_scale_its_settings_are_for(w, scale):
+    """A tester: pairs at 1e-4 trained federated to chance with exit 0 (at 1e3, 10 points low). The message names the
+    power of two that brings them to the usual scale; `train` fits any scale (test_cli_train)."""
+    arrays = _pair_arrays()
+    arrays["diff"] = (arrays["diff"] * scale).astype(np.float32)
+    np.savez(w / "pairs.npz", **arrays)
+    rms = float(np.sqrt(np.mean(np.sum(arrays["diff"].astype(np.float64) ** 2, axis=1))))
+    refused(["simulate", "pairs.npz", "--out", "out", "--privacy", "none", "--rounds", "1"], "pairs.npz", w,
+            expect=f"multiply the embeddings by 2^{-round(np.log2(rms))} =")
