@@ -148,7 +148,7 @@ def read_population(pairs_path: Path, *, truth: bool = True) -> dict:
 
     columns, _, counts = check_pair_file(pairs_path)
     refuse_untrainable(columns.source, counts.train_users, counts.idle_users)  # every seen user has a training pair
-    check_federated_scale(counts.diff_rms, columns.source)
+    check_federated_scale(counts.column_squares, counts.pairs, columns.source)
     return {"users": counts.users, "seen_users": counts.seen_users, "largest_client_pairs": counts.largest_client_pairs,
             "dim": counts.dim, "source": columns.source, "embedder": columns.embedder,
             # a benchmark's hidden basis (ground_truth.npz beside the pair file), read now so that a damaged one is

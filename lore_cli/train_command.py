@@ -223,7 +223,7 @@ def _train_and_write(args: argparse.Namespace, options: dict, out: Path, pairs_f
 def check_trained_basis(fit, pairs_file: Path) -> None:
     """Refuse a basis that basis.npz cannot hold before anything is written: the check in the write named a temp
     file and left the new --out behind (a tester, with `--l2 0`, now refused, on pairs a basis can separate). A
-    basis this large is what pairs at a tiny scale need, as the fits are scale-free (joint_trainer.fitting_scale)."""
+    basis this large is what pairs at a tiny scale need, as the fits are scale-free (joint_trainer.FitScale)."""
     from lore_core.basis_file import MAX_ABS_BASIS
 
     largest = float(np.abs(fit.basis).max()) if np.isfinite(fit.basis).all() else math.inf

@@ -25,7 +25,7 @@ import torch
 from lore_core.marginal_fit import OBJECTIVES, prior_samples
 from lore_core.model_selection import (MIN_NEW_FOLD_USERS, Candidate, dense_groups, heldout_accuracy_folds,
                                        join_repeated_comparisons, make_holdouts, select)
-from lore_core.pairs import USUAL_DIFF_RMS
+from lore_core.pairs import fit_scales
 from lore_core.selection_record import record_of
 from lore_core.simplex_fit import DEFAULT_PRIOR_PAIRS, DEFAULT_PRIOR_STRENGTH, prior_from_pairs
 
@@ -177,8 +177,8 @@ def fit_basis_and_weights(
     `init` = (basis (B, D), weights (U, B)) of a neighbouring fit. Returns (basis (B, D), weights (U, B))."""
     dev = resolve_device(device)
     gen = torch.Generator().manual_seed(seed)
-    scale = fitting_scale(diff)
-    x = _scaled_pairs(diff, scale, dev)
+    scale = FitScale.of(diff)
+    x = scale.pairs(diff, dev)
     idx = torch.as_tensor(user_idx, dtype=torch.long, device=dev)
     dim = x.shape[1]
     if init is None:
@@ -187,28 +187,55 @@ def fit_basis_and_weights(
     else:
         # Contiguous copies: L-BFGS updates its parameters in place (the caller may keep the neighbouring fit) and
         # views their gradients flat, which a start with another layout (a transposed or Fortran array) breaks.
-        basis = torch.tensor(np.ascontiguousarray(init[0]), dtype=torch.float32) * scale
+        basis = scale.to_fit(torch.tensor(np.ascontiguousarray(init[0]), dtype=torch.float32))
         theta = torch.log(torch.tensor(np.ascontiguousarray(init[1]), dtype=torch.float32).clamp(min=1e-12))
     basis = basis.to(dev).requires_grad_(True)
     theta = theta.to(dev).requires_grad_(True)
-    objective = _Objective(x, idx, n_users, prior_strength, l2 / scale**2)
+    objective = _Objective(x, idx, n_users, prior_strength, scale.l2(l2))
     _lbfgs([basis, theta], lambda: objective(basis, theta), max_iter)
-    return (basis.detach() / scale).cpu().numpy(), torch.softmax(theta, 1).detach().cpu().numpy()
+    return scale.from_fit(basis.detach()).cpu().numpy(), torch.softmax(theta, 1).detach().cpu().numpy()
 
 
-def fitting_scale(diff: np.ndarray) -> float:
-    """What the L-BFGS fits divide the pairs by (and multiply the basis by, dividing l2 by its square): the power of
-    two nearest their rms |d|, or 1 where that is in USUAL_DIFF_RMS. L-BFGS's tolerances and the random start are
-    absolute, so pairs scaled by 1e-4 stopped at the random start and trained to chance with exit 0 (a tester). A
-    power of two is exact in floating point, and pairs of the usual scale are fitted exactly as before."""
-    rms = math.sqrt(2.0 * l2_unit(diff))
-    return 1.0 if USUAL_DIFF_RMS[0] <= rms <= USUAL_DIFF_RMS[1] else 2.0 ** round(math.log2(rms))
+class FitScale:
+    """What the L-BFGS fits divide each coordinate of the pairs by (a power of two, exact in floating point), and so
+    multiply the basis' column by. L-BFGS's tolerances and random start are absolute: pairs scaled by 1e-4 stopped at
+    the random start, at chance with exit 0, and so did the other coordinates beside one 1000 times as large (two
+    testers). All coordinates are divided by `overall`, the power of two nearest the pairs' rms |d| where that is
+    outside USUAL_DIFF_RMS (the same objective, with l2 divided by its square); a coordinate whose own scale (its rms
+    times sqrt(D)) is outside USUAL_DIFF_RMS of that is also divided by the power of two nearest the ratio, and its
+    column's L2 is then the one it would have at the common scale (ridge on standardized coordinates: beside one
+    coordinate 1000 times as large, l2's grid, in units of mean |d|^2 / 2, penalized the others' columns 1e6 times
+    more than at their own scale). Pairs of the usual scale are fitted exactly as before (every factor 1)."""
 
+    def __init__(self, columns: np.ndarray, overall: float) -> None:
+        self.columns, self.overall = columns, overall  # (D,) powers of two; the common one
 
-def _scaled_pairs(diff: np.ndarray, scale: float, dev: torch.device) -> torch.Tensor:
-    """diff / scale as a float32 tensor on `dev`, copied only where the scale is not 1 (the usual pairs)."""
-    pairs = torch.as_tensor(diff, dtype=torch.float32, device=dev)
-    return pairs if scale == 1.0 else pairs / scale
+    @classmethod
+    def of(cls, diff: np.ndarray) -> "FitScale":
+        overall, columns = fit_scales(np.einsum("nd,nd->d", diff, diff, dtype=np.float64), diff.shape[0])
+        return cls(columns, overall)
+
+    @property
+    def uniform(self) -> bool:
+        return bool((self.columns == self.overall).all())
+
+    def _factor(self, like: torch.Tensor) -> float | torch.Tensor:
+        return self.overall if self.uniform else torch.as_tensor(self.columns, dtype=like.dtype, device=like.device)
+
+    def pairs(self, diff: np.ndarray, dev: torch.device) -> torch.Tensor:
+        """diff / scale as a float32 tensor on `dev`, copied only where a factor is not 1 (not for usual pairs)."""
+        pairs = torch.as_tensor(diff, dtype=torch.float32, device=dev)
+        return pairs if self.uniform and self.overall == 1.0 else pairs / self._factor(pairs)
+
+    def to_fit(self, basis: torch.Tensor) -> torch.Tensor:
+        return basis * self._factor(basis)
+
+    def from_fit(self, basis: torch.Tensor) -> torch.Tensor:
+        return basis / self._factor(basis)
+
+    def l2(self, l2: float) -> float:
+        """The L2 on the fitted basis (see the class docstring)."""
+        return l2 / self.overall**2
 
 
 class MarginalObjective:
@@ -236,13 +263,13 @@ def fit_basis_marginal(diff: np.ndarray, user_idx: np.ndarray, n_users: int, *, 
                        init: np.ndarray, max_iter: int, device: str = "cpu") -> np.ndarray:
     """L-BFGS on the marginal objective from `init` (B, D), typically the joint fit's basis. Returns (B, D)."""
     dev = resolve_device(device)
-    scale = fitting_scale(diff)  # as fit_basis_and_weights
-    objective = MarginalObjective(_scaled_pairs(diff, scale, dev),
-                                  torch.as_tensor(user_idx, dtype=torch.long, device=dev), n_users, rank,
-                                  l2 / scale**2)
-    basis = (torch.as_tensor(np.ascontiguousarray(init), dtype=torch.float32, device=dev) * scale).requires_grad_(True)
+    scale = FitScale.of(diff)  # as fit_basis_and_weights
+    objective = MarginalObjective(scale.pairs(diff, dev), torch.as_tensor(user_idx, dtype=torch.long, device=dev),
+                                  n_users, rank, scale.l2(l2))
+    basis = scale.to_fit(torch.as_tensor(np.ascontiguousarray(init), dtype=torch.float32, device=dev))
+    basis = basis.clone().requires_grad_(True)
     _lbfgs([basis], lambda: objective(basis), max_iter)
-    return (basis.detach() / scale).cpu().numpy()
+    return scale.from_fit(basis.detach()).cpu().numpy()
 
 
 def fit_few_shot_torch(

@@ -13,7 +13,6 @@ user's row range, so the rows of any block of users are cut by offsets, in time 
 
 from __future__ import annotations
 
-import math
 import mmap
 import os
 import struct
@@ -309,7 +308,8 @@ class PopulationCounts:
     pairs: int
     dim: int
     few_shot_pairs: int = 10  # median training pairs of the new (unseen) users that have any
-    diff_rms: float = 1.0  # sqrt(mean |d|^2) over all pairs: the embeddings' scale (`pairs.check_federated_scale`)
+    # each coordinate's sum of squared differences over all pairs (D,): the embeddings' scale (pairs.fit_scales)
+    column_squares: np.ndarray | None = None
 
 
 def user_blocks(columns: PairColumns, index: PairIndex,
@@ -339,10 +339,10 @@ def check_pair_file(path: str | Path, rows_per_block: int = READ_ROWS) -> tuple[
     seen_users = train_users = largest = 0
     idle, few_shot = [], []
     nonzero = columns.n == 0
-    squares = 0.0
+    squares = np.zeros(columns.dim)
     for first, stop, block in user_blocks(columns, index, rows_per_block):
         nonzero = nonzero or has_signal(block.diff)
-        squares += float(np.einsum("nd,nd->", block.diff, block.diff, dtype=np.float64))
+        squares += np.einsum("nd,nd->d", block.diff, block.diff, dtype=np.float64)
         user_pos = index.row_users(first, stop)  # rows are in index order within a block
         seen = np.bincount(user_pos, weights=block.seen, minlength=stop - first) > 0
         trains = np.bincount(user_pos, weights=block.seen & (block.split == "train"), minlength=stop - first)
@@ -358,7 +358,7 @@ def check_pair_file(path: str | Path, rows_per_block: int = READ_ROWS) -> tuple[
                                             idle_users=np.concatenate(idle) if idle else index.user_ids[:0],
                                             largest_client_pairs=largest, pairs=columns.n, dim=columns.dim,
                                             few_shot_pairs=median_few_shot(shots),
-                                            diff_rms=math.sqrt(squares / max(columns.n, 1)))
+                                            column_squares=squares)
 
 
 def median_few_shot(per_user: np.ndarray, default: int = 10) -> int:

@@ -47,7 +47,7 @@ MAX_ABS_DIFF = 1e6
 MIN_LARGEST_DIFF = 1e-12
 # The embeddings' scale (rms |d|) that federated training's learning rates, clip norm and L2 are set for: `embed`
 # normalizes its embeddings (differences' rms |d| 0.5 to 1.4), as the synthetic populations are (1.41). `train`'s fits
-# divide other scales out (joint_trainer.fitting_scale); `simulate` refuses them (check_federated_scale).
+# divide other scales out (joint_trainer.FitScale); `simulate` refuses them (check_federated_scale).
 USUAL_DIFF_RMS = (1 / 16, 16)
 EXPECTED = f"a pair file (.npz with arrays {', '.join(REQUIRED_ARRAYS)}; see `lore-fed embed`)"
 
@@ -250,19 +250,46 @@ def has_signal(diff: np.ndarray) -> bool:
     return bool(diff.size) and max(float(diff.max()), -float(diff.min())) >= MIN_LARGEST_DIFF
 
 
-def check_federated_scale(diff_rms: float, file: str | Path) -> None:
-    """Refuse pairs outside USUAL_DIFF_RMS for federated training: at rms |d| 1e-4 a run ended at chance with exit 0,
-    and at 1e3 10 points below its figure at 1 (a tester; 30 rounds of 12 users). Multiplying every embedding by one
-    constant changes no preference, so the remedy names the power of two that brings them to about 1."""
+def fit_scales(column_squares: np.ndarray, n: int) -> tuple[float, np.ndarray]:
+    """From each coordinate's sum of squared differences over n pairs (D,): the power of two nearest the pairs' rms
+    |d| (1 where that is in USUAL_DIFF_RMS), and per coordinate that times the power of two nearest the ratio of the
+    coordinate's own scale (its rms times sqrt(D)) to it, where that ratio is outside USUAL_DIFF_RMS (else 1).
+    `joint_trainer.FitScale` fits in these units; `simulate` refuses anything but all 1 (check_federated_scale)."""
     low, high = USUAL_DIFF_RMS
-    if low <= diff_rms <= high:
+    column = np.sqrt(np.asarray(column_squares, np.float64) / max(n, 1) * column_squares.size)
+    rms = math.sqrt(float(np.mean(column**2))) if column.size else 1.0
+    overall = 1.0 if low <= rms <= high or rms == 0 else 2.0 ** round(math.log2(rms))
+    ratio = np.where(column > 0, column / overall, 1.0)
+    return overall, overall * np.where((ratio >= low) & (ratio <= high), 1.0, 2.0 ** np.round(np.log2(ratio)))
+
+
+def check_federated_scale(column_squares: np.ndarray, n: int, file: str | Path) -> None:
+    """Refuse pairs that are not at the usual scale for federated training (`fit_scales` not all 1): at rms |d| 1e-4
+    a run ended at chance with exit 0, at 1e3 10 points below its figure at 1, and beside one coordinate 1000 times
+    the others at chance again (testers; 30 rounds of 12-50 users). Scaling the embeddings, or one coordinate, by a
+    constant changes no preference a basis can express, so the remedy names the powers of two that fix it."""
+    overall, columns = fit_scales(column_squares, n)
+    if overall == 1.0 and (columns == 1.0).all():
         return
-    power = -round(math.log2(diff_rms))
-    raise PairFileError(f"{file}: the embedding differences have rms |d| {diff_rms:.2g}; federated training's "
-                        f"learning rates, clip norm and L2 are set for 1/{1 / low:g} to {high:g} (normalized "
-                        "embeddings, as `lore-fed embed` writes, give 0.5 to 1.4): multiply the embeddings by "
-                        f"2^{power} = {2.0**power:.3g}, which changes no preference (`lore-fed train` needs no such "
-                        "step)")
+    low, high = USUAL_DIFF_RMS
+    usual = (f"federated training's learning rates, clip norm and L2 are set for differences with rms |d| 1/{1 / low:g}"
+             f" to {high:g} whose coordinates are within {high:g} times of the others (normalized embeddings, as "
+             "`lore-fed embed` writes, give rms |d| 0.5 to 1.4)")
+    scale = np.sqrt(np.asarray(column_squares, np.float64) / max(n, 1) * column_squares.size)  # rms times sqrt(D)
+    ratio = scale / np.median(scale[scale > 0])
+    off = np.flatnonzero((scale > 0) & ((ratio < low) | (ratio > high)))
+    powers = np.round(np.log2(ratio[off])).astype(int)
+    fixed = scale.copy()
+    fixed[off] /= 2.0**powers
+    rms = math.sqrt(float(np.mean(fixed**2)))
+    whole = -round(math.log2(rms)) if not low <= rms <= high else 0
+    steps = [f"divide coordinate {k} by 2^{p}" for k, p in zip(off[:5], powers[:5])]
+    steps += ["and so on"] if off.size > 5 else []
+    steps += [f"multiply the embeddings by 2^{whole} = {2.0**whole:.3g}"] if whole else []
+    where = (f"{off.size} of {scale.size} coordinates are more than {high:g} times off the median coordinate's scale"
+             if off.size else f"the embedding differences have rms |d| {rms:.2g}")
+    raise PairFileError(f"{file}: {where}; {usual}: {', '.join(steps)}, which changes no preference a basis can "
+                        "express (`lore-fed train` needs no such step)")
 
 
 def refuse_all_zero(any_nonzero: bool, file: str | Path) -> None:

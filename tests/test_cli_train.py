@@ -310,13 +310,14 @@ def _separable_pairs(path, scale: float = 1.0):
 def test_fits_do_not_depend_on_the_scale_of_the_embeddings():
     """A tester: pairs scaled by 1e-4 trained to the random start (chance) with exit 0, L-BFGS's tolerances being
     absolute. Scaled by a power of two they now fit the same basis, scaled back, bit for bit."""
-    from lore_core.joint_trainer import fit_basis_and_weights, fit_basis_marginal, fitting_scale
+    from lore_core.joint_trainer import FitScale, fit_basis_and_weights, fit_basis_marginal
 
     pairs, _ = make_synthetic_pairs(SyntheticPairsConfig(dim=24, true_rank=2, seen_users=30, unseen_users=0, seed=4))
     diff = (pairs.diff * 0.75).astype(np.float32)  # rms |d| 1.06: log2 far from a half, so the rounding is clear
     ids, idx = np.unique(pairs.user, return_inverse=True)
     tiny = 2.0**-16
-    assert fitting_scale(diff) == 1.0 and fitting_scale(diff * tiny) == tiny
+    for pairs_at, factor in ((diff, 1.0), (diff * tiny, tiny)):
+        assert FitScale.of(pairs_at).uniform and FitScale.of(pairs_at).overall == factor
     common = {"rank": 2, "prior_strength": 1.0, "max_iter": 200, "seed": 0}
     basis, weights = fit_basis_and_weights(diff, idx, ids.size, l2=1e-3, **common)
     scaled_basis, scaled_weights = fit_basis_and_weights(diff * tiny, idx, ids.size, l2=1e-3 * tiny**2, **common)
@@ -350,3 +351,26 @@ def test_train_is_scale_free_and_refuses_a_basis_it_cannot_write_before_writing(
     err = capsys.readouterr().err
     assert f"{tiny}: the trained basis reaches" in err and "multiply the embeddings by a constant" in err, err
     assert not (tmp_path / "new").exists()
+
+
+def test_a_coordinate_far_larger_than_the_others_does_not_hide_their_preferences(tmp_path):
+    """A tester: one coordinate 1000 times the others (carrying no preference, as LLM hidden states' massive
+    activations) left the others at 1e-3 of the scale, and `--rank 2` trained to 0.52-0.71 where the same pairs
+    with that coordinate at its own scale reach 0.94-0.98 (`--l2 auto`'s grid followed the large coordinate).
+    FitScale divides it apart and penalizes the others' columns as at the common scale: the same accuracy."""
+    from lore_core.joint_trainer import FitScale
+
+    path = _separable_pairs(tmp_path / "pairs.npz")
+    arrays = dict(np.load(path))
+    arrays["diff"][:, 0] *= 1024
+    # rms |d| 760: all divided by 2^10; the others, 2.1 / 2^10, by 2^-9 of that: 2^9 apart, as the coordinate is
+    assert list(np.log2(FitScale.of(arrays["diff"]).columns)) == [10.0] + [1.0] * 7
+    np.savez(tmp_path / "dominated.npz", **arrays)
+    figures = []
+    for name in ("pairs", "dominated"):
+        run = tmp_path / name
+        assert main(["train", str(tmp_path / f"{name}.npz"), "--rank", "2", "--objective", "joint",
+                     "--prior-pairs", "1", "--train-prior-pairs", "1", "--out", str(run)]) == 0
+        metrics = json.loads((run / "metrics.json").read_text())
+        figures.append(metrics["seen_test_acc"])
+    assert figures[1] >= figures[0] - 0.03 and figures[0] > 0.85, figures

@@ -1180,13 +1180,20 @@ def test_another_populations_truth_beside_a_pair_file_is_refused_and_another_wid
     assert code == 0 and "true_basis" not in out
 
 
-@pytest.mark.parametrize("scale", [1e-4, 1e3])
+@pytest.mark.parametrize("scale", [1e-4, 1e3, "one coordinate"])
 def test_simulate_refuses_embeddings_far_from_the_scale_its_settings_are_for(w, scale):
-    """A tester: pairs at 1e-4 trained federated to chance with exit 0 (at 1e3, 10 points low). The message names the
-    power of two that brings them to the usual scale; `train` fits any scale (test_cli_train)."""
+    """Testers: pairs at 1e-4 trained federated to chance with exit 0 (at 1e3, 10 points low), and so did pairs
+    beside one coordinate 1000 times the others after following the first message (all divided by 2^10). The
+    message names the powers of two that bring them to the usual scale; `train` fits any scale (test_cli_train)."""
     arrays = _pair_arrays()
-    arrays["diff"] = (arrays["diff"] * scale).astype(np.float32)
+    diff = arrays["diff"].astype(np.float64)
+    if scale == "one coordinate":
+        diff[:, 0] *= 1000
+        expect = "1 of 8 coordinates are more than 16 times off the median coordinate's scale"
+    else:
+        diff *= scale
+        expect = f"multiply the embeddings by 2^{-round(np.log2(np.sqrt(np.mean(np.sum(diff**2, axis=1)))))} ="
+    arrays["diff"] = diff.astype(np.float32)
     np.savez(w / "pairs.npz", **arrays)
-    rms = float(np.sqrt(np.mean(np.sum(arrays["diff"].astype(np.float64) ** 2, axis=1))))
     refused(["simulate", "pairs.npz", "--out", "out", "--privacy", "none", "--rounds", "1"], "pairs.npz", w,
-            expect=f"multiply the embeddings by 2^{-round(np.log2(rms))} =")
+            expect=expect)
