@@ -198,14 +198,12 @@ def fit_basis_and_weights(
 
 class FitScale:
     """What the L-BFGS fits divide each coordinate of the pairs by (a power of two, exact in floating point), and so
-    multiply the basis' column by. L-BFGS's tolerances and random start are absolute: pairs scaled by 1e-4 stopped at
-    the random start, at chance with exit 0, and so did the other coordinates beside one 1000 times as large (two
-    testers). All coordinates are divided by `overall`, the power of two nearest the pairs' rms |d| where that is
-    outside USUAL_DIFF_RMS (the same objective, with l2 divided by its square); a coordinate whose own scale (its rms
-    times sqrt(D)) is outside USUAL_DIFF_RMS of that is also divided by the power of two nearest the ratio, and its
-    column's L2 is then the one it would have at the common scale (ridge on standardized coordinates: beside one
-    coordinate 1000 times as large, l2's grid, in units of mean |d|^2 / 2, penalized the others' columns 1e6 times
-    more than at their own scale). Pairs of the usual scale are fitted exactly as before (every factor 1)."""
+    multiply the basis' column by (`pairs.fit_scales`). L-BFGS's tolerances and random start are absolute: pairs
+    scaled by 1e-4 stopped at the random start, at chance with exit 0, and so did the other coordinates beside one
+    1000 times as large (two testers). All coordinates are divided by `overall`, the common scale where it is far
+    from 1 (the same objective, with l2 divided by its square); a coordinate far above it is divided apart too, and
+    its column's L2 is then the one it would have at the common scale (ridge on standardized coordinates, with l2's
+    unit, `l2_unit`, taken at that scale). Pairs of the usual scale are fitted exactly as before (every factor 1)."""
 
     def __init__(self, columns: np.ndarray, overall: float) -> None:
         self.columns, self.overall = columns, overall  # (D,) powers of two; the common one
@@ -300,8 +298,14 @@ def fit_few_shot_torch(
 
 
 def l2_unit(diff: np.ndarray) -> float:
-    """mean |d|^2 / 2: the auto l2 grid is in these units, so that it does not depend on the embedding's scale."""
-    return float(np.mean(np.einsum("nd,nd->n", diff, diff))) / 2.0
+    """mean |d|^2 / 2: the auto l2 grid is in these units, so that it does not depend on the embedding's scale. Where
+    FitScale divides coordinates apart, of the pairs with those brought to the common scale: a coordinate 1000 times
+    the others would otherwise set the others' penalty (a tester)."""
+    scale = FitScale.of(diff)
+    if scale.uniform:
+        return float(np.mean(np.einsum("nd,nd->n", diff, diff))) / 2.0
+    squares = np.einsum("nd,nd->d", diff, diff, dtype=np.float64) * (scale.overall / scale.columns) ** 2
+    return float(squares.sum()) / max(diff.shape[0], 1) / 2.0
 
 
 def collapsed(basis: np.ndarray) -> bool:

@@ -251,16 +251,24 @@ def has_signal(diff: np.ndarray) -> bool:
 
 
 def fit_scales(column_squares: np.ndarray, n: int) -> tuple[float, np.ndarray]:
-    """From each coordinate's sum of squared differences over n pairs (D,): the power of two nearest the pairs' rms
-    |d| (1 where that is in USUAL_DIFF_RMS), and per coordinate that times the power of two nearest the ratio of the
-    coordinate's own scale (its rms times sqrt(D)) to it, where that ratio is outside USUAL_DIFF_RMS (else 1).
-    `joint_trainer.FitScale` fits in these units; `simulate` refuses anything but all 1 (check_federated_scale)."""
+    """From each coordinate's sum of squared differences over n pairs (D,): the common scale, the power of two
+    nearest the median coordinate's scale (its rms times sqrt(D), which is rms |d| for isotropic pairs) where that is
+    outside USUAL_DIFF_RMS, else 1; and per coordinate that times, for a coordinate more than USUAL_DIFF_RMS[1] times
+    above it, the power of two nearest the ratio. Coordinates below are left alone: MiniLM's differences hold
+    coordinates at 0 and near it, which scaled up would be noise fitted at a weak penalty. `joint_trainer.FitScale`
+    fits in these units; `simulate` refuses anything but all 1 (check_federated_scale)."""
     low, high = USUAL_DIFF_RMS
-    column = np.sqrt(np.asarray(column_squares, np.float64) / max(n, 1) * column_squares.size)
-    rms = math.sqrt(float(np.mean(column**2))) if column.size else 1.0
-    overall = 1.0 if low <= rms <= high or rms == 0 else 2.0 ** round(math.log2(rms))
-    ratio = np.where(column > 0, column / overall, 1.0)
-    return overall, overall * np.where((ratio >= low) & (ratio <= high), 1.0, 2.0 ** np.round(np.log2(ratio)))
+    scale = _coordinate_scales(column_squares, n)
+    nonzero = scale[scale > 0]
+    median = float(np.median(nonzero)) if nonzero.size else 1.0
+    overall = 1.0 if low <= median <= high else 2.0 ** round(math.log2(median))
+    ratio = scale / overall
+    return overall, overall * np.where(ratio > high, 2.0 ** np.round(np.log2(np.maximum(ratio, high))), 1.0)
+
+
+def _coordinate_scales(column_squares: np.ndarray, n: int) -> np.ndarray:
+    """Each coordinate's rms times sqrt(D) (D,)."""
+    return np.sqrt(np.asarray(column_squares, np.float64) / max(n, 1) * np.size(column_squares))
 
 
 def check_federated_scale(column_squares: np.ndarray, n: int, file: str | Path) -> None:
@@ -273,20 +281,20 @@ def check_federated_scale(column_squares: np.ndarray, n: int, file: str | Path) 
         return
     low, high = USUAL_DIFF_RMS
     usual = (f"federated training's learning rates, clip norm and L2 are set for differences with rms |d| 1/{1 / low:g}"
-             f" to {high:g} whose coordinates are within {high:g} times of the others (normalized embeddings, as "
+             f" to {high:g} and no coordinate more than {high:g} times the others' (normalized embeddings, as "
              "`lore-fed embed` writes, give rms |d| 0.5 to 1.4)")
-    scale = np.sqrt(np.asarray(column_squares, np.float64) / max(n, 1) * column_squares.size)  # rms times sqrt(D)
-    ratio = scale / np.median(scale[scale > 0])
-    off = np.flatnonzero((scale > 0) & ((ratio < low) | (ratio > high)))
+    scale = _coordinate_scales(column_squares, n)
+    ratio = scale / overall
+    off = np.flatnonzero(ratio > high)
     powers = np.round(np.log2(ratio[off])).astype(int)
     fixed = scale.copy()
     fixed[off] /= 2.0**powers
-    rms = math.sqrt(float(np.mean(fixed**2)))
-    whole = -round(math.log2(rms)) if not low <= rms <= high else 0
+    rms = math.sqrt(float(np.mean(fixed**2)))  # after those steps
+    whole = -round(math.log2(overall))
     steps = [f"divide coordinate {k} by 2^{p}" for k, p in zip(off[:5], powers[:5])]
     steps += ["and so on"] if off.size > 5 else []
     steps += [f"multiply the embeddings by 2^{whole} = {2.0**whole:.3g}"] if whole else []
-    where = (f"{off.size} of {scale.size} coordinates are more than {high:g} times off the median coordinate's scale"
+    where = (f"{off.size} of {scale.size} coordinates are more than {high:g} times the others' scale"
              if off.size else f"the embedding differences have rms |d| {rms:.2g}")
     raise PairFileError(f"{file}: {where}; {usual}: {', '.join(steps)}, which changes no preference a basis can "
                         "express (`lore-fed train` needs no such step)")

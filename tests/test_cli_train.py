@@ -363,8 +363,8 @@ def test_a_coordinate_far_larger_than_the_others_does_not_hide_their_preferences
     path = _separable_pairs(tmp_path / "pairs.npz")
     arrays = dict(np.load(path))
     arrays["diff"][:, 0] *= 1024
-    # rms |d| 760: all divided by 2^10; the others, 2.1 / 2^10, by 2^-9 of that: 2^9 apart, as the coordinate is
-    assert list(np.log2(FitScale.of(arrays["diff"]).columns)) == [10.0] + [1.0] * 7
+    # the others' scale 2.1 (rms times sqrt(D)), that coordinate's 2.2e3: divided apart by 2^11, the others kept
+    assert list(np.log2(FitScale.of(arrays["diff"]).columns)) == [11.0] + [0.0] * 7
     np.savez(tmp_path / "dominated.npz", **arrays)
     figures = []
     for name in ("pairs", "dominated"):

@@ -1189,7 +1189,7 @@ def test_simulate_refuses_embeddings_far_from_the_scale_its_settings_are_for(w, 
     diff = arrays["diff"].astype(np.float64)
     if scale == "one coordinate":
         diff[:, 0] *= 1000
-        expect = "1 of 8 coordinates are more than 16 times off the median coordinate's scale"
+        expect = "1 of 8 coordinates are more than 16 times the others' scale"
     else:
         diff *= scale
         expect = f"multiply the embeddings by 2^{-round(np.log2(np.sqrt(np.mean(np.sum(diff**2, axis=1)))))} ="
