@@ -226,7 +226,10 @@ def check_trained_basis(fit, pairs_file: Path) -> None:
     basis this large is what pairs at a tiny scale need, as the fits are scale-free (joint_trainer.FitScale)."""
     from lore_core.basis_file import MAX_ABS_BASIS
 
-    largest = float(np.abs(fit.basis).max()) if np.isfinite(fit.basis).all() else math.inf
+    if not np.isfinite(fit.basis).all():
+        raise ValueError(f"{pairs_file}: the fit diverged (NaN or Inf in the trained basis); nothing was written. "
+                         "Give a larger --l2, or check the embeddings for extreme values")
+    largest = float(np.abs(fit.basis).max())
     if largest <= MAX_ABS_BASIS:
         return
     unit = fit.held_out.get("l2_unit")

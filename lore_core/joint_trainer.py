@@ -172,12 +172,15 @@ def fit_basis_and_weights(
     seed: int,
     device: str = "cpu",
     init: tuple[np.ndarray, np.ndarray] | None = None,
+    scale: "FitScale | None" = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Joint fit by L-BFGS to convergence (at most max_iter iterations), from a seeded random start or from
-    `init` = (basis (B, D), weights (U, B)) of a neighbouring fit. Returns (basis (B, D), weights (U, B))."""
+    `init` = (basis (B, D), weights (U, B)) of a neighbouring fit, in the units of `scale` (None: FitScale.of(diff);
+    train_joint gives every fit its population's, so that no candidate's objective moves with its subset of pairs).
+    Returns (basis (B, D), weights (U, B))."""
     dev = resolve_device(device)
     gen = torch.Generator().manual_seed(seed)
-    scale = FitScale.of(diff)
+    scale = scale or FitScale.of(diff)
     x = scale.pairs(diff, dev)
     idx = torch.as_tensor(user_idx, dtype=torch.long, device=dev)
     dim = x.shape[1]
@@ -258,10 +261,11 @@ class MarginalObjective:
 
 
 def fit_basis_marginal(diff: np.ndarray, user_idx: np.ndarray, n_users: int, *, rank: int, l2: float,
-                       init: np.ndarray, max_iter: int, device: str = "cpu") -> np.ndarray:
+                       init: np.ndarray, max_iter: int, device: str = "cpu",
+                       scale: "FitScale | None" = None) -> np.ndarray:
     """L-BFGS on the marginal objective from `init` (B, D), typically the joint fit's basis. Returns (B, D)."""
     dev = resolve_device(device)
-    scale = FitScale.of(diff)  # as fit_basis_and_weights
+    scale = scale or FitScale.of(diff)  # as fit_basis_and_weights
     objective = MarginalObjective(scale.pairs(diff, dev), torch.as_tensor(user_idx, dtype=torch.long, device=dev),
                                   n_users, rank, scale.l2(l2))
     basis = scale.to_fit(torch.as_tensor(np.ascontiguousarray(init), dtype=torch.float32, device=dev))
@@ -297,11 +301,11 @@ def fit_few_shot_torch(
     return torch.softmax(theta, 1).detach().cpu().numpy()
 
 
-def l2_unit(diff: np.ndarray) -> float:
+def l2_unit(diff: np.ndarray, scale: "FitScale | None" = None) -> float:
     """mean |d|^2 / 2: the auto l2 grid is in these units, so that it does not depend on the embedding's scale. Where
-    FitScale divides coordinates apart, of the pairs with those brought to the common scale: a coordinate 1000 times
-    the others would otherwise set the others' penalty (a tester)."""
-    scale = FitScale.of(diff)
+    FitScale (None: FitScale.of(diff)) divides coordinates apart, of the pairs with those brought to the common scale:
+    a coordinate 1000 times the others would otherwise set the others' penalty (a tester)."""
+    scale = scale or FitScale.of(diff)
     if scale.uniform:
         return float(np.mean(np.einsum("nd,nd->n", diff, diff))) / 2.0
     squares = np.einsum("nd,nd->d", diff, diff, dtype=np.float64) * (scale.overall / scale.columns) ** 2
@@ -354,7 +358,8 @@ def train_joint(diff: np.ndarray, user: np.ndarray, config: TrainConfig = TrainC
     # the walk before rank 1, and a higher rank was chosen with no baseline to beat.
     grid = sorted({r for r in config.rank_grid if r <= diff.shape[1]})
     ranks = tuple(grid) if config.rank == "auto" else (config.rank,)
-    unit = l2_unit(diff)
+    scale = FitScale.of(diff)
+    unit = l2_unit(diff, scale)
     l2s = sorted((unit * v for v in config.l2_grid), reverse=True) if config.l2 == "auto" else [float(config.l2)]
     priors = config.prior_pairs_grid if config.prior_pairs == "auto" else (float(config.prior_pairs),)
     given = dense_groups(user_idx, group)
@@ -374,11 +379,11 @@ def train_joint(diff: np.ndarray, user: np.ndarray, config: TrainConfig = TrainC
         idx = user_idx[mask]
         return fit_basis_and_weights(diff[mask], idx, n_users, rank=rank, l2=l2, max_iter=max_iter,
                                      prior_strength=prior_from_pairs(idx, n_users, config.train_prior_pairs),
-                                     seed=config.seed, device=config.device, init=init)
+                                     seed=config.seed, device=config.device, init=init, scale=scale)
 
     def marginal(mask: np.ndarray, rank: int, l2: float, max_iter: int, joint_basis: np.ndarray) -> np.ndarray:
         return fit_basis_marginal(diff[mask], user_idx[mask], n_users, rank=rank, l2=l2, init=joint_basis,
-                                  max_iter=max_iter, device=config.device)
+                                  max_iter=max_iter, device=config.device, scale=scale)
 
     def joint_bases(rank: int, l2: float, warm: dict) -> dict[tuple[str, int], np.ndarray]:
         """The held-out joint fits of (rank, l2), one per mask; `warm` holds the walk's previous fits."""

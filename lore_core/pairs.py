@@ -258,17 +258,17 @@ def fit_scales(column_squares: np.ndarray, n: int) -> tuple[float, np.ndarray]:
     coordinates at 0 and near it, which scaled up would be noise fitted at a weak penalty. `joint_trainer.FitScale`
     fits in these units; `simulate` refuses anything but all 1 (check_federated_scale)."""
     low, high = USUAL_DIFF_RMS
-    scale = _coordinate_scales(column_squares, n)
-    nonzero = scale[scale > 0]
-    median = float(np.median(nonzero)) if nonzero.size else 1.0
+    median, ratio = _coordinate_ratios(column_squares, n)
     overall = 1.0 if low <= median <= high else 2.0 ** round(math.log2(median))
-    ratio = scale / overall
     return overall, overall * np.where(ratio > high, 2.0 ** np.round(np.log2(np.maximum(ratio, high))), 1.0)
 
 
-def _coordinate_scales(column_squares: np.ndarray, n: int) -> np.ndarray:
-    """Each coordinate's rms times sqrt(D) (D,)."""
-    return np.sqrt(np.asarray(column_squares, np.float64) / max(n, 1) * np.size(column_squares))
+def _coordinate_ratios(column_squares: np.ndarray, n: int) -> tuple[float, np.ndarray]:
+    """The median coordinate's scale (rms times sqrt(D), over coordinates not all 0) and each coordinate's over it."""
+    scale = np.sqrt(np.asarray(column_squares, np.float64) / max(n, 1) * np.size(column_squares))
+    nonzero = scale[scale > 0]
+    median = float(np.median(nonzero)) if nonzero.size else 1.0
+    return median, scale / median
 
 
 def check_federated_scale(column_squares: np.ndarray, n: int, file: str | Path) -> None:
@@ -283,19 +283,15 @@ def check_federated_scale(column_squares: np.ndarray, n: int, file: str | Path) 
     usual = (f"federated training's learning rates, clip norm and L2 are set for differences with rms |d| 1/{1 / low:g}"
              f" to {high:g} and no coordinate more than {high:g} times the others' (normalized embeddings, as "
              "`lore-fed embed` writes, give rms |d| 0.5 to 1.4)")
-    scale = _coordinate_scales(column_squares, n)
-    ratio = scale / overall
+    median, ratio = _coordinate_ratios(column_squares, n)
     off = np.flatnonzero(ratio > high)
     powers = np.round(np.log2(ratio[off])).astype(int)
-    fixed = scale.copy()
-    fixed[off] /= 2.0**powers
-    rms = math.sqrt(float(np.mean(fixed**2)))  # after those steps
     whole = -round(math.log2(overall))
     steps = [f"divide coordinate {k} by 2^{p}" for k, p in zip(off[:5], powers[:5])]
     steps += ["and so on"] if off.size > 5 else []
     steps += [f"multiply the embeddings by 2^{whole} = {2.0**whole:.3g}"] if whole else []
-    where = (f"{off.size} of {scale.size} coordinates are more than {high:g} times the others' scale"
-             if off.size else f"the embedding differences have rms |d| {rms:.2g}")
+    where = (f"{off.size} of {ratio.size} coordinates are more than {high:g} times the others' scale"
+             if off.size else f"the embedding differences' scale (rms |d| for isotropic pairs) is {median:.2g}")
     raise PairFileError(f"{file}: {where}; {usual}: {', '.join(steps)}, which changes no preference a basis can "
                         "express (`lore-fed train` needs no such step)")
 

@@ -295,6 +295,7 @@ def _separable_pairs(path, scale: float = 1.0):
 
     rng = np.random.default_rng(0)
     truth = rng.normal(size=(2, 8))
+    truth[:, 0] = 0.0  # coordinate 0 carries no preference (test_a_coordinate_far_larger...)
     diff = []
     for _ in range(12):
         weights = rng.dirichlet([1, 1])
@@ -363,8 +364,8 @@ def test_a_coordinate_far_larger_than_the_others_does_not_hide_their_preferences
     path = _separable_pairs(tmp_path / "pairs.npz")
     arrays = dict(np.load(path))
     arrays["diff"][:, 0] *= 1024
-    # the others' scale 2.1 (rms times sqrt(D)), that coordinate's 2.2e3: divided apart by 2^11, the others kept
-    assert list(np.log2(FitScale.of(arrays["diff"]).columns)) == [11.0] + [0.0] * 7
+    # the others' scale about 2.1 (rms times sqrt(D)), that coordinate's 1024 times it: divided apart by 2^10
+    assert list(np.log2(FitScale.of(arrays["diff"]).columns)) == [10.0] + [0.0] * 7
     np.savez(tmp_path / "dominated.npz", **arrays)
     figures = []
     for name in ("pairs", "dominated"):
