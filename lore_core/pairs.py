@@ -45,9 +45,10 @@ TEXT_ARRAYS = ("user", "split", "group")  # numpy unicode strings in every reade
 MAX_ABS_DIFF = 1e6
 # ... and a file whose largest difference is below this is ties only (a tester's 1e-44 diffs): refused like zeros.
 MIN_LARGEST_DIFF = 1e-12
-# The embeddings' scale (rms |d|) that federated training's learning rates, clip norm and L2 are set for: `embed`
+# The embeddings' scale (the median coordinate's rms times sqrt(D): rms |d| for isotropic pairs) that federated
+# training's learning rates, clip norm and L2 are set for, and how far above it a coordinate may be: `embed`
 # normalizes its embeddings (differences' rms |d| 0.5 to 1.4), as the synthetic populations are (1.41). `train`'s fits
-# divide other scales out (joint_trainer.FitScale); `simulate` refuses them (check_federated_scale).
+# divide other scales out (joint_trainer.FitScale, `fit_scales`); `simulate` refuses them (check_federated_scale).
 USUAL_DIFF_RMS = (1 / 16, 16)
 EXPECTED = f"a pair file (.npz with arrays {', '.join(REQUIRED_ARRAYS)}; see `lore-fed embed`)"
 

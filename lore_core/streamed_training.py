@@ -70,9 +70,9 @@ def train_streamed(path: str | Path, config: TrainConfig, *, epochs: int = Minib
     sample = np.sort(rng.choice(user_ids.size, size=min(SELECTION_USERS, user_ids.size), replace=False))
     rows, owner = rows_of_users(starts, sample)
     selected = train_joint(diff[rows], user_ids[sample][owner], config, group=None if group is None else group[rows])
-    # In the units the selection fitted in (FitScale): Adam's steps are absolute, and beside one coordinate 1000 times
-    # the others the minibatch fit took the selection's basis from 0.90 to 0.71 on its pairs (a reviewer)
-    scale = FitScale.of(diff)
+    # In the units the selection fitted in (FitScale of its sample's pairs): Adam's steps are absolute, and beside one
+    # coordinate 1000 times the others the minibatch fit took the selection's basis from 0.90 to 0.71 (a reviewer)
+    scale = FitScale.of(diff[rows])
     factors = None if scale.uniform and scale.overall == 1.0 else scale.columns.astype(np.float32)
     fit = fit_minibatch(diff if factors is None else diff / factors, starts,
                         selected.basis if factors is None else selected.basis * factors,
