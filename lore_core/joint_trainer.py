@@ -220,13 +220,18 @@ class FitScale:
     def uniform(self) -> bool:
         return bool((self.columns == self.overall).all())
 
+    @property
+    def identity(self) -> bool:
+        """Every factor 1: the pairs are fitted as they are (the usual scale)."""
+        return self.uniform and self.overall == 1.0
+
     def _factor(self, like: torch.Tensor) -> float | torch.Tensor:
         return self.overall if self.uniform else torch.as_tensor(self.columns, dtype=like.dtype, device=like.device)
 
     def pairs(self, diff: np.ndarray, dev: torch.device) -> torch.Tensor:
         """diff / scale as a float32 tensor on `dev`, copied only where a factor is not 1 (not for usual pairs)."""
         pairs = torch.as_tensor(diff, dtype=torch.float32, device=dev)
-        return pairs if self.uniform and self.overall == 1.0 else pairs / self._factor(pairs)
+        return pairs if self.identity else pairs / self._factor(pairs)
 
     def to_fit(self, basis: torch.Tensor) -> torch.Tensor:
         return basis * self._factor(basis)

@@ -73,7 +73,7 @@ def train_streamed(path: str | Path, config: TrainConfig, *, epochs: int = Minib
     # In the units the selection fitted in (FitScale of its sample's pairs): Adam's steps are absolute, and beside one
     # coordinate 1000 times the others the minibatch fit took the selection's basis from 0.90 to 0.71 (a reviewer)
     scale = FitScale.of(diff[rows])
-    factors = None if scale.uniform and scale.overall == 1.0 else scale.columns.astype(np.float32)
+    factors = None if scale.identity else scale.columns.astype(np.float32)
     fit = fit_minibatch(diff if factors is None else diff / factors, starts,
                         selected.basis if factors is None else selected.basis * factors,
                         MinibatchConfig(rank=selected.rank, l2=scale.l2(selected.l2),
