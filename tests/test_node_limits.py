@@ -328,3 +328,34 @@ def test_a_node_refuses_a_run_id_that_is_not_sixteen_hex_digits(device_pairs, tm
     assert not good.has_error(), good.error
     with np.load(Path(context.node_config["data-path"]) / "user_weights.npz") as data:
         assert data.files == ["user_weights@0123456789abcdef"]
+
+
+@pytest.mark.parametrize("scale, refused", [(1e-4, "multiply the embeddings by 2^"), (1e3, "multiply the embeddings "
+                                            "by 2^-"), ("one coordinate", "1 of 8 coordinates"), (1e-2, None)])
+def test_a_device_refuses_its_own_file_when_clearly_off_the_usual_scale(device_pairs, tmp_path, caplog, scale,
+                                                                       refused):
+    """`simulate` refuses a population's file at 1e-4, 1e3 or beside one coordinate 1000 times the others (runs at
+    chance with exit 0); a deployed node read its own such file and trained the shared basis from it. It now fails,
+    naming the remedy in its own log; the server learns only that it failed. Its few pairs get the wider
+    DEVICE_DIFF_RMS band, so 1e-2 still trains."""
+    pairs = np.load(device_pairs)
+    arrays = {name: pairs[name] for name in pairs.files}
+    diff = arrays["diff"].astype(np.float64)
+    if scale == "one coordinate":
+        diff[:, 0] *= 1000
+    else:
+        diff *= scale
+    arrays["diff"] = diff.astype(np.float32)
+    scaled = tmp_path / "scaled" / PAIRS_FILENAME
+    scaled.parent.mkdir()
+    np.savez(scaled, **arrays)
+    context = device_context(scaled, tmp_path, "user")
+    config = {p.USER_INDICES: [0], p.CLIP_NORM: 1.0, p.PRIVACY_MODE: "user", p.ROUND: 1}
+    with caplog.at_level("ERROR", logger="lore_fed.client"):
+        reply = deliver(context, "train", config, np.random.default_rng(0).normal(size=(2, 8)) * 0.1)
+    if refused is None:
+        assert not reply.has_error(), reply.error.reason
+        return
+    assert reply.has_error() and "the node failed while" in reply.error.reason, reply.error.reason
+    assert "coordinate" not in reply.error.reason and "2^" not in reply.error.reason  # the remedy stays on the node
+    assert f"{PAIRS_FILENAME}: " in caplog.text and refused in caplog.text, caplog.text
