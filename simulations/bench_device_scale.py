@@ -1,12 +1,13 @@
 """How often would a deployment node's own scale check (pairs.DEVICE_DIFF_RMS) refuse a usual file?
 
-    python -m simulations.bench_device_scale PAIRS.npz [PAIRS.npz ...] [--about TEXT] [--out bench_results/device_scale.md]
+    python -m simulations.bench_device_scale PAIRS.npz [PAIRS.npz ...] [--about TEXT] [--out FILE]
 
-A node holds one user's pairs, or a few, so its check sees far fewer pairs than `simulate`'s (USUAL_DIFF_RMS over a
-whole population). For each file this measures the check on every single pair (the thinnest device) and on every
+A node holds one user's pairs, or a few, so its check sees far fewer pairs than `simulate`'s (USUAL_DIFF_RMS over
+a whole population). For each file this measures the check on every single pair (the thinnest device) and on every
 user's own pairs, under both bands: how many would be refused, and the extremes of the measured scale (the median
 coordinate's rms times sqrt(D)) and of a coordinate's ratio to it. The files' own scale is what `embed` (MiniLM)
-and the synthetic populations write, so any refusal here is a false one.
+and the synthetic populations write, so any refusal here is a false one. `--out` defaults to
+bench_results/device_scale.md.
 """
 
 from __future__ import annotations
