@@ -22,7 +22,7 @@ import numpy as np
 from lore_core.pair_columns import PairColumns, PairIndex, rows_of_users
 from lore_core.pairs import DEVICE_DIFF_RMS, PairSet, check_federated_scale, load_pairs
 
-EVAL_BLOCK_USERS = 2000  # users evaluated at a time: bounds a node's evaluation memory (~150 MB at D = 384, 25 pairs each)
+EVAL_BLOCK_USERS = 2000  # users evaluated at a time: bounds a node's evaluation memory (~150 MB at D = 384, 25 pairs)
 
 
 @dataclass(frozen=True)
