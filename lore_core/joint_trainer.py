@@ -225,18 +225,26 @@ class FitScale:
         """Every factor 1: the pairs are fitted as they are (the usual scale)."""
         return self.uniform and self.overall == 1.0
 
-    def _factor(self, like: torch.Tensor) -> float | torch.Tensor:
-        return self.overall if self.uniform else torch.as_tensor(self.columns, dtype=like.dtype, device=like.device)
+    def _factor(self, like: torch.Tensor | np.ndarray) -> float | torch.Tensor | np.ndarray:
+        if self.uniform:
+            return self.overall
+        if isinstance(like, np.ndarray):
+            return self.columns.astype(like.dtype)
+        return torch.as_tensor(self.columns, dtype=like.dtype, device=like.device)
 
     def pairs(self, diff: np.ndarray, dev: torch.device) -> torch.Tensor:
         """diff / scale as a float32 tensor on `dev`, copied only where a factor is not 1 (not for usual pairs)."""
         pairs = torch.as_tensor(diff, dtype=torch.float32, device=dev)
         return pairs if self.identity else pairs / self._factor(pairs)
 
-    def to_fit(self, basis: torch.Tensor) -> torch.Tensor:
+    def divide(self, diff: np.ndarray) -> np.ndarray:
+        """diff / scale in numpy, `diff` itself where every factor is 1 (the minibatch fit, streamed_training)."""
+        return diff if self.identity else diff / self._factor(diff)
+
+    def to_fit(self, basis: torch.Tensor | np.ndarray) -> torch.Tensor | np.ndarray:
         return basis * self._factor(basis)
 
-    def from_fit(self, basis: torch.Tensor) -> torch.Tensor:
+    def from_fit(self, basis: torch.Tensor | np.ndarray) -> torch.Tensor | np.ndarray:
         return basis / self._factor(basis)
 
     def l2(self, l2: float) -> float:

@@ -73,13 +73,11 @@ def train_streamed(path: str | Path, config: TrainConfig, *, epochs: int = Minib
     # In the units the selection fitted in (FitScale of its sample's pairs): Adam's steps are absolute, and beside one
     # coordinate 1000 times the others the minibatch fit took the selection's basis from 0.90 to 0.71 (a reviewer)
     scale = FitScale.of(diff[rows])
-    factors = None if scale.identity else scale.columns.astype(np.float32)
-    fit = fit_minibatch(diff if factors is None else diff / factors, starts,
-                        selected.basis if factors is None else selected.basis * factors,
+    fit = fit_minibatch(scale.divide(diff), starts, scale.to_fit(selected.basis),
                         MinibatchConfig(rank=selected.rank, l2=scale.l2(selected.l2),
                                         prior_pairs=config.train_prior_pairs, epochs=epochs, seed=config.seed,
                                         device=config.device))
-    basis = fit.basis if factors is None else fit.basis / factors
+    basis = scale.from_fit(fit.basis)
     return replace(selected, basis=basis, user_weights=fit.user_weights, user_ids=user_ids,
                    train_seconds=time.perf_counter() - started)
 
