@@ -1573,3 +1573,26 @@ def test_save_state_refuses_what_load_state_would_call_corrupted_and_writes_noth
         save_state(replace(load_state(state_dir), **change))
     assert "was not saved" in str(refused.value) and says in str(refused.value), refused.value
     assert {p.name: p.read_bytes() for p in state_dir.iterdir()} == before and load_state(state_dir).n_pairs == 2
+
+
+def test_a_rank_1_basis_serves_every_command_with_w_fixed_at_one(tmp_path, capsys):
+    """Found by a tester: a basis from `train --rank 1` (or `--rank auto`'s choice of it) passed `init`, then every
+    other command failed with "zero-size array to reduction operation maximum" (the posterior's chart has no
+    dimension at B = 1). The device now serves it: w = (1,) for sure, and next-question says nothing can be learned."""
+    from client.device import device_cli
+
+    basis = save_basis(tmp_path / "basis.npz", np.random.default_rng(0).standard_normal((1, 8)), version=1,
+                       embedder="toy")
+    np.savez(tmp_path / "c.npz", diff=np.random.default_rng(1).standard_normal((4, 8)))
+    np.savez(tmp_path / "pool.npz", diff=np.random.default_rng(2).standard_normal((6, 8)))
+    state = ["--state", str(tmp_path / "state")]
+    assert device_cli.main([*state, "init", "--basis", str(basis)]) == 0
+    assert device_cli.main([*state, "adapt", "--choices", str(tmp_path / "c.npz")]) == 0
+    capsys.readouterr()
+    assert device_cli.main([*state, "status"]) == 0
+    status = json.loads(capsys.readouterr().out)
+    assert status["answers"] == 4 and status["user_weights"] == [1.0] and status["spread"] == 0.0
+    assert status["weights_interval_90"] == [[1.0, 1.0]]
+    assert device_cli.main([*state, "next-question", "--candidates", str(tmp_path / "pool.npz")]) == 0
+    asked = json.loads(capsys.readouterr().out)
+    assert asked["stop"] and "rank 1" in asked["reason"], asked

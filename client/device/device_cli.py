@@ -292,6 +292,7 @@ def _next_question(args) -> int:
             row.update(pool.records[i])
         rows.append(row)
     reason = ("the pool has no unanswered pair left" if not available.any() else
+              "the basis holds one shared reward (rank 1): no answer can change w" if state.basis.rank == 1 else
               f"the best pair is expected to teach {best:.3f} bits, below {questions.STOP_BITS}" if stop else
               f"the best pair is expected to teach {best:.3f} bits")
     print(json.dumps({"answers": state.n_pairs, "pool": pool.size, "unanswered": int(available.sum()),

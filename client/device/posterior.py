@@ -125,6 +125,8 @@ def laplace(
     answers (U, n, B); prior_mean (U, B) or None (uniform); init (U, B): a starting w, e.g. adapt's."""
     answers = np.asarray(answers, dtype=np.float64)
     n_users, _, n_basis = answers.shape
+    if n_basis == 1:  # one shared reward (`train --rank 1`, or auto's choice): w = (1,), a chart with no dimension
+        return LaplaceFit(mode=np.zeros((n_users, 0)), cov=np.zeros((n_users, 0, 0)))
     prior_log = prior_log_mean(prior_mean, n_users, n_basis)
     eta = to_chart(np.exp(prior_log) if init is None else np.clip(init, 1e-12, None))
     value = _chart_log_density(eta, answers, prior_log, prior_pairs)
@@ -172,6 +174,9 @@ def sample(
     n_users, _, n_basis = answers.shape
     if n_samples < 4:
         raise ValueError(f"the posterior needs at least 4 samples, got {n_samples}")
+    if n_basis == 1:  # w = (1,) for sure: every sample is it, and nothing is left to learn
+        return PosteriorSamples(w=np.ones((n_users, n_samples, 1)), probability=np.full((n_users, n_samples),
+                                                                                        1.0 / n_samples))
     prior_log = prior_log_mean(prior_mean, n_users, n_basis)
     rng = rng if rng is not None else np.random.default_rng(SAMPLE_SEED)
     first, second = n_samples // 2, n_samples - n_samples // 2
