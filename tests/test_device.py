@@ -1596,3 +1596,25 @@ def test_a_rank_1_basis_serves_every_command_with_w_fixed_at_one(tmp_path, capsy
     assert device_cli.main([*state, "next-question", "--candidates", str(tmp_path / "pool.npz")]) == 0
     asked = json.loads(capsys.readouterr().out)
     assert asked["stop"] and "rank 1" in asked["reason"], asked
+
+
+def test_a_damaged_file_of_the_states_own_encoder_is_refused_naming_it(tmp_path):
+    """Found by a tester: the state's own encoder files were never verified after `init`, so a model.onnx partly
+    overwritten later scored candidates with exit 0 (other scores), and a tokenizer.json that the tokenizers package
+    cannot read gave a traceback. Every command that embeds verifies the checksums, and names the tokenizer file."""
+    basis = save_basis(tmp_path / "basis.npz", np.eye(2, 8), version=1, embedder="synthetic")
+    enc = _fake_encoder_dir(tmp_path / "enc")
+    state_dir = tmp_path / "state"
+    device(state_dir, "init", "--basis", basis, "--encoder", enc)
+    candidates = tmp_path / "answers.txt"
+    candidates.write_text("Yes.\nNo.\n")
+    rank = ("rank", "--prompt", "Which?", "--candidates", candidates)
+    (enc / "model.onnx").write_bytes(b"not a mode!")  # the same size, other bytes
+    proc, _ = device(state_dir, *rank, check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert f"{enc.resolve() / 'model.onnx'}: checksum mismatch" in proc.stderr, proc.stderr
+    _fake_encoder_dir(enc, model=b"{not json")  # checksums that hold over files no package can read
+    device(state_dir, "init", "--basis", basis, "--encoder", enc)
+    proc, _ = device(state_dir, *rank, check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert f"{enc.resolve() / 'tokenizer.json'}: the tokenizers package cannot read it" in proc.stderr, proc.stderr

@@ -124,7 +124,11 @@ class OnnxPairEncoder:
                                f"be an integer in 8..65536 and max_context_tokens "
                                f"{json.dumps(self.max_context_tokens)[:40]} one in 0..max_length - 1; export the "
                                "encoder again")
-        tokenizer = Tokenizer.from_file(str(self.directory / TOKENIZER_FILE))
+        try:
+            tokenizer = Tokenizer.from_file(str(self.directory / TOKENIZER_FILE))
+        except Exception as exc:  # tokenizers raises a bare Exception for a torn or foreign file
+            raise EncoderError(f"{self.directory / TOKENIZER_FILE}: the tokenizers package cannot read it ({exc}); "
+                               "export the encoder again") from exc
         pad = tokenizer.padding or {"pad_id": tokenizer.token_to_id("[PAD]") or 0, "pad_token": "[PAD]"}
         tokenizer.no_truncation()
         tokenizer.no_padding()
