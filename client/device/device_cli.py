@@ -233,6 +233,8 @@ def _adapt(args) -> int:
 def _rank(args) -> int:
     if not personalize.is_unicode_text(args.prompt):
         raise ValueError(f"--prompt {personalize.NOT_UNICODE} (is the terminal's encoding UTF-8?)")
+    if not args.prompt.strip():
+        raise ValueError("--prompt is blank: give the user's message the candidates answer")
     state = load_state(_directory(args))
     strength = state.strength if args.strength is None else personalize.parse_strength(args.strength, "--strength")
     candidates = _read_candidates(args.candidates)
@@ -582,11 +584,18 @@ def _read_candidates(path: Path) -> list[str]:
     text = read_text(path)
     first = text.lstrip().split("\n", 1)[0]
     labelled = re.match(r'\[[^\]"]*\]\s*\S', first)  # "[1] Save ten percent.": a text line opening with a label
+    expected = "one response per line, or a JSON list of strings"
     if first.startswith("[") and not labelled:
         candidates = parse_json(text, path)
         if not isinstance(candidates, list) or not all(isinstance(c, str) for c in candidates):
             raise ValueError(f"{path}: a JSON candidates file must be a list of strings")
+        blank = [number for number, candidate in enumerate(candidates, 1) if not candidate.strip()]
+        if blank:  # a text file's blank lines are dropped; a blank string in a list is a mistake to name
+            raise ValueError(f"{path}: candidates {blank[:5]} are blank; expected {expected} with text")
     else:
+        if _is_json_object(text.lstrip()) or _is_json_object(first):  # a tester: a JSON object, or JSONL records, were ranked as their raw text
+            raise ValueError(f"{path}: expected {expected}, got JSON objects (`adapt` and `next-question` take those); "
+                             "to rank responses that are themselves JSON, give a JSON list of strings")
         candidates = [line for line in text.splitlines() if line.strip()]
     if not candidates:
         raise ValueError(f"{path}: no candidates")
@@ -594,3 +603,13 @@ def _read_candidates(path: Path) -> list[str]:
         if not personalize.is_unicode_text(candidate):
             raise ValueError(f"{path}: candidate {number} {personalize.NOT_UNICODE}")
     return candidates
+
+
+def _is_json_object(text: str) -> bool:
+    """Whether `text` (a candidates file, or its first line) is a JSON object: a JSON file or JSONL records."""
+    if not text.startswith("{"):
+        return False
+    try:
+        return isinstance(json.loads(text), dict)
+    except ValueError:
+        return False
