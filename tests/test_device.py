@@ -1640,3 +1640,15 @@ def test_rank_refuses_candidates_that_are_json_objects_or_blank_naming_the_file(
     assert f"{candidates}: " in err and says in err, err
     assert device_cli.main(["--state", str(state_dir), "rank", "--prompt", " ", "--candidates", str(candidates)]) == 2
     assert "--prompt is blank" in capsys.readouterr().err
+
+
+def test_init_notes_that_a_basis_naming_no_embedder_cannot_be_checked_against_its_encoder(tmp_path):
+    """Found by a tester: a basis trained on a pair file that names no embedder (synthetic, or older) was paired
+    with the MiniLM encoder without a word, and its scores meant nothing. `init --encoder` says so (exit 0)."""
+    unnamed = save_basis(tmp_path / "unnamed.npz", np.eye(2, 8), version=1, embedder="unknown")
+    named = save_basis(tmp_path / "named.npz", np.eye(2, 8), version=1, embedder="synthetic")
+    enc = _fake_encoder_dir(tmp_path / "enc")
+    proc, _ = device(tmp_path / "a", "init", "--basis", unnamed, "--encoder", enc)
+    assert f"note: basis {unnamed} does not name the embedder it was trained on" in proc.stderr, proc.stderr
+    proc, _ = device(tmp_path / "b", "init", "--basis", named, "--encoder", enc)
+    assert "does not name" not in proc.stderr, proc.stderr

@@ -408,7 +408,16 @@ def _checked_encoder_dir(directory: Path, basis: BasisFile) -> tuple[str, dict]:
 
     meta = read_encoder_meta(directory, verify=True)
     _check_encoder_fits(directory, int(meta["dim"]), meta["embedder"], basis)
+    _note_unnamed_basis(directory, basis)
     return str(Path(directory).resolve()), encoder_identity(meta)
+
+
+def _note_unnamed_basis(directory, basis: BasisFile) -> None:
+    """Say when a basis names no embedder (its pair file named none: a synthetic or older file), so the encoder set
+    for it cannot be checked: a tester paired one with MiniLM and got meaningless scores without a word."""
+    if basis.embedder in (None, UNKNOWN_EMBEDDER):
+        warnings.warn(f"basis {basis.source} does not name the embedder it was trained on (its pair file named "
+                      f"none), so whether the encoder {directory} gives its embeddings cannot be checked")
 
 
 def _check_encoder_fits(directory, dim: int, embedder: str | None, basis: BasisFile) -> None:
@@ -442,6 +451,8 @@ def _open_encoder(state: DeviceState, override: Path | None = None, *, basis: Ba
         if found["sha256"] != state.encoder_identity["sha256"]:
             raise EncoderError(_replaced_encoder(state, found))
     _check_encoder_fits(directory, int(meta["dim"]), meta["embedder"], basis)  # before the model loads
+    if override:
+        _note_unnamed_basis(directory, basis)
     return OnnxPairEncoder(directory)  # its files were just verified
 
 
