@@ -1652,3 +1652,35 @@ def test_init_notes_that_a_basis_naming_no_embedder_cannot_be_checked_against_it
     assert f"note: basis {unnamed} does not name the embedder it was trained on" in proc.stderr, proc.stderr
     proc, _ = device(tmp_path / "b", "init", "--basis", named, "--encoder", enc)
     assert "does not name" not in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize("damage", ["missing", "flipped"])
+def test_init_reinit_after_a_damaged_basis_file_keeps_the_intact_choices(tmp_path, capsys, damage):
+    """Found by a tester: with only the state's basis file lost, `init --reinit --basis FILE` said "starting afresh"
+    and dropped the 5 choices its intact personal file held. They are kept, and w refitted from them; a damaged
+    personal file still starts afresh, saying that nothing was kept."""
+    from client.device import device_cli
+
+    state_dir = _toy_choices_and_state(tmp_path)
+    state = ["--state", str(state_dir)]
+    assert device_cli.main([*state, "adapt", "--choices", str(tmp_path / "c.npz")]) == 0
+    before = load_state(state_dir)
+    stored = next(state_dir.glob("basis-*.npz"))
+    if damage == "missing":
+        stored.unlink()
+    else:
+        data = bytearray(stored.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        stored.write_bytes(bytes(data))
+    with pytest.raises(StateCorruptError):
+        load_state(state_dir)
+    capsys.readouterr()
+    assert device_cli.main([*state, "init", "--basis", str(tmp_path / "basis.npz"), "--reinit"]) == 0
+    assert "keeping its 4 stored choices" in capsys.readouterr().out
+    after = load_state(state_dir)
+    assert after.choices == before.choices and np.array_equal(after.pair_diff, before.pair_diff)
+    np.testing.assert_allclose(after.user_weights, before.user_weights, atol=1e-6)  # the same basis: the same w
+    personal = next(state_dir.glob("personal-*.npz"))
+    personal.write_bytes(personal.read_bytes()[:-100])
+    assert device_cli.main([*state, "init", "--basis", str(tmp_path / "basis.npz"), "--reinit"]) == 0
+    assert "none of it could be kept" in capsys.readouterr().out and load_state(state_dir).n_pairs == 0

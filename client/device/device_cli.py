@@ -40,6 +40,7 @@ from client.device.state import (
     is_device_state,
     load_state,
     new_state,
+    salvage_choices,
     save_state,
     state_lock,
 )
@@ -165,30 +166,46 @@ def _init(args) -> int:
         raise StateError(f"{directory} holds other files and is not a device state; give `--state` a new or empty "
                          "directory")
     with state_lock(directory, create=True):
-        try:
-            old = load_state(directory)
-        except StateCorruptError:
-            if not args.reinit:
-                raise
-            print(f"the state in {directory} is corrupted: starting afresh (--reinit)")
-            old = None
-        except StateError:
-            old = None
-        if old is None:
-            state = new_state(directory, basis, encoder=encoder, encoder_identity=identity)
-        else:
-            # An --encoder replaces the state's own and its recorded identity; without one the state keeps both.
-            state = replace(old, encoder=encoder, encoder_identity=identity) if encoder else old
-            try:
-                check_compatible(old, basis)
-            except BasisMismatchError:
-                if not args.reinit:
-                    raise
-                state = _rebase(state, basis)
+        state = _initial_state(directory, basis, encoder, identity, args.reinit)
         state = save_state(state)
     print(f"device state in {directory}: basis v{basis.version} ({basis.rank} x {basis.dim}, {basis.embedder}), "
           f"{state.n_pairs} pairs, encoder {state.encoder or 'none'}")
     return 0
+
+
+def _initial_state(directory: Path, basis: BasisFile, encoder: str | None, identity: dict | None,
+                   reinit: bool) -> DeviceState:
+    """The state `init` saves: a new one, the existing one (adopting the basis with --reinit), or with --reinit a
+    corrupted one repaired."""
+    try:
+        old = load_state(directory)
+    except StateCorruptError:
+        if not reinit:
+            raise
+        return _repaired(directory, basis, encoder, identity)
+    except StateError:  # no state there yet
+        return new_state(directory, basis, encoder=encoder, encoder_identity=identity)
+    # An --encoder replaces the state's own and its recorded identity; without one the state keeps both.
+    state = replace(old, encoder=encoder, encoder_identity=identity) if encoder else old
+    try:
+        check_compatible(old, basis)
+    except BasisMismatchError:
+        if not reinit:
+            raise
+        state = _rebase(state, basis)
+    return state
+
+
+def _repaired(directory: Path, basis: BasisFile, encoder: str | None, identity: dict | None) -> DeviceState:
+    """--reinit on a corrupted state: afresh, keeping its stored choices where its personal file is intact."""
+    kept = salvage_choices(directory, basis)
+    if kept is None:
+        print(f"the state in {directory} is corrupted: starting afresh (--reinit); none of it could be kept")
+        return new_state(directory, basis, encoder=encoder, encoder_identity=identity)
+    print(f"the state in {directory} is corrupted: starting afresh (--reinit), keeping its {kept.n_pairs} stored "
+          "choices (its personal file is intact) and refitting w")
+    kept = replace(kept, encoder=encoder, encoder_identity=identity) if encoder else kept
+    return user_posterior.refit(kept)[0]
 
 
 def _adapt(args) -> int:

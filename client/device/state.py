@@ -240,6 +240,31 @@ def _load_state(directory: Path, raw: bytes) -> DeviceState:
     return state
 
 
+def salvage_choices(directory: str | Path, basis: BasisFile) -> DeviceState | None:
+    """A new state on `basis` keeping the stored choices of a corrupted state, where its personal file is intact (its
+    manifest's checksum holds, its contents are what `adapt` writes) and its pairs live in `basis`' space (the
+    manifest's dimension and embedder): `init --reinit` repairs a lost or damaged basis file without dropping the
+    user's answers (a tester's dropped 5 intact ones). Its encoder and strength are kept where valid; w, the
+    posterior and declared attributes are not (the caller refits w). None when nothing can be kept."""
+    directory = Path(directory)
+    try:
+        manifest = json_loads((directory / MANIFEST).read_bytes())
+        path = _checked_file(directory, manifest["files"]["personal"])
+        with np.load(path, allow_pickle=False) as data:
+            diff, choices = data["pair_diff"], data["choices"]
+        if (manifest.get("dim"), manifest.get("embedder")) != (basis.dim, basis.embedder):
+            return None
+        arrays = {**_OPTIONAL_PERSONAL, "user_weights": np.zeros(0), "pair_diff": diff, "choices": choices}
+        _check_personal(arrays, basis, str(path), StateCorruptError)
+        encoder, identity = manifest.get("encoder"), manifest.get("encoder_identity")
+        strength = _check_settings(manifest.get("strength", 1.0), encoder, identity, str(path), StateCorruptError)
+        generation = _manifest_count(manifest["generation"], "generation")
+    except Exception:  # any damage there too: nothing is kept, as before
+        return None
+    return replace(new_state(directory, basis, encoder=encoder, encoder_identity=identity), strength=strength,
+                   generation=generation, pair_diff=diff.astype(np.float32), choices=tuple(choices.tolist()))
+
+
 def is_device_state(directory: str | Path) -> bool:
     """True when `directory` carries the state marker, or (a state written before the marker) a readable manifest
     of this format."""
