@@ -94,6 +94,8 @@ def trim_context_left(context: str, offsets: Sequence[tuple[int, int]], max_toke
     """
     if len(offsets) <= max_tokens:
         return context
+    if max_tokens <= 0:  # no context kept (offsets[len] below raised IndexError: a tester's max_context_tokens 0)
+        return ""
     first = len(offsets) - max_tokens
     for i in range(first, len(offsets)):
         start = offsets[i][0]

@@ -1684,3 +1684,22 @@ def test_init_reinit_after_a_damaged_basis_file_keeps_the_intact_choices(tmp_pat
     personal.write_bytes(personal.read_bytes()[:-100])
     assert device_cli.main([*state, "init", "--basis", str(tmp_path / "basis.npz"), "--reinit"]) == 0
     assert "none of it could be kept" in capsys.readouterr().out and load_state(state_dir).n_pairs == 0
+
+
+def test_the_state_directory_is_private_and_lore_device_home_is_read_as_a_user_means_it(tmp_path, monkeypatch,
+                                                                                         capsys):
+    """Found by a tester: the state directory was created 755 (its files 600), a quoted "~/..." in
+    $LORE_DEVICE_HOME made a directory named "~", and a blank value was used as a path."""
+    from client.device import device_cli
+
+    basis = save_basis(tmp_path / "basis.npz", np.eye(2, 8), version=1, embedder="toy")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("LORE_DEVICE_HOME", "~/states/mine")
+    assert device_cli.main(["init", "--basis", str(basis)]) == 0
+    made = tmp_path / "home" / "states" / "mine"
+    assert load_state(made).n_pairs == 0 and not (tmp_path / "~").exists()
+    assert made.stat().st_mode & 0o077 == 0
+    monkeypatch.setenv("LORE_DEVICE_HOME", "  ")
+    assert device_cli.main(["status"]) == 2
+    assert "$LORE_DEVICE_HOME is blank" in capsys.readouterr().err

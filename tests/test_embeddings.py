@@ -86,6 +86,7 @@ def test_trim_context_left_keeps_the_end_at_a_word_boundary(minilm):
         assert context.endswith(kept) and kept[:1].isalnum() and context[-len(kept) - 1] == " "
         assert len(minilm.tokenizer(kept, add_special_tokens=False)["input_ids"]) <= budget
     assert trim_context_left(context, offsets, len(offsets)) == context
+    assert trim_context_left(context, offsets, 0) == ""  # a tester's max_context_tokens 0: an IndexError before
 
 
 # ---------------------------------------------------------------------------------------------------- MiniLM

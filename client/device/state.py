@@ -93,7 +93,13 @@ class DeviceState:
 
 
 def default_state_dir() -> Path:
-    return Path(os.environ.get(STATE_HOME_ENV) or Path.home() / ".lore-fed" / "device")
+    """$LORE_DEVICE_HOME (a leading ~ expanded, as a quoted "~/..." is not by the shell), else ~/.lore-fed/device."""
+    value = os.environ.get(STATE_HOME_ENV, "")
+    if not value:
+        return Path.home() / ".lore-fed" / "device"
+    if not value.strip():
+        raise StateError(f"${STATE_HOME_ENV} is blank ({value!r}): unset it, or set it to the state directory")
+    return Path(value).expanduser()
 
 
 def new_state(directory: str | Path, basis: BasisFile, *, encoder: str | None = None,
@@ -130,7 +136,7 @@ def save_state(state: DeviceState) -> DeviceState:
     personal = _personal_arrays(state) if state.has_personal_data else None
     if personal is not None:
         _check_personal(personal, state.basis, where, StateError)
-    directory.mkdir(parents=True, exist_ok=True)
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     if not (directory / MARKER).is_file():
         atomic_write_bytes(directory / MARKER, (STATE_FORMAT + "\n").encode())
     basis = state.basis
@@ -429,12 +435,12 @@ def state_lock(directory: str | Path, *, create: bool = False):
         import fcntl
     except ImportError:  # pragma: no cover - non-POSIX
         if create:
-            directory.mkdir(parents=True, exist_ok=True)
+            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         yield
         return
     for _ in range(_LOCK_ATTEMPTS):
         if create:
-            directory.mkdir(parents=True, exist_ok=True)
+            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         if (directory / LOCK).is_dir():
             raise StateError(f"{directory / LOCK} is a directory, not the state's lock file: remove it (rmdir) and "
                              "rerun")
