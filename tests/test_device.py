@@ -1703,3 +1703,19 @@ def test_the_state_directory_is_private_and_lore_device_home_is_read_as_a_user_m
     monkeypatch.setenv("LORE_DEVICE_HOME", "  ")
     assert device_cli.main(["status"]) == 2
     assert "$LORE_DEVICE_HOME is blank" in capsys.readouterr().err
+
+
+def test_a_manifest_that_lost_its_personal_entry_is_corrupted_not_a_cold_start(tmp_path):
+    """Found by a tester: a manifest with its personal entry removed (its "pairs": 4 kept) loaded as a cold start,
+    and the next `adapt` deleted the personal file as unreferenced: the user's choices were lost without a word."""
+    from client.device import device_cli
+
+    state_dir = _toy_choices_and_state(tmp_path)
+    assert device_cli.main(["--state", str(state_dir), "adapt", "--choices", str(tmp_path / "c.npz")]) == 0
+    manifest = json.loads((state_dir / "manifest.json").read_text())
+    del manifest["files"]["personal"]
+    (state_dir / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(StateCorruptError, match="declares 4 pairs but names no personal file"):
+        load_state(state_dir)
+    assert device_cli.main(["--state", str(state_dir), "adapt", "--choices", str(tmp_path / "c.npz")]) == 2
+    assert next(state_dir.glob("personal-*.npz")).is_file()

@@ -243,6 +243,9 @@ def _load_state(directory: Path, raw: bytes) -> DeviceState:
     )
     if "personal" in files:
         state = _load_personal(state, _checked_file(directory, files["personal"]), declared_pairs)
+    elif declared_pairs > 0:  # a tester removed the entry: the state loaded as a cold start and `adapt` then
+        raise StateCorruptError(f"{path}: declares {declared_pairs} pairs but names no personal file; the state is "
+                                "corrupted")  # deleted the personal file as unreferenced
     return state
 
 
