@@ -325,7 +325,8 @@ def test_a_second_simulate_on_one_run_directory_is_refused_and_the_ledger_never_
     from lore_cli.main import main
 
     out = tmp_path / "run"
-    argv = ["simulate", str(pair_file), "--out", str(out), "--rounds", "20", "--clients-per-round", str(M),
+    rounds = 12  # still running when the second run is refused, with margin (20 took 80 s of the suite)
+    argv = ["simulate", str(pair_file), "--out", str(out), "--rounds", str(rounds), "--clients-per-round", str(M),
             "--rank", str(RANK)]
     first = subprocess.Popen([sys.executable, "-m", "lore_cli.main", *argv], env={**os.environ, "PYTHONPATH": str(ROOT)},
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -348,7 +349,7 @@ def test_a_second_simulate_on_one_run_directory_is_refused_and_the_ledger_never_
         first.wait()
     assert first.returncode == 0
     released.append(len(ledger_json(out)["events"]["rounds"]))
-    assert released[-1] == 20 and all(b >= a for a, b in zip(released, released[1:]))  # the budget never went down
+    assert released[-1] == rounds and all(b >= a for a, b in zip(released, released[1:]))  # never went down
 
 
 @pytest.mark.parametrize("damage", ["deleted", "an older copy"])
