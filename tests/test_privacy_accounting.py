@@ -18,6 +18,7 @@ from lore_core.privacy import (
     PrivacySettings,
     epsilon,
     epsilon_report,
+    history_epsilon,
     noise_for_target_epsilon,
     rounds_within_budget,
     validate,
@@ -62,6 +63,20 @@ def test_prv_agrees_with_dp_accounting_pld(z, m, rounds):
 def test_epsilon_matches_the_notes_table(z, m, rounds, prv, rdp):
     assert epsilon(z, m / 1400, rounds, DELTA, "prv") == pytest.approx(prv, abs=0.01)
     assert epsilon(z, m / 1400, rounds, DELTA, "rdp") == pytest.approx(rdp, abs=0.01)
+
+
+def test_a_history_of_repeated_mechanisms_gets_opacus_epsilon_for_it_as_written():
+    """Each mechanism (z, q) is composed once with its steps summed (a record client's history holds one segment per
+    round, and Opacus' cost grows with segments): the epsilon is Opacus' for the history as written, interleaved."""
+    from opacus.accountants import PRVAccountant, RDPAccountant
+
+    history = [(2.0, 0.05, 3), (1.5, 0.02, 2), (2.0, 0.05, 4)]
+    report = epsilon_report(history, DELTA)
+    prv, rdp = PRVAccountant(), RDPAccountant()
+    prv.history, rdp.history = list(history), list(history)
+    assert report.prv == pytest.approx(prv.get_epsilon(DELTA), rel=1e-6)
+    assert report.rdp == pytest.approx(rdp.get_epsilon(DELTA), rel=1e-9)
+    assert history_epsilon(history, DELTA) == report.prv
 
 
 def test_prv_reports_an_error_bound():
