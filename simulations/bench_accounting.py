@@ -17,8 +17,8 @@ import statistics
 import time
 from pathlib import Path
 
-from lore_core.atomic_io import atomic_write_json, atomic_write_text
 from lore_core.privacy import accounting
+from simulations.bench_output import write_outputs
 
 DELTA = 1e-5
 SEGMENT = (1.0, 0.25, 4)  # one round of a client with 16 pairs, batch 4: z = 1, q = 1/4, 4 DP-SGD steps
@@ -73,10 +73,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("bench_results/accounting_speed.md"))
     args = parser.parse_args()
     rows = [measure(int(r), args.repeats) for r in args.rounds.split(",")]
-    text = table(rows, args.repeats)
-    atomic_write_json(args.out.with_suffix(".json"), rows)
-    atomic_write_text(args.out, text)
-    print(text)
+    write_outputs(args.out, table(rows, args.repeats), rows)
 
 
 if __name__ == "__main__":

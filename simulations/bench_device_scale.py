@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from lore_core.atomic_io import atomic_write_json, atomic_write_text
 from lore_core.pairs import DEVICE_DIFF_RMS, USUAL_DIFF_RMS, load_pairs
+from simulations.bench_output import write_outputs
 
 BANDS = {"simulate (USUAL_DIFF_RMS)": USUAL_DIFF_RMS, "device (DEVICE_DIFF_RMS)": DEVICE_DIFF_RMS}
 
@@ -74,10 +74,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("bench_results/device_scale.md"))
     args = parser.parse_args()
     rows = [measure(path) for path in args.pairs]
-    text = table(rows, args.about)
-    atomic_write_json(args.out.with_suffix(".json"), rows)
-    atomic_write_text(args.out, text)
-    print(text)
+    write_outputs(args.out, table(rows, args.about), rows)
 
 
 if __name__ == "__main__":
