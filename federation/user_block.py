@@ -20,7 +20,7 @@ from functools import lru_cache
 import numpy as np
 
 from lore_core.pair_columns import PairColumns, PairIndex, rows_of_users
-from lore_core.pairs import DEVICE_DIFF_RMS, PairSet, check_federated_scale, load_pairs
+from lore_core.pairs import DEVICE_DIFF_RMS, DEVICE_MIN_PAIRS, PairSet, check_federated_scale, load_pairs
 
 EVAL_BLOCK_USERS = 2000  # users evaluated at a time: bounds a node's evaluation memory (~150 MB at D = 384, 25 pairs)
 
@@ -183,6 +183,7 @@ def load_device_users(path: str) -> NodeUsers:
     with the band its few pairs allow, DEVICE_DIFF_RMS). Embeddings at 1e-4 or beside one coordinate 1000 times the
     others would train the shared basis as poorly as `simulate`'s refused runs, with exit 0."""
     pairs = load_pairs(path)
-    squares = np.einsum("nd,nd->d", pairs.diff, pairs.diff, dtype=np.float64)
-    check_federated_scale(squares, pairs.n, path, band=DEVICE_DIFF_RMS)
+    if pairs.n >= DEVICE_MIN_PAIRS:  # fewer: near-identical responses alone look like a broken embedder
+        squares = np.einsum("nd,nd->d", pairs.diff, pairs.diff, dtype=np.float64)
+        check_federated_scale(squares, pairs.n, path, band=DEVICE_DIFF_RMS)
     return NodeUsers.from_pairs(pairs)

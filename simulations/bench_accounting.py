@@ -1,13 +1,14 @@
-"""What one epsilon report costs on a record-mode client's history, composing each mechanism once or as written.
+"""What an epsilon check costs on a record-mode client's history, composing each mechanism once or as written.
 
     python -m simulations.bench_accounting [--rounds 5,10,20] [--repeats 3] [--out FILE]
 
-A record-mode client appends one segment (z, q, steps) per round it trains, the same mechanism each time; the
-server's ledger and the node's budget check report epsilon on that history every round. Opacus runs its RDP orders
-and PRV discretisation once per segment, so `lore_core.privacy.accounting` composes each (z, q) once with its steps
-summed. This times `epsilon_report` (PRV with its error bound, and RDP) both ways, interleaved, on the same
-histories, and reports the median seconds, their ratio and the largest difference in epsilon. `--out` defaults to
-bench_results/accounting_speed.md.
+A record-mode client's history is stored merged (Opacus and the ledger join consecutive equal segments), but each
+round's budget checks add the planned round to it as a second segment of the same mechanism: the node's before it
+trains (record_dp) and the server's prediction for every client seen (the ledger's `would_exceed`). Opacus runs its
+RDP orders and PRV discretisation once per segment, so `lore_core.privacy.accounting` composes each (z, q) once with
+its steps summed. This times `accounting._bounds` (what `epsilon_report` and `history_epsilon` call: PRV with its
+error bound, and RDP) both ways, interleaved, on the same histories, and reports the median seconds, their ratio
+and the largest difference in epsilon. `--out` defaults to bench_results/accounting_speed.md.
 """
 
 from __future__ import annotations
@@ -34,7 +35,8 @@ def timed(segments: list, repeats: int) -> tuple[list[float], tuple]:
 
 
 def measure(rounds: int, repeats: int) -> dict:
-    as_written = accounting.check_history([SEGMENT] * rounds)
+    z, q, steps = SEGMENT
+    as_written = accounting.check_history([(z, q, steps * rounds), SEGMENT])  # the history, and the planned round
     composed = accounting._composed(as_written)
     written_s, composed_s, written, once = [], [], None, None
     for _ in range(repeats):  # interleaved, so that the machine's load falls on both alike
@@ -51,9 +53,10 @@ def measure(rounds: int, repeats: int) -> dict:
 
 
 def table(rows: list[dict], repeats: int) -> str:
-    lines = ["# One epsilon report on a record client's history (`python -m simulations.bench_accounting`)", "",
-             f"History: one segment (z, q, steps) = {SEGMENT} per round, delta {DELTA:g}; `accounting._bounds` (PRV "
-             f"upper value and estimate, and RDP) on the history as written and with each mechanism composed once. "
+    lines = ["# One epsilon check on a record client's history (`python -m simulations.bench_accounting`)", "",
+             f"A record client's budget check: its history after `rounds` rounds of (z, q, steps) = {SEGMENT}, "
+             f"stored merged, plus the planned round as a second segment; delta {DELTA:g}. `accounting._bounds` (PRV "
+             "upper value and estimate, and RDP) on it as written and with each mechanism composed once. "
              f"Median of {repeats} runs each, interleaved, one thread.", "",
              "| rounds | segments | as written (s) | composed (s) | ratio | PRV epsilon | RDP epsilon "
              "| largest difference |",

@@ -3,11 +3,12 @@
     python -m simulations.bench_device_scale PAIRS.npz [PAIRS.npz ...] [--about TEXT] [--out FILE]
 
 A node holds one user's pairs, or a few, so its check sees far fewer pairs than `simulate`'s (USUAL_DIFF_RMS over
-a whole population). For each file this measures the check on every single pair (the thinnest device) and on every
-user's own pairs, under both bands: how many would be refused, and the extremes of the measured scale (the median
-coordinate's rms times sqrt(D)) and of a coordinate's ratio to it. The files' own scale is what `embed` (MiniLM)
-and the synthetic populations write, so any refusal here is a false one. `--out` defaults to
-bench_results/device_scale.md.
+a whole population). For each file this runs the check's own functions on every single pair (a device the check
+skips, below DEVICE_MIN_PAIRS, shown for scale), on every DEVICE_MIN_PAIRS consecutive pairs of one user (the
+fewest a node checks) and on every user's pairs, under both bands: how many would be refused, and the extremes of
+the measured scale (the median coordinate's rms times sqrt(D)) and of a coordinate's ratio to it. The files' own
+scale is what `embed` (MiniLM) and the synthetic populations write, so any refusal here is a false one. `--out`
+defaults to bench_results/device_scale.md.
 """
 
 from __future__ import annotations
@@ -17,53 +18,71 @@ from pathlib import Path
 
 import numpy as np
 
-from lore_core.pairs import DEVICE_DIFF_RMS, USUAL_DIFF_RMS, load_pairs
+from lore_core.pairs import (DEVICE_DIFF_RMS, DEVICE_MIN_PAIRS, USUAL_DIFF_RMS, _coordinate_ratios, _scales,
+                             load_pairs)
 from simulations.bench_output import write_outputs
 
 BANDS = {"simulate (USUAL_DIFF_RMS)": USUAL_DIFF_RMS, "device (DEVICE_DIFF_RMS)": DEVICE_DIFF_RMS}
+KINDS = ("one pair", f"{DEVICE_MIN_PAIRS} pairs of a user", "one user")
 
 
-def scales(squares: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per device (rows of summed squared differences (m, D) over counts (m,) pairs): the median nonzero
-    coordinate's scale and the largest coordinate's ratio to it, as pairs._coordinate_ratios computes them."""
-    scale = np.sqrt(squares / counts[:, None] * squares.shape[1])
-    masked = np.where(scale > 0, scale, np.nan)
-    median = np.nan_to_num(np.nanmedian(masked, axis=1), nan=1.0)
-    return median, scale.max(axis=1) / median
+def devices(pairs) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Each kind of device's summed squared differences (m, D) and pair counts (m,): every single pair; every
+    DEVICE_MIN_PAIRS consecutive pairs of one user (the fewest a node checks); every user's pairs."""
+    diff = pairs.diff.astype(np.float64)
+    order = np.argsort(pairs.user, kind="stable")
+    squares, user = (diff * diff)[order], pairs.user[order]
+    starts = np.flatnonzero(np.r_[True, user[1:] != user[:-1]])
+    position = np.arange(len(user)) - np.repeat(starts, np.diff(np.r_[starts, len(user)]))
+    group = np.cumsum(np.r_[True, (user[1:] != user[:-1]) | (position[1:] % DEVICE_MIN_PAIRS == 0)]) - 1
+    by_group, group_size = _sums(squares, group)
+    full = group_size == DEVICE_MIN_PAIRS
+    by_user, user_size = _sums(squares, np.cumsum(np.r_[True, user[1:] != user[:-1]]) - 1)
+    return {KINDS[0]: (squares, np.ones(len(squares))), KINDS[1]: (by_group[full], group_size[full]),
+            KINDS[2]: (by_user, user_size)}
+
+
+def _sums(squares: np.ndarray, label: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Rows summed by consecutive label (0, 1, ...): (sums (m, D), counts (m,))."""
+    starts = np.flatnonzero(np.r_[True, label[1:] != label[:-1]])
+    return np.add.reduceat(squares, starts, axis=0), np.diff(np.r_[starts, len(label)]).astype(np.float64)
 
 
 def measure(path: Path) -> dict:
+    """Per kind of device: the extremes of the measured scale and ratio, and how many each band refuses, through
+    the check's own functions (pairs._coordinate_ratios and pairs._scales)."""
     pairs = load_pairs(path)
-    diff = pairs.diff.astype(np.float64)
-    _, user_of_row = np.unique(pairs.user, return_inverse=True)
-    by_user = np.zeros((user_of_row.max() + 1, diff.shape[1]))
-    np.add.at(by_user, user_of_row, diff * diff)
-    devices = {"one pair": (diff * diff, np.ones(len(diff))),
-               "one user": (by_user, np.bincount(user_of_row).astype(np.float64))}
-    out = {"file": str(path), "pairs": int(len(diff)), "users": int(len(by_user)), "dim": int(diff.shape[1])}
-    for kind, (squares, counts) in devices.items():
-        median, ratio = scales(squares, counts)
-        row = {"scale_min": float(median.min()), "scale_max": float(median.max()), "ratio_max": float(ratio.max())}
-        for name, (low, high) in BANDS.items():
-            row[name] = int(((median < low) | (median > high) | (ratio > high)).sum())
+    out = {"file": str(path), "pairs": int(pairs.n), "dim": int(pairs.diff.shape[1])}
+    for kind, (squares, counts) in devices(pairs).items():
+        measured = [_coordinate_ratios(row, n) for row, n in zip(squares, counts)]
+        medians = np.array([median for median, _ in measured])
+        row = {"devices": len(measured), "scale_min": float(medians.min()), "scale_max": float(medians.max()),
+               "ratio_max": float(max(ratio.max() for _, ratio in measured))}
+        for name, band in BANDS.items():
+            row[name] = sum(not _usual(*_scales(median, ratio, band)) for median, ratio in measured)
         out[kind] = row
     return out
 
 
+def _usual(overall: float, columns: np.ndarray) -> bool:
+    return overall == 1.0 and bool((columns == 1.0).all())
+
+
 def table(rows: list[dict], about: str) -> str:
     lines = ["# A deployment node's own scale check on usual files (`python -m simulations.bench_device_scale`)", "",
-             "Each device is one pair or one user's pairs of the file. `scale` is the median coordinate's rms times "
+             f"Each device is one pair (which a node does not check), {DEVICE_MIN_PAIRS} consecutive pairs of one user "
+             "(the fewest a node checks) or one user's pairs. `scale` is the median coordinate's rms times "
              "sqrt(D); `ratio` a coordinate's over it. Refused: how many devices a band would refuse (all false "
              f"refusals: these files are at the usual scale). simulate's band is {USUAL_DIFF_RMS}, a node's "
              f"{DEVICE_DIFF_RMS} (the upper bound also caps the ratio). {about}", "",
              "| file | devices | count | scale min .. max | ratio max | refused, simulate's band | refused, a node's |",
              "|---|---|---|---|---|---|---|"]
     for row in rows:
-        for kind in ("one pair", "one user"):
+        for kind in KINDS:
             m = row[kind]
-            lines.append(f"| {row['file']} | {kind} | {row['pairs'] if kind == 'one pair' else row['users']} | "
-                         f"{m['scale_min']:.3g} .. {m['scale_max']:.3g} | {m['ratio_max']:.3g} | "
-                         f"{m['simulate (USUAL_DIFF_RMS)']} | {m['device (DEVICE_DIFF_RMS)']} |")
+            lines.append(f"| {row['file']} | {kind} | {m['devices']} | {m['scale_min']:.3g} .. "
+                         f"{m['scale_max']:.3g} | {m['ratio_max']:.3g} | {m['simulate (USUAL_DIFF_RMS)']} | "
+                         f"{m['device (DEVICE_DIFF_RMS)']} |")
     return "\n".join(lines) + "\n"
 
 

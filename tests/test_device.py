@@ -1719,3 +1719,28 @@ def test_a_manifest_that_lost_its_personal_entry_is_corrupted_not_a_cold_start(t
         load_state(state_dir)
     assert device_cli.main(["--state", str(state_dir), "adapt", "--choices", str(tmp_path / "c.npz")]) == 2
     assert next(state_dir.glob("personal-*.npz")).is_file()
+
+
+def test_reinit_keeps_no_choices_whose_embedding_space_the_damaged_state_does_not_vouch_for(tmp_path, capsys):
+    """A reviewer: the salvage trusted the damaged manifest's embedder, so one naming the new basis' model while the
+    intact stored basis was another model's kept that model's pairs under the new basis. Both must agree with it;
+    the declared pair count must hold too."""
+    from client.device import device_cli
+
+    state_dir = _toy_choices_and_state(tmp_path)
+    assert device_cli.main(["--state", str(state_dir), "adapt", "--choices", str(tmp_path / "c.npz")]) == 0
+    other = save_basis(tmp_path / "other.npz", np.random.default_rng(5).standard_normal((3, 8)), version=1,
+                       embedder="other")
+    manifest = json.loads((state_dir / "manifest.json").read_text())
+    for damaged in ({**manifest, "embedder": "other"}, {**manifest, "pairs": 99}):
+        (state_dir / "manifest.json").write_text(json.dumps(damaged))
+        with pytest.raises(StateCorruptError):
+            load_state(state_dir)
+        from client.device.state import salvage_choices
+
+        assert salvage_choices(state_dir, load_basis(other if damaged["embedder"] == "other" else
+                                                     tmp_path / "basis.npz")) is None
+    (state_dir / "manifest.json").write_text(json.dumps({**manifest, "embedder": "other"}))
+    capsys.readouterr()
+    assert device_cli.main(["--state", str(state_dir), "init", "--basis", str(other), "--reinit"]) == 0
+    assert "none of it could be kept" in capsys.readouterr().out and load_state(state_dir).n_pairs == 0

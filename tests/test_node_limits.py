@@ -7,6 +7,7 @@ whose node config has a `data-path` holding its own pairs.npz.
 from __future__ import annotations
 
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -359,3 +360,18 @@ def test_a_device_refuses_its_own_file_when_clearly_off_the_usual_scale(device_p
     assert reply.has_error() and "the node failed while" in reply.error.reason, reply.error.reason
     assert "coordinate" not in reply.error.reason and "2^" not in reply.error.reason  # the remedy stays on the node
     assert f"{PAIRS_FILENAME}: " in caplog.text and refused in caplog.text, caplog.text
+
+
+def test_a_device_with_fewer_pairs_than_the_check_needs_is_not_refused(device_pairs, tmp_path):
+    """A reviewer: one or two near-identical responses measure as small as a broken embedder's, so a device that
+    holds fewer than DEVICE_MIN_PAIRS pairs is not checked (and one that holds more is)."""
+    from federation.user_block import load_device_users
+    from lore_core.pairs import DEVICE_MIN_PAIRS, PairFileError, load_pairs
+
+    pairs = load_pairs(device_pairs)
+    tiny = replace(pairs, diff=(pairs.diff * 1e-4).astype(np.float32))
+    keep = np.zeros(pairs.n, bool)
+    keep[np.flatnonzero(pairs.split == "train")[:DEVICE_MIN_PAIRS - 1]] = True
+    assert load_device_users(str(save_pairs(tiny.subset(keep), tmp_path / "few.npz"))).n_train_users == 1
+    with pytest.raises(PairFileError, match="multiply the embeddings"):
+        load_device_users(str(save_pairs(tiny, tmp_path / "all.npz")))

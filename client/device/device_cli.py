@@ -196,14 +196,21 @@ def _initial_state(directory: Path, basis: BasisFile, encoder: str | None, ident
     return state
 
 
+_DROPPED_ATTRIBUTES = ("dropped the declared attributes: their prior belongs to the old basis; declare them again "
+                       "with the new basis' table")
+
+
 def _repaired(directory: Path, basis: BasisFile, encoder: str | None, identity: dict | None) -> DeviceState:
     """--reinit on a corrupted state: afresh, keeping its stored choices where its personal file is intact."""
-    kept = salvage_choices(directory, basis)
-    if kept is None:
+    salvaged = salvage_choices(directory, basis)
+    if salvaged is None:
         print(f"the state in {directory} is corrupted: starting afresh (--reinit); none of it could be kept")
         return new_state(directory, basis, encoder=encoder, encoder_identity=identity)
+    kept, declared = salvaged
     print(f"the state in {directory} is corrupted: starting afresh (--reinit), keeping its {kept.n_pairs} stored "
           "choices (its personal file is intact) and refitting w")
+    if declared:
+        print(_DROPPED_ATTRIBUTES)
     kept = replace(kept, encoder=encoder, encoder_identity=identity) if encoder else kept
     return user_posterior.refit(kept)[0]
 
@@ -562,8 +569,7 @@ def _rebase(old: DeviceState, basis: BasisFile) -> DeviceState:
     state = replace(old, basis=basis, encoder=encoder, encoder_identity=identity if encoder else None,
                     user_weights=None, posterior_mode=None, posterior_cov=None, prior_mean=None, attributes=())
     if old.attributes:
-        print("dropped the declared attributes: their prior belongs to the old basis; declare them again with "
-              "the new basis' table")
+        print(_DROPPED_ATTRIBUTES)
     if not same_space and old.n_pairs:
         records = [json.loads(c) for c in old.choices]
         state = replace(state, pair_diff=embed_choices(_open_encoder(old, basis=basis), records).astype(np.float32))
@@ -621,7 +627,8 @@ def _read_candidates(path: Path) -> list[str]:
         if blank:  # a text file's blank lines are dropped; a blank string in a list is a mistake to name
             raise ValueError(f"{path}: candidates {blank[:5]} are blank; expected {expected} with text")
     else:
-        if _is_json_object(text.lstrip()) or _is_json_object(first):  # a tester: a JSON object, or JSONL records, were ranked as their raw text
+        # a tester: a JSON object (one line or pretty-printed), or JSONL records, were ranked as their raw text
+        if _is_json_object(text.lstrip()) or _is_json_object(first):
             raise ValueError(f"{path}: expected {expected}, got JSON objects (`adapt` and `next-question` take those); "
                              "to rank responses that are themselves JSON, give a JSON list of strings")
         candidates = [line for line in text.splitlines() if line.strip()]

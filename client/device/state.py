@@ -249,19 +249,23 @@ def _load_state(directory: Path, raw: bytes) -> DeviceState:
     return state
 
 
-def salvage_choices(directory: str | Path, basis: BasisFile) -> DeviceState | None:
+def salvage_choices(directory: str | Path, basis: BasisFile) -> tuple[DeviceState, bool] | None:
     """A new state on `basis` keeping the stored choices of a corrupted state, where its personal file is intact (its
     manifest's checksum holds, its contents are what `adapt` writes) and its pairs live in `basis`' space (the
     manifest's dimension and embedder): `init --reinit` repairs a lost or damaged basis file without dropping the
     user's answers (a tester's dropped 5 intact ones). Its encoder and strength are kept where valid; w, the
-    posterior and declared attributes are not (the caller refits w). None when nothing can be kept."""
+    posterior and declared attributes are not (the caller refits w). Returns (that state, whether attributes were
+    declared and so dropped), or None when nothing can be kept."""
     directory = Path(directory)
     try:
         manifest = json_loads((directory / MANIFEST).read_bytes())
         path = _checked_file(directory, manifest["files"]["personal"])
         with np.load(path, allow_pickle=False) as data:
             diff, choices = data["pair_diff"], data["choices"]
-        if (manifest.get("dim"), manifest.get("embedder")) != (basis.dim, basis.embedder):
+            declared = "attributes" in data.files and str(data["attributes"]) != "{}"
+        if _stored_spaces(directory, manifest) != {(basis.dim, basis.embedder)}:
+            return None
+        if "pairs" in manifest and _manifest_count(manifest["pairs"], "pairs") != diff.shape[0]:
             return None
         arrays = {**_OPTIONAL_PERSONAL, "user_weights": np.zeros(0), "pair_diff": diff, "choices": choices}
         _check_personal(arrays, basis, str(path), StateCorruptError)
@@ -270,8 +274,21 @@ def salvage_choices(directory: str | Path, basis: BasisFile) -> DeviceState | No
         generation = _manifest_count(manifest["generation"], "generation")
     except Exception:  # any damage there too: nothing is kept, as before
         return None
-    return replace(new_state(directory, basis, encoder=encoder, encoder_identity=identity), strength=strength,
+    kept = replace(new_state(directory, basis, encoder=encoder, encoder_identity=identity), strength=strength,
                    generation=generation, pair_diff=diff.astype(np.float32), choices=tuple(choices.tolist()))
+    return kept, declared
+
+
+def _stored_spaces(directory: Path, manifest: dict) -> set[tuple]:
+    """The embedding spaces (dim, embedder) a damaged state says its pairs are in: its manifest's, and its stored
+    basis file's where that is intact (a reviewer: a manifest naming another embedder than its intact basis file
+    kept pairs of one model under another's basis)."""
+    spaces = {(manifest.get("dim"), manifest.get("embedder"))}
+    try:
+        stored = load_basis(_checked_file(directory, manifest["files"]["basis"]))
+    except (StateError, BasisFileError, KeyError, TypeError):
+        return spaces
+    return spaces | {(stored.dim, stored.embedder)}
 
 
 def is_device_state(directory: str | Path) -> bool:

@@ -85,9 +85,9 @@ def check_history(history: Iterable[Sequence]) -> list[Segment]:
 
 def _composed(segments: list[Segment]) -> list[Segment]:
     """The same composition with each mechanism (z, q) once, its steps summed (in order of first appearance).
-    Composition does not depend on order, and Opacus runs its RDP orders and PRV discretisation once per segment: a
-    record client's history of one segment per round made each report cost its number of rounds (2 s per report
-    after 10 rounds, most of the record-mode tests' time)."""
+    Composition does not depend on order, and Opacus runs its RDP orders and PRV discretisation once per segment:
+    stored histories are merged, but every budget check adds the planned round as a second segment of the same
+    mechanism, which doubled to tripled its cost (bench_results/accounting_speed.md)."""
     steps: dict[tuple[float, float], int] = {}
     for z, q, k in segments:
         steps[(z, q)] = steps.get((z, q), 0) + k
