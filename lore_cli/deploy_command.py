@@ -59,6 +59,7 @@ def run_certs(args: argparse.Namespace) -> int:
 
 def run_local(args: argparse.Namespace) -> int:
     from server.checkpoint import load_checkpoint
+    from lore_cli.run_data import record_pairs
     from lore_cli.local_deployment import (Certificates, DeploymentError, LocalDeployment, generate_certificates,
                                            split_pairs, stop_process)
 
@@ -73,7 +74,11 @@ def run_local(args: argparse.Namespace) -> int:
                 raise FileNotFoundError(f"{certs.ca_cert} does not exist; run `lore-fed deploy certs --out {cert_dir}`")
             certs = generate_certificates(cert_dir, nodes=args.nodes)
             print(f"generated trial certificates in {cert_dir}")
+    if certs is not None:
+        certs.check()  # every node's key before a node's file is written (a tester's --nodes 3 on 2 nodes' keys)
     split_pairs(args.pairs, run_dir, args.nodes)
+    if checked is not None:
+        record_pairs(run_dir, checked[3])  # what a rerun compares its --pairs with
     previous = load_checkpoint(run_dir)  # a rerun of a finished run trains nothing: its time stays the run's
     overrides = {} if args.rounds is None else {"num-server-rounds": args.rounds}
     app = {"app": Path(args.app)} if args.app else {}
@@ -102,7 +107,7 @@ def run_local(args: argparse.Namespace) -> int:
         print(f"checkpoint after round {state.round} in {run_dir}"
               + (f"; last evaluation {json.dumps({k: v for k, v in evals[-1].items() if k.endswith('_acc')})}" if evals else ""))
     if outcome.completed and state is not None and checked is not None:
-        write_outputs(run_dir, state, *checked, nodes=args.nodes, seconds=outcome.seconds, previous=previous)
+        write_outputs(run_dir, state, *checked[:3], nodes=args.nodes, seconds=outcome.seconds, previous=previous)
     return 0 if outcome.completed else 1
 
 
@@ -132,7 +137,8 @@ def check_local_flags(args: argparse.Namespace) -> tuple | None:
     """Every flag of `deploy local` checked before a file is written or a process starts: counts, the timeout, the
     app directory, the pair file, and the run config (-c) as `simulate` checks it for this pair file's population
     (a bad value used to fail after the SuperLink and nodes had started, with exit 1). Returns (settings, privacy,
-    population) for this repository's app, None for another app (its keys mean what that app says)."""
+    population, the pair file's fingerprint) for this repository's app, None for another app (its keys mean what
+    that app says)."""
     import math
 
     import click
@@ -182,21 +188,31 @@ def check_local_flags(args: argparse.Namespace) -> tuple | None:
         if mode in ("none", "record") and isinstance(clients, int) and clients > population["seen_users"]:
             config["clients-per-round"] = population["seen_users"]  # these modes sample at most everyone
         settings, privacy = check_run(population, {**config, "run-dir": str(Path(args.run_dir).resolve())})
-        check_deploy_resume(Path(args.run_dir), resolve_pair_path(args.pairs), settings, privacy)
-        return settings, privacy, population
+        fingerprint = check_deploy_resume(Path(args.run_dir), resolve_pair_path(args.pairs), settings, privacy,
+                                          args.nodes)
+        return settings, privacy, population, fingerprint
     return None
 
 
-def check_deploy_resume(run_dir: Path, pairs_path: Path, settings, privacy) -> None:
-    """A --run-dir holding a run is resumed only with its settings, as `simulate` checks it (checkpoint, ledger,
-    release record): -c noise-multiplier=2 on a run of 1 failed in the ServerApp after every process had started
-    (exit 1, 15 s)."""
-    from lore_cli.simulate_command import check_resume
+def check_deploy_resume(run_dir: Path, pairs_path: Path, settings, privacy, nodes: int) -> dict:
+    """A --run-dir holding a run is resumed only with its settings, pair file and node count, as `simulate` checks
+    them (checkpoint, ledger, release record, data.json): -c noise-multiplier=2 on a run of 1 failed in the ServerApp
+    after every process had started (exit 1, 15 s), and a tester's --run-dir of a `train` run was overwritten, a
+    different pair file of the same size trained nothing new, and --nodes 3 on a 2-node run wrote a third node's
+    file (users the second node hosts) before it failed. Returns the pair file's fingerprint for data.json."""
+    from lore_cli.simulate_command import check_no_other_run, check_resume
 
     try:
-        check_resume(run_dir, pairs_path, settings, privacy)
+        check_no_other_run(run_dir)
+        _, fingerprint = check_resume(run_dir, pairs_path, settings, privacy)
     except ValueError as exc:  # simulate's messages name its --out; here the directory is --run-dir
         raise ValueError(str(exc).replace("--out", "--run-dir")) from None
+    hosted = sorted(int(d.name[4:]) for d in run_dir.glob("node*") if d.name[4:].isdigit() and d.is_dir())
+    if hosted and hosted != list(range(nodes)):
+        raise ValueError(f"--run-dir {run_dir} holds a deployment of {len(hosted)} nodes (node0..node{hosted[-1]}), "
+                         f"each with its users' pairs and w: give --nodes {len(hosted)} to resume it, or a new "
+                         "--run-dir")
+    return fingerprint
 
 
 def follow(process, log: Path, deadline: float) -> None:

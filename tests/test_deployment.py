@@ -394,7 +394,7 @@ def test_deploy_local_refuses_to_resume_a_run_with_other_settings_before_anythin
     from lore_cli.main import main
 
     assert not (run_dir / "basis.npz").exists()
-    write_outputs(run_dir, load_checkpoint(run_dir), *check_local_flags(flags("clients-per-round=3")), nodes=2,
+    write_outputs(run_dir, load_checkpoint(run_dir), *check_local_flags(flags("clients-per-round=3"))[:3], nodes=2,
                   seconds=1.0)
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["rounds"] == 2 and metrics["nodes"] == 2 and metrics["privacy_mode"] == "user"
@@ -403,6 +403,34 @@ def test_deploy_local_refuses_to_resume_a_run_with_other_settings_before_anythin
                  str(tmp_path / "evaluated.json")]) == 0
     evaluated = json.loads((tmp_path / "evaluated.json").read_text())
     assert evaluated["seen_test_acc"] == pytest.approx(metrics["seen_test_acc"], abs=1e-12)
+
+    # Found by a tester, each before anything is written: a --run-dir holding a `train` run was overwritten (exit 0);
+    # another pair file with as many users trained nothing new on resume; --nodes 3 on a 2-node run wrote a third
+    # node's file of users the second one hosts.
+    from lore_cli.run_data import pair_file_fingerprint, record_pairs
+
+    trained = tmp_path / "trained"
+    assert main(["train", str(tmp_path / "pairs.npz"), "--rank", "1", "--out", str(trained)]) == 0
+    with pytest.raises(ValueError, match="--run-dir .*trained holds another run"):
+        check_local_flags(build_parser(only="deploy").parse_args(["deploy", "local", "--nodes", "2", "--pairs",
+                                                                   str(tmp_path / "pairs.npz"), "--run-dir",
+                                                                   str(trained), "-c", "clients-per-round=3"]))
+    other, _ = make_synthetic_pairs(SyntheticPairsConfig(dim=16, seen_users=6, unseen_users=2, seed=4))
+    save_pairs(other, tmp_path / "other.npz")
+    record_pairs(run_dir, {"path": str(tmp_path / "pairs.npz"), **pair_file_fingerprint(tmp_path / "pairs.npz")})
+    with pytest.raises(ValueError, match="holds a run trained on another pair file"):
+        check_local_flags(build_parser(only="deploy").parse_args(["deploy", "local", "--nodes", "2", "--pairs",
+                                                                   str(tmp_path / "other.npz"), "--run-dir",
+                                                                   str(run_dir), "--rounds", "2", "-c",
+                                                                   "clients-per-round=3"]))
+    for k in range(2):
+        (run_dir / f"node{k}" / "data").mkdir(parents=True)
+    with pytest.raises(ValueError, match="holds a deployment of 2 nodes .*give --nodes 2"):
+        check_local_flags(build_parser(only="deploy").parse_args(["deploy", "local", "--nodes", "3", "--pairs",
+                                                                   str(tmp_path / "pairs.npz"), "--run-dir",
+                                                                   str(run_dir), "--rounds", "2", "-c",
+                                                                   "clients-per-round=3"]))
+    assert not (run_dir / "node2").exists()
 
 
 # A device's own record budget: its own 2-node deployment (nodes started with record-max-epsilon and record-delta).
