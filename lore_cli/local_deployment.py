@@ -615,7 +615,15 @@ class LocalDeployment:
 
     # -- teardown --
     def close(self) -> None:
-        """Stop every process group this deployment started (SuperNodes first, then the SuperLink)."""
+        """Stop the runs the SuperLink still lists as live, then every process group this deployment started
+        (SuperNodes first, then the SuperLink). A run's ServerApp is not in those groups: a tester's Ctrl-C left it
+        running, releasing rounds no node answered and holding the run directory, so that the rerun failed."""
+        if self.superlink is not None and self.superlink.poll() is None:
+            try:
+                for run_id in self.live_runs():
+                    self._cli("stop", str(run_id), CONNECTION, check=False)
+            except (DeploymentError, subprocess.SubprocessError, OSError):
+                pass  # the processes are stopped below all the same
         for process in list(self.supernodes.values()):
             stop_process(process)
         if self.superlink is not None:

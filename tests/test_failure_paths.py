@@ -684,3 +684,36 @@ def test_prepare_warns_when_seen_users_get_no_training_pairs_and_names_fraction_
     assert summary["pairs_per_split"]["seen_train"] == 0 and summary["population_warnings"]
     code, _, err = cli(["prepare", FIXTURE, "--out", tmp_path / "bad", "--seen-fraction", "1.5"])
     assert code == 2 and "--seen-fraction must be in [0, 1]" in err and not (tmp_path / "bad").exists()
+
+
+def test_a_round_whose_nodes_are_all_unavailable_releases_nothing(tmp_path, pair_file):
+    """Found by a tester: a deployment whose nodes were gone got Flower's "Node Unavailable" error replies, whose
+    source is not the node asked, so errors plus absent nodes outnumbered the plan, the every-node-failed check did
+    not fire, and 3 rounds released noise alone with 0 users accepted. The run now stops there, releasing nothing."""
+    from flwr.app import Error, Message
+    from flwr.common.config import get_fused_config_from_dir
+
+    from client.client_app import app as client_app
+    from server.run_settings import ServerSettings
+    from server.server_app import run_federated
+    from server.training_round import RoundFailed
+    from simulations.flower_run import ROOT
+    from simulations.in_process_grid import LocalGrid
+
+    trained = []
+
+    def unavailable(reply: Message) -> Message:  # every train reply after round 1's (both nodes asked each round)
+        trained.append(reply.metadata.message_type == "train")
+        if reply.metadata.message_type != "train" or sum(trained) <= 2:
+            return reply
+        lost = Message(Error(code=3, reason="Node Unavailable"), reply_to=reply)
+        lost.metadata.__dict__["_src_node_id"] = 1  # as Flower's SuperLink answers for a node gone silent
+        return lost
+
+    cfg = get_fused_config_from_dir(ROOT, {"pairs-path": str(pair_file), "run-dir": str(tmp_path), "rank": 2,
+                                           "num-server-rounds": 3, "clients-per-round": 8, "privacy-mode": "none"})
+    grid = LocalGrid(client_app, [{"partition-id": k, "num-partitions": 2} for k in range(2)], cfg,
+                     reply_hook=unavailable)
+    with pytest.raises(RoundFailed, match="every node asked failed"):
+        run_federated(grid, ServerSettings.from_run_config(cfg))
+    assert load_checkpoint(tmp_path).round == 1
