@@ -160,11 +160,15 @@ def empty_path_flag(argv: list[str]) -> str | None:
 
 def check_output_path(path: str | os.PathLike, flag: str, *, directory: bool) -> None:
     """Fail before any work when an output cannot be written: the nearest existing ancestor of `path` (the path
-    itself for a directory output) must be a writable directory. A ValueError naming the flag (the CLI: exit 2),
-    instead of an errno message after the work is done."""
+    itself for a directory output) must be a writable directory, and a directory output may not lie in a run's own
+    folders (run_folder_of). A ValueError naming the flag (the CLI: exit 2), instead of an errno message after the
+    work is done."""
     path = Path(path)
     if directory and path.exists() and not path.is_dir():
         raise ValueError(f"{flag} {path} is a file; give a directory")
+    if directory and (folder := run_folder_of(path)) is not None:  # a tester's `train --out RUN/releases`: then
+        raise ValueError(f"{flag} {path} is inside the run folder {folder}, which only the run writes; give a "
+                         "directory outside it")  # `evaluate --basis RUN/releases` read the train run's basis
     if not directory and path.is_dir():
         raise ValueError(f"{flag} {path} is a directory; give a file name")
     ancestor = path if directory else path.parent

@@ -1079,6 +1079,11 @@ def test_outputs_into_a_runs_reserved_names_or_folders_are_refused_before_the_ru
             expect="inside the run folder")
     refused(["audit", "mechanism", "--runs", "100", "--out", "sim/releases"], "sim/releases", w,
             expect="inside the run folder")
+    for folder in ("releases", "audits"):  # a tester: evaluate --basis RUN/releases then read a train run's basis
+        refused(["train", "pairs.npz", "--rank", "1", "--out", f"sim/{folder}"], f"sim/{folder}", w,
+                expect="inside the run folder")
+    refused(["simulate", "pairs.npz", "--out", "sim/releases/x", "--rounds", "1"], "sim/releases", w,
+            expect="inside the run folder")
     assert cli(["evaluate", "pairs.npz", "--basis", "trained", "--out", "trained/eval.json"])[0] == 0  # a new name
     assert cli(["evaluate", "pairs.npz", "--basis", "basis.npz", "--out", "sim/releases/../m.json"])[0] == 0  # in sim/
     (w / "link").symlink_to(w / "sim" / "releases")
