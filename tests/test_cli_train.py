@@ -29,6 +29,8 @@ def test_train_writes_metrics_and_basis_then_evaluate_reads_them(pair_file, tmp_
         assert key in metrics
     assert metrics["rank"] in (1, 2)
     assert {row["rank"] for row in metrics["selection"]} == {1, 2}
+    # a tester: each prior's candidate counted the fits they share, so seconds_per_rank summed above train_seconds
+    assert 0 < sum(metrics["seconds_per_rank"].values()) <= metrics["train_seconds"]
     basis = load_basis(run / "basis.npz").basis
     assert basis.shape == (metrics["rank"], 24)
 
