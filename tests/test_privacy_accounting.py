@@ -665,3 +665,13 @@ def test_record_mode_unreported_clients_clear_when_they_reply_and_a_damaged_list
     (tmp_path / "ledger.json").write_text(json.dumps(data))
     with pytest.raises(LedgerError, match="unreported 5, expected a list of client ids"):
         PrivacyLedger.load(tmp_path)
+
+
+def test_planned_rounds_past_what_the_accountant_can_bound_are_refused_up_front():
+    """Found by a tester: `privacy epsilon --rounds 1000000000` took 15 GB of memory in Opacus' PRV grid, and minutes;
+    a plan of more than MAX_ROUNDS rounds is refused before any accountant call."""
+    from lore_core.privacy.accounting import MAX_ROUNDS
+
+    with pytest.raises(PrivacyConfigError, match="at most 1,000,000"):
+        validate(PrivacySettings(mode="user", noise_multiplier=5.0, clients_per_round=50, population_size=10**9,
+                                 rounds=MAX_ROUNDS + 1))

@@ -14,8 +14,8 @@ import warnings
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Mapping
 
-from lore_core.privacy.accounting import (MAX_PRV_EPSILON, AccountingError, epsilon, noise_for_target_epsilon,
-                                         rounds_within_budget)
+from lore_core.privacy.accounting import (MAX_PRV_EPSILON, MAX_ROUNDS, AccountingError, epsilon,
+                                         noise_for_target_epsilon, rounds_within_budget)
 from lore_core.setting_names import SettingError, as_field, setting
 
 MODES = ("none", "user", "user+secagg", "record")
@@ -238,6 +238,9 @@ def _at_most_max_scale(value: float, name: str, hint: str) -> None:
 def _check_general(settings: PrivacySettings) -> None:
     for name in ("population_size", "rounds", "clients_per_round"):
         _positive_int(settings, name)
+    if settings.rounds is not None and _is_int(settings.rounds) and settings.rounds > MAX_ROUNDS:
+        # Opacus' PRV grid grows with T: a tester's 1e9 rounds took 15 GB and minutes (1e6: 0.5 GB, 5 s)
+        raise PrivacyConfigError(f"{setting('rounds')} must be at most {MAX_ROUNDS:,}; got {settings.rounds}")
     m, n = settings.clients_per_round, settings.population_size
     if m is not None and n is not None and m > n:
         raise PrivacyConfigError(f"{setting('clients_per_round')} must be at most the population ({n} users); got {m}: "
