@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from lore_core.pairs import (DEVICE_DIFF_RMS, DEVICE_MIN_PAIRS, USUAL_DIFF_RMS, _coordinate_ratios, _scales,
-                             load_pairs)
+from lore_core.pairs import (DEVICE_DIFF_RMS, DEVICE_MIN_PAIRS, USUAL_DIFF_RMS, PairFileError, _coordinate_ratios,
+                             check_federated_scale, load_pairs)
 from simulations.bench_output import write_outputs
 
 BANDS = {"simulate (USUAL_DIFF_RMS)": USUAL_DIFF_RMS, "device (DEVICE_DIFF_RMS)": DEVICE_DIFF_RMS}
@@ -49,8 +49,8 @@ def _sums(squares: np.ndarray, label: np.ndarray) -> tuple[np.ndarray, np.ndarra
 
 
 def measure(path: Path) -> dict:
-    """Per kind of device: the extremes of the measured scale and ratio, and how many each band refuses, through
-    the check's own functions (pairs._coordinate_ratios and pairs._scales)."""
+    """Per kind of device: the extremes of the measured scale and ratio (pairs._coordinate_ratios), and how many
+    each band refuses (check_federated_scale itself)."""
     pairs = load_pairs(path)
     out = {"file": str(path), "pairs": int(pairs.n), "dim": int(pairs.diff.shape[1])}
     for kind, (squares, counts) in devices(pairs).items():
@@ -59,13 +59,18 @@ def measure(path: Path) -> dict:
         row = {"devices": len(measured), "scale_min": float(medians.min()), "scale_max": float(medians.max()),
                "ratio_max": float(max(ratio.max() for _, ratio in measured))}
         for name, band in BANDS.items():
-            row[name] = sum(not _usual(*_scales(median, ratio, band)) for median, ratio in measured)
+            row[name] = sum(_refuses(row_squares, n, band) for row_squares, n in zip(squares, counts))
         out[kind] = row
     return out
 
 
-def _usual(overall: float, columns: np.ndarray) -> bool:
-    return overall == 1.0 and bool((columns == 1.0).all())
+def _refuses(squares: np.ndarray, n: float, band: tuple[float, float]) -> bool:
+    """Whether check_federated_scale refuses a device of these summed squares over n pairs in `band`."""
+    try:
+        check_federated_scale(squares, n, "device", band=band)
+    except PairFileError:
+        return True
+    return False
 
 
 def table(rows: list[dict], about: str) -> str:

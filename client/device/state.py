@@ -251,8 +251,8 @@ def _load_state(directory: Path, raw: bytes) -> DeviceState:
 
 def salvage_choices(directory: str | Path, basis: BasisFile) -> tuple[DeviceState, bool] | None:
     """A new state on `basis` keeping the stored choices of a corrupted state, where its personal file is intact (its
-    manifest's checksum holds, its contents are what `adapt` writes) and its pairs live in `basis`' space (the
-    manifest's dimension and embedder): `init --reinit` repairs a lost or damaged basis file without dropping the
+    manifest's checksum and pair count hold, its contents are what `adapt` writes) and its pairs live in `basis`'
+    space (_stored_spaces): `init --reinit` repairs a lost or damaged basis file without dropping the
     user's answers (a tester's dropped 5 intact ones). Its encoder and strength are kept where valid; w, the
     posterior and declared attributes are not (the caller refits w). Returns (that state, whether attributes were
     declared and so dropped), or None when nothing can be kept."""
