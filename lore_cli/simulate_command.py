@@ -331,6 +331,9 @@ def check_resume(out: Path, pairs_path: Path, settings, privacy):
     from server.run_ledger import FederatedLedger, check_ledger_covers
 
     previous = load_checkpoint(out)
+    # The pair file first: another file (of another dimension, say) changes settings too, and a tester was told
+    # about eval_every before the file was named
+    fingerprint = check_same_pairs(out, pairs_path, resuming=previous is not None)
     if previous is not None:
         check_resumable(previous, settings.fingerprint(), previous.population, out)
         check_ledger_covers(out, previous.round)
@@ -338,7 +341,7 @@ def check_resume(out: Path, pairs_path: Path, settings, privacy):
         FederatedLedger.load(out, privacy)  # reads and compares only; the server opens it again to write
     check_continuable(out, settings.release_optimizer(), previous.round if previous is not None else 0)
     check_simulated_accountants(out, (out / LEDGER_FILENAME).exists())
-    return previous, check_same_pairs(out, pairs_path, resuming=previous is not None)
+    return previous, fingerprint
 
 
 def check_canary_flags(args: argparse.Namespace, out: Path) -> None:

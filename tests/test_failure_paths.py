@@ -265,6 +265,9 @@ def test_a_run_directory_resumes_only_on_its_own_pair_file_and_settings(tmp_path
     _refused_under_lock(["simulate", other, "--out", run, *SIM], run, tmp_path, "another pair file", run)
     _refused_under_lock(["simulate", pair_file, "--out", run, *SIM[:-3], "3", "--eval-every", "1"], run, tmp_path,
                         "other settings", run)
+    # both at once: the file is named first (a tester was told about eval_every before the other file)
+    _refused_under_lock(["simulate", other, "--out", run, *SIM[:-3], "3", "--eval-every", "1"], run, tmp_path,
+                        "another pair file", run)
     more_rounds = [*SIM[:3], "5", *SIM[4:]]  # a finished run's ledger holds its planned rounds
     _refused_under_lock(["simulate", pair_file, "--out", run, *more_rounds], run, tmp_path,
                         "ledger.json was written with other privacy settings (rounds: stored 3, new 5)", run)
