@@ -185,8 +185,7 @@ def _initial_state(directory: Path, basis: BasisFile, encoder: str | None, ident
         return _repaired(directory, basis, encoder, identity)
     except StateError:  # no state there yet
         return new_state(directory, basis, encoder=encoder, encoder_identity=identity)
-    # An --encoder replaces the state's own and its recorded identity; without one the state keeps both.
-    state = replace(old, encoder=encoder, encoder_identity=identity) if encoder else old
+    state = _with_encoder(old, encoder, identity)
     try:
         check_compatible(old, basis)
     except BasisMismatchError:
@@ -211,8 +210,13 @@ def _repaired(directory: Path, basis: BasisFile, encoder: str | None, identity: 
           "choices (its personal file is intact) and refitting w")
     if declared:
         print(_DROPPED_ATTRIBUTES)
-    kept = replace(kept, encoder=encoder, encoder_identity=identity) if encoder else kept
-    return user_posterior.refit(kept)[0]
+    return user_posterior.refit(_with_encoder(kept, encoder, identity))[0]
+
+
+def _with_encoder(state: DeviceState, encoder: str | None, identity: dict | None) -> DeviceState:
+    """An --encoder given to `init` replaces the state's own and its recorded identity; without one the state keeps
+    both."""
+    return replace(state, encoder=encoder, encoder_identity=identity) if encoder else state
 
 
 def _adapt(args) -> int:
