@@ -29,6 +29,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--objective", default="auto", choices=("auto", "joint", "marginal"),
                         help="how the basis is fit: joint (w fitted with it), marginal (w integrated out: thin "
                              "users), or auto (both are candidates of the held-out selection)")
+    parser.add_argument("--weight-by", default="user", choices=("user", "pair"),
+                        help="how much each seen user pulls the basis: user (every user's mean loss once, the "
+                             "default) or pair (every pair once: users with many pairs pull more)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--out", required=True, help="run directory for metrics.json and basis.npz")
@@ -115,7 +118,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.rank_grid is not None and args.rank != "auto":
         raise ValueError(f"--rank-grid is for --rank auto; --rank {args.rank} fixes the rank: drop one of them")
-    options = {"seed": check_seed(args.seed), "device": check_device(args.device), "objective": args.objective}
+    options = {"seed": check_seed(args.seed), "device": check_device(args.device), "objective": args.objective,
+               "weight_by": args.weight_by}
     if args.l2 != "auto":
         # Above 0: unpenalized, a basis on pairs it can separate grows until L-BFGS stalls (a tester's 2e6)
         options["l2"] = parse_number(args.l2, "--l2", inclusive=False, maximum=MAX_L2)
@@ -184,6 +188,7 @@ def _train_and_write(args: argparse.Namespace, options: dict, out: Path, pairs_f
         l2=fit.l2,
         objective=fit.objective,
         train_prior_pairs=config.train_prior_pairs,
+        weight_by=config.weight_by,
         seconds_per_rank=_seconds_per_rank(fit.selection),
         selection=fit.selection,
         held_out=fit.held_out,

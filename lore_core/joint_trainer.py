@@ -71,6 +71,9 @@ class TrainConfig:
     few_shot: int = 10  # pairs (whole groups) a user of the new fold adapts on
     max_iter: int = 400  # L-BFGS iterations at most of the final fit; fits stop earlier at convergence
     candidate_max_iter: int = 100  # the same for the held-out fits of the selection (warm-started along l2)
+    # How much each seen user's pairs weigh in fitting the basis (`user_shares`): "user" (every user's mean loss
+    # counts once, as the stress matrix measured) or "pair" (every pair counts once: the likelihood itself).
+    weight_by: str = "user"
     seed: int = 0
     device: str = "cpu"
 
@@ -84,6 +87,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be in (0, 1), got {getattr(self, name)}")
         if self.prior_pairs != "auto" and not (isinstance(self.prior_pairs, (int, float)) and self.prior_pairs > 0):
             raise ValueError(f"prior_pairs must be > 0 or 'auto', got {self.prior_pairs!r}")
+        if self.weight_by not in WEIGHTINGS:
+            raise ValueError(f"weight_by must be one of {WEIGHTINGS}, got {self.weight_by!r}")
         if self.objective not in (*OBJECTIVES, "auto"):
             raise ValueError(f"objective must be one of {OBJECTIVES} or 'auto', got {self.objective!r}")
         if 1 not in self.rank_grid:
@@ -118,18 +123,35 @@ def resolve_device(device: str) -> torch.device:
     return dev
 
 
+WEIGHTINGS = ("user", "pair")
+
+
+def user_shares(counts: torch.Tensor, weight_by: str) -> torch.Tensor:
+    """Each user's weight in the basis fit (U,), 0 for users without pairs, mean 1 over the others. "user": 1 for
+    each, so a user's mean loss counts once however many pairs it has; "pair": proportional to its pairs, so every
+    pair counts once (the likelihood). A user's w is fit to its own terms alone, so its share moves only how much it
+    pulls the basis, never its w. With users of very unequal data (2 to 400 pairs), equal shares let the many thin
+    users' noise outweigh the few rich users' signal (bench_results/pair_weighting_pilot.md)."""
+    active = (counts > 0).to(counts.dtype)
+    share = counts * active if weight_by == "pair" else active
+    return share * active.sum().clamp(min=1.0) / share.sum().clamp(min=1e-30)
+
+
 class _Objective:
     """The LoRe objective on tensors; `user_idx` maps pairs to rows of theta."""
 
-    def __init__(self, diff: torch.Tensor, user_idx: torch.Tensor, n_users: int, prior, l2: float):
-        """prior: one KL weight, or one per user (n_users,) as `simplex_fit.prior_from_pairs` gives."""
+    def __init__(self, diff: torch.Tensor, user_idx: torch.Tensor, n_users: int, prior, l2: float,
+                 weight_by: str = "user"):
+        """prior: one KL weight, or one per user (n_users,) as `simplex_fit.prior_from_pairs` gives; both a user's
+        loss and its prior are scaled by its share (`user_shares`)."""
         self.diff, self.user_idx, self.n_users = diff, user_idx, n_users
         self.prior = torch.as_tensor(prior, dtype=diff.dtype, device=diff.device)
         self.l2 = l2
         counts = torch.bincount(user_idx, minlength=n_users).to(diff.dtype)
-        self.inv_counts = 1.0 / counts.clamp(min=1.0)
-        self.active = (counts > 0).to(diff.dtype)
-        self.n_active = self.active.sum().clamp(min=1.0)
+        share = user_shares(counts, weight_by)
+        self.inv_counts = share / counts.clamp(min=1.0)
+        self.active = share
+        self.n_active = (counts > 0).to(diff.dtype).sum().clamp(min=1.0)
 
     def data_loss(self, basis: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
         weights = torch.softmax(theta, dim=1)
@@ -173,6 +195,7 @@ def fit_basis_and_weights(
     device: str = "cpu",
     init: tuple[np.ndarray, np.ndarray] | None = None,
     scale: "FitScale | None" = None,
+    weight_by: str = "user",
 ) -> tuple[np.ndarray, np.ndarray]:
     """Joint fit by L-BFGS to convergence (at most max_iter iterations), from a seeded random start or from
     `init` = (basis (B, D), weights (U, B)) of a neighbouring fit, in the units of `scale` (None: FitScale.of(diff);
@@ -194,7 +217,7 @@ def fit_basis_and_weights(
         theta = torch.log(torch.tensor(np.ascontiguousarray(init[1]), dtype=torch.float32).clamp(min=1e-12))
     basis = basis.to(dev).requires_grad_(True)
     theta = theta.to(dev).requires_grad_(True)
-    objective = _Objective(x, idx, n_users, prior_strength, scale.l2(l2))
+    objective = _Objective(x, idx, n_users, prior_strength, scale.l2(l2), weight_by)
     _lbfgs([basis, theta], lambda: objective(basis, theta), max_iter)
     return scale.from_fit(basis.detach()).cpu().numpy(), torch.softmax(theta, 1).detach().cpu().numpy()
 
@@ -256,12 +279,13 @@ class MarginalObjective:
     """The marginal objective (`lore_core.marginal_fit`) on torch tensors; diff (n, D), user_idx (n,) in
     0..n_users-1."""
 
-    def __init__(self, diff: torch.Tensor, user_idx: torch.Tensor, n_users: int, rank: int, l2: float):
+    def __init__(self, diff: torch.Tensor, user_idx: torch.Tensor, n_users: int, rank: int, l2: float,
+                 weight_by: str = "user"):
         self.diff, self.user_idx, self.n_users, self.l2 = diff, user_idx, n_users, l2
         self.samples = torch.as_tensor(prior_samples(rank), dtype=diff.dtype, device=diff.device)  # (M, B)
         counts = torch.bincount(user_idx, minlength=n_users).to(diff.dtype)
         self.active = counts > 0
-        self.inv_counts = 1.0 / counts.clamp(min=1.0)
+        self.inv_counts = user_shares(counts, weight_by) / counts.clamp(min=1.0)
         self.n_active = self.active.sum().clamp(min=1)
 
     def __call__(self, basis: torch.Tensor) -> torch.Tensor:
@@ -275,12 +299,12 @@ class MarginalObjective:
 
 def fit_basis_marginal(diff: np.ndarray, user_idx: np.ndarray, n_users: int, *, rank: int, l2: float,
                        init: np.ndarray, max_iter: int, device: str = "cpu",
-                       scale: "FitScale | None" = None) -> np.ndarray:
+                       scale: "FitScale | None" = None, weight_by: str = "user") -> np.ndarray:
     """L-BFGS on the marginal objective from `init` (B, D), typically the joint fit's basis. Returns (B, D)."""
     dev = resolve_device(device)
     scale = scale or FitScale.of(diff)  # as fit_basis_and_weights
     objective = MarginalObjective(scale.pairs(diff, dev), torch.as_tensor(user_idx, dtype=torch.long, device=dev),
-                                  n_users, rank, scale.l2(l2))
+                                  n_users, rank, scale.l2(l2), weight_by)
     basis = scale.to_fit(torch.as_tensor(np.ascontiguousarray(init), dtype=torch.float32, device=dev))
     basis = basis.clone().requires_grad_(True)
     _lbfgs([basis], lambda: objective(basis), max_iter)
@@ -392,11 +416,12 @@ def train_joint(diff: np.ndarray, user: np.ndarray, config: TrainConfig = TrainC
         idx = user_idx[mask]
         return fit_basis_and_weights(diff[mask], idx, n_users, rank=rank, l2=l2, max_iter=max_iter,
                                      prior_strength=prior_from_pairs(idx, n_users, config.train_prior_pairs),
-                                     seed=config.seed, device=config.device, init=init, scale=scale)
+                                     seed=config.seed, device=config.device, init=init, scale=scale,
+                                     weight_by=config.weight_by)
 
     def marginal(mask: np.ndarray, rank: int, l2: float, max_iter: int, joint_basis: np.ndarray) -> np.ndarray:
         return fit_basis_marginal(diff[mask], user_idx[mask], n_users, rank=rank, l2=l2, init=joint_basis,
-                                  max_iter=max_iter, device=config.device, scale=scale)
+                                  max_iter=max_iter, device=config.device, scale=scale, weight_by=config.weight_by)
 
     def joint_bases(rank: int, l2: float, warm: dict) -> dict[tuple[str, int], np.ndarray]:
         """The held-out joint fits of (rank, l2), one per mask; `warm` holds the walk's previous fits."""

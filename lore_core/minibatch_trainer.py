@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from lore_core.joint_trainer import user_shares
 from lore_core.pair_columns import rows_of_users
 from lore_core.simplex_fit import DEFAULT_PRIOR_PAIRS, fit_user_weights, prior_from_pairs
 
@@ -34,6 +35,7 @@ class MinibatchConfig:
     epochs: int = 2  # pilot (seed 101, 10,000 users): test accuracy equal from 1 to 8 epochs, objective -0.3 % from 2 to 8
     batch_users: int = 1000
     lr: float = 0.02
+    weight_by: str = "user"  # each user's share of the basis fit (joint_trainer.user_shares)
     seed: int = 0
     device: str = "cpu"
 
@@ -93,6 +95,7 @@ def _batch_objective(batch: torch.Tensor, owner: torch.Tensor, n_users: int, bas
     logits = ((batch @ basis.T) * w[owner]).sum(dim=1)
     per_user = torch.zeros(n_users, dtype=logits.dtype, device=logits.device)
     per_user.index_add_(0, owner, torch.nn.functional.softplus(-logits))
-    counts = torch.bincount(owner, minlength=n_users).clamp(min=1).to(logits.dtype)
+    counts = torch.bincount(owner, minlength=n_users).to(logits.dtype)
+    share = user_shares(counts, config.weight_by) / counts.clamp(min=1.0)
     kl = (w * torch.log(w.clamp(min=1e-30) * w.shape[1])).sum(dim=1)
-    return ((per_user + config.prior_pairs * kl) / counts).mean() + config.l2 * (basis**2).sum()
+    return ((per_user + config.prior_pairs * kl) * share).mean() + config.l2 * (basis**2).sum()

@@ -76,7 +76,7 @@ def train_streamed(path: str | Path, config: TrainConfig, *, epochs: int = Minib
     fit = fit_minibatch(scale.divide(diff), starts, scale.to_fit(selected.basis),
                         MinibatchConfig(rank=selected.rank, l2=scale.l2(selected.l2),
                                         prior_pairs=config.train_prior_pairs, epochs=epochs, seed=config.seed,
-                                        device=config.device))
+                                        device=config.device, weight_by=config.weight_by))
     basis = scale.from_fit(fit.basis)
     return replace(selected, basis=basis, user_weights=fit.user_weights, user_ids=user_ids,
                    train_seconds=time.perf_counter() - started)

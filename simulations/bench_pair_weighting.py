@@ -1,0 +1,111 @@
+"""Does fitting the basis with every pair counted once (`lore-fed train --weight-by pair`) beat every user's mean
+counted once (`--weight-by user`, the default), on pilot populations only?
+
+    python -m simulations.bench_pair_weighting [--cells heavy-tail:11,...] [--work runs/bench_pair_weighting]
+                                               [--out bench_results/pair_weighting_pilot.md]
+
+A user's share of the basis fit is `joint_trainer.user_shares`: equal shares let the many thin users of a population
+whose users hold 2 to 400 pairs (the hostile `heavy-tail`) outweigh the few rich ones. Each cell is a pilot: a
+hostile population at seed 11 or 12 (`bench_hostile_populations`, reported at seeds 0-2) or a stress-matrix
+population at seed 101 (`bench_matrix`, reported at 0-2), so that a default chosen here is never chosen on the seeds
+it is reported for. `--reported heavy-tail` adds that population's reported seeds 0-2 as a measurement, apart. Rows: `lore-fed train --rank 1` (one shared reward, BT) and `lore-fed train` (default flags), each
+under both weightings, through the CLI; cells cached under --work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from simulations import bench_hostile_populations as hostile
+from simulations import bench_matrix as matrix
+from simulations.bench_output import write_outputs
+
+REPORTED_SEEDS = (0, 1, 2)
+CELLS = ("heavy-tail:11", "heavy-tail:12", "clickers:11", "thin-majority:11", "minority:11", "weak-few:11",
+         "iso-5-15:101", "iso-20-40:101", "iso-shared:101", "iso-noise:101", "iso-zero:101")
+WEIGHTINGS = ("user", "pair")
+
+
+def pair_file(name: str, seed: int, work: Path) -> Path:
+    """The pilot population's pair file (a hostile one or a stress-matrix one, built once under `work`)."""
+    if name in hostile.POPULATIONS:
+        return hostile.population_file(name, seed, work / "hostile")
+    pop = next(p for p in matrix.POPULATIONS if p.name == name)
+    return matrix.population_file(pop, seed, work / "matrix", quick=False)[0]
+
+
+def run_cell(name: str, seed: int, work: Path) -> dict:
+    """{weighting: {"bt": row, "train": row}} of one pilot (cached per run as `train_row`'s record)."""
+    path = pair_file(name, seed, work)
+    cell = {}
+    for weighting in WEIGHTINGS:
+        for row, flags in (("bt", ["--rank", "1"]), ("train", [])):
+            cache = work / "results" / name / f"seed{seed}" / f"{weighting}-{row}.json"
+            if not cache.exists():
+                run_dir = matrix._fresh(work / "runs" / name / f"seed{seed}" / f"{weighting}-{row}")
+                record = matrix.train_row(path, run_dir, [*flags, "--weight-by", weighting])
+                cache.parent.mkdir(parents=True, exist_ok=True)
+                cache.write_text(json.dumps(record))
+            cell.setdefault(weighting, {})[row] = json.loads(cache.read_text())
+    return cell
+
+
+def is_reported(key: str) -> bool:
+    return int(key.split(":")[1]) in REPORTED_SEEDS
+
+
+def markdown(cells: dict[str, dict]) -> str:
+    def acc(entry):
+        return f"{entry['seen_test_acc']:.3f} / {entry['unseen_test_acc']:.3f}"
+
+    def gain(a, b, key):
+        return 100.0 * (a[key] - b[key])
+
+    lines = ["# Basis fit weighted by user or by pair: pilots (`python -m simulations.bench_pair_weighting`)", "",
+             "Seen / new-user test accuracy. `user`: every seen user's mean loss counts once in the basis fit (the "
+             "default); `pair`: every pair counts once. Pilot seeds only (hostile populations at 11-12, matrix "
+             "populations at 101); nothing here is a reported seed.", "",
+             "| cell | BT user | BT pair | train user | train pair | train pair - train user (points) | "
+             "train - BT, each weighting (points) | train chose (user; pair) |", "|---|---|---|---|---|---|---|---|"]
+    for key, cell in cells.items():
+        u, p = cell["user"], cell["pair"]
+        if is_reported(key):
+            key += " (reported seed)"
+        lines.append(
+            f"| {key} | {acc(u['bt'])} | {acc(p['bt'])} | {acc(u['train'])} | {acc(p['train'])} | "
+            f"{gain(p['train'], u['train'], 'seen_test_acc'):+.1f} / "
+            f"{gain(p['train'], u['train'], 'unseen_test_acc'):+.1f} | "
+            f"user {gain(u['train'], u['bt'], 'seen_test_acc'):+.1f} / {gain(u['train'], u['bt'], 'unseen_test_acc'):+.1f}"
+            f"; pair {gain(p['train'], p['bt'], 'seen_test_acc'):+.1f} / "
+            f"{gain(p['train'], p['bt'], 'unseen_test_acc'):+.1f} | "
+            f"rank {u['train']['rank']}; rank {p['train']['rank']} |")
+    for label, keep in (("pilots", lambda key: not is_reported(key)), ("reported seeds", is_reported)):
+        diffs = [(c["pair"]["train"][k] - c["user"]["train"][k]) * 100 for key, c in cells.items() if keep(key)
+                 for k in ("seen_test_acc", "unseen_test_acc")]
+        if diffs:
+            lines += ["", f"`train` pair - user over the {len(diffs) // 2} {label}, seen and new together: mean "
+                          f"{sum(diffs) / len(diffs):+.2f} points, lowest {min(diffs):+.1f}, highest {max(diffs):+.1f}."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cells", default=",".join(CELLS), help="NAME:SEED,... (pilot seeds only)")
+    parser.add_argument("--reported", default="", help="populations whose reported seeds 0-2 are measured too")
+    parser.add_argument("--work", default="runs/bench_pair_weighting")
+    parser.add_argument("--out", default="bench_results/pair_weighting_pilot.md")
+    args = parser.parse_args(argv)
+    work = Path(args.work)
+    cells = {}
+    reported = [f"{name}:{seed}" for name in filter(None, args.reported.split(",")) for seed in REPORTED_SEEDS]
+    for item in [*args.cells.split(","), *reported]:
+        name, seed = item.split(":")
+        cells[item] = run_cell(name, int(seed), work)
+    write_outputs(Path(args.out), markdown(cells), cells)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
