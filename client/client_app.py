@@ -113,11 +113,17 @@ def train_clipped(context: Context, settings: p.ClientSettings, node: NodeUsers,
             raise ClientRequestError("canary users take part in user-level DP modes only")
         return node.updates(sampled, clip_norm)
     weights = load_weights(context, node.n_train_users, basis.shape[0], run_id)
-    weights, updates = train_sampled_users(basis, node.training_block(sampled), weights, sampled,
+    block = node.training_block(sampled)
+    weights, updates = train_sampled_users(basis, block, weights, sampled,
                                            prior_pairs=settings.train_prior_pairs, steps=settings.local_steps,
                                            lr=settings.client_lr, objective=settings.objective)
     save_weights(context, weights, run_id)
-    return updates if clip_norm is None else clip_finite_users(updates, clip_norm)
+    if clip_norm is not None:
+        return clip_finite_users(updates, clip_norm)
+    if settings.weight_by == "pair":  # mode none only (server.run_settings): every pair counted once
+        pairs = np.bincount(block.seen_train.user_idx, minlength=node.n_train_users)[sampled]
+        updates = updates * (pairs / settings.pairs_per_user)[:, None, None]
+    return updates
 
 
 def clip_finite_users(updates: np.ndarray, clip_norm: float) -> np.ndarray:

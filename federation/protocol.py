@@ -7,6 +7,8 @@ train    server -> node: arrays {basis (B, D)}, config {user-indices: [local ind
                           + user modes: clip-norm; + record: noise-multiplier, max-grad-norm, record-batch-size,
                           record-epochs, delta[, max-epsilon][, noise-seed (debug, NOT PRIVATE)]}
          node -> server: arrays {updates (k, B, D)}, metrics {num-users: k}     -- nothing else, ever
+                         (mode none with run config weight-by pair: each user's update multiplied by its training
+                         pairs / pairs-per-user on the node, so the server's mean counts every pair once)
          user+secagg (legacy FitIns through secaggplus_mod): config {user-indices (bytes), round, privacy-mode,
                           [run-id,] clip-norm, noise-multiplier, dropout-tolerance, sampled-users, granularity,
                           clipping-range}; the node uploads its users' noised integer sum, masked
@@ -23,6 +25,7 @@ Client settings come from the run config (flat `[tool.flwr.app.config]` keys, sh
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 
@@ -71,6 +74,8 @@ class ClientSettings:
     local_steps: int  # 1 with the marginal objective (one exact gradient step)
     client_lr: float
     objective: str = "joint"  # "joint" (w fitted, then local steps) or "marginal" (w integrated out)
+    weight_by: str = "user"  # "pair": each user's update (mode none) scaled by its training pairs / pairs_per_user
+    pairs_per_user: float = 1.0
     device: str = "cpu"  # record mode: torch device of the DP-SGD step
     canary_nodes: int = 0  # simulation with canaries: the last `canary_nodes` partitions host canary users
     canary_secrets: str = ""  # ... whose directions and coins they read from this file (federation/canary_users.py)
@@ -84,10 +89,30 @@ class ClientSettings:
             local_steps=local_steps(run_config),
             client_lr=float(run_config["client-lr"]),
             objective=str(run_config.get("objective", "joint")),
+            weight_by=str(run_config.get("weight-by", "user")),
+            pairs_per_user=pairs_per_user(run_config),
             device=str(run_config.get("device", "cpu")),
             canary_nodes=int(run_config.get("canary-nodes", 0) or 0),
             canary_secrets=str(run_config.get("canary-secrets", "")),
         )
+
+
+WEIGHTINGS = ("user", "pair")
+
+
+def pairs_per_user(run_config: dict) -> float:
+    """`pairs-per-user` where `weight-by` is "pair" (a number > 0, which server and clients read here), else 1.
+    With weight-by pair a user's update is multiplied by n_u / pairs-per-user, so the server's plain mean over a
+    round's users estimates the update of every pair counted once (`lore-fed train --weight-by pair`); any constant
+    only rescales the step, and the seen users' mean pairs keeps it as it is with equal weights."""
+    if str(run_config.get("weight-by", "user")) != "pair" or str(run_config.get("privacy-mode")) != "none":
+        return 1.0  # (under DP the server refuses weight-by pair itself: server.run_settings)
+    value = config_number("pairs-per-user", run_config.get("pairs-per-user", ""), float,
+                          " (the seen users' mean training pairs: `lore-fed simulate` sets it, a deployment gives "
+                          "it with -c)")
+    if not (math.isfinite(value) and value > 0):
+        raise SettingError(f"{setting('pairs-per-user')} must be a number > 0, got {value!r}")
+    return value
 
 
 def local_steps(run_config: dict) -> int:

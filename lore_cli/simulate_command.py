@@ -63,6 +63,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
                              "out, one exact step; privacy none only); take the one `lore-fed train` chose")
     parser.add_argument("--train-prior-pairs", type=float, default=None,
                         help="prior of the clients' w fits inside training, in pairs (default 3, as `train`)")
+    parser.add_argument("--weight-by", default=None, choices=("user", "pair"),
+                        help="each user's update counts once (user, default) or in proportion to its training pairs "
+                             "(pair, as `train --weight-by pair`; privacy none only)")
     parser.add_argument("--canaries", type=int, default=0,
                         help="K canary users for `lore-fed audit canary` (user modes; default 0): each sends the "
                              "clip norm times a secret direction when sampled, if its secret coin says in")
@@ -115,8 +118,9 @@ def privacy_overrides(args: argparse.Namespace) -> dict:
     return overrides
 
 
-def run_overrides(args: argparse.Namespace, seen_users: int) -> dict:
-    """Run-config overrides of the flags; unset flags keep the run config's defaults (pyproject.toml)."""
+def run_overrides(args: argparse.Namespace, seen_users: int, seen_train_pairs: int | None = None) -> dict:
+    """Run-config overrides of the flags; unset flags keep the run config's defaults (pyproject.toml). With
+    --weight-by pair, `pairs-per-user` is the file's mean training pairs per seen user."""
     from lore_core.reward_math import DEFAULT_L2
 
     eval_every = args.eval_every
@@ -131,9 +135,14 @@ def run_overrides(args: argparse.Namespace, seen_users: int) -> dict:
     }
     for key, value in (("rank", args.rank), ("server-optimizer", args.server_optimizer),
                        ("server-lr", args.server_lr), ("local-steps", args.local_steps), ("client-lr", args.client_lr),
-                       ("train-prior-pairs", args.train_prior_pairs), ("objective", args.objective)):
+                       ("train-prior-pairs", args.train_prior_pairs), ("objective", args.objective),
+                       ("weight-by", args.weight_by)):
         if value is not None:
             overrides[key] = value
+    if args.weight_by == "pair":
+        if not seen_train_pairs:
+            raise ValueError("--weight-by pair needs the pair file's count of seen users' training pairs")
+        overrides["pairs-per-user"] = seen_train_pairs / max(seen_users, 1)
     return overrides
 
 
@@ -150,6 +159,7 @@ def read_population(pairs_path: Path, *, truth: bool = True) -> dict:
     refuse_untrainable(columns.source, counts.train_users, counts.idle_users)  # every seen user has a training pair
     check_federated_scale(counts.column_squares, counts.pairs, columns.source)
     return {"users": counts.users, "seen_users": counts.seen_users, "largest_client_pairs": counts.largest_client_pairs,
+            "seen_train_pairs": counts.seen_train_pairs,
             "dim": counts.dim, "source": columns.source, "embedder": columns.embedder,
             # a benchmark's hidden basis (ground_truth.npz beside the pair file), read now so that a damaged one is
             # refused before anything runs; used only after the last round (`benchmark_metrics`)
@@ -269,7 +279,7 @@ def run(args: argparse.Namespace) -> int:
     check_canary_flags(args, out)
     nodes_for(population["users"], args.users_per_node)  # a bad --users-per-node is named before the privacy plan
     # canary users are users of the population the server samples (federation/canary_users.py)
-    overrides = run_overrides(args, population["seen_users"])
+    overrides = run_overrides(args, population["seen_users"], population["seen_train_pairs"])
     settings, privacy = check_run({**population, "seen_users": population["seen_users"] + args.canaries}, overrides)
     canaries = canary_secrets(args, (settings.rank, population["dim"]))  # fail closed: before Ray, before DIR exists
     # The lock is taken before the checks (a concurrent run could be writing the checkpoint), but the lock file is
@@ -476,6 +486,7 @@ def run_metrics(state, settings, privacy_mode: str, privacy_keys: dict, *, wall_
     metrics = {key: final[key] for key in TRAIN_KEYS if math.isfinite(final.get(key, math.nan))}
     metrics.update(benchmark or {})
     metrics.update(rank=settings.rank, prior_pairs=settings.prior_pairs, objective=settings.objective,
+                   weight_by=settings.weight_by,
                    train_prior_pairs=settings.train_prior_pairs, l2=settings.l2,
                    train_seconds=round(sum(r["seconds"] for r in state.history), 3),
                    rounds=state.round, wall_seconds=wall_seconds, privacy_mode=privacy_mode,

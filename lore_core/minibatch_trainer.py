@@ -60,6 +60,9 @@ def fit_minibatch(diff: np.ndarray, starts: np.ndarray, init_basis: np.ndarray, 
     basis = torch.tensor(init_basis, dtype=torch.float32, device=device, requires_grad=True)
     weights = np.full((n_users, config.rank), 1.0 / config.rank) if init_weights is None else init_weights.copy()
     batches = max(1, math.ceil(n_users / config.batch_users))
+    # Each user's share of the whole population (not of its batch), so that with weight_by "pair" every batch's
+    # objective is its part of the mean over all pairs: a batch of thick users weighs more than one of thin users.
+    share = user_shares(torch.from_numpy(np.diff(starts)).to(torch.float32), config.weight_by).to(device)
     optimizer = torch.optim.Adam([basis], lr=config.lr)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs * batches)
     history = []
@@ -78,7 +81,7 @@ def fit_minibatch(diff: np.ndarray, starts: np.ndarray, init_basis: np.ndarray, 
             weights[users] = fit.weights
             w = torch.as_tensor(fit.weights, dtype=torch.float32, device=device)
             optimizer.zero_grad()
-            loss = _batch_objective(batch, owner_t, users.size, basis, w, config)
+            loss = _batch_objective(batch, owner_t, users.size, basis, w, config, share[torch.from_numpy(users)])
             loss.backward()
             optimizer.step()
             schedule.step()
@@ -89,13 +92,13 @@ def fit_minibatch(diff: np.ndarray, starts: np.ndarray, init_basis: np.ndarray, 
 
 
 def _batch_objective(batch: torch.Tensor, owner: torch.Tensor, n_users: int, basis: torch.Tensor, w: torch.Tensor,
-                     config: MinibatchConfig) -> torch.Tensor:
-    """The joint objective on a batch of users at their (fixed) w; the prior term is a constant in A, kept so that
-    the reported value is the objective itself."""
+                     config: MinibatchConfig, share: torch.Tensor) -> torch.Tensor:
+    """The joint objective on a batch of users at their (fixed) w, each user's terms times its population share
+    (n_users,) (`joint_trainer.user_shares`); the prior term is a constant in A, kept so that the reported value is
+    the objective itself."""
     logits = ((batch @ basis.T) * w[owner]).sum(dim=1)
     per_user = torch.zeros(n_users, dtype=logits.dtype, device=logits.device)
     per_user.index_add_(0, owner, torch.nn.functional.softplus(-logits))
-    counts = torch.bincount(owner, minlength=n_users).to(logits.dtype)
-    share = user_shares(counts, config.weight_by) / counts.clamp(min=1.0)
+    counts = torch.bincount(owner, minlength=n_users).clamp(min=1).to(logits.dtype)
     kl = (w * torch.log(w.clamp(min=1e-30) * w.shape[1])).sum(dim=1)
-    return ((per_user + config.prior_pairs * kl) * share).mean() + config.l2 * (basis**2).sum()
+    return ((per_user + config.prior_pairs * kl) * share / counts).mean() + config.l2 * (basis**2).sum()

@@ -308,6 +308,7 @@ class PopulationCounts:
     pairs: int
     dim: int
     few_shot_pairs: int = 10  # median training pairs of the new (unseen) users that have any
+    seen_train_pairs: int = 0  # training pairs of the seen users
     # each coordinate's sum of squared differences over all pairs (D,): the embeddings' scale (pairs.fit_scales)
     column_squares: np.ndarray | None = None
 
@@ -336,7 +337,7 @@ def check_pair_file(path: str | Path, rows_per_block: int = READ_ROWS) -> tuple[
     columns = PairColumns.open(path)
     columns.verify_checksums()
     index = PairIndex.build(columns)
-    seen_users = train_users = largest = 0
+    seen_users = train_users = largest = seen_train_pairs = 0
     idle, few_shot = [], []
     nonzero = columns.n == 0
     squares = np.zeros(columns.dim)
@@ -348,6 +349,7 @@ def check_pair_file(path: str | Path, rows_per_block: int = READ_ROWS) -> tuple[
         trains = np.bincount(user_pos, weights=block.seen & (block.split == "train"), minlength=stop - first)
         seen_users += int(seen.sum())
         train_users += int((trains > 0).sum())
+        seen_train_pairs += int(trains.sum())
         idle.append(index.user_ids[first:stop][seen & (trains == 0)])
         largest = max(largest, int(trains.max(initial=0)))
         shots = np.bincount(user_pos, weights=~block.seen & (block.split == "train"), minlength=stop - first)
@@ -358,7 +360,7 @@ def check_pair_file(path: str | Path, rows_per_block: int = READ_ROWS) -> tuple[
                                             idle_users=np.concatenate(idle) if idle else index.user_ids[:0],
                                             largest_client_pairs=largest, pairs=columns.n, dim=columns.dim,
                                             few_shot_pairs=median_few_shot(shots),
-                                            column_squares=squares)
+                                            seen_train_pairs=seen_train_pairs, column_squares=squares)
 
 
 def median_few_shot(per_user: np.ndarray, default: int = 10) -> int:

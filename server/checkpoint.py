@@ -84,13 +84,19 @@ def _run_id_of(meta: dict) -> str:
     return "" if run_id == "" else valid_run_id(run_id, "run_id")
 
 
+# Settings added after checkpoints were first written, with the value every run before them had.
+SETTINGS_BEFORE_THEY_EXISTED = {"weight_by": "user", "pairs_per_user": 1.0}
+
+
 def check_resumable(state: RunState, settings: dict, population: list[int], run_dir: str | Path) -> None:
     """Refuse a resume whose fingerprinted settings or population differ; a key the checkpoint holds but today's
-    fingerprint leaves out (now volatile, e.g. prior_pairs) is not compared."""
-    changed = sorted(k for k in settings if state.settings.get(k) != settings[k])
+    fingerprint leaves out (now volatile, e.g. prior_pairs) is not compared, and one it lacks has its value from
+    before the setting existed."""
+    stored = {**SETTINGS_BEFORE_THEY_EXISTED, **state.settings}
+    changed = sorted(k for k in settings if stored.get(k) != settings[k])
     if changed:
         raise CheckpointError(f"{run_dir} holds a run with other settings ({changed}: "
-                              f"{[state.settings.get(k) for k in changed]} vs {[settings.get(k) for k in changed]}); "
+                              f"{[stored.get(k) for k in changed]} vs {[settings.get(k) for k in changed]}); "
                               "use a new --out directory or the same settings")
     if state.population != population:
         raise CheckpointError(f"{Path(run_dir) / CHECKPOINT_FILENAME} holds a run over another population: "

@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass
 from lore_core.marginal_fit import OBJECTIVES
 from lore_core.reward_math import MAX_L2
 from lore_core.simplex_fit import MAX_PRIOR_PAIRS
-from federation.protocol import config_number, local_steps, personal_prior_pairs
+from federation.protocol import WEIGHTINGS, config_number, local_steps, pairs_per_user, personal_prior_pairs
 from lore_core.privacy.privacy_settings import MODES as PRIVACY_MODES
 from lore_core.privacy.privacy_settings import PrivacyConfigError, PrivacySettings, validate
 from lore_core.setting_names import NO_VALUE, SettingError, as_field, as_run_config, setting
@@ -99,6 +99,8 @@ class ServerSettings:
     allow_uncovered_eval: bool = False  # DP modes: evaluate every eval-every rounds although uncovered
     progress: str = "log"  # server.round_progress.STYLES
     objective: str = "joint"  # clients' update: "joint" or "marginal" (federation/local_training.py)
+    weight_by: str = "user"  # "pair": users' updates weighted by their pairs (privacy none; protocol.pairs_per_user)
+    pairs_per_user: float = 1.0
 
     @classmethod
     def from_run_config(cls, cfg: dict) -> "ServerSettings":
@@ -126,6 +128,8 @@ class ServerSettings:
                 allow_uncovered_eval=_flag(cfg, "allow-uncovered-eval"),
                 progress=str(cfg.get("progress", "log")),
                 objective=str(cfg.get("objective", "joint")),
+                weight_by=str(cfg.get("weight-by", "user")),
+                pairs_per_user=pairs_per_user(cfg),
             )
         except KeyError as exc:
             raise RunConfigError(f"run config lacks key {exc}; keys present: {sorted(cfg)}") from exc
@@ -180,6 +184,12 @@ class ServerSettings:
             raise RunConfigError(f"{setting('progress')} must be one of {PROGRESS_STYLES}, got {self.progress!r}")
         if self.objective not in OBJECTIVES:
             raise RunConfigError(f"{setting('objective')} must be one of {OBJECTIVES}, got {self.objective!r}")
+        if self.weight_by not in WEIGHTINGS:
+            raise RunConfigError(f"{setting('weight-by')} must be one of {WEIGHTINGS}, got {self.weight_by!r}")
+        if self.weight_by == "pair" and self.privacy_mode != "none":
+            raise RunConfigError(
+                f"{setting('weight-by', 'pair')} under privacy mode {self.privacy_mode!r}: user-level DP bounds "
+                f"each user's pull by the clip, which would undo the weights; use {setting('weight-by', 'user')}")
         if self.objective == "marginal" and self.privacy_mode != "none":
             raise RunConfigError(
                 f"{setting('objective', 'marginal')} under privacy mode {self.privacy_mode!r}: the DP clip norm and "

@@ -203,11 +203,16 @@ def simulate_row(path: Path, run_dir: Path, chosen: dict, fed: dict, privacy: li
     parser = argparse.ArgumentParser()
     configure(parser)  # the flags of `lore-fed simulate`, so every default is the command's own
     prior = ["--prior-pairs", str(chosen["prior_pairs"])] if "prior_pairs" in chosen else []
+    private = privacy[privacy.index("--privacy") + 1] != "none"  # DP weighs users equally (the clip bounds each)
+    weighted = chosen.get("weight_by", "user") != "user" and not private
+    weighting = ["--weight-by", chosen["weight_by"]] if weighted else []
     args = parser.parse_args([str(path), "--rounds", str(fed["rounds"]), "--clients-per-round",
                               str(fed["clients_per_round"]), "--rank", str(chosen["rank"]), "--l2", str(chosen["l2"]),
-                              *prior, "--out", str(run_dir), *privacy, *objective_flags(chosen, privacy)])
+                              *prior, "--out", str(run_dir), *privacy, *objective_flags(chosen, privacy), *weighting])
     pairs = load_pairs(path)
-    overrides = {**run_overrides(args, int(np.unique(pairs.user[pairs.seen]).size)), "progress": "log"}
+    seen_train = pairs.seen & (pairs.split == "train")
+    overrides = {**run_overrides(args, int(np.unique(pairs.user[pairs.seen]).size), int(seen_train.sum())),
+                 "progress": "log"}
     n_users = int(np.unique(pairs.user).size)
     nodes = nodes_for(n_users)
     cfg = get_fused_config_from_dir(ROOT, {**overrides, "pairs-path": str(path.resolve()),

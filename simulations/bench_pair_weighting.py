@@ -1,15 +1,20 @@
 """Does fitting the basis with every pair counted once (`lore-fed train --weight-by pair`) beat every user's mean
 counted once (`--weight-by user`, the default), on pilot populations only?
 
-    python -m simulations.bench_pair_weighting [--cells heavy-tail:11,...] [--work runs/bench_pair_weighting]
+    python -m simulations.bench_pair_weighting [--cells heavy-tail:11,...] [--reported heavy-tail] [--simulate]
+                                               [--work runs/bench_pair_weighting]
                                                [--out bench_results/pair_weighting_pilot.md]
 
 A user's share of the basis fit is `joint_trainer.user_shares`: equal shares let the many thin users of a population
 whose users hold 2 to 400 pairs (the hostile `heavy-tail`) outweigh the few rich ones. Each cell is a pilot: a
 hostile population at seed 11 or 12 (`bench_hostile_populations`, reported at seeds 0-2) or a stress-matrix
 population at seed 101 (`bench_matrix`, reported at 0-2), so that a default chosen here is never chosen on the seeds
-it is reported for. `--reported heavy-tail` adds that population's reported seeds 0-2 as a measurement, apart. Rows: `lore-fed train --rank 1` (one shared reward, BT) and `lore-fed train` (default flags), each
-under both weightings, through the CLI; cells cached under --work.
+it is reported for. `--reported heavy-tail` adds that population's reported seeds 0-2 as a measurement, apart.
+Rows: `lore-fed train --rank 1` (one shared reward, BT) and `lore-fed train` (default flags), each
+under both weightings, through the CLI; with `--simulate`, on the reported cells also `simulate` (the hostile
+benchmark's federated row: the real apps in-process, 600 rounds of a fifth of the seen users, privacy none) with the
+rank, l2, personal prior and objective `train` chose under that weighting, and the same `--weight-by`. Cells cached
+under --work.
 """
 
 from __future__ import annotations
@@ -36,8 +41,8 @@ def pair_file(name: str, seed: int, work: Path) -> Path:
     return matrix.population_file(pop, seed, work / "matrix", quick=False)[0]
 
 
-def run_cell(name: str, seed: int, work: Path) -> dict:
-    """{weighting: {"bt": row, "train": row}} of one pilot (cached per run as `train_row`'s record)."""
+def run_cell(name: str, seed: int, work: Path, simulate: bool = False) -> dict:
+    """{weighting: {"bt": row, "train": row[, "simulate": row]}} of one cell (each row cached as a JSON record)."""
     path = pair_file(name, seed, work)
     cell = {}
     for weighting in WEIGHTINGS:
@@ -49,6 +54,14 @@ def run_cell(name: str, seed: int, work: Path) -> dict:
                 cache.parent.mkdir(parents=True, exist_ok=True)
                 cache.write_text(json.dumps(record))
             cell.setdefault(weighting, {})[row] = json.loads(cache.read_text())
+        cache = work / "results" / name / f"seed{seed}" / f"{weighting}-simulate.json"
+        if simulate and not cache.exists():
+            chosen = {**{k: cell[weighting]["train"][k] for k in matrix.TRAIN_CHOICE}, "weight_by": weighting}
+            run_dir = matrix._fresh(work / "runs" / name / f"seed{seed}" / f"{weighting}-simulate")
+            cache.write_text(json.dumps(matrix.simulate_row(path, run_dir, chosen, hostile.federated(name),
+                                                            ["--privacy", "none"])))
+        if cache.exists():
+            cell[weighting]["simulate"] = json.loads(cache.read_text())
     return cell
 
 
@@ -77,16 +90,31 @@ def markdown(cells: dict[str, dict]) -> str:
             f"| {key} | {acc(u['bt'])} | {acc(p['bt'])} | {acc(u['train'])} | {acc(p['train'])} | "
             f"{gain(p['train'], u['train'], 'seen_test_acc'):+.1f} / "
             f"{gain(p['train'], u['train'], 'unseen_test_acc'):+.1f} | "
-            f"user {gain(u['train'], u['bt'], 'seen_test_acc'):+.1f} / {gain(u['train'], u['bt'], 'unseen_test_acc'):+.1f}"
+            f"user {gain(u['train'], u['bt'], 'seen_test_acc'):+.1f} / "
+            f"{gain(u['train'], u['bt'], 'unseen_test_acc'):+.1f}"
             f"; pair {gain(p['train'], p['bt'], 'seen_test_acc'):+.1f} / "
             f"{gain(p['train'], p['bt'], 'unseen_test_acc'):+.1f} | "
             f"rank {u['train']['rank']}; rank {p['train']['rank']} |")
+    federated = [(key, c) for key, c in cells.items() if all("simulate" in c[w] for w in WEIGHTINGS)]
+    if federated:
+        lines += ["", "`simulate` (privacy none, 600 rounds of a fifth of the seen users) with `train`'s choice under "
+                      "each weighting, and its distance to that `train` (points):", "",
+                  "| cell | simulate user | simulate - train, user | simulate pair | simulate - train, pair |",
+                  "|---|---|---|---|---|"]
+        for key, c in federated:
+            row = [f"| {key}{' (reported seed)' if is_reported(key) else ''} "]
+            for w in WEIGHTINGS:
+                sim, train = c[w]["simulate"], c[w]["train"]
+                row.append(f"| {acc(sim)} | {gain(sim, train, 'seen_test_acc'):+.1f} / "
+                           f"{gain(sim, train, 'unseen_test_acc'):+.1f} ")
+            lines.append("".join(row) + "|")
     for label, keep in (("pilots", lambda key: not is_reported(key)), ("reported seeds", is_reported)):
         diffs = [(c["pair"]["train"][k] - c["user"]["train"][k]) * 100 for key, c in cells.items() if keep(key)
                  for k in ("seen_test_acc", "unseen_test_acc")]
         if diffs:
             lines += ["", f"`train` pair - user over the {len(diffs) // 2} {label}, seen and new together: mean "
-                          f"{sum(diffs) / len(diffs):+.2f} points, lowest {min(diffs):+.1f}, highest {max(diffs):+.1f}."]
+                          f"{sum(diffs) / len(diffs):+.2f} points, lowest {min(diffs):+.1f}, "
+                          f"highest {max(diffs):+.1f}."]
     return "\n".join(lines) + "\n"
 
 
@@ -94,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cells", default=",".join(CELLS), help="NAME:SEED,... (pilot seeds only)")
     parser.add_argument("--reported", default="", help="populations whose reported seeds 0-2 are measured too")
+    parser.add_argument("--simulate", action="store_true", help="the federated row on the reported cells too")
     parser.add_argument("--work", default="runs/bench_pair_weighting")
     parser.add_argument("--out", default="bench_results/pair_weighting_pilot.md")
     args = parser.parse_args(argv)
@@ -102,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     reported = [f"{name}:{seed}" for name in filter(None, args.reported.split(",")) for seed in REPORTED_SEEDS]
     for item in [*args.cells.split(","), *reported]:
         name, seed = item.split(":")
-        cells[item] = run_cell(name, int(seed), work)
+        cells[item] = run_cell(name, int(seed), work, simulate=args.simulate and is_reported(item))
     write_outputs(Path(args.out), markdown(cells), cells)
     return 0
 

@@ -60,7 +60,8 @@ def test_pair_weighting_is_the_sum_over_pairs_and_equal_counts_change_nothing(ob
         if objective == "marginal":
             return float(MarginalObjective(diff, idx, 3, 2, 0.0, weighting)(basis))
         config = MinibatchConfig(rank=2, l2=0.0, prior_pairs=0.0, weight_by=weighting)
-        return float(_batch_objective(diff, idx, 3, basis, torch.softmax(theta, 1), config))
+        share = user_shares(torch.bincount(idx, minlength=3).float(), weighting)
+        return float(_batch_objective(diff, idx, 3, basis, torch.softmax(theta, 1), config, share))
 
     equal = np.repeat(np.arange(3), 10)
     assert value(equal, "pair") == pytest.approx(value(equal, "user"), rel=1e-6)
@@ -70,6 +71,45 @@ def test_pair_weighting_is_the_sum_over_pairs_and_equal_counts_change_nothing(ob
         w = torch.softmax(theta, 1)[torch.as_tensor(unequal)]
         per_pair = torch.nn.functional.softplus(-((diff @ basis.T) * w).sum(1))
         assert value(unequal, "pair") == pytest.approx(float(per_pair.mean()), rel=1e-5)
+
+
+def test_a_users_share_scales_its_prior_with_its_loss_so_its_w_given_the_basis_is_unchanged():
+    """Each user's terms (loss and prior) times its share: the gradient in that user's w is its share times the one
+    of equal weights, so the w a user fits given the basis is the same under both weightings."""
+    rng = np.random.default_rng(2)
+    diff = torch.tensor(rng.normal(size=(40, 6)), dtype=torch.float32)
+    user_idx = torch.as_tensor(np.r_[np.zeros(4, int), np.ones(10, int), np.full(26, 2)])
+    basis = torch.tensor(rng.normal(size=(3, 6)), dtype=torch.float32)
+    prior = torch.tensor([3 / 4, 3 / 10, 3 / 26])  # prior_from_pairs: 3 pairs' worth each
+    grads = {}
+    for weighting in ("user", "pair"):
+        theta = torch.tensor(rng.normal(size=(3, 3)) if not grads else grads["theta"], dtype=torch.float32,
+                             requires_grad=True)
+        _Objective(diff, user_idx, 3, prior, 0.0, weighting)(basis, theta).backward()
+        grads.setdefault("theta", theta.detach().numpy())
+        grads[weighting] = theta.grad.numpy()
+    share = user_shares(torch.tensor([4.0, 10.0, 26.0]), "pair").numpy()
+    np.testing.assert_allclose(grads["pair"], grads["user"] * share[:, None], rtol=1e-4, atol=1e-7)
+
+
+def test_minibatches_of_unequal_data_add_up_to_the_mean_over_all_pairs():
+    """Shares come from the whole population, not the batch: batches of thin and of thick users, each weighed by its
+    users, add up to the mean loss over every pair (a reviewer found batch-normalised shares weigh batches equally)."""
+    rng = np.random.default_rng(3)
+    counts = np.r_[np.full(3, 2), np.full(3, 100)]
+    idx = np.repeat(np.arange(6), counts)
+    diff = torch.tensor(rng.normal(size=(idx.size, 4)), dtype=torch.float32)
+    basis = torch.tensor(rng.normal(size=(2, 4)), dtype=torch.float32)
+    w = torch.softmax(torch.tensor(rng.normal(size=(6, 2)), dtype=torch.float32), 1)
+    share = user_shares(torch.tensor(counts, dtype=torch.float32), "pair")
+    config = MinibatchConfig(rank=2, l2=0.0, prior_pairs=0.0, weight_by="pair")
+    total = 0.0
+    for users in (np.arange(3), np.arange(3, 6)):  # a batch of thin users, then one of thick users
+        rows = np.isin(idx, users)
+        owner = torch.as_tensor(np.searchsorted(users, idx[rows]))
+        total += 3 * float(_batch_objective(diff[rows], owner, 3, basis, w[users], config, share[users]))
+    per_pair = torch.nn.functional.softplus(-((diff @ basis.T) * w[torch.as_tensor(idx)]).sum(1))
+    assert total / 6 == pytest.approx(float(per_pair.mean()), rel=1e-5)
 
 
 def test_train_records_the_weighting_and_refuses_an_unknown_one(tmp_path, capsys):
@@ -82,3 +122,125 @@ def test_train_records_the_weighting_and_refuses_an_unknown_one(tmp_path, capsys
         main(["train", str(tmp_path / "pairs.npz"), "--weight-by", "pairs", "--out", str(tmp_path / "other")])
     assert exc.value.code == 2 and "--weight-by" in capsys.readouterr().err
     assert not (tmp_path / "other").exists()
+
+
+# --- the federated update: `simulate --weight-by pair` (privacy none) ------------------------------------------------
+def _first_round_updates(pair_file, run_dir, **overrides) -> dict:
+    """One round of the real ServerApp and ClientApp in-process on 2 nodes, every user sampled: {(node id, local
+    user index): its update}."""
+    from flwr.common.config import get_fused_config_from_dir
+
+    from client.client_app import app as client_app
+    from federation import protocol as p
+    from server.run_settings import ServerSettings
+    from server.server_app import run_federated
+    from simulations.flower_run import ROOT
+    from simulations.in_process_grid import LocalGrid
+
+    cfg = get_fused_config_from_dir(ROOT, {"pairs-path": str(pair_file), "run-dir": str(run_dir), "rank": 2,
+                                           "num-server-rounds": 1, "clients-per-round": 12, "privacy-mode": "none",
+                                           "eval-every": 0, **overrides})
+    grid = LocalGrid(client_app, [{"partition-id": i, "num-partitions": 2} for i in range(2)], cfg)
+    run_federated(grid, ServerSettings.from_run_config(cfg))
+    updates = {}
+    for sent, reply in zip(grid.sent, grid.replies):  # LocalGrid answers each message as it sends it
+        if sent.metadata.message_type != "train":
+            continue
+        local = list(sent.content[p.CONFIG][p.USER_INDICES])
+        for k, user in enumerate(local):
+            updates[(sent.metadata.dst_node_id, int(user))] = reply.content[p.ARRAYS][p.UPDATES].numpy()[k]
+    return updates
+
+
+def test_a_pair_weighted_client_scales_each_users_update_by_its_pairs(tmp_path):
+    """The same round with weight-by user and pair: every user's update differs by n_u / pairs-per-user exactly,
+    so the server's plain mean counts every pair once (fails if the clients ignore weight-by)."""
+    from federation.user_block import load_partition_users
+
+    pairs, _ = make_synthetic_pairs(SyntheticPairsConfig(dim=8, seen_users=12, unseen_users=2, train_pairs=(3, 30),
+                                                         seed=4))
+    path = save_pairs(pairs, tmp_path / "pairs.npz")
+    equal = _first_round_updates(path, tmp_path / "user")
+    weighted = _first_round_updates(path, tmp_path / "pair", **{"weight-by": "pair", "pairs-per-user": 10.0})
+    assert equal.keys() == weighted.keys() and len(equal) == 12
+    ratios = {key: float(np.linalg.norm(weighted[key]) / np.linalg.norm(equal[key])) for key in equal}
+    counts = {}  # node id (LocalGrid: 1000 + 7 * (nodes - partition)) -> training pairs of each of its users
+    for partition in range(2):
+        node = load_partition_users(str(path), partition, 2)
+        rows = node.training_block(np.arange(node.n_train_users)).seen_train.user_idx
+        counts[1000 + 7 * (2 - partition)] = np.bincount(rows, minlength=node.n_train_users)
+    for (node, user), ratio in ratios.items():
+        assert ratio == pytest.approx(counts[node][user] / 10.0, rel=1e-6)
+    assert len({round(r, 3) for r in ratios.values()}) > 3  # users of unequal data
+
+
+def _settings(**overrides):
+    from flwr.common.config import get_fused_config_from_dir
+
+    from server.run_settings import ServerSettings
+    from simulations.flower_run import ROOT
+
+    return ServerSettings.from_run_config(get_fused_config_from_dir(ROOT, {"run-dir": "x", **overrides}))
+
+
+@pytest.mark.parametrize("mode", ["user", "user+secagg", "record"])
+def test_pair_weighting_is_refused_under_every_dp_mode(mode):
+    from server.run_settings import RunConfigError
+
+    with pytest.raises(RunConfigError, match="weight-by"):
+        _settings(**{"weight-by": "pair", "pairs-per-user": 10.0, "privacy-mode": mode})
+    with pytest.raises(RunConfigError, match="weight-by"):  # the refusal, not a missing pairs-per-user, comes first
+        _settings(**{"weight-by": "pair", "privacy-mode": mode})
+
+
+def test_pair_weighting_needs_pairs_per_user_and_a_known_value():
+    from server.run_settings import RunConfigError
+
+    with pytest.raises(ValueError, match="pairs-per-user"):
+        _settings(**{"weight-by": "pair", "privacy-mode": "none"})
+    with pytest.raises(ValueError, match="pairs-per-user"):
+        _settings(**{"weight-by": "pair", "pairs-per-user": 0.0, "privacy-mode": "none"})
+    with pytest.raises(RunConfigError, match="weight-by"):
+        _settings(**{"weight-by": "pairs", "privacy-mode": "none"})
+
+
+def test_a_resume_keeps_the_weighting_and_checkpoints_from_before_it_resume_as_user():
+    """A reviewer: with the key left out of user-weighted fingerprints, a pair-weighted run resumed as user passed."""
+    from server.checkpoint import CheckpointError, RunState, check_resumable
+
+    def state(fingerprint):
+        return RunState(round=1, basis=np.zeros((2, 2)), settings=fingerprint, population=[3, 2])
+
+    user = _settings(**{"privacy-mode": "none"}).fingerprint()
+    pair = _settings(**{"weight-by": "pair", "pairs-per-user": 10.0, "privacy-mode": "none"}).fingerprint()
+    before = {k: v for k, v in user.items() if k not in ("weight_by", "pairs_per_user")}  # an older checkpoint
+    check_resumable(state(before), user, [3, 2], "run")
+    check_resumable(state(pair), pair, [3, 2], "run")
+    for stored, today in ((pair, user), (before, pair), (user, pair)):
+        with pytest.raises(CheckpointError, match="weight_by"):
+            check_resumable(state(stored), today, [3, 2], "run")
+
+
+def test_simulate_weight_by_pair_sets_pairs_per_user_to_the_files_mean(tmp_path):
+    import argparse
+
+    from lore_cli.simulate_command import check_run, configure, read_population, run_overrides
+
+    pairs, _ = make_synthetic_pairs(SyntheticPairsConfig(dim=8, seen_users=10, unseen_users=2, train_pairs=(3, 30),
+                                                         seed=5))
+    path = save_pairs(pairs, tmp_path / "pairs.npz")
+    parser = argparse.ArgumentParser()
+    configure(parser)
+    population = read_population(path)
+    seen_train = pairs.seen & (pairs.split == "train")
+    for privacy, refused in (("none", False), ("user", True)):
+        args = parser.parse_args([str(path), "--out", str(tmp_path / "run"), "--weight-by", "pair",
+                                  "--privacy", privacy])
+        overrides = run_overrides(args, population["seen_users"], population["seen_train_pairs"])
+        assert overrides["weight-by"] == "pair"
+        assert overrides["pairs-per-user"] == pytest.approx(seen_train.sum() / 10)
+        if refused:
+            with pytest.raises(ValueError, match="weight-by"):
+                check_run(population, {**overrides, "run-dir": str(tmp_path / "run")})
+        else:
+            assert check_run(population, {**overrides, "run-dir": str(tmp_path / "run")})[0].weight_by == "pair"
