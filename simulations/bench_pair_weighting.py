@@ -1,5 +1,5 @@
 """Does fitting the basis with every pair counted once (`lore-fed train --weight-by pair`) beat every user's mean
-counted once (`--weight-by user`, the default), on pilot populations only?
+counted once (`--weight-by user`, the default)? Judged on pilot populations; reported seeds only measured.
 
     python -m simulations.bench_pair_weighting [--cells heavy-tail:11,...] [--reported heavy-tail] [--simulate]
                                                [--work runs/bench_pair_weighting]
@@ -29,7 +29,8 @@ from simulations.bench_output import write_outputs
 
 REPORTED_SEEDS = (0, 1, 2)
 CELLS = ("heavy-tail:11", "heavy-tail:12", "clickers:11", "thin-majority:11", "minority:11", "weak-few:11",
-         "iso-5-15:101", "iso-20-40:101", "iso-shared:101", "iso-noise:101", "iso-zero:101")
+         "iso-5-15:101", "iso-20-40:101", "iso-shared:101", "iso-noise:101", "iso-zero:101", "aniso-20-40:101",
+         "iso-weak:101", "iso-5-15-1400:101", "iso-150-250:101")
 WEIGHTINGS = ("user", "pair")
 
 
@@ -76,10 +77,11 @@ def markdown(cells: dict[str, dict]) -> str:
     def gain(a, b, key):
         return 100.0 * (a[key] - b[key])
 
-    lines = ["# Basis fit weighted by user or by pair: pilots (`python -m simulations.bench_pair_weighting`)", "",
+    lines = ["# Basis fit weighted by user or by pair (`python -m simulations.bench_pair_weighting`)", "",
              "Seen / new-user test accuracy. `user`: every seen user's mean loss counts once in the basis fit (the "
-             "default); `pair`: every pair counts once. Pilot seeds only (hostile populations at 11-12, matrix "
-             "populations at 101); nothing here is a reported seed.", "",
+             "default); `pair`: every pair counts once. Pilot cells: hostile populations at seeds 11-12, matrix "
+             "populations at 101. Cells marked (reported seed) are a measurement apart: nothing is chosen on them.",
+             "",
              "| cell | BT user | BT pair | train user | train pair | train pair - train user (points) | "
              "train - BT, each weighting (points) | train chose (user; pair) |", "|---|---|---|---|---|---|---|---|"]
     for key, cell in cells.items():
