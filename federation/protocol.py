@@ -98,20 +98,27 @@ class ClientSettings:
 
 
 WEIGHTINGS = ("user", "pair")
+# Every seen user has a training pair, so the mean is at least 1; far above any population's, a tester's 1e308 shrank
+# every update to nothing and the run ended at chance with exit 0.
+PAIRS_PER_USER_RANGE = (1.0, 1e6)
 
 
 def pairs_per_user(run_config: dict) -> float:
-    """`pairs-per-user` where `weight-by` is "pair" (a number > 0, which server and clients read here), else 1.
-    With weight-by pair a user's update is multiplied by n_u / pairs-per-user, so the server's plain mean over a
-    round's users estimates the update of every pair counted once (`lore-fed train --weight-by pair`); any constant
-    only rescales the step, and the seen users' mean pairs keeps it as it is with equal weights."""
+    """`pairs-per-user` where `weight-by` is "pair" (in PAIRS_PER_USER_RANGE; server and clients read it here), else
+    1. With weight-by pair a user's update is multiplied by n_u / pairs-per-user, so the server's plain mean over a
+    round's users estimates the update of every pair counted once (`lore-fed train --weight-by pair`). It must be the
+    seen users' mean training pairs: the updates then keep their usual size, and the server's L2 on the basis, which
+    it does not scale, weighs against them as in `train` (a value 100 times too large acted as a 100 times stronger
+    L2; a tester)."""
     if str(run_config.get("weight-by", "user")) != "pair" or str(run_config.get("privacy-mode")) != "none":
         return 1.0  # (under DP the server refuses weight-by pair itself: server.run_settings)
     value = config_number("pairs-per-user", run_config.get("pairs-per-user", ""), float,
                           " (the seen users' mean training pairs: `lore-fed simulate` sets it, a deployment gives "
                           "it with -c)")
-    if not (math.isfinite(value) and value > 0):
-        raise SettingError(f"{setting('pairs-per-user')} must be a number > 0, got {value!r}")
+    low, high = PAIRS_PER_USER_RANGE
+    if not (math.isfinite(value) and low <= value <= high):
+        raise SettingError(f"{setting('pairs-per-user')} must be the seen users' mean training pairs, from {low:g} "
+                           f"to {high:g}, got {value!r}")
     return value
 
 

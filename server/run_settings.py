@@ -188,8 +188,9 @@ class ServerSettings:
             raise RunConfigError(f"{setting('weight-by')} must be one of {WEIGHTINGS}, got {self.weight_by!r}")
         if self.weight_by == "pair" and self.privacy_mode != "none":
             raise RunConfigError(
-                f"{setting('weight-by', 'pair')} under privacy mode {self.privacy_mode!r}: user-level DP bounds "
-                f"each user's pull by the clip, which would undo the weights; use {setting('weight-by', 'user')}")
+                f"{setting('weight-by', 'pair')} under privacy mode {self.privacy_mode!r}: a DP mode bounds each "
+                f"user's (or pair's) contribution by its clip norm, which would undo the weights; use "
+                f"{setting('weight-by', 'user')}")
         if self.objective == "marginal" and self.privacy_mode != "none":
             raise RunConfigError(
                 f"{setting('objective', 'marginal')} under privacy mode {self.privacy_mode!r}: the DP clip norm and "

@@ -198,8 +198,9 @@ def test_pair_weighting_needs_pairs_per_user_and_a_known_value():
 
     with pytest.raises(ValueError, match="pairs-per-user"):
         _settings(**{"weight-by": "pair", "privacy-mode": "none"})
-    with pytest.raises(ValueError, match="pairs-per-user"):
-        _settings(**{"weight-by": "pair", "pairs-per-user": 0.0, "privacy-mode": "none"})
+    for bad in (0.0, 0.5, 1e308, float("nan")):  # below any population's mean (1), or absurdly far above it
+        with pytest.raises(ValueError, match="pairs-per-user"):
+            _settings(**{"weight-by": "pair", "pairs-per-user": bad, "privacy-mode": "none"})
     with pytest.raises(RunConfigError, match="weight-by"):
         _settings(**{"weight-by": "pairs", "privacy-mode": "none"})
 
