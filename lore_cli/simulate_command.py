@@ -233,6 +233,8 @@ PROBLEMS = {
     "unasked_nodes": "{} nodes hosting sampled users were not asked: their round's users lay on too few nodes for a "
                      "secure sum, and it released a data-free noise step (user+secagg)",
     "non_finite_users": "{} users' updates were not finite and were left out",
+    "skipped_steps": "{} server steps gave a non-finite basis and were skipped: the basis did not move in those rounds "
+                     "(rates or updates far too large)",
     "record_budget_exhausted_users": "{} sampled users had spent their record-level budget and sent a zero update",
     "eval_failed_nodes": "{} nodes failed the final evaluation: its accuracy covers the other nodes' users only",
     "eval_missing_nodes": "{} nodes did not answer the final evaluation: its accuracy covers the others' users only",

@@ -156,6 +156,7 @@ class TrainingRun:
                 self.state.basis = new_basis
             else:  # an overflowing step (huge rates or updates): the basis and the optimizer stay as they were
                 log.error("round %d: server step produced a non-finite basis; step skipped", self.round)
+                self._record["skipped_steps"] = 1  # a run problem (lore_cli.simulate_command.PROBLEMS)
                 mean_update = None
         self.releases.append(round=self.round, ledger_round=entry["round"], basis_before=before,
                              mean_update=mean_update, basis_after=self.state.basis)

@@ -616,6 +616,32 @@ def test_solver_non_convergence_is_reported(tmp_path, pair_file):
         assert cli(["evaluate", pair_file, "--basis", wide, "--prior-pairs", "1e-12"])[0] == 0
 
 
+def test_server_steps_skipped_as_non_finite_are_counted_as_a_run_problem(tmp_path, pairs):
+    """Found by a tester: a run whose every server step overflowed (and was skipped, the basis never moving) ended
+    with exit 0 and nothing in metrics.json to say so. Each skipped step is now a run problem."""
+    from lore_cli.simulate_command import run_problems
+
+    from flwr.app import Array, ArrayRecord, Message
+
+    from federation import protocol as p
+
+    def huge(reply: Message) -> Message:  # finite updates whose square overflows: Adam's step is not finite
+        if reply.metadata.message_type != "train":
+            return reply
+        updates = np.full_like(reply.content[p.ARRAYS][p.UPDATES].numpy(), 1e200)
+        reply.content[p.ARRAYS] = ArrayRecord({p.UPDATES: Array(updates)})
+        return reply
+
+    save_pairs(pairs, tmp_path / "pairs.npz")
+    cfg = get_fused_config_from_dir(ROOT, {
+        "pairs-path": str(tmp_path / "pairs.npz"), "run-dir": str(tmp_path / "run"), "rank": RANK,
+        "num-server-rounds": 2, "clients-per-round": 3, "privacy-mode": "none"})
+    grid = LocalGrid(client_app, [{"partition-id": 0, "num-partitions": 1}], cfg, reply_hook=huge)
+    state = run_federated(grid, ServerSettings.from_run_config(cfg))
+    assert run_problems(state.history) == {"skipped_steps": 2}
+    assert "update_norm" not in state.history[-1]
+
+
 def test_record_mode_budget_exhaustion_is_counted_not_hidden(tmp_path, pairs, caplog):
     save_pairs(pairs, tmp_path / "pairs.npz")
     cfg = get_fused_config_from_dir(ROOT, {
