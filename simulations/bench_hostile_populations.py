@@ -37,7 +37,8 @@ oracle (true logits) and, where a low-rank truth exists, the true-basis ceiling 
 `simulate`: the matrix's federated row (`bench_matrix.simulate_row`: the real ServerApp and ClientApp, 600 rounds
 of a fifth of the seen users, no privacy, `train`'s choice of the same seed). This benchmark chooses nothing: it
 checks the matrix's first and last criteria (`train` within 2 SE of BT or above, seen and new users; the federated
-run within 1 point of `train`) on populations no default was chosen on.
+run within 1 point of `train`) on populations no default was chosen on. `--weight-by pair` runs BT and `train` with
+every pair counted once in the basis fit (and `simulate` likewise) and writes hostile_populations_pair.*.
 """
 
 from __future__ import annotations
@@ -179,15 +180,18 @@ def federated(name: str) -> dict:
     return {"rounds": 600, "clients_per_round": max(10, seen_users(name) // 5)}
 
 
-def run_cell(name: str, seed: int, work: Path, rows: tuple[str, ...] = ("bt", "train")) -> dict:
-    """The `rows` of one population and seed (cached as JSON under work/results; a rerun adds missing rows)."""
+def run_cell(name: str, seed: int, work: Path, rows: tuple[str, ...] = ("bt", "train"),
+             weight_by: str = "user") -> dict:
+    """The `rows` of one population and seed (cached as JSON under work/results; a rerun adds missing rows), BT and
+    `train` with `--weight-by weight_by` (keep one --work per weighting)."""
+    weighting = [] if weight_by == "user" else ["--weight-by", weight_by]
     cache = work / "results" / name / f"seed{seed}.json"
     cell = json.loads(cache.read_text()) if cache.exists() else {}
     path = population_file(name, seed, work)
     runs = work / "runs" / name / f"seed{seed}"
     for row, flags in (("bt", ["--rank", "1"]), ("train", [])):
         if row not in cell and (row in rows or "simulate" in rows):
-            cell[row] = train_row(path, runs / row, flags)
+            cell[row] = train_row(path, runs / row, [*flags, *weighting])
             atomic_write_json(cache, cell)
     if "ceiling" not in cell:  # the true basis with the matrix's prior (`bench_matrix.ceiling_rows`), not train's
         _, basis = hostile_population(name, seed)
@@ -195,7 +199,7 @@ def run_cell(name: str, seed: int, work: Path, rows: tuple[str, ...] = ("bt", "t
             f"true_basis_{group}": value for group, value in ceiling_rows(path, basis)["true_basis"].items()}
         atomic_write_json(cache, cell)
     if "simulate" in rows and "simulate" not in cell:
-        chosen = {k: cell["train"][k] for k in TRAIN_CHOICE if k in cell["train"]}
+        chosen = {**{k: cell["train"][k] for k in TRAIN_CHOICE if k in cell["train"]}, "weight_by": weight_by}
         cell["simulate"] = simulate_row(path, _fresh(runs / "simulate"), chosen, federated(name), ["--privacy", "none"])
         atomic_write_json(cache, cell)
     return cell
@@ -231,8 +235,10 @@ def summarize(name: str, cells: dict[int, dict]) -> dict:
     return out
 
 
-def markdown(summaries: list[dict], seeds: list[int], rows: tuple[str, ...] = ("bt", "train")) -> str:
+def markdown(summaries: list[dict], seeds: list[int], rows: tuple[str, ...] = ("bt", "train"),
+             weight_by: str = "user") -> str:
     flag = "" if "simulate" not in rows else f" --rows {','.join(rows)}"
+    flag += "" if weight_by == "user" else f" --weight-by {weight_by}"
     lines = [f"# Hostile populations (`python -m simulations.bench_hostile_populations --seeds "
              f"{','.join(map(str, seeds))}{flag}`)", "",
              "Populations the matrix's generator cannot make (module docstring of "
@@ -282,6 +288,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--populations", default=",".join(POPULATIONS))
     parser.add_argument("--rows", default="bt,train", help=f"rows to run, of {','.join(ROWS)} (simulate: the "
                         "federated row, about 2 minutes per population and seed)")
+    parser.add_argument("--weight-by", default="user", choices=("user", "pair"),
+                        help="`train`'s and BT's --weight-by (pair: writes hostile_populations_pair.*; give its own "
+                             "--work)")
     parser.add_argument("--work", default="runs/bench_hostile")
     parser.add_argument("--out", default="bench_results")
     args = parser.parse_args(argv)
@@ -299,16 +308,17 @@ def main(argv: list[str] | None = None) -> int:
         cells = {}
         for seed in seeds:
             started = time.perf_counter()
-            cells[seed] = run_cell(name, seed, work, rows)
+            cells[seed] = run_cell(name, seed, work, rows, args.weight_by)
             print(f"{name} seed {seed}: bt {cells[seed]['bt']['seen_test_acc']:.4f} / "
                   f"{cells[seed]['bt']['unseen_test_acc']:.4f}, train {cells[seed]['train']['seen_test_acc']:.4f} / "
                   f"{cells[seed]['train']['unseen_test_acc']:.4f} ({time.perf_counter() - started:.0f} s)",
                   flush=True)
         summaries.append(summarize(name, cells))
     out = Path(args.out)
-    atomic_write_json(out / "hostile_populations.json", {"seeds": seeds, "populations": summaries})
-    text = markdown(summaries, seeds, rows)
-    atomic_write_text(out / "hostile_populations.md", text)
+    stem = "hostile_populations" + ("" if args.weight_by == "user" else f"_{args.weight_by}")
+    atomic_write_json(out / f"{stem}.json", {"seeds": seeds, "weight_by": args.weight_by, "populations": summaries})
+    text = markdown(summaries, seeds, rows, args.weight_by)
+    atomic_write_text(out / f"{stem}.md", text)
     print(text)
     return 0 if not any(math.isnan(s["checks"]["seen"]["train_minus_bt"]) for s in summaries) else 1
 
