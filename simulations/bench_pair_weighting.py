@@ -23,6 +23,7 @@ import argparse
 import json
 from pathlib import Path
 
+from lore_core.atomic_io import atomic_write_json
 from simulations import bench_hostile_populations as hostile
 from simulations import bench_matrix as matrix
 from simulations.bench_output import write_outputs
@@ -51,16 +52,15 @@ def run_cell(name: str, seed: int, work: Path, simulate: bool = False) -> dict:
             cache = work / "results" / name / f"seed{seed}" / f"{weighting}-{row}.json"
             if not cache.exists():
                 run_dir = matrix._fresh(work / "runs" / name / f"seed{seed}" / f"{weighting}-{row}")
-                record = matrix.train_row(path, run_dir, [*flags, "--weight-by", weighting])
                 cache.parent.mkdir(parents=True, exist_ok=True)
-                cache.write_text(json.dumps(record))
+                atomic_write_json(cache, matrix.train_row(path, run_dir, [*flags, "--weight-by", weighting]))
             cell.setdefault(weighting, {})[row] = json.loads(cache.read_text())
         cache = work / "results" / name / f"seed{seed}" / f"{weighting}-simulate.json"
         if simulate and not cache.exists():
             chosen = {**{k: cell[weighting]["train"][k] for k in matrix.TRAIN_CHOICE}, "weight_by": weighting}
             run_dir = matrix._fresh(work / "runs" / name / f"seed{seed}" / f"{weighting}-simulate")
-            cache.write_text(json.dumps(matrix.simulate_row(path, run_dir, chosen, hostile.federated(name),
-                                                            ["--privacy", "none"])))
+            atomic_write_json(cache, matrix.simulate_row(path, run_dir, chosen, hostile.federated(name),
+                                                         ["--privacy", "none"]))
         if cache.exists():
             cell[weighting]["simulate"] = json.loads(cache.read_text())
     return cell
@@ -70,14 +70,14 @@ def is_reported(key: str) -> bool:
     return int(key.split(":")[1]) in REPORTED_SEEDS
 
 
-def markdown(cells: dict[str, dict]) -> str:
+def markdown(cells: dict[str, dict], command: str) -> str:
     def acc(entry):
         return f"{entry['seen_test_acc']:.3f} / {entry['unseen_test_acc']:.3f}"
 
     def gain(a, b, key):
         return 100.0 * (a[key] - b[key])
 
-    lines = ["# Basis fit weighted by user or by pair (`python -m simulations.bench_pair_weighting`)", "",
+    lines = [f"# Basis fit weighted by user or by pair (`{command}`)", "",
              "Seen / new-user test accuracy. `user`: every seen user's mean loss counts once in the basis fit (the "
              "default); `pair`: every pair counts once. Pilot cells: hostile populations at seeds 11-12, matrix "
              "populations at 101. Cells marked (reported seed) are a measurement apart: nothing is chosen on them.",
@@ -122,7 +122,7 @@ def markdown(cells: dict[str, dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cells", default=",".join(CELLS), help="NAME:SEED,... (pilot seeds only)")
+    parser.add_argument("--cells", default=",".join(CELLS), help="NAME:SEED,... (the pilot cells)")
     parser.add_argument("--reported", default="", help="populations whose reported seeds 0-2 are measured too")
     parser.add_argument("--simulate", action="store_true", help="the federated row on the reported cells too")
     parser.add_argument("--work", default="runs/bench_pair_weighting")
@@ -134,7 +134,9 @@ def main(argv: list[str] | None = None) -> int:
     for item in [*args.cells.split(","), *reported]:
         name, seed = item.split(":")
         cells[item] = run_cell(name, int(seed), work, simulate=args.simulate and is_reported(item))
-    write_outputs(Path(args.out), markdown(cells), cells)
+    flags = (f" --reported {args.reported}" if args.reported else "") + (" --simulate" if args.simulate else "")
+    command = f"python -m simulations.bench_pair_weighting{flags}"
+    write_outputs(Path(args.out), markdown(cells, command), cells)
     return 0
 
 
