@@ -22,8 +22,8 @@ from flwr.clientapp import ClientApp
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS as SECAGG_CONFIGS
 
 from federation import protocol as p
-from federation.local_training import (device_fit_weights, evaluate_node, personal_fit_weights, record_dp_updates,
-                                       train_sampled_users)
+from federation.local_training import (device_fit_weights, evaluate_node, pair_weighted, personal_fit_weights,
+                                       record_dp_updates, train_sampled_users)
 from federation.canary_users import CanaryBlock, load_canary_block
 from federation.user_block import NodeUsers, load_device_users, load_partition_users
 from client.node_limits import NodeLimitError, NodeLimits
@@ -121,8 +121,7 @@ def train_clipped(context: Context, settings: p.ClientSettings, node: NodeUsers,
     if clip_norm is not None:
         return clip_finite_users(updates, clip_norm)
     if settings.weight_by == "pair":  # mode none only (server.run_settings): every pair counted once
-        pairs = np.bincount(block.seen_train.user_idx, minlength=node.n_train_users)[sampled]
-        updates = updates * (pairs / settings.pairs_per_user)[:, None, None]
+        updates = pair_weighted(updates, block, sampled, settings.pairs_per_user)
     return updates
 
 

@@ -90,6 +90,14 @@ def train_sampled_users(basis: np.ndarray, block: UserBlock, weights: np.ndarray
     return updated, local_basis_updates(basis, fitted, sub, steps=steps, lr=lr)
 
 
+def pair_weighted(updates: np.ndarray, block: UserBlock, sampled: np.ndarray, pairs_per_user: float) -> np.ndarray:
+    """Run config weight-by pair (mode none): each sampled user's update (k, B, D) times its training pairs in
+    `block` / pairs-per-user, so that the server's plain mean counts every pair once (federation.protocol
+    pairs_per_user). The ClientApp and the audits' recomputed uploads both scale here."""
+    pairs = np.bincount(block.seen_train.user_idx, minlength=int(sampled.max(initial=-1)) + 1)[sampled]
+    return updates * (pairs / pairs_per_user)[:, None, None]
+
+
 def record_dp_updates(basis: np.ndarray, block: UserBlock, logits: np.ndarray, sampled: np.ndarray,
                       states: list, *, lr: float, noise_multiplier: float, max_grad_norm: float, batch_size: int,
                       epochs: int, delta: float, max_epsilon: float | None = None, noise_seed: int | None = None,

@@ -285,8 +285,8 @@ def load_run_basis(path: str | None, run_dir: Path | None):
 
 def run_client_settings(run_dir: Path | None):
     """The clients' training settings of the run that happened (federation.protocol.ClientSettings): its
-    checkpoint's train prior, local steps, client rate and objective; the run config's defaults for a run without a
-    checkpoint (`train`, or --basis/--synthetic), whose updates no client ever sent."""
+    checkpoint's train prior, local steps, client rate, objective and weighting; the run config's defaults for a run
+    without a checkpoint (`train`, or --basis/--synthetic), whose updates no client ever sent."""
     from flwr.common.config import get_fused_config_from_dir
 
     from federation.protocol import ClientSettings
@@ -298,7 +298,9 @@ def run_client_settings(run_dir: Path | None):
         stored = load_checkpoint(run_dir).settings
         ran = {key: stored[field] for field, key in (("train_prior_pairs", "train-prior-pairs"),
                                                       ("local_steps", "local-steps"), ("client_lr", "client-lr"),
-                                                      ("objective", "objective")) if field in stored}
+                                                      ("objective", "objective"), ("weight_by", "weight-by"),
+                                                      ("pairs_per_user", "pairs-per-user"),
+                                                      ("privacy_mode", "privacy-mode")) if field in stored}
     return ClientSettings.from_run_config(get_fused_config_from_dir(ROOT, ran))
 
 
@@ -316,7 +318,7 @@ def client_updates(pairs, basis: np.ndarray, user_ids: np.ndarray, client=None, 
     (federation.local_training.train_sampled_users at `client`'s settings, default the run config's, from uniform
     w), in node-sized blocks of users. With the marginal objective, which sends no w-dependent update, w is the fit
     the device holds for evaluation (fit_sampled_users)."""
-    from federation.local_training import fit_sampled_users, train_sampled_users
+    from federation.local_training import fit_sampled_users, pair_weighted, train_sampled_users
     from federation.user_block import make_block
 
     client = run_client_settings(None) if client is None else client
@@ -330,6 +332,8 @@ def client_updates(pairs, basis: np.ndarray, user_ids: np.ndarray, client=None, 
                                              steps=client.local_steps, lr=client.client_lr, objective=client.objective)
         if client.objective != "joint":
             fitted = fit_sampled_users(basis, user_block, uniform, local, prior_pairs=client.train_prior_pairs)[0]
+        if client.weight_by == "pair":  # as the ClientApp sends it (mode none)
+            update = pair_weighted(update, user_block, local, client.pairs_per_user)
         weights.append(fitted)
         updates.append(update)
     return np.concatenate(weights), np.concatenate(updates)

@@ -731,10 +731,13 @@ def test_record_audits_sum_each_users_uploads_over_the_rounds_the_ledger_says_it
     assert "uploads summed over 4 rounds" in attribute["scope"] and attribute["scope"] in attribute["summary"]
 
 
-def test_audits_compute_the_updates_the_runs_clients_sent(pair_file, tmp_path):
+@pytest.mark.parametrize("weighting", [{}, {"weight-by": "pair", "pairs-per-user": 7.5}])
+def test_audits_compute_the_updates_the_runs_clients_sent(pair_file, tmp_path, weighting):
     """The per-user audits recomputed updates at fixed settings (5 local steps, rate 1, a prior of its own), not
     those of the run that happened: a run with other client settings was audited on updates no client sent. They
-    now read the run's settings from its checkpoint; here they reproduce the clients' real first-round uploads."""
+    now read the run's settings from its checkpoint; here they reproduce the clients' real first-round uploads,
+    also where each client scaled its users' updates by their pairs (weight-by pair; a claims-check found the
+    audits recomputing them unscaled)."""
     from federation.user_block import NodeUsers
     from lore_cli.audit_command import client_updates, run_client_settings
     from lore_core.pairs import load_pairs
@@ -743,7 +746,7 @@ def test_audits_compute_the_updates_the_runs_clients_sent(pair_file, tmp_path):
     cfg = get_fused_config_from_dir(ROOT, {
         "pairs-path": str(pair_file), "run-dir": str(run_dir), "rank": RANK, "num-server-rounds": 1,
         "clients-per-round": 6, "privacy-mode": "none", "local-steps": 2, "client-lr": 0.3,
-        "train-prior-pairs": 7.0})
+        "train-prior-pairs": 7.0, **weighting})
     grid = LocalGrid(client_app, [{"partition-id": 0, "num-partitions": 1}], cfg)
     run_federated(grid, ServerSettings.from_run_config(cfg))
     request = next(m for m in grid.sent if m.metadata.message_type == "train")
