@@ -97,7 +97,6 @@ class ClientSettings:
         )
 
 
-WEIGHTINGS = ("user", "pair")
 # Every seen user has a training pair, so the mean is at least 1; far above any population's, a tester's 1e308 shrank
 # every update to nothing and the run ended at chance with exit 0.
 PAIRS_PER_USER_RANGE = (1.0, 1e6)

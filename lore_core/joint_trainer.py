@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from lore_core.marginal_fit import OBJECTIVES, prior_samples
+from lore_core.marginal_fit import OBJECTIVES, WEIGHTINGS, prior_samples
 from lore_core.model_selection import (MIN_NEW_FOLD_USERS, Candidate, dense_groups, heldout_accuracy_folds,
                                        join_repeated_comparisons, make_holdouts, select)
 from lore_core.pairs import fit_scales
@@ -121,9 +121,6 @@ def resolve_device(device: str) -> torch.device:
                              f"{'no CUDA device' if not count else f'{count} CUDA device(s)'} on this machine; use "
                              "--device cpu" + (" or cuda:0" if count else ""))
     return dev
-
-
-WEIGHTINGS = ("user", "pair")
 
 
 def user_shares(counts: torch.Tensor, weight_by: str) -> torch.Tensor:

@@ -18,6 +18,7 @@ import numpy as np
 from scipy import sparse
 
 OBJECTIVES = ("joint", "marginal")  # how a basis is fit: w fitted with it, or w integrated out (this module)
+WEIGHTINGS = ("user", "pair")  # how much each user pulls it: its mean loss once, or each pair once (user_shares)
 PRIOR_SAMPLES = 256  # draws of w; with the corners and the centre about 260 mixture components per user
 PRIOR_SEED = 20250  # fixed: a server, its clients and a rerun use the same draws
 

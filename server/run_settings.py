@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from lore_core.marginal_fit import OBJECTIVES
+from lore_core.marginal_fit import OBJECTIVES, WEIGHTINGS
 from lore_core.reward_math import MAX_L2
 from lore_core.simplex_fit import MAX_PRIOR_PAIRS
-from federation.protocol import WEIGHTINGS, config_number, local_steps, pairs_per_user, personal_prior_pairs
+from federation.protocol import config_number, local_steps, pairs_per_user, personal_prior_pairs
 from lore_core.privacy.privacy_settings import MODES as PRIVACY_MODES
 from lore_core.privacy.privacy_settings import PrivacyConfigError, PrivacySettings, validate
 from lore_core.setting_names import NO_VALUE, SettingError, as_field, as_run_config, setting

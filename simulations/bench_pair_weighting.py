@@ -24,6 +24,7 @@ import json
 from pathlib import Path
 
 from lore_core.atomic_io import atomic_write_json
+from lore_core.marginal_fit import WEIGHTINGS
 from simulations import bench_hostile_populations as hostile
 from simulations import bench_matrix as matrix
 from simulations.bench_output import write_outputs
@@ -32,7 +33,6 @@ REPORTED_SEEDS = (0, 1, 2)
 CELLS = ("heavy-tail:11", "heavy-tail:12", "clickers:11", "thin-majority:11", "minority:11", "weak-few:11",
          "iso-5-15:101", "iso-20-40:101", "iso-shared:101", "iso-noise:101", "iso-zero:101", "aniso-20-40:101",
          "iso-weak:101", "iso-5-15-1400:101", "iso-150-250:101", "prism-synth:101")
-WEIGHTINGS = ("user", "pair")
 
 
 def pair_file(name: str, seed: int, work: Path) -> Path:
