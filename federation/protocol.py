@@ -109,7 +109,12 @@ def pairs_per_user(run_config: dict) -> float:
     seen users' mean training pairs: the updates then keep their usual size, and the server's L2 on the basis, which
     it does not scale, weighs against them as in `train` (a value 100 times too large acted as a 100 times stronger
     L2; a tester)."""
-    if str(run_config.get("weight-by", "user")) != "pair" or str(run_config.get("privacy-mode")) != "none":
+    if str(run_config.get("weight-by", "user")) != "pair":
+        if str(run_config.get("pairs-per-user", "")) != "":  # a tester's, silently ignored before
+            raise SettingError(f"{setting('pairs-per-user')} is read only with {setting('weight-by', 'pair')} "
+                               "(privacy none); remove it, or weigh by pair")
+        return 1.0
+    if str(run_config.get("privacy-mode")) != "none":
         return 1.0  # (under DP the server refuses weight-by pair itself: server.run_settings)
     value = config_number("pairs-per-user", run_config.get("pairs-per-user", ""), float,
                           " (the seen users' mean training pairs: `lore-fed simulate` sets it, a deployment gives "

@@ -64,8 +64,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--train-prior-pairs", type=float, default=None,
                         help="prior of the clients' w fits inside training, in pairs (default 3, as `train`)")
     parser.add_argument("--weight-by", default=None, choices=("user", "pair"),
-                        help="each user's update counts once (user, default) or in proportion to its training pairs "
-                             "(pair, as `train --weight-by pair`; privacy none only)")
+                        help="each user's update counts in proportion to its training pairs (pair, as `train`; the "
+                             "default under --privacy none) or once (user; the only choice, and default, under DP)")
     parser.add_argument("--canaries", type=int, default=0,
                         help="K canary users for `lore-fed audit canary` (user modes; default 0): each sends the "
                              "clip norm times a secret direction when sampled, if its secret coin says in")
@@ -118,6 +118,17 @@ def privacy_overrides(args: argparse.Namespace) -> dict:
     return overrides
 
 
+def weighting(args: argparse.Namespace) -> str:
+    """--weight-by, or by default `train`'s (pair) without privacy and user under DP, whose clip bounds every user
+    alike (the server refuses pair there). The run config's own default stays user: pair needs the population's
+    mean pairs per user, which `simulate` reads from the file and a deployment must give (`pairs-per-user`)."""
+    from lore_core.marginal_fit import DEFAULT_WEIGHTING
+
+    if args.weight_by is not None:
+        return args.weight_by
+    return DEFAULT_WEIGHTING if args.privacy == "none" else "user"
+
+
 def run_overrides(args: argparse.Namespace, seen_users: int, seen_train_pairs: int | None = None) -> dict:
     """Run-config overrides of the flags; unset flags keep the run config's defaults (pyproject.toml). With
     --weight-by pair, `pairs-per-user` is the file's mean training pairs per seen user."""
@@ -136,10 +147,10 @@ def run_overrides(args: argparse.Namespace, seen_users: int, seen_train_pairs: i
     for key, value in (("rank", args.rank), ("server-optimizer", args.server_optimizer),
                        ("server-lr", args.server_lr), ("local-steps", args.local_steps), ("client-lr", args.client_lr),
                        ("train-prior-pairs", args.train_prior_pairs), ("objective", args.objective),
-                       ("weight-by", args.weight_by)):
+                       ("weight-by", weighting(args))):
         if value is not None:
             overrides[key] = value
-    if args.weight_by == "pair":
+    if overrides["weight-by"] == "pair":
         if not seen_train_pairs:
             raise ValueError("--weight-by pair needs the pair file's count of seen users' training pairs")
         overrides["pairs-per-user"] = seen_train_pairs / max(seen_users, 1)

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from lore_core.atomic_io import atomic_path, atomic_save_npz, atomic_write_json, check_output_path
+from lore_core.marginal_fit import DEFAULT_WEIGHTING
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -29,9 +30,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--objective", default="auto", choices=("auto", "joint", "marginal"),
                         help="how the basis is fit: joint (w fitted with it), marginal (w integrated out: thin "
                              "users), or auto (both are candidates of the held-out selection)")
-    parser.add_argument("--weight-by", default="user", choices=("user", "pair"),
-                        help="how much each seen user pulls the basis: user (every user's mean loss once, the "
-                             "default) or pair (every pair once: users with many pairs pull more)")
+    parser.add_argument("--weight-by", default=DEFAULT_WEIGHTING, choices=("user", "pair"),
+                        help="how much each seen user pulls the basis: pair (every pair once, the likelihood: "
+                             "users with many pairs pull more; the default) or user (every user's mean loss once)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--out", required=True, help="run directory for metrics.json and basis.npz")

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from lore_core.marginal_fit import OBJECTIVES, WEIGHTINGS, prior_samples
+from lore_core.marginal_fit import DEFAULT_WEIGHTING, OBJECTIVES, WEIGHTINGS, prior_samples
 from lore_core.model_selection import (MIN_NEW_FOLD_USERS, Candidate, dense_groups, heldout_accuracy_folds,
                                        join_repeated_comparisons, make_holdouts, select)
 from lore_core.pairs import fit_scales
@@ -71,9 +71,9 @@ class TrainConfig:
     few_shot: int = 10  # pairs (whole groups) a user of the new fold adapts on
     max_iter: int = 400  # L-BFGS iterations at most of the final fit; fits stop earlier at convergence
     candidate_max_iter: int = 100  # the same for the held-out fits of the selection (warm-started along l2)
-    # How much each seen user's pairs weigh in fitting the basis (`user_shares`): "user" (every user's mean loss
-    # counts once, as the stress matrix measured) or "pair" (every pair counts once: the likelihood itself).
-    weight_by: str = "user"
+    # How much each seen user's pairs weigh in fitting the basis (`user_shares`): "pair" (every pair counts once: the
+    # likelihood itself; marginal_fit.DEFAULT_WEIGHTING) or "user" (every user's mean loss counts once).
+    weight_by: str = DEFAULT_WEIGHTING
     seed: int = 0
     device: str = "cpu"
 

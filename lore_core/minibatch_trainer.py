@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from lore_core.joint_trainer import user_shares
+from lore_core.marginal_fit import DEFAULT_WEIGHTING
 from lore_core.pair_columns import rows_of_users
 from lore_core.simplex_fit import DEFAULT_PRIOR_PAIRS, fit_user_weights, prior_from_pairs
 
@@ -35,7 +36,7 @@ class MinibatchConfig:
     epochs: int = 2  # pilot (seed 101, 10,000 users): test accuracy equal from 1 to 8 epochs, objective -0.3 % from 2 to 8
     batch_users: int = 1000
     lr: float = 0.02
-    weight_by: str = "user"  # each user's share of the basis fit (joint_trainer.user_shares)
+    weight_by: str = DEFAULT_WEIGHTING  # each user's share of the basis fit (joint_trainer.user_shares)
     seed: int = 0
     device: str = "cpu"
 

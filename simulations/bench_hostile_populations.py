@@ -37,8 +37,9 @@ oracle (true logits) and, where a low-rank truth exists, the true-basis ceiling 
 `simulate`: the matrix's federated row (`bench_matrix.simulate_row`: the real ServerApp and ClientApp, 600 rounds
 of a fifth of the seen users, no privacy, `train`'s choice of the same seed). This benchmark chooses nothing: it
 checks the matrix's first and last criteria (`train` within 2 SE of BT or above, seen and new users; the federated
-run within 1 point of `train`) on populations no default was chosen on. `--weight-by pair` runs BT and `train` with
-every pair counted once in the basis fit (and `simulate` likewise) and writes hostile_populations_pair.*.
+run within 1 point of `train`) on populations no default was chosen on. `--weight-by user` runs BT and `train` with
+every seen user's mean loss counted once in the basis fit (and `simulate` likewise), the default before pair
+weighting, and writes hostile_populations_user.*.
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ from pathlib import Path
 import numpy as np
 
 from lore_core.atomic_io import atomic_save_npz, atomic_write_json, atomic_write_text
+from lore_core.marginal_fit import DEFAULT_WEIGHTING
 from lore_core.pairs import PAIRS_FILENAME, PairSet, save_pairs
 from lore_core.prism_schema import GROUND_TRUTH_FILE
 from simulations.bench_matrix import TRAIN_CHOICE, _fresh, _mean_se, ceiling_rows, simulate_row, train_row
@@ -181,10 +183,10 @@ def federated(name: str) -> dict:
 
 
 def run_cell(name: str, seed: int, work: Path, rows: tuple[str, ...] = ("bt", "train"),
-             weight_by: str = "user") -> dict:
+             weight_by: str = DEFAULT_WEIGHTING) -> dict:
     """The `rows` of one population and seed (cached as JSON under work/results; a rerun adds missing rows), BT and
     `train` with `--weight-by weight_by` (keep one --work per weighting)."""
-    weighting = [] if weight_by == "user" else ["--weight-by", weight_by]
+    weighting = ["--weight-by", weight_by]
     cache = work / "results" / name / f"seed{seed}.json"
     cell = json.loads(cache.read_text()) if cache.exists() else {}
     path = population_file(name, seed, work)
@@ -236,9 +238,9 @@ def summarize(name: str, cells: dict[int, dict]) -> dict:
 
 
 def markdown(summaries: list[dict], seeds: list[int], rows: tuple[str, ...] = ("bt", "train"),
-             weight_by: str = "user") -> str:
+             weight_by: str = DEFAULT_WEIGHTING) -> str:
     flag = "" if "simulate" not in rows else f" --rows {','.join(rows)}"
-    flag += "" if weight_by == "user" else f" --weight-by {weight_by}"
+    flag += "" if weight_by == DEFAULT_WEIGHTING else f" --weight-by {weight_by}"
     lines = [f"# Hostile populations (`python -m simulations.bench_hostile_populations --seeds "
              f"{','.join(map(str, seeds))}{flag}`)", "",
              "Populations the matrix's generator cannot make (module docstring of "
@@ -288,9 +290,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--populations", default=",".join(POPULATIONS))
     parser.add_argument("--rows", default="bt,train", help=f"rows to run, of {','.join(ROWS)} (simulate: the "
                         "federated row, about 2 minutes per population and seed)")
-    parser.add_argument("--weight-by", default="user", choices=("user", "pair"),
-                        help="`train`'s and BT's --weight-by (pair: writes hostile_populations_pair.*; give its own "
-                             "--work)")
+    parser.add_argument("--weight-by", default=DEFAULT_WEIGHTING, choices=("user", "pair"),
+                        help="`train`'s and BT's --weight-by (default pair, as theirs; user writes "
+                             "hostile_populations_user.*; give each its own --work)")
     parser.add_argument("--work", default="runs/bench_hostile")
     parser.add_argument("--out", default="bench_results")
     args = parser.parse_args(argv)
@@ -315,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
                   flush=True)
         summaries.append(summarize(name, cells))
     out = Path(args.out)
-    stem = "hostile_populations" + ("" if args.weight_by == "user" else f"_{args.weight_by}")
+    stem = "hostile_populations" + ("" if args.weight_by == DEFAULT_WEIGHTING else f"_{args.weight_by}")
     atomic_write_json(out / f"{stem}.json", {"seeds": seeds, "weight_by": args.weight_by, "populations": summaries})
     text = markdown(summaries, seeds, rows, args.weight_by)
     atomic_write_text(out / f"{stem}.md", text)

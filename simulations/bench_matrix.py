@@ -23,9 +23,9 @@ Rows per population and seed:
   true_basis  the true basis, only w fit (the ceiling of any learned basis); oracle: true basis and true w
 Seen and new (unseen) test accuracy, mean and standard error over seeds. Each cell is cached as JSON under --work,
 so a rerun only computes what is missing, the `--rerun` rows, and a federated row whose `train` (or `bt`) row now
-chooses otherwise than when it ran (`FOLLOWS`: rank, l2, personal prior and objective for `simulate`; rank and l2
-for the DP rows; a federated row cached without that record reruns once). Seeds >= 100 are pilot seeds (defaults
-are chosen on them, never on the reported seeds 0-2); the PRISM-shaped pilot is another `lore-fed synth`
+chooses otherwise than when it ran (`FOLLOWS`: rank, l2, personal prior, objective and weighting for `simulate`;
+rank and l2 for the DP rows; a federated row cached without that record reruns once). Seeds >= 100 are pilot seeds
+(defaults are chosen on them, never on the reported seeds 0-2); the PRISM-shaped pilot is another `lore-fed synth`
 population (seed 101).
 `--quick`: small populations (D = 64, a fifth of the users), one seed, short runs; a smoke test of the harness.
 """
@@ -133,7 +133,7 @@ def train_row(path: Path, run_dir: Path, flags: list[str]) -> dict:
     return train_row_of(json.loads((run_dir / "metrics.json").read_text()), time.perf_counter() - started)
 
 
-TRAIN_CHOICE = ("rank", "l2", "prior_pairs", "objective")  # what `lore-fed train` chose (metrics.json keys)
+TRAIN_CHOICE = ("rank", "l2", "prior_pairs", "objective", "weight_by")  # what `lore-fed train` chose (metrics.json)
 
 
 def train_row_of(metrics: dict, seconds: float) -> dict:
@@ -204,8 +204,8 @@ def simulate_row(path: Path, run_dir: Path, chosen: dict, fed: dict, privacy: li
     configure(parser)  # the flags of `lore-fed simulate`, so every default is the command's own
     prior = ["--prior-pairs", str(chosen["prior_pairs"])] if "prior_pairs" in chosen else []
     private = privacy[privacy.index("--privacy") + 1] != "none"  # DP weighs users equally (the clip bounds each)
-    weighted = chosen.get("weight_by", "user") != "user" and not private
-    weighting = ["--weight-by", chosen["weight_by"]] if weighted else []
+    # `train`'s weighting (a row cached before it was recorded: user); under DP simulate's default, user
+    weighting = [] if private else ["--weight-by", chosen.get("weight_by", "user")]
     args = parser.parse_args([str(path), "--rounds", str(fed["rounds"]), "--clients-per-round",
                               str(fed["clients_per_round"]), "--rank", str(chosen["rank"]), "--l2", str(chosen["l2"]),
                               *prior, "--out", str(run_dir), *privacy, *objective_flags(chosen, privacy), *weighting])

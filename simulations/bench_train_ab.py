@@ -80,7 +80,7 @@ def markdown(rows: list[dict], before: str, after: str, config: dict) -> str:
              "after: choice, seen / new | same choice and accuracy |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         b, a = r["before"], r["after"]
-        same = all(b[k] == a[k] for k in (*TRAIN_CHOICE, "seen_test_acc", "unseen_test_acc"))
+        same = all(b.get(k) == a.get(k) for k in (*TRAIN_CHOICE, "seen_test_acc", "unseen_test_acc"))
         lines.append(f"| {r['cell']} | {b['seconds']:.1f} | {a['seconds']:.1f} | {a['seconds'] / b['seconds']:.2f} | "
                      f"{b['held_out_fits']} / {a['held_out_fits']} | {_choice(b)} | {_choice(a)} | "
                      f"{'yes' if same else 'no'} |")

@@ -84,7 +84,7 @@ def run_population(name: str, seed: int, arms: list[str], work: Path) -> dict:
         index = arm_choice(table, check, arm)
         row = table[index]
         fixed = fixed_run(pairs, row, seed, train, index == chose)
-        out["by_arm"][arm] = {"choice": {k: row[k] for k in TRAIN_CHOICE},
+        out["by_arm"][arm] = {"choice": {k: row[k] for k in TRAIN_CHOICE if k in row},
                               "test": [fixed[f"{g}_test_acc"] for g in GROUPS], "truth": _truth(fixed)}
     return out
 

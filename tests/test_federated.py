@@ -399,7 +399,7 @@ def test_a_checkpoint_that_fingerprinted_the_personal_prior_still_resumes(pair_f
     assert "prior_pairs" not in fingerprint
     old = RunState(round=3, basis=np.zeros((RANK, 4)), settings={**fingerprint, "prior_pairs": 3.0}, population=[1])
     check_resumable(old, fingerprint, [1], tmp_path)
-    with pytest.raises(CheckpointError, match="server_lr"):
+    with pytest.raises(CheckpointError, match="server-lr 0.1 then, 0.5 now"):
         check_resumable(old, {**fingerprint, "server_lr": 0.5}, [1], tmp_path)
 
 

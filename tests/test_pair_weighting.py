@@ -112,12 +112,14 @@ def test_minibatches_of_unequal_data_add_up_to_the_mean_over_all_pairs():
     assert total / 6 == pytest.approx(float(per_pair.mean()), rel=1e-5)
 
 
-def test_train_records_the_weighting_and_refuses_an_unknown_one(tmp_path, capsys):
+def test_train_weighs_by_pair_by_default_records_it_and_refuses_an_unknown_weighting(tmp_path, capsys):
     pairs, _ = make_synthetic_pairs(SyntheticPairsConfig(dim=16, seen_users=20, unseen_users=4, seed=2))
     save_pairs(pairs, tmp_path / "pairs.npz")
-    assert main(["train", str(tmp_path / "pairs.npz"), "--rank", "2", "--l2", "1e-3", "--prior-pairs", "3",
-                 "--weight-by", "pair", "--out", str(tmp_path / "run")]) == 0
-    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["weight_by"] == "pair"
+    for flags, recorded in (([], "pair"), (["--weight-by", "user"], "user")):
+        run = tmp_path / f"run-{recorded}"
+        assert main(["train", str(tmp_path / "pairs.npz"), "--rank", "2", "--l2", "1e-3", "--prior-pairs", "3",
+                     *flags, "--out", str(run)]) == 0
+        assert json.loads((run / "metrics.json").read_text())["weight_by"] == recorded
     with pytest.raises(SystemExit) as exc:
         main(["train", str(tmp_path / "pairs.npz"), "--weight-by", "pairs", "--out", str(tmp_path / "other")])
     assert exc.value.code == 2 and "--weight-by" in capsys.readouterr().err
@@ -203,6 +205,9 @@ def test_pair_weighting_needs_pairs_per_user_and_a_known_value():
             _settings(**{"weight-by": "pair", "pairs-per-user": bad, "privacy-mode": "none"})
     with pytest.raises(RunConfigError, match="weight-by"):
         _settings(**{"weight-by": "pairs", "privacy-mode": "none"})
+    for mode in ("none", "user"):  # given without pair weighting it would be ignored (a tester): it is refused
+        with pytest.raises(RunConfigError, match="pairs-per-user.* is read only with .*weight-by"):
+            _settings(**{"weight-by": "user", "pairs-per-user": 10.0, "privacy-mode": mode})
 
 
 def test_a_resume_keeps_the_weighting_and_checkpoints_from_before_it_resume_as_user():
@@ -218,7 +223,8 @@ def test_a_resume_keeps_the_weighting_and_checkpoints_from_before_it_resume_as_u
     check_resumable(state(before), user, [3, 2], "run")
     check_resumable(state(pair), pair, [3, 2], "run")
     for stored, today in ((pair, user), (before, pair), (user, pair)):
-        with pytest.raises(CheckpointError, match="weight_by"):
+        with pytest.raises(CheckpointError, match=f"weight-by '{stored.get('weight_by', 'user')}' then, "
+                                                  f"'{today['weight_by']}' now"):
             check_resumable(state(stored), today, [3, 2], "run")
 
 
@@ -245,3 +251,26 @@ def test_simulate_weight_by_pair_sets_pairs_per_user_to_the_files_mean(tmp_path)
                 check_run(population, {**overrides, "run-dir": str(tmp_path / "run")})
         else:
             assert check_run(population, {**overrides, "run-dir": str(tmp_path / "run")})[0].weight_by == "pair"
+
+
+def test_simulate_weighs_by_pair_by_default_without_privacy_and_by_user_under_dp(tmp_path):
+    """The default follows `train` where the server allows it: pair (with the file's pairs-per-user) under privacy
+    none, user in every DP mode, whose run then passes the server's checks (fails if the default ignores privacy)."""
+    import argparse
+
+    from lore_cli.simulate_command import check_run, configure, read_population, run_overrides
+
+    pairs, _ = make_synthetic_pairs(SyntheticPairsConfig(dim=8, seen_users=10, unseen_users=2, seed=6))
+    path = save_pairs(pairs, tmp_path / "pairs.npz")
+    parser = argparse.ArgumentParser()
+    configure(parser)
+    population = read_population(path)
+    for privacy, expected in (("none", "pair"), ("user", "user"), ("user+secagg", "user"), ("record", "user")):
+        dp = {"none": [], "record": ["--noise-multiplier", "1", "--max-grad-norm", "1", "--delta", "1e-3"]}.get(
+            privacy, ["--target-epsilon", "3"])
+        args = parser.parse_args([str(path), "--out", str(tmp_path / "run"), "--privacy", privacy, *dp,
+                                  "--rounds", "5", "--clients-per-round", "5"])
+        overrides = run_overrides(args, population["seen_users"], population["seen_train_pairs"])
+        assert overrides["weight-by"] == expected
+        assert ("pairs-per-user" in overrides) == (expected == "pair")
+        assert check_run(population, {**overrides, "run-dir": str(tmp_path / "run")})[0].weight_by == expected
