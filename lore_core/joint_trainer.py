@@ -253,12 +253,11 @@ class FitScale:
         return torch.as_tensor(self.columns, dtype=like.dtype, device=like.device)
 
     def pairs(self, diff: np.ndarray, dev: torch.device) -> torch.Tensor:
-        """diff / scale as a float32 tensor on `dev`, copied only where a factor is not 1 (not for usual pairs)."""
-        pairs = torch.as_tensor(diff, dtype=torch.float32, device=dev)
-        return pairs if self.identity else pairs / self._factor(pairs)
+        """diff / scale as a float32 tensor on `dev` (powers of two divide exactly in either precision)."""
+        return torch.as_tensor(self.divide(diff), dtype=torch.float32, device=dev)
 
     def divide(self, diff: np.ndarray) -> np.ndarray:
-        """diff / scale in numpy, `diff` itself where every factor is 1 (the minibatch fit, streamed_training)."""
+        """diff / scale in numpy, `diff` itself (no copy) where every factor is 1, as for pairs of the usual scale."""
         return diff if self.identity else diff / self._factor(diff)
 
     def to_fit(self, basis: torch.Tensor | np.ndarray) -> torch.Tensor | np.ndarray:
