@@ -301,6 +301,8 @@ def run_client_settings(run_dir: Path | None):
                                                       ("objective", "objective"), ("weight_by", "weight-by"),
                                                       ("pairs_per_user", "pairs-per-user"),
                                                       ("privacy_mode", "privacy-mode")) if field in stored}
+        if ran.get("weight-by") != "pair":  # stored as 1.0 under user weighting, where the run config refuses it
+            ran.pop("pairs-per-user", None)
     return ClientSettings.from_run_config(get_fused_config_from_dir(ROOT, ran))
 
 

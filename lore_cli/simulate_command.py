@@ -119,17 +119,35 @@ def privacy_overrides(args: argparse.Namespace) -> dict:
 
 
 def weighting(args: argparse.Namespace) -> str:
-    """--weight-by, or by default `train`'s (pair) without privacy and user under DP, whose clip bounds every user
-    alike (the server refuses pair there). The run config's own default stays user: pair needs the population's
-    mean pairs per user, which `simulate` reads from the file and a deployment must give (`pairs-per-user`)."""
+    """--weight-by; by default the weighting of the run --out holds (a resume: the same command resumes a run
+    started when user was the default), else `train`'s (pair) without privacy and user under DP, whose clip bounds
+    every user alike (the server refuses pair there). The run config's own default stays user: pair needs the
+    population's mean pairs per user, which `simulate` reads from the file and a deployment must give
+    (`pairs-per-user`)."""
     from lore_core.marginal_fit import DEFAULT_WEIGHTING
 
     if args.weight_by is not None:
         return args.weight_by
-    return DEFAULT_WEIGHTING if args.privacy == "none" else "user"
+    if args.privacy != "none":
+        return "user"
+    return resumed_weighting(Path(args.out)) or DEFAULT_WEIGHTING
 
 
-def run_overrides(args: argparse.Namespace, seen_users: int, seen_train_pairs: int | None = None) -> dict:
+def resumed_weighting(out: Path) -> str | None:
+    """The weighting of the run whose checkpoint `out` holds (a checkpoint from before the setting: user), or None
+    without a readable one (check_resume then says what is wrong with it)."""
+    from server.checkpoint import CHECKPOINT_FILENAME, SETTINGS_BEFORE_THEY_EXISTED, CheckpointError, load_checkpoint
+
+    if not (out / CHECKPOINT_FILENAME).is_file():
+        return None
+    try:
+        stored = load_checkpoint(out).settings
+    except CheckpointError:
+        return None
+    return str(stored.get("weight_by", SETTINGS_BEFORE_THEY_EXISTED["weight_by"]))
+
+
+def run_overrides(args: argparse.Namespace, seen_users: int, seen_train_pairs: int) -> dict:
     """Run-config overrides of the flags; unset flags keep the run config's defaults (pyproject.toml). With
     --weight-by pair, `pairs-per-user` is the file's mean training pairs per seen user."""
     from lore_core.reward_math import DEFAULT_L2

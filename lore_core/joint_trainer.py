@@ -253,8 +253,8 @@ class FitScale:
         return torch.as_tensor(self.columns, dtype=like.dtype, device=like.device)
 
     def pairs(self, diff: np.ndarray, dev: torch.device) -> torch.Tensor:
-        """diff / scale as a float32 tensor on `dev` (powers of two divide exactly in either precision)."""
-        return torch.as_tensor(self.divide(diff), dtype=torch.float32, device=dev)
+        """diff / scale as a float32 tensor on `dev`, cast first (powers of two divide exactly in either precision)."""
+        return torch.as_tensor(self.divide(np.asarray(diff, dtype=np.float32)), device=dev)
 
     def divide(self, diff: np.ndarray) -> np.ndarray:
         """diff / scale in numpy, `diff` itself (no copy) where every factor is 1, as for pairs of the usual scale."""

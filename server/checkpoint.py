@@ -96,9 +96,8 @@ def check_resumable(state: RunState, settings: dict, population: list[int], run_
     changed = sorted(k for k in settings if stored.get(k) != settings[k])
     if changed:  # named as run-config keys (`simulate`'s flags share them): a tester read `weight_by` as internal
         differences = "; ".join(f"{k.replace('_', '-')} {stored.get(k)!r} then, {settings[k]!r} now" for k in changed)
-        raise CheckpointError(f"{run_dir} holds a run with other settings ({differences}); resume it with that "
-                              "run's settings (run-config keys, and `lore-fed simulate` flags of the same names) or "
-                              "use a new --out directory")
+        raise CheckpointError(f"{run_dir} holds a run with other settings ({differences}, by their run-config "
+                              "keys); resume it with that run's settings or use a new --out directory")
     if state.population != population:
         raise CheckpointError(f"{Path(run_dir) / CHECKPOINT_FILENAME} holds a run over another population: "
                               f"{_population_change(state.population, population)}; use a new --out directory or "

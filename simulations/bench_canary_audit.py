@@ -151,7 +151,8 @@ def main(argv: list[str] | None = None) -> int:
 
         parsed = argparse.ArgumentParser()
         configure(parsed)
-        overrides = run_overrides(parsed.parse_args([str(pairs_path), "--out", "x", *flags]), seen + args.canaries)
+        overrides = run_overrides(parsed.parse_args([str(pairs_path), "--out", "x", *flags]), seen + args.canaries,
+                                  int((pairs.seen & (pairs.split == "train")).sum()))
         started = time.perf_counter()
         control_run(pairs_path, work / "cut", secrets, overrides, args.canaries)
         rows["server noise cut to 1/10 (in-process grid)"] = {**audit(work / "cut", secrets),

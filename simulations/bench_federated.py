@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lore_core.pairs import PAIRS_FILENAME, save_pairs
+from lore_core.pairs import PAIRS_FILENAME, load_pairs, save_pairs
 from simulations.synthetic_pairs import SyntheticPairsConfig, make_synthetic_pairs
 from simulations.bench_flags import add_population_flags
 
@@ -127,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     if not pairs_path.exists():
         pairs, _ = make_synthetic_pairs(SyntheticPairsConfig(seen_users=args.users, unseen_users=args.unseen_users))
         save_pairs(pairs, pairs_path)
+    pairs = load_pairs(pairs_path)
     run_dir = out / "run"
     if (run_dir / "checkpoint.npz").exists():
         raise SystemExit(f"{run_dir} holds a previous run; remove it to benchmark from round 1")
@@ -135,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     overrides = run_overrides(simulate_flags.parse_args([
         str(pairs_path), "--rounds", str(args.rounds), "--clients-per-round", str(args.clients_per_round),
         "--rank", str(args.rank), "--out", str(run_dir), "--eval-every", str(args.eval_every), "--privacy", "none"]),
-        seen_users=args.users)
+        seen_users=args.users, seen_train_pairs=int((pairs.seen & (pairs.split == "train")).sum()))
     overrides["progress"] = "log"
     memory = TreeMemory()
     memory.start()

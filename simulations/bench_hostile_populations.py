@@ -189,6 +189,10 @@ def run_cell(name: str, seed: int, work: Path, rows: tuple[str, ...] = ("bt", "t
     weighting = ["--weight-by", weight_by]
     cache = work / "results" / name / f"seed{seed}.json"
     cell = json.loads(cache.read_text()) if cache.exists() else {}
+    recorded = cell.get("train", {}).get("weight_by")  # (rows cached before it was recorded do not say)
+    if recorded not in (None, weight_by):
+        raise SystemExit(f"{cache} holds rows weighted by {recorded}, not {weight_by}: give each weighting its own "
+                         "--work")
     path = population_file(name, seed, work)
     runs = work / "runs" / name / f"seed{seed}"
     for row, flags in (("bt", ["--rank", "1"]), ("train", [])):

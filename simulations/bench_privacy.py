@@ -42,7 +42,7 @@ def run_in_process(pairs_path: Path, overrides: dict, num_nodes: int, *, record_
     from flwr.common.config import get_fused_config_from_dir
 
     from federation.canary_users import CanaryBlock
-    from federation.local_training import train_sampled_users
+    from federation.local_training import pair_weighted, train_sampled_users
     from federation.protocol import ClientSettings
     from federation.user_block import load_partition_users
     from lore_core.privacy.accounting import epsilon_report
@@ -83,12 +83,14 @@ def run_in_process(pairs_path: Path, overrides: dict, num_nodes: int, *, record_
             if node == num_nodes:  # the canaries' uploads
                 updates.append(canary_block.updates(local, privacy.clip_norm))
                 continue
-            weights[node], upd = train_sampled_users(basis, blocks[node].training_block(local), weights[node],
-                                                     local, prior_pairs=client.train_prior_pairs,
-                                                     steps=client.local_steps, lr=client.client_lr,
-                                                     objective=client.objective)
+            block = blocks[node].training_block(local)
+            weights[node], upd = train_sampled_users(basis, block, weights[node], local,
+                                                     prior_pairs=client.train_prior_pairs, steps=client.local_steps,
+                                                     lr=client.client_lr, objective=client.objective)
             if privacy.mode == "user":
-                upd, _ = clip_updates(upd, privacy.clip_norm)  # the client's clip (client/app.py)
+                upd, _ = clip_updates(upd, privacy.clip_norm)  # the client's clip (client/client_app.py)
+            elif client.weight_by == "pair":  # mode none, as the ClientApp scales (train_clipped)
+                upd = pair_weighted(upd, block, local, client.pairs_per_user)
             updates.append(upd)
         updates = np.concatenate(updates)
         if record_norms:

@@ -44,7 +44,8 @@ def federated_gap(path: Path, train: dict, fed: dict, lr: float, init: float) ->
                               "--server-lr", str(lr), *objective_flags(train, ["--privacy", "none"])])
     pairs = load_pairs(path)
     seen = int(np.unique(pairs.user[pairs.seen]).size)
-    overrides = {**run_overrides(args, seen), "init-scale": init, "eval-every": 0, "run-dir": "unused"}
+    seen_train = int((pairs.seen & (pairs.split == "train")).sum())
+    overrides = {**run_overrides(args, seen, seen_train), "init-scale": init, "eval-every": 0, "run-dir": "unused"}
     result = run_in_process(path, overrides, nodes_for(int(np.unique(pairs.user).size)))
     return {"seen": result["seen_test_acc"] - train["seen_test_acc"],
             "unseen": result["unseen_test_acc"] - train["unseen_test_acc"]}

@@ -36,11 +36,13 @@ def cold_refit(train, metrics: dict, seed: int) -> np.ndarray:
     config = TrainConfig()
     ids, idx = np.unique(train.user, return_inverse=True)
     rank, l2 = int(metrics["rank"]), float(metrics["l2"])
+    weight_by = metrics.get("weight_by", "user")  # the run's (it was recorded once pair weighting existed)
     basis, _ = fit_basis_and_weights(train.diff, idx, ids.size, rank=rank, l2=l2, max_iter=config.max_iter,
                                      prior_strength=prior_from_pairs(idx, ids.size, config.train_prior_pairs),
-                                     seed=seed)
+                                     seed=seed, weight_by=weight_by)
     if metrics.get("objective") == "marginal" and rank > 1:
-        basis = fit_basis_marginal(train.diff, idx, ids.size, rank=rank, l2=l2, init=basis, max_iter=config.max_iter)
+        basis = fit_basis_marginal(train.diff, idx, ids.size, rank=rank, l2=l2, init=basis, max_iter=config.max_iter,
+                                   weight_by=weight_by)
     return basis
 
 

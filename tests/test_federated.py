@@ -509,7 +509,7 @@ def test_personal_prior_defaults_to_the_dp_pilots_choice_under_dp(flags, expecte
     parser = argparse.ArgumentParser()
     configure(parser)
     cfg = get_fused_config_from_dir(ROOT, {**run_overrides(parser.parse_args(["pairs.npz", "--out", "run", *flags]),
-                                                           100), "run-dir": "run"})
+                                                           100, 2000), "run-dir": "run"})
     assert ServerSettings.from_run_config(cfg).prior_pairs == expected
     assert ClientSettings.from_run_config(cfg).prior_pairs == expected
 
