@@ -183,9 +183,10 @@ def federated(name: str) -> dict:
 
 
 def run_cell(name: str, seed: int, work: Path, rows: tuple[str, ...] = ("bt", "train"),
-             weight_by: str = DEFAULT_WEIGHTING) -> dict:
-    """The `rows` of one population and seed (cached as JSON under work/results; a rerun adds missing rows), BT and
-    `train` with `--weight-by weight_by` (keep one --work per weighting)."""
+             weight_by: str = DEFAULT_WEIGHTING, rerun: tuple[str, ...] = ()) -> dict:
+    """The `rows` of one population and seed (cached as JSON under work/results; a rerun adds missing rows and
+    recomputes the `rerun` ones), BT and `train` with `--weight-by weight_by` (keep one --work per weighting); the
+    `simulate` row reruns when `train` now chooses otherwise than when it ran (as `bench_matrix.FOLLOWS`)."""
     weighting = ["--weight-by", weight_by]
     cache = work / "results" / name / f"seed{seed}.json"
     cell = json.loads(cache.read_text()) if cache.exists() else {}
@@ -196,7 +197,7 @@ def run_cell(name: str, seed: int, work: Path, rows: tuple[str, ...] = ("bt", "t
     path = population_file(name, seed, work)
     runs = work / "runs" / name / f"seed{seed}"
     for row, flags in (("bt", ["--rank", "1"]), ("train", [])):
-        if row not in cell and (row in rows or "simulate" in rows):
+        if (row not in cell or row in rerun) and (row in rows or "simulate" in rows):
             cell[row] = train_row(path, runs / row, [*flags, *weighting])
             atomic_write_json(cache, cell)
     if "ceiling" not in cell:  # the true basis with the matrix's prior (`bench_matrix.ceiling_rows`), not train's
@@ -204,9 +205,10 @@ def run_cell(name: str, seed: int, work: Path, rows: tuple[str, ...] = ("bt", "t
         cell["ceiling"] = {} if basis is None else {
             f"true_basis_{group}": value for group, value in ceiling_rows(path, basis)["true_basis"].items()}
         atomic_write_json(cache, cell)
-    if "simulate" in rows and "simulate" not in cell:
-        chosen = {**{k: cell["train"][k] for k in TRAIN_CHOICE if k in cell["train"]}, "weight_by": weight_by}
-        cell["simulate"] = simulate_row(path, _fresh(runs / "simulate"), chosen, federated(name), ["--privacy", "none"])
+    chosen = {**{k: cell["train"][k] for k in TRAIN_CHOICE if k in cell.get("train", {})}, "weight_by": weight_by}
+    if "simulate" in rows and ("simulate" in rerun or cell.get("simulate", {}).get("source_choice") != chosen):
+        cell["simulate"] = {**simulate_row(path, _fresh(runs / "simulate"), chosen, federated(name),
+                                           ["--privacy", "none"]), "source_choice": chosen}
         atomic_write_json(cache, cell)
     return cell
 
@@ -297,6 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--weight-by", default=DEFAULT_WEIGHTING, choices=("user", "pair"),
                         help="`train`'s and BT's --weight-by (default pair, as theirs; user writes "
                              "hostile_populations_user.*; give each its own --work)")
+    parser.add_argument("--rerun", default="", help="comma-separated rows to recompute although cached")
     parser.add_argument("--work", default="runs/bench_hostile")
     parser.add_argument("--out", default="bench_results")
     args = parser.parse_args(argv)
@@ -305,16 +308,16 @@ def main(argv: list[str] | None = None) -> int:
     unknown = sorted(set(names) - set(POPULATIONS))
     if unknown:
         parser.error(f"unknown populations {unknown}; choose from {list(POPULATIONS)}")
-    rows = tuple(args.rows.split(","))
-    if set(rows) - set(ROWS):
-        parser.error(f"unknown rows {sorted(set(rows) - set(ROWS))}; choose from {list(ROWS)}")
+    rows, rerun = tuple(args.rows.split(",")), tuple(filter(None, args.rerun.split(",")))
+    if set(rows + rerun) - set(ROWS):
+        parser.error(f"unknown rows {sorted(set(rows + rerun) - set(ROWS))}; choose from {list(ROWS)}")
     work = Path(args.work)
     summaries = []
     for name in names:
         cells = {}
         for seed in seeds:
             started = time.perf_counter()
-            cells[seed] = run_cell(name, seed, work, rows, args.weight_by)
+            cells[seed] = run_cell(name, seed, work, rows, args.weight_by, rerun)
             print(f"{name} seed {seed}: bt {cells[seed]['bt']['seen_test_acc']:.4f} / "
                   f"{cells[seed]['bt']['unseen_test_acc']:.4f}, train {cells[seed]['train']['seen_test_acc']:.4f} / "
                   f"{cells[seed]['train']['unseen_test_acc']:.4f} ({time.perf_counter() - started:.0f} s)",
