@@ -1,8 +1,14 @@
-"""The stress matrix's cache: a federated row follows the choice of the `train` (or `bt`) row it was run with."""
+"""The stress matrix's harness: a federated row follows the choice of the `train` (or `bt`) row it was run with;
+two result files compared."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 from simulations.bench_matrix import due_after_source, source_choice
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_a_federated_row_reruns_only_when_its_source_chose_otherwise():
@@ -17,3 +23,22 @@ def test_a_federated_row_reruns_only_when_its_source_chose_otherwise():
     dp = {"train": train, "simulate_dp": {"source_choice": {"rank": 4, "l2": 1e-5}}}
     assert not due_after_source("simulate_dp", {**dp, "train": {**train, "prior_pairs": 10.0}})  # DP keeps its prior
     assert due_after_source("simulate_dp", {**dp, "train": {**train, "rank": 3}})
+
+
+def test_compare_matrix_files_reports_each_populations_change_and_failed_criteria(tmp_path):
+    import copy
+
+    from simulations.compare_matrix_files import main as compare
+
+    before = json.loads((ROOT / "bench_results" / "matrix_today_user.json").read_text())
+    after = copy.deepcopy(before)
+    moved = after["populations"][0]
+    moved["rows"]["train"]["seen"]["mean"] += 0.012
+    moved["checks"]["unseen"]["within_2se_of_bt_or_above"] = False
+    for name, data in (("before", before), ("after", after)):
+        (tmp_path / f"{name}.json").write_text(json.dumps(data))
+    out = tmp_path / "cmp.md"
+    assert compare(["--before", str(tmp_path / "before.json"), "--after", str(tmp_path / "after.json"),
+                    "--out", str(out)]) == 0
+    row = next(line for line in out.read_text().splitlines() if line.startswith(f"| {moved['population']} |"))
+    assert "| +1.2 / +0.0 |" in row and row.endswith("| 2 SE (n) |")
