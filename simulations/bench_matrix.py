@@ -186,9 +186,11 @@ def objective_flags(chosen: dict, privacy: list[str]) -> list[str]:
     return ["--objective", "joint" if private else chosen.get("objective", "joint")]
 
 
-def simulate_row(path: Path, run_dir: Path, chosen: dict, fed: dict, privacy: list[str]) -> dict:
-    """`lore-fed simulate` with the settings `chosen` by `lore-fed train`, every other flag at its default, through
-    the real ServerApp strategy and ClientApp handlers on the in-process grid (no Ray)."""
+def simulate_row(path: Path, run_dir: Path, chosen: dict, fed: dict, privacy: list[str],
+                 extra: tuple[str, ...] = ()) -> dict:
+    """`lore-fed simulate` with the settings `chosen` by `lore-fed train`, every other flag at its default (or as
+    the `extra` flags set it: pilots), through the real ServerApp strategy and ClientApp handlers on the in-process
+    grid (no Ray)."""
     import logging
 
     from flwr.common.config import get_fused_config_from_dir
@@ -208,7 +210,8 @@ def simulate_row(path: Path, run_dir: Path, chosen: dict, fed: dict, privacy: li
     weighting = [] if private else ["--weight-by", chosen.get("weight_by", "user")]
     args = parser.parse_args([str(path), "--rounds", str(fed["rounds"]), "--clients-per-round",
                               str(fed["clients_per_round"]), "--rank", str(chosen["rank"]), "--l2", str(chosen["l2"]),
-                              *prior, "--out", str(run_dir), *privacy, *objective_flags(chosen, privacy), *weighting])
+                              *prior, "--out", str(run_dir), *privacy, *objective_flags(chosen, privacy), *weighting,
+                              *extra])
     pairs = load_pairs(path)
     seen_train = pairs.seen & (pairs.split == "train")
     overrides = {**run_overrides(args, int(np.unique(pairs.user[pairs.seen]).size), int(seen_train.sum())),

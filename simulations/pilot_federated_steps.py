@@ -1,0 +1,108 @@
+"""Pilot: the clients' local steps of a pair-weighted federated run (privacy none, joint update).
+
+    python -m simulations.pilot_federated_steps [--cells NAME:SEED,...] [--steps 5,1] [--work DIR] [--out FILE]
+
+With `weight-by pair` each client scales a user's update by the user's pairs over the population's mean. The joint
+update is `local-steps` (default 5) gradient steps on the user's own mean loss, not one gradient step, so on a
+population where most users hold one pair the scaled updates are not the pair-weighted likelihood's step: the
+hostile `thin-majority` run settled 0.8 / 1.1 points below `train` (bench_results/hostile_populations.md). One
+local step makes the update an exact gradient step. This pilot runs `lore-fed simulate` (the matrix's federated
+row: the real ServerApp and ClientApp in process, 600 rounds of a fifth of the seen users, `train`'s pair-weighted
+choice of the same cell) with each `--steps` value on pilot cells only (hostile populations at seeds 11-12, matrix
+ones at 101; `bench_pair_weighting`'s cells, whose `train` rows it reuses from its --work), and writes each run's
+distance to `train`. It chooses nothing by itself; a default taken from it is taken on these cells.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+
+from lore_core.atomic_io import atomic_write_json, atomic_write_text
+from lore_core.pairs import load_pairs
+from simulations import bench_hostile_populations as hostile
+from simulations import bench_matrix as matrix
+from simulations.bench_pair_weighting import pair_file, run_cell
+
+CELLS = ("thin-majority:11", "heavy-tail:11", "heavy-tail:12", "clickers:11", "minority:11", "weak-few:11",
+         "iso-5-15:101", "iso-20-40:101", "iso-shared:101", "iso-noise:101", "iso-zero:101", "aniso-20-40:101",
+         "iso-weak:101")
+GROUPS = ("seen_test_acc", "unseen_test_acc")
+
+
+def federated(name: str, path: Path) -> dict:
+    """The federated row's rounds and users per round, as the hostile benchmark or the matrix runs it."""
+    if name in hostile.POPULATIONS:
+        return hostile.federated(name)
+    pairs = load_pairs(path)
+    pop = next(p for p in matrix.POPULATIONS if p.name == name)
+    return matrix.federated_settings(pop, int(np.unique(pairs.user[pairs.seen]).size), quick=False)
+
+
+def simulate_steps(name: str, seed: int, steps: int, work: Path) -> dict:
+    """One cell's pair-weighted `simulate` row with `steps` local steps (cached under work/results)."""
+    cache = work / "results" / name / f"seed{seed}" / f"pair-simulate-steps{steps}.json"
+    if not cache.exists():
+        path = pair_file(name, seed, work)
+        train = run_cell(name, seed, work)["pair"]["train"]
+        chosen = {**{k: v for k, v in train.items() if k in matrix.TRAIN_CHOICE}, "weight_by": "pair"}
+        run_dir = matrix._fresh(work / "runs" / name / f"seed{seed}" / f"pair-simulate-steps{steps}")
+        atomic_write_json(cache, matrix.simulate_row(path, run_dir, chosen, federated(name, path),
+                                                     ["--privacy", "none"], ("--local-steps", str(steps))))
+    return json.loads(cache.read_text())
+
+
+def markdown(table: dict[str, dict], steps: list[int], command: str) -> str:
+    lines = [f"# Local steps of a pair-weighted federated run (`{command}`)", "",
+             "`simulate` (privacy none, pair weighting, `train`'s pair-weighted choice, 600 rounds of a fifth of "
+             "the seen users) minus `train`, points, seen / new users, on pilot cells. `objective`: the update "
+             "`train`'s choice gives the clients (marginal: one exact step whatever `--local-steps` says).", "",
+             "| cell | objective | " + " | ".join(f"{s} local steps" for s in steps) + " |",
+             "|---|---|" + "---|" * len(steps)]
+    for cell, row in table.items():
+        lines.append(f"| {cell} | {row['objective']} | " + " | ".join(
+            " / ".join(f"{100 * d:+.1f}" for d in row["minus_train"][str(s)]) for s in steps) + " |")
+    for s in steps:
+        gaps = [d for row in table.values() if row["objective"] == "joint" for d in row["minus_train"][str(s)]]
+        worst = min(gaps) if gaps else float("nan")
+        lines.append("")
+        lines.append(f"{s} local steps, joint-update cells, seen and new together: mean {100 * np.mean(gaps):+.2f} "
+                     f"points, lowest {100 * worst:+.1f}.")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--cells", default=",".join(CELLS))
+    parser.add_argument("--steps", default="5,1")
+    parser.add_argument("--work", default="runs/bench_pair_weighting")
+    parser.add_argument("--out", default="bench_results/federated_steps_pilot.md")
+    args = parser.parse_args(argv)
+    steps = [int(s) for s in args.steps.split(",")]
+    work = Path(args.work)
+    table = {}
+    for cell in args.cells.split(","):
+        name, seed = cell.split(":")
+        if int(seed) < 11:
+            parser.error(f"{cell}: pilot cells only (seeds 11 and up); the reported seeds are 0-2")
+        train = run_cell(name, int(seed), work)["pair"]["train"]
+        objective = train.get("objective", "joint") if train["rank"] > 1 else "joint"
+        # the marginal update is one exact step whatever --local-steps says: one run stands for every value
+        runs = {s: simulate_steps(name, int(seed), s if objective == "joint" else steps[0], work) for s in steps}
+        table[cell] = {"objective": objective,
+                       "minus_train": {str(s): [r[g] - train[g] for g in GROUPS] for s, r in runs.items()}}
+        print(cell, {s: [round(100 * d, 1) for d in table[cell]["minus_train"][str(s)]] for s in steps}, flush=True)
+    out = Path(args.out)
+    command = "python -m simulations.pilot_federated_steps" + ("" if args.cells == ",".join(CELLS)
+                                                                 else f" --cells {args.cells}")
+    atomic_write_json(out.with_suffix(".json"), {"steps": steps, "cells": table})
+    atomic_write_text(out, markdown(table, steps, command))
+    print(out.read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
