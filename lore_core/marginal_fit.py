@@ -20,7 +20,7 @@ from scipy import sparse
 OBJECTIVES = ("joint", "marginal")  # how a basis is fit: w fitted with it, or w integrated out (this module)
 WEIGHTINGS = ("user", "pair")  # how much each user pulls it: its mean loss once, or each pair once (user_shares)
 # Chosen on pilot populations (bench_results/pair_weighting_pilot.md: +0.48 points on average over 16 pilot cells,
-# +2 to +4 where pair counts are heavy-tailed, as real users' are). DP runs weigh users equally: the clip bounds each.
+# +2 to +4 where users' pair counts are heavy-tailed). DP runs weigh users equally: the clip bounds each.
 DEFAULT_WEIGHTING = "pair"
 PRIOR_SAMPLES = 256  # draws of w; with the corners and the centre about 260 mixture components per user
 PRIOR_SEED = 20250  # fixed: a server, its clients and a rerun use the same draws
