@@ -190,10 +190,11 @@ def run_cell(name: str, seed: int, work: Path, rows: tuple[str, ...] = ("bt", "t
     weighting = ["--weight-by", weight_by]
     cache = work / "results" / name / f"seed{seed}.json"
     cell = json.loads(cache.read_text()) if cache.exists() else {}
-    recorded = cell.get("train", {}).get("weight_by")  # (rows cached before it was recorded do not say)
-    if recorded not in (None, weight_by):
-        raise SystemExit(f"{cache} holds rows weighted by {recorded}, not {weight_by}: give each weighting its own "
-                         "--work")
+    for row in ("bt", "train"):
+        recorded = cell.get(row, {}).get("weight_by")  # (rows cached before it was recorded do not say)
+        if recorded not in (None, weight_by):
+            raise SystemExit(f"{cache} holds rows weighted by {recorded}, not {weight_by}: give each weighting its "
+                             "own --work")
     path = population_file(name, seed, work)
     runs = work / "runs" / name / f"seed{seed}"
     for row, flags in (("bt", ["--rank", "1"]), ("train", [])):
@@ -206,9 +207,13 @@ def run_cell(name: str, seed: int, work: Path, rows: tuple[str, ...] = ("bt", "t
             f"true_basis_{group}": value for group, value in ceiling_rows(path, basis)["true_basis"].items()}
         atomic_write_json(cache, cell)
     chosen = {**{k: cell["train"][k] for k in TRAIN_CHOICE if k in cell.get("train", {})}, "weight_by": weight_by}
-    if "simulate" in rows and ("simulate" in rerun or cell.get("simulate", {}).get("source_choice") != chosen):
+    stale = "simulate" in cell and cell["simulate"].get("source_choice") != chosen
+    if "simulate" in rows and ("simulate" in rerun or stale or "simulate" not in cell):
         cell["simulate"] = {**simulate_row(path, _fresh(runs / "simulate"), chosen, federated(name),
                                            ["--privacy", "none"]), "source_choice": chosen}
+        atomic_write_json(cache, cell)
+    elif stale:  # a federated row of another choice is not reported beside this `train` (a reviewer)
+        del cell["simulate"]
         atomic_write_json(cache, cell)
     return cell
 
@@ -311,6 +316,7 @@ def main(argv: list[str] | None = None) -> int:
     rows, rerun = tuple(args.rows.split(",")), tuple(filter(None, args.rerun.split(",")))
     if set(rows + rerun) - set(ROWS):
         parser.error(f"unknown rows {sorted(set(rows + rerun) - set(ROWS))}; choose from {list(ROWS)}")
+    rows += tuple(r for r in rerun if r not in rows)  # a row to recompute is a row to run (as bench_matrix)
     work = Path(args.work)
     summaries = []
     for name in names:

@@ -229,7 +229,8 @@ def simulate_row(path: Path, run_dir: Path, chosen: dict, fed: dict, privacy: li
     last = evals[-1]
     out = {"seen_test_acc": last["seen_test_acc"], "unseen_test_acc": last["unseen_test_acc"],
            "rounds": fed["rounds"], "clients_per_round": fed["clients_per_round"], "rank": chosen["rank"],
-           "prior_pairs": settings.prior_pairs, "seconds": time.perf_counter() - started}
+           "prior_pairs": settings.prior_pairs, "local_steps": settings.local_steps,
+           "seconds": time.perf_counter() - started}
     tail = [r for r in evals if r["round"] > 3 * fed["rounds"] // 4]
     if len(tail) > 1:  # how much the reported model moves between evaluations over the last quarter of the run
         out["swing_seen"] = max(r["seen_test_acc"] for r in tail) - min(r["seen_test_acc"] for r in tail)
@@ -491,7 +492,8 @@ def markdown(summaries: list[dict], seeds: list[int], args: argparse.Namespace) 
              "Seen / new-user test accuracy, mean ± standard error over seeds "
              f"{', '.join(map(str, seeds))}. `published` is the published recipe at its best rank on the test set "
              "(the bar); `train` is `lore-fed train` with default flags; `simulate` is `lore-fed simulate "
-             "--privacy none` with the rank, l2, personal prior and objective `train` chose (defaults otherwise; "
+             "--privacy none` with the rank, l2, personal prior, objective and weighting `train` chose (defaults "
+             "otherwise; "
              "600 rounds of a fifth of the users), "
              f"`simulate_dp` the same under user-level DP at epsilon {DP_EPSILON:g} (only N >= {DP_MIN_USERS:,}; "
              "joint objective, 200 rounds of 100 users, `simulate`'s DP personal prior); `bt_dp` is `simulate "

@@ -22,8 +22,9 @@ CRITERIA = (("within_2se_of_bt_or_above", "2 SE"), ("two_points_where_ceiling_5"
             ("at_or_above_published", "published"), ("federated_within_1_point", "federated"))
 
 
-def _by_population(path: Path) -> dict[str, dict]:
-    return {p["population"]: p for p in json.loads(path.read_text())["populations"]}
+def _by_population(path: Path) -> tuple[list[int], dict[str, dict]]:
+    data = json.loads(path.read_text())
+    return data["seeds"], {p["population"]: p for p in data["populations"]}
 
 
 def _points(entry: dict, key: str) -> str:
@@ -55,9 +56,7 @@ def markdown(before: dict[str, dict], after: dict[str, dict], args: argparse.Nam
              "| population | `train` - BT before | `train` - BT after | ranks before | ranks after | `train` change "
              "| BT change | fails before | fails after |", "|---|---|---|---|---|---|---|---|---|"]
     for name, a in after.items():
-        b = before.get(name)
-        if b is None:
-            continue
+        b = before[name]
         lines.append(f"| {name} | {_points(b, 'train_minus_bt')} | {_points(a, 'train_minus_bt')} | "
                      f"{', '.join(map(str, b['rows']['train']['ranks']))} | "
                      f"{', '.join(map(str, a['rows']['train']['ranks']))} | {_row_change(b, a, 'train')} | "
@@ -71,7 +70,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--after", required=True, help="a bench_matrix JSON file of the same populations and seeds")
     parser.add_argument("--out", default="bench_results/matrix_today_weighting.md")
     args = parser.parse_args(argv)
-    text = markdown(_by_population(Path(args.before)), _by_population(Path(args.after)), args)
+    (seeds, before), (seeds_after, after) = _by_population(Path(args.before)), _by_population(Path(args.after))
+    if seeds != seeds_after:
+        parser.error(f"the files hold other seeds ({seeds} and {seeds_after}): their means are not comparable")
+    missing = sorted(set(before) ^ set(after))
+    if missing:
+        parser.error(f"populations in only one file: {missing}")
+    text = markdown(before, after, args)
     atomic_write_text(Path(args.out), text)
     print(text)
     return 0

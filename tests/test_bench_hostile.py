@@ -102,3 +102,29 @@ def test_weak_few_is_a_small_study_whose_users_sit_near_one_shared_w():
                          for u in np.unique(pairs.user)[:30]])
     spread = np.linalg.norm(per_user - per_user.mean(0), axis=1).mean() / np.linalg.norm(per_user.mean(0))
     assert spread < 0.4
+
+
+def test_a_cached_federated_row_of_another_train_choice_is_rerun_or_dropped(tmp_path, monkeypatch):
+    """A reviewer: after `--rerun train` chose otherwise, the cached `simulate` row of the old choice was reported
+    beside the new `train` (fails if run_cell keeps a stale row)."""
+    import json
+
+    from simulations import bench_hostile_populations as hostile
+
+    choice = {"rank": 4}
+    monkeypatch.setattr(hostile, "population_file", lambda name, seed, work: tmp_path / "pairs.npz")
+    monkeypatch.setattr(hostile, "train_row", lambda path, run_dir, flags: {
+        "seen_test_acc": 0.7, "unseen_test_acc": 0.7, **choice, "weight_by": "pair"})
+    monkeypatch.setattr(hostile, "simulate_row", lambda path, run_dir, chosen, fed, privacy: {
+        "seen_test_acc": 0.7, "unseen_test_acc": 0.7, "rank": chosen["rank"]})
+    cache = tmp_path / "results" / "minority" / "seed0.json"
+    cache.parent.mkdir(parents=True)
+    cache.write_text(json.dumps({"ceiling": {}}))
+    cell = hostile.run_cell("minority", 0, tmp_path, ("bt", "train", "simulate"), "pair")
+    assert cell["simulate"]["rank"] == 4
+    choice["rank"] = 2
+    assert hostile.run_cell("minority", 0, tmp_path, ("bt", "train", "simulate"), "pair",
+                            rerun=("train",))["simulate"]["rank"] == 2  # rerun at the new choice
+    choice["rank"] = 3
+    assert "simulate" not in hostile.run_cell("minority", 0, tmp_path, ("bt", "train"), "pair", rerun=("train",))
+    assert "simulate" not in json.loads(cache.read_text())
