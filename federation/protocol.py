@@ -111,8 +111,8 @@ def pairs_per_user(run_config: dict) -> float:
     L2; a tester)."""
     if str(run_config.get("weight-by", "user")) != "pair":
         if str(run_config.get("pairs-per-user", "")) != "":  # a tester's, silently ignored before
-            raise SettingError(f"{setting('pairs-per-user')} is read only with {setting('weight-by', 'pair')} "
-                               "(privacy none); remove it, or weigh by pair")
+            raise SettingError(f"{setting('pairs-per-user')} is read only with {setting('weight-by', 'pair')}, "
+                               "which privacy none alone allows; remove it")
         return 1.0
     if str(run_config.get("privacy-mode")) != "none":
         return 1.0  # (under DP the server refuses weight-by pair itself: server.run_settings)

@@ -65,7 +65,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="prior of the clients' w fits inside training, in pairs (default 3, as `train`)")
     parser.add_argument("--weight-by", default=None, choices=("user", "pair"),
                         help="each user's update counts in proportion to its training pairs (pair, as `train`; the "
-                             "default under --privacy none) or once (user; the only choice, and default, under DP)")
+                             "default under --privacy none) or once (user; the only choice, and default, under DP); "
+                             "without it a resume keeps its run's weighting")
     parser.add_argument("--canaries", type=int, default=0,
                         help="K canary users for `lore-fed audit canary` (user modes; default 0): each sends the "
                              "clip norm times a secret direction when sampled, if its secret coin says in")
@@ -550,7 +551,8 @@ def _simulate(args, pairs_path, population, overrides, settings, privacy, refere
     started = time.monotonic()
     noise = f", z {privacy.noise_multiplier:.4g}" if privacy.is_dp else ""
     print(f"federated LoRe on {pairs_path}: {settings.rounds} rounds, {settings.clients_per_round} users/round, "
-          f"rank {settings.rank}, privacy {args.privacy}{noise}; run dir {out}", flush=True)
+          f"rank {settings.rank}, privacy {args.privacy}{noise}, weight-by {settings.weight_by}; run dir {out}",
+          flush=True)
     if previous is not None:
         print(f"resuming after round {previous.round} from {out / 'checkpoint.npz'}", flush=True)
     earlier = recorded_metrics(out)  # before the run: the ServerApp writes a metrics.json of its own at the end

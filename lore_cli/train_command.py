@@ -289,7 +289,8 @@ def _train_in_memory(args: argparse.Namespace, options: dict):
     config = _config(args, options, pairs.dim, pairs.source, few_shot_size(pairs.select(seen=False, split="train").user))
     pairs_per_user = np.unique(train.user, return_counts=True)[1]
     users = pairs_per_user.size
-    print(f"training on {train.n} pairs of {users} seen user{'s' * (users != 1)} (D={pairs.dim}, rank {config.rank})")
+    print(f"training on {train.n} pairs of {users} seen user{'s' * (users != 1)} (D={pairs.dim}, rank {config.rank}, "
+          f"weight-by {config.weight_by})")
     if len(candidate_objectives(config.objective, pairs_per_user)) > 1 and config.rank != 1:
         print("objectives: joint and marginal (users are thin: the median has under "
               f"{MARGINAL_MAX_MEDIAN_PAIRS} training pairs); the marginal fits add to the time, "

@@ -88,6 +88,10 @@ def _run_id_of(meta: dict) -> str:
 SETTINGS_BEFORE_THEY_EXISTED = {"weight_by": "user", "pairs_per_user": 1.0}
 
 
+def _shown(value) -> str:
+    return f"{value:.6g}" if isinstance(value, float) else repr(value)
+
+
 def check_resumable(state: RunState, settings: dict, population: list[int], run_dir: str | Path) -> None:
     """Refuse a resume whose fingerprinted settings or population differ; a key the checkpoint holds but today's
     fingerprint leaves out (now volatile, e.g. prior_pairs) is not compared, and one it lacks has its value from
@@ -95,7 +99,10 @@ def check_resumable(state: RunState, settings: dict, population: list[int], run_
     stored = {**SETTINGS_BEFORE_THEY_EXISTED, **state.settings}
     changed = sorted(k for k in settings if stored.get(k) != settings[k])
     if changed:  # named as run-config keys (`simulate`'s flags share them): a tester read `weight_by` as internal
-        differences = "; ".join(f"{k.replace('_', '-')} {stored.get(k)!r} then, {settings[k]!r} now" for k in changed)
+        # pairs-per-user follows weight-by (simulate sets it; 1 under user weighting): named alone only
+        shown = [k for k in changed if not (k == "pairs_per_user" and "weight_by" in changed)]
+        differences = "; ".join(f"{k.replace('_', '-')} {_shown(stored.get(k))} then, {_shown(settings[k])} now"
+                                for k in shown)
         raise CheckpointError(f"{run_dir} holds a run with other settings ({differences}, by their run-config "
                               "keys); resume it with that run's settings or use a new --out directory")
     if state.population != population:

@@ -190,7 +190,7 @@ class ServerSettings:
             raise RunConfigError(
                 f"{setting('weight-by', 'pair')} under privacy mode {self.privacy_mode!r}: a DP mode bounds each "
                 f"user's (or pair's) contribution by its clip norm, which would undo the weights; use "
-                f"{setting('weight-by', 'user')}")
+                f"{setting('weight-by', 'user')} (the default there)")
         if self.objective == "marginal" and self.privacy_mode != "none":
             raise RunConfigError(
                 f"{setting('objective', 'marginal')} under privacy mode {self.privacy_mode!r}: the DP clip norm and "

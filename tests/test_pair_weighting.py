@@ -225,8 +225,9 @@ def test_a_resume_keeps_the_weighting_and_checkpoints_from_before_it_resume_as_u
     check_resumable(state(pair), pair, [3, 2], "run")
     for stored, today in ((pair, user), (before, pair), (user, pair)):
         with pytest.raises(CheckpointError, match=f"weight-by '{stored.get('weight_by', 'user')}' then, "
-                                                  f"'{today['weight_by']}' now"):
+                                                  f"'{today['weight_by']}' now") as refused:
             check_resumable(state(stored), today, [3, 2], "run")
+        assert "pairs-per-user" not in str(refused.value)  # it follows weight-by (a tester: a value never given)
 
 
 def test_simulate_weight_by_pair_sets_pairs_per_user_to_the_files_mean(tmp_path):
