@@ -178,7 +178,7 @@ def write_report(run_dir: str | Path, history: list[dict], metrics: dict, refere
         f"`{command}`",
         "",
         f"{metrics['rounds']} rounds, rank {metrics['rank']}, privacy mode `{metrics['privacy_mode']}`, "
-        f"{metrics['users_per_round']} users per round, "
+        f"weight-by `{metrics.get('weight_by', 'user')}`, {metrics['users_per_round']} users per round, "
         f"{metrics['nodes']} {metrics.get('node_kind', 'virtual')} nodes, "
         f"wall time {metrics['wall_seconds']:.1f} s.",
         "",

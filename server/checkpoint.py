@@ -89,6 +89,9 @@ SETTINGS_BEFORE_THEY_EXISTED = {"weight_by": "user", "pairs_per_user": 1.0}
 
 
 def _shown(value) -> str:
+    """A setting's value in a refusal: short floats, and a group of settings (the privacy ones) by their keys."""
+    if isinstance(value, dict):
+        return "(" + ", ".join(f"{k.replace('_', '-')} {_shown(v)}" for k, v in value.items()) + ")"
     return f"{value:.6g}" if isinstance(value, float) else repr(value)
 
 
@@ -103,8 +106,8 @@ def check_resumable(state: RunState, settings: dict, population: list[int], run_
         shown = [k for k in changed if not (k == "pairs_per_user" and "weight_by" in changed)]
         differences = "; ".join(f"{k.replace('_', '-')} {_shown(stored.get(k))} then, {_shown(settings[k])} now"
                                 for k in shown)
-        raise CheckpointError(f"{run_dir} holds a run with other settings ({differences}, by their run-config "
-                              "keys); resume it with that run's settings or use a new --out directory")
+        raise CheckpointError(f"{run_dir} holds a run with other settings ({differences}; run-config keys); "
+                              "resume it with that run's settings or use a new --out directory")
     if state.population != population:
         raise CheckpointError(f"{Path(run_dir) / CHECKPOINT_FILENAME} holds a run over another population: "
                               f"{_population_change(state.population, population)}; use a new --out directory or "

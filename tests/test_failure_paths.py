@@ -377,6 +377,7 @@ def test_rerunning_a_finished_run_keeps_its_report(tmp_path, pair_file, engine):
     report = (run / "report.md").read_text()
     assert "## Privacy audits" in report and "### extraction" in report and "| 0.6123 |" in report
     metrics = json.loads((run / "metrics.json").read_text())
+    assert f"weight-by `{metrics['weight_by']}`" in report  # the weighting the run used (a tester found it nowhere)
     assert metrics["reference"] == {"path": str(reference.resolve()), "seen_test_acc": 0.6123,
                                     "unseen_test_acc": 0.5987}
 
