@@ -136,6 +136,12 @@ def train_row(path: Path, run_dir: Path, flags: list[str]) -> dict:
 TRAIN_CHOICE = ("rank", "l2", "prior_pairs", "objective", "weight_by")  # what `lore-fed train` chose (metrics.json)
 
 
+def train_choice(train: dict, weight_by: str) -> dict:
+    """What a federated row takes from a `train` row: its choice (the TRAIN_CHOICE keys it holds; rows cached before
+    the weighting was recorded lack it) with the weighting the row runs under."""
+    return {**{k: v for k, v in train.items() if k in TRAIN_CHOICE}, "weight_by": weight_by}
+
+
 def train_row_of(metrics: dict, seconds: float) -> dict:
     """The matrix's record of a `lore-fed train` run from its metrics.json: accuracies, choice, references."""
     keep = ("seen_test_acc", "unseen_test_acc", *TRAIN_CHOICE, "oracle_seen_test_acc", "oracle_unseen_test_acc",

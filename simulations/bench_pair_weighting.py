@@ -57,8 +57,7 @@ def run_cell(name: str, seed: int, work: Path, simulate: bool = False) -> dict:
             cell.setdefault(weighting, {})[row] = json.loads(cache.read_text())
         cache = work / "results" / name / f"seed{seed}" / f"{weighting}-simulate.json"
         if simulate and not cache.exists():
-            train = cell[weighting]["train"]
-            chosen = {**{k: v for k, v in train.items() if k in matrix.TRAIN_CHOICE}, "weight_by": weighting}
+            chosen = matrix.train_choice(cell[weighting]["train"], weighting)
             run_dir = matrix._fresh(work / "runs" / name / f"seed{seed}" / f"{weighting}-simulate")
             atomic_write_json(cache, matrix.simulate_row(path, run_dir, chosen, hostile.federated(name),
                                                          ["--privacy", "none"]))

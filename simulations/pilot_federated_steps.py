@@ -48,7 +48,7 @@ def simulate_steps(name: str, seed: int, steps: int, work: Path) -> dict:
     if not cache.exists():
         path = pair_file(name, seed, work)
         train = run_cell(name, seed, work)["pair"]["train"]
-        chosen = {**{k: v for k, v in train.items() if k in matrix.TRAIN_CHOICE}, "weight_by": "pair"}
+        chosen = matrix.train_choice(train, "pair")
         run_dir = matrix._fresh(work / "runs" / name / f"seed{seed}" / f"pair-simulate-steps{steps}")
         atomic_write_json(cache, matrix.simulate_row(path, run_dir, chosen, federated(name, path),
                                                      ["--privacy", "none"], ("--local-steps", str(steps))))

@@ -71,7 +71,7 @@ def run_population(name: str, seed: int, sides: list[float], work: Path) -> dict
     for side in sides:
         index = choose_from_table(table, 1.0, side)[0]
         row = table[index]
-        out["by_side"][f"{side:g}"] = {"choice": {k: row[k] for k in TRAIN_CHOICE},
+        out["by_side"][f"{side:g}"] = {"choice": {k: row[k] for k in TRAIN_CHOICE if k in row},
                                        "gains": {k: row[k] for k in HELD_OUT_GAINS},
                                        "test": fixed_test(pairs, row, seed, train, index == chose)}
     return out
