@@ -53,7 +53,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--server-lr", type=float, default=None,
                         help="server learning rate (default 1.0 without privacy, 0.05 under DP)")
     parser.add_argument("--local-steps", type=int, default=None,
-                        help="each user's gradient steps on A per round (default 5; 1 with --objective marginal)")
+                        help="each user's gradient steps on A per round (default 5 with --weight-by user, 1 with pair, "
+                             "where one exact step is what the pair weighting scales; always 1 with --objective "
+                             "marginal); without it a resume keeps its run's")
     parser.add_argument("--client-lr", type=float, default=None, help="each user's step size on A (default 1.0)")
     parser.add_argument("--prior-pairs", type=float, default=None,
                         help="personal prior of every user's final w fit, in pairs (default 3; 10 under DP, whose "
@@ -131,12 +133,13 @@ def weighting(args: argparse.Namespace) -> str:
         return args.weight_by
     if args.privacy != "none":
         return "user"
-    return resumed_weighting(Path(args.out)) or DEFAULT_WEIGHTING
+    return resumed_setting(Path(args.out), "weight_by") or DEFAULT_WEIGHTING
 
 
-def resumed_weighting(out: Path) -> str | None:
-    """The weighting of the run whose checkpoint `out` holds (a checkpoint from before the setting: user), or None
-    without a readable one (check_resume then says what is wrong with it)."""
+def resumed_setting(out: Path, field: str):
+    """A setting (server.run_settings fingerprint field) of the run whose checkpoint `out` holds (a checkpoint from
+    before the setting existed: its value then), or None without a readable checkpoint (check_resume then says what
+    is wrong with it)."""
     from server.checkpoint import CHECKPOINT_FILENAME, SETTINGS_BEFORE_THEY_EXISTED, CheckpointError, load_checkpoint
 
     if not (out / CHECKPOINT_FILENAME).is_file():
@@ -145,7 +148,15 @@ def resumed_weighting(out: Path) -> str | None:
         stored = load_checkpoint(out).settings
     except CheckpointError:
         return None
-    return str(stored.get("weight_by", SETTINGS_BEFORE_THEY_EXISTED["weight_by"]))
+    return stored.get(field, SETTINGS_BEFORE_THEY_EXISTED.get(field))
+
+
+def local_steps(args: argparse.Namespace) -> int | None:
+    """--local-steps; by default those of the run --out holds (a resume: the same command resumes a pair-weighted run
+    begun when five steps were the default), else None: the run config's "" (federation.protocol.local_steps)."""
+    if args.local_steps is not None:
+        return args.local_steps
+    return resumed_setting(Path(args.out), "local_steps")
 
 
 def run_overrides(args: argparse.Namespace, seen_users: int, seen_train_pairs: int) -> dict:
@@ -164,7 +175,7 @@ def run_overrides(args: argparse.Namespace, seen_users: int, seen_train_pairs: i
         **privacy_overrides(args),
     }
     for key, value in (("rank", args.rank), ("server-optimizer", args.server_optimizer),
-                       ("server-lr", args.server_lr), ("local-steps", args.local_steps), ("client-lr", args.client_lr),
+                       ("server-lr", args.server_lr), ("local-steps", local_steps(args)), ("client-lr", args.client_lr),
                        ("train-prior-pairs", args.train_prior_pairs), ("objective", args.objective),
                        ("weight-by", weighting(args))):
         if value is not None:
@@ -368,7 +379,7 @@ def check_resume(out: Path, pairs_path: Path, settings, privacy):
     DIR/data.json."""
     from client.user_state import check_simulated_accountants
     from lore_core.privacy.ledger import LEDGER_FILENAME
-    from server.checkpoint import check_resumable, load_checkpoint
+    from server.checkpoint import CheckpointError, check_resumable, load_checkpoint
     from server.release_record import check_continuable
     from server.run_ledger import FederatedLedger, check_ledger_covers
 
@@ -380,6 +391,12 @@ def check_resume(out: Path, pairs_path: Path, settings, privacy):
         check_resumable(previous, settings.fingerprint(), previous.population, out)
         check_ledger_covers(out, previous.round)
     if (out / LEDGER_FILENAME).exists():
+        planned = FederatedLedger.load(out).settings.rounds
+        if planned != settings.rounds:  # a tester read "other privacy settings (rounds)" of a run without privacy
+            raise CheckpointError(f"{out} holds a run of {planned} rounds, not {settings.rounds}: a run's rounds are "
+                                  "fixed when it starts (the server's learning-rate schedule, and under DP the "
+                                  f"accountant's plan, follow them); resume it with --rounds {planned}, or start a "
+                                  "new --out directory (a longer run from scratch)")
         FederatedLedger.load(out, privacy)  # reads and compares only; the server opens it again to write
     check_continuable(out, settings.release_optimizer(), previous.round if previous is not None else 0)
     check_simulated_accountants(out, (out / LEDGER_FILENAME).exists())
@@ -551,7 +568,8 @@ def _simulate(args, pairs_path, population, overrides, settings, privacy, refere
     started = time.monotonic()
     noise = f", z {privacy.noise_multiplier:.4g}" if privacy.is_dp else ""
     print(f"federated LoRe on {pairs_path}: {settings.rounds} rounds, {settings.clients_per_round} users/round, "
-          f"rank {settings.rank}, privacy {args.privacy}{noise}, weight-by {settings.weight_by}; run dir {out}",
+          f"rank {settings.rank}, privacy {args.privacy}{noise}, weight-by {settings.weight_by}, "
+          f"{settings.local_steps} local step{'s' if settings.local_steps > 1 else ''}; run dir {out}",
           flush=True)
     if previous is not None:
         print(f"resuming after round {previous.round} from {out / 'checkpoint.npz'}", flush=True)

@@ -363,7 +363,10 @@ def warm_start(basis: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, np.n
     """Where the next fit of an l2 walk starts: this fit, unless it collapsed or lost rows at a strong l2 (then the
     seeded random start). The matrix's iso-150-250 seed 1 lost two rows of four in its first, strongest fit on all
     pairs (one shared reward carried by the other two), the walk kept them dead down to the chosen l2, and `train`
-    ended 10 points under its held-out estimate."""
+    ended 10 points under its held-out estimate. A fit that is not finite is never handed on (a reviewer: NaN
+    norms compare False, so such a fit passed both checks)."""
+    if not (np.isfinite(basis).all() and np.isfinite(weights).all()):
+        return None
     return None if collapsed(basis) or dead_rows(basis).any() else (basis, weights)
 
 

@@ -293,7 +293,7 @@ def run_cell(pop: Population, seed: int, rows: tuple[str, ...], work: Path, quic
     def due(row: str) -> bool:
         return row in rows and due_after_source(row, done)
 
-    if due("simulate"):
+    if due("simulate") or ("simulate" in rows and "simulate" in done and other_steps(done["simulate"], done["train"])):
         save("simulate", {**simulate_row(path, _fresh(runs / "simulate"), done["train"], fed, ["--privacy", "none"]),
                           "source_choice": source_choice("simulate", done)})
     if n_seen < DP_MIN_USERS:
@@ -321,6 +321,17 @@ def source_choice(row: str, done: dict) -> dict:
     """What the federated `row` takes from the cell's row it follows."""
     source, keys = FOLLOWS[row]
     return {k: done[source][k] for k in keys if k in done[source]}
+
+
+def other_steps(row: dict, chosen: dict) -> bool:
+    """A cached `simulate --privacy none` row that ran other local steps than `simulate` now takes by default for
+    `train`'s choice (one under pair weighting since lore-fed 0.2.1); a row without the record ran 0.2.0's default."""
+    from federation.protocol import JOINT_LOCAL_STEPS, local_steps
+
+    config = {"objective": chosen.get("objective", "joint"), "weight-by": chosen.get("weight_by", "user"),
+              "privacy-mode": "none"}
+    ran = row.get("local_steps", local_steps({**config, "local-steps": JOINT_LOCAL_STEPS}))
+    return ran != local_steps({**config, "local-steps": ""})
 
 
 def due_after_source(row: str, done: dict) -> bool:

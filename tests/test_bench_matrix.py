@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from simulations.bench_matrix import due_after_source, source_choice
+from simulations.bench_matrix import due_after_source, other_steps, source_choice
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -23,6 +23,16 @@ def test_a_federated_row_reruns_only_when_its_source_chose_otherwise():
     dp = {"train": train, "simulate_dp": {"source_choice": {"rank": 4, "l2": 1e-5}}}
     assert not due_after_source("simulate_dp", {**dp, "train": {**train, "prior_pairs": 10.0}})  # DP keeps its prior
     assert due_after_source("simulate_dp", {**dp, "train": {**train, "rank": 3}})
+
+
+def test_a_cached_federated_row_reruns_when_it_ran_other_local_steps_than_the_default():
+    """A pair-weighted joint row run with 0.2.0's five steps (recorded, or not recorded) is stale; a user-weighted
+    joint row with five, or a marginal row (always one step), is not."""
+    pair, user = {"objective": "joint", "weight_by": "pair"}, {"objective": "joint", "weight_by": "user"}
+    assert other_steps({"local_steps": 5}, pair) and other_steps({}, pair)
+    assert not other_steps({"local_steps": 1}, pair)
+    assert not other_steps({}, user) and other_steps({"local_steps": 1}, user)
+    assert not other_steps({}, {"objective": "marginal", "weight_by": "pair"})
 
 
 def test_compare_matrix_files_reports_each_populations_change_and_failed_criteria(tmp_path):

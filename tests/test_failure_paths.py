@@ -270,7 +270,7 @@ def test_a_run_directory_resumes_only_on_its_own_pair_file_and_settings(tmp_path
                         "another pair file", run)
     more_rounds = [*SIM[:3], "5", *SIM[4:]]  # a finished run's ledger holds its planned rounds
     _refused_under_lock(["simulate", pair_file, "--out", run, *more_rounds], run, tmp_path,
-                        "ledger.json was written with other privacy settings (rounds: stored 3, new 5)", run)
+                        "holds a run of 3 rounds, not 5: a run's rounds are fixed when it starts", run)
     assert engine.runs == 1  # all refused before the engine started
     moved = shutil.copy(pair_file, tmp_path / "moved.npz")  # the same content elsewhere still resumes
     assert cli(["simulate", moved, "--out", run, *SIM])[0] == 0

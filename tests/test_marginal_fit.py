@@ -146,7 +146,7 @@ def _server_settings(**overrides) -> ServerSettings:
 
 def test_marginal_runs_take_one_local_step_and_refuse_dp():
     assert _server_settings(objective="marginal").local_steps == 1
-    assert _server_settings(objective="joint").local_steps == 5
+    assert _server_settings(objective="joint").local_steps == 5  # user weighting (the run config's default)
     with pytest.raises(RunConfigError, match="marginal"):
         _server_settings(**{"objective": "marginal", "privacy-mode": "user"})
     with pytest.raises(RunConfigError, match="objective"):
@@ -208,3 +208,7 @@ def test_a_walk_restarts_cold_after_a_fit_that_lost_rows():
                                   init=(basis, weights))
     assert np.linalg.norm(again[0][0]) < 0.01 * np.linalg.norm(again[0], axis=1).max()  # absorbing
     assert warm_start(basis, weights) is None and warm_start(*again) is None
+    for broken in (0, 1):  # a fit that is not finite restarts too (NaN norms passed the row checks)
+        nan = [alive[0].copy(), alive[1].copy()]
+        nan[broken][0, 0] = np.nan
+        assert warm_start(*nan) is None

@@ -163,7 +163,7 @@ def test_a_pair_weighted_client_scales_each_users_update_by_its_pairs(tmp_path):
     pairs, _ = make_synthetic_pairs(SyntheticPairsConfig(dim=8, seen_users=12, unseen_users=2, train_pairs=(3, 30),
                                                          seed=4))
     path = save_pairs(pairs, tmp_path / "pairs.npz")
-    equal = _first_round_updates(path, tmp_path / "user")
+    equal = _first_round_updates(path, tmp_path / "user", **{"local-steps": 1})  # pair's default: one step
     weighted = _first_round_updates(path, tmp_path / "pair", **{"weight-by": "pair", "pairs-per-user": 10.0})
     assert equal.keys() == weighted.keys() and len(equal) == 12
     ratios = {key: float(np.linalg.norm(weighted[key]) / np.linalg.norm(equal[key])) for key in equal}
@@ -300,3 +300,45 @@ def test_simulate_resumes_a_run_with_its_own_weighting_when_none_is_given(tmp_pa
         assert default_for(tmp_path / name) == expected
     assert weighting(parser.parse_args(["pairs.npz", "--out", str(tmp_path / "user"), "--privacy", "none",
                                         "--weight-by", "pair"])) == "pair"  # a flag given is the flag
+
+
+def test_a_pair_weighted_update_takes_one_local_step_by_default():
+    """Scaling a user's update by its pairs gives the pair-weighted likelihood's gradient only for one step, so
+    local-steps "" resolves to 1 under pair and 5 under user weighting, on the server and the clients alike; a value
+    given is kept (fails if the default ignores the weighting, or the two sides disagree)."""
+    from flwr.common.config import get_fused_config_from_dir
+
+    from federation.protocol import ClientSettings
+    from simulations.flower_run import ROOT
+
+    pair = {"weight-by": "pair", "pairs-per-user": 10.0, "privacy-mode": "none"}
+    for overrides, steps in ((pair, 1), ({"privacy-mode": "none"}, 5), ({"privacy-mode": "user"}, 5),
+                             ({**pair, "local-steps": 5}, 5), ({"privacy-mode": "none", "local-steps": 2}, 2),
+                             ({**pair, "objective": "marginal", "local-steps": 7}, 1)):
+        assert _settings(**overrides).local_steps == steps
+        config = get_fused_config_from_dir(ROOT, {"run-dir": "x", **overrides})
+        assert ClientSettings.from_run_config(config).local_steps == steps
+
+
+def test_simulate_resumes_a_run_with_its_own_local_steps_when_none_are_given(tmp_path):
+    """A pair-weighted run begun when five steps were the default resumes under the same command; a fresh --out
+    leaves the run config's default, and a flag given is the flag."""
+    import argparse
+
+    from lore_cli.simulate_command import configure, local_steps
+    from server.checkpoint import RunState, check_resumable, save_checkpoint
+
+    parser = argparse.ArgumentParser()
+    configure(parser)
+    pair = {"weight-by": "pair", "pairs-per-user": 10.0, "privacy-mode": "none"}
+    older = _settings(**pair, **{"local-steps": 5}).fingerprint()
+    save_checkpoint(tmp_path / "older", RunState(round=1, basis=np.zeros((2, 2)), settings=older, population=[3]))
+
+    def steps(out, *flags):
+        return local_steps(parser.parse_args(["pairs.npz", "--out", str(out), "--privacy", "none", *flags]))
+
+    assert steps(tmp_path / "fresh") is None
+    assert steps(tmp_path / "older") == 5
+    assert steps(tmp_path / "older", "--local-steps", "1") == 1
+    today = _settings(**pair, **{"local-steps": steps(tmp_path / "older")}).fingerprint()
+    check_resumable(RunState(round=1, basis=np.zeros((2, 2)), settings=older, population=[3]), today, [3], "run")
