@@ -172,13 +172,15 @@ def write_report(run_dir: str | Path, history: list[dict], metrics: dict, refere
         value = None if source is None else source.get(key)
         return "–" if value is None else f"{value:.4f}"
 
+    local = metrics.get("local_steps")  # (a run recorded before 0.2.1 does not say)
+    steps = "" if local is None else f", {local} local step{'s' if local != 1 else ''}"
     lines = [
         "# Federated LoRe run",
         "",
         f"`{command}`",
         "",
         f"{metrics['rounds']} rounds, rank {metrics['rank']}, privacy mode `{metrics['privacy_mode']}`, "
-        f"weight-by `{metrics.get('weight_by', 'user')}`, {metrics['users_per_round']} users per round, "
+        f"weight-by `{metrics.get('weight_by', 'user')}`{steps}, {metrics['users_per_round']} users per round, "
         f"{metrics['nodes']} {metrics.get('node_kind', 'virtual')} nodes, "
         f"wall time {metrics['wall_seconds']:.1f} s.",
         "",

@@ -535,7 +535,7 @@ def run_metrics(state, settings, privacy_mode: str, privacy_keys: dict, *, wall_
     metrics = {key: final[key] for key in TRAIN_KEYS if math.isfinite(final.get(key, math.nan))}
     metrics.update(benchmark or {})
     metrics.update(rank=settings.rank, prior_pairs=settings.prior_pairs, objective=settings.objective,
-                   weight_by=settings.weight_by,
+                   weight_by=settings.weight_by, local_steps=settings.local_steps,
                    train_prior_pairs=settings.train_prior_pairs, l2=settings.l2,
                    train_seconds=round(sum(r["seconds"] for r in state.history), 3),
                    rounds=state.round, wall_seconds=wall_seconds, privacy_mode=privacy_mode,

@@ -96,9 +96,18 @@ def check_continuable(run_dir: str | Path, optimizer: dict, checkpoint_round: in
     CLI calls it before anything is written, the server again when it opens the record."""
     lines = check_record_reaches(run_dir, checkpoint_round)
     if lines is not None and lines[0].get("optimizer") != optimizer:
+        stored = lines[0].get("optimizer") or {}
+        changed = "; ".join(f"{OPTIMIZER_KEYS.get(k, k)} {stored.get(k)!r} then, {optimizer.get(k)!r} now"
+                            for k in sorted(set(stored) | set(optimizer)) if stored.get(k) != optimizer.get(k))
         raise ReleaseRecordError(f"{Path(run_dir) / RELEASES_DIR / CHAIN_FILENAME} was written with other server "
-                                 "optimizer settings; use a new run directory")
+                                 f"optimizer settings ({changed}; run-config keys); resume with that run's settings "
+                                 "or use a new run directory")
     return lines
+
+
+# The header's optimizer fields by the run-config keys that set them (a refusal names what to change).
+OPTIMIZER_KEYS = {"name": "server-optimizer", "server_lr": "server-lr", "client_lr": "client-lr",
+                  "local_steps": "local-steps", "rounds": "num-server-rounds", "schedule": "server-lr-schedule"}
 
 
 def check_record_reaches(run_dir: str | Path, checkpoint_round: int) -> list[dict] | None:

@@ -18,7 +18,7 @@ SERVER_OPTIMIZERS = ("adam", "sgd")
 PROGRESS_STYLES = ("bar", "log")
 MAX_RATE = 1e3  # server-lr and client-lr: the defaults are 1.0 (0.05 under DP)
 MIN_CLIENT_LR = 1e-6  # the server's pseudo-gradient divides the clients' mean update by it
-MAX_LOCAL_STEPS = 10_000  # a client's steps on its users per round (default 5)
+MAX_LOCAL_STEPS = 10_000  # a client's steps on its users per round (default 5; 1 under weight-by pair)
 
 
 # Run-config key -> PrivacySettings field. An empty string means "not given": `validate` fills the mode's default

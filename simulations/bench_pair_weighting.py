@@ -56,8 +56,9 @@ def run_cell(name: str, seed: int, work: Path, simulate: bool = False) -> dict:
                 atomic_write_json(cache, matrix.train_row(path, run_dir, [*flags, "--weight-by", weighting]))
             cell.setdefault(weighting, {})[row] = json.loads(cache.read_text())
         cache = work / "results" / name / f"seed{seed}" / f"{weighting}-simulate.json"
-        if simulate and not cache.exists():
-            chosen = matrix.train_choice(cell[weighting]["train"], weighting)
+        chosen = matrix.train_choice(cell[weighting]["train"], weighting)
+        # a row cached with other local steps than `simulate` now takes for that choice is rerun (a reviewer)
+        if simulate and (not cache.exists() or matrix.other_steps(json.loads(cache.read_text()), chosen)):
             run_dir = matrix._fresh(work / "runs" / name / f"seed{seed}" / f"{weighting}-simulate")
             atomic_write_json(cache, matrix.simulate_row(path, run_dir, chosen, hostile.federated(name),
                                                          ["--privacy", "none"]))

@@ -3,10 +3,11 @@
     python -m simulations.pilot_federated_steps [--cells NAME:SEED,...] [--steps 5,1] [--work DIR] [--out FILE]
 
 With `weight-by pair` each client scales a user's update by the user's pairs over the population's mean. The joint
-update is `local-steps` (default 5) gradient steps on the user's own mean loss, not one gradient step, so on a
-population where most users hold one pair the scaled updates are not the pair-weighted likelihood's step: the
-hostile `thin-majority` run settled 0.8 / 1.1 points below `train` (bench_results/hostile_populations.md). One
-local step makes the update an exact gradient step. This pilot runs `lore-fed simulate` (the matrix's federated
+update was `local-steps` (lore-fed 0.2.0's default 5) gradient steps on the user's own mean loss, not one gradient
+step, so on a population where most users hold one pair the scaled updates were not the pair-weighted likelihood's
+step: the hostile `thin-majority` run settled 0.8 / 1.1 points below `train` (bench_results/hostile_populations.md
+at 174c026). One local step makes the update an exact gradient step; this pilot chose it as 0.2.1's default for
+pair-weighted joint updates. This pilot runs `lore-fed simulate` (the matrix's federated
 row: the real ServerApp and ClientApp in process, 600 rounds of a fifth of the seen users, `train`'s pair-weighted
 choice of the same cell) with each `--steps` value on pilot cells only (hostile populations at seeds 11-12, matrix
 ones at 101; `bench_pair_weighting`'s cells, whose `train` rows it reuses from its --work), and writes each run's

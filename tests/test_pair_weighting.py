@@ -342,3 +342,17 @@ def test_simulate_resumes_a_run_with_its_own_local_steps_when_none_are_given(tmp
     assert steps(tmp_path / "older", "--local-steps", "1") == 1
     today = _settings(**pair, **{"local-steps": steps(tmp_path / "older")}).fingerprint()
     check_resumable(RunState(round=1, basis=np.zeros((2, 2)), settings=older, population=[3]), today, [3], "run")
+
+
+def test_a_release_record_of_other_local_steps_names_them(tmp_path):
+    """A 0.2.0 pair-weighted run stopped before its first checkpoint has only its release record to say it took
+    five steps: a resume under today's default is refused naming the key and both values (a reviewer: the refusal
+    said only "other server optimizer settings")."""
+    from server.release_record import ReleaseRecord, ReleaseRecordError, check_continuable
+
+    pair = {"weight-by": "pair", "pairs-per-user": 10.0, "privacy-mode": "none"}
+    older = _settings(**pair, **{"local-steps": 5}).release_optimizer()
+    ReleaseRecord.open(tmp_path, optimizer=older, initial_basis=np.zeros((2, 3)))
+    assert check_continuable(tmp_path, older) is not None
+    with pytest.raises(ReleaseRecordError, match=r"\(local-steps 5 then, 1 now; run-config keys\)"):
+        check_continuable(tmp_path, _settings(**pair).release_optimizer())
