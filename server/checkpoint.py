@@ -95,6 +95,14 @@ def _shown(value) -> str:
     return f"{value:.6g}" if isinstance(value, float) else repr(value)
 
 
+# Settings whose defaults follow another's (server.run_settings, `lore-fed simulate`): where the leading one changed,
+# a refusal names it alone, not the defaults it moved (a tester resuming a DP run under --privacy none was shown the
+# mode's server rate, schedule and evaluation beside the one real cause; pairs-per-user is 1 under user weighting).
+FOLLOWERS = {"privacy_mode": ("privacy", "server_lr", "server_lr_schedule", "init_scale", "eval_every", "weight_by",
+                              "pairs_per_user", "local_steps"),
+             "weight_by": ("pairs_per_user", "local_steps")}
+
+
 def check_resumable(state: RunState, settings: dict, population: list[int], run_dir: str | Path) -> None:
     """Refuse a resume whose fingerprinted settings or population differ; a key the checkpoint holds but today's
     fingerprint leaves out (now volatile, e.g. prior_pairs) is not compared, and one it lacks has its value from
@@ -102,8 +110,7 @@ def check_resumable(state: RunState, settings: dict, population: list[int], run_
     stored = {**SETTINGS_BEFORE_THEY_EXISTED, **state.settings}
     changed = sorted(k for k in settings if stored.get(k) != settings[k])
     if changed:  # named as run-config keys (`simulate`'s flags share them): a tester read `weight_by` as internal
-        # pairs-per-user follows weight-by (simulate sets it; 1 under user weighting): named alone only
-        shown = [k for k in changed if not (k == "pairs_per_user" and "weight_by" in changed)]
+        shown = [k for k in changed if not any(k in FOLLOWERS.get(lead, ()) for lead in changed)]
         differences = "; ".join(f"{k.replace('_', '-')} {_shown(stored.get(k))} then, {_shown(settings[k])} now"
                                 for k in shown)
         raise CheckpointError(f"{run_dir} holds a run with other settings ({differences}; run-config keys); "

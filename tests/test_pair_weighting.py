@@ -356,3 +356,18 @@ def test_a_release_record_of_other_local_steps_names_them(tmp_path):
     assert check_continuable(tmp_path, older) is not None
     with pytest.raises(ReleaseRecordError, match=r"\(local-steps 5 then, 1 now; run-config keys\)"):
         check_continuable(tmp_path, _settings(**pair).release_optimizer())
+
+
+def test_a_resume_refusal_names_the_setting_that_changed_not_the_defaults_that_follow_it():
+    """A DP run resumed under privacy none differs in the mode's server rate, schedule, initial scale and privacy
+    group too: the refusal names privacy-mode alone (a tester's minor), and a setting given beside it is named."""
+    from server.checkpoint import CheckpointError, RunState, check_resumable
+
+    dp = _settings(**{"privacy-mode": "user"}).fingerprint()
+    none = _settings(**{"weight-by": "pair", "pairs-per-user": 10.0, "privacy-mode": "none"}).fingerprint()
+    assert {k for k in dp if dp[k] != none[k]} >= {"privacy_mode", "server_lr", "privacy", "weight_by", "local_steps"}
+    state = RunState(round=1, basis=np.zeros((2, 2)), settings=dp, population=[3])
+    with pytest.raises(CheckpointError, match=r"\(privacy-mode 'user' then, 'none' now; run-config keys\)"):
+        check_resumable(state, none, [3], "run")
+    with pytest.raises(CheckpointError, match=r"\(client-lr 1 then, 0.5 now; privacy-mode 'user' then"):
+        check_resumable(state, {**none, "client_lr": 0.5}, [3], "run")
