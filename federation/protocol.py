@@ -138,13 +138,17 @@ def local_steps(run_config: dict) -> int:
     step: five steps on a one-pair user are not five times one step's, and on a population of mostly one-pair users
     the run settled 1.4 / 1.9 points below `train` (one step: 0.2 / 0.0; bench_results/federated_steps_pilot.md,
     pilot seeds)."""
-    if str(run_config.get("objective", "joint")) == "marginal":
-        return 1
     value = run_config["local-steps"]
-    if value == "":
+    given = None if value == "" else config_number("local-steps", value, int, ' or "" (the weighting\'s default)')
+    if str(run_config.get("objective", "joint")) == "marginal":
+        if given not in (None, 1):  # a tester's --local-steps 7 (and 0) ran one step with exit 0
+            raise SettingError(f"{setting('local-steps', given)} with {setting('objective', 'marginal')}: the "
+                               "marginal update is one exact gradient step; leave local-steps out (or 1)")
+        return 1
+    if given is None:
         pair = str(run_config.get("weight-by", "user")) == "pair" and str(run_config.get("privacy-mode")) == "none"
         return 1 if pair else JOINT_LOCAL_STEPS
-    return config_number("local-steps", value, int, ' or "" (the weighting\'s default)')
+    return given
 
 
 def personal_prior_pairs(run_config: dict) -> float:

@@ -91,6 +91,8 @@ def _load_settings(args: argparse.Namespace, run_dir: Path | None) -> dict:
 
         stored = read_ledger(ledger)["config"]  # a damaged or tampered ledger is refused here, before any audit
         settings.update({k: v for k, v in stored.items() if k in PRIVACY_DEFAULTS and v is not None})
+        if stored.get("clients_per_round") is None:  # modes none and record: the run's own count (a tester saw 50)
+            settings.update(_checkpoint_clients(run_dir))
     if args.config:
         settings.update(_read_config(Path(args.config)))
     stored_in = f" (from --config {args.config})" if args.config else f" (from {ledger})" if ledger and ledger.exists() \
@@ -113,6 +115,16 @@ def _load_settings(args: argparse.Namespace, run_dir: Path | None) -> dict:
     if settings["mode"] in ("user", "user+secagg"):  # record mode samples every user it holds
         _refuse_more_per_round_than_users(settings, source, stored_in)  # a tester: update-leakage took 50 of 42
     return settings
+
+
+def _checkpoint_clients(run_dir: Path) -> dict:
+    """{"clients_per_round": the run's users per round} from its checkpoint, or {} without one."""
+    from server.checkpoint import CHECKPOINT_FILENAME, load_checkpoint
+
+    if not (run_dir / CHECKPOINT_FILENAME).is_file():
+        return {}
+    count = load_checkpoint(run_dir).settings.get("clients_per_round")
+    return {} if count is None else {"clients_per_round": int(count)}
 
 
 def _refuse_more_per_round_than_users(settings: dict, source: dict | None = None, stored_in: str = "") -> None:

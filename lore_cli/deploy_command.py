@@ -35,9 +35,17 @@ def configure(parser: argparse.ArgumentParser) -> None:
     local.add_argument("--rounds", type=int, default=None, help="num-server-rounds (default: pyproject's)")
     local.add_argument("--certs", default=None, help="certificate directory (default: RUN_DIR/certs, generated)")
     local.add_argument("--insecure", action="store_true", help="plain HTTP, no node authentication (debug only)")
-    local.add_argument("-c", "--run-config", default=None, help='run-config overrides, e.g. "rank=5 seed=1"')
+    local.add_argument("-c", "--run-config", action="append", default=None,
+                       help='run-config overrides, e.g. "rank=5 seed=1"; repeated -c add up (as `flwr run`\'s)')
     local.add_argument("--timeout", type=float, default=3600.0, help="seconds to wait for the run")
     local.add_argument("--app", default=None, help="Flower app directory `flwr run` packs (default: this repository)")
+
+
+def given_configs(run_config) -> list[str]:
+    """Each -c given, in order (a caller's single string counts as one); passed on to `flwr run` as they came, so a
+    later -c's key wins there as here. A tester's `-c 'weight-by="pair"' -c 'privacy-mode="none"'` kept the last
+    alone and ran user-weighted with exit 0."""
+    return [] if not run_config else [run_config] if isinstance(run_config, str) else list(run_config)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -89,7 +97,7 @@ def run_local(args: argparse.Namespace) -> int:
             print(f"SuperLink on {deployment.address} ({security}), {args.nodes} SuperNodes; logs in "
                   f"{run_dir}/superlink and {run_dir}/node*", flush=True)
             started = time.monotonic()
-            process, log = deployment.start_run(overrides, args.run_config)
+            process, log = deployment.start_run(overrides, given_configs(args.run_config))
             follow(process, log, started + args.timeout)
             if process.poll() is None:  # (wait_run would name the time left, not --timeout)
                 stop_process(process)
@@ -161,21 +169,23 @@ def check_local_flags(args: argparse.Namespace) -> tuple | None:
         raise ValueError(f"--app {app}: no pyproject.toml there; give a Flower app directory (`flwr run` packs it)")
     known = get_fused_config_from_dir(app, {})  # the app's run config: its keys and defaults
     extra = {}
-    if args.run_config and args.run_config.strip().endswith(".toml"):
-        raise ValueError(f"-c {args.run_config}: deploy local passes its own -c, and flwr takes no TOML file beside "
+    configs = given_configs(args.run_config)
+    text = " ".join(f"-c {c!r}" for c in configs)  # (as given, for the messages)
+    if any(c.strip().endswith(".toml") for c in configs):
+        raise ValueError(f"{text}: deploy local passes its own -c, and flwr takes no TOML file beside "
                          "it; give the values as key=value pairs")
-    if args.run_config:
+    if configs:
         try:
-            extra = parse_config_args([args.run_config])
+            extra = parse_config_args(configs)
         except click.ClickException as exc:
-            raise ValueError(f"-c {args.run_config!r}: {exc.message}") from None
+            raise ValueError(f"{text}: {exc.message}") from None
         unknown = sorted(set(extra) - set(known))
         if not extra or unknown:
-            raise ValueError(f"-c {args.run_config!r}: " + (f"unknown keys {unknown}" if unknown else "no key=value "
+            raise ValueError(f"{text}: " + (f"unknown keys {unknown}" if unknown else "no key=value "
                              "pairs") + f"; the app's run config has {sorted(known)}")
         owned = [f"{key} (set by {flag})" for key, flag in KEYS_OF_FLAGS.items() if key in extra]
         if owned:
-            raise ValueError(f"-c {args.run_config!r}: {', '.join(owned)} is the command's own: use the flag")
+            raise ValueError(f"{text}: {', '.join(owned)} is the command's own: use the flag")
     population = read_population(resolve_pair_path(args.pairs), truth=False)  # a deployed run scores no benchmark
     if args.nodes > population["users"]:  # split_pairs refuses it too, but only after the certificates are written
         raise ValueError(f"--nodes {args.nodes} for {population['users']} users in {args.pairs}: every node must "

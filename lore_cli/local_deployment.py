@@ -543,11 +543,12 @@ class LocalDeployment:
         return {"run-dir": str(self.run_dir), "min-nodes": self.nodes, **(overrides or {})}
 
     def start_run(self, overrides: dict | None = None,
-                  extra_config: str | None = None) -> tuple[subprocess.Popen, Path]:
-        """`flwr run . CONNECTION --stream -c ...` in the background; its output goes to `RUN_DIR/runs/*.log`."""
+                  extra_configs: list[str] | str | None = None) -> tuple[subprocess.Popen, Path]:
+        """`flwr run . CONNECTION --stream -c ... [-c EXTRA ...]` in the background (a later -c's key wins); its
+        output goes to `RUN_DIR/runs/*.log`."""
         args = ["flwr", "run", str(self.app), CONNECTION, "--stream", "-c", format_config(self.run_config(overrides))]
-        if extra_config:
-            args += ["-c", extra_config]
+        for extra in [extra_configs] if isinstance(extra_configs, str) else extra_configs or []:
+            args += ["-c", extra]
         logs = self.run_dir / "runs"
         logs.mkdir(parents=True, exist_ok=True)
         log = logs / f"run-{time.strftime('%Y%m%d-%H%M%S')}-{time.monotonic_ns() % 10**6}.log"
@@ -573,10 +574,10 @@ class LocalDeployment:
         status, details = self.run_status(run_id, wait=30.0)
         return RunOutcome(run_id, status, details, log, time.monotonic() - started)
 
-    def run(self, overrides: dict | None = None, extra_config: str | None = None, timeout: float = 600.0) -> \
-            RunOutcome:
+    def run(self, overrides: dict | None = None, extra_configs: list[str] | str | None = None,
+            timeout: float = 600.0) -> RunOutcome:
         started = time.monotonic()
-        process, log = self.start_run(overrides, extra_config)
+        process, log = self.start_run(overrides, extra_configs)
         return self.wait_run(process, log, timeout, started)
 
     def run_status(self, run_id: int, wait: float = 0.0) -> tuple[str, str]:

@@ -330,7 +330,7 @@ def other_steps(row: dict, chosen: dict) -> bool:
 
     config = {"objective": chosen.get("objective", "joint"), "weight-by": chosen.get("weight_by", "user"),
               "privacy-mode": "none"}
-    ran = row.get("local_steps", local_steps({**config, "local-steps": JOINT_LOCAL_STEPS}))
+    ran = row.get("local_steps", 1 if config["objective"] == "marginal" else JOINT_LOCAL_STEPS)
     return ran != local_steps({**config, "local-steps": ""})
 
 

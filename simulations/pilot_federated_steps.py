@@ -51,8 +51,10 @@ def simulate_steps(name: str, seed: int, steps: int, work: Path) -> dict:
         train = run_cell(name, seed, work)["pair"]["train"]
         chosen = matrix.train_choice(train, "pair")
         run_dir = matrix._fresh(work / "runs" / name / f"seed{seed}" / f"pair-simulate-steps{steps}")
+        # the marginal update is one step and refuses another --local-steps (lore-fed 0.2.1)
+        extra = () if chosen.get("objective") == "marginal" else ("--local-steps", str(steps))
         atomic_write_json(cache, matrix.simulate_row(path, run_dir, chosen, federated(name, path),
-                                                     ["--privacy", "none"], ("--local-steps", str(steps))))
+                                                     ["--privacy", "none"], extra))
     return json.loads(cache.read_text())
 
 

@@ -385,6 +385,11 @@ def test_deploy_local_refuses_to_resume_a_run_with_other_settings_before_anythin
                                                         "--rounds", "2", "-c", config])
 
     check_local_flags(flags("clients-per-round=3"))  # the run's own settings: resumed
+    fresh = build_parser(only="deploy").parse_args([  # repeated -c add up (a tester: the last one alone was kept)
+        "deploy", "local", "--nodes", "2", "--pairs", str(tmp_path / "pairs.npz"), "--run-dir", str(tmp_path / "new"),
+        "-c", 'weight-by="pair" privacy-mode="none"', "-c", "pairs-per-user=5.0 clients-per-round=3"])
+    settings = check_local_flags(fresh)[0]
+    assert (settings.weight_by, settings.pairs_per_user, settings.local_steps) == ("pair", 5.0, 1)
     with pytest.raises(ValueError, match="holds a run with other settings .*use a new --run-dir"):
         check_local_flags(flags("clients-per-round=3 noise-multiplier=2.0"))
 

@@ -451,6 +451,10 @@ EXTREME = {
     "simulate client lr 1e6": (SIM + ["--client-lr", "1e6"], "--client-lr 1000000.0 is above 1000"),
     "simulate client lr 1e-160": (SIM + ["--client-lr", "1e-160"], "--client-lr 1e-160 is below 1e-06"),
     "simulate local steps 10**9": (SIM + ["--local-steps", "1000000000"], "--local-steps 1000000000 is above 10000"),
+    # found by a tester: the marginal update ignored any --local-steps (0 and 7 alike) with exit 0
+    "simulate marginal local steps 7": (SIM + ["--objective", "marginal", "--local-steps", "7"],
+                                        "--local-steps 7 with --objective marginal"),
+    "simulate marginal local steps 0": (SIM + ["--objective", "marginal", "--local-steps", "0"], "--local-steps"),
     "simulate prior pairs nan": (SIM + ["--prior-pairs", "nan"], "--prior-pairs must be"),
     "simulate prior pairs 1e300": (SIM + ["--prior-pairs", "1e300"], "--prior-pairs 1e+300 is above 1e+06"),
     "simulate train prior pairs 1e7": (SIM + ["--train-prior-pairs", "1e7"], "--train-prior-pairs 10000000.0 is above"),
@@ -510,6 +514,9 @@ EXTREME = {
     # to /tmp/x, not --run-dir, exit 0; min-nodes=5 for 2 nodes waited until --timeout
     "deploy config run-dir": (DEPLOY + ["-c", 'run-dir="/tmp/x" clients-per-round=3'], "run-dir (set by --run-dir)"),
     "deploy config min-nodes": (DEPLOY + ["-c", "min-nodes=5 clients-per-round=3"], "min-nodes (set by --nodes)"),
+    # found by a tester: only the last -c was kept, so this ran user-weighted with exit 0
+    "deploy two -c, pair without its count": (DEPLOY + ["-c", 'weight-by="pair"', "-c", 'privacy-mode="none"'],
+                                              "pairs-per-user"),
     # found by a tester: refused only after RUN/certs had been generated (1,000 files for 500 nodes)
     "deploy more nodes than users": (DEPLOY[:2] + ["--nodes", "9"] + DEPLOY[4:] + ["-c", "clients-per-round=3"],
                                      "--nodes 9 for 8 users"),

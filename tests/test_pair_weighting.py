@@ -314,10 +314,14 @@ def test_a_pair_weighted_update_takes_one_local_step_by_default():
     pair = {"weight-by": "pair", "pairs-per-user": 10.0, "privacy-mode": "none"}
     for overrides, steps in ((pair, 1), ({"privacy-mode": "none"}, 5), ({"privacy-mode": "user"}, 5),
                              ({**pair, "local-steps": 5}, 5), ({"privacy-mode": "none", "local-steps": 2}, 2),
-                             ({**pair, "objective": "marginal", "local-steps": 7}, 1)):
+                             ({**pair, "objective": "marginal"}, 1),
+                             ({**pair, "objective": "marginal", "local-steps": 1}, 1)):
         assert _settings(**overrides).local_steps == steps
         config = get_fused_config_from_dir(ROOT, {"run-dir": "x", **overrides})
         assert ClientSettings.from_run_config(config).local_steps == steps
+    for steps in (7, 0):  # the marginal update is one step: another value is refused, not ignored (a tester)
+        with pytest.raises(ValueError, match="local-steps.* with .*objective.*one exact gradient step"):
+            _settings(**pair, **{"objective": "marginal", "local-steps": steps})
 
 
 def test_simulate_resumes_a_run_with_its_own_local_steps_when_none_are_given(tmp_path):

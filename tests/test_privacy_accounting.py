@@ -284,7 +284,7 @@ def test_ledger_resume_and_refusals(tmp_path):
     resumed = PrivacyLedger.open(tmp_path, settings)
     assert resumed.rounds_released == 2 and resumed.epsilon() == ledger.epsilon()
     resumed.record_round(3, sampled=51)
-    with pytest.raises(LedgerError, match="clip_norm: stored 0.25, new 0.5"):
+    with pytest.raises(LedgerError, match="clip-norm: stored 0.25, new 0.5"):
         PrivacyLedger.load(tmp_path, user_settings(rounds=10, clip_norm=0.5))
 
 
@@ -675,3 +675,15 @@ def test_planned_rounds_past_what_the_accountant_can_bound_are_refused_up_front(
     with pytest.raises(PrivacyConfigError, match="at most 1,000,000"):
         validate(PrivacySettings(mode="user", noise_multiplier=5.0, clients_per_round=50, population_size=10**9,
                                  rounds=MAX_ROUNDS + 1))
+
+
+def test_a_ledger_of_another_mode_names_the_mode_alone_by_its_run_config_key(tmp_path):
+    """A DP run stopped before its first checkpoint and rerun under privacy none: the ledger listed the mode and
+    every setting that follows it (noise_multiplier: stored 1.0, new None, ...), in Python spelling (a tester)."""
+    PrivacyLedger.create(tmp_path, user_settings(population_size=100, clients_per_round=5, rounds=3))
+    with pytest.raises(LedgerError) as refused:
+        PrivacyLedger.load(tmp_path, PrivacySettings(mode="none", population_size=100, rounds=3))
+    assert "(privacy-mode: stored 'user', new 'none')" in str(refused.value)
+    with pytest.raises(LedgerError, match=r"\(noise-multiplier: stored 1.0, new 2.0\)"):
+        PrivacyLedger.load(tmp_path, user_settings(population_size=100, clients_per_round=5, rounds=3,
+                                                   noise_multiplier=2.0))

@@ -757,6 +757,13 @@ def test_audits_compute_the_updates_the_runs_clients_sent(pair_file, tmp_path, w
     order = np.argsort(users)
     client = run_client_settings(run_dir)
     assert (client.local_steps, client.client_lr, client.train_prior_pairs) == (2, 0.3, 7.0)
+    from argparse import Namespace
+
+    from lore_cli.audit_command import _load_settings
+
+    flags = Namespace(config=None, noise_multiplier=None, clip_norm=None, clients_per_round=None, population=None,
+                      rounds=None, delta=None, mode=None)
+    assert _load_settings(flags, run_dir)["clients_per_round"] == 6  # the run's, not the default 50 (a tester)
     _, recomputed = client_updates(pairs, sent_basis, users[order], client)
     np.testing.assert_allclose(recomputed, reply.content[p.ARRAYS][p.UPDATES].numpy()[order], rtol=1e-6, atol=1e-9)
 

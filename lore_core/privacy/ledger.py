@@ -152,6 +152,10 @@ def compress_history(events: Iterable[Sequence]) -> list[tuple[float, float, int
     return segments
 
 
+# PrivacySettings fields by the names the commands set them with (the others: underscores as dashes, clip-norm).
+SETTING_NAMES = {"mode": "privacy-mode", "rounds": "num-server-rounds"}
+
+
 class PrivacyLedger:
     """Events of one run's privacy spending and the guarantee derived from them."""
 
@@ -182,8 +186,11 @@ class PrivacyLedger:
         if settings is not None:
             new = _comparable(validate(settings))
             diffs = {k: (v, new[k]) for k, v in data["config"].items() if new.get(k) != v}
+            if "mode" in diffs:  # the others follow the mode's defaults (a tester was shown five for one --privacy)
+                diffs = {"mode": diffs["mode"]}
             if diffs:
-                changes = ", ".join(f"{k}: stored {a!r}, new {b!r}" for k, (a, b) in diffs.items())
+                changes = ", ".join(f"{SETTING_NAMES.get(k, k.replace('_', '-'))}: stored {a!r}, new {b!r}"
+                                    for k, (a, b) in diffs.items())
                 raise LedgerError(
                     f"{path} was written with other privacy settings ({changes}); resume with the stored settings "
                     "or start a new run directory"
