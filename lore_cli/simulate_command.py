@@ -156,6 +156,8 @@ def local_steps(args: argparse.Namespace) -> int | None:
     begun when five steps were the default), else None: the run config's "" (federation.protocol.local_steps)."""
     if args.local_steps is not None:
         return args.local_steps
+    if resumed_setting(Path(args.out), "objective") != (args.objective or "joint"):
+        return None  # another objective: check_resume names it (a joint run's 5 steps were refused under marginal)
     return resumed_setting(Path(args.out), "local_steps")
 
 

@@ -99,10 +99,11 @@ def check_continuable(run_dir: str | Path, optimizer: dict, checkpoint_round: in
         stored = lines[0].get("optimizer") or {}
         changed = "; ".join(f"{OPTIMIZER_KEYS.get(k, k)} {stored.get(k)!r} then, {optimizer.get(k)!r} now"
                             for k in sorted(set(stored) | set(optimizer)) if stored.get(k) != optimizer.get(k))
-        # a record holds no weighting; local-steps' default follows it (a tester changed weight-by and was told
+        # a record holds no weighting, and local-steps' default follows it (a tester changed weight-by and was told
         # only of local-steps)
-        follows = ("; local-steps' default follows weight-by (1 under pair, 5 under user), so give the run's "
-                   "weight-by too" if stored.get("local_steps") != optimizer.get("local_steps") else "")
+        steps = stored.get("local_steps")
+        follows = (f"; give local-steps {steps} (its default follows weight-by: 1 under pair, 5 under user)"
+                   if steps != optimizer.get("local_steps") else "")
         raise ReleaseRecordError(f"{Path(run_dir) / RELEASES_DIR / CHAIN_FILENAME} was written with other server "
                                  f"optimizer settings ({changed}; run-config keys){follows}; resume with that run's "
                                  "settings or use a new run directory")

@@ -454,7 +454,8 @@ EXTREME = {
     # found by a tester: the marginal update ignored any --local-steps (0 and 7 alike) with exit 0
     "simulate marginal local steps 7": (SIM + ["--objective", "marginal", "--local-steps", "7"],
                                         "--local-steps 7 with --objective marginal"),
-    "simulate marginal local steps 0": (SIM + ["--objective", "marginal", "--local-steps", "0"], "--local-steps"),
+    "simulate marginal local steps 0": (SIM + ["--objective", "marginal", "--local-steps", "0"],
+                                        "--local-steps 0 with --objective marginal"),
     "simulate prior pairs nan": (SIM + ["--prior-pairs", "nan"], "--prior-pairs must be"),
     "simulate prior pairs 1e300": (SIM + ["--prior-pairs", "1e300"], "--prior-pairs 1e+300 is above 1e+06"),
     "simulate train prior pairs 1e7": (SIM + ["--train-prior-pairs", "1e7"], "--train-prior-pairs 10000000.0 is above"),

@@ -344,6 +344,9 @@ def test_simulate_resumes_a_run_with_its_own_local_steps_when_none_are_given(tmp
     assert steps(tmp_path / "fresh") is None
     assert steps(tmp_path / "older") == 5
     assert steps(tmp_path / "older", "--local-steps", "1") == 1
+    # another objective takes none of the run's steps, so the resume is refused for the objective (a reviewer: its
+    # five steps were refused first, as if the user had given them with --objective marginal)
+    assert steps(tmp_path / "older", "--objective", "marginal") is None
     today = _settings(**pair, **{"local-steps": steps(tmp_path / "older")}).fingerprint()
     check_resumable(RunState(round=1, basis=np.zeros((2, 2)), settings=older, population=[3]), today, [3], "run")
 
@@ -358,7 +361,7 @@ def test_a_release_record_of_other_local_steps_names_them(tmp_path):
     older = _settings(**pair, **{"local-steps": 5}).release_optimizer()
     ReleaseRecord.open(tmp_path, optimizer=older, initial_basis=np.zeros((2, 3)))
     assert check_continuable(tmp_path, older) is not None
-    with pytest.raises(ReleaseRecordError, match=r"\(local-steps 5 then, 1 now; run-config keys\)"):
+    with pytest.raises(ReleaseRecordError, match=r"\(local-steps 5 then, 1 now; run-config keys\); give local-steps 5"):
         check_continuable(tmp_path, _settings(**pair).release_optimizer())
 
 
