@@ -472,3 +472,25 @@ server that asks for no budget at all."""
             history = [(z, q, int(s)) for u, z, q, s in rows if u == user]
             spent.append(history_epsilon(history, LIMIT_DELTA))
     assert len(spent) == LIMIT_USERS and all(1.5 < eps <= LIMIT_BUDGET for eps in spent), spent
+
+
+def test_start_run_passes_every_extra_config_on_in_order(tmp_path, monkeypatch):
+    """deploy local's repeated -c reach `flwr run` as given, after the command's own -c, so a later key wins there
+    as in the pre-check (a tester: only the last -c was kept)."""
+    import lore_cli.local_deployment as local
+
+    started = []
+
+    class FakeProcess:
+        pid = 0
+
+        def __init__(self, args, **kwargs):
+            started.append(args)
+
+    monkeypatch.setattr(local.subprocess, "Popen", FakeProcess)
+    deployment = LocalDeployment(tmp_path / "run", 1, insecure=True)
+    deployment.start_run({"num-server-rounds": 2}, ['weight-by="pair"', "pairs-per-user=5.0 rank=3"])
+    args = started[0]
+    configs = [args[i + 1] for i, a in enumerate(args) if a == "-c"]
+    assert len(configs) == 3 and configs[1:] == ['weight-by="pair"', "pairs-per-user=5.0 rank=3"]
+    assert "num-server-rounds" in configs[0]
