@@ -9,7 +9,7 @@ from lore_core.reward_math import MAX_L2
 from lore_core.simplex_fit import MAX_PRIOR_PAIRS
 from federation.protocol import config_number, local_steps, pairs_per_user, personal_prior_pairs
 from lore_core.privacy.privacy_settings import MODES as PRIVACY_MODES
-from lore_core.privacy.privacy_settings import PrivacyConfigError, PrivacySettings, validate
+from lore_core.privacy.privacy_settings import RUN_CONFIG_KEYS, PrivacyConfigError, PrivacySettings, validate
 from lore_core.setting_names import NO_VALUE, SettingError, as_field, as_run_config, setting
 from server.optimizer import (SCHEDULES, ServerAdam, ServerSGD, default_init_scale, default_schedule,
                               default_server_lr, make_optimizer)
@@ -24,21 +24,7 @@ MAX_LOCAL_STEPS = 10_000  # a client's steps on its users per round (default 5; 
 # Run-config key -> PrivacySettings field. An empty string means "not given": `validate` fills the mode's default
 # (lore_core.privacy.privacy_settings.DEFAULTS, the one source of truth), so `flwr run -c "noise-multiplier=0.0"` is an error,
 # not the default. Shared by every privacy mode (also user+secagg).
-PRIVACY_KEYS = {
-    "privacy-mode": "mode",
-    "noise-multiplier": "noise_multiplier",
-    "target-epsilon": "target_epsilon",
-    "max-epsilon": "max_epsilon",
-    "clip-norm": "clip_norm",
-    "delta": "delta",
-    "reproducible-noise": "reproducible_noise",
-    "max-grad-norm": "max_grad_norm",
-    "record-batch-size": "record_batch_size",
-    "record-epochs": "record_epochs",
-    "num-shares": "num_shares",
-    "reconstruction-threshold": "reconstruction_threshold",
-    "dropout-tolerance": "dropout_tolerance",
-}
+PRIVACY_KEYS = {key: field for field, key in RUN_CONFIG_KEYS.items() if field not in ("clients_per_round", "rounds")}
 
 
 # Default clip norm C of the user modes for this client training (client-lr 1, local-steps 5): about the median
@@ -62,8 +48,7 @@ class RunPrivacyConfigError(RunConfigError, PrivacyConfigError):
 
 
 # PrivacySettings field -> the run-config key that sets it (the others, such as population_size, come from the run)
-FIELD_KEYS = {**{field: key for key, field in PRIVACY_KEYS.items()}, "clients_per_round": "clients-per-round",
-              "rounds": "num-server-rounds"}
+FIELD_KEYS = RUN_CONFIG_KEYS
 
 
 def _as_key(field: str, value=NO_VALUE) -> str:

@@ -28,7 +28,7 @@ from lore_core.privacy.accounting import (
     check_history,
     epsilon_report,
 )
-from lore_core.privacy.privacy_settings import USER_MODES, PrivacySettings, validate
+from lore_core.privacy.privacy_settings import RUN_CONFIG_KEYS, USER_MODES, PrivacySettings, validate
 from lore_core.text_file import json_loads
 
 LEDGER_FILENAME = "ledger.json"
@@ -152,10 +152,6 @@ def compress_history(events: Iterable[Sequence]) -> list[tuple[float, float, int
     return segments
 
 
-# PrivacySettings fields by the names the commands set them with (the others: underscores as dashes, clip-norm).
-SETTING_NAMES = {"mode": "privacy-mode", "rounds": "num-server-rounds"}
-
-
 class PrivacyLedger:
     """Events of one run's privacy spending and the guarantee derived from them."""
 
@@ -189,7 +185,7 @@ class PrivacyLedger:
             if "mode" in diffs:  # the others follow the mode's defaults (a tester was shown five for one --privacy)
                 diffs = {"mode": diffs["mode"]}
             if diffs:
-                changes = ", ".join(f"{SETTING_NAMES.get(k, k.replace('_', '-'))}: stored {a!r}, new {b!r}"
+                changes = ", ".join(f"{RUN_CONFIG_KEYS.get(k, k)}: stored {a!r}, new {b!r}"
                                     for k, (a, b) in diffs.items())
                 raise LedgerError(
                     f"{path} was written with other privacy settings ({changes}); resume with the stored settings "

@@ -21,6 +21,25 @@ from lore_core.setting_names import SettingError, as_field, setting
 MODES = ("none", "user", "user+secagg", "record")
 USER_MODES = ("user", "user+secagg")
 WEIGHTINGS = ("uniform", "num-examples")
+# Each field's run-config key, as `lore-fed simulate`'s flags and `flwr run -c` spell it (server.run_settings reads a
+# run config by them, and a ledger refusal names them); the other fields come from the run, not its config.
+RUN_CONFIG_KEYS = {
+    "mode": "privacy-mode",
+    "noise_multiplier": "noise-multiplier",
+    "target_epsilon": "target-epsilon",
+    "max_epsilon": "max-epsilon",
+    "clip_norm": "clip-norm",
+    "delta": "delta",
+    "reproducible_noise": "reproducible-noise",
+    "max_grad_norm": "max-grad-norm",
+    "record_batch_size": "record-batch-size",
+    "record_epochs": "record-epochs",
+    "num_shares": "num-shares",
+    "reconstruction_threshold": "reconstruction-threshold",
+    "dropout_tolerance": "dropout-tolerance",
+    "clients_per_round": "clients-per-round",
+    "rounds": "num-server-rounds",
+}
 CLIENT_METRICS = ("none", "all")  # DP modes: clients report nothing the accountant does not cover
 SAMPLINGS = ("poisson", "fixed")  # "fixed" = Flower's fraction_train sampling without replacement
 
