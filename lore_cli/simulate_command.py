@@ -133,22 +133,21 @@ def weighting(args: argparse.Namespace) -> str:
         return args.weight_by
     if args.privacy != "none":
         return "user"
-    return resumed_setting(Path(args.out), "weight_by") or DEFAULT_WEIGHTING
+    return resumed_settings(Path(args.out)).get("weight_by") or DEFAULT_WEIGHTING
 
 
-def resumed_setting(out: Path, field: str):
-    """A setting (server.run_settings fingerprint field) of the run whose checkpoint `out` holds (a checkpoint from
-    before the setting existed: its value then), or None without a readable checkpoint (check_resume then says what
-    is wrong with it)."""
+def resumed_settings(out: Path) -> dict:
+    """The settings (server.run_settings fingerprint fields) of the run whose checkpoint `out` holds (one from before
+    a setting existed: its value then), or {} without a readable checkpoint (check_resume then says what is wrong
+    with it)."""
     from server.checkpoint import CHECKPOINT_FILENAME, SETTINGS_BEFORE_THEY_EXISTED, CheckpointError, load_checkpoint
 
     if not (out / CHECKPOINT_FILENAME).is_file():
-        return None
+        return {}
     try:
-        stored = load_checkpoint(out).settings
+        return {**SETTINGS_BEFORE_THEY_EXISTED, **load_checkpoint(out).settings}
     except CheckpointError:
-        return None
-    return stored.get(field, SETTINGS_BEFORE_THEY_EXISTED.get(field))
+        return {}
 
 
 def local_steps(args: argparse.Namespace) -> int | None:
@@ -156,9 +155,10 @@ def local_steps(args: argparse.Namespace) -> int | None:
     begun when five steps were the default), else None: the run config's "" (federation.protocol.local_steps)."""
     if args.local_steps is not None:
         return args.local_steps
-    if resumed_setting(Path(args.out), "objective") != (args.objective or "joint"):
+    stored = resumed_settings(Path(args.out))
+    if stored.get("objective") != (args.objective or "joint"):
         return None  # another objective: check_resume names it (a joint run's 5 steps were refused under marginal)
-    return resumed_setting(Path(args.out), "local_steps")
+    return stored.get("local_steps")
 
 
 def run_overrides(args: argparse.Namespace, seen_users: int, seen_train_pairs: int) -> dict:
