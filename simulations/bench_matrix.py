@@ -293,7 +293,8 @@ def run_cell(pop: Population, seed: int, rows: tuple[str, ...], work: Path, quic
     def due(row: str) -> bool:
         return row in rows and due_after_source(row, done)
 
-    if due("simulate") or ("simulate" in rows and "simulate" in done and other_steps(done["simulate"], done["train"])):
+    ran_other_steps = "simulate" in done and "train" in done and other_steps(done["simulate"], done["train"])
+    if due("simulate") or ("simulate" in rows and ran_other_steps):
         save("simulate", {**simulate_row(path, _fresh(runs / "simulate"), done["train"], fed, ["--privacy", "none"]),
                           "source_choice": source_choice("simulate", done)})
     if n_seen < DP_MIN_USERS:
