@@ -56,7 +56,7 @@ from lore_core.atomic_io import atomic_save_npz, atomic_write_json, atomic_write
 from lore_core.marginal_fit import DEFAULT_WEIGHTING
 from lore_core.pairs import PAIRS_FILENAME, PairSet, save_pairs
 from lore_core.prism_schema import GROUND_TRUTH_FILE
-from simulations.bench_matrix import _fresh, _mean_se, ceiling_rows, other_steps, simulate_row, train_choice, train_row
+from simulations.bench_matrix import _fresh, _mean_se, ceiling_rows, simulate_row, stale, train_choice, train_row
 
 DIM, SEEN, NEW, FEW_SHOT, TEST, RANK = 384, 300, 100, 10, 20, 4
 LOGIT_STD = 3.0
@@ -207,13 +207,12 @@ def run_cell(name: str, seed: int, work: Path, rows: tuple[str, ...] = ("bt", "t
             f"true_basis_{group}": value for group, value in ceiling_rows(path, basis)["true_basis"].items()}
         atomic_write_json(cache, cell)
     chosen = train_choice(cell.get("train", {}), weight_by)
-    stale = "simulate" in cell and (cell["simulate"].get("source_choice") != chosen
-                                    or other_steps(cell["simulate"], chosen))
-    if "simulate" in rows and ("simulate" in rerun or stale or "simulate" not in cell):
+    outdated = "simulate" in cell and stale(cell["simulate"], chosen)
+    if "simulate" in rows and ("simulate" in rerun or outdated or "simulate" not in cell):
         cell["simulate"] = {**simulate_row(path, _fresh(runs / "simulate"), chosen, federated(name),
                                            ["--privacy", "none"]), "source_choice": chosen}
         atomic_write_json(cache, cell)
-    elif stale:  # a federated row of another choice is not reported beside this `train` (a reviewer)
+    elif outdated:  # a federated row of another choice is not reported beside this `train` (a reviewer)
         del cell["simulate"]
         atomic_write_json(cache, cell)
     return cell

@@ -293,16 +293,15 @@ def run_cell(pop: Population, seed: int, rows: tuple[str, ...], work: Path, quic
     def due(row: str) -> bool:
         return row in rows and due_after_source(row, done)
 
-    ran_other_steps = "simulate" in done and "train" in done and other_steps(done["simulate"], done["train"])
-    if due("simulate") or ("simulate" in rows and ran_other_steps):
+    if due("simulate"):
         save("simulate", {**simulate_row(path, _fresh(runs / "simulate"), done["train"], fed, ["--privacy", "none"]),
                           "source_choice": source_choice("simulate", done)})
     if n_seen < DP_MIN_USERS:
         return done
     dp_fed = federated_settings(pop, n_seen, quick, private=True)
     for row, source in (("bt_dp", "bt"), ("simulate_dp", "train")):
-        stale = row == "simulate_dp" and done.get(row, {}).get("prior_pairs") != DP_PRIOR_PAIRS  # an older default
-        if due(row) or (row in rows and source in done and stale):
+        old_prior = row == "simulate_dp" and done.get(row, {}).get("prior_pairs") != DP_PRIOR_PAIRS  # an older default
+        if due(row) or (row in rows and source in done and old_prior):
             chosen = source_choice(row, done)  # rank and l2; the personal prior: simulate's DP default
             save(row, {**simulate_row(path, _fresh(runs / row), chosen, dp_fed, DP_FLAGS), "source_choice": chosen})
     rescored_prior = done.get("simulate_dp", {}).get("at_train_prior", {}).get("train_prior", {}).get("prior_pairs")
@@ -335,10 +334,15 @@ def other_steps(row: dict, chosen: dict) -> bool:
     return ran != local_steps({**config, "local-steps": ""})
 
 
+def stale(row: dict, choice: dict) -> bool:
+    """A cached federated row run with a choice its source no longer makes (a rerun `train` that chose otherwise), or
+    with other local steps than `simulate` now takes for that choice (`other_steps`)."""
+    return row.get("source_choice") != choice or other_steps(row, choice)
+
+
 def due_after_source(row: str, done: dict) -> bool:
-    """The federated `row` can run (its source row is done) and is missing, or was run with a choice its source no
-    longer makes (a rerun `train` that chose otherwise)."""
-    return FOLLOWS[row][0] in done and done.get(row, {}).get("source_choice") != source_choice(row, done)
+    """The federated `row` can run (its source row is done) and is missing or `stale`."""
+    return FOLLOWS[row][0] in done and (row not in done or stale(done[row], source_choice(row, done)))
 
 
 def rescored(path: Path, run_dir: Path, prior_pairs: float) -> dict:
