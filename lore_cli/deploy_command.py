@@ -41,11 +41,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     local.add_argument("--app", default=None, help="Flower app directory `flwr run` packs (default: this repository)")
 
 
-def given_configs(run_config) -> list[str]:
-    """Each -c given, in order (a caller's single string counts as one); passed on to `flwr run` as they came, so a
-    later -c's key wins there as here. A tester's `-c 'weight-by="pair"' -c 'privacy-mode="none"'` kept the last
-    alone and ran user-weighted with exit 0."""
-    return [] if not run_config else [run_config] if isinstance(run_config, str) else list(run_config)
+def given_configs(run_config: list[str] | None) -> list[str]:
+    """Each -c given, in order; passed on to `flwr run` as they came, so a later -c's key wins there as here. A
+    tester's `-c 'weight-by="pair"' -c 'privacy-mode="none"'` kept the last alone and ran user-weighted with exit 0."""
+    return list(run_config or [])
 
 
 def run(args: argparse.Namespace) -> int:

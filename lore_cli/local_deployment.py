@@ -543,11 +543,11 @@ class LocalDeployment:
         return {"run-dir": str(self.run_dir), "min-nodes": self.nodes, **(overrides or {})}
 
     def start_run(self, overrides: dict | None = None,
-                  extra_configs: list[str] | str | None = None) -> tuple[subprocess.Popen, Path]:
+                  extra_configs: list[str] = ()) -> tuple[subprocess.Popen, Path]:
         """`flwr run . CONNECTION --stream -c ... [-c EXTRA ...]` in the background (a later -c's key wins); its
         output goes to `RUN_DIR/runs/*.log`."""
         args = ["flwr", "run", str(self.app), CONNECTION, "--stream", "-c", format_config(self.run_config(overrides))]
-        for extra in [extra_configs] if isinstance(extra_configs, str) else extra_configs or []:
+        for extra in extra_configs:
             args += ["-c", extra]
         logs = self.run_dir / "runs"
         logs.mkdir(parents=True, exist_ok=True)
@@ -574,8 +574,7 @@ class LocalDeployment:
         status, details = self.run_status(run_id, wait=30.0)
         return RunOutcome(run_id, status, details, log, time.monotonic() - started)
 
-    def run(self, overrides: dict | None = None, extra_configs: list[str] | str | None = None,
-            timeout: float = 600.0) -> RunOutcome:
+    def run(self, overrides: dict | None = None, extra_configs: list[str] = (), timeout: float = 600.0) -> RunOutcome:
         started = time.monotonic()
         process, log = self.start_run(overrides, extra_configs)
         return self.wait_run(process, log, timeout, started)
