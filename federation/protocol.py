@@ -128,18 +128,27 @@ def pairs_per_user(run_config: dict) -> float:
 
 # Local steps of a user-weighted joint update (`local-steps` ""): a few steps on the user's own loss per round.
 JOINT_LOCAL_STEPS = 5
+# Record mode's update is `record-epochs` of DP-SGD, whose step count varies with each user's pairs; the server scales
+# it as JOINT_LOCAL_STEPS steps' worth (as it always has: its DP-pilot server rate was chosen so). Not a local-steps
+# setting: a record run reports its record-epochs instead.
+RECORD_UPDATE_STEPS = JOINT_LOCAL_STEPS
 
 
 def local_steps(run_config: dict) -> int:
     """The local steps a client takes (server and clients read it here, so the server's pseudo-gradient divides by
-    what ran): 1 with the marginal objective, whose update is one exact gradient step; else `local-steps`, whose
-    default "" is 1 under weight-by pair and JOINT_LOCAL_STEPS under user weighting. A pair-weighted update is
-    multiplied by the user's pairs, which makes the round's mean the pair-weighted likelihood's gradient only for one
-    step: five steps on a one-pair user are not five times one step's, and on a population of mostly one-pair users
-    the run settled 1.4 / 1.9 points below `train` (one step: 0.2 / 0.0; bench_results/federated_steps_pilot.md,
-    pilot seeds)."""
+    what ran): RECORD_UPDATE_STEPS in record mode, where an explicit value is refused; 1 with the marginal objective,
+    whose update is one exact gradient step; else `local-steps`, whose default "" is 1 under weight-by pair and
+    JOINT_LOCAL_STEPS under user weighting. A pair-weighted update is multiplied by the user's pairs, which makes the
+    round's mean the pair-weighted likelihood's gradient only for one step: five steps on a one-pair user are not
+    five times one step's, and on a population of mostly one-pair users the run settled 1.4 / 1.9 points below
+    `train` (one step: 0.2 / 0.0; bench_results/federated_steps_pilot.md, pilot seeds)."""
     value = run_config["local-steps"]
     given = None if value == "" else config_number("local-steps", value, int, ' or "" (the weighting\'s default)')
+    if str(run_config.get("privacy-mode")) == "record":
+        if given is not None:  # a tester: clients ran record-epochs of DP-SGD while the server divided by the given K
+            raise SettingError(f"{setting('local-steps', given)} with {setting('privacy-mode', 'record')}: a record-"
+                               "mode update is record-epochs of DP-SGD, not local steps; leave local-steps out")
+        return RECORD_UPDATE_STEPS
     if str(run_config.get("objective", "joint")) == "marginal":
         if given not in (None, 1):  # a tester's --local-steps 7 (and 0) ran one step with exit 0
             raise SettingError(f"{setting('local-steps', given)} with {setting('objective', 'marginal')}: the "

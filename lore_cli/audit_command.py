@@ -315,6 +315,8 @@ def run_client_settings(run_dir: Path | None):
                                                       ("privacy_mode", "privacy-mode")) if field in stored}
         if ran.get("weight-by") != "pair":  # stored as 1.0 under user weighting, where the run config refuses it
             ran.pop("pairs-per-user", None)
+        if ran.get("privacy-mode") == "record":  # its clients ran record-epochs, not local steps (refused there)
+            ran.pop("local-steps", None)
     return ClientSettings.from_run_config(get_fused_config_from_dir(ROOT, ran))
 
 

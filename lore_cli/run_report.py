@@ -152,6 +152,14 @@ def privacy_section(run_dir: Path) -> list[str]:
     return lines
 
 
+def update_steps(privacy_mode: str, local_steps: int | None, record_epochs: int | None) -> str:
+    """What a client's update is, in words: its local steps, or in record mode its epochs of DP-SGD (whose server
+    scaling, federation.protocol.RECORD_UPDATE_STEPS, is not a setting)."""
+    if privacy_mode == "record":
+        return f"{record_epochs} record-epoch{'s' if record_epochs != 1 else ''} of DP-SGD"
+    return f"{local_steps} local step{'s' if local_steps != 1 else ''}"
+
+
 def write_report(run_dir: str | Path, history: list[dict], metrics: dict, reference: dict | None,
                  command: str) -> Path:
     run_dir = Path(run_dir)
@@ -172,8 +180,9 @@ def write_report(run_dir: str | Path, history: list[dict], metrics: dict, refere
         value = None if source is None else source.get(key)
         return "–" if value is None else f"{value:.4f}"
 
-    local = metrics.get("local_steps")  # (a run recorded before 0.2.1 does not say)
-    steps = "" if local is None else f", {local} local step{'s' if local != 1 else ''}"
+    # (a run recorded before 0.2.1 says neither)
+    steps = "" if {"local_steps", "record_epochs"}.isdisjoint(metrics) else \
+        f", {update_steps(metrics['privacy_mode'], metrics.get('local_steps'), metrics.get('record_epochs'))}"
     lines = [
         "# Federated LoRe run",
         "",

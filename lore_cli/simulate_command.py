@@ -153,8 +153,8 @@ def resumed_settings(out: Path) -> dict:
 def local_steps(args: argparse.Namespace) -> int | None:
     """--local-steps; by default those of the run --out holds (a resume: the same command resumes a pair-weighted run
     begun when five steps were the default), else None: the run config's "" (federation.protocol.local_steps)."""
-    if args.local_steps is not None:
-        return args.local_steps
+    if args.local_steps is not None or args.privacy == "record":
+        return args.local_steps  # record mode takes none (federation.protocol.RECORD_UPDATE_STEPS)
     stored = resumed_settings(Path(args.out))
     if stored.get("objective") != (args.objective or "joint"):
         return None  # another objective: check_resume names it (a joint run's 5 steps were refused under marginal)
@@ -264,7 +264,7 @@ def privacy_metrics(run_dir: Path) -> dict:
     elif s.mode == "record":  # per pair, max over clients: deliberately not under the user-level key `epsilon`
         out.update(record_epsilon_max_over_clients=None if eps is None else eps.prv,
                    record_epsilon_rdp=None if eps is None else eps.rdp, delta=s.delta,
-                   noise_multiplier=s.noise_multiplier, max_grad_norm=s.max_grad_norm)
+                   noise_multiplier=s.noise_multiplier, max_grad_norm=s.max_grad_norm, record_epochs=s.record_epochs)
     return out
 
 
@@ -537,7 +537,8 @@ def run_metrics(state, settings, privacy_mode: str, privacy_keys: dict, *, wall_
     metrics = {key: final[key] for key in TRAIN_KEYS if math.isfinite(final.get(key, math.nan))}
     metrics.update(benchmark or {})
     metrics.update(rank=settings.rank, prior_pairs=settings.prior_pairs, objective=settings.objective,
-                   weight_by=settings.weight_by, local_steps=settings.local_steps,
+                   weight_by=settings.weight_by,
+                   local_steps=None if privacy_mode == "record" else settings.local_steps,  # record: record_epochs
                    train_prior_pairs=settings.train_prior_pairs, l2=settings.l2,
                    train_seconds=round(sum(r["seconds"] for r in state.history), 3),
                    rounds=state.round, wall_seconds=wall_seconds, privacy_mode=privacy_mode,
@@ -563,7 +564,7 @@ def save_reported_basis(out: Path, state, settings, embedder: str | None) -> Non
 
 
 def _simulate(args, pairs_path, population, overrides, settings, privacy, reference, out, previous, data) -> int:
-    from lore_cli.run_report import write_report
+    from lore_cli.run_report import update_steps, write_report
     from server.checkpoint import load_checkpoint, write_rounds
     from simulations.flower_run import AppShadowedError, simulate_pairs
 
@@ -571,8 +572,7 @@ def _simulate(args, pairs_path, population, overrides, settings, privacy, refere
     noise = f", z {privacy.noise_multiplier:.4g}" if privacy.is_dp else ""
     print(f"federated LoRe on {pairs_path}: {settings.rounds} rounds, {settings.clients_per_round} users/round, "
           f"rank {settings.rank}, privacy {args.privacy}{noise}, weight-by {settings.weight_by}, "
-          f"{settings.local_steps} local step{'s' if settings.local_steps > 1 else ''}; run dir {out}",
-          flush=True)
+          f"{update_steps(privacy.mode, settings.local_steps, privacy.record_epochs)}; run dir {out}", flush=True)
     if previous is not None:
         print(f"resuming after round {previous.round} from {out / 'checkpoint.npz'}", flush=True)
     earlier = recorded_metrics(out)  # before the run: the ServerApp writes a metrics.json of its own at the end

@@ -456,6 +456,9 @@ EXTREME = {
                                         "--local-steps 7 with --objective marginal"),
     "simulate marginal local steps 0": (SIM + ["--objective", "marginal", "--local-steps", "0"],
                                         "--local-steps 0 with --objective marginal"),
+    # found by a tester: record mode's clients ignored --local-steps while the server divided by it
+    "simulate record local steps 3": (SIM[:4] + ["--privacy", "record", "--local-steps", "3"],
+                                      "--local-steps 3 with --privacy record"),
     "simulate prior pairs nan": (SIM + ["--prior-pairs", "nan"], "--prior-pairs must be"),
     "simulate prior pairs 1e300": (SIM + ["--prior-pairs", "1e300"], "--prior-pairs 1e+300 is above 1e+06"),
     "simulate train prior pairs 1e7": (SIM + ["--train-prior-pairs", "1e7"], "--train-prior-pairs 10000000.0 is above"),

@@ -324,6 +324,27 @@ def test_a_pair_weighted_update_takes_one_local_step_by_default():
             _settings(**pair, **{"objective": "marginal", "local-steps": steps})
 
 
+def test_a_record_mode_run_takes_no_local_steps():
+    """Record mode's clients run record-epochs of DP-SGD and never read local-steps, so a value given is refused
+    (the server divided by it while the clients ignored it: a tester), and both sides resolve the server's fixed
+    scaling; the run reports its record-epochs, not "5 local steps" (fails if record mode reads local-steps)."""
+    from flwr.common.config import get_fused_config_from_dir
+
+    from federation.protocol import RECORD_UPDATE_STEPS, ClientSettings
+    from lore_cli.run_report import update_steps
+    from simulations.flower_run import ROOT
+
+    record = {"privacy-mode": "record"}
+    assert _settings(**record).local_steps == RECORD_UPDATE_STEPS
+    assert ClientSettings.from_run_config(get_fused_config_from_dir(ROOT, {"run-dir": "x", **record})).local_steps \
+        == RECORD_UPDATE_STEPS
+    for steps in (1, 5):
+        with pytest.raises(ValueError, match="local-steps.* with .*privacy-mode.*record-epochs of DP-SGD"):
+            _settings(**record, **{"local-steps": steps})
+    assert update_steps("record", None, 2) == "2 record-epochs of DP-SGD"
+    assert update_steps("none", 1, None) == "1 local step"
+
+
 def test_simulate_resumes_a_run_with_its_own_local_steps_when_none_are_given(tmp_path):
     """A pair-weighted run begun when five steps were the default resumes under the same command; a fresh --out
     leaves the run config's default, and a flag given is the flag."""
