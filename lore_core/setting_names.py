@@ -75,3 +75,11 @@ class SettingError(ValueError):
 
     def spelled(self, spelling: Spelling) -> str:
         return spell(self.template, spelling)
+
+
+def shown_value(value: Any) -> str:
+    """A setting's value in a refusal of a changed setting (a checkpoint's, a release record's): short floats, and a
+    group of settings (the privacy ones) by their keys."""
+    if isinstance(value, dict):
+        return "(" + ", ".join(f"{k.replace('_', '-')} {shown_value(v)}" for k, v in value.items()) + ")"
+    return f"{value:.6g}" if isinstance(value, float) else repr(value)

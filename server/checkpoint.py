@@ -17,6 +17,7 @@ import numpy as np
 
 from federation.protocol import valid_run_id
 from lore_core.atomic_io import atomic_save_npz, atomic_write_text, strict_json
+from lore_core.setting_names import shown_value
 from lore_core.text_file import json_loads
 
 CHECKPOINT_FILENAME = "checkpoint.npz"
@@ -88,13 +89,6 @@ def _run_id_of(meta: dict) -> str:
 SETTINGS_BEFORE_THEY_EXISTED = {"weight_by": "user", "pairs_per_user": 1.0}
 
 
-def _shown(value) -> str:
-    """A setting's value in a refusal: short floats, and a group of settings (the privacy ones) by their keys."""
-    if isinstance(value, dict):
-        return "(" + ", ".join(f"{k.replace('_', '-')} {_shown(v)}" for k, v in value.items()) + ")"
-    return f"{value:.6g}" if isinstance(value, float) else repr(value)
-
-
 # Settings whose defaults follow another's (server.run_settings, `lore-fed simulate`): where the leading one changed,
 # a refusal names it alone, not the defaults it moved (a tester resuming a DP run under --privacy none was shown the
 # mode's server rate, schedule and evaluation beside the one real cause; pairs-per-user is 1 under user weighting).
@@ -111,8 +105,8 @@ def check_resumable(state: RunState, settings: dict, population: list[int], run_
     changed = sorted(k for k in settings if stored.get(k) != settings[k])
     if changed:  # named as run-config keys (`simulate`'s flags share them): a tester read `weight_by` as internal
         shown = [k for k in changed if not any(k in FOLLOWERS.get(lead, ()) for lead in changed)]
-        differences = "; ".join(f"{k.replace('_', '-')} {_shown(stored.get(k))} then, {_shown(settings[k])} now"
-                                for k in shown)
+        differences = "; ".join(f"{k.replace('_', '-')} {shown_value(stored.get(k))} then, "
+                                f"{shown_value(settings[k])} now" for k in shown)
         raise CheckpointError(f"{run_dir} holds a run with other settings ({differences}; run-config keys); "
                               "resume it with that run's settings or use a new --out directory")
     if state.population != population:

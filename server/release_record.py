@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from lore_core.atomic_io import atomic_write_bytes, atomic_write_text
+from lore_core.setting_names import shown_value
 from lore_core.text_file import read_jsonl
 from server.optimizer import make_optimizer, pseudo_gradient
 
@@ -97,7 +98,8 @@ def check_continuable(run_dir: str | Path, optimizer: dict, checkpoint_round: in
     lines = check_record_reaches(run_dir, checkpoint_round)
     if lines is not None and lines[0].get("optimizer") != optimizer:
         stored = lines[0].get("optimizer") or {}
-        changed = "; ".join(f"{OPTIMIZER_KEYS.get(k, k)} {stored.get(k)!r} then, {optimizer.get(k)!r} now"
+        changed = "; ".join(f"{OPTIMIZER_KEYS.get(k, k)} {shown_value(stored.get(k))} then, "
+                            f"{shown_value(optimizer.get(k))} now"
                             for k in sorted(set(stored) | set(optimizer)) if stored.get(k) != optimizer.get(k))
         # a record holds no weighting, and local-steps' default follows it (a tester changed weight-by and was told
         # only of local-steps)

@@ -384,6 +384,9 @@ def test_a_release_record_of_other_local_steps_names_them(tmp_path):
     assert check_continuable(tmp_path, older) is not None
     with pytest.raises(ReleaseRecordError, match=r"\(local-steps 5 then, 1 now; run-config keys\); give local-steps 5"):
         check_continuable(tmp_path, _settings(**pair).release_optimizer())
+    faster = _settings(**pair, **{"local-steps": 5, "server-lr": 0.1 + 0.2}).release_optimizer()
+    with pytest.raises(ReleaseRecordError, match=r"\(server-lr 1 then, 0\.3 now; run-config keys\); resume"):
+        check_continuable(tmp_path, faster)  # values as the checkpoint's refusal writes them (repr: 0.30000000000000004)
 
 
 def test_a_resume_refusal_names_the_setting_that_changed_not_the_defaults_that_follow_it():
