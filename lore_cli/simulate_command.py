@@ -51,7 +51,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--server-optimizer", choices=["adam", "sgd"], default=None,
                         help="the server's step on the noisy mean update (default adam)")
     parser.add_argument("--server-lr", type=float, default=None,
-                        help="server learning rate (default 1.0 without privacy, 0.05 under DP)")
+                        help="server learning rate (default 1.0 without privacy, 0.05 under DP; a resume keeps "
+                             "its run's rate)")
     parser.add_argument("--local-steps", type=int, default=None,
                         help="each user's gradient steps on A per round (default 5 with --weight-by user, 1 with pair, "
                              "where one exact step is what the pair weighting scales; always 1 with --objective "
@@ -161,6 +162,16 @@ def local_steps(args: argparse.Namespace) -> int | None:
     return stored.get("local_steps")
 
 
+def server_rate(args: argparse.Namespace) -> float | None:
+    """--server-lr; by default the rate of the run --out holds under the same privacy mode (a resume: the same
+    command resumes a run begun when 1 was the default without privacy, before lore-fed 0.2.2), else None: the run
+    config's "" (the mode's default, server/optimizer.py)."""
+    if args.server_lr is not None:
+        return args.server_lr
+    stored = resumed_settings(Path(args.out))
+    return stored.get("server_lr") if stored.get("privacy_mode") == args.privacy else None
+
+
 def run_overrides(args: argparse.Namespace, seen_users: int, seen_train_pairs: int) -> dict:
     """Run-config overrides of the flags; unset flags keep the run config's defaults (pyproject.toml). With
     --weight-by pair, `pairs-per-user` is the file's mean training pairs per seen user."""
@@ -177,8 +188,9 @@ def run_overrides(args: argparse.Namespace, seen_users: int, seen_train_pairs: i
         **privacy_overrides(args),
     }
     for key, value in (("rank", args.rank), ("server-optimizer", args.server_optimizer),
-                       ("server-lr", args.server_lr), ("local-steps", local_steps(args)), ("client-lr", args.client_lr),
-                       ("train-prior-pairs", args.train_prior_pairs), ("objective", args.objective),
+                       ("server-lr", server_rate(args)), ("local-steps", local_steps(args)),
+                       ("client-lr", args.client_lr), ("train-prior-pairs", args.train_prior_pairs),
+                       ("objective", args.objective),
                        ("weight-by", weighting(args))):
         if value is not None:
             overrides[key] = value

@@ -19,7 +19,8 @@ import math
 import numpy as np
 
 # Base rates: without DP chosen on the pilot populations (`python -m simulations.choose_federated_defaults`,
-# bench_results/federated_pilot.md); under user-level
+# bench_results/federated_pilot.md; 0.3 was tried for lore-fed 0.2.1's one pair-weighted step and kept out:
+# `simulations.pilot_federated_server_lr`, bench_results/federated_server_lr_pilot.md); under user-level
 # DP the rate screened on the public DP pilot (`simulations.sweep_privacy_configs --screen`), where each step carries
 # noise that a larger rate would amplify.
 DEFAULT_SERVER_LR = {"none": 1.0, "dp": 0.05}

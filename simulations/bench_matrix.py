@@ -235,7 +235,7 @@ def simulate_row(path: Path, run_dir: Path, chosen: dict, fed: dict, privacy: li
     last = evals[-1]
     out = {"seen_test_acc": last["seen_test_acc"], "unseen_test_acc": last["unseen_test_acc"],
            "rounds": fed["rounds"], "clients_per_round": fed["clients_per_round"], "rank": chosen["rank"],
-           "prior_pairs": settings.prior_pairs, "local_steps": settings.local_steps,
+           "prior_pairs": settings.prior_pairs, "local_steps": settings.local_steps, "server_lr": settings.server_lr,
            "seconds": time.perf_counter() - started}
     tail = [r for r in evals if r["round"] > 3 * fed["rounds"] // 4]
     if len(tail) > 1:  # how much the reported model moves between evaluations over the last quarter of the run
@@ -334,15 +334,29 @@ def other_steps(row: dict, chosen: dict) -> bool:
     return ran != local_steps({**config, "local-steps": ""})
 
 
-def stale(row: dict, choice: dict) -> bool:
+# The server rate without privacy that a cached row not recording its rate ran (every default until now).
+RATE_BEFORE_RECORDED = 1.0
+
+
+def other_rate(row: dict) -> bool:
+    """A cached `simulate --privacy none` row that ran another server rate than today's default (a pilot of another
+    rate wrote into a benchmark's cache)."""
+    from server.optimizer import default_server_lr
+
+    return row.get("server_lr", RATE_BEFORE_RECORDED) != default_server_lr("none")
+
+
+def stale(row: dict, choice: dict, private: bool = False) -> bool:
     """A cached federated row run with a choice its source no longer makes (a rerun `train` that chose otherwise), or
-    with other local steps than `simulate` now takes for that choice (`other_steps`)."""
-    return row.get("source_choice") != choice or other_steps(row, choice)
+    with other local steps than `simulate` now takes for that choice (`other_steps`), or (without privacy: `private`
+    False) another server rate than its default (`other_rate`)."""
+    return row.get("source_choice") != choice or other_steps(row, choice) or (not private and other_rate(row))
 
 
 def due_after_source(row: str, done: dict) -> bool:
     """The federated `row` can run (its source row is done) and is missing or `stale`."""
-    return FOLLOWS[row][0] in done and (row not in done or stale(done[row], source_choice(row, done)))
+    return FOLLOWS[row][0] in done and (row not in done or stale(done[row], source_choice(row, done),
+                                                                 private=row != "simulate"))
 
 
 def rescored(path: Path, run_dir: Path, prior_pairs: float) -> dict:

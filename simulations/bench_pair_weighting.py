@@ -57,12 +57,14 @@ def run_cell(name: str, seed: int, work: Path, simulate: bool = False) -> dict:
             cell.setdefault(weighting, {})[row] = json.loads(cache.read_text())
         cache = work / "results" / name / f"seed{seed}" / f"{weighting}-simulate.json"
         chosen = matrix.train_choice(cell[weighting]["train"], weighting)
-        # a row cached with other local steps than `simulate` now takes for that choice is rerun (a reviewer)
-        if simulate and (not cache.exists() or matrix.other_steps(json.loads(cache.read_text()), chosen)):
+        # a row cached with other local steps or another server rate than `simulate` now takes is rerun (a reviewer)
+        outdated = cache.exists() and (matrix.other_steps(json.loads(cache.read_text()), chosen)
+                                       or matrix.other_rate(json.loads(cache.read_text())))
+        if simulate and (not cache.exists() or outdated):
             run_dir = matrix._fresh(work / "runs" / name / f"seed{seed}" / f"{weighting}-simulate")
             atomic_write_json(cache, matrix.simulate_row(path, run_dir, chosen, hostile.federated(name),
                                                          ["--privacy", "none"]))
-        if cache.exists():
+        if cache.exists() and not (outdated and not simulate):  # an outdated row is not reported (a reviewer)
             cell[weighting]["simulate"] = json.loads(cache.read_text())
     return cell
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -87,24 +88,38 @@ def main(argv: list[str] | None = None) -> int:
     steps = [int(s) for s in args.steps.split(",")]
     work = Path(args.work)
     table = {}
-    for cell in args.cells.split(","):
-        name, seed = cell.split(":")
-        if int(seed) < 11:
-            parser.error(f"{cell}: pilot cells only (seeds 11 and up); the reported seeds are 0-2")
-        train = run_cell(name, int(seed), work)["pair"]["train"]
-        objective = train.get("objective", "joint") if train["rank"] > 1 else "joint"
+    for cell, name, seed, train, objective in pilot_trains(args.cells, work, parser.error):
         # the marginal update is one exact step whatever --local-steps says: one run stands for every value
-        runs = {s: simulate_steps(name, int(seed), s if objective == "joint" else steps[0], work) for s in steps}
+        runs = {s: simulate_steps(name, seed, s if objective == "joint" else steps[0], work) for s in steps}
         table[cell] = {"objective": objective,
                        "minus_train": {str(s): [r[g] - train[g] for g in GROUPS] for s, r in runs.items()}}
         print(cell, {s: [round(100 * d, 1) for d in table[cell]["minus_train"][str(s)]] for s in steps}, flush=True)
-    out = Path(args.out)
-    command = "python -m simulations.pilot_federated_steps" + ("" if args.cells == ",".join(CELLS)
-                                                                 else f" --cells {args.cells}")
-    atomic_write_json(out.with_suffix(".json"), {"steps": steps, "cells": table})
-    atomic_write_text(out, markdown(table, steps, command))
-    print(out.read_text())
+    command = "python -m simulations.pilot_federated_steps" + cells_flag(args.cells, CELLS)
+    write_pilot(Path(args.out), {"steps": steps, "cells": table}, markdown(table, steps, command))
     return 0
+
+
+def pilot_trains(cells: str, work: Path, error) -> Iterator[tuple[str, str, int, dict, str]]:
+    """Each of the comma-separated NAME:SEED `cells` as (cell, name, seed, its pair-weighted `train` row, the update
+    that row's choice gives the clients); a reported seed (under 11) goes to `error` (the parser's)."""
+    for cell in cells.split(","):
+        name, seed = cell.split(":")
+        if int(seed) < 11:
+            error(f"{cell}: pilot cells only (seeds 11 and up); the reported seeds are 0-2")
+        train = run_cell(name, int(seed), work)["pair"]["train"]
+        yield cell, name, int(seed), train, train.get("objective", "joint") if train["rank"] > 1 else "joint"
+
+
+def cells_flag(cells: str, default: tuple[str, ...]) -> str:
+    """The --cells part of a pilot's command line as its results file names it: none for the default cells."""
+    return "" if cells == ",".join(default) else f" --cells {cells}"
+
+
+def write_pilot(out: Path, payload: dict, markdown_text: str) -> None:
+    """A pilot's results: out (markdown) and out.json, each written whole."""
+    atomic_write_json(out.with_suffix(".json"), payload)
+    atomic_write_text(out, markdown_text)
+    print(markdown_text)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from simulations.bench_matrix import due_after_source, other_steps, source_choice
+from server.optimizer import default_server_lr
+from simulations.bench_matrix import due_after_source, other_rate, other_steps, source_choice
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -15,7 +16,8 @@ def test_a_federated_row_reruns_only_when_its_source_chose_otherwise():
     train = {"rank": 4, "l2": 1e-5, "prior_pairs": 3.0, "objective": "marginal", "seen_test_acc": 0.7}
     assert not due_after_source("simulate", {})  # nothing to follow yet
     assert due_after_source("simulate", {"train": train})  # missing
-    done = {"train": train, "simulate": {"source_choice": source_choice("simulate", {"train": train})}}
+    done = {"train": train, "simulate": {"source_choice": source_choice("simulate", {"train": train}),
+                                         "server_lr": default_server_lr("none")}}
     assert not due_after_source("simulate", done)
     assert not due_after_source("simulate", {**done, "train": {**train, "seen_test_acc": 0.8}})  # same choice
     assert due_after_source("simulate", {**done, "train": {**train, "objective": "joint"}})
@@ -33,6 +35,19 @@ def test_a_cached_federated_row_reruns_when_it_ran_other_local_steps_than_the_de
     assert not other_steps({"local_steps": 1}, pair)
     assert not other_steps({}, user) and other_steps({"local_steps": 1}, user)
     assert not other_steps({}, {"objective": "marginal", "weight_by": "pair"})
+
+
+def test_a_cached_federated_row_reruns_when_it_ran_another_server_rate_than_the_default():
+    """A row without privacy run at another rate than today's default (a pilot's rate written into the cache) is
+    stale, one that does not record its rate ran the default of its time; a DP row, whose rate is the DP default, is
+    not judged by the rate without privacy."""
+    today = default_server_lr("none")
+    assert other_rate({"server_lr": today / 3}) and not other_rate({"server_lr": today}) and not other_rate({})
+    train = {"rank": 4, "l2": 1e-5, "prior_pairs": 3.0, "objective": "marginal"}
+    chosen = source_choice("simulate", {"train": train})
+    assert due_after_source("simulate", {"train": train, "simulate": {"source_choice": chosen, "server_lr": 0.3}})
+    dp = {"source_choice": source_choice("simulate_dp", {"train": train}), "server_lr": default_server_lr("user")}
+    assert not due_after_source("simulate_dp", {"train": train, "simulate_dp": dp})
 
 
 def test_compare_matrix_files_reports_each_populations_change_and_failed_criteria(tmp_path):

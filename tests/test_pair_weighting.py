@@ -372,6 +372,33 @@ def test_simulate_resumes_a_run_with_its_own_local_steps_when_none_are_given(tmp
     check_resumable(RunState(round=1, basis=np.zeros((2, 2)), settings=older, population=[3]), today, [3], "run")
 
 
+def test_simulate_resumes_a_run_with_its_own_server_rate_when_none_is_given(tmp_path):
+    """A run whose rate is not today's default (given then, or a default since changed) resumes under the same
+    command without --server-lr; a fresh --out, or another privacy mode (refused for the mode, not the rate), leaves
+    the mode's default; a flag given is the flag (fails if the resume is refused for a rate the user never set)."""
+    import argparse
+
+    from lore_cli.simulate_command import configure, server_rate
+    from server.checkpoint import RunState, check_resumable, save_checkpoint
+
+    parser = argparse.ArgumentParser()
+    configure(parser)
+    pair = {"weight-by": "pair", "pairs-per-user": 10.0, "privacy-mode": "none"}
+    older = _settings(**pair, **{"server-lr": 0.3}).fingerprint()
+    save_checkpoint(tmp_path / "older", RunState(round=1, basis=np.zeros((2, 2)), settings=older, population=[3]))
+
+    def rate(out, *flags):
+        return server_rate(parser.parse_args(["pairs.npz", "--out", str(out), *flags]))
+
+    assert rate(tmp_path / "fresh", "--privacy", "none") is None
+    assert rate(tmp_path / "older", "--privacy", "none") == 0.3
+    assert rate(tmp_path / "older", "--privacy", "none", "--server-lr", "2") == 2.0
+    assert rate(tmp_path / "older", "--privacy", "user") is None
+    assert _settings(**pair).server_lr != 0.3  # today's default, which the checkpoint would refuse
+    today = _settings(**pair, **{"server-lr": rate(tmp_path / "older", "--privacy", "none")}).fingerprint()
+    check_resumable(RunState(round=1, basis=np.zeros((2, 2)), settings=older, population=[3]), today, [3], "run")
+
+
 def test_a_release_record_of_other_local_steps_names_them(tmp_path):
     """A 0.2.0 pair-weighted run stopped before its first checkpoint has only its release record to say it took
     five steps: a resume under today's default is refused naming the key and both values (a reviewer: the refusal
@@ -384,9 +411,9 @@ def test_a_release_record_of_other_local_steps_names_them(tmp_path):
     assert check_continuable(tmp_path, older) is not None
     with pytest.raises(ReleaseRecordError, match=r"\(local-steps 5 then, 1 now; run-config keys\); give local-steps 5"):
         check_continuable(tmp_path, _settings(**pair).release_optimizer())
-    faster = _settings(**pair, **{"local-steps": 5, "server-lr": 0.1 + 0.2}).release_optimizer()
-    with pytest.raises(ReleaseRecordError, match=r"\(server-lr 1 then, 0\.3 now; run-config keys\); resume"):
-        check_continuable(tmp_path, faster)  # values as the checkpoint's refusal writes them (repr: 0.30000000000000004)
+    faster = _settings(**pair, **{"local-steps": 5, "server-lr": 0.1 + 0.7}).release_optimizer()
+    with pytest.raises(ReleaseRecordError, match=r"\(server-lr 1 then, 0\.8 now; run-config keys\); resume"):
+        check_continuable(tmp_path, faster)  # values as the checkpoint's refusal writes them (repr: 0.7999999999999999)
 
 
 def test_a_resume_refusal_names_the_setting_that_changed_not_the_defaults_that_follow_it():
