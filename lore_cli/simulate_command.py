@@ -342,7 +342,8 @@ def run(args: argparse.Namespace) -> int:
     # The lock is taken before the checks (a concurrent run could be writing the checkpoint), but the lock file is
     # written only once they pass: a refused run leaves the directory as it was, .lock included.
     with RunDirLock(out, announce=False) as lock:
-        previous, data = check_resume(out, pairs_path, settings, privacy)  # before Ray: another run's is refused
+        # before Ray: another run's is refused
+        previous, data = check_resume(out, pairs_path, settings, privacy, given_followers(args))
         if canaries is not None:
             data["canary_secrets_sha256"] = check_canary_digest(out, canaries, args.canary_secrets)
         lock.announce()
@@ -384,7 +385,18 @@ def check_no_other_run(out: Path) -> None:
                          "they would be replaced; give a new directory")
 
 
-def check_resume(out: Path, pairs_path: Path, settings, privacy):
+# simulate's flags that set a setting whose default follows another's (server.checkpoint.FOLLOWERS), by field
+FOLLOWER_FLAGS = {"server_lr": "server_lr", "eval_every": "eval_every", "weight_by": "weight_by",
+                  "local_steps": "local_steps"}
+
+
+def given_followers(args: argparse.Namespace) -> frozenset[str]:
+    """The following settings the user gave as flags: a resume refusal names them beside the leading one (one was
+    hidden behind a changed --privacy until the next try)."""
+    return frozenset(field for field, flag in FOLLOWER_FLAGS.items() if getattr(args, flag, None) is not None)
+
+
+def check_resume(out: Path, pairs_path: Path, settings, privacy, given: frozenset[str] = frozenset()):
     """Refuse, before Ray starts or anything is written, a run directory whose checkpoint, ledger or release record
     is damaged or holds other settings (the ledger's privacy settings included: a finished run asked for more rounds)
     or that was trained on another pair file (the server checks the users per node again once its nodes report). A
@@ -402,7 +414,7 @@ def check_resume(out: Path, pairs_path: Path, settings, privacy):
     # about eval_every before the file was named
     fingerprint = check_same_pairs(out, pairs_path, resuming=previous is not None)
     if previous is not None:
-        check_resumable(previous, settings.fingerprint(), previous.population, out)
+        check_resumable(previous, settings.fingerprint(), previous.population, out, given)
         check_ledger_covers(out, previous.round)
     if (out / LEDGER_FILENAME).exists():
         planned = FederatedLedger.load(out).settings.rounds

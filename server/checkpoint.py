@@ -97,14 +97,17 @@ FOLLOWERS = {"privacy_mode": ("privacy", "server_lr", "server_lr_schedule", "ini
              "weight_by": ("pairs_per_user", "local_steps")}
 
 
-def check_resumable(state: RunState, settings: dict, population: list[int], run_dir: str | Path) -> None:
+def check_resumable(state: RunState, settings: dict, population: list[int], run_dir: str | Path,
+                    given: frozenset[str] = frozenset()) -> None:
     """Refuse a resume whose fingerprinted settings or population differ; a key the checkpoint holds but today's
     fingerprint leaves out (now volatile, e.g. prior_pairs) is not compared, and one it lacks has its value from
-    before the setting existed."""
+    before the setting existed. `given`: the fields the user set (a caller that knows), named even where they follow
+    a changed leading setting (FOLLOWERS)."""
     stored = {**SETTINGS_BEFORE_THEY_EXISTED, **state.settings}
     changed = sorted(k for k in settings if stored.get(k) != settings[k])
     if changed:  # named as run-config keys (`simulate`'s flags share them): a tester read `weight_by` as internal
-        shown = [k for k in changed if not any(k in FOLLOWERS.get(lead, ()) for lead in changed)]
+        shown = [k for k in changed
+                 if k in given or not any(k in FOLLOWERS.get(lead, ()) for lead in changed)]
         differences = "; ".join(f"{k.replace('_', '-')} {shown_value(stored.get(k))} then, "
                                 f"{shown_value(settings[k])} now" for k in shown)
         raise CheckpointError(f"{run_dir} holds a run with other settings ({differences}; run-config keys); "

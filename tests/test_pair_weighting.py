@@ -429,3 +429,18 @@ def test_a_resume_refusal_names_the_setting_that_changed_not_the_defaults_that_f
         check_resumable(state, none, [3], "run")
     with pytest.raises(CheckpointError, match=r"\(client-lr 1 then, 0.5 now; privacy-mode 'user' then"):
         check_resumable(state, {**none, "client_lr": 0.5}, [3], "run")
+    # a following setting the user gave beside the leading one is named too (it was hidden until the next try)
+    with pytest.raises(CheckpointError, match=r"\(privacy-mode 'user' then, 'none' now; server-lr 0.05 then, 1 now;"):
+        check_resumable(state, none, [3], "run", given=frozenset({"server_lr"}))
+
+
+def test_simulate_names_the_following_flags_the_user_gave():
+    import argparse
+
+    from lore_cli.simulate_command import configure, given_followers
+
+    parser = argparse.ArgumentParser()
+    configure(parser)
+    assert given_followers(parser.parse_args(["p.npz", "--out", "o", "--privacy", "none"])) == frozenset()
+    assert given_followers(parser.parse_args(["p.npz", "--out", "o", "--server-lr", "0.5", "--weight-by", "user"])) \
+        == {"server_lr", "weight_by"}
