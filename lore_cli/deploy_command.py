@@ -198,22 +198,24 @@ def check_local_flags(args: argparse.Namespace) -> tuple | None:
             config["clients-per-round"] = population["seen_users"]  # these modes sample at most everyone
         settings, privacy = check_run(population, {**config, "run-dir": str(Path(args.run_dir).resolve())})
         fingerprint = check_deploy_resume(Path(args.run_dir), resolve_pair_path(args.pairs), settings, privacy,
-                                          args.nodes)
+                                          args.nodes, frozenset(key.replace("-", "_") for key in extra))
         return settings, privacy, population, fingerprint
     return None
 
 
-def check_deploy_resume(run_dir: Path, pairs_path: Path, settings, privacy, nodes: int) -> dict:
+def check_deploy_resume(run_dir: Path, pairs_path: Path, settings, privacy, nodes: int,
+                        given: frozenset[str] = frozenset()) -> dict:
     """A --run-dir holding a run is resumed only with its settings, pair file and node count, as `simulate` checks
     them (checkpoint, ledger, release record, data.json): -c noise-multiplier=2 on a run of 1 failed in the ServerApp
     after every process had started (exit 1, 15 s), and a tester's --run-dir of a `train` run was overwritten, a
     different pair file of the same size trained nothing new, and --nodes 3 on a 2-node run wrote a third node's
-    file (users the second node hosts) before it failed. Returns the pair file's fingerprint for data.json."""
+    file (users the second node hosts) before it failed. `given`: the settings -c set (as fields), which a refusal
+    names even where their defaults follow another setting. Returns the pair file's fingerprint for data.json."""
     from lore_cli.simulate_command import check_no_other_run, check_resume
 
     try:
         check_no_other_run(run_dir)
-        _, fingerprint = check_resume(run_dir, pairs_path, settings, privacy)
+        _, fingerprint = check_resume(run_dir, pairs_path, settings, privacy, given)
     except ValueError as exc:  # simulate's messages name its --out; here the directory is --run-dir
         raise ValueError(str(exc).replace("--out", "--run-dir")) from None
     hosted = sorted(int(d.name[4:]) for d in run_dir.glob("node*") if d.name[4:].isdigit() and d.is_dir())
