@@ -181,6 +181,8 @@ def write_report(run_dir: str | Path, history: list[dict], metrics: dict, refere
         return "–" if value is None else f"{value:.4f}"
 
     # (a run recorded before 0.2.1 says neither)
+    rate = ("" if "server_lr" not in metrics  # (a run recorded before 0.2.2 does not say)
+            else f", server {metrics['server_optimizer']} at rate {metrics['server_lr']:g}")
     steps = "" if {"local_steps", "record_epochs"}.isdisjoint(metrics) else \
         f", {update_steps(metrics['privacy_mode'], metrics.get('local_steps'), metrics.get('record_epochs'))}"
     lines = [
@@ -189,7 +191,7 @@ def write_report(run_dir: str | Path, history: list[dict], metrics: dict, refere
         f"`{command}`",
         "",
         f"{metrics['rounds']} rounds, rank {metrics['rank']}, privacy mode `{metrics['privacy_mode']}`, "
-        f"weight-by `{metrics.get('weight_by', 'user')}`{steps}, {metrics['users_per_round']} users per round, "
+        f"weight-by `{metrics.get('weight_by', 'user')}`{steps}{rate}, {metrics['users_per_round']} users per round, "
         f"{metrics['nodes']} {metrics.get('node_kind', 'virtual')} nodes, "
         f"wall time {metrics['wall_seconds']:.1f} s.",
         "",

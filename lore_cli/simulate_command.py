@@ -563,6 +563,9 @@ def run_metrics(state, settings, privacy_mode: str, privacy_keys: dict, *, wall_
     metrics.update(rank=settings.rank, prior_pairs=settings.prior_pairs, objective=settings.objective,
                    weight_by=settings.weight_by,
                    local_steps=None if privacy_mode == "record" else settings.local_steps,  # record: record_epochs
+                   # the rates a flag-less resume kept (a tester found them only in releases/chain.jsonl)
+                   server_optimizer=settings.server_optimizer, server_lr=settings.server_lr,
+                   client_lr=settings.client_lr,
                    train_prior_pairs=settings.train_prior_pairs, l2=settings.l2,
                    train_seconds=round(sum(r["seconds"] for r in state.history), 3),
                    rounds=state.round, wall_seconds=wall_seconds, privacy_mode=privacy_mode,

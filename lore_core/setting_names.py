@@ -83,3 +83,12 @@ def shown_value(value: Any) -> str:
     if isinstance(value, dict):
         return "(" + ", ".join(f"{k.replace('_', '-')} {shown_value(v)}" for k, v in value.items()) + ")"
     return f"{value:.6g}" if isinstance(value, float) else repr(value)
+
+
+def shown_change(name: str, then: Any, now: Any) -> str:
+    """`name then-value then, now-value now`, short where the short forms differ and exact where they do not (a
+    tester's --server-lr 1.0000000001 was refused as "server-lr 1 then, 1 now")."""
+    before, after = shown_value(then), shown_value(now)
+    if before == after:
+        before, after = repr(then), repr(now)
+    return f"{name} {before} then, {after} now"

@@ -17,7 +17,7 @@ import numpy as np
 
 from federation.protocol import valid_run_id
 from lore_core.atomic_io import atomic_save_npz, atomic_write_text, strict_json
-from lore_core.setting_names import shown_value
+from lore_core.setting_names import shown_change
 from lore_core.text_file import json_loads
 
 CHECKPOINT_FILENAME = "checkpoint.npz"
@@ -108,8 +108,7 @@ def check_resumable(state: RunState, settings: dict, population: list[int], run_
     if changed:  # named as run-config keys (`simulate`'s flags share them): a tester read `weight_by` as internal
         shown = [k for k in changed
                  if k in given or not any(k in FOLLOWERS.get(lead, ()) for lead in changed)]
-        differences = "; ".join(f"{k.replace('_', '-')} {shown_value(stored.get(k))} then, "
-                                f"{shown_value(settings[k])} now" for k in shown)
+        differences = "; ".join(shown_change(k.replace('_', '-'), stored.get(k), settings[k]) for k in shown)
         raise CheckpointError(f"{run_dir} holds a run with other settings ({differences}; run-config keys); "
                               "resume it with that run's settings or use a new --out directory")
     if state.population != population:

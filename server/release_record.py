@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from lore_core.atomic_io import atomic_write_bytes, atomic_write_text
-from lore_core.setting_names import shown_value
+from lore_core.setting_names import shown_change
 from lore_core.text_file import read_jsonl
 from server.optimizer import make_optimizer, pseudo_gradient
 
@@ -98,17 +98,17 @@ def check_continuable(run_dir: str | Path, optimizer: dict, checkpoint_round: in
     lines = check_record_reaches(run_dir, checkpoint_round)
     if lines is not None and lines[0].get("optimizer") != optimizer:
         stored = lines[0].get("optimizer") or {}
-        changed = "; ".join(f"{OPTIMIZER_KEYS.get(k, k)} {shown_value(stored.get(k))} then, "
-                            f"{shown_value(optimizer.get(k))} now"
-                            for k in sorted(set(stored) | set(optimizer)) if stored.get(k) != optimizer.get(k))
-        # a record holds no weighting, and local-steps' default follows it (a tester changed weight-by and was told
-        # only of local-steps)
-        steps = stored.get("local_steps")
-        follows = (f"; give local-steps {steps} (its default follows weight-by: 1 under pair, 5 under user)"
-                   if steps != optimizer.get("local_steps") else "")
+        keys = [k for k in sorted(set(stored) | set(optimizer)) if stored.get(k) != optimizer.get(k)]
+        changed = "; ".join(shown_change(OPTIMIZER_KEYS.get(k, k), stored.get(k), optimizer.get(k)) for k in keys)
+        # a run that stopped before its first checkpoint has only this record to say what it ran (a tester's
+        # flag-less resume of a --server-lr 0.5 run), and a record holds no weighting, which local-steps' default
+        # follows (a tester changed weight-by and was told only of local-steps)
+        give = ", ".join(f"{OPTIMIZER_KEYS.get(k, k)} {stored.get(k)!r}" for k in keys if k in stored)
+        follows = " (local-steps' default follows weight-by: 1 under pair, 5 under user)" if "local_steps" in keys \
+            else ""
         raise ReleaseRecordError(f"{Path(run_dir) / RELEASES_DIR / CHAIN_FILENAME} was written with other server "
-                                 f"optimizer settings ({changed}; run-config keys){follows}; resume with that run's "
-                                 "settings or use a new run directory")
+                                 f"optimizer settings ({changed}; run-config keys); give {give}{follows} to resume "
+                                 "that run, or use a new run directory")
     return lines
 
 

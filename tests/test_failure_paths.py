@@ -333,10 +333,12 @@ def test_simulate_metrics_hold_the_run_settings_the_pair_file_and_the_true_basis
     assert list(metrics) == [
         "seen_test_acc", "unseen_test_acc", "oracle_seen_test_acc", "oracle_unseen_test_acc",
         "true_basis_seen_test_acc", "true_basis_unseen_test_acc", "rank", "prior_pairs", "objective", "weight_by",
-        "local_steps", "train_prior_pairs", "l2", "train_seconds", "rounds", "wall_seconds", "privacy_mode",
-        "users_per_round", "nodes", "seed", "canaries", "privacy_guarantee", "not_private", "stopped_early", "ledger",
+        "local_steps", "server_optimizer", "server_lr", "client_lr", "train_prior_pairs", "l2", "train_seconds",
+        "rounds", "wall_seconds", "privacy_mode", "users_per_round", "nodes", "seed", "canaries", "privacy_guarantee",
+        "not_private", "stopped_early", "ledger",
         "pairs_path", "pairs_fingerprint"]
     assert metrics["prior_pairs"] == 3.0 and metrics["objective"] == "joint" and metrics["train_prior_pairs"] == 3.0
+    assert (metrics["server_optimizer"], metrics["server_lr"], metrics["client_lr"]) == ("adam", 1.0, 1.0)
     assert metrics["pairs_path"] == str(pair_path.resolve())
     assert metrics["pairs_fingerprint"] == pair_file_fingerprint(pair_path)
     assert Path(run_pair_file(run)) == pair_path.resolve()  # audits find (and check) the pairs through it
@@ -380,6 +382,7 @@ def test_rerunning_a_finished_run_keeps_its_report(tmp_path, pair_file, engine):
     assert f"weight-by `{metrics['weight_by']}`" in report  # the weighting the run used (a tester found it nowhere)
     steps = {"pair": 1, "user": 5}[metrics["weight_by"]]  # and the local steps that follow it (0.2.1)
     assert metrics["local_steps"] == steps and f", {steps} local step" in report
+    assert ", server adam at rate 1," in report  # the rate, which a flag-less resume keeps (a tester)
     assert metrics["reference"] == {"path": str(reference.resolve()), "seen_test_acc": 0.6123,
                                     "unseen_test_acc": 0.5987}
 

@@ -412,8 +412,12 @@ def test_a_release_record_of_other_local_steps_names_them(tmp_path):
     with pytest.raises(ReleaseRecordError, match=r"\(local-steps 5 then, 1 now; run-config keys\); give local-steps 5"):
         check_continuable(tmp_path, _settings(**pair).release_optimizer())
     faster = _settings(**pair, **{"local-steps": 5, "server-lr": 0.1 + 0.7}).release_optimizer()
-    with pytest.raises(ReleaseRecordError, match=r"\(server-lr 1 then, 0\.8 now; run-config keys\); resume"):
+    with pytest.raises(ReleaseRecordError, match=r"\(server-lr 1 then, 0\.8 now; run-config keys\); give server-lr "
+                                                 r"1\.0 to resume"):
         check_continuable(tmp_path, faster)  # values as the checkpoint's refusal writes them (repr: 0.7999999999999999)
+    # short forms that would read the same are written exactly (a tester: "server-lr 1 then, 1 now")
+    with pytest.raises(ReleaseRecordError, match=r"server-lr 1\.0 then, 1\.0000000001 now"):
+        check_continuable(tmp_path, _settings(**pair, **{"local-steps": 5, "server-lr": 1 + 1e-10}).release_optimizer())
 
 
 def test_a_resume_refusal_names_the_setting_that_changed_not_the_defaults_that_follow_it():
