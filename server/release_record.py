@@ -106,9 +106,10 @@ def check_continuable(run_dir: str | Path, optimizer: dict, checkpoint_round: in
         give = ", ".join(f"{OPTIMIZER_KEYS.get(k, k)} {stored.get(k)!r}" for k in keys if k in stored)
         follows = " (local-steps' default follows weight-by: 1 under pair, 5 under user)" if "local_steps" in keys \
             else ""
+        how = f"give {give}{follows} to resume that run" if give else "resume with that run's settings"
         raise ReleaseRecordError(f"{Path(run_dir) / RELEASES_DIR / CHAIN_FILENAME} was written with other server "
-                                 f"optimizer settings ({changed}; run-config keys); give {give}{follows} to resume "
-                                 "that run, or use a new run directory")
+                                 f"optimizer settings ({changed}; run-config keys); {how}, or use a new run "
+                                 "directory")
     return lines
 
 
