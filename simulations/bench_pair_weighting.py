@@ -58,8 +58,8 @@ def run_cell(name: str, seed: int, work: Path, simulate: bool = False) -> dict:
         cache = work / "results" / name / f"seed{seed}" / f"{weighting}-simulate.json"
         chosen = matrix.train_choice(cell[weighting]["train"], weighting)
         # a row cached with other local steps or another server rate than `simulate` now takes is rerun (a reviewer)
-        outdated = cache.exists() and (matrix.other_steps(json.loads(cache.read_text()), chosen)
-                                       or matrix.other_rate(json.loads(cache.read_text())))
+        cached = json.loads(cache.read_text()) if cache.exists() else None
+        outdated = cached is not None and (matrix.other_steps(cached, chosen) or matrix.other_rate(cached))
         if simulate and (not cache.exists() or outdated):
             run_dir = matrix._fresh(work / "runs" / name / f"seed{seed}" / f"{weighting}-simulate")
             atomic_write_json(cache, matrix.simulate_row(path, run_dir, chosen, hostile.federated(name),

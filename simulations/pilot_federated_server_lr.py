@@ -45,8 +45,9 @@ def simulate_rate(name: str, seed: int, rate: float, objective: str, work: Path)
     which it ignores)."""
     if rate == 1.0:
         cached = work / "results" / name / f"seed{seed}" / f"pair-simulate-steps{RATE_ONE_STEPS[objective]}.json"
-        if cached.exists() and json.loads(cached.read_text()).get("server_lr", 1.0) == 1.0:
-            return json.loads(cached.read_text())
+        row = json.loads(cached.read_text()) if cached.exists() else {}
+        if row and row.get("server_lr", 1.0) == 1.0:
+            return row
     cache = work / "results" / name / f"seed{seed}" / f"pair-simulate-lr{rate:g}.json"
     if not cache.exists():
         path = pair_file(name, seed, work)
