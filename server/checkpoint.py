@@ -109,8 +109,11 @@ def check_resumable(state: RunState, settings: dict, population: list[int], run_
         shown = [k for k in changed
                  if k in given or not any(k in FOLLOWERS.get(lead, ()) for lead in changed)]
         differences = "; ".join(shown_change(k.replace('_', '-'), stored.get(k), settings[k]) for k in shown)
-        raise CheckpointError(f"{run_dir} holds a run with other settings ({differences}; run-config keys); "
-                              "resume it with that run's settings or use a new --out directory")
+        how = "resume it with that run's settings or use a new --out directory"
+        if "local_steps" in shown and settings.get("privacy_mode") == stored.get("privacy_mode") == "record":
+            how = ("record mode takes no local-steps since lore-fed 0.2.2 (its clients run record-epochs), so that "
+                   "run cannot resume: use a new --out directory")  # a reviewer: the old K is refused now
+        raise CheckpointError(f"{run_dir} holds a run with other settings ({differences}; run-config keys); {how}")
     if state.population != population:
         raise CheckpointError(f"{Path(run_dir) / CHECKPOINT_FILENAME} holds a run over another population: "
                               f"{_population_change(state.population, population)}; use a new --out directory or "

@@ -438,6 +438,18 @@ def test_a_resume_refusal_names_the_setting_that_changed_not_the_defaults_that_f
         check_resumable(state, none, [3], "run", given=frozenset({"server_lr"}))
 
 
+def test_a_record_run_of_other_local_steps_is_told_to_start_anew():
+    """A record run begun under 0.2.1 with --local-steps 3 holds K = 3, which record mode now refuses: the refusal
+    says a new directory is the way, not "resume it with that run's settings" (a reviewer)."""
+    from server.checkpoint import CheckpointError, RunState, check_resumable
+
+    today = _settings(**{"privacy-mode": "record"}).fingerprint()
+    state = RunState(round=1, basis=np.zeros((2, 2)), settings={**today, "local_steps": 3}, population=[3])
+    with pytest.raises(CheckpointError, match=r"local-steps 3 then, 5 now; .*record mode takes no local-steps .*"
+                                              r"use a new --out"):
+        check_resumable(state, today, [3], "run")
+
+
 def test_simulate_names_the_following_flags_the_user_gave():
     import argparse
 
