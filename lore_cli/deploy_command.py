@@ -154,6 +154,7 @@ def check_local_flags(args: argparse.Namespace) -> tuple | None:
     from lore_cli.simulate_command import check_run, read_population
     from lore_core.atomic_io import check_output_path
     from lore_core.pairs import resolve_pair_path
+    from server.run_settings import given_fields
     from simulations.flower_run import ROOT
 
     if args.nodes < 1:
@@ -198,7 +199,7 @@ def check_local_flags(args: argparse.Namespace) -> tuple | None:
             config["clients-per-round"] = population["seen_users"]  # these modes sample at most everyone
         settings, privacy = check_run(population, {**config, "run-dir": str(Path(args.run_dir).resolve())})
         fingerprint = check_deploy_resume(Path(args.run_dir), resolve_pair_path(args.pairs), settings, privacy,
-                                          args.nodes, frozenset(key.replace("-", "_") for key in extra))
+                                          args.nodes, given_fields(extra))  # the fields -c set
         return settings, privacy, population, fingerprint
     return None
 

@@ -385,15 +385,19 @@ def check_no_other_run(out: Path) -> None:
                          "they would be replaced; give a new directory")
 
 
-# simulate's flags that set a setting whose default follows another's (server.checkpoint.FOLLOWERS), by field
-FOLLOWER_FLAGS = {"server_lr": "server_lr", "eval_every": "eval_every", "weight_by": "weight_by",
-                  "local_steps": "local_steps"}
+# simulate's flags that set a setting whose default follows another's (server.checkpoint.FOLLOWERS), by run-config key
+FOLLOWER_FLAGS = {"server-lr": "server_lr", "eval-every": "eval_every", "weight-by": "weight_by",
+                  "local-steps": "local_steps"}
 
 
 def given_followers(args: argparse.Namespace) -> frozenset[str]:
-    """The following settings the user gave as flags: a resume refusal names them beside the leading one (one was
-    hidden behind a changed --privacy until the next try)."""
-    return frozenset(field for field, flag in FOLLOWER_FLAGS.items() if getattr(args, flag, None) is not None)
+    """The following settings the user gave as flags, as checkpoint fields (server.run_settings.given_fields): a
+    resume refusal names them beside the leading one (one was hidden behind a changed --privacy until the next
+    try)."""
+    from server.run_settings import given_fields
+
+    flags = {key for key, flag in FOLLOWER_FLAGS.items() if getattr(args, flag, None) is not None}
+    return given_fields(flags | set(privacy_overrides(args)))
 
 
 def check_resume(out: Path, pairs_path: Path, settings, privacy, given: frozenset[str] = frozenset()):
@@ -424,7 +428,8 @@ def check_resume(out: Path, pairs_path: Path, settings, privacy, given: frozense
                                   f"accountant's plan, follow them); resume it with --rounds {planned}, or start a "
                                   "new --out directory (a longer run from scratch)")
         FederatedLedger.load(out, privacy)  # reads and compares only; the server opens it again to write
-    check_continuable(out, settings.release_optimizer(), previous.round if previous is not None else 0)
+    check_continuable(out, settings.release_optimizer(), previous.round if previous is not None else 0,
+                      settings.fixed_optimizer_keys())
     check_simulated_accountants(out, (out / LEDGER_FILENAME).exists())
     return previous, fingerprint
 

@@ -56,12 +56,12 @@ class ReleaseRecord:
 
     @classmethod
     def open(cls, run_dir: str | Path, *, optimizer: dict, initial_basis: np.ndarray,
-             checkpoint_round: int = 0) -> "ReleaseRecord":
+             checkpoint_round: int = 0, fixed: frozenset[str] = frozenset()) -> "ReleaseRecord":
         """optimizer: the public step settings {name, server_lr, client_lr, local_steps, l2}. A new record starts
         with the initial basis; an existing one must have been written with the same optimizer settings and hold
         the releases of the `checkpoint_round` rounds the run resumes after."""
         folder = Path(run_dir) / RELEASES_DIR
-        lines = check_continuable(run_dir, optimizer, checkpoint_round)
+        lines = check_continuable(run_dir, optimizer, checkpoint_round, fixed)
         if lines is not None:
             return cls(folder, lines)
         record = cls(folder, [])
@@ -91,10 +91,12 @@ class ReleaseRecord:
                                                                 for x in self.lines))
 
 
-def check_continuable(run_dir: str | Path, optimizer: dict, checkpoint_round: int = 0) -> list[dict] | None:
+def check_continuable(run_dir: str | Path, optimizer: dict, checkpoint_round: int = 0,
+                      fixed: frozenset[str] = frozenset()) -> list[dict] | None:
     """The lines of RUN_DIR/releases/chain.jsonl that a run with these optimizer settings continues, or None when
     there is none; raises ReleaseRecordError naming the file when it is damaged or another run's. Reads only: the
-    CLI calls it before anything is written, the server again when it opens the record."""
+    CLI calls it before anything is written, the server again when it opens the record. `fixed`: the keys this
+    run's mode sets whatever is given (ServerSettings.fixed_optimizer_keys), which a refusal does not ask for."""
     lines = check_record_reaches(run_dir, checkpoint_round)
     if lines is not None and lines[0].get("optimizer") != optimizer:
         stored = lines[0].get("optimizer") or {}
@@ -107,6 +109,9 @@ def check_continuable(run_dir: str | Path, optimizer: dict, checkpoint_round: in
         follows = " (local-steps' default follows weight-by: 1 under pair, 5 under user)" if "local_steps" in keys \
             else ""
         how = f"give {give}{follows} to resume that run" if give else "resume with that run's settings"
+        if fixed & set(keys):  # a reviewer: record mode and the marginal objective refuse the local-steps asked for
+            how = ("local-steps is set by the privacy mode and objective here (record: none; marginal: 1), so resume "
+                   "with that run's mode and objective")
         raise ReleaseRecordError(f"{Path(run_dir) / RELEASES_DIR / CHAIN_FILENAME} was written with other server "
                                  f"optimizer settings ({changed}; run-config keys); {how}, or use a new run "
                                  "directory")

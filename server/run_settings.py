@@ -27,6 +27,14 @@ MAX_LOCAL_STEPS = 10_000  # a client's steps on its users per round (default 5; 
 PRIVACY_KEYS = {key: field for field, key in RUN_CONFIG_KEYS.items() if field not in ("clients_per_round", "rounds")}
 
 
+def given_fields(keys) -> frozenset[str]:
+    """The checkpoint fields (ServerSettings.fingerprint) that run-config `keys` the user gave set: a privacy key
+    other than the mode sets the privacy group (`privacy`); a resume refusal names these even where their defaults
+    follow a changed leading setting (server.checkpoint.FOLLOWERS)."""
+    group = {"privacy"} if set(keys) & (set(PRIVACY_KEYS) - {"privacy-mode"}) else set()
+    return frozenset({key.replace("-", "_") for key in keys} | group)
+
+
 # Default clip norm C of the user modes for this client training (client-lr 1, local-steps 5): about the median
 # per-user update norm, 0.24, of a non-private pilot on a separate synthetic population (D = 384, 300 users, 60
 # rounds; `python -m simulations.bench_privacy --pilot`), never tuned on a private run. The clip norm dominates the
@@ -206,6 +214,12 @@ class ServerSettings:
     def new_optimizer(self) -> ServerSGD | ServerAdam:
         """The run's server optimizer, fresh: its rate, schedule over the planned rounds and tail average."""
         return make_optimizer(self.server_optimizer, self.server_lr, self.rounds, self.server_lr_schedule)
+
+    def fixed_optimizer_keys(self) -> frozenset[str]:
+        """release_optimizer's keys that this run's mode sets whatever is given: local_steps under record mode and
+        the marginal objective (federation.protocol.local_steps refuses another value)."""
+        return frozenset({"local_steps"}) if self.privacy_mode == "record" or self.objective == "marginal" \
+            else frozenset()
 
     def release_optimizer(self) -> dict:
         """The public server step settings the release record is written with (server/release_record.py)."""

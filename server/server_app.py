@@ -62,7 +62,8 @@ def _run_locked(grid: Grid, settings: ServerSettings, on_round: Callable[[dict],
                  ledger.rounds_released)
     releases = ReleaseRecord.open(settings.run_dir, initial_basis=initial_basis(settings.rank, population.dim,
                                                                                 settings.seed, settings.init_scale),
-                                  optimizer=settings.release_optimizer(), checkpoint_round=state.round)
+                                  optimizer=settings.release_optimizer(), checkpoint_round=state.round,
+                                  fixed=settings.fixed_optimizer_keys())
     run = TrainingRun(settings, population, aggregator, optimizer, state, ledger, releases,
                       train_config=train_config(privacy), on_round=on_round)
     remaining = max(settings.rounds - state.round, 0)

@@ -392,6 +392,9 @@ def test_deploy_local_refuses_to_resume_a_run_with_other_settings_before_anythin
     assert (settings.weight_by, settings.pairs_per_user, settings.local_steps) == ("pair", 5.0, 1)
     with pytest.raises(ValueError, match="holds a run with other settings .*use a new --run-dir"):
         check_local_flags(flags("clients-per-round=3 noise-multiplier=2.0"))
+    # a following setting -c gave beside the changed mode is named too, not hidden until the next try (a reviewer)
+    with pytest.raises(ValueError, match=r"privacy-mode 'user' then, 'none' now; server-lr 0\.05 then, 0\.5 now"):
+        check_local_flags(flags('clients-per-round=3 privacy-mode="none" server-lr=0.5'))
 
     # Found by a tester: a completed `deploy local` left no basis.npz, metrics.json or report.md, so
     # `evaluate --basis RUN` was refused (exit 2) and a device had no basis to load. It now writes them as simulate

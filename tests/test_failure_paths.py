@@ -752,3 +752,14 @@ def test_a_round_whose_nodes_are_all_unavailable_releases_nothing(tmp_path, pair
     with pytest.raises(RoundFailed, match="every node asked failed"):
         run_federated(grid, ServerSettings.from_run_config(cfg))
     assert load_checkpoint(tmp_path).round == 1
+
+
+def test_a_resume_refusal_names_a_following_flag_given_beside_the_leading_one(tmp_path, pair_file, engine):
+    """`simulate` passes the flags it was given to the checkpoint's check: local steps follow the weighting, and
+    were hidden behind a changed --weight-by even where the user gave them (a tester's next try found them)."""
+    run = tmp_path / "run"
+    assert cli(["simulate", pair_file, "--out", run, *SIM])[0] == 0  # pair-weighted, one local step
+    code, _, err = cli(["simulate", pair_file, "--out", run, *SIM, "--weight-by", "user"])
+    assert code == 2 and "weight-by 'pair' then, 'user' now" in err and "local-steps" not in err, err
+    code, _, err = cli(["simulate", pair_file, "--out", run, *SIM, "--weight-by", "user", "--local-steps", "2"])
+    assert code == 2 and "local-steps 1 then, 2 now" in err and "weight-by 'pair' then, 'user' now" in err, err

@@ -457,6 +457,22 @@ def test_simulate_names_the_following_flags_the_user_gave():
 
     parser = argparse.ArgumentParser()
     configure(parser)
-    assert given_followers(parser.parse_args(["p.npz", "--out", "o", "--privacy", "none"])) == frozenset()
+    assert given_followers(parser.parse_args(["p.npz", "--out", "o", "--privacy", "none"])) <= {"privacy_mode"}
     assert given_followers(parser.parse_args(["p.npz", "--out", "o", "--server-lr", "0.5", "--weight-by", "user"])) \
-        == {"server_lr", "weight_by"}
+        >= {"server_lr", "weight_by"}
+    # a privacy flag beside the mode stands for the privacy group, which follows the mode (a reviewer)
+    assert "privacy" in given_followers(parser.parse_args(["p.npz", "--out", "o", "--noise-multiplier", "2"]))
+    assert "privacy" not in given_followers(parser.parse_args(["p.npz", "--out", "o", "--privacy", "user"]))
+
+
+def test_a_release_record_refusal_does_not_ask_for_a_value_the_mode_refuses(tmp_path):
+    """A record run begun with --local-steps 3 (before lore-fed 0.2.2) that stopped before its first checkpoint was
+    told to give local-steps 3, which record mode refuses (a reviewer)."""
+    from server.release_record import ReleaseRecord, ReleaseRecordError, check_continuable
+
+    record = _settings(**{"privacy-mode": "record"})
+    ReleaseRecord.open(tmp_path, optimizer={**record.release_optimizer(), "local_steps": 3},
+                       initial_basis=np.zeros((2, 3)))
+    with pytest.raises(ReleaseRecordError, match=r"local-steps 3 then, 5 now; .*set by the privacy mode") as refused:
+        check_continuable(tmp_path, record.release_optimizer(), fixed=record.fixed_optimizer_keys())
+    assert "give local-steps" not in str(refused.value)
