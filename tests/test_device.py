@@ -498,6 +498,8 @@ def test_reinit_to_another_embedding_space_never_drops_the_users_choices(tmp_pat
     before = {p.name: p.read_bytes() for p in state_dir.iterdir() if p.is_file() and p.name != ".lock"}
     proc, _ = device(state_dir, "init", "--basis", other_dim, "--reinit", check=False)
     assert proc.returncode == 2 and "forget" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    # no encoder re-embeds pairs without texts: not "pass --encoder DIR" (a tester)
+    assert "precomputed pairs without texts" in proc.stderr and "--encoder" not in proc.stderr, proc.stderr
     assert {p.name: p.read_bytes() for p in state_dir.iterdir() if p.is_file() and p.name != ".lock"} == before
     texts, choices = tmp_path / "texts", tmp_path / "c.jsonl"
     choices.write_text(json.dumps({"prompt": "Which?", "chosen": "this one", "rejected": "that one"}))
@@ -511,6 +513,28 @@ def test_reinit_to_another_embedding_space_never_drops_the_users_choices(tmp_pat
     device(texts, "forget")  # nothing stored: the 384-d encoder is not kept (a review found `forget --all` the
     proc, _ = device(texts, "init", "--basis", other_dim, "--reinit")  # only way out)
     assert "is not kept" in proc.stderr and load_state(texts).encoder is None and load_state(texts).basis.dim == 8
+
+
+def test_choices_that_are_not_choices_are_named_for_what_they_are(tmp_path, basis_file):
+    """A tester's pretty-printed JSON object was refused as "line 1: not valid JSON", and a NaN diff as "must be
+    finite floats (n, 384) ... got float32 (1, 384)", which reads as a shape problem. Exit 2, state unchanged."""
+    state_dir = _adapted_state(tmp_path, basis_file)
+    before = {p.name: p.read_bytes() for p in state_dir.iterdir() if p.is_file() and p.name != ".lock"}
+    pretty = tmp_path / "metrics.json"
+    pretty.write_text(json.dumps({"seen_test_acc": 0.7, "rank": 2}, indent=2))
+    nan = tmp_path / "nan.npz"
+    np.savez(nan, diff=np.full((1, 384), np.nan, np.float32))
+    for path, expected in ((pretty, "a JSON dict, not choices"), (nan, "384 values that are not finite")):
+        proc, _ = device(state_dir, "adapt", "--choices", path, check=False)
+        assert proc.returncode == 2 and expected in proc.stderr and str(path) in proc.stderr, proc.stderr
+    assert {p.name: p.read_bytes() for p in state_dir.iterdir() if p.is_file() and p.name != ".lock"} == before
+    lines = tmp_path / "one.jsonl"  # JSON Lines and a one-line JSON list still read
+    lines.write_text(json.dumps({"prompt": "Which?", "chosen": "a", "rejected": "b"}) + "\n")
+    one_line_list = tmp_path / "list.json"
+    one_line_list.write_text(json.dumps([{"prompt": "Which?", "chosen": "a", "rejected": "b"}]))
+    from client.device.personalize import read_choices
+
+    assert len(read_choices(lines)) == len(read_choices(one_line_list)) == 1
 
 
 def _fake_encoder_dir(directory: Path, checksums=None, *, model: bytes = b"not a model",

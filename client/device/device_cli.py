@@ -604,15 +604,17 @@ def _check_rebase_keeps_choices(old: DeviceState, basis: BasisFile) -> str | Non
                          "--encoder DIR exported for the new basis' embedder")
     if not old.n_pairs:
         return encoder
+    # precomputed pairs first: no encoder can re-embed them (a tester was told to pass --encoder for 38 of them)
+    if not all("chosen" in json.loads(c) for c in old.choices):
+        raise StateError(f"{old.n_pairs} stored choices include precomputed pairs without texts, which no encoder "
+                         f"can re-embed for the new basis {basis.source}, of another embedder or width "
+                         f"({basis.embedder!r}, {basis.dim} dims; the state's: {old.basis.embedder!r}, "
+                         f"{old.basis.dim}); drop them first with `forget`, then `init --reinit`")
     if not encoder:
         raise StateError(f"the new basis {basis.source} is for another embedder ({basis.embedder!r}, {basis.dim} "
                          f"dims; the state's: {old.basis.embedder!r}, {old.basis.dim}); its {old.n_pairs} stored "
                          "choices must be re-embedded: pass --encoder DIR for the new embedder, or drop them first "
                          "with `forget`")
-    if not all("chosen" in json.loads(c) for c in old.choices):
-        raise StateError(f"{old.n_pairs} stored choices include precomputed pairs without texts, which cannot be "
-                         f"re-embedded for the new basis {basis.source}; drop them first with `forget`, then "
-                         "`init --reinit`")
     return encoder
 
 

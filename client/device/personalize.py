@@ -94,18 +94,30 @@ def read_choices(path: str | Path) -> list[dict]:
     "rejected"}; messages are {"role": "user" | "assistant", "content": str}."""
     path = Path(path)
     text = read_text(path, ChoicesError, "choices file")
-    if text.lstrip().startswith("["):
-        records = parse_json(text, path, ChoicesError)
+    start = text.lstrip()[:1]
+    if start == "[" or (start == "{" and not _one_object_per_line(text)):
+        records = parse_json(text, path, ChoicesError)  # a list; or one object over several lines, refused below
     else:
         records = [parse_json(line, path, ChoicesError, line=number)
                    for number, line in enumerate(text.splitlines(), 1) if line.strip()]
-    if not isinstance(records, list):
-        raise ChoicesError(f"{path}: expected JSON Lines or a JSON list of choices")
+    if not isinstance(records, list):  # a tester's pretty-printed object read as "line 1: not valid JSON"
+        raise ChoicesError(f"{path}: a JSON {type(records).__name__}, not choices; expected JSON Lines (one choice "
+                           "object per line) or a JSON list of choices")
     if not records:
         raise ChoicesError(f"{path}: no choices in the file")
     for number, record in enumerate(records, 1):
         check_choice(record, f"{path}: choice {number}")
     return records
+
+
+def _one_object_per_line(text: str) -> bool:
+    """Whether the first non-blank line is a whole JSON value (JSON Lines), not the start of one spread over lines."""
+    first = next(line for line in text.splitlines() if line.strip())
+    try:
+        json.loads(first)
+    except ValueError:
+        return False
+    return True
 
 
 def read_choice_diffs(path: str | Path, dim: int) -> np.ndarray:
@@ -136,9 +148,11 @@ def read_user_diffs(path: str | Path, dim: int, what: str, error: type[ValueErro
             raise error(f"{path}: a pair file of {users} users; a device uses its own user's pairs only (an .npz "
                         "with just 'diff', or one user's rows)")
         diff = data["diff"]
-    if diff.ndim != 2 or diff.shape[1] != dim or not np.issubdtype(diff.dtype, np.floating) or \
-            not np.isfinite(diff).all():
+    if diff.ndim != 2 or diff.shape[1] != dim or not np.issubdtype(diff.dtype, np.floating):
         raise error(f"{path}: diff must be finite floats (n, {dim}) to match the basis, got {diff.dtype} {diff.shape}")
+    if not np.isfinite(diff).all():  # a tester read "got float32 (1, 24)" of a NaN file as a shape problem
+        raise error(f"{path}: diff has {int((~np.isfinite(diff)).sum())} values that are not finite (NaN or inf); "
+                    "embedding differences must be finite")
     if not diff.shape[0]:
         raise error(f"{path}: no pairs in the file")
     if float(np.abs(diff).max()) > MAX_ABS_DIFF:
