@@ -180,9 +180,9 @@ def write_report(run_dir: str | Path, history: list[dict], metrics: dict, refere
         value = None if source is None else source.get(key)
         return "–" if value is None else f"{value:.4f}"
 
-    # (a run recorded before 0.2.1 says neither)
     rate = ("" if "server_lr" not in metrics  # (a run recorded before 0.2.2 does not say)
             else f", server {metrics['server_optimizer']} at rate {metrics['server_lr']:.10g}")
+    # (a run recorded before 0.2.1 says neither)
     steps = "" if {"local_steps", "record_epochs"}.isdisjoint(metrics) else \
         f", {update_steps(metrics['privacy_mode'], metrics.get('local_steps'), metrics.get('record_epochs'))}"
     lines = [

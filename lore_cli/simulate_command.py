@@ -122,7 +122,7 @@ def privacy_overrides(args: argparse.Namespace) -> dict:
     return overrides
 
 
-def weighting(args: argparse.Namespace) -> str:
+def weighting(args: argparse.Namespace, stored: dict | None = None) -> str:
     """--weight-by; by default the weighting of the run --out holds (a resume: the same command resumes a run
     started when user was the default), else `train`'s (pair) without privacy and user under DP, whose clip bounds
     every user alike (the server refuses pair there). The run config's own default stays user: pair needs the
@@ -134,13 +134,14 @@ def weighting(args: argparse.Namespace) -> str:
         return args.weight_by
     if args.privacy != "none":
         return "user"
-    return resumed_settings(Path(args.out)).get("weight_by") or DEFAULT_WEIGHTING
+    stored = resumed_settings(Path(args.out)) if stored is None else stored
+    return stored.get("weight_by") or DEFAULT_WEIGHTING
 
 
 def resumed_settings(out: Path) -> dict:
     """The settings (server.run_settings fingerprint fields) of the run whose checkpoint `out` holds (one from before
     a setting existed: its value then), or {} without a readable checkpoint (check_resume then says what is wrong
-    with it)."""
+    with it). run_overrides reads it once and hands it (`stored`) to weighting, local_steps and server_rate."""
     from server.checkpoint import CHECKPOINT_FILENAME, SETTINGS_BEFORE_THEY_EXISTED, CheckpointError, load_checkpoint
 
     if not (out / CHECKPOINT_FILENAME).is_file():
@@ -151,24 +152,24 @@ def resumed_settings(out: Path) -> dict:
         return {}
 
 
-def local_steps(args: argparse.Namespace) -> int | None:
+def local_steps(args: argparse.Namespace, stored: dict | None = None) -> int | None:
     """--local-steps; by default those of the run --out holds (a resume: the same command resumes a pair-weighted run
     begun when five steps were the default), else None: the run config's "" (federation.protocol.local_steps)."""
     if args.local_steps is not None or args.privacy == "record":
         return args.local_steps  # record mode takes none (federation.protocol.RECORD_UPDATE_STEPS)
-    stored = resumed_settings(Path(args.out))
+    stored = resumed_settings(Path(args.out)) if stored is None else stored
     if stored.get("objective") != (args.objective or "joint"):
         return None  # another objective: check_resume names it (a joint run's 5 steps were refused under marginal)
     return stored.get("local_steps")
 
 
-def server_rate(args: argparse.Namespace) -> float | None:
+def server_rate(args: argparse.Namespace, stored: dict | None = None) -> float | None:
     """--server-lr; by default the rate of the run --out holds under the same privacy mode (a resume: the same
     command resumes a run begun when 1 was the default without privacy, before lore-fed 0.2.2), else None: the run
     config's "" (the mode's default, server/optimizer.py)."""
     if args.server_lr is not None:
         return args.server_lr
-    stored = resumed_settings(Path(args.out))
+    stored = resumed_settings(Path(args.out)) if stored is None else stored
     return stored.get("server_lr") if stored.get("privacy_mode") == args.privacy else None
 
 
@@ -187,11 +188,12 @@ def run_overrides(args: argparse.Namespace, seen_users: int, seen_train_pairs: i
         "prior-pairs": "" if args.prior_pairs is None else args.prior_pairs, "progress": "bar",
         **privacy_overrides(args),
     }
+    stored = resumed_settings(Path(args.out))  # read once for the settings a resume keeps (`stored`: not again)
     for key, value in (("rank", args.rank), ("server-optimizer", args.server_optimizer),
-                       ("server-lr", server_rate(args)), ("local-steps", local_steps(args)),
+                       ("server-lr", server_rate(args, stored)), ("local-steps", local_steps(args, stored)),
                        ("client-lr", args.client_lr), ("train-prior-pairs", args.train_prior_pairs),
                        ("objective", args.objective),
-                       ("weight-by", weighting(args))):
+                       ("weight-by", weighting(args, stored))):
         if value is not None:
             overrides[key] = value
     if overrides["weight-by"] == "pair":
