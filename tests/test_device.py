@@ -627,6 +627,12 @@ def test_adapting_on_the_same_choices_again_does_not_count_them_twice(tmp_path, 
     proc, _ = device(texts, "adapt", "--choices", choices)
     assert "note: 1 of the new choices answer a pair the state holds the other way" in proc.stderr
     assert load_state(texts).n_pairs == 5
+    # Precomputed pairs likewise: a row that negates a stored one (they got no note; a tester).
+    diff = np.load(tmp_path / "diff.npz")["diff"]
+    np.savez(tmp_path / "negated.npz", diff=np.concatenate([-diff[:2], diff[:1] + 1]))
+    proc, _ = device(state_dir, "adapt", "--choices", tmp_path / "negated.npz")
+    assert "note: 2 of the new choices answer a pair the state holds the other way" in proc.stderr
+    assert load_state(state_dir).n_pairs == 11
 
 
 def test_a_tampered_encoder_setting_is_reported_by_name(tmp_path, basis_file, encoder_dir):

@@ -388,12 +388,13 @@ def test_declared_attributes_set_the_cold_start_prior_and_forget_removes_them(to
     status = json.loads(run_device(state, "status").stdout)
     assert status["answers"] == 0 and status["user_weights"] == pytest.approx(mean)
     assert status["attributes_declared"] == {"age": "18-24"}
-    # A value without a row: each `declare` replaces the last, so the note must not say the earlier one stays
-    # (it said only "ignored"; a tester).
+    # A declaration with no row at all (a typo, say) is refused and changes nothing: it exited 0 and dropped the
+    # earlier declaration (a tester).
     proc = run_device(state, "declare", "age=65+", "--priors", tmp / "priors.json")
-    assert proc.returncode == 0 and "no prior is used now (earlier declarations too)" in proc.stderr
+    assert proc.returncode == 2 and "has no prior for age=65+: nothing changed" in proc.stderr
+    assert "the earlier declarations stay" in proc.stderr and "priors.json" in proc.stderr
     assert "The table has age: 18-24 (groups smaller than its min_users" in proc.stderr  # a typo shows (a tester)
-    assert json.loads(run_device(state, "status").stdout)["attributes_declared"] == {}
+    assert json.loads(run_device(state, "status").stdout)["attributes_declared"] == {"age": "18-24"}
     proc = run_device(state, "declare", "age=18-24", "region=mars", "--priors", tmp / "priors.json")
     assert "region=mars: ignored; the rest are used" in proc.stderr and "The table has no field region" in proc.stderr
     assert json.loads(run_device(state, "status").stdout)["attributes_declared"] == {"age": "18-24"}  # (a review)
@@ -401,9 +402,10 @@ def test_declared_attributes_set_the_cold_start_prior_and_forget_removes_them(to
     (tmp / "wrong.json").write_text(json.dumps(wrong))
     proc = run_device(state, "declare", "age=18-24", "--priors", tmp / "wrong.json")
     assert proc.returncode == 2 and "wrong.json" in proc.stderr
-    run_device(state, "forget")
+    assert "deleted all personal data" in run_device(state, "forget").stdout
     status = json.loads(run_device(state, "status").stdout)
     assert status["attributes_declared"] == {} and "population reward" in status["personalization"]
+    assert "no personal data" in run_device(state, "forget").stdout  # not "deleted" again (a tester)
 
 
 @pytest.mark.parametrize("groups", [[], "age", {"age": [1, 2]}, {"age": {"18-24": None}}, {"age": {"x": "row"}},

@@ -40,6 +40,7 @@ from client.device.state import (
     is_device_state,
     load_state,
     new_state,
+    personal_files,
     salvage_choices,
     save_state,
     state_lock,
@@ -232,7 +233,7 @@ def _adapt(args) -> int:
                   "after an interruption does not count them twice, nor does a file that gives a choice twice",
                   file=sys.stderr)
             diff, records = diff[fresh], [r for r, keep in zip(records, fresh) if keep]
-        if flipped := _answered_the_other_way(state, records):
+        if flipped := _answered_the_other_way(state, diff, records):
             print(f"note: {flipped} of the new choices answer a pair the state holds the other way: both answers are "
                   "kept (Bradley-Terry reads them as a close call); `forget` and adapt again to drop the old one",
                   file=sys.stderr)
@@ -346,9 +347,12 @@ def _declare(args) -> int:
             declared = attribute_prior.parse_declarations(args.attributes)
             table = attribute_prior.read_table(args.priors, state.basis)
             mean, missing = attribute_prior.prior_mean(table, declared)
+            if mean is None:  # a tester's typo (age=99) exited 0 and dropped the valid declaration made before it
+                kept = "the earlier declarations stay" if state.attributes else "no prior is declared"
+                raise ValueError(f"{args.priors} has no prior for {', '.join(missing)}: nothing changed ({kept}; "
+                                 f"`declare --clear` removes declarations). {_table_rows(table, missing)}")
             if missing:  # each `declare` replaces the last: an earlier declaration does not stay in their place
-                kept = "the rest are used" if mean is not None else "no prior is used now (earlier declarations too)"
-                print(f"note: {args.priors} has no prior for {', '.join(missing)}: ignored; {kept}. "
+                print(f"note: {args.priors} has no prior for {', '.join(missing)}: ignored; the rest are used. "
                       f"{_table_rows(table, missing)}", file=sys.stderr)
             used = tuple((field, value) for field, value in declared.items() if f"{field}={value}" not in missing)
             state = replace(state, attributes=used, prior_mean=mean)  # the declarations the prior was made of
@@ -393,14 +397,28 @@ def _status(args) -> int:
 def _forget(args) -> int:
     directory = _directory(args)
     with state_lock(directory):  # refuses a directory that is not a device state before anything is deleted
+        had_personal_data = bool(personal_files(directory))
         notes = forget(directory, everything=args.all)
+        usable = args.all or _loads(directory)
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
     if args.all:
         print(f"deleted the device state in {directory}")
-    else:
+    elif not had_personal_data:  # a tester's second `forget` reported a deletion that had already happened
+        print(f"no personal data in {directory}: nothing to delete; the basis is kept")
+    elif usable:
         print(f"deleted all personal data in {directory}; the basis is kept (rankings use the population reward)")
+    else:  # a tester read "the basis is kept" beside a note that the rest of the state is unusable
+        print(f"deleted all personal data in {directory}; the rest of the state is unusable (see the note)")
     return 0
+
+
+def _loads(directory: Path) -> bool:
+    try:
+        load_state(directory)
+    except Exception:  # whatever the reason, the note from `forget` has named it
+        return False
+    return True
 
 
 def _export(args) -> int:
@@ -544,11 +562,17 @@ def _require_learning(state: DeviceState, consequence: str) -> None:
                          "[0, 1])")
 
 
-def _answered_the_other_way(state: DeviceState, records: list[dict]) -> int:
-    """How many new text choices pick the other response of a pair the state already holds (a tester read the
-    second answer being kept as a duplicate that was missed)."""
+def _answered_the_other_way(state: DeviceState, diff: np.ndarray, records: list[dict]) -> int:
+    """How many new choices pick the other response of a pair the state already holds (a tester read the second
+    answer being kept as a duplicate that was missed): texts by conversation and responses, precomputed pairs by a
+    diff row that is exactly the negation of a stored one."""
     stored = {personalize.choice_identity(r, ordered=False) for r in map(json.loads, state.choices) if "chosen" in r}
-    return sum("precomputed" not in r and personalize.choice_identity(r, ordered=False) in stored for r in records)
+    texts = sum("precomputed" not in r and personalize.choice_identity(r, ordered=False) in stored for r in records)
+    precomputed = np.array(["precomputed" in r for r in records], dtype=bool)
+    if not precomputed.any() or not state.n_pairs:
+        return texts
+    negated = personalize.diff_identities(-diff[precomputed].astype(np.float32))
+    return texts + int(np.isin(negated, personalize.diff_identities(state.pair_diff)).sum())
 
 
 def _rebase(old: DeviceState, basis: BasisFile) -> DeviceState:

@@ -179,7 +179,7 @@ def load_state(directory: str | Path) -> DeviceState:
     path = directory / MANIFEST
     for attempt in range(_LOAD_ATTEMPTS):
         if not path.is_file():
-            orphans = _personal_files(directory)
+            orphans = personal_files(directory)
             if orphans:  # only a committed state has personal files: its manifest was lost, not never written
                 raise StateCorruptError(
                     f"{path}: missing, but {directory} holds personal data ({', '.join(p.name for p in orphans)}): "
@@ -324,7 +324,7 @@ def require_state(directory: str | Path) -> Path:
     if not is_dir:
         raise StateError(f"no device state in {directory}: {why} (nothing was changed)")
     if not is_device_state(directory):
-        orphans = _personal_files(directory)
+        orphans = personal_files(directory)
         if orphans:  # a state that lost its marker and its manifest: no command can tell it is one
             raise StateError(f"{directory} holds personal data files ({', '.join(p.name for p in orphans)}) but no "
                              f"{MARKER} marker and no device manifest, so no command treats it as a device state; "
@@ -361,7 +361,7 @@ def forget(directory: str | Path, *, everything: bool = False) -> list[str]:
     return []
 
 
-def _personal_files(directory: Path) -> list[Path]:
+def personal_files(directory: Path) -> list[Path]:
     if not directory.is_dir():
         return []
     return sorted(path for path in directory.iterdir()
