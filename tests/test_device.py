@@ -625,13 +625,18 @@ def test_adapting_on_the_same_choices_again_does_not_count_them_twice(tmp_path, 
     # duplicate).
     choices.write_text(json.dumps({"prompt": "Which?", "chosen": "no", "rejected": "answer 0"}))
     proc, _ = device(texts, "adapt", "--choices", choices)
-    assert "note: 1 of the new choices answer a pair the state holds the other way" in proc.stderr
+    assert "note: 1 of the new choices answer a pair the other way from an earlier answer" in proc.stderr
     assert load_state(texts).n_pairs == 5
+    # Both ways in one new file: noted too (a tester).
+    choices.write_text(json.dumps({"prompt": "Again?", "chosen": "p", "rejected": "q"}) + "\n" +
+                       json.dumps({"prompt": "Again?", "chosen": "q", "rejected": "p"}))
+    proc, _ = device(texts, "adapt", "--choices", choices)
+    assert "note: 1 of the new choices answer a pair the other way" in proc.stderr and load_state(texts).n_pairs == 7
     # Precomputed pairs likewise: a row that negates a stored one (they got no note; a tester).
     diff = np.load(tmp_path / "diff.npz")["diff"]
     np.savez(tmp_path / "negated.npz", diff=np.concatenate([-diff[:2], diff[:1] + 1]))
     proc, _ = device(state_dir, "adapt", "--choices", tmp_path / "negated.npz")
-    assert "note: 2 of the new choices answer a pair the state holds the other way" in proc.stderr
+    assert "note: 2 of the new choices answer a pair the other way" in proc.stderr
     assert load_state(state_dir).n_pairs == 11
 
 
@@ -1103,14 +1108,14 @@ def test_text_that_is_not_unicode_is_refused_naming_the_file_and_field(tmp_path,
     from client.device.pool import read_pool
 
     (tmp_path / "c.jsonl").write_text('{"prompt": "q", "chosen": "yes \\ud83d", "rejected": "no"}\n')
-    with pytest.raises(personalize.ChoicesError, match=r"c.jsonl: choice 1: 'chosen' is not valid Unicode"):
+    with pytest.raises(personalize.ChoicesError, match=r"c.jsonl: line 1: 'chosen' is not valid Unicode"):
         personalize.read_choices(tmp_path / "c.jsonl")
     (tmp_path / "h.jsonl").write_text('{"history": [{"role": "user", "content": "\\udc00"}], "chosen": "a", '
                                       '"rejected": "b"}\n')
     with pytest.raises(personalize.ChoicesError, match=r"'history\[0\].content' is not valid Unicode"):
         personalize.read_choices(tmp_path / "h.jsonl")
     (tmp_path / "p.jsonl").write_text('{"prompt": "q", "responses": ["a", "b \\ud83d"]}\n')
-    with pytest.raises(ValueError, match=r"p.jsonl: pair 1: .* is not valid Unicode"):
+    with pytest.raises(ValueError, match=r"p.jsonl: line 1: .* is not valid Unicode"):
         read_pool(tmp_path / "p.jsonl", 8)
     (tmp_path / "c.json").write_text('["ok", "\\ud83d"]')
     with pytest.raises(ValueError, match=r"c.json: candidate 2 is not valid Unicode"):

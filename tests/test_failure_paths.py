@@ -158,6 +158,9 @@ def test_forget_deletes_personal_data_of_a_corrupted_state(tmp_path, basis_file,
         assert code == 0 and json.loads(out)["adapted"] is False
     else:  # "the basis is kept" beside a note that the rest is unusable read as a contradiction (a tester)
         assert "forget --all" in err and "the rest of the state is unusable" in out and "basis is kept" not in out
+        code, out, err = cli(["--state", state, "forget"], device=True)  # again: no deletion claimed (a tester)
+        assert code == 0 and "holds no personal data file" in err and "deleted" not in out + err
+        assert "no personal data" in out and "unusable" in out and "basis is kept" not in out
         # Nothing left to delete: a second `forget` does not report a deletion again (a tester).
         code, out, _ = cli(["--state", state, "forget"], device=True)
         assert code == 0 and "no personal data" in out and "deleted" not in out

@@ -750,6 +750,8 @@ DEVICE_EXTREME = {
     "adapt empty response": (None, "'chosen' is empty"),
     "adapt missing key": (None, "'rejected' must be a string"),
     "adapt a whole pair file": (None, "a pair file of"),
+    "adapt several users' texts": (None, "choices of 2 users"),
+    "adapt a bad record after blank lines": (None, "c.jsonl: line 3: 'chosen' and 'rejected' are the same text"),
 }
 
 
@@ -757,8 +759,8 @@ DEVICE_EXTREME = {
 def test_device_extremes_are_refused(w, case):
     argv, expect = DEVICE_EXTREME[case]
     if argv is None:
-        file = "c.jsonl" if case in ("adapt chosen == rejected", "adapt missing key", "adapt empty response") \
-            else "c.npz"
+        file = "c.jsonl" if case in ("adapt chosen == rejected", "adapt missing key", "adapt empty response",
+                                     "adapt several users' texts", "adapt a bad record after blank lines") else "c.npz"
         if case == "adapt 1e30":
             np.savez(w / file, diff=np.full((3, DIM), 1e30, np.float32))
         elif case == "adapt zero diffs":
@@ -769,6 +771,11 @@ def test_device_extremes_are_refused(w, case):
             np.savez(w / file, diff=np.ones((2, DIM + 3), np.float32))
         elif case == "adapt chosen == rejected":
             (w / file).write_text(json.dumps({"prompt": "p", "chosen": "same", "rejected": "same"}))
+        elif case == "adapt several users' texts":  # `prepare`'s pairs.jsonl was learned as one user's (a tester)
+            (w / file).write_text("\n".join(json.dumps({"user": u, "prompt": "p", "chosen": "a", "rejected": "b"})
+                                            for u in ("alice", "bob")))
+        elif case == "adapt a bad record after blank lines":  # it was named "choice 1" (a tester)
+            (w / file).write_text("\n\n" + json.dumps({"prompt": "p", "chosen": "same", "rejected": "same"}))
         elif case == "adapt empty response":  # prepare drops empty responses; adapt learned from one (a tester)
             (w / file).write_text(json.dumps({"prompt": "p", "chosen": "  ", "rejected": "a real answer"}))
         else:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -421,6 +422,11 @@ def test_a_malformed_prior_table_is_refused_by_name(tmp_path, groups):
     (tmp_path / "T.json").write_text("[" * 100000 + "]" * 100000)
     with pytest.raises(attribute_prior.AttributePriorError, match="T.json"):
         attribute_prior.read_table(tmp_path / "T.json", basis)
+    for text, found in (("{}", "found keys []"), ("[]", "found a JSON list")):  # not "('groups')" (a tester)
+        (tmp_path / "T.json").write_text(text)
+        with pytest.raises(attribute_prior.AttributePriorError, match=re.escape(f"['format', 'basis_sha256', 'rank', "
+                                                                                f"'groups'], {found}")):
+            attribute_prior.read_table(tmp_path / "T.json", basis)
 
 
 @pytest.mark.parametrize("tiny", [1e-300, 1e-100, 1e-7])
@@ -555,7 +561,7 @@ def test_a_pool_pair_with_text_that_is_not_unicode_anywhere_is_refused(toy_devic
     state, tmp, *_ = toy_device
     (tmp / "pool.jsonl").write_text(pair + "\n")
     proc = run_device(state, "next-question", "--candidates", tmp / "pool.jsonl")
-    assert proc.returncode == 2 and "pool.jsonl: pair 1: a key or value is not valid Unicode" in proc.stderr
+    assert proc.returncode == 2 and "pool.jsonl: line 1: a key or value is not valid Unicode" in proc.stderr
     assert proc.stdout == "" and "Traceback" not in proc.stderr
 
 
@@ -571,7 +577,7 @@ def test_a_pool_pair_that_next_question_could_not_print_as_given_is_refused(tmp_
     from client.device.pool import PoolError, read_pool
 
     (tmp_path / "pool.jsonl").write_text(pair + "\n")
-    with pytest.raises(PoolError, match="pool.jsonl: pair 1: " + why):
+    with pytest.raises(PoolError, match="pool.jsonl: line 1: " + why):
         read_pool(tmp_path / "pool.jsonl", 4)
 
 

@@ -42,11 +42,13 @@ def read_table(path: str | Path, basis: BasisFile) -> dict:
 
     path = Path(path)
     table = parse_json(read_text(path, AttributePriorError, "attribute prior table"), path, AttributePriorError)
-    try:
-        groups = table["groups"]
-        fmt, sha, rank = table["format"], table["basis_sha256"], table["rank"]
-    except (KeyError, TypeError) as exc:
-        raise AttributePriorError(f"{path}: not an attribute prior table ({exc}); expected {FORMAT} JSON") from exc
+    keys = ("format", "basis_sha256", "rank", "groups")
+    if not isinstance(table, dict) or not set(keys) <= set(table):  # it said "('groups')" or "(list indices must be
+        # integers ...)" (a tester)
+        found = f"keys {sorted(table)}" if isinstance(table, dict) else f"a JSON {type(table).__name__}"
+        raise AttributePriorError(f"{path}: not an attribute prior table: expected a {FORMAT} JSON object with the "
+                                  f"keys {list(keys)}, found {found}")
+    groups, fmt, sha, rank = (table[key] for key in ("groups", "format", "basis_sha256", "rank"))
     if not is_json_integer(rank, low=1):  # json reads Infinity, and 2.5 is no rank
         raise AttributePriorError(f"{path}: rank must be an integer (the basis' rank), got {json.dumps(rank)[:40]}")
     if not isinstance(groups, dict) or not all(isinstance(values, dict) and all(isinstance(row, dict) for row in

@@ -234,9 +234,9 @@ def _adapt(args) -> int:
                   file=sys.stderr)
             diff, records = diff[fresh], [r for r, keep in zip(records, fresh) if keep]
         if flipped := _answered_the_other_way(state, diff, records):
-            print(f"note: {flipped} of the new choices answer a pair the state holds the other way: both answers are "
-                  "kept (Bradley-Terry reads them as a close call); `forget` and adapt again to drop the old one",
-                  file=sys.stderr)
+            print(f"note: {flipped} of the new choices answer a pair the other way from an earlier answer (in the "
+                  "state or in this file): both answers are kept (Bradley-Terry reads them as a close call); to drop "
+                  "one, `forget` (it deletes every choice) and adapt again with the answers to keep", file=sys.stderr)
         pair_diff = np.concatenate([state.pair_diff, diff.astype(np.float32)])
         choices = state.choices + tuple(json.dumps(r, ensure_ascii=False) for r in records)
         start = time.perf_counter()
@@ -404,12 +404,12 @@ def _forget(args) -> int:
         print(f"note: {note}", file=sys.stderr)
     if args.all:
         print(f"deleted the device state in {directory}")
-    elif not had_personal_data:  # a tester's second `forget` reported a deletion that had already happened
-        print(f"no personal data in {directory}: nothing to delete; the basis is kept")
-    elif usable:
-        print(f"deleted all personal data in {directory}; the basis is kept (rankings use the population reward)")
-    else:  # a tester read "the basis is kept" beside a note that the rest of the state is unusable
-        print(f"deleted all personal data in {directory}; the rest of the state is unusable (see the note)")
+    else:  # a tester's second `forget` reported a deletion again, and read "the basis is kept" beside a note that
+        # the rest of the state is unusable
+        done = f"deleted all personal data in {directory}" if had_personal_data else \
+            f"no personal data in {directory}: nothing to delete"
+        print(f"{done}; " + ("the basis is kept (rankings use the population reward)" if usable else
+                             "the rest of the state is unusable (see the note)"))
     return 0
 
 
@@ -563,16 +563,20 @@ def _require_learning(state: DeviceState, consequence: str) -> None:
 
 
 def _answered_the_other_way(state: DeviceState, diff: np.ndarray, records: list[dict]) -> int:
-    """How many new choices pick the other response of a pair the state already holds (a tester read the second
-    answer being kept as a duplicate that was missed): texts by conversation and responses, precomputed pairs by a
-    diff row that is exactly the negation of a stored one."""
+    """How many new choices pick the other response of a pair answered before, in the state or earlier in the same
+    file (a tester read the second answer being kept as a duplicate that was missed; another saw no note for either
+    one in a new file): texts by conversation and responses, precomputed pairs by a diff row that is exactly the
+    negation of another. Exact repeats were skipped before, so any pair that matches unordered is the other way."""
     stored = {personalize.choice_identity(r, ordered=False) for r in map(json.loads, state.choices) if "chosen" in r}
-    texts = sum("precomputed" not in r and personalize.choice_identity(r, ordered=False) in stored for r in records)
-    precomputed = np.array(["precomputed" in r for r in records], dtype=bool)
-    if not precomputed.any() or not state.n_pairs:
-        return texts
-    negated = personalize.diff_identities(-diff[precomputed].astype(np.float32))
-    return texts + int(np.isin(negated, personalize.diff_identities(state.pair_diff)).sum())
+    rows = personalize.diff_identities(diff, ordered=False)
+    held = np.isin(rows, personalize.diff_identities(state.pair_diff, ordered=False))
+    earlier, flipped = set(), 0
+    for record, row, in_state in zip(records, rows, held):
+        pre = "precomputed" in record
+        key = row.tobytes() if pre else personalize.choice_identity(record, ordered=False)
+        flipped += bool((in_state if pre else key in stored) or key in earlier)
+        earlier.add(key)
+    return flipped
 
 
 def _rebase(old: DeviceState, basis: BasisFile) -> DeviceState:

@@ -94,20 +94,32 @@ def read_choices(path: str | Path) -> list[dict]:
     "rejected"}; messages are {"role": "user" | "assistant", "content": str}."""
     path = Path(path)
     text = read_text(path, ChoicesError, "choices file")
-    start = text.lstrip()[:1]
-    if start == "[" or (start == "{" and not _one_object_per_line(text)):
-        records = parse_json(text, path, ChoicesError)  # a list; or one object over several lines, refused below
-    else:
-        records = [parse_json(line, path, ChoicesError, line=number)
-                   for number, line in enumerate(text.splitlines(), 1) if line.strip()]
+    records, places = json_records(text, path, ChoicesError, "choice")
     if not isinstance(records, list):  # a tester's pretty-printed object read as "line 1: not valid JSON"
         raise ChoicesError(f"{path}: a JSON {type(records).__name__}, not choices; expected JSON Lines (one choice "
                            "object per line) or a JSON list of choices")
     if not records:
         raise ChoicesError(f"{path}: no choices in the file")
-    for number, record in enumerate(records, 1):
-        check_choice(record, f"{path}: choice {number}")
+    for record, place in zip(records, places):
+        check_choice(record, f"{path}: {place}")
+    users = {str(record["user"]) for record in records if "user" in record}
+    if len(users) > 1:  # a tester's `prepare` pairs.jsonl of 15 users was learned as one user's (an .npz is refused)
+        raise ChoicesError(f"{path}: choices of {len(users)} users (its 'user' keys); a device learns from its own "
+                           "user's choices only (give one user's, or leave 'user' out)")
     return records
+
+
+def json_records(text: str, path: Path, error: type[ValueError], item: str) -> tuple[object, list[str]]:
+    """The records of a JSON list or of JSON Lines, with where each is: `item` N in a list, its line in JSON Lines (a
+    record's problem is named as a syntax error is: "choice 1" was line 4; a tester). One object spread over
+    several lines is returned whole, for the caller to refuse as what it is."""
+    start = text.lstrip()[:1]
+    if start == "[" or (start == "{" and not _one_object_per_line(text)):
+        records = parse_json(text, path, error)
+        return records, [f"{item} {number}" for number in range(1, len(records) + 1)] if isinstance(records, list) \
+            else []
+    lines = [(number, line) for number, line in enumerate(text.splitlines(), 1) if line.strip()]
+    return [parse_json(line, path, error, line=number) for number, line in lines], [f"line {n}" for n, _ in lines]
 
 
 def _one_object_per_line(text: str) -> bool:

@@ -22,10 +22,11 @@ from client.device.personalize import (
     choice_identity,
     diff_identities,
     is_unicode_text,
+    json_records,
     read_user_diffs,
 )
 from lore_core.pairs import has_signal
-from lore_core.text_file import not_a_file, parse_json, read_text
+from lore_core.text_file import not_a_file, read_text
 
 
 class PoolError(ValueError):
@@ -57,15 +58,11 @@ def read_pool(path: str | Path, dim: int) -> Pool:
                             "so no answer would teach anything; expected pairs of different responses")
         return Pool(records=None, diff=diff)
     text = read_text(path, PoolError, "pool file")  # a BOM is dropped; bad UTF-8 names the file and line
-    if text.lstrip().startswith("["):
-        records = parse_json(text, path, PoolError)
-    else:
-        records = [parse_json(line, path, PoolError, line=number)
-                   for number, line in enumerate(text.splitlines(), 1) if line.strip()]
+    records, places = json_records(text, path, PoolError, "pair")
     if not isinstance(records, list) or not records:
         raise PoolError(f"{path}: no pairs in the pool")
-    for number, record in enumerate(records, 1):
-        where = f"{path}: pair {number}"
+    for record, place in zip(records, places):
+        where = f"{path}: {place}"
         responses = record.get("responses") if isinstance(record, dict) else None
         if not (isinstance(responses, list) and len(responses) == 2 and all(isinstance(r, str) for r in responses)):
             raise PoolError(f"{where}: expected {{'prompt'|'history', 'responses': [A, B]}} with two strings")

@@ -386,8 +386,9 @@ def _forget_corrupted(directory: Path, problem: Exception, what: str = "was corr
             atomic_write_json(directory / MANIFEST, manifest)
     except (OSError, ValueError, AttributeError):
         pass  # an unreadable manifest names nothing we could still use
-    note = (f"the device state {what} ({problem}); its personal data was deleted all the same "
-            f"({len(removed)} file(s))")
+    deleted = (f"its personal data was deleted all the same ({len(removed)} file(s))" if removed else
+               "it holds no personal data file")  # a tester's second `forget` read "deleted ... (0 file(s))"
+    note = f"the device state {what} ({problem}); {deleted}"
     try:
         load_state(directory)
     except Exception:
