@@ -39,6 +39,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
             module = importlib.import_module(module_name)
             module.configure(command_parser)
             command_parser.set_defaults(_run=module.run)
+            parser.set_defaults(_command_parser=command_parser)
             if getattr(module, "INTERMIXED_ARGS", False):  # options may come between its positionals
                 parser.set_defaults(_intermixed=command_parser)
     return parser
@@ -67,7 +68,12 @@ def _main(argv: list[str]) -> int:
         print(f"lore-fed {command}: not available in this installation ({exc})", file=sys.stderr)
         return 2
     intermixed = parser.get_default("_intermixed")
-    args = intermixed.parse_intermixed_args(argv[1:]) if intermixed else parser.parse_args(argv)
+    if intermixed:
+        args = intermixed.parse_intermixed_args(argv[1:])
+    else:  # an unrecognized argument gets the command's usage
+        from lore_core.command_line import parse_command_line
+
+        args = parse_command_line(parser, argv)
     if not getattr(args, "_run", None):
         parser.print_help()
         return 0 if command is None else 2

@@ -483,7 +483,10 @@ def test_basis_of_another_dimension_or_version_is_refused_unless_reinit(tmp_path
         with pytest.raises(BasisMismatchError):
             check_compatible(load_state(state_dir), load_basis(path))
     assert load_state(state_dir).basis.version == 7
-    device(state_dir, "init", "--basis", newer, "--reinit")
+    run = tmp_path / "run"  # a run directory holding basis.npz, as `lore-fed evaluate --basis` takes (a tester)
+    run.mkdir()
+    newer.replace(run / "basis.npz")
+    device(state_dir, "init", "--basis", run, "--reinit")
     state = load_state(state_dir)
     assert state.basis.version == 8 and state.n_pairs == 8 and state.user_weights is not None
 

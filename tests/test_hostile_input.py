@@ -1220,3 +1220,14 @@ def test_simulate_refuses_embeddings_far_from_the_scale_its_settings_are_for(w, 
     np.savez(w / "pairs.npz", **arrays)
     refused(["simulate", "pairs.npz", "--out", "out", "--privacy", "none", "--rounds", "1"], "pairs.npz", w,
             expect=expect)
+
+
+@pytest.mark.parametrize("argv, device, usage", [
+    (["train", "pairs.npz", "--out", "run", "--rnak", "2"], False, "usage: lore-fed train"),
+    (["device", "--state", "state", "strength", "1", "--bogus"], False, "usage: lore-fed device strength"),
+    (["--state", "state", "declare", "a=b", "--priors", "p.json", "extra.json"], True,
+     "usage: python -m client.device declare")])
+def test_a_mistyped_argument_is_refused_with_the_commands_usage(w, argv, device, usage):
+    """A tester's `train ... --rnak 2` was refused with lore-fed's usage, which lists only the commands."""
+    err = refused(argv, "unrecognized arguments", w, device=device)
+    assert usage in err, err

@@ -48,6 +48,7 @@ from client.device.state import (
 from lore_core.atomic_io import empty_path_flag
 from lore_core.basis_file import UNKNOWN_EMBEDDER, BasisFile, load_basis
 from lore_core.closed_stdout import stdout_closed
+from lore_core.command_line import parse_command_line
 from lore_core.text_file import not_a_file, parse_json, read_text
 
 
@@ -57,7 +58,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="device_command", metavar="COMMAND", required=True)
 
     p = sub.add_parser("init", help="create the device state from a basis file")
-    p.add_argument("--basis", type=Path, required=True, help="basis .npz (lore_core.basis_file format)")
+    p.add_argument("--basis", type=Path, required=True,
+                   help="basis .npz (lore_core.basis_file format), or a run directory holding basis.npz")
     p.add_argument("--encoder", type=Path, help="exported ONNX encoder directory (from export-encoder)")
     p.add_argument("--reinit", action="store_true",
                    help="adopt a basis of another version or dimension: refit w (re-embed choices if needed)")
@@ -108,6 +110,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, required=True, help="output directory")
     p.add_argument("--model", help="model path or cached hub name (default: the offline all-MiniLM-L6-v2)")
     p.set_defaults(_handler=_export)
+    for command_parser in sub.choices.values():  # a mistyped argument gets the command's usage
+        command_parser.set_defaults(_command_parser=command_parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -121,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     if empty := empty_path_flag(argv):
         print(f"python -m client.device: error: {empty} is empty; give a path", file=sys.stderr)
         return 2
-    args = parser.parse_args(argv)
+    args = parse_command_line(parser, argv)
     shown, warnings.formatwarning = warnings.formatwarning, lambda message, *_, **__: f"note: {message}\n"
     from lore_core.termination import interruption_kind, terminated_as_interrupt
 
@@ -161,7 +165,8 @@ def _init(args) -> int:
 
     directory = _directory(args)
     check_output_path(directory, _state_source(args), directory=True)
-    basis = load_basis(args.basis)
+    run_basis = args.basis / "basis.npz"  # a run directory, as `lore-fed evaluate --basis` takes (a tester)
+    basis = load_basis(run_basis if args.basis.is_dir() and run_basis.is_file() else args.basis)
     encoder, identity = _checked_encoder_dir(args.encoder, basis) if args.encoder else (None, None)
     if directory.is_dir() and holds_other_files(directory) and not is_device_state(directory):
         raise StateError(f"{directory} holds other files and is not a device state; give `--state` a new or empty "
