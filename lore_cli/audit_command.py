@@ -602,6 +602,7 @@ def check_record_covers_ledger(releases, ledger, state, run_dir: Path) -> None:
 def _canary(args, run_dir, settings) -> dict:
     """Canary audit of the run's released record with the auditor's secrets (lore_core.audits.canary)."""
     from federation.canary_users import canary_digest, load_canaries
+    from lore_cli.run_consistency import published_mismatches
     from lore_cli.run_data import DATA_FILENAME
     from lore_core.audits.canary import canary_audit
     from lore_core.privacy.ledger import PrivacyLedger
@@ -637,7 +638,9 @@ def _canary(args, run_dir, settings) -> dict:
                           noise_multiplier=s.noise_multiplier, clip_norm=s.clip_norm, sample_rate=s.sample_rate, claimed_epsilon=ledger.epsilon().headline,
                           delta=s.delta)
     result.update(release_record_head=releases.head, ledger_rounds=ledger.rounds_released)
-    result["ledger_mismatches"] = mismatches = _ledger_mismatches(run_dir, state)  # the canaries use its q and z
+    # the canaries use the ledger's q and z; the published basis and metrics must be the record's
+    result["ledger_mismatches"] = mismatches = _ledger_mismatches(run_dir, state) + \
+        published_mismatches(run_dir, state, releases)
     if mismatches:
         _fail(result, mismatches, "Canaries")
     return result
@@ -680,15 +683,20 @@ def released_sums(run_dir: Path, ledger, state):
 def _accounting(args, run_dir, settings) -> dict:
     """The ledger's epsilon recomputed from its events, and, for a run directory, whether the released sums carry
     the noise those events claim (lore_core.audits.released_noise): the events alone are what the server wrote."""
+    from lore_cli.run_consistency import published_mismatches
     from lore_core.audits.accounting_check import accounting_audit
+    from lore_core.privacy.ledger import PrivacyLedger
+    from server.release_record import RELEASES_DIR
 
     if run_dir is None:
         raise AuditCommandError("the accounting audit needs RUN_DIR, the directory of a `lore-fed simulate` run")
     result = accounting_audit(run_dir)
     state = check_run_records_every_round(run_dir)
-    noise = _released_noise(run_dir, state)
+    ledger = PrivacyLedger.load(run_dir) if (run_dir / RELEASES_DIR).exists() else None  # else: a ledger alone
+    record = released_sums(run_dir, ledger, state) if ledger is not None else None
+    noise = _released_noise(run_dir, ledger, record)
     result["released_noise"] = noise
-    mismatches = _ledger_mismatches(run_dir, state)
+    mismatches = _ledger_mismatches(run_dir, state) + published_mismatches(run_dir, state, record and record[0])
     result["ledger_mismatches"] = mismatches
     found = mismatches + ([noise["summary"]] if noise["verdict"] == "fail" else [])
     if found:
@@ -740,18 +748,16 @@ def _privacy_the_run_used(state, population: int, rounds: int) -> dict:
     return json.loads(json.dumps(settings.to_dict()))
 
 
-def _released_noise(run_dir: Path, state) -> dict:
+def _released_noise(run_dir: Path, ledger, record) -> dict:
     """released_noise_check on the run's own release record, against each released round's z C in the ledger
-    (`state`: the run's checkpoint, already checked against the records by check_run_records_every_round)."""
+    (`record`: released_sums' verified releases and sums, None when the run has no release record)."""
     from lore_core.audits.released_noise import released_noise_check
-    from lore_core.privacy.ledger import PrivacyLedger
     from server.release_record import RELEASES_DIR
 
-    if not run_dir.is_dir() or not (run_dir / RELEASES_DIR).exists():
+    if record is None:
         return {"verdict": "not-checked", "noise_ratio": None,
                 "summary": f"not checked: no release record ({run_dir / RELEASES_DIR}), only the ledger was given"}
-    ledger = PrivacyLedger.load(run_dir)
-    releases, sums = released_sums(run_dir, ledger, state)
+    releases, sums = record
     per_round = np.concatenate([np.full(steps, z) for z, _, steps in ledger.history()] or [np.zeros(0)])
     # every release names its ledger round (check_record_covers_ledger); one whose step was skipped released nothing
     stepped = releases.stepped

@@ -136,7 +136,9 @@ def privacy_section(run_dir: Path) -> list[str]:
     if ledger["mode"] != "none":
         noise, rounds, budget = ledger["noise"], ledger["rounds"], ledger["budget"]
         at_least = "at least " if "std_on_sum_is" in noise else ""
-        lines += [f"- noise multiplier {noise['multiplier']:.4g}, noise std on the sum {at_least}"
+        # record mode's noise is DP-SGD's, on each batch's clipped per-pair gradients (a tester read "on the sum")
+        where = "on each DP-SGD batch's clipped gradient sum" if ledger["mode"] == "record" else "on the sum"
+        lines += [f"- noise multiplier {noise['multiplier']:.4g}, noise std {where} {at_least}"
                   f"{noise['std_on_sum']:.4g}, rounds released {rounds['released']} of {rounds['planned']} planned, delta {ledger['delta']:g}"
                   + (" - **stopped early: max epsilon reached**" if budget["stopped_early"] else "")]
         if ledger["epsilon"]:

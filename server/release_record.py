@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +23,7 @@ import numpy as np
 from lore_core.atomic_io import atomic_write_bytes, atomic_write_text
 from lore_core.setting_names import shown_change
 from lore_core.text_file import read_jsonl
-from server.optimizer import make_optimizer, pseudo_gradient
+from server.optimizer import make_optimizer, pseudo_gradient, reported_basis
 
 RELEASES_DIR = "releases"
 CHAIN_FILENAME = "chain.jsonl"
@@ -174,6 +174,9 @@ class Releases:
     basis_after: np.ndarray
     stepped: np.ndarray  # (R,) bool: False where nothing was released (the step was skipped; mean update stored as 0)
     head: str  # hash of the last chain line: names exactly this record
+    # (R, B, D): the basis the run reports after each release (the optimizer's tail average, else basis_after), from
+    # the replay; None when read without it. basis.npz must be one of them (the audits check it).
+    reported: np.ndarray | None = None
 
     def __len__(self) -> int:
         return int(self.rounds.size)
@@ -211,15 +214,17 @@ def read_releases(run_dir: str | Path, *, replay: bool = True) -> Releases:
                         basis_after=stack("basis_after"), stepped=np.array([bool(x["stepped"]) for x in body]),
                         head=_line_hash(lines[-1]))
     if replay:
-        replay_optimizer(releases, [x["stepped"] for x in body])
+        releases = replace(releases, reported=replay_optimizer(releases, [x["stepped"] for x in body]))
     return releases
 
 
-def replay_optimizer(releases: Releases, stepped: list[bool]) -> None:
+def replay_optimizer(releases: Releases, stepped: list[bool]) -> np.ndarray:
     """Every release's basis_after = the public server step from its basis_before and mean update. A round re-run
-    after a crash starts, like the resumed server, from the state after the last release of the round before."""
+    after a crash starts, like the resumed server, from the state after the last release of the round before.
+    Returns the basis the run reports after each release (R, B, D): the replayed optimizer's tail average."""
     settings = releases.optimizer
     after: dict[int, tuple[np.ndarray, dict]] = {0: (releases.initial_basis, {})}
+    reported = np.empty_like(releases.basis_after)
     for i, t in enumerate(releases.rounds):
         previous = after.get(int(t) - 1)
         if previous is None or not np.array_equal(previous[0], releases.basis_before[i]):
@@ -238,3 +243,5 @@ def replay_optimizer(releases: Releases, stepped: list[bool]) -> None:
                                      "step from the recorded mean update: the record does not describe what was "
                                      "released")
         after[int(t)] = (releases.basis_after[i], {k: np.array(v) for k, v in optimizer.state_dict().items()})
+        reported[i] = reported_basis(after[int(t)][1], releases.basis_after[i])
+    return reported

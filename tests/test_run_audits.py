@@ -854,3 +854,63 @@ def test_simulate_records_the_digest_of_its_canaries_secrets(pair_file, tmp_path
     again = simulate(2)  # the same command: a rerun
     assert again.returncode == 2 and "holds other canaries than the run" in again.stderr, again.stderr
     assert {path.name: path.read_bytes() for path in run.iterdir() if path.is_file()} == files  # .lock too
+
+
+def _rechained(run_dir: Path, scale_updates: float, header: dict) -> None:
+    """A forger's record: every release's mean update scaled, the header's optimizer fields replaced, every hash
+    recomputed, so the chain verifies and the replay reproduces the released bases."""
+    from server import release_record as rr
+
+    folder = run_dir / rr.RELEASES_DIR
+    lines = [json.loads(line) for line in (folder / rr.CHAIN_FILENAME).read_text().splitlines()]
+    lines[0]["optimizer"].update(header)
+    for i, line in enumerate(lines):
+        if i:
+            with np.load(folder / line["file"]) as data:
+                arrays = dict(data)
+            arrays["mean_update"] = arrays["mean_update"] * scale_updates
+            data = rr._npz_bytes(**arrays)
+            (folder / line["file"]).write_bytes(data)
+            line.update(sha256=rr._sha256(data), prev=rr._line_hash(lines[i - 1]))
+    (folder / rr.CHAIN_FILENAME).write_text("".join(json.dumps(x, sort_keys=True) + "\n" for x in lines))
+
+
+def test_what_a_run_published_must_be_what_its_release_record_holds(pair_file, tmp_path, capsys):
+    """An adversarial tester: the accounting audit passed a run whose basis.npz was replaced by another basis, whose
+    metrics.json claimed a lower epsilon, and whose record claimed ten times the noise it had: every mean update and
+    the header's client-lr scaled by 10 replay to the same bases (lore_cli/run_consistency.py)."""
+    from lore_core.basis_file import save_basis
+    from server.server_app import run_and_report
+
+    run_dir = tmp_path / "run"
+    cfg = get_fused_config_from_dir(ROOT, {
+        "pairs-path": str(pair_file), "run-dir": str(run_dir), "rank": RANK, "num-server-rounds": 6,
+        "clients-per-round": 12, "server-lr": 0.1, "privacy-mode": "user", "noise-multiplier": Z, "clip-norm": C})
+    grid = LocalGrid(client_app, [{"partition-id": i, "num-partitions": NODES} for i in range(NODES)], cfg)
+    run_and_report(grid, ServerSettings.from_run_config(cfg))
+    assert (run_dir / "basis.npz").is_file() and (run_dir / "metrics.json").is_file()
+    assert main(["audit", "accounting", str(run_dir)]) == 0
+
+    def tampered(name: str, change) -> str:
+        copy = tmp_path / name
+        shutil.copytree(run_dir, copy)
+        change(copy)
+        code = main(["audit", "accounting", str(copy)])
+        summary = json.loads((copy / "audits" / "accounting.json").read_text())["summary"]
+        assert code == 1 and summary.startswith("FAIL"), (name, code, summary)
+        return summary
+
+    rng = np.random.default_rng(0)
+    summary = tampered("basis", lambda d: save_basis(d / "basis.npz", rng.standard_normal((RANK, DIM)), version=6,
+                                                     embedder="unknown"))
+    assert "basis.npz: not the basis the release record reports after round 6" in summary
+
+    def lower_epsilon(d: Path) -> None:
+        metrics = json.loads((d / "metrics.json").read_text())
+        (d / "metrics.json").write_text(json.dumps({**metrics, "epsilon": metrics["epsilon"] / 10}))
+
+    assert "metrics.json states what the run's ledger and release record do not: epsilon" in \
+        tampered("metrics", lower_epsilon)
+    summary = tampered("forged", lambda d: _rechained(d, 10.0, {"client_lr": 10.0}))
+    assert "its header's server optimizer settings are not the run's: client_lr 10.0" in summary
+    read_releases(tmp_path / "forged")  # the forged record itself verifies: only the run's settings expose it

@@ -107,7 +107,9 @@ DESCRIPTIONS: dict[str, dict[str, str]] = {
         "device; protects each pair from everyone including the server",
         "clipping_where": "client, per pair over (w_i, A) (Opacus)",
     },
-    "none": {"privacy_unit": "none", "adjacency": "none", "threat_model": "none: no protection", "clipping_where": ""},
+    "none": {"privacy_unit": "none", "adjacency": "none", "clipping_where": "",
+             "threat_model": "none: no protection; everybody is trusted (the server can read each participant's w_i "
+                             "off its rank-one update)"},
 }
 
 
