@@ -1663,15 +1663,20 @@ def test_a_damaged_file_of_the_states_own_encoder_is_refused_naming_it(tmp_path)
     ('{"prompt": "Which?", "chosen": "a", "rejected": "b"}\n{"prompt": "Which?", "chosen": "c", "rejected": "d"}\n',
      "got JSON objects"),
     ('{\n  "candidates": ["Budget.", "Lottery."]\n}\n', "got JSON objects"),
-    ('["", "  ", "ok"]', "candidates [1, 2] are blank")])
+    ('["", "  ", "ok"]', "candidates [1, 2] are blank"),
+    (None, "a zip archive such as an .npz")])
 def test_rank_refuses_candidates_that_are_json_objects_or_blank_naming_the_file(tmp_path, capsys, content, says):
     """Found by a tester: a JSON object or a JSONL file of choices was ranked as its raw text (exit 0), and a JSON
-    list's blank strings were ranked while a text file's blank lines are dropped."""
+    list's blank strings were ranked while a text file's blank lines are dropped; an .npz read "not valid UTF-8"."""
     from client.device import device_cli
 
     state_dir = _toy_choices_and_state(tmp_path)
     candidates = tmp_path / "candidates.json"
-    candidates.write_text(content)
+    if content is None:
+        np.savez(candidates.with_suffix(".npz"), diff=np.ones((2, 3)))
+        candidates.with_suffix(".npz").replace(candidates)
+    else:
+        candidates.write_text(content)
     assert device_cli.main(["--state", str(state_dir), "rank", "--prompt", "Which?", "--candidates",
                             str(candidates)]) == 2
     err = capsys.readouterr().err

@@ -654,6 +654,11 @@ def _check_rebase_keeps_choices(old: DeviceState, basis: BasisFile) -> str | Non
 def _read_candidates(path: Path) -> list[str]:
     if not path.is_file():
         raise FileNotFoundError(not_a_file("candidates file", path))
+    with open(path, "rb") as file:
+        zipped = file.read(4) == b"PK\x03\x04"
+    if zipped:  # an .npz (a zip) read "line 1: not valid UTF-8" (a tester)
+        raise ValueError(f"{path}: a zip archive such as an .npz; `rank` scores response texts (one per line, or a "
+                         "JSON list of strings), which it embeds itself")
     text = read_text(path)
     first = text.lstrip().split("\n", 1)[0]
     labelled = re.match(r'\[[^\]"]*\]\s*\S', first)  # "[1] Save ten percent.": a text line opening with a label
