@@ -635,8 +635,8 @@ def _canary(args, run_dir, settings) -> dict:
                                     "started with")
     # a release whose step was skipped released nothing: no round of the audit
     result = canary_audit(sums[releases.stepped], canaries.directions, canaries.included,
-                          noise_multiplier=s.noise_multiplier, clip_norm=s.clip_norm, sample_rate=s.sample_rate, claimed_epsilon=ledger.epsilon().headline,
-                          delta=s.delta)
+                          noise_multiplier=s.noise_multiplier, clip_norm=s.clip_norm, sample_rate=s.sample_rate,
+                          claimed_epsilon=ledger.epsilon().headline, delta=s.delta)
     result.update(release_record_head=releases.head, ledger_rounds=ledger.rounds_released)
     # the canaries use the ledger's q and z; the published basis and metrics must be the record's
     result["ledger_mismatches"] = mismatches = _ledger_mismatches(run_dir, state) + \
@@ -694,9 +694,10 @@ def _accounting(args, run_dir, settings) -> dict:
     state = check_run_records_every_round(run_dir)
     ledger = PrivacyLedger.load(run_dir) if (run_dir / RELEASES_DIR).exists() else None  # else: a ledger alone
     record = released_sums(run_dir, ledger, state) if ledger is not None else None
+    releases = record[0] if record is not None else None
     noise = _released_noise(run_dir, ledger, record)
     result["released_noise"] = noise
-    mismatches = _ledger_mismatches(run_dir, state) + published_mismatches(run_dir, state, record and record[0])
+    mismatches = _ledger_mismatches(run_dir, state) + published_mismatches(run_dir, state, releases)
     result["ledger_mismatches"] = mismatches
     found = mismatches + ([noise["summary"]] if noise["verdict"] == "fail" else [])
     if found:

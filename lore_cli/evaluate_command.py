@@ -25,14 +25,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from lore_core.basis_file import load_basis, warn_if_other_embedder
+    from lore_core.basis_file import basis_file_path, load_basis, warn_if_other_embedder
     from lore_core.evaluation import evaluate_model
     from lore_core.pairs import load_pairs
     from lore_cli.train_command import benchmark_ceiling, benchmark_truth, format_metrics, personal_prior
 
-    basis_path = Path(args.basis)
-    if basis_path.is_dir():
-        basis_path = basis_path / "basis.npz"
+    basis_path = basis_file_path(args.basis)
     if args.out:
         pair_file = Path(args.pairs) / PAIRS_FILENAME if Path(args.pairs).is_dir() else Path(args.pairs)
         check_metrics_out(Path(args.out), (pair_file, basis_path, pair_file.parent / GROUND_TRUTH_FILE))

@@ -39,7 +39,6 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
             module = importlib.import_module(module_name)
             module.configure(command_parser)
             command_parser.set_defaults(_run=module.run)
-            parser.set_defaults(_command_parser=command_parser)
             if getattr(module, "INTERMIXED_ARGS", False):  # options may come between its positionals
                 parser.set_defaults(_intermixed=command_parser)
     return parser

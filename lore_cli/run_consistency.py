@@ -19,22 +19,26 @@ from pathlib import Path
 
 import numpy as np
 
-# The release record header's optimizer fields by the checkpoint settings (ServerSettings) they were written from.
+# The release record header's optimizer fields by the checkpoint settings (ServerSettings) they were written from;
+# metrics.json names them as the checkpoint does (it has no schedule).
 HEADER_SETTINGS = {"name": "server_optimizer", "server_lr": "server_lr", "client_lr": "client_lr",
                    "local_steps": "local_steps", "l2": "l2", "schedule": "server_lr_schedule"}
-# metrics.json's settings keys by the header field that must hold the same value.
-METRICS_HEADER = {"server_optimizer": "name", "server_lr": "server_lr", "client_lr": "client_lr",
-                  "local_steps": "local_steps", "l2": "l2"}
+# metrics.json's privacy keys that the ledger's epsilon depends on, compared within the accounting audit's own
+# tolerance (another accountant version computes them a little apart); the others are copied settings, compared
+# exactly. The guarantee's prose and the accountant's name are not compared: their wording follows the version.
+EPSILON_KEYS = ("epsilon", "epsilon_rdp", "epsilon_against_server")
+COPIED_KEYS = ("delta", "noise_multiplier", "clip_norm", "sample_rate", "most_user_rounds", "not_private",
+               "stopped_early")
 
 
 def published_mismatches(run_dir: Path, state, releases) -> list[str]:
-    """What `basis.npz`, `metrics.json` and the release record's header say that the verified record and the run's
-    checkpoint (`state`, None when there is none) contradict; empty when they agree. `releases`: the verified record
-    (server.release_record.read_releases), None when the run has none."""
+    """What `basis.npz`, `metrics.json` and the release record's header say that the verified record, the ledger
+    and the run's checkpoint (`state`, None when there is none) contradict; empty when they agree. `releases`: the
+    verified record (server.release_record.read_releases), None when the run has none."""
     found = []
     if releases is not None:
         found += _header_mismatches(run_dir, state, releases.optimizer)
-        found += _basis_mismatches(run_dir, releases)
+        found += _basis_mismatches(run_dir, state, releases)
     found += _metrics_mismatches(run_dir, state, None if releases is None else releases.optimizer)
     return found
 
@@ -51,22 +55,22 @@ def _header_mismatches(run_dir: Path, state, header: dict) -> list[str]:
             f"{'; '.join(differ)}; the replay of the releases would use settings the run did not run with"]
 
 
-def _basis_mismatches(run_dir: Path, releases) -> list[str]:
-    """basis.npz must be the basis the replayed record reports after the round it names (its `version`)."""
+def _basis_mismatches(run_dir: Path, state, releases) -> list[str]:
+    """basis.npz must be the basis the replayed record reports after the run's last round (its `version`)."""
     from lore_core.basis_file import load_basis
 
     path = run_dir / "basis.npz"
     if not path.is_file():
         return []
     basis = load_basis(path)
-    if basis.version == 0:
-        expected = releases.initial_basis
-    else:
-        rows = np.flatnonzero(releases.rounds == basis.version)
-        if not rows.size:
-            return [f"{path}: names round {basis.version}, which releases/ does not record: the published basis "
-                    "is not one the audited releases produced"]
-        expected = releases.reported[rows[-1]]
+    if state is not None and basis.version != state.round:  # a finished run cannot be extended: written at its end
+        return [f"{path}: names round {basis.version}, but the run's checkpoint is after round {state.round}: the "
+                "published basis is not the run's"]
+    rows = np.flatnonzero(releases.rounds == basis.version)
+    if basis.version and not rows.size:
+        return [f"{path}: names round {basis.version}, which releases/ does not record: the published basis is not "
+                "one the audited releases produced"]
+    expected = releases.reported[rows[-1]] if basis.version else releases.initial_basis
     # basis.npz holds float32 (lore_core.basis_file): equal up to that rounding
     if basis.basis.shape != expected.shape or not np.allclose(basis.basis, expected, rtol=1e-5, atol=1e-7):
         return [f"{path}: not the basis the release record reports after round {basis.version} (the server's tail "
@@ -75,10 +79,10 @@ def _basis_mismatches(run_dir: Path, releases) -> list[str]:
 
 
 def _metrics_mismatches(run_dir: Path, state, header: dict | None) -> list[str]:
-    """metrics.json's privacy keys against the ledger's (as `simulate` derives them) and its optimizer settings
-    against the header's. A metrics.json of fewer rounds than the checkpoint is an earlier finish of a run being
-    extended: not compared (its run has not written its own yet)."""
+    """metrics.json's round against the checkpoint's, its privacy keys against the ledger's (as `simulate` derives
+    them) and its optimizer settings against the record header's."""
     from lore_cli.simulate_command import privacy_metrics
+    from lore_core.audits.accounting_check import ABS_TOL, REL_TOL
     from lore_core.text_file import parse_json, read_text
 
     path = run_dir / "metrics.json"
@@ -87,24 +91,22 @@ def _metrics_mismatches(run_dir: Path, state, header: dict | None) -> list[str]:
     metrics = parse_json(read_text(path), path)
     if not isinstance(metrics, dict):
         return [f"{path}: not a JSON object"]
-    rounds = metrics.get("rounds")
-    if state is not None and isinstance(rounds, int) and rounds < state.round:
-        return []
-    expected = privacy_metrics(run_dir)
-    if state is not None and rounds != state.round:
-        expected["rounds"] = state.round
-    if header is not None:
-        expected.update({key: header[field] for key, field in METRICS_HEADER.items()
-                         if field in header and metrics.get(key) is not None})
-    differ = [f"{key} {metrics[key]!r} (the record's {value!r})" for key, value in expected.items()
-              if key in metrics and not _same(metrics[key], value)]
+    differ = []
+    if state is not None and "rounds" in metrics and metrics["rounds"] != state.round:  # a finished run's last
+        differ.append(f"rounds {metrics.get('rounds')!r} (the checkpoint's {state.round})")
+    ledger = privacy_metrics(run_dir)
+    for key in (*EPSILON_KEYS, *COPIED_KEYS):
+        if key in metrics and key in ledger and not _same(metrics[key], ledger[key], *(
+                (REL_TOL, ABS_TOL) if key in EPSILON_KEYS else ())):
+            differ.append(f"{key} {metrics[key]!r} (the ledger's {ledger[key]!r})")
+    for field, key in HEADER_SETTINGS.items() if header is not None else ():
+        if metrics.get(key) is not None and field in header and not _same(metrics[key], header[field]):
+            differ.append(f"{key} {metrics[key]!r} (the release record header's {header[field]!r})")
     if not differ:
         return []
-    return [f"{path} states what the run's ledger and release record do not: {'; '.join(differ)}"]
+    return [f"{path} states what the run's checkpoint, ledger and release record do not: {'; '.join(differ)}"]
 
 
-def _same(a, b) -> bool:
-    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool) and \
-            not isinstance(b, bool):
-        return math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12)
-    return a == b
+def _same(a, b, rel_tol: float = 1e-9, abs_tol: float = 1e-12) -> bool:
+    numbers = all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in (a, b))
+    return math.isclose(a, b, rel_tol=rel_tol, abs_tol=abs_tol) if numbers else a == b

@@ -89,6 +89,18 @@ def save_basis(path: str | Path, basis: np.ndarray, *, version: int, embedder: s
     return path
 
 
+def basis_file_path(path: str | Path) -> Path:
+    """A `--basis` as given: a basis file, or a run directory's basis.npz (`evaluate` and the device's `init` take
+    either; a directory without one is named as such, not "is a directory")."""
+    path = Path(path)
+    if not path.is_dir():
+        return path
+    if not (path / "basis.npz").is_file():
+        raise BasisFileError(f"{path} is a directory without basis.npz: give a basis file, or the directory of a "
+                             "completed run (a run writes basis.npz when it completes)")
+    return path / "basis.npz"
+
+
 def load_basis(path: str | Path) -> BasisFile:
     """Load and validate a basis file: arrays present, shapes, finiteness and checksum."""
     path = Path(path)

@@ -63,6 +63,28 @@ def read_jsonl(path: str | Path, error: type[ValueError] = ValueError) -> Iterat
             yield number, record
 
 
+def json_records(text: str, path: str | Path, error: type[ValueError], item: str) -> tuple[object, list[str]]:
+    """The records of a JSON list or of JSON Lines, with where each is: `item` N in a list, its line in JSON Lines (a
+    record's problem is named as a syntax error is: "choice 1" was line 4; a tester). Lines end at "\n" only, as
+    `read_jsonl`'s do: U+2028 and the like may stand unescaped in a JSON string. One object spread over several
+    lines is returned whole, for the caller to refuse as what it is."""
+    lines = [(number, line.rstrip("\r")) for number, line in enumerate(text.split("\n"), 1) if line.strip()]
+    start = text.lstrip()[:1]
+    if start == "[" or (start == "{" and not _is_json(lines[0][1])):
+        records = parse_json(text, path, error)
+        return records, [f"{item} {number}" for number in range(1, len(records) + 1)] if isinstance(records, list) \
+            else []
+    return [parse_json(line, path, error, line=number) for number, line in lines], [f"line {n}" for n, _ in lines]
+
+
+def _is_json(text: str) -> bool:
+    try:
+        json_loads(text)
+    except ValueError:
+        return False
+    return True
+
+
 def json_loads(text: str | bytes):
     """json.loads, with nesting too deep for Python's recursion a ValueError like any other bad JSON (a tester: a
     state or run file nested 100,000 deep crashed every command that read it with RecursionError)."""

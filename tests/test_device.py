@@ -538,6 +538,15 @@ def test_choices_that_are_not_choices_are_named_for_what_they_are(tmp_path, basi
     from client.device.personalize import read_choices
 
     assert len(read_choices(lines)) == len(read_choices(one_line_list)) == 1
+    # A line ends at "\n" only: U+2028 stands unescaped in a JSON string (json.dumps(ensure_ascii=False) writes it);
+    # split there, one choice read as a pretty-printed object (a reviewer).
+    lines.write_text(json.dumps({"prompt": "Which?", "chosen": "a\u2028b", "rejected": "c"}, ensure_ascii=False))
+    assert read_choices(lines)[0]["chosen"] == "a\u2028b"
+    from client.device.pool import PoolError, read_pool
+
+    pretty.write_text(json.dumps({"prompt": "Which?", "responses": ["a", "b"]}, indent=2))
+    with pytest.raises(PoolError, match="a JSON dict, not a pool"):  # it read "no pairs in the pool"
+        read_pool(pretty, 384)
 
 
 def _fake_encoder_dir(directory: Path, checksums=None, *, model: bytes = b"not a model",
@@ -635,6 +644,13 @@ def test_adapting_on_the_same_choices_again_does_not_count_them_twice(tmp_path, 
                        json.dumps({"prompt": "Again?", "chosen": "q", "rejected": "p"}))
     proc, _ = device(texts, "adapt", "--choices", choices)
     assert "note: 1 of the new choices answer a pair the other way" in proc.stderr and load_state(texts).n_pairs == 7
+    # Another user's file after this user's: refused (a reviewer; one file of several users already was).
+    for user, pairs in (("alice", 8), ("bob", 8)):
+        choices.write_text(json.dumps({"user": user, "prompt": "Whose?", "chosen": user, "rejected": "z"}))
+        proc, _ = device(texts, "adapt", "--choices", choices, check=False)
+        assert load_state(texts).n_pairs == pairs
+    assert proc.returncode == 2 and "choices of user bob, but the device state holds choices of user alice" in \
+        proc.stderr
     # Precomputed pairs likewise: a row that negates a stored one (they got no note; a tester).
     diff = np.load(tmp_path / "diff.npz")["diff"]
     np.savez(tmp_path / "negated.npz", diff=np.concatenate([-diff[:2], diff[:1] + 1]))
@@ -837,7 +853,7 @@ def test_forget_all_racing_a_waiting_command_removes_the_state_and_the_command_s
             (path.parent / ".lock").touch()
 
     monkeypatch.setattr(Path, "unlink", waiting_command_reopens_the_lock)
-    assert forget(state_dir, everything=True) == [] and not state_dir.exists()
+    assert forget(state_dir, everything=True).notes == [] and not state_dir.exists()
     monkeypatch.setattr(Path, "unlink", unlink)
 
     save_state(new_state(state_dir, load_basis(basis)))
@@ -1156,7 +1172,7 @@ def test_forget_all_on_a_symlinked_state_keeps_the_link_and_says_so(tmp_path):
     (tmp_path / "target").mkdir()
     (tmp_path / "link").symlink_to(tmp_path / "target")
     save_state(new_state(tmp_path / "link", load_basis(basis)))
-    notes = forget(tmp_path / "link", everything=True)
+    notes = forget(tmp_path / "link", everything=True).notes
     assert len(notes) == 1 and "symbolic link" in notes[0]
     assert (tmp_path / "link").is_symlink() and not any((tmp_path / "target").iterdir())
 
@@ -1205,7 +1221,7 @@ def test_forget_deletes_personal_data_whatever_the_manifest_holds(tmp_path, fiel
     manifest = json.loads((state_dir / MANIFEST).read_text())
     manifest[field] = "@@"
     (state_dir / MANIFEST).write_text(json.dumps(manifest).replace('"@@"', value))
-    notes = forget(state_dir)
+    notes = forget(state_dir).notes
     assert not list(state_dir.glob("personal-*")) and "deleted all the same" in notes[0]
 
 
@@ -1239,7 +1255,7 @@ def test_forget_deletes_personal_data_when_the_state_cannot_be_saved(tmp_path, m
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(state_module, "save_state", disk_full)
-    notes = state_module.forget(state_dir)
+    notes = state_module.forget(state_dir).notes
     assert not list(state_dir.glob("personal-*")) and "could not be saved" in notes[0]
     # A state that cannot be read (permission denied, say) is not called corrupted; its data goes all the same.
     state_dir = _state_with_choices(tmp_path / "again")
@@ -1248,7 +1264,7 @@ def test_forget_deletes_personal_data_when_the_state_cannot_be_saved(tmp_path, m
         raise PermissionError(errno.EACCES, "Permission denied", str(state_dir / "manifest.json"))
 
     monkeypatch.setattr(state_module, "load_state", denied)
-    notes = state_module.forget(state_dir)
+    notes = state_module.forget(state_dir).notes
     assert not list(state_dir.glob("personal-*")) and "could not be read" in notes[0]
 
 
@@ -1291,7 +1307,7 @@ def test_forget_all_says_so_when_an_init_made_a_new_state_meanwhile(tmp_path, mo
 
     monkeypatch.setattr(Path, "unlink", an_init_starts_now)
     with state_lock(state_dir):
-        notes = forget(state_dir, everything=True)
+        notes = forget(state_dir, everything=True).notes
     assert raced and "making a new device state" in notes[0] and load_state(state_dir).n_pairs == 0
 
 
@@ -1328,7 +1344,7 @@ def test_forget_all_names_what_it_kept_that_was_there_before(tmp_path):
     state_dir = _toy_state(tmp_path)
     (state_dir / "personal-0123456789abcdef.npz").symlink_to(tmp_path / "nowhere")
     with state_lock(state_dir):
-        notes = forget(state_dir, everything=True)
+        notes = forget(state_dir, everything=True).notes
     assert "kept the directory" in notes[0] and "personal-0123456789abcdef.npz" in notes[0]
 
 
@@ -1391,7 +1407,7 @@ def test_a_command_that_locked_a_state_being_deleted_changes_nothing_and_leaves_
 
     monkeypatch.setattr(Path, "unlink", a_command_opens_the_lock_now)
     with state_lock(state_dir):  # as `forget --all` runs
-        notes = forget(state_dir, everything=True)
+        notes = forget(state_dir, everything=True).notes
     assert raced["started"] and "ran" not in raced and "deleted while" in raced["error"]
     assert notes == [] and not state_dir.exists()
 

@@ -800,6 +800,10 @@ def test_a_directory_given_for_a_file_is_called_a_directory(w):
             expect="is a directory, not a file")
     refused(["--state", "state", "rank", "--prompt", "p", "--candidates", "folder.txt"], "folder.txt", w, device=True,
             expect="is a directory, not a file")
+    # A --basis directory is a run's (basis.npz inside): one without it is named so, as `evaluate` and `init` take it
+    for argv, device in ((["evaluate", "pairs.npz", "--basis", "folder.npz"], False),
+                         (["--state", "fresh", "init", "--basis", "folder.npz"], True)):
+        refused(argv, "folder.npz", w, device=device, expect="is a directory without basis.npz")
 
 
 def test_an_audit_flag_is_blamed_on_the_flag_not_on_the_ledger(w, tmp_path):
@@ -1225,6 +1229,10 @@ def test_simulate_refuses_embeddings_far_from_the_scale_its_settings_are_for(w, 
 @pytest.mark.parametrize("argv, device, usage", [
     (["train", "pairs.npz", "--out", "run", "--rnak", "2"], False, "usage: lore-fed train"),
     (["device", "--state", "state", "strength", "1", "--bogus"], False, "usage: lore-fed device strength"),
+    (["deploy", "local", "--nodes", "2", "--pairs", "pairs.npz", "--run-dir", "run", "--bogus"], False,
+     "usage: lore-fed deploy local"),
+    (["privacy", "epsilon", "--noise-multiplier", "1", "--clients-per-round", "5", "--population", "50",
+      "--rounds", "3", "--bogus"], False, "usage: lore-fed privacy epsilon"),
     (["--state", "state", "declare", "a=b", "--priors", "p.json", "extra.json"], True,
      "usage: python -m client.device declare")])
 def test_a_mistyped_argument_is_refused_with_the_commands_usage(w, argv, device, usage):

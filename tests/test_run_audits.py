@@ -875,20 +875,28 @@ def _rechained(run_dir: Path, scale_updates: float, header: dict) -> None:
     (folder / rr.CHAIN_FILENAME).write_text("".join(json.dumps(x, sort_keys=True) + "\n" for x in lines))
 
 
-def test_what_a_run_published_must_be_what_its_release_record_holds(pair_file, tmp_path, capsys):
-    """An adversarial tester: the accounting audit passed a run whose basis.npz was replaced by another basis, whose
-    metrics.json claimed a lower epsilon, and whose record claimed ten times the noise it had: every mean update and
-    the header's client-lr scaled by 10 replay to the same bases (lore_cli/run_consistency.py)."""
+def test_what_a_run_published_must_be_what_its_release_record_holds(pair_file, secrets_file, tmp_path,
+                                                                     monkeypatch):
+    """An adversarial tester: the accounting and canary audits passed a run whose basis.npz was replaced by another
+    basis, whose metrics.json claimed a lower epsilon, and whose record claimed ten times the noise it had: every
+    mean update and the header's client-lr scaled by 10 replay to the same bases (lore_cli/run_consistency.py)."""
     from lore_core.basis_file import save_basis
+    from lore_core.privacy import ledger as ledger_module
     from server.server_app import run_and_report
 
     run_dir = tmp_path / "run"
     cfg = get_fused_config_from_dir(ROOT, {
         "pairs-path": str(pair_file), "run-dir": str(run_dir), "rank": RANK, "num-server-rounds": 6,
-        "clients-per-round": 12, "server-lr": 0.1, "privacy-mode": "user", "noise-multiplier": Z, "clip-norm": C})
-    grid = LocalGrid(client_app, [{"partition-id": i, "num-partitions": NODES} for i in range(NODES)], cfg)
+        "clients-per-round": 12, "server-lr": 0.1, "privacy-mode": "user", "noise-multiplier": Z, "clip-norm": C,
+        "canary-nodes": CANARY_NODES, "canary-secrets": str(secrets_file)})
+    nodes = NODES + CANARY_NODES
+    grid = LocalGrid(client_app, [{"partition-id": i, "num-partitions": nodes} for i in range(nodes)], cfg)
     run_and_report(grid, ServerSettings.from_run_config(cfg))
     assert (run_dir / "basis.npz").is_file() and (run_dir / "metrics.json").is_file()
+    assert main(["audit", "accounting", str(run_dir)]) == 0
+    assert canary_verdict(run_dir, secrets_file)["verdict"] != "fail"
+    # The guarantee's wording follows the version: a run written before a rewording is not called forged (a reviewer)
+    monkeypatch.setitem(ledger_module.TRUSTED, "user", ledger_module.TRUSTED["user"] + " (reworded)")
     assert main(["audit", "accounting", str(run_dir)]) == 0
 
     def tampered(name: str, change) -> str:
@@ -898,6 +906,7 @@ def test_what_a_run_published_must_be_what_its_release_record_holds(pair_file, t
         code = main(["audit", "accounting", str(copy)])
         summary = json.loads((copy / "audits" / "accounting.json").read_text())["summary"]
         assert code == 1 and summary.startswith("FAIL"), (name, code, summary)
+        assert canary_verdict(copy, secrets_file)["verdict"] == "fail", name  # the canary audit checks them too
         return summary
 
     rng = np.random.default_rng(0)
@@ -905,12 +914,17 @@ def test_what_a_run_published_must_be_what_its_release_record_holds(pair_file, t
                                                      embedder="unknown"))
     assert "basis.npz: not the basis the release record reports after round 6" in summary
 
-    def lower_epsilon(d: Path) -> None:
-        metrics = json.loads((d / "metrics.json").read_text())
-        (d / "metrics.json").write_text(json.dumps({**metrics, "epsilon": metrics["epsilon"] / 10}))
+    def metrics_edit(change):
+        def edit(d: Path) -> None:
+            metrics = json.loads((d / "metrics.json").read_text())
+            (d / "metrics.json").write_text(json.dumps({**metrics, **change(metrics)}))
+        return edit
 
-    assert "metrics.json states what the run's ledger and release record do not: epsilon" in \
-        tampered("metrics", lower_epsilon)
+    assert "metrics.json states what the run's checkpoint, ledger and release record do not: epsilon" in \
+        tampered("metrics", metrics_edit(lambda m: {"epsilon": m["epsilon"] / 10}))
+    # its round set to an earlier one, which once excused a metrics.json as a run's being extended (a reviewer)
+    summary = tampered("rounds", metrics_edit(lambda m: {"epsilon": m["epsilon"] / 10, "rounds": 1}))
+    assert "rounds 1 (the checkpoint's 6)" in summary and "epsilon" in summary
     summary = tampered("forged", lambda d: _rechained(d, 10.0, {"client_lr": 10.0}))
     assert "its header's server optimizer settings are not the run's: client_lr 10.0" in summary
     read_releases(tmp_path / "forged")  # the forged record itself verifies: only the run's settings expose it

@@ -46,7 +46,7 @@ from client.device.state import (
     state_lock,
 )
 from lore_core.atomic_io import empty_path_flag
-from lore_core.basis_file import UNKNOWN_EMBEDDER, BasisFile, load_basis
+from lore_core.basis_file import UNKNOWN_EMBEDDER, BasisFile, basis_file_path, load_basis
 from lore_core.closed_stdout import stdout_closed
 from lore_core.command_line import parse_command_line
 from lore_core.text_file import not_a_file, parse_json, read_text
@@ -110,8 +110,6 @@ def configure(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, required=True, help="output directory")
     p.add_argument("--model", help="model path or cached hub name (default: the offline all-MiniLM-L6-v2)")
     p.set_defaults(_handler=_export)
-    for command_parser in sub.choices.values():  # a mistyped argument gets the command's usage
-        command_parser.set_defaults(_command_parser=command_parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -165,8 +163,7 @@ def _init(args) -> int:
 
     directory = _directory(args)
     check_output_path(directory, _state_source(args), directory=True)
-    run_basis = args.basis / "basis.npz"  # a run directory, as `lore-fed evaluate --basis` takes (a tester)
-    basis = load_basis(run_basis if args.basis.is_dir() and run_basis.is_file() else args.basis)
+    basis = load_basis(basis_file_path(args.basis))  # a run directory too, as `evaluate` takes (a tester)
     encoder, identity = _checked_encoder_dir(args.encoder, basis) if args.encoder else (None, None)
     if directory.is_dir() and holds_other_files(directory) and not is_device_state(directory):
         raise StateError(f"{directory} holds other files and is not a device state; give `--state` a new or empty "
@@ -231,6 +228,7 @@ def _adapt(args) -> int:
         state = load_state(directory)
         _require_learning(state, "no choices are learned")
         diff, records = _choice_diffs(args.choices, state, args.encoder)
+        _check_same_user(state, records, args.choices)
         fresh = _not_yet_learned(state, diff, records)
         if not fresh.all():
             print(f"skipped {int((~fresh).sum())} of {fresh.size} choices already learned or repeated in "
@@ -403,8 +401,7 @@ def _forget(args) -> int:
     directory = _directory(args)
     with state_lock(directory):  # refuses a directory that is not a device state before anything is deleted
         had_personal_data = bool(personal_files(directory))
-        notes = forget(directory, everything=args.all)
-        usable = args.all or _loads(directory)
+        notes, usable = forget(directory, everything=args.all)
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
     if args.all:
@@ -416,14 +413,6 @@ def _forget(args) -> int:
         print(f"{done}; " + ("the basis is kept (rankings use the population reward)" if usable else
                              "the rest of the state is unusable (see the note)"))
     return 0
-
-
-def _loads(directory: Path) -> bool:
-    try:
-        load_state(directory)
-    except Exception:  # whatever the reason, the note from `forget` has named it
-        return False
-    return True
 
 
 def _export(args) -> int:
@@ -540,6 +529,18 @@ def _choice_diffs(path: Path, state: DeviceState, encoder_dir) -> tuple[np.ndarr
     return embed_choices(_open_encoder(state, encoder_dir), records), records
 
 
+def _check_same_user(state: DeviceState, records: list[dict], path: Path) -> None:
+    """Refuse choices whose `user` is not the one the state's stored choices name (a file of several users is
+    refused when read; a reviewer: a second file of another user was learned)."""
+    stored = {str(r["user"]) for r in map(json.loads, state.choices) if "user" in r}
+    new = {str(r["user"]) for r in records if "user" in r}
+    if stored and new and new != stored:
+        raise personalize.ChoicesError(
+            f"{path}: choices of user {', '.join(sorted(new))}, but the device state holds choices of user "
+            f"{', '.join(sorted(stored))}; a device learns from its own user's choices only (`forget` first to start "
+            "over for another user)")
+
+
 def _not_yet_learned(state: DeviceState, diff: np.ndarray, records: list[dict]) -> np.ndarray:
     """(k,) bool: choices the state does not hold yet, each once (a choice the file repeats counts at its first
     occurrence, as a second run would skip it). Texts are compared by conversation, chosen and rejected
@@ -574,7 +575,9 @@ def _answered_the_other_way(state: DeviceState, diff: np.ndarray, records: list[
     negation of another. Exact repeats were skipped before, so any pair that matches unordered is the other way."""
     stored = {personalize.choice_identity(r, ordered=False) for r in map(json.loads, state.choices) if "chosen" in r}
     rows = personalize.diff_identities(diff, ordered=False)
-    held = np.isin(rows, personalize.diff_identities(state.pair_diff, ordered=False))
+    precomputed = any("precomputed" in record for record in records)
+    held = np.isin(rows, personalize.diff_identities(state.pair_diff, ordered=False)) if precomputed and \
+        state.n_pairs else np.zeros(len(rows), bool)
     earlier, flipped = set(), 0
     for record, row, in_state in zip(records, rows, held):
         pre = "precomputed" in record

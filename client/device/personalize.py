@@ -16,7 +16,7 @@ import numpy as np
 from lore_core.npz_file import open_npz
 from lore_core.pairs import MAX_ABS_DIFF, MIN_LARGEST_DIFF
 from lore_core.simplex_fit import DEFAULT_PRIOR_PAIRS, fit_user_weights
-from lore_core.text_file import parse_json, read_text
+from lore_core.text_file import json_records, read_text
 
 CHOICE_CONTEXT_KEYS = ("history", "prompt")
 
@@ -107,29 +107,6 @@ def read_choices(path: str | Path) -> list[dict]:
         raise ChoicesError(f"{path}: choices of {len(users)} users (its 'user' keys); a device learns from its own "
                            "user's choices only (give one user's, or leave 'user' out)")
     return records
-
-
-def json_records(text: str, path: Path, error: type[ValueError], item: str) -> tuple[object, list[str]]:
-    """The records of a JSON list or of JSON Lines, with where each is: `item` N in a list, its line in JSON Lines (a
-    record's problem is named as a syntax error is: "choice 1" was line 4; a tester). One object spread over
-    several lines is returned whole, for the caller to refuse as what it is."""
-    start = text.lstrip()[:1]
-    if start == "[" or (start == "{" and not _one_object_per_line(text)):
-        records = parse_json(text, path, error)
-        return records, [f"{item} {number}" for number in range(1, len(records) + 1)] if isinstance(records, list) \
-            else []
-    lines = [(number, line) for number, line in enumerate(text.splitlines(), 1) if line.strip()]
-    return [parse_json(line, path, error, line=number) for number, line in lines], [f"line {n}" for n, _ in lines]
-
-
-def _one_object_per_line(text: str) -> bool:
-    """Whether the first non-blank line is a whole JSON value (JSON Lines), not the start of one spread over lines."""
-    first = next(line for line in text.splitlines() if line.strip())
-    try:
-        json.loads(first)
-    except ValueError:
-        return False
-    return True
 
 
 def read_choice_diffs(path: str | Path, dim: int) -> np.ndarray:

@@ -22,11 +22,10 @@ from client.device.personalize import (
     choice_identity,
     diff_identities,
     is_unicode_text,
-    json_records,
     read_user_diffs,
 )
 from lore_core.pairs import has_signal
-from lore_core.text_file import not_a_file, read_text
+from lore_core.text_file import json_records, not_a_file, read_text
 
 
 class PoolError(ValueError):
@@ -59,7 +58,10 @@ def read_pool(path: str | Path, dim: int) -> Pool:
         return Pool(records=None, diff=diff)
     text = read_text(path, PoolError, "pool file")  # a BOM is dropped; bad UTF-8 names the file and line
     records, places = json_records(text, path, PoolError, "pair")
-    if not isinstance(records, list) or not records:
+    if not isinstance(records, list):  # one pretty-printed pair read "no pairs in the pool" (a reviewer)
+        raise PoolError(f"{path}: a JSON {type(records).__name__}, not a pool; expected JSON Lines (one pair object "
+                        "per line) or a JSON list of pairs")
+    if not records:
         raise PoolError(f"{path}: no pairs in the pool")
     for record, place in zip(records, places):
         where = f"{path}: {place}"

@@ -27,6 +27,7 @@ import stat
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -340,14 +341,21 @@ def require_state(directory: str | Path) -> Path:
     return directory
 
 
-def forget(directory: str | Path, *, everything: bool = False) -> list[str]:
+class Forgotten(NamedTuple):
+    """What `forget` did: notes for the user (what could not be kept or removed; empty when all went as asked), and
+    whether the rest of the state still loads (False after `everything`, or when its note says how to repair it)."""
+
+    notes: list[str]
+    usable: bool
+
+
+def forget(directory: str | Path, *, everything: bool = False) -> Forgotten:
     """Delete all personal data (weights, pairs, raw choices) and keep the basis and settings; with `everything`
     delete every file of the state (and the directory when nothing else is in it). Refuses a directory that is not a
-    device state. Personal data is deleted even when the state is corrupted. Returns notes for the user (what could
-    not be kept or removed), empty when all went as asked."""
+    device state. Personal data is deleted even when the state is corrupted."""
     directory = require_state(directory)
     if everything:
-        return _delete_state(directory)
+        return Forgotten(_delete_state(directory), False)
     try:
         state = load_state(directory)
     except Exception as exc:  # corrupted in any way, or the manifest is gone: personal files may still be on disk
@@ -358,7 +366,7 @@ def forget(directory: str | Path, *, everything: bool = False) -> list[str]:
                            posterior_cov=None, prior_mean=None, attributes=()))
     except Exception as exc:  # e.g. a full disk: the personal data goes all the same, by deletion
         return _forget_corrupted(directory, exc, "could not be saved without its personal data")
-    return []
+    return Forgotten([], True)
 
 
 def personal_files(directory: Path) -> list[Path]:
@@ -373,7 +381,7 @@ def _is_personal(name: str) -> bool:
     return bool(match) and match["name"].startswith("personal-")
 
 
-def _forget_corrupted(directory: Path, problem: Exception, what: str = "was corrupted") -> list[str]:
+def _forget_corrupted(directory: Path, problem: Exception, what: str = "was corrupted") -> Forgotten:
     """The state cannot be loaded (or saved): delete every personal data file regardless, and drop it from the
     manifest when the manifest is readable; the rest is left as it is (and checked again for the note)."""
     removed = [path for path in directory.iterdir() if path.is_file() and _is_personal(path.name)]
@@ -392,9 +400,9 @@ def _forget_corrupted(directory: Path, problem: Exception, what: str = "was corr
     try:
         load_state(directory)
     except Exception:
-        return [note + "; the rest is still unusable: repair it with `init --reinit --basis FILE`, or remove it "
-                "with `forget --all`"]
-    return [note + "; the rest of the state checks out"]
+        return Forgotten([note + "; the rest is still unusable: repair it with `init --reinit --basis FILE`, or "
+                          "remove it with `forget --all`"], False)
+    return Forgotten([note + "; the rest of the state checks out"], True)
 
 
 def _delete_state(directory: Path) -> list[str]:

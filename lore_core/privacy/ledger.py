@@ -109,7 +109,7 @@ DESCRIPTIONS: dict[str, dict[str, str]] = {
     },
     "none": {"privacy_unit": "none", "adjacency": "none", "clipping_where": "",
              "threat_model": "none: no protection; everybody is trusted (the server can read each participant's w_i "
-                             "off its rank-one update)"},
+                             "off its update, rank one under the joint objective)"},
 }
 
 
