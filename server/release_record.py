@@ -175,7 +175,7 @@ class Releases:
     stepped: np.ndarray  # (R,) bool: False where nothing was released (the step was skipped; mean update stored as 0)
     head: str  # hash of the last chain line: names exactly this record
     # (R, B, D): the basis the run reports after each release (the optimizer's tail average, else basis_after), from
-    # the replay; None when read without it. basis.npz must be one of them (the audits check it).
+    # the replay; None when read without it. A finished run's basis.npz is the last one (the audits check it).
     reported: np.ndarray | None = None
 
     def __len__(self) -> int:

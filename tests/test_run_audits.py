@@ -294,6 +294,7 @@ def test_a_run_that_died_before_releasing_its_last_affordable_round_and_then_sto
     max-epsilon when run again, so that round stays spent and unreleased for good; the audit refused it ("finish
     the run by rerunning", which could not help). It is accepted: its epsilon counts the round."""
     import server.release_record as release_record
+    from server.server_app import run_and_report
 
     def run_once():
         cfg = get_fused_config_from_dir(ROOT, {
@@ -301,7 +302,7 @@ def test_a_run_that_died_before_releasing_its_last_affordable_round_and_then_sto
             "clients-per-round": 12, "server-lr": 0.1, "privacy-mode": "user", "noise-multiplier": 2.0,
             "clip-norm": C, "max-epsilon": 3.1})
         grid = LocalGrid(client_app, [{"partition-id": i, "num-partitions": NODES} for i in range(NODES)], cfg)
-        run_federated(grid, ServerSettings.from_run_config(cfg))
+        run_and_report(grid, ServerSettings.from_run_config(cfg))  # basis.npz and metrics.json: audited too
 
     append = release_record.ReleaseRecord.append
 
@@ -317,7 +318,7 @@ def test_a_run_that_died_before_releasing_its_last_affordable_round_and_then_sto
     run_once()
     ledger = json.loads((tmp_path / "run" / "ledger.json").read_text())
     assert ledger["events"]["stopped_early"] and len(ledger["events"]["rounds"]) == 6
-    assert len(read_releases(tmp_path / "run")) == 5
+    assert len(read_releases(tmp_path / "run")) == 5 and (tmp_path / "run" / "basis.npz").is_file()
     assert main(["audit", "accounting", str(tmp_path / "run")]) == 0
 
 

@@ -24,7 +24,7 @@ from lore_core.pairs import save_pairs
 from lore_core.privacy import distributed_dp as ddg
 from lore_core.privacy.ledger import PrivacyLedger
 from lore_core.privacy.privacy_settings import PrivacyConfigError
-from server.server_app import run_federated
+from server.server_app import run_and_report, run_federated
 from server.optimizer import ServerAdam
 from server.release_record import read_releases
 from server.secagg_workflow import SecAggLoReStrategy
@@ -146,7 +146,8 @@ def test_the_guarantee_against_the_server_counts_the_most_sampled_users_rounds(p
 
     monkeypatch.setattr(TrainingRun, "begin_round", begin)
     drawn.clear()
-    run_federated(*make_run(pair_file, tmp_path, nodes=6, **private))
+    run_and_report(*make_run(pair_file, tmp_path, nodes=6, **private))  # basis.npz and metrics.json: audited too
+    assert (tmp_path / "basis.npz").is_file() and (tmp_path / "metrics.json").is_file()
     fresh = np.zeros(USERS, dtype=int)
     for users in drawn:
         fresh[users] += 1
