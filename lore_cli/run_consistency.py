@@ -46,9 +46,10 @@ def published_mismatches(run_dir: Path, state, releases) -> list[str]:
 def _header_mismatches(run_dir: Path, state, header: dict) -> list[str]:
     if state is None:
         return []
-    differ = [f"{field} {header.get(field)!r} (the checkpoint's {key} {state.settings[key]!r})"
+    # a field an older header lacks is replayed at its default: a different one would not reproduce the bases
+    differ = [f"{field} {header[field]!r} (the checkpoint's {key} {state.settings[key]!r})"
               for field, key in HEADER_SETTINGS.items()
-              if key in state.settings and not _same(header.get(field), state.settings[key])]
+              if field in header and key in state.settings and not _same(header[field], state.settings[key])]
     if not differ:
         return []
     return [f"{run_dir / 'releases' / 'chain.jsonl'}: its header's server optimizer settings are not the run's: "
