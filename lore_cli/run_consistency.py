@@ -23,12 +23,17 @@ import numpy as np
 # metrics.json names them as the checkpoint does (it has no schedule).
 HEADER_SETTINGS = {"name": "server_optimizer", "server_lr": "server_lr", "client_lr": "client_lr",
                    "local_steps": "local_steps", "l2": "l2", "schedule": "server_lr_schedule"}
-# metrics.json's privacy keys that the ledger's epsilon depends on, compared within the accounting audit's own
-# tolerance (another accountant version computes them a little apart); the others are copied settings, compared
-# exactly. The guarantee's prose and the accountant's name are not compared: their wording follows the version.
+# metrics.json's privacy keys that the ledger's epsilon depends on, compared within EPSILON_TOLERANCE (another
+# accountant version computes them a little apart; the accounting audit's own 0.05 let a small epsilon be understated
+# by a quarter: a reviewer); the others are copied settings, compared exactly. A key on one side only is a mismatch
+# (a reviewer's metrics.json claimed secure aggregation's epsilon against the server on a `user` run). The
+# guarantee's prose and the accountant's name are not compared: their wording follows the version.
 EPSILON_KEYS = ("epsilon", "epsilon_rdp", "epsilon_against_server")
+EPSILON_TOLERANCE = {"rel_tol": 0.02, "abs_tol": 1e-3}
 COPIED_KEYS = ("delta", "noise_multiplier", "clip_norm", "sample_rate", "most_user_rounds", "not_private",
                "stopped_early")
+# metrics.json's keys that name the run's own settings, by the checkpoint settings they copy.
+METRICS_SETTINGS = {"privacy_mode": "privacy_mode", "users_per_round": "clients_per_round", "rank": "rank"}
 
 
 def published_mismatches(run_dir: Path, state, releases) -> list[str]:
@@ -44,12 +49,17 @@ def published_mismatches(run_dir: Path, state, releases) -> list[str]:
 
 
 def _header_mismatches(run_dir: Path, state, header: dict) -> list[str]:
+    """The header's optimizer settings, as the replay runs them (a field an older record lacks at its default: a
+    reviewer rescaled the updates of a constant-schedule SGD run to replay as a cosine one without the field), must
+    be the checkpoint's."""
+    from server.release_record import REPLAY_DEFAULTS
+
     if state is None:
         return []
-    # a field an older header lacks is replayed at its default: a different one would not reproduce the bases
-    differ = [f"{field} {header[field]!r} (the checkpoint's {key} {state.settings[key]!r})"
+    replayed = {**REPLAY_DEFAULTS, **header}
+    differ = [f"{field} {replayed.get(field)!r} (the checkpoint's {key} {state.settings[key]!r})"
               for field, key in HEADER_SETTINGS.items()
-              if field in header and key in state.settings and not _same(header[field], state.settings[key])]
+              if key in state.settings and not _same(replayed.get(field), state.settings[key])]
     if not differ:
         return []
     return [f"{run_dir / 'releases' / 'chain.jsonl'}: its header's server optimizer settings are not the run's: "
@@ -83,7 +93,6 @@ def _metrics_mismatches(run_dir: Path, state, header: dict | None) -> list[str]:
     """metrics.json's round against the checkpoint's, its privacy keys against the ledger's (as `simulate` derives
     them) and its optimizer settings against the record header's."""
     from lore_cli.simulate_command import privacy_metrics
-    from lore_core.audits.accounting_check import ABS_TOL, REL_TOL
     from lore_core.text_file import parse_json, read_text
 
     path = run_dir / "metrics.json"
@@ -93,12 +102,18 @@ def _metrics_mismatches(run_dir: Path, state, header: dict | None) -> list[str]:
     if not isinstance(metrics, dict):
         return [f"{path}: not a JSON object"]
     differ = []
-    if state is not None and "rounds" in metrics and metrics["rounds"] != state.round:  # a finished run's last
-        differ.append(f"rounds {metrics.get('rounds')!r} (the checkpoint's {state.round})")
+    if state is not None:
+        if "rounds" in metrics and metrics["rounds"] != state.round:  # a finished run's last
+            differ.append(f"rounds {metrics['rounds']!r} (the checkpoint's {state.round})")
+        differ += [f"{key} {metrics[key]!r} (the checkpoint's {state.settings[setting]!r})"
+                   for key, setting in METRICS_SETTINGS.items()
+                   if key in metrics and setting in state.settings and metrics[key] != state.settings[setting]]
     ledger = privacy_metrics(run_dir)
     for key in (*EPSILON_KEYS, *COPIED_KEYS):
-        if key in metrics and key in ledger and not _same(metrics[key], ledger[key], *(
-                (REL_TOL, ABS_TOL) if key in EPSILON_KEYS else ())):
+        if key in metrics and key not in ledger:
+            differ.append(f"{key} {metrics[key]!r} (the ledger has none: another privacy mode's)")
+        elif key in metrics and not _same(metrics[key], ledger[key], **(EPSILON_TOLERANCE if key in EPSILON_KEYS
+                                                                        else {})):
             differ.append(f"{key} {metrics[key]!r} (the ledger's {ledger[key]!r})")
     for field, key in HEADER_SETTINGS.items() if header is not None else ():
         if metrics.get(key) is not None and field in header and not _same(metrics[key], header[field]):

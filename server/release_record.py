@@ -26,6 +26,9 @@ from lore_core.text_file import read_jsonl
 from server.optimizer import make_optimizer, pseudo_gradient, reported_basis
 
 RELEASES_DIR = "releases"
+# The header fields an older record may lack, as the replay runs them (records written before the schedule was a
+# setting ran the cosine); a check of the header against the run compares these, not "absent" (a reviewer).
+REPLAY_DEFAULTS = {"schedule": "cosine"}
 CHAIN_FILENAME = "chain.jsonl"
 SCHEMA = "lore-fed-releases/1"
 
@@ -231,7 +234,7 @@ def replay_optimizer(releases: Releases, stepped: list[bool]) -> np.ndarray:
             raise ReleaseRecordError(f"release {i + 1} (round {t}) did not start from the basis released after round "
                                      f"{t - 1}")
         optimizer = make_optimizer(settings["name"], settings["server_lr"], settings.get("rounds"),
-                                   settings.get("schedule", "cosine"))
+                                   settings.get("schedule", REPLAY_DEFAULTS["schedule"]))
         optimizer.load_state_dict({k: np.array(v) for k, v in previous[1].items()})
         basis = releases.basis_before[i]
         if stepped[i]:

@@ -926,6 +926,23 @@ def test_what_a_run_published_must_be_what_its_release_record_holds(pair_file, s
     # its round set to an earlier one, which once excused a metrics.json as a run's being extended (a reviewer)
     summary = tampered("rounds", metrics_edit(lambda m: {"epsilon": m["epsilon"] / 10, "rounds": 1}))
     assert "rounds 1 (the checkpoint's 6)" in summary and "epsilon" in summary
+    # secure aggregation's epsilon against the server claimed on a `user` run (a reviewer)
+    summary = tampered("secagg claim", metrics_edit(lambda m: {"privacy_mode": "user+secagg",
+                                                               "epsilon_against_server": 0.05}))
+    assert "privacy_mode 'user+secagg' (the checkpoint's 'user')" in summary
+    assert "epsilon_against_server 0.05 (the ledger has none" in summary
     summary = tampered("forged", lambda d: _rechained(d, 10.0, {"client_lr": 10.0}))
     assert "its header's server optimizer settings are not the run's: client_lr 10.0" in summary
     read_releases(tmp_path / "forged")  # the forged record itself verifies: only the run's settings expose it
+    # A header field removed is compared as the replay runs it (a cosine schedule), not skipped: a reviewer rescaled
+    # a constant-schedule SGD run's updates to replay as a cosine one without the field.
+    from dataclasses import replace
+
+    from lore_cli.run_consistency import published_mismatches
+    from server.checkpoint import load_checkpoint
+
+    releases, state = read_releases(run_dir), load_checkpoint(run_dir)
+    assert state.settings["server_lr_schedule"] == "constant" and published_mismatches(run_dir, state, releases) == []
+    header = {k: v for k, v in releases.optimizer.items() if k != "schedule"}
+    found = published_mismatches(run_dir, state, replace(releases, optimizer=header))
+    assert any("schedule 'cosine' (the checkpoint's server_lr_schedule 'constant')" in f for f in found), found
