@@ -60,10 +60,20 @@ def _header_mismatches(run_dir: Path, state, header: dict) -> list[str]:
     differ = [f"{field} {replayed.get(field)!r} (the checkpoint's {key} {state.settings[key]!r})"
               for field, key in HEADER_SETTINGS.items()
               if key in state.settings and not _same(replayed.get(field), state.settings[key])]
+    planned = _planned_rounds(run_dir)  # the cosine's length (the checkpoint keeps none: a resume may not change it)
+    if "rounds" in header and planned is not None and header["rounds"] != planned:
+        differ.append(f"rounds {header['rounds']!r} (the ledger's planned {planned})")
     if not differ:
         return []
     return [f"{run_dir / 'releases' / 'chain.jsonl'}: its header's server optimizer settings are not the run's: "
             f"{'; '.join(differ)}; the replay of the releases would use settings the run did not run with"]
+
+
+def _planned_rounds(run_dir: Path) -> int | None:
+    from lore_core.privacy.ledger import read_ledger
+
+    file = run_dir / "ledger.json"
+    return read_ledger(file)["config"].get("rounds") if file.is_file() else None
 
 
 def _basis_mismatches(run_dir: Path, state, releases) -> list[str]:

@@ -946,3 +946,5 @@ def test_what_a_run_published_must_be_what_its_release_record_holds(pair_file, s
     header = {k: v for k, v in releases.optimizer.items() if k != "schedule"}
     found = published_mismatches(run_dir, state, replace(releases, optimizer=header))
     assert any("schedule 'cosine' (the checkpoint's server_lr_schedule 'constant')" in f for f in found), found
+    found = published_mismatches(run_dir, state, replace(releases, optimizer={**releases.optimizer, "rounds": 60}))
+    assert any("rounds 60 (the ledger's planned 6)" in f for f in found), found  # the cosine's length
