@@ -40,7 +40,6 @@ from client.device.state import (
     is_device_state,
     load_state,
     new_state,
-    personal_files,
     salvage_choices,
     save_state,
     state_lock,
@@ -400,8 +399,7 @@ def _status(args) -> int:
 def _forget(args) -> int:
     directory = _directory(args)
     with state_lock(directory):  # refuses a directory that is not a device state before anything is deleted
-        had_personal_data = bool(personal_files(directory))
-        notes, usable = forget(directory, everything=args.all)
+        notes, usable, had_personal_data = forget(directory, everything=args.all)
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
     if args.all:

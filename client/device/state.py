@@ -342,11 +342,13 @@ def require_state(directory: str | Path) -> Path:
 
 
 class Forgotten(NamedTuple):
-    """What `forget` did: notes for the user (what could not be kept or removed; empty when all went as asked), and
-    whether the rest of the state still loads (False after `everything`, or when its note says how to repair it)."""
+    """What `forget` did: notes for the user (what could not be kept or removed; empty when all went as asked),
+    whether the rest of the state still loads (False after `everything`, or when its note says how to repair it), and
+    whether there was personal data to delete (a second `forget` has none)."""
 
     notes: list[str]
     usable: bool
+    had_personal_data: bool = True
 
 
 def forget(directory: str | Path, *, everything: bool = False) -> Forgotten:
@@ -356,17 +358,19 @@ def forget(directory: str | Path, *, everything: bool = False) -> Forgotten:
     directory = require_state(directory)
     if everything:
         return Forgotten(_delete_state(directory), False)
+    had = bool(personal_files(directory))
     try:
         state = load_state(directory)
     except Exception as exc:  # corrupted in any way, or the manifest is gone: personal files may still be on disk
         return _forget_corrupted(directory, exc, "was corrupted" if isinstance(exc, StateError) else
-                                 "could not be read")
+                                 "could not be read")._replace(had_personal_data=had)
     try:
         save_state(replace(state, user_weights=None, pair_diff=state.pair_diff[:0], choices=(), posterior_mode=None,
                            posterior_cov=None, prior_mean=None, attributes=()))
     except Exception as exc:  # e.g. a full disk: the personal data goes all the same, by deletion
-        return _forget_corrupted(directory, exc, "could not be saved without its personal data")
-    return Forgotten([], True)
+        return _forget_corrupted(directory, exc, "could not be saved without its personal data")._replace(
+            had_personal_data=had)
+    return Forgotten([], True, had)
 
 
 def personal_files(directory: Path) -> list[Path]:
