@@ -342,6 +342,8 @@ def _declare(args) -> int:
             if args.attributes or args.priors is not None:
                 raise ValueError("declare --clear removes every declared attribute; give it alone (without "
                                  "FIELD=VALUE or --priors)")
+            if not state.attributes and state.prior_mean is None:  # a tester saw no word at all
+                print("nothing to clear: no attribute is declared (the population prior is in use)", file=sys.stderr)
             state = replace(state, attributes=(), prior_mean=None)
         else:
             if not args.attributes or args.priors is None:
