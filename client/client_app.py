@@ -209,7 +209,8 @@ def _record_train(context: Context, config, settings: p.ClientSettings, basis: n
     logits, updates, after = record_dp_updates(
         basis, node.training_block(sampled), logits, sampled, states, lr=settings.client_lr,
         noise_multiplier=float(config[p.NOISE_MULTIPLIER]), max_grad_norm=float(config[p.MAX_GRAD_NORM]),
-        batch_size=int(config[p.RECORD_BATCH_SIZE]), epochs=int(config[p.RECORD_EPOCHS]),
+        batch_size=int(config[p.RECORD_BATCH_SIZE]), sample_rate=float(config[p.RECORD_SAMPLE_RATE]),
+        epochs=int(config[p.RECORD_EPOCHS]),
         delta=delta, max_epsilon=max_epsilon,
         noise_seed=None if seed is None else seed + 104729 * int(config[p.ROUND]), device=settings.device)
     rows = [(u, z, q, k) for u, state in zip(sampled, after) for z, q, k in state.history]

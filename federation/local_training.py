@@ -100,7 +100,7 @@ def pair_weighted(updates: np.ndarray, block: UserBlock, sampled: np.ndarray, pa
 
 def record_dp_updates(basis: np.ndarray, block: UserBlock, logits: np.ndarray, sampled: np.ndarray,
                       states: list, *, lr: float, noise_multiplier: float, max_grad_norm: float, batch_size: int,
-                      epochs: int, delta: float, max_epsilon: float | None = None, noise_seed: int | None = None,
+                      sample_rate: float, epochs: int, delta: float, max_epsilon: float | None = None, noise_seed: int | None = None,
                       device: str = "cpu") -> tuple[np.ndarray, np.ndarray, list]:
     """Record mode: per sampled user, Opacus DP-SGD per pair over the user's weights and the basis together
     (lore_core.privacy.record_dp): w is never fitted outside the private step.
@@ -128,7 +128,8 @@ def record_dp_updates(basis: np.ndarray, block: UserBlock, logits: np.ndarray, s
         try:
             updates[i], updated[user], new_states[i] = dp_sgd_update(
                 basis, logits[user], pairs, noise_multiplier=noise_multiplier,
-                max_grad_norm=max_grad_norm, batch_size=batch_size, epochs=epochs, lr=lr, state=states[i],
+                max_grad_norm=max_grad_norm, batch_size=batch_size, sample_rate=sample_rate, epochs=epochs, lr=lr,
+                state=states[i],
                 device=device, delta=delta, max_epsilon=max_epsilon, reproducible_seed=seed)
         except PrivacyBudgetExhausted:
             exhausted += 1  # this user's record-level budget is spent: it sends a zero update (the server counts it)

@@ -5,7 +5,7 @@ train    server -> node: arrays {basis (B, D)}, config {user-indices: [local ind
                           run-id (16 hex digits: names the node's slot for the run's w; absent from a run whose
                           checkpoint predates it, whose nodes name the slot by run-dir),
                           + user modes: clip-norm; + record: noise-multiplier, max-grad-norm, record-batch-size,
-                          record-epochs, delta[, max-epsilon][, noise-seed (debug, NOT PRIVATE)]}
+                          record-sample-rate, record-epochs, delta[, max-epsilon][, noise-seed (debug, NOT PRIVATE)]}
          node -> server: arrays {updates (k, B, D)}, metrics {num-users: k}     -- nothing else, ever
                          (mode none with run config weight-by pair: each user's update multiplied by its training
                          pairs / pairs-per-user on the node, so the server's mean counts every pair once)
@@ -17,7 +17,7 @@ train    server -> node: arrays {basis (B, D)}, config {user-indices: [local ind
                          lost its state starts from it), and the reply
                          adds arrays {dp-history (s, 4): rows (position in updates, z, q, steps)}:
                          what each sampled user spent this round (the segments it added to its accountant
-                         history), which the ledger appends (reveals its batch count)
+                         history), which the ledger appends (the public rate and steps: nothing of its pair count)
 evaluate server -> node: arrays {basis}, config {round[, run-id]}
          node -> server: metrics {seen-acc-sum, seen-users, unseen-acc-sum, unseen-users[, oracle-*-acc-sum]}
 Client settings come from the run config (flat `[tool.flwr.app.config]` keys, shared with the server).
@@ -49,6 +49,7 @@ CLIP_NORM = "clip-norm"
 NOISE_MULTIPLIER = "noise-multiplier"
 MAX_GRAD_NORM = "max-grad-norm"
 RECORD_BATCH_SIZE = "record-batch-size"
+RECORD_SAMPLE_RATE = "record-sample-rate"
 RECORD_EPOCHS = "record-epochs"
 DELTA = "delta"
 MAX_EPSILON = "max-epsilon"

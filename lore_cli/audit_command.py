@@ -28,7 +28,7 @@ NAMES = ("update-leakage", "attribute", "membership", "mechanism", "canary", "ac
 PRIVACY_DEFAULTS = {"noise_multiplier": 1.0, "clip_norm": 1.0, "clients_per_round": 50, "population_size": 1400,
                     "rounds": 200, "delta": 1e-5, "mode": "none",
                     # record mode's DP-SGD (lore_core.privacy.privacy_settings.DEFAULTS)
-                    "max_grad_norm": 1.0, "record_batch_size": 4, "record_epochs": 1}
+                    "max_grad_norm": 1.0, "record_batch_size": 4, "record_sample_rate": 0.25, "record_epochs": 1}
 
 
 # Upper bounds on the audits' sizes (a mechanism run is one aggregation step, a shadow one batched fit of every
@@ -109,9 +109,12 @@ def _load_settings(args: argparse.Namespace, run_dir: Path | None) -> dict:
         value = settings[key]
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise AuditCommandError(f"{key} must be a positive integer, got {value!r}{source.get(key, stored_in)}")
-    for key in ("noise_multiplier", "clip_norm", "delta", "max_grad_norm"):
+    for key in ("noise_multiplier", "clip_norm", "delta", "max_grad_norm", "record_sample_rate"):
         if isinstance(settings[key], bool) or not isinstance(settings[key], (int, float)):
             raise AuditCommandError(f"{key} must be a number, got {settings[key]!r}{source.get(key, stored_in)}")
+    if not 0 < settings["record_sample_rate"] <= 1:
+        raise AuditCommandError(f"record_sample_rate must be in (0, 1], got {settings['record_sample_rate']!r}"
+                                f"{source.get('record_sample_rate', stored_in)}")
     if settings["mode"] in ("user", "user+secagg"):  # record mode samples every user it holds
         _refuse_more_per_round_than_users(settings, source, stored_in)  # a tester: update-leakage took 50 of 42
     return settings
@@ -374,7 +377,8 @@ def record_client_updates(pairs, basis: np.ndarray, user_ids: np.ndarray, settin
             logits, upload, states = record_dp_updates(
                 basis, users, logits, local, states, lr=lr, noise_multiplier=float(settings["noise_multiplier"]),
                 max_grad_norm=float(settings["max_grad_norm"]), batch_size=int(settings["record_batch_size"]),
-                epochs=int(settings["record_epochs"]), delta=float(settings["delta"]))
+                sample_rate=float(settings["record_sample_rate"]), epochs=int(settings["record_epochs"]),
+                delta=float(settings["delta"]))
             summed += upload
         updates.append(summed)
     return np.concatenate(updates)
@@ -387,12 +391,14 @@ def record_rounds(run_dir: Path | None, settings: dict) -> tuple[int, int | None
     MAX_RECORD_ROUNDS."""
     from lore_core.audits.update_leakage import MAX_RECORD_ROUNDS
     from lore_core.privacy.ledger import read_ledger
+    from lore_core.privacy.record_dp import steps_per_epoch
 
     ledger = run_dir / "ledger.json" if run_dir else None
     if ledger is None or not ledger.exists():
         return 1, None
     clients = read_ledger(ledger)["events"]["clients"].values()
-    taken = [sum(q * k for _, q, k in client["history"]) / int(settings["record_epochs"]) for client in clients]
+    taken = [sum(k / steps_per_epoch(q) for _, q, k in client["history"]) / int(settings["record_epochs"])
+             for client in clients]
     if not taken:
         return 1, 0
     median = max(1, int(round(float(np.median(taken)))))

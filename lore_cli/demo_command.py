@@ -319,11 +319,13 @@ def write_demo_report(out: Path, dataset: Path, central: dict, runs: dict[str, d
     mode = federated.get("privacy_mode", "none")
     ledger_file = out / "federated" / "ledger.json"
     ledger = json.loads(ledger_file.read_text()) if ledger_file.exists() else {}
+    others = ("runs of this report (`centralized/`, `federated-nonprivate/`) trained on the same users without "
+              "privacy and release their bases" if "federated-nonprivate" in runs else
+              "run of this report (`centralized/`) trained on the same users without privacy and releases its basis")
+    rank_choice = (f"The rank {federated.get('rank')} was chosen by the centralized, non-private run on the same users "
+                   "(`--rank auto`): that choice is not covered; give `--rank` from a public pilot population for a "
+                   "run whose settings owe nothing to the private data.")
     if "epsilon" in federated:
-        others = ("runs of this report (`centralized/`, `federated-nonprivate/`) trained on the same users without "
-                  "privacy and release their bases" if "federated-nonprivate" in runs else
-                  "run of this report (`centralized/`) trained on the same users without privacy and releases its "
-                  "basis")
         accountant = ("the distributed discrete Gaussian's RDP bound" if federated.get("epsilon_accountant") ==
                       "ddg-rdp" else f"the Opacus PRV accountant (RDP: {federated.get('epsilon_rdp', float('nan')):.3f})")
         sentences = [f"Mode `{mode}`: user-level (epsilon, delta) = ({federated['epsilon']:.3f}, "
@@ -334,9 +336,7 @@ def write_demo_report(out: Path, dataset: Path, central: dict, runs: dict[str, d
                      "Differential privacy over a population of a few hundred users is expensive: larger populations "
                      "reach a smaller epsilon at the same accuracy."]
         if reference_chose_rank:
-            sentences.append(f"The rank {federated.get('rank')} was chosen by the centralized, non-private run on the "
-                             "same users (`--rank auto`): that choice is not covered; give `--rank` from a public "
-                             "pilot population for a run whose settings owe nothing to the private data.")
+            sentences.append(rank_choice)
         if federated.get("epsilon_against_server") is not None:
             sentences.append(f"This epsilon holds against everyone but the server; the server draws the sample, and "
                              f"against it the run is ({federated['epsilon_against_server']:.3f}, "
@@ -344,7 +344,10 @@ def write_demo_report(out: Path, dataset: Path, central: dict, runs: dict[str, d
                              "the most-sampled user.")
         lines.append(" ".join(sentences))
     elif mode != "none" and federated.get("privacy_guarantee"):  # record: per pair, not user-level (the ledger's)
-        lines.append(f"Mode `{mode}`: {federated['privacy_guarantee']}.")
+        # the other runs and the rank choice, as in the user modes (a privacy reviewer found them left out here)
+        lines.append(" ".join([f"Mode `{mode}`: {federated['privacy_guarantee']}.",
+                               f"It is that of the `federated/` run alone: the {others} and accuracies without any "
+                               "guarantee."] + ([rank_choice] if reference_chose_rank else [])))
     else:
         lines.append(f"Mode `{mode}`: no differential-privacy guarantee for this run.")
     if ledger:

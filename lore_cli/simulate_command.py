@@ -278,7 +278,8 @@ def privacy_metrics(run_dir: Path) -> dict:
     elif s.mode == "record":  # per pair, max over clients: deliberately not under the user-level key `epsilon`
         out.update(record_epsilon_max_over_clients=None if eps is None else eps.prv,
                    record_epsilon_rdp=None if eps is None else eps.rdp, delta=s.delta,
-                   noise_multiplier=s.noise_multiplier, max_grad_norm=s.max_grad_norm, record_epochs=s.record_epochs)
+                   noise_multiplier=s.noise_multiplier, max_grad_norm=s.max_grad_norm, record_epochs=s.record_epochs,
+                   record_sample_rate=s.record_sample_rate, record_batch_size=s.record_batch_size)
     return out
 
 

@@ -42,8 +42,8 @@ TIMINGS_NOT_COVERED = ("timings (rounds.jsonl seconds, metrics.json train_second
 AUDITS_NOT_COVERED = ("audit results that read raw data (update-leakage, attribute, membership, fairness, "
                       "extraction; RUN/audits/ and the ledger's audits list) are released without noise")
 RECORD_HISTORY_NOT_COVERED = ("record mode: what each sampled client spent in the round (z, q, steps), sent to "
-                              "the server for this ledger; it reveals the client's number of Poisson batches per "
-                              "epoch, about n_i / record-batch-size (n_i itself at batch size 1); and a node refuses a "
+                              "the server for this ledger; q and the steps are the run's public settings, not the "
+                              "client's, but a client without a training pair spends nothing; and a node refuses a "
                               "delta >= 1/n_i before any step, so varying delta finds n_i (node config record-delta "
                               "below 1/n_i closes that)")
 RUN_FILES_NOT_COVERED = ("lore-fed simulate: the pair file's fingerprint (DIR/data.json, metrics.json "
@@ -153,6 +153,7 @@ def train_config(settings: PrivacySettings) -> dict[str, Any]:
         config.update({p.NOISE_MULTIPLIER: float(settings.noise_multiplier),
                        p.MAX_GRAD_NORM: float(settings.max_grad_norm),
                        p.RECORD_BATCH_SIZE: int(settings.record_batch_size),
+                       p.RECORD_SAMPLE_RATE: float(settings.record_sample_rate),
                        p.RECORD_EPOCHS: int(settings.record_epochs), p.DELTA: float(settings.delta)})
         if settings.max_epsilon is not None:
             config[p.MAX_EPSILON] = float(settings.max_epsilon)

@@ -1,6 +1,7 @@
 """Time cost of privacy mode `user+secagg` against `user` on one small synthetic file, in-process (LocalGrid: the
 real apps, no engine) and through Flower's Ray simulation engine. Prints seconds per round (median of rounds >= 2;
-round 1 also pays imports / engine start) for both modes. Both modes run the same ledger and accountant per round.
+round 1 also pays imports / engine start) for both modes. Each mode runs its own accountant per round (user: PRV;
+user+secagg: the distributed discrete Gaussian's).
 
     python -m simulations.bench_secagg [--users 64] [--nodes 16] [--rounds 4] [--clients-per-round 16] [--no-ray]
 """

@@ -45,7 +45,8 @@ def record_figures(device: str) -> dict:
     started = time.perf_counter()
     for _ in range(10):
         delta, logits, state = dp_sgd_update(basis, logits, diff, noise_multiplier=1.0, max_grad_norm=1.0,
-                                             batch_size=8, epochs=5, lr=0.1, state=state, device=device)
+                                             batch_size=8, sample_rate=0.25, epochs=5, lr=0.1, state=state,
+                                             device=device)
     return {"device": device, "seconds_10_rounds": time.perf_counter() - started,
             "epsilon_after_10_rounds": record_epsilon(state, 1e-5), "update_finite": bool(np.isfinite(delta).all())}
 

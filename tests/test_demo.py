@@ -345,6 +345,11 @@ def test_a_record_mode_demo_report_states_its_per_pair_guarantee(tmp_path):
             "federated-nonprivate": {"rank": 3, "seen_test_acc": 0.72, "unseen_test_acc": 0.73}}
     report = write_demo_report(tmp_path, dataset, central, runs, 12.0).read_text()
     assert f"Mode `record`: {guarantee}." in report and "no differential-privacy guarantee" not in report
+    # the other runs and the rank choice, as the user modes say them (a privacy reviewer)
+    assert "It is that of the `federated/` run alone: the runs of this report (`centralized/`" in report
+    assert "was chosen by the centralized" not in report
+    report = write_demo_report(tmp_path, dataset, central, runs, 12.0, reference_chose_rank=True).read_text()
+    assert "The rank 3 was chosen by the centralized, non-private run on the same users" in report
 
 
 @pytest.mark.parametrize("code, raised", [(130, KeyboardInterrupt), (143, "Terminated")])

@@ -195,11 +195,10 @@ def tiny_pair_file(tmp_path_factory) -> Path:
 
 
 def test_record_mode_accounts_per_pair_like_one_uninterrupted_opacus_run(tiny_pair_file, tmp_path, monkeypatch):
-    import torch
-    from opacus import PrivacyEngine
-    from torch.utils.data import DataLoader, TensorDataset
+    from opacus.accountants import PRVAccountant
 
     import lore_core.privacy.record_dp as record_dp
+    from lore_core.privacy.record_dp import steps_per_epoch
     from lore_core.pairs import load_pairs
 
     calls = []  # (pairs of the user, logits passed in, logits returned): w only ever comes out of the private step
@@ -211,11 +210,11 @@ def test_record_mode_accounts_per_pair_like_one_uninterrupted_opacus_run(tiny_pa
         return update, new_logits, state
 
     monkeypatch.setattr(record_dp, "dp_sgd_update", spy)
-    rounds, batch = 10, 4
+    rounds = 10
     cfg = get_fused_config_from_dir(ROOT, {
         "pairs-path": str(tiny_pair_file), "run-dir": str(tmp_path), "rank": 2, "num-server-rounds": rounds,
         "clients-per-round": 3, "privacy-mode": "record", "noise-multiplier": 1.0, "max-grad-norm": 1.0,
-        "record-batch-size": batch, "record-epochs": 1, "server-lr": 0.05, "eval-every": 3,
+        "record-batch-size": 4, "record-epochs": 1, "server-lr": 0.05, "eval-every": 3,
         "allow-uncovered-eval": True})
     grid = LocalGrid(client_app, [{"partition-id": 0, "num-partitions": 1}], cfg)
     run_federated(grid, ServerSettings.from_run_config(cfg))
@@ -236,24 +235,14 @@ def test_record_mode_accounts_per_pair_like_one_uninterrupted_opacus_run(tiny_pa
     assert "NOT a user-level guarantee" in ledger["guarantee"] and ledger["epsilon"]["over"] == "max over 3 clients"
     # the claim names its epsilon with its delta (it read "record-level (1e-05-)DP ..."; a tester)
     assert ledger["guarantee"].startswith(f"record-level ({ledger['epsilon']['prv']:.3f}, ")
+    steps = steps_per_epoch(0.25)  # the default public rate: every client's history is the same, whatever its n
     for i, n in enumerate(counts):
-        # one uninterrupted Opacus run of the same steps: rounds epochs over this client's n pairs
-        diff = torch.as_tensor(train.diff[train.user == users[i]])
-        model = torch.nn.Linear(8, 1, bias=False)
-        engine = PrivacyEngine(accountant="prv")
-        model, optimizer, loader = engine.make_private(
-            module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
-            data_loader=DataLoader(TensorDataset(diff), batch_size=batch), noise_multiplier=1.0, max_grad_norm=1.0,
-            poisson_sampling=True)
-        for _ in range(rounds):
-            for (x,) in loader:
-                optimizer.zero_grad()
-                model(x).sum().backward()
-                optimizer.step()
         client = ledger["events"]["clients"][str(i)]
+        assert [tuple(seg) for seg in client["history"]] == [(1.0, 0.25, rounds * steps)]
+        fresh = PRVAccountant()  # one uninterrupted Opacus accountant of the same steps
+        fresh.history = [(1.0, 0.25, rounds * steps)]
         derived = history_epsilon([tuple(seg) for seg in client["history"]], 1e-5)
-        assert derived == pytest.approx(engine.get_epsilon(1e-5), rel=1e-6)
-        assert sum(seg[2] for seg in client["history"]) == rounds * math.ceil(n / batch)
+        assert derived == pytest.approx(fresh.get_epsilon(1e-5), rel=1e-6)
     train_ids = {m.metadata.message_id for m in requests_of(grid, "train")}
     for reply in grid.replies:
         if reply.metadata.reply_to_message_id in train_ids:
@@ -555,8 +544,8 @@ def test_a_server_cannot_push_a_record_user_past_max_epsilon_with_a_cheap_histor
                       run_config=cfg)
     node = node_app.node_users(context, settings)
     basis = np.random.default_rng(0).normal(size=(2, 8)) * 0.1
-    config = {p.NOISE_MULTIPLIER: 3.0, p.MAX_GRAD_NORM: 1.0, p.RECORD_BATCH_SIZE: 4, p.RECORD_EPOCHS: 1,
-              p.DELTA: 1e-5, p.MAX_EPSILON: 2.0, p.ROUND: 1}
+    config = {p.NOISE_MULTIPLIER: 3.0, p.MAX_GRAD_NORM: 1.0, p.RECORD_BATCH_SIZE: 4, p.RECORD_SAMPLE_RATE: 0.25,
+              p.RECORD_EPOCHS: 1, p.DELTA: 1e-5, p.MAX_EPSILON: 2.0, p.ROUND: 1}
     user = np.array([0])
     ledger = np.zeros((0, 4))
     for _ in range(100):  # an honest server: its ledger holds what the client reported

@@ -45,7 +45,8 @@ def device_context(device_pairs: Path, tmp_path: Path, mode: str, **node_config)
 
 
 def record_config(**overrides) -> dict:
-    return {p.NOISE_MULTIPLIER: 4.0, p.MAX_GRAD_NORM: 1.0, p.RECORD_BATCH_SIZE: 4, p.RECORD_EPOCHS: 1,
+    return {p.NOISE_MULTIPLIER: 4.0, p.MAX_GRAD_NORM: 1.0, p.RECORD_BATCH_SIZE: 4, p.RECORD_SAMPLE_RATE: 0.25,
+            p.RECORD_EPOCHS: 1,
             p.DELTA: 1e-5, p.ROUND: 1, **overrides}
 
 
@@ -153,7 +154,7 @@ def test_record_dp_refuses_a_budget_it_cannot_compare_and_stops_on_an_epsilon_it
     from lore_core.privacy.accounting import PrivacyBudgetExhausted
 
     rng = np.random.default_rng(0)
-    args = dict(noise_multiplier=4.0, max_grad_norm=1.0, batch_size=4, epochs=1, lr=0.1, delta=1e-5,
+    args = dict(noise_multiplier=4.0, max_grad_norm=1.0, batch_size=4, sample_rate=0.25, epochs=1, lr=0.1, delta=1e-5,
                 state=record_dp.RecordDpState())
     basis, logits, diff = rng.normal(size=(2, 8)), np.zeros(2), rng.normal(size=(12, 8))
     with pytest.raises(ValueError, match="max_epsilon must be finite and > 0"):

@@ -18,7 +18,7 @@ from lore_core.privacy import (
     poisson_sample,
 )
 from lore_core.privacy.accounting import PrivacyBudgetExhausted, history_epsilon
-from lore_core.privacy.record_dp import RecordDpState, dp_sgd_update, record_epsilon
+from lore_core.privacy.record_dp import RecordDpState, dp_sgd_update, record_epsilon, steps_per_epoch
 
 B, D = 4, 6
 DELTA = 1e-5
@@ -124,13 +124,14 @@ def small_client(n=10, seed=0):
 
 def test_record_epsilon_over_persisted_rounds_equals_one_uninterrupted_run():
     basis, logits, diff = small_client()
-    kwargs = dict(noise_multiplier=1.0, max_grad_norm=1.0, batch_size=2, epochs=1, lr=0.05, delta=DELTA)
+    kwargs = dict(noise_multiplier=1.0, max_grad_norm=1.0, batch_size=2, sample_rate=0.2, epochs=1, lr=0.05,
+                  delta=DELTA)
     state = RecordDpState()
     for _ in range(10):
         stored = RecordDpState.from_dict(state.to_dict())  # round trip through the Flower/disk form
         delta_basis, logits, state = dp_sgd_update(basis, logits, diff, state=stored, **kwargs)
         basis = basis + delta_basis
-    steps_per_round = 5  # q = 1/ceil(10/2)
+    steps_per_round = 5  # int(1 / q)
     assert state.history == [(1.0, 0.2, 10 * steps_per_round)]
     from opacus.accountants import PRVAccountant
 
@@ -148,7 +149,8 @@ def test_record_update_clips_each_pairs_gradient_over_weights_and_basis_together
     c, lr, epochs = 0.5, 0.1, 3
     with pytest.warns(RuntimeWarning, match="no amplification"):  # batch = all pairs: every step sees every pair
         delta_basis, new_logits, state = dp_sgd_update(
-            basis, logits, diff, noise_multiplier=1e-9, max_grad_norm=c, batch_size=6, epochs=epochs, lr=lr,
+            basis, logits, diff, noise_multiplier=1e-9, max_grad_norm=c, batch_size=6, sample_rate=1.0, epochs=epochs,
+            lr=lr,
             state=RecordDpState(), reproducible_seed=0,
         )
     a, theta, d = basis.astype(np.float64), logits.astype(np.float64), diff.astype(np.float64)
@@ -163,7 +165,7 @@ def test_record_update_clips_each_pairs_gradient_over_weights_and_basis_together
                                     + np.linalg.norm(w * (scores - z[:, None]), axis=1) ** 2)
         scale = np.minimum(1.0, c / norms)
         assert np.any(scale < 1)  # the clip is exercised
-        a = a - lr * np.outer(w, (scale * g) @ d) / len(d)  # mean reduction: divide by expected batch n
+        a = a - lr * np.outer(w, (scale * g) @ d) / len(d)  # divided by the public batch size, here n
         theta = theta - lr * (scale[:, None] * grad_theta).sum(axis=0) / len(d)
     np.testing.assert_allclose(delta_basis, a - basis, atol=2e-6)
     np.testing.assert_allclose(new_logits, theta, atol=2e-6)
@@ -183,9 +185,9 @@ def test_removing_one_pair_moves_the_released_update_by_at_most_the_clip_norm():
     def released_sum(pairs: np.ndarray, start: np.ndarray) -> np.ndarray:
         with pytest.warns(RuntimeWarning, match="no amplification"):
             update, _, _ = dp_sgd_update(basis, start, pairs, noise_multiplier=1e-9, max_grad_norm=c,
-                                         batch_size=len(pairs), epochs=1, lr=lr, state=RecordDpState(),
-                                         reproducible_seed=0)
-        return update.astype(np.float64) * len(pairs) / lr
+                                         batch_size=len(diff), sample_rate=1.0, epochs=1, lr=lr,
+                                         state=RecordDpState(), reproducible_seed=0)
+        return update.astype(np.float64) * len(diff) / lr  # the public divisor, the same with a pair removed
 
     def fitted_logits(pairs: np.ndarray) -> np.ndarray:
         rows = RowGroup(diff=pairs.astype(np.float64), user_idx=np.zeros(len(pairs), dtype=np.int64),
@@ -201,9 +203,28 @@ def test_removing_one_pair_moves_the_released_update_by_at_most_the_clip_norm():
     assert max(leaky) > 1.1 * c  # the accountant assumes c: a w fitted on the pairs breaks it
 
 
+@pytest.mark.parametrize("n", [8, 20])
+def test_a_record_update_s_noise_and_history_do_not_follow_the_client_s_pair_count(n):
+    """A privacy reviewer: Opacus' make_private takes the rate (1 / batches) and the divisor (rate x n) from the
+    data, so the update of n pairs and of n - 1 carried noise of other scales (std 1.06-1.17 against 1.43-1.56 at
+    n = 20, z = 4: told apart 200 times of 200, an epsilon of 4 certified against a claimed 0.47). Pairs whose
+    gradients vanish (d = 0) make the update pure noise: its std must be the public lr z C sqrt(steps) / batch, with
+    n pairs and with n - 1, and the accountant history the same."""
+    batch, q, z, c, lr, dim = 4, 0.25, 4.0, 1.0, 0.1, 2048
+    basis, logits = np.zeros((2, dim), np.float32), np.zeros(2)
+    expected = lr * z * c * np.sqrt(steps_per_epoch(q)) / batch
+    for size in (n, n - 1):
+        update, _, state = dp_sgd_update(basis, logits, np.zeros((size, dim), np.float32), noise_multiplier=z,
+                                         max_grad_norm=c, batch_size=batch, sample_rate=q, epochs=1, lr=lr,
+                                         state=RecordDpState(), reproducible_seed=size)
+        assert float(update.std()) == pytest.approx(expected, rel=0.05), size
+        assert state.history == [(z, q, steps_per_epoch(q))]
+
+
 def test_record_mode_checks_delta_and_budget_before_training():
     basis, logits, diff = small_client()
-    kwargs = dict(noise_multiplier=1.0, max_grad_norm=1.0, batch_size=2, epochs=1, lr=0.05, state=RecordDpState())
+    kwargs = dict(noise_multiplier=1.0, max_grad_norm=1.0, batch_size=2, sample_rate=0.2, epochs=1, lr=0.05,
+                  state=RecordDpState())
     with pytest.raises(ValueError, match="delta must be < 1/n"):
         dp_sgd_update(basis, logits, diff, delta=0.2, **kwargs)
     with pytest.raises(PrivacyBudgetExhausted):

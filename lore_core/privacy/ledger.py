@@ -29,6 +29,7 @@ from lore_core.privacy.accounting import (
     epsilon_report,
 )
 from lore_core.privacy.privacy_settings import RUN_CONFIG_KEYS, USER_MODES, PrivacySettings, validate
+from lore_core.privacy.record_dp import steps_per_epoch
 from lore_core.text_file import json_loads
 
 LEDGER_FILENAME = "ledger.json"
@@ -74,7 +75,8 @@ EPSILON_COVERED = ("epsilon after each round (ledger, rounds.jsonl, report): a f
                    "round count")
 RECORD_EPSILON_NOT_COVERED = ("record mode: epsilon after each round (ledger, rounds.jsonl record_epsilon_max, "
                               "report), the max-epsilon stop and so the number of rounds released: the largest of "
-                              "the clients' accountant histories, which depend on their pair counts")
+                              "the clients' accountant histories, which follow how often each was sampled and whether "
+                              "it trained (a client without a training pair spends nothing)")
 DESCRIPTIONS: dict[str, dict[str, str]] = {
     "user": {
         "privacy_unit": "user (all preference pairs of one client)",
@@ -115,7 +117,9 @@ DESCRIPTIONS: dict[str, dict[str, str]] = {
 
 # Who each mode's guarantee trusts, in one clause (the threat models above say it at length).
 TRUSTED = {
-    "user": "trusted: the server, which sees each sampled user's update; the guarantee holds against everyone else",
+    "user": ("trusted: the server, which sees each sampled user's update, and whoever sees which devices take part "
+             "in a round (the SuperLink, the network between them): the amplification by sampling needs the sample "
+             "secret; the guarantee holds against everyone who sees only what the server releases"),
     "user+secagg": "against everyone but the server, which draws the sample (see against_server for it)",
     "record": ("trusted: nobody; holds per pair against everyone, the server included, as long as the run ships "
                "lore-fed's client code and the server sends its clients the run's noise multiplier, clip and "
@@ -284,11 +288,12 @@ class PrivacyLedger:
         if s.mode in USER_MODES:
             nxt = self.history([(s.noise_multiplier, s.sample_rate)] * rounds)
             return _report(tuple(nxt), s.delta, self._dim).headline
-        # record: each client seen so far, `rounds` more rounds of record_epochs epochs at its own rate
+        # record: each client seen so far, `rounds` more rounds of record_epochs epochs at the public rate (a
+        # history begun before it was public ends at its own)
         worst = 0.0
         for client in self._facts["clients"].values():
-            z, q, _ = client["history"][-1]
-            extra = (z, q, rounds * s.record_epochs * round(1 / q))
+            q = s.record_sample_rate or client["history"][-1][1]
+            extra = (s.noise_multiplier, q, rounds * s.record_epochs * steps_per_epoch(q))
             worst = max(worst, _report(_key(client["history"]) + (extra,), s.delta).prv)
         return worst
 

@@ -33,6 +33,7 @@ RUN_CONFIG_KEYS = {
     "reproducible_noise": "reproducible-noise",
     "max_grad_norm": "max-grad-norm",
     "record_batch_size": "record-batch-size",
+    "record_sample_rate": "record-sample-rate",
     "record_epochs": "record-epochs",
     "num_shares": "num-shares",
     "reconstruction_threshold": "reconstruction-threshold",
@@ -50,6 +51,7 @@ DEFAULTS: dict[str, Any] = {
     "clients_per_round": 50,
     "max_grad_norm": 1.0,
     "record_batch_size": 4,
+    "record_sample_rate": 0.25,
     "record_epochs": 1,
     "num_shares": 3,
     "reconstruction_threshold": 2,
@@ -68,6 +70,7 @@ DP_FIELDS: dict[str, tuple[str, ...]] = {
     "delta": ("user", "user+secagg", "record"),
     "max_grad_norm": ("record",),
     "record_batch_size": ("record",),
+    "record_sample_rate": ("record",),
     "record_epochs": ("record",),
     "num_shares": ("user+secagg",),
     "reconstruction_threshold": ("user+secagg",),
@@ -112,7 +115,8 @@ class PrivacySettings:
     noise_seed: int | None = None
     # record mode (Opacus DP-SGD per client on its pairs)
     max_grad_norm: float | None = None
-    record_batch_size: int | None = None  # expected Poisson batch; q = 1 / ceil(n_i / batch_size)
+    record_batch_size: int | None = None  # the public divisor of a DP-SGD step (its nominal expected batch)
+    record_sample_rate: float | None = None  # public Poisson rate per pair; int(1 / q) steps per epoch
     record_epochs: int | None = None
     # user+secagg (Flower SecAgg+ with the distributed discrete Gaussian)
     num_shares: int | None = None
@@ -379,6 +383,10 @@ def _check_record(s: PrivacySettings) -> None:
     _at_most_max_scale(s.max_grad_norm, "max_grad_norm", f"set the per-pair clip norm, e.g. "
                        f"{setting('max_grad_norm', 1.0)}")
     _positive_int(s, "record_batch_size")
+    q = s.record_sample_rate  # public, as every part of the mechanism must be: not derived from n_i
+    if q is not None and not (isinstance(q, numbers.Real) and not isinstance(q, bool) and math.isfinite(q)
+                              and 0 < q <= 1):
+        raise PrivacyConfigError(f"{setting('record_sample_rate')} must be in (0, 1]; got {q!r}")
     _positive_int(s, "record_epochs")
     if s.noise_multiplier is None:
         raise PrivacyConfigError(f"record mode needs {setting('noise_multiplier')} ({setting('target_epsilon')} "

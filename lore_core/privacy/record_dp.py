@@ -17,6 +17,7 @@ Guarantee: per client, per pair; NOT user-level.
 from __future__ import annotations
 
 import math
+import numbers
 import secrets
 import warnings
 from dataclasses import dataclass, field
@@ -116,6 +117,13 @@ def _joint_scorer(basis: np.ndarray, logits: np.ndarray, device):
     return JointScorer().to(device)
 
 
+def steps_per_epoch(sample_rate: float) -> int:
+    """The DP-SGD steps of one epoch at Poisson rate q: int(1 / q), as Opacus' sampler takes them. Public, as q is."""
+    if not (isinstance(sample_rate, (int, float)) and math.isfinite(sample_rate) and 0 < sample_rate <= 1):
+        raise ValueError(f"the record sample rate must be in (0, 1]; got {sample_rate!r}")
+    return int(1 / sample_rate)
+
+
 def _resolve_device(device: str):
     import torch
 
@@ -133,6 +141,7 @@ def dp_sgd_update(
     noise_multiplier: float,
     max_grad_norm: float,
     batch_size: int,
+    sample_rate: float,
     epochs: int,
     lr: float,
     state: RecordDpState,
@@ -146,15 +155,21 @@ def dp_sgd_update(
 
     basis (B, D), logits (B,) the user's private weights as w = softmax(logits) (a DP-SGD output of earlier rounds,
     or zeros: uniform), diff (n, D) this client's pair differences (chosen - rejected).
-    Loss per pair softplus(-w.A d), mean reduction: each step moves (theta, A) by -lr (sum of clipped grads + noise)
-    / (q n), the clip over both.
-    Poisson rate q = 1 / ceil(n / batch_size). With delta, checks delta < 1/n; with max_epsilon (needs delta), raises
-    PrivacyBudgetExhausted before any step if this update would exceed it. RNGs are seeded from `secrets` unless a
-    reproducible_seed is given (debug, not private).
+    Loss per pair softplus(-w.A d). Each pair joins a step's Poisson batch with the public rate `sample_rate`; an epoch is steps_per_epoch(rate)
+    steps, and each step moves (theta, A) by -lr (sum of clipped grads + noise) / batch_size, the clip over both.
+    Nothing of the mechanism follows n: Opacus' make_private derives the rate (1 / batches) and the divisor
+    (rate x n) from the data, so removing one pair changed the released update's noise scale, and a server told n
+    from n - 1 (a privacy reviewer: an epsilon of 4 certified against a claimed 0.47).
+    With delta, checks delta < 1/n; with max_epsilon (needs delta), raises PrivacyBudgetExhausted before any step if
+    this update would exceed it. RNGs are seeded from `secrets` unless a reproducible_seed is given (debug, not
+    private).
     """
     import torch
-    from opacus import PrivacyEngine
-    from torch.utils.data import DataLoader, TensorDataset
+    from opacus import GradSampleModule
+    from opacus.accountants import PRVAccountant
+    from opacus.data_loader import DPDataLoader
+    from opacus.optimizers import DPOptimizer
+    from torch.utils.data import TensorDataset
 
     basis, logits, diff = np.asarray(basis), np.asarray(logits), np.asarray(diff)
     if basis.ndim != 2 or logits.shape != (basis.shape[0],) or diff.ndim != 2 or diff.shape[1] != basis.shape[1]:
@@ -173,8 +188,11 @@ def dp_sgd_update(
         raise ValueError("max_epsilon needs delta")
     if max_epsilon is not None and not (math.isfinite(max_epsilon) and max_epsilon > 0):
         raise ValueError(f"max_epsilon must be finite and > 0; got {max_epsilon}")  # NaN compared False: no budget
-    if batch_size >= n:
-        warnings.warn(f"batch_size {batch_size} >= n = {n} pairs: sample rate 1, no amplification by sampling",
+    if isinstance(batch_size, bool) or not (isinstance(batch_size, numbers.Integral) and batch_size > 0):
+        raise ValueError(f"batch_size (the public divisor of a step) must be a positive integer; got {batch_size!r}")
+    steps = steps_per_epoch(sample_rate)
+    if sample_rate == 1:
+        warnings.warn("record sample rate 1: every step sees every pair, no amplification by sampling",
                       RuntimeWarning, stacklevel=2)
 
     device = _resolve_device(device)
@@ -183,33 +201,34 @@ def dp_sgd_update(
     sampling_rng = torch.Generator().manual_seed(seeds[0])  # Poisson batches (the sampler runs on cpu)
     noise_rng = torch.Generator(device=device).manual_seed(seeds[1])
 
-    model = _joint_scorer(basis, logits, device)
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr)  # theta and A: both inside the private step
-    dataset = TensorDataset(torch.as_tensor(diff, dtype=torch.float32))
-    loader = DataLoader(dataset, batch_size=int(batch_size), generator=sampling_rng)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Secure RNG turned off")  # our RNGs are seeded from secrets
-        engine = PrivacyEngine(accountant="prv")
-        engine.accountant.history = list(state.history)  # continue, never reset, this client's accounting
-        model, optimizer, loader = engine.make_private(
-            module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=float(noise_multiplier),
-            max_grad_norm=float(max_grad_norm), poisson_sampling=True, noise_generator=noise_rng,
-        )
-    planned = check_history(state.history + [(float(noise_multiplier), 1 / len(loader), epochs * len(loader))])
+    model = GradSampleModule(_joint_scorer(basis, logits, device), batch_first=True, loss_reduction="mean")
+    model.forbid_grad_accumulation()  # Poisson batches: each step's per-pair gradients alone
+    # What make_private assembles, with the rate and the divisor public instead of derived from n.
+    optimizer = DPOptimizer(torch.optim.SGD(model.parameters(), lr=lr), noise_multiplier=float(noise_multiplier),
+                            max_grad_norm=float(max_grad_norm), expected_batch_size=int(batch_size),
+                            loss_reduction="mean", generator=noise_rng)
+    accountant = PRVAccountant()
+    accountant.history = list(state.history)  # continue, never reset, this client's accounting
+    optimizer.attach_step_hook(accountant.get_optimizer_hook_fn(sample_rate=float(sample_rate)))
+    loader = DPDataLoader(TensorDataset(torch.as_tensor(diff, dtype=torch.float32)), sample_rate=float(sample_rate),
+                          generator=sampling_rng)
+    assert len(loader) == steps, (len(loader), steps)  # the ledger's planning counts Opacus' steps
+    planned = check_history(state.history + [(float(noise_multiplier), float(sample_rate), epochs * steps)])
     if max_epsilon is not None and not (eps := history_epsilon(planned, delta)) <= max_epsilon:  # NaN stops too
         raise PrivacyBudgetExhausted(f"this update would bring the client's record-level epsilon to {eps:.3f} > "
                                      f"max_epsilon {max_epsilon}; skip training on this client")
-
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Full backward hook is firing")
         for _ in range(int(epochs)):
             for (batch,) in loader:
                 optimizer.zero_grad()
                 # An empty Poisson batch still takes a (pure-noise) step and is accounted, as it must be.
+                # mean over the batch drawn: the module multiplies it back to per-pair gradients, and the optimizer
+                # divides their clipped sum (+ noise) by the public batch_size
                 loss = torch.nn.functional.softplus(-model(batch.to(device))).mean()
                 loss.backward()
                 optimizer.step()
     new_basis = model._module.basis.weight.detach().cpu().numpy()
     new_logits = model._module.logits.detach().cpu().numpy().astype(np.float64)
-    new_state = RecordDpState(history=[tuple(s) for s in check_history(engine.accountant.history)])
+    new_state = RecordDpState(history=[tuple(s) for s in check_history(accountant.history)])
     return (new_basis - basis.astype(np.float32)).astype(basis.dtype), new_logits, new_state
