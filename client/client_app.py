@@ -193,8 +193,14 @@ def _record_train(context: Context, config, settings: p.ClientSettings, basis: n
     where that extends it: a node that lost its state must not check max-epsilon from zero
     (record_dp.starting_history). Returns (updates (k, B, D), what each sampled user spent that the ledger lacks,
     as rows (position, z, q, steps): increments, never whole histories)."""
-    from lore_core.privacy.record_dp import spending_to_report, starting_history
+    from lore_core.privacy.record_dp import check_request, spending_to_report, starting_history
 
+    try:  # the request as a whole, before any user: a refusal must not depend on which users hold pairs
+        check_request(float(config[p.NOISE_MULTIPLIER]), float(config[p.MAX_GRAD_NORM]),
+                      int(config[p.RECORD_BATCH_SIZE]), float(config[p.RECORD_SAMPLE_RATE]),
+                      int(config[p.RECORD_EPOCHS]))
+    except (ValueError, TypeError, KeyError, OverflowError) as exc:
+        raise ClientRequestError(f"record mode: {exc}") from None
     stored = load_record_histories(context)
     owner = stored[:, 0].astype(np.int64)
     own = [_history_state(stored[owner == u]) for u in sampled]

@@ -100,21 +100,24 @@ def pair_weighted(updates: np.ndarray, block: UserBlock, sampled: np.ndarray, pa
 
 def record_dp_updates(basis: np.ndarray, block: UserBlock, logits: np.ndarray, sampled: np.ndarray,
                       states: list, *, lr: float, noise_multiplier: float, max_grad_norm: float, batch_size: int,
-                      sample_rate: float, epochs: int, delta: float, max_epsilon: float | None = None, noise_seed: int | None = None,
-                      device: str = "cpu") -> tuple[np.ndarray, np.ndarray, list]:
+                      sample_rate: float, epochs: int, delta: float, max_epsilon: float | None = None,
+                      noise_seed: int | None = None, device: str = "cpu") -> tuple[np.ndarray, np.ndarray, list]:
     """Record mode: per sampled user, Opacus DP-SGD per pair over the user's weights and the basis together
     (lore_core.privacy.record_dp): w is never fitted outside the private step.
 
     logits (S, B): every local user's private weights as w = softmax(logits), DP-SGD outputs kept on the node
     (zeros = uniform before a user's first round). states: one RecordDpState per sampled user (its accountant
     history so far, never reset). Returns (new logits (S, B), updates (k, B, D), new states). A user whose next step
-    would exceed max_epsilon trains nothing: zero update, unchanged logits and history; so does a seen user without a
-    training pair on a device's own file (no pair to train on or protect; it failed the whole node). One Opacus
-    engine per user: a Python loop over the sampled users is the price of per-user accountants (a baseline mode).
+    would exceed max_epsilon trains nothing: zero update, unchanged logits and history. A seen user without a
+    training pair on a device's own file takes the same noise-only steps: with one pair or none, what leaves is
+    alike (it sent a zero update and no spending, which told a server whether its only pair was there; a reviewer).
+    One Opacus engine per user: a Python loop over the sampled users is the price of per-user accountants (a
+    baseline mode).
     """
     from lore_core.privacy.accounting import PrivacyBudgetExhausted
-    from lore_core.privacy.record_dp import dp_sgd_update
+    from lore_core.privacy.record_dp import check_request, dp_sgd_update
 
+    check_request(noise_multiplier, max_grad_norm, batch_size, sample_rate, epochs)  # before any user: alike for all
     rows = block.seen_train
     updated = logits.copy()
     updates = np.zeros((sampled.size,) + basis.shape)
@@ -123,8 +126,6 @@ def record_dp_updates(basis: np.ndarray, block: UserBlock, logits: np.ndarray, s
     for i, user in enumerate(sampled):
         seed = None if noise_seed is None else noise_seed + 7919 * int(user)  # debug runs only
         pairs = rows.diff[rows.user_idx == user]
-        if not len(pairs):
-            continue
         try:
             updates[i], updated[user], new_states[i] = dp_sgd_update(
                 basis, logits[user], pairs, noise_multiplier=noise_multiplier,

@@ -42,10 +42,9 @@ TIMINGS_NOT_COVERED = ("timings (rounds.jsonl seconds, metrics.json train_second
 AUDITS_NOT_COVERED = ("audit results that read raw data (update-leakage, attribute, membership, fairness, "
                       "extraction; RUN/audits/ and the ledger's audits list) are released without noise")
 RECORD_HISTORY_NOT_COVERED = ("record mode: what each sampled client spent in the round (z, q, steps), sent to "
-                              "the server for this ledger; q and the steps are the run's public settings, not the "
-                              "client's, but a client without a training pair spends nothing; and a node refuses a "
-                              "delta >= 1/n_i before any step, so varying delta finds n_i (node config record-delta "
-                              "below 1/n_i closes that)")
+                              "the server for this ledger: the run's public rate and steps, alike for every client "
+                              "whatever its pairs (a client whose max-epsilon is spent sends a zero update and no "
+                              "spending, which follows from how often it was sampled)")
 RUN_FILES_NOT_COVERED = ("lore-fed simulate: the pair file's fingerprint (DIR/data.json, metrics.json "
                          "pairs_fingerprint: its size in bytes and a digest that confirms a guessed file) and the "
                          "--reference run's centralized accuracies copied into metrics.json (a fit without noise, "

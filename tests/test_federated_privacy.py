@@ -562,6 +562,26 @@ def test_a_server_cannot_push_a_record_user_past_max_epsilon_with_a_cheap_histor
     assert [(z, q, int(k)) for u, z, q, k in load_record_histories(context) if u == 0] == own
 
 
+@pytest.mark.parametrize("rate", [float("nan"), 2.0, 1e-9, 5e-324, "x"])
+def test_a_record_node_refuses_an_unusable_sample_rate_before_any_user_trains(tiny_pair_file, rate):
+    """A reviewer: the server's rate was checked inside each user's DP-SGD step, so a node failed on q = NaN only
+    where a sampled user held pairs (whether a user's only pair was there showed), and q = 1e-9 asked 1e9 steps. The
+    node refuses the request as such, by name, before any user trains."""
+    from flwr.app import Context, RecordDict
+
+    from client import client_app as node_app
+
+    cfg = get_fused_config_from_dir(ROOT, {"pairs-path": str(tiny_pair_file), "rank": 2, "privacy-mode": "record"})
+    settings = p.ClientSettings.from_run_config(cfg)
+    context = Context(run_id=0, node_id=1, node_config={"partition-id": 0, "num-partitions": 1}, state=RecordDict(),
+                      run_config=cfg)
+    node = node_app.node_users(context, settings)
+    config = {p.NOISE_MULTIPLIER: 3.0, p.MAX_GRAD_NORM: 1.0, p.RECORD_BATCH_SIZE: 4, p.RECORD_SAMPLE_RATE: rate,
+              p.RECORD_EPOCHS: 1, p.DELTA: 1e-5, p.ROUND: 1}
+    with pytest.raises(node_app.ClientRequestError, match="record mode"):
+        node_app._record_train(context, config, settings, np.zeros((2, 8)), node, np.array([0]), None)
+
+
 def test_a_rejected_record_reply_still_counts_in_the_ledger(tiny_pair_file, tmp_path, monkeypatch):
     """Found by a review: the server left out the dp-history of a reply it rejected, though it had received that
     upload, and the client then reported only its later steps: the ledger stayed behind for good (6 steps taken, 3

@@ -199,12 +199,19 @@ def deliver(context: Context, message_type: str, config: dict, basis: np.ndarray
     return list(grid.send_and_receive([grid.create_message(content, message_type, node, "1")]))[0]
 
 
-def test_a_failing_node_tells_the_server_only_that_it_failed(device_pairs, tmp_path, caplog):
+def test_a_failing_node_tells_the_server_only_that_it_failed(device_pairs, tmp_path, caplog, monkeypatch):
     """Found by a reviewer: a node's exception text went to the server as the error reply's reason (and into
     rounds.jsonl): record mode's "delta must be < 1/n ... for this client's 12 pairs" told it a user's pair count.
-    The node logs the details; the server gets a fixed sentence. A refusal of the request keeps its text."""
+    The node logs the details; the server gets a fixed sentence. A refusal of the request keeps its text. (That
+    delta is now a warning on the device; a failure whose text names the data stands in for it.)"""
+    from lore_core.privacy import record_dp
+
+    def failing(basis, logits, diff, **kwargs):
+        raise ValueError(f"something about this client's {len(diff)} pairs")
+
+    monkeypatch.setattr(record_dp, "dp_sgd_update", failing)
     context = device_context(device_pairs, tmp_path, "record")
-    config = {p.USER_INDICES: [0], **record_config(**{p.DELTA: 0.5}), p.PRIVACY_MODE: "record"}
+    config = {p.USER_INDICES: [0], **record_config(), p.PRIVACY_MODE: "record"}
     with caplog.at_level("ERROR", logger="lore_fed.client"):
         reply = deliver(context, "train", config, np.random.default_rng(0).normal(size=(2, 8)) * 0.1)
     assert reply.has_error() and "12 pairs" not in reply.error.reason, reply.error.reason
@@ -221,11 +228,12 @@ def test_a_failing_node_tells_the_server_only_that_it_failed(device_pairs, tmp_p
         node_app.query(None, missing)
 
 
-def test_a_seen_user_without_a_training_pair_sends_a_zero_update_in_record_mode(tmp_path):
+def test_a_seen_user_without_a_training_pair_trains_like_one_with_pairs_in_record_mode(tmp_path):
     """Found by a reviewer: a device file's seen user with only test pairs made record-mode DP-SGD raise ("needs at
     least one pair") and the whole node failed each time that user was sampled, its other users' updates lost too
-    (`simulate` and `train` refuse such a file; a device's own file is not checked). It now trains nothing and
-    spends nothing, as a user whose budget is spent."""
+    (`simulate` and `train` refuse such a file; a device's own file is not checked). It then sent a zero update and
+    spent nothing, which told a server whether a user's only pair was there (a second reviewer): it now takes the
+    same noise-only steps and spends what a user with pairs spends."""
     pairs, _ = make_synthetic_pairs(SyntheticPairsConfig(dim=8, true_rank=2, seen_users=2, unseen_users=1,
                                                          train_pairs=(12, 12), few_shot_pairs=4, test_pairs=4,
                                                          seed=3))
@@ -237,8 +245,10 @@ def test_a_seen_user_without_a_training_pair_sends_a_zero_update_in_record_mode(
     assert node.seen_users.tolist()[1] == idle_user
     basis = np.random.default_rng(0).normal(size=(2, 8)) * 0.1
     updates, _ = node_app._record_train(context, record_config(), settings, basis, node, np.array([0, 1]))
-    assert updates[0].any() and not updates[1].any()
-    assert {int(u) for u, *_ in load_record_histories(context)} == {0}  # the idle user spent nothing
+    assert updates[0].any() and updates[1].any() and np.isfinite(updates).all()
+    histories = load_record_histories(context)
+    spent = {int(u): [tuple(row[1:]) for row in histories if int(row[0]) == u] for u in (0, 1)}
+    assert spent[0] == spent[1] == [(4.0, 0.25, 4.0)]  # the idle user's spending is any other's
 
 
 @pytest.mark.parametrize("mode", ["none", "user", None])

@@ -18,6 +18,7 @@ from lore_core.privacy import (
     poisson_sample,
 )
 from lore_core.privacy.accounting import PrivacyBudgetExhausted, history_epsilon
+from lore_core.privacy.privacy_settings import PrivacyConfigError, PrivacySettings, validate
 from lore_core.privacy.record_dp import RecordDpState, dp_sgd_update, record_epsilon, steps_per_epoch
 
 B, D = 4, 6
@@ -203,13 +204,14 @@ def test_removing_one_pair_moves_the_released_update_by_at_most_the_clip_norm():
     assert max(leaky) > 1.1 * c  # the accountant assumes c: a w fitted on the pairs breaks it
 
 
-@pytest.mark.parametrize("n", [8, 20])
+@pytest.mark.parametrize("n", [1, 8, 20])
 def test_a_record_update_s_noise_and_history_do_not_follow_the_client_s_pair_count(n):
     """A privacy reviewer: Opacus' make_private takes the rate (1 / batches) and the divisor (rate x n) from the
     data, so the update of n pairs and of n - 1 carried noise of other scales (std 1.06-1.17 against 1.43-1.56 at
     n = 20, z = 4: told apart 200 times of 200, an epsilon of 4 certified against a claimed 0.47). Pairs whose
     gradients vanish (d = 0) make the update pure noise: its std must be the public lr z C sqrt(steps) / batch, with
-    n pairs and with n - 1, and the accountant history the same."""
+    n pairs and with n - 1, and the accountant history the same; also for a user's only pair (n = 1: a user without
+    pairs sent a zero update and no spending; a second reviewer)."""
     batch, q, z, c, lr, dim = 4, 0.25, 4.0, 1.0, 0.1, 2048
     basis, logits = np.zeros((2, dim), np.float32), np.zeros(2)
     expected = lr * z * c * np.sqrt(steps_per_epoch(q)) / batch
@@ -225,7 +227,14 @@ def test_record_mode_checks_delta_and_budget_before_training():
     basis, logits, diff = small_client()
     kwargs = dict(noise_multiplier=1.0, max_grad_norm=1.0, batch_size=2, sample_rate=0.2, epochs=1, lr=0.05,
                   state=RecordDpState())
-    with pytest.raises(ValueError, match="delta must be < 1/n"):
+    with pytest.raises(ValueError, match="delta must be in"):
+        dp_sgd_update(basis, logits, diff, delta=1.0, **kwargs)
+    # delta >= 1/n is said on the device only: a refusal told a server n_i by bisection on delta (a reviewer)
+    with pytest.warns(RuntimeWarning, match="weak guarantee"):
         dp_sgd_update(basis, logits, diff, delta=0.2, **kwargs)
+    with pytest.raises(ValueError, match="10,000 per round"):  # a server's tiny rate asked 1e9 steps (a reviewer)
+        dp_sgd_update(basis, logits, diff, delta=DELTA, **{**kwargs, "sample_rate": 1e-9})
+    with pytest.raises(PrivacyConfigError, match="DP-SGD steps per round"):
+        validate(PrivacySettings(mode="record", rounds=5, noise_multiplier=1.0, record_sample_rate=1e-5))
     with pytest.raises(PrivacyBudgetExhausted):
         dp_sgd_update(basis, logits, diff, delta=DELTA, max_epsilon=0.5, **kwargs)

@@ -28,7 +28,7 @@ from lore_core.privacy.accounting import (
     check_history,
     epsilon_report,
 )
-from lore_core.privacy.privacy_settings import RUN_CONFIG_KEYS, USER_MODES, PrivacySettings, validate
+from lore_core.privacy.privacy_settings import DEFAULTS, RUN_CONFIG_KEYS, USER_MODES, PrivacySettings, validate
 from lore_core.privacy.record_dp import steps_per_epoch
 from lore_core.text_file import json_loads
 
@@ -122,8 +122,9 @@ TRUSTED = {
              "secret; the guarantee holds against everyone who sees only what the server releases"),
     "user+secagg": "against everyone but the server, which draws the sample (see against_server for it)",
     "record": ("trusted: nobody; holds per pair against everyone, the server included, as long as the run ships "
-               "lore-fed's client code and the server sends its clients the run's noise multiplier, clip and "
-               "max-epsilon (they take them from its messages); a device whose node config sets its own "
+               "lore-fed's client code and the server sends its clients the run's noise multiplier, clip, sample "
+               "rate, epochs and max-epsilon (they take them from its messages); a device whose node config sets its "
+               "own "
                "record-max-epsilon and record-delta is held to the tighter budget at the tighter delta, trains in "
                "record mode only and answers no evaluation unless it allows it, and a deployed device refuses a "
                "server's noise seed"),
@@ -292,7 +293,7 @@ class PrivacyLedger:
         # history begun before it was public ends at its own)
         worst = 0.0
         for client in self._facts["clients"].values():
-            q = s.record_sample_rate or client["history"][-1][1]
+            q = s.record_sample_rate or DEFAULTS["record_sample_rate"]  # a run begun before the key: its nodes' q
             extra = (s.noise_multiplier, q, rounds * s.record_epochs * steps_per_epoch(q))
             worst = max(worst, _report(_key(client["history"]) + (extra,), s.delta).prv)
         return worst

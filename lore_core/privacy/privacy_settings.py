@@ -16,6 +16,7 @@ from typing import Any, Mapping
 
 from lore_core.privacy.accounting import (MAX_PRV_EPSILON, MAX_ROUNDS, AccountingError, epsilon,
                                          noise_for_target_epsilon, rounds_within_budget)
+from lore_core.privacy.record_dp import MAX_RECORD_STEPS, steps_per_epoch
 from lore_core.setting_names import SettingError, as_field, setting
 
 MODES = ("none", "user", "user+secagg", "record")
@@ -387,6 +388,10 @@ def _check_record(s: PrivacySettings) -> None:
     if q is not None and not (isinstance(q, numbers.Real) and not isinstance(q, bool) and math.isfinite(q)
                               and 0 < q <= 1):
         raise PrivacyConfigError(f"{setting('record_sample_rate')} must be in (0, 1]; got {q!r}")
+    if q is not None and _is_int(s.record_epochs) and s.record_epochs * steps_per_epoch(q) > MAX_RECORD_STEPS:
+        raise PrivacyConfigError(f"{setting('record_epochs')} x int(1 / {setting('record_sample_rate')}) = "
+                                 f"{s.record_epochs * steps_per_epoch(q):,} DP-SGD steps per round; at most "
+                                 f"{MAX_RECORD_STEPS:,} (a node refuses more)")
     _positive_int(s, "record_epochs")
     if s.noise_multiplier is None:
         raise PrivacyConfigError(f"record mode needs {setting('noise_multiplier')} ({setting('target_epsilon')} "

@@ -121,7 +121,31 @@ def steps_per_epoch(sample_rate: float) -> int:
     """The DP-SGD steps of one epoch at Poisson rate q: int(1 / q), as Opacus' sampler takes them. Public, as q is."""
     if not (isinstance(sample_rate, (int, float)) and math.isfinite(sample_rate) and 0 < sample_rate <= 1):
         raise ValueError(f"the record sample rate must be in (0, 1]; got {sample_rate!r}")
+    if not math.isfinite(1 / sample_rate):
+        raise ValueError(f"the record sample rate {sample_rate!r} is too small: 1 / rate steps overflow")
     return int(1 / sample_rate)
+
+
+# The most DP-SGD steps a round may ask of a client (epochs x int(1 / q)): a server's rate of 1e-9 made the budget
+# check alone take minutes and the steps 1e9 (a reviewer); the federated modes' local steps stop at the same.
+MAX_RECORD_STEPS = 10_000
+
+
+def check_request(noise_multiplier, max_grad_norm, batch_size, sample_rate, epochs) -> int:
+    """The steps per epoch of a record update with these public settings, or ValueError naming the first that is
+    not usable. A node checks a server's request with it before any user trains, so that whether it refuses never
+    depends on which of its users hold pairs."""
+    for name, value in (("noise multiplier", noise_multiplier), ("max-grad-norm", max_grad_norm)):
+        if isinstance(value, bool) or not (isinstance(value, numbers.Real) and math.isfinite(value) and value > 0):
+            raise ValueError(f"{name} must be finite and > 0; got {value!r}")
+    for name, value in (("record-batch-size", batch_size), ("record-epochs", epochs)):
+        if isinstance(value, bool) or not (isinstance(value, numbers.Integral) and value > 0):
+            raise ValueError(f"{name} must be a positive integer; got {value!r}")
+    steps = steps_per_epoch(sample_rate)
+    if epochs * steps > MAX_RECORD_STEPS:
+        raise ValueError(f"record-epochs x int(1 / record-sample-rate) = {epochs} x {steps} steps is above "
+                         f"{MAX_RECORD_STEPS:,} per round")
+    return steps
 
 
 def _resolve_device(device: str):
@@ -155,14 +179,15 @@ def dp_sgd_update(
 
     basis (B, D), logits (B,) the user's private weights as w = softmax(logits) (a DP-SGD output of earlier rounds,
     or zeros: uniform), diff (n, D) this client's pair differences (chosen - rejected).
-    Loss per pair softplus(-w.A d). Each pair joins a step's Poisson batch with the public rate `sample_rate`; an epoch is steps_per_epoch(rate)
-    steps, and each step moves (theta, A) by -lr (sum of clipped grads + noise) / batch_size, the clip over both.
+    Loss per pair softplus(-w.A d). Each pair joins a step's Poisson batch with the public rate `sample_rate`; an
+    epoch is steps_per_epoch(rate) steps, and each step moves (theta, A) by -lr (sum of clipped grads + noise) /
+    batch_size, the clip over both. A client without pairs takes the same steps on empty batches (noise only).
     Nothing of the mechanism follows n: Opacus' make_private derives the rate (1 / batches) and the divisor
     (rate x n) from the data, so removing one pair changed the released update's noise scale, and a server told n
     from n - 1 (a privacy reviewer: an epsilon of 4 certified against a claimed 0.47).
-    With delta, checks delta < 1/n; with max_epsilon (needs delta), raises PrivacyBudgetExhausted before any step if
-    this update would exceed it. RNGs are seeded from `secrets` unless a reproducible_seed is given (debug, not
-    private).
+    With delta, warns on the device when delta >= 1/n; with max_epsilon (needs delta), raises PrivacyBudgetExhausted
+    before any step if this update would exceed it. RNGs are seeded from `secrets` unless a reproducible_seed is
+    given (debug, not private).
     """
     import torch
     from opacus import GradSampleModule
@@ -176,21 +201,16 @@ def dp_sgd_update(
         raise ValueError(f"need basis (B, D), logits (B,), diff (n, D); got {basis.shape}, {logits.shape}, "
                          f"{diff.shape}")
     n = diff.shape[0]
-    if n == 0:
-        raise ValueError("record-level DP-SGD needs at least one pair")
-    if not (math.isfinite(noise_multiplier) and noise_multiplier > 0):
-        raise ValueError(f"noise_multiplier must be finite and > 0; got {noise_multiplier}")
-    if not (math.isfinite(max_grad_norm) and max_grad_norm > 0):
-        raise ValueError(f"max_grad_norm must be finite and > 0; got {max_grad_norm}")
-    if delta is not None and not 0 < delta < 1 / n:
-        raise ValueError(f"delta must be < 1/n = {1 / n:.3g} for this client's {n} pairs; got {delta}")
+    steps = check_request(noise_multiplier, max_grad_norm, batch_size, sample_rate, epochs)
+    if delta is not None and not 0 < delta < 1:
+        raise ValueError(f"delta must be in (0, 1); got {delta}")
+    if delta is not None and n and delta >= 1 / n:  # a weak guarantee, said on the device only: a refusal told the
+        warnings.warn(f"delta {delta} >= 1/n = {1 / n:.3g} for this client's {n} pairs: a weak guarantee "  # server
+                      f"(set the node's record-delta lower)", RuntimeWarning, stacklevel=2)  # n by bisection
     if max_epsilon is not None and delta is None:
         raise ValueError("max_epsilon needs delta")
     if max_epsilon is not None and not (math.isfinite(max_epsilon) and max_epsilon > 0):
         raise ValueError(f"max_epsilon must be finite and > 0; got {max_epsilon}")  # NaN compared False: no budget
-    if isinstance(batch_size, bool) or not (isinstance(batch_size, numbers.Integral) and batch_size > 0):
-        raise ValueError(f"batch_size (the public divisor of a step) must be a positive integer; got {batch_size!r}")
-    steps = steps_per_epoch(sample_rate)
     if sample_rate == 1:
         warnings.warn("record sample rate 1: every step sees every pair, no amplification by sampling",
                       RuntimeWarning, stacklevel=2)
@@ -210,9 +230,12 @@ def dp_sgd_update(
     accountant = PRVAccountant()
     accountant.history = list(state.history)  # continue, never reset, this client's accounting
     optimizer.attach_step_hook(accountant.get_optimizer_hook_fn(sample_rate=float(sample_rate)))
-    loader = DPDataLoader(TensorDataset(torch.as_tensor(diff, dtype=torch.float32)), sample_rate=float(sample_rate),
-                          generator=sampling_rng)
-    assert len(loader) == steps, (len(loader), steps)  # the ledger's planning counts Opacus' steps
+    if n:
+        loader = DPDataLoader(TensorDataset(torch.as_tensor(diff, dtype=torch.float32)),
+                              sample_rate=float(sample_rate), generator=sampling_rng)
+        assert len(loader) == steps, (len(loader), steps)  # the ledger's planning counts Opacus' steps
+    else:  # a user without pairs takes the same noise-only steps: one pair's presence must not show (a reviewer)
+        loader = [(torch.zeros((0, diff.shape[1])),)] * steps
     planned = check_history(state.history + [(float(noise_multiplier), float(sample_rate), epochs * steps)])
     if max_epsilon is not None and not (eps := history_epsilon(planned, delta)) <= max_epsilon:  # NaN stops too
         raise PrivacyBudgetExhausted(f"this update would bring the client's record-level epsilon to {eps:.3f} > "
