@@ -101,6 +101,13 @@ def check_continuable(run_dir: str | Path, optimizer: dict, checkpoint_round: in
     CLI calls it before anything is written, the server again when it opens the record. `fixed`: the keys this
     run's mode sets whatever is given (ServerSettings.fixed_optimizer_keys), which a refusal does not ask for."""
     lines = check_record_reaches(run_dir, checkpoint_round)
+    if lines is not None:
+        try:  # a resume over a broken chain finished, and its audits then failed for good (a tester)
+            verified_files(Path(run_dir) / RELEASES_DIR, lines)
+        except ReleaseRecordError as exc:
+            raise ReleaseRecordError(f"{exc}; the run's audits read this record, so it is not continued: put the "
+                                     "run's releases/ back from a copy, or start afresh in a new run directory"
+                                     ) from None
     if lines is not None and lines[0].get("optimizer") != optimizer:
         stored = lines[0].get("optimizer") or {}
         keys = [k for k in sorted(set(stored) | set(optimizer)) if stored.get(k) != optimizer.get(k)]
@@ -195,12 +202,7 @@ def read_releases(run_dir: str | Path, *, replay: bool = True) -> Releases:
                                  "release record, or not a lore-fed run directory)")
     lines = read_chain(chain)
     arrays = []
-    for i, line in enumerate(lines):
-        if line.get("release") != i or line.get("prev") != (None if i == 0 else _line_hash(lines[i - 1])):
-            raise ReleaseRecordError(f"{chain} line {i + 1}: broken chain (a line was altered, dropped or reordered)")
-        data = (folder / line["file"]).read_bytes() if (folder / line["file"]).exists() else b""
-        if _sha256(data) != line["sha256"]:
-            raise ReleaseRecordError(f"{folder / line['file']}: missing or altered (SHA-256 differs from the chain)")
+    for data in verified_files(folder, lines):
         with np.load(io.BytesIO(data), allow_pickle=False) as npz:
             arrays.append({key: npz[key] for key in npz.files})
     if lines[0].get("schema") != SCHEMA:
@@ -219,6 +221,25 @@ def read_releases(run_dir: str | Path, *, replay: bool = True) -> Releases:
     if replay:
         releases = replace(releases, reported=replay_optimizer(releases, [x["stepped"] for x in body]))
     return releases
+
+
+def verified_files(folder: Path, lines: list[dict]) -> list[bytes]:
+    """Each release file's bytes, checked against the hash chain of `lines` (folder/chain.jsonl's); raises
+    ReleaseRecordError naming the first line or file that does not hold."""
+    files = []
+    for i, line in enumerate(lines):
+        if line.get("release") != i or line.get("prev") != (None if i == 0 else _line_hash(lines[i - 1])):
+            raise ReleaseRecordError(f"{folder / CHAIN_FILENAME} line {i + 1}: broken chain (a line was altered, "
+                                     "dropped or reordered)")
+        name = line.get("file")
+        path = folder / name if isinstance(name, str) and name and "/" not in name and name not in (".", "..") \
+            else None
+        data = path.read_bytes() if path is not None and path.is_file() else b""
+        if _sha256(data) != line.get("sha256"):
+            raise ReleaseRecordError(f"{path or folder / str(name)}: missing or altered (SHA-256 differs from the "
+                                     "chain)")
+        files.append(data)
+    return files
 
 
 def replay_optimizer(releases: Releases, stepped: list[bool]) -> np.ndarray:

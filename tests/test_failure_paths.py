@@ -507,6 +507,25 @@ def test_a_finished_runs_damaged_release_chain_is_refused_naming_it(tmp_path, pa
     _refused_under_lock(["simulate", pair_file, "--out", run, *SIM], chain, tmp_path, "not a JSON object", run)
 
 
+@pytest.mark.parametrize("damage", ["file", "line"])
+def test_a_release_record_whose_hashes_fail_is_not_continued(tmp_path, pair_file, engine, damage):
+    """Found by a tester: with a release file deleted, or a chain line edited into other valid JSON, `simulate`
+    resumed and finished (exit 0), and the run's audits then failed for good ("missing or altered"): the resume
+    read the chain's lines and count only. It now checks the hashes first and names what fails."""
+    run = tmp_path / "run"
+    assert cli(["simulate", pair_file, "--out", run, *SIM])[0] == 0
+    chain = run / "releases" / "chain.jsonl"
+    if damage == "file":
+        (run / "releases" / "release-000001.npz").unlink()
+        named = run / "releases" / "release-000001.npz"
+    else:
+        lines = chain.read_text().splitlines()
+        lines[1] = lines[1].replace('"round": 1', '"round": 1.0')
+        chain.write_text("\n".join(lines) + "\n")
+        named = chain
+    _refused_under_lock(["simulate", pair_file, "--out", run, *SIM], named, tmp_path, "is not continued", run)
+
+
 def test_a_refused_resume_leaves_the_lock_file_as_it_was(tmp_path, pair_file, engine):
     """Found by a tester: with a damaged checkpoint `simulate` exited 2 but rewrote RUN/.lock with its own pid and
     command. The directory is locked before the checks (a concurrent run could be writing the checkpoint), and the
