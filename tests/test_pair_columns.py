@@ -219,3 +219,24 @@ def test_a_column_major_diff_is_read_row_by_row_by_every_reader(tmp_path, pairs)
         np.testing.assert_array_equal(array, expected)
     assert main(["train", str(tmp_path / "fortran.npz"), "--rank", "1", "--objective", "joint",
                  "--out", str(tmp_path / "run")]) == 0
+
+
+def test_a_header_claiming_more_rows_than_the_file_holds_is_refused_by_every_reader(tmp_path, pairs):
+    """A tester: an uncompressed file whose `diff.npy` header says (1e9, 384) made `evaluate` fail with a MemoryError
+    traceback for 1.4 TiB (numpy allocates the header's size first); `train` and `simulate` refused it by name."""
+    import io
+    import zipfile
+
+    arrays = _arrays(pairs)
+    np.savez(tmp_path / "ok.npz", **arrays)
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": "<f4", "fortran_order": False, "shape": (10**9, 384)})
+    with zipfile.ZipFile(tmp_path / "ok.npz") as source, zipfile.ZipFile(tmp_path / "huge.npz", "w") as target:
+        for name in source.namelist():
+            data = source.read(name)
+            if name == "diff.npy":
+                data = b"\x93NUMPY\x01\x00" + header.getvalue()[8:] + data[128:]
+            target.writestr(name, data)
+    for read in (load_pairs, check_pair_file):
+        with pytest.raises(PairFileError, match="huge.npz.*'diff' is truncated"):
+            read(tmp_path / "huge.npz")
