@@ -145,7 +145,8 @@ def fsync_dir(directory: Path) -> None:
 
 # Flags that name a path: an empty value is Path("") = ".", so the command would read or write the working directory.
 PATH_FLAGS = ("--out", "--run-dir", "--state", "--certs", "--cache-dir", "--reference", "--secrets",
-              "--canary-secrets", "--work", "--basis", "--pairs", "--choices", "--candidates", "--encoder", "--config")
+              "--canary-secrets", "--work", "--basis", "--pairs", "--choices", "--candidates", "--encoder", "--config",
+              "--model")  # --model "" read the working directory as a model (a tester)
 
 
 def empty_path_flag(argv: list[str]) -> str | None:

@@ -628,11 +628,17 @@ def load_pretrained(kind, model_dir: Path, **kwargs):
     """`kind.from_pretrained(model_dir)` offline; a directory that is not a loadable model (broken config.json,
     missing weights or tokenizer, a weights file cut short by an interrupted copy) is an EmbeddingError naming it, not
     a transformers traceback."""
+    import pickle
+    import zipfile
+
     from safetensors import SafetensorError  # a truncated *.safetensors; not an OSError
 
     try:
         return kind.from_pretrained(model_dir, local_files_only=True, **kwargs)
-    except (OSError, ValueError, KeyError, TypeError, SafetensorError) as exc:
+    # a damaged pytorch_model.bin: UnpicklingError (junk), RuntimeError (torch's zip reader on a file cut short),
+    # EOFError, BadZipFile (a tester saw the first two as tracebacks)
+    except (OSError, ValueError, KeyError, TypeError, SafetensorError, pickle.UnpicklingError, RuntimeError, EOFError,
+            zipfile.BadZipFile) as exc:
         raise EmbeddingError(f"{model_dir}: not a loadable Hugging Face model ({type(exc).__name__}: "
                              f"{str(exc).splitlines()[0] if str(exc) else ''}); expected config.json, tokenizer "
                              "files and weights (*.safetensors or pytorch_model.bin)") from exc

