@@ -374,8 +374,22 @@ def benchmark_truth(pairs):
         warnings.warn(f"{truth_path} holds a basis of shape {true_basis.shape}, not (B, {pairs.dim}) as the pairs "
                       f"of {pairs.source}: not this population's truth; no true-basis ceiling is reported")
         return None
+    made_with, embedded_with = truth_embedder(truth_path), pairs.embedder
+    if made_with is not None and embedded_with is not None and made_with != str(embedded_with):
+        # a tester's `embed --max-length 6` copy reported a ceiling of 0.61 for a true 0.86, without a word
+        warnings.warn(f"{truth_path} was made with embedder {made_with}, {pairs.source} with {embedded_with}: not "
+                      "this file's truth; no true-basis ceiling is reported")
+        return None
     check_truth_logits(pairs, truth_path)
     return true_basis
+
+
+def truth_embedder(truth_path: Path) -> str | None:
+    """The embedder id a benchmark's ground_truth.npz was made with (None when it names none)."""
+    from lore_core.npz_file import open_npz
+
+    with open_npz(truth_path, "a benchmark's ground_truth.npz") as data:
+        return str(data["embedder"]) if "embedder" in data.files else None
 
 
 def _first_rows(pairs, count: int) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:

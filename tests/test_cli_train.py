@@ -121,6 +121,14 @@ def test_train_reports_the_true_basis_ceiling_on_a_benchmark(tmp_path):
     for key, value in expected.items():
         assert strong[key] == pytest.approx(value, abs=1e-12) and metrics[key] == pytest.approx(value, abs=1e-12)
     assert true_basis_metrics(pairs, truth.basis.astype(np.float64), 30.0) != expected  # the prior matters here
+    # A truth made with another embedder is not this file's (a tester's `embed --max-length 6` copy reported a
+    # ceiling of 0.61 for a true 0.86, without a word): warned, no ceiling.
+    other = tmp_path / "other"
+    save_pairs(replace(pairs, embedder="short@1", logit_true=None), other)
+    np.savez(other / "ground_truth.npz", basis=truth.basis, logit_scale=np.float64(1.0), embedder=np.str_("long@1"))
+    with pytest.warns(UserWarning, match="made with embedder long@1.*no true-basis ceiling"):
+        assert main(["train", str(other), "--rank", "2", "--out", str(tmp_path / "run-other")]) == 0
+    assert "true_basis_seen_test_acc" not in json.loads((tmp_path / "run-other" / "metrics.json").read_text())
 
 
 def test_large_population_path_selects_on_a_sample_fits_minibatches_and_evaluates_in_blocks(pair_file, tmp_path,
