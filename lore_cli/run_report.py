@@ -44,6 +44,22 @@ def load_reference(path: str | Path | None) -> dict | None:
     return reference
 
 
+def check_reference_run(path: str | Path, reference: dict, pairs_path: str | Path) -> None:
+    """A reference the report may show as the centralized run of `pairs_path`: not a federated run, and, where it
+    recorded its pair file's fingerprint, trained on this file (a tester's federated run, and a `train` run on other
+    embeddings, showed in the centralized column without a word). ValueError naming what it is."""
+    from lore_cli.run_data import fingerprint_problem, same_pair_file
+
+    path = Path(path) / "metrics.json" if Path(path).is_dir() else Path(path)
+    if "privacy_mode" in reference:
+        raise ValueError(f"reference {path}: the metrics of a federated run (it names a privacy mode); expected a "
+                         "`lore-fed train --out` directory")
+    recorded = reference.get("pairs_fingerprint")
+    if recorded is not None and fingerprint_problem(recorded) is None and not same_pair_file(recorded, pairs_path):
+        raise ValueError(f"reference {path}: trained on another pair file than {pairs_path} (its pairs_fingerprint "
+                         "differs); give the `lore-fed train --out` directory of this pair file")
+
+
 def plot_accuracy(history: list[dict], metrics: dict, reference: dict | None, out: Path) -> None:
     import matplotlib
 

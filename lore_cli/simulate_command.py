@@ -311,7 +311,7 @@ def run_problems(history: list[dict]) -> dict[str, int]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from lore_cli.run_report import load_reference
+    from lore_cli.run_report import check_reference_run, load_reference
     from lore_cli.train_command import check_device, check_seed, parse_number
     from lore_core.reward_math import MAX_L2
     from lore_core.run_lock import RunDirLock
@@ -335,6 +335,8 @@ def run(args: argparse.Namespace) -> int:
     check_no_other_run(out)
     pairs_path = resolve_pair_path(args.pairs)
     reference = load_reference(args.reference)
+    if reference is not None:
+        check_reference_run(args.reference, reference, pairs_path)
     population = read_population(pairs_path)
     check_canary_flags(args, out)
     nodes_for(population["users"], args.users_per_node)  # a bad --users-per-node is named before the privacy plan

@@ -261,6 +261,11 @@ BAD_REFERENCES = {
     "a list": (json.dumps([1, 2]), "a JSON list"),
     "text accuracy": (json.dumps({"seen_test_acc": "high", "unseen_test_acc": None}), "seen_test_acc is 'high'"),
     "binary": (None, "not JSON"),
+    # a tester: a federated run's metrics, and a train run on other embeddings, showed as the centralized column
+    "a federated run": (json.dumps({"seen_test_acc": 0.6, "unseen_test_acc": 0.6, "privacy_mode": "none"}),
+                        "the metrics of a federated run"),
+    "another pair file": (json.dumps({"seen_test_acc": 0.6, "unseen_test_acc": 0.6, "pairs_fingerprint": {
+        "bytes": 1, "blake2b": "ab", "method": "file"}}), "trained on another pair file than"),
 }
 
 
