@@ -195,11 +195,12 @@ def _record_train(context: Context, config, settings: p.ClientSettings, basis: n
     as rows (position, z, q, steps): increments, never whole histories)."""
     from lore_core.privacy.record_dp import check_request, spending_to_report, starting_history
 
-    try:  # the request as a whole, before any user: a refusal must not depend on which users hold pairs
-        check_request(float(config[p.NOISE_MULTIPLIER]), float(config[p.MAX_GRAD_NORM]),
-                      int(config[p.RECORD_BATCH_SIZE]), float(config[p.RECORD_SAMPLE_RATE]),
-                      int(config[p.RECORD_EPOCHS]))
-    except (ValueError, TypeError, KeyError, OverflowError) as exc:
+    keys = (p.NOISE_MULTIPLIER, p.MAX_GRAD_NORM, p.RECORD_BATCH_SIZE, p.RECORD_SAMPLE_RATE, p.RECORD_EPOCHS)
+    if missing := [key for key in keys if key not in config]:  # a server from before the public rate, say
+        raise ClientRequestError(f"record mode: the train message lacks {missing}")
+    try:  # the request as a whole, before any user: a refusal must not depend on which users hold pairs; the raw
+        check_request(*(config[key] for key in keys))  # values, so that a batch size of 4.7 is not taken as 4
+    except (ValueError, TypeError, OverflowError) as exc:
         raise ClientRequestError(f"record mode: {exc}") from None
     stored = load_record_histories(context)
     owner = stored[:, 0].astype(np.int64)

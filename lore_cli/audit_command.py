@@ -21,14 +21,17 @@ from pathlib import Path
 
 import numpy as np
 
+from lore_core.privacy.privacy_settings import DEFAULTS
+from lore_core.privacy.record_dp import steps_per_epoch
 from lore_core.text_file import json_loads, not_a_file, parse_json, read_jsonl, read_text
 from lore_core.termination import interruptions_deferred
 
 NAMES = ("update-leakage", "attribute", "membership", "mechanism", "canary", "accounting", "extraction", "fairness")
 PRIVACY_DEFAULTS = {"noise_multiplier": 1.0, "clip_norm": 1.0, "clients_per_round": 50, "population_size": 1400,
                     "rounds": 200, "delta": 1e-5, "mode": "none",
-                    # record mode's DP-SGD (lore_core.privacy.privacy_settings.DEFAULTS)
-                    "max_grad_norm": 1.0, "record_batch_size": 4, "record_sample_rate": 0.25, "record_epochs": 1}
+                    # record mode's DP-SGD, as a run takes it
+                    **{key: DEFAULTS[key] for key in ("max_grad_norm", "record_batch_size", "record_sample_rate",
+                                                      "record_epochs")}}
 
 
 # Upper bounds on the audits' sizes (a mechanism run is one aggregation step, a shadow one batched fit of every
@@ -112,9 +115,10 @@ def _load_settings(args: argparse.Namespace, run_dir: Path | None) -> dict:
     for key in ("noise_multiplier", "clip_norm", "delta", "max_grad_norm", "record_sample_rate"):
         if isinstance(settings[key], bool) or not isinstance(settings[key], (int, float)):
             raise AuditCommandError(f"{key} must be a number, got {settings[key]!r}{source.get(key, stored_in)}")
-    if not 0 < settings["record_sample_rate"] <= 1:
-        raise AuditCommandError(f"record_sample_rate must be in (0, 1], got {settings['record_sample_rate']!r}"
-                                f"{source.get('record_sample_rate', stored_in)}")
+    try:
+        steps_per_epoch(settings["record_sample_rate"])  # the range a run takes
+    except ValueError as exc:
+        raise AuditCommandError(f"{exc}{source.get('record_sample_rate', stored_in)}") from None
     if settings["mode"] in ("user", "user+secagg"):  # record mode samples every user it holds
         _refuse_more_per_round_than_users(settings, source, stored_in)  # a tester: update-leakage took 50 of 42
     return settings

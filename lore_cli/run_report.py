@@ -55,7 +55,10 @@ def check_reference_run(path: str | Path, reference: dict, pairs_path: str | Pat
         raise ValueError(f"reference {path}: the metrics of a federated run (it names a privacy mode); expected a "
                          "`lore-fed train --out` directory")
     recorded = reference.get("pairs_fingerprint")
-    if recorded is not None and fingerprint_problem(recorded) is None and not same_pair_file(recorded, pairs_path):
+    if recorded is not None and (problem := fingerprint_problem(recorded)):  # damaged: it must not pass for a match
+        raise ValueError(f"reference {path}: pairs_fingerprint {problem}; expected the metrics.json of a "
+                         "`lore-fed train --out` directory")
+    if recorded is not None and not same_pair_file(recorded, pairs_path):
         raise ValueError(f"reference {path}: trained on another pair file than {pairs_path} (its pairs_fingerprint "
                          "differs); give the `lore-fed train --out` directory of this pair file")
 

@@ -639,6 +639,8 @@ def load_pretrained(kind, model_dir: Path, **kwargs):
     # EOFError, BadZipFile (a tester saw the first two as tracebacks)
     except (OSError, ValueError, KeyError, TypeError, SafetensorError, pickle.UnpicklingError, RuntimeError, EOFError,
             zipfile.BadZipFile) as exc:
+        if isinstance(exc, NotImplementedError) or "out of memory" in str(exc).lower():
+            raise  # not the directory's fault (a reviewer: RuntimeError also covers these)
         raise EmbeddingError(f"{model_dir}: not a loadable Hugging Face model ({type(exc).__name__}: "
                              f"{str(exc).splitlines()[0] if str(exc) else ''}); expected config.json, tokenizer "
                              "files and weights (*.safetensors or pytorch_model.bin)") from exc

@@ -73,6 +73,29 @@ def open_npz(path: str | Path, expected: str = "an .npz archive of arrays",
         raise unreadable(path, exc, expected, error) from exc
 
 
+def refuse_short_member(archive: zipfile.ZipFile, name: str, key: str) -> None:
+    """ValueError when the .npy member `name` claims in its header more bytes than it holds: numpy allocates the
+    header's size before it reads, and a header of (1e9, 384) made `evaluate` fail with a MemoryError traceback for
+    1.4 TiB (a tester). Stored or compressed, npy 1.0 to 3.0 (2.0 and 3.0 share the header's layout); a member
+    without the npy magic is left to its reader (numpy returns its bytes)."""
+    info = archive.getinfo(name)
+    with archive.open(info) as stream:
+        if stream.read(len(np.lib.format.MAGIC_PREFIX)) != np.lib.format.MAGIC_PREFIX:
+            return
+        stream.seek(0)
+        version = np.lib.format.read_magic(stream)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+            np.lib.format.read_array_header_2_0
+        shape, _, dtype = read_header(stream)
+        header = stream.tell()
+    if dtype.hasobject:
+        return  # refused as such by its reader (allow_pickle=False)
+    claimed = dtype.itemsize * math.prod(int(n) for n in shape)
+    if claimed > info.file_size - header:
+        raise ValueError(f"array {key!r} is truncated: its header says {claimed:,} bytes, the file holds "
+                         f"{max(info.file_size - header, 0):,}")
+
+
 def native_array(array: np.ndarray) -> np.ndarray:
     """`array` in this machine's byte order and in row-major (C) order (a copy only when it is not): numpy also
     writes big-endian arrays (`.astype('>f4')`), which torch refuses, and column-major ones (`np.asfortranarray`),
@@ -89,33 +112,15 @@ class NativeArrays(Mapping):
         self._data, self.files = data, data.files
 
     def __getitem__(self, key: str) -> np.ndarray:
-        self._refuse_short_member(key)
         try:
+            names = self._data.zip.namelist()
+            name = f"{key}.npy" if f"{key}.npy" in names else key if key in names else None  # as numpy finds it
+            if name is not None:
+                refuse_short_member(self._data.zip, name, key)
             value = self._data[key]
         except MEMBER_ERRORS as exc:
             raise member_error(key, exc) from exc
         return native_array(value) if isinstance(value, np.ndarray) else value  # a member not .npy: its bytes
-
-    def _refuse_short_member(self, key: str) -> None:
-        """ValueError for an array whose header claims more bytes than its member holds: numpy allocates the
-        header's size first, and a header of (1e9, 384) made `evaluate` fail with a MemoryError traceback for 1.4 TiB
-        (a tester); `train` and `simulate` read through pair_columns, which already refused it."""
-        name = f"{key}.npy"
-        if name not in self._data.zip.namelist():
-            return
-        info = self._data.zip.getinfo(name)
-        with self._data.zip.open(info) as stream:
-            version = np.lib.format.read_magic(stream)
-            if version not in ((1, 0), (2, 0)):
-                return  # numpy's own reader judges other versions
-            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
-                np.lib.format.read_array_header_2_0
-            shape, _, dtype = read_header(stream)
-            header = stream.tell()
-        claimed = dtype.itemsize * math.prod(int(n) for n in shape)
-        if claimed > info.file_size - header:
-            raise ValueError(f"array {key!r} is truncated: its header says {claimed:,} bytes, the file holds "
-                             f"{max(info.file_size - header, 0):,}")
 
     def __contains__(self, key) -> bool:
         return key in self.files  # without reading the array (Mapping's default would)

@@ -27,7 +27,7 @@ import numpy as np
 
 from lore_core.atomic_io import atomic_path
 from lore_core.npz_file import (MEMBER_ERRORS, READ_ERRORS, check_npz_head, native_array,
-                                 refuse_repeated_members, unreadable)
+                                 refuse_repeated_members, refuse_short_member, unreadable)
 from lore_core.pairs import (EXPECTED, OPTIONAL_ARRAYS, REQUIRED_ARRAYS, TEXT_ARRAYS, PairFileError, PairSet,
                              check_digest_kind, check_embedder, check_embedder_kind, has_signal, refuse_all_zero,
                              resolve_pair_path, text_dtype_message)
@@ -224,7 +224,9 @@ def _locate_members(file: Path) -> dict[str, _Member]:
 
 
 def _read_whole(archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> _Member:
-    """A member held in memory (compressed, in another byte order or column-major), in native byte and C order."""
+    """A member held in memory (compressed, in another byte order or column-major), in native byte and C order;
+    refused first when its header claims more than it holds (a reviewer: a deflated (1e9, 384) header asked 1.4 TiB)."""
+    refuse_short_member(archive, info.filename, info.filename[:-4])
     with archive.open(info) as stream:  # zipfile checks the CRC-32 as it reads
         array = native_array(np.lib.format.read_array(stream, allow_pickle=False))
     return _Member(array.dtype, array.shape, None, array)

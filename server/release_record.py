@@ -103,7 +103,7 @@ def check_continuable(run_dir: str | Path, optimizer: dict, checkpoint_round: in
     lines = check_record_reaches(run_dir, checkpoint_round)
     if lines is not None:
         try:  # a resume over a broken chain finished, and its audits then failed for good (a tester)
-            verified_files(Path(run_dir) / RELEASES_DIR, lines)
+            verified_files(Path(run_dir) / RELEASES_DIR, lines, keep=False)
         except ReleaseRecordError as exc:
             raise ReleaseRecordError(f"{exc}; the run's audits read this record, so it is not continued: put the "
                                      "run's releases/ back from a copy, or start afresh in a new run directory"
@@ -223,9 +223,10 @@ def read_releases(run_dir: str | Path, *, replay: bool = True) -> Releases:
     return releases
 
 
-def verified_files(folder: Path, lines: list[dict]) -> list[bytes]:
+def verified_files(folder: Path, lines: list[dict], keep: bool = True) -> list[bytes]:
     """Each release file's bytes, checked against the hash chain of `lines` (folder/chain.jsonl's); raises
-    ReleaseRecordError naming the first line or file that does not hold."""
+    ReleaseRecordError naming the first line or file that does not hold. keep=False checks without keeping them
+    (a resume: one file in memory at a time, not the whole record)."""
     files = []
     for i, line in enumerate(lines):
         if line.get("release") != i or line.get("prev") != (None if i == 0 else _line_hash(lines[i - 1])):
@@ -238,7 +239,8 @@ def verified_files(folder: Path, lines: list[dict]) -> list[bytes]:
         if _sha256(data) != line.get("sha256"):
             raise ReleaseRecordError(f"{path or folder / str(name)}: missing or altered (SHA-256 differs from the "
                                      "chain)")
-        files.append(data)
+        if keep:
+            files.append(data)
     return files
 
 

@@ -221,22 +221,43 @@ def test_a_column_major_diff_is_read_row_by_row_by_every_reader(tmp_path, pairs)
                  "--out", str(tmp_path / "run")]) == 0
 
 
-def test_a_header_claiming_more_rows_than_the_file_holds_is_refused_by_every_reader(tmp_path, pairs):
+@pytest.mark.parametrize("variant", ["stored", "deflated", "npy 2.0", "npy 3.0", "no .npy suffix"])
+def test_a_header_claiming_more_rows_than_the_file_holds_is_refused_by_every_reader(tmp_path, pairs, variant):
     """A tester: an uncompressed file whose `diff.npy` header says (1e9, 384) made `evaluate` fail with a MemoryError
-    traceback for 1.4 TiB (numpy allocates the header's size first); `train` and `simulate` refused it by name."""
+    traceback for 1.4 TiB (numpy allocates the header's size first); `train` and `simulate` refused it by name. A
+    reviewer: so did a deflated member in train and simulate's reader, and a member without the .npy suffix or with
+    a 3.0 header in evaluate's."""
     import io
     import zipfile
+
+    from lore_core.basis_file import BasisFileError, load_basis, save_basis
 
     arrays = _arrays(pairs)
     np.savez(tmp_path / "ok.npz", **arrays)
     header = io.BytesIO()
-    np.lib.format.write_array_header_1_0(header, {"descr": "<f4", "fortran_order": False, "shape": (10**9, 384)})
-    with zipfile.ZipFile(tmp_path / "ok.npz") as source, zipfile.ZipFile(tmp_path / "huge.npz", "w") as target:
+    fields = {"descr": "<f4", "fortran_order": False, "shape": (10**9, 384)}
+    if variant in ("npy 2.0", "npy 3.0"):
+        np.lib.format.write_array_header_2_0(header, fields)
+        if variant == "npy 3.0":
+            header = io.BytesIO(b"\x93NUMPY\x03\x00" + header.getvalue()[8:])
+    else:
+        np.lib.format.write_array_header_1_0(header, fields)
+    compression = zipfile.ZIP_DEFLATED if variant == "deflated" else zipfile.ZIP_STORED
+    with zipfile.ZipFile(tmp_path / "ok.npz") as source, \
+            zipfile.ZipFile(tmp_path / "huge.npz", "w", compression) as target:
         for name in source.namelist():
             data = source.read(name)
             if name == "diff.npy":
-                data = b"\x93NUMPY\x01\x00" + header.getvalue()[8:] + data[128:]
+                data = header.getvalue() + data[128:]
+                name = "diff" if variant == "no .npy suffix" else name
             target.writestr(name, data)
-    for read in (load_pairs, check_pair_file):
-        with pytest.raises(PairFileError, match="huge.npz.*'diff' is truncated"):
+    for read in (load_pairs, check_pair_file):  # the columns reader reads .npy members only: `diff` is missing
+        with pytest.raises(PairFileError, match=r"huge.npz.*('diff' is truncated|missing required arrays \['diff'\])"):
             read(tmp_path / "huge.npz")
+    save_basis(tmp_path / "basis.npz", np.ones((2, 384)), version=1, embedder="toy")  # another reader
+    with zipfile.ZipFile(tmp_path / "basis.npz") as source, zipfile.ZipFile(tmp_path / "b.npz", "w") as target:
+        for name in source.namelist():
+            data = source.read(name)
+            target.writestr(name, header.getvalue() + data[128:] if name == "basis.npy" else data)
+    with pytest.raises(BasisFileError, match="b.npz.*'basis' is truncated"):
+        load_basis(tmp_path / "b.npz")

@@ -616,6 +616,19 @@ def test_a_record_client_that_lost_its_state_keeps_what_it_spent_before(tmp_path
     assert reloaded.epsilon().prv == pytest.approx(epsilon(1.0, 0.125, 40, DELTA))
 
 
+def test_a_record_run_begun_before_the_public_rate_is_not_resumed(tmp_path):
+    """A reviewer: a record run begun before 0.2.3 (its DP-SGD took the rate and divisor from each client's pair
+    count, which let a server tell n pairs from n - 1) resumed silently, its guarantee stated as if it had held."""
+    ledger = PrivacyLedger.create(tmp_path, PrivacySettings(mode="record", rounds=6, noise_multiplier=1.0))
+    ledger.record_round(1, sampled=1, client_histories={"a": [(1.0, 0.125, 8)]})
+    assert PrivacyLedger.load(tmp_path).settings.record_sample_rate == 0.25
+    data = json.loads((tmp_path / LEDGER_FILENAME).read_text())
+    del data["config"]["record_sample_rate"]
+    (tmp_path / LEDGER_FILENAME).write_text(json.dumps(data))
+    with pytest.raises(LedgerError, match="begun before lore-fed 0.2.3.*not resumed"):
+        PrivacyLedger.load(tmp_path)
+
+
 def test_a_record_state_reports_what_it_spent_since_an_earlier_one():
     from lore_core.privacy.record_dp import RecordDpState
 

@@ -232,9 +232,12 @@ def test_record_mode_checks_delta_and_budget_before_training():
     # delta >= 1/n is said on the device only: a refusal told a server n_i by bisection on delta (a reviewer)
     with pytest.warns(RuntimeWarning, match="weak guarantee"):
         dp_sgd_update(basis, logits, diff, delta=0.2, **kwargs)
-    with pytest.raises(ValueError, match="10,000 per round"):  # a server's tiny rate asked 1e9 steps (a reviewer)
+    with pytest.raises(ValueError, match="10,000"):  # a server's tiny rate asked 1e9 steps (a reviewer)
         dp_sgd_update(basis, logits, diff, delta=DELTA, **{**kwargs, "sample_rate": 1e-9})
     with pytest.raises(PrivacyConfigError, match="DP-SGD steps per round"):
-        validate(PrivacySettings(mode="record", rounds=5, noise_multiplier=1.0, record_sample_rate=1e-5))
+        validate(PrivacySettings(mode="record", rounds=5, noise_multiplier=1.0, record_sample_rate=1e-3,
+                                 record_epochs=20))
+    with pytest.raises(PrivacyConfigError, match="at least 1 / 10,000"):
+        validate(PrivacySettings(mode="record", rounds=5, noise_multiplier=1.0, record_sample_rate=5e-324))
     with pytest.raises(PrivacyBudgetExhausted):
         dp_sgd_update(basis, logits, diff, delta=DELTA, max_epsilon=0.5, **kwargs)

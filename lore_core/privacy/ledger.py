@@ -76,7 +76,7 @@ EPSILON_COVERED = ("epsilon after each round (ledger, rounds.jsonl, report): a f
 RECORD_EPSILON_NOT_COVERED = ("record mode: epsilon after each round (ledger, rounds.jsonl record_epsilon_max, "
                               "report), the max-epsilon stop and so the number of rounds released: the largest of "
                               "the clients' accountant histories, which follow how often each was sampled and whether "
-                              "it trained (a client without a training pair spends nothing)")
+                              "a max-epsilon (the server's or its device's) stopped it")
 DESCRIPTIONS: dict[str, dict[str, str]] = {
     "user": {
         "privacy_unit": "user (all preference pairs of one client)",
@@ -185,6 +185,12 @@ class PrivacyLedger:
         if not path.exists():
             raise FileNotFoundError(f"no privacy ledger at {path}")
         data = _read(path)
+        if data["config"].get("mode") == "record" and "record_sample_rate" not in data["config"]:
+            # a reviewer: such a run resumed silently, its guarantee stated as if its first rounds had held it
+            raise LedgerError(f"{path} is a record-mode run begun before lore-fed 0.2.3, whose DP-SGD took its rate "
+                              "and step divisor from each client's pair count, which let a server tell n pairs from "
+                              "n - 1: its stated guarantee does not hold for those rounds and it is not resumed; start "
+                              "a new run directory")
         stored = PrivacySettings(**data["config"])
         if settings is not None:
             new = _comparable(validate(settings))
@@ -543,10 +549,12 @@ def _mechanism(s: PrivacySettings) -> dict[str, Any]:
     rng = ("fixed debug seed (NOT PRIVATE)" if s.reproducible_noise else "seeded from os.urandom")
     if s.mode == "record":
         return {
-            "sampling": {"method": "per client: Poisson batches of its pairs (Opacus); client sampling not accounted"},
+            "sampling": {"method": "per client: Poisson batches of its pairs at the public rate (Opacus); client "
+                                   "sampling not accounted", "rate": s.record_sample_rate},
             "clipping": {"norm": s.max_grad_norm, "scope": "per pair gradient over (w_i, A)", "where": where},
             "noise": {"multiplier": s.noise_multiplier, "std_on_sum": s.noise_multiplier * s.max_grad_norm,
-                      "aggregation": "Opacus: (sum of clipped grads + noise) / expected batch",
+                      "aggregation": f"Opacus: (sum of clipped grads + noise) / record-batch-size "
+                                     f"{s.record_batch_size} (public)",
                       "rng": f"torch generator, {rng}", "solved_from_target_epsilon": False},
             "covered": COVERED,
             "not_covered": [W_NOT_COVERED["record"], *NOT_COVERED, *RECORD_NOT_COVERED, RECORD_EPSILON_NOT_COVERED],

@@ -388,6 +388,9 @@ def _check_record(s: PrivacySettings) -> None:
     if q is not None and not (isinstance(q, numbers.Real) and not isinstance(q, bool) and math.isfinite(q)
                               and 0 < q <= 1):
         raise PrivacyConfigError(f"{setting('record_sample_rate')} must be in (0, 1]; got {q!r}")
+    if q is not None and q < 1 / MAX_RECORD_STEPS:
+        raise PrivacyConfigError(f"{setting('record_sample_rate')} must be at least 1 / {MAX_RECORD_STEPS:,} (an epoch "
+                                 f"is int(1 / rate) DP-SGD steps, at most {MAX_RECORD_STEPS:,} a round); got {q!r}")
     if q is not None and _is_int(s.record_epochs) and s.record_epochs * steps_per_epoch(q) > MAX_RECORD_STEPS:
         raise PrivacyConfigError(f"{setting('record_epochs')} x int(1 / {setting('record_sample_rate')}) = "
                                  f"{s.record_epochs * steps_per_epoch(q):,} DP-SGD steps per round; at most "

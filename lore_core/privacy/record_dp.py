@@ -117,18 +117,20 @@ def _joint_scorer(basis: np.ndarray, logits: np.ndarray, device):
     return JointScorer().to(device)
 
 
-def steps_per_epoch(sample_rate: float) -> int:
-    """The DP-SGD steps of one epoch at Poisson rate q: int(1 / q), as Opacus' sampler takes them. Public, as q is."""
-    if not (isinstance(sample_rate, (int, float)) and math.isfinite(sample_rate) and 0 < sample_rate <= 1):
-        raise ValueError(f"the record sample rate must be in (0, 1]; got {sample_rate!r}")
-    if not math.isfinite(1 / sample_rate):
-        raise ValueError(f"the record sample rate {sample_rate!r} is too small: 1 / rate steps overflow")
-    return int(1 / sample_rate)
-
-
 # The most DP-SGD steps a round may ask of a client (epochs x int(1 / q)): a server's rate of 1e-9 made the budget
 # check alone take minutes and the steps 1e9 (a reviewer); the federated modes' local steps stop at the same.
 MAX_RECORD_STEPS = 10_000
+
+
+def steps_per_epoch(sample_rate: float) -> int:
+    """The DP-SGD steps of one epoch at Poisson rate q: int(1 / q), as Opacus' sampler takes them. Public, as q is."""
+    ok = isinstance(sample_rate, numbers.Real) and not isinstance(sample_rate, bool) and math.isfinite(sample_rate)
+    if not (ok and 0 < sample_rate <= 1):
+        raise ValueError(f"the record sample rate must be in (0, 1]; got {sample_rate!r}")
+    if sample_rate < 1 / MAX_RECORD_STEPS:  # also keeps 1 / q finite
+        raise ValueError(f"the record sample rate {sample_rate!r} is below 1 / {MAX_RECORD_STEPS:,}: an epoch would "
+                         f"take more than {MAX_RECORD_STEPS:,} steps")
+    return int(1 / float(sample_rate))
 
 
 def check_request(noise_multiplier, max_grad_norm, batch_size, sample_rate, epochs) -> int:
