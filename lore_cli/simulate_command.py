@@ -93,6 +93,9 @@ def add_privacy_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--clip-norm", type=float, default=None, help="C: flat L2 clip of each user's update")
     parser.add_argument("--delta", type=float, default=None, help="delta (default 1e-5, or below 1/(10 N) above 10,000 users; must be < 1/N)")
     parser.add_argument("--max-grad-norm", type=float, default=None, help="record mode: per-pair clip norm")
+    parser.add_argument("--record-sample-rate", type=float, default=None,
+                        help="record mode: public Poisson rate per pair of each DP-SGD step (default 0.25: int(1/q) = 4 "
+                             "steps per epoch)")
     parser.add_argument("--num-shares", type=int, default=None, help="user+secagg: SecAgg+ shares (odd, default 3)")
     parser.add_argument("--reconstruction-threshold", type=int, default=None,
                         help="user+secagg: shares needed to unmask (default 2)")
@@ -112,6 +115,7 @@ def privacy_overrides(args: argparse.Namespace) -> dict:
     values = {"privacy-mode": args.privacy, "noise-multiplier": args.noise_multiplier,
               "target-epsilon": args.target_epsilon, "max-epsilon": args.max_epsilon, "clip-norm": args.clip_norm,
               "delta": args.delta, "max-grad-norm": args.max_grad_norm, "device": args.device,
+              "record-sample-rate": args.record_sample_rate,
               "num-shares": args.num_shares, "reconstruction-threshold": args.reconstruction_threshold,
               "dropout-tolerance": args.dropout_tolerance}
     overrides = {key: value for key, value in values.items() if value is not None}

@@ -440,6 +440,9 @@ EXTREME = {
     "train device": (["train", "pairs.npz", "--device", "tpu", "--out", "out"], "--device"),
     "evaluate prior nan": (["evaluate", "pairs.npz", "--basis", "basis.npz", "--prior-pairs", "nan"], "--prior-pairs"),
     "simulate rank 10**4": (SIM + ["--rank", "10000"], "--rank"),
+    # 1e9 DP-SGD steps a round (a reviewer); the flag, not its run-config key, is named
+    "simulate record rate 1e-6": (["simulate", "pairs.npz", "--out", "out", "--privacy", "record", "--rounds", "1",
+                                   "--record-sample-rate", "1e-6"], "--record-sample-rate"),
     "simulate rounds 0": (SIM[:-1] + ["0"], "--rounds"),
     "simulate rounds text": (SIM[:-1] + ["two"], "--rounds"),
     "simulate clients 500": (SIM + ["--clients-per-round", "500"], "--clients-per-round"),
