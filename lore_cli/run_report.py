@@ -160,6 +160,10 @@ def privacy_section(run_dir: Path) -> list[str]:
         lines += [f"- noise multiplier {noise['multiplier']:.4g}, noise std {where} {at_least}"
                   f"{noise['std_on_sum']:.4g}, rounds released {rounds['released']} of {rounds['planned']} planned, delta {ledger['delta']:g}"
                   + (" - **stopped early: max epsilon reached**" if budget["stopped_early"] else "")]
+        if ledger["mode"] == "record" and (ledger.get("sampling") or {}).get("rate") is not None:
+            # epsilon follows the rate, which the report did not name (a tester)
+            lines.append(f"- per-pair DP-SGD: Poisson rate {ledger['sampling']['rate']:g} per step (public); "
+                         f"{noise['aggregation']}")
         if ledger["epsilon"]:
             eps = ledger["epsilon"]
             if eps["accountant"] == "ddg-rdp":

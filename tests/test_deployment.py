@@ -240,7 +240,6 @@ def test_a_rerun_right_after_the_whole_deployment_crashed_resumes(deployment):
     crashed = deployment.wait_run(process, log, timeout=60)
     after_crash = load_checkpoint(run_dir)
 
-    log_sizes = [deployment.node_log(k).stat().st_size for k in range(NODES)]
     deployment.start()
     # The restored SuperLink still lists the crashed run as live: `start` stopped it before any node connected (the
     # SuperLink may then record it as stopped or as failed, its ServerApp's task being gone). On a loaded machine (two
@@ -249,8 +248,9 @@ def test_a_rerun_right_after_the_whole_deployment_crashed_resumes(deployment):
     status, details = deployment.run_status(crashed.run_id)
     assert status in ("finished:stopped", "finished:failed"), (status, details)
     assert deployment.stopped_runs or status == "finished:failed", (status, details)
-    refused = [k for k in range(NODES) if "[code: 2004]" in deployment.node_log(k).read_bytes()[log_sizes[k]:].decode()]
-    assert refused, "no node was refused: the crash left no key counted online?"
+    # Usually the dead nodes' keys still count as online and Flower refuses the new nodes ([code: 2004]) until they
+    # expire; on a loaded machine (a CI run beside other jobs) the restart once came after they had expired, and
+    # nothing was refused. Either way the rerun must resume from the checkpoint.
     outcome = deployment.run(run_overrides(run_dir))
     assert outcome.completed, f"{outcome.status} {outcome.details}; see {outcome.log}"
     state = load_checkpoint(run_dir)

@@ -674,12 +674,16 @@ def test_server_steps_skipped_as_non_finite_are_counted_as_a_run_problem(tmp_pat
 
 
 def test_record_mode_budget_exhaustion_is_counted_not_hidden(tmp_path, pairs, caplog):
+    """A node's own budget below one round (the server's settings refuse such a max-epsilon up front, since a
+    round's cost is public): its users send zero updates, which the round counts."""
     save_pairs(pairs, tmp_path / "pairs.npz")
     cfg = get_fused_config_from_dir(ROOT, {
         "pairs-path": str(tmp_path / "pairs.npz"), "run-dir": str(tmp_path / "run"), "rank": RANK,
         "num-server-rounds": 1, "clients-per-round": 3, "privacy-mode": "record", "noise-multiplier": 1.0,
-        "max-grad-norm": 1.0, "record-batch-size": 4, "record-epochs": 1, "max-epsilon": 0.05})
-    grid = LocalGrid(client_app, [{"partition-id": 0, "num-partitions": 1}], cfg)
+        "max-grad-norm": 1.0, "record-batch-size": 4, "record-epochs": 1})
+    node = {"partition-id": 0, "num-partitions": 1, "record-max-epsilon": 0.05, "record-delta": 1e-5,
+            "allow-evaluate": True}
+    grid = LocalGrid(client_app, [node], cfg)
     with caplog.at_level(logging.WARNING, logger="lore_fed.client"):
         state = run_federated(grid, ServerSettings.from_run_config(cfg))
     first = state.history[0]

@@ -237,6 +237,11 @@ def test_record_mode_checks_delta_and_budget_before_training():
     with pytest.raises(PrivacyConfigError, match="DP-SGD steps per round"):
         validate(PrivacySettings(mode="record", rounds=5, noise_multiplier=1.0, record_sample_rate=1e-3,
                                  record_epochs=20))
+    # a round's cost is public, so a budget below it is refused up front (a tester: every round ran with every user
+    # sending a zero update, exit 0); one that one round fits in is taken (one round: 4.216)
+    with pytest.raises(PrivacyConfigError, match="costs a client epsilon 4.216.*not even one round fits"):
+        validate(PrivacySettings(mode="record", rounds=5, noise_multiplier=1.0, max_epsilon=3.0))
+    assert validate(PrivacySettings(mode="record", rounds=5, noise_multiplier=1.0, max_epsilon=5.0)).max_epsilon == 5
     with pytest.raises(PrivacyConfigError, match="at least 1 / 10,000"):
         validate(PrivacySettings(mode="record", rounds=5, noise_multiplier=1.0, record_sample_rate=5e-324))
     with pytest.raises(PrivacyBudgetExhausted):

@@ -173,7 +173,9 @@ def update_leakage_audit(
     chance_name = max(prior_figures, key=lambda k: prior_figures[k]["mean"])
     labels = np.r_[np.ones(len(member_user), bool), np.zeros(len(nonmember_user), bool)]
     views = {}
-    for view in VIEWS:
+    # record mode: the updates are already what the server holds (summed over the rounds `rounds_per_user` says);
+    # re-deriving sums or SecAgg sums of them described views no record run has (a tester)
+    for view in (("single",) if mode == "record" else VIEWS):
         observed, group = server_view(updates, view, clients_per_round=clients_per_round,
                                       rounds_per_user=rounds_per_user, clip_norm=clip_norm, local_noise=local_noise,
                                       rng=rng)

@@ -14,7 +14,7 @@ import warnings
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Mapping
 
-from lore_core.privacy.accounting import (MAX_PRV_EPSILON, MAX_ROUNDS, AccountingError, epsilon,
+from lore_core.privacy.accounting import (MAX_PRV_EPSILON, MAX_ROUNDS, AccountingError, epsilon, history_epsilon,
                                          noise_for_target_epsilon, rounds_within_budget)
 from lore_core.privacy.record_dp import MAX_RECORD_STEPS, steps_per_epoch
 from lore_core.setting_names import SettingError, as_field, setting
@@ -398,7 +398,18 @@ def _check_record(s: PrivacySettings) -> None:
     _positive_int(s, "record_epochs")
     if s.noise_multiplier is None:
         raise PrivacyConfigError(f"record mode needs {setting('noise_multiplier')} ({setting('target_epsilon')} "
-                                 "would need every client's n_i)")
+                                 "would need how often each client is sampled)")
+    if s.max_epsilon is not None and q is not None and _is_int(s.record_epochs) and s.delta is not None:
+        # a round's mechanism is public, so its cost is known up front: a tester's budget below one round ran every
+        # round with every user sending a zero update, exit 0
+        steps = s.record_epochs * steps_per_epoch(q)
+        one = _accounted(history_epsilon, [(float(s.noise_multiplier), float(q), steps)], s.delta)
+        if one > s.max_epsilon:
+            raise PrivacyConfigError(
+                f"one round of record-mode DP-SGD ({steps} steps at rate {q:g}, z {s.noise_multiplier:g}) costs a "
+                f"client epsilon {one:.3f} (PRV, delta={s.delta}) > {setting('max_epsilon', s.max_epsilon)}: not even "
+                f"one round fits; raise {setting('noise_multiplier')}, lower {setting('record_sample_rate')} or "
+                f"{setting('record_epochs')}, or raise {setting('max_epsilon')}")
 
 
 def _check_secagg(s: PrivacySettings) -> None:
