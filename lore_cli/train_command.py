@@ -6,7 +6,9 @@ import argparse
 import contextlib
 import json
 import math
+import os
 import re
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -209,21 +211,56 @@ def _train_and_write(args: argparse.Namespace, options: dict, out: Path, pairs_f
     # The renames run in reverse order of the `with`: basis.npz first, so a run killed among them leaves a lore-fed
     # basis beside what was renamed, which a rerun replaces (check_no_other_files; a reviewer killed one after the
     # weights' rename, with basis.npz last, and its rerun was refused).
-    record = out / HELDOUT_FILENAME
-    with (atomic_path(record) if fit.heldout_record else contextlib.nullcontext()) as record_file, \
-            atomic_path(out / "user_weights.npz") as weights_file, atomic_path(out / "basis.npz") as basis_file:
-        save_basis(basis_file, fit.basis, version=0, embedder=embedder, prior_pairs=fit.prior_pairs)
-        # Centralized training holds every user's data anyway; the weights are saved for analysis.
-        atomic_save_npz(weights_file, user_id=fit.user_ids.astype(str), user_weights=fit.user_weights)
-        if record_file is not None:
-            save_record(record_file, fit.heldout_record)
-        (out / "metrics.json").unlink(missing_ok=True)
-        if record_file is None:
-            record.unlink(missing_ok=True)
+    # A rename that fails (a file made immutable, a read-only bind mount) before basis.npz moved puts the earlier
+    # metrics.json back, so the earlier run stays whole (a tester found it gone); after that the run is mixed, and
+    # the message says a rerun mends it.
+    record, earlier_metrics, new_basis = out / HELDOUT_FILENAME, None, None
+    try:
+        with (atomic_path(record) if fit.heldout_record else contextlib.nullcontext()) as record_file, \
+                atomic_path(out / "user_weights.npz") as weights_file, atomic_path(out / "basis.npz") as basis_file:
+            save_basis(basis_file, fit.basis, version=0, embedder=embedder, prior_pairs=fit.prior_pairs)
+            new_basis = os.stat(basis_file).st_ino
+            # Centralized training holds every user's data anyway; the weights are saved for analysis.
+            atomic_save_npz(weights_file, user_id=fit.user_ids.astype(str), user_weights=fit.user_weights)
+            if record_file is not None:
+                save_record(record_file, fit.heldout_record)
+            earlier_metrics = _set_aside(out / "metrics.json")
+            if record_file is None:
+                record.unlink(missing_ok=True)
+    except OSError as exc:
+        mixed = new_basis is not None and _inode(out / "basis.npz") == new_basis
+        if earlier_metrics is not None and not mixed:
+            os.replace(earlier_metrics, out / "metrics.json")
+        if exc.errno is None or exc.filename is None:
+            raise
+        outcome = ("the new run's files could not all be put in place, so --out holds parts of two runs and no "
+                   "metrics.json: mend the cause and rerun") if mixed else "--out still holds the earlier run, whole"
+        raise OSError(exc.errno, f"{exc.strerror}; {outcome}", exc.filename2 or exc.filename) from exc
     atomic_write_json(out / "metrics.json", metrics)
+    if earlier_metrics is not None:
+        earlier_metrics.unlink(missing_ok=True)
     print(format_metrics(metrics))
     written = ["basis.npz", "user_weights.npz", *([HELDOUT_FILENAME] if fit.heldout_record else [])]
     print(f"wrote {out / 'metrics.json'}, " + ", ".join(str(out / name) for name in written))
+
+
+def _set_aside(path: Path) -> Path | None:
+    """Move `path` to a temp name beside it (one a rerun clears if this run is killed) and return that name."""
+    fd, aside = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        os.replace(path, aside)
+    except FileNotFoundError:
+        os.unlink(aside)
+        return None
+    return Path(aside)
+
+
+def _inode(path: Path) -> int | None:
+    try:
+        return os.stat(path).st_ino
+    except FileNotFoundError:
+        return None
 
 
 def check_trained_basis(fit, pairs_file: Path) -> None:

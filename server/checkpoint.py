@@ -104,6 +104,12 @@ def check_resumable(state: RunState, settings: dict, population: list[int], run_
     before the setting existed. `given`: the fields the user set (a caller that knows), named even where they follow
     a changed leading setting (FOLLOWERS)."""
     stored = {**SETTINGS_BEFORE_THEY_EXISTED, **state.settings}
+    if isinstance(stored.get("privacy"), dict) and isinstance(settings.get("privacy"), dict):
+        from server.run_settings import chosen_privacy
+
+        users = sum(population[:-1])  # training users per node, then D
+        stored["privacy"] = chosen_privacy(stored.get("privacy_mode"), stored["privacy"], users)
+        settings = {**settings, "privacy": chosen_privacy(settings.get("privacy_mode"), settings["privacy"], users)}
     changed = sorted(k for k in settings if stored.get(k) != settings[k])
     if changed:  # named as run-config keys (`simulate`'s flags share them): a tester read `weight_by` as internal
         shown = [k for k in changed

@@ -9,7 +9,8 @@ from lore_core.reward_math import MAX_L2
 from lore_core.simplex_fit import MAX_PRIOR_PAIRS
 from federation.protocol import config_number, local_steps, pairs_per_user, personal_prior_pairs
 from lore_core.privacy.privacy_settings import MODES as PRIVACY_MODES
-from lore_core.privacy.privacy_settings import RUN_CONFIG_KEYS, PrivacyConfigError, PrivacySettings, validate
+from lore_core.privacy.privacy_settings import (DEFAULTS as PRIVACY_DEFAULTS, DP_FIELDS, RUN_CONFIG_KEYS, USER_MODES,
+                                                 PrivacyConfigError, PrivacySettings, user_delta, validate)
 from lore_core.setting_names import NO_VALUE, SettingError, as_field, as_run_config, setting
 from server.optimizer import (SCHEDULES, ServerAdam, ServerSGD, default_init_scale, default_schedule,
                               default_server_lr, make_optimizer)
@@ -235,6 +236,19 @@ class ServerSettings:
         for volatile in ("run_dir", "min_nodes", "round_timeout", "rounds", "progress", "prior_pairs"):
             fields.pop(volatile)
         return fields
+
+
+def chosen_privacy(mode: str, privacy: dict, population_size: int) -> dict:
+    """The privacy fields given (privacy_config) less those equal to the mode's defaults for N training users: a
+    resume that repeats a default as a flag (`--noise-multiplier 1` on a run begun without it) is the same run, and
+    a tester's was refused."""
+    defaults = {name: value for name, value in PRIVACY_DEFAULTS.items() if mode in DP_FIELDS.get(name, USER_MODES)}
+    if mode in USER_MODES:
+        defaults.update(clip_norm=FEDERATED_CLIP_NORM, delta=user_delta(population_size) if population_size else None)
+    if "target_epsilon" in privacy:
+        defaults.pop("noise_multiplier", None)  # solved from the target: a z given beside it is not the default
+    return {name: value for name, value in privacy.items()
+            if isinstance(value, bool) or name not in defaults or value != defaults[name]}
 
 
 def run_privacy_settings(mode: str, privacy: dict, clients_per_round: int, rank: int, rounds: int,

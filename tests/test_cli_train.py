@@ -264,6 +264,41 @@ def test_a_train_killed_among_its_writes_leaves_no_metrics_of_another_basis_and_
                                                          "notes.tmp"]
 
 
+def test_a_train_whose_renames_fail_keeps_the_earlier_run_or_says_a_rerun_mends_it(pair_file, tmp_path, monkeypatch,
+                                                                                   capsys):
+    """A tester made an output immutable: the failed rename exited 2 with a raw errno message, and the earlier run's
+    metrics.json was already gone. Now a failure before basis.npz moved puts it back; after, the message says so."""
+    fixed = ["--l2", "0.001", "--prior-pairs", "3", "--objective", "joint", "--out", str(tmp_path / "run")]
+    assert main(["train", str(pair_file), "--rank", "3", *fixed]) == 0
+    run = tmp_path / "run"
+    earlier = (run / "metrics.json").read_bytes()
+    real_replace = os.replace
+
+    def refused_at(name):
+        def replace(source, target):
+            if str(target).endswith(name):
+                raise PermissionError(1, "Operation not permitted", str(source), None, str(target))
+            real_replace(source, target)
+        return replace
+
+    capsys.readouterr()
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "replace", refused_at("basis.npz"))
+        assert main(["train", str(pair_file), "--rank", "2", *fixed]) == 2
+    message = capsys.readouterr().err
+    assert f"{run / 'basis.npz'}" in message and "still holds the earlier run, whole" in message
+    assert (run / "metrics.json").read_bytes() == earlier and load_basis(run / "basis.npz").rank == 3
+    assert not list(run.glob(".*.tmp"))
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "replace", refused_at("user_weights.npz"))
+        assert main(["train", str(pair_file), "--rank", "2", *fixed]) == 2
+    message = capsys.readouterr().err
+    assert "user_weights.npz" in message and "parts of two runs" in message and "rerun" in message
+    assert not (run / "metrics.json").exists()
+    assert main(["train", str(pair_file), "--rank", "2", *fixed]) == 0
+    assert json.loads((run / "metrics.json").read_text())["rank"] == 2 == load_basis(run / "basis.npz").rank
+
+
 # `python -c` driver: `lore-fed train` that receives kill -TERM while it fits (a scheduler, `timeout`).
 TRAIN_TERMINATED = """
 import os, signal, sys

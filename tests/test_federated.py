@@ -403,6 +403,32 @@ def test_a_checkpoint_that_fingerprinted_the_personal_prior_still_resumes(pair_f
         check_resumable(old, {**fingerprint, "server_lr": 0.5}, [1], tmp_path)
 
 
+def test_a_resume_that_repeats_a_privacy_default_as_a_flag_is_the_same_run(tmp_path):
+    """A tester: `simulate --noise-multiplier 1` on a run begun without the flag was refused ("other settings"), as
+    given privacy settings were compared as typed. Defaults given are the same run (both ways); other values are
+    still refused."""
+    from server.checkpoint import CheckpointError, RunState, check_resumable
+
+    population = [30, 10, 16]  # 40 training users: the user modes' delta 1e-5
+    for mode, defaults, other in (
+            ("user", {"noise_multiplier": 1, "clip_norm": 0.25, "delta": 1e-5}, {"noise_multiplier": 2.0}),
+            ("record", {"record_batch_size": 4, "record_sample_rate": 0.25, "max_grad_norm": 1.0},
+             {"record_sample_rate": 0.5})):
+        plain = {"privacy_mode": mode, "privacy": {"reproducible_noise": False}}
+        spelled = {"privacy_mode": mode, "privacy": {**defaults, "reproducible_noise": False}}
+        for begun, resumed in ((plain, spelled), (spelled, plain)):
+            check_resumable(RunState(round=1, basis=np.zeros((2, 16)), settings=begun, population=population),
+                            resumed, population, tmp_path)
+        changed = {"privacy_mode": mode, "privacy": {**other, "reproducible_noise": False}}
+        with pytest.raises(CheckpointError, match="other settings"):
+            check_resumable(RunState(round=1, basis=np.zeros((2, 16)), settings=plain, population=population),
+                            changed, population, tmp_path)
+    with pytest.raises(CheckpointError, match="other settings"):  # a user-mode default is no record-mode one
+        check_resumable(RunState(round=1, basis=np.zeros((2, 16)), population=population,
+                                 settings={"privacy_mode": "record", "privacy": {}}),
+                        {"privacy_mode": "record", "privacy": {"clip_norm": 0.25}}, population, tmp_path)
+
+
 def test_a_checkpoint_over_another_population_is_refused_naming_what_differs(tmp_path):
     """Found by a tester: a D = 64 run's checkpoint under a D = 384 run was refused with "users per node differ",
     naming neither the checkpoint nor the width."""
