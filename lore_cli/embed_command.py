@@ -165,7 +165,7 @@ def read_pair_records(path: Path) -> dict[str, list]:
     `conversation` (written by `prepare`) becomes the pair file's `group`; it is None when no line has it (a file
     from an older `prepare`), and then every line must lack it."""
     from lore_core.embeddings import EmbeddingError, validate_history
-    from lore_core.text_file import read_jsonl
+    from lore_core.text_file import ids_message, is_name, read_jsonl
 
     if not path.is_file():
         raise DatasetError(f"{path} not found; run `lore-fed prepare` on the folder first (a `lore-fed synth` "
@@ -198,9 +198,11 @@ def read_pair_records(path: Path) -> dict[str, list]:
         if "conversation" in record and not isinstance(record["conversation"], str):
             raise DatasetError(f"{where}: 'conversation' must be a string, got "
                                f"{type(record['conversation']).__name__}")
-        for key in ("user", "conversation"):
-            if "\x00" in record.get(key, ""):  # numpy drops trailing NULs: 'u\x00' would become user 'u'
-                raise DatasetError(f"{where}: {key!r} {record[key]!r} holds a NUL character; ids are text")
+        if "\x00" in record.get("conversation", ""):  # numpy drops trailing NULs: 'c\x00' would become 'c'
+            raise DatasetError(f"{where}: 'conversation' {record['conversation']!r} holds a NUL character; ids are "
+                               "text")
+        if not is_name(record["user"]):  # a NUL included: numpy drops trailing ones ('u\x00' would become 'u')
+            raise DatasetError(ids_message(where, "'user'", [record["user"]]))
         conversations.append(record.get("conversation"))
     if not columns["user"]:
         raise DatasetError(f"{path} holds no pairs")
@@ -227,6 +229,8 @@ def read_ground_truth(path: Path) -> dict[str, np.ndarray]:
 def check_ground_truth(truth: dict[str, np.ndarray], path: Path, embedder_name: str,
                        dim: int) -> dict[str, np.ndarray] | None:
     """The truth for this embedder; None (with a warning) when it was made with another embedder of the same dim."""
+    from lore_core.basis_file import other_embedders
+
     basis, weights, user_id = truth["basis"], truth["user_weights"], truth["user_id"]
     if basis.ndim != 2 or basis.shape[1] != dim:
         raise DatasetError(
@@ -237,7 +241,7 @@ def check_ground_truth(truth: dict[str, np.ndarray], path: Path, embedder_name: 
         raise DatasetError(
             f"{path}: user_weights must be (users, K) = ({user_id.size}, {basis.shape[0]}), got {weights.shape}"
         )
-    if str(truth["embedder"]) != embedder_name:
+    if other_embedders(str(truth["embedder"]), embedder_name):  # a copy of the model in another folder is the same
         print(
             f"warning: {path} was made with embedder {truth['embedder']}, not {embedder_name}; "
             "the oracle (logit_true) is not available",

@@ -400,6 +400,7 @@ def benchmark_truth(pairs):
     warning; one with users' weights that does not give the pair file's own true logits (`logit_true`; a PairSet
     or streamed PairColumns) is another population's truth and is refused (a tester's copy reported a ceiling below
     chance without a word)."""
+    from lore_core.basis_file import other_embedders
     from lore_core.evaluation import load_true_basis
     from lore_core.prism_schema import GROUND_TRUTH_FILE
 
@@ -412,7 +413,7 @@ def benchmark_truth(pairs):
                       f"of {pairs.source}: not this population's truth; no true-basis ceiling is reported")
         return None
     made_with, embedded_with = truth_embedder(truth_path), pairs.embedder
-    if made_with is not None and embedded_with is not None and made_with != str(embedded_with):
+    if made_with is not None and embedded_with is not None and other_embedders(made_with, str(embedded_with)):
         # a tester's `embed --max-length 6` copy reported a ceiling of 0.61 for a true 0.86, without a word
         warnings.warn(f"{truth_path} was made with embedder {made_with}, {pairs.source} with {embedded_with}: not "
                       "this file's truth; no true-basis ceiling is reported")

@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from lore_core.atomic_io import atomic_path
+from lore_core.text_file import ids_message, names_refused
 from lore_core.npz_file import (MEMBER_ERRORS, READ_ERRORS, check_npz_head, native_array,
                                  refuse_repeated_members, refuse_short_member, unreadable)
 from lore_core.pairs import (EXPECTED, OPTIONAL_ARRAYS, REQUIRED_ARRAYS, TEXT_ARRAYS, PairFileError, PairSet,
@@ -339,6 +340,9 @@ def check_pair_file(path: str | Path, rows_per_block: int = READ_ROWS) -> tuple[
     columns = PairColumns.open(path)
     columns.verify_checksums()
     index = PairIndex.build(columns)
+    refused = names_refused(index.user_ids)
+    if refused:
+        raise PairFileError(ids_message(columns.source, "user ids", refused))
     seen_users = train_users = largest = seen_train_pairs = 0
     idle, few_shot = [], []
     nonzero = columns.n == 0

@@ -32,7 +32,7 @@ import numpy as np
 
 from lore_core.atomic_io import atomic_save_npz
 from lore_core.npz_file import open_npz
-from lore_core.text_file import is_name
+from lore_core.text_file import ids_message, is_name, names_refused
 
 PAIRS_FILENAME = "pairs.npz"
 PAIRS_JSONL = "pairs.jsonl"  # a dataset's text pairs (`lore-fed prepare`), which `lore-fed embed` turns into pairs.npz
@@ -391,6 +391,9 @@ def _validate(p: PairSet) -> None:
         raise PairFileError(f"{where}: split values must be 'train' or 'test', found {bad_splits}")
     if n:
         user_ids, index = np.unique(p.user, return_inverse=True)
+        refused = names_refused(user_ids)
+        if refused:
+            raise PairFileError(ids_message(where, "user ids", refused))
         seen_count = np.bincount(index, weights=p.seen, minlength=user_ids.size)
         total = np.bincount(index, minlength=user_ids.size)
         mixed = user_ids[(seen_count > 0) & (seen_count < total)]

@@ -66,8 +66,9 @@ _KINDS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "object": (lambda v: isinstance(v, dict), "an object"),
     "list": (lambda v: isinstance(v, list), "a list"),
     "id": (lambda v: _is_int(v) or (isinstance(v, str) and v.isascii() and v.isdigit()), "an int or digit string"),
-    # user and conversation ids become numpy text in pairs.npz, which drops trailing NULs ('u\x00' would be 'u')
-    "name": (lambda v: isinstance(v, str) and v != "" and "\x00" not in v, "a non-empty string without NUL"),
+    # user and conversation ids become numpy text in pairs.npz, which drops trailing NULs ('u\x00' would be 'u'),
+    # and are printed in messages and reports (text_file.is_name)
+    "name": (text_file.is_name, "a non-empty string without control characters"),
 }
 
 # One source of truth for the key sets: the schemas below (insertion order = the codebook's order).

@@ -13,6 +13,8 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
+
 
 def _decode(raw: bytes, path: Path, line: int, error: type[ValueError]) -> str:
     try:
@@ -143,10 +145,38 @@ def _is_unicode(value) -> bool:
     return True
 
 
+# Unicode's bidirectional controls (marks, embeddings, overrides, isolates): U+202E in an id printed in a message
+# or report reverses the text after it, so a line can read as another (a tester's).
+BIDI_CONTROLS = frozenset([0x061C, 0x200E, 0x200F, *range(0x202A, 0x202F), *range(0x2066, 0x206A)])
+
+
 def is_name(value) -> bool:
-    """A name a file may carry (an embedder's): a non-empty string without control characters. A NUL or a newline
-    in one (a tester's) would cut or forge lines of the logs and reports that print it."""
-    return isinstance(value, str) and bool(value) and not any(ord(c) < 32 or 127 <= ord(c) < 160 for c in value)
+    """A name a file may carry (an embedder's, a user's id): a non-empty string without control characters. A NUL
+    or a newline in one (a tester's) would cut or forge lines of the logs and reports that print it."""
+    return isinstance(value, str) and bool(value) and \
+        not any(ord(c) < 32 or 127 <= ord(c) < 160 or ord(c) in BIDI_CONTROLS for c in value)
+
+
+def names_refused(names) -> list[str]:
+    """The distinct entries of a unicode array that are not names (`is_name`), found without a loop over them:
+    empty, or holding a control character (an inner NUL included)."""
+    names = np.asarray(names)
+    if names.dtype.kind != "U" or names.size == 0:
+        return []
+    names = np.ascontiguousarray(names.astype(f"<U{max(1, names.dtype.itemsize // 4)}").ravel())
+    codes = names.view(np.uint32).reshape(names.size, -1)
+    control = ((codes > 0) & (codes < 32)) | ((codes >= 127) & (codes < 160)) | \
+        np.isin(codes, np.fromiter(BIDI_CONTROLS, np.uint32))
+    length = np.char.str_len(names)
+    refused = (length == 0) | control.any(axis=1) | ((codes != 0).sum(axis=1) < length)
+    return np.unique(names[refused]).tolist()
+
+
+def ids_message(where, what: str, refused: list[str]) -> str:
+    """The error for `what` ids that `names_refused` found, each shown escaped (never raw: see BIDI_CONTROLS)."""
+    shown = ", ".join(ascii(name) for name in refused[:3])
+    return (f"{where}: {what} must be non-empty text without control or bidirectional-control characters (they are "
+            f"printed in messages and reports); {len(refused)} are not: {shown}")
 
 
 def is_json_integer(value, low: int = 0, high: int = 2**63 - 1) -> bool:

@@ -1459,6 +1459,11 @@ def test_a_state_on_an_unnamed_basis_keeps_its_choices_when_the_next_basis_names
     named = save_basis(tmp_path / "new.npz", rng.standard_normal((5, 384)), version=2, embedder=reference.name)
     proc, _ = device(state_dir, "init", "--basis", named, "--reinit")
     assert "did not name its embedder" in proc.stderr and load_state(state_dir).n_pairs == 8
+    # a tester: the same model in another folder (another label, the same fingerprint) is the same space
+    copied = save_basis(tmp_path / "copied.npz", rng.standard_normal((5, 384)), version=3,
+                        embedder="my-copy" + reference.name[reference.name.index("@"):])
+    device(state_dir, "init", "--basis", copied, "--reinit")
+    assert load_state(state_dir).n_pairs == 8 and load_state(state_dir).basis.embedder.startswith("my-copy@")
     for embedder in ("another-model", "unknown"):  # a named space is left only by re-embedding, even for "unknown"
         other = save_basis(tmp_path / f"{embedder}.npz", rng.standard_normal((5, 384)), version=3, embedder=embedder)
         proc, _ = device(state_dir, "init", "--basis", other, "--reinit", check=False)

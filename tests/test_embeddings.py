@@ -384,6 +384,11 @@ def test_embed_command_ground_truth_checks(minilm, tmp_path, capsys):
     assert cli_main(["embed", str(dataset), "--cache-dir", cache]) == 0
     assert "oracle (logit_true) is not available" in capsys.readouterr().err
     assert load_pairs(dataset).logit_true is None
+    # A tester: the same model copied to another folder is another label, not another embedder
+    copied = "my-copy" + minilm.name[minilm.name.index("@"):]
+    np.savez(dataset / "ground_truth.npz", **{**truth, "basis": np.ones((2, 384)), "embedder": np.array(copied)})
+    assert cli_main(["embed", str(dataset), "--cache-dir", cache]) == 0
+    assert "not available" not in capsys.readouterr().err and load_pairs(dataset).logit_true is not None
 
     np.savez(dataset / "ground_truth.npz", **{**truth, "basis": np.ones((2, 16)), "embedder": np.array(minilm.name)})
     assert cli_main(["embed", str(dataset), "--cache-dir", cache]) == 2
@@ -472,7 +477,10 @@ def test_embed_ended_by_sigterm_keeps_what_it_computed_for_the_rerun(tmp_path, c
         # found by a tester: a user both seen and unseen was refused only after every pair was embedded
         ({**PAIRS[0], "seen": False}, "user 'user1' has 'seen' false, but true on line 1"),
         # found by a tester: numpy dropped the NUL, and user 'user2\x00' was merged into user2 without a word
-        ({**PAIRS[2], "user": "user2\x00"}, "'user' 'user2\\x00' holds a NUL character"),
+        ({**PAIRS[2], "user": "user2\x00"}, "'user' must be non-empty text without control or bidirectional"),
+        # a tester: an empty id was a user, and one with U+202E reversed the messages that printed it
+        ({**PAIRS[2], "user": ""}, "1 are not: ''"),
+        ({**PAIRS[2], "user": "user2\u202e"}, "1 are not: 'user2\\u202e'"),
     ],
 )
 def test_embed_command_names_the_bad_line(tmp_path, capsys, bad_line, message):

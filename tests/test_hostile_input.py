@@ -767,6 +767,8 @@ DEVICE_EXTREME = {
     "adapt wrong width": (None, f"(n, {DIM})"),
     "adapt chosen == rejected": (None, "same text"),
     "adapt empty response": (None, "'chosen' is empty"),
+    "adapt blank prompt": (None, "the prompt is blank"),
+    "adapt blank history": (None, "the history is blank"),
     "adapt missing key": (None, "'rejected' must be a string"),
     "adapt a whole pair file": (None, "a pair file of"),
     "adapt several users' texts": (None, "choices of 2 users"),
@@ -779,7 +781,8 @@ def test_device_extremes_are_refused(w, case):
     argv, expect = DEVICE_EXTREME[case]
     if argv is None:
         file = "c.jsonl" if case in ("adapt chosen == rejected", "adapt missing key", "adapt empty response",
-                                     "adapt several users' texts", "adapt a bad record after blank lines") else "c.npz"
+                                     "adapt several users' texts", "adapt a bad record after blank lines",
+                                     "adapt blank prompt", "adapt blank history") else "c.npz"
         if case == "adapt 1e30":
             np.savez(w / file, diff=np.full((3, DIM), 1e30, np.float32))
         elif case == "adapt zero diffs":
@@ -795,6 +798,11 @@ def test_device_extremes_are_refused(w, case):
                                             for u in ("alice", "bob")))
         elif case == "adapt a bad record after blank lines":  # it was named "choice 1" (a tester)
             (w / file).write_text("\n\n" + json.dumps({"prompt": "p", "chosen": "same", "rejected": "same"}))
+        elif case == "adapt blank prompt":  # adapt learned from {"prompt": ""} (a tester), as rank refuses it
+            (w / file).write_text(json.dumps({"prompt": "", "chosen": "a", "rejected": "b"}))
+        elif case == "adapt blank history":
+            (w / file).write_text(json.dumps({"history": [{"role": "user", "content": " "}], "chosen": "a",
+                                              "rejected": "b"}))
         elif case == "adapt empty response":  # prepare drops empty responses; adapt learned from one (a tester)
             (w / file).write_text(json.dumps({"prompt": "p", "chosen": "  ", "rejected": "a real answer"}))
         else:

@@ -112,6 +112,21 @@ def test_bytes_text_columns_are_refused_alike_by_both_readers(tmp_path, name):
             read(tmp_path / "b.npz")
 
 
+@pytest.mark.parametrize("bad_id, shown", [("", "''"), ("b\u202e", "'b\\u202e'"), ("b\n", "'b\\n'"),
+                                            ("b\x00c", "'b\\x00c'")])
+def test_user_ids_that_are_empty_or_hold_control_characters_are_refused_by_both_readers(tmp_path, bad_id, shown):
+    """A tester: an empty user id was a user, and one holding U+202E printed raw reversed the rest of a message."""
+    from lore_core.pair_columns import check_pair_file
+
+    arrays = _arrays()
+    arrays["user"] = np.array(["a", "a", "a", bad_id, bad_id, bad_id])
+    np.savez(tmp_path / "ids.npz", **arrays)
+    for read in (load_pairs, check_pair_file):
+        with pytest.raises(PairFileError, match="ids.npz: user ids must be non-empty text without control") as info:
+            read(tmp_path / "ids.npz")
+        assert f"1 are not: {shown}" in str(info.value) and "\u202e" not in str(info.value)
+
+
 def test_directory_without_pairs_and_garbage_file(tmp_path):
     with pytest.raises(PairFileError, match="lore-fed embed"):
         load_pairs(tmp_path)

@@ -45,7 +45,7 @@ from client.device.state import (
     state_lock,
 )
 from lore_core.atomic_io import empty_path_flag
-from lore_core.basis_file import UNKNOWN_EMBEDDER, BasisFile, basis_file_path, load_basis
+from lore_core.basis_file import UNKNOWN_EMBEDDER, BasisFile, basis_file_path, load_basis, other_embedders
 from lore_core.closed_stdout import stdout_closed
 from lore_core.command_line import parse_command_line
 from lore_core.text_file import not_a_file, parse_json, read_text
@@ -464,7 +464,6 @@ def _check_encoder_fits(directory, dim: int, embedder: str | None, basis: BasisF
     """Refuse an encoder whose embeddings are not the basis' space: another width, or another model (a named one
     whose embeddings the basis was not trained on would be scored without a word)."""
     from client.device.encoder import EncoderError
-    from lore_core.basis_file import other_embedders
 
     if dim != basis.dim:
         raise EncoderError(f"{directory}: encoder dimension {dim} does not match the basis ({basis.dim})")
@@ -595,7 +594,9 @@ def _rebase(old: DeviceState, basis: BasisFile) -> DeviceState:
     # dimension without re-embedding (what every basis was assumed to be then); never the other way round: a named
     # space followed by an unnamed basis may be another model's.
     named_now = old.basis.embedder == UNKNOWN_EMBEDDER and basis.embedder != UNKNOWN_EMBEDDER
-    same_space = old.basis.dim == basis.dim and (old.basis.embedder == basis.embedder or named_now)
+    both_named = UNKNOWN_EMBEDDER not in (old.basis.embedder, basis.embedder)
+    same_named = both_named and not other_embedders(old.basis.embedder, basis.embedder)  # a model copied elsewhere
+    same_space = old.basis.dim == basis.dim and (old.basis.embedder == basis.embedder or same_named or named_now)
     if same_space and named_now:
         print(f"note: the state's basis did not name its embedder; its stored choices are kept as embeddings of "
               f"{basis.embedder!r} ({basis.dim}-d)", file=sys.stderr)

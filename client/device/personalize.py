@@ -192,6 +192,9 @@ def check_choice(record, where: str) -> None:
     if empty:  # as `prepare` drops an empty response (a tester: adapt learned from one)
         raise ChoicesError(f"{where}: {' and '.join(repr(key) for key in empty)} is empty; a choice is between two "
                            "responses with text")
+    if not "".join(message["content"] for message in choice_context(record)).strip():  # as `rank --prompt ""`
+        raise ChoicesError(f"{where}: the {'prompt' if 'prompt' in record else 'history'} is blank; a choice answers "
+                           "the user's message, so give its text")
     texts = {key: record[key] for key in ("prompt", "chosen", "rejected") if key in record}
     texts.update({f"history[{i}].content": message["content"] for i, message in enumerate(record.get("history", []))})
     for key, text in texts.items():
