@@ -172,6 +172,15 @@ def names_refused(names) -> list[str]:
     return np.unique(names[refused]).tolist()
 
 
+_UNPRINTABLE = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f" + "".join(map(chr, sorted(BIDI_CONTROLS))) + "]")
+
+
+def shown(text: str) -> str:
+    """`text` for a terminal: control characters (but tab) and bidirectional controls escaped as in Python
+    (\\x1b, \\u202e). A response holding ESC or U+202E printed raw drove the user's terminal (a tester)."""
+    return _UNPRINTABLE.sub(lambda match: ascii(match.group())[1:-1], text)
+
+
 def ids_message(where, what: str, refused: list[str]) -> str:
     """The error for `what` ids that `names_refused` found, each shown escaped (never raw: see BIDI_CONTROLS)."""
     shown = ", ".join(ascii(name) for name in refused[:3])

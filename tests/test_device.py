@@ -1098,7 +1098,7 @@ def test_a_choice_already_learned_is_recognised_whatever_its_key_order_or_extra_
              {"history": [{"content": "Which?", "role": "user"}], "chosen": "good", "rejected": "bad"},
              {"prompt": "Which?", "chosen": "bad", "rejected": "good"},
              {"prompt": "Which one?", "chosen": "good", "rejected": "bad"}]
-    fresh = _not_yet_learned(state, np.zeros((len(again), 8)), again)
+    fresh = _not_yet_learned(state, np.random.default_rng(1).standard_normal((len(again), 8)), again)
     assert fresh.tolist() == [False, False, False, True, True]
 
 
@@ -1115,8 +1115,12 @@ def test_a_choice_given_twice_in_one_file_is_learned_once(tmp_path):
     choice = {"prompt": "Which?", "chosen": "good", "rejected": "bad"}
     texts = [choice, {"rejected": "bad", "chosen": "good", "prompt": "Which?", "source": "app"},
              {"prompt": "Which?", "chosen": "bad", "rejected": "good"}, choice]
-    fresh = _not_yet_learned(load_state(state_dir), np.zeros((4, 8)), texts)
+    embedded = np.random.default_rng(5).standard_normal((3, 8))[[0, 0, 2, 0]]  # the same texts embed alike
+    embedded[2] = -embedded[0]
+    fresh = _not_yet_learned(load_state(state_dir), embedded, texts)
     assert fresh.tolist() == [True, False, True, False]  # the opposite answer is another choice
+    other_words = [{"prompt": "Which?", "chosen": "Good ", "rejected": "bad"}]  # read as the same by the encoder
+    assert not _not_yet_learned(load_state(state_dir), rows[[1]], other_words).any()  # a row already held
 
 
 def test_text_that_is_not_unicode_is_refused_naming_the_file_and_field(tmp_path, capsys):
@@ -1618,7 +1622,7 @@ def test_next_question_under_strength_off_refuses_as_adapt_does(tmp_path, capsys
     ({"user_weights": np.array([2.0, -1.0, 0.0])}, "got [ 2. -1.  0.]"),
     ({"pair_diff": np.full((2, 8), np.nan, np.float32)}, "pair_diff must be finite (n, 8)"),
     ({"pair_diff": np.ones((2, 10), np.float32)}, "pair_diff must be finite (n, 8), got shape (2, 10)"),
-    ({"choices": ()}, "2 pairs, (0,) choices"),
+    ({"choices": ()}, "2 pairs, 0 choices"),
     ({"strength": 5.0}, "strength must be in [0, 1] or 'off', got 5.0"),
     ({"choices": ("not json", "not json")}, "stored choice 1 is not JSON"),
 ])
@@ -1808,3 +1812,113 @@ def test_reinit_keeps_no_choices_whose_embedding_space_the_damaged_state_does_no
     capsys.readouterr()
     assert device_cli.main(["--state", str(state_dir), "init", "--basis", str(other), "--reinit"]) == 0
     assert "none of it could be kept" in capsys.readouterr().out and load_state(state_dir).n_pairs == 0
+
+
+def test_stored_choices_take_their_own_length_not_the_longest_s_and_older_states_still_load(tmp_path):
+    """A tester: 7 choices, one of 5 MB, made a 140 MB personal file (a (n,) str array pads every choice to the
+    longest), and each later choice added 20 MB. Choices are now UTF-8 JSON lines; a state written before still
+    loads."""
+    from client.device.state import _choices_array, _choices_of
+
+    state_dir = _toy_state(tmp_path)
+    long = json.dumps({"prompt": "q", "chosen": "word " * 30_000, "rejected": "no"})  # 150,000 characters
+    short = tuple(json.dumps({"prompt": f"q{i}", "chosen": "a\u2028b", "rejected": "c"}) for i in range(6))
+    save_state(replace(load_state(state_dir), pair_diff=np.ones((7, 8), np.float32), choices=(long, *short)))
+    personal = next(state_dir.glob("personal-*.npz"))
+    assert personal.stat().st_size < 200_000  # padded: 7 x 150,000 x 4 bytes = 4.2 MB
+    assert load_state(state_dir).choices == (long, *short)
+    assert _choices_of(np.array([long, *short])) == (long, *short) == _choices_of(_choices_array((long, *short)))
+    assert _choices_of(_choices_array(())) == ()
+    spread = '{"prompt": "q",\n "chosen": "a", "rejected": "b"}'  # another tool's JSON over two lines
+    assert _choices_of(_choices_array((spread,))) == ('{"prompt": "q", "chosen": "a", "rejected": "b"}',)
+
+
+@pytest.mark.parametrize("record, says", [
+    ({"prompt": "q", "chosen": "word " * 50_000, "rejected": "no"}, "a choice holds at most 200,000"),
+    ({"prompt": "q", "chosen": "a", "rejected": "b", "extra": float("nan")}, "NaN or infinite"),
+    ({"prompt": "q", "chosen": "\u200b", "rejected": "b"}, "'chosen' is empty"),
+    ({"prompt": "\ufeff \u200b", "chosen": "a", "rejected": "b"}, "the prompt is blank"),
+])
+def test_a_choice_too_long_not_strict_json_or_invisible_is_refused(tmp_path, record, says):
+    """A tester: a 5 MB choice was stored whole, an extra key NaN was stored as non-JSON, and a response of U+200B
+    passed as text."""
+    (tmp_path / "c.jsonl").write_text(json.dumps(record))
+    with pytest.raises(personalize.ChoicesError, match=says):
+        personalize.read_choices(tmp_path / "c.jsonl")
+
+
+def test_text_choices_the_encoder_reads_as_one_text_are_refused(tmp_path, monkeypatch):
+    """A tester: {"chosen": "Hello", "rejected": "hello "} was learned, with a pair difference of exactly 0 (an
+    .npz row of zeros is refused)."""
+    from client.device import device_cli
+
+    state_dir = _toy_state(tmp_path)
+    records = [{"prompt": "q", "chosen": "a", "rejected": "b"}, {"prompt": "q", "chosen": "Hello", "rejected": "hello "}]
+    (tmp_path / "c.jsonl").write_text("\n".join(map(json.dumps, records)))
+    monkeypatch.setattr(device_cli, "_open_encoder", lambda state, directory: None)
+    monkeypatch.setattr(device_cli, "embed_choices", lambda encoder, texts: np.vstack([np.ones(8), np.zeros(8)]))
+    with pytest.raises(personalize.ChoicesError, match=r"c.jsonl: choices \[2\] compare responses the encoder reads"):
+        device_cli._choice_diffs(tmp_path / "c.jsonl", load_state(state_dir), None)
+
+
+def test_an_npz_of_another_user_is_refused_as_a_text_file_of_one_is(tmp_path, capsys):
+    """A tester: after text choices of user u1, an .npz whose `user` array names u2 was learned (exit 0)."""
+    from client.device import device_cli
+
+    state_dir = _toy_state(tmp_path)
+    stored = json.dumps({"user": "u\x1b[2J1", "prompt": "q", "chosen": "a", "rejected": "b"})
+    save_state(replace(load_state(state_dir), pair_diff=np.ones((1, 8), np.float32), choices=(stored,)))
+    rows = np.random.default_rng(2).standard_normal((2, 8))
+    np.savez(tmp_path / "d.npz", diff=rows, user=np.array(["u2", "u2"]))
+    assert device_cli.main(["--state", str(state_dir), "adapt", "--choices", str(tmp_path / "d.npz")]) == 2
+    err = capsys.readouterr().err
+    assert "choices of user u2, but the device state holds choices of user u\\x1b[2J1" in err and "\x1b" not in err
+    assert load_state(state_dir).n_pairs == 1
+    np.savez(tmp_path / "d.npz", diff=rows, user=np.array(["u\x1b[2J1"] * 2))
+    assert device_cli.main(["--state", str(state_dir), "adapt", "--choices", str(tmp_path / "d.npz")]) == 0
+    assert load_state(state_dir).n_pairs == 3
+
+
+def test_rank_reads_one_candidate_per_line_whatever_else_the_line_holds(tmp_path):
+    """A tester: str.splitlines cut candidates at U+2028, form feeds, U+0085 and a lone CR, so 4 lines gave 7
+    candidates whose indices no longer matched the app's lines."""
+    from client.device.device_cli import _read_candidates
+    from lore_core.text_file import shown
+
+    path = tmp_path / "c.txt"
+    path.write_bytes("first\u2028second\nalpha\x0cbeta\r\ngamma\x85delta\nplain\rtext\n\n".encode())
+    assert _read_candidates(path) == ["first\u2028second", "alpha\x0cbeta", "gamma\x85delta", "plain\rtext"]
+    assert shown("a\x1b[2Jb\u202ec\td\x85") == "a\\x1b[2Jb\\u202ec\td\\x85"  # what the plain ranking prints
+
+
+def test_an_edited_encoder_json_is_refused_not_used(tmp_path, encoder_dir):
+    """A tester: max_context_tokens 0 (or another window) in a copy's encoder.json changed every score without a
+    word, as only the model and tokenizer are checksummed; so did an unknown pair_mode."""
+    import shutil
+
+    from client.device.encoder import EncoderError
+
+    edited = tmp_path / "enc"
+    shutil.copytree(encoder_dir, edited)
+    meta = json.loads((encoder_dir / "encoder.json").read_text())
+    for change, says in (({"max_context_tokens": 0}, "the file was edited"),
+                         ({"max_length": 64, "max_context_tokens": 32}, "the file was edited"),
+                         ({"pair_mode": "x"}, "pair_mode must be 'segment'"),
+                         ({"inputs": ["input_ids"]}, "pair_mode must be 'segment'")):
+        (edited / "encoder.json").write_text(json.dumps({**meta, **change}))
+        with pytest.raises(EncoderError, match=says):
+            OnnxPairEncoder(edited)
+    (edited / "encoder.json").write_text(json.dumps(meta))
+    assert OnnxPairEncoder(edited).max_context_tokens == meta["max_context_tokens"]
+
+
+def test_init_names_what_differs_in_another_basis(tmp_path):
+    """A tester: the same basis under another embedder name read "version 0 (5ffe658ee97b) differs from the state's
+    version 0 (5ffe658ee97b)"."""
+    from client.device.state import BasisMismatchError, check_compatible
+
+    matrix = np.random.default_rng(0).standard_normal((3, 8))
+    state = new_state(tmp_path / "s", load_basis(save_basis(tmp_path / "a.npz", matrix, version=0, embedder="e1")))
+    other = load_basis(save_basis(tmp_path / "b.npz", matrix, version=0, embedder="e2"))
+    with pytest.raises(BasisMismatchError, match=r"another basis \(embedder 'e2', the state's 'e1'\); use `init"):
+        check_compatible(state, other)

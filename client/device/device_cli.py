@@ -48,7 +48,7 @@ from lore_core.atomic_io import empty_path_flag
 from lore_core.basis_file import UNKNOWN_EMBEDDER, BasisFile, basis_file_path, load_basis, other_embedders
 from lore_core.closed_stdout import stdout_closed
 from lore_core.command_line import parse_command_line
-from lore_core.text_file import not_a_file, parse_json, read_text
+from lore_core.text_file import not_a_file, parse_json, read_text, shown
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -264,7 +264,7 @@ def _adapt(args) -> int:
 def _rank(args) -> int:
     if not personalize.is_unicode_text(args.prompt):
         raise ValueError(f"--prompt {personalize.NOT_UNICODE} (is the terminal's encoding UTF-8?)")
-    if not args.prompt.strip():
+    if personalize.is_blank(args.prompt):
         raise ValueError("--prompt is blank: give the user's message the candidates answer")
     state = load_state(_directory(args))
     strength = state.strength if args.strength is None else personalize.parse_strength(args.strength, "--strength")
@@ -297,7 +297,7 @@ def _rank(args) -> int:
     else:
         for row in rows:
             low_r, high_r = row["interval_90"]
-            print(f"{row['rank']:>3}  {row['score']:+.5f}  [{low_r:+.4f}, {high_r:+.4f}]  {row['text']}")
+            print(f"{row['rank']:>3}  {row['score']:+.5f}  [{low_r:+.4f}, {high_r:+.4f}]  {shown(row['text'])}")
     return 0
 
 
@@ -523,9 +523,17 @@ def _choice_diffs(path: Path, state: DeviceState, encoder_dir) -> tuple[np.ndarr
         if not path.is_file():
             raise FileNotFoundError(not_a_file("choices file", path))
         diff = personalize.read_choice_diffs(path, state.basis.dim)
-        return diff, [{"precomputed": f"{path.name}#{i}"} for i in range(len(diff))]
+        user = personalize.npz_user(path)  # checked against the stored choices' user as a text file's is (a tester)
+        named = {} if user is None else {"user": user}
+        return diff, [{"precomputed": f"{path.name}#{i}", **named} for i in range(len(diff))]
     records = personalize.read_choices(path)
-    return embed_choices(_open_encoder(state, encoder_dir), records), records
+    diff = embed_choices(_open_encoder(state, encoder_dir), records)
+    tied = np.flatnonzero(personalize.tied_rows(diff))
+    if tied.size:  # a tester's "Hello" against "hello ": the encoder sees one text, so the answer teaches nothing
+        raise personalize.ChoicesError(
+            f"{path}: choices {(tied + 1)[:5].tolist()} compare responses the encoder reads as the same text (their "
+            "embeddings are equal: case and spacing are not seen); a choice is between two different responses")
+    return diff, records
 
 
 def _check_same_user(state: DeviceState, records: list[dict], path: Path) -> None:
@@ -535,8 +543,8 @@ def _check_same_user(state: DeviceState, records: list[dict], path: Path) -> Non
     new = {str(r["user"]) for r in records if "user" in r}
     if stored and new and new != stored:
         raise personalize.ChoicesError(
-            f"{path}: choices of user {', '.join(sorted(new))}, but the device state holds choices of user "
-            f"{', '.join(sorted(stored))}; a device learns from its own user's choices only (`forget` first to start "
+            f"{path}: choices of user {', '.join(map(shown, sorted(new)))}, but the device state holds choices of "
+            f"user {', '.join(map(shown, sorted(stored)))}; a device learns from its own user's choices only (`forget` first to start "
             "over for another user)")
 
 
@@ -549,13 +557,13 @@ def _not_yet_learned(state: DeviceState, diff: np.ndarray, records: list[dict]) 
     texts = [None if pre else personalize.choice_identity(r) for r, pre in zip(records, precomputed)]
     known = np.array([text in stored for text in texts], dtype=bool)
     rows = personalize.diff_identities(diff)
-    if precomputed.any() and state.n_pairs:
-        known |= precomputed & np.isin(rows, personalize.diff_identities(state.pair_diff))
-    keys = [text if text is not None else row.tobytes() for text, row in zip(texts, rows)]
+    if state.n_pairs:  # texts too: ones that differ only where the encoder does not look embed alike (a tester)
+        known |= np.isin(rows, personalize.diff_identities(state.pair_diff))
     seen = set()
-    for i, key in enumerate(keys):  # a choice the file repeats: learned at its first occurrence only
-        known[i] |= key in seen
-        seen.add(key)
+    for i, (text, row) in enumerate(zip(texts, rows)):  # a choice the file repeats: learned at its first occurrence
+        keys = {row.tobytes()} | ({text} if text is not None else set())
+        known[i] |= bool(keys & seen)
+        seen |= keys
     return ~known
 
 
@@ -679,7 +687,9 @@ def _read_candidates(path: Path) -> list[str]:
         if _is_json_object(text.lstrip()) or _is_json_object(first):
             raise ValueError(f"{path}: expected {expected}, got JSON objects (`adapt` and `next-question` take those); "
                              "to rank responses that are themselves JSON, give a JSON list of strings")
-        candidates = [line for line in text.splitlines() if line.strip()]
+        # lines end at "\n" (and "\r\n") only: str.splitlines also cut at U+2028, form feeds and U+0085 inside a
+        # response, so a 4-line file gave 7 candidates whose indices no longer matched the app's (a tester)
+        candidates = [line.removesuffix("\r") for line in text.split("\n") if line.strip()]
     if not candidates:
         raise ValueError(f"{path}: no candidates")
     for number, candidate in enumerate(candidates, 1):

@@ -100,6 +100,26 @@ def is_encoder_identity(value) -> bool:
             and all(isinstance(digest, str) and SHA256_HEX.fullmatch(digest) for digest in value["sha256"].values()))
 
 
+# The embedder name's end, `lore_core.embeddings.SentenceEmbedder.name`: the window its embeddings were made with
+_WINDOW = re.compile(r"/max(\d+)/ctx(\d+)")
+PAIR_MODE = "segment"
+INPUTS = ["input_ids", "attention_mask", "token_type_ids"]  # what `tokenize` gives the graph
+
+
+def check_pipeline(meta: dict, name: str, max_length: int, max_context_tokens: int, where: Path) -> None:
+    """Refuse an encoder.json whose input settings are not those its embedder was exported with: only the model and
+    the tokenizer are checksummed, and a tester's edited max_context_tokens changed every score without a word."""
+    window = _WINDOW.search(name)
+    if window and (int(window[1]), int(window[2])) != (max_length, max_context_tokens):
+        raise EncoderError(f"{where}: max_length {max_length} and max_context_tokens {max_context_tokens}, but its "
+                           f"embedder {name!r} was exported with {window[1]} and {window[2]}: the file was edited; "
+                           "export the encoder again")
+    if meta.get("pair_mode", PAIR_MODE) != PAIR_MODE or meta.get("inputs", INPUTS) != INPUTS:
+        raise EncoderError(f"{where}: pair_mode must be {PAIR_MODE!r} and inputs {INPUTS} (what this encoder feeds "
+                           f"the model); got {json.dumps(meta.get('pair_mode'))[:40]} and "
+                           f"{json.dumps(meta.get('inputs'))[:100]}; export the encoder again")
+
+
 class OnnxPairEncoder:
     """Segment-pair encoder: embed(contexts (N,), responses (N,)) -> (N, D) float32, L2-normalised."""
 
@@ -124,6 +144,7 @@ class OnnxPairEncoder:
                                f"be an integer in 8..65536 and max_context_tokens "
                                f"{json.dumps(self.max_context_tokens)[:40]} one in 0..max_length - 1; export the "
                                "encoder again")
+        check_pipeline(self.meta, self.name, self.max_length, self.max_context_tokens, self.directory / ENCODER_META)
         try:
             tokenizer = Tokenizer.from_file(str(self.directory / TOKENIZER_FILE))
         except Exception as exc:  # tokenizers raises a bare Exception for a torn or foreign file

@@ -18,7 +18,9 @@ import numpy as np
 from client.device.encoder import (
     ENCODER_FORMAT,
     ENCODER_META,
+    INPUTS,
     MODEL_FILE,
+    PAIR_MODE,
     OUTPUT_NAME,
     TOKENIZER_FILE,
     EncoderError,
@@ -27,7 +29,7 @@ from client.device.encoder import (
 )
 from lore_core.atomic_io import atomic_write_bytes, atomic_write_json
 
-INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
+INPUT_NAMES = tuple(INPUTS)
 EXPORT_TOLERANCE = 1e-5
 _CHECK_CONTEXTS = ["user: hello", "user: how do I bake bread?\nassistant: " + "With flour. " * 80 + "\nuser: yeast?"]
 _CHECK_RESPONSES = ["Hi! How can I help you today?", "Yes, " + "knead the dough and let it rise. " * 60]
@@ -110,7 +112,7 @@ def _export_checked(embedder, out: Path) -> None:
         "dim": embedder.dim,
         "max_length": embedder.max_length,
         "max_context_tokens": embedder.max_context_tokens,
-        "pair_mode": "segment",
+        "pair_mode": PAIR_MODE,
         "output": OUTPUT_NAME,
         "inputs": list(INPUT_NAMES),
         "sha256": {MODEL_FILE: file_sha256(out / MODEL_FILE), TOKENIZER_FILE: file_sha256(out / TOKENIZER_FILE)},

@@ -8,6 +8,7 @@ convex, so the result does not depend on the order in which choices arrived.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +20,10 @@ from lore_core.simplex_fit import DEFAULT_PRIOR_PAIRS, fit_user_weights
 from lore_core.text_file import json_records, read_text
 
 CHOICE_CONTEXT_KEYS = ("history", "prompt")
+# The longest choice `adapt` stores, as JSON characters: the state keeps every choice's text whole (to embed it again
+# under a new encoder), and a tester's 5 MB choices made a state of hundreds of MB. The encoder reads 128 tokens of
+# context and 256 of a pair, about 1,000 characters: this leaves room for any encoder's window.
+MAX_CHOICE_CHARS = 200_000
 
 
 class ChoicesError(ValueError):
@@ -119,6 +124,15 @@ def read_choice_diffs(path: str | Path, dim: int) -> np.ndarray:
     return diff
 
 
+def npz_user(path: str | Path) -> str | None:
+    """The one user an .npz of choices names in its `user` array (read_user_diffs refuses several), else None."""
+    with open_npz(path, "precomputed choices", ChoicesError) as data:
+        if "user" not in data.files:
+            return None
+        users = np.unique(data["user"])
+    return str(users[0]) if users.size == 1 and users.dtype.kind == "U" else None
+
+
 def tied_rows(diff: np.ndarray) -> np.ndarray:
     """(n,) rows that tell two responses apart by nothing: every entry below the pair file's MIN_LARGEST_DIFF (a
     tester's rows of 1e-30 were learned as choices). A row of a pool is not asked; a choice is refused."""
@@ -188,11 +202,11 @@ def check_choice(record, where: str) -> None:
     if record["chosen"] == record["rejected"]:
         raise ChoicesError(f"{where}: 'chosen' and 'rejected' are the same text; a choice is between two different "
                            "responses")
-    empty = [key for key in ("chosen", "rejected") if not record[key].strip()]
+    empty = [key for key in ("chosen", "rejected") if is_blank(record[key])]
     if empty:  # as `prepare` drops an empty response (a tester: adapt learned from one)
         raise ChoicesError(f"{where}: {' and '.join(repr(key) for key in empty)} is empty; a choice is between two "
                            "responses with text")
-    if not "".join(message["content"] for message in choice_context(record)).strip():  # as `rank --prompt ""`
+    if is_blank("".join(message["content"] for message in choice_context(record))):  # as `rank --prompt ""`
         raise ChoicesError(f"{where}: the {'prompt' if 'prompt' in record else 'history'} is blank; a choice answers "
                            "the user's message, so give its text")
     texts = {key: record[key] for key in ("prompt", "chosen", "rejected") if key in record}
@@ -200,6 +214,14 @@ def check_choice(record, where: str) -> None:
     for key, text in texts.items():
         if not is_unicode_text(text):
             raise ChoicesError(f"{where}: '{key}' {NOT_UNICODE}")
+    try:  # what the state stores: strict JSON (a tester's extra key NaN was stored as it came)
+        stored = json.dumps(record, ensure_ascii=False, allow_nan=False)
+    except ValueError:
+        raise ChoicesError(f"{where}: a number is NaN or infinite, which JSON does not allow") from None
+    if len(stored) > MAX_CHOICE_CHARS:  # kept whole on the device, to embed again under a new encoder
+        raise ChoicesError(f"{where}: {len(stored):,} characters; a choice holds at most {MAX_CHOICE_CHARS:,} (the "
+                           "encoder reads the last part of the conversation and the start of each response: send "
+                           "the last messages of a long history)")
 
 
 def check_choice_shape(record, where: str) -> None:
@@ -227,6 +249,15 @@ def check_choice_shape(record, where: str) -> None:
 # with bytes that are not UTF-8 gives a str that is not text: the tokenizer fails on it.
 NOT_UNICODE = ("is not valid Unicode text: it holds a lone surrogate (such as \\ud83d, half of an emoji) or a byte "
                "that is not UTF-8")
+
+
+# Whitespace and the invisible format characters (zero-width spaces and joiners, word joiner, BOM, soft hyphen,
+# bidirectional controls): a response of U+200B alone passed as text (a tester)
+_BLANK = re.compile("[\\s\u00ad\u061c\u180e\u200b-\u200f\u202a-\u202e\u2060-\u2064\u2066-\u2069\ufeff]*")
+
+
+def is_blank(text: str) -> bool:
+    return _BLANK.fullmatch(text) is not None
 
 
 def is_unicode_text(text: str) -> bool:

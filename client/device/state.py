@@ -6,7 +6,8 @@ Layout (content-addressed data files; the manifest is the single commit point):
                              name/size/sha256
   basis-v<version>-<sha>.npz the basis file (lore_core.basis_file format)
   personal-<sha>.npz         user_weights (B,) float64 | (0,) before any adaptation; pair_diff (n, D) float32;
-                             choices (n,) str: the raw choices as JSON, aligned with pair_diff rows;
+                             choices (m,) uint8: the raw choices as UTF-8 JSON lines, one per pair_diff row
+                             (states before 0.2.4: (n,) str, every choice padded to the longest);
                              posterior_mode (B-1,) and posterior_cov (B-1, B-1): w's Laplace posterior in the
                              softmax chart (client.device.posterior) | (0,), (0, 0) without one; prior_mean (B,)
                              from declared attributes | (0,); attributes: the declared attributes as JSON
@@ -118,11 +119,12 @@ def check_compatible(state: DeviceState, basis: BasisFile) -> None:
             f"{where}: basis dimension {basis.dim} differs from the state's {old.dim} "
             f"(embedder {basis.embedder!r} vs {old.embedder!r}); use `init --reinit` to replace it"
         )
-    if basis.version != old.version or basis.sha256 != old.sha256 or basis.embedder != old.embedder:
-        raise BasisMismatchError(
-            f"{where}: basis version {basis.version} ({basis.sha256[:12]}) differs from the state's version "
-            f"{old.version} ({old.sha256[:12]}); use `init --reinit` to adopt it (w is refitted)"
-        )
+    differences = [f"{what} {new!r}, the state's {held!r}" for what, new, held in (
+        ("version", basis.version, old.version), ("rank", basis.rank, old.rank),
+        ("embedder", basis.embedder, old.embedder), ("content", basis.sha256[:12], old.sha256[:12])) if new != held]
+    if differences:  # each named: a tester read two equal versions and digests where the embedder differed
+        raise BasisMismatchError(f"{where}: another basis ({'; '.join(differences)}); use `init --reinit` to adopt "
+                                 "it (w is refitted)")
 
 
 def save_state(state: DeviceState) -> DeviceState:
@@ -262,21 +264,22 @@ def salvage_choices(directory: str | Path, basis: BasisFile) -> tuple[DeviceStat
         manifest = json_loads((directory / MANIFEST).read_bytes())
         path = _checked_file(directory, manifest["files"]["personal"])
         with np.load(path, allow_pickle=False) as data:
-            diff, choices = data["pair_diff"], data["choices"]
+            diff, stored = data["pair_diff"], data["choices"]
             declared = "attributes" in data.files and str(data["attributes"]) != "{}"
         if _stored_spaces(directory, manifest) != {(basis.dim, basis.embedder)}:
             return None
         if "pairs" in manifest and _manifest_count(manifest["pairs"], "pairs") != diff.shape[0]:
             return None
-        arrays = {**_OPTIONAL_PERSONAL, "user_weights": np.zeros(0), "pair_diff": diff, "choices": choices}
+        arrays = {**_OPTIONAL_PERSONAL, "user_weights": np.zeros(0), "pair_diff": diff, "choices": stored}
         _check_personal(arrays, basis, str(path), StateCorruptError)
+        choices = _choices_of(stored)
         encoder, identity = manifest.get("encoder"), manifest.get("encoder_identity")
         strength = _check_settings(manifest.get("strength", 1.0), encoder, identity, str(path), StateCorruptError)
         generation = _manifest_count(manifest["generation"], "generation")
     except Exception:  # any damage there too: nothing is kept, as before
         return None
     kept = replace(new_state(directory, basis, encoder=encoder, encoder_identity=identity), strength=strength,
-                   generation=generation, pair_diff=diff.astype(np.float32), choices=tuple(choices.tolist()))
+                   generation=generation, pair_diff=diff.astype(np.float32), choices=choices)
     return kept, declared
 
 
@@ -584,7 +587,7 @@ def _load_personal(state: DeviceState, path: Path, declared_pairs: int) -> Devic
         raise StateCorruptError(f"{path}: {diff.shape[0]} pairs, the manifest says {declared_pairs} pairs")
     return replace(
         state, user_weights=weights if weights.size else None, pair_diff=diff,
-        choices=tuple(arrays["choices"].tolist()), posterior_mode=mode if mode.size else None,
+        choices=_choices_of(arrays["choices"]), posterior_mode=mode if mode.size else None,
         posterior_cov=arrays["posterior_cov"] if mode.size else None,
         prior_mean=prior_mean if prior_mean.size else None,
         attributes=tuple(json_loads(str(arrays["attributes"])).items()),
@@ -597,7 +600,7 @@ def _personal_arrays(state: DeviceState) -> dict[str, np.ndarray]:
     return {
         "user_weights": np.zeros(0) if state.user_weights is None else np.asarray(state.user_weights, np.float64),
         "pair_diff": diff if diff.size else diff.reshape(0, state.basis.dim),
-        "choices": np.array(state.choices, dtype=np.str_).reshape(-1),
+        "choices": _choices_array(state.choices),
         "posterior_mode": _or_empty(state.posterior_mode, (0,)),
         "posterior_cov": _or_empty(state.posterior_cov, (0, 0)),
         "prior_mean": _or_empty(state.prior_mean, (0,)),
@@ -614,9 +617,9 @@ def _check_personal(arrays: dict[str, np.ndarray], basis: BasisFile, where: str,
     numbers = {"user_weights": weights, "pair_diff": diff, "posterior_mode": mode, "posterior_cov": cov,
                "prior_mean": prior_mean}
     wrong = [f"{key} ({array.dtype})" for key, array in numbers.items() if array.dtype.kind != "f"]
-    wrong += [] if choices.dtype.kind == "U" else [f"choices ({choices.dtype})"]
+    wrong += [] if choices.dtype.kind == "U" or choices.dtype == np.uint8 else [f"choices ({choices.dtype})"]
     if wrong:
-        raise error(f"{where}: {', '.join(wrong)}: choices must be strings, the other arrays floats")
+        raise error(f"{where}: {', '.join(wrong)}: choices must be UTF-8 bytes or strings, the other arrays floats")
     if mode.size and (mode.shape != (rank - 1,) or cov.shape != (rank - 1, rank - 1)
                       or not (np.isfinite(mode).all() and np.isfinite(cov).all()) or not _positive_definite(cov)):
         raise error(f"{where}: the posterior must be ({rank - 1},) and ({rank - 1}, {rank - 1}), finite, its "
@@ -632,15 +635,19 @@ def _check_personal(arrays: dict[str, np.ndarray], basis: BasisFile, where: str,
                     f"{_shown(weights)}")
     if diff.ndim != 2 or diff.shape[1] != dim or not np.isfinite(diff).all():
         raise error(f"{where}: pair_diff must be finite (n, {dim}), got shape {diff.shape}")
-    if choices.shape != (diff.shape[0],):
-        raise error(f"{where}: {diff.shape[0]} pairs, {choices.shape} choices: one choice per pair_diff row")
+    try:
+        texts = _choices_of(choices)
+    except (UnicodeDecodeError, ValueError):
+        raise error(f"{where}: choices are not UTF-8 JSON lines") from None
+    if len(texts) != diff.shape[0]:
+        raise error(f"{where}: {diff.shape[0]} pairs, {len(texts)} choices: one choice per pair_diff row")
     try:
         declared = json_loads(str(arrays["attributes"]))
     except ValueError:
         declared = None
     if not (isinstance(declared, dict) and all(isinstance(value, str) for value in declared.values())):
         raise error(f"{where}: attributes must be a JSON object of strings, got {str(arrays['attributes'])[:100]}")
-    for number, text in enumerate(choices.tolist(), 1):
+    for number, text in enumerate(texts, 1):
         _check_stored_choice(text, f"{where}: stored choice {number}", error)
 
 
@@ -688,6 +695,26 @@ def _check_stored_choice(text: str, where: str, error: type[StateError]) -> None
         check_choice_shape(record, where)
     except ChoicesError as exc:
         raise error(str(exc)) from None
+
+
+def _choices_array(choices: tuple[str, ...]) -> np.ndarray:
+    """The raw choices as one array of UTF-8 JSON lines: a (n,) str array pads every choice to the longest (a
+    tester's 7 choices, one of 5 MB, made a 140 MB file). json.dumps writes no newline inside a choice; one that
+    another tool wrote with newlines between its tokens is written again on one line."""
+    lines = [text if "\n" not in text else json.dumps(json_loads(text), ensure_ascii=False) for text in choices]
+    return np.frombuffer("\n".join(lines).encode("utf-8"), np.uint8).copy()
+
+
+def _choices_of(array: np.ndarray) -> tuple[str, ...]:
+    """The raw choices of a personal file's `choices` array (`_choices_array`, or a state's before 0.2.4)."""
+    if array.dtype.kind == "U":
+        if array.ndim != 1:
+            raise ValueError(f"choices of shape {array.shape}")
+        return tuple(array.tolist())
+    if array.ndim != 1:
+        raise ValueError(f"choices of shape {array.shape}")
+    text = array.tobytes().decode("utf-8")
+    return tuple(text.split("\n")) if text else ()
 
 
 def _or_empty(array: np.ndarray | None, empty_shape: tuple[int, ...]) -> np.ndarray:
