@@ -1748,10 +1748,12 @@ def test_init_reinit_after_a_damaged_basis_file_keeps_the_intact_choices(tmp_pat
     after = load_state(state_dir)
     assert after.choices == before.choices and np.array_equal(after.pair_diff, before.pair_diff)
     np.testing.assert_allclose(after.user_weights, before.user_weights, atol=1e-6)  # the same basis: the same w
+    assert device_cli.main([*state, "strength", "0.5"]) == 0
     personal = next(state_dir.glob("personal-*.npz"))
     personal.write_bytes(personal.read_bytes()[:-100])
     assert device_cli.main([*state, "init", "--basis", str(tmp_path / "basis.npz"), "--reinit"]) == 0
-    assert "none of it could be kept" in capsys.readouterr().out and load_state(state_dir).n_pairs == 0
+    assert "with its settings (strength, encoder); its stored choices could not be kept" in capsys.readouterr().out
+    assert load_state(state_dir).n_pairs == 0 and load_state(state_dir).strength == 0.5  # a tester's went to 1
 
 
 def test_the_state_directory_is_private_and_lore_device_home_is_read_as_a_user_means_it(tmp_path, monkeypatch,
@@ -1811,7 +1813,7 @@ def test_reinit_keeps_no_choices_whose_embedding_space_the_damaged_state_does_no
     (state_dir / "manifest.json").write_text(json.dumps({**manifest, "embedder": "other"}))
     capsys.readouterr()
     assert device_cli.main(["--state", str(state_dir), "init", "--basis", str(other), "--reinit"]) == 0
-    assert "none of it could be kept" in capsys.readouterr().out and load_state(state_dir).n_pairs == 0
+    assert "could not be kept" in capsys.readouterr().out and load_state(state_dir).n_pairs == 0
 
 
 def test_stored_choices_take_their_own_length_not_the_longest_s_and_older_states_still_load(tmp_path):

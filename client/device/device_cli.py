@@ -41,6 +41,7 @@ from client.device.state import (
     load_state,
     new_state,
     salvage_choices,
+    salvage_settings,
     save_state,
     state_lock,
 )
@@ -205,8 +206,13 @@ def _repaired(directory: Path, basis: BasisFile, encoder: str | None, identity: 
     """--reinit on a corrupted state: afresh, keeping its stored choices where its personal file is intact."""
     salvaged = salvage_choices(directory, basis)
     if salvaged is None:
-        print(f"the state in {directory} is corrupted: starting afresh (--reinit); none of it could be kept")
-        return new_state(directory, basis, encoder=encoder, encoder_identity=identity)
+        settings = salvage_settings(directory, basis)
+        if settings is None:
+            print(f"the state in {directory} is corrupted: starting afresh (--reinit); none of it could be kept")
+            return new_state(directory, basis, encoder=encoder, encoder_identity=identity)
+        print(f"the state in {directory} is corrupted: starting afresh (--reinit) with its settings (strength, "
+              "encoder); its stored choices could not be kept")
+        return _with_encoder(settings, encoder, identity)
     kept, declared = salvaged
     print(f"the state in {directory} is corrupted: starting afresh (--reinit), keeping its {kept.n_pairs} stored "
           "choices (its personal file is intact) and refitting w")

@@ -35,7 +35,7 @@ import numpy as np
 from client.device.encoder import MODEL_FILE, TOKENIZER_FILE, is_encoder_identity
 from client.device.personalize import ChoicesError, check_choice_shape
 from lore_core.atomic_io import atomic_write_bytes, atomic_write_json
-from lore_core.basis_file import BasisFile, BasisFileError, load_basis
+from lore_core.basis_file import BasisFile, BasisFileError, load_basis, other_embedders
 from lore_core.text_file import is_json_integer, json_loads
 
 STATE_FORMAT = "lore-fed-device-state/1"
@@ -273,14 +273,30 @@ def salvage_choices(directory: str | Path, basis: BasisFile) -> tuple[DeviceStat
         arrays = {**_OPTIONAL_PERSONAL, "user_weights": np.zeros(0), "pair_diff": diff, "choices": stored}
         _check_personal(arrays, basis, str(path), StateCorruptError)
         choices = _choices_of(stored)
-        encoder, identity = manifest.get("encoder"), manifest.get("encoder_identity")
-        strength = _check_settings(manifest.get("strength", 1.0), encoder, identity, str(path), StateCorruptError)
-        generation = _manifest_count(manifest["generation"], "generation")
+        settings = salvage_settings(directory, basis)
     except Exception:  # any damage there too: nothing is kept, as before
         return None
-    kept = replace(new_state(directory, basis, encoder=encoder, encoder_identity=identity), strength=strength,
-                   generation=generation, pair_diff=diff.astype(np.float32), choices=choices)
-    return kept, declared
+    if settings is None:
+        return None
+    return replace(settings, pair_diff=diff.astype(np.float32), choices=choices), declared
+
+
+def salvage_settings(directory: str | Path, basis: BasisFile) -> DeviceState | None:
+    """A new state on `basis` with the settings (strength, encoder and its identity) and generation of a corrupted
+    state's manifest, where those are valid, else None: `init --reinit` over a damaged personal file kept nothing
+    of them, and `rank` then had no encoder (a tester)."""
+    directory = Path(directory)
+    try:
+        manifest = json_loads((directory / MANIFEST).read_bytes())
+        encoder, identity = manifest.get("encoder"), manifest.get("encoder_identity")
+        strength = _check_settings(manifest.get("strength", 1.0), encoder, identity, MANIFEST, StateCorruptError)
+        generation = _manifest_count(manifest["generation"], "generation")
+    except Exception:
+        return None
+    if identity is not None and other_embedders(identity["embedder"], basis.embedder):
+        encoder, identity = None, None  # an encoder of another model than `basis`: refused by every command anyway
+    return replace(new_state(directory, basis, encoder=encoder, encoder_identity=identity), strength=strength,
+                   generation=generation)
 
 
 def _stored_spaces(directory: Path, manifest: dict) -> set[tuple]:
