@@ -225,8 +225,6 @@ def _train_and_write(args: argparse.Namespace, options: dict, out: Path, pairs_f
             if record_file is not None:
                 save_record(record_file, fit.heldout_record)
             earlier_metrics = _set_aside(out / "metrics.json")
-            if record_file is None:
-                record.unlink(missing_ok=True)
     except OSError as exc:
         mixed = new_basis is not None and _inode(out / "basis.npz") == new_basis
         if earlier_metrics is not None and not mixed:
@@ -236,6 +234,8 @@ def _train_and_write(args: argparse.Namespace, options: dict, out: Path, pairs_f
         outcome = ("the new run's files could not all be put in place, so --out holds parts of two runs and no "
                    "metrics.json: mend the cause and rerun") if mixed else "--out still holds the earlier run, whole"
         raise OSError(exc.errno, f"{exc.strerror}; {outcome}", exc.filename2 or exc.filename) from exc
+    if not fit.heldout_record:  # after the renames: a failed one must leave the earlier run whole (a reviewer)
+        record.unlink(missing_ok=True)
     atomic_write_json(out / "metrics.json", metrics)
     if earlier_metrics is not None:
         earlier_metrics.unlink(missing_ok=True)

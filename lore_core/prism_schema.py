@@ -68,7 +68,7 @@ _KINDS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "id": (lambda v: _is_int(v) or (isinstance(v, str) and v.isascii() and v.isdigit()), "an int or digit string"),
     # user and conversation ids become numpy text in pairs.npz, which drops trailing NULs ('u\x00' would be 'u'),
     # and are printed in messages and reports (text_file.is_name)
-    "name": (text_file.is_name, "a non-empty string without control characters"),
+    "name": (text_file.is_name, "a non-empty string without control or bidirectional-control characters"),
 }
 
 # One source of truth for the key sets: the schemas below (insertion order = the codebook's order).

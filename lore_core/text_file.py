@@ -160,16 +160,23 @@ def is_name(value) -> bool:
 def names_refused(names) -> list[str]:
     """The distinct entries of a unicode array that are not names (`is_name`), found without a loop over them:
     empty, or holding a control character (an inner NUL included)."""
-    names = np.asarray(names)
+    names = np.asarray(names).ravel()
     if names.dtype.kind != "U" or names.size == 0:
         return []
-    names = np.ascontiguousarray(names.astype(f"<U{max(1, names.dtype.itemsize // 4)}").ravel())
+    refused = [_refused(names[start:start + NAME_CHUNK]) for start in range(0, names.size, NAME_CHUNK)]
+    return np.unique(np.concatenate(refused)).tolist()
+
+
+NAME_CHUNK = 1 << 14  # names_refused's temporaries follow a chunk of names, not all of them (a reviewer)
+_BIDI_CODES = np.fromiter(sorted(BIDI_CONTROLS), np.uint32)
+
+
+def _refused(names: np.ndarray) -> np.ndarray:
+    names = np.ascontiguousarray(names.astype(f"<U{max(1, names.dtype.itemsize // 4)}"))
     codes = names.view(np.uint32).reshape(names.size, -1)
-    control = ((codes > 0) & (codes < 32)) | ((codes >= 127) & (codes < 160)) | \
-        np.isin(codes, np.fromiter(BIDI_CONTROLS, np.uint32))
+    control = ((codes > 0) & (codes < 32)) | ((codes >= 127) & (codes < 160)) | np.isin(codes, _BIDI_CODES)
     length = np.char.str_len(names)
-    refused = (length == 0) | control.any(axis=1) | ((codes != 0).sum(axis=1) < length)
-    return np.unique(names[refused]).tolist()
+    return names[(length == 0) | control.any(axis=1) | ((codes != 0).sum(axis=1) < length)]
 
 
 _UNPRINTABLE = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f" + "".join(map(chr, sorted(BIDI_CONTROLS))) + "]")
@@ -185,7 +192,7 @@ def ids_message(where, what: str, refused: list[str]) -> str:
     """The error for `what` ids that `names_refused` found, each shown escaped (never raw: see BIDI_CONTROLS)."""
     shown = ", ".join(ascii(name) for name in refused[:3])
     return (f"{where}: {what} must be non-empty text without control or bidirectional-control characters (they are "
-            f"printed in messages and reports); {len(refused)} are not: {shown}")
+            f"printed in messages and reports); {len(refused)} {'is' if len(refused) == 1 else 'are'} not: {shown}")
 
 
 def is_json_integer(value, low: int = 0, high: int = 2**63 - 1) -> bool:

@@ -272,6 +272,7 @@ def test_a_train_whose_renames_fail_keeps_the_earlier_run_or_says_a_rerun_mends_
     assert main(["train", str(pair_file), "--rank", "3", *fixed]) == 0
     run = tmp_path / "run"
     earlier = (run / "metrics.json").read_bytes()
+    (run / "selection_heldout.npz").write_bytes(b"an earlier --rank auto run's")  # the new run selects nothing
     real_replace = os.replace
 
     def refused_at(name):
@@ -288,6 +289,7 @@ def test_a_train_whose_renames_fail_keeps_the_earlier_run_or_says_a_rerun_mends_
     message = capsys.readouterr().err
     assert f"{run / 'basis.npz'}" in message and "still holds the earlier run, whole" in message
     assert (run / "metrics.json").read_bytes() == earlier and load_basis(run / "basis.npz").rank == 3
+    assert (run / "selection_heldout.npz").exists()  # a reviewer: it was deleted before the renames
     assert not list(run.glob(".*.tmp"))
     with monkeypatch.context() as patch:
         patch.setattr(os, "replace", refused_at("user_weights.npz"))

@@ -1924,3 +1924,27 @@ def test_init_names_what_differs_in_another_basis(tmp_path):
     other = load_basis(save_basis(tmp_path / "b.npz", matrix, version=0, embedder="e2"))
     with pytest.raises(BasisMismatchError, match=r"another basis \(embedder 'e2', the state's 'e1'\); use `init"):
         check_compatible(state, other)
+
+
+def test_a_state_of_format_1_loads_and_is_written_again_in_format_2_lone_surrogates_included(tmp_path, monkeypatch):
+    """The personal file's choices became UTF-8 JSON lines (format /2): a /1 state (a padded (n,) str array) still
+    loads and is written again as /2. A reviewer: a stored choice with a lone surrogate (an .npz file name that is not
+    UTF-8, kept by an earlier `adapt`) made every later save fail; it is now written escaped."""
+    from client.device import state as state_module
+
+    state_dir = _toy_state(tmp_path)
+    choices = (json.dumps({"precomputed": "caf\udce9.npz#0"}, ensure_ascii=False),
+               json.dumps({"prompt": "q", "chosen": "a\u2028b", "rejected": "c"}, ensure_ascii=False))
+    with monkeypatch.context() as patch:  # what lore-fed 0.2.3 wrote
+        patch.setattr(state_module, "STATE_FORMAT", "lore-fed-device-state/1")
+        patch.setattr(state_module, "_choices_array", lambda texts: np.array(texts, dtype=np.str_).reshape(-1))
+        save_state(replace(load_state(state_dir), pair_diff=np.ones((2, 8), np.float32), choices=choices))
+    assert json.loads((state_dir / "manifest.json").read_text())["format"] == "lore-fed-device-state/1"
+    old = load_state(state_dir)
+    assert old.choices == choices
+    save_state(replace(old, strength=0.5))
+    assert json.loads((state_dir / "manifest.json").read_text())["format"] == "lore-fed-device-state/2"
+    assert [json.loads(text) for text in load_state(state_dir).choices] == [json.loads(text) for text in choices]
+    (tmp_path / "c.jsonl").write_text('{"prompt": "q", "chosen": "a", "rejected": "b", "user": "\\ud83d"}')
+    with pytest.raises(personalize.ChoicesError, match="a key or value is not valid Unicode"):
+        personalize.read_choices(tmp_path / "c.jsonl")

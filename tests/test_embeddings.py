@@ -479,8 +479,8 @@ def test_embed_ended_by_sigterm_keeps_what_it_computed_for_the_rerun(tmp_path, c
         # found by a tester: numpy dropped the NUL, and user 'user2\x00' was merged into user2 without a word
         ({**PAIRS[2], "user": "user2\x00"}, "'user' must be non-empty text without control or bidirectional"),
         # a tester: an empty id was a user, and one with U+202E reversed the messages that printed it
-        ({**PAIRS[2], "user": ""}, "1 are not: ''"),
-        ({**PAIRS[2], "user": "user2\u202e"}, "1 are not: 'user2\\u202e'"),
+        ({**PAIRS[2], "user": ""}, "1 is not: ''"),
+        ({**PAIRS[2], "user": "user2\u202e"}, "1 is not: 'user2\\u202e'"),
     ],
 )
 def test_embed_command_names_the_bad_line(tmp_path, capsys, bad_line, message):

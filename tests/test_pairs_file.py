@@ -124,7 +124,7 @@ def test_user_ids_that_are_empty_or_hold_control_characters_are_refused_by_both_
     for read in (load_pairs, check_pair_file):
         with pytest.raises(PairFileError, match="ids.npz: user ids must be non-empty text without control") as info:
             read(tmp_path / "ids.npz")
-        assert f"1 are not: {shown}" in str(info.value) and "\u202e" not in str(info.value)
+        assert f"1 is not: {shown}" in str(info.value) and "\u202e" not in str(info.value)
 
 
 def test_directory_without_pairs_and_garbage_file(tmp_path):

@@ -318,16 +318,18 @@ BAD_FILES = {
     ),
     "NUL in a user id": (  # found by a tester: prepare wrote it and embed then refused the dataset it made
         _edit_record("survey.jsonl", 2, lambda r: r.update(user_id=r["user_id"] + "\x00")),
-        "survey.jsonl line 2: survey row: 'user_id' must be a non-empty string without control characters",
+        "survey.jsonl line 2: survey row: 'user_id' must be a non-empty string without control or "
+        "bidirectional-control characters",
     ),
     "right-to-left override in a user id": (  # a tester: printed raw, it reversed the rest of a message
         _edit_record("survey.jsonl", 2, lambda r: r.update(user_id="\u202e" + r["user_id"])),
-        "survey.jsonl line 2: survey row: 'user_id' must be a non-empty string without control characters",
+        "survey.jsonl line 2: survey row: 'user_id' must be a non-empty string without control or "
+        "bidirectional-control characters",
     ),
     "empty conversation id": (
         _edit_record("conversations.jsonl", 3, lambda r: r.update(conversation_id="")),
         "conversations.jsonl line 3: conversation: 'conversation_id' must be a non-empty string without control "
-        "characters",
+        "or bidirectional-control characters",
     ),
 }
 

@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"python -m client.device: error: {empty} is empty; give a path", file=sys.stderr)
         return 2
     args = parse_command_line(parser, argv)
-    shown, warnings.formatwarning = warnings.formatwarning, lambda message, *_, **__: f"note: {message}\n"
+    formatter, warnings.formatwarning = warnings.formatwarning, lambda message, *_, **__: f"note: {message}\n"
     from lore_core.termination import interruption_kind, terminated_as_interrupt
 
     try:
@@ -133,7 +133,10 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.flush()  # here, not at exit: a reader gone by then is handled below
         return code
     except (ValueError, FileNotFoundError) as exc:
-        print(f"client.device {args.device_command}: error: {exc}", file=sys.stderr)
+        repair = "" if not isinstance(exc, StateCorruptError) or "reinit" in str(exc) else \
+            " (`init --reinit --basis FILE` repairs the state, keeping what is intact; `forget` deletes its " \
+            "personal data)"
+        print(f"client.device {args.device_command}: error: {exc}{repair}", file=sys.stderr)
         return 2
     except BrokenPipeError:
         if not stdout_closed():  # a pipe other than stdout: a real failure
@@ -152,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"client.device {args.device_command}: {how}; {state}: run the command again", file=sys.stderr)
         return code
     finally:
-        warnings.formatwarning = shown
+        warnings.formatwarning = formatter
 
 
 # --- commands -------------------------------------------------------------------------------------------------
@@ -237,7 +240,7 @@ def _adapt(args) -> int:
         fresh = _not_yet_learned(state, diff, records)
         if not fresh.all():
             print(f"skipped {int((~fresh).sum())} of {fresh.size} choices already learned or repeated in "
-                  f"{args.choices} (the same prompt, chosen and rejected, or the same precomputed pair): a rerun "
+                  f"{args.choices} (the same prompt, chosen and rejected, or the same pair difference): a rerun "
                   "after an interruption does not count them twice, nor does a file that gives a choice twice",
                   file=sys.stderr)
             diff, records = diff[fresh], [r for r, keep in zip(records, fresh) if keep]
@@ -550,8 +553,8 @@ def _check_same_user(state: DeviceState, records: list[dict], path: Path) -> Non
     if stored and new and new != stored:
         raise personalize.ChoicesError(
             f"{path}: choices of user {', '.join(map(shown, sorted(new)))}, but the device state holds choices of "
-            f"user {', '.join(map(shown, sorted(stored)))}; a device learns from its own user's choices only (`forget` first to start "
-            "over for another user)")
+            f"user {', '.join(map(shown, sorted(stored)))}; a device learns from its own user's choices only "
+            "(`forget` first to start over for another user)")
 
 
 def _not_yet_learned(state: DeviceState, diff: np.ndarray, records: list[dict]) -> np.ndarray:
@@ -588,15 +591,13 @@ def _answered_the_other_way(state: DeviceState, diff: np.ndarray, records: list[
     negation of another. Exact repeats were skipped before, so any pair that matches unordered is the other way."""
     stored = {personalize.choice_identity(r, ordered=False) for r in map(json.loads, state.choices) if "chosen" in r}
     rows = personalize.diff_identities(diff, ordered=False)
-    precomputed = any("precomputed" in record for record in records)
-    held = np.isin(rows, personalize.diff_identities(state.pair_diff, ordered=False)) if precomputed and \
-        state.n_pairs else np.zeros(len(rows), bool)
+    held = np.isin(rows, personalize.diff_identities(state.pair_diff, ordered=False)) if state.n_pairs else \
+        np.zeros(len(rows), bool)  # texts too: ones the encoder reads alike give the negated row (a reviewer)
     earlier, flipped = set(), 0
     for record, row, in_state in zip(records, rows, held):
-        pre = "precomputed" in record
-        key = row.tobytes() if pre else personalize.choice_identity(record, ordered=False)
-        flipped += bool((in_state if pre else key in stored) or key in earlier)
-        earlier.add(key)
+        keys = {row.tobytes()} | ({personalize.choice_identity(record, ordered=False)} if "chosen" in record else set())
+        flipped += bool(in_state or keys & stored or keys & earlier)
+        earlier |= keys
     return flipped
 
 

@@ -218,6 +218,8 @@ def check_choice(record, where: str) -> None:
         stored = json.dumps(record, ensure_ascii=False, allow_nan=False)
     except ValueError:
         raise ChoicesError(f"{where}: a number is NaN or infinite, which JSON does not allow") from None
+    if not is_unicode_text(stored):  # an extra key's value, such as 'user' (a reviewer)
+        raise ChoicesError(f"{where}: a key or value {NOT_UNICODE}")
     if len(stored) > MAX_CHOICE_CHARS:  # kept whole on the device, to embed again under a new encoder
         raise ChoicesError(f"{where}: {len(stored):,} characters; a choice holds at most {MAX_CHOICE_CHARS:,} (the "
                            "encoder reads the last part of the conversation and the start of each response: send "

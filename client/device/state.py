@@ -33,12 +33,14 @@ from typing import NamedTuple
 import numpy as np
 
 from client.device.encoder import MODEL_FILE, TOKENIZER_FILE, is_encoder_identity
-from client.device.personalize import ChoicesError, check_choice_shape
+from client.device.personalize import ChoicesError, check_choice_shape, is_unicode_text
 from lore_core.atomic_io import atomic_write_bytes, atomic_write_json
 from lore_core.basis_file import BasisFile, BasisFileError, load_basis, other_embedders
 from lore_core.text_file import is_json_integer, json_loads
 
-STATE_FORMAT = "lore-fed-device-state/1"
+# /2 (lore-fed 0.2.4): the personal file's choices are UTF-8 JSON lines; /1 states are read and written again as /2
+STATE_FORMAT = "lore-fed-device-state/2"
+STATE_FORMATS = ("lore-fed-device-state/1", STATE_FORMAT)  # the formats this version reads
 MANIFEST = "manifest.json"
 LOCK = ".lock"
 # Written once by the first save; deleting anything requires it (or, for states older than the marker, a readable
@@ -222,8 +224,9 @@ def _load_state(directory: Path, raw: bytes) -> DeviceState:
             raise TypeError(f"files must be an object, got {files!r}")
     except (ValueError, KeyError, TypeError, OverflowError, AttributeError) as exc:
         raise StateCorruptError(f"{path}: unreadable manifest ({exc}); the state is corrupted") from exc
-    if manifest.get("format") != STATE_FORMAT:
-        raise StateCorruptError(f"{path}: format {manifest.get('format')!r}, expected {STATE_FORMAT!r}")
+    if manifest.get("format") not in STATE_FORMATS:  # a later version's state is not read as a damaged one
+        raise StateCorruptError(f"{path}: format {manifest.get('format')!r}, expected one of {list(STATE_FORMATS)} "
+                                "(a later format is a newer lore-fed's: use that version)")
     if "basis" not in files:
         raise StateCorruptError(f"{path}: the manifest names no basis file")
     try:
@@ -318,7 +321,7 @@ def is_device_state(directory: str | Path) -> bool:
     if (directory / MARKER).is_file():
         return True
     try:
-        return json_loads((directory / MANIFEST).read_bytes()).get("format") == STATE_FORMAT
+        return json_loads((directory / MANIFEST).read_bytes()).get("format") in STATE_FORMATS
     except (OSError, ValueError, AttributeError):
         return False
 
@@ -716,8 +719,10 @@ def _check_stored_choice(text: str, where: str, error: type[StateError]) -> None
 def _choices_array(choices: tuple[str, ...]) -> np.ndarray:
     """The raw choices as one array of UTF-8 JSON lines: a (n,) str array pads every choice to the longest (a
     tester's 7 choices, one of 5 MB, made a 140 MB file). json.dumps writes no newline inside a choice; one that
-    another tool wrote with newlines between its tokens is written again on one line."""
-    lines = [text if "\n" not in text else json.dumps(json_loads(text), ensure_ascii=False) for text in choices]
+    another tool wrote with newlines between its tokens is written again on one line, and one holding a lone
+    surrogate (a file name that is not UTF-8, kept by an earlier `adapt`) with it escaped, as JSON allows."""
+    lines = [text if "\n" not in text and is_unicode_text(text) else json.dumps(json_loads(text), ensure_ascii=True)
+             for text in choices]
     return np.frombuffer("\n".join(lines).encode("utf-8"), np.uint8).copy()
 
 
