@@ -407,8 +407,10 @@ def test_declared_attributes_set_the_cold_start_prior_and_forget_removes_them(to
     status = json.loads(run_device(state, "status").stdout)
     assert status["attributes_declared"] == {} and "population reward" in status["personalization"]
     assert "no personal data" in run_device(state, "forget").stdout  # not "deleted" again (a tester)
+    manifest = (state / "manifest.json").read_bytes()
     proc = run_device(state, "declare", "--clear")  # it said nothing at all (a tester)
     assert proc.returncode == 0 and "nothing to clear: no attribute is declared" in proc.stderr
+    assert (state / "manifest.json").read_bytes() == manifest  # not written again (a tester saw its generation move)
 
 
 @pytest.mark.parametrize("groups", [[], "age", {"age": [1, 2]}, {"age": {"18-24": None}}, {"age": {"x": "row"}},

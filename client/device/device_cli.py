@@ -352,7 +352,10 @@ def _declare(args) -> int:
                 raise ValueError("declare --clear removes every declared attribute; give it alone (without "
                                  "FIELD=VALUE or --priors)")
             if not state.attributes and state.prior_mean is None:  # a tester saw no word at all
-                print("nothing to clear: no attribute is declared (the population prior is in use)", file=sys.stderr)
+                print("nothing to clear: no attribute is declared (the population prior is in use); the state is "
+                      "unchanged", file=sys.stderr)  # and not written again (a tester saw its generation move)
+                print(user_posterior.confidence(state, user_posterior.samples(state))["personalization"])
+                return 0
             state = replace(state, attributes=(), prior_mean=None)
         else:
             if not args.attributes or args.priors is None:
