@@ -728,12 +728,10 @@ def _choices_array(choices: tuple[str, ...]) -> np.ndarray:
 
 def _choices_of(array: np.ndarray) -> tuple[str, ...]:
     """The raw choices of a personal file's `choices` array (`_choices_array`, or a state's before 0.2.4)."""
-    if array.dtype.kind == "U":
-        if array.ndim != 1:
-            raise ValueError(f"choices of shape {array.shape}")
-        return tuple(array.tolist())
     if array.ndim != 1:
         raise ValueError(f"choices of shape {array.shape}")
+    if array.dtype.kind == "U":
+        return tuple(array.tolist())
     text = array.tobytes().decode("utf-8")
     return tuple(text.split("\n")) if text else ()
 
