@@ -276,6 +276,10 @@ def test_device_ranking_agrees_with_full_pipeline(tmp_path, basis_file, encoder_
         proc, _ = device(state, "rank", "--prompt", "p", "--candidates", candidates, "--strength", strength, "--json")
         reply = json.loads(proc.stdout)
         assert reply["personalized"] is False and reply["personalization"].startswith("not applied at strength")
+    device(state, "strength", "off")  # a tester: `status` said "personal: learned from 6 answers" under off
+    status = json.loads(device(state, "status")[0].stdout)
+    assert status["personalization"].startswith("not applied at strength off: the population reward (the state: "
+                                                "personal")
 
 
 # --- 4. crash safety ------------------------------------------------------------------------------------------

@@ -295,11 +295,8 @@ def _rank(args) -> int:
     if args.json:  # the (N, N) matrix only where it is printed (a tester: the plain ranking grew as N^2 too)
         prefer = ranking.preference_matrix(state.basis.basis, uncertain, embeddings)
         mode = "off" if strength is None else strength
-        personal = user_posterior.point_weights(state) is not None
-        applied = personal and bool(strength)  # strength off or 0: the population reward, whatever the state holds
-        personalization = user_posterior.confidence(state, drawn)["personalization"]
-        if personal and not applied:
-            personalization = f"not applied at strength {mode}: the population reward (the state: {personalization})"
+        applied = user_posterior.point_weights(state) is not None and bool(strength)
+        personalization = _personalization_at(state, strength, user_posterior.confidence(state, drawn))
         print(json.dumps({"strength": mode, "personalized": applied, "personalization": personalization,
                           "ranking": rows, "preference_probability": np.round(prefer, 4).tolist()},
                          ensure_ascii=False))
@@ -399,15 +396,25 @@ def _strength(args) -> int:
 
 def _status(args) -> int:
     state = load_state(_directory(args))
+    confidence = user_posterior.confidence(state, user_posterior.samples(state))
     print(json.dumps({
         "state": str(state.directory), "generation": state.generation,
         "basis_version": state.basis.version, "embedder": state.basis.embedder,
         "rank": state.basis.rank, "dim": state.basis.dim, "encoder": state.encoder,
         "strength": "off" if state.strength is None else state.strength,
         "pairs": state.n_pairs, "adapted": state.user_weights is not None,
-        **user_posterior.confidence(state, user_posterior.samples(state)),
+        **confidence, "personalization": _personalization_at(state, state.strength, confidence),
     }, ensure_ascii=False))
     return 0
+
+
+def _personalization_at(state: DeviceState, strength: float | None, confidence: dict) -> str:
+    """What personalizes the rewards at `strength`: at off or 0 the population reward, whatever the state has learned
+    (a tester read "personal: learned from 6 answers" in `status` under `strength off`)."""
+    if user_posterior.point_weights(state) is not None and not strength:
+        mode = "off" if strength is None else strength
+        return f"not applied at strength {mode}: the population reward (the state: {confidence['personalization']})"
+    return confidence["personalization"]
 
 
 def _forget(args) -> int:
