@@ -401,33 +401,26 @@ def benchmark_truth(pairs):
     or streamed PairColumns) is another population's truth and is refused (a tester's copy reported a ceiling below
     chance without a word)."""
     from lore_core.basis_file import other_embedders
-    from lore_core.evaluation import load_true_basis
+    from lore_core.evaluation import read_truth, true_basis_of
     from lore_core.prism_schema import GROUND_TRUTH_FILE
 
-    true_basis = load_true_basis(pairs.source)
-    if true_basis is None:
+    truth = read_truth(pairs.source)  # once: the basis, its embedder and the users' weights
+    if truth is None:
         return None
+    true_basis = true_basis_of(truth)
     truth_path = Path(pairs.source).parent / GROUND_TRUTH_FILE
     if true_basis.ndim != 2 or true_basis.shape[1] != pairs.dim:
         warnings.warn(f"{truth_path} holds a basis of shape {true_basis.shape}, not (B, {pairs.dim}) as the pairs "
                       f"of {pairs.source}: not this population's truth; no true-basis ceiling is reported")
         return None
-    made_with, embedded_with = truth_embedder(truth_path), pairs.embedder
-    if made_with is not None and embedded_with is not None and other_embedders(made_with, str(embedded_with)):
+    made_with, embedded_with = truth.get("embedder"), pairs.embedder
+    if made_with is not None and embedded_with is not None and other_embedders(str(made_with), str(embedded_with)):
         # a tester's `embed --max-length 6` copy reported a ceiling of 0.61 for a true 0.86, without a word
         warnings.warn(f"{truth_path} was made with embedder {made_with}, {pairs.source} with {embedded_with}: not "
                       "this file's truth; no true-basis ceiling is reported")
         return None
-    check_truth_logits(pairs, truth_path)
+    check_truth_logits(pairs, truth, truth_path)
     return true_basis
-
-
-def truth_embedder(truth_path: Path) -> str | None:
-    """The embedder id a benchmark's ground_truth.npz was made with (None when it names none)."""
-    from lore_core.npz_file import open_npz
-
-    with open_npz(truth_path, "a benchmark's ground_truth.npz") as data:
-        return str(data["embedder"]) if "embedder" in data.files else None
 
 
 def _first_rows(pairs, count: int) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
@@ -443,17 +436,14 @@ def _first_rows(pairs, count: int) -> tuple[np.ndarray, np.ndarray, np.ndarray] 
     return pairs.logit_true[:count], pairs.user[:count], pairs.diff[:count]
 
 
-def check_truth_logits(pairs, truth_path: Path) -> None:
-    """Refuse a truth whose users' weights and basis do not give the pair file's true logits (its first
-    TRUTH_CHECK_ROWS pairs: equal signs on 99 % of those with a clear sign). A truth without weights (a bare
-    basis, as the synthetic benchmarks write) cannot be checked."""
+def check_truth_logits(pairs, truth: dict[str, np.ndarray], truth_path: Path) -> None:
+    """Refuse a truth (`evaluation.read_truth`) whose users' weights and basis do not give the pair file's true
+    logits (its first TRUTH_CHECK_ROWS pairs: equal signs on 99 % of those with a clear sign). A truth without
+    weights (a bare basis, as the synthetic benchmarks write) cannot be checked."""
     from lore_cli.embed_command import true_logits
-    from lore_core.npz_file import open_npz
 
-    with open_npz(truth_path) as data:
-        if not {"user_id", "user_weights", "basis", "logit_scale"} <= set(data.files):
-            return
-        truth = {key: np.asarray(data[key]) for key in ("user_id", "user_weights", "basis", "logit_scale")}
+    if not {"user_id", "user_weights"} <= set(truth):
+        return
     first = _first_rows(pairs, TRUTH_CHECK_ROWS)
     if first is None:
         return

@@ -145,17 +145,29 @@ def true_basis_metrics(pairs: PairSet, true_basis: np.ndarray, prior_pairs: floa
 
 def load_true_basis(pair_path: str | Path) -> np.ndarray | None:
     """The hidden basis in logit units from `ground_truth.npz` beside a benchmark's pair file, or None."""
+    truth = read_truth(pair_path)
+    return None if truth is None else true_basis_of(truth)
+
+
+def read_truth(pair_path: str | Path) -> dict[str, np.ndarray] | None:
+    """The arrays of `ground_truth.npz` beside a benchmark's pair file (basis and logit_scale at least; user_id,
+    user_weights and embedder where it has them), read once, or None without one."""
+    from lore_core.npz_file import open_npz
     from lore_core.prism_schema import GROUND_TRUTH_FILE
 
-    truth = Path(pair_path).parent / GROUND_TRUTH_FILE
-    if not truth.exists():
+    path = Path(pair_path).parent / GROUND_TRUTH_FILE
+    if not path.exists():
         return None
-    from lore_core.npz_file import open_npz
-
-    with open_npz(truth, "the benchmark truth (.npz with arrays basis, logit_scale)") as data:
+    with open_npz(path, "the benchmark truth (.npz with arrays basis, logit_scale)") as data:
         if not {"basis", "logit_scale"} <= set(data.files):
-            raise ValueError(f"{truth}: needs arrays basis and logit_scale, found {sorted(data.files)}")
-        return np.asarray(data["basis"], np.float64) * float(data["logit_scale"])
+            raise ValueError(f"{path}: needs arrays basis and logit_scale, found {sorted(data.files)}")
+        return {key: np.asarray(data[key]) for key in ("basis", "logit_scale", "user_id", "user_weights", "embedder")
+                if key in data.files}
+
+
+def true_basis_of(truth: dict[str, np.ndarray]) -> np.ndarray:
+    """A truth's (`read_truth`) basis in logit units."""
+    return np.asarray(truth["basis"], np.float64) * float(truth["logit_scale"])
 
 
 def reference_metrics(pairs: PairSet) -> dict:
