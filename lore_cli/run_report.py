@@ -145,7 +145,13 @@ def privacy_section(run_dir: Path) -> list[str]:
     file = run_dir / "ledger.json"
     if not file.exists():
         return ["", "## Privacy", "", "No privacy ledger in this run directory: no guarantee is claimed."]
+    from lore_core.privacy.ledger import PrivacyLedger
+
     ledger = json_loads(file.read_text())
+    # The claims recomputed from its config and events, never the file's own, which an edit can change (a tester's
+    # forged headline reached report.md); the descriptions (evaluation policy, not covered) are the file's.
+    claims = PrivacyLedger.load(run_dir).rendered()
+    ledger.update({key: claims[key] for key in ("mode", "guarantee", "epsilon", "delta", "rounds", "not_private")})
     lines = ["", "## Privacy", ""]
     if ledger["not_private"]["flag"] and ledger["mode"] != "none":
         lines += [f"**NOT PRIVATE**: {ledger['not_private']['reason']}", ""]

@@ -188,6 +188,26 @@ def test_accounting_audit_reproduces_ledger_and_detects_tampering(ledger_dir):
     data["epsilon"]["prv"] *= 0.5
     tampered = accounting_audit(data)
     assert tampered["verdict"] == "fail" and "disagrees" in tampered["summary"]
+    # A tester: a headline and a guarantee sentence edited to (0.500, 1e-05)-DP passed, the PRV untouched, and the
+    # run's report.md then showed the forged figure (it read the file's conclusions; it now recomputes them).
+    from lore_cli.run_report import privacy_section
+
+    data = json.loads((ledger_dir / "ledger.json").read_text())
+    honest = data["epsilon"]["headline"]
+    data["epsilon"]["headline"] = 0.5
+    data["guarantee"] = data["guarantee"].replace(f"({honest:.3f}, ", "(0.500, ")
+    forged = accounting_audit(data)
+    assert forged["verdict"] == "fail" and "its headline epsilon 0.5 is not what its events give" in forged["summary"]
+    data["epsilon"]["headline"] = honest  # the sentence alone
+    forged = accounting_audit(data)
+    assert forged["verdict"] == "fail" and "its guarantee does not state the epsilon" in forged["summary"]
+    original = (ledger_dir / "ledger.json").read_text()
+    try:
+        (ledger_dir / "ledger.json").write_text(json.dumps({**data, "evaluation": {"policy": "a federated run's"}}))
+        shown = "\n".join(privacy_section(ledger_dir))
+        assert f"({honest:.3f}, " in shown and "(0.500, " not in shown
+    finally:
+        (ledger_dir / "ledger.json").write_text(original)
 
 
 # --- extraction, fairness, report -------------------------------------------------------------------------------------

@@ -52,6 +52,20 @@ def _claimed(ledger: dict) -> dict:
     return ledger["epsilon"] if isinstance(ledger.get("epsilon"), dict) else {}
 
 
+def _stated_claim_problems(ledger: dict, epsilon: float, tol: float) -> list[str]:
+    """Where the ledger's stated headline epsilon, or its guarantee sentence, is not the epsilon its events give:
+    a tester's ledger claimed (0.500, 1e-05)-DP beside a PRV of 2.931, and passed."""
+    problems = []
+    headline = _number(_claimed(ledger).get("headline"))
+    if headline is None or abs(headline - epsilon) > tol:
+        problems.append(f"its headline epsilon {headline} is not what its events give ({epsilon:.4f})")
+    guarantee, stated = ledger.get("guarantee"), epsilon if problems else headline  # as the ledger rounded it
+    if not (isinstance(guarantee, str) and f"({stated:.3f}, " in guarantee):
+        problems.append(f"its guarantee does not state the epsilon its events give ({epsilon:.3f}): "
+                        f"{str(guarantee)[:120]!r}")
+    return problems
+
+
 def _number(value) -> float | None:
     """A stored epsilon as a float, or None where the ledger holds anything else."""
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
@@ -137,6 +151,7 @@ def accounting_audit(ledger: dict | str | Path, *, abs_tol: float = ABS_TOL, rel
             problems.append(f"stored RDP {stored_rdp:.4f} is not what its events give ({rdp:.4f})")
     if rdp < prv - tol:
         problems.append(f"RDP {rdp:.4f} below PRV {prv:.4f}: one accountant is wrong")
+    problems += _stated_claim_problems(ledger, prv, tol)
     passed = not problems
     if passed:
         sentence = (f"PASS: the ledger's epsilon {stored:.3f} (PRV) is reproduced by its {sum(s[2] for s in history)} "
@@ -272,6 +287,7 @@ def _ddg_audit(ledger: dict, history: list[tuple[float, float, int]], delta: flo
         problems.append(f"stored epsilon {stored} is not what its own events give ({ddg:.4f})")
     if pld is not None and ddg < pld - tol:
         problems.append(f"the ddg-rdp bound {ddg:.4f} is below the continuous Gaussian's PLD {pld:.4f}")
+    problems += _stated_claim_problems(ledger, ddg, tol)
     server, stored_server = _against_server(ledger, history, delta)
     if stored_server is None:  # a ledger from before the figure was stated: its headline was claimed against all
         problems.append(f"the ledger states no epsilon against the server, which draws the sample (written before "

@@ -513,6 +513,11 @@ class PrivacyLedger:
     def _write(self) -> None:
         atomic_write_json(self.path, self._render())
 
+    def rendered(self) -> dict[str, Any]:
+        """ledger.json as this object writes it: the conclusions recomputed from config and events. Reports show
+        these, never the file's own, which an edit can change (a tester's forged headline reached report.md)."""
+        return self._render()
+
     def summary(self) -> dict[str, Any]:
         """The few facts a report shows."""
         eps = self.epsilon()
