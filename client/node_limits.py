@@ -26,12 +26,14 @@ import math
 from dataclasses import dataclass
 from typing import Any, Mapping
 
+from lore_core.privacy.privacy_settings import MIN_DELTA
+
 RECORD_MAX_EPSILON = "record-max-epsilon"
 RECORD_DELTA = "record-delta"
 ALLOW_NOISE_SEED = "allow-noise-seed"
 ALLOW_EVALUATE = "allow-evaluate"
 MAX_EPSILON_LIMIT = 100.0  # beyond it epsilon promises nothing (as `lore-fed privacy epsilon --max-epsilon`)
-MIN_RECORD_DELTA = 1e-12  # Opacus' PRV accountant fails below about 1e-14 (floating-point error dominates)
+MIN_RECORD_DELTA = MIN_DELTA  # the server's floor too: below it Opacus' PRV accountant fails on long histories
 
 
 class NodeLimitError(ValueError):

@@ -700,3 +700,17 @@ def test_a_ledger_of_another_mode_names_the_mode_alone_by_its_run_config_key(tmp
     with pytest.raises(LedgerError, match=r"\(noise-multiplier: stored 1.0, new 2.0\)"):
         PrivacyLedger.load(tmp_path, user_settings(population_size=100, clients_per_round=5, rounds=3,
                                                    noise_multiplier=2.0))
+
+
+@pytest.mark.parametrize("mode", ["user", "record"])
+def test_a_delta_the_accountant_cannot_compute_is_refused_before_any_round(mode):
+    """A tester: --delta 1e-15 (or 1e-300) passed validation, the first round's PRV call failed ("floating point
+    errors will dominate"), and the run directory it left could be neither resumed nor rerun with another delta."""
+    from lore_core.privacy.privacy_settings import PrivacyConfigError, PrivacySettings, validate
+
+    extra = {"clients_per_round": 10, "clip_norm": 0.25} if mode == "user" else {}
+    for delta in (1e-15, 1e-300):
+        with pytest.raises(PrivacyConfigError, match="must be at least 1e-10"):
+            validate(PrivacySettings(mode=mode, noise_multiplier=1.0, delta=delta, population_size=100, rounds=3,
+                                     **extra))
+    validate(PrivacySettings(mode=mode, noise_multiplier=1.0, delta=1e-10, population_size=100, rounds=3, **extra))

@@ -58,6 +58,10 @@ DEFAULTS: dict[str, Any] = {
     "reconstruction_threshold": 2,
     "dropout_tolerance": 0.1,  # user+secagg: the guarantee holds while at most 10 % of a round's sampled users drop
 }
+# The smallest delta taken: a tester's 1e-15 (and 1e-300) passed validation, then the first round's PRV call failed
+# ("floating point errors will dominate") and left a run directory no rerun could fix; at T = 1000 rounds Opacus
+# already fails at 1e-12.
+MIN_DELTA = 1e-10
 # The largest noise multiplier and clip norms taken: beyond, the noise std z*C overflowed the server's arithmetic
 # (--clip-norm 1e308: every step infinite and skipped, exit 0 with the initial basis) or the accountant (z 1e200,
 # refused with the advice to raise z), and nothing is gained: epsilon is about 0 from z = 1e3 on.
@@ -298,6 +302,10 @@ def _check_dp_common(s: PrivacySettings) -> None:
     if not (isinstance(s.delta, numbers.Real) and 0 < s.delta < 1):
         raise PrivacyConfigError(f"{setting('delta')} must be in (0, 1/N); got {s.delta!r}: remove it to use the "
                                  "default (at most 1/(10 N))")
+    if s.delta < MIN_DELTA:
+        raise PrivacyConfigError(f"{setting('delta')} must be at least {MIN_DELTA:g}; got {s.delta!r}: below it the "
+                                 "PRV accountant's floating-point error dominates (Opacus refuses), and 1/(10 N) "
+                                 "reaches it only at N = 1e9 users; remove it to use the default (at most 1/(10 N))")
     if s.rounds is None:
         raise PrivacyConfigError(f"mode {s.mode!r} needs the planned number of rounds: set {setting('rounds')} = T")
 
