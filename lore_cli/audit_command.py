@@ -845,6 +845,13 @@ def run(args: argparse.Namespace) -> int:
     if run_dir is not None and not run_dir.is_dir():
         raise AuditCommandError(f"run directory {run_dir} does not exist" if not run_dir.exists() else
                                 f"{run_dir} is not a run directory (lore-fed simulate --out)")
+    from lore_core.atomic_io import run_folder_of
+
+    if run_dir is not None and (folder := run_folder_of(run_dir)) is not None:
+        # a tester's `audit fairness RUN/client-accountants` wrote audits/ there, and the record run then could not
+        # be resumed (its accountant folder held a directory)
+        raise AuditCommandError(f"{run_dir} is inside the run folder {folder}, which only the run writes; give the "
+                                f"run directory {folder.parent}")
     _check_counts(args)
     if args.out:
         check_output_path(args.out, "--out", directory=True)

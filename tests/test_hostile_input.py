@@ -1129,6 +1129,10 @@ def test_outputs_into_a_runs_reserved_names_or_folders_are_refused_before_the_ru
             expect="inside the run folder")
     refused(["audit", "mechanism", "--runs", "100", "--out", "sim/releases"], "sim/releases", w,
             expect="inside the run folder")
+    # a tester: `audit fairness RUN/client-accountants` wrote audits/ there, and the record run could not resume
+    refused(["audit", "fairness", "sim/releases", "--basis", "basis.npz", "--pairs", "pairs.npz"], "sim/releases", w,
+            expect="inside the run folder")
+    assert not (w / "sim" / "releases" / "audits").exists()
     for folder in ("releases", "audits"):  # a tester: evaluate --basis RUN/releases then read a train run's basis
         refused(["train", "pairs.npz", "--rank", "1", "--out", f"sim/{folder}"], f"sim/{folder}", w,
                 expect="inside the run folder")
