@@ -236,6 +236,28 @@ def run_pair_file(run_dir: Path | None) -> str | Path | None:
     return run_dir / "pairs.npz" if (run_dir / "pairs.npz").exists() else None
 
 
+def check_given_pairs(run_dir: Path, pairs_path: Path) -> None:
+    """--pairs with a run: that run's pair file, moved or copied, never another population's (a tester's audits of
+    a 60-user run on a 50-user file passed and were filed as the run's own), where the run recorded a digest."""
+    from lore_cli.run_data import DATA_FILENAME, fingerprint_problem, same_pair_file
+
+    for name, key in ((DATA_FILENAME, None), ("metrics.json", "pairs_fingerprint")):
+        file = run_dir / name
+        try:
+            record = json_loads(file.read_text()) if file.is_file() else None
+        except ValueError:
+            continue
+        recorded = record.get(key) if isinstance(record, dict) and key else record
+        if recorded is None or fingerprint_problem(recorded):
+            continue
+        if not same_pair_file(recorded, pairs_path):
+            raise AuditCommandError(f"--pairs {pairs_path} is not the pair file {run_dir} was trained on (its size or "
+                                    f"digest differs from {file}'s record): an audit of the run reads the run's own "
+                                    "pairs (moved or copied is fine); audit another population without the run "
+                                    "directory")
+        return
+
+
 def check_recorded_pair_file(file: Path, recorded, pairs_path: str, field: str | None = None) -> None:
     """The pair file a run names against the digest the run recorded in `file` (under `field`): refused when the
     record is damaged (the check would be skipped) or the file has changed since the run."""
@@ -263,6 +285,8 @@ def load_pairs_and_basis(args: argparse.Namespace, run_dir: Path | None):
     if pairs_path is None:
         raise AuditCommandError("no pair file: pass --pairs PAIRS.npz|DATASET (or --synthetic)")
     pairs = load_pairs(pairs_path)
+    if args.pairs is not None and run_dir is not None:
+        check_given_pairs(run_dir, Path(pairs.source))
     basis, basis_file = load_run_basis(args.basis, run_dir)
     if basis.shape[1] != pairs.dim:
         where = args.basis or next(f for f in (run_dir / "basis.npz", run_dir / "checkpoint.npz") if f.is_file())

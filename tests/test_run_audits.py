@@ -582,6 +582,22 @@ def test_update_leakage_of_a_rank_one_run_judges_the_pairs_only(rank_one_run, tm
     assert "pair" in result["summary"]
 
 
+def test_an_audit_of_a_run_on_another_population_s_pairs_is_refused(rank_one_run, pair_file, tmp_path, capsys):
+    """A tester: `audit update-leakage RUN --pairs OTHER.npz` (and fairness, membership, extraction) ran on another
+    population and was filed as the run's own audit. The run's pairs, moved or copied, are still taken."""
+    run, _ = rank_one_run
+    other, _ = make_synthetic_pairs(SyntheticPairsConfig(dim=DIM, true_rank=RANK, seen_users=USERS - 4,
+                                                         unseen_users=4, train_pairs=(20, 30), seed=7))
+    save_pairs(other, tmp_path / "other.npz")
+    capsys.readouterr()
+    assert main(["audit", "extraction", str(run), "--pairs", str(tmp_path / "other.npz"),
+                 "--out", str(tmp_path / "a")]) == 2
+    assert "is not the pair file" in capsys.readouterr().err and not (tmp_path / "a" / "audits").exists()
+    shutil.copy(pair_file, tmp_path / "moved.npz")
+    result, _ = _audit(run, tmp_path / "b", capsys, "extraction", "--pairs", str(tmp_path / "moved.npz"))
+    assert result["audit"] == "extraction"
+
+
 @pytest.mark.parametrize("argv", [["membership", "--level", "user"], ["mechanism", "--runs", "500"]],
                          ids=lambda a: a[1] if a[0] == "membership" else a[0])
 def test_audits_of_the_basis_still_run_on_a_rank_one_run(rank_one_run, tmp_path, capsys, argv):
