@@ -87,7 +87,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 # --- inputs -----------------------------------------------------------------------------------------------------------
 def _load_settings(args: argparse.Namespace, run_dir: Path | None) -> dict:
-    settings = dict(PRIVACY_DEFAULTS)
+    settings, stored = dict(PRIVACY_DEFAULTS), {}
     ledger = run_dir / "ledger.json" if run_dir else None
     if ledger and ledger.exists():
         from lore_core.privacy.ledger import read_ledger
@@ -100,7 +100,7 @@ def _load_settings(args: argparse.Namespace, run_dir: Path | None) -> dict:
         settings.update(_read_config(Path(args.config)))
     stored_in = f" (from --config {args.config})" if args.config else f" (from {ledger})" if ledger and ledger.exists() \
         else ""
-    source = {}  # where each value came from, for the message
+    source, other = {}, []  # where each value came from, for the message; flags that differ from the run's
     for key, flag, value in (("noise_multiplier", "--noise-multiplier", args.noise_multiplier),
                              ("clip_norm", "--clip-norm", args.clip_norm),
                              ("clients_per_round", "--clients-per-round", args.clients_per_round),
@@ -108,6 +108,8 @@ def _load_settings(args: argparse.Namespace, run_dir: Path | None) -> dict:
                              ("delta", "--delta", args.delta), ("mode", "--mode", args.mode)):
         if value is not None:
             settings[key], source[key] = value, f" (from {flag})"
+            if stored.get(key) is not None and stored[key] != value:  # a what-if filed as the run's (a tester)
+                other.append(f"{flag} {value} is not {run_dir}'s {stored[key]} (from {ledger})")
     for key in ("clients_per_round", "population_size", "rounds", "record_batch_size", "record_epochs"):
         value = settings[key]
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -121,6 +123,9 @@ def _load_settings(args: argparse.Namespace, run_dir: Path | None) -> dict:
         raise AuditCommandError(f"{exc}{source.get('record_sample_rate', stored_in)}") from None
     if settings["mode"] in ("user", "user+secagg"):  # record mode samples every user it holds
         _refuse_more_per_round_than_users(settings, source, stored_in)  # a tester: update-leakage took 50 of 42
+    if other:
+        raise AuditCommandError(f"{'; '.join(other)}: an audit of a run replays the run's own settings and is filed "
+                                "in its ledger; drop the flag, or audit those settings without the run directory")
     return settings
 
 
@@ -568,7 +573,10 @@ def _mechanism(args, run_dir, settings) -> dict:
     from server.aggregation import UserDpAggregator
 
     mode = settings["mode"] if settings["mode"] in ("user", "user+secagg") else "user"
-    if run_dir is not None and (run_dir / "ledger.json").exists() and settings["mode"] != mode:
+    if run_dir is not None and not (run_dir / "ledger.json").exists():  # a tester's train run "passed", at z = 1
+        raise AuditCommandError(f"{run_dir} has no privacy ledger (a `train` run): no mechanism ran there to audit; "
+                                "give the settings to audit without the run directory")
+    if run_dir is not None and settings["mode"] != mode:
         raise AuditCommandError(f"the mechanism audit covers the user-level modes; {run_dir} ran mode "
                                 f"{settings['mode']}")
     from lore_core.privacy.privacy_settings import MAX_SCALE
