@@ -714,3 +714,22 @@ def test_a_delta_the_accountant_cannot_compute_is_refused_before_any_round(mode)
             validate(PrivacySettings(mode=mode, noise_multiplier=1.0, delta=delta, population_size=100, rounds=3,
                                      **extra))
     validate(PrivacySettings(mode=mode, noise_multiplier=1.0, delta=1e-10, population_size=100, rounds=3, **extra))
+
+
+@pytest.mark.parametrize("delta", ["NaN", "null", "2"])
+def test_a_ledger_whose_delta_is_not_a_probability_is_refused_naming_it(tmp_path, delta):
+    """A tester: a ledger with delta NaN failed the accounting audit with "cannot convert float NaN to integer", no
+    file named, and `audit update-leakage` wrote it back as null."""
+    from lore_core.privacy import PrivacyLedger, PrivacySettings
+    from lore_core.privacy.ledger import LedgerError, read_ledger
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        PrivacyLedger.create(tmp_path, PrivacySettings(mode="user", noise_multiplier=1.0, clip_norm=0.5,
+                                                       clients_per_round=10, population_size=100, rounds=2))
+    path = tmp_path / LEDGER_FILENAME
+    data = json.loads(path.read_text())
+    data["config"]["delta"] = "__DELTA__"
+    path.write_text(json.dumps(data).replace('"__DELTA__"', delta))
+    with pytest.raises(LedgerError, match=r"ledger.json: config.delta must be a number in \(0, 1\)"):
+        read_ledger(path)

@@ -614,6 +614,12 @@ def _read(path: Path) -> dict[str, Any]:
             or not isinstance(data.get("config"), dict):
         raise LedgerError(f"{path} lacks `config` or `events` with keys {EVENT_KEYS}")
     _check_events(path, events, data["config"].get("mode"))
+    mode, delta = data["config"].get("mode"), data["config"].get("delta")
+    if mode in ("user", "user+secagg", "record") and not (
+            isinstance(delta, (int, float)) and not isinstance(delta, bool) and 0 < delta < 1):
+        # a tester's NaN read "cannot convert float NaN to integer", and an audit wrote it back as null
+        raise LedgerError(f"{path}: config.delta must be a number in (0, 1) under mode {mode!r}, got {delta!r}; "
+                          "restore the ledger")
     return data
 
 
