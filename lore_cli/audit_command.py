@@ -235,10 +235,19 @@ def run_pair_file(run_dir: Path | None) -> str | Path | None:
             continue
         if name == DATA_FILENAME:
             check_recorded_pair_file(file, record, value)
-        elif "pairs_fingerprint" in record:  # a run from before fingerprints has none
+            file, record = run_dir / "metrics.json", _json_or_none(run_dir / "metrics.json")  # its copy too (a tester)
+        if isinstance(record, dict) and "pairs_fingerprint" in record:  # a run from before fingerprints has none
             check_recorded_pair_file(file, record["pairs_fingerprint"], value, field="pairs_fingerprint")
         return value
     return run_dir / "pairs.npz" if (run_dir / "pairs.npz").exists() else None
+
+
+def _json_or_none(file: Path):
+    """A run file's JSON, or None where it is missing or not JSON (the caller checks what it needs)."""
+    try:
+        return json_loads(file.read_text()) if file.is_file() else None
+    except ValueError:
+        return None
 
 
 def check_given_pairs(run_dir: Path, pairs_path: Path) -> None:
@@ -248,10 +257,7 @@ def check_given_pairs(run_dir: Path, pairs_path: Path) -> None:
 
     for name, key in ((DATA_FILENAME, None), ("metrics.json", "pairs_fingerprint")):
         file = run_dir / name
-        try:
-            record = json_loads(file.read_text()) if file.is_file() else None
-        except ValueError:
-            continue
+        record = _json_or_none(file)
         recorded = record.get(key) if isinstance(record, dict) and key else record
         if recorded is None or fingerprint_problem(recorded):
             continue

@@ -976,3 +976,20 @@ def test_an_audit_of_a_run_refuses_settings_other_than_the_run_s(record_run, tmp
                  "--out", str(tmp_path / "m")]) == 2
     assert f"--noise-multiplier 5.0 is not {record_run}'s 1.0" in capsys.readouterr().err
     assert json.loads((record_run / "ledger.json").read_text())["events"]["audits"] == before
+
+
+def test_a_damaged_pairs_fingerprint_in_a_simulate_run_s_metrics_is_refused(tmp_path, pair_file):
+    """A tester: a simulate run's metrics.json with pairs_fingerprint {"bytes": "x"} went unnoticed (its data.json
+    was read first and alone); a train run's was refused."""
+    from lore_cli.audit_command import AuditCommandError, run_pair_file
+    from lore_cli.run_data import DATA_FILENAME, pair_file_fingerprint
+
+    run = tmp_path / "run"
+    run.mkdir()
+    recorded = pair_file_fingerprint(pair_file)
+    (run / DATA_FILENAME).write_text(json.dumps({"path": str(pair_file), **recorded}))
+    (run / "metrics.json").write_text(json.dumps({"pairs_fingerprint": recorded}))
+    assert run_pair_file(run) == str(pair_file)
+    (run / "metrics.json").write_text(json.dumps({"pairs_fingerprint": {**recorded, "bytes": "x"}}))
+    with pytest.raises(AuditCommandError, match="metrics.json: pairs_fingerprint: 'bytes' must be"):
+        run_pair_file(run)
