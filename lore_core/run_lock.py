@@ -164,7 +164,7 @@ def _same_file(fd: int, path: Path) -> bool:
 
 
 CHECKING = ("a run still checking its input (or, for `train`, fitting), which names itself only once it is about "
-            "to write")
+            "to write, or an audit of the run, which never names itself (a tester read only the ended run)")
 
 
 def _describe(fd: int) -> str:
