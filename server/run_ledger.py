@@ -41,10 +41,12 @@ TIMINGS_NOT_COVERED = ("timings (rounds.jsonl seconds, metrics.json train_second
                        "on how many users were sampled and how many pairs they hold")
 AUDITS_NOT_COVERED = ("audit results that read raw data (update-leakage, attribute, membership, fairness, "
                       "extraction; RUN/audits/ and the ledger's audits list) are released without noise")
-RECORD_HISTORY_NOT_COVERED = ("record mode: what each sampled client spent in the round (z, q, steps), sent to "
-                              "the server for this ledger: the run's public rate and steps, alike for every client "
+RECORD_HISTORY_NOT_COVERED = ("record mode: which clients took part in each round, by id (events.rounds[].clients, "
+                              "events.clients), and what each sampled client spent in the round (z, q, steps), sent "
+                              "to the server for this ledger: the run's public rate and steps, alike for every client "
                               "whatever its pairs (a client whose max-epsilon is spent sends a zero update and no "
-                              "spending, which follows from how often it was sampled)")
+                              "spending, which follows from how often it was sampled); record-level DP protects "
+                              "pairs, not whether a user took part")
 RUN_FILES_NOT_COVERED = ("lore-fed simulate: the pair file's fingerprint (DIR/data.json, metrics.json "
                          "pairs_fingerprint: its size in bytes and a digest that confirms a guessed file) and the "
                          "--reference run's centralized accuracies copied into metrics.json (a fit without noise, "
