@@ -897,6 +897,10 @@ def run(args: argparse.Namespace) -> int:
     with _run_dir_lock(run_dir):
         settings = _load_settings(args, run_dir)
         result = AUDITS[args.name](args, run_dir, settings)
+        given = {name: str(Path(value).resolve()) for name in ("pairs", "basis", "config")
+                 if (value := getattr(args, name, None))}
+        if given:  # files named instead of the run's own: the result says which (a tester found no trace of them)
+            result["inputs_given"] = given
         out = Path(args.out) if args.out else (run_dir if run_dir is not None else Path("audit-out"))
         with interruptions_deferred():  # the result, plot, ledger entry and reports land together or not at all
             path = write_audit(out, result, ledger_dir=run_dir)

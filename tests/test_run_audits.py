@@ -595,7 +595,7 @@ def test_an_audit_of_a_run_on_another_population_s_pairs_is_refused(rank_one_run
     assert "is not the pair file" in capsys.readouterr().err and not (tmp_path / "a" / "audits").exists()
     shutil.copy(pair_file, tmp_path / "moved.npz")
     result, _ = _audit(run, tmp_path / "b", capsys, "extraction", "--pairs", str(tmp_path / "moved.npz"))
-    assert result["audit"] == "extraction"
+    assert result["audit"] == "extraction" and result["inputs_given"] == {"pairs": str(tmp_path / "moved.npz")}
 
 
 def test_audits_of_the_basis_still_run_on_a_rank_one_run(rank_one_run, tmp_path, capsys):
