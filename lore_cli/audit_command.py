@@ -471,11 +471,16 @@ def load_demographics(path: Path | None, user_ids: np.ndarray) -> dict[str, np.n
     """users.jsonl -> attribute -> labels aligned with user_ids ('missing' where absent); location -> reside_region."""
     if path is None or not path.is_file():
         return {}
-    rows = {}
+    rows, first = {}, {}
     for line, row in read_jsonl(path, AuditCommandError):
         if "user" not in row or not isinstance(row.get("demographics") or {}, dict):
             raise AuditCommandError(f"{path} line {line}: expected {{\"user\": ..., \"demographics\": {{...}}}}")
-        rows[str(row["user"])] = row.get("demographics") or {}
+        user, demographics = str(row["user"]), row.get("demographics") or {}
+        if user in rows and rows[user] != demographics:  # a tester's second row silently replaced the first
+            raise AuditCommandError(f"{path} line {line}: user {ascii(user)} again, with other demographics than on "
+                                    f"line {first[user]}; one row per user")
+        rows[user] = demographics
+        first.setdefault(user, line)
     attrs = sorted({k for d in rows.values() for k in d})
     out = {}
     for attr in attrs:

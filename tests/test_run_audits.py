@@ -993,3 +993,18 @@ def test_a_damaged_pairs_fingerprint_in_a_simulate_run_s_metrics_is_refused(tmp_
     (run / "metrics.json").write_text(json.dumps({"pairs_fingerprint": {**recorded, "bytes": "x"}}))
     with pytest.raises(AuditCommandError, match="metrics.json: pairs_fingerprint: 'bytes' must be"):
         run_pair_file(run)
+
+
+def test_a_users_file_that_gives_a_user_two_demographics_is_refused(tmp_path):
+    """A tester: users.jsonl with a user twice, with conflicting demographics, was taken silently (the last row)."""
+    from lore_cli.audit_command import AuditCommandError, load_demographics
+
+    users = tmp_path / "users.jsonl"
+    rows = [{"user": "a", "demographics": {"age": "18-24"}}, {"user": "b", "demographics": {"age": "25-34"}},
+            {"user": "a", "demographics": {"age": "18-24"}}]  # a repeat that agrees is harmless
+    users.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    assert load_demographics(users, np.array(["a", "b"]))["age"].tolist() == ["18-24", "25-34"]
+    users.write_text(users.read_text() + json.dumps({"user": "a", "demographics": {"age": "65+"}}) + "\n")
+    with pytest.raises(AuditCommandError, match="users.jsonl line 4: user 'a' again, with other demographics than "
+                                                "on line 1"):
+        load_demographics(users, np.array(["a", "b"]))
