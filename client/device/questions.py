@@ -80,6 +80,13 @@ def choose_batch(samples: PosteriorSamples, pool_scores: np.ndarray, available: 
     Configurations: joint (S, M) holds P(outcome m | w_s) for the M outcomes followed so far; rho (M,) weighs them:
     rho = P(m) while outcomes are enumerated, 1/M once they are sampled. The batch entropy is then
     H = sum_m rho_m sum_y P(y | m) (-log P(m, y)), which is exact for the enumeration and unbiased when sampled.
+
+    Lazy evaluation (Minoux 1978): answers are independent given w, so a pair's added information
+    I(y_j; w | y_batch) = I(y_j; w) - I(y_j; y_batch) only shrinks as the batch grows. Each pair's last computed gain
+    bounds its next one, and each pick scores pairs in order of that bound until no bound left beats the best gain:
+    the picks of scoring the whole pool every time (the same while outcomes are enumerated; sampled outcomes carry
+    their noise either way), at a few hundred pairs per pick instead of all (a tester's 32 picks from 20,000 pairs
+    took 12 s).
     """
     if not 1 <= k <= MAX_BATCH:
         raise ValueError(f"a batch is 1 to {MAX_BATCH} pairs, got {k}")
@@ -91,34 +98,60 @@ def choose_batch(samples: PosteriorSamples, pool_scores: np.ndarray, available: 
     rho = np.ones(1)
     enumerated = True
     free = np.asarray(available, bool).copy()
+    bound = np.full(free.size, np.inf)  # each pair's last computed added information: a bound of its next
     chosen, info = [], []
     conditional_sum = 0.0
     for _ in range(min(k, int(free.sum()))):
         p_m = prob @ joint  # (M,)
-        p_m1 = (prob[:, None] * joint).T @ p  # (M, P): P(m, y_j = 1)
-        p_m0 = p_m[:, None] - p_m1
+        outcome = (prob[:, None] * joint).T  # (M, S): P(m, w_s)
         weight = np.divide(rho, p_m, out=np.zeros_like(rho), where=p_m > 0)[:, None]
-        batch_entropy = (weight * (_xlogx_neg(p_m1) + _xlogx_neg(p_m0))).sum(axis=0) / _LN2
-        gain = np.where(free, batch_entropy - conditional - conditional_sum, -np.inf)
-        j = int(gain.argmax())
+
+        def added(pairs: np.ndarray) -> np.ndarray:
+            p_m1 = outcome @ p[:, pairs]  # (M, n): P(m, y_j = 1)
+            batch_entropy = (weight * (_xlogx_neg(p_m1) + _xlogx_neg(p_m[:, None] - p_m1))).sum(axis=0) / _LN2
+            return batch_entropy - conditional[pairs] - conditional_sum
+
+        j, gain = _lazy_best(np.flatnonzero(free), bound, added)
         chosen.append(j)
-        info.append(float(gain[j]))
+        info.append(gain)
         conditional_sum += conditional[j]
         free[j] = False
         pj = p[:, j : j + 1]
+        p_m1 = outcome @ p[:, j]
+        p_m0 = p_m - p_m1
         if enumerated and 2 * joint.shape[1] <= MAX_CONFIGURATIONS:
             joint = np.concatenate([joint * pj, joint * (1.0 - pj)], axis=1)
-            rho = np.concatenate([p_m1[:, j], p_m0[:, j]])
+            rho = np.concatenate([p_m1, p_m0])
             continue
         if enumerated:  # switch to MAX_CONFIGURATIONS outcomes drawn from P(m, y_j)
-            outcome_p = np.concatenate([p_m1[:, j], p_m0[:, j]])
+            outcome_p = np.concatenate([p_m1, p_m0])
             draw = rng.choice(outcome_p.size, size=MAX_CONFIGURATIONS, p=outcome_p / outcome_p.sum())
             both = np.concatenate([joint * pj, joint * (1.0 - pj)], axis=1)
             joint, rho, enumerated = both[:, draw], np.full(MAX_CONFIGURATIONS, 1.0 / MAX_CONFIGURATIONS), False
             continue
-        y = rng.random(joint.shape[1]) < p_m1[:, j] / p_m  # y ~ P(y_j | m) for each followed outcome
+        y = rng.random(joint.shape[1]) < p_m1 / p_m  # y ~ P(y_j | m) for each followed outcome
         joint = joint * np.where(y[None, :], pj, 1.0 - pj)
     return np.asarray(chosen, dtype=np.int64), np.asarray(info)
+
+
+LAZY_BLOCK = 256  # pairs scored at once by a lazy pick
+
+
+def _lazy_best(candidates: np.ndarray, bound: np.ndarray, added) -> tuple[int, float]:
+    """The candidate with the largest added(.) (the lowest index among equals), scoring blocks in order of `bound`
+    (each pair's last gain, updated here) until no unscored bound reaches the best gain found."""
+    order = candidates[np.argsort(-bound[candidates], kind="stable")]
+    best, best_gain = -1, -np.inf
+    for start in range(0, order.size, LAZY_BLOCK):
+        block = order[start:start + LAZY_BLOCK]
+        if bound[block[0]] < best_gain:
+            break
+        gains = added(block)
+        bound[block] = gains
+        top = gains.max()
+        if top > best_gain or (top == best_gain and block[gains == top].min() < best):
+            best, best_gain = int(block[gains == top].min()), float(top)
+    return best, best_gain
 
 
 def should_stop(best_bits: np.ndarray | float, remaining: np.ndarray | int, threshold: float = STOP_BITS):
