@@ -69,8 +69,10 @@ def joint_information(pool: int, picked: list[int], draws: int = 40_000) -> tupl
     rng = np.random.default_rng(5)
     drawn = rng.choice(prob.size, size=draws, p=prob)
     answers = rng.random((draws, len(picked))) < p[drawn]
-    log_joint = np.where(answers[:, None, :], np.log(p)[None], np.log1p(-p)[None]).sum(axis=-1)  # (draws, S)
-    log_p = np.logaddexp.reduce(log_joint + np.log(prob)[None], axis=1) / np.log(2.0)
+    # log P(y) = logsumexp_s (log prob_s + sum_j log P(y_j | w_s)), 1,000 draws at a time: (draws, S, K) whole is GBs
+    log_p = np.concatenate([np.logaddexp.reduce(np.log(prob)[None] + np.where(
+        block[:, None, :], np.log(p)[None], np.log1p(-p)[None]).sum(axis=-1), axis=1)
+        for block in np.array_split(answers, max(1, draws // 1000))]) / np.log(2.0)
     conditional = -(prob @ (p * np.log2(p) + (1.0 - p) * np.log2(1.0 - p))).sum()
     return float(-log_p.mean() - conditional), float(log_p.std() / np.sqrt(draws))
 
@@ -98,10 +100,12 @@ def main(argv: list[str] | None = None) -> int:
             for arm in ARMS:
                 row[arm] = {"peak_mib": statistics.median(r["peak_mib"] for r in runs[arm]),
                             "seconds": statistics.median(r["seconds"] for r in runs[arm]),
-                            "bits": runs[arm][0]["bits"],
-                            "joint_bits": joint_information(pool, runs[arm][0]["picked"])}
+                            "bits": runs[arm][0]["bits"], "picked": runs[arm][0]["picked"]}
             rows.append(row)
             print(json.dumps(row), flush=True)
+    for row in rows:  # after every measurement: a child process's peak RSS starts from its parent's
+        for arm in ARMS:
+            row[arm]["joint_bits"] = joint_information(row["pool"], row[arm]["picked"])
     lines = [f"# `next-question` on large pools: {revisions['after']} against {revisions['before']}", "",
              f"`python -m simulations.bench_next_question --before {revisions['before']} --after "
              f"{revisions['after']} --pools {args.pools} --k {args.k} --repeats {args.repeats}`. One fresh process "

@@ -1952,3 +1952,18 @@ def test_a_state_of_format_1_loads_and_is_written_again_in_format_2_lone_surroga
     (tmp_path / "c.jsonl").write_text('{"prompt": "q", "chosen": "a", "rejected": "b", "user": "\\ud83d"}')
     with pytest.raises(personalize.ChoicesError, match="a key or value is not valid Unicode"):
         personalize.read_choices(tmp_path / "c.jsonl")
+
+
+def test_init_refuses_an_all_zero_basis_and_leaves_an_existing_state_as_it_was(tmp_path, basis_file):
+    """A tester: a basis of zeros was taken, though it gives every response the same reward (every question then
+    teaches 0 bits)."""
+    zero = save_basis(tmp_path / "zero.npz", np.zeros((4, 384)), version=9, embedder=load_basis(basis_file).embedder)
+    proc, _ = device(tmp_path / "new", "init", "--basis", zero, check=False)
+    assert proc.returncode == 2 and "zero.npz: every entry of the basis is 0" in proc.stderr
+    assert not (tmp_path / "new").exists()
+    state_dir = _adapted_state(tmp_path, basis_file)
+    before = load_state(state_dir)
+    proc, _ = device(state_dir, "init", "--basis", zero, "--reinit", check=False)
+    assert proc.returncode == 2 and "every entry of the basis is 0" in proc.stderr
+    after = load_state(state_dir)
+    assert after.basis.version == before.basis.version and after.n_pairs == before.n_pairs
