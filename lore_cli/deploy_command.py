@@ -67,11 +67,13 @@ def run_certs(args: argparse.Namespace) -> int:
 def run_local(args: argparse.Namespace) -> int:
     from server.checkpoint import load_checkpoint
     from lore_cli.run_data import record_pairs
-    from lore_cli.local_deployment import (Certificates, DeploymentError, LocalDeployment, generate_certificates,
-                                           split_pairs, stop_process)
+    from lore_cli.local_deployment import (Certificates, DeploymentError, LocalDeployment, earlier_deployment,
+                                           generate_certificates, split_pairs, stop_process)
 
     checked = check_local_flags(args)
     run_dir = Path(args.run_dir).resolve()
+    if leftovers := earlier_deployment(run_dir):
+        raise ValueError(leftovers)  # before a certificate or a node's file is written (exit 2)
     certs = None
     if not args.insecure:  # (LocalDeployment prints the warning of an insecure deployment)
         cert_dir = Path(args.certs) if args.certs else run_dir / "certs"
@@ -110,9 +112,9 @@ def run_local(args: argparse.Namespace) -> int:
     print(f"run {outcome.run_id}: {outcome.status} {outcome.details} ({outcome.seconds:.1f} s); log {outcome.log}")
     state = load_checkpoint(run_dir)
     if state is not None:
-        evals = [r for r in state.history if "seen_test_acc" in r]
+        evals = [{k: v for k, v in r.items() if k.endswith("_acc")} for r in state.history if "seen_test_acc" in r]
         print(f"checkpoint after round {state.round} in {run_dir}"
-              + (f"; last evaluation {json.dumps({k: v for k, v in evals[-1].items() if k.endswith('_acc')})}" if evals else ""))
+              + (f"; last evaluation {json.dumps(evals[-1])}" if evals else ""))
     if outcome.completed and state is not None and checked is not None:
         write_outputs(run_dir, state, *checked[:3], nodes=args.nodes, seconds=outcome.seconds, previous=previous)
     return 0 if outcome.completed else 1
@@ -152,6 +154,7 @@ def check_local_flags(args: argparse.Namespace) -> tuple | None:
     from flwr.common.config import get_fused_config_from_dir, parse_config_args
 
     from lore_cli.simulate_command import check_run, read_population
+    from lore_core.privacy.privacy_settings import check_secagg_layout
     from lore_core.atomic_io import check_output_path
     from lore_core.pairs import resolve_pair_path
     from server.run_settings import given_fields
@@ -186,6 +189,9 @@ def check_local_flags(args: argparse.Namespace) -> tuple | None:
         owned = [f"{key} (set by {flag})" for key, flag in KEYS_OF_FLAGS.items() if key in extra]
         if owned:
             raise ValueError(f"{text}: {', '.join(owned)} is the command's own: use the flag")
+        if args.rounds is not None and extra.get("num-server-rounds", args.rounds) != args.rounds:  # -c won (a tester)
+            raise ValueError(f"--rounds {args.rounds} and {text} (num-server-rounds={extra['num-server-rounds']}) "
+                             "disagree: give the number of rounds once")
     population = read_population(resolve_pair_path(args.pairs), truth=False)  # a deployed run scores no benchmark
     if args.nodes > population["users"]:  # split_pairs refuses it too, but only after the certificates are written
         raise ValueError(f"--nodes {args.nodes} for {population['users']} users in {args.pairs}: every node must "
@@ -198,6 +204,7 @@ def check_local_flags(args: argparse.Namespace) -> tuple | None:
         if mode in ("none", "record") and isinstance(clients, int) and clients > population["seen_users"]:
             config["clients-per-round"] = population["seen_users"]  # these modes sample at most everyone
         settings, privacy = check_run(population, {**config, "run-dir": str(Path(args.run_dir).resolve())})
+        check_secagg_layout(privacy, args.nodes, "--nodes")
         fingerprint = check_deploy_resume(Path(args.run_dir), resolve_pair_path(args.pairs), settings, privacy,
                                           args.nodes, given_fields(extra))  # the fields -c set
         return settings, privacy, population, fingerprint

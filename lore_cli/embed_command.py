@@ -181,6 +181,8 @@ def read_pair_records(path: Path) -> dict[str, list]:
         for key in ("user", "chosen", "rejected"):
             if not isinstance(record[key], str):
                 raise DatasetError(f"{where}: {key!r} must be a string, got {type(record[key]).__name__}")
+        # what `prepare` drops (a tester's hand-written line of chosen == rejected embedded as a tie, scored an error)
+        _check_preference(record, where)
         if record["split"] not in SPLITS:
             raise DatasetError(f"{where}: 'split' must be one of {SPLITS}, got {record['split']!r}")
         if not isinstance(record["seen"], bool):
@@ -212,6 +214,21 @@ def read_pair_records(path: Path) -> dict[str, list]:
                            "unlike pair 1; every line must have it or none")
     columns["conversation"] = conversations if all(has) else None
     return columns
+
+
+def _check_preference(record: dict, where: str) -> None:
+    """A line states a preference: two responses, neither empty, not the same text, and scores (where given) that do
+    not rank the rejected response higher."""
+    for key in ("chosen", "rejected"):
+        if not record[key]:
+            raise DatasetError(f"{where}: {key!r} is empty; a pair compares two responses (`prepare` drops such pairs)")
+    if record["chosen"] == record["rejected"]:
+        raise DatasetError(f"{where}: 'chosen' and 'rejected' are the same text, which states no preference "
+                           "(`prepare` drops such pairs)")
+    scores = [record.get(f"{key}_score") for key in ("chosen", "rejected")]
+    if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in scores) and scores[0] < scores[1]:
+        raise DatasetError(f"{where}: 'chosen_score' {scores[0]} is below 'rejected_score' {scores[1]}: the scores "
+                           "rank the rejected response higher; swap the responses or fix the scores")
 
 
 def read_ground_truth(path: Path) -> dict[str, np.ndarray]:

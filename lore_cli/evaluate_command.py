@@ -98,4 +98,10 @@ def _is_evaluate_output(path: Path) -> bool:
         record = json_loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
-    return isinstance(record, dict) and {"rank", "prior_pairs"} <= set(record)  # written with or without test pairs
+    # written with or without test pairs; nothing beside its figures (a tester's copy of a `train` run's metrics.json,
+    # its selection table included, was replaced by 0.4 KB of figures)
+    return isinstance(record, dict) and {"rank", "prior_pairs"} <= set(record) and all(
+        key in EVALUATE_COUNTS or key.endswith("_acc") for key in set(record) - {"rank", "prior_pairs"})
+
+
+EVALUATE_COUNTS = ("seen_users_without_training_pairs", "unseen_users_without_few_shot")  # its keys but the figures

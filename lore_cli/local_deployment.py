@@ -287,11 +287,53 @@ def processes_matching(match: Callable[[list[bytes]], bool]) -> list[int]:
 
 
 def deployment_processes(run_dir: Path) -> list[int]:
-    """PIDs of the SuperLink and SuperNodes of a deployment on `run_dir`, from their command lines: the SuperLink's
-    `--database` argument, a node's `data-path` as `--node-config` writes it."""
+    """PIDs of the processes of a deployment on `run_dir`: the SuperLink (its `--database` argument), the SuperNodes
+    (`data-path` as `--node-config` writes it), `flwr run` (`run-dir` as its -c writes it), the ServerApp (the
+    holder of the run directory's lock: its command line names no path), and every other member of a process group
+    one of them leads (the SuperLink's SuperExec). A tester's rerun after `kill -9` of `deploy local` named the
+    SuperLink and nodes only: `flwr run` kept the SuperLink from exiting, and the ServerApp, still training, failed
+    the next run minutes after its start."""
+    from lore_core.run_lock import live_holder
+
     database = str(run_dir / "superlink" / "state.db").encode()
-    data_paths = [f"data-path={toml_value(str(path))}".encode() for path in run_dir.glob("node*/data")]
-    return processes_matching(lambda args: database in args or any(path in arg for arg in args for path in data_paths))
+    named = [f"data-path={toml_value(str(path))}".encode() for path in run_dir.glob("node*/data")]
+    named.append(f"run-dir={toml_value(str(run_dir))}".encode())
+    found = set(processes_matching(lambda args: database in args or any(n in arg for arg in args for n in named)))
+    if (holder := live_holder(run_dir)) is not None:
+        found.add(holder)
+    leaders = {pid for pid in found if process_group(pid) == pid}  # never the caller's group (a shell's, a test's)
+    return sorted(found | {pid for pid in group_members(leaders) if pid != os.getpid()})
+
+
+def earlier_deployment(run_dir: Path, mine: set[int] = frozenset()) -> str | None:
+    """What refuses a deployment's start: processes of an earlier deployment on `run_dir` still running (outside the
+    process groups `mine`), named for `kill`; None when there are none."""
+    pids = [str(pid) for pid in deployment_processes(run_dir) if pid not in mine and process_group(pid) not in mine]
+    if pids:
+        return (f"processes of an earlier deployment on {run_dir} are still running: stop them (`kill "
+                f"{' '.join(pids)}`) and run again")
+    return None
+
+
+def process_group(pid: int) -> int | None:
+    """The process group of `pid` (Linux /proc; None when it is gone or unknown)."""
+    try:
+        return int((Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[2])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def group_members(pgids: set[int]) -> list[int]:
+    """Live (non-zombie) processes in the process groups `pgids` (Linux /proc)."""
+    members = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # the process ended while we looked
+        if int(fields[2]) in pgids and fields[0] != "Z":  # fields after "(comm)": state, ppid, pgrp, ...
+            members.append(int(stat.parent.name))
+    return members
 
 
 def group_alive(pgid: int) -> bool:
@@ -303,14 +345,7 @@ def group_alive(pgid: int) -> bool:
         except ProcessLookupError:
             return False
         return True
-    for stat in proc.glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue  # the process ended while we looked
-        if int(fields[2]) == pgid and fields[0] != "Z":  # fields after "(comm)": state, ppid, pgrp, ...
-            return True
-    return False
+    return bool(group_members({pgid}))
 
 
 @dataclass
@@ -525,10 +560,8 @@ class LocalDeployment:
         """SuperLink, node registrations, then all SuperNodes (once no run left by an earlier SuperLink is live), and
         wait until they have joined. Refused while processes of an earlier deployment on RUN_DIR still run: a second
         SuperLink on the same database and nodes on the same data would corrupt both."""
-        mine = set(self.started_pgids)
-        if leftovers := [str(pid) for pid in deployment_processes(self.run_dir) if pid not in mine]:
-            raise DeploymentError(f"processes of an earlier deployment on {self.run_dir} are still running: stop "
-                                  f"them (`kill {' '.join(leftovers)}`) and run again")
+        if leftovers := earlier_deployment(self.run_dir, set(self.started_pgids)):
+            raise DeploymentError(leftovers)
         self.start_superlink()
         self.stopped_runs = self.stop_stale_runs()
         if register and not self.insecure:

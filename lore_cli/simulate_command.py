@@ -318,8 +318,9 @@ def run(args: argparse.Namespace) -> int:
     from lore_cli.run_report import check_reference_run, load_reference
     from lore_cli.train_command import check_device, check_seed, parse_number
     from lore_core.reward_math import MAX_L2
+    from lore_core.privacy.privacy_settings import check_secagg_layout
     from lore_core.run_lock import RunDirLock
-    from simulations.flower_run import nodes_for
+    from simulations.flower_run import node_counts, nodes_for
 
     for name in ("rounds", "clients_per_round", "rank"):
         value = getattr(args, name)
@@ -347,6 +348,8 @@ def run(args: argparse.Namespace) -> int:
     # canary users are users of the population the server samples (federation/canary_users.py)
     overrides = run_overrides(args, population["seen_users"], population["seen_train_pairs"])
     settings, privacy = check_run({**population, "seen_users": population["seen_users"] + args.canaries}, overrides)
+    check_secagg_layout(privacy, node_counts(population["users"], args.users_per_node, args.canaries)[0],
+                        f"--users-per-node {args.users_per_node} for {population['users']} users")
     canaries = canary_secrets(args, (settings.rank, population["dim"]))  # fail closed: before Ray, before DIR exists
     # The lock is taken before the checks (a concurrent run could be writing the checkpoint), but the lock file is
     # written only once they pass: a refused run leaves the directory as it was, .lock included.

@@ -202,6 +202,9 @@ def _train_and_write(args: argparse.Namespace, options: dict, out: Path, pairs_f
         seed=config.seed,
     )
     check_trained_basis(fit, pairs_file)
+    if not any(key in metrics for key in ("seen_test_acc", "unseen_test_acc")):  # as `evaluate` says (a tester)
+        warnings.warn(f"{pairs_file} has no test pairs (split 'test'): only training-pair figures are reported",
+                      UserWarning, stacklevel=2)
     announce()
     # metrics.json is the run's record and is written last. The basis, weights and held-out figures are written in
     # full first, then an earlier run's metrics.json goes and they are renamed into place: a run killed among the
@@ -423,17 +426,15 @@ def benchmark_truth(pairs):
     return true_basis
 
 
-def _first_rows(pairs, count: int) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
-    """(logit_true, user, diff) of the first `count` pairs of an in-memory PairSet or a streamed PairColumns (a
-    reviewer: simulate, deploy and large-population train read the file as columns); None without logit_true."""
+def _first_rows(pairs, count: int) -> tuple[np.ndarray | None, np.ndarray, np.ndarray]:
+    """(logit_true or None without it, user, diff) of the first `count` pairs of an in-memory PairSet or a streamed
+    PairColumns (a reviewer: simulate, deploy and large-population train read the file as columns)."""
     if hasattr(pairs, "has"):
-        if not pairs.has("logit_true"):
-            return None
         stop = min(count, pairs.n)
-        return pairs.read("logit_true", 0, stop), pairs.read("user", 0, stop), pairs.read("diff", 0, stop)
-    if pairs.logit_true is None:
-        return None
-    return pairs.logit_true[:count], pairs.user[:count], pairs.diff[:count]
+        given = pairs.read("logit_true", 0, stop) if pairs.has("logit_true") else None
+        return given, pairs.read("user", 0, stop), pairs.read("diff", 0, stop)
+    given = None if pairs.logit_true is None else pairs.logit_true[:count]
+    return given, pairs.user[:count], pairs.diff[:count]
 
 
 def check_truth_logits(pairs, truth: dict[str, np.ndarray], truth_path: Path) -> None:
@@ -444,15 +445,15 @@ def check_truth_logits(pairs, truth: dict[str, np.ndarray], truth_path: Path) ->
 
     if not {"user_id", "user_weights"} <= set(truth):
         return
-    first = _first_rows(pairs, TRUTH_CHECK_ROWS)
-    if first is None:
-        return
-    given, users, diff = np.asarray(first[0], np.float64), np.asarray(first[1]).astype(str), np.asarray(first[2])
-    try:
-        implied = true_logits(truth, users, diff, truth_path)
+    given, users, diff = _first_rows(pairs, TRUTH_CHECK_ROWS)
+    try:  # without logit_true the users alone are checked (a tester's copy of another population's truth passed)
+        implied = true_logits(truth, np.asarray(users).astype(str), np.asarray(diff), truth_path)
     except ValueError as exc:  # users it has no weights for
         raise ValueError(f"{exc}: not the truth of {pairs.source}; remove it, or put that population's own beside "
                          "the pair file") from None
+    if given is None:
+        return
+    given = np.asarray(given, np.float64)
     clear = np.abs(given) > 1e-6 * max(float(np.abs(given).max(initial=0.0)), 1e-300)
     agree = float(np.mean(np.sign(given[clear]) == np.sign(implied[clear]))) if clear.any() else 1.0
     if agree < 0.99:

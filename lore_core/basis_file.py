@@ -134,6 +134,9 @@ def load_basis(path: str | Path) -> BasisFile:
         raise BasisFileError(f"{path}: basis has shape {basis.shape}, but the file declares rank {rank}, dim {dim}")
     if checksum != basis_checksum(basis):
         raise BasisFileError(f"{path}: basis checksum mismatch (file corrupted or altered)")
+    if not basis.any():  # two testers' zeros (checksum recomputed) were taken: every pair a tie, accuracy 0
+        raise BasisFileError(f"{path}: every entry of the basis is 0, so every response would get the same reward; "
+                             "give a trained basis")
     if version < 0 or not is_name(embedder):
         raise BasisFileError(f"{path}: version must be >= 0 and embedder a non-empty string without control "
                              f"characters, got {version}, {embedder[:100]!r}")

@@ -168,7 +168,7 @@ class PairColumns:
                 raise PairFileError(f"{where}: {name} must be float, got {self._members[name].dtype}")
         head = self._members.get("reference_head")
         if head is not None and head.shape != (self.dim,):
-            raise PairFileError(f"{where}: reference_head must be finite with shape ({self.dim},) to match diff, "
+            raise PairFileError(f"{where}: reference_head must have shape ({self.dim},) to match diff, "
                                 f"got {head.shape}")
         embedder = self._members.get("embedder")
         if embedder is not None:

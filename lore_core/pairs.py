@@ -405,11 +405,22 @@ def _validate(p: PairSet) -> None:
             raise PairFileError(f"{where}: {name} must be float, got {np.asarray(value).dtype}")
     if p.logit_true is not None:
         lt = np.asarray(p.logit_true)
-        if lt.shape != (n,) or not np.isfinite(lt).all():
-            raise PairFileError(f"{where}: logit_true must be finite with shape ({n},), got {lt.shape}")
+        if lt.shape != (n,):
+            raise PairFileError(f"{where}: logit_true must have shape ({n},), one per pair, got {lt.shape}")
+        _check_finite(lt, "logit_true", where)
     if p.reference_head is not None:
         head = np.asarray(p.reference_head)
-        if head.shape != (diff.shape[1],) or not np.isfinite(head).all():
-            raise PairFileError(
-                f"{where}: reference_head must be finite with shape ({diff.shape[1]},) to match diff, got {head.shape}"
-            )
+        if head.shape != (diff.shape[1],):
+            raise PairFileError(f"{where}: reference_head must have shape ({diff.shape[1]},) to match diff, got "
+                                f"{head.shape}")
+        _check_finite(head, "reference_head", where)
+
+
+def _check_finite(values: np.ndarray, name: str, where: str) -> None:
+    """Refuse NaN or Inf in `name`, saying how many entries and the first (a tester read "must be finite with shape
+    (300,), got (300,)")."""
+    bad = np.flatnonzero(~np.isfinite(values))
+    if bad.size:
+        raise PairFileError(f"{where}: {name} must be finite; {bad.size} of {values.size} entries are NaN or Inf "
+                            f"(the first at index {int(bad[0])})")
+

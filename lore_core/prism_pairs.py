@@ -7,6 +7,7 @@ its user message only). Nothing is inferred from ties. Dropped and counted:
   turns_without_chosen          no response marked chosen (the turn yields no pairs)
   turns_both_chosen             identical A/B texts, both marked chosen: there is no rejected response
   pairs_empty_string            chosen or candidate text is the release's "EMPTY STRING"   } per candidate, checked
+                                (or empty)                                                  }
   pairs_identical_text          candidate text equals the chosen text                       } in this order; the
   pairs_tied_score              equal scores                                                } first that applies
   pairs_rejected_scored_higher  the unchosen response scored higher than the chosen one     } is counted
@@ -139,7 +140,7 @@ def build_pairs(conversations: tuple[Conversation, ...]) -> tuple[list[dict], di
 
 
 def _pair_drop_reason(chosen: str, chosen_score: int, other: str, other_score: int) -> str | None:
-    if EMPTY_RESPONSE in (chosen, other):
+    if EMPTY_RESPONSE in (chosen, other) or "" in (chosen, other):  # `embed` refuses an empty response
         return "pairs_empty_string"
     if chosen == other:
         return "pairs_identical_text"
@@ -231,6 +232,10 @@ def prepare_dataset(
             f"no seen user has training pairs (train fraction {config.train_fraction}: each user's first "
             f"int({config.train_fraction} x conversations) conversations are its training part): `lore-fed train` "
             "and `simulate` will refuse this dataset; raise --train-fraction")
+    if kept and not any(pair["split"] == "test" for pair in kept):  # a tester's --train-fraction 1: no word
+        summary["population_warnings"].append(
+            f"no pair is a test pair (train fraction {config.train_fraction}): `train`, `simulate` and `evaluate` "
+            "will report training-pair figures only; lower --train-fraction")
     summary["ground_truth_copied"] = GROUND_TRUTH_FILE in files
     files[SUMMARY_JSON] = (json.dumps(summary, indent=2) + "\n").encode()
     _refuse_foreign_files(out_dir, files)

@@ -167,6 +167,31 @@ CHECKING = ("a run still checking its input (or, for `train`, fitting), which na
             "to write, or an audit of the run, which never names itself (a tester read only the ended run)")
 
 
+def live_holder(run_dir: str | os.PathLike) -> int | None:
+    """The pid that holds `run_dir`'s lock as its record names it, when another process holds the lock now and that
+    pid is alive; else None. (`deploy local` names it among an earlier deployment's leftovers: a killed command's
+    ServerApp lives on, holding the lock, and failed the next run minutes after its start.)"""
+    path = Path(run_dir) / LOCK_FILENAME
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    except OSError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:  # held: by whom?
+            try:
+                pid = int(json_loads(os.pread(fd, 4096, 0) or b"{}")["pid"])
+                os.kill(pid, 0)
+            except (OSError, ValueError, KeyError, TypeError):
+                return None
+            return pid if pid != os.getpid() else None
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
+
+
 def _describe(fd: int) -> str:
     """The holder as its record names it. A run holds the lock while it checks its input but writes its record only
     after (a refused run leaves the file as it was), so the record can be an earlier, ended run's."""

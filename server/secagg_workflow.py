@@ -45,7 +45,7 @@ from flwr.serverapp import Grid
 
 from federation import protocol as p
 from lore_core.privacy.distributed_dp import DdgEncoding, decode_sum, min_contributors, plan_encoding
-from lore_core.privacy.privacy_settings import PrivacyConfigError, PrivacySettings
+from lore_core.privacy.privacy_settings import PrivacyConfigError, PrivacySettings, min_secagg_nodes
 from server.training_round import RoundFailed, TrainingRun
 
 log = logging.getLogger("lore_fed.server")
@@ -60,7 +60,7 @@ class SecAggLoReStrategy(Strategy):
 
     def __init__(self, run: TrainingRun, privacy: PrivacySettings, encoding: DdgEncoding) -> None:
         self.run, self.privacy, self.encoding = run, privacy, encoding
-        self.min_round_nodes = max(2, int(privacy.reconstruction_threshold))
+        self.min_round_nodes = min_secagg_nodes(privacy)
         self.unasked_nodes = 0  # this round's nodes with sampled users that were not asked (too few for a sum)
 
     def sampled_users(self) -> int:

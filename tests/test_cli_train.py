@@ -442,3 +442,17 @@ def test_above_large_population_the_minibatch_fit_runs_in_the_selections_units(t
                  "--out", str(tmp_path / "run")]) == 0
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["trainer"] == "minibatch" and metrics["seen_test_acc"] > 0.9, metrics["seen_test_acc"]
+
+
+def test_train_on_a_file_without_test_pairs_says_only_training_figures_are_reported(pair_file, tmp_path):
+    """A tester: `train` on `prepare --train-fraction 1`'s output wrote no test figures and said nothing, where
+    `evaluate` warns."""
+    from lore_core.pairs import load_pairs
+
+    pairs = load_pairs(pair_file)
+    no_test = save_pairs(replace(pairs, split=np.full(pairs.split.shape, "train", dtype=pairs.split.dtype)),
+                         tmp_path / "no_test.npz")
+    with pytest.warns(UserWarning, match="no_test.npz has no test pairs"):
+        assert main(["train", str(no_test), "--rank", "1", "--l2", "0.001", "--prior-pairs", "3",
+                     "--out", str(tmp_path / "run")]) == 0
+    assert "seen_test_acc" not in json.loads((tmp_path / "run" / "metrics.json").read_text())

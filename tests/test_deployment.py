@@ -353,9 +353,53 @@ def test_python_dash_m_deploy_local_beside_leftovers_is_a_message_not_a_tracebac
     finally:
         leftover.kill()
         leftover.wait()
-    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
-    assert f"lore-fed deploy: failed: processes of an earlier deployment on {run_dir}" in result.stderr
+    # refused before anything is written (a tester: the ServerApp a killed deploy left failed the rerun after 145 s)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert f"processes of an earlier deployment on {run_dir} are still running" in result.stderr
     assert f"kill {leftover.pid}" in result.stderr
+    assert not list(run_dir.glob("node*")), "a node's pairs were written before the refusal"
+
+
+def test_the_leftovers_of_a_killed_deployment_include_flwr_run_the_lock_holding_serverapp_and_group_members(tmp_path):
+    """A tester killed `deploy local` (-9): the rerun named the SuperLink and nodes only. `flwr run --stream` kept
+    the SuperLink alive, the SuperLink's SuperExec was not named, and the ServerApp (its command line names no
+    path) trained on, holding the run's lock, and failed the next run. Each is now named; a process that merely
+    shares the caller's process group is not."""
+    import os
+    import subprocess
+    import sys
+
+    from lore_cli.local_deployment import earlier_deployment, format_config
+
+    run_dir = tmp_path.resolve()
+    deployment = LocalDeployment(run_dir, 1, insecure=True)
+    sleeper = "import time; print('up', flush=True); time.sleep(60)"
+    leader = ("import subprocess, sys, time; child = subprocess.Popen([sys.executable, '-c', 'import time; "
+              "time.sleep(60)']); print(child.pid, flush=True); time.sleep(60)")
+    holder = ("import sys, time; from lore_core.run_lock import RunDirLock; lock = RunDirLock(sys.argv[1]); "
+              "lock.__enter__(); print('up', flush=True); time.sleep(60)")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    started = {
+        "flwr run": subprocess.Popen([sys.executable, "-c", sleeper, "-c", format_config(deployment.run_config())],
+                                     stdout=subprocess.PIPE, text=True),
+        "superlink": subprocess.Popen([sys.executable, "-c", leader, "--database",
+                                       str(run_dir / "superlink" / "state.db")],
+                                      stdout=subprocess.PIPE, text=True, start_new_session=True),
+        "serverapp": subprocess.Popen([sys.executable, "-c", holder, str(run_dir)], stdout=subprocess.PIPE, text=True,
+                                      env=env),
+        "unrelated": subprocess.Popen([sys.executable, "-c", sleeper], stdout=subprocess.PIPE, text=True),
+    }
+    try:
+        lines = {name: process.stdout.readline().strip() for name, process in started.items()}
+        refusal = earlier_deployment(run_dir)
+        named = set(refusal.split("`kill ")[1].split("`")[0].split())
+        expected = {str(started[name].pid) for name in ("flwr run", "superlink", "serverapp")} | {lines["superlink"]}
+        assert named == expected, (named, expected)
+    finally:
+        for process in started.values():
+            process.kill()
+            process.wait()
+        subprocess.run(["pkill", "-KILL", "-g", str(started["superlink"].pid)], check=False)
 
 
 def test_deploy_local_refuses_to_resume_a_run_with_other_settings_before_anything_starts(tmp_path):
@@ -497,3 +541,20 @@ def test_start_run_passes_every_extra_config_on_in_order(tmp_path, monkeypatch):
     configs = [args[i + 1] for i, a in enumerate(args) if a == "-c"]
     assert len(configs) == 3 and configs[1:] == ['weight-by="pair"', "pairs-per-user=5.0 rank=3"]
     assert "num-server-rounds" in configs[0]
+
+
+def test_deploy_local_refuses_rounds_given_twice_with_two_values(tmp_path, capsys):
+    """A tester: `--rounds 2 -c num-server-rounds=5` ran 5 rounds (flwr takes the last -c); the same value twice
+    passes the check."""
+    from lore_cli.deploy_command import check_local_flags
+    from lore_cli.main import build_parser, main
+
+    pairs, _ = make_synthetic_pairs(SyntheticPairsConfig(dim=16, seen_users=6, unseen_users=2, seed=3))
+    save_pairs(pairs, tmp_path / "pairs.npz")
+    flags = ["deploy", "local", "--nodes", "2", "--pairs", str(tmp_path / "pairs.npz"), "--run-dir",
+             str(tmp_path / "run"), "--insecure", "--rounds", "2", "-c"]
+    assert main([*flags, "noise-multiplier=3 num-server-rounds=5"]) == 2
+    assert "--rounds 2 and -c 'noise-multiplier=3 num-server-rounds=5' (num-server-rounds=5) disagree" in \
+        capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+    assert check_local_flags(build_parser("deploy").parse_args([*flags, "num-server-rounds=2 clients-per-round=3"]))

@@ -481,6 +481,10 @@ def test_embed_ended_by_sigterm_keeps_what_it_computed_for_the_rerun(tmp_path, c
         # a tester: an empty id was a user, and one with U+202E reversed the messages that printed it
         ({**PAIRS[2], "user": ""}, "1 is not: ''"),
         ({**PAIRS[2], "user": "user2\u202e"}, "1 is not: 'user2\\u202e'"),
+        # a tester: what `prepare` drops was embedded as a tie (scored an error) or with its label reversed
+        ({**PAIRS[2], "rejected": PAIRS[2]["chosen"]}, "'chosen' and 'rejected' are the same text"),
+        ({**PAIRS[2], "chosen": ""}, "'chosen' is empty"),
+        ({**PAIRS[2], "chosen_score": 2, "rejected_score": 5}, "'chosen_score' 2 is below 'rejected_score' 5"),
     ],
 )
 def test_embed_command_names_the_bad_line(tmp_path, capsys, bad_line, message):

@@ -293,10 +293,12 @@ def test_basis_contents_are_checked(w):
     good = dict(np.load(w / "good.npz"))
     tall = np.ones((DIM + 2, DIM), np.float32)
     huge = np.full((RANK, DIM), 3e38, np.float32)
+    zeros = np.zeros((RANK, DIM), np.float32)  # two testers: taken, every pair a tie (accuracy 0)
     from lore_core.basis_file import basis_checksum
 
     for change, expect in ((dict(basis=tall, rank=np.array(DIM + 2), sha256=np.array(basis_checksum(tall))),
                             "at most as many rows"),
+                           (dict(basis=zeros, sha256=np.array(basis_checksum(zeros))), "every entry of the basis is 0"),
                            (dict(basis=huge, sha256=np.array(basis_checksum(huge))), "beyond"),
                            (dict(dim=np.array(8.7)), "scalar ints"),
                            (dict(prior_pairs=np.array("3")), "prior_pairs"),
@@ -1071,6 +1073,10 @@ def test_evaluate_never_replaces_a_file_it_did_not_write_and_an_empty_out_is_ref
         refused(["evaluate", "pairs.npz", "--basis", "basis.npz", "--out", name], f"--out {name} exists", w)
     assert cli(["evaluate", "pairs.npz", "--basis", "basis.npz", "--out", "m.json"])[0] == 0
     assert cli(["evaluate", "pairs.npz", "--basis", "basis.npz", "--out", "m.json"])[0] == 0  # its own: replaced
+    # a tester's copy of a train run's metrics.json (its selection table beside the same figures) was replaced
+    train_metrics = {**json.loads((w / "m.json").read_text()), "selection": [{"rank": 1}], "train_seconds": 1.0}
+    (w / "copied.json").write_text(json.dumps(train_metrics))
+    refused(["evaluate", "pairs.npz", "--basis", "basis.npz", "--out", "copied.json"], "--out copied.json exists", w)
     refused(["train", "pairs.npz", "--rank", "1", "--out", ""], "--out is empty", w)
     refused(["--state", "", "init", "--basis", "basis.npz"], "--state is empty", w, device=True)
     refused(["simulate", "pairs.npz", "--out=", "--rounds", "1"], "--out is empty", w)
@@ -1233,6 +1239,13 @@ def test_another_populations_truth_beside_a_pair_file_is_refused_and_another_wid
     # and where the file is read as columns (simulate, deploy, large-population train: a reviewer)
     refused(["simulate", "bench/pairs.npz", "--out", "sim", "--privacy", "none", "--rounds", "1"],
             "bench/ground_truth.npz", w, expect="not that population's truth")
+    # a tester: without logit_true in the pair file, a truth lacking its users gave a ceiling below chance
+    no_logits = {key: value for key, value in np.load(w / "bench" / "pairs.npz").items() if key != "logit_true"}
+    np.savez(w / "bench" / "pairs.npz", **no_logits)
+    np.savez(w / "bench" / "ground_truth.npz", basis=truth.basis, logit_scale=np.array(1.0),
+             user_id=np.array([f"other{i}" for i in range(truth.user_ids.size)]), user_weights=truth.user_weights)
+    refused(["evaluate", "bench/pairs.npz", "--basis", "basis.npz"], "bench/ground_truth.npz", w,
+            expect="users without ground-truth weights")
     write_truth(truth.user_weights, np.ones((RANK, DIM + 1)))
     with pytest.warns(UserWarning, match=f"not \\(B, {DIM}\\) as the pairs"):
         code, out, err = cli(["evaluate", "bench/pairs.npz", "--basis", "basis.npz"])

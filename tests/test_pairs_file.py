@@ -84,6 +84,17 @@ def test_reference_head_must_match_the_embedding_size(tmp_path):
         load_pairs(tmp_path / "c.npz")
 
 
+@pytest.mark.parametrize("name,size", [("logit_true", 6), ("reference_head", 4)])
+def test_a_nan_in_a_truth_array_is_named_as_such_not_as_a_shape(tmp_path, name, size):
+    """A tester read "logit_true must be finite with shape (300,), got (300,)" for a NaN."""
+    value = np.ones(size)
+    value[[1, 3]] = [np.nan, np.inf]
+    np.savez(tmp_path / "n.npz", **_arrays(), **{name: value})
+    with pytest.raises(PairFileError, match=f"{name} must be finite; 2 of {size} entries are NaN or Inf \\(the first "
+                                            "at index 1\\)"):
+        load_pairs(tmp_path / "n.npz")
+
+
 @pytest.mark.parametrize("name,value", [("logit_true", np.array(["1.0"] * 6)), ("reference_head", np.array(["1"] * 4)),
                                         ("logit_true", np.ones(6, dtype=bool))])
 def test_truth_arrays_that_are_not_float_are_refused_by_both_readers(tmp_path, name, value):

@@ -461,3 +461,11 @@ def test_a_new_split_removes_the_embedding_of_the_old_pairs(tmp_path):
     (other / "pairs.npz").write_bytes(b"someone else's file")
     prepare_dataset(FIXTURE, other, min_conversations=2, split_seed=7)
     assert (other / "pairs.npz").read_bytes() == b"someone else's file"
+
+
+def test_prepare_warns_when_no_pair_is_a_test_pair(tmp_path):
+    """A tester's `prepare --train-fraction 1` gave no word that every later figure would be a training figure."""
+    summary = prepare_dataset(FIXTURE, tmp_path / "all_train", min_conversations=2, train_fraction=1.0)
+    assert any("no pair is a test pair (train fraction 1.0)" in w for w in summary["population_warnings"])
+    assert not any("test pair" in w for w in prepare_dataset(FIXTURE, tmp_path / "half", min_conversations=2)[
+        "population_warnings"])

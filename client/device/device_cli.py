@@ -46,8 +46,7 @@ from client.device.state import (
     state_lock,
 )
 from lore_core.atomic_io import empty_path_flag
-from lore_core.basis_file import (UNKNOWN_EMBEDDER, BasisFile, BasisFileError, basis_file_path, load_basis,
-                                  other_embedders)
+from lore_core.basis_file import UNKNOWN_EMBEDDER, BasisFile, basis_file_path, load_basis, other_embedders
 from lore_core.closed_stdout import stdout_closed
 from lore_core.command_line import parse_command_line
 from lore_core.text_file import not_a_file, parse_json, read_text, shown
@@ -167,11 +166,7 @@ def _init(args) -> int:
 
     directory = _directory(args)
     check_output_path(directory, _state_source(args), directory=True)
-    basis_path = basis_file_path(args.basis)
-    basis = load_basis(basis_path)  # a run directory too, as `evaluate` takes (a tester)
-    if not basis.basis.any():  # a tester's all-zero basis was taken: every response then scores the same
-        raise BasisFileError(f"{basis_path}: every entry of the basis is 0, so every response would get the same "
-                             "reward and no answer could teach w; give a trained basis")
+    basis = load_basis(basis_file_path(args.basis))  # a run directory too, as `evaluate` takes (a tester)
     encoder, identity = _checked_encoder_dir(args.encoder, basis) if args.encoder else (None, None)
     if directory.is_dir() and holds_other_files(directory) and not is_device_state(directory):
         raise StateError(f"{directory} holds other files and is not a device state; give `--state` a new or empty "

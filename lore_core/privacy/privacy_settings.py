@@ -420,6 +420,30 @@ def _check_record(s: PrivacySettings) -> None:
                 f"{setting('record_epochs')}, or raise {setting('max_epsilon')}")
 
 
+def min_secagg_nodes(s: PrivacySettings) -> int:
+    """The fewest nodes a round's users must lie on for a secure sum: two (one node's sum would be its own update,
+    unmasked) and at least SecAgg+'s reconstruction threshold. A round short of them releases a data-free noise
+    step."""
+    return max(2, int(s.reconstruction_threshold))
+
+
+def check_secagg_layout(s: PrivacySettings, nodes: int, nodes_given: str) -> None:
+    """Refuse a user+secagg run that could never, or would hardly ever, form a secure sum: fewer nodes than a sum
+    needs, or fewer users expected per round. A tester's run on one node spent epsilon 0.78 over rounds that were
+    all data-free, wrote a basis of pure noise and exited 0. `nodes_given`: where the node count comes from."""
+    if s.mode != "user+secagg":
+        return
+    need = min_secagg_nodes(s)
+    if nodes < need:
+        raise PrivacyConfigError(f"user+secagg sums each round over the nodes hosting its sampled users, and a sum "
+                                 f"needs at least {need} nodes; this run has {nodes} ({nodes_given}): every round would "
+                                 "release a data-free noise step. Spread the users over more nodes, or use --privacy user")
+    if s.clients_per_round is not None and s.clients_per_round < need:
+        raise PrivacyConfigError(f"{setting('clients_per_round', s.clients_per_round)} under user+secagg: a round's "
+                                 f"users must lie on at least {need} nodes for a secure sum, so most rounds would "
+                                 f"release a data-free noise step; sample at least {need} users per round")
+
+
 def _check_secagg(s: PrivacySettings) -> None:
     k, t = s.num_shares, s.reconstruction_threshold
     if not (_is_int(k) and k >= 3 and k % 2 == 1):
