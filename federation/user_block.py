@@ -146,6 +146,13 @@ def block_of_partition(user_ids: np.ndarray, partition_id: int, num_partitions: 
     return np.sort(user_ids)[first:stop]
 
 
+def partitions_holding(positions: np.ndarray, n_users: int, num_partitions: int) -> int:
+    """How many of the `num_partitions` blocks of n sorted users hold at least one of the users at `positions` (the
+    seen users: the only ones a round samples)."""
+    stops = np.array([partition_bounds(n_users, k, num_partitions)[1] for k in range(num_partitions)])
+    return int(np.unique(np.searchsorted(stops, np.asarray(positions), side="right")).size)
+
+
 def partition_bounds(n_users: int, partition_id: int, num_partitions: int) -> tuple[int, int]:
     """(first, stop) positions of partition `partition_id` among n sorted users (np.array_split's blocks)."""
     if not 0 <= partition_id < num_partitions:

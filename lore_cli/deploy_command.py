@@ -153,7 +153,7 @@ def check_local_flags(args: argparse.Namespace) -> tuple | None:
     import click
     from flwr.common.config import get_fused_config_from_dir, parse_config_args
 
-    from lore_cli.simulate_command import check_run, read_population
+    from lore_cli.simulate_command import check_run, read_population, training_nodes
     from lore_core.privacy.privacy_settings import check_secagg_layout
     from lore_core.atomic_io import check_output_path
     from lore_core.pairs import resolve_pair_path
@@ -204,7 +204,7 @@ def check_local_flags(args: argparse.Namespace) -> tuple | None:
         if mode in ("none", "record") and isinstance(clients, int) and clients > population["seen_users"]:
             config["clients-per-round"] = population["seen_users"]  # these modes sample at most everyone
         settings, privacy = check_run(population, {**config, "run-dir": str(Path(args.run_dir).resolve())})
-        check_secagg_layout(privacy, args.nodes, "--nodes")
+        check_secagg_layout(privacy, training_nodes(population, args.nodes), f"--nodes {args.nodes}")
         fingerprint = check_deploy_resume(Path(args.run_dir), resolve_pair_path(args.pairs), settings, privacy,
                                           args.nodes, given_fields(extra))  # the fields -c set
         return settings, privacy, population, fingerprint

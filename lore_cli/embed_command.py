@@ -279,6 +279,8 @@ def check_truth_users(truth: dict[str, np.ndarray], users: list[str], where: Pat
 def true_logits(truth: dict[str, np.ndarray], users: np.ndarray, diff: np.ndarray, where: Path) -> np.ndarray:
     """logit_true_j = logit_scale * w_{u_j} . (basis @ diff_j), (n,)."""
     user_id = truth["user_id"].astype(str)
+    if not user_id.size:  # (a reviewer: np.searchsorted on none indexed past the end, a traceback)
+        raise DatasetError(f"{where}: users without ground-truth weights: the truth names no user")
     order = np.argsort(user_id)
     pos = np.minimum(np.searchsorted(user_id, users, sorter=order), user_id.size - 1)
     index = order[pos]

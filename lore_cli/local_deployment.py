@@ -288,39 +288,84 @@ def processes_matching(match: Callable[[list[bytes]], bool]) -> list[int]:
 
 def deployment_processes(run_dir: Path) -> list[int]:
     """PIDs of the processes of a deployment on `run_dir`: the SuperLink (its `--database` argument), the SuperNodes
-    (`data-path` as `--node-config` writes it), `flwr run` (`run-dir` as its -c writes it), the ServerApp (the
-    holder of the run directory's lock: its command line names no path), and every other member of a process group
-    one of them leads (the SuperLink's SuperExec). A tester's rerun after `kill -9` of `deploy local` named the
-    SuperLink and nodes only: `flwr run` kept the SuperLink from exiting, and the ServerApp, still training, failed
-    the next run minutes after its start."""
+    (`data-path` as `--node-config` writes it), `flwr run` (`run-dir` as its -c writes it), the ServerApp (a
+    `flwr-serverapp` holding the run directory's lock: its command line names no path), and every other member of
+    a process group one of them leads (the SuperLink's SuperExec); never this process, its ancestors or their
+    groups. A tester's rerun after `kill -9` of `deploy local` named the SuperLink and nodes only: `flwr run` kept
+    the SuperLink from exiting, and the ServerApp, still training, failed the next run minutes after its start."""
     from lore_core.run_lock import live_holder
 
     database = str(run_dir / "superlink" / "state.db").encode()
     named = [f"data-path={toml_value(str(path))}".encode() for path in run_dir.glob("node*/data")]
     named.append(f"run-dir={toml_value(str(run_dir))}".encode())
     found = set(processes_matching(lambda args: database in args or any(n in arg for arg in args for n in named)))
-    if (holder := live_holder(run_dir)) is not None:
+    if (holder := live_holder(run_dir)) is not None and _is_serverapp(holder):
         found.add(holder)
-    leaders = {pid for pid in found if process_group(pid) == pid}  # never the caller's group (a shell's, a test's)
-    return sorted(found | {pid for pid in group_members(leaders) if pid != os.getpid()})
+    lineage, lineage_groups = own_lineage()
+    found -= lineage
+    leaders = {pid for pid in found if process_group(pid) == pid and pid not in lineage_groups}
+    return sorted(found | (set(group_members(leaders)) - lineage))
 
 
 def earlier_deployment(run_dir: Path, mine: set[int] = frozenset()) -> str | None:
     """What refuses a deployment's start: processes of an earlier deployment on `run_dir` still running (outside the
-    process groups `mine`), named for `kill`; None when there are none."""
+    process groups `mine`), named for `kill`, or another process holding the run directory's lock (a `simulate`,
+    `train` or audit there: named, not offered for `kill`); None when there are none."""
+    from lore_core.run_lock import live_holder
+
     pids = [str(pid) for pid in deployment_processes(run_dir) if pid not in mine and process_group(pid) not in mine]
     if pids:
         return (f"processes of an earlier deployment on {run_dir} are still running: stop them (`kill "
                 f"{' '.join(pids)}`) and run again")
+    holder = live_holder(run_dir)
+    if holder is not None and holder not in mine and process_group(holder) not in mine:
+        return (f"{run_dir} is in use by another process (pid {holder}, `{command_of(holder)}`): wait for it to "
+                "finish, or give another --run-dir")
     return None
+
+
+def _stat_fields(pid: int) -> list[str]:
+    """/proc/PID/stat's fields after "(comm)": state, ppid, pgrp, ... ([] when the process is gone or unknown)."""
+    try:
+        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return []
 
 
 def process_group(pid: int) -> int | None:
     """The process group of `pid` (Linux /proc; None when it is gone or unknown)."""
+    fields = _stat_fields(pid)
+    return int(fields[2]) if len(fields) > 2 else None
+
+
+def own_lineage() -> tuple[set[int], set[int]]:
+    """This process and its ancestors, and their process groups: what a refusal never offers for `kill` (a reviewer's
+    launcher holding the run's lock was named with its own group)."""
+    pids, pid = set(), os.getpid()
+    while pid > 1 and pid not in pids:
+        pids.add(pid)
+        fields = _stat_fields(pid)
+        pid = int(fields[1]) if len(fields) > 1 else 0
+    return pids, {group for group in map(process_group, pids) if group is not None}
+
+
+def command_of(pid: int) -> str:
+    """A process's command line as a shell would take it, secrets masked (`run_lock.shown_command`)."""
+    from lore_core.run_lock import shown_command
+
     try:
-        return int((Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[2])
-    except (OSError, IndexError, ValueError):
-        return None
+        args = (Path("/proc") / str(pid) / "cmdline").read_bytes().rstrip(b"\0").split(b"\0")
+    except OSError:
+        return "unknown"
+    return shown_command([arg.decode(errors="replace") for arg in args])
+
+
+def _is_serverapp(pid: int) -> bool:
+    try:
+        args = (Path("/proc") / str(pid) / "cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return any(Path(arg.decode(errors="replace")).name == "flwr-serverapp" for arg in args[:2])
 
 
 def group_members(pgids: set[int]) -> list[int]:

@@ -220,11 +220,18 @@ def read_population(pairs_path: Path, *, truth: bool = True) -> dict:
     refuse_untrainable(columns.source, counts.train_users, counts.idle_users)  # every seen user has a training pair
     check_federated_scale(counts.column_squares, counts.pairs, columns.source)
     return {"users": counts.users, "seen_users": counts.seen_users, "largest_client_pairs": counts.largest_client_pairs,
-            "seen_train_pairs": counts.seen_train_pairs,
+            "seen_train_pairs": counts.seen_train_pairs, "seen_positions": counts.seen_positions,
             "dim": counts.dim, "source": columns.source, "embedder": columns.embedder,
             # a benchmark's hidden basis (ground_truth.npz beside the pair file), read now so that a damaged one is
             # refused before anything runs; used only after the last round (`benchmark_metrics`)
             "true_basis": benchmark_truth(columns) if truth else None}
+
+
+def training_nodes(population: dict, nodes: int) -> int:
+    """Of `nodes` blocks of the population's sorted users, those that hold a seen user: the nodes a round can ask."""
+    from federation.user_block import partitions_holding
+
+    return partitions_holding(population["seen_positions"], population["users"], nodes)
 
 
 def check_run(population: dict, overrides: dict):
@@ -348,7 +355,8 @@ def run(args: argparse.Namespace) -> int:
     # canary users are users of the population the server samples (federation/canary_users.py)
     overrides = run_overrides(args, population["seen_users"], population["seen_train_pairs"])
     settings, privacy = check_run({**population, "seen_users": population["seen_users"] + args.canaries}, overrides)
-    check_secagg_layout(privacy, node_counts(population["users"], args.users_per_node, args.canaries)[0],
+    check_secagg_layout(privacy, training_nodes(population, nodes_for(population["users"], args.users_per_node))
+                        + node_counts(0, args.users_per_node, args.canaries)[1],
                         f"--users-per-node {args.users_per_node} for {population['users']} users")
     canaries = canary_secrets(args, (settings.rank, population["dim"]))  # fail closed: before Ray, before DIR exists
     # The lock is taken before the checks (a concurrent run could be writing the checkpoint), but the lock file is

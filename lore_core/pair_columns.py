@@ -314,6 +314,7 @@ class PopulationCounts:
     seen_train_pairs: int = 0  # training pairs of the seen users
     # each coordinate's sum of squared differences over all pairs (D,): the embeddings' scale (pairs.fit_scales)
     column_squares: np.ndarray | None = None
+    seen_positions: np.ndarray | None = None  # positions of the seen users among the sorted ids: where nodes hold them
 
 
 def user_blocks(columns: PairColumns, index: PairIndex,
@@ -344,7 +345,7 @@ def check_pair_file(path: str | Path, rows_per_block: int = READ_ROWS) -> tuple[
     if refused:
         raise PairFileError(ids_message(columns.source, "user ids", refused))
     seen_users = train_users = largest = seen_train_pairs = 0
-    idle, few_shot = [], []
+    idle, few_shot, seen_at = [], [], []
     nonzero = columns.n == 0
     squares = np.zeros(columns.dim)
     for first, stop, block in user_blocks(columns, index, rows_per_block):
@@ -354,6 +355,7 @@ def check_pair_file(path: str | Path, rows_per_block: int = READ_ROWS) -> tuple[
         seen = np.bincount(user_pos, weights=block.seen, minlength=stop - first) > 0
         trains = np.bincount(user_pos, weights=block.seen & (block.split == "train"), minlength=stop - first)
         seen_users += int(seen.sum())
+        seen_at.append(first + np.flatnonzero(seen))
         train_users += int((trains > 0).sum())
         seen_train_pairs += int(trains.sum())
         idle.append(index.user_ids[first:stop][seen & (trains == 0)])
@@ -366,7 +368,8 @@ def check_pair_file(path: str | Path, rows_per_block: int = READ_ROWS) -> tuple[
                                             idle_users=np.concatenate(idle) if idle else index.user_ids[:0],
                                             largest_client_pairs=largest, pairs=columns.n, dim=columns.dim,
                                             few_shot_pairs=median_few_shot(shots),
-                                            seen_train_pairs=seen_train_pairs, column_squares=squares)
+                                            seen_train_pairs=seen_train_pairs, column_squares=squares,
+                                            seen_positions=np.concatenate(seen_at) if seen_at else np.zeros(0, int))
 
 
 def median_few_shot(per_user: np.ndarray, default: int = 10) -> int:

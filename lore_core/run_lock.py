@@ -20,6 +20,7 @@ import errno
 import fcntl
 import json
 import os
+import stat
 import sys
 import threading
 import time
@@ -37,7 +38,7 @@ _guard = threading.Lock()
 SECRET_FLAGS = ("--token",)  # flwr-serverapp's run token: a deployed ServerApp's command line carries it
 
 
-def _shown_command(argv: list[str]) -> str:
+def shown_command(argv: list[str]) -> str:
     """The holder's command line for the lock file, quoted as a shell would take it, with secrets masked (a tester
     found the ServerApp's `--token` in a deployed run's lock file)."""
     import shlex
@@ -134,7 +135,7 @@ class RunDirLock:
             return
         remove_stale_temps(run_dir)
         os.ftruncate(holding.fd, 0)
-        os.pwrite(holding.fd, json.dumps({"pid": os.getpid(), "command": _shown_command(sys.argv),
+        os.pwrite(holding.fd, json.dumps({"pid": os.getpid(), "command": shown_command(sys.argv),
                                           "since": time.strftime("%Y-%m-%d %H:%M:%S")}).encode(), 0)
         holding.announced = True
 
@@ -168,28 +169,26 @@ CHECKING = ("a run still checking its input (or, for `train`, fitting), which na
 
 
 def live_holder(run_dir: str | os.PathLike) -> int | None:
-    """The pid that holds `run_dir`'s lock as its record names it, when another process holds the lock now and that
-    pid is alive; else None. (`deploy local` names it among an earlier deployment's leftovers: a killed command's
-    ServerApp lives on, holding the lock, and failed the next run minutes after its start.)"""
+    """The pid that holds `run_dir`'s lock now, from the kernel's table of locks (Linux /proc/locks), without taking
+    the lock (a probe would make a concurrent run's own attempt fail) and never from the lock file's record, which
+    may name an ended run or a reused pid; None when no other process holds it, or where the table is not readable.
+    (`deploy local` names the holder: a killed command's ServerApp lives on holding the lock, and failed the next
+    run minutes after its start.)"""
     path = Path(run_dir) / LOCK_FILENAME
     try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        info = os.lstat(path)
+        table = Path("/proc/locks").read_text()
     except OSError:
         return None
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:  # held: by whom?
-            try:
-                pid = int(json_loads(os.pread(fd, 4096, 0) or b"{}")["pid"])
-                os.kill(pid, 0)
-            except (OSError, ValueError, KeyError, TypeError):
-                return None
-            return pid if pid != os.getpid() else None
-        fcntl.flock(fd, fcntl.LOCK_UN)
+    if not stat.S_ISREG(info.st_mode):
         return None
-    finally:
-        os.close(fd)
+    where = f"{os.major(info.st_dev):02x}:{os.minor(info.st_dev):02x}:{info.st_ino}"
+    for line in table.splitlines():
+        fields = line.split()  # "1: FLOCK ADVISORY WRITE PID MAJ:MIN:INODE 0 EOF" (a waiter has "->" second)
+        if len(fields) > 5 and fields[1] == "FLOCK" and fields[5] == where and fields[4].isdigit():
+            if int(fields[4]) != os.getpid():
+                return int(fields[4])
+    return None
 
 
 def _describe(fd: int) -> str:

@@ -364,42 +364,50 @@ def test_the_leftovers_of_a_killed_deployment_include_flwr_run_the_lock_holding_
     """A tester killed `deploy local` (-9): the rerun named the SuperLink and nodes only. `flwr run --stream` kept
     the SuperLink alive, the SuperLink's SuperExec was not named, and the ServerApp (its command line names no
     path) trained on, holding the run's lock, and failed the next run. Each is now named; a process that merely
-    shares the caller's process group is not."""
-    import os
+    shares the caller's process group is not, and a lock holder that is no ServerApp (a `simulate` there) is named
+    as the directory's user, not offered for `kill` (a reviewer)."""
     import subprocess
     import sys
 
     from lore_cli.local_deployment import earlier_deployment, format_config
 
-    run_dir = tmp_path.resolve()
+    run_dir = tmp_path.resolve() / "run"
+    run_dir.mkdir()
     deployment = LocalDeployment(run_dir, 1, insecure=True)
     sleeper = "import time; print('up', flush=True); time.sleep(60)"
     leader = ("import subprocess, sys, time; child = subprocess.Popen([sys.executable, '-c', 'import time; "
               "time.sleep(60)']); print(child.pid, flush=True); time.sleep(60)")
-    holder = ("import sys, time; from lore_core.run_lock import RunDirLock; lock = RunDirLock(sys.argv[1]); "
-              "lock.__enter__(); print('up', flush=True); time.sleep(60)")
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    started = {
-        "flwr run": subprocess.Popen([sys.executable, "-c", sleeper, "-c", format_config(deployment.run_config())],
-                                     stdout=subprocess.PIPE, text=True),
-        "superlink": subprocess.Popen([sys.executable, "-c", leader, "--database",
-                                       str(run_dir / "superlink" / "state.db")],
-                                      stdout=subprocess.PIPE, text=True, start_new_session=True),
-        "serverapp": subprocess.Popen([sys.executable, "-c", holder, str(run_dir)], stdout=subprocess.PIPE, text=True,
-                                      env=env),
-        "unrelated": subprocess.Popen([sys.executable, "-c", sleeper], stdout=subprocess.PIPE, text=True),
-    }
+    holder = ("import fcntl, os, sys, time; fd = os.open(sys.argv[1] + '/.lock', os.O_RDWR | os.O_CREAT); "
+              "fcntl.flock(fd, fcntl.LOCK_EX); print('up', flush=True); time.sleep(60)")
+    serverapp = tmp_path / "bin" / "flwr-serverapp"  # a ServerApp's command line: flwr-serverapp --token ...
+    serverapp.parent.mkdir()
+    serverapp.symlink_to(Path(sys.executable).resolve())
+
+    def start(args, **kwargs):
+        process = subprocess.Popen(args, stdout=subprocess.PIPE, text=True, **kwargs)
+        started.append(process)
+        return process, process.stdout.readline().strip()
+
+    started = []
     try:
-        lines = {name: process.stdout.readline().strip() for name, process in started.items()}
+        lock_user, _ = start([sys.executable, "-c", holder, str(run_dir)])
+        refusal = earlier_deployment(run_dir)
+        assert f"is in use by another process (pid {lock_user.pid}," in refusal and "`kill" not in refusal, refusal
+        lock_user.kill()
+        lock_user.wait()
+        flwr_run, _ = start([sys.executable, "-c", sleeper, "-c", format_config(deployment.run_config())])
+        superlink, superexec = start([sys.executable, "-c", leader, "--database",
+                                      str(run_dir / "superlink" / "state.db")], start_new_session=True)
+        app, _ = start([str(serverapp), "-c", holder, str(run_dir)])
+        start([sys.executable, "-c", sleeper])  # unrelated, in the caller's group
         refusal = earlier_deployment(run_dir)
         named = set(refusal.split("`kill ")[1].split("`")[0].split())
-        expected = {str(started[name].pid) for name in ("flwr run", "superlink", "serverapp")} | {lines["superlink"]}
-        assert named == expected, (named, expected)
+        assert named == {str(flwr_run.pid), str(superlink.pid), superexec, str(app.pid)}, (named, refusal)
     finally:
-        for process in started.values():
+        for process in started:
             process.kill()
             process.wait()
-        subprocess.run(["pkill", "-KILL", "-g", str(started["superlink"].pid)], check=False)
+        subprocess.run(["pkill", "-KILL", "-g", str(started[2].pid)], check=False) if len(started) > 2 else None
 
 
 def test_deploy_local_refuses_to_resume_a_run_with_other_settings_before_anything_starts(tmp_path):

@@ -410,23 +410,33 @@ def test_simulate_and_deployments_run_the_one_client_app_that_serves_every_mode(
     assert (components["serverapp"], components["clientapp"]) == (SERVER_APP, CLIENT_APP)
 
 
-@pytest.mark.parametrize("command", ["simulate-one-node", "simulate-one-user", "deploy-one-node"])
+@pytest.mark.parametrize("command", ["simulate-one-node", "simulate-one-user", "deploy-one-node",
+                                     "deploy-seen-users-on-one-node"])
 def test_a_secagg_run_that_could_never_form_a_secure_sum_is_refused_before_anything_is_written(pair_file, tmp_path,
                                                                                              capsys, command):
     """A tester: user+secagg on one node (or one user a round) spent epsilon 0.78 over rounds that were all data-free,
-    wrote a basis of pure noise and exited 0. Now exit 2, naming why, before a file is written."""
+    wrote a basis of pure noise and exited 0. Now exit 2, naming why, before a file is written. A reviewer: two nodes,
+    but every seen user (the only ones sampled) on the first, passed."""
     from lore_cli.main import main
 
     out = tmp_path / "run"
     dp = ["--noise-multiplier", "3"]
+    if command == "deploy-seen-users-on-one-node":  # 10 seen users sort before 30 unseen: blocks of 20 users
+        pairs, _ = make_synthetic_pairs(SyntheticPairsConfig(dim=DIM, true_rank=RANK, seen_users=10,
+                                                             unseen_users=30, seed=3))
+        pair_file = save_pairs(pairs, tmp_path / "skewed.npz")
+        assert sorted(set(pairs.user[pairs.seen]))[-1] < sorted(set(pairs.user[~pairs.seen]))[0]
     argv = {"simulate-one-node": ["simulate", str(pair_file), "--out", str(out), "--privacy", "user+secagg", *dp,
                                   "--users-per-node", "100"],
             "simulate-one-user": ["simulate", str(pair_file), "--out", str(out), "--privacy", "user+secagg", *dp,
                                   "--clients-per-round", "1"],
             "deploy-one-node": ["deploy", "local", "--nodes", "1", "--pairs", str(pair_file), "--run-dir", str(out),
-                                "--insecure", "-c", 'privacy-mode="user+secagg" noise-multiplier=3']}[command]
+                                "--insecure", "-c", 'privacy-mode="user+secagg" noise-multiplier=3'],
+            "deploy-seen-users-on-one-node": ["deploy", "local", "--nodes", "2", "--pairs", str(pair_file),
+                                              "--run-dir", str(out), "--insecure", "-c",
+                                              'privacy-mode="user+secagg" noise-multiplier=3']}[command]
     assert main(argv) == 2
     err = capsys.readouterr().err
-    assert ("a sum needs at least 2 nodes; this run has 1" in err if "node" in command else
-            "--clients-per-round 1 under user+secagg" in err), err
+    assert ("a sum needs at least 2 nodes; this run's seen users lie on 1" in err if "node" in command else
+            "1 user(s) per round under user+secagg" in err), err
     assert not out.exists()

@@ -106,14 +106,17 @@ def choose_batch(samples: PosteriorSamples, pool_scores: np.ndarray, available: 
         outcome = (prob[:, None] * joint).T  # (M, S): P(m, w_s)
         weight = np.divide(rho, p_m, out=np.zeros_like(rho), where=p_m > 0)[:, None]
 
+        batch_info = info[-1] if info else 0.0  # I(y_batch; w) so far
+
         def added(pairs: np.ndarray) -> np.ndarray:
+            """I(y_batch, y_j; w) - I(y_batch; w) for each pair j: what it adds (the bound shrinks, not the sum)."""
             p_m1 = outcome @ p[:, pairs]  # (M, n): P(m, y_j = 1)
             batch_entropy = (weight * (_xlogx_neg(p_m1) + _xlogx_neg(p_m[:, None] - p_m1))).sum(axis=0) / _LN2
-            return batch_entropy - conditional[pairs] - conditional_sum
+            return batch_entropy - conditional[pairs] - conditional_sum - batch_info
 
         j, gain = _lazy_best(np.flatnonzero(free), bound, added)
         chosen.append(j)
-        info.append(gain)
+        info.append(batch_info + gain)
         conditional_sum += conditional[j]
         free[j] = False
         pj = p[:, j : j + 1]
@@ -141,12 +144,12 @@ def _lazy_best(candidates: np.ndarray, bound: np.ndarray, added) -> tuple[int, f
     """The candidate with the largest added(.) (the lowest index among equals), scoring blocks in order of `bound`
     (each pair's last gain, updated here) until no unscored bound reaches the best gain found."""
     order = candidates[np.argsort(-bound[candidates], kind="stable")]
-    best, best_gain = -1, -np.inf
+    best, best_gain = int(order[0]), -np.inf
     for start in range(0, order.size, LAZY_BLOCK):
         block = order[start:start + LAZY_BLOCK]
         if bound[block[0]] < best_gain:
             break
-        gains = added(block)
+        gains = np.nan_to_num(added(block), nan=-np.inf)  # a NaN gain is no gain (and never hides a block)
         bound[block] = gains
         top = gains.max()
         if top > best_gain or (top == best_gain and block[gains == top].min() < best):

@@ -428,20 +428,22 @@ def min_secagg_nodes(s: PrivacySettings) -> int:
 
 
 def check_secagg_layout(s: PrivacySettings, nodes: int, nodes_given: str) -> None:
-    """Refuse a user+secagg run that could never, or would hardly ever, form a secure sum: fewer nodes than a sum
-    needs, or fewer users expected per round. A tester's run on one node spent epsilon 0.78 over rounds that were
-    all data-free, wrote a basis of pure noise and exited 0. `nodes_given`: where the node count comes from."""
+    """Refuse a user+secagg run that could never, or would hardly ever, form a secure sum: fewer nodes holding the
+    sampled (seen) users than a sum needs, or fewer users expected per round. A tester's run on one node spent
+    epsilon 0.78 over rounds that were all data-free, wrote a basis of pure noise and exited 0; a reviewer's two
+    nodes held every seen user on the first. `nodes`: the nodes that hold seen users; `nodes_given`: their source."""
     if s.mode != "user+secagg":
         return
     need = min_secagg_nodes(s)
     if nodes < need:
         raise PrivacyConfigError(f"user+secagg sums each round over the nodes hosting its sampled users, and a sum "
-                                 f"needs at least {need} nodes; this run has {nodes} ({nodes_given}): every round would "
-                                 "release a data-free noise step. Spread the users over more nodes, or use --privacy user")
+                                 f"needs at least {need} nodes; this run's seen users lie on {nodes} ({nodes_given}): "
+                                 "every round would release a data-free noise step. Spread the seen users over "
+                                 "more nodes, or use privacy mode user")
     if s.clients_per_round is not None and s.clients_per_round < need:
-        raise PrivacyConfigError(f"{setting('clients_per_round', s.clients_per_round)} under user+secagg: a round's "
-                                 f"users must lie on at least {need} nodes for a secure sum, so most rounds would "
-                                 f"release a data-free noise step; sample at least {need} users per round")
+        raise PrivacyConfigError(f"{s.clients_per_round} user(s) per round under user+secagg: a round's users must lie "
+                                 f"on at least {need} nodes for a secure sum, so most rounds would release a "
+                                 f"data-free noise step; sample at least {need} users per round")
 
 
 def _check_secagg(s: PrivacySettings) -> None:
