@@ -164,7 +164,10 @@ def privacy_section(run_dir: Path) -> list[str]:
         # record mode's noise is DP-SGD's, on each batch's clipped per-pair gradients (a tester read "on the sum")
         where = "on each DP-SGD batch's clipped gradient sum" if ledger["mode"] == "record" else "on the sum"
         lines += [f"- noise multiplier {noise['multiplier']:.4g}, noise std {where} {at_least}"
-                  f"{noise['std_on_sum']:.4g}, rounds released {rounds['released']} of {rounds['planned']} planned, delta {ledger['delta']:g}"
+                  f"{noise['std_on_sum']:.4g}, rounds released {rounds['released']} of {rounds['planned']} planned"
+                  + (" (a round run again after a crash counts again: its first release may have left)"
+                     if rounds["released"] > rounds["planned"] else "")  # a tester read 31 of 30 as an error
+                  + f", delta {ledger['delta']:g}"
                   + (" - **stopped early: max epsilon reached**" if budget["stopped_early"] else "")]
         if ledger["mode"] == "record" and (ledger.get("sampling") or {}).get("rate") is not None:
             # epsilon follows the rate, which the report did not name (a tester)
