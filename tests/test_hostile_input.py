@@ -906,8 +906,8 @@ def test_a_device_state_under_a_regular_file_is_refused_by_the_flag(w):
 
 
 def test_deploy_local_accepts_what_its_server_accepts(w):
-    """The pre-check must not refuse valid runs: without DP the server samples at most every user, and a user's -c
-    wins over --rounds as it does in flwr."""
+    """The pre-check must not refuse valid runs: without DP the server samples at most every user, and -c may give
+    the rounds --rounds gives (another number is refused: test_deploy_local_refuses_rounds_given_twice...)."""
     from lore_cli.deploy_command import check_local_flags
     from lore_cli.main import build_parser
 
@@ -917,7 +917,7 @@ def test_deploy_local_accepts_what_its_server_accepts(w):
 
     check_local_flags(args("-c", 'privacy-mode="none"'))  # 10 users per round by default, fewer users: fine
     check_local_flags(args("-c", "clients-per-round=3"))
-    check_local_flags(args("--rounds", str(10**9), "-c", "num-server-rounds=2 clients-per-round=3"))
+    check_local_flags(args("--rounds", "2", "-c", "num-server-rounds=2 clients-per-round=3"))
     assert not (w / "dl").exists()
 
 

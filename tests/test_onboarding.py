@@ -613,6 +613,25 @@ def test_next_question_and_adapt_agree_on_which_pairs_are_answered(tmp_path):
     assert answered(read_pool(pool, 4), stored, np.zeros((0, 4))).tolist() == [True, True, False]
 
 
+def test_text_pool_pairs_the_encoder_reads_alike_are_one_question_and_answered_by_their_difference(tmp_path):
+    """A tester: pool pairs differing only in case (which the encoder does not see) were asked three times in one
+    batch, and one was asked again after the other's answer, which `adapt` then skipped as already learned. A text
+    pool is now also matched by its embedded differences, as `adapt` matches choices."""
+    from client.device.pool import answered, read_pool, repeated
+
+    pool = tmp_path / "pool.jsonl"
+    pool.write_text("\n".join(json.dumps({"prompt": "Dinner?", "responses": [a, "No."]})
+                              for a in ("Try a stir-fry.", "try a stir-fry. ", "TRY A STIR-FRY", "Soup.")) + "\n")
+    row = np.array([0.5, -1.0, 0.0, 2.0])
+    diff = np.stack([row, row, -row, np.array([1.0, 0.0, 0.0, 0.0])])  # as embedded: 1 alike, 2 the other way
+    questions_pool = read_pool(pool, 4)
+    assert repeated(questions_pool, diff).tolist() == [False, True, True, False]
+    assert repeated(questions_pool).tolist() == [False] * 4  # by text alone, four questions
+    answers = (json.dumps({"prompt": "Dinner?", "chosen": "Try a stir-fry.", "rejected": "No."}),)
+    assert answered(questions_pool, answers, row[None], diff).tolist() == [True, True, True, False]
+    assert answered(questions_pool, answers, row[None]).tolist() == [True, False, False, False]
+
+
 def test_an_npz_pool_is_checked_as_adapt_checks_choices(tmp_path):
     """Found by a hostile-input test: next-question scored pairs of 1e9 (0.764 bits) and whole pair files that
     `adapt` refuses. Zero rows stay valid in a pool: pairs with nothing to learn, which the questions skip."""

@@ -320,7 +320,8 @@ def _next_question(args) -> int:
     start = time.perf_counter()
     # Distinct questions not yet answered, each of which teaches something: a zero row (both responses embed alike)
     # carries no preference, and `adapt` refuses it in an .npz file; it is never asked (a tester got one at 0 bits).
-    available = ~answered(pool, state.choices, state.pair_diff) & ~repeated(pool) & ~personalize.tied_rows(diff)
+    available = (~answered(pool, state.choices, state.pair_diff, diff) & ~repeated(pool, diff)
+                 & ~personalize.tied_rows(diff))
     picked, gains, best = user_posterior.next_questions(state, diff, available, args.k)
     selection_ms = 1e3 * (time.perf_counter() - start)
     stop = bool(questions.should_stop(best, int(available.sum())))

@@ -91,22 +91,34 @@ def as_choice(record: dict, chosen: int) -> dict:
     return {**context, "chosen": record["responses"][chosen], "rejected": record["responses"][1 - chosen]}
 
 
-def answered(pool: Pool, choices: tuple[str, ...], pair_diff: np.ndarray) -> np.ndarray:
-    """(P,) bool: pool pairs the user has already answered (either way round)."""
-    if pool.records is None and not len(pair_diff):
-        return np.zeros(pool.size, dtype=bool)
-    if pool.records is None:  # hashed rows: memory linear in the pool and the answers
-        return np.isin(diff_identities(pool.diff, ordered=False), diff_identities(pair_diff, ordered=False))
+def answered(pool: Pool, choices: tuple[str, ...], pair_diff: np.ndarray, diff: np.ndarray | None = None) -> np.ndarray:
+    """(P,) bool: pool pairs the user has already answered (either way round): a text pair by its texts, and every
+    pair by its difference `diff` (P, D) (a text pool's as embedded; an .npz pool's own by default) against the
+    answers' (a tester's text pair that differed from an answered one only in case, which the encoder does not
+    see, was asked again, and `adapt` then skipped the answer as already learned)."""
+    diff = pool.diff if diff is None else diff
+    held = np.zeros(pool.size, dtype=bool)
+    if diff is not None and len(pair_diff):  # hashed rows: memory linear in the pool and the answers
+        held = np.isin(diff_identities(diff, ordered=False), diff_identities(pair_diff, ordered=False))
+    if pool.records is None:
+        return held
     done = {choice_identity(r, ordered=False) for r in map(json.loads, choices) if "chosen" in r}  # not precomputed
-    return np.array([key in done for key in question_identities(pool)], dtype=bool)
+    return held | np.array([key in done for key in question_identities(pool)], dtype=bool)
 
 
-def repeated(pool: Pool) -> np.ndarray:
+def repeated(pool: Pool, diff: np.ndarray | None = None) -> np.ndarray:
     """(P,) bool: pool pairs that an earlier pair of the pool already asks (the same question, either way round), so
-    that a batch never asks one twice (a tester's pool holding a pair twice got it asked twice in one batch)."""
-    first = np.unique(question_identities(pool), return_index=True)[1]
-    repeat = np.ones(pool.size, dtype=bool)
-    repeat[first] = False
+    that a batch never asks one twice (a tester's pool holding a pair twice got it asked twice in one batch): by
+    the texts of a text pair, and by the difference `diff` of every pair (texts the encoder reads alike are one
+    question: a tester's batch of 3 asked one three times, recased)."""
+    diff = pool.diff if diff is None else diff
+    repeat = np.zeros(pool.size, dtype=bool)
+    keys = [question_identities(pool)] if pool.records is not None else []
+    keys += [diff_identities(diff, ordered=False)] if diff is not None else []
+    for key in keys:
+        later = np.ones(pool.size, dtype=bool)
+        later[np.unique(key, return_index=True)[1]] = False
+        repeat |= later
     return repeat
 
 
