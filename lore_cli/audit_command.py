@@ -758,7 +758,6 @@ def _accounting(args, run_dir, settings) -> dict:
     noise = _released_noise(run_dir, ledger, record)
     result["released_noise"] = noise
     mismatches = _ledger_mismatches(run_dir, state) + published_mismatches(run_dir, state, releases)
-    mismatches += _debug_stream(run_dir, state)
     result["ledger_mismatches"] = mismatches
     found = mismatches + ([noise["summary"]] if noise["verdict"] == "fail" else [])
     if found:
@@ -774,32 +773,27 @@ def _accounting(args, run_dir, settings) -> dict:
     return result
 
 
-def _debug_stream(run_dir: Path, state) -> list[str]:
+def _debug_stream(ledger: dict, state) -> list[str]:
     """A `user` run labelled private whose sampled counts follow the debug seed's stream (a relabelled
     `--reproducible-noise` run: lore_core.audits.debug_stream); needs the checkpoint for the noise's shape."""
     from lore_core.audits.debug_stream import debug_stream_match
-    from lore_core.privacy.ledger import read_ledger
 
-    file = run_dir / "ledger.json"
-    ledger = read_ledger(file)
-    config = ledger["config"]
-    if state is None or config.get("mode") != "user" or config.get("reproducible_noise"):
+    config, rounds = ledger["config"], ledger["events"]["rounds"]
+    if state is None or config.get("mode") != "user" or config.get("reproducible_noise") or not rounds:
         return []  # (a reproducible run says so, and fails as not private)
-    rounds = ledger["events"]["rounds"]
-    if not rounds:
-        return []
     match = debug_stream_match([r["sampled"] for r in rounds], int(config["population_size"]),
                                float(rounds[0]["sample_rate"]), tuple(np.shape(state.basis)))
     if match is None:
         return []
-    return [f"{file}: the sampled counts of its first {match['rounds']} rounds are those the debug seed "
-            f"{match['seed']} draws (chance {match['chance']:.1e} for a secret seed): a --reproducible-noise run, "
-            "whose noise anyone can remove, labelled private"]
+    return [f"the sampled counts of its first {match['rounds']} rounds are those the debug seed {match['seed']} "
+            f"draws (chance {match['chance']:.1e} for a secret seed): a --reproducible-noise run, whose noise anyone "
+            "can remove, labelled private"]
 
 
 def _ledger_mismatches(run_dir: Path, state) -> list[str]:
     """Where the run's ledger disagrees with itself or with its checkpoint (lore_core.audits.accounting_check): the
-    privacy settings the checkpoint's own settings give for its population, z solved as the server solved it."""
+    privacy settings the checkpoint's own settings give for its population, z solved as the server solved it; and
+    sampled counts that follow the debug seed's stream (`_debug_stream`, read from the same ledger)."""
     from lore_core.audits.accounting_check import ledger_run_mismatches
     from lore_core.privacy.ledger import read_ledger
 
@@ -813,7 +807,7 @@ def _ledger_mismatches(run_dir: Path, state) -> list[str]:
         except (TypeError, ValueError, KeyError, IndexError) as exc:
             found.append(f"the settings in {run_dir / 'checkpoint.npz'} give no privacy settings to check it "
                          f"against ({type(exc).__name__}: {exc})")
-    found += ledger_run_mismatches(ledger, expected, population)
+    found += ledger_run_mismatches(ledger, expected, population) + _debug_stream(ledger, state)
     return [f"{file}: {problem}" for problem in found]
 
 

@@ -327,7 +327,7 @@ def run(args: argparse.Namespace) -> int:
     from lore_core.reward_math import MAX_L2
     from lore_core.privacy.privacy_settings import check_secagg_layout
     from lore_core.run_lock import RunDirLock
-    from simulations.flower_run import node_counts, nodes_for
+    from simulations.flower_run import nodes_for
 
     for name in ("rounds", "clients_per_round", "rank"):
         value = getattr(args, name)
@@ -355,9 +355,9 @@ def run(args: argparse.Namespace) -> int:
     # canary users are users of the population the server samples (federation/canary_users.py)
     overrides = run_overrides(args, population["seen_users"], population["seen_train_pairs"])
     settings, privacy = check_run({**population, "seen_users": population["seen_users"] + args.canaries}, overrides)
+    canary_nodes = nodes_for(args.canaries, args.users_per_node) if args.canaries else 0  # as node_counts has them
     check_secagg_layout(privacy, training_nodes(population, nodes_for(population["users"], args.users_per_node))
-                        + node_counts(0, args.users_per_node, args.canaries)[1],
-                        f"--users-per-node {args.users_per_node} for {population['users']} users")
+                        + canary_nodes, f"--users-per-node {args.users_per_node} for {population['users']} users")
     canaries = canary_secrets(args, (settings.rank, population["dim"]))  # fail closed: before Ray, before DIR exists
     # The lock is taken before the checks (a concurrent run could be writing the checkpoint), but the lock file is
     # written only once they pass: a refused run leaves the directory as it was, .lock included.
