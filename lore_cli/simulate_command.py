@@ -1,6 +1,7 @@
 """`lore-fed simulate PAIRS.npz|DATASET --out DIR [--rounds R] [--clients-per-round M] [--rank B] [--privacy MODE ...]`:
 federated LoRe through Flower's simulation engine, user-level DP by default (defaults: DEFAULT_ROUNDS rounds,
-DEFAULT_CLIENTS_PER_ROUND users per round or all of a smaller population, rank from the run config). Writes
+DEFAULT_CLIENTS_PER_ROUND users per round or all of a smaller population; without privacy NONPRIVATE_ROUNDS rounds
+of a NONPRIVATE_SHARE-th of the seen users, at least DEFAULT_CLIENTS_PER_ROUND; rank from the run config). Writes
 DIR/metrics.json (the final evaluation's keys of `lore-fed train`, the true-basis ceiling on a benchmark, rank,
 prior_pairs, objective, train_prior_pairs, l2, pairs_path, pairs_fingerprint, + rounds, wall_seconds, privacy_mode,
 and under DP epsilon, epsilon_rdp, delta, noise_multiplier, clip_norm; `reference` when a centralized reference was
@@ -29,15 +30,24 @@ from lore_core.text_file import json_loads
 TRAIN_KEYS = ("seen_test_acc", "unseen_test_acc", "oracle_seen_test_acc", "oracle_unseen_test_acc")
 DEFAULT_ROUNDS = 200
 DEFAULT_CLIENTS_PER_ROUND = 50  # the DP-FedAvg operating point of docs/privacy.md (m = 50 at N = 1,400)
+# Without privacy nothing needs the DP plan's short run of few users; what `--privacy none` runs by default is what
+# the stress matrix runs (bench_results/matrix.md: within 1 point of `train` on its ten populations), chosen on its
+# pilots (300 rounds left up to 1.4 points on iso-5-15-1400's, 600 at most 0.3; 200 rounds of 50 users were about
+# 7 passes over 1,400 users against 120 here). A round's work stays a fifth of the population.
+NONPRIVATE_ROUNDS = 600
+NONPRIVATE_SHARE = 5
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("pairs", help="pair file (.npz) or dataset directory holding pairs.npz")
     parser.add_argument("--out", required=True, help="run directory (resumed if it holds a checkpoint)")
-    parser.add_argument("--rounds", type=int, default=DEFAULT_ROUNDS, help="federated rounds R (default %(default)s)")
+    parser.add_argument("--rounds", type=int, default=None,
+                        help=f"federated rounds R (default {DEFAULT_ROUNDS}; with --privacy none {NONPRIVATE_ROUNDS}; "
+                             "a rerun on a run directory: that run's)")
     parser.add_argument("--clients-per-round", type=int, default=None,
                         help=f"users sampled per round M (default {DEFAULT_CLIENTS_PER_ROUND}, or every seen user of "
-                             "a smaller population)")
+                             f"a smaller population; with --privacy none 1/{NONPRIVATE_SHARE} of the seen "
+                             f"users, at least {DEFAULT_CLIENTS_PER_ROUND}; a rerun on a run directory: that run's)")
     parser.add_argument("--rank", type=int, default=None, help="basis size B (default: the run config's `rank`)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--users-per-node", default="auto",
@@ -177,6 +187,39 @@ def server_rate(args: argparse.Namespace, stored: dict | None = None) -> float |
     return stored.get("server_lr") if stored.get("privacy_mode") == args.privacy else None
 
 
+def planned_rounds(args: argparse.Namespace) -> int:
+    """--rounds; by default those its ledger plans for the run --out holds under the same privacy mode (the same
+    command resumes a run begun under an earlier default), else the mode's default."""
+    from lore_core.privacy.ledger import LEDGER_FILENAME, LedgerError, read_ledger
+
+    if args.rounds is not None:
+        return args.rounds
+    try:  # a damaged ledger: check_resume says what is wrong with it
+        config = read_ledger(Path(args.out) / LEDGER_FILENAME)["config"]
+    except (LedgerError, OSError):
+        config = {}
+    if config.get("mode") == args.privacy and isinstance(config.get("rounds"), int) and config["rounds"] > 0:
+        return config["rounds"]
+    return NONPRIVATE_ROUNDS if args.privacy == "none" else DEFAULT_ROUNDS
+
+
+def users_per_round(args: argparse.Namespace, seen_users: int, stored: dict) -> int:
+    """--clients-per-round; by default that of the run --out holds under the same privacy mode, else the mode's
+    default: under DP DEFAULT_CLIENTS_PER_ROUND, without privacy a NONPRIVATE_SHARE-th of the seen users (at least
+    DEFAULT_CLIENTS_PER_ROUND); never more than the seen users."""
+    if args.clients_per_round is not None:
+        return args.clients_per_round
+    if stored.get("privacy_mode") == args.privacy and stored.get("clients_per_round"):
+        return stored["clients_per_round"]
+    return default_users_per_round(args.privacy, seen_users)
+
+
+def default_users_per_round(privacy_mode: str, seen_users: int) -> int:
+    """The default M of a new run (the stress matrix runs its federated row with it)."""
+    share = seen_users // NONPRIVATE_SHARE if privacy_mode == "none" else 0
+    return min(max(DEFAULT_CLIENTS_PER_ROUND, share), seen_users)
+
+
 def run_overrides(args: argparse.Namespace, seen_users: int, seen_train_pairs: int) -> dict:
     """Run-config overrides of the flags; unset flags keep the run config's defaults (pyproject.toml). With
     --weight-by pair, `pairs-per-user` is the file's mean training pairs per seen user."""
@@ -185,14 +228,14 @@ def run_overrides(args: argparse.Namespace, seen_users: int, seen_train_pairs: i
     eval_every = args.eval_every
     if eval_every is None:
         eval_every = 10 if args.privacy == "none" else 0  # DP: only after the last round unless opted in
-    clients = args.clients_per_round or min(DEFAULT_CLIENTS_PER_ROUND, seen_users)
+    stored = resumed_settings(Path(args.out))  # read once for the settings a resume keeps (`stored`: not again)
     overrides = {
-        "num-server-rounds": args.rounds, "clients-per-round": clients, "seed": args.seed, "eval-every": eval_every,
+        "num-server-rounds": planned_rounds(args), "clients-per-round": users_per_round(args, seen_users, stored),
+        "seed": args.seed, "eval-every": eval_every,
         "l2": DEFAULT_L2 if args.l2 is None else args.l2,
         "prior-pairs": "" if args.prior_pairs is None else args.prior_pairs, "progress": "bar",
         **privacy_overrides(args),
     }
-    stored = resumed_settings(Path(args.out))  # read once for the settings a resume keeps (`stored`: not again)
     for key, value in (("rank", args.rank), ("server-optimizer", args.server_optimizer),
                        ("server-lr", server_rate(args, stored)), ("local-steps", local_steps(args, stored)),
                        ("client-lr", args.client_lr), ("train-prior-pairs", args.train_prior_pairs),

@@ -174,15 +174,18 @@ def published_row(path: Path, quick: bool) -> dict:
 
 
 def federated_settings(pop: Population, n_seen: int, quick: bool, private: bool = False) -> dict:
-    """Rounds and users per round of the matrix's federated runs: without privacy 600 rounds of a fifth of the
-    users (the marginal update needs them: 300 left up to 1.4 points on the iso-5-15-1400 pilots, seeds 101-103;
-    600 left at most 0.3); under DP the project's recipe for populations of about 1,400 (200 rounds of 100 users,
-    README)."""
+    """Rounds and users per round of the matrix's federated runs: without privacy `lore-fed simulate --privacy
+    none`'s defaults (600 rounds of a fifth of the seen users, at least 50: every matrix population has 250 or more,
+    so a fifth; the marginal update needs them: 300 rounds left up to 1.4 points on the iso-5-15-1400 pilots, seeds
+    101-103; 600 left at most 0.3); under DP the project's recipe for populations of about 1,400 (200 rounds of 100
+    users, README)."""
+    from lore_cli.simulate_command import NONPRIVATE_ROUNDS, default_users_per_round
+
     if quick:
         return {"rounds": 40, "clients_per_round": max(4, n_seen // 5)}
     if private:
         return {"rounds": 200, "clients_per_round": 100}
-    return {"rounds": 600, "clients_per_round": max(10, n_seen // 5), **pop.federated}
+    return {"rounds": NONPRIVATE_ROUNDS, "clients_per_round": default_users_per_round("none", n_seen), **pop.federated}
 
 
 def objective_flags(chosen: dict, privacy: list[str]) -> list[str]:

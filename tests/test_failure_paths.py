@@ -280,6 +280,9 @@ def test_a_run_directory_resumes_only_on_its_own_pair_file_and_settings(tmp_path
     assert engine.runs == 1  # all refused before the engine started
     moved = shutil.copy(pair_file, tmp_path / "moved.npz")  # the same content elsewhere still resumes
     assert cli(["simulate", moved, "--out", run, *SIM])[0] == 0
+    # without --rounds and --clients-per-round a rerun takes the run's own (3 rounds of 4), not the mode's defaults
+    code, _, err = cli(["simulate", pair_file, "--out", run, *SIM[:2], *SIM[6:]])
+    assert code == 0, err
 
 
 def test_eval_every_zero_evaluates_after_the_last_round_only(tmp_path, pair_file, engine):
