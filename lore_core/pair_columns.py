@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from lore_core.atomic_io import atomic_path
-from lore_core.text_file import ids_message, names_refused
+from lore_core.text_file import ids_message, names_refused, normalisation_twins, twins_message
 from lore_core.npz_file import (MEMBER_ERRORS, READ_ERRORS, check_npz_head, native_array,
                                  refuse_repeated_members, refuse_short_member, unreadable)
 from lore_core.pairs import (EXPECTED, OPTIONAL_ARRAYS, REQUIRED_ARRAYS, TEXT_ARRAYS, PairFileError, PairSet,
@@ -344,6 +344,9 @@ def check_pair_file(path: str | Path, rows_per_block: int = READ_ROWS) -> tuple[
     refused = names_refused(index.user_ids)
     if refused:
         raise PairFileError(ids_message(columns.source, "user ids", refused))
+    twins = normalisation_twins(index.user_ids)
+    if twins:
+        raise PairFileError(twins_message(columns.source, "user ids", twins))
     seen_users = train_users = largest = seen_train_pairs = 0
     idle, few_shot, seen_at = [], [], []
     nonzero = columns.n == 0

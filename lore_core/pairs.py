@@ -32,7 +32,7 @@ import numpy as np
 
 from lore_core.atomic_io import atomic_save_npz
 from lore_core.npz_file import open_npz
-from lore_core.text_file import ids_message, is_name, names_refused
+from lore_core.text_file import ids_message, is_name, names_refused, normalisation_twins, twins_message
 
 PAIRS_FILENAME = "pairs.npz"
 PAIRS_JSONL = "pairs.jsonl"  # a dataset's text pairs (`lore-fed prepare`), which `lore-fed embed` turns into pairs.npz
@@ -394,6 +394,9 @@ def _validate(p: PairSet) -> None:
         refused = names_refused(user_ids)
         if refused:
             raise PairFileError(ids_message(where, "user ids", refused))
+        twins = normalisation_twins(user_ids)
+        if twins:
+            raise PairFileError(twins_message(where, "user ids", twins))
         seen_count = np.bincount(index, weights=p.seen, minlength=user_ids.size)
         total = np.bincount(index, minlength=user_ids.size)
         mixed = user_ids[(seen_count > 0) & (seen_count < total)]

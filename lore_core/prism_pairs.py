@@ -46,6 +46,7 @@ from lore_core.atomic_io import atomic_write_bytes, check_output_path
 from lore_core.pairs import PAIRS_FILENAME, PAIRS_JSONL
 from lore_core.prism_hub import resolve_source
 from lore_core.prism_schema import GROUND_TRUTH_FILE, EMPTY_RESPONSE, Conversation, PrismRelease, load_release
+from lore_core.text_file import normalisation_twins, twins_message
 
 USERS_JSONL = "users.jsonl"
 SUMMARY_JSON = "summary.json"
@@ -208,6 +209,9 @@ def prepare_dataset(
     for pair in pairs:
         conversations_with_pairs[pair["user"]].add(pair["conversation"])
     users = sorted({c.user_id for c in release.conversations})
+    twins = normalisation_twins(np.array(users, dtype=str))
+    if twins:
+        raise PrismPrepareError(twins_message(directory, "user_id values", twins))
     split = split_users(users, {u: sorted(ids) for u, ids in conversations_with_pairs.items()}, config)
     if not split.seen:
         most = max((len(ids) for ids in conversations_with_pairs.values()), default=0)

@@ -10,6 +10,7 @@ import codecs
 import json
 import re
 import sys
+import unicodedata
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -193,6 +194,31 @@ def ids_message(where, what: str, refused: list[str]) -> str:
     shown = ", ".join(ascii(name) for name in refused[:3])
     return (f"{where}: {what} must be non-empty text without control or bidirectional-control characters (they are "
             f"printed in messages and reports); {len(refused)} {'is' if len(refused) == 1 else 'are'} not: {shown}")
+
+
+def normalisation_twins(names) -> list[list[str]]:
+    """Groups of distinct names that are one text in Unicode's NFC form ('é' composed, or 'e' and a combining
+    accent): printed alike, so one person to a reader and two users to the code (a tester's). Only names outside
+    ASCII are normalised (ASCII text is its own NFC), found without a loop over the others."""
+    names = np.unique(np.asarray(names).ravel())
+    if names.dtype.kind != "U" or names.size < 2:
+        return []
+    wide = names[(np.ascontiguousarray(names).view(np.uint32).reshape(names.size, -1) > 127).any(axis=1)]
+    groups: dict[str, list[str]] = {}
+    for name in wide.tolist():
+        groups.setdefault(unicodedata.normalize("NFC", name), []).append(name)
+    for form, group in groups.items():  # an NFC form may be ASCII (the Kelvin sign's is 'K'): then a name too
+        if form.isascii() and np.isin(form, names):
+            group.append(form)
+    return [sorted(group) for group in groups.values() if len(group) > 1]
+
+
+def twins_message(where, what: str, groups: list[list[str]]) -> str:
+    """The error for `what` ids that `normalisation_twins` found, shown escaped."""
+    shown = "; ".join(" and ".join(ascii(name) for name in group) for group in groups[:3])
+    return (f"{where}: {len(groups)} group(s) of {what} are the same text in different Unicode forms ({shown}): "
+            "printed alike, they would be separate users; write every id in one form (NFC: "
+            "unicodedata.normalize('NFC', id))")
 
 
 def is_json_integer(value, low: int = 0, high: int = 2**63 - 1) -> bool:

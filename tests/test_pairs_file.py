@@ -138,6 +138,24 @@ def test_user_ids_that_are_empty_or_hold_control_characters_are_refused_by_both_
         assert f"1 is not: {shown}" in str(info.value) and "\u202e" not in str(info.value)
 
 
+@pytest.mark.parametrize("first, twin", [("Jos\u00e9", "Jose\u0301"), ("K", "\u212a")])
+def test_user_ids_that_differ_only_in_unicode_form_are_refused_by_both_readers(tmp_path, first, twin):
+    """A tester: 'José' composed and decomposed print alike and were two users (the Kelvin sign's NFC is 'K')."""
+    from lore_core.pair_columns import check_pair_file
+
+    arrays = _arrays()
+    arrays["user"] = np.array([first, first, first, twin, twin, twin])
+    np.savez(tmp_path / "twins.npz", **arrays)
+    for read in (load_pairs, check_pair_file):
+        with pytest.raises(PairFileError, match="twins.npz: 1 group.* of user ids are the same text in different "
+                                                "Unicode forms") as info:
+            read(tmp_path / "twins.npz")
+        assert ascii(first) in str(info.value) and ascii(twin) in str(info.value)
+    arrays["user"] = np.array(["Jos\u00e9"] * 3 + ["Jos\u00e8"] * 3)  # two names, each in one form: two users
+    np.savez(tmp_path / "fine.npz", **arrays)
+    assert load_pairs(tmp_path / "fine.npz").n == 6 and check_pair_file(tmp_path / "fine.npz")[2].users == 2
+
+
 def test_directory_without_pairs_and_garbage_file(tmp_path):
     with pytest.raises(PairFileError, match="lore-fed embed"):
         load_pairs(tmp_path)

@@ -334,6 +334,21 @@ BAD_FILES = {
 }
 
 
+def test_user_ids_in_two_unicode_forms_are_refused_before_anything_is_written(tmp_path):
+    """A tester: 'José' composed and decomposed print alike and were two users; `prepare` names them, writes nothing."""
+    source = copy_fixture(tmp_path)
+    rename = {"user0": "Jos\u00e9", "user1": "Jose\u0301"}
+    for name in ("survey.jsonl", "conversations.jsonl", "utterances.jsonl"):
+        records = [json.loads(line) for line in (source / name).read_text().splitlines() if line.strip()]
+        for record in records:
+            record["user_id"] = rename.get(record.get("user_id"), record.get("user_id"))
+        (source / name).write_text("".join(json.dumps(r) + "\n" for r in records))
+    out = tmp_path / "out"
+    with pytest.raises(PrismPrepareError, match="user_id values are the same text in different Unicode forms") as info:
+        prepare_dataset(source, out, min_conversations=2)
+    assert "'Jos\\xe9'" in str(info.value) and not out.exists()
+
+
 @pytest.mark.parametrize("case", sorted(BAD_FILES))
 def test_bad_files_name_file_and_line_and_write_nothing(tmp_path, case):
     mutate, message = BAD_FILES[case]
