@@ -116,22 +116,20 @@ def run_local(args: argparse.Namespace) -> int:
         print(f"checkpoint after round {state.round} in {run_dir}"
               + (f"; last evaluation {json.dumps(evals[-1])}" if evals else ""))
     if outcome.completed and state is not None and checked is not None:
-        write_outputs(run_dir, state, *checked[:3], nodes=args.nodes, seconds=outcome.seconds, previous=previous)
+        write_outputs(run_dir, state, *checked[:3], nodes=args.nodes, seconds=outcome.seconds, previous=previous,
+                      command=getattr(args, "_command_line", "lore-fed deploy"))
     return 0 if outcome.completed else 1
 
 
 def write_outputs(run_dir: Path, state, settings, privacy, population: dict, *, nodes: int, seconds: float,
-                  previous=None) -> None:
+                  previous=None, command: str = "lore-fed deploy") -> None:
     """The server's outputs of a completed run (`server/run_outputs.py`), as `simulate` writes them, with the pair
     file's embedder named in basis.npz (the ServerApp, which never sees the data, could not name it)."""
-    import shlex
-    import sys
-
     from server.run_outputs import write_run_outputs
 
     report = write_run_outputs(run_dir, state, settings, privacy.mode, nodes=nodes, seconds=seconds,
                                previous=previous, embedder=population["embedder"],
-                               command="lore-fed " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
+                               command=command)
     if report is not None:
         print(f"wrote {run_dir / 'metrics.json'}, {run_dir / 'basis.npz'} and {report}")
 

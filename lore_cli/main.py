@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import shlex
 import sys
 import warnings
 
@@ -73,6 +74,7 @@ def _main(argv: list[str]) -> int:
         from lore_core.command_line import parse_command_line
 
         args = parse_command_line(parser, argv)
+    args._command_line = "lore-fed " + shlex.join(str(a) for a in argv)  # as run, also in-process (`demo`'s runs)
     if not getattr(args, "_run", None):
         parser.print_help()
         return 0 if command is None else 2

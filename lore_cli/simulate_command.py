@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -710,9 +709,7 @@ def _simulate(args, pairs_path, population, overrides, settings, privacy, refere
         metrics["reference"] = reference
     save_reported_basis(out, state, settings, population["embedder"])
     atomic_write_json(out / "metrics.json", metrics)
-    command = "lore-fed simulate " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if sys.argv[1:2] == [
-        "simulate"] else "lore-fed simulate"
-    report = write_report(out, state.history, metrics, reference, command)
+    report = write_report(out, state.history, metrics, reference, getattr(args, "_command_line", "lore-fed simulate"))
     line = "  ".join(f"{group} {metrics[f'{group}_test_acc']:.4f}" for group in ("seen", "unseen")
                      if f"{group}_test_acc" in metrics)
     line += privacy_summary(metrics)

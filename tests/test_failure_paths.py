@@ -289,6 +289,8 @@ def test_eval_every_zero_evaluates_after_the_last_round_only(tmp_path, pair_file
     run = tmp_path / "run"
     assert cli(["simulate", pair_file, "--out", run, *SIM[:-1], "0"])[0] == 0
     assert [("seen_test_acc" in r) for r in load_checkpoint(run).history] == [False, False, True]
+    # the report shows the command as run, in-process too (a tester: `demo`'s reports showed no arguments)
+    assert f"lore-fed simulate {pair_file} --out {run} --privacy none --rounds 3" in (run / "report.md").read_text()
 
 
 def test_simulate_writes_the_pair_files_embedder_into_the_basis(tmp_path, pairs, pair_file, engine):
