@@ -186,17 +186,20 @@ def server_rate(args: argparse.Namespace, stored: dict | None = None) -> float |
     return stored.get("server_lr") if stored.get("privacy_mode") == args.privacy else None
 
 
-def planned_rounds(args: argparse.Namespace) -> int:
-    """--rounds; by default those its ledger plans for the run --out holds under the same privacy mode (the same
-    command resumes a run begun under an earlier default), else the mode's default."""
+def planned_rounds(args: argparse.Namespace, stored: dict) -> int:
+    """--rounds; by default those its ledger plans for the run --out holds (checkpointed) under the same privacy mode
+    (the same command resumes a run begun under an earlier default), else the mode's default. A run that never
+    checkpointed takes the defaults for rounds and users per round alike; check_resume names a ledger's other plan."""
     from lore_core.privacy.ledger import LEDGER_FILENAME, LedgerError, read_ledger
 
     if args.rounds is not None:
         return args.rounds
-    try:  # a damaged ledger: check_resume says what is wrong with it
-        config = read_ledger(Path(args.out) / LEDGER_FILENAME)["config"]
-    except (LedgerError, OSError):
-        config = {}
+    config = {}
+    if stored.get("privacy_mode") == args.privacy:
+        try:  # a damaged ledger: check_resume says what is wrong with it
+            config = read_ledger(Path(args.out) / LEDGER_FILENAME)["config"]
+        except (LedgerError, OSError):
+            pass
     if config.get("mode") == args.privacy and isinstance(config.get("rounds"), int) and config["rounds"] > 0:
         return config["rounds"]
     return NONPRIVATE_ROUNDS if args.privacy == "none" else DEFAULT_ROUNDS
@@ -229,7 +232,7 @@ def run_overrides(args: argparse.Namespace, seen_users: int, seen_train_pairs: i
         eval_every = 10 if args.privacy == "none" else 0  # DP: only after the last round unless opted in
     stored = resumed_settings(Path(args.out))  # read once for the settings a resume keeps (`stored`: not again)
     overrides = {
-        "num-server-rounds": planned_rounds(args), "clients-per-round": users_per_round(args, seen_users, stored),
+        "num-server-rounds": planned_rounds(args, stored), "clients-per-round": users_per_round(args, seen_users, stored),
         "seed": args.seed, "eval-every": eval_every,
         "l2": DEFAULT_L2 if args.l2 is None else args.l2,
         "prior-pairs": "" if args.prior_pairs is None else args.prior_pairs, "progress": "bar",
@@ -449,7 +452,7 @@ def check_no_other_run(out: Path) -> None:
 
 # simulate's flags that set a setting whose default follows another's (server.checkpoint.FOLLOWERS), by run-config key
 FOLLOWER_FLAGS = {"server-lr": "server_lr", "eval-every": "eval_every", "weight-by": "weight_by",
-                  "local-steps": "local_steps"}
+                  "local-steps": "local_steps", "clients-per-round": "clients_per_round"}
 
 
 def given_followers(args: argparse.Namespace) -> frozenset[str]:
@@ -483,8 +486,10 @@ def check_resume(out: Path, pairs_path: Path, settings, privacy, given: frozense
         check_resumable(previous, settings.fingerprint(), previous.population, out, given)
         check_ledger_covers(out, previous.round)
     if (out / LEDGER_FILENAME).exists():
-        planned = FederatedLedger.load(out).settings.rounds
-        if planned != settings.rounds:  # a tester read "other privacy settings (rounds)" of a run without privacy
+        planned_settings = FederatedLedger.load(out).settings
+        planned = planned_settings.rounds
+        # another mode is named by the ledger's comparison below (its rounds would follow the mode's default)
+        if planned != settings.rounds and planned_settings.mode == settings.privacy_mode:  # a tester read "other privacy settings (rounds)" of a run without privacy
             raise CheckpointError(f"{out} holds a run of {planned} rounds, not {settings.rounds}: a run's rounds are "
                                   "fixed when it starts (the server's learning-rate schedule, and under DP the "
                                   f"accountant's plan, follow them); resume it with --rounds {planned}, or start a "
@@ -640,12 +645,12 @@ def run_metrics(state, settings, privacy_mode: str, privacy_keys: dict, *, wall_
     return metrics
 
 
-def kept_wall_seconds(wall_seconds: float, previous, state, earlier: dict) -> float:
-    """This start's wall time, or the run's recorded one when this start trained nothing (the checkpoint's history
-    unchanged: a rerun of a finished run)."""
-    if previous is not None and previous.history == state.history and "wall_seconds" in earlier:
-        return earlier["wall_seconds"]
-    return wall_seconds
+def kept_run_record(wall_seconds: float, command: str, previous, state, earlier: dict) -> dict:
+    """metrics.json's `wall_seconds` and `command` (the command line as run): this start's, or the run's recorded
+    ones when this start trained nothing (the checkpoint's history unchanged: a rerun of a finished run)."""
+    if previous is not None and previous.history == state.history:
+        return {"wall_seconds": earlier.get("wall_seconds", wall_seconds), "command": earlier.get("command", command)}
+    return {"wall_seconds": wall_seconds, "command": command}
 
 
 def save_reported_basis(out: Path, state, settings, embedder: str | None) -> None:
@@ -694,10 +699,12 @@ def _simulate(args, pairs_path, population, overrides, settings, privacy, refere
         raise CommandFailed(f"the simulation ended before round {settings.rounds}; run the same command again to "
                             "resume")
     require_final_evaluation(state)  # before the ceiling reads the whole pair file
-    wall_seconds = kept_wall_seconds(round(wall, 3), previous, state, earlier)
+    record = kept_run_record(round(wall, 3), getattr(args, "_command_line", "lore-fed simulate"), previous, state,
+                             earlier)
+    wall_seconds = record["wall_seconds"]
     metrics = run_metrics(state, settings, args.privacy, privacy_keys, wall_seconds=wall_seconds, nodes=nodes,
                           benchmark=benchmark_metrics(pairs_path, population["true_basis"]),
-                          extra={"seed": args.seed, "canaries": args.canaries})
+                          extra={"seed": args.seed, "canaries": args.canaries, "command": record["command"]})
     if "canary_secrets_sha256" in data:  # binds the auditor's secrets file to this run (the canary audit checks it)
         metrics["canary_secrets_sha256"] = data["canary_secrets_sha256"]
     metrics.update(run_problems(state.history))
@@ -709,7 +716,7 @@ def _simulate(args, pairs_path, population, overrides, settings, privacy, refere
         metrics["reference"] = reference
     save_reported_basis(out, state, settings, population["embedder"])
     atomic_write_json(out / "metrics.json", metrics)
-    report = write_report(out, state.history, metrics, reference, getattr(args, "_command_line", "lore-fed simulate"))
+    report = write_report(out, state.history, metrics, reference, record["command"])
     line = "  ".join(f"{group} {metrics[f'{group}_test_acc']:.4f}" for group in ("seen", "unseen")
                      if f"{group}_test_acc" in metrics)
     line += privacy_summary(metrics)

@@ -93,7 +93,7 @@ SETTINGS_BEFORE_THEY_EXISTED = {"weight_by": "user", "pairs_per_user": 1.0}
 # a refusal names it alone, not the defaults it moved (a tester resuming a DP run under --privacy none was shown the
 # mode's server rate, schedule and evaluation beside the one real cause; pairs-per-user is 1 under user weighting).
 FOLLOWERS = {"privacy_mode": ("privacy", "server_lr", "server_lr_schedule", "init_scale", "eval_every", "weight_by",
-                              "pairs_per_user", "local_steps"),
+                              "pairs_per_user", "local_steps", "clients_per_round"),
              "weight_by": ("pairs_per_user", "local_steps")}
 
 

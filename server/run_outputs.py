@@ -16,17 +16,17 @@ def write_run_outputs(run_dir: Path, state, settings, privacy_mode: str, *, node
     written, for a run that has rounds left (a rerun resumes it). `previous`: the checkpoint before this start (a
     rerun of a finished run keeps the run's recorded wall time). Returns report.md's path."""
     from lore_cli.run_report import write_report
-    from lore_cli.simulate_command import (kept_wall_seconds, privacy_metrics, recorded_metrics, run_metrics,
+    from lore_cli.simulate_command import (kept_run_record, privacy_metrics, recorded_metrics, run_metrics,
                                            run_problems, save_reported_basis)
     from lore_core.atomic_io import atomic_write_json
 
     privacy_keys = privacy_metrics(run_dir)
     if state.round < settings.rounds and not privacy_keys["stopped_early"]:
         return None
-    wall_seconds = kept_wall_seconds(round(seconds, 3), previous, state, recorded_metrics(run_dir))
-    metrics = run_metrics(state, settings, privacy_mode, privacy_keys, wall_seconds=wall_seconds, nodes=nodes,
-                          extra={"node_kind": "deployed"})
+    record = kept_run_record(round(seconds, 3), command, previous, state, recorded_metrics(run_dir))
+    metrics = run_metrics(state, settings, privacy_mode, privacy_keys, wall_seconds=record["wall_seconds"],
+                          nodes=nodes, extra={"node_kind": "deployed", "command": record["command"]})
     metrics.update(run_problems(state.history))
     save_reported_basis(run_dir, state, settings, embedder)
     atomic_write_json(run_dir / "metrics.json", metrics)
-    return write_report(run_dir, state.history, metrics, None, command)
+    return write_report(run_dir, state.history, metrics, None, record["command"])

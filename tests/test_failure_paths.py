@@ -345,8 +345,8 @@ def test_simulate_metrics_hold_the_run_settings_the_pair_file_and_the_true_basis
         "seen_test_acc", "unseen_test_acc", "oracle_seen_test_acc", "oracle_unseen_test_acc",
         "true_basis_seen_test_acc", "true_basis_unseen_test_acc", "rank", "prior_pairs", "objective", "weight_by",
         "local_steps", "server_optimizer", "server_lr", "client_lr", "train_prior_pairs", "l2", "train_seconds",
-        "rounds", "wall_seconds", "privacy_mode", "users_per_round", "nodes", "seed", "canaries", "privacy_guarantee",
-        "not_private", "stopped_early", "ledger",
+        "rounds", "wall_seconds", "privacy_mode", "users_per_round", "nodes", "seed", "canaries", "command",
+        "privacy_guarantee", "not_private", "stopped_early", "ledger",
         "pairs_path", "pairs_fingerprint"]
     assert metrics["prior_pairs"] == 3.0 and metrics["objective"] == "joint" and metrics["train_prior_pairs"] == 3.0
     assert (metrics["server_optimizer"], metrics["server_lr"], metrics["client_lr"]) == ("adam", 1.0, 1.0)
