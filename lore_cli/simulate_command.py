@@ -1,7 +1,8 @@
 """`lore-fed simulate PAIRS.npz|DATASET --out DIR [--rounds R] [--clients-per-round M] [--rank B] [--privacy MODE ...]`:
 federated LoRe through Flower's simulation engine, user-level DP by default (defaults: DEFAULT_ROUNDS rounds,
 DEFAULT_CLIENTS_PER_ROUND users per round or all of a smaller population; without privacy NONPRIVATE_ROUNDS rounds
-of a NONPRIVATE_SHARE-th of the seen users, at least DEFAULT_CLIENTS_PER_ROUND; rank from the run config). Writes
+of a NONPRIVATE_SHARE-th of the seen users, at least DEFAULT_CLIENTS_PER_ROUND and at most NONPRIVATE_MOST_USERS;
+rank from the run config). Writes
 DIR/metrics.json (the final evaluation's keys of `lore-fed train`, the true-basis ceiling on a benchmark, rank,
 prior_pairs, objective, train_prior_pairs, l2, pairs_path, pairs_fingerprint, + rounds, wall_seconds, privacy_mode,
 and under DP epsilon, epsilon_rdp, delta, noise_multiplier, clip_norm; `reference` when a centralized reference was
@@ -35,6 +36,7 @@ DEFAULT_CLIENTS_PER_ROUND = 50  # the DP-FedAvg operating point of docs/privacy.
 # 7 passes over 1,400 users against 120 here). A round's work stays a fifth of the population.
 NONPRIVATE_ROUNDS = 600
 NONPRIVATE_SHARE = 5
+NONPRIVATE_MOST_USERS = 1000  # a round's work stays bounded at scale (the matrix's largest default is 384 users)
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -42,11 +44,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="run directory (resumed if it holds a checkpoint)")
     parser.add_argument("--rounds", type=int, default=None,
                         help=f"federated rounds R (default {DEFAULT_ROUNDS}; with --privacy none {NONPRIVATE_ROUNDS}; "
-                             "a rerun on a run directory: that run's)")
+                             "a rerun on a run directory: that run's, under the same privacy mode)")
     parser.add_argument("--clients-per-round", type=int, default=None,
                         help=f"users sampled per round M (default {DEFAULT_CLIENTS_PER_ROUND}, or every seen user of "
                              f"a smaller population; with --privacy none 1/{NONPRIVATE_SHARE} of the seen "
-                             f"users, at least {DEFAULT_CLIENTS_PER_ROUND}; a rerun on a run directory: that run's)")
+                             f"users, at least {DEFAULT_CLIENTS_PER_ROUND} and at most {NONPRIVATE_MOST_USERS}; a rerun "
+                             "on a run directory: that run's, under the same privacy mode)")
     parser.add_argument("--rank", type=int, default=None, help="basis size B (default: the run config's `rank`)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--users-per-node", default="auto",
@@ -218,7 +221,7 @@ def users_per_round(args: argparse.Namespace, seen_users: int, stored: dict) -> 
 
 def default_users_per_round(privacy_mode: str, seen_users: int) -> int:
     """The default M of a new run (the stress matrix runs its federated row with it)."""
-    share = seen_users // NONPRIVATE_SHARE if privacy_mode == "none" else 0
+    share = min(seen_users // NONPRIVATE_SHARE, NONPRIVATE_MOST_USERS) if privacy_mode == "none" else 0
     return min(max(DEFAULT_CLIENTS_PER_ROUND, share), seen_users)
 
 

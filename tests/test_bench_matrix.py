@@ -90,4 +90,5 @@ def test_simulate_without_privacy_defaults_to_the_matrix_s_federated_row():
         fed = federated_settings(POPULATIONS[0], seen, quick=False)
         assert defaults("none", seen) == (fed["rounds"], fed["clients_per_round"]) == (600, seen // 5)
     assert defaults("none", 100) == (600, 50) and defaults("none", 30) == (600, 30)
+    assert defaults("none", 100_000) == (600, 1000)  # a round's work stays bounded at scale
     assert defaults("user", 1400) == (200, 50) and defaults("user", 30) == (200, 30)
