@@ -32,7 +32,10 @@ class CommandFailed(RuntimeError):
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    from lore_core import __version__
+
     parser = argparse.ArgumentParser(prog="lore-fed", description="Federated, private LoRe reward personalization")
+    parser.add_argument("--version", action="version", version=f"lore-fed {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module_name, help_text) in COMMANDS.items():
         command_parser = sub.add_parser(name, help=help_text, description=help_text)

@@ -1284,3 +1284,13 @@ def test_a_mistyped_argument_is_refused_with_the_commands_usage(w, argv, device,
     """A tester's `train ... --rnak 2` was refused with lore-fed's usage, which lists only the commands."""
     err = refused(argv, "unrecognized arguments", w, device=device)
     assert usage in err, err
+
+
+def test_the_version_is_printed_and_device_hints_name_both_entry_points(tmp_path):
+    """A tester: `lore-fed --version` was refused (exit 2) although runs record the version, and `lore-fed device`'s
+    errors told the user to run `python -m client.device`, a command they had not typed."""
+    from lore_core import __version__
+
+    assert cli(["--version"]) == (0, f"lore-fed {__version__}\n", "")
+    code, _, err = cli(["device", "--state", tmp_path / "none", "status"])
+    assert code == 2 and "`lore-fed device init`" in err and "`python -m client.device init`" in err, err

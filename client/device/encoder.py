@@ -48,7 +48,7 @@ def read_encoder_meta(directory: str | Path, *, verify: bool = False) -> dict:
     if not meta_path.is_file():
         raise EncoderError(
             f"{directory} is not an exported encoder (no {ENCODER_META}); "
-            "create one with `python -m client.device export-encoder --out DIR`"
+            "create one with `lore-fed device export-encoder --out DIR` (or `python -m client.device export-encoder`)"
         )
     try:
         meta = json_loads(meta_path.read_text())

@@ -190,8 +190,8 @@ def load_state(directory: str | Path) -> DeviceState:
                     f"{path}: missing, but {directory} holds personal data ({', '.join(p.name for p in orphans)}): "
                     "the device state is corrupted. `forget` deletes the personal data; `init --reinit --basis "
                     "FILE` starts afresh without it")
-            raise StateError(f"no device state in {directory}: run `python -m client.device init --basis FILE` "
-                             "first")
+            raise StateError(f"no device state in {directory}: run `init --basis FILE` first (`lore-fed device "
+                             "init` or `python -m client.device init`)")
         raw = _bytes_or_none(path)
         if raw is None:  # deleted since the check (`forget --all`, or a writer's commit): look again
             continue
