@@ -114,6 +114,7 @@ def fill_privacy_defaults(args: argparse.Namespace, privacy) -> None:
 
 
 FLAGS_FILE = "demo_flags.json"
+STAGE_SECONDS = "stage_seconds.json"  # each finished stage's seconds, for the report's total
 FLAGS_FORMAT = 2  # 2: the settings after defaults, and the lore-fed version; 1 (flags as given, no version): refused
 # What each stage writes under DIR: any of them without DIR/demo_flags.json is a demo whose flags are unknown.
 STAGE_OUTPUTS = ("prism", "dataset", "centralized", "federated-nonprivate", "federated", "report.md")
@@ -204,7 +205,7 @@ def _started(stage_dir: Path) -> bool:
     return stage_dir.exists() and any(stage_dir.iterdir())
 
 
-def _stage(name: str, done: bool, argv: list[str]) -> None:
+def _stage(name: str, done: bool, argv: list[str], out: Path) -> None:
     from lore_cli.main import CommandFailed, main
     from lore_core.termination import Terminated
 
@@ -219,7 +220,19 @@ def _stage(name: str, done: bool, argv: list[str]) -> None:
     if code != 0:
         raise CommandFailed(f"stage {name!r} failed (exit {code}, see above); rerun `lore-fed demo` to resume after "
                             "fixing it")
-    print(f"== {name}: {time.perf_counter() - started:.1f} s", flush=True)
+    seconds = time.perf_counter() - started
+    atomic_write_json(out / STAGE_SECONDS, {**stage_seconds(out), name: round(seconds, 1)})
+    print(f"== {name}: {seconds:.1f} s", flush=True)
+
+
+def stage_seconds(out: Path) -> dict[str, float]:
+    """Each finished stage's time, whichever start ran it ({} for an unreadable record: the times only inform): a
+    resumed demo's report totals them, not the last start's own seconds (a tester's rerun read "Total 5 s")."""
+    try:
+        times = json_loads((out / STAGE_SECONDS).read_text())
+    except (OSError, ValueError):
+        return {}
+    return {k: float(v) for k, v in times.items() if isinstance(v, (int, float))} if isinstance(times, dict) else {}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -236,14 +249,16 @@ def run(args: argparse.Namespace) -> int:
 
     _stage("benchmark population", population_written(prism),
            ["synth", "--users", str(args.users), "--max-turns", "3", "--seed", str(args.seed), "--out", str(prism)]
-           + cache)
-    _stage("PRISM pipeline", (dataset / "summary.json").exists(), ["prepare", str(prism), "--out", str(dataset)])
-    _stage("pair embeddings", (dataset / "pairs.npz").exists(), ["embed", str(dataset)] + cache)
+           + cache, out)
+    _stage("PRISM pipeline", (dataset / "summary.json").exists(), ["prepare", str(prism), "--out", str(dataset)],
+           out)
+    _stage("pair embeddings", (dataset / "pairs.npz").exists(), ["embed", str(dataset)] + cache, out)
     _stage("centralized reference", (central / "metrics.json").exists(),
-           ["train", str(dataset), "--rank", str(args.rank), "--seed", str(args.seed), "--out", str(central)])
+           ["train", str(dataset), "--rank", str(args.rank), "--seed", str(args.seed), "--out", str(central)], out)
     reference = json.loads((central / "metrics.json").read_text())
     rank = reference["rank"] if args.rank == "auto" else int(args.rank)
     common = ["--rank", str(rank), "--seed", str(args.seed), "--reference", str(central)]
+    chosen = train_choice(reference)
     seen_users = json.loads((dataset / "summary.json").read_text())["seen_users"]
     if args.clients_per_round is not None and args.clients_per_round > seen_users:  # checked up front: 0.8 x users
         raise ValueError(f"--clients-per-round {args.clients_per_round} is more than the {seen_users} seen users "
@@ -253,19 +268,31 @@ def run(args: argparse.Namespace) -> int:
     if args.nonprivate_rounds:
         _stage("federated training without privacy (Flower simulation engine)", (nonprivate / "metrics.json").exists(),
                ["simulate", str(dataset), "--rounds", str(args.nonprivate_rounds), "--clients-per-round",
-                str(seen_users), "--privacy", "none", "--out", str(nonprivate)] + common)
+                str(seen_users), "--privacy", "none", "--out", str(nonprivate)] + common + chosen["none"], out)
     _stage(f"federated training, privacy {args.privacy} (Flower simulation engine)", (federated / "metrics.json").exists(),
            ["simulate", str(dataset), "--rounds", str(args.rounds), "--clients-per-round", str(clients),
-            "--out", str(federated)] + common + simulate_privacy_argv(args))
+            "--out", str(federated)] + common + chosen["dp" if args.privacy != "none" else "none"]
+           + simulate_privacy_argv(args), out)
     runs = {"federated": json.loads((federated / "metrics.json").read_text())}
     if (nonprivate / "metrics.json").exists():
         runs["federated-nonprivate"] = json.loads((nonprivate / "metrics.json").read_text())
-    report = write_demo_report(out, dataset, reference, runs, time.perf_counter() - started,
+    report = write_demo_report(out, dataset, reference, runs, sum(stage_seconds(out).values()),
                                reference_chose_rank=args.rank == "auto")
     text = report.read_text()
     print("\n" + text[text.index("## Accuracy"):text.index("Details:")].strip())
-    print(f"\ndemo finished in {time.perf_counter() - started:.0f} s; report: {report}")
+    print(f"\ndemo finished: this start took {time.perf_counter() - started:.0f} s, its stages "
+          f"{sum(stage_seconds(out).values()):.0f} s in all; report: {report}")
     return 0
+
+
+def train_choice(reference: dict) -> dict[str, list[str]]:
+    """`simulate` flags for what the centralized run chose besides the rank, as the stress matrix passes them: without
+    privacy its l2, personal prior, objective and weighting (like for like with the reference row); under DP its l2
+    only (the DP defaults are calibrated for the joint update, user weighting and their own personal prior)."""
+    flags = {key: ["--" + key.replace("_", "-"), str(reference[key])]
+             for key in ("l2", "prior_pairs", "objective", "weight_by") if reference.get(key) is not None}
+    return {"none": [f for key in ("l2", "prior_pairs", "objective", "weight_by") for f in flags.get(key, [])],
+            "dp": flags.get("l2", [])}
 
 
 def simulate_privacy_argv(args: argparse.Namespace) -> list[str]:
@@ -293,7 +320,7 @@ def write_demo_report(out: Path, dataset: Path, central: dict, runs: dict[str, d
         "# lore-fed demo",
         "",
         f"Benchmark population -> PRISM pipeline -> MiniLM embeddings -> centralized reference and federated "
-        f"training -> few-shot adaptation of unseen users. Total {seconds:.0f} s.",
+        f"training -> few-shot adaptation of unseen users. Its stages took {seconds:.0f} s in all.",
         "",
         "## Data",
         "",

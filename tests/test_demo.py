@@ -2,6 +2,7 @@
 
 import json
 import shutil
+from pathlib import Path
 
 from lore_cli.demo_command import simulate_privacy_argv, write_demo_report
 from lore_cli.main import build_parser
@@ -85,7 +86,7 @@ def _fake_demo(out, flags, monkeypatch):
         import lore_cli.demo_command as demo
         from lore_cli.main import CommandFailed, main
 
-        def first_stage_stops(name, done, argv):
+        def first_stage_stops(name, done, argv, out):
             raise CommandFailed("stopped by the test")
 
         with monkeypatch.context() as patch:
@@ -142,7 +143,7 @@ def test_a_clients_per_round_above_the_seen_users_prepare_made_can_be_corrected_
     shutil.rmtree(out / "federated")  # `prepare` made 10 seen users; the private stage has not begun
     ran = []
 
-    def stage(name, done, argv):
+    def stage(name, done, argv, out_dir):
         if not done:
             ran.append(name)
             (out / "federated").mkdir()
@@ -184,7 +185,7 @@ def test_demo_runs_synth_again_when_its_write_was_cut_short_after_the_truth(tmp_
     (out / "prism" / "utterances.jsonl").unlink()
     stages = []
 
-    def record(name, done, argv):
+    def record(name, done, argv, out_dir):
         stages.append((name, done))
         raise CommandFailed("stopped by the test")
 
@@ -311,7 +312,12 @@ def test_real_demo_resumes_after_a_crash_only_with_its_own_flags(tmp_path, capsy
         assert f"== {stage}: already done, skipped" in stdout
     assert "== federated training, privacy none (Flower simulation engine): lore-fed simulate" in stdout
     assert json.loads((out / "federated" / "metrics.json").read_text())["rounds"] == 1
+    central = json.loads((out / "centralized" / "metrics.json").read_text())
+    federated = json.loads((out / "federated" / "metrics.json").read_text())  # like for like (a tester: rank only)
+    assert all(federated[key] == central[key] for key in ("rank", "l2", "prior_pairs", "objective", "weight_by"))
     assert "privacy `none`" in (out / "report.md").read_text()
+    times = json.loads((out / "stage_seconds.json").read_text())  # every stage's, whichever start ran it
+    assert len(times) == 5 and f"Its stages took {sum(times.values()):.0f} s in all" in (out / "report.md").read_text()
 
     before = _snapshot(out)
     assert real_main(["demo", *flags[:2], "--users", "30", "--rounds", "3", "--nonprivate-rounds", "0",
@@ -361,4 +367,14 @@ def test_an_interrupted_stage_interrupts_the_demo(monkeypatch, code, raised):
 
     monkeypatch.setattr(cli, "main", lambda argv: code)
     with pytest.raises(Terminated if raised == "Terminated" else raised):
-        demo_command._stage("a stage", False, ["train"])
+        demo_command._stage("a stage", False, ["train"], Path("unused"))
+
+
+def test_the_demo_s_federated_runs_take_what_the_centralized_run_chose():
+    """A tester: the demo passed only the rank, so its federated rows ran with other l2 and personal prior than the
+    centralized row they sit beside. Without privacy they take all of `train`'s choice; under DP its l2 only."""
+    from lore_cli.demo_command import train_choice
+
+    chosen = train_choice({"rank": 2, "l2": 4.4e-05, "prior_pairs": 1.0, "objective": "joint", "weight_by": "pair"})
+    assert chosen["none"] == ["--l2", "4.4e-05", "--prior-pairs", "1.0", "--objective", "joint", "--weight-by", "pair"]
+    assert chosen["dp"] == ["--l2", "4.4e-05"]
