@@ -156,6 +156,8 @@ def test_record_membership_detects_memorisation_of_few_pairs():
     ids, idx = np.unique(pairs.user, return_inverse=True)
     result = record_membership_audit(truth.basis, pairs.diff, idx, ids.size, shadows=8)
     assert result["verdict"] == "leak" and result["attacks"]["lira"]["auc"] > 0.55
+    # the verdict reads the better of two attacks, so each interval is at alpha / 2 (a tester's LEAK at 0.5004)
+    assert result["alpha"] == 0.05 and result["alpha_per_attack"] == 0.025
 
 
 def test_user_membership_is_at_chance_for_a_basis_trained_on_nobody(population):
