@@ -198,7 +198,6 @@ def write_report(run_dir: str | Path, history: list[dict], metrics: dict, refere
                  command: str) -> Path:
     run_dir = Path(run_dir)
     evaluated = sum("seen_test_acc" in r for r in history)
-    plot_accuracy(history, metrics, reference, run_dir / PLOT_FILENAME)
     dp_plot = None
     if (run_dir / "ledger.json").exists():
         from lore_core.privacy.ledger import PrivacyLedger
@@ -207,6 +206,11 @@ def write_report(run_dir: str | Path, history: list[dict], metrics: dict, refere
         if epsilons:
             dp_plot = run_dir / DP_PLOT_FILENAME
             plot_privacy(history, epsilons, dp_plot)
+    accuracy_plot = evaluated > 1 or dp_plot is None  # under DP one final evaluation is a point: not drawn (a tester)
+    if accuracy_plot:
+        plot_accuracy(history, metrics, reference, run_dir / PLOT_FILENAME)
+    else:
+        (run_dir / PLOT_FILENAME).unlink(missing_ok=True)  # an earlier version's, which no report links
     rows = [("seen users", "seen_test_acc", "oracle_seen_test_acc"),
             ("unseen users (few-shot)", "unseen_test_acc", "oracle_unseen_test_acc")]
 
@@ -244,7 +248,7 @@ def write_report(run_dir: str | Path, history: list[dict], metrics: dict, refere
                   f"Under DP, accuracy is evaluated {'only after the last round' if evaluated <= 1 else 'as opted in'}"
                   " (evaluation sums are not covered by the accountant); the plot shows what is free to show: the "
                   "epsilon spent after each round and the size of each released basis step.", ""]
-    if evaluated > 1 or dp_plot is None:
+    if accuracy_plot:
         lines += [f"![accuracy per round]({PLOT_FILENAME})", ""]
     lines += ["## Rounds", ""] + round_table(history) + ["", "Every round: `rounds.jsonl`."]
     lines += privacy_section(run_dir)

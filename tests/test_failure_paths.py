@@ -293,6 +293,21 @@ def test_eval_every_zero_evaluates_after_the_last_round_only(tmp_path, pair_file
     assert f"lore-fed simulate {pair_file} --out {run} --privacy none --rounds 3" in (run / "report.md").read_text()
 
 
+def test_a_dp_run_evaluated_once_draws_no_one_point_accuracy_plot(tmp_path, pair_file, engine):
+    """A tester: under DP (evaluated only after the last round) accuracy_per_round.png was a single point that the
+    report did not link; the report links the privacy plot, and an earlier version's accuracy plot goes."""
+    run = tmp_path / "run"
+    dp = ["--privacy", "user", "--noise-multiplier", "5", "--rounds", "2", "--clients-per-round", "4", "--rank",
+          str(RANK)]
+    assert cli(["simulate", pair_file, "--out", run, *dp])[0] == 0
+    report = (run / "report.md").read_text()
+    assert (run / "privacy_per_round.png").is_file() and "privacy_per_round.png" in report
+    assert not (run / "accuracy_per_round.png").exists() and "accuracy_per_round.png" not in report
+    (run / "accuracy_per_round.png").write_bytes(b"an older version's")
+    assert cli(["simulate", pair_file, "--out", run, *dp])[0] == 0  # a rerun of the finished run
+    assert not (run / "accuracy_per_round.png").exists()
+
+
 def test_simulate_writes_the_pair_files_embedder_into_the_basis(tmp_path, pairs, pair_file, engine):
     """basis.npz names the embedder of the pair file (devices compare it with their encoder's); a pair file without
     one still runs, with embedder "unknown"."""
