@@ -29,7 +29,9 @@ Figures:
                        of a test pair's logit under the learned basis holds the true logit.
   stop_rule            questions asked and accuracy where questions.should_stop first fires along lore's questions
 The prior strength and the stop threshold are chosen by --pilot on pilot populations whose seeds differ from the
-reported ones (synthetic seed 101, PRISM-shaped seed 102; reported: 0 and 1).
+reported ones (synthetic seed 101, PRISM-shaped seed 102; reported: 0 and 1). The threshold those two pilots gave
+(0.08 bits) lost more than its point on fresh populations; `simulations.pilot_stop_threshold` chose it again on six
+pilots (questions.STOP_BITS), so --pilot's `stop_chosen` is the earlier, two-pilot choice.
 """
 
 from __future__ import annotations
