@@ -28,7 +28,7 @@ import numpy as np
 from client.device.attribute_prior import FORMAT, publishable_mean
 from client.device.user_posterior import DEVICE_PRIOR_PAIRS, basis_prior_pairs
 from lore_core.atomic_io import atomic_write_json, check_output_path
-from lore_core.basis_file import BasisFile, load_basis
+from lore_core.basis_file import BasisFile, basis_file_path, load_basis
 from lore_core.evaluation import few_shot_weights
 from lore_core.pairs import PairSet, load_pairs, resolve_pair_path
 from lore_core.prism_pairs import USERS_JSONL
@@ -104,7 +104,8 @@ def check_fields(fields: list[str], demographics: dict[str, dict], source: Path)
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("dataset", help="prepared dataset directory (pairs.npz and users.jsonl) of the pilot panel")
-    parser.add_argument("--basis", required=True, help="the released basis the table is for")
+    parser.add_argument("--basis", required=True, help="the released basis the table is for (a basis file, or a "
+                        "run directory holding basis.npz)")
     parser.add_argument("--fields", default="age,gender", help="comma-separated demographic fields")
     parser.add_argument("--min-users", type=int, default=MIN_USERS,
                         help=f"smallest group published (default {MIN_USERS}; at least 2: one member's w could be "
@@ -120,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         demographics = read_demographics(dataset)
         fields = [f.strip() for f in args.fields.split(",") if f.strip()]
         check_fields(fields, demographics, dataset / USERS_JSONL)
-        basis, panel = load_basis(args.basis), panel_pairs(dataset)
+        basis, panel = load_basis(basis_file_path(args.basis)), panel_pairs(dataset)  # a run directory too
         if basis.dim != panel.dim:
             raise ValueError(f"--basis {args.basis} has width {basis.dim}, but {dataset} embeds pairs in "
                              f"{panel.dim} dimensions: give the basis released for this embedding")
