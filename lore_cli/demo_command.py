@@ -232,7 +232,20 @@ def stage_seconds(out: Path) -> dict[str, float]:
         times = json_loads((out / STAGE_SECONDS).read_text())
     except (OSError, ValueError):
         return {}
-    return {k: float(v) for k, v in times.items() if isinstance(v, (int, float))} if isinstance(times, dict) else {}
+    if not isinstance(times, dict):
+        return {}
+    return {k: float(v) for k, v in times.items()  # a damaged record's odd values are left out (a tester's NaN)
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < 1e9}
+
+
+def stages_time(seconds: float | None) -> str:
+    """The finished stages' total time in words (None: no record of them)."""
+    return f"{seconds:.0f} s in all" if seconds is not None else "an unknown time (no readable stage_seconds.json)"
+
+
+def stages_total(out: Path) -> float | None:
+    times = stage_seconds(out)
+    return sum(times.values()) if times else None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -276,12 +289,12 @@ def run(args: argparse.Namespace) -> int:
     runs = {"federated": json.loads((federated / "metrics.json").read_text())}
     if (nonprivate / "metrics.json").exists():
         runs["federated-nonprivate"] = json.loads((nonprivate / "metrics.json").read_text())
-    report = write_demo_report(out, dataset, reference, runs, sum(stage_seconds(out).values()),
+    report = write_demo_report(out, dataset, reference, runs, stages_total(out),
                                reference_chose_rank=args.rank == "auto")
     text = report.read_text()
     print("\n" + text[text.index("## Accuracy"):text.index("Details:")].strip())
     print(f"\ndemo finished: this start took {time.perf_counter() - started:.0f} s, its stages "
-          f"{sum(stage_seconds(out).values()):.0f} s in all; report: {report}")
+          f"{stages_time(stages_total(out))}; report: {report}")
     return 0
 
 
@@ -306,7 +319,7 @@ def simulate_privacy_argv(args: argparse.Namespace) -> list[str]:
     return argv
 
 
-def write_demo_report(out: Path, dataset: Path, central: dict, runs: dict[str, dict], seconds: float, *,
+def write_demo_report(out: Path, dataset: Path, central: dict, runs: dict[str, dict], seconds: float | None, *,
                       reference_chose_rank: bool = False) -> Path:
     """report.md; `reference_chose_rank`: the federated runs took the rank the centralized run chose (`--rank
     auto`), which the privacy section then names as not covered."""
@@ -320,7 +333,7 @@ def write_demo_report(out: Path, dataset: Path, central: dict, runs: dict[str, d
         "# lore-fed demo",
         "",
         f"Benchmark population -> PRISM pipeline -> MiniLM embeddings -> centralized reference and federated "
-        f"training -> few-shot adaptation of unseen users. Its stages took {seconds:.0f} s in all.",
+        f"training -> few-shot adaptation of unseen users. Its stages took {stages_time(seconds)}.",
         "",
         "## Data",
         "",

@@ -165,7 +165,7 @@ def read_pair_records(path: Path) -> dict[str, list]:
     `conversation` (written by `prepare`) becomes the pair file's `group`; it is None when no line has it (a file
     from an older `prepare`), and then every line must lack it."""
     from lore_core.embeddings import EmbeddingError, validate_history
-    from lore_core.text_file import ids_message, is_name, read_jsonl
+    from lore_core.text_file import ids_message, is_name, normalisation_twins, read_jsonl, twins_message
 
     if not path.is_file():
         raise DatasetError(f"{path} not found; run `lore-fed prepare` on the folder first (a `lore-fed synth` "
@@ -208,6 +208,9 @@ def read_pair_records(path: Path) -> dict[str, list]:
         conversations.append(record.get("conversation"))
     if not columns["user"]:
         raise DatasetError(f"{path} holds no pairs")
+    twins = normalisation_twins(np.array(columns["user"], dtype=str))  # before the embedding, as every check here
+    if twins:
+        raise DatasetError(twins_message(path, "'user' values", twins))
     has = [c is not None for c in conversations]
     if any(has) and not all(has):
         raise DatasetError(f"{path}: pair {has.index(not has[0]) + 1} {'lacks' if has[0] else 'has'} 'conversation' "

@@ -402,7 +402,12 @@ def run(args: argparse.Namespace) -> int:
     nodes_for(population["users"], args.users_per_node)  # a bad --users-per-node is named before the privacy plan
     # canary users are users of the population the server samples (federation/canary_users.py)
     overrides = run_overrides(args, population["seen_users"], population["seen_train_pairs"])
-    settings, privacy = check_run({**population, "seen_users": population["seen_users"] + args.canaries}, overrides)
+    try:
+        settings, privacy = check_run({**population, "seen_users": population["seen_users"] + args.canaries},
+                                      overrides)
+    except ValueError:  # a plan refused for a mode the run in --out never had: the mode is the cause
+        check_same_mode(out, args.privacy)
+        raise
     canary_nodes = nodes_for(args.canaries, args.users_per_node) if args.canaries else 0  # as node_counts has them
     check_secagg_layout(privacy, training_nodes(population, nodes_for(population["users"], args.users_per_node))
                         + canary_nodes, f"--users-per-node {args.users_per_node} for {population['users']} users")
@@ -502,6 +507,16 @@ def check_resume(out: Path, pairs_path: Path, settings, privacy, given: frozense
                       settings.fixed_optimizer_keys())
     check_simulated_accountants(out, (out / LEDGER_FILENAME).exists())
     return previous, fingerprint
+
+
+def check_same_mode(out: Path, privacy_mode: str) -> None:
+    """A checkpointed run in --out under another privacy mode: refused for its mode where the mode asked gave a
+    settings error (a tester who left out --privacy none was told to raise the noise multiplier). Otherwise
+    check_resume names the mode beside the flags given that differ."""
+    stored = resumed_settings(out).get("privacy_mode")
+    if stored is not None and stored != privacy_mode:
+        raise ValueError(f"{out} holds a run under privacy mode {stored!r}, not {privacy_mode!r}: resume it with "
+                         f"--privacy {stored} (and its other settings), or use a new --out directory")
 
 
 def check_canary_flags(args: argparse.Namespace, out: Path) -> None:

@@ -17,6 +17,7 @@ the survey and not marked survey-only. `utterances.jsonl` is optional; when pres
 from __future__ import annotations
 
 import json
+import unicodedata
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -291,7 +292,11 @@ def _read_conversations(
             raise _error(path, line, f"duplicate conversation_id '{conversation_id}' (first on line "
                          f"{first_line[conversation_id]})")  # fmt: skip
         if user not in survey:
-            raise _error(path, line, f"user_id '{user}' of {conversation_id} is not in {survey_path}")
+            form = next((u for u in survey if unicodedata.normalize("NFC", u) == unicodedata.normalize("NFC", user)),
+                        None) if not user.isascii() else None  # a tester: two forms of one name printed alike
+            raise _error(path, line, f"user_id {ascii(user)} of {conversation_id} is not in {survey_path}" + (
+                f" (it holds {ascii(form)}, the same text in another Unicode form: write every id in one form, "
+                "NFC)" if form is not None else ""))
         if survey[user]["survey_only"]:
             raise _error(
                 path, line, f"user '{user}' is marked survey_only in {survey_path} line {survey_lines[user]} "

@@ -172,6 +172,10 @@ def test_demo_resumes_a_directory_made_with_the_same_flags(tmp_path, capsys, mon
     assert main(["demo", "--out", str(out), *FAKE_FLAGS, *neutral]) == 0
     assert capsys.readouterr().out.count("already done, skipped") == 5
     assert "privacy `none`" in (out / "report.md").read_text()
+    assert "Its stages took an unknown time" in (out / "report.md").read_text()  # no stage ran here: no record
+    (out / "stage_seconds.json").write_text('{"a": 3, "b": -5, "c": true, "d": "7"}')  # damaged: only 3 s counts
+    assert main(["demo", "--out", str(out), *FAKE_FLAGS]) == 0
+    assert "Its stages took 3 s in all" in (out / "report.md").read_text()
 
 
 def test_demo_runs_synth_again_when_its_write_was_cut_short_after_the_truth(tmp_path, monkeypatch):

@@ -494,6 +494,16 @@ def test_embed_command_names_the_bad_line(tmp_path, capsys, bad_line, message):
     assert "pairs.jsonl line 3:" in err and message in err
 
 
+def test_embed_refuses_user_ids_in_two_unicode_forms_before_embedding(tmp_path, capsys):
+    """A tester: twins ('é' composed and decomposed) were refused only when pairs.npz was written, after every text
+    was embedded and cached."""
+    write_dataset(tmp_path, [{**PAIRS[0], "user": "Jos\u00e9"}, {**PAIRS[1], "user": "Jose\u0301"}, PAIRS[2]])
+    assert cli_main(["embed", str(tmp_path), "--cache-dir", str(tmp_path / "cache")]) == 2
+    err = capsys.readouterr().err
+    assert "pairs.jsonl: 1 group(s) of 'user' values are the same text in different Unicode forms" in err, err
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "pairs.npz").exists()
+
+
 def test_embed_command_reward_model_adds_reference_head(tiny_llama_rm, tmp_path, capsys):
     write_dataset(tmp_path, PAIRS)
     args = ["embed", str(tmp_path), "--model", str(tiny_llama_rm), "--cache-dir", str(tmp_path / "cache")]

@@ -285,6 +285,17 @@ def test_a_run_directory_resumes_only_on_its_own_pair_file_and_settings(tmp_path
     assert code == 0, err
 
 
+def test_a_run_without_privacy_rerun_without_the_flag_is_refused_for_its_mode(tmp_path, pair_file, engine):
+    """A tester left out --privacy none on a run without privacy and was told to raise the noise multiplier (the
+    default DP plan on a tiny population): the run's mode is named instead, and nothing changes."""
+    run = tmp_path / "run"
+    assert cli(["simulate", pair_file, "--out", run, *SIM])[0] == 0
+    before = tree(run)
+    code, _, err = cli(["simulate", pair_file, "--out", run, *SIM[2:]])
+    assert code == 2 and "holds a run under privacy mode 'none', not 'user': resume it with --privacy none" in err, err
+    assert tree(run) == before
+
+
 def test_eval_every_zero_evaluates_after_the_last_round_only(tmp_path, pair_file, engine):
     run = tmp_path / "run"
     assert cli(["simulate", pair_file, "--out", run, *SIM[:-1], "0"])[0] == 0

@@ -348,6 +348,14 @@ def test_user_ids_in_two_unicode_forms_are_refused_before_anything_is_written(tm
         prepare_dataset(source, out, min_conversations=2)
     assert "'Jos\\xe9'" in str(info.value) and not out.exists()
 
+    # one name, composed in the survey and decomposed in the conversations: named as such, escaped
+    records = [json.loads(line) for line in (source / "survey.jsonl").read_text().splitlines() if line.strip()]
+    records = [record for record in records if record["user_id"] != "Jose\u0301"]  # the survey holds it composed
+    (source / "survey.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    with pytest.raises(PrismSchemaError, match="the same text in another Unicode form") as info:
+        prepare_dataset(source, out, min_conversations=2)
+    assert "user_id 'Jose\\u0301' of" in str(info.value) and "holds 'Jos\\xe9'" in str(info.value)
+
 
 @pytest.mark.parametrize("case", sorted(BAD_FILES))
 def test_bad_files_name_file_and_line_and_write_nothing(tmp_path, case):

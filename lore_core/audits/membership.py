@@ -123,7 +123,8 @@ def record_membership_audit(
     fig = attacks[best]
     leak = fig["auc_ci"][0] > 0.5
     sentence = (f"{'LEAK' if leak else 'no leak'}: whether a pair was used to fit w_i is guessed with AUC "
-                f"{fig['auc']:.3f} [{fig['auc_ci'][0]:.3f}, {fig['auc_ci'][1]:.3f}] ({best}), TPR "
+                f"{fig['auc']:.3f} [{fig['auc_ci'][0]:.3f}, {fig['auc_ci'][1]:.3f}] ({best}; a {100 * (1 - each):g} % "
+                f"interval, as the better of two attacks), TPR "
                 f"{fig['tpr_at_1pct_fpr']:.3f} at 1% FPR, epsilon >= {fig['epsilon_lb']['epsilon_lb']:.2f}. "
                 + ("w_i remembers its pairs: treat w_i (and anything derived from it) as personal data."
                    if leak else "w_i does not single out its training pairs at this sample size."))
