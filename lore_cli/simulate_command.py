@@ -48,8 +48,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--clients-per-round", type=int, default=None,
                         help=f"users sampled per round M (default {DEFAULT_CLIENTS_PER_ROUND}, or every seen user of "
                              f"a smaller population; with --privacy none 1/{NONPRIVATE_SHARE} of the seen "
-                             f"users, at least {DEFAULT_CLIENTS_PER_ROUND} and at most {NONPRIVATE_MOST_USERS}; a rerun "
-                             "on a run directory: that run's, under the same privacy mode)")
+                             f"users, at least {DEFAULT_CLIENTS_PER_ROUND} and at most {NONPRIVATE_MOST_USERS}; "
+                             "a rerun on a run directory: that run's, under the same privacy mode)")
     parser.add_argument("--rank", type=int, default=None, help="basis size B (default: the run config's `rank`)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--users-per-node", default="auto",
@@ -235,7 +235,8 @@ def run_overrides(args: argparse.Namespace, seen_users: int, seen_train_pairs: i
         eval_every = 10 if args.privacy == "none" else 0  # DP: only after the last round unless opted in
     stored = resumed_settings(Path(args.out))  # read once for the settings a resume keeps (`stored`: not again)
     overrides = {
-        "num-server-rounds": planned_rounds(args, stored), "clients-per-round": users_per_round(args, seen_users, stored),
+        "num-server-rounds": planned_rounds(args, stored),
+        "clients-per-round": users_per_round(args, seen_users, stored),
         "seed": args.seed, "eval-every": eval_every,
         "l2": DEFAULT_L2 if args.l2 is None else args.l2,
         "prior-pairs": "" if args.prior_pairs is None else args.prior_pairs, "progress": "bar",
@@ -496,12 +497,16 @@ def check_resume(out: Path, pairs_path: Path, settings, privacy, given: frozense
     if (out / LEDGER_FILENAME).exists():
         planned_settings = FederatedLedger.load(out).settings
         planned = planned_settings.rounds
-        # another mode is named by the ledger's comparison below (its rounds would follow the mode's default)
-        if planned != settings.rounds and planned_settings.mode == settings.privacy_mode:  # a tester read "other privacy settings (rounds)" of a run without privacy
+        # a tester read "other privacy settings (rounds)" of a run without privacy; another mode is named by the
+        # ledger's comparison below (its rounds would follow that mode's default)
+        if planned != settings.rounds and planned_settings.mode == settings.privacy_mode:
             raise CheckpointError(f"{out} holds a run of {planned} rounds, not {settings.rounds}: a run's rounds are "
                                   "fixed when it starts (the server's learning-rate schedule, and under DP the "
-                                  f"accountant's plan, follow them); resume it with --rounds {planned}, or start a "
-                                  "new --out directory (a longer run from scratch)")
+                                  f"accountant's plan, follow them); resume it with --rounds {planned}"
+                                  + (" and the --clients-per-round it was started with (a run without privacy "
+                                     "records it only from its first checkpoint)" if previous is None and
+                                     planned_settings.mode == "none" else "")
+                                  + ", or start a new --out directory (a longer run from scratch)")
         FederatedLedger.load(out, privacy)  # reads and compares only; the server opens it again to write
     check_continuable(out, settings.release_optimizer(), previous.round if previous is not None else 0,
                       settings.fixed_optimizer_keys())

@@ -136,8 +136,8 @@ def record_membership_audit(
         **({"prior_pairs": float(prior_pairs)} if prior_pairs is not None else {"prior_strength": prior_strength}),
         "method": "membership game (each pair in w.p. 1/2), target and shadow w fitted with the batched simplex "
                   "solver at the fixed basis; loss threshold and online LiRA (per-candidate means, global variances); "
-                  "DeLong AUC CI; Clopper-Pearson epsilon LB over a Bonferroni-corrected threshold grid; each attack at "
-                  "alpha / 2, as the verdict reads the better one",
+                  "DeLong AUC CI; Clopper-Pearson epsilon LB over a Bonferroni-corrected threshold grid; each attack "
+                  "at alpha / 2, as the verdict reads the better one",
         "seed": seed, "trials": int(len(scores)),
     }
 
