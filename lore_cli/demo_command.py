@@ -114,7 +114,7 @@ def fill_privacy_defaults(args: argparse.Namespace, privacy) -> None:
 
 
 FLAGS_FILE = "demo_flags.json"
-STAGE_SECONDS = "stage_seconds.json"  # each finished stage's seconds, for the report's total
+STAGE_SECONDS = "stage_seconds.json"  # each stage's seconds over every start, for the report's total
 FLAGS_FORMAT = 2  # 2: the settings after defaults, and the lore-fed version; 1 (flags as given, no version): refused
 # What each stage writes under DIR: any of them without DIR/demo_flags.json is a demo whose flags are unknown.
 STAGE_OUTPUTS = ("prism", "dataset", "centralized", "federated-nonprivate", "federated", "report.md")
@@ -214,20 +214,26 @@ def _stage(name: str, done: bool, argv: list[str], out: Path) -> None:
         return
     print(f"== {name}: lore-fed {' '.join(argv)}", flush=True)
     started = time.perf_counter()
-    code = main(argv)
+    try:
+        code = main(argv)
+    finally:  # every start's time in the stage, a failed or interrupted one's too (it resumes where that stopped)
+        seconds = time.perf_counter() - started
+        times = stage_seconds(out)
+        try:
+            atomic_write_json(out / STAGE_SECONDS, {**times, name: round(times.get(name, 0.0) + seconds, 1)})
+        except OSError:  # the times only inform: never in the way of the stage's own outcome
+            pass
     if code in (130, 143):  # the stage was interrupted: so is the demo (its own message, its exit code)
         raise Terminated() if code == 143 else KeyboardInterrupt()
     if code != 0:
         raise CommandFailed(f"stage {name!r} failed (exit {code}, see above); rerun `lore-fed demo` to resume after "
                             "fixing it")
-    seconds = time.perf_counter() - started
-    atomic_write_json(out / STAGE_SECONDS, {**stage_seconds(out), name: round(seconds, 1)})
     print(f"== {name}: {seconds:.1f} s", flush=True)
 
 
 def stage_seconds(out: Path) -> dict[str, float]:
-    """Each finished stage's time, whichever start ran it ({} for an unreadable record: the times only inform): a
-    resumed demo's report totals them, not the last start's own seconds (a tester's rerun read "Total 5 s")."""
+    """Each stage's time, summed over the starts that ran it ({} for an unreadable record: the times only inform):
+    a resumed demo's report totals them, not the last start's own seconds (a tester's rerun read "Total 5 s")."""
     try:
         times = json_loads((out / STAGE_SECONDS).read_text())
     except (OSError, ValueError):
@@ -239,7 +245,7 @@ def stage_seconds(out: Path) -> dict[str, float]:
 
 
 def stages_time(seconds: float | None) -> str:
-    """The finished stages' total time in words (None: no record of them)."""
+    """The stages' total time in words (None: no record of them)."""
     return f"{seconds:.0f} s in all" if seconds is not None else "an unknown time (no readable stage_seconds.json)"
 
 

@@ -211,7 +211,7 @@ def planned_rounds(args: argparse.Namespace, stored: dict) -> int:
 def users_per_round(args: argparse.Namespace, seen_users: int, stored: dict) -> int:
     """--clients-per-round; by default that of the run --out holds under the same privacy mode, else the mode's
     default: under DP DEFAULT_CLIENTS_PER_ROUND, without privacy a NONPRIVATE_SHARE-th of the seen users (at least
-    DEFAULT_CLIENTS_PER_ROUND); never more than the seen users."""
+    DEFAULT_CLIENTS_PER_ROUND, at most NONPRIVATE_MOST_USERS); never more than the seen users."""
     if args.clients_per_round is not None:
         return args.clients_per_round
     if stored.get("privacy_mode") == args.privacy and stored.get("clients_per_round"):

@@ -2,7 +2,6 @@
 
 import json
 import shutil
-from pathlib import Path
 
 from lore_cli.demo_command import simulate_privacy_argv, write_demo_report
 from lore_cli.main import build_parser
@@ -363,7 +362,7 @@ def test_a_record_mode_demo_report_states_its_per_pair_guarantee(tmp_path):
 
 
 @pytest.mark.parametrize("code, raised", [(130, KeyboardInterrupt), (143, "Terminated")])
-def test_an_interrupted_stage_interrupts_the_demo(monkeypatch, code, raised):
+def test_an_interrupted_stage_interrupts_the_demo(monkeypatch, tmp_path, code, raised):
     """A reviewer: a stage ended by Ctrl-C or kill -TERM (its `main` returns 130 / 143) made the demo exit 1 with
     "failed ... rerun after fixing it" instead of the demo's own interruption sentence and code."""
     from lore_cli import demo_command, main as cli
@@ -371,7 +370,8 @@ def test_an_interrupted_stage_interrupts_the_demo(monkeypatch, code, raised):
 
     monkeypatch.setattr(cli, "main", lambda argv: code)
     with pytest.raises(Terminated if raised == "Terminated" else raised):
-        demo_command._stage("a stage", False, ["train"], Path("unused"))
+        demo_command._stage("a stage", False, ["train"], tmp_path)
+    assert "a stage" in demo_command.stage_seconds(tmp_path)  # the interrupted start's time is kept for the report
 
 
 def test_the_demo_s_federated_runs_take_what_the_centralized_run_chose():
