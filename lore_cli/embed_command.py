@@ -208,7 +208,7 @@ def read_pair_records(path: Path) -> dict[str, list]:
         conversations.append(record.get("conversation"))
     if not columns["user"]:
         raise DatasetError(f"{path} holds no pairs")
-    twins = normalisation_twins(np.array(columns["user"], dtype=str))  # before the embedding, as every check here
+    twins = normalisation_twins(np.array(list(seen_at), dtype=str))  # the distinct users, before the embedding
     if twins:
         raise DatasetError(twins_message(path, "'user' values", twins))
     has = [c is not None for c in conversations]

@@ -515,10 +515,17 @@ def check_resume(out: Path, pairs_path: Path, settings, privacy, given: frozense
 
 
 def check_same_mode(out: Path, privacy_mode: str) -> None:
-    """A checkpointed run in --out under another privacy mode: refused for its mode where the mode asked gave a
-    settings error (a tester who left out --privacy none was told to raise the noise multiplier). Otherwise
-    check_resume names the mode beside the flags given that differ."""
+    """A run in --out (checkpointed, or only its ledger) under another privacy mode: refused for its mode where the
+    mode asked gave a settings error (a tester who left out --privacy none was told to raise the noise multiplier).
+    Otherwise check_resume names the mode beside the flags given that differ."""
+    from lore_core.privacy.ledger import LEDGER_FILENAME, LedgerError, read_ledger
+
     stored = resumed_settings(out).get("privacy_mode")
+    if stored is None and (out / LEDGER_FILENAME).is_file():  # a run that crashed before its first checkpoint
+        try:
+            stored = read_ledger(out / LEDGER_FILENAME)["config"].get("mode")
+        except (LedgerError, OSError):
+            stored = None  # check_resume says what is wrong with it
     if stored is not None and stored != privacy_mode:
         raise ValueError(f"{out} holds a run under privacy mode {stored!r}, not {privacy_mode!r}: resume it with "
                          f"--privacy {stored} (and its other settings), or use a new --out directory")

@@ -295,6 +295,17 @@ def test_a_run_without_privacy_rerun_without_the_flag_is_refused_for_its_mode(tm
     assert code == 2 and "holds a run under privacy mode 'none', not 'user': resume it with --privacy none" in err, err
     assert tree(run) == before
 
+    # one that failed before its first checkpoint (its ledger alone on disk) too (a reviewer)
+    crashed = tmp_path / "crashed"
+    engine.fail["train"] = {1}
+    assert cli(["simulate", pair_file, "--out", crashed, *SIM])[0] == 1
+    engine.fail["train"] = set()
+    assert not (crashed / "checkpoint.npz").exists() and (crashed / "ledger.json").exists()
+    code, _, err = cli(["simulate", pair_file, "--out", crashed, *SIM[2:]])
+    assert code == 2 and "holds a run under privacy mode 'none', not 'user'" in err, err
+    code, _, err = cli(["simulate", pair_file, "--out", crashed, *SIM[:2], *SIM[6:]])  # no --rounds: the default
+    assert code == 2 and "resume it with --rounds 3 and the --clients-per-round it was started with" in err, err
+
 
 def test_eval_every_zero_evaluates_after_the_last_round_only(tmp_path, pair_file, engine):
     run = tmp_path / "run"

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import sys
@@ -333,7 +334,8 @@ def _next_question(args) -> int:
         rows.append(row)
     reason = ("the pool has no unanswered pair left" if not available.any() else
               "the basis holds one shared reward (rank 1): no answer can change w" if state.basis.rank == 1 else
-              f"the best pair is expected to teach {best:.4f} bits, below {questions.STOP_BITS}" if stop else
+              f"the best pair is expected to teach {math.floor(best * 1e4) / 1e4:.4f} bits, below {questions.STOP_BITS}"
+              if stop else
               f"the best pair is expected to teach {best:.3f} bits")
     print(json.dumps({"answers": state.n_pairs, "pool": pool.size, "unanswered": int(available.sum()),
                       "stop": stop, "reason": reason, "selection_ms": round(selection_ms, 2), "questions": rows},
