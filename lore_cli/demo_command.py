@@ -295,12 +295,13 @@ def run(args: argparse.Namespace) -> int:
     runs = {"federated": json.loads((federated / "metrics.json").read_text())}
     if (nonprivate / "metrics.json").exists():
         runs["federated-nonprivate"] = json.loads((nonprivate / "metrics.json").read_text())
-    report = write_demo_report(out, dataset, reference, runs, stages_total(out),
+    total = stages_total(out)
+    report = write_demo_report(out, dataset, reference, runs, total,
                                reference_chose_rank=args.rank == "auto")
     text = report.read_text()
     print("\n" + text[text.index("## Accuracy"):text.index("Details:")].strip())
     print(f"\ndemo finished: this start took {time.perf_counter() - started:.0f} s, its stages "
-          f"{stages_time(stages_total(out))}; report: {report}")
+          f"{stages_time(total)}; report: {report}")
     return 0
 
 

@@ -193,19 +193,23 @@ def planned_rounds(args: argparse.Namespace, stored: dict) -> int:
     """--rounds; by default those its ledger plans for the run --out holds (checkpointed) under the same privacy mode
     (the same command resumes a run begun under an earlier default), else the mode's default. A run that never
     checkpointed takes the defaults for rounds and users per round alike; check_resume names a ledger's other plan."""
-    from lore_core.privacy.ledger import LEDGER_FILENAME, LedgerError, read_ledger
-
     if args.rounds is not None:
         return args.rounds
-    config = {}
-    if stored.get("privacy_mode") == args.privacy:
-        try:  # a damaged ledger: check_resume says what is wrong with it
-            config = read_ledger(Path(args.out) / LEDGER_FILENAME)["config"]
-        except (LedgerError, OSError):
-            pass
+    config = planned_config(Path(args.out)) if stored.get("privacy_mode") == args.privacy else {}
     if config.get("mode") == args.privacy and isinstance(config.get("rounds"), int) and config["rounds"] > 0:
         return config["rounds"]
     return NONPRIVATE_ROUNDS if args.privacy == "none" else DEFAULT_ROUNDS
+
+
+def planned_config(out: Path) -> dict:
+    """The `config` of the ledger in `out` (the run's plan: mode, rounds, ...), {} without a readable one: a damaged
+    ledger is check_resume's to name."""
+    from lore_core.privacy.ledger import LEDGER_FILENAME, LedgerError, read_ledger
+
+    try:
+        return read_ledger(out / LEDGER_FILENAME)["config"]
+    except (LedgerError, OSError):
+        return {}
 
 
 def users_per_round(args: argparse.Namespace, seen_users: int, stored: dict) -> int:
@@ -518,14 +522,8 @@ def check_same_mode(out: Path, privacy_mode: str) -> None:
     """A run in --out (checkpointed, or only its ledger) under another privacy mode: refused for its mode where the
     mode asked gave a settings error (a tester who left out --privacy none was told to raise the noise multiplier).
     Otherwise check_resume names the mode beside the flags given that differ."""
-    from lore_core.privacy.ledger import LEDGER_FILENAME, LedgerError, read_ledger
-
-    stored = resumed_settings(out).get("privacy_mode")
-    if stored is None and (out / LEDGER_FILENAME).is_file():  # a run that crashed before its first checkpoint
-        try:
-            stored = read_ledger(out / LEDGER_FILENAME)["config"].get("mode")
-        except (LedgerError, OSError):
-            stored = None  # check_resume says what is wrong with it
+    # a run that crashed before its first checkpoint: its ledger's mode
+    stored = resumed_settings(out).get("privacy_mode") or planned_config(out).get("mode")
     if stored is not None and stored != privacy_mode:
         raise ValueError(f"{out} holds a run under privacy mode {stored!r}, not {privacy_mode!r}: resume it with "
                          f"--privacy {stored} (and its other settings), or use a new --out directory")
