@@ -96,11 +96,14 @@ def _load_settings(args: argparse.Namespace, run_dir: Path | None) -> dict:
         settings.update({k: v for k, v in stored.items() if k in PRIVACY_DEFAULTS and v is not None})
         if stored.get("clients_per_round") is None:  # modes none and record: the run's own count (a tester saw 50)
             settings.update(_checkpoint_clients(run_dir))
+    source, other = {}, []  # where each value came from, for the message; flags that differ from the run's
     if args.config:
-        settings.update(_read_config(Path(args.config)))
+        given = _read_config(Path(args.config))
+        settings.update(given)
+        other += [f"{key} {value!r} in --config {args.config} is not {run_dir}'s {stored[key]!r} (from {ledger})"
+                  for key, value in given.items() if stored.get(key) is not None and stored[key] != value]
     stored_in = f" (from --config {args.config})" if args.config else f" (from {ledger})" if ledger and ledger.exists() \
         else ""
-    source, other = {}, []  # where each value came from, for the message; flags that differ from the run's
     for key, flag, value in (("noise_multiplier", "--noise-multiplier", args.noise_multiplier),
                              ("clip_norm", "--clip-norm", args.clip_norm),
                              ("clients_per_round", "--clients-per-round", args.clients_per_round),
@@ -125,7 +128,8 @@ def _load_settings(args: argparse.Namespace, run_dir: Path | None) -> dict:
         _refuse_more_per_round_than_users(settings, source, stored_in)  # a tester: update-leakage took 50 of 42
     if other:
         raise AuditCommandError(f"{'; '.join(other)}: an audit of a run replays the run's own settings and is filed "
-                                "in its ledger; drop the flag, or audit those settings without the run directory")
+                                "in its ledger; drop the flag (or the --config value), or audit those settings without the run "
+                                "directory")
     return settings
 
 
@@ -615,9 +619,14 @@ def _mechanism(args, run_dir, settings) -> dict:
                                            dimension=int(np.prod(shape))))
         aggregator = DistributedDpAggregator.for_audit(privacy)
         aggregate, claim = aggregator.aggregate, aggregator.one_step_epsilon()
-    return mechanism_audit(aggregate, noise_multiplier=z, clip_norm=clip, claimed_epsilon=claim,
-                           denominator=m, population=population, shape=shape, runs=args.runs, delta=delta,
-                           seed=args.seed)
+    result = mechanism_audit(aggregate, noise_multiplier=z, clip_norm=clip, claimed_epsilon=claim,
+                             denominator=m, population=population, shape=shape, runs=args.runs, delta=delta,
+                             seed=args.seed)
+    if run_dir is not None:  # a reviewer: filed under the run, a pass read as the run's own
+        result["scope"] = ("the aggregation code installed now, at this run's settings; not this run's releases "
+                           "(those: `audit accounting` and `audit canary`)")
+        result["summary"] += f" Tested: {result['scope']}."
+    return result
 
 
 def check_record_covers_ledger(releases, ledger, state, run_dir: Path) -> None:

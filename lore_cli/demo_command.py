@@ -296,8 +296,8 @@ def run(args: argparse.Namespace) -> int:
     if (nonprivate / "metrics.json").exists():
         runs["federated-nonprivate"] = json.loads((nonprivate / "metrics.json").read_text())
     total = stages_total(out)
-    report = write_demo_report(out, dataset, reference, runs, total,
-                               reference_chose_rank=args.rank == "auto")
+    taken = (("rank",) if args.rank == "auto" else ()) + (("l2",) if args.privacy != "none" and chosen["dp"] else ())
+    report = write_demo_report(out, dataset, reference, runs, total, reference_choices=taken)
     text = report.read_text()
     print("\n" + text[text.index("## Accuracy"):text.index("Details:")].strip())
     print(f"\ndemo finished: this start took {time.perf_counter() - started:.0f} s, its stages "
@@ -315,6 +315,22 @@ def train_choice(reference: dict) -> dict[str, list[str]]:
             "dp": flags.get("l2", [])}
 
 
+def _choices_sentence(choices: tuple[str, ...], rank, l2) -> str:
+    """The private run's settings that the centralized, non-private run chose on the same users (not covered), or ""
+    (a reviewer: the l2 the DP run takes from `train --l2 auto` went unnamed)."""
+    named = {"rank": (f"the rank {rank}", "`--rank auto`", "`--rank`"),
+             "l2": (f"the l2 penalty {l2:g}" if isinstance(l2, (int, float)) else "the l2 penalty", "`--l2 auto`",
+                    "`--l2`")}
+    parts = [named[c] for c in choices if c in named]
+    if not parts:
+        return ""
+    what, how, flags = (" and ".join(p[i] for p in parts) for i in range(3))
+    verb, those = ("was", "that choice is") if len(parts) == 1 else ("were", "those choices are")
+    return (f"{what[0].upper()}{what[1:]} {verb} chosen by the centralized, non-private run on the same users ({how}): "
+            f"{those} not covered; for a run whose settings owe nothing to the private data, run `lore-fed simulate` "
+            f"with {flags} from a public pilot population.")
+
+
 def simulate_privacy_argv(args: argparse.Namespace) -> list[str]:
     """The demo's privacy flags (resolved: see resolve_demo_flags), passed on unchanged to `lore-fed simulate`."""
     from lore_cli.simulate_command import privacy_overrides
@@ -327,9 +343,9 @@ def simulate_privacy_argv(args: argparse.Namespace) -> list[str]:
 
 
 def write_demo_report(out: Path, dataset: Path, central: dict, runs: dict[str, dict], seconds: float | None, *,
-                      reference_chose_rank: bool = False) -> Path:
-    """report.md; `reference_chose_rank`: the federated runs took the rank the centralized run chose (`--rank
-    auto`), which the privacy section then names as not covered."""
+                      reference_choices: tuple[str, ...] = ()) -> Path:
+    """report.md; `reference_choices`: what the private run took from the centralized run's choices on the same users
+    ("rank" with `--rank auto`, "l2": its `--l2 auto` penalty), which the privacy section names as not covered."""
     summary = json.loads((dataset / "summary.json").read_text())
     federated = runs["federated"]
     rows = [("centralized (`lore-fed train`)", central)]
@@ -369,9 +385,7 @@ def write_demo_report(out: Path, dataset: Path, central: dict, runs: dict[str, d
     others = ("runs of this report (`centralized/`, `federated-nonprivate/`) trained on the same users without "
               "privacy and release their bases" if "federated-nonprivate" in runs else
               "run of this report (`centralized/`) trained on the same users without privacy and releases its basis")
-    rank_choice = (f"The rank {federated.get('rank')} was chosen by the centralized, non-private run on the same users "
-                   "(`--rank auto`): that choice is not covered; give `--rank` from a public pilot population for a "
-                   "run whose settings owe nothing to the private data.")
+    rank_choice = _choices_sentence(reference_choices, federated.get("rank"), central.get("l2"))
     if "epsilon" in federated:
         accountant = ("the distributed discrete Gaussian's RDP bound" if federated.get("epsilon_accountant") ==
                       "ddg-rdp" else f"the Opacus PRV accountant (RDP: {federated.get('epsilon_rdp', float('nan')):.3f})")
@@ -382,7 +396,7 @@ def write_demo_report(out: Path, dataset: Path, central: dict, runs: dict[str, d
                      f"`federated/` run alone: the {others} and accuracies without any guarantee.",
                      "Differential privacy over a population of a few hundred users is expensive: larger populations "
                      "reach a smaller epsilon at the same accuracy."]
-        if reference_chose_rank:
+        if rank_choice:
             sentences.append(rank_choice)
         if federated.get("epsilon_against_server") is not None:
             sentences.append(f"This epsilon holds against everyone but the server; the server draws the sample, and "
@@ -394,7 +408,7 @@ def write_demo_report(out: Path, dataset: Path, central: dict, runs: dict[str, d
         # the other runs and the rank choice, as in the user modes (a privacy reviewer found them left out here)
         lines.append(" ".join([f"Mode `{mode}`: {federated['privacy_guarantee']}.",
                                f"It is that of the `federated/` run alone: the {others} and accuracies without any "
-                               "guarantee."] + ([rank_choice] if reference_chose_rank else [])))
+                               "guarantee."] + ([rank_choice] if rank_choice else [])))
     else:
         lines.append(f"Mode `{mode}`: no differential-privacy guarantee for this run.")
     if ledger:

@@ -36,7 +36,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="lore-fed", description="Federated, private LoRe reward personalization")
     parser.add_argument("--version", action="version", version=f"lore-fed {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)  # bare: exit 2, as `device`
     for name, (module_name, help_text) in COMMANDS.items():
         command_parser = sub.add_parser(name, help=help_text, description=help_text)
         if name == only:
@@ -80,7 +80,7 @@ def _main(argv: list[str]) -> int:
     args._command_line = "lore-fed " + shlex.join(str(a) for a in argv)  # as run, also in-process (`demo`'s runs)
     if not getattr(args, "_run", None):
         parser.print_help()
-        return 0 if command is None else 2
+        return 2
     from lore_cli.termination import interrupted, is_interruption
     from lore_core.termination import terminated_as_interrupt
     from lore_core.run_lock import RunDirBusy

@@ -28,7 +28,8 @@ EVAL_NOT_COVERED = ("federated evaluation metrics (per-node accuracy sums; metri
                     "its own making can query each node's held-out pairs (unmasked under user+secagg too); a device "
                     "that must not answer sets node config allow-evaluate=false")
 COUNTS_NOT_COVERED = ("per-round counts (ledger `sampled`; rounds.jsonl sampled_users, accepted_users, "
-                      "rejected_replies, missing_replies, non_finite_users, record_budget_exhausted_users, "
+                      "rejected_replies (each with its node id and reason: that node's users were in the round's "
+                      "sample), missing_replies, non_finite_users, record_budget_exhausted_users, "
                       "secagg_nodes, unasked_nodes, eval_failed_nodes, eval_missing_nodes; metrics.json's totals of "
                       "them; user+secagg also tells the sampled users k (its bases' noise variance, n (zC)^2 / "
                       "n_min for the n users whose shares arrive, moves with k too), and the ledger the rounds of the "

@@ -4,7 +4,10 @@ directions Gaussian, `--drift` times the noise std per entry and direction), noi
 
     python -m simulations.released_noise_check [--draws 20] [--seed 0]
 
-Cases: honest; every round's noise at 0.85 of the claim; a tenth of the rounds (and the first) with no noise. Writes
+Cases: honest; every round's noise at 0.85 of the claim; a tenth of the rounds (and the first) with no noise; noise of
+the claimed std per round but correlated across rounds: AR(1) at rho = -0.2 and -0.3 (rounds t and t + 1 cancel
+part of it), rounds paired at random, the second's noise the first's negated, and blocks of 5 rounds whose noise
+sums to zero (each round's rescaled to the claimed std; a tester's server). Writes
 bench_results/released_noise_check.{json,md}.
 """
 
@@ -21,16 +24,36 @@ from lore_core.audits.released_noise import released_noise_check
 OUT = Path(__file__).resolve().parents[1] / "bench_results"
 SHAPES = ((200, 1920, 5), (200, 3840, 20), (1500, 32, 3), (60, 512, 4), (25, 512, 8), (25, 312, 8), (10, 96, 2),
           (5, 72, 1), (3, 100, 1), (2, 100, 1))
-CASES = {"honest": (1.0, 0.0), "noise x 0.85": (0.85, 0.0), "10 % of rounds without noise": (1.0, 0.1)}
+CASES = {"honest": (1.0, 0.0, None), "noise x 0.85": (0.85, 0.0, None), "10 % of rounds without noise": (1.0, 0.1, None),
+         "AR(1) rho -0.2": (1.0, 0.0, -0.2), "AR(1) rho -0.3": (1.0, 0.0, -0.3), "pairs cancel": (1.0, 0.0, "pairs"),
+         "5-round blocks sum to 0": (1.0, 0.0, "blocks")}
 
 
-def failures(rng: np.random.Generator, shape: tuple[int, int, int], scale: float, zero_share: float, drift: float,
-             draws: int) -> dict:
+def correlated_noise(rng: np.random.Generator, rounds: int, dim: int, correlation) -> np.ndarray:
+    """Noise of std 1 per entry in every round, independent across rounds (None), AR(1) at rho (a number), rounds
+    paired at random with the second's noise the first's negated ("pairs"), or 5-round blocks summing to 0."""
+    noise = rng.standard_normal((rounds, dim))
+    if correlation == "blocks":  # a tester's server: each block of 5 rounds centred, rescaled to the claimed std
+        whole = rounds - rounds % 5
+        blocks = noise[:whole].reshape(-1, 5, dim)
+        noise[:whole] = ((blocks - blocks.mean(axis=1, keepdims=True)) * np.sqrt(5 / 4)).reshape(whole, dim)
+    elif correlation == "pairs":
+        order = rng.permutation(rounds)
+        half = rounds // 2
+        noise[order[half:2 * half]] = -noise[order[:half]]
+    elif correlation is not None:
+        for t in range(1, rounds):
+            noise[t] = correlation * noise[t - 1] + np.sqrt(1 - correlation ** 2) * noise[t]
+    return noise
+
+
+def failures(rng: np.random.Generator, shape: tuple[int, int, int], scale: float, zero_share: float, correlation,
+             drift: float, draws: int) -> dict:
     rounds, dim, spikes = shape
     verdicts, pooled, lowest = [], [], []
     for _ in range(draws):
         release = rng.standard_normal((rounds, spikes)) @ rng.standard_normal((spikes, dim)) * drift
-        noise = rng.standard_normal((rounds, dim)) * scale
+        noise = correlated_noise(rng, rounds, dim, correlation) * scale
         if zero_share:
             quiet = rng.random(rounds) < zero_share
             quiet[0] = True
@@ -51,15 +74,15 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     rng = np.random.default_rng(args.seed)
     rows = [{"rounds": r, "entries": d, "drift_directions": k, "case": case,
-             **failures(rng, (r, d, k), scale, share, args.drift, args.draws)}
-            for r, d, k in SHAPES for case, (scale, share) in CASES.items()]
+             **failures(rng, (r, d, k), scale, share, correlation, args.drift, args.draws)}
+            for r, d, k in SHAPES for case, (scale, share, correlation) in CASES.items()]
     OUT.mkdir(exist_ok=True)
     (OUT / "released_noise_check.json").write_text(json.dumps({"config": vars(args), "rows": rows}, indent=2) + "\n")
     lines = ["# Released-noise check on synthetic releases (`python -m simulations.released_noise_check`)", "",
              f"Noise std 1 claimed 1; drift {args.drift} x the noise per entry and direction; {args.draws} draws per "
              "cell, seed " f"{args.seed}. Failures of {args.draws} (honest: false alarms; the others: detections), "
              "the mean pooled ratio and the lowest single round's ratio over the draws.", "",
-             "| rounds | entries | drift directions | " + " | ".join(CASES) + " |", "|---|---|---|---|---|---|"]
+             "| rounds | entries | drift directions | " + " | ".join(CASES) + " |", "|---" * (3 + len(CASES)) + "|"]
     for r, d, k in SHAPES:
         cells = [next(x for x in rows if (x["rounds"], x["entries"], x["case"]) == (r, d, case)) for case in CASES]
         lines.append(f"| {r} | {d} | {k} | " + " | ".join(

@@ -30,8 +30,17 @@ def test_demo_report_lists_the_runs_references_and_epsilon(tmp_path):
     alone = write_demo_report(tmp_path, dataset, central, {"federated": runs["federated"]}, 12.0).read_text()
     assert "federated-nonprivate" not in alone and "(`centralized/`) trained" in alone
     # --rank auto: the rank of the private run came from a non-private fit on the same users (a reviewer's finding)
-    report = write_demo_report(tmp_path, dataset, central, runs, 12.0, reference_chose_rank=True).read_text()
+    report = write_demo_report(tmp_path, dataset, central, runs, 12.0, reference_choices=("rank",)).read_text()
     assert "The rank 3 was chosen by the centralized, non-private run on the same users" in report
+    # the DP run's l2 came from `train --l2 auto` on the same users too (a reviewer): named, with or without the rank
+    central["l2"] = 3e-05
+    report = write_demo_report(tmp_path, dataset, central, runs, 12.0, reference_choices=("rank", "l2")).read_text()
+    assert ("The rank 3 and the l2 penalty 3e-05 were chosen by the centralized, non-private run on the same users "
+            "(`--rank auto` and `--l2 auto`): those choices are not covered") in report
+    assert "run `lore-fed simulate` with `--rank` and `--l2` from a public pilot population" in report
+    report = write_demo_report(tmp_path, dataset, central, runs, 12.0, reference_choices=("l2",)).read_text()
+    assert "The l2 penalty 3e-05 was chosen by the centralized" in report and "The rank 3 was" not in report
+    del central["l2"]
     runs["federated"].update(privacy_mode="user+secagg", epsilon_against_server=21.5, most_user_rounds=17)
     report = write_demo_report(tmp_path, dataset, central, runs, 12.0).read_text()
     assert "against it the run is (21.500, 1e-05)-DP over the 17 rounds of the most-sampled user" in report
@@ -357,7 +366,7 @@ def test_a_record_mode_demo_report_states_its_per_pair_guarantee(tmp_path):
     # the other runs and the rank choice, as the user modes say them (a privacy reviewer)
     assert "It is that of the `federated/` run alone: the runs of this report (`centralized/`" in report
     assert "was chosen by the centralized" not in report
-    report = write_demo_report(tmp_path, dataset, central, runs, 12.0, reference_chose_rank=True).read_text()
+    report = write_demo_report(tmp_path, dataset, central, runs, 12.0, reference_choices=("rank",)).read_text()
     assert "The rank 3 was chosen by the centralized, non-private run on the same users" in report
 
 
@@ -382,3 +391,21 @@ def test_the_demo_s_federated_runs_take_what_the_centralized_run_chose():
     chosen = train_choice({"rank": 2, "l2": 4.4e-05, "prior_pairs": 1.0, "objective": "joint", "weight_by": "pair"})
     assert chosen["none"] == ["--l2", "4.4e-05", "--prior-pairs", "1.0", "--objective", "joint", "--weight-by", "pair"]
     assert chosen["dp"] == ["--l2", "4.4e-05"]
+
+
+def test_the_demo_names_the_l2_its_private_run_took_from_the_centralized_run(tmp_path, capsys, monkeypatch):
+    """A reviewer: the DP run takes `train --l2 auto`'s penalty, chosen on the same users, and the report named
+    only a rank choice (and nothing with `--rank` given)."""
+    from lore_cli.main import main
+
+    out = tmp_path / "demo"
+    flags = [f if f != "none" else "user" for f in FAKE_FLAGS]
+    _fake_demo(out, flags, monkeypatch)
+    (out / "centralized" / "metrics.json").write_text(json.dumps({"rank": 1, "seen_test_acc": 0.7, "l2": 3e-05}))
+    (out / "federated" / "metrics.json").write_text(json.dumps(
+        {"rank": 1, "seen_test_acc": 0.6, "unseen_test_acc": 0.6, "privacy_mode": "user", "epsilon": 5.0,
+         "delta": 1e-5}))
+    assert main(["demo", "--out", str(out), *flags]) == 0
+    report = (out / "report.md").read_text()
+    assert "The l2 penalty 3e-05 was chosen by the centralized, non-private run on the same users" in report
+    assert "The rank" not in report  # --rank 1 given

@@ -1294,3 +1294,10 @@ def test_the_version_is_printed_and_device_hints_name_both_entry_points(tmp_path
     assert cli(["--version"]) == (0, f"lore-fed {__version__}\n", "")
     code, _, err = cli(["device", "--state", tmp_path / "none", "status"])
     assert code == 2 and "`lore-fed device init`" in err and "`python -m client.device init`" in err, err
+
+
+@pytest.mark.parametrize("argv", [[], ["device"], ["audit"], ["privacy"], ["deploy"]])
+def test_a_command_line_without_its_command_is_refused_with_the_usage(argv):
+    """A tester: bare `lore-fed` exited 0 (help on stdout) while bare `lore-fed device` exited 2."""
+    code, out, err = cli(argv)
+    assert (code, out) == (2, "") and "usage: lore-fed" in err and "error: the following arguments are required" in err, err

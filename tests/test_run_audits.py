@@ -45,10 +45,10 @@ def secrets_file(tmp_path_factory) -> Path:
     return path
 
 
-def canary_run(pair_file: Path, secrets_file: Path, run_dir: Path) -> None:
+def canary_run(pair_file: Path, secrets_file: Path, run_dir: Path, rounds: int = ROUNDS) -> None:
     """A user-mode run with CANARIES canary users on canary nodes, through the real apps on the in-process grid."""
     cfg = get_fused_config_from_dir(ROOT, {
-        "pairs-path": str(pair_file), "run-dir": str(run_dir), "rank": RANK, "num-server-rounds": ROUNDS,
+        "pairs-path": str(pair_file), "run-dir": str(run_dir), "rank": RANK, "num-server-rounds": rounds,
         "clients-per-round": M, "server-lr": 0.1, "privacy-mode": "user", "noise-multiplier": Z, "clip-norm": C,
         "canary-nodes": CANARY_NODES, "canary-secrets": str(secrets_file)})
     nodes = NODES + CANARY_NODES
@@ -98,6 +98,34 @@ def test_canary_audit_passes_an_honest_run_and_fails_when_the_servers_noise_is_c
     # appending the audit kept what the run's ledger derived (the federated not-covered list, evaluation policy)
     assert after["not_covered"] == ledger["not_covered"] and COUNTS_NOT_COVERED in after["not_covered"]
     assert after["evaluation"] == ledger["evaluation"] and after["epsilon"] == ledger["epsilon"]
+    # The mechanism audit filed under a run tests the code installed now, at the run's settings, and says so.
+    monkeypatch.undo()
+    assert main(["audit", "mechanism", str(tmp_path / "honest"), "--runs", "100"]) == 0
+    mechanism = json.loads((tmp_path / "honest" / "audits" / "mechanism.json").read_text())
+    assert "not this run's releases" in mechanism["scope"] and mechanism["scope"] in mechanism["summary"]
+
+
+def test_the_accounting_audit_fails_a_server_whose_noise_cancels_across_rounds(pair_file, secrets_file, tmp_path,
+                                                                               monkeypatch):
+    """A server whose noise keeps every round's std but correlates it across rounds (AR(1), rho = -0.2: rounds t and
+    t + 1 cancel part of it, so their sum holds less noise than the accountant assumes). The pooled and per-round
+    checks pass it; the across-rounds check does not."""
+    real_noise, previous = dp_fedavg.add_noise_to_sum, []
+
+    def correlated(total, z, clip, rng):
+        fresh = real_noise(np.zeros_like(total), z, clip, rng)
+        noise = fresh if not previous else -0.2 * previous[-1] + np.sqrt(1 - 0.2 ** 2) * fresh
+        previous.append(noise)
+        return np.asarray(total, dtype=np.float64) + noise
+
+    monkeypatch.setattr(dp_fedavg, "add_noise_to_sum", correlated)
+    canary_run(pair_file, secrets_file, tmp_path / "run", rounds=60)
+    assert len(previous) == 60
+    assert main(["audit", "accounting", str(tmp_path / "run")]) == 1
+    noise = json.loads((tmp_path / "run" / "audits" / "accounting.json").read_text())["released_noise"]
+    assert noise["verdict"] == "fail" and "cancels across rounds" in noise["summary"], noise
+    assert noise["lowest_lag"] == 1 and noise["lowest_lag_correlation"] < noise["lag_threshold"]
+    assert noise["noise_ratio"] > noise["pooled_threshold"] and noise["lowest_round_ratio"] > noise["round_threshold"]
 
 
 def test_the_canary_audit_refuses_another_run_s_secrets_file(pair_file, secrets_file, tmp_path, capsys):
@@ -975,6 +1003,14 @@ def test_an_audit_of_a_run_refuses_settings_other_than_the_run_s(record_run, tmp
     assert main(["audit", "mechanism", str(record_run), "--noise-multiplier", "5", "--runs", "100",
                  "--out", str(tmp_path / "m")]) == 2
     assert f"--noise-multiplier 5.0 is not {record_run}'s 1.0" in capsys.readouterr().err
+    assert json.loads((record_run / "ledger.json").read_text())["events"]["audits"] == before
+    config = tmp_path / "config.json"  # a reviewer: the same value given through --config passed, and was filed
+    for given, expected in (({"noise_multiplier": 5}, "noise_multiplier 5 in --config"),
+                            ({"mode": "user+secagg"}, "mode 'user+secagg' in --config")):
+        config.write_text(json.dumps(given))
+        assert main(["audit", "mechanism", str(record_run), "--config", str(config), "--runs", "100",
+                     "--out", str(tmp_path / "m")]) == 2
+        assert f"{expected} {config} is not {record_run}'s" in capsys.readouterr().err
     assert json.loads((record_run / "ledger.json").read_text())["events"]["audits"] == before
 
 

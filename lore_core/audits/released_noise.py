@@ -11,6 +11,14 @@ tenth of their rounds released without noise):
 - pooled over every round: fail below 1 - max(0.1, 6 x its error 1 / sqrt(2 (R - k)(d - k))), k spikes dropped;
 - each round alone (where d - k >= 20): fail below clip(1 - 6 / sqrt(2 (d - k)), 0.3, 0.7), so one round released
   with little or no noise fails however many honest rounds surround it.
+- across rounds (where d - k >= 20): each round's noise must be fresh. A server that correlates it keeps every
+  round's std (the checks above pass when the correlation is weak: AR(1) noise at rho = -0.2 reads 0.92-1.0
+  pooled in bench_results/released_noise_check.md), but a combination of releases then holds less noise than the accountant assumes (rounds t and t + 1
+  cancel part of it). Outside the dropped directions the rounds' residuals of an honest run are uncorrelated up to
+  the projection the drop makes; fail where the mean correlation at some lag l falls below
+  -max(0.1, 6 / sqrt((R - l)(d - k))), or one pair of rounds' below -max(0.3, z / sqrt(d - k)) with
+  z = max(6, sqrt(2 ln(1e4 P))) for the lowest of P = R (R - 1) / 2 pairs. Positive
+  correlation is not judged: the drift's weak part, left in the residuals, correlates neighbouring rounds too.
 What it cannot see (one-sided, and said so in the README): noise cut by less than about a tenth over the whole run,
 more noise than claimed, noise removed only inside the drift's strong directions (a server that knows the clean sums
 can subtract its noise there), and single rounds' cuts in short runs or under a drift many times the noise (it leaks
@@ -26,6 +34,9 @@ import numpy as np
 POOLED_MARGIN, ERRORS = 0.1, 6.0
 # One round: fail below clip(1 - ERRORS / sqrt(2 (d - k)), ROUND_FLOOR) where d - k >= MIN_ROUND_DOF.
 ROUND_FLOOR, MIN_ROUND_DOF = (0.3, 0.7), 20
+# Across rounds: fail below -max(MARGIN, ERRORS x error) for a lag's mean correlation and for one pair's.
+LAG_MARGIN, PAIR_MARGIN, PAIR_CHANCE = 0.1, 0.3, 1e-4
+GRAM_BLOCK = 256  # rounds per block of the rounds' Gram matrix (memory: GRAM_BLOCK x R)
 # Fewer released entries than this: the estimate's error (1 / sqrt(2 x entries)) is too large to check anything.
 MIN_ENTRIES = 200
 
@@ -82,6 +93,57 @@ class _NoiseFit:
         return stds, self.dof - kept
 
 
+    def round_correlations(self) -> dict:
+        """How the rounds' noise correlates, outside the dropped directions: for each lag l the mean correlation of
+        rounds t and t + l, and the lowest correlation of one pair of rounds, each less what the drop itself makes
+        (removing k round-space directions U leaves honest residuals with covariance sigma^2 (I - U U^T)). Read from
+        the rounds' Gram matrix, GRAM_BLOCK rounds at a time."""
+        rounds, k = len(self.outside), self.dropped
+        residual = self.outside - (self.outside @ self.vt[:k].T) @ self.vt[:k]
+        scale = (self.dof - k) * self.sigma ** 2
+        u = self.u[:, :k]
+        norms = np.sqrt((residual ** 2).sum(axis=1) / scale)  # each round's residual; its null norm after the drop:
+        kept = np.sqrt(np.clip(1.0 - (u ** 2).sum(axis=1), 1e-12, None))
+        lag_sums, lowest, pair = np.zeros(rounds), np.inf, (0, 0)
+        for start in range(0, rounds, GRAM_BLOCK):
+            rows = np.arange(start, min(start + GRAM_BLOCK, rounds))
+            gram, made = residual[rows] @ residual.T / scale, u[rows] @ u.T
+            excess = gram + made  # minus (I - U U^T), off the diagonal
+            lags = np.arange(rounds)[None, :] - rows[:, None]
+            later = lags > 0
+            lag_sums += np.bincount(lags[later], weights=excess[later], minlength=rounds)
+            correlation = gram / np.outer(norms[rows], norms).clip(1e-12) + made / np.outer(kept[rows], kept)
+            masked = np.where(later, correlation, np.inf)
+            at = np.unravel_index(np.argmin(masked), masked.shape)
+            if masked[at] < lowest:
+                lowest, pair = float(masked[at]), (int(rows[at[0]]), int(at[1]))
+        lag_means = lag_sums[1:] / np.arange(rounds - 1, 0, -1)  # lag l: R - l pairs
+        return {"lag_means": lag_means, "lowest_pair": lowest, "pair": pair, "dof": self.dof - k}
+
+
+def across_rounds_problem(fit: _NoiseFit) -> tuple[dict, str | None]:
+    """The across-rounds check's figures and its failure message (None: passed)."""
+    found = fit.round_correlations()
+    rounds, dof = len(fit.outside), found["dof"]
+    floors = -np.maximum(LAG_MARGIN, ERRORS / np.sqrt(np.arange(rounds - 1, 0, -1) * dof))
+    margin = found["lag_means"] - floors
+    lag = int(np.argmin(margin)) + 1
+    pairs = rounds * (rounds - 1) / 2  # the lowest of many: its error count grows with them (1,500 rounds: 6.8)
+    pair_floor = -max(PAIR_MARGIN, max(ERRORS, np.sqrt(2 * np.log(pairs / PAIR_CHANCE))) / np.sqrt(dof))
+    figures = {"lowest_lag_correlation": float(found["lag_means"][lag - 1]), "lowest_lag": lag,
+               "lag_threshold": float(floors[lag - 1]), "lowest_pair_correlation": found["lowest_pair"],
+               "lowest_pair": [r + 1 for r in found["pair"]], "pair_threshold": pair_floor}
+    problems = []
+    if margin[lag - 1] < 0:
+        problems.append(f"the noise of rounds {lag} apart correlates at {found['lag_means'][lag - 1]:.2f} on average "
+                        f"(at least {floors[lag - 1]:.2f} required)")
+    if found["lowest_pair"] < pair_floor:
+        first, second = figures["lowest_pair"]
+        problems.append(f"the noise of releases {first} and {second} correlates at {found['lowest_pair']:.2f} (each "
+                        f"pair at least {pair_floor:.2f})")
+    return figures, ("; ".join(problems) + ", so part of it cancels across rounds") if problems else None
+
+
 def released_noise_check(sums: np.ndarray, claimed_std: np.ndarray, directions: np.ndarray | None = None) -> dict:
     """Compare the noise in released sums (R, ...) with the std each round claims (R,) (z_t C), outside the span
     of `directions` (K, d) when given (the canary audit's own canaries): pooled, and round by round. Returns
@@ -110,18 +172,24 @@ def released_noise_check(sums: np.ndarray, claimed_std: np.ndarray, directions: 
     base.update(noise_ratio=fit.sigma, noise_ratio_error=float(error), pooled_threshold=pooled_floor,
                 lowest_round_ratio=float(stds[low]), lowest_round=low + 1, round_threshold=round_floor,
                 drift_directions_dropped=fit.dropped)
-    problems = []
+    problems, across = [], None
+    if round_floor is not None:  # the rounds' correlations need the same degrees of freedom as one round's std
+        figures, across = across_rounds_problem(fit)
+        base.update(figures)
     if fit.sigma < pooled_floor:
         problems.append(f"the released sums carry noise of {fit.sigma:.2f} times the std the ledger claims (z C per "
                         f"entry; at least {pooled_floor:.2f} required, error about {error:.3f})")
     if round_floor is not None and stds[low] < round_floor:
         problems.append(f"release {low + 1} of {len(sums)} carries noise of {stds[low]:.2f} times its claimed std "
                         f"(each round at least {round_floor:.2f})")
+    problems += [across] if across else []
     if problems:
         return {**base, "verdict": "fail",
                 "summary": "; ".join(problems) + ": the run added less noise than its ledger says"}
     return {**base, "verdict": "pass",
             "summary": f"the released sums carry noise of {fit.sigma:.2f} times the claimed std (at least "
                        f"{pooled_floor:.2f} required), the lowest round {stds[low]:.2f}"
-                       + (f" (at least {round_floor:.2f})" if round_floor is not None else " (too few entries per "
-                          "round to check rounds one by one)")}
+                       + (f" (at least {round_floor:.2f}), and no part of it cancels across rounds (the lowest "
+                          f"correlation {base['lowest_lag_correlation']:.2f} at lag {base['lowest_lag']}, "
+                          f"{base['lowest_pair_correlation']:.2f} for one pair)" if round_floor is not None
+                          else " (too few entries per round to check rounds one by one or across)")}

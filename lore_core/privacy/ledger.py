@@ -58,7 +58,9 @@ NOT_COVERED = [
 ]
 # User modes: N is found by querying the nodes and written exactly; the accountant takes q = m / N as public.
 POPULATION_NOT_COVERED = ("the population size N and each node's number of training users (ledger population_size "
-                          "and sampling rate q = m / N, checkpoint.npz population): exact, found by asking the nodes; "
+                          "and sampling rate q = m / N, checkpoint.npz population), and the number of nodes "
+                          "(metrics.json nodes; with few users per node it tells how many users are held out for "
+                          "evaluation): exact, found by asking the nodes; "
                           "under add/remove adjacency N itself tells whether a user is present, so the guarantee "
                           "treats N as public (the accountant uses one q for neighbouring populations)")
 RECORD_NOT_COVERED = ["a user as a whole: w_i and all of a user's pairs together (record level only)"]
