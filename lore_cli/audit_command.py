@@ -181,6 +181,33 @@ def _check_counts(args: argparse.Namespace) -> None:
                                     f"std of the noise on each served score), got {value}")
 
 
+def _check_inputs(args: argparse.Namespace, run_dir: Path | None) -> None:
+    """Inputs that would file another population's or another basis's audit as RUN's own (a tester's `fairness RUN
+    --synthetic` and `fairness RUN --basis OTHER_RUN/basis.npz` were), or that --synthetic ignores."""
+    if args.synthetic:
+        ignored = [flag for flag, value in (("--pairs", args.pairs), ("--basis", args.basis)) if value is not None]
+        if run_dir is not None:
+            raise AuditCommandError(f"--synthetic audits a synthetic population, not {run_dir}: its result would be "
+                                    "filed as the run's own; drop the run directory (or --synthetic)")
+        if ignored:
+            raise AuditCommandError(f"--synthetic makes its own pairs and basis: drop {' and '.join(ignored)}")
+    basis = args.basis
+    if basis is None or run_dir is None:
+        return
+    own = [file for file in (run_dir / "basis.npz", run_dir / "checkpoint.npz") if file.is_file()]
+    if not own:  # the run left no basis (it stopped early): the one given is the audit's
+        return
+    given = load_run_basis(basis, None)[0]
+    if not any(_same_basis(given, load_run_basis(str(file), None)[0]) for file in own):
+        raise AuditCommandError(f"--basis {basis} is not {run_dir}'s basis ({' or '.join(str(f) for f in own)}): an "
+                                "audit of another basis would be filed as the run's own; audit it without the run "
+                                "directory (with --pairs)")
+
+
+def _same_basis(first: np.ndarray, second: np.ndarray) -> bool:
+    return first.shape == second.shape and np.array_equal(first, second)
+
+
 def _read_config(path: Path) -> dict:
     text = read_text(path, AuditCommandError, "--config")
     if path.suffix == ".toml":
@@ -587,6 +614,10 @@ def _mechanism(args, run_dir, settings) -> dict:
     from lore_core.privacy.privacy_settings import PrivacySettings, validate
     from server.aggregation import UserDpAggregator
 
+    given_mode = args.mode or (_read_config(Path(args.config)).get("mode") if args.config else None)
+    if run_dir is None and given_mode not in (None, "user", "user+secagg"):  # a tester's --mode record "passed"
+        raise AuditCommandError(f"the mechanism audit covers the user-level modes (user, user+secagg); got mode "
+                                f"{given_mode}")
     mode = settings["mode"] if settings["mode"] in ("user", "user+secagg") else "user"
     if run_dir is not None and not (run_dir / "ledger.json").exists():  # a tester's train run "passed", at z = 1
         raise AuditCommandError(f"{run_dir} has no privacy ledger (a `train` run): no mechanism ran there to audit; "
@@ -600,6 +631,9 @@ def _mechanism(args, run_dir, settings) -> dict:
         if not (math.isfinite(settings[key]) and 0 < settings[key] <= MAX_SCALE):
             raise AuditCommandError(f"{key} must be a finite number in (0, {MAX_SCALE:g}], got {settings[key]}")
     _refuse_more_per_round_than_users(settings)  # any mode, replayed as user-level (a tester: q = 50 passed)
+    if not 0 < settings["delta"] < 1 / settings["population_size"]:  # a tester's 0.5 claimed epsilon -0.36
+        raise AuditCommandError(f"delta must be in (0, 1/N) = (0, {1 / settings['population_size']:.3g}) for a "
+                                f"population of N = {settings['population_size']}, as a run's; got {settings['delta']}")
     shape = (10, 384)
     if run_dir is not None or args.basis:
         try:
@@ -923,6 +957,7 @@ def run(args: argparse.Namespace) -> int:
         raise AuditCommandError(f"{run_dir} is inside the run folder {folder}, which only the run writes; give the "
                                 f"run directory {folder.parent}")
     _check_counts(args)
+    _check_inputs(args, run_dir)
     if args.out:
         check_output_path(args.out, "--out", directory=True)
         _check_not_another_run(Path(args.out), run_dir, getattr(args, "basis", None))

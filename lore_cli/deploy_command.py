@@ -154,6 +154,7 @@ def check_local_flags(args: argparse.Namespace) -> tuple | None:
     from lore_cli.simulate_command import check_run, read_population, training_nodes
     from lore_core.privacy.privacy_settings import check_secagg_layout
     from lore_core.atomic_io import check_output_path
+    from lore_cli.run_data import refuse_a_dataset
     from lore_core.pairs import resolve_pair_path
     from server.run_settings import given_fields
     from simulations.flower_run import ROOT
@@ -163,6 +164,7 @@ def check_local_flags(args: argparse.Namespace) -> tuple | None:
     if args.rounds is not None and args.rounds < 1:
         raise ValueError(f"--rounds must be >= 1, got {args.rounds}")
     check_output_path(args.run_dir, "--run-dir", directory=True)
+    refuse_a_dataset(Path(args.run_dir), "--run-dir")
     if not (math.isfinite(args.timeout) and args.timeout > 0):
         raise ValueError(f"--timeout must be a finite number of seconds > 0, got {args.timeout}")
     app = Path(args.app) if args.app else ROOT

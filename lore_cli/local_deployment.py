@@ -157,7 +157,6 @@ def generate_certificates(out: str | Path, host: str = "127.0.0.1", nodes: int =
                    .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
                    .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
                    .sign(ca_key, hashes.SHA256()))
-    _write_public(certs.ca_cert, ca_cert.public_bytes(serialization.Encoding.PEM))
     _write_public(certs.server_cert, server_cert.public_bytes(serialization.Encoding.PEM))
     _write_private(certs.server_key, pem_key(server_key, serialization.PrivateFormat.TraditionalOpenSSL))
     for k, key_file in enumerate(certs.node_keys):
@@ -166,6 +165,8 @@ def generate_certificates(out: str | Path, host: str = "127.0.0.1", nodes: int =
         public = node_key.public_key().public_bytes(serialization.Encoding.OpenSSH,
                                                     serialization.PublicFormat.OpenSSH)
         _write_public(key_file.with_name(key_file.name + ".pub"), public + f" lore-fed-node{k}\n".encode())
+    # Last: its presence means the set is whole, and is what a rerun refuses (an interrupted start leaves none)
+    _write_public(certs.ca_cert, ca_cert.public_bytes(serialization.Encoding.PEM))
     return certs
 
 

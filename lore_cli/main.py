@@ -111,7 +111,8 @@ def _main(argv: list[str]) -> int:
     except (KeyboardInterrupt, SystemExit) as exc:  # Ctrl-C, or kill -TERM (lore_cli.termination)
         if not is_interruption(exc):
             raise
-        message, code = interrupted(command, exc)
+        sub = getattr(args, "deploy_command", None)
+        message, code = interrupted(f"{command} {sub}" if command == "deploy" and sub else command, exc)
         print(message, file=sys.stderr)
         return code
 

@@ -92,3 +92,14 @@ def check_same_pairs(run_dir: Path, pairs_path: Path, resuming: bool) -> dict:
 
 def record_pairs(run_dir: Path, fingerprint: dict) -> None:
     atomic_write_json(run_dir / DATA_FILENAME, fingerprint)
+
+
+def refuse_a_dataset(run_dir: Path, flag: str) -> None:
+    """A run directory that is a dataset of `lore-fed prepare` is refused before anything is written: a tester's
+    `deploy local --run-dir DATASET` wrote its checkpoint, ledger, node folders and certificates among its files."""
+    from lore_core.prism_pairs import PAIRS_JSONL, SUMMARY_JSON, USERS_JSONL
+
+    found = [name for name in (PAIRS_JSONL, USERS_JSONL, SUMMARY_JSON) if (Path(run_dir) / name).is_file()]
+    if found:
+        raise ValueError(f"{flag} {run_dir} holds {', '.join(found)}: it is a dataset of `lore-fed prepare`, not a "
+                         "run directory; give a new directory for the run (the dataset is its input)")

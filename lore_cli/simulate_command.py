@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 from lore_cli.main import CommandFailed
-from lore_cli.run_data import check_same_pairs, record_pairs
+from lore_cli.run_data import check_same_pairs, record_pairs, refuse_a_dataset
 from lore_core.atomic_io import atomic_write_json, check_output_path
 from lore_core.pairs import resolve_pair_path
 from lore_core.text_file import json_loads
@@ -397,6 +397,7 @@ def run(args: argparse.Namespace) -> int:
         parse_number(args.l2, "--l2", maximum=MAX_L2)
     out = Path(args.out)
     check_output_path(out, "--out", directory=True)
+    refuse_a_dataset(out, "--out")
     check_no_other_run(out)
     pairs_path = resolve_pair_path(args.pairs)
     reference = load_reference(args.reference)

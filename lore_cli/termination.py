@@ -17,8 +17,10 @@ RERUN = {
     "demo": "skips its finished stages and resumes the unfinished one",
     "embed": "reuses the embeddings already computed (the embedding cache)",
     "synth": "reuses the embeddings already computed (the embedding cache)",
-    "deploy": "resumes after the last round its run directory's checkpoint holds (the SuperLink and SuperNodes it "
-              "started were stopped)",
+    "deploy local": "resumes after the last round its run directory's checkpoint holds (the SuperLink and "
+                    "SuperNodes it started were stopped)",
+    "deploy certs": "writes them all again (the CA certificate is written last, so an interrupted one left none; a "
+                    "tester's left 125 files and a CA every rerun refused)",
     "audit": "runs the audit again (its result, plot, ledger entry and reports are written together, so they are "
              "this run's or the previous one's)",
     "device": "finds the device state as the last completed command left it (`forget --all` may already have "

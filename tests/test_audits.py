@@ -218,6 +218,11 @@ def test_extraction_recovers_w_exactly_from_rank_many_queries(population):
     result = extraction_audit(truth.basis, truth.user_weights[:50], noise_std=0.1, noisy_queries=(1, 100))
     assert result["queries_needed"] == truth.basis.shape[0] and result["max_abs_error"] < 1e-10
     assert result["noisy"][1]["max_abs_error"] < result["noisy"][0]["max_abs_error"]
+    assert result["verdict"] == "leak" and "with noise of std 0.1" in result["summary"]
+    # a tester: noise of std 1e6 per served score still read LEAK, from the noise-free attack
+    drowned = extraction_audit(truth.basis, truth.user_weights[:50], noise_std=1e6)
+    assert drowned["verdict"] == "no-leak" and "no leak within" in drowned["summary"], drowned["summary"]
+    assert drowned["max_abs_error"] < 1e-10  # the noise-free figure is still reported
 
 
 def test_fairness_and_report_write_json_markdown_plot_and_ledger(population, ledger_dir):

@@ -553,6 +553,21 @@ EXTREME = {
     "audit query noise -1": (["audit", "extraction", "--pairs", "pairs.npz", "--basis", "basis.npz",
                               "--query-noise", "-1"], "--query-noise"),
     "audit noise nan": (["audit", "mechanism", "--noise-multiplier", "nan", "--runs", "100"], "noise_multiplier"),
+    # found by a tester: each ran (delta 0.5 claimed epsilon -0.36; modes none and record passed, replayed as user)
+    # found by a tester: deploy local wrote its whole run among a prepare dataset's files
+    "deploy run dir is a dataset": (DEPLOY[:6] + ["--run-dir", "dataset"], "it is a dataset of `lore-fed prepare`"),
+    "simulate out is a dataset": (["simulate", "pairs.npz", "--out", "dataset"], "it is a dataset of `lore-fed prepare`"),
+    # found by a tester: --delta, never typed, was blamed (the default 1/(10 N) falls below the accountant's floor)
+    "privacy population 2e9": (EPS[:4] + ["--clients-per-round", "50", "--population", "2000000000", "--rounds", "10"],
+                               ("--population 2000000000 is above 1e9 users", "--delta 1e-10")),
+    "audit mechanism delta 0.5": (["audit", "mechanism", "--delta", "0.5", "--runs", "100"], "delta must be in (0, 1/N)"),
+    "audit mechanism mode record": (["audit", "mechanism", "--mode", "record", "--runs", "100"],
+                                    "covers the user-level modes"),
+    "audit mechanism mode none": (["audit", "mechanism", "--mode", "none", "--runs", "100"],
+                                  "covers the user-level modes"),
+    # found by a tester: the synthetic population's fairness was filed as the run's; --pairs was ignored
+    "audit synthetic with a run": (["audit", "fairness", "dataset", "--synthetic"], "--synthetic audits a synthetic"),
+    "audit synthetic with pairs": (["audit", "fairness", "--synthetic", "--pairs", "pairs.npz"], "drop --pairs"),
     "audit unknown name": (["audit", "everything"], "invalid choice"),
     "prepare seen fraction 2": (["prepare", "prism", "--out", "out", "--seen-fraction", "2"], "--seen-fraction"),
     # a tester: it said "min_conversations must be >= 1", a name the user never typed
@@ -819,6 +834,28 @@ def test_deploy_certs_never_replaces_a_ca_in_place(w):
     """Found by a hostile-input test: a rerun silently replaced the CA, orphaning node keys made for the old one."""
     assert cli(["deploy", "certs", "--out", "certs", "--nodes", "1"])[0] == 0
     refused(["deploy", "certs", "--out", "certs", "--nodes", "1"], "certs", w, expect="already holds certificates")
+
+
+def test_an_interrupted_deploy_certs_leaves_no_ca_so_a_rerun_completes(w, monkeypatch):
+    """A tester: Ctrl-C in `deploy certs --nodes 300` left 125 files with ca.crt among them, which every rerun refused;
+    and its message promised a resume from a checkpoint. The CA certificate is now written last."""
+    import lore_cli.local_deployment as deployment
+
+    written, real = [], deployment._write_private
+
+    def interrupted_after_two(path, data):
+        if len(written) == 2:
+            raise KeyboardInterrupt
+        written.append(path)
+        real(path, data)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(deployment, "_write_private", interrupted_after_two)
+        code, _, err = cli(["deploy", "certs", "--out", "certs", "--nodes", "3"])
+    assert code == 130 and "writes them all again" in err and "checkpoint" not in err, err
+    assert not (w / "certs" / "ca.crt").exists() and written
+    assert cli(["deploy", "certs", "--out", "certs", "--nodes", "3"])[0] == 0
+    assert (w / "certs" / "ca.crt").exists() and (w / "certs" / "node2.pub").exists()
 
 
 def test_a_directory_given_for_a_file_is_called_a_directory(w):

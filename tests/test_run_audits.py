@@ -1014,6 +1014,25 @@ def test_an_audit_of_a_run_refuses_settings_other_than_the_run_s(record_run, tmp
     assert json.loads((record_run / "ledger.json").read_text())["events"]["audits"] == before
 
 
+def test_an_audit_of_a_run_refuses_another_basis(record_run, pair_file, tmp_path, capsys):
+    """A tester: `audit fairness RUN --basis OTHER_RUN/basis.npz` was filed as RUN's own audit. The run's basis,
+    copied elsewhere, is still its own."""
+    from lore_cli.audit_command import load_run_basis
+    from lore_core.basis_file import save_basis
+
+    own, _ = load_run_basis(None, record_run)  # its basis.npz, else its checkpoint's
+    other, copy = tmp_path / "other.npz", tmp_path / "copy.npz"
+    save_basis(other, own + 1.0, version=1, embedder="synthetic")
+    shutil.copy(next(f for f in (record_run / "basis.npz", record_run / "checkpoint.npz") if f.is_file()), copy)
+    before = json.loads((record_run / "ledger.json").read_text())["events"]["audits"]
+    capsys.readouterr()
+    assert main(["audit", "extraction", str(record_run), "--basis", str(other)]) == 2
+    assert f"--basis {other} is not {record_run}'s basis" in capsys.readouterr().err
+    assert json.loads((record_run / "ledger.json").read_text())["events"]["audits"] == before
+    assert main(["audit", "extraction", str(record_run), "--basis", str(copy), "--pairs", str(pair_file),
+                 "--out", str(tmp_path / "o")]) == 0
+
+
 def test_a_damaged_pairs_fingerprint_in_a_simulate_run_s_metrics_is_refused(tmp_path, pair_file):
     """A tester: a simulate run's metrics.json with pairs_fingerprint {"bytes": "x"} went unnoticed (its data.json
     was read first and alone); a train run's was refused."""

@@ -216,6 +216,12 @@ def _validate(settings: PrivacySettings) -> PrivacySettings:
     if "delta" in resolved and mode in USER_MODES and _is_int(settings.population_size) and \
             settings.population_size > 0:
         resolved["delta"] = user_delta(settings.population_size)
+        if resolved["delta"] < MIN_DELTA:  # a tester's 2e9 users were told to remove a --delta never given
+            raise PrivacyConfigError(
+                f"{setting('population_size')} {settings.population_size} is above 1e9 users: its default delta (at "
+                f"most 1/(10 N)) would be below {MIN_DELTA:g}, where the PRV accountant's floating-point error "
+                f"dominates; give a population of at most 1e9, or {setting('delta')} {MIN_DELTA:g} (a weaker "
+                "guarantee than 1/(10 N))")
     settings = replace(settings, **resolved)
     _check_dp_common(settings)
     if mode == "user+secagg":
