@@ -40,8 +40,9 @@ MAX_COUNTS = {"runs": 1_000_000, "shadows": 10_000, "permutations": 1_000_000, "
 DEFAULT_COUNTS = {"runs": 10_000, "shadows": 64, "permutations": 200, "max_users": 1_000}
 # The least that means anything: a Clopper-Pearson bound from 100 runs, LiRA's per-example Gaussians from 4 shadows
 # (lore_core.audits checks them again, after its work; here they are refused before it).
-MIN_COUNTS = {"runs": 100, "shadows": 4, "permutations": 1, "max_users": 1}
-MIN_COUNT_AUDIT = {"runs": "mechanism", "shadows": "membership"}  # the one audit each of these minimums is for
+MIN_COUNTS = {"runs": 100, "shadows": 4, "permutations": 1, "max_users": 2}
+# the one audit each of these minimums is for (update-leakage compares users: a tester's 1 was refused unnamed)
+MIN_COUNT_AUDIT = {"runs": "mechanism", "shadows": "membership", "max_users": "update-leakage"}
 
 # `audit NAME --level record RUN_DIR`: RUN_DIR is optional, and argparse alone takes it only right after NAME
 INTERMIXED_ARGS = True
@@ -80,7 +81,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--permutations", type=int, default=DEFAULT_COUNTS["permutations"],
                         help="attribute: label permutations")
     parser.add_argument("--max-users", type=int, default=DEFAULT_COUNTS["max_users"],
-                        help="users sampled for per-user audits")
+                        help="users sampled for the per-user attacks (update-leakage, attribute, membership, "
+                             "extraction; fairness scores every user)")
     parser.add_argument("--query-noise", type=float, default=0.0, help="extraction: noise std per served score")
     parser.add_argument("--seed", type=int, default=0)
 

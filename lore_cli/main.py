@@ -54,6 +54,9 @@ def main(argv: list[str] | None = None) -> int:
     warnings.formatwarning = _format_warning
     try:
         return _main(argv)
+    except KeyboardInterrupt:  # while parsing, before a command ran (a tester's Ctrl-C at 0.2 s got a traceback)
+        print("lore-fed: interrupted before the command started; nothing was done", file=sys.stderr)
+        return 130
     finally:
         warnings.formatwarning = shown
 

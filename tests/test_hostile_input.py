@@ -560,6 +560,8 @@ EXTREME = {
     # found by a tester: --delta, never typed, was blamed (the default 1/(10 N) falls below the accountant's floor)
     "privacy population 2e9": (EPS[:4] + ["--clients-per-round", "50", "--population", "2000000000", "--rounds", "10"],
                                ("--population 2000000000 is above 1e9 users", "--delta 1e-10")),
+    "audit update-leakage max users 1": (["audit", "update-leakage", "--synthetic", "--max-users", "1"],
+                                         "--max-users must be >= 2"),
     "audit mechanism delta 0.5": (["audit", "mechanism", "--delta", "0.5", "--runs", "100"], "delta must be in (0, 1/N)"),
     "audit mechanism mode record": (["audit", "mechanism", "--mode", "record", "--runs", "100"],
                                     "covers the user-level modes"),
@@ -1331,6 +1333,18 @@ def test_the_version_is_printed_and_device_hints_name_both_entry_points(tmp_path
     assert cli(["--version"]) == (0, f"lore-fed {__version__}\n", "")
     code, _, err = cli(["device", "--state", tmp_path / "none", "status"])
     assert code == 2 and "`lore-fed device init`" in err and "`python -m client.device init`" in err, err
+
+
+def test_ctrl_c_while_the_command_line_is_parsed_exits_130_without_a_traceback(monkeypatch):
+    """A tester: Ctrl-C within the first 0.2 s (inside argparse's gettext) printed a KeyboardInterrupt traceback."""
+    import lore_cli.main as cli_main
+
+    def interrupted(only=None):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli_main, "build_parser", interrupted)
+    code, out, err = cli(["train", "pairs.npz", "--out", "x"])
+    assert (code, out) == (130, "") and "interrupted before the command started" in err and "Traceback" not in err
 
 
 @pytest.mark.parametrize("argv", [[], ["device"], ["audit"], ["privacy"], ["deploy"]])

@@ -386,6 +386,22 @@ def test_ledger_load_reads_only_config_and_events_and_writes_them_back_unchanged
     assert again["epsilon"] == first["epsilon"]
 
 
+def test_a_ledger_saved_with_a_byte_order_mark_is_read_and_bad_utf8_is_named_by_line(tmp_path):
+    """A tester: a ledger.json saved by an editor with a UTF-8 BOM was refused (text files may start with one), and a
+    byte that is not UTF-8 was named by its byte offset."""
+    from lore_core.privacy.ledger import read_ledger
+
+    ledger = PrivacyLedger.create(tmp_path, user_settings(population_size=1000, clients_per_round=100, rounds=3))
+    ledger.record_round(1, sampled=97)
+    path = tmp_path / LEDGER_FILENAME
+    text = path.read_bytes()
+    path.write_bytes(b"\xef\xbb\xbf" + text)
+    assert read_ledger(path)["events"]["rounds"][0]["sampled"] == 97
+    path.write_bytes(text.replace(b'"events"', b'"ev\xffents"', 1))
+    with pytest.raises(LedgerError, match=r"line \d+: not valid UTF-8 \(byte 0xff at column \d+\)"):
+        read_ledger(path)
+
+
 def test_ledger_refuses_to_append_over_events_it_did_not_write(tmp_path):
     settings = user_settings(population_size=1000, clients_per_round=100, rounds=5)
     ours = PrivacyLedger.create(tmp_path, settings)

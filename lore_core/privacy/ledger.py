@@ -30,7 +30,7 @@ from lore_core.privacy.accounting import (
 )
 from lore_core.privacy.privacy_settings import DEFAULTS, RUN_CONFIG_KEYS, USER_MODES, PrivacySettings, validate
 from lore_core.privacy.record_dp import steps_per_epoch
-from lore_core.text_file import json_loads
+from lore_core.text_file import json_loads, read_text
 
 LEDGER_FILENAME = "ledger.json"
 SCHEMA = "lore-privacy-ledger/2"
@@ -605,7 +605,7 @@ def read_ledger(path: str | os.PathLike) -> dict[str, Any]:
 
 def _read(path: Path) -> dict[str, Any]:
     try:
-        data = json_loads(path.read_text())
+        data = json_loads(read_text(path))  # a BOM dropped, bad UTF-8 named by line and column (a tester)
     except (OSError, ValueError) as exc:
         raise LedgerError(f"{path} is not a readable ledger ({exc}); restore it or start a new run directory") from exc
     if not isinstance(data, dict) or data.get("schema") != SCHEMA:
