@@ -696,17 +696,24 @@ class LocalDeployment:
     def close(self) -> None:
         """Stop the runs the SuperLink still lists as live, then every process group this deployment started
         (SuperNodes first, then the SuperLink). A run's ServerApp is not in those groups: a tester's Ctrl-C left it
-        running, releasing rounds no node answered and holding the run directory, so that the rerun failed."""
-        if self.superlink is not None and self.superlink.poll() is None:
-            try:
-                for run_id in self.live_runs():
-                    self._cli("stop", str(run_id), CONNECTION, check=False)
-            except (DeploymentError, subprocess.SubprocessError, OSError):
-                pass  # the processes are stopped below all the same
-        for process in list(self.supernodes.values()):
-            stop_process(process)
-        if self.superlink is not None:
-            stop_process(self.superlink)
+        running, releasing rounds no node answered and holding the run directory, so that the rerun failed. The
+        processes are stopped even when a signal interrupts the runs' stop, and a signal meanwhile waits for them (a
+        tester's SIGTERM, landing as the command ended, left the SuperLink and SuperNodes running)."""
+        from lore_core.termination import interruptions_deferred
+
+        try:
+            if self.superlink is not None and self.superlink.poll() is None:
+                try:
+                    for run_id in self.live_runs():
+                        self._cli("stop", str(run_id), CONNECTION, check=False)
+                except (DeploymentError, subprocess.SubprocessError, OSError):
+                    pass  # the processes are stopped below all the same
+        finally:
+            with interruptions_deferred():
+                for process in list(self.supernodes.values()):
+                    stop_process(process)
+                if self.superlink is not None:
+                    stop_process(self.superlink)
 
     def alive_groups(self, wait: float = 5.0) -> list[int]:
         """Process groups started here that still have a live process after up to `wait` s (expected: none)."""

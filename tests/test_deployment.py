@@ -566,3 +566,21 @@ def test_deploy_local_refuses_rounds_given_twice_with_two_values(tmp_path, capsy
         capsys.readouterr().err
     assert not (tmp_path / "run").exists()
     assert check_local_flags(build_parser("deploy").parse_args([*flags, "num-server-rounds=2 clients-per-round=3"]))
+
+
+def test_a_signal_while_the_runs_are_stopped_still_stops_every_process(tmp_path, monkeypatch):
+    """A tester's SIGTERM, landing as `deploy local` ended, left its SuperLink and SuperNodes running: close() stops
+    the processes even when the runs' stop is interrupted, then lets the interruption through."""
+    import subprocess
+
+    deployment = LocalDeployment(tmp_path / "run", 2, insecure=True)
+    sleepers = [subprocess.Popen(["sleep", "60"], start_new_session=True) for _ in range(3)]
+    deployment.superlink, deployment.supernodes = sleepers[0], {0: sleepers[1], 1: sleepers[2]}
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(deployment, "live_runs", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        deployment.close()
+    assert all(process.poll() is not None for process in sleepers)
