@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lore_core.privacy.privacy_settings import DEFAULTS
+from lore_core.privacy.privacy_settings import DEFAULTS, user_delta
 from lore_core.privacy.record_dp import steps_per_epoch
 from lore_core.text_file import json_loads, not_a_file, parse_json, read_jsonl, read_text
 from lore_core.termination import interruptions_deferred
@@ -98,14 +98,14 @@ def _load_settings(args: argparse.Namespace, run_dir: Path | None) -> dict:
         settings.update({k: v for k, v in stored.items() if k in PRIVACY_DEFAULTS and v is not None})
         if stored.get("clients_per_round") is None:  # modes none and record: the run's own count (a tester saw 50)
             settings.update(_checkpoint_clients(run_dir))
-    source, other = {}, []  # where each value came from, for the message; flags that differ from the run's
+    source, other, given = {}, [], {}  # where each value came from; flags that differ from the run's; --config's
     if args.config:
         given = _read_config(Path(args.config))
         settings.update(given)
         other += [f"{key} {value!r} in --config {args.config} is not {run_dir}'s {stored[key]!r} (from {ledger})"
                   for key, value in given.items() if stored.get(key) is not None and stored[key] != value]
-    stored_in = f" (from --config {args.config})" if args.config else f" (from {ledger})" if ledger and ledger.exists() \
-        else ""
+    stored_in = (f" (from --config {args.config})" if args.config else
+                 f" (from {ledger})" if ledger and ledger.exists() else "")
     for key, flag, value in (("noise_multiplier", "--noise-multiplier", args.noise_multiplier),
                              ("clip_norm", "--clip-norm", args.clip_norm),
                              ("clients_per_round", "--clients-per-round", args.clients_per_round),
@@ -119,6 +119,9 @@ def _load_settings(args: argparse.Namespace, run_dir: Path | None) -> dict:
         value = settings[key]
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise AuditCommandError(f"{key} must be a positive integer, got {value!r}{source.get(key, stored_in)}")
+    if args.delta is None and "delta" not in given and stored.get("delta") is None:
+        # a run's default follows N (a reviewer: `mechanism --population 200000` was refused its own default 1e-5)
+        settings["delta"] = user_delta(settings["population_size"])
     for key in ("noise_multiplier", "clip_norm", "delta", "max_grad_norm", "record_sample_rate"):
         if isinstance(settings[key], bool) or not isinstance(settings[key], (int, float)):
             raise AuditCommandError(f"{key} must be a number, got {settings[key]!r}{source.get(key, stored_in)}")
@@ -130,8 +133,8 @@ def _load_settings(args: argparse.Namespace, run_dir: Path | None) -> dict:
         _refuse_more_per_round_than_users(settings, source, stored_in)  # a tester: update-leakage took 50 of 42
     if other:
         raise AuditCommandError(f"{'; '.join(other)}: an audit of a run replays the run's own settings and is filed "
-                                "in its ledger; drop the flag (or the --config value), or audit those settings without the run "
-                                "directory")
+                                "in its ledger; drop the flag (or the --config value), or audit those settings without "
+                                "the run directory")
     return settings
 
 
@@ -184,8 +187,8 @@ def _check_counts(args: argparse.Namespace) -> None:
 
 
 def _check_inputs(args: argparse.Namespace, run_dir: Path | None) -> None:
-    """Inputs that would file another population's or another basis's audit as RUN's own (a tester's `fairness RUN
-    --synthetic` and `fairness RUN --basis OTHER_RUN/basis.npz` were), or that --synthetic ignores."""
+    """--synthetic with a run directory or files: its result would be filed as the run's own (a tester's `fairness
+    RUN --synthetic`), or the files would be ignored."""
     if args.synthetic:
         ignored = [flag for flag, value in (("--pairs", args.pairs), ("--basis", args.basis)) if value is not None]
         if run_dir is not None:
@@ -193,17 +196,19 @@ def _check_inputs(args: argparse.Namespace, run_dir: Path | None) -> None:
                                     "filed as the run's own; drop the run directory (or --synthetic)")
         if ignored:
             raise AuditCommandError(f"--synthetic makes its own pairs and basis: drop {' and '.join(ignored)}")
-    basis = args.basis
-    if basis is None or run_dir is None:
-        return
+
+
+def other_basis_note(args: argparse.Namespace, run_dir: Path | None) -> str:
+    """A sentence for the result's summary when --basis is not the run's own basis (a tester's `fairness RUN --basis
+    OTHER_RUN/basis.npz` read in RUN's report as RUN's fairness): its figures are that basis's, at the run's
+    settings (a what-if the tests use: a run's record-mode mechanism on a basis that has learned the users)."""
+    if args.basis is None or run_dir is None:
+        return ""
     own = [file for file in (run_dir / "basis.npz", run_dir / "checkpoint.npz") if file.is_file()]
-    if not own:  # the run left no basis (it stopped early): the one given is the audit's
-        return
-    given = load_run_basis(basis, None)[0]
-    if not any(_same_basis(given, load_run_basis(str(file), None)[0]) for file in own):
-        raise AuditCommandError(f"--basis {basis} is not {run_dir}'s basis ({' or '.join(str(f) for f in own)}): an "
-                                "audit of another basis would be filed as the run's own; audit it without the run "
-                                "directory (with --pairs)")
+    given = load_run_basis(args.basis, None)[0]
+    if not own or any(_same_basis(given, load_run_basis(str(file), None)[0]) for file in own):
+        return ""
+    return f" Scored on --basis {args.basis}, not {run_dir}'s own basis: these figures are that basis's."
 
 
 def _same_basis(first: np.ndarray, second: np.ndarray) -> bool:
@@ -966,6 +971,7 @@ def run(args: argparse.Namespace) -> int:
     with _run_dir_lock(run_dir):
         settings = _load_settings(args, run_dir)
         result = AUDITS[args.name](args, run_dir, settings)
+        result["summary"] += other_basis_note(args, run_dir)
         given = {name: str(Path(value).resolve()) for name in ("pairs", "basis", "config")
                  if (value := getattr(args, name, None))}
         if given:  # files named instead of the run's own: the result says which (a tester found no trace of them)

@@ -6,8 +6,9 @@ directions Gaussian, `--drift` times the noise std per entry and direction), noi
 
 Cases: honest; every round's noise at 0.85 of the claim; a tenth of the rounds (and the first) with no noise; noise of
 the claimed std per round but correlated across rounds: AR(1) at rho = -0.2 and -0.3 (rounds t and t + 1 cancel
-part of it), rounds paired at random, the second's noise the first's negated, and blocks of 5 rounds whose noise
-sums to zero (each round's rescaled to the claimed std; a tester's server). Writes
+part of it), rounds paired at random, the second's noise the first's negated, blocks of 5 rounds whose noise
+sums to zero (each round's rescaled to the claimed std; a tester's server), and one round's noise copying the one
+before at +0.95 (a reviewer's). Writes
 bench_results/released_noise_check.{json,md}.
 """
 
@@ -24,16 +25,20 @@ from lore_core.audits.released_noise import released_noise_check
 OUT = Path(__file__).resolve().parents[1] / "bench_results"
 SHAPES = ((200, 1920, 5), (200, 3840, 20), (1500, 32, 3), (60, 512, 4), (25, 512, 8), (25, 312, 8), (10, 96, 2),
           (5, 72, 1), (3, 100, 1), (2, 100, 1))
-CASES = {"honest": (1.0, 0.0, None), "noise x 0.85": (0.85, 0.0, None), "10 % of rounds without noise": (1.0, 0.1, None),
+CASES = {"honest": (1.0, 0.0, None), "noise x 0.85": (0.85, 0.0, None),
+         "10 % of rounds without noise": (1.0, 0.1, None),
          "AR(1) rho -0.2": (1.0, 0.0, -0.2), "AR(1) rho -0.3": (1.0, 0.0, -0.3), "pairs cancel": (1.0, 0.0, "pairs"),
-         "5-round blocks sum to 0": (1.0, 0.0, "blocks")}
+         "5-round blocks sum to 0": (1.0, 0.0, "blocks"), "one round copies another (+0.95)": (1.0, 0.0, "copy")}
 
 
 def correlated_noise(rng: np.random.Generator, rounds: int, dim: int, correlation) -> np.ndarray:
     """Noise of std 1 per entry in every round, independent across rounds (None), AR(1) at rho (a number), rounds
     paired at random with the second's noise the first's negated ("pairs"), or 5-round blocks summing to 0."""
     noise = rng.standard_normal((rounds, dim))
-    if correlation == "blocks":  # a tester's server: each block of 5 rounds centred, rescaled to the claimed std
+    if correlation == "copy":  # a reviewer's server: S_t - 0.95 S_(t-1) carries a third of the claimed noise
+        middle = rounds // 2
+        noise[middle] = 0.95 * noise[middle - 1] + np.sqrt(1 - 0.95 ** 2) * noise[middle]
+    elif correlation == "blocks":  # a tester's server: each block of 5 rounds centred, rescaled to the claimed std
         whole = rounds - rounds % 5
         blocks = noise[:whole].reshape(-1, 5, dim)
         noise[:whole] = ((blocks - blocks.mean(axis=1, keepdims=True)) * np.sqrt(5 / 4)).reshape(whole, dim)
@@ -50,7 +55,7 @@ def correlated_noise(rng: np.random.Generator, rounds: int, dim: int, correlatio
 def failures(rng: np.random.Generator, shape: tuple[int, int, int], scale: float, zero_share: float, correlation,
              drift: float, draws: int) -> dict:
     rounds, dim, spikes = shape
-    verdicts, pooled, lowest = [], [], []
+    verdicts, pooled, lowest, across, alone = [], [], [], 0, 0
     for _ in range(draws):
         release = rng.standard_normal((rounds, spikes)) @ rng.standard_normal((spikes, dim)) * drift
         noise = correlated_noise(rng, rounds, dim, correlation) * scale
@@ -60,9 +65,17 @@ def failures(rng: np.random.Generator, shape: tuple[int, int, int], scale: float
             noise[quiet] = 0.0
         result = released_noise_check(release + noise, np.ones(rounds))
         verdicts.append(result["verdict"])
+        by_across = "lowest_lag_correlation" in result and (
+            result["lowest_lag_correlation"] < result["lag_threshold"]
+            or abs(result["strongest_pair_correlation"]) > result["pair_threshold"])
+        by_others = result["verdict"] == "fail" and (
+            result["noise_ratio"] < result["pooled_threshold"] or result["round_threshold"] is not None
+            and result["lowest_round_ratio"] < result["round_threshold"])
+        across, alone = across + int(bool(by_across)), alone + int(bool(by_across) and not by_others)
         pooled.append(result["noise_ratio"])
         lowest.append(result["lowest_round_ratio"])
-    return {"failed": verdicts.count("fail"), "draws": draws, "pooled_mean": float(np.mean(pooled)),
+    return {"failed": verdicts.count("fail"), "draws": draws, "failed_across": across, "failed_across_alone": alone,
+            "pooled_mean": float(np.mean(pooled)),
             "lowest_round_min": float(np.min(lowest))}
 
 
@@ -81,12 +94,14 @@ def main(argv: list[str] | None = None) -> None:
     lines = ["# Released-noise check on synthetic releases (`python -m simulations.released_noise_check`)", "",
              f"Noise std 1 claimed 1; drift {args.drift} x the noise per entry and direction; {args.draws} draws per "
              "cell, seed " f"{args.seed}. Failures of {args.draws} (honest: false alarms; the others: detections), "
-             "the mean pooled ratio and the lowest single round's ratio over the draws.", "",
+             "then the mean pooled ratio and the lowest single round's ratio over the draws; after the semicolon, "
+             "the draws the across-rounds check failed, and of those the ones no other check failed.", "",
              "| rounds | entries | drift directions | " + " | ".join(CASES) + " |", "|---" * (3 + len(CASES)) + "|"]
     for r, d, k in SHAPES:
         cells = [next(x for x in rows if (x["rounds"], x["entries"], x["case"]) == (r, d, case)) for case in CASES]
         lines.append(f"| {r} | {d} | {k} | " + " | ".join(
-            f"{c['failed']} ({c['pooled_mean']:.2f}, {c['lowest_round_min']:.2f})" for c in cells) + " |")
+            f"{c['failed']} ({c['pooled_mean']:.2f}, {c['lowest_round_min']:.2f}; {c['failed_across']}, "
+            f"{c['failed_across_alone']})" for c in cells) + " |")
     (OUT / "released_noise_check.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -556,13 +556,15 @@ EXTREME = {
     # found by a tester: each ran (delta 0.5 claimed epsilon -0.36; modes none and record passed, replayed as user)
     # found by a tester: deploy local wrote its whole run among a prepare dataset's files
     "deploy run dir is a dataset": (DEPLOY[:6] + ["--run-dir", "dataset"], "it is a dataset of `lore-fed prepare`"),
-    "simulate out is a dataset": (["simulate", "pairs.npz", "--out", "dataset"], "it is a dataset of `lore-fed prepare`"),
+    "simulate out is a dataset": (["simulate", "pairs.npz", "--out", "dataset"],
+                                  "it is a dataset of `lore-fed prepare`"),
     # found by a tester: --delta, never typed, was blamed (the default 1/(10 N) falls below the accountant's floor)
     "privacy population 2e9": (EPS[:4] + ["--clients-per-round", "50", "--population", "2000000000", "--rounds", "10"],
                                ("--population 2000000000 is above 1e9 users", "--delta 1e-10")),
     "audit update-leakage max users 1": (["audit", "update-leakage", "--synthetic", "--max-users", "1"],
                                          "--max-users must be >= 2"),
-    "audit mechanism delta 0.5": (["audit", "mechanism", "--delta", "0.5", "--runs", "100"], "delta must be in (0, 1/N)"),
+    "audit mechanism delta 0.5": (["audit", "mechanism", "--delta", "0.5", "--runs", "100"],
+                                  "delta must be in (0, 1/N)"),
     "audit mechanism mode record": (["audit", "mechanism", "--mode", "record", "--runs", "100"],
                                     "covers the user-level modes"),
     "audit mechanism mode none": (["audit", "mechanism", "--mode", "none", "--runs", "100"],
@@ -1351,4 +1353,5 @@ def test_ctrl_c_while_the_command_line_is_parsed_exits_130_without_a_traceback(m
 def test_a_command_line_without_its_command_is_refused_with_the_usage(argv):
     """A tester: bare `lore-fed` exited 0 (help on stdout) while bare `lore-fed device` exited 2."""
     code, out, err = cli(argv)
-    assert (code, out) == (2, "") and "usage: lore-fed" in err and "error: the following arguments are required" in err, err
+    assert (code, out) == (2, "") and "usage: lore-fed" in err, err
+    assert "error: the following arguments are required" in err, err

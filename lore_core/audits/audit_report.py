@@ -16,7 +16,7 @@ from lore_core.text_file import json_loads
 
 AUDITS_DIR = "audits"
 SUMMARY_KEYS = ("verdict", "passed", "applicable", "epsilon_lb", "epsilon_claimed", "mode", "level", "seed", "trials",
-                "alpha", "delta")
+                "alpha", "delta", "inputs_given")  # the files named instead of the run's own, in its ledger too
 
 
 def _jsonable(value: Any) -> Any:
