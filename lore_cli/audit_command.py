@@ -97,7 +97,8 @@ def _load_settings(args: argparse.Namespace, run_dir: Path | None) -> dict:
         stored = read_ledger(ledger)["config"]  # a damaged or tampered ledger is refused here, before any audit
         settings.update({k: v for k, v in stored.items() if k in PRIVACY_DEFAULTS and v is not None})
         if stored.get("clients_per_round") is None:  # modes none and record: the run's own count (a tester saw 50)
-            settings.update(_checkpoint_clients(run_dir))
+            stored = {**stored, **_checkpoint_clients(run_dir)}  # compared with a flag's or --config's as the rest
+            settings.update({k: v for k, v in stored.items() if k == "clients_per_round"})
     source, other, given = {}, [], {}  # where each value came from; flags that differ from the run's; --config's
     if args.config:
         given = _read_config(Path(args.config))

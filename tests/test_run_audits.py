@@ -1008,7 +1008,8 @@ def test_an_audit_of_a_run_refuses_settings_other_than_the_run_s(record_run, tmp
     assert json.loads((record_run / "ledger.json").read_text())["events"]["audits"] == before
     config = tmp_path / "config.json"  # a reviewer: the same value given through --config passed, and was filed
     for given, expected in (({"noise_multiplier": 5}, "noise_multiplier 5 in --config"),
-                            ({"mode": "user+secagg"}, "mode 'user+secagg' in --config")):
+                            ({"mode": "user+secagg"}, "mode 'user+secagg' in --config"),
+                            ({"clients_per_round": 3}, "clients_per_round 3 in --config")):  # from the checkpoint
         config.write_text(json.dumps(given))
         assert main(["audit", "mechanism", str(record_run), "--config", str(config), "--runs", "100",
                      "--out", str(tmp_path / "m")]) == 2
