@@ -7,8 +7,10 @@ directions Gaussian, `--drift` times the noise std per entry and direction), noi
 Cases: honest; every round's noise at 0.85 of the claim; a tenth of the rounds (and the first) with no noise; noise of
 the claimed std per round but correlated across rounds: AR(1) at rho = -0.2 and -0.3 (rounds t and t + 1 cancel
 part of it), rounds paired at random, the second's noise the first's negated, blocks of 5 rounds whose noise
-sums to zero (each round's rescaled to the claimed std; a tester's server), and one round's noise copying the one
-before at +0.95 (a reviewer's). Writes
+sums to zero (each round's rescaled to the claimed std; a tester's server), one round's noise copying the one
+before at +0.95 (a reviewer's), and three servers of an adversarial tester's: noise whose covariance across rounds
+is I - a a^T (one secret combination of rounds carries none), none in a fixed half of the entries (the rest
+doubled in variance), and entries of exactly +-1. Writes
 bench_results/released_noise_check.{json,md}.
 """
 
@@ -28,14 +30,24 @@ SHAPES = ((200, 1920, 5), (200, 3840, 20), (1500, 32, 3), (60, 512, 4), (25, 512
 CASES = {"honest": (1.0, 0.0, None), "noise x 0.85": (0.85, 0.0, None),
          "10 % of rounds without noise": (1.0, 0.1, None),
          "AR(1) rho -0.2": (1.0, 0.0, -0.2), "AR(1) rho -0.3": (1.0, 0.0, -0.3), "pairs cancel": (1.0, 0.0, "pairs"),
-         "5-round blocks sum to 0": (1.0, 0.0, "blocks"), "one round copies another (+0.95)": (1.0, 0.0, "copy")}
+         "5-round blocks sum to 0": (1.0, 0.0, "blocks"), "one round copies another (+0.95)": (1.0, 0.0, "copy"),
+         "a combination of rounds without noise": (1.0, 0.0, "null"),
+         "half the entries without noise": (1.0, 0.0, "half"), "entries exactly +-1": (1.0, 0.0, "signs")}
 
 
 def correlated_noise(rng: np.random.Generator, rounds: int, dim: int, correlation) -> np.ndarray:
     """Noise of std 1 per entry in every round, independent across rounds (None), AR(1) at rho (a number), rounds
     paired at random with the second's noise the first's negated ("pairs"), or 5-round blocks summing to 0."""
     noise = rng.standard_normal((rounds, dim))
-    if correlation == "copy":  # a reviewer's server: S_t - 0.95 S_(t-1) carries a third of the claimed noise
+    if correlation == "null":  # an adversary's server: covariance across rounds I - a a^T, each round rescaled
+        a = rng.choice([-1.0, 1.0], rounds) / np.sqrt(rounds)
+        noise = (noise - np.outer(a, a @ noise)) * np.sqrt(rounds / (rounds - 1))
+    elif correlation == "half":  # no noise in a fixed half of the entries, the other half's doubled in variance
+        noise[:, : dim // 2] = 0.0
+        noise[:, dim // 2:] *= np.sqrt(dim / (dim - dim // 2))
+    elif correlation == "signs":  # the right variance, the wrong shape: an attacker tests for the lattice
+        noise = np.sign(noise)
+    elif correlation == "copy":  # a reviewer's server: S_t - 0.95 S_(t-1) carries a third of the claimed noise
         middle = rounds // 2
         noise[middle] = 0.95 * noise[middle - 1] + np.sqrt(1 - 0.95 ** 2) * noise[middle]
     elif correlation == "blocks":  # a tester's server: each block of 5 rounds centred, rescaled to the claimed std
@@ -67,7 +79,10 @@ def failures(rng: np.random.Generator, shape: tuple[int, int, int], scale: float
         verdicts.append(result["verdict"])
         by_across = "lowest_lag_correlation" in result and (
             result["lowest_lag_correlation"] < result["lag_threshold"]
-            or abs(result["strongest_pair_correlation"]) > result["pair_threshold"])
+            or abs(result["strongest_pair_correlation"]) > result["pair_threshold"]
+            or result.get("least_noisy_combination_ratio", 1.0) < result.get("least_noisy_threshold", 0.0)
+            or "kurtosis" in result
+            and not result["kurtosis_band"][0] <= result["kurtosis"] <= result["kurtosis_band"][1])
         by_others = result["verdict"] == "fail" and (
             result["noise_ratio"] < result["pooled_threshold"] or result["round_threshold"] is not None
             and result["lowest_round_ratio"] < result["round_threshold"])
@@ -95,7 +110,8 @@ def main(argv: list[str] | None = None) -> None:
              f"Noise std 1 claimed 1; drift {args.drift} x the noise per entry and direction; {args.draws} draws per "
              "cell, seed " f"{args.seed}. Failures of {args.draws} (honest: false alarms; the others: detections), "
              "then the mean pooled ratio and the lowest single round's ratio over the draws; after the semicolon, "
-             "the draws the across-rounds check failed, and of those the ones no other check failed.", "",
+             "the draws the across-rounds or shape checks failed (correlations, the least noisy combination of "
+             "rounds, kurtosis), and of those the ones the pooled and per-round checks passed.", "",
              "| rounds | entries | drift directions | " + " | ".join(CASES) + " |", "|---" * (3 + len(CASES)) + "|"]
     for r, d, k in SHAPES:
         cells = [next(x for x in rows if (x["rounds"], x["entries"], x["case"]) == (r, d, case)) for case in CASES]

@@ -130,6 +130,42 @@ def test_the_accounting_audit_fails_a_server_whose_noise_cancels_across_rounds(p
     assert noise["noise_ratio"] > noise["pooled_threshold"] and noise["lowest_round_ratio"] > noise["round_threshold"]
 
 
+@pytest.mark.parametrize("server", ["a combination of rounds without noise", "entries of exactly +-zC"])
+def test_the_accounting_audit_fails_noise_of_the_right_std_and_the_wrong_shape(pair_file, secrets_file, tmp_path,
+                                                                              monkeypatch, server):
+    """An adversarial tester's servers, each round's std and each pair's correlation as claimed: noise whose
+    covariance across the 60 rounds is I - a a^T (the combination a of the releases carries none: epsilon infinite
+    against anyone who knows the other users' sums), or noise of exactly +-zC per entry (a release minus the others'
+    sums lies on that lattice only when the target is absent). Both passed; the shape checks fail them."""
+    real_noise, drawn, rounds = dp_fedavg.add_noise_to_sum, [], 60
+    rng = np.random.default_rng(0)
+    a = rng.choice([-1.0, 1.0], rounds) / np.sqrt(rounds)
+
+    def shaped(total, z, clip, noise_rng):
+        if server.startswith("entries"):
+            noise = z * clip * np.sign(real_noise(np.zeros_like(total), z, clip, noise_rng))
+        else:
+            if not drawn:  # the whole run's noise at the first round: I - a a^T across rounds, rescaled
+                fresh = real_noise(np.zeros((rounds,) + np.shape(total)), z, clip, noise_rng)
+                drawn.extend((fresh - np.tensordot(a, np.tensordot(a, fresh, 1), 0)) * np.sqrt(rounds / (rounds - 1)))
+            noise = drawn[len(called)]
+        called.append(1)
+        return np.asarray(total, dtype=np.float64) + noise
+
+    called = []
+    monkeypatch.setattr(dp_fedavg, "add_noise_to_sum", shaped)
+    canary_run(pair_file, secrets_file, tmp_path / "run", rounds=rounds)
+    assert len(called) == rounds
+    assert main(["audit", "accounting", str(tmp_path / "run")]) == 1
+    noise = json.loads((tmp_path / "run" / "audits" / "accounting.json").read_text())["released_noise"]
+    assert noise["verdict"] == "fail", noise
+    assert noise["noise_ratio"] > noise["pooled_threshold"] and noise["lowest_round_ratio"] > noise["round_threshold"]
+    if server.startswith("entries"):
+        assert noise["kurtosis"] < noise["kurtosis_band"][0] and "kurtosis" in noise["summary"]
+    else:
+        assert noise["least_noisy_combination_ratio"] < 0.5 and "least noisy combination" in noise["summary"]
+
+
 def test_the_canary_audit_refuses_another_run_s_secrets_file(pair_file, secrets_file, tmp_path, capsys):
     """The secrets file was bound to its run by nothing: another run's canaries, absent from these releases, read as a
     mechanism that leaks nothing, so a broken run would pass. `simulate` records the secrets' digest in metrics.json,

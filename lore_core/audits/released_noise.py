@@ -6,8 +6,8 @@ recorded for that round. Divided by z_t C, the noise has std 1. Outside the user
 (singular values above the Marchenko-Pastur edge of pure noise, `observed_noise`) the release holds that noise
 plus the drift's weak part, and the weak part only adds variance (each round's noise is fresh, independent of the
 drift that came before it). So an observed std below 1 by more than the estimate's error means the run added less
-noise than the ledger claims. Two checks (a reviewer found the pooled one alone passed z x 0.85, and runs with a
-tenth of their rounds released without noise):
+noise than the ledger claims. The checks (a reviewer found the pooled one alone passed z x 0.85, and runs with a
+tenth of their rounds released without noise; testers, noise that was not fresh or not Gaussian):
 - pooled over every round: fail below 1 - max(0.1, 6 x its error 1 / sqrt(2 (R - k)(d - k))), k spikes dropped;
 - each round alone (where d - k >= 20): fail below clip(1 - 6 / sqrt(2 (d - k)), 0.3, 0.7), so one round released
   with little or no noise fails however many honest rounds surround it.
@@ -19,6 +19,8 @@ tenth of their rounds released without noise):
   -max(0.1, 6 / sqrt((R - l)(d - k))) (below only: the drift's weak part correlates neighbouring rounds upward), or
   where one pair's is beyond +-max(0.3, z / sqrt(d - k)), z = max(6, sqrt(2 ln(1e4 R (R - 1)))) for the strongest
   of the pairs, either sign.
+- the noise's shape (`shape_problems`): the least noisy combination of rounds, and the entries' kurtosis (an
+  adversarial tester's servers hid a combination of rounds without noise, and released entries of exactly +-zC).
 What it cannot see (one-sided, and said so in the README): noise cut by less than about a tenth over the whole run,
 more noise than claimed, noise removed only inside the drift's strong directions (a server that knows the clean sums
 can subtract its noise there), and single rounds' cuts in short runs or under a drift many times the noise (it leaks
@@ -26,6 +28,8 @@ past the cross-fitted directions).
 """
 
 from __future__ import annotations
+
+import functools
 
 import numpy as np
 
@@ -37,6 +41,10 @@ ROUND_FLOOR, MIN_ROUND_DOF = (0.3, 0.7), 20
 # Across rounds: fail below -max(MARGIN, ERRORS x error) for a lag's mean correlation and for one pair's.
 LAG_MARGIN, PAIR_MARGIN, PAIR_CHANCE = 0.1, 0.3, 1e-4
 MIN_ROUNDS_ACROSS = 3  # rounds left once the drift's directions are dropped
+# The noise's shape (shape_problems): the least-noisy combination of rounds over the pure-noise lower edge, and the
+# entries' kurtosis; with fewer entries left than MIN_EDGE_ENTRIES neither is read.
+EDGE_FLOOR, EDGE_MAX_RATIO, MIN_EDGE_ENTRIES = 0.85, 0.5, 2000
+KURTOSIS_BAND = (0.5, 1.5)
 GRAM_BLOCK = 256  # rounds per block of the rounds' Gram matrix (memory: GRAM_BLOCK x R)
 # Fewer released entries than this: the estimate's error (1 / sqrt(2 x entries)) is too large to check anything.
 MIN_ENTRIES = 200
@@ -75,8 +83,14 @@ class _NoiseFit:
             if now == dropped:
                 break
             dropped = now
-        self.sigma, self.dropped = float(sigma), dropped
+        self.sigma, self.dropped, self.singular = float(sigma), dropped, singular
         self.entries = (rounds - dropped) * (self.dof - dropped)
+
+    @functools.cached_property
+    def residual(self) -> np.ndarray:
+        """The release outside the canaries' span and the k dropped directions (R, d)."""
+        k = self.dropped
+        return self.outside - (self.outside @ self.vt[:k].T) @ self.vt[:k]
 
     def round_stds(self) -> tuple[np.ndarray, int]:
         """Each round's own std outside the canaries' span and the drift's strong directions (R,), and the
@@ -98,8 +112,7 @@ class _NoiseFit:
         rounds t and t + l, and the pair of rounds whose correlation is furthest from 0 (either sign), each less what
         the drop itself makes (removing k round-space directions U leaves honest residuals with covariance
         sigma^2 (I - U U^T)). Read from the rounds' Gram matrix, GRAM_BLOCK rounds at a time."""
-        rounds, k = len(self.outside), self.dropped
-        residual = self.outside - (self.outside @ self.vt[:k].T) @ self.vt[:k]
+        rounds, k, residual = len(self.outside), self.dropped, self.residual
         scale = (self.dof - k) * self.sigma ** 2
         u = self.u[:, :k]
         norms = np.sqrt((residual ** 2).sum(axis=1) / scale)  # each round's residual; its null norm after the drop:
@@ -147,6 +160,35 @@ def across_rounds_problem(fit: _NoiseFit) -> tuple[dict, str | None]:
     return figures, ("; ".join(problems) + ", so part of it cancels across rounds") if problems else None
 
 
+def shape_problems(fit: _NoiseFit) -> tuple[dict, list[str]]:
+    """The noise's shape, beyond each round's std and each pair's correlation (a privacy tester's server passed both
+    with a combination of rounds carrying no noise, and with noise of exactly +-sigma per entry):
+    - the least-noisy combination of rounds: the residual's smallest singular value over the pure-noise lower edge
+      sqrt(d - k) - sqrt(R - k) (Bai-Yin; the drift only adds), where R - k <= (d - k) / 2 and at least
+      MIN_EDGE_ENTRIES entries are left; fail below EDGE_FLOOR;
+    - the entries' kurtosis (a Gaussian's is 3): fail outside 3 - max(0.5, 8 e) .. 3 + max(1.5, 8 e), e = sqrt(24 / n),
+      where n >= MIN_EDGE_ENTRIES (upward wide: the drift's weak part leaks heavy rows, up to 3.6 at 10 x 96)."""
+    rounds, dof = len(fit.outside) - fit.dropped, fit.dof - fit.dropped
+    figures, problems = {}, []
+    if rounds * dof < MIN_EDGE_ENTRIES:
+        return figures, problems
+    if 3 <= rounds <= EDGE_MAX_RATIO * dof:
+        ratio = float(fit.singular[len(fit.outside) - 1] / (np.sqrt(dof) - np.sqrt(rounds)))
+        figures.update(least_noisy_combination_ratio=ratio, least_noisy_threshold=EDGE_FLOOR)
+        if ratio < EDGE_FLOOR:
+            problems.append(f"the least noisy combination of the rounds carries {ratio:.2f} times the noise that "
+                            f"noise of the claimed std leaves it (at least {EDGE_FLOOR:.2f} required)")
+    standard = fit.residual / fit.sigma
+    kurtosis = float(np.mean(standard ** 4) / np.mean(standard ** 2) ** 2)
+    error = np.sqrt(24.0 / (rounds * dof))
+    band = (3.0 - max(KURTOSIS_BAND[0], 8 * error), 3.0 + max(KURTOSIS_BAND[1], 8 * error))
+    figures.update(kurtosis=kurtosis, kurtosis_band=list(band))
+    if not band[0] <= kurtosis <= band[1]:
+        problems.append(f"the noise's entries have kurtosis {kurtosis:.2f} (a Gaussian's is 3; {band[0]:.2f} to "
+                        f"{band[1]:.2f} required): not the Gaussian noise the accountant assumes")
+    return figures, problems
+
+
 def released_noise_check(sums: np.ndarray, claimed_std: np.ndarray, directions: np.ndarray | None = None) -> dict:
     """Compare the noise in released sums (R, ...) with the std each round claims (R,) (z_t C), outside the span
     of `directions` (K, d) when given (the canary audit's own canaries): pooled, and round by round. Returns
@@ -179,8 +221,11 @@ def released_noise_check(sums: np.ndarray, claimed_std: np.ndarray, directions: 
     # The rounds' correlations need one round's degrees of freedom, and 3 rounds left once the drift's are dropped
     # (with 2 rounds and 1 dropped both figures are 0 by construction: a reviewer's cancelling pair passed)
     checked_across = round_floor is not None and len(sums) - fit.dropped >= MIN_ROUNDS_ACROSS
+    shape = []
     if checked_across:
         figures, across = across_rounds_problem(fit)
+        base.update(figures)
+        figures, shape = shape_problems(fit)
         base.update(figures)
     if fit.sigma < pooled_floor:
         problems.append(f"the released sums carry noise of {fit.sigma:.2f} times the std the ledger claims (z C per "
@@ -188,7 +233,7 @@ def released_noise_check(sums: np.ndarray, claimed_std: np.ndarray, directions: 
     if round_floor is not None and stds[low] < round_floor:
         problems.append(f"release {low + 1} of {len(sums)} carries noise of {stds[low]:.2f} times its claimed std "
                         f"(each round at least {round_floor:.2f})")
-    problems += [across] if across else []
+    problems += ([across] if across else []) + shape
     if problems:
         return {**base, "verdict": "fail",
                 "summary": "; ".join(problems) + ": the run added less noise than its ledger says"}
