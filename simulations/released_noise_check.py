@@ -81,8 +81,7 @@ def failures(rng: np.random.Generator, shape: tuple[int, int, int], scale: float
             result["lowest_lag_correlation"] < result["lag_threshold"]
             or abs(result["strongest_pair_correlation"]) > result["pair_threshold"]
             or result.get("least_noisy_combination_ratio", 1.0) < result.get("least_noisy_threshold", 0.0)
-            or "kurtosis" in result
-            and not result["kurtosis_band"][0] <= result["kurtosis"] <= result["kurtosis_band"][1])
+            or result.get("kurtosis", 3.0) < result.get("kurtosis_floor", 0.0))
         by_others = result["verdict"] == "fail" and (
             result["noise_ratio"] < result["pooled_threshold"] or result["round_threshold"] is not None
             and result["lowest_round_ratio"] < result["round_threshold"])

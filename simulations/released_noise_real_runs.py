@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> None:
              "200 rounds at rank 4; `audit accounting` on each run. Lag and pair: the lowest mean correlation of "
              "rounds l apart (less what the drift's removal makes) and the strongest of one pair, against their "
              "thresholds; the least noisy combination of rounds over what pure noise of the claimed std leaves it "
-             "(at least 0.85), and the noise's kurtosis (2.5-4.5).", "",
+             "(its floor 0.85 here), and the noise's kurtosis (at least 2.5).", "",
              "| run | verdict | pooled (>= 0.90) | lowest round | lowest lag correlation (threshold) | strongest pair "
              "(threshold) | least noisy combination | kurtosis | drift directions |", "|---" * 9 + "|"]
     for row in rows:

@@ -161,7 +161,7 @@ def test_the_accounting_audit_fails_noise_of_the_right_std_and_the_wrong_shape(p
     assert noise["verdict"] == "fail", noise
     assert noise["noise_ratio"] > noise["pooled_threshold"] and noise["lowest_round_ratio"] > noise["round_threshold"]
     if server.startswith("entries"):
-        assert noise["kurtosis"] < noise["kurtosis_band"][0] and "kurtosis" in noise["summary"]
+        assert noise["kurtosis"] < noise["kurtosis_floor"] and "kurtosis" in noise["summary"]
     else:
         assert noise["least_noisy_combination_ratio"] < 0.5 and "least noisy combination" in noise["summary"]
 
