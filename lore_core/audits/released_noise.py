@@ -254,4 +254,10 @@ def released_noise_check(sums: np.ndarray, claimed_std: np.ndarray, directions: 
                        + (f", and no part of it cancels across rounds (the lowest mean correlation "
                           f"{base['lowest_lag_correlation']:.2f} at lag {base['lowest_lag']}, the strongest pair "
                           f"{base['strongest_pair_correlation']:+.2f})" if checked_across else
-                          " (too few rounds left to check across them)" if round_floor is not None else "")}
+                          " (the drift has as many strong directions as half the rounds: not checked across them)"
+                          if round_floor is not None and fit.capped else
+                          " (too few rounds left to check across them)" if round_floor is not None else "")
+                       + (f"; its least noisy combination of rounds {base['least_noisy_combination_ratio']:.2f} (at "
+                          f"least {base['least_noisy_threshold']:.2f})" if "least_noisy_threshold" in base else "")
+                       + (f"; its kurtosis {base['kurtosis']:.2f} (at least {base['kurtosis_floor']:.2f})"
+                          if "kurtosis" in base else "")}
