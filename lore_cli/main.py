@@ -81,9 +81,6 @@ def _main(argv: list[str]) -> int:
 
         args = parse_command_line(parser, argv)
     args._command_line = "lore-fed " + shlex.join(str(a) for a in argv)  # as run, also in-process (`demo`'s runs)
-    if not getattr(args, "_run", None):
-        parser.print_help()
-        return 2
     from lore_cli.termination import interrupted, is_interruption
     from lore_core.termination import terminated_as_interrupt
     from lore_core.run_lock import RunDirBusy

@@ -224,14 +224,16 @@ def released_noise_check(sums: np.ndarray, claimed_std: np.ndarray, directions: 
     base.update(noise_ratio=fit.sigma, noise_ratio_error=float(error), pooled_threshold=pooled_floor,
                 lowest_round_ratio=float(stds[low]), lowest_round=low + 1, round_threshold=round_floor,
                 drift_directions_dropped=fit.dropped)
-    problems, across = [], None
-    # The rounds' correlations need one round's degrees of freedom, and 3 rounds left once the drift's are dropped
-    # (with 2 rounds and 1 dropped both figures are 0 by construction: a reviewer's cancelling pair passed)
-    # Nor where the drop hit its cap (half the rounds): the drift it left correlates rounds and skews the residual (a
-    # reviewer's 11 rounds with 8 strong directions failed every honest draw)
-    checked_across = round_floor is not None and len(sums) - fit.dropped >= MIN_ROUNDS_ACROSS and not fit.capped
-    shape = []
-    if checked_across:
+    # The rounds' correlations and shape need one round's degrees of freedom, and 3 rounds left once the drift's are
+    # dropped (with 2 rounds and 1 dropped both figures are 0 by construction: a reviewer's cancelling pair passed);
+    # nor are they read where the drop hit its cap (half the rounds): the drift it left correlates rounds and skews
+    # the residual (a reviewer's 11 rounds with 8 strong directions failed every honest draw)
+    unchecked = ("too few entries per round to check rounds one by one or across" if round_floor is None else
+                 "too few rounds left to check across them" if len(sums) - fit.dropped < MIN_ROUNDS_ACROSS else
+                 "the drift has as many strong directions as half the rounds: not checked across them"
+                 if fit.capped else None)
+    problems, across, shape = [], None, []
+    if unchecked is None:
         figures, across = across_rounds_problem(fit)
         base.update(figures)
         figures, shape = shape_problems(fit)
@@ -246,18 +248,21 @@ def released_noise_check(sums: np.ndarray, claimed_std: np.ndarray, directions: 
     if problems:
         return {**base, "verdict": "fail",
                 "summary": "; ".join(problems) + ": the run added less noise than its ledger says"}
-    return {**base, "verdict": "pass",
-            "summary": f"the released sums carry noise of {fit.sigma:.2f} times the claimed std (at least "
-                       f"{pooled_floor:.2f} required), the lowest round {stds[low]:.2f}"
-                       + (f" (at least {round_floor:.2f})" if round_floor is not None
-                          else " (too few entries per round to check rounds one by one or across)")
-                       + (f", and no part of it cancels across rounds (the lowest mean correlation "
-                          f"{base['lowest_lag_correlation']:.2f} at lag {base['lowest_lag']}, the strongest pair "
-                          f"{base['strongest_pair_correlation']:+.2f})" if checked_across else
-                          " (the drift has as many strong directions as half the rounds: not checked across them)"
-                          if round_floor is not None and fit.capped else
-                          " (too few rounds left to check across them)" if round_floor is not None else "")
-                       + (f"; its least noisy combination of rounds {base['least_noisy_combination_ratio']:.2f} (at "
-                          f"least {base['least_noisy_threshold']:.2f})" if "least_noisy_threshold" in base else "")
-                       + (f"; its kurtosis {base['kurtosis']:.2f} (at least {base['kurtosis_floor']:.2f})"
-                          if "kurtosis" in base else "")}
+    return {**base, "verdict": "pass", "summary": _pass_summary(base, unchecked)}
+
+
+def _pass_summary(figures: dict, unchecked: str | None) -> str:
+    """What a passed check read, each figure beside its threshold; `unchecked`: why some checks were not read."""
+    parts = [f"the released sums carry noise of {figures['noise_ratio']:.2f} times the claimed std (at least "
+             f"{figures['pooled_threshold']:.2f} required), the lowest round {figures['lowest_round_ratio']:.2f}"
+             + (f" (at least {figures['round_threshold']:.2f})" if figures["round_threshold"] is not None else "")
+             + (f" ({unchecked})" if unchecked else
+                f", and no part of it cancels across rounds (the lowest mean correlation "
+                f"{figures['lowest_lag_correlation']:.2f} at lag {figures['lowest_lag']}, the strongest pair "
+                f"{figures['strongest_pair_correlation']:+.2f})")]
+    if "least_noisy_threshold" in figures:
+        parts.append(f"its least noisy combination of rounds {figures['least_noisy_combination_ratio']:.2f} (at "
+                     f"least {figures['least_noisy_threshold']:.2f})")
+    if "kurtosis" in figures:
+        parts.append(f"its kurtosis {figures['kurtosis']:.2f} (at least {figures['kurtosis_floor']:.2f})")
+    return "; ".join(parts)
