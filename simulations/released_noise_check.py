@@ -10,7 +10,8 @@ part of it), rounds paired at random, the second's noise the first's negated, bl
 sums to zero (each round's rescaled to the claimed std; a tester's server), one round's noise copying the one
 before at +0.95 (a reviewer's), and three servers of an adversarial tester's: noise whose covariance across rounds
 is I - a a^T (one secret combination of rounds carries none), none in a fixed half of the entries (the rest
-doubled in variance), and entries of exactly +-1. Writes
+doubled in variance), and entries of exactly +-1; last, noise that is mostly exact zeros (a random tenth of the
+entries carry it, at ten times the variance). Writes
 bench_results/released_noise_check.{json,md}.
 """
 
@@ -32,7 +33,8 @@ CASES = {"honest": (1.0, 0.0, None), "noise x 0.85": (0.85, 0.0, None),
          "AR(1) rho -0.2": (1.0, 0.0, -0.2), "AR(1) rho -0.3": (1.0, 0.0, -0.3), "pairs cancel": (1.0, 0.0, "pairs"),
          "5-round blocks sum to 0": (1.0, 0.0, "blocks"), "one round copies another (+0.95)": (1.0, 0.0, "copy"),
          "a combination of rounds without noise": (1.0, 0.0, "null"),
-         "half the entries without noise": (1.0, 0.0, "half"), "entries exactly +-1": (1.0, 0.0, "signs")}
+         "half the entries without noise": (1.0, 0.0, "half"), "entries exactly +-1": (1.0, 0.0, "signs"),
+         "noise in a tenth of the entries": (1.0, 0.0, "sparse")}
 
 
 def correlated_noise(rng: np.random.Generator, rounds: int, dim: int, correlation) -> np.ndarray:
@@ -45,6 +47,8 @@ def correlated_noise(rng: np.random.Generator, rounds: int, dim: int, correlatio
     elif correlation == "half":  # no noise in a fixed half of the entries, the other half's doubled in variance
         noise[:, : dim // 2] = 0.0
         noise[:, dim // 2:] *= np.sqrt(dim / (dim - dim // 2))
+    elif correlation == "sparse":  # the right variance, mostly exact zeros
+        noise *= (rng.random((rounds, dim)) < 0.1) * np.sqrt(10.0)
     elif correlation == "signs":  # the right variance, the wrong shape: an attacker tests for the lattice
         noise = np.sign(noise)
     elif correlation == "copy":  # a reviewer's server: S_t - 0.95 S_(t-1) carries a third of the claimed noise
@@ -81,7 +85,8 @@ def failures(rng: np.random.Generator, shape: tuple[int, int, int], scale: float
             result["lowest_lag_correlation"] < result["lag_threshold"]
             or abs(result["strongest_pair_correlation"]) > result["pair_threshold"]
             or result.get("least_noisy_combination_ratio", 1.0) < result.get("least_noisy_threshold", 0.0)
-            or result.get("kurtosis", 3.0) < result.get("kurtosis_floor", 0.0))
+            or result.get("kurtosis", 3.0) < result.get("kurtosis_floor", 0.0)
+            or result.get("characteristic_excess", 0.0) > result.get("characteristic_threshold", 1.0))
         by_others = result["verdict"] == "fail" and (
             result["noise_ratio"] < result["pooled_threshold"] or result["round_threshold"] is not None
             and result["lowest_round_ratio"] < result["round_threshold"])
@@ -110,7 +115,8 @@ def main(argv: list[str] | None = None) -> None:
              "cell, seed " f"{args.seed}. Failures of {args.draws} (honest: false alarms; the others: detections), "
              "then the mean pooled ratio and the lowest single round's ratio over the draws; after the semicolon, "
              "the draws the across-rounds or shape checks failed (correlations, the least noisy combination of "
-             "rounds, kurtosis), and of those the ones the pooled and per-round checks passed.", "",
+             "rounds, kurtosis, the characteristic function), and of those the ones the pooled and per-round checks "
+             "passed.", "",
              "| rounds | entries | drift directions | " + " | ".join(CASES) + " |", "|---" * (3 + len(CASES)) + "|"]
     for r, d, k in SHAPES:
         cells = [next(x for x in rows if (x["rounds"], x["entries"], x["case"]) == (r, d, case)) for case in CASES]

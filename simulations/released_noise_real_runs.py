@@ -26,7 +26,7 @@ OUT = ROOT / "bench_results" / "released_noise_real_runs.md"
 SETTINGS = (("z1-m100", 1.0, 100), ("z0.7-m300", 0.7, 300))
 FIGURES = ("noise_ratio", "lowest_round_ratio", "lowest_lag_correlation", "lowest_lag", "lag_threshold",
            "strongest_pair_correlation", "pair_threshold", "least_noisy_combination_ratio", "kurtosis",
-           "drift_directions_dropped")
+           "characteristic_excess", "characteristic_point", "characteristic_threshold", "drift_directions_dropped")
 
 
 def lore_fed(*argv: str) -> None:
@@ -70,15 +70,21 @@ def main(argv: list[str] | None = None) -> None:
              "200 rounds at rank 4; `audit accounting` on each run. Lag and pair: the lowest mean correlation of "
              "rounds l apart (less what the drift's removal makes) and the strongest of one pair, against their "
              "thresholds; the least noisy combination of rounds over what pure noise of the claimed std leaves it "
-             "(its floor 0.85 here), and the noise's kurtosis (at least 2.5).", "",
+             "(its floor 0.85 here), the noise's kurtosis (at least 2.5), and how far the entries' mean cos(t r) "
+             "stands above its value for noise of the claimed std alone (the largest over t = 1, 2; at most the "
+             "threshold).",
+             "",
              "| run | verdict | pooled (>= 0.90) | lowest round | lowest lag correlation (threshold) | strongest pair "
-             "(threshold) | least noisy combination | kurtosis | drift directions |", "|---" * 9 + "|"]
+             "(threshold) | least noisy combination | kurtosis | mean cos excess (threshold) | drift directions |",
+             "|---" * 10 + "|"]
     for row in rows:
         lines.append(f"| z {row['noise_multiplier']}, {row['users_per_round']} users a round | {row['verdict']} | "
                      f"{row['noise_ratio']:.3f} | {row['lowest_round_ratio']:.3f} | "
                      f"{row['lowest_lag_correlation']:.3f} at lag {row['lowest_lag']} ({row['lag_threshold']:.2f}) | "
                      f"{row['strongest_pair_correlation']:+.3f} (+-{row['pair_threshold']:.2f}) | "
                      f"{row['least_noisy_combination_ratio']:.3f} | {row['kurtosis']:.3f} | "
+                     f"{row['characteristic_excess']:+.4f} at t = {row['characteristic_point']:g} "
+                     f"({row['characteristic_threshold']:.3f}) | "
                      f"{row['drift_directions_dropped']} |")
     write_outputs(OUT, "\n".join(lines) + "\n", {"seed": args.seed, "rows": rows})
 

@@ -392,3 +392,25 @@ def test_honest_releases_a_reviewer_found_failing_the_shape_and_across_round_che
         result = released_noise_check(sums, np.ones(len(sums)))
         assert result["verdict"] == "pass", result["summary"]
     assert released_noise_check(sparse, np.ones(25))["kurtosis"] > 4.5  # read, and not held against the run
+
+
+def test_the_characteristic_function_fails_noise_missing_from_part_of_the_entries_and_passes_honest_noise():
+    """25 rounds of 512 entries under 8 strong drift directions: noise absent from a fixed half of the entries (the
+    rest doubled in variance) kept the least noisy combination above its floor and passed every other check (an
+    adversarial tester's server, bench_results/released_noise_check.md). Honest noise at the same shape, and more
+    noise than claimed, must pass."""
+    from lore_core.audits.released_noise import released_noise_check
+
+    rng = np.random.default_rng(3)
+    drift = rng.standard_normal((25, 8)) @ rng.standard_normal((8, 512)) * 3
+    noise = rng.standard_normal((25, 512))
+    half = noise.copy()
+    half[:, :256], half[:, 256:] = 0.0, half[:, 256:] * np.sqrt(2.0)
+    cheat = released_noise_check(drift + half, np.ones(25))
+    assert cheat["verdict"] == "fail" and "cos(" in cheat["summary"], cheat["summary"]
+    assert cheat["least_noisy_combination_ratio"] > cheat["least_noisy_threshold"]
+    assert cheat["noise_ratio"] > cheat["pooled_threshold"] and cheat["kurtosis"] > cheat["kurtosis_floor"]
+    for scale in (1.0, 1.5):
+        honest = released_noise_check(drift + scale * noise, np.ones(25))
+        assert honest["verdict"] == "pass", honest["summary"]
+        assert honest["characteristic_excess"] < honest["characteristic_threshold"] / 2

@@ -19,8 +19,9 @@ tenth of their rounds released without noise; testers, noise that was not fresh 
   -max(0.1, 6 / sqrt((R - l)(d - k))) (below only: the drift's weak part correlates neighbouring rounds upward), or
   where one pair's is beyond +-max(0.3, z / sqrt(d - k)), z = max(6, sqrt(2 ln(1e4 R (R - 1)))) for the strongest
   of the pairs, either sign.
-- the noise's shape (`shape_problems`): the least noisy combination of rounds, and the entries' kurtosis (an
-  adversarial tester's servers hid a combination of rounds without noise, and released entries of exactly +-zC).
+- the noise's shape (`shape_problems`): the least noisy combination of rounds, the entries' kurtosis and their
+  characteristic function (an adversarial tester's servers hid a combination of rounds without noise, released
+  entries of exactly +-zC, and left part of the entries without noise).
 What it cannot see (one-sided, and said so in the README): noise cut by less than about a tenth over the whole run,
 more noise than claimed, noise removed only inside the drift's strong directions (a server that knows the clean sums
 can subtract its noise there), and single rounds' cuts in short runs or under a drift many times the noise (it leaks
@@ -47,6 +48,11 @@ EDGE_FLOOR, EDGE_SCALES, EDGE_MAX_RATIO, MIN_EDGE_ENTRIES = 0.85, 6.0, 0.5, 2000
 # Kurtosis is judged below only: honest drift that is sparse or decaying reads 4-7 (a reviewer), as high as noise
 # missing from half the entries, so no upper bound separates them.
 KURTOSIS_MARGIN = 0.5
+# The characteristic function: at each t the entries' mean cos(t r) may exceed its value for noise of the claimed std
+# alone by ERRORS x its error (sqrt(0.5 / n): cos has variance at most about 0.5 whatever the drift) or CF_MARGIN,
+# whichever is larger (the drop takes a little more noise than its leverage says; the margin covers it on large
+# releases).
+CF_POINTS, CF_MARGIN = (1.0, 2.0), 0.02
 GRAM_BLOCK = 256  # rounds per block of the rounds' Gram matrix (memory: GRAM_BLOCK x R)
 # Fewer released entries than this: the estimate's error (1 / sqrt(2 x entries)) is too large to check anything.
 MIN_ENTRIES = 200
@@ -73,6 +79,7 @@ class _NoiseFit:
         if directions.shape[0]:
             span = np.linalg.qr(directions.T)[0]  # (d, K) orthonormal
             outside = sums - (sums @ span) @ span.T
+        self.span = span if directions.shape[0] else np.zeros((dim, 0))
         self.outside, self.dof = outside, dim - directions.shape[0]
         self.u, singular, self.vt = np.linalg.svd(outside, full_matrices=False)
         most = min(rounds, self.dof) // 2  # spikes dropped at most: the rest estimates the noise
@@ -94,6 +101,15 @@ class _NoiseFit:
         """The release outside the canaries' span and the k dropped directions (R, d)."""
         k = self.dropped
         return self.outside - (self.outside @ self.vt[:k].T) @ self.vt[:k]
+
+    def noise_left(self) -> tuple[np.ndarray, np.ndarray]:
+        """How much of noise of std 1 per entry each round (R,) and each entry (d,) keeps in the residual: it is
+        P N Q with P = I - U U^T over rounds and Q = I - span span^T - V V^T over entries, so entry (t, j) keeps
+        variance P_tt Q_jj."""
+        k = self.dropped
+        rounds = 1.0 - (self.u[:, :k] ** 2).sum(axis=1)
+        entries = 1.0 - (self.span ** 2).sum(axis=1) - (self.vt[:k] ** 2).sum(axis=0)
+        return rounds.clip(0.0, 1.0), entries.clip(0.0, 1.0)
 
     def round_stds(self) -> tuple[np.ndarray, int]:
         """Each round's own std outside the canaries' span and the drift's strong directions (R,), and the
@@ -170,7 +186,9 @@ def shape_problems(fit: _NoiseFit) -> tuple[dict, list[str]]:
       sqrt(d - k) - sqrt(R - k) (Bai-Yin; the drift only adds), where R - k <= (d - k) / 2 and at least
       MIN_EDGE_ENTRIES entries are left; fail below min(EDGE_FLOOR, 1 - 6 x the edge's Tracy-Widom scale);
     - the entries' kurtosis (a Gaussian's is 3): fail below 3 - max(0.5, 8 e), e = sqrt(24 / n), where
-      n >= MIN_EDGE_ENTRIES; not above (sparse or decaying honest drift reads up to 7)."""
+      n >= MIN_EDGE_ENTRIES; not above (sparse or decaying honest drift reads up to 7);
+    - the characteristic function (`characteristic_excess`): noise missing from part of the entries, or mostly
+      exact zeros, which kurtosis judged below only and the least noisy combination can miss."""
     rounds, dof = len(fit.outside) - fit.dropped, fit.dof - fit.dropped
     figures, problems = {}, []
     if rounds * dof < MIN_EDGE_ENTRIES:
@@ -193,7 +211,33 @@ def shape_problems(fit: _NoiseFit) -> tuple[dict, list[str]]:
     if kurtosis < low:
         problems.append(f"the noise's entries have kurtosis {kurtosis:.2f} (a Gaussian's is 3; at least {low:.2f} "
                         "required): not the Gaussian noise the accountant assumes")
+    excess, point, bound = characteristic_excess(fit)
+    figures.update(characteristic_excess=excess, characteristic_point=point, characteristic_threshold=bound)
+    if excess > bound:
+        problems.append(f"the entries' mean cos({point:g} r) stands {excess:.3f} above what noise of the claimed std "
+                        f"allows (at most {bound:.3f}): some entries, or some combinations of rounds, carry less "
+                        "noise than claimed")
     return figures, problems
+
+
+def characteristic_excess(fit: _NoiseFit) -> tuple[float, float, float]:
+    """The largest excess over CF_POINTS of the residual's mean cos(t r) over its bound for noise of the claimed
+    std, with the t where it stands and its threshold. Noise N(0, c) added to anything a gives E cos(t (a + n)) =
+    cos(t a) exp(-t^2 c / 2) <= exp(-t^2 c / 2), whatever the drift left in the residual, so an honest run's mean
+    cos stays at or below the mean of exp(-t^2 c_tj / 2) over entries (c_tj: the noise the residual keeps, from
+    `noise_left`); more noise than claimed lowers it further. Noise missing from a share s of the entries raises it
+    by about s (cos(t a) near 1 where the drift is dropped), however the rest is scaled."""
+    rounds, entries = fit.noise_left()
+    residual = fit.residual
+    error = np.sqrt(0.5 / residual.size)
+    threshold = max(ERRORS * error, CF_MARGIN)
+    excesses = []
+    for t in CF_POINTS:
+        observed = float(np.cos(t * residual).mean())
+        allowed = float(np.exp(-0.5 * t * t * np.outer(rounds, entries)).mean())
+        excesses.append(observed - allowed)
+    at = int(np.argmax(excesses))
+    return float(excesses[at]), CF_POINTS[at], float(threshold)
 
 
 def released_noise_check(sums: np.ndarray, claimed_std: np.ndarray, directions: np.ndarray | None = None) -> dict:
@@ -265,4 +309,7 @@ def _pass_summary(figures: dict, unchecked: str | None) -> str:
                      f"least {figures['least_noisy_threshold']:.2f})")
     if "kurtosis" in figures:
         parts.append(f"its kurtosis {figures['kurtosis']:.2f} (at least {figures['kurtosis_floor']:.2f})")
+    if "characteristic_excess" in figures:
+        parts.append(f"its mean cos({figures['characteristic_point']:g} r) {figures['characteristic_excess']:+.3f} "
+                     f"from the claimed noise's (at most +{figures['characteristic_threshold']:.3f})")
     return "; ".join(parts)
