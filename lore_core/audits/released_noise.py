@@ -22,8 +22,8 @@ tenth of their rounds released without noise; testers, noise that was not fresh 
 - the noise's shape (`shape_problems`): the least noisy combination of rounds, the entries' kurtosis and their
   characteristic function (an adversarial tester's servers hid a combination of rounds without noise, released
   entries of exactly +-zC, and left part of the entries without noise).
-What it cannot see (one-sided, and said so in the README): noise cut by less than about a tenth over the whole run,
-more noise than claimed, noise removed only inside the drift's strong directions (a server that knows the clean sums
+What it cannot see (one-sided, and said so in the README): noise cut by less than about a tenth over the whole run
+(a twentieth where the drift is weak: the characteristic function), more noise than claimed, noise removed only inside the drift's strong directions (a server that knows the clean sums
 can subtract its noise there), and single rounds' cuts in short runs or under a drift many times the noise (it leaks
 past the cross-fitted directions).
 """
