@@ -23,9 +23,9 @@ tenth of their rounds released without noise; testers, noise that was not fresh 
   characteristic function (an adversarial tester's servers hid a combination of rounds without noise, released
   entries of exactly +-zC, and left part of the entries without noise).
 What it cannot see (one-sided, and said so in the README): noise cut by less than about a tenth over the whole run
-(a twentieth where the drift is weak: the characteristic function), more noise than claimed, noise removed only inside the drift's strong directions (a server that knows the clean sums
-can subtract its noise there), and single rounds' cuts in short runs or under a drift many times the noise (it leaks
-past the cross-fitted directions).
+(a twentieth where the drift is weak: the characteristic function), more noise than claimed, noise removed only
+inside the drift's strong directions (a server that knows the clean sums can subtract its noise there), and single
+rounds' cuts in short runs or under a drift many times the noise (it leaks past the cross-fitted directions).
 """
 
 from __future__ import annotations
