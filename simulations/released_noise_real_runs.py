@@ -91,8 +91,8 @@ def main(argv: list[str] | None = None) -> None:
              "rounds l apart (less what the drift's removal makes) and the strongest of one pair, against their "
              "thresholds; the least noisy combination of rounds over what pure noise of the claimed std leaves it "
              "(its floor 0.85 here), the noise's kurtosis (at least 2.5), and how far the entries' mean cos(t r) "
-             "stands above its value for noise of the claimed std alone (the largest over t = 1, 2; at most the "
-             "threshold).",
+             "stands above its value for noise of the claimed std alone (at t = 1 or 2, where it stands highest "
+             "against its threshold; at most the threshold).",
              "",
              "| run | verdict | pooled (>= 0.90) | lowest round | lowest lag correlation (threshold) | strongest pair "
              "(threshold) | least noisy combination | kurtosis | mean cos excess (threshold) | drift directions |",
