@@ -42,8 +42,8 @@ ROUND_FLOOR, MIN_ROUND_DOF = (0.3, 0.7), 20
 # Across rounds: fail below -max(MARGIN, ERRORS x error) for a lag's mean correlation and for one pair's.
 LAG_MARGIN, PAIR_MARGIN, PAIR_CHANCE = 0.1, 0.3, 1e-4
 MIN_ROUNDS_ACROSS = 3  # rounds left once the drift's directions are dropped
-# The noise's shape (shape_problems): the least-noisy combination of rounds over the pure-noise lower edge, and the
-# entries' kurtosis; with fewer entries left than MIN_EDGE_ENTRIES neither is read.
+# The noise's shape (shape_problems): the least-noisy combination of rounds over the pure-noise lower edge, the
+# entries' kurtosis and their characteristic function; with fewer entries left than MIN_EDGE_ENTRIES none is read.
 EDGE_FLOOR, EDGE_SCALES, EDGE_MAX_RATIO, MIN_EDGE_ENTRIES = 0.85, 6.0, 0.5, 2000
 # Kurtosis is judged below only: honest drift that is sparse or decaying reads 4-7 (a reviewer), as high as noise
 # missing from half the entries, so no upper bound separates them.
