@@ -1,8 +1,7 @@
 """`lore-fed simulate PAIRS.npz|DATASET --out DIR [--rounds R] [--clients-per-round M] [--rank B] [--privacy MODE ...]`:
 federated LoRe through Flower's simulation engine, user-level DP by default (defaults: DEFAULT_ROUNDS rounds,
 DEFAULT_CLIENTS_PER_ROUND users per round or all of a smaller population; without privacy NONPRIVATE_ROUNDS rounds
-of a NONPRIVATE_SHARE-th of the seen users, at least DEFAULT_CLIENTS_PER_ROUND and at most NONPRIVATE_MOST_USERS;
-rank from the run config). Writes
+of every seen user, at most NONPRIVATE_MOST_USERS; rank from the run config). Writes
 DIR/metrics.json (the final evaluation's keys of `lore-fed train`, the true-basis ceiling on a benchmark, rank,
 prior_pairs, objective, train_prior_pairs, l2, pairs_path, pairs_fingerprint, + rounds, wall_seconds, privacy_mode,
 and under DP epsilon, epsilon_rdp, delta, noise_multiplier, clip_norm; `reference` when a centralized reference was
@@ -33,10 +32,11 @@ DEFAULT_CLIENTS_PER_ROUND = 50  # the DP-FedAvg operating point of docs/privacy.
 # Without privacy nothing needs the DP plan's short run of few users; what `--privacy none` runs by default is what
 # the stress matrix runs (bench_results/matrix.md: within 1 point of `train` on its ten populations), chosen on its
 # pilots (300 rounds left up to 1.4 points on iso-5-15-1400's, 600 at most 0.3; 200 rounds of 50 users were about
-# 7 passes over 1,400 users against 120 here). A round's work stays a fifth of the population.
+# 7 passes over 1,400 users against 120 here). Every seen user takes part in every round (0.2.5; a fifth before): a
+# fifth left two of nineteen pilot cells more than a point below `train`, where every user closed them
+# (bench_results/federated_rounds_pilot_every_user.md). Without privacy nothing is gained by sampling.
 NONPRIVATE_ROUNDS = 600
-NONPRIVATE_SHARE = 5
-NONPRIVATE_MOST_USERS = 1000  # a round's work stays bounded at scale (the matrix's largest default is 384 users)
+NONPRIVATE_MOST_USERS = 1000  # a round's work stays bounded at scale (the 1,400-user matrix population reaches it)
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -47,9 +47,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
                              "a rerun on a run directory: that run's, under the same privacy mode)")
     parser.add_argument("--clients-per-round", type=int, default=None,
                         help=f"users sampled per round M (default {DEFAULT_CLIENTS_PER_ROUND}, or every seen user of "
-                             f"a smaller population; with --privacy none 1/{NONPRIVATE_SHARE} of the seen "
-                             f"users, at least {DEFAULT_CLIENTS_PER_ROUND} and at most {NONPRIVATE_MOST_USERS}; "
-                             "a rerun on a run directory: that run's, under the same privacy mode)")
+                             f"a smaller population; with --privacy none every seen user, at most "
+                             f"{NONPRIVATE_MOST_USERS}; a rerun on a run directory: that run's, under the same "
+                             "privacy mode)")
     parser.add_argument("--rank", type=int, default=None, help="basis size B (default: the run config's `rank`)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--users-per-node", default="auto",
@@ -214,8 +214,8 @@ def planned_config(out: Path) -> dict:
 
 def users_per_round(args: argparse.Namespace, seen_users: int, stored: dict) -> int:
     """--clients-per-round; by default that of the run --out holds under the same privacy mode, else the mode's
-    default: under DP DEFAULT_CLIENTS_PER_ROUND, without privacy a NONPRIVATE_SHARE-th of the seen users (at least
-    DEFAULT_CLIENTS_PER_ROUND, at most NONPRIVATE_MOST_USERS); never more than the seen users."""
+    default: under DP DEFAULT_CLIENTS_PER_ROUND, without privacy every seen user (at most NONPRIVATE_MOST_USERS);
+    never more than the seen users."""
     if args.clients_per_round is not None:
         return args.clients_per_round
     if stored.get("privacy_mode") == args.privacy and stored.get("clients_per_round"):
@@ -225,8 +225,8 @@ def users_per_round(args: argparse.Namespace, seen_users: int, stored: dict) -> 
 
 def default_users_per_round(privacy_mode: str, seen_users: int) -> int:
     """The default M of a new run (the stress matrix runs its federated row with it)."""
-    share = min(seen_users // NONPRIVATE_SHARE, NONPRIVATE_MOST_USERS) if privacy_mode == "none" else 0
-    return min(max(DEFAULT_CLIENTS_PER_ROUND, share), seen_users)
+    most = NONPRIVATE_MOST_USERS if privacy_mode == "none" else DEFAULT_CLIENTS_PER_ROUND
+    return min(most, seen_users)
 
 
 def run_overrides(args: argparse.Namespace, seen_users: int, seen_train_pairs: int) -> dict:

@@ -4,4 +4,4 @@ Heavy dependencies (torch, transformers) are imported only by the modules that n
 so `import lore_core.pairs` or `lore_core.simplex_fit` stays numpy-only.
 """
 
-__version__ = "0.2.4"
+__version__ = "0.2.5"

@@ -175,9 +175,9 @@ def published_row(path: Path, quick: bool) -> dict:
 
 def federated_settings(pop: Population, n_seen: int, quick: bool, private: bool = False) -> dict:
     """Rounds and users per round of the matrix's federated runs: without privacy `lore-fed simulate --privacy
-    none`'s defaults (600 rounds of a fifth of the seen users, at least 50: every matrix population has 250 or more,
-    so a fifth; the marginal update needs them: 300 rounds left up to 1.4 points on the iso-5-15-1400 pilots, seeds
-    101-103; 600 left at most 0.3); under DP the project's recipe for populations of about 1,400 (200 rounds of 100
+    none`'s defaults (600 rounds of every seen user, at most 1,000: the marginal update needs the rounds: 300 left up
+    to 1.4 points on the iso-5-15-1400 pilots, seeds 101-103, 600 at most 0.3; before 0.2.5 a fifth of the users a
+    round, bench_results/matrix.md); under DP the project's recipe for populations of about 1,400 (200 rounds of 100
     users, README)."""
     from lore_cli.simulate_command import NONPRIVATE_ROUNDS, default_users_per_round
 
@@ -532,8 +532,7 @@ def markdown(summaries: list[dict], seeds: list[int], args: argparse.Namespace) 
              f"{', '.join(map(str, seeds))}. `published` is the published recipe at its best rank on the test set "
              "(the bar); `train` is `lore-fed train` with default flags; `simulate` is `lore-fed simulate "
              "--privacy none` with the rank, l2, personal prior, objective and weighting `train` chose (defaults "
-             "otherwise; "
-             "600 rounds of a fifth of the users), "
+             "otherwise; 600 rounds of every seen user, at most 1,000, since lore-fed 0.2.5: a fifth before), "
              f"`simulate_dp` the same under user-level DP at epsilon {DP_EPSILON:g} (only N >= {DP_MIN_USERS:,}; "
              "joint objective, 200 rounds of 100 users, `simulate`'s DP personal prior); `bt_dp` is `simulate "
              "--rank 1` under the same DP, one shared reward trained with the same privacy. "

@@ -71,8 +71,8 @@ def test_compare_matrix_files_reports_each_populations_change_and_failed_criteri
 
 def test_simulate_without_privacy_defaults_to_the_matrix_s_federated_row():
     """The federated criterion is stated for default settings: `simulate --privacy none` without --rounds or
-    --clients-per-round runs what the matrix's `simulate` row runs on every matrix population (250 or more seen
-    users: a fifth of them; fewer: at least 50, or all), while DP keeps its plan's 200 rounds of 50 users."""
+    --clients-per-round runs what the matrix's `simulate` row runs on every matrix population (every seen user, at
+    most 1,000 a round), while DP keeps its plan's 200 rounds of 50 users."""
     import argparse
 
     from lore_cli.simulate_command import configure, run_overrides
@@ -86,9 +86,9 @@ def test_simulate_without_privacy_defaults_to_the_matrix_s_federated_row():
         overrides = run_overrides(args, seen, 10 * seen)
         return overrides["num-server-rounds"], overrides["clients-per-round"]
 
-    for seen in (300, 1400, 1920):
+    for seen, every in ((300, 300), (1400, 1000), (1920, 1000)):
         fed = federated_settings(POPULATIONS[0], seen, quick=False)
-        assert defaults("none", seen) == (fed["rounds"], fed["clients_per_round"]) == (600, seen // 5)
-    assert defaults("none", 100) == (600, 50) and defaults("none", 30) == (600, 30)
+        assert defaults("none", seen) == (fed["rounds"], fed["clients_per_round"]) == (600, every)
+    assert defaults("none", 100) == (600, 100) and defaults("none", 30) == (600, 30)
     assert defaults("none", 100_000) == (600, 1000)  # a round's work stays bounded at scale
     assert defaults("user", 1400) == (200, 50) and defaults("user", 30) == (200, 30)
