@@ -293,10 +293,10 @@ def run_cell(pop: Population, seed: int, rows: tuple[str, ...], work: Path, quic
     n_seen = int(np.unique(load_pairs(path).select(seen=True, split="train").user).size)
     fed = federated_settings(pop, n_seen, quick)
 
-    def due(row: str) -> bool:
-        return row in rows and due_after_source(row, done)
+    def due(row: str, plan: dict) -> bool:
+        return row in rows and due_after_source(row, done, plan)
 
-    if due("simulate"):
+    if due("simulate", fed):
         save("simulate", {**simulate_row(path, _fresh(runs / "simulate"), done["train"], fed, ["--privacy", "none"]),
                           "source_choice": source_choice("simulate", done)})
     if n_seen < DP_MIN_USERS:
@@ -304,7 +304,7 @@ def run_cell(pop: Population, seed: int, rows: tuple[str, ...], work: Path, quic
     dp_fed = federated_settings(pop, n_seen, quick, private=True)
     for row, source in (("bt_dp", "bt"), ("simulate_dp", "train")):
         old_prior = row == "simulate_dp" and done.get(row, {}).get("prior_pairs") != DP_PRIOR_PAIRS  # an older default
-        if due(row) or (row in rows and source in done and old_prior):
+        if due(row, dp_fed) or (row in rows and source in done and old_prior):
             chosen = source_choice(row, done)  # rank and l2; the personal prior: simulate's DP default
             save(row, {**simulate_row(path, _fresh(runs / row), chosen, dp_fed, DP_FLAGS), "source_choice": chosen})
     rescored_prior = done.get("simulate_dp", {}).get("at_train_prior", {}).get("train_prior", {}).get("prior_pairs")
@@ -349,17 +349,20 @@ def other_rate(row: dict) -> bool:
     return row.get("server_lr", RATE_BEFORE_RECORDED) != default_server_lr("none")
 
 
-def stale(row: dict, choice: dict, private: bool = False) -> bool:
+def stale(row: dict, choice: dict, private: bool = False, fed: dict | None = None) -> bool:
     """A cached federated row run with a choice its source no longer makes (a rerun `train` that chose otherwise), or
     with other local steps than `simulate` now takes for that choice (`other_steps`), or (without privacy: `private`
-    False) another server rate than its default (`other_rate`)."""
-    return row.get("source_choice") != choice or other_steps(row, choice) or (not private and other_rate(row))
+    False) another server rate than its default (`other_rate`), or other rounds or users per round than `fed` (a row
+    cached before 0.2.5's default of every user)."""
+    other_plan = fed is not None and any(row.get(key) != fed[key] for key in ("rounds", "clients_per_round"))
+    return (row.get("source_choice") != choice or other_steps(row, choice) or (not private and other_rate(row))
+            or other_plan)
 
 
-def due_after_source(row: str, done: dict) -> bool:
-    """The federated `row` can run (its source row is done) and is missing or `stale`."""
+def due_after_source(row: str, done: dict, fed: dict | None = None) -> bool:
+    """The federated `row` can run (its source row is done) and is missing or `stale` (against the plan `fed`)."""
     return FOLLOWS[row][0] in done and (row not in done or stale(done[row], source_choice(row, done),
-                                                                 private=row != "simulate"))
+                                                                 private=row != "simulate", fed=fed))
 
 
 def rescored(path: Path, run_dir: Path, prior_pairs: float) -> dict:

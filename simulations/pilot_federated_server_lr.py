@@ -24,7 +24,6 @@ from pathlib import Path
 import numpy as np
 
 from lore_core.atomic_io import atomic_write_json
-from lore_core.pairs import load_pairs
 from simulations import bench_matrix as matrix
 from simulations.bench_pair_weighting import pair_file, run_cell
 from simulations.pilot_federated_steps import CELLS, GROUPS, cells_flag, federated, pilot_trains, write_pilot
@@ -91,7 +90,10 @@ def reported_check(populations: str, rates: list[float], matrix_work: Path, work
             if matrix.other_rate(done["simulate"]):
                 raise SystemExit(f"{matrix_work}: {name} seed {seed}'s simulate row ran another rate; rerun the matrix")
             path, _ = matrix.population_file(pop, seed, matrix_work, quick=False)
-            n_seen = int(np.unique(load_pairs(path).select(seen=True, split="train").user).size)
+            fed = federated(name, path)  # a fifth of the users, as the check ran (the matrix's before 0.2.5)
+            if done["simulate"].get("clients_per_round") != fed["clients_per_round"]:
+                raise SystemExit(f"{matrix_work}: {name} seed {seed}'s simulate row ran other users per round than "
+                                 f"this check's {fed['clients_per_round']} (a matrix at 0.2.5's default of every user)")
             runs = {}
             for rate in rates:
                 cache = work / "results" / "reported-check" / name / f"seed{seed}-lr{rate:g}.json"
@@ -101,7 +103,7 @@ def reported_check(populations: str, rates: list[float], matrix_work: Path, work
                 if not cache.exists():
                     run_dir = matrix._fresh(work / "runs" / "reported-check" / name / f"seed{seed}-lr{rate:g}")
                     atomic_write_json(cache, matrix.simulate_row(
-                        path, run_dir, done["train"], matrix.federated_settings(pop, n_seen, quick=False),
+                        path, run_dir, done["train"], fed,
                         ["--privacy", "none"], ("--server-lr", str(rate))))
                 runs[f"{rate:g}"] = json.loads(cache.read_text())
             table.setdefault(name, {})[str(seed)] = {

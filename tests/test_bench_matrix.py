@@ -27,6 +27,17 @@ def test_a_federated_row_reruns_only_when_its_source_chose_otherwise():
     assert due_after_source("simulate_dp", {**dp, "train": {**train, "rank": 3}})
 
 
+def test_a_cached_federated_row_reruns_when_it_ran_other_users_per_round_than_the_plan():
+    """A `simulate` row cached under 0.2.4's default (a fifth of the users) is not reported as 0.2.5's (every user)."""
+    train = {"rank": 4, "l2": 1e-5, "prior_pairs": 3.0, "objective": "marginal"}
+    row = {"source_choice": source_choice("simulate", {"train": train}), "server_lr": default_server_lr("none"),
+           "rounds": 600, "clients_per_round": 60}
+    done = {"train": train, "simulate": row}
+    assert due_after_source("simulate", done, {"rounds": 600, "clients_per_round": 300})
+    assert due_after_source("simulate", done, {"rounds": 1200, "clients_per_round": 60})
+    assert not due_after_source("simulate", done, {"rounds": 600, "clients_per_round": 60})
+
+
 def test_a_cached_federated_row_reruns_when_it_ran_other_local_steps_than_the_default():
     """A pair-weighted joint row run with 0.2.0's five steps (recorded, or not recorded) is stale; a user-weighted
     joint row with five, or a marginal row (always one step), is not."""
