@@ -32,8 +32,8 @@ DEFAULT_CLIENTS_PER_ROUND = 50  # the DP-FedAvg operating point of docs/privacy.
 # Without privacy nothing needs the DP plan's short run of few users; what `--privacy none` runs by default is what
 # the stress matrix runs (bench_results/matrix_every_user.md: within 0.3 points of `train`), its rounds chosen on its
 # pilots (300 rounds left up to 1.4 points on iso-5-15-1400's, 600 at most 0.3; 200 rounds of 50 users are about
-# 7 passes over 1,400 users against about 430 here). Every seen user takes part in every round (0.2.5; a fifth before): a
-# fifth left two of nineteen pilot cells more than a point below `train`, where every user closed them
+# 7 passes over 1,400 users against about 430 here). Every seen user takes part in every round (0.2.5; a fifth
+# before): a fifth left two of nineteen pilot cells more than a point below `train`, where every user closed them
 # (bench_results/federated_rounds_pilot_every_user.md). Without privacy nothing is gained by sampling.
 NONPRIVATE_ROUNDS = 600
 NONPRIVATE_MOST_USERS = 1000  # a round's work stays bounded at scale (the 1,400-user matrix population reaches it)

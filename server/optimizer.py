@@ -7,9 +7,8 @@ so the l2 term on A is applied once, by the server, as in `lore-fed train`; then
 Given the run's planned rounds T, the learning rate follows a cosine from the base rate to 0 over T steps, and the
 reported basis is the running mean of the bases released in the last quarter of the steps (tail averaging): with a
 sample of the users per round (DP's 50, or a smaller --clients-per-round) the last iterate moves with the sample, the
-average does not. Both only
-post-process what was already released, so under DP they cost no privacy. Without T (tests, old callers) the rate
-is constant and the reported basis is the last iterate.
+average does not. Both only post-process what was already released, so under DP they cost no privacy. Without T
+(tests, old callers) the rate is constant and the reported basis is the last iterate.
 State is a dict of arrays so that it goes into the checkpoint as is.
 """
 
