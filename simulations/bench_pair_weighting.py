@@ -62,7 +62,7 @@ def run_cell(name: str, seed: int, work: Path, simulate: bool = False) -> dict:
         outdated = cached is not None and (matrix.other_steps(cached, chosen) or matrix.other_rate(cached))
         if simulate and (not cache.exists() or outdated):
             run_dir = matrix._fresh(work / "runs" / name / f"seed{seed}" / f"{weighting}-simulate")
-            atomic_write_json(cache, matrix.simulate_row(path, run_dir, chosen, hostile.federated(name),
+            atomic_write_json(cache, matrix.simulate_row(path, run_dir, chosen, hostile.federated_a_fifth(name),
                                                          ["--privacy", "none"]))
         if cache.exists() and not (outdated and not simulate):  # an outdated row is not reported (a reviewer)
             cell[weighting]["simulate"] = json.loads(cache.read_text())

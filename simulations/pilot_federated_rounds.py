@@ -43,15 +43,18 @@ def simulate_arm(name: str, seed: int, fed: dict, tag: str, work: Path) -> dict:
 
 
 def arms(name: str, seed: int, rounds: list[int], all_users: bool, work: Path) -> dict[str, dict]:
-    """{arm label: its federated settings}: a fifth of the seen users per round (the matrix's federated row before
-    0.2.5; the hostile benchmark's) at each of `rounds`, then every user."""
+    """{arm label: its federated settings}: a fifth of the seen users per round (the matrix's and the hostile
+    benchmark's federated row before 0.2.5) at each of `rounds`, then every user (the default since)."""
+    from lore_cli.simulate_command import default_users_per_round
+
     path = pair_file(name, seed, work)
-    base = federated(name, path)
+    pairs = load_pairs(path)
+    n_seen = int(np.unique(pairs.user[pairs.seen]).size)
+    base = federated(name, path, n_seen)
     out = {f"{r} rounds, a fifth": {**base, "rounds": r} for r in rounds}
-    if all_users:
-        pairs = load_pairs(path)
-        n_seen = int(np.unique(pairs.user[pairs.seen]).size)
-        out[f"{rounds[0]} rounds, every user"] = {**base, "rounds": rounds[0], "clients_per_round": n_seen}
+    if all_users:  # `simulate --privacy none`'s default since 0.2.5: every seen user, at most 1,000
+        out[f"{rounds[0]} rounds, every user"] = {**base, "rounds": rounds[0],
+                                                  "clients_per_round": default_users_per_round("none", n_seen)}
     return out
 
 

@@ -35,14 +35,16 @@ CELLS = ("thin-majority:11", "heavy-tail:11", "heavy-tail:12", "clickers:11", "m
 GROUPS = ("seen_test_acc", "unseen_test_acc")
 
 
-def federated(name: str, path: Path) -> dict:
-    """The rounds and users per round these pilots ran: the hostile benchmark's federated row, or for a matrix
-    population `simulate --privacy none`'s default before 0.2.5 (600 rounds of a fifth of the seen users, at least 50;
-    the default is now every seen user), so that their cached rows stay what they were."""
+def federated(name: str, path: Path, n_seen: int | None = None) -> dict:
+    """The rounds and users per round these pilots ran, so that their cached rows stay what they were: 600 rounds of
+    a fifth of the seen users, at least 10 on a hostile cell (the hostile benchmark's federated row before 0.2.5) and
+    at least 50 on a matrix population (`simulate --privacy none`'s default before 0.2.5; it is now every seen user).
+    `n_seen`: the cell's seen users where the caller has counted them (else read from the pair file)."""
     if name in hostile.POPULATIONS:
-        return hostile.federated(name)
-    pairs = load_pairs(path)
-    n_seen = int(np.unique(pairs.user[pairs.seen]).size)
+        return hostile.federated_a_fifth(name)
+    if n_seen is None:
+        pairs = load_pairs(path)
+        n_seen = int(np.unique(pairs.user[pairs.seen]).size)
     return {"rounds": 600, "clients_per_round": min(max(50, n_seen // 5), n_seen)}
 
 

@@ -116,7 +116,7 @@ def test_a_cached_federated_row_of_another_train_choice_is_rerun_or_dropped(tmp_
     monkeypatch.setattr(hostile, "train_row", lambda path, run_dir, flags: {
         "seen_test_acc": 0.7, "unseen_test_acc": 0.7, **choice, "weight_by": "pair"})
     monkeypatch.setattr(hostile, "simulate_row", lambda path, run_dir, chosen, fed, privacy: {
-        "seen_test_acc": 0.7, "unseen_test_acc": 0.7, "rank": chosen["rank"]})
+        "seen_test_acc": 0.7, "unseen_test_acc": 0.7, "rank": chosen["rank"], **fed})
     cache = tmp_path / "results" / "minority" / "seed0.json"
     cache.parent.mkdir(parents=True)
     cache.write_text(json.dumps({"ceiling": {}}))
@@ -128,3 +128,31 @@ def test_a_cached_federated_row_of_another_train_choice_is_rerun_or_dropped(tmp_
     choice["rank"] = 3
     assert "simulate" not in hostile.run_cell("minority", 0, tmp_path, ("bt", "train"), "pair", rerun=("train",))
     assert "simulate" not in json.loads(cache.read_text())
+
+
+def test_the_federated_row_runs_simulate_s_default_and_reruns_a_row_cached_at_a_fifth(tmp_path, monkeypatch):
+    """Since lore-fed 0.2.5 `simulate --privacy none` takes every seen user a round; the benchmark's federated row
+    is that default (fails if it keeps a fifth, or reports a cached row of a fifth as the default)."""
+    import json
+
+    from lore_cli.simulate_command import default_users_per_round
+    from simulations import bench_hostile_populations as hostile
+
+    assert hostile.federated("weak-few") == {"rounds": 600, "clients_per_round": default_users_per_round("none", 40)}
+    assert hostile.federated("minority")["clients_per_round"] == 300
+    assert hostile.federated_a_fifth("weak-few")["clients_per_round"] == 10  # what the pilots' cached rows ran
+    ran = []
+    monkeypatch.setattr(hostile, "population_file", lambda name, seed, work: tmp_path / "pairs.npz")
+    monkeypatch.setattr(hostile, "simulate_row", lambda path, run_dir, chosen, fed, privacy: ran.append(fed) or {
+        "seen_test_acc": 0.7, "unseen_test_acc": 0.7, "local_steps": 1, **fed})
+    train = {"seen_test_acc": 0.7, "unseen_test_acc": 0.7, "rank": 4, "weight_by": "pair"}
+    chosen = hostile.train_choice(train, "pair")
+    fifth = {"seen_test_acc": 0.6, "unseen_test_acc": 0.6, "source_choice": chosen, "local_steps": 1,
+             **hostile.federated_a_fifth("minority")}
+    cache = tmp_path / "results" / "minority" / "seed0.json"
+    cache.parent.mkdir(parents=True)
+    cache.write_text(json.dumps({"bt": train, "train": train, "ceiling": {}, "simulate": fifth}))
+    cell = hostile.run_cell("minority", 0, tmp_path, ("bt", "train", "simulate"), "pair")
+    assert ran == [hostile.federated("minority")] and cell["simulate"]["clients_per_round"] == 300
+    hostile.run_cell("minority", 0, tmp_path, ("bt", "train", "simulate"), "pair")
+    assert len(ran) == 1  # a row of today's plan is kept
