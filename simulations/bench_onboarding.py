@@ -382,8 +382,8 @@ def render_markdown(report: dict) -> str:
                        f"{100 * fewer['uncertainty']:.0f} % fewer than the PReF-style choice (median over bootstrap "
                        f"resamples)." if fewer["random"] is not None else
                        "Every method meets the bar before the first question: there is nothing to learn.")
-                  + f" The per-user reading (median over users of each user's first n reaching 95 % "
-                      f"of their own 30-random-answer accuracy): "
+                  + " The per-user reading (median over users of each user's first n reaching 95 % "
+                      "of their own 30-random-answer accuracy): "
                       + ", ".join(f"{m} {v:g}" for m, v in r["questions_to_95_per_user_median"].items())
                       + " (single users' test sets are too small for it to separate the methods).", ""]
         ece = r["ece_by_method"]

@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> None:
               settings.sample_rate * args.rounds, "runs": rows}
     OUT.mkdir(exist_ok=True)
     (OUT / "secagg_server_epsilon.json").write_text(json.dumps(result, indent=2) + "\n")
-    lines = [f"# `user+secagg`: epsilon against the server (`python -m simulations.secagg_server_epsilon`)", "",
+    lines = ["# `user+secagg`: epsilon against the server (`python -m simulations.secagg_server_epsilon`)", "",
              f"{args.users} users, {args.clients_per_round} per round (Poisson, q = {settings.sample_rate:.4f}), "
              f"{args.rounds} rounds, B x D = {args.dimension}, z = {settings.noise_multiplier:.3f} (solved by "
              f"ddg-rdp for epsilon {args.epsilon}), delta 1e-5. Each user is sampled in "
