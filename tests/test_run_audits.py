@@ -1119,35 +1119,45 @@ def test_a_users_file_that_gives_a_user_two_demographics_is_refused(tmp_path):
 def test_a_debug_run_relabelled_as_private_fails_by_its_sampled_counts(pair_file, tmp_path):
     """A privacy tester: a `reproducible-noise` run (debug seed 0, NOT PRIVATE) whose ledger, checkpoint and
     metrics.json were edited together to say it was private passed `audit accounting`. Its sampled counts, replayed
-    from the debug seed, give it away; the same run on a secret seed passes."""
+    from the debug seed, give it away, as do those of a seed given through the Python API (777, one of the seeds
+    the check tries); the same run on a secret seed passes."""
+    from dataclasses import replace
+
     from lore_cli.simulate_command import privacy_metrics
     from lore_core.privacy.ledger import PrivacyLedger
 
     cfg = {"pairs-path": str(pair_file), "rank": RANK, "num-server-rounds": 12, "clients-per-round": 8,
            "server-lr": 0.1, "privacy-mode": "user", "noise-multiplier": Z, "clip-norm": C}
     runs = {}
-    for name, debug in (("secret", {}), ("debug", {"reproducible-noise": True})):
+    for name, debug, seed in (("secret", {}, None), ("debug", {"reproducible-noise": True}, None),
+                              ("debug777", {"reproducible-noise": True}, 777)):
         runs[name] = tmp_path / name
         config = get_fused_config_from_dir(ROOT, {**cfg, **debug, "run-dir": str(runs[name])})
         grid = LocalGrid(client_app, [{"partition-id": i, "num-partitions": NODES} for i in range(NODES)], config)
-        run_federated(grid, ServerSettings.from_run_config(config))
+        settings = ServerSettings.from_run_config(config)
+        if seed is not None:  # the run config has no noise-seed key: the API's PrivacySettings.noise_seed
+            settings = replace(settings, privacy={**settings.privacy, "noise_seed": seed})
+        run_federated(grid, settings)
     assert main(["audit", "accounting", str(runs["secret"])]) == 0
-    run = runs["debug"]
-    assert main(["audit", "accounting", str(run)]) == 1  # labelled as what it is
-    ledger = json.loads((run / "ledger.json").read_text())
-    ledger["config"].update(reproducible_noise=False, noise_seed=None)
-    (run / "ledger.json").write_text(json.dumps(ledger))
-    PrivacyLedger.load(run)._write()  # every derived field rendered again by lore-fed itself
-    with np.load(run / "checkpoint.npz") as state:
-        arrays = {key: state[key] for key in state.files}
-    meta = json.loads(str(arrays["meta"]))
-    meta["settings"]["privacy"]["reproducible_noise"] = False
-    arrays["meta"] = np.array(json.dumps(meta))
-    np.savez(run / "checkpoint.npz", **arrays)
-    if (run / "metrics.json").exists():
-        metrics = json.loads((run / "metrics.json").read_text())
-        metrics.update({k: v for k, v in privacy_metrics(run).items() if k in metrics})
-        (run / "metrics.json").write_text(json.dumps(metrics))
-    assert main(["audit", "accounting", str(run)]) == 1
-    result = json.loads((run / "audits" / "accounting.json").read_text())
-    assert any("are those the debug seed 0 draws" in problem for problem in result["ledger_mismatches"]), result
+    for name, seed in (("debug", 0), ("debug777", 777)):
+        run = runs[name]
+        assert main(["audit", "accounting", str(run)]) == 1  # labelled as what it is
+        ledger = json.loads((run / "ledger.json").read_text())
+        ledger["config"].update(reproducible_noise=False, noise_seed=None)
+        (run / "ledger.json").write_text(json.dumps(ledger))
+        PrivacyLedger.load(run)._write()  # every derived field rendered again by lore-fed itself
+        with np.load(run / "checkpoint.npz") as state:
+            arrays = {key: state[key] for key in state.files}
+        meta = json.loads(str(arrays["meta"]))
+        meta["settings"]["privacy"]["reproducible_noise"] = False
+        meta["settings"]["privacy"].pop("noise_seed", None)
+        arrays["meta"] = np.array(json.dumps(meta))
+        np.savez(run / "checkpoint.npz", **arrays)
+        if (run / "metrics.json").exists():
+            metrics = json.loads((run / "metrics.json").read_text())
+            metrics.update({k: v for k, v in privacy_metrics(run).items() if k in metrics})
+            (run / "metrics.json").write_text(json.dumps(metrics))
+        assert main(["audit", "accounting", str(run)]) == 1
+        result = json.loads((run / "audits" / "accounting.json").read_text())
+        assert any(f"are those the debug seed {seed} draws" in problem
+                   for problem in result["ledger_mismatches"]), result
