@@ -34,8 +34,9 @@ benchmark breaks those assumptions one at a time, with its own small generator (
                    the other is negative (a tester's; it set the one-SE rule's side condition, `SIDE_SE`)
 Rows: `bt` (`lore-fed train --rank 1`) and `train` (default flags), through the CLI as a user runs them, plus the
 oracle (true logits) and, where a low-rank truth exists, the true-basis ceiling (only w fit); with `--rows` also
-`simulate`: the matrix's federated row (`bench_matrix.simulate_row`: the real ServerApp and ClientApp, 600 rounds
-of a fifth of the seen users, no privacy, `train`'s choice of the same seed). This benchmark chooses nothing: it
+`simulate`: the matrix's federated row (`bench_matrix.simulate_row`: the real ServerApp and ClientApp,
+`simulate --privacy none`'s defaults: 600 rounds of every seen user since 0.2.5, a fifth before; `train`'s choice
+of the same seed). This benchmark chooses nothing: it
 checks the matrix's first and last criteria (`train` within 2 SE of BT or above, seen and new users; the federated
 run within 1 point of `train`) on populations no default was chosen on. `--weight-by user` runs BT and `train` with
 every seen user's mean loss counted once in the basis fit (and `simulate` likewise), the default before pair

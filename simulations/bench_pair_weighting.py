@@ -12,7 +12,8 @@ population at seed 101 (`bench_matrix`, reported at 0-2), so that a default chos
 it is reported for. `--reported heavy-tail` adds that population's reported seeds 0-2 as a measurement, apart.
 Rows: `lore-fed train --rank 1` (one shared reward, BT) and `lore-fed train` (default flags), each
 under both weightings, through the CLI; with `--simulate`, on the reported cells also `simulate` (the hostile
-benchmark's federated row: the real apps in-process, 600 rounds of a fifth of the seen users, privacy none) with the
+benchmark's federated row before 0.2.5: the real apps in-process, 600 rounds of a fifth of the seen users, privacy
+none) with the
 rank, l2, personal prior and objective `train` chose under that weighting, and the same `--weight-by`. Cells cached
 under --work.
 """

@@ -8,9 +8,9 @@ Two pilot cells stayed more than a point below `train` at the matrix's federated
 accuracy was still rising when the cosine schedule ended. This pilot runs the matrix's federated row before 0.2.5
 (`lore-fed simulate --privacy none`, the real ServerApp and ClientApp in process, `train`'s pair-weighted choice, a
 fifth of the seen users per round, every other flag at its default) at each `--rounds` value, and with
-`--all-users` once more at the first value with every seen user in every round, and writes each run's distance to
-`train`. It chooses nothing: a default taken from it must first be checked on every pilot cell and then rerun on the
-matrix.
+`--all-users` once more at the first value with every seen user in every round (at most 1,000, as the default),
+and writes each run's distance to `train`. It chooses nothing: a default taken from it must first be checked on every
+pilot cell and then rerun on the matrix.
 """
 
 from __future__ import annotations

@@ -8,11 +8,11 @@ took five local steps under user weighting. With lore-fed 0.2.1's one pair-weigh
 `clickers:11` (rank 8) settled 1.6 points below `train` at rate 1 with a fifth of the users per round, and about
 level with it with every user per round (a run by hand): Adam's per-entry step of about the rate carried the
 sample's noise. This pilot
-runs `lore-fed simulate` (the matrix's federated row: the real ServerApp and ClientApp in process, 600 rounds of a
-fifth of the seen users, `train`'s pair-weighted choice of the same cell) at each `--rates` value on pilot cells only
-(`pilot_federated_steps`' cells: hostile populations at seeds 11-12, matrix ones at 101, whose `train` rows and
-rate-1 rows it reuses from its --work), and writes each run's distance to `train`. It chooses nothing by itself; a
-default taken from it is taken on these cells.
+runs `lore-fed simulate` (the matrix's federated row before 0.2.5: the real ServerApp and ClientApp in process,
+600 rounds of a fifth of the seen users, `train`'s pair-weighted choice of the same cell) at each `--rates` value on
+pilot cells only (`pilot_federated_steps`' cells: hostile populations at seeds 11-12, matrix ones at 101, whose `train`
+rows and rate-1 rows it reuses from its --work), and writes each run's distance to `train`. It chooses nothing by
+itself; a default taken from it is taken on these cells.
 """
 
 from __future__ import annotations

@@ -8,10 +8,10 @@ step, so on a population where most users hold one pair the scaled updates were 
 step: the hostile `thin-majority` run settled 0.8 / 1.1 points below `train` (bench_results/hostile_populations.md
 at 174c026). One local step makes the update an exact gradient step; this pilot chose it as 0.2.1's default for
 pair-weighted joint updates. This pilot runs `lore-fed simulate` (the matrix's federated
-row: the real ServerApp and ClientApp in process, 600 rounds of a fifth of the seen users, `train`'s pair-weighted
-choice of the same cell) with each `--steps` value on pilot cells only (hostile populations at seeds 11-12, matrix
-ones at 101; `bench_pair_weighting`'s cells, whose `train` rows it reuses from its --work), and writes each run's
-distance to `train`. It chooses nothing by itself; a default taken from it is taken on these cells.
+row before 0.2.5: the real ServerApp and ClientApp in process, 600 rounds of a fifth of the seen users, `train`'s
+pair-weighted choice of the same cell) with each `--steps` value on pilot cells only (hostile populations at seeds
+11-12, matrix ones at 101; `bench_pair_weighting`'s cells, whose `train` rows it reuses from its --work), and writes
+each run's distance to `train`. It chooses nothing by itself; a default taken from it is taken on these cells.
 """
 
 from __future__ import annotations
