@@ -71,7 +71,8 @@ def control_run(pairs_path: Path, run_dir: Path, secrets: Path, overrides: dict,
     cfg = get_fused_config_from_dir(ROOT, {**overrides, "pairs-path": str(pairs_path), "run-dir": str(run_dir),
                                            "canary-nodes": canary_nodes, "canary-secrets": str(secrets),
                                            "min-nodes": nodes, "progress": "log"})
-    grid = LocalGrid(client_app, [{"partition-id": i, "num-partitions": nodes} for i in range(nodes)], cfg)
+    grid = LocalGrid(client_app, [{"partition-id": i, "num-partitions": nodes} for i in range(nodes)], cfg,
+                     keep_messages=False)
     logging.getLogger("flwr").setLevel(logging.WARNING)
     real_noise = dp_fedavg.add_noise_to_sum
     dp_fedavg.add_noise_to_sum = lambda total, z, clip, rng: real_noise(total, z / 10, clip, rng)

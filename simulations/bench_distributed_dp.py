@@ -51,7 +51,8 @@ def real_path(pairs_path: Path, overrides: dict, nodes: int, run_dir: Path) -> d
     shutil.rmtree(run_dir, ignore_errors=True)
     cfg = get_fused_config_from_dir(ROOT, {**overrides, "pairs-path": str(pairs_path), "run-dir": str(run_dir),
                                            "eval-every": 0})
-    grid = LocalGrid(secagg_client_app, [{"partition-id": i, "num-partitions": nodes} for i in range(nodes)], cfg)
+    grid = LocalGrid(secagg_client_app, [{"partition-id": i, "num-partitions": nodes} for i in range(nodes)], cfg,
+                     keep_messages=False)
     logging.getLogger("flwr").setLevel(logging.WARNING)
     started = time.perf_counter()
     state = run_federated(grid, ServerSettings.from_run_config(cfg))

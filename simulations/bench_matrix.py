@@ -229,7 +229,8 @@ def simulate_row(path: Path, run_dir: Path, chosen: dict, fed: dict, privacy: li
     nodes = nodes_for(n_users)
     cfg = get_fused_config_from_dir(ROOT, {**overrides, "pairs-path": str(path.resolve()),
                                            "run-dir": str(run_dir.resolve()), "min-nodes": nodes})
-    grid = LocalGrid(client_app, [{"partition-id": i, "num-partitions": nodes} for i in range(nodes)], cfg)
+    grid = LocalGrid(client_app, [{"partition-id": i, "num-partitions": nodes} for i in range(nodes)], cfg,
+                     keep_messages=False)
     logging.getLogger("flwr").setLevel(logging.WARNING)
     started = time.perf_counter()
     settings = ServerSettings.from_run_config(cfg)

@@ -35,7 +35,8 @@ def record_run(pair_file: Path, run_dir: Path, z: float) -> None:
         "pairs-path": str(pair_file), "run-dir": str(run_dir), "rank": RANK, "num-server-rounds": ROUNDS,
         "clients-per-round": USERS, "server-lr": 0.05, "privacy-mode": "record", "noise-multiplier": z,
         "max-grad-norm": 1.0})
-    grid = LocalGrid(client_app, [{"partition-id": i, "num-partitions": NODES} for i in range(NODES)], cfg)
+    grid = LocalGrid(client_app, [{"partition-id": i, "num-partitions": NODES} for i in range(NODES)], cfg,
+                     keep_messages=False)
     run_federated(grid, ServerSettings.from_run_config(cfg))
 
 

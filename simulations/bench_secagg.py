@@ -40,7 +40,8 @@ def in_process(pairs_path: Path, run_dir: Path, mode: str, args: argparse.Namesp
     module, attr = MODES[mode].split(":")
     client_app = getattr(__import__(module, fromlist=[attr]), attr)
     cfg = get_fused_config_from_dir(ROOT, run_config(pairs_path, run_dir, mode, args))
-    grid = LocalGrid(client_app, [{"partition-id": i, "num-partitions": args.nodes} for i in range(args.nodes)], cfg)
+    grid = LocalGrid(client_app, [{"partition-id": i, "num-partitions": args.nodes} for i in range(args.nodes)], cfg,
+                     keep_messages=False)
     logging.getLogger("flwr").setLevel(logging.WARNING)
     state = run_federated(grid, ServerSettings.from_run_config(cfg))
     return [r["seconds"] for r in state.history]

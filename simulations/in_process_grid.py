@@ -2,7 +2,9 @@
 
 Each virtual node has its own `Context` for the whole run (as in Flower's simulation engine); message content is
 deep-copied both ways (the strategy shares one RecordDict across messages); a handler exception becomes an error
-reply, as in the engine. Every message sent and every reply is kept in `sent` / `replies` for inspection.
+reply, as in the engine. Every message sent and every reply is kept in `sent` / `replies` for a test to inspect;
+a benchmark passes `keep_messages=False`, as a run otherwise holds every user's update of every round (600 rounds
+of 1,000 users grew past 10 GB, and the OS killed a matrix run).
 `reply_hook(reply) -> reply` lets a test tamper with replies on their way to the server.
 Uses Flower internals (TaskIdentity, Run): pinned to flwr 1.42.
 """
@@ -25,7 +27,7 @@ SERVER_NODE_ID = 0
 
 class LocalGrid(Grid):
     def __init__(self, client_app: ClientApp, node_configs: list[dict], run_config: dict,
-                 reply_hook: Callable[[Message], Message] | None = None) -> None:
+                 reply_hook: Callable[[Message], Message] | None = None, keep_messages: bool = True) -> None:
         TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = RUN_ID, 1, SERVER_NODE_ID
         self.client_app = client_app
         # Node ids deliberately not in partition order: the server must not rely on it.
@@ -35,7 +37,7 @@ class LocalGrid(Grid):
                                                         run_config=dict(run_config))
             for i, cfg in enumerate(node_configs)
         }
-        self.reply_hook = reply_hook
+        self.reply_hook, self.keep_messages = reply_hook, keep_messages
         self.sent: list[Message] = []
         self.replies: list[Message] = []
 
@@ -65,7 +67,8 @@ class LocalGrid(Grid):
             delivered = Message(copy.deepcopy(msg.content), dst_node_id=msg.metadata.dst_node_id,
                                 message_type=msg.metadata.message_type)
             delivered.metadata.__dict__["_message_id"] = str(uuid.uuid4())
-            self.sent.append(delivered)
+            if self.keep_messages:
+                self.sent.append(delivered)
             context = self.contexts[msg.metadata.dst_node_id]
             try:
                 reply = self.client_app(delivered, context)
@@ -73,6 +76,7 @@ class LocalGrid(Grid):
                 reply = Message(Error(code=1, reason=f"{type(exc).__name__}: {exc}"), reply_to=delivered)
             if not reply.has_error():
                 reply = Message(copy.deepcopy(reply.content), reply_to=delivered)
-            self.replies.append(reply)
+            if self.keep_messages:
+                self.replies.append(reply)
             out.append(self.reply_hook(reply) if self.reply_hook else reply)
         return out

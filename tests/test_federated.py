@@ -105,6 +105,22 @@ def test_a_run_whose_outputs_cannot_be_written_still_completes_and_says_so(pair_
     assert "were not written (read-only file system)" in caplog.text and not (tmp_path / "basis.npz").exists()
 
 
+def test_a_benchmark_grid_keeps_no_messages_and_runs_alike(pair_file, tmp_path):
+    """LocalGrid(keep_messages=False), as the benchmarks run it: a run kept every user's update of every round
+    (600 rounds of 1,000 users grew past 10 GB); without them it must run the same rounds to the same basis."""
+    from dataclasses import replace
+
+    grid, settings = make_run(pair_file, tmp_path / "kept")
+    kept = run_federated(grid, settings)
+    assert grid.sent and grid.replies
+    bare = LocalGrid(client_app, [{"partition-id": i, "num-partitions": 4} for i in range(4)],
+                     {**grid.contexts[next(iter(grid.contexts))].run_config, "run-dir": str(tmp_path / "bare")},
+                     keep_messages=False)
+    state = run_federated(bare, replace(settings, run_dir=str(tmp_path / "bare")))
+    assert not bare.sent and not bare.replies
+    np.testing.assert_array_equal(state.basis, kept.basis)
+
+
 def test_replies_carry_only_per_user_basis_updates_and_counts(pair_file, tmp_path):
     grid, settings = make_run(pair_file, tmp_path)
     run_federated(grid, settings)
