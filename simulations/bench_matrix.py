@@ -196,10 +196,10 @@ def objective_flags(chosen: dict, privacy: list[str]) -> list[str]:
 
 
 def simulate_row(path: Path, run_dir: Path, chosen: dict, fed: dict, privacy: list[str],
-                 extra: tuple[str, ...] = ()) -> dict:
+                 extra: tuple[str, ...] = (), keep_messages: bool = False) -> dict:
     """`lore-fed simulate` with the settings `chosen` by `lore-fed train`, every other flag at its default (or as
     the `extra` flags set it: pilots), through the real ServerApp strategy and ClientApp handlers on the in-process
-    grid (no Ray)."""
+    grid (no Ray; `keep_messages` as LocalGrid's, for `bench_rounds_memory` to show what keeping them costs)."""
     import logging
 
     from flwr.common.config import get_fused_config_from_dir
@@ -230,7 +230,7 @@ def simulate_row(path: Path, run_dir: Path, chosen: dict, fed: dict, privacy: li
     cfg = get_fused_config_from_dir(ROOT, {**overrides, "pairs-path": str(path.resolve()),
                                            "run-dir": str(run_dir.resolve()), "min-nodes": nodes})
     grid = LocalGrid(client_app, [{"partition-id": i, "num-partitions": nodes} for i in range(nodes)], cfg,
-                     keep_messages=False)
+                     keep_messages=keep_messages)
     logging.getLogger("flwr").setLevel(logging.WARNING)
     started = time.perf_counter()
     settings = ServerSettings.from_run_config(cfg)

@@ -8,15 +8,19 @@ ways, each in a process of its own whose tree's peak RSS is sampled (`bench_fede
 included):
 - `engine`: the product's route, Flower's simulation engine (`lore-fed simulate`);
 - `in-process`: the benchmarks' route (`bench_matrix.simulate_row`: the real ServerApp and ClientApp on
-  `simulations.in_process_grid.LocalGrid`), which kept every message until bbd1252 and so grew with the rounds
-  (600 rounds of 1,000 users passed 10 GB and the OS killed a matrix run).
-A run whose memory follows its round reads the same peak at every `--rounds` value. Writes
-`bench_results/rounds_memory.{md,json}`.
+  `simulations.in_process_grid.LocalGrid`, which keeps no messages since bbd1252);
+- `in-process, messages kept`: the same grid keeping every message sent and received, as it did for every
+  benchmark before bbd1252 (and still does for tests, which inspect them).
+The engine arm takes `simulate`'s defaults at rank 4; the in-process arms set l2 1e-5, a personal prior of 3 pairs,
+the joint objective and pair weighting (what a matrix row passes): the same work a round for memory's purpose. A
+run whose memory follows its round reads the same peak at every `--rounds` value. Writes
+`bench_results/rounds_memory.{md,json}` (with the machine's CPU count: the engine's Ray workers follow it).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import sys
 import tempfile
@@ -28,12 +32,15 @@ from simulations.bench_scale import GIB, measure
 CHOICE = {"rank": 4, "l2": 1e-5, "prior_pairs": 3.0, "objective": "joint", "weight_by": "pair"}
 
 
-def in_process_child(pairs: str, rounds: int, users: int, run_dir: str) -> None:
-    """The child process of the `in-process` arm: one `bench_matrix.simulate_row` run."""
+ARMS = ("engine", "in-process", "in-process, messages kept")
+
+
+def in_process_child(pairs: str, rounds: int, users: int, run_dir: str, keep: bool) -> None:
+    """The child process of an in-process arm: one `bench_matrix.simulate_row` run."""
     from simulations.bench_matrix import simulate_row
 
     simulate_row(Path(pairs), Path(run_dir), CHOICE, {"rounds": rounds, "clients_per_round": users},
-                 ["--privacy", "none"])
+                 ["--privacy", "none"], keep_messages=keep)
 
 
 def arm_command(arm: str, pairs: Path, rounds: int, users: int, run_dir: Path) -> list[str]:
@@ -41,7 +48,7 @@ def arm_command(arm: str, pairs: Path, rounds: int, users: int, run_dir: Path) -
         return [sys.executable, "-m", "lore_cli.main", "simulate", str(pairs), "--out", str(run_dir), "--rounds",
                 str(rounds), "--clients-per-round", str(users), "--rank", str(CHOICE["rank"]), "--privacy", "none"]
     return [sys.executable, "-m", "simulations.bench_rounds_memory", "--child", str(pairs), str(rounds), str(users),
-            str(run_dir)]
+            str(run_dir), "keep" if arm == ARMS[2] else "drop"]
 
 
 def markdown(result: dict) -> str:
@@ -50,7 +57,8 @@ def markdown(result: dict) -> str:
              f"{','.join(map(str, rounds))} --users {result['users']}`)", "",
              f"`lore-fed simulate --privacy none`, {result['users']} seen users (20-40 training pairs, D = 384), every "
              "seen user in every round; peak RSS of the run's process tree (GiB) and wall seconds. `engine`: "
-             "Flower's simulation engine (the product); `in-process`: the benchmarks' in-process grid.", "",
+             f"Flower's simulation engine (the product); `in-process`: the benchmarks' in-process grid, without and "
+             f"with every message kept; {result['cpus']} CPUs.", "",
              "| route | " + " | ".join(f"{r} rounds: GiB / s" for r in rounds) + " | peak ratio, last / first |",
              "|---|" + "---|" * (len(rounds) + 1)]
     for arm, runs in result["arms"].items():
@@ -63,7 +71,7 @@ def markdown(result: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--child"]:
-        in_process_child(argv[1], int(argv[2]), int(argv[3]), argv[4])
+        in_process_child(argv[1], int(argv[2]), int(argv[3]), argv[4], argv[5] == "keep")
         return 0
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", default="20,150")
@@ -71,15 +79,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="bench_results")
     args = parser.parse_args(argv)
     rounds = [int(r) for r in args.rounds.split(",")]
-    result = {"rounds": rounds, "users": args.users, "gib": GIB, "arms": {}}
+    result = {"rounds": rounds, "users": args.users, "cpus": os.cpu_count(), "gib": GIB, "arms": {}}
     with tempfile.TemporaryDirectory(prefix="rounds_memory_") as tmp:
         pairs = Path(tmp) / "pairs.npz"
         measure([sys.executable, "-m", "simulations.synthetic_pairs", "--seen-users", str(args.users), "--dim", "384",
                  "--train-pairs", "20-40", "--seed", "0", "--out", str(pairs)])
-        for arm in ("engine", "in-process"):
+        for arm in ARMS:
             result["arms"][arm] = {}
             for r in rounds:
-                run_dir = Path(tmp) / f"{arm}_{r}"
+                run_dir = Path(tmp) / f"{ARMS.index(arm)}_{r}"
                 shutil.rmtree(run_dir, ignore_errors=True)
                 result["arms"][arm][str(r)] = measure(arm_command(arm, pairs, r, args.users, run_dir))
                 print(arm, r, result["arms"][arm][str(r)], flush=True)
