@@ -885,7 +885,7 @@ def _released_noise(run_dir: Path, ledger, record) -> dict:
     from server.release_record import RELEASES_DIR
 
     if record is None:
-        return {"verdict": "not-checked", "noise_ratio": None,
+        return {"verdict": "not-checked", "noise_ratio": None, "failed_checks": [],
                 "summary": f"not checked: no release record ({run_dir / RELEASES_DIR}), only the ledger was given"}
     releases, sums = record
     per_round = np.concatenate([np.full(steps, z) for z, _, steps in ledger.history()] or [np.zeros(0)])

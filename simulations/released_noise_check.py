@@ -81,15 +81,9 @@ def failures(rng: np.random.Generator, shape: tuple[int, int, int], scale: float
             noise[quiet] = 0.0
         result = released_noise_check(release + noise, np.ones(rounds))
         verdicts.append(result["verdict"])
-        by_across = "lowest_lag_correlation" in result and (
-            result["lowest_lag_correlation"] < result["lag_threshold"]
-            or abs(result["strongest_pair_correlation"]) > result["pair_threshold"]
-            or result.get("least_noisy_combination_ratio", 1.0) < result.get("least_noisy_threshold", 0.0)
-            or result.get("kurtosis", 3.0) < result.get("kurtosis_floor", 0.0)
-            or result.get("characteristic_excess", 0.0) > result.get("characteristic_threshold", 1.0))
-        by_others = result["verdict"] == "fail" and (
-            result["noise_ratio"] < result["pooled_threshold"] or result["round_threshold"] is not None
-            and result["lowest_round_ratio"] < result["round_threshold"])
+        failed = set(result["failed_checks"])
+        by_across = bool(failed - {"pooled", "per-round"})  # the across-rounds and shape checks
+        by_others = bool(failed & {"pooled", "per-round"})
         across, alone = across + int(bool(by_across)), alone + int(bool(by_across) and not by_others)
         pooled.append(result["noise_ratio"])
         lowest.append(result["lowest_round_ratio"])

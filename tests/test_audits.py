@@ -86,6 +86,7 @@ def test_observed_noise_holds_with_strong_drift_and_the_released_noise_check_fla
     cut = released_noise_check(drift + rng.normal(0, 0.3, (25, 512)), claimed)
     assert honest["verdict"] == "pass" and honest["noise_ratio"] == pytest.approx(1.0, abs=0.05)
     assert cut["verdict"] == "fail" and cut["noise_ratio"] == pytest.approx(0.6, abs=0.05)
+    assert honest["failed_checks"] == [] and "pooled" in cut["failed_checks"]  # named, for a reader and the benches
     slight = released_noise_check(drift + rng.normal(0, 0.5 * 0.85, (25, 512)), claimed)  # z x 0.85 passed 0.8
     assert slight["verdict"] == "fail" and slight["noise_ratio"] == pytest.approx(0.85, abs=0.03)
     # A reviewer's case: one round of 60 released without noise; the pooled figure stays near 1, the round shows.
@@ -96,8 +97,9 @@ def test_observed_noise_holds_with_strong_drift_and_the_released_noise_check_fla
     one_round[7] = drift[7]
     result = released_noise_check(one_round, np.full(60, 0.5))
     assert result["noise_ratio"] > 0.9 and result["verdict"] == "fail" and result["lowest_round"] == 8
+    assert "per-round" in result["failed_checks"] and "pooled" not in result["failed_checks"]
     tiny = released_noise_check(rng.normal(0, 0.01, (2, MIN_ENTRIES // 2 - 1)), np.ones(2))
-    assert tiny["verdict"] == "not-checked" and tiny["noise_ratio"] is None
+    assert tiny["verdict"] == "not-checked" and tiny["noise_ratio"] is None and tiny["failed_checks"] == []
 
 
 # --- attribute --------------------------------------------------------------------------------------------------------
@@ -408,6 +410,7 @@ def test_the_characteristic_function_fails_noise_missing_from_part_of_the_entrie
     half[:, :256], half[:, 256:] = 0.0, half[:, 256:] * np.sqrt(2.0)
     cheat = released_noise_check(drift + half, np.ones(25))
     assert cheat["verdict"] == "fail" and "cos(" in cheat["summary"], cheat["summary"]
+    assert cheat["failed_checks"] == ["characteristic-function"], cheat["failed_checks"]
     assert cheat["least_noisy_combination_ratio"] > cheat["least_noisy_threshold"]
     assert cheat["noise_ratio"] > cheat["pooled_threshold"] and cheat["kurtosis"] > cheat["kurtosis_floor"]
     for scale in (1.0, 1.5):

@@ -55,6 +55,8 @@ CF_POINTS, CF_MARGIN = (1.0, 2.0), 0.02
 GRAM_BLOCK = 256  # rounds per block of the rounds' Gram matrix (memory: GRAM_BLOCK x R)
 # Fewer released entries than this: the estimate's error (1 / sqrt(2 x entries)) is too large to check anything.
 MIN_ENTRIES = 200
+# The checks' names, as a result's `failed_checks` lists those that failed.
+CHECKS = ("pooled", "per-round", "across-rounds", "least-noisy-combination", "kurtosis", "characteristic-function")
 
 
 def observed_noise(sums: np.ndarray, directions: np.ndarray) -> tuple[float | None, np.ndarray]:
@@ -187,7 +189,7 @@ def across_rounds_problem(fit: _NoiseFit) -> tuple[dict, str | None]:
     return figures, ("; ".join(problems) + ", so part of it cancels across rounds") if problems else None
 
 
-def shape_problems(fit: _NoiseFit) -> tuple[dict, list[str]]:
+def shape_problems(fit: _NoiseFit) -> tuple[dict, list[tuple[str, str]]]:
     """The noise's shape, beyond each round's std and each pair's correlation (a privacy tester's server passed both
     with a combination of rounds carrying no noise, and with noise of exactly +-sigma per entry):
     - the least-noisy combination of rounds: the residual's smallest singular value over the pure-noise lower edge
@@ -196,7 +198,8 @@ def shape_problems(fit: _NoiseFit) -> tuple[dict, list[str]]:
     - the entries' kurtosis (a Gaussian's is 3): fail below 3 - max(0.5, 8 e), e = sqrt(24 / n), where
       n >= MIN_EDGE_ENTRIES; not above (sparse or decaying honest drift reads up to 7);
     - the characteristic function (`characteristic_excess`): noise missing from part of the entries, or mostly
-      exact zeros, which kurtosis judged below only and the least noisy combination can miss."""
+      exact zeros, which kurtosis judged below only and the least noisy combination can miss.
+    Returns the figures and each failed check as (name, message)."""
     rounds, dof = len(fit.outside) - fit.dropped, fit.dof - fit.dropped
     figures, problems = {}, []
     if rounds * dof < MIN_EDGE_ENTRIES:
@@ -210,21 +213,22 @@ def shape_problems(fit: _NoiseFit) -> tuple[dict, list[str]]:
         floor = float(min(EDGE_FLOOR, 1 - EDGE_SCALES * scale))
         figures.update(least_noisy_combination_ratio=ratio, least_noisy_threshold=floor)
         if ratio < floor:
-            problems.append(f"the least noisy combination of the rounds carries {ratio:.2f} times the noise that "
-                            f"noise of the claimed std leaves it (at least {floor:.2f} required)")
+            problems.append(("least-noisy-combination", f"the least noisy combination of the rounds carries "
+                             f"{ratio:.2f} times the noise that noise of the claimed std leaves it (at least "
+                             f"{floor:.2f} required)"))
     standard = fit.residual / fit.sigma
     kurtosis = float(np.mean(standard ** 4) / np.mean(standard ** 2) ** 2)
     low = 3.0 - max(KURTOSIS_MARGIN, 8 * np.sqrt(24.0 / (rounds * dof)))
     figures.update(kurtosis=kurtosis, kurtosis_floor=low)
     if kurtosis < low:
-        problems.append(f"the noise's entries have kurtosis {kurtosis:.2f} (a Gaussian's is 3; at least {low:.2f} "
-                        "required): not the Gaussian noise the accountant assumes")
+        problems.append(("kurtosis", f"the noise's entries have kurtosis {kurtosis:.2f} (a Gaussian's is 3; at least "
+                                     f"{low:.2f} required): not the Gaussian noise the accountant assumes"))
     excess, point, bound = characteristic_excess(fit)
     figures.update(characteristic_excess=excess, characteristic_point=point, characteristic_threshold=bound)
     if excess > bound:
-        problems.append(f"the entries' mean cos({point:g} r) stands {excess:.3f} above what noise of the claimed std "
-                        f"allows (at most {bound:.3f}): some entries, or some combinations of rounds, carry less "
-                        "noise than claimed")
+        problems.append(("characteristic-function", f"the entries' mean cos({point:g} r) stands {excess:.3f} above "
+                         f"what noise of the claimed std allows (at most {bound:.3f}): some entries, or some "
+                         "combinations of rounds, carry less noise than claimed"))
     return figures, problems
 
 
@@ -251,8 +255,8 @@ def characteristic_excess(fit: _NoiseFit) -> tuple[float, float, float]:
 def released_noise_check(sums: np.ndarray, claimed_std: np.ndarray, directions: np.ndarray | None = None) -> dict:
     """Compare the noise in released sums (R, ...) with the std each round claims (R,) (z_t C), outside the span
     of `directions` (K, d) when given (the canary audit's own canaries): pooled, and round by round. Returns
-    `verdict` (pass | fail | not-checked), `noise_ratio` (pooled observed / claimed, None when not checked),
-    `lowest_round_ratio` and `summary`."""
+    `verdict` (pass | fail | not-checked), `failed_checks` (the names of the checks that failed, of CHECKS),
+    `noise_ratio` (pooled observed / claimed, None when not checked), `lowest_round_ratio` and `summary`."""
     sums = np.asarray(sums, dtype=np.float64).reshape(len(sums), -1)
     claimed_std = np.asarray(claimed_std, dtype=np.float64).reshape(-1)
     if claimed_std.shape != (len(sums),) or not (np.isfinite(claimed_std).all() and (claimed_std > 0).all()):
@@ -261,7 +265,8 @@ def released_noise_check(sums: np.ndarray, claimed_std: np.ndarray, directions: 
     directions = np.zeros((0, sums.shape[1])) if directions is None else \
         np.asarray(directions, dtype=np.float64).reshape(len(directions), -1)
     entries = len(sums) * max(sums.shape[1] - len(directions), 0)
-    base = {"audit_part": "released-noise", "rounds_released": int(len(sums)), "entries": int(entries)}
+    base = {"audit_part": "released-noise", "rounds_released": int(len(sums)), "entries": int(entries),
+            "failed_checks": []}
     if entries < MIN_ENTRIES:
         return {**base, "verdict": "not-checked", "noise_ratio": None,
                 "summary": f"released noise not checked: {entries} released entries"
@@ -291,15 +296,15 @@ def released_noise_check(sums: np.ndarray, claimed_std: np.ndarray, directions: 
         figures, shape = shape_problems(fit)
         base.update(figures)
     if fit.sigma < pooled_floor:
-        problems.append(f"the released sums carry noise of {fit.sigma:.2f} times the std the ledger claims (z C per "
-                        f"entry; at least {pooled_floor:.2f} required, error about {error:.3f})")
+        problems.append(("pooled", f"the released sums carry noise of {fit.sigma:.2f} times the std the ledger claims "
+                                   f"(z C per entry; at least {pooled_floor:.2f} required, error about {error:.3f})"))
     if round_floor is not None and stds[low] < round_floor:
-        problems.append(f"release {low + 1} of {len(sums)} carries noise of {stds[low]:.2f} times its claimed std "
-                        f"(each round at least {round_floor:.2f})")
-    problems += ([across] if across else []) + shape
+        problems.append(("per-round", f"release {low + 1} of {len(sums)} carries noise of {stds[low]:.2f} times its "
+                                      f"claimed std (each round at least {round_floor:.2f})"))
+    problems += ([("across-rounds", across)] if across else []) + shape
     if problems:
-        return {**base, "verdict": "fail",
-                "summary": "; ".join(problems) + ": the run added less noise than its ledger says"}
+        return {**base, "verdict": "fail", "failed_checks": [name for name, _ in problems],
+                "summary": "; ".join(text for _, text in problems) + ": the run added less noise than its ledger says"}
     return {**base, "verdict": "pass", "summary": _pass_summary(base, unchecked)}
 
 
