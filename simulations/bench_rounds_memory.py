@@ -3,7 +3,7 @@
     python -m simulations.bench_rounds_memory [--rounds 20,150] [--users 300] [--out bench_results]
 
 One synthetic population (`simulations.synthetic_pairs`: `--users` seen users with 20-40 training pairs, D = 384,
-seed 0) runs `lore-fed simulate --privacy none` with every seen user in every round at each `--rounds` value, two
+seed 0) runs `lore-fed simulate --privacy none` with every seen user in every round at each `--rounds` value, three
 ways, each in a process of its own whose tree's peak RSS is sampled (`bench_federated.TreeMemory`, Ray's workers
 included):
 - `engine`: the product's route, Flower's simulation engine (`lore-fed simulate`);
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -84,11 +83,10 @@ def main(argv: list[str] | None = None) -> int:
         pairs = Path(tmp) / "pairs.npz"
         measure([sys.executable, "-m", "simulations.synthetic_pairs", "--seen-users", str(args.users), "--dim", "384",
                  "--train-pairs", "20-40", "--seed", "0", "--out", str(pairs)])
-        for arm in ARMS:
+        for index, arm in enumerate(ARMS):
             result["arms"][arm] = {}
             for r in rounds:
-                run_dir = Path(tmp) / f"{ARMS.index(arm)}_{r}"
-                shutil.rmtree(run_dir, ignore_errors=True)
+                run_dir = Path(tmp) / f"{index}_{r}"  # a fresh directory in a fresh temporary one
                 result["arms"][arm][str(r)] = measure(arm_command(arm, pairs, r, args.users, run_dir))
                 print(arm, r, result["arms"][arm][str(r)], flush=True)
     out = Path(args.out)
