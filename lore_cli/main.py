@@ -66,7 +66,7 @@ def _main(argv: list[str]) -> int:
 
     command = argv[0] if argv and argv[0] in COMMANDS else None
     if empty := empty_path_flag(argv):
-        print(f"lore-fed {command or ''}: error: {empty} is empty; give a path", file=sys.stderr)
+        print(f"lore-fed {command or ''}: error: {empty} is empty or blank; give a path", file=sys.stderr)
         return 2
     try:
         parser = build_parser(only=command)

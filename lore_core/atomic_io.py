@@ -150,11 +150,12 @@ PATH_FLAGS = ("--out", "--run-dir", "--state", "--certs", "--cache-dir", "--refe
 
 
 def empty_path_flag(argv: list[str]) -> str | None:
-    """The first path flag of `argv` given an empty value (`--out ""` or `--out=`), or None (found by testers:
-    `train --out ""` and `device --state "" init` wrote into the working directory)."""
+    """The first path flag of `argv` given an empty or blank value (`--out ""`, `--out=`, `--state " "`), or None
+    (found by testers: `train --out ""` and `device --state "" init` wrote into the working directory, and
+    `--state " "` made a directory named by a space)."""
     for i, token in enumerate(argv):
         flag, equals, value = token.partition("=")
-        if flag in PATH_FLAGS and (value == "" if equals else i + 1 < len(argv) and argv[i + 1] == ""):
+        if flag in PATH_FLAGS and (value if equals else argv[i + 1] if i + 1 < len(argv) else "x").strip() == "":
             return flag
     return None
 

@@ -27,8 +27,24 @@ def terminated_as_interrupt() -> Iterator[None]:
     previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         yield
+    except ImportError as exc:  # a signal during an extension's import (onnxruntime) comes wrapped in ImportError:
+        inner = _interruption_behind(exc)  # a tester's `kill -TERM` got its traceback and exit 1
+        if inner is None:
+            raise
+        raise inner from None
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def _interruption_behind(exc: BaseException) -> KeyboardInterrupt | None:
+    """The KeyboardInterrupt (or Terminated) that caused `exc`, directly or through its chain, else None."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, KeyboardInterrupt):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 @contextmanager

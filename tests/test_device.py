@@ -382,7 +382,7 @@ def test_a_directory_holding_only_a_lock_file_is_no_state_and_init_makes_one_the
     state_dir = tmp_path / "state"
     state_dir.mkdir()
     (state_dir / ".lock").touch()
-    for command in (["forget", "--all"], ["forget"], ["strength", "0.5"], ["status"]):
+    for command in (["forget"], ["strength", "0.5"], ["status"]):
         assert device_cli.main(["--state", str(state_dir), *command]) == 2
         err = capsys.readouterr().err
         assert f"no device state in {state_dir}" in err and "init --basis FILE" in err, err
@@ -417,8 +417,10 @@ def test_corrupted_or_truncated_state_is_reported_not_used(tmp_path, basis_file,
         (state_dir / "manifest.json").write_text('{"format": "lore-fed-device-state/1", "gener')
     with pytest.raises(StateCorruptError, match="manifest" if damage == "manifest" else personal.name):
         load_state(state_dir)
-    proc, _ = device(state_dir, "status", check=False)
-    assert proc.returncode == 2 and "corrupt" in proc.stderr and "Traceback" not in proc.stderr
+    for module in ("client.device", "lore_cli.main"):  # `lore-fed device` said nothing of the repair (a tester)
+        proc, _ = device(state_dir, "status", module=module, check=False)
+        assert proc.returncode == 2 and "corrupt" in proc.stderr and "Traceback" not in proc.stderr
+        assert "`init --reinit --basis FILE` repairs the state" in proc.stderr, (module, proc.stderr)
 
 
 @pytest.mark.parametrize("key, value, says", [
@@ -1356,6 +1358,28 @@ def test_forget_all_names_what_it_kept_that_was_there_before(tmp_path):
     assert "kept the directory" in notes[0] and "personal-0123456789abcdef.npz" in notes[0]
 
 
+def test_forget_all_removes_what_a_killed_init_left_and_nothing_else(tmp_path, capsys):
+    """A tester killed `init` at its first write: its lock and temp file stayed, and `forget --all` refused them
+    ("remove the directory"). A directory with any other file is still refused, and left as it was."""
+    from client.device import device_cli
+    from client.device.state import LOCK
+
+    state_dir = tmp_path / "state"
+    state_dir.mkdir()
+    (state_dir / LOCK).touch()
+    (state_dir / "..lore-fed-device-state.abc123.tmp").write_bytes(b"")
+    assert device_cli.main(["--state", str(state_dir), "forget", "--all"]) == 0
+    assert not state_dir.exists() and "left by an interrupted `init`" in capsys.readouterr().err
+    state_dir.mkdir()
+    (state_dir / LOCK).touch()
+    (state_dir / "notes.txt").write_text("mine")
+    assert device_cli.main(["--state", str(state_dir), "forget", "--all"]) == 2
+    assert sorted(path.name for path in state_dir.iterdir()) == [LOCK, "notes.txt"]
+    capsys.readouterr()
+    assert device_cli.main(["--state", str(state_dir / "notes.txt"), "status"]) == 2  # was told to run init
+    assert "is a file, not a directory" in capsys.readouterr().err
+
+
 def test_a_command_that_waited_on_a_deleted_lock_file_locks_the_current_one(tmp_path):
     """A review found two commands holding the state lock at once: `forget --all` deleted `.lock` while a command
     waited on it; that command woke holding the deleted file, and the next one created and locked a new one."""
@@ -1879,6 +1903,15 @@ def test_an_npz_of_another_user_is_refused_as_a_text_file_of_one_is(tmp_path, ca
     assert device_cli.main(["--state", str(state_dir), "adapt", "--choices", str(tmp_path / "d.npz")]) == 2
     err = capsys.readouterr().err
     assert "choices of user u2, but the device state holds choices of user u\\x1b[2J1" in err and "\x1b" not in err
+    assert load_state(state_dir).n_pairs == 1
+    # Ids that are not strings slipped past the check (a tester's user=[7, 7] joined u1's state, exit 0), and so
+    # did one id for several rows.
+    for user, says in ((np.array([7, 7]), "user must be a 1-D array of strings"),
+                       (np.array([b"u2", b"u2"]), "user must be a 1-D array of strings"),
+                       (np.array(["u\x1b[2J1"]), "user has 1 ids for 2 diff rows")):
+        np.savez(tmp_path / "d.npz", diff=rows, user=user)
+        assert device_cli.main(["--state", str(state_dir), "adapt", "--choices", str(tmp_path / "d.npz")]) == 2
+        assert says in capsys.readouterr().err
     assert load_state(state_dir).n_pairs == 1
     np.savez(tmp_path / "d.npz", diff=rows, user=np.array(["u\x1b[2J1"] * 2))
     assert device_cli.main(["--state", str(state_dir), "adapt", "--choices", str(tmp_path / "d.npz")]) == 0

@@ -1120,6 +1120,8 @@ def test_evaluate_never_replaces_a_file_it_did_not_write_and_an_empty_out_is_ref
     refused(["evaluate", "pairs.npz", "--basis", "basis.npz", "--out", "copied.json"], "--out copied.json exists", w)
     refused(["train", "pairs.npz", "--rank", "1", "--out", ""], "--out is empty", w)
     refused(["--state", "", "init", "--basis", "basis.npz"], "--state is empty", w, device=True)
+    refused(["--state", " ", "init", "--basis", "basis.npz"], "--state is empty or blank", w, device=True)
+    assert not (w / " ").exists()  # it made a directory named by a space (a tester)
     refused(["simulate", "pairs.npz", "--out=", "--rounds", "1"], "--out is empty", w)
     refused(["embed", "pairs.npz", "--model", ""], "--model is empty", w)  # it took the working directory (a tester)
     from lore_core.pairs import load_pairs

@@ -210,3 +210,24 @@ def test_interruptions_held_during_writes_that_belong_together_act_after_them(ct
                 signal.raise_signal(signal.SIGINT)
         assert signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, None)  # terminated_as_interrupt's, back
     assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_a_signal_inside_an_extension_s_import_ends_as_the_signal_not_an_import_error():
+    """A tester's `kill -TERM` while onnxruntime was being imported: the Terminated came wrapped in "ImportError:
+    initialization failed", a traceback and exit 1 instead of the interrupted command's 143."""
+    import signal
+
+    from lore_core.termination import Terminated, terminated_as_interrupt
+
+    def import_interrupted_by_sigterm():
+        try:
+            signal.raise_signal(signal.SIGTERM)  # arrives while the extension initializes
+        except Terminated as exc:
+            raise ImportError("initialization failed") from exc
+
+    with pytest.raises(Terminated):
+        with terminated_as_interrupt():
+            import_interrupted_by_sigterm()
+    with pytest.raises(ImportError, match="no module"):  # an import error of its own stays one
+        with terminated_as_interrupt():
+            raise ImportError("no module named onnxruntime")

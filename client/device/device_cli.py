@@ -41,6 +41,7 @@ from client.device.state import (
     is_device_state,
     load_state,
     new_state,
+    only_init_leftovers,
     salvage_choices,
     salvage_settings,
     save_state,
@@ -122,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     configure(parser)
     argv = sys.argv[1:] if argv is None else argv
     if empty := empty_path_flag(argv):
-        print(f"python -m client.device: error: {empty} is empty; give a path", file=sys.stderr)
+        print(f"python -m client.device: error: {empty} is empty or blank; give a path", file=sys.stderr)
         return 2
     args = parse_command_line(parser, argv)
     formatter, warnings.formatwarning = warnings.formatwarning, lambda message, *_, **__: f"note: {message}\n"
@@ -134,10 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.flush()  # here, not at exit: a reader gone by then is handled below
         return code
     except (ValueError, FileNotFoundError) as exc:
-        repair = "" if not isinstance(exc, StateCorruptError) or "reinit" in str(exc) else \
-            " (`init --reinit --basis FILE` repairs the state, keeping what is intact; `forget` deletes its " \
-            "personal data)"
-        print(f"client.device {args.device_command}: error: {exc}{repair}", file=sys.stderr)
+        print(f"client.device {args.device_command}: error: {exc}", file=sys.stderr)
         return 2
     except BrokenPipeError:
         if not stdout_closed():  # a pipe other than stdout: a real failure
@@ -422,7 +420,8 @@ def _personalization_at(state: DeviceState, strength: float | None, confidence: 
 
 def _forget(args) -> int:
     directory = _directory(args)
-    with state_lock(directory):  # refuses a directory that is not a device state before anything is deleted
+    leftovers = args.all and only_init_leftovers(directory)  # a killed `init`'s lock and temp files: removed too
+    with state_lock(directory, create=leftovers):  # else refuses a directory that is not a device state
         notes, usable, had_personal_data = forget(directory, everything=args.all)
     for note in notes:
         print(f"note: {note}", file=sys.stderr)

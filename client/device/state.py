@@ -61,7 +61,15 @@ class StateError(ValueError):
 
 
 class StateCorruptError(StateError):
-    """A state file is truncated, altered or unreadable."""
+    """A state file is truncated, altered or unreadable. Its message says how to repair the state, whichever entry
+    point shows it (`python -m client.device` and `lore-fed device` alike; a tester found only the first said so)."""
+
+    REPAIR = (" (`init --reinit --basis FILE` repairs the state, keeping what is intact; `forget` deletes its personal "
+              "data)")
+
+    def __str__(self) -> str:
+        message = super().__str__()
+        return message if "reinit" in message else message + self.REPAIR
 
 
 class BasisMismatchError(StateError):
@@ -190,6 +198,9 @@ def load_state(directory: str | Path) -> DeviceState:
                     f"{path}: missing, but {directory} holds personal data ({', '.join(p.name for p in orphans)}): "
                     "the device state is corrupted. `forget` deletes the personal data; `init --reinit --basis "
                     "FILE` starts afresh without it")
+            if directory.exists() and not directory.is_dir():  # a tester's `--state afile status` was told to init
+                raise StateError(f"no device state in {directory}: it is a file, not a directory; give the state "
+                                 "directory (--state)")
             raise StateError(f"no device state in {directory}: run `init --basis FILE` first (`lore-fed device "
                              "init` or `python -m client.device init`)")
         raw = _bytes_or_none(path)
@@ -336,6 +347,14 @@ def holds_other_files(directory: str | Path) -> bool:
     return not all(left_by_init(path) for path in Path(directory).iterdir())
 
 
+def only_init_leftovers(directory: str | Path) -> bool:
+    """True when `directory` is not a device state and holds only what a killed `init` leaves (its lock and temp
+    files), at least one of them: `forget --all` removes those (a tester's could not, and said to delete by hand)."""
+    directory = Path(directory)
+    return (directory.is_dir() and not directory.is_symlink() and not is_device_state(directory)
+            and any(directory.iterdir()) and not holds_other_files(directory))
+
+
 def require_state(directory: str | Path) -> Path:
     """`directory`, refused (StateError) unless it is a device state: nothing is created or deleted elsewhere."""
     directory = Path(directory)
@@ -377,6 +396,10 @@ def forget(directory: str | Path, *, everything: bool = False) -> Forgotten:
     """Delete all personal data (weights, pairs, raw choices) and keep the basis and settings; with `everything`
     delete every file of the state (and the directory when nothing else is in it). Refuses a directory that is not a
     device state. Personal data is deleted even when the state is corrupted."""
+    if everything and only_init_leftovers(directory):
+        left = ", ".join(sorted(path.name for path in Path(directory).iterdir()))
+        return Forgotten([f"{directory} held no device state, only {left}, left by an interrupted `init` or "
+                          "`forget --all`: removed", *_delete_state(Path(directory))], False)
     directory = require_state(directory)
     if everything:
         return Forgotten(_delete_state(directory), False)

@@ -303,7 +303,9 @@ def released_noise_check(sums: np.ndarray, claimed_std: np.ndarray, directions: 
                                       f"claimed std (each round at least {round_floor:.2f})"))
     problems += ([("across-rounds", across)] if across else []) + shape
     if problems:
-        return {**base, "verdict": "fail", "failed_checks": [name for name, _ in problems],
+        failed = [name for name, _ in problems]
+        assert set(failed) <= set(CHECKS), f"checks named outside CHECKS: {sorted(set(failed) - set(CHECKS))}"
+        return {**base, "verdict": "fail", "failed_checks": failed,
                 "summary": "; ".join(text for _, text in problems) + ": the run added less noise than its ledger says"}
     return {**base, "verdict": "pass", "summary": _pass_summary(base, unchecked)}
 
