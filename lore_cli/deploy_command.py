@@ -206,13 +206,13 @@ def check_local_flags(args: argparse.Namespace) -> tuple | None:
         settings, privacy = check_run(population, {**config, "run-dir": str(Path(args.run_dir).resolve())})
         check_secagg_layout(privacy, training_nodes(population, args.nodes), f"--nodes {args.nodes}")
         fingerprint = check_deploy_resume(Path(args.run_dir), resolve_pair_path(args.pairs), settings, privacy,
-                                          args.nodes, given_fields(extra))  # the fields -c set
+                                          args.nodes, given_fields(extra), population["dim"])  # the fields -c set
         return settings, privacy, population, fingerprint
     return None
 
 
 def check_deploy_resume(run_dir: Path, pairs_path: Path, settings, privacy, nodes: int,
-                        given: frozenset[str] = frozenset()) -> dict:
+                        given: frozenset[str] = frozenset(), dim: int | None = None) -> dict:
     """A --run-dir holding a run is resumed only with its settings, pair file and node count, as `simulate` checks
     them (checkpoint, ledger, release record, data.json): -c noise-multiplier=2 on a run of 1 failed in the ServerApp
     after every process had started (exit 1, 15 s), and a tester's --run-dir of a `train` run was overwritten, a
@@ -223,7 +223,7 @@ def check_deploy_resume(run_dir: Path, pairs_path: Path, settings, privacy, node
 
     try:
         check_no_other_run(run_dir)
-        _, fingerprint = check_resume(run_dir, pairs_path, settings, privacy, given)
+        _, fingerprint = check_resume(run_dir, pairs_path, settings, privacy, given, dim)
     except ValueError as exc:  # simulate's messages name its --out; here the directory is --run-dir
         raise ValueError(str(exc).replace("--out", "--run-dir")) from None
     hosted = sorted(int(d.name[4:]) for d in run_dir.glob("node*") if d.name[4:].isdigit() and d.is_dir())

@@ -10,7 +10,8 @@ import argparse
 import warnings
 from pathlib import Path
 
-from lore_core.atomic_io import atomic_write_json, check_output_path, is_run_directory, run_folder_of
+from lore_core.atomic_io import (atomic_write_json, check_output_path, is_run_directory, remove_stale_temps_of,
+                                 run_folder_of)
 from lore_core.pairs import PAIRS_FILENAME
 from lore_core.prism_pairs import DATASET_FILES, PAIRS_JSONL
 from lore_core.prism_schema import GROUND_TRUTH_FILE
@@ -56,6 +57,7 @@ def run(args: argparse.Namespace) -> int:
     metrics.update(benchmark_ceiling(pairs, true_basis))
     print(format_metrics(metrics))
     if args.out:
+        remove_stale_temps_of(args.out)
         atomic_write_json(args.out, metrics)
         print(f"wrote {args.out}")
     return 0

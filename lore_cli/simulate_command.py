@@ -422,7 +422,8 @@ def run(args: argparse.Namespace) -> int:
     # written only once they pass: a refused run leaves the directory as it was, .lock included.
     with RunDirLock(out, announce=False) as lock:
         # before Ray: another run's is refused
-        previous, data = check_resume(out, pairs_path, settings, privacy, given_followers(args))
+        previous, data = check_resume(out, pairs_path, settings, privacy, given_followers(args), population["dim"])
+        check_evaluated_prior(out, previous, settings)
         if canaries is not None:
             data["canary_secrets_sha256"] = check_canary_digest(out, canaries, args.canary_secrets)
         lock.announce()
@@ -479,23 +480,26 @@ def given_followers(args: argparse.Namespace) -> frozenset[str]:
     return given_fields(flags | set(privacy_overrides(args)))
 
 
-def check_resume(out: Path, pairs_path: Path, settings, privacy, given: frozenset[str] = frozenset()):
+def check_resume(out: Path, pairs_path: Path, settings, privacy, given: frozenset[str] = frozenset(),
+                 dim: int | None = None):
     """Refuse, before Ray starts or anything is written, a run directory whose checkpoint, ledger or release record
     is damaged or holds other settings (the ledger's privacy settings included: a finished run asked for more rounds)
     or that was trained on another pair file (the server checks the users per node again once its nodes report). A
     ledger or release record without a checkpoint is checked too: the server continues them (a run that crashed
-    before its first checkpoint). Returns the checkpoint (None for a new run) and the pair file's fingerprint for
-    DIR/data.json."""
+    before its first checkpoint; with the same pair file and the same start, `dim` being its embedding width).
+    Returns the checkpoint (None for a new run) and the pair file's fingerprint for DIR/data.json."""
     from client.user_state import check_simulated_accountants
     from lore_core.privacy.ledger import LEDGER_FILENAME
-    from server.checkpoint import CheckpointError, check_resumable, load_checkpoint
-    from server.release_record import check_continuable
+    from server.checkpoint import CheckpointError, check_resumable, initial_basis, load_checkpoint
+    from server.release_record import RELEASES_DIR, check_continuable
     from server.run_ledger import FederatedLedger, check_ledger_covers
 
     previous = load_checkpoint(out)
     # The pair file first: another file (of another dimension, say) changes settings too, and a tester was told
-    # about eval_every before the file was named
-    fingerprint = check_same_pairs(out, pairs_path, resuming=previous is not None)
+    # about eval_every before the file was named. A start that crashed before its checkpoint counts: its ledger
+    # spent on that file's users (a tester's rerun on another file mixed the two runs' spending in one ledger).
+    started = previous is not None or (out / LEDGER_FILENAME).exists() or (out / RELEASES_DIR).exists()
+    fingerprint = check_same_pairs(out, pairs_path, resuming=started)
     if previous is not None:
         check_resumable(previous, settings.fingerprint(), previous.population, out, given)
         check_ledger_covers(out, previous.round)
@@ -513,8 +517,9 @@ def check_resume(out: Path, pairs_path: Path, settings, privacy, given: frozense
                                      planned_settings.mode == "none" else "")
                                   + ", or start a new --out directory (a longer run from scratch)")
         FederatedLedger.load(out, privacy)  # reads and compares only; the server opens it again to write
+    start = None if dim is None else initial_basis(settings.rank, dim, settings.seed, settings.init_scale)
     check_continuable(out, settings.release_optimizer(), previous.round if previous is not None else 0,
-                      settings.fixed_optimizer_keys())
+                      settings.fixed_optimizer_keys(), start)
     check_simulated_accountants(out, (out / LEDGER_FILENAME).exists())
     return previous, fingerprint
 
@@ -640,6 +645,23 @@ def finished_nodes(previous, settings, out: Path, users: int, args) -> int | Non
         return None
     nodes = node_counts(users, args.users_per_node, args.canaries)[0]  # as simulate_pairs would start them
     return nodes if len(previous.population) - 1 == nodes else None
+
+
+def check_evaluated_prior(out: Path, previous, settings) -> None:
+    """A finished, evaluated run is rerun only with the personal prior it was evaluated with: the rerun trains and
+    evaluates nothing, and a tester's `--prior-pairs 30` relabelled figures evaluated at 3 (exit 0). A resume of an
+    unfinished run may change it: its final evaluation is still to come."""
+    if previous is None or not previous.history or "seen_test_acc" not in previous.history[-1]:
+        return
+    if previous.round < settings.rounds and not privacy_metrics(out)["stopped_early"]:
+        return
+    evaluated = recorded_metrics(out).get("prior_pairs")
+    if isinstance(evaluated, (int, float)) and not math.isclose(evaluated, settings.prior_pairs, rel_tol=1e-9):
+        raise ValueError(f"{out} holds a finished run evaluated with the personal prior prior-pairs {evaluated:g} "
+                         f"(its metrics.json), not {settings.prior_pairs:g}: a rerun trains and evaluates nothing, so "
+                         f"its figures would not change. Rerun it with --prior-pairs {evaluated:g}, or score its basis "
+                         f"at another prior with `lore-fed evaluate PAIRS --basis {out / 'basis.npz'} --prior-pairs "
+                         f"{settings.prior_pairs:g}`")
 
 
 def require_final_evaluation(state) -> None:

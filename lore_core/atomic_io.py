@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import json
 import math
 import os
@@ -82,6 +83,18 @@ def remove_stale_temps(directory: str | os.PathLike) -> list[Path]:
                 path.unlink()
                 removed.append(path)
     return removed
+
+
+def remove_stale_temps_of(path: str | os.PathLike) -> None:
+    """Delete the temp files of `path` alone (".NAME.xxxxxxxx.tmp") older than STALE_SECONDS: what a writer of it
+    killed mid-write left, for a command that holds no run lock (`evaluate --out`: a tester's stayed for good)."""
+    path = Path(path)
+    with suppress(OSError):
+        for temp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+            with suppress(OSError):
+                if TEMP_FILE.fullmatch(temp.name) and temp.is_file() and not temp.is_symlink() \
+                        and time.time() - temp.stat().st_mtime > STALE_SECONDS:
+                    temp.unlink()
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:

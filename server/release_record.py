@@ -64,7 +64,7 @@ class ReleaseRecord:
         with the initial basis; an existing one must have been written with the same optimizer settings and hold
         the releases of the `checkpoint_round` rounds the run resumes after."""
         folder = Path(run_dir) / RELEASES_DIR
-        lines = check_continuable(run_dir, optimizer, checkpoint_round, fixed)
+        lines = check_continuable(run_dir, optimizer, checkpoint_round, fixed, initial_basis)
         if lines is not None:
             return cls(folder, lines)
         record = cls(folder, [])
@@ -95,12 +95,16 @@ class ReleaseRecord:
 
 
 def check_continuable(run_dir: str | Path, optimizer: dict, checkpoint_round: int = 0,
-                      fixed: frozenset[str] = frozenset()) -> list[dict] | None:
+                      fixed: frozenset[str] = frozenset(), initial_basis: np.ndarray | None = None
+                      ) -> list[dict] | None:
     """The lines of RUN_DIR/releases/chain.jsonl that a run with these optimizer settings continues, or None when
     there is none; raises ReleaseRecordError naming the file when it is damaged or another run's. Reads only: the
     CLI calls it before anything is written, the server again when it opens the record. `fixed`: the keys this
-    run's mode sets whatever is given (ServerSettings.fixed_optimizer_keys), which a refusal does not ask for."""
+    run's mode sets whatever is given (ServerSettings.fixed_optimizer_keys), which a refusal does not ask for.
+    `initial_basis`: where a start with no checkpoint (checkpoint_round 0) begins; it must be the record's."""
     lines = check_record_reaches(run_dir, checkpoint_round)
+    if lines is not None and checkpoint_round == 0 and initial_basis is not None:
+        _check_same_start(Path(run_dir) / RELEASES_DIR, lines, initial_basis)
     if lines is not None:
         try:  # a resume over a broken chain finished, and its audits then failed for good (a tester)
             verified_files(Path(run_dir) / RELEASES_DIR, lines, keep=False)
@@ -126,6 +130,26 @@ def check_continuable(run_dir: str | Path, optimizer: dict, checkpoint_round: in
                                  f"optimizer settings ({changed}; run-config keys); {how}, or use a new run "
                                  "directory")
     return lines
+
+
+def _check_same_start(folder: Path, lines: list[dict], initial_basis: np.ndarray) -> None:
+    """A run that crashed before its first checkpoint starts again from its initial basis; one with another rank,
+    seed, init-scale or embedding width would begin elsewhere, and the record's chain, which every audit reads, would
+    break for good (a tester's rerun with --rank 3 finished, and no audit of it could run again)."""
+    files = verified_files(folder, lines[:1])
+    with np.load(io.BytesIO(files[0]), allow_pickle=False) as npz:
+        recorded = npz["basis"]
+    if np.array_equal(recorded, initial_basis):
+        return
+    rank, dim = recorded.shape
+    if recorded.shape != initial_basis.shape:
+        what = f"rank {rank} over embedding width D {dim}, not rank {initial_basis.shape[0]} over D " \
+               f"{initial_basis.shape[1]} (--rank, or the pair file)"
+    else:
+        what = "another initial basis (--seed or init-scale differ)"
+    raise ReleaseRecordError(f"{folder / 'initial.npz'}: the run in this directory, which stopped before its first "
+                             f"checkpoint, started from {what}; rerun it with the settings and pair file it began "
+                             "with, or use a new run directory")
 
 
 # The header's optimizer fields by the run-config keys that set them (a refusal names what to change).

@@ -277,6 +277,10 @@ def test_a_run_directory_resumes_only_on_its_own_pair_file_and_settings(tmp_path
     more_rounds = [*SIM[:3], "5", *SIM[4:]]  # a finished run's ledger holds its planned rounds
     _refused_under_lock(["simulate", pair_file, "--out", run, *more_rounds], run, tmp_path,
                         "holds a run of 3 rounds, not 5: a run's rounds are fixed when it starts", run)
+    # its figures were evaluated at the run's personal prior (a tester's --prior-pairs 30 relabelled them, exit 0)
+    prior = json.loads((run / "metrics.json").read_text())["prior_pairs"]
+    _refused_under_lock(["simulate", pair_file, "--out", run, *SIM, "--prior-pairs", "30"], run, tmp_path,
+                        f"evaluated with the personal prior prior-pairs {prior:g} (its metrics.json), not 30", run)
     assert engine.runs == 1  # all refused before the engine started
     moved = shutil.copy(pair_file, tmp_path / "moved.npz")  # the same content elsewhere still resumes
     assert cli(["simulate", moved, "--out", run, *SIM])[0] == 0
@@ -539,6 +543,27 @@ def test_a_start_that_stopped_before_its_first_checkpoint_runs_again(tmp_path, p
     shutil.rmtree(run / "releases", ignore_errors=True)
     assert cli(["simulate", pair_file, "--out", run, *SIM])[0] == 0
     assert (run / "data.json").read_text() == record and (run / "basis.npz").exists()
+
+
+def test_a_start_that_stopped_before_its_first_checkpoint_runs_again_only_as_it_began(tmp_path, pairs, pair_file,
+                                                                                        engine):
+    """A tester's start killed before its first checkpoint (ledger, data.json and release record on disk) was rerun
+    with --rank 3, another --seed or another pair file: exit 0, and then no audit could read the record again
+    ("release 1 did not start from the basis released after round 0"), or the ledger held two files' spending."""
+    run = tmp_path / "run"
+    assert cli(["simulate", pair_file, "--out", run, *SIM])[0] == 0
+    for name in os.listdir(run):  # what a start killed after its first release, before its checkpoint, leaves
+        if name not in ("data.json", "ledger.json") and (run / name).is_file():
+            (run / name).unlink()
+    other = save_pairs(pairs.subset(pairs.user != pairs.user[0]), tmp_path / "other.npz")
+    rank = SIM.index("--rank") + 1
+    for argv, names, expect in (
+            ([pair_file, "--out", run, *SIM[:rank], "3", *SIM[rank + 1:]], run / "releases" / "initial.npz",
+             f"rank {RANK} over embedding width D {DIM}, not rank 3"),
+            ([pair_file, "--out", run, *SIM, "--seed", "7"], run / "releases" / "initial.npz", "--seed"),
+            ([other, "--out", run, *SIM], other, "another pair file")):
+        _refused_under_lock(["simulate", *argv], names, tmp_path, expect, run)
+    assert cli(["simulate", pair_file, "--out", run, *SIM])[0] == 0  # as it began: it runs again
 
 
 def test_a_finished_runs_damaged_release_chain_is_refused_naming_it(tmp_path, pair_file, engine):

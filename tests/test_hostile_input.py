@@ -15,6 +15,7 @@ import json
 import os
 import re
 import shutil
+import time
 import warnings
 import zipfile
 from dataclasses import replace
@@ -1028,6 +1029,21 @@ def test_a_setting_the_user_did_not_give_is_named_as_the_default(tmp_path):
     err = refused(sim, "the default rank 5 (set --rank) is more than the embedding width D = 3", tmp_path)
     assert "--rank 5" not in err
     refused(sim + ["--rank", "4"], "--rank 4 is more than the embedding width D = 3", tmp_path)
+
+
+def test_evaluate_removes_what_a_killed_write_of_its_out_left_and_nothing_else(w):
+    """A tester's `evaluate --out E/ev3.json` killed mid-write left E/.ev3.json.*.tmp through every rerun: evaluate
+    holds no run lock, so it removes its own output's temp files once they are old enough to be no write in
+    progress, and never another file's."""
+    from lore_core.atomic_io import STALE_SECONDS
+
+    old, fresh, other = (w / ".m.json.abcd1234.tmp", w / ".m.json.efgh5678.tmp", w / ".keep.json.abcd1234.tmp")
+    for path in (old, fresh, other):
+        path.write_text("{half")
+    for path in (old, other):
+        os.utime(path, (time.time() - 2 * STALE_SECONDS,) * 2)
+    assert cli(["evaluate", "pairs.npz", "--basis", "basis.npz", "--out", "m.json"])[0] == 0
+    assert not old.exists() and fresh.exists() and other.exists()
 
 
 def test_simulate_refuses_another_runs_client_accountants_and_a_damaged_one(w):
