@@ -978,6 +978,22 @@ def test_a_prior_table_whose_rank_is_not_an_integer_is_refused_by_name(tmp_path,
         attribute_prior.read_table(tmp_path / "T.json", basis)
 
 
+@pytest.mark.parametrize("mean", [["0.5", 0.5], [True, 0.0], "0.5,0.5", [[0.5, 0.5]]])
+def test_a_prior_table_whose_mean_is_not_numbers_is_refused_by_name(tmp_path, mean):
+    """A tester's table gave a mean as strings (["0.5", 0.1, ...]) and `declare` took it."""
+    from client.device import attribute_prior
+
+    basis = load_basis(save_basis(tmp_path / "b.npz", np.eye(2, 4), version=1, embedder="toy"))
+    table = {"format": attribute_prior.FORMAT, "basis_sha256": basis.sha256, "rank": 2,
+             "groups": {"age": {"18-24": {"users": 30, "mean": mean}}}}
+    (tmp_path / "T.json").write_text(json.dumps(table))
+    with pytest.raises(attribute_prior.AttributePriorError, match="age='18-24': mean must be 2 weights"):
+        attribute_prior.read_table(tmp_path / "T.json", basis)
+    table["groups"]["age"]["18-24"]["mean"] = [0.5, 0.5]
+    (tmp_path / "T.json").write_text(json.dumps(table))
+    attribute_prior.read_table(tmp_path / "T.json", basis)
+
+
 def test_a_strength_out_of_range_is_named_by_its_flag_and_as_typed(tmp_path, capsys):
     """Found by a tester: `rank --strength 1e400` read "strength must be a number in [0, 1] or 'off', got inf":
     neither the flag nor the value as typed."""

@@ -63,10 +63,10 @@ def read_table(path: str | Path, basis: BasisFile) -> dict:
                                   f"{basis.sha256[:12]} (rank {basis.rank}); get the table of this basis")
     for field, values in groups.items():
         for value, row in values.items():
-            try:
-                mean = np.asarray(row.get("mean"), dtype=np.float64)
-            except (TypeError, ValueError):
-                mean = np.zeros(0)
+            given = row.get("mean")
+            numbers = isinstance(given, list) and all(isinstance(x, (int, float)) and not isinstance(x, bool)
+                                                      for x in given)  # "0.5" passed as a weight (a tester)
+            mean = np.asarray(given, dtype=np.float64) if numbers else np.zeros(0)
             if mean.shape != (rank,) or not (mean >= MIN_GROUP_WEIGHT).all() or abs(mean.sum() - 1.0) > 1e-6:
                 raise AttributePriorError(f"{path}: {field}={value!r}: mean must be {rank} weights of at least "
                                           f"{MIN_GROUP_WEIGHT:g} summing to 1")
