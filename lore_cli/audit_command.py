@@ -934,8 +934,9 @@ def _run_dir_lock(run_dir: Path | None):
 def _check_not_another_run(out: Path, run_dir: Path | None, basis: str | None) -> None:
     """--out may not be another run's directory: its report links its audits/ (a tester put a train run's audit
     into a simulate run's directory, whose report then showed it as its own). The audited run's own directory, given
-    as RUN_DIR or as the folder of --basis, is allowed."""
-    own = [Path(p) for p in (run_dir, Path(basis).parent if basis else None) if p is not None]
+    as RUN_DIR, or without one as the folder of --basis, is allowed (with RUN_DIR, --basis's folder is another
+    run's: a tester's audit of run A was filed in run B's report, and its ledger entry in A's)."""
+    own = [Path(run_dir)] if run_dir is not None else [Path(basis).parent] if basis else []
     if out.exists() and any(p.exists() and out.resolve() == p.resolve() for p in own):
         return
     from lore_core.atomic_io import run_folder_of

@@ -219,11 +219,12 @@ def check_deploy_resume(run_dir: Path, pairs_path: Path, settings, privacy, node
     different pair file of the same size trained nothing new, and --nodes 3 on a 2-node run wrote a third node's
     file (users the second node hosts) before it failed. `given`: the settings -c set (as fields), which a refusal
     names even where their defaults follow another setting. Returns the pair file's fingerprint for data.json."""
-    from lore_cli.simulate_command import check_no_other_run, check_resume
+    from lore_cli.simulate_command import check_evaluated_prior, check_no_other_run, check_resume
 
     try:
         check_no_other_run(run_dir)
-        _, fingerprint = check_resume(run_dir, pairs_path, settings, privacy, given, dim)
+        previous, fingerprint = check_resume(run_dir, pairs_path, settings, privacy, given, dim)
+        check_evaluated_prior(run_dir, previous, settings)
     except ValueError as exc:  # simulate's messages name its --out; here the directory is --run-dir
         raise ValueError(str(exc).replace("--out", "--run-dir")) from None
     hosted = sorted(int(d.name[4:]) for d in run_dir.glob("node*") if d.name[4:].isdigit() and d.is_dir())

@@ -132,7 +132,7 @@ def _message(exc: Exception, args: argparse.Namespace) -> str:
     from server.run_settings import RunConfigError
 
     if not isinstance(exc, SettingError):
-        return str(exc)
+        return f"{exc}{getattr(exc, 'advice', '')}"  # a device state's repair (client.device.state)
     given = vars(args)
     if isinstance(exc, RunConfigError) and "run_config" in given:
         return exc.spelled(as_option("-c"))

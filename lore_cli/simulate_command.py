@@ -491,15 +491,14 @@ def check_resume(out: Path, pairs_path: Path, settings, privacy, given: frozense
     from client.user_state import check_simulated_accountants
     from lore_core.privacy.ledger import LEDGER_FILENAME
     from server.checkpoint import CheckpointError, check_resumable, initial_basis, load_checkpoint
-    from server.release_record import RELEASES_DIR, check_continuable
+    from server.release_record import check_continuable
     from server.run_ledger import FederatedLedger, check_ledger_covers
 
     previous = load_checkpoint(out)
     # The pair file first: another file (of another dimension, say) changes settings too, and a tester was told
     # about eval_every before the file was named. A start that crashed before its checkpoint counts: its ledger
     # spent on that file's users (a tester's rerun on another file mixed the two runs' spending in one ledger).
-    started = previous is not None or (out / LEDGER_FILENAME).exists() or (out / RELEASES_DIR).exists()
-    fingerprint = check_same_pairs(out, pairs_path, resuming=started)
+    fingerprint = check_same_pairs(out, pairs_path, resuming=previous is not None or spent_or_released(out))
     if previous is not None:
         check_resumable(previous, settings.fingerprint(), previous.population, out, given)
         check_ledger_covers(out, previous.round)
@@ -522,6 +521,21 @@ def check_resume(out: Path, pairs_path: Path, settings, privacy, given: frozense
                       settings.fixed_optimizer_keys(), start)
     check_simulated_accountants(out, (out / LEDGER_FILENAME).exists())
     return previous, fingerprint
+
+
+def spent_or_released(out: Path) -> bool:
+    """Whether a start in `out` without a checkpoint got as far as a round in its ledger or a release in its record
+    (a start that stopped before them spent and released nothing, and may be rerun on any pair file)."""
+    from lore_core.privacy.ledger import LEDGER_FILENAME, LedgerError, PrivacyLedger
+    from server.release_record import CHAIN_FILENAME, RELEASES_DIR
+
+    chain = out / RELEASES_DIR / CHAIN_FILENAME
+    try:
+        if chain.is_file() and len(chain.read_text(encoding="utf-8").splitlines()) > 1:  # line 1: the header
+            return True
+        return (out / LEDGER_FILENAME).exists() and PrivacyLedger.load(out).rounds_released > 0
+    except (OSError, ValueError, LedgerError):  # damaged: counted as a start, and check_resume names the damage
+        return True
 
 
 def check_same_mode(out: Path, privacy_mode: str) -> None:
@@ -650,18 +664,22 @@ def finished_nodes(previous, settings, out: Path, users: int, args) -> int | Non
 def check_evaluated_prior(out: Path, previous, settings) -> None:
     """A finished, evaluated run is rerun only with the personal prior it was evaluated with: the rerun trains and
     evaluates nothing, and a tester's `--prior-pairs 30` relabelled figures evaluated at 3 (exit 0). A resume of an
-    unfinished run may change it: its final evaluation is still to come."""
+    unfinished run may change it: its final evaluation is still to come. The prior is the last evaluation's own
+    (server.training_round records it), or metrics.json's for a run checkpointed before it did."""
+    from lore_core.privacy.ledger import LEDGER_FILENAME, PrivacyLedger
+
     if previous is None or not previous.history or "seen_test_acc" not in previous.history[-1]:
         return
-    if previous.round < settings.rounds and not privacy_metrics(out)["stopped_early"]:
+    if previous.round < settings.rounds and not (
+            (out / LEDGER_FILENAME).exists() and PrivacyLedger.load(out).stopped_early):
         return
-    evaluated = recorded_metrics(out).get("prior_pairs")
+    evaluated = previous.history[-1].get("prior_pairs", recorded_metrics(out).get("prior_pairs"))
     if isinstance(evaluated, (int, float)) and not math.isclose(evaluated, settings.prior_pairs, rel_tol=1e-9):
-        raise ValueError(f"{out} holds a finished run evaluated with the personal prior prior-pairs {evaluated:g} "
-                         f"(its metrics.json), not {settings.prior_pairs:g}: a rerun trains and evaluates nothing, so "
-                         f"its figures would not change. Rerun it with --prior-pairs {evaluated:g}, or score its basis "
-                         f"at another prior with `lore-fed evaluate PAIRS --basis {out / 'basis.npz'} --prior-pairs "
-                         f"{settings.prior_pairs:g}`")
+        raise ValueError(f"{out} holds a finished run evaluated with the personal prior prior-pairs {evaluated:g}, "
+                         f"not {settings.prior_pairs:g}: a rerun trains and evaluates nothing, so its figures would "
+                         f"not change. Rerun it with prior-pairs {evaluated:g} (--prior-pairs, or -c in `deploy "
+                         f"local`), or score its basis at another prior with `lore-fed evaluate PAIRS --basis "
+                         f"{out / 'basis.npz'} --prior-pairs {settings.prior_pairs:g}`")
 
 
 def require_final_evaluation(state) -> None:

@@ -76,25 +76,30 @@ def remove_stale_temps(directory: str | os.PathLike) -> list[Path]:
     directory = Path(directory)
     folders = [directory, *(directory / name for name in RUN_FOLDERS
                             if (directory / name).is_dir() and not (directory / name).is_symlink())]
-    now, removed = time.time(), []
-    for path in (path for folder in folders for path in folder.iterdir() if TEMP_FILE.fullmatch(path.name)):
-        with suppress(OSError):  # one renamed meanwhile or not ours to remove stays (left over, not in the way)
-            if path.is_file() and not path.is_symlink() and now - path.stat().st_mtime > STALE_SECONDS:
-                path.unlink()
-                removed.append(path)
-    return removed
+    temps = (path for folder in folders for path in folder.iterdir() if TEMP_FILE.fullmatch(path.name))
+    return [path for path in temps if _removed_if_stale(path)]
 
 
 def remove_stale_temps_of(path: str | os.PathLike) -> None:
-    """Delete the temp files of `path` alone (".NAME.xxxxxxxx.tmp") older than STALE_SECONDS: what a writer of it
-    killed mid-write left, for a command that holds no run lock (`evaluate --out`: a tester's stayed for good)."""
+    """Delete the temp files of `path` alone (".NAME.xxxxxxxx.tmp", atomic_path's) older than STALE_SECONDS: what a
+    writer of it killed mid-write left, for a command that holds no run lock (`evaluate --out`: a tester's stayed for
+    good). Another file's, ".NAME.bak.json.xxxxxxxx.tmp" say, is never touched."""
     path = Path(path)
+    own = re.compile(re.escape(f".{path.name}.") + r"[a-z0-9_]{8}\.tmp")
     with suppress(OSError):
         for temp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
-            with suppress(OSError):
-                if TEMP_FILE.fullmatch(temp.name) and temp.is_file() and not temp.is_symlink() \
-                        and time.time() - temp.stat().st_mtime > STALE_SECONDS:
-                    temp.unlink()
+            if own.fullmatch(temp.name):
+                _removed_if_stale(temp)
+
+
+def _removed_if_stale(path: Path) -> bool:
+    """Unlink `path` if it is a regular file older than STALE_SECONDS; whether it was. One renamed meanwhile or not
+    ours to remove stays (left over, not in the way)."""
+    with suppress(OSError):
+        if path.is_file() and not path.is_symlink() and time.time() - path.stat().st_mtime > STALE_SECONDS:
+            path.unlink()
+            return True
+    return False
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:

@@ -36,14 +36,15 @@ def terminated_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def _interruption_behind(exc: BaseException) -> KeyboardInterrupt | None:
-    """The KeyboardInterrupt (or Terminated) that caused `exc`, directly or through its chain, else None."""
+def _interruption_behind(exc: BaseException) -> BaseException | None:
+    """The interruption that caused `exc` through its chain of causes (`raise ... from`, as an extension's failed
+    initialization raises it; not a suppressed context): Ctrl-C, Terminated, or Ray's sys.exit(15); else None."""
     seen: set[int] = set()
     while exc is not None and id(exc) not in seen:
-        if isinstance(exc, KeyboardInterrupt):
+        if isinstance(exc, KeyboardInterrupt) or isinstance(exc, SystemExit) and exc.code == signal.SIGTERM:
             return exc
         seen.add(id(exc))
-        exc = exc.__cause__ or exc.__context__
+        exc = exc.__cause__
     return None
 
 

@@ -103,8 +103,6 @@ def check_continuable(run_dir: str | Path, optimizer: dict, checkpoint_round: in
     run's mode sets whatever is given (ServerSettings.fixed_optimizer_keys), which a refusal does not ask for.
     `initial_basis`: where a start with no checkpoint (checkpoint_round 0) begins; it must be the record's."""
     lines = check_record_reaches(run_dir, checkpoint_round)
-    if lines is not None and checkpoint_round == 0 and initial_basis is not None:
-        _check_same_start(Path(run_dir) / RELEASES_DIR, lines, initial_basis)
     if lines is not None:
         try:  # a resume over a broken chain finished, and its audits then failed for good (a tester)
             verified_files(Path(run_dir) / RELEASES_DIR, lines, keep=False)
@@ -112,6 +110,8 @@ def check_continuable(run_dir: str | Path, optimizer: dict, checkpoint_round: in
             raise ReleaseRecordError(f"{exc}; the run's audits read this record, so it is not continued: put the "
                                      "run's releases/ back from a copy, or start afresh in a new run directory"
                                      ) from None
+        if checkpoint_round == 0 and initial_basis is not None:
+            _check_same_start(Path(run_dir) / RELEASES_DIR, lines, initial_basis)
     if lines is not None and lines[0].get("optimizer") != optimizer:
         stored = lines[0].get("optimizer") or {}
         keys = [k for k in sorted(set(stored) | set(optimizer)) if stored.get(k) != optimizer.get(k)]
@@ -136,17 +136,22 @@ def _check_same_start(folder: Path, lines: list[dict], initial_basis: np.ndarray
     """A run that crashed before its first checkpoint starts again from its initial basis; one with another rank,
     seed, init-scale or embedding width would begin elsewhere, and the record's chain, which every audit reads, would
     break for good (a tester's rerun with --rank 3 finished, and no audit of it could run again)."""
-    files = verified_files(folder, lines[:1])
-    with np.load(io.BytesIO(files[0]), allow_pickle=False) as npz:
-        recorded = npz["basis"]
+    try:
+        with np.load(io.BytesIO(verified_files(folder, lines[:1])[0]), allow_pickle=False) as npz:
+            recorded = np.asarray(npz["basis"], dtype=np.float64)
+        rank, dim = recorded.shape
+    except (KeyError, ValueError, TypeError, OSError) as exc:
+        raise ReleaseRecordError(f"{folder / 'initial.npz'}: not an initial basis (B, D) ({exc}); put the run's "
+                                 "releases/ back from a copy, or start afresh in a new run directory") from None
     if np.array_equal(recorded, initial_basis):
         return
-    rank, dim = recorded.shape
     if recorded.shape != initial_basis.shape:
         what = f"rank {rank} over embedding width D {dim}, not rank {initial_basis.shape[0]} over D " \
                f"{initial_basis.shape[1]} (--rank, or the pair file)"
-    else:
-        what = "another initial basis (--seed or init-scale differ)"
+    else:  # A0's entries have std init-scale / sqrt(D) (server.checkpoint.initial_basis)
+        what = (f"another initial basis: another --seed, or another init-scale (the run config key; its entries' "
+                f"scale reads about {recorded.std() * np.sqrt(dim):.3g}, this start's "
+                f"{initial_basis.std() * np.sqrt(dim):.3g})")
     raise ReleaseRecordError(f"{folder / 'initial.npz'}: the run in this directory, which stopped before its first "
                              f"checkpoint, started from {what}; rerun it with the settings and pair file it began "
                              "with, or use a new run directory")

@@ -161,7 +161,8 @@ class LoReStrategy(Strategy):
         result, metrics = None, {}
         if self.run.is_eval_round():
             metrics = self.run.evaluation_metrics(replies)
-            scores = {k: v for k, v in metrics.items() if k not in ("eval_failed_nodes", "eval_missing_nodes")}
+            scores = {k: v for k, v in metrics.items()
+                      if k not in ("eval_failed_nodes", "eval_missing_nodes", "prior_pairs")}
             result = MetricRecord(scores) if scores else None
         self.run.finish_round(metrics)
         return result

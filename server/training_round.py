@@ -194,7 +194,8 @@ class TrainingRun:
 
     def evaluation_metrics(self, replies: Iterable[Message]) -> dict:
         """Per-node sums -> metrics (+ eval_failed_nodes, eval_missing_nodes: asked but never answered, e.g. a
-        SuperNode that died); invalid replies are logged and left out."""
+        SuperNode that died; + prior_pairs, the personal prior the figures were fit with, by which a finished run is
+        rerun: simulate's check_evaluated_prior); invalid replies are logged and left out."""
         sums: dict[str, float] = {}
         failed = 0
         replies = list(replies)
@@ -209,7 +210,7 @@ class TrainingRun:
             for key, value in reply.content[p.METRICS].items():
                 sums[key] = sums.get(key, 0.0) + float(value)
         return {**(eval_metrics(sums) if sums else {}), "eval_failed_nodes": failed,
-                "eval_missing_nodes": max(missing, 0)}
+                "eval_missing_nodes": max(missing, 0), "prior_pairs": self.settings.prior_pairs}
 
     def evaluate(self, grid: Grid, t: int | None = None) -> dict:
         """All nodes evaluate the current basis (Message API, also under SecAgg+)."""

@@ -421,6 +421,8 @@ def test_corrupted_or_truncated_state_is_reported_not_used(tmp_path, basis_file,
         proc, _ = device(state_dir, "status", module=module, check=False)
         assert proc.returncode == 2 and "corrupt" in proc.stderr and "Traceback" not in proc.stderr
         assert "`init --reinit --basis FILE` repairs the state" in proc.stderr, (module, proc.stderr)
+    proc, _ = device(state_dir, "forget")  # forget deletes the data anyway: it does not tell the user to forget
+    assert "repairs the state, keeping" not in proc.stderr, proc.stderr
 
 
 @pytest.mark.parametrize("key, value, says", [
@@ -1924,7 +1926,8 @@ def test_an_npz_of_another_user_is_refused_as_a_text_file_of_one_is(tmp_path, ca
     # did one id for several rows.
     for user, says in ((np.array([7, 7]), "user must be a 1-D array of strings"),
                        (np.array([b"u2", b"u2"]), "user must be a 1-D array of strings"),
-                       (np.array(["u\x1b[2J1"]), "user has 1 ids for 2 diff rows")):
+                       (np.array(["u\x1b[2J1"]), "user has 1 ids for 2 diff rows"),
+                       (np.array([], dtype=str), "user has 0 ids for 2 diff rows")):
         np.savez(tmp_path / "d.npz", diff=rows, user=user)
         assert device_cli.main(["--state", str(state_dir), "adapt", "--choices", str(tmp_path / "d.npz")]) == 2
         assert says in capsys.readouterr().err

@@ -280,7 +280,8 @@ def test_a_run_directory_resumes_only_on_its_own_pair_file_and_settings(tmp_path
     # its figures were evaluated at the run's personal prior (a tester's --prior-pairs 30 relabelled them, exit 0)
     prior = json.loads((run / "metrics.json").read_text())["prior_pairs"]
     _refused_under_lock(["simulate", pair_file, "--out", run, *SIM, "--prior-pairs", "30"], run, tmp_path,
-                        f"evaluated with the personal prior prior-pairs {prior:g} (its metrics.json), not 30", run)
+                        f"evaluated with the personal prior prior-pairs {prior:g}, not 30", run)
+    assert load_checkpoint(run).history[-1]["prior_pairs"] == prior  # the evaluation's own record of it
     assert engine.runs == 1  # all refused before the engine started
     moved = shutil.copy(pair_file, tmp_path / "moved.npz")  # the same content elsewhere still resumes
     assert cli(["simulate", moved, "--out", run, *SIM])[0] == 0
@@ -564,6 +565,13 @@ def test_a_start_that_stopped_before_its_first_checkpoint_runs_again_only_as_it_
             ([other, "--out", run, *SIM], other, "another pair file")):
         _refused_under_lock(["simulate", *argv], names, tmp_path, expect, run)
     assert cli(["simulate", pair_file, "--out", run, *SIM])[0] == 0  # as it began: it runs again
+    # a start that stopped before its first round spent and released nothing: any pair file may take its place
+    for name in os.listdir(run):
+        if name != "data.json" and (run / name).is_file():
+            (run / name).unlink()
+    chain = run / "releases" / "chain.jsonl"
+    chain.write_text(chain.read_text().splitlines(keepends=True)[0])  # the header alone
+    assert cli(["simulate", other, "--out", run, *SIM])[0] == 0
 
 
 def test_a_finished_runs_damaged_release_chain_is_refused_naming_it(tmp_path, pair_file, engine):

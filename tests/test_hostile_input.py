@@ -1037,13 +1037,14 @@ def test_evaluate_removes_what_a_killed_write_of_its_out_left_and_nothing_else(w
     progress, and never another file's."""
     from lore_core.atomic_io import STALE_SECONDS
 
-    old, fresh, other = (w / ".m.json.abcd1234.tmp", w / ".m.json.efgh5678.tmp", w / ".keep.json.abcd1234.tmp")
-    for path in (old, fresh, other):
+    old, fresh = w / ".m.json.abcd1234.tmp", w / ".m.json.efgh5678.tmp"
+    others = (w / ".keep.json.abcd1234.tmp", w / ".m.json.bak.json.abcd1234.tmp")  # the second: m.json.bak.json's
+    for path in (old, fresh, *others):
         path.write_text("{half")
-    for path in (old, other):
+    for path in (old, *others):
         os.utime(path, (time.time() - 2 * STALE_SECONDS,) * 2)
     assert cli(["evaluate", "pairs.npz", "--basis", "basis.npz", "--out", "m.json"])[0] == 0
-    assert not old.exists() and fresh.exists() and other.exists()
+    assert not old.exists() and fresh.exists() and all(path.exists() for path in others)
 
 
 def test_simulate_refuses_another_runs_client_accountants_and_a_damaged_one(w):
@@ -1156,6 +1157,9 @@ def test_an_audit_or_demo_never_writes_into_another_runs_directory(w):
     refused(["audit", "extraction", "run_a", "--out", "run_b"], "--out run_b holds another run", w)
     assert cli(["audit", "extraction", "run_a", "--out", "run_a"])[0] == 0  # the audited run's own directory
     assert cli(["audit", "extraction", "--basis", "run_b/basis.npz", "--pairs", "pairs.npz", "--out", "run_b"])[0] == 0
+    # with a RUN_DIR, --basis's folder is another run's: run_a's audit was filed in run_b's report (a tester)
+    refused(["audit", "extraction", "run_a", "--basis", "run_b/basis.npz", "--out", "run_b"],
+            "--out run_b holds another run", w)
     refused(["demo", "--out", "run_b"], "--out run_b holds a run", w)
 
 

@@ -231,3 +231,9 @@ def test_a_signal_inside_an_extension_s_import_ends_as_the_signal_not_an_import_
     with pytest.raises(ImportError, match="no module"):  # an import error of its own stays one
         with terminated_as_interrupt():
             raise ImportError("no module named onnxruntime")
+    with pytest.raises(ImportError, match="real"):  # one raised while handling an interruption, not caused by it
+        with terminated_as_interrupt():
+            try:
+                raise KeyboardInterrupt
+            except KeyboardInterrupt:
+                raise ImportError("a real failure") from None

@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.flush()  # here, not at exit: a reader gone by then is handled below
         return code
     except (ValueError, FileNotFoundError) as exc:
-        print(f"client.device {args.device_command}: error: {exc}", file=sys.stderr)
+        print(f"client.device {args.device_command}: error: {exc}{getattr(exc, 'advice', '')}", file=sys.stderr)
         return 2
     except BrokenPipeError:
         if not stdout_closed():  # a pipe other than stdout: a real failure

@@ -146,11 +146,11 @@ def read_user_diffs(path: str | Path, dim: int, what: str, error: type[ValueErro
     with open_npz(path, f"{what} (.npz with an array diff (n, {dim}))", error) as data:
         if "diff" not in data.files:
             raise error(f"{path}: {what} needs a 'diff' array (n, {dim}); found {data.files}")
-        user = data["user"] if "user" in data.files else np.array([], dtype=str)
-        if user.dtype.kind != "U" or user.ndim != 1:  # ids of another type slipped past the one-user check
+        user = data["user"] if "user" in data.files else None
+        if user is not None and (user.dtype.kind != "U" or user.ndim != 1):  # ints slipped past the one-user check
             raise error(f"{path}: user must be a 1-D array of strings (the pair file's user ids), got {user.dtype} "
                         f"{user.shape}")
-        users = np.unique(user).size
+        users = 0 if user is None else np.unique(user).size
         if users > 1:
             raise error(f"{path}: a pair file of {users} users; a device uses its own user's pairs only (an .npz "
                         "with just 'diff', or one user's rows)")
@@ -162,7 +162,7 @@ def read_user_diffs(path: str | Path, dim: int, what: str, error: type[ValueErro
                     "embedding differences must be finite")
     if not diff.shape[0]:
         raise error(f"{path}: no pairs in the file")
-    if user.size and user.shape[0] != diff.shape[0]:
+    if user is not None and user.shape[0] != diff.shape[0]:
         raise error(f"{path}: user has {user.shape[0]} ids for {diff.shape[0]} diff rows; one id per row")
     if float(np.abs(diff).max()) > MAX_ABS_DIFF:
         raise error(f"{path}: diff has values beyond +-{MAX_ABS_DIFF:g}; embedding differences are of order 1 to 100 "

@@ -61,15 +61,15 @@ class StateError(ValueError):
 
 
 class StateCorruptError(StateError):
-    """A state file is truncated, altered or unreadable. Its message says how to repair the state, whichever entry
-    point shows it (`python -m client.device` and `lore-fed device` alike; a tester found only the first said so)."""
+    """A state file is truncated, altered or unreadable. `advice` is how to repair the state, which a command that
+    stops on this error adds to its message (`python -m client.device` and `lore-fed device` alike; a tester found
+    only the first said so); `forget`, which deletes the personal data anyway, quotes the error without it."""
 
-    REPAIR = (" (`init --reinit --basis FILE` repairs the state, keeping what is intact; `forget` deletes its personal "
-              "data)")
-
-    def __str__(self) -> str:
-        message = super().__str__()
-        return message if "reinit" in message else message + self.REPAIR
+    @property
+    def advice(self) -> str:
+        return "" if "reinit" in str(self) else \
+            " (`init --reinit --basis FILE` repairs the state, keeping what is intact; `forget` deletes its personal " \
+            "data)"
 
 
 class BasisMismatchError(StateError):
@@ -199,8 +199,7 @@ def load_state(directory: str | Path) -> DeviceState:
                     "the device state is corrupted. `forget` deletes the personal data; `init --reinit --basis "
                     "FILE` starts afresh without it")
             if directory.exists() and not directory.is_dir():  # a tester's `--state afile status` was told to init
-                raise StateError(f"no device state in {directory}: it is a file, not a directory; give the state "
-                                 "directory (--state)")
+                require_state(directory)  # says it is a file
             raise StateError(f"no device state in {directory}: run `init --basis FILE` first (`lore-fed device "
                              "init` or `python -m client.device init`)")
         raw = _bytes_or_none(path)
