@@ -801,14 +801,22 @@ def _accounting(args, run_dir, settings) -> dict:
 
     if run_dir is None:
         raise AuditCommandError("the accounting audit needs RUN_DIR, the directory of a `lore-fed simulate` run")
-    result = accounting_audit(run_dir)
+    try:
+        result = accounting_audit(run_dir)
+    except (TypeError, KeyError, OverflowError) as exc:  # a tester's config.mode flipped to user+secagg: a traceback
+        raise AuditCommandError(f"{run_dir / 'ledger.json'}: its config cannot be read as the run's privacy settings "
+                                f"({type(exc).__name__}: {exc}); restore the ledger") from None
     state = check_run_records_every_round(run_dir)
     ledger = PrivacyLedger.load(run_dir) if (run_dir / RELEASES_DIR).exists() else None  # else: a ledger alone
     record = released_sums(run_dir, ledger, state) if ledger is not None else None
     releases = record[0] if record is not None else None
     noise = _released_noise(run_dir, ledger, record)
     result["released_noise"] = noise
-    mismatches = _ledger_mismatches(run_dir, state) + published_mismatches(run_dir, state, releases)
+    try:
+        mismatches = _ledger_mismatches(run_dir, state) + published_mismatches(run_dir, state, releases)
+    except (TypeError, KeyError, OverflowError) as exc:  # a config edited past what it can hold (population 1e30)
+        raise AuditCommandError(f"{run_dir / 'ledger.json'}: its config cannot be read as the run's privacy settings "
+                                f"({type(exc).__name__}: {exc}); restore the ledger") from None
     result["ledger_mismatches"] = mismatches
     found = mismatches + ([noise["summary"]] if noise["verdict"] == "fail" else [])
     if found:
@@ -844,13 +852,19 @@ def _debug_stream(ledger: dict, state) -> list[str]:
 def _ledger_mismatches(run_dir: Path, state) -> list[str]:
     """Where the run's ledger disagrees with itself or with its checkpoint (lore_core.audits.accounting_check): the
     privacy settings the checkpoint's own settings give for its population, z solved as the server solved it; and
-    sampled counts that follow the debug seed's stream (`_debug_stream`, read from the same ledger)."""
-    from lore_core.audits.accounting_check import ledger_run_mismatches
-    from lore_core.privacy.ledger import read_ledger
+    sampled counts that follow the debug seed's stream (`_debug_stream`, read from the same ledger); and its derived
+    keys (guarantee, epsilon, delta, noise, ...) against what its config and events give."""
+    from lore_core.audits.accounting_check import derived_view_problems, ledger_run_mismatches
+    from lore_core.privacy.ledger import PrivacyLedger, read_ledger
+    from server.run_ledger import FederatedLedger
 
     file = run_dir / "ledger.json"
     ledger = read_ledger(file)
-    expected, population, found = None, None, []
+    # its conclusions against what its own config and events give (reports show the latter; readers, the file), as
+    # the class that wrote it renders them (a federated run's states its evaluation policy)
+    kind = FederatedLedger if "evaluation" in ledger else PrivacyLedger
+    found = derived_view_problems(ledger, kind.load(run_dir).rendered())
+    expected, population = None, None
     if state is not None:
         population = int(sum(state.population[:-1]))
         try:

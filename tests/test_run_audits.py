@@ -249,23 +249,27 @@ def test_a_ledger_forged_consistently_in_its_events_fails_against_its_config_and
     the checkpoint's population (N doubled to match) still say what ran. Every forgery fails (exit 1); the honest
     run passes with no mismatch, its sampled counts within chance of m per round."""
     from lore_core.audits.accounting_check import opacus_epsilons, pld_epsilon
+    from server.run_ledger import FederatedLedger
 
     run = tmp_path / "run"
     canary_run(pair_file, secrets_file, run)
     assert main(["audit", "accounting", str(run)]) == 0
     honest = json.loads((run / "audits" / "accounting.json").read_text())
     assert honest["verdict"] == "pass" and honest["ledger_mismatches"] == []
+    _conclusions_edited_alone_fail(run, tmp_path)
 
     def forged(name: str, edit) -> dict:
+        """The events and config edited, and every conclusion rendered from them as the ledger class does (a
+        careful forger's file: its derived keys agree with its facts)."""
         copy = tmp_path / name
         shutil.copytree(run, copy, ignore=shutil.ignore_patterns("audits"))
         ledger = json.loads((copy / "ledger.json").read_text())
         edit(ledger)
         history = [(r["noise_multiplier"], r["sample_rate"], 1) for r in ledger["events"]["rounds"]]
-        prv, rdp = opacus_epsilons(history, ledger["delta"])
+        prv, _ = opacus_epsilons(history, ledger["delta"])
         assert abs(pld_epsilon(history, ledger["delta"]) - prv) < 0.05  # the events agree with the new epsilon
-        ledger["epsilon"].update(headline=prv, prv=prv, rdp=rdp)
         (copy / "ledger.json").write_text(json.dumps(ledger))
+        (copy / "ledger.json").write_text(json.dumps(FederatedLedger.load(copy).rendered()))
         assert main(["audit", "accounting", str(copy)]) == 1
         return json.loads((copy / "audits" / "accounting.json").read_text())
 
@@ -303,6 +307,40 @@ def test_a_ledger_forged_consistently_in_its_events_fails_against_its_config_and
     assert traded["released_noise"]["verdict"] == "pass" and traded["epsilon_prv"] < honest["epsilon_prv"] / 3
     assert {"noise_multiplier", "clip_norm"} == {problem.split("its ")[1].split()[0]
                                                   for problem in traded["ledger_mismatches"]}
+
+
+def _conclusions_edited_alone_fail(run: Path, tmp_path: Path) -> None:
+    """An audit tester's ledgers that state a more private run than their config and events give, each of which
+    passed: epsilon recomputed at a top-level delta of 0.02 (config's 1e-5), a guarantee with a smaller epsilon
+    beside the true one, and a noise multiplier edited where only readers look."""
+    def edited(name: str, edit) -> list[str]:
+        copy = tmp_path / name
+        shutil.copytree(run, copy, ignore=shutil.ignore_patterns("audits"))
+        ledger = json.loads((copy / "ledger.json").read_text())
+        edit(ledger)
+        (copy / "ledger.json").write_text(json.dumps(ledger))
+        assert main(["audit", "accounting", str(copy)]) == 1
+        return json.loads((copy / "audits" / "accounting.json").read_text())["ledger_mismatches"]
+
+    def larger_delta(ledger):
+        from lore_core.audits.accounting_check import opacus_epsilons
+
+        history = [(r["noise_multiplier"], r["sample_rate"], 1) for r in ledger["events"]["rounds"]]
+        prv, rdp = opacus_epsilons(history, 0.02)
+        honest = ledger["epsilon"]["prv"]
+        ledger["delta"] = 0.02
+        ledger["epsilon"].update(headline=prv, prv=prv, rdp=rdp)
+        ledger["guarantee"] = ledger["guarantee"].replace(f"({honest:.3f}, ", f"({prv:.3f}, ")
+
+    def beside(ledger):
+        ledger["guarantee"] = ledger["guarantee"].replace("-DP", "-DP [audited: (0.100, 1e-05)-DP]", 1)
+
+    def noise(ledger):
+        ledger["noise"]["multiplier"] *= 5
+
+    assert any("delta is 0.02" in problem for problem in edited("delta", larger_delta))
+    assert any("guarantee states" in problem for problem in edited("beside", beside))
+    assert any("noise.multiplier is" in problem for problem in edited("noise", noise))
 
 
 def test_a_release_record_cut_or_relabelled_to_match_a_forged_ledger_is_refused(pair_file, secrets_file, tmp_path,
@@ -548,6 +586,12 @@ def _set(data: dict, path: str, value):
     ("events.rounds.0.sample_rate", 5, "sample_rate 5"),
     ("events.audits", "x", "audits (str, expected list)"),
     (None, [], "schema 'list'"),
+    # an audit tester's: out of order or fractional rounds, counts no round can sample (1e30 gave a traceback)
+    ("events.rounds.1.round", 1, "round entry 2 has round 1, expected 2"),
+    ("events.rounds.0.round", 1.5, "round entry 1 has round 1.5"),
+    ("events.rounds.0.sampled", 10**30, "round entry 1 has sampled 1000000000000000000000000000000"),
+    ("events.rounds.0.sampled", -5, "round entry 1 has sampled -5"),
+    ("events.rounds.0.sampled", True, "round entry 1 has sampled True"),
 ])
 def test_a_tampered_ledger_is_refused_by_name_before_any_audit_runs(tmp_path, capsys, audit, where, value, expect):
     """Found by hostile-input tests: a NaN noise multiplier had `audit accounting` spin at 100 % CPU for good (and

@@ -15,6 +15,7 @@ the continuous mechanism of the same std; a bound below it is wrong).
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -107,7 +108,7 @@ def _read_ledger(ledger) -> tuple[str, float, list[tuple[float, float, int]]]:
     mode = ledger.get("mode")
     if mode not in ("user", "user+secagg"):
         raise AuditInputError(f"the accounting audit recomputes user-level ledgers; this ledger's mode is {mode!r}")
-    return mode, float(ledger["delta"]), ledger_history(ledger)
+    return mode, float(ledger["config"]["delta"]), ledger_history(ledger)  # the fact, not the derived top-level key
 
 
 def accounting_audit(ledger: dict | str | Path, *, abs_tol: float = ABS_TOL, rel_tol: float = REL_TOL) -> dict:
@@ -169,6 +170,47 @@ def accounting_audit(ledger: dict | str | Path, *, abs_tol: float = ABS_TOL, rel
                   f"PLD (value_discretization_interval=1e-3); tolerance max({abs_tol}, {rel_tol:.0%})",
         "seed": None, "trials": 1,
     }
+
+
+# ledger.json's keys that are not conclusions drawn from config and events: the facts themselves, the evaluation
+# policy a run sets, and the versions and wording of the accountants' description.
+NOT_DERIVED = ("schema", "config", "events", "evaluation", "accountants", "derived")
+NUMBER = re.compile(r"[-+]?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?")
+DERIVED_TOLERANCE = {"rel_tol": 1e-3, "abs_tol": 1.5e-3}  # another machine's PRV, and 3-decimal prints
+
+
+def derived_view_problems(stored: dict, derived: dict) -> list[str]:
+    """Where ledger.json's conclusions (guarantee sentence, epsilon block, delta, noise, sampling, clipping, rounds,
+    budget, ...) are not what its config and events give (`derived`: the ledger class's own rendering of them).
+    Numbers are compared wherever they stand, inside sentences too, within DERIVED_TOLERANCE; wording is not (it
+    follows the version). A tester's ledger claimed (2.164, 1e-05)-DP from a top-level delta of 0.02, and a
+    guarantee sentence with "[was (5.984, 1e-05)-DP]" appended passed, as did an edited noise multiplier."""
+    problems: list[str] = []
+
+    def compare(path: str, a, b) -> None:
+        if isinstance(a, dict) and isinstance(b, dict):
+            for key in sorted(set(a) | set(b)):
+                if key not in a or key not in b:
+                    problems.append(f"{path}{key} is {'missing' if key not in a else 'not one its events give'}")
+                else:
+                    compare(f"{path}{key}.", a[key], b[key])
+        elif isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+            for i, (x, y) in enumerate(zip(a, b)):
+                compare(f"{path}{i}.", x, y)
+        elif isinstance(a, str) and isinstance(b, str):
+            got, want = NUMBER.findall(a.replace(",", "")), NUMBER.findall(b.replace(",", ""))
+            if len(got) != len(want) or not all(math.isclose(float(x), float(y), **DERIVED_TOLERANCE)
+                                                for x, y in zip(got, want)):
+                problems.append(f"{path[:-1]} states {a[:160]!r}, where its config and events give {b[:160]!r}")
+        elif all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in (a, b)):
+            if not math.isclose(a, b, **DERIVED_TOLERANCE):
+                problems.append(f"{path[:-1]} is {a!r}, where its config and events give {b!r}")
+        elif a != b:
+            problems.append(f"{path[:-1]} is {str(a)[:80]!r}, where its config and events give {str(b)[:80]!r}")
+
+    compare("", {k: v for k, v in stored.items() if k not in NOT_DERIVED},
+            {k: v for k, v in derived.items() if k not in NOT_DERIVED})
+    return problems
 
 
 # The chance below which a ledger's sampled counts are refused as not drawn at its q (an honest run: once in 1e9).

@@ -626,6 +626,7 @@ def _read(path: Path) -> dict[str, Any]:
 
 
 EVENT_TYPES = {"rounds": list, "clients": dict, "audits": list, "stopped_early": bool}
+MAX_SAMPLED = 10**9  # users one round samples, at most: the largest population a run takes
 OPTIONAL_EVENT_KEYS = ("lost_replies",)  # record mode, only once a round lost every reply
 
 
@@ -639,6 +640,13 @@ def _check_events(path: Path, events: dict, mode) -> None:
     for position, entry in enumerate(events["rounds"], 1):
         if not isinstance(entry, dict):
             raise LedgerError(f"{path}: round entry {position} is not an object: {entry!r}")
+        number, sampled = entry.get("round", position), entry.get("sampled", 0)
+        if isinstance(number, bool) or number != position or not isinstance(number, int):  # 1.5, or 9 twice
+            raise LedgerError(f"{path}: round entry {position} has round {number!r}, expected {position} (the rounds "
+                              "in order); restore the ledger")
+        if isinstance(sampled, bool) or not isinstance(sampled, int) or not 0 <= sampled <= MAX_SAMPLED:
+            raise LedgerError(f"{path}: round entry {position} has sampled {sampled!r}, expected a whole number of "
+                              f"users in [0, {MAX_SAMPLED:.0e}]; restore the ledger")
         if mode in USER_MODES:
             z, q = entry.get("noise_multiplier"), entry.get("sample_rate")
             try:
