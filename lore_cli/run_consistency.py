@@ -27,7 +27,8 @@ HEADER_SETTINGS = {"name": "server_optimizer", "server_lr": "server_lr", "client
 # accountant version computes them a little apart; the accounting audit's own 0.05 let a small epsilon be understated
 # by a quarter: a reviewer); the others are copied settings, compared exactly. A key on one side only is a mismatch
 # (a reviewer's metrics.json claimed secure aggregation's epsilon against the server on a `user` run). The
-# guarantee's prose and the accountant's name are not compared: their wording follows the version.
+# guarantee sentence's numbers are compared (accounting_check.same_numbers), not its wording, which follows the
+# version, nor the accountant's name.
 EPSILON_KEYS = ("epsilon", "epsilon_rdp", "epsilon_against_server")
 EPSILON_TOLERANCE = {"rel_tol": 0.02, "abs_tol": 1e-3}
 COPIED_KEYS = ("delta", "noise_multiplier", "clip_norm", "sample_rate", "most_user_rounds", "not_private",
@@ -103,6 +104,7 @@ def _metrics_mismatches(run_dir: Path, state, header: dict | None) -> list[str]:
     """metrics.json's round against the checkpoint's, its privacy keys against the ledger's (as `simulate` derives
     them) and its optimizer settings against the record header's."""
     from lore_cli.simulate_command import privacy_metrics
+    from lore_core.audits.accounting_check import same_numbers
     from lore_core.text_file import parse_json, read_text
 
     path = run_dir / "metrics.json"
@@ -125,6 +127,11 @@ def _metrics_mismatches(run_dir: Path, state, header: dict | None) -> list[str]:
         elif key in metrics and not _same(metrics[key], ledger[key], **(EPSILON_TOLERANCE if key in EPSILON_KEYS
                                                                         else {})):
             differ.append(f"{key} {metrics[key]!r} (the ledger's {ledger[key]!r})")
+    guarantee = metrics.get("privacy_guarantee")
+    if guarantee is not None and not (isinstance(guarantee, str) and same_numbers(guarantee,
+                                                                                  ledger["privacy_guarantee"])):
+        # an audit tester's "(0.500, 1e-05)-DP" where the ledger gives 5.984 passed: its numbers are compared
+        differ.append(f"privacy_guarantee {str(guarantee)[:160]!r} (the ledger's {ledger['privacy_guarantee'][:160]!r})")
     for field, key in HEADER_SETTINGS.items() if header is not None else ():
         if metrics.get(key) is not None and field in header and not _same(metrics[key], header[field]):
             differ.append(f"{key} {metrics[key]!r} (the release record header's {header[field]!r})")

@@ -1059,6 +1059,10 @@ def test_what_a_run_published_must_be_what_its_release_record_holds(pair_file, s
 
     assert "metrics.json states what the run's checkpoint, ledger and release record do not: epsilon" in \
         tampered("metrics", metrics_edit(lambda m: {"epsilon": m["epsilon"] / 10}))
+    # the guarantee sentence with a smaller epsilon (an audit tester's passed: only its wording was left unread)
+    summary = tampered("guarantee", metrics_edit(lambda m: {"privacy_guarantee": m["privacy_guarantee"].replace(
+        f"({m['epsilon']:.3f}, ", "(0.500, ")}))
+    assert "privacy_guarantee" in summary and "(0.500, " in summary
     # its round set to an earlier one, which once excused a metrics.json as a run's being extended (a reviewer)
     summary = tampered("rounds", metrics_edit(lambda m: {"epsilon": m["epsilon"] / 10, "rounds": 1}))
     assert "rounds 1 (the checkpoint's 6)" in summary and "epsilon" in summary

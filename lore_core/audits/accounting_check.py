@@ -179,6 +179,14 @@ NUMBER = re.compile(r"[-+]?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?")
 DERIVED_TOLERANCE = {"rel_tol": 1e-3, "abs_tol": 1.5e-3}  # another machine's PRV, and 3-decimal prints
 
 
+def same_numbers(stated: str, derived: str) -> bool:
+    """Whether two sentences state the same numbers in the same order, each within DERIVED_TOLERANCE (their wording
+    aside, which follows the version)."""
+    got, want = NUMBER.findall(stated.replace(",", "")), NUMBER.findall(derived.replace(",", ""))
+    return len(got) == len(want) and all(math.isclose(float(x), float(y), **DERIVED_TOLERANCE)
+                                         for x, y in zip(got, want))
+
+
 def derived_view_problems(stored: dict, derived: dict) -> list[str]:
     """Where ledger.json's conclusions (guarantee sentence, epsilon block, delta, noise, sampling, clipping, rounds,
     budget, ...) are not what its config and events give (`derived`: the ledger class's own rendering of them).
@@ -198,9 +206,7 @@ def derived_view_problems(stored: dict, derived: dict) -> list[str]:
             for i, (x, y) in enumerate(zip(a, b)):
                 compare(f"{path}{i}.", x, y)
         elif isinstance(a, str) and isinstance(b, str):
-            got, want = NUMBER.findall(a.replace(",", "")), NUMBER.findall(b.replace(",", ""))
-            if len(got) != len(want) or not all(math.isclose(float(x), float(y), **DERIVED_TOLERANCE)
-                                                for x, y in zip(got, want)):
+            if not same_numbers(a, b):
                 problems.append(f"{path[:-1]} states {a[:160]!r}, where its config and events give {b[:160]!r}")
         elif all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in (a, b)):
             if not math.isclose(a, b, **DERIVED_TOLERANCE):
