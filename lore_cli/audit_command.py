@@ -855,15 +855,11 @@ def _ledger_mismatches(run_dir: Path, state) -> list[str]:
     sampled counts that follow the debug seed's stream (`_debug_stream`, read from the same ledger); and its derived
     keys (guarantee, epsilon, delta, noise, ...) against what its config and events give."""
     from lore_core.audits.accounting_check import derived_view_problems, ledger_run_mismatches
-    from lore_core.privacy.ledger import PrivacyLedger, read_ledger
-    from server.run_ledger import FederatedLedger
+    from lore_core.privacy.ledger import read_ledger
 
     file = run_dir / "ledger.json"
     ledger = read_ledger(file)
-    # its conclusions against what its own config and events give (reports show the latter; readers, the file), as
-    # the class that wrote it renders them (a federated run's states its evaluation policy)
-    kind = FederatedLedger if "evaluation" in ledger else PrivacyLedger
-    found = derived_view_problems(ledger, kind.load(run_dir).rendered())
+    found = derived_view_problems(ledger, _rendered_ledger(run_dir, ledger, state))
     expected, population = None, None
     if state is not None:
         population = int(sum(state.population[:-1]))
@@ -874,6 +870,27 @@ def _ledger_mismatches(run_dir: Path, state) -> list[str]:
                          f"against ({type(exc).__name__}: {exc})")
     found += ledger_run_mismatches(ledger, expected, population) + _debug_stream(ledger, state)
     return [f"{file}: {problem}" for problem in found]
+
+
+def _rendered_ledger(run_dir: Path, stored: dict, state) -> dict:
+    """The ledger's conclusions as the class that wrote it renders them from its config and events, as JSON (its
+    reports show these; readers, the file): a federated run's (any run directory with a checkpoint, releases or
+    an `evaluation` key; a reviewer deleted that key to be rendered without the federated not-covered entries) with
+    the evaluation policy the checkpoint's eval-every gives (or, without a checkpoint, the file's own policy text)."""
+    from lore_core.privacy.ledger import PrivacyLedger
+    from lore_core.atomic_io import strict_json
+    from server.release_record import RELEASES_DIR
+    from server.run_ledger import FederatedLedger, evaluation_policy
+
+    federated = "evaluation" in stored or state is not None or (run_dir / RELEASES_DIR).exists()
+    ledger = (FederatedLedger if federated else PrivacyLedger).load(run_dir)
+    if federated:
+        told = stored.get("evaluation")
+        ledger.evaluation = (evaluation_policy(int(state.settings["eval_every"]), ledger.settings.is_dp)
+                             if state is not None and "eval_every" in state.settings else
+                             told.get("policy") if isinstance(told, dict) and isinstance(told.get("policy"), str)
+                             else ledger.evaluation)
+    return json.loads(strict_json(ledger.rendered()))  # as the file holds it (NaN -> null)
 
 
 def _privacy_the_run_used(state, population: int, rounds: int) -> dict:

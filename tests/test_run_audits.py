@@ -338,9 +338,23 @@ def _conclusions_edited_alone_fail(run: Path, tmp_path: Path) -> None:
     def noise(ledger):
         ledger["noise"]["multiplier"] *= 5
 
+    def tiny_delta(ledger):  # a reviewer's: within the old absolute tolerance of 1.5e-3
+        ledger["delta"] = 1e-12
+        ledger["guarantee"] = ledger["guarantee"].replace(", 1e-05)", ", 1e-12)")
+
+    def covered(ledger):  # the evaluation said covered, or the key dropped to be rendered without its entries
+        ledger["evaluation"]["covered_by_accountant"] = True
+
+    def malicious(ledger):
+        ledger["guarantee"] = ledger["guarantee"].replace("trusted: the server", "trusted: nobody, not even the server")
+
     assert any("delta is 0.02" in problem for problem in edited("delta", larger_delta))
     assert any("guarantee states" in problem for problem in edited("beside", beside))
     assert any("noise.multiplier is" in problem for problem in edited("noise", noise))
+    assert any("delta is 1e-12" in problem for problem in edited("tiny-delta", tiny_delta))
+    assert any("evaluation.covered_by_accountant is True" in problem for problem in edited("covered", covered))
+    assert any("evaluation is missing" in problem for problem in edited("no-evaluation", lambda l: l.pop("evaluation")))
+    assert any("guarantee states" in problem for problem in edited("malicious", malicious))
 
 
 def test_a_release_record_cut_or_relabelled_to_match_a_forged_ledger_is_refused(pair_file, secrets_file, tmp_path,
@@ -1032,9 +1046,14 @@ def test_what_a_run_published_must_be_what_its_release_record_holds(pair_file, s
     assert (run_dir / "basis.npz").is_file() and (run_dir / "metrics.json").is_file()
     assert main(["audit", "accounting", str(run_dir)]) == 0
     assert canary_verdict(run_dir, secrets_file)["verdict"] != "fail"
-    # The guarantee's wording follows the version: a run written before a rewording is not called forged (a reviewer)
+    # The guarantee's wording follows the version: a run written by another version before a rewording is not
+    # called forged (a reviewer), while under the version that wrote it other wording is an edit (a reviewer's
+    # "honest but curious" made "even if it is malicious" passed)
     monkeypatch.setitem(ledger_module.TRUSTED, "user", ledger_module.TRUSTED["user"] + " (reworded)")
+    assert main(["audit", "accounting", str(run_dir)]) == 1
+    monkeypatch.setattr(ledger_module, "lore_fed_version", "0.0.1")
     assert main(["audit", "accounting", str(run_dir)]) == 0
+    monkeypatch.undo()
 
     def tampered(name: str, change) -> str:
         copy = tmp_path / name

@@ -172,28 +172,42 @@ def accounting_audit(ledger: dict | str | Path, *, abs_tol: float = ABS_TOL, rel
     }
 
 
-# ledger.json's keys that are not conclusions drawn from config and events: the facts themselves, the evaluation
-# policy a run sets, and the versions and wording of the accountants' description.
-NOT_DERIVED = ("schema", "config", "events", "evaluation", "accountants", "derived")
-NUMBER = re.compile(r"[-+]?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?")
-DERIVED_TOLERANCE = {"rel_tol": 1e-3, "abs_tol": 1.5e-3}  # another machine's PRV, and 3-decimal prints
+# ledger.json's keys that are not conclusions drawn from config and events: the facts themselves, the version that
+# wrote it, and the versions and wording of the accountants' description.
+NOT_DERIVED = ("schema", "config", "events", "accountants", "derived", "written_by")
+NUMBER = re.compile(r"[-+]?\d+(?:\.(\d+))?(?:[eE][-+]?\d+)?")
+# Epsilons computed by another accountant version land a little apart (as run_consistency.EPSILON_TOLERANCE);
+# every other number is compared exactly, but a decimal printed in a sentence also within a unit of its last digit.
+EPSILON_REL_TOL = 0.02
 
 
-def same_numbers(stated: str, derived: str) -> bool:
-    """Whether two sentences state the same numbers in the same order, each within DERIVED_TOLERANCE (their wording
-    aside, which follows the version)."""
-    got, want = NUMBER.findall(stated.replace(",", "")), NUMBER.findall(derived.replace(",", ""))
-    return len(got) == len(want) and all(math.isclose(float(x), float(y), **DERIVED_TOLERANCE)
-                                         for x, y in zip(got, want))
+def same_numbers(stated: str, derived: str, *, wording: bool = False) -> bool:
+    """Whether two sentences state the same numbers in the same order: whole numbers and exponents exactly, decimals
+    within EPSILON_REL_TOL or a unit of their last printed digit; with `wording`, also the same text around them."""
+    got, want = (list(NUMBER.finditer(text.replace(",", ""))) for text in (stated, derived))
+    if len(got) != len(want) or wording and NUMBER.sub("#", stated.replace(",", "")) != NUMBER.sub(
+            "#", derived.replace(",", "")):
+        return False
+    for x, y in zip(got, want):
+        decimals = y.group(1)
+        close = math.isclose(float(x.group()), float(y.group()), rel_tol=EPSILON_REL_TOL,
+                             abs_tol=10.0 ** -len(decimals)) if decimals and "e" not in y.group().lower() \
+            else float(x.group()) == float(y.group())
+        if not close:
+            return False
+    return True
 
 
 def derived_view_problems(stored: dict, derived: dict) -> list[str]:
     """Where ledger.json's conclusions (guarantee sentence, epsilon block, delta, noise, sampling, clipping, rounds,
-    budget, ...) are not what its config and events give (`derived`: the ledger class's own rendering of them).
-    Numbers are compared wherever they stand, inside sentences too, within DERIVED_TOLERANCE; wording is not (it
-    follows the version). A tester's ledger claimed (2.164, 1e-05)-DP from a top-level delta of 0.02, and a
-    guarantee sentence with "[was (5.984, 1e-05)-DP]" appended passed, as did an edited noise multiplier."""
+    budget, evaluation, not_covered, ...) are not what its config and events give (`derived`: the ledger class's own
+    rendering of them, as JSON). Numbers are compared wherever they stand, inside sentences too (same_numbers;
+    epsilons within EPSILON_REL_TOL, the rest exactly); wording too where the same lore-fed version wrote the file
+    (`written_by`), else not (it follows the version). A tester's ledger claimed (2.164, 1e-05)-DP from a top-level
+    delta of 0.02, a guarantee with "[was (5.984, 1e-05)-DP]" appended, an edited noise multiplier, and a reviewer's
+    "honest but curious" rewritten as "even if it is malicious", each passed before."""
     problems: list[str] = []
+    wording = stored.get("written_by") == derived.get("written_by")
 
     def compare(path: str, a, b) -> None:
         if isinstance(a, dict) and isinstance(b, dict):
@@ -205,14 +219,17 @@ def derived_view_problems(stored: dict, derived: dict) -> list[str]:
         elif isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
             for i, (x, y) in enumerate(zip(a, b)):
                 compare(f"{path}{i}.", x, y)
+        elif isinstance(a, list) and isinstance(b, list):
+            problems.append(f"{path[:-1]} lists {len(a)} entries, where its config and events give {len(b)}")
         elif isinstance(a, str) and isinstance(b, str):
-            if not same_numbers(a, b):
+            if not same_numbers(a, b, wording=wording):
                 problems.append(f"{path[:-1]} states {a[:160]!r}, where its config and events give {b[:160]!r}")
         elif all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in (a, b)):
-            if not math.isclose(a, b, **DERIVED_TOLERANCE):
+            tolerance = EPSILON_REL_TOL if "epsilon" in path and isinstance(b, float) else 1e-12
+            if not math.isclose(a, b, rel_tol=tolerance) or isinstance(b, int) and a != b:
                 problems.append(f"{path[:-1]} is {a!r}, where its config and events give {b!r}")
         elif a != b:
-            problems.append(f"{path[:-1]} is {str(a)[:80]!r}, where its config and events give {str(b)[:80]!r}")
+            problems.append(f"{path[:-1]} is {repr(a)[:80]}, where its config and events give {repr(b)[:80]}")
 
     compare("", {k: v for k, v in stored.items() if k not in NOT_DERIVED},
             {k: v for k, v in derived.items() if k not in NOT_DERIVED})

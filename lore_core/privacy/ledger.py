@@ -20,6 +20,7 @@ import os
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
+from lore_core import __version__ as lore_fed_version
 from lore_core.atomic_io import atomic_write_json
 from lore_core.privacy.accounting import (
     AccountingError,
@@ -510,6 +511,7 @@ class PrivacyLedger:
             "events": self._facts,
             "derived": "every key but schema, config and events is recomputed from config and events at each write; "
                        "load reads only config and events",
+            "written_by": f"lore-fed {lore_fed_version}",  # the wording of the rest: `audit accounting` compares it
         }
 
     def _write(self) -> None:
