@@ -15,8 +15,10 @@ holds events this object does not (another writer), the append is refused, so th
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -511,16 +513,17 @@ class PrivacyLedger:
             "events": self._facts,
             "derived": "every key but schema, config and events is recomputed from config and events at each write; "
                        "load reads only config and events",
-            "written_by": f"lore-fed {lore_fed_version}",  # the wording of the rest: `audit accounting` compares it
         }
 
     def _write(self) -> None:
-        atomic_write_json(self.path, self._render())
+        atomic_write_json(self.path, self.rendered())
 
     def rendered(self) -> dict[str, Any]:
-        """ledger.json as this object writes it: the conclusions recomputed from config and events. Reports show
-        these, never the file's own, which an edit can change (a tester's forged headline reached report.md)."""
-        return self._render()
+        """ledger.json as this object writes it: the conclusions recomputed from config and events, stamped with the
+        wording they were written in (`written_by`). Reports show these, never the file's own, which an edit can
+        change (a tester's forged headline reached report.md)."""
+        view = self._render()
+        return {**view, "written_by": written_by(view)}
 
     def summary(self) -> dict[str, Any]:
         """The few facts a report shows."""
@@ -585,6 +588,30 @@ def _mechanism(s: PrivacySettings) -> dict[str, Any]:
         "covered": [*COVERED, EPSILON_COVERED],
         "not_covered": [W_NOT_COVERED[s.mode], *NOT_COVERED, POPULATION_NOT_COVERED],
     }
+
+
+# ledger.json's keys that are not conclusions drawn from config and events: the facts themselves, the stamp, and the
+# versions and wording of the accountants' description.
+NOT_DERIVED = ("schema", "config", "events", "accountants", "derived", "written_by")
+NUMBER = re.compile(r"[-+]?\d+(?:\.(\d+))?(?:[eE][-+]?\d+)?")
+
+
+def written_by(view: Mapping[str, Any]) -> str:
+    """The version and a digest of the wording of a ledger's conclusions (their keys and texts, every number left
+    out): `audit accounting` compares the wording of a ledger whose stamp is the one it renders itself, and only the
+    numbers of one written in other wording (another version, or commit: wording changed within 0.2.4)."""
+    def skeleton(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {key: skeleton(item) for key, item in value.items()}
+        if isinstance(value, list):
+            return [skeleton(item) for item in value]
+        if isinstance(value, str):
+            return NUMBER.sub("#", value.replace(",", ""))
+        return "#" if isinstance(value, (int, float)) and not isinstance(value, bool) else value
+
+    derived = {key: item for key, item in view.items() if key not in NOT_DERIVED}
+    digest = hashlib.sha256(json.dumps(skeleton(derived), sort_keys=True).encode()).hexdigest()[:16]
+    return f"lore-fed {lore_fed_version}, wording {digest}"
 
 
 def append_audit(run_dir: str | os.PathLike, result: Mapping[str, Any]) -> None:
