@@ -16,7 +16,7 @@ from flwr.serverapp import Grid, ServerApp
 from lore_core.privacy.accounting import PrivacyBudgetExhausted
 from lore_core.run_lock import RunDirLock
 from server.aggregation import Aggregator, make_aggregator
-from server.checkpoint import RunState, initial_basis, load_checkpoint, start_or_resume
+from server.checkpoint import RunState, check_resumable, initial_basis, load_checkpoint, start_or_resume
 from server.engine_stop import stopping_with_engine
 from server.population import discover_population
 from server.release_record import ReleaseRecord
@@ -50,6 +50,8 @@ def _run_locked(grid: Grid, settings: ServerSettings, on_round: Callable[[dict],
     # fail closed before any training (PrivacyConfigError)
     privacy = settings.privacy_settings(population.size, population.dim)
     saved = load_checkpoint(settings.run_dir)  # the ledger must cover its rounds (before a new ledger is made)
+    if saved is not None:  # before the ledger is written: a refused resume leaves its evaluation policy (a reviewer)
+        check_resumable(saved, settings.fingerprint(), population.fingerprint(), settings.run_dir)
     ledger = open_ledger(settings.run_dir, privacy, evaluation_policy(settings.eval_every, privacy.is_dp),
                          checkpoint_round=saved.round if saved is not None else 0)
     aggregator = aggregator or make_aggregator(settings, privacy)

@@ -402,6 +402,10 @@ def test_killed_run_resumes_to_the_same_final_metrics(pair_file, tmp_path):
     np.testing.assert_allclose(resumed.basis, straight.basis, rtol=0, atol=1e-7)
     with pytest.raises(CheckpointError, match="other settings"):
         run_federated(*make_run(pair_file, tmp_path / "killed", **{"server-lr": 0.2}))
+    ledger = (tmp_path / "killed" / "ledger.json").read_text()
+    with pytest.raises(CheckpointError, match="other settings"):  # refused before the ledger states its policy
+        run_federated(*make_run(pair_file, tmp_path / "killed", **{"eval-every": 5}))
+    assert (tmp_path / "killed" / "ledger.json").read_text() == ledger  # (a reviewer: the audit then flagged it)
     resumed_other_prior = run_federated(*make_run(pair_file, tmp_path / "killed", **{"prior-pairs": 10.0}))
     assert resumed_other_prior.history[-1]["round"] == 6  # the evaluation's prior is post-processing: not refused
 
