@@ -15,6 +15,7 @@ settings (its checkpoint's).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 from pathlib import Path
@@ -801,22 +802,16 @@ def _accounting(args, run_dir, settings) -> dict:
 
     if run_dir is None:
         raise AuditCommandError("the accounting audit needs RUN_DIR, the directory of a `lore-fed simulate` run")
-    try:
+    with _config_unreadable_named(run_dir):  # a tester's config.mode flipped to user+secagg: a traceback
         result = accounting_audit(run_dir)
-    except (TypeError, KeyError, OverflowError) as exc:  # a tester's config.mode flipped to user+secagg: a traceback
-        raise AuditCommandError(f"{run_dir / 'ledger.json'}: its config cannot be read as the run's privacy settings "
-                                f"({type(exc).__name__}: {exc}); restore the ledger") from None
     state = check_run_records_every_round(run_dir)
     ledger = PrivacyLedger.load(run_dir) if (run_dir / RELEASES_DIR).exists() else None  # else: a ledger alone
     record = released_sums(run_dir, ledger, state) if ledger is not None else None
     releases = record[0] if record is not None else None
     noise = _released_noise(run_dir, ledger, record)
     result["released_noise"] = noise
-    try:
+    with _config_unreadable_named(run_dir):  # a config edited past what it can hold (population 1e30)
         mismatches = _ledger_mismatches(run_dir, state) + published_mismatches(run_dir, state, releases)
-    except (TypeError, KeyError, OverflowError) as exc:  # a config edited past what it can hold (population 1e30)
-        raise AuditCommandError(f"{run_dir / 'ledger.json'}: its config cannot be read as the run's privacy settings "
-                                f"({type(exc).__name__}: {exc}); restore the ledger") from None
     result["ledger_mismatches"] = mismatches
     found = mismatches + ([noise["summary"]] if noise["verdict"] == "fail" else [])
     if found:
@@ -830,6 +825,16 @@ def _accounting(args, run_dir, settings) -> dict:
     else:
         result["summary"] += f" Released noise: {noise['summary']}."
     return result
+
+
+@contextlib.contextmanager
+def _config_unreadable_named(run_dir: Path):
+    """A ledger config that no privacy settings can be read from fails the block with exit 2 naming the file."""
+    try:
+        yield
+    except (TypeError, KeyError, OverflowError) as exc:
+        raise AuditCommandError(f"{run_dir / 'ledger.json'}: its config cannot be read as the run's privacy settings "
+                                f"({type(exc).__name__}: {exc}); restore the ledger") from None
 
 
 def _debug_stream(ledger: dict, state) -> list[str]:
@@ -953,8 +958,6 @@ def _run_dir_lock(run_dir: Path | None):
     """The run directory's lock for the whole audit, from its first read to its ledger entry: an audit of a run still
     writing there read an unfinished run's basis and ledger, wrote its files, and only then was refused at the
     ledger, leaving a result that the finished run's report listed as its own. No lock file is left behind."""
-    import contextlib
-
     from lore_core.run_lock import RunDirLock
 
     if run_dir is None:

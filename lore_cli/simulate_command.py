@@ -673,7 +673,9 @@ def check_evaluated_prior(out: Path, previous, settings) -> None:
     if previous.round < settings.rounds and not (
             (out / LEDGER_FILENAME).exists() and PrivacyLedger.load(out).stopped_early):
         return
-    evaluated = previous.history[-1].get("prior_pairs", recorded_metrics(out).get("prior_pairs"))
+    evaluated = previous.history[-1].get("prior_pairs")
+    if evaluated is None:  # checkpointed before evaluations recorded it
+        evaluated = recorded_metrics(out).get("prior_pairs")
     if isinstance(evaluated, (int, float)) and not math.isclose(evaluated, settings.prior_pairs, rel_tol=1e-9):
         raise ValueError(f"{out} holds a finished run evaluated with the personal prior prior-pairs {evaluated:g}, "
                          f"not {settings.prior_pairs:g}: a rerun trains and evaluates nothing, so its figures would "

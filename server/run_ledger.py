@@ -95,14 +95,12 @@ def stop_for_budget(ledger: PrivacyLedger, state, run_dir, evaluate: Callable[[i
     save_checkpoint(run_dir, state)
 
 
-def open_ledger(run_dir: str | os.PathLike, settings: PrivacySettings, evaluation: str,
-                checkpoint_round: int = 0) -> FederatedLedger:
+def open_ledger(run_dir: str | os.PathLike, settings: PrivacySettings, checkpoint_round: int = 0) -> FederatedLedger:
     """Create RUN_DIR/ledger.json, or continue it on resume (other privacy settings are refused: LedgerError).
-    `checkpoint_round`: the round the run resumes after (check_ledger_covers)."""
+    `checkpoint_round`: the round the run resumes after (check_ledger_covers). The caller sets the evaluation
+    policy once the resume is accepted: a refused one must leave the ledger as the run wrote it (a reviewer)."""
     check_ledger_covers(run_dir, checkpoint_round)
-    ledger = FederatedLedger.open(run_dir, settings)
-    ledger.set_evaluation(evaluation)
-    return ledger
+    return FederatedLedger.open(run_dir, settings)
 
 
 def check_ledger_covers(run_dir: str | os.PathLike, checkpoint_round: int) -> None:

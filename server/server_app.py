@@ -14,15 +14,14 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from lore_core.privacy.accounting import PrivacyBudgetExhausted
-from lore_core.privacy.ledger import LEDGER_FILENAME
 from lore_core.run_lock import RunDirLock
 from server.aggregation import Aggregator, make_aggregator
-from server.checkpoint import RunState, check_resumable, initial_basis, load_checkpoint, start_or_resume
+from server.checkpoint import RunState, initial_basis, load_checkpoint, start_or_resume
 from server.engine_stop import stopping_with_engine
 from server.population import discover_population
 from server.release_record import ReleaseRecord
 from server.round_progress import RoundProgress
-from server.run_ledger import FederatedLedger, evaluation_policy, open_ledger, rounds_that_fit, train_config
+from server.run_ledger import evaluation_policy, open_ledger, rounds_that_fit, train_config
 from server.run_outputs import write_run_outputs
 from server.run_settings import ServerSettings
 from server.strategy import LoReStrategy
@@ -51,15 +50,11 @@ def _run_locked(grid: Grid, settings: ServerSettings, on_round: Callable[[dict],
     # fail closed before any training (PrivacyConfigError)
     privacy = settings.privacy_settings(population.size, population.dim)
     saved = load_checkpoint(settings.run_dir)  # the ledger must cover its rounds (before a new ledger is made)
-    if saved is not None:  # before the ledger is written: a refused resume leaves its evaluation policy (a reviewer)
-        if (Path(settings.run_dir) / LEDGER_FILENAME).exists():
-            FederatedLedger.load(settings.run_dir, privacy)  # its refusal first, naming the privacy setting; reads only
-        check_resumable(saved, settings.fingerprint(), population.fingerprint(), settings.run_dir)
-    ledger = open_ledger(settings.run_dir, privacy, evaluation_policy(settings.eval_every, privacy.is_dp),
-                         checkpoint_round=saved.round if saved is not None else 0)
+    ledger = open_ledger(settings.run_dir, privacy, checkpoint_round=saved.round if saved is not None else 0)
     aggregator = aggregator or make_aggregator(settings, privacy)
     optimizer = settings.new_optimizer()
     state, resumed = start_or_resume(settings, population)
+    ledger.set_evaluation(evaluation_policy(settings.eval_every, privacy.is_dp))  # once the resume is accepted
     if resumed:
         optimizer.load_state_dict(state.optimizer)
         aggregator.load_state_dict(state.aggregator)
